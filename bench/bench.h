@@ -1,0 +1,31 @@
+#pragma once
+
+// muster-bench: each benchmark registers a subcommand; every one prints a table with its
+// anchor measured in the same run, and `--json` for machines. Timings are never pass/fail.
+
+#include <CLI/CLI.hpp>
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace muster::bench {
+
+using Runner = std::function<int()>;
+
+// A fixed-width text table: Row() cells are printed under Columns().
+class Table {
+ public:
+  explicit Table(std::vector<std::string> columns) : columns_(std::move(columns)) {}
+  void Row(std::vector<std::string> cells) { rows_.push_back(std::move(cells)); }
+  void Print() const;
+
+ private:
+  std::vector<std::string> columns_;
+  std::vector<std::vector<std::string>> rows_;
+};
+
+std::string Fmt(double v, int precision = 2);
+
+void AddRpcBench(CLI::App& app, Runner* runner);
+
+}  // namespace muster::bench

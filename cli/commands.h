@@ -1,0 +1,17 @@
+#pragma once
+
+// Each `muster` subcommand registers itself on the CLI11 app and returns the function that
+// runs it. cli/ parses and dispatches only: the work happens in the component libraries.
+
+#include <CLI/CLI.hpp>
+#include <functional>
+
+namespace muster::cli {
+
+// Runs the parsed subcommand and returns the process exit code.
+using Runner = std::function<int()>;
+
+// Each adds its subcommand(s) to `app` and sets `*runner` when one is chosen.
+void AddKeysCommands(CLI::App& app, Runner* runner);
+
+}  // namespace muster::cli

@@ -1,0 +1,35 @@
+// The `muster` binary: parses arguments and dispatches to a subcommand. No logic lives here.
+
+#include <CLI/CLI.hpp>
+#include <iostream>
+
+#include "cli/commands.h"
+#include "common/logging.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"muster: multi-node GPU training orchestrator", "muster"};
+  app.set_version_flag("--version", std::string("muster ") + MUSTER_VERSION);
+  std::string log_level;
+  app.add_option("--log-level", log_level,
+                 "trace, debug, info, warn, error, critical or off (default: $MUSTER_LOG_LEVEL "
+                 "or info)");
+  app.require_subcommand(1);
+
+  muster::cli::Runner runner;
+  muster::cli::AddKeysCommands(app, &runner);
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  if (auto st = muster::log::InitLogging(log_level); !st.ok()) {
+    std::cerr << "muster: " << st.message() << "\n";
+    return 2;
+  }
+  if (!runner) {
+    std::cerr << app.help();
+    return 2;
+  }
+  return runner();
+}

@@ -1,0 +1,318 @@
+#include "common/curve.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <array>
+#include <cerrno>
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
+
+#include "common/logging.h"
+
+namespace muster {
+namespace fs = std::filesystem;
+
+namespace {
+
+std::string Trim(std::string s) {
+  size_t b = s.find_first_not_of(" \t\r\n");
+  if (b == std::string::npos) return "";
+  size_t e = s.find_last_not_of(" \t\r\n");
+  return s.substr(b, e - b + 1);
+}
+
+Status WriteFileMode(const fs::path& path, const std::string& content, mode_t mode,
+                     bool overwrite) {
+  int flags = O_WRONLY | O_CREAT | O_CLOEXEC | (overwrite ? O_TRUNC : O_EXCL);
+  int fd = ::open(path.c_str(), flags, mode);
+  if (fd < 0) {
+    if (errno == EEXIST) {
+      return FailedPreconditionError(path.string() + " exists (use --force to replace it)");
+    }
+    return ErrnoStatus(errno, "open " + path.string());
+  }
+  Status st;
+  if (::fchmod(fd, mode) != 0) st = ErrnoStatus(errno, "chmod " + path.string());
+  size_t off = 0;
+  while (st.ok() && off < content.size()) {
+    ssize_t n = ::write(fd, content.data() + off, content.size() - off);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      st = ErrnoStatus(errno, "write " + path.string());
+    } else {
+      off += static_cast<size_t>(n);
+    }
+  }
+  if (st.ok() && ::fsync(fd) != 0) st = ErrnoStatus(errno, "fsync " + path.string());
+  ::close(fd);
+  return st;
+}
+
+StatusOr<std::string> ReadFile(const fs::path& path) {
+  std::ifstream in(path);
+  if (!in) return ErrnoStatus(errno ? errno : ENOENT, "open " + path.string());
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+}  // namespace
+
+bool IsValidZ85Key(const std::string& z85) {
+  if (z85.size() != 40) return false;
+  std::array<uint8_t, 32> raw;
+  return zmq_z85_decode(raw.data(), z85.c_str()) != nullptr;
+}
+
+StatusOr<KeyPair> GenerateKeyPair() {
+  char pub[41], sec[41];
+  if (zmq_curve_keypair(pub, sec) != 0) {
+    return FailedPreconditionError(std::string("zmq_curve_keypair: ") + zmq_strerror(zmq_errno()) +
+                                   " (libzmq was built without CURVE support)");
+  }
+  return KeyPair{pub, sec};
+}
+
+StatusOr<std::string> PublicKeyFromSecret(const std::string& secret_z85) {
+  if (!IsValidZ85Key(secret_z85)) return InvalidArgumentError("malformed z85 secret key");
+  char pub[41];
+  if (zmq_curve_public(pub, secret_z85.c_str()) != 0) {
+    return InternalError(std::string("zmq_curve_public: ") + zmq_strerror(zmq_errno()));
+  }
+  return std::string(pub);
+}
+
+Status SaveKeyPair(const fs::path& path, const KeyPair& keys, bool overwrite) {
+  std::string content;
+  if (!keys.secret_key.empty()) {
+    content = "# muster CURVE key pair: keep this file secret\n";
+  } else {
+    content = "# muster CURVE public key\n";
+  }
+  content += "public-key = " + keys.public_key + "\n";
+  if (!keys.secret_key.empty()) content += "secret-key = " + keys.secret_key + "\n";
+  return WriteFileMode(path, content, keys.secret_key.empty() ? 0644 : 0600, overwrite);
+}
+
+StatusOr<KeyPair> LoadKeyPair(const fs::path& path) {
+  MUSTER_ASSIGN_OR_RETURN(std::string text, ReadFile(path));
+  KeyPair keys;
+  std::istringstream in(text);
+  std::string line;
+  int lineno = 0;
+  while (std::getline(in, line)) {
+    ++lineno;
+    line = Trim(line);
+    if (line.empty() || line[0] == '#') continue;
+    size_t eq = line.find('=');
+    if (eq == std::string::npos) {
+      return InvalidArgumentError(path.string() + ":" + std::to_string(lineno) +
+                                  ": expected 'public-key = ...' or 'secret-key = ...'");
+    }
+    std::string k = Trim(line.substr(0, eq)), v = Trim(line.substr(eq + 1));
+    if (!IsValidZ85Key(v)) {
+      return InvalidArgumentError(path.string() + ":" + std::to_string(lineno) +
+                                  ": not a 40-character z85 key");
+    }
+    if (k == "public-key") {
+      keys.public_key = v;
+    } else if (k == "secret-key") {
+      keys.secret_key = v;
+    } else {
+      return InvalidArgumentError(path.string() + ":" + std::to_string(lineno) +
+                                  ": unknown field '" + k + "'");
+    }
+  }
+  if (!keys.secret_key.empty()) {
+    MUSTER_ASSIGN_OR_RETURN(std::string derived, PublicKeyFromSecret(keys.secret_key));
+    if (!keys.public_key.empty() && keys.public_key != derived) {
+      return InvalidArgumentError(path.string() + ": public-key does not match secret-key");
+    }
+    keys.public_key = derived;
+  }
+  if (keys.public_key.empty()) return InvalidArgumentError(path.string() + ": no key found");
+  return keys;
+}
+
+StatusOr<std::vector<AuthorizedKey>> LoadAuthorizedKeys(const fs::path& path) {
+  MUSTER_ASSIGN_OR_RETURN(std::string text, ReadFile(path));
+  std::vector<AuthorizedKey> out;
+  std::istringstream in(text);
+  std::string line;
+  int lineno = 0;
+  while (std::getline(in, line)) {
+    ++lineno;
+    // '#' is also a z85 character: it starts a comment only at the start of a line or after
+    // whitespace.
+    line = Trim(line);
+    for (size_t i = 0; i < line.size(); ++i) {
+      if (line[i] == '#' && (i == 0 || line[i - 1] == ' ' || line[i - 1] == '\t')) {
+        line = Trim(line.substr(0, i));
+        break;
+      }
+    }
+    if (line.empty()) continue;
+    std::istringstream fields(line);
+    AuthorizedKey key;
+    fields >> key.public_key;
+    std::getline(fields, key.name);
+    key.name = Trim(key.name);
+    if (!IsValidZ85Key(key.public_key)) {
+      return InvalidArgumentError(path.string() + ":" + std::to_string(lineno) +
+                                  ": not a 40-character z85 public key");
+    }
+    if (key.name.empty()) key.name = key.public_key.substr(0, 8);
+    out.push_back(std::move(key));
+  }
+  return out;
+}
+
+Status SaveAuthorizedKeys(const fs::path& path, const std::vector<AuthorizedKey>& keys,
+                          bool overwrite) {
+  std::string content =
+      "# Public keys the muster coordinator accepts: '<z85 public key> <name>' per line.\n";
+  for (const auto& k : keys) content += k.public_key + " " + k.name + "\n";
+  return WriteFileMode(path, content, 0644, overwrite);
+}
+
+KeysDir KeysDir::Resolve(const std::string& flag) {
+  if (!flag.empty()) return {flag};
+  if (const char* env = std::getenv("MUSTER_KEYS"); env && *env) return {env};
+  const char* home = std::getenv("HOME");
+  return {fs::path(home && *home ? home : "/root") / ".muster"};
+}
+
+Status InitKeysDir(const KeysDir& keys, bool force) {
+  std::error_code ec;
+  fs::create_directories(keys.dir, ec);
+  if (ec) return InternalError("create " + keys.dir.string() + ": " + ec.message());
+  ::chmod(keys.dir.c_str(), 0700);
+  if (!force) {
+    for (const fs::path& p : {keys.coordinator_key(), keys.coordinator_pub(), keys.client_key(),
+                              keys.authorized_keys()}) {
+      if (fs::exists(p)) {
+        return FailedPreconditionError(p.string() +
+                                       " exists; refusing to overwrite keys (use --force)");
+      }
+    }
+  }
+  MUSTER_ASSIGN_OR_RETURN(KeyPair coord, GenerateKeyPair());
+  MUSTER_ASSIGN_OR_RETURN(KeyPair client, GenerateKeyPair());
+  MUSTER_RETURN_IF_ERROR(SaveKeyPair(keys.coordinator_key(), coord, force));
+  MUSTER_RETURN_IF_ERROR(SaveKeyPair(keys.coordinator_pub(), {coord.public_key, ""}, force));
+  MUSTER_RETURN_IF_ERROR(SaveKeyPair(keys.client_key(), client, force));
+  return SaveAuthorizedKeys(keys.authorized_keys(), {{client.public_key, "client"}}, force);
+}
+
+// --- ZapAuthenticator ------------------------------------------------------------------------
+
+ZapAuthenticator::ZapAuthenticator(Reactor& reactor)
+    : reactor_(reactor), socket_(reactor.context(), zmq::socket_type::rep) {}
+
+StatusOr<std::unique_ptr<ZapAuthenticator>> ZapAuthenticator::Create(Reactor& reactor) {
+  std::unique_ptr<ZapAuthenticator> zap(new ZapAuthenticator(reactor));
+  try {
+    zap->socket_.set(zmq::sockopt::linger, 0);
+    zap->socket_.bind("inproc://zeromq.zap.01");
+  } catch (const zmq::error_t& e) {
+    return FailedPreconditionError(std::string("ZAP handler bind: ") + e.what() +
+                                   " (one authenticator per ZeroMQ context)");
+  }
+  reactor.AddSocket(zap->socket_, "zap.request", [z = zap.get()] { z->OnRequest(); });
+  return zap;
+}
+
+ZapAuthenticator::~ZapAuthenticator() {
+  if (reactor_.InReactorThread()) reactor_.RemoveSocket(socket_);
+}
+
+void ZapAuthenticator::SetAuthorized(const std::string& domain,
+                                     const std::vector<AuthorizedKey>& keys) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto& m = keys_[domain];
+  m.clear();
+  for (const auto& k : keys) m[k.public_key] = k.name;
+}
+
+void ZapAuthenticator::Authorize(const std::string& domain, const AuthorizedKey& key) {
+  std::lock_guard<std::mutex> lock(mu_);
+  keys_[domain][key.public_key] = key.name;
+}
+
+void ZapAuthenticator::Revoke(const std::string& domain, const std::string& public_key) {
+  std::lock_guard<std::mutex> lock(mu_);
+  keys_[domain].erase(public_key);
+}
+
+uint64_t ZapAuthenticator::refused_count() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return refused_;
+}
+
+void ZapAuthenticator::OnRequest() {
+  // ZAP 1.0 (rfc.zeromq.org/spec/27): version, request id, domain, address, identity,
+  // mechanism, credentials...
+  for (;;) {
+    std::vector<zmq::message_t> frames;
+    auto got = zmq::recv_multipart(socket_, std::back_inserter(frames), zmq::recv_flags::dontwait);
+    if (!got) return;
+    auto reply = [&](const char* code, const std::string& text, const std::string& user) {
+      std::array<zmq::const_buffer, 6> out = {
+          zmq::buffer(std::string_view("1.0")),
+          zmq::buffer(frames.size() > 1 ? frames[1].to_string_view() : std::string_view()),
+          zmq::buffer(std::string_view(code)),
+          zmq::buffer(std::string_view(text)),
+          zmq::buffer(std::string_view(user)),
+          zmq::buffer(std::string_view())};
+      zmq::send_multipart(socket_, out);
+    };
+    if (frames.size() < 6 || frames[0].to_string_view() != "1.0") {
+      reply("500", "malformed ZAP request", "");
+      continue;
+    }
+    std::string domain(frames[2].to_string_view());
+    std::string address(frames[3].to_string_view());
+    std::string mechanism(frames[5].to_string_view());
+    if (mechanism == "NULL") {
+      reply("200", "OK", "anonymous");
+      continue;
+    }
+    if (mechanism != "CURVE" || frames.size() < 7 || frames[6].size() != 32) {
+      reply("400", "unsupported mechanism", "");
+      std::lock_guard<std::mutex> lock(mu_);
+      ++refused_;
+      log::Get("auth")->warn("refused {} connection from {} (domain '{}')", mechanism, address,
+                             domain);
+      continue;
+    }
+    char z85[41];
+    zmq_z85_encode(z85, static_cast<const uint8_t*>(frames[6].data()), 32);
+    std::string key(z85);
+    std::string name;
+    bool ok = false;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto d = keys_.find(domain);
+      if (d != keys_.end()) {
+        auto k = d->second.find(key);
+        if (k != d->second.end()) {
+          ok = true;
+          name = k->second;
+        }
+      }
+      if (!ok) ++refused_;
+    }
+    if (ok) {
+      reply("200", "OK", name);
+    } else {
+      log::Get("auth")->warn("refused unknown CURVE key {} from {} (domain '{}')", key, address,
+                             domain);
+      reply("400", "key not authorized", "");
+    }
+  }
+}
+
+}  // namespace muster

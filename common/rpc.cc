@@ -1,0 +1,260 @@
+#include "common/rpc.h"
+
+#include <atomic>
+#include <cstring>
+#include <vector>
+
+#include "common/logging.h"
+#include "common/wire.h"
+
+namespace muster {
+
+// The server's socket, shared with Reply closures so a late reply after the server is gone is
+// dropped instead of touching a closed socket. Reactor thread only.
+struct RpcServer::Core {
+  explicit Core(zmq::context_t& ctx) : socket(ctx, zmq::socket_type::router) {}
+  zmq::socket_t socket;
+  bool open = true;
+  std::string name;
+
+  void Send(const std::string& routing_id, const proto::Envelope& env) {
+    if (!open) return;
+    std::string bytes = SerializeEnvelope(env);
+    try {
+      // ROUTER_MANDATORY is off: a reply to a peer that has gone is silently dropped.
+      socket.send(zmq::buffer(routing_id), zmq::send_flags::sndmore | zmq::send_flags::dontwait);
+      socket.send(zmq::buffer(bytes), zmq::send_flags::dontwait);
+    } catch (const zmq::error_t& e) {
+      log::Get("rpc")->warn("{}: reply {} dropped: {}", name, env.request_id(), e.what());
+    }
+  }
+};
+
+RpcServer::RpcServer(Reactor& reactor, Options options, Handler handler)
+    : reactor_(reactor), options_(std::move(options)), handler_(std::move(handler)) {}
+
+StatusOr<std::unique_ptr<RpcServer>> RpcServer::Create(Reactor& reactor, Options options,
+                                                       Handler handler) {
+  std::unique_ptr<RpcServer> server(new RpcServer(reactor, std::move(options), std::move(handler)));
+  const Options& o = server->options_;
+  auto core = std::make_shared<Core>(reactor.context());
+  core->name = o.name;
+  try {
+    zmq::socket_t& s = core->socket;
+    s.set(zmq::sockopt::linger, 0);
+    s.set(zmq::sockopt::maxmsgsize, o.max_message_bytes);
+    s.set(zmq::sockopt::router_handover, 1);
+    if (o.insecure) {
+      log::Get("rpc")->warn(
+          "{}: INSECURE: serving {} without CURVE; anyone who can reach it is trusted", o.name,
+          o.endpoint);
+    } else {
+      if (!IsValidZ85Key(o.server_key.secret_key)) {
+        return InvalidArgumentError(o.name + ": a CURVE server needs its secret key");
+      }
+      s.set(zmq::sockopt::curve_server, 1);
+      s.set(zmq::sockopt::curve_secretkey, o.server_key.secret_key);
+      // Without a ZAP handler libzmq would accept every client key: insist on ours.
+      if (o.authenticator == nullptr) {
+        return InvalidArgumentError(o.name + ": a CURVE server needs a ZapAuthenticator");
+      }
+      s.set(zmq::sockopt::zap_domain, o.zap_domain);
+    }
+    s.bind(o.endpoint);
+    server->endpoint_ = s.get(zmq::sockopt::last_endpoint);
+  } catch (const zmq::error_t& e) {
+    return UnavailableError(o.name + ": cannot serve " + o.endpoint + ": " + e.what());
+  }
+  if (!o.insecure && server->options_.server_key.public_key.empty()) {
+    MUSTER_ASSIGN_OR_RETURN(server->options_.server_key.public_key,
+                            PublicKeyFromSecret(o.server_key.secret_key));
+  }
+  server->core_ = std::move(core);
+  RpcServer* raw = server.get();
+  reactor.AddSocket(server->core_->socket, o.name + ".recv", [raw] { raw->OnReadable(); });
+  return server;
+}
+
+RpcServer::~RpcServer() {
+  if (!core_) return;
+  core_->open = false;
+  if (reactor_.InReactorThread()) reactor_.RemoveSocket(core_->socket);
+  core_->socket.close();
+}
+
+void RpcServer::OnReadable() {
+  auto logger = log::Get("rpc");
+  // Drain what is there, bounded so that one busy socket cannot starve the rest of the loop.
+  for (int i = 0; i < 1024; ++i) {
+    std::vector<zmq::message_t> frames;
+    std::optional<size_t> got;
+    try {
+      got =
+          zmq::recv_multipart(core_->socket, std::back_inserter(frames), zmq::recv_flags::dontwait);
+    } catch (const zmq::error_t& e) {
+      logger->error("{}: recv: {}", options_.name, e.what());
+      return;
+    }
+    if (!got) return;
+    std::string routing_id(frames[0].to_string_view());
+    if (frames.size() != 2) {
+      logger->warn("{}: dropped a request of {} frames (want 1)", options_.name, frames.size() - 1);
+      core_->Send(
+          routing_id,
+          ErrorEnvelope(0, InvalidArgumentError("malformed request: expected one frame, got " +
+                                                std::to_string(frames.size() - 1))));
+      continue;
+    }
+    PeerInfo peer;
+    peer.routing_id = routing_id;
+    if (const char* u = frames[1].gets("User-Id")) peer.user_id = u;
+    if (const char* a = frames[1].gets("Peer-Address")) peer.address = a;
+    auto env = ParseEnvelope(frames[1].data(), frames[1].size());
+    if (!env.ok()) {
+      logger->warn("{}: from {} ({}): {}", options_.name, peer.address, peer.user_id,
+                   env.status().message());
+      core_->Send(routing_id, ErrorEnvelope(0, env.status()));
+      continue;
+    }
+    uint64_t id = env->request_id();
+    std::weak_ptr<Core> weak = core_;
+    Reactor* reactor = &reactor_;
+    auto replied = std::make_shared<std::atomic<bool>>(false);
+    Reply reply = [weak, reactor, routing_id, id, replied](proto::Envelope out) {
+      if (replied->exchange(true)) return;  // a second reply is a caller bug; drop it
+      out.set_request_id(id);
+      if (reactor->InReactorThread()) {
+        if (auto core = weak.lock()) core->Send(routing_id, out);
+        return;
+      }
+      reactor->Post("rpc.reply", [weak, routing_id, out = std::move(out)] {
+        if (auto core = weak.lock()) core->Send(routing_id, out);
+      });
+    };
+    handler_(peer, std::move(*env), std::move(reply));
+  }
+}
+
+// --- RpcClient -------------------------------------------------------------------------------
+
+namespace {
+std::atomic<uint64_t> g_monitor_seq{0};
+}
+
+RpcClient::RpcClient(zmq::context_t& context, Options options)
+    : options_(std::move(options)),
+      socket_(context, zmq::socket_type::dealer),
+      monitor_(context, zmq::socket_type::pair) {}
+
+StatusOr<std::unique_ptr<RpcClient>> RpcClient::Connect(zmq::context_t& context, Options options) {
+  std::unique_ptr<RpcClient> c(new RpcClient(context, std::move(options)));
+  const Options& o = c->options_;
+  try {
+    c->socket_.set(zmq::sockopt::linger, 0);
+    c->socket_.set(zmq::sockopt::maxmsgsize, o.max_message_bytes);
+    if (!o.insecure) {
+      if (!IsValidZ85Key(o.server_public_key)) {
+        return InvalidArgumentError("client for " + o.endpoint +
+                                    ": the server's public key is missing or malformed");
+      }
+      if (!IsValidZ85Key(o.client_key.secret_key) || !IsValidZ85Key(o.client_key.public_key)) {
+        return InvalidArgumentError("client for " + o.endpoint +
+                                    ": a CURVE client needs its own key pair");
+      }
+      c->socket_.set(zmq::sockopt::curve_serverkey, o.server_public_key);
+      c->socket_.set(zmq::sockopt::curve_publickey, o.client_key.public_key);
+      c->socket_.set(zmq::sockopt::curve_secretkey, o.client_key.secret_key);
+    }
+    std::string mon = "inproc://muster-rpc-monitor-" + std::to_string(g_monitor_seq++);
+    if (zmq_socket_monitor(c->socket_.handle(), mon.c_str(),
+                           ZMQ_EVENT_HANDSHAKE_FAILED_AUTH | ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL) !=
+        0) {
+      return InternalError(std::string("zmq_socket_monitor: ") + zmq_strerror(zmq_errno()));
+    }
+    c->monitor_.set(zmq::sockopt::linger, 0);
+    c->monitor_.connect(mon);
+    c->socket_.connect(o.endpoint);
+  } catch (const zmq::error_t& e) {
+    return InvalidArgumentError("cannot connect to " + o.endpoint + ": " + e.what());
+  }
+  return c;
+}
+
+RpcClient::~RpcClient() { zmq_socket_monitor(socket_.handle(), nullptr, 0); }
+
+Status RpcClient::CheckMonitor() {
+  for (;;) {
+    zmq::message_t event, addr;
+    if (!monitor_.recv(event, zmq::recv_flags::dontwait)) return Status::Ok();
+    if (event.more()) (void)monitor_.recv(addr, zmq::recv_flags::dontwait);
+    if (event.size() < 6) continue;
+    uint16_t id;
+    std::memcpy(&id, event.data(), sizeof(id));
+    if (id == ZMQ_EVENT_HANDSHAKE_FAILED_AUTH) {
+      refused_ = true;
+      return UnavailableError("server " + options_.endpoint +
+                              " refused this client's key (not in its authorized list)");
+    }
+    if (id == ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL) {
+      return UnavailableError("handshake with " + options_.endpoint +
+                              " failed: wrong server key, or the server is not CURVE");
+    }
+  }
+}
+
+StatusOr<proto::Envelope> RpcClient::Call(proto::Envelope request,
+                                          std::chrono::milliseconds timeout) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto deadline = std::chrono::steady_clock::now() + timeout;
+  uint64_t id = next_id_++;
+  request.set_request_id(id);
+  if (request.deadline_ms() == 0) request.set_deadline_ms(timeout.count());
+  std::string bytes = SerializeEnvelope(request);
+  if (static_cast<int64_t>(bytes.size()) > options_.max_message_bytes) {
+    return InvalidArgumentError("request of " + std::to_string(bytes.size()) +
+                                " bytes exceeds the message limit of " +
+                                std::to_string(options_.max_message_bytes));
+  }
+  try {
+    MUSTER_RETURN_IF_ERROR(CheckMonitor());
+    if (!socket_.send(zmq::buffer(bytes), zmq::send_flags::dontwait)) {
+      return UnavailableError("cannot queue a request to " + options_.endpoint);
+    }
+    for (;;) {
+      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+          deadline - std::chrono::steady_clock::now());
+      if (left.count() < 0) left = std::chrono::milliseconds(0);
+      zmq::pollitem_t items[] = {{socket_.handle(), 0, ZMQ_POLLIN, 0},
+                                 {monitor_.handle(), 0, ZMQ_POLLIN, 0}};
+      zmq::poll(items, 2, left);
+      if (items[1].revents & ZMQ_POLLIN) MUSTER_RETURN_IF_ERROR(CheckMonitor());
+      if (items[0].revents & ZMQ_POLLIN) {
+        zmq::message_t msg;
+        if (!socket_.recv(msg, zmq::recv_flags::dontwait)) continue;
+        while (msg.more()) {  // a well-behaved server sends one frame; skip any extra
+          zmq::message_t extra;
+          (void)socket_.recv(extra, zmq::recv_flags::dontwait);
+          msg.rebuild(0);
+          if (!extra.more()) break;
+        }
+        auto reply = ParseEnvelope(msg.data(), msg.size());
+        if (!reply.ok()) {
+          return InternalError("unreadable reply from " + options_.endpoint + ": " +
+                               reply.status().message());
+        }
+        // request_id 0: the server could not read our request at all.
+        if (reply->request_id() != id && reply->request_id() != 0) continue;  // stale
+        if (reply->has_error()) return ErrorToStatus(reply->error());
+        return std::move(reply).value();
+      }
+      if (std::chrono::steady_clock::now() >= deadline) {
+        return DeadlineExceededError("no reply from " + options_.endpoint + " within " +
+                                     std::to_string(timeout.count()) + " ms");
+      }
+    }
+  } catch (const zmq::error_t& e) {
+    return UnavailableError("call to " + options_.endpoint + ": " + e.what());
+  }
+}
+
+}  // namespace muster

@@ -1,0 +1,113 @@
+#pragma once
+
+// Request/reply over ZeroMQ: RpcServer (ROUTER, on a Reactor) and RpcClient (DEALER, owned by
+// the calling thread). Every TCP socket uses CURVE unless the caller asked for insecure; every
+// socket has a message size limit (ZMQ_MAXMSGSIZE), past which libzmq drops the peer's
+// connection and the server keeps serving. Bytes that are not an Envelope get an error reply
+// with request_id 0 and the server keeps serving.
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <zmq.hpp>
+#include <zmq_addon.hpp>
+
+#include "common/curve.h"
+#include "common/proto/envelope.pb.h"
+#include "common/reactor.h"
+#include "common/status.h"
+
+namespace muster {
+
+inline constexpr int64_t kDefaultMaxMessageBytes = 64LL << 20;
+inline constexpr char kDefaultZapDomain[] = "muster";
+
+struct PeerInfo {
+  std::string routing_id;  // ROUTER identity of the connection
+  std::string user_id;     // the authorized key's name ("anonymous" when insecure)
+  std::string address;     // the peer's IP address
+};
+
+class RpcServer {
+ public:
+  // Sends the reply to the request. Call exactly once, from any thread, while the reactor
+  // lives; a reply for a connection that has gone is dropped.
+  using Reply = std::function<void(proto::Envelope)>;
+  // Runs on the reactor. The request's payload is set (malformed requests never reach it).
+  using Handler = std::function<void(const PeerInfo&, proto::Envelope&&, Reply)>;
+
+  struct Options {
+    std::string name = "rpc";  // for logs
+    std::string endpoint;      // e.g. "tcp://127.0.0.1:*" (port chosen) or "ipc:///run/x"
+    // Without insecure, `server_key` must hold a secret key and `authenticator` must be the
+    // ZapAuthenticator of the reactor's context (not owned; outlives the server): only keys it
+    // authorizes for `zap_domain` are served.
+    bool insecure = false;
+    KeyPair server_key;
+    ZapAuthenticator* authenticator = nullptr;
+    std::string zap_domain = kDefaultZapDomain;
+    int64_t max_message_bytes = kDefaultMaxMessageBytes;
+  };
+
+  // REQUIRES: on the reactor thread or before reactor.Start().
+  static StatusOr<std::unique_ptr<RpcServer>> Create(Reactor& reactor, Options options,
+                                                     Handler handler);
+  // REQUIRES: on the reactor thread, or after the reactor stopped.
+  ~RpcServer();
+
+  // The endpoint bound, with the port resolved ("tcp://127.0.0.1:40123").
+  const std::string& endpoint() const { return endpoint_; }
+  const std::string& public_key() const { return options_.server_key.public_key; }
+
+ private:
+  struct Core;
+  RpcServer(Reactor& reactor, Options options, Handler handler);
+  void OnReadable();
+
+  Reactor& reactor_;
+  Options options_;
+  Handler handler_;
+  std::shared_ptr<Core> core_;
+  std::string endpoint_;
+};
+
+class RpcClient {
+ public:
+  struct Options {
+    std::string endpoint;
+    bool insecure = false;
+    std::string server_public_key;  // z85; required unless insecure
+    KeyPair client_key;             // required unless insecure
+    int64_t max_message_bytes = kDefaultMaxMessageBytes;
+  };
+
+  // The client's socket lives in `context` (not owned; must outlive the client). Connecting is
+  // asynchronous: a server that is not up yet is retried until a call's timeout.
+  static StatusOr<std::unique_ptr<RpcClient>> Connect(zmq::context_t& context, Options options);
+  ~RpcClient();
+
+  // Sends `request` (its request_id is assigned here) and waits up to `timeout` for its reply.
+  // An error payload in the reply is returned as its Status. A server that refuses our key
+  // gives Unavailable as soon as the handshake fails; no reply in time gives DeadlineExceeded.
+  // Replies to earlier, timed-out calls are discarded.
+  // Thread-safety: calls are serialized by an internal mutex.
+  StatusOr<proto::Envelope> Call(proto::Envelope request, std::chrono::milliseconds timeout);
+
+  const std::string& endpoint() const { return options_.endpoint; }
+
+ private:
+  RpcClient(zmq::context_t& context, Options options);
+  Status CheckMonitor();
+
+  Options options_;
+  std::mutex mu_;
+  zmq::socket_t socket_;   // GUARDED_BY(mu_)
+  zmq::socket_t monitor_;  // GUARDED_BY(mu_)
+  uint64_t next_id_ = 1;   // GUARDED_BY(mu_)
+  bool refused_ = false;   // GUARDED_BY(mu_)
+};
+
+}  // namespace muster

@@ -1,0 +1,110 @@
+#include "common/curve.h"
+
+#include <gtest/gtest.h>
+#include <sys/stat.h>
+
+#include <filesystem>
+#include <fstream>
+
+namespace muster {
+namespace {
+
+namespace fs = std::filesystem;
+
+class TempDir {
+ public:
+  TempDir() {
+    char tmpl[] = "/tmp/muster-test-XXXXXX";
+    path_ = mkdtemp(tmpl);
+  }
+  ~TempDir() { fs::remove_all(path_); }
+  const fs::path& path() const { return path_; }
+
+ private:
+  fs::path path_;
+};
+
+int Mode(const fs::path& p) {
+  struct stat st;
+  EXPECT_EQ(stat(p.c_str(), &st), 0);
+  return st.st_mode & 0777;
+}
+
+TEST(CurveTest, KeyPairSavesSecretFilesOwnerOnlyAndLoadsBack) {
+  TempDir dir;
+  auto keys = GenerateKeyPair();
+  ASSERT_TRUE(keys.ok());
+  EXPECT_TRUE(IsValidZ85Key(keys->public_key));
+  ASSERT_TRUE(SaveKeyPair(dir.path() / "a.key", *keys, false).ok());
+  EXPECT_EQ(Mode(dir.path() / "a.key"), 0600);
+  auto loaded = LoadKeyPair(dir.path() / "a.key");
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  EXPECT_EQ(loaded->public_key, keys->public_key);
+  EXPECT_EQ(loaded->secret_key, keys->secret_key);
+}
+
+TEST(CurveTest, SaveRefusesToOverwriteUnlessAsked) {
+  TempDir dir;
+  auto a = GenerateKeyPair(), b = GenerateKeyPair();
+  ASSERT_TRUE(SaveKeyPair(dir.path() / "k", *a, false).ok());
+  Status st = SaveKeyPair(dir.path() / "k", *b, false);
+  EXPECT_EQ(st.code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(LoadKeyPair(dir.path() / "k")->secret_key, a->secret_key);
+  ASSERT_TRUE(SaveKeyPair(dir.path() / "k", *b, true).ok());
+  EXPECT_EQ(LoadKeyPair(dir.path() / "k")->secret_key, b->secret_key);
+}
+
+TEST(CurveTest, LoadRejectsMismatchedAndMalformedKeys) {
+  TempDir dir;
+  auto a = GenerateKeyPair(), b = GenerateKeyPair();
+  std::ofstream(dir.path() / "mismatch") << "public-key = " << a->public_key << "\n"
+                                         << "secret-key = " << b->secret_key << "\n";
+  EXPECT_EQ(LoadKeyPair(dir.path() / "mismatch").status().code(), StatusCode::kInvalidArgument);
+  std::ofstream(dir.path() / "short") << "public-key = abc\n";
+  auto st = LoadKeyPair(dir.path() / "short").status();
+  EXPECT_EQ(st.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("short:1"), std::string::npos) << st;
+  EXPECT_EQ(LoadKeyPair(dir.path() / "missing").status().code(), StatusCode::kNotFound);
+}
+
+TEST(CurveTest, AuthorizedKeysParseWithNamesAndComments) {
+  TempDir dir;
+  auto a = GenerateKeyPair(), b = GenerateKeyPair();
+  std::ofstream(dir.path() / "auth") << "# users\n"
+                                     << a->public_key << " alice\n\n"
+                                     << b->public_key << "   # no name\n";
+  auto keys = LoadAuthorizedKeys(dir.path() / "auth");
+  ASSERT_TRUE(keys.ok()) << keys.status();
+  ASSERT_EQ(keys->size(), 2u);
+  EXPECT_EQ((*keys)[0].name, "alice");
+  EXPECT_EQ((*keys)[1].public_key, b->public_key);
+  std::ofstream(dir.path() / "bad") << "not-a-key alice\n";
+  EXPECT_EQ(LoadAuthorizedKeys(dir.path() / "bad").status().code(), StatusCode::kInvalidArgument);
+}
+
+TEST(CurveTest, InitKeysDirWritesAllFilesAndRefusesToOverwrite) {
+  TempDir dir;
+  KeysDir kd{dir.path() / "keys"};
+  ASSERT_TRUE(InitKeysDir(kd, false).ok());
+  EXPECT_EQ(Mode(kd.coordinator_key()), 0600);
+  EXPECT_EQ(Mode(kd.client_key()), 0600);
+  EXPECT_EQ(Mode(kd.dir), 0700);
+  auto coord = LoadKeyPair(kd.coordinator_key());
+  auto coord_pub = LoadKeyPair(kd.coordinator_pub());
+  auto client = LoadKeyPair(kd.client_key());
+  auto auth = LoadAuthorizedKeys(kd.authorized_keys());
+  ASSERT_TRUE(coord.ok() && coord_pub.ok() && client.ok() && auth.ok());
+  EXPECT_EQ(coord->public_key, coord_pub->public_key);
+  EXPECT_TRUE(coord_pub->secret_key.empty());
+  ASSERT_EQ(auth->size(), 1u);
+  EXPECT_EQ((*auth)[0].public_key, client->public_key);
+
+  Status again = InitKeysDir(kd, false);
+  EXPECT_EQ(again.code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(LoadKeyPair(kd.coordinator_key())->secret_key, coord->secret_key);
+  ASSERT_TRUE(InitKeysDir(kd, true).ok());
+  EXPECT_NE(LoadKeyPair(kd.coordinator_key())->secret_key, coord->secret_key);
+}
+
+}  // namespace
+}  // namespace muster

@@ -1,0 +1,212 @@
+#include "common/rpc.h"
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+
+#include "common/wire.h"
+#include "tests/testing/log_capture.h"
+
+namespace muster {
+namespace {
+
+using namespace std::chrono_literals;
+
+// A CURVE server with our ZAP handler, answering Ping with Pong.
+class RpcTest : public ::testing::Test {
+ protected:
+  void SetUp() override { StartServer(kDefaultMaxMessageBytes); }
+
+  void StartServer(int64_t max_bytes) {
+    server_key_ = *GenerateKeyPair();
+    client_key_ = *GenerateKeyPair();
+    reactor_ = std::make_unique<Reactor>("rpc-test");
+    auto zap = ZapAuthenticator::Create(*reactor_);
+    ASSERT_TRUE(zap.ok()) << zap.status();
+    zap_ = std::move(*zap);
+    zap_->SetAuthorized(kDefaultZapDomain, {{client_key_.public_key, "alice"}});
+    RpcServer::Options o;
+    o.name = "test";
+    o.endpoint = "tcp://127.0.0.1:*";
+    o.server_key = server_key_;
+    o.authenticator = zap_.get();
+    o.max_message_bytes = max_bytes;
+    auto server = RpcServer::Create(
+        *reactor_, o, [this](const PeerInfo& peer, proto::Envelope&& req, RpcServer::Reply reply) {
+          handled_++;
+          last_user_ = peer.user_id;
+          proto::Envelope out;
+          out.mutable_pong()->set_data(req.ping().data());
+          reply(std::move(out));
+        });
+    ASSERT_TRUE(server.ok()) << server.status();
+    server_ = std::move(*server);
+    reactor_->Start();
+  }
+
+  void TearDown() override {
+    reactor_->Call("teardown", [&] {
+      server_.reset();
+      zap_.reset();
+    });
+    reactor_->Stop();
+  }
+
+  std::unique_ptr<RpcClient> Client(const KeyPair& key) {
+    RpcClient::Options o;
+    o.endpoint = server_->endpoint();
+    o.server_public_key = server_key_.public_key;
+    o.client_key = key;
+    auto c = RpcClient::Connect(ctx_, o);
+    EXPECT_TRUE(c.ok()) << c.status();
+    return std::move(*c);
+  }
+
+  static proto::Envelope Ping(const std::string& data) {
+    proto::Envelope e;
+    e.mutable_ping()->set_data(data);
+    return e;
+  }
+
+  zmq::context_t ctx_;
+  KeyPair server_key_, client_key_;
+  std::unique_ptr<Reactor> reactor_;
+  std::unique_ptr<ZapAuthenticator> zap_;
+  std::unique_ptr<RpcServer> server_;
+  std::atomic<int> handled_{0};
+  std::string last_user_;  // written on the reactor, read after a reply
+};
+
+TEST_F(RpcTest, AuthorizedClientIsServed) {
+  auto client = Client(client_key_);
+  auto reply = client->Call(Ping("hello"), 5s);
+  ASSERT_TRUE(reply.ok()) << reply.status();
+  EXPECT_EQ(reply->pong().data(), "hello");
+  EXPECT_EQ(last_user_, "alice");
+}
+
+TEST_F(RpcTest, UnknownKeyIsRefusedBeforeTheHandlerAndLogged) {
+  testing::LogCapture capture;
+  KeyPair stranger = *GenerateKeyPair();
+  auto client = Client(stranger);
+  auto start = std::chrono::steady_clock::now();
+  auto reply = client->Call(Ping("let me in"), 10s);
+  ASSERT_FALSE(reply.ok());
+  EXPECT_EQ(reply.status().code(), StatusCode::kUnavailable) << reply.status();
+  // Refused at the handshake, not by waiting out the timeout.
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 5s);
+  EXPECT_EQ(handled_.load(), 0);
+  EXPECT_TRUE(capture.WaitFor("refused unknown CURVE key " + stranger.public_key, 5s));
+  EXPECT_GE(zap_->refused_count(), 1u);
+  // The authorized client is still served.
+  EXPECT_TRUE(Client(client_key_)->Call(Ping("ok"), 5s).ok());
+}
+
+TEST_F(RpcTest, RevokedKeyIsRefusedOnItsNextConnection) {
+  zap_->Revoke(kDefaultZapDomain, client_key_.public_key);
+  auto reply = Client(client_key_)->Call(Ping("x"), 10s);
+  EXPECT_EQ(reply.status().code(), StatusCode::kUnavailable);
+  EXPECT_EQ(handled_.load(), 0);
+}
+
+TEST_F(RpcTest, GarbageBytesGetAnErrorReplyAndTheServerKeepsServing) {
+  zmq::socket_t raw(ctx_, zmq::socket_type::dealer);
+  raw.set(zmq::sockopt::linger, 0);
+  raw.set(zmq::sockopt::curve_serverkey, server_key_.public_key);
+  raw.set(zmq::sockopt::curve_publickey, client_key_.public_key);
+  raw.set(zmq::sockopt::curve_secretkey, client_key_.secret_key);
+  raw.connect(server_->endpoint());
+  const char garbage[] = "\xff\xff\xff\x07 this is not protobuf";
+  raw.send(zmq::buffer(garbage, sizeof(garbage)));
+  raw.set(zmq::sockopt::rcvtimeo, 5000);
+  zmq::message_t msg;
+  ASSERT_TRUE(raw.recv(msg));
+  auto reply = ParseEnvelope(msg.data(), msg.size());
+  ASSERT_TRUE(reply.ok()) << reply.status();
+  EXPECT_EQ(reply->request_id(), 0u);
+  ASSERT_TRUE(reply->has_error());
+  EXPECT_EQ(ErrorToStatus(reply->error()).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(handled_.load(), 0);
+
+  // A well-formed envelope without a payload is refused the same way.
+  proto::Envelope empty;
+  empty.set_request_id(9);
+  std::string bytes = empty.SerializeAsString();
+  raw.send(zmq::buffer(bytes));
+  ASSERT_TRUE(raw.recv(msg));
+  reply = ParseEnvelope(msg.data(), msg.size());
+  ASSERT_TRUE(reply.ok());
+  EXPECT_TRUE(reply->has_error());
+
+  EXPECT_TRUE(Client(client_key_)->Call(Ping("still here"), 5s).ok());
+}
+
+class RpcSizeLimitTest : public RpcTest {
+ protected:
+  void SetUp() override { StartServer(64 * 1024); }
+};
+
+TEST_F(RpcSizeLimitTest, OversizedMessageIsRefusedAndTheServerKeepsServing) {
+  // A client without its own limit sends 1 MiB to a server that takes 64 KiB.
+  RpcClient::Options o;
+  o.endpoint = server_->endpoint();
+  o.server_public_key = server_key_.public_key;
+  o.client_key = client_key_;
+  auto big = RpcClient::Connect(ctx_, o);
+  ASSERT_TRUE(big.ok());
+  auto reply = (*big)->Call(Ping(std::string(1 << 20, 'x')), 1500ms);
+  EXPECT_FALSE(reply.ok());
+  EXPECT_EQ(handled_.load(), 0);
+
+  auto small = Client(client_key_);
+  auto ok = small->Call(Ping("small"), 5s);
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  EXPECT_EQ(ok->pong().data(), "small");
+}
+
+TEST_F(RpcTest, ClientRefusesToSendOverItsOwnLimit) {
+  RpcClient::Options o;
+  o.endpoint = server_->endpoint();
+  o.server_public_key = server_key_.public_key;
+  o.client_key = client_key_;
+  o.max_message_bytes = 1024;
+  auto c = RpcClient::Connect(ctx_, o);
+  auto reply = (*c)->Call(Ping(std::string(4096, 'x')), 1s);
+  EXPECT_EQ(reply.status().code(), StatusCode::kInvalidArgument);
+}
+
+TEST_F(RpcTest, NoServerGivesDeadlineExceeded) {
+  RpcClient::Options o;
+  o.endpoint = "tcp://127.0.0.1:1";  // nothing listens on port 1
+  o.server_public_key = server_key_.public_key;
+  o.client_key = client_key_;
+  auto c = RpcClient::Connect(ctx_, o);
+  ASSERT_TRUE(c.ok());
+  EXPECT_EQ((*c)->Call(Ping("x"), 200ms).status().code(), StatusCode::kDeadlineExceeded);
+}
+
+TEST_F(RpcTest, ReplyFromAnotherThreadArrives) {
+  // Handlers may answer later from a worker: the reply is posted back to the reactor.
+  reactor_->Call("swap", [&] {
+    server_.reset();
+    RpcServer::Options o;
+    o.name = "async";
+    o.endpoint = "tcp://127.0.0.1:*";
+    o.server_key = server_key_;
+    o.authenticator = zap_.get();
+    server_ = std::move(*RpcServer::Create(
+        *reactor_, o, [](const PeerInfo&, proto::Envelope&& req, RpcServer::Reply reply) {
+          std::thread([req = std::move(req), reply = std::move(reply)] {
+            proto::Envelope out;
+            out.mutable_pong()->set_data("late " + req.ping().data());
+            reply(std::move(out));
+          }).detach();
+        }));
+  });
+  auto reply = Client(client_key_)->Call(Ping("x"), 5s);
+  ASSERT_TRUE(reply.ok()) << reply.status();
+  EXPECT_EQ(reply->pong().data(), "late x");
+}
+
+}  // namespace
+}  // namespace muster
