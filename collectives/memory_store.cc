@@ -1,0 +1,89 @@
+#include <condition_variable>
+#include <map>
+#include <mutex>
+
+#include "collectives/store.h"
+
+namespace muster::collectives {
+namespace {
+
+class InMemoryStore final : public Store {
+ public:
+  Status Set(const std::string& key, const std::string& value) override {
+    std::lock_guard<std::mutex> l(mu_);
+    kv_[key] = value;
+    cv_.notify_all();
+    return Status::Ok();
+  }
+
+  StatusOr<std::string> Get(const std::string& key, std::chrono::milliseconds timeout) override {
+    std::unique_lock<std::mutex> l(mu_);
+    if (!cv_.wait_for(l, timeout, [&] { return kv_.count(key) > 0; })) {
+      return DeadlineExceededError("store: key '" + key + "' not set within " +
+                                   std::to_string(timeout.count()) + " ms");
+    }
+    return kv_[key];
+  }
+
+  StatusOr<int64_t> Add(const std::string& key, int64_t delta) override {
+    std::lock_guard<std::mutex> l(mu_);
+    int64_t v = 0;
+    if (auto it = kv_.find(key); it != kv_.end()) {
+      try {
+        v = std::stoll(it->second);
+      } catch (const std::exception&) {
+        return InvalidArgumentError("store: key '" + key + "' does not hold an integer");
+      }
+    }
+    v += delta;
+    kv_[key] = std::to_string(v);
+    cv_.notify_all();
+    return v;
+  }
+
+  StatusOr<std::string> CompareSet(const std::string& key, const std::string& expected,
+                                   const std::string& desired) override {
+    std::lock_guard<std::mutex> l(mu_);
+    auto it = kv_.find(key);
+    std::string current = it == kv_.end() ? "" : it->second;
+    if (current == expected) {
+      kv_[key] = desired;
+      cv_.notify_all();
+      return desired;
+    }
+    return current;
+  }
+
+  Status Wait(const std::vector<std::string>& keys, std::chrono::milliseconds timeout) override {
+    std::unique_lock<std::mutex> l(mu_);
+    bool ok = cv_.wait_for(l, timeout, [&] {
+      for (const auto& k : keys)
+        if (!kv_.count(k)) return false;
+      return true;
+    });
+    if (!ok) return DeadlineExceededError("store: wait timed out after " +
+                                          std::to_string(timeout.count()) + " ms");
+    return Status::Ok();
+  }
+
+  Status Barrier(const std::string& name, int n, std::chrono::milliseconds timeout) override {
+    MUSTER_ASSIGN_OR_RETURN(int64_t arrived, Add("barrier/" + name, 1));
+    if (arrived == n) MUSTER_RETURN_IF_ERROR(Set("barrier/" + name + "/done", "1"));
+    Status st = Wait({"barrier/" + name + "/done"}, timeout);
+    if (!st.ok()) {
+      return DeadlineExceededError("store: barrier '" + name + "' timed out");
+    }
+    return st;
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::map<std::string, std::string> kv_;  // GUARDED_BY(mu_)
+};
+
+}  // namespace
+
+std::unique_ptr<Store> NewInMemoryStore() { return std::make_unique<InMemoryStore>(); }
+
+}  // namespace muster::collectives
