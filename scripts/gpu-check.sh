@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The GPU check, run on the H100 machine from the project root (see ../shared/GPU.md and
+# docs/gpu-results.md):
+#   ../shared/device/pack-deps.sh            # on the build machine, once
+#   device run: scripts/gpu-check.sh         # with carry [".devdeps"]
+# Builds muster with CUDA, NCCL and libtorch, runs the `gpu` tests and the GPU benchmarks, and
+# prints a short table last. Every stage runs even if an earlier one failed; the exit code is
+# the number of failed stages.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/gpu-check-out}"
+mkdir -p "$OUT"
+BUILD=build-gpu
+declare -a NAMES RESULTS TIMES
+failed=0
+
+stage() {  # stage NAME COMMAND...
+  local name="$1"; shift
+  echo "===== $name: $*"
+  local t0=$(date +%s.%N)
+  "$@" > >(tee "$OUT/$name.log") 2>&1
+  local rc=$?
+  local t1=$(date +%s.%N)
+  NAMES+=("$name"); RESULTS+=("$([ $rc -eq 0 ] && echo ok || echo "FAILED($rc)")")
+  TIMES+=("$(printf '%.1f' "$(echo "$t1 - $t0" | bc)")")
+  [ $rc -eq 0 ] || failed=$((failed + 1))
+  return $rc
+}
+
+source .devdeps/unpack.sh
+TORCH_PREFIX="$(python3 -c 'import torch;print(torch.utils.cmake_prefix_path)' 2>/dev/null)"
+TORCH_LIB="$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))' 2>/dev/null)/lib"
+export LD_LIBRARY_PATH="$TORCH_LIB:${LD_LIBRARY_PATH:-}"
+
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  nvcc --version | tail -1
+  grep -m1 NCCL_VERSION_CODE /usr/include/nccl.h 2>/dev/null
+  python3 -c 'import torch; print("torch", torch.__version__)'
+} 2>&1 | tee "$OUT/machine.txt"
+
+stage configure cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+  -DCMAKE_CUDA_ARCHITECTURES=90 -DMUSTER_WITH_CUDA=ON \
+  -DCMAKE_PREFIX_PATH="$TORCH_PREFIX;/opt/devdeps/usr"
+stage build cmake --build "$BUILD" -j "$(nproc)"
+stage unit-tests ctest --test-dir "$BUILD" -L unit -j 8 --output-on-failure --timeout 120
+stage gpu-tests ctest --test-dir "$BUILD" -L gpu --output-on-failure --timeout 300
+stage rpc-bench "$BUILD/bench/muster-bench" rpc --iterations 2000
+
+echo
+echo "===== summary ($(date -u +%F) on $(head -1 "$OUT/machine.txt"))"
+printf '%-14s %-12s %8s\n' stage result seconds
+for i in "${!NAMES[@]}"; do printf '%-14s %-12s %8s\n' "${NAMES[$i]}" "${RESULTS[$i]}" "${TIMES[$i]}"; done
+exit $failed
