@@ -3,7 +3,16 @@
 find_package(PkgConfig REQUIRED)
 find_package(Threads REQUIRED)
 
-pkg_check_modules(ZMQ REQUIRED IMPORTED_TARGET libzmq)
+# libzmq: pkg-config first; its .pc names private dependencies (krb5, pgm, norm) that a machine
+# with only the runtime libraries lacks, so fall back to the header and library.
+pkg_check_modules(ZMQ QUIET IMPORTED_TARGET libzmq)
+if(NOT ZMQ_FOUND)
+  find_path(ZMQ_INCLUDE_DIR zmq.h REQUIRED)
+  find_library(ZMQ_LIBRARY zmq REQUIRED)
+  add_library(PkgConfig::ZMQ UNKNOWN IMPORTED)
+  set_target_properties(PkgConfig::ZMQ PROPERTIES IMPORTED_LOCATION ${ZMQ_LIBRARY}
+                                                  INTERFACE_INCLUDE_DIRECTORIES ${ZMQ_INCLUDE_DIR})
+endif()
 find_path(CPPZMQ_INCLUDE_DIR zmq.hpp REQUIRED)
 find_package(Protobuf REQUIRED)
 find_package(spdlog REQUIRED)
@@ -13,8 +22,21 @@ find_package(SQLite3 REQUIRED)
 find_package(CLI11 REQUIRED)
 find_package(yaml-cpp REQUIRED)
 find_package(nlohmann_json REQUIRED)
-pkg_check_modules(XXHASH REQUIRED IMPORTED_TARGET libxxhash)
-pkg_check_modules(ZSTD REQUIRED IMPORTED_TARGET libzstd)
+foreach(lib XXHASH:libxxhash:xxhash.h:xxhash ZSTD:libzstd:zstd.h:zstd)
+  string(REPLACE ":" ";" parts ${lib})
+  list(GET parts 0 var)
+  list(GET parts 1 pc)
+  list(GET parts 2 header)
+  list(GET parts 3 libname)
+  pkg_check_modules(${var} QUIET IMPORTED_TARGET ${pc})
+  if(NOT ${var}_FOUND)
+    find_path(${var}_INCLUDE_DIR ${header} REQUIRED)
+    find_library(${var}_LIBRARY ${libname} REQUIRED)
+    add_library(PkgConfig::${var} UNKNOWN IMPORTED)
+    set_target_properties(PkgConfig::${var} PROPERTIES IMPORTED_LOCATION ${${var}_LIBRARY}
+                                            INTERFACE_INCLUDE_DIRECTORIES ${${var}_INCLUDE_DIR})
+  endif()
+endforeach()
 
 # Gloo: Debian's libgloo-dev ships CMake targets (gloo).
 find_package(Gloo QUIET)

@@ -17,12 +17,12 @@ failed=0
 stage() {  # stage NAME COMMAND...
   local name="$1"; shift
   echo "===== $name: $*"
-  local t0=$(date +%s.%N)
+  local t0=$(date +%s%N)
   "$@" > >(tee "$OUT/$name.log") 2>&1
   local rc=$?
-  local t1=$(date +%s.%N)
+  local t1=$(date +%s%N)
   NAMES+=("$name"); RESULTS+=("$([ $rc -eq 0 ] && echo ok || echo "FAILED($rc)")")
-  TIMES+=("$(printf '%.1f' "$(echo "$t1 - $t0" | bc)")")
+  TIMES+=("$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.1f", (b-a)/1e9}')")
   [ $rc -eq 0 ] || failed=$((failed + 1))
   return $rc
 }
@@ -43,8 +43,8 @@ stage configure cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -DCMAKE_CUDA_ARCHITECTURES=90 -DMUSTER_WITH_CUDA=ON \
   -DCMAKE_PREFIX_PATH="$TORCH_PREFIX;/opt/devdeps/usr"
 stage build cmake --build "$BUILD" -j "$(nproc)"
-stage unit-tests ctest --test-dir "$BUILD" -L unit -j 8 --output-on-failure --timeout 120
-stage gpu-tests ctest --test-dir "$BUILD" -L gpu --output-on-failure --timeout 300
+stage unit-tests ctest --test-dir "$BUILD" -L unit -j 8 --no-tests=error --output-on-failure --timeout 120
+stage gpu-tests ctest --test-dir "$BUILD" -L gpu --no-tests=error --output-on-failure --timeout 300
 stage rpc-bench "$BUILD/bench/muster-bench" rpc --iterations 2000
 
 echo
