@@ -106,3 +106,7 @@ if(NOT MUSTER_WITH_TORCH STREQUAL "OFF")
     message(FATAL_ERROR "MUSTER_WITH_TORCH=ON but libtorch was not found")
   endif()
 endif()
+
+# libcurl: optional; the node agent polls cloud metadata endpoints for preemption notices with it.
+find_package(CURL QUIET)
+set(MUSTER_HAVE_CURL ${CURL_FOUND})

@@ -11,7 +11,7 @@ PKGS=(
   libgtest-dev libgmock-dev googletest
   libsqlite3-dev sqlite3
   libcli11-dev libyaml-cpp-dev nlohmann-json3-dev
-  libxxhash-dev libzstd-dev
+  libxxhash-dev libzstd-dev libcurl4-openssl-dev
   libgloo-dev
   libopenmpi-dev openmpi-bin
   libtorch-dev python3-torch
