@@ -573,8 +573,11 @@ Status Checkpointer::Commit(Job& job, const std::vector<std::string>& parts) {
   }
   MUSTER_RETURN_IF_ERROR(volume_->SyncDir(tmp));
   MUSTER_RETURN_IF_ERROR(volume_->Rename(tmp, final_dir));
-  MUSTER_RETURN_IF_ERROR(volume_->SyncDir(options_.dir));
-  MUSTER_RETURN_IF_ERROR(UpdateLatest(volume_, options_.dir, job.step));
+  // From here the step directory is complete and in place; what fails now is its durability
+  // (parent fsync) or the LATEST hint, and the error says so.
+  const std::string after = StepStr(job.step) + " is in place but not durably published";
+  MUSTER_RETURN_IF_ERROR(volume_->SyncDir(options_.dir).WithContext(after));
+  MUSTER_RETURN_IF_ERROR(UpdateLatest(volume_, options_.dir, job.step).WithContext(after));
   log::Get("ckpt.write")
       ->info("committed step {} ({} bytes, world size {})", job.step, m.TotalBytes(),
              m.world_size);

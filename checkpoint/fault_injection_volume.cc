@@ -95,7 +95,8 @@ Status FaultInjectionVolume::CrashedError() const {
 }
 
 std::optional<FaultKind> FaultInjectionVolume::Check(const std::string& path, bool is_write,
-                                                     bool is_sync, bool is_read, bool is_rename) {
+                                                     bool is_sync, bool is_read, bool is_rename,
+                                                     bool is_dir) {
   std::lock_guard<std::mutex> l(mu_);
   if (!fault_) return std::nullopt;
   const Fault& f = *fault_;
@@ -110,7 +111,7 @@ std::optional<FaultKind> FaultInjectionVolume::Check(const std::string& path, bo
       applies = f.on_read ? is_read : is_write;
       break;
     case FaultKind::kSyncError:
-      applies = is_sync;
+      applies = is_sync && is_dir == f.on_dir;
       break;
     case FaultKind::kRenameError:
       applies = is_rename;
@@ -147,7 +148,9 @@ Status FaultInjectionVolume::CreateDirs(const std::string& path) {
 
 Status FaultInjectionVolume::SyncDir(const std::string& path) {
   if (crashed_) return CrashedError();
-  if (Check(path, false, true, false, false)) return ErrnoStatus(EIO, "fsync dir " + path);
+  if (Check(path, false, true, false, false, /*is_dir=*/true)) {
+    return ErrnoStatus(EIO, "fsync dir " + path);
+  }
   return base_->SyncDir(path);
 }
 

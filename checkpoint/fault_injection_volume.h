@@ -32,6 +32,7 @@ struct Fault {
   int skip = 0;                // matching operations let through first
   bool sticky = false;         // keep firing after the first time
   bool on_read = false;        // kIoError: fail reads instead of writes
+  bool on_dir = false;         // kSyncError: fail directory fsyncs instead of file fsyncs
 };
 
 class FaultInjectionVolume final : public Volume {
@@ -66,7 +67,7 @@ class FaultInjectionVolume final : public Volume {
 
   // Used by the wrapped files. Returns the fault to apply to this operation, if any.
   std::optional<FaultKind> Check(const std::string& path, bool is_write, bool is_sync,
-                                 bool is_read, bool is_rename);
+                                 bool is_read, bool is_rename, bool is_dir = false);
   Status CrashedError() const;
   void EnterCrash() { crashed_ = true; }
 
