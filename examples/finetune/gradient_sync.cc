@@ -59,15 +59,18 @@ Status AllreduceGradients(GradientSync& sync, const std::vector<torch::Tensor>& 
   return Status::Ok();
 }
 
-StatusOr<std::unique_ptr<GradientSync>> CreateGradientSync(int rank, int world_size) {
-  if (world_size < 1 || rank < 0 || rank >= world_size) {
-    return InvalidArgumentError("bad RANK/WORLD_SIZE: rank " + std::to_string(rank) +
-                                " of world size " + std::to_string(world_size));
+Status CommunicatorGradientSync::AllreduceSum(torch::Tensor& flat) {
+  if (!flat.is_contiguous() || flat.scalar_type() != torch::kFloat32) {
+    return InvalidArgumentError("AllreduceSum needs a contiguous float32 tensor");
   }
-  if (world_size == 1) return std::unique_ptr<GradientSync>(new LocalGradientSync());
-  return FailedPreconditionError(
-      "WORLD_SIZE=" + std::to_string(world_size) +
-      " needs a collectives backend, and this build has only the single-rank GradientSync");
+  const bool device_ok = flat.is_cuda() == (comm_->backend() == collectives::Backend::kNccl);
+  torch::Tensor buf = device_ok ? flat : flat.to(flat.is_cuda() ? torch::kCPU : torch::kCUDA);
+  if (buf.is_cuda()) torch::cuda::synchronize();  // the producer kernels ran on torch's stream
+  auto work = comm_->AllReduce(buf.data_ptr(), static_cast<size_t>(buf.numel()),
+                               collectives::DataType::kF32, collectives::ReduceOp::kSum);
+  MUSTER_RETURN_IF_ERROR(work->Wait());
+  if (!device_ok) flat.copy_(buf);
+  return Status::Ok();
 }
 
 }  // namespace muster::finetune

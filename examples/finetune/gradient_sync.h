@@ -13,6 +13,7 @@
 #include <memory>
 #include <vector>
 
+#include "collectives/communicator.h"
 #include "common/status.h"
 
 namespace muster::finetune {
@@ -42,9 +43,18 @@ class LocalGradientSync final : public GradientSync {
 Status AllreduceGradients(GradientSync& sync, const std::vector<torch::Tensor>& params,
                           size_t bucket_bytes);
 
-// Builds the GradientSync for a process from the torchrun env contract (RANK, WORLD_SIZE, ...).
-// At world size 1 this is LocalGradientSync. For more ranks it needs a collectives backend;
-// without one it returns FailedPrecondition naming what is missing.
-StatusOr<std::unique_ptr<GradientSync>> CreateGradientSync(int rank, int world_size);
+// Forwards to a muster::collectives::Communicator (Gloo on CPU, NCCL on GPU). Tensors on a CUDA
+// device go to NCCL as they are; for a host backend they are staged through host memory.
+class CommunicatorGradientSync final : public GradientSync {
+ public:
+  explicit CommunicatorGradientSync(std::unique_ptr<collectives::Communicator> comm)
+      : comm_(std::move(comm)) {}
+  int rank() const override { return comm_->rank(); }
+  int world_size() const override { return comm_->size(); }
+  Status AllreduceSum(torch::Tensor& flat) override;
+
+ private:
+  std::unique_ptr<collectives::Communicator> comm_;
+};
 
 }  // namespace muster::finetune

@@ -8,7 +8,10 @@
 #include <cstdlib>
 #include <iostream>
 
+#include "collectives/communicator.h"
+#include "collectives/store_client.h"
 #include "common/logging.h"
+#include "examples/finetune/checkpointer_state_store.h"
 #include "examples/finetune/gradient_sync.h"
 #include "examples/finetune/preemption.h"
 #include "examples/finetune/state_store.h"
@@ -20,7 +23,9 @@ namespace {
 constexpr int kExitOk = 0;
 constexpr int kExitFailed = 1;
 constexpr int kExitUsage = 2;
-constexpr int kExitPreempted = 75;  // EX_TEMPFAIL: checkpointed on a notice; resume later
+constexpr int kExitPreempted = 3;  // checkpointed on a notice and stopped; resume later
+// A collective failed because a peer died or stopped answering: not this rank's fault.
+constexpr int kExitPeerFailed = muster::collectives::kPeerFailureExitCode;
 
 std::string Env(const char* name, std::string fallback = "") {
   const char* v = std::getenv(name);
@@ -131,20 +136,70 @@ int main(int argc, char** argv) {
   }
   if (threads > 0) torch::set_num_threads(threads);
 
-  auto sync = muster::finetune::CreateGradientSync(rank, world);
-  if (!sync.ok()) {
-    log->error("{}", sync.status().ToString());
-    return kExitFailed;
+  // World size 1 needs no rendezvous: the identity allreduce and a store-less Checkpointer.
+  // Otherwise the ranks meet in the job attempt's rendezvous store (MUSTER_RDZV_ENDPOINT, ...).
+  std::shared_ptr<muster::collectives::Store> rdzv;
+  std::unique_ptr<muster::finetune::GradientSync> sync;
+  if (world == 1) {
+    sync = std::make_unique<muster::finetune::LocalGradientSync>();
+  } else {
+    auto client = muster::collectives::ConnectStoreFromEnv();
+    if (!client.ok()) {
+      log->error("WORLD_SIZE={} needs the rendezvous store: {}", world,
+                 client.status().ToString());
+      return kExitUsage;
+    }
+    rdzv = std::move(*client);
+    const bool gpu = c.device == "cuda" || (c.device == "auto" && torch::cuda::is_available());
+    muster::collectives::CommConfig cc;
+    cc.rank = rank;
+    cc.size = world;
+    cc.name = "finetune";
+    cc.device = std::atoi(Env("LOCAL_RANK", "0").c_str());
+    auto backend = gpu ? muster::collectives::Backend::kNccl : muster::collectives::Backend::kGloo;
+    if (std::string forced = Env("MUSTER_COLL_BACKEND"); !forced.empty()) {
+      auto parsed = muster::collectives::ParseBackend(forced);
+      if (!parsed.ok()) {
+        log->error("{}", parsed.status().ToString());
+        return kExitUsage;
+      }
+      backend = *parsed;
+    }
+    auto comm = muster::collectives::CreateCommunicator(backend, rdzv, cc);
+    if (!comm.ok()) {
+      log->error("cannot join the job's collectives: {}", comm.status().ToString());
+      return kExitFailed;
+    }
+    sync = std::make_unique<muster::finetune::CommunicatorGradientSync>(std::move(*comm));
   }
-  muster::finetune::FileStateStore store(checkpoint_dir, rank);
+  auto store = muster::finetune::CheckpointerStateStore::Open(checkpoint_dir, rank, world,
+                                                              rdzv.get());
+  if (!store.ok()) {
+    log->error("{}", store.status().ToString());
+    return kExitUsage;
+  }
+  std::unique_ptr<muster::finetune::StateStore> base;
+  if (c.mode != Mode::kPretrain && !c.base_dir.empty()) {
+    // The base is only read, by every rank on its own: a world of one.
+    auto opened = muster::finetune::CheckpointerStateStore::Open(c.base_dir, 0, 1, nullptr);
+    if (!opened.ok()) {
+      log->error("--base: {}", opened.status().ToString());
+      return kExitUsage;
+    }
+    base = std::move(*opened);
+  }
   muster::finetune::LocalNotice notice(notice_file);
   muster::finetune::LocalNotice::InstallSigtermHandler();
 
-  auto result = muster::finetune::Train(c, **sync, store, notice, std::cout);
+  auto result = muster::finetune::Train(c, *sync, **store, base.get(), notice, std::cout);
   if (!result.ok()) {
     log->error("{}", result.status().ToString());
-    return result.status().code() == muster::StatusCode::kInvalidArgument ? kExitUsage
-                                                                            : kExitFailed;
+    switch (result.status().code()) {
+      case muster::StatusCode::kInvalidArgument: return kExitUsage;
+      case muster::StatusCode::kAborted:
+      case muster::StatusCode::kDeadlineExceeded: return world > 1 ? kExitPeerFailed : kExitFailed;
+      default: return kExitFailed;
+    }
   }
   return result->preempted ? kExitPreempted : kExitOk;
 }

@@ -41,10 +41,13 @@ struct SavedState {
 class StateStore {
  public:
   virtual ~StateStore() = default;
-  // Commits `tensors` and `metadata` as checkpoint `step`. Every rank calls it; tensors are
-  // replicated across data-parallel ranks, so an implementation may write from one rank only.
-  // Returns once the checkpoint is committed (durable and visible to LatestStep()).
+  // Starts committing `tensors` and `metadata` as checkpoint `step`. Every rank calls it;
+  // tensors are replicated across data-parallel ranks, so an implementation may store them
+  // once. May return as soon as the tensors are copied (an asynchronous save): the caller may
+  // then change them. The commit's outcome is reported by this call or by the next Wait().
   virtual Status Save(int64_t step, const NamedTensors& tensors, const std::string& metadata) = 0;
+  // Returns once the last Save is committed (durable, visible to LatestStep()), or its error.
+  virtual Status Wait() = 0;
   // The newest committed step, or nullopt when there is none.
   virtual StatusOr<std::optional<int64_t>> LatestStep() = 0;
   // Reads checkpoint `step`; NotFound when it was never committed, DataLoss when it is corrupt.
@@ -57,6 +60,7 @@ class FileStateStore final : public StateStore {
   FileStateStore(std::filesystem::path dir, int rank) : dir_(std::move(dir)), rank_(rank) {}
 
   Status Save(int64_t step, const NamedTensors& tensors, const std::string& metadata) override;
+  Status Wait() override { return Status::Ok(); }  // Save is synchronous
   StatusOr<std::optional<int64_t>> LatestStep() override;
   StatusOr<SavedState> Restore(int64_t step) override;
 

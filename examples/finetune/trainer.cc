@@ -92,9 +92,9 @@ double EvalLoss(CharLM& model, const Corpus& corpus, torch::Device device) {
 
 class Run {
  public:
-  Run(const TrainConfig& c, GradientSync& sync, StateStore& store, PreemptionNotice& notice,
-      std::ostream& out)
-      : c_(c), sync_(sync), store_(store), notice_(notice), out_(out),
+  Run(const TrainConfig& c, GradientSync& sync, StateStore& store, StateStore* base,
+      PreemptionNotice& notice, std::ostream& out)
+      : c_(c), sync_(sync), store_(store), base_store_(base), notice_(notice), out_(out),
         log_(log::Get("examples.finetune")), device_(PickDevice(c.device)) {}
 
   StatusOr<TrainResult> Go();
@@ -105,6 +105,9 @@ class Run {
   Status Build(const ModelConfig& mc);
   Status ResumeFrom(int64_t step);
   Status Checkpoint(int64_t step, double loss);
+  // Waits for the save in flight, if any, and announces its commit.
+  Status WaitForCommit();
+  std::optional<int64_t> pending_save_;
   NamedTensors Trainable() { return NamedParams(*model_, trainable_set_); }
   void Say(const std::string& line) {
     if (sync_.rank() == 0) out_ << line << std::endl;
@@ -113,6 +116,7 @@ class Run {
   const TrainConfig& c_;
   GradientSync& sync_;
   StateStore& store_;
+  StateStore* base_store_;
   PreemptionNotice& notice_;
   std::ostream& out_;
   std::shared_ptr<spdlog::logger> log_;
@@ -152,7 +156,8 @@ Status Run::Validate() {
 }
 
 Status Run::LoadBase(ModelConfig* model_config) {
-  FileStateStore base(c_.base_dir, sync_.rank());
+  if (base_store_ == nullptr) return InvalidArgumentError("fine-tuning needs a base store");
+  StateStore& base = *base_store_;
   int64_t step;
   if (c_.base_step) {
     step = *c_.base_step;
@@ -261,7 +266,18 @@ Status Run::Checkpoint(int64_t step, double loss) {
                {"param_digest", DigestTensors(NamedParams(*model_, ParamSet::kAll))}};
   if (c_.mode == Mode::kLora) meta["lora"] = {{"rank", c_.lora_rank}, {"alpha", c_.lora_alpha}};
   if (!base_ref_.is_null()) meta["base"] = base_ref_;
+  MUSTER_RETURN_IF_ERROR(WaitForCommit());
   MUSTER_RETURN_IF_ERROR(store_.Save(step, tensors, meta.dump(2)));
+  pending_save_ = step;
+  return Status::Ok();
+}
+
+Status Run::WaitForCommit() {
+  if (!pending_save_) return Status::Ok();
+  const int64_t step = *pending_save_;
+  pending_save_.reset();
+  auto s = store_.Wait();
+  if (!s.ok()) return s.WithContext("checkpoint at step " + std::to_string(step));
   log_->info("checkpoint committed at step {}", step);
   Say("MUSTER_CHECKPOINT step=" + std::to_string(step));
   return Status::Ok();
@@ -287,11 +303,8 @@ StatusOr<TrainResult> Run::Go() {
       return InvalidArgumentError("resume step '" + c_.resume + "' is not 'latest' or a number");
     }
     resume_step = s;
-  } else if (latest) {
-    return FailedPreconditionError("checkpoint dir already holds step " +
-                                   std::to_string(*latest) +
-                                   "; resume with MUSTER_RESUME_STEP=latest (or --resume latest), "
-                                   "or use an empty dir");
+  } else {
+    resume_step = latest;  // an empty MUSTER_RESUME_STEP: the latest checkpoint, if any
   }
   if (resume_step) MUSTER_RETURN_IF_ERROR(ResumeFrom(*resume_step));
 
@@ -370,6 +383,7 @@ StatusOr<TrainResult> Run::Go() {
       break;
     }
   }
+  MUSTER_RETURN_IF_ERROR(WaitForCommit());
   if (result.step == 0) result.step = start_step_;
   (void)last_saved;
   result.param_digest = DigestTensors(NamedParams(*model_, ParamSet::kAll));
@@ -405,9 +419,9 @@ double LearningRate(const TrainConfig& c, int64_t step) {
 }
 
 StatusOr<TrainResult> Train(const TrainConfig& c, GradientSync& sync, StateStore& store,
-                            PreemptionNotice& notice, std::ostream& out) {
+                            StateStore* base, PreemptionNotice& notice, std::ostream& out) {
   try {
-    Run run(c, sync, store, notice, out);
+    Run run(c, sync, store, base, notice, out);
     return run.Go();
   } catch (const c10::Error& e) {
     return InternalError(std::string("libtorch: ") + e.what_without_backtrace());

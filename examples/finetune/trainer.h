@@ -56,9 +56,12 @@ struct TrainResult {
 // lr * min_lr_ratio at `steps`.
 double LearningRate(const TrainConfig& c, int64_t step);
 
-// Runs training to c.steps or a notice. Machine-readable lines (MUSTER_PROGRESS, ...; see
-// examples/README.md) go to `out` from rank 0; readable ones go to the log.
+// Runs training to c.steps or a notice. `store` holds this run's checkpoints; `base` (required
+// unless pretraining) is the store of the base model's checkpoints, read only. Resumes from
+// c.resume: a step, "latest", or empty meaning the latest checkpoint when there is one.
+// Machine-readable lines (MUSTER_PROGRESS, ...; see examples/README.md) go to `out` from rank 0;
+// readable ones go to the log.
 StatusOr<TrainResult> Train(const TrainConfig& c, GradientSync& sync, StateStore& store,
-                            PreemptionNotice& notice, std::ostream& out);
+                            StateStore* base, PreemptionNotice& notice, std::ostream& out);
 
 }  // namespace muster::finetune
