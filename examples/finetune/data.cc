@@ -66,10 +66,10 @@ StatusOr<Corpus> Corpus::Load(const std::filesystem::path& path, int64_t seq_len
   const int64_t eval_bytes = static_cast<int64_t>(bytes.size() * eval_fraction);
   const int64_t train_bytes = static_cast<int64_t>(bytes.size()) - eval_bytes;
   if (train_bytes < 4 * (seq_len + 1) || eval_bytes < seq_len + 1) {
-    return InvalidArgumentError("training data " + path.string() + " has " +
-                                std::to_string(bytes.size()) + " bytes; need at least " +
-                                std::to_string(static_cast<int64_t>(
-                                    (4 * (seq_len + 1)) / (1 - eval_fraction)) + 1));
+    return InvalidArgumentError(
+        "training data " + path.string() + " has " + std::to_string(bytes.size()) +
+        " bytes; need at least " +
+        std::to_string(static_cast<int64_t>((4 * (seq_len + 1)) / (1 - eval_fraction)) + 1));
   }
   Corpus c;
   torch::Tensor all = torch::empty({static_cast<int64_t>(bytes.size())}, torch::kUInt8);

@@ -46,8 +46,9 @@ int EnvInt(const char* name, int fallback, bool* ok) {
 int main(int argc, char** argv) {
   using muster::finetune::Mode;
   muster::finetune::TrainConfig c;
-  CLI::App app{"muster-finetune: a byte-level transformer LM, pretrained and fine-tuned (full or "
-               "LoRA), data-parallel, checkpointed, resumable"};
+  CLI::App app{
+      "muster-finetune: a byte-level transformer LM, pretrained and fine-tuned (full or "
+      "LoRA), data-parallel, checkpointed, resumable"};
   bool pretrain = false, deterministic = false;
   std::string mode = "lora", checkpoint_dir = Env("MUSTER_CHECKPOINT_DIR");
   std::string notice_file = Env("MUSTER_PREEMPT_FILE"), log_level;
@@ -56,10 +57,12 @@ int main(int argc, char** argv) {
   int64_t bucket_kb = 256;
   c.resume = Env("MUSTER_RESUME_STEP");
   std::optional<double> lr;
-  app.add_flag("--pretrain", pretrain, "Train a base model from scratch (default data: "
-                                       "/usr/share/common-licenses)");
+  app.add_flag("--pretrain", pretrain,
+               "Train a base model from scratch (default data: "
+               "/usr/share/common-licenses)");
   app.add_option("--mode", mode, "Fine-tune mode: full or lora")
-      ->check(CLI::IsMember({"full", "lora"}))->capture_default_str();
+      ->check(CLI::IsMember({"full", "lora"}))
+      ->capture_default_str();
   app.add_option("--data", data, "Training text: a file or a directory");
   app.add_option("--base", c.base_dir, "Checkpoint dir of the base model (fine-tunes)");
   app.add_option("--base-step", c.base_step, "Step of the base checkpoint (default: its latest)");
@@ -84,7 +87,8 @@ int main(int argc, char** argv) {
   app.add_option("--notice-file", notice_file,
                  "Checkpoint and stop when this file appears (default: $MUSTER_PREEMPT_FILE)");
   app.add_option("--device", c.device, "auto, cpu or cuda")
-      ->check(CLI::IsMember({"auto", "cpu", "cuda"}))->capture_default_str();
+      ->check(CLI::IsMember({"auto", "cpu", "cuda"}))
+      ->capture_default_str();
   app.add_option("--threads", threads, "Intra-op threads (0: libtorch's default)");
   app.add_flag("--deterministic", deterministic,
                "One thread and deterministic algorithms: bit-identical reruns and resumes");
@@ -145,8 +149,7 @@ int main(int argc, char** argv) {
   } else {
     auto client = muster::collectives::ConnectStoreFromEnv();
     if (!client.ok()) {
-      log->error("WORLD_SIZE={} needs the rendezvous store: {}", world,
-                 client.status().ToString());
+      log->error("WORLD_SIZE={} needs the rendezvous store: {}", world, client.status().ToString());
       return kExitUsage;
     }
     rdzv = std::move(*client);
@@ -172,8 +175,8 @@ int main(int argc, char** argv) {
     }
     sync = std::make_unique<muster::finetune::CommunicatorGradientSync>(std::move(*comm));
   }
-  auto store = muster::finetune::CheckpointerStateStore::Open(checkpoint_dir, rank, world,
-                                                              rdzv.get());
+  auto store =
+      muster::finetune::CheckpointerStateStore::Open(checkpoint_dir, rank, world, rdzv.get());
   if (!store.ok()) {
     log->error("{}", store.status().ToString());
     return kExitUsage;
@@ -195,10 +198,13 @@ int main(int argc, char** argv) {
   if (!result.ok()) {
     log->error("{}", result.status().ToString());
     switch (result.status().code()) {
-      case muster::StatusCode::kInvalidArgument: return kExitUsage;
+      case muster::StatusCode::kInvalidArgument:
+        return kExitUsage;
       case muster::StatusCode::kAborted:
-      case muster::StatusCode::kDeadlineExceeded: return world > 1 ? kExitPeerFailed : kExitFailed;
-      default: return kExitFailed;
+      case muster::StatusCode::kDeadlineExceeded:
+        return world > 1 ? kExitPeerFailed : kExitFailed;
+      default:
+        return kExitFailed;
     }
   }
   return result->preempted ? kExitPreempted : kExitOk;

@@ -25,8 +25,11 @@ uint64_t Mix(uint64_t x) {
 }
 
 json ModelJson(const ModelConfig& m) {
-  return {{"d_model", m.d_model}, {"n_layers", m.n_layers}, {"n_heads", m.n_heads},
-          {"seq_len", m.seq_len}, {"dropout", m.dropout}};
+  return {{"d_model", m.d_model},
+          {"n_layers", m.n_layers},
+          {"n_heads", m.n_heads},
+          {"seq_len", m.seq_len},
+          {"dropout", m.dropout}};
 }
 
 ModelConfig ModelFromJson(const json& j) {
@@ -94,8 +97,14 @@ class Run {
  public:
   Run(const TrainConfig& c, GradientSync& sync, StateStore& store, StateStore* base,
       PreemptionNotice& notice, std::ostream& out)
-      : c_(c), sync_(sync), store_(store), base_store_(base), notice_(notice), out_(out),
-        log_(log::Get("examples.finetune")), device_(PickDevice(c.device)) {}
+      : c_(c),
+        sync_(sync),
+        store_(store),
+        base_store_(base),
+        notice_(notice),
+        out_(out),
+        log_(log::Get("examples.finetune")),
+        device_(PickDevice(c.device)) {}
 
   StatusOr<TrainResult> Go();
 
@@ -198,10 +207,9 @@ Status Run::Build(const ModelConfig& mc) {
   model_->to(device_);
   std::vector<torch::Tensor> params;
   for (auto& [n, p] : Trainable()) params.push_back(p);
-  optimizer_ = std::make_unique<torch::optim::AdamW>(
-      params, torch::optim::AdamWOptions(c_.lr)
-                  .betas(std::make_tuple(0.9, 0.95))
-                  .weight_decay(c_.weight_decay));
+  optimizer_ = std::make_unique<torch::optim::AdamW>(params, torch::optim::AdamWOptions(c_.lr)
+                                                                 .betas(std::make_tuple(0.9, 0.95))
+                                                                 .weight_decay(c_.weight_decay));
   return Status::Ok();
 }
 
@@ -311,10 +319,11 @@ StatusOr<TrainResult> Run::Go() {
   int64_t trainable = 0, total = 0;
   for (auto& [n, p] : Trainable()) trainable += p.numel();
   for (auto& [n, p] : NamedParams(*model_, ParamSet::kAll)) total += p.numel();
-  log_->info("{}: {} params ({} trainable), {} ranks x {} seqs of {} bytes, {} train bytes from "
-             "{} files, device {}",
-             ModeName(c_.mode), total, trainable, sync_.world_size(), local_batch_,
-             mc.seq_len, corpus_->train_bytes(), corpus_->files(), device_.str());
+  log_->info(
+      "{}: {} params ({} trainable), {} ranks x {} seqs of {} bytes, {} train bytes from "
+      "{} files, device {}",
+      ModeName(c_.mode), total, trainable, sync_.world_size(), local_batch_, mc.seq_len,
+      corpus_->train_bytes(), corpus_->files(), device_.str());
   const double eval_before = EvalLoss(model_, *corpus_, device_);
   log_->info("held-out loss at step {}: {:.4f}", start_step_, eval_before);
 
@@ -345,8 +354,8 @@ StatusOr<TrainResult> Run::Go() {
 
     // One small collective carries the loss and whether any rank has a notice, so every rank
     // agrees on the step at which to checkpoint and stop.
-    torch::Tensor stats = torch::tensor(
-        {loss.item<float>(), notice_.Requested() ? 1.0f : 0.0f}, torch::kFloat32);
+    torch::Tensor stats =
+        torch::tensor({loss.item<float>(), notice_.Requested() ? 1.0f : 0.0f}, torch::kFloat32);
     MUSTER_RETURN_IF_ERROR(sync_.AllreduceSum(stats));
     loss_value = stats[0].item<double>() / sync_.world_size();
     const bool stop = stats[1].item<float>() > 0;
@@ -354,28 +363,27 @@ StatusOr<TrainResult> Run::Go() {
     ++window_steps;
 
     if (done % c_.log_every == 0 || done == c_.steps || stop) {
-      const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() -
-                                                        window_start)
-                              .count();
+      const double secs =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - window_start).count();
       const double tps = secs > 0 ? window_steps * tokens_per_step / secs : 0.0;
       char line[256];
       std::snprintf(line, sizeof(line),
                     "MUSTER_PROGRESS step=%lld total=%lld loss=%.4f tokens_per_s=%.0f lr=%.6g",
-                    static_cast<long long>(done), static_cast<long long>(c_.steps), loss_value,
-                    tps, lr);
+                    static_cast<long long>(done), static_cast<long long>(c_.steps), loss_value, tps,
+                    lr);
       Say(line);
-      log_->info("step {}/{}  loss {:.4f}  lr {:.3g}  {:.0f} tok/s", done, c_.steps, loss_value,
-                 lr, tps);
+      log_->info("step {}/{}  loss {:.4f}  lr {:.3g}  {:.0f} tok/s", done, c_.steps, loss_value, lr,
+                 tps);
       window_start = std::chrono::steady_clock::now();
       window_steps = 0;
     }
-    if ((c_.checkpoint_every > 0 && done % c_.checkpoint_every == 0) || done == c_.steps ||
-        stop) {
+    if ((c_.checkpoint_every > 0 && done % c_.checkpoint_every == 0) || done == c_.steps || stop) {
       MUSTER_RETURN_IF_ERROR(Checkpoint(done, loss_value));
       last_saved = done;
     }
     result.step = done;
     if (stop) {
+      MUSTER_RETURN_IF_ERROR(WaitForCommit());
       log_->warn("preemption notice ({}): checkpointed step {} and stopping", notice_.Reason(),
                  done);
       Say("MUSTER_PREEMPTED step=" + std::to_string(done));
@@ -391,7 +399,8 @@ StatusOr<TrainResult> Run::Go() {
   log_->info("held-out loss at step {}: {:.4f} (was {:.4f})", result.step, result.eval_loss,
              eval_before);
   char line[256];
-  std::snprintf(line, sizeof(line), "MUSTER_DONE step=%lld preempted=%d eval_loss=%.4f "
+  std::snprintf(line, sizeof(line),
+                "MUSTER_DONE step=%lld preempted=%d eval_loss=%.4f "
                 "param_digest=%s",
                 static_cast<long long>(result.step), result.preempted ? 1 : 0, result.eval_loss,
                 result.param_digest.c_str());
@@ -403,9 +412,12 @@ StatusOr<TrainResult> Run::Go() {
 
 std::string_view ModeName(Mode m) {
   switch (m) {
-    case Mode::kPretrain: return "pretrain";
-    case Mode::kFull: return "full";
-    case Mode::kLora: return "lora";
+    case Mode::kPretrain:
+      return "pretrain";
+    case Mode::kFull:
+      return "full";
+    case Mode::kLora:
+      return "lora";
   }
   return "?";
 }

@@ -24,31 +24,31 @@ std::string_view ModeName(Mode m);
 
 struct TrainConfig {
   Mode mode = Mode::kLora;
-  std::filesystem::path data;            // file or directory of text
-  std::filesystem::path base_dir;        // checkpoint dir of the base model (not for kPretrain)
-  std::optional<int64_t> base_step;      // default: the base dir's latest step
-  ModelConfig model;                     // kPretrain only; fine-tunes take the base's
-  int64_t steps = 300;                   // total optimizer steps
-  int64_t global_batch = 8;              // sequences per step, over all ranks
-  double lr = 3e-3;                      // peak learning rate
-  double min_lr_ratio = 0.1;             // cosine decays to lr * this
+  std::filesystem::path data;        // file or directory of text
+  std::filesystem::path base_dir;    // checkpoint dir of the base model (not for kPretrain)
+  std::optional<int64_t> base_step;  // default: the base dir's latest step
+  ModelConfig model;                 // kPretrain only; fine-tunes take the base's
+  int64_t steps = 300;               // total optimizer steps
+  int64_t global_batch = 8;          // sequences per step, over all ranks
+  double lr = 3e-3;                  // peak learning rate
+  double min_lr_ratio = 0.1;         // cosine decays to lr * this
   int64_t warmup_steps = 20;
   double weight_decay = 0.01;
   double clip_norm = 1.0;
   int64_t lora_rank = 8;
   double lora_alpha = 16.0;
   uint64_t seed = 1234;
-  int64_t checkpoint_every = 50;         // 0: only at the end and on notice
+  int64_t checkpoint_every = 50;  // 0: only at the end and on notice
   int64_t log_every = 10;
-  size_t bucket_bytes = 256 * 1024;      // gradient allreduce bucket size
-  std::string resume;                    // "", "latest", or a step number
-  std::string device = "auto";           // auto, cpu, cuda
+  size_t bucket_bytes = 256 * 1024;  // gradient allreduce bucket size
+  std::string resume;                // "", "latest", or a step number
+  std::string device = "auto";       // auto, cpu, cuda
 };
 
 struct TrainResult {
-  int64_t step = 0;            // steps completed
-  bool preempted = false;      // stopped on a notice after checkpointing
-  std::string param_digest;    // DigestTensors of every parameter (base and adapters)
+  int64_t step = 0;          // steps completed
+  bool preempted = false;    // stopped on a notice after checkpointing
+  std::string param_digest;  // DigestTensors of every parameter (base and adapters)
   double eval_loss = 0.0;
 };
 

@@ -204,13 +204,13 @@ class FinetuneTest : public ::testing::Test {
   // (MUSTER_RESUME_STEP=<the latest committed step>). Returns the resumed run's output.
   std::string KilledAndResumed(const std::string& mode, const std::string& dir, int at, int sig,
                                int* resumed_from) {
-    std::vector<std::string> argv = Args({"--mode", mode, "--base", Base(), "--steps",
-                                          std::to_string(kSteps), "--ckpt-every", "5",
-                                          "--checkpoint-dir", dir});
+    std::vector<std::string> argv =
+        Args({"--mode", mode, "--base", Base(), "--steps", std::to_string(kSteps), "--ckpt-every",
+              "5", "--checkpoint-dir", dir});
     {
       Child c(argv, {});
-      EXPECT_TRUE(c.WaitOutput("MUSTER_PROGRESS step=" + std::to_string(at) + " ",
-                               Clock::now() + 60s))
+      EXPECT_TRUE(
+          c.WaitOutput("MUSTER_PROGRESS step=" + std::to_string(at) + " ", Clock::now() + 60s))
           << c.Output();
       c.Kill(sig);
       int code = c.WaitExit(Clock::now() + 30s);
@@ -249,8 +249,8 @@ TEST_F(FinetuneTest, FullKilledWithSigkillAndResumedIsBitIdentical) {
   const std::string want = Uninterrupted("full", Dir("full-ref"));
   ASSERT_EQ(want.size(), 16u);
   int from = -1;
-  std::string out = KilledAndResumed("full", Dir("full-kill"), RandomStep(6, kSteps - 2), SIGKILL,
-                                     &from);
+  std::string out =
+      KilledAndResumed("full", Dir("full-kill"), RandomStep(6, kSteps - 2), SIGKILL, &from);
   EXPECT_GE(from, 5);
   EXPECT_EQ(LastField(out, "MUSTER_DONE", "param_digest"), want) << out;
 }
@@ -259,8 +259,8 @@ TEST_F(FinetuneTest, LoraKilledWithSigkillAndResumedIsBitIdenticalAndSavesOnlyAd
   const std::string want = Uninterrupted("lora", Dir("lora-ref"));
   ASSERT_EQ(want.size(), 16u);
   int from = -1;
-  std::string out = KilledAndResumed("lora", Dir("lora-kill"), RandomStep(6, kSteps - 2), SIGKILL,
-                                     &from);
+  std::string out =
+      KilledAndResumed("lora", Dir("lora-kill"), RandomStep(6, kSteps - 2), SIGKILL, &from);
   EXPECT_EQ(LastField(out, "MUSTER_DONE", "param_digest"), want) << out;
 
   // The LoRA checkpoint holds the adapters and the optimizer state, and names its base.
@@ -288,9 +288,9 @@ TEST_F(FinetuneTest, SigtermNoticeCheckpointsTheCurrentStepAndLosesNothing) {
 
 TEST_F(FinetuneTest, NoticeFileCheckpointsAndStops) {
   const std::string notice = Dir("notice-file");
-  std::vector<std::string> argv = Args({"--mode", "lora", "--base", Base(), "--steps", "1000",
-                                        "--ckpt-every", "0", "--notice-file", notice,
-                                        "--checkpoint-dir", Dir("notice")});
+  std::vector<std::string> argv =
+      Args({"--mode", "lora", "--base", Base(), "--steps", "1000", "--ckpt-every", "0",
+            "--notice-file", notice, "--checkpoint-dir", Dir("notice")});
   Child c(argv, {});
   ASSERT_TRUE(c.WaitOutput("MUSTER_PROGRESS step=3 ", Clock::now() + 60s)) << c.Output();
   { std::ofstream(notice) << "preempt\n"; }
@@ -309,8 +309,7 @@ TEST_F(FinetuneTest, LoraRefusesToResumeOnADifferentBase) {
       << out;
   // Another base of the same shape: pretrained with another seed.
   ASSERT_EQ(RunToEnd(Args({"--pretrain", "--steps", "2", "--seed", "99", "--d-model", "32",
-                           "--layers", "2", "--seq-len", "32", "--checkpoint-dir",
-                           Dir("base2")}),
+                           "--layers", "2", "--seq-len", "32", "--checkpoint-dir", Dir("base2")}),
                      &out),
             0)
       << out;
@@ -324,14 +323,13 @@ TEST_F(FinetuneTest, LoraRefusesToResumeOnADifferentBase) {
 
 TEST_F(FinetuneTest, BadInputGetsAClearError) {
   std::string out;
-  EXPECT_EQ(RunToEnd(Args({"--mode", "full", "--steps", "3", "--checkpoint-dir", Dir("bad")}),
-                     &out),
-            2);
+  EXPECT_EQ(
+      RunToEnd(Args({"--mode", "full", "--steps", "3", "--checkpoint-dir", Dir("bad")}), &out), 2);
   EXPECT_NE(out.find("needs --base"), std::string::npos) << out;
-  EXPECT_EQ(RunToEnd(Args({"--pretrain", "--data", Dir("no-such-file"), "--checkpoint-dir",
-                           Dir("bad")}),
-                     &out),
-            2);
+  EXPECT_EQ(
+      RunToEnd(Args({"--pretrain", "--data", Dir("no-such-file"), "--checkpoint-dir", Dir("bad")}),
+               &out),
+      2);
   EXPECT_NE(out.find("neither a file nor a directory"), std::string::npos) << out;
   EXPECT_EQ(RunToEnd(Args({"--pretrain"}), &out, {{"MUSTER_CHECKPOINT_DIR", ""}}), 2);
   EXPECT_NE(out.find("no checkpoint dir"), std::string::npos) << out;
@@ -349,26 +347,26 @@ TEST_F(FinetuneTest, TwoRanksKilledMidRunResumeAtWorldSizeOneAndTheLossCarriesOn
   ASSERT_TRUE(creds.ok()) << creds.status();
 
   const std::string dir = Dir("np2");
-  std::vector<std::string> argv = Args({"--mode", "full", "--base", Base(), "--steps",
-                                        std::to_string(kSteps), "--ckpt-every", "5",
-                                        "--checkpoint-dir", dir});
+  std::vector<std::string> argv =
+      Args({"--mode", "full", "--base", Base(), "--steps", std::to_string(kSteps), "--ckpt-every",
+            "5", "--checkpoint-dir", dir});
   std::string before;
   {
     std::vector<std::unique_ptr<Child>> ranks;
     for (int r = 0; r < 2; ++r) {
-      ranks.push_back(std::make_unique<Child>(
-          argv, std::map<std::string, std::string>{
-                    {"RANK", std::to_string(r)},
-                    {"WORLD_SIZE", "2"},
-                    {"LOCAL_RANK", std::to_string(r)},
-                    {"LOCAL_WORLD_SIZE", "2"},
-                    {"MASTER_ADDR", "127.0.0.1"},
-                    {"MUSTER_JOB_ID", "ft"},
-                    {"MUSTER_ATTEMPT", "0"},
-                    {"MUSTER_RDZV_ENDPOINT", (*server)->endpoint()},
-                    {"MUSTER_RDZV_KEY", *creds},
-                    {"MUSTER_COLL_TIMEOUT_MS", "20000"},
-                }));
+      ranks.push_back(
+          std::make_unique<Child>(argv, std::map<std::string, std::string>{
+                                            {"RANK", std::to_string(r)},
+                                            {"WORLD_SIZE", "2"},
+                                            {"LOCAL_RANK", std::to_string(r)},
+                                            {"LOCAL_WORLD_SIZE", "2"},
+                                            {"MASTER_ADDR", "127.0.0.1"},
+                                            {"MUSTER_JOB_ID", "ft"},
+                                            {"MUSTER_ATTEMPT", "0"},
+                                            {"MUSTER_RDZV_ENDPOINT", (*server)->endpoint()},
+                                            {"MUSTER_RDZV_KEY", *creds},
+                                            {"MUSTER_COLL_TIMEOUT_MS", "20000"},
+                                        }));
     }
     const int at = RandomStep(11, 20);
     ASSERT_TRUE(ranks[0]->WaitOutput("MUSTER_PROGRESS step=" + std::to_string(at) + " ",
@@ -399,7 +397,9 @@ TEST_F(FinetuneTest, TwoRanksKilledMidRunResumeAtWorldSizeOneAndTheLossCarriesOn
   // continues the curve (within the step-to-step noise of a small batch), it does not restart it.
   const double first_loss = loss_before.begin()->second;
   EXPECT_LT(std::abs(loss_after[from + 1] - loss_before[from]), 0.35 * loss_before[from])
-      << "before:\n" << before << "\nafter:\n" << out;
+      << "before:\n"
+      << before << "\nafter:\n"
+      << out;
   EXPECT_LT(loss_after[from + 1], first_loss) << before << out;
   EXPECT_EQ(LastField(out, "MUSTER_DONE", "step"), std::to_string(kSteps)) << out;
 }
