@@ -244,10 +244,12 @@ void StoreServer::SetKey(Scope& scope, const std::string& key, std::string value
   if (it == scope.watchers.end()) return;
   std::vector<uint64_t> ids = std::move(it->second);
   scope.watchers.erase(it);
+  // Ranks of an allgather wait for the same keys: build that reply once for all of them.
+  ReplyCache cache;
   for (uint64_t id : ids) {
     auto w = waiters_.find(id);
     if (w == waiters_.end()) continue;  // timed out already
-    if (--w->second->missing == 0) Finish(id, Status::Ok());
+    if (--w->second->missing == 0) Finish(id, Status::Ok(), &cache);
   }
 }
 
@@ -340,7 +342,7 @@ void StoreServer::ParkBarrier(Scope& scope, const proto::StoreBarrier& b, RpcSer
   });
 }
 
-void StoreServer::Finish(uint64_t id, const Status& status) {
+void StoreServer::Finish(uint64_t id, const Status& status, ReplyCache* cache) {
   auto it = waiters_.find(id);
   if (it == waiters_.end()) return;
   std::unique_ptr<Waiter> w = std::move(it->second);
@@ -363,12 +365,24 @@ void StoreServer::Finish(uint64_t id, const Status& status) {
     w->reply(ErrorEnvelope(0, status));
     return;
   }
-  proto::StoreReply r;
-  if (w->with_values) {
-    auto& kv = scopes_.at(w->scope).kv;
-    for (const auto& k : w->keys) r.add_values(kv.at(k));
+  if (!w->with_values) {
+    w->reply(ReplyEnvelope({}));
+    return;
   }
-  w->reply(ReplyEnvelope(std::move(r)));
+  if (cache && cache->valid && cache->keys == w->keys) {
+    w->reply(cache->envelope);
+    return;
+  }
+  proto::StoreReply r;
+  auto& kv = scopes_.at(w->scope).kv;
+  for (const auto& k : w->keys) r.add_values(kv.at(k));
+  proto::Envelope env = ReplyEnvelope(std::move(r));
+  if (cache && w->keys.size() > 1) {
+    cache->valid = true;
+    cache->keys = w->keys;
+    cache->envelope = env;
+  }
+  w->reply(std::move(env));
 }
 
 }  // namespace muster::collectives

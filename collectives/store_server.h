@@ -107,7 +107,13 @@ class StoreServer {
   void Park(Scope& scope, std::vector<std::string> keys, bool with_values, int64_t timeout_ms,
             RpcServer::Reply reply);
   void ParkBarrier(Scope& scope, const proto::StoreBarrier& b, RpcServer::Reply reply);
-  void Finish(uint64_t id, const Status& status);
+  // One reply shared by the waiters woken by one Set that asked for the same keys.
+  struct ReplyCache {
+    bool valid = false;
+    std::vector<std::string> keys;
+    proto::Envelope envelope;
+  };
+  void Finish(uint64_t id, const Status& status, ReplyCache* cache = nullptr);
   std::chrono::milliseconds ClampTimeout(int64_t timeout_ms) const;
 
   Reactor& reactor_;
