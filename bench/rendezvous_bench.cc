@@ -204,6 +204,7 @@ StatusOr<Result> Run(int n, bool curve) {
     zmq::context_t sctx(1);
     zmq::socket_t router(sctx, zmq::socket_type::router);
     router.set(zmq::sockopt::linger, 0);
+    router.set(zmq::sockopt::backlog, 4096);  // as RpcServer: no SYN drops at N connects
     KeyPair skey = *GenerateKeyPair();
     if (curve) {
       router.set(zmq::sockopt::curve_server, 1);

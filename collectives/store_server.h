@@ -89,8 +89,17 @@ class StoreServer {
     bool done = false;
     std::vector<uint64_t> waiters;
   };
+  // The last multi-key get reply built in a scope, reused while no key of the scope has
+  // changed: every rank of an allgather asks for the same keys.
+  struct ReplyCache {
+    uint64_t version = 0;  // the scope's version when built; 0: empty
+    std::vector<std::string> keys;
+    proto::Envelope envelope;
+  };
   struct Scope {
-    std::string name;  // "<job>/<attempt>"
+    std::string name;      // "<job>/<attempt>"
+    uint64_t version = 1;  // bumped by every change to kv
+    ReplyCache cache;
     KeyPair client_key;
     std::unordered_map<std::string, std::string> kv;
     // Key -> the waiters that still miss it.
@@ -107,13 +116,7 @@ class StoreServer {
   void Park(Scope& scope, std::vector<std::string> keys, bool with_values, int64_t timeout_ms,
             RpcServer::Reply reply);
   void ParkBarrier(Scope& scope, const proto::StoreBarrier& b, RpcServer::Reply reply);
-  // One reply shared by the waiters woken by one Set that asked for the same keys.
-  struct ReplyCache {
-    bool valid = false;
-    std::vector<std::string> keys;
-    proto::Envelope envelope;
-  };
-  void Finish(uint64_t id, const Status& status, ReplyCache* cache = nullptr);
+  void Finish(uint64_t id, const Status& status);
   std::chrono::milliseconds ClampTimeout(int64_t timeout_ms) const;
 
   Reactor& reactor_;
