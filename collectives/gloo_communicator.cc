@@ -10,6 +10,7 @@
 #include <gloo/barrier.h>
 #include <gloo/broadcast.h>
 #include <gloo/common/error.h>
+#include <gloo/math.h>
 #include <gloo/rendezvous/context.h>
 #include <gloo/rendezvous/store.h>
 #include <gloo/transport/tcp/device.h>
@@ -159,28 +160,44 @@ class GlooCommunicator final : public QueuedCommunicator {
   }
 
   template <typename T>
-  void RunAllReduce(void* data, size_t count, DataType type, ReduceOp op) {
+  void RunAllReduce(void* data, size_t count, gloo::AllreduceOptions::Func fn) {
     gloo::AllreduceOptions o(context_);
     o.setOutput(static_cast<T*>(data), count);
-    o.setReduceFunction([type, op](void* c, const void* a, const void* b, size_t n) {
-      ReduceInto(type, op, c, a, b, n);
-    });
+    o.setReduceFunction(std::move(fn));
     o.setTag(NextTag());
     o.setTimeout(config_.timeout);
     gloo::allreduce(o);
+  }
+
+  // Gloo's own kernels for the types it has; ours (through float for f16/bf16) otherwise.
+  template <typename T>
+  static gloo::AllreduceOptions::Func Native(ReduceOp op) {
+    using F = void (*)(void*, const void*, const void*, size_t);
+    F f = op == ReduceOp::kMin   ? F(&gloo::min<T>)
+          : op == ReduceOp::kMax ? F(&gloo::max<T>)
+                                 : F(&gloo::sum<T>);
+    return f;
   }
 
   Status DoAllReduce(void* data, size_t count, DataType type, ReduceOp op) {
     if (count == 0) return Status::Ok();
     if (config_.size > 1) {
       MUSTER_RETURN_IF_ERROR(Guard("allreduce", [&] {
-        switch (DataTypeSize(type)) {
-          case 2:
-            return RunAllReduce<uint16_t>(data, count, type, op);
-          case 4:
-            return RunAllReduce<uint32_t>(data, count, type, op);
-          default:
-            return RunAllReduce<uint64_t>(data, count, type, op);
+        switch (type) {
+          case DataType::kF32:
+            return RunAllReduce<float>(data, count, Native<float>(op));
+          case DataType::kF64:
+            return RunAllReduce<double>(data, count, Native<double>(op));
+          case DataType::kI32:
+            return RunAllReduce<int32_t>(data, count, Native<int32_t>(op));
+          case DataType::kI64:
+            return RunAllReduce<int64_t>(data, count, Native<int64_t>(op));
+          case DataType::kF16:
+          case DataType::kBF16:
+            return RunAllReduce<uint16_t>(
+                data, count, [type, op](void* c, const void* a, const void* b, size_t n) {
+                  ReduceInto(type, op, c, a, b, n);
+                });
         }
       }));
     }

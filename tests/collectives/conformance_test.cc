@@ -86,6 +86,68 @@ TEST(CommunicatorTest, RendezvousTimesOutWhenAPeerNeverComes) {
   EXPECT_LT(std::chrono::steady_clock::now() - t0, 5s);
 }
 
+// Two Gloo ranks as threads; returns rank 0's and rank 1's communicators.
+std::pair<std::unique_ptr<Communicator>, std::unique_ptr<Communicator>> Pair(
+    std::chrono::milliseconds timeout) {
+  std::shared_ptr<Store> store = NewInMemoryStore();
+  std::unique_ptr<Communicator> c1;
+  std::thread t([&] {
+    CommConfig c;
+    c.rank = 1;
+    c.size = 2;
+    c.timeout = timeout;
+    auto comm = CreateCommunicator(Backend::kGloo, store, c);
+    if (comm.ok()) c1 = std::move(*comm);
+  });
+  CommConfig c;
+  c.size = 2;
+  c.timeout = timeout;
+  auto c0 = CreateCommunicator(Backend::kGloo, store, c);
+  t.join();
+  EXPECT_TRUE(c0.ok()) << c0.status();
+  EXPECT_TRUE(c1 != nullptr);
+  return {c0.ok() ? std::move(*c0) : nullptr, std::move(c1)};
+}
+
+TEST(CommunicatorTest, WorkWaitHonoursTheCallersDeadline) {
+  auto [c0, c1] = Pair(10s);
+  ASSERT_TRUE(c0 && c1);
+  std::vector<float> a(1000, 1.0f), b(1000, 2.0f);
+  auto w0 = c0->AllReduce(a.data(), a.size(), DataType::kF32, ReduceOp::kSum);
+  // Rank 1 has not joined: a short wait gives up, the collective goes on.
+  EXPECT_EQ(w0->Wait(std::chrono::steady_clock::now() + 100ms).code(),
+            StatusCode::kDeadlineExceeded);
+  EXPECT_FALSE(w0->Done());
+  auto w1 = c1->AllReduce(b.data(), b.size(), DataType::kF32, ReduceOp::kSum);
+  EXPECT_TRUE(w0->Wait().ok());
+  EXPECT_TRUE(w1->Wait().ok());
+  EXPECT_EQ(a[999], 3.0f);
+  EXPECT_EQ(b[0], 3.0f);
+}
+
+TEST(CommunicatorTest, APeerThatLeavesFailsTheCollectiveAndTheCommunicatorStaysFailed) {
+  auto [c0, c1] = Pair(2s);
+  ASSERT_TRUE(c0 && c1);
+  std::vector<float> a(1 << 16, 1.0f);
+  c1.reset();  // closes rank 1's connections
+  auto t0 = std::chrono::steady_clock::now();
+  Status s = c0->AllReduce(a.data(), a.size(), DataType::kF32, ReduceOp::kSum)->Wait();
+  EXPECT_FALSE(s.ok());
+  EXPECT_TRUE(s.code() == StatusCode::kAborted || s.code() == StatusCode::kDeadlineExceeded) << s;
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, 2s + 1s);
+  // Later collectives fail at once with the first error.
+  t0 = std::chrono::steady_clock::now();
+  Status again = c0->Barrier()->Wait();
+  EXPECT_EQ(again.code(), s.code());
+  EXPECT_NE(again.message().find("failed earlier"), std::string::npos) << again;
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, 100ms);
+}
+
+TEST(CommunicatorTest, UnbuiltOrUnknownBackendsSaySo) {
+  EXPECT_EQ(ParseBackend("ucc").status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(*ParseBackend("nccl"), Backend::kNccl);
+}
+
 TEST(CommunicatorTest, HalfAndBFloat16RoundTrip) {
   for (float f : {0.0f, 1.0f, -2.5f, 65504.0f, 6.1035156e-05f, 1e-7f, 3.140625f}) {
     EXPECT_EQ(HalfToFloat(FloatToHalf(f)), HalfToFloat(FloatToHalf(HalfToFloat(FloatToHalf(f)))));

@@ -206,6 +206,25 @@ TEST_F(MultiProcessTest, KillNineMidAllreduceFailsEveryOtherRankWithinTheTimeout
   }
 }
 
+TEST_F(MultiProcessTest, AStalledRankFailsTheOthersAtTheCollectiveTimeout) {
+  // SIGSTOP leaves the victim's sockets open: only the 2 s collective timeout can end the wait.
+  constexpr int kNp = 3, kVictim = 0;
+  auto ranks = StartRanks(kNp, {"--loop"});
+  for (int r = 0; r < kNp; ++r) {
+    ASSERT_TRUE(ranks[r]->WaitOutput("looping", Clock::now() + 30s)) << ranks[r]->Output();
+  }
+  auto stopped_at = Clock::now();
+  ranks[kVictim]->Kill(SIGSTOP);
+  for (int r = 0; r < kNp; ++r) {
+    if (r == kVictim) continue;
+    int code = ranks[r]->WaitExit(stopped_at + 8s);
+    ASSERT_EQ(code, kPeerFailureExitCode) << "rank " << r << ":\n" << ranks[r]->Output();
+    EXPECT_GE(ranks[r]->exit_time() - stopped_at, 1500ms) << ranks[r]->Output();
+    EXPECT_LT(ranks[r]->exit_time() - stopped_at, 2s + 3s) << ranks[r]->Output();
+  }
+  ranks[kVictim]->Kill(SIGKILL);
+}
+
 TEST_F(MultiProcessTest, ARankThatNeverArrivesTimesOutTheRendezvous) {
   auto ranks = StartRanks(3, {});
   ranks.pop_back();  // rank 2 is killed before it can join
