@@ -91,9 +91,8 @@ Status CheckBlocks(const Manifest& m, const ShardEntry& shard, uint64_t offset, 
       }
     }
     if (hit.empty()) hit = "(padding)";
-    return DataLossError("step " + std::to_string(m.step) + ": tensor " + hit + ": " +
-                         shard.file + " block " + std::to_string(block) +
-                         " fails its xxh3 checksum");
+    return DataLossError("step " + std::to_string(m.step) + ": tensor " + hit + ": " + shard.file +
+                         " block " + std::to_string(block) + " fails its xxh3 checksum");
   }
   return Status::Ok();
 }

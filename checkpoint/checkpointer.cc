@@ -134,8 +134,7 @@ TensorRef TensorRef::RowShard(std::string name, DType dtype, std::vector<int64_t
   return t;
 }
 
-RestoreRequest RestoreRequest::Whole(std::string name, DType dtype, void* data,
-                                     MemoryKind memory) {
+RestoreRequest RestoreRequest::Whole(std::string name, DType dtype, void* data, MemoryKind memory) {
   RestoreRequest r;
   r.name = std::move(name);
   r.dtype = dtype;
@@ -179,8 +178,7 @@ struct Checkpointer::Job {
 };
 
 Checkpointer::Checkpointer(CheckpointerOptions options)
-    : options_(std::move(options)),
-      volume_(options_.volume ? options_.volume : LocalVolume()) {
+    : options_(std::move(options)), volume_(options_.volume ? options_.volume : LocalVolume()) {
   worker_ = std::thread([this] { WorkerLoop(); });
 }
 
@@ -250,12 +248,13 @@ Status Checkpointer::Save(int64_t step, const SaveState& state) {
     }
     for (int64_t d : t.shape)
       if (d < 0) return InvalidArgumentError("save: tensor '" + t.name + "' has a negative dim");
-    if (t.replicated && !t.offsets.empty() && (t.offsets != std::vector<int64_t>(t.shape.size(), 0) || t.lengths != t.shape)) {
+    if (t.replicated && !t.offsets.empty() &&
+        (t.offsets != std::vector<int64_t>(t.shape.size(), 0) || t.lengths != t.shape)) {
       return InvalidArgumentError("save: replicated tensor '" + t.name + "' must be whole");
     }
     if (!t.offsets.empty() || !t.lengths.empty()) {
-      MUSTER_RETURN_IF_ERROR(ValidateBox("save: tensor '" + t.name + "'", t.shape, t.offsets,
-                                         t.lengths));
+      MUSTER_RETURN_IF_ERROR(
+          ValidateBox("save: tensor '" + t.name + "'", t.shape, t.offsets, t.lengths));
     }
     const auto& len = t.lengths.empty() ? t.shape : t.lengths;
     if (NumElements(len) > 0 && !t.data) {
@@ -312,7 +311,7 @@ Status Checkpointer::Save(int64_t step, const SaveState& state) {
       MUSTER_RETURN_IF_ERROR(batch.AddToHost(base + p.staging_offset, sources[i]->data, p.bytes));
     } else {
       MUSTER_RETURN_IF_ERROR(CopyToHost(base + p.staging_offset, sources[i]->data, p.bytes,
-                                        MemoryKind::kHost));
+                                        MemoryKind::kHost, options_.snapshot_threads));
     }
     prev_end = p.staging_offset + p.bytes;
   }
@@ -368,8 +367,8 @@ Status Checkpointer::RunJob(Job& job) {
   if (options_.rank == 0) {
     Status st;
     if (volume_->Exists(final_dir)) {
-      st = FailedPreconditionError(StepStr(job.step) + " is already committed in " +
-                                   options_.dir + "; a step directory is never rewritten");
+      st = FailedPreconditionError(StepStr(job.step) + " is already committed in " + options_.dir +
+                                   "; a step directory is never rewritten");
     } else {
       st = volume_->RemoveAll(tmp);
       if (st.ok()) st = volume_->CreateDirs(tmp);
@@ -421,8 +420,8 @@ Status Checkpointer::RunJob(Job& job) {
     auto v = store->Get(key + "/commit", remaining());
     if (!v.ok()) return v.status().WithContext(StepStr(job.step) + ": waiting for the commit");
     if (*v != "ok") {
-      return AbortedError(StepStr(job.step) + " was not committed: " +
-                          v->substr(sizeof(kErrorPrefix) - 1));
+      return AbortedError(StepStr(job.step) +
+                          " was not committed: " + v->substr(sizeof(kErrorPrefix) - 1));
     }
     return Status::Ok();
   }
@@ -436,8 +435,8 @@ Status Checkpointer::RunJob(Job& job) {
   for (int r = 1; r < options_.world_size; ++r) {
     auto v = store->Get(key + "/rank/" + std::to_string(r), remaining());
     if (!v.ok()) {
-      return fail(v.status().WithContext(StepStr(job.step) + ": waiting for rank " +
-                                         std::to_string(r)));
+      return fail(
+          v.status().WithContext(StepStr(job.step) + ": waiting for rank " + std::to_string(r)));
     }
     if (v->rfind(kErrorPrefix, 0) == 0) {
       return fail(AbortedError(v->substr(sizeof(kErrorPrefix) - 1)));
@@ -544,7 +543,8 @@ Status Checkpointer::Commit(Job& job, const std::vector<std::string>& parts) {
     if (t.slices.size() <= 256) {
       for (size_t i = 0; i < t.slices.size() && !overlap; ++i) {
         for (size_t j = i + 1; j < t.slices.size() && !overlap; ++j) {
-          Box a{t.slices[i].offsets, t.slices[i].lengths}, b{t.slices[j].offsets, t.slices[j].lengths};
+          Box a{t.slices[i].offsets, t.slices[i].lengths},
+              b{t.slices[j].offsets, t.slices[j].lengths};
           Box x;
           overlap = NumElements(a.len) > 0 && NumElements(b.len) > 0 && Intersect(a, b, &x);
         }
@@ -565,8 +565,7 @@ Status Checkpointer::Commit(Job& job, const std::vector<std::string>& parts) {
   const std::string tmp = TmpStepPath(options_.dir, job.step);
   const std::string final_dir = StepPath(options_.dir, job.step);
   {
-    MUSTER_ASSIGN_OR_RETURN(auto f,
-                            volume_->NewWritableFile(JoinPath(tmp, kManifestName), false));
+    MUSTER_ASSIGN_OR_RETURN(auto f, volume_->NewWritableFile(JoinPath(tmp, kManifestName), false));
     MUSTER_RETURN_IF_ERROR(f->Write(0, bytes.data(), bytes.size()));
     MUSTER_RETURN_IF_ERROR(f->Sync());
     MUSTER_RETURN_IF_ERROR(f->Close());
@@ -579,8 +578,7 @@ Status Checkpointer::Commit(Job& job, const std::vector<std::string>& parts) {
   MUSTER_RETURN_IF_ERROR(volume_->SyncDir(options_.dir).WithContext(after));
   MUSTER_RETURN_IF_ERROR(UpdateLatest(volume_, options_.dir, job.step).WithContext(after));
   log::Get("ckpt.write")
-      ->info("committed step {} ({} bytes, world size {})", job.step, m.TotalBytes(),
-             m.world_size);
+      ->info("committed step {} ({} bytes, world size {})", job.step, m.TotalBytes(), m.world_size);
   if (options_.retention.keep_last > 0) {
     auto gc = CollectGarbage(volume_, options_.dir, options_.retention, job.step);
     if (!gc.ok()) {

@@ -81,7 +81,7 @@ struct SaveState {
 // cut the stored shards any way; only the byte ranges that overlap it are read.
 struct RestoreRequest {
   std::string name;
-  DType dtype = DType::kF32;  // must match the stored dtype
+  DType dtype = DType::kF32;     // must match the stored dtype
   std::vector<int64_t> offsets;  // empty: the whole tensor
   std::vector<int64_t> lengths;
   void* data = nullptr;
@@ -107,10 +107,13 @@ struct CheckpointerOptions {
   std::chrono::milliseconds commit_timeout{std::chrono::minutes(10)};
   // After each commit, rank 0 applies this (keep_last <= 0: keep everything).
   RetentionPolicy retention{.keep_last = 0, .keep_every = 0};
-  int io_threads = 4;                // parallel writers / readers per rank
-  uint64_t block_size = 1 << 20;     // checksum granularity
-  uint64_t write_chunk = 32 << 20;   // bytes per write call
-  bool direct_io = true;             // O_DIRECT for shard writes where the file system allows
+  int io_threads = 4;  // parallel writers / readers per rank
+  // Threads that copy host tensors into staging (1: a plain memcpy; ranks of one node already
+  // copy in parallel with each other).
+  int snapshot_threads = 1;
+  uint64_t block_size = 1 << 20;    // checksum granularity
+  uint64_t write_chunk = 32 << 20;  // bytes per write call
+  bool direct_io = true;            // O_DIRECT for shard writes where the file system allows
 };
 
 class Checkpointer {

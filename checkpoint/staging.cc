@@ -101,10 +101,10 @@ void ParallelMemcpy(void* dst, const void* src, size_t n, int threads) {
   for (auto& th : ts) th.join();
 }
 
-Status CopyToHost(void* dst, const void* src, size_t n, MemoryKind src_kind) {
+Status CopyToHost(void* dst, const void* src, size_t n, MemoryKind src_kind, int threads) {
   if (n == 0) return Status::Ok();
   if (src_kind == MemoryKind::kHost) {
-    ParallelMemcpy(dst, src, n);
+    ParallelMemcpy(dst, src, n, threads);
     return Status::Ok();
   }
 #ifdef MUSTER_HAVE_CUDA

@@ -35,10 +35,14 @@ std::string Bytes(uint64_t b) {
 
 std::string Age(double s) {
   char buf[32];
-  if (s < 120) std::snprintf(buf, sizeof(buf), "%.0fs", s);
-  else if (s < 7200) std::snprintf(buf, sizeof(buf), "%.0fm", s / 60);
-  else if (s < 172800) std::snprintf(buf, sizeof(buf), "%.0fh", s / 3600);
-  else std::snprintf(buf, sizeof(buf), "%.0fd", s / 86400);
+  if (s < 120)
+    std::snprintf(buf, sizeof(buf), "%.0fs", s);
+  else if (s < 7200)
+    std::snprintf(buf, sizeof(buf), "%.0fm", s / 60);
+  else if (s < 172800)
+    std::snprintf(buf, sizeof(buf), "%.0fh", s / 3600);
+  else
+    std::snprintf(buf, sizeof(buf), "%.0fd", s / 86400);
   return buf;
 }
 
@@ -73,8 +77,10 @@ int Verify(const std::string& dir, int64_t step) {
     auto steps = ListSteps(LocalVolume(), dir);
     if (!steps.ok()) return Fail("verify", steps.status());
     for (const auto& s : *steps) {
-      if (s.committed) todo.push_back(s.step);
-      else if (!s.problem.empty()) return Fail("verify", DataLossError(s.problem));
+      if (s.committed)
+        todo.push_back(s.step);
+      else if (!s.problem.empty())
+        return Fail("verify", DataLossError(s.problem));
     }
     if (todo.empty()) return Fail("verify", NotFoundError("no committed checkpoint in " + dir));
   }
@@ -141,8 +147,9 @@ void AddCkptCommands(CLI::App& app, Runner* runner) {
   auto keep = std::make_shared<int>(0);
   auto every = std::make_shared<int64_t>(0);
   auto* gc = ck->add_subcommand(
-      "gc", "Keep the newest K (plus every M-th) committed steps; remove incomplete ones. Do not "
-            "run while the job is saving into DIR");
+      "gc",
+      "Keep the newest K (plus every M-th) committed steps; remove incomplete ones. Do not "
+      "run while the job is saving into DIR");
   gc->add_option("DIR", *dir, "The job's checkpoint directory")->required();
   gc->add_option("--keep", *keep, "Committed steps to keep (>= 1)")->required();
   gc->add_option("--every", *every, "Also keep every step divisible by M");
@@ -153,7 +160,8 @@ void AddCkptCommands(CLI::App& app, Runner* runner) {
       if (!rep.ok()) return Fail("gc", rep.status());
       for (int64_t s : rep->removed_committed)
         std::printf("removed step %lld\n", static_cast<long long>(s));
-      for (const auto& p : rep->removed_incomplete) std::printf("removed incomplete %s\n", p.c_str());
+      for (const auto& p : rep->removed_incomplete)
+        std::printf("removed incomplete %s\n", p.c_str());
       std::printf("%zu committed and %zu incomplete removed\n", rep->removed_committed.size(),
                   rep->removed_incomplete.size());
       return 0;
@@ -181,8 +189,8 @@ void AddCkptCommands(CLI::App& app, Runner* runner) {
       auto r = Replicate(LocalVolume(), *src, LocalVolume(), *dst, s);
       if (!r.ok()) return Fail("replicate", r.status());
       if (r->already_present) {
-        std::printf("step %lld already committed and verified at %s\n",
-                    static_cast<long long>(s), dst->c_str());
+        std::printf("step %lld already committed and verified at %s\n", static_cast<long long>(s),
+                    dst->c_str());
       } else {
         std::printf("step %lld replicated to %s: %d shards copied (%s), %d resumed, verified\n",
                     static_cast<long long>(s), dst->c_str(), r->shards_copied,

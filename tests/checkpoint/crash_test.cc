@@ -5,12 +5,11 @@
 // stress mode.
 
 #include <fcntl.h>
+#include <gtest/gtest.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
-
-#include <gtest/gtest.h>
 
 #include <chrono>
 #include <cstdlib>
@@ -74,12 +73,12 @@ void ExpectStepRestores(const std::string& dir, int64_t step) {
   for (int r = 0; r < 3; ++r) {
     const int64_t rows = kCrashRows / 3, r0 = r * rows;
     std::vector<uint32_t> w(rows * kCrashCols), big(rows * kCrashCols * 2), bias(kCrashBias);
-    ASSERT_EQ(ck->Restore(step, {RestoreRequest::RowShard("w", DType::kI32, {kCrashRows, kCrashCols},
-                                                          r0, rows, w.data()),
-                                 RestoreRequest::RowShard("big", DType::kI32,
-                                                          {kCrashRows, kCrashCols * 2}, r0, rows,
-                                                          big.data()),
-                                 RestoreRequest::Whole("bias", DType::kI32, bias.data())}),
+    ASSERT_EQ(ck->Restore(
+                  step, {RestoreRequest::RowShard("w", DType::kI32, {kCrashRows, kCrashCols}, r0,
+                                                  rows, w.data()),
+                         RestoreRequest::RowShard("big", DType::kI32, {kCrashRows, kCrashCols * 2},
+                                                  r0, rows, big.data()),
+                         RestoreRequest::Whole("bias", DType::kI32, bias.data())}),
               Status::Ok());
     ASSERT_EQ(w, testing::Fill(step, 1, r0 * kCrashCols, rows * kCrashCols));
     ASSERT_EQ(big, testing::Fill(step, 3, r0 * kCrashCols * 2, rows * kCrashCols * 2));
