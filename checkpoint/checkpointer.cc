@@ -726,31 +726,54 @@ Status Checkpointer::Restore(int64_t step, const std::vector<RestoreRequest>& re
       if (i >= tasks.size() || failed) return;
       const ReadTask& t = tasks[i];
       const ShardEntry& shard = m.shards[t.shard];
-      const uint64_t a = t.file_off / bs * bs;
-      const uint64_t b = std::min(shard.size, AlignUp(t.file_off + t.len, bs));
-      Status st;
-      if (b - a > cap) {
+      auto ensure = [&](uint64_t n) -> Status {
+        if (n <= cap) return Status::Ok();
         void* p = nullptr;
-        if (::posix_memalign(&p, kDirectIoAlignment, b - a) != 0) {
-          st = InternalError("restore: out of memory for a read buffer");
-        } else {
-          buf.reset(static_cast<char*>(p));
-          cap = b - a;
+        if (::posix_memalign(&p, kDirectIoAlignment, n) != 0) {
+          return InternalError("restore: out of memory for a read buffer");
         }
-      }
-      if (st.ok()) {
-        st = files[t.shard]->Read(a, buf.get(), b - a);
+        buf.reset(static_cast<char*>(p));
+        cap = n;
+        return Status::Ok();
+      };
+      // Reads [a, b) of the shard into `into` and checks its blocks (a is block-aligned).
+      auto read_checked = [&](uint64_t a, uint64_t b, char* into) -> Status {
+        Status st = files[t.shard]->Read(a, into, b - a);
         if (!st.ok()) {
-          st = st.WithContext(StepStr(step) + ": tensor '" + *t.tensor + "': " + shard.file);
+          return st.WithContext(StepStr(step) + ": tensor '" + *t.tensor + "': " + shard.file);
         }
-      }
-      if (st.ok()) st = CheckBlocks(m, shard, a, buf.get(), b - a);
-      if (st.ok()) {
-        const char* src = buf.get() + (t.file_off - a);
-        // BoxCopy indexes from the slice's first element (which may precede the buffer; only
-        // elements from file_off on are touched).
-        st = t.req ? BoxCopy(t, src - (t.file_off - t.slice->byte_offset))
-                   : CopyFromHost(t.dst, t.kind, src, t.len);
+        return CheckBlocks(m, shard, a, into, b - a);
+      };
+      Status st;
+      const uint64_t s = t.file_off, e = t.file_off + t.len;
+      const uint64_t fb = AlignUp(s, bs), lb = e == shard.size ? e : e / bs * bs;
+      if (!t.req && t.kind == MemoryKind::kHost && fb < lb) {
+        // Whole blocks go straight into the destination and are checked there; only the
+        // partial blocks at either end pass through the bounce buffer.
+        if (s < fb) {
+          st = ensure(bs);
+          if (st.ok()) st = read_checked(fb - bs, fb, buf.get());
+          if (st.ok()) std::memcpy(t.dst, buf.get() + (s - (fb - bs)), fb - s);
+        }
+        if (st.ok()) st = read_checked(fb, lb, t.dst + (fb - s));
+        if (st.ok() && lb < e) {
+          const uint64_t b = std::min(shard.size, lb + bs);
+          st = ensure(b - lb);
+          if (st.ok()) st = read_checked(lb, b, buf.get());
+          if (st.ok()) std::memcpy(t.dst + (lb - s), buf.get(), e - lb);
+        }
+      } else {
+        const uint64_t a = s / bs * bs;
+        const uint64_t b = std::min(shard.size, AlignUp(e, bs));
+        st = ensure(b - a);
+        if (st.ok()) st = read_checked(a, b, buf.get());
+        if (st.ok()) {
+          const char* src = buf.get() + (s - a);
+          // BoxCopy indexes from the slice's first element (which may precede the buffer; only
+          // elements from file_off on are touched).
+          st = t.req ? BoxCopy(t, src - (s - t.slice->byte_offset))
+                     : CopyFromHost(t.dst, t.kind, src, t.len);
+        }
       }
       if (!st.ok()) {
         std::lock_guard<std::mutex> l(err_mu);
