@@ -42,6 +42,7 @@ struct Options {
   bool keep = false;
   bool json = false;
   std::string device = "cpu";
+  int io_threads = 4;
 };
 
 StatusOr<uint64_t> ParseSize(const std::string& s) {
@@ -287,6 +288,7 @@ int Run(const Options& o) {
     co.rank = r;
     co.world_size = o.ranks;
     co.store = store.get();
+    co.io_threads = o.io_threads;
     auto ck = Checkpointer::Create(co);
     if (!ck.ok()) return fail(ck.status());
     cks[r] = std::move(*ck);
@@ -334,6 +336,7 @@ int Run(const Options& o) {
     double t = OnRanks(world, [&](int r) {
       CheckpointerOptions co;
       co.dir = ckdir;
+      co.io_threads = o.io_threads;
       auto ck = Checkpointer::Create(co);
       if (!ck.ok()) {
         st[r] = ck.status();
@@ -428,6 +431,7 @@ void AddCkptBench(CLI::App& app, Runner* runner) {
   cmd->add_option("--saves", o->saves, "Number of saves (default 3)");
   cmd->add_flag("--keep", o->keep, "Keep DIR afterwards");
   cmd->add_flag("--json", o->json, "Print JSON");
+  cmd->add_option("--io-threads", o->io_threads, "Writer/reader threads per rank (default 4)");
   cmd->add_option("--device", o->device, "cpu (default) or cuda: where the state lives");
   cmd->callback([=] { *runner = [=] { return Run(*o); }; });
 }

@@ -50,7 +50,8 @@ class FaultInjectionVolume final : public Volume {
 
   StatusOr<std::unique_ptr<WritableFile>> NewWritableFile(const std::string& path,
                                                           bool direct) override;
-  StatusOr<std::unique_ptr<ReadableFile>> NewReadableFile(const std::string& path) override;
+  StatusOr<std::unique_ptr<ReadableFile>> NewReadableFile(const std::string& path,
+                                                          bool direct) override;
   Status CreateDirs(const std::string& path) override;
   Status SyncDir(const std::string& path) override;
   Status Rename(const std::string& from, const std::string& to) override;

@@ -196,6 +196,7 @@ class CountingVolume final : public Volume {
       return r;
     }
     StatusOr<uint64_t> Size() override { return f_->Size(); }
+    bool direct() const override { return f_->direct(); }
 
    private:
     std::unique_ptr<ReadableFile> f_;
@@ -204,8 +205,9 @@ class CountingVolume final : public Volume {
   StatusOr<std::unique_ptr<WritableFile>> NewWritableFile(const std::string& p, bool d) override {
     return LocalVolume()->NewWritableFile(p, d);
   }
-  StatusOr<std::unique_ptr<ReadableFile>> NewReadableFile(const std::string& p) override {
-    MUSTER_ASSIGN_OR_RETURN(auto f, LocalVolume()->NewReadableFile(p));
+  StatusOr<std::unique_ptr<ReadableFile>> NewReadableFile(const std::string& p,
+                                                          bool direct) override {
+    MUSTER_ASSIGN_OR_RETURN(auto f, LocalVolume()->NewReadableFile(p, direct));
     if (p.find("shard-") == std::string::npos) return f;
     return std::unique_ptr<ReadableFile>(new File(std::move(f), &shard_bytes));
   }
@@ -565,7 +567,7 @@ TEST_P(VolumeConformanceTest, WritesReadsRenamesAndLists) {
   ASSERT_EQ(v->Rename(dir.sub("a/b"), dir.sub("a/c")), Status::Ok());
   EXPECT_TRUE(v->Exists(dir.sub("a/c/f")));
   EXPECT_EQ(*v->ListDir(dir.sub("a/c")), std::vector<std::string>{"f"});
-  EXPECT_EQ(v->NewReadableFile(dir.sub("nope")).status().code(), StatusCode::kNotFound);
+  EXPECT_EQ(v->NewReadableFile(dir.sub("nope"), false).status().code(), StatusCode::kNotFound);
   // Direct I/O with aligned buffers, or its buffered fallback.
   auto f = *v->NewWritableFile(dir.sub("d"), true);
   void* p = nullptr;
