@@ -189,7 +189,8 @@ StatusOr<GcReport> CollectGarbage(Volume* v, const std::string& dir, RetentionPo
 Status DropStepCache(Volume* v, const std::string& dir, int64_t step) {
   MUSTER_ASSIGN_OR_RETURN(Manifest m, LoadManifest(v, dir, step));
   for (const auto& s : m.shards) {
-    MUSTER_ASSIGN_OR_RETURN(auto f, v->NewReadableFile(JoinPath(StepPath(dir, step), s.file), false));
+    MUSTER_ASSIGN_OR_RETURN(auto f,
+                            v->NewReadableFile(JoinPath(StepPath(dir, step), s.file), false));
     f->DropCache();
   }
   return Status::Ok();

@@ -175,6 +175,35 @@ struct Checkpointer::Job {
   std::vector<Piece> pieces;
   std::string metadata;
   uint64_t total;
+
+  // The snapshot runs on the Save caller's thread while the writers already write what it has
+  // copied: staging bytes [0, ready) are final. `snapshot_error` ends the job.
+  std::mutex snap_mu;
+  std::condition_variable snap_cv;
+  uint64_t ready = 0;     // GUARDED_BY(snap_mu)
+  Status snapshot_error;  // GUARDED_BY(snap_mu)
+
+  void Publish(uint64_t upto) {
+    {
+      std::lock_guard<std::mutex> l(snap_mu);
+      ready = upto;
+    }
+    snap_cv.notify_all();
+  }
+  void Fail(const Status& st) {
+    {
+      std::lock_guard<std::mutex> l(snap_mu);
+      snapshot_error = st;
+    }
+    snap_cv.notify_all();
+  }
+  // Waits until staging bytes [0, upto) are final; returns the snapshot's error if it failed.
+  Status AwaitReady(uint64_t upto) {
+    std::unique_lock<std::mutex> l(snap_mu);
+    snap_cv.wait(l, [&] { return ready >= upto || !snapshot_error.ok(); });
+    if (!snapshot_error.ok()) return AbortedError("snapshot failed: " + snapshot_error.ToString());
+    return Status::Ok();
+  }
 };
 
 Checkpointer::Checkpointer(CheckpointerOptions options)
@@ -301,30 +330,63 @@ Status Checkpointer::Save(int64_t step, const SaveState& state) {
   job->total = pos;
   MUSTER_RETURN_IF_ERROR(staging_.Reserve(job->total, any_cuda));
   char* base = staging_.data();
-  // Zero the alignment padding so the checksums are deterministic.
-  DeviceCopyBatch batch;
-  uint64_t prev_end = 0;
-  for (size_t i = 0; i < job->pieces.size(); ++i) {
-    const Piece& p = job->pieces[i];
-    if (p.staging_offset > prev_end) std::memset(base + prev_end, 0, p.staging_offset - prev_end);
-    if (sources[i]->memory == MemoryKind::kCuda) {
-      MUSTER_RETURN_IF_ERROR(batch.AddToHost(base + p.staging_offset, sources[i]->data, p.bytes));
-    } else {
-      MUSTER_RETURN_IF_ERROR(CopyToHost(base + p.staging_offset, sources[i]->data, p.bytes,
-                                        MemoryKind::kHost, options_.snapshot_threads));
-    }
-    prev_end = p.staging_offset + p.bytes;
-  }
-  if (job->total > prev_end) std::memset(base + prev_end, 0, job->total - prev_end);
-  MUSTER_RETURN_IF_ERROR(batch.Wait());
 
-  {
-    std::lock_guard<std::mutex> l(mu_);
-    job_ = std::move(job);
-    busy_ = true;
+  // Hand the job to the writer first: it prepares the step directory and writes each chunk as
+  // soon as the snapshot below has copied it, so the save overlaps the stall.
+  Job* j = job.get();
+  auto post = [&] {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      job_ = std::move(job);
+      busy_ = true;
+    }
+    cv_.notify_all();
+  };
+  if (options_.overlap_snapshot) post();
+
+  auto snapshot = [&]() -> Status {
+    constexpr uint64_t kPublishEvery = 64 << 20;
+    DeviceCopyBatch batch;
+    bool any_device = false;
+    uint64_t prev_end = 0;
+    for (size_t i = 0; i < j->pieces.size(); ++i) {
+      const Piece& p = j->pieces[i];
+      // Zero the alignment padding so the checksums are deterministic.
+      if (p.staging_offset > prev_end) {
+        std::memset(base + prev_end, 0, p.staging_offset - prev_end);
+      }
+      if (sources[i]->memory == MemoryKind::kCuda) {
+        MUSTER_RETURN_IF_ERROR(batch.AddToHost(base + p.staging_offset, sources[i]->data, p.bytes));
+        any_device = true;
+      } else {
+        const char* src = static_cast<const char*>(sources[i]->data);
+        for (uint64_t off = 0; off < p.bytes; off += kPublishEvery) {
+          uint64_t n = std::min(kPublishEvery, p.bytes - off);
+          MUSTER_RETURN_IF_ERROR(CopyToHost(base + p.staging_offset + off, src + off, n,
+                                            MemoryKind::kHost, options_.snapshot_threads));
+          if (!any_device) j->Publish(p.staging_offset + off + n);
+        }
+      }
+      prev_end = p.staging_offset + p.bytes;
+    }
+    if (j->total > prev_end) std::memset(base + prev_end, 0, j->total - prev_end);
+    MUSTER_RETURN_IF_ERROR(batch.Wait());
+    j->Publish(j->total);
+    return Status::Ok();
+  };
+  Status st = snapshot();
+  if (!options_.overlap_snapshot) {
+    if (!st.ok()) return st;
+    post();
+    return st;
   }
-  cv_.notify_all();
-  return Status::Ok();
+  if (!st.ok()) {
+    j->Fail(st);
+    // The job ends with the same error; wait so the staging memory is free again.
+    std::unique_lock<std::mutex> l(mu_);
+    cv_.wait(l, [&] { return !busy_; });
+  }
+  return st;
 }
 
 Status Checkpointer::Wait() {
@@ -341,6 +403,9 @@ void Checkpointer::WorkerLoop() {
     Job* job = job_.get();
     l.unlock();
     Status st = RunJob(*job);
+    // The Save call may still be copying into staging (if the job failed early): the job, and
+    // the staging memory, stay in use until the snapshot is over.
+    job->AwaitReady(job->total).IgnoreError();
     if (!st.ok()) {
       log::Get("ckpt.write")->error("save of step {} failed: {}", job->step, st.ToString());
     }
@@ -473,6 +538,12 @@ Status Checkpointer::WriteShard(Job& job, ShardEntry* shard) {
       if (i >= nchunks || failed) return;
       uint64_t off = i * chunk;
       uint64_t len = std::min(chunk, total - off);
+      if (Status st = job.AwaitReady(off + len); !st.ok()) {
+        std::lock_guard<std::mutex> l(err_mu);
+        if (err.ok()) err = st;
+        failed = true;
+        return;
+      }
       for (uint64_t b = off; b < off + len; b += bs) {
         shard->block_xxh3[b / bs] = Xxh3(data + b, std::min(bs, off + len - b));
       }
@@ -747,13 +818,10 @@ Status Checkpointer::Restore(int64_t step, const std::vector<RestoreRequest>& re
       // Reads [a, b) of the shard into `into` and checks its blocks (a is block-aligned).
       auto read_checked = [&](uint64_t a, uint64_t b, char* into) -> Status {
         ReadableFile* f = files[t.shard].get();
-        if (auto it = direct_files.find(t.shard); it != direct_files.end() &&
-                                                   it->second->direct() &&
-                                                   a % kDirectIoAlignment == 0 &&
-                                                   (b - a) % kDirectIoAlignment == 0 &&
-                                                   reinterpret_cast<uintptr_t>(into) %
-                                                           kDirectIoAlignment ==
-                                                       0) {
+        if (auto it = direct_files.find(t.shard);
+            it != direct_files.end() && it->second->direct() && a % kDirectIoAlignment == 0 &&
+            (b - a) % kDirectIoAlignment == 0 &&
+            reinterpret_cast<uintptr_t>(into) % kDirectIoAlignment == 0) {
           f = it->second.get();
         }
         Status st = f->Read(a, into, b - a);

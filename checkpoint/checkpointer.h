@@ -113,7 +113,11 @@ struct CheckpointerOptions {
   int snapshot_threads = 1;
   uint64_t block_size = 1 << 20;    // checksum granularity
   uint64_t write_chunk = 32 << 20;  // bytes per write call
-  bool direct_io = true;            // O_DIRECT for shard writes where the file system allows
+  bool direct_io = true;  // O_DIRECT for shard writes and restore reads where the FS allows
+  // Write each chunk as soon as the snapshot has copied it (the save overlaps the stall). On
+  // machines with few cores the writers' hashing competes with the snapshot copy: turn off to
+  // make the stall the copy alone.
+  bool overlap_snapshot = true;
 };
 
 class Checkpointer {

@@ -155,6 +155,38 @@ TEST(CheckpointerTest, SaveReturnsAfterSnapshotAndLaterChangesDoNotLeakIn) {
   ExpectRestoresExactly(dir.path(), 2, 1);
 }
 
+TEST(CheckpointerTest, WithoutOverlapTheSnapshotIsAlsoTakenBeforeSaveReturns) {
+  TempDir dir;
+  auto o = Opts(dir.path(), 1, 0, nullptr);
+  o.overlap_snapshot = false;
+  auto ck = *Checkpointer::Create(o);
+  RankState s = MakeState(1, 1, 0);
+  ASSERT_EQ(ck->Save(1, s.state), Status::Ok());
+  std::fill(s.w.begin(), s.w.end(), 0xdeadbeef);
+  ASSERT_EQ(ck->Wait(), Status::Ok());
+  ExpectRestoresExactly(dir.path(), 1, 1);
+}
+
+TEST(CheckpointerTest, FailedSnapshotFailsTheSaveAndCommitsNothing) {
+  // A "device" pointer that is host memory: the device-to-host copy fails where there is no
+  // GPU (without CUDA support the save is refused outright). With a GPU, UVA would accept it.
+  TempDir dir;
+  auto ck = *Checkpointer::Create(Opts(dir.path(), 1, 0, nullptr));
+  RankState s = MakeState(1, 1, 0);
+  std::vector<uint32_t> fake(1024);
+  s.state.tensors.push_back(
+      TensorRef::Replicated("dev", DType::kI32, {1024}, fake.data(), MemoryKind::kCuda));
+  Status st = ck->Save(1, s.state);
+  if (st.ok()) GTEST_SKIP() << "this machine has a GPU that accepted the pointer";
+  if (CudaBuiltIn()) EXPECT_FALSE(ck->Wait().ok());  // the writer had started: it fails too
+  EXPECT_EQ(LatestCommittedStep(LocalVolume(), dir.path()).status().code(), StatusCode::kNotFound);
+  // The checkpointer is usable afterwards.
+  RankState ok = MakeState(2, 1, 0);
+  ASSERT_EQ(ck->Save(2, ok.state), Status::Ok());
+  ASSERT_EQ(ck->Wait(), Status::Ok());
+  ExpectRestoresExactly(dir.path(), 2, 1);
+}
+
 TEST(CheckpointerTest, WorldOfFourRestoresAtOneTwoThreeAndEight) {
   TempDir dir;
   for (const Status& st : SaveWorld(dir.path(), 4, {100})) ASSERT_EQ(st, Status::Ok());
