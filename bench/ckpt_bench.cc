@@ -43,7 +43,7 @@ struct Options {
   bool json = false;
   std::string device = "cpu";
   int io_threads = 4;
-  bool no_overlap = false;
+  bool overlap = false;
 };
 
 StatusOr<uint64_t> ParseSize(const std::string& s) {
@@ -290,7 +290,7 @@ int Run(const Options& o) {
     co.world_size = o.ranks;
     co.store = store.get();
     co.io_threads = o.io_threads;
-    co.overlap_snapshot = !o.no_overlap;
+    co.overlap_snapshot = o.overlap;
     auto ck = Checkpointer::Create(co);
     if (!ck.ok()) return fail(ck.status());
     cks[r] = std::move(*ck);
@@ -384,7 +384,7 @@ int Run(const Options& o) {
                         {"bytes", total},
                         {"device", o.device},
                         {"saves", o.saves},
-                        {"overlap_snapshot", !o.no_overlap},
+                        {"overlap_snapshot", o.overlap},
                         {"io_threads", o.io_threads},
                         {"save_gbps", save_gbps},
                         {"stall_s", stall_s},
@@ -400,7 +400,7 @@ int Run(const Options& o) {
   }
   std::cout << "checkpoint of " << Fmt(total / double(1 << 20), 0) << " MiB, " << o.ranks
             << " ranks (threads), " << o.device << " tensors, " << o.saves << " saves, "
-            << (o.no_overlap ? "no overlap" : "snapshot overlapped with writing") << ", dir "
+            << (o.overlap ? "snapshot overlapped with writing" : "write after snapshot") << ", dir "
             << o.dir << "\n";
   const std::string copy_name =
       cuda ? "pinned device-to-host copy (anchor)" : "memcpy of the state (anchor)";
@@ -437,9 +437,9 @@ void AddCkptBench(CLI::App& app, Runner* runner) {
   cmd->add_flag("--keep", o->keep, "Keep DIR afterwards");
   cmd->add_flag("--json", o->json, "Print JSON");
   cmd->add_option("--io-threads", o->io_threads, "Writer/reader threads per rank (default 4)");
-  cmd->add_flag(
-      "--no-overlap", o->no_overlap,
-      "Start writing only after the whole snapshot (CheckpointerOptions::overlap_snapshot)");
+  cmd->add_flag("--overlap", o->overlap,
+                "Write chunks while the snapshot is still copying "
+                "(CheckpointerOptions::overlap_snapshot)");
   cmd->add_option("--device", o->device, "cpu (default) or cuda: where the state lives");
   cmd->callback([=] { *runner = [=] { return Run(*o); }; });
 }

@@ -114,10 +114,11 @@ struct CheckpointerOptions {
   uint64_t block_size = 1 << 20;    // checksum granularity
   uint64_t write_chunk = 32 << 20;  // bytes per write call
   bool direct_io = true;  // O_DIRECT for shard writes and restore reads where the FS allows
-  // Write each chunk as soon as the snapshot has copied it (the save overlaps the stall). On
-  // machines with few cores the writers' hashing competes with the snapshot copy: turn off to
-  // make the stall the copy alone.
-  bool overlap_snapshot = true;
+  // Start writing each chunk as soon as the snapshot has copied it, so the save overlaps the
+  // stall. Off by default: on the 2-core build machine the writers' hashing competed with the
+  // copy (stall 4.9x a memcpy with it, 1.04x without; docs/benchmarks.md). Worth turning on
+  // where cores are plentiful or tensors are on the GPU (the copy is DMA).
+  bool overlap_snapshot = false;
 };
 
 class Checkpointer {

@@ -155,10 +155,10 @@ TEST(CheckpointerTest, SaveReturnsAfterSnapshotAndLaterChangesDoNotLeakIn) {
   ExpectRestoresExactly(dir.path(), 2, 1);
 }
 
-TEST(CheckpointerTest, WithoutOverlapTheSnapshotIsAlsoTakenBeforeSaveReturns) {
+TEST(CheckpointerTest, WithOverlapTheSnapshotIsAlsoTakenBeforeSaveReturns) {
   TempDir dir;
   auto o = Opts(dir.path(), 1, 0, nullptr);
-  o.overlap_snapshot = false;
+  o.overlap_snapshot = true;
   auto ck = *Checkpointer::Create(o);
   RankState s = MakeState(1, 1, 0);
   ASSERT_EQ(ck->Save(1, s.state), Status::Ok());
@@ -171,7 +171,9 @@ TEST(CheckpointerTest, FailedSnapshotFailsTheSaveAndCommitsNothing) {
   // A "device" pointer that is host memory: the device-to-host copy fails where there is no
   // GPU (without CUDA support the save is refused outright). With a GPU, UVA would accept it.
   TempDir dir;
-  auto ck = *Checkpointer::Create(Opts(dir.path(), 1, 0, nullptr));
+  auto o = Opts(dir.path(), 1, 0, nullptr);
+  o.overlap_snapshot = true;  // the writer is running when the snapshot fails
+  auto ck = *Checkpointer::Create(o);
   RankState s = MakeState(1, 1, 0);
   std::vector<uint32_t> fake(1024);
   s.state.tensors.push_back(

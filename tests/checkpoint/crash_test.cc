@@ -96,6 +96,12 @@ TEST(CheckpointCrashTest, KillNineAtRandomInstantsNeverLeavesABadLatest) {
   int advanced = 0, killed_mid_save = 0;
   for (int t = 0; t < trials; ++t) {
     SCOPED_TRACE("trial " + std::to_string(t));
+    // Alternate trials write after the snapshot and overlapped with it.
+    if (t % 2) {
+      ::setenv("MUSTER_CKPT_OVERLAP", "1", 1);
+    } else {
+      ::unsetenv("MUSTER_CKPT_OVERLAP");
+    }
     pid_t pid = StartChild(dir.path(), latest + 1);
     ASSERT_GT(pid, 0) << "the crash child did not start";
     // The kill instant is the variable under test, not a synchronisation.
