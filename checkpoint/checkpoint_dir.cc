@@ -91,16 +91,15 @@ Status CheckBlocks(const Manifest& m, const ShardEntry& shard, uint64_t offset, 
       }
     }
     if (hit.empty()) hit = "(padding)";
-    return DataLossError("step " + std::to_string(m.step) + ": tensor " + hit + ": " +
-                         shard.file + " block " + std::to_string(block) +
-                         " fails its xxh3 checksum");
+    return DataLossError("step " + std::to_string(m.step) + ": tensor " + hit + ": " + shard.file +
+                         " block " + std::to_string(block) + " fails its xxh3 checksum");
   }
   return Status::Ok();
 }
 
 Status VerifyShardFile(Volume* v, const std::string& path, const Manifest& m,
                        const ShardEntry& shard, bool drop_cache) {
-  MUSTER_ASSIGN_OR_RETURN(auto f, v->NewReadableFile(path));
+  MUSTER_ASSIGN_OR_RETURN(auto f, v->NewReadableFile(path, /*direct=*/false));
   if (drop_cache) f->DropCache();
   MUSTER_ASSIGN_OR_RETURN(uint64_t size, f->Size());
   if (size != shard.size) {
@@ -190,7 +189,8 @@ StatusOr<GcReport> CollectGarbage(Volume* v, const std::string& dir, RetentionPo
 Status DropStepCache(Volume* v, const std::string& dir, int64_t step) {
   MUSTER_ASSIGN_OR_RETURN(Manifest m, LoadManifest(v, dir, step));
   for (const auto& s : m.shards) {
-    MUSTER_ASSIGN_OR_RETURN(auto f, v->NewReadableFile(JoinPath(StepPath(dir, step), s.file)));
+    MUSTER_ASSIGN_OR_RETURN(auto f,
+                            v->NewReadableFile(JoinPath(StepPath(dir, step), s.file), false));
     f->DropCache();
   }
   return Status::Ok();

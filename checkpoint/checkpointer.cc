@@ -134,8 +134,7 @@ TensorRef TensorRef::RowShard(std::string name, DType dtype, std::vector<int64_t
   return t;
 }
 
-RestoreRequest RestoreRequest::Whole(std::string name, DType dtype, void* data,
-                                     MemoryKind memory) {
+RestoreRequest RestoreRequest::Whole(std::string name, DType dtype, void* data, MemoryKind memory) {
   RestoreRequest r;
   r.name = std::move(name);
   r.dtype = dtype;
@@ -176,11 +175,39 @@ struct Checkpointer::Job {
   std::vector<Piece> pieces;
   std::string metadata;
   uint64_t total;
+
+  // The snapshot runs on the Save caller's thread while the writers already write what it has
+  // copied: staging bytes [0, ready) are final. `snapshot_error` ends the job.
+  std::mutex snap_mu;
+  std::condition_variable snap_cv;
+  uint64_t ready = 0;     // GUARDED_BY(snap_mu)
+  Status snapshot_error;  // GUARDED_BY(snap_mu)
+
+  void Publish(uint64_t upto) {
+    {
+      std::lock_guard<std::mutex> l(snap_mu);
+      ready = upto;
+    }
+    snap_cv.notify_all();
+  }
+  void Fail(const Status& st) {
+    {
+      std::lock_guard<std::mutex> l(snap_mu);
+      snapshot_error = st;
+    }
+    snap_cv.notify_all();
+  }
+  // Waits until staging bytes [0, upto) are final; returns the snapshot's error if it failed.
+  Status AwaitReady(uint64_t upto) {
+    std::unique_lock<std::mutex> l(snap_mu);
+    snap_cv.wait(l, [&] { return ready >= upto || !snapshot_error.ok(); });
+    if (!snapshot_error.ok()) return AbortedError("snapshot failed: " + snapshot_error.ToString());
+    return Status::Ok();
+  }
 };
 
 Checkpointer::Checkpointer(CheckpointerOptions options)
-    : options_(std::move(options)),
-      volume_(options_.volume ? options_.volume : LocalVolume()) {
+    : options_(std::move(options)), volume_(options_.volume ? options_.volume : LocalVolume()) {
   worker_ = std::thread([this] { WorkerLoop(); });
 }
 
@@ -250,12 +277,13 @@ Status Checkpointer::Save(int64_t step, const SaveState& state) {
     }
     for (int64_t d : t.shape)
       if (d < 0) return InvalidArgumentError("save: tensor '" + t.name + "' has a negative dim");
-    if (t.replicated && !t.offsets.empty() && (t.offsets != std::vector<int64_t>(t.shape.size(), 0) || t.lengths != t.shape)) {
+    if (t.replicated && !t.offsets.empty() &&
+        (t.offsets != std::vector<int64_t>(t.shape.size(), 0) || t.lengths != t.shape)) {
       return InvalidArgumentError("save: replicated tensor '" + t.name + "' must be whole");
     }
     if (!t.offsets.empty() || !t.lengths.empty()) {
-      MUSTER_RETURN_IF_ERROR(ValidateBox("save: tensor '" + t.name + "'", t.shape, t.offsets,
-                                         t.lengths));
+      MUSTER_RETURN_IF_ERROR(
+          ValidateBox("save: tensor '" + t.name + "'", t.shape, t.offsets, t.lengths));
     }
     const auto& len = t.lengths.empty() ? t.shape : t.lengths;
     if (NumElements(len) > 0 && !t.data) {
@@ -302,30 +330,63 @@ Status Checkpointer::Save(int64_t step, const SaveState& state) {
   job->total = pos;
   MUSTER_RETURN_IF_ERROR(staging_.Reserve(job->total, any_cuda));
   char* base = staging_.data();
-  // Zero the alignment padding so the checksums are deterministic.
-  DeviceCopyBatch batch;
-  uint64_t prev_end = 0;
-  for (size_t i = 0; i < job->pieces.size(); ++i) {
-    const Piece& p = job->pieces[i];
-    if (p.staging_offset > prev_end) std::memset(base + prev_end, 0, p.staging_offset - prev_end);
-    if (sources[i]->memory == MemoryKind::kCuda) {
-      MUSTER_RETURN_IF_ERROR(batch.AddToHost(base + p.staging_offset, sources[i]->data, p.bytes));
-    } else {
-      MUSTER_RETURN_IF_ERROR(CopyToHost(base + p.staging_offset, sources[i]->data, p.bytes,
-                                        MemoryKind::kHost));
-    }
-    prev_end = p.staging_offset + p.bytes;
-  }
-  if (job->total > prev_end) std::memset(base + prev_end, 0, job->total - prev_end);
-  MUSTER_RETURN_IF_ERROR(batch.Wait());
 
-  {
-    std::lock_guard<std::mutex> l(mu_);
-    job_ = std::move(job);
-    busy_ = true;
+  // Hand the job to the writer first: it prepares the step directory and writes each chunk as
+  // soon as the snapshot below has copied it, so the save overlaps the stall.
+  Job* j = job.get();
+  auto post = [&] {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      job_ = std::move(job);
+      busy_ = true;
+    }
+    cv_.notify_all();
+  };
+  if (options_.overlap_snapshot) post();
+
+  auto snapshot = [&]() -> Status {
+    constexpr uint64_t kPublishEvery = 64 << 20;
+    DeviceCopyBatch batch;
+    bool any_device = false;
+    uint64_t prev_end = 0;
+    for (size_t i = 0; i < j->pieces.size(); ++i) {
+      const Piece& p = j->pieces[i];
+      // Zero the alignment padding so the checksums are deterministic.
+      if (p.staging_offset > prev_end) {
+        std::memset(base + prev_end, 0, p.staging_offset - prev_end);
+      }
+      if (sources[i]->memory == MemoryKind::kCuda) {
+        MUSTER_RETURN_IF_ERROR(batch.AddToHost(base + p.staging_offset, sources[i]->data, p.bytes));
+        any_device = true;
+      } else {
+        const char* src = static_cast<const char*>(sources[i]->data);
+        for (uint64_t off = 0; off < p.bytes; off += kPublishEvery) {
+          uint64_t n = std::min(kPublishEvery, p.bytes - off);
+          MUSTER_RETURN_IF_ERROR(CopyToHost(base + p.staging_offset + off, src + off, n,
+                                            MemoryKind::kHost, options_.snapshot_threads));
+          if (!any_device) j->Publish(p.staging_offset + off + n);
+        }
+      }
+      prev_end = p.staging_offset + p.bytes;
+    }
+    if (j->total > prev_end) std::memset(base + prev_end, 0, j->total - prev_end);
+    MUSTER_RETURN_IF_ERROR(batch.Wait());
+    j->Publish(j->total);
+    return Status::Ok();
+  };
+  Status st = snapshot();
+  if (!options_.overlap_snapshot) {
+    if (!st.ok()) return st;
+    post();
+    return st;
   }
-  cv_.notify_all();
-  return Status::Ok();
+  if (!st.ok()) {
+    j->Fail(st);
+    // The job ends with the same error; wait so the staging memory is free again.
+    std::unique_lock<std::mutex> l(mu_);
+    cv_.wait(l, [&] { return !busy_; });
+  }
+  return st;
 }
 
 Status Checkpointer::Wait() {
@@ -342,6 +403,9 @@ void Checkpointer::WorkerLoop() {
     Job* job = job_.get();
     l.unlock();
     Status st = RunJob(*job);
+    // The Save call may still be copying into staging (if the job failed early): the job, and
+    // the staging memory, stay in use until the snapshot is over.
+    job->AwaitReady(job->total).IgnoreError();
     if (!st.ok()) {
       log::Get("ckpt.write")->error("save of step {} failed: {}", job->step, st.ToString());
     }
@@ -368,8 +432,8 @@ Status Checkpointer::RunJob(Job& job) {
   if (options_.rank == 0) {
     Status st;
     if (volume_->Exists(final_dir)) {
-      st = FailedPreconditionError(StepStr(job.step) + " is already committed in " +
-                                   options_.dir + "; a step directory is never rewritten");
+      st = FailedPreconditionError(StepStr(job.step) + " is already committed in " + options_.dir +
+                                   "; a step directory is never rewritten");
     } else {
       st = volume_->RemoveAll(tmp);
       if (st.ok()) st = volume_->CreateDirs(tmp);
@@ -421,8 +485,8 @@ Status Checkpointer::RunJob(Job& job) {
     auto v = store->Get(key + "/commit", remaining());
     if (!v.ok()) return v.status().WithContext(StepStr(job.step) + ": waiting for the commit");
     if (*v != "ok") {
-      return AbortedError(StepStr(job.step) + " was not committed: " +
-                          v->substr(sizeof(kErrorPrefix) - 1));
+      return AbortedError(StepStr(job.step) +
+                          " was not committed: " + v->substr(sizeof(kErrorPrefix) - 1));
     }
     return Status::Ok();
   }
@@ -436,8 +500,8 @@ Status Checkpointer::RunJob(Job& job) {
   for (int r = 1; r < options_.world_size; ++r) {
     auto v = store->Get(key + "/rank/" + std::to_string(r), remaining());
     if (!v.ok()) {
-      return fail(v.status().WithContext(StepStr(job.step) + ": waiting for rank " +
-                                         std::to_string(r)));
+      return fail(
+          v.status().WithContext(StepStr(job.step) + ": waiting for rank " + std::to_string(r)));
     }
     if (v->rfind(kErrorPrefix, 0) == 0) {
       return fail(AbortedError(v->substr(sizeof(kErrorPrefix) - 1)));
@@ -474,6 +538,12 @@ Status Checkpointer::WriteShard(Job& job, ShardEntry* shard) {
       if (i >= nchunks || failed) return;
       uint64_t off = i * chunk;
       uint64_t len = std::min(chunk, total - off);
+      if (Status st = job.AwaitReady(off + len); !st.ok()) {
+        std::lock_guard<std::mutex> l(err_mu);
+        if (err.ok()) err = st;
+        failed = true;
+        return;
+      }
       for (uint64_t b = off; b < off + len; b += bs) {
         shard->block_xxh3[b / bs] = Xxh3(data + b, std::min(bs, off + len - b));
       }
@@ -544,7 +614,8 @@ Status Checkpointer::Commit(Job& job, const std::vector<std::string>& parts) {
     if (t.slices.size() <= 256) {
       for (size_t i = 0; i < t.slices.size() && !overlap; ++i) {
         for (size_t j = i + 1; j < t.slices.size() && !overlap; ++j) {
-          Box a{t.slices[i].offsets, t.slices[i].lengths}, b{t.slices[j].offsets, t.slices[j].lengths};
+          Box a{t.slices[i].offsets, t.slices[i].lengths},
+              b{t.slices[j].offsets, t.slices[j].lengths};
           Box x;
           overlap = NumElements(a.len) > 0 && NumElements(b.len) > 0 && Intersect(a, b, &x);
         }
@@ -565,8 +636,7 @@ Status Checkpointer::Commit(Job& job, const std::vector<std::string>& parts) {
   const std::string tmp = TmpStepPath(options_.dir, job.step);
   const std::string final_dir = StepPath(options_.dir, job.step);
   {
-    MUSTER_ASSIGN_OR_RETURN(auto f,
-                            volume_->NewWritableFile(JoinPath(tmp, kManifestName), false));
+    MUSTER_ASSIGN_OR_RETURN(auto f, volume_->NewWritableFile(JoinPath(tmp, kManifestName), false));
     MUSTER_RETURN_IF_ERROR(f->Write(0, bytes.data(), bytes.size()));
     MUSTER_RETURN_IF_ERROR(f->Sync());
     MUSTER_RETURN_IF_ERROR(f->Close());
@@ -579,8 +649,7 @@ Status Checkpointer::Commit(Job& job, const std::vector<std::string>& parts) {
   MUSTER_RETURN_IF_ERROR(volume_->SyncDir(options_.dir).WithContext(after));
   MUSTER_RETURN_IF_ERROR(UpdateLatest(volume_, options_.dir, job.step).WithContext(after));
   log::Get("ckpt.write")
-      ->info("committed step {} ({} bytes, world size {})", job.step, m.TotalBytes(),
-             m.world_size);
+      ->info("committed step {} ({} bytes, world size {})", job.step, m.TotalBytes(), m.world_size);
   if (options_.retention.keep_last > 0) {
     auto gc = CollectGarbage(volume_, options_.dir, options_.retention, job.step);
     if (!gc.ok()) {
@@ -707,13 +776,21 @@ Status Checkpointer::Restore(int64_t step, const std::vector<RestoreRequest>& re
     }
   }
 
-  std::map<int, std::unique_ptr<ReadableFile>> files;
+  // Each shard is opened twice: O_DIRECT for aligned reads (whole blocks into aligned memory:
+  // no page-cache copy), buffered for the rest.
+  std::map<int, std::unique_ptr<ReadableFile>> files, direct_files;
   const std::string sdir = StepPath(options_.dir, step);
   for (const auto& t : tasks) {
     if (files.count(t.shard)) continue;
-    auto f = volume_->NewReadableFile(JoinPath(sdir, m.shards[t.shard].file));
+    const std::string path = JoinPath(sdir, m.shards[t.shard].file);
+    auto f = volume_->NewReadableFile(path, false);
     if (!f.ok()) return f.status().WithContext(StepStr(step));
     files[t.shard] = std::move(*f);
+    if (options_.direct_io) {
+      auto d = volume_->NewReadableFile(path, true);
+      if (!d.ok()) return d.status().WithContext(StepStr(step));
+      direct_files[t.shard] = std::move(*d);
+    }
   }
 
   std::atomic<size_t> next{0};
@@ -728,31 +805,67 @@ Status Checkpointer::Restore(int64_t step, const std::vector<RestoreRequest>& re
       if (i >= tasks.size() || failed) return;
       const ReadTask& t = tasks[i];
       const ShardEntry& shard = m.shards[t.shard];
-      const uint64_t a = t.file_off / bs * bs;
-      const uint64_t b = std::min(shard.size, AlignUp(t.file_off + t.len, bs));
-      Status st;
-      if (b - a > cap) {
+      auto ensure = [&](uint64_t n) -> Status {
+        if (n <= cap) return Status::Ok();
         void* p = nullptr;
-        if (::posix_memalign(&p, kDirectIoAlignment, b - a) != 0) {
-          st = InternalError("restore: out of memory for a read buffer");
-        } else {
-          buf.reset(static_cast<char*>(p));
-          cap = b - a;
+        if (::posix_memalign(&p, kDirectIoAlignment, n) != 0) {
+          return InternalError("restore: out of memory for a read buffer");
         }
-      }
-      if (st.ok()) {
-        st = files[t.shard]->Read(a, buf.get(), b - a);
+        buf.reset(static_cast<char*>(p));
+        cap = n;
+        return Status::Ok();
+      };
+      // Reads [a, b) of the shard into `into` and checks its blocks (a is block-aligned).
+      auto read_checked = [&](uint64_t a, uint64_t b, char* into) -> Status {
+        ReadableFile* f = files[t.shard].get();
+        if (auto it = direct_files.find(t.shard);
+            it != direct_files.end() && it->second->direct() && a % kDirectIoAlignment == 0 &&
+            (b - a) % kDirectIoAlignment == 0 &&
+            reinterpret_cast<uintptr_t>(into) % kDirectIoAlignment == 0) {
+          f = it->second.get();
+        }
+        Status st = f->Read(a, into, b - a);
         if (!st.ok()) {
-          st = st.WithContext(StepStr(step) + ": tensor '" + *t.tensor + "': " + shard.file);
+          return st.WithContext(StepStr(step) + ": tensor '" + *t.tensor + "': " + shard.file);
         }
-      }
-      if (st.ok()) st = CheckBlocks(m, shard, a, buf.get(), b - a);
-      if (st.ok()) {
-        const char* src = buf.get() + (t.file_off - a);
-        // BoxCopy indexes from the slice's first element (which may precede the buffer; only
-        // elements from file_off on are touched).
-        st = t.req ? BoxCopy(t, src - (t.file_off - t.slice->byte_offset))
-                   : CopyFromHost(t.dst, t.kind, src, t.len);
+        return CheckBlocks(m, shard, a, into, b - a);
+      };
+      Status st;
+      const uint64_t s = t.file_off, e = t.file_off + t.len;
+      const uint64_t fb = AlignUp(s, bs), lb = e == shard.size ? e : e / bs * bs;
+      // With O_DIRECT available, a destination that is not 4096-aligned where the whole blocks
+      // land goes through the (aligned) bounce buffer: an extra memcpy beats buffered reads.
+      const bool dst_aligned =
+          !t.req && reinterpret_cast<uintptr_t>(t.dst + (fb - s)) % kDirectIoAlignment == 0;
+      auto dit = direct_files.find(t.shard);
+      const bool can_direct = dit != direct_files.end() && dit->second->direct();
+      if (!t.req && t.kind == MemoryKind::kHost && fb < lb && (dst_aligned || !can_direct)) {
+        // Whole blocks go straight into the destination and are checked there; only the
+        // partial blocks at either end pass through the bounce buffer.
+        if (s < fb) {
+          st = ensure(bs);
+          if (st.ok()) st = read_checked(fb - bs, fb, buf.get());
+          if (st.ok()) std::memcpy(t.dst, buf.get() + (s - (fb - bs)), fb - s);
+        }
+        if (st.ok()) st = read_checked(fb, lb, t.dst + (fb - s));
+        if (st.ok() && lb < e) {
+          const uint64_t b = std::min(shard.size, lb + bs);
+          st = ensure(b - lb);
+          if (st.ok()) st = read_checked(lb, b, buf.get());
+          if (st.ok()) std::memcpy(t.dst + (lb - s), buf.get(), e - lb);
+        }
+      } else {
+        const uint64_t a = s / bs * bs;
+        const uint64_t b = std::min(shard.size, AlignUp(e, bs));
+        st = ensure(b - a);
+        if (st.ok()) st = read_checked(a, b, buf.get());
+        if (st.ok()) {
+          const char* src = buf.get() + (s - a);
+          // BoxCopy indexes from the slice's first element (which may precede the buffer; only
+          // elements from file_off on are touched).
+          st = t.req ? BoxCopy(t, src - (s - t.slice->byte_offset))
+                     : CopyFromHost(t.dst, t.kind, src, t.len);
+        }
       }
       if (!st.ok()) {
         std::lock_guard<std::mutex> l(err_mu);

@@ -81,7 +81,7 @@ struct SaveState {
 // cut the stored shards any way; only the byte ranges that overlap it are read.
 struct RestoreRequest {
   std::string name;
-  DType dtype = DType::kF32;  // must match the stored dtype
+  DType dtype = DType::kF32;     // must match the stored dtype
   std::vector<int64_t> offsets;  // empty: the whole tensor
   std::vector<int64_t> lengths;
   void* data = nullptr;
@@ -107,10 +107,18 @@ struct CheckpointerOptions {
   std::chrono::milliseconds commit_timeout{std::chrono::minutes(10)};
   // After each commit, rank 0 applies this (keep_last <= 0: keep everything).
   RetentionPolicy retention{.keep_last = 0, .keep_every = 0};
-  int io_threads = 4;                // parallel writers / readers per rank
-  uint64_t block_size = 1 << 20;     // checksum granularity
-  uint64_t write_chunk = 32 << 20;   // bytes per write call
-  bool direct_io = true;             // O_DIRECT for shard writes where the file system allows
+  int io_threads = 4;  // parallel writers / readers per rank
+  // Threads that copy host tensors into staging (1: a plain memcpy; ranks of one node already
+  // copy in parallel with each other).
+  int snapshot_threads = 1;
+  uint64_t block_size = 1 << 20;    // checksum granularity
+  uint64_t write_chunk = 32 << 20;  // bytes per write call
+  bool direct_io = true;  // O_DIRECT for shard writes and restore reads where the FS allows
+  // Start writing each chunk as soon as the snapshot has copied it, so the save overlaps the
+  // stall. Off by default: on the 2-core build machine the writers' hashing competed with the
+  // copy (stall 4.9x a memcpy with it, 1.04x without; docs/benchmarks.md). Worth turning on
+  // where cores are plentiful or tensors are on the GPU (the copy is DMA).
+  bool overlap_snapshot = false;
 };
 
 class Checkpointer {

@@ -65,6 +65,7 @@ class FaultyReadableFile final : public ReadableFile {
     return f_->ReadAt(offset, dst, n);
   }
   StatusOr<uint64_t> Size() override { return f_->Size(); }
+  bool direct() const override { return f_->direct(); }
 
  private:
   FaultInjectionVolume* v_;
@@ -136,8 +137,8 @@ StatusOr<std::unique_ptr<WritableFile>> FaultInjectionVolume::NewWritableFile(
 }
 
 StatusOr<std::unique_ptr<ReadableFile>> FaultInjectionVolume::NewReadableFile(
-    const std::string& path) {
-  MUSTER_ASSIGN_OR_RETURN(auto f, base_->NewReadableFile(path));
+    const std::string& path, bool direct) {
+  MUSTER_ASSIGN_OR_RETURN(auto f, base_->NewReadableFile(path, direct));
   return std::unique_ptr<ReadableFile>(new FaultyReadableFile(this, path, std::move(f)));
 }
 

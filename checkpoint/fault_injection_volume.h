@@ -50,7 +50,8 @@ class FaultInjectionVolume final : public Volume {
 
   StatusOr<std::unique_ptr<WritableFile>> NewWritableFile(const std::string& path,
                                                           bool direct) override;
-  StatusOr<std::unique_ptr<ReadableFile>> NewReadableFile(const std::string& path) override;
+  StatusOr<std::unique_ptr<ReadableFile>> NewReadableFile(const std::string& path,
+                                                          bool direct) override;
   Status CreateDirs(const std::string& path) override;
   Status SyncDir(const std::string& path) override;
   Status Rename(const std::string& from, const std::string& to) override;
@@ -59,15 +60,13 @@ class FaultInjectionVolume final : public Volume {
   }
   bool Exists(const std::string& path) override { return base_->Exists(path); }
   StatusOr<uint64_t> FileSize(const std::string& path) override { return base_->FileSize(path); }
-  StatusOr<double> AgeSeconds(const std::string& path) override {
-    return base_->AgeSeconds(path);
-  }
+  StatusOr<double> AgeSeconds(const std::string& path) override { return base_->AgeSeconds(path); }
   Status DeleteFile(const std::string& path) override;
   Status RemoveAll(const std::string& path) override;
 
   // Used by the wrapped files. Returns the fault to apply to this operation, if any.
-  std::optional<FaultKind> Check(const std::string& path, bool is_write, bool is_sync,
-                                 bool is_read, bool is_rename, bool is_dir = false);
+  std::optional<FaultKind> Check(const std::string& path, bool is_write, bool is_sync, bool is_read,
+                                 bool is_rename, bool is_dir = false);
   Status CrashedError() const;
   void EnterCrash() { crashed_ = true; }
 

@@ -35,7 +35,7 @@ StatusOr<ReplicateReport> Replicate(Volume* src, const std::string& src_dir, Vol
       report.shards_resumed++;
       continue;
     }
-    MUSTER_ASSIGN_OR_RETURN(auto in, src->NewReadableFile(JoinPath(sdir, shard.file)));
+    MUSTER_ASSIGN_OR_RETURN(auto in, src->NewReadableFile(JoinPath(sdir, shard.file), false));
     MUSTER_ASSIGN_OR_RETURN(uint64_t size, in->Size());
     if (size != shard.size) {
       return DataLossError("replicate: step " + std::to_string(step) + ": source " + shard.file +

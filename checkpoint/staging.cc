@@ -12,6 +12,7 @@
 #endif
 
 #include "checkpoint/volume.h"
+#include "common/logging.h"
 
 namespace muster::checkpoint {
 
@@ -62,12 +63,16 @@ Status StagingBuffer::Reserve(size_t bytes, bool pinned) {
 #ifdef MUSTER_HAVE_CUDA
   if (pinned) {
     void* p = nullptr;
-    MUSTER_RETURN_IF_ERROR(CudaStatus(cudaHostAlloc(&p, cap, cudaHostAllocDefault),
-                                      "cudaHostAlloc of the staging buffer"));
-    data_ = static_cast<char*>(p);
-    capacity_ = cap;
-    pinned_ = true;
-    return Status::Ok();
+    Status st = CudaStatus(cudaHostAlloc(&p, cap, cudaHostAllocDefault),
+                           "cudaHostAlloc of the staging buffer");
+    if (st.ok()) {
+      data_ = static_cast<char*>(p);
+      capacity_ = cap;
+      pinned_ = true;
+      return Status::Ok();
+    }
+    // Pageable memory still works (slowly) for device copies; the copy reports a real error.
+    log::Get("ckpt.write")->warn("{}; staging in pageable memory", st.ToString());
   }
 #endif
   void* p = nullptr;
@@ -101,10 +106,10 @@ void ParallelMemcpy(void* dst, const void* src, size_t n, int threads) {
   for (auto& th : ts) th.join();
 }
 
-Status CopyToHost(void* dst, const void* src, size_t n, MemoryKind src_kind) {
+Status CopyToHost(void* dst, const void* src, size_t n, MemoryKind src_kind, int threads) {
   if (n == 0) return Status::Ok();
   if (src_kind == MemoryKind::kHost) {
-    ParallelMemcpy(dst, src, n);
+    ParallelMemcpy(dst, src, n, threads);
     return Status::Ok();
   }
 #ifdef MUSTER_HAVE_CUDA

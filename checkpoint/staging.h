@@ -45,8 +45,8 @@ class StagingBuffer {
 bool CudaBuiltIn();
 
 // Copies `n` bytes of `src` (host or CUDA memory) into host memory `dst`. Host copies of large
-// buffers are split across a few threads.
-Status CopyToHost(void* dst, const void* src, size_t n, MemoryKind src_kind);
+// buffers are split across up to `threads` threads.
+Status CopyToHost(void* dst, const void* src, size_t n, MemoryKind src_kind, int threads = 1);
 // Copies `n` bytes of host memory `src` into `dst` (host or CUDA memory).
 Status CopyFromHost(void* dst, MemoryKind dst_kind, const void* src, size_t n);
 

@@ -83,7 +83,9 @@ class PosixWritableFile final : public WritableFile {
 
 class PosixReadableFile final : public ReadableFile {
  public:
-  PosixReadableFile(std::string path, int fd) : path_(std::move(path)), fd_(fd) {}
+  PosixReadableFile(std::string path, int fd, bool direct)
+      : path_(std::move(path)), fd_(fd), direct_(direct) {}
+  bool direct() const override { return direct_; }
   ~PosixReadableFile() override { ::close(fd_); }
 
   StatusOr<size_t> ReadAt(uint64_t offset, void* dst, size_t n) override {
@@ -104,6 +106,7 @@ class PosixReadableFile final : public ReadableFile {
  private:
   std::string path_;
   int fd_;
+  bool direct_;
 };
 
 class PosixVolume final : public Volume {
@@ -123,10 +126,18 @@ class PosixVolume final : public Volume {
     return std::unique_ptr<WritableFile>(new PosixWritableFile(path, fd, got_direct));
   }
 
-  StatusOr<std::unique_ptr<ReadableFile>> NewReadableFile(const std::string& path) override {
-    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  StatusOr<std::unique_ptr<ReadableFile>> NewReadableFile(const std::string& path,
+                                                          bool direct) override {
+    int fd = -1;
+    bool got_direct = false;
+    if (direct) {
+      fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_DIRECT);
+      got_direct = fd >= 0;
+      if (fd < 0 && errno != EINVAL) return ErrnoStatus(errno, "open " + path);
+    }
+    if (fd < 0) fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
     if (fd < 0) return ErrnoStatus(errno, "open " + path);
-    return std::unique_ptr<ReadableFile>(new PosixReadableFile(path, fd));
+    return std::unique_ptr<ReadableFile>(new PosixReadableFile(path, fd, got_direct));
   }
 
   Status CreateDirs(const std::string& path) override {
@@ -205,7 +216,7 @@ Volume* LocalVolume() {
 }
 
 StatusOr<std::string> ReadFileToString(Volume* v, const std::string& path) {
-  MUSTER_ASSIGN_OR_RETURN(auto f, v->NewReadableFile(path));
+  MUSTER_ASSIGN_OR_RETURN(auto f, v->NewReadableFile(path, /*direct=*/false));
   MUSTER_ASSIGN_OR_RETURN(uint64_t size, f->Size());
   std::string out(size, '\0');
   MUSTER_RETURN_IF_ERROR(f->Read(0, out.data(), size));

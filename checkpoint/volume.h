@@ -58,6 +58,9 @@ class ReadableFile {
   // Hints that the file's cached pages may be dropped (benchmarks measure cold reads).
   virtual void DropCache() {}
 
+  // True if the file was opened with O_DIRECT (aligned buffers, offsets and lengths only).
+  virtual bool direct() const { return false; }
+
   // Reads exactly `n` bytes at `offset`; a short file is DataLoss.
   Status Read(uint64_t offset, void* dst, size_t n);
 };
@@ -70,7 +73,10 @@ class Volume {
   // buffered I/O where the file system refuses it (see WritableFile::direct()).
   virtual StatusOr<std::unique_ptr<WritableFile>> NewWritableFile(const std::string& path,
                                                                   bool direct) = 0;
-  virtual StatusOr<std::unique_ptr<ReadableFile>> NewReadableFile(const std::string& path) = 0;
+  // Opens a file for reading. With `direct`, asks for O_DIRECT (aligned reads only) and falls
+  // back to buffered I/O where the file system refuses it (see ReadableFile::direct()).
+  virtual StatusOr<std::unique_ptr<ReadableFile>> NewReadableFile(const std::string& path,
+                                                                  bool direct) = 0;
 
   // Creates `path` and any missing parents; an existing directory is fine.
   virtual Status CreateDirs(const std::string& path) = 0;

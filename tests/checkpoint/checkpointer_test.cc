@@ -55,8 +55,8 @@ RankState MakeState(int64_t step, int world, int rank) {
   return s;
 }
 
-CheckpointerOptions Opts(const std::string& dir, int world, int rank,
-                         collectives::Store* store, Volume* v = nullptr) {
+CheckpointerOptions Opts(const std::string& dir, int world, int rank, collectives::Store* store,
+                         Volume* v = nullptr) {
   CheckpointerOptions o;
   o.dir = dir;
   o.world_size = world;
@@ -99,8 +99,7 @@ std::vector<Status> SaveWorld(const std::string& dir, int world, std::vector<int
 }
 
 // Restores `step` with `world` ranks and checks every element of every tensor.
-void ExpectRestoresExactly(const std::string& dir, int64_t step, int world,
-                           Volume* v = nullptr) {
+void ExpectRestoresExactly(const std::string& dir, int64_t step, int world, Volume* v = nullptr) {
   for (int r = 0; r < world; ++r) {
     SCOPED_TRACE("restore world " + std::to_string(world) + " rank " + std::to_string(r));
     auto ck = Checkpointer::Create(Opts(dir, 1, 0, nullptr, v));
@@ -109,13 +108,12 @@ void ExpectRestoresExactly(const std::string& dir, int64_t step, int world,
     auto [r0, rn] = RowRange(kRows, world, r);
     auto [e0, en] = RowRange(8, world, r);
     std::vector<uint32_t> w(want.w.size(), 0), bias(kBias, 0), emb(want.emb.size(), 0);
-    ASSERT_EQ((*ck)->Restore(step,
-                             {RestoreRequest::RowShard("w", DType::kI32, {kRows, kCols}, r0, rn,
-                                                       w.data()),
-                              RestoreRequest::Whole("bias", DType::kI32, bias.data()),
-                              RestoreRequest::RowShard("emb", DType::kI32, {8, 5, 3}, e0, en,
-                                                       emb.data())}),
-              Status::Ok());
+    ASSERT_EQ(
+        (*ck)->Restore(
+            step, {RestoreRequest::RowShard("w", DType::kI32, {kRows, kCols}, r0, rn, w.data()),
+                   RestoreRequest::Whole("bias", DType::kI32, bias.data()),
+                   RestoreRequest::RowShard("emb", DType::kI32, {8, 5, 3}, e0, en, emb.data())}),
+        Status::Ok());
     EXPECT_EQ(w, want.w);
     EXPECT_EQ(bias, want.bias);
     EXPECT_EQ(emb, want.emb);
@@ -154,6 +152,40 @@ TEST(CheckpointerTest, SaveReturnsAfterSnapshotAndLaterChangesDoNotLeakIn) {
   ASSERT_EQ(ck->Wait(), Status::Ok());
   EXPECT_EQ(*ck->LatestStep(), 2);
   ExpectRestoresExactly(dir.path(), 1, 1);
+  ExpectRestoresExactly(dir.path(), 2, 1);
+}
+
+TEST(CheckpointerTest, WithOverlapTheSnapshotIsAlsoTakenBeforeSaveReturns) {
+  TempDir dir;
+  auto o = Opts(dir.path(), 1, 0, nullptr);
+  o.overlap_snapshot = true;
+  auto ck = *Checkpointer::Create(o);
+  RankState s = MakeState(1, 1, 0);
+  ASSERT_EQ(ck->Save(1, s.state), Status::Ok());
+  std::fill(s.w.begin(), s.w.end(), 0xdeadbeef);
+  ASSERT_EQ(ck->Wait(), Status::Ok());
+  ExpectRestoresExactly(dir.path(), 1, 1);
+}
+
+TEST(CheckpointerTest, FailedSnapshotFailsTheSaveAndCommitsNothing) {
+  // A "device" pointer that is host memory: the device-to-host copy fails where there is no
+  // GPU (without CUDA support the save is refused outright). With a GPU, UVA would accept it.
+  TempDir dir;
+  auto o = Opts(dir.path(), 1, 0, nullptr);
+  o.overlap_snapshot = true;  // the writer is running when the snapshot fails
+  auto ck = *Checkpointer::Create(o);
+  RankState s = MakeState(1, 1, 0);
+  std::vector<uint32_t> fake(1024);
+  s.state.tensors.push_back(
+      TensorRef::Replicated("dev", DType::kI32, {1024}, fake.data(), MemoryKind::kCuda));
+  Status st = ck->Save(1, s.state);
+  if (st.ok()) GTEST_SKIP() << "this machine has a GPU that accepted the pointer";
+  if (CudaBuiltIn()) EXPECT_FALSE(ck->Wait().ok());  // the writer had started: it fails too
+  EXPECT_EQ(LatestCommittedStep(LocalVolume(), dir.path()).status().code(), StatusCode::kNotFound);
+  // The checkpointer is usable afterwards.
+  RankState ok = MakeState(2, 1, 0);
+  ASSERT_EQ(ck->Save(2, ok.state), Status::Ok());
+  ASSERT_EQ(ck->Wait(), Status::Ok());
   ExpectRestoresExactly(dir.path(), 2, 1);
 }
 
@@ -198,6 +230,7 @@ class CountingVolume final : public Volume {
       return r;
     }
     StatusOr<uint64_t> Size() override { return f_->Size(); }
+    bool direct() const override { return f_->direct(); }
 
    private:
     std::unique_ptr<ReadableFile> f_;
@@ -206,8 +239,9 @@ class CountingVolume final : public Volume {
   StatusOr<std::unique_ptr<WritableFile>> NewWritableFile(const std::string& p, bool d) override {
     return LocalVolume()->NewWritableFile(p, d);
   }
-  StatusOr<std::unique_ptr<ReadableFile>> NewReadableFile(const std::string& p) override {
-    MUSTER_ASSIGN_OR_RETURN(auto f, LocalVolume()->NewReadableFile(p));
+  StatusOr<std::unique_ptr<ReadableFile>> NewReadableFile(const std::string& p,
+                                                          bool direct) override {
+    MUSTER_ASSIGN_OR_RETURN(auto f, LocalVolume()->NewReadableFile(p, direct));
     if (p.find("shard-") == std::string::npos) return f;
     return std::unique_ptr<ReadableFile>(new File(std::move(f), &shard_bytes));
   }
@@ -220,9 +254,7 @@ class CountingVolume final : public Volume {
     return LocalVolume()->ListDir(p);
   }
   bool Exists(const std::string& p) override { return LocalVolume()->Exists(p); }
-  StatusOr<uint64_t> FileSize(const std::string& p) override {
-    return LocalVolume()->FileSize(p);
-  }
+  StatusOr<uint64_t> FileSize(const std::string& p) override { return LocalVolume()->FileSize(p); }
   StatusOr<double> AgeSeconds(const std::string& p) override {
     return LocalVolume()->AgeSeconds(p);
   }
@@ -243,8 +275,8 @@ TEST(CheckpointerTest, ReshardedRestoreReadsOnlyOverlappingBlocks) {
         auto ck = *Checkpointer::Create(Opts(dir.path(), 4, r, store.get()));
         auto data = Fill(1, 9, r * 256 * cols, 256 * cols);
         SaveState s;
-        s.tensors.push_back(TensorRef::RowShard("big", DType::kI32, {rows, cols}, r * 256, 256,
-                                                data.data()));
+        s.tensors.push_back(
+            TensorRef::RowShard("big", DType::kI32, {rows, cols}, r * 256, 256, data.data()));
         ASSERT_EQ(ck->Save(1, s), Status::Ok());
         ASSERT_EQ(ck->Wait(), Status::Ok());
       });
@@ -398,8 +430,8 @@ TEST(CheckpointerTest, RetentionKeepsLastKAndEveryMth) {
   for (const auto& s : steps) left.push_back(s.step);
   EXPECT_EQ(left, (std::vector<int64_t>{4, 8, 9}));
   // Explicit gc with K=1 removes all but the newest (and never it).
-  auto rep = *CollectGarbage(LocalVolume(), dir.path(), {.keep_last = 1, .keep_every = 0},
-                             INT64_MAX);
+  auto rep =
+      *CollectGarbage(LocalVolume(), dir.path(), {.keep_last = 1, .keep_every = 0}, INT64_MAX);
   EXPECT_EQ(rep.removed_committed, (std::vector<int64_t>{4, 8}));
   EXPECT_EQ(*LatestCommittedStep(LocalVolume(), dir.path()), 9);
   EXPECT_EQ(CollectGarbage(LocalVolume(), dir.path(), {.keep_last = 0}, INT64_MAX).status().code(),
@@ -458,10 +490,12 @@ INSTANTIATE_TEST_SUITE_P(
         FaultCase{"WriteEio", {FaultKind::kIoError, "shard-00001"}, true},
         FaultCase{"ShardFsyncFails", {FaultKind::kSyncError, "shard-00001"}, true},
         FaultCase{"StepDirFsyncFails",
-                  {FaultKind::kSyncError, ".tmp", 0, false, false, /*on_dir=*/true}, true},
+                  {FaultKind::kSyncError, ".tmp", 0, false, false, /*on_dir=*/true},
+                  true},
         FaultCase{"ParentDirFsyncFails",
                   {FaultKind::kSyncError, "muster-ckpt", 1, false, false, /*on_dir=*/true},
-                  true, true},
+                  true,
+                  true},
         FaultCase{"RenameFails", {FaultKind::kRenameError, "step-"}, true},
         FaultCase{"LatestFsyncFails", {FaultKind::kSyncError, "LATEST"}, true, true},
         FaultCase{"LatestRenameFails", {FaultKind::kRenameError, "LATEST"}, true, true}),
@@ -567,7 +601,7 @@ TEST_P(VolumeConformanceTest, WritesReadsRenamesAndLists) {
   ASSERT_EQ(v->Rename(dir.sub("a/b"), dir.sub("a/c")), Status::Ok());
   EXPECT_TRUE(v->Exists(dir.sub("a/c/f")));
   EXPECT_EQ(*v->ListDir(dir.sub("a/c")), std::vector<std::string>{"f"});
-  EXPECT_EQ(v->NewReadableFile(dir.sub("nope")).status().code(), StatusCode::kNotFound);
+  EXPECT_EQ(v->NewReadableFile(dir.sub("nope"), false).status().code(), StatusCode::kNotFound);
   // Direct I/O with aligned buffers, or its buffered fallback.
   auto f = *v->NewWritableFile(dir.sub("d"), true);
   void* p = nullptr;

@@ -32,6 +32,7 @@ int main(int argc, char** argv) {
     o.store = store.get();
     o.write_chunk = 256 << 10;  // many writes per shard: more instants to die between
     o.retention = {.keep_last = 3, .keep_every = 0};
+    o.overlap_snapshot = std::getenv("MUSTER_CKPT_OVERLAP") != nullptr;
     auto ck = Checkpointer::Create(o);
     if (!ck.ok()) {
       std::fprintf(stderr, "%s\n", ck.status().ToString().c_str());

@@ -22,8 +22,8 @@ inline CrashRank MakeCrashRank(int64_t step, int rank) {
   c.w = Fill(step, 1, r0 * kCrashCols, rows * kCrashCols);
   c.bias = Fill(step, 2, 0, kCrashBias);
   c.big = Fill(step, 3, r0 * kCrashCols * 2, rows * kCrashCols * 2);
-  c.state.tensors.push_back(TensorRef::RowShard("w", DType::kI32, {kCrashRows, kCrashCols}, r0,
-                                                rows, c.w.data()));
+  c.state.tensors.push_back(
+      TensorRef::RowShard("w", DType::kI32, {kCrashRows, kCrashCols}, r0, rows, c.w.data()));
   c.state.tensors.push_back(
       TensorRef::Replicated("bias", DType::kI32, {kCrashBias}, c.bias.data()));
   c.state.tensors.push_back(TensorRef::RowShard("big", DType::kI32, {kCrashRows, kCrashCols * 2},

@@ -5,12 +5,11 @@
 // stress mode.
 
 #include <fcntl.h>
+#include <gtest/gtest.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
-
-#include <gtest/gtest.h>
 
 #include <chrono>
 #include <cstdlib>
@@ -74,12 +73,12 @@ void ExpectStepRestores(const std::string& dir, int64_t step) {
   for (int r = 0; r < 3; ++r) {
     const int64_t rows = kCrashRows / 3, r0 = r * rows;
     std::vector<uint32_t> w(rows * kCrashCols), big(rows * kCrashCols * 2), bias(kCrashBias);
-    ASSERT_EQ(ck->Restore(step, {RestoreRequest::RowShard("w", DType::kI32, {kCrashRows, kCrashCols},
-                                                          r0, rows, w.data()),
-                                 RestoreRequest::RowShard("big", DType::kI32,
-                                                          {kCrashRows, kCrashCols * 2}, r0, rows,
-                                                          big.data()),
-                                 RestoreRequest::Whole("bias", DType::kI32, bias.data())}),
+    ASSERT_EQ(ck->Restore(
+                  step, {RestoreRequest::RowShard("w", DType::kI32, {kCrashRows, kCrashCols}, r0,
+                                                  rows, w.data()),
+                         RestoreRequest::RowShard("big", DType::kI32, {kCrashRows, kCrashCols * 2},
+                                                  r0, rows, big.data()),
+                         RestoreRequest::Whole("bias", DType::kI32, bias.data())}),
               Status::Ok());
     ASSERT_EQ(w, testing::Fill(step, 1, r0 * kCrashCols, rows * kCrashCols));
     ASSERT_EQ(big, testing::Fill(step, 3, r0 * kCrashCols * 2, rows * kCrashCols * 2));
@@ -97,6 +96,12 @@ TEST(CheckpointCrashTest, KillNineAtRandomInstantsNeverLeavesABadLatest) {
   int advanced = 0, killed_mid_save = 0;
   for (int t = 0; t < trials; ++t) {
     SCOPED_TRACE("trial " + std::to_string(t));
+    // Alternate trials write after the snapshot and overlapped with it.
+    if (t % 2) {
+      ::setenv("MUSTER_CKPT_OVERLAP", "1", 1);
+    } else {
+      ::unsetenv("MUSTER_CKPT_OVERLAP");
+    }
     pid_t pid = StartChild(dir.path(), latest + 1);
     ASSERT_GT(pid, 0) << "the crash child did not start";
     // The kill instant is the variable under test, not a synchronisation.

@@ -23,13 +23,14 @@ TEST(CheckpointGpuTest, SavesFromAndRestoresIntoDeviceMemory) {
   o.dir = dir.path();
   auto ck = *Checkpointer::Create(o);
   SaveState s;
-  s.tensors.push_back(TensorRef::Replicated("w", DType::kF32, {rows, cols}, dev, MemoryKind::kCuda));
+  s.tensors.push_back(
+      TensorRef::Replicated("w", DType::kF32, {rows, cols}, dev, MemoryKind::kCuda));
   ASSERT_EQ(ck->Save(4, s), Status::Ok());
   ASSERT_EQ(cudaMemset(dev, 0, host.size() * 4), cudaSuccess);  // the snapshot is already taken
   ASSERT_EQ(ck->Wait(), Status::Ok());
   ASSERT_EQ(VerifyStep(LocalVolume(), dir.path(), 4), Status::Ok());
-  ASSERT_EQ(ck->Restore(4, {RestoreRequest::RowShard("w", DType::kF32, {rows, cols}, 100, 500,
-                                                     dev, MemoryKind::kCuda)}),
+  ASSERT_EQ(ck->Restore(4, {RestoreRequest::RowShard("w", DType::kF32, {rows, cols}, 100, 500, dev,
+                                                     MemoryKind::kCuda)}),
             Status::Ok());
   std::vector<uint32_t> back(500 * cols);
   ASSERT_EQ(cudaMemcpy(back.data(), dev, back.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
