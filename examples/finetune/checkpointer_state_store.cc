@@ -5,27 +5,43 @@ namespace {
 
 StatusOr<checkpoint::DType> ToDType(torch::ScalarType t) {
   switch (t) {
-    case torch::kFloat32: return checkpoint::DType::kF32;
-    case torch::kFloat64: return checkpoint::DType::kF64;
-    case torch::kFloat16: return checkpoint::DType::kF16;
-    case torch::kBFloat16: return checkpoint::DType::kBF16;
-    case torch::kInt32: return checkpoint::DType::kI32;
-    case torch::kInt64: return checkpoint::DType::kI64;
-    case torch::kUInt8: return checkpoint::DType::kU8;
-    default: return InvalidArgumentError("no checkpoint dtype for this tensor's dtype");
+    case torch::kFloat32:
+      return checkpoint::DType::kF32;
+    case torch::kFloat64:
+      return checkpoint::DType::kF64;
+    case torch::kFloat16:
+      return checkpoint::DType::kF16;
+    case torch::kBFloat16:
+      return checkpoint::DType::kBF16;
+    case torch::kInt32:
+      return checkpoint::DType::kI32;
+    case torch::kInt64:
+      return checkpoint::DType::kI64;
+    case torch::kUInt8:
+      return checkpoint::DType::kU8;
+    default:
+      return InvalidArgumentError("no checkpoint dtype for this tensor's dtype");
   }
 }
 
 StatusOr<torch::ScalarType> FromDType(checkpoint::DType d) {
   switch (d) {
-    case checkpoint::DType::kF32: return torch::kFloat32;
-    case checkpoint::DType::kF64: return torch::kFloat64;
-    case checkpoint::DType::kF16: return torch::kFloat16;
-    case checkpoint::DType::kBF16: return torch::kBFloat16;
-    case checkpoint::DType::kI32: return torch::kInt32;
-    case checkpoint::DType::kI64: return torch::kInt64;
-    case checkpoint::DType::kU8: return torch::kUInt8;
-    default: return DataLossError("checkpoint holds a dtype the trainer does not use");
+    case checkpoint::DType::kF32:
+      return torch::kFloat32;
+    case checkpoint::DType::kF64:
+      return torch::kFloat64;
+    case checkpoint::DType::kF16:
+      return torch::kFloat16;
+    case checkpoint::DType::kBF16:
+      return torch::kBFloat16;
+    case checkpoint::DType::kI32:
+      return torch::kInt32;
+    case checkpoint::DType::kI64:
+      return torch::kInt64;
+    case checkpoint::DType::kU8:
+      return torch::kUInt8;
+    default:
+      return DataLossError("checkpoint holds a dtype the trainer does not use");
   }
 }
 

@@ -22,8 +22,8 @@ void LoraLinearImpl::EnableLora(int64_t rank, double alpha) {
 torch::Tensor LoraLinearImpl::forward(const torch::Tensor& x) {
   torch::Tensor y = torch::nn::functional::linear(x, weight_, bias_);
   if (lora_a_.defined()) {
-    y = y + torch::nn::functional::linear(torch::nn::functional::linear(x, lora_a_), lora_b_) *
-                scale_;
+    y = y +
+        torch::nn::functional::linear(torch::nn::functional::linear(x, lora_a_), lora_b_) * scale_;
   }
   return y;
 }
@@ -66,8 +66,8 @@ CharLMImpl::CharLMImpl(const ModelConfig& c) : c_(c) {
   for (int64_t i = 0; i < c.n_layers; ++i) blocks_->push_back(Block(c));
   ln_f_ = register_module("ln_f", torch::nn::LayerNorm(torch::nn::LayerNormOptions({c.d_model})));
   head_ = register_module("head", torch::nn::Linear(c.d_model, ModelConfig::kVocab));
-  causal_mask_ = register_buffer(
-      "causal_mask", torch::tril(torch::ones({c.seq_len, c.seq_len}, torch::kBool)));
+  causal_mask_ = register_buffer("causal_mask",
+                                 torch::tril(torch::ones({c.seq_len, c.seq_len}, torch::kBool)));
 }
 
 void CharLMImpl::EnableLora(int64_t rank, double alpha) {

@@ -31,7 +31,8 @@ class LoraLinearImpl : public torch::nn::Module {
  public:
   LoraLinearImpl(int64_t in, int64_t out);
   torch::Tensor forward(const torch::Tensor& x);
-  // Adds lora_a (rank x in, small random) and lora_b (out x rank, zeros). REQUIRES: not yet enabled.
+  // Adds lora_a (rank x in, small random) and lora_b (out x rank, zeros). REQUIRES: not yet
+  // enabled.
   void EnableLora(int64_t rank, double alpha);
   bool has_lora() const { return lora_a_.defined(); }
 

@@ -19,25 +19,39 @@ constexpr char kMagic[8] = {'M', 'S', 'T', 'R', 'T', 'N', 'S', '1'};
 
 int DtypeCode(torch::ScalarType t) {
   switch (t) {
-    case torch::kFloat32: return 0;
-    case torch::kFloat64: return 1;
-    case torch::kInt64: return 2;
-    case torch::kUInt8: return 3;
-    case torch::kBFloat16: return 4;
-    case torch::kFloat16: return 5;
-    default: return -1;
+    case torch::kFloat32:
+      return 0;
+    case torch::kFloat64:
+      return 1;
+    case torch::kInt64:
+      return 2;
+    case torch::kUInt8:
+      return 3;
+    case torch::kBFloat16:
+      return 4;
+    case torch::kFloat16:
+      return 5;
+    default:
+      return -1;
   }
 }
 
 std::optional<torch::ScalarType> DtypeFromCode(int code) {
   switch (code) {
-    case 0: return torch::kFloat32;
-    case 1: return torch::kFloat64;
-    case 2: return torch::kInt64;
-    case 3: return torch::kUInt8;
-    case 4: return torch::kBFloat16;
-    case 5: return torch::kFloat16;
-    default: return std::nullopt;
+    case 0:
+      return torch::kFloat32;
+    case 1:
+      return torch::kFloat64;
+    case 2:
+      return torch::kInt64;
+    case 3:
+      return torch::kUInt8;
+    case 4:
+      return torch::kBFloat16;
+    case 5:
+      return torch::kFloat16;
+    default:
+      return std::nullopt;
   }
 }
 
