@@ -1,0 +1,87 @@
+#pragma once
+
+// Manifest: what one committed checkpoint holds (docs/checkpoint-format.md, version 1). It is
+// the MANIFEST file of a step directory: JSON followed by a trailer line carrying the xxh3 of
+// the JSON, so a torn or edited manifest is detected rather than half-parsed.
+//
+// Thread-safety: plain values.
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "common/status.h"
+
+namespace muster::checkpoint {
+
+inline constexpr int kFormatVersion = 1;
+inline constexpr char kManifestName[] = "MANIFEST";
+inline constexpr char kLatestName[] = "LATEST";
+
+enum class DType { kF32, kF64, kF16, kBF16, kI32, kI64, kU8, kI8, kBool };
+
+size_t DTypeSize(DType d);
+std::string_view DTypeName(DType d);  // "f32", "bf16", ...
+StatusOr<DType> ParseDType(std::string_view name);
+
+// One stored piece of a tensor: the box [offsets, offsets + lengths) of the global shape,
+// stored row-major and contiguous at [byte_offset, byte_offset + byte_length) of a shard file.
+struct StoredSlice {
+  int shard = 0;  // index into Manifest::shards
+  std::vector<int64_t> offsets;
+  std::vector<int64_t> lengths;
+  uint64_t byte_offset = 0;
+  uint64_t byte_length = 0;
+};
+
+struct TensorEntry {
+  std::string name;
+  DType dtype = DType::kF32;
+  std::vector<int64_t> shape;
+  bool replicated = false;
+  std::vector<StoredSlice> slices;
+};
+
+struct ShardEntry {
+  int rank = 0;
+  std::string file;  // relative to the step directory
+  uint64_t size = 0;
+  // xxh3-64 of each block_size block of the file (the last one may be short).
+  std::vector<uint64_t> block_xxh3;
+  std::string metadata;  // the rank's opaque user metadata
+};
+
+struct Manifest {
+  int version = kFormatVersion;
+  int64_t step = 0;
+  int world_size = 1;
+  uint64_t block_size = 1 << 20;
+  int64_t created_unix_ms = 0;
+  std::vector<ShardEntry> shards;
+  std::vector<TensorEntry> tensors;
+
+  const TensorEntry* Find(const std::string& name) const;
+  uint64_t TotalBytes() const;
+  // Rank 0's metadata, or empty.
+  std::string UserMetadata() const { return shards.empty() ? "" : shards[0].metadata; }
+};
+
+std::string SerializeManifest(const Manifest& m);
+// DataLoss if the checksum trailer does not match or the JSON is malformed; InvalidArgument
+// for an unsupported version. Checks that every slice lies inside its shard and its tensor.
+StatusOr<Manifest> ParseManifest(const std::string& bytes);
+
+// "step-000000100" and back.
+std::string StepDirName(int64_t step);
+// Parses "step-N" (committed) and "step-N.tmp" (in progress); nullopt for other names.
+std::optional<int64_t> ParseStepDirName(const std::string& name, bool* incomplete);
+std::string ShardFileName(int rank);
+
+// Number of elements of a box.
+int64_t NumElements(const std::vector<int64_t>& lengths);
+
+uint64_t Xxh3(const void* data, size_t n);
+std::string HexU64(uint64_t v);
+
+}  // namespace muster::checkpoint

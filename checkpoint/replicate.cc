@@ -1,0 +1,83 @@
+#include "checkpoint/replicate.h"
+
+#include <memory>
+
+#include "checkpoint/checkpoint_dir.h"
+#include "checkpoint/manifest.h"
+#include "common/logging.h"
+
+namespace muster::checkpoint {
+
+StatusOr<ReplicateReport> Replicate(Volume* src, const std::string& src_dir, Volume* dst,
+                                    const std::string& dst_dir, int64_t step) {
+  ReplicateReport report;
+  report.step = step;
+  MUSTER_ASSIGN_OR_RETURN(Manifest m, LoadManifest(src, src_dir, step));
+  const std::string manifest_bytes_path = JoinPath(StepPath(src_dir, step), kManifestName);
+  MUSTER_ASSIGN_OR_RETURN(std::string manifest_bytes, ReadFileToString(src, manifest_bytes_path));
+
+  MUSTER_RETURN_IF_ERROR(dst->CreateDirs(dst_dir));
+  if (dst->Exists(StepPath(dst_dir, step))) {
+    Status st = VerifyStep(dst, dst_dir, step);
+    if (!st.ok()) return st.WithContext("replicate: the destination's copy is corrupt");
+    report.already_present = true;
+    MUSTER_RETURN_IF_ERROR(UpdateLatest(dst, dst_dir, step));
+    return report;
+  }
+  const std::string tmp = TmpStepPath(dst_dir, step);
+  MUSTER_RETURN_IF_ERROR(dst->CreateDirs(tmp));
+  const std::string sdir = StepPath(src_dir, step);
+  const uint64_t chunk = std::max<uint64_t>(m.block_size, (32 << 20) / m.block_size * m.block_size);
+  std::unique_ptr<char[]> buf(new char[chunk]);
+  for (const auto& shard : m.shards) {
+    const std::string to = JoinPath(tmp, shard.file);
+    if (dst->Exists(to) && VerifyShardFile(dst, to, m, shard, false).ok()) {
+      report.shards_resumed++;
+      continue;
+    }
+    MUSTER_ASSIGN_OR_RETURN(auto in, src->NewReadableFile(JoinPath(sdir, shard.file), false));
+    MUSTER_ASSIGN_OR_RETURN(uint64_t size, in->Size());
+    if (size != shard.size) {
+      return DataLossError("replicate: step " + std::to_string(step) + ": source " + shard.file +
+                           " has " + std::to_string(size) + " bytes, the manifest says " +
+                           std::to_string(shard.size));
+    }
+    MUSTER_ASSIGN_OR_RETURN(auto out, dst->NewWritableFile(to, /*direct=*/false));
+    for (uint64_t off = 0; off < size; off += chunk) {
+      size_t n = std::min<uint64_t>(chunk, size - off);
+      MUSTER_RETURN_IF_ERROR(in->Read(off, buf.get(), n));
+      Status st = CheckBlocks(m, shard, off, buf.get(), n);
+      if (!st.ok()) return st.WithContext("replicate: the source is corrupt");
+      MUSTER_RETURN_IF_ERROR(out->Write(off, buf.get(), n));
+    }
+    MUSTER_RETURN_IF_ERROR(out->Sync());
+    MUSTER_RETURN_IF_ERROR(out->Close());
+    Status st = VerifyShardFile(dst, to, m, shard, /*drop_cache=*/true);
+    if (!st.ok()) return st.WithContext("replicate: read-back at the destination");
+    report.shards_copied++;
+    report.bytes_copied += size;
+  }
+  // Only shard files the manifest names travel with the commit.
+  MUSTER_ASSIGN_OR_RETURN(auto names, dst->ListDir(tmp));
+  for (const auto& n : names) {
+    bool known = false;
+    for (const auto& s : m.shards) known |= s.file == n;
+    if (!known) MUSTER_RETURN_IF_ERROR(dst->RemoveAll(JoinPath(tmp, n)));
+  }
+  {
+    MUSTER_ASSIGN_OR_RETURN(auto f, dst->NewWritableFile(JoinPath(tmp, kManifestName), false));
+    MUSTER_RETURN_IF_ERROR(f->Write(0, manifest_bytes.data(), manifest_bytes.size()));
+    MUSTER_RETURN_IF_ERROR(f->Sync());
+    MUSTER_RETURN_IF_ERROR(f->Close());
+  }
+  MUSTER_RETURN_IF_ERROR(dst->SyncDir(tmp));
+  MUSTER_RETURN_IF_ERROR(dst->Rename(tmp, StepPath(dst_dir, step)));
+  MUSTER_RETURN_IF_ERROR(dst->SyncDir(dst_dir));
+  MUSTER_RETURN_IF_ERROR(UpdateLatest(dst, dst_dir, step));
+  log::Get("ckpt.replicate")
+      ->info("replicated step {} to {} ({} shards copied, {} resumed)", step, dst_dir,
+             report.shards_copied, report.shards_resumed);
+  return report;
+}
+
+}  // namespace muster::checkpoint

@@ -1,0 +1,109 @@
+#pragma once
+
+// Volume: the narrow storage seam every checkpoint byte goes through (LevelDB's Env is the
+// model). LocalVolume is a POSIX file system; FaultInjectionVolume (fault_injection_volume.h)
+// wraps any Volume to tear, shorten or fail writes in tests.
+//
+// Paths are plain strings; a Volume does not interpret them beyond handing them to the OS.
+//
+// Thread-safety: a Volume is thread-safe. A WritableFile or ReadableFile may be used from
+// several threads at once for positioned I/O at disjoint offsets (pwrite/pread semantics).
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common/status.h"
+
+namespace muster::checkpoint {
+
+// I/O on O_DIRECT files must use buffers, offsets and lengths aligned to this.
+inline constexpr size_t kDirectIoAlignment = 4096;
+
+class WritableFile {
+ public:
+  virtual ~WritableFile() = default;
+
+  // Writes up to `n` bytes at `offset`; returns how many were written (possibly fewer, like
+  // pwrite). Callers loop; Write() below does so.
+  virtual StatusOr<size_t> WriteAt(uint64_t offset, const void* data, size_t n) = 0;
+
+  // Makes every byte written so far durable (fsync). After a failed Sync nothing written to
+  // this file can be trusted.
+  virtual Status Sync() = 0;
+
+  // Sets the file's length.
+  virtual Status Truncate(uint64_t size) = 0;
+
+  virtual Status Close() = 0;
+
+  // True if the file was opened with O_DIRECT (aligned I/O only).
+  virtual bool direct() const = 0;
+
+  // Writes all `n` bytes at `offset`, looping over short writes; a write that makes no
+  // progress is an error.
+  Status Write(uint64_t offset, const void* data, size_t n);
+};
+
+class ReadableFile {
+ public:
+  virtual ~ReadableFile() = default;
+
+  // Reads up to `n` bytes at `offset` into `dst`; returns how many were read (0 at EOF).
+  virtual StatusOr<size_t> ReadAt(uint64_t offset, void* dst, size_t n) = 0;
+
+  virtual StatusOr<uint64_t> Size() = 0;
+
+  // Hints that the file's cached pages may be dropped (benchmarks measure cold reads).
+  virtual void DropCache() {}
+
+  // True if the file was opened with O_DIRECT (aligned buffers, offsets and lengths only).
+  virtual bool direct() const { return false; }
+
+  // Reads exactly `n` bytes at `offset`; a short file is DataLoss.
+  Status Read(uint64_t offset, void* dst, size_t n);
+};
+
+class Volume {
+ public:
+  virtual ~Volume() = default;
+
+  // Creates (truncating) a file for writing. With `direct`, asks for O_DIRECT and falls back to
+  // buffered I/O where the file system refuses it (see WritableFile::direct()).
+  virtual StatusOr<std::unique_ptr<WritableFile>> NewWritableFile(const std::string& path,
+                                                                  bool direct) = 0;
+  // Opens a file for reading. With `direct`, asks for O_DIRECT (aligned reads only) and falls
+  // back to buffered I/O where the file system refuses it (see ReadableFile::direct()).
+  virtual StatusOr<std::unique_ptr<ReadableFile>> NewReadableFile(const std::string& path,
+                                                                  bool direct) = 0;
+
+  // Creates `path` and any missing parents; an existing directory is fine.
+  virtual Status CreateDirs(const std::string& path) = 0;
+  // fsyncs the directory itself (makes renames and creations in it durable).
+  virtual Status SyncDir(const std::string& path) = 0;
+  // Atomically renames a file or directory (rename(2)); the target must not be a non-empty dir.
+  virtual Status Rename(const std::string& from, const std::string& to) = 0;
+  // Names of the entries of a directory (no "." or ".."), unsorted.
+  virtual StatusOr<std::vector<std::string>> ListDir(const std::string& path) = 0;
+  virtual bool Exists(const std::string& path) = 0;
+  virtual StatusOr<uint64_t> FileSize(const std::string& path) = 0;
+  // Seconds since the entry was last modified.
+  virtual StatusOr<double> AgeSeconds(const std::string& path) = 0;
+  virtual Status DeleteFile(const std::string& path) = 0;
+  // Removes a directory tree; a missing one is fine.
+  virtual Status RemoveAll(const std::string& path) = 0;
+};
+
+// The process's local file system. Returns a process-wide instance (never destroyed).
+Volume* LocalVolume();
+
+// Convenience helpers over any Volume.
+StatusOr<std::string> ReadFileToString(Volume* v, const std::string& path);
+// Writes `path` durably and atomically: `path`.tmp, fsync, rename over `path`, fsync the parent.
+Status WriteFileAtomic(Volume* v, const std::string& path, const std::string& contents);
+// Joins two path pieces with one '/'.
+std::string JoinPath(const std::string& a, const std::string& b);
+std::string ParentDir(const std::string& path);
+
+}  // namespace muster::checkpoint

@@ -1,0 +1,38 @@
+#pragma once
+
+// CheckpointerStateStore: the StateStore seam over muster::checkpoint::Checkpointer, the
+// project's sharded asynchronous checkpoints (format: docs/checkpoint-format.md). Every tensor
+// is saved as replicated (data-parallel ranks hold identical copies; the Checkpointer stores it
+// once); the trainer's metadata rides in the manifest. Save returns after the snapshot into
+// staging memory, so the training stall is the copy alone; Wait() returns after the commit.
+//
+// Thread-safety: as Checkpointer (one training thread calls it).
+
+#include <memory>
+
+#include "checkpoint/checkpointer.h"
+#include "examples/finetune/state_store.h"
+
+namespace muster::finetune {
+
+class CheckpointerStateStore final : public StateStore {
+ public:
+  explicit CheckpointerStateStore(std::unique_ptr<checkpoint::Checkpointer> ck)
+      : ck_(std::move(ck)) {}
+
+  // Opens `dir` for rank `rank` of `world_size`. `store` (the job attempt's rendezvous store)
+  // is required when world_size > 1 and must outlive the result.
+  static StatusOr<std::unique_ptr<CheckpointerStateStore>> Open(const std::string& dir, int rank,
+                                                                int world_size,
+                                                                collectives::Store* store);
+
+  Status Save(int64_t step, const NamedTensors& tensors, const std::string& metadata) override;
+  Status Wait() override { return ck_->Wait(); }
+  StatusOr<std::optional<int64_t>> LatestStep() override;
+  StatusOr<SavedState> Restore(int64_t step) override;
+
+ private:
+  std::unique_ptr<checkpoint::Checkpointer> ck_;
+};
+
+}  // namespace muster::finetune

@@ -1,0 +1,126 @@
+#!/usr/bin/env python3
+"""examples/pytorch_ddp/train.py under two real ranks (gloo), forked here with the torchrun env
+contract as `muster run -np 2` starts them: killed with SIGKILL at a random step and resumed
+from its latest checkpoint, and stopped by a SIGTERM notice and resumed, it ends with the same
+parameters as an uninterrupted run. Run by ctest (label `examples`) with Debian's python3-torch.
+"""
+
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+
+TRAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "examples",
+                     "pytorch_ddp", "train.py")
+STEPS = 20
+ARGS = ["--steps", str(STEPS), "--ckpt-every", "4", "--log-every", "1", "--batch", "8"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Rank:
+    """One rank process whose combined output is collected by a thread."""
+
+    def __init__(self, rank, world, port, ckpt_dir, extra_env):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                   LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   MUSTER_CHECKPOINT_DIR=ckpt_dir, **extra_env)
+        self.proc = subprocess.Popen([sys.executable, TRAIN] + ARGS, env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.out = ""
+        self.cv = threading.Condition()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        for line in iter(self.proc.stdout.readline, b""):
+            with self.cv:
+                self.out += line.decode(errors="replace")
+                self.cv.notify_all()
+
+    def wait_output(self, needle, timeout):
+        with self.cv:
+            return self.cv.wait_for(lambda: needle in self.out, timeout)
+
+    def wait(self, timeout):
+        code = self.proc.wait(timeout)
+        self.reader.join(timeout)
+        self.proc.stdout.close()
+        return code
+
+
+def launch(ckpt_dir, extra_env=None):
+    port = free_port()
+    return [Rank(r, 2, port, ckpt_dir, extra_env or {}) for r in range(2)]
+
+
+def field(out, prefix, key):
+    found = None
+    for line in out.splitlines():
+        if line.startswith(prefix):
+            m = re.search(r"\b%s=(\S+)" % key, line)
+            if m:
+                found = m.group(1)
+    return found
+
+
+class PytorchDdpTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.root = tempfile.mkdtemp(prefix="muster-ddp-test-")
+        ranks = launch(os.path.join(cls.root, "ref"))
+        codes = [r.wait(120) for r in ranks]
+        assert codes == [0, 0], ranks[0].out + ranks[1].out
+        cls.want = field(ranks[0].out, "MUSTER_DONE", "param_digest")
+        assert cls.want and len(cls.want) == 16, ranks[0].out
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.root, ignore_errors=True)
+
+    def interrupt_and_resume(self, name, sig, expected_code):
+        ckpt = os.path.join(self.root, name)
+        at = random.randint(6, STEPS - 3)
+        print(f"{name}: signal {sig} at step {at}", flush=True)
+        ranks = launch(ckpt)
+        self.assertTrue(ranks[0].wait_output(f"MUSTER_PROGRESS step={at} ", 90), ranks[0].out)
+        for r in ranks:
+            r.proc.send_signal(sig)
+        codes = [r.wait(60) for r in ranks]
+        self.assertEqual(codes, [expected_code] * 2, ranks[0].out + ranks[1].out)
+        latest = int(open(os.path.join(ckpt, "LATEST")).read())
+        self.assertGreaterEqual(latest, 4)
+        ranks = launch(ckpt, {"MUSTER_RESUME_STEP": str(latest)})
+        codes = [r.wait(120) for r in ranks]
+        self.assertEqual(codes, [0, 0], ranks[0].out + ranks[1].out)
+        self.assertIn(f"resumed from step {latest}", ranks[0].out)
+        self.assertEqual(field(ranks[0].out, "MUSTER_DONE", "param_digest"), self.want,
+                         ranks[0].out)
+        return latest
+
+    def test_sigkill_at_a_random_step_then_resume_matches_an_uninterrupted_run(self):
+        self.interrupt_and_resume("kill", signal.SIGKILL, -signal.SIGKILL)
+
+    def test_sigterm_notice_checkpoints_the_agreed_step_then_resume_matches(self):
+        latest = self.interrupt_and_resume("term", signal.SIGTERM, 3)
+        self.assertGreater(latest, 6)  # the notice's own checkpoint, past the kill step's grid
+
+    def test_checkpoints_are_committed_atomically(self):
+        names = sorted(os.listdir(os.path.join(self.root, "ref")))
+        self.assertEqual(names, ["LATEST"] + [f"step-{s:09d}.pt" for s in range(4, STEPS + 1, 4)])
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)
