@@ -32,6 +32,11 @@ class Store {
   // Returns the value of `key`, waiting up to `timeout` for it to be set.
   virtual StatusOr<std::string> Get(const std::string& key, std::chrono::milliseconds timeout) = 0;
 
+  // Returns the values of `keys`, in order, waiting up to `timeout` until all are set. One
+  // round trip on the ZeroMQ store (allgather of addresses); the default calls Wait then Get.
+  virtual StatusOr<std::vector<std::string>> MultiGet(const std::vector<std::string>& keys,
+                                                      std::chrono::milliseconds timeout);
+
   // Adds `delta` to the integer counter `key` (absent counts as 0) and returns the new value.
   virtual StatusOr<int64_t> Add(const std::string& key, int64_t delta) = 0;
 

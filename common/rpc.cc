@@ -107,8 +107,10 @@ void RpcServer::OnReadable() {
     }
     PeerInfo peer;
     peer.routing_id = routing_id;
-    if (const char* u = frames[1].gets("User-Id")) peer.user_id = u;
-    if (const char* a = frames[1].gets("Peer-Address")) peer.address = a;
+    // zmq_msg_gets (not message_t::gets, which throws): without a ZAP handler, as when
+    // serving insecure, a message carries no User-Id.
+    if (const char* u = zmq_msg_gets(frames[1].handle(), "User-Id")) peer.user_id = u;
+    if (const char* a = zmq_msg_gets(frames[1].handle(), "Peer-Address")) peer.address = a;
     auto env = ParseEnvelope(frames[1].data(), frames[1].size());
     if (!env.ok()) {
       logger->warn("{}: from {} ({}): {}", options_.name, peer.address, peer.user_id,

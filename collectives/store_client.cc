@@ -1,0 +1,202 @@
+#include "collectives/store_client.h"
+
+#include <cerrno>
+#include <cstdlib>
+
+#include "common/logging.h"
+
+namespace muster::collectives {
+
+StatusOr<RdzvCredentials> RdzvCredentials::Parse(const std::string& text) {
+  RdzvCredentials c;
+  if (text == "insecure") {
+    c.insecure = true;
+    return c;
+  }
+  std::vector<std::string> parts;
+  size_t start = 0;
+  for (;;) {
+    size_t comma = text.find(',', start);
+    parts.push_back(text.substr(start, comma - start));
+    if (comma == std::string::npos) break;
+    start = comma + 1;
+  }
+  if (parts.size() != 4 || parts[0] != "v1") {
+    return InvalidArgumentError(
+        "MUSTER_RDZV_KEY: expected 'insecure' or 'v1,<server public>,<client public>,<client "
+        "secret>' (" +
+        std::to_string(parts.size()) + " comma-separated fields found)");
+  }
+  for (int i = 1; i < 4; ++i) {
+    if (!IsValidZ85Key(parts[i])) {
+      return InvalidArgumentError("MUSTER_RDZV_KEY: field " + std::to_string(i + 1) +
+                                  " is not a 40-character z85 CURVE key");
+    }
+  }
+  c.server_public_key = parts[1];
+  c.client_key = {parts[2], parts[3]};
+  MUSTER_ASSIGN_OR_RETURN(std::string derived, PublicKeyFromSecret(parts[3]));
+  if (derived != parts[2]) {
+    return InvalidArgumentError("MUSTER_RDZV_KEY: the client public key does not match its secret");
+  }
+  return c;
+}
+
+std::string RdzvCredentials::ToString() const {
+  if (insecure) return "insecure";
+  return "v1," + server_public_key + "," + client_key.public_key + "," + client_key.secret_key;
+}
+
+StoreClient::StoreClient(Options options) : options_(std::move(options)), context_(1) {}
+
+StoreClient::~StoreClient() {
+  std::lock_guard<std::mutex> l(mu_);
+  idle_.clear();
+}
+
+StatusOr<std::unique_ptr<StoreClient>> StoreClient::Connect(Options options) {
+  if (options.endpoint.empty()) {
+    return InvalidArgumentError("rendezvous client: no endpoint (MUSTER_RDZV_ENDPOINT)");
+  }
+  if (options.job.empty())
+    return InvalidArgumentError("rendezvous client: no job id (MUSTER_JOB_ID)");
+  std::unique_ptr<StoreClient> c(new StoreClient(std::move(options)));
+  // Open the first connection now, so a malformed endpoint fails here.
+  RpcClient::Options ro;
+  ro.endpoint = c->options_.endpoint;
+  ro.insecure = c->options_.credentials.insecure;
+  ro.server_public_key = c->options_.credentials.server_public_key;
+  ro.client_key = c->options_.credentials.client_key;
+  ro.max_message_bytes = c->options_.max_message_bytes;
+  MUSTER_ASSIGN_OR_RETURN(auto rpc, RpcClient::Connect(c->context_, ro));
+  c->idle_.push_back(std::move(rpc));
+  return c;
+}
+
+StatusOr<proto::StoreReply> StoreClient::Call(proto::StoreRequest request,
+                                              std::chrono::milliseconds timeout) {
+  std::unique_ptr<RpcClient> rpc;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (!idle_.empty()) {
+      rpc = std::move(idle_.back());
+      idle_.pop_back();
+    }
+  }
+  if (!rpc) {
+    RpcClient::Options ro;
+    ro.endpoint = options_.endpoint;
+    ro.insecure = options_.credentials.insecure;
+    ro.server_public_key = options_.credentials.server_public_key;
+    ro.client_key = options_.credentials.client_key;
+    ro.max_message_bytes = options_.max_message_bytes;
+    MUSTER_ASSIGN_OR_RETURN(rpc, RpcClient::Connect(context_, ro));
+  }
+  request.mutable_scope()->set_job(options_.job);
+  request.mutable_scope()->set_attempt(options_.attempt);
+  proto::Envelope env;
+  *env.mutable_store_request() = std::move(request);
+  auto reply = rpc->Call(std::move(env), timeout);
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (idle_.size() < 4) idle_.push_back(std::move(rpc));
+  }
+  if (!reply.ok()) return reply.status();
+  if (!reply->has_store_reply()) {
+    return InternalError("rendezvous: the server at " + options_.endpoint +
+                         " answered with something other than a StoreReply");
+  }
+  return std::move(*reply->mutable_store_reply());
+}
+
+Status StoreClient::Set(const std::string& key, const std::string& value) {
+  proto::StoreRequest r;
+  r.mutable_set()->set_key(key);
+  r.mutable_set()->set_value(value);
+  return Call(std::move(r), options_.op_timeout).status();
+}
+
+StatusOr<std::string> StoreClient::Get(const std::string& key, std::chrono::milliseconds timeout) {
+  MUSTER_ASSIGN_OR_RETURN(auto values, MultiGet({key}, timeout));
+  return std::move(values[0]);
+}
+
+StatusOr<std::vector<std::string>> StoreClient::MultiGet(const std::vector<std::string>& keys,
+                                                         std::chrono::milliseconds timeout) {
+  if (keys.empty()) return std::vector<std::string>{};
+  proto::StoreRequest r;
+  for (const auto& k : keys) r.mutable_get()->add_keys(k);
+  r.mutable_get()->set_timeout_ms(timeout.count());
+  MUSTER_ASSIGN_OR_RETURN(auto reply, Call(std::move(r), timeout + options_.rpc_slack));
+  if (reply.values_size() != static_cast<int>(keys.size())) {
+    return InternalError("rendezvous get: asked for " + std::to_string(keys.size()) +
+                         " keys, got " + std::to_string(reply.values_size()) + " values");
+  }
+  return std::vector<std::string>(std::make_move_iterator(reply.mutable_values()->begin()),
+                                  std::make_move_iterator(reply.mutable_values()->end()));
+}
+
+StatusOr<int64_t> StoreClient::Add(const std::string& key, int64_t delta) {
+  proto::StoreRequest r;
+  r.mutable_add()->set_key(key);
+  r.mutable_add()->set_delta(delta);
+  MUSTER_ASSIGN_OR_RETURN(auto reply, Call(std::move(r), options_.op_timeout));
+  return reply.counter();
+}
+
+StatusOr<std::string> StoreClient::CompareSet(const std::string& key, const std::string& expected,
+                                              const std::string& desired) {
+  proto::StoreRequest r;
+  r.mutable_compare_set()->set_key(key);
+  r.mutable_compare_set()->set_expected(expected);
+  r.mutable_compare_set()->set_desired(desired);
+  MUSTER_ASSIGN_OR_RETURN(auto reply, Call(std::move(r), options_.op_timeout));
+  if (reply.values_size() != 1) return InternalError("rendezvous compare_set: malformed reply");
+  return std::move(*reply.mutable_values(0));
+}
+
+Status StoreClient::Wait(const std::vector<std::string>& keys, std::chrono::milliseconds timeout) {
+  if (keys.empty()) return Status::Ok();
+  proto::StoreRequest r;
+  for (const auto& k : keys) r.mutable_wait()->add_keys(k);
+  r.mutable_wait()->set_timeout_ms(timeout.count());
+  return Call(std::move(r), timeout + options_.rpc_slack).status();
+}
+
+Status StoreClient::Barrier(const std::string& name, int n, std::chrono::milliseconds timeout) {
+  proto::StoreRequest r;
+  r.mutable_barrier()->set_name(name);
+  r.mutable_barrier()->set_n(n);
+  r.mutable_barrier()->set_timeout_ms(timeout.count());
+  return Call(std::move(r), timeout + options_.rpc_slack).status();
+}
+
+StatusOr<std::unique_ptr<StoreClient>> ConnectStoreFromEnv() {
+  auto env = [](const char* name) -> std::string {
+    const char* v = std::getenv(name);
+    return v ? v : "";
+  };
+  StoreClient::Options o;
+  o.endpoint = env("MUSTER_RDZV_ENDPOINT");
+  if (o.endpoint.empty()) {
+    return InvalidArgumentError("MUSTER_RDZV_ENDPOINT is not set: not started by muster?");
+  }
+  std::string key = env("MUSTER_RDZV_KEY");
+  if (key.empty()) return InvalidArgumentError("MUSTER_RDZV_KEY is not set");
+  MUSTER_ASSIGN_OR_RETURN(o.credentials, RdzvCredentials::Parse(key));
+  o.job = env("MUSTER_JOB_ID");
+  if (o.job.empty()) return InvalidArgumentError("MUSTER_JOB_ID is not set");
+  std::string attempt = env("MUSTER_ATTEMPT");
+  if (!attempt.empty()) {
+    char* end = nullptr;
+    errno = 0;
+    unsigned long long a = std::strtoull(attempt.c_str(), &end, 10);
+    if (errno != 0 || *end != '\0' || attempt[0] == '-') {
+      return InvalidArgumentError("MUSTER_ATTEMPT='" + attempt + "' is not a non-negative integer");
+    }
+    o.attempt = a;
+  }
+  return StoreClient::Connect(std::move(o));
+}
+
+}  // namespace muster::collectives

@@ -1,0 +1,89 @@
+#pragma once
+
+// StoreClient: a rank's connection to the rendezvous store (collectives/store_server.h).
+//
+// A rank builds one from the env contract with ConnectStoreFromEnv():
+//   MUSTER_RDZV_ENDPOINT  the server, e.g. "tcp://10.0.0.5:40123"
+//   MUSTER_RDZV_KEY       the attempt's credentials (RdzvCredentials below)
+//   MUSTER_JOB_ID         the job
+//   MUSTER_ATTEMPT        the attempt number (decimal; absent means 0)
+//
+// Waiting calls are parked on the server, which answers at the latest when their timeout
+// passes; the client allows the server `rpc_slack` beyond that before it reports the server
+// unreachable (DeadlineExceeded or Unavailable).
+//
+// Thread-safety: thread-safe. Each concurrent call uses its own DEALER connection (kept in a
+// small pool), so a waiting Get in one thread never blocks a Set in another.
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+#include <zmq.hpp>
+
+#include "collectives/store.h"
+#include "common/curve.h"
+#include "common/proto/envelope.pb.h"
+#include "common/rpc.h"
+
+namespace muster::collectives {
+
+// The MUSTER_RDZV_KEY value: "insecure", or "v1,<server public>,<client public>,<client secret>"
+// with three 40-character z85 CURVE keys (z85 has no ','). The client key pair belongs to one
+// job attempt; the server accepts it for that attempt's scope only.
+struct RdzvCredentials {
+  bool insecure = false;
+  std::string server_public_key;
+  KeyPair client_key;
+
+  static StatusOr<RdzvCredentials> Parse(const std::string& text);
+  std::string ToString() const;
+};
+
+class StoreClient final : public Store {
+ public:
+  struct Options {
+    std::string endpoint;
+    RdzvCredentials credentials;
+    std::string job;
+    uint64_t attempt = 0;
+    // Timeout of calls that do not wait on other ranks (set, add, compare_set).
+    std::chrono::milliseconds op_timeout{30000};
+    // How long past a waiting call's own timeout the client waits for the server's answer.
+    std::chrono::milliseconds rpc_slack{2000};
+    int64_t max_message_bytes = kDefaultMaxMessageBytes;
+  };
+
+  // Connects lazily: a server that is not up yet is retried until a call's timeout.
+  static StatusOr<std::unique_ptr<StoreClient>> Connect(Options options);
+  ~StoreClient() override;
+
+  Status Set(const std::string& key, const std::string& value) override;
+  StatusOr<std::string> Get(const std::string& key, std::chrono::milliseconds timeout) override;
+  StatusOr<std::vector<std::string>> MultiGet(const std::vector<std::string>& keys,
+                                              std::chrono::milliseconds timeout) override;
+  StatusOr<int64_t> Add(const std::string& key, int64_t delta) override;
+  StatusOr<std::string> CompareSet(const std::string& key, const std::string& expected,
+                                   const std::string& desired) override;
+  Status Wait(const std::vector<std::string>& keys, std::chrono::milliseconds timeout) override;
+  Status Barrier(const std::string& name, int n, std::chrono::milliseconds timeout) override;
+
+  const Options& options() const { return options_; }
+
+ private:
+  explicit StoreClient(Options options);
+  StatusOr<proto::StoreReply> Call(proto::StoreRequest request, std::chrono::milliseconds timeout);
+
+  Options options_;
+  zmq::context_t context_;
+  std::mutex mu_;
+  std::vector<std::unique_ptr<RpcClient>> idle_;  // GUARDED_BY(mu_)
+};
+
+// Reads the env contract (above) and connects. InvalidArgument names the variable that is
+// missing or malformed.
+StatusOr<std::unique_ptr<StoreClient>> ConnectStoreFromEnv();
+
+}  // namespace muster::collectives

@@ -1,0 +1,125 @@
+#pragma once
+
+// StoreServer: the rendezvous store of muster jobs, served over ZeroMQ on a host's Reactor (the
+// launcher's, or the node-rank-0 agent's).
+//
+// Keys live in scopes, one per job attempt, so a restarted attempt never reads a stale value.
+// The host opens a scope with AddScope(job, attempt) before starting that attempt's ranks and
+// hands every rank the returned credentials in MUSTER_RDZV_KEY (see RdzvCredentials in
+// collectives/store_client.h for the format), and closes it with RemoveScope when the attempt
+// ends: parked waiters then get Aborted and the attempt's client key stops being accepted.
+//
+// Security: under CURVE each scope has its own client key pair, authorized in the server's ZAP
+// domain with the scope as its name; the server takes the scope of a request from the key that
+// made the connection and refuses a request naming any other, so the ranks of one attempt
+// cannot read or write another's keys. With `insecure` (loudly logged) the scope comes from
+// the request and must be open.
+//
+// Waiting operations (get, wait, barrier) are parked on the server and answered exactly once,
+// when their keys are set, the barrier fills, their timeout (a reactor timer) fires, or the
+// scope closes. Nothing polls: one request, one reply.
+//
+// Thread-safety: Create and the destructor run on the reactor thread (or before Start/after
+// Stop). AddScope and RemoveScope are thread-safe (they hop onto the reactor when it runs).
+// Everything else happens on the reactor thread.
+
+#include <chrono>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "common/curve.h"
+#include "common/reactor.h"
+#include "common/rpc.h"
+#include "common/status.h"
+
+namespace muster::collectives {
+
+inline constexpr char kStoreZapDomain[] = "muster-rdzv";
+
+class StoreServer {
+ public:
+  struct Options {
+    // "tcp://0.0.0.0:*" serves every interface on a port chosen by the kernel.
+    std::string endpoint = "tcp://127.0.0.1:*";
+    // Serve without CURVE (logged as INSECURE); `authenticator` may then be null.
+    bool insecure = false;
+    // The server's key pair; generated if empty.
+    KeyPair server_key;
+    std::string zap_domain = kStoreZapDomain;
+    int64_t max_message_bytes = kDefaultMaxMessageBytes;
+    // Longer waits are cut to this.
+    std::chrono::milliseconds max_timeout = std::chrono::hours(24);
+  };
+
+  // Binds `options.endpoint` on `reactor`. Unless insecure, `authenticator` must be the
+  // ZapAuthenticator of the reactor's context (not owned; outlives the server).
+  // REQUIRES: on the reactor thread or before reactor.Start().
+  static StatusOr<std::unique_ptr<StoreServer>> Create(Reactor& reactor,
+                                                       ZapAuthenticator* authenticator,
+                                                       Options options);
+  // Answers every parked waiter with Aborted. REQUIRES: on the reactor thread or after Stop.
+  ~StoreServer();
+
+  // Opens the scope of one job attempt and returns the credentials its ranks connect with
+  // (the MUSTER_RDZV_KEY value): "insecure" when serving insecure, else
+  // "v1,<server public key>,<client public key>,<client secret key>". Opening an open scope
+  // returns the same credentials. `job` must be non-empty, at most 128 bytes, without '/',
+  // ',' or whitespace.
+  StatusOr<std::string> AddScope(const std::string& job, uint64_t attempt);
+  // Closes a scope: its waiters get Aborted, its keys are dropped, its client key is revoked.
+  void RemoveScope(const std::string& job, uint64_t attempt);
+
+  // The endpoint bound, port resolved ("tcp://127.0.0.1:40123"); this is MUSTER_RDZV_ENDPOINT
+  // (with the wildcard address replaced by one the ranks can reach).
+  const std::string& endpoint() const { return endpoint_; }
+  const std::string& public_key() const { return options_.server_key.public_key; }
+  bool insecure() const { return options_.insecure; }
+
+  // Requests parked now (for tests and metrics). Reactor thread, or via Reactor::Call.
+  size_t parked() const { return waiters_.size(); }
+
+ private:
+  struct Waiter;
+  struct BarrierState {
+    int n = 0;
+    bool done = false;
+    std::vector<uint64_t> waiters;
+  };
+  struct Scope {
+    std::string name;  // "<job>/<attempt>"
+    KeyPair client_key;
+    std::unordered_map<std::string, std::string> kv;
+    // Key -> the waiters that still miss it.
+    std::unordered_map<std::string, std::vector<uint64_t>> watchers;
+    std::map<std::string, BarrierState> barriers;
+  };
+
+  StoreServer(Reactor& reactor, ZapAuthenticator* authenticator, Options options);
+  template <typename F>
+  auto OnReactor(const char* name, F fn) -> decltype(fn());
+  void Handle(const PeerInfo& peer, proto::Envelope&& request, RpcServer::Reply reply);
+  Status Dispatch(Scope& scope, proto::StoreRequest& req, RpcServer::Reply& reply);
+  void SetKey(Scope& scope, const std::string& key, std::string value);
+  void Park(Scope& scope, std::vector<std::string> keys, bool with_values, int64_t timeout_ms,
+            RpcServer::Reply reply);
+  void ParkBarrier(Scope& scope, const proto::StoreBarrier& b, RpcServer::Reply reply);
+  void Finish(uint64_t id, const Status& status);
+  std::chrono::milliseconds ClampTimeout(int64_t timeout_ms) const;
+
+  Reactor& reactor_;
+  ZapAuthenticator* authenticator_;
+  Options options_;
+  std::unique_ptr<RpcServer> rpc_;
+  std::string endpoint_;
+
+  // Reactor thread only.
+  std::map<std::string, Scope> scopes_;  // by name
+  std::unordered_map<uint64_t, std::unique_ptr<Waiter>> waiters_;
+  uint64_t next_waiter_ = 1;
+};
+
+}  // namespace muster::collectives

@@ -1,0 +1,314 @@
+// The ZeroMQ rendezvous store: real sockets, CURVE with a ZAP handler, one scope per attempt.
+
+#include "collectives/store_server.h"
+
+#include <gtest/gtest.h>
+#include <stdlib.h>
+
+#include <atomic>
+#include <thread>
+
+#include "collectives/store_client.h"
+#include "tests/testing/log_capture.h"
+
+namespace muster::collectives {
+namespace {
+
+using namespace std::chrono_literals;
+using Clock = std::chrono::steady_clock;
+
+class StoreServerTest : public ::testing::Test {
+ protected:
+  void SetUp() override { Start(/*insecure=*/false); }
+
+  void Start(bool insecure) {
+    reactor_ = std::make_unique<Reactor>("store-test");
+    if (!insecure) {
+      auto zap = ZapAuthenticator::Create(*reactor_);
+      ASSERT_TRUE(zap.ok()) << zap.status();
+      zap_ = std::move(*zap);
+    }
+    StoreServer::Options o;
+    o.insecure = insecure;
+    auto s = StoreServer::Create(*reactor_, zap_.get(), o);
+    ASSERT_TRUE(s.ok()) << s.status();
+    server_ = std::move(*s);
+    reactor_->Start();
+  }
+
+  void TearDown() override {
+    reactor_->Call("teardown", [&] {
+      server_.reset();
+      zap_.reset();
+    });
+    reactor_->Stop();
+  }
+
+  std::unique_ptr<StoreClient> Client(const std::string& creds, const std::string& job,
+                                      uint64_t attempt) {
+    StoreClient::Options o;
+    o.endpoint = server_->endpoint();
+    auto c = RdzvCredentials::Parse(creds);
+    EXPECT_TRUE(c.ok()) << c.status();
+    o.credentials = *c;
+    o.job = job;
+    o.attempt = attempt;
+    o.op_timeout = 5s;
+    o.rpc_slack = 1s;
+    auto client = StoreClient::Connect(o);
+    EXPECT_TRUE(client.ok()) << client.status();
+    return std::move(*client);
+  }
+
+  std::unique_ptr<StoreClient> OpenClient(const std::string& job = "job-a", uint64_t attempt = 0) {
+    auto creds = server_->AddScope(job, attempt);
+    EXPECT_TRUE(creds.ok()) << creds.status();
+    return Client(*creds, job, attempt);
+  }
+
+  size_t Parked() {
+    return reactor_->Call("parked", [&] { return server_->parked(); });
+  }
+
+  // Waits (bounded) until `n` requests are parked on the server.
+  bool WaitParked(size_t n, std::chrono::milliseconds timeout = 5s) {
+    auto deadline = Clock::now() + timeout;
+    while (Clock::now() < deadline) {
+      if (Parked() == n) return true;
+      std::this_thread::yield();
+    }
+    return Parked() == n;
+  }
+
+  std::unique_ptr<Reactor> reactor_;
+  std::unique_ptr<ZapAuthenticator> zap_;
+  std::unique_ptr<StoreServer> server_;
+};
+
+TEST_F(StoreServerTest, SetGetAddCompareSet) {
+  auto c = OpenClient();
+  ASSERT_TRUE(c->Set("k", std::string("v\0x", 3)).ok());
+  auto v = c->Get("k", 1s);
+  ASSERT_TRUE(v.ok()) << v.status();
+  EXPECT_EQ(*v, std::string("v\0x", 3));
+
+  EXPECT_EQ(*c->Add("n", 5), 5);
+  EXPECT_EQ(*c->Add("n", -2), 3);
+  EXPECT_EQ(c->Add("k", 1).status().code(), StatusCode::kInvalidArgument);
+
+  // Absent key matches an empty `expected`.
+  EXPECT_EQ(*c->CompareSet("leader", "", "r3"), "r3");
+  EXPECT_EQ(*c->CompareSet("leader", "", "r5"), "r3");
+  EXPECT_EQ(*c->CompareSet("leader", "r3", "r7"), "r7");
+
+  auto many = c->MultiGet({"k", "leader", "n"}, 1s);
+  ASSERT_TRUE(many.ok()) << many.status();
+  EXPECT_EQ((*many)[1], "r7");
+  EXPECT_EQ((*many)[2], "3");
+}
+
+TEST_F(StoreServerTest, WaitersAreParkedAndWokenOnceBySet) {
+  auto setter = OpenClient();
+  constexpr int kWaiters = 16;
+  std::vector<std::unique_ptr<StoreClient>> clients;
+  for (int i = 0; i < kWaiters; ++i) clients.push_back(OpenClient());
+  std::atomic<int> got{0};
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kWaiters; ++i) {
+    threads.emplace_back([&, i] {
+      auto v = clients[i]->Get("addr", 10s);
+      if (v.ok() && *v == "tcp://x:1") got++;
+    });
+  }
+  ASSERT_TRUE(WaitParked(kWaiters)) << "parked: " << Parked();
+  EXPECT_EQ(got.load(), 0);
+  ASSERT_TRUE(setter->Set("addr", "tcp://x:1").ok());
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(got.load(), kWaiters);
+  EXPECT_EQ(Parked(), 0u);
+  // A second set wakes nobody and leaves nothing behind.
+  ASSERT_TRUE(setter->Set("addr", "tcp://x:2").ok());
+  EXPECT_EQ(Parked(), 0u);
+}
+
+TEST_F(StoreServerTest, WaitForSeveralKeys) {
+  auto a = OpenClient(), b = OpenClient();
+  std::atomic<bool> done{false};
+  Status st;
+  std::thread t([&] {
+    st = a->Wait({"x", "y", "z"}, 10s);
+    done = true;
+  });
+  ASSERT_TRUE(WaitParked(1));
+  ASSERT_TRUE(b->Set("x", "1").ok());
+  ASSERT_TRUE(b->Set("y", "1").ok());
+  EXPECT_EQ(Parked(), 1u);
+  EXPECT_FALSE(done.load());
+  ASSERT_TRUE(b->Set("z", "1").ok());
+  t.join();
+  EXPECT_TRUE(st.ok()) << st;
+}
+
+TEST_F(StoreServerTest, GetTimesOutOnTheServer) {
+  auto c = OpenClient();
+  auto t0 = Clock::now();
+  auto v = c->Get("never", 300ms);
+  auto took = Clock::now() - t0;
+  ASSERT_EQ(v.status().code(), StatusCode::kDeadlineExceeded) << v.status();
+  EXPECT_NE(v.status().message().find("'never'"), std::string::npos) << v.status();
+  EXPECT_GE(took, 290ms);
+  EXPECT_LT(took, 1000ms) << "the server, not the client's slack, should end the wait";
+  EXPECT_EQ(Parked(), 0u);
+  // The timed-out waiter is gone: setting the key later wakes nothing.
+  ASSERT_TRUE(c->Set("never", "now").ok());
+  EXPECT_EQ(*c->Get("never", 0ms), "now");
+}
+
+TEST_F(StoreServerTest, BarrierReleasesAllAtOnceAndTimesOutWithCount) {
+  constexpr int kN = 5;
+  std::vector<std::unique_ptr<StoreClient>> clients;
+  for (int i = 0; i < kN; ++i) clients.push_back(OpenClient());
+  std::atomic<int> ok{0};
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kN - 1; ++i)
+    threads.emplace_back([&, i] { ok += clients[i]->Barrier("start", kN, 10s).ok(); });
+  ASSERT_TRUE(WaitParked(kN - 1));
+  EXPECT_EQ(ok.load(), 0);
+  EXPECT_TRUE(clients[kN - 1]->Barrier("start", kN, 10s).ok());
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(ok.load(), kN - 1);
+  // Names are single use; a mismatched n is refused.
+  EXPECT_EQ(clients[0]->Barrier("start", kN, 1s).code(), StatusCode::kInvalidArgument);
+
+  Status st1, st2;
+  std::thread a([&] { st1 = clients[0]->Barrier("partial", 3, 300ms); });
+  st2 = clients[1]->Barrier("partial", 3, 300ms);
+  a.join();
+  EXPECT_EQ(st1.code(), StatusCode::kDeadlineExceeded);
+  ASSERT_EQ(st2.code(), StatusCode::kDeadlineExceeded);
+  EXPECT_NE(st2.message().find("of 3 arrived"), std::string::npos) << st2;
+  EXPECT_EQ(clients[2]->Barrier("bad-n", 0, 1s).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(Parked(), 0u);
+}
+
+TEST_F(StoreServerTest, AttemptsAreIsolated) {
+  auto creds1 = *server_->AddScope("job-a", 1);
+  auto creds2 = *server_->AddScope("job-a", 2);
+  EXPECT_NE(creds1, creds2);
+  EXPECT_EQ(*server_->AddScope("job-a", 1), creds1) << "re-opening returns the same key";
+  auto old = Client(creds1, "job-a", 1);
+  auto fresh = Client(creds2, "job-a", 2);
+  ASSERT_TRUE(old->Set("master", "stale").ok());
+  // The new attempt never sees the old attempt's value.
+  EXPECT_EQ(fresh->Get("master", 200ms).status().code(), StatusCode::kDeadlineExceeded);
+  // A client holding attempt 1's key cannot reach into attempt 2 by naming it.
+  auto sneaky = Client(creds1, "job-a", 2);
+  auto r = sneaky->Get("master", 200ms);
+  ASSERT_EQ(r.status().code(), StatusCode::kFailedPrecondition) << r.status();
+  EXPECT_NE(r.status().message().find("job-a/1"), std::string::npos) << r.status();
+
+  // Closing attempt 1 aborts its parked waiters and revokes its key.
+  Status parked_status;
+  std::thread t([&] { parked_status = old->Get("never", 10s).status(); });
+  ASSERT_TRUE(WaitParked(1));
+  server_->RemoveScope("job-a", 1);
+  t.join();
+  EXPECT_EQ(parked_status.code(), StatusCode::kAborted) << parked_status;
+  auto after = Client(creds1, "job-a", 1);  // a new connection with the revoked key
+  EXPECT_EQ(after->Set("x", "y").code(), StatusCode::kUnavailable);
+  EXPECT_TRUE(fresh->Set("x", "y").ok());
+}
+
+TEST_F(StoreServerTest, UnknownKeyIsRefused) {
+  ASSERT_TRUE(server_->AddScope("job-a", 0).ok());
+  RdzvCredentials c;
+  c.server_public_key = server_->public_key();
+  c.client_key = *GenerateKeyPair();
+  testing::LogCapture logs;
+  auto intruder = Client(c.ToString(), "job-a", 0);
+  auto st = intruder->Set("k", "v");
+  EXPECT_EQ(st.code(), StatusCode::kUnavailable) << st;
+  EXPECT_NE(st.message().find("refused"), std::string::npos) << st;
+}
+
+TEST_F(StoreServerTest, BadJobIdsAreRejected) {
+  EXPECT_EQ(server_->AddScope("", 0).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(server_->AddScope("a/b", 0).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(server_->AddScope("a b", 0).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(server_->AddScope(std::string(200, 'x'), 0).status().code(),
+            StatusCode::kInvalidArgument);
+}
+
+TEST_F(StoreServerTest, ClosingTheServerAbortsWaiters) {
+  auto c = OpenClient();
+  Status st;
+  std::thread t([&] { st = c->Get("never", 10s).status(); });
+  ASSERT_TRUE(WaitParked(1));
+  reactor_->Call("close", [&] { server_.reset(); });
+  t.join();
+  EXPECT_EQ(st.code(), StatusCode::kAborted) << st;
+}
+
+TEST(StoreServerInsecureTest, ScopeMustBeOpen) {
+  Reactor reactor("store-insecure");
+  StoreServer::Options o;
+  o.insecure = true;
+  auto server = std::move(*StoreServer::Create(reactor, nullptr, o));
+  reactor.Start();
+  EXPECT_EQ(*server->AddScope("j", 3), "insecure");
+  StoreClient::Options co;
+  co.endpoint = server->endpoint();
+  co.credentials.insecure = true;
+  co.job = "j";
+  co.attempt = 3;
+  auto c = std::move(*StoreClient::Connect(co));
+  EXPECT_TRUE(c->Set("k", "v").ok());
+  co.attempt = 2;
+  auto stale = std::move(*StoreClient::Connect(co));
+  EXPECT_EQ(stale->Get("k", 100ms).status().code(), StatusCode::kFailedPrecondition);
+  reactor.Call("teardown", [&] { server.reset(); });
+  reactor.Stop();
+}
+
+TEST(RdzvCredentialsTest, ParseAndPrint) {
+  auto s = *GenerateKeyPair(), c = *GenerateKeyPair();
+  std::string text = "v1," + s.public_key + "," + c.public_key + "," + c.secret_key;
+  auto parsed = RdzvCredentials::Parse(text);
+  ASSERT_TRUE(parsed.ok()) << parsed.status();
+  EXPECT_EQ(parsed->ToString(), text);
+  EXPECT_TRUE(RdzvCredentials::Parse("insecure")->insecure);
+  EXPECT_EQ(RdzvCredentials::Parse("").status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(RdzvCredentials::Parse("v2," + s.public_key + "," + c.public_key + "," + c.secret_key)
+                .status()
+                .code(),
+            StatusCode::kInvalidArgument);
+  // A public key that does not belong to the secret.
+  EXPECT_EQ(RdzvCredentials::Parse("v1," + s.public_key + "," + s.public_key + "," + c.secret_key)
+                .status()
+                .code(),
+            StatusCode::kInvalidArgument);
+}
+
+TEST_F(StoreServerTest, ConnectFromEnv) {
+  auto creds = *server_->AddScope("envjob", 4);
+  unsetenv("MUSTER_RDZV_ENDPOINT");
+  auto missing = ConnectStoreFromEnv();
+  ASSERT_FALSE(missing.ok());
+  EXPECT_NE(missing.status().message().find("MUSTER_RDZV_ENDPOINT"), std::string::npos);
+  setenv("MUSTER_RDZV_ENDPOINT", server_->endpoint().c_str(), 1);
+  setenv("MUSTER_RDZV_KEY", creds.c_str(), 1);
+  setenv("MUSTER_JOB_ID", "envjob", 1);
+  setenv("MUSTER_ATTEMPT", "x4", 1);
+  auto bad = ConnectStoreFromEnv();
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("MUSTER_ATTEMPT"), std::string::npos);
+  setenv("MUSTER_ATTEMPT", "4", 1);
+  auto c = ConnectStoreFromEnv();
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_TRUE((*c)->Set("hello", "world").ok());
+  for (auto* v : {"MUSTER_RDZV_ENDPOINT", "MUSTER_RDZV_KEY", "MUSTER_JOB_ID", "MUSTER_ATTEMPT"})
+    unsetenv(v);
+}
+
+}  // namespace
+}  // namespace muster::collectives
