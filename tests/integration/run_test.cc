@@ -5,6 +5,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <spawn.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -173,15 +174,28 @@ TEST(MusterRunTest, FirstFailureDecidesTheCodeAndIsNamedOnce) {
   EXPECT_LT(run.elapsed(), 10s);
 }
 
+// A FIFO that one rank opens for reading and another for writing: the reader blocks until the
+// writer is ready, which orders events across ranks without sleeping.
+std::string MakeFifo(const std::string& tag) {
+  std::string path =
+      ::testing::TempDir() + "/muster_run_fifo_" + tag + "_" + std::to_string(getpid());
+  unlink(path.c_str());
+  EXPECT_EQ(mkfifo(path.c_str(), 0600), 0);
+  return path;
+}
+
 TEST(MusterRunTest, FailuresCausedByTheStopAreNotTheFirstFailure) {
-  // Rank 3 fails with 7 only because rank 1's failure made the launcher SIGTERM it.
-  MusterRun run({"-np", "4", "sh", "-c",
-                 "case $RANK in 1) exit 5;; 3) trap 'exit 7' TERM; echo armed; sleep 100 & "
-                 "wait;; *) exec sleep 100;; esac"});
+  // Rank 3 fails with 7 only because rank 1's failure made the launcher SIGTERM it; rank 1
+  // fails only once rank 3 has armed its trap.
+  std::string fifo = MakeFifo("stop");
+  MusterRun run({"-np", "4", "-x", "FIFO=" + fifo, "sh", "-c",
+                 "case $RANK in 1) read x < $FIFO; exit 5;; 3) trap 'exit 7' TERM; "
+                 "echo armed > $FIFO; sleep 100 & wait;; *) exec sleep 100;; esac"});
   ASSERT_EQ(run.Wait(), 5) << run.err();
   auto summary = run.SummaryLines();
   ASSERT_EQ(summary.size(), 1u) << run.err();
   EXPECT_NE(summary[0].find("rank 1 "), std::string::npos) << summary[0];
+  unlink(fifo.c_str());
 }
 
 TEST(MusterRunTest, RankKilledBySignalGives128PlusSignal) {
@@ -194,18 +208,22 @@ TEST(MusterRunTest, RankKilledBySignalGives128PlusSignal) {
 }
 
 TEST(MusterRunTest, RanksIgnoringSigtermAreKilledAfterTheGrace) {
-  MusterRun run({"-np", "2", "--grace", "0.5", "sh", "-c",
-                 "if [ $RANK = 0 ]; then read x < /dev/null; exit 1; fi; trap '' TERM; "
-                 "echo armed; while :; do read x < /dev/zero; done"});
+  std::string fifo = MakeFifo("grace");
+  // SIG_IGN survives exec, so the sleep of rank 1 ignores SIGTERM.
+  MusterRun run({"-np", "2", "--grace", "0.5", "-x", "FIFO=" + fifo, "sh", "-c",
+                 "if [ $RANK = 0 ]; then read x < $FIFO; exit 1; fi; trap '' TERM; "
+                 "echo armed > $FIFO; exec sleep 100"});
   ASSERT_EQ(run.Wait(), 1) << run.err();
+  EXPECT_GE(run.elapsed(), 500ms);
   EXPECT_LT(run.elapsed(), 8s);
   ASSERT_EQ(run.SummaryLines().size(), 1u) << run.err();
   EXPECT_NE(run.SummaryLines()[0].find("rank 0 "), std::string::npos);
+  unlink(fifo.c_str());
 }
 
 TEST(MusterRunTest, SigtermToTheLauncherIsForwardedToEveryRank) {
   MusterRun run({"-np", "3", "--tag-output", "sh", "-c",
-                 "trap 'echo got-TERM; exit 0' TERM; echo ready; sleep 100 & wait"});
+                 "trap 'echo got-TERM; exit 0' TERM; sleep 100 & echo ready; wait"});
   ASSERT_TRUE(run.Pump(
       [&] {
         return run.out().find("[0] ready") != std::string::npos &&
@@ -226,7 +244,7 @@ TEST(MusterRunTest, SigtermToTheLauncherIsForwardedToEveryRank) {
 
 TEST(MusterRunTest, SigintToTheLauncherIsForwardedToEveryRank) {
   MusterRun run({"-np", "2", "--tag-output", "sh", "-c",
-                 "trap 'kill $!; echo got-INT; exit 0' INT; echo ready; sleep 100 & wait"});
+                 "trap 'kill $!; echo got-INT; exit 0' INT; sleep 100 & echo ready; wait"});
   ASSERT_TRUE(run.Pump(
       [&] {
         return run.out().find("[0] ready") != std::string::npos &&
