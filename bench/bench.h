@@ -27,6 +27,11 @@ class Table {
 std::string Fmt(double v, int precision = 2);
 
 void AddRpcBench(CLI::App& app, Runner* runner);
+<<<<<<< HEAD
 void AddLaunchBench(CLI::App& app, Runner* runner);
+=======
+void AddRendezvousBench(CLI::App& app, Runner* runner);
+void AddAllreduceBench(CLI::App& app, Runner* runner);
+>>>>>>> coll
 
 }  // namespace muster::bench

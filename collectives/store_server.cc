@@ -184,13 +184,15 @@ Status StoreServer::Dispatch(Scope& scope, proto::StoreRequest& req, RpcServer::
     case proto::StoreRequest::kGet: {
       auto& g = *req.mutable_get();
       if (g.keys().empty()) return InvalidArgumentError("rendezvous get: no keys");
-      std::vector<std::string> keys(g.mutable_keys()->begin(), g.mutable_keys()->end());
+      std::vector<std::string> keys(std::make_move_iterator(g.mutable_keys()->begin()),
+                                    std::make_move_iterator(g.mutable_keys()->end()));
       Park(scope, std::move(keys), /*with_values=*/true, g.timeout_ms(), std::move(reply));
       return Status::Ok();
     }
     case proto::StoreRequest::kWait: {
       auto& w = *req.mutable_wait();
-      std::vector<std::string> keys(w.mutable_keys()->begin(), w.mutable_keys()->end());
+      std::vector<std::string> keys(std::make_move_iterator(w.mutable_keys()->begin()),
+                                    std::make_move_iterator(w.mutable_keys()->end()));
       Park(scope, std::move(keys), /*with_values=*/false, w.timeout_ms(), std::move(reply));
       return Status::Ok();
     }
@@ -240,6 +242,7 @@ Status StoreServer::Dispatch(Scope& scope, proto::StoreRequest& req, RpcServer::
 
 void StoreServer::SetKey(Scope& scope, const std::string& key, std::string value) {
   scope.kv[key] = std::move(value);
+  ++scope.version;
   auto it = scope.watchers.find(key);
   if (it == scope.watchers.end()) return;
   std::vector<uint64_t> ids = std::move(it->second);
@@ -363,12 +366,25 @@ void StoreServer::Finish(uint64_t id, const Status& status) {
     w->reply(ErrorEnvelope(0, status));
     return;
   }
-  proto::StoreReply r;
-  if (w->with_values) {
-    auto& kv = scopes_.at(w->scope).kv;
-    for (const auto& k : w->keys) r.add_values(kv.at(k));
+  if (!w->with_values) {
+    w->reply(ReplyEnvelope({}));
+    return;
   }
-  w->reply(ReplyEnvelope(std::move(r)));
+  Scope& scope = scopes_.at(w->scope);
+  ReplyCache& cache = scope.cache;
+  if (cache.version == scope.version && cache.keys == w->keys) {
+    w->reply(cache.envelope);
+    return;
+  }
+  proto::StoreReply r;
+  for (const auto& k : w->keys) r.add_values(scope.kv.at(k));
+  proto::Envelope env = ReplyEnvelope(std::move(r));
+  if (w->keys.size() > 1) {
+    cache.version = scope.version;
+    cache.keys = w->keys;
+    cache.envelope = env;
+  }
+  w->reply(std::move(env));
 }
 
 }  // namespace muster::collectives

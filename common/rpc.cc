@@ -44,6 +44,9 @@ StatusOr<std::unique_ptr<RpcServer>> RpcServer::Create(Reactor& reactor, Options
     s.set(zmq::sockopt::linger, 0);
     s.set(zmq::sockopt::maxmsgsize, o.max_message_bytes);
     s.set(zmq::sockopt::router_handover, 1);
+    // Thousands of ranks connect at once at a rendezvous; with the default backlog (100) the
+    // kernel drops their SYNs and each retries after a second.
+    s.set(zmq::sockopt::backlog, 4096);
     if (o.insecure) {
       log::Get("rpc")->warn(
           "{}: INSECURE: serving {} without CURVE; anyone who can reach it is trusted", o.name,

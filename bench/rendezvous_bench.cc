@@ -1,0 +1,300 @@
+// muster-bench rendezvous: N simulated ranks, each with its own DEALER socket (CURVE), go
+// through a job's rendezvous on one StoreServer: connect (first request), barrier, broadcast of
+// 128 bytes from rank 0, allgather of 64-byte addresses (set + one multi-key get each). The
+// anchor, in the same run: the same N sockets doing one raw ZeroMQ round trip each against a
+// ROUTER echo (CURVE too): the floor that connecting N sockets costs.
+
+#include <sys/resource.h>
+
+#include <atomic>
+#include <chrono>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "bench/bench.h"
+#include "collectives/store_client.h"
+#include "collectives/store_server.h"
+#include "common/wire.h"
+
+namespace muster::bench {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using collectives::RdzvCredentials;
+
+double Since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+void RaiseFdLimit() {
+  rlimit r;
+  if (getrlimit(RLIMIT_NOFILE, &r) == 0 && r.rlim_cur < r.rlim_max) {
+    r.rlim_cur = r.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &r);
+  }
+}
+
+// N DEALER sockets driven from one thread with zmq_poll.
+class Ranks {
+ public:
+  Ranks(int n, const std::string& endpoint, const RdzvCredentials& creds) : ctx_(1) {
+    ctx_.set(zmq::ctxopt::max_sockets, n + 64);
+    socks_.reserve(n);
+    for (int i = 0; i < n; ++i) {
+      socks_.emplace_back(ctx_, zmq::socket_type::dealer);
+      zmq::socket_t& s = socks_.back();
+      s.set(zmq::sockopt::linger, 0);
+      if (!creds.insecure) {
+        s.set(zmq::sockopt::curve_serverkey, creds.server_public_key);
+        s.set(zmq::sockopt::curve_publickey, creds.client_key.public_key);
+        s.set(zmq::sockopt::curve_secretkey, creds.client_key.secret_key);
+      }
+      s.connect(endpoint);
+      items_.push_back({s.handle(), 0, ZMQ_POLLIN, 0});
+    }
+  }
+  int size() const { return static_cast<int>(socks_.size()); }
+
+  void Send(int i, const std::string& bytes) {
+    socks_[i].send(zmq::buffer(bytes), zmq::send_flags::none);
+  }
+  void SendRequest(int i, proto::StoreRequest req) {
+    req.mutable_scope()->set_job("bench");
+    proto::Envelope env;
+    env.set_request_id(++next_id_);
+    *env.mutable_store_request() = std::move(req);
+    Send(i, SerializeEnvelope(env));
+  }
+
+  // Receives `expected` replies; the first error reply or a timeout fails. `check` sees each.
+  Status Collect(size_t expected, std::function<Status(int, const proto::Envelope&)> check = {}) {
+    auto deadline = Clock::now() + std::chrono::seconds(60);
+    size_t got = 0;
+    while (got < expected) {
+      if (Clock::now() > deadline) {
+        return DeadlineExceededError(std::to_string(got) + " of " + std::to_string(expected) +
+                                     " replies");
+      }
+      int ready = zmq::poll(items_.data(), items_.size(), std::chrono::milliseconds(1000));
+      for (size_t i = 0; ready > 0 && i < items_.size(); ++i) {
+        if (!(items_[i].revents & ZMQ_POLLIN)) continue;
+        --ready;
+        zmq::message_t msg;
+        while (socks_[i].recv(msg, zmq::recv_flags::dontwait)) {
+          ++got;
+          if (!check) continue;
+          auto env = ParseEnvelope(msg.data(), msg.size());
+          if (!env.ok()) return env.status();
+          if (env->has_error()) return ErrorToStatus(env->error());
+          MUSTER_RETURN_IF_ERROR(check(i, *env));
+        }
+      }
+    }
+    return Status::Ok();
+  }
+
+ private:
+  zmq::context_t ctx_;
+  std::vector<zmq::socket_t> socks_;
+  std::vector<zmq::pollitem_t> items_;  // zmq_poller is draft API in Debian's libzmq
+  uint64_t next_id_ = 0;
+};
+
+struct Result {
+  int ranks;
+  bool curve;
+  double connect_s, barrier_s, broadcast_s, allgather_s, total_s, anchor_s;
+};
+
+StatusOr<Result> Run(int n, bool curve) {
+  Result res{n, curve, 0, 0, 0, 0, 0, 0};
+  Reactor reactor("rdzv-bench");
+  std::unique_ptr<ZapAuthenticator> zap;
+  if (curve) {
+    MUSTER_ASSIGN_OR_RETURN(zap, ZapAuthenticator::Create(reactor));
+  }
+  collectives::StoreServer::Options so;
+  so.insecure = !curve;
+  MUSTER_ASSIGN_OR_RETURN(auto server, collectives::StoreServer::Create(reactor, zap.get(), so));
+  MUSTER_ASSIGN_OR_RETURN(std::string key, server->AddScope("bench", 0));
+  MUSTER_ASSIGN_OR_RETURN(auto creds, RdzvCredentials::Parse(key));
+  reactor.Start();
+  auto cleanup = [&] {
+    reactor.Call("stop", [&] {
+      server.reset();
+      zap.reset();
+    });
+    reactor.Stop();
+  };
+
+  auto t0 = Clock::now();
+  Status st;
+  {
+    Ranks ranks(n, server->endpoint(), creds);
+    // connect: the first request of every rank completes its handshake.
+    for (int i = 0; i < n; ++i) {
+      proto::StoreRequest r;
+      r.mutable_add()->set_key("joined");
+      r.mutable_add()->set_delta(1);
+      ranks.SendRequest(i, std::move(r));
+    }
+    st = ranks.Collect(n, [](int, const proto::Envelope&) { return Status::Ok(); });
+    res.connect_s = Since(t0);
+    auto t1 = Clock::now();
+    for (int i = 0; st.ok() && i < n; ++i) {
+      proto::StoreRequest r;
+      r.mutable_barrier()->set_name("start");
+      r.mutable_barrier()->set_n(n);
+      r.mutable_barrier()->set_timeout_ms(60000);
+      ranks.SendRequest(i, std::move(r));
+    }
+    if (st.ok()) st = ranks.Collect(n, [](int, const proto::Envelope&) { return Status::Ok(); });
+    res.barrier_s = Since(t1);
+    // broadcast: ranks 1.. park a get; rank 0 sets.
+    auto t2 = Clock::now();
+    const std::string blob(128, 'b');
+    for (int i = 1; st.ok() && i < n; ++i) {
+      proto::StoreRequest r;
+      r.mutable_get()->add_keys("bcast");
+      r.mutable_get()->set_timeout_ms(60000);
+      ranks.SendRequest(i, std::move(r));
+    }
+    if (st.ok()) {
+      proto::StoreRequest r;
+      r.mutable_set()->set_key("bcast");
+      r.mutable_set()->set_value(blob);
+      ranks.SendRequest(0, std::move(r));
+      st = ranks.Collect(n, [&](int i, const proto::Envelope& e) -> Status {
+        if (i != 0 && (e.store_reply().values_size() != 1 || e.store_reply().values(0) != blob))
+          return DataLossError("broadcast: wrong value");
+        return Status::Ok();
+      });
+    }
+    res.broadcast_s = Since(t2);
+    // allgather: each sets its 64-byte address, then gets all n in one request.
+    auto t3 = Clock::now();
+    proto::StoreRequest all;
+    for (int i = 0; i < n; ++i) all.mutable_get()->add_keys("addr/" + std::to_string(i));
+    all.mutable_get()->set_timeout_ms(60000);
+    for (int i = 0; st.ok() && i < n; ++i) {
+      proto::StoreRequest r;
+      r.mutable_set()->set_key("addr/" + std::to_string(i));
+      std::string addr = "tcp://198.18.0.1:" + std::to_string(20000 + i);
+      addr.resize(64, ' ');
+      r.mutable_set()->set_value(addr);
+      ranks.SendRequest(i, std::move(r));
+      ranks.SendRequest(i, all);
+    }
+    if (st.ok()) {
+      st = ranks.Collect(2 * n, [&](int, const proto::Envelope& e) -> Status {
+        int got = e.store_reply().values_size();
+        if (got != 0 && got != n) return DataLossError("allgather: wrong number of addresses");
+        return Status::Ok();
+      });
+    }
+    res.allgather_s = Since(t3);
+    res.total_s = Since(t0);
+  }
+  cleanup();
+  if (!st.ok()) return st;
+
+  // The anchor: one round trip per socket against a raw ROUTER echo, same security.
+  {
+    zmq::context_t sctx(1);
+    zmq::socket_t router(sctx, zmq::socket_type::router);
+    router.set(zmq::sockopt::linger, 0);
+    router.set(zmq::sockopt::backlog, 4096);  // as RpcServer: no SYN drops at N connects
+    KeyPair skey = *GenerateKeyPair();
+    if (curve) {
+      router.set(zmq::sockopt::curve_server, 1);
+      router.set(zmq::sockopt::curve_secretkey, skey.secret_key);
+    }
+    router.bind("tcp://127.0.0.1:*");
+    std::string ep = router.get(zmq::sockopt::last_endpoint);
+    std::atomic<bool> stop{false};
+    std::thread echo([&] {
+      while (!stop) {
+        zmq::pollitem_t it{router.handle(), 0, ZMQ_POLLIN, 0};
+        zmq::poll(&it, 1, std::chrono::milliseconds(50));
+        std::vector<zmq::message_t> frames;
+        while (zmq::recv_multipart(router, std::back_inserter(frames), zmq::recv_flags::dontwait)) {
+          zmq::send_multipart(router, frames);
+          frames.clear();
+        }
+      }
+    });
+    RdzvCredentials ac;
+    ac.insecure = !curve;
+    ac.server_public_key = skey.public_key;
+    ac.client_key = *GenerateKeyPair();
+    auto ta = Clock::now();
+    {
+      Ranks ranks(n, ep, ac);
+      for (int i = 0; i < n; ++i) ranks.Send(i, "ping");
+      st = ranks.Collect(n);
+    }
+    res.anchor_s = Since(ta);
+    stop = true;
+    echo.join();
+  }
+  if (!st.ok()) return st;
+  return res;
+}
+
+}  // namespace
+
+void AddRendezvousBench(CLI::App& app, Runner* runner) {
+  auto* cmd = app.add_subcommand(
+      "rendezvous", "Rendezvous of N simulated ranks through the store vs raw ZeroMQ connects");
+  auto ranks = std::make_shared<std::vector<int>>(std::vector<int>{64, 256, 1024, 4096});
+  auto json = std::make_shared<bool>(false);
+  auto insecure = std::make_shared<bool>(false);
+  cmd->add_option("--ranks", *ranks, "Simulated ranks (repeatable; 64..4096 by default)")
+      ->check(CLI::Range(1, 16384));
+  cmd->add_flag("--insecure", *insecure, "Also run without CURVE");
+  cmd->add_flag("--json", *json, "Print JSON instead of a table");
+  cmd->callback([=] {
+    *runner = [=] {
+      RaiseFdLimit();
+      std::vector<Result> rows;
+      for (int n : *ranks) {
+        for (bool curve : {true, false}) {
+          if (!curve && !*insecure) continue;
+          auto r = Run(n, curve);
+          if (!r.ok()) {
+            std::cerr << "rendezvous bench with " << n << " ranks failed: " << r.status() << "\n";
+            return 1;
+          }
+          rows.push_back(*r);
+        }
+      }
+      if (*json) {
+        nlohmann::json out = nlohmann::json::array();
+        for (auto& r : rows)
+          out.push_back({{"ranks", r.ranks},
+                         {"seconds", r.total_s},
+                         {"curve", r.curve},
+                         {"connect_s", r.connect_s},
+                         {"barrier_s", r.barrier_s},
+                         {"broadcast_s", r.broadcast_s},
+                         {"allgather_s", r.allgather_s},
+                         {"raw_zmq_connect_s", r.anchor_s}});
+        std::cout << (out.size() == 1 ? out[0] : out).dump(2) << "\n";
+        return 0;
+      }
+      std::cout << "rendezvous of N ranks (own DEALER each) on one StoreServer; anchor: the same N "
+                   "sockets, one raw ZeroMQ round trip each\n";
+      Table t({"ranks", "security", "connect s", "barrier s", "bcast128 s", "allgather64 s",
+               "total s", "raw zmq connect s"});
+      for (auto& r : rows)
+        t.Row({std::to_string(r.ranks), r.curve ? "CURVE" : "none", Fmt(r.connect_s, 3),
+               Fmt(r.barrier_s, 3), Fmt(r.broadcast_s, 3), Fmt(r.allgather_s, 3), Fmt(r.total_s, 3),
+               Fmt(r.anchor_s, 3)});
+      t.Print();
+      return 0;
+    };
+  });
+}
+
+}  // namespace muster::bench

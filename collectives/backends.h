@@ -1,0 +1,20 @@
+#pragma once
+
+// The backend factories behind CreateCommunicator (communicator.cc). Each exists in every
+// build; one whose library was not built returns FailedPrecondition naming its CMake option.
+
+#include <memory>
+
+#include "collectives/communicator.h"
+
+namespace muster::collectives::internal {
+
+StatusOr<std::unique_ptr<Communicator>> NewGlooCommunicator(std::shared_ptr<Store> store,
+                                                            CommConfig config);
+StatusOr<std::unique_ptr<Communicator>> NewNcclCommunicator(std::shared_ptr<Store> store,
+                                                            CommConfig config);
+// MPI ignores `store`: it wires itself up through mpirun.
+StatusOr<std::unique_ptr<Communicator>> NewMpiCommunicator(std::shared_ptr<Store> store,
+                                                           CommConfig config);
+
+}  // namespace muster::collectives::internal

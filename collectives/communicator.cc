@@ -1,0 +1,239 @@
+#include "collectives/communicator.h"
+
+#include <arpa/inet.h>
+#include <netdb.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <bit>
+#include <cerrno>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+
+#include "collectives/backends.h"
+#include "collectives/store_client.h"
+#include "common/logging.h"
+
+namespace muster::collectives {
+
+size_t DataTypeSize(DataType t) {
+  switch (t) {
+    case DataType::kF16:
+    case DataType::kBF16:
+      return 2;
+    case DataType::kF32:
+    case DataType::kI32:
+      return 4;
+    case DataType::kF64:
+    case DataType::kI64:
+      return 8;
+  }
+  return 0;
+}
+
+std::string_view DataTypeName(DataType t) {
+  switch (t) {
+    case DataType::kF32:
+      return "f32";
+    case DataType::kF64:
+      return "f64";
+    case DataType::kF16:
+      return "f16";
+    case DataType::kBF16:
+      return "bf16";
+    case DataType::kI32:
+      return "i32";
+    case DataType::kI64:
+      return "i64";
+  }
+  return "?";
+}
+
+std::string_view ReduceOpName(ReduceOp op) {
+  switch (op) {
+    case ReduceOp::kSum:
+      return "sum";
+    case ReduceOp::kAvg:
+      return "avg";
+    case ReduceOp::kMin:
+      return "min";
+    case ReduceOp::kMax:
+      return "max";
+  }
+  return "?";
+}
+
+std::string_view BackendName(Backend b) {
+  switch (b) {
+    case Backend::kGloo:
+      return "gloo";
+    case Backend::kNccl:
+      return "nccl";
+    case Backend::kMpi:
+      return "mpi";
+  }
+  return "?";
+}
+
+StatusOr<Backend> ParseBackend(std::string_view name) {
+  for (Backend b : {Backend::kGloo, Backend::kNccl, Backend::kMpi})
+    if (BackendName(b) == name) return b;
+  return InvalidArgumentError("unknown collectives backend '" + std::string(name) +
+                              "' (want gloo, nccl or mpi)");
+}
+
+float HalfToFloat(uint16_t h) {
+  uint32_t sign = (h >> 15) & 1, exp = (h >> 10) & 0x1f, mant = h & 0x3ff;
+  float v;
+  if (exp == 0) {
+    v = std::ldexp(static_cast<float>(mant), -24);
+  } else if (exp == 31) {
+    v = mant ? NAN : INFINITY;
+  } else {
+    v = std::ldexp(static_cast<float>(mant | 0x400), static_cast<int>(exp) - 25);
+  }
+  return sign ? -v : v;
+}
+
+uint16_t FloatToHalf(float f) {
+  uint32_t x = std::bit_cast<uint32_t>(f);
+  uint32_t sign = (x >> 16) & 0x8000;
+  uint32_t exp = (x >> 23) & 0xff;
+  uint32_t mant = x & 0x7fffff;
+  if (exp == 0xff) return sign | 0x7c00 | (mant ? 0x200 : 0);  // inf / nan
+  int e = static_cast<int>(exp) - 127 + 15;
+  if (e >= 31) return sign | 0x7c00;  // overflow to inf
+  if (e <= 0) {                       // subnormal or zero
+    if (e < -10) return sign;
+    mant |= 0x800000;
+    int shift = 14 - e;
+    uint32_t half = mant >> shift;
+    uint32_t rem = mant & ((1u << shift) - 1), mid = 1u << (shift - 1);
+    if (rem > mid || (rem == mid && (half & 1))) ++half;
+    return sign | half;
+  }
+  uint32_t half = sign | (static_cast<uint32_t>(e) << 10) | (mant >> 13);
+  uint32_t rem = mant & 0x1fff;
+  if (rem > 0x1000 || (rem == 0x1000 && (half & 1))) ++half;  // may carry into exp: correct
+  return static_cast<uint16_t>(half);
+}
+
+float BFloat16ToFloat(uint16_t b) { return std::bit_cast<float>(static_cast<uint32_t>(b) << 16); }
+
+uint16_t FloatToBFloat16(float f) {
+  uint32_t x = std::bit_cast<uint32_t>(f);
+  if ((x & 0x7fffffff) > 0x7f800000) return static_cast<uint16_t>((x >> 16) | 0x40);  // nan
+  uint32_t rounding = 0x7fff + ((x >> 16) & 1);
+  return static_cast<uint16_t>((x + rounding) >> 16);
+}
+
+StatusOr<std::unique_ptr<Communicator>> CreateCommunicator(Backend backend,
+                                                           std::shared_ptr<Store> store,
+                                                           CommConfig config) {
+  if (config.size < 1 || config.rank < 0 || config.rank >= config.size) {
+    return InvalidArgumentError("communicator: rank " + std::to_string(config.rank) +
+                                " of world size " + std::to_string(config.size) +
+                                " is out of range");
+  }
+  if (config.timeout.count() <= 0) {
+    return InvalidArgumentError("communicator: timeout must be positive");
+  }
+  if (backend != Backend::kMpi && !store) {
+    return InvalidArgumentError("communicator: the " + std::string(BackendName(backend)) +
+                                " backend needs a rendezvous store");
+  }
+  switch (backend) {
+    case Backend::kGloo:
+      return internal::NewGlooCommunicator(std::move(store), std::move(config));
+    case Backend::kNccl:
+      return internal::NewNcclCommunicator(std::move(store), std::move(config));
+    case Backend::kMpi:
+      return internal::NewMpiCommunicator(std::move(store), std::move(config));
+  }
+  return InvalidArgumentError("communicator: unknown backend");
+}
+
+namespace {
+
+std::string Env(const char* name) {
+  const char* v = std::getenv(name);
+  return v ? v : "";
+}
+
+StatusOr<int> EnvInt(const char* name, const char* alias, int fallback) {
+  std::string v = Env(name);
+  const char* used = name;
+  if (v.empty() && alias) {
+    v = Env(alias);
+    used = alias;
+  }
+  if (v.empty()) {
+    if (fallback >= 0) return fallback;
+    return InvalidArgumentError(std::string(name) + " is not set (not started by muster run, " +
+                                "torchrun or mpirun?)");
+  }
+  char* end = nullptr;
+  errno = 0;
+  long n = std::strtol(v.c_str(), &end, 10);
+  if (errno || *end || n < 0 || n > 1 << 24) {
+    return InvalidArgumentError(std::string(used) + "='" + v + "' is not a valid number");
+  }
+  return static_cast<int>(n);
+}
+
+// The local address that routes to MASTER_ADDR: what this rank's peers can reach it on.
+std::string LocalAddressToward(const std::string& master) {
+  if (master.empty() || master == "localhost" || master.rfind("127.", 0) == 0) return "127.0.0.1";
+  addrinfo hints{}, *res = nullptr;
+  hints.ai_family = AF_INET;
+  hints.ai_socktype = SOCK_DGRAM;
+  if (getaddrinfo(master.c_str(), "9", &hints, &res) != 0 || !res) return "127.0.0.1";
+  std::string out = "127.0.0.1";
+  int fd = socket(AF_INET, SOCK_DGRAM, 0);
+  if (fd >= 0 && connect(fd, res->ai_addr, res->ai_addrlen) == 0) {
+    sockaddr_in local{};
+    socklen_t len = sizeof(local);
+    char buf[INET_ADDRSTRLEN];
+    if (getsockname(fd, reinterpret_cast<sockaddr*>(&local), &len) == 0 &&
+        inet_ntop(AF_INET, &local.sin_addr, buf, sizeof(buf))) {
+      out = buf;
+    }
+  }
+  if (fd >= 0) close(fd);
+  freeaddrinfo(res);
+  return out;
+}
+
+}  // namespace
+
+StatusOr<std::unique_ptr<Communicator>> Communicator::FromEnv(CommConfig config, bool want_gpu) {
+  std::string forced = Env("MUSTER_COLL_BACKEND");
+  bool under_mpirun = !Env("OMPI_COMM_WORLD_SIZE").empty() && Env("MUSTER_RDZV_ENDPOINT").empty();
+  Backend backend = Backend::kGloo;
+  if (!forced.empty()) {
+    MUSTER_ASSIGN_OR_RETURN(backend, ParseBackend(forced));
+  } else if (under_mpirun) {
+    backend = Backend::kMpi;
+  } else if (want_gpu) {
+    backend = Backend::kNccl;
+  }
+  MUSTER_ASSIGN_OR_RETURN(config.rank, EnvInt("RANK", "OMPI_COMM_WORLD_RANK", -1));
+  MUSTER_ASSIGN_OR_RETURN(config.size, EnvInt("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", -1));
+  MUSTER_ASSIGN_OR_RETURN(config.device, EnvInt("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", 0));
+  if (std::string t = Env("MUSTER_COLL_TIMEOUT_MS"); !t.empty()) {
+    MUSTER_ASSIGN_OR_RETURN(int ms, EnvInt("MUSTER_COLL_TIMEOUT_MS", nullptr, -1));
+    if (ms <= 0) return InvalidArgumentError("MUSTER_COLL_TIMEOUT_MS must be positive");
+    config.timeout = std::chrono::milliseconds(ms);
+  }
+  config.host = LocalAddressToward(Env("MASTER_ADDR"));
+  log::SetContext(Env("MUSTER_JOB_ID"), "", std::to_string(config.rank));
+  std::shared_ptr<Store> store;
+  if (backend != Backend::kMpi) {
+    MUSTER_ASSIGN_OR_RETURN(auto client, ConnectStoreFromEnv());
+    store = std::move(client);
+  }
+  return CreateCommunicator(backend, std::move(store), std::move(config));
+}
+
+}  // namespace muster::collectives

@@ -1,0 +1,260 @@
+// Collectives across real processes: the conformance checks with one process per rank (Gloo,
+// rendezvousing through a CURVE StoreServer hosted by this test; MPI under mpirun), and kill -9
+// of one rank in the middle of an allreduce loop.
+//
+// Ranks are started by StartRanks() with the env contract of DESIGN.md, as `muster run` starts
+// them; when the launcher lands, these tests can start `muster run -np N` instead.
+
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <condition_variable>
+#include <map>
+#include <mutex>
+#include <thread>
+
+#include "collectives/communicator.h"
+#include "collectives/store_server.h"
+
+namespace muster::collectives {
+namespace {
+
+using namespace std::chrono_literals;
+using Clock = std::chrono::steady_clock;
+
+extern "C" char** environ;
+
+// A child process whose stdout and stderr are collected by a reader thread.
+class Child {
+ public:
+  Child(std::vector<std::string> argv, std::map<std::string, std::string> env) {
+    int fds[2];
+    MUSTER_CHECK(pipe2(fds, O_CLOEXEC) == 0);
+    std::map<std::string, std::string> full;
+    for (char** e = environ; *e; ++e) {
+      std::string kv = *e;
+      auto eq = kv.find('=');
+      if (eq != std::string::npos) full[kv.substr(0, eq)] = kv.substr(eq + 1);
+    }
+    for (auto& [k, v] : env) full[k] = v;
+    std::vector<std::string> envs;
+    for (auto& [k, v] : full) envs.push_back(k + "=" + v);
+    std::vector<char*> cargv, cenv;
+    for (auto& a : argv) cargv.push_back(a.data());
+    cargv.push_back(nullptr);
+    for (auto& e : envs) cenv.push_back(e.data());
+    cenv.push_back(nullptr);
+    pid_ = fork();
+    MUSTER_CHECK(pid_ >= 0);
+    if (pid_ == 0) {
+      dup2(fds[1], 1);
+      dup2(fds[1], 2);
+      execve(cargv[0], cargv.data(), cenv.data());
+      _exit(127);
+    }
+    close(fds[1]);
+    pidfd_ = static_cast<int>(syscall(SYS_pidfd_open, pid_, 0));
+    reader_ = std::thread([this, fd = fds[0]] {
+      char buf[4096];
+      for (;;) {
+        ssize_t n = read(fd, buf, sizeof(buf));
+        if (n <= 0) break;
+        std::lock_guard<std::mutex> l(mu_);
+        out_.append(buf, n);
+        cv_.notify_all();
+      }
+      close(fd);
+    });
+  }
+  ~Child() {
+    if (!exited_) {
+      kill(pid_, SIGKILL);
+      WaitExit(Clock::now() + 10s);
+    }
+    if (reader_.joinable()) reader_.join();
+    if (pidfd_ >= 0) close(pidfd_);
+  }
+
+  bool WaitOutput(const std::string& needle, Clock::time_point deadline) {
+    std::unique_lock<std::mutex> l(mu_);
+    return cv_.wait_until(l, deadline, [&] { return out_.find(needle) != std::string::npos; });
+  }
+  std::string Output() {
+    std::lock_guard<std::mutex> l(mu_);
+    return out_;
+  }
+  void Kill(int sig) { kill(pid_, sig); }
+
+  // The exit code (128+signal if signalled), or -1 if still running at `deadline`.
+  int WaitExit(Clock::time_point deadline) {
+    if (exited_) return code_;
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+    pollfd p{pidfd_, POLLIN, 0};
+    if (poll(&p, 1, std::max<int>(0, static_cast<int>(left.count()))) <= 0) return -1;
+    int status = 0;
+    waitpid(pid_, &status, 0);
+    exited_ = true;
+    exit_time_ = Clock::now();
+    code_ = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    if (reader_.joinable()) reader_.join();  // the rest of its output, up to EOF
+    return code_;
+  }
+  Clock::time_point exit_time() const { return exit_time_; }
+
+ private:
+  pid_t pid_ = -1;
+  int pidfd_ = -1;
+  std::thread reader_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::string out_;
+  bool exited_ = false;
+  int code_ = -1;
+  Clock::time_point exit_time_;
+};
+
+// Hosts a CURVE rendezvous store, as the launcher does, and starts ranks with the env contract.
+class MultiProcessTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    reactor_ = std::make_unique<Reactor>("mp-test");
+    zap_ = std::move(*ZapAuthenticator::Create(*reactor_));
+    auto s = StoreServer::Create(*reactor_, zap_.get(), {});
+    ASSERT_TRUE(s.ok()) << s.status();
+    server_ = std::move(*s);
+    reactor_->Start();
+  }
+  void TearDown() override {
+    reactor_->Call("teardown", [&] {
+      server_.reset();
+      zap_.reset();
+    });
+    reactor_->Stop();
+  }
+
+  std::vector<std::unique_ptr<Child>> StartRanks(int np, std::vector<std::string> args,
+                                                 uint64_t attempt = 0) {
+    auto creds = server_->AddScope("mp", attempt);
+    EXPECT_TRUE(creds.ok()) << creds.status();
+    std::vector<std::unique_ptr<Child>> ranks;
+    for (int r = 0; r < np; ++r) {
+      std::vector<std::string> argv = {MUSTER_CONFORMANCE_RANK};
+      argv.insert(argv.end(), args.begin(), args.end());
+      ranks.push_back(
+          std::make_unique<Child>(argv, std::map<std::string, std::string>{
+                                            {"RANK", std::to_string(r)},
+                                            {"WORLD_SIZE", std::to_string(np)},
+                                            {"LOCAL_RANK", std::to_string(r)},
+                                            {"LOCAL_WORLD_SIZE", std::to_string(np)},
+                                            {"NODE_RANK", "0"},
+                                            {"MASTER_ADDR", "127.0.0.1"},
+                                            {"MUSTER_JOB_ID", "mp"},
+                                            {"MUSTER_ATTEMPT", std::to_string(attempt)},
+                                            {"MUSTER_RDZV_ENDPOINT", server_->endpoint()},
+                                            {"MUSTER_RDZV_KEY", *creds},
+                                            {"MUSTER_COLL_BACKEND", "gloo"},
+                                            {"MUSTER_COLL_TIMEOUT_MS", "2000"},
+                                        }));
+    }
+    return ranks;
+  }
+
+  std::unique_ptr<Reactor> reactor_;
+  std::unique_ptr<ZapAuthenticator> zap_;
+  std::unique_ptr<StoreServer> server_;
+};
+
+class GlooProcessConformance : public MultiProcessTest,
+                               public ::testing::WithParamInterface<int> {};
+
+TEST_P(GlooProcessConformance, EveryRankPassesTheChecks) {
+  int np = GetParam();
+  auto ranks = StartRanks(np, {});
+  auto deadline = Clock::now() + 60s;
+  for (int r = 0; r < np; ++r) {
+    int code = ranks[r]->WaitExit(deadline);
+    EXPECT_EQ(code, 0) << "rank " << r << ":\n" << ranks[r]->Output();
+    EXPECT_NE(ranks[r]->Output().find("121 checks ok"), std::string::npos) << ranks[r]->Output();
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(WorldSizes, GlooProcessConformance, ::testing::Values(1, 2, 3, 4, 8),
+                         [](const auto& info) { return "np" + std::to_string(info.param); });
+
+TEST_F(MultiProcessTest, KillNineMidAllreduceFailsEveryOtherRankWithinTheTimeout) {
+  constexpr int kNp = 4, kVictim = 2;
+  auto ranks = StartRanks(kNp, {"--loop"});
+  for (int r = 0; r < kNp; ++r) {
+    ASSERT_TRUE(ranks[r]->WaitOutput("looping", Clock::now() + 30s)) << "rank " << r << ":\n"
+                                                                     << ranks[r]->Output();
+  }
+  auto killed_at = Clock::now();
+  ranks[kVictim]->Kill(SIGKILL);
+  EXPECT_EQ(ranks[kVictim]->WaitExit(Clock::now() + 5s), 128 + SIGKILL);
+  for (int r = 0; r < kNp; ++r) {
+    if (r == kVictim) continue;
+    // The collective timeout is 2 s; allow for a loaded 2-core machine beyond it.
+    int code = ranks[r]->WaitExit(killed_at + 5s);
+    ASSERT_EQ(code, kPeerFailureExitCode) << "rank " << r << ":\n" << ranks[r]->Output();
+    EXPECT_LT(ranks[r]->exit_time() - killed_at, 2s + 1500ms) << ranks[r]->Output();
+    EXPECT_NE(ranks[r]->Output().find("failed after"), std::string::npos) << ranks[r]->Output();
+  }
+}
+
+TEST_F(MultiProcessTest, AStalledRankFailsTheOthersAtTheCollectiveTimeout) {
+  // SIGSTOP leaves the victim's sockets open: only the 2 s collective timeout can end the wait.
+  constexpr int kNp = 3, kVictim = 0;
+  auto ranks = StartRanks(kNp, {"--loop"});
+  for (int r = 0; r < kNp; ++r) {
+    ASSERT_TRUE(ranks[r]->WaitOutput("looping", Clock::now() + 30s)) << ranks[r]->Output();
+  }
+  auto stopped_at = Clock::now();
+  ranks[kVictim]->Kill(SIGSTOP);
+  for (int r = 0; r < kNp; ++r) {
+    if (r == kVictim) continue;
+    int code = ranks[r]->WaitExit(stopped_at + 8s);
+    ASSERT_EQ(code, kPeerFailureExitCode) << "rank " << r << ":\n" << ranks[r]->Output();
+    EXPECT_GE(ranks[r]->exit_time() - stopped_at, 1500ms) << ranks[r]->Output();
+    EXPECT_LT(ranks[r]->exit_time() - stopped_at, 2s + 3s) << ranks[r]->Output();
+  }
+  ranks[kVictim]->Kill(SIGKILL);
+}
+
+TEST_F(MultiProcessTest, ARankThatNeverArrivesTimesOutTheRendezvous) {
+  auto ranks = StartRanks(3, {});
+  ranks.pop_back();  // rank 2 is killed before it can join
+  for (auto& r : ranks) {
+    int code = r->WaitExit(Clock::now() + 10s);
+    EXPECT_EQ(code, kPeerFailureExitCode) << r->Output();
+  }
+}
+
+#if MUSTER_HAVE_MPI_VALUE
+class MpiProcessConformance : public ::testing::TestWithParam<int> {};
+
+TEST_P(MpiProcessConformance, EveryRankPassesTheChecksUnderMpirun) {
+  int np = GetParam();
+  Child mpirun({"/usr/bin/mpirun", "--allow-run-as-root", "--oversubscribe", "--mca",
+                "btl_tcp_if_include", "lo", "-np", std::to_string(np), MUSTER_CONFORMANCE_RANK},
+               {{"MUSTER_RDZV_ENDPOINT", ""}, {"MUSTER_COLL_BACKEND", ""}});
+  int code = mpirun.WaitExit(Clock::now() + 90s);
+  ASSERT_EQ(code, 0) << mpirun.Output();
+  for (int r = 0; r < np; ++r) {
+    EXPECT_NE(mpirun.Output().find("rank " + std::to_string(r) + " of " + std::to_string(np) +
+                                   " (mpi): 121 checks ok"),
+              std::string::npos)
+        << mpirun.Output();
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(WorldSizes, MpiProcessConformance, ::testing::Values(1, 2, 3, 4, 8),
+                         [](const auto& info) { return "np" + std::to_string(info.param); });
+#endif
+
+}  // namespace
+}  // namespace muster::collectives
