@@ -27,11 +27,8 @@ class Table {
 std::string Fmt(double v, int precision = 2);
 
 void AddRpcBench(CLI::App& app, Runner* runner);
-<<<<<<< HEAD
-void AddLaunchBench(CLI::App& app, Runner* runner);
-=======
 void AddRendezvousBench(CLI::App& app, Runner* runner);
 void AddAllreduceBench(CLI::App& app, Runner* runner);
->>>>>>> coll
+void AddLaunchBench(CLI::App& app, Runner* runner);
 
 }  // namespace muster::bench

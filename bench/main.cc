@@ -43,12 +43,9 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   muster::bench::Runner runner;
   muster::bench::AddRpcBench(app, &runner);
-<<<<<<< HEAD
-  muster::bench::AddLaunchBench(app, &runner);
-=======
   muster::bench::AddRendezvousBench(app, &runner);
   muster::bench::AddAllreduceBench(app, &runner);
->>>>>>> coll
+  muster::bench::AddLaunchBench(app, &runner);
   auto* all = app.add_subcommand("all", "Run every benchmark with its default settings");
   all->callback([&] {
     runner = [&] {

@@ -19,6 +19,7 @@
 #include <random>
 #include <thread>
 
+#include "collectives/communicator.h"
 #include "collectives/store_server.h"
 #include "common/curve.h"
 #include "common/logging.h"
@@ -97,7 +98,8 @@ struct JobState {
 
   // The outcome; the first of these to happen decides the exit code.
   std::optional<std::pair<int, ExitInfo>> first_failure;  // rank, how it ended
-  std::optional<int> interrupted_by;                      // signal
+  bool first_is_peer_failure = false;  // it exited with collectives::kPeerFailureExitCode
+  std::optional<int> interrupted_by;   // signal
   bool timed_out = false;
   std::optional<std::pair<int, Status>> spawn_error;  // rank, why
   int signals_received = 0;
@@ -337,11 +339,24 @@ int RunJob(const RunOptions& options, const RunIo& io) {
     WriteAll(s == OutputStream::kStdout ? io.stdout_fd : io.stderr_fd, out);
   };
   cb.on_exit = [&](ChildId id, const std::string&, const ExitInfo& e) {
-    if (e.success() || job.stopping) return;
-    // The first failure: it decides the exit code; every other rank is stopped.
-    job.first_failure.emplace(job.rank_of.at(id), e);
-    job.stopping = true;
-    job.supervisor->StopAll(grace);
+    if (e.success()) return;
+    int rank = job.rank_of.at(id);
+    bool peer = !e.signaled && e.code == collectives::kPeerFailureExitCode;
+    if (!job.stopping) {
+      // The first failure: it decides the exit code; every other rank is stopped.
+      job.first_failure.emplace(rank, e);
+      job.first_is_peer_failure = peer;
+      job.stopping = true;
+      job.supervisor->StopAll(grace);
+      return;
+    }
+    // A rank that saw its peer die may be reaped a moment before the peer itself (the two
+    // exits land in the same poll). The culprit is the first later failure that is neither a
+    // peer failure nor caused by our own stop.
+    if (job.first_failure && job.first_is_peer_failure && !peer && !e.stopped) {
+      job.first_failure.emplace(rank, e);
+      job.first_is_peer_failure = false;
+    }
   };
   cb.on_closed = [&](ChildId, const std::string&) {
     ++job.closed;

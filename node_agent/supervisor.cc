@@ -93,6 +93,8 @@ struct Supervisor::Child {
   Fd log;
   bool running = true;
   bool stop_requested = false;
+  bool sent_term = false;
+  bool sent_kill = false;
   std::chrono::steady_clock::time_point kill_at = std::chrono::steady_clock::time_point::max();
   Reactor::TimerId kill_timer = 0;
   Reactor::TimerId drain_timer = 0;
@@ -272,6 +274,10 @@ void Supervisor::OnPidfdReadable(ChildId id) {
   } else {
     info.code = WEXITSTATUS(status);
   }
+  bool sent_the_fatal_signal = info.signaled ? (info.signal == SIGTERM && c.sent_term) ||
+                                                   (info.signal == SIGKILL && c.sent_kill)
+                                             : c.stop_requested;
+  info.stopped = c.stop_requested && sent_the_fatal_signal;
   c.running = false;
   Unwatch(c.pidfd.fd);
   c.pidfd.Reset();
@@ -397,6 +403,7 @@ void Supervisor::KillGroup(Child& c) {
   if (!c.running) return;
   c.kill_timer = 0;
   Log()->debug("{}: SIGKILL to process group {}", c.name, c.pid);
+  c.sent_kill = true;
   ::kill(-c.pid, SIGKILL);
 }
 
@@ -405,7 +412,10 @@ void Supervisor::StopChild(Child& c, std::chrono::milliseconds grace) {
   auto now = std::chrono::steady_clock::now();
   if (!c.stop_requested) {
     c.stop_requested = true;
-    if (grace.count() > 0) ::kill(-c.pid, SIGTERM);
+    if (grace.count() > 0) {
+      c.sent_term = true;
+      ::kill(-c.pid, SIGTERM);
+    }
   }
   if (grace.count() <= 0) {
     KillGroup(c);

@@ -79,6 +79,10 @@ struct ExitInfo {
   int signal = 0;
   std::chrono::steady_clock::time_point when;
   uint64_t seq = 0;  // 1, 2, 3... in the order exits were noticed by this Supervisor
+  // The exit was caused by a Stop (the child ended after the supervisor's SIGTERM or SIGKILL,
+  // and not by some other signal). A child SIGKILLed from outside while its stop's SIGTERM
+  // was pending is not `stopped`: it failed on its own.
+  bool stopped = false;
 
   bool success() const { return !signaled && code == 0; }
   // The shell's convention: `code`, or 128 + `signal`.

@@ -285,6 +285,35 @@ TEST(MusterRunTest, LinesOfConcurrentRanksNeverMix) {
   for (int r = 0; r < 6; ++r) EXPECT_EQ(next[r], kLines) << "rank " << r;
 }
 
+#ifdef MUSTER_CONFORMANCE_RANK
+TEST(MusterRunTest, NamesTheRankKilledMidAllreduceNotItsPeers) {
+  // Real Gloo ranks through the hosted rendezvous store. Rank 2 is SIGKILLed mid-allreduce;
+  // its peers fail with kPeerFailureExitCode (75); the launcher must name rank 2.
+  MusterRun run({"-np", "4", "--tag-output", "--grace", "5", "-x", "MUSTER_COLL_BACKEND=gloo", "-x",
+                 "MUSTER_COLL_TIMEOUT_MS=2000", "sh", "-c",
+                 "echo pid $$; exec " MUSTER_CONFORMANCE_RANK " --loop"});
+  std::smatch m;
+  std::regex pid_re(R"(\[2\] pid (\d+))");
+  ASSERT_TRUE(run.Pump(
+      [&] {
+        int looping = 0;
+        for (size_t p = run.out().find("looping"); p != std::string::npos;
+             p = run.out().find("looping", p + 1)) {
+          ++looping;
+        }
+        return looping == 4 && std::regex_search(run.out(), m, pid_re);
+      },
+      30s))
+      << run.out() << run.err();
+  ASSERT_EQ(kill(std::stoi(m[1]), SIGKILL), 0);
+  ASSERT_EQ(run.Wait(30s), 128 + SIGKILL) << run.out() << run.err();
+  auto summary = run.SummaryLines();
+  ASSERT_EQ(summary.size(), 1u) << run.err();
+  EXPECT_NE(summary[0].find("rank 2 "), std::string::npos) << summary[0];
+  EXPECT_NE(summary[0].find("SIGKILL"), std::string::npos) << summary[0];
+}
+#endif
+
 TEST(MusterRunTest, StdinGoesToRankZeroOnly) {
   MusterRun run({"-np", "2", "--tag-output", "sh", "-c", "cat; echo end"}, {}, "line one\n");
   ASSERT_EQ(run.Wait(), 0) << run.err();

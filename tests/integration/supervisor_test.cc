@@ -253,6 +253,42 @@ TEST(SupervisorTest, StopKillsAChildThatIgnoresSigtermAfterTheGrace) {
   EXPECT_LT(took, 3s);
 }
 
+TEST(SupervisorTest, ExitsCausedByAStopAreMarkedStopped) {
+  SupervisorHarness h;
+  auto obeys = h.Sh("echo ready; exec sleep 1000");
+  auto traps = h.Sh("trap 'exit 7' TERM; echo ready; sleep 1000 & wait");
+  auto unstopped = h.Sh("exit 4");
+  ASSERT_TRUE(obeys.ok() && traps.ok() && unstopped.ok());
+  ASSERT_TRUE(h.WaitLine(*obeys, "ready"));
+  ASSERT_TRUE(h.WaitLine(*traps, "ready"));
+  h.OnReactor([&] {
+    h.sup().Stop(*obeys, 10s);
+    h.sup().Stop(*traps, 10s);
+  });
+  ASSERT_TRUE(h.WaitClosed(*obeys));
+  ASSERT_TRUE(h.WaitClosed(*traps));
+  ASSERT_TRUE(h.WaitClosed(*unstopped));
+  EXPECT_TRUE(h.Exit(*obeys).stopped);
+  EXPECT_TRUE(h.Exit(*traps).stopped);
+  EXPECT_EQ(h.Exit(*traps).code, 7);
+  EXPECT_FALSE(h.Exit(*unstopped).stopped);
+}
+
+TEST(SupervisorTest, AKillFromOutsideDuringAStopIsNotMarkedStopped) {
+  SupervisorHarness h;
+  auto id = h.Sh("trap '' TERM; echo ready; exec sleep 1000");
+  ASSERT_TRUE(id.ok());
+  ASSERT_TRUE(h.WaitLine(*id, "ready"));
+  pid_t pid = h.OnReactor([&] {
+    h.sup().Stop(*id, 60s);  // SIGTERM (ignored) now, SIGKILL only in a minute
+    return h.sup().List()[0].pid;
+  });
+  ASSERT_EQ(kill(pid, SIGKILL), 0);
+  ASSERT_TRUE(h.WaitClosed(*id));
+  EXPECT_EQ(h.Exit(*id).signal, SIGKILL);
+  EXPECT_FALSE(h.Exit(*id).stopped);
+}
+
 TEST(SupervisorTest, StopReachesTheWholeProcessGroup) {
   // The grandchild holds the pipes; the child ends only when it does. If the stop missed
   // the grandchild, the drain timeout (30 s) would be what closes the pipes.
