@@ -400,11 +400,8 @@ int RunJob(const RunOptions& options, const RunIo& io) {
         }
         if (!job.stopping) job.interrupted_by = sig;
         job.stopping = true;
-        for (const auto& child : job.supervisor->List()) {
-          if (child.running) job.supervisor->Signal(child.id, sig).IgnoreError();
-        }
-        reactor.PostAfter(grace, "launcher.kill_after_signal",
-                          [&] { job.supervisor->StopAll(std::chrono::milliseconds(0)); });
+        // The user's signal goes to every rank's process group; SIGKILL follows after --grace.
+        job.supervisor->StopAll(grace.count() > 0 ? grace : std::chrono::milliseconds(1), sig);
       }
     });
     if (options.timeout) {

@@ -93,7 +93,7 @@ struct Supervisor::Child {
   Fd log;
   bool running = true;
   bool stop_requested = false;
-  bool sent_term = false;
+  int sent_signal = 0;  // the stop's first signal, once sent
   bool sent_kill = false;
   std::chrono::steady_clock::time_point kill_at = std::chrono::steady_clock::time_point::max();
   Reactor::TimerId kill_timer = 0;
@@ -274,10 +274,13 @@ void Supervisor::OnPidfdReadable(ChildId id) {
   } else {
     info.code = WEXITSTATUS(status);
   }
-  bool sent_the_fatal_signal = info.signaled ? (info.signal == SIGTERM && c.sent_term) ||
-                                                   (info.signal == SIGKILL && c.sent_kill)
-                                             : c.stop_requested;
+  bool sent_the_fatal_signal =
+      info.signaled ? (info.signal == c.sent_signal) || (info.signal == SIGKILL && c.sent_kill)
+                    : c.stop_requested;
   info.stopped = c.stop_requested && sent_the_fatal_signal;
+  // A stop is for the whole process group: what the child left behind goes now, not at the
+  // drain timeout. (The pgid cannot be reused while any member is alive.)
+  if (c.stop_requested) ::kill(-c.pid, SIGKILL);
   c.running = false;
   Unwatch(c.pidfd.fd);
   c.pidfd.Reset();
@@ -407,14 +410,14 @@ void Supervisor::KillGroup(Child& c) {
   ::kill(-c.pid, SIGKILL);
 }
 
-void Supervisor::StopChild(Child& c, std::chrono::milliseconds grace) {
+void Supervisor::StopChild(Child& c, std::chrono::milliseconds grace, int signal) {
   if (!c.running) return;
   auto now = std::chrono::steady_clock::now();
   if (!c.stop_requested) {
     c.stop_requested = true;
     if (grace.count() > 0) {
-      c.sent_term = true;
-      ::kill(-c.pid, SIGTERM);
+      c.sent_signal = signal;
+      ::kill(-c.pid, signal);
     }
   }
   if (grace.count() <= 0) {
@@ -431,18 +434,18 @@ void Supervisor::StopChild(Child& c, std::chrono::milliseconds grace) {
   });
 }
 
-void Supervisor::Stop(ChildId id, std::chrono::milliseconds grace) {
+void Supervisor::Stop(ChildId id, std::chrono::milliseconds grace, int signal) {
   auto it = children_.find(id);
-  if (it != children_.end()) StopChild(*it->second, grace);
+  if (it != children_.end()) StopChild(*it->second, grace, signal);
 }
 
-void Supervisor::StopGroup(const std::string& group, std::chrono::milliseconds grace) {
+void Supervisor::StopGroup(const std::string& group, std::chrono::milliseconds grace, int signal) {
   for (auto& [id, c] : children_)
-    if (c->group == group) StopChild(*c, grace);
+    if (c->group == group) StopChild(*c, grace, signal);
 }
 
-void Supervisor::StopAll(std::chrono::milliseconds grace) {
-  for (auto& [id, c] : children_) StopChild(*c, grace);
+void Supervisor::StopAll(std::chrono::milliseconds grace, int signal) {
+  for (auto& [id, c] : children_) StopChild(*c, grace, signal);
 }
 
 std::vector<ChildInfo> Supervisor::List() const {

@@ -31,6 +31,7 @@
 // Output written by a callback (the launcher writes to its own stdout) blocks the reactor while
 // the destination is full; that back-pressure is deliberate (a rank cannot outrun the terminal).
 
+#include <signal.h>
 #include <sys/types.h>
 
 #include <chrono>
@@ -79,8 +80,8 @@ struct ExitInfo {
   int signal = 0;
   std::chrono::steady_clock::time_point when;
   uint64_t seq = 0;  // 1, 2, 3... in the order exits were noticed by this Supervisor
-  // The exit was caused by a Stop (the child ended after the supervisor's SIGTERM or SIGKILL,
-  // and not by some other signal). A child SIGKILLed from outside while its stop's SIGTERM
+  // The exit was caused by a Stop (the child ended after the supervisor's first signal or its
+  // SIGKILL, and not by some other signal). A child SIGKILLed from outside while its stop's SIGTERM
   // was pending is not `stopped`: it failed on its own.
   bool stopped = false;
 
@@ -136,12 +137,14 @@ class Supervisor {
   // Sends `signal` to the child's process group. NotFound if it is no longer running.
   Status Signal(ChildId id, int signal);
 
-  // SIGTERM now, SIGKILL after `grace` to whatever of the process group is still running
+  // SIGTERM now, SIGKILL after `grace` to whatever of the process group is still running, and
+  // SIGKILL to the rest of the group as soon as the child itself has exited
   // (`grace` of zero: SIGKILL at once). No effect on children that already exited. Calling it
   // again with a shorter grace brings the SIGKILL forward.
-  void Stop(ChildId id, std::chrono::milliseconds grace);
-  void StopGroup(const std::string& group, std::chrono::milliseconds grace);
-  void StopAll(std::chrono::milliseconds grace);
+  // `signal` replaces SIGTERM as the first signal (the launcher forwards a user's SIGINT so).
+  void Stop(ChildId id, std::chrono::milliseconds grace, int signal = SIGTERM);
+  void StopGroup(const std::string& group, std::chrono::milliseconds grace, int signal = SIGTERM);
+  void StopAll(std::chrono::milliseconds grace, int signal = SIGTERM);
 
   // Children not yet closed, in spawn order.
   std::vector<ChildInfo> List() const;
@@ -161,7 +164,7 @@ class Supervisor {
   void CloseStream(Child& c, OutputStream stream);
   void MaybeClosed(ChildId id);
   void OnDrainTimeout(ChildId id);
-  void StopChild(Child& c, std::chrono::milliseconds grace);
+  void StopChild(Child& c, std::chrono::milliseconds grace, int signal);
   void KillGroup(Child& c);
 
   Reactor& reactor_;

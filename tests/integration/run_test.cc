@@ -190,12 +190,32 @@ TEST(MusterRunTest, FailuresCausedByTheStopAreNotTheFirstFailure) {
   std::string fifo = MakeFifo("stop");
   MusterRun run({"-np", "4", "-x", "FIFO=" + fifo, "sh", "-c",
                  "case $RANK in 1) read x < $FIFO; exit 5;; 3) trap 'exit 7' TERM; "
-                 "echo armed > $FIFO; sleep 100 & wait;; *) exec sleep 100;; esac"});
+                 "sleep 100 & echo armed > $FIFO; wait;; *) exec sleep 100;; esac"});
   ASSERT_EQ(run.Wait(), 5) << run.err();
   auto summary = run.SummaryLines();
   ASSERT_EQ(summary.size(), 1u) << run.err();
   EXPECT_NE(summary[0].find("rank 1 "), std::string::npos) << summary[0];
   unlink(fifo.c_str());
+}
+
+TEST(MusterRunTest, APeerFailureExitGivesWayToTheRealCulprit) {
+  // Rank 1 exits 75 (collectives::kPeerFailureExitCode: "a peer died") first; rank 2 then dies
+  // of a SIGKILL the launcher did not send. Rank 2 is the culprit.
+  std::string fifo = MakeFifo("peer");
+  MusterRun run({"-np", "4", "-x", "FIFO=" + fifo, "sh", "-c",
+                 "case $RANK in 1) read x < $FIFO; exit 75;; 2) trap 'kill -9 $$' TERM; "
+                 "sleep 100 & echo armed > $FIFO; wait;; *) exec sleep 100;; esac"});
+  ASSERT_EQ(run.Wait(), 128 + SIGKILL) << run.err();
+  ASSERT_EQ(run.SummaryLines().size(), 1u) << run.err();
+  EXPECT_NE(run.SummaryLines()[0].find("rank 2 "), std::string::npos) << run.SummaryLines()[0];
+  unlink(fifo.c_str());
+}
+
+TEST(MusterRunTest, APeerFailureExitIsNamedWhenNothingElseFailed) {
+  MusterRun run({"-np", "3", "sh", "-c", "if [ $RANK = 1 ]; then exit 75; fi; exec sleep 100"});
+  ASSERT_EQ(run.Wait(), 75) << run.err();
+  ASSERT_EQ(run.SummaryLines().size(), 1u) << run.err();
+  EXPECT_NE(run.SummaryLines()[0].find("rank 1 "), std::string::npos);
 }
 
 TEST(MusterRunTest, RankKilledBySignalGives128PlusSignal) {
