@@ -30,5 +30,6 @@ void AddRpcBench(CLI::App& app, Runner* runner);
 void AddRendezvousBench(CLI::App& app, Runner* runner);
 void AddAllreduceBench(CLI::App& app, Runner* runner);
 void AddCkptBench(CLI::App& app, Runner* runner);
+void AddLaunchBench(CLI::App& app, Runner* runner);
 
 }  // namespace muster::bench

@@ -46,6 +46,7 @@ int main(int argc, char** argv) {
   muster::bench::AddRendezvousBench(app, &runner);
   muster::bench::AddAllreduceBench(app, &runner);
   muster::bench::AddCkptBench(app, &runner);
+  muster::bench::AddLaunchBench(app, &runner);
   auto* all = app.add_subcommand("all", "Run every benchmark with its default settings");
   all->callback([&] {
     runner = [&] {

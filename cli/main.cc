@@ -18,6 +18,7 @@ int main(int argc, char** argv) {
   muster::cli::Runner runner;
   muster::cli::AddKeysCommands(app, &runner);
   muster::cli::AddCkptCommands(app, &runner);
+  muster::cli::AddRunCommands(app, &runner);
 
   try {
     app.parse(argc, argv);

@@ -1,0 +1,465 @@
+#include "node_agent/supervisor.h"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <spawn.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+
+#include "common/logging.h"
+
+namespace muster::node_agent {
+namespace {
+
+auto Log() {
+  static auto logger = log::Get("agent.spawn");
+  return logger;
+}
+
+int PidfdOpen(pid_t pid) { return static_cast<int>(syscall(SYS_pidfd_open, pid, 0)); }
+
+std::string SignalName(int sig) {
+  const char* abbrev = sigabbrev_np(sig);
+  return abbrev ? std::string("SIG") + abbrev : "signal " + std::to_string(sig);
+}
+
+// Writes all of `data` to `fd`, retrying on EINTR and short writes.
+void WriteAll(int fd, std::string_view data) {
+  while (!data.empty()) {
+    ssize_t n = ::write(fd, data.data(), data.size());
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return;  // a log file that cannot take more output is not worth killing a rank for
+    }
+    data.remove_prefix(static_cast<size_t>(n));
+  }
+}
+
+// Closes its fd on destruction.
+struct Fd {
+  int fd = -1;
+  Fd() = default;
+  explicit Fd(int f) : fd(f) {}
+  Fd(Fd&& o) noexcept : fd(o.fd) { o.fd = -1; }
+  Fd& operator=(Fd&& o) noexcept {
+    Reset();
+    fd = o.fd;
+    o.fd = -1;
+    return *this;
+  }
+  ~Fd() { Reset(); }
+  void Reset() {
+    if (fd >= 0) ::close(fd);
+    fd = -1;
+  }
+};
+
+// RAII for posix_spawn's attribute and file-action objects.
+struct SpawnArgs {
+  posix_spawnattr_t attr;
+  posix_spawn_file_actions_t actions;
+  SpawnArgs() {
+    posix_spawnattr_init(&attr);
+    posix_spawn_file_actions_init(&actions);
+  }
+  ~SpawnArgs() {
+    posix_spawn_file_actions_destroy(&actions);
+    posix_spawnattr_destroy(&attr);
+  }
+};
+
+}  // namespace
+
+std::string ExitInfo::Describe() const {
+  if (signaled)
+    return "was killed by signal " + std::to_string(signal) + " (" + SignalName(signal) + ")";
+  return "exited with code " + std::to_string(code);
+}
+
+struct Supervisor::Child {
+  ChildId id = 0;
+  std::string name;
+  std::string group;
+  pid_t pid = -1;
+  std::chrono::steady_clock::time_point started;
+  Fd pidfd;
+  Fd out[2];  // indexed by OutputStream
+  std::string partial[2];
+  Fd log;
+  bool running = true;
+  bool stop_requested = false;
+  int sent_signal = 0;  // the stop's first signal, once sent
+  bool sent_kill = false;
+  std::chrono::steady_clock::time_point kill_at = std::chrono::steady_clock::time_point::max();
+  Reactor::TimerId kill_timer = 0;
+  Reactor::TimerId drain_timer = 0;
+};
+
+Supervisor::Supervisor(Reactor& reactor, Callbacks callbacks, Options options)
+    : reactor_(reactor), callbacks_(std::move(callbacks)), options_(options) {
+  epoll_fd_ = ::epoll_create1(EPOLL_CLOEXEC);
+  MUSTER_CHECK(epoll_fd_ >= 0) << "epoll_create1: " << strerror(errno);
+  reactor_.AddFd(epoll_fd_, "supervisor.events", [this] { OnEvents(); });
+}
+
+// One epoll set for all children: the reactor polls a single fd however many ranks run, and
+// epoll reports a pipe's EOF (EPOLLHUP) as an event, which a plain poll-for-readable would not.
+void Supervisor::Watch(int fd, ChildId id, int kind) {
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.u64 = (id << 2) | static_cast<uint64_t>(kind);
+  MUSTER_CHECK(::epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, fd, &ev) == 0)
+      << "epoll_ctl: " << strerror(errno);
+}
+
+void Supervisor::Unwatch(int fd) { ::epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, fd, nullptr); }
+
+void Supervisor::OnEvents() {
+  epoll_event events[64];
+  int n;
+  do {
+    n = ::epoll_wait(epoll_fd_, events, 64, 0);
+  } while (n < 0 && errno == EINTR);
+  for (int i = 0; i < n; ++i) {
+    ChildId id = events[i].data.u64 >> 2;
+    int kind = static_cast<int>(events[i].data.u64 & 3);
+    if (kind == kPidfd) {
+      OnPidfdReadable(id);
+    } else {
+      OnPipeReadable(id, kind == kStdoutPipe ? OutputStream::kStdout : OutputStream::kStderr);
+    }
+  }
+}
+
+Supervisor::~Supervisor() {
+  for (auto& [id, c] : children_) {
+    if (c->kill_timer) reactor_.CancelTimer(c->kill_timer);
+    if (c->drain_timer) reactor_.CancelTimer(c->drain_timer);
+    if (c->running) {
+      ::kill(-c->pid, SIGKILL);
+      int status;
+      while (::waitpid(c->pid, &status, 0) < 0 && errno == EINTR) {
+      }
+      Log()->warn("child {} (pid {}) was still running when its supervisor ended; killed", c->name,
+                  c->pid);
+    }
+  }
+  children_.clear();
+  reactor_.RemoveFd(epoll_fd_);
+  ::close(epoll_fd_);
+}
+
+StatusOr<ChildId> Supervisor::Spawn(const SpawnSpec& spec) {
+  if (spec.argv.empty() || spec.argv[0].empty()) {
+    return InvalidArgumentError("spawn '" + spec.name + "': no program given");
+  }
+  auto child = std::make_unique<Child>();
+  child->id = next_id_++;
+  child->name = spec.name;
+  child->group = spec.group;
+
+  int out_pipe[2][2];
+  for (int s = 0; s < 2; ++s) {
+    if (::pipe2(out_pipe[s], O_CLOEXEC) != 0) {
+      if (s == 1) {
+        ::close(out_pipe[0][0]);
+        ::close(out_pipe[0][1]);
+      }
+      return ErrnoStatus(errno, "spawn '" + spec.name + "': pipe");
+    }
+  }
+  child->out[0] = Fd(out_pipe[0][0]);
+  child->out[1] = Fd(out_pipe[1][0]);
+  Fd out_w(out_pipe[0][1]), err_w(out_pipe[1][1]);
+
+  Fd devnull;
+  int stdin_fd = spec.stdin_fd;
+  if (stdin_fd < 0) {
+    devnull = Fd(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+    if (devnull.fd < 0) return ErrnoStatus(errno, "open /dev/null");
+    stdin_fd = devnull.fd;
+  }
+  if (!spec.log_path.empty()) {
+    child->log = Fd(::open(spec.log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644));
+    if (child->log.fd < 0) {
+      return ErrnoStatus(errno, "spawn '" + spec.name + "': log file " + spec.log_path);
+    }
+  }
+
+  SpawnArgs args;
+  posix_spawn_file_actions_adddup2(&args.actions, stdin_fd, 0);
+  posix_spawn_file_actions_adddup2(&args.actions, out_w.fd, 1);
+  posix_spawn_file_actions_adddup2(&args.actions, err_w.fd, 2);
+  if (!spec.cwd.empty()) posix_spawn_file_actions_addchdir_np(&args.actions, spec.cwd.c_str());
+  sigset_t empty, defaults;
+  sigemptyset(&empty);
+  sigfillset(&defaults);
+  sigdelset(&defaults, SIGKILL);
+  sigdelset(&defaults, SIGSTOP);
+  posix_spawnattr_setsigmask(&args.attr, &empty);
+  posix_spawnattr_setsigdefault(&args.attr, &defaults);
+  posix_spawnattr_setpgroup(&args.attr, 0);
+  posix_spawnattr_setflags(&args.attr,
+                           POSIX_SPAWN_SETPGROUP | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
+
+  std::vector<char*> argv, envp;
+  for (const auto& a : spec.argv) argv.push_back(const_cast<char*>(a.c_str()));
+  argv.push_back(nullptr);
+  for (const auto& e : spec.env) envp.push_back(const_cast<char*>(e.c_str()));
+  envp.push_back(nullptr);
+
+  pid_t pid = -1;
+  int rc = ::posix_spawnp(&pid, argv[0], &args.actions, &args.attr, argv.data(), envp.data());
+  if (rc != 0) {
+    std::string what = "cannot execute '" + spec.argv[0] + "'";
+    if (!spec.cwd.empty() && rc == ENOENT && ::access(spec.cwd.c_str(), X_OK) != 0) {
+      what += " in directory '" + spec.cwd + "'";
+    }
+    what += ": " + std::string(strerrordesc_np(rc));
+    if (rc == ENOENT) return NotFoundError(what);
+    if (rc == EACCES || rc == ENOEXEC || rc == EPERM) return FailedPreconditionError(what);
+    return InternalError(what);
+  }
+  child->pid = pid;
+  child->started = std::chrono::steady_clock::now();
+  out_w.Reset();
+  err_w.Reset();
+
+  // A zombie still has a pidfd, so an exit before this line is not missed.
+  child->pidfd = Fd(PidfdOpen(pid));
+  if (child->pidfd.fd < 0) {
+    int err = errno;
+    ::kill(-pid, SIGKILL);
+    int status;
+    ::waitpid(pid, &status, 0);
+    return ErrnoStatus(err, "pidfd_open");
+  }
+  for (auto& fd : child->out) ::fcntl(fd.fd, F_SETFL, ::fcntl(fd.fd, F_GETFL) | O_NONBLOCK);
+
+  ChildId id = child->id;
+  Watch(child->pidfd.fd, id, kPidfd);
+  Watch(child->out[0].fd, id, kStdoutPipe);
+  Watch(child->out[1].fd, id, kStderrPipe);
+  Log()->debug("started {} as pid {}: {}", spec.name, pid, spec.argv[0]);
+  children_.emplace(id, std::move(child));
+  return id;
+}
+
+void Supervisor::OnPidfdReadable(ChildId id) {
+  auto it = children_.find(id);
+  if (it == children_.end() || !it->second->running) return;
+  Child& c = *it->second;
+  int status = 0;
+  pid_t r;
+  do {
+    r = ::waitpid(c.pid, &status, WNOHANG);
+  } while (r < 0 && errno == EINTR);
+  if (r == 0) return;  // spurious wake-up: not exited yet
+  ExitInfo info;
+  info.pid = c.pid;
+  info.when = std::chrono::steady_clock::now();
+  info.seq = next_exit_seq_++;
+  if (r < 0) {
+    // Someone else reaped it (a stray waitpid(-1)); we cannot know how it ended.
+    Log()->error("child {} (pid {}) was reaped elsewhere: {}", c.name, c.pid, strerror(errno));
+    info.code = 255;
+  } else if (WIFSIGNALED(status)) {
+    info.signaled = true;
+    info.signal = WTERMSIG(status);
+  } else {
+    info.code = WEXITSTATUS(status);
+  }
+  bool sent_the_fatal_signal =
+      info.signaled ? (info.signal == c.sent_signal) || (info.signal == SIGKILL && c.sent_kill)
+                    : c.stop_requested;
+  info.stopped = c.stop_requested && sent_the_fatal_signal;
+  // A stop is for the whole process group: what the child left behind goes now, not at the
+  // drain timeout. (The pgid cannot be reused while any member is alive.)
+  if (c.stop_requested) ::kill(-c.pid, SIGKILL);
+  c.running = false;
+  Unwatch(c.pidfd.fd);
+  c.pidfd.Reset();
+  if (c.kill_timer) reactor_.CancelTimer(c.kill_timer);
+  c.kill_timer = 0;
+  Log()->debug("{} (pid {}) {}", c.name, c.pid, info.Describe());
+  std::string name = c.name;
+  if (callbacks_.on_exit) callbacks_.on_exit(id, name, info);
+  // The callback may have stopped or spawned others; `c` is still ours (only MaybeClosed
+  // erases).
+  it = children_.find(id);
+  if (it == children_.end()) return;
+  if (it->second->out[0].fd >= 0 || it->second->out[1].fd >= 0) {
+    it->second->drain_timer = reactor_.PostAfter(options_.drain_timeout, "supervisor.drain",
+                                                 [this, id] { OnDrainTimeout(id); });
+  }
+  MaybeClosed(id);
+}
+
+void Supervisor::OnPipeReadable(ChildId id, OutputStream stream) {
+  auto it = children_.find(id);
+  if (it == children_.end()) return;
+  Child& c = *it->second;
+  int s = static_cast<int>(stream);
+  if (c.out[s].fd < 0) return;
+  char buf[16384];
+  // Bounded: a child that writes without pause must not starve the other children.
+  for (int round = 0; round < 16; ++round) {
+    ssize_t n = ::read(c.out[s].fd, buf, sizeof(buf));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN) return;
+      Log()->warn("{}: read from pipe: {}", c.name, strerror(errno));
+      n = 0;
+    }
+    if (n == 0) {
+      CloseStream(c, stream);
+      MaybeClosed(id);
+      return;
+    }
+    std::string& partial = c.partial[s];
+    partial.append(buf, static_cast<size_t>(n));
+    size_t start = 0;
+    for (;;) {
+      size_t nl = partial.find('\n', start);
+      if (nl == std::string::npos) break;
+      EmitLine(c, stream, std::string_view(partial).substr(start, nl - start));
+      start = nl + 1;
+    }
+    while (partial.size() - start >= kMaxLineBytes) {
+      EmitLine(c, stream, std::string_view(partial).substr(start, kMaxLineBytes));
+      start += kMaxLineBytes;
+    }
+    partial.erase(0, start);
+  }
+}
+
+void Supervisor::EmitLine(Child& c, OutputStream stream, std::string_view line) {
+  if (c.log.fd >= 0) {
+    std::string l;
+    l.reserve(line.size() + 1);
+    l.append(line);
+    l.push_back('\n');
+    WriteAll(c.log.fd, l);
+  }
+  if (callbacks_.on_line) callbacks_.on_line(c.id, c.name, stream, line);
+}
+
+void Supervisor::CloseStream(Child& c, OutputStream stream) {
+  int s = static_cast<int>(stream);
+  if (c.out[s].fd < 0) return;
+  if (!c.partial[s].empty()) {
+    std::string rest = std::move(c.partial[s]);
+    c.partial[s].clear();
+    EmitLine(c, stream, rest);
+  }
+  Unwatch(c.out[s].fd);
+  c.out[s].Reset();
+}
+
+void Supervisor::MaybeClosed(ChildId id) {
+  auto it = children_.find(id);
+  if (it == children_.end()) return;
+  Child& c = *it->second;
+  if (c.running || c.out[0].fd >= 0 || c.out[1].fd >= 0) return;
+  if (c.drain_timer) reactor_.CancelTimer(c.drain_timer);
+  std::string name = c.name;
+  children_.erase(it);
+  if (callbacks_.on_closed) callbacks_.on_closed(id, name);
+}
+
+void Supervisor::OnDrainTimeout(ChildId id) {
+  auto it = children_.find(id);
+  if (it == children_.end()) return;
+  Child& c = *it->second;
+  c.drain_timer = 0;
+  Log()->warn("{}: output pipes still open {} ms after pid {} exited; killing its process group",
+              c.name, options_.drain_timeout.count(), c.pid);
+  // The leader is reaped, but its pgid cannot be reused while members remain.
+  ::kill(-c.pid, SIGKILL);
+  // Deliver what is already buffered, then drop the pipes.
+  OnPipeReadable(id, OutputStream::kStdout);
+  OnPipeReadable(id, OutputStream::kStderr);
+  it = children_.find(id);
+  if (it == children_.end()) return;
+  CloseStream(*it->second, OutputStream::kStdout);
+  CloseStream(*it->second, OutputStream::kStderr);
+  MaybeClosed(id);
+}
+
+Status Supervisor::Signal(ChildId id, int signal) {
+  auto it = children_.find(id);
+  if (it == children_.end() || !it->second->running) {
+    return NotFoundError("child " + std::to_string(id) + " is not running");
+  }
+  if (::kill(-it->second->pid, signal) != 0 && errno != ESRCH) {
+    return ErrnoStatus(errno, "kill " + std::to_string(it->second->pid));
+  }
+  return Status::Ok();
+}
+
+void Supervisor::KillGroup(Child& c) {
+  if (!c.running) return;
+  c.kill_timer = 0;
+  Log()->debug("{}: SIGKILL to process group {}", c.name, c.pid);
+  c.sent_kill = true;
+  ::kill(-c.pid, SIGKILL);
+}
+
+void Supervisor::StopChild(Child& c, std::chrono::milliseconds grace, int signal) {
+  if (!c.running) return;
+  auto now = std::chrono::steady_clock::now();
+  if (!c.stop_requested) {
+    c.stop_requested = true;
+    if (grace.count() > 0) {
+      c.sent_signal = signal;
+      ::kill(-c.pid, signal);
+    }
+  }
+  if (grace.count() <= 0) {
+    KillGroup(c);
+    return;
+  }
+  if (now + grace >= c.kill_at) return;
+  c.kill_at = now + grace;
+  if (c.kill_timer) reactor_.CancelTimer(c.kill_timer);
+  ChildId id = c.id;
+  c.kill_timer = reactor_.PostAt(c.kill_at, "supervisor.kill", [this, id] {
+    auto it = children_.find(id);
+    if (it != children_.end()) KillGroup(*it->second);
+  });
+}
+
+void Supervisor::Stop(ChildId id, std::chrono::milliseconds grace, int signal) {
+  auto it = children_.find(id);
+  if (it != children_.end()) StopChild(*it->second, grace, signal);
+}
+
+void Supervisor::StopGroup(const std::string& group, std::chrono::milliseconds grace, int signal) {
+  for (auto& [id, c] : children_)
+    if (c->group == group) StopChild(*c, grace, signal);
+}
+
+void Supervisor::StopAll(std::chrono::milliseconds grace, int signal) {
+  for (auto& [id, c] : children_) StopChild(*c, grace, signal);
+}
+
+std::vector<ChildInfo> Supervisor::List() const {
+  std::vector<ChildInfo> out;
+  for (const auto& [id, c] : children_) {
+    out.push_back({id, c->name, c->group, c->pid, c->started, c->running, c->stop_requested});
+  }
+  return out;
+}
+
+size_t Supervisor::running() const {
+  size_t n = 0;
+  for (const auto& [id, c] : children_) n += c->running;
+  return n;
+}
+
+}  // namespace muster::node_agent

@@ -1,0 +1,371 @@
+// The process supervisor with real child processes: output lines, exits, env, stdin, stops.
+
+#include "node_agent/supervisor.h"
+
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <condition_variable>
+#include <map>
+#include <mutex>
+#include <set>
+
+namespace muster::node_agent {
+namespace {
+
+using namespace std::chrono_literals;
+
+struct Line {
+  ChildId id;
+  std::string name;
+  OutputStream stream;
+  std::string text;
+};
+
+// Runs a Supervisor on its own reactor and records everything its callbacks report.
+class SupervisorHarness {
+ public:
+  explicit SupervisorHarness(Supervisor::Options options = {}) : reactor_("test") {
+    reactor_.Start();
+    Supervisor::Callbacks cb;
+    cb.on_line = [this](ChildId id, const std::string& name, OutputStream s, std::string_view l) {
+      std::lock_guard<std::mutex> lock(mu_);
+      lines_.push_back({id, name, s, std::string(l)});
+      cv_.notify_all();
+    };
+    cb.on_exit = [this](ChildId id, const std::string&, const ExitInfo& e) {
+      std::lock_guard<std::mutex> lock(mu_);
+      exits_[id] = e;
+      // Output already delivered must precede on_exit's bookkeeping; closed must follow exit.
+      EXPECT_EQ(closed_.count(id), 0u);
+      cv_.notify_all();
+    };
+    cb.on_closed = [this](ChildId id, const std::string&) {
+      std::lock_guard<std::mutex> lock(mu_);
+      EXPECT_EQ(exits_.count(id), 1u) << "closed before its exit was reported";
+      closed_.insert(id);
+      cv_.notify_all();
+    };
+    reactor_.Call("make", [&] { sup_ = std::make_unique<Supervisor>(reactor_, cb, options); });
+  }
+  ~SupervisorHarness() {
+    reactor_.Call("destroy", [&] { sup_.reset(); });
+    reactor_.Stop();
+  }
+
+  StatusOr<ChildId> Spawn(SpawnSpec spec) {
+    if (spec.env.empty()) spec.env = {"PATH=/usr/bin:/bin"};
+    return reactor_.Call("spawn", [&] { return sup_->Spawn(spec); });
+  }
+  ChildId SpawnOk(SpawnSpec spec) {
+    auto id = Spawn(std::move(spec));
+    EXPECT_TRUE(id.ok()) << id.status();
+    return id.ok() ? *id : 0;
+  }
+  StatusOr<ChildId> Sh(const std::string& script, std::string name = "c") {
+    SpawnSpec s;
+    s.name = std::move(name);
+    s.group = "g";
+    s.argv = {"/bin/sh", "-c", script};
+    return Spawn(s);
+  }
+  template <typename F>
+  auto OnReactor(F f) {
+    return reactor_.Call("test", f);
+  }
+
+  bool WaitClosed(ChildId id, std::chrono::milliseconds timeout = 10s) {
+    std::unique_lock<std::mutex> lock(mu_);
+    return cv_.wait_for(lock, timeout, [&] { return closed_.count(id) > 0; });
+  }
+  bool WaitExit(ChildId id, std::chrono::milliseconds timeout = 10s) {
+    std::unique_lock<std::mutex> lock(mu_);
+    return cv_.wait_for(lock, timeout, [&] { return exits_.count(id) > 0; });
+  }
+  bool WaitLine(ChildId id, const std::string& text, std::chrono::milliseconds timeout = 10s) {
+    std::unique_lock<std::mutex> lock(mu_);
+    return cv_.wait_for(lock, timeout, [&] {
+      for (const auto& l : lines_)
+        if (l.id == id && l.text == text) return true;
+      return false;
+    });
+  }
+  ExitInfo Exit(ChildId id) {
+    std::lock_guard<std::mutex> lock(mu_);
+    return exits_.at(id);
+  }
+  std::vector<std::string> Lines(ChildId id, OutputStream s) {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::vector<std::string> out;
+    for (const auto& l : lines_)
+      if (l.id == id && l.stream == s) out.push_back(l.text);
+    return out;
+  }
+
+  Supervisor& sup() { return *sup_; }
+
+ private:
+  Reactor reactor_;
+  std::unique_ptr<Supervisor> sup_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<Line> lines_;
+  std::map<ChildId, ExitInfo> exits_;
+  std::set<ChildId> closed_;
+};
+
+TEST(SupervisorTest, DeliversWholeLinesOfBothStreamsAndTheExitCode) {
+  SupervisorHarness h;
+  auto id = h.Sh(
+      "echo one; echo two; echo err >&2; printf 'a'; printf 'b'; printf 'c\\n'; "
+      "printf tail; exit 3");
+  ASSERT_TRUE(id.ok()) << id.status();
+  ASSERT_TRUE(h.WaitClosed(*id));
+  EXPECT_EQ(h.Lines(*id, OutputStream::kStdout),
+            (std::vector<std::string>{"one", "two", "abc", "tail"}));
+  EXPECT_EQ(h.Lines(*id, OutputStream::kStderr), (std::vector<std::string>{"err"}));
+  ExitInfo e = h.Exit(*id);
+  EXPECT_FALSE(e.signaled);
+  EXPECT_EQ(e.code, 3);
+  EXPECT_EQ(e.ShellCode(), 3);
+  EXPECT_EQ(e.Describe(), "exited with code 3");
+}
+
+TEST(SupervisorTest, ReportsDeathBySignal) {
+  SupervisorHarness h;
+  auto id = h.Sh("kill -9 $$");
+  ASSERT_TRUE(id.ok());
+  ASSERT_TRUE(h.WaitClosed(*id));
+  ExitInfo e = h.Exit(*id);
+  EXPECT_TRUE(e.signaled);
+  EXPECT_EQ(e.signal, SIGKILL);
+  EXPECT_EQ(e.ShellCode(), 137);
+  EXPECT_EQ(e.Describe(), "was killed by signal 9 (SIGKILL)");
+}
+
+TEST(SupervisorTest, SplitsOverlongLinesAtTheLimit) {
+  SupervisorHarness h;
+  size_t n = Supervisor::kMaxLineBytes + 100;
+  auto id = h.Sh("head -c " + std::to_string(n) + " /dev/zero | tr '\\0' x; echo; echo after");
+  ASSERT_TRUE(id.ok());
+  ASSERT_TRUE(h.WaitClosed(*id));
+  auto lines = h.Lines(*id, OutputStream::kStdout);
+  ASSERT_EQ(lines.size(), 3u);
+  EXPECT_EQ(lines[0], std::string(Supervisor::kMaxLineBytes, 'x'));
+  EXPECT_EQ(lines[1], std::string(100, 'x'));
+  EXPECT_EQ(lines[2], "after");
+}
+
+TEST(SupervisorTest, GivesTheExactEnvironmentAndWorkingDirectory) {
+  SupervisorHarness h;
+  SpawnSpec s;
+  s.name = "env";
+  s.argv = {"/bin/sh", "-c", "echo \"$FOO|$HOME|$(pwd)\""};
+  s.env = {"FOO=bar baz", "PATH=/usr/bin:/bin"};
+  s.cwd = "/usr";
+  ChildId id = h.SpawnOk(s);
+  ASSERT_TRUE(h.WaitClosed(id));
+  EXPECT_EQ(h.Lines(id, OutputStream::kStdout), (std::vector<std::string>{"bar baz||/usr"}));
+}
+
+TEST(SupervisorTest, StdinComesFromTheGivenFdOrDevNull) {
+  SupervisorHarness h;
+  int p[2];
+  ASSERT_EQ(pipe(p), 0);
+  ASSERT_EQ(write(p[1], "hello\n", 6), 6);
+  close(p[1]);
+  SpawnSpec s;
+  s.name = "cat";
+  s.argv = {"cat"};
+  s.stdin_fd = p[0];
+  ChildId with_input = h.SpawnOk(s);
+  close(p[0]);
+  s.stdin_fd = -1;
+  ChildId without = h.SpawnOk(s);
+  ASSERT_TRUE(h.WaitClosed(with_input));
+  ASSERT_TRUE(h.WaitClosed(without));
+  EXPECT_EQ(h.Lines(with_input, OutputStream::kStdout), (std::vector<std::string>{"hello"}));
+  EXPECT_TRUE(h.Lines(without, OutputStream::kStdout).empty());
+  EXPECT_TRUE(h.Exit(without).success());
+}
+
+TEST(SupervisorTest, WritesLinesToTheLogFile) {
+  SupervisorHarness h;
+  std::string path = ::testing::TempDir() + "/supervisor_log_" + std::to_string(getpid());
+  unlink(path.c_str());
+  SpawnSpec s;
+  s.name = "log";
+  s.argv = {"/bin/sh", "-c", "echo out; echo err >&2; printf partial"};
+  s.log_path = path;
+  ChildId id = h.SpawnOk(s);
+  ASSERT_TRUE(h.WaitClosed(id));
+  FILE* f = fopen(path.c_str(), "r");
+  ASSERT_NE(f, nullptr);
+  char buf[256] = {};
+  size_t n = fread(buf, 1, sizeof(buf) - 1, f);
+  fclose(f);
+  std::string content(buf, n);
+  EXPECT_NE(content.find("out\n"), std::string::npos) << content;
+  EXPECT_NE(content.find("err\n"), std::string::npos) << content;
+  EXPECT_NE(content.find("partial\n"), std::string::npos) << content;
+  unlink(path.c_str());
+}
+
+TEST(SupervisorTest, MissingProgramIsNotFoundAndStartsNothing) {
+  SupervisorHarness h;
+  SpawnSpec s;
+  s.name = "x";
+  s.argv = {"/nonexistent/muster-no-such-program"};
+  auto id = h.Spawn(s);
+  ASSERT_FALSE(id.ok());
+  EXPECT_EQ(id.status().code(), StatusCode::kNotFound);
+  EXPECT_NE(id.status().message().find("muster-no-such-program"), std::string::npos);
+  EXPECT_EQ(h.OnReactor([&] { return h.sup().List().size(); }), 0u);
+  s.argv = {};
+  EXPECT_EQ(h.Spawn(s).status().code(), StatusCode::kInvalidArgument);
+}
+
+TEST(SupervisorTest, StopSendsSigtermThatAWellBehavedChildObeys) {
+  SupervisorHarness h;
+  auto id = h.Sh("echo ready; exec sleep 1000");
+  ASSERT_TRUE(id.ok());
+  ASSERT_TRUE(h.WaitLine(*id, "ready"));
+  h.OnReactor([&] { h.sup().Stop(*id, 10s); });
+  ASSERT_TRUE(h.WaitClosed(*id, 5s));
+  EXPECT_TRUE(h.Exit(*id).signaled);
+  EXPECT_EQ(h.Exit(*id).signal, SIGTERM);
+}
+
+TEST(SupervisorTest, StopKillsAChildThatIgnoresSigtermAfterTheGrace) {
+  SupervisorHarness h;
+  // SIG_IGN survives exec: the sleep ignores SIGTERM.
+  auto id = h.Sh("trap '' TERM; echo ready; exec sleep 1000");
+  ASSERT_TRUE(id.ok());
+  ASSERT_TRUE(h.WaitLine(*id, "ready"));
+  auto t0 = std::chrono::steady_clock::now();
+  h.OnReactor([&] { h.sup().Stop(*id, 300ms); });
+  ASSERT_TRUE(h.WaitClosed(*id, 5s));
+  auto took = std::chrono::steady_clock::now() - t0;
+  EXPECT_TRUE(h.Exit(*id).signaled);
+  EXPECT_EQ(h.Exit(*id).signal, SIGKILL);
+  EXPECT_GE(took, 300ms);
+  EXPECT_LT(took, 3s);
+}
+
+TEST(SupervisorTest, ExitsCausedByAStopAreMarkedStopped) {
+  SupervisorHarness h;
+  auto obeys = h.Sh("echo ready; exec sleep 1000");
+  auto traps = h.Sh("trap 'exit 7' TERM; echo ready; sleep 1000 & wait");
+  auto unstopped = h.Sh("exit 4");
+  ASSERT_TRUE(obeys.ok() && traps.ok() && unstopped.ok());
+  ASSERT_TRUE(h.WaitLine(*obeys, "ready"));
+  ASSERT_TRUE(h.WaitLine(*traps, "ready"));
+  h.OnReactor([&] {
+    h.sup().Stop(*obeys, 10s);
+    h.sup().Stop(*traps, 10s);
+  });
+  ASSERT_TRUE(h.WaitClosed(*obeys));
+  ASSERT_TRUE(h.WaitClosed(*traps));
+  ASSERT_TRUE(h.WaitClosed(*unstopped));
+  EXPECT_TRUE(h.Exit(*obeys).stopped);
+  EXPECT_TRUE(h.Exit(*traps).stopped);
+  EXPECT_EQ(h.Exit(*traps).code, 7);
+  EXPECT_FALSE(h.Exit(*unstopped).stopped);
+}
+
+TEST(SupervisorTest, AKillFromOutsideDuringAStopIsNotMarkedStopped) {
+  SupervisorHarness h;
+  auto id = h.Sh("trap '' TERM; echo ready; exec sleep 1000");
+  ASSERT_TRUE(id.ok());
+  ASSERT_TRUE(h.WaitLine(*id, "ready"));
+  pid_t pid = h.OnReactor([&] {
+    h.sup().Stop(*id, 60s);  // SIGTERM (ignored) now, SIGKILL only in a minute
+    return h.sup().List()[0].pid;
+  });
+  ASSERT_EQ(kill(pid, SIGKILL), 0);
+  ASSERT_TRUE(h.WaitClosed(*id));
+  EXPECT_EQ(h.Exit(*id).signal, SIGKILL);
+  EXPECT_FALSE(h.Exit(*id).stopped);
+}
+
+TEST(SupervisorTest, StopReachesTheWholeProcessGroup) {
+  // The grandchild holds the pipes; the child ends only when it does. If the stop missed
+  // the grandchild, the drain timeout (30 s) would be what closes the pipes.
+  SupervisorHarness h(Supervisor::Options{30s});
+  auto id = h.Sh("sleep 1000 & echo ready; wait");
+  ASSERT_TRUE(id.ok());
+  ASSERT_TRUE(h.WaitLine(*id, "ready"));
+  h.OnReactor([&] { h.sup().Stop(*id, 5s); });
+  EXPECT_TRUE(h.WaitClosed(*id, 4s));
+}
+
+TEST(SupervisorTest, LeftoverProcessesAreKilledAfterTheDrainTimeout) {
+  SupervisorHarness h(Supervisor::Options{200ms});
+  auto id = h.Sh("(sleep 1000 &); echo parent-done");
+  ASSERT_TRUE(id.ok());
+  ASSERT_TRUE(h.WaitExit(*id));
+  EXPECT_TRUE(h.Exit(*id).success());
+  ASSERT_TRUE(h.WaitClosed(*id, 5s));
+  EXPECT_EQ(h.Lines(*id, OutputStream::kStdout), (std::vector<std::string>{"parent-done"}));
+}
+
+TEST(SupervisorTest, StopGroupStopsOnlyThatGroupAndListShowsState) {
+  SupervisorHarness h;
+  SpawnSpec s;
+  s.argv = {"/bin/sh", "-c", "echo ready; exec sleep 1000"};
+  s.name = "a0";
+  s.group = "job-a";
+  ChildId a0 = h.SpawnOk(s);
+  s.name = "a1";
+  ChildId a1 = h.SpawnOk(s);
+  s.name = "b0";
+  s.group = "job-b";
+  ChildId b0 = h.SpawnOk(s);
+  for (ChildId id : {a0, a1, b0}) ASSERT_TRUE(h.WaitLine(id, "ready"));
+  auto list = h.OnReactor([&] { return h.sup().List(); });
+  ASSERT_EQ(list.size(), 3u);
+  EXPECT_EQ(list[0].name, "a0");
+  EXPECT_EQ(list[2].group, "job-b");
+  EXPECT_GT(list[1].pid, 0);
+  h.OnReactor([&] { h.sup().StopGroup("job-a", 5s); });
+  ASSERT_TRUE(h.WaitClosed(a0));
+  ASSERT_TRUE(h.WaitClosed(a1));
+  list = h.OnReactor([&] { return h.sup().List(); });
+  ASSERT_EQ(list.size(), 1u);
+  EXPECT_EQ(list[0].name, "b0");
+  EXPECT_TRUE(list[0].running);
+  EXPECT_EQ(h.OnReactor([&] { return h.sup().running(); }), 1u);
+  EXPECT_TRUE(h.OnReactor([&] { return h.sup().Signal(b0, SIGKILL); }).ok());
+  ASSERT_TRUE(h.WaitClosed(b0));
+  EXPECT_EQ(h.Exit(b0).signal, SIGKILL);
+  EXPECT_EQ(h.OnReactor([&] { return h.sup().Signal(b0, SIGTERM); }).code(), StatusCode::kNotFound);
+}
+
+TEST(SupervisorTest, ExitsAreNumberedInTheOrderTheyHappen) {
+  SupervisorHarness h;
+  auto first = h.Sh("exit 1");
+  ASSERT_TRUE(first.ok());
+  ASSERT_TRUE(h.WaitExit(*first));
+  auto second = h.Sh("exit 2");
+  ASSERT_TRUE(second.ok());
+  ASSERT_TRUE(h.WaitExit(*second));
+  EXPECT_LT(h.Exit(*first).seq, h.Exit(*second).seq);
+  EXPECT_LE(h.Exit(*first).when, h.Exit(*second).when);
+}
+
+TEST(SupervisorTest, DestructorKillsChildrenStillRunning) {
+  pid_t pid;
+  {
+    SupervisorHarness h;
+    auto id = h.Sh("echo ready; exec sleep 1000");
+    ASSERT_TRUE(id.ok());
+    ASSERT_TRUE(h.WaitLine(*id, "ready"));
+    pid = h.OnReactor([&] { return h.sup().List()[0].pid; });
+  }
+  EXPECT_EQ(kill(pid, 0), -1);
+  EXPECT_EQ(errno, ESRCH);
+}
+
+}  // namespace
+}  // namespace muster::node_agent
