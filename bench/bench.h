@@ -27,5 +27,6 @@ class Table {
 std::string Fmt(double v, int precision = 2);
 
 void AddRpcBench(CLI::App& app, Runner* runner);
+void AddSchedulerBench(CLI::App& app, Runner* runner);
 
 }  // namespace muster::bench

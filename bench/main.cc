@@ -43,6 +43,7 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   muster::bench::Runner runner;
   muster::bench::AddRpcBench(app, &runner);
+  muster::bench::AddSchedulerBench(app, &runner);
   auto* all = app.add_subcommand("all", "Run every benchmark with its default settings");
   all->callback([&] {
     runner = [&] {
