@@ -13,5 +13,6 @@ using Runner = std::function<int()>;
 
 // Each adds its subcommand(s) to `app` and sets `*runner` when one is chosen.
 void AddKeysCommands(CLI::App& app, Runner* runner);
+void AddCoordinatorCommands(CLI::App& app, Runner* runner);
 
 }  // namespace muster::cli

@@ -17,6 +17,7 @@ int main(int argc, char** argv) {
 
   muster::cli::Runner runner;
   muster::cli::AddKeysCommands(app, &runner);
+  muster::cli::AddCoordinatorCommands(app, &runner);
 
   try {
     app.parse(argc, argv);
