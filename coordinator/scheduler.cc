@@ -366,16 +366,25 @@ struct Scheduler::Impl {
     if (best_p < 0 && j.req.island != IslandPolicy::kRequired) consider_providers();
     if (best_p < 0) {
       // Wait info: the group with the most usable nodes, and whether the head's hold is why.
+      // Only groups that could ever hold the gang are named (a reason that points at a
+      // provider too small to help would mislead).
+      std::vector<int> prov_tot(providers.size(), 0), isl_tot(islands.size(), 0);
+      for (int c : elig) {
+        prov_tot[classes[c].provider] += classes[c].total;
+        isl_tot[classes[c].island_group] += classes[c].total;
+      }
       int most = -1, most_p = -1, most_i = -1, most_raw = 0;
       bool islands_only = j.req.island == IslandPolicy::kRequired;
       if (islands_only) {
         for (size_t i = 0; i < islands.size(); ++i) {
+          if (isl_tot[i] < need) continue;
           int a = avail(s_isl_non[i], s_isl_e[i]);
           if (a > most) most = a, most_p = islands[i].first, most_i = static_cast<int>(i);
           most_raw = std::max(most_raw, s_isl_non[i] + s_isl_e[i]);
         }
       } else {
         for (size_t p = 0; p < providers.size(); ++p) {
+          if (prov_tot[p] < need) continue;
           int a = avail(s_prov_non[p], s_prov_e[p]);
           if (a > most) most = a, most_p = static_cast<int>(p), most_i = -1;
           most_raw = std::max(most_raw, s_prov_non[p] + s_prov_e[p]);
@@ -898,7 +907,9 @@ std::string Scheduler::PendingReason(const std::string& job) const {
     case WaitKind::kPinned:
       return "waiting: " + j.wait_other;
     case WaitKind::kNoNodes:
-      return "waiting: no node that fits is up (down, draining or quarantined)";
+      return fmt::format("waiting: no {} has {} registered nodes that fit this job",
+                         j.req.island == IslandPolicy::kRequired ? "island" : "provider",
+                         j.req.nodes);
   }
   return "";
 }

@@ -114,7 +114,7 @@ TEST(SchedulerTest, IslandRequiredPreferredAny) {
   ASSERT_TRUE(s.Submit(req).ok());
   Decisions d = s.Schedule(T(0));
   EXPECT_TRUE(d.placements.empty()) << "no island has 4 nodes";
-  EXPECT_EQ(s.PendingReason("req"), "waiting: 3 of 4 nodes free on provider aws, island y");
+  EXPECT_EQ(s.PendingReason("req"), "waiting: no island has 4 registered nodes that fit this job");
   ASSERT_TRUE(s.CancelPending("req").ok());
 
   JobRequest pref = J("pref", 3);
