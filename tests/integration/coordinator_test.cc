@@ -519,5 +519,67 @@ TEST_F(CoordinatorIntegrationTest, CliSubmitStatusJsonAndBadSpec) {
   EXPECT_NE(out.find("scheduled"), std::string::npos) << out;
 }
 
+TEST_F(CoordinatorIntegrationTest, LongPollDeliversStartAndLogsAreFetchedFromTheAgent) {
+  RpcClient::Options ro;
+  ro.endpoint = coord_->endpoint();
+  ro.client_key = *LoadKeyPair(keys_.client_key());
+  ro.server_public_key = LoadKeyPair(keys_.coordinator_pub())->public_key;
+  auto agent = std::move(*RpcClient::Connect(ctx_, ro));
+  proto::Envelope reg;
+  *reg.mutable_agent_register()->mutable_labels() = Labels("aws-0", "aws");
+  auto r = agent->Call(reg, 5s);
+  ASSERT_TRUE(r.ok()) << r.status();
+  std::string session = r->agent_registered().session_id();
+  EXPECT_EQ(r->agent_registered().heartbeat_interval_ms(), 200);
+  EXPECT_EQ(r->agent_registered().heartbeat_timeout_ms(), 1500);
+  auto poll = [&](int64_t wait_ms) {
+    proto::Envelope p;
+    p.mutable_agent_poll()->set_node("aws-0");
+    p.mutable_agent_poll()->set_session_id(session);
+    p.mutable_agent_poll()->set_wait_ms(wait_ms);
+    return agent->Call(p, 5s);
+  };
+  // The poll is parked, then answered by the submit's placement.
+  std::thread submitter([&] {
+    // Before or after the poll parks, the start reaches it: queued actions flush on a poll.
+    EXPECT_TRUE(Submit("name: lp\ncommand: train\nranks_per_node: 2\n").ok());
+  });
+  auto t0 = Clock::now();
+  auto actions = poll(3000);
+  submitter.join();
+  ASSERT_TRUE(actions.ok()) << actions.status();
+  ASSERT_EQ(actions->agent_actions().actions_size(), 1);
+  EXPECT_LT(Clock::now() - t0, 2500ms) << "answered by the placement, not by the poll timeout";
+  const auto& start = actions->agent_actions().actions(0).start();
+  EXPECT_EQ(start.job_id(), "lp-1");
+
+  // A client asks for rank 1's log; the coordinator forwards it to the agent.
+  std::optional<StatusOr<proto::LogsReply>> logs;
+  std::thread reader([&] { logs = client_->Logs("lp-1", 1, 0, 1000); });
+  auto fetch = poll(3000);
+  ASSERT_TRUE(fetch.ok());
+  ASSERT_EQ(fetch->agent_actions().actions_size(), 1);
+  const auto& f = fetch->agent_actions().actions(0).fetch_log();
+  EXPECT_EQ(f.rank(), 1);
+  proto::Envelope chunk;
+  auto* c = chunk.mutable_agent_log_chunk();
+  c->set_node("aws-0");
+  c->set_session_id(session);
+  c->set_fetch_id(f.fetch_id());
+  c->set_data("hello from rank 1\n");
+  c->set_next_offset(18);
+  ASSERT_TRUE(agent->Call(chunk, 5s).ok());
+  reader.join();
+  ASSERT_TRUE(logs && logs->ok()) << (logs ? logs->status().ToString() : "no reply");
+  EXPECT_EQ((*logs)->data(), "hello from rank 1\n");
+  EXPECT_EQ((*logs)->next_offset(), 18);
+  EXPECT_EQ(client_->Logs("lp-1", 5, 0, 10).status().code(), StatusCode::kNotFound);
+  // A heartbeat with a wrong session is told to register again.
+  proto::Envelope hb;
+  hb.mutable_agent_heartbeat()->set_node("aws-0");
+  hb.mutable_agent_heartbeat()->set_session_id("bogus");
+  EXPECT_EQ(agent->Call(hb, 5s).status().code(), StatusCode::kNotFound);
+}
+
 }  // namespace
 }  // namespace muster::coordinator
