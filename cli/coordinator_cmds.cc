@@ -331,6 +331,34 @@ void AddCoordinatorCommands(CLI::App& app, Runner* runner) {
       };
     });
   }
+  // muster logs JOB [--rank R] [-f]
+  {
+    auto* cmd = app.add_subcommand("logs", "A rank's output, fetched from its node's agent");
+    auto o = std::make_shared<ClientOptions>();
+    auto job = std::make_shared<std::string>();
+    auto rank = std::make_shared<int>(0);
+    auto follow = std::make_shared<bool>(false);
+    cmd->add_option("JOB", *job, "Job id")->required();
+    cmd->add_option("--rank,-r", *rank, "Global rank (default 0)")->check(CLI::NonNegativeNumber);
+    cmd->add_flag("--follow,-f", *follow, "Keep printing as the rank writes");
+    AddClientFlags(cmd, o);
+    cmd->callback([=] {
+      *runner = [=] {
+        int rc = 0;
+        auto c = ConnectOrPrint("logs", *o, &rc);
+        if (!c) return rc;
+        int64_t offset = 0;
+        while (true) {
+          auto r = c->Logs(*job, *rank, offset, 1 << 20);
+          if (!r.ok()) return Fail("logs", r.status());
+          std::cout << r->data() << std::flush;
+          offset = r->next_offset();
+          if (!*follow || r->eof()) return 0;
+          if (r->data().empty()) std::this_thread::sleep_for(std::chrono::milliseconds(500));
+        }
+      };
+    });
+  }
   // muster node drain|undrain NODE
   {
     auto* node = app.add_subcommand("node", "Node administration");

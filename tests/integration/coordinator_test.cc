@@ -581,5 +581,28 @@ TEST_F(CoordinatorIntegrationTest, LongPollDeliversStartAndLogsAreFetchedFromThe
   EXPECT_EQ(agent->Call(hb, 5s).status().code(), StatusCode::kNotFound);
 }
 
+TEST_F(CoordinatorIntegrationTest, HigherPriorityPreemptsAndTheVictimRequeues) {
+  FakeAgent& a = AddAgent("aws-0", "aws");
+  auto low = Submit("name: low\ncommand: train\npriority: 0\n");
+  ASSERT_TRUE(low.ok());
+  ASSERT_TRUE(a.WaitStart());
+  ASSERT_TRUE(a.Report(*low, 1, true, 0, false).ok());
+  auto high = Submit("name: high\ncommand: train\npriority: 10\n");
+  ASSERT_TRUE(high.ok());
+  auto stop = a.WaitStop();
+  ASSERT_TRUE(stop);
+  EXPECT_EQ(stop->job_id(), *low);
+  EXPECT_EQ(stop->reason(), proto::STOP_PREEMPTED);
+  EXPECT_NE(Status(*high).pending_reason().find("preempting"), std::string::npos);
+  ASSERT_TRUE(a.Report(*low, 1, false, 143, true, true).ok());
+  auto start = a.WaitStart();
+  ASSERT_TRUE(start);
+  EXPECT_EQ(start->job_id(), *high);
+  auto st = Status(*low);
+  EXPECT_EQ(st.state(), proto::JOB_PENDING);
+  EXPECT_EQ(st.preemptions(), 1);
+  EXPECT_EQ(st.restarts(), 0);
+}
+
 }  // namespace
 }  // namespace muster::coordinator
