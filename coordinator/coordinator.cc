@@ -25,46 +25,6 @@ bool Terminal(proto::JobState s) {
   return s == proto::JOB_SUCCEEDED || s == proto::JOB_FAILED || s == proto::JOB_CANCELLED;
 }
 
-std::string StateName(proto::JobState s) {
-  switch (s) {
-    case proto::JOB_PENDING:
-      return "pending";
-    case proto::JOB_SCHEDULED:
-      return "scheduled";
-    case proto::JOB_RUNNING:
-      return "running";
-    case proto::JOB_SUCCEEDED:
-      return "succeeded";
-    case proto::JOB_FAILED:
-      return "failed";
-    case proto::JOB_CANCELLED:
-      return "cancelled";
-    case proto::JOB_REQUEUED:
-      return "requeued";
-    default:
-      return "unknown";
-  }
-}
-
-std::string StopName(proto::StopReason r) {
-  switch (r) {
-    case proto::STOP_CANCELLED:
-      return "cancelled";
-    case proto::STOP_PREEMPTED:
-      return "preempted";
-    case proto::STOP_PEER_FAILED:
-      return "a peer failed";
-    case proto::STOP_TIME_LIMIT:
-      return "time limit";
-    case proto::STOP_RECONCILE:
-      return "reconcile";
-    case proto::STOP_NODE_PREEMPTED:
-      return "node preempted";
-    default:
-      return "stop";
-  }
-}
-
 NodeSpec ToNodeSpec(const proto::NodeLabels& l) {
   NodeSpec s;
   s.name = l.name();

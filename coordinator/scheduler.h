@@ -6,7 +6,7 @@
 // decisions (placements to start, running jobs to preempt). It does no I/O and reads no clock:
 // time is passed in. That is what lets it be simulated at 10,000 nodes (muster-bench scheduler).
 //
-// Rules (docs/scheduling in coordinator/README is this list):
+// Rules (docs/job-spec.md points users here):
 //  - A node runs at most one job at a time (whole-node allocation, as Slurm --exclusive); it
 //    fits a job if gpu_type matches (empty = any), gpus >= gpus_per_node, slots >=
 //    ranks_per_node and it mounts the job's checkpoint volume.
