@@ -604,5 +604,58 @@ TEST_F(CoordinatorIntegrationTest, HigherPriorityPreemptsAndTheVictimRequeues) {
   EXPECT_EQ(st.restarts(), 0);
 }
 
+TEST(CoordinatorSecurityTest, InsecureMustBeAskedForAndWarnsAndMissingKeysAreAClearError) {
+  fs::path root = fs::temp_directory_path() / ("muster-coord-sec-" + std::to_string(getpid()) +
+                                               "-" + std::to_string(std::random_device{}()));
+  fs::create_directories(root);
+  auto spawn = [&](std::vector<std::string> args, const fs::path& out) {
+    pid_t pid = fork();
+    if (pid == 0) {
+      FILE* f = freopen(out.c_str(), "w", stderr);
+      (void)f;
+      std::vector<char*> argv{const_cast<char*>(MUSTER_BIN)};
+      for (auto& a : args) argv.push_back(a.data());
+      argv.push_back(nullptr);
+      execv(MUSTER_BIN, argv.data());
+      _exit(127);
+    }
+    return pid;
+  };
+  auto slurp = [](const fs::path& p) {
+    std::ifstream in(p);
+    return std::string(std::istreambuf_iterator<char>(in), {});
+  };
+  // Without keys and without --insecure: refuses to start, saying what to do.
+  pid_t pid = spawn({"coordinator", "--data-dir", (root / "d1").string(), "--listen",
+                     "tcp://127.0.0.1:*", "--keys", (root / "nokeys").string()},
+                    root / "err1");
+  int st = 0;
+  waitpid(pid, &st, 0);
+  EXPECT_NE(WEXITSTATUS(st), 0);
+  EXPECT_NE(slurp(root / "err1").find("muster keys init"), std::string::npos)
+      << slurp(root / "err1");
+
+  // --insecure: serves, and says so loudly.
+  pid = spawn({"coordinator", "--data-dir", (root / "d2").string(), "--listen", "tcp://127.0.0.1:*",
+               "--insecure"},
+              root / "err2");
+  ASSERT_TRUE(WaitUntil([&] { return fs::exists(root / "d2" / "endpoint"); }, 10s))
+      << slurp(root / "err2");
+  EXPECT_NE(slurp(root / "err2").find("INSECURE"), std::string::npos);
+  std::string ep;
+  std::ifstream(root / "d2" / "endpoint") >> ep;
+  ClientOptions o;
+  o.endpoint = ep;
+  o.insecure = true;
+  auto c = CoordinatorClient::Connect(o);
+  ASSERT_TRUE(c.ok());
+  auto nodes = (*c)->Nodes();
+  EXPECT_TRUE(nodes.ok()) << nodes.status();
+  kill(pid, SIGTERM);
+  waitpid(pid, &st, 0);
+  EXPECT_TRUE(WIFEXITED(st) && WEXITSTATUS(st) == 0) << "SIGTERM stops it cleanly";
+  fs::remove_all(root);
+}
+
 }  // namespace
 }  // namespace muster::coordinator
