@@ -1011,7 +1011,8 @@ StatusOr<proto::Envelope> Coordinator::OnReport(const proto::AgentReport& req) {
                       : fmt::format("rank {} on {} exited {}", x.rank(), node, x.exit_code());
       j.failure_node = node;
       Event(j.rec.id, node, "rank_failed", fmt::format("attempt {}: {}", j.rec.attempt, j.failure));
-      StopGang(j, proto::STOP_PEER_FAILED, "");
+      // This node's other ranks are stopped too, unless it reports them all gone already.
+      StopGang(j, proto::STOP_PEER_FAILED, req.all_exited() ? node : "");
     }
   }
   if (req.all_exited() && !j.done.count(node)) NodeDone(j, node);
