@@ -137,7 +137,7 @@ struct Scheduler::Impl {
   std::set<Job*, QueueOrder> queue;
   std::set<int> quarantined_nodes;
   // Scratch arrays for a pass.
-  std::vector<int> s_prov_non, s_prov_e, s_isl_non, s_isl_e;
+  std::vector<int> s_prov_non, s_prov_e, s_isl_non, s_isl_e, s_prov_tot, s_isl_tot;
 
   int ProviderIdx(const std::string& p) {
     auto [it, added] = provider_index.emplace(p, static_cast<int>(providers.size()));
@@ -325,8 +325,12 @@ struct Scheduler::Impl {
     s_isl_non.assign(islands.size(), 0);
     s_isl_e.assign(islands.size(), 0);
     bool any_e = false;
+    s_prov_tot.assign(providers.size(), 0);
+    s_isl_tot.assign(islands.size(), 0);
     for (int c : elig) {
       const Class& cl = classes[c];
+      s_prov_tot[cl.provider] += cl.total;
+      s_isl_tot[cl.island_group] += cl.total;
       int f = static_cast<int>(cl.free.size());
       if (f == 0) continue;
       if (res.head && res.in_e[c]) {
@@ -368,11 +372,8 @@ struct Scheduler::Impl {
       // Wait info: the group with the most usable nodes, and whether the head's hold is why.
       // Only groups that could ever hold the gang are named (a reason that points at a
       // provider too small to help would mislead).
-      std::vector<int> prov_tot(providers.size(), 0), isl_tot(islands.size(), 0);
-      for (int c : elig) {
-        prov_tot[classes[c].provider] += classes[c].total;
-        isl_tot[classes[c].island_group] += classes[c].total;
-      }
+      const auto& prov_tot = s_prov_tot;
+      const auto& isl_tot = s_isl_tot;
       int most = -1, most_p = -1, most_i = -1, most_raw = 0;
       bool islands_only = j.req.island == IslandPolicy::kRequired;
       if (islands_only) {
