@@ -32,5 +32,18 @@ bench: build
 format:
 	git ls-files '*.cc' '*.h' '*.cu' | xargs clang-format -i
 
+# Fuzz the coordinator's message handling with libFuzzer + ASan for FUZZ_SECONDS (default 600),
+# in its own clang build dir. Crashes land in $(FUZZ_DIR)/artifacts.
+FUZZ_DIR ?= build-fuzz
+FUZZ_SECONDS ?= 600
+fuzz:
+	cmake -S . -B $(FUZZ_DIR) -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMUSTER_FUZZ=ON \
+	  -DCMAKE_C_COMPILER=clang-14 -DCMAKE_CXX_COMPILER=clang++-14 \
+	  -DMUSTER_WITH_CUDA=OFF -DMUSTER_WITH_TORCH=OFF -DMUSTER_WITH_MPI=OFF
+	cmake --build $(FUZZ_DIR) -j $(JOBS) --target coordinator_fuzz
+	mkdir -p $(FUZZ_DIR)/corpus $(FUZZ_DIR)/artifacts
+	$(FUZZ_DIR)/tests/coordinator_fuzz -max_total_time=$(FUZZ_SECONDS) -max_len=4096 \
+	  -artifact_prefix=$(FUZZ_DIR)/artifacts/ $(FUZZ_DIR)/corpus
+
 clean:
 	rm -rf $(BUILD_DIR)

@@ -31,5 +31,6 @@ void AddRendezvousBench(CLI::App& app, Runner* runner);
 void AddAllreduceBench(CLI::App& app, Runner* runner);
 void AddCkptBench(CLI::App& app, Runner* runner);
 void AddLaunchBench(CLI::App& app, Runner* runner);
+void AddSchedulerBench(CLI::App& app, Runner* runner);
 
 }  // namespace muster::bench

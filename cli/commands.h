@@ -15,5 +15,6 @@ using Runner = std::function<int()>;
 void AddKeysCommands(CLI::App& app, Runner* runner);
 void AddCkptCommands(CLI::App& app, Runner* runner);
 void AddRunCommands(CLI::App& app, Runner* runner);
+void AddCoordinatorCommands(CLI::App& app, Runner* runner);
 
 }  // namespace muster::cli

@@ -19,6 +19,7 @@ int main(int argc, char** argv) {
   muster::cli::AddKeysCommands(app, &runner);
   muster::cli::AddCkptCommands(app, &runner);
   muster::cli::AddRunCommands(app, &runner);
+  muster::cli::AddCoordinatorCommands(app, &runner);
 
   try {
     app.parse(argc, argv);

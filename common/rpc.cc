@@ -110,10 +110,14 @@ void RpcServer::OnReadable() {
     }
     PeerInfo peer;
     peer.routing_id = routing_id;
-    // zmq_msg_gets (not message_t::gets, which throws): without a ZAP handler, as when
-    // serving insecure, a message carries no User-Id.
-    if (const char* u = zmq_msg_gets(frames[1].handle(), "User-Id")) peer.user_id = u;
-    if (const char* a = zmq_msg_gets(frames[1].handle(), "Peer-Address")) peer.address = a;
+    // gets() throws EINVAL for a property the connection lacks (no ZAP ran: insecure).
+    auto property = [&](const char* name) -> std::string {
+      const char* v = zmq_msg_gets(frames[1].handle(), name);
+      return v ? v : "";
+    };
+    peer.user_id = property("User-Id");
+    if (peer.user_id.empty()) peer.user_id = "anonymous";
+    peer.address = property("Peer-Address");
     auto env = ParseEnvelope(frames[1].data(), frames[1].size());
     if (!env.ok()) {
       logger->warn("{}: from {} ({}): {}", options_.name, peer.address, peer.user_id,

@@ -1,0 +1,389 @@
+// `muster coordinator`, `muster submit|status|cancel|nodes|events`, `muster node drain|undrain`:
+// argument parsing and printing only; the work is in coordinator/ (server.h, client.h).
+
+#include <signal.h>
+
+#include <chrono>
+#include <fstream>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <thread>
+
+#include "cli/commands.h"
+#include "common/logging.h"
+#include "coordinator/client.h"
+#include "coordinator/server.h"
+
+namespace muster::cli {
+
+namespace {
+
+using coordinator::ClientOptions;
+using coordinator::CoordinatorClient;
+using coordinator::JobStateName;
+using coordinator::NodeStateText;
+
+void AddClientFlags(CLI::App* cmd, std::shared_ptr<ClientOptions> o) {
+  cmd->add_option("--coordinator", o->endpoint,
+                  "Coordinator endpoint, tcp://HOST:PORT (default: $MUSTER_COORDINATOR)");
+  cmd->add_option("--keys", o->keys_dir, "Keys directory (default: $MUSTER_KEYS, else ~/.muster)");
+  cmd->add_flag("--insecure", o->insecure,
+                "Connect without CURVE (only to an --insecure coordinator)");
+}
+
+int Fail(const std::string& what, const Status& st) {
+  std::cerr << "muster " << what << ": " << st.message() << "\n";
+  return st.code() == StatusCode::kInvalidArgument || st.code() == StatusCode::kFailedPrecondition
+             ? 2
+             : 1;
+}
+
+std::unique_ptr<CoordinatorClient> ConnectOrPrint(const std::string& what, const ClientOptions& o,
+                                                  int* rc) {
+  auto c = CoordinatorClient::Connect(o);
+  if (!c.ok()) {
+    *rc = Fail(what, c.status());
+    return nullptr;
+  }
+  return std::move(*c);
+}
+
+std::string Ago(int64_t ms) {
+  if (ms <= 0) return "-";
+  int64_t now = std::chrono::duration_cast<std::chrono::milliseconds>(
+                    std::chrono::system_clock::now().time_since_epoch())
+                    .count();
+  int64_t s = (now - ms) / 1000;
+  if (s < 120) return std::to_string(s) + "s ago";
+  if (s < 7200) return std::to_string(s / 60) + "m ago";
+  return std::to_string(s / 3600) + "h ago";
+}
+
+std::string ProgressBar(const proto::Progress& p) {
+  if (p.step() <= 0 && p.total_steps() <= 0) return "";
+  std::ostringstream os;
+  if (p.total_steps() > 0) {
+    int width = 24;
+    int filled =
+        static_cast<int>(width * std::min<double>(1.0, double(p.step()) / p.total_steps()));
+    os << "[" << std::string(filled, '#') << std::string(width - filled, '.') << "] " << p.step()
+       << "/" << p.total_steps();
+  } else {
+    os << "step " << p.step();
+  }
+  if (p.loss() != 0) os << " loss " << p.loss();
+  if (p.throughput() > 0) os << " " << p.throughput() << " " << p.throughput_unit();
+  return os.str();
+}
+
+nlohmann::json JobJson(const proto::JobStatus& j) {
+  nlohmann::json out = {{"job_id", j.job_id()},
+                        {"name", j.name()},
+                        {"state", JobStateName(j.state())},
+                        {"attempt", j.attempt()},
+                        {"restarts", j.restarts()},
+                        {"preemptions", j.preemptions()},
+                        {"nodes", std::vector<std::string>(j.nodes().begin(), j.nodes().end())},
+                        {"provider", j.provider()},
+                        {"pending_reason", j.pending_reason()},
+                        {"detail", j.detail()},
+                        {"submitted_ms", j.submitted_ms()},
+                        {"resume_step", j.resume_step()}};
+  if (j.has_progress()) {
+    out["progress"] = {{"step", j.progress().step()},
+                       {"total_steps", j.progress().total_steps()},
+                       {"loss", j.progress().loss()},
+                       {"throughput", j.progress().throughput()},
+                       {"throughput_unit", j.progress().throughput_unit()}};
+  }
+  return out;
+}
+
+void PrintJob(const proto::JobStatus& j) {
+  std::cout << j.job_id() << "  " << JobStateName(j.state());
+  if (j.attempt() > 0) std::cout << "  attempt " << j.attempt();
+  if (j.nodes_size() > 0) {
+    std::cout << "  on " << j.provider() << ":";
+    for (int i = 0; i < j.nodes_size(); ++i) std::cout << (i ? "," : "") << j.nodes(i);
+  }
+  std::cout << "\n";
+  if (!j.pending_reason().empty()) std::cout << "  " << j.pending_reason() << "\n";
+  if (j.has_progress() && !ProgressBar(j.progress()).empty())
+    std::cout << "  " << ProgressBar(j.progress()) << "\n";
+  if (!j.detail().empty()) std::cout << "  " << j.detail() << "\n";
+  if (j.restarts() || j.preemptions())
+    std::cout << "  restarts " << j.restarts() << ", preemptions " << j.preemptions() << "\n";
+}
+
+bool Terminal(proto::JobState s) {
+  return s == proto::JOB_SUCCEEDED || s == proto::JOB_FAILED || s == proto::JOB_CANCELLED;
+}
+
+}  // namespace
+
+void AddCoordinatorCommands(CLI::App& app, Runner* runner) {
+  // muster coordinator
+  {
+    auto* cmd = app.add_subcommand("coordinator",
+                                   "Run the coordinator (job queue, scheduler, node registry)");
+    auto o = std::make_shared<coordinator::ServerOptions>();
+    auto data_dir = std::make_shared<std::string>();
+    auto hb = std::make_shared<int>(1000);
+    auto hb_timeout = std::make_shared<int>(5000);
+    cmd->add_option("--data-dir", *data_dir, "State directory (SQLite database)")->required();
+    cmd->add_option("--listen", o->listen, "Endpoint to serve on")->capture_default_str();
+    cmd->add_option("--keys", o->keys_dir,
+                    "Keys directory with coordinator.key and authorized_keys (default: "
+                    "$MUSTER_KEYS, else ~/.muster)");
+    cmd->add_flag("--insecure", o->insecure, "Serve without CURVE or authorization (tests only)");
+    cmd->add_option("--heartbeat-interval-ms", *hb, "Agent heartbeat interval")
+        ->check(CLI::Range(10, 600000));
+    cmd->add_option("--heartbeat-timeout-ms", *hb_timeout,
+                    "A node whose heartbeats stop this long is lost")
+        ->check(CLI::Range(50, 3600000));
+    cmd->callback([=] {
+      *runner = [=] {
+        o->data_dir = *data_dir;
+        o->coordinator.heartbeat_interval = std::chrono::milliseconds(*hb);
+        o->coordinator.heartbeat_timeout = std::chrono::milliseconds(*hb_timeout);
+        o->coordinator.lease = std::chrono::milliseconds(*hb_timeout + *hb_timeout / 2);
+        sigset_t set;
+        sigemptyset(&set);
+        sigaddset(&set, SIGINT);
+        sigaddset(&set, SIGTERM);
+        pthread_sigmask(SIG_BLOCK, &set, nullptr);
+        auto server = coordinator::CoordinatorServer::Start(*o);
+        if (!server.ok()) return Fail("coordinator", server.status());
+        std::cout << "coordinator listening on " << (*server)->endpoint() << std::endl;
+        int sig = 0;
+        sigwait(&set, &sig);
+        log::Get("coord")->info("signal {}: stopping", sig);
+        (*server)->Stop();
+        return 0;
+      };
+    });
+  }
+  // muster submit FILE [--follow]
+  {
+    auto* cmd = app.add_subcommand("submit", "Submit a job spec (YAML); prints the job id");
+    auto o = std::make_shared<ClientOptions>();
+    auto file = std::make_shared<std::string>();
+    auto follow = std::make_shared<bool>(false);
+    cmd->add_option("FILE", *file, "Job spec (docs/job-spec.md)")->required();
+    cmd->add_flag("--follow,-f", *follow, "Follow the job until it ends, with its progress");
+    AddClientFlags(cmd, o);
+    cmd->callback([=] {
+      *runner = [=] {
+        std::ifstream in(*file);
+        if (!in) return Fail("submit", ErrnoStatus(errno, "cannot read " + *file));
+        std::stringstream ss;
+        ss << in.rdbuf();
+        int rc = 0;
+        auto c = ConnectOrPrint("submit", *o, &rc);
+        if (!c) return rc;
+        auto id = c->Submit(ss.str(), *file);
+        if (!id.ok()) return Fail("submit", id.status());
+        std::cout << *id << std::endl;
+        if (!*follow) return 0;
+        int64_t after = 0;
+        while (true) {
+          auto ev = c->Events(*id, after);
+          if (ev.ok()) {
+            for (const auto& e : ev->events()) {
+              std::cout << "  " << e.kind() << ": " << e.message() << std::endl;
+              after = e.id();
+            }
+          }
+          auto st = c->Status(*id);
+          if (!st.ok()) return Fail("submit", st.status());
+          const auto& j = st->jobs(0);
+          if (j.has_progress() && !ProgressBar(j.progress()).empty())
+            std::cout << "\r  " << ProgressBar(j.progress()) << std::flush;
+          if (Terminal(j.state())) {
+            std::cout << "\n" << *id << " " << JobStateName(j.state()) << std::endl;
+            return j.state() == proto::JOB_SUCCEEDED ? 0 : 1;
+          }
+          std::this_thread::sleep_for(std::chrono::milliseconds(500));
+        }
+      };
+    });
+  }
+  // muster status [JOB] [--json]
+  {
+    auto* cmd =
+        app.add_subcommand("status", "Jobs: state, attempt, nodes, pending reason, progress");
+    auto o = std::make_shared<ClientOptions>();
+    auto job = std::make_shared<std::string>();
+    auto json = std::make_shared<bool>(false);
+    cmd->add_option("JOB", *job, "One job (default: all recent)");
+    cmd->add_flag("--json", *json, "Print JSON");
+    AddClientFlags(cmd, o);
+    cmd->callback([=] {
+      *runner = [=] {
+        int rc = 0;
+        auto c = ConnectOrPrint("status", *o, &rc);
+        if (!c) return rc;
+        auto st = c->Status(*job);
+        if (!st.ok()) return Fail("status", st.status());
+        if (*json) {
+          nlohmann::json out = nlohmann::json::array();
+          for (const auto& j : st->jobs()) out.push_back(JobJson(j));
+          std::cout << (job->empty() ? out : out[0]).dump(2) << "\n";
+          return 0;
+        }
+        if (st->jobs_size() == 0) std::cout << "no jobs\n";
+        for (const auto& j : st->jobs()) PrintJob(j);
+        return 0;
+      };
+    });
+  }
+  // muster cancel JOB
+  {
+    auto* cmd = app.add_subcommand("cancel", "Cancel a job (its ranks are stopped)");
+    auto o = std::make_shared<ClientOptions>();
+    auto job = std::make_shared<std::string>();
+    cmd->add_option("JOB", *job, "Job id")->required();
+    AddClientFlags(cmd, o);
+    cmd->callback([=] {
+      *runner = [=] {
+        int rc = 0;
+        auto c = ConnectOrPrint("cancel", *o, &rc);
+        if (!c) return rc;
+        auto st = c->Cancel(*job);
+        if (!st.ok()) return Fail("cancel", st.status());
+        std::cout << *job << " " << JobStateName(*st) << "\n";
+        return 0;
+      };
+    });
+  }
+  // muster nodes [--json]
+  {
+    auto* cmd = app.add_subcommand("nodes", "Registered nodes: labels, state, job");
+    auto o = std::make_shared<ClientOptions>();
+    auto json = std::make_shared<bool>(false);
+    cmd->add_flag("--json", *json, "Print JSON");
+    AddClientFlags(cmd, o);
+    cmd->callback([=] {
+      *runner = [=] {
+        int rc = 0;
+        auto c = ConnectOrPrint("nodes", *o, &rc);
+        if (!c) return rc;
+        auto st = c->Nodes();
+        if (!st.ok()) return Fail("nodes", st.status());
+        if (*json) {
+          nlohmann::json out = nlohmann::json::array();
+          for (const auto& n : st->nodes()) {
+            std::vector<std::string> vols;
+            for (const auto& v : n.labels().volumes()) vols.push_back(v.name());
+            out.push_back({{"name", n.labels().name()},
+                           {"provider", n.labels().provider()},
+                           {"region", n.labels().region()},
+                           {"island", n.labels().island()},
+                           {"gpu_type", n.labels().gpu_type()},
+                           {"gpus", n.labels().gpus()},
+                           {"slots", n.labels().slots()},
+                           {"volumes", vols},
+                           {"state", NodeStateText(n.state())},
+                           {"job_id", n.job_id()},
+                           {"last_heartbeat_ms", n.last_heartbeat_ms()},
+                           {"quarantines", n.quarantines()}});
+          }
+          std::cout << out.dump(2) << "\n";
+          return 0;
+        }
+        std::printf("%-20s %-10s %-10s %-10s %-8s %5s %5s %-12s %-16s %s\n", "NODE", "PROVIDER",
+                    "REGION", "ISLAND", "GPU", "GPUS", "SLOTS", "STATE", "JOB", "HEARTBEAT");
+        for (const auto& n : st->nodes()) {
+          const auto& l = n.labels();
+          std::printf("%-20s %-10s %-10s %-10s %-8s %5d %5d %-12s %-16s %s\n", l.name().c_str(),
+                      l.provider().c_str(), l.region().c_str(), l.island().c_str(),
+                      l.gpu_type().c_str(), l.gpus(), l.slots(), NodeStateText(n.state()).c_str(),
+                      n.job_id().empty() ? "-" : n.job_id().c_str(),
+                      Ago(n.last_heartbeat_ms()).c_str());
+        }
+        return 0;
+      };
+    });
+  }
+  // muster events JOB
+  {
+    auto* cmd = app.add_subcommand("events", "A job's timeline");
+    auto o = std::make_shared<ClientOptions>();
+    auto job = std::make_shared<std::string>();
+    cmd->add_option("JOB", *job, "Job id")->required();
+    AddClientFlags(cmd, o);
+    cmd->callback([=] {
+      *runner = [=] {
+        int rc = 0;
+        auto c = ConnectOrPrint("events", *o, &rc);
+        if (!c) return rc;
+        auto ev = c->Events(*job, 0);
+        if (!ev.ok()) return Fail("events", ev.status());
+        for (const auto& e : ev->events()) {
+          std::time_t t = e.time_ms() / 1000;
+          char buf[32];
+          std::strftime(buf, sizeof(buf), "%Y-%m-%d %H:%M:%S", std::gmtime(&t));
+          std::cout << buf << "  " << e.kind() << (e.node().empty() ? "" : " [" + e.node() + "]")
+                    << "  " << e.message() << "\n";
+        }
+        return 0;
+      };
+    });
+  }
+  // muster logs JOB [--rank R] [-f]
+  {
+    auto* cmd = app.add_subcommand("logs", "A rank's output, fetched from its node's agent");
+    auto o = std::make_shared<ClientOptions>();
+    auto job = std::make_shared<std::string>();
+    auto rank = std::make_shared<int>(0);
+    auto follow = std::make_shared<bool>(false);
+    cmd->add_option("JOB", *job, "Job id")->required();
+    cmd->add_option("--rank,-r", *rank, "Global rank (default 0)")->check(CLI::NonNegativeNumber);
+    cmd->add_flag("--follow,-f", *follow, "Keep printing as the rank writes");
+    AddClientFlags(cmd, o);
+    cmd->callback([=] {
+      *runner = [=] {
+        int rc = 0;
+        auto c = ConnectOrPrint("logs", *o, &rc);
+        if (!c) return rc;
+        int64_t offset = 0;
+        while (true) {
+          auto r = c->Logs(*job, *rank, offset, 1 << 20);
+          if (!r.ok()) return Fail("logs", r.status());
+          std::cout << r->data() << std::flush;
+          offset = r->next_offset();
+          if (!*follow || r->eof()) return 0;
+          if (r->data().empty()) std::this_thread::sleep_for(std::chrono::milliseconds(500));
+        }
+      };
+    });
+  }
+  // muster node drain|undrain NODE
+  {
+    auto* node = app.add_subcommand("node", "Node administration");
+    node->require_subcommand(1);
+    for (bool drain : {true, false}) {
+      auto* cmd = node->add_subcommand(
+          drain ? "drain" : "undrain",
+          drain ? "No new work on NODE; running jobs continue" : "NODE accepts work again");
+      auto o = std::make_shared<ClientOptions>();
+      auto name = std::make_shared<std::string>();
+      cmd->add_option("NODE", *name, "Node name")->required();
+      AddClientFlags(cmd, o);
+      cmd->callback([=] {
+        *runner = [=] {
+          int rc = 0;
+          auto c = ConnectOrPrint("node", *o, &rc);
+          if (!c) return rc;
+          auto st = c->Drain(*name, drain);
+          if (!st.ok()) return Fail("node", st.status());
+          std::cout << *name << " " << NodeStateText(*st) << "\n";
+          return 0;
+        };
+      });
+    }
+  }
+}
+
+}  // namespace muster::cli

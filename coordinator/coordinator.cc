@@ -1,0 +1,1043 @@
+#include "coordinator/coordinator.h"
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <algorithm>
+
+#include "common/curve.h"
+#include "common/logging.h"
+#include "common/wire.h"
+#include "coordinator/job_spec.h"
+
+namespace muster::coordinator {
+
+namespace {
+
+constexpr int kFinishedKept = 200;  // terminal jobs kept in memory for status
+
+auto Logger() {
+  static auto l = log::Get("coord");
+  return l;
+}
+
+bool Terminal(proto::JobState s) {
+  return s == proto::JOB_SUCCEEDED || s == proto::JOB_FAILED || s == proto::JOB_CANCELLED;
+}
+
+NodeSpec ToNodeSpec(const proto::NodeLabels& l) {
+  NodeSpec s;
+  s.name = l.name();
+  s.provider = l.provider();
+  s.region = l.region();
+  s.island = l.island();
+  s.gpu_type = l.gpu_type();
+  s.gpus = l.gpus();
+  s.slots = l.slots();
+  for (const auto& v : l.volumes()) s.volumes.push_back(v.name());
+  return s;
+}
+
+proto::Envelope Wrap(auto setter) {
+  proto::Envelope e;
+  setter(e);
+  return e;
+}
+
+}  // namespace
+
+proto::JobSpec JobSpecToProto(const JobSpec& s) {
+  proto::JobSpec p;
+  p.set_name(s.name);
+  for (const auto& c : s.command) p.add_command(c);
+  for (const auto& [k, v] : s.env) (*p.mutable_env())[k] = v;
+  p.set_nodes(s.nodes);
+  p.set_ranks_per_node(s.ranks_per_node);
+  p.set_gpu_type(s.gpu_type);
+  p.set_gpus_per_node(s.gpus_per_node);
+  for (const auto& pr : s.providers) p.add_providers(pr);
+  p.set_island(std::string(IslandPolicyName(s.island)));
+  p.set_priority(s.priority);
+  p.set_checkpoint_volume(s.checkpoint_volume);
+  p.set_checkpoint_every_steps(s.checkpoint_every_steps);
+  p.set_checkpoint_every_s(s.checkpoint_every_time.count());
+  p.set_checkpoint_keep(s.checkpoint_keep);
+  p.set_max_restarts(s.max_restarts);
+  p.set_restart_backoff_s(s.restart_backoff.count());
+  p.set_time_limit_s(s.time_limit.count());
+  for (const auto& h : s.hosts) p.add_hosts(h);
+  return p;
+}
+
+StatusOr<JobSpec> JobSpecFromProto(const proto::JobSpec& p) {
+  JobSpec s;
+  s.name = p.name();
+  s.command.assign(p.command().begin(), p.command().end());
+  for (const auto& [k, v] : p.env()) s.env[k] = v;
+  s.nodes = p.nodes();
+  s.ranks_per_node = p.ranks_per_node();
+  s.gpu_type = p.gpu_type();
+  s.gpus_per_node = p.gpus_per_node();
+  s.providers.assign(p.providers().begin(), p.providers().end());
+  if (!p.island().empty()) {
+    MUSTER_ASSIGN_OR_RETURN(s.island, ParseIslandPolicy(p.island()));
+  }
+  s.priority = p.priority();
+  s.checkpoint_volume = p.checkpoint_volume();
+  s.checkpoint_every_steps = p.checkpoint_every_steps();
+  s.checkpoint_every_time = std::chrono::seconds(p.checkpoint_every_s());
+  s.checkpoint_keep = p.checkpoint_keep();
+  s.max_restarts = p.max_restarts();
+  s.restart_backoff = std::chrono::seconds(p.restart_backoff_s());
+  s.time_limit = std::chrono::seconds(p.time_limit_s());
+  s.hosts.assign(p.hosts().begin(), p.hosts().end());
+  MUSTER_RETURN_IF_ERROR(ValidateJobSpec(s));
+  return s;
+}
+
+struct Coordinator::NodeRt {
+  NodeRecord rec;
+  std::string session;  // empty: not connected
+  int64_t last_hb_ms = 0;
+  std::vector<proto::AgentAction> queue;
+  std::optional<Reply> poll;
+  int64_t poll_deadline_ms = 0;
+};
+
+struct Coordinator::JobRt {
+  JobRecord rec;
+  JobRequest req;
+  std::optional<proto::Progress> progress;
+  std::set<std::string> started, done;
+  proto::StopReason stop = proto::STOP_REASON_UNSPECIFIED;
+  std::string failure;       // first failure, for events and detail
+  std::string failure_node;  // node to blame (quarantine)
+  bool lost = false;         // a node was lost (not the job's fault)
+  bool in_scheduler = false;
+  int64_t started_ms = 0;
+};
+
+Coordinator::Coordinator(std::unique_ptr<StateStore> store, CoordinatorOptions options)
+    : store_(std::move(store)),
+      options_(std::move(options)),
+      sched_(std::make_unique<Scheduler>(options_.quarantine)) {}
+
+Coordinator::~Coordinator() {
+  for (auto& [id, f] : fetches_) f.reply(ErrorEnvelope(0, UnavailableError("shutting down")));
+  for (auto& [name, n] : nodes_) {
+    if (n->poll) (*n->poll)(Wrap([](auto& e) { e.mutable_agent_actions(); }));
+  }
+}
+
+StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(std::unique_ptr<StateStore> store,
+                                                           CoordinatorOptions options) {
+  if (!store) return InvalidArgumentError("no state store");
+  std::unique_ptr<Coordinator> c(new Coordinator(std::move(store), std::move(options)));
+  MUSTER_RETURN_IF_ERROR(c->Restore());
+  return c;
+}
+
+int64_t Coordinator::NowMs() const {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(options_.clock().time_since_epoch())
+      .count();
+}
+
+Status Coordinator::Restore() {
+  int64_t now = NowMs();
+  MUSTER_ASSIGN_OR_RETURN(auto nodes, store_->LoadNodes());
+  for (auto& rec : nodes) {
+    auto n = std::make_unique<NodeRt>();
+    n->rec = std::move(rec);
+    n->last_hb_ms = now;  // give every agent a full timeout to come back
+    sched_->UpsertNode(ToNodeSpec(n->rec.labels));
+    // Down until its agent registers again; draining is remembered.
+    sched_->SetNodeState(n->rec.labels.name(), NodeState::kDown).IgnoreError();
+    if (n->rec.quarantined_until_ms > now) {
+      sched_->RestoreQuarantine(n->rec.labels.name(), n->rec.quarantines,
+                                TimePoint(std::chrono::milliseconds(n->rec.quarantined_until_ms)));
+    }
+    nodes_.emplace(n->rec.labels.name(), std::move(n));
+  }
+  MUSTER_ASSIGN_OR_RETURN(auto jobs, store_->LoadJobs());
+  int restored = 0;
+  for (auto& rec : jobs) {
+    if (Terminal(rec.state)) continue;
+    auto j = std::make_unique<JobRt>();
+    j->rec = std::move(rec);
+    auto spec = JobSpecFromProto(j->rec.spec);
+    if (!spec.ok()) {
+      j->rec.state = proto::JOB_FAILED;
+      j->rec.detail = "stored spec no longer valid: " + spec.status().message();
+      store_->UpdateJob(j->rec).IgnoreError();
+      continue;
+    }
+    j->req = ToJobRequest(*spec, j->rec.id, j->rec.seq);
+    if ((j->rec.state == proto::JOB_SCHEDULED || j->rec.state == proto::JOB_RUNNING) &&
+        !j->rec.nodes.empty()) {
+      Status st = sched_->RestoreRunning(j->req, j->rec.nodes);
+      if (st.ok()) {
+        j->in_scheduler = true;
+        // Its nodes confirm the assignment when they re-register (reconciliation).
+      }
+    }
+    if (!j->in_scheduler) {
+      j->rec.state = proto::JOB_PENDING;
+      j->rec.nodes.clear();
+      Persist(*j);
+      sched_->Submit(j->req).IgnoreError();
+      j->in_scheduler = true;
+    }
+    ++restored;
+    jobs_.emplace(j->rec.id, std::move(j));
+  }
+  Logger()->info("restored {} node(s) and {} unfinished job(s) from {}", nodes_.size(), restored,
+                 store_->path().string());
+  return Status::Ok();
+}
+
+void Coordinator::Event(const std::string& job, const std::string& node, const std::string& kind,
+                        const std::string& message) {
+  proto::Event e;
+  e.set_time_ms(NowMs());
+  e.set_job_id(job);
+  e.set_node(node);
+  e.set_kind(kind);
+  e.set_message(message);
+  auto id = store_->AppendEvent(e);
+  if (!id.ok()) Logger()->error("event not stored: {}", id.status().ToString());
+  Logger()->info("{}{}{}: {}", job.empty() ? "" : "job " + job + " ",
+                 node.empty() ? "" : "node " + node + " ", kind, message);
+}
+
+void Coordinator::Persist(JobRt& job) {
+  job.rec.updated_ms = NowMs();
+  Status st = store_->UpdateJob(job.rec);
+  if (!st.ok()) Logger()->error("job {} not stored: {}", job.rec.id, st.ToString());
+}
+
+void Coordinator::Enqueue(const std::string& node, proto::AgentAction action) {
+  auto it = nodes_.find(node);
+  if (it == nodes_.end()) return;
+  it->second->queue.push_back(std::move(action));
+  FlushPoll(*it->second);
+}
+
+void Coordinator::FlushPoll(NodeRt& node) {
+  if (!node.poll || node.queue.empty()) return;
+  proto::Envelope e;
+  for (auto& a : node.queue) *e.mutable_agent_actions()->add_actions() = std::move(a);
+  node.queue.clear();
+  Reply r = std::move(*node.poll);
+  node.poll.reset();
+  r(std::move(e));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scheduling and the lifecycle
+
+void Coordinator::Pass() {
+  pass_needed_ = false;
+  Decisions d = sched_->Schedule(options_.clock());
+  for (auto& p : d.placements) {
+    auto it = jobs_.find(p.job);
+    if (it == jobs_.end()) {
+      sched_->Release(p.job).IgnoreError();
+      continue;
+    }
+    Start(*it->second, p.nodes);
+  }
+  for (auto& pr : d.preemptions) {
+    auto it = jobs_.find(pr.victim);
+    if (it == jobs_.end()) continue;
+    Event(pr.victim, "", "preempted",
+          fmt::format("stopping for higher-priority job {}", pr.for_job));
+    StopGang(*it->second, proto::STOP_PREEMPTED, "");
+  }
+}
+
+void Coordinator::Start(JobRt& job, const std::vector<std::string>& nodes) {
+  auto& r = job.rec;
+  r.attempt++;
+  r.nodes = nodes;
+  r.state = proto::JOB_SCHEDULED;
+  r.detail.clear();
+  job.started.clear();
+  job.done.clear();
+  job.stop = proto::STOP_REASON_UNSPECIFIED;
+  job.failure.clear();
+  job.failure_node.clear();
+  job.lost = false;
+  job.progress.reset();
+  job.started_ms = NowMs();
+  r.resume_step = -1;
+  if (!r.spec.checkpoint_volume().empty()) {
+    auto step = store_->LatestCommittedStep(r.id, r.spec.checkpoint_volume());
+    if (step.ok() && step->has_value()) r.resume_step = **step;
+  }
+  Persist(job);
+  store_->PutAttempt({r.id, r.attempt, nodes, NowMs(), 0, "", ""}).IgnoreError();
+  std::string provider;
+  std::string master = nodes.empty() ? "" : nodes[0];
+  if (auto it = nodes_.find(master); it != nodes_.end()) {
+    provider = it->second->rec.labels.provider();
+    if (!it->second->rec.labels.address().empty()) master = it->second->rec.labels.address();
+  }
+  Event(r.id, "", "scheduled",
+        fmt::format("attempt {} on provider {}: {}", r.attempt, provider, fmt::join(nodes, ",")));
+  if (r.resume_step >= 0) {
+    Event(r.id, "", "resumed",
+          fmt::format("attempt {} resumes from step {} on volume {} (provider {})", r.attempt,
+                      r.resume_step, r.spec.checkpoint_volume(), provider));
+  }
+  int port = options_.rendezvous_port_base + static_cast<int>(r.seq % 1000);
+  auto rdzv = GenerateKeyPair();
+  int nn = static_cast<int>(nodes.size());
+  int rpn = r.spec.ranks_per_node();
+  for (int i = 0; i < nn; ++i) {
+    proto::AgentAction a;
+    auto* s = a.mutable_start();
+    s->set_job_id(r.id);
+    s->set_attempt(r.attempt);
+    s->set_node_rank(i);
+    s->set_nnodes(nn);
+    s->set_ranks_per_node(rpn);
+    for (const auto& c : r.spec.command()) s->add_command(c);
+    auto& env = *s->mutable_env();
+    for (const auto& [k, v] : r.spec.env()) env[k] = v;
+    env["MUSTER_JOB_ID"] = r.id;
+    env["MUSTER_ATTEMPT"] = std::to_string(r.attempt);
+    env["NNODES"] = std::to_string(nn);
+    env["NODE_RANK"] = std::to_string(i);
+    env["GROUP_RANK"] = std::to_string(i);
+    env["WORLD_SIZE"] = std::to_string(nn * rpn);
+    env["LOCAL_WORLD_SIZE"] = std::to_string(rpn);
+    env["MASTER_ADDR"] = master;
+    env["MASTER_PORT"] = std::to_string(port);
+    env["MUSTER_RDZV_ENDPOINT"] = fmt::format("tcp://{}:{}", master, port);
+    env["MUSTER_RESUME_STEP"] = r.resume_step >= 0 ? std::to_string(r.resume_step) : "";
+    env["TORCHELASTIC_RESTART_COUNT"] = std::to_string(r.attempt - 1);
+    if (r.spec.checkpoint_every_steps() > 0)
+      env["MUSTER_CHECKPOINT_EVERY"] = std::to_string(r.spec.checkpoint_every_steps());
+    if (r.spec.checkpoint_every_s() > 0)
+      env["MUSTER_CHECKPOINT_EVERY_S"] = std::to_string(r.spec.checkpoint_every_s());
+    s->set_rendezvous_host(master);
+    s->set_rendezvous_port(port);
+    s->set_host_rendezvous(i == 0);
+    if (rdzv.ok()) s->set_rendezvous_key(rdzv->secret_key);
+    s->set_checkpoint_volume(r.spec.checkpoint_volume());
+    s->set_resume_step(r.resume_step);
+    s->set_time_limit_ms(r.spec.time_limit_s() * 1000);
+    Enqueue(nodes[i], std::move(a));
+  }
+}
+
+void Coordinator::StopGang(JobRt& job, proto::StopReason reason, const std::string& except) {
+  if (job.stop == proto::STOP_REASON_UNSPECIFIED || reason == proto::STOP_CANCELLED) {
+    job.stop = reason;
+  }
+  if (job.rec.state == proto::JOB_SCHEDULED || job.rec.state == proto::JOB_RUNNING) {
+    if (reason != proto::STOP_CANCELLED && reason != proto::STOP_TIME_LIMIT) {
+      job.rec.state = proto::JOB_REQUEUED;
+      Persist(job);
+    }
+  }
+  for (const auto& n : job.rec.nodes) {
+    if (n == except || job.done.count(n)) continue;
+    proto::AgentAction a;
+    auto* s = a.mutable_stop();
+    s->set_job_id(job.rec.id);
+    s->set_attempt(job.rec.attempt);
+    s->set_reason(reason);
+    s->set_grace_ms(options_.stop_grace.count());
+    Enqueue(n, std::move(a));
+  }
+}
+
+void Coordinator::NodeDone(JobRt& job, const std::string& node) {
+  job.done.insert(node);
+  if (job.done.size() < job.rec.nodes.size()) return;
+  Finish(job);
+}
+
+// Every node of the attempt has stopped: decide what becomes of the job.
+void Coordinator::Finish(JobRt& job) {
+  auto& r = job.rec;
+  int64_t now = NowMs();
+  std::string outcome;
+  if (r.state == proto::JOB_CANCELLED) {
+    outcome = "cancelled";
+    sched_->Release(r.id).IgnoreError();
+    job.in_scheduler = false;
+  } else if (job.stop == proto::STOP_TIME_LIMIT) {
+    outcome = "failed";
+    r.state = proto::JOB_FAILED;
+    r.detail = "time limit";
+    Event(r.id, "", "failed", "time limit reached");
+    sched_->Release(r.id).IgnoreError();
+    job.in_scheduler = false;
+  } else if (job.stop == proto::STOP_PREEMPTED || job.stop == proto::STOP_NODE_PREEMPTED ||
+             job.lost) {
+    outcome = job.lost ? "node_lost" : "preempted";
+    r.preemptions++;
+    r.state = proto::JOB_PENDING;
+    sched_->Requeue(r.id).IgnoreError();
+    Event(r.id, "", "requeued",
+          fmt::format("after attempt {} ({}); not counted against max_restarts", r.attempt,
+                      job.lost ? job.failure : "preempted"));
+  } else if (!job.failure.empty()) {
+    outcome = "failed";
+    r.restarts++;
+    if (!job.failure_node.empty()) {
+      if (auto until = sched_->RecordNodeFailure(job.failure_node, options_.clock())) {
+        auto& n = nodes_.at(job.failure_node);
+        n->rec.quarantines++;
+        n->rec.quarantined_until_ms =
+            std::chrono::duration_cast<std::chrono::milliseconds>(until->time_since_epoch())
+                .count();
+        store_->PutNode(n->rec).IgnoreError();
+        Event(
+            "", job.failure_node, "node_quarantined",
+            fmt::format("failed repeatedly; quarantined until {} ms", n->rec.quarantined_until_ms));
+      }
+    }
+    if (r.restarts > r.spec.max_restarts()) {
+      r.state = proto::JOB_FAILED;
+      r.detail = job.failure;
+      Event(r.id, "", "failed",
+            fmt::format("{}; {} restart(s) used of {}", job.failure, r.restarts - 1,
+                        r.spec.max_restarts()));
+      sched_->Release(r.id).IgnoreError();
+      job.in_scheduler = false;
+    } else {
+      int64_t backoff = r.spec.restart_backoff_s() * 1000;
+      for (int i = 1; i < r.restarts && backoff < 3600 * 1000; ++i) backoff *= 2;
+      r.not_before_ms = now + backoff;
+      r.state = proto::JOB_PENDING;
+      r.detail = job.failure;
+      sched_->Release(r.id).IgnoreError();
+      job.in_scheduler = false;
+      Event(r.id, "", "requeued",
+            fmt::format("restart {} of {} in {} ms", r.restarts, r.spec.max_restarts(), backoff));
+    }
+  } else {
+    outcome = "succeeded";
+    r.state = proto::JOB_SUCCEEDED;
+    r.detail = "every rank exited 0";
+    for (const auto& n : r.nodes) sched_->RecordNodeSuccess(n);
+    Event(r.id, "", "succeeded", fmt::format("attempt {}: every rank exited 0", r.attempt));
+    sched_->Release(r.id).IgnoreError();
+    job.in_scheduler = false;
+  }
+  store_->PutAttempt({r.id, r.attempt, r.nodes, job.started_ms, now, outcome, job.failure})
+      .IgnoreError();
+  if (r.state == proto::JOB_PENDING) r.nodes.clear();
+  Persist(job);
+  pass_needed_ = true;
+}
+
+void Coordinator::LoseNode(NodeRt& node, const std::string& why) {
+  const std::string& name = node.rec.labels.name();
+  node.session.clear();
+  node.queue.clear();
+  if (node.poll) {
+    Reply r = std::move(*node.poll);
+    node.poll.reset();
+    r(Wrap([](auto& e) { e.mutable_agent_actions(); }));
+  }
+  sched_->SetNodeState(name, NodeState::kDown).IgnoreError();
+  Event("", name, "node_lost", why);
+  for (auto& [id, j] : jobs_) {
+    if (Terminal(j->rec.state) && j->done.size() == j->rec.nodes.size()) continue;
+    if (std::find(j->rec.nodes.begin(), j->rec.nodes.end(), name) == j->rec.nodes.end()) continue;
+    if (j->done.count(name)) continue;
+    if (!Terminal(j->rec.state)) {
+      if (j->failure.empty()) {
+        j->lost = true;
+        j->failure = fmt::format("node {} lost ({})", name, why);
+      }
+      Event(id, name, "node_lost", fmt::format("attempt {}: {}", j->rec.attempt, why));
+      StopGang(*j, proto::STOP_PEER_FAILED, name);
+    }
+    NodeDone(*j, name);
+  }
+}
+
+void Coordinator::Tick() {
+  int64_t now = NowMs();
+  for (auto& [name, n] : nodes_) {
+    if (n->poll && n->poll_deadline_ms <= now) {
+      Reply r = std::move(*n->poll);
+      n->poll.reset();
+      r(Wrap([](auto& e) { e.mutable_agent_actions(); }));
+    }
+    bool expected = !n->session.empty();
+    if (!expected) {
+      // Restored after a restart: a node whose jobs are still assigned must come back in time.
+      for (auto& [id, j] : jobs_) {
+        if (!Terminal(j->rec.state) && !j->done.count(name) &&
+            std::find(j->rec.nodes.begin(), j->rec.nodes.end(), name) != j->rec.nodes.end())
+          expected = true;
+      }
+    }
+    if (expected && n->last_hb_ms + options_.heartbeat_timeout.count() < now) {
+      LoseNode(*n, fmt::format("no heartbeat for {} ms", now - n->last_hb_ms));
+      n->last_hb_ms = now;  // report once
+    }
+  }
+  for (auto it = fetches_.begin(); it != fetches_.end();) {
+    if (it->second.deadline_ms <= now) {
+      it->second.reply(ErrorEnvelope(
+          0, DeadlineExceededError("node " + it->second.node + " did not send the log in time")));
+      it = fetches_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  std::vector<std::string> forget;
+  for (auto& [id, j] : jobs_) {
+    auto& r = j->rec;
+    if (r.state == proto::JOB_PENDING && !j->in_scheduler && r.not_before_ms <= now) {
+      if (sched_->Submit(j->req).ok()) j->in_scheduler = true;
+      pass_needed_ = true;
+    }
+    if ((r.state == proto::JOB_RUNNING || r.state == proto::JOB_SCHEDULED) &&
+        r.spec.time_limit_s() > 0 && j->started_ms + r.spec.time_limit_s() * 1000 <= now &&
+        j->stop == proto::STOP_REASON_UNSPECIFIED) {
+      Event(id, "", "time_limit", fmt::format("{} s reached; stopping", r.spec.time_limit_s()));
+      StopGang(*j, proto::STOP_TIME_LIMIT, "");
+    }
+  }
+  // Keep the newest finished jobs in memory; the store has them all.
+  int finished = 0;
+  for (auto it = jobs_.rbegin(); it != jobs_.rend(); ++it) {
+    const auto& j = *it->second;
+    if (Terminal(j.rec.state) && j.done.size() >= j.rec.nodes.size() && ++finished > kFinishedKept)
+      forget.push_back(it->first);
+  }
+  for (const auto& id : forget) jobs_.erase(id);
+  Pass();  // every tick: quarantines expire and backoffs end with time, not only on events
+}
+
+// ---------------------------------------------------------------------------------------------
+// Requests
+
+void Coordinator::Handle(const std::string& peer, proto::Envelope&& req, Reply reply) {
+  uint64_t id = req.request_id();
+  auto answer = [&](StatusOr<proto::Envelope> r) {
+    if (!r.ok()) {
+      reply(ErrorEnvelope(id, r.status()));
+      return;
+    }
+    r->set_request_id(id);
+    reply(std::move(*r));
+  };
+  switch (req.payload_case()) {
+    case proto::Envelope::kSubmitRequest:
+      return answer(OnSubmit(req.submit_request()));
+    case proto::Envelope::kStatusRequest:
+      return answer(OnStatus(req.status_request()));
+    case proto::Envelope::kCancelRequest:
+      return answer(OnCancel(req.cancel_request()));
+    case proto::Envelope::kNodesRequest:
+      return answer(OnNodes());
+    case proto::Envelope::kEventsRequest:
+      return answer(OnEvents(req.events_request()));
+    case proto::Envelope::kDrainRequest:
+      return answer(OnDrain(req.drain_request()));
+    case proto::Envelope::kPreemptNodeRequest:
+      return answer(OnPreemptNode(req.preempt_node_request()));
+    case proto::Envelope::kLogsRequest:
+      return OnLogs(req.logs_request(), [id, reply](proto::Envelope e) {
+        e.set_request_id(id);
+        reply(std::move(e));
+      });
+    case proto::Envelope::kAgentRegister:
+      return answer(OnRegister(req.agent_register()));
+    case proto::Envelope::kAgentHeartbeat:
+      return answer(OnHeartbeat(req.agent_heartbeat()));
+    case proto::Envelope::kAgentPoll:
+      return OnPoll(req.agent_poll(), [id, reply](proto::Envelope e) {
+        e.set_request_id(id);
+        reply(std::move(e));
+      });
+    case proto::Envelope::kAgentReport:
+      return answer(OnReport(req.agent_report()));
+    case proto::Envelope::kAgentLogChunk:
+      return answer(OnLogChunk(req.agent_log_chunk()));
+    case proto::Envelope::kPing:
+      return answer(Wrap([&](auto& e) { e.mutable_pong()->set_data(req.ping().data()); }));
+    default:
+      Logger()->warn("from {}: unexpected payload {}", peer, static_cast<int>(req.payload_case()));
+      return answer(InvalidArgumentError(fmt::format("the coordinator does not serve payload {}",
+                                                     static_cast<int>(req.payload_case()))));
+  }
+}
+
+StatusOr<proto::Envelope> Coordinator::OnSubmit(const proto::SubmitRequest& req) {
+  JobSpec spec;
+  if (!req.yaml().empty()) {
+    if (req.yaml().size() > (1 << 20)) return InvalidArgumentError("job spec over 1 MiB");
+    MUSTER_ASSIGN_OR_RETURN(
+        spec, ParseJobSpec(req.yaml(), req.filename().empty() ? "job.yaml" : req.filename()));
+  } else if (req.has_spec()) {
+    MUSTER_ASSIGN_OR_RETURN(spec, JobSpecFromProto(req.spec()));
+  } else {
+    return InvalidArgumentError("submit needs a yaml job spec or a spec");
+  }
+  if (!req.spec().hosts().empty() && spec.hosts.empty()) {
+    spec.hosts.assign(req.spec().hosts().begin(), req.spec().hosts().end());
+    MUSTER_RETURN_IF_ERROR(ValidateJobSpec(spec));
+  }
+  MUSTER_RETURN_IF_ERROR(sched_->Feasible(ToJobRequest(spec, "feasibility-check", 0)));
+  auto j = std::make_unique<JobRt>();
+  j->rec.spec = JobSpecToProto(spec);
+  j->rec.state = proto::JOB_PENDING;
+  j->rec.submitted_ms = j->rec.updated_ms = NowMs();
+  MUSTER_RETURN_IF_ERROR(store_->InsertJob(&j->rec));
+  j->req = ToJobRequest(spec, j->rec.id, j->rec.seq);
+  MUSTER_RETURN_IF_ERROR(sched_->Submit(j->req));
+  j->in_scheduler = true;
+  std::string id = j->rec.id;
+  Event(id, "", "submitted",
+        fmt::format("{} node(s) x {} rank(s), priority {}", spec.nodes, spec.ranks_per_node,
+                    spec.priority));
+  jobs_.emplace(id, std::move(j));
+  Pass();
+  return Wrap([&](auto& e) { e.mutable_submit_reply()->set_job_id(id); });
+}
+
+proto::JobStatus Coordinator::StatusOf(const JobRt& j) {
+  proto::JobStatus s;
+  const auto& r = j.rec;
+  s.set_job_id(r.id);
+  s.set_name(r.spec.name());
+  s.set_state(r.state);
+  s.set_attempt(r.attempt);
+  s.set_restarts(r.restarts);
+  s.set_preemptions(r.preemptions);
+  for (const auto& n : r.nodes) s.add_nodes(n);
+  if (!r.nodes.empty()) {
+    if (auto it = nodes_.find(r.nodes[0]); it != nodes_.end())
+      s.set_provider(it->second->rec.labels.provider());
+  }
+  if (r.state == proto::JOB_PENDING) {
+    if (!j.in_scheduler && r.not_before_ms > NowMs()) {
+      s.set_pending_reason(fmt::format("waiting: restart backoff, {} s left",
+                                       (r.not_before_ms - NowMs() + 999) / 1000));
+    } else {
+      s.set_pending_reason(sched_->PendingReason(r.id));
+    }
+  }
+  if (j.progress) *s.mutable_progress() = *j.progress;
+  s.set_submitted_ms(r.submitted_ms);
+  s.set_updated_ms(r.updated_ms);
+  s.set_detail(r.detail);
+  *s.mutable_spec() = r.spec;
+  s.set_resume_step(r.resume_step);
+  return s;
+}
+
+StatusOr<proto::Envelope> Coordinator::OnStatus(const proto::StatusRequest& req) {
+  proto::Envelope e;
+  auto* out = e.mutable_status_reply();
+  if (!req.job_id().empty()) {
+    auto it = jobs_.find(req.job_id());
+    if (it != jobs_.end()) {
+      *out->add_jobs() = StatusOf(*it->second);
+      return e;
+    }
+    MUSTER_ASSIGN_OR_RETURN(auto rec, store_->GetJob(req.job_id()));
+    JobRt tmp;
+    tmp.rec = std::move(rec);
+    *out->add_jobs() = StatusOf(tmp);
+    return e;
+  }
+  int limit = req.finished_limit() > 0 ? req.finished_limit() : 50;
+  int finished = 0;
+  for (auto it = jobs_.rbegin(); it != jobs_.rend(); ++it) {
+    if (Terminal(it->second->rec.state) && ++finished > limit) continue;
+    *out->add_jobs() = StatusOf(*it->second);
+  }
+  std::sort(out->mutable_jobs()->begin(), out->mutable_jobs()->end(),
+            [](const auto& a, const auto& b) { return a.submitted_ms() < b.submitted_ms(); });
+  return e;
+}
+
+StatusOr<proto::Envelope> Coordinator::OnCancel(const proto::CancelRequest& req) {
+  auto it = jobs_.find(req.job_id());
+  if (it == jobs_.end()) {
+    MUSTER_ASSIGN_OR_RETURN(auto rec, store_->GetJob(req.job_id()));
+    return Wrap([&](auto& e) { e.mutable_cancel_reply()->set_state(rec.state); });
+  }
+  JobRt& j = *it->second;
+  if (!Terminal(j.rec.state)) {
+    bool pending = sched_->IsPending(j.rec.id) || !j.in_scheduler;
+    if (pending && j.rec.nodes.empty()) {
+      if (j.in_scheduler) sched_->CancelPending(j.rec.id).IgnoreError();
+      j.in_scheduler = false;
+      j.rec.state = proto::JOB_CANCELLED;
+      j.rec.detail = "cancelled while pending";
+      Persist(j);
+      Event(j.rec.id, "", "cancelled", "while pending");
+    } else {
+      j.rec.state = proto::JOB_CANCELLED;
+      j.rec.detail = "cancelled";
+      Persist(j);
+      Event(j.rec.id, "", "cancelled", fmt::format("stopping attempt {}", j.rec.attempt));
+      StopGang(j, proto::STOP_CANCELLED, "");
+    }
+    pass_needed_ = true;
+  }
+  return Wrap([&](auto& e) { e.mutable_cancel_reply()->set_state(j.rec.state); });
+}
+
+proto::NodeStatus Coordinator::NodeStatusOf(const NodeRt& n) {
+  proto::NodeStatus s;
+  *s.mutable_labels() = n.rec.labels;
+  auto view = sched_->GetNode(n.rec.labels.name(), options_.clock());
+  if (view.ok()) {
+    switch (view->state) {
+      case NodeState::kUp:
+        s.set_state(proto::NODE_UP);
+        break;
+      case NodeState::kDraining:
+        s.set_state(proto::NODE_DRAINING);
+        break;
+      case NodeState::kQuarantined:
+        s.set_state(proto::NODE_QUARANTINED);
+        break;
+      case NodeState::kDown:
+        s.set_state(proto::NODE_DOWN);
+        break;
+    }
+    s.set_job_id(view->job);
+  }
+  s.set_last_heartbeat_ms(n.last_hb_ms);
+  s.set_quarantines(n.rec.quarantines);
+  s.set_quarantined_until_ms(n.rec.quarantined_until_ms);
+  return s;
+}
+
+StatusOr<proto::Envelope> Coordinator::OnNodes() {
+  proto::Envelope e;
+  auto* out = e.mutable_nodes_reply();
+  for (auto& [name, n] : nodes_) *out->add_nodes() = NodeStatusOf(*n);
+  return e;
+}
+
+StatusOr<proto::Envelope> Coordinator::OnEvents(const proto::EventsRequest& req) {
+  int limit = req.limit() > 0 ? std::min(req.limit(), 10000) : 1000;
+  if (!req.job_id().empty() && !jobs_.count(req.job_id())) {
+    MUSTER_RETURN_IF_ERROR(store_->GetJob(req.job_id()).status());
+  }
+  MUSTER_ASSIGN_OR_RETURN(auto events, store_->Events(req.job_id(), req.after_id(), limit));
+  proto::Envelope e;
+  for (auto& ev : events) *e.mutable_events_reply()->add_events() = std::move(ev);
+  return e;
+}
+
+StatusOr<proto::Envelope> Coordinator::OnDrain(const proto::DrainRequest& req) {
+  auto it = nodes_.find(req.node());
+  if (it == nodes_.end()) return NotFoundError("unknown node " + req.node());
+  NodeRt& n = *it->second;
+  n.rec.state = req.drain() ? proto::NODE_DRAINING : proto::NODE_UP;
+  store_->PutNode(n.rec).IgnoreError();
+  if (!n.session.empty() || !req.drain()) {
+    NodeState s = req.drain() ? NodeState::kDraining
+                              : (n.session.empty() ? NodeState::kDown : NodeState::kUp);
+    sched_->SetNodeState(req.node(), s).IgnoreError();
+  }
+  Event("", req.node(), req.drain() ? "node_drained" : "node_undrained",
+        req.drain() ? "no new work; running jobs continue" : "accepting work");
+  pass_needed_ = true;
+  auto st = NodeStatusOf(n);
+  return Wrap([&](auto& e) { e.mutable_drain_reply()->set_state(st.state()); });
+}
+
+StatusOr<proto::Envelope> Coordinator::OnPreemptNode(const proto::PreemptNodeRequest& req) {
+  auto it = nodes_.find(req.node());
+  if (it == nodes_.end()) return NotFoundError("unknown node " + req.node());
+  proto::Envelope e;
+  auto* out = e.mutable_preempt_node_reply();
+  Event("", req.node(), "notice", fmt::format("preemption notice, {} ms", req.notice_ms()));
+  for (auto& [id, j] : jobs_) {
+    if (Terminal(j->rec.state)) continue;
+    if (std::find(j->rec.nodes.begin(), j->rec.nodes.end(), req.node()) == j->rec.nodes.end())
+      continue;
+    out->add_jobs(id);
+    StopGang(*j, proto::STOP_NODE_PREEMPTED, "");
+  }
+  sched_->SetNodeState(req.node(), NodeState::kDraining).IgnoreError();
+  return e;
+}
+
+void Coordinator::OnLogs(const proto::LogsRequest& req, Reply reply) {
+  auto fail = [&](Status st) { reply(ErrorEnvelope(0, st)); };
+  auto it = jobs_.find(req.job_id());
+  JobRecord rec;
+  if (it != jobs_.end()) {
+    rec = it->second->rec;
+  } else {
+    auto r = store_->GetJob(req.job_id());
+    if (!r.ok()) return fail(r.status());
+    rec = std::move(*r);
+  }
+  int attempt = req.attempt() > 0 ? req.attempt() : rec.attempt;
+  std::vector<std::string> nodes = rec.nodes;
+  if (attempt != rec.attempt || nodes.empty()) {
+    auto attempts = store_->LoadAttempts(rec.id);
+    if (attempts.ok()) {
+      for (auto& a : *attempts)
+        if (a.attempt == attempt) nodes = a.nodes;
+    }
+  }
+  int rpn = std::max(1, rec.spec.ranks_per_node());
+  if (req.rank() < 0 || req.rank() >= static_cast<int>(nodes.size()) * rpn) {
+    return fail(NotFoundError(
+        fmt::format("job {} attempt {} has no rank {}", rec.id, attempt, req.rank())));
+  }
+  const std::string& node = nodes[req.rank() / rpn];
+  auto nit = nodes_.find(node);
+  if (nit == nodes_.end() || nit->second->session.empty()) {
+    return fail(UnavailableError("the agent of node " + node + " is not connected"));
+  }
+  uint64_t fetch = next_fetch_++;
+  proto::AgentAction a;
+  auto* f = a.mutable_fetch_log();
+  f->set_fetch_id(fetch);
+  f->set_job_id(rec.id);
+  f->set_attempt(attempt);
+  f->set_rank(req.rank());
+  f->set_offset(req.offset());
+  f->set_max_bytes(std::clamp(req.max_bytes() > 0 ? req.max_bytes() : 65536, 1, 1 << 20));
+  fetches_.emplace(fetch, Fetch{std::move(reply), NowMs() + 10000, node});
+  Enqueue(node, std::move(a));
+}
+
+StatusOr<Coordinator::NodeRt*> Coordinator::Session(const std::string& node,
+                                                    const std::string& session) {
+  auto it = nodes_.find(node);
+  if (it == nodes_.end() || it->second->session.empty() || it->second->session != session) {
+    return NotFoundError(fmt::format("no session {} for node {}: register again", session, node));
+  }
+  it->second->last_hb_ms = NowMs();
+  return it->second.get();
+}
+
+StatusOr<proto::Envelope> Coordinator::OnRegister(const proto::AgentRegister& req) {
+  const auto& l = req.labels();
+  if (l.name().empty() || l.name().size() > 253) {
+    return InvalidArgumentError("agent register: node name must be 1-253 characters");
+  }
+  if (l.provider().empty()) return InvalidArgumentError("agent register: provider is required");
+  if (l.gpus() < 0 || l.slots() < 0) return InvalidArgumentError("agent register: negative gpus");
+  auto& slot = nodes_[l.name()];
+  bool fresh = slot == nullptr;
+  if (fresh) slot = std::make_unique<NodeRt>();
+  NodeRt& n = *slot;
+  bool was_connected = !n.session.empty();
+  n.rec.labels = l;
+  if (n.rec.state == proto::NODE_DOWN || n.rec.state == proto::NODE_STATE_UNSPECIFIED)
+    n.rec.state = proto::NODE_UP;
+  n.session = fmt::format("{}-{}", NowMs(), next_session_++);
+  n.last_hb_ms = NowMs();
+  n.queue.clear();
+  if (n.poll) {
+    Reply r = std::move(*n.poll);
+    n.poll.reset();
+    r(Wrap([](auto& e) { e.mutable_agent_actions(); }));
+  }
+  store_->PutNode(n.rec).IgnoreError();
+  sched_->UpsertNode(ToNodeSpec(l));
+  sched_
+      ->SetNodeState(l.name(),
+                     n.rec.state == proto::NODE_DRAINING ? NodeState::kDraining : NodeState::kUp)
+      .IgnoreError();
+  Event("", l.name(), "node_registered",
+        fmt::format("{}provider {} island {} gpu {}x{} slots {}; {} running assignment(s)",
+                    was_connected ? "re-registered; " : "", l.provider(), l.island(), l.gpus(),
+                    l.gpu_type(), l.slots(), req.running_size()));
+
+  proto::Envelope e;
+  auto* out = e.mutable_agent_registered();
+  out->set_session_id(n.session);
+  out->set_heartbeat_interval_ms(options_.heartbeat_interval.count());
+  out->set_heartbeat_timeout_ms(options_.heartbeat_timeout.count());
+  out->set_lease_ms(options_.lease.count());
+  // Reconcile what the agent runs with what we expect of it.
+  std::set<std::string> reported;
+  for (const auto& ra : req.running()) {
+    auto it = jobs_.find(ra.job_id());
+    bool wanted = it != jobs_.end() && !Terminal(it->second->rec.state) &&
+                  it->second->rec.attempt == ra.attempt() &&
+                  std::find(it->second->rec.nodes.begin(), it->second->rec.nodes.end(), l.name()) !=
+                      it->second->rec.nodes.end() &&
+                  !it->second->done.count(l.name());
+    if (wanted) {
+      reported.insert(ra.job_id());
+      JobRt& j = *it->second;
+      j.started.insert(l.name());
+      if (j.stop != proto::STOP_REASON_UNSPECIFIED) {
+        proto::AgentAction a;
+        a.mutable_stop()->set_job_id(ra.job_id());
+        a.mutable_stop()->set_attempt(ra.attempt());
+        a.mutable_stop()->set_reason(j.stop);
+        a.mutable_stop()->set_grace_ms(options_.stop_grace.count());
+        *out->add_actions() = std::move(a);
+      } else if (j.rec.state == proto::JOB_SCHEDULED && j.started.size() == j.rec.nodes.size()) {
+        j.rec.state = proto::JOB_RUNNING;
+        Persist(j);
+      }
+      continue;
+    }
+    proto::AgentAction a;
+    a.mutable_stop()->set_job_id(ra.job_id());
+    a.mutable_stop()->set_attempt(ra.attempt());
+    a.mutable_stop()->set_reason(proto::STOP_RECONCILE);
+    a.mutable_stop()->set_grace_ms(options_.stop_grace.count());
+    *out->add_actions() = std::move(a);
+    Event(ra.job_id(), l.name(), "reconcile",
+          fmt::format("stopping attempt {}: not wanted any more", ra.attempt()));
+  }
+  // Assignments we expect that the agent does not run: never started -> send again; started ->
+  // its ranks are gone (agent restarted): the node is lost for that attempt.
+  for (auto& [id, j] : jobs_) {
+    if (Terminal(j->rec.state) || reported.count(id) || j->done.count(l.name())) continue;
+    auto pos = std::find(j->rec.nodes.begin(), j->rec.nodes.end(), l.name());
+    if (pos == j->rec.nodes.end()) continue;
+    if (j->started.count(l.name()) || j->rec.state == proto::JOB_RUNNING) {
+      if (j->failure.empty()) {
+        j->lost = true;
+        j->failure = fmt::format("node {} lost its ranks (agent restarted)", l.name());
+      }
+      Event(id, l.name(), "node_lost", "agent came back without the job's ranks");
+      StopGang(*j, proto::STOP_PEER_FAILED, l.name());
+      NodeDone(*j, l.name());
+    } else if (j->stop == proto::STOP_REASON_UNSPECIFIED) {
+      // Start it (again): rebuild the start action by re-running Start for this node only is
+      // not possible without a new attempt, so the whole gang starts a new attempt.
+      j->lost = true;
+      j->failure = fmt::format("node {} re-registered before starting", l.name());
+      StopGang(*j, proto::STOP_PEER_FAILED, l.name());
+      NodeDone(*j, l.name());
+    } else {
+      NodeDone(*j, l.name());
+    }
+  }
+  pass_needed_ = true;
+  return e;
+}
+
+StatusOr<proto::Envelope> Coordinator::OnHeartbeat(const proto::AgentHeartbeat& req) {
+  MUSTER_ASSIGN_OR_RETURN(NodeRt * n, Session(req.node(), req.session_id()));
+  for (const auto& p : req.progress()) {
+    auto it = jobs_.find(p.job_id());
+    if (it != jobs_.end()) it->second->progress = p;
+  }
+  proto::Envelope e;
+  auto* out = e.mutable_agent_heartbeat_reply();
+  for (auto& a : n->queue) *out->add_actions() = std::move(a);
+  n->queue.clear();
+  return e;
+}
+
+void Coordinator::OnPoll(const proto::AgentPoll& req, Reply reply) {
+  auto n = Session(req.node(), req.session_id());
+  if (!n.ok()) return reply(ErrorEnvelope(0, n.status()));
+  NodeRt& node = **n;
+  if (node.poll) {  // a newer poll replaces an older one
+    Reply old = std::move(*node.poll);
+    node.poll.reset();
+    old(Wrap([](auto& e) { e.mutable_agent_actions(); }));
+  }
+  node.poll = std::move(reply);
+  node.poll_deadline_ms = NowMs() + std::clamp<int64_t>(req.wait_ms(), 0, 30000);
+  FlushPoll(node);
+}
+
+StatusOr<proto::Envelope> Coordinator::OnReport(const proto::AgentReport& req) {
+  MUSTER_ASSIGN_OR_RETURN(NodeRt * n, Session(req.node(), req.session_id()));
+  proto::Envelope ack;
+  ack.mutable_agent_report_reply();
+  const std::string& node = n->rec.labels.name();
+  if (req.notice_deadline_ms() > 0) {
+    Event("", node, "notice",
+          fmt::format("preemption notice from {}, deadline {}", req.notice_source(),
+                      req.notice_deadline_ms()));
+    sched_->SetNodeState(node, NodeState::kDraining).IgnoreError();
+    for (auto& [id, j] : jobs_) {
+      if (!Terminal(j->rec.state) &&
+          std::find(j->rec.nodes.begin(), j->rec.nodes.end(), node) != j->rec.nodes.end()) {
+        StopGang(*j, proto::STOP_NODE_PREEMPTED, "");
+      }
+    }
+  }
+  if (req.job_id().empty()) return ack;
+  auto it = jobs_.find(req.job_id());
+  if (req.checkpoint_step() > 0 && !req.checkpoint_volume().empty()) {
+    store_
+        ->RecordCheckpoint(
+            {req.job_id(), req.checkpoint_step(), req.checkpoint_volume(), true, NowMs()})
+        .IgnoreError();
+    Event(req.job_id(), node, "checkpoint_committed",
+          fmt::format("step {} on volume {}{}", req.checkpoint_step(), req.checkpoint_volume(),
+                      req.checkpoint_replica() ? " (verified replica)" : ""));
+  }
+  if (it == jobs_.end() || it->second->rec.attempt != req.attempt()) return ack;  // stale
+  JobRt& j = *it->second;
+  if (std::find(j.rec.nodes.begin(), j.rec.nodes.end(), node) == j.rec.nodes.end()) return ack;
+  for (const auto& p : req.progress()) j.progress = p;
+  if (!req.start_error().empty() && j.failure.empty()) {
+    j.failure = fmt::format("node {} could not start: {}", node, req.start_error());
+    j.failure_node = node;
+    Event(j.rec.id, node, "start_failed", req.start_error());
+    StopGang(j, proto::STOP_PEER_FAILED, node);
+  }
+  if (req.started() && !j.started.count(node)) {
+    j.started.insert(node);
+    if (j.rec.state == proto::JOB_SCHEDULED && j.started.size() == j.rec.nodes.size()) {
+      j.rec.state = proto::JOB_RUNNING;
+      Persist(j);
+      Event(j.rec.id, "", "started",
+            fmt::format("attempt {}: all {} node(s) started their ranks", j.rec.attempt,
+                        j.rec.nodes.size()));
+    }
+  }
+  for (const auto& x : req.exits()) {
+    bool bad = (x.exit_code() != 0 || x.signal() != 0) && !x.stopped_by_agent();
+    if (bad && j.failure.empty() && j.stop == proto::STOP_REASON_UNSPECIFIED) {
+      j.failure = x.signal()
+                      ? fmt::format("rank {} on {} killed by signal {}", x.rank(), node, x.signal())
+                      : fmt::format("rank {} on {} exited {}", x.rank(), node, x.exit_code());
+      j.failure_node = node;
+      Event(j.rec.id, node, "rank_failed", fmt::format("attempt {}: {}", j.rec.attempt, j.failure));
+      // This node's other ranks are stopped too, unless it reports them all gone already.
+      StopGang(j, proto::STOP_PEER_FAILED, req.all_exited() ? node : "");
+    }
+  }
+  if (req.all_exited() && !j.done.count(node)) NodeDone(j, node);
+  return ack;
+}
+
+StatusOr<proto::Envelope> Coordinator::OnLogChunk(const proto::AgentLogChunk& req) {
+  MUSTER_ASSIGN_OR_RETURN(NodeRt * n, Session(req.node(), req.session_id()));
+  (void)n;
+  auto it = fetches_.find(req.fetch_id());
+  if (it != fetches_.end()) {
+    Reply r = std::move(it->second.reply);
+    fetches_.erase(it);
+    if (!req.error().empty()) {
+      r(ErrorEnvelope(0, NotFoundError(req.error())));
+    } else {
+      proto::Envelope e;
+      auto* out = e.mutable_logs_reply();
+      out->set_data(req.data());
+      out->set_next_offset(req.next_offset());
+      out->set_eof(req.eof());
+      r(std::move(e));
+    }
+  }
+  return Wrap([](auto& e) { e.mutable_agent_report_reply(); });
+}
+
+}  // namespace muster::coordinator

@@ -1,0 +1,65 @@
+#pragma once
+
+// JobSpec: what a user submits (`muster submit job.yaml`), parsed from YAML and validated.
+// Every field is documented in docs/job-spec.md. Validation reports every error at once, each
+// naming the file, line and field:
+//
+//   job.yaml:4: nodes: must be an integer >= 1, not "four"
+//   job.yaml:9: placement.island: must be required, preferred or any, not "some"
+//
+// Thread-safety: values and free functions; no shared state.
+
+#include <chrono>
+#include <cstdint>
+#include <map>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "common/status.h"
+#include "coordinator/scheduler.h"
+
+namespace muster::coordinator {
+
+struct JobSpec {
+  std::string name;
+  // argv. A YAML string becomes {"/bin/sh", "-c", string}; a YAML list is the argv itself.
+  std::vector<std::string> command;
+  std::map<std::string, std::string> env;
+  int nodes = 1;
+  int ranks_per_node = 1;
+  std::string gpu_type;  // empty: any
+  int gpus_per_node = 0;
+  std::vector<std::string> providers;  // empty: any
+  IslandPolicy island = IslandPolicy::kAny;
+  int priority = 0;
+  // checkpoint: volume (required if the section is present), every (steps, or a duration),
+  // keep (the number of committed checkpoints kept).
+  std::string checkpoint_volume;
+  int64_t checkpoint_every_steps = 0;
+  std::chrono::seconds checkpoint_every_time{0};
+  int checkpoint_keep = 3;
+  int max_restarts = 3;
+  std::chrono::seconds restart_backoff{10};
+  std::chrono::seconds time_limit{0};  // 0: none
+  // Pinned nodes in node-rank order (`muster run -H`); not part of the YAML.
+  std::vector<std::string> hosts;
+};
+
+// Parses and validates `text`; `filename` prefixes each error. InvalidArgument with one line per
+// error.
+StatusOr<JobSpec> ParseJobSpec(std::string_view text, std::string_view filename = "job.yaml");
+// Reads `path` and parses it. NotFound if it cannot be read.
+StatusOr<JobSpec> LoadJobSpecFile(const std::string& path);
+
+// Checks a spec that did not come from YAML (from the wire): the same rules, without lines.
+Status ValidateJobSpec(const JobSpec& spec);
+
+// "90s", "15m", "2h", "1h30m", "1d" or a bare integer (seconds). InvalidArgument otherwise.
+StatusOr<std::chrono::seconds> ParseDuration(std::string_view text);
+std::string FormatDuration(std::chrono::seconds d);
+
+// The scheduler's view of the spec.
+JobRequest ToJobRequest(const JobSpec& spec, const std::string& id, uint64_t seq);
+
+}  // namespace muster::coordinator

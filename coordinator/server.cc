@@ -1,0 +1,130 @@
+#include "coordinator/server.h"
+
+#include <fmt/format.h>
+
+#include <fstream>
+
+#include "common/curve.h"
+#include "common/logging.h"
+#include "common/rpc.h"
+
+namespace muster::coordinator {
+
+namespace fs = std::filesystem;
+
+struct CoordinatorServer::Impl {
+  ServerOptions options;
+  Reactor reactor{"coordinator"};
+  std::unique_ptr<ZapAuthenticator> zap;
+  std::unique_ptr<RpcServer> rpc;
+  std::unique_ptr<Coordinator> coord;
+  KeysDir keys;
+  fs::file_time_type keys_mtime{};
+  int ticks = 0;
+  bool stopped = false;
+
+  void ReloadKeysIfChanged() {
+    std::error_code ec;
+    auto mtime = fs::last_write_time(keys.authorized_keys(), ec);
+    if (ec || mtime == keys_mtime) return;
+    auto list = LoadAuthorizedKeys(keys.authorized_keys());
+    if (!list.ok()) {
+      log::Get("coord")->error("authorized keys not reloaded: {}", list.status().ToString());
+      return;
+    }
+    keys_mtime = mtime;
+    zap->SetAuthorized(kDefaultZapDomain, *list);
+    log::Get("coord")->info("{} authorized key(s) from {}", list->size(),
+                            keys.authorized_keys().string());
+  }
+
+  void Tick() {
+    coord->Tick();
+    if (zap && ++ticks % 20 == 0) ReloadKeysIfChanged();
+    reactor.PostAfter(options.tick, "coord.tick", [this] { Tick(); });
+  }
+};
+
+CoordinatorServer::CoordinatorServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+CoordinatorServer::~CoordinatorServer() { Stop(); }
+
+void CoordinatorServer::Stop() {
+  if (!impl_ || impl_->stopped) return;
+  impl_->stopped = true;
+  impl_->reactor.Stop();
+  impl_->coord.reset();
+  impl_->rpc.reset();
+  impl_->zap.reset();
+}
+
+StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(ServerOptions options) {
+  auto logger = log::Get("coord");
+  if (options.data_dir.empty()) return InvalidArgumentError("--data-dir is required");
+  auto impl = std::make_unique<Impl>();
+  impl->options = options;
+  MUSTER_ASSIGN_OR_RETURN(auto store, StateStore::Open(options.data_dir));
+  MUSTER_ASSIGN_OR_RETURN(impl->coord, Coordinator::Create(std::move(store), options.coordinator));
+
+  RpcServer::Options ro;
+  ro.name = "coordinator";
+  ro.endpoint = options.listen;
+  ro.insecure = options.insecure;
+  if (options.insecure) {
+    logger->warn(
+        "INSECURE: --insecure was given: the coordinator accepts unauthenticated, unencrypted "
+        "connections from anyone who can reach {}. Never use this outside a test.",
+        options.listen);
+  } else {
+    impl->keys = KeysDir::Resolve(options.keys_dir);
+    auto kp = LoadKeyPair(impl->keys.coordinator_key());
+    if (!kp.ok()) {
+      return FailedPreconditionError(fmt::format(
+          "no coordinator key ({}); run `muster keys init --dir {}` first, or pass --insecure "
+          "for a test",
+          kp.status().message(), impl->keys.dir.string()));
+    }
+    if (kp->secret_key.empty()) {
+      return FailedPreconditionError(impl->keys.coordinator_key().string() +
+                                     " holds no secret key");
+    }
+    MUSTER_ASSIGN_OR_RETURN(impl->zap, ZapAuthenticator::Create(impl->reactor));
+    auto list = LoadAuthorizedKeys(impl->keys.authorized_keys());
+    if (!list.ok()) {
+      return FailedPreconditionError(
+          fmt::format("cannot load authorized keys: {}", list.status().message()));
+    }
+    impl->zap->SetAuthorized(kDefaultZapDomain, *list);
+    std::error_code ec;
+    impl->keys_mtime = fs::last_write_time(impl->keys.authorized_keys(), ec);
+    logger->info("{} authorized key(s) from {}", list->size(),
+                 impl->keys.authorized_keys().string());
+    ro.server_key = *kp;
+    ro.authenticator = impl->zap.get();
+  }
+  Impl* raw = impl.get();
+  MUSTER_ASSIGN_OR_RETURN(
+      impl->rpc,
+      RpcServer::Create(impl->reactor, ro,
+                        [raw](const PeerInfo& peer, proto::Envelope&& req, RpcServer::Reply reply) {
+                          raw->coord->Handle(peer.user_id + "@" + peer.address, std::move(req),
+                                             std::move(reply));
+                        }));
+  std::string endpoint = impl->rpc->endpoint();
+  {
+    auto tmp = options.data_dir / "endpoint.tmp";
+    std::ofstream out(tmp);
+    out << endpoint << "\n";
+    out.close();
+    std::error_code ec;
+    fs::rename(tmp, options.data_dir / "endpoint", ec);
+  }
+  impl->reactor.Start();
+  impl->reactor.Post("coord.tick", [raw] { raw->Tick(); });
+  logger->info("coordinator serving on {} (data dir {})", endpoint, options.data_dir.string());
+  std::unique_ptr<CoordinatorServer> server(new CoordinatorServer(std::move(impl)));
+  server->endpoint_ = endpoint;
+  return server;
+}
+
+}  // namespace muster::coordinator

@@ -1,0 +1,43 @@
+#pragma once
+
+// CoordinatorServer: `muster coordinator` as a library. One reactor thread owns the RpcServer
+// (ROUTER, CURVE with the coordinator's key, ZAP accepting only the keys in
+// <keys>/authorized_keys, re-read when the file changes) and runs the Coordinator on it, with a
+// tick every 100 ms. The bound endpoint is written to <data-dir>/endpoint.
+//
+// Thread-safety: Start/Stop/endpoint from any one thread.
+
+#include <filesystem>
+#include <memory>
+#include <string>
+
+#include "common/status.h"
+#include "coordinator/coordinator.h"
+
+namespace muster::coordinator {
+
+struct ServerOptions {
+  std::filesystem::path data_dir;
+  std::string listen = "tcp://0.0.0.0:7070";
+  std::string keys_dir;  // "" : $MUSTER_KEYS, else ~/.muster
+  bool insecure = false;
+  std::chrono::milliseconds tick{100};
+  CoordinatorOptions coordinator;
+};
+
+class CoordinatorServer {
+ public:
+  static StatusOr<std::unique_ptr<CoordinatorServer>> Start(ServerOptions options);
+  ~CoordinatorServer();  // stops
+
+  const std::string& endpoint() const { return endpoint_; }
+  void Stop();
+
+ private:
+  struct Impl;
+  explicit CoordinatorServer(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+  std::string endpoint_;
+};
+
+}  // namespace muster::coordinator

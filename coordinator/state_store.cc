@@ -1,0 +1,457 @@
+#include "coordinator/state_store.h"
+
+#include <fcntl.h>
+#include <fmt/format.h>
+#include <sqlite3.h>
+#include <sys/file.h>
+#include <unistd.h>
+
+#include <cerrno>
+
+namespace muster::coordinator {
+
+namespace {
+
+constexpr const char* kSchema = R"(
+CREATE TABLE IF NOT EXISTS nodes (
+  name TEXT PRIMARY KEY,
+  labels BLOB NOT NULL,
+  state INTEGER NOT NULL,
+  last_heartbeat_ms INTEGER NOT NULL,
+  quarantines INTEGER NOT NULL,
+  quarantined_until_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+  id TEXT PRIMARY KEY,
+  seq INTEGER NOT NULL UNIQUE,
+  spec BLOB NOT NULL,
+  state INTEGER NOT NULL,
+  attempt INTEGER NOT NULL,
+  restarts INTEGER NOT NULL,
+  preemptions INTEGER NOT NULL,
+  nodes TEXT NOT NULL,
+  detail TEXT NOT NULL,
+  resume_step INTEGER NOT NULL,
+  submitted_ms INTEGER NOT NULL,
+  updated_ms INTEGER NOT NULL,
+  not_before_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS attempts (
+  job_id TEXT NOT NULL,
+  attempt INTEGER NOT NULL,
+  nodes TEXT NOT NULL,
+  started_ms INTEGER NOT NULL,
+  ended_ms INTEGER NOT NULL,
+  outcome TEXT NOT NULL,
+  detail TEXT NOT NULL,
+  PRIMARY KEY (job_id, attempt)
+);
+CREATE TABLE IF NOT EXISTS events (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  time_ms INTEGER NOT NULL,
+  job_id TEXT NOT NULL,
+  node TEXT NOT NULL,
+  kind TEXT NOT NULL,
+  message TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_job ON events (job_id, id);
+CREATE TABLE IF NOT EXISTS checkpoints (
+  job_id TEXT NOT NULL,
+  step INTEGER NOT NULL,
+  volume TEXT NOT NULL,
+  committed INTEGER NOT NULL,
+  time_ms INTEGER NOT NULL,
+  PRIMARY KEY (job_id, step, volume)
+);
+)";
+
+std::string Join(const std::vector<std::string>& v) {
+  std::string out;
+  for (size_t i = 0; i < v.size(); ++i) out += (i ? "," : "") + v[i];
+  return out;
+}
+
+std::vector<std::string> Split(const std::string& s) {
+  std::vector<std::string> out;
+  if (s.empty()) return out;
+  size_t start = 0;
+  while (true) {
+    size_t comma = s.find(',', start);
+    out.push_back(s.substr(start, comma - start));
+    if (comma == std::string::npos) break;
+    start = comma + 1;
+  }
+  return out;
+}
+
+// A prepared statement, finalized on scope exit.
+class Stmt {
+ public:
+  Stmt(sqlite3* db, const char* sql) : db_(db) {
+    rc_ = sqlite3_prepare_v2(db, sql, -1, &stmt_, nullptr);
+  }
+  ~Stmt() { sqlite3_finalize(stmt_); }
+  Status status() const {
+    return rc_ == SQLITE_OK ? Status::Ok()
+                            : InternalError(fmt::format("sqlite prepare: {}", sqlite3_errmsg(db_)));
+  }
+  Stmt& Bind(int i, int64_t v) {
+    sqlite3_bind_int64(stmt_, i, v);
+    return *this;
+  }
+  Stmt& Bind(int i, const std::string& v) {
+    sqlite3_bind_text(stmt_, i, v.data(), static_cast<int>(v.size()), SQLITE_TRANSIENT);
+    return *this;
+  }
+  Stmt& BindBlob(int i, const std::string& v) {
+    sqlite3_bind_blob(stmt_, i, v.data(), static_cast<int>(v.size()), SQLITE_TRANSIENT);
+    return *this;
+  }
+  // SQLITE_ROW: true; SQLITE_DONE: false; else error.
+  StatusOr<bool> Step() {
+    int rc = sqlite3_step(stmt_);
+    if (rc == SQLITE_ROW) return true;
+    if (rc == SQLITE_DONE) return false;
+    return InternalError(fmt::format("sqlite: {}", sqlite3_errmsg(db_)));
+  }
+  Status Run() {
+    auto r = Step();
+    return r.status();
+  }
+  int64_t Int(int col) { return sqlite3_column_int64(stmt_, col); }
+  std::string Text(int col) {
+    const auto* p = sqlite3_column_blob(stmt_, col);
+    int n = sqlite3_column_bytes(stmt_, col);
+    return p ? std::string(static_cast<const char*>(p), n) : std::string();
+  }
+
+ private:
+  sqlite3* db_;
+  sqlite3_stmt* stmt_ = nullptr;
+  int rc_;
+};
+
+JobRecord ReadJob(Stmt& s) {
+  JobRecord j;
+  j.id = s.Text(0);
+  j.seq = s.Int(1);
+  j.spec.ParseFromString(s.Text(2));
+  j.state = static_cast<proto::JobState>(s.Int(3));
+  j.attempt = s.Int(4);
+  j.restarts = s.Int(5);
+  j.preemptions = s.Int(6);
+  j.nodes = Split(s.Text(7));
+  j.detail = s.Text(8);
+  j.resume_step = s.Int(9);
+  j.submitted_ms = s.Int(10);
+  j.updated_ms = s.Int(11);
+  j.not_before_ms = s.Int(12);
+  return j;
+}
+
+constexpr const char* kJobCols =
+    "id, seq, spec, state, attempt, restarts, preemptions, nodes, detail, resume_step, "
+    "submitted_ms, updated_ms, not_before_ms";
+
+}  // namespace
+
+StateStore::StateStore(std::filesystem::path path, sqlite3* db, int lock_fd)
+    : path_(std::move(path)), db_(db), lock_fd_(lock_fd) {}
+
+StateStore::~StateStore() {
+  sqlite3_close_v2(db_);
+  if (lock_fd_ >= 0) close(lock_fd_);
+}
+
+StatusOr<std::unique_ptr<StateStore>> StateStore::Open(const std::filesystem::path& data_dir) {
+  std::error_code ec;
+  std::filesystem::create_directories(data_dir, ec);
+  if (ec) {
+    return FailedPreconditionError(
+        fmt::format("cannot create data dir {}: {}", data_dir.string(), ec.message()));
+  }
+  std::string lock_path = (data_dir / "coordinator.lock").string();
+  int fd = open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+  if (fd < 0) return ErrnoStatus(errno, "open " + lock_path);
+  if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    close(fd);
+    return FailedPreconditionError(fmt::format(
+        "data dir {} is in use by another coordinator (lock {})", data_dir.string(), lock_path));
+  }
+  auto path = data_dir / "coordinator.db";
+  sqlite3* db = nullptr;
+  int rc =
+      sqlite3_open_v2(path.c_str(), &db,
+                      SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_FULLMUTEX, nullptr);
+  if (rc != SQLITE_OK) {
+    std::string msg = db ? sqlite3_errmsg(db) : "out of memory";
+    sqlite3_close_v2(db);
+    close(fd);
+    return FailedPreconditionError(fmt::format("cannot open {}: {}", path.string(), msg));
+  }
+  std::unique_ptr<StateStore> store(new StateStore(path, db, fd));
+  sqlite3_busy_timeout(db, 5000);
+  MUSTER_RETURN_IF_ERROR(store->Exec("PRAGMA journal_mode=WAL"));
+  MUSTER_RETURN_IF_ERROR(store->Exec("PRAGMA synchronous=FULL"));
+  MUSTER_RETURN_IF_ERROR(store->Exec(kSchema));
+  return store;
+}
+
+Status StateStore::Exec(const std::string& sql) {
+  char* err = nullptr;
+  if (sqlite3_exec(db_, sql.c_str(), nullptr, nullptr, &err) != SQLITE_OK) {
+    std::string msg = err ? err : "unknown";
+    sqlite3_free(err);
+    return InternalError(fmt::format("sqlite {}: {}", path_.string(), msg));
+  }
+  return Status::Ok();
+}
+
+Status StateStore::PutNode(const NodeRecord& n) {
+  Stmt s(db_,
+         "INSERT OR REPLACE INTO nodes (name, labels, state, last_heartbeat_ms, quarantines, "
+         "quarantined_until_ms) VALUES (?, ?, ?, ?, ?, ?)");
+  MUSTER_RETURN_IF_ERROR(s.status());
+  s.Bind(1, n.labels.name())
+      .BindBlob(2, n.labels.SerializeAsString())
+      .Bind(3, static_cast<int64_t>(n.state))
+      .Bind(4, n.last_heartbeat_ms)
+      .Bind(5, int64_t{n.quarantines})
+      .Bind(6, n.quarantined_until_ms);
+  return s.Run();
+}
+
+Status StateStore::DeleteNode(const std::string& name) {
+  Stmt s(db_, "DELETE FROM nodes WHERE name = ?");
+  MUSTER_RETURN_IF_ERROR(s.status());
+  s.Bind(1, name);
+  return s.Run();
+}
+
+StatusOr<std::vector<NodeRecord>> StateStore::LoadNodes() {
+  Stmt s(db_,
+         "SELECT labels, state, last_heartbeat_ms, quarantines, quarantined_until_ms FROM nodes "
+         "ORDER BY name");
+  MUSTER_RETURN_IF_ERROR(s.status());
+  std::vector<NodeRecord> out;
+  while (true) {
+    MUSTER_ASSIGN_OR_RETURN(bool row, s.Step());
+    if (!row) break;
+    NodeRecord n;
+    if (!n.labels.ParseFromString(s.Text(0))) return DataLossError("corrupt node labels row");
+    n.state = static_cast<proto::NodeStatusState>(s.Int(1));
+    n.last_heartbeat_ms = s.Int(2);
+    n.quarantines = s.Int(3);
+    n.quarantined_until_ms = s.Int(4);
+    out.push_back(std::move(n));
+  }
+  return out;
+}
+
+Status StateStore::InsertJob(JobRecord* j) {
+  MUSTER_RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE"));
+  auto fail = [&](Status st) {
+    Exec("ROLLBACK").IgnoreError();
+    return st;
+  };
+  {
+    Stmt q(db_, "SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs");
+    if (!q.status().ok()) return fail(q.status());
+    auto row = q.Step();
+    if (!row.ok()) return fail(row.status());
+    j->seq = q.Int(0);
+  }
+  if (j->id.empty()) j->id = fmt::format("{}-{}", j->spec.name(), j->seq);
+  {
+    Stmt s(
+        db_,
+        fmt::format("INSERT INTO jobs ({}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", kJobCols).c_str());
+    if (!s.status().ok()) return fail(s.status());
+    s.Bind(1, j->id)
+        .Bind(2, static_cast<int64_t>(j->seq))
+        .BindBlob(3, j->spec.SerializeAsString())
+        .Bind(4, static_cast<int64_t>(j->state))
+        .Bind(5, int64_t{j->attempt})
+        .Bind(6, int64_t{j->restarts})
+        .Bind(7, int64_t{j->preemptions})
+        .Bind(8, Join(j->nodes))
+        .Bind(9, j->detail)
+        .Bind(10, j->resume_step)
+        .Bind(11, j->submitted_ms)
+        .Bind(12, j->updated_ms)
+        .Bind(13, j->not_before_ms);
+    Status st = s.Run();
+    if (!st.ok()) return fail(st);
+  }
+  return Exec("COMMIT");
+}
+
+Status StateStore::UpdateJob(const JobRecord& j) {
+  Stmt s(db_,
+         "UPDATE jobs SET spec=?, state=?, attempt=?, restarts=?, preemptions=?, nodes=?, "
+         "detail=?, resume_step=?, updated_ms=?, not_before_ms=? WHERE id=?");
+  MUSTER_RETURN_IF_ERROR(s.status());
+  s.BindBlob(1, j.spec.SerializeAsString())
+      .Bind(2, static_cast<int64_t>(j.state))
+      .Bind(3, int64_t{j.attempt})
+      .Bind(4, int64_t{j.restarts})
+      .Bind(5, int64_t{j.preemptions})
+      .Bind(6, Join(j.nodes))
+      .Bind(7, j.detail)
+      .Bind(8, j.resume_step)
+      .Bind(9, j.updated_ms)
+      .Bind(10, j.not_before_ms)
+      .Bind(11, j.id);
+  MUSTER_RETURN_IF_ERROR(s.Run());
+  if (sqlite3_changes(db_) == 0) return NotFoundError("no job " + j.id);
+  return Status::Ok();
+}
+
+StatusOr<JobRecord> StateStore::GetJob(const std::string& id) {
+  Stmt s(db_, fmt::format("SELECT {} FROM jobs WHERE id = ?", kJobCols).c_str());
+  MUSTER_RETURN_IF_ERROR(s.status());
+  s.Bind(1, id);
+  MUSTER_ASSIGN_OR_RETURN(bool row, s.Step());
+  if (!row) return NotFoundError("no job " + id);
+  return ReadJob(s);
+}
+
+StatusOr<std::vector<JobRecord>> StateStore::LoadJobs() {
+  Stmt s(db_, fmt::format("SELECT {} FROM jobs ORDER BY seq", kJobCols).c_str());
+  MUSTER_RETURN_IF_ERROR(s.status());
+  std::vector<JobRecord> out;
+  while (true) {
+    MUSTER_ASSIGN_OR_RETURN(bool row, s.Step());
+    if (!row) break;
+    out.push_back(ReadJob(s));
+  }
+  return out;
+}
+
+Status StateStore::PutAttempt(const AttemptRecord& a) {
+  Stmt s(db_,
+         "INSERT OR REPLACE INTO attempts (job_id, attempt, nodes, started_ms, ended_ms, outcome, "
+         "detail) VALUES (?,?,?,?,?,?,?)");
+  MUSTER_RETURN_IF_ERROR(s.status());
+  s.Bind(1, a.job_id)
+      .Bind(2, int64_t{a.attempt})
+      .Bind(3, Join(a.nodes))
+      .Bind(4, a.started_ms)
+      .Bind(5, a.ended_ms)
+      .Bind(6, a.outcome)
+      .Bind(7, a.detail);
+  return s.Run();
+}
+
+StatusOr<std::vector<AttemptRecord>> StateStore::LoadAttempts(const std::string& job_id) {
+  Stmt s(db_,
+         "SELECT job_id, attempt, nodes, started_ms, ended_ms, outcome, detail FROM attempts "
+         "WHERE job_id = ? ORDER BY attempt");
+  MUSTER_RETURN_IF_ERROR(s.status());
+  s.Bind(1, job_id);
+  std::vector<AttemptRecord> out;
+  while (true) {
+    MUSTER_ASSIGN_OR_RETURN(bool row, s.Step());
+    if (!row) break;
+    AttemptRecord a;
+    a.job_id = s.Text(0);
+    a.attempt = s.Int(1);
+    a.nodes = Split(s.Text(2));
+    a.started_ms = s.Int(3);
+    a.ended_ms = s.Int(4);
+    a.outcome = s.Text(5);
+    a.detail = s.Text(6);
+    out.push_back(std::move(a));
+  }
+  return out;
+}
+
+StatusOr<int64_t> StateStore::AppendEvent(const proto::Event& e) {
+  Stmt s(db_, "INSERT INTO events (time_ms, job_id, node, kind, message) VALUES (?,?,?,?,?)");
+  MUSTER_RETURN_IF_ERROR(s.status());
+  s.Bind(1, e.time_ms())
+      .Bind(2, e.job_id())
+      .Bind(3, e.node())
+      .Bind(4, e.kind())
+      .Bind(5, e.message());
+  MUSTER_RETURN_IF_ERROR(s.Run());
+  return static_cast<int64_t>(sqlite3_last_insert_rowid(db_));
+}
+
+StatusOr<std::vector<proto::Event>> StateStore::Events(const std::string& job_id, int64_t after_id,
+                                                       int limit) {
+  const char* sql =
+      job_id.empty()
+          ? "SELECT id, time_ms, job_id, node, kind, message FROM events WHERE id > ? ORDER BY "
+            "id LIMIT ?"
+          : "SELECT id, time_ms, job_id, node, kind, message FROM events WHERE id > ? AND "
+            "job_id = ? ORDER BY id LIMIT ?";
+  Stmt s(db_, sql);
+  MUSTER_RETURN_IF_ERROR(s.status());
+  s.Bind(1, after_id);
+  if (job_id.empty()) {
+    s.Bind(2, int64_t{limit});
+  } else {
+    s.Bind(2, job_id).Bind(3, int64_t{limit});
+  }
+  std::vector<proto::Event> out;
+  while (true) {
+    MUSTER_ASSIGN_OR_RETURN(bool row, s.Step());
+    if (!row) break;
+    proto::Event e;
+    e.set_id(s.Int(0));
+    e.set_time_ms(s.Int(1));
+    e.set_job_id(s.Text(2));
+    e.set_node(s.Text(3));
+    e.set_kind(s.Text(4));
+    e.set_message(s.Text(5));
+    out.push_back(std::move(e));
+  }
+  return out;
+}
+
+Status StateStore::RecordCheckpoint(const CheckpointRecord& c) {
+  Stmt s(db_,
+         "INSERT OR REPLACE INTO checkpoints (job_id, step, volume, committed, time_ms) VALUES "
+         "(?,?,?,?,?)");
+  MUSTER_RETURN_IF_ERROR(s.status());
+  s.Bind(1, c.job_id)
+      .Bind(2, c.step)
+      .Bind(3, c.volume)
+      .Bind(4, int64_t{c.committed ? 1 : 0})
+      .Bind(5, c.time_ms);
+  return s.Run();
+}
+
+StatusOr<std::vector<CheckpointRecord>> StateStore::Checkpoints(const std::string& job_id) {
+  Stmt s(db_,
+         "SELECT job_id, step, volume, committed, time_ms FROM checkpoints WHERE job_id = ? "
+         "ORDER BY step, volume");
+  MUSTER_RETURN_IF_ERROR(s.status());
+  s.Bind(1, job_id);
+  std::vector<CheckpointRecord> out;
+  while (true) {
+    MUSTER_ASSIGN_OR_RETURN(bool row, s.Step());
+    if (!row) break;
+    out.push_back({s.Text(0), s.Int(1), s.Text(2), s.Int(3) != 0, s.Int(4)});
+  }
+  return out;
+}
+
+StatusOr<std::optional<int64_t>> StateStore::LatestCommittedStep(const std::string& job_id,
+                                                                 const std::string& volume) {
+  const char* sql = volume.empty() ? "SELECT MAX(step) FROM checkpoints WHERE job_id = ? AND "
+                                     "committed = 1"
+                                   : "SELECT MAX(step) FROM checkpoints WHERE job_id = ? AND "
+                                     "committed = 1 AND volume = ?";
+  Stmt s(db_, sql);
+  MUSTER_RETURN_IF_ERROR(s.status());
+  s.Bind(1, job_id);
+  if (!volume.empty()) s.Bind(2, volume);
+  MUSTER_ASSIGN_OR_RETURN(bool row, s.Step());
+  std::optional<int64_t> out;
+  if (row && !s.Text(0).empty()) out = s.Int(0);
+  return out;
+}
+
+}  // namespace muster::coordinator

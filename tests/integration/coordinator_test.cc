@@ -1,0 +1,661 @@
+// A real `muster coordinator` process on loopback with CURVE, real clients, and fake agents
+// made of real RpcClients that register, heartbeat, take actions and report exits (until the
+// real node agent exists). The coordinator is killed with SIGKILL and restarted for real.
+
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <filesystem>
+#include <fstream>
+#include <mutex>
+#include <random>
+#include <thread>
+
+#include "common/curve.h"
+#include "common/rpc.h"
+#include "coordinator/client.h"
+
+namespace muster::coordinator {
+namespace {
+
+namespace fs = std::filesystem;
+using namespace std::chrono_literals;
+using Clock = std::chrono::steady_clock;
+
+template <typename F>
+bool WaitUntil(F pred, std::chrono::milliseconds timeout) {
+  auto end = Clock::now() + timeout;
+  while (Clock::now() < end) {
+    if (pred()) return true;
+    std::this_thread::sleep_for(20ms);
+  }
+  return pred();
+}
+
+// One `muster coordinator` child process.
+class CoordinatorProcess {
+ public:
+  CoordinatorProcess(fs::path data, fs::path keys)
+      : data_(std::move(data)), keys_(std::move(keys)) {}
+  ~CoordinatorProcess() { Kill(SIGKILL); }
+
+  void Start() {
+    fs::remove(data_ / "endpoint");
+    pid_ = fork();
+    if (pid_ == 0) {
+      std::string d = data_.string(), k = keys_.string();
+      execl(MUSTER_BIN, MUSTER_BIN, "coordinator", "--data-dir", d.c_str(), "--listen",
+            "tcp://127.0.0.1:*", "--keys", k.c_str(), "--heartbeat-interval-ms", "200",
+            "--heartbeat-timeout-ms", "1500", static_cast<char*>(nullptr));
+      _exit(127);
+    }
+    ASSERT_TRUE(WaitUntil([&] { return fs::exists(data_ / "endpoint"); }, 10s))
+        << "coordinator did not start";
+    std::ifstream in(data_ / "endpoint");
+    in >> endpoint_;
+  }
+  void Kill(int sig) {
+    if (pid_ <= 0) return;
+    kill(pid_, sig);
+    int st;
+    waitpid(pid_, &st, 0);
+    pid_ = -1;
+  }
+  const std::string& endpoint() const { return endpoint_; }
+
+ private:
+  fs::path data_, keys_;
+  pid_t pid_ = -1;
+  std::string endpoint_;
+};
+
+// A fake node agent: registers, heartbeats every 100 ms on a thread, collects actions.
+class FakeAgent {
+ public:
+  FakeAgent(zmq::context_t& ctx, const std::string& endpoint, const KeysDir& keys,
+            proto::NodeLabels labels)
+      : labels_(std::move(labels)) {
+    RpcClient::Options o;
+    o.endpoint = endpoint;
+    o.client_key = *LoadKeyPair(keys.client_key());
+    o.server_public_key = LoadKeyPair(keys.coordinator_pub())->public_key;
+    client_ = std::move(*RpcClient::Connect(ctx, o));
+  }
+  ~FakeAgent() { StopHeartbeats(); }
+
+  Status Register() {
+    proto::Envelope e;
+    *e.mutable_agent_register()->mutable_labels() = labels_;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      for (const auto& r : running_) *e.mutable_agent_register()->add_running() = r;
+    }
+    MUSTER_ASSIGN_OR_RETURN(auto r, client_->Call(e, 5s));
+    std::lock_guard<std::mutex> l(mu_);
+    session_ = r.agent_registered().session_id();
+    for (const auto& a : r.agent_registered().actions()) actions_.push_back(a);
+    cv_.notify_all();
+    return Status::Ok();
+  }
+  void StartHeartbeats() {
+    stop_ = false;
+    thread_ = std::thread([this] {
+      while (!stop_) {
+        proto::Envelope e;
+        e.mutable_agent_heartbeat()->set_node(labels_.name());
+        {
+          std::lock_guard<std::mutex> l(mu_);
+          e.mutable_agent_heartbeat()->set_session_id(session_);
+        }
+        auto r = client_->Call(e, 2s);
+        if (r.ok()) {
+          std::lock_guard<std::mutex> l(mu_);
+          for (const auto& a : r->agent_heartbeat_reply().actions()) actions_.push_back(a);
+          cv_.notify_all();
+        } else if (r.status().code() == StatusCode::kNotFound) {
+          Register().IgnoreError();
+        }
+        std::unique_lock<std::mutex> l(mu_);
+        cv_.wait_for(l, 100ms, [&] { return stop_.load(); });
+      }
+    });
+  }
+  void StopHeartbeats() {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      stop_ = true;
+      cv_.notify_all();
+    }
+    if (thread_.joinable()) thread_.join();
+  }
+
+  // Waits for an action matching `pred` and removes it.
+  std::optional<proto::AgentAction> WaitAction(
+      const std::function<bool(const proto::AgentAction&)>& pred, std::chrono::milliseconds t) {
+    std::unique_lock<std::mutex> l(mu_);
+    std::optional<proto::AgentAction> out;
+    cv_.wait_for(l, t, [&] {
+      for (auto it = actions_.begin(); it != actions_.end(); ++it) {
+        if (pred(*it)) {
+          out = *it;
+          actions_.erase(it);
+          return true;
+        }
+      }
+      return false;
+    });
+    return out;
+  }
+  std::optional<proto::StartAssignment> WaitStart(std::chrono::milliseconds t = 5s) {
+    auto a = WaitAction([](const auto& a) { return a.has_start(); }, t);
+    if (!a) return std::nullopt;
+    std::lock_guard<std::mutex> l(mu_);
+    proto::RunningAssignment r;
+    r.set_job_id(a->start().job_id());
+    r.set_attempt(a->start().attempt());
+    r.set_node_rank(a->start().node_rank());
+    running_.push_back(r);
+    return a->start();
+  }
+  std::optional<proto::StopAssignment> WaitStop(std::chrono::milliseconds t = 5s) {
+    auto a = WaitAction([](const auto& a) { return a.has_stop(); }, t);
+    if (!a) return std::nullopt;
+    return a->stop();
+  }
+
+  Status Report(const std::string& job, int attempt, bool started, int exit_code, bool all_exited,
+                bool stopped_by_agent = false) {
+    proto::Envelope e;
+    auto* r = e.mutable_agent_report();
+    r->set_node(labels_.name());
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      r->set_session_id(session_);
+      if (all_exited) {
+        std::erase_if(running_, [&](const auto& x) { return x.job_id() == job; });
+      }
+    }
+    r->set_job_id(job);
+    r->set_attempt(attempt);
+    r->set_started(started);
+    if (all_exited) {
+      auto* x = r->add_exits();
+      x->set_rank(0);
+      x->set_exit_code(exit_code);
+      x->set_stopped_by_agent(stopped_by_agent);
+      r->set_all_exited(true);
+    }
+    return client_->Call(e, 5s).status();
+  }
+
+  const std::string& name() const { return labels_.name(); }
+
+ private:
+  proto::NodeLabels labels_;
+  std::unique_ptr<RpcClient> client_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::string session_;
+  std::vector<proto::AgentAction> actions_;
+  std::vector<proto::RunningAssignment> running_;
+  std::atomic<bool> stop_{false};
+  std::thread thread_;
+};
+
+proto::NodeLabels Labels(const std::string& name, const std::string& provider) {
+  proto::NodeLabels l;
+  l.set_name(name);
+  l.set_provider(provider);
+  l.set_region(provider + "-1");
+  l.set_island("a");
+  l.set_gpu_type("h100");
+  l.set_gpus(8);
+  l.set_slots(8);
+  l.set_address("127.0.0.1");
+  auto* v = l.add_volumes();
+  v->set_name("ckpt");
+  v->set_path("/tmp/ckpt");
+  return l;
+}
+
+class CoordinatorIntegrationTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    root_ = fs::temp_directory_path() / ("muster-coord-it-" + std::to_string(getpid()) + "-" +
+                                         std::to_string(std::random_device{}()));
+    keys_.dir = root_ / "keys";
+    ASSERT_TRUE(InitKeysDir(keys_, false).ok());
+    coord_ = std::make_unique<CoordinatorProcess>(root_ / "data", keys_.dir);
+    coord_->Start();
+    ClientOptions o;
+    o.endpoint = coord_->endpoint();
+    o.keys_dir = keys_.dir.string();
+    client_ = std::move(*CoordinatorClient::Connect(o));
+  }
+  void TearDown() override {
+    agents_.clear();
+    coord_.reset();
+    fs::remove_all(root_);
+  }
+
+  FakeAgent& AddAgent(const std::string& name, const std::string& provider) {
+    agents_.push_back(
+        std::make_unique<FakeAgent>(ctx_, coord_->endpoint(), keys_, Labels(name, provider)));
+    EXPECT_TRUE(agents_.back()->Register().ok());
+    agents_.back()->StartHeartbeats();
+    return *agents_.back();
+  }
+
+  StatusOr<std::string> Submit(const std::string& yaml) {
+    return client_->Submit(yaml, "job.yaml");
+  }
+
+  proto::JobStatus Status(const std::string& id) {
+    auto s = client_->Status(id);
+    EXPECT_TRUE(s.ok()) << s.status();
+    return s.ok() && s->jobs_size() ? s->jobs(0) : proto::JobStatus();
+  }
+
+  bool WaitState(const std::string& id, proto::JobState state, std::chrono::milliseconds t = 5s) {
+    return WaitUntil([&] { return Status(id).state() == state; }, t);
+  }
+
+  std::vector<std::string> EventKinds(const std::string& id) {
+    std::vector<std::string> out;
+    auto ev = client_->Events(id, 0);
+    if (ev.ok())
+      for (const auto& e : ev->events()) out.push_back(e.kind());
+    return out;
+  }
+
+  fs::path root_;
+  KeysDir keys_;
+  zmq::context_t ctx_;
+  std::unique_ptr<CoordinatorProcess> coord_;
+  std::unique_ptr<CoordinatorClient> client_;
+  std::vector<std::unique_ptr<FakeAgent>> agents_;
+};
+
+TEST_F(CoordinatorIntegrationTest, GangPlacementRefusalPendingReasonAndSuccess) {
+  FakeAgent& a0 = AddAgent("aws-0", "aws");
+  FakeAgent& a1 = AddAgent("aws-1", "aws");
+  AddAgent("gcp-0", "gcp");
+
+  auto impossible = Submit("name: big\ncommand: train\nnodes: 3\n");
+  ASSERT_FALSE(impossible.ok());
+  EXPECT_EQ(impossible.status().code(), StatusCode::kFailedPrecondition);
+  EXPECT_NE(impossible.status().message().find("the most on one provider is 2 (aws)"),
+            std::string::npos)
+      << impossible.status();
+
+  auto first = Submit("name: ft\ncommand: [python, train.py]\nnodes: 2\nranks_per_node: 4\n");
+  ASSERT_TRUE(first.ok()) << first.status();
+  auto s0 = a0.WaitStart();
+  auto s1 = a1.WaitStart();
+  ASSERT_TRUE(s0 && s1) << "both aws nodes get the gang";
+  EXPECT_EQ(s0->job_id(), *first);
+  EXPECT_EQ(s0->nnodes(), 2);
+  EXPECT_EQ(s0->env().at("WORLD_SIZE"), "8");
+  EXPECT_EQ(s0->env().at("MASTER_ADDR"), "127.0.0.1");
+  EXPECT_NE(s0->node_rank(), s1->node_rank());
+  EXPECT_TRUE(s0->host_rendezvous() != s1->host_rendezvous());
+  EXPECT_EQ(Status(*first).state(), proto::JOB_SCHEDULED);
+  ASSERT_TRUE(a0.Report(*first, 1, true, 0, false).ok());
+  ASSERT_TRUE(a1.Report(*first, 1, true, 0, false).ok());
+  EXPECT_TRUE(WaitState(*first, proto::JOB_RUNNING));
+
+  auto second = Submit("name: next\ncommand: train\nnodes: 2\n");
+  ASSERT_TRUE(second.ok());
+  EXPECT_EQ(Status(*second).pending_reason(), "waiting: 0 of 2 nodes free on provider aws");
+
+  ASSERT_TRUE(a0.Report(*first, 1, false, 0, true).ok());
+  ASSERT_TRUE(a1.Report(*first, 1, false, 0, true).ok());
+  EXPECT_TRUE(WaitState(*first, proto::JOB_SUCCEEDED));
+  EXPECT_TRUE(a0.WaitStart()) << "the waiting job gets the freed nodes";
+  EXPECT_TRUE(WaitState(*second, proto::JOB_SCHEDULED));
+  auto kinds = EventKinds(*first);
+  EXPECT_EQ(kinds, (std::vector<std::string>{"submitted", "scheduled", "started", "succeeded"}));
+}
+
+TEST_F(CoordinatorIntegrationTest, FailureRestartsThenFails) {
+  FakeAgent& a = AddAgent("aws-0", "aws");
+  auto id = Submit("name: flaky\ncommand: train\nrestart:\n  max_restarts: 1\n  backoff: 0s\n");
+  ASSERT_TRUE(id.ok());
+  auto s = a.WaitStart();
+  ASSERT_TRUE(s);
+  ASSERT_TRUE(a.Report(*id, 1, true, 3, true).ok());
+  s = a.WaitStart();
+  ASSERT_TRUE(s) << "restarted";
+  EXPECT_EQ(s->attempt(), 2);
+  EXPECT_EQ(s->env().at("TORCHELASTIC_RESTART_COUNT"), "1");
+  ASSERT_TRUE(a.Report(*id, 2, true, 3, true).ok());
+  ASSERT_TRUE(WaitState(*id, proto::JOB_FAILED));
+  auto st = Status(*id);
+  EXPECT_EQ(st.restarts(), 2);
+  EXPECT_EQ(st.detail(), "rank 0 on aws-0 exited 3");
+}
+
+TEST_F(CoordinatorIntegrationTest, CancelStopsTheGang) {
+  FakeAgent& a0 = AddAgent("aws-0", "aws");
+  FakeAgent& a1 = AddAgent("aws-1", "aws");
+  auto id = Submit("name: c\ncommand: train\nnodes: 2\n");
+  ASSERT_TRUE(id.ok());
+  ASSERT_TRUE(a0.WaitStart() && a1.WaitStart());
+  auto state = client_->Cancel(*id);
+  ASSERT_TRUE(state.ok());
+  EXPECT_EQ(*state, proto::JOB_CANCELLED);
+  auto stop0 = a0.WaitStop();
+  auto stop1 = a1.WaitStop();
+  ASSERT_TRUE(stop0 && stop1);
+  EXPECT_EQ(stop0->reason(), proto::STOP_CANCELLED);
+  ASSERT_TRUE(a0.Report(*id, 1, false, 0, true, true).ok());
+  ASSERT_TRUE(a1.Report(*id, 1, false, 0, true, true).ok());
+  // The nodes are free again: a new job is placed.
+  auto next = Submit("name: after\ncommand: train\nnodes: 2\n");
+  ASSERT_TRUE(next.ok());
+  EXPECT_TRUE(a0.WaitStart());
+  EXPECT_EQ(Status(*id).state(), proto::JOB_CANCELLED);
+  // Cancelling a pending job is immediate.
+  auto pending = Submit("name: p\ncommand: train\nnodes: 2\n");
+  ASSERT_TRUE(pending.ok());
+  EXPECT_EQ(*client_->Cancel(*pending), proto::JOB_CANCELLED);
+  EXPECT_EQ(client_->Cancel("nope-1").status().code(), StatusCode::kNotFound);
+}
+
+TEST_F(CoordinatorIntegrationTest, LostAgentStopsAndRequeuesTheJob) {
+  FakeAgent& a0 = AddAgent("aws-0", "aws");
+  FakeAgent& a1 = AddAgent("aws-1", "aws");
+  auto id = Submit("name: l\ncommand: train\nnodes: 2\n");
+  ASSERT_TRUE(id.ok());
+  ASSERT_TRUE(a0.WaitStart() && a1.WaitStart());
+  ASSERT_TRUE(a0.Report(*id, 1, true, 0, false).ok());
+  ASSERT_TRUE(a1.Report(*id, 1, true, 0, false).ok());
+  ASSERT_TRUE(WaitState(*id, proto::JOB_RUNNING));
+  a1.StopHeartbeats();  // as if kill -9: heartbeats stop
+  auto stop = a0.WaitStop(5s);
+  ASSERT_TRUE(stop) << "the surviving node is told to stop";
+  EXPECT_EQ(stop->reason(), proto::STOP_PEER_FAILED);
+  ASSERT_TRUE(a0.Report(*id, 1, false, 0, true, true).ok());
+  ASSERT_TRUE(WaitState(*id, proto::JOB_PENDING));
+  auto st = Status(*id);
+  EXPECT_EQ(st.preemptions(), 1);
+  EXPECT_EQ(st.restarts(), 0) << "a lost node does not count against max_restarts";
+  auto kinds = EventKinds(*id);
+  EXPECT_NE(std::find(kinds.begin(), kinds.end(), "node_lost"), kinds.end());
+  EXPECT_NE(std::find(kinds.begin(), kinds.end(), "requeued"), kinds.end());
+  auto nodes = client_->Nodes();
+  ASSERT_TRUE(nodes.ok());
+  for (const auto& n : nodes->nodes()) {
+    if (n.labels().name() == "aws-1") EXPECT_EQ(n.state(), proto::NODE_DOWN);
+  }
+}
+
+TEST_F(CoordinatorIntegrationTest, KillNineRestartKeepsJobsAndReconcilesAgents) {
+  FakeAgent& a0 = AddAgent("aws-0", "aws");
+  auto running = Submit("name: r\ncommand: train\n");
+  ASSERT_TRUE(running.ok());
+  ASSERT_TRUE(a0.WaitStart());
+  ASSERT_TRUE(a0.Report(*running, 1, true, 0, false).ok());
+  ASSERT_TRUE(WaitState(*running, proto::JOB_RUNNING));
+  auto pending = Submit("name: p\ncommand: train\n");
+  ASSERT_TRUE(pending.ok());
+  ASSERT_TRUE(client_->Drain("aws-0", true).ok());
+
+  a0.StopHeartbeats();
+  coord_->Kill(SIGKILL);
+  coord_->Start();
+  ClientOptions o;
+  o.endpoint = coord_->endpoint();
+  o.keys_dir = keys_.dir.string();
+  client_ = std::move(*CoordinatorClient::Connect(o));
+  EXPECT_EQ(Status(*pending).state(), proto::JOB_PENDING);
+  EXPECT_EQ(Status(*running).state(), proto::JOB_RUNNING);
+
+  // The agent comes back without the job's ranks (its node rebooted): the job is requeued.
+  FakeAgent again(ctx_, coord_->endpoint(), keys_, Labels("aws-0", "aws"));
+  ASSERT_TRUE(again.Register().ok());
+  // A fresh register without the job means its ranks are gone: the job is requeued.
+  EXPECT_TRUE(WaitState(*running, proto::JOB_PENDING));
+  auto nodes = client_->Nodes();
+  ASSERT_TRUE(nodes.ok());
+  ASSERT_EQ(nodes->nodes_size(), 1);
+  EXPECT_EQ(nodes->nodes(0).state(), proto::NODE_DRAINING) << "drain survives the restart";
+}
+
+TEST_F(CoordinatorIntegrationTest, RestartAdoptsRunningAssignment) {
+  FakeAgent& a0 = AddAgent("aws-0", "aws");
+  auto id = Submit("name: r\ncommand: train\n");
+  ASSERT_TRUE(id.ok());
+  ASSERT_TRUE(a0.WaitStart());
+  ASSERT_TRUE(a0.Report(*id, 1, true, 0, false).ok());
+  ASSERT_TRUE(WaitState(*id, proto::JOB_RUNNING));
+  a0.StopHeartbeats();
+  coord_->Kill(SIGKILL);
+  coord_->Start();
+  ClientOptions o;
+  o.endpoint = coord_->endpoint();
+  o.keys_dir = keys_.dir.string();
+  client_ = std::move(*CoordinatorClient::Connect(o));
+  // Re-register reporting the running assignment: adopted, not stopped.
+  std::unique_ptr<RpcClient> raw;
+  {
+    RpcClient::Options ro;
+    ro.endpoint = coord_->endpoint();
+    ro.client_key = *LoadKeyPair(keys_.client_key());
+    ro.server_public_key = LoadKeyPair(keys_.coordinator_pub())->public_key;
+    raw = std::move(*RpcClient::Connect(ctx_, ro));
+  }
+  proto::Envelope e;
+  *e.mutable_agent_register()->mutable_labels() = Labels("aws-0", "aws");
+  auto* ra = e.mutable_agent_register()->add_running();
+  ra->set_job_id(*id);
+  ra->set_attempt(1);
+  auto reg = raw->Call(e, 5s);
+  ASSERT_TRUE(reg.ok()) << reg.status();
+  EXPECT_EQ(reg->agent_registered().actions_size(), 0) << "nothing to stop";
+  EXPECT_EQ(Status(*id).state(), proto::JOB_RUNNING);
+  // A stale attempt is told to stop.
+  proto::Envelope stale = e;
+  stale.mutable_agent_register()->mutable_running(0)->set_attempt(7);
+  auto reg2 = raw->Call(stale, 5s);
+  ASSERT_TRUE(reg2.ok());
+  ASSERT_EQ(reg2->agent_registered().actions_size(), 1);
+  EXPECT_EQ(reg2->agent_registered().actions(0).stop().reason(), proto::STOP_RECONCILE);
+}
+
+TEST_F(CoordinatorIntegrationTest, UnknownKeyIsRefusedQuickly) {
+  RpcClient::Options o;
+  o.endpoint = coord_->endpoint();
+  o.client_key = *GenerateKeyPair();
+  o.server_public_key = LoadKeyPair(keys_.coordinator_pub())->public_key;
+  auto c = RpcClient::Connect(ctx_, o);
+  ASSERT_TRUE(c.ok());
+  proto::Envelope e;
+  e.mutable_nodes_request();
+  auto t0 = Clock::now();
+  auto r = (*c)->Call(e, 5s);
+  EXPECT_EQ(r.status().code(), StatusCode::kUnavailable) << r.status();
+  EXPECT_LT(Clock::now() - t0, 3s);
+}
+
+TEST_F(CoordinatorIntegrationTest, CliSubmitStatusJsonAndBadSpec) {
+  AddAgent("aws-0", "aws");
+  fs::path job = root_ / "job.yaml";
+  std::ofstream(job) << "name: cli\ncommand: train\nnodes: 2\n";
+  std::string base = std::string(MUSTER_BIN) + " --log-level off ";
+  std::string flags = " --coordinator " + coord_->endpoint() + " --keys " + keys_.dir.string();
+  auto run = [](const std::string& cmd, int* rc) {
+    std::string out;
+    FILE* p = popen((cmd + " 2>&1").c_str(), "r");
+    char buf[512];
+    while (p && fgets(buf, sizeof(buf), p)) out += buf;
+    *rc = p ? WEXITSTATUS(pclose(p)) : -1;
+    return out;
+  };
+  int rc = 0;
+  std::string out = run(base + "submit " + job.string() + flags, &rc);
+  EXPECT_EQ(rc, 2) << out;
+  EXPECT_NE(out.find("no registered node set can ever hold this job"), std::string::npos) << out;
+  AddAgent("aws-1", "aws");
+  out = run(base + "submit " + job.string() + flags, &rc);
+  ASSERT_EQ(rc, 0) << out;
+  std::string id = out.substr(0, out.find('\n'));
+  EXPECT_EQ(id, "cli-1");
+  out = run(base + "status " + id + " --json" + flags, &rc);
+  EXPECT_EQ(rc, 0);
+  EXPECT_NE(out.find("\"state\": \"scheduled\""), std::string::npos) << out;
+  std::ofstream(job) << "name: cli\ncommand: train\nnodes: -1\n";
+  out = run(base + "submit " + job.string() + flags, &rc);
+  EXPECT_EQ(rc, 2);
+  EXPECT_NE(out.find("job.yaml:3: nodes: must be an integer"), std::string::npos) << out;
+  out = run(base + "node drain aws-0" + flags, &rc);
+  EXPECT_EQ(rc, 0);
+  EXPECT_NE(out.find("aws-0 draining"), std::string::npos) << out;
+  out = run(base + "events " + id + flags, &rc);
+  EXPECT_NE(out.find("scheduled"), std::string::npos) << out;
+}
+
+TEST_F(CoordinatorIntegrationTest, LongPollDeliversStartAndLogsAreFetchedFromTheAgent) {
+  RpcClient::Options ro;
+  ro.endpoint = coord_->endpoint();
+  ro.client_key = *LoadKeyPair(keys_.client_key());
+  ro.server_public_key = LoadKeyPair(keys_.coordinator_pub())->public_key;
+  auto agent = std::move(*RpcClient::Connect(ctx_, ro));
+  proto::Envelope reg;
+  *reg.mutable_agent_register()->mutable_labels() = Labels("aws-0", "aws");
+  auto r = agent->Call(reg, 5s);
+  ASSERT_TRUE(r.ok()) << r.status();
+  std::string session = r->agent_registered().session_id();
+  EXPECT_EQ(r->agent_registered().heartbeat_interval_ms(), 200);
+  EXPECT_EQ(r->agent_registered().heartbeat_timeout_ms(), 1500);
+  auto poll = [&](int64_t wait_ms) {
+    proto::Envelope p;
+    p.mutable_agent_poll()->set_node("aws-0");
+    p.mutable_agent_poll()->set_session_id(session);
+    p.mutable_agent_poll()->set_wait_ms(wait_ms);
+    return agent->Call(p, 5s);
+  };
+  // The poll is parked, then answered by the submit's placement.
+  std::thread submitter([&] {
+    // Before or after the poll parks, the start reaches it: queued actions flush on a poll.
+    EXPECT_TRUE(Submit("name: lp\ncommand: train\nranks_per_node: 2\n").ok());
+  });
+  auto t0 = Clock::now();
+  auto actions = poll(3000);
+  submitter.join();
+  ASSERT_TRUE(actions.ok()) << actions.status();
+  ASSERT_EQ(actions->agent_actions().actions_size(), 1);
+  EXPECT_LT(Clock::now() - t0, 2500ms) << "answered by the placement, not by the poll timeout";
+  const auto& start = actions->agent_actions().actions(0).start();
+  EXPECT_EQ(start.job_id(), "lp-1");
+
+  // A client asks for rank 1's log; the coordinator forwards it to the agent.
+  std::optional<StatusOr<proto::LogsReply>> logs;
+  std::thread reader([&] { logs = client_->Logs("lp-1", 1, 0, 1000); });
+  auto fetch = poll(3000);
+  ASSERT_TRUE(fetch.ok());
+  ASSERT_EQ(fetch->agent_actions().actions_size(), 1);
+  const auto& f = fetch->agent_actions().actions(0).fetch_log();
+  EXPECT_EQ(f.rank(), 1);
+  proto::Envelope chunk;
+  auto* c = chunk.mutable_agent_log_chunk();
+  c->set_node("aws-0");
+  c->set_session_id(session);
+  c->set_fetch_id(f.fetch_id());
+  c->set_data("hello from rank 1\n");
+  c->set_next_offset(18);
+  ASSERT_TRUE(agent->Call(chunk, 5s).ok());
+  reader.join();
+  ASSERT_TRUE(logs && logs->ok()) << (logs ? logs->status().ToString() : "no reply");
+  EXPECT_EQ((*logs)->data(), "hello from rank 1\n");
+  EXPECT_EQ((*logs)->next_offset(), 18);
+  EXPECT_EQ(client_->Logs("lp-1", 5, 0, 10).status().code(), StatusCode::kNotFound);
+  // A heartbeat with a wrong session is told to register again.
+  proto::Envelope hb;
+  hb.mutable_agent_heartbeat()->set_node("aws-0");
+  hb.mutable_agent_heartbeat()->set_session_id("bogus");
+  EXPECT_EQ(agent->Call(hb, 5s).status().code(), StatusCode::kNotFound);
+}
+
+TEST_F(CoordinatorIntegrationTest, HigherPriorityPreemptsAndTheVictimRequeues) {
+  FakeAgent& a = AddAgent("aws-0", "aws");
+  auto low = Submit("name: low\ncommand: train\npriority: 0\n");
+  ASSERT_TRUE(low.ok());
+  ASSERT_TRUE(a.WaitStart());
+  ASSERT_TRUE(a.Report(*low, 1, true, 0, false).ok());
+  auto high = Submit("name: high\ncommand: train\npriority: 10\n");
+  ASSERT_TRUE(high.ok());
+  auto stop = a.WaitStop();
+  ASSERT_TRUE(stop);
+  EXPECT_EQ(stop->job_id(), *low);
+  EXPECT_EQ(stop->reason(), proto::STOP_PREEMPTED);
+  EXPECT_NE(Status(*high).pending_reason().find("preempting"), std::string::npos);
+  ASSERT_TRUE(a.Report(*low, 1, false, 143, true, true).ok());
+  auto start = a.WaitStart();
+  ASSERT_TRUE(start);
+  EXPECT_EQ(start->job_id(), *high);
+  auto st = Status(*low);
+  EXPECT_EQ(st.state(), proto::JOB_PENDING);
+  EXPECT_EQ(st.preemptions(), 1);
+  EXPECT_EQ(st.restarts(), 0);
+}
+
+TEST(CoordinatorSecurityTest, InsecureMustBeAskedForAndWarnsAndMissingKeysAreAClearError) {
+  fs::path root = fs::temp_directory_path() / ("muster-coord-sec-" + std::to_string(getpid()) +
+                                               "-" + std::to_string(std::random_device{}()));
+  fs::create_directories(root);
+  auto spawn = [&](std::vector<std::string> args, const fs::path& out) {
+    pid_t pid = fork();
+    if (pid == 0) {
+      FILE* f = freopen(out.c_str(), "w", stderr);
+      (void)f;
+      std::vector<char*> argv{const_cast<char*>(MUSTER_BIN)};
+      for (auto& a : args) argv.push_back(a.data());
+      argv.push_back(nullptr);
+      execv(MUSTER_BIN, argv.data());
+      _exit(127);
+    }
+    return pid;
+  };
+  auto slurp = [](const fs::path& p) {
+    std::ifstream in(p);
+    return std::string(std::istreambuf_iterator<char>(in), {});
+  };
+  // Without keys and without --insecure: refuses to start, saying what to do.
+  pid_t pid = spawn({"coordinator", "--data-dir", (root / "d1").string(), "--listen",
+                     "tcp://127.0.0.1:*", "--keys", (root / "nokeys").string()},
+                    root / "err1");
+  int st = 0;
+  waitpid(pid, &st, 0);
+  EXPECT_NE(WEXITSTATUS(st), 0);
+  EXPECT_NE(slurp(root / "err1").find("muster keys init"), std::string::npos)
+      << slurp(root / "err1");
+
+  // --insecure: serves, and says so loudly.
+  pid = spawn({"coordinator", "--data-dir", (root / "d2").string(), "--listen", "tcp://127.0.0.1:*",
+               "--insecure"},
+              root / "err2");
+  ASSERT_TRUE(WaitUntil([&] { return fs::exists(root / "d2" / "endpoint"); }, 10s))
+      << slurp(root / "err2");
+  EXPECT_NE(slurp(root / "err2").find("INSECURE"), std::string::npos);
+  std::string ep;
+  std::ifstream(root / "d2" / "endpoint") >> ep;
+  ClientOptions o;
+  o.endpoint = ep;
+  o.insecure = true;
+  auto c = CoordinatorClient::Connect(o);
+  ASSERT_TRUE(c.ok());
+  auto nodes = (*c)->Nodes();
+  EXPECT_TRUE(nodes.ok()) << nodes.status();
+  kill(pid, SIGTERM);
+  waitpid(pid, &st, 0);
+  EXPECT_TRUE(WIFEXITED(st) && WEXITSTATUS(st) == 0) << "SIGTERM stops it cleanly";
+  fs::remove_all(root);
+}
+
+}  // namespace
+}  // namespace muster::coordinator

@@ -1,0 +1,219 @@
+// The Coordinator's lifecycle on an injected clock, without sockets: heartbeat timeout, time
+// limit, restart backoff, quarantine of a node that keeps failing, stale reports.
+
+#include "coordinator/coordinator.h"
+
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <random>
+
+#include "common/wire.h"
+
+namespace muster::coordinator {
+namespace {
+
+namespace fs = std::filesystem;
+using namespace std::chrono_literals;
+
+class CoordinatorTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() / ("muster-coord-unit-" + std::to_string(getpid()) + "-" +
+                                        std::to_string(std::random_device{}()));
+    Open();
+  }
+  void TearDown() override {
+    coord_.reset();
+    fs::remove_all(dir_);
+  }
+  void Open() {
+    coord_.reset();
+    CoordinatorOptions o;
+    o.clock = [this] { return now_; };
+    o.heartbeat_timeout = 5s;
+    o.quarantine.failures_to_quarantine = 2;
+    auto c = Coordinator::Create(*StateStore::Open(dir_), o);
+    ASSERT_TRUE(c.ok()) << c.status();
+    coord_ = std::move(*c);
+  }
+
+  proto::Envelope Call(proto::Envelope req) {
+    proto::Envelope out;
+    bool replied = false;
+    coord_->Handle("test", std::move(req), [&](proto::Envelope e) {
+      out = std::move(e);
+      replied = true;
+    });
+    EXPECT_TRUE(replied);
+    return out;
+  }
+
+  std::string Register(const std::string& name) {
+    proto::Envelope e;
+    auto* l = e.mutable_agent_register()->mutable_labels();
+    l->set_name(name);
+    l->set_provider("aws");
+    l->set_gpus(8);
+    l->set_slots(8);
+    auto r = Call(e);
+    EXPECT_TRUE(r.has_agent_registered()) << r.DebugString();
+    return r.agent_registered().session_id();
+  }
+
+  std::vector<proto::AgentAction> Heartbeat(const std::string& node, const std::string& session) {
+    proto::Envelope e;
+    e.mutable_agent_heartbeat()->set_node(node);
+    e.mutable_agent_heartbeat()->set_session_id(session);
+    auto r = Call(e);
+    return {r.agent_heartbeat_reply().actions().begin(), r.agent_heartbeat_reply().actions().end()};
+  }
+
+  // Moves the clock in 1 s steps, heartbeating like a live agent; returns the actions received.
+  std::vector<proto::AgentAction> Advance(const std::string& node, const std::string& session,
+                                          int seconds) {
+    std::vector<proto::AgentAction> got;
+    for (int i = 0; i <= seconds; ++i) {
+      auto a = Heartbeat(node, session);
+      got.insert(got.end(), a.begin(), a.end());
+      if (i == seconds) break;
+      now_ += 1s;
+      coord_->Tick();
+    }
+    return got;
+  }
+
+  std::string Submit(const std::string& yaml) {
+    proto::Envelope e;
+    e.mutable_submit_request()->set_yaml(yaml);
+    auto r = Call(e);
+    EXPECT_TRUE(r.has_submit_reply()) << r.DebugString();
+    return r.submit_reply().job_id();
+  }
+
+  proto::JobStatus Status(const std::string& id) {
+    proto::Envelope e;
+    e.mutable_status_request()->set_job_id(id);
+    return Call(e).status_reply().jobs(0);
+  }
+
+  void Report(const std::string& node, const std::string& session, const std::string& job,
+              int attempt, bool started, int exit_code, bool all_exited) {
+    proto::Envelope e;
+    auto* r = e.mutable_agent_report();
+    r->set_node(node);
+    r->set_session_id(session);
+    r->set_job_id(job);
+    r->set_attempt(attempt);
+    r->set_started(started);
+    if (all_exited) {
+      r->add_exits()->set_exit_code(exit_code);
+      r->set_all_exited(true);
+    }
+    EXPECT_TRUE(Call(e).has_agent_report_reply());
+  }
+
+  TimePoint now_ = TimePoint{} + std::chrono::hours(490000);
+  fs::path dir_;
+  std::unique_ptr<Coordinator> coord_;
+};
+
+TEST_F(CoordinatorTest, HeartbeatTimeoutOnTheInjectedClockRequeues) {
+  std::string s0 = Register("n0");
+  std::string id = Submit("name: j\ncommand: x\n");
+  auto actions = Heartbeat("n0", s0);
+  ASSERT_EQ(actions.size(), 1u);
+  ASSERT_TRUE(actions[0].has_start());
+  Report("n0", s0, id, 1, true, 0, false);
+  EXPECT_EQ(Status(id).state(), proto::JOB_RUNNING);
+  now_ += 4s;
+  coord_->Tick();
+  EXPECT_EQ(Status(id).state(), proto::JOB_RUNNING) << "4 s < 5 s timeout";
+  now_ += 2s;
+  coord_->Tick();
+  auto st = Status(id);
+  EXPECT_EQ(st.state(), proto::JOB_PENDING) << "lost node: requeued";
+  EXPECT_EQ(st.preemptions(), 1);
+  EXPECT_EQ(Heartbeat("n0", s0).size(), 0u);  // the old session is gone
+  proto::Envelope hb;
+  hb.mutable_agent_heartbeat()->set_node("n0");
+  hb.mutable_agent_heartbeat()->set_session_id(s0);
+  EXPECT_EQ(ErrorToStatus(Call(hb).error()).code(), StatusCode::kNotFound);
+  // It comes back: the job starts again as attempt 2.
+  std::string s1 = Register("n0");
+  coord_->Tick();
+  actions = Heartbeat("n0", s1);
+  ASSERT_EQ(actions.size(), 1u);
+  EXPECT_EQ(actions[0].start().attempt(), 2);
+}
+
+TEST_F(CoordinatorTest, TimeLimitStopsAndFails) {
+  std::string s = Register("n0");
+  std::string id = Submit("name: t\ncommand: x\ntime_limit: 60s\n");
+  ASSERT_EQ(Heartbeat("n0", s).size(), 1u);
+  Report("n0", s, id, 1, true, 0, false);
+  EXPECT_TRUE(Advance("n0", s, 59).empty());
+  auto actions = Advance("n0", s, 2);
+  ASSERT_EQ(actions.size(), 1u);
+  EXPECT_EQ(actions[0].stop().reason(), proto::STOP_TIME_LIMIT);
+  Report("n0", s, id, 1, false, 143, true);
+  EXPECT_EQ(Status(id).state(), proto::JOB_FAILED);
+  EXPECT_EQ(Status(id).detail(), "time limit");
+}
+
+TEST_F(CoordinatorTest, RestartBackoffAndQuarantineOfAFailingNode) {
+  std::string s = Register("n0");
+  std::string id = Submit("name: f\ncommand: x\nrestart:\n  max_restarts: 5\n  backoff: 10s\n");
+  ASSERT_EQ(Heartbeat("n0", s).size(), 1u);
+  Report("n0", s, id, 1, true, 1, true);
+  auto st = Status(id);
+  EXPECT_EQ(st.state(), proto::JOB_PENDING);
+  EXPECT_EQ(st.pending_reason(), "waiting: restart backoff, 10 s left");
+  EXPECT_TRUE(Advance("n0", s, 9).empty()) << "still backing off";
+  auto actions = Advance("n0", s, 1);
+  ASSERT_EQ(actions.size(), 1u);
+  EXPECT_EQ(actions[0].start().attempt(), 2);
+  Report("n0", s, id, 2, true, 1, true);  // second failure on n0: quarantined (policy: 2)
+  proto::Envelope nodes;
+  nodes.mutable_nodes_request();
+  auto n = Call(nodes).nodes_reply().nodes(0);
+  EXPECT_EQ(n.state(), proto::NODE_QUARANTINED);
+  EXPECT_EQ(n.quarantines(), 1);
+  // The backoff doubles to 20 s, but the 60 s quarantine holds the only node longer.
+  EXPECT_TRUE(Advance("n0", s, 21).empty());
+  EXPECT_EQ(Status(id).pending_reason(), "waiting: 0 of 1 nodes free on provider aws");
+  actions = Advance("n0", s, 40);
+  ASSERT_EQ(actions.size(), 1u) << "quarantine over";
+  EXPECT_EQ(actions[0].start().attempt(), 3);
+}
+
+TEST_F(CoordinatorTest, StaleAttemptReportsAreIgnoredAndStateSurvivesReopen) {
+  std::string s = Register("n0");
+  std::string id = Submit("name: s\ncommand: x\n");
+  ASSERT_EQ(Heartbeat("n0", s).size(), 1u);
+  Report("n0", s, id, 7, true, 1, true);  // attempt 7 never existed
+  EXPECT_EQ(Status(id).state(), proto::JOB_SCHEDULED);
+  EXPECT_EQ(Status(id).restarts(), 0);
+  Open();  // a restarted coordinator
+  EXPECT_EQ(Status(id).state(), proto::JOB_SCHEDULED);
+  EXPECT_EQ(Status(id).attempt(), 1);
+}
+
+TEST_F(CoordinatorTest, MalformedRequestsGetErrors) {
+  proto::Envelope e;
+  e.mutable_submit_request();
+  EXPECT_EQ(ErrorToStatus(Call(e).error()).code(), StatusCode::kInvalidArgument);
+  proto::Envelope reg;
+  reg.mutable_agent_register();
+  EXPECT_EQ(ErrorToStatus(Call(reg).error()).code(), StatusCode::kInvalidArgument);
+  proto::Envelope pong;
+  pong.mutable_pong();
+  EXPECT_EQ(ErrorToStatus(Call(pong).error()).code(), StatusCode::kInvalidArgument);
+  proto::Envelope drain;
+  drain.mutable_drain_request()->set_node("nope");
+  EXPECT_EQ(ErrorToStatus(Call(drain).error()).code(), StatusCode::kNotFound);
+}
+
+}  // namespace
+}  // namespace muster::coordinator

@@ -1,0 +1,141 @@
+// Job specs: a full spec parses; every bad field is reported with its line.
+
+#include "coordinator/job_spec.h"
+
+#include <gtest/gtest.h>
+
+namespace muster::coordinator {
+namespace {
+
+using std::chrono::seconds;
+
+TEST(JobSpecTest, FullSpecParses) {
+  auto spec = ParseJobSpec(R"(name: llama-ft
+command: ["python", "train.py", "--lr", "3e-4"]
+env:
+  HF_HOME: /data/hf
+  SEED: 7
+nodes: 4
+ranks_per_node: 8
+gpu_type: h100
+gpus_per_node: 8
+placement:
+  providers: [aws, gcp]
+  island: preferred
+priority: 10
+checkpoint:
+  volume: ckpt
+  every: 500
+  keep: 5
+restart:
+  max_restarts: 2
+  backoff: 30s
+time_limit: 1h30m
+)");
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->name, "llama-ft");
+  EXPECT_EQ(spec->command, (std::vector<std::string>{"python", "train.py", "--lr", "3e-4"}));
+  EXPECT_EQ(spec->env.at("SEED"), "7");
+  EXPECT_EQ(spec->nodes, 4);
+  EXPECT_EQ(spec->ranks_per_node, 8);
+  EXPECT_EQ(spec->gpu_type, "h100");
+  EXPECT_EQ(spec->providers, (std::vector<std::string>{"aws", "gcp"}));
+  EXPECT_EQ(spec->island, IslandPolicy::kPreferred);
+  EXPECT_EQ(spec->priority, 10);
+  EXPECT_EQ(spec->checkpoint_volume, "ckpt");
+  EXPECT_EQ(spec->checkpoint_every_steps, 500);
+  EXPECT_EQ(spec->checkpoint_keep, 5);
+  EXPECT_EQ(spec->max_restarts, 2);
+  EXPECT_EQ(spec->restart_backoff, seconds(30));
+  EXPECT_EQ(spec->time_limit, seconds(5400));
+  JobRequest r = ToJobRequest(*spec, "j1", 9);
+  EXPECT_EQ(r.nodes, 4);
+  EXPECT_EQ(r.checkpoint_volume, "ckpt");
+  EXPECT_EQ(r.seq, 9u);
+}
+
+TEST(JobSpecTest, MinimalSpecGetsDefaults) {
+  auto spec = ParseJobSpec("name: hello\ncommand: echo hi\n");
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->command, (std::vector<std::string>{"/bin/sh", "-c", "echo hi"}));
+  EXPECT_EQ(spec->nodes, 1);
+  EXPECT_EQ(spec->island, IslandPolicy::kAny);
+  EXPECT_EQ(spec->max_restarts, 3);
+  EXPECT_EQ(spec->time_limit, seconds(0));
+}
+
+TEST(JobSpecTest, EveryErrorNamesFieldAndLine) {
+  auto spec = ParseJobSpec(R"(name: Bad Name
+command: echo
+nodes: four
+ranks_per_node: 0
+placement:
+  island: some
+  provider: aws
+checkpoint:
+  every: soon
+restart:
+  backoff: -1
+time_limit: forever
+env:
+  1BAD: x
+)",
+                           "bad.yaml");
+  ASSERT_FALSE(spec.ok());
+  EXPECT_EQ(spec.status().code(), StatusCode::kInvalidArgument);
+  const std::string& m = spec.status().message();
+  for (const char* want :
+       {"bad.yaml:1: name:", "bad.yaml:3: nodes: must be an integer", "\"four\"",
+        "bad.yaml:4: ranks_per_node:",
+        "bad.yaml:6: placement.island: must be required, preferred or any",
+        "bad.yaml:7: placement.provider: unknown field (did you mean providers?)",
+        "bad.yaml:8: checkpoint.volume: is required",
+        "bad.yaml:9: checkpoint.every: must be a duration",
+        "bad.yaml:11: restart.backoff:", "bad.yaml:12: time_limit:", "bad.yaml:14: env.1BAD:"}) {
+    EXPECT_NE(m.find(want), std::string::npos) << "missing '" << want << "' in:\n" << m;
+  }
+}
+
+TEST(JobSpecTest, MissingRequiredFieldsAndUnknownTopLevel) {
+  auto spec = ParseJobSpec("nodse: 2\n", "j.yaml");
+  ASSERT_FALSE(spec.ok());
+  const std::string& m = spec.status().message();
+  EXPECT_NE(m.find("j.yaml: name: is required"), std::string::npos) << m;
+  EXPECT_NE(m.find("j.yaml: command: is required"), std::string::npos) << m;
+  EXPECT_NE(m.find("j.yaml:1: nodse: unknown field"), std::string::npos) << m;
+}
+
+TEST(JobSpecTest, MalformedYamlAndWrongShapes) {
+  auto spec = ParseJobSpec("name: x\ncommand: [unclosed\n", "y.yaml");
+  ASSERT_FALSE(spec.ok());
+  EXPECT_NE(spec.status().message().find("y.yaml:"), std::string::npos) << spec.status();
+  spec = ParseJobSpec("- a\n- b\n", "list.yaml");
+  ASSERT_FALSE(spec.ok());
+  EXPECT_NE(spec.status().message().find("must be a mapping"), std::string::npos);
+  spec = ParseJobSpec("name: x\ncommand: {a: b}\nenv: [1]\n", "shape.yaml");
+  ASSERT_FALSE(spec.ok());
+  EXPECT_NE(spec.status().message().find("shape.yaml:2: command: must be a string"),
+            std::string::npos)
+      << spec.status();
+  EXPECT_NE(spec.status().message().find("shape.yaml:3: env: must be a mapping"),
+            std::string::npos);
+}
+
+TEST(JobSpecTest, Durations) {
+  EXPECT_EQ(*ParseDuration("90"), seconds(90));
+  EXPECT_EQ(*ParseDuration("1h30m"), seconds(5400));
+  EXPECT_EQ(*ParseDuration("2d"), seconds(172800));
+  EXPECT_FALSE(ParseDuration("1x").ok());
+  EXPECT_FALSE(ParseDuration("h").ok());
+  EXPECT_FALSE(ParseDuration("").ok());
+  EXPECT_EQ(FormatDuration(seconds(5430)), "1h30m30s");
+}
+
+TEST(JobSpecTest, LoadFileNotFound) {
+  auto spec = LoadJobSpecFile("/nonexistent/job.yaml");
+  ASSERT_FALSE(spec.ok());
+  EXPECT_NE(spec.status().message().find("/nonexistent/job.yaml"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace muster::coordinator

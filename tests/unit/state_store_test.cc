@@ -1,0 +1,170 @@
+// The coordinator's state store on real SQLite files: round trips, and no submitted job lost
+// when the process writing it is killed with SIGKILL.
+
+#include "coordinator/state_store.h"
+
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <random>
+
+namespace muster::coordinator {
+namespace {
+
+namespace fs = std::filesystem;
+
+class StateStoreTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() / ("muster-state-" + std::to_string(getpid()) + "-" +
+                                        std::to_string(std::random_device{}()));
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+  fs::path dir_;
+};
+
+JobRecord Job(const std::string& name) {
+  JobRecord j;
+  j.spec.set_name(name);
+  j.spec.add_command("/bin/true");
+  j.spec.set_nodes(2);
+  j.submitted_ms = 1000;
+  return j;
+}
+
+TEST_F(StateStoreTest, JobsRoundTripInSubmissionOrder) {
+  auto store = StateStore::Open(dir_);
+  ASSERT_TRUE(store.ok()) << store.status();
+  JobRecord a = Job("a"), b = Job("b");
+  ASSERT_TRUE((*store)->InsertJob(&a).ok());
+  ASSERT_TRUE((*store)->InsertJob(&b).ok());
+  EXPECT_EQ(a.id, "a-1");
+  EXPECT_EQ(b.id, "b-2");
+  a.state = proto::JOB_RUNNING;
+  a.attempt = 1;
+  a.nodes = {"n1", "n2"};
+  a.resume_step = 300;
+  ASSERT_TRUE((*store)->UpdateJob(a).ok());
+  store->reset();
+
+  auto again = StateStore::Open(dir_);
+  ASSERT_TRUE(again.ok()) << again.status();
+  auto jobs = (*again)->LoadJobs();
+  ASSERT_TRUE(jobs.ok());
+  ASSERT_EQ(jobs->size(), 2u);
+  EXPECT_EQ((*jobs)[0].id, "a-1");
+  EXPECT_EQ((*jobs)[0].state, proto::JOB_RUNNING);
+  EXPECT_EQ((*jobs)[0].nodes, (std::vector<std::string>{"n1", "n2"}));
+  EXPECT_EQ((*jobs)[0].resume_step, 300);
+  EXPECT_EQ((*jobs)[0].spec.nodes(), 2);
+  EXPECT_EQ((*jobs)[1].seq, 2u);
+  JobRecord missing = Job("m");
+  missing.id = "nope";
+  EXPECT_EQ((*again)->UpdateJob(missing).code(), StatusCode::kNotFound);
+  EXPECT_EQ((*again)->GetJob("nope").status().code(), StatusCode::kNotFound);
+}
+
+TEST_F(StateStoreTest, NodesAttemptsEventsCheckpoints) {
+  auto store = *StateStore::Open(dir_);
+  NodeRecord n;
+  n.labels.set_name("aws-0");
+  n.labels.set_provider("aws");
+  n.labels.add_volumes()->set_name("ckpt");
+  n.state = proto::NODE_DRAINING;
+  n.quarantines = 2;
+  ASSERT_TRUE(store->PutNode(n).ok());
+  auto nodes = *store->LoadNodes();
+  ASSERT_EQ(nodes.size(), 1u);
+  EXPECT_EQ(nodes[0].labels.provider(), "aws");
+  EXPECT_EQ(nodes[0].labels.volumes(0).name(), "ckpt");
+  EXPECT_EQ(nodes[0].state, proto::NODE_DRAINING);
+  EXPECT_EQ(nodes[0].quarantines, 2);
+
+  ASSERT_TRUE(store->PutAttempt({"j-1", 1, {"a", "b"}, 10, 0, "", ""}).ok());
+  ASSERT_TRUE(store->PutAttempt({"j-1", 1, {"a", "b"}, 10, 20, "failed", "rank 3 exited 1"}).ok());
+  auto attempts = *store->LoadAttempts("j-1");
+  ASSERT_EQ(attempts.size(), 1u);
+  EXPECT_EQ(attempts[0].outcome, "failed");
+  EXPECT_EQ(attempts[0].nodes.size(), 2u);
+
+  proto::Event e;
+  e.set_job_id("j-1");
+  e.set_kind("submitted");
+  int64_t id1 = *store->AppendEvent(e);
+  e.set_job_id("j-2");
+  store->AppendEvent(e).status().IgnoreError();
+  e.set_job_id("j-1");
+  e.set_kind("scheduled");
+  int64_t id3 = *store->AppendEvent(e);
+  EXPECT_LT(id1, id3);
+  auto events = *store->Events("j-1", 0, 100);
+  ASSERT_EQ(events.size(), 2u);
+  EXPECT_EQ(events[1].kind(), "scheduled");
+  EXPECT_EQ(store->Events("j-1", id1, 100)->size(), 1u);
+  EXPECT_EQ(store->Events("", 0, 100)->size(), 3u);
+
+  EXPECT_FALSE(store->LatestCommittedStep("j-1", "")->has_value());
+  ASSERT_TRUE(store->RecordCheckpoint({"j-1", 100, "aws-vol", true, 1}).ok());
+  ASSERT_TRUE(store->RecordCheckpoint({"j-1", 200, "aws-vol", true, 2}).ok());
+  ASSERT_TRUE(store->RecordCheckpoint({"j-1", 100, "gcp-vol", true, 3}).ok());
+  ASSERT_TRUE(store->RecordCheckpoint({"j-1", 300, "aws-vol", false, 4}).ok());
+  EXPECT_EQ(**store->LatestCommittedStep("j-1", "aws-vol"), 200);
+  EXPECT_EQ(**store->LatestCommittedStep("j-1", "gcp-vol"), 100);
+  EXPECT_EQ(**store->LatestCommittedStep("j-1", ""), 200);
+  EXPECT_EQ(store->Checkpoints("j-1")->size(), 4u);
+}
+
+TEST_F(StateStoreTest, SecondOpenOfTheSameDirIsRefused) {
+  auto first = StateStore::Open(dir_);
+  ASSERT_TRUE(first.ok());
+  auto second = StateStore::Open(dir_);
+  EXPECT_EQ(second.status().code(), StatusCode::kFailedPrecondition);
+  EXPECT_NE(second.status().message().find("in use"), std::string::npos);
+}
+
+TEST_F(StateStoreTest, KillNineLosesNoInsertedJob) {
+  // A child inserts jobs and reports each id on a pipe after InsertJob returns; the parent
+  // SIGKILLs it mid-stream. Every reported job must be there.
+  int fds[2];
+  ASSERT_EQ(pipe(fds), 0);
+  pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    close(fds[0]);
+    auto store = StateStore::Open(dir_);
+    if (!store.ok()) _exit(3);
+    for (int i = 0;; ++i) {
+      JobRecord j = Job("k");
+      if (!(*store)->InsertJob(&j).ok()) _exit(4);
+      std::string line = j.id + "\n";
+      if (write(fds[1], line.data(), line.size()) < 0) _exit(5);
+    }
+  }
+  close(fds[1]);
+  std::string got;
+  char buf[256];
+  int lines = 0;
+  while (lines < 25) {
+    ssize_t n = read(fds[0], buf, sizeof(buf));
+    ASSERT_GT(n, 0) << "child died early";
+    got.append(buf, n);
+    lines = std::count(got.begin(), got.end(), '\n');
+  }
+  kill(pid, SIGKILL);
+  int status = 0;
+  waitpid(pid, &status, 0);
+  ASSERT_TRUE(WIFSIGNALED(status));
+  close(fds[0]);
+  auto store = StateStore::Open(dir_);
+  ASSERT_TRUE(store.ok()) << store.status();
+  auto jobs = *(*store)->LoadJobs();
+  EXPECT_GE(static_cast<int>(jobs.size()), lines);
+  for (int i = 1; i <= lines; ++i) {
+    EXPECT_TRUE((*store)->GetJob("k-" + std::to_string(i)).ok()) << "lost k-" << i;
+  }
+}
+
+}  // namespace
+}  // namespace muster::coordinator
