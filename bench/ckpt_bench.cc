@@ -161,7 +161,9 @@ class StateMemory {
     }
 #ifdef MUSTER_HAVE_CUDA
     void* d = nullptr;
-    if (cudaMalloc(&d, n) != cudaSuccess) return InternalError("cudaMalloc failed");
+    if (cudaError_t e = cudaMalloc(&d, n); e != cudaSuccess) {
+      return InternalError(std::string("cudaMalloc of the state: ") + cudaGetErrorString(e));
+    }
     if (cudaMemcpy(d, host.p, n, cudaMemcpyHostToDevice) != cudaSuccess) {
       return InternalError("cudaMemcpy failed");
     }

@@ -1,3 +1,5 @@
+// checkpoint_crash_child replicate SRC DST STEP: replicates one step (killed mid-copy by the
+// test).
 // checkpoint_crash_child DIR START_STEP: two ranks (threads, in-memory store) save steps
 // START_STEP, START_STEP+1, ... into DIR until the process is killed. Prints "ready" once the
 // checkpointers exist. Used by crash_test.cc, which kills it with SIGKILL at random instants.
@@ -9,12 +11,21 @@
 #include <vector>
 
 #include "checkpoint/checkpointer.h"
+#include "checkpoint/replicate.h"
 #include "common/logging.h"
 #include "tests/checkpoint/crash_state.h"
 
 using namespace muster::checkpoint;
 
 int main(int argc, char** argv) {
+  // checkpoint_crash_child replicate SRC DST STEP: one replication, then exit 0.
+  if (argc == 5 && std::string(argv[1]) == "replicate") {
+    muster::log::InitLogging("error").IgnoreError();
+    std::printf("ready\n");
+    std::fflush(stdout);
+    auto r = Replicate(LocalVolume(), argv[2], LocalVolume(), argv[3], std::atoll(argv[4]));
+    return r.ok() ? 0 : 1;
+  }
   if (argc != 3) {
     std::fprintf(stderr, "usage: %s DIR START_STEP\n", argv[0]);
     return 2;

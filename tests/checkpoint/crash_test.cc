@@ -18,6 +18,7 @@
 
 #include "checkpoint/checkpoint_dir.h"
 #include "checkpoint/checkpointer.h"
+#include "checkpoint/replicate.h"
 #include "tests/checkpoint/crash_state.h"
 
 namespace muster::checkpoint {
@@ -27,8 +28,8 @@ using testing::kCrashBias;
 using testing::kCrashCols;
 using testing::kCrashRows;
 
-// Starts the child; returns its pid once it printed "ready" (or -1 after 20 s).
-pid_t StartChild(const std::string& dir, int64_t start) {
+// Starts the child with `args`; returns its pid once it printed "ready" (or -1 after 20 s).
+pid_t StartChildArgs(const std::vector<std::string>& args) {
   int fds[2];
   if (::pipe(fds) != 0) return -1;
   pid_t pid = ::fork();
@@ -36,8 +37,10 @@ pid_t StartChild(const std::string& dir, int64_t start) {
     ::dup2(fds[1], 1);
     ::close(fds[0]);
     ::close(fds[1]);
-    std::string s = std::to_string(start);
-    ::execl(CRASH_CHILD, CRASH_CHILD, dir.c_str(), s.c_str(), static_cast<char*>(nullptr));
+    std::vector<char*> argv = {const_cast<char*>(CRASH_CHILD)};
+    for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+    argv.push_back(nullptr);
+    ::execv(CRASH_CHILD, argv.data());
     ::_exit(127);
   }
   ::close(fds[1]);
@@ -60,6 +63,10 @@ pid_t StartChild(const std::string& dir, int64_t start) {
     return -1;
   }
   return pid;
+}
+
+pid_t StartChild(const std::string& dir, int64_t start) {
+  return StartChildArgs({dir, std::to_string(start)});
 }
 
 void ExpectStepRestores(const std::string& dir, int64_t step) {
@@ -136,6 +143,58 @@ TEST(CheckpointCrashTest, KillNineAtRandomInstantsNeverLeavesABadLatest) {
   // The trials did exercise both outcomes: commits happened, and kills landed mid-save.
   EXPECT_GT(advanced, 0);
   EXPECT_GT(killed_mid_save, 0);
+}
+
+TEST(CheckpointCrashTest, ReplicationKilledAtRandomInstantsResumesAndNeverExposesAPartialCopy) {
+  testing::TempDir dir;
+  const std::string src = dir.sub("src");
+  // Source: the crash state at step 5, saved by two ranks.
+  {
+    auto store = collectives::NewInMemoryStore();
+    std::vector<std::thread> ts;
+    for (int r = 0; r < testing::kCrashWorld; ++r) {
+      ts.emplace_back([&, r] {
+        CheckpointerOptions o;
+        o.dir = src;
+        o.rank = r;
+        o.world_size = testing::kCrashWorld;
+        o.store = store.get();
+        auto ck = *Checkpointer::Create(o);
+        auto c = testing::MakeCrashRank(5, r);
+        ASSERT_EQ(ck->Save(5, c.state), Status::Ok());
+        ASSERT_EQ(ck->Wait(), Status::Ok());
+      });
+    }
+    for (auto& t : ts) t.join();
+  }
+  std::mt19937 rng(std::random_device{}());
+  std::uniform_int_distribution<int> delay_us(0, 40000);
+  int completed_by_child = 0, resumed = 0;
+  for (int t = 0; t < 10; ++t) {
+    SCOPED_TRACE("trial " + std::to_string(t));
+    const std::string dst = dir.sub("dst" + std::to_string(t));
+    pid_t pid = StartChildArgs({"replicate", src, dst, "5"});
+    ASSERT_GT(pid, 0);
+    std::this_thread::sleep_for(std::chrono::microseconds(delay_us(rng)));
+    ::kill(pid, SIGKILL);
+    int status = 0;
+    ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+    // Never a partial copy that looks committed.
+    auto latest = LatestCommittedStep(LocalVolume(), dst);
+    if (latest.ok()) {
+      ++completed_by_child;
+      ASSERT_EQ(*latest, 5);
+      ASSERT_EQ(VerifyStep(LocalVolume(), dst, 5), Status::Ok());
+    }
+    // Resume to completion.
+    auto rep = Replicate(LocalVolume(), src, LocalVolume(), dst, 5);
+    ASSERT_TRUE(rep.ok()) << rep.status();
+    resumed += rep->shards_resumed > 0;
+    ExpectStepRestores(dst, 5);
+    if (HasFatalFailure()) return;
+  }
+  std::printf("replication kills: %d completed before the kill, %d resumed a partial copy\n",
+              completed_by_child, resumed);
 }
 
 }  // namespace
