@@ -45,10 +45,43 @@ stage configure cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
 stage build cmake --build "$BUILD" -j "$(nproc)"
 stage unit-tests ctest --test-dir "$BUILD" -L unit -j 8 --no-tests=error --output-on-failure --timeout 120
 stage gpu-tests ctest --test-dir "$BUILD" -L gpu --no-tests=error --output-on-failure --timeout 300
+
+# Checkpoints from GPU memory: 4 GiB through pinned staging, beside the pinned device-to-host
+# copy, an O_DIRECT write and read of the same size, measured in the same run.
+CKPT_DIR=/tmp/muster-gpu-ckpt
+rm -rf "$CKPT_DIR"
+stage ckpt-cuda "$BUILD/bench/muster-bench" ckpt --ranks 1 --size 4G --dir "$CKPT_DIR" --device cuda
+rm -rf "$CKPT_DIR"
+stage ckpt-cuda-json "$BUILD/bench/muster-bench" ckpt --ranks 1 --size 4G --dir "$CKPT_DIR" --device cuda --json
+rm -rf "$CKPT_DIR"
+
+# The C++ fine-tune on CUDA, one rank, NCCL through the real ZeroMQ store (muster run -np 1):
+# an uninterrupted run, then a run stopped by a notice at its first step and resumed; the two
+# final parameter digests must match.
+FT="$BUILD/examples/finetune/muster-finetune"
+MUSTER="$BUILD/bin/muster"
+export CUBLAS_WORKSPACE_CONFIG=:4096:8
+FT_ARGS=(--pretrain --device cuda --deterministic --steps 200 --ckpt-every 50 --log-every 50)
+rm -rf /tmp/ft-a /tmp/ft-b /tmp/ft-notice
+stage finetune-cuda "$MUSTER" run -np 1 --checkpoint-dir /tmp/ft-a -- "$FT" "${FT_ARGS[@]}"
+touch /tmp/ft-notice
+stage ft-notice bash -c "'$MUSTER' run -np 1 --checkpoint-dir /tmp/ft-b -- '$FT' ${FT_ARGS[*]} --notice-file /tmp/ft-notice; rc=\$?; [ \$rc -eq 3 ] || { echo expected exit 3 on the notice, got \$rc; exit 1; }"
+rm -f /tmp/ft-notice
+stage ft-resume "$MUSTER" run -np 1 --checkpoint-dir /tmp/ft-b -- "$FT" "${FT_ARGS[@]}"
+digest_a="$(grep -ho 'param_digest=[0-9a-f]*' "$OUT/finetune-cuda.log" | tail -1)"
+digest_b="$(grep -ho 'param_digest=[0-9a-f]*' "$OUT/ft-resume.log" | tail -1)"
+echo "uninterrupted: $digest_a   notice+resume: $digest_b"
+stage ft-bit-exact test -n "$digest_a" -a "$digest_a" = "$digest_b"
 stage rpc-bench "$BUILD/bench/muster-bench" rpc --iterations 2000
 
 echo
 echo "===== summary ($(date -u +%F) on $(head -1 "$OUT/machine.txt"))"
 printf '%-14s %-12s %8s\n' stage result seconds
 for i in "${!NAMES[@]}"; do printf '%-14s %-12s %8s\n' "${NAMES[$i]}" "${RESULTS[$i]}" "${TIMES[$i]}"; done
+echo
+echo "checkpoint (4 GiB from GPU memory):"
+grep -E "stall|save|restore|copy|O_DIRECT|memcpy" "$OUT/ckpt-cuda.log" | head -12
+echo "fine-tune on CUDA:"
+grep -hE "MUSTER_PROGRESS|MUSTER_DONE|MUSTER_PREEMPTED" "$OUT/finetune-cuda.log" | tail -3
+echo "bit-exact resume: $([ -n "$digest_a" ] && [ "$digest_a" = "$digest_b" ] && echo yes || echo NO) ($digest_a vs $digest_b)"
 exit $failed

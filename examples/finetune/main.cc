@@ -140,11 +140,12 @@ int main(int argc, char** argv) {
   }
   if (threads > 0) torch::set_num_threads(threads);
 
-  // World size 1 needs no rendezvous: the identity allreduce and a store-less Checkpointer.
-  // Otherwise the ranks meet in the job attempt's rendezvous store (MUSTER_RDZV_ENDPOINT, ...).
+  // World size 1 outside a launcher needs no rendezvous: the identity allreduce and a
+  // store-less Checkpointer. Otherwise (and under `muster run -np 1`, so that a one-GPU machine
+  // still exercises NCCL) the ranks meet in the attempt's rendezvous store.
   std::shared_ptr<muster::collectives::Store> rdzv;
   std::unique_ptr<muster::finetune::GradientSync> sync;
-  if (world == 1) {
+  if (world == 1 && Env("MUSTER_RDZV_ENDPOINT").empty()) {
     sync = std::make_unique<muster::finetune::LocalGradientSync>();
   } else {
     auto client = muster::collectives::ConnectStoreFromEnv();
