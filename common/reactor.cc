@@ -195,7 +195,8 @@ void Reactor::Loop() {
     // Readable sockets and fds. A handler may add or remove pollables; the snapshot keeps
     // this pass consistent, and a removed pollable's handler is not called.
     for (size_t i = 0; i < snapshot.size(); ++i) {
-      // A pipe at EOF reports POLLHUP, which zmq_poll gives as ZMQ_POLLERR: the handler must see it.
+      // A pipe at EOF reports POLLHUP, which zmq_poll gives as ZMQ_POLLERR: the handler must see
+      // it.
       if (!(items[i + 1].revents & (ZMQ_POLLIN | ZMQ_POLLERR))) continue;
       const Pollable& p = snapshot[i];
       bool still_registered = std::any_of(pollables_.begin(), pollables_.end(), [&](auto& q) {
