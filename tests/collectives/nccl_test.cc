@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <thread>
 
 #include "collectives/communicator.h"
@@ -63,6 +64,145 @@ TEST(NcclTest, AllReduceBroadcastAllGatherReduceScatterOnDevices) {
   }
   for (auto& t : ranks) t.join();
   for (int r = 0; r < size; ++r) EXPECT_TRUE(results[r].ok()) << "rank " << r << ": " << results[r];
+}
+
+// Encodes and decodes small integers (exact in every dtype) for the sweep below.
+void Put(DataType t, void* buf, size_t i, double v) {
+  switch (t) {
+    case DataType::kF32:
+      static_cast<float*>(buf)[i] = static_cast<float>(v);
+      break;
+    case DataType::kF64:
+      static_cast<double*>(buf)[i] = v;
+      break;
+    case DataType::kF16:
+      static_cast<uint16_t*>(buf)[i] = FloatToHalf(static_cast<float>(v));
+      break;
+    case DataType::kBF16:
+      static_cast<uint16_t*>(buf)[i] = FloatToBFloat16(static_cast<float>(v));
+      break;
+    case DataType::kI32:
+      static_cast<int32_t*>(buf)[i] = static_cast<int32_t>(v);
+      break;
+    case DataType::kI64:
+      static_cast<int64_t*>(buf)[i] = static_cast<int64_t>(v);
+      break;
+  }
+}
+double Get(DataType t, const void* buf, size_t i) {
+  switch (t) {
+    case DataType::kF32:
+      return static_cast<const float*>(buf)[i];
+    case DataType::kF64:
+      return static_cast<const double*>(buf)[i];
+    case DataType::kF16:
+      return HalfToFloat(static_cast<const uint16_t*>(buf)[i]);
+    case DataType::kBF16:
+      return BFloat16ToFloat(static_cast<const uint16_t*>(buf)[i]);
+    case DataType::kI32:
+      return static_cast<const int32_t*>(buf)[i];
+    case DataType::kI64:
+      return static_cast<const int64_t*>(buf)[i];
+  }
+  return 0;
+}
+
+// Every op and dtype against a CPU reference, on as many GPUs as there are (one on the test
+// machine: NCCL refuses two ranks on one GPU). Rank r holds v_i = (i % 7) + 1 + r.
+TEST(NcclTest, EveryOpAndDtypeMatchesTheCpuReference) {
+  const int size = std::min(Gpus(), 8);
+  if (size == 0) GTEST_SKIP() << "no CUDA device";
+  std::shared_ptr<Store> store = NewInMemoryStore();
+  constexpr size_t kCount = 4096;
+  const DataType types[] = {DataType::kF32,  DataType::kF64, DataType::kF16,
+                            DataType::kBF16, DataType::kI32, DataType::kI64};
+  const ReduceOp ops[] = {ReduceOp::kSum, ReduceOp::kAvg, ReduceOp::kMin, ReduceOp::kMax};
+  std::vector<std::vector<std::string>> failures(size);
+  std::vector<std::thread> ranks;
+  for (int r = 0; r < size; ++r) {
+    ranks.emplace_back([&, r] {
+      auto& fails = failures[r];
+      CommConfig c;
+      c.rank = r;
+      c.size = size;
+      c.device = r;
+      c.name = "sweep";
+      auto comm = CreateCommunicator(Backend::kNccl, store, c);
+      if (!comm.ok()) return fails.push_back(comm.status().ToString());
+      cudaSetDevice(r);
+      void* d = nullptr;
+      void* all = nullptr;
+      cudaMalloc(&d, kCount * 8);
+      cudaMalloc(&all, kCount * 8 * size);
+      std::vector<char> h(kCount * 8 * size);
+      for (DataType t : types) {
+        const size_t es = DataTypeSize(t);
+        auto load = [&] {
+          for (size_t i = 0; i < kCount; ++i) Put(t, h.data(), i, (i % 7) + 1 + r);
+          cudaMemcpy(d, h.data(), kCount * es, cudaMemcpyHostToDevice);
+        };
+        for (ReduceOp op : ops) {
+          load();
+          Status s = (*comm)->AllReduce(d, kCount, t, op)->Wait();
+          if (!s.ok()) {
+            fails.push_back(std::string(DataTypeName(t)) + " " + s.ToString());
+            continue;
+          }
+          cudaMemcpy(h.data(), d, kCount * es, cudaMemcpyDeviceToHost);
+          for (size_t i = 0; i < kCount; ++i) {
+            double base = (i % 7) + 1, sum = size * base + size * (size - 1) / 2.0;
+            double want = op == ReduceOp::kSum   ? sum
+                          : op == ReduceOp::kMin ? base
+                          : op == ReduceOp::kMax ? base + size - 1
+                                                 : sum / size;
+            if (op == ReduceOp::kAvg && (t == DataType::kI32 || t == DataType::kI64)) {
+              want = std::trunc(want);
+            }
+            double got = Get(t, h.data(), i);
+            if (std::abs(got - want) > 1e-2 * std::max(1.0, std::abs(want))) {
+              fails.push_back(std::string(DataTypeName(t)) + " allreduce " +
+                              std::string(ReduceOpName(op)) + " [" + std::to_string(i) +
+                              "]: " + std::to_string(got) + " want " + std::to_string(want));
+              break;
+            }
+          }
+        }
+        // broadcast from the last rank, allgather, reduce_scatter(sum).
+        load();
+        Status s = (*comm)->Broadcast(d, kCount, t, size - 1)->Wait();
+        cudaMemcpy(h.data(), d, kCount * es, cudaMemcpyDeviceToHost);
+        if (!s.ok() || Get(t, h.data(), 5) != (5 % 7) + 1 + (size - 1)) {
+          fails.push_back(std::string(DataTypeName(t)) + " broadcast " + s.ToString());
+        }
+        load();
+        s = (*comm)->AllGather(d, all, kCount, t)->Wait();
+        cudaMemcpy(h.data(), all, kCount * es * size, cudaMemcpyDeviceToHost);
+        for (int q = 0; s.ok() && q < size; ++q) {
+          if (Get(t, h.data(), q * kCount + 3) != 3 + 1 + q) {
+            fails.push_back(std::string(DataTypeName(t)) + " allgather from rank " +
+                            std::to_string(q));
+          }
+        }
+        if (!s.ok()) fails.push_back(std::string(DataTypeName(t)) + " allgather " + s.ToString());
+        for (int q = 0; q < size; ++q)
+          for (size_t i = 0; i < kCount; ++i) Put(t, h.data(), q * kCount + i, (i % 7) + 1 + r);
+        cudaMemcpy(all, h.data(), kCount * es * size, cudaMemcpyHostToDevice);
+        s = (*comm)->ReduceScatter(all, d, kCount, t, ReduceOp::kSum)->Wait();
+        cudaMemcpy(h.data(), d, kCount * es, cudaMemcpyDeviceToHost);
+        double want9 = size * ((9 % 7) + 1.0) + size * (size - 1) / 2.0;
+        if (!s.ok() || Get(t, h.data(), 9) != want9) {
+          fails.push_back(std::string(DataTypeName(t)) + " reduce_scatter " + s.ToString());
+        }
+      }
+      cudaFree(d);
+      cudaFree(all);
+    });
+  }
+  for (auto& t : ranks) t.join();
+  for (int r = 0; r < size; ++r) {
+    EXPECT_TRUE(failures[r].empty()) << "rank " << r << ": " << failures[r].front() << " (and "
+                                     << failures[r].size() - 1 << " more)";
+  }
 }
 
 TEST(NcclTest, InitTimesOutAndAbortsWhenAPeerNeverJoins) {
