@@ -45,11 +45,17 @@ CKPT="$WORK/ckpt"
 NOTICE="$WORK/preempt-notice"
 ARGS=(--pretrain --steps 160 --ckpt-every 40 --log-every 20 --threads 1 --notice-file "$NOTICE")
 
-say "3a. muster run -np 2: data-parallel fine-tune; a preemption notice arrives after ~8 s"
-( sleep 8; echo 30 > "$NOTICE" ) &
+say "3a. muster run -np 2: data-parallel fine-tune; a preemption notice (30 s) arrives at step 60"
 set +e
-"$MUSTER" run -np 2 --tag-output --checkpoint-dir "$CKPT" -- "$FT" "${ARGS[@]}" 2>&1 \
-  | grep -E "MUSTER_|muster run|preemption"
+"$MUSTER" run -np 2 --tag-output --checkpoint-dir "$CKPT" -- "$FT" "${ARGS[@]}" 2>&1 |
+  while IFS= read -r line; do
+    case "$line" in
+      *MUSTER_*|*"muster run"*|*preemption*) echo "$line" ;;
+    esac
+    case "$line" in
+      *"MUSTER_PROGRESS step=60 "*) echo 30 > "$NOTICE"; echo "   >>> notice file written" ;;
+    esac
+  done
 rc=${PIPESTATUS[0]}
 set -e
 echo "-> muster run exited $rc (3 = checkpointed on the notice and stopped)"
