@@ -70,22 +70,23 @@ int Ls(const std::string& dir) {
 }
 
 int Verify(const std::string& dir, int64_t step) {
-  std::vector<int64_t> todo;
+  std::vector<int64_t> to_verify;
   if (step >= 0) {
-    todo.push_back(step);
+    to_verify.push_back(step);
   } else {
     auto steps = ListSteps(LocalVolume(), dir);
     if (!steps.ok()) return Fail("verify", steps.status());
     for (const auto& s : *steps) {
       if (s.committed)
-        todo.push_back(s.step);
+        to_verify.push_back(s.step);
       else if (!s.problem.empty())
         return Fail("verify", DataLossError(s.problem));
     }
-    if (todo.empty()) return Fail("verify", NotFoundError("no committed checkpoint in " + dir));
+    if (to_verify.empty())
+      return Fail("verify", NotFoundError("no committed checkpoint in " + dir));
   }
   int bad = 0;
-  for (int64_t s : todo) {
+  for (int64_t s : to_verify) {
     Status st = VerifyStep(LocalVolume(), dir, s);
     if (st.ok()) {
       std::printf("step %lld: ok\n", static_cast<long long>(s));

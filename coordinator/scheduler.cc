@@ -805,9 +805,11 @@ Status Scheduler::RestoreRunning(const JobRequest& job, const std::vector<std::s
   std::vector<int> idxs;
   for (const auto& name : nodes) {
     if (!m.node_index.count(name)) {
-      NodeSpec placeholder;
-      placeholder.name = name;
-      UpsertNode(placeholder);
+      // A node of a running job that has not re-registered yet (coordinator restart): known by
+      // name only, and down until its agent registers with its labels.
+      NodeSpec unregistered;
+      unregistered.name = name;
+      UpsertNode(unregistered);
       m.nodes[m.node_index[name]].base = NodeState::kDown;
       m.Refresh(m.node_index[name]);
     }
