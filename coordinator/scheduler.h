@@ -143,8 +143,8 @@ class Scheduler {
   // Queues a job (no feasibility check: the coordinator refuses at submit, but a job restored
   // after a restart waits for its nodes to come back). InvalidArgument if the id is known.
   Status Submit(const JobRequest& job);
-  // Restores an allocation after a coordinator restart (nodes unknown so far are created as
-  // placeholders, kDown, until their agent registers). InvalidArgument if the id is known.
+  // Restores an allocation after a coordinator restart (a node not registered yet is
+  // known by name only and kDown until its agent registers). InvalidArgument if the id is known.
   Status RestoreRunning(const JobRequest& job, const std::vector<std::string>& nodes);
   // Frees a running job's nodes and forgets it (finished, failed, cancelled) or, with Requeue,
   // puts it back in the queue at its original position. NotFound if not running.

@@ -7,20 +7,8 @@
 #include "collectives/reduce.h"
 
 namespace muster::collectives::testing {
-namespace {
 
-constexpr DataType kTypes[] = {DataType::kF32,  DataType::kF64, DataType::kF16,
-                               DataType::kBF16, DataType::kI32, DataType::kI64};
-constexpr ReduceOp kOps[] = {ReduceOp::kSum, ReduceOp::kAvg, ReduceOp::kMin, ReduceOp::kMax};
-constexpr auto kWait = std::chrono::seconds(60);
-
-// Small integers (|v| <= 12), so sums over 8 ranks are exact even in f16 and bf16 and the
-// order in which a backend adds cannot change the result.
-double Value(int rank, size_t i, int salt) {
-  return static_cast<double>(static_cast<int>((rank + 1) * (i % 7 + 1) + salt * 3) % 25 - 12);
-}
-
-void Store(DataType t, void* buf, size_t i, double v) {
+void StoreElement(DataType t, void* buf, size_t i, double v) {
   switch (t) {
     case DataType::kF32:
       static_cast<float*>(buf)[i] = static_cast<float>(v);
@@ -43,7 +31,7 @@ void Store(DataType t, void* buf, size_t i, double v) {
   }
 }
 
-double Load(DataType t, const void* buf, size_t i) {
+double LoadElement(DataType t, const void* buf, size_t i) {
   switch (t) {
     case DataType::kF32:
       return static_cast<const float*>(buf)[i];
@@ -61,9 +49,22 @@ double Load(DataType t, const void* buf, size_t i) {
   return NAN;
 }
 
+namespace {
+
+constexpr DataType kTypes[] = {DataType::kF32,  DataType::kF64, DataType::kF16,
+                               DataType::kBF16, DataType::kI32, DataType::kI64};
+constexpr ReduceOp kOps[] = {ReduceOp::kSum, ReduceOp::kAvg, ReduceOp::kMin, ReduceOp::kMax};
+constexpr auto kWait = std::chrono::seconds(60);
+
+// Small integers (|v| <= 12), so sums over 8 ranks are exact even in f16 and bf16 and the
+// order in which a backend adds cannot change the result.
+double Value(int rank, size_t i, int salt) {
+  return static_cast<double>(static_cast<int>((rank + 1) * (i % 7 + 1) + salt * 3) % 25 - 12);
+}
+
 std::vector<char> Fill(DataType t, int rank, size_t n, int salt) {
   std::vector<char> b(n * DataTypeSize(t));
-  for (size_t i = 0; i < n; ++i) Store(t, b.data(), i, Value(rank, i, salt));
+  for (size_t i = 0; i < n; ++i) StoreElement(t, b.data(), i, Value(rank, i, salt));
   return b;
 }
 
@@ -81,7 +82,7 @@ std::vector<char> Reference(DataType t, ReduceOp op, int size, size_t n, int sal
 
 Status Compare(const std::string& what, DataType t, const void* got, const void* want, size_t n) {
   for (size_t i = 0; i < n; ++i) {
-    double g = Load(t, got, i), w = Load(t, want, i);
+    double g = LoadElement(t, got, i), w = LoadElement(t, want, i);
     if (!(g == w)) {
       return DataLossError(what + " " + std::string(DataTypeName(t)) + " count " +
                            std::to_string(n) + ": element " + std::to_string(i) + " is " +

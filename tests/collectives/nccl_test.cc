@@ -8,6 +8,7 @@
 #include <thread>
 
 #include "collectives/communicator.h"
+#include "tests/collectives/conformance_checks.h"
 
 namespace muster::collectives {
 namespace {
@@ -66,47 +67,6 @@ TEST(NcclTest, AllReduceBroadcastAllGatherReduceScatterOnDevices) {
   for (int r = 0; r < size; ++r) EXPECT_TRUE(results[r].ok()) << "rank " << r << ": " << results[r];
 }
 
-// Encodes and decodes small integers (exact in every dtype) for the sweep below.
-void Put(DataType t, void* buf, size_t i, double v) {
-  switch (t) {
-    case DataType::kF32:
-      static_cast<float*>(buf)[i] = static_cast<float>(v);
-      break;
-    case DataType::kF64:
-      static_cast<double*>(buf)[i] = v;
-      break;
-    case DataType::kF16:
-      static_cast<uint16_t*>(buf)[i] = FloatToHalf(static_cast<float>(v));
-      break;
-    case DataType::kBF16:
-      static_cast<uint16_t*>(buf)[i] = FloatToBFloat16(static_cast<float>(v));
-      break;
-    case DataType::kI32:
-      static_cast<int32_t*>(buf)[i] = static_cast<int32_t>(v);
-      break;
-    case DataType::kI64:
-      static_cast<int64_t*>(buf)[i] = static_cast<int64_t>(v);
-      break;
-  }
-}
-double Get(DataType t, const void* buf, size_t i) {
-  switch (t) {
-    case DataType::kF32:
-      return static_cast<const float*>(buf)[i];
-    case DataType::kF64:
-      return static_cast<const double*>(buf)[i];
-    case DataType::kF16:
-      return HalfToFloat(static_cast<const uint16_t*>(buf)[i]);
-    case DataType::kBF16:
-      return BFloat16ToFloat(static_cast<const uint16_t*>(buf)[i]);
-    case DataType::kI32:
-      return static_cast<const int32_t*>(buf)[i];
-    case DataType::kI64:
-      return static_cast<const int64_t*>(buf)[i];
-  }
-  return 0;
-}
-
 // Every op and dtype against a CPU reference, on as many GPUs as there are (one on the test
 // machine: NCCL refuses two ranks on one GPU). Rank r holds v_i = (i % 7) + 1 + r.
 TEST(NcclTest, EveryOpAndDtypeMatchesTheCpuReference) {
@@ -138,7 +98,8 @@ TEST(NcclTest, EveryOpAndDtypeMatchesTheCpuReference) {
       for (DataType t : types) {
         const size_t es = DataTypeSize(t);
         auto load = [&] {
-          for (size_t i = 0; i < kCount; ++i) Put(t, h.data(), i, (i % 7) + 1 + r);
+          for (size_t i = 0; i < kCount; ++i)
+            testing::StoreElement(t, h.data(), i, (i % 7) + 1 + r);
           cudaMemcpy(d, h.data(), kCount * es, cudaMemcpyHostToDevice);
         };
         for (ReduceOp op : ops) {
@@ -158,7 +119,7 @@ TEST(NcclTest, EveryOpAndDtypeMatchesTheCpuReference) {
             if (op == ReduceOp::kAvg && (t == DataType::kI32 || t == DataType::kI64)) {
               want = std::trunc(want);
             }
-            double got = Get(t, h.data(), i);
+            double got = testing::LoadElement(t, h.data(), i);
             if (std::abs(got - want) > 1e-2 * std::max(1.0, std::abs(want))) {
               fails.push_back(std::string(DataTypeName(t)) + " allreduce " +
                               std::string(ReduceOpName(op)) + " [" + std::to_string(i) +
@@ -171,26 +132,27 @@ TEST(NcclTest, EveryOpAndDtypeMatchesTheCpuReference) {
         load();
         Status s = (*comm)->Broadcast(d, kCount, t, size - 1)->Wait();
         cudaMemcpy(h.data(), d, kCount * es, cudaMemcpyDeviceToHost);
-        if (!s.ok() || Get(t, h.data(), 5) != (5 % 7) + 1 + (size - 1)) {
+        if (!s.ok() || testing::LoadElement(t, h.data(), 5) != (5 % 7) + 1 + (size - 1)) {
           fails.push_back(std::string(DataTypeName(t)) + " broadcast " + s.ToString());
         }
         load();
         s = (*comm)->AllGather(d, all, kCount, t)->Wait();
         cudaMemcpy(h.data(), all, kCount * es * size, cudaMemcpyDeviceToHost);
         for (int q = 0; s.ok() && q < size; ++q) {
-          if (Get(t, h.data(), q * kCount + 3) != 3 + 1 + q) {
+          if (testing::LoadElement(t, h.data(), q * kCount + 3) != 3 + 1 + q) {
             fails.push_back(std::string(DataTypeName(t)) + " allgather from rank " +
                             std::to_string(q));
           }
         }
         if (!s.ok()) fails.push_back(std::string(DataTypeName(t)) + " allgather " + s.ToString());
         for (int q = 0; q < size; ++q)
-          for (size_t i = 0; i < kCount; ++i) Put(t, h.data(), q * kCount + i, (i % 7) + 1 + r);
+          for (size_t i = 0; i < kCount; ++i)
+            testing::StoreElement(t, h.data(), q * kCount + i, (i % 7) + 1 + r);
         cudaMemcpy(all, h.data(), kCount * es * size, cudaMemcpyHostToDevice);
         s = (*comm)->ReduceScatter(all, d, kCount, t, ReduceOp::kSum)->Wait();
         cudaMemcpy(h.data(), d, kCount * es, cudaMemcpyDeviceToHost);
         double want9 = size * ((9 % 7) + 1.0) + size * (size - 1) / 2.0;
-        if (!s.ok() || Get(t, h.data(), 9) != want9) {
+        if (!s.ok() || testing::LoadElement(t, h.data(), 9) != want9) {
           fails.push_back(std::string(DataTypeName(t)) + " reduce_scatter " + s.ToString());
         }
       }
