@@ -16,5 +16,6 @@ void AddKeysCommands(CLI::App& app, Runner* runner);
 void AddCkptCommands(CLI::App& app, Runner* runner);
 void AddRunCommands(CLI::App& app, Runner* runner);
 void AddCoordinatorCommands(CLI::App& app, Runner* runner);
+void AddAgentCommands(CLI::App& app, Runner* runner);
 
 }  // namespace muster::cli

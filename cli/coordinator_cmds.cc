@@ -383,6 +383,41 @@ void AddCoordinatorCommands(CLI::App& app, Runner* runner) {
         };
       });
     }
+    // muster node preempt NODE --notice S: as if the node's provider gave notice.
+    {
+      auto* cmd = node->add_subcommand(
+          "preempt",
+          "Give NODE a preemption notice: its jobs checkpoint a common step within the notice, "
+          "stop and are requeued (not counted against max_restarts); the node is drained");
+      auto o = std::make_shared<ClientOptions>();
+      auto name = std::make_shared<std::string>();
+      auto notice = std::make_shared<double>(30);
+      cmd->add_option("NODE", *name, "Node name")->required();
+      cmd->add_option("--notice", *notice, "Seconds of notice")
+          ->check(CLI::Range(0.0, 86400.0))
+          ->capture_default_str();
+      AddClientFlags(cmd, o);
+      cmd->callback([=] {
+        *runner = [=] {
+          int rc = 0;
+          auto c = ConnectOrPrint("node", *o, &rc);
+          if (!c) return rc;
+          proto::Envelope req;
+          req.mutable_preempt_node_request()->set_node(*name);
+          req.mutable_preempt_node_request()->set_notice_ms(static_cast<int64_t>(*notice * 1000));
+          auto r = c->Call(std::move(req));
+          if (!r.ok()) return Fail("node preempt", r.status());
+          const auto& jobs = r->preempt_node_reply().jobs();
+          std::cout << *name << ": notice of " << *notice << " s given; draining";
+          if (jobs.empty()) std::cout << "; no job running there";
+          for (int i = 0; i < jobs.size(); ++i) {
+            std::cout << (i == 0 ? "; checkpointing and stopping: " : ", ") << jobs[i];
+          }
+          std::cout << "\n";
+          return 0;
+        };
+      });
+    }
   }
 }
 

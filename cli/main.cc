@@ -20,6 +20,7 @@ int main(int argc, char** argv) {
   muster::cli::AddCkptCommands(app, &runner);
   muster::cli::AddRunCommands(app, &runner);
   muster::cli::AddCoordinatorCommands(app, &runner);
+  muster::cli::AddAgentCommands(app, &runner);
 
   try {
     app.parse(argc, argv);

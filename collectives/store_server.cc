@@ -103,13 +103,21 @@ auto StoreServer::OnReactor(const char* name, F fn) -> decltype(fn()) {
   return reactor_.Call(name, std::move(fn));
 }
 
-StatusOr<std::string> StoreServer::AddScope(const std::string& job, uint64_t attempt) {
+StatusOr<std::string> StoreServer::AddScope(const std::string& job, uint64_t attempt,
+                                            const KeyPair* client_key) {
   MUSTER_RETURN_IF_ERROR(ValidateJob(job));
   std::string name = ScopeName(job, attempt);
   // Key generation needs no reactor; registering does.
   KeyPair key;
   if (!options_.insecure) {
-    MUSTER_ASSIGN_OR_RETURN(key, GenerateKeyPair());
+    if (client_key != nullptr) {
+      if (!IsValidZ85Key(client_key->public_key) || !IsValidZ85Key(client_key->secret_key)) {
+        return InvalidArgumentError("rendezvous scope " + name + ": malformed client key");
+      }
+      key = *client_key;
+    } else {
+      MUSTER_ASSIGN_OR_RETURN(key, GenerateKeyPair());
+    }
   }
   return OnReactor("rdzv.add_scope", [&]() -> StatusOr<std::string> {
     auto [it, inserted] = scopes_.try_emplace(name);
@@ -125,6 +133,17 @@ StatusOr<std::string> StoreServer::AddScope(const std::string& job, uint64_t att
     if (options_.insecure) return std::string("insecure");
     return "v1," + options_.server_key.public_key + "," + scope.client_key.public_key + "," +
            scope.client_key.secret_key;
+  });
+}
+
+Status StoreServer::Set(const std::string& job, uint64_t attempt, const std::string& key,
+                        const std::string& value) {
+  std::string name = ScopeName(job, attempt);
+  return OnReactor("rdzv.host_set", [&]() -> Status {
+    auto it = scopes_.find(name);
+    if (it == scopes_.end()) return NotFoundError("rendezvous scope " + name + " is not open");
+    SetKey(it->second, key, value);
+    return Status::Ok();
   });
 }
 

@@ -69,7 +69,16 @@ class StoreServer {
   // "v1,<server public key>,<client public key>,<client secret key>". Opening an open scope
   // returns the same credentials. `job` must be non-empty, at most 128 bytes, without '/',
   // ',' or whitespace.
-  StatusOr<std::string> AddScope(const std::string& job, uint64_t attempt);
+  // `client_key`, when given, is the key pair the scope's ranks use (a node agent derives it
+  // from the coordinator's per-attempt key, so agents on other nodes can hand it out too);
+  // otherwise one is generated.
+  StatusOr<std::string> AddScope(const std::string& job, uint64_t attempt,
+                                 const KeyPair* client_key = nullptr);
+  // Sets `key` in an open scope as a rank's `set` would (parked waiters wake): the host's own
+  // messages to the ranks, e.g. the agent's checkpoint request. NotFound when the scope is not
+  // open.
+  Status Set(const std::string& job, uint64_t attempt, const std::string& key,
+             const std::string& value);
   // Closes a scope: its waiters get Aborted, its keys are dropped, its client key is revoked.
   void RemoveScope(const std::string& job, uint64_t attempt);
 

@@ -115,6 +115,10 @@ struct Coordinator::JobRt {
   bool lost = false;         // a node was lost (not the job's fault)
   bool in_scheduler = false;
   int64_t started_ms = 0;
+  int64_t checkpoint_deadline_ms = 0;  // the stop asks for a checkpoint first (preemption)
+  // Replications in flight: provider -> give up waiting at (ms). A requeued job waits for them,
+  // so it resumes on another provider from the newest step.
+  std::map<std::string, int64_t> replicating;
 };
 
 Coordinator::Coordinator(std::unique_ptr<StateStore> store, CoordinatorOptions options)
@@ -251,7 +255,7 @@ void Coordinator::Pass() {
     if (it == jobs_.end()) continue;
     Event(pr.victim, "", "preempted",
           fmt::format("stopping for higher-priority job {}", pr.for_job));
-    StopGang(*it->second, proto::STOP_PREEMPTED, "");
+    StopGang(*it->second, proto::STOP_PREEMPTED, "", NowMs() + options_.stop_grace.count());
   }
 }
 
@@ -268,20 +272,23 @@ void Coordinator::Start(JobRt& job, const std::vector<std::string>& nodes) {
   job.failure_node.clear();
   job.lost = false;
   job.progress.reset();
+  job.checkpoint_deadline_ms = 0;
   job.started_ms = NowMs();
   r.resume_step = -1;
-  if (!r.spec.checkpoint_volume().empty()) {
-    auto step = store_->LatestCommittedStep(r.id, r.spec.checkpoint_volume());
-    if (step.ok() && step->has_value()) r.resume_step = **step;
-  }
-  Persist(job);
-  store_->PutAttempt({r.id, r.attempt, nodes, NowMs(), 0, "", ""}).IgnoreError();
   std::string provider;
   std::string master = nodes.empty() ? "" : nodes[0];
   if (auto it = nodes_.find(master); it != nodes_.end()) {
     provider = it->second->rec.labels.provider();
     if (!it->second->rec.labels.address().empty()) master = it->second->rec.labels.address();
   }
+  // Each provider mounts its own volume under the job's volume name: resume from the newest
+  // step committed (or verified as a replica) on this provider's.
+  if (!r.spec.checkpoint_volume().empty()) {
+    auto step = store_->LatestCommittedStep(r.id, VolumeKey(r.spec.checkpoint_volume(), provider));
+    if (step.ok() && step->has_value()) r.resume_step = **step;
+  }
+  Persist(job);
+  store_->PutAttempt({r.id, r.attempt, nodes, NowMs(), 0, "", ""}).IgnoreError();
   Event(r.id, "", "scheduled",
         fmt::format("attempt {} on provider {}: {}", r.attempt, provider, fmt::join(nodes, ",")));
   if (r.resume_step >= 0) {
@@ -289,8 +296,18 @@ void Coordinator::Start(JobRt& job, const std::vector<std::string>& nodes) {
           fmt::format("attempt {} resumes from step {} on volume {} (provider {})", r.attempt,
                       r.resume_step, r.spec.checkpoint_volume(), provider));
   }
+  // MASTER_PORT is left to the program (torch's TCPStore binds it on rank 0's host); the
+  // rendezvous store listens 1000 ports above it.
   int port = options_.rendezvous_port_base + static_cast<int>(r.seq % 1000);
-  auto rdzv = GenerateKeyPair();
+  int store_port = port + 1000;
+  // The attempt's store keys: "<server secret>,<client secret>"; every agent derives the same
+  // credentials from them, the node-rank-0 agent serves with the server key.
+  auto rdzv_server = GenerateKeyPair();
+  auto rdzv_client = GenerateKeyPair();
+  std::string rdzv_key;
+  if (rdzv_server.ok() && rdzv_client.ok()) {
+    rdzv_key = rdzv_server->secret_key + "," + rdzv_client->secret_key;
+  }
   int nn = static_cast<int>(nodes.size());
   int rpn = r.spec.ranks_per_node();
   for (int i = 0; i < nn; ++i) {
@@ -313,7 +330,7 @@ void Coordinator::Start(JobRt& job, const std::vector<std::string>& nodes) {
     env["LOCAL_WORLD_SIZE"] = std::to_string(rpn);
     env["MASTER_ADDR"] = master;
     env["MASTER_PORT"] = std::to_string(port);
-    env["MUSTER_RDZV_ENDPOINT"] = fmt::format("tcp://{}:{}", master, port);
+    env["MUSTER_RDZV_ENDPOINT"] = fmt::format("tcp://{}:{}", master, store_port);
     env["MUSTER_RESUME_STEP"] = r.resume_step >= 0 ? std::to_string(r.resume_step) : "";
     env["TORCHELASTIC_RESTART_COUNT"] = std::to_string(r.attempt - 1);
     if (r.spec.checkpoint_every_steps() > 0)
@@ -321,9 +338,9 @@ void Coordinator::Start(JobRt& job, const std::vector<std::string>& nodes) {
     if (r.spec.checkpoint_every_s() > 0)
       env["MUSTER_CHECKPOINT_EVERY_S"] = std::to_string(r.spec.checkpoint_every_s());
     s->set_rendezvous_host(master);
-    s->set_rendezvous_port(port);
+    s->set_rendezvous_port(store_port);
     s->set_host_rendezvous(i == 0);
-    if (rdzv.ok()) s->set_rendezvous_key(rdzv->secret_key);
+    s->set_rendezvous_key(rdzv_key);
     s->set_checkpoint_volume(r.spec.checkpoint_volume());
     s->set_resume_step(r.resume_step);
     s->set_time_limit_ms(r.spec.time_limit_s() * 1000);
@@ -331,10 +348,57 @@ void Coordinator::Start(JobRt& job, const std::vector<std::string>& nodes) {
   }
 }
 
-void Coordinator::StopGang(JobRt& job, proto::StopReason reason, const std::string& except) {
+std::string Coordinator::VolumeKey(const std::string& volume, const std::string& provider) const {
+  return provider.empty() ? volume : volume + "@" + provider;
+}
+
+void Coordinator::Replicate(JobRt* job, const std::string& job_id, int64_t step,
+                            const std::string& volume, const NodeRt& source) {
+  const auto& src = source.rec.labels;
+  if (src.transfer_endpoint().empty()) return;
+  std::set<std::string> done;
+  for (const auto& [name, n] : nodes_) {
+    const auto& l = n->rec.labels;
+    if (n->session.empty() || l.provider() == src.provider() || done.count(l.provider())) continue;
+    bool mounts = std::any_of(l.volumes().begin(), l.volumes().end(),
+                              [&](const proto::Volume& v) { return v.name() == volume; });
+    if (!mounts) continue;
+    auto key = GenerateKeyPair();
+    if (!key.ok()) return;
+    done.insert(l.provider());
+    proto::AgentAction allow;
+    allow.mutable_allow_transfer()->set_job_id(job_id);
+    allow.mutable_allow_transfer()->set_client_public_key(key->public_key);
+    allow.mutable_allow_transfer()->set_expires_ms(NowMs() + 10 * 60 * 1000);
+    Enqueue(src.name(), std::move(allow));
+    proto::AgentAction copy;
+    auto* r = copy.mutable_replicate();
+    r->set_job_id(job_id);
+    r->set_step(step);
+    r->set_volume(volume);
+    r->set_source_node(src.name());
+    r->set_source_endpoint(src.transfer_endpoint());
+    r->set_source_key(src.transfer_key());
+    r->set_client_secret(key->secret_key);
+    Enqueue(name, std::move(copy));
+    if (job) job->replicating[l.provider()] = NowMs() + 60 * 1000;
+    Event(job_id, name, "replicating",
+          fmt::format("step {} from {} (provider {}) to volume {} of provider {}", step,
+                      src.name(), src.provider(), volume, l.provider()));
+  }
+}
+
+void Coordinator::StopGang(JobRt& job, proto::StopReason reason, const std::string& except,
+                           int64_t checkpoint_deadline_ms) {
   if (job.stop == proto::STOP_REASON_UNSPECIFIED || reason == proto::STOP_CANCELLED) {
     job.stop = reason;
   }
+  if (checkpoint_deadline_ms > 0 && reason != proto::STOP_CANCELLED &&
+      !job.rec.spec.checkpoint_volume().empty() &&
+      (job.checkpoint_deadline_ms == 0 || checkpoint_deadline_ms < job.checkpoint_deadline_ms)) {
+    job.checkpoint_deadline_ms = checkpoint_deadline_ms;
+  }
+  if (reason == proto::STOP_CANCELLED) job.checkpoint_deadline_ms = 0;
   if (job.rec.state == proto::JOB_SCHEDULED || job.rec.state == proto::JOB_RUNNING) {
     if (reason != proto::STOP_CANCELLED && reason != proto::STOP_TIME_LIMIT) {
       job.rec.state = proto::JOB_REQUEUED;
@@ -349,6 +413,10 @@ void Coordinator::StopGang(JobRt& job, proto::StopReason reason, const std::stri
     s->set_attempt(job.rec.attempt);
     s->set_reason(reason);
     s->set_grace_ms(options_.stop_grace.count());
+    if (job.checkpoint_deadline_ms > 0) {
+      s->set_checkpoint_first(true);
+      s->set_checkpoint_deadline_ms(job.checkpoint_deadline_ms);
+    }
     Enqueue(n, std::move(a));
   }
 }
@@ -380,7 +448,19 @@ void Coordinator::Finish(JobRt& job) {
     outcome = job.lost ? "node_lost" : "preempted";
     r.preemptions++;
     r.state = proto::JOB_PENDING;
-    sched_->Requeue(r.id).IgnoreError();
+    if (job.lost && options_.lease > options_.heartbeat_timeout) {
+      // No split brain: a lost node's agent may still be running its ranks until its lease
+      // runs out (it counts from its last reply, at most heartbeat_timeout before now).
+      r.not_before_ms = now + (options_.lease - options_.heartbeat_timeout).count() + 500;
+      sched_->Release(r.id).IgnoreError();
+      job.in_scheduler = false;
+    } else if (!job.replicating.empty()) {
+      // Resubmitted by Tick once the copies to other providers are in (or given up on).
+      sched_->Release(r.id).IgnoreError();
+      job.in_scheduler = false;
+    } else {
+      sched_->Requeue(r.id).IgnoreError();
+    }
     Event(r.id, "", "requeued",
           fmt::format("after attempt {} ({}); not counted against max_restarts", r.attempt,
                       job.lost ? job.failure : "preempted"));
@@ -496,7 +576,11 @@ void Coordinator::Tick() {
   std::vector<std::string> forget;
   for (auto& [id, j] : jobs_) {
     auto& r = j->rec;
-    if (r.state == proto::JOB_PENDING && !j->in_scheduler && r.not_before_ms <= now) {
+    for (auto rit = j->replicating.begin(); rit != j->replicating.end();) {
+      rit = rit->second <= now ? j->replicating.erase(rit) : std::next(rit);
+    }
+    if (r.state == proto::JOB_PENDING && !j->in_scheduler && r.not_before_ms <= now &&
+        j->replicating.empty()) {
       if (sched_->Submit(j->req).ok()) j->in_scheduler = true;
       pass_needed_ = true;
     }
@@ -765,7 +849,8 @@ StatusOr<proto::Envelope> Coordinator::OnPreemptNode(const proto::PreemptNodeReq
     if (std::find(j->rec.nodes.begin(), j->rec.nodes.end(), req.node()) == j->rec.nodes.end())
       continue;
     out->add_jobs(id);
-    StopGang(*j, proto::STOP_NODE_PREEMPTED, "");
+    StopGang(*j, proto::STOP_NODE_PREEMPTED, "",
+             NowMs() + std::max<int64_t>(req.notice_ms(), 1000));
   }
   sched_->SetNodeState(req.node(), NodeState::kDraining).IgnoreError();
   return e;
@@ -883,6 +968,10 @@ StatusOr<proto::Envelope> Coordinator::OnRegister(const proto::AgentRegister& re
         a.mutable_stop()->set_attempt(ra.attempt());
         a.mutable_stop()->set_reason(j.stop);
         a.mutable_stop()->set_grace_ms(options_.stop_grace.count());
+        if (j.checkpoint_deadline_ms > NowMs()) {
+          a.mutable_stop()->set_checkpoint_first(true);
+          a.mutable_stop()->set_checkpoint_deadline_ms(j.checkpoint_deadline_ms);
+        }
         *out->add_actions() = std::move(a);
       } else if (j.rec.state == proto::JOB_SCHEDULED && j.started.size() == j.rec.nodes.size()) {
         j.rec.state = proto::JOB_RUNNING;
@@ -968,20 +1057,39 @@ StatusOr<proto::Envelope> Coordinator::OnReport(const proto::AgentReport& req) {
     for (auto& [id, j] : jobs_) {
       if (!Terminal(j->rec.state) &&
           std::find(j->rec.nodes.begin(), j->rec.nodes.end(), node) != j->rec.nodes.end()) {
-        StopGang(*j, proto::STOP_NODE_PREEMPTED, "");
+        StopGang(*j, proto::STOP_NODE_PREEMPTED, "", req.notice_deadline_ms());
       }
     }
   }
   if (req.job_id().empty()) return ack;
   auto it = jobs_.find(req.job_id());
-  if (req.checkpoint_step() > 0 && !req.checkpoint_volume().empty()) {
+  if (!req.replicate_error().empty()) {
+    Event(req.job_id(), node, "replicate_failed",
+          fmt::format("step {} to volume {} of provider {}: {}", req.checkpoint_step(),
+                      req.checkpoint_volume(), n->rec.labels.provider(), req.replicate_error()));
+    if (auto j = jobs_.find(req.job_id()); j != jobs_.end()) {
+      j->second->replicating.erase(n->rec.labels.provider());
+    }
+  } else if (req.checkpoint_step() > 0 && !req.checkpoint_volume().empty()) {
+    const std::string& provider = n->rec.labels.provider();
     store_
-        ->RecordCheckpoint(
-            {req.job_id(), req.checkpoint_step(), req.checkpoint_volume(), true, NowMs()})
+        ->RecordCheckpoint({req.job_id(), req.checkpoint_step(),
+                            VolumeKey(req.checkpoint_volume(), provider), true, NowMs()})
         .IgnoreError();
     Event(req.job_id(), node, "checkpoint_committed",
-          fmt::format("step {} on volume {}{}", req.checkpoint_step(), req.checkpoint_volume(),
+          fmt::format("step {} on volume {} of provider {}{}", req.checkpoint_step(),
+                      req.checkpoint_volume(), provider,
                       req.checkpoint_replica() ? " (verified replica)" : ""));
+  }
+  if (req.replicate_error().empty() && req.checkpoint_step() > 0 &&
+      !req.checkpoint_volume().empty()) {
+    auto j = jobs_.find(req.job_id());
+    JobRt* jr = j == jobs_.end() ? nullptr : j->second.get();
+    if (req.checkpoint_replica()) {
+      if (jr) jr->replicating.erase(n->rec.labels.provider());
+    } else {
+      Replicate(jr, req.job_id(), req.checkpoint_step(), req.checkpoint_volume(), *n);
+    }
   }
   if (it == jobs_.end() || it->second->rec.attempt != req.attempt()) return ack;  // stale
   JobRt& j = *it->second;

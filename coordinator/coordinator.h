@@ -73,7 +73,16 @@ class Coordinator {
   void Persist(JobRt& job);
   void Pass();
   void Start(JobRt& job, const std::vector<std::string>& nodes);
-  void StopGang(JobRt& job, proto::StopReason reason, const std::string& except_node);
+  // `checkpoint_deadline_ms` (unix ms) > 0: the agents ask the ranks to checkpoint a common
+  // step before it, then stop them (preemption).
+  void StopGang(JobRt& job, proto::StopReason reason, const std::string& except_node,
+                int64_t checkpoint_deadline_ms = 0);
+  std::string VolumeKey(const std::string& volume, const std::string& provider) const;
+  // After a commit on `source`'s provider: copy the step to every other provider that has a
+  // connected node mounting the volume (AllowTransfer to the source, ReplicateCheckpoint to the
+  // target).
+  void Replicate(JobRt* job, const std::string& job_id, int64_t step, const std::string& volume,
+                 const NodeRt& source);
   void NodeDone(JobRt& job, const std::string& node);
   void Finish(JobRt& job);
   void LoseNode(NodeRt& node, const std::string& why);

@@ -1,0 +1,134 @@
+// `muster agent`: argument parsing only; the agent is node_agent/agent.h.
+
+#include <signal.h>
+
+#include <iostream>
+#include <thread>
+
+#include "cli/commands.h"
+#include "common/logging.h"
+#include "launcher/launcher.h"
+#include "node_agent/agent.h"
+
+namespace muster::cli {
+
+void AddAgentCommands(CLI::App& app, Runner* runner) {
+  auto* cmd = app.add_subcommand(
+      "agent", "Run the node agent: registers this node, starts and supervises ranks");
+  auto o = std::make_shared<node_agent::AgentOptions>();
+  struct Flags {
+    std::string name, provider, region, island, gpu_type, gpus = "auto", address, work_dir;
+    int slots = 0;
+    std::vector<std::string> volumes;
+    double notice_s = 30;
+    int grace_ms = 5000;
+  };
+  auto f = std::make_shared<Flags>();
+  cmd->add_option("--coordinator", o->coordinator,
+                  "Coordinator endpoint, tcp://HOST:PORT (default: $MUSTER_COORDINATOR)");
+  cmd->add_option("--keys", o->keys_dir,
+                  "Keys directory with client.key and coordinator.pub (default: $MUSTER_KEYS, "
+                  "else ~/.muster)");
+  cmd->add_flag("--insecure", o->insecure,
+                "No CURVE to the coordinator nor for the job stores (tests only)");
+  cmd->add_option("--provider", f->provider, "Provider label (aws, gcp, lambda, ...)")
+      ->required();
+  cmd->add_option("--region", f->region, "Region label");
+  cmd->add_option("--island", f->island, "Island label (NVLink/InfiniBand domain)");
+  cmd->add_option("--gpu-type", f->gpu_type, "GPU type label (h100, ...)");
+  cmd->add_option("--gpus", f->gpus, "GPUs on this node, or auto")->capture_default_str();
+  cmd->add_option("--slots", f->slots, "Rank slots (default: the GPUs, else the CPUs)")
+      ->check(CLI::Range(0, 4096));
+  cmd->add_option("--volume", f->volumes, "A mounted volume, NAME=PATH (repeatable)");
+  cmd->add_option("--name", f->name, "Node name (default: the hostname)");
+  cmd->add_option("--address", f->address,
+                  "Address other nodes reach this one at (default: the one that routes to the "
+                  "coordinator)");
+  cmd->add_option("--work-dir", f->work_dir, "Logs and state (default: ./muster-agent)");
+  cmd->add_option("--preempt-file", o->preempt_file,
+                  "A preemption notice once this file exists (it may hold the seconds left)");
+  cmd->add_option("--aws-metadata", o->aws_metadata,
+                  "Poll the AWS spot instance-action at this metadata URL "
+                  "(http://169.254.169.254 on EC2)");
+  cmd->add_option("--gcp-metadata", o->gcp_metadata,
+                  "Poll the GCE preempted flag at this metadata URL "
+                  "(http://metadata.google.internal on GCE)");
+  cmd->add_option("--notice", f->notice_s,
+                  "Seconds of notice assumed for SIGTERM and sources that give no time")
+      ->capture_default_str();
+  cmd->add_option("--grace-ms", f->grace_ms, "SIGTERM to SIGKILL grace when stopping ranks")
+      ->capture_default_str();
+  cmd->callback([=] {
+    *runner = [=]() -> int {
+      auto& l = o->labels;
+      l.set_name(f->name);
+      l.set_provider(f->provider);
+      l.set_region(f->region);
+      l.set_island(f->island);
+      l.set_gpu_type(f->gpu_type);
+      l.set_address(f->address);
+      int gpus = 0;
+      if (f->gpus == "auto") {
+        gpus = static_cast<int>(launcher::DetectGpus().size());
+      } else {
+        try {
+          gpus = std::stoi(f->gpus);
+        } catch (...) {
+          gpus = -1;
+        }
+        if (gpus < 0) {
+          std::cerr << "muster agent: --gpus must be a number or auto, not " << f->gpus << "\n";
+          return 2;
+        }
+      }
+      l.set_gpus(gpus);
+      int slots = f->slots > 0 ? f->slots
+                               : (gpus > 0 ? gpus : static_cast<int>(std::thread::hardware_concurrency()));
+      l.set_slots(slots);
+      for (const auto& v : f->volumes) {
+        auto eq = v.find('=');
+        if (eq == std::string::npos || eq == 0 || eq + 1 == v.size()) {
+          std::cerr << "muster agent: --volume wants NAME=PATH, not " << v << "\n";
+          return 2;
+        }
+        auto* vol = l.add_volumes();
+        vol->set_name(v.substr(0, eq));
+        vol->set_path(v.substr(eq + 1));
+      }
+      o->work_dir = f->work_dir.empty() ? "muster-agent" : f->work_dir;
+      o->default_notice = std::chrono::seconds(static_cast<int64_t>(f->notice_s));
+      o->stop_grace = std::chrono::milliseconds(f->grace_ms);
+      // Signals go to sigwait below; threads started from here inherit the mask.
+      sigset_t set;
+      sigemptyset(&set);
+      sigaddset(&set, SIGINT);
+      sigaddset(&set, SIGTERM);
+      pthread_sigmask(SIG_BLOCK, &set, nullptr);
+      auto agent = node_agent::Agent::Start(*o);
+      if (!agent.ok()) {
+        std::cerr << "muster agent: " << agent.status().message() << "\n";
+        return agent.status().code() == StatusCode::kInvalidArgument ? 2 : 1;
+      }
+      int sig = 0;
+      sigwait(&set, &sig);
+      auto logger = log::Get("agent");
+      if (sig == SIGTERM) {
+        // The node is going away: checkpoint on notice, then stop.
+        node_agent::PreemptionNotice n;
+        n.source = "sigterm";
+        n.deadline = std::chrono::system_clock::now() + o->default_notice;
+        n.detail = "SIGTERM to the agent";
+        (*agent)->Notice(n);
+        logger->warn("SIGTERM: treating it as a preemption notice of {} s (SIGINT stops at once)",
+                     o->default_notice.count());
+        (*agent)->WaitIdle(o->default_notice + o->stop_grace);
+      } else {
+        logger->info("SIGINT: stopping every rank");
+      }
+      (*agent)->Shutdown(o->stop_grace);
+      return 0;
+    };
+  });
+}
+
+}  // namespace muster::cli

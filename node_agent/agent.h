@@ -1,0 +1,97 @@
+#pragma once
+
+// Agent: `muster agent` as a library. One per node. It registers the node's labels with the
+// coordinator, heartbeats, keeps a long poll outstanding for actions, and carries them out:
+//
+//   - StartAssignment: spawns the node's ranks with the env contract (docs/env-contract.md),
+//     each rank's output appended to <work-dir>/logs/<job>/attempt-<a>/rank-<r>.log; on node
+//     rank 0 it also serves the attempt's rendezvous store (collectives::StoreServer) on the
+//     port and with the CURVE keys the coordinator chose.
+//   - StopAssignment: SIGTERM to every rank's process group, SIGKILL after the grace. With
+//     `checkpoint_first` the ranks are first asked to checkpoint (the key `muster/preempt` in
+//     the job's store, and the file named by MUSTER_PREEMPT_FILE, which any program can watch)
+//     and given until the deadline to stop by themselves.
+//   - FetchLog: reads a rank's log file and answers with AgentLogChunk.
+//
+// It reports every start, exit, checkpoint commit (the line `MUSTER_CHECKPOINT step=N` printed
+// by global rank 0) and progress (`MUSTER_PROGRESS step=...`, docs/protocol.md). It learns of
+// preemption from its notice sources (file, cloud metadata) and from Notice() (SIGTERM), asks
+// its own ranks to checkpoint at once and tells the coordinator, which stops the gang.
+//
+// Lease: when no call to the coordinator has succeeded for the lease the coordinator handed
+// out, the agent stops all its ranks by itself (a partitioned node never keeps running an
+// attempt that was requeued elsewhere). It re-registers, listing what still runs, whenever the
+// coordinator forgets its session (a coordinator restart): running ranks are kept.
+//
+// Threads: a reactor owns the supervisor, the stores and all assignment state; a control
+// thread makes the calls to the coordinator (register, heartbeat, reports); a poll thread keeps
+// the long poll outstanding. Thread-safety: the public methods are thread-safe.
+
+#include <chrono>
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common/proto/envelope.pb.h"
+#include "common/status.h"
+#include "node_agent/preemption_notice.h"
+
+namespace muster::node_agent {
+
+struct AgentOptions {
+  std::string coordinator;  // endpoint; "" : $MUSTER_COORDINATOR
+  std::string keys_dir;     // client.key + coordinator.pub; "" : $MUSTER_KEYS, else ~/.muster
+  bool insecure = false;    // no CURVE to the coordinator nor for the stores (tests only)
+  // name, provider, region, island, gpu_type, gpus, slots, volumes, address. An empty name
+  // becomes the hostname; an empty address the local address that routes to the coordinator.
+  proto::NodeLabels labels;
+  std::filesystem::path work_dir;  // logs and notice files; created
+  // Notice sources polled every notice_interval.
+  std::string preempt_file;   // a notice once this file exists (see NewNoticeFileSource)
+  std::string aws_metadata;   // e.g. http://169.254.169.254; "" : not polled
+  std::string gcp_metadata;   // e.g. http://metadata.google.internal; "" : not polled
+  std::chrono::milliseconds notice_interval{1000};
+  std::chrono::seconds default_notice{30};  // for sources that give no deadline
+  // Grace between SIGTERM and SIGKILL when stopping ranks on our own (lease, shutdown).
+  std::chrono::milliseconds stop_grace{5000};
+  std::chrono::milliseconds call_timeout{3000};
+};
+
+class Agent {
+ public:
+  // Starts the threads; registration is retried in the background until it succeeds.
+  static StatusOr<std::unique_ptr<Agent>> Start(AgentOptions options);
+  ~Agent();  // Shutdown(stop ranks, default grace) if not done
+
+  // A preemption notice for this node (SIGTERM to the agent, tests): like one from a source.
+  void Notice(const PreemptionNotice& notice);
+
+  // Stops every rank (SIGTERM, SIGKILL after `grace`), waits for them, sends the last reports
+  // (bounded by the call timeout) and stops the threads.
+  void Shutdown(std::chrono::milliseconds grace);
+
+  // Blocks until a notice was handled and every rank has exited (what `muster agent` waits for
+  // after SIGTERM before it exits), or `timeout` passes. True when idle.
+  bool WaitIdle(std::chrono::milliseconds timeout);
+
+  const proto::NodeLabels& labels() const;
+  bool registered() const;
+
+ private:
+  struct Impl;
+  explicit Agent(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// The address this host uses to reach `endpoint`'s host (a UDP connect, no packet sent);
+// "127.0.0.1" when that cannot be worked out.
+std::string LocalAddressFor(const std::string& endpoint);
+
+// Parses a `MUSTER_PROGRESS key=value ...` line (docs/protocol.md). nullopt when the line is
+// not one. Unknown keys are ignored; `<x>_per_s=V` is taken as throughput V with unit "<x>/s".
+std::optional<proto::Progress> ParseProgressLine(std::string_view line);
+// Parses `MUSTER_CHECKPOINT step=N`; nullopt when the line is not one.
+std::optional<int64_t> ParseCheckpointLine(std::string_view line);
+
+}  // namespace muster::node_agent
