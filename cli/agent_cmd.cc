@@ -105,6 +105,7 @@ void AddAgentCommands(CLI::App& app, Runner* runner) {
       sigaddset(&set, SIGTERM);
       pthread_sigmask(SIG_BLOCK, &set, nullptr);
       auto agent = node_agent::Agent::Start(*o);
+      if (agent.ok()) log::SetContext("", (*agent)->labels().name(), "");
       if (!agent.ok()) {
         std::cerr << "muster agent: " << agent.status().message() << "\n";
         return agent.status().code() == StatusCode::kInvalidArgument ? 2 : 1;

@@ -357,7 +357,6 @@ struct Agent::Impl {
   }
 
   void ControlLoop() {
-    log::SetContext("", labels.name(), "");
     auto next_hb = Clock::now();
     auto retry_at = Clock::now();
     for (;;) {
@@ -403,7 +402,6 @@ struct Agent::Impl {
   }
 
   void PollLoop() {
-    log::SetContext("", labels.name(), "");
     for (;;) {
       {
         std::lock_guard<std::mutex> l(mu);
@@ -771,7 +769,6 @@ struct Agent::Impl {
     std::lock_guard<std::mutex> l(mu);
     if (stop) return;
     copiers.emplace_back([this, r, root] {
-      log::SetContext(r.job_id(), labels.name(), "");
       proto::AgentReport rep;
       rep.set_job_id(r.job_id());
       rep.set_checkpoint_step(r.step());

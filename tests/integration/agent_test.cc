@@ -1,0 +1,362 @@
+// Real `muster coordinator` and real `muster agent` processes on loopback with CURVE, driven
+// through the real `muster` CLI: a gang of shell-script ranks runs with the env contract,
+// failures are named and retried, a coordinator kill -9 and an agent kill -9 are survived, a
+// preemption notice checkpoints first, and the lease stops the ranks of an agent that lost its
+// coordinator.
+
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "tests/testing/subprocess.h"
+
+namespace muster {
+namespace {
+
+namespace fs = std::filesystem;
+using namespace std::chrono_literals;
+using Clock = std::chrono::steady_clock;
+using testing::RunCommand;
+using testing::Subprocess;
+
+template <typename F>
+bool WaitUntil(F pred, std::chrono::milliseconds timeout) {
+  auto end = Clock::now() + timeout;
+  while (Clock::now() < end) {
+    if (pred()) return true;
+    std::this_thread::sleep_for(50ms);
+  }
+  return pred();
+}
+
+std::string ReadFile(const fs::path& p) {
+  std::ifstream in(p);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+// A coordinator and named agents, each a real process, with their own keys and directories.
+class AgentCluster : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() /
+           ("muster-agent-test-" + std::to_string(getpid()) + "-" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::remove_all(dir_);
+    fs::create_directories(dir_);
+    ASSERT_TRUE(RunCommand({MUSTER_BIN, "keys", "init", "--dir", (dir_ / "keys").string()}).ok());
+    StartCoordinator();
+  }
+  void TearDown() override {
+    agents_.clear();
+    coordinator_.reset();
+    // Ranks left by a killed agent die on their next write (their pipe is gone); give them a
+    // moment, then remove the files.
+    std::this_thread::sleep_for(300ms);
+    if (!HasFailure()) fs::remove_all(dir_);
+  }
+
+  // `lease_ms` 0: the coordinator's default (1.5 x the heartbeat timeout).
+  void StartCoordinator(int lease_ms = 0) {
+    fs::remove(dir_ / "coord" / "endpoint");
+    fs::create_directories(dir_ / "coord");
+    std::vector<std::string> argv = {MUSTER_BIN, "coordinator", "--data-dir",
+                                     (dir_ / "coord").string(), "--keys", (dir_ / "keys").string(),
+                                     "--heartbeat-interval-ms", "200", "--heartbeat-timeout-ms",
+                                     "1500"};
+    if (lease_ms > 0) {
+      argv.push_back("--lease-ms");
+      argv.push_back(std::to_string(lease_ms));
+    }
+    argv.push_back("--listen");
+    argv.push_back(endpoint_.empty() ? "tcp://127.0.0.1:*" : endpoint_);
+    auto p = Subprocess::Start(argv, {}, (dir_ / "coord.log").string());
+    ASSERT_TRUE(p.ok()) << p.status().ToString();
+    coordinator_ = std::make_unique<Subprocess>(std::move(*p));
+    ASSERT_TRUE(WaitUntil([&] { return fs::exists(dir_ / "coord" / "endpoint"); }, 10s))
+        << ReadFile(dir_ / "coord.log");
+    endpoint_ = ReadFile(dir_ / "coord" / "endpoint");
+    while (!endpoint_.empty() && std::isspace(endpoint_.back())) endpoint_.pop_back();
+  }
+
+  void StartAgent(const std::string& name, const std::string& provider) {
+    fs::path vol = dir_ / ("vol-" + provider);
+    fs::create_directories(vol);
+    auto p = Subprocess::Start(
+        {MUSTER_BIN, "agent", "--coordinator", endpoint_, "--keys", (dir_ / "keys").string(),
+         "--provider", provider, "--name", name, "--slots", "2", "--gpus", "0", "--volume",
+         "ckpt=" + vol.string(), "--work-dir", (dir_ / ("agent-" + name)).string(),
+         "--grace-ms", "1000"},
+        {}, (dir_ / (name + ".log")).string());
+    ASSERT_TRUE(p.ok()) << p.status().ToString();
+    agents_[name] = std::make_unique<Subprocess>(std::move(*p));
+  }
+
+  void KillAgent(const std::string& name) {
+    agents_.at(name)->Signal(SIGKILL);
+    agents_.at(name)->Wait(5s);
+    agents_.erase(name);
+  }
+
+  StatusOr<std::string> Muster(std::vector<std::string> args) {
+    std::vector<std::string> argv = {MUSTER_BIN};
+    argv.insert(argv.end(), args.begin(), args.end());
+    argv.push_back("--coordinator");
+    argv.push_back(endpoint_);
+    argv.push_back("--keys");
+    argv.push_back((dir_ / "keys").string());
+    return RunCommand(argv, 15s);
+  }
+
+  void WaitNodesUp(int n) {
+    ASSERT_TRUE(WaitUntil(
+        [&] {
+          auto out = Muster({"nodes", "--json"});
+          if (!out.ok()) return false;
+          auto j = nlohmann::json::parse(*out, nullptr, false);
+          if (!j.is_array()) return false;
+          int up = 0;
+          for (auto& node : j) up += node.value("state", "") == "up";
+          return up == n;
+        },
+        15s))
+        << *Muster({"nodes"});
+  }
+
+  std::string Submit(const std::string& yaml) {
+    fs::path f = dir_ / "job.yaml";
+    std::ofstream(f) << yaml;
+    auto out = Muster({"submit", f.string()});
+    EXPECT_TRUE(out.ok()) << out.status().ToString();
+    std::string id = out.ok() ? *out : "";
+    while (!id.empty() && std::isspace(id.back())) id.pop_back();
+    return id;
+  }
+
+  nlohmann::json Status(const std::string& job) {
+    auto out = Muster({"status", job, "--json"});
+    if (!out.ok()) return {};
+    auto j = nlohmann::json::parse(*out, nullptr, false);
+    if (j.is_array() && !j.empty()) return j[0];
+    return j;
+  }
+
+  std::string State(const std::string& job) { return Status(job).value("state", ""); }
+
+  bool WaitState(const std::string& job, const std::string& state,
+                 std::chrono::milliseconds timeout) {
+    return WaitUntil([&] { return State(job) == state; }, timeout);
+  }
+
+  std::string Events(const std::string& job) {
+    auto out = Muster({"events", job});
+    return out.ok() ? *out : out.status().ToString();
+  }
+
+  fs::path dir_;
+  std::string endpoint_;
+  std::unique_ptr<Subprocess> coordinator_;
+  std::map<std::string, std::unique_ptr<Subprocess>> agents_;
+};
+
+// A rank that prints its env contract and progress, runs `seconds`, and exits `code`.
+std::string Script(const std::string& body) {
+  return "command: [\"/bin/sh\", \"-c\", " + nlohmann::json(body).dump() + "]\n";
+}
+
+TEST_F(AgentCluster, GangRunsWithTheEnvContractLogsAndProgress) {
+  StartAgent("aws-1", "aws");
+  StartAgent("aws-2", "aws");
+  StartAgent("gcp-1", "gcp");
+  WaitNodesUp(3);
+  std::string job = Submit(
+      "name: hello\n" +
+      Script("echo \"rank=$RANK world=$WORLD_SIZE local=$LOCAL_RANK/$LOCAL_WORLD_SIZE "
+             "node=$NODE_RANK/$NNODES master=$MASTER_ADDR:$MASTER_PORT "
+             "rdzv=$MUSTER_RDZV_ENDPOINT key=${MUSTER_RDZV_KEY%%,*} ompi=$OMPI_COMM_WORLD_RANK "
+             "job=$MUSTER_JOB_ID attempt=$MUSTER_ATTEMPT ckpt=$MUSTER_CHECKPOINT_DIR "
+             "node_name=$MUSTER_NODE\"; "
+             "for s in 1 2 3 4 5; do echo MUSTER_PROGRESS step=$s total=5 loss=0.$s; sleep 0.2; "
+             "done") +
+      "nodes: 2\nranks_per_node: 2\nplacement:\n  providers: [aws]\ncheckpoint:\n  volume: "
+      "ckpt\n");
+  ASSERT_FALSE(job.empty());
+  ASSERT_TRUE(WaitState(job, "succeeded", 30s)) << Events(job);
+  auto st = Status(job);
+  EXPECT_EQ(st["attempt"], 1);
+  EXPECT_EQ(st["progress"]["step"], 5) << st.dump();
+  // The gang is one provider's two nodes, in node-rank order.
+  auto nodes = st["nodes"];
+  ASSERT_EQ(nodes.size(), 2u);
+  for (int rank = 0; rank < 4; ++rank) {
+    auto log = Muster({"logs", job, "--rank", std::to_string(rank)});
+    ASSERT_TRUE(log.ok()) << log.status().ToString();
+    std::string want = "rank=" + std::to_string(rank) + " world=4 local=" +
+                       std::to_string(rank % 2) + "/2 node=" + std::to_string(rank / 2) + "/2";
+    EXPECT_NE(log->find(want), std::string::npos) << *log;
+    EXPECT_NE(log->find("key=v1 "), std::string::npos) << "CURVE rendezvous key: " << *log;
+    EXPECT_NE(log->find("ompi=" + std::to_string(rank)), std::string::npos);
+    EXPECT_NE(log->find("attempt=1 ckpt=" + (dir_ / "vol-aws" / job).string()),
+              std::string::npos)
+        << *log;
+    EXPECT_NE(log->find("node_name=" + nodes[rank / 2].get<std::string>()), std::string::npos);
+    EXPECT_NE(log->find("MUSTER_PROGRESS step=5"), std::string::npos);
+  }
+  std::string events = Events(job);
+  EXPECT_NE(events.find("scheduled"), std::string::npos) << events;
+  EXPECT_NE(events.find("started"), std::string::npos) << events;
+  EXPECT_NE(events.find("succeeded"), std::string::npos) << events;
+}
+
+TEST_F(AgentCluster, FirstFailureIsNamedAndTheJobIsRetried) {
+  StartAgent("aws-1", "aws");
+  StartAgent("aws-2", "aws");
+  WaitNodesUp(2);
+  std::string job = Submit(
+      "name: flaky\n" +
+      Script("if [ \"$MUSTER_ATTEMPT\" = 1 ] && [ \"$RANK\" = 3 ]; then sleep 0.3; exit 7; fi; "
+             "sleep 1") +
+      "nodes: 2\nranks_per_node: 2\nrestart:\n  max_restarts: 1\n  backoff: 0\n");
+  ASSERT_TRUE(WaitState(job, "succeeded", 30s)) << Events(job);
+  auto st = Status(job);
+  EXPECT_EQ(st["attempt"], 2);
+  EXPECT_EQ(st["restarts"], 1);
+  std::string events = Events(job);
+  EXPECT_NE(events.find("rank 3 on"), std::string::npos) << events;
+  EXPECT_NE(events.find("exited 7"), std::string::npos) << events;
+  EXPECT_NE(events.find("requeued"), std::string::npos) << events;
+}
+
+TEST_F(AgentCluster, CoordinatorKill9DoesNotStopRunningRanks) {
+  // A lease long enough for a restart on a loaded machine (the restart must not cost the job
+  // an attempt); LeaseStopsRanks... tests the short one.
+  coordinator_.reset();
+  StartCoordinator(10000);
+  StartAgent("aws-1", "aws");
+  StartAgent("aws-2", "aws");
+  WaitNodesUp(2);
+  fs::path marks = dir_ / "marks";
+  fs::create_directories(marks);
+  // Each rank records its pid, then runs ~5 s.
+  std::string job = Submit("name: long\n" +
+                           Script("echo $$ > " + marks.string() +
+                                  "/$RANK; for s in $(seq 1 25); do echo MUSTER_PROGRESS "
+                                  "step=$s total=25; sleep 0.2; done") +
+                           "nodes: 2\nranks_per_node: 1\n");
+  ASSERT_TRUE(WaitState(job, "running", 15s)) << Events(job);
+  ASSERT_TRUE(WaitUntil([&] { return fs::exists(marks / "1"); }, 10s));
+  std::string pid1 = ReadFile(marks / "1");
+  coordinator_->Signal(SIGKILL);
+  coordinator_->Wait(5s);
+  coordinator_.reset();
+  std::this_thread::sleep_for(500ms);
+  StartCoordinator(10000);  // same data dir, same endpoint
+  ASSERT_TRUE(WaitState(job, "succeeded", 30s)) << Events(job);
+  EXPECT_EQ(Status(job)["attempt"], 1) << "the ranks kept running: no second attempt\n"
+                                       << Events(job);
+  EXPECT_EQ(ReadFile(marks / "1"), pid1);
+}
+
+TEST_F(AgentCluster, AgentKill9IsDetectedAndTheJobMovesToOtherNodes) {
+  StartAgent("aws-1", "aws");
+  StartAgent("aws-2", "aws");
+  StartAgent("aws-3", "aws");
+  WaitNodesUp(3);
+  std::string job =
+      Submit("name: moving\n" +
+             Script("for s in $(seq 1 15); do echo MUSTER_PROGRESS step=$s; sleep 0.2; done") +
+             "nodes: 2\nranks_per_node: 1\n");
+  ASSERT_TRUE(WaitState(job, "running", 15s)) << Events(job);
+  std::string victim = Status(job)["nodes"][1];
+  KillAgent(victim);
+  ASSERT_TRUE(WaitUntil([&] { return Status(job).value("attempt", 0) == 2; }, 20s))
+      << Events(job);
+  ASSERT_TRUE(WaitState(job, "succeeded", 30s)) << Events(job);
+  auto st = Status(job);
+  for (auto& n : st["nodes"]) EXPECT_NE(n.get<std::string>(), victim);
+  EXPECT_EQ(st["restarts"], 0) << "a lost node is not the job's failure";
+  std::string events = Events(job);
+  EXPECT_NE(events.find("node_lost"), std::string::npos) << events;
+}
+
+TEST_F(AgentCluster, PreemptionNoticeCheckpointsFirstAndTheJobResumesFromThatStep) {
+  StartAgent("aws-1", "aws");
+  StartAgent("aws-2", "aws");
+  StartAgent("aws-3", "aws");
+  WaitNodesUp(3);
+  // A rank that "checkpoints" the step it is at when the notice file appears, then exits 3;
+  // a resumed attempt starts from MUSTER_RESUME_STEP.
+  std::string job = Submit(
+      "name: notice\n" +
+      Script("s=${MUSTER_RESUME_STEP:-0}; s=${s:-0}; echo resumed_from=$s; "
+             "while [ $s -lt 40 ]; do s=$((s+1)); echo MUSTER_PROGRESS step=$s total=40; "
+             "if [ -e \"$MUSTER_PREEMPT_FILE\" ]; then echo MUSTER_CHECKPOINT step=$s; "
+             "echo notice_at=$s; exit 3; fi; sleep 0.1; done") +
+      "nodes: 2\nranks_per_node: 1\ncheckpoint:\n  volume: ckpt\n");
+  ASSERT_TRUE(WaitState(job, "running", 15s)) << Events(job);
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        auto st = Status(job);
+        return st.contains("progress") && st["progress"].value("step", 0) >= 5;
+      },
+      10s));
+  std::string victim = Status(job)["nodes"][1];
+  auto out = Muster({"node", "preempt", victim, "--notice", "10"});
+  ASSERT_TRUE(out.ok()) << out.status().ToString();
+  EXPECT_NE(out->find(job), std::string::npos) << *out;
+  ASSERT_TRUE(WaitState(job, "succeeded", 40s)) << Events(job);
+  auto st = Status(job);
+  EXPECT_EQ(st["attempt"], 2);
+  EXPECT_EQ(st["restarts"], 0);
+  EXPECT_EQ(st["preemptions"], 1);
+  for (auto& n : st["nodes"]) EXPECT_NE(n.get<std::string>(), victim);
+  // Zero lost steps: attempt 2 resumed from the step rank 0 checkpointed on the notice.
+  auto first = Muster({"logs", job, "--rank", "0", "--attempt", "1"});
+  auto second = Muster({"logs", job, "--rank", "0"});
+  ASSERT_TRUE(first.ok() && second.ok());
+  auto at = first->find("notice_at=");
+  ASSERT_NE(at, std::string::npos) << *first;
+  int notice_step = std::atoi(first->c_str() + at + 10);
+  EXPECT_NE(second->find("resumed_from=" + std::to_string(notice_step) + "\n"),
+            std::string::npos)
+      << *second;
+  EXPECT_EQ(st.value("resume_step", -1), notice_step);
+  std::string events = Events(job);
+  EXPECT_NE(events.find("checkpoint_committed"), std::string::npos) << events;
+  EXPECT_NE(events.find("resumed"), std::string::npos) << events;
+}
+
+TEST_F(AgentCluster, LeaseStopsRanksWhenTheCoordinatorIsUnreachable) {
+  StartAgent("aws-1", "aws");
+  WaitNodesUp(1);
+  fs::path marks = dir_ / "marks";
+  fs::create_directories(marks);
+  std::string job = Submit("name: lease\n" +
+                           Script("echo $$ > " + marks.string() +
+                                  "/pid; while true; do echo MUSTER_PROGRESS step=1; sleep 0.1; "
+                                  "done") +
+                           "nodes: 1\nranks_per_node: 1\n");
+  ASSERT_TRUE(WaitUntil([&] { return fs::exists(marks / "pid") && !ReadFile(marks / "pid").empty(); },
+                        15s))
+      << Events(job);
+  pid_t pid = std::stoi(ReadFile(marks / "pid"));
+  ASSERT_EQ(kill(pid, 0), 0);
+  // The coordinator stops answering (a partition, as the agent sees it).
+  coordinator_->Signal(SIGSTOP);
+  // lease = 1.5 x heartbeat timeout = 2.25 s; then SIGTERM to the rank.
+  bool stopped = WaitUntil([&] { return kill(pid, 0) != 0; }, 8s);
+  coordinator_->Signal(SIGCONT);
+  EXPECT_TRUE(stopped) << "the rank outlived the agent's lease";
+  auto log = ReadFile(dir_ / "aws-1.log");
+  EXPECT_NE(log.find("lease"), std::string::npos) << log;
+  (void)Muster({"cancel", job});
+}
+
+}  // namespace
+}  // namespace muster
