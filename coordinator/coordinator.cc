@@ -119,7 +119,12 @@ struct Coordinator::JobRt {
   // Replications in flight: provider -> give up waiting at (ms). A requeued job waits for them,
   // so it resumes on another provider from the newest step.
   std::map<std::string, int64_t> replicating;
+  // Interactive jobs (`muster run` through the coordinator) end when their client stops asking
+  // about them: the last status or logs request for the job.
+  int64_t client_seen_ms = 0;
 };
+
+constexpr int64_t kInteractiveClientTimeoutMs = 15000;
 
 Coordinator::Coordinator(std::unique_ptr<StateStore> store, CoordinatorOptions options)
     : store_(std::move(store)),
@@ -584,6 +589,19 @@ void Coordinator::Tick() {
       if (sched_->Submit(j->req).ok()) j->in_scheduler = true;
       pass_needed_ = true;
     }
+    if (r.spec.interactive() && !Terminal(r.state)) {
+      if (j->client_seen_ms == 0) j->client_seen_ms = now;  // new, or restored after a restart
+      if (now - j->client_seen_ms > kInteractiveClientTimeoutMs) {
+        proto::CancelRequest cancel;
+        cancel.set_job_id(id);
+        (void)OnCancel(cancel);
+        r.detail = "interactive client went away";
+        Persist(*j);
+        Event(id, "", "cancelled",
+              fmt::format("no word from its `muster run` client for {} ms", now - j->client_seen_ms));
+        continue;
+      }
+    }
     if ((r.state == proto::JOB_RUNNING || r.state == proto::JOB_SCHEDULED) &&
         r.spec.time_limit_s() > 0 && j->started_ms + r.spec.time_limit_s() * 1000 <= now &&
         j->stop == proto::STOP_REASON_UNSPECIFIED) {
@@ -727,6 +745,7 @@ StatusOr<proto::Envelope> Coordinator::OnStatus(const proto::StatusRequest& req)
   if (!req.job_id().empty()) {
     auto it = jobs_.find(req.job_id());
     if (it != jobs_.end()) {
+      it->second->client_seen_ms = NowMs();
       *out->add_jobs() = StatusOf(*it->second);
       return e;
     }
@@ -861,6 +880,7 @@ void Coordinator::OnLogs(const proto::LogsRequest& req, Reply reply) {
   auto it = jobs_.find(req.job_id());
   JobRecord rec;
   if (it != jobs_.end()) {
+    it->second->client_seen_ms = NowMs();
     rec = it->second->rec;
   } else {
     auto r = store_->GetJob(req.job_id());

@@ -358,5 +358,58 @@ TEST_F(AgentCluster, LeaseStopsRanksWhenTheCoordinatorIsUnreachable) {
   (void)Muster({"cancel", job});
 }
 
+// `muster run` through the coordinator: an interactive job on the agents, with mpirun's output
+// and exit semantics.
+TEST_F(AgentCluster, MusterRunThroughTheCoordinatorStreamsOutputAndExitsLikeMpirun) {
+  StartAgent("aws-1", "aws");
+  StartAgent("aws-2", "aws");
+  WaitNodesUp(2);
+  fs::path out = dir_ / "run.out";
+  auto run = Subprocess::Start(
+      {MUSTER_BIN, "run", "--coordinator", endpoint_, "--keys", (dir_ / "keys").string(), "-np",
+       "4", "-H", "aws-1:2,aws-2:2", "--tag-output", "-x", "GREETING=hello", "--", "/bin/sh",
+       "-c",
+       "echo \"$GREETING from $RANK of $WORLD_SIZE on $MUSTER_NODE\"; sleep 0.3; "
+       "if [ $RANK = 2 ]; then exit 5; fi; sleep 5"},
+      {}, out.string());
+  ASSERT_TRUE(run.ok()) << run.status().ToString();
+  auto st = run->Wait(40s);
+  ASSERT_TRUE(st.has_value()) << ReadFile(out);
+  ASSERT_TRUE(WIFEXITED(*st));
+  EXPECT_EQ(WEXITSTATUS(*st), 5) << "the first failing rank's code\n" << ReadFile(out);
+  std::string text = ReadFile(out);
+  for (int r = 0; r < 4; ++r) {
+    std::string host = r < 2 ? "aws-1" : "aws-2";
+    EXPECT_NE(text.find("[" + std::to_string(r) + "]hello from " + std::to_string(r) +
+                        " of 4 on " + host + "\n"),
+              std::string::npos)
+        << text;
+  }
+  EXPECT_NE(text.find("rank 2 on aws-2 exited 5"), std::string::npos) << text;
+}
+
+TEST_F(AgentCluster, MusterRunThroughTheCoordinatorCancelsTheJobOnSigint) {
+  StartAgent("aws-1", "aws");
+  WaitNodesUp(1);
+  fs::path marks = dir_ / "marks";
+  fs::create_directories(marks);
+  fs::path out = dir_ / "run.out";
+  auto run = Subprocess::Start(
+      {MUSTER_BIN, "run", "--coordinator", endpoint_, "--keys", (dir_ / "keys").string(), "-np",
+       "2", "--", "/bin/sh", "-c",
+       "echo $$ > " + marks.string() + "/$RANK; echo started; while true; do sleep 0.1; done"},
+      {}, out.string());
+  ASSERT_TRUE(run.ok());
+  ASSERT_TRUE(WaitUntil([&] { return ReadFile(out).find("started") != std::string::npos; }, 20s))
+      << ReadFile(out);
+  pid_t rank0 = std::stoi(ReadFile(marks / "0"));
+  ::kill(run->pid(), SIGINT);
+  auto st = run->Wait(20s);
+  ASSERT_TRUE(st.has_value());
+  EXPECT_EQ(WEXITSTATUS(*st), 128 + SIGINT) << ReadFile(out);
+  EXPECT_TRUE(WaitUntil([&] { return ::kill(rank0, 0) != 0; }, 10s))
+      << "the agent stopped the ranks of the cancelled job";
+}
+
 }  // namespace
 }  // namespace muster
