@@ -7,7 +7,6 @@
 
 #include "cli/commands.h"
 #include "common/logging.h"
-#include "launcher/launcher.h"
 #include "node_agent/agent.h"
 
 namespace muster::cli {
@@ -69,7 +68,7 @@ void AddAgentCommands(CLI::App& app, Runner* runner) {
       l.set_address(f->address);
       int gpus = 0;
       if (f->gpus == "auto") {
-        gpus = static_cast<int>(launcher::DetectGpus().size());
+        gpus = node_agent::CountGpus();
       } else {
         try {
           gpus = std::stoi(f->gpus);

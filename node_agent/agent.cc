@@ -13,6 +13,8 @@
 #include <map>
 #include <mutex>
 #include <set>
+#include <signal.h>
+#include <sstream>
 #include <thread>
 
 #include "collectives/store_server.h"
@@ -23,6 +25,10 @@
 #include "checkpoint/replicate.h"
 #include "node_agent/supervisor.h"
 #include "node_agent/volume_transfer.h"
+
+#ifdef MUSTER_HAVE_CUDA
+#include <cuda_runtime_api.h>
+#endif
 
 extern char** environ;
 
@@ -94,6 +100,38 @@ std::string_view Trim(std::string_view s) {
   return s;
 }
 
+// The kernel's start time of `pid` (clock ticks since boot, /proc/PID/stat field 22): with the
+// pid, it names a process unambiguously across pid reuse. 0 when the process is gone.
+uint64_t StartTimeOf(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+  std::string stat((std::istreambuf_iterator<char>(in)), {});
+  auto close = stat.rfind(')');
+  if (close == std::string::npos) return 0;
+  std::istringstream fields(stat.substr(close + 2));
+  std::string f;
+  for (int i = 3; i <= 22 && fields >> f; ++i) {
+    if (i == 22) return std::strtoull(f.c_str(), nullptr, 10);
+  }
+  return 0;
+}
+
+// Ranks a previous incarnation of this agent started (it was killed -9): their attempt has been
+// declared lost and requeued, so they must not run on. Each rank leads its process group.
+void KillLeftovers(const fs::path& pids_file, const std::shared_ptr<spdlog::logger>& logger) {
+  std::ifstream in(pids_file);
+  pid_t pid;
+  uint64_t start;
+  std::string group;
+  while (in >> pid >> start >> group) {
+    if (pid > 1 && start != 0 && StartTimeOf(pid) == start) {
+      ::kill(-pid, SIGKILL);
+      logger->warn("killed rank process group {} of {} left by a previous agent", pid, group);
+    }
+  }
+  std::error_code ec;
+  fs::remove(pids_file, ec);
+}
+
 }  // namespace
 
 std::optional<proto::Progress> ParseProgressLine(std::string_view line) {
@@ -144,6 +182,16 @@ std::optional<int64_t> ParseCheckpointLine(std::string_view line) {
   int64_t step = 0;
   if (!ParseInt(line.substr(0, end), &step) || step <= 0) return std::nullopt;
   return step;
+}
+
+int CountGpus() {
+#ifdef MUSTER_HAVE_CUDA
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) return 0;
+  return n;
+#else
+  return 0;
+#endif
 }
 
 std::string LocalAddressFor(const std::string& endpoint) {
@@ -590,6 +638,7 @@ struct Agent::Impl {
       group_of[*id] = group;
     }
     a.open = a.rank_of.size();
+    SaveRanks();
     logger->info("job {} attempt {}: started ranks {}..{} of {} (node rank {} of {}){}",
                  s.job_id(), s.attempt(), s.node_rank() * rpn, s.node_rank() * rpn + rpn - 1,
                  world, s.node_rank(), s.nnodes(),
@@ -748,6 +797,7 @@ struct Agent::Impl {
       fs::remove(a.notice_path, ec);
     }
     if (!a.all_exited_sent || a.live.empty()) QueueReport(std::move(r));
+    SaveRanks();
   }
 
   void OnClosed(ChildId id) {
@@ -823,6 +873,20 @@ struct Agent::Impl {
     });
   }
 
+  // Records the live ranks (pid, start time, group) so a restarted agent can stop ranks that
+  // outlived a kill -9 of this one.
+  void SaveRanks() {
+    fs::path path = options.work_dir / "ranks.pids";
+    std::ofstream out(path.string() + ".tmp", std::ios::trunc);
+    for (const auto& c : supervisor->List()) {
+      if (!c.running) continue;
+      out << c.pid << " " << StartTimeOf(c.pid) << " " << c.group << "\n";
+    }
+    out.close();
+    std::error_code ec;
+    fs::rename(path.string() + ".tmp", path, ec);
+  }
+
   void CheckLease() {
     int64_t lease_ms;
     {
@@ -884,6 +948,7 @@ StatusOr<std::unique_ptr<Agent>> Agent::Start(AgentOptions options) {
   std::error_code ec;
   fs::create_directories(options.work_dir / "logs", ec);
   if (ec) return ErrnoStatus(ec.value(), "work directory " + options.work_dir.string());
+  KillLeftovers(options.work_dir / "ranks.pids", m.logger);
   for (const auto& v : m.labels.volumes()) {
     if (!fs::is_directory(v.path(), ec)) {
       return InvalidArgumentError("volume " + v.name() + ": " + v.path() + " is not a directory");

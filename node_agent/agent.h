@@ -84,6 +84,10 @@ class Agent {
   std::unique_ptr<Impl> impl_;
 };
 
+// GPUs on this node for `--gpus auto`: the CUDA runtime's device count where muster was built
+// with CUDA (0 when no driver or device answers), else 0.
+int CountGpus();
+
 // The address this host uses to reach `endpoint`'s host (a UDP connect, no packet sent);
 // "127.0.0.1" when that cannot be worked out.
 std::string LocalAddressFor(const std::string& endpoint);

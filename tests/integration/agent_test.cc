@@ -285,6 +285,27 @@ TEST_F(AgentCluster, AgentKill9IsDetectedAndTheJobMovesToOtherNodes) {
   EXPECT_NE(events.find("node_lost"), std::string::npos) << events;
 }
 
+TEST_F(AgentCluster, ARestartedAgentKillsTheRanksItsPredecessorLeft) {
+  StartAgent("aws-1", "aws");
+  WaitNodesUp(1);
+  fs::path marks = dir_ / "marks";
+  fs::create_directories(marks);
+  // A rank that would outlive its agent: it writes nothing (no SIGPIPE) and ignores SIGPIPE.
+  std::string job = Submit("name: orphan\n" +
+                           Script("trap '' PIPE; echo $$ > " + marks.string() +
+                                  "/pid; exec sleep 60") +
+                           "nodes: 1\nranks_per_node: 1\n");
+  ASSERT_TRUE(WaitUntil([&] { return !ReadFile(marks / "pid").empty(); }, 15s)) << Events(job);
+  pid_t pid = std::stoi(ReadFile(marks / "pid"));
+  KillAgent("aws-1");
+  ASSERT_EQ(::kill(pid, 0), 0) << "the rank outlives a kill -9 of its agent";
+  StartAgent("aws-1", "aws");  // same work dir
+  EXPECT_TRUE(WaitUntil([&] { return ::kill(pid, 0) != 0; }, 10s))
+      << "the restarted agent stops what its predecessor left running";
+  EXPECT_NE(ReadFile(dir_ / "aws-1.log").find("left by a previous agent"), std::string::npos);
+  (void)Muster({"cancel", job});
+}
+
 TEST_F(AgentCluster, PreemptionNoticeCheckpointsFirstAndTheJobResumesFromThatStep) {
   StartAgent("aws-1", "aws");
   StartAgent("aws-2", "aws");
