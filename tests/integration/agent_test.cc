@@ -214,6 +214,61 @@ TEST_F(AgentCluster, GangRunsWithTheEnvContractLogsAndProgress) {
   EXPECT_NE(events.find("succeeded"), std::string::npos) << events;
 }
 
+// Gang placement on one provider, all or nothing, a visible pending reason, refusal of a job no
+// node set could hold, and a higher-priority job preempting a lower one, which checkpoints
+// first and resumes afterwards from that step.
+TEST_F(AgentCluster, GangsPriorityPreemptionPendingReasonsAndRefusals) {
+  StartAgent("aws-1", "aws");
+  StartAgent("aws-2", "aws");
+  StartAgent("gcp-1", "gcp");
+  WaitNodesUp(3);
+  // No provider has 3 nodes: refused at submit, with the reason.
+  fs::path big = dir_ / "big.yaml";
+  std::ofstream(big) << "name: big\ncommand: [\"/bin/true\"]\nnodes: 3\n";
+  auto refused = Muster({"submit", big.string()});
+  ASSERT_FALSE(refused.ok());
+  EXPECT_NE(refused.status().message().find("3"), std::string::npos)
+      << refused.status().ToString();
+
+  // A long, low-priority job that checkpoints on request and resumes from MUSTER_RESUME_STEP.
+  std::string body =
+      "s=${MUSTER_RESUME_STEP:-0}; s=${s:-0}; echo resumed_from=$s; "
+      "while [ $s -lt 30 ]; do s=$((s+1)); echo MUSTER_PROGRESS step=$s total=30; "
+      "if [ -e \"$MUSTER_PREEMPT_FILE\" ]; then echo MUSTER_CHECKPOINT step=$s; exit 3; fi; "
+      "sleep 0.1; done";
+  std::string low = Submit("name: low\n" + Script(body) +
+                           "nodes: 2\nranks_per_node: 1\npriority: 0\ncheckpoint:\n  volume: "
+                           "ckpt\n");
+  ASSERT_TRUE(WaitState(low, "running", 15s)) << Events(low);
+  EXPECT_EQ(Status(low)["provider"], "aws") << "the only provider with 2 nodes";
+  // A second 2-node job of the same priority waits, and says why.
+  std::string same = Submit("name: same\n" + Script("sleep 0.2") + "nodes: 2\nranks_per_node: 1\n");
+  ASSERT_TRUE(WaitUntil([&] { return !Status(same).value("pending_reason", "").empty(); }, 10s));
+  EXPECT_EQ(State(same), "pending");
+  EXPECT_NE(Status(same)["pending_reason"].get<std::string>().find("waiting"), std::string::npos)
+      << Status(same).dump();
+  // A higher-priority job takes the aws nodes: the low one checkpoints and is requeued.
+  std::string high = Submit("name: high\n" + Script("sleep 0.5") +
+                            "nodes: 2\nranks_per_node: 1\npriority: 10\n");
+  ASSERT_TRUE(WaitState(high, "succeeded", 40s)) << Events(high) << Events(low);
+  ASSERT_TRUE(WaitState(low, "succeeded", 60s)) << Events(low);
+  ASSERT_TRUE(WaitState(same, "succeeded", 60s)) << Events(same);
+  auto st = Status(low);
+  EXPECT_GE(st["attempt"].get<int>(), 2);
+  EXPECT_EQ(st["restarts"], 0) << "preemption is not the job's failure";
+  std::string events = Events(low);
+  EXPECT_NE(events.find("preempted"), std::string::npos) << events;
+  EXPECT_NE(events.find("checkpoint_committed"), std::string::npos) << events;
+  auto first = Muster({"logs", low, "--rank", "0", "--attempt", "1"});
+  auto last = Muster({"logs", low, "--rank", "0"});
+  ASSERT_TRUE(first.ok() && last.ok());
+  auto at = first->rfind("MUSTER_CHECKPOINT step=");
+  ASSERT_NE(at, std::string::npos) << *first;
+  int step = std::atoi(first->c_str() + at + 23);
+  EXPECT_NE(last->find("resumed_from=" + std::to_string(step) + "\n"), std::string::npos)
+      << *last;
+}
+
 TEST_F(AgentCluster, FirstFailureIsNamedAndTheJobIsRetried) {
   StartAgent("aws-1", "aws");
   StartAgent("aws-2", "aws");
