@@ -1,6 +1,6 @@
 // muster-bench rendezvous: N simulated ranks, each with its own DEALER socket (CURVE), go
 // through a job's rendezvous on one StoreServer: connect (first request), barrier, broadcast of
-// 128 bytes from rank 0, allgather of 64-byte addresses (set + one multi-key get each). The
+// 128 bytes from rank 0, allgather of 64-byte addresses (one Store::AllGather request each). The
 // anchor, in the same run: the same N sockets doing one raw ZeroMQ round trip each against a
 // ROUTER echo (CURVE too): the floor that connecting N sockets costs.
 
@@ -190,24 +190,39 @@ StatusOr<Result> Run(int n, bool curve) {
       });
     }
     res.broadcast_s = Since(t2);
-    // allgather: each sets its 64-byte address, then gets all n in one request.
+    // allgather: each rank contributes its 64-byte address to one gather and receives all N in
+    // rank order (one request, one reply per rank; the server assembles the reply once).
     auto t3 = Clock::now();
-    proto::StoreRequest all;
-    for (int i = 0; i < n; ++i) all.mutable_get()->add_keys("addr/" + std::to_string(i));
-    all.mutable_get()->set_timeout_ms(60000);
-    for (int i = 0; st.ok() && i < n; ++i) {
-      proto::StoreRequest r;
-      r.mutable_set()->set_key("addr/" + std::to_string(i));
+    auto address = [](int i) {
       std::string addr = "tcp://198.18.0.1:" + std::to_string(20000 + i);
       addr.resize(64, ' ');
-      r.mutable_set()->set_value(addr);
+      return addr;
+    };
+    for (int i = 0; st.ok() && i < n; ++i) {
+      proto::StoreRequest r;
+      auto& g = *r.mutable_gather();
+      g.set_name("addrs");
+      g.set_rank(i);
+      g.set_n(n);
+      g.set_value(address(i));
+      g.set_timeout_ms(60000);
       ranks.SendRequest(i, std::move(r));
-      ranks.SendRequest(i, all);
     }
     if (st.ok()) {
-      st = ranks.Collect(2 * n, [&](int, const proto::Envelope& e) -> Status {
-        int got = e.store_reply().values_size();
-        if (got != 0 && got != n) return DataLossError("allgather: wrong number of addresses");
+      // Every rank must receive the same entries; the first reply is decoded and checked
+      // entry by entry, every other one compared with it byte for byte.
+      std::string first;
+      st = ranks.Collect(n, [&](int, const proto::Envelope& e) -> Status {
+        const std::string& got = e.store_reply().gathered();
+        if (!first.empty()) {
+          return got == first ? Status::Ok() : DataLossError("allgather: replies differ");
+        }
+        proto::StoreGathered all;
+        if (!all.ParseFromString(got) || all.values_size() != n)
+          return DataLossError("allgather: wrong number of addresses");
+        for (int r = 0; r < n; ++r)
+          if (all.values(r) != address(r)) return DataLossError("allgather: wrong address");
+        first = got;
         return Status::Ok();
       });
     }

@@ -69,6 +69,9 @@ class StoreClient final : public Store {
                                    const std::string& desired) override;
   Status Wait(const std::vector<std::string>& keys, std::chrono::milliseconds timeout) override;
   Status Barrier(const std::string& name, int n, std::chrono::milliseconds timeout) override;
+  StatusOr<std::vector<std::string>> AllGather(const std::string& name, int rank, int n,
+                                               const std::string& value,
+                                               std::chrono::milliseconds timeout) override;
 
   const Options& options() const { return options_; }
 
