@@ -1,8 +1,9 @@
 // muster-bench rendezvous: N simulated ranks, each with its own DEALER socket (CURVE), go
 // through a job's rendezvous on one StoreServer: connect (first request), barrier, broadcast of
 // 128 bytes from rank 0, allgather of 64-byte addresses (one Store::AllGather request each). The
-// anchor, in the same run: the same N sockets doing one raw ZeroMQ round trip each against a
-// ROUTER echo (CURVE too): the floor that connecting N sockets costs.
+// anchors, in the same run, with the same N sockets against a raw ZeroMQ ROUTER (CURVE too): one
+// round trip each (the floor that connecting N sockets costs), then a reply of N x 64 bytes to
+// each (the floor of an allgather answered by one server: N^2 x 64 bytes leave it).
 
 #include <sys/epoll.h>
 #include <sys/resource.h>
@@ -122,11 +123,11 @@ class Ranks {
 struct Result {
   int ranks;
   bool curve;
-  double connect_s, barrier_s, broadcast_s, allgather_s, total_s, anchor_s;
+  double connect_s, barrier_s, broadcast_s, allgather_s, total_s, anchor_s, anchor_allgather_s;
 };
 
 StatusOr<Result> Run(int n, bool curve) {
-  Result res{n, curve, 0, 0, 0, 0, 0, 0};
+  Result res{n, curve, 0, 0, 0, 0, 0, 0, 0};
   Reactor reactor("rdzv-bench");
   std::unique_ptr<ZapAuthenticator> zap;
   if (curve) {
@@ -245,6 +246,7 @@ StatusOr<Result> Run(int n, bool curve) {
     }
     router.bind("tcp://127.0.0.1:*");
     std::string ep = router.get(zmq::sockopt::last_endpoint);
+    const std::string all_blob(static_cast<size_t>(n) * 64, 'a');
     std::atomic<bool> stop{false};
     std::thread echo([&] {
       while (!stop) {
@@ -252,7 +254,13 @@ StatusOr<Result> Run(int n, bool curve) {
         zmq::poll(&it, 1, std::chrono::milliseconds(50));
         std::vector<zmq::message_t> frames;
         while (zmq::recv_multipart(router, std::back_inserter(frames), zmq::recv_flags::dontwait)) {
-          zmq::send_multipart(router, frames);
+          // "all": answer with N x 64 bytes, as a rendezvous allgather must send every rank.
+          if (frames.size() == 2 && frames[1].to_string_view() == "all") {
+            router.send(frames[0], zmq::send_flags::sndmore);
+            router.send(zmq::buffer(all_blob), zmq::send_flags::none);
+          } else {
+            zmq::send_multipart(router, frames);
+          }
           frames.clear();
         }
       }
@@ -266,8 +274,13 @@ StatusOr<Result> Run(int n, bool curve) {
       Ranks ranks(n, ep, ac);
       for (int i = 0; i < n; ++i) ranks.Send(i, "ping");
       st = ranks.Collect(n);
+      res.anchor_s = Since(ta);
+      // The floor of an allgather through one server: every socket receives N x 64 bytes.
+      auto tb = Clock::now();
+      for (int i = 0; st.ok() && i < n; ++i) ranks.Send(i, "all");
+      if (st.ok()) st = ranks.Collect(n);
+      res.anchor_allgather_s = Since(tb);
     }
-    res.anchor_s = Since(ta);
     stop = true;
     echo.join();
   }
@@ -312,18 +325,21 @@ void AddRendezvousBench(CLI::App& app, Runner* runner) {
                          {"barrier_s", r.barrier_s},
                          {"broadcast_s", r.broadcast_s},
                          {"allgather_s", r.allgather_s},
-                         {"raw_zmq_connect_s", r.anchor_s}});
+                         {"raw_zmq_connect_s", r.anchor_s},
+                         {"raw_zmq_allgather_s", r.anchor_allgather_s}});
         std::cout << (out.size() == 1 ? out[0] : out).dump(2) << "\n";
         return 0;
       }
-      std::cout << "rendezvous of N ranks (own DEALER each) on one StoreServer; anchor: the same N "
-                   "sockets, one raw ZeroMQ round trip each\n";
+      std::cout
+          << "rendezvous of N ranks (own DEALER each) on one StoreServer; anchors: the same N "
+             "sockets against a raw ZeroMQ ROUTER, one round trip each (connect) and then "
+             "N x 64 bytes to each (allgather)\n";
       Table t({"ranks", "security", "connect s", "barrier s", "bcast128 s", "allgather64 s",
-               "total s", "raw zmq connect s"});
+               "total s", "raw zmq connect s", "raw zmq N*64B s"});
       for (auto& r : rows)
         t.Row({std::to_string(r.ranks), r.curve ? "CURVE" : "none", Fmt(r.connect_s, 3),
                Fmt(r.barrier_s, 3), Fmt(r.broadcast_s, 3), Fmt(r.allgather_s, 3), Fmt(r.total_s, 3),
-               Fmt(r.anchor_s, 3)});
+               Fmt(r.anchor_s, 3), Fmt(r.anchor_allgather_s, 3)});
       t.Print();
       return 0;
     };
