@@ -6,18 +6,6 @@
 
 namespace muster::collectives {
 
-StatusOr<std::vector<std::string>> Store::MultiGet(const std::vector<std::string>& keys,
-                                                   std::chrono::milliseconds timeout) {
-  MUSTER_RETURN_IF_ERROR(Wait(keys, timeout));
-  std::vector<std::string> out;
-  out.reserve(keys.size());
-  for (const auto& k : keys) {
-    MUSTER_ASSIGN_OR_RETURN(std::string v, Get(k, std::chrono::milliseconds(0)));
-    out.push_back(std::move(v));
-  }
-  return out;
-}
-
 namespace {
 
 class InMemoryStore final : public Store {

@@ -32,11 +32,6 @@ class Store {
   // Returns the value of `key`, waiting up to `timeout` for it to be set.
   virtual StatusOr<std::string> Get(const std::string& key, std::chrono::milliseconds timeout) = 0;
 
-  // Returns the values of `keys`, in order, waiting up to `timeout` until all are set. One
-  // round trip on the ZeroMQ store (allgather of addresses); the default calls Wait then Get.
-  virtual StatusOr<std::vector<std::string>> MultiGet(const std::vector<std::string>& keys,
-                                                      std::chrono::milliseconds timeout);
-
   // Adds `delta` to the integer counter `key` (absent counts as 0) and returns the new value.
   virtual StatusOr<int64_t> Add(const std::string& key, int64_t delta) = 0;
 
@@ -55,8 +50,8 @@ class Store {
   // Contributes `value` as entry `rank` of the gather `name` of `n` ranks and returns all n
   // entries in rank order once every rank has contributed (an allgather, e.g. of addresses).
   // On the ZeroMQ store this is one request and one reply per rank, the reply assembled once
-  // for all ranks; Set plus a MultiGet of N keys by every rank would make the server copy and
-  // encode N^2 entries. Each gather name is used once per attempt.
+  // for all ranks; a Set by each rank and a Get of the N keys by every rank would cost the
+  // server N^2 requests. Each gather name is used once per attempt.
   // Errors: InvalidArgument for n outside 1..kMaxGatherRanks, rank outside 0..n-1, an n that
   // differs from the other callers', a rank that already contributed, or a completed name;
   // DeadlineExceeded after `timeout` (the message names missing ranks; this rank's entry is

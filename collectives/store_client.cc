@@ -117,23 +117,15 @@ Status StoreClient::Set(const std::string& key, const std::string& value) {
 }
 
 StatusOr<std::string> StoreClient::Get(const std::string& key, std::chrono::milliseconds timeout) {
-  MUSTER_ASSIGN_OR_RETURN(auto values, MultiGet({key}, timeout));
-  return std::move(values[0]);
-}
-
-StatusOr<std::vector<std::string>> StoreClient::MultiGet(const std::vector<std::string>& keys,
-                                                         std::chrono::milliseconds timeout) {
-  if (keys.empty()) return std::vector<std::string>{};
   proto::StoreRequest r;
-  for (const auto& k : keys) r.mutable_get()->add_keys(k);
+  r.mutable_get()->add_keys(key);
   r.mutable_get()->set_timeout_ms(timeout.count());
   MUSTER_ASSIGN_OR_RETURN(auto reply, Call(std::move(r), timeout + options_.rpc_slack));
-  if (reply.values_size() != static_cast<int>(keys.size())) {
-    return InternalError("rendezvous get: asked for " + std::to_string(keys.size()) +
-                         " keys, got " + std::to_string(reply.values_size()) + " values");
+  if (reply.values_size() != 1) {
+    return InternalError("rendezvous get: expected one value, got " +
+                         std::to_string(reply.values_size()));
   }
-  return std::vector<std::string>(std::make_move_iterator(reply.mutable_values()->begin()),
-                                  std::make_move_iterator(reply.mutable_values()->end()));
+  return std::move(*reply.mutable_values(0));
 }
 
 StatusOr<int64_t> StoreClient::Add(const std::string& key, int64_t delta) {

@@ -246,7 +246,6 @@ Status StoreServer::Dispatch(Scope& scope, proto::StoreRequest& req, RpcServer::
 
 void StoreServer::SetKey(Scope& scope, const std::string& key, std::string value) {
   scope.kv[key] = std::move(value);
-  ++scope.version;
   auto it = scope.watchers.find(key);
   if (it == scope.watchers.end()) return;
   std::vector<uint64_t> ids = std::move(it->second);
@@ -493,21 +492,10 @@ void StoreServer::Finish(uint64_t id, const Status& status, const proto::Envelop
     w->reply(ReplyEnvelope({}));
     return;
   }
-  Scope& scope = scopes_.at(w->scope);
-  ReplyCache& cache = scope.cache;
-  if (cache.version == scope.version && cache.keys == w->keys) {
-    w->reply(cache.envelope);
-    return;
-  }
+  const Scope& scope = scopes_.at(w->scope);
   proto::StoreReply r;
   for (const auto& k : w->keys) r.add_values(scope.kv.at(k));
-  proto::Envelope env = ReplyEnvelope(std::move(r));
-  if (w->keys.size() > 1) {
-    cache.version = scope.version;
-    cache.keys = w->keys;
-    cache.envelope = env;
-  }
-  w->reply(std::move(env));
+  w->reply(ReplyEnvelope(std::move(r)));
 }
 
 }  // namespace muster::collectives

@@ -100,17 +100,8 @@ class StoreServer {
     std::vector<std::string> values;  // by rank; dropped when done
     std::vector<uint64_t> waiter_of;  // by rank: the parked contributor, 0 if none
   };
-  // The last multi-key get reply built in a scope, reused while no key of the scope has
-  // changed: every rank of an allgather asks for the same keys.
-  struct ReplyCache {
-    uint64_t version = 0;  // the scope's version when built; 0: empty
-    std::vector<std::string> keys;
-    proto::Envelope envelope;
-  };
   struct Scope {
-    std::string name;      // "<job>/<attempt>"
-    uint64_t version = 1;  // bumped by every change to kv
-    ReplyCache cache;
+    std::string name;  // "<job>/<attempt>"
     KeyPair client_key;
     std::unordered_map<std::string, std::string> kv;
     // Key -> the waiters that still miss it.
