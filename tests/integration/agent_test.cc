@@ -85,15 +85,17 @@ class AgentCluster : public ::testing::Test {
     while (!endpoint_.empty() && std::isspace(endpoint_.back())) endpoint_.pop_back();
   }
 
-  void StartAgent(const std::string& name, const std::string& provider) {
+  void StartAgent(const std::string& name, const std::string& provider,
+                  std::vector<std::string> extra = {}) {
     fs::path vol = dir_ / ("vol-" + provider);
     fs::create_directories(vol);
-    auto p = Subprocess::Start(
-        {MUSTER_BIN, "agent", "--coordinator", endpoint_, "--keys", (dir_ / "keys").string(),
-         "--provider", provider, "--name", name, "--slots", "2", "--gpus", "0", "--volume",
-         "ckpt=" + vol.string(), "--work-dir", (dir_ / ("agent-" + name)).string(),
-         "--grace-ms", "1000"},
-        {}, (dir_ / (name + ".log")).string());
+    std::vector<std::string> argv = {
+        MUSTER_BIN, "agent", "--coordinator", endpoint_, "--keys", (dir_ / "keys").string(),
+        "--provider", provider, "--name", name, "--slots", "2", "--gpus", "0", "--volume",
+        "ckpt=" + vol.string(), "--work-dir", (dir_ / ("agent-" + name)).string(),
+        "--grace-ms", "1000"};
+    argv.insert(argv.end(), extra.begin(), extra.end());
+    auto p = Subprocess::Start(argv, {}, (dir_ / (name + ".log")).string());
     ASSERT_TRUE(p.ok()) << p.status().ToString();
     agents_[name] = std::make_unique<Subprocess>(std::move(*p));
   }
@@ -406,6 +408,49 @@ TEST_F(AgentCluster, PreemptionNoticeCheckpointsFirstAndTheJobResumesFromThatSte
   std::string events = Events(job);
   EXPECT_NE(events.find("checkpoint_committed"), std::string::npos) << events;
   EXPECT_NE(events.find("resumed"), std::string::npos) << events;
+}
+
+// The other notice sources of an agent: SIGTERM to the agent itself, and a notice file.
+TEST_F(AgentCluster, SigtermToTheAgentAndANoticeFileAreNoticesToo) {
+  fs::path notice = dir_ / "notice-aws-2";
+  StartAgent("aws-1", "aws", {"--notice", "20"});
+  StartAgent("aws-2", "aws", {"--preempt-file", notice.string()});
+  StartAgent("aws-3", "aws");
+  StartAgent("aws-4", "aws");
+  WaitNodesUp(4);
+  std::string body =
+      "s=${MUSTER_RESUME_STEP:-0}; s=${s:-0}; echo resumed_from=$s; "
+      "while [ $s -lt 40 ]; do s=$((s+1)); echo MUSTER_PROGRESS step=$s total=40; "
+      "if [ -e \"$MUSTER_PREEMPT_FILE\" ]; then echo MUSTER_CHECKPOINT step=$s; exit 3; fi; "
+      "sleep 0.1; done";
+  auto job_yaml = [&](const std::string& name, const std::string& hosts) {
+    return "name: " + name + "\n" + Script(body) +
+           "nodes: 1\nranks_per_node: 1\ncheckpoint:\n  volume: ckpt\nplacement:\n  hosts: [" +
+           hosts + "]\n";
+  };
+  // Pinned jobs, so each starts on the node whose notice source is under test.
+  std::string a = Submit(job_yaml("on-sigterm", "aws-1"));
+  std::string b = Submit(job_yaml("on-file", "aws-2"));
+  ASSERT_TRUE(WaitState(a, "running", 15s)) << Events(a);
+  ASSERT_TRUE(WaitState(b, "running", 15s)) << Events(b);
+  ASSERT_TRUE(WaitUntil([&] { return Status(a).contains("progress"); }, 10s));
+  agents_.at("aws-1")->Signal(SIGTERM);
+  std::ofstream(notice) << "20\n";
+  for (const auto& job : {a, b}) {
+    ASSERT_TRUE(WaitUntil([&] { return Status(job).value("preemptions", 0) == 1; }, 20s))
+        << Events(job);
+  }
+  // The SIGTERMed agent exits once its ranks have checkpointed and stopped.
+  auto st = agents_.at("aws-1")->Wait(20s);
+  ASSERT_TRUE(st.has_value()) << "the agent exits after the notice's work is done";
+  agents_.erase("aws-1");
+  for (const auto& job : {a, b}) {
+    std::string events = Events(job);
+    EXPECT_NE(events.find("checkpoint_committed"), std::string::npos) << events;
+    EXPECT_NE(events.find("requeued"), std::string::npos) << events;
+  }
+  EXPECT_NE(ReadFile(dir_ / "aws-2.log").find("preemption notice from file"), std::string::npos);
+  EXPECT_NE(ReadFile(dir_ / "aws-1.log").find("SIGTERM"), std::string::npos);
 }
 
 TEST_F(AgentCluster, LeaseStopsRanksWhenTheCoordinatorIsUnreachable) {

@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "common/progress.h"
 #include "common/reactor.h"
 #include "demo/loss_plot.h"
 #include "node_agent/agent.h"
@@ -43,6 +44,31 @@ TEST(ProgressLineTest, RejectsWhatIsNotAProgressLine) {
   EXPECT_FALSE(ParseProgressLine("MUSTER_PROGRESS step=12abc"));    // junk
   EXPECT_FALSE(ParseProgressLine("MUSTER_PROGRESSstep=5"));         // no separator
   EXPECT_FALSE(ParseProgressLine(""));
+}
+
+TEST(ProgressLineTest, TheCxxCallWritesWhatTheAgentParses) {
+  ProgressReport r;
+  r.step = 42;
+  r.total = 100;
+  r.loss = 2.5;
+  r.throughput = 1234.5;
+  r.unit = "samples/s";
+  auto p = ParseProgressLine(FormatProgressLine(r));
+  ASSERT_TRUE(p.has_value()) << FormatProgressLine(r);
+  EXPECT_EQ(p->step(), 42);
+  EXPECT_EQ(p->total_steps(), 100);
+  EXPECT_DOUBLE_EQ(p->loss(), 2.5);
+  EXPECT_DOUBLE_EQ(p->throughput(), 1234.5);
+  EXPECT_EQ(p->throughput_unit(), "samples/s");
+  int fds[2];
+  ASSERT_EQ(pipe(fds), 0);
+  ReportProgress(r, fds[1]);
+  close(fds[1]);
+  char buf[256] = {};
+  ssize_t n = read(fds[0], buf, sizeof(buf) - 1);
+  close(fds[0]);
+  ASSERT_GT(n, 0);
+  EXPECT_EQ(std::string(buf, n), FormatProgressLine(r) + "\n") << "one whole line";
 }
 
 TEST(CheckpointLineTest, ParsesCommittedSteps) {
