@@ -195,8 +195,11 @@ class Cluster {
 };
 
 // Runs the job, interrupts it at step `at` (notice or agent kill -9), and measures the recovery.
+// `finetune`: the real C++ fine-tune (a gang over Gloo with real checkpoints) instead of the
+// shell trainer; its start-up (libtorch, model, Gloo) is then timed from the coordinator's
+// "started" event to the first progress line the agent stamped (within one heartbeat).
 Outcome Measure(const std::string& muster, bool with_notice, int step_ms, int ckpt_every, int at,
-                int hb_timeout_ms) {
+                int hb_timeout_ms, const std::string& finetune) {
   Outcome o;
   fs::path dir = fs::temp_directory_path() /
                  ("muster-bench-recovery-" + std::to_string(getpid()) +
@@ -207,11 +210,19 @@ Outcome Measure(const std::string& muster, bool with_notice, int step_ms, int ck
     return o;
   }
   int total = at + 40;
-  std::string yaml =
-      "name: recovery\ncommand: [\"/bin/sh\", \"-c\", " + nlohmann::json(kTrainer).dump() +
-      "]\nenv:\n  TOTAL: \"" + std::to_string(total) + "\"\n  STEP_S: \"" +
-      Fmt(step_ms / 1000.0, 3) + "\"\n  CKPT_EVERY: \"" + std::to_string(ckpt_every) +
-      "\"\nnodes: 2\nranks_per_node: 1\ncheckpoint:\n  volume: ckpt\n";
+  std::string yaml;
+  if (finetune.empty()) {
+    yaml = "name: recovery\ncommand: [\"/bin/sh\", \"-c\", " + nlohmann::json(kTrainer).dump() +
+           "]\nenv:\n  TOTAL: \"" + std::to_string(total) + "\"\n  STEP_S: \"" +
+           Fmt(step_ms / 1000.0, 3) + "\"\n  CKPT_EVERY: \"" + std::to_string(ckpt_every) +
+           "\"\nnodes: 2\nranks_per_node: 1\ncheckpoint:\n  volume: ckpt\n";
+  } else {
+    yaml = "name: recovery\ncommand: [" + nlohmann::json(finetune).dump() +
+           ", \"--pretrain\", \"--steps\", \"" + std::to_string(total) +
+           "\", \"--ckpt-every\", \"" + std::to_string(ckpt_every) +
+           "\", \"--log-every\", \"1\", \"--threads\", \"1\"]\nnodes: 2\nranks_per_node: "
+           "1\ncheckpoint:\n  volume: ckpt\n";
+  }
   auto job = c.client().Submit(yaml, "recovery.yaml");
   if (!job.ok()) {
     o.error = job.status().ToString();
@@ -243,11 +254,13 @@ Outcome Measure(const std::string& muster, bool with_notice, int step_ms, int ck
     c.KillAgent(st.nodes(1));
   }
   // Until the next attempt has taken a step.
-  until = Clock::now() + std::chrono::seconds(60);
+  until = Clock::now() + std::chrono::seconds(120);
   for (;;) {
     auto s = c.client().Status(*job);
     if (s.ok() && s->jobs_size() == 1) st = s->jobs(0);
-    if (st.attempt() >= 2 && st.progress().step() > std::max<int64_t>(st.resume_step(), 0)) break;
+    if (st.attempt() >= 2 && st.progress().step() > std::max<int64_t>(st.resume_step(), 0) &&
+        st.progress().time_ms() > t_event)
+      break;
     if (Clock::now() > until) {
       o.error = "the job did not resume";
       return o;
@@ -261,6 +274,19 @@ Outcome Measure(const std::string& muster, bool with_notice, int step_ms, int ck
     return o;
   }
   AttemptLog a = ParseLog(*first), b = ParseLog(*second);
+  if (!finetune.empty()) {
+    // No stamps in its lines: the coordinator's "started" event and the agent's progress stamp.
+    auto events = c.client().Events(*job, 0);
+    if (events.ok()) {
+      for (const auto& e : events->events()) {
+        if (e.kind() == "started" &&
+            e.message().rfind("attempt " + std::to_string(st.attempt()) + ":", 0) == 0)
+          b.start_ms = e.time_ms();
+      }
+    }
+    b.first_step_ms = st.progress().time_ms();
+    b.resume = st.resume_step();
+  }
   if (b.start_ms == 0 || b.first_step_ms == 0) {
     o.error = "the resumed attempt's log has no stamps";
     return o;
@@ -313,7 +339,7 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
       "Preemption with notice and agent kill -9 on real daemons: downtime and lost steps, "
       "beside an mpirun restart of the same program");
   struct Flags {
-    std::string muster;
+    std::string muster, trainer = "finetune", finetune;
     int step_ms = 50, ckpt_every = 10, at = 25, hb_timeout_ms = 1000;
     bool json = false;
   };
@@ -325,13 +351,33 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
   cmd->add_option("--at", f->at, "interrupt at this step")->capture_default_str();
   cmd->add_option("--heartbeat-timeout-ms", f->hb_timeout_ms, "the coordinator's")
       ->capture_default_str();
+  cmd->add_option("--trainer", f->trainer,
+                  "finetune (the C++ fine-tune, a real gang with real checkpoints) or sh (a "
+                  "shell loop: muster's own overhead alone)")
+      ->check(CLI::IsMember({"finetune", "sh"}))
+      ->capture_default_str();
+  cmd->add_option("--finetune", f->finetune, "the muster-finetune binary (default: found)");
   cmd->add_flag("--json", f->json, "print JSON");
   cmd->callback([=] {
     *runner = [=] {
       log::InitLogging("error").IgnoreError();
       std::string muster = FindMuster(f->muster);
-      Outcome notice = Measure(muster, true, f->step_ms, f->ckpt_every, f->at, f->hb_timeout_ms);
-      Outcome kill = Measure(muster, false, f->step_ms, f->ckpt_every, f->at, f->hb_timeout_ms);
+      std::string ft;
+      if (f->trainer == "finetune") {
+        ft = f->finetune;
+        std::error_code ec;
+        fs::path self = fs::read_symlink("/proc/self/exe", ec).parent_path();
+        if (ft.empty() && fs::exists(self / ".." / "examples" / "finetune" / "muster-finetune", ec))
+          ft = fs::canonical(self / ".." / "examples" / "finetune" / "muster-finetune", ec).string();
+        if (ft.empty()) {
+          std::cerr << "muster-bench recovery: muster-finetune not found (built with libtorch?); "
+                       "use --trainer sh or --finetune PATH\n";
+          return 2;
+        }
+      }
+      Outcome notice =
+          Measure(muster, true, f->step_ms, f->ckpt_every, f->at, f->hb_timeout_ms, ft);
+      Outcome kill = Measure(muster, false, f->step_ms, f->ckpt_every, f->at, f->hb_timeout_ms, ft);
       double mpirun = MpirunFirstStep(f->step_ms, 3);
       if (f->json) {
         nlohmann::json j = {{"notice_to_resume_s", notice.down_s},
@@ -344,6 +390,7 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
                             {"lost_steps_without_notice", kill.lost_steps},
                             {"mpirun_launch_to_first_step_s", mpirun},
                             {"heartbeat_timeout_ms", f->hb_timeout_ms},
+                            {"trainer", f->trainer},
                             {"checkpoint_every", f->ckpt_every}};
         if (!notice.error.empty()) j["notice_error"] = notice.error;
         if (!kill.error.empty()) j["failure_error"] = kill.error;
@@ -362,8 +409,9 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
         t.Row({"anchor: mpirun -np 2 start", mpirun < 0 ? "-" : Fmt(mpirun), "-", "-", "-",
                "launch to first step, by hand"});
         t.Print();
-        std::cout << "checkpoint every " << f->ckpt_every << " steps of " << f->step_ms
-                  << " ms; interrupted at step " << f->at << "\n";
+        std::cout << "trainer " << f->trainer << "; checkpoint every " << f->ckpt_every
+                  << " steps" << (f->trainer == "sh" ? " of " + std::to_string(f->step_ms) + " ms" : "")
+                  << "; interrupted at step " << f->at << "\n";
       }
       return notice.error.empty() && kill.error.empty() ? 0 : 1;
     };

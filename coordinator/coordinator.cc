@@ -122,7 +122,15 @@ struct Coordinator::JobRt {
   // Interactive jobs (`muster run` through the coordinator) end when their client stops asking
   // about them: the last status or logs request for the job.
   int64_t client_seen_ms = 0;
+  // A rank exited kPeerFailureExitCode: its collective failed because another rank or node
+  // did. Not the failure to report unless no real one shows up by the time the gang is down.
+  std::string peer_failure;
+  bool stopped_for_peer_exit = false;
 };
+
+// The exit code of a rank whose collective failed because a peer died (docs/env-contract.md;
+// collectives::kPeerFailureExitCode).
+constexpr int kPeerFailureExitCode = 75;
 
 constexpr int64_t kInteractiveClientTimeoutMs = 15000;
 
@@ -278,6 +286,8 @@ void Coordinator::Start(JobRt& job, const std::vector<std::string>& nodes) {
   job.lost = false;
   job.progress.reset();
   job.checkpoint_deadline_ms = 0;
+  job.peer_failure.clear();
+  job.stopped_for_peer_exit = false;
   job.started_ms = NowMs();
   r.resume_step = -1;
   std::string provider;
@@ -417,7 +427,9 @@ void Coordinator::StopGang(JobRt& job, proto::StopReason reason, const std::stri
     s->set_job_id(job.rec.id);
     s->set_attempt(job.rec.attempt);
     s->set_reason(reason);
-    s->set_grace_ms(options_.stop_grace.count());
+    s->set_grace_ms(reason == proto::STOP_PEER_FAILED
+                        ? std::min(options_.stop_grace, options_.peer_failed_grace).count()
+                        : options_.stop_grace.count());
     if (job.checkpoint_deadline_ms > 0) {
       s->set_checkpoint_first(true);
       s->set_checkpoint_deadline_ms(job.checkpoint_deadline_ms);
@@ -437,6 +449,9 @@ void Coordinator::Finish(JobRt& job) {
   auto& r = job.rec;
   int64_t now = NowMs();
   std::string outcome;
+  if (job.failure.empty() && !job.lost && !job.peer_failure.empty()) {
+    job.failure = job.peer_failure;  // no cause showed up: the peer failure is all we know
+  }
   if (r.state == proto::JOB_CANCELLED) {
     outcome = "cancelled";
     sched_->Release(r.id).IgnoreError();
@@ -1133,13 +1148,30 @@ StatusOr<proto::Envelope> Coordinator::OnReport(const proto::AgentReport& req) {
   }
   for (const auto& x : req.exits()) {
     bool bad = (x.exit_code() != 0 || x.signal() != 0) && !x.stopped_by_agent();
-    if (bad && j.failure.empty() && j.stop == proto::STOP_REASON_UNSPECIFIED) {
-      j.failure = x.signal()
-                      ? fmt::format("rank {} on {} killed by signal {}", x.rank(), node, x.signal())
-                      : fmt::format("rank {} on {} exited {}", x.rank(), node, x.exit_code());
-      j.failure_node = node;
-      Event(j.rec.id, node, "rank_failed", fmt::format("attempt {}: {}", j.rec.attempt, j.failure));
-      // This node's other ranks are stopped too, unless it reports them all gone already.
+    bool open = j.stop == proto::STOP_REASON_UNSPECIFIED || j.stopped_for_peer_exit;
+    if (!bad || !j.failure.empty() || !open) continue;
+    if (x.signal() == 0 && x.exit_code() == kPeerFailureExitCode) {
+      // A consequence, not a cause: stop the gang, wait for the cause (another rank's exit, a
+      // lost node) to be reported.
+      if (j.peer_failure.empty()) {
+        j.peer_failure = fmt::format("rank {} on {} exited {} (a peer failed)", x.rank(), node,
+                                     x.exit_code());
+        Event(j.rec.id, node, "rank_peer_failed",
+              fmt::format("attempt {}: {}", j.rec.attempt, j.peer_failure));
+      }
+      if (j.stop == proto::STOP_REASON_UNSPECIFIED) {
+        j.stopped_for_peer_exit = true;
+        StopGang(j, proto::STOP_PEER_FAILED, req.all_exited() ? node : "");
+      }
+      continue;
+    }
+    j.failure = x.signal()
+                    ? fmt::format("rank {} on {} killed by signal {}", x.rank(), node, x.signal())
+                    : fmt::format("rank {} on {} exited {}", x.rank(), node, x.exit_code());
+    j.failure_node = node;
+    Event(j.rec.id, node, "rank_failed", fmt::format("attempt {}: {}", j.rec.attempt, j.failure));
+    // This node's other ranks are stopped too, unless it reports them all gone already.
+    if (j.stop == proto::STOP_REASON_UNSPECIFIED) {
       StopGang(j, proto::STOP_PEER_FAILED, req.all_exited() ? node : "");
     }
   }
