@@ -132,6 +132,7 @@ void AddCoordinatorCommands(CLI::App& app, Runner* runner) {
     auto hb = std::make_shared<int>(1000);
     auto hb_timeout = std::make_shared<int>(5000);
     auto lease = std::make_shared<int>(0);
+    auto port_base = std::make_shared<int>(29500);
     cmd->add_option("--data-dir", *data_dir, "State directory (SQLite database)")->required();
     cmd->add_option("--listen", o->listen, "Endpoint to serve on")->capture_default_str();
     cmd->add_option("--keys", o->keys_dir,
@@ -148,6 +149,11 @@ void AddCoordinatorCommands(CLI::App& app, Runner* runner) {
                     "split brain); a lost node's job waits lease - heartbeat timeout before it "
                     "is placed again. Default 1.5 x the heartbeat timeout")
         ->check(CLI::Range(0, 3600000));
+    cmd->add_option("--rendezvous-port-base", *port_base,
+                    "Jobs get MASTER_PORT in [base, base+500) and their rendezvous store "
+                    "MASTER_PORT + 500")
+        ->check(CLI::Range(1024, 64535))
+        ->capture_default_str();
     cmd->callback([=] {
       *runner = [=] {
         if (*lease != 0 && *lease <= *hb_timeout) {
@@ -155,6 +161,7 @@ void AddCoordinatorCommands(CLI::App& app, Runner* runner) {
           return 2;
         }
         o->data_dir = *data_dir;
+        o->coordinator.rendezvous_port_base = *port_base;
         o->coordinator.heartbeat_interval = std::chrono::milliseconds(*hb);
         o->coordinator.heartbeat_timeout = std::chrono::milliseconds(*hb_timeout);
         o->coordinator.lease =

@@ -312,9 +312,10 @@ void Coordinator::Start(JobRt& job, const std::vector<std::string>& nodes) {
                       r.resume_step, r.spec.checkpoint_volume(), provider));
   }
   // MASTER_PORT is left to the program (torch's TCPStore binds it on rank 0's host); the
-  // rendezvous store listens 1000 ports above it.
-  int port = options_.rendezvous_port_base + static_cast<int>(r.seq % 1000);
-  int store_port = port + 1000;
+  // rendezvous store listens 500 ports above it. A retry moves to other ports, so a port some
+  // other program holds costs one attempt, not all of them.
+  int port = options_.rendezvous_port_base + static_cast<int>((r.seq * 7 + r.attempt) % 500);
+  int store_port = port + 500;
   // The attempt's store keys: "<server secret>,<client secret>"; every agent derives the same
   // credentials from them, the node-rank-0 agent serves with the server key.
   auto rdzv_server = GenerateKeyPair();

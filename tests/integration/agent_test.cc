@@ -74,6 +74,9 @@ class AgentCluster : public ::testing::Test {
       argv.push_back("--lease-ms");
       argv.push_back(std::to_string(lease_ms));
     }
+    // Tests run side by side: each coordinator hands out its own range of rendezvous ports.
+    argv.push_back("--rendezvous-port-base");
+    argv.push_back(std::to_string(port_base_));
     argv.push_back("--listen");
     argv.push_back(endpoint_.empty() ? "tcp://127.0.0.1:*" : endpoint_);
     auto p = Subprocess::Start(argv, {}, (dir_ / "coord.log").string());
@@ -163,6 +166,11 @@ class AgentCluster : public ::testing::Test {
 
   fs::path dir_;
   std::string endpoint_;
+  // 116 ranges in [31000, 60000), clear of the default 29500-30499 (`muster demo`).
+  int port_base_ = [] {
+    unsigned k = (static_cast<unsigned>(getpid()) * 7919u + static_cast<unsigned>(::time(nullptr))) % 116;
+    return 31000 + static_cast<int>(k / 4) * 1000 + static_cast<int>(k % 4) * 100;
+  }();
   std::unique_ptr<Subprocess> coordinator_;
   std::map<std::string, std::unique_ptr<Subprocess>> agents_;
 };
