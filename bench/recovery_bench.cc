@@ -10,8 +10,8 @@
 // start-up (rank spawned -> first step) is reported apart from muster's part (notice or kill ->
 // rank spawned).
 
-#include <signal.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -107,7 +107,8 @@ AttemptLog ParseLog(const std::string& text) {
     } else if (line.rfind("MUSTER_PROGRESS step=", 0) == 0) {
       a.last_step = std::atoll(line.c_str() + 21);
       auto t = line.find(" t=");
-      if (a.first_step_ms == 0 && t != std::string::npos) a.first_step_ms = std::atoll(line.c_str() + t + 3);
+      if (a.first_step_ms == 0 && t != std::string::npos)
+        a.first_step_ms = std::atoll(line.c_str() + t + 3);
     } else if (line.rfind("MUSTER_PREEMPTED step=", 0) == 0) {
       a.preempted = std::atoll(line.c_str() + 22);
     }
@@ -116,9 +117,9 @@ AttemptLog ParseLog(const std::string& text) {
 }
 
 struct Outcome {
-  double down_s = -1;      // event -> first resumed step
-  double muster_s = -1;    // event -> the resumed rank started
-  double startup_s = -1;   // resumed rank started -> its first step
+  double down_s = -1;     // event -> first resumed step
+  double muster_s = -1;   // event -> the resumed rank started
+  double startup_s = -1;  // resumed rank started -> its first step
   int64_t lost_steps = -1;
   std::string error;
 };
@@ -136,11 +137,11 @@ class Cluster {
     fs::remove_all(dir_);
     fs::create_directories(dir_ / "coord");
     MUSTER_RETURN_IF_ERROR(InitKeysDir(KeysDir{dir_ / "keys"}, true));
-    coord_ = Spawn({muster_, "coordinator", "--data-dir", (dir_ / "coord").string(), "--keys",
-                    (dir_ / "keys").string(), "--listen", "tcp://127.0.0.1:*",
-                    "--heartbeat-interval-ms", "100", "--heartbeat-timeout-ms",
-                    std::to_string(hb_timeout_ms_)},
-                   (dir_ / "coord.log").string());
+    coord_ =
+        Spawn({muster_, "coordinator", "--data-dir", (dir_ / "coord").string(), "--keys",
+               (dir_ / "keys").string(), "--listen", "tcp://127.0.0.1:*", "--heartbeat-interval-ms",
+               "100", "--heartbeat-timeout-ms", std::to_string(hb_timeout_ms_)},
+              (dir_ / "coord.log").string());
     for (auto until = Clock::now() + std::chrono::seconds(20);;) {
       if (fs::exists(dir_ / "coord" / "endpoint")) break;
       if (Clock::now() > until) return UnavailableError("the coordinator did not start");
@@ -165,11 +166,16 @@ class Cluster {
   }
 
   void StartAgent(const std::string& name) {
-    agents_[name] = Spawn({muster_, "agent", "--coordinator", endpoint_, "--keys",
-                           (dir_ / "keys").string(), "--provider", "aws", "--name", name,
-                           "--slots", "1", "--gpus", "0", "--volume",
-                           "ckpt=" + (dir_ / "volume").string(), "--work-dir",
-                           (dir_ / name).string(), "--grace-ms", "1000"},
+    agents_[name] = Spawn({muster_,         "agent",
+                           "--coordinator", endpoint_,
+                           "--keys",        (dir_ / "keys").string(),
+                           "--provider",    "aws",
+                           "--name",        name,
+                           "--slots",       "1",
+                           "--gpus",        "0",
+                           "--volume",      "ckpt=" + (dir_ / "volume").string(),
+                           "--work-dir",    (dir_ / name).string(),
+                           "--grace-ms",    "1000"},
                           (dir_ / (name + ".log")).string());
   }
   void KillAgent(const std::string& name) {
@@ -201,9 +207,8 @@ class Cluster {
 Outcome Measure(const std::string& muster, bool with_notice, int step_ms, int ckpt_every, int at,
                 int hb_timeout_ms, const std::string& finetune) {
   Outcome o;
-  fs::path dir = fs::temp_directory_path() /
-                 ("muster-bench-recovery-" + std::to_string(getpid()) +
-                  (with_notice ? "-notice" : "-kill"));
+  fs::path dir = fs::temp_directory_path() / ("muster-bench-recovery-" + std::to_string(getpid()) +
+                                              (with_notice ? "-notice" : "-kill"));
   Cluster c(muster, dir, hb_timeout_ms);
   if (auto s = c.Start(3); !s.ok()) {
     o.error = s.ToString();
@@ -368,7 +373,8 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
         std::error_code ec;
         fs::path self = fs::read_symlink("/proc/self/exe", ec).parent_path();
         if (ft.empty() && fs::exists(self / ".." / "examples" / "finetune" / "muster-finetune", ec))
-          ft = fs::canonical(self / ".." / "examples" / "finetune" / "muster-finetune", ec).string();
+          ft =
+              fs::canonical(self / ".." / "examples" / "finetune" / "muster-finetune", ec).string();
         if (ft.empty()) {
           std::cerr << "muster-bench recovery: muster-finetune not found (built with libtorch?); "
                        "use --trainer sh or --finetune PATH\n";
@@ -396,8 +402,8 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
         if (!kill.error.empty()) j["failure_error"] = kill.error;
         std::cout << j.dump(2) << "\n";
       } else {
-        Table t({"event", "to resumed step s", "muster part s", "program start-up s",
-                 "lost steps", "note"});
+        Table t({"event", "to resumed step s", "muster part s", "program start-up s", "lost steps",
+                 "note"});
         auto row = [&](const std::string& name, const Outcome& o, const std::string& note) {
           if (!o.error.empty()) return t.Row({name, "-", "-", "-", "-", o.error});
           t.Row({name, Fmt(o.down_s), Fmt(o.muster_s), Fmt(o.startup_s),
@@ -409,8 +415,8 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
         t.Row({"anchor: mpirun -np 2 start", mpirun < 0 ? "-" : Fmt(mpirun), "-", "-", "-",
                "launch to first step, by hand"});
         t.Print();
-        std::cout << "trainer " << f->trainer << "; checkpoint every " << f->ckpt_every
-                  << " steps" << (f->trainer == "sh" ? " of " + std::to_string(f->step_ms) + " ms" : "")
+        std::cout << "trainer " << f->trainer << "; checkpoint every " << f->ckpt_every << " steps"
+                  << (f->trainer == "sh" ? " of " + std::to_string(f->step_ms) + " ms" : "")
                   << "; interrupted at step " << f->at << "\n";
       }
       return notice.error.empty() && kill.error.empty() ? 0 : 1;

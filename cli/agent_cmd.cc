@@ -30,8 +30,7 @@ void AddAgentCommands(CLI::App& app, Runner* runner) {
                   "else ~/.muster)");
   cmd->add_flag("--insecure", o->insecure,
                 "No CURVE to the coordinator nor for the job stores (tests only)");
-  cmd->add_option("--provider", f->provider, "Provider label (aws, gcp, lambda, ...)")
-      ->required();
+  cmd->add_option("--provider", f->provider, "Provider label (aws, gcp, lambda, ...)")->required();
   cmd->add_option("--region", f->region, "Region label");
   cmd->add_option("--island", f->island, "Island label (NVLink/InfiniBand domain)");
   cmd->add_option("--gpu-type", f->gpu_type, "GPU type label (h100, ...)");
@@ -81,8 +80,9 @@ void AddAgentCommands(CLI::App& app, Runner* runner) {
         }
       }
       l.set_gpus(gpus);
-      int slots = f->slots > 0 ? f->slots
-                               : (gpus > 0 ? gpus : static_cast<int>(std::thread::hardware_concurrency()));
+      int slots = f->slots > 0
+                      ? f->slots
+                      : (gpus > 0 ? gpus : static_cast<int>(std::thread::hardware_concurrency()));
       l.set_slots(slots);
       for (const auto& v : f->volumes) {
         auto eq = v.find('=');

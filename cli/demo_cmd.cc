@@ -18,16 +18,18 @@ void AddDemoCommands(CLI::App& app, Runner* runner) {
       ->capture_default_str();
   cmd->add_option("--finetune", o->finetune,
                   "The muster-finetune binary (default: found next to muster)");
-  cmd->add_option("--steps", o->steps, "Training steps")->capture_default_str()->check(
-      CLI::Range(20, 100000));
+  cmd->add_option("--steps", o->steps, "Training steps")
+      ->capture_default_str()
+      ->check(CLI::Range(20, 100000));
   cmd->add_option("--ckpt-every", o->ckpt_every, "Checkpoint every N steps")
       ->capture_default_str()
       ->check(CLI::Range(1, 100000));
   cmd->add_option("--preempt-at", o->preempt_at, "Give the notice once the job reaches this step")
       ->capture_default_str()
       ->check(CLI::Range(1, 100000));
-  cmd->add_option("--notice", o->notice_s, "Seconds of notice")->capture_default_str()->check(
-      CLI::Range(1.0, 600.0));
+  cmd->add_option("--notice", o->notice_s, "Seconds of notice")
+      ->capture_default_str()
+      ->check(CLI::Range(1.0, 600.0));
   cmd->add_option("--threads", o->threads, "Torch threads per rank")->capture_default_str();
   cmd->add_option("--timeout", o->timeout_s, "Give up after this many seconds")
       ->capture_default_str();

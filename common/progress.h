@@ -16,11 +16,11 @@ namespace muster {
 
 struct ProgressReport {
   int64_t step = 0;
-  int64_t total = 0;         // 0: unknown
+  int64_t total = 0;  // 0: unknown
   double loss = 0;
   bool has_loss = true;
-  double throughput = 0;     // 0: not reported
-  std::string unit;          // e.g. "samples/s", "tokens/s"
+  double throughput = 0;  // 0: not reported
+  std::string unit;       // e.g. "samples/s", "tokens/s"
 };
 
 // "MUSTER_PROGRESS step=120 total=1000 loss=1.93 throughput=812.5 unit=samples/s"

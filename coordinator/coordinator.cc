@@ -399,8 +399,8 @@ void Coordinator::Replicate(JobRt* job, const std::string& job_id, int64_t step,
     Enqueue(name, std::move(copy));
     if (job) job->replicating[l.provider()] = NowMs() + 60 * 1000;
     Event(job_id, name, "replicating",
-          fmt::format("step {} from {} (provider {}) to volume {} of provider {}", step,
-                      src.name(), src.provider(), volume, l.provider()));
+          fmt::format("step {} from {} (provider {}) to volume {} of provider {}", step, src.name(),
+                      src.provider(), volume, l.provider()));
   }
 }
 
@@ -613,8 +613,9 @@ void Coordinator::Tick() {
         (void)OnCancel(cancel);
         r.detail = "interactive client went away";
         Persist(*j);
-        Event(id, "", "cancelled",
-              fmt::format("no word from its `muster run` client for {} ms", now - j->client_seen_ms));
+        Event(
+            id, "", "cancelled",
+            fmt::format("no word from its `muster run` client for {} ms", now - j->client_seen_ms));
         continue;
       }
     }
@@ -1155,8 +1156,8 @@ StatusOr<proto::Envelope> Coordinator::OnReport(const proto::AgentReport& req) {
       // A consequence, not a cause: stop the gang, wait for the cause (another rank's exit, a
       // lost node) to be reported.
       if (j.peer_failure.empty()) {
-        j.peer_failure = fmt::format("rank {} on {} exited {} (a peer failed)", x.rank(), node,
-                                     x.exit_code());
+        j.peer_failure =
+            fmt::format("rank {} on {} exited {} (a peer failed)", x.rank(), node, x.exit_code());
         Event(j.rec.id, node, "rank_peer_failed",
               fmt::format("attempt {}: {}", j.rec.attempt, j.peer_failure));
       }

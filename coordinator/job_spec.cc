@@ -331,9 +331,9 @@ StatusOr<JobSpec> ParseJobSpec(std::string_view text, std::string_view filename)
     }
     if (auto p = root["placement"]; p && p.IsMap() && p["hosts"] && !spec.hosts.empty() &&
                                     static_cast<int>(spec.hosts.size()) != spec.nodes) {
-      errs.Add(p["hosts"], "placement.hosts",
-               fmt::format("names {} node(s) for a job of {} node(s)", spec.hosts.size(),
-                           spec.nodes));
+      errs.Add(
+          p["hosts"], "placement.hosts",
+          fmt::format("names {} node(s) for a job of {} node(s)", spec.hosts.size(), spec.nodes));
     }
   } catch (const YAML::Exception& e) {
     errs.Add(e.mark.line >= 0 ? e.mark.line + 1 : 0, "yaml", e.msg);

@@ -90,8 +90,9 @@ int RunDemo(const DemoOptions& o, std::ostream& out) {
 
   std::string ft = FindFinetune(o.finetune);
   if (ft.empty()) {
-    return fail("muster-finetune was not found next to muster (was libtorch found at build "
-                "time?); pass --finetune PATH");
+    return fail(
+        "muster-finetune was not found next to muster (was libtorch found at build "
+        "time?); pass --finetune PATH");
   }
   std::error_code ec;
   fs::remove_all(o.work_dir, ec);
@@ -219,12 +220,11 @@ int RunDemo(const DemoOptions& o, std::ostream& out) {
       const auto& p = last.progress();
       if (p.step() > 0 && p.step() != last_step && p.step() % 10 == 0) {
         last_step = p.step();
-        out << "  " << elapsed() << "  " << st.dim(fmt::format(
-                                                   "{:<20} step {:>4}/{}  loss {:.3f}  {:.0f} {}  "
-                                                   "attempt {} on {}",
-                                                   "progress", p.step(), p.total_steps(), p.loss(),
-                                                   p.throughput(), p.throughput_unit(),
-                                                   last.attempt(), last.provider()))
+        out << "  " << elapsed() << "  "
+            << st.dim(fmt::format("{:<20} step {:>4}/{}  loss {:.3f}  {:.0f} {}  "
+                                  "attempt {} on {}",
+                                  "progress", p.step(), p.total_steps(), p.loss(), p.throughput(),
+                                  p.throughput_unit(), last.attempt(), last.provider()))
             << "\n";
       }
       if (!preempted && last.state() == proto::JOB_RUNNING && p.step() >= o.preempt_at &&
@@ -238,8 +238,7 @@ int RunDemo(const DemoOptions& o, std::ostream& out) {
             << "\n";
         proto::Envelope req;
         req.mutable_preempt_node_request()->set_node(preempted_node);
-        req.mutable_preempt_node_request()->set_notice_ms(
-            static_cast<int64_t>(o.notice_s * 1000));
+        req.mutable_preempt_node_request()->set_notice_ms(static_cast<int64_t>(o.notice_s * 1000));
         auto r = c.Call(std::move(req));
         if (!r.ok()) return fail("preempt: " + r.status().ToString());
       }
@@ -248,7 +247,8 @@ int RunDemo(const DemoOptions& o, std::ostream& out) {
         break;
       }
     }
-    if (Clock::now() > until) return fail(fmt::format("the job did not end within {} s", o.timeout_s));
+    if (Clock::now() > until)
+      return fail(fmt::format("the job did not end within {} s", o.timeout_s));
     std::this_thread::sleep_for(milliseconds(200));
   }
   // The last events (the final checkpoint's replication).
@@ -310,22 +310,21 @@ int RunDemo(const DemoOptions& o, std::ostream& out) {
   }
   int64_t resume_step = last.resume_step();
   if (last.attempt() > 1 && resume_step >= 0) {
-    markers.push_back({resume_step, fmt::format("resumed on {} from step {}", last.provider(),
-                                                resume_step)});
+    markers.push_back(
+        {resume_step, fmt::format("resumed on {} from step {}", last.provider(), resume_step)});
   }
   fs::path svg = work / "loss.svg";
-  std::ofstream(svg) << RenderLossSvg("muster demo: fine-tune preempted on one provider, "
-                                      "resumed on the other",
-                                      series, markers);
+  std::ofstream(svg) << RenderLossSvg(
+      "muster demo: fine-tune preempted on one provider, "
+      "resumed on the other",
+      series, markers);
   for (const auto& s : attempts) {
-    out << fmt::format("  attempt {} on {:<4} {:>3} points, steps {}..{}{}{}\n", s.attempt,
-                       s.provider, s.points.size(),
-                       s.points.empty() ? 0 : s.points.front().first,
-                       s.points.empty() ? 0 : s.points.back().first,
-                       s.preempted_at ? fmt::format(", checkpointed step {} on the notice",
-                                                    *s.preempted_at)
-                                      : "",
-                       s.digest.empty() || s.preempted_at ? "" : ", final param digest " + s.digest);
+    out << fmt::format(
+        "  attempt {} on {:<4} {:>3} points, steps {}..{}{}{}\n", s.attempt, s.provider,
+        s.points.size(), s.points.empty() ? 0 : s.points.front().first,
+        s.points.empty() ? 0 : s.points.back().first,
+        s.preempted_at ? fmt::format(", checkpointed step {} on the notice", *s.preempted_at) : "",
+        s.digest.empty() || s.preempted_at ? "" : ", final param digest " + s.digest);
   }
   out << "  loss curve: " << st.bold(svg.string()) << "\n";
 

@@ -20,10 +20,10 @@ struct DemoOptions {
   std::string finetune;  // the muster-finetune binary; "" : found next to `muster`
   int steps = 150;
   int ckpt_every = 50;
-  int preempt_at = 60;    // give the notice once the job reports this step
-  double notice_s = 20;   // seconds of notice
-  int threads = 1;        // torch threads per rank
-  int timeout_s = 300;    // give up (and fail) after this long
+  int preempt_at = 60;   // give the notice once the job reports this step
+  double notice_s = 20;  // seconds of notice
+  int threads = 1;       // torch threads per rank
+  int timeout_s = 300;   // give up (and fail) after this long
 };
 
 // Returns the process exit code: 0 when the job completed after the preemption and resumed

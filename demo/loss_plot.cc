@@ -14,11 +14,20 @@ std::string Escape(const std::string& s) {
   std::string out;
   for (char c : s) {
     switch (c) {
-      case '<': out += "&lt;"; break;
-      case '>': out += "&gt;"; break;
-      case '&': out += "&amp;"; break;
-      case '"': out += "&quot;"; break;
-      default: out += c;
+      case '<':
+        out += "&lt;";
+        break;
+      case '>':
+        out += "&gt;";
+        break;
+      case '&':
+        out += "&amp;";
+        break;
+      case '"':
+        out += "&quot;";
+        break;
+      default:
+        out += c;
     }
   }
   return out;
@@ -73,9 +82,8 @@ std::string RenderLossSvg(const std::string& title, const std::vector<LossSeries
       "<text x=\"{2}\" y=\"24\" font-size=\"15\" font-weight=\"bold\">{3}</text>\n",
       W, H, L, Escape(title));
   // Axes and ticks.
-  svg += fmt::format(
-      "<path d=\"M{0},{1} L{0},{2} L{3},{2}\" stroke=\"black\" fill=\"none\"/>\n", L, T, H - B,
-      W - R);
+  svg += fmt::format("<path d=\"M{0},{1} L{0},{2} L{3},{2}\" stroke=\"black\" fill=\"none\"/>\n", L,
+                     T, H - B, W - R);
   double xs = TickStep(x1 - x0, 8);
   for (double v = std::ceil(x0 / xs) * xs; v <= x1 + 1e-9; v += xs) {
     svg += fmt::format(

@@ -11,7 +11,7 @@
 namespace muster::demo {
 
 struct LossSeries {
-  std::string label;                             // "attempt 1 on aws"
+  std::string label;                               // "attempt 1 on aws"
   std::vector<std::pair<int64_t, double>> points;  // (step, loss), steps increasing
 };
 

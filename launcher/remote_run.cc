@@ -3,14 +3,14 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
+#include <cstring>
 #include <ctime>
 #include <map>
 #include <regex>
 #include <thread>
-#include <cstring>
-#include <algorithm>
 
 #include "common/logging.h"
 #include "coordinator/client.h"
@@ -80,9 +80,11 @@ int RunThroughCoordinator(const RunOptions& options, const RunIo& io) {
         std::string layout;
         for (size_t i = 0; i < per.size(); ++i)
           layout += (i ? "," : "") + hosts[i] + ":" + std::to_string(per[i]);
-        return fail("a job through the coordinator is a gang with the same number of ranks on "
-                    "every node, not " + layout + " (adjust -np or the slots)",
-                    kExitUsage);
+        return fail(
+            "a job through the coordinator is a gang with the same number of ranks on "
+            "every node, not " +
+                layout + " (adjust -np or the slots)",
+            kExitUsage);
       }
     }
     rpn = per[0];
@@ -106,8 +108,7 @@ int RunThroughCoordinator(const RunOptions& options, const RunIo& io) {
     } else if (const char* v = std::getenv(x.c_str())) {
       (*spec->mutable_env())[x] = v;
     } else {
-      return fail("-x " + x + ": " + x + " is not set in this environment (use -x " + x +
-                      "=VALUE)",
+      return fail("-x " + x + ": " + x + " is not set in this environment (use -x " + x + "=VALUE)",
                   kExitUsage);
     }
   }
@@ -117,14 +118,16 @@ int RunThroughCoordinator(const RunOptions& options, const RunIo& io) {
   spec->set_interactive(true);
   spec->set_max_restarts(0);
   spec->set_checkpoint_keep(3);
-  if (options.timeout) spec->set_time_limit_s(std::max<int64_t>(1, options.timeout->count() / 1000));
+  if (options.timeout)
+    spec->set_time_limit_s(std::max<int64_t>(1, options.timeout->count() / 1000));
   auto submitted = c.Call(std::move(req));
   if (!submitted.ok()) return fail(submitted.status().message(), kExitUsage);
   const std::string job = submitted->submit_reply().job_id();
   const int world = spec->nodes() * rpn;
-  log::Get("launcher")->debug("job {} submitted to {}: {} rank(s) on {}", job, c.endpoint(), world,
-                             hosts.empty() ? std::string("any node") : options.hosts[0].host +
-                                                                           (hosts.size() > 1 ? ",..." : ""));
+  log::Get("launcher")
+      ->debug("job {} submitted to {}: {} rank(s) on {}", job, c.endpoint(), world,
+              hosts.empty() ? std::string("any node")
+                            : options.hosts[0].host + (hosts.size() > 1 ? ",..." : ""));
 
   sigset_t sigs;
   sigemptyset(&sigs);
@@ -190,8 +193,8 @@ int RunThroughCoordinator(const RunOptions& options, const RunIo& io) {
     int sig = sigtimedwait(&sigs, nullptr, &wait);
     if (sig > 0 && signal_code == 0) {
       signal_code = 128 + sig;
-      WriteAll(io.stderr_fd, "muster run: " + std::string(strsignal(sig)) +
-                                 ": cancelling job " + job + "\n");
+      WriteAll(io.stderr_fd,
+               "muster run: " + std::string(strsignal(sig)) + ": cancelling job " + job + "\n");
       (void)c.Cancel(job);
     }
   }
@@ -205,9 +208,8 @@ int RunThroughCoordinator(const RunOptions& options, const RunIo& io) {
   if (signal_code != 0) return signal_code;
   if (timed_out || last.detail() == "time limit") return kExitTimeout;
   if (last.state() == proto::JOB_SUCCEEDED) return 0;
-  WriteAll(io.stderr_fd, "muster run: job " + job + " " +
-                             coordinator::JobStateName(last.state()) + ": " + last.detail() +
-                             "\n");
+  WriteAll(io.stderr_fd, "muster run: job " + job + " " + coordinator::JobStateName(last.state()) +
+                             ": " + last.detail() + "\n");
   return last.state() == proto::JOB_CANCELLED ? 1 : ExitCodeOf(last.detail());
 }
 

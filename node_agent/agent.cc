@@ -2,6 +2,7 @@
 
 #include <arpa/inet.h>
 #include <netdb.h>
+#include <signal.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -13,16 +14,15 @@
 #include <map>
 #include <mutex>
 #include <set>
-#include <signal.h>
 #include <sstream>
 #include <thread>
 
+#include "checkpoint/replicate.h"
 #include "collectives/store_server.h"
 #include "common/curve.h"
 #include "common/logging.h"
 #include "common/reactor.h"
 #include "coordinator/client.h"
-#include "checkpoint/replicate.h"
 #include "node_agent/supervisor.h"
 #include "node_agent/volume_transfer.h"
 
@@ -56,10 +56,17 @@ std::string GroupOf(const std::string& job, int attempt) {
 
 // Names the agent sets itself; never inherited from the agent's own environment.
 bool IsContractName(std::string_view name) {
-  static const std::set<std::string_view> kNames = {
-      "RANK",        "WORLD_SIZE",  "LOCAL_RANK",  "LOCAL_WORLD_SIZE",
-      "NODE_RANK",   "GROUP_RANK",  "NNODES",      "MASTER_ADDR",
-      "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT", "CUDA_VISIBLE_DEVICES"};
+  static const std::set<std::string_view> kNames = {"RANK",
+                                                    "WORLD_SIZE",
+                                                    "LOCAL_RANK",
+                                                    "LOCAL_WORLD_SIZE",
+                                                    "NODE_RANK",
+                                                    "GROUP_RANK",
+                                                    "NNODES",
+                                                    "MASTER_ADDR",
+                                                    "MASTER_PORT",
+                                                    "TORCHELASTIC_RESTART_COUNT",
+                                                    "CUDA_VISIBLE_DEVICES"};
   return kNames.count(name) > 0 || name.rfind("MUSTER_", 0) == 0 ||
          name.rfind("OMPI_COMM_WORLD_", 0) == 0;
 }
@@ -95,7 +102,8 @@ bool ParseInt(std::string_view v, int64_t* out) {
 }
 
 std::string_view Trim(std::string_view s) {
-  while (!s.empty() && (s.back() == '\r' || s.back() == ' ' || s.back() == '\t')) s.remove_suffix(1);
+  while (!s.empty() && (s.back() == '\r' || s.back() == ' ' || s.back() == '\t'))
+    s.remove_suffix(1);
   while (!s.empty() && (s.front() == ' ' || s.front() == '\t')) s.remove_prefix(1);
   return s;
 }
@@ -237,7 +245,7 @@ struct Agent::Impl {
     std::unique_ptr<collectives::StoreServer> store;
     std::string volume_path;
     fs::path notice_path;
-    bool stopping = false;         // a stop (or a notice) reached it: exits are not failures
+    bool stopping = false;  // a stop (or a notice) reached it: exits are not failures
     bool checkpoint_asked = false;
     bool all_exited_sent = false;
     Reactor::TimerId deadline_timer = 0;
@@ -263,12 +271,12 @@ struct Agent::Impl {
   // Shared between threads.
   mutable std::mutex mu;
   std::condition_variable cv;
-  bool stop = false;                      // GUARDED_BY(mu)
-  std::string session;                    // GUARDED_BY(mu)
-  milliseconds hb_interval{1000};         // GUARDED_BY(mu)
-  milliseconds lease{0};                  // GUARDED_BY(mu); 0: not registered yet
-  std::deque<proto::Envelope> outbox;     // GUARDED_BY(mu): reports and log chunks
-  std::atomic<int64_t> last_ok_ms{0};     // steady ms of the last successful call
+  bool stop = false;                   // GUARDED_BY(mu)
+  std::string session;                 // GUARDED_BY(mu)
+  milliseconds hb_interval{1000};      // GUARDED_BY(mu)
+  milliseconds lease{0};               // GUARDED_BY(mu); 0: not registered yet
+  std::deque<proto::Envelope> outbox;  // GUARDED_BY(mu): reports and log chunks
+  std::atomic<int64_t> last_ok_ms{0};  // steady ms of the last successful call
   std::atomic<bool> ever_registered{false};
   std::thread control_thread, poll_thread;
   std::vector<std::thread> copiers;  // GUARDED_BY(mu): replications in progress
@@ -384,8 +392,7 @@ struct Agent::Impl {
     if (e.has_agent_report()) e.mutable_agent_report()->set_session_id(sid);
     if (e.has_agent_log_chunk()) e.mutable_agent_log_chunk()->set_session_id(sid);
     auto reply = ctl->Call(e, options.call_timeout);
-    if (!reply.ok() && reply.status().code() == StatusCode::kNotFound &&
-        e.has_agent_report()) {
+    if (!reply.ok() && reply.status().code() == StatusCode::kNotFound && e.has_agent_report()) {
       // Unknown session: register again first, then resend.
       ForgetSession(sid);
       return false;
@@ -549,8 +556,8 @@ struct Agent::Impl {
         return StartError(s, "volume " + s.checkpoint_volume() + " is not mounted here");
       }
       if (!fs::is_directory(a.volume_path, ec)) {
-        return StartError(s, "volume " + s.checkpoint_volume() + " at " + a.volume_path +
-                                 " is not a directory");
+        return StartError(
+            s, "volume " + s.checkpoint_volume() + " at " + a.volume_path + " is not a directory");
       }
     }
     // Rendezvous credentials: every node derives the same from the coordinator's key.
@@ -560,13 +567,14 @@ struct Agent::Impl {
       auto k = ParseRdzvKey(s.rendezvous_key());
       if (!k.ok()) return StartError(s, "rendezvous key: " + k.status().message());
       keys = *k;
-      creds = "v1," + k->server.public_key + "," + k->client.public_key + "," +
-              k->client.secret_key;
+      creds =
+          "v1," + k->server.public_key + "," + k->client.public_key + "," + k->client.secret_key;
     }
     if (s.host_rendezvous()) {
       collectives::StoreServer::Options so;
-      so.endpoint = "tcp://" + (labels.address().empty() ? std::string("0.0.0.0") : labels.address()) +
-                    ":" + std::to_string(s.rendezvous_port());
+      so.endpoint = "tcp://" +
+                    (labels.address().empty() ? std::string("0.0.0.0") : labels.address()) + ":" +
+                    std::to_string(s.rendezvous_port());
       so.insecure = options.insecure;
       if (keys) so.server_key = keys->server;
       auto store = collectives::StoreServer::Create(*reactor, zap.get(), so);
@@ -580,8 +588,8 @@ struct Agent::Impl {
     }
     std::error_code ec;
     fs::create_directories(options.work_dir / "notice", ec);
-    a.notice_path = options.work_dir / "notice" / (s.job_id() + ".attempt-" +
-                                                    std::to_string(s.attempt()));
+    a.notice_path =
+        options.work_dir / "notice" / (s.job_id() + ".attempt-" + std::to_string(s.attempt()));
     fs::remove(a.notice_path, ec);
     fs::create_directories(LogPath(s.job_id(), s.attempt(), 0).parent_path(), ec);
     if (ec) return StartError(s, "log directory: " + ec.message());
@@ -639,9 +647,9 @@ struct Agent::Impl {
     }
     a.open = a.rank_of.size();
     SaveRanks();
-    logger->info("job {} attempt {}: started ranks {}..{} of {} (node rank {} of {}){}",
-                 s.job_id(), s.attempt(), s.node_rank() * rpn, s.node_rank() * rpn + rpn - 1,
-                 world, s.node_rank(), s.nnodes(),
+    logger->info("job {} attempt {}: started ranks {}..{} of {} (node rank {} of {}){}", s.job_id(),
+                 s.attempt(), s.node_rank() * rpn, s.node_rank() * rpn + rpn - 1, world,
+                 s.node_rank(), s.nnodes(),
                  a.store ? ", serving the rendezvous store on " + a.store->endpoint() : "");
     assignments.emplace(group, std::move(a));
     proto::AgentReport r;
@@ -691,8 +699,8 @@ struct Agent::Impl {
     a.stopping = true;
     milliseconds grace(std::max<int64_t>(0, s.grace_ms()));
     if (s.checkpoint_first() && s.checkpoint_deadline_ms() > UnixMs()) {
-      AskCheckpoint(a, s.checkpoint_deadline_ms(), "coordinator: reason " +
-                                                      proto::StopReason_Name(s.reason()));
+      AskCheckpoint(a, s.checkpoint_deadline_ms(),
+                    "coordinator: reason " + proto::StopReason_Name(s.reason()));
       ArmDeadline(a, s.checkpoint_deadline_ms(), grace);
       return;
     }
@@ -843,16 +851,15 @@ struct Agent::Impl {
               st = remote.status();
               break;
             }
-            auto report = checkpoint::Replicate(remote->get(), r.job_id(),
-                                                checkpoint::LocalVolume(),
-                                                (fs::path(root) / r.job_id()).string(), r.step());
+            auto report =
+                checkpoint::Replicate(remote->get(), r.job_id(), checkpoint::LocalVolume(),
+                                      (fs::path(root) / r.job_id()).string(), r.step());
             if (report.ok()) {
               double s = std::chrono::duration<double>(Clock::now() - t0).count();
-              logger->info(
-                  "replicated {} step {} from {} ({} shard(s), {:.1f} MiB{}, {:.2f} s)",
-                  r.job_id(), r.step(), r.source_node(), report->shards_copied,
-                  report->bytes_copied / 1048576.0,
-                  report->already_present ? ", already present" : "", s);
+              logger->info("replicated {} step {} from {} ({} shard(s), {:.1f} MiB{}, {:.2f} s)",
+                           r.job_id(), r.step(), r.source_node(), report->shards_copied,
+                           report->bytes_copied / 1048576.0,
+                           report->already_present ? ", already present" : "", s);
               st = Status::Ok();
               break;
             }

@@ -48,9 +48,9 @@ struct AgentOptions {
   proto::NodeLabels labels;
   std::filesystem::path work_dir;  // logs and notice files; created
   // Notice sources polled every notice_interval.
-  std::string preempt_file;   // a notice once this file exists (see NewNoticeFileSource)
-  std::string aws_metadata;   // e.g. http://169.254.169.254; "" : not polled
-  std::string gcp_metadata;   // e.g. http://metadata.google.internal; "" : not polled
+  std::string preempt_file;  // a notice once this file exists (see NewNoticeFileSource)
+  std::string aws_metadata;  // e.g. http://169.254.169.254; "" : not polled
+  std::string gcp_metadata;  // e.g. http://metadata.google.internal; "" : not polled
   std::chrono::milliseconds notice_interval{1000};
   std::chrono::seconds default_notice{30};  // for sources that give no deadline
   // Grace between SIGTERM and SIGKILL when stopping ranks on our own (lease, shutdown).

@@ -66,9 +66,15 @@ class AgentCluster : public ::testing::Test {
   void StartCoordinator(int lease_ms = 0) {
     fs::remove(dir_ / "coord" / "endpoint");
     fs::create_directories(dir_ / "coord");
-    std::vector<std::string> argv = {MUSTER_BIN, "coordinator", "--data-dir",
-                                     (dir_ / "coord").string(), "--keys", (dir_ / "keys").string(),
-                                     "--heartbeat-interval-ms", "200", "--heartbeat-timeout-ms",
+    std::vector<std::string> argv = {MUSTER_BIN,
+                                     "coordinator",
+                                     "--data-dir",
+                                     (dir_ / "coord").string(),
+                                     "--keys",
+                                     (dir_ / "keys").string(),
+                                     "--heartbeat-interval-ms",
+                                     "200",
+                                     "--heartbeat-timeout-ms",
                                      "1500"};
     if (lease_ms > 0) {
       argv.push_back("--lease-ms");
@@ -92,11 +98,16 @@ class AgentCluster : public ::testing::Test {
                   std::vector<std::string> extra = {}) {
     fs::path vol = dir_ / ("vol-" + provider);
     fs::create_directories(vol);
-    std::vector<std::string> argv = {
-        MUSTER_BIN, "agent", "--coordinator", endpoint_, "--keys", (dir_ / "keys").string(),
-        "--provider", provider, "--name", name, "--slots", "2", "--gpus", "0", "--volume",
-        "ckpt=" + vol.string(), "--work-dir", (dir_ / ("agent-" + name)).string(),
-        "--grace-ms", "1000"};
+    std::vector<std::string> argv = {MUSTER_BIN,      "agent",
+                                     "--coordinator", endpoint_,
+                                     "--keys",        (dir_ / "keys").string(),
+                                     "--provider",    provider,
+                                     "--name",        name,
+                                     "--slots",       "2",
+                                     "--gpus",        "0",
+                                     "--volume",      "ckpt=" + vol.string(),
+                                     "--work-dir",    (dir_ / ("agent-" + name)).string(),
+                                     "--grace-ms",    "1000"};
     argv.insert(argv.end(), extra.begin(), extra.end());
     auto p = Subprocess::Start(argv, {}, (dir_ / (name + ".log")).string());
     ASSERT_TRUE(p.ok()) << p.status().ToString();
@@ -168,7 +179,8 @@ class AgentCluster : public ::testing::Test {
   std::string endpoint_;
   // 116 ranges in [31000, 60000), clear of the default 29500-30499 (`muster demo`).
   int port_base_ = [] {
-    unsigned k = (static_cast<unsigned>(getpid()) * 7919u + static_cast<unsigned>(::time(nullptr))) % 116;
+    unsigned k =
+        (static_cast<unsigned>(getpid()) * 7919u + static_cast<unsigned>(::time(nullptr))) % 116;
     return 31000 + static_cast<int>(k / 4) * 1000 + static_cast<int>(k % 4) * 100;
   }();
   std::unique_ptr<Subprocess> coordinator_;
@@ -207,13 +219,13 @@ TEST_F(AgentCluster, GangRunsWithTheEnvContractLogsAndProgress) {
   for (int rank = 0; rank < 4; ++rank) {
     auto log = Muster({"logs", job, "--rank", std::to_string(rank)});
     ASSERT_TRUE(log.ok()) << log.status().ToString();
-    std::string want = "rank=" + std::to_string(rank) + " world=4 local=" +
-                       std::to_string(rank % 2) + "/2 node=" + std::to_string(rank / 2) + "/2";
+    std::string want = "rank=" + std::to_string(rank) +
+                       " world=4 local=" + std::to_string(rank % 2) +
+                       "/2 node=" + std::to_string(rank / 2) + "/2";
     EXPECT_NE(log->find(want), std::string::npos) << *log;
     EXPECT_NE(log->find("key=v1 "), std::string::npos) << "CURVE rendezvous key: " << *log;
     EXPECT_NE(log->find("ompi=" + std::to_string(rank)), std::string::npos);
-    EXPECT_NE(log->find("attempt=1 ckpt=" + (dir_ / "vol-aws" / job).string()),
-              std::string::npos)
+    EXPECT_NE(log->find("attempt=1 ckpt=" + (dir_ / "vol-aws" / job).string()), std::string::npos)
         << *log;
     EXPECT_NE(log->find("node_name=" + nodes[rank / 2].get<std::string>()), std::string::npos);
     EXPECT_NE(log->find("MUSTER_PROGRESS step=5"), std::string::npos);
@@ -237,8 +249,7 @@ TEST_F(AgentCluster, GangsPriorityPreemptionPendingReasonsAndRefusals) {
   std::ofstream(big) << "name: big\ncommand: [\"/bin/true\"]\nnodes: 3\n";
   auto refused = Muster({"submit", big.string()});
   ASSERT_FALSE(refused.ok());
-  EXPECT_NE(refused.status().message().find("3"), std::string::npos)
-      << refused.status().ToString();
+  EXPECT_NE(refused.status().message().find("3"), std::string::npos) << refused.status().ToString();
 
   // A long, low-priority job that checkpoints on request and resumes from MUSTER_RESUME_STEP.
   std::string body =
@@ -258,8 +269,8 @@ TEST_F(AgentCluster, GangsPriorityPreemptionPendingReasonsAndRefusals) {
   EXPECT_NE(Status(same)["pending_reason"].get<std::string>().find("waiting"), std::string::npos)
       << Status(same).dump();
   // A higher-priority job takes the aws nodes: the low one checkpoints and is requeued.
-  std::string high = Submit("name: high\n" + Script("sleep 0.5") +
-                            "nodes: 2\nranks_per_node: 1\npriority: 10\n");
+  std::string high =
+      Submit("name: high\n" + Script("sleep 0.5") + "nodes: 2\nranks_per_node: 1\npriority: 10\n");
   ASSERT_TRUE(WaitState(high, "succeeded", 40s)) << Events(high) << Events(low);
   ASSERT_TRUE(WaitState(low, "succeeded", 60s)) << Events(low);
   ASSERT_TRUE(WaitState(same, "succeeded", 60s)) << Events(same);
@@ -275,8 +286,7 @@ TEST_F(AgentCluster, GangsPriorityPreemptionPendingReasonsAndRefusals) {
   auto at = first->rfind("MUSTER_CHECKPOINT step=");
   ASSERT_NE(at, std::string::npos) << *first;
   int step = std::atoi(first->c_str() + at + 23);
-  EXPECT_NE(last->find("resumed_from=" + std::to_string(step) + "\n"), std::string::npos)
-      << *last;
+  EXPECT_NE(last->find("resumed_from=" + std::to_string(step) + "\n"), std::string::npos) << *last;
 }
 
 TEST_F(AgentCluster, FirstFailureIsNamedAndTheJobIsRetried) {
@@ -340,8 +350,7 @@ TEST_F(AgentCluster, AgentKill9IsDetectedAndTheJobMovesToOtherNodes) {
   ASSERT_TRUE(WaitState(job, "running", 15s)) << Events(job);
   std::string victim = Status(job)["nodes"][1];
   KillAgent(victim);
-  ASSERT_TRUE(WaitUntil([&] { return Status(job).value("attempt", 0) == 2; }, 20s))
-      << Events(job);
+  ASSERT_TRUE(WaitUntil([&] { return Status(job).value("attempt", 0) == 2; }, 20s)) << Events(job);
   ASSERT_TRUE(WaitState(job, "succeeded", 30s)) << Events(job);
   auto st = Status(job);
   for (auto& n : st["nodes"]) EXPECT_NE(n.get<std::string>(), victim);
@@ -356,10 +365,10 @@ TEST_F(AgentCluster, ARestartedAgentKillsTheRanksItsPredecessorLeft) {
   fs::path marks = dir_ / "marks";
   fs::create_directories(marks);
   // A rank that would outlive its agent: it writes nothing (no SIGPIPE) and ignores SIGPIPE.
-  std::string job = Submit("name: orphan\n" +
-                           Script("trap '' PIPE; echo $$ > " + marks.string() +
-                                  "/pid; exec sleep 60") +
-                           "nodes: 1\nranks_per_node: 1\n");
+  std::string job =
+      Submit("name: orphan\n" +
+             Script("trap '' PIPE; echo $$ > " + marks.string() + "/pid; exec sleep 60") +
+             "nodes: 1\nranks_per_node: 1\n");
   ASSERT_TRUE(WaitUntil([&] { return !ReadFile(marks / "pid").empty(); }, 15s)) << Events(job);
   pid_t pid = std::stoi(ReadFile(marks / "pid"));
   KillAgent("aws-1");
@@ -378,13 +387,13 @@ TEST_F(AgentCluster, PreemptionNoticeCheckpointsFirstAndTheJobResumesFromThatSte
   WaitNodesUp(3);
   // A rank that "checkpoints" the step it is at when the notice file appears, then exits 3;
   // a resumed attempt starts from MUSTER_RESUME_STEP.
-  std::string job = Submit(
-      "name: notice\n" +
-      Script("s=${MUSTER_RESUME_STEP:-0}; s=${s:-0}; echo resumed_from=$s; "
-             "while [ $s -lt 40 ]; do s=$((s+1)); echo MUSTER_PROGRESS step=$s total=40; "
-             "if [ -e \"$MUSTER_PREEMPT_FILE\" ]; then echo MUSTER_CHECKPOINT step=$s; "
-             "echo notice_at=$s; exit 3; fi; sleep 0.1; done") +
-      "nodes: 2\nranks_per_node: 1\ncheckpoint:\n  volume: ckpt\n");
+  std::string job =
+      Submit("name: notice\n" +
+             Script("s=${MUSTER_RESUME_STEP:-0}; s=${s:-0}; echo resumed_from=$s; "
+                    "while [ $s -lt 40 ]; do s=$((s+1)); echo MUSTER_PROGRESS step=$s total=40; "
+                    "if [ -e \"$MUSTER_PREEMPT_FILE\" ]; then echo MUSTER_CHECKPOINT step=$s; "
+                    "echo notice_at=$s; exit 3; fi; sleep 0.1; done") +
+             "nodes: 2\nranks_per_node: 1\ncheckpoint:\n  volume: ckpt\n");
   ASSERT_TRUE(WaitState(job, "running", 15s)) << Events(job);
   ASSERT_TRUE(WaitUntil(
       [&] {
@@ -409,8 +418,7 @@ TEST_F(AgentCluster, PreemptionNoticeCheckpointsFirstAndTheJobResumesFromThatSte
   auto at = first->find("notice_at=");
   ASSERT_NE(at, std::string::npos) << *first;
   int notice_step = std::atoi(first->c_str() + at + 10);
-  EXPECT_NE(second->find("resumed_from=" + std::to_string(notice_step) + "\n"),
-            std::string::npos)
+  EXPECT_NE(second->find("resumed_from=" + std::to_string(notice_step) + "\n"), std::string::npos)
       << *second;
   EXPECT_EQ(st.value("resume_step", -1), notice_step);
   std::string events = Events(job);
@@ -471,8 +479,8 @@ TEST_F(AgentCluster, LeaseStopsRanksWhenTheCoordinatorIsUnreachable) {
                                   "/pid; while true; do echo MUSTER_PROGRESS step=1; sleep 0.1; "
                                   "done") +
                            "nodes: 1\nranks_per_node: 1\n");
-  ASSERT_TRUE(WaitUntil([&] { return fs::exists(marks / "pid") && !ReadFile(marks / "pid").empty(); },
-                        15s))
+  ASSERT_TRUE(
+      WaitUntil([&] { return fs::exists(marks / "pid") && !ReadFile(marks / "pid").empty(); }, 15s))
       << Events(job);
   pid_t pid = std::stoi(ReadFile(marks / "pid"));
   ASSERT_EQ(kill(pid, 0), 0);
@@ -496,8 +504,7 @@ TEST_F(AgentCluster, MusterRunThroughTheCoordinatorStreamsOutputAndExitsLikeMpir
   fs::path out = dir_ / "run.out";
   auto run = Subprocess::Start(
       {MUSTER_BIN, "run", "--coordinator", endpoint_, "--keys", (dir_ / "keys").string(), "-np",
-       "4", "-H", "aws-1:2,aws-2:2", "--tag-output", "-x", "GREETING=hello", "--", "/bin/sh",
-       "-c",
+       "4", "-H", "aws-1:2,aws-2:2", "--tag-output", "-x", "GREETING=hello", "--", "/bin/sh", "-c",
        "echo \"$GREETING from $RANK of $WORLD_SIZE on $MUSTER_NODE\"; sleep 0.3; "
        "if [ $RANK = 2 ]; then exit 5; fi; sleep 5"},
       {}, out.string());
@@ -509,8 +516,8 @@ TEST_F(AgentCluster, MusterRunThroughTheCoordinatorStreamsOutputAndExitsLikeMpir
   std::string text = ReadFile(out);
   for (int r = 0; r < 4; ++r) {
     std::string host = r < 2 ? "aws-1" : "aws-2";
-    EXPECT_NE(text.find("[" + std::to_string(r) + "]hello from " + std::to_string(r) +
-                        " of 4 on " + host + "\n"),
+    EXPECT_NE(text.find("[" + std::to_string(r) + "]hello from " + std::to_string(r) + " of 4 on " +
+                        host + "\n"),
               std::string::npos)
         << text;
   }

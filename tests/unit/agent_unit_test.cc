@@ -39,10 +39,10 @@ TEST(ProgressLineTest, PerSecondKeysAndUnknownKeysAndCarriageReturns) {
 
 TEST(ProgressLineTest, RejectsWhatIsNotAProgressLine) {
   EXPECT_FALSE(ParseProgressLine("step=5"));
-  EXPECT_FALSE(ParseProgressLine("MUSTER_PROGRESS total=5"));       // no step
-  EXPECT_FALSE(ParseProgressLine("MUSTER_PROGRESS step=-1"));       // negative
-  EXPECT_FALSE(ParseProgressLine("MUSTER_PROGRESS step=12abc"));    // junk
-  EXPECT_FALSE(ParseProgressLine("MUSTER_PROGRESSstep=5"));         // no separator
+  EXPECT_FALSE(ParseProgressLine("MUSTER_PROGRESS total=5"));     // no step
+  EXPECT_FALSE(ParseProgressLine("MUSTER_PROGRESS step=-1"));     // negative
+  EXPECT_FALSE(ParseProgressLine("MUSTER_PROGRESS step=12abc"));  // junk
+  EXPECT_FALSE(ParseProgressLine("MUSTER_PROGRESSstep=5"));       // no separator
   EXPECT_FALSE(ParseProgressLine(""));
 }
 
@@ -131,8 +131,8 @@ TEST(VolumeTransferTest, TransferKeysAreRequiredAndScopedToOneJob) {
   auto key = GenerateKeyPair();
   ASSERT_TRUE(key.ok());
   {
-    auto v = node_agent::RemoteVolume::Connect((*server)->endpoint(), (*server)->public_key(),
-                                               *key, false, "ckpt");
+    auto v = node_agent::RemoteVolume::Connect((*server)->endpoint(), (*server)->public_key(), *key,
+                                               false, "ckpt");
     ASSERT_TRUE(v.ok());
     auto r = checkpoint::ReadFileToString(v->get(), "job-1/a");
     EXPECT_FALSE(r.ok()) << "an unknown key is refused";
@@ -160,10 +160,10 @@ TEST(VolumeTransferTest, TransferKeysAreRequiredAndScopedToOneJob) {
 }
 
 TEST(LossPlotTest, OnePolylinePerSeriesAndEveryMarker) {
-  std::string svg = demo::RenderLossSvg(
-      "t <&>", {{"attempt 1 on aws", {{5, 4.0}, {10, 3.5}, {15, 3.1}}},
-               {"attempt 2 on gcp", {{20, 3.0}, {25, 2.8}}}},
-      {{15, "notice"}, {15, "resumed"}});
+  std::string svg = demo::RenderLossSvg("t <&>",
+                                        {{"attempt 1 on aws", {{5, 4.0}, {10, 3.5}, {15, 3.1}}},
+                                         {"attempt 2 on gcp", {{20, 3.0}, {25, 2.8}}}},
+                                        {{15, "notice"}, {15, "resumed"}});
   EXPECT_EQ(svg.rfind("<svg", 0), 0u);
   size_t polylines = 0;
   for (size_t at = 0; (at = svg.find("<polyline", at)) != std::string::npos; ++at) ++polylines;

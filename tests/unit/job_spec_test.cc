@@ -132,12 +132,11 @@ TEST(JobSpecTest, Durations) {
 }
 
 TEST(JobSpecTest, PinnedHosts) {
-  auto spec = ParseJobSpec("name: p\ncommand: x\nnodes: 2\nplacement:\n  hosts: [a-1, a-2]\n",
-                           "p.yaml");
+  auto spec =
+      ParseJobSpec("name: p\ncommand: x\nnodes: 2\nplacement:\n  hosts: [a-1, a-2]\n", "p.yaml");
   ASSERT_TRUE(spec.ok()) << spec.status().ToString();
   EXPECT_EQ(spec->hosts, (std::vector<std::string>{"a-1", "a-2"}));
-  auto bad = ParseJobSpec("name: p\ncommand: x\nnodes: 2\nplacement:\n  hosts: [a-1]\n",
-                          "p.yaml");
+  auto bad = ParseJobSpec("name: p\ncommand: x\nnodes: 2\nplacement:\n  hosts: [a-1]\n", "p.yaml");
   ASSERT_FALSE(bad.ok());
   EXPECT_NE(bad.status().message().find("hosts"), std::string::npos) << bad.status().ToString();
   auto scalar = ParseJobSpec("name: p\ncommand: x\nplacement:\n  hosts: a-1\n", "p.yaml");
