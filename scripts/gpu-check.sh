@@ -44,10 +44,15 @@ stage configure cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -DCMAKE_PREFIX_PATH="$TORCH_PREFIX;/opt/devdeps/usr"
 stage build cmake --build "$BUILD" -j "$(nproc)"
 stage unit-tests ctest --test-dir "$BUILD" -L unit -j 8 --no-tests=error --output-on-failure --timeout 120
+# The gpu label includes NcclAbortTest (an in-flight collective aborted within the timeout,
+# ncclCommAbort taken, the communicator failed afterwards) and CheckpointGpuTest (saves from and
+# resharded/column-block restores into cudaMalloc'd memory through the pinned staging ring).
 stage gpu-tests ctest --test-dir "$BUILD" -L gpu --no-tests=error --output-on-failure --timeout 300
 
 # Checkpoints from GPU memory: 4 GiB through pinned staging, beside the pinned device-to-host
-# copy, an O_DIRECT write and read of the same size, measured in the same run.
+# copy, an O_DIRECT write and read of the same size, measured in the same run. Restore onto the
+# GPU reads through the pinned ring with cudaMemcpyAsync (goal: >= 0.9x the O_DIRECT read);
+# every restored byte is compared with the saved state after the timing.
 CKPT_DIR=/tmp/muster-gpu-ckpt
 rm -rf "$CKPT_DIR"
 stage ckpt-cuda "$BUILD/bench/muster-bench" ckpt --ranks 1 --size 4G --dir "$CKPT_DIR" --device cuda
@@ -79,6 +84,9 @@ echo "===== summary ($(date -u +%F) on $(head -1 "$OUT/machine.txt"))"
 printf '%-14s %-12s %8s\n' stage result seconds
 for i in "${!NAMES[@]}"; do printf '%-14s %-12s %8s\n' "${NAMES[$i]}" "${RESULTS[$i]}" "${TIMES[$i]}"; done
 echo
+echo "gpu tests:"
+grep -E "Test +#[0-9]+: (NcclAbortTest|NcclTest|CheckpointGpuTest)" "$OUT/gpu-tests.log" |
+  sed -E 's/^ *[0-9]+\/[0-9]+ //'
 echo "checkpoint (4 GiB from GPU memory):"
 grep -E "stall|save|restore|copy|O_DIRECT|memcpy" "$OUT/ckpt-cuda.log" | head -12
 echo "fine-tune on CUDA:"
