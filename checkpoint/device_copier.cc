@@ -1,6 +1,5 @@
 #include "checkpoint/device_copier.h"
 
-#include <mutex>
 #include <string>
 #include <vector>
 

@@ -255,10 +255,10 @@ Status ExecuteRestorePlan(const RestorePlan& plan, const RestoreIo& io) {
   if (any_device && !io.device) {
     return InternalError("restore: device destinations but no device copier");
   }
-  const int windows = static_cast<int>(std::min<size_t>(plan.windows.size(), 1 << 20));
+  // No more threads or slots than windows (a small restore allocates a small ring).
+  const int windows = static_cast<int>(std::min<size_t>(plan.windows.size(), 4096));
   const int threads = std::clamp(io.threads, 1, windows);
-  int slots = io.slots > 0 ? io.slots : threads + 2;
-  slots = std::clamp(slots, 1, windows);
+  const int slots = std::clamp(io.slots > 0 ? io.slots : threads + 2, 1, windows);
   // Edge blocks of the host shortcut also need a slot of at least one block.
   const uint64_t slot_bytes =
       AlignUp(std::max(plan.max_window, io.manifest->block_size), kDirectIoAlignment);
