@@ -122,7 +122,7 @@ struct CheckpointerOptions {
   bool overlap_snapshot = false;
   // Restore reads into a ring of this many staging slots of write_chunk bytes each (pinned
   // when CUDA tensors are restored), so reads overlap the copies out of earlier slots; 0 means
-  // io_threads + 2. The ring is kept across restores.
+  // io_threads, plus 2 when CUDA tensors are restored. The ring is kept across restores.
   int restore_slots = 0;
   // Moves restored bytes from the ring into MemoryKind::kCuda destinations. Null: the CUDA
   // runtime (cudaMemcpyAsync on a stream of the device current on the Restore caller's

@@ -258,7 +258,10 @@ Status ExecuteRestorePlan(const RestorePlan& plan, const RestoreIo& io) {
   // No more threads or slots than windows (a small restore allocates a small ring).
   const int windows = static_cast<int>(std::min<size_t>(plan.windows.size(), 4096));
   const int threads = std::clamp(io.threads, 1, windows);
-  const int slots = std::clamp(io.slots > 0 ? io.slots : threads + 2, 1, windows);
+  // Host copies are synchronous: a slot per reader is all they use. Device copies run behind
+  // the reads: two more slots let readers go on while earlier slots drain.
+  const int slots =
+      std::clamp(io.slots > 0 ? io.slots : threads + (any_device ? 2 : 0), 1, windows);
   // Edge blocks of the host shortcut also need a slot of at least one block.
   const uint64_t slot_bytes =
       AlignUp(std::max(plan.max_window, io.manifest->block_size), kDirectIoAlignment);

@@ -84,7 +84,7 @@ struct RestoreIo {
   std::map<int, ReadableFile*> files;
   std::map<int, ReadableFile*> direct_files;
   int threads = 1;
-  int slots = 0;  // staging slots; 0: threads + 2
+  int slots = 0;  // staging slots; 0: threads, plus 2 when there are device windows
   StagingBuffer* ring = nullptr;
   DeviceCopier* device = nullptr;  // REQUIRES: set when the plan has device windows
 };
