@@ -333,7 +333,10 @@ TEST(RestorePipelineTest, AReadErrorMidRestoreSurfacesAndDrainsTheRing) {
   EXPECT_EQ(device.begun(), device.finished());
 }
 
-TEST(RestorePipelineTest, ADeviceRestoreWithoutAGpuSaysSo) {
+// Through the real CUDA copier, a "device" destination that is host memory: without a GPU (or
+// without CUDA in the build) Begin fails; with one, CUDA may refuse the copy. Either way the
+// restore fails with a status naming the step, and does not hang.
+TEST(RestorePipelineTest, ADeviceRestoreCudaCannotDoFailsCleanly) {
   TempDir dir;
   SaveWorld(dir.path(), 1);
   auto ck = *Checkpointer::Create(Opts(dir.path(), 1, 0, nullptr));  // the CUDA runtime
@@ -343,7 +346,7 @@ TEST(RestorePipelineTest, ADeviceRestoreWithoutAGpuSaysSo) {
   if (st.ok()) GTEST_SKIP() << "this machine has a GPU that accepted a host pointer";
   EXPECT_TRUE(st.code() == StatusCode::kFailedPrecondition || st.code() == StatusCode::kInternal)
       << st;
-  EXPECT_NE(st.message().find("restore of step 1"), std::string::npos) << st;
+  EXPECT_NE(st.message().find("step 1"), std::string::npos) << st;
 }
 
 TEST(RestorePlanTest, WindowsAreAlignedBoundedAndDeliverEveryByteOnce) {
