@@ -270,19 +270,18 @@ class NcclCommunicator final : public Communicator {
     if (r == ncclInProgress) {
       // Non-blocking mode may finish enqueueing in the background; the completion event must
       // be recorded after the collective's kernels, so wait for the enqueue (bounded).
-      ncclResult_t async = ncclInProgress;
-      while (ncclCommGetAsyncError(shared_->comm, &async) == ncclSuccess &&
+      ncclResult_t async = ncclInProgress, q;
+      while ((q = ncclCommGetAsyncError(shared_->comm, &async)) == ncclSuccess &&
              async == ncclInProgress && Clock::now() < op_deadline) {
         std::this_thread::sleep_for(std::chrono::microseconds(20));
       }
-      if (async == ncclInProgress) {
+      if (q == ncclSuccess && async == ncclInProgress) {
         Status s = DeadlineExceededError(
-            "NCCL could not enqueue the collective within the "
-            "communicator timeout");
+            "NCCL could not enqueue the collective within the communicator timeout");
         shared_->AbortLocked(s);
         return std::make_unique<NcclWork>(shared_, nullptr, Clock::now(), s);
       }
-      r = async;
+      r = q != ncclSuccess ? q : async;
     }
     if (r != ncclSuccess) {
       Status s = AbortedError(std::string("NCCL: ") + ncclGetErrorString(r) + ": " +
