@@ -31,9 +31,10 @@
 //   }
 //   MUSTER_RETURN_IF_ERROR(ck->Wait());              // the last save is committed
 //
-// Thread-safety: Save, Wait, Restore and the read accessors may be called from any thread, but
-// Save and Restore calls are serialized internally. The tensors passed to Save must not change
-// until Save returns (not until the commit: that is what staging is for).
+// Thread-safety: Save, Wait, Restore and the read accessors may be called from any thread;
+// Save calls are serialized with each other internally, and so are Restore calls. The tensors
+// passed to Save must not change until Save returns (not until the commit: that is what staging is
+// for).
 
 #include <chrono>
 #include <condition_variable>
