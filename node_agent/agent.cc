@@ -739,23 +739,29 @@ struct Agent::Impl {
     Queue(std::move(e));
   }
 
-  void OnLine(ChildId id, std::string_view line) {
+  // The assignment a child belongs to, and the child's global rank; null once forgotten.
+  Assignment* AssignmentOf(ChildId id, int* rank) {
     auto g = group_of.find(id);
-    if (g == group_of.end()) return;
+    if (g == group_of.end()) return nullptr;
     auto it = assignments.find(g->second);
-    if (it == assignments.end()) return;
-    Assignment& a = it->second;
-    int rank = a.rank_of[id];
+    if (it == assignments.end()) return nullptr;
+    *rank = it->second.rank_of[id];
+    return &it->second;
+  }
+
+  void OnLine(ChildId id, std::string_view line) {
+    int rank = 0;
+    Assignment* found = AssignmentOf(id, &rank);
+    if (found == nullptr) return;
+    Assignment& a = *found;
     if (auto p = ParseProgressLine(line)) {
+      // The lowest rank reporting since the last heartbeat wins (rank 0 preferred).
       auto& cur = progress[a.spec.job_id()];
-      // The lowest rank reporting wins (rank 0 preferred).
-      if (cur.job_id().empty() || rank <= cur.rank() || cur.step() < p->step()) {
-        if (!cur.job_id().empty() && rank > cur.rank()) return;
-        p->set_rank(rank);
-        p->set_job_id(a.spec.job_id());
-        p->set_time_ms(UnixMs());
-        cur = *p;
-      }
+      if (!cur.job_id().empty() && rank > cur.rank()) return;
+      p->set_rank(rank);
+      p->set_job_id(a.spec.job_id());
+      p->set_time_ms(UnixMs());
+      cur = *p;
       return;
     }
     if (rank == 0 && !a.volume_path.empty()) {
@@ -771,12 +777,10 @@ struct Agent::Impl {
   }
 
   void OnExit(ChildId id, const ExitInfo& info) {
-    auto g = group_of.find(id);
-    if (g == group_of.end()) return;
-    auto it = assignments.find(g->second);
-    if (it == assignments.end()) return;
-    Assignment& a = it->second;
-    int rank = a.rank_of[id];
+    int rank = 0;
+    Assignment* found = AssignmentOf(id, &rank);
+    if (found == nullptr) return;
+    Assignment& a = *found;
     a.live.erase(rank);
     proto::AgentReport r;
     r.set_job_id(a.spec.job_id());
