@@ -142,7 +142,7 @@ class PytorchDdpUnderSubmitTest(unittest.TestCase):
         os.makedirs(data)
         self.spawn("coord", [MUSTER, "coordinator", "--data-dir", data, "--keys", self.keys,
                              "--listen", "tcp://127.0.0.1:*", "--heartbeat-interval-ms", "200",
-                             "--rendezvous-port-base", str(31000 + random.randrange(29) * 1000 + random.randrange(4) * 100),
+                             "--rendezvous-port-base", str(10000 + random.randrange(19) * 1000 + random.randrange(4) * 100),
                              "--heartbeat-timeout-ms", "2000"])
         deadline = time.time() + 20
         while not os.path.exists(os.path.join(data, "endpoint")) and time.time() < deadline:

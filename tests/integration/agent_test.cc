@@ -177,11 +177,12 @@ class AgentCluster : public ::testing::Test {
 
   fs::path dir_;
   std::string endpoint_;
-  // 116 ranges in [31000, 60000), clear of the default 29500-30499 (`muster demo`).
+  // 76 ranges in [10000, 29000): below the kernel's ephemeral ports (32768+), which ZeroMQ's
+  // "tcp://...:*" endpoints get, and clear of the default 29500-30499 (`muster demo`).
   int port_base_ = [] {
     unsigned k =
-        (static_cast<unsigned>(getpid()) * 7919u + static_cast<unsigned>(::time(nullptr))) % 116;
-    return 31000 + static_cast<int>(k / 4) * 1000 + static_cast<int>(k % 4) * 100;
+        (static_cast<unsigned>(getpid()) * 7919u + static_cast<unsigned>(::time(nullptr))) % 76;
+    return 10000 + static_cast<int>(k / 4) * 1000 + static_cast<int>(k % 4) * 100;
   }();
   std::unique_ptr<Subprocess> coordinator_;
   std::map<std::string, std::unique_ptr<Subprocess>> agents_;
