@@ -5,6 +5,7 @@
 
 #include <algorithm>
 
+#include "collectives/communicator.h"
 #include "common/curve.h"
 #include "common/logging.h"
 #include "common/wire.h"
@@ -113,6 +114,9 @@ struct Coordinator::JobRt {
   std::string failure;       // first failure, for events and detail
   std::string failure_node;  // node to blame (quarantine)
   bool lost = false;         // a node was lost (not the job's fault)
+  // A rank exited kPeerFailureExitCode: a peer failed first. Its own exit or its node's loss is
+  // the real cause; this one counts (blaming no node) only if no cause shows up.
+  std::string peer_failure;
   bool in_scheduler = false;
   int64_t started_ms = 0;
   int64_t checkpoint_deadline_ms = 0;  // the stop asks for a checkpoint first (preemption)
@@ -270,6 +274,7 @@ void Coordinator::Start(JobRt& job, const std::vector<std::string>& nodes) {
   job.stop = proto::STOP_REASON_UNSPECIFIED;
   job.failure.clear();
   job.failure_node.clear();
+  job.peer_failure.clear();
   job.lost = false;
   job.progress.reset();
   job.checkpoint_deadline_ms = 0;
@@ -432,6 +437,10 @@ void Coordinator::Finish(JobRt& job) {
   auto& r = job.rec;
   int64_t now = NowMs();
   std::string outcome;
+  if (job.failure.empty() && !job.lost && !job.peer_failure.empty() &&
+      job.stop == proto::STOP_PEER_FAILED) {
+    job.failure = job.peer_failure;  // no other cause showed up: an application failure
+  }
   if (r.state == proto::JOB_CANCELLED) {
     outcome = "cancelled";
     sched_->Release(r.id).IgnoreError();
@@ -1113,7 +1122,22 @@ StatusOr<proto::Envelope> Coordinator::OnReport(const proto::AgentReport& req) {
   }
   for (const auto& x : req.exits()) {
     bool bad = (x.exit_code() != 0 || x.signal() != 0) && !x.stopped_by_agent();
-    if (bad && j.failure.empty() && j.stop == proto::STOP_REASON_UNSPECIFIED) {
+    // Still looking for the first real failure: nothing stopped the gang, or only a rank that
+    // saw a peer fail did.
+    bool open = j.failure.empty() && (j.stop == proto::STOP_REASON_UNSPECIFIED ||
+                                      (j.stop == proto::STOP_PEER_FAILED && !j.peer_failure.empty()));
+    if (bad && open && x.signal() == 0 && x.exit_code() == collectives::kPeerFailureExitCode) {
+      if (j.peer_failure.empty()) {
+        j.peer_failure =
+            fmt::format("rank {} on {} exited {} (a peer failed)", x.rank(), node, x.exit_code());
+        Event(j.rec.id, node, "rank_failed",
+              fmt::format("attempt {}: {}; waiting for the peer's exit or its node's loss",
+                          j.rec.attempt, j.peer_failure));
+        StopGang(j, proto::STOP_PEER_FAILED, req.all_exited() ? node : "");
+      }
+      continue;
+    }
+    if (bad && open) {
       j.failure = x.signal()
                       ? fmt::format("rank {} on {} killed by signal {}", x.rank(), node, x.signal())
                       : fmt::format("rank {} on {} exited {}", x.rank(), node, x.exit_code());
