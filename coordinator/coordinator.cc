@@ -1124,8 +1124,9 @@ StatusOr<proto::Envelope> Coordinator::OnReport(const proto::AgentReport& req) {
     bool bad = (x.exit_code() != 0 || x.signal() != 0) && !x.stopped_by_agent();
     // Still looking for the first real failure: nothing stopped the gang, or only a rank that
     // saw a peer fail did.
-    bool open = j.failure.empty() && (j.stop == proto::STOP_REASON_UNSPECIFIED ||
-                                      (j.stop == proto::STOP_PEER_FAILED && !j.peer_failure.empty()));
+    bool open =
+        j.failure.empty() && (j.stop == proto::STOP_REASON_UNSPECIFIED ||
+                              (j.stop == proto::STOP_PEER_FAILED && !j.peer_failure.empty()));
     if (bad && open && x.signal() == 0 && x.exit_code() == collectives::kPeerFailureExitCode) {
       if (j.peer_failure.empty()) {
         j.peer_failure =
