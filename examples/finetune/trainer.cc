@@ -361,6 +361,9 @@ StatusOr<TrainResult> Run::Go() {
     const bool stop = stats[1].item<float>() > 0;
     const int64_t done = step + 1;
     ++window_steps;
+    // Announce the last checkpoint as soon as it is committed, not at the next one: the
+    // scheduler resumes a job from the newest step it has heard of.
+    if (pending_save_ && !store_.Saving()) MUSTER_RETURN_IF_ERROR(WaitForCommit());
 
     if (done % c_.log_every == 0 || done == c_.steps || stop) {
       const double secs =
