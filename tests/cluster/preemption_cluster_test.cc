@@ -404,11 +404,12 @@ TEST_F(PreemptionClusterTest, AgentKilledJobResumesFromItsLastCommit) {
   ASSERT_EQ(WaitForAttempt(job, 1, 90s), "aws");
   Drain("gcp-0", false);
   Drain("gcp-1", false);
-  ASSERT_TRUE(WaitForStep(job, 1, 2 * kCheckpointEvery + 5, 60s)) << RankLog(job, 1, 0);
-
-  // Node rank 1's agent dies.
   json st = Status(job);
   const std::string victim = NodesOf(st).at(1);
+  // Mid-interval, well clear of a commit in flight: the last commit is 20.
+  ASSERT_TRUE(WaitForStep(job, 1, 2 * kCheckpointEvery + 3, 60s)) << RankLog(job, 1, 0);
+
+  // Node rank 1's agent dies.
   agents_.at(victim).Signal(SIGKILL);
   agents_.at(victim).Wait(5s);
   const auto killed_at = Clock::now();
