@@ -390,6 +390,11 @@ Status Checkpointer::Wait() {
   return last_status_;
 }
 
+bool Checkpointer::Saving() {
+  std::lock_guard<std::mutex> l(mu_);
+  return busy_;
+}
+
 void Checkpointer::WorkerLoop() {
   std::unique_lock<std::mutex> l(mu_);
   for (;;) {

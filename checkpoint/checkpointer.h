@@ -157,6 +157,10 @@ class Checkpointer {
   // visible to LatestStep on every rank). OK when nothing was saved.
   Status Wait();
 
+  // True while a save is in flight (Wait() would block); never blocks. Lets a training loop
+  // announce a commit as soon as it lands instead of at its next Save.
+  bool Saving();
+
   // The newest committed step in the directory; NotFound if none.
   StatusOr<int64_t> LatestStep();
   // MUSTER_RESUME_STEP when set and non-empty, else LatestStep().

@@ -1,4 +1,5 @@
 #include "collectives/communicator.h"
+#include "collectives/local_address.h"
 
 #include <arpa/inet.h>
 #include <netdb.h>
@@ -182,7 +183,8 @@ StatusOr<int> EnvInt(const char* name, const char* alias, int fallback) {
   return static_cast<int>(n);
 }
 
-// The local address that routes to MASTER_ADDR: what this rank's peers can reach it on.
+}  // namespace
+
 std::string LocalAddressToward(const std::string& master) {
   if (master.empty() || master == "localhost" || master.rfind("127.", 0) == 0) return "127.0.0.1";
   addrinfo hints{}, *res = nullptr;
@@ -204,8 +206,6 @@ std::string LocalAddressToward(const std::string& master) {
   freeaddrinfo(res);
   return out;
 }
-
-}  // namespace
 
 StatusOr<std::unique_ptr<Communicator>> Communicator::FromEnv(CommConfig config, bool want_gpu) {
   std::string forced = Env("MUSTER_COLL_BACKEND");

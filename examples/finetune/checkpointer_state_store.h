@@ -28,6 +28,7 @@ class CheckpointerStateStore final : public StateStore {
 
   Status Save(int64_t step, const NamedTensors& tensors, const std::string& metadata) override;
   Status Wait() override { return ck_->Wait(); }
+  bool Saving() override { return ck_->Saving(); }
   StatusOr<std::optional<int64_t>> LatestStep() override;
   StatusOr<SavedState> Restore(int64_t step) override;
 

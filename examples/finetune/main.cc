@@ -9,6 +9,7 @@
 #include <iostream>
 
 #include "collectives/communicator.h"
+#include "collectives/local_address.h"
 #include "collectives/store_client.h"
 #include "common/logging.h"
 #include "examples/finetune/checkpointer_state_store.h"
@@ -160,6 +161,8 @@ int main(int argc, char** argv) {
     cc.size = world;
     cc.name = "finetune";
     cc.device = std::atoi(Env("LOCAL_RANK", "0").c_str());
+    // Peers on other hosts reach this rank at the address that routes to MASTER_ADDR.
+    cc.host = muster::collectives::LocalAddressToward(Env("MASTER_ADDR"));
     auto backend = gpu ? muster::collectives::Backend::kNccl : muster::collectives::Backend::kGloo;
     if (std::string forced = Env("MUSTER_COLL_BACKEND"); !forced.empty()) {
       auto parsed = muster::collectives::ParseBackend(forced);

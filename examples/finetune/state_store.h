@@ -48,6 +48,8 @@ class StateStore {
   virtual Status Save(int64_t step, const NamedTensors& tensors, const std::string& metadata) = 0;
   // Returns once the last Save is committed (durable, visible to LatestStep()), or its error.
   virtual Status Wait() = 0;
+  // True while the last Save is still being committed (Wait() would block); never blocks.
+  virtual bool Saving() { return false; }
   // The newest committed step, or nullopt when there is none.
   virtual StatusOr<std::optional<int64_t>> LatestStep() = 0;
   // Reads checkpoint `step`; NotFound when it was never committed, DataLoss when it is corrupt.

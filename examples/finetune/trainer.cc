@@ -361,6 +361,9 @@ StatusOr<TrainResult> Run::Go() {
     const bool stop = stats[1].item<float>() > 0;
     const int64_t done = step + 1;
     ++window_steps;
+    // Announce the last checkpoint as soon as it is committed, not at the next one: the
+    // scheduler resumes a job from the newest step it has heard of.
+    if (pending_save_ && !store_.Saving()) MUSTER_RETURN_IF_ERROR(WaitForCommit());
 
     if (done % c_.log_every == 0 || done == c_.steps || stop) {
       const double secs =
@@ -382,12 +385,6 @@ StatusOr<TrainResult> Run::Go() {
       last_saved = done;
     }
     result.step = done;
-    // Announce a commit soon after it happens (the agent records MUSTER_CHECKPOINT in the
-    // coordinator's catalog and replicates it), not only at the next save: a couple of steps
-    // after an async save its write is normally done, so this wait costs nothing.
-    if (pending_save_ && !stop && done - *pending_save_ >= 2) {
-      MUSTER_RETURN_IF_ERROR(WaitForCommit());
-    }
     if (stop) {
       MUSTER_RETURN_IF_ERROR(WaitForCommit());
       log_->warn("preemption notice ({}): checkpointed step {} and stopping", notice_.Reason(),

@@ -17,6 +17,28 @@ Status Ip(const std::vector<std::string>& args) {
   return RunCommand(argv, std::chrono::seconds(10)).status();
 }
 
+StatusOr<std::vector<int>> PidsIn(const std::string& ns) {
+  MUSTER_ASSIGN_OR_RETURN(std::string out, RunCommand({"ip", "netns", "pids", ns}));
+  std::vector<int> pids;
+  std::istringstream in(out);
+  for (int pid; in >> pid;) pids.push_back(pid);
+  return pids;
+}
+
+// SIGKILLs every process in `ns` until none is left (a forking process may add one meanwhile).
+int KillAllIn(const std::string& ns) {
+  int killed = 0;
+  for (int round = 0; round < 20; ++round) {
+    auto pids = PidsIn(ns);
+    if (!pids.ok() || pids->empty()) break;
+    for (int pid : *pids) {
+      if (pid != getpid() && kill(pid, SIGKILL) == 0) ++killed;
+    }
+    usleep(20000);  // let the kernel tear them down before listing again
+  }
+  return killed;
+}
+
 }  // namespace
 
 void NetnsCluster::RemoveStale() {
@@ -31,6 +53,7 @@ void NetnsCluster::RemoveStale() {
     if (h == std::string::npos) continue;
     pid_t owner = std::atoi(name.substr(2, h - 2).c_str());
     if (owner > 0 && (kill(owner, 0) == 0 || errno != ESRCH)) continue;
+    KillAllIn(name);  // daemons a killed test left running there
     Ip({"netns", "del", name}).IgnoreError();
     Ip({"link", "del", "mt" + std::to_string(owner) + "br"}).IgnoreError();
   }
@@ -76,6 +99,7 @@ StatusOr<std::unique_ptr<NetnsCluster>> NetnsCluster::Create(
 }
 
 NetnsCluster::~NetnsCluster() {
+  for (const auto& ns : netns_) KillAllIn(ns);
   for (const auto& ns : netns_) Ip({"netns", "del", ns}).IgnoreError();  // takes its veth along
   for (const auto& v : veths_) Ip({"link", "del", v}).IgnoreError();
   Ip({"link", "del", bridge_}).IgnoreError();
@@ -91,5 +115,15 @@ std::vector<std::string> NetnsCluster::Wrap(int i, const std::vector<std::string
 
 Status NetnsCluster::CutLink(int i) { return Ip({"link", "set", veths_[i], "down"}); }
 Status NetnsCluster::RestoreLink(int i) { return Ip({"link", "set", veths_[i], "up"}); }
+
+StatusOr<int> NetnsCluster::KillAll(int i) {
+  if (i < 0 || i >= size()) return InvalidArgumentError("no host " + std::to_string(i));
+  return KillAllIn(netns_[i]);
+}
+
+StatusOr<std::vector<int>> NetnsCluster::Pids(int i) const {
+  if (i < 0 || i >= size()) return InvalidArgumentError("no host " + std::to_string(i));
+  return PidsIn(netns_[i]);
+}
 
 }  // namespace muster::testing

@@ -35,6 +35,13 @@ class NetnsCluster {
   Status CutLink(int i);
   Status RestoreLink(int i);
 
+  // Kills (SIGKILL) every process in host i's namespace, whatever its process group: the host
+  // crashed. Returns how many were signalled. The destructor does this for every host, so no
+  // daemon or rank a test started outlives the cluster.
+  StatusOr<int> KillAll(int i);
+  // The pids of the processes in host i's namespace.
+  StatusOr<std::vector<int>> Pids(int i) const;
+
  private:
   NetnsCluster() = default;
   static void RemoveStale();

@@ -277,5 +277,41 @@ TEST_F(CoordinatorTest, MalformedRequestsGetErrors) {
   EXPECT_EQ(ErrorToStatus(Call(drain).error()).code(), StatusCode::kNotFound);
 }
 
+// A rank that exits 75 (its collective failed because a peer did) is not the failure: when the
+// peer's node turns out lost, the job is requeued as a lost node (not counted, nobody blamed);
+// only when no cause shows up does the exit 75 count.
+TEST_F(CoordinatorTest, PeerFailureExitsAloneCountBlamingNoNode) {
+  std::string s0 = Register("n0"), s1 = Register("n1");
+  std::string id = Submit("name: p\ncommand: x\nnodes: 2\nrestart:\n  backoff: 1s\n");
+  ASSERT_EQ(Heartbeat("n0", s0).size(), 1u);
+  ASSERT_EQ(Heartbeat("n1", s1).size(), 1u);
+  Report("n0", s0, id, 1, true, 0, false);
+  Report("n1", s1, id, 1, true, 0, false);
+  ASSERT_EQ(Status(id).state(), proto::JOB_RUNNING);
+  // n1 dies; n0's rank sees it first and exits 75.
+  Report("n0", s0, id, 1, false, 75, true);
+  EXPECT_EQ(Status(id).restarts(), 0);
+  Advance("n0", s0, 6);  // n1's heartbeats stopped: lost after 5 s
+  auto st = Status(id);
+  EXPECT_EQ(st.state(), proto::JOB_PENDING);
+  EXPECT_EQ(st.restarts(), 0) << "a lost node is not the application's fault";
+  EXPECT_EQ(st.preemptions(), 1);
+
+  // Attempt 2: both ranks exit 75 and nothing else happens: that counts, blaming no node.
+  s1 = Register("n1");
+  now_ += 4s;  // past the wait for the lost node's lease
+  coord_->Tick();
+  ASSERT_EQ(Heartbeat("n0", s0).size(), 1u);
+  ASSERT_EQ(Heartbeat("n1", s1).size(), 1u);
+  Report("n0", s0, id, 2, true, 0, false);
+  Report("n1", s1, id, 2, true, 0, false);
+  Report("n0", s0, id, 2, false, 75, true);
+  Report("n1", s1, id, 2, false, 75, true);
+  st = Status(id);
+  EXPECT_EQ(st.state(), proto::JOB_PENDING);
+  EXPECT_EQ(st.restarts(), 1);
+  EXPECT_EQ(st.preemptions(), 1);
+}
+
 }  // namespace
 }  // namespace muster::coordinator
