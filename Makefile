@@ -22,6 +22,10 @@ build: deps configure
 
 test: build
 	cd $(BUILD_DIR) && ctest --output-on-failure --timeout 600 -j $(JOBS) $(CTEST_ARGS)
+	$(MAKE) fuzz FUZZ_SECONDS=$(TEST_FUZZ_SECONDS)
+
+# `make test` ends with a short libFuzzer run of the coordinator's message handling.
+TEST_FUZZ_SECONDS ?= 45
 
 demo: build
 	scripts/demo.sh $(BUILD_DIR)

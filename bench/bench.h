@@ -32,5 +32,6 @@ void AddAllreduceBench(CLI::App& app, Runner* runner);
 void AddCkptBench(CLI::App& app, Runner* runner);
 void AddLaunchBench(CLI::App& app, Runner* runner);
 void AddSchedulerBench(CLI::App& app, Runner* runner);
+void AddRecoveryBench(CLI::App& app, Runner* runner);
 
 }  // namespace muster::bench

@@ -2,7 +2,8 @@
 // to return), restore and resharded restore (cold cache), each beside its anchor measured in the
 // same run on the same directory: a memcpy of the state (a pinned device-to-host copy with
 // --device cuda), an O_DIRECT write + fsync of the same size (what `dd oflag=direct
-// conv=fsync bs=32M` does) and an O_DIRECT read of that file (`dd iflag=direct bs=32M`).
+// conv=fsync bs=32M` does) and an O_DIRECT read of that file (`dd iflag=direct bs=32M`). Every
+// restore is checked byte for byte against the saved state, outside the timing.
 
 #include <fcntl.h>
 #include <stdlib.h>
@@ -179,6 +180,39 @@ class StateMemory {
   std::vector<void*> ptrs_;
 };
 
+// Compares `n` bytes of `a` and `b` (both host, or both device memory with `cuda`: copied back
+// through pinned buffers).
+StatusOr<bool> SameBytes(const char* a, const char* b, uint64_t n, bool cuda) {
+  if (!cuda) return std::memcmp(a, b, n) == 0;
+#ifdef MUSTER_HAVE_CUDA
+  constexpr uint64_t kChunk = 64 << 20;
+  void* ha = nullptr;
+  void* hb = nullptr;
+  if (cudaHostAlloc(&ha, kChunk, cudaHostAllocDefault) != cudaSuccess ||
+      cudaHostAlloc(&hb, kChunk, cudaHostAllocDefault) != cudaSuccess) {
+    if (ha) cudaFreeHost(ha);
+    return InternalError("cudaHostAlloc for the restore check failed");
+  }
+  bool same = true;
+  Status st;
+  for (uint64_t off = 0; off < n && same && st.ok(); off += kChunk) {
+    const uint64_t len = std::min(kChunk, n - off);
+    if (cudaMemcpy(ha, a + off, len, cudaMemcpyDeviceToHost) != cudaSuccess ||
+        cudaMemcpy(hb, b + off, len, cudaMemcpyDeviceToHost) != cudaSuccess) {
+      st = InternalError("cudaMemcpy for the restore check failed");
+    } else {
+      same = std::memcmp(ha, hb, len) == 0;
+    }
+  }
+  cudaFreeHost(ha);
+  cudaFreeHost(hb);
+  if (!st.ok()) return st;
+  return same;
+#else
+  return FailedPreconditionError("--device cuda needs a build with CUDA");
+#endif
+}
+
 // Runs `fn(rank)` on `n` threads and returns the wall time of the slowest.
 template <typename F>
 double OnRanks(int n, F fn) {
@@ -352,19 +386,21 @@ int Run(const Options& o) {
                                           base * r, n, bufs[r], kind)});
     });
     for (const auto& s : st) MUSTER_RETURN_IF_ERROR(s);
-    // Check the bytes (host only; outside the timing).
-    if (!cuda) {
-      for (int r = 0; r < world; ++r) {
-        uint64_t begin = base * r, n = r == world - 1 ? total - base * r : base;
-        for (uint64_t off = begin; off < begin + n;) {
-          uint64_t src_rank = off / per, in = off % per;
-          uint64_t len = std::min(per - in, begin + n - off);
-          if (std::memcmp(static_cast<char*>(bufs[r]) + (off - begin),
-                          static_cast<char*>(state[src_rank]) + in, len) != 0) {
-            return DataLossError("restored bytes differ from the saved state");
-          }
-          off += len;
+    // Check every restored byte against the saved state (outside the timing).
+    for (int r = 0; r < world; ++r) {
+      uint64_t begin = base * r, n = r == world - 1 ? total - base * r : base;
+      for (uint64_t off = begin; off < begin + n;) {
+        uint64_t src_rank = off / per, in = off % per;
+        uint64_t len = std::min(per - in, begin + n - off);
+        MUSTER_ASSIGN_OR_RETURN(bool same,
+                                SameBytes(static_cast<char*>(bufs[r]) + (off - begin),
+                                          static_cast<char*>(state[src_rank]) + in, len, cuda));
+        if (!same) {
+          return DataLossError("restored bytes at offset " + std::to_string(off) +
+                               " differ from the saved state (restore to " + std::to_string(world) +
+                               " ranks)");
         }
+        off += len;
       }
     }
     return t;

@@ -1,8 +1,9 @@
 // muster-bench rendezvous: N simulated ranks, each with its own DEALER socket (CURVE), go
 // through a job's rendezvous on one StoreServer: connect (first request), barrier, broadcast of
-// 128 bytes from rank 0, allgather of 64-byte addresses (set + one multi-key get each). The
-// anchor, in the same run: the same N sockets doing one raw ZeroMQ round trip each against a
-// ROUTER echo (CURVE too): the floor that connecting N sockets costs.
+// 128 bytes from rank 0, allgather of 64-byte addresses (one Store::AllGather request each). The
+// anchors, in the same run, with the same N sockets against a raw ZeroMQ ROUTER (CURVE too): one
+// round trip each (the floor that connecting N sockets costs), then a reply of N x 64 bytes to
+// each (the floor of an allgather answered by one server: N^2 x 64 bytes leave it).
 
 #include <sys/epoll.h>
 #include <sys/resource.h>
@@ -122,11 +123,11 @@ class Ranks {
 struct Result {
   int ranks;
   bool curve;
-  double connect_s, barrier_s, broadcast_s, allgather_s, total_s, anchor_s;
+  double connect_s, barrier_s, broadcast_s, allgather_s, total_s, anchor_s, anchor_allgather_s;
 };
 
 StatusOr<Result> Run(int n, bool curve) {
-  Result res{n, curve, 0, 0, 0, 0, 0, 0};
+  Result res{n, curve, 0, 0, 0, 0, 0, 0, 0};
   Reactor reactor("rdzv-bench");
   std::unique_ptr<ZapAuthenticator> zap;
   if (curve) {
@@ -190,24 +191,39 @@ StatusOr<Result> Run(int n, bool curve) {
       });
     }
     res.broadcast_s = Since(t2);
-    // allgather: each sets its 64-byte address, then gets all n in one request.
+    // allgather: each rank contributes its 64-byte address to one gather and receives all N in
+    // rank order (one request, one reply per rank; the server assembles the reply once).
     auto t3 = Clock::now();
-    proto::StoreRequest all;
-    for (int i = 0; i < n; ++i) all.mutable_get()->add_keys("addr/" + std::to_string(i));
-    all.mutable_get()->set_timeout_ms(60000);
-    for (int i = 0; st.ok() && i < n; ++i) {
-      proto::StoreRequest r;
-      r.mutable_set()->set_key("addr/" + std::to_string(i));
+    auto address = [](int i) {
       std::string addr = "tcp://198.18.0.1:" + std::to_string(20000 + i);
       addr.resize(64, ' ');
-      r.mutable_set()->set_value(addr);
+      return addr;
+    };
+    for (int i = 0; st.ok() && i < n; ++i) {
+      proto::StoreRequest r;
+      auto& g = *r.mutable_gather();
+      g.set_name("addrs");
+      g.set_rank(i);
+      g.set_n(n);
+      g.set_value(address(i));
+      g.set_timeout_ms(60000);
       ranks.SendRequest(i, std::move(r));
-      ranks.SendRequest(i, all);
     }
     if (st.ok()) {
-      st = ranks.Collect(2 * n, [&](int, const proto::Envelope& e) -> Status {
-        int got = e.store_reply().values_size();
-        if (got != 0 && got != n) return DataLossError("allgather: wrong number of addresses");
+      // Every rank must receive the same entries; the first reply is decoded and checked
+      // entry by entry, every other one compared with it byte for byte.
+      std::string first;
+      st = ranks.Collect(n, [&](int, const proto::Envelope& e) -> Status {
+        const std::string& got = e.store_reply().gathered();
+        if (!first.empty()) {
+          return got == first ? Status::Ok() : DataLossError("allgather: replies differ");
+        }
+        proto::StoreGathered all;
+        if (!all.ParseFromString(got) || all.values_size() != n)
+          return DataLossError("allgather: wrong number of addresses");
+        for (int r = 0; r < n; ++r)
+          if (all.values(r) != address(r)) return DataLossError("allgather: wrong address");
+        first = got;
         return Status::Ok();
       });
     }
@@ -230,6 +246,7 @@ StatusOr<Result> Run(int n, bool curve) {
     }
     router.bind("tcp://127.0.0.1:*");
     std::string ep = router.get(zmq::sockopt::last_endpoint);
+    const std::string all_blob(static_cast<size_t>(n) * 64, 'a');
     std::atomic<bool> stop{false};
     std::thread echo([&] {
       while (!stop) {
@@ -237,7 +254,13 @@ StatusOr<Result> Run(int n, bool curve) {
         zmq::poll(&it, 1, std::chrono::milliseconds(50));
         std::vector<zmq::message_t> frames;
         while (zmq::recv_multipart(router, std::back_inserter(frames), zmq::recv_flags::dontwait)) {
-          zmq::send_multipart(router, frames);
+          // "all": answer with N x 64 bytes, as a rendezvous allgather must send every rank.
+          if (frames.size() == 2 && frames[1].to_string_view() == "all") {
+            router.send(frames[0], zmq::send_flags::sndmore);
+            router.send(zmq::buffer(all_blob), zmq::send_flags::none);
+          } else {
+            zmq::send_multipart(router, frames);
+          }
           frames.clear();
         }
       }
@@ -251,8 +274,13 @@ StatusOr<Result> Run(int n, bool curve) {
       Ranks ranks(n, ep, ac);
       for (int i = 0; i < n; ++i) ranks.Send(i, "ping");
       st = ranks.Collect(n);
+      res.anchor_s = Since(ta);
+      // The floor of an allgather through one server: every socket receives N x 64 bytes.
+      auto tb = Clock::now();
+      for (int i = 0; st.ok() && i < n; ++i) ranks.Send(i, "all");
+      if (st.ok()) st = ranks.Collect(n);
+      res.anchor_allgather_s = Since(tb);
     }
-    res.anchor_s = Since(ta);
     stop = true;
     echo.join();
   }
@@ -297,18 +325,21 @@ void AddRendezvousBench(CLI::App& app, Runner* runner) {
                          {"barrier_s", r.barrier_s},
                          {"broadcast_s", r.broadcast_s},
                          {"allgather_s", r.allgather_s},
-                         {"raw_zmq_connect_s", r.anchor_s}});
+                         {"raw_zmq_connect_s", r.anchor_s},
+                         {"raw_zmq_allgather_s", r.anchor_allgather_s}});
         std::cout << (out.size() == 1 ? out[0] : out).dump(2) << "\n";
         return 0;
       }
-      std::cout << "rendezvous of N ranks (own DEALER each) on one StoreServer; anchor: the same N "
-                   "sockets, one raw ZeroMQ round trip each\n";
+      std::cout
+          << "rendezvous of N ranks (own DEALER each) on one StoreServer; anchors: the same N "
+             "sockets against a raw ZeroMQ ROUTER, one round trip each (connect) and then "
+             "N x 64 bytes to each (allgather)\n";
       Table t({"ranks", "security", "connect s", "barrier s", "bcast128 s", "allgather64 s",
-               "total s", "raw zmq connect s"});
+               "total s", "raw zmq connect s", "raw zmq N*64B s"});
       for (auto& r : rows)
         t.Row({std::to_string(r.ranks), r.curve ? "CURVE" : "none", Fmt(r.connect_s, 3),
                Fmt(r.barrier_s, 3), Fmt(r.broadcast_s, 3), Fmt(r.allgather_s, 3), Fmt(r.total_s, 3),
-               Fmt(r.anchor_s, 3)});
+               Fmt(r.anchor_s, 3), Fmt(r.anchor_allgather_s, 3)});
       t.Print();
       return 0;
     };

@@ -7,6 +7,7 @@
 #include <map>
 #include <set>
 
+#include "checkpoint/restore_pipeline.h"
 #include "common/logging.h"
 
 namespace muster::checkpoint {
@@ -58,12 +59,6 @@ bool ContiguousIn(const Box& inner, const Box& outer) {
   for (int d = 0; d < j; ++d)
     if (inner.len[d] != 1) return false;
   return true;
-}
-
-std::vector<int64_t> LastPoint(const Box& b) {
-  std::vector<int64_t> p(b.off.size());
-  for (size_t d = 0; d < p.size(); ++d) p[d] = b.off[d] + b.len[d] - 1;
-  return p;
 }
 
 Status ValidateBox(const std::string& what, const std::vector<int64_t>& shape,
@@ -664,229 +659,105 @@ Status Checkpointer::Commit(Job& job, const std::vector<std::string>& parts) {
   return Status::Ok();
 }
 
-namespace {
-
-struct ReadTask {
-  int shard;
-  uint64_t file_off;  // first byte needed
-  uint64_t len;       // bytes needed (the whole span, for box copies)
-  char* dst;          // contiguous: where file_off lands
-  MemoryKind kind;
-  const RestoreRequest* req = nullptr;  // box copies only
-  const StoredSlice* slice = nullptr;
-  Box inter;
-  size_t esize = 0;
-  const std::string* tensor = nullptr;
-};
-
-// Copies the intersection box from `src` (the stored slice's bytes, starting at its first
-// element) into the request's buffer.
-Status BoxCopy(const ReadTask& t, const char* src) {
-  const Box s{t.slice->offsets, t.slice->lengths};
-  Box d{t.req->offsets, t.req->lengths};
-  const Box& x = t.inter;
-  const size_t nd = x.off.size();
-  if (nd == 0) {
-    return CopyFromHost(t.req->data, t.kind, src, t.esize);
-  }
-  const size_t run = static_cast<size_t>(x.len[nd - 1]) * t.esize;
-  std::vector<int64_t> p = x.off;
-  for (;;) {
-    const char* from = src + LinearIn(s, p) * t.esize;
-    char* to = static_cast<char*>(t.req->data) + LinearIn(d, p) * t.esize;
-    MUSTER_RETURN_IF_ERROR(CopyFromHost(to, t.kind, from, run));
-    int dim = static_cast<int>(nd) - 2;
-    while (dim >= 0) {
-      if (++p[dim] < x.off[dim] + x.len[dim]) break;
-      p[dim] = x.off[dim];
-      --dim;
-    }
-    if (dim < 0) return Status::Ok();
-  }
-}
-
-}  // namespace
-
 Status Checkpointer::Restore(int64_t step, const std::vector<RestoreRequest>& requests) {
   MUSTER_ASSIGN_OR_RETURN(Manifest m, LoadManifest(volume_, options_.dir, step));
   const uint64_t bs = m.block_size;
-  const uint64_t chunk = std::max<uint64_t>(bs, options_.write_chunk / bs * bs);
-  std::vector<RestoreRequest> reqs = requests;
-  std::vector<ReadTask> tasks;
-  for (auto& r : reqs) {
-    const TensorEntry* t = m.Find(r.name);
-    if (!t) return NotFoundError(StepStr(step) + " has no tensor '" + r.name + "'");
-    if (t->dtype != r.dtype) {
-      return InvalidArgumentError(StepStr(step) + ": tensor '" + r.name + "' is " +
+  const uint64_t window = std::max<uint64_t>(bs, options_.write_chunk / bs * bs);
+  RestorePlanBuilder plan(m, window);
+  bool any_device = false;
+  for (const auto& req : requests) {
+    const TensorEntry* t = m.Find(req.name);
+    if (!t) return NotFoundError(StepStr(step) + " has no tensor '" + req.name + "'");
+    if (t->dtype != req.dtype) {
+      return InvalidArgumentError(StepStr(step) + ": tensor '" + req.name + "' is " +
                                   std::string(DTypeName(t->dtype)) + ", the request asks for " +
-                                  std::string(DTypeName(r.dtype)));
+                                  std::string(DTypeName(req.dtype)));
     }
-    if (r.offsets.empty() && r.lengths.empty()) {
-      r.offsets.assign(t->shape.size(), 0);
-      r.lengths = t->shape;
+    Box rb{req.offsets, req.lengths};
+    if (rb.off.empty() && rb.len.empty()) {
+      rb.off.assign(t->shape.size(), 0);
+      rb.len = t->shape;
     }
     MUSTER_RETURN_IF_ERROR(
-        ValidateBox("restore: tensor '" + r.name + "'", t->shape, r.offsets, r.lengths));
-    const int64_t want = NumElements(r.lengths);
-    if (want > 0 && !r.data) {
-      return InvalidArgumentError("restore: tensor '" + r.name + "' has no destination");
+        ValidateBox("restore: tensor '" + req.name + "'", t->shape, rb.off, rb.len));
+    const int64_t want = NumElements(rb.len);
+    if (want > 0 && !req.data) {
+      return InvalidArgumentError("restore: tensor '" + req.name + "' has no destination");
     }
     if (want == 0) continue;
+    any_device |= req.memory != MemoryKind::kHost;
+    char* const data = static_cast<char*>(req.data);
     const size_t es = DTypeSize(t->dtype);
-    const Box rb{r.offsets, r.lengths};
+    const size_t nd = rb.off.size();
     int64_t covered = 0;
     for (const auto& s : t->slices) {
       const Box sb{s.offsets, s.lengths};
       Box x;
       if (NumElements(s.lengths) == 0 || !Intersect(rb, sb, &x)) continue;
       covered += NumElements(x.len);
-      const uint64_t src_first = s.byte_offset + LinearIn(sb, x.off) * es;
       if (ContiguousIn(x, sb) && ContiguousIn(x, rb)) {
-        const uint64_t n = NumElements(x.len) * es;
-        char* dst = static_cast<char*>(r.data) + LinearIn(rb, x.off) * es;
-        // Split at chunk boundaries of the file so tasks never share a block read.
-        uint64_t off = src_first, end = src_first + n;
-        while (off < end) {
-          uint64_t cut = std::min(end, (off / chunk + 1) * chunk);
-          ReadTask task;
-          task.shard = s.shard;
-          task.file_off = off;
-          task.len = cut - off;
-          task.dst = dst + (off - src_first);
-          task.kind = r.memory;
-          task.tensor = &t->name;
-          tasks.push_back(std::move(task));
-          off = cut;
+        plan.AddRun(s.shard, s.byte_offset + LinearIn(sb, x.off) * es, NumElements(x.len) * es,
+                    data + LinearIn(rb, x.off) * es, req.memory, &t->name);
+        continue;
+      }
+      // A box that is not one run: one run per row of its last dimension, in file order.
+      const uint64_t row = static_cast<uint64_t>(x.len[nd - 1]) * es;
+      std::vector<int64_t> p = x.off;
+      for (;;) {
+        plan.AddRun(s.shard, s.byte_offset + LinearIn(sb, p) * es, row, data + LinearIn(rb, p) * es,
+                    req.memory, &t->name);
+        int dim = static_cast<int>(nd) - 2;
+        while (dim >= 0) {
+          if (++p[dim] < x.off[dim] + x.len[dim]) break;
+          p[dim] = x.off[dim];
+          --dim;
         }
-      } else {
-        const uint64_t last = s.byte_offset + (LinearIn(sb, LastPoint(x)) + 1) * es;
-        ReadTask task;
-        task.shard = s.shard;
-        task.file_off = src_first;
-        task.len = last - src_first;
-        task.dst = nullptr;
-        task.kind = r.memory;
-        task.req = &r;
-        task.slice = &s;
-        task.inter = x;
-        task.esize = es;
-        task.tensor = &t->name;
-        tasks.push_back(std::move(task));
+        if (dim < 0) break;
       }
     }
     if (covered != want) {
-      return DataLossError(StepStr(step) + ": tensor '" + r.name + "': the stored slices cover " +
+      return DataLossError(StepStr(step) + ": tensor '" + req.name + "': the stored slices cover " +
                            std::to_string(covered) + " of the " + std::to_string(want) +
                            " requested elements");
     }
   }
+  RestorePlan p = plan.Take();
 
+  // Restores share the staging ring and the device copier.
+  std::lock_guard<std::mutex> rl(restore_mu_);
+  RestoreIo io;
+  io.manifest = &m;
+  io.step = step;
+  io.threads = options_.io_threads;
+  io.slots = options_.restore_slots;
+  io.ring = &restore_ring_;
+  if (any_device) {
+    if (options_.device_copier) {
+      io.device = options_.device_copier;
+    } else {
+      if (!cuda_copier_) cuda_copier_ = NewCudaDeviceCopier();
+      io.device = cuda_copier_.get();
+    }
+  }
   // Each shard is opened twice: O_DIRECT for aligned reads (whole blocks into aligned memory:
   // no page-cache copy), buffered for the rest.
   std::map<int, std::unique_ptr<ReadableFile>> files, direct_files;
   const std::string sdir = StepPath(options_.dir, step);
-  for (const auto& t : tasks) {
-    if (files.count(t.shard)) continue;
-    const std::string path = JoinPath(sdir, m.shards[t.shard].file);
+  for (const auto& w : p.windows) {
+    if (files.count(w.shard)) continue;
+    const std::string path = JoinPath(sdir, m.shards[w.shard].file);
     auto f = volume_->NewReadableFile(path, false);
     if (!f.ok()) return f.status().WithContext(StepStr(step));
-    files[t.shard] = std::move(*f);
+    io.files[w.shard] = f->get();
+    files[w.shard] = std::move(*f);
     if (options_.direct_io) {
       auto d = volume_->NewReadableFile(path, true);
       if (!d.ok()) return d.status().WithContext(StepStr(step));
-      direct_files[t.shard] = std::move(*d);
+      io.direct_files[w.shard] = d->get();
+      direct_files[w.shard] = std::move(*d);
     }
   }
-
-  std::atomic<size_t> next{0};
-  std::atomic<bool> failed{false};
-  std::mutex err_mu;
-  Status err;
-  auto work = [&] {
-    std::unique_ptr<char, decltype(&::free)> buf(nullptr, &::free);
-    size_t cap = 0;
-    for (;;) {
-      size_t i = next++;
-      if (i >= tasks.size() || failed) return;
-      const ReadTask& t = tasks[i];
-      const ShardEntry& shard = m.shards[t.shard];
-      auto ensure = [&](uint64_t n) -> Status {
-        if (n <= cap) return Status::Ok();
-        void* p = nullptr;
-        if (::posix_memalign(&p, kDirectIoAlignment, n) != 0) {
-          return InternalError("restore: out of memory for a read buffer");
-        }
-        buf.reset(static_cast<char*>(p));
-        cap = n;
-        return Status::Ok();
-      };
-      // Reads [a, b) of the shard into `into` and checks its blocks (a is block-aligned).
-      auto read_checked = [&](uint64_t a, uint64_t b, char* into) -> Status {
-        ReadableFile* f = files[t.shard].get();
-        if (auto it = direct_files.find(t.shard);
-            it != direct_files.end() && it->second->direct() && a % kDirectIoAlignment == 0 &&
-            (b - a) % kDirectIoAlignment == 0 &&
-            reinterpret_cast<uintptr_t>(into) % kDirectIoAlignment == 0) {
-          f = it->second.get();
-        }
-        Status st = f->Read(a, into, b - a);
-        if (!st.ok()) {
-          return st.WithContext(StepStr(step) + ": tensor '" + *t.tensor + "': " + shard.file);
-        }
-        return CheckBlocks(m, shard, a, into, b - a);
-      };
-      Status st;
-      const uint64_t s = t.file_off, e = t.file_off + t.len;
-      const uint64_t fb = AlignUp(s, bs), lb = e == shard.size ? e : e / bs * bs;
-      // With O_DIRECT available, a destination that is not 4096-aligned where the whole blocks
-      // land goes through the (aligned) bounce buffer: an extra memcpy beats buffered reads.
-      const bool dst_aligned =
-          !t.req && reinterpret_cast<uintptr_t>(t.dst + (fb - s)) % kDirectIoAlignment == 0;
-      auto dit = direct_files.find(t.shard);
-      const bool can_direct = dit != direct_files.end() && dit->second->direct();
-      if (!t.req && t.kind == MemoryKind::kHost && fb < lb && (dst_aligned || !can_direct)) {
-        // Whole blocks go straight into the destination and are checked there; only the
-        // partial blocks at either end pass through the bounce buffer.
-        if (s < fb) {
-          st = ensure(bs);
-          if (st.ok()) st = read_checked(fb - bs, fb, buf.get());
-          if (st.ok()) std::memcpy(t.dst, buf.get() + (s - (fb - bs)), fb - s);
-        }
-        if (st.ok()) st = read_checked(fb, lb, t.dst + (fb - s));
-        if (st.ok() && lb < e) {
-          const uint64_t b = std::min(shard.size, lb + bs);
-          st = ensure(b - lb);
-          if (st.ok()) st = read_checked(lb, b, buf.get());
-          if (st.ok()) std::memcpy(t.dst + (lb - s), buf.get(), e - lb);
-        }
-      } else {
-        const uint64_t a = s / bs * bs;
-        const uint64_t b = std::min(shard.size, AlignUp(e, bs));
-        st = ensure(b - a);
-        if (st.ok()) st = read_checked(a, b, buf.get());
-        if (st.ok()) {
-          const char* src = buf.get() + (s - a);
-          // BoxCopy indexes from the slice's first element (which may precede the buffer; only
-          // elements from file_off on are touched).
-          st = t.req ? BoxCopy(t, src - (s - t.slice->byte_offset))
-                     : CopyFromHost(t.dst, t.kind, src, t.len);
-        }
-      }
-      if (!st.ok()) {
-        std::lock_guard<std::mutex> l(err_mu);
-        if (err.ok()) err = st;
-        failed = true;
-        return;
-      }
-    }
-  };
-  const int threads =
-      static_cast<int>(std::min<size_t>(options_.io_threads, std::max<size_t>(1, tasks.size())));
-  std::vector<std::thread> ts;
-  for (int i = 1; i < threads; ++i) ts.emplace_back(work);
-  work();
-  for (auto& th : ts) th.join();
-  return err;
+  return ExecuteRestorePlan(p, io);
 }
 
 StatusOr<int64_t> Checkpointer::LatestStep() { return LatestCommittedStep(volume_, options_.dir); }

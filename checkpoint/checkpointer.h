@@ -31,9 +31,10 @@
 //   }
 //   MUSTER_RETURN_IF_ERROR(ck->Wait());              // the last save is committed
 //
-// Thread-safety: Save, Wait, Restore and the read accessors may be called from any thread, but
-// Save and Restore calls are serialized internally. The tensors passed to Save must not change
-// until Save returns (not until the commit: that is what staging is for).
+// Thread-safety: Save, Wait, Restore and the read accessors may be called from any thread;
+// Save calls are serialized with each other internally, and so are Restore calls. The tensors
+// passed to Save must not change until Save returns (not until the commit: that is what staging is
+// for).
 
 #include <chrono>
 #include <condition_variable>
@@ -45,6 +46,7 @@
 #include <vector>
 
 #include "checkpoint/checkpoint_dir.h"
+#include "checkpoint/device_copier.h"
 #include "checkpoint/manifest.h"
 #include "checkpoint/staging.h"
 #include "checkpoint/volume.h"
@@ -119,6 +121,14 @@ struct CheckpointerOptions {
   // copy (stall 4.9x a memcpy with it, 1.04x without; docs/benchmarks.md). Worth turning on
   // where cores are plentiful or tensors are on the GPU (the copy is DMA).
   bool overlap_snapshot = false;
+  // Restore reads into a ring of this many staging slots of write_chunk bytes each (pinned
+  // when CUDA tensors are restored), so reads overlap the copies out of earlier slots; 0 means
+  // io_threads, plus 2 when CUDA tensors are restored. The ring is kept across restores.
+  int restore_slots = 0;
+  // Moves restored bytes from the ring into MemoryKind::kCuda destinations. Null: the CUDA
+  // runtime (cudaMemcpyAsync on a stream of the device current on the Restore caller's
+  // thread). Tests pass a fake device; it must outlive the Checkpointer.
+  DeviceCopier* device_copier = nullptr;
 };
 
 class Checkpointer {
@@ -158,9 +168,12 @@ class Checkpointer {
 
   StatusOr<Manifest> ReadManifest(int64_t step);
 
-  // Reads the requested slices of `step`. Every block read is checked: DataLoss names the
-  // tensor and step. NotFound for a missing step or tensor; InvalidArgument for a slice
-  // outside the tensor or a dtype mismatch.
+  // Reads the requested slices of `step` (checkpoint/restore_pipeline.h: large aligned reads
+  // into the staging ring, checked there, then copied out; device copies overlap the next
+  // reads). Every block read is checked before its bytes reach a CUDA destination: DataLoss
+  // names the tensor and step. The destinations hold the bytes when Restore returns OK. NotFound
+  // for a missing step or tensor; InvalidArgument for a slice outside the tensor or a dtype
+  // mismatch.
   Status Restore(int64_t step, const std::vector<RestoreRequest>& requests);
 
   const CheckpointerOptions& options() const { return options_; }
@@ -182,7 +195,11 @@ class Checkpointer {
   int64_t save_seq_ = 0;
   uint64_t last_shard_bytes_ = 0;
 
-  std::mutex save_mu_;  // serializes Save and Restore callers
+  std::mutex save_mu_;  // serializes Save callers
+
+  std::mutex restore_mu_;       // serializes Restore callers over the ring and the copier
+  StagingBuffer restore_ring_;  // GUARDED_BY(restore_mu_)
+  std::unique_ptr<DeviceCopier> cuda_copier_;  // GUARDED_BY(restore_mu_)
 
   std::mutex mu_;
   std::condition_variable cv_;

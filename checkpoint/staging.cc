@@ -119,19 +119,6 @@ Status CopyToHost(void* dst, const void* src, size_t n, MemoryKind src_kind, int
 #endif
 }
 
-Status CopyFromHost(void* dst, MemoryKind dst_kind, const void* src, size_t n) {
-  if (n == 0) return Status::Ok();
-  if (dst_kind == MemoryKind::kHost) {
-    std::memcpy(dst, src, n);
-    return Status::Ok();
-  }
-#ifdef MUSTER_HAVE_CUDA
-  return CudaStatus(cudaMemcpy(dst, src, n, cudaMemcpyHostToDevice), "host-to-device copy");
-#else
-  return NoCuda();
-#endif
-}
-
 DeviceCopyBatch::DeviceCopyBatch() = default;
 
 DeviceCopyBatch::~DeviceCopyBatch() {

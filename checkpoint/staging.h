@@ -2,8 +2,9 @@
 
 // Host staging memory and host<->device copies for checkpoints.
 //
-// StagingBuffer is the host memory a save snapshots into. It is reused across saves and grows
-// only when a bigger state arrives. Where CUDA was found at build time (MUSTER_HAVE_CUDA) and a
+// StagingBuffer is the host memory a save snapshots into (and the ring a restore reads into,
+// checkpoint/restore_pipeline.h). It is reused across saves and grows only when a bigger state
+// arrives. Where CUDA was found at build time (MUSTER_HAVE_CUDA) and a
 // state holds CUDA tensors, it is pinned with cudaHostAlloc so device-to-host copies run at
 // full PCIe speed with cudaMemcpyAsync; otherwise it is page-aligned ordinary memory (aligned
 // for O_DIRECT either way).
@@ -47,8 +48,7 @@ bool CudaBuiltIn();
 // Copies `n` bytes of `src` (host or CUDA memory) into host memory `dst`. Host copies of large
 // buffers are split across up to `threads` threads.
 Status CopyToHost(void* dst, const void* src, size_t n, MemoryKind src_kind, int threads = 1);
-// Copies `n` bytes of host memory `src` into `dst` (host or CUDA memory).
-Status CopyFromHost(void* dst, MemoryKind dst_kind, const void* src, size_t n);
+// (Restores copy host-to-device through checkpoint/device_copier.h.)
 
 // A set of device-to-host copies issued on one CUDA stream and awaited together: the staging
 // snapshot of many CUDA tensors overlaps their transfers.

@@ -7,7 +7,6 @@
 
 #include "cli/commands.h"
 #include "common/logging.h"
-#include "launcher/launcher.h"
 #include "node_agent/agent.h"
 
 namespace muster::cli {
@@ -31,8 +30,7 @@ void AddAgentCommands(CLI::App& app, Runner* runner) {
                   "else ~/.muster)");
   cmd->add_flag("--insecure", o->insecure,
                 "No CURVE to the coordinator nor for the job stores (tests only)");
-  cmd->add_option("--provider", f->provider, "Provider label (aws, gcp, lambda, ...)")
-      ->required();
+  cmd->add_option("--provider", f->provider, "Provider label (aws, gcp, lambda, ...)")->required();
   cmd->add_option("--region", f->region, "Region label");
   cmd->add_option("--island", f->island, "Island label (NVLink/InfiniBand domain)");
   cmd->add_option("--gpu-type", f->gpu_type, "GPU type label (h100, ...)");
@@ -69,7 +67,7 @@ void AddAgentCommands(CLI::App& app, Runner* runner) {
       l.set_address(f->address);
       int gpus = 0;
       if (f->gpus == "auto") {
-        gpus = static_cast<int>(launcher::DetectGpus().size());
+        gpus = node_agent::CountGpus();
       } else {
         try {
           gpus = std::stoi(f->gpus);
@@ -82,8 +80,9 @@ void AddAgentCommands(CLI::App& app, Runner* runner) {
         }
       }
       l.set_gpus(gpus);
-      int slots = f->slots > 0 ? f->slots
-                               : (gpus > 0 ? gpus : static_cast<int>(std::thread::hardware_concurrency()));
+      int slots = f->slots > 0
+                      ? f->slots
+                      : (gpus > 0 ? gpus : static_cast<int>(std::thread::hardware_concurrency()));
       l.set_slots(slots);
       for (const auto& v : f->volumes) {
         auto eq = v.find('=');
@@ -105,6 +104,7 @@ void AddAgentCommands(CLI::App& app, Runner* runner) {
       sigaddset(&set, SIGTERM);
       pthread_sigmask(SIG_BLOCK, &set, nullptr);
       auto agent = node_agent::Agent::Start(*o);
+      if (agent.ok()) log::SetContext("", (*agent)->labels().name(), "");
       if (!agent.ok()) {
         std::cerr << "muster agent: " << agent.status().message() << "\n";
         return agent.status().code() == StatusCode::kInvalidArgument ? 2 : 1;

@@ -17,5 +17,6 @@ void AddCkptCommands(CLI::App& app, Runner* runner);
 void AddRunCommands(CLI::App& app, Runner* runner);
 void AddCoordinatorCommands(CLI::App& app, Runner* runner);
 void AddAgentCommands(CLI::App& app, Runner* runner);
+void AddDemoCommands(CLI::App& app, Runner* runner);
 
 }  // namespace muster::cli

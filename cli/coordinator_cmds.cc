@@ -131,6 +131,8 @@ void AddCoordinatorCommands(CLI::App& app, Runner* runner) {
     auto data_dir = std::make_shared<std::string>();
     auto hb = std::make_shared<int>(1000);
     auto hb_timeout = std::make_shared<int>(5000);
+    auto lease = std::make_shared<int>(0);
+    auto port_base = std::make_shared<int>(29500);
     cmd->add_option("--data-dir", *data_dir, "State directory (SQLite database)")->required();
     cmd->add_option("--listen", o->listen, "Endpoint to serve on")->capture_default_str();
     cmd->add_option("--keys", o->keys_dir,
@@ -142,12 +144,28 @@ void AddCoordinatorCommands(CLI::App& app, Runner* runner) {
     cmd->add_option("--heartbeat-timeout-ms", *hb_timeout,
                     "A node whose heartbeats stop this long is lost")
         ->check(CLI::Range(50, 3600000));
+    cmd->add_option("--lease-ms", *lease,
+                    "An agent that cannot reach the coordinator this long stops its ranks (no "
+                    "split brain); a lost node's job waits lease - heartbeat timeout before it "
+                    "is placed again. Default 1.5 x the heartbeat timeout")
+        ->check(CLI::Range(0, 3600000));
+    cmd->add_option("--rendezvous-port-base", *port_base,
+                    "Jobs get MASTER_PORT in [base, base+500) and their rendezvous store "
+                    "MASTER_PORT + 500")
+        ->check(CLI::Range(1024, 64535))
+        ->capture_default_str();
     cmd->callback([=] {
       *runner = [=] {
+        if (*lease != 0 && *lease <= *hb_timeout) {
+          std::cerr << "muster coordinator: --lease-ms must exceed --heartbeat-timeout-ms\n";
+          return 2;
+        }
         o->data_dir = *data_dir;
+        o->coordinator.rendezvous_port_base = *port_base;
         o->coordinator.heartbeat_interval = std::chrono::milliseconds(*hb);
         o->coordinator.heartbeat_timeout = std::chrono::milliseconds(*hb_timeout);
-        o->coordinator.lease = std::chrono::milliseconds(*hb_timeout + *hb_timeout / 2);
+        o->coordinator.lease =
+            std::chrono::milliseconds(*lease != 0 ? *lease : *hb_timeout + *hb_timeout / 2);
         sigset_t set;
         sigemptyset(&set);
         sigaddset(&set, SIGINT);
@@ -338,8 +356,11 @@ void AddCoordinatorCommands(CLI::App& app, Runner* runner) {
     auto job = std::make_shared<std::string>();
     auto rank = std::make_shared<int>(0);
     auto follow = std::make_shared<bool>(false);
+    auto attempt = std::make_shared<int>(0);
     cmd->add_option("JOB", *job, "Job id")->required();
     cmd->add_option("--rank,-r", *rank, "Global rank (default 0)")->check(CLI::NonNegativeNumber);
+    cmd->add_option("--attempt", *attempt, "Attempt (default: the current or last one)")
+        ->check(CLI::NonNegativeNumber);
     cmd->add_flag("--follow,-f", *follow, "Keep printing as the rank writes");
     AddClientFlags(cmd, o);
     cmd->callback([=] {
@@ -349,11 +370,11 @@ void AddCoordinatorCommands(CLI::App& app, Runner* runner) {
         if (!c) return rc;
         int64_t offset = 0;
         while (true) {
-          auto r = c->Logs(*job, *rank, offset, 1 << 20);
+          auto r = c->Logs(*job, *rank, offset, 1 << 20, *attempt);
           if (!r.ok()) return Fail("logs", r.status());
           std::cout << r->data() << std::flush;
           offset = r->next_offset();
-          if (!*follow || r->eof()) return 0;
+          if (r->eof() || (!*follow && r->data().empty())) return 0;
           if (r->data().empty()) std::this_thread::sleep_for(std::chrono::milliseconds(500));
         }
       };

@@ -21,6 +21,7 @@ int main(int argc, char** argv) {
   muster::cli::AddRunCommands(app, &runner);
   muster::cli::AddCoordinatorCommands(app, &runner);
   muster::cli::AddAgentCommands(app, &runner);
+  muster::cli::AddDemoCommands(app, &runner);
 
   try {
     app.parse(argc, argv);

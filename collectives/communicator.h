@@ -12,6 +12,9 @@
 // on the communicator's worker (Gloo, MPI) or its CUDA stream (NCCL); each returns a Work
 // to wait on. Buffers must stay valid until the Work is done. Host memory for Gloo and MPI,
 // device memory for NCCL.
+// NCCL: a collective starts only after the work already queued on its device's default stream
+// (an event recorded there that the communicator's stream waits on), so tensors computed on the
+// default stream need no synchronization first, as with PyTorch's NCCL process group.
 //
 // No hangs: every collective finishes within `CommConfig::timeout` (default 30 s). When a peer
 // dies mid-collective, every other rank's Work fails (Aborted or DeadlineExceeded) within that

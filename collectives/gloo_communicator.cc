@@ -1,5 +1,5 @@
-// The Gloo backend: CPU collectives over Gloo's TCP transport, rendezvousing through a
-// gloo::rendezvous::Store adapter over muster's Store. Every Gloo exception is caught here.
+// The Gloo backend: CPU collectives over Gloo's TCP transport, its pairs connected through one
+// Store::AllGather (MeshContext below). Every Gloo exception is caught here.
 
 #include "collectives/backends.h"
 
@@ -10,10 +10,14 @@
 #include <gloo/barrier.h>
 #include <gloo/broadcast.h>
 #include <gloo/common/error.h>
+#include <gloo/context.h>
 #include <gloo/math.h>
-#include <gloo/rendezvous/context.h>
-#include <gloo/rendezvous/store.h>
+#include <gloo/transport/tcp/address.h>
 #include <gloo/transport/tcp/device.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <signal.h>
+#include <sys/socket.h>
 
 #include <cstring>
 #include <vector>
@@ -25,37 +29,197 @@
 namespace muster::collectives::internal {
 namespace {
 
-// Gloo's store interface reports failure by exception; this adapter turns our Status into
-// gloo::IoException, which connectFullMesh lets through to NewGlooCommunicator.
-class GlooStoreAdapter final : public gloo::rendezvous::Store {
+// A gloo::Context whose pairs are connected through one Store::AllGather.
+//
+// Rank i's pair with rank j connects to the address that j's pair with i listens on, so each
+// rank needs one address from every other. Gloo's own rendezvous::Context::connectFullMesh has
+// every rank store its N-1 pair addresses (136 bytes each) under one key and read every other
+// rank's key with one Get each: N requests per rank, and N^3 x 136 bytes through the store.
+// Here each rank sends one entry through one AllGather, compact where the addresses allow:
+// Gloo's tcp pairs share one IP address and differ in their port (one listening socket per
+// pair, Debian's Gloo) or in a sequence number handed out in creation order (one listening
+// socket per device, newer Gloo), so the entry is the shared address, the first sequence
+// number and its step, and one 2-byte port per peer; any other layout sends every pair's
+// whole address.
+class MeshContext final : public gloo::Context {
  public:
-  GlooStoreAdapter(std::shared_ptr<collectives::Store> store, std::string prefix,
-                   std::chrono::milliseconds timeout)
-      : store_(std::move(store)), prefix_(std::move(prefix)), timeout_(timeout) {}
+  MeshContext(int rank, int size) : gloo::Context(rank, size) {}
 
-  void set(const std::string& key, const std::vector<char>& data) override {
-    Check(store_->Set(prefix_ + key, std::string(data.begin(), data.end())));
-  }
-  std::vector<char> get(const std::string& key) override {
-    auto v = store_->Get(prefix_ + key, timeout_);
-    Check(v.status());
-    return std::vector<char>(v->begin(), v->end());
-  }
-  void wait(const std::vector<std::string>& keys) override { wait(keys, timeout_); }
-  void wait(const std::vector<std::string>& keys,
-            const std::chrono::milliseconds& timeout) override {
-    std::vector<std::string> full;
-    for (const auto& k : keys) full.push_back(prefix_ + k);
-    Check(store_->Wait(full, std::min(timeout, timeout_)));
+  // Throws what Gloo throws; returns the store's error.
+  Status ConnectFullMesh(Store& store, const std::string& name,
+                         std::shared_ptr<gloo::transport::Device> device,
+                         std::chrono::milliseconds timeout) {
+    auto transport = device->createContext(rank, size);
+    transport->setTimeout(timeout);
+    std::vector<gloo::transport::tcp::Address> mine(size);
+    for (int peer = 0; peer < size; ++peer) {
+      if (peer == rank) continue;
+      const auto* a = dynamic_cast<const gloo::transport::tcp::Address*>(
+          &transport->createPair(peer)->address());
+      if (a == nullptr) return InternalError("gloo: a tcp pair without a tcp address");
+      mine[peer] = *a;
+    }
+    std::string entry = size > 1 ? CompactEntry(mine) : "";
+    if (entry.empty()) {
+      Append(entry, kPerPair);
+      for (int peer = 0; peer < size; ++peer) {
+        std::vector<char> bytes = peer == rank ? std::vector<char>{} : mine[peer].bytes();
+        Append(entry, static_cast<uint32_t>(bytes.size()));
+        entry.append(bytes.begin(), bytes.end());
+      }
+    }
+    log::Get("coll.gloo")->debug("rank {}: address entry of {} bytes", rank, entry.size());
+    MUSTER_ASSIGN_OR_RETURN(auto all, store.AllGather(name, rank, size, entry, timeout));
+    for (int peer = 0; peer < size; ++peer) {
+      if (peer == rank) continue;
+      MUSTER_ASSIGN_OR_RETURN(std::vector<char> addr, AddressFor(all[peer], peer));
+      transport->getPair(peer)->connect(addr);
+    }
+    device_ = std::move(device);
+    transportContext_ = std::move(transport);
+    return Status::Ok();
   }
 
  private:
-  static void Check(const Status& s) {
-    if (!s.ok()) throw gloo::IoException("rendezvous: " + s.ToString());
+  static constexpr uint32_t kCompact = 1, kPerPair = 2;
+
+  template <typename T>
+  static void Append(std::string& out, const T& v) {
+    out.append(reinterpret_cast<const char*>(&v), sizeof(v));
   }
-  std::shared_ptr<collectives::Store> store_;
-  std::string prefix_;
-  std::chrono::milliseconds timeout_;
+  template <typename T>
+  static bool Read(const std::string& in, size_t& at, T& v) {
+    if (in.size() - at < sizeof(v)) return false;
+    std::memcpy(&v, in.data() + at, sizeof(v));
+    at += sizeof(v);
+    return true;
+  }
+
+  // Copies the IPv4 or IPv6 address `in` to `out` with port 0 and every other byte zeroed
+  // (getsockname leaves the tail of a sockaddr_storage undefined) and returns its port in
+  // network order; false for another family.
+  static bool Normalize(const sockaddr_storage& in, sockaddr_storage& out, uint16_t& port) {
+    std::memset(&out, 0, sizeof(out));
+    if (in.ss_family == AF_INET) {
+      const auto& i = reinterpret_cast<const sockaddr_in&>(in);
+      auto& o = reinterpret_cast<sockaddr_in&>(out);
+      o.sin_family = AF_INET;
+      o.sin_addr = i.sin_addr;
+      port = i.sin_port;
+      return true;
+    }
+    if (in.ss_family == AF_INET6) {
+      const auto& i = reinterpret_cast<const sockaddr_in6&>(in);
+      auto& o = reinterpret_cast<sockaddr_in6&>(out);
+      o.sin6_family = AF_INET6;
+      o.sin6_addr = i.sin6_addr;
+      o.sin6_flowinfo = i.sin6_flowinfo;
+      o.sin6_scope_id = i.sin6_scope_id;
+      port = i.sin6_port;
+      return true;
+    }
+    return false;
+  }
+
+  static void SetPort(sockaddr_storage& ss, uint16_t port) {
+    if (ss.ss_family == AF_INET) reinterpret_cast<sockaddr_in&>(ss).sin_port = port;
+    if (ss.ss_family == AF_INET6) reinterpret_cast<sockaddr_in6&>(ss).sin6_port = port;
+  }
+
+  // The index of `peer`'s pair among this rank's pairs (created in rank order, skipping self).
+  static int64_t PairIndex(int self, int peer) { return peer < self ? peer : peer - 1; }
+
+  // [kCompact][address with port 0][first seq][seq step][port per rank], or "" when the pairs'
+  // addresses differ in more than the port, or their sequence numbers are not first + step x
+  // index with a step of 0 or 1.
+  std::string CompactEntry(const std::vector<gloo::transport::tcp::Address>& mine) const {
+    int first = rank == 0 ? 1 : 0;
+    int second = first + 1 == rank ? first + 2 : first + 1;
+    sockaddr_storage shared;
+    uint16_t unused;
+    if (!Normalize(mine[first].getSockaddr(), shared, unused)) return "";
+    int64_t seq0 = mine[first].getSeq();
+    int64_t step = second < size ? mine[second].getSeq() - seq0 : 0;
+    if (step != 0 && step != 1) return "";
+    std::vector<uint16_t> ports(size, 0);
+    for (int peer = 0; peer < size; ++peer) {
+      if (peer == rank) continue;
+      sockaddr_storage ss;
+      if (!Normalize(mine[peer].getSockaddr(), ss, ports[peer])) return "";
+      if (std::memcmp(&ss, &shared, sizeof(ss)) != 0) return "";
+      if (mine[peer].getSeq() != seq0 + step * PairIndex(rank, peer)) return "";
+    }
+    std::string entry;
+    Append(entry, kCompact);
+    Append(entry, shared);
+    Append(entry, seq0);
+    Append(entry, step);
+    entry.append(reinterpret_cast<const char*>(ports.data()), ports.size() * sizeof(uint16_t));
+    return entry;
+  }
+
+  // The address `peer` made for its pair with this rank, from `peer`'s entry.
+  StatusOr<std::vector<char>> AddressFor(const std::string& entry, int peer) const {
+    auto bad = [&] {
+      return DataLossError("gloo rendezvous: rank " + std::to_string(peer) +
+                           "'s address entry is malformed (" + std::to_string(entry.size()) +
+                           " bytes)");
+    };
+    size_t at = 0;
+    uint32_t format = 0;
+    if (!Read(entry, at, format)) return bad();
+    if (format == kCompact) {
+      sockaddr_storage ss;
+      int64_t seq0 = 0, step = 0;
+      if (!Read(entry, at, ss) || !Read(entry, at, seq0) || !Read(entry, at, step) ||
+          entry.size() - at != static_cast<size_t>(size) * sizeof(uint16_t)) {
+        return bad();
+      }
+      if (ss.ss_family != AF_INET && ss.ss_family != AF_INET6) return bad();
+      uint16_t port;
+      std::memcpy(&port, entry.data() + at + rank * sizeof(uint16_t), sizeof(port));
+      SetPort(ss, port);
+      return gloo::transport::tcp::Address(ss, seq0 + step * PairIndex(peer, rank)).bytes();
+    }
+    if (format != kPerPair) return bad();
+    for (int r = 0; r < size; ++r) {
+      uint32_t len = 0;
+      if (!Read(entry, at, len) || entry.size() - at < len) return bad();
+      if (r == rank) return std::vector<char>(entry.data() + at, entry.data() + at + len);
+      at += len;
+    }
+    return bad();
+  }
+};
+
+// Gloo writes to its sockets with writev, which raises SIGPIPE in the writing thread when the
+// peer has died: that would kill the rank instead of failing its collective (and the rank's
+// exit code would be 141, not kPeerFailureExitCode). The threads that write to Gloo's sockets
+// (Gloo's device loop, the communicator's worker, and the caller while it connects) are started
+// or run inside this guard, with SIGPIPE blocked; new threads inherit the mask, so the writes
+// fail with EPIPE and the process's own SIGPIPE disposition stays the program's.
+class BlockSigpipe {
+ public:
+  BlockSigpipe() {
+    sigset_t pipe;
+    sigemptyset(&pipe);
+    sigaddset(&pipe, SIGPIPE);
+    pthread_sigmask(SIG_BLOCK, &pipe, &old_);
+  }
+  ~BlockSigpipe() {
+    if (sigismember(&old_, SIGPIPE)) return;
+    // Discard a SIGPIPE raised in this thread while connecting, before unblocking it.
+    sigset_t pipe;
+    sigemptyset(&pipe);
+    sigaddset(&pipe, SIGPIPE);
+    timespec zero{0, 0};
+    while (sigtimedwait(&pipe, nullptr, &zero) == SIGPIPE) {
+    }
+    pthread_sigmask(SIG_SETMASK, &old_, nullptr);
+  }
+
+ private:
+  sigset_t old_;
 };
 
 Status FromGloo(const char* what, const std::exception& e, std::chrono::milliseconds timeout) {
@@ -214,14 +378,19 @@ class GlooCommunicator final : public QueuedCommunicator {
 
 StatusOr<std::unique_ptr<Communicator>> NewGlooCommunicator(std::shared_ptr<Store> store,
                                                             CommConfig config) {
+  BlockSigpipe sigpipe_blocked;
   try {
     gloo::transport::tcp::attr attr;
     attr.hostname = config.host;
     auto device = gloo::transport::tcp::CreateDevice(attr);
-    auto context = std::make_shared<gloo::rendezvous::Context>(config.rank, config.size);
+    auto context = std::make_shared<MeshContext>(config.rank, config.size);
     context->setTimeout(config.timeout);
-    GlooStoreAdapter adapter(store, "coll/" + config.name + "/gloo/", config.timeout);
-    context->connectFullMesh(adapter, device);
+    Status st = context->ConnectFullMesh(*store, "coll/" + config.name + "/gloo/mesh", device,
+                                         config.timeout);
+    if (!st.ok()) {
+      return Status(st.code(), "gloo rendezvous of rank " + std::to_string(config.rank) + " of " +
+                                   std::to_string(config.size) + ": " + st.message());
+    }
     log::Get("coll.gloo")
         ->info("rank {}/{} connected ({} on {})", config.rank, config.size, device->str(),
                config.host);

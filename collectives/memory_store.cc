@@ -6,18 +6,6 @@
 
 namespace muster::collectives {
 
-StatusOr<std::vector<std::string>> Store::MultiGet(const std::vector<std::string>& keys,
-                                                   std::chrono::milliseconds timeout) {
-  MUSTER_RETURN_IF_ERROR(Wait(keys, timeout));
-  std::vector<std::string> out;
-  out.reserve(keys.size());
-  for (const auto& k : keys) {
-    MUSTER_ASSIGN_OR_RETURN(std::string v, Get(k, std::chrono::milliseconds(0)));
-    out.push_back(std::move(v));
-  }
-  return out;
-}
-
 namespace {
 
 class InMemoryStore final : public Store {
@@ -80,6 +68,57 @@ class InMemoryStore final : public Store {
     return Status::Ok();
   }
 
+  StatusOr<std::vector<std::string>> AllGather(const std::string& name, int rank, int n,
+                                               const std::string& value,
+                                               std::chrono::milliseconds timeout) override {
+    if (n <= 0 || n > kMaxGatherRanks) {
+      return InvalidArgumentError("store gather '" + name + "': n=" + std::to_string(n) +
+                                  " is not in 1.." + std::to_string(kMaxGatherRanks));
+    }
+    if (rank < 0 || rank >= n) {
+      return InvalidArgumentError("store gather '" + name + "': rank " + std::to_string(rank) +
+                                  " is not in 0.." + std::to_string(n - 1));
+    }
+    std::unique_lock<std::mutex> l(mu_);
+    Gather& g = gathers_[name];
+    if (g.n == 0) {
+      g.n = n;
+      g.values.resize(n);
+      g.present.assign(n, false);
+    }
+    if (g.n != n) {
+      return InvalidArgumentError("store gather '" + name + "': entered with n=" +
+                                  std::to_string(n) + " but others use n=" + std::to_string(g.n));
+    }
+    if (g.result) {
+      return InvalidArgumentError("store gather '" + name + "' already completed with " +
+                                  std::to_string(g.n) + " ranks; names are single use");
+    }
+    if (g.present[rank]) {
+      return InvalidArgumentError("store gather '" + name + "': rank " + std::to_string(rank) +
+                                  " has already contributed");
+    }
+    g.values[rank] = value;
+    g.present[rank] = true;
+    if (++g.arrived == n) {
+      g.result = std::make_shared<const std::vector<std::string>>(std::move(g.values));
+      g.values.clear();
+      cv_.notify_all();
+      return *g.result;
+    }
+    if (timeout.count() <= 0 || !cv_.wait_for(l, timeout, [&] { return g.result != nullptr; })) {
+      // This rank leaves the gather; it may call again. A gather nobody is in is forgotten.
+      g.present[rank] = false;
+      g.values[rank].clear();
+      int others = --g.arrived;
+      if (others == 0) gathers_.erase(name);
+      return DeadlineExceededError(
+          "store gather '" + name + "': " + std::to_string(others) + " other rank(s) of " +
+          std::to_string(n) + " contributed within " + std::to_string(timeout.count()) + " ms");
+    }
+    return *g.result;
+  }
+
   Status Barrier(const std::string& name, int n, std::chrono::milliseconds timeout) override {
     MUSTER_ASSIGN_OR_RETURN(int64_t arrived, Add("barrier/" + name, 1));
     if (arrived == n) MUSTER_RETURN_IF_ERROR(Set("barrier/" + name + "/done", "1"));
@@ -94,6 +133,14 @@ class InMemoryStore final : public Store {
   std::mutex mu_;
   std::condition_variable cv_;
   std::map<std::string, std::string> kv_;  // GUARDED_BY(mu_)
+  struct Gather {
+    int n = 0;
+    int arrived = 0;
+    std::vector<std::string> values;  // by rank, until complete
+    std::vector<bool> present;
+    std::shared_ptr<const std::vector<std::string>> result;  // set when complete
+  };
+  std::map<std::string, Gather> gathers_;  // GUARDED_BY(mu_)
 };
 
 }  // namespace

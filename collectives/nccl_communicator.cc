@@ -5,6 +5,12 @@
 // enqueued on the communicator's CUDA stream; their Work watches a CUDA event and the
 // communicator's async error, and on the communicator's timeout (a dead or stalled peer) calls
 // ncclCommAbort, which fails this collective and every later one instead of hanging.
+//
+// Ordering: a collective runs after the work already enqueued on its device's legacy default
+// stream when it is issued (an event recorded there, waited on by the communicator's stream),
+// so a rank that computes on the default stream need not synchronize before a collective;
+// the Work being done means the collective's results are in place. That wait is also how the
+// GPU test holds a collective in flight on one GPU (tests/collectives/nccl_abort_test.cc).
 
 #include "collectives/backends.h"
 
@@ -60,6 +66,26 @@ ncclRedOp_t ToNccl(ReduceOp op) {
   }
   return ncclSum;
 }
+
+// Makes `device` current for a scope and restores the caller's device after it.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    if (cudaGetDevice(&prev_) == cudaSuccess && prev_ != device) {
+      cudaSetDevice(device);
+    } else {
+      prev_ = -1;
+    }
+  }
+  ~DeviceGuard() {
+    if (prev_ >= 0) cudaSetDevice(prev_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int prev_ = -1;
+};
 
 // The NCCL communicator and its failure state, shared by the communicator and its Works.
 // Thread-safety: all fields GUARDED_BY(mu).
@@ -156,6 +182,9 @@ class NcclCommunicator final : public Communicator {
       : config_(std::move(config)), shared_(std::move(shared)) {}
   ~NcclCommunicator() override {
     std::lock_guard<std::mutex> l(shared_->mu);
+    DeviceGuard on(config_.device);
+    if (order_event_) cudaEventDestroy(order_event_);
+    if (scratch_) cudaFree(scratch_);
     if (shared_->comm) {
       cudaStreamSynchronize(shared_->stream);
       ncclCommDestroy(shared_->comm);
@@ -201,6 +230,7 @@ class NcclCommunicator final : public Communicator {
   std::unique_ptr<Work> Barrier() override {
     // A one-element allreduce on a device scratch word.
     if (!scratch_) {
+      DeviceGuard on(config_.device);
       if (Status s = CudaStatus(cudaMalloc(&scratch_, sizeof(float)), "malloc"); !s.ok()) {
         return Failed(s);
       }
@@ -213,15 +243,47 @@ class NcclCommunicator final : public Communicator {
     return std::make_unique<NcclWork>(shared_, nullptr, Clock::now(), std::move(s));
   }
 
+  // Makes the communicator's stream wait for the work already enqueued on the device's legacy
+  // default stream. REQUIRES: shared_->mu held, config_.device current.
+  Status OrderAfterDefaultStream() {
+    if (!order_event_) {
+      MUSTER_RETURN_IF_ERROR(CudaStatus(
+          cudaEventCreateWithFlags(&order_event_, cudaEventDisableTiming), "event create"));
+    }
+    MUSTER_RETURN_IF_ERROR(
+        CudaStatus(cudaEventRecord(order_event_, cudaStreamLegacy), "event record"));
+    return CudaStatus(cudaStreamWaitEvent(shared_->stream, order_event_, 0), "stream wait");
+  }
+
   template <typename F>
   std::unique_ptr<Work> Launch(F call) {
     std::lock_guard<std::mutex> l(shared_->mu);
     if (!shared_->failed.ok()) {
       return std::make_unique<NcclWork>(shared_, nullptr, Clock::now(), shared_->failed);
     }
+    DeviceGuard on(config_.device);
     auto op_deadline = Clock::now() + config_.timeout;
+    if (Status s = OrderAfterDefaultStream(); !s.ok()) {
+      return std::make_unique<NcclWork>(shared_, nullptr, Clock::now(), s);
+    }
     ncclResult_t r = call();
-    if (r != ncclSuccess && r != ncclInProgress) {
+    if (r == ncclInProgress) {
+      // Non-blocking mode may finish enqueueing in the background; the completion event must
+      // be recorded after the collective's kernels, so wait for the enqueue (bounded).
+      ncclResult_t async = ncclInProgress, q;
+      while ((q = ncclCommGetAsyncError(shared_->comm, &async)) == ncclSuccess &&
+             async == ncclInProgress && Clock::now() < op_deadline) {
+        std::this_thread::sleep_for(std::chrono::microseconds(20));
+      }
+      if (q == ncclSuccess && async == ncclInProgress) {
+        Status s = DeadlineExceededError(
+            "NCCL could not enqueue the collective within the communicator timeout");
+        shared_->AbortLocked(s);
+        return std::make_unique<NcclWork>(shared_, nullptr, Clock::now(), s);
+      }
+      r = q != ncclSuccess ? q : async;
+    }
+    if (r != ncclSuccess) {
       Status s = AbortedError(std::string("NCCL: ") + ncclGetErrorString(r) + ": " +
                               ncclGetLastError(shared_->comm));
       shared_->AbortLocked(s);
@@ -239,7 +301,8 @@ class NcclCommunicator final : public Communicator {
 
   CommConfig config_;
   std::shared_ptr<Shared> shared_;
-  void* scratch_ = nullptr;
+  void* scratch_ = nullptr;            // Barrier's word, on config_.device
+  cudaEvent_t order_event_ = nullptr;  // GUARDED_BY(shared_->mu)
 };
 
 }  // namespace

@@ -117,23 +117,15 @@ Status StoreClient::Set(const std::string& key, const std::string& value) {
 }
 
 StatusOr<std::string> StoreClient::Get(const std::string& key, std::chrono::milliseconds timeout) {
-  MUSTER_ASSIGN_OR_RETURN(auto values, MultiGet({key}, timeout));
-  return std::move(values[0]);
-}
-
-StatusOr<std::vector<std::string>> StoreClient::MultiGet(const std::vector<std::string>& keys,
-                                                         std::chrono::milliseconds timeout) {
-  if (keys.empty()) return std::vector<std::string>{};
   proto::StoreRequest r;
-  for (const auto& k : keys) r.mutable_get()->add_keys(k);
+  r.mutable_get()->add_keys(key);
   r.mutable_get()->set_timeout_ms(timeout.count());
   MUSTER_ASSIGN_OR_RETURN(auto reply, Call(std::move(r), timeout + options_.rpc_slack));
-  if (reply.values_size() != static_cast<int>(keys.size())) {
-    return InternalError("rendezvous get: asked for " + std::to_string(keys.size()) +
-                         " keys, got " + std::to_string(reply.values_size()) + " values");
+  if (reply.values_size() != 1) {
+    return InternalError("rendezvous get: expected one value, got " +
+                         std::to_string(reply.values_size()));
   }
-  return std::vector<std::string>(std::make_move_iterator(reply.mutable_values()->begin()),
-                                  std::make_move_iterator(reply.mutable_values()->end()));
+  return std::move(*reply.mutable_values(0));
 }
 
 StatusOr<int64_t> StoreClient::Add(const std::string& key, int64_t delta) {
@@ -169,6 +161,38 @@ Status StoreClient::Barrier(const std::string& name, int n, std::chrono::millise
   r.mutable_barrier()->set_n(n);
   r.mutable_barrier()->set_timeout_ms(timeout.count());
   return Call(std::move(r), timeout + options_.rpc_slack).status();
+}
+
+StatusOr<std::vector<std::string>> StoreClient::AllGather(const std::string& name, int rank, int n,
+                                                          const std::string& value,
+                                                          std::chrono::milliseconds timeout) {
+  // The server checks these too; failing here saves a round trip and a parked request.
+  if (n <= 0 || n > kMaxGatherRanks) {
+    return InvalidArgumentError("rendezvous gather '" + name + "': n=" + std::to_string(n) +
+                                " is not in 1.." + std::to_string(kMaxGatherRanks));
+  }
+  if (rank < 0 || rank >= n) {
+    return InvalidArgumentError("rendezvous gather '" + name + "': rank " + std::to_string(rank) +
+                                " is not in 0.." + std::to_string(n - 1));
+  }
+  proto::StoreRequest r;
+  auto& g = *r.mutable_gather();
+  g.set_name(name);
+  g.set_rank(rank);
+  g.set_n(n);
+  g.set_value(value);
+  g.set_timeout_ms(timeout.count());
+  MUSTER_ASSIGN_OR_RETURN(auto reply, Call(std::move(r), timeout + options_.rpc_slack));
+  proto::StoreGathered all;
+  if (!all.ParseFromString(reply.gathered())) {
+    return DataLossError("rendezvous gather '" + name + "': the server's reply does not parse");
+  }
+  if (all.values_size() != n) {
+    return InternalError("rendezvous gather '" + name + "': expected " + std::to_string(n) +
+                         " entries, got " + std::to_string(all.values_size()));
+  }
+  return std::vector<std::string>(std::make_move_iterator(all.mutable_values()->begin()),
+                                  std::make_move_iterator(all.mutable_values()->end()));
 }
 
 StatusOr<std::unique_ptr<StoreClient>> ConnectStoreFromEnv() {

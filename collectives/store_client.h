@@ -62,13 +62,14 @@ class StoreClient final : public Store {
 
   Status Set(const std::string& key, const std::string& value) override;
   StatusOr<std::string> Get(const std::string& key, std::chrono::milliseconds timeout) override;
-  StatusOr<std::vector<std::string>> MultiGet(const std::vector<std::string>& keys,
-                                              std::chrono::milliseconds timeout) override;
   StatusOr<int64_t> Add(const std::string& key, int64_t delta) override;
   StatusOr<std::string> CompareSet(const std::string& key, const std::string& expected,
                                    const std::string& desired) override;
   Status Wait(const std::vector<std::string>& keys, std::chrono::milliseconds timeout) override;
   Status Barrier(const std::string& name, int n, std::chrono::milliseconds timeout) override;
+  StatusOr<std::vector<std::string>> AllGather(const std::string& name, int rank, int n,
+                                               const std::string& value,
+                                               std::chrono::milliseconds timeout) override;
 
   const Options& options() const { return options_; }
 

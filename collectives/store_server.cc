@@ -43,6 +43,8 @@ struct StoreServer::Waiter {
   size_t missing = 0;             // get/wait: how many of `keys` are still unset
   bool with_values = false;
   std::string barrier;  // barrier: its name
+  std::string gather;   // gather: its name
+  int gather_rank = -1;
   RpcServer::Reply reply;
   Reactor::TimerId timer = 0;
 };
@@ -253,6 +255,8 @@ Status StoreServer::Dispatch(Scope& scope, proto::StoreRequest& req, RpcServer::
     case proto::StoreRequest::kBarrier:
       ParkBarrier(scope, req.barrier(), std::move(reply));
       return Status::Ok();
+    case proto::StoreRequest::kGather:
+      return ParkGather(scope, *req.mutable_gather(), reply);
     case proto::StoreRequest::OP_NOT_SET:
       break;
   }
@@ -261,7 +265,6 @@ Status StoreServer::Dispatch(Scope& scope, proto::StoreRequest& req, RpcServer::
 
 void StoreServer::SetKey(Scope& scope, const std::string& key, std::string value) {
   scope.kv[key] = std::move(value);
-  ++scope.version;
   auto it = scope.watchers.find(key);
   if (it == scope.watchers.end()) return;
   std::vector<uint64_t> ids = std::move(it->second);
@@ -362,7 +365,111 @@ void StoreServer::ParkBarrier(Scope& scope, const proto::StoreBarrier& b, RpcSer
   });
 }
 
-void StoreServer::Finish(uint64_t id, const Status& status) {
+Status StoreServer::ParkGather(Scope& scope, proto::StoreGather& g, RpcServer::Reply& reply) {
+  const std::string& name = g.name();
+  if (g.n() <= 0 || g.n() > kMaxGatherRanks) {
+    return InvalidArgumentError("rendezvous gather '" + name + "': n=" + std::to_string(g.n()) +
+                                " is not in 1.." + std::to_string(kMaxGatherRanks));
+  }
+  if (g.rank() < 0 || g.rank() >= g.n()) {
+    return InvalidArgumentError("rendezvous gather '" + name + "': rank " +
+                                std::to_string(g.rank()) + " is not in 0.." +
+                                std::to_string(g.n() - 1));
+  }
+  GatherState& gs = scope.gathers[name];
+  if (gs.n == 0) {
+    gs.n = g.n();
+    gs.values.resize(gs.n);
+    gs.waiter_of.assign(gs.n, 0);
+  }
+  if (gs.n != g.n()) {
+    return InvalidArgumentError("rendezvous gather '" + name +
+                                "': entered with n=" + std::to_string(g.n()) +
+                                " but others use n=" + std::to_string(gs.n));
+  }
+  if (gs.done) {
+    return InvalidArgumentError("rendezvous gather '" + name + "' already completed with " +
+                                std::to_string(gs.n) + " ranks; names are single use");
+  }
+  if (gs.waiter_of[g.rank()] != 0) {
+    return InvalidArgumentError("rendezvous gather '" + name + "': rank " +
+                                std::to_string(g.rank()) + " has already contributed");
+  }
+  auto w = std::make_unique<Waiter>();
+  w->scope = scope.name;
+  w->gather = name;
+  w->gather_rank = g.rank();
+  w->reply = std::move(reply);
+  uint64_t id = next_waiter_++;
+  waiters_.emplace(id, std::move(w));
+  gs.values[g.rank()] = std::move(*g.mutable_value());
+  gs.waiter_of[g.rank()] = id;
+  if (++gs.arrived == gs.n) {
+    CompleteGather(scope, name, gs);
+    return Status::Ok();
+  }
+  auto timeout = ClampTimeout(g.timeout_ms());
+  std::string scope_name = scope.name;
+  waiters_[id]->timer = reactor_.PostAfter(timeout, "rdzv.gather_timeout", [=, this] {
+    auto it = waiters_.find(id);
+    if (it == waiters_.end()) return;
+    std::string detail;
+    if (auto s = scopes_.find(scope_name); s != scopes_.end()) {
+      if (auto st = s->second.gathers.find(name); st != s->second.gathers.end()) {
+        const GatherState& state = st->second;
+        std::string missing;
+        int shown = 0, absent = 0;
+        for (int r = 0; r < state.n; ++r) {
+          if (state.waiter_of[r] != 0) continue;
+          ++absent;
+          if (shown++ < 8) missing += (missing.empty() ? "" : ", ") + std::to_string(r);
+        }
+        if (absent > 8) missing += " and " + std::to_string(absent - 8) + " more";
+        detail = ": " + std::to_string(state.arrived) + " of " + std::to_string(state.n) +
+                 " ranks contributed; missing rank(s) " + missing;
+      }
+    }
+    it->second->timer = 0;
+    // Finish withdraws this rank's entry, so the gather never completes with a rank that has
+    // already been told it failed.
+    Finish(id, DeadlineExceededError("rendezvous gather '" + name + "' not complete within " +
+                                     std::to_string(timeout.count()) + " ms" + detail));
+  });
+  return Status::Ok();
+}
+
+void StoreServer::CompleteGather(Scope& scope, const std::string& name, GatherState& gs) {
+  gs.done = true;
+  std::vector<uint64_t> ids = std::move(gs.waiter_of);
+  gs.waiter_of.clear();
+  proto::StoreGathered all;
+  size_t bytes = 0;
+  for (auto& v : gs.values) {
+    bytes += v.size();
+    all.add_values(std::move(v));
+  }
+  gs.values.clear();
+  gs.values.shrink_to_fit();
+  // The reply is the serialized entries plus a few bytes of envelope.
+  int64_t reply_bytes = static_cast<int64_t>(all.ByteSizeLong()) + 64;
+  if (reply_bytes > options_.max_message_bytes) {
+    Status too_big = FailedPreconditionError(
+        "rendezvous gather '" + name + "': the " + std::to_string(bytes) + " bytes from " +
+        std::to_string(gs.n) + " ranks exceed the message size limit of " +
+        std::to_string(options_.max_message_bytes) + " bytes");
+    for (uint64_t id : ids) Finish(id, too_big);
+    return;
+  }
+  proto::StoreReply r;
+  all.SerializeToString(r.mutable_gathered());
+  const proto::Envelope env = ReplyEnvelope(std::move(r));
+  log::Get("coll.store")
+      ->debug("rendezvous gather '{}' of scope {} complete: {} ranks, {} bytes", name, scope.name,
+              gs.n, bytes);
+  for (uint64_t id : ids) Finish(id, Status::Ok(), &env);
+}
+
+void StoreServer::Finish(uint64_t id, const Status& status, const proto::Envelope* result) {
   auto it = waiters_.find(id);
   if (it == waiters_.end()) return;
   std::unique_ptr<Waiter> w = std::move(it->second);
@@ -381,29 +488,33 @@ void StoreServer::Finish(uint64_t id, const Status& status) {
         auto b = s->second.barriers.find(w->barrier);
         if (b != s->second.barriers.end()) std::erase(b->second.waiters, id);
       }
+      if (!w->gather.empty()) {
+        auto g = s->second.gathers.find(w->gather);
+        if (g != s->second.gathers.end() && !g->second.done &&
+            g->second.waiter_of[w->gather_rank] == id) {
+          // The rank leaves the gather; it may contribute again. A gather nobody is in is
+          // forgotten, so its n is not fixed by callers that have all given up.
+          g->second.waiter_of[w->gather_rank] = 0;
+          g->second.values[w->gather_rank].clear();
+          if (--g->second.arrived == 0) s->second.gathers.erase(g);
+        }
+      }
     }
     w->reply(ErrorEnvelope(0, status));
+    return;
+  }
+  if (result != nullptr) {
+    w->reply(*result);
     return;
   }
   if (!w->with_values) {
     w->reply(ReplyEnvelope({}));
     return;
   }
-  Scope& scope = scopes_.at(w->scope);
-  ReplyCache& cache = scope.cache;
-  if (cache.version == scope.version && cache.keys == w->keys) {
-    w->reply(cache.envelope);
-    return;
-  }
+  const Scope& scope = scopes_.at(w->scope);
   proto::StoreReply r;
   for (const auto& k : w->keys) r.add_values(scope.kv.at(k));
-  proto::Envelope env = ReplyEnvelope(std::move(r));
-  if (w->keys.size() > 1) {
-    cache.version = scope.version;
-    cache.keys = w->keys;
-    cache.envelope = env;
-  }
-  w->reply(std::move(env));
+  w->reply(ReplyEnvelope(std::move(r)));
 }
 
 }  // namespace muster::collectives

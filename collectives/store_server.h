@@ -15,9 +15,12 @@
 // cannot read or write another's keys. With `insecure` (loudly logged) the scope comes from
 // the request and must be open.
 //
-// Waiting operations (get, wait, barrier) are parked on the server and answered exactly once,
-// when their keys are set, the barrier fills, their timeout (a reactor timer) fires, or the
-// scope closes. Nothing polls: one request, one reply.
+// Waiting operations (get, wait, barrier, gather) are parked on the server and answered exactly
+// once, when their keys are set, the barrier or gather fills, their timeout (a reactor timer)
+// fires, or the scope closes. Nothing polls: one request, one reply. A gather (Store::AllGather)
+// keeps each rank's entry once, builds the assembled reply once when the last rank arrives,
+// and sends it to every parked rank: N requests and N replies for an allgather of N ranks,
+// where a get of N keys by every rank would cost the server N^2 entries to copy and encode.
 //
 // Thread-safety: Create and the destructor run on the reactor thread (or before Start/after
 // Stop). AddScope and RemoveScope are thread-safe (they hop onto the reactor when it runs).
@@ -31,6 +34,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "collectives/store.h"
 #include "common/curve.h"
 #include "common/reactor.h"
 #include "common/rpc.h"
@@ -98,22 +102,21 @@ class StoreServer {
     bool done = false;
     std::vector<uint64_t> waiters;
   };
-  // The last multi-key get reply built in a scope, reused while no key of the scope has
-  // changed: every rank of an allgather asks for the same keys.
-  struct ReplyCache {
-    uint64_t version = 0;  // the scope's version when built; 0: empty
-    std::vector<std::string> keys;
-    proto::Envelope envelope;
+  struct GatherState {
+    int n = 0;
+    bool done = false;
+    int arrived = 0;
+    std::vector<std::string> values;  // by rank; dropped when done
+    std::vector<uint64_t> waiter_of;  // by rank: the parked contributor, 0 if none
   };
   struct Scope {
-    std::string name;      // "<job>/<attempt>"
-    uint64_t version = 1;  // bumped by every change to kv
-    ReplyCache cache;
+    std::string name;  // "<job>/<attempt>"
     KeyPair client_key;
     std::unordered_map<std::string, std::string> kv;
     // Key -> the waiters that still miss it.
     std::unordered_map<std::string, std::vector<uint64_t>> watchers;
     std::map<std::string, BarrierState> barriers;
+    std::map<std::string, GatherState> gathers;
   };
 
   StoreServer(Reactor& reactor, ZapAuthenticator* authenticator, Options options);
@@ -125,7 +128,11 @@ class StoreServer {
   void Park(Scope& scope, std::vector<std::string> keys, bool with_values, int64_t timeout_ms,
             RpcServer::Reply reply);
   void ParkBarrier(Scope& scope, const proto::StoreBarrier& b, RpcServer::Reply reply);
-  void Finish(uint64_t id, const Status& status);
+  Status ParkGather(Scope& scope, proto::StoreGather& g, RpcServer::Reply& reply);
+  void CompleteGather(Scope& scope, const std::string& name, GatherState& state);
+  // Answers waiter `id`: with `status` if not OK, else with `result` if given, else with the
+  // values (get) or nothing (wait, barrier).
+  void Finish(uint64_t id, const Status& status, const proto::Envelope* result = nullptr);
   std::chrono::milliseconds ClampTimeout(int64_t timeout_ms) const;
 
   Reactor& reactor_;

@@ -5,7 +5,6 @@
 
 #include <algorithm>
 
-#include "collectives/communicator.h"
 #include "common/curve.h"
 #include "common/logging.h"
 #include "common/wire.h"
@@ -114,16 +113,26 @@ struct Coordinator::JobRt {
   std::string failure;       // first failure, for events and detail
   std::string failure_node;  // node to blame (quarantine)
   bool lost = false;         // a node was lost (not the job's fault)
-  // A rank exited kPeerFailureExitCode: a peer failed first. Its own exit or its node's loss is
-  // the real cause; this one counts (blaming no node) only if no cause shows up.
-  std::string peer_failure;
   bool in_scheduler = false;
   int64_t started_ms = 0;
   int64_t checkpoint_deadline_ms = 0;  // the stop asks for a checkpoint first (preemption)
   // Replications in flight: provider -> give up waiting at (ms). A requeued job waits for them,
   // so it resumes on another provider from the newest step.
   std::map<std::string, int64_t> replicating;
+  // Interactive jobs (`muster run` through the coordinator) end when their client stops asking
+  // about them: the last status or logs request for the job.
+  int64_t client_seen_ms = 0;
+  // A rank exited kPeerFailureExitCode: its collective failed because another rank or node
+  // did. Not the failure to report unless no real one shows up by the time the gang is down.
+  std::string peer_failure;
+  bool stopped_for_peer_exit = false;
 };
+
+// The exit code of a rank whose collective failed because a peer died (docs/env-contract.md;
+// collectives::kPeerFailureExitCode).
+constexpr int kPeerFailureExitCode = 75;
+
+constexpr int64_t kInteractiveClientTimeoutMs = 15000;
 
 Coordinator::Coordinator(std::unique_ptr<StateStore> store, CoordinatorOptions options)
     : store_(std::move(store)),
@@ -274,10 +283,11 @@ void Coordinator::Start(JobRt& job, const std::vector<std::string>& nodes) {
   job.stop = proto::STOP_REASON_UNSPECIFIED;
   job.failure.clear();
   job.failure_node.clear();
-  job.peer_failure.clear();
   job.lost = false;
   job.progress.reset();
   job.checkpoint_deadline_ms = 0;
+  job.peer_failure.clear();
+  job.stopped_for_peer_exit = false;
   job.started_ms = NowMs();
   r.resume_step = -1;
   std::string provider;
@@ -302,9 +312,10 @@ void Coordinator::Start(JobRt& job, const std::vector<std::string>& nodes) {
                       r.resume_step, r.spec.checkpoint_volume(), provider));
   }
   // MASTER_PORT is left to the program (torch's TCPStore binds it on rank 0's host); the
-  // rendezvous store listens 1000 ports above it.
-  int port = options_.rendezvous_port_base + static_cast<int>(r.seq % 1000);
-  int store_port = port + 1000;
+  // rendezvous store listens 500 ports above it. A retry moves to other ports, so a port some
+  // other program holds costs one attempt, not all of them.
+  int port = options_.rendezvous_port_base + static_cast<int>((r.seq * 7 + r.attempt) % 500);
+  int store_port = port + 500;
   // The attempt's store keys: "<server secret>,<client secret>"; every agent derives the same
   // credentials from them, the node-rank-0 agent serves with the server key.
   auto rdzv_server = GenerateKeyPair();
@@ -388,8 +399,8 @@ void Coordinator::Replicate(JobRt* job, const std::string& job_id, int64_t step,
     Enqueue(name, std::move(copy));
     if (job) job->replicating[l.provider()] = NowMs() + 60 * 1000;
     Event(job_id, name, "replicating",
-          fmt::format("step {} from {} (provider {}) to volume {} of provider {}", step,
-                      src.name(), src.provider(), volume, l.provider()));
+          fmt::format("step {} from {} (provider {}) to volume {} of provider {}", step, src.name(),
+                      src.provider(), volume, l.provider()));
   }
 }
 
@@ -417,7 +428,9 @@ void Coordinator::StopGang(JobRt& job, proto::StopReason reason, const std::stri
     s->set_job_id(job.rec.id);
     s->set_attempt(job.rec.attempt);
     s->set_reason(reason);
-    s->set_grace_ms(options_.stop_grace.count());
+    s->set_grace_ms(reason == proto::STOP_PEER_FAILED
+                        ? std::min(options_.stop_grace, options_.peer_failed_grace).count()
+                        : options_.stop_grace.count());
     if (job.checkpoint_deadline_ms > 0) {
       s->set_checkpoint_first(true);
       s->set_checkpoint_deadline_ms(job.checkpoint_deadline_ms);
@@ -437,9 +450,8 @@ void Coordinator::Finish(JobRt& job) {
   auto& r = job.rec;
   int64_t now = NowMs();
   std::string outcome;
-  if (job.failure.empty() && !job.lost && !job.peer_failure.empty() &&
-      job.stop == proto::STOP_PEER_FAILED) {
-    job.failure = job.peer_failure;  // no other cause showed up: an application failure
+  if (job.failure.empty() && !job.lost && !job.peer_failure.empty()) {
+    job.failure = job.peer_failure;  // no cause showed up: the peer failure is all we know
   }
   if (r.state == proto::JOB_CANCELLED) {
     outcome = "cancelled";
@@ -593,6 +605,20 @@ void Coordinator::Tick() {
       if (sched_->Submit(j->req).ok()) j->in_scheduler = true;
       pass_needed_ = true;
     }
+    if (r.spec.interactive() && !Terminal(r.state)) {
+      if (j->client_seen_ms == 0) j->client_seen_ms = now;  // new, or restored after a restart
+      if (now - j->client_seen_ms > kInteractiveClientTimeoutMs) {
+        proto::CancelRequest cancel;
+        cancel.set_job_id(id);
+        (void)OnCancel(cancel);
+        r.detail = "interactive client went away";
+        Persist(*j);
+        Event(
+            id, "", "cancelled",
+            fmt::format("no word from its `muster run` client for {} ms", now - j->client_seen_ms));
+        continue;
+      }
+    }
     if ((r.state == proto::JOB_RUNNING || r.state == proto::JOB_SCHEDULED) &&
         r.spec.time_limit_s() > 0 && j->started_ms + r.spec.time_limit_s() * 1000 <= now &&
         j->stop == proto::STOP_REASON_UNSPECIFIED) {
@@ -736,6 +762,7 @@ StatusOr<proto::Envelope> Coordinator::OnStatus(const proto::StatusRequest& req)
   if (!req.job_id().empty()) {
     auto it = jobs_.find(req.job_id());
     if (it != jobs_.end()) {
+      it->second->client_seen_ms = NowMs();
       *out->add_jobs() = StatusOf(*it->second);
       return e;
     }
@@ -870,6 +897,7 @@ void Coordinator::OnLogs(const proto::LogsRequest& req, Reply reply) {
   auto it = jobs_.find(req.job_id());
   JobRecord rec;
   if (it != jobs_.end()) {
+    it->second->client_seen_ms = NowMs();
     rec = it->second->rec;
   } else {
     auto r = store_->GetJob(req.job_id());
@@ -1122,29 +1150,30 @@ StatusOr<proto::Envelope> Coordinator::OnReport(const proto::AgentReport& req) {
   }
   for (const auto& x : req.exits()) {
     bool bad = (x.exit_code() != 0 || x.signal() != 0) && !x.stopped_by_agent();
-    // Still looking for the first real failure: nothing stopped the gang, or only a rank that
-    // saw a peer fail did.
-    bool open =
-        j.failure.empty() && (j.stop == proto::STOP_REASON_UNSPECIFIED ||
-                              (j.stop == proto::STOP_PEER_FAILED && !j.peer_failure.empty()));
-    if (bad && open && x.signal() == 0 && x.exit_code() == collectives::kPeerFailureExitCode) {
+    bool open = j.stop == proto::STOP_REASON_UNSPECIFIED || j.stopped_for_peer_exit;
+    if (!bad || !j.failure.empty() || !open) continue;
+    if (x.signal() == 0 && x.exit_code() == kPeerFailureExitCode) {
+      // A consequence, not a cause: stop the gang, wait for the cause (another rank's exit, a
+      // lost node) to be reported.
       if (j.peer_failure.empty()) {
         j.peer_failure =
             fmt::format("rank {} on {} exited {} (a peer failed)", x.rank(), node, x.exit_code());
-        Event(j.rec.id, node, "rank_failed",
-              fmt::format("attempt {}: {}; waiting for the peer's exit or its node's loss",
-                          j.rec.attempt, j.peer_failure));
+        Event(j.rec.id, node, "rank_peer_failed",
+              fmt::format("attempt {}: {}", j.rec.attempt, j.peer_failure));
+      }
+      if (j.stop == proto::STOP_REASON_UNSPECIFIED) {
+        j.stopped_for_peer_exit = true;
         StopGang(j, proto::STOP_PEER_FAILED, req.all_exited() ? node : "");
       }
       continue;
     }
-    if (bad && open) {
-      j.failure = x.signal()
-                      ? fmt::format("rank {} on {} killed by signal {}", x.rank(), node, x.signal())
-                      : fmt::format("rank {} on {} exited {}", x.rank(), node, x.exit_code());
-      j.failure_node = node;
-      Event(j.rec.id, node, "rank_failed", fmt::format("attempt {}: {}", j.rec.attempt, j.failure));
-      // This node's other ranks are stopped too, unless it reports them all gone already.
+    j.failure = x.signal()
+                    ? fmt::format("rank {} on {} killed by signal {}", x.rank(), node, x.signal())
+                    : fmt::format("rank {} on {} exited {}", x.rank(), node, x.exit_code());
+    j.failure_node = node;
+    Event(j.rec.id, node, "rank_failed", fmt::format("attempt {}: {}", j.rec.attempt, j.failure));
+    // This node's other ranks are stopped too, unless it reports them all gone already.
+    if (j.stop == proto::STOP_REASON_UNSPECIFIED) {
       StopGang(j, proto::STOP_PEER_FAILED, req.all_exited() ? node : "");
     }
   }

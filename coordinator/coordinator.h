@@ -37,7 +37,12 @@ struct CoordinatorOptions {
   std::chrono::milliseconds heartbeat_timeout{5000};
   std::chrono::milliseconds lease{8000};  // handed to agents; must exceed heartbeat_timeout
   std::chrono::milliseconds stop_grace{10000};
-  int rendezvous_port_base = 29500;  // MASTER_PORT = base + (seq % 1000)
+  // Grace when a gang is stopped because one of its nodes or ranks failed: nothing collective
+  // can succeed any more, so the survivors get SIGKILL sooner.
+  std::chrono::milliseconds peer_failed_grace{2000};
+  // MASTER_PORT = base + (seq * 7 + attempt) % 500 (a retry gets another port); the attempt's
+  // rendezvous store listens on MASTER_PORT + 500.
+  int rendezvous_port_base = 29500;
   QuarantinePolicy quarantine;
   std::function<TimePoint()> clock = [] { return SchedClock::now(); };
 };

@@ -253,9 +253,20 @@ StatusOr<JobSpec> ParseJobSpec(std::string_view text, std::string_view filename)
     if (auto n = root["time_limit"]) GetDuration(n, "time_limit", &spec.time_limit, &errs);
     if (auto p = root["placement"]) {
       if (!p.IsMap()) {
-        errs.Add(p, "placement", "must be a mapping (providers, island), not " + Shown(p));
+        errs.Add(p, "placement", "must be a mapping (providers, island, hosts), not " + Shown(p));
       } else {
-        CheckKeys(p, "placement.", {"providers", "island"}, &errs);
+        CheckKeys(p, "placement.", {"providers", "island", "hosts"}, &errs);
+        if (auto n = p["hosts"]) {
+          if (n.IsSequence()) {
+            for (size_t i = 0; i < n.size(); ++i) {
+              std::string s;
+              if (GetString(n[i], fmt::format("placement.hosts[{}]", i), &s, &errs))
+                spec.hosts.push_back(s);
+            }
+          } else {
+            errs.Add(n, "placement.hosts", "must be a list of node names, not " + Shown(n));
+          }
+        }
         if (auto n = p["providers"]) {
           if (n.IsScalar()) {
             spec.providers = {n.Scalar()};
@@ -317,6 +328,12 @@ StatusOr<JobSpec> ParseJobSpec(std::string_view text, std::string_view filename)
           spec.max_restarts = v;
         if (auto n = r["backoff"]) GetDuration(n, "restart.backoff", &spec.restart_backoff, &errs);
       }
+    }
+    if (auto p = root["placement"]; p && p.IsMap() && p["hosts"] && !spec.hosts.empty() &&
+                                    static_cast<int>(spec.hosts.size()) != spec.nodes) {
+      errs.Add(
+          p["hosts"], "placement.hosts",
+          fmt::format("names {} node(s) for a job of {} node(s)", spec.hosts.size(), spec.nodes));
     }
   } catch (const YAML::Exception& e) {
     errs.Add(e.mark.line >= 0 ? e.mark.line + 1 : 0, "yaml", e.msg);

@@ -24,6 +24,7 @@
 #include "common/curve.h"
 #include "common/logging.h"
 #include "common/reactor.h"
+#include "launcher/remote_run.h"
 #include "node_agent/supervisor.h"
 
 extern char** environ;
@@ -254,10 +255,11 @@ int RunJob(const RunOptions& options, const RunIo& io) {
     WriteLine(io.stderr_fd, "muster run: " + st.message());
     return code;
   };
-  if (!options.coordinator.empty()) {
-    return fail(FailedPreconditionError("--coordinator " + options.coordinator +
-                                        ": running through a coordinator is not supported yet"),
-                kExitUsage);
+  if (!options.coordinator.empty()) return RunThroughCoordinator(options, io);
+  if (const char* env = std::getenv("MUSTER_COORDINATOR"); env && *env) {
+    RunOptions remote = options;
+    remote.coordinator = env;
+    return RunThroughCoordinator(remote, io);
   }
 
   JobContext ctx;

@@ -48,6 +48,10 @@ Options:
   --log-dir DIR          also write each rank's output to DIR/rank-<R>.log
   --checkpoint-dir DIR   MUSTER_CHECKPOINT_DIR for the ranks
   --job-id ID            MUSTER_JOB_ID (default: generated)
+  --coordinator EP       run on the coordinator's node agents as an interactive job
+                         (default: $MUSTER_COORDINATOR; -H names the agents' nodes, every
+                         node gets the same number of ranks); same output and exit codes
+  --keys DIR             keys for the coordinator (default: $MUSTER_KEYS, else ~/.muster)
 
 Exit code: 0 if every rank exits 0; else the code of the first rank to fail (128 + signal if
 it was killed), named in one summary line; 124 on --timeout; 128 + S when interrupted by
@@ -191,6 +195,10 @@ StatusOr<RunOptions> ParseRunArgs(const std::vector<std::string>& args) {
       MUSTER_ASSIGN_OR_RETURN(o.job_id, value(word, inline_value));
     } else if (word == "--coordinator") {
       MUSTER_ASSIGN_OR_RETURN(o.coordinator, value(word, inline_value));
+    } else if (word == "--keys") {
+      MUSTER_ASSIGN_OR_RETURN(o.keys_dir, value(word, inline_value));
+    } else if (word == "--insecure") {
+      o.insecure = true;
     } else {
       return InvalidArgumentError("unknown option '" + word + "' (see muster run --help)");
     }

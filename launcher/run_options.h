@@ -34,10 +34,14 @@ struct RunOptions {
   bool tag_output = false;
   std::optional<std::chrono::milliseconds> timeout;
   std::chrono::milliseconds grace{3000};
-  std::string log_dir;               // per-rank logs rank-<R>.log when set
-  std::string checkpoint_dir;        // MUSTER_CHECKPOINT_DIR
-  std::string job_id;                // MUSTER_JOB_ID; generated when empty
-  std::string coordinator;           // --coordinator: not supported yet (a later issue)
+  std::string log_dir;         // per-rank logs rank-<R>.log when set
+  std::string checkpoint_dir;  // MUSTER_CHECKPOINT_DIR
+  std::string job_id;          // MUSTER_JOB_ID; generated when empty
+  // --coordinator (or $MUSTER_COORDINATOR): run as an interactive job on the coordinator's
+  // node agents (launcher/remote_run.h) instead of on this machine.
+  std::string coordinator;
+  std::string keys_dir;              // --keys: client.key + coordinator.pub
+  bool insecure = false;             // --insecure: no CURVE to the coordinator (tests only)
   std::vector<std::string> program;  // PROG ARGS...
 };
 

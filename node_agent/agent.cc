@@ -2,6 +2,7 @@
 
 #include <arpa/inet.h>
 #include <netdb.h>
+#include <signal.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -13,16 +14,21 @@
 #include <map>
 #include <mutex>
 #include <set>
+#include <sstream>
 #include <thread>
 
+#include "checkpoint/replicate.h"
 #include "collectives/store_server.h"
 #include "common/curve.h"
 #include "common/logging.h"
 #include "common/reactor.h"
 #include "coordinator/client.h"
-#include "checkpoint/replicate.h"
 #include "node_agent/supervisor.h"
 #include "node_agent/volume_transfer.h"
+
+#ifdef MUSTER_HAVE_CUDA
+#include <cuda_runtime_api.h>
+#endif
 
 extern char** environ;
 
@@ -50,10 +56,17 @@ std::string GroupOf(const std::string& job, int attempt) {
 
 // Names the agent sets itself; never inherited from the agent's own environment.
 bool IsContractName(std::string_view name) {
-  static const std::set<std::string_view> kNames = {
-      "RANK",        "WORLD_SIZE",  "LOCAL_RANK",  "LOCAL_WORLD_SIZE",
-      "NODE_RANK",   "GROUP_RANK",  "NNODES",      "MASTER_ADDR",
-      "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT", "CUDA_VISIBLE_DEVICES"};
+  static const std::set<std::string_view> kNames = {"RANK",
+                                                    "WORLD_SIZE",
+                                                    "LOCAL_RANK",
+                                                    "LOCAL_WORLD_SIZE",
+                                                    "NODE_RANK",
+                                                    "GROUP_RANK",
+                                                    "NNODES",
+                                                    "MASTER_ADDR",
+                                                    "MASTER_PORT",
+                                                    "TORCHELASTIC_RESTART_COUNT",
+                                                    "CUDA_VISIBLE_DEVICES"};
   return kNames.count(name) > 0 || name.rfind("MUSTER_", 0) == 0 ||
          name.rfind("OMPI_COMM_WORLD_", 0) == 0;
 }
@@ -89,9 +102,42 @@ bool ParseInt(std::string_view v, int64_t* out) {
 }
 
 std::string_view Trim(std::string_view s) {
-  while (!s.empty() && (s.back() == '\r' || s.back() == ' ' || s.back() == '\t')) s.remove_suffix(1);
+  while (!s.empty() && (s.back() == '\r' || s.back() == ' ' || s.back() == '\t'))
+    s.remove_suffix(1);
   while (!s.empty() && (s.front() == ' ' || s.front() == '\t')) s.remove_prefix(1);
   return s;
+}
+
+// The kernel's start time of `pid` (clock ticks since boot, /proc/PID/stat field 22): with the
+// pid, it names a process unambiguously across pid reuse. 0 when the process is gone.
+uint64_t StartTimeOf(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+  std::string stat((std::istreambuf_iterator<char>(in)), {});
+  auto close = stat.rfind(')');
+  if (close == std::string::npos) return 0;
+  std::istringstream fields(stat.substr(close + 2));
+  std::string f;
+  for (int i = 3; i <= 22 && fields >> f; ++i) {
+    if (i == 22) return std::strtoull(f.c_str(), nullptr, 10);
+  }
+  return 0;
+}
+
+// Ranks a previous incarnation of this agent started (it was killed -9): their attempt has been
+// declared lost and requeued, so they must not run on. Each rank leads its process group.
+void KillLeftovers(const fs::path& pids_file, const std::shared_ptr<spdlog::logger>& logger) {
+  std::ifstream in(pids_file);
+  pid_t pid;
+  uint64_t start;
+  std::string group;
+  while (in >> pid >> start >> group) {
+    if (pid > 1 && start != 0 && StartTimeOf(pid) == start) {
+      ::kill(-pid, SIGKILL);
+      logger->warn("killed rank process group {} of {} left by a previous agent", pid, group);
+    }
+  }
+  std::error_code ec;
+  fs::remove(pids_file, ec);
 }
 
 }  // namespace
@@ -146,6 +192,16 @@ std::optional<int64_t> ParseCheckpointLine(std::string_view line) {
   return step;
 }
 
+int CountGpus() {
+#ifdef MUSTER_HAVE_CUDA
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) return 0;
+  return n;
+#else
+  return 0;
+#endif
+}
+
 std::string LocalAddressFor(const std::string& endpoint) {
   // tcp://HOST:PORT
   std::string s = endpoint;
@@ -189,7 +245,7 @@ struct Agent::Impl {
     std::unique_ptr<collectives::StoreServer> store;
     std::string volume_path;
     fs::path notice_path;
-    bool stopping = false;         // a stop (or a notice) reached it: exits are not failures
+    bool stopping = false;  // a stop (or a notice) reached it: exits are not failures
     bool checkpoint_asked = false;
     bool all_exited_sent = false;
     Reactor::TimerId deadline_timer = 0;
@@ -215,12 +271,12 @@ struct Agent::Impl {
   // Shared between threads.
   mutable std::mutex mu;
   std::condition_variable cv;
-  bool stop = false;                      // GUARDED_BY(mu)
-  std::string session;                    // GUARDED_BY(mu)
-  milliseconds hb_interval{1000};         // GUARDED_BY(mu)
-  milliseconds lease{0};                  // GUARDED_BY(mu); 0: not registered yet
-  std::deque<proto::Envelope> outbox;     // GUARDED_BY(mu): reports and log chunks
-  std::atomic<int64_t> last_ok_ms{0};     // steady ms of the last successful call
+  bool stop = false;                   // GUARDED_BY(mu)
+  std::string session;                 // GUARDED_BY(mu)
+  milliseconds hb_interval{1000};      // GUARDED_BY(mu)
+  milliseconds lease{0};               // GUARDED_BY(mu); 0: not registered yet
+  std::deque<proto::Envelope> outbox;  // GUARDED_BY(mu): reports and log chunks
+  std::atomic<int64_t> last_ok_ms{0};  // steady ms of the last successful call
   std::atomic<bool> ever_registered{false};
   std::thread control_thread, poll_thread;
   std::vector<std::thread> copiers;  // GUARDED_BY(mu): replications in progress
@@ -336,8 +392,7 @@ struct Agent::Impl {
     if (e.has_agent_report()) e.mutable_agent_report()->set_session_id(sid);
     if (e.has_agent_log_chunk()) e.mutable_agent_log_chunk()->set_session_id(sid);
     auto reply = ctl->Call(e, options.call_timeout);
-    if (!reply.ok() && reply.status().code() == StatusCode::kNotFound &&
-        e.has_agent_report()) {
+    if (!reply.ok() && reply.status().code() == StatusCode::kNotFound && e.has_agent_report()) {
       // Unknown session: register again first, then resend.
       ForgetSession(sid);
       return false;
@@ -357,7 +412,6 @@ struct Agent::Impl {
   }
 
   void ControlLoop() {
-    log::SetContext("", labels.name(), "");
     auto next_hb = Clock::now();
     auto retry_at = Clock::now();
     for (;;) {
@@ -403,7 +457,6 @@ struct Agent::Impl {
   }
 
   void PollLoop() {
-    log::SetContext("", labels.name(), "");
     for (;;) {
       {
         std::lock_guard<std::mutex> l(mu);
@@ -503,8 +556,8 @@ struct Agent::Impl {
         return StartError(s, "volume " + s.checkpoint_volume() + " is not mounted here");
       }
       if (!fs::is_directory(a.volume_path, ec)) {
-        return StartError(s, "volume " + s.checkpoint_volume() + " at " + a.volume_path +
-                                 " is not a directory");
+        return StartError(
+            s, "volume " + s.checkpoint_volume() + " at " + a.volume_path + " is not a directory");
       }
     }
     // Rendezvous credentials: every node derives the same from the coordinator's key.
@@ -514,13 +567,14 @@ struct Agent::Impl {
       auto k = ParseRdzvKey(s.rendezvous_key());
       if (!k.ok()) return StartError(s, "rendezvous key: " + k.status().message());
       keys = *k;
-      creds = "v1," + k->server.public_key + "," + k->client.public_key + "," +
-              k->client.secret_key;
+      creds =
+          "v1," + k->server.public_key + "," + k->client.public_key + "," + k->client.secret_key;
     }
     if (s.host_rendezvous()) {
       collectives::StoreServer::Options so;
-      so.endpoint = "tcp://" + (labels.address().empty() ? std::string("0.0.0.0") : labels.address()) +
-                    ":" + std::to_string(s.rendezvous_port());
+      so.endpoint = "tcp://" +
+                    (labels.address().empty() ? std::string("0.0.0.0") : labels.address()) + ":" +
+                    std::to_string(s.rendezvous_port());
       so.insecure = options.insecure;
       if (keys) so.server_key = keys->server;
       auto store = collectives::StoreServer::Create(*reactor, zap.get(), so);
@@ -534,8 +588,8 @@ struct Agent::Impl {
     }
     std::error_code ec;
     fs::create_directories(options.work_dir / "notice", ec);
-    a.notice_path = options.work_dir / "notice" / (s.job_id() + ".attempt-" +
-                                                    std::to_string(s.attempt()));
+    a.notice_path =
+        options.work_dir / "notice" / (s.job_id() + ".attempt-" + std::to_string(s.attempt()));
     fs::remove(a.notice_path, ec);
     fs::create_directories(LogPath(s.job_id(), s.attempt(), 0).parent_path(), ec);
     if (ec) return StartError(s, "log directory: " + ec.message());
@@ -592,9 +646,10 @@ struct Agent::Impl {
       group_of[*id] = group;
     }
     a.open = a.rank_of.size();
-    logger->info("job {} attempt {}: started ranks {}..{} of {} (node rank {} of {}){}",
-                 s.job_id(), s.attempt(), s.node_rank() * rpn, s.node_rank() * rpn + rpn - 1,
-                 world, s.node_rank(), s.nnodes(),
+    SaveRanks();
+    logger->info("job {} attempt {}: started ranks {}..{} of {} (node rank {} of {}){}", s.job_id(),
+                 s.attempt(), s.node_rank() * rpn, s.node_rank() * rpn + rpn - 1, world,
+                 s.node_rank(), s.nnodes(),
                  a.store ? ", serving the rendezvous store on " + a.store->endpoint() : "");
     assignments.emplace(group, std::move(a));
     proto::AgentReport r;
@@ -644,8 +699,8 @@ struct Agent::Impl {
     a.stopping = true;
     milliseconds grace(std::max<int64_t>(0, s.grace_ms()));
     if (s.checkpoint_first() && s.checkpoint_deadline_ms() > UnixMs()) {
-      AskCheckpoint(a, s.checkpoint_deadline_ms(), "coordinator: reason " +
-                                                      proto::StopReason_Name(s.reason()));
+      AskCheckpoint(a, s.checkpoint_deadline_ms(),
+                    "coordinator: reason " + proto::StopReason_Name(s.reason()));
       ArmDeadline(a, s.checkpoint_deadline_ms(), grace);
       return;
     }
@@ -684,23 +739,29 @@ struct Agent::Impl {
     Queue(std::move(e));
   }
 
-  void OnLine(ChildId id, std::string_view line) {
+  // The assignment a child belongs to, and the child's global rank; null once forgotten.
+  Assignment* AssignmentOf(ChildId id, int* rank) {
     auto g = group_of.find(id);
-    if (g == group_of.end()) return;
+    if (g == group_of.end()) return nullptr;
     auto it = assignments.find(g->second);
-    if (it == assignments.end()) return;
-    Assignment& a = it->second;
-    int rank = a.rank_of[id];
+    if (it == assignments.end()) return nullptr;
+    *rank = it->second.rank_of[id];
+    return &it->second;
+  }
+
+  void OnLine(ChildId id, std::string_view line) {
+    int rank = 0;
+    Assignment* found = AssignmentOf(id, &rank);
+    if (found == nullptr) return;
+    Assignment& a = *found;
     if (auto p = ParseProgressLine(line)) {
+      // The lowest rank reporting since the last heartbeat wins (rank 0 preferred).
       auto& cur = progress[a.spec.job_id()];
-      // The lowest rank reporting wins (rank 0 preferred).
-      if (cur.job_id().empty() || rank <= cur.rank() || cur.step() < p->step()) {
-        if (!cur.job_id().empty() && rank > cur.rank()) return;
-        p->set_rank(rank);
-        p->set_job_id(a.spec.job_id());
-        p->set_time_ms(UnixMs());
-        cur = *p;
-      }
+      if (!cur.job_id().empty() && rank > cur.rank()) return;
+      p->set_rank(rank);
+      p->set_job_id(a.spec.job_id());
+      p->set_time_ms(UnixMs());
+      cur = *p;
       return;
     }
     if (rank == 0 && !a.volume_path.empty()) {
@@ -716,12 +777,10 @@ struct Agent::Impl {
   }
 
   void OnExit(ChildId id, const ExitInfo& info) {
-    auto g = group_of.find(id);
-    if (g == group_of.end()) return;
-    auto it = assignments.find(g->second);
-    if (it == assignments.end()) return;
-    Assignment& a = it->second;
-    int rank = a.rank_of[id];
+    int rank = 0;
+    Assignment* found = AssignmentOf(id, &rank);
+    if (found == nullptr) return;
+    Assignment& a = *found;
     a.live.erase(rank);
     proto::AgentReport r;
     r.set_job_id(a.spec.job_id());
@@ -750,6 +809,7 @@ struct Agent::Impl {
       fs::remove(a.notice_path, ec);
     }
     if (!a.all_exited_sent || a.live.empty()) QueueReport(std::move(r));
+    SaveRanks();
   }
 
   void OnClosed(ChildId id) {
@@ -771,7 +831,6 @@ struct Agent::Impl {
     std::lock_guard<std::mutex> l(mu);
     if (stop) return;
     copiers.emplace_back([this, r, root] {
-      log::SetContext(r.job_id(), labels.name(), "");
       proto::AgentReport rep;
       rep.set_job_id(r.job_id());
       rep.set_checkpoint_step(r.step());
@@ -796,16 +855,15 @@ struct Agent::Impl {
               st = remote.status();
               break;
             }
-            auto report = checkpoint::Replicate(remote->get(), r.job_id(),
-                                                checkpoint::LocalVolume(),
-                                                (fs::path(root) / r.job_id()).string(), r.step());
+            auto report =
+                checkpoint::Replicate(remote->get(), r.job_id(), checkpoint::LocalVolume(),
+                                      (fs::path(root) / r.job_id()).string(), r.step());
             if (report.ok()) {
               double s = std::chrono::duration<double>(Clock::now() - t0).count();
-              logger->info(
-                  "replicated {} step {} from {} ({} shard(s), {:.1f} MiB{}, {:.2f} s)",
-                  r.job_id(), r.step(), r.source_node(), report->shards_copied,
-                  report->bytes_copied / 1048576.0,
-                  report->already_present ? ", already present" : "", s);
+              logger->info("replicated {} step {} from {} ({} shard(s), {:.1f} MiB{}, {:.2f} s)",
+                           r.job_id(), r.step(), r.source_node(), report->shards_copied,
+                           report->bytes_copied / 1048576.0,
+                           report->already_present ? ", already present" : "", s);
               st = Status::Ok();
               break;
             }
@@ -824,6 +882,20 @@ struct Agent::Impl {
       }
       QueueReport(std::move(rep));
     });
+  }
+
+  // Records the live ranks (pid, start time, group) so a restarted agent can stop ranks that
+  // outlived a kill -9 of this one.
+  void SaveRanks() {
+    fs::path path = options.work_dir / "ranks.pids";
+    std::ofstream out(path.string() + ".tmp", std::ios::trunc);
+    for (const auto& c : supervisor->List()) {
+      if (!c.running) continue;
+      out << c.pid << " " << StartTimeOf(c.pid) << " " << c.group << "\n";
+    }
+    out.close();
+    std::error_code ec;
+    fs::rename(path.string() + ".tmp", path, ec);
   }
 
   void CheckLease() {
@@ -887,6 +959,7 @@ StatusOr<std::unique_ptr<Agent>> Agent::Start(AgentOptions options) {
   std::error_code ec;
   fs::create_directories(options.work_dir / "logs", ec);
   if (ec) return ErrnoStatus(ec.value(), "work directory " + options.work_dir.string());
+  KillLeftovers(options.work_dir / "ranks.pids", m.logger);
   for (const auto& v : m.labels.volumes()) {
     if (!fs::is_directory(v.path(), ec)) {
       return InvalidArgumentError("volume " + v.name() + ": " + v.path() + " is not a directory");

@@ -48,9 +48,9 @@ struct AgentOptions {
   proto::NodeLabels labels;
   std::filesystem::path work_dir;  // logs and notice files; created
   // Notice sources polled every notice_interval.
-  std::string preempt_file;   // a notice once this file exists (see NewNoticeFileSource)
-  std::string aws_metadata;   // e.g. http://169.254.169.254; "" : not polled
-  std::string gcp_metadata;   // e.g. http://metadata.google.internal; "" : not polled
+  std::string preempt_file;  // a notice once this file exists (see NewNoticeFileSource)
+  std::string aws_metadata;  // e.g. http://169.254.169.254; "" : not polled
+  std::string gcp_metadata;  // e.g. http://metadata.google.internal; "" : not polled
   std::chrono::milliseconds notice_interval{1000};
   std::chrono::seconds default_notice{30};  // for sources that give no deadline
   // Grace between SIGTERM and SIGKILL when stopping ranks on our own (lease, shutdown).
@@ -83,6 +83,10 @@ class Agent {
   explicit Agent(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };
+
+// GPUs on this node for `--gpus auto`: the CUDA runtime's device count where muster was built
+// with CUDA (0 when no driver or device answers), else 0.
+int CountGpus();
 
 // The address this host uses to reach `endpoint`'s host (a UDP connect, no packet sent);
 // "127.0.0.1" when that cannot be worked out.

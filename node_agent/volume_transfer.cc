@@ -149,18 +149,17 @@ StatusOr<std::unique_ptr<VolumeServer>> VolumeServer::Create(
   }
   Impl* p = impl.get();
   MUSTER_ASSIGN_OR_RETURN(
-      impl->rpc, RpcServer::Create(reactor, o,
-                                   [p](const PeerInfo& peer, proto::Envelope&& req,
-                                       RpcServer::Reply reply) {
-                                     uint64_t id = req.request_id();
-                                     StatusOr<proto::Envelope> r =
-                                         req.has_volume_request()
-                                             ? p->Serve(peer, req.volume_request())
-                                             : InvalidArgumentError("not a volume request");
-                                     if (!r.ok()) return reply(ErrorEnvelope(id, r.status()));
-                                     r->set_request_id(id);
-                                     reply(std::move(*r));
-                                   }));
+      impl->rpc,
+      RpcServer::Create(
+          reactor, o, [p](const PeerInfo& peer, proto::Envelope&& req, RpcServer::Reply reply) {
+            uint64_t id = req.request_id();
+            StatusOr<proto::Envelope> r = req.has_volume_request()
+                                              ? p->Serve(peer, req.volume_request())
+                                              : InvalidArgumentError("not a volume request");
+            if (!r.ok()) return reply(ErrorEnvelope(id, r.status()));
+            r->set_request_id(id);
+            reply(std::move(*r));
+          }));
   return std::unique_ptr<VolumeServer>(new VolumeServer(std::move(impl)));
 }
 
@@ -169,8 +168,9 @@ void VolumeServer::Allow(const std::string& job, const std::string& client_publi
   if (impl_->insecure || impl_->zap == nullptr) return;
   impl_->zap->Authorize(kVolumesZapDomain,
                         {client_public_key, job + "@" + std::to_string(expires_ms)});
-  log::Get("agent.volumes")->info("transfer of {} allowed until {} (key {}...)", job, expires_ms,
-                                  client_public_key.substr(0, 8));
+  log::Get("agent.volumes")
+      ->info("transfer of {} allowed until {} (key {}...)", job, expires_ms,
+             client_public_key.substr(0, 8));
 }
 
 const std::string& VolumeServer::endpoint() const { return impl_->rpc->endpoint(); }

@@ -33,9 +33,9 @@ class VolumeServer {
  public:
   // `volumes`: name -> root directory. `endpoint` e.g. "tcp://198.18.0.11:*".
   // REQUIRES: on the reactor thread or before the reactor starts.
-  static StatusOr<std::unique_ptr<VolumeServer>> Create(
-      Reactor& reactor, ZapAuthenticator* zap, bool insecure, const std::string& endpoint,
-      std::map<std::string, std::string> volumes);
+  static StatusOr<std::unique_ptr<VolumeServer>> Create(Reactor& reactor, ZapAuthenticator* zap,
+                                                        bool insecure, const std::string& endpoint,
+                                                        std::map<std::string, std::string> volumes);
   ~VolumeServer();
 
   // Lets `client_public_key` read `job`'s directories until `expires_ms` (unix ms).
@@ -56,8 +56,8 @@ class RemoteVolume : public checkpoint::Volume {
   // its root. `insecure`: no CURVE (only against an insecure server).
   static StatusOr<std::unique_ptr<RemoteVolume>> Connect(const std::string& endpoint,
                                                          const std::string& server_key,
-                                                         const KeyPair& client_key,
-                                                         bool insecure, std::string volume);
+                                                         const KeyPair& client_key, bool insecure,
+                                                         std::string volume);
   ~RemoteVolume() override;
 
   StatusOr<std::unique_ptr<checkpoint::WritableFile>> NewWritableFile(const std::string& path,

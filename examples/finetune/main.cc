@@ -195,8 +195,20 @@ int main(int argc, char** argv) {
     }
     base = std::move(*opened);
   }
-  muster::finetune::LocalNotice notice(notice_file);
+  muster::finetune::LocalNotice local_notice(notice_file);
   muster::finetune::LocalNotice::InstallSigtermHandler();
+  // Rank 0 also watches the job's store for the agent's checkpoint request, on a connection of
+  // its own.
+  std::unique_ptr<muster::collectives::StoreClient> notice_store;
+  if (rdzv && rank == 0) {
+    auto client = muster::collectives::ConnectStoreFromEnv();
+    if (client.ok()) {
+      notice_store = std::move(*client);
+    } else {
+      log->warn("not watching the store for notices: {}", client.status().ToString());
+    }
+  }
+  muster::finetune::StoreNotice notice(&local_notice, notice_store.get());
 
   auto result = muster::finetune::Train(c, *sync, **store, base.get(), notice, std::cout);
   if (!result.ok()) {

@@ -3,6 +3,7 @@
 #include <signal.h>
 
 #include <atomic>
+#include <chrono>
 #include <system_error>
 
 namespace muster::finetune {
@@ -27,6 +28,15 @@ bool LocalNotice::Requested() {
     std::error_code ec;
     if (std::filesystem::exists(file_, ec)) reason_ = "notice file " + file_.string();
   }
+  return !reason_.empty();
+}
+
+bool StoreNotice::Requested() {
+  if (local_->Requested()) return true;
+  if (!reason_.empty()) return true;
+  if (store_ == nullptr) return false;
+  auto v = store_->Get(kKey, std::chrono::milliseconds(0));
+  if (v.ok()) reason_ = "store key " + std::string(kKey) + " (deadline " + *v + " unix ms)";
   return !reason_.empty();
 }
 

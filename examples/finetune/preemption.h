@@ -15,6 +15,8 @@
 #include <memory>
 #include <string>
 
+#include "collectives/store.h"
+
 namespace muster::finetune {
 
 class PreemptionNotice {
@@ -38,6 +40,26 @@ class LocalNotice final : public PreemptionNotice {
 
  private:
   std::filesystem::path file_;
+  std::string reason_;
+};
+
+// StoreNotice: LocalNotice plus the job's rendezvous store, where the node agent sets the key
+// `muster/preempt` (the deadline, unix ms) when the gang must checkpoint and stop. Rank 0 asks
+// the store once per step, without waiting (one round trip on its own connection, so it never
+// queues behind a checkpoint commit); the step's loss allreduce carries the answer to every
+// rank.
+class StoreNotice final : public PreemptionNotice {
+ public:
+  // `store` may be null (then only `local` is consulted); not owned.
+  StoreNotice(LocalNotice* local, collectives::Store* store) : local_(local), store_(store) {}
+  bool Requested() override;
+  std::string Reason() override { return reason_.empty() ? local_->Reason() : reason_; }
+
+  static constexpr char kKey[] = "muster/preempt";
+
+ private:
+  LocalNotice* local_;
+  collectives::Store* store_;
   std::string reason_;
 };
 

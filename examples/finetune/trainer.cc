@@ -385,6 +385,12 @@ StatusOr<TrainResult> Run::Go() {
       last_saved = done;
     }
     result.step = done;
+    // Announce a commit soon after it happens (the agent records MUSTER_CHECKPOINT in the
+    // coordinator's catalog and replicates it), not only at the next save: a couple of steps
+    // after an async save its write is normally done, so this wait costs nothing.
+    if (pending_save_ && !stop && done - *pending_save_ >= 2) {
+      MUSTER_RETURN_IF_ERROR(WaitForCommit());
+    }
     if (stop) {
       MUSTER_RETURN_IF_ERROR(WaitForCommit());
       log_->warn("preemption notice ({}): checkpointed step {} and stopping", notice_.Reason(),

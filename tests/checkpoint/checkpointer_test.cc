@@ -180,7 +180,9 @@ TEST(CheckpointerTest, FailedSnapshotFailsTheSaveAndCommitsNothing) {
       TensorRef::Replicated("dev", DType::kI32, {1024}, fake.data(), MemoryKind::kCuda));
   Status st = ck->Save(1, s.state);
   if (st.ok()) GTEST_SKIP() << "this machine has a GPU that accepted the pointer";
-  if (CudaBuiltIn()) EXPECT_FALSE(ck->Wait().ok());  // the writer had started: it fails too
+  if (CudaBuiltIn()) {
+    EXPECT_FALSE(ck->Wait().ok());  // the writer had started: it fails too
+  }
   EXPECT_EQ(LatestCommittedStep(LocalVolume(), dir.path()).status().code(), StatusCode::kNotFound);
   // The checkpointer is usable afterwards.
   RankState ok = MakeState(2, 1, 0);

@@ -122,5 +122,115 @@ class PytorchDdpTest(unittest.TestCase):
         self.assertEqual(names, ["LATEST"] + [f"step-{s:09d}.pt" for s in range(4, STEPS + 1, 4)])
 
 
+MUSTER = os.environ.get("MUSTER_BIN", "")
+
+
+@unittest.skipUnless(MUSTER, "MUSTER_BIN is not set (ctest sets it)")
+class PytorchDdpUnderSubmitTest(unittest.TestCase):
+    """The same script as a job submitted to a real coordinator and run by real node agents:
+    preempted on its node at a random step, it checkpoints the step its ranks agree on, is
+    requeued onto the other node, resumes from that step (MUSTER_RESUME_STEP) and ends with the
+    parameters of an uninterrupted run."""
+
+    def setUp(self):
+        self.root = tempfile.mkdtemp(prefix="muster-ddp-submit-")
+        self.keys = os.path.join(self.root, "keys")
+        self.procs = []
+        subprocess.run([MUSTER, "keys", "init", "--dir", self.keys], check=True,
+                       stdout=subprocess.DEVNULL)
+        data = os.path.join(self.root, "coord")
+        os.makedirs(data)
+        self.spawn("coord", [MUSTER, "coordinator", "--data-dir", data, "--keys", self.keys,
+                             "--listen", "tcp://127.0.0.1:*", "--heartbeat-interval-ms", "200",
+                             "--rendezvous-port-base", str(10000 + random.randrange(19) * 1000 + random.randrange(4) * 100),
+                             "--heartbeat-timeout-ms", "2000"])
+        deadline = time.time() + 20
+        while not os.path.exists(os.path.join(data, "endpoint")) and time.time() < deadline:
+            time.sleep(0.05)
+        with open(os.path.join(data, "endpoint")) as f:
+            self.endpoint = f.read().strip()
+        volume = os.path.join(self.root, "volume")
+        os.makedirs(volume)
+        for name in ("aws-1", "aws-2"):
+            self.spawn(name, [MUSTER, "agent", "--coordinator", self.endpoint, "--keys",
+                              self.keys, "--provider", "aws", "--name", name, "--slots", "2",
+                              "--gpus", "0", "--volume", "ckpt=" + volume, "--work-dir",
+                              os.path.join(self.root, name)])
+
+    def tearDown(self):
+        for p in self.procs:
+            p.send_signal(signal.SIGINT)
+        for p in self.procs:
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def spawn(self, name, argv):
+        with open(os.path.join(self.root, name + ".log"), "w") as log:
+            self.procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT))
+
+    def muster(self, *args):
+        r = subprocess.run([MUSTER, *args, "--coordinator", self.endpoint, "--keys", self.keys],
+                           capture_output=True, text=True, timeout=30)
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        return r.stdout
+
+    def status(self, job):
+        import json
+        st = json.loads(self.muster("status", job, "--json"))
+        return st[0] if isinstance(st, list) else st
+
+    def wait_for(self, pred, timeout):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if pred():
+                return True
+            time.sleep(0.2)
+        return pred()
+
+    def test_preempted_job_resumes_on_the_other_node_from_the_agreed_step(self):
+        import json
+        nodes = json.loads(self.muster("nodes", "--json"))
+        self.assertTrue(self.wait_for(
+            lambda: sum(n["state"] == "up" for n in json.loads(self.muster("nodes", "--json")))
+            == 2, 20), nodes)
+        spec = os.path.join(self.root, "ddp.yaml")
+        with open(spec, "w") as f:
+            f.write("name: ddp\n"
+                    f"command: [{sys.executable!r}, {TRAIN!r}, " +
+                    ", ".join(repr(a) for a in ARGS) + "]\n"
+                    "nodes: 1\nranks_per_node: 2\n"
+                    "checkpoint:\n  volume: ckpt\n")
+        job = self.muster("submit", spec).strip()
+        at = random.randint(4, 8)  # leaves 12+ steps for the notice to arrive under load
+        self.assertTrue(self.wait_for(
+            lambda: self.status(job).get("progress", {}).get("step", 0) >= at, 120),
+            self.muster("events", job))
+        victim = self.status(job)["nodes"][0]
+        self.muster("node", "preempt", victim, "--notice", "30")
+        self.assertTrue(self.wait_for(lambda: self.status(job)["state"] == "succeeded", 150),
+                        self.muster("events", job))
+        st = self.status(job)
+        self.assertEqual(st["attempt"], 2, self.muster("events", job))
+        self.assertEqual(st["preemptions"], 1)
+        self.assertNotEqual(st["nodes"][0], victim)
+        first = self.muster("logs", job, "--rank", "0", "--attempt", "1")
+        second = self.muster("logs", job, "--rank", "0")
+        preempted = int(field(first, "MUSTER_PREEMPTED", "step"))
+        self.assertGreaterEqual(preempted, at)
+        self.assertEqual(st["resume_step"], preempted, "zero lost steps")
+        self.assertIn(f"resumed from step {preempted}", second)
+        self.assertEqual(field(second, "MUSTER_DONE", "param_digest"),
+                         getattr(PytorchDdpTest, "want", None) or self.reference_digest(), second)
+
+    def reference_digest(self):
+        ranks = launch(os.path.join(self.root, "ref"))
+        codes = [r.wait(120) for r in ranks]
+        self.assertEqual(codes, [0, 0])
+        return field(ranks[0].out, "MUSTER_DONE", "param_digest")
+
+
 if __name__ == "__main__":
     unittest.main(verbosity=2)

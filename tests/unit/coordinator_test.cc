@@ -140,12 +140,74 @@ TEST_F(CoordinatorTest, HeartbeatTimeoutOnTheInjectedClockRequeues) {
   hb.mutable_agent_heartbeat()->set_node("n0");
   hb.mutable_agent_heartbeat()->set_session_id(s0);
   EXPECT_EQ(ErrorToStatus(Call(hb).error()).code(), StatusCode::kNotFound);
-  // It comes back: the job starts again as attempt 2.
+  // It comes back at once, but the job is not placed again until the lost agent's lease (8 s,
+  // counted from its last reply) has surely run out and its ranks are stopped: no split brain.
   std::string s1 = Register("n0");
+  coord_->Tick();
+  EXPECT_TRUE(Heartbeat("n0", s1).empty()) << "placed while the old ranks may still run";
+  now_ += 4s;
   coord_->Tick();
   actions = Heartbeat("n0", s1);
   ASSERT_EQ(actions.size(), 1u);
   EXPECT_EQ(actions[0].start().attempt(), 2);
+}
+
+// Exit 75 (a peer failed) stops the gang but is not the failure: a node lost afterwards is the
+// cause (not counted against max_restarts); with no other cause, the 75 is the failure.
+TEST_F(CoordinatorTest, PeerFailureExitWaitsForTheRealCause) {
+  std::string s0 = Register("n0");
+  std::string s1 = Register("n1");
+  std::string id = Submit("name: j\ncommand: x\nnodes: 2\n");
+  ASSERT_EQ(Heartbeat("n0", s0).size(), 1u);
+  ASSERT_EQ(Heartbeat("n1", s1).size(), 1u);
+  Report("n0", s0, id, 1, true, 0, false);
+  Report("n1", s1, id, 1, true, 0, false);
+  Report("n0", s0, id, 1, false, 75, true);  // rank 0's collective failed
+  auto st = Status(id);
+  EXPECT_EQ(st.state(), proto::JOB_REQUEUED) << "the gang is stopped";
+  EXPECT_EQ(st.restarts(), 0);
+  // n1's agent dies: no more heartbeats from it.
+  for (int i = 0; i < 6; ++i) {
+    now_ += 1s;
+    Heartbeat("n0", s0);
+    coord_->Tick();
+  }
+  st = Status(id);
+  EXPECT_EQ(st.restarts(), 0) << "a lost node is not the job's failure: " << st.DebugString();
+  EXPECT_EQ(st.preemptions(), 1);
+
+  // Second job: the 75 and nothing else (the other node's rank stopped by its agent).
+  std::string s2 = Register("n2");
+  std::string id2 = Submit("name: k\ncommand: x\nnodes: 2\nrestart:\n  max_restarts: 0\n");
+  (void)s2;
+  for (int i = 0; i < 20 && Status(id2).attempt() == 0; ++i) {
+    now_ += 1s;
+    Heartbeat("n0", s0);
+    Heartbeat("n2", s2);
+    coord_->Tick();
+  }
+  st = Status(id2);
+  ASSERT_EQ(st.attempt(), 1) << st.DebugString();
+  const std::string a = st.nodes(0), b = st.nodes(1);
+  const std::string sa = a == "n0" ? s0 : s2, sb = b == "n0" ? s0 : s2;
+  Report(a, sa, id2, 1, true, 0, false);
+  Report(b, sb, id2, 1, true, 0, false);
+  Report(a, sa, id2, 1, false, 75, true);
+  proto::Envelope e;
+  auto* r = e.mutable_agent_report();
+  r->set_node(b);
+  r->set_session_id(sb);
+  r->set_job_id(id2);
+  r->set_attempt(1);
+  auto* x = r->add_exits();
+  x->set_exit_code(-1);
+  x->set_signal(15);
+  x->set_stopped_by_agent(true);
+  r->set_all_exited(true);
+  Call(e);
+  st = Status(id2);
+  EXPECT_EQ(st.state(), proto::JOB_FAILED) << st.DebugString();
+  EXPECT_NE(st.detail().find("exited 75 (a peer failed)"), std::string::npos) << st.detail();
 }
 
 TEST_F(CoordinatorTest, TimeLimitStopsAndFails) {

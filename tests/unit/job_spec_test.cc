@@ -131,6 +131,20 @@ TEST(JobSpecTest, Durations) {
   EXPECT_EQ(FormatDuration(seconds(5430)), "1h30m30s");
 }
 
+TEST(JobSpecTest, PinnedHosts) {
+  auto spec =
+      ParseJobSpec("name: p\ncommand: x\nnodes: 2\nplacement:\n  hosts: [a-1, a-2]\n", "p.yaml");
+  ASSERT_TRUE(spec.ok()) << spec.status().ToString();
+  EXPECT_EQ(spec->hosts, (std::vector<std::string>{"a-1", "a-2"}));
+  auto bad = ParseJobSpec("name: p\ncommand: x\nnodes: 2\nplacement:\n  hosts: [a-1]\n", "p.yaml");
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("hosts"), std::string::npos) << bad.status().ToString();
+  auto scalar = ParseJobSpec("name: p\ncommand: x\nplacement:\n  hosts: a-1\n", "p.yaml");
+  ASSERT_FALSE(scalar.ok());
+  EXPECT_NE(scalar.status().message().find("p.yaml:4: placement.hosts"), std::string::npos)
+      << scalar.status().ToString();
+}
+
 TEST(JobSpecTest, LoadFileNotFound) {
   auto spec = LoadJobSpecFile("/nonexistent/job.yaml");
   ASSERT_FALSE(spec.ok());

@@ -101,10 +101,8 @@ TEST_F(StoreServerTest, SetGetAddCompareSet) {
   EXPECT_EQ(*c->CompareSet("leader", "", "r5"), "r3");
   EXPECT_EQ(*c->CompareSet("leader", "r3", "r7"), "r7");
 
-  auto many = c->MultiGet({"k", "leader", "n"}, 1s);
-  ASSERT_TRUE(many.ok()) << many.status();
-  EXPECT_EQ((*many)[1], "r7");
-  EXPECT_EQ((*many)[2], "3");
+  EXPECT_EQ(*c->Get("leader", 1s), "r7");
+  EXPECT_EQ(*c->Get("n", 1s), "3");
 }
 
 TEST_F(StoreServerTest, WaitersAreParkedAndWokenOnceBySet) {
@@ -189,6 +187,115 @@ TEST_F(StoreServerTest, BarrierReleasesAllAtOnceAndTimesOutWithCount) {
   EXPECT_NE(st2.message().find("of 3 arrived"), std::string::npos) << st2;
   EXPECT_EQ(clients[2]->Barrier("bad-n", 0, 1s).code(), StatusCode::kInvalidArgument);
   EXPECT_EQ(Parked(), 0u);
+}
+
+TEST_F(StoreServerTest, AllGatherAnswersEveryRankOnceWithAllEntriesInRankOrder) {
+  constexpr int kN = 6;
+  std::vector<std::unique_ptr<StoreClient>> clients;
+  for (int i = 0; i < kN; ++i) clients.push_back(OpenClient());
+  auto entry = [](int r) { return std::string("addr\0", 5) + std::to_string(r * 7); };
+  std::vector<StatusOr<std::vector<std::string>>> got(kN, InternalError("not run"));
+  std::vector<std::thread> threads;
+  // Ranks arrive out of order; none is answered before the last one.
+  for (int r : {4, 0, 5, 2, 1}) {
+    threads.emplace_back([&, r] { got[r] = clients[r]->AllGather("addrs", r, kN, entry(r), 10s); });
+  }
+  ASSERT_TRUE(WaitParked(kN - 1)) << "parked: " << Parked();
+  got[3] = clients[3]->AllGather("addrs", 3, kN, entry(3), 10s);
+  for (auto& t : threads) t.join();
+  for (int r = 0; r < kN; ++r) {
+    ASSERT_TRUE(got[r].ok()) << "rank " << r << ": " << got[r].status();
+    ASSERT_EQ(got[r]->size(), size_t{kN});
+    for (int e = 0; e < kN; ++e) EXPECT_EQ((*got[r])[e], entry(e)) << "rank " << r;
+  }
+  EXPECT_EQ(Parked(), 0u);
+  // Names are single use.
+  auto again = clients[0]->AllGather("addrs", 0, kN, "x", 1s);
+  EXPECT_EQ(again.status().code(), StatusCode::kInvalidArgument) << again.status();
+  EXPECT_NE(again.status().message().find("single use"), std::string::npos) << again.status();
+}
+
+TEST_F(StoreServerTest, AllGatherRefusesInconsistentCallers) {
+  auto a = OpenClient(), b = OpenClient();
+  EXPECT_EQ(a->AllGather("g", 3, 3, "v", 1s).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(a->AllGather("g", -1, 3, "v", 1s).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(a->AllGather("g", 0, 0, "v", 1s).status().code(), StatusCode::kInvalidArgument);
+  StatusOr<std::vector<std::string>> first = InternalError("not run");
+  std::thread t([&] { first = a->AllGather("g", 0, 2, "a", 10s); });
+  ASSERT_TRUE(WaitParked(1));
+  // The server checks what only it can know: the n of the others, and who has contributed.
+  auto wrong_n = b->AllGather("g", 1, 3, "b", 1s);
+  EXPECT_EQ(wrong_n.status().code(), StatusCode::kInvalidArgument) << wrong_n.status();
+  EXPECT_NE(wrong_n.status().message().find("n=2"), std::string::npos) << wrong_n.status();
+  auto twice = b->AllGather("g", 0, 2, "b", 1s);
+  EXPECT_EQ(twice.status().code(), StatusCode::kInvalidArgument) << twice.status();
+  EXPECT_NE(twice.status().message().find("already contributed"), std::string::npos);
+  EXPECT_EQ(Parked(), 1u) << "refused callers are not parked";
+  auto ok = b->AllGather("g", 1, 2, "b", 10s);
+  t.join();
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  ASSERT_TRUE(first.ok()) << first.status();
+  EXPECT_EQ(*first, (std::vector<std::string>{"a", "b"}));
+  EXPECT_EQ(*ok, *first);
+}
+
+TEST_F(StoreServerTest, AllGatherTimesOutNamingMissingRanksAndWithdrawsTheEntry) {
+  auto a = OpenClient(), b = OpenClient(), c = OpenClient();
+  auto t0 = Clock::now();
+  auto late = a->AllGather("g", 0, 3, "stale", 300ms);
+  EXPECT_GE(Clock::now() - t0, 290ms);
+  ASSERT_EQ(late.status().code(), StatusCode::kDeadlineExceeded) << late.status();
+  EXPECT_NE(late.status().message().find("missing rank(s) 1, 2"), std::string::npos)
+      << late.status();
+  EXPECT_EQ(Parked(), 0u);
+  // Rank 0 left the gather: the others still wait for it, and its new entry is the one used.
+  StatusOr<std::vector<std::string>> rb = InternalError(""), rc = InternalError("");
+  std::thread tb([&] { rb = b->AllGather("g", 1, 3, "b", 10s); });
+  std::thread tc([&] { rc = c->AllGather("g", 2, 3, "c", 10s); });
+  ASSERT_TRUE(WaitParked(2));
+  auto ra = a->AllGather("g", 0, 3, "fresh", 10s);
+  tb.join();
+  tc.join();
+  ASSERT_TRUE(ra.ok()) << ra.status();
+  EXPECT_EQ(*ra, (std::vector<std::string>{"fresh", "b", "c"}));
+  EXPECT_EQ(*rb, *ra);
+  EXPECT_EQ(*rc, *ra);
+}
+
+TEST_F(StoreServerTest, ClosingTheScopeAbortsAParkedGather) {
+  auto a = OpenClient("job-g", 1);
+  StatusOr<std::vector<std::string>> r = InternalError("not run");
+  std::thread t([&] { r = a->AllGather("g", 0, 2, "a", 10s); });
+  ASSERT_TRUE(WaitParked(1));
+  server_->RemoveScope("job-g", 1);
+  t.join();
+  EXPECT_EQ(r.status().code(), StatusCode::kAborted) << r.status();
+}
+
+TEST(StoreServerLimitsTest, AGatherLargerThanTheMessageLimitFailsEveryRank) {
+  Reactor reactor("store-limits");
+  StoreServer::Options o;
+  o.insecure = true;
+  o.max_message_bytes = 4096;
+  auto server = std::move(*StoreServer::Create(reactor, nullptr, o));
+  reactor.Start();
+  ASSERT_TRUE(server->AddScope("j", 0).ok());
+  StoreClient::Options co;
+  co.endpoint = server->endpoint();
+  co.credentials.insecure = true;
+  co.job = "j";
+  auto a = std::move(*StoreClient::Connect(co));
+  auto b = std::move(*StoreClient::Connect(co));
+  // Each entry fits a request; the two together do not fit a reply.
+  StatusOr<std::vector<std::string>> ra = InternalError("not run");
+  std::thread t([&] { ra = a->AllGather("big", 0, 2, std::string(3000, 'a'), 10s); });
+  auto rb = b->AllGather("big", 1, 2, std::string(3000, 'b'), 10s);
+  t.join();
+  EXPECT_EQ(rb.status().code(), StatusCode::kFailedPrecondition) << rb.status();
+  EXPECT_NE(rb.status().message().find("message size limit"), std::string::npos) << rb.status();
+  EXPECT_EQ(ra.status().code(), StatusCode::kFailedPrecondition) << ra.status();
+  reactor.Call("teardown", [&] { server.reset(); });
+  reactor.Stop();
 }
 
 TEST_F(StoreServerTest, AttemptsAreIsolated) {

@@ -1,0 +1,427 @@
+// muster-bench recovery: how long a job is down, and how many steps it loses, when its node is
+// preempted (with notice) or its agent dies (without), on a real coordinator and real agents on
+// loopback. The anchor, measured in the same run, is what restarting the same program by hand
+// costs at the very least: `mpirun -np 2` from launch to its first step (no detection, no
+// checkpoint handling; torchrun, about 5 s here per the issue, is broken on Debian's Python).
+//
+// The job: 2 nodes x 1 rank of a shell "trainer" that takes a step every --step-ms, checkpoints
+// every --ckpt-every steps (prints MUSTER_CHECKPOINT), checkpoints and exits on a notice, and
+// resumes from MUSTER_RESUME_STEP. Each line carries a wall-clock stamp, so the program's own
+// start-up (rank spawned -> first step) is reported apart from muster's part (notice or kill ->
+// rank spawned).
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <sstream>
+#include <thread>
+
+#include "bench/bench.h"
+#include "common/curve.h"
+#include "common/logging.h"
+#include "coordinator/client.h"
+
+extern char** environ;
+
+namespace muster::bench {
+
+namespace {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+using std::chrono::milliseconds;
+
+int64_t UnixMs() {
+  return std::chrono::duration_cast<milliseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+std::string FindMuster(const std::string& given) {
+  if (!given.empty()) return given;
+  std::error_code ec;
+  fs::path self = fs::read_symlink("/proc/self/exe", ec).parent_path();
+  for (auto c : {self / "muster", self / ".." / "bin" / "muster"}) {
+    if (fs::exists(c, ec)) return fs::canonical(c, ec).string();
+  }
+  return "muster";
+}
+
+pid_t Spawn(const std::vector<std::string>& argv, const std::string& log) {
+  pid_t pid = fork();
+  if (pid == 0) {
+    setpgid(0, 0);
+    int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+    if (fd >= 0) {
+      dup2(fd, 1);
+      dup2(fd, 2);
+    }
+    std::vector<char*> a;
+    for (const auto& s : argv) a.push_back(const_cast<char*>(s.c_str()));
+    a.push_back(nullptr);
+    execvp(a[0], a.data());
+    _exit(127);
+  }
+  return pid;
+}
+
+void KillGroup(pid_t pid, int sig) {
+  if (pid <= 0) return;
+  ::kill(-pid, sig);
+  int st;
+  if (sig == SIGKILL) waitpid(pid, &st, 0);
+}
+
+// The trainer's lines: T_START=ms at its start, then per step MUSTER_PROGRESS step=N t=ms.
+const char* kTrainer =
+    "s=${MUSTER_RESUME_STEP:-0}; s=${s:-0}; echo T_START=$(date +%s%3N) resume=$s; "
+    "while [ $s -lt $TOTAL ]; do s=$((s+1)); sleep $STEP_S; "
+    "echo MUSTER_PROGRESS step=$s total=$TOTAL t=$(date +%s%3N); "
+    "if [ -e \"$MUSTER_PREEMPT_FILE\" ]; then echo MUSTER_CHECKPOINT step=$s; "
+    "echo MUSTER_PREEMPTED step=$s; exit 3; fi; "
+    "if [ $((s % CKPT_EVERY)) = 0 ]; then echo MUSTER_CHECKPOINT step=$s; fi; done";
+
+struct AttemptLog {
+  int64_t start_ms = 0, first_step_ms = 0, resume = -1, last_step = 0, preempted = -1;
+};
+
+AttemptLog ParseLog(const std::string& text) {
+  AttemptLog a;
+  std::istringstream in(text);
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("T_START=", 0) == 0) {
+      a.start_ms = std::atoll(line.c_str() + 8);
+      auto r = line.find("resume=");
+      if (r != std::string::npos) a.resume = std::atoll(line.c_str() + r + 7);
+    } else if (line.rfind("MUSTER_PROGRESS step=", 0) == 0) {
+      a.last_step = std::atoll(line.c_str() + 21);
+      auto t = line.find(" t=");
+      if (a.first_step_ms == 0 && t != std::string::npos)
+        a.first_step_ms = std::atoll(line.c_str() + t + 3);
+    } else if (line.rfind("MUSTER_PREEMPTED step=", 0) == 0) {
+      a.preempted = std::atoll(line.c_str() + 22);
+    }
+  }
+  return a;
+}
+
+struct Outcome {
+  double down_s = -1;     // event -> first resumed step
+  double muster_s = -1;   // event -> the resumed rank started
+  double startup_s = -1;  // resumed rank started -> its first step
+  int64_t lost_steps = -1;
+  std::string error;
+};
+
+class Cluster {
+ public:
+  Cluster(std::string muster, fs::path dir, int hb_timeout_ms)
+      : muster_(std::move(muster)), dir_(std::move(dir)), hb_timeout_ms_(hb_timeout_ms) {}
+  ~Cluster() {
+    for (auto& [n, pid] : agents_) KillGroup(pid, SIGKILL);
+    KillGroup(coord_, SIGKILL);
+  }
+
+  Status Start(int agents) {
+    fs::remove_all(dir_);
+    fs::create_directories(dir_ / "coord");
+    MUSTER_RETURN_IF_ERROR(InitKeysDir(KeysDir{dir_ / "keys"}, true));
+    coord_ =
+        Spawn({muster_, "coordinator", "--data-dir", (dir_ / "coord").string(), "--keys",
+               (dir_ / "keys").string(), "--listen", "tcp://127.0.0.1:*", "--heartbeat-interval-ms",
+               "100", "--heartbeat-timeout-ms", std::to_string(hb_timeout_ms_)},
+              (dir_ / "coord.log").string());
+    for (auto until = Clock::now() + std::chrono::seconds(20);;) {
+      if (fs::exists(dir_ / "coord" / "endpoint")) break;
+      if (Clock::now() > until) return UnavailableError("the coordinator did not start");
+      std::this_thread::sleep_for(milliseconds(20));
+    }
+    std::ifstream(dir_ / "coord" / "endpoint") >> endpoint_;
+    fs::create_directories(dir_ / "volume");
+    for (int i = 1; i <= agents; ++i) StartAgent("n" + std::to_string(i));
+    coordinator::ClientOptions co;
+    co.endpoint = endpoint_;
+    co.keys_dir = (dir_ / "keys").string();
+    MUSTER_ASSIGN_OR_RETURN(client_, coordinator::CoordinatorClient::Connect(co));
+    for (auto until = Clock::now() + std::chrono::seconds(20);;) {
+      auto nodes = client_->Nodes();
+      int up = 0;
+      if (nodes.ok())
+        for (const auto& n : nodes->nodes()) up += n.state() == proto::NODE_UP;
+      if (up == agents) return Status::Ok();
+      if (Clock::now() > until) return UnavailableError("the agents did not register");
+      std::this_thread::sleep_for(milliseconds(20));
+    }
+  }
+
+  void StartAgent(const std::string& name) {
+    agents_[name] = Spawn({muster_,         "agent",
+                           "--coordinator", endpoint_,
+                           "--keys",        (dir_ / "keys").string(),
+                           "--provider",    "aws",
+                           "--name",        name,
+                           "--slots",       "1",
+                           "--gpus",        "0",
+                           "--volume",      "ckpt=" + (dir_ / "volume").string(),
+                           "--work-dir",    (dir_ / name).string(),
+                           "--grace-ms",    "1000"},
+                          (dir_ / (name + ".log")).string());
+  }
+  void KillAgent(const std::string& name) {
+    KillGroup(agents_[name], SIGKILL);
+    agents_.erase(name);
+  }
+
+  coordinator::CoordinatorClient& client() { return *client_; }
+
+  StatusOr<std::string> Log(const std::string& job, int attempt) {
+    MUSTER_ASSIGN_OR_RETURN(auto r, client_->Logs(job, 0, 0, 1 << 20, attempt));
+    return r.data();
+  }
+
+ private:
+  std::string muster_;
+  fs::path dir_;
+  int hb_timeout_ms_;
+  pid_t coord_ = -1;
+  std::map<std::string, pid_t> agents_;
+  std::string endpoint_;
+  std::unique_ptr<coordinator::CoordinatorClient> client_;
+};
+
+// Runs the job, interrupts it at step `at` (notice or agent kill -9), and measures the recovery.
+// `finetune`: the real C++ fine-tune (a gang over Gloo with real checkpoints) instead of the
+// shell trainer; its start-up (libtorch, model, Gloo) is then timed from the coordinator's
+// "started" event to the first progress line the agent stamped (within one heartbeat).
+Outcome Measure(const std::string& muster, bool with_notice, int step_ms, int ckpt_every, int at,
+                int hb_timeout_ms, const std::string& finetune) {
+  Outcome o;
+  fs::path dir = fs::temp_directory_path() / ("muster-bench-recovery-" + std::to_string(getpid()) +
+                                              (with_notice ? "-notice" : "-kill"));
+  Cluster c(muster, dir, hb_timeout_ms);
+  if (auto s = c.Start(3); !s.ok()) {
+    o.error = s.ToString();
+    return o;
+  }
+  int total = at + 40;
+  std::string yaml;
+  if (finetune.empty()) {
+    yaml = "name: recovery\ncommand: [\"/bin/sh\", \"-c\", " + nlohmann::json(kTrainer).dump() +
+           "]\nenv:\n  TOTAL: \"" + std::to_string(total) + "\"\n  STEP_S: \"" +
+           Fmt(step_ms / 1000.0, 3) + "\"\n  CKPT_EVERY: \"" + std::to_string(ckpt_every) +
+           "\"\nnodes: 2\nranks_per_node: 1\ncheckpoint:\n  volume: ckpt\n";
+  } else {
+    yaml = "name: recovery\ncommand: [" + nlohmann::json(finetune).dump() +
+           ", \"--pretrain\", \"--steps\", \"" + std::to_string(total) +
+           "\", \"--ckpt-every\", \"" + std::to_string(ckpt_every) +
+           "\", \"--log-every\", \"1\", \"--threads\", \"1\"]\nnodes: 2\nranks_per_node: "
+           "1\ncheckpoint:\n  volume: ckpt\n";
+  }
+  auto job = c.client().Submit(yaml, "recovery.yaml");
+  if (!job.ok()) {
+    o.error = job.status().ToString();
+    return o;
+  }
+  proto::JobStatus st;
+  auto until = Clock::now() + std::chrono::seconds(60);
+  for (;;) {
+    auto s = c.client().Status(*job);
+    if (s.ok() && s->jobs_size() == 1) st = s->jobs(0);
+    if (st.progress().step() >= at) break;
+    if (Clock::now() > until) {
+      o.error = "the job did not reach step " + std::to_string(at);
+      return o;
+    }
+    std::this_thread::sleep_for(milliseconds(10));
+  }
+  int64_t t_event = UnixMs();
+  if (with_notice) {
+    proto::Envelope req;
+    req.mutable_preempt_node_request()->set_node(st.nodes(1));
+    req.mutable_preempt_node_request()->set_notice_ms(30000);
+    auto r = c.client().Call(std::move(req));
+    if (!r.ok()) {
+      o.error = r.status().ToString();
+      return o;
+    }
+  } else {
+    c.KillAgent(st.nodes(1));
+  }
+  // Until the next attempt has taken a step.
+  until = Clock::now() + std::chrono::seconds(120);
+  for (;;) {
+    auto s = c.client().Status(*job);
+    if (s.ok() && s->jobs_size() == 1) st = s->jobs(0);
+    if (st.attempt() >= 2 && st.progress().step() > std::max<int64_t>(st.resume_step(), 0) &&
+        st.progress().time_ms() > t_event)
+      break;
+    if (Clock::now() > until) {
+      o.error = "the job did not resume";
+      return o;
+    }
+    std::this_thread::sleep_for(milliseconds(10));
+  }
+  auto first = c.Log(*job, 1);
+  auto second = c.Log(*job, st.attempt());
+  if (!first.ok() || !second.ok()) {
+    o.error = "logs: " + (first.ok() ? second.status() : first.status()).ToString();
+    return o;
+  }
+  AttemptLog a = ParseLog(*first), b = ParseLog(*second);
+  if (!finetune.empty()) {
+    // No stamps in its lines: the coordinator's "started" event and the agent's progress stamp.
+    auto events = c.client().Events(*job, 0);
+    if (events.ok()) {
+      for (const auto& e : events->events()) {
+        if (e.kind() == "started" &&
+            e.message().rfind("attempt " + std::to_string(st.attempt()) + ":", 0) == 0)
+          b.start_ms = e.time_ms();
+      }
+    }
+    b.first_step_ms = st.progress().time_ms();
+    b.resume = st.resume_step();
+  }
+  if (b.start_ms == 0 || b.first_step_ms == 0) {
+    o.error = "the resumed attempt's log has no stamps";
+    return o;
+  }
+  o.down_s = (b.first_step_ms - t_event) / 1000.0;
+  o.muster_s = (b.start_ms - t_event) / 1000.0;
+  o.startup_s = (b.first_step_ms - b.start_ms) / 1000.0;
+  o.lost_steps = a.last_step - std::max<int64_t>(b.resume, 0);
+  (void)c.client().Cancel(*job);
+  std::error_code ec;
+  fs::remove_all(dir, ec);
+  return o;
+}
+
+// mpirun -np 2 of the same trainer, from launch to its first step (median of `reps`).
+double MpirunFirstStep(int step_ms, int reps) {
+  std::vector<double> s;
+  for (int i = 0; i < reps; ++i) {
+    fs::path log = fs::temp_directory_path() / ("muster-bench-mpirun-" + std::to_string(getpid()));
+    fs::remove(log);
+    std::string script = "echo T_FIRST=$(date +%s%3N)";
+    int64_t t0 = UnixMs();
+    pid_t pid = Spawn({"mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", "sh", "-c",
+                       "sleep " + Fmt(step_ms / 1000.0, 3) + "; " + script},
+                      log.string());
+    int st;
+    waitpid(pid, &st, 0);
+    std::ifstream in(log);
+    std::string line;
+    int64_t first = 0;
+    while (std::getline(in, line)) {
+      if (line.rfind("T_FIRST=", 0) == 0) {
+        int64_t t = std::atoll(line.c_str() + 8);
+        if (first == 0 || t < first) first = t;
+      }
+    }
+    fs::remove(log);
+    if (first == 0) return -1;
+    s.push_back((first - t0) / 1000.0);
+  }
+  std::sort(s.begin(), s.end());
+  return s.empty() ? -1 : s[s.size() / 2];
+}
+
+}  // namespace
+
+void AddRecoveryBench(CLI::App& app, Runner* runner) {
+  auto* cmd = app.add_subcommand(
+      "recovery",
+      "Preemption with notice and agent kill -9 on real daemons: downtime and lost steps, "
+      "beside an mpirun restart of the same program");
+  struct Flags {
+    std::string muster, trainer = "finetune", finetune;
+    int step_ms = 50, ckpt_every = 10, at = 25, hb_timeout_ms = 1000;
+    bool json = false;
+  };
+  auto f = std::make_shared<Flags>();
+  cmd->add_option("--muster", f->muster, "the muster binary (default: beside muster-bench)");
+  cmd->add_option("--step-ms", f->step_ms, "the trainer's step time")->capture_default_str();
+  cmd->add_option("--ckpt-every", f->ckpt_every, "checkpoint interval in steps")
+      ->capture_default_str();
+  cmd->add_option("--at", f->at, "interrupt at this step")->capture_default_str();
+  cmd->add_option("--heartbeat-timeout-ms", f->hb_timeout_ms, "the coordinator's")
+      ->capture_default_str();
+  cmd->add_option("--trainer", f->trainer,
+                  "finetune (the C++ fine-tune, a real gang with real checkpoints) or sh (a "
+                  "shell loop: muster's own overhead alone)")
+      ->check(CLI::IsMember({"finetune", "sh"}))
+      ->capture_default_str();
+  cmd->add_option("--finetune", f->finetune, "the muster-finetune binary (default: found)");
+  cmd->add_flag("--json", f->json, "print JSON");
+  cmd->callback([=] {
+    *runner = [=] {
+      log::InitLogging("error").IgnoreError();
+      std::string muster = FindMuster(f->muster);
+      std::string ft;
+      if (f->trainer == "finetune") {
+        ft = f->finetune;
+        std::error_code ec;
+        fs::path self = fs::read_symlink("/proc/self/exe", ec).parent_path();
+        if (ft.empty() && fs::exists(self / ".." / "examples" / "finetune" / "muster-finetune", ec))
+          ft =
+              fs::canonical(self / ".." / "examples" / "finetune" / "muster-finetune", ec).string();
+        if (ft.empty()) {
+          std::cerr << "muster-bench recovery: muster-finetune not found (built with libtorch?); "
+                       "use --trainer sh or --finetune PATH\n";
+          return 2;
+        }
+      }
+      Outcome notice =
+          Measure(muster, true, f->step_ms, f->ckpt_every, f->at, f->hb_timeout_ms, ft);
+      Outcome kill = Measure(muster, false, f->step_ms, f->ckpt_every, f->at, f->hb_timeout_ms, ft);
+      double mpirun = MpirunFirstStep(f->step_ms, 3);
+      if (f->json) {
+        nlohmann::json j = {{"notice_to_resume_s", notice.down_s},
+                            {"notice_muster_s", notice.muster_s},
+                            {"notice_startup_s", notice.startup_s},
+                            {"lost_steps_with_notice", notice.lost_steps},
+                            {"failure_to_resume_s", kill.down_s},
+                            {"failure_muster_s", kill.muster_s},
+                            {"failure_startup_s", kill.startup_s},
+                            {"lost_steps_without_notice", kill.lost_steps},
+                            {"mpirun_launch_to_first_step_s", mpirun},
+                            {"heartbeat_timeout_ms", f->hb_timeout_ms},
+                            {"trainer", f->trainer},
+                            {"checkpoint_every", f->ckpt_every}};
+        if (!notice.error.empty()) j["notice_error"] = notice.error;
+        if (!kill.error.empty()) j["failure_error"] = kill.error;
+        std::cout << j.dump(2) << "\n";
+      } else {
+        Table t({"event", "to resumed step s", "muster part s", "program start-up s", "lost steps",
+                 "note"});
+        auto row = [&](const std::string& name, const Outcome& o, const std::string& note) {
+          if (!o.error.empty()) return t.Row({name, "-", "-", "-", "-", o.error});
+          t.Row({name, Fmt(o.down_s), Fmt(o.muster_s), Fmt(o.startup_s),
+                 std::to_string(o.lost_steps), note});
+        };
+        row("preemption notice", notice, "checkpoint on notice, requeue");
+        row("agent kill -9", kill,
+            "heartbeat timeout " + std::to_string(f->hb_timeout_ms) + " ms + lease fence");
+        t.Row({"anchor: mpirun -np 2 start", mpirun < 0 ? "-" : Fmt(mpirun), "-", "-", "-",
+               "launch to first step, by hand"});
+        t.Print();
+        std::cout << "trainer " << f->trainer << "; checkpoint every " << f->ckpt_every << " steps"
+                  << (f->trainer == "sh" ? " of " + std::to_string(f->step_ms) + " ms" : "")
+                  << "; interrupted at step " << f->at << "\n";
+      }
+      return notice.error.empty() && kill.error.empty() ? 0 : 1;
+    };
+  });
+}
+
+}  // namespace muster::bench

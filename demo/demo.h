@@ -1,0 +1,33 @@
+#pragma once
+
+// `muster demo`: the whole promise on one machine. It starts an embedded coordinator (CURVE,
+// SQLite) and four node agents for two simulated providers on loopback ("aws" and "gcp", two
+// nodes each, each provider with its own checkpoint volume), submits the C++ fine-tune
+// (2 nodes x 2 ranks, Gloo through the job's rendezvous store), gives one of its nodes a
+// preemption notice midway, and shows what follows as a timeline with live progress: the
+// checkpoint on notice, the copy of that checkpoint to the other provider's volume, the requeue
+// onto the other provider, the resume from the very step and the completion. Then it writes the
+// loss curve, with the preemption and the resume marked, as <work-dir>/loss.svg.
+
+#include <filesystem>
+#include <ostream>
+#include <string>
+
+namespace muster::demo {
+
+struct DemoOptions {
+  std::filesystem::path work_dir = "muster-demo";  // created (emptied first); kept afterwards
+  std::string finetune;  // the muster-finetune binary; "" : found next to `muster`
+  int steps = 150;
+  int ckpt_every = 50;
+  int preempt_at = 60;   // give the notice once the job reports this step
+  double notice_s = 20;  // seconds of notice
+  int threads = 1;       // torch threads per rank
+  int timeout_s = 300;   // give up (and fail) after this long
+};
+
+// Returns the process exit code: 0 when the job completed after the preemption and resumed
+// from the step it checkpointed on the notice.
+int RunDemo(const DemoOptions& options, std::ostream& out);
+
+}  // namespace muster::demo

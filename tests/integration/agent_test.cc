@@ -1,0 +1,552 @@
+// Real `muster coordinator` and real `muster agent` processes on loopback with CURVE, driven
+// through the real `muster` CLI: a gang of shell-script ranks runs with the env contract,
+// failures are named and retried, a coordinator kill -9 and an agent kill -9 are survived, a
+// preemption notice checkpoints first, and the lease stops the ranks of an agent that lost its
+// coordinator.
+
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "tests/testing/subprocess.h"
+
+namespace muster {
+namespace {
+
+namespace fs = std::filesystem;
+using namespace std::chrono_literals;
+using Clock = std::chrono::steady_clock;
+using testing::RunCommand;
+using testing::Subprocess;
+
+template <typename F>
+bool WaitUntil(F pred, std::chrono::milliseconds timeout) {
+  auto end = Clock::now() + timeout;
+  while (Clock::now() < end) {
+    if (pred()) return true;
+    std::this_thread::sleep_for(50ms);
+  }
+  return pred();
+}
+
+std::string ReadFile(const fs::path& p) {
+  std::ifstream in(p);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+// A coordinator and named agents, each a real process, with their own keys and directories.
+class AgentCluster : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() /
+           ("muster-agent-test-" + std::to_string(getpid()) + "-" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::remove_all(dir_);
+    fs::create_directories(dir_);
+    ASSERT_TRUE(RunCommand({MUSTER_BIN, "keys", "init", "--dir", (dir_ / "keys").string()}).ok());
+    StartCoordinator();
+  }
+  void TearDown() override {
+    agents_.clear();
+    coordinator_.reset();
+    // Ranks left by a killed agent die on their next write (their pipe is gone); give them a
+    // moment, then remove the files.
+    std::this_thread::sleep_for(300ms);
+    if (!HasFailure()) fs::remove_all(dir_);
+  }
+
+  // `lease_ms` 0: the coordinator's default (1.5 x the heartbeat timeout).
+  void StartCoordinator(int lease_ms = 0) {
+    fs::remove(dir_ / "coord" / "endpoint");
+    fs::create_directories(dir_ / "coord");
+    std::vector<std::string> argv = {MUSTER_BIN,
+                                     "coordinator",
+                                     "--data-dir",
+                                     (dir_ / "coord").string(),
+                                     "--keys",
+                                     (dir_ / "keys").string(),
+                                     "--heartbeat-interval-ms",
+                                     "200",
+                                     "--heartbeat-timeout-ms",
+                                     "1500"};
+    if (lease_ms > 0) {
+      argv.push_back("--lease-ms");
+      argv.push_back(std::to_string(lease_ms));
+    }
+    // Tests run side by side: each coordinator hands out its own range of rendezvous ports.
+    argv.push_back("--rendezvous-port-base");
+    argv.push_back(std::to_string(port_base_));
+    argv.push_back("--listen");
+    argv.push_back(endpoint_.empty() ? "tcp://127.0.0.1:*" : endpoint_);
+    auto p = Subprocess::Start(argv, {}, (dir_ / "coord.log").string());
+    ASSERT_TRUE(p.ok()) << p.status().ToString();
+    coordinator_ = std::make_unique<Subprocess>(std::move(*p));
+    ASSERT_TRUE(WaitUntil([&] { return fs::exists(dir_ / "coord" / "endpoint"); }, 10s))
+        << ReadFile(dir_ / "coord.log");
+    endpoint_ = ReadFile(dir_ / "coord" / "endpoint");
+    while (!endpoint_.empty() && std::isspace(endpoint_.back())) endpoint_.pop_back();
+  }
+
+  void StartAgent(const std::string& name, const std::string& provider,
+                  std::vector<std::string> extra = {}) {
+    fs::path vol = dir_ / ("vol-" + provider);
+    fs::create_directories(vol);
+    std::vector<std::string> argv = {MUSTER_BIN,      "agent",
+                                     "--coordinator", endpoint_,
+                                     "--keys",        (dir_ / "keys").string(),
+                                     "--provider",    provider,
+                                     "--name",        name,
+                                     "--slots",       "2",
+                                     "--gpus",        "0",
+                                     "--volume",      "ckpt=" + vol.string(),
+                                     "--work-dir",    (dir_ / ("agent-" + name)).string(),
+                                     "--grace-ms",    "1000"};
+    argv.insert(argv.end(), extra.begin(), extra.end());
+    auto p = Subprocess::Start(argv, {}, (dir_ / (name + ".log")).string());
+    ASSERT_TRUE(p.ok()) << p.status().ToString();
+    agents_[name] = std::make_unique<Subprocess>(std::move(*p));
+  }
+
+  void KillAgent(const std::string& name) {
+    agents_.at(name)->Signal(SIGKILL);
+    agents_.at(name)->Wait(5s);
+    agents_.erase(name);
+  }
+
+  StatusOr<std::string> Muster(std::vector<std::string> args) {
+    std::vector<std::string> argv = {MUSTER_BIN};
+    argv.insert(argv.end(), args.begin(), args.end());
+    argv.push_back("--coordinator");
+    argv.push_back(endpoint_);
+    argv.push_back("--keys");
+    argv.push_back((dir_ / "keys").string());
+    return RunCommand(argv, 15s);
+  }
+
+  void WaitNodesUp(int n) {
+    ASSERT_TRUE(WaitUntil(
+        [&] {
+          auto out = Muster({"nodes", "--json"});
+          if (!out.ok()) return false;
+          auto j = nlohmann::json::parse(*out, nullptr, false);
+          if (!j.is_array()) return false;
+          int up = 0;
+          for (auto& node : j) up += node.value("state", "") == "up";
+          return up == n;
+        },
+        15s))
+        << *Muster({"nodes"});
+  }
+
+  std::string Submit(const std::string& yaml) {
+    fs::path f = dir_ / "job.yaml";
+    std::ofstream(f) << yaml;
+    auto out = Muster({"submit", f.string()});
+    EXPECT_TRUE(out.ok()) << out.status().ToString();
+    std::string id = out.ok() ? *out : "";
+    while (!id.empty() && std::isspace(id.back())) id.pop_back();
+    return id;
+  }
+
+  nlohmann::json Status(const std::string& job) {
+    auto out = Muster({"status", job, "--json"});
+    if (!out.ok()) return {};
+    auto j = nlohmann::json::parse(*out, nullptr, false);
+    if (j.is_array() && !j.empty()) return j[0];
+    return j;
+  }
+
+  std::string State(const std::string& job) { return Status(job).value("state", ""); }
+
+  bool WaitState(const std::string& job, const std::string& state,
+                 std::chrono::milliseconds timeout) {
+    return WaitUntil([&] { return State(job) == state; }, timeout);
+  }
+
+  std::string Events(const std::string& job) {
+    auto out = Muster({"events", job});
+    return out.ok() ? *out : out.status().ToString();
+  }
+
+  fs::path dir_;
+  std::string endpoint_;
+  // 76 ranges in [10000, 29000): below the kernel's ephemeral ports (32768+), which ZeroMQ's
+  // "tcp://...:*" endpoints get, and clear of the default 29500-30499 (`muster demo`).
+  int port_base_ = [] {
+    unsigned k =
+        (static_cast<unsigned>(getpid()) * 7919u + static_cast<unsigned>(::time(nullptr))) % 76;
+    return 10000 + static_cast<int>(k / 4) * 1000 + static_cast<int>(k % 4) * 100;
+  }();
+  std::unique_ptr<Subprocess> coordinator_;
+  std::map<std::string, std::unique_ptr<Subprocess>> agents_;
+};
+
+// A rank that prints its env contract and progress, runs `seconds`, and exits `code`.
+std::string Script(const std::string& body) {
+  return "command: [\"/bin/sh\", \"-c\", " + nlohmann::json(body).dump() + "]\n";
+}
+
+TEST_F(AgentCluster, GangRunsWithTheEnvContractLogsAndProgress) {
+  StartAgent("aws-1", "aws");
+  StartAgent("aws-2", "aws");
+  StartAgent("gcp-1", "gcp");
+  WaitNodesUp(3);
+  std::string job = Submit(
+      "name: hello\n" +
+      Script("echo \"rank=$RANK world=$WORLD_SIZE local=$LOCAL_RANK/$LOCAL_WORLD_SIZE "
+             "node=$NODE_RANK/$NNODES master=$MASTER_ADDR:$MASTER_PORT "
+             "rdzv=$MUSTER_RDZV_ENDPOINT key=${MUSTER_RDZV_KEY%%,*} ompi=$OMPI_COMM_WORLD_RANK "
+             "job=$MUSTER_JOB_ID attempt=$MUSTER_ATTEMPT ckpt=$MUSTER_CHECKPOINT_DIR "
+             "node_name=$MUSTER_NODE\"; "
+             "for s in 1 2 3 4 5; do echo MUSTER_PROGRESS step=$s total=5 loss=0.$s; sleep 0.2; "
+             "done") +
+      "nodes: 2\nranks_per_node: 2\nplacement:\n  providers: [aws]\ncheckpoint:\n  volume: "
+      "ckpt\n");
+  ASSERT_FALSE(job.empty());
+  ASSERT_TRUE(WaitState(job, "succeeded", 30s)) << Events(job);
+  auto st = Status(job);
+  EXPECT_EQ(st["attempt"], 1);
+  EXPECT_EQ(st["progress"]["step"], 5) << st.dump();
+  // The gang is one provider's two nodes, in node-rank order.
+  auto nodes = st["nodes"];
+  ASSERT_EQ(nodes.size(), 2u);
+  for (int rank = 0; rank < 4; ++rank) {
+    auto log = Muster({"logs", job, "--rank", std::to_string(rank)});
+    ASSERT_TRUE(log.ok()) << log.status().ToString();
+    std::string want = "rank=" + std::to_string(rank) +
+                       " world=4 local=" + std::to_string(rank % 2) +
+                       "/2 node=" + std::to_string(rank / 2) + "/2";
+    EXPECT_NE(log->find(want), std::string::npos) << *log;
+    EXPECT_NE(log->find("key=v1 "), std::string::npos) << "CURVE rendezvous key: " << *log;
+    EXPECT_NE(log->find("ompi=" + std::to_string(rank)), std::string::npos);
+    EXPECT_NE(log->find("attempt=1 ckpt=" + (dir_ / "vol-aws" / job).string()), std::string::npos)
+        << *log;
+    EXPECT_NE(log->find("node_name=" + nodes[rank / 2].get<std::string>()), std::string::npos);
+    EXPECT_NE(log->find("MUSTER_PROGRESS step=5"), std::string::npos);
+  }
+  std::string events = Events(job);
+  EXPECT_NE(events.find("scheduled"), std::string::npos) << events;
+  EXPECT_NE(events.find("started"), std::string::npos) << events;
+  EXPECT_NE(events.find("succeeded"), std::string::npos) << events;
+}
+
+// Gang placement on one provider, all or nothing, a visible pending reason, refusal of a job no
+// node set could hold, and a higher-priority job preempting a lower one, which checkpoints
+// first and resumes afterwards from that step.
+TEST_F(AgentCluster, GangsPriorityPreemptionPendingReasonsAndRefusals) {
+  StartAgent("aws-1", "aws");
+  StartAgent("aws-2", "aws");
+  StartAgent("gcp-1", "gcp");
+  WaitNodesUp(3);
+  // No provider has 3 nodes: refused at submit, with the reason.
+  fs::path big = dir_ / "big.yaml";
+  std::ofstream(big) << "name: big\ncommand: [\"/bin/true\"]\nnodes: 3\n";
+  auto refused = Muster({"submit", big.string()});
+  ASSERT_FALSE(refused.ok());
+  EXPECT_NE(refused.status().message().find("3"), std::string::npos) << refused.status().ToString();
+
+  // A long, low-priority job that checkpoints on request and resumes from MUSTER_RESUME_STEP.
+  std::string body =
+      "s=${MUSTER_RESUME_STEP:-0}; s=${s:-0}; echo resumed_from=$s; "
+      "while [ $s -lt 30 ]; do s=$((s+1)); echo MUSTER_PROGRESS step=$s total=30; "
+      "if [ -e \"$MUSTER_PREEMPT_FILE\" ]; then echo MUSTER_CHECKPOINT step=$s; exit 3; fi; "
+      "sleep 0.1; done";
+  std::string low = Submit("name: low\n" + Script(body) +
+                           "nodes: 2\nranks_per_node: 1\npriority: 0\ncheckpoint:\n  volume: "
+                           "ckpt\n");
+  ASSERT_TRUE(WaitState(low, "running", 15s)) << Events(low);
+  EXPECT_EQ(Status(low)["provider"], "aws") << "the only provider with 2 nodes";
+  // A second 2-node job of the same priority waits, and says why.
+  std::string same = Submit("name: same\n" + Script("sleep 0.2") + "nodes: 2\nranks_per_node: 1\n");
+  ASSERT_TRUE(WaitUntil([&] { return !Status(same).value("pending_reason", "").empty(); }, 10s));
+  EXPECT_EQ(State(same), "pending");
+  EXPECT_NE(Status(same)["pending_reason"].get<std::string>().find("waiting"), std::string::npos)
+      << Status(same).dump();
+  // A higher-priority job takes the aws nodes: the low one checkpoints and is requeued.
+  std::string high =
+      Submit("name: high\n" + Script("sleep 0.5") + "nodes: 2\nranks_per_node: 1\npriority: 10\n");
+  ASSERT_TRUE(WaitState(high, "succeeded", 40s)) << Events(high) << Events(low);
+  ASSERT_TRUE(WaitState(low, "succeeded", 60s)) << Events(low);
+  ASSERT_TRUE(WaitState(same, "succeeded", 60s)) << Events(same);
+  auto st = Status(low);
+  EXPECT_GE(st["attempt"].get<int>(), 2);
+  EXPECT_EQ(st["restarts"], 0) << "preemption is not the job's failure";
+  std::string events = Events(low);
+  EXPECT_NE(events.find("preempted"), std::string::npos) << events;
+  EXPECT_NE(events.find("checkpoint_committed"), std::string::npos) << events;
+  auto first = Muster({"logs", low, "--rank", "0", "--attempt", "1"});
+  auto last = Muster({"logs", low, "--rank", "0"});
+  ASSERT_TRUE(first.ok() && last.ok());
+  auto at = first->rfind("MUSTER_CHECKPOINT step=");
+  ASSERT_NE(at, std::string::npos) << *first;
+  int step = std::atoi(first->c_str() + at + 23);
+  EXPECT_NE(last->find("resumed_from=" + std::to_string(step) + "\n"), std::string::npos) << *last;
+}
+
+TEST_F(AgentCluster, FirstFailureIsNamedAndTheJobIsRetried) {
+  StartAgent("aws-1", "aws");
+  StartAgent("aws-2", "aws");
+  WaitNodesUp(2);
+  std::string job = Submit(
+      "name: flaky\n" +
+      Script("if [ \"$MUSTER_ATTEMPT\" = 1 ] && [ \"$RANK\" = 3 ]; then sleep 0.3; exit 7; fi; "
+             "sleep 1") +
+      "nodes: 2\nranks_per_node: 2\nrestart:\n  max_restarts: 1\n  backoff: 0\n");
+  ASSERT_TRUE(WaitState(job, "succeeded", 30s)) << Events(job);
+  auto st = Status(job);
+  EXPECT_EQ(st["attempt"], 2);
+  EXPECT_EQ(st["restarts"], 1);
+  std::string events = Events(job);
+  EXPECT_NE(events.find("rank 3 on"), std::string::npos) << events;
+  EXPECT_NE(events.find("exited 7"), std::string::npos) << events;
+  EXPECT_NE(events.find("requeued"), std::string::npos) << events;
+}
+
+TEST_F(AgentCluster, CoordinatorKill9DoesNotStopRunningRanks) {
+  // A lease long enough for a restart on a loaded machine (the restart must not cost the job
+  // an attempt); LeaseStopsRanks... tests the short one.
+  coordinator_.reset();
+  StartCoordinator(10000);
+  StartAgent("aws-1", "aws");
+  StartAgent("aws-2", "aws");
+  WaitNodesUp(2);
+  fs::path marks = dir_ / "marks";
+  fs::create_directories(marks);
+  // Each rank records its pid, then runs ~5 s.
+  std::string job = Submit("name: long\n" +
+                           Script("echo $$ > " + marks.string() +
+                                  "/$RANK; for s in $(seq 1 25); do echo MUSTER_PROGRESS "
+                                  "step=$s total=25; sleep 0.2; done") +
+                           "nodes: 2\nranks_per_node: 1\n");
+  ASSERT_TRUE(WaitState(job, "running", 15s)) << Events(job);
+  ASSERT_TRUE(WaitUntil([&] { return fs::exists(marks / "1"); }, 10s));
+  std::string pid1 = ReadFile(marks / "1");
+  coordinator_->Signal(SIGKILL);
+  coordinator_->Wait(5s);
+  coordinator_.reset();
+  std::this_thread::sleep_for(500ms);
+  StartCoordinator(10000);  // same data dir, same endpoint
+  ASSERT_TRUE(WaitState(job, "succeeded", 30s)) << Events(job);
+  EXPECT_EQ(Status(job)["attempt"], 1) << "the ranks kept running: no second attempt\n"
+                                       << Events(job);
+  EXPECT_EQ(ReadFile(marks / "1"), pid1);
+}
+
+TEST_F(AgentCluster, AgentKill9IsDetectedAndTheJobMovesToOtherNodes) {
+  StartAgent("aws-1", "aws");
+  StartAgent("aws-2", "aws");
+  StartAgent("aws-3", "aws");
+  WaitNodesUp(3);
+  std::string job =
+      Submit("name: moving\n" +
+             Script("for s in $(seq 1 15); do echo MUSTER_PROGRESS step=$s; sleep 0.2; done") +
+             "nodes: 2\nranks_per_node: 1\n");
+  ASSERT_TRUE(WaitState(job, "running", 15s)) << Events(job);
+  std::string victim = Status(job)["nodes"][1];
+  KillAgent(victim);
+  ASSERT_TRUE(WaitUntil([&] { return Status(job).value("attempt", 0) == 2; }, 20s)) << Events(job);
+  ASSERT_TRUE(WaitState(job, "succeeded", 30s)) << Events(job);
+  auto st = Status(job);
+  for (auto& n : st["nodes"]) EXPECT_NE(n.get<std::string>(), victim);
+  EXPECT_EQ(st["restarts"], 0) << "a lost node is not the job's failure";
+  std::string events = Events(job);
+  EXPECT_NE(events.find("node_lost"), std::string::npos) << events;
+}
+
+TEST_F(AgentCluster, ARestartedAgentKillsTheRanksItsPredecessorLeft) {
+  StartAgent("aws-1", "aws");
+  WaitNodesUp(1);
+  fs::path marks = dir_ / "marks";
+  fs::create_directories(marks);
+  // A rank that would outlive its agent: it writes nothing (no SIGPIPE) and ignores SIGPIPE.
+  std::string job =
+      Submit("name: orphan\n" +
+             Script("trap '' PIPE; echo $$ > " + marks.string() + "/pid; exec sleep 60") +
+             "nodes: 1\nranks_per_node: 1\n");
+  ASSERT_TRUE(WaitUntil([&] { return !ReadFile(marks / "pid").empty(); }, 15s)) << Events(job);
+  pid_t pid = std::stoi(ReadFile(marks / "pid"));
+  KillAgent("aws-1");
+  ASSERT_EQ(::kill(pid, 0), 0) << "the rank outlives a kill -9 of its agent";
+  StartAgent("aws-1", "aws");  // same work dir
+  EXPECT_TRUE(WaitUntil([&] { return ::kill(pid, 0) != 0; }, 10s))
+      << "the restarted agent stops what its predecessor left running";
+  EXPECT_NE(ReadFile(dir_ / "aws-1.log").find("left by a previous agent"), std::string::npos);
+  (void)Muster({"cancel", job});
+}
+
+TEST_F(AgentCluster, PreemptionNoticeCheckpointsFirstAndTheJobResumesFromThatStep) {
+  StartAgent("aws-1", "aws");
+  StartAgent("aws-2", "aws");
+  StartAgent("aws-3", "aws");
+  WaitNodesUp(3);
+  // A rank that "checkpoints" the step it is at when the notice file appears, then exits 3;
+  // a resumed attempt starts from MUSTER_RESUME_STEP.
+  std::string job =
+      Submit("name: notice\n" +
+             Script("s=${MUSTER_RESUME_STEP:-0}; s=${s:-0}; echo resumed_from=$s; "
+                    "while [ $s -lt 40 ]; do s=$((s+1)); echo MUSTER_PROGRESS step=$s total=40; "
+                    "if [ -e \"$MUSTER_PREEMPT_FILE\" ]; then echo MUSTER_CHECKPOINT step=$s; "
+                    "echo notice_at=$s; exit 3; fi; sleep 0.1; done") +
+             "nodes: 2\nranks_per_node: 1\ncheckpoint:\n  volume: ckpt\n");
+  ASSERT_TRUE(WaitState(job, "running", 15s)) << Events(job);
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        auto st = Status(job);
+        return st.contains("progress") && st["progress"].value("step", 0) >= 5;
+      },
+      10s));
+  std::string victim = Status(job)["nodes"][1];
+  auto out = Muster({"node", "preempt", victim, "--notice", "10"});
+  ASSERT_TRUE(out.ok()) << out.status().ToString();
+  EXPECT_NE(out->find(job), std::string::npos) << *out;
+  ASSERT_TRUE(WaitState(job, "succeeded", 40s)) << Events(job);
+  auto st = Status(job);
+  EXPECT_EQ(st["attempt"], 2);
+  EXPECT_EQ(st["restarts"], 0);
+  EXPECT_EQ(st["preemptions"], 1);
+  for (auto& n : st["nodes"]) EXPECT_NE(n.get<std::string>(), victim);
+  // Zero lost steps: attempt 2 resumed from the step rank 0 checkpointed on the notice.
+  auto first = Muster({"logs", job, "--rank", "0", "--attempt", "1"});
+  auto second = Muster({"logs", job, "--rank", "0"});
+  ASSERT_TRUE(first.ok() && second.ok());
+  auto at = first->find("notice_at=");
+  ASSERT_NE(at, std::string::npos) << *first;
+  int notice_step = std::atoi(first->c_str() + at + 10);
+  EXPECT_NE(second->find("resumed_from=" + std::to_string(notice_step) + "\n"), std::string::npos)
+      << *second;
+  EXPECT_EQ(st.value("resume_step", -1), notice_step);
+  std::string events = Events(job);
+  EXPECT_NE(events.find("checkpoint_committed"), std::string::npos) << events;
+  EXPECT_NE(events.find("resumed"), std::string::npos) << events;
+}
+
+// The other notice sources of an agent: SIGTERM to the agent itself, and a notice file.
+TEST_F(AgentCluster, SigtermToTheAgentAndANoticeFileAreNoticesToo) {
+  fs::path notice = dir_ / "notice-aws-2";
+  StartAgent("aws-1", "aws", {"--notice", "20"});
+  StartAgent("aws-2", "aws", {"--preempt-file", notice.string()});
+  StartAgent("aws-3", "aws");
+  StartAgent("aws-4", "aws");
+  WaitNodesUp(4);
+  std::string body =
+      "s=${MUSTER_RESUME_STEP:-0}; s=${s:-0}; echo resumed_from=$s; "
+      "while [ $s -lt 40 ]; do s=$((s+1)); echo MUSTER_PROGRESS step=$s total=40; "
+      "if [ -e \"$MUSTER_PREEMPT_FILE\" ]; then echo MUSTER_CHECKPOINT step=$s; exit 3; fi; "
+      "sleep 0.1; done";
+  auto job_yaml = [&](const std::string& name, const std::string& hosts) {
+    return "name: " + name + "\n" + Script(body) +
+           "nodes: 1\nranks_per_node: 1\ncheckpoint:\n  volume: ckpt\nplacement:\n  hosts: [" +
+           hosts + "]\n";
+  };
+  // Pinned jobs, so each starts on the node whose notice source is under test.
+  std::string a = Submit(job_yaml("on-sigterm", "aws-1"));
+  std::string b = Submit(job_yaml("on-file", "aws-2"));
+  ASSERT_TRUE(WaitState(a, "running", 15s)) << Events(a);
+  ASSERT_TRUE(WaitState(b, "running", 15s)) << Events(b);
+  ASSERT_TRUE(WaitUntil([&] { return Status(a).contains("progress"); }, 10s));
+  agents_.at("aws-1")->Signal(SIGTERM);
+  std::ofstream(notice) << "20\n";
+  for (const auto& job : {a, b}) {
+    ASSERT_TRUE(WaitUntil([&] { return Status(job).value("preemptions", 0) == 1; }, 20s))
+        << Events(job);
+  }
+  // The SIGTERMed agent exits once its ranks have checkpointed and stopped.
+  auto st = agents_.at("aws-1")->Wait(20s);
+  ASSERT_TRUE(st.has_value()) << "the agent exits after the notice's work is done";
+  agents_.erase("aws-1");
+  for (const auto& job : {a, b}) {
+    std::string events = Events(job);
+    EXPECT_NE(events.find("checkpoint_committed"), std::string::npos) << events;
+    EXPECT_NE(events.find("requeued"), std::string::npos) << events;
+  }
+  EXPECT_NE(ReadFile(dir_ / "aws-2.log").find("preemption notice from file"), std::string::npos);
+  EXPECT_NE(ReadFile(dir_ / "aws-1.log").find("SIGTERM"), std::string::npos);
+}
+
+TEST_F(AgentCluster, LeaseStopsRanksWhenTheCoordinatorIsUnreachable) {
+  StartAgent("aws-1", "aws");
+  WaitNodesUp(1);
+  fs::path marks = dir_ / "marks";
+  fs::create_directories(marks);
+  std::string job = Submit("name: lease\n" +
+                           Script("echo $$ > " + marks.string() +
+                                  "/pid; while true; do echo MUSTER_PROGRESS step=1; sleep 0.1; "
+                                  "done") +
+                           "nodes: 1\nranks_per_node: 1\n");
+  ASSERT_TRUE(
+      WaitUntil([&] { return fs::exists(marks / "pid") && !ReadFile(marks / "pid").empty(); }, 15s))
+      << Events(job);
+  pid_t pid = std::stoi(ReadFile(marks / "pid"));
+  ASSERT_EQ(kill(pid, 0), 0);
+  // The coordinator stops answering (a partition, as the agent sees it).
+  coordinator_->Signal(SIGSTOP);
+  // lease = 1.5 x heartbeat timeout = 2.25 s; then SIGTERM to the rank.
+  bool stopped = WaitUntil([&] { return kill(pid, 0) != 0; }, 8s);
+  coordinator_->Signal(SIGCONT);
+  EXPECT_TRUE(stopped) << "the rank outlived the agent's lease";
+  auto log = ReadFile(dir_ / "aws-1.log");
+  EXPECT_NE(log.find("lease"), std::string::npos) << log;
+  (void)Muster({"cancel", job});
+}
+
+// `muster run` through the coordinator: an interactive job on the agents, with mpirun's output
+// and exit semantics.
+TEST_F(AgentCluster, MusterRunThroughTheCoordinatorStreamsOutputAndExitsLikeMpirun) {
+  StartAgent("aws-1", "aws");
+  StartAgent("aws-2", "aws");
+  WaitNodesUp(2);
+  fs::path out = dir_ / "run.out";
+  auto run = Subprocess::Start(
+      {MUSTER_BIN, "run", "--coordinator", endpoint_, "--keys", (dir_ / "keys").string(), "-np",
+       "4", "-H", "aws-1:2,aws-2:2", "--tag-output", "-x", "GREETING=hello", "--", "/bin/sh", "-c",
+       "echo \"$GREETING from $RANK of $WORLD_SIZE on $MUSTER_NODE\"; sleep 0.3; "
+       "if [ $RANK = 2 ]; then exit 5; fi; sleep 5"},
+      {}, out.string());
+  ASSERT_TRUE(run.ok()) << run.status().ToString();
+  auto st = run->Wait(40s);
+  ASSERT_TRUE(st.has_value()) << ReadFile(out);
+  ASSERT_TRUE(WIFEXITED(*st));
+  EXPECT_EQ(WEXITSTATUS(*st), 5) << "the first failing rank's code\n" << ReadFile(out);
+  std::string text = ReadFile(out);
+  for (int r = 0; r < 4; ++r) {
+    std::string host = r < 2 ? "aws-1" : "aws-2";
+    EXPECT_NE(text.find("[" + std::to_string(r) + "]hello from " + std::to_string(r) + " of 4 on " +
+                        host + "\n"),
+              std::string::npos)
+        << text;
+  }
+  EXPECT_NE(text.find("rank 2 on aws-2 exited 5"), std::string::npos) << text;
+}
+
+TEST_F(AgentCluster, MusterRunThroughTheCoordinatorCancelsTheJobOnSigint) {
+  StartAgent("aws-1", "aws");
+  WaitNodesUp(1);
+  fs::path marks = dir_ / "marks";
+  fs::create_directories(marks);
+  fs::path out = dir_ / "run.out";
+  auto run = Subprocess::Start(
+      {MUSTER_BIN, "run", "--coordinator", endpoint_, "--keys", (dir_ / "keys").string(), "-np",
+       "2", "--", "/bin/sh", "-c",
+       "echo $$ > " + marks.string() + "/$RANK; echo started; while true; do sleep 0.1; done"},
+      {}, out.string());
+  ASSERT_TRUE(run.ok());
+  ASSERT_TRUE(WaitUntil([&] { return ReadFile(out).find("started") != std::string::npos; }, 20s))
+      << ReadFile(out);
+  pid_t rank0 = std::stoi(ReadFile(marks / "0"));
+  ::kill(run->pid(), SIGINT);
+  auto st = run->Wait(20s);
+  ASSERT_TRUE(st.has_value());
+  EXPECT_EQ(WEXITSTATUS(*st), 128 + SIGINT) << ReadFile(out);
+  EXPECT_TRUE(WaitUntil([&] { return ::kill(rank0, 0) != 0; }, 10s))
+      << "the agent stopped the ranks of the cancelled job";
+}
+
+}  // namespace
+}  // namespace muster
