@@ -855,6 +855,14 @@ struct Agent::Impl {
               st = remote.status();
               break;
             }
+            // RemoteVolume::Exists reads a refused handshake as "no such step": ask once in a
+            // way that surfaces the refusal (Unavailable, retried below) before copying.
+            if (auto probe = (*remote)->ListDir(r.job_id());
+                !probe.ok() && probe.status().code() == StatusCode::kUnavailable &&
+                attempt < 5) {
+              std::this_thread::sleep_for(milliseconds(200 * (attempt + 1)));
+              continue;
+            }
             auto report =
                 checkpoint::Replicate(remote->get(), r.job_id(), checkpoint::LocalVolume(),
                                       (fs::path(root) / r.job_id()).string(), r.step());

@@ -407,7 +407,7 @@ TEST_F(PreemptionClusterTest, AgentKilledJobResumesFromItsLastCommit) {
   json st = Status(job);
   const std::string victim = NodesOf(st).at(1);
   // Mid-interval, well clear of a commit in flight: the last commit is 20.
-  ASSERT_TRUE(WaitForStep(job, 1, 2 * kCheckpointEvery + 3, 60s)) << RankLog(job, 1, 0);
+  ASSERT_TRUE(WaitForStep(job, 1, 2 * kCheckpointEvery + 3, 120s)) << RankLog(job, 1, 0);
 
   // Node rank 1's agent dies.
   agents_.at(victim).Signal(SIGKILL);
@@ -475,7 +475,7 @@ TEST_F(PreemptionClusterTest, NoticeThenProviderLossResumesAcrossProvidersBitIde
   ASSERT_EQ(WaitForAttempt(job, 1, 90s), "aws");
   Drain("gcp-0", false);
   Drain("gcp-1", false);
-  ASSERT_TRUE(WaitForStep(job, 1, kCheckpointEvery + 5, 60s)) << RankLog(job, 1, 0);
+  ASSERT_TRUE(WaitForStep(job, 1, kCheckpointEvery + 5, 120s)) << RankLog(job, 1, 0);
 
   // (a) A notice for node rank 0: both ranks checkpoint the step they agree on and stop; the
   // node is drained, so aws cannot hold the gang any more and the job moves to gcp.
@@ -572,7 +572,7 @@ TEST_F(PreemptionClusterTest, PartitionedNodeStopsItsOwnRanksAndTheJobResumesEls
   ASSERT_EQ(WaitForAttempt(job, 1, 90s), "aws");
   Drain("gcp-0", false);
   Drain("gcp-1", false);
-  ASSERT_TRUE(WaitForStep(job, 1, kCheckpointEvery + 5, 60s)) << RankLog(job, 1, 0);
+  ASSERT_TRUE(WaitForStep(job, 1, kCheckpointEvery + 5, 120s)) << RankLog(job, 1, 0);
 
   json st = Status(job);
   const std::string victim = NodesOf(st).at(1);
@@ -627,7 +627,7 @@ TEST_F(CoordinatorRestartTest, CoordinatorKilledMidJobTheJobStillCompletes) {
   const std::string job = Submit({.name = "coordkill", .steps = 200});
   ASSERT_FALSE(job.empty());
   WaitForAttempt(job, 1, 90s);
-  ASSERT_TRUE(WaitForStep(job, 1, kCheckpointEvery + 5, 60s)) << RankLog(job, 1, 0);
+  ASSERT_TRUE(WaitForStep(job, 1, kCheckpointEvery + 5, 120s)) << RankLog(job, 1, 0);
 
   coordinator_->Signal(SIGKILL);
   ASSERT_TRUE(coordinator_->Wait(10s).has_value());
