@@ -6,6 +6,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <charconv>
 #include <condition_variable>
@@ -315,6 +316,14 @@ struct Agent::Impl {
 
   void Ok() { last_ok_ms = SteadyMs(); }
 
+  // Heartbeats and reports give up well inside the lease, so a reply that was lost (the
+  // coordinator restarted) is asked for again before the lease runs out.
+  milliseconds ControlTimeout() {
+    std::lock_guard<std::mutex> l(mu);
+    if (lease.count() <= 0) return options.call_timeout;
+    return std::clamp(lease / 3, milliseconds(200), options.call_timeout);
+  }
+
   void ApplyActions(const google::protobuf::RepeatedPtrField<proto::AgentAction>& actions) {
     for (const auto& a : actions) {
       reactor->Post("agent.action", [this, a] { OnAction(a); });
@@ -362,7 +371,7 @@ struct Agent::Impl {
     });
     for (auto& ra : running) *h->add_running() = std::move(ra);
     for (auto& [job, p] : prog) *h->add_progress() = p;
-    auto reply = ctl->Call(std::move(req), options.call_timeout);
+    auto reply = ctl->Call(std::move(req), ControlTimeout());
     if (!reply.ok()) {
       if (reply.status().code() == StatusCode::kNotFound) {
         logger->warn("coordinator forgot session {}: registering again", sid);
@@ -391,7 +400,7 @@ struct Agent::Impl {
     }
     if (e.has_agent_report()) e.mutable_agent_report()->set_session_id(sid);
     if (e.has_agent_log_chunk()) e.mutable_agent_log_chunk()->set_session_id(sid);
-    auto reply = ctl->Call(e, options.call_timeout);
+    auto reply = ctl->Call(e, ControlTimeout());
     if (!reply.ok() && reply.status().code() == StatusCode::kNotFound && e.has_agent_report()) {
       // Unknown session: register again first, then resend.
       ForgetSession(sid);
