@@ -1,5 +1,4 @@
 #include "collectives/communicator.h"
-#include "collectives/local_address.h"
 
 #include <arpa/inet.h>
 #include <netdb.h>
@@ -13,6 +12,7 @@
 #include <cstring>
 
 #include "collectives/backends.h"
+#include "collectives/local_address.h"
 #include "collectives/store_client.h"
 #include "common/logging.h"
 

@@ -867,8 +867,7 @@ struct Agent::Impl {
             // RemoteVolume::Exists reads a refused handshake as "no such step": ask once in a
             // way that surfaces the refusal (Unavailable, retried below) before copying.
             if (auto probe = (*remote)->ListDir(r.job_id());
-                !probe.ok() && probe.status().code() == StatusCode::kUnavailable &&
-                attempt < 5) {
+                !probe.ok() && probe.status().code() == StatusCode::kUnavailable && attempt < 5) {
               std::this_thread::sleep_for(milliseconds(200 * (attempt + 1)));
               continue;
             }
