@@ -193,6 +193,17 @@ std::string Script(const std::string& body) {
   return "command: [\"/bin/sh\", \"-c\", " + nlohmann::json(body).dump() + "]\n";
 }
 
+// A rank that "trains" `total` steps from MUSTER_RESUME_STEP, and when the notice file appears
+// "checkpoints" the step it is at (MUSTER_CHECKPOINT, notice_at=) and exits 3.
+std::string CheckpointingRank(int total) {
+  std::string t = std::to_string(total);
+  return "s=${MUSTER_RESUME_STEP:-0}; s=${s:-0}; echo resumed_from=$s; "
+         "while [ $s -lt " +
+         t + " ]; do s=$((s+1)); echo MUSTER_PROGRESS step=$s total=" + t +
+         "; if [ -e \"$MUSTER_PREEMPT_FILE\" ]; then echo MUSTER_CHECKPOINT step=$s; "
+         "echo notice_at=$s; exit 3; fi; sleep 0.1; done";
+}
+
 TEST_F(AgentCluster, GangRunsWithTheEnvContractLogsAndProgress) {
   StartAgent("aws-1", "aws");
   StartAgent("aws-2", "aws");
@@ -253,11 +264,7 @@ TEST_F(AgentCluster, GangsPriorityPreemptionPendingReasonsAndRefusals) {
   EXPECT_NE(refused.status().message().find("3"), std::string::npos) << refused.status().ToString();
 
   // A long, low-priority job that checkpoints on request and resumes from MUSTER_RESUME_STEP.
-  std::string body =
-      "s=${MUSTER_RESUME_STEP:-0}; s=${s:-0}; echo resumed_from=$s; "
-      "while [ $s -lt 30 ]; do s=$((s+1)); echo MUSTER_PROGRESS step=$s total=30; "
-      "if [ -e \"$MUSTER_PREEMPT_FILE\" ]; then echo MUSTER_CHECKPOINT step=$s; exit 3; fi; "
-      "sleep 0.1; done";
+  std::string body = CheckpointingRank(30);
   std::string low = Submit("name: low\n" + Script(body) +
                            "nodes: 2\nranks_per_node: 1\npriority: 0\ncheckpoint:\n  volume: "
                            "ckpt\n");
@@ -388,13 +395,8 @@ TEST_F(AgentCluster, PreemptionNoticeCheckpointsFirstAndTheJobResumesFromThatSte
   WaitNodesUp(3);
   // A rank that "checkpoints" the step it is at when the notice file appears, then exits 3;
   // a resumed attempt starts from MUSTER_RESUME_STEP.
-  std::string job =
-      Submit("name: notice\n" +
-             Script("s=${MUSTER_RESUME_STEP:-0}; s=${s:-0}; echo resumed_from=$s; "
-                    "while [ $s -lt 40 ]; do s=$((s+1)); echo MUSTER_PROGRESS step=$s total=40; "
-                    "if [ -e \"$MUSTER_PREEMPT_FILE\" ]; then echo MUSTER_CHECKPOINT step=$s; "
-                    "echo notice_at=$s; exit 3; fi; sleep 0.1; done") +
-             "nodes: 2\nranks_per_node: 1\ncheckpoint:\n  volume: ckpt\n");
+  std::string job = Submit("name: notice\n" + Script(CheckpointingRank(40)) +
+                           "nodes: 2\nranks_per_node: 1\ncheckpoint:\n  volume: ckpt\n");
   ASSERT_TRUE(WaitState(job, "running", 15s)) << Events(job);
   ASSERT_TRUE(WaitUntil(
       [&] {
@@ -435,11 +437,7 @@ TEST_F(AgentCluster, SigtermToTheAgentAndANoticeFileAreNoticesToo) {
   StartAgent("aws-3", "aws");
   StartAgent("aws-4", "aws");
   WaitNodesUp(4);
-  std::string body =
-      "s=${MUSTER_RESUME_STEP:-0}; s=${s:-0}; echo resumed_from=$s; "
-      "while [ $s -lt 40 ]; do s=$((s+1)); echo MUSTER_PROGRESS step=$s total=40; "
-      "if [ -e \"$MUSTER_PREEMPT_FILE\" ]; then echo MUSTER_CHECKPOINT step=$s; exit 3; fi; "
-      "sleep 0.1; done";
+  std::string body = CheckpointingRank(40);
   auto job_yaml = [&](const std::string& name, const std::string& hosts) {
     return "name: " + name + "\n" + Script(body) +
            "nodes: 1\nranks_per_node: 1\ncheckpoint:\n  volume: ckpt\nplacement:\n  hosts: [" +
