@@ -26,6 +26,9 @@ class Table {
 
 std::string Fmt(double v, int precision = 2);
 
+// The `muster` binary: `flag` if given, else beside muster-bench (or in ../bin), else "muster".
+std::string FindMuster(const std::string& flag);
+
 void AddRpcBench(CLI::App& app, Runner* runner);
 void AddRendezvousBench(CLI::App& app, Runner* runner);
 void AddAllreduceBench(CLI::App& app, Runner* runner);

@@ -31,16 +31,6 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-std::string FindMuster(const std::string& flag) {
-  if (!flag.empty()) return flag;
-  std::error_code ec;
-  auto self = std::filesystem::read_symlink("/proc/self/exe", ec).parent_path();
-  for (auto candidate : {self / "muster", self / ".." / "bin" / "muster"}) {
-    if (std::filesystem::exists(candidate, ec)) return candidate.lexically_normal().string();
-  }
-  return "muster";
-}
-
 // Starts argv with stdout to a pipe (returned in *out_fd) or /dev/null; stderr to /dev/null.
 pid_t Spawn(const std::vector<std::string>& argv, int* out_fd) {
   posix_spawn_file_actions_t fa;

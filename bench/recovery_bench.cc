@@ -47,16 +47,6 @@ int64_t UnixMs() {
       .count();
 }
 
-std::string FindMuster(const std::string& given) {
-  if (!given.empty()) return given;
-  std::error_code ec;
-  fs::path self = fs::read_symlink("/proc/self/exe", ec).parent_path();
-  for (auto c : {self / "muster", self / ".." / "bin" / "muster"}) {
-    if (fs::exists(c, ec)) return fs::canonical(c, ec).string();
-  }
-  return "muster";
-}
-
 pid_t Spawn(const std::vector<std::string>& argv, const std::string& log) {
   pid_t pid = fork();
   if (pid == 0) {
