@@ -126,6 +126,10 @@ struct Coordinator::JobRt {
   // did. Not the failure to report unless no real one shows up by the time the gang is down.
   std::string peer_failure;
   bool stopped_for_peer_exit = false;
+  // The attempt could not start for a reason that is neither the job's nor the node's (a port
+  // in use on the master node): retried at once on other ports, up to kMaxStartRetries in a row.
+  bool start_retry = false;
+  int start_retries = 0;
 };
 
 // The exit code of a rank whose collective failed because a peer died (docs/env-contract.md;
@@ -133,6 +137,8 @@ struct Coordinator::JobRt {
 constexpr int kPeerFailureExitCode = 75;
 
 constexpr int64_t kInteractiveClientTimeoutMs = 15000;
+
+constexpr int kMaxStartRetries = 8;
 
 Coordinator::Coordinator(std::unique_ptr<StateStore> store, CoordinatorOptions options)
     : store_(std::move(store)),
@@ -288,6 +294,7 @@ void Coordinator::Start(JobRt& job, const std::vector<std::string>& nodes) {
   job.checkpoint_deadline_ms = 0;
   job.peer_failure.clear();
   job.stopped_for_peer_exit = false;
+  job.start_retry = false;
   job.started_ms = NowMs();
   r.resume_step = -1;
   std::string provider;
@@ -485,8 +492,19 @@ void Coordinator::Finish(JobRt& job) {
     Event(r.id, "", "requeued",
           fmt::format("after attempt {} ({}); not counted against max_restarts", r.attempt,
                       job.lost ? job.failure : "preempted"));
+  } else if (job.start_retry) {
+    // A port of this attempt was taken on its master node: the next attempt gets other ports.
+    outcome = "start_retry";
+    job.start_retries++;
+    r.state = proto::JOB_PENDING;
+    sched_->Requeue(r.id).IgnoreError();
+    Event(r.id, "", "requeued",
+          fmt::format("after attempt {} ({}); retried on other ports, not counted against "
+                      "max_restarts",
+                      r.attempt, job.failure));
   } else if (!job.failure.empty()) {
     outcome = "failed";
+    job.start_retries = 0;
     r.restarts++;
     if (!job.failure_node.empty()) {
       if (auto until = sched_->RecordNodeFailure(job.failure_node, options_.clock())) {
@@ -1135,6 +1153,7 @@ StatusOr<proto::Envelope> Coordinator::OnReport(const proto::AgentReport& req) {
   if (!req.start_error().empty() && j.failure.empty()) {
     j.failure = fmt::format("node {} could not start: {}", node, req.start_error());
     j.failure_node = node;
+    j.start_retry = req.start_retryable() && j.start_retries < kMaxStartRetries;
     Event(j.rec.id, node, "start_failed", req.start_error());
     StopGang(j, proto::STOP_PEER_FAILED, node);
   }

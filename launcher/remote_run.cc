@@ -176,6 +176,11 @@ int RunThroughCoordinator(const RunOptions& options, const RunIo& io) {
     if (st.ok() && st->jobs_size() == 1) {
       last = st->jobs(0);
       if (last.attempt() > 0 && last.attempt() != seen_attempt) {
+        if (seen_attempt > 0) {
+          WriteAll(io.stderr_fd, "muster run: job " + job + " attempt " +
+                                     std::to_string(seen_attempt) + " ended; attempt " +
+                                     std::to_string(last.attempt()) + " starts over\n");
+        }
         seen_attempt = last.attempt();  // a fresh attempt: its logs start over
         std::fill(offset.begin(), offset.end(), 0);
         std::fill(eof.begin(), eof.end(), false);

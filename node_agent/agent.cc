@@ -2,12 +2,14 @@
 
 #include <arpa/inet.h>
 #include <netdb.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <charconv>
 #include <condition_variable>
 #include <deque>
@@ -201,6 +203,24 @@ int CountGpus() {
 #else
   return 0;
 #endif
+}
+
+bool TcpPortInUse(const std::string& address, int port) {
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(static_cast<uint16_t>(port));
+  if (address.empty() || address == "*") {
+    a.sin_addr.s_addr = htonl(INADDR_ANY);
+  } else if (::inet_pton(AF_INET, address.c_str(), &a.sin_addr) != 1) {
+    return false;  // a name, not an address: the bind itself will tell
+  }
+  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return false;
+  int one = 1;
+  ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+  bool in_use = ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0 && errno == EADDRINUSE;
+  ::close(fd);
+  return in_use;
 }
 
 std::string LocalAddressFor(const std::string& endpoint) {
@@ -536,12 +556,14 @@ struct Agent::Impl {
            ("rank-" + std::to_string(rank) + ".log");
   }
 
-  void StartError(const proto::StartAssignment& s, const std::string& why) {
+  // `retryable`: neither the job's fault nor the node's (a port in use); retried elsewhere.
+  void StartError(const proto::StartAssignment& s, const std::string& why, bool retryable = false) {
     logger->error("job {} attempt {}: cannot start: {}", s.job_id(), s.attempt(), why);
     proto::AgentReport r;
     r.set_job_id(s.job_id());
     r.set_attempt(s.attempt());
     r.set_start_error(why);
+    r.set_start_retryable(retryable);
     r.set_all_exited(true);
     QueueReport(std::move(r));
   }
@@ -580,16 +602,31 @@ struct Agent::Impl {
           "v1," + k->server.public_key + "," + k->client.public_key + "," + k->client.secret_key;
     }
     if (s.host_rendezvous()) {
+      // The ports this attempt was given must be free here: the store's, and MASTER_PORT that
+      // rank 0's program binds (torch's TCPStore). A port some other program holds is not the
+      // job's fault: the coordinator retries on other ports.
+      const std::string bind_address =
+          labels.address().empty() ? std::string("0.0.0.0") : labels.address();
+      std::vector<int> ports = {s.rendezvous_port()};
+      if (auto mp = s.env().find("MASTER_PORT"); mp != s.env().end()) {
+        int64_t p = 0;
+        if (ParseInt(mp->second, &p) && p > 0 && p < 65536) ports.push_back(static_cast<int>(p));
+      }
+      for (int port : ports) {
+        if (TcpPortInUse(bind_address, port)) {
+          return StartError(s, "port " + std::to_string(port) + " is in use on this node", true);
+        }
+      }
       collectives::StoreServer::Options so;
-      so.endpoint = "tcp://" +
-                    (labels.address().empty() ? std::string("0.0.0.0") : labels.address()) + ":" +
-                    std::to_string(s.rendezvous_port());
+      so.endpoint = "tcp://" + bind_address + ":" + std::to_string(s.rendezvous_port());
       so.insecure = options.insecure;
       if (keys) so.server_key = keys->server;
       auto store = collectives::StoreServer::Create(*reactor, zap.get(), so);
       if (!store.ok()) {
-        return StartError(s, "rendezvous store on port " + std::to_string(s.rendezvous_port()) +
-                                 ": " + store.status().message());
+        return StartError(s,
+                          "rendezvous store on port " + std::to_string(s.rendezvous_port()) + ": " +
+                              store.status().message(),
+                          TcpPortInUse(bind_address, s.rendezvous_port()));
       }
       auto scope = (*store)->AddScope(s.job_id(), s.attempt(), keys ? &keys->client : nullptr);
       if (!scope.ok()) return StartError(s, "rendezvous scope: " + scope.status().message());

@@ -92,6 +92,11 @@ int CountGpus();
 // "127.0.0.1" when that cannot be worked out.
 std::string LocalAddressFor(const std::string& endpoint);
 
+// Whether a TCP listener could not bind `port` on `address` (IPv4; empty or "0.0.0.0": every
+// address) because something holds it: a bind test with SO_REUSEADDR, as ZeroMQ and torch's
+// TCPStore bind, so a port only in TIME_WAIT counts as free.
+bool TcpPortInUse(const std::string& address, int port);
+
 // Parses a `MUSTER_PROGRESS key=value ...` line (docs/protocol.md). nullopt when the line is
 // not one. Unknown keys are ignored; `<x>_per_s=V` is taken as throughput V with unit "<x>/s".
 std::optional<proto::Progress> ParseProgressLine(std::string_view line);

@@ -5,6 +5,7 @@ from its latest checkpoint, and stopped by a SIGTERM notice and resumed, it ends
 parameters as an uninterrupted run. Run by ctest (label `examples`) with Debian's python3-torch.
 """
 
+import fcntl
 import os
 import random
 import re
@@ -142,7 +143,7 @@ class PytorchDdpUnderSubmitTest(unittest.TestCase):
         os.makedirs(data)
         self.spawn("coord", [MUSTER, "coordinator", "--data-dir", data, "--keys", self.keys,
                              "--listen", "tcp://127.0.0.1:*", "--heartbeat-interval-ms", "200",
-                             "--rendezvous-port-base", str(10000 + random.randrange(19) * 1000 + random.randrange(4) * 100),
+                             "--rendezvous-port-base", str(self.claim_ports()),
                              "--heartbeat-timeout-ms", "2000"])
         deadline = time.time() + 20
         while not os.path.exists(os.path.join(data, "endpoint")) and time.time() < deadline:
@@ -157,6 +158,22 @@ class PytorchDdpUnderSubmitTest(unittest.TestCase):
                               "--gpus", "0", "--volume", "ckpt=" + volume, "--work-dir",
                               os.path.join(self.root, name)])
 
+    def claim_ports(self):
+        """A range of 1000 ports no other test uses meanwhile (tests/testing/port_range.h)."""
+        os.makedirs("/tmp/muster-test-ports", exist_ok=True)
+        while True:
+            for i in range(19):
+                base = 10000 + ((os.getpid() + i) % 19) * 1000
+                f = open(f"/tmp/muster-test-ports/{base}.lock", "a")
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    f.close()
+                    continue
+                self.port_lock = f  # held until the test object goes
+                return base
+            time.sleep(0.1)
+
     def tearDown(self):
         for p in self.procs:
             p.send_signal(signal.SIGINT)
@@ -165,6 +182,7 @@ class PytorchDdpUnderSubmitTest(unittest.TestCase):
                 p.wait(15)
             except subprocess.TimeoutExpired:
                 p.kill()
+        self.port_lock.close()
         shutil.rmtree(self.root, ignore_errors=True)
 
     def spawn(self, name, argv):

@@ -15,6 +15,7 @@
 #include <nlohmann/json.hpp>
 #include <thread>
 
+#include "tests/testing/port_range.h"
 #include "tests/testing/subprocess.h"
 
 namespace muster {
@@ -177,13 +178,9 @@ class AgentCluster : public ::testing::Test {
 
   fs::path dir_;
   std::string endpoint_;
-  // 76 ranges in [10000, 29000): below the kernel's ephemeral ports (32768+), which ZeroMQ's
-  // "tcp://...:*" endpoints get, and clear of the default 29500-30499 (`muster demo`).
-  int port_base_ = [] {
-    unsigned k =
-        (static_cast<unsigned>(getpid()) * 7919u + static_cast<unsigned>(::time(nullptr))) % 76;
-    return 10000 + static_cast<int>(k / 4) * 1000 + static_cast<int>(k % 4) * 100;
-  }();
+  // Tests run side by side: each coordinator hands out ports from a range of its own.
+  muster::testing::PortRange ports_;
+  int port_base_ = ports_.base();
   std::unique_ptr<Subprocess> coordinator_;
   std::map<std::string, std::unique_ptr<Subprocess>> agents_;
 };
@@ -314,6 +311,27 @@ TEST_F(AgentCluster, FirstFailureIsNamedAndTheJobIsRetried) {
   EXPECT_NE(events.find("rank 3 on"), std::string::npos) << events;
   EXPECT_NE(events.find("exited 7"), std::string::npos) << events;
   EXPECT_NE(events.find("requeued"), std::string::npos) << events;
+}
+
+TEST_F(AgentCluster, APortInUseOnTheMasterNodeIsRetriedOnOtherPortsAndNotCounted) {
+  StartAgent("aws-1", "aws");
+  StartAgent("aws-2", "aws");
+  WaitNodesUp(2);
+  // Some other program holds the MASTER_PORT of the first job's first attempt (seq 1: base +
+  // (1 * 7 + 1) % 500): not the job's fault, nor the node's.
+  muster::testing::HeldPort held(port_base_ + 8);
+  ASSERT_GE(held.fd(), 0);
+  std::string job = Submit("name: ports\n" + Script("echo port=$MASTER_PORT; sleep 0.2") +
+                           "nodes: 2\nranks_per_node: 1\nrestart:\n  max_restarts: 0\n");
+  ASSERT_TRUE(WaitState(job, "succeeded", 30s)) << Events(job);
+  auto st = Status(job);
+  EXPECT_EQ(st["attempt"], 2);
+  EXPECT_EQ(st["restarts"], 0);
+  std::string events = Events(job);
+  EXPECT_NE(events.find("port " + std::to_string(port_base_ + 8) + " is in use"), std::string::npos)
+      << events;
+  EXPECT_NE(events.find("retried on other ports"), std::string::npos) << events;
+  EXPECT_EQ(events.find("quarantined"), std::string::npos) << events;
 }
 
 TEST_F(AgentCluster, CoordinatorKill9DoesNotStopRunningRanks) {

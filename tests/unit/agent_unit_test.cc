@@ -10,6 +10,7 @@
 #include "demo/loss_plot.h"
 #include "node_agent/agent.h"
 #include "node_agent/volume_transfer.h"
+#include "tests/testing/port_range.h"
 
 namespace muster {
 namespace {
@@ -17,6 +18,7 @@ namespace {
 namespace fs = std::filesystem;
 using node_agent::ParseCheckpointLine;
 using node_agent::ParseProgressLine;
+using node_agent::TcpPortInUse;
 
 TEST(ProgressLineTest, ParsesTheDocumentedKeys) {
   auto p = ParseProgressLine(
@@ -69,6 +71,22 @@ TEST(ProgressLineTest, TheCxxCallWritesWhatTheAgentParses) {
   close(fds[0]);
   ASSERT_GT(n, 0);
   EXPECT_EQ(std::string(buf, n), FormatProgressLine(r) + "\n") << "one whole line";
+}
+
+TEST(TcpPortInUseTest, SeesAListenerOnTheAddressOrOnEveryAddress) {
+  muster::testing::PortRange range;  // ports no other test holds meanwhile
+  const int port = range.base() + 999;
+  EXPECT_FALSE(TcpPortInUse("127.0.0.1", port));
+  EXPECT_FALSE(TcpPortInUse("0.0.0.0", port));
+  {
+    muster::testing::HeldPort held(port);
+    ASSERT_GE(held.fd(), 0);
+    EXPECT_TRUE(TcpPortInUse("127.0.0.1", port));
+    EXPECT_TRUE(TcpPortInUse("0.0.0.0", port));  // a listener on one address blocks them all
+    EXPECT_TRUE(TcpPortInUse("", port));
+  }
+  EXPECT_FALSE(TcpPortInUse("127.0.0.1", port));  // closed: free again at once
+  EXPECT_FALSE(TcpPortInUse("not-an-address", port));
 }
 
 TEST(CheckpointLineTest, ParsesCommittedSteps) {
