@@ -308,6 +308,14 @@ class GlooCommunicator final : public QueuedCommunicator {
     });
   }
 
+ protected:
+  // A waiting caller that runs a collective itself writes to Gloo's sockets: with SIGPIPE
+  // blocked, as the worker (see BlockSigpipe).
+  Status RunOnCaller(const std::function<Status()>& fn) override {
+    BlockSigpipe sigpipe_blocked;
+    return fn();
+  }
+
  private:
   uint32_t NextTag() { return next_tag_++; }
 
@@ -371,7 +379,7 @@ class GlooCommunicator final : public QueuedCommunicator {
 
   CommConfig config_;
   std::shared_ptr<gloo::Context> context_;
-  uint32_t next_tag_ = 1;  // worker thread only
+  uint32_t next_tag_ = 1;  // by the collective running (one at a time)
 };
 
 }  // namespace
