@@ -127,15 +127,21 @@ uint64_t StartTimeOf(pid_t pid) {
 }
 
 // Ranks a previous incarnation of this agent started (it was killed -9): their attempt has been
-// declared lost and requeued, so they must not run on. Each rank leads its process group.
+// declared lost and requeued, so they must not run on. Each rank leads its process group. The
+// rank itself died with its agent (the supervisor's PR_SET_PDEATHSIG), but processes it
+// started may live on in its group. While any member of a group lives the kernel does not
+// hand its number out again, so a group whose leader is gone is still this rank's; a leader
+// that exists with another start time is an unrelated process that reused the number.
 void KillLeftovers(const fs::path& pids_file, const std::shared_ptr<spdlog::logger>& logger) {
   std::ifstream in(pids_file);
   pid_t pid;
   uint64_t start;
   std::string group;
   while (in >> pid >> start >> group) {
-    if (pid > 1 && start != 0 && StartTimeOf(pid) == start) {
-      ::kill(-pid, SIGKILL);
+    if (pid <= 1 || start == 0) continue;
+    uint64_t now = StartTimeOf(pid);
+    if (now != 0 && now != start) continue;  // the number was reused
+    if (::kill(-pid, SIGKILL) == 0) {
       logger->warn("killed rank process group {} of {} left by a previous agent", pid, group);
     }
   }

@@ -2,14 +2,17 @@
 
 #include <fcntl.h>
 #include <signal.h>
-#include <spawn.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/prctl.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstring>
+#include <vector>
 
 #include "common/logging.h"
 
@@ -59,19 +62,31 @@ struct Fd {
   }
 };
 
-// RAII for posix_spawn's attribute and file-action objects.
-struct SpawnArgs {
-  posix_spawnattr_t attr;
-  posix_spawn_file_actions_t actions;
-  SpawnArgs() {
-    posix_spawnattr_init(&attr);
-    posix_spawn_file_actions_init(&actions);
+// The file `prog` names as posix_spawnp and execvp find it: as given when it has a '/', else
+// the first executable regular file of that name on this process's PATH. Sets `*err` (ENOENT,
+// EACCES) when there is none.
+std::string ResolveProgram(const std::string& prog, int* err) {
+  *err = 0;
+  if (prog.find('/') != std::string::npos) return prog;
+  const char* env = ::getenv("PATH");
+  std::string path = env != nullptr && *env != '\0' ? env : "/bin:/usr/bin";
+  int first_error = ENOENT;
+  size_t start = 0;
+  for (;;) {
+    size_t colon = path.find(':', start);
+    std::string dir = path.substr(start, colon == std::string::npos ? colon : colon - start);
+    std::string candidate = (dir.empty() ? std::string(".") : dir) + "/" + prog;
+    struct stat st;
+    if (::stat(candidate.c_str(), &st) == 0 && S_ISREG(st.st_mode)) {
+      if (::access(candidate.c_str(), X_OK) == 0) return candidate;
+      first_error = EACCES;
+    }
+    if (colon == std::string::npos) break;
+    start = colon + 1;
   }
-  ~SpawnArgs() {
-    posix_spawn_file_actions_destroy(&actions);
-    posix_spawnattr_destroy(&attr);
-  }
-};
+  *err = first_error;
+  return "";
+}
 
 }  // namespace
 
@@ -191,31 +206,13 @@ StatusOr<ChildId> Supervisor::Spawn(const SpawnSpec& spec) {
     }
   }
 
-  SpawnArgs args;
-  posix_spawn_file_actions_adddup2(&args.actions, stdin_fd, 0);
-  posix_spawn_file_actions_adddup2(&args.actions, out_w.fd, 1);
-  posix_spawn_file_actions_adddup2(&args.actions, err_w.fd, 2);
-  if (!spec.cwd.empty()) posix_spawn_file_actions_addchdir_np(&args.actions, spec.cwd.c_str());
-  sigset_t empty, defaults;
-  sigemptyset(&empty);
-  sigfillset(&defaults);
-  sigdelset(&defaults, SIGKILL);
-  sigdelset(&defaults, SIGSTOP);
-  posix_spawnattr_setsigmask(&args.attr, &empty);
-  posix_spawnattr_setsigdefault(&args.attr, &defaults);
-  posix_spawnattr_setpgroup(&args.attr, 0);
-  posix_spawnattr_setflags(&args.attr,
-                           POSIX_SPAWN_SETPGROUP | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
-
   std::vector<char*> argv, envp;
   for (const auto& a : spec.argv) argv.push_back(const_cast<char*>(a.c_str()));
   argv.push_back(nullptr);
   for (const auto& e : spec.env) envp.push_back(const_cast<char*>(e.c_str()));
   envp.push_back(nullptr);
 
-  pid_t pid = -1;
-  int rc = ::posix_spawnp(&pid, argv[0], &args.actions, &args.attr, argv.data(), envp.data());
-  if (rc != 0) {
+  auto exec_error = [&](int rc) -> Status {
     std::string what = "cannot execute '" + spec.argv[0] + "'";
     if (!spec.cwd.empty() && rc == ENOENT && ::access(spec.cwd.c_str(), X_OK) != 0) {
       what += " in directory '" + spec.cwd + "'";
@@ -224,6 +221,61 @@ StatusOr<ChildId> Supervisor::Spawn(const SpawnSpec& spec) {
     if (rc == ENOENT) return NotFoundError(what);
     if (rc == EACCES || rc == ENOEXEC || rc == EPERM) return FailedPreconditionError(what);
     return InternalError(what);
+  };
+  int resolve_error = 0;
+  const std::string program = ResolveProgram(spec.argv[0], &resolve_error);
+  if (resolve_error != 0) return exec_error(resolve_error);
+
+  // fork + exec rather than posix_spawn, for one step posix_spawn cannot take: the child asks
+  // for SIGKILL when the thread that started it (this Supervisor's reactor thread) dies, so a
+  // rank never outlives its agent or launcher (kill -9 included) to run on beside the attempt
+  // that replaced it. Between fork and exec the child makes only async-signal-safe calls.
+  int err_pipe[2];
+  if (::pipe2(err_pipe, O_CLOEXEC) != 0) return ErrnoStatus(errno, "spawn: pipe");
+  Fd err_r(err_pipe[0]), err_w_child(err_pipe[1]);
+  const pid_t parent = ::getpid();
+  const int stdout_w = out_w.fd, stderr_w = err_w.fd;
+  const char* cwd = spec.cwd.empty() ? nullptr : spec.cwd.c_str();
+  pid_t pid = ::fork();
+  if (pid < 0) return ErrnoStatus(errno, "spawn '" + spec.name + "': fork");
+  if (pid == 0) {
+    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (::getppid() != parent) ::_exit(127);  // the parent died before the line above
+    ::setpgid(0, 0);
+    int fail = 0;
+    if (::dup2(stdin_fd, 0) < 0 || ::dup2(stdout_w, 1) < 0 || ::dup2(stderr_w, 2) < 0) {
+      fail = errno;
+    }
+    if (fail == 0 && cwd != nullptr && ::chdir(cwd) != 0) fail = errno;
+    if (fail == 0) {
+      struct sigaction dfl;
+      ::memset(&dfl, 0, sizeof(dfl));
+      dfl.sa_handler = SIG_DFL;
+      for (int sig = 1; sig < NSIG; ++sig) {
+        if (sig != SIGKILL && sig != SIGSTOP) ::sigaction(sig, &dfl, nullptr);
+      }
+      sigset_t none;
+      ::sigemptyset(&none);
+      ::sigprocmask(SIG_SETMASK, &none, nullptr);
+      ::execve(program.c_str(), argv.data(), envp.data());
+      fail = errno;
+    }
+    ssize_t unused = ::write(err_pipe[1], &fail, sizeof(fail));
+    (void)unused;
+    ::_exit(127);
+  }
+  ::setpgid(pid, pid);  // as the child does: no window where a group signal misses it
+  err_w_child.Reset();
+  int child_errno = 0;
+  ssize_t got;
+  do {
+    got = ::read(err_r.fd, &child_errno, sizeof(child_errno));
+  } while (got < 0 && errno == EINTR);
+  if (got == static_cast<ssize_t>(sizeof(child_errno))) {  // exec failed: the child is exiting
+    int status;
+    while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+    }
+    return exec_error(child_errno);
   }
   child->pid = pid;
   child->started = std::chrono::steady_clock::now();

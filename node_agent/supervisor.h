@@ -2,12 +2,14 @@
 
 // Supervisor: starts and watches the processes of ranks on one node.
 //
-// Used by `muster run` (the launcher) today and by the node agent daemon later. For each child
-// it:
-//   - spawns the program with posix_spawn in its own process group (so a stop reaches every
-//     process the rank started), with an exact environment, a working directory, and stdin from
-//     a given fd or /dev/null; every signal the child could inherit as blocked or ignored is
-//     reset to its default;
+// Used by `muster run` (the launcher) and by the node agent. For each child it:
+//   - spawns the program (fork + exec, PATH searched as execvp does) in its own process group
+//     (so a stop reaches every process the rank started), with an exact environment, a working
+//     directory, and stdin from a given fd or /dev/null; every signal the child could inherit
+//     as blocked or ignored is reset to its default; the child gets SIGKILL if the reactor
+//     thread that started it dies (PR_SET_PDEATHSIG), so a rank never outlives its agent or
+//     launcher, kill -9 included (processes the rank itself started are not covered: the
+//     agent's restart kills what is left of the group);
 //   - reads the child's stdout and stderr through pipes and hands out whole lines (one callback
 //     per line; a final unterminated line is handed out at EOF; a line longer than
 //     kMaxLineBytes is cut into pieces of that size), optionally appending each line to a

@@ -390,17 +390,22 @@ TEST_F(AgentCluster, ARestartedAgentKillsTheRanksItsPredecessorLeft) {
   WaitNodesUp(1);
   fs::path marks = dir_ / "marks";
   fs::create_directories(marks);
-  // A rank that would outlive its agent: it writes nothing (no SIGPIPE) and ignores SIGPIPE.
-  std::string job =
-      Submit("name: orphan\n" +
-             Script("trap '' PIPE; echo $$ > " + marks.string() + "/pid; exec sleep 60") +
-             "nodes: 1\nranks_per_node: 1\n");
-  ASSERT_TRUE(WaitUntil([&] { return !ReadFile(marks / "pid").empty(); }, 15s)) << Events(job);
-  pid_t pid = std::stoi(ReadFile(marks / "pid"));
+  // The rank dies with its agent; a process it started in the background (it writes nothing,
+  // so no SIGPIPE, and ignores SIGPIPE) would outlive both.
+  std::string job = Submit(
+      "name: orphan\n" +
+      Script("trap '' PIPE; sleep 60 & echo $! > " + marks.string() + "/child; echo $$ > " +
+             marks.string() + "/rank; wait") +
+      "nodes: 1\nranks_per_node: 1\n");
+  ASSERT_TRUE(WaitUntil([&] { return !ReadFile(marks / "rank").empty(); }, 15s)) << Events(job);
+  pid_t rank = std::stoi(ReadFile(marks / "rank"));
+  pid_t child = std::stoi(ReadFile(marks / "child"));
   KillAgent("aws-1");
-  ASSERT_EQ(::kill(pid, 0), 0) << "the rank outlives a kill -9 of its agent";
+  EXPECT_TRUE(WaitUntil([&] { return muster::testing::ProcessExited(rank); }, 5s))
+      << "the rank dies with its agent (SIGKILL, PR_SET_PDEATHSIG)";
+  ASSERT_FALSE(muster::testing::ProcessExited(child)) << "what the rank started outlives a kill -9 of the agent";
   StartAgent("aws-1", "aws");  // same work dir
-  EXPECT_TRUE(WaitUntil([&] { return ::kill(pid, 0) != 0; }, 10s))
+  EXPECT_TRUE(WaitUntil([&] { return muster::testing::ProcessExited(child); }, 10s))
       << "the restarted agent stops what its predecessor left running";
   EXPECT_NE(ReadFile(dir_ / "aws-1.log").find("left by a previous agent"), std::string::npos);
   (void)Muster({"cancel", job});

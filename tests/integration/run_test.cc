@@ -17,7 +17,10 @@
 #include <set>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
+
+#include "tests/testing/subprocess.h"
 
 extern char** environ;
 
@@ -275,6 +278,33 @@ TEST(MusterRunTest, SigintToTheLauncherIsForwardedToEveryRank) {
   ASSERT_EQ(run.Wait(), 128 + SIGINT) << run.err();
   EXPECT_NE(run.out().find("[0] got-INT"), std::string::npos) << run.out();
   EXPECT_NE(run.out().find("[1] got-INT"), std::string::npos) << run.out();
+}
+
+TEST(MusterRunTest, RanksDieWithAKilledLauncher) {
+  // Ranks that ignore SIGTERM and SIGPIPE and write nothing: only the launcher's death can
+  // end them (mpirun's orted does the same for its ranks).
+  MusterRun run({"-np", "2", "--tag-output", "sh", "-c",
+                 "trap '' TERM PIPE; echo pid=$$; exec sleep 100"});
+  ASSERT_TRUE(run.Pump(
+      [&] {
+        return run.out().find("[0] pid=") != std::string::npos &&
+               run.out().find("[1] pid=") != std::string::npos;
+      },
+      10s))
+      << run.out();
+  std::vector<pid_t> ranks;
+  std::regex pid_re("pid=([0-9]+)");
+  for (std::sregex_iterator it(run.out().begin(), run.out().end(), pid_re), end; it != end; ++it)
+    ranks.push_back(std::stoi((*it)[1]));
+  ASSERT_EQ(ranks.size(), 2u) << run.out();
+  run.Signal(SIGKILL);
+  run.Wait();
+  auto deadline = Clock::now() + 5s;
+  for (pid_t pid : ranks) {
+    while (!muster::testing::ProcessExited(pid) && Clock::now() < deadline)
+      std::this_thread::sleep_for(20ms);
+    EXPECT_TRUE(muster::testing::ProcessExited(pid)) << "rank pid " << pid << " outlived muster run";
+  }
 }
 
 TEST(MusterRunTest, TimeoutStopsTheJobWithItsOwnCode) {

@@ -9,6 +9,8 @@
 
 #include <cerrno>
 #include <cstring>
+#include <fstream>
+#include <iterator>
 
 extern char** environ;
 
@@ -100,6 +102,14 @@ std::optional<int> Subprocess::Wait(std::chrono::milliseconds timeout) {
   if (r != pid_) return std::nullopt;
   status_ = st;
   return status_;
+}
+
+bool ProcessExited(pid_t pid) {
+  if (::kill(pid, 0) != 0) return true;
+  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+  std::string stat((std::istreambuf_iterator<char>(in)), {});
+  auto close = stat.rfind(')');
+  return close == std::string::npos || (close + 2 < stat.size() && stat[close + 2] == 'Z');
 }
 
 StatusOr<std::string> RunCommand(const std::vector<std::string>& argv,

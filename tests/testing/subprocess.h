@@ -39,6 +39,10 @@ class Subprocess {
 
 // Runs `argv` to completion (up to `timeout`); returns its stdout+stderr, or an error naming
 // the command, its exit status and its output.
+// Whether process `pid` has exited: gone, or a zombie that its parent (init, for an orphan)
+// has not reaped yet.
+bool ProcessExited(pid_t pid);
+
 StatusOr<std::string> RunCommand(const std::vector<std::string>& argv,
                                  std::chrono::milliseconds timeout = std::chrono::seconds(30));
 
