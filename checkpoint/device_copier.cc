@@ -3,9 +3,7 @@
 #include <string>
 #include <vector>
 
-#ifdef MUSTER_HAVE_CUDA
-#include <cuda_runtime_api.h>
-#endif
+#include "checkpoint/cuda_status.h"
 
 namespace muster::checkpoint {
 
@@ -13,10 +11,7 @@ namespace {
 
 #ifdef MUSTER_HAVE_CUDA
 
-Status CudaStatus(cudaError_t e, const char* what) {
-  if (e == cudaSuccess) return Status::Ok();
-  return InternalError(std::string("cuda: ") + what + ": " + cudaGetErrorString(e));
-}
+using internal::CudaStatus;
 
 // One stream for every host-to-device copy of a restore (they share the PCIe link's one
 // direction anyway) and one event per staging slot, so a reader waits only for the copies out

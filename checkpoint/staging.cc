@@ -7,10 +7,7 @@
 #include <thread>
 #include <vector>
 
-#ifdef MUSTER_HAVE_CUDA
-#include <cuda_runtime_api.h>
-#endif
-
+#include "checkpoint/cuda_status.h"
 #include "checkpoint/volume.h"
 #include "common/logging.h"
 
@@ -18,10 +15,7 @@ namespace muster::checkpoint {
 
 namespace {
 #ifdef MUSTER_HAVE_CUDA
-Status CudaStatus(cudaError_t e, const char* what) {
-  if (e == cudaSuccess) return Status::Ok();
-  return InternalError(std::string("cuda: ") + what + ": " + cudaGetErrorString(e));
-}
+using internal::CudaStatus;
 #endif
 [[maybe_unused]] Status NoCuda() {
   return FailedPreconditionError(
