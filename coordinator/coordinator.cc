@@ -118,7 +118,11 @@ struct Coordinator::JobRt {
   int64_t checkpoint_deadline_ms = 0;  // the stop asks for a checkpoint first (preemption)
   // Replications in flight: provider -> give up waiting at (ms). A requeued job waits for them,
   // so it resumes on another provider from the newest step.
-  std::map<std::string, int64_t> replicating;
+  struct Copy {
+    int64_t step = 0;        // the newest step asked for
+    int64_t give_up_ms = 0;  // stop waiting for it then
+  };
+  std::map<std::string, Copy> replicating;
   // Interactive jobs (`muster run` through the coordinator) end when their client stops asking
   // about them: the last status or logs request for the job.
   int64_t client_seen_ms = 0;
@@ -371,6 +375,13 @@ void Coordinator::Start(JobRt& job, const std::vector<std::string>& nodes) {
   }
 }
 
+// A copy of `step` to `provider` ended (copied or failed): the job stops waiting for that
+// provider unless it waits for a newer step (an older copy that was already running).
+void Coordinator::Replicated(JobRt& job, const std::string& provider, int64_t step) {
+  auto it = job.replicating.find(provider);
+  if (it != job.replicating.end() && step >= it->second.step) job.replicating.erase(it);
+}
+
 std::string Coordinator::VolumeKey(const std::string& volume, const std::string& provider) const {
   return provider.empty() ? volume : volume + "@" + provider;
 }
@@ -404,7 +415,7 @@ void Coordinator::Replicate(JobRt* job, const std::string& job_id, int64_t step,
     r->set_source_key(src.transfer_key());
     r->set_client_secret(key->secret_key);
     Enqueue(name, std::move(copy));
-    if (job) job->replicating[l.provider()] = NowMs() + 60 * 1000;
+    if (job) job->replicating[l.provider()] = {step, NowMs() + 60 * 1000};
     Event(job_id, name, "replicating",
           fmt::format("step {} from {} (provider {}) to volume {} of provider {}", step, src.name(),
                       src.provider(), volume, l.provider()));
@@ -616,7 +627,7 @@ void Coordinator::Tick() {
   for (auto& [id, j] : jobs_) {
     auto& r = j->rec;
     for (auto rit = j->replicating.begin(); rit != j->replicating.end();) {
-      rit = rit->second <= now ? j->replicating.erase(rit) : std::next(rit);
+      rit = rit->second.give_up_ms <= now ? j->replicating.erase(rit) : std::next(rit);
     }
     if (r.state == proto::JOB_PENDING && !j->in_scheduler && r.not_before_ms <= now &&
         j->replicating.empty()) {
@@ -1118,12 +1129,20 @@ StatusOr<proto::Envelope> Coordinator::OnReport(const proto::AgentReport& req) {
   }
   if (req.job_id().empty()) return ack;
   auto it = jobs_.find(req.job_id());
+  if (req.replicate_superseded_by() > 0) {
+    // Not an outcome: the newer step's copy reports one (and ends the wait for this provider).
+    Event(req.job_id(), node, "replicate_superseded",
+          fmt::format("step {} to volume {} of provider {}: step {} is copied instead",
+                      req.checkpoint_step(), req.checkpoint_volume(), n->rec.labels.provider(),
+                      req.replicate_superseded_by()));
+    return ack;
+  }
   if (!req.replicate_error().empty()) {
     Event(req.job_id(), node, "replicate_failed",
           fmt::format("step {} to volume {} of provider {}: {}", req.checkpoint_step(),
                       req.checkpoint_volume(), n->rec.labels.provider(), req.replicate_error()));
     if (auto j = jobs_.find(req.job_id()); j != jobs_.end()) {
-      j->second->replicating.erase(n->rec.labels.provider());
+      Replicated(*j->second, n->rec.labels.provider(), req.checkpoint_step());
     }
   } else if (req.checkpoint_step() > 0 && !req.checkpoint_volume().empty()) {
     const std::string& provider = n->rec.labels.provider();
@@ -1141,7 +1160,7 @@ StatusOr<proto::Envelope> Coordinator::OnReport(const proto::AgentReport& req) {
     auto j = jobs_.find(req.job_id());
     JobRt* jr = j == jobs_.end() ? nullptr : j->second.get();
     if (req.checkpoint_replica()) {
-      if (jr) jr->replicating.erase(n->rec.labels.provider());
+      if (jr) Replicated(*jr, n->rec.labels.provider(), req.checkpoint_step());
     } else {
       Replicate(jr, req.job_id(), req.checkpoint_step(), req.checkpoint_volume(), *n);
     }

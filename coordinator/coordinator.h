@@ -88,6 +88,7 @@ class Coordinator {
   // target).
   void Replicate(JobRt* job, const std::string& job_id, int64_t step, const std::string& volume,
                  const NodeRt& source);
+  void Replicated(JobRt& job, const std::string& provider, int64_t step);
   void NodeDone(JobRt& job, const std::string& node);
   void Finish(JobRt& job);
   void LoseNode(NodeRt& node, const std::string& why);

@@ -26,6 +26,7 @@
 #include "common/logging.h"
 #include "common/reactor.h"
 #include "coordinator/client.h"
+#include "node_agent/replication_queue.h"
 #include "node_agent/supervisor.h"
 #include "node_agent/volume_transfer.h"
 
@@ -306,7 +307,11 @@ struct Agent::Impl {
   std::atomic<int64_t> last_ok_ms{0};  // steady ms of the last successful call
   std::atomic<bool> ever_registered{false};
   std::thread control_thread, poll_thread;
-  std::vector<std::thread> copiers;  // GUARDED_BY(mu): replications in progress
+  // Replications: the running copies' threads (each with its "finished" flag, so finished
+  // ones are joined as new ones start) and which copies run or wait (ReplicationQueue).
+  std::vector<std::pair<std::thread, std::shared_ptr<std::atomic<bool>>>>
+      copiers;                    // GUARDED_BY(mu)
+  ReplicationQueue replications;  // GUARDED_BY(mu)
   std::unique_ptr<NoticeWatcher> watcher;
 
   static int64_t SteadyMs() {
@@ -874,73 +879,110 @@ struct Agent::Impl {
     if (--it->second.open == 0 && it->second.live.empty()) assignments.erase(it);
   }
 
-  // Copies a committed checkpoint from another node's volume into ours, on its own thread.
+  // A ReplicateCheckpoint from the coordinator: copies a committed checkpoint from another
+  // node's volume into ours on a thread of its own, one copy at a time per job and volume, the
+  // newest step asked for next (ReplicationQueue); superseded requests are reported as such.
   void StartReplication(const proto::ReplicateCheckpoint& r) {
+    ReplicationQueue::Offered offered;
+    {
+      std::lock_guard<std::mutex> l(mu);
+      if (stop) return;
+      for (auto it = copiers.begin(); it != copiers.end();) {
+        if (it->second->load()) {
+          it->first.join();
+          it = copiers.erase(it);
+        } else {
+          ++it;
+        }
+      }
+      offered = replications.Offer(r);
+      if (offered.start) {
+        auto finished = std::make_shared<std::atomic<bool>>(false);
+        copiers.emplace_back(std::thread([this, first = *offered.start, finished] {
+                               for (std::optional<proto::ReplicateCheckpoint> next = first; next;) {
+                                 QueueReport(CopyCheckpoint(*next));
+                                 std::lock_guard<std::mutex> l(mu);
+                                 next = stop ? std::nullopt : replications.Finished(*next);
+                               }
+                               finished->store(true);
+                             }),
+                             finished);
+      }
+    }
+    for (const auto& [req, by] : offered.superseded) {
+      logger->info("replication of {} step {} superseded by step {}", req.job_id(), req.step(), by);
+      proto::AgentReport rep;
+      rep.set_job_id(req.job_id());
+      rep.set_checkpoint_step(req.step());
+      rep.set_checkpoint_volume(req.volume());
+      rep.set_replicate_superseded_by(by);
+      QueueReport(std::move(rep));
+    }
+  }
+
+  // Copies `r`'s step into our volume; the report for the coordinator (a verified replica or
+  // the error).
+  proto::AgentReport CopyCheckpoint(const proto::ReplicateCheckpoint& r) {
     std::string root;
     for (const auto& v : labels.volumes()) {
       if (v.name() == r.volume()) root = v.path();
     }
-    std::lock_guard<std::mutex> l(mu);
-    if (stop) return;
-    copiers.emplace_back([this, r, root] {
-      proto::AgentReport rep;
-      rep.set_job_id(r.job_id());
-      rep.set_checkpoint_step(r.step());
-      rep.set_checkpoint_volume(r.volume());
-      auto t0 = Clock::now();
-      Status st = Status::Ok();
-      if (root.empty()) {
-        st = NotFoundError("volume " + r.volume() + " is not mounted on " + labels.name());
+    proto::AgentReport rep;
+    rep.set_job_id(r.job_id());
+    rep.set_checkpoint_step(r.step());
+    rep.set_checkpoint_volume(r.volume());
+    auto t0 = Clock::now();
+    Status st = Status::Ok();
+    if (root.empty()) {
+      st = NotFoundError("volume " + r.volume() + " is not mounted on " + labels.name());
+    } else {
+      KeyPair client;
+      client.secret_key = r.client_secret();
+      auto pub = PublicKeyFromSecret(client.secret_key);
+      if (!options.insecure && !pub.ok()) {
+        st = pub.status();
       } else {
-        KeyPair client;
-        client.secret_key = r.client_secret();
-        auto pub = PublicKeyFromSecret(client.secret_key);
-        if (!options.insecure && !pub.ok()) {
-          st = pub.status();
-        } else {
-          if (pub.ok()) client.public_key = *pub;
-          // The source authorizes our key when its AllowTransfer arrives: retry a refusal.
-          for (int attempt = 0;; ++attempt) {
-            auto remote = RemoteVolume::Connect(r.source_endpoint(), r.source_key(), client,
-                                                options.insecure, r.volume());
-            if (!remote.ok()) {
-              st = remote.status();
-              break;
-            }
-            // RemoteVolume::Exists reads a refused handshake as "no such step": ask once in a
-            // way that surfaces the refusal (Unavailable, retried below) before copying.
-            if (auto probe = (*remote)->ListDir(r.job_id());
-                !probe.ok() && probe.status().code() == StatusCode::kUnavailable && attempt < 5) {
-              std::this_thread::sleep_for(milliseconds(200 * (attempt + 1)));
-              continue;
-            }
-            auto report =
-                checkpoint::Replicate(remote->get(), r.job_id(), checkpoint::LocalVolume(),
-                                      (fs::path(root) / r.job_id()).string(), r.step());
-            if (report.ok()) {
-              double s = std::chrono::duration<double>(Clock::now() - t0).count();
-              logger->info("replicated {} step {} from {} ({} shard(s), {:.1f} MiB{}, {:.2f} s)",
-                           r.job_id(), r.step(), r.source_node(), report->shards_copied,
-                           report->bytes_copied / 1048576.0,
-                           report->already_present ? ", already present" : "", s);
-              st = Status::Ok();
-              break;
-            }
-            st = report.status();
-            if (st.code() != StatusCode::kUnavailable || attempt >= 5) break;
-            std::this_thread::sleep_for(milliseconds(200 * (attempt + 1)));
+        if (pub.ok()) client.public_key = *pub;
+        // The source authorizes our key when its AllowTransfer arrives: retry a refusal.
+        for (int attempt = 0;; ++attempt) {
+          auto remote = RemoteVolume::Connect(r.source_endpoint(), r.source_key(), client,
+                                              options.insecure, r.volume());
+          if (!remote.ok()) {
+            st = remote.status();
+            break;
           }
+          // RemoteVolume::Exists reads a refused handshake as "no such step": ask once in a
+          // way that surfaces the refusal (Unavailable, retried below) before copying.
+          if (auto probe = (*remote)->ListDir(r.job_id());
+              !probe.ok() && probe.status().code() == StatusCode::kUnavailable && attempt < 5) {
+            std::this_thread::sleep_for(milliseconds(200 * (attempt + 1)));
+            continue;
+          }
+          auto report = checkpoint::Replicate(remote->get(), r.job_id(), checkpoint::LocalVolume(),
+                                              (fs::path(root) / r.job_id()).string(), r.step());
+          if (report.ok()) {
+            double s = std::chrono::duration<double>(Clock::now() - t0).count();
+            logger->info("replicated {} step {} from {} ({} shard(s), {:.1f} MiB{}, {:.2f} s)",
+                         r.job_id(), r.step(), r.source_node(), report->shards_copied,
+                         report->bytes_copied / 1048576.0,
+                         report->already_present ? ", already present" : "", s);
+            st = Status::Ok();
+            break;
+          }
+          st = report.status();
+          if (st.code() != StatusCode::kUnavailable || attempt >= 5) break;
+          std::this_thread::sleep_for(milliseconds(200 * (attempt + 1)));
         }
       }
-      if (st.ok()) {
-        rep.set_checkpoint_replica(true);
-      } else {
-        logger->error("replication of {} step {} from {} failed: {}", r.job_id(), r.step(),
-                      r.source_node(), st.ToString());
-        rep.set_replicate_error(st.ToString());
-      }
-      QueueReport(std::move(rep));
-    });
+    }
+    if (st.ok()) {
+      rep.set_checkpoint_replica(true);
+    } else {
+      logger->error("replication of {} step {} from {} failed: {}", r.job_id(), r.step(),
+                    r.source_node(), st.ToString());
+      rep.set_replicate_error(st.ToString());
+    }
+    return rep;
   }
 
   // Records the live ranks (pid, start time, group) so a restarted agent can stop ranks that
@@ -1144,12 +1186,12 @@ void Agent::Shutdown(std::chrono::milliseconds grace) {
     req.mutable_agent_poll()->set_wait_ms(0);
     (void)m.ctl->Call(std::move(req), milliseconds(500));
   }
-  std::vector<std::thread> copiers;
+  std::vector<std::pair<std::thread, std::shared_ptr<std::atomic<bool>>>> copiers;
   {
     std::lock_guard<std::mutex> l(m.mu);
     copiers.swap(m.copiers);
   }
-  for (auto& t : copiers) t.join();
+  for (auto& [t, finished] : copiers) t.join();
   if (m.control_thread.joinable()) m.control_thread.join();
   if (m.poll_thread.joinable()) m.poll_thread.join();
   m.reactor->Call("agent.teardown", [&] {

@@ -9,6 +9,7 @@
 #include "common/reactor.h"
 #include "demo/loss_plot.h"
 #include "node_agent/agent.h"
+#include "node_agent/replication_queue.h"
 #include "node_agent/volume_transfer.h"
 #include "tests/testing/port_range.h"
 
@@ -87,6 +88,54 @@ TEST(TcpPortInUseTest, SeesAListenerOnTheAddressOrOnEveryAddress) {
   }
   EXPECT_FALSE(TcpPortInUse("127.0.0.1", port));  // closed: free again at once
   EXPECT_FALSE(TcpPortInUse("not-an-address", port));
+}
+
+proto::ReplicateCheckpoint Copy(const std::string& job, int64_t step,
+                                const std::string& volume = "ckpt") {
+  proto::ReplicateCheckpoint r;
+  r.set_job_id(job);
+  r.set_step(step);
+  r.set_volume(volume);
+  return r;
+}
+
+TEST(ReplicationQueueTest, OneCopyRunsPerJobAndTheNewestStepWaits) {
+  node_agent::ReplicationQueue q;
+  auto a = q.Offer(Copy("j", 10));
+  ASSERT_TRUE(a.start);
+  EXPECT_EQ(a.start->step(), 10);
+  EXPECT_TRUE(a.superseded.empty());
+  // Commits faster than the copy: 20 waits, then 30 replaces it; 25 and 30 again are stale.
+  auto b = q.Offer(Copy("j", 20));
+  EXPECT_FALSE(b.start);
+  EXPECT_TRUE(b.superseded.empty());
+  auto c = q.Offer(Copy("j", 30));
+  EXPECT_FALSE(c.start);
+  ASSERT_EQ(c.superseded.size(), 1u);
+  EXPECT_EQ(c.superseded[0].first.step(), 20);
+  EXPECT_EQ(c.superseded[0].second, 30);
+  for (int64_t stale : {25, 30}) {
+    auto d = q.Offer(Copy("j", stale));
+    EXPECT_FALSE(d.start);
+    ASSERT_EQ(d.superseded.size(), 1u);
+    EXPECT_EQ(d.superseded[0].first.step(), stale);
+    EXPECT_EQ(d.superseded[0].second, 30);
+  }
+  // Another job, or another volume of the same job, has its own slot.
+  EXPECT_TRUE(q.Offer(Copy("k", 5)).start);
+  EXPECT_TRUE(q.Offer(Copy("j", 5, "other")).start);
+  EXPECT_EQ(q.running(), 3u);
+  // 10 is done: 30 runs next, and nothing after it.
+  auto next = q.Finished(Copy("j", 10));
+  ASSERT_TRUE(next);
+  EXPECT_EQ(next->step(), 30);
+  auto older = q.Offer(Copy("j", 12));  // older than the one running now
+  ASSERT_EQ(older.superseded.size(), 1u);
+  EXPECT_EQ(older.superseded[0].second, 30);
+  EXPECT_FALSE(q.Finished(Copy("j", 30)));
+  EXPECT_EQ(q.running(), 2u);
+  // The slot is free again: the next request runs at once.
+  EXPECT_TRUE(q.Offer(Copy("j", 40)).start);
 }
 
 TEST(CheckpointLineTest, ParsesCommittedSteps) {

@@ -114,6 +114,51 @@ class CoordinatorTest : public ::testing::Test {
     EXPECT_TRUE(Call(e).has_agent_report_reply());
   }
 
+  // An agent on `provider` mounting volume "ckpt" and serving it for replication.
+  std::string RegisterWithVolume(const std::string& name, const std::string& provider) {
+    proto::Envelope e;
+    auto* l = e.mutable_agent_register()->mutable_labels();
+    l->set_name(name);
+    l->set_provider(provider);
+    l->set_gpus(8);
+    l->set_slots(8);
+    auto* v = l->add_volumes();
+    v->set_name("ckpt");
+    v->set_path("/vol/" + name);
+    l->set_transfer_endpoint("tcp://" + name + ":7071");
+    l->set_transfer_key("key-of-" + name);
+    auto r = Call(e);
+    EXPECT_TRUE(r.has_agent_registered()) << r.DebugString();
+    return r.agent_registered().session_id();
+  }
+
+  // A checkpoint report: a commit on `node`'s volume, a verified replica there, or a copy that
+  // was superseded by `superseded_by`.
+  void ReportCheckpoint(const std::string& node, const std::string& session, const std::string& job,
+                        int attempt, int64_t step, bool replica, int64_t superseded_by = 0) {
+    proto::Envelope e;
+    auto* r = e.mutable_agent_report();
+    r->set_node(node);
+    r->set_session_id(session);
+    r->set_job_id(job);
+    r->set_attempt(attempt);
+    r->set_checkpoint_step(step);
+    r->set_checkpoint_volume("ckpt");
+    r->set_checkpoint_replica(replica);
+    r->set_replicate_superseded_by(superseded_by);
+    EXPECT_TRUE(Call(e).has_agent_report_reply());
+  }
+
+  std::string Events(const std::string& job) {
+    proto::Envelope e;
+    e.mutable_events_request()->set_job_id(job);
+    std::string out;
+    proto::Envelope reply = Call(e);
+    for (const auto& ev : reply.events_reply().events())
+      out += ev.kind() + " [" + ev.node() + "] " + ev.message() + "\n";
+    return out;
+  }
+
   TimePoint now_ = TimePoint{} + std::chrono::hours(490000);
   fs::path dir_;
   std::unique_ptr<Coordinator> coord_;
@@ -311,6 +356,57 @@ TEST_F(CoordinatorTest, PeerFailureExitsAloneCountBlamingNoNode) {
   EXPECT_EQ(st.state(), proto::JOB_PENDING);
   EXPECT_EQ(st.restarts(), 1);
   EXPECT_EQ(st.preemptions(), 1);
+}
+
+// Commits come faster than the copy to the other provider: the agent there copies one step at
+// a time and reports the ones it skips as superseded. The requeued job waits for the newest
+// step asked for: the copy of an older step that was already running does not end the wait,
+// and a superseded step is never recorded as committed there.
+TEST_F(CoordinatorTest, ARequeuedJobWaitsForTheNewestStepNotAnOlderCopy) {
+  std::string s0 = RegisterWithVolume("aws-1", "aws");
+  std::string id = Submit("name: j\ncommand: x\ncheckpoint:\n  volume: ckpt\n  every: 10\n");
+  auto actions = Heartbeat("aws-1", s0);
+  ASSERT_EQ(actions.size(), 1u);
+  ASSERT_TRUE(actions[0].has_start());
+  Report("aws-1", s0, id, 1, true, 0, false);
+  std::string s1 = RegisterWithVolume("gcp-1", "gcp");
+  for (int64_t step : {10, 15, 20}) ReportCheckpoint("aws-1", s0, id, 1, step, false);
+  std::vector<int64_t> asked;
+  for (const auto& a : Heartbeat("gcp-1", s1)) {
+    if (a.has_replicate()) asked.push_back(a.replicate().step());
+  }
+  EXPECT_EQ(asked, (std::vector<int64_t>{10, 15, 20}));
+  // gcp-1's agent copies 10, skips 15 for 20. aws-1 is lost meanwhile.
+  ReportCheckpoint("gcp-1", s1, id, 0, 15, false, /*superseded_by=*/20);
+  for (int i = 0; i < 6; ++i) {
+    now_ += 1s;
+    Heartbeat("gcp-1", s1);
+    coord_->Tick();
+  }
+  ASSERT_EQ(Status(id).state(), proto::JOB_PENDING);
+  ReportCheckpoint("gcp-1", s1, id, 0, 10, /*replica=*/true);
+  for (int i = 0; i < 10; ++i) {
+    now_ += 1s;
+    coord_->Tick();
+    for (const auto& a : Heartbeat("gcp-1", s1)) {
+      ASSERT_FALSE(a.has_start()) << "placed before step 20 reached gcp\n" << Events(id);
+    }
+  }
+  ReportCheckpoint("gcp-1", s1, id, 0, 20, /*replica=*/true);
+  coord_->Tick();
+  bool started = false;
+  for (const auto& a : Heartbeat("gcp-1", s1)) {
+    if (!a.has_start()) continue;
+    started = true;
+    EXPECT_EQ(a.start().resume_step(), 20) << Events(id);
+  }
+  EXPECT_TRUE(started) << Events(id);
+  std::string events = Events(id);
+  EXPECT_NE(events.find("replicate_superseded [gcp-1] step 15 to volume ckpt of provider gcp: "
+                        "step 20 is copied instead"),
+            std::string::npos)
+      << events;
+  EXPECT_EQ(events.find("step 15 on volume ckpt of provider gcp"), std::string::npos) << events;
 }
 
 }  // namespace
