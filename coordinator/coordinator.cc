@@ -403,7 +403,10 @@ void Coordinator::Replicate(JobRt* job, const std::string& job_id, int64_t step,
     proto::AgentAction allow;
     allow.mutable_allow_transfer()->set_job_id(job_id);
     allow.mutable_allow_transfer()->set_client_public_key(key->public_key);
-    allow.mutable_allow_transfer()->set_expires_ms(NowMs() + 10 * 60 * 1000);
+    // The source checks the key's expiry on every request of the copy, which may wait behind
+    // another copy of the job and then run for hours (hundreds of GB across providers): a day.
+    // The key reads only this job's directories, read-only, and only the target knows it.
+    allow.mutable_allow_transfer()->set_expires_ms(NowMs() + 24 * 3600 * 1000LL);
     Enqueue(src.name(), std::move(allow));
     proto::AgentAction copy;
     auto* r = copy.mutable_replicate();
