@@ -39,7 +39,8 @@ class CoordinatorClient {
   StatusOr<proto::EventsReply> Events(const std::string& job_id, int64_t after_id);
   StatusOr<proto::NodeStatusState> Drain(const std::string& node, bool drain);
   StatusOr<proto::LogsReply> Logs(const std::string& job_id, int rank, int64_t offset,
-                                  int max_bytes, int attempt = 0);
+                                  int max_bytes, int attempt = 0,
+                                  proto::LogStream stream = proto::LOG_MERGED);
 
   const std::string& endpoint() const { return endpoint_; }
 

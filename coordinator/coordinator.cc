@@ -66,6 +66,7 @@ proto::JobSpec JobSpecToProto(const JobSpec& s) {
   p.set_restart_backoff_s(s.restart_backoff.count());
   p.set_time_limit_s(s.time_limit.count());
   for (const auto& h : s.hosts) p.add_hosts(h);
+  p.set_interactive(s.interactive);
   return p;
 }
 
@@ -91,6 +92,7 @@ StatusOr<JobSpec> JobSpecFromProto(const proto::JobSpec& p) {
   s.restart_backoff = std::chrono::seconds(p.restart_backoff_s());
   s.time_limit = std::chrono::seconds(p.time_limit_s());
   s.hosts.assign(p.hosts().begin(), p.hosts().end());
+  s.interactive = p.interactive();
   MUSTER_RETURN_IF_ERROR(ValidateJobSpec(s));
   return s;
 }
@@ -371,6 +373,7 @@ void Coordinator::Start(JobRt& job, const std::vector<std::string>& nodes) {
     s->set_checkpoint_volume(r.spec.checkpoint_volume());
     s->set_resume_step(r.resume_step);
     s->set_time_limit_ms(r.spec.time_limit_s() * 1000);
+    s->set_split_streams(r.spec.interactive());  // `muster run` keeps stdout and stderr apart
     Enqueue(nodes[i], std::move(a));
   }
 }
@@ -964,6 +967,7 @@ void Coordinator::OnLogs(const proto::LogsRequest& req, Reply reply) {
   f->set_rank(req.rank());
   f->set_offset(req.offset());
   f->set_max_bytes(std::clamp(req.max_bytes() > 0 ? req.max_bytes() : 65536, 1, 1 << 20));
+  f->set_stream(req.stream());
   fetches_.emplace(fetch, Fetch{std::move(reply), NowMs() + 10000, node});
   Enqueue(node, std::move(a));
 }

@@ -44,6 +44,9 @@ struct JobSpec {
   std::chrono::seconds time_limit{0};  // 0: none
   // Pinned nodes in node-rank order (`muster run -H`); not part of the YAML.
   std::vector<std::string> hosts;
+  // `muster run` through the coordinator: cancelled when its client stops asking about it, and
+  // each rank's stdout and stderr are kept apart for it. Not part of the YAML.
+  bool interactive = false;
 };
 
 // Parses and validates `text`; `filename` prefixes each error. InvalidArgument with one line per

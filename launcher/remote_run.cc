@@ -137,32 +137,39 @@ int RunThroughCoordinator(const RunOptions& options, const RunIo& io) {
   sigset_t old;
   pthread_sigmask(SIG_BLOCK, &sigs, &old);
 
-  std::vector<int64_t> offset(world, 0);
-  std::vector<std::string> partial(world);
-  std::vector<bool> eof(world, false);
+  // Each rank's stdout and stderr, read from the agents' logs of each stream alone and written
+  // to ours, as a local `muster run` does with its ranks' pipes.
+  constexpr proto::LogStream kStreams[2] = {proto::LOG_STDOUT, proto::LOG_STDERR};
+  const int fds[2] = {io.stdout_fd, io.stderr_fd};
+  std::vector<int64_t> offset(2 * world, 0);
+  std::vector<std::string> partial(2 * world);
+  std::vector<bool> eof(2 * world, false);
   int seen_attempt = 0;
-  auto emit = [&](int rank, std::string_view line) {
+  auto emit = [&](int rank, int stream, std::string_view line) {
     std::string out = options.tag_output ? "[" + std::to_string(rank) + "]" : "";
     out += line;
     out += '\n';
-    WriteAll(io.stdout_fd, out);
+    WriteAll(fds[stream], out);
   };
   auto pump = [&](int attempt) {
     for (int r = 0; r < world; ++r) {
-      if (eof[r]) continue;
-      auto reply = c.Logs(job, r, offset[r], 1 << 20, attempt);
-      if (!reply.ok()) continue;  // not started yet, or its node is away: try again later
-      offset[r] = reply->next_offset();
-      partial[r] += reply->data();
-      size_t start = 0;
-      for (size_t nl; (nl = partial[r].find('\n', start)) != std::string::npos; start = nl + 1) {
-        emit(r, std::string_view(partial[r]).substr(start, nl - start));
-      }
-      partial[r].erase(0, start);
-      if (reply->eof()) {
-        if (!partial[r].empty()) emit(r, partial[r]);
-        partial[r].clear();
-        eof[r] = true;
+      for (int s = 0; s < 2; ++s) {
+        const int i = 2 * r + s;
+        if (eof[i]) continue;
+        auto reply = c.Logs(job, r, offset[i], 1 << 20, attempt, kStreams[s]);
+        if (!reply.ok()) continue;  // not started yet, or its node is away: try again later
+        offset[i] = reply->next_offset();
+        partial[i] += reply->data();
+        size_t start = 0;
+        for (size_t nl; (nl = partial[i].find('\n', start)) != std::string::npos; start = nl + 1) {
+          emit(r, s, std::string_view(partial[i]).substr(start, nl - start));
+        }
+        partial[i].erase(0, start);
+        if (reply->eof()) {
+          if (!partial[i].empty()) emit(r, s, partial[i]);
+          partial[i].clear();
+          eof[i] = true;
+        }
       }
     }
   };

@@ -562,9 +562,14 @@ struct Agent::Impl {
     }
   }
 
-  fs::path LogPath(const std::string& job, int attempt, int rank) const {
+  // rank-R.log holds both streams; rank-R.stdout and rank-R.stderr one each (split_streams).
+  fs::path LogPath(const std::string& job, int attempt, int rank,
+                   proto::LogStream stream = proto::LOG_MERGED) const {
+    const char* ext = stream == proto::LOG_STDOUT   ? ".stdout"
+                      : stream == proto::LOG_STDERR ? ".stderr"
+                                                    : ".log";
     return options.work_dir / "logs" / job / ("attempt-" + std::to_string(attempt)) /
-           ("rank-" + std::to_string(rank) + ".log");
+           ("rank-" + std::to_string(rank) + ext);
   }
 
   // `retryable`: neither the job's fault nor the node's (a port in use); retried elsewhere.
@@ -687,6 +692,10 @@ struct Agent::Impl {
       spec.argv.assign(s.command().begin(), s.command().end());
       for (auto& [k, v] : env) spec.env.push_back(k + "=" + v);
       spec.log_path = LogPath(s.job_id(), s.attempt(), rank).string();
+      if (s.split_streams()) {
+        spec.stream_log_paths[0] = LogPath(s.job_id(), s.attempt(), rank, proto::LOG_STDOUT);
+        spec.stream_log_paths[1] = LogPath(s.job_id(), s.attempt(), rank, proto::LOG_STDERR);
+      }
       auto id = supervisor->Spawn(spec);
       if (!id.ok()) {
         supervisor->StopGroup(group, milliseconds(0));
@@ -771,11 +780,15 @@ struct Agent::Impl {
     auto* c = e.mutable_agent_log_chunk();
     c->set_node(labels.name());
     c->set_fetch_id(f.fetch_id());
-    fs::path path = LogPath(f.job_id(), f.attempt(), f.rank());
+    fs::path path = LogPath(f.job_id(), f.attempt(), f.rank(), f.stream());
     std::ifstream in(path, std::ios::binary);
     if (!in) {
-      c->set_error("no log for rank " + std::to_string(f.rank()) + " of " + f.job_id() +
-                   " attempt " + std::to_string(f.attempt()) + " on " + labels.name());
+      c->set_error(std::string("no ") +
+                   (f.stream() == proto::LOG_STDOUT   ? "stdout log"
+                    : f.stream() == proto::LOG_STDERR ? "stderr log"
+                                                      : "log") +
+                   " for rank " + std::to_string(f.rank()) + " of " + f.job_id() + " attempt " +
+                   std::to_string(f.attempt()) + " on " + labels.name());
       return Queue(std::move(e));
     }
     in.seekg(0, std::ios::end);

@@ -106,6 +106,7 @@ struct Supervisor::Child {
   Fd out[2];  // indexed by OutputStream
   std::string partial[2];
   Fd log;
+  Fd stream_log[2];  // indexed by OutputStream
   bool running = true;
   bool stop_requested = false;
   int sent_signal = 0;  // the stop's first signal, once sent
@@ -203,6 +204,15 @@ StatusOr<ChildId> Supervisor::Spawn(const SpawnSpec& spec) {
     child->log = Fd(::open(spec.log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644));
     if (child->log.fd < 0) {
       return ErrnoStatus(errno, "spawn '" + spec.name + "': log file " + spec.log_path);
+    }
+  }
+  for (int s = 0; s < 2; ++s) {
+    const std::string& path = spec.stream_log_paths[s];
+    if (path.empty()) continue;
+    child->stream_log[s] =
+        Fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644));
+    if (child->stream_log[s].fd < 0) {
+      return ErrnoStatus(errno, "spawn '" + spec.name + "': log file " + path);
     }
   }
 
@@ -391,12 +401,14 @@ void Supervisor::OnPipeReadable(ChildId id, OutputStream stream) {
 }
 
 void Supervisor::EmitLine(Child& c, OutputStream stream, std::string_view line) {
-  if (c.log.fd >= 0) {
+  const int own = c.stream_log[static_cast<int>(stream)].fd;
+  if (c.log.fd >= 0 || own >= 0) {
     std::string l;
     l.reserve(line.size() + 1);
     l.append(line);
     l.push_back('\n');
-    WriteAll(c.log.fd, l);
+    if (c.log.fd >= 0) WriteAll(c.log.fd, l);
+    if (own >= 0) WriteAll(own, l);
   }
   if (callbacks_.on_line) callbacks_.on_line(c.id, c.name, stream, line);
 }

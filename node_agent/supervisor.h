@@ -72,6 +72,8 @@ struct SpawnSpec {
   int stdin_fd = -1;
   // If set, each output line of both streams is appended to this file (created 0644).
   std::string log_path;
+  // If set, each line of stdout ([0]) or stderr ([1]) is also appended to a file of its own.
+  std::string stream_log_paths[2];
 };
 
 // How a child ended.

@@ -392,18 +392,18 @@ TEST_F(AgentCluster, ARestartedAgentKillsTheRanksItsPredecessorLeft) {
   fs::create_directories(marks);
   // The rank dies with its agent; a process it started in the background (it writes nothing,
   // so no SIGPIPE, and ignores SIGPIPE) would outlive both.
-  std::string job = Submit(
-      "name: orphan\n" +
-      Script("trap '' PIPE; sleep 60 & echo $! > " + marks.string() + "/child; echo $$ > " +
-             marks.string() + "/rank; wait") +
-      "nodes: 1\nranks_per_node: 1\n");
+  std::string job = Submit("name: orphan\n" +
+                           Script("trap '' PIPE; sleep 60 & echo $! > " + marks.string() +
+                                  "/child; echo $$ > " + marks.string() + "/rank; wait") +
+                           "nodes: 1\nranks_per_node: 1\n");
   ASSERT_TRUE(WaitUntil([&] { return !ReadFile(marks / "rank").empty(); }, 15s)) << Events(job);
   pid_t rank = std::stoi(ReadFile(marks / "rank"));
   pid_t child = std::stoi(ReadFile(marks / "child"));
   KillAgent("aws-1");
   EXPECT_TRUE(WaitUntil([&] { return muster::testing::ProcessExited(rank); }, 5s))
       << "the rank dies with its agent (SIGKILL, PR_SET_PDEATHSIG)";
-  ASSERT_FALSE(muster::testing::ProcessExited(child)) << "what the rank started outlives a kill -9 of the agent";
+  ASSERT_FALSE(muster::testing::ProcessExited(child))
+      << "what the rank started outlives a kill -9 of the agent";
   StartAgent("aws-1", "aws");  // same work dir
   EXPECT_TRUE(WaitUntil([&] { return muster::testing::ProcessExited(child); }, 10s))
       << "the restarted agent stops what its predecessor left running";
@@ -523,27 +523,49 @@ TEST_F(AgentCluster, MusterRunThroughTheCoordinatorStreamsOutputAndExitsLikeMpir
   StartAgent("aws-1", "aws");
   StartAgent("aws-2", "aws");
   WaitNodesUp(2);
-  fs::path out = dir_ / "run.out";
+  fs::path out = dir_ / "run.out", err = dir_ / "run.err";
+  // stdout to run.out, stderr to run.err.
   auto run = Subprocess::Start(
-      {MUSTER_BIN, "run", "--coordinator", endpoint_, "--keys", (dir_ / "keys").string(), "-np",
-       "4", "-H", "aws-1:2,aws-2:2", "--tag-output", "-x", "GREETING=hello", "--", "/bin/sh", "-c",
-       "echo \"$GREETING from $RANK of $WORLD_SIZE on $MUSTER_NODE\"; sleep 0.3; "
-       "if [ $RANK = 2 ]; then exit 5; fi; sleep 5"},
+      {"/bin/sh",
+       "-c",
+       "exec \"$0\" \"$@\" 2>" + err.string(),
+       MUSTER_BIN,
+       "run",
+       "--coordinator",
+       endpoint_,
+       "--keys",
+       (dir_ / "keys").string(),
+       "-np",
+       "4",
+       "-H",
+       "aws-1:2,aws-2:2",
+       "--tag-output",
+       "-x",
+       "GREETING=hello",
+       "--",
+       "/bin/sh",
+       "-c",
+       "echo \"$GREETING from $RANK of $WORLD_SIZE on $MUSTER_NODE\"; echo \"warning $RANK\" >&2; "
+       "sleep 0.3; if [ $RANK = 2 ]; then exit 5; fi; sleep 5"},
       {}, out.string());
   ASSERT_TRUE(run.ok()) << run.status().ToString();
   auto st = run->Wait(40s);
   ASSERT_TRUE(st.has_value()) << ReadFile(out);
   ASSERT_TRUE(WIFEXITED(*st));
-  EXPECT_EQ(WEXITSTATUS(*st), 5) << "the first failing rank's code\n" << ReadFile(out);
-  std::string text = ReadFile(out);
+  std::string text = ReadFile(out), errors = ReadFile(err);
+  EXPECT_EQ(WEXITSTATUS(*st), 5) << "the first failing rank's code\n" << text << errors;
   for (int r = 0; r < 4; ++r) {
     std::string host = r < 2 ? "aws-1" : "aws-2";
     EXPECT_NE(text.find("[" + std::to_string(r) + "]hello from " + std::to_string(r) + " of 4 on " +
                         host + "\n"),
               std::string::npos)
         << text;
+    // Each rank's stderr comes out on ours, and only there, as with a local `muster run`.
+    std::string warning = "[" + std::to_string(r) + "]warning " + std::to_string(r) + "\n";
+    EXPECT_NE(errors.find(warning), std::string::npos) << errors;
+    EXPECT_EQ(text.find(warning), std::string::npos) << text;
   }
-  EXPECT_NE(text.find("rank 2 on aws-2 exited 5"), std::string::npos) << text;
+  EXPECT_NE(errors.find("rank 2 on aws-2 exited 5"), std::string::npos) << errors;
 }
 
 TEST_F(AgentCluster, MusterRunThroughTheCoordinatorCancelsTheJobOnSigint) {

@@ -409,5 +409,45 @@ TEST_F(CoordinatorTest, ARequeuedJobWaitsForTheNewestStepNotAnOlderCopy) {
   EXPECT_EQ(events.find("step 15 on volume ckpt of provider gcp"), std::string::npos) << events;
 }
 
+// `muster run` through the coordinator submits an interactive job: it lives while its client
+// keeps asking about it, and each rank's stdout and stderr are kept apart for that client.
+TEST_F(CoordinatorTest, AnInteractiveJobIsCancelledWhenItsClientGoesAway) {
+  std::string s0 = Register("n0");
+  proto::Envelope e;
+  auto* spec = e.mutable_submit_request()->mutable_spec();
+  spec->set_name("run");
+  spec->add_command("x");
+  spec->set_nodes(1);
+  spec->set_ranks_per_node(1);
+  spec->set_interactive(true);
+  spec->set_checkpoint_keep(3);
+  auto r = Call(e);
+  ASSERT_TRUE(r.has_submit_reply()) << r.DebugString();
+  std::string id = r.submit_reply().job_id();
+  auto actions = Heartbeat("n0", s0);
+  ASSERT_EQ(actions.size(), 1u);
+  EXPECT_TRUE(actions[0].start().split_streams());
+  Report("n0", s0, id, 1, true, 0, false);
+  for (int i = 0; i < 30; ++i) {  // the client asks every second: the job runs on
+    now_ += 1s;
+    coord_->Tick();
+    Heartbeat("n0", s0);
+    ASSERT_EQ(Status(id).state(), proto::JOB_RUNNING);
+  }
+  for (int i = 0; i < 16; ++i) {  // then it stops asking
+    now_ += 1s;
+    coord_->Tick();
+    Heartbeat("n0", s0);
+  }
+  auto st = Status(id);
+  EXPECT_EQ(st.state(), proto::JOB_CANCELLED);
+  EXPECT_EQ(st.detail(), "interactive client went away");
+  // A batch job is neither cancelled for it nor given split logs.
+  std::string batch = Submit("name: b\ncommand: x\n");
+  for (const auto& a : Heartbeat("n0", s0)) {
+    if (a.has_start()) EXPECT_FALSE(a.start().split_streams());
+  }
+}
+
 }  // namespace
 }  // namespace muster::coordinator
