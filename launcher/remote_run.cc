@@ -218,7 +218,13 @@ int RunThroughCoordinator(const RunOptions& options, const RunIo& io) {
   }
   pthread_sigmask(SIG_SETMASK, &old, nullptr);
   if (signal_code != 0) return signal_code;
-  if (timed_out || last.detail() == "time limit") return kExitTimeout;
+  if (timed_out || last.detail() == "time limit") {
+    WriteAll(io.stderr_fd,
+             "muster run: job " + job + " ran past --timeout " +
+                 std::to_string(options.timeout ? options.timeout->count() / 1000 : 0) +
+                 " s; its " + std::to_string(world) + " ranks were stopped\n");
+    return kExitTimeout;
+  }
   if (last.state() == proto::JOB_SUCCEEDED) return 0;
   WriteAll(io.stderr_fd, "muster run: job " + job + " " + coordinator::JobStateName(last.state()) +
                              ": " + last.detail() + "\n");

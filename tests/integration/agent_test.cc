@@ -587,8 +587,25 @@ TEST_F(AgentCluster, MusterRunThroughTheCoordinatorCancelsTheJobOnSigint) {
   auto st = run->Wait(20s);
   ASSERT_TRUE(st.has_value());
   EXPECT_EQ(WEXITSTATUS(*st), 128 + SIGINT) << ReadFile(out);
-  EXPECT_TRUE(WaitUntil([&] { return ::kill(rank0, 0) != 0; }, 10s))
+  EXPECT_TRUE(WaitUntil([&] { return muster::testing::ProcessExited(rank0); }, 10s))
       << "the agent stopped the ranks of the cancelled job";
+}
+
+TEST_F(AgentCluster, MusterRunThroughTheCoordinatorEndsAtItsTimeoutWith124) {
+  StartAgent("aws-1", "aws");
+  WaitNodesUp(1);
+  fs::path out = dir_ / "run.out";
+  auto run = Subprocess::Start(
+      {MUSTER_BIN, "run", "--coordinator", endpoint_, "--keys", (dir_ / "keys").string(),
+       "--timeout", "2", "-np", "1", "--", "/bin/sh", "-c", "echo started; sleep 60"},
+      {}, out.string());
+  ASSERT_TRUE(run.ok());
+  auto st = run->Wait(30s);
+  ASSERT_TRUE(st.has_value()) << ReadFile(out);
+  ASSERT_TRUE(WIFEXITED(*st));
+  EXPECT_EQ(WEXITSTATUS(*st), 124) << ReadFile(out);
+  EXPECT_NE(ReadFile(out).find("started\n"), std::string::npos) << ReadFile(out);
+  EXPECT_NE(ReadFile(out).find("ran past --timeout 2 s"), std::string::npos) << ReadFile(out);
 }
 
 }  // namespace
