@@ -9,6 +9,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <ctime>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -489,6 +490,68 @@ TEST_F(AgentCluster, SigtermToTheAgentAndANoticeFileAreNoticesToo) {
   }
   EXPECT_NE(ReadFile(dir_ / "aws-2.log").find("preemption notice from file"), std::string::npos);
   EXPECT_NE(ReadFile(dir_ / "aws-1.log").find("SIGTERM"), std::string::npos);
+}
+
+// The cloud's own notices, end to end: an agent polling the AWS spot instance-action document
+// and one polling the GCP preempted flag (a loopback stand-in for both metadata servers, in
+// their documented formats) each checkpoint their job on the notice, and the jobs are requeued.
+TEST_F(AgentCluster, CloudMetadataNoticesCheckpointAndRequeueTheirNodesJobs) {
+#ifndef MUSTER_HAVE_CURL
+  GTEST_SKIP() << "muster was built without libcurl: no metadata notice sources";
+#endif
+  fs::path meta_out = dir_ / "metadata.out";
+  auto meta = Subprocess::Start({"python3", "-u", MUSTER_FAKE_METADATA}, {}, meta_out.string());
+  ASSERT_TRUE(meta.ok()) << meta.status();
+  std::string port;
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        std::ifstream in(meta_out);
+        std::getline(in, port);
+        return !port.empty();
+      },
+      10s));
+  const std::string base = "http://127.0.0.1:" + port;
+  StartAgent("aws-1", "aws", {"--aws-metadata", base});
+  StartAgent("gcp-1", "gcp", {"--gcp-metadata", base});
+  StartAgent("aws-2", "aws");
+  StartAgent("gcp-2", "gcp");
+  WaitNodesUp(4);
+  std::string body = CheckpointingRank(40);
+  auto job_yaml = [&](const std::string& name, const std::string& host) {
+    return "name: " + name + "\n" + Script(body) +
+           "nodes: 1\nranks_per_node: 1\ncheckpoint:\n  volume: ckpt\nplacement:\n  hosts: [" +
+           host + "]\n";
+  };
+  std::string a = Submit(job_yaml("on-aws-spot", "aws-1"));
+  std::string g = Submit(job_yaml("on-gcp-preempted", "gcp-1"));
+  for (const auto& job : {a, g}) {
+    ASSERT_TRUE(WaitState(job, "running", 15s)) << Events(job);
+    ASSERT_TRUE(WaitUntil([&] { return Status(job).contains("progress"); }, 10s)) << Events(job);
+  }
+  // A spot interruption two minutes out, and the preempted flag.
+  std::time_t at = std::time(nullptr) + 120;
+  char when[32];
+  std::strftime(when, sizeof(when), "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&at));
+  auto post = [&](const std::string& which, const std::string& data) {
+    auto r = RunCommand({"python3", "-c",
+                         "import urllib.request,sys; urllib.request.urlopen("
+                         "urllib.request.Request(sys.argv[1], data=sys.argv[2].encode(),"
+                         " method='POST'), timeout=5)",
+                         base + "/control/" + which, data},
+                        10s);
+    ASSERT_TRUE(r.ok()) << r.status();
+  };
+  post("aws", std::string("{\"action\": \"terminate\", \"time\": \"") + when + "\"}");
+  post("gcp", "TRUE");
+  for (const auto& job : {a, g}) {
+    ASSERT_TRUE(WaitUntil([&] { return Status(job).value("preemptions", 0) == 1; }, 20s))
+        << Events(job);
+    std::string events = Events(job);
+    EXPECT_NE(events.find("checkpoint_committed"), std::string::npos) << events;
+    EXPECT_NE(events.find("requeued"), std::string::npos) << events;
+  }
+  EXPECT_NE(ReadFile(dir_ / "aws-1.log").find("preemption notice from aws"), std::string::npos);
+  EXPECT_NE(ReadFile(dir_ / "gcp-1.log").find("preemption notice from gcp"), std::string::npos);
 }
 
 TEST_F(AgentCluster, LeaseStopsRanksWhenTheCoordinatorIsUnreachable) {
