@@ -386,13 +386,19 @@ void Supervisor::OnPipeReadable(ChildId id, OutputStream stream) {
     std::string& partial = c.partial[s];
     partial.append(buf, static_cast<size_t>(n));
     size_t start = 0;
+    // A line over kMaxLineBytes comes out in pieces of that size, however the reads cut it:
+    // whether its newline arrives in the same read or a later one.
     for (;;) {
       size_t nl = partial.find('\n', start);
       if (nl == std::string::npos) break;
+      while (nl - start > kMaxLineBytes) {
+        EmitLine(c, stream, std::string_view(partial).substr(start, kMaxLineBytes));
+        start += kMaxLineBytes;
+      }
       EmitLine(c, stream, std::string_view(partial).substr(start, nl - start));
       start = nl + 1;
     }
-    while (partial.size() - start >= kMaxLineBytes) {
+    while (partial.size() - start > kMaxLineBytes) {
       EmitLine(c, stream, std::string_view(partial).substr(start, kMaxLineBytes));
       start += kMaxLineBytes;
     }

@@ -155,6 +155,15 @@ TEST(SupervisorTest, SplitsOverlongLinesAtTheLimit) {
   EXPECT_EQ(lines[0], std::string(Supervisor::kMaxLineBytes, 'x'));
   EXPECT_EQ(lines[1], std::string(100, 'x'));
   EXPECT_EQ(lines[2], "after");
+  // The same bytes, written so that the newline arrives in the read that takes the line past
+  // the limit: most of the line, a pause (the supervisor reads it), then the rest at once.
+  auto one = h.Sh(
+      "python3 -c \"import os, time; os.write(1, b'x' * 60000); time.sleep(0.3); "
+      "os.write(1, b'x' * " +
+      std::to_string(n - 60000) + " + b'\\nafter\\n')\"");
+  ASSERT_TRUE(one.ok());
+  ASSERT_TRUE(h.WaitClosed(*one));
+  EXPECT_EQ(h.Lines(*one, OutputStream::kStdout), lines);
 }
 
 TEST(SupervisorTest, GivesTheExactEnvironmentAndWorkingDirectory) {
