@@ -281,10 +281,10 @@ TEST(MusterRunTest, SigintToTheLauncherIsForwardedToEveryRank) {
 }
 
 TEST(MusterRunTest, RanksDieWithAKilledLauncher) {
-  // Ranks that ignore SIGTERM and SIGPIPE and write nothing: only the launcher's death can
-  // end them (mpirun's orted does the same for its ranks).
-  MusterRun run({"-np", "2", "--tag-output", "sh", "-c",
-                 "trap '' TERM PIPE; echo pid=$$; exec sleep 100"});
+  // Ranks that ignore SIGTERM and SIGPIPE and write nothing after their pid: only the
+  // launcher's death can end them (mpirun's orted does the same for its ranks).
+  MusterRun run(
+      {"-np", "2", "--tag-output", "sh", "-c", "trap '' TERM PIPE; echo pid=$$; exec sleep 100"});
   ASSERT_TRUE(run.Pump(
       [&] {
         return run.out().find("[0] pid=") != std::string::npos &&
@@ -303,7 +303,8 @@ TEST(MusterRunTest, RanksDieWithAKilledLauncher) {
   for (pid_t pid : ranks) {
     while (!muster::testing::ProcessExited(pid) && Clock::now() < deadline)
       std::this_thread::sleep_for(20ms);
-    EXPECT_TRUE(muster::testing::ProcessExited(pid)) << "rank pid " << pid << " outlived muster run";
+    EXPECT_TRUE(muster::testing::ProcessExited(pid))
+        << "rank pid " << pid << " outlived muster run";
   }
 }
 

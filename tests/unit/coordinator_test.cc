@@ -98,14 +98,22 @@ class CoordinatorTest : public ::testing::Test {
     return Call(e).status_reply().jobs(0);
   }
 
-  void Report(const std::string& node, const std::string& session, const std::string& job,
-              int attempt, bool started, int exit_code, bool all_exited) {
+  // An AgentReport from `node` about `job`'s `attempt`, to fill in.
+  static proto::Envelope ReportFrom(const std::string& node, const std::string& session,
+                                    const std::string& job, int attempt) {
     proto::Envelope e;
     auto* r = e.mutable_agent_report();
     r->set_node(node);
     r->set_session_id(session);
     r->set_job_id(job);
     r->set_attempt(attempt);
+    return e;
+  }
+
+  void Report(const std::string& node, const std::string& session, const std::string& job,
+              int attempt, bool started, int exit_code, bool all_exited) {
+    proto::Envelope e = ReportFrom(node, session, job, attempt);
+    auto* r = e.mutable_agent_report();
     r->set_started(started);
     if (all_exited) {
       r->add_exits()->set_exit_code(exit_code);
@@ -136,12 +144,8 @@ class CoordinatorTest : public ::testing::Test {
   // was superseded by `superseded_by`.
   void ReportCheckpoint(const std::string& node, const std::string& session, const std::string& job,
                         int attempt, int64_t step, bool replica, int64_t superseded_by = 0) {
-    proto::Envelope e;
+    proto::Envelope e = ReportFrom(node, session, job, attempt);
     auto* r = e.mutable_agent_report();
-    r->set_node(node);
-    r->set_session_id(session);
-    r->set_job_id(job);
-    r->set_attempt(attempt);
     r->set_checkpoint_step(step);
     r->set_checkpoint_volume("ckpt");
     r->set_checkpoint_replica(replica);
