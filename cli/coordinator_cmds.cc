@@ -2,6 +2,7 @@
 // argument parsing and printing only; the work is in coordinator/ (server.h, client.h).
 
 #include <signal.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <fstream>
@@ -204,22 +205,39 @@ void AddCoordinatorCommands(CLI::App& app, Runner* runner) {
         if (!id.ok()) return Fail("submit", id.status());
         std::cout << *id << std::endl;
         if (!*follow) return 0;
+        // On a terminal the progress bar is redrawn in place below the events; into a file or
+        // a pipe each new progress line is printed once, on a line of its own.
+        const bool tty = ::isatty(STDOUT_FILENO) == 1;
+        std::string bar;        // the progress last shown
+        bool bar_open = false;  // a bar is drawn on the current terminal line
         int64_t after = 0;
         while (true) {
           auto ev = c->Events(*id, after);
           if (ev.ok()) {
             for (const auto& e : ev->events()) {
-              std::cout << "  " << e.kind() << ": " << e.message() << std::endl;
+              if (bar_open) std::cout << "\r\033[K";
+              bar_open = false;
+              std::cout << "  " << e.kind() << ": " << e.message() << "\n";
               after = e.id();
             }
           }
           auto st = c->Status(*id);
           if (!st.ok()) return Fail("submit", st.status());
           const auto& j = st->jobs(0);
-          if (j.has_progress() && !ProgressBar(j.progress()).empty())
-            std::cout << "\r  " << ProgressBar(j.progress()) << std::flush;
+          std::string now = j.has_progress() ? ProgressBar(j.progress()) : "";
+          if (!now.empty() && (now != bar || (tty && !bar_open))) {
+            if (tty) {
+              std::cout << "\r\033[K  " << now;
+              bar_open = true;
+            } else {
+              std::cout << "  " << now << "\n";
+            }
+            bar = now;
+          }
+          std::cout << std::flush;
           if (Terminal(j.state())) {
-            std::cout << "\n" << *id << " " << JobStateName(j.state()) << std::endl;
+            if (bar_open) std::cout << "\n";
+            std::cout << *id << " " << JobStateName(j.state()) << std::endl;
             return j.state() == proto::JOB_SUCCEEDED ? 0 : 1;
           }
           std::this_thread::sleep_for(std::chrono::milliseconds(500));

@@ -249,6 +249,26 @@ TEST_F(AgentCluster, GangRunsWithTheEnvContractLogsAndProgress) {
 // Gang placement on one provider, all or nothing, a visible pending reason, refusal of a job no
 // node set could hold, and a higher-priority job preempting a lower one, which checkpoints
 // first and resumes afterwards from that step.
+// `muster submit --follow` into a file: the timeline, then each new progress bar on a line of
+// its own (no carriage returns), then the outcome.
+TEST_F(AgentCluster, SubmitFollowPrintsTheTimelineAndProgressLines) {
+  StartAgent("aws-1", "aws");
+  WaitNodesUp(1);
+  fs::path f = dir_ / "follow.yaml";
+  std::ofstream(f) << "name: follow\n" +
+                          Script(
+                              "for s in 1 2 3 4; do echo MUSTER_PROGRESS step=$s total=4 "
+                              "loss=0.$s; sleep 0.6; done") +
+                          "nodes: 1\nranks_per_node: 1\n";
+  auto out = Muster({"submit", f.string(), "--follow"});
+  ASSERT_TRUE(out.ok()) << out.status();
+  EXPECT_EQ(out->find('\r'), std::string::npos) << *out;
+  EXPECT_NE(out->find("  started: "), std::string::npos) << *out;
+  EXPECT_NE(out->find("] 4/4 loss 0.4\n"), std::string::npos) << *out;
+  EXPECT_NE(out->find("  succeeded: "), std::string::npos) << *out;
+  EXPECT_NE(out->find("follow-1 succeeded\n"), std::string::npos) << *out;
+}
+
 TEST_F(AgentCluster, GangsPriorityPreemptionPendingReasonsAndRefusals) {
   StartAgent("aws-1", "aws");
   StartAgent("aws-2", "aws");
