@@ -24,8 +24,8 @@ test: build
 	cd $(BUILD_DIR) && ctest --output-on-failure --timeout 600 -j $(JOBS) $(CTEST_ARGS)
 	$(MAKE) fuzz FUZZ_SECONDS=$(TEST_FUZZ_SECONDS)
 
-# `make test` ends with a short libFuzzer run of the coordinator's message handling.
-TEST_FUZZ_SECONDS ?= 45
+# `make test` ends with a short libFuzzer run of every untrusted input's parser.
+TEST_FUZZ_SECONDS ?= 20
 
 demo: build
 	scripts/demo.sh $(BUILD_DIR)
@@ -36,18 +36,18 @@ bench: build
 format:
 	git ls-files '*.cc' '*.h' '*.cu' | xargs clang-format -i
 
-# Fuzz the coordinator's message handling with libFuzzer + ASan for FUZZ_SECONDS (default 600),
-# in its own clang build dir. Crashes land in $(FUZZ_DIR)/artifacts.
+# Fuzz every untrusted input's parser (tests/fuzz: one libFuzzer + ASan target each) for
+# FUZZ_SECONDS each (default 600), in its own clang build dir. Crashes land in
+# $(FUZZ_DIR)/artifacts/<target>/. FUZZ_TARGETS picks some (default: all of them).
 FUZZ_DIR ?= build-fuzz
 FUZZ_SECONDS ?= 600
+FUZZ_TARGETS ?=
 fuzz:
 	cmake -S . -B $(FUZZ_DIR) -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMUSTER_FUZZ=ON \
 	  -DCMAKE_C_COMPILER=clang-14 -DCMAKE_CXX_COMPILER=clang++-14 \
-	  -DMUSTER_WITH_CUDA=OFF -DMUSTER_WITH_TORCH=OFF -DMUSTER_WITH_MPI=OFF
-	cmake --build $(FUZZ_DIR) -j $(JOBS) --target coordinator_fuzz
-	mkdir -p $(FUZZ_DIR)/corpus $(FUZZ_DIR)/artifacts
-	$(FUZZ_DIR)/tests/coordinator_fuzz -max_total_time=$(FUZZ_SECONDS) -max_len=4096 \
-	  -artifact_prefix=$(FUZZ_DIR)/artifacts/ $(FUZZ_DIR)/corpus
+	  -DMUSTER_WITH_CUDA=OFF -DMUSTER_WITH_TORCH=OFF -DMUSTER_WITH_MPI=OFF $(CMAKE_ARGS)
+	cmake --build $(FUZZ_DIR) -j $(JOBS) --target fuzzers
+	scripts/run-fuzzers.sh $(FUZZ_DIR) $(FUZZ_SECONDS) $(FUZZ_TARGETS)
 
 clean:
 	rm -rf $(BUILD_DIR)
