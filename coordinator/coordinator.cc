@@ -145,6 +145,12 @@ constexpr int kPeerFailureExitCode = 75;
 constexpr int64_t kInteractiveClientTimeoutMs = 15000;
 
 constexpr int kMaxStartRetries = 8;
+// Checkpoint copies (CopyRt): tries before a copy fails for good, the backoff between them
+// (doubling from the first, capped), and how long a copy waits for its source node to come back.
+constexpr int kMaxCopyTries = 8;
+constexpr int64_t kCopyBackoffMs = 1000;
+constexpr int64_t kCopyBackoffMaxMs = 30000;
+constexpr int64_t kCopySourceWaitMs = 10 * 60 * 1000;
 
 Coordinator::Coordinator(std::unique_ptr<StateStore> store, CoordinatorOptions options)
     : store_(std::move(store)),
@@ -372,6 +378,7 @@ void Coordinator::Start(JobRt& job, const std::vector<std::string>& nodes) {
     s->set_rendezvous_key(rdzv_key);
     s->set_checkpoint_volume(r.spec.checkpoint_volume());
     s->set_resume_step(r.resume_step);
+    s->set_checkpoint_keep(r.spec.checkpoint_keep());
     s->set_time_limit_ms(r.spec.time_limit_s() * 1000);
     s->set_split_streams(r.spec.interactive());  // `muster run` keeps stdout and stderr apart
     Enqueue(nodes[i], std::move(a));
@@ -393,38 +400,168 @@ void Coordinator::Replicate(JobRt* job, const std::string& job_id, int64_t step,
                             const std::string& volume, const NodeRt& source) {
   const auto& src = source.rec.labels;
   if (src.transfer_endpoint().empty()) return;
-  std::set<std::string> done;
+  int keep = job ? job->rec.spec.checkpoint_keep() : 0;
+  std::set<std::string> providers;
   for (const auto& [name, n] : nodes_) {
     const auto& l = n->rec.labels;
-    if (n->session.empty() || l.provider() == src.provider() || done.count(l.provider())) continue;
+    if (n->session.empty() || l.provider() == src.provider()) continue;
     bool mounts = std::any_of(l.volumes().begin(), l.volumes().end(),
                               [&](const proto::Volume& v) { return v.name() == volume; });
-    if (!mounts) continue;
-    auto key = GenerateKeyPair();
-    if (!key.ok()) return;
-    done.insert(l.provider());
-    proto::AgentAction allow;
-    allow.mutable_allow_transfer()->set_job_id(job_id);
-    allow.mutable_allow_transfer()->set_client_public_key(key->public_key);
-    // The source checks the key's expiry on every request of the copy, which may wait behind
-    // another copy of the job and then run for hours (hundreds of GB across providers): a day.
-    // The key reads only this job's directories, read-only, and only the target knows it.
-    allow.mutable_allow_transfer()->set_expires_ms(NowMs() + 24 * 3600 * 1000LL);
-    Enqueue(src.name(), std::move(allow));
-    proto::AgentAction copy;
-    auto* r = copy.mutable_replicate();
-    r->set_job_id(job_id);
-    r->set_step(step);
-    r->set_volume(volume);
-    r->set_source_node(src.name());
-    r->set_source_endpoint(src.transfer_endpoint());
-    r->set_source_key(src.transfer_key());
-    r->set_client_secret(key->secret_key);
-    Enqueue(name, std::move(copy));
-    if (job) job->replicating[l.provider()] = {step, NowMs() + 60 * 1000};
-    Event(job_id, name, "replicating",
+    if (mounts) providers.insert(l.provider());
+  }
+  for (const auto& provider : providers) {
+    CopyRt& c = copies_[{job_id, provider}];
+    if (c.step >= step) continue;  // this step or a newer one is copied (or was) already
+    if (c.step > 0 && !c.done) {
+      Event(job_id, c.target, "replicate_superseded",
+            fmt::format("step {} to volume {} of provider {}: step {} is copied instead", c.step,
+                        c.volume, provider, step));
+    }
+    c = CopyRt{};
+    c.job_id = job_id;
+    c.provider = provider;
+    c.volume = volume;
+    c.step = step;
+    c.source = src.name();
+    if (!IssueCopy(c, keep)) continue;
+    if (job) job->replicating[provider] = {step, NowMs() + 60 * 1000};
+    Event(job_id, c.target, "replicating",
           fmt::format("step {} from {} (provider {}) to volume {} of provider {}", step, src.name(),
-                      src.provider(), volume, l.provider()));
+                      src.provider(), volume, provider));
+  }
+}
+
+bool Coordinator::IssueCopy(CopyRt& c, int keep) {
+  auto src = nodes_.find(c.source);
+  if (src == nodes_.end() || src->second->session.empty() ||
+      src->second->rec.labels.transfer_endpoint().empty()) {
+    return false;
+  }
+  const NodeRt* target = nullptr;
+  for (const auto& [name, n] : nodes_) {
+    const auto& l = n->rec.labels;
+    if (n->session.empty() || l.provider() != c.provider) continue;
+    if (std::none_of(l.volumes().begin(), l.volumes().end(),
+                     [&](const proto::Volume& v) { return v.name() == c.volume; })) {
+      continue;
+    }
+    target = n.get();
+    if (name == c.target) break;  // the same node as before where it is back
+  }
+  if (target == nullptr) return false;
+  auto key = GenerateKeyPair();
+  if (!key.ok()) return false;
+  const auto& sl = src->second->rec.labels;
+  proto::AgentAction allow;
+  allow.mutable_allow_transfer()->set_job_id(c.job_id);
+  allow.mutable_allow_transfer()->set_client_public_key(key->public_key);
+  // The source checks the key's expiry on every request of the copy, which may wait behind
+  // another copy of the job and then run for hours (hundreds of GB across providers): a day.
+  // The key reads only this job's directories, read-only, and only the target knows it.
+  allow.mutable_allow_transfer()->set_expires_ms(NowMs() + 24 * 3600 * 1000LL);
+  Enqueue(sl.name(), std::move(allow));
+  proto::AgentAction copy;
+  auto* r = copy.mutable_replicate();
+  r->set_job_id(c.job_id);
+  r->set_step(c.step);
+  r->set_volume(c.volume);
+  r->set_source_node(sl.name());
+  r->set_source_endpoint(sl.transfer_endpoint());
+  r->set_source_key(sl.transfer_key());
+  r->set_client_secret(key->secret_key);
+  r->set_checkpoint_keep(keep);
+  c.target = target->rec.labels.name();
+  c.target_session = target->session;
+  c.retry_at_ms = 0;
+  c.waiting_since_ms = 0;
+  Enqueue(c.target, std::move(copy));
+  return true;
+}
+
+void Coordinator::RetryCopy(CopyRt& c, const std::string& why) {
+  if (++c.tries >= kMaxCopyTries) {
+    c.done = true;
+    Event(c.job_id, c.target, "replicate_failed",
+          fmt::format("step {} to volume {} of provider {}: {}; gave up after {} tries", c.step,
+                      c.volume, c.provider, why, c.tries));
+    return;
+  }
+  int64_t delay = std::min(kCopyBackoffMaxMs, kCopyBackoffMs << std::min(c.tries - 1, 16));
+  c.retry_at_ms = NowMs() + delay;
+  Event(c.job_id, c.target, "replicate_retry",
+        fmt::format("step {} to volume {} of provider {}: {}; try {} of {} in {} ms", c.step,
+                    c.volume, c.provider, why, c.tries + 1, kMaxCopyTries, delay));
+}
+
+void Coordinator::TickCopies(int64_t now) {
+  for (auto it = copies_.begin(); it != copies_.end();) {
+    CopyRt& c = it->second;
+    auto job = jobs_.find(c.job_id);
+    if (c.done || job == jobs_.end()) {
+      // Kept (with its step) while the job is, so an older step is never copied after it.
+      it = job == jobs_.end() ? copies_.erase(it) : std::next(it);
+      continue;
+    }
+    if (c.retry_at_ms == 0) {
+      auto t = nodes_.find(c.target);
+      if (t == nodes_.end() || t->second->session != c.target_session) {
+        RetryCopy(c, t != nodes_.end() && !t->second->session.empty()
+                         ? "target " + c.target + " restarted during the copy"
+                         : "target " + c.target + " was lost during the copy");
+      }
+    } else if (c.retry_at_ms <= now) {
+      if (IssueCopy(c, job->second->rec.spec.checkpoint_keep())) {
+        c.waiting_since_ms = 0;
+      } else {
+        if (c.waiting_since_ms == 0) c.waiting_since_ms = now;
+        if (now - c.waiting_since_ms > kCopySourceWaitMs) {
+          c.done = true;
+          Event(c.job_id, c.target, "replicate_failed",
+                fmt::format("step {} to volume {} of provider {}: source {} or a target on {} "
+                            "not connected for {} s; gave up",
+                            c.step, c.volume, c.provider, c.source, c.provider,
+                            kCopySourceWaitMs / 1000));
+        } else {
+          c.retry_at_ms = now + kCopyBackoffMs;  // look again soon
+        }
+      }
+    }
+    ++it;
+  }
+}
+
+void Coordinator::OnCopyReport(const NodeRt& target, const proto::AgentReport& req) {
+  const std::string& node = target.rec.labels.name();
+  const std::string& provider = target.rec.labels.provider();
+  auto it = copies_.find({req.job_id(), provider});
+  CopyRt* c = it == copies_.end() ? nullptr : &it->second;
+  bool current = c != nullptr && !c->done && c->step == req.checkpoint_step();
+  if (req.replicate_superseded_by() > 0) {
+    // The target dropped a request a newer step's copy replaced; the coordinator said so when
+    // it asked for the newer one, unless this is news.
+    if (current) {
+      c->done = true;
+      Event(req.job_id(), node, "replicate_superseded",
+            fmt::format("step {} to volume {} of provider {}: step {} is copied instead",
+                        req.checkpoint_step(), req.checkpoint_volume(), provider,
+                        req.replicate_superseded_by()));
+    }
+    return;
+  }
+  if (!req.replicate_error().empty()) {
+    if (current && c->retry_at_ms == 0) {
+      RetryCopy(*c, "failed on " + node + ": " + req.replicate_error());
+    } else if (!current) {
+      Event(req.job_id(), node, "replicate_superseded",
+            fmt::format("step {} to volume {} of provider {} failed ({}); not retried: step {} is "
+                        "copied instead",
+                        req.checkpoint_step(), req.checkpoint_volume(), provider,
+                        req.replicate_error(), c ? c->step : 0));
+    }
+    return;
+  }
+  if (req.checkpoint_replica() && c != nullptr && !c->done && c->step <= req.checkpoint_step()) {
+    c->done = true;
   }
 }
 
@@ -629,6 +766,7 @@ void Coordinator::Tick() {
       ++it;
     }
   }
+  TickCopies(now);
   std::vector<std::string> forget;
   for (auto& [id, j] : jobs_) {
     auto& r = j->rec;
@@ -1136,18 +1274,13 @@ StatusOr<proto::Envelope> Coordinator::OnReport(const proto::AgentReport& req) {
   }
   if (req.job_id().empty()) return ack;
   auto it = jobs_.find(req.job_id());
-  if (req.replicate_superseded_by() > 0) {
-    // Not an outcome: the newer step's copy reports one (and ends the wait for this provider).
-    Event(req.job_id(), node, "replicate_superseded",
-          fmt::format("step {} to volume {} of provider {}: step {} is copied instead",
-                      req.checkpoint_step(), req.checkpoint_volume(), n->rec.labels.provider(),
-                      req.replicate_superseded_by()));
-    return ack;
+  if (req.replicate_superseded_by() > 0 || !req.replicate_error().empty() ||
+      req.checkpoint_replica()) {
+    OnCopyReport(*n, req);
   }
+  if (req.replicate_superseded_by() > 0) return ack;  // not an outcome of the newer step's wait
   if (!req.replicate_error().empty()) {
-    Event(req.job_id(), node, "replicate_failed",
-          fmt::format("step {} to volume {} of provider {}: {}", req.checkpoint_step(),
-                      req.checkpoint_volume(), n->rec.labels.provider(), req.replicate_error()));
+    // The requeued job waiting for this provider's copy goes on now; the copy is retried.
     if (auto j = jobs_.find(req.job_id()); j != jobs_.end()) {
       Replicated(*j->second, n->rec.labels.provider(), req.checkpoint_step());
     }
@@ -1182,6 +1315,13 @@ StatusOr<proto::Envelope> Coordinator::OnReport(const proto::AgentReport& req) {
     j.start_retry = req.start_retryable() && j.start_retries < kMaxStartRetries;
     Event(j.rec.id, node, "start_failed", req.start_error());
     StopGang(j, proto::STOP_PEER_FAILED, node);
+  }
+  if (!req.resume_fallback().empty()) {
+    // The catalog's step is not good on the volume where the attempt started (the agent checked).
+    j.rec.resume_step = req.resume_fallback_step();
+    Persist(j);
+    Event(j.rec.id, node, "resume_fallback",
+          fmt::format("attempt {}: {}", j.rec.attempt, req.resume_fallback()));
   }
   if (req.started() && !j.started.count(node)) {
     j.started.insert(node);

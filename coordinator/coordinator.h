@@ -89,6 +89,28 @@ class Coordinator {
   void Replicate(JobRt* job, const std::string& job_id, int64_t step, const std::string& volume,
                  const NodeRt& source);
   void Replicated(JobRt& job, const std::string& provider, int64_t step);
+  // A checkpoint copy to another provider's volume: one per job and target provider, the
+  // newest step asked for. A copy that fails, or whose target agent restarts or is lost, is
+  // retried with backoff (from the source's current endpoint, to a connected node of that
+  // provider mounting the volume) until it is done, superseded by a newer step, or has failed
+  // kMaxCopyTries times or waited kCopySourceWaitMs for its source: every outcome is an event.
+  // Not persisted: a coordinator restart forgets the copies in flight.
+  struct CopyRt {
+    std::string job_id, provider, volume;
+    int64_t step = 0;
+    std::string source;                  // the node that committed the step
+    std::string target, target_session;  // where the current try runs
+    int tries = 0;                       // tries that failed
+    int64_t retry_at_ms = 0;             // > 0: waiting to retry then; 0: a try runs
+    int64_t waiting_since_ms = 0;        // > 0: when it started waiting for its source
+    bool done = false;                   // copied, failed for good, or superseded
+  };
+  // Starts a try of `c` now; false when no source or target is connected (retried later).
+  bool IssueCopy(CopyRt& c, int keep);
+  void RetryCopy(CopyRt& c, const std::string& why);
+  void TickCopies(int64_t now);
+  // A report about a copy from its target: done, failed (retried) or superseded there.
+  void OnCopyReport(const NodeRt& target, const proto::AgentReport& req);
   void NodeDone(JobRt& job, const std::string& node);
   void Finish(JobRt& job);
   void LoseNode(NodeRt& node, const std::string& why);
@@ -123,6 +145,7 @@ class Coordinator {
     std::string node;
   };
   std::map<uint64_t, Fetch> fetches_;
+  std::map<std::pair<std::string, std::string>, CopyRt> copies_;  // by (job, target provider)
   uint64_t next_fetch_ = 1;
   uint64_t next_session_ = 1;
   bool pass_needed_ = true;

@@ -1,6 +1,7 @@
 #include "node_agent/agent.h"
 
 #include <arpa/inet.h>
+#include <fmt/ranges.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <signal.h>
@@ -26,6 +27,9 @@
 #include "common/logging.h"
 #include "common/reactor.h"
 #include "coordinator/client.h"
+#include "node_agent/checkpoint_steps.h"
+#include "node_agent/lease_watchdog.h"
+#include "node_agent/outbox.h"
 #include "node_agent/replication_queue.h"
 #include "node_agent/supervisor.h"
 #include "node_agent/volume_transfer.h"
@@ -112,21 +116,6 @@ std::string_view Trim(std::string_view s) {
   return s;
 }
 
-// The kernel's start time of `pid` (clock ticks since boot, /proc/PID/stat field 22): with the
-// pid, it names a process unambiguously across pid reuse. 0 when the process is gone.
-uint64_t StartTimeOf(pid_t pid) {
-  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
-  std::string stat((std::istreambuf_iterator<char>(in)), {});
-  auto close = stat.rfind(')');
-  if (close == std::string::npos) return 0;
-  std::istringstream fields(stat.substr(close + 2));
-  std::string f;
-  for (int i = 3; i <= 22 && fields >> f; ++i) {
-    if (i == 22) return std::strtoull(f.c_str(), nullptr, 10);
-  }
-  return 0;
-}
-
 // Ranks a previous incarnation of this agent started (it was killed -9): their attempt has been
 // declared lost and requeued, so they must not run on. Each rank leads its process group. The
 // rank itself died with its agent (the supervisor's PR_SET_PDEATHSIG), but processes it
@@ -140,7 +129,7 @@ void KillLeftovers(const fs::path& pids_file, const std::shared_ptr<spdlog::logg
   std::string group;
   while (in >> pid >> start >> group) {
     if (pid <= 1 || start == 0) continue;
-    uint64_t now = StartTimeOf(pid);
+    uint64_t now = ProcessStartTime(pid);
     if (now != 0 && now != start) continue;  // the number was reused
     if (::kill(-pid, SIGKILL) == 0) {
       logger->warn("killed rank process group {} of {} left by a previous agent", pid, group);
@@ -267,9 +256,10 @@ struct Agent::Impl {
   struct Assignment {
     proto::StartAssignment spec;
     std::string group;
-    std::map<ChildId, int> rank_of;  // child -> global rank
-    std::set<int> live;              // global ranks not yet reaped
-    size_t open = 0;                 // children not yet closed
+    std::map<ChildId, int> rank_of;   // child -> global rank
+    std::map<ChildId, pid_t> pid_of;  // child -> its pid, which leads its process group
+    std::set<int> live;               // global ranks not yet reaped
+    size_t open = 0;                  // children not yet closed
     std::unique_ptr<collectives::StoreServer> store;
     std::string volume_path;
     fs::path notice_path;
@@ -277,6 +267,7 @@ struct Agent::Impl {
     bool checkpoint_asked = false;
     bool all_exited_sent = false;
     Reactor::TimerId deadline_timer = 0;
+    int64_t last_commit = 0;  // the newest step reported as committed
   };
 
   AgentOptions options;
@@ -294,17 +285,20 @@ struct Agent::Impl {
   std::map<ChildId, std::string> group_of;
   std::map<std::string, proto::Progress> progress;  // newest per job, not yet sent
   std::optional<PreemptionNotice> notice;
-  bool lease_expired = false;
 
   // Shared between threads.
   mutable std::mutex mu;
   std::condition_variable cv;
-  bool stop = false;                   // GUARDED_BY(mu)
-  std::string session;                 // GUARDED_BY(mu)
-  milliseconds hb_interval{1000};      // GUARDED_BY(mu)
-  milliseconds lease{0};               // GUARDED_BY(mu); 0: not registered yet
-  std::deque<proto::Envelope> outbox;  // GUARDED_BY(mu): reports and log chunks
-  std::atomic<int64_t> last_ok_ms{0};  // steady ms of the last successful call
+  bool stop = false;               // GUARDED_BY(mu)
+  std::string session;             // GUARDED_BY(mu)
+  milliseconds hb_interval{1000};  // GUARDED_BY(mu)
+  milliseconds lease{0};           // GUARDED_BY(mu); 0: not registered yet
+  Outbox outbox;                   // GUARDED_BY(mu): reports and log chunks
+  // Stops the ranks when the lease runs out, whatever the reactor does (lease_watchdog.h).
+  std::unique_ptr<LeaseWatchdog> watchdog;
+  // Retention (checkpoint.keep) runs here, off the reactor: job directory -> keep.
+  std::thread prune_thread;
+  std::map<std::string, int> prune_queue;  // GUARDED_BY(mu)
   std::atomic<bool> ever_registered{false};
   std::thread control_thread, poll_thread;
   // Replications: the running copies' threads (each with its "finished" flag, so finished
@@ -323,7 +317,12 @@ struct Agent::Impl {
   void Queue(proto::Envelope e) {
     {
       std::lock_guard<std::mutex> l(mu);
-      outbox.push_back(std::move(e));
+      uint64_t dropped = outbox.dropped_log_chunks();
+      outbox.Push(std::move(e));
+      if (outbox.dropped_log_chunks() != dropped) {
+        logger->warn("coordinator away: dropped the oldest log chunk waiting for it ({} so far)",
+                     outbox.dropped_log_chunks());
+      }
     }
     cv.notify_all();
   }
@@ -344,8 +343,6 @@ struct Agent::Impl {
     std::lock_guard<std::mutex> l(mu);
     if (session == stale) session.clear();
   }
-
-  void Ok() { last_ok_ms = SteadyMs(); }
 
   // Heartbeats and reports give up well inside the lease, so a reply that was lost (the
   // coordinator restarted) is asked for again before the lease runs out.
@@ -368,6 +365,7 @@ struct Agent::Impl {
     r->set_agent_version("muster 0.1");
     auto running = reactor->Call("agent.running", [this] { return Running(); });
     for (auto& ra : running) *r->add_running() = std::move(ra);
+    auto sent = Clock::now();
     auto reply = ctl->Call(std::move(req), options.call_timeout);
     if (!reply.ok()) {
       logger->warn("register with {} failed: {}", ctl->endpoint(), reply.status().ToString());
@@ -379,13 +377,12 @@ struct Agent::Impl {
       session = reg.session_id();
       hb_interval = milliseconds(std::max<int64_t>(50, reg.heartbeat_interval_ms()));
       lease = milliseconds(std::max<int64_t>(reg.lease_ms(), 2 * hb_interval.count()));
+      watchdog->Feed(sent, lease);
     }
-    Ok();
     bool first = !ever_registered.exchange(true);
     logger->info("{} with {} as {} (session {}, {} assignment(s) running, lease {} ms)",
                  first ? "registered" : "re-registered", ctl->endpoint(), labels.name(),
                  reg.session_id(), running.size(), reg.lease_ms());
-    reactor->Post("agent.registered", [this] { lease_expired = false; });
     ApplyActions(reg.actions());
     return true;
   }
@@ -402,12 +399,13 @@ struct Agent::Impl {
     });
     for (auto& ra : running) *h->add_running() = std::move(ra);
     for (auto& [job, p] : prog) *h->add_progress() = p;
+    auto sent = Clock::now();
     auto reply = ctl->Call(std::move(req), ControlTimeout());
     if (!reply.ok()) {
       if (reply.status().code() == StatusCode::kNotFound) {
+        // Not a renewal of the lease: the registration that follows is.
         logger->warn("coordinator forgot session {}: registering again", sid);
         ForgetSession(sid);
-        Ok();
       } else {
         logger->warn("heartbeat failed: {}", reply.status().ToString());
         // Give the progress back so the next heartbeat carries it.
@@ -417,7 +415,10 @@ struct Agent::Impl {
       }
       return;
     }
-    Ok();
+    {
+      std::lock_guard<std::mutex> l(mu);
+      watchdog->Feed(sent, lease);
+    }
     ApplyActions(reply->agent_heartbeat_reply().actions());
   }
 
@@ -443,8 +444,6 @@ struct Agent::Impl {
     }
     if (!reply.ok()) {
       logger->warn("coordinator refused a report: {}", reply.status().ToString());
-    } else {
-      Ok();
     }
     std::lock_guard<std::mutex> l(mu);
     if (!outbox.empty()) outbox.pop_front();
@@ -515,7 +514,6 @@ struct Agent::Impl {
       p->set_wait_ms(10000);
       auto reply = poll->Call(std::move(req), milliseconds(10000) + options.call_timeout);
       if (reply.ok()) {
-        Ok();
         ApplyActions(reply->agent_actions().actions());
         continue;
       }
@@ -584,7 +582,8 @@ struct Agent::Impl {
     QueueReport(std::move(r));
   }
 
-  void StartAssignment(const proto::StartAssignment& s) {
+  void StartAssignment(const proto::StartAssignment& given) {
+    proto::StartAssignment s = given;  // the resume step may be corrected below
     std::string group = GroupOf(s.job_id(), s.attempt());
     if (assignments.count(group)) return;  // delivered twice
     if (notice) return StartError(s, "node has a preemption notice (" + notice->source + ")");
@@ -605,6 +604,25 @@ struct Agent::Impl {
       if (!fs::is_directory(a.volume_path, ec)) {
         return StartError(
             s, "volume " + s.checkpoint_volume() + " at " + a.volume_path + " is not a directory");
+      }
+    }
+    // Never start from a step that is not on this volume: the newest good one there instead.
+    std::string resume_fallback;
+    if (!a.volume_path.empty() && s.resume_step() >= 0) {
+      auto choice =
+          ChooseResumeStep((fs::path(a.volume_path) / s.job_id()).string(), s.resume_step());
+      if (!choice.problem.empty()) {
+        resume_fallback =
+            fmt::format("resume step {} is not a good checkpoint on volume {} of {} ({}): {}",
+                        s.resume_step(), s.checkpoint_volume(), labels.name(), choice.problem,
+                        choice.step >= 0 ? "resuming from step " + std::to_string(choice.step) +
+                                               ", the newest good one there"
+                                         : std::string("no good step there, starting fresh"));
+        logger->warn("job {} attempt {}: {}", s.job_id(), s.attempt(), resume_fallback);
+        s.set_resume_step(choice.step);
+        (*s.mutable_env())["MUSTER_RESUME_STEP"] =
+            choice.step >= 0 ? std::to_string(choice.step) : "";
+        a.spec = s;
       }
     }
     // Rendezvous credentials: every node derives the same from the coordinator's key.
@@ -710,6 +728,11 @@ struct Agent::Impl {
       a.rank_of[*id] = rank;
       a.live.insert(rank);
       group_of[*id] = group;
+      for (const auto& c : supervisor->List()) {
+        if (c.id != *id) continue;
+        a.pid_of[*id] = c.pid;
+        watchdog->AddGroup(c.pid, group + " rank " + std::to_string(rank));
+      }
     }
     a.open = a.rank_of.size();
     SaveRanks();
@@ -722,6 +745,10 @@ struct Agent::Impl {
     r.set_job_id(s.job_id());
     r.set_attempt(s.attempt());
     r.set_started(true);
+    if (!resume_fallback.empty() && s.node_rank() == 0) {
+      r.set_resume_fallback(resume_fallback);
+      r.set_resume_fallback_step(s.resume_step());
+    }
     QueueReport(std::move(r));
   }
 
@@ -835,15 +862,32 @@ struct Agent::Impl {
       return;
     }
     if (rank == 0 && !a.volume_path.empty()) {
-      if (auto step = ParseCheckpointLine(line)) {
-        proto::AgentReport r;
-        r.set_job_id(a.spec.job_id());
-        r.set_attempt(a.spec.attempt());
-        r.set_checkpoint_step(*step);
-        r.set_checkpoint_volume(a.spec.checkpoint_volume());
-        QueueReport(std::move(r));
-      }
+      if (auto step = ParseCheckpointLine(line)) OnCommitLine(a, *step);
     }
+  }
+
+  // Rank 0 printed `MUSTER_CHECKPOINT step=N`: reported only once the step is good on the
+  // volume (the catalog records only steps that exist), then checkpoint.keep is applied. Done
+  // here on the reactor, before the rank's exit is queued, so a commit is always reported
+  // before the exit that follows it; the check opens only regular files (checkpoint_steps.h).
+  void OnCommitLine(Assignment& a, int64_t step) {
+    if (step <= a.last_commit) return;  // printed again
+    std::string job_dir = (fs::path(a.volume_path) / a.spec.job_id()).string();
+    if (Status st = StepIsGood(job_dir, step); !st.ok()) {
+      logger->error(
+          "job {}: rank 0 printed MUSTER_CHECKPOINT step={}, but it is not a good "
+          "checkpoint on volume {}: not reported ({})",
+          a.group, step, a.spec.checkpoint_volume(), st.message());
+      return;
+    }
+    a.last_commit = step;
+    proto::AgentReport r;
+    r.set_job_id(a.spec.job_id());
+    r.set_attempt(a.spec.attempt());
+    r.set_checkpoint_step(step);
+    r.set_checkpoint_volume(a.spec.checkpoint_volume());
+    QueueReport(std::move(r));
+    QueuePrune(job_dir, a.spec.checkpoint_keep());
   }
 
   void OnExit(ChildId id, const ExitInfo& info) {
@@ -889,6 +933,9 @@ struct Agent::Impl {
     group_of.erase(g);
     auto it = assignments.find(group);
     if (it == assignments.end()) return;
+    if (auto p = it->second.pid_of.find(id); p != it->second.pid_of.end()) {
+      watchdog->RemoveGroup(p->second);
+    }
     if (--it->second.open == 0 && it->second.live.empty()) assignments.erase(it);
   }
 
@@ -990,6 +1037,7 @@ struct Agent::Impl {
     }
     if (st.ok()) {
       rep.set_checkpoint_replica(true);
+      QueuePrune((fs::path(root) / r.job_id()).string(), r.checkpoint_keep());
     } else {
       logger->error("replication of {} step {} from {} failed: {}", r.job_id(), r.step(),
                     r.source_node(), st.ToString());
@@ -1005,22 +1053,16 @@ struct Agent::Impl {
     std::ofstream out(path.string() + ".tmp", std::ios::trunc);
     for (const auto& c : supervisor->List()) {
       if (!c.running) continue;
-      out << c.pid << " " << StartTimeOf(c.pid) << " " << c.group << "\n";
+      out << c.pid << " " << ProcessStartTime(c.pid) << " " << c.group << "\n";
     }
     out.close();
     std::error_code ec;
     fs::rename(path.string() + ".tmp", path, ec);
   }
 
-  void CheckLease() {
-    int64_t lease_ms;
-    {
-      std::lock_guard<std::mutex> l(mu);
-      lease_ms = lease.count();
-    }
-    if (lease_ms <= 0 || lease_expired) return;
-    int64_t since = SteadyMs() - last_ok_ms.load();
-    if (since <= lease_ms) return;
+  // The watchdog found the lease running out and signalled the ranks' groups itself; here,
+  // when the reactor runs at all, the assignments learn that their exits are the agent's doing.
+  void OnLeaseExpired(milliseconds silent) {
     bool any = false;
     for (auto& [g, a] : assignments) {
       if (a.live.empty()) continue;
@@ -1028,12 +1070,43 @@ struct Agent::Impl {
       a.stopping = true;
       supervisor->StopGroup(g, options.stop_grace);
     }
-    lease_expired = true;
     if (any) {
       logger->error(
-          "no reply from the coordinator for {} ms (lease {} ms): stopped every rank on this "
-          "node so a requeued attempt elsewhere is the only one running",
-          since, lease_ms);
+          "no heartbeat answered by the coordinator for {} ms: stopping every rank on this node "
+          "so a requeued attempt elsewhere is the only one running",
+          silent.count());
+    }
+  }
+
+  // Applies checkpoint.keep to a job's directory on the prune thread.
+  void QueuePrune(const std::string& job_dir, int keep) {
+    if (keep <= 0) return;
+    {
+      std::lock_guard<std::mutex> l(mu);
+      prune_queue[job_dir] = keep;
+    }
+    cv.notify_all();
+  }
+
+  void PruneLoop() {
+    for (;;) {
+      std::string dir;
+      int keep = 0;
+      {
+        std::unique_lock<std::mutex> l(mu);
+        cv.wait(l, [&] { return stop || !prune_queue.empty(); });
+        if (prune_queue.empty()) return;  // stop
+        dir = prune_queue.begin()->first;
+        keep = prune_queue.begin()->second;
+        prune_queue.erase(prune_queue.begin());
+      }
+      auto removed = PruneSteps(dir, keep);
+      if (!removed.ok()) {
+        logger->warn("checkpoint.keep {} on {}: {}", keep, dir, removed.status().ToString());
+      } else if (!removed->empty()) {
+        logger->info("checkpoint.keep {} on {}: removed step(s) {}", keep, dir,
+                     fmt::join(*removed, ","));
+      }
     }
   }
 
@@ -1110,16 +1183,11 @@ StatusOr<std::unique_ptr<Agent>> Agent::Start(AgentOptions options) {
     m.labels.set_transfer_endpoint(m.volume_server->endpoint());
     m.labels.set_transfer_key(m.volume_server->public_key());
   }
+  m.watchdog = std::make_unique<LeaseWatchdog>(options.stop_grace, [p](milliseconds silent) {
+    p->reactor->Post("agent.lease_expired", [p, silent] { p->OnLeaseExpired(silent); });
+  });
   m.reactor->Start();
-  struct LeaseTicker {
-    static void Arm(Impl* p) {
-      p->reactor->PostAfter(milliseconds(200), "agent.lease", [p] {
-        p->CheckLease();
-        Arm(p);
-      });
-    }
-  };
-  LeaseTicker::Arm(p);
+  m.prune_thread = std::thread([p] { p->PruneLoop(); });
 
   std::vector<std::unique_ptr<NoticeSource>> sources;
   if (!options.preempt_file.empty()) {
@@ -1205,6 +1273,7 @@ void Agent::Shutdown(std::chrono::milliseconds grace) {
     copiers.swap(m.copiers);
   }
   for (auto& [t, finished] : copiers) t.join();
+  if (m.prune_thread.joinable()) m.prune_thread.join();
   if (m.control_thread.joinable()) m.control_thread.join();
   if (m.poll_thread.joinable()) m.poll_thread.join();
   m.reactor->Call("agent.teardown", [&] {
@@ -1212,6 +1281,7 @@ void Agent::Shutdown(std::chrono::milliseconds grace) {
     m.assignments.clear();
     m.volume_server.reset();
   });
+  m.watchdog.reset();
   m.reactor->Stop();
   m.zap.reset();
   m.logger->info("agent {} stopped", m.labels.name());
@@ -1220,6 +1290,10 @@ void Agent::Shutdown(std::chrono::milliseconds grace) {
 Agent::~Agent() { Shutdown(impl_->options.stop_grace); }
 
 const proto::NodeLabels& Agent::labels() const { return impl_->labels; }
+
+void Agent::RunOnReactorForTesting(std::function<void()> f) {
+  impl_->reactor->Post("agent.test", std::move(f));
+}
 
 bool Agent::registered() const { return !impl_->Session().empty(); }
 

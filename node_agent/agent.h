@@ -18,9 +18,10 @@
 // preemption from its notice sources (file, cloud metadata) and from Notice() (SIGTERM), asks
 // its own ranks to checkpoint at once and tells the coordinator, which stops the gang.
 //
-// Lease: when no call to the coordinator has succeeded for the lease the coordinator handed
-// out, the agent stops all its ranks by itself (a partitioned node never keeps running an
-// attempt that was requeued elsewhere). It re-registers, listing what still runs, whenever the
+// Lease: when no heartbeat has been answered for the lease the coordinator handed out, the
+// agent stops all its ranks by itself (a partitioned node never keeps running an attempt that
+// was requeued elsewhere); a watchdog thread of its own does it, so a stalled reactor cannot
+// keep ranks alive (lease_watchdog.h). It re-registers, listing what still runs, whenever the
 // coordinator forgets its session (a coordinator restart): running ranks are kept.
 //
 // Threads: a reactor owns the supervisor, the stores and all assignment state; a control
@@ -29,6 +30,7 @@
 
 #include <chrono>
 #include <filesystem>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -77,6 +79,9 @@ class Agent {
 
   const proto::NodeLabels& labels() const;
   bool registered() const;
+
+  // Runs `f` on the agent's reactor thread (tests: a closure that blocks stalls the reactor).
+  void RunOnReactorForTesting(std::function<void()> f);
 
  private:
   struct Impl;

@@ -12,7 +12,14 @@ ReplicationQueue::Offered ReplicationQueue::Offer(const proto::ReplicateCheckpoi
   }
   Slot& s = it->second;
   int64_t newest = s.waiting ? s.waiting->step() : s.running_step;
-  if (r.step() <= newest) {
+  if (r.step() == newest || r.step() == s.running_step) {
+    // Asked again (the coordinator retries a copy it thought lost): the one there reports. A
+    // waiting one takes the newer request's source and key (the source may have restarted).
+    if (s.waiting && s.waiting->step() == r.step()) s.waiting = r;
+    out.duplicate = true;
+    return out;
+  }
+  if (r.step() < newest) {
     out.superseded.emplace_back(r, newest);
     return out;
   }

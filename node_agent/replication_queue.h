@@ -4,8 +4,10 @@
 // network carries them. Per job and volume at most one copy runs and at most one waits, the
 // newest step asked for: a request for a newer step replaces the waiting one (superseded),
 // and a request for a step no newer than one already running or waiting is superseded at
-// once. A running copy is never cut short, so replication always completes a step, however
-// often the job commits; the backlog is bounded at one step per job and volume.
+// once. A request for the step that already runs or waits is a duplicate (the coordinator
+// retries copies it believes lost) and is dropped. A running copy is never cut short, so
+// replication always completes a step, however often the job commits; the backlog is bounded at one
+// step per job and volume.
 //
 // Pure bookkeeping, no I/O and no locks: the agent calls it under its own mutex.
 
@@ -26,6 +28,7 @@ class ReplicationQueue {
     std::optional<proto::ReplicateCheckpoint> start;  // run this now
     // Requests that will not run, each with the step that replaced it.
     std::vector<std::pair<proto::ReplicateCheckpoint, int64_t>> superseded;
+    bool duplicate = false;  // the same step already runs or waits: nothing to do
   };
 
   // A new request from the coordinator.

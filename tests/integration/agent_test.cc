@@ -191,6 +191,13 @@ std::string Script(const std::string& body) {
   return "command: [\"/bin/sh\", \"-c\", " + nlohmann::json(body).dump() + "]\n";
 }
 
+// Shell that commits a real checkpoint of `step` into MUSTER_CHECKPOINT_DIR from rank 0 (the
+// agent reports a printed commit only once the step is good on the volume).
+std::string WriteStep(const std::string& step) {
+  return "[ \"$RANK\" != 0 ] || " + std::string(MUSTER_WRITE_STEP) +
+         " \"$MUSTER_CHECKPOINT_DIR\" " + step + " || exit 9; ";
+}
+
 // A rank that "trains" `total` steps from MUSTER_RESUME_STEP, and when the notice file appears
 // "checkpoints" the step it is at (MUSTER_CHECKPOINT, notice_at=) and exits 3.
 std::string CheckpointingRank(int total) {
@@ -198,7 +205,8 @@ std::string CheckpointingRank(int total) {
   return "s=${MUSTER_RESUME_STEP:-0}; s=${s:-0}; echo resumed_from=$s; "
          "while [ $s -lt " +
          t + " ]; do s=$((s+1)); echo MUSTER_PROGRESS step=$s total=" + t +
-         "; if [ -e \"$MUSTER_PREEMPT_FILE\" ]; then echo MUSTER_CHECKPOINT step=$s; "
+         "; if [ -e \"$MUSTER_PREEMPT_FILE\" ]; then " + WriteStep("$s") +
+         "echo MUSTER_CHECKPOINT step=$s; "
          "echo notice_at=$s; exit 3; fi; sleep 0.1; done";
 }
 

@@ -114,12 +114,18 @@ TEST(ReplicationQueueTest, OneCopyRunsPerJobAndTheNewestStepWaits) {
   ASSERT_EQ(c.superseded.size(), 1u);
   EXPECT_EQ(c.superseded[0].first.step(), 20);
   EXPECT_EQ(c.superseded[0].second, 30);
-  for (int64_t stale : {25, 30}) {
-    auto d = q.Offer(Copy("j", stale));
-    EXPECT_FALSE(d.start);
-    ASSERT_EQ(d.superseded.size(), 1u);
-    EXPECT_EQ(d.superseded[0].first.step(), stale);
-    EXPECT_EQ(d.superseded[0].second, 30);
+  auto d = q.Offer(Copy("j", 25));
+  EXPECT_FALSE(d.start);
+  ASSERT_EQ(d.superseded.size(), 1u);
+  EXPECT_EQ(d.superseded[0].first.step(), 25);
+  EXPECT_EQ(d.superseded[0].second, 30);
+  // The same step asked again (the coordinator retrying a copy it thought lost), waiting or
+  // running: a duplicate, neither started nor reported as superseded by itself.
+  for (int64_t again : {30, 10}) {
+    auto e = q.Offer(Copy("j", again));
+    EXPECT_FALSE(e.start);
+    EXPECT_TRUE(e.superseded.empty());
+    EXPECT_TRUE(e.duplicate);
   }
   // Another job, or another volume of the same job, has its own slot.
   EXPECT_TRUE(q.Offer(Copy("k", 5)).start);

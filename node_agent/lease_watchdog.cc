@@ -1,0 +1,119 @@
+#include "node_agent/lease_watchdog.h"
+
+#include <signal.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
+
+namespace muster::node_agent {
+
+using std::chrono::milliseconds;
+
+uint64_t ProcessStartTime(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+  std::string stat((std::istreambuf_iterator<char>(in)), {});
+  auto close = stat.rfind(')');
+  if (close == std::string::npos || close + 2 > stat.size()) return 0;
+  std::istringstream fields(stat.substr(close + 2));
+  std::string f;
+  for (int i = 3; i <= 22 && fields >> f; ++i) {
+    if (i == 22) return std::strtoull(f.c_str(), nullptr, 10);
+  }
+  return 0;
+}
+
+LeaseWatchdog::LeaseWatchdog(milliseconds grace, std::function<void(milliseconds)> on_expired)
+    : grace_(grace), on_expired_(std::move(on_expired)) {
+  thread_ = std::thread([this] { Run(); });
+}
+
+LeaseWatchdog::~LeaseWatchdog() {
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  thread_.join();
+}
+
+void LeaseWatchdog::Feed(Clock::time_point sent, milliseconds lease) {
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    fed_ = std::max(fed_, sent);
+    lease_ = lease;
+    expired_ = false;
+    termed_ = false;
+  }
+  cv_.notify_all();
+}
+
+void LeaseWatchdog::AddGroup(pid_t pgid, const std::string& label) {
+  if (pgid <= 1) return;
+  std::lock_guard<std::mutex> l(mu_);
+  groups_[pgid] = {ProcessStartTime(pgid), label};
+  if (expired_) {
+    // The lease is out: nothing may start running here until the coordinator answers again.
+    ::kill(-pgid, SIGKILL);
+  }
+}
+
+void LeaseWatchdog::RemoveGroup(pid_t pgid) {
+  std::lock_guard<std::mutex> l(mu_);
+  groups_.erase(pgid);
+}
+
+bool LeaseWatchdog::expired() const {
+  std::lock_guard<std::mutex> l(mu_);
+  return expired_;
+}
+
+size_t LeaseWatchdog::groups() const {
+  std::lock_guard<std::mutex> l(mu_);
+  return groups_.size();
+}
+
+void LeaseWatchdog::Signal(int sig) {
+  for (const auto& [pgid, g] : groups_) {
+    uint64_t now = ProcessStartTime(pgid);
+    if (now != 0 && g.start_time != 0 && now != g.start_time) continue;  // number reused
+    ::kill(-pgid, sig);
+  }
+}
+
+void LeaseWatchdog::Run() {
+  std::unique_lock<std::mutex> l(mu_);
+  while (!stop_) {
+    if (lease_.count() <= 0 || expired_) {
+      cv_.wait(l, [&] { return stop_ || (lease_.count() > 0 && !expired_); });
+      continue;
+    }
+    milliseconds grace = std::min(grace_, lease_ / 2);
+    auto expiry = fed_ + lease_;
+    auto term_at = expiry - grace;
+    auto now = Clock::now();
+    if (!termed_ && now < term_at) {
+      cv_.wait_until(l, term_at);
+      continue;  // re-read: a Feed may have moved the lease on
+    }
+    if (!termed_) {
+      termed_ = true;
+      Signal(SIGTERM);
+      auto silent = std::chrono::duration_cast<milliseconds>(now - fed_);
+      l.unlock();
+      if (on_expired_) on_expired_(silent);
+      l.lock();
+      continue;
+    }
+    if (now < expiry) {
+      cv_.wait_until(l, expiry);
+      continue;
+    }
+    // Still unanswered at the lease's end: whatever is left is killed.
+    Signal(SIGKILL);
+    expired_ = true;
+  }
+}
+
+}  // namespace muster::node_agent
