@@ -9,6 +9,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <ctime>
 #include <filesystem>
 #include <fstream>
@@ -65,7 +66,7 @@ class AgentCluster : public ::testing::Test {
   }
 
   // `lease_ms` 0: the coordinator's default (1.5 x the heartbeat timeout).
-  void StartCoordinator(int lease_ms = 0) {
+  void StartCoordinator(int lease_ms = 0, int heartbeat_timeout_ms = 1500) {
     fs::remove(dir_ / "coord" / "endpoint");
     fs::create_directories(dir_ / "coord");
     std::vector<std::string> argv = {MUSTER_BIN,
@@ -77,7 +78,7 @@ class AgentCluster : public ::testing::Test {
                                      "--heartbeat-interval-ms",
                                      "200",
                                      "--heartbeat-timeout-ms",
-                                     "1500"};
+                                     std::to_string(heartbeat_timeout_ms)};
     if (lease_ms > 0) {
       argv.push_back("--lease-ms");
       argv.push_back(std::to_string(lease_ms));
@@ -606,6 +607,117 @@ TEST_F(AgentCluster, LeaseStopsRanksWhenTheCoordinatorIsUnreachable) {
   auto log = ReadFile(dir_ / "aws-1.log");
   EXPECT_NE(log.find("lease"), std::string::npos) << log;
   (void)Muster({"cancel", job});
+}
+
+// The step directories of `dir` that look committed (step-N, not step-N.tmp).
+std::vector<std::string> StepDirs(const fs::path& dir) {
+  std::vector<std::string> out;
+  std::error_code ec;
+  for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
+    std::string name = it->path().filename().string();
+    if (name.rfind("step-", 0) == 0 && name.find(".tmp") == std::string::npos) out.push_back(name);
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+// The catalog records only steps that exist: a printed commit of a step that was never written
+// (a forged `MUSTER_CHECKPOINT step=999999`) is not reported, and a resume step that is no
+// longer good on the volume where the next attempt starts falls back to the newest good one.
+TEST_F(AgentCluster, ForgedCommitsAreNotRecordedAndAResumeStepThatIsGoneFallsBack) {
+  StartAgent("aws-1", "aws");
+  WaitNodesUp(1);
+  fs::path go = dir_ / "go";
+  std::string job = Submit(
+      "name: forged\n" +
+      Script("if [ \"$MUSTER_ATTEMPT\" = 1 ]; then " + WriteStep("3") +
+             "echo MUSTER_CHECKPOINT step=3; " + WriteStep("6") +
+             "echo MUSTER_CHECKPOINT step=6; echo MUSTER_CHECKPOINT step=999999; "
+             "while [ ! -e " +
+             go.string() +
+             " ]; do sleep 0.05; done; exit 1; fi; echo resumed_from=$MUSTER_RESUME_STEP") +
+      "nodes: 1\nranks_per_node: 1\ncheckpoint:\n  volume: ckpt\nrestart:\n  max_restarts: 1\n"
+      "  backoff: 0\n");
+  ASSERT_TRUE(
+      WaitUntil([&] { return Events(job).find("step 6 on volume") != std::string::npos; }, 20s))
+      << Events(job);
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        return ReadFile(dir_ / "aws-1.log").find("step=999999, but it is not a good checkpoint") !=
+               std::string::npos;
+      },
+      10s))
+      << ReadFile(dir_ / "aws-1.log");
+  EXPECT_EQ(Events(job).find("999999"), std::string::npos) << Events(job);
+  // Step 6 loses a shard before the next attempt starts from it.
+  fs::path step6 = dir_ / "vol-aws" / job / "step-000000006";
+  ASSERT_TRUE(fs::remove(step6 / "shard-00000.bin"));
+  std::ofstream(go) << "go\n";
+  ASSERT_TRUE(WaitState(job, "succeeded", 30s)) << Events(job);
+  auto second = Muster({"logs", job, "--rank", "0", "--attempt", "2"});
+  ASSERT_TRUE(second.ok()) << second.status();
+  EXPECT_NE(second->find("resumed_from=3\n"), std::string::npos) << *second << Events(job);
+  std::string events = Events(job);
+  EXPECT_NE(events.find("resume_fallback"), std::string::npos) << events;
+  EXPECT_NE(events.find("resume step 6 is not a good checkpoint"), std::string::npos) << events;
+  EXPECT_EQ(Status(job).value("resume_step", -1), 3) << Status(job).dump();
+}
+
+// checkpoint.keep applies on every volume: the one the job commits to and the other
+// provider's, which receives the replicas.
+TEST_F(AgentCluster, KeepAppliesOnEveryVolumeReplicasIncluded) {
+  StartAgent("aws-1", "aws");
+  StartAgent("gcp-1", "gcp");
+  WaitNodesUp(2);
+  std::string job =
+      Submit("name: keep\n" +
+             Script("for s in 1 2 3 4 5; do " + WriteStep("$s") +
+                    "echo MUSTER_CHECKPOINT step=$s; sleep 0.3; done") +
+             "nodes: 1\nranks_per_node: 1\nplacement:\n  providers: [aws]\ncheckpoint:\n"
+             "  volume: ckpt\n  keep: 2\n");
+  ASSERT_TRUE(WaitState(job, "succeeded", 30s)) << Events(job);
+  fs::path aws = dir_ / "vol-aws" / job, gcp = dir_ / "vol-gcp" / job;
+  std::vector<std::string> want = {"step-000000004", "step-000000005"};
+  EXPECT_TRUE(WaitUntil([&] { return StepDirs(aws) == want; }, 10s))
+      << ::testing::PrintToString(StepDirs(aws));
+  EXPECT_TRUE(WaitUntil(
+      [&] {
+        auto got = StepDirs(gcp);
+        return !got.empty() && got.back() == "step-000000005" && got.size() <= 2 &&
+               fs::exists(gcp / "step-000000005" / "MANIFEST");
+      },
+      20s))
+      << ::testing::PrintToString(StepDirs(gcp)) << Events(job);
+}
+
+// A copy to another provider interrupted by a kill -9 of its target is retried once the
+// target is back, and each outcome is an event.
+TEST_F(AgentCluster, AReplicationInterruptedByKillingItsTargetIsRetried) {
+  // Heartbeats may stop for a while without the stopped target being declared lost.
+  coordinator_.reset();
+  StartCoordinator(40000, 20000);
+  StartAgent("aws-1", "aws");
+  StartAgent("gcp-1", "gcp");
+  WaitNodesUp(2);
+  // The target stops before the copy is asked of it, and is killed with the copy undone.
+  agents_.at("gcp-1")->Signal(SIGSTOP);
+  std::string job =
+      Submit("name: copy\n" + Script(WriteStep("4") + "echo MUSTER_CHECKPOINT step=4") +
+             "nodes: 1\nranks_per_node: 1\nplacement:\n  providers: [aws]\n"
+             "checkpoint:\n  volume: ckpt\n");
+  ASSERT_TRUE(WaitUntil([&] { return Events(job).find("replicating") != std::string::npos; }, 20s))
+      << Events(job);
+  KillAgent("gcp-1");
+  fs::path replica = dir_ / "vol-gcp" / job / "step-000000004" / "MANIFEST";
+  EXPECT_FALSE(fs::exists(replica));
+  StartAgent("gcp-1", "gcp");
+  ASSERT_TRUE(WaitUntil([&] { return fs::exists(replica); }, 20s)) << Events(job);
+  ASSERT_TRUE(
+      WaitUntil([&] { return Events(job).find("(verified replica)") != std::string::npos; }, 10s))
+      << Events(job);
+  std::string events = Events(job);
+  EXPECT_NE(events.find("replicate_retry"), std::string::npos) << events;
+  EXPECT_NE(events.find("target gcp-1 restarted during the copy"), std::string::npos) << events;
 }
 
 // `muster run` through the coordinator: an interactive job on the agents, with mpirun's output
