@@ -1013,10 +1013,17 @@ struct Agent::Impl {
           }
           // RemoteVolume::Exists reads a refused handshake as "no such step": ask once in a
           // way that surfaces the refusal (Unavailable, retried below) before copying.
-          if (auto probe = (*remote)->ListDir(r.job_id());
-              !probe.ok() && probe.status().code() == StatusCode::kUnavailable && attempt < 5) {
-            std::this_thread::sleep_for(milliseconds(200 * (attempt + 1)));
-            continue;
+          if (auto probe = (*remote)->ListDir(r.job_id()); !probe.ok()) {
+            if (probe.status().code() == StatusCode::kUnavailable && attempt < 5) {
+              std::this_thread::sleep_for(milliseconds(200 * (attempt + 1)));
+              continue;
+            }
+            if (probe.status().code() == StatusCode::kDeadlineExceeded) {
+              // The source does not answer (gone, or restarted elsewhere): report it now; the
+              // coordinator retries from the source's current endpoint.
+              st = probe.status().WithContext("source " + r.source_node());
+              break;
+            }
           }
           auto report = checkpoint::Replicate(remote->get(), r.job_id(), checkpoint::LocalVolume(),
                                               (fs::path(root) / r.job_id()).string(), r.step());

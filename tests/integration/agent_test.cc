@@ -720,6 +720,37 @@ TEST_F(AgentCluster, AReplicationInterruptedByKillingItsTargetIsRetried) {
   EXPECT_NE(events.find("target gcp-1 restarted during the copy"), std::string::npos) << events;
 }
 
+// The same with a kill -9 of the source: the target's copy fails, and it is retried from the
+// restarted source's new endpoint.
+TEST_F(AgentCluster, AReplicationInterruptedByKillingItsSourceIsRetried) {
+  coordinator_.reset();
+  StartCoordinator(40000, 20000);
+  StartAgent("aws-1", "aws");
+  StartAgent("gcp-1", "gcp");
+  WaitNodesUp(2);
+  // The target holds the copy until the source is gone.
+  agents_.at("gcp-1")->Signal(SIGSTOP);
+  std::string job =
+      Submit("name: copy\n" + Script(WriteStep("4") + "echo MUSTER_CHECKPOINT step=4") +
+             "nodes: 1\nranks_per_node: 1\nplacement:\n  providers: [aws]\n"
+             "checkpoint:\n  volume: ckpt\n");
+  ASSERT_TRUE(WaitUntil([&] { return Events(job).find("replicating") != std::string::npos; }, 20s))
+      << Events(job);
+  ASSERT_TRUE(WaitState(job, "succeeded", 20s)) << Events(job);
+  KillAgent("aws-1");
+  StartAgent("aws-1", "aws");  // same volume, a new transfer endpoint
+  agents_.at("gcp-1")->Signal(SIGCONT);
+  fs::path replica = dir_ / "vol-gcp" / job / "step-000000004" / "MANIFEST";
+  // The first try waits out its call timeout against the dead endpoint, then fails.
+  ASSERT_TRUE(WaitUntil([&] { return fs::exists(replica); }, 60s)) << Events(job);
+  ASSERT_TRUE(
+      WaitUntil([&] { return Events(job).find("(verified replica)") != std::string::npos; }, 10s))
+      << Events(job);
+  std::string events = Events(job);
+  EXPECT_NE(events.find("replicate_retry"), std::string::npos) << events;
+  EXPECT_NE(events.find("failed on gcp-1"), std::string::npos) << events;
+}
+
 // `muster run` through the coordinator: an interactive job on the agents, with mpirun's output
 // and exit semantics.
 TEST_F(AgentCluster, MusterRunThroughTheCoordinatorStreamsOutputAndExitsLikeMpirun) {
