@@ -445,8 +445,11 @@ bool Coordinator::IssueCopy(CopyRt& c, int keep) {
                      [&](const proto::Volume& v) { return v.name() == c.volume; })) {
       continue;
     }
-    target = n.get();
-    if (name == c.target) break;  // the same node as before where it is back
+    if (name == c.target) {  // the same node as before, where it is back
+      target = n.get();
+      break;
+    }
+    if (target == nullptr) target = n.get();
   }
   if (target == nullptr) return false;
   auto key = GenerateKeyPair();

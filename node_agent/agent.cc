@@ -1079,8 +1079,8 @@ struct Agent::Impl {
     }
     if (any) {
       logger->error(
-          "no heartbeat answered by the coordinator for {} ms: stopping every rank on this node "
-          "so a requeued attempt elsewhere is the only one running",
+          "lease running out: no heartbeat answered by the coordinator for {} ms; stopping every "
+          "rank on this node so a requeued attempt elsewhere is the only one running",
           silent.count());
     }
   }

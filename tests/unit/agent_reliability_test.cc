@@ -79,14 +79,14 @@ pid_t StartGroup(pid_t* member) {
 
 TEST(LeaseWatchdogTest, StopsTheGroupsWhenTheLeaseRunsOutAndNotBefore) {
   std::atomic<int> expiries{0};
-  node_agent::LeaseWatchdog w(200ms, [&](std::chrono::milliseconds) { ++expiries; });
+  node_agent::LeaseWatchdog w(300ms, [&](std::chrono::milliseconds) { ++expiries; });
   pid_t member = 0;
   pid_t leader = StartGroup(&member);
   w.AddGroup(leader, "test rank");
-  // Fed every 100 ms with a 600 ms lease: the group lives on.
+  // Fed every 100 ms with a 1 s lease: the group lives on.
   auto start = Clock::now();
   while (Clock::now() - start < 1200ms) {
-    w.Feed(Clock::now(), 600ms);
+    w.Feed(Clock::now(), 1000ms);
     std::this_thread::sleep_for(100ms);
   }
   EXPECT_FALSE(Gone(leader));
@@ -94,11 +94,11 @@ TEST(LeaseWatchdogTest, StopsTheGroupsWhenTheLeaseRunsOutAndNotBefore) {
   // No more feeding: SIGTERM at lease - grace, SIGKILL of what is left (the member that ignores
   // SIGTERM) at the lease; nothing of the group outlives it by more than scheduling slop.
   auto fed = Clock::now();
-  w.Feed(fed, 600ms);
+  w.Feed(fed, 1000ms);
   ASSERT_TRUE(WaitUntil([&] { return Gone(leader) && Gone(member); }, 3s));
   auto took = Clock::now() - fed;
-  EXPECT_GE(took, 350ms);
-  EXPECT_LE(took, 600ms + 300ms);
+  EXPECT_GE(took, 650ms);  // SIGTERM at 700 ms, SIGKILL at 1000 ms
+  EXPECT_LE(took, 1000ms + 700ms);
   EXPECT_TRUE(WaitUntil([&] { return w.expired(); }, 1s));
   EXPECT_EQ(expiries.load(), 1);
   // While expired, a group added is killed at once; a Feed ends the expiry.
@@ -106,7 +106,7 @@ TEST(LeaseWatchdogTest, StopsTheGroupsWhenTheLeaseRunsOutAndNotBefore) {
   pid_t leader2 = StartGroup(&member2);
   w.AddGroup(leader2, "late rank");
   EXPECT_TRUE(WaitUntil([&] { return Gone(leader2) && Gone(member2); }, 1s));
-  w.Feed(Clock::now(), 600ms);
+  w.Feed(Clock::now(), 1000ms);
   EXPECT_FALSE(w.expired());
 }
 
