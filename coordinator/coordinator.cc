@@ -412,11 +412,8 @@ void Coordinator::Replicate(JobRt* job, const std::string& job_id, int64_t step,
   for (const auto& provider : providers) {
     CopyRt& c = copies_[{job_id, provider}];
     if (c.step >= step) continue;  // this step or a newer one is copied (or was) already
-    if (c.step > 0 && !c.done) {
-      Event(job_id, c.target, "replicate_superseded",
-            fmt::format("step {} to volume {} of provider {}: step {} is copied instead", c.step,
-                        c.volume, provider, step));
-    }
+    // An older copy not done yet is no longer followed (nor retried); if it still runs on the
+    // target it ends as a replica or, when the target drops it, as replicate_superseded.
     c = CopyRt{};
     c.job_id = job_id;
     c.provider = provider;
@@ -540,15 +537,12 @@ void Coordinator::OnCopyReport(const NodeRt& target, const proto::AgentReport& r
   CopyRt* c = it == copies_.end() ? nullptr : &it->second;
   bool current = c != nullptr && !c->done && c->step == req.checkpoint_step();
   if (req.replicate_superseded_by() > 0) {
-    // The target dropped a request a newer step's copy replaced; the coordinator said so when
-    // it asked for the newer one, unless this is news.
-    if (current) {
-      c->done = true;
-      Event(req.job_id(), node, "replicate_superseded",
-            fmt::format("step {} to volume {} of provider {}: step {} is copied instead",
-                        req.checkpoint_step(), req.checkpoint_volume(), provider,
-                        req.replicate_superseded_by()));
-    }
+    // The target dropped a waiting request that a newer step's copy replaced.
+    if (current) c->done = true;
+    Event(req.job_id(), node, "replicate_superseded",
+          fmt::format("step {} to volume {} of provider {}: step {} is copied instead",
+                      req.checkpoint_step(), req.checkpoint_volume(), provider,
+                      req.replicate_superseded_by()));
     return;
   }
   if (!req.replicate_error().empty()) {

@@ -413,6 +413,96 @@ TEST_F(CoordinatorTest, ARequeuedJobWaitsForTheNewestStepNotAnOlderCopy) {
   EXPECT_EQ(events.find("step 15 on volume ckpt of provider gcp"), std::string::npos) << events;
 }
 
+// A copy to another provider that fails, or whose target restarts mid-copy, is asked again
+// with backoff (doubling from 1 s) until it is done, a newer step supersedes it, or it has
+// failed 8 times; each outcome is an event.
+TEST_F(CoordinatorTest, AnInterruptedCopyIsRetriedWithBackoffUntilDoneSupersededOrFailed) {
+  std::string s0 = RegisterWithVolume("aws-1", "aws");
+  std::string id = Submit("name: j\ncommand: x\ncheckpoint:\n  volume: ckpt\n  keep: 2\n");
+  ASSERT_EQ(Heartbeat("aws-1", s0).size(), 1u);
+  Report("aws-1", s0, id, 1, true, 0, false);
+  std::string s1 = RegisterWithVolume("gcp-1", "gcp");
+  auto copies = [&](const std::string& node, const std::string& session) {
+    std::vector<int64_t> steps;
+    for (const auto& a : Heartbeat(node, session)) {
+      if (!a.has_replicate()) continue;
+      steps.push_back(a.replicate().step());
+      EXPECT_EQ(a.replicate().checkpoint_keep(), 2);
+    }
+    return steps;
+  };
+  auto error = [&](const std::string& session, int64_t step) {
+    proto::Envelope e = ReportFrom("gcp-1", session, id, 0);
+    e.mutable_agent_report()->set_checkpoint_step(step);
+    e.mutable_agent_report()->set_checkpoint_volume("ckpt");
+    e.mutable_agent_report()->set_replicate_error("UNAVAILABLE: source gone");
+    EXPECT_TRUE(Call(e).has_agent_report_reply());
+  };
+  // A second passes; the source keeps heartbeating.
+  auto tick = [&] {
+    now_ += 1s;
+    Heartbeat("aws-1", s0);
+    coord_->Tick();
+  };
+  ReportCheckpoint("aws-1", s0, id, 1, 10, false);
+  EXPECT_EQ(copies("gcp-1", s1), std::vector<int64_t>({10}));
+  // The first try fails: asked again after 1 s, not before.
+  error(s1, 10);
+  coord_->Tick();
+  EXPECT_TRUE(copies("gcp-1", s1).empty());
+  tick();
+  EXPECT_EQ(copies("gcp-1", s1), std::vector<int64_t>({10}));
+  // The target is killed and comes back (a new session) with the copy undone: asked again
+  // after 2 s, of the new agent.
+  std::string s2 = RegisterWithVolume("gcp-1", "gcp");
+  coord_->Tick();
+  EXPECT_NE(Events(id).find("target gcp-1 restarted during the copy; try 3 of 8 in 2000 ms"),
+            std::string::npos)
+      << Events(id);
+  tick();
+  EXPECT_TRUE(copies("gcp-1", s2).empty());
+  tick();
+  EXPECT_EQ(copies("gcp-1", s2), std::vector<int64_t>({10}));
+  // It lands: done, no more tries.
+  ReportCheckpoint("gcp-1", s2, id, 0, 10, /*replica=*/true);
+  for (int i = 0; i < 40; ++i) {
+    tick();
+    EXPECT_TRUE(copies("gcp-1", s2).empty());
+  }
+  // Step 20 fails; step 30 is committed before its retry: 20 is not tried again.
+  ReportCheckpoint("aws-1", s0, id, 1, 20, false);
+  EXPECT_EQ(copies("gcp-1", s2), std::vector<int64_t>({20}));
+  ReportCheckpoint("aws-1", s0, id, 1, 30, false);
+  EXPECT_EQ(copies("gcp-1", s2), std::vector<int64_t>({30}));
+  error(s2, 20);
+  EXPECT_NE(Events(id).find("step 20 to volume ckpt of provider gcp failed (UNAVAILABLE: source "
+                            "gone); not retried: step 30 is copied instead"),
+            std::string::npos)
+      << Events(id);
+  // Step 30 fails every time: 8 tries, then it has failed for good.
+  for (int t = 1; t <= 8; ++t) {
+    error(s2, 30);
+    for (int i = 0; i < 31 && t < 8; ++i) {
+      tick();
+      auto asked = copies("gcp-1", s2);
+      if (!asked.empty()) {
+        EXPECT_EQ(asked, std::vector<int64_t>({30}));
+        break;
+      }
+    }
+  }
+  std::string events = Events(id);
+  EXPECT_NE(events.find("replicate_failed [gcp-1] step 30 to volume ckpt of provider gcp: failed "
+                        "on gcp-1: UNAVAILABLE: source gone; gave up after 8 tries"),
+            std::string::npos)
+      << events;
+  EXPECT_NE(events.find("try 8 of 8 in 30000 ms"), std::string::npos) << events;
+  for (int i = 0; i < 60; ++i) {
+    tick();
+    EXPECT_TRUE(copies("gcp-1", s2).empty());
+  }
+}
+
 // `muster run` through the coordinator submits an interactive job: it lives while its client
 // keeps asking about it, and each rank's stdout and stderr are kept apart for that client.
 TEST_F(CoordinatorTest, AnInteractiveJobIsCancelledWhenItsClientGoesAway) {
