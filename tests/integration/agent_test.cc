@@ -17,6 +17,7 @@
 #include <nlohmann/json.hpp>
 #include <thread>
 
+#include "coordinator/client.h"
 #include "tests/testing/port_range.h"
 #include "tests/testing/subprocess.h"
 
@@ -661,6 +662,63 @@ TEST_F(AgentCluster, ForgedCommitsAreNotRecordedAndAResumeStepThatIsGoneFallsBac
   EXPECT_NE(events.find("resume_fallback"), std::string::npos) << events;
   EXPECT_NE(events.find("resume step 6 is not a good checkpoint"), std::string::npos) << events;
   EXPECT_EQ(Status(job).value("resume_step", -1), 3) << Status(job).dump();
+}
+
+// D3's first observation: a forged commit of a step that does not exist, sent on the wire by
+// another authorized key posing as an agent of the job's provider, must not make the job
+// resume from it. (Whether the coordinator refuses the forgery or records it, the agent that
+// starts the next attempt checks the step on its volume.)
+TEST_F(AgentCluster, AForgedCommitOnTheWireDoesNotMakeTheJobResumeFromIt) {
+  StartAgent("aws-1", "aws");
+  WaitNodesUp(1);
+  fs::path go = dir_ / "go";
+  std::string job = Submit(
+      "name: wire\n" +
+      Script("if [ \"$MUSTER_ATTEMPT\" = 1 ]; then " + WriteStep("2") +
+             "echo MUSTER_CHECKPOINT step=2; while [ ! -e " + go.string() +
+             " ]; do sleep 0.05; done; exit 1; fi; echo resumed_from=$MUSTER_RESUME_STEP") +
+      "nodes: 1\nranks_per_node: 1\ncheckpoint:\n  volume: ckpt\nrestart:\n  max_restarts: 1\n"
+      "  backoff: 0\n");
+  ASSERT_TRUE(
+      WaitUntil([&] { return Events(job).find("step 2 on volume") != std::string::npos; }, 20s))
+      << Events(job);
+  // The forger: registers as a node of aws mounting ckpt, then reports step 999999 committed.
+  coordinator::ClientOptions co;
+  co.endpoint = endpoint_;
+  co.keys_dir = (dir_ / "keys").string();
+  auto forger = coordinator::CoordinatorClient::Connect(co);
+  ASSERT_TRUE(forger.ok()) << forger.status();
+  proto::Envelope reg;
+  auto* l = reg.mutable_agent_register()->mutable_labels();
+  l->set_name("aws-forger");
+  l->set_provider("aws");
+  auto* v = l->add_volumes();
+  v->set_name("ckpt");
+  v->set_path("/nonexistent");
+  auto registered = (*forger)->Call(reg, 5s);
+  if (registered.ok() && registered->has_agent_registered()) {
+    proto::Envelope rep;
+    auto* r = rep.mutable_agent_report();
+    r->set_node("aws-forger");
+    r->set_session_id(registered->agent_registered().session_id());
+    r->set_job_id(job);
+    r->set_attempt(1);
+    r->set_checkpoint_step(999999);
+    r->set_checkpoint_volume("ckpt");
+    (void)(*forger)->Call(rep, 5s);  // refused or recorded: either way it must not matter
+  }
+  std::ofstream(go) << "go\n";
+  ASSERT_TRUE(WaitState(job, "succeeded", 30s)) << Events(job);
+  auto second = Muster({"logs", job, "--rank", "0", "--attempt", "2"});
+  ASSERT_TRUE(second.ok()) << second.status();
+  EXPECT_NE(second->find("resumed_from=2\n"), std::string::npos) << *second << Events(job);
+  EXPECT_EQ(second->find("999999"), std::string::npos) << *second;
+  EXPECT_EQ(Status(job).value("resume_step", -1), 2) << Status(job).dump() << Events(job);
+  std::string events = Events(job);
+  if (events.find("step 999999 on volume") != std::string::npos) {
+    EXPECT_NE(events.find("resume step 999999 is not a good checkpoint"), std::string::npos)
+        << events;
+  }
 }
 
 // checkpoint.keep applies on every volume: the one the job commits to and the other
