@@ -14,7 +14,11 @@
 //   - FetchLog: reads a rank's log file and answers with AgentLogChunk.
 //
 // It reports every start, exit, checkpoint commit (the line `MUSTER_CHECKPOINT step=N` printed
-// by global rank 0) and progress (`MUSTER_PROGRESS step=...`, docs/protocol.md). It learns of
+// by global rank 0, once step N is a good checkpoint on the volume: checkpoint_steps.h) and
+// progress (`MUSTER_PROGRESS step=...`, docs/protocol.md). An attempt whose resume step is not
+// good on the volume here starts from the newest good step there (or fresh), and says so. After
+// each commit and each replica it applies the job's checkpoint.keep to that volume. Reports
+// wait in a bounded Outbox while the coordinator is away (outbox.h). It learns of
 // preemption from its notice sources (file, cloud metadata) and from Notice() (SIGTERM), asks
 // its own ranks to checkpoint at once and tells the coordinator, which stops the gang.
 //
