@@ -27,6 +27,7 @@
 #include <thread>
 
 #include "bench/bench.h"
+#include "checkpoint/checkpointer.h"
 #include "common/curve.h"
 #include "common/logging.h"
 #include "coordinator/client.h"
@@ -72,14 +73,24 @@ void KillGroup(pid_t pid, int sig) {
   if (sig == SIGKILL) waitpid(pid, &st, 0);
 }
 
-// The trainer's lines: T_START=ms at its start, then per step MUSTER_PROGRESS step=N t=ms.
+// This muster-bench binary (the sh trainer runs its write-step).
+std::string SelfPath() {
+  std::error_code ec;
+  return fs::read_symlink("/proc/self/exe", ec).string();
+}
+
+// The trainer's lines: T_START=ms at its start, then per step MUSTER_PROGRESS step=N t=ms. Its
+// checkpoints are real (one small step written by `muster-bench write-step` from rank 0): the
+// agent reports a printed commit only for a step that is good on the volume.
 const char* kTrainer =
+    "ckpt() { [ \"$RANK\" != 0 ] || $WRITE_STEP \"$MUSTER_CHECKPOINT_DIR\" $1 || exit 9; "
+    "echo MUSTER_CHECKPOINT step=$1; }; "
     "s=${MUSTER_RESUME_STEP:-0}; s=${s:-0}; echo T_START=$(date +%s%3N) resume=$s; "
     "while [ $s -lt $TOTAL ]; do s=$((s+1)); sleep $STEP_S; "
     "echo MUSTER_PROGRESS step=$s total=$TOTAL t=$(date +%s%3N); "
-    "if [ -e \"$MUSTER_PREEMPT_FILE\" ]; then echo MUSTER_CHECKPOINT step=$s; "
+    "if [ -e \"$MUSTER_PREEMPT_FILE\" ]; then ckpt $s; "
     "echo MUSTER_PREEMPTED step=$s; exit 3; fi; "
-    "if [ $((s % CKPT_EVERY)) = 0 ]; then echo MUSTER_CHECKPOINT step=$s; fi; done";
+    "if [ $((s % CKPT_EVERY)) = 0 ]; then ckpt $s; fi; done";
 
 struct AttemptLog {
   int64_t start_ms = 0, first_step_ms = 0, resume = -1, last_step = 0, preempted = -1;
@@ -210,7 +221,8 @@ Outcome Measure(const std::string& muster, bool with_notice, int step_ms, int ck
     yaml = "name: recovery\ncommand: [\"/bin/sh\", \"-c\", " + nlohmann::json(kTrainer).dump() +
            "]\nenv:\n  TOTAL: \"" + std::to_string(total) + "\"\n  STEP_S: \"" +
            Fmt(step_ms / 1000.0, 3) + "\"\n  CKPT_EVERY: \"" + std::to_string(ckpt_every) +
-           "\"\nnodes: 2\nranks_per_node: 1\ncheckpoint:\n  volume: ckpt\n";
+           "\"\n  WRITE_STEP: " + nlohmann::json(SelfPath() + " write-step").dump() +
+           "\nnodes: 2\nranks_per_node: 1\ncheckpoint:\n  volume: ckpt\n";
   } else {
     yaml = "name: recovery\ncommand: [" + nlohmann::json(finetune).dump() +
            ", \"--pretrain\", \"--steps\", \"" + std::to_string(total) +
@@ -329,6 +341,28 @@ double MpirunFirstStep(int step_ms, int reps) {
 }  // namespace
 
 void AddRecoveryBench(CLI::App& app, Runner* runner) {
+  // For the sh trainer: commits one small real step (hidden; not a benchmark).
+  auto* ws = app.add_subcommand("write-step", "")->group("");
+  auto ws_args = std::make_shared<std::pair<std::string, int64_t>>();
+  ws->add_option("dir", ws_args->first)->required();
+  ws->add_option("step", ws_args->second)->required();
+  ws->callback([=] {
+    *runner = [=] {
+      checkpoint::CheckpointerOptions o;
+      o.dir = ws_args->first;
+      o.direct_io = false;
+      o.io_threads = 1;
+      auto ck = checkpoint::Checkpointer::Create(o);
+      std::vector<float> w(1024, static_cast<float>(ws_args->second));
+      checkpoint::SaveState state;
+      state.tensors.push_back(
+          checkpoint::TensorRef::Replicated("w", checkpoint::DType::kF32, {1024}, w.data()));
+      Status st = ck.ok() ? (*ck)->Save(ws_args->second, state) : ck.status();
+      if (st.ok()) st = (*ck)->Wait();
+      if (!st.ok()) std::cerr << "write-step: " << st.ToString() << "\n";
+      return st.ok() ? 0 : 1;
+    };
+  });
   auto* cmd = app.add_subcommand(
       "recovery",
       "Preemption with notice and agent kill -9 on real daemons: downtime and lost steps, "
