@@ -419,8 +419,8 @@ void Coordinator::Replicate(JobRt* job, const std::string& job_id, int64_t step,
     // another copy of the job and then run for hours (hundreds of GB across providers): a day.
     // The key reads only this job's directories, read-only, and only the target knows it.
     allow.mutable_allow_transfer()->set_expires_ms(NowMs() + 24 * 3600 * 1000LL);
-    grants_.push_back({job_id, src.name(), name, key->public_key,
-                       allow.allow_transfer().expires_ms()});
+    grants_.push_back(
+        {job_id, src.name(), name, key->public_key, allow.allow_transfer().expires_ms()});
     Enqueue(src.name(), std::move(allow));
     proto::AgentAction copy;
     auto* r = copy.mutable_replicate();
@@ -1168,16 +1168,15 @@ StatusOr<proto::Envelope> Coordinator::OnReport(const proto::AgentReport& req) {
   }
   if (req.job_id().empty()) return ack;
   auto it = jobs_.find(req.job_id());
-  if (!req.transfer_key().empty() &&
-      (req.checkpoint_replica() || !req.replicate_error().empty() ||
-       req.replicate_superseded_by() > 0)) {
+  if (!req.transfer_key().empty() && (req.checkpoint_replica() || !req.replicate_error().empty() ||
+                                      req.replicate_superseded_by() > 0)) {
     // A copy ended: its key reads nothing more at the source.
     for (auto g = grants_.begin(); g != grants_.end();) {
       if (g->public_key != req.transfer_key() || g->target != node || g->job_id != req.job_id()) {
         ++g;
         continue;
       }
-      RevokeTransfer(*g, req.checkpoint_replica()       ? "copied"
+      RevokeTransfer(*g, req.checkpoint_replica()         ? "copied"
                          : !req.replicate_error().empty() ? "copy failed"
                                                           : "copy superseded");
       g = grants_.erase(g);

@@ -551,10 +551,9 @@ struct Agent::Impl {
         return FetchLog(a.fetch_log());
       case proto::AgentAction::kAllowTransfer:
         if (volume_server) {
-          Status st =
-              volume_server->Allow(a.allow_transfer().job_id(),
-                                   a.allow_transfer().client_public_key(),
-                                   a.allow_transfer().expires_ms());
+          Status st = volume_server->Allow(a.allow_transfer().job_id(),
+                                           a.allow_transfer().client_public_key(),
+                                           a.allow_transfer().expires_ms());
           if (!st.ok()) logger->warn("transfer grant refused: {}", st.ToString());
         }
         return;
