@@ -184,8 +184,13 @@ StatusOr<proto::VolumeReply> List(const std::string& root, const std::vector<std
   dir.release();  // owned by `d` now
   proto::VolumeReply out;
   Status st = Status::Ok();
-  errno = 0;
-  while (struct dirent* e = ::readdir(d)) {
+  for (;;) {
+    errno = 0;
+    struct dirent* e = ::readdir(d);
+    if (e == nullptr) {
+      if (errno != 0) st = ErrnoStatus(errno, "list " + path);
+      break;
+    }
     std::string name = e->d_name;
     if (name == "." || name == "..") continue;
     // Names that could not be asked for, links and special files are not listed.
@@ -203,9 +208,7 @@ StatusOr<proto::VolumeReply> List(const std::string& root, const std::vector<std
       break;
     }
     out.add_entries(std::move(name));
-    errno = 0;
   }
-  if (st.ok() && errno != 0) st = ErrnoStatus(errno, "list " + path);
   ::closedir(d);
   if (!st.ok()) return st;
   return out;
