@@ -692,7 +692,6 @@ TEST_F(AgentCluster, MusterRunThroughTheCoordinatorEndsAtItsTimeoutWith124) {
   EXPECT_NE(ReadFile(out).find("ran past --timeout 2 s"), std::string::npos) << ReadFile(out);
 }
 
-
 // A step committed on one provider is copied to the other provider's volume, agent to agent
 // over CURVE, with a transfer key that the source revokes once the copy is reported.
 TEST_F(AgentCluster, ACommitIsCopiedToTheOtherProviderAndItsTransferKeyRevoked) {
@@ -721,8 +720,8 @@ TEST_F(AgentCluster, ACommitIsCopiedToTheOtherProviderAndItsTransferKeyRevoked) 
                           "placement:\n  hosts: [aws-1]\n");
   const fs::path replica = dir_ / "vol-gcp" / id / "step-000000010" / "MANIFEST";
   ASSERT_TRUE(WaitUntil([&] { return fs::exists(replica); }, 30s)) << Events(id);
-  ASSERT_TRUE(WaitUntil(
-      [&] { return Events(id).find("(verified replica)") != std::string::npos; }, 10s))
+  ASSERT_TRUE(
+      WaitUntil([&] { return Events(id).find("(verified replica)") != std::string::npos; }, 10s))
       << Events(id);
   EXPECT_EQ(ReadFile(replica), ReadFile(made / "step-000000010" / "MANIFEST"));
   EXPECT_TRUE(WaitUntil(
