@@ -975,6 +975,7 @@ struct Agent::Impl {
     // The job id becomes <volume root>/<job>: a name, never a path that leaves the volume.
     Status st = ValidatePathName(r.job_id(), "job id to replicate");
     if (!st.ok()) {
+      // reported below
     } else if (root.empty()) {
       st = NotFoundError("volume " + r.volume() + " is not mounted on " + labels.name());
     } else {
