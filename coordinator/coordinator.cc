@@ -7,6 +7,7 @@
 
 #include "common/curve.h"
 #include "common/logging.h"
+#include "common/path_name.h"
 #include "common/wire.h"
 #include "coordinator/job_spec.h"
 
@@ -400,6 +401,14 @@ void Coordinator::Replicate(JobRt* job, const std::string& job_id, int64_t step,
                             const std::string& volume, const NodeRt& source) {
   const auto& src = source.rec.labels;
   if (src.transfer_endpoint().empty()) return;
+  // Both become directories on the target's volume (<root>/<job>): names only, never paths.
+  for (const Status& st :
+       {ValidatePathName(job_id, "job id"), ValidatePathName(volume, "volume name")}) {
+    if (!st.ok()) {
+      Logger()->warn("not replicating a checkpoint reported by {}: {}", src.name(), st.message());
+      return;
+    }
+  }
   int keep = job ? job->rec.spec.checkpoint_keep() : 0;
   std::set<std::string> providers;
   for (const auto& [name, n] : nodes_) {
@@ -459,6 +468,8 @@ bool Coordinator::IssueCopy(CopyRt& c, int keep) {
   // another copy of the job and then run for hours (hundreds of GB across providers): a day.
   // The key reads only this job's directories, read-only, and only the target knows it.
   allow.mutable_allow_transfer()->set_expires_ms(NowMs() + 24 * 3600 * 1000LL);
+  grants_.push_back({c.job_id, sl.name(), target->rec.labels.name(), key->public_key,
+                     allow.allow_transfer().expires_ms()});
   Enqueue(sl.name(), std::move(allow));
   proto::AgentAction copy;
   auto* r = copy.mutable_replicate();
@@ -502,9 +513,29 @@ void Coordinator::TickCopies(int64_t now) {
       it = job == jobs_.end() ? copies_.erase(it) : std::next(it);
       continue;
     }
+    if (Terminal(job->second->rec.state)) {
+      // No attempt will resume from it, and the job's transfer keys are revoked as it ends.
+      c.done = true;
+      if (c.tries > 0 || c.retry_at_ms > 0) {
+        Event(c.job_id, c.target, "replicate_abandoned",
+              fmt::format("step {} to volume {} of provider {}: not retried, the job ended", c.step,
+                          c.volume, c.provider));
+      }
+      ++it;
+      continue;
+    }
     if (c.retry_at_ms == 0) {
       auto t = nodes_.find(c.target);
       if (t == nodes_.end() || t->second->session != c.target_session) {
+        // The try died with its target: the key it was given reads nothing more at the source.
+        for (auto g = grants_.begin(); g != grants_.end();) {
+          if (g->job_id == c.job_id && g->target == c.target) {
+            RevokeTransfer(*g, "its target restarted or was lost");
+            g = grants_.erase(g);
+          } else {
+            ++g;
+          }
+        }
         RetryCopy(c, t != nodes_.end() && !t->second->session.empty()
                          ? "target " + c.target + " restarted during the copy"
                          : "target " + c.target + " was lost during the copy");
@@ -560,6 +591,15 @@ void Coordinator::OnCopyReport(const NodeRt& target, const proto::AgentReport& r
   if (req.checkpoint_replica() && c != nullptr && !c->done && c->step <= req.checkpoint_step()) {
     c->done = true;
   }
+}
+
+void Coordinator::RevokeTransfer(const TransferGrant& g, const std::string& why) {
+  Logger()->info("revoking the transfer key of {} on {} (copy to {}): {}", g.job_id, g.source,
+                 g.target, why);
+  proto::AgentAction a;
+  a.mutable_revoke_transfer()->set_job_id(g.job_id);
+  a.mutable_revoke_transfer()->set_client_public_key(g.public_key);
+  Enqueue(g.source, std::move(a));
 }
 
 void Coordinator::StopGang(JobRt& job, proto::StopReason reason, const std::string& except,
@@ -764,6 +804,18 @@ void Coordinator::Tick() {
     }
   }
   TickCopies(now);
+  // Transfer keys of jobs that ended are revoked; expired ones the source dropped itself.
+  for (auto g = grants_.begin(); g != grants_.end();) {
+    auto j = jobs_.find(g->job_id);
+    if (g->expires_ms <= now) {
+      g = grants_.erase(g);
+    } else if (j == jobs_.end() || Terminal(j->second->rec.state)) {
+      RevokeTransfer(*g, "the job ended");
+      g = grants_.erase(g);
+    } else {
+      ++g;
+    }
+  }
   std::vector<std::string> forget;
   for (auto& [id, j] : jobs_) {
     auto& r = j->rec;
@@ -1271,6 +1323,20 @@ StatusOr<proto::Envelope> Coordinator::OnReport(const proto::AgentReport& req) {
   }
   if (req.job_id().empty()) return ack;
   auto it = jobs_.find(req.job_id());
+  if (!req.transfer_key().empty() && (req.checkpoint_replica() || !req.replicate_error().empty() ||
+                                      req.replicate_superseded_by() > 0)) {
+    // A copy ended: its key reads nothing more at the source.
+    for (auto g = grants_.begin(); g != grants_.end();) {
+      if (g->public_key != req.transfer_key() || g->target != node || g->job_id != req.job_id()) {
+        ++g;
+        continue;
+      }
+      RevokeTransfer(*g, req.checkpoint_replica()         ? "copied"
+                         : !req.replicate_error().empty() ? "copy failed"
+                                                          : "copy superseded");
+      g = grants_.erase(g);
+    }
+  }
   if (req.replicate_superseded_by() > 0 || !req.replicate_error().empty() ||
       req.checkpoint_replica()) {
     OnCopyReport(*n, req);

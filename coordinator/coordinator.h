@@ -93,7 +93,8 @@ class Coordinator {
   // newest step asked for. A copy that fails, or whose target agent restarts or is lost, is
   // retried with backoff (from the source's current endpoint, to a connected node of that
   // provider mounting the volume) until it is done, superseded by a newer step, or has failed
-  // kMaxCopyTries times or waited kCopySourceWaitMs for its source: every outcome is an event.
+  // kMaxCopyTries times or waited kCopySourceWaitMs for its source, or the job ended (its transfer
+  // keys are revoked then): every outcome is an event.
   // Not persisted: a coordinator restart forgets the copies in flight.
   struct CopyRt {
     std::string job_id, provider, volume;
@@ -111,6 +112,14 @@ class Coordinator {
   void TickCopies(int64_t now);
   // A report about a copy from its target: done, failed (retried) or superseded there.
   void OnCopyReport(const NodeRt& target, const proto::AgentReport& req);
+  // A transfer key handed to a replication's source (AllowTransfer). It is revoked there
+  // (RevokeTransfer) when the copy it was made for ends (the target reports the outcome with
+  // the key) or when the job ends; the source drops it by itself at its expiry.
+  struct TransferGrant {
+    std::string job_id, source, target, public_key;
+    int64_t expires_ms = 0;
+  };
+  void RevokeTransfer(const TransferGrant& grant, const std::string& why);
   void NodeDone(JobRt& job, const std::string& node);
   void Finish(JobRt& job);
   void LoseNode(NodeRt& node, const std::string& why);
@@ -146,6 +155,7 @@ class Coordinator {
   };
   std::map<uint64_t, Fetch> fetches_;
   std::map<std::pair<std::string, std::string>, CopyRt> copies_;  // by (job, target provider)
+  std::vector<TransferGrant> grants_;
   uint64_t next_fetch_ = 1;
   uint64_t next_session_ = 1;
   bool pass_needed_ = true;

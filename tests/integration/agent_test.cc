@@ -17,6 +17,7 @@
 #include <nlohmann/json.hpp>
 #include <thread>
 
+#include "checkpoint/checkpointer.h"
 #include "coordinator/client.h"
 #include "tests/testing/port_range.h"
 #include "tests/testing/subprocess.h"
@@ -759,10 +760,14 @@ TEST_F(AgentCluster, AReplicationInterruptedByKillingItsTargetIsRetried) {
   WaitNodesUp(2);
   // The target stops before the copy is asked of it, and is killed with the copy undone.
   agents_.at("gcp-1")->Signal(SIGSTOP);
-  std::string job =
-      Submit("name: copy\n" + Script(WriteStep("4") + "echo MUSTER_CHECKPOINT step=4") +
-             "nodes: 1\nranks_per_node: 1\nplacement:\n  providers: [aws]\n"
-             "checkpoint:\n  volume: ckpt\n");
+  // The job runs on until the copy is in (the copies of a job that ended are not retried).
+  fs::path go = dir_ / "go";
+  std::string job = Submit("name: copy\n" +
+                           Script("if [ \"$MUSTER_ATTEMPT\" = 1 ]; then " + WriteStep("4") +
+                                  "echo MUSTER_CHECKPOINT step=4; fi; while [ ! -e " + go.string() +
+                                  " ]; do sleep 0.05; done") +
+                           "nodes: 1\nranks_per_node: 1\nplacement:\n  providers: [aws]\n"
+                           "checkpoint:\n  volume: ckpt\n");
   ASSERT_TRUE(WaitUntil([&] { return Events(job).find("replicating") != std::string::npos; }, 20s))
       << Events(job);
   KillAgent("gcp-1");
@@ -776,6 +781,7 @@ TEST_F(AgentCluster, AReplicationInterruptedByKillingItsTargetIsRetried) {
   std::string events = Events(job);
   EXPECT_NE(events.find("replicate_retry"), std::string::npos) << events;
   EXPECT_NE(events.find("target gcp-1 restarted during the copy"), std::string::npos) << events;
+  std::ofstream(go) << "go\n";
 }
 
 // The same with a kill -9 of the source: the target's copy fails, and it is retried from the
@@ -788,13 +794,16 @@ TEST_F(AgentCluster, AReplicationInterruptedByKillingItsSourceIsRetried) {
   WaitNodesUp(2);
   // The target holds the copy until the source is gone.
   agents_.at("gcp-1")->Signal(SIGSTOP);
-  std::string job =
-      Submit("name: copy\n" + Script(WriteStep("4") + "echo MUSTER_CHECKPOINT step=4") +
-             "nodes: 1\nranks_per_node: 1\nplacement:\n  providers: [aws]\n"
-             "checkpoint:\n  volume: ckpt\n");
+  // The job runs on until the copy is in (the copies of a job that ended are not retried).
+  fs::path go = dir_ / "go";
+  std::string job = Submit("name: copy\n" +
+                           Script("if [ \"$MUSTER_ATTEMPT\" = 1 ]; then " + WriteStep("4") +
+                                  "echo MUSTER_CHECKPOINT step=4; fi; while [ ! -e " + go.string() +
+                                  " ]; do sleep 0.05; done") +
+                           "nodes: 1\nranks_per_node: 1\nplacement:\n  providers: [aws]\n"
+                           "checkpoint:\n  volume: ckpt\n");
   ASSERT_TRUE(WaitUntil([&] { return Events(job).find("replicating") != std::string::npos; }, 20s))
       << Events(job);
-  ASSERT_TRUE(WaitState(job, "succeeded", 20s)) << Events(job);
   KillAgent("aws-1");
   StartAgent("aws-1", "aws");  // same volume, a new transfer endpoint
   agents_.at("gcp-1")->Signal(SIGCONT);
@@ -807,6 +816,7 @@ TEST_F(AgentCluster, AReplicationInterruptedByKillingItsSourceIsRetried) {
   std::string events = Events(job);
   EXPECT_NE(events.find("replicate_retry"), std::string::npos) << events;
   EXPECT_NE(events.find("failed on gcp-1"), std::string::npos) << events;
+  std::ofstream(go) << "go\n";
 }
 
 // `muster run` through the coordinator: an interactive job on the agents, with mpirun's output
@@ -898,6 +908,44 @@ TEST_F(AgentCluster, MusterRunThroughTheCoordinatorEndsAtItsTimeoutWith124) {
   EXPECT_EQ(WEXITSTATUS(*st), 124) << ReadFile(out);
   EXPECT_NE(ReadFile(out).find("started\n"), std::string::npos) << ReadFile(out);
   EXPECT_NE(ReadFile(out).find("ran past --timeout 2 s"), std::string::npos) << ReadFile(out);
+}
+
+// A step committed on one provider is copied to the other provider's volume, agent to agent
+// over CURVE, with a transfer key that the source revokes once the copy is reported.
+TEST_F(AgentCluster, ACommitIsCopiedToTheOtherProviderAndItsTransferKeyRevoked) {
+  const fs::path made = dir_ / "made";  // a real committed step 10 that the rank "commits"
+  {
+    checkpoint::CheckpointerOptions o;
+    o.dir = made.string();
+    o.block_size = 4096;
+    auto ck = checkpoint::Checkpointer::Create(o);
+    ASSERT_TRUE(ck.ok()) << ck.status();
+    std::vector<int32_t> w(5000, 3);
+    checkpoint::SaveState s;
+    s.tensors.push_back(
+        checkpoint::TensorRef::Replicated("w", checkpoint::DType::kI32, {5000}, w.data()));
+    ASSERT_TRUE((*ck)->Save(10, s).ok());
+    ASSERT_TRUE((*ck)->Wait().ok());
+  }
+  StartAgent("aws-1", "aws");
+  StartAgent("gcp-1", "gcp");
+  WaitNodesUp(2);
+  std::string body = "mkdir -p \"$MUSTER_CHECKPOINT_DIR\" && cp -r " +
+                     (made / "step-000000010").string() + " " + (made / "LATEST").string() +
+                     " \"$MUSTER_CHECKPOINT_DIR\"/ && echo MUSTER_CHECKPOINT step=10 && sleep 60";
+  std::string id = Submit("name: copied\n" + Script(body) +
+                          "nodes: 1\nranks_per_node: 1\ncheckpoint:\n  volume: ckpt\n"
+                          "placement:\n  hosts: [aws-1]\n");
+  const fs::path replica = dir_ / "vol-gcp" / id / "step-000000010" / "MANIFEST";
+  ASSERT_TRUE(WaitUntil([&] { return fs::exists(replica); }, 30s)) << Events(id);
+  ASSERT_TRUE(
+      WaitUntil([&] { return Events(id).find("(verified replica)") != std::string::npos; }, 10s))
+      << Events(id);
+  EXPECT_EQ(ReadFile(replica), ReadFile(made / "step-000000010" / "MANIFEST"));
+  EXPECT_TRUE(WaitUntil(
+      [&] { return ReadFile(dir_ / "aws-1.log").find("revoked") != std::string::npos; }, 10s))
+      << ReadFile(dir_ / "aws-1.log");
+  ASSERT_TRUE(Muster({"cancel", id}).ok());
 }
 
 }  // namespace
