@@ -30,6 +30,8 @@ StatusOr<ReplicateReport> Replicate(Volume* src, const std::string& src_dir, Vol
     return report;
   }
   const std::string tmp = TmpStepPath(dst_dir, step);
+  // A link planted in place of the temp directory would take the copy wherever it points.
+  if (dst->IsLink(tmp)) MUSTER_RETURN_IF_ERROR(dst->RemoveAll(tmp));
   MUSTER_RETURN_IF_ERROR(dst->CreateDirs(tmp));
   const std::string sdir = StepPath(src_dir, step);
   const uint64_t chunk = std::max<uint64_t>(m.block_size, (32 << 20) / m.block_size * m.block_size);

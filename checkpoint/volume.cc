@@ -131,16 +131,17 @@ class PosixVolume final : public Volume {
  public:
   StatusOr<std::unique_ptr<WritableFile>> NewWritableFile(const std::string& path,
                                                           bool direct) override {
-    int flags = O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC;
+    // O_NOFOLLOW: a link planted where a checkpoint file goes is never written through.
+    int flags = O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW;
     int fd = -1;
     bool got_direct = false;
     if (direct) {
       fd = ::open(path.c_str(), flags | O_DIRECT, 0644);
       got_direct = fd >= 0;
-      if (fd < 0 && errno != EINVAL) return ErrnoStatus(errno, "open " + path);
+      if (fd < 0 && errno != EINVAL) return OpenError(errno, path);
     }
     if (fd < 0) fd = ::open(path.c_str(), flags, 0644);
-    if (fd < 0) return ErrnoStatus(errno, "open " + path);
+    if (fd < 0) return OpenError(errno, path);
     return std::unique_ptr<WritableFile>(new PosixWritableFile(path, fd, got_direct));
   }
 
@@ -215,6 +216,11 @@ class PosixVolume final : public Volume {
     return ::stat(path.c_str(), &st) == 0;
   }
 
+  bool IsLink(const std::string& path) override {
+    struct stat st;
+    return ::lstat(path.c_str(), &st) == 0 && S_ISLNK(st.st_mode);
+  }
+
   StatusOr<uint64_t> FileSize(const std::string& path) override {
     struct stat st;
     if (::stat(path.c_str(), &st) != 0) return ErrnoStatus(errno, "stat " + path);
@@ -265,6 +271,8 @@ StatusOr<std::string> ReadFileToString(Volume* v, const std::string& path, uint6
 Status WriteFileAtomic(Volume* v, const std::string& path, const std::string& contents) {
   std::string tmp = path + ".tmp";
   {
+    // A leftover (or planted) temp file or link goes first: the new one is created afresh.
+    v->DeleteFile(tmp).IgnoreError();
     MUSTER_ASSIGN_OR_RETURN(auto f, v->NewWritableFile(tmp, /*direct=*/false));
     MUSTER_RETURN_IF_ERROR(f->Write(0, contents.data(), contents.size()));
     MUSTER_RETURN_IF_ERROR(f->Sync());

@@ -89,6 +89,8 @@ class Volume {
   // Names of the entries of a directory (no "." or ".."), unsorted.
   virtual StatusOr<std::vector<std::string>> ListDir(const std::string& path) = 0;
   virtual bool Exists(const std::string& path) = 0;
+  // True if `path` itself is a symbolic link (not followed). Volumes without links say false.
+  virtual bool IsLink(const std::string& path) { return false; }
   virtual StatusOr<uint64_t> FileSize(const std::string& path) = 0;
   // Seconds since the entry was last modified.
   virtual StatusOr<double> AgeSeconds(const std::string& path) = 0;

@@ -9,6 +9,7 @@
 
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 
 #include "checkpoint/checkpoint_dir.h"
 #include "checkpoint/checkpointer.h"
@@ -92,6 +93,27 @@ TEST(UntrustedReplicateTest, SparseTerabyteManifestAtTheSourceIsRefusedByItsSize
   ASSERT_EQ(steps->size(), 1u);
   EXPECT_FALSE((*steps)[0].committed);
   EXPECT_TRUE(Contains((*steps)[0].problem, "more than the limit")) << (*steps)[0].problem;
+}
+
+// A job can plant links in its own directory on the destination volume; the replicating agent
+// must not write through them (before, the shard copy landed in the link's target, and
+// LATEST.tmp truncated whatever file it pointed at).
+TEST(UntrustedReplicateTest, LinksPlantedAtTheDestinationAreNotWrittenThrough) {
+  TempDir tmp;
+  const std::string src = tmp.sub("src"), dst = tmp.sub("dst"), outside = tmp.sub("outside");
+  SaveSteps(Opts(src), {5});
+  ASSERT_TRUE(std::filesystem::create_directories(outside));
+  ASSERT_TRUE(std::filesystem::create_directories(dst));
+  { std::ofstream(outside + "/precious") << "keep me"; }
+  std::filesystem::create_directory_symlink(outside, TmpStepPath(dst, 5));
+  std::filesystem::create_symlink(outside + "/precious", dst + "/LATEST.tmp");
+  auto r = Replicate(LocalVolume(), src, LocalVolume(), dst, 5);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_FALSE(std::filesystem::exists(outside + "/" + ShardFileName(0)));
+  EXPECT_EQ(ReadAll(outside + "/precious"), "keep me");
+  EXPECT_TRUE(std::filesystem::exists(outside)) << "the link's target was removed";
+  EXPECT_EQ(*ReadLatest(LocalVolume(), dst), 5);
+  EXPECT_EQ(VerifyStep(LocalVolume(), dst, 5), Status::Ok());
 }
 
 // --- Validation of what a MANIFEST claims -------------------------------------------------------
