@@ -163,9 +163,9 @@ Status VerifyStep(Volume* v, const std::string& dir, int64_t step) {
 Status UpdateLatest(Volume* v, const std::string& dir, int64_t step) {
   std::string path = JoinPath(dir, kLatestName);
   if (v->Exists(path)) {
-    // A damaged or unreadable LATEST is simply replaced.
+    // A damaged or unreadable LATEST, or one naming a step that is not good, is replaced.
     auto cur = ReadLatest(v, dir);
-    if (cur.ok() && *cur > step && v->Exists(JoinPath(StepPath(dir, *cur), kManifestName))) {
+    if (cur.ok() && *cur > step && CheckStep(v, dir, *cur, StepCheck::kFiles).ok()) {
       return Status::Ok();
     }
   }

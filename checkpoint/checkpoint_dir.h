@@ -74,7 +74,7 @@ Status CheckBlocks(const Manifest& m, const ShardEntry& shard, uint64_t offset, 
                    size_t n);
 
 // Points LATEST at `step` (temp + fsync + rename + parent fsync) unless it already names a
-// newer committed step.
+// newer good step (CheckStep kFiles).
 Status UpdateLatest(Volume* v, const std::string& dir, int64_t step);
 
 // Keep the newest `keep_last` good steps, plus every good step divisible by `keep_every`
