@@ -61,6 +61,10 @@ struct AgentOptions {
   std::chrono::seconds default_notice{30};  // for sources that give no deadline
   // Grace between SIGTERM and SIGKILL when stopping ranks on our own (lease, shutdown).
   std::chrono::milliseconds stop_grace{5000};
+  // Per-rank log files are rotated past this size, keeping this many older parts
+  // (Supervisor::Options); 0 bytes: never rotated.
+  int64_t rank_log_max_bytes = int64_t{64} << 20;
+  int rank_log_keep = 3;
   std::chrono::milliseconds call_timeout{3000};
 };
 

@@ -11,6 +11,7 @@
 #include <condition_variable>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <mutex>
 #include <random>
 #include <thread>
@@ -602,6 +603,47 @@ TEST_F(CoordinatorIntegrationTest, HigherPriorityPreemptsAndTheVictimRequeues) {
   EXPECT_EQ(st.state(), proto::JOB_PENDING);
   EXPECT_EQ(st.preemptions(), 1);
   EXPECT_EQ(st.restarts(), 0);
+}
+
+// A spec with a 30,000-digit duration or count once took the coordinator down (a recursive
+// std::regex overflowed its stack). Over the wire, as YAML and as a proto JobSpec, every hostile
+// spec is now a clear InvalidArgument, and the same process goes on serving.
+TEST_F(CoordinatorIntegrationTest, HostileSpecsAreClearErrorsAndTheCoordinatorStaysUp) {
+  AddAgent("aws-0", "aws");
+  const std::string digits(30000, '9');
+  struct Case {
+    std::string yaml, want;
+  };
+  for (const Case& c : std::vector<Case>{
+           {"name: d\ncommand: x\ntime_limit: " + digits + "\n", "job.yaml:3: time_limit:"},
+           {"name: d\ncommand: x\nnodes: " + digits + "\n", "job.yaml:3: nodes:"},
+           {"name: d\ncommand: x\ncheckpoint:\n  volume: ckpt\n  every: " + digits + "\n",
+            "job.yaml:5: checkpoint.every:"},
+           {"name: d\ncommand: x\nnodes: 1\nnodes: 2\n", "job.yaml:4: nodes: given twice"},
+       }) {
+    auto id = Submit(c.yaml);
+    ASSERT_FALSE(id.ok()) << "accepted: " << *id;
+    EXPECT_EQ(id.status().code(), StatusCode::kInvalidArgument) << id.status();
+    EXPECT_NE(id.status().message().find(c.want), std::string::npos) << id.status();
+  }
+  proto::Envelope e;
+  auto* spec = e.mutable_submit_request()->mutable_spec();
+  spec->set_name("../../etc");
+  spec->add_command("train");
+  spec->set_nodes(1);
+  spec->set_ranks_per_node(1);
+  spec->set_checkpoint_keep(3);
+  spec->set_restart_backoff_s(std::numeric_limits<int64_t>::max());
+  (*spec->mutable_env())["A=B"] = "x";
+  auto r = client_->Call(e);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), StatusCode::kInvalidArgument) << r.status();
+  for (const char* want :
+       {"name: must be 1-63", "restart.backoff: must be a duration", "env.A=B: is not a valid"}) {
+    EXPECT_NE(r.status().message().find(want), std::string::npos) << r.status();
+  }
+  auto fine = Submit("name: d\ncommand: x\n");
+  EXPECT_TRUE(fine.ok()) << "the coordinator still serves: " << fine.status();
 }
 
 TEST(CoordinatorSecurityTest, InsecureMustBeAskedForAndWarnsAndMissingKeysAreAClearError) {
