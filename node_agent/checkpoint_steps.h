@@ -11,10 +11,12 @@
 //     rule of checkpoint::CollectGarbage (the Checkpointer's), never removing the newest good
 //     step, nor an incomplete directory (a save or a copy in progress).
 //
-// "Good" is one small function, StepIsGood, so it can follow checkpoint/'s own definition.
+// "Good" is checkpoint::CheckStep's (StepCheck::kFiles), and retention is
+// checkpoint::CollectGarbage's, so the agent, the Checkpointer and `muster ckpt gc` agree.
 //
-// Every function reads the volume; none follows a symlink or opens anything but a regular
-// file, so a FIFO planted in a job's directory cannot block the caller. Thread-safe.
+// Every function reads the volume through checkpoint::LocalVolume, which follows no symlink and
+// opens only regular files, without blocking on a FIFO planted in a job's directory.
+// Thread-safe.
 
 #include <cstdint>
 #include <optional>
@@ -25,10 +27,10 @@
 
 namespace muster::node_agent {
 
-// OK when `step` is a committed checkpoint in the job's directory `job_dir` (the one holding
-// LATEST and the step-N directories): its MANIFEST is a regular file that parses and checks,
-// it names `step`, and every shard file it names is a regular file (not a symlink) of the size
-// the MANIFEST gives. Otherwise NotFound or DataLoss naming what is missing or wrong.
+// OK when `step` is a good checkpoint in the job's directory `job_dir` (the one holding LATEST
+// and the step-N directories): a step-N directory (not a symlink) whose MANIFEST parses and
+// validates and whose shard files are all regular files of the sizes it gives
+// (checkpoint::CheckStep). Otherwise NotFound or DataLoss naming what is missing or wrong.
 Status StepIsGood(const std::string& job_dir, int64_t step);
 
 // The good steps of `job_dir`, newest first (empty when none, or no such directory).
@@ -42,8 +44,9 @@ struct ResumeChoice {
 };
 ResumeChoice ChooseResumeStep(const std::string& job_dir, int64_t requested);
 
-// Keeps the newest `keep` good steps of `job_dir` (checkpoint::CollectGarbage's rule, which
-// never removes the newest committed step); leaves incomplete directories alone. `keep` <= 0:
+// Keeps the newest `keep` good steps of `job_dir` (checkpoint::CollectGarbage's rule: only good
+// steps count, the newest good step is never removed, a step that is not good is left for a
+// human); leaves incomplete directories alone. `keep` <= 0:
 // nothing is removed. The steps removed, oldest first.
 StatusOr<std::vector<int64_t>> PruneSteps(const std::string& job_dir, int keep);
 
