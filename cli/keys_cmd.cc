@@ -68,8 +68,8 @@ void AddKeysCommands(CLI::App& app, Runner* runner) {
           std::cerr << "muster keys add: " << pair.status().message() << "\n";
           return pair.status().code() == StatusCode::kInvalidArgument ? 2 : 1;
         }
-        std::cout << "wrote " << file.string() << " (secret, 0600): a " << *role << " key named '"
-                  << *name << "'\nadded its public key to " << kd.authorized_keys().string()
+        std::cout << "wrote " << file.string() << " (secret, 0600): key '" << *name << "', role "
+                  << *role << "\nadded its public key to " << kd.authorized_keys().string()
                   << " (a running coordinator picks it up within 2 s)\n";
         if (*r == KeyRole::kAgent) {
           std::cout << "on the node: muster agent --key " << file.filename().string() << " --name "

@@ -4,6 +4,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <array>
 #include <cerrno>
 #include <cstdlib>
@@ -367,7 +368,14 @@ StatusOr<int> MigrateKeysDir(const KeysDir& keys, KeyRole role) {
   if (changed > 0) MUSTER_RETURN_IF_ERROR(WriteFileAtomically(keys.authorized_keys(), out, 0644));
   std::error_code ec;
   if (!fs::exists(keys.agent_key(), ec)) {
-    MUSTER_RETURN_IF_ERROR(AddKey(keys, "agent", KeyRole::kAgent, keys.agent_key()).status());
+    MUSTER_ASSIGN_OR_RETURN(auto listed, LoadAuthorizedKeys(keys.authorized_keys()));
+    std::string name = "agent";
+    for (int i = 2; std::any_of(listed.begin(), listed.end(),
+                                [&](const AuthorizedKey& k) { return k.name == name; });
+         ++i) {
+      name = "agent-" + std::to_string(i);
+    }
+    MUSTER_RETURN_IF_ERROR(AddKey(keys, name, KeyRole::kAgent, keys.agent_key()).status());
   }
   return changed;
 }
