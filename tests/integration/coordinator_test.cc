@@ -845,5 +845,60 @@ TEST_F(CoordinatorIntegrationTest, ARemovedKeysOpenSessionIsRefusedAfterTheReloa
   EXPECT_TRUE(client_->Status(*mine).ok()) << "the admin still is";
 }
 
+// A keys directory from before roles keeps working: its one key (CLI and agents alike) is a
+// legacy key with admin and agent rights. `muster keys migrate` then makes it an admin key and
+// adds agent.key, and the node name bound to the old key moves to the agent key.
+TEST_F(CoordinatorIntegrationTest, ALegacyKeysDirKeepsWorkingAndMigrates) {
+  KeyPair old_key = *LoadKeyPair(keys_.client_key());
+  KeyPair init_agent = *LoadKeyPair(keys_.agent_key());
+  fs::remove(keys_.agent_key());
+  std::ofstream(keys_.dir / "authorized_keys.new")
+      << "# Public keys the muster coordinator accepts: '<z85 public key> [name]' per line.\n"
+      << old_key.public_key << " client\n";
+  fs::rename(keys_.dir / "authorized_keys.new", keys_.authorized_keys());
+  RpcClient::Options o;
+  o.endpoint = coord_->endpoint();
+  o.server_public_key = LoadKeyPair(keys_.coordinator_pub())->public_key;
+  o.client_key = init_agent;
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        auto c = RpcClient::Connect(ctx_, o);
+        proto::Envelope ping;
+        ping.mutable_ping();
+        return c.ok() && !(*c)->Call(ping, 1s).ok();
+      },
+      10s))
+      << "the legacy file was not loaded";
+
+  FakeAgent legacy(ctx_, coord_->endpoint(), keys_, Labels("aws-0", "aws"), old_key);
+  ASSERT_TRUE(legacy.Register().ok()) << "a legacy key may still run an agent";
+  legacy.StartHeartbeats();
+  auto id = Submit("name: legacy\ncommand: train\n");
+  ASSERT_TRUE(id.ok()) << id.status();
+  ASSERT_TRUE(legacy.WaitStart());
+  ASSERT_TRUE(legacy.Report(*id, 1, false, 0, true).ok());
+  ASSERT_TRUE(WaitState(*id, proto::JOB_SUCCEEDED));
+  legacy.StopHeartbeats();
+
+  auto changed = MigrateKeysDir(keys_, KeyRole::kAdmin);
+  ASSERT_TRUE(changed.ok()) << changed.status();
+  EXPECT_EQ(*changed, 1);
+  o.client_key = *LoadKeyPair(keys_.agent_key());
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        auto c = RpcClient::Connect(ctx_, o);
+        proto::Envelope ping;
+        ping.mutable_ping();
+        return c.ok() && (*c)->Call(ping, 1s).ok();
+      },
+      10s))
+      << "the new agent.key is not served";
+  FakeAgent migrated(ctx_, coord_->endpoint(), keys_, Labels("aws-0", "aws"));
+  EXPECT_TRUE(migrated.Register().ok()) << "aws-0 moves from the old key, now an admin key";
+  muster::Status st = legacy.Register();
+  EXPECT_NE(st.message().find("(role admin) may not agent register"), std::string::npos) << st;
+  EXPECT_TRUE(client_->Status(*id).ok()) << "the CLI's key is an admin key now";
+}
+
 }  // namespace
 }  // namespace muster::coordinator
