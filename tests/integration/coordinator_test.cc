@@ -68,6 +68,9 @@ class CoordinatorProcess {
     pid_ = -1;
   }
   const std::string& endpoint() const { return endpoint_; }
+  void Signal(int sig) {
+    if (pid_ > 0) kill(pid_, sig);
+  }
 
  private:
   fs::path data_, keys_;
@@ -898,6 +901,42 @@ TEST_F(CoordinatorIntegrationTest, ALegacyKeysDirKeepsWorkingAndMigrates) {
   muster::Status st = legacy.Register();
   EXPECT_NE(st.message().find("(role admin) may not agent register"), std::string::npos) << st;
   EXPECT_TRUE(client_->Status(*id).ok()) << "the CLI's key is an admin key now";
+}
+
+// SIGHUP re-reads authorized_keys at once, even when the file's change went unnoticed (here its
+// modification time is put back, so only the signal can make the coordinator see it).
+TEST_F(CoordinatorIntegrationTest, SighupReloadsTheKeysAndEndsARemovedKeysSession) {
+  AddKeyAndWait("dave", KeyRole::kClient);
+  ClientOptions o;
+  o.endpoint = coord_->endpoint();
+  o.keys_dir = keys_.dir.string();
+  o.key_file = (keys_.dir / "dave.key").string();
+  auto c = CoordinatorClient::Connect(o);
+  ASSERT_TRUE(c.ok()) << c.status();
+  ASSERT_TRUE((*c)->Status("").ok());
+  auto mtime = fs::last_write_time(keys_.authorized_keys());
+  std::ifstream in(keys_.authorized_keys());
+  std::string line, kept;
+  while (std::getline(in, line)) {
+    if (line.find(" dave ") == std::string::npos) kept += line + "\n";
+  }
+  in.close();
+  std::ofstream(keys_.dir / "authorized_keys.new") << kept;
+  fs::last_write_time(keys_.dir / "authorized_keys.new", mtime);
+  fs::rename(keys_.dir / "authorized_keys.new", keys_.authorized_keys());
+  coord_->Signal(SIGHUP);
+  StatusOr<proto::StatusReply> after = (*c)->Status("");
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        after = (*c)->Status("");
+        return !after.ok();
+      },
+      10s))
+      << "dave's session survived the SIGHUP";
+  EXPECT_EQ(after.status().code(), StatusCode::kFailedPrecondition) << after.status();
+  EXPECT_NE(after.status().message().find("no longer authorized"), std::string::npos)
+      << after.status();
+  EXPECT_TRUE(client_->Status("").ok()) << "the coordinator is still up";
 }
 
 }  // namespace
