@@ -724,8 +724,10 @@ RequestKind KindOf(proto::Envelope::PayloadCase c) {
       return {"agent report", Right::kAgent};
     case proto::Envelope::kAgentLogChunk:
       return {"agent log chunk", Right::kAgent};
-    default:
+    case proto::Envelope::kPing:
       return {"ping", Right::kAny};
+    default:
+      return {"request", Right::kAny};  // answered InvalidArgument below
   }
 }
 
