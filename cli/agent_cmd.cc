@@ -27,8 +27,12 @@ void AddAgentCommands(CLI::App& app, Runner* runner) {
   cmd->add_option("--coordinator", o->coordinator,
                   "Coordinator endpoint, tcp://HOST:PORT (default: $MUSTER_COORDINATOR)");
   cmd->add_option("--keys", o->keys_dir,
-                  "Keys directory with client.key and coordinator.pub (default: $MUSTER_KEYS, "
-                  "else ~/.muster)");
+                  "Keys directory with coordinator.pub and the agent's key (default: "
+                  "$MUSTER_KEYS, else ~/.muster)");
+  cmd->add_option("--key", o->key_file,
+                  "The agent's key pair, made with `muster keys add --role agent` (default: "
+                  "agent.key in the keys directory; client.key in one made before keys had "
+                  "roles)");
   cmd->add_flag("--insecure", o->insecure,
                 "No CURVE to the coordinator nor for the job stores (tests only)");
   cmd->add_option("--provider", f->provider, "Provider label (aws, gcp, lambda, ...)")->required();

@@ -1196,6 +1196,9 @@ StatusOr<std::unique_ptr<Agent>> Agent::Start(AgentOptions options) {
   coordinator::ClientOptions co;
   co.endpoint = options.coordinator;
   co.keys_dir = options.keys_dir;
+  co.key_file = !options.key_file.empty()
+                    ? options.key_file
+                    : KeysDir::Resolve(options.keys_dir).agent_key_or_client_key().string();
   co.insecure = options.insecure;
   co.timeout = options.call_timeout;
   MUSTER_ASSIGN_OR_RETURN(m.ctl, coordinator::CoordinatorClient::Connect(co));

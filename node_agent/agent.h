@@ -47,7 +47,8 @@ namespace muster::node_agent {
 
 struct AgentOptions {
   std::string coordinator;  // endpoint; "" : $MUSTER_COORDINATOR
-  std::string keys_dir;     // client.key + coordinator.pub; "" : $MUSTER_KEYS, else ~/.muster
+  std::string keys_dir;     // agent.key + coordinator.pub; "" : $MUSTER_KEYS, else ~/.muster
+  std::string key_file;     // "" : <keys_dir>/agent.key, or client.key in a pre-roles keys dir
   bool insecure = false;    // no CURVE to the coordinator nor for the stores (tests only)
   // name, provider, region, island, gpu_type, gpus, slots, volumes, address. An empty name
   // becomes the hostname; an empty address the local address that routes to the coordinator.
