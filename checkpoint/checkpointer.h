@@ -134,12 +134,12 @@ struct CheckpointerOptions {
   DeviceCopier* device_copier = nullptr;
   // The step ResumeStep() answers with; nullopt: the newest committed one (FromEnv sets it
   // from MUSTER_RESUME_STEP).
-  std::optional<int64_t> resume_step;
+  std::optional<int64_t> resume_step = std::nullopt;
   // Called on rank 0's writer thread once each step is committed (durable, LATEST updated),
   // before the other ranks' Wait() returns. FromEnv, when the rank has a control channel
   // (MUSTER_CONTROL_FD), sets it to announce the commit to the agent (common/control_channel.h),
   // so a program that never prints `MUSTER_CHECKPOINT step=N` is still catalogued.
-  std::function<void(int64_t step)> on_commit;
+  std::function<void(int64_t step)> on_commit = nullptr;
 };
 
 class Checkpointer {

@@ -442,7 +442,11 @@ void Supervisor::OnPipeReadable(ChildId id, OutputStream stream) {
 }
 
 void Supervisor::EmitLine(Child& c, OutputStream stream, std::string_view line) {
-  const int own = stream == OutputStream::kControl ? -1 : c.stream_log[static_cast<int>(stream)].fd;
+  // A control-channel line is logged as if the child had printed it on stdout.
+  const int own =
+      c.stream_log[static_cast<int>(stream == OutputStream::kStderr ? OutputStream::kStderr
+                                                                    : OutputStream::kStdout)]
+          .fd;
   if (c.log.fd >= 0 || own >= 0) {
     std::string l;
     l.reserve(line.size() + 1);

@@ -5,15 +5,19 @@
 // Used by `muster run` (the launcher) and by the node agent. For each child it:
 //   - spawns the program (fork + exec, PATH searched as execvp does) in its own process group
 //     (so a stop reaches every process the rank started), with an exact environment, a working
-//     directory, and stdin from a given fd or /dev/null; every signal the child could inherit
-//     as blocked or ignored is reset to its default; the child gets SIGKILL if the reactor
-//     thread that started it dies (PR_SET_PDEATHSIG), so a rank never outlives its agent or
+//     directory, stdin from a given fd or /dev/null, and no other fd of the supervisor's (all
+//     are closed at exec but stdin, stdout, stderr and the control channel); every signal the child
+//     could inherit as blocked or ignored is reset to its default; the child gets SIGKILL if the
+//     reactor thread that started it dies (PR_SET_PDEATHSIG), so a rank never outlives its agent or
 //     launcher, kill -9 included (processes the rank itself started are not covered: the
 //     agent's restart kills what is left of the group);
 //   - reads the child's stdout and stderr through pipes and hands out whole lines (one callback
 //     per line; a final unterminated line is handed out at EOF; a line longer than
 //     kMaxLineBytes is cut into pieces of that size), optionally appending each line to a
 //     per-child log file;
+//   - optionally gives the child a control channel (SpawnSpec::control_channel): a socket open
+//     for writing at fd kControlFd of the child, read and handed out line by line the same way
+//     (OutputStream::kControl) and logged as if the child had printed it on stdout;
 //   - learns of the child's exit from a pidfd that the reactor polls (no SIGCHLD handler, no
 //     polling sleeps), reaps it, and reports the exit with a sequence number that orders exits
 //     by the time they were noticed;
