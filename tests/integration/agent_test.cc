@@ -266,6 +266,24 @@ TEST_F(AgentCluster, ARankThatNeverPrintsIsStillCataloguedThroughItsControlChann
   EXPECT_NE(log->find("MUSTER_CHECKPOINT step=4\n"), std::string::npos) << *log;
 }
 
+// A commit announced on the control channel and printed as well is catalogued once.
+TEST_F(AgentCluster, ACommitAnnouncedTwiceIsRecordedOnce) {
+  StartAgent("aws-1", "aws");
+  WaitNodesUp(1);
+  std::string job = Submit(
+      "name: twice\n" +
+      Script(
+          "if [ \"$RANK\" = 0 ]; then echo MUSTER_CHECKPOINT step=2; "
+          "echo MUSTER_CHECKPOINT step=2 >&$MUSTER_CONTROL_FD; echo MUSTER_CHECKPOINT step=2; fi") +
+      "nodes: 1\nranks_per_node: 1\ncheckpoint:\n  volume: ckpt\n");
+  ASSERT_FALSE(job.empty());
+  ASSERT_TRUE(WaitState(job, "succeeded", 30s)) << Events(job);
+  std::string events = Events(job);
+  size_t first = events.find("checkpoint_committed");
+  ASSERT_NE(first, std::string::npos) << events;
+  EXPECT_EQ(events.find("checkpoint_committed", first + 1), std::string::npos) << events;
+}
+
 // Gang placement on one provider, all or nothing, a visible pending reason, refusal of a job no
 // node set could hold, and a higher-priority job preempting a lower one, which checkpoints
 // first and resumes afterwards from that step.
