@@ -158,6 +158,7 @@ int main(int argc, char** argv) {
   }
   muster::checkpoint::CheckpointerOptions ck_options;
   ck_options.dir = checkpoint_dir;
+  ck_options.io_threads = 1;  // the example's checkpoints are a few MB
   auto ck = (*ctx)->NewCheckpointer(ck_options);
   if (!ck.ok()) {
     log->error("{}", ck.status().ToString());

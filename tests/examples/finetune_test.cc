@@ -124,6 +124,11 @@ class FinetuneTest : public ::testing::Test {
       EXPECT_TRUE(
           c.WaitOutput("MUSTER_PROGRESS step=" + std::to_string(at) + " ", Clock::now() + 60s))
           << c.Output();
+      // Saves are asynchronous: on a loaded machine step 5's commit may land steps later. A
+      // SIGKILL before any commit would leave nothing to resume from; wait for the first.
+      if (sig == SIGKILL) {
+        EXPECT_TRUE(c.WaitOutput("MUSTER_CHECKPOINT step=", Clock::now() + 60s)) << c.Output();
+      }
       c.Kill(sig);
       int code = c.WaitExit(Clock::now() + 30s);
       if (sig == SIGKILL) {
