@@ -21,13 +21,18 @@ void AddAgentCommands(CLI::App& app, Runner* runner) {
     std::vector<std::string> volumes;
     double notice_s = 30;
     int grace_ms = 5000;
+    int64_t rank_log_max_mb = 64;
   };
   auto f = std::make_shared<Flags>();
   cmd->add_option("--coordinator", o->coordinator,
                   "Coordinator endpoint, tcp://HOST:PORT (default: $MUSTER_COORDINATOR)");
   cmd->add_option("--keys", o->keys_dir,
-                  "Keys directory with client.key and coordinator.pub (default: $MUSTER_KEYS, "
-                  "else ~/.muster)");
+                  "Keys directory with coordinator.pub and the agent's key (default: "
+                  "$MUSTER_KEYS, else ~/.muster)");
+  cmd->add_option("--key", o->key_file,
+                  "The agent's key pair, made with `muster keys add --role agent` (default: "
+                  "agent.key in the keys directory; client.key in one made before keys had "
+                  "roles)");
   cmd->add_flag("--insecure", o->insecure,
                 "No CURVE to the coordinator nor for the job stores (tests only)");
   cmd->add_option("--provider", f->provider, "Provider label (aws, gcp, lambda, ...)")->required();
@@ -55,6 +60,14 @@ void AddAgentCommands(CLI::App& app, Runner* runner) {
                   "Seconds of notice assumed for SIGTERM and sources that give no time")
       ->capture_default_str();
   cmd->add_option("--grace-ms", f->grace_ms, "SIGTERM to SIGKILL grace when stopping ranks")
+      ->capture_default_str();
+  cmd->add_option("--rank-log-max-mb", f->rank_log_max_mb,
+                  "Rotate a rank's log file past this many MiB (0: never)")
+      ->check(CLI::Range(int64_t{0}, int64_t{1} << 20))
+      ->capture_default_str();
+  cmd->add_option("--rank-log-keep", o->rank_log_keep,
+                  "Rotated parts kept of each rank log file (the oldest is dropped)")
+      ->check(CLI::Range(0, 1000))
       ->capture_default_str();
   cmd->callback([=] {
     *runner = [=]() -> int {
@@ -97,6 +110,7 @@ void AddAgentCommands(CLI::App& app, Runner* runner) {
       o->work_dir = f->work_dir.empty() ? "muster-agent" : f->work_dir;
       o->default_notice = std::chrono::seconds(static_cast<int64_t>(f->notice_s));
       o->stop_grace = std::chrono::milliseconds(f->grace_ms);
+      o->rank_log_max_bytes = f->rank_log_max_mb << 20;
       // Signals go to sigwait below; threads started from here inherit the mask.
       sigset_t set;
       sigemptyset(&set);

@@ -171,12 +171,14 @@ void AddCoordinatorCommands(CLI::App& app, Runner* runner) {
         sigemptyset(&set);
         sigaddset(&set, SIGINT);
         sigaddset(&set, SIGTERM);
+        sigaddset(&set, SIGHUP);
         pthread_sigmask(SIG_BLOCK, &set, nullptr);
         auto server = coordinator::CoordinatorServer::Start(*o);
         if (!server.ok()) return Fail("coordinator", server.status());
         std::cout << "coordinator listening on " << (*server)->endpoint() << std::endl;
         int sig = 0;
-        sigwait(&set, &sig);
+        // SIGHUP: re-read authorized_keys now (it is also re-read within 2 s of a change).
+        while (sigwait(&set, &sig) == 0 && sig == SIGHUP) (*server)->ReloadKeys();
         log::Get("coord")->info("signal {}: stopping", sig);
         (*server)->Stop();
         return 0;

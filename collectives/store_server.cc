@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <charconv>
 
 #include "common/logging.h"
 #include "common/wire.h"
@@ -26,6 +27,18 @@ Status ValidateJob(const std::string& job) {
     }
   }
   return Status::Ok();
+}
+
+// `s` for a log line or error: a bounded prefix.
+std::string Clip(const std::string& s) {
+  constexpr size_t kShown = 64;
+  if (s.size() <= kShown) return s;
+  return s.substr(0, kShown) + "... (" + std::to_string(s.size()) + " bytes)";
+}
+
+// Memory a gather of n ranks holds besides its name and entries.
+int64_t GatherOverhead(int n) {
+  return static_cast<int64_t>(n) * static_cast<int64_t>(sizeof(std::string) + sizeof(uint64_t));
 }
 
 proto::Envelope ReplyEnvelope(proto::StoreReply r) {
@@ -77,7 +90,7 @@ StatusOr<std::unique_ptr<StoreServer>> StoreServer::Create(Reactor& reactor,
       s->rpc_,
       RpcServer::Create(reactor, ro,
                         [raw](const PeerInfo& peer, proto::Envelope&& req, RpcServer::Reply reply) {
-                          raw->Handle(peer, std::move(req), std::move(reply));
+                          raw->HandleRequest(peer, std::move(req), std::move(reply));
                         }));
   s->endpoint_ = s->rpc_->endpoint();
   if (!s->options_.insecure) s->options_.server_key.public_key = s->rpc_->public_key();
@@ -144,7 +157,7 @@ Status StoreServer::Set(const std::string& job, uint64_t attempt, const std::str
   return OnReactor("rdzv.host_set", [&]() -> Status {
     auto it = scopes_.find(name);
     if (it == scopes_.end()) return NotFoundError("rendezvous scope " + name + " is not open");
-    SetKey(it->second, key, value);
+    SetKey(it->second, key, value);  // the host's own keys are not held to the limits
     return Status::Ok();
   });
 }
@@ -171,7 +184,54 @@ std::chrono::milliseconds StoreServer::ClampTimeout(int64_t timeout_ms) const {
                   options_.max_timeout);
 }
 
-void StoreServer::Handle(const PeerInfo& peer, proto::Envelope&& request, RpcServer::Reply reply) {
+int64_t StoreServer::scope_bytes(const std::string& job, uint64_t attempt) const {
+  auto it = scopes_.find(ScopeName(job, attempt));
+  return it == scopes_.end() ? -1 : it->second.bytes;
+}
+
+Status StoreServer::CheckKey(const char* op, const std::string& key) const {
+  if (key.empty() || key.size() > options_.max_key_bytes) {
+    return InvalidArgumentError("rendezvous " + std::string(op) + ": a key or name must be 1.." +
+                                std::to_string(options_.max_key_bytes) + " bytes, not " +
+                                std::to_string(key.size()));
+  }
+  return Status::Ok();
+}
+
+Status StoreServer::CheckRoom(const Scope& scope, int64_t more_bytes, size_t more_entries) const {
+  if (scope.bytes + more_bytes > options_.max_scope_bytes) {
+    return FailedPreconditionError("rendezvous scope " + scope.name + " is full: it holds " +
+                                   std::to_string(scope.bytes) + " bytes, and this request needs " +
+                                   std::to_string(more_bytes) + " more; the limit is " +
+                                   std::to_string(options_.max_scope_bytes));
+  }
+  size_t entries = scope.kv.size() + scope.barriers.size() + scope.gathers.size();
+  if (more_entries > 0 && entries + more_entries > options_.max_scope_entries) {
+    return FailedPreconditionError(
+        "rendezvous scope " + scope.name + " is full: it holds " + std::to_string(entries) +
+        " keys, barriers and gathers; the limit is " + std::to_string(options_.max_scope_entries));
+  }
+  return Status::Ok();
+}
+
+Status StoreServer::CheckSet(const Scope& scope, const std::string& key, size_t value_bytes) const {
+  auto it = scope.kv.find(key);
+  int64_t now = it == scope.kv.end() ? 0 : static_cast<int64_t>(key.size() + it->second.size());
+  int64_t after = static_cast<int64_t>(key.size() + value_bytes);
+  return CheckRoom(scope, after - now, it == scope.kv.end() ? 1 : 0);
+}
+
+Status StoreServer::CheckPark(const Scope& scope) const {
+  if (scope.parked >= options_.max_parked_per_scope) {
+    return FailedPreconditionError(
+        "rendezvous scope " + scope.name + " has " + std::to_string(scope.parked) +
+        " requests waiting already; the limit is " + std::to_string(options_.max_parked_per_scope));
+  }
+  return Status::Ok();
+}
+
+void StoreServer::HandleRequest(const PeerInfo& peer, proto::Envelope&& request,
+                                RpcServer::Reply reply) {
   auto fail = [&](const Status& s) { reply(ErrorEnvelope(request.request_id(), s)); };
   if (!request.has_store_request()) {
     return fail(InvalidArgumentError("rendezvous store: expected a StoreRequest"));
@@ -181,14 +241,14 @@ void StoreServer::Handle(const PeerInfo& peer, proto::Envelope&& request, RpcSer
   // Under CURVE the connection's key names its scope; a request may not reach past it.
   if (!options_.insecure && peer.user_id != name) {
     log::Get("coll.store")
-        ->warn("rendezvous: refused a request for scope {} from {} (key of scope {})", name,
+        ->warn("rendezvous: refused a request for scope {} from {} (key of scope {})", Clip(name),
                peer.address, peer.user_id);
     return fail(FailedPreconditionError("rendezvous store: this client's key belongs to scope '" +
-                                        peer.user_id + "', not '" + name + "'"));
+                                        peer.user_id + "', not '" + Clip(name) + "'"));
   }
   auto it = scopes_.find(name);
   if (it == scopes_.end()) {
-    return fail(FailedPreconditionError("rendezvous store: scope '" + name +
+    return fail(FailedPreconditionError("rendezvous store: scope '" + Clip(name) +
                                         "' is not open (attempt ended or never started)"));
   }
   Status st = Dispatch(it->second, req, reply);
@@ -196,8 +256,19 @@ void StoreServer::Handle(const PeerInfo& peer, proto::Envelope&& request, RpcSer
 }
 
 Status StoreServer::Dispatch(Scope& scope, proto::StoreRequest& req, RpcServer::Reply& reply) {
+  auto CheckKeys = [&](const char* op, const auto& keys) -> Status {
+    if (static_cast<size_t>(keys.size()) > options_.max_keys_per_request) {
+      return InvalidArgumentError("rendezvous " + std::string(op) + ": " +
+                                  std::to_string(keys.size()) + " keys; at most " +
+                                  std::to_string(options_.max_keys_per_request));
+    }
+    for (const auto& k : keys) MUSTER_RETURN_IF_ERROR(CheckKey(op, k));
+    return Status::Ok();
+  };
   switch (req.op_case()) {
     case proto::StoreRequest::kSet: {
+      MUSTER_RETURN_IF_ERROR(CheckKey("set", req.set().key()));
+      MUSTER_RETURN_IF_ERROR(CheckSet(scope, req.set().key(), req.set().value().size()));
       SetKey(scope, req.set().key(), std::move(*req.mutable_set()->mutable_value()));
       reply(ReplyEnvelope({}));
       return Status::Ok();
@@ -205,6 +276,8 @@ Status StoreServer::Dispatch(Scope& scope, proto::StoreRequest& req, RpcServer::
     case proto::StoreRequest::kGet: {
       auto& g = *req.mutable_get();
       if (g.keys().empty()) return InvalidArgumentError("rendezvous get: no keys");
+      MUSTER_RETURN_IF_ERROR(CheckKeys("get", g.keys()));
+      MUSTER_RETURN_IF_ERROR(CheckPark(scope));
       std::vector<std::string> keys(std::make_move_iterator(g.mutable_keys()->begin()),
                                     std::make_move_iterator(g.mutable_keys()->end()));
       Park(scope, std::move(keys), /*with_values=*/true, g.timeout_ms(), std::move(reply));
@@ -212,6 +285,8 @@ Status StoreServer::Dispatch(Scope& scope, proto::StoreRequest& req, RpcServer::
     }
     case proto::StoreRequest::kWait: {
       auto& w = *req.mutable_wait();
+      MUSTER_RETURN_IF_ERROR(CheckKeys("wait", w.keys()));
+      MUSTER_RETURN_IF_ERROR(CheckPark(scope));
       std::vector<std::string> keys(std::make_move_iterator(w.mutable_keys()->begin()),
                                     std::make_move_iterator(w.mutable_keys()->end()));
       Park(scope, std::move(keys), /*with_values=*/false, w.timeout_ms(), std::move(reply));
@@ -219,20 +294,24 @@ Status StoreServer::Dispatch(Scope& scope, proto::StoreRequest& req, RpcServer::
     }
     case proto::StoreRequest::kAdd: {
       const std::string& key = req.add().key();
+      MUSTER_RETURN_IF_ERROR(CheckKey("add", key));
       int64_t v = 0;
       if (auto it = scope.kv.find(key); it != scope.kv.end()) {
-        size_t used = 0;
-        try {
-          v = std::stoll(it->second, &used);
-        } catch (const std::exception&) {
-          used = std::string::npos;
-        }
-        if (used != it->second.size()) {
-          return InvalidArgumentError("rendezvous add: key '" + key + "' does not hold an integer");
+        const std::string& s = it->second;
+        auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), v, 10);
+        if (s.empty() || ec != std::errc() || end != s.data() + s.size()) {
+          return InvalidArgumentError("rendezvous add: key '" + key +
+                                      "' does not hold a 64-bit integer");
         }
       }
-      v += req.add().delta();
-      SetKey(scope, key, std::to_string(v));
+      if (__builtin_add_overflow(v, req.add().delta(), &v)) {
+        return InvalidArgumentError("rendezvous add: key '" + key + "' holds " + scope.kv[key] +
+                                    "; adding " + std::to_string(req.add().delta()) +
+                                    " overflows a 64-bit integer");
+      }
+      std::string text = std::to_string(v);
+      MUSTER_RETURN_IF_ERROR(CheckSet(scope, key, text.size()));
+      SetKey(scope, key, std::move(text));
       proto::StoreReply r;
       r.set_counter(v);
       reply(ReplyEnvelope(std::move(r)));
@@ -240,10 +319,12 @@ Status StoreServer::Dispatch(Scope& scope, proto::StoreRequest& req, RpcServer::
     }
     case proto::StoreRequest::kCompareSet: {
       const auto& c = req.compare_set();
+      MUSTER_RETURN_IF_ERROR(CheckKey("compare_set", c.key()));
       auto it = scope.kv.find(c.key());
       std::string current = it == scope.kv.end() ? "" : it->second;
       proto::StoreReply r;
       if (current == c.expected()) {
+        MUSTER_RETURN_IF_ERROR(CheckSet(scope, c.key(), c.desired().size()));
         SetKey(scope, c.key(), c.desired());
         r.add_values(c.desired());
       } else {
@@ -253,9 +334,13 @@ Status StoreServer::Dispatch(Scope& scope, proto::StoreRequest& req, RpcServer::
       return Status::Ok();
     }
     case proto::StoreRequest::kBarrier:
+      MUSTER_RETURN_IF_ERROR(CheckKey("barrier", req.barrier().name()));
+      MUSTER_RETURN_IF_ERROR(CheckPark(scope));
       ParkBarrier(scope, req.barrier(), std::move(reply));
       return Status::Ok();
     case proto::StoreRequest::kGather:
+      MUSTER_RETURN_IF_ERROR(CheckKey("gather", req.gather().name()));
+      MUSTER_RETURN_IF_ERROR(CheckPark(scope));
       return ParkGather(scope, *req.mutable_gather(), reply);
     case proto::StoreRequest::OP_NOT_SET:
       break;
@@ -264,10 +349,13 @@ Status StoreServer::Dispatch(Scope& scope, proto::StoreRequest& req, RpcServer::
 }
 
 void StoreServer::SetKey(Scope& scope, const std::string& key, std::string value) {
-  scope.kv[key] = std::move(value);
+  auto [kv, inserted] = scope.kv.try_emplace(key);
+  scope.bytes += static_cast<int64_t>(value.size()) - static_cast<int64_t>(kv->second.size());
+  if (inserted) scope.bytes += static_cast<int64_t>(key.size());
+  kv->second = std::move(value);
   auto it = scope.watchers.find(key);
   if (it == scope.watchers.end()) return;
-  std::vector<uint64_t> ids = std::move(it->second);
+  std::unordered_set<uint64_t> ids = std::move(it->second);
   scope.watchers.erase(it);
   for (uint64_t id : ids) {
     auto w = waiters_.find(id);
@@ -284,14 +372,13 @@ void StoreServer::Park(Scope& scope, std::vector<std::string> keys, bool with_va
   w->reply = std::move(reply);
   uint64_t id = next_waiter_++;
   for (const auto& k : keys) {
-    if (!scope.kv.count(k)) {
-      ++w->missing;
-      scope.watchers[k].push_back(id);
-    }
+    // A key named twice is missed once.
+    if (!scope.kv.count(k) && scope.watchers[k].insert(id).second) ++w->missing;
   }
   w->keys = std::move(keys);
   bool ready = w->missing == 0;
   waiters_.emplace(id, std::move(w));
+  ++scope.parked;
   if (ready) return Finish(id, Status::Ok());
   auto timeout = ClampTimeout(timeout_ms);
   waiters_[id]->timer = reactor_.PostAfter(timeout, "rdzv.timeout", [this, id, timeout] {
@@ -318,6 +405,20 @@ void StoreServer::ParkBarrier(Scope& scope, const proto::StoreBarrier& b, RpcSer
         0, InvalidArgumentError("rendezvous barrier '" + b.name() + "': n must be positive")));
     return;
   }
+  if (b.n() > static_cast<int64_t>(options_.max_parked_per_scope)) {
+    reply(ErrorEnvelope(0, InvalidArgumentError("rendezvous barrier '" + b.name() + "': n=" +
+                                                std::to_string(b.n()) + " is more than the " +
+                                                std::to_string(options_.max_parked_per_scope) +
+                                                " requests a scope may park")));
+    return;
+  }
+  if (!scope.barriers.count(b.name())) {
+    if (Status room = CheckRoom(scope, static_cast<int64_t>(b.name().size()), 1); !room.ok()) {
+      reply(ErrorEnvelope(0, room));
+      return;
+    }
+    scope.bytes += static_cast<int64_t>(b.name().size());
+  }
   BarrierState& bs = scope.barriers[b.name()];
   if (bs.n == 0) bs.n = b.n();
   if (bs.n != b.n()) {
@@ -338,10 +439,11 @@ void StoreServer::ParkBarrier(Scope& scope, const proto::StoreBarrier& b, RpcSer
   w->reply = std::move(reply);
   uint64_t id = next_waiter_++;
   waiters_.emplace(id, std::move(w));
-  bs.waiters.push_back(id);
+  ++scope.parked;
+  bs.waiters.insert(id);
   if (static_cast<int>(bs.waiters.size()) == bs.n) {
     bs.done = true;
-    std::vector<uint64_t> ids = std::move(bs.waiters);
+    std::unordered_set<uint64_t> ids = std::move(bs.waiters);
     bs.waiters.clear();
     for (uint64_t wid : ids) Finish(wid, Status::Ok());
     return;
@@ -354,7 +456,7 @@ void StoreServer::ParkBarrier(Scope& scope, const proto::StoreBarrier& b, RpcSer
     int arrived = 0, n = 0;
     if (auto s = scopes_.find(scope_name); s != scopes_.end()) {
       auto& state = s->second.barriers[b.name()];
-      std::erase(state.waiters, id);  // this caller leaves the barrier
+      state.waiters.erase(id);  // this caller leaves the barrier
       arrived = static_cast<int>(state.waiters.size()) + 1;
       n = state.n;
     }
@@ -376,11 +478,18 @@ Status StoreServer::ParkGather(Scope& scope, proto::StoreGather& g, RpcServer::R
                                 std::to_string(g.rank()) + " is not in 0.." +
                                 std::to_string(g.n() - 1));
   }
+  if (auto known = scope.gathers.find(name); known == scope.gathers.end()) {
+    MUSTER_RETURN_IF_ERROR(CheckRoom(
+        scope, static_cast<int64_t>(name.size()) + GatherOverhead(g.n()) + g.value().size(), 1));
+  } else {
+    MUSTER_RETURN_IF_ERROR(CheckRoom(scope, static_cast<int64_t>(g.value().size()), 0));
+  }
   GatherState& gs = scope.gathers[name];
   if (gs.n == 0) {
     gs.n = g.n();
     gs.values.resize(gs.n);
     gs.waiter_of.assign(gs.n, 0);
+    scope.bytes += static_cast<int64_t>(name.size()) + GatherOverhead(gs.n);
   }
   if (gs.n != g.n()) {
     return InvalidArgumentError("rendezvous gather '" + name +
@@ -402,6 +511,8 @@ Status StoreServer::ParkGather(Scope& scope, proto::StoreGather& g, RpcServer::R
   w->reply = std::move(reply);
   uint64_t id = next_waiter_++;
   waiters_.emplace(id, std::move(w));
+  ++scope.parked;
+  scope.bytes += static_cast<int64_t>(g.value().size());
   gs.values[g.rank()] = std::move(*g.mutable_value());
   gs.waiter_of[g.rank()] = id;
   if (++gs.arrived == gs.n) {
@@ -450,6 +561,8 @@ void StoreServer::CompleteGather(Scope& scope, const std::string& name, GatherSt
   }
   gs.values.clear();
   gs.values.shrink_to_fit();
+  // The name stays (names are single use); the entries and per-rank state go.
+  scope.bytes -= static_cast<int64_t>(bytes) + GatherOverhead(gs.n);
   // The reply is the serialized entries plus a few bytes of envelope.
   int64_t reply_bytes = static_cast<int64_t>(all.ByteSizeLong()) + 64;
   if (reply_bytes > options_.max_message_bytes) {
@@ -475,18 +588,20 @@ void StoreServer::Finish(uint64_t id, const Status& status, const proto::Envelop
   std::unique_ptr<Waiter> w = std::move(it->second);
   waiters_.erase(it);
   if (w->timer != 0) reactor_.CancelTimer(w->timer);
+  auto owner = scopes_.find(w->scope);
+  if (owner != scopes_.end()) --owner->second.parked;
   if (!status.ok()) {
     // Drop this waiter from the watch lists of keys it still missed.
-    if (auto s = scopes_.find(w->scope); s != scopes_.end()) {
+    if (auto s = owner; s != scopes_.end()) {
       for (const auto& k : w->keys) {
         auto wl = s->second.watchers.find(k);
         if (wl == s->second.watchers.end()) continue;
-        std::erase(wl->second, id);
+        wl->second.erase(id);
         if (wl->second.empty()) s->second.watchers.erase(wl);
       }
       if (!w->barrier.empty()) {
         auto b = s->second.barriers.find(w->barrier);
-        if (b != s->second.barriers.end()) std::erase(b->second.waiters, id);
+        if (b != s->second.barriers.end()) b->second.waiters.erase(id);
       }
       if (!w->gather.empty()) {
         auto g = s->second.gathers.find(w->gather);
@@ -495,8 +610,13 @@ void StoreServer::Finish(uint64_t id, const Status& status, const proto::Envelop
           // The rank leaves the gather; it may contribute again. A gather nobody is in is
           // forgotten, so its n is not fixed by callers that have all given up.
           g->second.waiter_of[w->gather_rank] = 0;
+          s->second.bytes -= static_cast<int64_t>(g->second.values[w->gather_rank].size());
           g->second.values[w->gather_rank].clear();
-          if (--g->second.arrived == 0) s->second.gathers.erase(g);
+          g->second.values[w->gather_rank].shrink_to_fit();
+          if (--g->second.arrived == 0) {
+            s->second.bytes -= static_cast<int64_t>(g->first.size()) + GatherOverhead(g->second.n);
+            s->second.gathers.erase(g);
+          }
         }
       }
     }
@@ -511,7 +631,22 @@ void StoreServer::Finish(uint64_t id, const Status& status, const proto::Envelop
     w->reply(ReplyEnvelope({}));
     return;
   }
-  const Scope& scope = scopes_.at(w->scope);
+  if (owner == scopes_.end()) {
+    w->reply(ErrorEnvelope(0, AbortedError("rendezvous scope " + w->scope + " was closed")));
+    return;
+  }
+  const Scope& scope = owner->second;
+  // A get may name one big key many times: refuse a reply the message limit would drop.
+  int64_t reply_bytes = 64;
+  for (const auto& k : w->keys) reply_bytes += static_cast<int64_t>(scope.kv.at(k).size()) + 8;
+  if (reply_bytes > options_.max_message_bytes) {
+    w->reply(ErrorEnvelope(
+        0, FailedPreconditionError("rendezvous get: the " + std::to_string(w->keys.size()) +
+                                   " values asked for are about " + std::to_string(reply_bytes) +
+                                   " bytes, over the message size limit of " +
+                                   std::to_string(options_.max_message_bytes))));
+    return;
+  }
   proto::StoreReply r;
   for (const auto& k : w->keys) r.add_values(scope.kv.at(k));
   w->reply(ReplyEnvelope(std::move(r)));

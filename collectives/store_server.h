@@ -22,6 +22,13 @@
 // and sends it to every parked rank: N requests and N replies for an allgather of N ranks,
 // where a get of N keys by every rank would cost the server N^2 entries to copy and encode.
 //
+// Every request is untrusted (any rank's code sends them): keys and names are bounded, get and
+// wait lists too, a reply that would pass the message size limit is an error instead, add
+// refuses to overflow, and what one scope may hold (bytes, entries, parked requests) is capped
+// by Options. A request past a bound gets an InvalidArgument or FailedPrecondition reply naming
+// it; the server's work per request is linear in the request (or in the keys it wakes).
+// A negative timeout counts as 0 (answered at once); a longer one than max_timeout is cut.
+//
 // Thread-safety: Create and the destructor run on the reactor thread (or before Start/after
 // Stop). AddScope and RemoveScope are thread-safe (they hop onto the reactor when it runs).
 // Everything else happens on the reactor thread.
@@ -32,6 +39,7 @@
 #include <memory>
 #include <string>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "collectives/store.h"
@@ -57,6 +65,15 @@ class StoreServer {
     int64_t max_message_bytes = kDefaultMaxMessageBytes;
     // Longer waits are cut to this.
     std::chrono::milliseconds max_timeout = std::chrono::hours(24);
+    // Keys, barrier names and gather names: 1..max_key_bytes.
+    size_t max_key_bytes = 4096;
+    // Keys of one get or wait.
+    size_t max_keys_per_request = 1 << 17;
+    // What one scope may hold: bytes of keys, values, names and gather entries; keys, barriers
+    // and gathers together; requests parked at once.
+    int64_t max_scope_bytes = int64_t{1} << 30;
+    size_t max_scope_entries = 1 << 20;
+    size_t max_parked_per_scope = 1 << 18;
   };
 
   // Binds `options.endpoint` on `reactor`. Unless insecure, `authenticator` must be the
@@ -94,13 +111,21 @@ class StoreServer {
 
   // Requests parked now (for tests and metrics). Reactor thread, or via Reactor::Call.
   size_t parked() const { return waiters_.size(); }
+  // Bytes held by the scope (keys, values, names, gather entries); -1 if it is not open.
+  // Reactor thread, or via Reactor::Call.
+  int64_t scope_bytes(const std::string& job, uint64_t attempt) const;
+
+  // Handles one request as if it came from `peer` over the server's socket, answering through
+  // `reply` (now, or later for a parked request). This is what the socket calls; tests and the
+  // fuzzer call it directly. REQUIRES: on the reactor thread, or the reactor not running.
+  void HandleRequest(const PeerInfo& peer, proto::Envelope&& request, RpcServer::Reply reply);
 
  private:
   struct Waiter;
   struct BarrierState {
     int n = 0;
     bool done = false;
-    std::vector<uint64_t> waiters;
+    std::unordered_set<uint64_t> waiters;  // a set: a timed-out waiter leaves in O(1)
   };
   struct GatherState {
     int n = 0;
@@ -113,16 +138,23 @@ class StoreServer {
     std::string name;  // "<job>/<attempt>"
     KeyPair client_key;
     std::unordered_map<std::string, std::string> kv;
-    // Key -> the waiters that still miss it.
-    std::unordered_map<std::string, std::vector<uint64_t>> watchers;
+    // Key -> the waiters that still miss it (a set: a timed-out waiter leaves in O(1)).
+    std::unordered_map<std::string, std::unordered_set<uint64_t>> watchers;
     std::map<std::string, BarrierState> barriers;
     std::map<std::string, GatherState> gathers;
+    int64_t bytes = 0;  // see Options::max_scope_bytes
+    size_t parked = 0;  // waiters of this scope
   };
 
   StoreServer(Reactor& reactor, ZapAuthenticator* authenticator, Options options);
   template <typename F>
   auto OnReactor(const char* name, F fn) -> decltype(fn());
-  void Handle(const PeerInfo& peer, proto::Envelope&& request, RpcServer::Reply reply);
+  Status CheckKey(const char* op, const std::string& key) const;
+  // OK if the scope can take `more_bytes` and `more_entries` more.
+  Status CheckRoom(const Scope& scope, int64_t more_bytes, size_t more_entries) const;
+  // CheckRoom for setting `key` to a value of `value_bytes`.
+  Status CheckSet(const Scope& scope, const std::string& key, size_t value_bytes) const;
+  Status CheckPark(const Scope& scope) const;
   Status Dispatch(Scope& scope, proto::StoreRequest& req, RpcServer::Reply& reply);
   void SetKey(Scope& scope, const std::string& key, std::string value);
   void Park(Scope& scope, std::vector<std::string> keys, bool with_values, int64_t timeout_ms,

@@ -4,10 +4,12 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <array>
 #include <cerrno>
 #include <cstdlib>
 #include <fstream>
+#include <map>
 #include <sstream>
 
 #include "common/logging.h"
@@ -137,35 +139,111 @@ StatusOr<KeyPair> LoadKeyPair(const fs::path& path) {
   return keys;
 }
 
+std::string_view KeyRoleName(KeyRole role) {
+  switch (role) {
+    case KeyRole::kAdmin:
+      return "admin";
+    case KeyRole::kClient:
+      return "client";
+    case KeyRole::kAgent:
+      return "agent";
+    case KeyRole::kLegacy:
+      return "legacy";
+    case KeyRole::kNone:
+      break;
+  }
+  return "none";
+}
+
+StatusOr<KeyRole> ParseKeyRole(std::string_view name) {
+  if (name == "admin") return KeyRole::kAdmin;
+  if (name == "client") return KeyRole::kClient;
+  if (name == "agent") return KeyRole::kAgent;
+  return InvalidArgumentError("unknown key role '" + std::string(name) +
+                              "' (want admin, client or agent)");
+}
+
+namespace {
+
+// One line of an authorized-keys file, comments stripped; false for a blank line.
+StatusOr<bool> ParseAuthorizedLine(std::string line, AuthorizedKey* key, bool* has_role) {
+  // '#' is also a z85 character: it starts a comment only at the start of a line or after
+  // whitespace.
+  line = Trim(line);
+  for (size_t i = 0; i < line.size(); ++i) {
+    if (line[i] == '#' && (i == 0 || line[i - 1] == ' ' || line[i - 1] == '\t')) {
+      line = Trim(line.substr(0, i));
+      break;
+    }
+  }
+  if (line.empty()) return false;
+  std::istringstream fields(line);
+  std::string word;
+  fields >> key->public_key;
+  if (!IsValidZ85Key(key->public_key)) {
+    return InvalidArgumentError("not a 40-character z85 public key");
+  }
+  *has_role = false;
+  key->role = KeyRole::kLegacy;
+  std::string name;
+  while (fields >> word) {
+    if (word.rfind("role=", 0) == 0) {
+      if (*has_role) return InvalidArgumentError("role given twice");
+      MUSTER_ASSIGN_OR_RETURN(key->role, ParseKeyRole(std::string_view(word).substr(5)));
+      *has_role = true;
+      continue;
+    }
+    name += (name.empty() ? "" : " ") + word;
+  }
+  key->name = name.empty() ? key->public_key.substr(0, 8) : name;
+  return true;
+}
+
+Status WriteFileAtomically(const fs::path& path, const std::string& content, mode_t mode) {
+  fs::path tmp = path;
+  tmp += ".tmp";
+  MUSTER_RETURN_IF_ERROR(WriteFileMode(tmp, content, mode, /*overwrite=*/true));
+  std::error_code ec;
+  fs::rename(tmp, path, ec);
+  if (ec)
+    return InternalError("rename " + tmp.string() + " to " + path.string() + ": " + ec.message());
+  return Status::Ok();
+}
+
+}  // namespace
+
 StatusOr<std::vector<AuthorizedKey>> LoadAuthorizedKeys(const fs::path& path) {
   MUSTER_ASSIGN_OR_RETURN(std::string text, ReadFile(path));
   std::vector<AuthorizedKey> out;
+  std::map<std::string, int> seen;  // public key -> line
   std::istringstream in(text);
   std::string line;
   int lineno = 0;
+  int legacy = 0;
   while (std::getline(in, line)) {
     ++lineno;
-    // '#' is also a z85 character: it starts a comment only at the start of a line or after
-    // whitespace.
-    line = Trim(line);
-    for (size_t i = 0; i < line.size(); ++i) {
-      if (line[i] == '#' && (i == 0 || line[i - 1] == ' ' || line[i - 1] == '\t')) {
-        line = Trim(line.substr(0, i));
-        break;
-      }
-    }
-    if (line.empty()) continue;
-    std::istringstream fields(line);
     AuthorizedKey key;
-    fields >> key.public_key;
-    std::getline(fields, key.name);
-    key.name = Trim(key.name);
-    if (!IsValidZ85Key(key.public_key)) {
-      return InvalidArgumentError(path.string() + ":" + std::to_string(lineno) +
-                                  ": not a 40-character z85 public key");
+    bool has_role = false;
+    auto got = ParseAuthorizedLine(line, &key, &has_role);
+    if (!got.ok()) {
+      return InvalidArgumentError(path.string() + ":" + std::to_string(lineno) + ": " +
+                                  got.status().message());
     }
-    if (key.name.empty()) key.name = key.public_key.substr(0, 8);
+    if (!*got) continue;
+    if (auto [it, fresh] = seen.emplace(key.public_key, lineno); !fresh) {
+      return InvalidArgumentError(path.string() + ":" + std::to_string(lineno) + ": key " +
+                                  key.public_key + " is already listed on line " +
+                                  std::to_string(it->second));
+    }
+    if (!has_role) ++legacy;
     out.push_back(std::move(key));
+  }
+  if (legacy > 0) {
+    log::Get("auth")->warn(
+        "{}: {} key(s) without a role (written before keys had roles): each keeps admin AND "
+        "agent rights. Give every key a role: run `muster keys migrate --dir {}` (see "
+        "docs/security.md)",
+        path.string(), legacy, path.parent_path().string());
   }
   return out;
 }
@@ -173,9 +251,21 @@ StatusOr<std::vector<AuthorizedKey>> LoadAuthorizedKeys(const fs::path& path) {
 Status SaveAuthorizedKeys(const fs::path& path, const std::vector<AuthorizedKey>& keys,
                           bool overwrite) {
   std::string content =
-      "# Public keys the muster coordinator accepts: '<z85 public key> <name>' per line.\n";
-  for (const auto& k : keys) content += k.public_key + " " + k.name + "\n";
+      "# Public keys the muster coordinator accepts: '<z85 public key> <name> role=<admin|client|"
+      "agent>' per line.\n";
+  for (const auto& k : keys) {
+    content += k.public_key + " " + k.name;
+    if (k.role == KeyRole::kAdmin || k.role == KeyRole::kClient || k.role == KeyRole::kAgent) {
+      content += " role=" + std::string(KeyRoleName(k.role));
+    }
+    content += "\n";
+  }
   return WriteFileMode(path, content, 0644, overwrite);
+}
+
+fs::path KeysDir::agent_key_or_client_key() const {
+  std::error_code ec;
+  return fs::exists(agent_key(), ec) ? agent_key() : client_key();
 }
 
 KeysDir KeysDir::Resolve(const std::string& flag) {
@@ -201,10 +291,93 @@ Status InitKeysDir(const KeysDir& keys, bool force) {
   }
   MUSTER_ASSIGN_OR_RETURN(KeyPair coord, GenerateKeyPair());
   MUSTER_ASSIGN_OR_RETURN(KeyPair client, GenerateKeyPair());
+  MUSTER_ASSIGN_OR_RETURN(KeyPair agent, GenerateKeyPair());
   MUSTER_RETURN_IF_ERROR(SaveKeyPair(keys.coordinator_key(), coord, force));
   MUSTER_RETURN_IF_ERROR(SaveKeyPair(keys.coordinator_pub(), {coord.public_key, ""}, force));
   MUSTER_RETURN_IF_ERROR(SaveKeyPair(keys.client_key(), client, force));
-  return SaveAuthorizedKeys(keys.authorized_keys(), {{client.public_key, "client"}}, force);
+  MUSTER_RETURN_IF_ERROR(SaveKeyPair(keys.agent_key(), agent, force));
+  return SaveAuthorizedKeys(
+      keys.authorized_keys(),
+      {{client.public_key, "admin", KeyRole::kAdmin}, {agent.public_key, "agent", KeyRole::kAgent}},
+      force);
+}
+
+StatusOr<KeyPair> AddKey(const KeysDir& keys, const std::string& name, KeyRole role,
+                         const fs::path& key_file) {
+  if (role != KeyRole::kAdmin && role != KeyRole::kClient && role != KeyRole::kAgent) {
+    return InvalidArgumentError("a new key's role must be admin, client or agent");
+  }
+  if (name.empty() || name.size() > 253 || name.find_first_of(" \t\r\n#") != std::string::npos ||
+      name.rfind("role=", 0) == 0) {
+    return InvalidArgumentError("key name '" + name +
+                                "' must be 1-253 characters without whitespace or '#'");
+  }
+  std::string text;
+  std::error_code ec;
+  if (fs::exists(keys.authorized_keys(), ec)) {
+    MUSTER_ASSIGN_OR_RETURN(text, ReadFile(keys.authorized_keys()));
+    MUSTER_ASSIGN_OR_RETURN(auto listed, LoadAuthorizedKeys(keys.authorized_keys()));
+    for (const auto& k : listed) {
+      if (k.name == name) {
+        return FailedPreconditionError(keys.authorized_keys().string() +
+                                       " already has a key named '" + name + "'");
+      }
+    }
+  }
+  MUSTER_ASSIGN_OR_RETURN(KeyPair pair, GenerateKeyPair());
+  MUSTER_RETURN_IF_ERROR(SaveKeyPair(key_file, pair, /*overwrite=*/false));
+  if (!text.empty() && text.back() != '\n') text += '\n';
+  text += pair.public_key + " " + name + " role=" + std::string(KeyRoleName(role)) + "\n";
+  // Atomically: the coordinator re-reads the file when it changes and must never see half of it.
+  MUSTER_RETURN_IF_ERROR(WriteFileAtomically(keys.authorized_keys(), text, 0644));
+  return pair;
+}
+
+StatusOr<int> MigrateKeysDir(const KeysDir& keys, KeyRole role) {
+  if (role != KeyRole::kAdmin && role != KeyRole::kClient && role != KeyRole::kAgent) {
+    return InvalidArgumentError("migrate: the role must be admin, client or agent");
+  }
+  MUSTER_ASSIGN_OR_RETURN(std::string text, ReadFile(keys.authorized_keys()));
+  std::istringstream in(text);
+  std::string line, out;
+  int lineno = 0, changed = 0;
+  while (std::getline(in, line)) {
+    ++lineno;
+    AuthorizedKey key;
+    bool has_role = false;
+    auto got = ParseAuthorizedLine(line, &key, &has_role);
+    if (!got.ok()) {
+      return InvalidArgumentError(keys.authorized_keys().string() + ":" + std::to_string(lineno) +
+                                  ": " + got.status().message());
+    }
+    if (*got && !has_role) {
+      // Keep the line's comment, put the role before it.
+      std::string body = line, comment;
+      for (size_t i = 0; i < line.size(); ++i) {
+        if (line[i] == '#' && (i == 0 || line[i - 1] == ' ' || line[i - 1] == '\t')) {
+          body = line.substr(0, i);
+          comment = " " + line.substr(i);
+          break;
+        }
+      }
+      line = Trim(body) + " role=" + std::string(KeyRoleName(role)) + comment;
+      ++changed;
+    }
+    out += line + "\n";
+  }
+  if (changed > 0) MUSTER_RETURN_IF_ERROR(WriteFileAtomically(keys.authorized_keys(), out, 0644));
+  std::error_code ec;
+  if (!fs::exists(keys.agent_key(), ec)) {
+    MUSTER_ASSIGN_OR_RETURN(auto listed, LoadAuthorizedKeys(keys.authorized_keys()));
+    std::string name = "agent";
+    for (int i = 2; std::any_of(listed.begin(), listed.end(),
+                                [&](const AuthorizedKey& k) { return k.name == name; });
+         ++i) {
+      name = "agent-" + std::to_string(i);
+    }
+    MUSTER_RETURN_IF_ERROR(AddKey(keys, name, KeyRole::kAgent, keys.agent_key()).status());
+  }
+  return changed;
 }
 
 // --- ZapAuthenticator ------------------------------------------------------------------------
@@ -234,12 +407,22 @@ void ZapAuthenticator::SetAuthorized(const std::string& domain,
   std::lock_guard<std::mutex> lock(mu_);
   auto& m = keys_[domain];
   m.clear();
-  for (const auto& k : keys) m[k.public_key] = k.name;
+  for (const auto& k : keys) m[k.public_key] = k;
 }
 
 void ZapAuthenticator::Authorize(const std::string& domain, const AuthorizedKey& key) {
   std::lock_guard<std::mutex> lock(mu_);
-  keys_[domain][key.public_key] = key.name;
+  keys_[domain][key.public_key] = key;
+}
+
+std::optional<AuthorizedKey> ZapAuthenticator::Lookup(const std::string& domain,
+                                                      const std::string& public_key) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto d = keys_.find(domain);
+  if (d == keys_.end()) return std::nullopt;
+  auto k = d->second.find(public_key);
+  if (k == d->second.end()) return std::nullopt;
+  return k->second;
 }
 
 void ZapAuthenticator::Revoke(const std::string& domain, const std::string& public_key) {
@@ -259,14 +442,29 @@ void ZapAuthenticator::OnRequest() {
     std::vector<zmq::message_t> frames;
     auto got = zmq::recv_multipart(socket_, std::back_inserter(frames), zmq::recv_flags::dontwait);
     if (!got) return;
-    auto reply = [&](const char* code, const std::string& text, const std::string& user) {
+    // `key`: the client's z85 public key, sent back as ZAP metadata (a ZMTP property list:
+    // name length (1 byte), name, value length (4 bytes, big endian), value), which libzmq
+    // attaches to every message of the connection.
+    auto reply = [&](const char* code, const std::string& text, const std::string& user,
+                     const std::string& key = "") {
+      std::string metadata;
+      if (!key.empty()) {
+        std::string_view name(kPublicKeyProperty);
+        metadata.push_back(static_cast<char>(name.size()));
+        metadata.append(name);
+        uint32_t n = static_cast<uint32_t>(key.size());
+        for (int shift = 24; shift >= 0; shift -= 8) {
+          metadata.push_back(static_cast<char>((n >> shift) & 0xff));
+        }
+        metadata.append(key);
+      }
       std::array<zmq::const_buffer, 6> out = {
           zmq::buffer(std::string_view("1.0")),
           zmq::buffer(frames.size() > 1 ? frames[1].to_string_view() : std::string_view()),
           zmq::buffer(std::string_view(code)),
           zmq::buffer(std::string_view(text)),
           zmq::buffer(std::string_view(user)),
-          zmq::buffer(std::string_view())};
+          zmq::buffer(std::string_view(metadata))};
       zmq::send_multipart(socket_, out);
     };
     if (frames.size() < 6 || frames[0].to_string_view() != "1.0") {
@@ -300,13 +498,13 @@ void ZapAuthenticator::OnRequest() {
         auto k = d->second.find(key);
         if (k != d->second.end()) {
           ok = true;
-          name = k->second;
+          name = k->second.name;
         }
       }
       if (!ok) ++refused_;
     }
     if (ok) {
-      reply("200", "OK", name);
+      reply("200", "OK", name, key);
     } else {
       log::Get("auth")->warn("refused unknown CURVE key {} from {} (domain '{}')", key, address,
                              domain);

@@ -13,13 +13,18 @@
 //   public-key = <40 z85 chars>
 //   secret-key = <40 z85 chars>
 // Public key files hold the `public-key` line only. An authorized-keys file has one
-// `<z85 public key> [name]` per line; `#` starts a comment.
+// `<z85 public key> [name] role=<admin|client|agent>` per line; `#` starts a comment. A line
+// without `role=` is a legacy entry (written before keys had roles): it keeps the rights every
+// key had then (admin and agent), and loading it logs a loud warning; `muster keys migrate`
+// gives such entries a role (docs/security.md).
 
 #include <filesystem>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 #include <zmq.hpp>
 #include <zmq_addon.hpp>
@@ -28,6 +33,9 @@
 #include "common/status.h"
 
 namespace muster {
+
+// The connection property (ZAP metadata) holding the client's z85 public key.
+inline constexpr char kPublicKeyProperty[] = "X-Muster-Key";
 
 struct KeyPair {
   std::string public_key;  // z85, 40 chars
@@ -46,10 +54,25 @@ Status SaveKeyPair(const std::filesystem::path& path, const KeyPair& keys, bool 
 // Reads a key pair (or a public-only key file, leaving secret_key empty).
 StatusOr<KeyPair> LoadKeyPair(const std::filesystem::path& path);
 
+// What a key may ask of the coordinator (docs/security.md has the table).
+enum class KeyRole {
+  kNone,    // authorized on a server other than the coordinator (store scopes, transfer grants)
+  kAdmin,   // every job and node; no agent requests
+  kClient,  // its own jobs only
+  kAgent,   // agent requests only, for the nodes bound to it
+  kLegacy,  // an authorized-keys line without a role, or an insecure coordinator: admin + agent
+};
+std::string_view KeyRoleName(KeyRole role);
+// "admin", "client" or "agent"; InvalidArgument naming the valid roles otherwise.
+StatusOr<KeyRole> ParseKeyRole(std::string_view name);
+
 struct AuthorizedKey {
   std::string public_key;
   std::string name;
+  KeyRole role = KeyRole::kNone;
 };
+// Refuses (InvalidArgument, naming file and line) malformed keys, unknown roles, a key listed
+// twice. Legacy lines (no role) load as kLegacy with a warning per file load.
 StatusOr<std::vector<AuthorizedKey>> LoadAuthorizedKeys(const std::filesystem::path& path);
 Status SaveAuthorizedKeys(const std::filesystem::path& path, const std::vector<AuthorizedKey>& keys,
                           bool overwrite);
@@ -60,16 +83,32 @@ struct KeysDir {
   std::filesystem::path coordinator_key() const { return dir / "coordinator.key"; }
   std::filesystem::path coordinator_pub() const { return dir / "coordinator.pub"; }
   std::filesystem::path client_key() const { return dir / "client.key"; }
+  std::filesystem::path agent_key() const { return dir / "agent.key"; }
+  // The key a node agent uses by default: agent.key, or client.key in a directory made before
+  // keys had roles.
+  std::filesystem::path agent_key_or_client_key() const;
   std::filesystem::path authorized_keys() const { return dir / "authorized_keys"; }
 
   // `flag` if non-empty, else $MUSTER_KEYS, else ~/.muster.
   static KeysDir Resolve(const std::string& flag);
 };
 
-// Writes a coordinator key pair, a client key pair and an authorized-keys list holding the
-// client's public key. Refuses (FailedPrecondition, naming the file) if any exists, unless
-// `force`. Directory made 0700.
+// Writes a coordinator key pair, an admin key pair for the local CLI (client.key), an agent key
+// pair for the agents of this directory (agent.key) and an authorized-keys list holding both
+// public keys with their roles. Refuses (FailedPrecondition, naming the file) if any exists,
+// unless `force`. Directory made 0700.
 Status InitKeysDir(const KeysDir& keys, bool force);
+
+// Makes a key pair, writes it to `key_file` (0600; refuses to replace one) and appends its public
+// key with `name` and `role` to the directory's authorized_keys. Refuses a name or key already
+// listed, and a name with whitespace or '#'.
+StatusOr<KeyPair> AddKey(const KeysDir& keys, const std::string& name, KeyRole role,
+                         const std::filesystem::path& key_file);
+
+// Gives every legacy (role-less) line of authorized_keys the role `role` and writes the file back
+// (atomically). If the directory has no agent.key yet, also makes one with role agent, so that
+// agents sharing the old client key can move to it. Returns how many lines changed.
+StatusOr<int> MigrateKeysDir(const KeysDir& keys, KeyRole role);
 
 // Answers ZAP requests for every server socket in one ZeroMQ context. Runs on a reactor, which
 // owns its socket.
@@ -85,10 +124,16 @@ class ZapAuthenticator {
   ~ZapAuthenticator();
 
   // The keys accepted by server sockets whose ZMQ_ZAP_DOMAIN is `domain`. The key's name
-  // becomes the connection's User-Id (zmq_msg_gets(msg, "User-Id")).
+  // becomes the connection's User-Id (zmq_msg_gets(msg, "User-Id")), and its z85 public key the
+  // connection's "X-Muster-Key" property (kPublicKeyProperty), so a server can check each
+  // message against the current set (Lookup): a key removed here stops being served on the
+  // connections it already opened, not only on new ones.
   void SetAuthorized(const std::string& domain, const std::vector<AuthorizedKey>& keys);
   void Authorize(const std::string& domain, const AuthorizedKey& key);
   void Revoke(const std::string& domain, const std::string& public_key);
+  // The key as authorized now for `domain`; nullopt if it is not (any more).
+  std::optional<AuthorizedKey> Lookup(const std::string& domain,
+                                      const std::string& public_key) const;
 
   // Connections without CURVE (NULL mechanism) reach only servers that were started insecure;
   // ZAP sees them too and lets them through.
@@ -101,8 +146,8 @@ class ZapAuthenticator {
   Reactor& reactor_;
   zmq::socket_t socket_;
   mutable std::mutex mu_;
-  std::map<std::string, std::map<std::string, std::string>> keys_;  // GUARDED_BY(mu_)
-  uint64_t refused_ = 0;                                            // GUARDED_BY(mu_)
+  std::map<std::string, std::map<std::string, AuthorizedKey>> keys_;  // GUARDED_BY(mu_)
+  uint64_t refused_ = 0;                                              // GUARDED_BY(mu_)
 };
 
 }  // namespace muster

@@ -118,6 +118,28 @@ void RpcServer::OnReadable() {
     peer.user_id = property("User-Id");
     if (peer.user_id.empty()) peer.user_id = "anonymous";
     peer.address = property("Peer-Address");
+    if (options_.insecure) {
+      peer.role = KeyRole::kLegacy;
+    } else {
+      // Checked per message, not only at the handshake: a key revoked since the connection
+      // was opened is refused here.
+      peer.public_key = property(kPublicKeyProperty);
+      auto key = peer.public_key.empty()
+                     ? std::nullopt
+                     : options_.authenticator->Lookup(options_.zap_domain, peer.public_key);
+      if (!key) {
+        logger->warn("{}: refused a message from {} ({}, key {}): key no longer authorized",
+                     options_.name, peer.address, peer.user_id, peer.public_key);
+        core_->Send(routing_id,
+                    ErrorEnvelope(
+                        0, FailedPreconditionError(
+                               "permission denied: key '" + peer.user_id + "' (" + peer.public_key +
+                               ") is no longer authorized by " + options_.name)));
+        continue;
+      }
+      peer.user_id = key->name;
+      peer.role = key->role;
+    }
     auto env = ParseEnvelope(frames[1].data(), frames[1].size());
     if (!env.ok()) {
       logger->warn("{}: from {} ({}): {}", options_.name, peer.address, peer.user_id,

@@ -26,9 +26,11 @@ inline constexpr int64_t kDefaultMaxMessageBytes = 64LL << 20;
 inline constexpr char kDefaultZapDomain[] = "muster";
 
 struct PeerInfo {
-  std::string routing_id;  // ROUTER identity of the connection
-  std::string user_id;     // the authorized key's name ("anonymous" when insecure)
-  std::string address;     // the peer's IP address
+  std::string routing_id;         // ROUTER identity of the connection
+  std::string user_id;            // the authorized key's name ("anonymous" when insecure)
+  std::string address;            // the peer's IP address
+  std::string public_key;         // the client's z85 CURVE key; empty when insecure
+  KeyRole role = KeyRole::kNone;  // as authorized now (kLegacy when insecure)
 };
 
 class RpcServer {
@@ -44,7 +46,10 @@ class RpcServer {
     std::string endpoint;      // e.g. "tcp://127.0.0.1:*" (port chosen) or "ipc:///run/x"
     // Without insecure, `server_key` must hold a secret key and `authenticator` must be the
     // ZapAuthenticator of the reactor's context (not owned; outlives the server): only keys it
-    // authorizes for `zap_domain` are served.
+    // authorizes for `zap_domain` are served. Every message is checked against the keys
+    // authorized at that moment: once a key is revoked (Revoke, SetAuthorized), each further
+    // request on a connection it opened gets a FailedPrecondition "permission denied" reply and
+    // never reaches the handler.
     bool insecure = false;
     KeyPair server_key;
     ZapAuthenticator* authenticator = nullptr;

@@ -60,7 +60,8 @@ StatusOr<std::unique_ptr<CoordinatorClient>> CoordinatorClient::Connect(ClientOp
   ro.insecure = o.insecure;
   if (!o.insecure) {
     KeysDir kd = KeysDir::Resolve(o.keys_dir);
-    auto client = LoadKeyPair(kd.client_key());
+    auto client =
+        LoadKeyPair(o.key_file.empty() ? kd.client_key() : std::filesystem::path(o.key_file));
     if (!client.ok()) {
       return FailedPreconditionError(
           fmt::format("no client key: {} (run `muster keys init`, or pass --keys DIR)",

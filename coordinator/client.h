@@ -20,6 +20,7 @@ namespace muster::coordinator {
 struct ClientOptions {
   std::string endpoint;  // "" : $MUSTER_COORDINATOR
   std::string keys_dir;  // "" : $MUSTER_KEYS, else ~/.muster
+  std::string key_file;  // our key pair; "" : <keys_dir>/client.key
   bool insecure = false;
   std::chrono::milliseconds timeout{10000};
 };

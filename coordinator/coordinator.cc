@@ -100,7 +100,8 @@ StatusOr<JobSpec> JobSpecFromProto(const proto::JobSpec& p) {
 
 struct Coordinator::NodeRt {
   NodeRecord rec;
-  std::string session;  // empty: not connected
+  std::string session;            // empty: not connected
+  KeyRole role = KeyRole::kNone;  // of the key it registered with; kNone until it registers
   int64_t last_hb_ms = 0;
   std::vector<proto::AgentAction> queue;
   std::optional<Reply> poll;
@@ -174,6 +175,7 @@ int64_t Coordinator::NowMs() const {
 
 Status Coordinator::Restore() {
   int64_t now = NowMs();
+  MUSTER_ASSIGN_OR_RETURN(node_keys_, store_->LoadNodeKeys());
   MUSTER_ASSIGN_OR_RETURN(auto nodes, store_->LoadNodes());
   for (auto& rec : nodes) {
     auto n = std::make_unique<NodeRt>();
@@ -393,6 +395,10 @@ void Coordinator::Replicate(JobRt* job, const std::string& job_id, int64_t step,
   for (const auto& [name, n] : nodes_) {
     const auto& l = n->rec.labels;
     if (n->session.empty() || l.provider() == src.provider() || done.count(l.provider())) continue;
+    // Only an agent (registered with an agent key) that is up receives another job's bytes.
+    if (n->role != KeyRole::kAgent && n->role != KeyRole::kLegacy) continue;
+    auto view = sched_->GetNode(name, options_.clock());
+    if (!view.ok() || view->state != NodeState::kUp) continue;
     bool mounts = std::any_of(l.volumes().begin(), l.volumes().end(),
                               [&](const proto::Volume& v) { return v.name() == volume; });
     if (!mounts) continue;
@@ -664,7 +670,7 @@ void Coordinator::Tick() {
       if (now - j->client_seen_ms > kInteractiveClientTimeoutMs) {
         proto::CancelRequest cancel;
         cancel.set_job_id(id);
-        (void)OnCancel(cancel);
+        (void)OnCancel(Caller{"coordinator", "", KeyRole::kAdmin, ""}, cancel);
         r.detail = "interactive client went away";
         Persist(*j);
         Event(
@@ -694,7 +700,106 @@ void Coordinator::Tick() {
 // ---------------------------------------------------------------------------------------------
 // Requests
 
+std::string Caller::ToString() const {
+  return fmt::format("key '{}' ({}, role {}){}", name,
+                     public_key.empty() ? "no key" : public_key.substr(0, 8) + "...",
+                     KeyRoleName(role), address.empty() ? "" : " from " + address);
+}
+
+namespace {
+
+enum class Right { kAny, kClient, kAdmin, kAgent };
+
+struct RequestKind {
+  const char* name;
+  Right right;
+};
+
+RequestKind KindOf(proto::Envelope::PayloadCase c) {
+  switch (c) {
+    case proto::Envelope::kSubmitRequest:
+      return {"submit", Right::kClient};
+    case proto::Envelope::kStatusRequest:
+      return {"status", Right::kClient};
+    case proto::Envelope::kCancelRequest:
+      return {"cancel", Right::kClient};
+    case proto::Envelope::kNodesRequest:
+      return {"nodes", Right::kClient};  // clients see no addresses nor endpoints
+    case proto::Envelope::kEventsRequest:
+      return {"events", Right::kClient};
+    case proto::Envelope::kLogsRequest:
+      return {"logs", Right::kClient};
+    case proto::Envelope::kDrainRequest:
+      return {"drain", Right::kAdmin};
+    case proto::Envelope::kPreemptNodeRequest:
+      return {"node preempt", Right::kAdmin};
+    case proto::Envelope::kAgentRegister:
+      return {"agent register", Right::kAgent};
+    case proto::Envelope::kAgentHeartbeat:
+      return {"agent heartbeat", Right::kAgent};
+    case proto::Envelope::kAgentPoll:
+      return {"agent poll", Right::kAgent};
+    case proto::Envelope::kAgentReport:
+      return {"agent report", Right::kAgent};
+    case proto::Envelope::kAgentLogChunk:
+      return {"agent log chunk", Right::kAgent};
+    case proto::Envelope::kPing:
+      return {"ping", Right::kAny};
+    default:
+      return {"request", Right::kAny};  // answered InvalidArgument below
+  }
+}
+
+bool HasRight(KeyRole role, Right right) {
+  switch (right) {
+    case Right::kAny:
+      return true;
+    case Right::kClient:
+      return role == KeyRole::kClient || role == KeyRole::kAdmin || role == KeyRole::kLegacy;
+    case Right::kAdmin:
+      return role == KeyRole::kAdmin || role == KeyRole::kLegacy;
+    case Right::kAgent:
+      return role == KeyRole::kAgent || role == KeyRole::kLegacy;
+  }
+  return false;
+}
+
+std::string_view RightName(Right right) {
+  switch (right) {
+    case Right::kClient:
+      return "a client or admin key";
+    case Right::kAdmin:
+      return "an admin key";
+    case Right::kAgent:
+      return "an agent key";
+    case Right::kAny:
+      break;
+  }
+  return "any key";
+}
+
+}  // namespace
+
+Status Coordinator::Deny(const Caller& caller, const std::string& request, const std::string& why) {
+  Logger()->warn("permission denied: {} may not {}: {}", caller.ToString(), request, why);
+  return FailedPreconditionError(fmt::format("permission denied: key '{}' (role {}) may not {}: {}",
+                                             caller.name, KeyRoleName(caller.role), request, why));
+}
+
+bool Coordinator::Owns(const Caller& caller, const JobRecord& job) const {
+  if (caller.role == KeyRole::kAdmin || caller.role == KeyRole::kLegacy) return true;
+  return caller.role == KeyRole::kClient && !job.submitter.empty() &&
+         job.submitter == caller.public_key;
+}
+
 void Coordinator::Handle(const std::string& peer, proto::Envelope&& req, Reply reply) {
+  Caller caller;
+  caller.name = peer;
+  caller.role = KeyRole::kLegacy;
+  Handle(caller, std::move(req), std::move(reply));
+}
+
+void Coordinator::Handle(const Caller& caller, proto::Envelope&& req, Reply reply) {
   uint64_t id = req.request_id();
   auto answer = [&](StatusOr<proto::Envelope> r) {
     if (!r.ok()) {
@@ -704,49 +809,55 @@ void Coordinator::Handle(const std::string& peer, proto::Envelope&& req, Reply r
     r->set_request_id(id);
     reply(std::move(*r));
   };
+  RequestKind kind = KindOf(req.payload_case());
+  if (!HasRight(caller.role, kind.right)) {
+    return answer(Deny(caller, kind.name, fmt::format("it needs {}", RightName(kind.right))));
+  }
   switch (req.payload_case()) {
     case proto::Envelope::kSubmitRequest:
-      return answer(OnSubmit(req.submit_request()));
+      return answer(OnSubmit(caller, req.submit_request()));
     case proto::Envelope::kStatusRequest:
-      return answer(OnStatus(req.status_request()));
+      return answer(OnStatus(caller, req.status_request()));
     case proto::Envelope::kCancelRequest:
-      return answer(OnCancel(req.cancel_request()));
+      return answer(OnCancel(caller, req.cancel_request()));
     case proto::Envelope::kNodesRequest:
-      return answer(OnNodes());
+      return answer(OnNodes(caller));
     case proto::Envelope::kEventsRequest:
-      return answer(OnEvents(req.events_request()));
+      return answer(OnEvents(caller, req.events_request()));
     case proto::Envelope::kDrainRequest:
       return answer(OnDrain(req.drain_request()));
     case proto::Envelope::kPreemptNodeRequest:
       return answer(OnPreemptNode(req.preempt_node_request()));
     case proto::Envelope::kLogsRequest:
-      return OnLogs(req.logs_request(), [id, reply](proto::Envelope e) {
+      return OnLogs(caller, req.logs_request(), [id, reply](proto::Envelope e) {
         e.set_request_id(id);
         reply(std::move(e));
       });
     case proto::Envelope::kAgentRegister:
-      return answer(OnRegister(req.agent_register()));
+      return answer(OnRegister(caller, req.agent_register()));
     case proto::Envelope::kAgentHeartbeat:
-      return answer(OnHeartbeat(req.agent_heartbeat()));
+      return answer(OnHeartbeat(caller, req.agent_heartbeat()));
     case proto::Envelope::kAgentPoll:
-      return OnPoll(req.agent_poll(), [id, reply](proto::Envelope e) {
+      return OnPoll(caller, req.agent_poll(), [id, reply](proto::Envelope e) {
         e.set_request_id(id);
         reply(std::move(e));
       });
     case proto::Envelope::kAgentReport:
-      return answer(OnReport(req.agent_report()));
+      return answer(OnReport(caller, req.agent_report()));
     case proto::Envelope::kAgentLogChunk:
-      return answer(OnLogChunk(req.agent_log_chunk()));
+      return answer(OnLogChunk(caller, req.agent_log_chunk()));
     case proto::Envelope::kPing:
       return answer(Wrap([&](auto& e) { e.mutable_pong()->set_data(req.ping().data()); }));
     default:
-      Logger()->warn("from {}: unexpected payload {}", peer, static_cast<int>(req.payload_case()));
+      Logger()->warn("from {}: unexpected payload {}", caller.ToString(),
+                     static_cast<int>(req.payload_case()));
       return answer(InvalidArgumentError(fmt::format("the coordinator does not serve payload {}",
                                                      static_cast<int>(req.payload_case()))));
   }
 }
 
-StatusOr<proto::Envelope> Coordinator::OnSubmit(const proto::SubmitRequest& req) {
+StatusOr<proto::Envelope> Coordinator::OnSubmit(const Caller& caller,
+                                                const proto::SubmitRequest& req) {
   JobSpec spec;
   if (!req.yaml().empty()) {
     if (req.yaml().size() > (1 << 20)) return InvalidArgumentError("job spec over 1 MiB");
@@ -766,14 +877,15 @@ StatusOr<proto::Envelope> Coordinator::OnSubmit(const proto::SubmitRequest& req)
   j->rec.spec = JobSpecToProto(spec);
   j->rec.state = proto::JOB_PENDING;
   j->rec.submitted_ms = j->rec.updated_ms = NowMs();
+  j->rec.submitter = caller.public_key;
   MUSTER_RETURN_IF_ERROR(store_->InsertJob(&j->rec));
   j->req = ToJobRequest(spec, j->rec.id, j->rec.seq);
   MUSTER_RETURN_IF_ERROR(sched_->Submit(j->req));
   j->in_scheduler = true;
   std::string id = j->rec.id;
   Event(id, "", "submitted",
-        fmt::format("{} node(s) x {} rank(s), priority {}", spec.nodes, spec.ranks_per_node,
-                    spec.priority));
+        fmt::format("{} node(s) x {} rank(s), priority {}, by key '{}'", spec.nodes,
+                    spec.ranks_per_node, spec.priority, caller.name));
   jobs_.emplace(id, std::move(j));
   Pass();
   return Wrap([&](auto& e) { e.mutable_submit_reply()->set_job_id(id); });
@@ -810,17 +922,23 @@ proto::JobStatus Coordinator::StatusOf(const JobRt& j) {
   return s;
 }
 
-StatusOr<proto::Envelope> Coordinator::OnStatus(const proto::StatusRequest& req) {
+StatusOr<proto::Envelope> Coordinator::OnStatus(const Caller& caller,
+                                                const proto::StatusRequest& req) {
   proto::Envelope e;
   auto* out = e.mutable_status_reply();
   if (!req.job_id().empty()) {
     auto it = jobs_.find(req.job_id());
     if (it != jobs_.end()) {
+      if (!Owns(caller, it->second->rec)) {
+        return Deny(caller, "see job " + req.job_id(), "another key submitted it");
+      }
       it->second->client_seen_ms = NowMs();
       *out->add_jobs() = StatusOf(*it->second);
       return e;
     }
     MUSTER_ASSIGN_OR_RETURN(auto rec, store_->GetJob(req.job_id()));
+    if (!Owns(caller, rec))
+      return Deny(caller, "see job " + req.job_id(), "another key submitted it");
     JobRt tmp;
     tmp.rec = std::move(rec);
     *out->add_jobs() = StatusOf(tmp);
@@ -829,6 +947,7 @@ StatusOr<proto::Envelope> Coordinator::OnStatus(const proto::StatusRequest& req)
   int limit = req.finished_limit() > 0 ? req.finished_limit() : 50;
   int finished = 0;
   for (auto it = jobs_.rbegin(); it != jobs_.rend(); ++it) {
+    if (!Owns(caller, it->second->rec)) continue;  // a client lists only its own jobs
     if (Terminal(it->second->rec.state) && ++finished > limit) continue;
     *out->add_jobs() = StatusOf(*it->second);
   }
@@ -837,13 +956,20 @@ StatusOr<proto::Envelope> Coordinator::OnStatus(const proto::StatusRequest& req)
   return e;
 }
 
-StatusOr<proto::Envelope> Coordinator::OnCancel(const proto::CancelRequest& req) {
+StatusOr<proto::Envelope> Coordinator::OnCancel(const Caller& caller,
+                                                const proto::CancelRequest& req) {
   auto it = jobs_.find(req.job_id());
   if (it == jobs_.end()) {
     MUSTER_ASSIGN_OR_RETURN(auto rec, store_->GetJob(req.job_id()));
+    if (!Owns(caller, rec)) {
+      return Deny(caller, "cancel job " + req.job_id(), "another key submitted it");
+    }
     return Wrap([&](auto& e) { e.mutable_cancel_reply()->set_state(rec.state); });
   }
   JobRt& j = *it->second;
+  if (!Owns(caller, j.rec)) {
+    return Deny(caller, "cancel job " + req.job_id(), "another key submitted it");
+  }
   if (!Terminal(j.rec.state)) {
     bool pending = sched_->IsPending(j.rec.id) || !j.in_scheduler;
     if (pending && j.rec.nodes.empty()) {
@@ -892,21 +1018,60 @@ proto::NodeStatus Coordinator::NodeStatusOf(const NodeRt& n) {
   return s;
 }
 
-StatusOr<proto::Envelope> Coordinator::OnNodes() {
+StatusOr<proto::Envelope> Coordinator::OnNodes(const Caller& caller) {
   proto::Envelope e;
   auto* out = e.mutable_nodes_reply();
-  for (auto& [name, n] : nodes_) *out->add_nodes() = NodeStatusOf(*n);
+  bool admin = caller.role == KeyRole::kAdmin || caller.role == KeyRole::kLegacy;
+  for (auto& [name, n] : nodes_) {
+    auto* s = out->add_nodes();
+    *s = NodeStatusOf(*n);
+    if (!admin) {
+      // Where nodes are and how to reach their volumes is for admins only.
+      auto* l = s->mutable_labels();
+      l->clear_address();
+      l->clear_transfer_endpoint();
+      l->clear_transfer_key();
+      for (auto& v : *l->mutable_volumes()) v.clear_path();
+    }
+  }
   return e;
 }
 
-StatusOr<proto::Envelope> Coordinator::OnEvents(const proto::EventsRequest& req) {
+StatusOr<proto::Envelope> Coordinator::OnEvents(const Caller& caller,
+                                                const proto::EventsRequest& req) {
   int limit = req.limit() > 0 ? std::min(req.limit(), 10000) : 1000;
-  if (!req.job_id().empty() && !jobs_.count(req.job_id())) {
-    MUSTER_RETURN_IF_ERROR(store_->GetJob(req.job_id()).status());
+  // Does the caller own job `id`? Cached for this request.
+  std::map<std::string, bool> owned;
+  auto owns = [&](const std::string& id) -> StatusOr<bool> {
+    if (auto o = owned.find(id); o != owned.end()) return o->second;
+    bool mine;
+    if (auto it = jobs_.find(id); it != jobs_.end()) {
+      mine = Owns(caller, it->second->rec);
+    } else {
+      MUSTER_ASSIGN_OR_RETURN(auto rec, store_->GetJob(id));
+      mine = Owns(caller, rec);
+    }
+    owned[id] = mine;
+    return mine;
+  };
+  if (!req.job_id().empty()) {
+    MUSTER_ASSIGN_OR_RETURN(bool mine, owns(req.job_id()));
+    if (!mine)
+      return Deny(caller, "see the events of job " + req.job_id(), "another key submitted it");
   }
   MUSTER_ASSIGN_OR_RETURN(auto events, store_->Events(req.job_id(), req.after_id(), limit));
+  bool admin = caller.role == KeyRole::kAdmin || caller.role == KeyRole::kLegacy;
   proto::Envelope e;
-  for (auto& ev : events) *e.mutable_events_reply()->add_events() = std::move(ev);
+  auto* out = e.mutable_events_reply();
+  for (auto& ev : events) {
+    if (!admin) {
+      // A client sees the events of its own jobs only; node events are for admins.
+      if (ev.job_id().empty()) continue;
+      auto mine = owns(ev.job_id());
+      if (!mine.ok() || !*mine) continue;
+    }
+    *out->add_events() = std::move(ev);
+  }
   return e;
 }
 
@@ -946,16 +1111,22 @@ StatusOr<proto::Envelope> Coordinator::OnPreemptNode(const proto::PreemptNodeReq
   return e;
 }
 
-void Coordinator::OnLogs(const proto::LogsRequest& req, Reply reply) {
+void Coordinator::OnLogs(const Caller& caller, const proto::LogsRequest& req, Reply reply) {
   auto fail = [&](Status st) { reply(ErrorEnvelope(0, st)); };
   auto it = jobs_.find(req.job_id());
   JobRecord rec;
   if (it != jobs_.end()) {
+    if (!Owns(caller, it->second->rec)) {
+      return fail(Deny(caller, "read the logs of job " + req.job_id(), "another key submitted it"));
+    }
     it->second->client_seen_ms = NowMs();
     rec = it->second->rec;
   } else {
     auto r = store_->GetJob(req.job_id());
     if (!r.ok()) return fail(r.status());
+    if (!Owns(caller, *r)) {
+      return fail(Deny(caller, "read the logs of job " + req.job_id(), "another key submitted it"));
+    }
     rec = std::move(*r);
   }
   int attempt = req.attempt() > 0 ? req.attempt() : rec.attempt;
@@ -991,8 +1162,12 @@ void Coordinator::OnLogs(const proto::LogsRequest& req, Reply reply) {
   Enqueue(node, std::move(a));
 }
 
-StatusOr<Coordinator::NodeRt*> Coordinator::Session(const std::string& node,
+StatusOr<Coordinator::NodeRt*> Coordinator::Session(const Caller& caller, const std::string& node,
                                                     const std::string& session) {
+  // A session id is no secret: the key decides who speaks for a node.
+  if (auto b = node_keys_.find(node); b != node_keys_.end() && b->second != caller.public_key) {
+    return Deny(caller, "speak for node " + node, "the node is bound to another key");
+  }
   auto it = nodes_.find(node);
   if (it == nodes_.end() || it->second->session.empty() || it->second->session != session) {
     return NotFoundError(fmt::format("no session {} for node {}: register again", session, node));
@@ -1001,19 +1176,41 @@ StatusOr<Coordinator::NodeRt*> Coordinator::Session(const std::string& node,
   return it->second.get();
 }
 
-StatusOr<proto::Envelope> Coordinator::OnRegister(const proto::AgentRegister& req) {
+StatusOr<proto::Envelope> Coordinator::OnRegister(const Caller& caller,
+                                                  const proto::AgentRegister& req) {
   const auto& l = req.labels();
   if (l.name().empty() || l.name().size() > 253) {
     return InvalidArgumentError("agent register: node name must be 1-253 characters");
   }
   if (l.provider().empty()) return InvalidArgumentError("agent register: provider is required");
   if (l.gpus() < 0 || l.slots() < 0) return InvalidArgumentError("agent register: negative gpus");
+  // The first registration of a name binds it to the key; no other key may take it.
+  auto b = node_keys_.find(l.name());
+  if (b != node_keys_.end() && b->second != caller.public_key) {
+    KeyRole old = options_.current_role ? options_.current_role(b->second) : KeyRole::kAgent;
+    if (old == KeyRole::kAgent || old == KeyRole::kLegacy) {
+      return Deny(caller, "register as node " + l.name(),
+                  fmt::format("the name is bound to agent key {}... (remove that key from "
+                              "authorized_keys to move the node to another key)",
+                              b->second.substr(0, 8)));
+    }
+    Logger()->warn("node {} moves from key {}... (now role {}) to {}", l.name(),
+                   b->second.substr(0, 8), KeyRoleName(old), caller.ToString());
+    node_keys_.erase(b);
+    b = node_keys_.end();
+  }
+  if (b == node_keys_.end()) {
+    MUSTER_RETURN_IF_ERROR(store_->BindNodeKey(l.name(), caller.public_key, NowMs()));
+    node_keys_[l.name()] = caller.public_key;
+    Logger()->info("node {} bound to {}", l.name(), caller.ToString());
+  }
   auto& slot = nodes_[l.name()];
   bool fresh = slot == nullptr;
   if (fresh) slot = std::make_unique<NodeRt>();
   NodeRt& n = *slot;
   bool was_connected = !n.session.empty();
   n.rec.labels = l;
+  n.role = caller.role;
   if (n.rec.state == proto::NODE_DOWN || n.rec.state == proto::NODE_STATE_UNSPECIFIED)
     n.rec.state = proto::NODE_UP;
   n.session = fmt::format("{}-{}", NowMs(), next_session_++);
@@ -1109,11 +1306,16 @@ StatusOr<proto::Envelope> Coordinator::OnRegister(const proto::AgentRegister& re
   return e;
 }
 
-StatusOr<proto::Envelope> Coordinator::OnHeartbeat(const proto::AgentHeartbeat& req) {
-  MUSTER_ASSIGN_OR_RETURN(NodeRt * n, Session(req.node(), req.session_id()));
+StatusOr<proto::Envelope> Coordinator::OnHeartbeat(const Caller& caller,
+                                                   const proto::AgentHeartbeat& req) {
+  MUSTER_ASSIGN_OR_RETURN(NodeRt * n, Session(caller, req.node(), req.session_id()));
   for (const auto& p : req.progress()) {
     auto it = jobs_.find(p.job_id());
-    if (it != jobs_.end()) it->second->progress = p;
+    // Only a node of the job's current attempt reports its progress.
+    if (it != jobs_.end() && std::find(it->second->rec.nodes.begin(), it->second->rec.nodes.end(),
+                                       req.node()) != it->second->rec.nodes.end()) {
+      it->second->progress = p;
+    }
   }
   proto::Envelope e;
   auto* out = e.mutable_agent_heartbeat_reply();
@@ -1122,8 +1324,8 @@ StatusOr<proto::Envelope> Coordinator::OnHeartbeat(const proto::AgentHeartbeat& 
   return e;
 }
 
-void Coordinator::OnPoll(const proto::AgentPoll& req, Reply reply) {
-  auto n = Session(req.node(), req.session_id());
+void Coordinator::OnPoll(const Caller& caller, const proto::AgentPoll& req, Reply reply) {
+  auto n = Session(caller, req.node(), req.session_id());
   if (!n.ok()) return reply(ErrorEnvelope(0, n.status()));
   NodeRt& node = **n;
   if (node.poll) {  // a newer poll replaces an older one
@@ -1136,8 +1338,24 @@ void Coordinator::OnPoll(const proto::AgentPoll& req, Reply reply) {
   FlushPoll(node);
 }
 
-StatusOr<proto::Envelope> Coordinator::OnReport(const proto::AgentReport& req) {
-  MUSTER_ASSIGN_OR_RETURN(NodeRt * n, Session(req.node(), req.session_id()));
+bool Coordinator::ReplicaReportAllowed(const NodeRt& node, const std::string& job_id, int64_t step,
+                                       const std::string& volume) {
+  const auto& l = node.rec.labels;
+  bool mounts =
+      !volume.empty() && std::any_of(l.volumes().begin(), l.volumes().end(),
+                                     [&](const proto::Volume& v) { return v.name() == volume; });
+  if (!mounts) return false;
+  auto catalog = store_->Checkpoints(job_id);
+  if (!catalog.ok()) return false;
+  std::string own = VolumeKey(volume, l.provider());
+  return std::any_of(catalog->begin(), catalog->end(), [&](const CheckpointRecord& c) {
+    return c.step == step && c.committed && c.volume != own && c.volume.rfind(volume + "@", 0) == 0;
+  });
+}
+
+StatusOr<proto::Envelope> Coordinator::OnReport(const Caller& caller,
+                                                const proto::AgentReport& req) {
+  MUSTER_ASSIGN_OR_RETURN(NodeRt * n, Session(caller, req.node(), req.session_id()));
   proto::Envelope ack;
   ack.mutable_agent_report_reply();
   const std::string& node = n->rec.labels.name();
@@ -1155,6 +1373,49 @@ StatusOr<proto::Envelope> Coordinator::OnReport(const proto::AgentReport& req) {
   }
   if (req.job_id().empty()) return ack;
   auto it = jobs_.find(req.job_id());
+  // Who may report what: the outcome of a copy comes from a node of another provider that
+  // mounts the volume, for a step committed elsewhere; everything else about a job (commits,
+  // starts, exits, progress) only from the nodes of its current attempt, for that attempt.
+  bool replica_outcome = req.replicate_superseded_by() > 0 || !req.replicate_error().empty() ||
+                         (req.checkpoint_replica() && req.checkpoint_step() > 0);
+  bool in_attempt = it != jobs_.end() && it->second->rec.attempt == req.attempt() &&
+                    std::find(it->second->rec.nodes.begin(), it->second->rec.nodes.end(), node) !=
+                        it->second->rec.nodes.end();
+  if (replica_outcome &&
+      !ReplicaReportAllowed(*n, req.job_id(), req.checkpoint_step(), req.checkpoint_volume())) {
+    return Deny(caller,
+                fmt::format("report a copy of step {} of job {} to volume {} as node {}",
+                            req.checkpoint_step(), req.job_id(), req.checkpoint_volume(), node),
+                "the node does not mount that volume, or no other provider's volume has that "
+                "step committed");
+  }
+  bool attempt_content = (!replica_outcome && req.checkpoint_step() > 0) || req.started() ||
+                         req.exits_size() > 0 || req.all_exited() || !req.start_error().empty() ||
+                         req.progress_size() > 0;
+  if (!replica_outcome && attempt_content && !in_attempt) {
+    // A late report of an earlier attempt this node ran is stale, not hostile: acknowledged
+    // and dropped. A commit is never taken from anything but the current attempt.
+    bool was_member = false;
+    if (req.checkpoint_step() <= 0 && req.attempt() > 0 &&
+        (it == jobs_.end() || req.attempt() < it->second->rec.attempt)) {
+      auto attempts = store_->LoadAttempts(req.job_id());
+      if (attempts.ok()) {
+        for (const auto& a : *attempts) {
+          if (a.attempt == req.attempt() &&
+              std::find(a.nodes.begin(), a.nodes.end(), node) != a.nodes.end())
+            was_member = true;
+        }
+      }
+    }
+    if (was_member) return ack;
+    return Deny(caller,
+                fmt::format("report for attempt {} of job {} as node {}", req.attempt(),
+                            req.job_id(), node),
+                it == jobs_.end()
+                    ? "no such running job"
+                    : fmt::format("the job's current attempt is {} on nodes {}",
+                                  it->second->rec.attempt, fmt::join(it->second->rec.nodes, ",")));
+  }
   if (!req.transfer_key().empty() && (req.checkpoint_replica() || !req.replicate_error().empty() ||
                                       req.replicate_superseded_by() > 0)) {
     // A copy ended: its key reads nothing more at the source.
@@ -1259,10 +1520,16 @@ StatusOr<proto::Envelope> Coordinator::OnReport(const proto::AgentReport& req) {
   return ack;
 }
 
-StatusOr<proto::Envelope> Coordinator::OnLogChunk(const proto::AgentLogChunk& req) {
-  MUSTER_ASSIGN_OR_RETURN(NodeRt * n, Session(req.node(), req.session_id()));
-  (void)n;
+StatusOr<proto::Envelope> Coordinator::OnLogChunk(const Caller& caller,
+                                                  const proto::AgentLogChunk& req) {
+  MUSTER_ASSIGN_OR_RETURN(NodeRt * n, Session(caller, req.node(), req.session_id()));
   auto it = fetches_.find(req.fetch_id());
+  if (it != fetches_.end() && it->second.node != n->rec.labels.name()) {
+    // Only the node the log was asked of answers it; the fetch stays open for that node.
+    return Deny(caller,
+                fmt::format("answer log fetch {} as node {}", req.fetch_id(), n->rec.labels.name()),
+                "the fetch was asked of node " + it->second.node);
+  }
   if (it != fetches_.end()) {
     Reply r = std::move(it->second.reply);
     fetches_.erase(it);

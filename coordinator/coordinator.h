@@ -24,6 +24,7 @@
 #include <set>
 #include <string>
 
+#include "common/curve.h"
 #include "common/proto/envelope.pb.h"
 #include "common/status.h"
 #include "coordinator/job_spec.h"
@@ -44,7 +45,22 @@ struct CoordinatorOptions {
   // rendezvous store listens on MASTER_PORT + 500.
   int rendezvous_port_base = 29500;
   QuarantinePolicy quarantine;
+  // The role a key has now (kNone: not authorized any more); the server asks its ZAP handler.
+  // A node name bound to a key that is no longer an agent key may be taken by another agent
+  // key (key rotation, `muster keys migrate`). Unset: a binding never moves.
+  std::function<KeyRole(const std::string& public_key)> current_role;
   std::function<TimePoint()> clock = [] { return SchedClock::now(); };
+};
+
+// Who sent a request: the CURVE key of its connection, as authorized when the request arrived.
+// Roles decide what a request may do (docs/security.md): clients act on the jobs they submitted,
+// admins on every job and node, agents only as the nodes bound to their key.
+struct Caller {
+  std::string name;        // the key's name (logs, refusals)
+  std::string public_key;  // z85; "" on an insecure coordinator
+  KeyRole role = KeyRole::kLegacy;
+  std::string address;  // for logs
+  std::string ToString() const;
 };
 
 class Coordinator {
@@ -58,7 +74,10 @@ class Coordinator {
   ~Coordinator();
 
   // Handles one request. `reply` is called exactly once, now or later (parked polls and log
-  // fetches reply from a later Handle or Tick). `peer` names the caller for logs.
+  // fetches reply from a later Handle or Tick). A request the caller's role or key may not make
+  // gets FailedPrecondition "permission denied: ..." naming key, role and request, and a log line.
+  void Handle(const Caller& caller, proto::Envelope&& request, Reply reply);
+  // The same for a caller with every right and no key (an insecure coordinator; tests, fuzzing).
   void Handle(const std::string& peer, proto::Envelope&& request, Reply reply);
 
   // Periodic work; see above.
@@ -102,29 +121,41 @@ class Coordinator {
   void LoseNode(NodeRt& node, const std::string& why);
   void Enqueue(const std::string& node, proto::AgentAction action);
   void FlushPoll(NodeRt& node);
-  StatusOr<NodeRt*> Session(const std::string& node, const std::string& session);
+  // The node's session, if `caller` holds the key the node is bound to.
+  StatusOr<NodeRt*> Session(const Caller& caller, const std::string& node,
+                            const std::string& session);
+  // May `caller` see and act on `job`? Admins: every job; clients: the jobs they submitted.
+  bool Owns(const Caller& caller, const JobRecord& job) const;
+  Status Deny(const Caller& caller, const std::string& request, const std::string& why);
+  // A replica outcome (copied, failed, superseded) for `step` of `job_id` on `volume` is
+  // accepted from `node` only if it mounts the volume and the step is committed on another
+  // provider's volume (where the copy came from).
+  bool ReplicaReportAllowed(const NodeRt& node, const std::string& job_id, int64_t step,
+                            const std::string& volume);
   proto::JobStatus StatusOf(const JobRt& job);
   proto::NodeStatus NodeStatusOf(const NodeRt& node);
 
-  StatusOr<proto::Envelope> OnSubmit(const proto::SubmitRequest& req);
-  StatusOr<proto::Envelope> OnStatus(const proto::StatusRequest& req);
-  StatusOr<proto::Envelope> OnCancel(const proto::CancelRequest& req);
-  StatusOr<proto::Envelope> OnNodes();
-  StatusOr<proto::Envelope> OnEvents(const proto::EventsRequest& req);
+  StatusOr<proto::Envelope> OnSubmit(const Caller& caller, const proto::SubmitRequest& req);
+  StatusOr<proto::Envelope> OnStatus(const Caller& caller, const proto::StatusRequest& req);
+  StatusOr<proto::Envelope> OnCancel(const Caller& caller, const proto::CancelRequest& req);
+  StatusOr<proto::Envelope> OnNodes(const Caller& caller);
+  StatusOr<proto::Envelope> OnEvents(const Caller& caller, const proto::EventsRequest& req);
   StatusOr<proto::Envelope> OnDrain(const proto::DrainRequest& req);
   StatusOr<proto::Envelope> OnPreemptNode(const proto::PreemptNodeRequest& req);
-  void OnLogs(const proto::LogsRequest& req, Reply reply);
-  StatusOr<proto::Envelope> OnRegister(const proto::AgentRegister& req);
-  StatusOr<proto::Envelope> OnHeartbeat(const proto::AgentHeartbeat& req);
-  void OnPoll(const proto::AgentPoll& req, Reply reply);
-  StatusOr<proto::Envelope> OnReport(const proto::AgentReport& req);
-  StatusOr<proto::Envelope> OnLogChunk(const proto::AgentLogChunk& req);
+  void OnLogs(const Caller& caller, const proto::LogsRequest& req, Reply reply);
+  StatusOr<proto::Envelope> OnRegister(const Caller& caller, const proto::AgentRegister& req);
+  StatusOr<proto::Envelope> OnHeartbeat(const Caller& caller, const proto::AgentHeartbeat& req);
+  void OnPoll(const Caller& caller, const proto::AgentPoll& req, Reply reply);
+  StatusOr<proto::Envelope> OnReport(const Caller& caller, const proto::AgentReport& req);
+  StatusOr<proto::Envelope> OnLogChunk(const Caller& caller, const proto::AgentLogChunk& req);
 
   std::unique_ptr<StateStore> store_;
   CoordinatorOptions options_;
   std::unique_ptr<Scheduler> sched_;
   std::map<std::string, std::unique_ptr<NodeRt>> nodes_;
   std::map<std::string, std::unique_ptr<JobRt>> jobs_;  // every job not terminal, plus recent
+  // Node name -> the z85 key it is bound to (persisted: StateStore::BindNodeKey).
+  std::map<std::string, std::string> node_keys_;
   struct Fetch {
     Reply reply;
     int64_t deadline_ms;

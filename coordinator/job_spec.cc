@@ -4,10 +4,13 @@
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
+#include <charconv>
 #include <fstream>
-#include <regex>
+#include <functional>
+#include <optional>
 #include <set>
 #include <sstream>
+#include <unordered_map>
 
 #include "common/rank_env.h"
 
@@ -15,8 +18,10 @@ namespace muster::coordinator {
 
 namespace {
 
-constexpr int kMaxNodes = 100000;
-constexpr int kMaxRanksPerNode = 1024;
+// More errors than this are counted, not listed: a hostile spec cannot make a huge reply.
+constexpr size_t kMaxErrorLines = 100;
+// Bytes of a bad value shown in an error.
+constexpr size_t kMaxShownBytes = 48;
 
 // Collects "file:line: field: message" errors.
 class Errors {
@@ -27,27 +32,47 @@ class Errors {
     Add(line, field, std::move(message));
   }
   void Add(int line, std::string_view field, std::string message) {
+    ++total_;
+    if (lines_.size() >= kMaxErrorLines) return;
     if (line > 0) {
       lines_.emplace_back(line, fmt::format("{}:{}: {}: {}", file_, line, field, message));
     } else {
       lines_.emplace_back(0, fmt::format("{}: {}: {}", file_, field, message));
     }
   }
-  bool empty() const { return lines_.empty(); }
+  bool empty() const { return total_ == 0; }
   Status ToStatus() const {
-    std::string msg =
-        fmt::format("invalid job spec ({} error{}):", lines_.size(), lines_.size() == 1 ? "" : "s");
+    std::string msg = fmt::format("invalid job spec ({} error{}):", total_, total_ == 1 ? "" : "s");
     auto sorted = lines_;
     std::stable_sort(sorted.begin(), sorted.end(),
                      [](const auto& a, const auto& b) { return a.first < b.first; });
     for (const auto& l : sorted) msg += "\n  " + l.second;
+    if (total_ > lines_.size()) msg += fmt::format("\n  ... and {} more", total_ - lines_.size());
     return InvalidArgumentError(msg);
   }
 
  private:
   std::string file_;
   std::vector<std::pair<int, std::string>> lines_;  // (line, text)
+  size_t total_ = 0;
 };
+
+// `s` for an error message: at most kMaxShownBytes, control bytes escaped, the size named
+// when cut.
+std::string Clip(std::string_view s) {
+  std::string out;
+  for (size_t i = 0; i < s.size() && i < kMaxShownBytes; ++i) {
+    unsigned char c = static_cast<unsigned char>(s[i]);
+    if (c < 0x20 || c == 0x7f || c == '"' || c == '\\') {
+      out += fmt::format("\\x{:02x}", c);
+    } else {
+      out += static_cast<char>(c);
+    }
+  }
+  if (s.size() > kMaxShownBytes) out += fmt::format("... ({} bytes)", s.size());
+  return out;
+}
+std::string Quoted(std::string_view s) { return "\"" + Clip(s) + "\""; }
 
 // The key node of `name` in `map` (for errors about a whole section), or an undefined node.
 YAML::Node KeyOf(const YAML::Node& map, const std::string& name) {
@@ -58,23 +83,176 @@ YAML::Node KeyOf(const YAML::Node& map, const std::string& name) {
 }
 
 std::string Shown(const YAML::Node& n) {
-  if (n.IsScalar()) return "\"" + n.Scalar() + "\"";
+  if (n.IsScalar()) return Quoted(n.Scalar());
   if (n.IsSequence()) return "a list";
   if (n.IsMap()) return "a mapping";
   return "null";
 }
 
+bool IsDigits(std::string_view s) {
+  return !s.empty() && std::all_of(s.begin(), s.end(), [](char c) { return c >= '0' && c <= '9'; });
+}
+
+// A decimal integer with an optional sign, nothing else; nullopt if not one or out of int64.
+std::optional<int64_t> ParseInt64(std::string_view s) {
+  if (!s.empty() && s[0] == '+') s.remove_prefix(1);
+  if (s.empty() || s[0] == '+') return std::nullopt;
+  int64_t v = 0;
+  auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), v, 10);
+  if (ec != std::errc() || end != s.data() + s.size()) return std::nullopt;
+  return v;
+}
+
+bool IsLower(char c) { return c >= 'a' && c <= 'z'; }
+bool IsAlpha(char c) { return IsLower(c) || (c >= 'A' && c <= 'Z'); }
+bool IsDigit(char c) { return c >= '0' && c <= '9'; }
+
+// 1..max bytes of letters, digits and `extra`.
+bool IsToken(std::string_view s, size_t max, std::string_view extra) {
+  if (s.empty() || s.size() > max) return false;
+  return std::all_of(s.begin(), s.end(), [&](char c) {
+    return IsAlpha(c) || IsDigit(c) || extra.find(c) != std::string_view::npos;
+  });
+}
+
+bool IsJobName(std::string_view s) {
+  if (s.empty() || s.size() > kMaxJobNameBytes || !(IsLower(s[0]) || IsDigit(s[0]))) return false;
+  return std::all_of(s.begin(), s.end(), [](char c) {
+    return IsLower(c) || IsDigit(c) || c == '.' || c == '_' || c == '-';
+  });
+}
+
+bool IsEnvName(std::string_view s) {
+  if (s.empty() || s.size() > kMaxEnvNameBytes || IsDigit(s[0])) return false;
+  return std::all_of(s.begin(), s.end(),
+                     [](char c) { return IsAlpha(c) || IsDigit(c) || c == '_'; });
+}
+
+std::string EnvField(std::string_view name) { return "env." + Clip(name); }
+
+// The line of a field in the YAML text, 0 when unknown (a spec from the wire).
+using LineOf = std::function<int(const std::string& field)>;
+
+// The value checks shared by ParseJobSpec and ValidateJobSpec. Presence (name, command) is the
+// caller's: the YAML path says more about a missing or mistyped field than "is required".
+void CheckFields(const JobSpec& s, const LineOf& line_of, Errors* errs) {
+  auto add = [&](const std::string& field, std::string message) {
+    errs->Add(line_of(field), field, std::move(message));
+  };
+  auto range = [&](const std::string& field, int64_t v, int64_t lo, int64_t hi) {
+    if (v < lo || v > hi) add(field, fmt::format("must be in [{}, {}], not {}", lo, hi, v));
+  };
+  auto duration = [&](const std::string& field, std::chrono::seconds d) {
+    if (d.count() < 0 || d > kMaxDuration) {
+      add(field, fmt::format("must be a duration from 0s to {}, not {} s",
+                             FormatDuration(kMaxDuration), d.count()));
+    }
+  };
+  if (!s.name.empty() && !IsJobName(s.name)) {
+    add("name", fmt::format("must be 1-{} of a-z 0-9 . _ - starting with a letter or digit, not {}",
+                            kMaxJobNameBytes, Quoted(s.name)));
+  }
+  size_t exec_bytes = 0;
+  if (s.command.size() > kMaxCommandArgs) {
+    add("command", fmt::format("has {} arguments; at most {}", s.command.size(), kMaxCommandArgs));
+  } else {
+    for (size_t i = 0; i < s.command.size(); ++i) {
+      const std::string& a = s.command[i];
+      std::string field = fmt::format("command[{}]", i);
+      exec_bytes += a.size() + 1;
+      if (a.size() > kMaxArgBytes) {
+        add(field, fmt::format("is {} bytes; at most {}", a.size(), kMaxArgBytes));
+      } else if (a.find('\0') != std::string::npos) {
+        add(field, "contains a NUL byte");
+      } else if (i == 0 && a.empty()) {
+        add(field, "the program must not be empty");
+      }
+    }
+  }
+  if (s.env.size() > kMaxEnvVars) {
+    add("env", fmt::format("has {} variables; at most {}", s.env.size(), kMaxEnvVars));
+  } else {
+    for (const auto& [k, v] : s.env) {
+      std::string field = EnvField(k);
+      exec_bytes += k.size() + v.size() + 2;
+      if (!IsEnvName(k)) {
+        add(field, fmt::format("is not a valid environment variable name (1-{} of A-Z a-z 0-9 _, "
+                               "not starting with a digit)",
+                               kMaxEnvNameBytes));
+      } else if (k.size() + 1 + v.size() > kMaxArgBytes) {
+        add(field, fmt::format("NAME=value is {} bytes; at most {}", k.size() + 1 + v.size(),
+                               kMaxArgBytes));
+      } else if (v.find('\0') != std::string::npos) {
+        add(field, "contains a NUL byte");
+      }
+    }
+  }
+  if (exec_bytes > kMaxExecBytes) {
+    add("command", fmt::format("command and env are {} bytes together; at most {}", exec_bytes,
+                               kMaxExecBytes));
+  }
+  range("nodes", s.nodes, 1, kMaxNodes);
+  range("ranks_per_node", s.ranks_per_node, 1, kMaxRanksPerNode);
+  range("gpus_per_node", s.gpus_per_node, 0, kMaxGpusPerNode);
+  if (!s.gpu_type.empty() && !IsToken(s.gpu_type, kMaxLabelBytes, "._-")) {
+    add("gpu_type", fmt::format("must be 1-{} of A-Z a-z 0-9 . _ -, not {}", kMaxLabelBytes,
+                                Quoted(s.gpu_type)));
+  }
+  range("priority", s.priority, -kMaxPriority, kMaxPriority);
+  if (s.providers.size() > kMaxProviders) {
+    add("placement.providers",
+        fmt::format("names {} providers; at most {}", s.providers.size(), kMaxProviders));
+  } else {
+    for (size_t i = 0; i < s.providers.size(); ++i) {
+      if (!IsToken(s.providers[i], kMaxLabelBytes, "._-")) {
+        add(fmt::format("placement.providers[{}]", i),
+            fmt::format("must be 1-{} of A-Z a-z 0-9 . _ -, not {}", kMaxLabelBytes,
+                        Quoted(s.providers[i])));
+      }
+    }
+  }
+  if (!s.hosts.empty()) {
+    if (s.hosts.size() != static_cast<size_t>(s.nodes)) {
+      add("placement.hosts",
+          fmt::format("names {} node(s) for a job of {} node(s)", s.hosts.size(), s.nodes));
+    }
+    if (s.hosts.size() <= static_cast<size_t>(kMaxNodes)) {
+      std::unordered_map<std::string_view, size_t> seen;
+      for (size_t i = 0; i < s.hosts.size(); ++i) {
+        std::string field = fmt::format("placement.hosts[{}]", i);
+        if (!IsToken(s.hosts[i], kMaxHostBytes, "._:-")) {
+          add(field, fmt::format("must be a node name of 1-{} of A-Z a-z 0-9 . _ : -, not {}",
+                                 kMaxHostBytes, Quoted(s.hosts[i])));
+        } else if (auto [it, fresh] = seen.emplace(s.hosts[i], i); !fresh) {
+          add(field, fmt::format("names node {} again (also placement.hosts[{}]); a node holds "
+                                 "one node rank of a job",
+                                 Quoted(s.hosts[i]), it->second));
+        }
+      }
+    }
+  }
+  if (!s.checkpoint_volume.empty() && !IsToken(s.checkpoint_volume, kMaxLabelBytes, "._-")) {
+    add("checkpoint.volume", fmt::format("must be 1-{} of A-Z a-z 0-9 . _ -, not {}",
+                                         kMaxLabelBytes, Quoted(s.checkpoint_volume)));
+  }
+  range("checkpoint.every", s.checkpoint_every_steps, 0, kMaxEverySteps);
+  duration("checkpoint.every", s.checkpoint_every_time);
+  if (s.checkpoint_every_steps > 0 && s.checkpoint_every_time.count() > 0) {
+    add("checkpoint.every", "is a number of steps or a duration, not both");
+  }
+  range("checkpoint.keep", s.checkpoint_keep, 1, kMaxCheckpointKeep);
+  range("restart.max_restarts", s.max_restarts, 0, kMaxRestarts);
+  duration("restart.backoff", s.restart_backoff);
+  duration("time_limit", s.time_limit);
+}
+
 bool GetInt(const YAML::Node& n, std::string_view field, int64_t lo, int64_t hi, int64_t* out,
             Errors* errs) {
   if (n.IsScalar()) {
-    try {
-      size_t used = 0;
-      long long v = std::stoll(n.Scalar(), &used, 10);
-      if (used == n.Scalar().size() && v >= lo && v <= hi) {
-        *out = v;
-        return true;
-      }
-    } catch (const std::exception&) {
+    auto v = ParseInt64(n.Scalar());
+    if (v && *v >= lo && *v <= hi) {
+      *out = *v;
+      return true;
     }
   }
   errs->Add(n, field, fmt::format("must be an integer in [{}, {}], not {}", lo, hi, Shown(n)));
@@ -100,73 +278,104 @@ bool GetDuration(const YAML::Node& n, std::string_view field, std::chrono::secon
     }
   }
   errs->Add(n, field,
-            fmt::format("must be a duration like 90s, 15m, 2h or 1h30m, not {}", Shown(n)));
+            fmt::format("must be a duration like 90s, 15m, 2h or 1h30m (at most {}), not {}",
+                        FormatDuration(kMaxDuration), Shown(n)));
   return false;
 }
 
-// Rejects keys outside `known`, suggesting the closest one.
+// Rejects keys outside `known`, suggesting the closest one, and keys given twice (yaml-cpp
+// keeps both pairs and answers lookups with the first).
 void CheckKeys(const YAML::Node& map, std::string_view prefix,
                const std::vector<std::string>& known, Errors* errs) {
+  std::unordered_map<std::string, int> first_line;
   for (auto it = map.begin(); it != map.end(); ++it) {
-    std::string key = it->first.IsScalar() ? it->first.Scalar() : "?";
-    if (std::find(known.begin(), known.end(), key) != known.end()) continue;
+    if (!it->first.IsScalar()) {
+      errs->Add(it->first, std::string(prefix) + "?",
+                fmt::format("a field name must be a string, not {}", Shown(it->first)));
+      continue;
+    }
+    const std::string& key = it->first.Scalar();
+    int line = it->first.Mark().line + 1;
+    if (auto [at, fresh] = first_line.emplace(key, line); !fresh) {
+      errs->Add(line, std::string(prefix) + Clip(key),
+                fmt::format("given twice (lines {} and {}); keep one", at->second, line));
+      continue;
+    }
+    if (known.empty() || std::find(known.begin(), known.end(), key) != known.end()) continue;
     std::string hint;
     for (const auto& k : known) {
-      // A cheap closeness: shares a 3-character prefix or differs in length by at most 1 with
-      // the same first letter.
+      // A cheap closeness: shares a 3-character prefix.
       if (key.size() >= 3 && k.rfind(key.substr(0, 3), 0) == 0) hint = k;
     }
-    errs->Add(it->first, std::string(prefix) + key,
+    errs->Add(it->first, std::string(prefix) + Clip(key),
               "unknown field" + (hint.empty() ? "" : fmt::format(" (did you mean {}?)", hint)) +
                   fmt::format("; known: {}", fmt::join(known, ", ")));
   }
 }
 
-const std::regex& NameRe() {
-  static const std::regex re("[a-z0-9][a-z0-9._-]{0,62}");
-  return re;
-}
-const std::regex& EnvRe() {
-  static const std::regex re("[A-Za-z_][A-Za-z0-9_]*");
-  return re;
+// Reads a list of strings into `out`, at most `max` of them, recording each element's line.
+void GetStringList(const YAML::Node& n, const std::string& field, size_t max,
+                   std::vector<std::string>* out, std::unordered_map<std::string, int>* lines,
+                   Errors* errs) {
+  if (n.size() > max) {
+    errs->Add(n, field, fmt::format("has {} entries; at most {}", n.size(), max));
+    return;
+  }
+  size_t i = 0;
+  for (auto it = n.begin(); it != n.end(); ++it, ++i) {
+    std::string s, f = fmt::format("{}[{}]", field, i);
+    if (GetString(*it, f, &s, errs)) {
+      (*lines)[f] = it->Mark().line + 1;
+      out->push_back(std::move(s));
+    }
+  }
 }
 
 }  // namespace
 
 StatusOr<std::chrono::seconds> ParseDuration(std::string_view text) {
-  static const std::regex whole("[0-9]+");
-  static const std::regex parts("([0-9]+)([smhd])");
-  std::string s(text);
-  if (std::regex_match(s, whole)) {
-    if (s.size() > 12) return InvalidArgumentError("duration too long: " + s);
-    return std::chrono::seconds(std::stoll(s));
-  }
-  if (s.empty() || s.size() > 32) return InvalidArgumentError("bad duration '" + s + "'");
+  auto bad = [&] {
+    return InvalidArgumentError(
+        fmt::format("bad duration {} (like 90s, 15m, 2h, 1h30m, 1d or seconds, at most {})",
+                    Quoted(text), FormatDuration(kMaxDuration)));
+  };
+  if (text.empty() || text.size() > 32) return bad();
   int64_t total = 0;
   size_t pos = 0;
-  for (std::sregex_iterator it(s.begin(), s.end(), parts), end; it != end; ++it) {
-    if (static_cast<size_t>(it->position()) != pos) {
-      return InvalidArgumentError("bad duration '" + s + "'");
+  while (pos < text.size()) {
+    size_t digits = pos;
+    while (digits < text.size() && IsDigit(text[digits])) ++digits;
+    if (digits == pos) return bad();
+    auto v = ParseInt64(text.substr(pos, digits - pos));
+    if (!v) return bad();
+    int64_t unit = 1;
+    if (digits < text.size()) {
+      switch (text[digits]) {
+        case 's':
+          unit = 1;
+          break;
+        case 'm':
+          unit = 60;
+          break;
+        case 'h':
+          unit = 3600;
+          break;
+        case 'd':
+          unit = 86400;
+          break;
+        default:
+          return bad();
+      }
+      ++digits;
+    } else if (pos != 0) {
+      return bad();  // "1h30": a bare number only on its own
     }
-    int64_t v = std::stoll((*it)[1].str());
-    if (v > 1000000000) return InvalidArgumentError("duration too long: " + s);
-    switch ((*it)[2].str()[0]) {
-      case 's':
-        total += v;
-        break;
-      case 'm':
-        total += v * 60;
-        break;
-      case 'h':
-        total += v * 3600;
-        break;
-      case 'd':
-        total += v * 86400;
-        break;
-    }
-    pos += it->length();
+    // Each part is at most kMaxDuration, so neither the product nor the sum can overflow.
+    if (*v > kMaxDuration.count() / unit) return bad();
+    total += *v * unit;
+    if (total > kMaxDuration.count()) return bad();
+    pos = digits;
   }
-  if (pos != s.size()) return InvalidArgumentError("bad duration '" + s + "'");
   return std::chrono::seconds(total);
 }
 
@@ -174,6 +383,8 @@ std::string FormatDuration(std::chrono::seconds d) {
   int64_t s = d.count();
   if (s == 0) return "0s";
   std::string out;
+  if (s < 0) out += "-", s = -s;
+  if (s >= 86400 && s % 86400 == 0) return out + fmt::format("{}d", s / 86400);
   if (s >= 3600) out += fmt::format("{}h", s / 3600), s %= 3600;
   if (s >= 60) out += fmt::format("{}m", s / 60), s %= 60;
   if (s > 0) out += fmt::format("{}s", s);
@@ -182,11 +393,19 @@ std::string FormatDuration(std::chrono::seconds d) {
 
 StatusOr<JobSpec> ParseJobSpec(std::string_view text, std::string_view filename) {
   Errors errs(filename);
+  if (text.size() > kMaxJobSpecBytes) {
+    errs.Add(0, "(file)",
+             fmt::format("is {} bytes; a job spec is at most {}", text.size(), kMaxJobSpecBytes));
+    return errs.ToStatus();
+  }
   YAML::Node root;
   try {
     root = YAML::Load(std::string(text));
   } catch (const YAML::Exception& e) {
     errs.Add(e.mark.line >= 0 ? e.mark.line + 1 : 0, "yaml", e.msg);
+    return errs.ToStatus();
+  } catch (const std::exception& e) {
+    errs.Add(0, "yaml", e.what());
     return errs.ToStatus();
   }
   if (!root.IsMap()) {
@@ -194,6 +413,11 @@ StatusOr<JobSpec> ParseJobSpec(std::string_view text, std::string_view filename)
     return errs.ToStatus();
   }
   JobSpec spec;
+  // Where each field was, for the checks shared with specs from the wire.
+  std::unordered_map<std::string, int> lines;
+  auto note = [&](const std::string& field, const YAML::Node& n) {
+    lines[field] = n.Mark().line + 1;
+  };
   try {
     CheckKeys(root, "",
               {"name", "command", "env", "nodes", "ranks_per_node", "gpu_type", "gpus_per_node",
@@ -201,11 +425,9 @@ StatusOr<JobSpec> ParseJobSpec(std::string_view text, std::string_view filename)
               &errs);
     if (auto n = root["name"]; !n) {
       errs.Add(0, "name", "is required");
-    } else if (GetString(n, "name", &spec.name, &errs) && !std::regex_match(spec.name, NameRe())) {
-      errs.Add(n, "name",
-               fmt::format("must be 1-63 of a-z 0-9 . _ - starting with a letter or digit, not "
-                           "\"{}\"",
-                           spec.name));
+    } else if (GetString(n, "name", &spec.name, &errs)) {
+      note("name", n);
+      if (spec.name.empty()) errs.Add(n, "name", "must not be empty");
     }
     if (auto n = root["command"]; !n) {
       errs.Add(0, "command", "is required");
@@ -214,13 +436,12 @@ StatusOr<JobSpec> ParseJobSpec(std::string_view text, std::string_view filename)
         errs.Add(n, "command", "must not be empty");
       } else {
         spec.command = {"/bin/sh", "-c", n.Scalar()};
+        note("command", n);
+        note("command[2]", n);
       }
     } else if (n.IsSequence()) {
-      for (size_t i = 0; i < n.size(); ++i) {
-        std::string arg;
-        if (GetString(n[i], fmt::format("command[{}]", i), &arg, &errs))
-          spec.command.push_back(arg);
-      }
+      note("command", n);
+      GetStringList(n, "command", kMaxCommandArgs, &spec.command, &lines, &errs);
       if (n.size() == 0) errs.Add(n, "command", "must not be an empty list");
     } else {
       errs.Add(n, "command",
@@ -229,16 +450,19 @@ StatusOr<JobSpec> ParseJobSpec(std::string_view text, std::string_view filename)
     if (auto n = root["env"]) {
       if (!n.IsMap()) {
         errs.Add(n, "env", "must be a mapping of NAME: value, not " + Shown(n));
+      } else if (n.size() > kMaxEnvVars) {
+        errs.Add(n, "env", fmt::format("has {} variables; at most {}", n.size(), kMaxEnvVars));
       } else {
+        note("env", n);
+        CheckKeys(n, "env.", {}, &errs);
         for (auto it = n.begin(); it != n.end(); ++it) {
-          std::string key = it->first.IsScalar() ? it->first.Scalar() : "";
-          std::string field = "env." + key;
-          if (!std::regex_match(key, EnvRe())) {
-            errs.Add(it->first, field, "is not a valid environment variable name");
-            continue;
-          }
+          if (!it->first.IsScalar()) continue;  // reported by CheckKeys
+          const std::string& key = it->first.Scalar();
           std::string value;
-          if (GetString(it->second, field, &value, &errs)) spec.env[key] = value;
+          if (GetString(it->second, EnvField(key), &value, &errs)) {
+            note(EnvField(key), it->first);
+            spec.env.emplace(key, std::move(value));
+          }
         }
       }
     }
@@ -247,10 +471,14 @@ StatusOr<JobSpec> ParseJobSpec(std::string_view text, std::string_view filename)
     if (auto n = root["ranks_per_node"];
         n && GetInt(n, "ranks_per_node", 1, kMaxRanksPerNode, &v, &errs))
       spec.ranks_per_node = v;
-    if (auto n = root["gpus_per_node"]; n && GetInt(n, "gpus_per_node", 0, 1024, &v, &errs))
+    if (auto n = root["gpus_per_node"];
+        n && GetInt(n, "gpus_per_node", 0, kMaxGpusPerNode, &v, &errs))
       spec.gpus_per_node = v;
-    if (auto n = root["gpu_type"]) GetString(n, "gpu_type", &spec.gpu_type, &errs);
-    if (auto n = root["priority"]; n && GetInt(n, "priority", -1000000, 1000000, &v, &errs))
+    if (auto n = root["gpu_type"]; n && GetString(n, "gpu_type", &spec.gpu_type, &errs)) {
+      note("gpu_type", n);
+    }
+    if (auto n = root["priority"];
+        n && GetInt(n, "priority", -kMaxPriority, kMaxPriority, &v, &errs))
       spec.priority = v;
     if (auto n = root["time_limit"]) GetDuration(n, "time_limit", &spec.time_limit, &errs);
     if (auto p = root["placement"]) {
@@ -260,11 +488,8 @@ StatusOr<JobSpec> ParseJobSpec(std::string_view text, std::string_view filename)
         CheckKeys(p, "placement.", {"providers", "island", "hosts"}, &errs);
         if (auto n = p["hosts"]) {
           if (n.IsSequence()) {
-            for (size_t i = 0; i < n.size(); ++i) {
-              std::string s;
-              if (GetString(n[i], fmt::format("placement.hosts[{}]", i), &s, &errs))
-                spec.hosts.push_back(s);
-            }
+            note("placement.hosts", n);
+            GetStringList(n, "placement.hosts", kMaxNodes, &spec.hosts, &lines, &errs);
           } else {
             errs.Add(n, "placement.hosts", "must be a list of node names, not " + Shown(n));
           }
@@ -272,12 +497,11 @@ StatusOr<JobSpec> ParseJobSpec(std::string_view text, std::string_view filename)
         if (auto n = p["providers"]) {
           if (n.IsScalar()) {
             spec.providers = {n.Scalar()};
+            note("placement.providers", n);
+            note("placement.providers[0]", n);
           } else if (n.IsSequence()) {
-            for (size_t i = 0; i < n.size(); ++i) {
-              std::string s;
-              if (GetString(n[i], fmt::format("placement.providers[{}]", i), &s, &errs))
-                spec.providers.push_back(s);
-            }
+            note("placement.providers", n);
+            GetStringList(n, "placement.providers", kMaxProviders, &spec.providers, &lines, &errs);
           } else {
             errs.Add(n, "placement.providers", "must be a list of provider names, not " + Shown(n));
           }
@@ -290,7 +514,7 @@ StatusOr<JobSpec> ParseJobSpec(std::string_view text, std::string_view filename)
               spec.island = *pol;
             } else {
               errs.Add(n, "placement.island",
-                       fmt::format("must be required, preferred or any, not \"{}\"", s));
+                       fmt::format("must be required, preferred or any, not {}", Quoted(s)));
             }
           }
         }
@@ -302,21 +526,23 @@ StatusOr<JobSpec> ParseJobSpec(std::string_view text, std::string_view filename)
       } else {
         CheckKeys(c, "checkpoint.", {"volume", "every", "keep"}, &errs);
         if (auto n = c["volume"]) {
-          GetString(n, "checkpoint.volume", &spec.checkpoint_volume, &errs);
-          if (spec.checkpoint_volume.empty()) errs.Add(n, "checkpoint.volume", "is empty");
+          if (GetString(n, "checkpoint.volume", &spec.checkpoint_volume, &errs)) {
+            note("checkpoint.volume", n);
+            if (spec.checkpoint_volume.empty()) errs.Add(n, "checkpoint.volume", "is empty");
+          }
         } else {
           errs.Add(KeyOf(root, "checkpoint"), "checkpoint.volume",
                    "is required when checkpoint is given");
         }
         if (auto n = c["every"]) {
-          static const std::regex steps("[0-9]+");
-          if (n.IsScalar() && std::regex_match(n.Scalar(), steps)) {
-            GetInt(n, "checkpoint.every", 1, int64_t{1} << 50, &spec.checkpoint_every_steps, &errs);
-          } else {
-            GetDuration(n, "checkpoint.every", &spec.checkpoint_every_time, &errs);
+          if (n.IsScalar() && IsDigits(n.Scalar())) {
+            GetInt(n, "checkpoint.every", 1, kMaxEverySteps, &spec.checkpoint_every_steps, &errs);
+          } else if (GetDuration(n, "checkpoint.every", &spec.checkpoint_every_time, &errs) &&
+                     spec.checkpoint_every_time.count() == 0) {
+            errs.Add(n, "checkpoint.every", "must be at least 1s");
           }
         }
-        if (auto n = c["keep"]; n && GetInt(n, "checkpoint.keep", 1, 100000, &v, &errs))
+        if (auto n = c["keep"]; n && GetInt(n, "checkpoint.keep", 1, kMaxCheckpointKeep, &v, &errs))
           spec.checkpoint_keep = v;
       }
     }
@@ -326,20 +552,21 @@ StatusOr<JobSpec> ParseJobSpec(std::string_view text, std::string_view filename)
       } else {
         CheckKeys(r, "restart.", {"max_restarts", "backoff"}, &errs);
         if (auto n = r["max_restarts"];
-            n && GetInt(n, "restart.max_restarts", 0, 100000, &v, &errs))
+            n && GetInt(n, "restart.max_restarts", 0, kMaxRestarts, &v, &errs))
           spec.max_restarts = v;
         if (auto n = r["backoff"]) GetDuration(n, "restart.backoff", &spec.restart_backoff, &errs);
       }
     }
-    if (auto p = root["placement"]; p && p.IsMap() && p["hosts"] && !spec.hosts.empty() &&
-                                    static_cast<int>(spec.hosts.size()) != spec.nodes) {
-      errs.Add(
-          p["hosts"], "placement.hosts",
-          fmt::format("names {} node(s) for a job of {} node(s)", spec.hosts.size(), spec.nodes));
-    }
   } catch (const YAML::Exception& e) {
     errs.Add(e.mark.line >= 0 ? e.mark.line + 1 : 0, "yaml", e.msg);
   }
+  CheckFields(
+      spec,
+      [&](const std::string& field) {
+        auto it = lines.find(field);
+        return it == lines.end() ? 0 : it->second;
+      },
+      &errs);
   if (!errs.empty()) return errs.ToStatus();
   return spec;
 }
@@ -349,29 +576,20 @@ StatusOr<JobSpec> LoadJobSpecFile(const std::string& path) {
   if (!in) return ErrnoStatus(errno, "cannot read job spec " + path);
   std::stringstream ss;
   ss << in.rdbuf();
-  if (ss.str().size() > (1 << 20)) return InvalidArgumentError(path + ": job spec over 1 MiB");
+  if (ss.str().size() > kMaxJobSpecBytes) {
+    return InvalidArgumentError(path + ": job spec over 1 MiB");
+  }
   return ParseJobSpec(ss.str(), path);
 }
 
 Status ValidateJobSpec(const JobSpec& s) {
   Errors errs("job spec");
-  if (!std::regex_match(s.name, NameRe())) errs.Add(0, "name", "must be 1-63 of a-z 0-9 . _ -");
+  if (s.name.empty()) errs.Add(0, "name", "is required");
   if (s.command.empty()) errs.Add(0, "command", "is required");
-  for (const auto& [k, v] : s.env) {
-    if (!std::regex_match(k, EnvRe())) errs.Add(0, "env." + k, "is not a valid variable name");
-  }
+  CheckFields(
+      s, [](const std::string&) { return 0; }, &errs);
   // A name of the env contract (muster sets it) or an unknown MUSTER_* name (a typo).
   if (Status st = CheckJobEnv(s.env); !st.ok()) errs.Add(0, "env", st.message());
-  if (s.nodes < 1 || s.nodes > kMaxNodes) errs.Add(0, "nodes", "must be in [1, 100000]");
-  if (s.ranks_per_node < 1 || s.ranks_per_node > kMaxRanksPerNode)
-    errs.Add(0, "ranks_per_node", "must be in [1, 1024]");
-  if (s.gpus_per_node < 0 || s.gpus_per_node > 1024)
-    errs.Add(0, "gpus_per_node", "must be in [0, 1024]");
-  if (s.max_restarts < 0) errs.Add(0, "restart.max_restarts", "must be >= 0");
-  if (s.checkpoint_keep < 1) errs.Add(0, "checkpoint.keep", "must be >= 1");
-  if (s.time_limit.count() < 0) errs.Add(0, "time_limit", "must be >= 0");
-  if (!s.hosts.empty() && static_cast<int>(s.hosts.size()) != s.nodes)
-    errs.Add(0, "hosts", fmt::format("{} hosts for {} nodes", s.hosts.size(), s.nodes));
   if (!errs.empty()) return errs.ToStatus();
   return Status::Ok();
 }

@@ -7,6 +7,11 @@
 //   job.yaml:4: nodes: must be an integer >= 1, not "four"
 //   job.yaml:9: placement.island: must be required, preferred or any, not "some"
 //
+// A spec is untrusted input (any client key may submit one, as YAML or as a proto JobSpec), so
+// every field is bounded (the limits below, also in docs/job-spec.md), numbers are parsed
+// without exceptions or recursion, the time and memory spent on a spec are linear in its size,
+// and a key given twice in a mapping is refused (yaml-cpp would silently keep the first).
+//
 // Thread-safety: values and free functions; no shared state.
 
 #include <chrono>
@@ -20,6 +25,27 @@
 #include "coordinator/scheduler.h"
 
 namespace muster::coordinator {
+
+// Bounds on the fields of a JobSpec, applied to YAML and wire specs alike.
+inline constexpr size_t kMaxJobNameBytes = 63;  // the job id `name-N` becomes a path
+inline constexpr size_t kMaxCommandArgs = 4096;
+inline constexpr size_t kMaxArgBytes = 128 << 10;  // Linux MAX_ARG_STRLEN; also per NAME=value
+inline constexpr size_t kMaxEnvVars = 4096;
+inline constexpr size_t kMaxEnvNameBytes = 256;
+// argv and env together: under ARG_MAX with room for the env contract.
+inline constexpr size_t kMaxExecBytes = 1 << 20;
+inline constexpr int kMaxNodes = 100000;
+inline constexpr int kMaxRanksPerNode = 1024;
+inline constexpr int kMaxGpusPerNode = 1024;
+inline constexpr size_t kMaxLabelBytes = 128;  // gpu_type, a provider, checkpoint.volume
+inline constexpr size_t kMaxProviders = 64;
+inline constexpr size_t kMaxHostBytes = 253;  // a node name (a DNS name at most)
+inline constexpr int kMaxPriority = 1000000;
+inline constexpr int kMaxCheckpointKeep = 100000;
+inline constexpr int kMaxRestarts = 100000;
+inline constexpr int64_t kMaxEverySteps = int64_t{1} << 50;
+inline constexpr std::chrono::seconds kMaxDuration{365LL * 24 * 3600};
+inline constexpr size_t kMaxJobSpecBytes = 1 << 20;  // YAML text
 
 struct JobSpec {
   std::string name;
@@ -50,15 +76,17 @@ struct JobSpec {
 };
 
 // Parses and validates `text`; `filename` prefixes each error. InvalidArgument with one line per
-// error.
+// error (at most 100 lines, then a count of the rest).
 StatusOr<JobSpec> ParseJobSpec(std::string_view text, std::string_view filename = "job.yaml");
 // Reads `path` and parses it. NotFound if it cannot be read.
 StatusOr<JobSpec> LoadJobSpecFile(const std::string& path);
 
 // Checks a spec that did not come from YAML (from the wire): the same rules, without lines.
+// ParseJobSpec applies exactly these checks to what it parsed.
 Status ValidateJobSpec(const JobSpec& spec);
 
-// "90s", "15m", "2h", "1h30m", "1d" or a bare integer (seconds). InvalidArgument otherwise.
+// "90s", "15m", "2h", "1h30m", "1d" or a bare integer (seconds), at most kMaxDuration.
+// InvalidArgument otherwise.
 StatusOr<std::chrono::seconds> ParseDuration(std::string_view text);
 std::string FormatDuration(std::chrono::seconds d);
 

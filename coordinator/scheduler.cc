@@ -49,8 +49,10 @@ StatusOr<IslandPolicy> ParseIslandPolicy(std::string_view name) {
   for (IslandPolicy p : {IslandPolicy::kAny, IslandPolicy::kPreferred, IslandPolicy::kRequired}) {
     if (IslandPolicyName(p) == name) return p;
   }
+  // `name` may come off the wire: show a bounded prefix.
   return InvalidArgumentError(
-      fmt::format("island must be required, preferred or any, not '{}'", name));
+      fmt::format("island must be required, preferred or any, not '{}'{}", name.substr(0, 48),
+                  name.size() > 48 ? fmt::format("... ({} bytes)", name.size()) : ""));
 }
 
 namespace {

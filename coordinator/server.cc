@@ -23,10 +23,10 @@ struct CoordinatorServer::Impl {
   int ticks = 0;
   bool stopped = false;
 
-  void ReloadKeysIfChanged() {
+  void ReloadKeysIfChanged(bool force = false) {
     std::error_code ec;
     auto mtime = fs::last_write_time(keys.authorized_keys(), ec);
-    if (ec || mtime == keys_mtime) return;
+    if (ec || (mtime == keys_mtime && !force)) return;
     auto list = LoadAuthorizedKeys(keys.authorized_keys());
     if (!list.ok()) {
       log::Get("coord")->error("authorized keys not reloaded: {}", list.status().ToString());
@@ -49,6 +49,12 @@ CoordinatorServer::CoordinatorServer(std::unique_ptr<Impl> impl) : impl_(std::mo
 
 CoordinatorServer::~CoordinatorServer() { Stop(); }
 
+void CoordinatorServer::ReloadKeys() {
+  if (!impl_ || impl_->stopped || !impl_->zap) return;
+  Impl* raw = impl_.get();
+  raw->reactor.Post("coord.reload_keys", [raw] { raw->ReloadKeysIfChanged(/*force=*/true); });
+}
+
 void CoordinatorServer::Stop() {
   if (!impl_ || impl_->stopped) return;
   impl_->stopped = true;
@@ -64,6 +70,13 @@ StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(ServerOpti
   auto impl = std::make_unique<Impl>();
   impl->options = options;
   MUSTER_ASSIGN_OR_RETURN(auto store, StateStore::Open(options.data_dir));
+  Impl* self = impl.get();
+  if (!options.insecure) {
+    options.coordinator.current_role = [self](const std::string& key) {
+      auto k = self->zap ? self->zap->Lookup(kDefaultZapDomain, key) : std::nullopt;
+      return k ? k->role : KeyRole::kNone;
+    };
+  }
   MUSTER_ASSIGN_OR_RETURN(impl->coord, Coordinator::Create(std::move(store), options.coordinator));
 
   RpcServer::Options ro;
@@ -107,8 +120,8 @@ StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(ServerOpti
       impl->rpc,
       RpcServer::Create(impl->reactor, ro,
                         [raw](const PeerInfo& peer, proto::Envelope&& req, RpcServer::Reply reply) {
-                          raw->coord->Handle(peer.user_id + "@" + peer.address, std::move(req),
-                                             std::move(reply));
+                          Caller caller{peer.user_id, peer.public_key, peer.role, peer.address};
+                          raw->coord->Handle(caller, std::move(req), std::move(reply));
                         }));
   std::string endpoint = impl->rpc->endpoint();
   {

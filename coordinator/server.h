@@ -2,8 +2,10 @@
 
 // CoordinatorServer: `muster coordinator` as a library. One reactor thread owns the RpcServer
 // (ROUTER, CURVE with the coordinator's key, ZAP accepting only the keys in
-// <keys>/authorized_keys, re-read when the file changes) and runs the Coordinator on it, with a
-// tick every 100 ms. The bound endpoint is written to <data-dir>/endpoint.
+// <keys>/authorized_keys, re-read within 2 s of a change to the file and on ReloadKeys (SIGHUP
+// to `muster coordinator`)) and runs the Coordinator on it, with a tick every 100 ms. Every
+// request is checked against the keys as last read, so removing a key ends the sessions it
+// opened too. The bound endpoint is written to <data-dir>/endpoint.
 //
 // Thread-safety: Start/Stop/endpoint from any one thread.
 
@@ -31,6 +33,8 @@ class CoordinatorServer {
   ~CoordinatorServer();  // stops
 
   const std::string& endpoint() const { return endpoint_; }
+  // Re-reads authorized_keys now (a malformed file is logged and the old set kept).
+  void ReloadKeys();
   void Stop();
 
  private:

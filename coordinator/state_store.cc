@@ -63,6 +63,11 @@ CREATE TABLE IF NOT EXISTS checkpoints (
   time_ms INTEGER NOT NULL,
   PRIMARY KEY (job_id, step, volume)
 );
+CREATE TABLE IF NOT EXISTS node_keys (
+  name TEXT PRIMARY KEY,
+  public_key TEXT NOT NULL,
+  bound_ms INTEGER NOT NULL
+);
 )";
 
 std::string Join(const std::vector<std::string>& v) {
@@ -146,12 +151,13 @@ JobRecord ReadJob(Stmt& s) {
   j.submitted_ms = s.Int(10);
   j.updated_ms = s.Int(11);
   j.not_before_ms = s.Int(12);
+  j.submitter = s.Text(13);
   return j;
 }
 
 constexpr const char* kJobCols =
     "id, seq, spec, state, attempt, restarts, preemptions, nodes, detail, resume_step, "
-    "submitted_ms, updated_ms, not_before_ms";
+    "submitted_ms, updated_ms, not_before_ms, submitter";
 
 }  // namespace
 
@@ -194,6 +200,22 @@ StatusOr<std::unique_ptr<StateStore>> StateStore::Open(const std::filesystem::pa
   MUSTER_RETURN_IF_ERROR(store->Exec("PRAGMA journal_mode=WAL"));
   MUSTER_RETURN_IF_ERROR(store->Exec("PRAGMA synchronous=FULL"));
   MUSTER_RETURN_IF_ERROR(store->Exec(kSchema));
+  // Databases made before jobs recorded their submitter get the column (empty: only admin keys
+  // may act on those jobs).
+  bool has_submitter = false;
+  {
+    Stmt q(db, "PRAGMA table_info(jobs)");
+    MUSTER_RETURN_IF_ERROR(q.status());
+    while (true) {
+      MUSTER_ASSIGN_OR_RETURN(bool row, q.Step());
+      if (!row) break;
+      if (q.Text(1) == "submitter") has_submitter = true;
+    }
+  }
+  if (!has_submitter) {
+    MUSTER_RETURN_IF_ERROR(
+        store->Exec("ALTER TABLE jobs ADD COLUMN submitter TEXT NOT NULL DEFAULT ''"));
+  }
   return store;
 }
 
@@ -263,9 +285,8 @@ Status StateStore::InsertJob(JobRecord* j) {
   }
   if (j->id.empty()) j->id = fmt::format("{}-{}", j->spec.name(), j->seq);
   {
-    Stmt s(
-        db_,
-        fmt::format("INSERT INTO jobs ({}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", kJobCols).c_str());
+    Stmt s(db_, fmt::format("INSERT INTO jobs ({}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", kJobCols)
+                    .c_str());
     if (!s.status().ok()) return fail(s.status());
     s.Bind(1, j->id)
         .Bind(2, static_cast<int64_t>(j->seq))
@@ -279,7 +300,8 @@ Status StateStore::InsertJob(JobRecord* j) {
         .Bind(10, j->resume_step)
         .Bind(11, j->submitted_ms)
         .Bind(12, j->updated_ms)
-        .Bind(13, j->not_before_ms);
+        .Bind(13, j->not_before_ms)
+        .Bind(14, j->submitter);
     Status st = s.Run();
     if (!st.ok()) return fail(st);
   }
@@ -314,6 +336,26 @@ StatusOr<JobRecord> StateStore::GetJob(const std::string& id) {
   MUSTER_ASSIGN_OR_RETURN(bool row, s.Step());
   if (!row) return NotFoundError("no job " + id);
   return ReadJob(s);
+}
+
+Status StateStore::BindNodeKey(const std::string& name, const std::string& public_key,
+                               int64_t time_ms) {
+  Stmt s(db_, "INSERT OR REPLACE INTO node_keys (name, public_key, bound_ms) VALUES (?, ?, ?)");
+  MUSTER_RETURN_IF_ERROR(s.status());
+  s.Bind(1, name).Bind(2, public_key).Bind(3, time_ms);
+  return s.Run();
+}
+
+StatusOr<std::map<std::string, std::string>> StateStore::LoadNodeKeys() {
+  Stmt s(db_, "SELECT name, public_key FROM node_keys");
+  MUSTER_RETURN_IF_ERROR(s.status());
+  std::map<std::string, std::string> out;
+  while (true) {
+    MUSTER_ASSIGN_OR_RETURN(bool row, s.Step());
+    if (!row) break;
+    out[s.Text(0)] = s.Text(1);
+  }
+  return out;
 }
 
 StatusOr<std::vector<JobRecord>> StateStore::LoadJobs() {

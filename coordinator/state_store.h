@@ -2,9 +2,9 @@
 
 // StateStore: the coordinator's durable state, one SQLite database (WAL, synchronous=FULL) at
 // <data-dir>/coordinator.db. Tables: nodes, jobs, attempts, events, checkpoints (the catalog:
-// which steps of which job are committed on which volume). Every write is its own transaction
-// and is durable when the call returns, so a coordinator killed with SIGKILL right after
-// answering a submit still has the job when it starts again.
+// which steps of which job are committed on which volume), node_keys (node name -> agent key).
+// Every write is its own transaction and is durable when the call returns, so a coordinator killed
+// with SIGKILL right after answering a submit still has the job when it starts again.
 //
 // Only one coordinator may use a data dir: Open takes an exclusive lock file and fails with
 // FailedPrecondition if another process holds it.
@@ -15,6 +15,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -49,6 +50,9 @@ struct JobRecord {
   int64_t submitted_ms = 0;
   int64_t updated_ms = 0;
   int64_t not_before_ms = 0;  // restart backoff: not scheduled before this
+  // The z85 key that submitted the job (set by InsertJob, never updated); "" for jobs
+  // submitted before jobs recorded it, or on an insecure coordinator.
+  std::string submitter;
 };
 
 struct AttemptRecord {
@@ -83,6 +87,11 @@ class StateStore {
   Status PutNode(const NodeRecord& node);
   Status DeleteNode(const std::string& name);
   StatusOr<std::vector<NodeRecord>> LoadNodes();
+  // A node name is bound to the key that first registered it (docs/security.md); binding it
+  // again replaces the key (the coordinator does so only when the old key lost its agent role).
+  Status BindNodeKey(const std::string& name, const std::string& public_key, int64_t time_ms);
+  // name -> z85 public key.
+  StatusOr<std::map<std::string, std::string>> LoadNodeKeys();
 
   // Jobs. InsertJob assigns `seq` (and the id, `<spec.name>-<seq>`, when `job->id` is empty).
   Status InsertJob(JobRecord* job);

@@ -4,12 +4,14 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <charconv>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <ctime>
 #include <map>
-#include <regex>
+#include <optional>
+#include <string_view>
 #include <thread>
 
 #include "common/logging.h"
@@ -34,12 +36,25 @@ bool Terminal(proto::JobState s) {
   return s == proto::JOB_SUCCEEDED || s == proto::JOB_FAILED || s == proto::JOB_CANCELLED;
 }
 
-// "rank 3 on aws-1 exited 7" -> 7; "... killed by signal 9" -> 137; else 1.
+// The integer right after the first `word` in `detail` ("-?[0-9]+"), if one is there and fits.
+// No std::regex: the detail comes off the wire, and libstdc++'s regex recurses per character.
+std::optional<int> IntAfter(std::string_view detail, std::string_view word) {
+  size_t at = detail.find(word);
+  if (at == std::string_view::npos) return std::nullopt;
+  std::string_view rest = detail.substr(at + word.size());
+  int v = 0;
+  auto [end, ec] = std::from_chars(rest.data(), rest.data() + rest.size(), v, 10);
+  if (ec != std::errc() || end == rest.data()) return std::nullopt;
+  return v;
+}
+
+// "rank 3 on aws-1 exited 7" -> 7; "... killed by signal 9" -> 137; else 1. A code outside
+// 0..255 (or a signal outside 1..127), which no process exits with, counts as 1.
 int ExitCodeOf(const std::string& detail) {
-  std::smatch m;
-  if (std::regex_search(detail, m, std::regex("exited (-?[0-9]+)"))) return std::stoi(m[1]);
-  if (std::regex_search(detail, m, std::regex("killed by signal ([0-9]+)")))
-    return 128 + std::stoi(m[1]);
+  if (auto code = IntAfter(detail, "exited ")) return *code >= 0 && *code <= 255 ? *code : 1;
+  if (auto sig = IntAfter(detail, "killed by signal ")) {
+    return *sig > 0 && *sig < 128 ? 128 + *sig : 1;
+  }
   if (detail.find("could not start") != std::string::npos &&
       detail.find("not found") != std::string::npos)
     return kExitNotFound;

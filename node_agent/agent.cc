@@ -797,7 +797,11 @@ struct Agent::Impl {
     in.seekg(0, std::ios::end);
     int64_t size = in.tellg();
     int64_t max = f.max_bytes() > 0 ? std::min(f.max_bytes(), 1 << 20) : 64 << 10;
-    int64_t off = f.offset() < 0 ? std::max<int64_t>(0, size - max) : std::min(f.offset(), size);
+    // An offset past the end: the log was rotated since (Supervisor::Options), so the reader
+    // goes on from the start of the new file.
+    int64_t off = f.offset() < 0      ? std::max<int64_t>(0, size - max)
+                  : f.offset() > size ? 0
+                                      : f.offset();
     int64_t n = std::min(max, size - off);
     std::string data(static_cast<size_t>(n), '\0');
     in.seekg(off);
@@ -1099,6 +1103,9 @@ StatusOr<std::unique_ptr<Agent>> Agent::Start(AgentOptions options) {
   coordinator::ClientOptions co;
   co.endpoint = options.coordinator;
   co.keys_dir = options.keys_dir;
+  co.key_file = !options.key_file.empty()
+                    ? options.key_file
+                    : KeysDir::Resolve(options.keys_dir).agent_key_or_client_key().string();
   co.insecure = options.insecure;
   co.timeout = options.call_timeout;
   MUSTER_ASSIGN_OR_RETURN(m.ctl, coordinator::CoordinatorClient::Connect(co));
@@ -1116,7 +1123,10 @@ StatusOr<std::unique_ptr<Agent>> Agent::Start(AgentOptions options) {
   };
   cb.on_exit = [p](ChildId id, const std::string&, const ExitInfo& info) { p->OnExit(id, info); };
   cb.on_closed = [p](ChildId id, const std::string&) { p->OnClosed(id); };
-  m.supervisor = std::make_unique<Supervisor>(*m.reactor, cb);
+  Supervisor::Options so;
+  so.log_max_bytes = options.rank_log_max_bytes;
+  so.log_keep = options.rank_log_keep;
+  m.supervisor = std::make_unique<Supervisor>(*m.reactor, cb, so);
   if (m.labels.volumes_size() > 0) {
     std::map<std::string, std::string> roots;
     for (const auto& v : m.labels.volumes()) roots[v.name()] = v.path();

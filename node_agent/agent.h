@@ -41,7 +41,8 @@ namespace muster::node_agent {
 
 struct AgentOptions {
   std::string coordinator;  // endpoint; "" : $MUSTER_COORDINATOR
-  std::string keys_dir;     // client.key + coordinator.pub; "" : $MUSTER_KEYS, else ~/.muster
+  std::string keys_dir;     // agent.key + coordinator.pub; "" : $MUSTER_KEYS, else ~/.muster
+  std::string key_file;     // "" : <keys_dir>/agent.key, or client.key in a pre-roles keys dir
   bool insecure = false;    // no CURVE to the coordinator nor for the stores (tests only)
   // name, provider, region, island, gpu_type, gpus, slots, volumes, address. An empty name
   // becomes the hostname; an empty address the local address that routes to the coordinator.
@@ -55,6 +56,10 @@ struct AgentOptions {
   std::chrono::seconds default_notice{30};  // for sources that give no deadline
   // Grace between SIGTERM and SIGKILL when stopping ranks on our own (lease, shutdown).
   std::chrono::milliseconds stop_grace{5000};
+  // Per-rank log files are rotated past this size, keeping this many older parts
+  // (Supervisor::Options); 0 bytes: never rotated.
+  int64_t rank_log_max_bytes = int64_t{64} << 20;
+  int rank_log_keep = 3;
   std::chrono::milliseconds call_timeout{3000};
 };
 

@@ -4,6 +4,7 @@
 #include <time.h>
 
 #include <cerrno>
+#include <charconv>
 #include <fstream>
 #include <map>
 #include <sstream>
@@ -27,6 +28,8 @@ std::string Trim(std::string s) {
   return s.substr(b, s.find_last_not_of(" \t\r\n") - b + 1);
 }
 
+constexpr int64_t kMaxNoticeSeconds = 365LL * 24 * 3600;
+
 class NoticeFileSource final : public NoticeSource {
  public:
   NoticeFileSource(std::string path, std::chrono::seconds default_notice)
@@ -47,7 +50,15 @@ class NoticeFileSource final : public NoticeSource {
     PreemptionNotice n{"file", mtime + default_notice_, "notice file " + path_};
     if (!text.empty()) {
       if (text.find_first_not_of("0123456789") == std::string::npos) {
-        n.deadline = mtime + std::chrono::seconds(std::stoll(text));
+        // Seconds of notice from the file's mtime; a year at most, so the sum cannot overflow.
+        int64_t secs = 0;
+        auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), secs);
+        if (ec != std::errc() || end != text.data() + text.size() || secs > kMaxNoticeSeconds) {
+          return InvalidArgumentError("notice file " + path_ + ": " + std::to_string(text.size()) +
+                                      "-digit notice; at most " +
+                                      std::to_string(kMaxNoticeSeconds) + " seconds");
+        }
+        n.deadline = mtime + std::chrono::seconds(secs);
       } else {
         MUSTER_ASSIGN_OR_RETURN(n.deadline, ParseRfc3339Utc(text));
       }

@@ -65,6 +65,57 @@ struct Fd {
   }
 };
 
+// A log file that is rotated by size: when a line would take it past `max_bytes`, PATH.keep is
+// dropped, PATH.(k) becomes PATH.(k+1), PATH becomes PATH.1 and a new PATH begins. A file thus
+// holds at most max_bytes, or one line when a single line is longer. Reactor thread only.
+class RotatingLog {
+ public:
+  Status Open(std::string path, int64_t max_bytes, int keep) {
+    path_ = std::move(path);
+    max_bytes_ = max_bytes;
+    keep_ = keep;
+    fd_ = Fd(::open(path_.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644));
+    if (fd_.fd < 0) return ErrnoStatus(errno, "log file " + path_);
+    struct stat st;
+    size_ = ::fstat(fd_.fd, &st) == 0 ? st.st_size : 0;
+    return Status::Ok();
+  }
+  bool open() const { return fd_.fd >= 0; }
+
+  void Write(std::string_view data) {
+    if (fd_.fd < 0) return;
+    if (max_bytes_ > 0 && size_ > 0 && size_ + static_cast<int64_t>(data.size()) > max_bytes_) {
+      Rotate();
+      if (fd_.fd < 0) return;
+    }
+    WriteAll(fd_.fd, data);
+    size_ += static_cast<int64_t>(data.size());
+  }
+
+ private:
+  void Rotate() {
+    // Renames are cheap (no data moves), so this runs inline on the reactor. A rename that
+    // fails (the directory went away) just leaves the older file in place.
+    for (int k = keep_; k >= 1; --k) {
+      std::string from = k == 1 ? path_ : path_ + "." + std::to_string(k - 1);
+      ::rename(from.c_str(), (path_ + "." + std::to_string(k)).c_str());
+    }
+    int flags = O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | (keep_ <= 0 ? O_TRUNC : 0);
+    fd_ = Fd(::open(path_.c_str(), flags, 0644));
+    size_ = 0;
+    if (fd_.fd < 0) {
+      log::Get("agent.spawn")
+          ->warn("log file {}: cannot reopen after rotation: {}", path_, strerror(errno));
+    }
+  }
+
+  std::string path_;
+  int64_t max_bytes_ = 0;
+  int keep_ = 0;
+  Fd fd_;
+  int64_t size_ = 0;
+};
+
 // The file `prog` names as posix_spawnp and execvp find it: as given when it has a '/', else
 // the first executable regular file of that name on this process's PATH. Sets `*err` (ENOENT,
 // EACCES) when there is none.
@@ -108,8 +159,8 @@ struct Supervisor::Child {
   Fd pidfd;
   Fd out[3];  // indexed by OutputStream
   std::string partial[3];
-  Fd log;
-  Fd stream_log[2];  // indexed by OutputStream
+  RotatingLog log;
+  RotatingLog stream_log[2];  // indexed by OutputStream (kStdout, kStderr)
   bool running = true;
   bool stop_requested = false;
   int sent_signal = 0;  // the stop's first signal, once sent
@@ -219,19 +270,14 @@ StatusOr<ChildId> Supervisor::Spawn(const SpawnSpec& spec) {
     stdin_fd = devnull.fd;
   }
   if (!spec.log_path.empty()) {
-    child->log = Fd(::open(spec.log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644));
-    if (child->log.fd < 0) {
-      return ErrnoStatus(errno, "spawn '" + spec.name + "': log file " + spec.log_path);
-    }
+    Status st = child->log.Open(spec.log_path, options_.log_max_bytes, options_.log_keep);
+    if (!st.ok()) return Status(st.code(), "spawn '" + spec.name + "': " + st.message());
   }
   for (int s = 0; s < 2; ++s) {
     const std::string& path = spec.stream_log_paths[s];
     if (path.empty()) continue;
-    child->stream_log[s] =
-        Fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644));
-    if (child->stream_log[s].fd < 0) {
-      return ErrnoStatus(errno, "spawn '" + spec.name + "': log file " + path);
-    }
+    Status st = child->stream_log[s].Open(path, options_.log_max_bytes, options_.log_keep);
+    if (!st.ok()) return Status(st.code(), "spawn '" + spec.name + "': " + st.message());
   }
 
   std::vector<char*> argv, envp;
@@ -443,17 +489,15 @@ void Supervisor::OnPipeReadable(ChildId id, OutputStream stream) {
 
 void Supervisor::EmitLine(Child& c, OutputStream stream, std::string_view line) {
   // A control-channel line is logged as if the child had printed it on stdout.
-  const int own =
-      c.stream_log[static_cast<int>(stream == OutputStream::kStderr ? OutputStream::kStderr
-                                                                    : OutputStream::kStdout)]
-          .fd;
-  if (c.log.fd >= 0 || own >= 0) {
+  RotatingLog& own = c.stream_log[static_cast<int>(
+      stream == OutputStream::kStderr ? OutputStream::kStderr : OutputStream::kStdout)];
+  if (c.log.open() || own.open()) {
     std::string l;
     l.reserve(line.size() + 1);
     l.append(line);
     l.push_back('\n');
-    if (c.log.fd >= 0) WriteAll(c.log.fd, l);
-    if (own >= 0) WriteAll(own, l);
+    c.log.Write(l);
+    own.Write(l);
   }
   if (callbacks_.on_line) callbacks_.on_line(c.id, c.name, stream, line);
 }

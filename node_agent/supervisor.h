@@ -14,7 +14,8 @@
 //   - reads the child's stdout and stderr through pipes and hands out whole lines (one callback
 //     per line; a final unterminated line is handed out at EOF; a line longer than
 //     kMaxLineBytes is cut into pieces of that size), optionally appending each line to a
-//     per-child log file;
+//     per-child log file, rotated by size (Options::log_max_bytes) so that a chatty rank cannot
+//     fill the disk;
 //   - optionally gives the child a control channel (SpawnSpec::control_channel): a socket open
 //     for writing at fd kControlFd of the child, read and handed out line by line the same way
 //     (OutputStream::kControl) and logged as if the child had printed it on stdout;
@@ -75,7 +76,8 @@ struct SpawnSpec {
   // Becomes the child's stdin (dup'ed; not owned, may be closed after Spawn returns);
   // -1 gives /dev/null.
   int stdin_fd = -1;
-  // If set, each output line of both streams is appended to this file (created 0644).
+  // If set, each output line of both streams is appended to this file (created 0644), rotated
+  // as Supervisor::Options says.
   std::string log_path;
   // If set, each line of stdout ([0]) or stderr ([1]) is also appended to a file of its own.
   std::string stream_log_paths[2];
@@ -134,6 +136,15 @@ class Supervisor {
     // After a child exits, how long its pipes may stay open (held by processes it left behind
     // in its group) before the group is SIGKILLed and the pipes dropped.
     std::chrono::milliseconds drain_timeout{2000};
+    // Log files (SpawnSpec::log_path, stream_log_paths) are rotated by size: when a line would
+    // take PATH past log_max_bytes, PATH becomes PATH.1 (PATH.1 becomes PATH.2, ... up to
+    // PATH.<log_keep>, the oldest being dropped) and a new PATH begins; with log_keep 0, PATH
+    // starts over empty. A log file so takes at most (log_keep + 1) * log_max_bytes (plus one
+    // line, when a line is longer) whatever the child prints. PATH is always the newest part,
+    // which is what readers of the log (`muster logs`) follow; a reader holding an offset past
+    // its size knows it was rotated. log_max_bytes 0: never rotated.
+    int64_t log_max_bytes = int64_t{64} << 20;
+    int log_keep = 3;
   };
 
   Supervisor(Reactor& reactor, Callbacks callbacks, Options options);

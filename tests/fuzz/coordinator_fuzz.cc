@@ -2,7 +2,10 @@
 // (u16 little-endian length, then that many bytes), fed to one long-lived Coordinator (real
 // SQLite state under a temp dir, injected clock advanced per message) as if they came off the
 // wire, with Tick() between them. Nodes are registered first so that submits, reports and
-// polls reach deep state. Built by `make fuzz` with clang++-14 -fsanitize=fuzzer,address.
+// polls reach deep state. The envelope's request_id picks the caller (mod 5): 0 a keyless caller
+// with every right (as the seed nodes registered), then an admin, two clients and an agent key,
+// so the role and ownership checks are fuzzed too. Built by `make fuzz` with clang++-14
+// -fsanitize=fuzzer,address.
 
 #include <unistd.h>
 
@@ -65,7 +68,16 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     pos += len;
     g_now += std::chrono::milliseconds(len * 7);
     if (!env.ok()) continue;
-    c->Handle("fuzz", std::move(*env), [](muster::proto::Envelope reply) {
+    using muster::KeyRole;
+    static const muster::coordinator::Caller kCallers[] = {
+        {"fuzz", "", KeyRole::kLegacy, ""},
+        {"admin", "AdminKey000000000000000000000000000000000", KeyRole::kAdmin, ""},
+        {"alice", "AliceKey000000000000000000000000000000000", KeyRole::kClient, ""},
+        {"bob", "BobKey00000000000000000000000000000000000", KeyRole::kClient, ""},
+        {"agent", "AgentKey000000000000000000000000000000000", KeyRole::kAgent, ""},
+    };
+    const auto& caller = kCallers[env->request_id() % 5];
+    c->Handle(caller, std::move(*env), [](muster::proto::Envelope reply) {
       // A reply must always be serializable.
       (void)muster::SerializeEnvelope(reply);
     });

@@ -730,6 +730,29 @@ TEST_F(AgentCluster, MusterRunThroughTheCoordinatorEndsAtItsTimeoutWith124) {
   EXPECT_NE(ReadFile(out).find("ran past --timeout 2 s"), std::string::npos) << ReadFile(out);
 }
 
+// A chatty rank cannot fill the node's disk: the agent rotates its log (--rank-log-max-mb,
+// --rank-log-keep), and `muster logs` reads the current part, which ends with the last line.
+TEST_F(AgentCluster, RankLogsAreRotatedAndMusterLogsReadsTheCurrentPart) {
+  StartAgent("aws-1", "aws", {"--rank-log-max-mb", "1", "--rank-log-keep", "1"});
+  WaitNodesUp(1);
+  // 40000 lines of 101 bytes: about four times the limit.
+  std::string job = Submit(
+      "name: chatty\n" +
+      Script("yes " + std::string(100, 'x') + " | head -n 40000; echo LAST-LINE") + "nodes: 1\n");
+  ASSERT_FALSE(job.empty());
+  ASSERT_TRUE(WaitState(job, "succeeded", 30s)) << Events(job);
+  fs::path logs = dir_ / "agent-aws-1" / "logs" / job / "attempt-1";
+  ASSERT_TRUE(fs::exists(logs / "rank-0.log.1")) << "rotated";
+  EXPECT_FALSE(fs::exists(logs / "rank-0.log.2")) << "one old part kept";
+  EXPECT_LE(fs::file_size(logs / "rank-0.log"), 1u << 20);
+  EXPECT_LE(fs::file_size(logs / "rank-0.log.1"), 1u << 20);
+  auto log = Muster({"logs", job, "--rank", "0"});
+  ASSERT_TRUE(log.ok()) << log.status().ToString();
+  EXPECT_LE(log->size(), (1u << 20) + 4096);
+  EXPECT_NE(log->find("LAST-LINE"), std::string::npos) << log->substr(0, 200);
+  EXPECT_EQ(log->find(std::string(101, 'x')), std::string::npos) << "no torn lines";
+}
+
 // A step committed on one provider is copied to the other provider's volume, agent to agent
 // over CURVE, with a transfer key that the source revokes once the copy is reported.
 TEST_F(AgentCluster, ACommitIsCopiedToTheOtherProviderAndItsTransferKeyRevoked) {

@@ -7,11 +7,14 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <thread>
 
@@ -66,6 +69,9 @@ class CoordinatorProcess {
     pid_ = -1;
   }
   const std::string& endpoint() const { return endpoint_; }
+  void Signal(int sig) {
+    if (pid_ > 0) kill(pid_, sig);
+  }
 
  private:
   fs::path data_, keys_;
@@ -76,12 +82,13 @@ class CoordinatorProcess {
 // A fake node agent: registers, heartbeats every 100 ms on a thread, collects actions.
 class FakeAgent {
  public:
+  // `key`: the agent's key pair; default the keys directory's agent.key.
   FakeAgent(zmq::context_t& ctx, const std::string& endpoint, const KeysDir& keys,
-            proto::NodeLabels labels)
+            proto::NodeLabels labels, std::optional<KeyPair> key = std::nullopt)
       : labels_(std::move(labels)) {
     RpcClient::Options o;
     o.endpoint = endpoint;
-    o.client_key = *LoadKeyPair(keys.client_key());
+    o.client_key = key ? *key : *LoadKeyPair(keys.agent_key());
     o.server_public_key = LoadKeyPair(keys.coordinator_pub())->public_key;
     client_ = std::move(*RpcClient::Connect(ctx, o));
   }
@@ -193,6 +200,11 @@ class FakeAgent {
   }
 
   const std::string& name() const { return labels_.name(); }
+  std::string session() {
+    std::lock_guard<std::mutex> l(mu_);
+    return session_;
+  }
+  StatusOr<proto::Envelope> Call(proto::Envelope e) { return client_->Call(std::move(e), 5s); }
 
  private:
   proto::NodeLabels labels_;
@@ -270,6 +282,27 @@ class CoordinatorIntegrationTest : public ::testing::Test {
     if (ev.ok())
       for (const auto& e : ev->events()) out.push_back(e.kind());
     return out;
+  }
+
+  // A new key with `role` in authorized_keys, once the running coordinator serves it.
+  KeyPair AddKeyAndWait(const std::string& name, KeyRole role) {
+    auto key = AddKey(keys_, name, role, keys_.dir / (name + ".key"));
+    EXPECT_TRUE(key.ok()) << key.status();
+    if (!key.ok()) return {};
+    RpcClient::Options o;
+    o.endpoint = coord_->endpoint();
+    o.client_key = *key;
+    o.server_public_key = LoadKeyPair(keys_.coordinator_pub())->public_key;
+    EXPECT_TRUE(WaitUntil(
+        [&] {
+          auto c = RpcClient::Connect(ctx_, o);
+          proto::Envelope ping;
+          ping.mutable_ping()->set_data("x");
+          return c.ok() && (*c)->Call(ping, 1s).ok();
+        },
+        10s))
+        << "the coordinator did not pick up key " << name;
+    return *key;
   }
 
   fs::path root_;
@@ -445,7 +478,7 @@ TEST_F(CoordinatorIntegrationTest, RestartAdoptsRunningAssignment) {
   {
     RpcClient::Options ro;
     ro.endpoint = coord_->endpoint();
-    ro.client_key = *LoadKeyPair(keys_.client_key());
+    ro.client_key = *LoadKeyPair(keys_.agent_key());
     ro.server_public_key = LoadKeyPair(keys_.coordinator_pub())->public_key;
     raw = std::move(*RpcClient::Connect(ctx_, ro));
   }
@@ -522,7 +555,7 @@ TEST_F(CoordinatorIntegrationTest, CliSubmitStatusJsonAndBadSpec) {
 TEST_F(CoordinatorIntegrationTest, LongPollDeliversStartAndLogsAreFetchedFromTheAgent) {
   RpcClient::Options ro;
   ro.endpoint = coord_->endpoint();
-  ro.client_key = *LoadKeyPair(keys_.client_key());
+  ro.client_key = *LoadKeyPair(keys_.agent_key());
   ro.server_public_key = LoadKeyPair(keys_.coordinator_pub())->public_key;
   auto agent = std::move(*RpcClient::Connect(ctx_, ro));
   proto::Envelope reg;
@@ -604,6 +637,47 @@ TEST_F(CoordinatorIntegrationTest, HigherPriorityPreemptsAndTheVictimRequeues) {
   EXPECT_EQ(st.restarts(), 0);
 }
 
+// A spec with a 30,000-digit duration or count once took the coordinator down (a recursive
+// std::regex overflowed its stack). Over the wire, as YAML and as a proto JobSpec, every hostile
+// spec is now a clear InvalidArgument, and the same process goes on serving.
+TEST_F(CoordinatorIntegrationTest, HostileSpecsAreClearErrorsAndTheCoordinatorStaysUp) {
+  AddAgent("aws-0", "aws");
+  const std::string digits(30000, '9');
+  struct Case {
+    std::string yaml, want;
+  };
+  for (const Case& c : std::vector<Case>{
+           {"name: d\ncommand: x\ntime_limit: " + digits + "\n", "job.yaml:3: time_limit:"},
+           {"name: d\ncommand: x\nnodes: " + digits + "\n", "job.yaml:3: nodes:"},
+           {"name: d\ncommand: x\ncheckpoint:\n  volume: ckpt\n  every: " + digits + "\n",
+            "job.yaml:5: checkpoint.every:"},
+           {"name: d\ncommand: x\nnodes: 1\nnodes: 2\n", "job.yaml:4: nodes: given twice"},
+       }) {
+    auto id = Submit(c.yaml);
+    ASSERT_FALSE(id.ok()) << "accepted: " << *id;
+    EXPECT_EQ(id.status().code(), StatusCode::kInvalidArgument) << id.status();
+    EXPECT_NE(id.status().message().find(c.want), std::string::npos) << id.status();
+  }
+  proto::Envelope e;
+  auto* spec = e.mutable_submit_request()->mutable_spec();
+  spec->set_name("../../etc");
+  spec->add_command("train");
+  spec->set_nodes(1);
+  spec->set_ranks_per_node(1);
+  spec->set_checkpoint_keep(3);
+  spec->set_restart_backoff_s(std::numeric_limits<int64_t>::max());
+  (*spec->mutable_env())["A=B"] = "x";
+  auto r = client_->Call(e);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), StatusCode::kInvalidArgument) << r.status();
+  for (const char* want :
+       {"name: must be 1-63", "restart.backoff: must be a duration", "env.A=B: is not a valid"}) {
+    EXPECT_NE(r.status().message().find(want), std::string::npos) << r.status();
+  }
+  auto fine = Submit("name: d\ncommand: x\n");
+  EXPECT_TRUE(fine.ok()) << "the coordinator still serves: " << fine.status();
+}
+
 TEST(CoordinatorSecurityTest, InsecureMustBeAskedForAndWarnsAndMissingKeysAreAClearError) {
   fs::path root = fs::temp_directory_path() / ("muster-coord-sec-" + std::to_string(getpid()) +
                                                "-" + std::to_string(std::random_device{}()));
@@ -655,6 +729,256 @@ TEST(CoordinatorSecurityTest, InsecureMustBeAskedForAndWarnsAndMissingKeysAreACl
   waitpid(pid, &st, 0);
   EXPECT_TRUE(WIFEXITED(st) && WEXITSTATUS(st) == 0) << "SIGTERM stops it cleanly";
   fs::remove_all(root);
+}
+
+// D3, with the real wire protocol: an authorized key cannot take over a node's name. Before
+// nodes were bound to keys, the second registration replaced the real agent's session, the job
+// was requeued as "agent came back without the job's ranks" and the real agent reconciled away.
+TEST_F(CoordinatorIntegrationTest, AnotherKeyCannotHijackANodeName) {
+  FakeAgent& a0 = AddAgent("aws-0", "aws");
+  auto id = Submit("name: h\ncommand: train\n");
+  ASSERT_TRUE(id.ok()) << id.status();
+  ASSERT_TRUE(a0.WaitStart());
+  ASSERT_TRUE(a0.Report(*id, 1, true, 0, false).ok());
+  ASSERT_TRUE(WaitState(*id, proto::JOB_RUNNING));
+
+  KeyPair evil_key = AddKeyAndWait("evil", KeyRole::kAgent);
+  FakeAgent evil(ctx_, coord_->endpoint(), keys_, Labels("aws-0", "aws"), evil_key);
+  muster::Status st = evil.Register();
+  EXPECT_EQ(st.code(), StatusCode::kFailedPrecondition) << st;
+  EXPECT_NE(st.message().find("key 'evil' (role agent) may not register as node aws-0"),
+            std::string::npos)
+      << st;
+  // Nor with the admin key of the CLI: it is no agent key.
+  FakeAgent admin(ctx_, coord_->endpoint(), keys_, Labels("aws-0", "aws"),
+                  *LoadKeyPair(keys_.client_key()));
+  st = admin.Register();
+  EXPECT_NE(st.message().find("(role admin) may not agent register"), std::string::npos) << st;
+
+  EXPECT_FALSE(a0.WaitStop(1s)) << "the real agent keeps its job";
+  EXPECT_EQ(Status(*id).state(), proto::JOB_RUNNING);
+  EXPECT_EQ(Status(*id).attempt(), 1);
+  auto kinds = EventKinds(*id);
+  EXPECT_EQ(std::count(kinds.begin(), kinds.end(), "node_lost"), 0);
+}
+
+// D3: a key that may not run agents cannot register a fake node named to sort first, and so
+// never becomes the replication target that receives another user's checkpoint: the copy goes
+// to the real agent of the other provider.
+TEST_F(CoordinatorIntegrationTest, OnlyAnAgentOfTheOtherProviderReceivesTheCopy) {
+  proto::NodeLabels src = Labels("aws-0", "aws");
+  src.set_transfer_endpoint("tcp://127.0.0.1:1");
+  src.set_transfer_key(GenerateKeyPair()->public_key);
+  agents_.push_back(std::make_unique<FakeAgent>(ctx_, coord_->endpoint(), keys_, src));
+  FakeAgent& a0 = *agents_.back();
+  ASSERT_TRUE(a0.Register().ok());
+  a0.StartHeartbeats();
+  KeyPair user = AddKeyAndWait("mallory", KeyRole::kClient);
+  FakeAgent fake(ctx_, coord_->endpoint(), keys_, Labels("aaa-fake", "gcp"), user);
+  muster::Status st = fake.Register();
+  EXPECT_EQ(st.code(), StatusCode::kFailedPrecondition) << st;
+  EXPECT_NE(st.message().find("key 'mallory' (role client) may not agent register"),
+            std::string::npos)
+      << st;
+  FakeAgent& g0 = AddAgent("gcp-0", "gcp");
+
+  auto id = Submit("name: c\ncommand: train\ncheckpoint:\n  volume: ckpt\n  every: 10\n");
+  ASSERT_TRUE(id.ok()) << id.status();
+  auto start = a0.WaitStart();
+  ASSERT_TRUE(start);
+  ASSERT_EQ(start->job_id(), *id) << "aws-0 sorts before gcp-0";
+  ASSERT_TRUE(a0.Report(*id, 1, true, 0, false).ok());
+  proto::Envelope commit;
+  auto* r = commit.mutable_agent_report();
+  r->set_node("aws-0");
+  r->set_session_id(a0.session());
+  r->set_job_id(*id);
+  r->set_attempt(1);
+  r->set_checkpoint_step(10);
+  r->set_checkpoint_volume("ckpt");
+  ASSERT_TRUE(a0.Call(commit).ok());
+  auto copy = g0.WaitAction([](const auto& a) { return a.has_replicate(); }, 5s);
+  ASSERT_TRUE(copy) << "the real gcp agent is asked to copy the step";
+  EXPECT_EQ(copy->replicate().step(), 10);
+}
+
+// D3: a commit reported by an agent that is not a node of the job's attempt is refused, so no
+// step it invents (999999) is ever catalogued or resumed from.
+TEST_F(CoordinatorIntegrationTest, ACommitFromANodeOutsideTheAttemptIsRefused) {
+  FakeAgent& a0 = AddAgent("aws-0", "aws");
+  auto id = Submit(
+      "name: f\ncommand: train\ncheckpoint:\n  volume: ckpt\n  every: 10\nrestart:\n  backoff: "
+      "1s\n");
+  ASSERT_TRUE(id.ok()) << id.status();
+  ASSERT_TRUE(a0.WaitStart());
+  ASSERT_TRUE(a0.Report(*id, 1, true, 0, false).ok());
+  KeyPair other = AddKeyAndWait("node-9", KeyRole::kAgent);
+  FakeAgent outsider(ctx_, coord_->endpoint(), keys_, Labels("aws-9", "aws"), other);
+  ASSERT_TRUE(outsider.Register().ok());
+  ASSERT_TRUE(client_->Drain("aws-9", true).ok());  // the restart below goes back to aws-0
+  proto::Envelope forged;
+  auto* r = forged.mutable_agent_report();
+  r->set_node("aws-9");
+  r->set_session_id(outsider.session());
+  r->set_job_id(*id);
+  r->set_attempt(1);
+  r->set_checkpoint_step(999999);
+  r->set_checkpoint_volume("ckpt");
+  auto reply = outsider.Call(forged);
+  ASSERT_FALSE(reply.ok());
+  EXPECT_EQ(reply.status().code(), StatusCode::kFailedPrecondition) << reply.status();
+  EXPECT_NE(reply.status().message().find("may not report for attempt 1 of job " + *id +
+                                          " as node aws-9"),
+            std::string::npos)
+      << reply.status();
+  // Speaking for aws-0 with its session id does not work either.
+  r->set_node("aws-0");
+  r->set_session_id(a0.session());
+  EXPECT_EQ(outsider.Call(forged).status().code(), StatusCode::kFailedPrecondition);
+  auto kinds = EventKinds(*id);
+  EXPECT_EQ(std::count(kinds.begin(), kinds.end(), "checkpoint_committed"), 0);
+
+  // A rank fails and the job restarts: not from the forged step (there is no committed one).
+  ASSERT_TRUE(a0.Report(*id, 1, false, 1, true).ok());
+  auto again = a0.WaitStart(10s);
+  ASSERT_TRUE(again) << "attempt 2 starts after the 1 s backoff";
+  EXPECT_EQ(again->attempt(), 2);
+  EXPECT_EQ(again->resume_step(), -1);
+}
+
+// D10: a key removed from authorized_keys ends the sessions it opened. Before, the reload only
+// refused new connections and an open one kept working.
+TEST_F(CoordinatorIntegrationTest, ARemovedKeysOpenSessionIsRefusedAfterTheReload) {
+  AddAgent("aws-0", "aws");
+  KeyPair carol = AddKeyAndWait("carol", KeyRole::kClient);
+  (void)carol;
+  ClientOptions o;
+  o.endpoint = coord_->endpoint();
+  o.keys_dir = keys_.dir.string();
+  o.key_file = (keys_.dir / "carol.key").string();
+  auto c = CoordinatorClient::Connect(o);
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto mine = (*c)->Submit("name: carols\ncommand: train\n", "job.yaml");
+  ASSERT_TRUE(mine.ok()) << mine.status();
+  ASSERT_TRUE((*c)->Status(*mine).ok());
+  auto admins = Submit("name: admins\ncommand: train\n");
+  ASSERT_TRUE(admins.ok());
+  auto theirs = (*c)->Status(*admins);
+  EXPECT_EQ(theirs.status().code(), StatusCode::kFailedPrecondition) << "not carol's job";
+
+  // Remove carol's line; the coordinator re-reads the file within 2 s.
+  std::ifstream in(keys_.authorized_keys());
+  std::string line, kept;
+  while (std::getline(in, line)) {
+    if (line.find(" carol ") == std::string::npos) kept += line + "\n";
+  }
+  in.close();
+  std::ofstream(keys_.dir / "authorized_keys.new") << kept;
+  fs::rename(keys_.dir / "authorized_keys.new", keys_.authorized_keys());
+  StatusOr<proto::StatusReply> after = (*c)->Status(*mine);
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        after = (*c)->Status(*mine);  // the same connection, opened while carol was authorized
+        return !after.ok();
+      },
+      10s))
+      << "carol's open session still works after her key was removed";
+  EXPECT_EQ(after.status().code(), StatusCode::kFailedPrecondition) << after.status();
+  EXPECT_NE(after.status().message().find("key 'carol'"), std::string::npos) << after.status();
+  EXPECT_NE(after.status().message().find("no longer authorized"), std::string::npos)
+      << after.status();
+  EXPECT_TRUE(client_->Status(*mine).ok()) << "the admin still is";
+}
+
+// A keys directory from before roles keeps working: its one key (CLI and agents alike) is a
+// legacy key with admin and agent rights. `muster keys migrate` then makes it an admin key and
+// adds agent.key, and the node name bound to the old key moves to the agent key.
+TEST_F(CoordinatorIntegrationTest, ALegacyKeysDirKeepsWorkingAndMigrates) {
+  KeyPair old_key = *LoadKeyPair(keys_.client_key());
+  KeyPair init_agent = *LoadKeyPair(keys_.agent_key());
+  fs::remove(keys_.agent_key());
+  std::ofstream(keys_.dir / "authorized_keys.new")
+      << "# Public keys the muster coordinator accepts: '<z85 public key> [name]' per line.\n"
+      << old_key.public_key << " client\n";
+  fs::rename(keys_.dir / "authorized_keys.new", keys_.authorized_keys());
+  RpcClient::Options o;
+  o.endpoint = coord_->endpoint();
+  o.server_public_key = LoadKeyPair(keys_.coordinator_pub())->public_key;
+  o.client_key = init_agent;
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        auto c = RpcClient::Connect(ctx_, o);
+        proto::Envelope ping;
+        ping.mutable_ping();
+        return c.ok() && !(*c)->Call(ping, 1s).ok();
+      },
+      10s))
+      << "the legacy file was not loaded";
+
+  FakeAgent legacy(ctx_, coord_->endpoint(), keys_, Labels("aws-0", "aws"), old_key);
+  ASSERT_TRUE(legacy.Register().ok()) << "a legacy key may still run an agent";
+  legacy.StartHeartbeats();
+  auto id = Submit("name: legacy\ncommand: train\n");
+  ASSERT_TRUE(id.ok()) << id.status();
+  ASSERT_TRUE(legacy.WaitStart());
+  ASSERT_TRUE(legacy.Report(*id, 1, false, 0, true).ok());
+  ASSERT_TRUE(WaitState(*id, proto::JOB_SUCCEEDED));
+  legacy.StopHeartbeats();
+
+  auto changed = MigrateKeysDir(keys_, KeyRole::kAdmin);
+  ASSERT_TRUE(changed.ok()) << changed.status();
+  EXPECT_EQ(*changed, 1);
+  o.client_key = *LoadKeyPair(keys_.agent_key());
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        auto c = RpcClient::Connect(ctx_, o);
+        proto::Envelope ping;
+        ping.mutable_ping();
+        return c.ok() && (*c)->Call(ping, 1s).ok();
+      },
+      10s))
+      << "the new agent.key is not served";
+  FakeAgent migrated(ctx_, coord_->endpoint(), keys_, Labels("aws-0", "aws"));
+  EXPECT_TRUE(migrated.Register().ok()) << "aws-0 moves from the old key, now an admin key";
+  muster::Status st = legacy.Register();
+  EXPECT_NE(st.message().find("(role admin) may not agent register"), std::string::npos) << st;
+  EXPECT_TRUE(client_->Status(*id).ok()) << "the CLI's key is an admin key now";
+}
+
+// SIGHUP re-reads authorized_keys at once, even when the file's change went unnoticed (here its
+// modification time is put back, so only the signal can make the coordinator see it).
+TEST_F(CoordinatorIntegrationTest, SighupReloadsTheKeysAndEndsARemovedKeysSession) {
+  AddKeyAndWait("dave", KeyRole::kClient);
+  ClientOptions o;
+  o.endpoint = coord_->endpoint();
+  o.keys_dir = keys_.dir.string();
+  o.key_file = (keys_.dir / "dave.key").string();
+  auto c = CoordinatorClient::Connect(o);
+  ASSERT_TRUE(c.ok()) << c.status();
+  ASSERT_TRUE((*c)->Status("").ok());
+  auto mtime = fs::last_write_time(keys_.authorized_keys());
+  std::ifstream in(keys_.authorized_keys());
+  std::string line, kept;
+  while (std::getline(in, line)) {
+    if (line.find(" dave ") == std::string::npos) kept += line + "\n";
+  }
+  in.close();
+  std::ofstream(keys_.dir / "authorized_keys.new") << kept;
+  fs::last_write_time(keys_.dir / "authorized_keys.new", mtime);
+  fs::rename(keys_.dir / "authorized_keys.new", keys_.authorized_keys());
+  coord_->Signal(SIGHUP);
+  StatusOr<proto::StatusReply> after = (*c)->Status("");
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        after = (*c)->Status("");
+        return !after.ok();
+      },
+      10s))
+      << "dave's session survived the SIGHUP";
+  EXPECT_EQ(after.status().code(), StatusCode::kFailedPrecondition) << after.status();
+  EXPECT_NE(after.status().message().find("no longer authorized"), std::string::npos)
+      << after.status();
+  EXPECT_TRUE(client_->Status("").ok()) << "the coordinator is still up";
 }
 
 }  // namespace

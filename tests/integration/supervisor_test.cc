@@ -256,6 +256,81 @@ TEST(SupervisorTest, WritesLinesToTheLogFile) {
   unlink(path.c_str());
 }
 
+std::string ReadFile(const std::string& path) {
+  std::string out;
+  FILE* f = fopen(path.c_str(), "r");
+  if (f == nullptr) return out;
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof(buf), f)) > 0) out.append(buf, n);
+  fclose(f);
+  return out;
+}
+
+// A chatty rank cannot fill the disk: its log is rotated by size, the newest output is in the
+// file readers follow, and the older parts are kept up to a count.
+TEST(SupervisorTest, LogsAreRotatedBySizeAndTheNewestOutputStaysInTheCurrentFile) {
+  Supervisor::Options o;
+  o.log_max_bytes = 4096;
+  o.log_keep = 2;
+  SupervisorHarness h(o);
+  std::string path = ::testing::TempDir() + "/supervisor_rotate_" + std::to_string(getpid());
+  std::string out_path = path + ".stdout";
+  for (const std::string& p : {path, out_path}) {
+    for (const char* suffix : {"", ".1", ".2", ".3"}) unlink((p + suffix).c_str());
+  }
+  SpawnSpec s;
+  s.name = "chatty";
+  // 2000 numbered lines of 101 bytes: 200 KB, fifty times the limit.
+  s.argv = {"/bin/sh", "-c",
+            "i=0; while [ $i -lt 2000 ]; do printf '%06d %093d\\n' $i 0; i=$((i+1)); done"};
+  s.log_path = path;
+  s.stream_log_paths[0] = out_path;
+  ChildId id = h.SpawnOk(s);
+  ASSERT_TRUE(h.WaitClosed(id, 30s));
+  for (const std::string& p : {path, out_path}) {
+    std::string current = ReadFile(p), one = ReadFile(p + ".1"), two = ReadFile(p + ".2");
+    EXPECT_LE(current.size(), 4096u) << p;
+    EXPECT_EQ(one.size(), 4040u) << p;  // 40 whole lines of 101 bytes fit under the limit
+    EXPECT_EQ(two.size(), 4040u) << p;
+    EXPECT_FALSE(std::filesystem::exists(p + ".3")) << "only log_keep old parts are kept";
+    // The kept parts are the newest output, whole lines, in order, the last line last.
+    std::string all = two + one + current;
+    ASSERT_FALSE(all.empty());
+    ASSERT_EQ(all.back(), '\n');
+    EXPECT_EQ(all.substr(all.size() - 101, 7), "001999 ") << p;
+    int expect = -1;
+    size_t pos = 0;
+    while (pos < all.size()) {
+      size_t nl = all.find('\n', pos);
+      ASSERT_EQ(nl - pos, 100u) << "a torn line in " << p;
+      int n = std::stoi(all.substr(pos, 6));
+      if (expect >= 0) EXPECT_EQ(n, expect) << p;
+      expect = n + 1;
+      pos = nl + 1;
+    }
+    for (const char* suffix : {"", ".1", ".2"}) unlink((p + suffix).c_str());
+  }
+}
+
+TEST(SupervisorTest, LogRotationOffKeepsEverything) {
+  Supervisor::Options o;
+  o.log_max_bytes = 0;
+  SupervisorHarness h(o);
+  std::string path = ::testing::TempDir() + "/supervisor_norotate_" + std::to_string(getpid());
+  unlink(path.c_str());
+  SpawnSpec s;
+  s.name = "chatty";
+  s.argv = {"/bin/sh", "-c",
+            "i=0; while [ $i -lt 500 ]; do printf '%099d\\n' $i; i=$((i+1)); done"};
+  s.log_path = path;
+  ChildId id = h.SpawnOk(s);
+  ASSERT_TRUE(h.WaitClosed(id, 30s));
+  EXPECT_EQ(ReadFile(path).size(), 50000u);
+  EXPECT_FALSE(std::filesystem::exists(path + ".1"));
+  unlink(path.c_str());
+}
+
 TEST(SupervisorTest, MissingProgramIsNotFoundAndStartsNothing) {
   SupervisorHarness h;
   SpawnSpec s;

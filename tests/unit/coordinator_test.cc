@@ -37,6 +37,10 @@ class CoordinatorTest : public ::testing::Test {
     o.clock = [this] { return now_; };
     o.heartbeat_timeout = 5s;
     o.quarantine.failures_to_quarantine = 2;
+    o.current_role = [this](const std::string& key) {
+      auto it = current_roles_.find(key);
+      return it == current_roles_.end() ? KeyRole::kAgent : it->second;
+    };
     auto c = Coordinator::Create(*StateStore::Open(dir_), o);
     ASSERT_TRUE(c.ok()) << c.status();
     coord_ = std::move(*c);
@@ -165,6 +169,47 @@ class CoordinatorTest : public ::testing::Test {
       out += ev.kind() + " [" + ev.node() + "] " + ev.message() + "\n";
     return out;
   }
+
+  proto::Envelope CallAs(const Caller& caller, proto::Envelope req) {
+    proto::Envelope out;
+    bool replied = false;
+    coord_->Handle(caller, std::move(req), [&](proto::Envelope e) {
+      out = std::move(e);
+      replied = true;
+    });
+    EXPECT_TRUE(replied);
+    return out;
+  }
+  static muster::Status ErrorOf(const proto::Envelope& e) {
+    return e.has_error() ? ErrorToStatus(e.error()) : muster::Status::Ok();
+  }
+  static proto::Envelope RegisterRequest(const std::string& name, const std::string& provider) {
+    proto::Envelope e;
+    auto* l = e.mutable_agent_register()->mutable_labels();
+    l->set_name(name);
+    l->set_provider(provider);
+    l->set_gpus(8);
+    l->set_slots(8);
+    l->set_address("10.0.0." + std::to_string(name.size()));
+    auto* v = l->add_volumes();
+    v->set_name("ckpt");
+    v->set_path("/vol/" + name);
+    l->set_transfer_endpoint("tcp://" + name + ":7071");
+    l->set_transfer_key("key-of-" + name);
+    return e;
+  }
+  // Registers `name` with `caller`'s key; returns the session id ("" if refused).
+  std::string RegisterAs(const Caller& caller, const std::string& name,
+                         const std::string& provider = "aws") {
+    return CallAs(caller, RegisterRequest(name, provider)).agent_registered().session_id();
+  }
+
+  const Caller admin_{"admin", "AdminKey000000000000000000000000000000000", KeyRole::kAdmin, ""};
+  const Caller alice_{"alice", "AliceKey000000000000000000000000000000000", KeyRole::kClient, ""};
+  const Caller bob_{"bob", "BobKey00000000000000000000000000000000000", KeyRole::kClient, ""};
+  const Caller agent1_{"node-1", "Agent1Key0000000000000000000000000000000", KeyRole::kAgent, ""};
+  const Caller agent2_{"node-2", "Agent2Key0000000000000000000000000000000", KeyRole::kAgent, ""};
+  std::map<std::string, KeyRole> current_roles_;  // for CoordinatorOptions::current_role
 
   TimePoint now_ = TimePoint{} + std::chrono::hours(490000);
   fs::path dir_;
@@ -306,7 +351,12 @@ TEST_F(CoordinatorTest, StaleAttemptReportsAreIgnoredAndStateSurvivesReopen) {
   std::string s = Register("n0");
   std::string id = Submit("name: s\ncommand: x\n");
   ASSERT_EQ(Heartbeat("n0", s).size(), 1u);
-  Report("n0", s, id, 7, true, 1, true);  // attempt 7 never existed
+  // Attempt 7 never existed: refused, and nothing changes.
+  proto::Envelope bogus = ReportFrom("n0", s, id, 7);
+  bogus.mutable_agent_report()->set_started(true);
+  bogus.mutable_agent_report()->add_exits()->set_exit_code(1);
+  bogus.mutable_agent_report()->set_all_exited(true);
+  EXPECT_EQ(ErrorOf(Call(bogus)).code(), StatusCode::kFailedPrecondition);
   EXPECT_EQ(Status(id).state(), proto::JOB_SCHEDULED);
   EXPECT_EQ(Status(id).restarts(), 0);
   Open();  // a restarted coordinator
@@ -456,13 +506,230 @@ TEST_F(CoordinatorTest, AnInteractiveJobIsCancelledWhenItsClientGoesAway) {
   }
 }
 
+// Roles: an agent key makes agent requests only, a client key no agent requests and no node
+// administration, an admin key no agent requests. Each refusal names key, role and request.
+TEST_F(CoordinatorTest, EachRoleMakesOnlyItsOwnRequests) {
+  proto::Envelope submit;
+  submit.mutable_submit_request()->set_yaml("name: r\ncommand: x\n");
+  muster::Status st = ErrorOf(CallAs(agent1_, submit));
+  EXPECT_EQ(st.code(), StatusCode::kFailedPrecondition);
+  EXPECT_NE(st.message().find("permission denied: key 'node-1' (role agent) may not submit"),
+            std::string::npos)
+      << st;
+  proto::Envelope status;
+  status.mutable_status_request();
+  EXPECT_EQ(ErrorOf(CallAs(agent1_, status)).code(), StatusCode::kFailedPrecondition);
+
+  st = ErrorOf(CallAs(alice_, RegisterRequest("n0", "aws")));
+  EXPECT_NE(st.message().find("key 'alice' (role client) may not agent register"),
+            std::string::npos)
+      << st;
+  st = ErrorOf(CallAs(admin_, RegisterRequest("n0", "aws")));
+  EXPECT_NE(st.message().find("(role admin) may not agent register"), std::string::npos) << st;
+
+  std::string s = RegisterAs(agent1_, "n0");
+  ASSERT_FALSE(s.empty());
+  proto::Envelope drain;
+  drain.mutable_drain_request()->set_node("n0");
+  drain.mutable_drain_request()->set_drain(true);
+  st = ErrorOf(CallAs(alice_, drain));
+  EXPECT_NE(st.message().find("key 'alice' (role client) may not drain"), std::string::npos) << st;
+  proto::Envelope preempt;
+  preempt.mutable_preempt_node_request()->set_node("n0");
+  EXPECT_EQ(ErrorOf(CallAs(alice_, preempt)).code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(ErrorOf(CallAs(agent1_, drain)).code(), StatusCode::kFailedPrecondition);
+  EXPECT_TRUE(CallAs(admin_, drain).has_drain_reply());
+
+  // Clients list nodes without where they are; admins see everything.
+  proto::Envelope nodes;
+  nodes.mutable_nodes_request();
+  auto for_client = CallAs(alice_, nodes).nodes_reply();
+  ASSERT_EQ(for_client.nodes_size(), 1);
+  EXPECT_EQ(for_client.nodes(0).labels().address(), "");
+  EXPECT_EQ(for_client.nodes(0).labels().transfer_key(), "");
+  EXPECT_EQ(for_client.nodes(0).labels().volumes(0).path(), "");
+  auto for_admin = CallAs(admin_, nodes).nodes_reply();
+  EXPECT_EQ(for_admin.nodes(0).labels().transfer_key(), "key-of-n0");
+}
+
+// A client sees and acts on the jobs it submitted only; an admin on every job.
+TEST_F(CoordinatorTest, ClientsSeeAndActOnlyOnTheirOwnJobs) {
+  std::string s = RegisterAs(agent1_, "n0");
+  proto::Envelope submit;
+  submit.mutable_submit_request()->set_yaml("name: mine\ncommand: x\n");
+  std::string id = CallAs(alice_, submit).submit_reply().job_id();
+  ASSERT_FALSE(id.empty());
+
+  proto::Envelope status;
+  status.mutable_status_request()->set_job_id(id);
+  muster::Status st = ErrorOf(CallAs(bob_, status));
+  EXPECT_EQ(st.code(), StatusCode::kFailedPrecondition);
+  EXPECT_NE(st.message().find("key 'bob' (role client) may not see job " + id), std::string::npos)
+      << st;
+  EXPECT_EQ(CallAs(alice_, status).status_reply().jobs(0).job_id(), id);
+  proto::Envelope all;
+  all.mutable_status_request();
+  EXPECT_EQ(CallAs(bob_, all).status_reply().jobs_size(), 0);
+  EXPECT_EQ(CallAs(alice_, all).status_reply().jobs_size(), 1);
+  EXPECT_EQ(CallAs(admin_, all).status_reply().jobs_size(), 1);
+
+  proto::Envelope events;
+  events.mutable_events_request()->set_job_id(id);
+  EXPECT_EQ(ErrorOf(CallAs(bob_, events)).code(), StatusCode::kFailedPrecondition);
+  EXPECT_GT(CallAs(alice_, events).events_reply().events_size(), 0);
+  proto::Envelope every_event;
+  every_event.mutable_events_request();
+  proto::Envelope bobs = CallAs(bob_, every_event);
+  for (const auto& ev : bobs.events_reply().events()) {
+    ADD_FAILURE() << "bob sees " << ev.kind() << " of job '" << ev.job_id() << "'";
+  }
+  proto::Envelope alices = CallAs(alice_, every_event);
+  EXPECT_GT(alices.events_reply().events_size(), 0);
+  for (const auto& ev : alices.events_reply().events()) {
+    EXPECT_EQ(ev.job_id(), id) << "clients see no node events";
+  }
+
+  proto::Envelope logs;
+  logs.mutable_logs_request()->set_job_id(id);
+  EXPECT_EQ(ErrorOf(CallAs(bob_, logs)).code(), StatusCode::kFailedPrecondition);
+
+  proto::Envelope cancel;
+  cancel.mutable_cancel_request()->set_job_id(id);
+  st = ErrorOf(CallAs(bob_, cancel));
+  EXPECT_NE(st.message().find("may not cancel job " + id), std::string::npos) << st;
+  EXPECT_NE(Status(id).state(), proto::JOB_CANCELLED);
+  EXPECT_EQ(CallAs(admin_, cancel).cancel_reply().state(), proto::JOB_CANCELLED);
+
+  // The submitter survives a restart.
+  Open();
+  EXPECT_EQ(ErrorOf(CallAs(bob_, status)).code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(CallAs(alice_, status).status_reply().jobs(0).job_id(), id);
+}
+
+// The first registration binds a node name to its key, across restarts; another agent key
+// cannot take the name nor speak for it with the session id, unless the bound key lost its agent
+// role (rotation).
+TEST_F(CoordinatorTest, ANodeNameIsBoundToTheKeyThatFirstRegisteredIt) {
+  std::string s = RegisterAs(agent1_, "n0");
+  ASSERT_FALSE(s.empty());
+  std::string id = Submit("name: b\ncommand: x\n");
+  ASSERT_EQ(Heartbeat("n0", s).size(), 0u) << "the plain helper uses no key: not n0's";
+  proto::Envelope hb;
+  hb.mutable_agent_heartbeat()->set_node("n0");
+  hb.mutable_agent_heartbeat()->set_session_id(s);
+  ASSERT_EQ(CallAs(agent1_, hb).agent_heartbeat_reply().actions_size(), 1);
+  proto::Envelope started = ReportFrom("n0", s, id, 1);
+  started.mutable_agent_report()->set_started(true);
+  ASSERT_TRUE(CallAs(agent1_, started).has_agent_report_reply());
+  ASSERT_EQ(Status(id).state(), proto::JOB_RUNNING);
+
+  muster::Status st = ErrorOf(CallAs(agent2_, RegisterRequest("n0", "aws")));
+  EXPECT_EQ(st.code(), StatusCode::kFailedPrecondition);
+  EXPECT_NE(st.message().find("key 'node-2' (role agent) may not register as node n0"),
+            std::string::npos)
+      << st;
+  EXPECT_EQ(ErrorOf(CallAs(agent2_, hb)).code(), StatusCode::kFailedPrecondition);
+  proto::Envelope exit = ReportFrom("n0", s, id, 1);
+  exit.mutable_agent_report()->add_exits()->set_exit_code(1);
+  exit.mutable_agent_report()->set_all_exited(true);
+  EXPECT_EQ(ErrorOf(CallAs(agent2_, exit)).code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(Status(id).state(), proto::JOB_RUNNING) << "the job was not touched";
+
+  Open();  // the binding is in the state store
+  EXPECT_EQ(ErrorOf(CallAs(agent2_, RegisterRequest("n0", "aws"))).code(),
+            StatusCode::kFailedPrecondition);
+  EXPECT_FALSE(RegisterAs(agent1_, "n0").empty());
+
+  // agent1's key is removed from authorized_keys: agent2 may take the name now.
+  current_roles_[agent1_.public_key] = KeyRole::kNone;
+  EXPECT_FALSE(RegisterAs(agent2_, "n0").empty());
+  Open();
+  EXPECT_EQ(ErrorOf(CallAs(agent1_, RegisterRequest("n0", "aws"))).code(),
+            StatusCode::kFailedPrecondition)
+      << "the move to agent2 was persisted";
+}
+
+// Commits, exits and progress are taken from the nodes of the job's current attempt only; log
+// chunks only from the node the fetch was asked of; copy outcomes only from a node that mounts
+// the volume, for a step committed on another provider.
+TEST_F(CoordinatorTest, ReportsAndLogChunksOnlyFromTheNodesTheyConcern) {
+  std::string s1 = RegisterAs(agent1_, "aws-1", "aws");
+  std::string id = Submit("name: j\ncommand: x\ncheckpoint:\n  volume: ckpt\n  every: 10\n");
+  proto::Envelope hb;
+  hb.mutable_agent_heartbeat()->set_node("aws-1");
+  hb.mutable_agent_heartbeat()->set_session_id(s1);
+  ASSERT_EQ(CallAs(agent1_, hb).agent_heartbeat_reply().actions_size(), 1);
+  std::string s2 = RegisterAs(agent2_, "aws-2", "aws");  // an agent outside the attempt
+
+  auto commit = [&](const std::string& node, const std::string& session, int attempt,
+                    int64_t step) {
+    proto::Envelope e = ReportFrom(node, session, id, attempt);
+    e.mutable_agent_report()->set_checkpoint_step(step);
+    e.mutable_agent_report()->set_checkpoint_volume("ckpt");
+    return e;
+  };
+  muster::Status st = ErrorOf(CallAs(agent2_, commit("aws-2", s2, 1, 999999)));
+  EXPECT_EQ(st.code(), StatusCode::kFailedPrecondition);
+  EXPECT_NE(st.message().find("may not report for attempt 1 of job " + id + " as node aws-2"),
+            std::string::npos)
+      << st;
+  EXPECT_EQ(ErrorOf(CallAs(agent1_, commit("aws-1", s1, 2, 999999))).code(),
+            StatusCode::kFailedPrecondition)
+      << "attempt 2 is not the current attempt";
+  proto::Envelope exit = ReportFrom("aws-2", s2, id, 1);
+  exit.mutable_agent_report()->add_exits()->set_exit_code(9);
+  exit.mutable_agent_report()->set_all_exited(true);
+  EXPECT_EQ(ErrorOf(CallAs(agent2_, exit)).code(), StatusCode::kFailedPrecondition);
+  // A replica of a step nobody committed.
+  proto::Envelope replica = commit("aws-2", s2, 0, 999999);
+  replica.mutable_agent_report()->set_checkpoint_replica(true);
+  EXPECT_EQ(ErrorOf(CallAs(agent2_, replica)).code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(Events(id).find("999999"), std::string::npos) << Events(id);
+  EXPECT_TRUE(CallAs(agent1_, commit("aws-1", s1, 1, 10)).has_agent_report_reply());
+  EXPECT_NE(Events(id).find("step 10 on volume ckpt of provider aws"), std::string::npos);
+
+  // Logs of rank 0 are fetched from aws-1; aws-2 cannot answer for it.
+  proto::Envelope logs;
+  logs.mutable_logs_request()->set_job_id(id);
+  proto::Envelope log_reply;
+  bool replied = false;
+  coord_->Handle(admin_, std::move(logs), [&](proto::Envelope e) {
+    log_reply = std::move(e);
+    replied = true;
+  });
+  ASSERT_FALSE(replied);
+  auto actions = CallAs(agent1_, hb).agent_heartbeat_reply();
+  ASSERT_EQ(actions.actions_size(), 1);
+  ASSERT_TRUE(actions.actions(0).has_fetch_log());
+  uint64_t fetch = actions.actions(0).fetch_log().fetch_id();
+  auto chunk = [&](const std::string& node, const std::string& session, const std::string& data) {
+    proto::Envelope e;
+    auto* c = e.mutable_agent_log_chunk();
+    c->set_node(node);
+    c->set_session_id(session);
+    c->set_fetch_id(fetch);
+    c->set_data(data);
+    return e;
+  };
+  st = ErrorOf(CallAs(agent2_, chunk("aws-2", s2, "forged")));
+  EXPECT_NE(st.message().find("may not answer log fetch"), std::string::npos) << st;
+  EXPECT_FALSE(replied);
+  EXPECT_TRUE(CallAs(agent1_, chunk("aws-1", s1, "real")).has_agent_report_reply());
+  ASSERT_TRUE(replied);
+  EXPECT_EQ(log_reply.logs_reply().data(), "real");
+}
+
 // A job id becomes a directory on the target's volume: a report naming "../x" or an absolute
 // path is never turned into a transfer.
 TEST_F(CoordinatorTest, AHostileJobIdInACheckpointReportIsNeverReplicated) {
   std::string s0 = RegisterWithVolume("aws-1", "aws");
   std::string s1 = RegisterWithVolume("gcp-1", "gcp");
   for (const char* job : {"../x", "/abs", "a/../../b"}) {
-    ReportCheckpoint("aws-1", s0, job, 1, 10, false);
+    // No such job runs on aws-1: the report is refused before any copy is considered.
+    proto::Envelope e = ReportFrom("aws-1", s0, job, 1);
+    e.mutable_agent_report()->set_checkpoint_step(10);
+    e.mutable_agent_report()->set_checkpoint_volume("ckpt");
+    EXPECT_EQ(ErrorOf(Call(e)).code(), StatusCode::kFailedPrecondition);
   }
   for (const auto& a : Heartbeat("gcp-1", s1)) {
     EXPECT_FALSE(a.has_replicate()) << "asked to copy " << a.replicate().job_id();

@@ -83,7 +83,7 @@ env:
                            "bad.yaml");
   ASSERT_FALSE(spec.ok());
   EXPECT_EQ(spec.status().code(), StatusCode::kInvalidArgument);
-  const std::string& m = spec.status().message();
+  const std::string m = spec.status().message();
   for (const char* want :
        {"bad.yaml:1: name:", "bad.yaml:3: nodes: must be an integer", "\"four\"",
         "bad.yaml:4: ranks_per_node:",
@@ -99,7 +99,7 @@ env:
 TEST(JobSpecTest, MissingRequiredFieldsAndUnknownTopLevel) {
   auto spec = ParseJobSpec("nodse: 2\n", "j.yaml");
   ASSERT_FALSE(spec.ok());
-  const std::string& m = spec.status().message();
+  const std::string m = spec.status().message();
   EXPECT_NE(m.find("j.yaml: name: is required"), std::string::npos) << m;
   EXPECT_NE(m.find("j.yaml: command: is required"), std::string::npos) << m;
   EXPECT_NE(m.find("j.yaml:1: nodse: unknown field"), std::string::npos) << m;
@@ -161,6 +161,176 @@ TEST(JobSpecTest, PinnedHosts) {
   ASSERT_FALSE(scalar.ok());
   EXPECT_NE(scalar.status().message().find("p.yaml:4: placement.hosts"), std::string::npos)
       << scalar.status().ToString();
+}
+
+// The message of a refused spec, or "" (with a test failure) when it parsed.
+std::string Refusal(const std::string& yaml, const std::string& file = "job.yaml") {
+  auto spec = ParseJobSpec(yaml, file);
+  EXPECT_FALSE(spec.ok()) << "accepted:\n" << yaml.substr(0, 200);
+  if (spec.ok()) return "";
+  EXPECT_EQ(spec.status().code(), StatusCode::kInvalidArgument);
+  return spec.status().message();
+}
+
+#define EXPECT_MENTIONS(message, text)                                                     \
+  EXPECT_NE((message).find(text), std::string::npos) << "missing '" << (text) << "' in:\n" \
+                                                     << (message)
+
+// A 30,000-digit duration or count once overflowed the stack of a recursive std::regex and took
+// the coordinator down. Each is now a short error naming the field and its line.
+TEST(JobSpecTest, HugeNumbersAreClearErrors) {
+  const std::string digits(30000, '7');
+  const std::string base = "name: big\ncommand: x\n";
+  struct Case {
+    std::string yaml, want;
+  };
+  for (const Case& c : std::vector<Case>{
+           {base + "time_limit: " + digits + "\n", "job.yaml:3: time_limit: must be a duration"},
+           {base + "time_limit: " + digits + "s\n", "job.yaml:3: time_limit: must be a duration"},
+           {base + "restart:\n  backoff: 1h" + digits + "m\n", "job.yaml:4: restart.backoff:"},
+           {base + "nodes: " + digits + "\n",
+            "job.yaml:3: nodes: must be an integer in [1, 100000]"},
+           {base + "priority: -" + digits + "\n", "job.yaml:3: priority: must be an integer"},
+           {base + "checkpoint:\n  volume: v\n  every: " + digits + "\n",
+            "job.yaml:5: checkpoint.every: must be an integer"},
+           {base + "checkpoint:\n  volume: v\n  every: " + digits + "s\n",
+            "job.yaml:5: checkpoint.every: must be a duration"},
+           {base + "checkpoint:\n  volume: v\n  keep: " + digits + "\n",
+            "job.yaml:5: checkpoint.keep: must be an integer"},
+           {base + "env:\n  ? A" + digits + "\n  : x\n", "job.yaml:4: env.A777"},
+       }) {
+    std::string m = Refusal(c.yaml);
+    EXPECT_MENTIONS(m, c.want);
+    EXPECT_LT(m.size(), 1000u) << "the error repeats the whole value";
+  }
+  for (const std::string& text :
+       std::vector<std::string>{digits, digits + "s", "1h" + digits + "m", "9223372036854775808",
+                                "106751991167301d", "366d", "8761h", "1h30"}) {
+    auto d = ParseDuration(text);
+    EXPECT_FALSE(d.ok()) << text.substr(0, 40);
+    EXPECT_LT(d.status().message().size(), 200u);
+  }
+  EXPECT_EQ(*ParseDuration("365d"), seconds(365 * 86400));
+}
+
+// yaml-cpp keeps both pairs of a repeated key and answers with the first: the spec would
+// silently not say what the user wrote last. Refused, naming both lines.
+TEST(JobSpecTest, DuplicateKeysAreRefusedWithBothLines) {
+  std::string m = Refusal("name: a\ncommand: x\nnodes: 1\nnodes: 2\n");
+  EXPECT_MENTIONS(m, "job.yaml:4: nodes: given twice (lines 3 and 4)");
+  m = Refusal("name: a\ncommand: x\nenv:\n  A: 1\n  B: 2\n  A: 3\n");
+  EXPECT_MENTIONS(m, "job.yaml:6: env.A: given twice (lines 4 and 6)");
+  m = Refusal("name: a\ncommand: x\ncheckpoint:\n  volume: v\n  keep: 1\n  \"keep\": 9\n");
+  EXPECT_MENTIONS(m, "job.yaml:6: checkpoint.keep: given twice (lines 5 and 6)");
+  m = Refusal("name: a\ncommand: x\nplacement: {island: any, island: required}\n");
+  EXPECT_MENTIONS(m, "job.yaml:3: placement.island: given twice");
+  m = Refusal("name: a\ncommand: x\nrestart:\n  backoff: 1s\n  backoff: 2s\n");
+  EXPECT_MENTIONS(m, "job.yaml:5: restart.backoff: given twice (lines 4 and 5)");
+}
+
+TEST(JobSpecTest, EveryFieldIsBounded) {
+  const std::string base = "name: b\ncommand: x\n";
+  auto list = [](size_t n, const std::string& item) {
+    std::string s = "[";
+    for (size_t i = 0; i < n; ++i) s += (i ? "," : "") + item + std::to_string(i);
+    return s + "]";
+  };
+  struct Case {
+    std::string yaml, want;
+  };
+  for (const Case& c : std::vector<Case>{
+           {"name: " + std::string(64, 'a') + "\ncommand: x\n", "job.yaml:1: name: must be 1-63"},
+           {"name: a/../b\ncommand: x\n", "job.yaml:1: name: must be 1-63"},
+           {"name: .hidden\ncommand: x\n", "job.yaml:1: name:"},
+           {"name: \"\"\ncommand: x\n", "job.yaml:1: name: must not be empty"},
+           {"name: b\ncommand: " + list(4097, "a") + "\n", "job.yaml:2: command: has 4097 entries"},
+           {"name: b\ncommand: [x, " + std::string(131073, 'a') + "]\n",
+            "job.yaml:2: command[1]: is 131073 bytes"},
+           {"name: b\ncommand: [x,\n  \"a\\0b\"]\n", "job.yaml:3: command[1]: contains a NUL"},
+           {"name: b\ncommand: [\"\", x]\n", "job.yaml:2: command[0]: the program must not be"},
+           {base + "env:\n  A: \"x\\0y\"\n", "job.yaml:4: env.A: contains a NUL"},
+           {base + "env:\n  A: " + std::string(131072, 'v') + "\n",
+            "job.yaml:4: env.A: NAME=value"},
+           {base + "env:\n  " + std::string(257, 'N') + ": v\n", "job.yaml:4: env.NNN"},
+           // Aliases make a small file name a big value many times over.
+           {base + "env: {A: &v " + std::string(100000, 'v') +
+                ", B: *v, C: *v, D: *v, E: *v, F: *v, G: *v, H: *v, I: *v, J: *v, K: *v}\n",
+            "job.yaml:2: command: command and env are"},
+           {base + "gpu_type: \"h 100\"\n", "job.yaml:3: gpu_type: must be 1-128"},
+           {base + "placement:\n  providers: " + list(65, "p") + "\n",
+            "job.yaml:4: placement.providers: has 65 entries"},
+           {base + "placement:\n  providers: [aws, \"../x\"]\n",
+            "job.yaml:4: placement.providers[1]:"},
+           {base + "nodes: 2\nplacement:\n  hosts: [n1, n1]\n",
+            "job.yaml:5: placement.hosts[1]: names node \"n1\" again"},
+           {base + "placement:\n  hosts: [\"n/1\"]\n", "job.yaml:4: placement.hosts[0]: must be"},
+           {base + "checkpoint:\n  volume: \"../v\"\n", "job.yaml:4: checkpoint.volume: must be"},
+           {base + "checkpoint:\n  volume: v\n  every: 0s\n",
+            "job.yaml:5: checkpoint.every: must be at least 1s"},
+           {base + "time_limit: 366d\n", "job.yaml:3: time_limit: must be a duration"},
+           {base + "restart:\n  max_restarts: 100001\n", "job.yaml:4: restart.max_restarts:"},
+           {base + "gpus_per_node: 1025\n", "job.yaml:3: gpus_per_node:"},
+       }) {
+    std::string m = Refusal(c.yaml);
+    EXPECT_MENTIONS(m, c.want);
+    EXPECT_LT(m.size(), 2000u);
+  }
+  // Many errors are counted, not all listed.
+  std::string many = base;
+  for (int i = 0; i < 500; ++i) many += "unknown" + std::to_string(i) + ": 1\n";
+  std::string m = Refusal(many);
+  EXPECT_MENTIONS(m, "invalid job spec (500 errors)");
+  EXPECT_MENTIONS(m, "... and 400 more");
+  // Over 1 MiB is refused before parsing.
+  m = Refusal(base + "# " + std::string(kMaxJobSpecBytes, 'c') + "\n");
+  EXPECT_MENTIONS(m, "a job spec is at most 1048576");
+}
+
+// A spec from the wire (a proto JobSpec) is held to the same rules.
+TEST(JobSpecTest, WireSpecsGetTheSameChecks) {
+  JobSpec ok;
+  ok.name = "w";
+  ok.command = {"train"};
+  EXPECT_TRUE(ValidateJobSpec(ok).ok());
+  JobSpec s = ok;
+  s.name = "../../etc";
+  s.command = {"train", std::string("a\0b", 3)};
+  s.env["A=B"] = "x";
+  s.env["OK"] = std::string(kMaxArgBytes, 'v');
+  s.nodes = 2;
+  s.hosts = {"n1", "n1"};
+  s.priority = 2000000;
+  s.restart_backoff = std::chrono::seconds(int64_t{1} << 60);
+  s.time_limit = seconds(-1);
+  s.checkpoint_every_steps = 10;
+  s.checkpoint_every_time = seconds(60);
+  s.checkpoint_keep = 0;
+  s.checkpoint_volume = "a b";
+  s.providers = {""};
+  Status st = ValidateJobSpec(s);
+  ASSERT_FALSE(st.ok());
+  for (const char* want :
+       {"job spec: name: must be 1-63", "job spec: command[1]: contains a NUL",
+        "job spec: env.A=B: is not a valid", "job spec: env.OK: NAME=value is",
+        "job spec: placement.hosts[1]: names node \"n1\" again", "job spec: priority: must be in",
+        "job spec: restart.backoff: must be a duration", "job spec: time_limit: must be a duration",
+        "job spec: checkpoint.every: is a number of steps or a duration, not both",
+        "job spec: checkpoint.keep: must be in [1, 100000], not 0",
+        "job spec: checkpoint.volume: must be", "job spec: placement.providers[0]: must be"}) {
+    EXPECT_MENTIONS(st.message(), want);
+  }
+  s = ok;
+  s.name.clear();
+  s.command.clear();
+  st = ValidateJobSpec(s);
+  EXPECT_MENTIONS(st.message(), "job spec: name: is required");
+  EXPECT_MENTIONS(st.message(), "job spec: command: is required");
+  s = ok;
+  s.command.assign(kMaxCommandArgs + 1, "a");
+  EXPECT_MENTIONS(ValidateJobSpec(s).message(), "command: has 4097 arguments");
+  s = ok;
+  for (size_t i = 0; i <= kMaxEnvVars; ++i) s.env["V" + std::to_string(i)] = "x";
+  EXPECT_MENTIONS(ValidateJobSpec(s).message(), "env: has 4097 variables");
 }
 
 TEST(JobSpecTest, LoadFileNotFound) {

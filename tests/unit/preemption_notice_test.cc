@@ -51,6 +51,12 @@ TEST(NoticeFileTest, AbsentMeansNoNoticeAndContentSetsTheDeadline) {
 
   std::ofstream(path) << "soon-ish";
   EXPECT_EQ(src->Check().status().code(), StatusCode::kInvalidArgument);
+
+  // A number that does not fit (std::stoll threw, uncaught, and took the agent down).
+  std::ofstream(path) << std::string(30000, '9');
+  auto huge = src->Check();
+  EXPECT_EQ(huge.status().code(), StatusCode::kInvalidArgument) << huge.status();
+  EXPECT_LT(huge.status().message().size(), 300u);
   std::filesystem::remove(path);
 }
 

@@ -77,6 +77,24 @@ class RpcTest : public ::testing::Test {
   std::string last_user_;  // written on the reactor, read after a reply
 };
 
+// A key removed from the authorized set stops being served on the connection it already opened:
+// the next request gets a permission error and never reaches the handler.
+TEST_F(RpcTest, ARevokedKeyIsRefusedOnItsOpenConnection) {
+  auto client = Client(client_key_);
+  ASSERT_TRUE(client->Call(Ping("before"), 5s).ok());
+  int handled = handled_;
+  zap_->Revoke(kDefaultZapDomain, client_key_.public_key);
+  auto reply = client->Call(Ping("after"), 5s);
+  ASSERT_FALSE(reply.ok());
+  EXPECT_EQ(reply.status().code(), StatusCode::kFailedPrecondition);
+  EXPECT_NE(reply.status().message().find("permission denied: key 'alice'"), std::string::npos)
+      << reply.status();
+  EXPECT_EQ(handled_, handled);
+  // Authorized again (with another role): served again, and the handler sees the new role.
+  zap_->Authorize(kDefaultZapDomain, {client_key_.public_key, "alice", KeyRole::kClient});
+  EXPECT_TRUE(client->Call(Ping("again"), 5s).ok());
+}
+
 TEST_F(RpcTest, AuthorizedClientIsServed) {
   auto client = Client(client_key_);
   auto reply = client->Call(Ping("hello"), 5s);

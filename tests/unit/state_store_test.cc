@@ -4,10 +4,12 @@
 #include "coordinator/state_store.h"
 
 #include <gtest/gtest.h>
+#include <sqlite3.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <filesystem>
+#include <map>
 #include <random>
 
 namespace muster::coordinator {
@@ -164,6 +166,55 @@ TEST_F(StateStoreTest, KillNineLosesNoInsertedJob) {
   for (int i = 1; i <= lines; ++i) {
     EXPECT_TRUE((*store)->GetJob("k-" + std::to_string(i)).ok()) << "lost k-" << i;
   }
+}
+
+TEST_F(StateStoreTest, SubmitterAndNodeKeyBindingsPersist) {
+  {
+    auto store = StateStore::Open(dir_);
+    ASSERT_TRUE(store.ok()) << store.status();
+    JobRecord a = Job("a");
+    a.submitter = "alice-key";
+    ASSERT_TRUE((*store)->InsertJob(&a).ok());
+    ASSERT_TRUE((*store)->BindNodeKey("n0", "key-0", 1).ok());
+    ASSERT_TRUE((*store)->BindNodeKey("n1", "key-1", 1).ok());
+    ASSERT_TRUE((*store)->BindNodeKey("n1", "key-2", 2).ok());  // moved to another key
+  }
+  auto store = StateStore::Open(dir_);
+  ASSERT_TRUE(store.ok()) << store.status();
+  auto jobs = (*store)->LoadJobs();
+  ASSERT_TRUE(jobs.ok());
+  ASSERT_EQ(jobs->size(), 1u);
+  EXPECT_EQ((*jobs)[0].submitter, "alice-key");
+  auto keys = (*store)->LoadNodeKeys();
+  ASSERT_TRUE(keys.ok()) << keys.status();
+  EXPECT_EQ(*keys, (std::map<std::string, std::string>{{"n0", "key-0"}, {"n1", "key-2"}}));
+}
+
+// A database written before jobs recorded their submitter gets the column; its jobs have none.
+TEST_F(StateStoreTest, ADatabaseFromBeforeSubmittersOpens) {
+  {
+    auto store = StateStore::Open(dir_);
+    ASSERT_TRUE(store.ok());
+    JobRecord a = Job("old");
+    ASSERT_TRUE((*store)->InsertJob(&a).ok());
+  }
+  {
+    sqlite3* db = nullptr;
+    ASSERT_EQ(sqlite3_open((dir_ / "coordinator.db").c_str(), &db), SQLITE_OK);
+    int rc = sqlite3_exec(db, "ALTER TABLE jobs DROP COLUMN submitter", nullptr, nullptr, nullptr);
+    sqlite3_close(db);
+    ASSERT_EQ(rc, SQLITE_OK) << "could not make an old database";
+  }
+  auto store = StateStore::Open(dir_);
+  ASSERT_TRUE(store.ok()) << store.status();
+  auto jobs = (*store)->LoadJobs();
+  ASSERT_TRUE(jobs.ok()) << jobs.status();
+  ASSERT_EQ(jobs->size(), 1u);
+  EXPECT_EQ((*jobs)[0].submitter, "");
+  JobRecord b = Job("new");
+  b.submitter = "k";
+  ASSERT_TRUE((*store)->InsertJob(&b).ok());
+  EXPECT_EQ((*store)->GetJob(b.id)->submitter, "k");
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 #include <stdlib.h>
 
 #include <atomic>
+#include <limits>
 #include <thread>
 
 #include "collectives/store_client.h"
@@ -296,6 +297,182 @@ TEST(StoreServerLimitsTest, AGatherLargerThanTheMessageLimitFailsEveryRank) {
   EXPECT_EQ(ra.status().code(), StatusCode::kFailedPrecondition) << ra.status();
   reactor.Call("teardown", [&] { server.reset(); });
   reactor.Stop();
+}
+
+// An insecure server with small limits, and raw requests: what a rank's code could send.
+class StoreServerValidationTest : public ::testing::Test {
+ protected:
+  void Start(StoreServer::Options o) {
+    o.insecure = true;
+    reactor_ = std::make_unique<Reactor>("store-validation");
+    server_ = std::move(*StoreServer::Create(*reactor_, nullptr, o));
+    reactor_->Start();
+    ASSERT_TRUE(server_->AddScope("j", 0).ok());
+    RpcClient::Options ro;
+    ro.endpoint = server_->endpoint();
+    ro.insecure = true;
+    rpc_ = std::move(*RpcClient::Connect(ctx_, ro));
+    StoreClient::Options co;
+    co.endpoint = server_->endpoint();
+    co.credentials.insecure = true;
+    co.job = "j";
+    co.op_timeout = 5s;
+    client_ = std::move(*StoreClient::Connect(co));
+  }
+  void TearDown() override {
+    if (!reactor_) return;
+    reactor_->Call("teardown", [&] { server_.reset(); });
+    reactor_->Stop();
+  }
+  StatusOr<proto::StoreReply> Raw(proto::StoreRequest r, std::chrono::milliseconds t = 5s) {
+    r.mutable_scope()->set_job("j");
+    proto::Envelope e;
+    *e.mutable_store_request() = std::move(r);
+    MUSTER_ASSIGN_OR_RETURN(auto reply, rpc_->Call(std::move(e), t));
+    return reply.store_reply();
+  }
+  size_t Parked() {
+    return reactor_->Call("parked", [&] { return server_->parked(); });
+  }
+  int64_t ScopeBytes() {
+    return reactor_->Call("bytes", [&] { return server_->scope_bytes("j", 0); });
+  }
+  bool WaitUntilParked(size_t n) {
+    auto deadline = Clock::now() + 5s;
+    while (Clock::now() < deadline) {
+      if (Parked() == n) return true;
+      std::this_thread::yield();
+    }
+    return Parked() == n;
+  }
+
+  zmq::context_t ctx_;
+  std::unique_ptr<Reactor> reactor_;
+  std::unique_ptr<StoreServer> server_;
+  std::unique_ptr<RpcClient> rpc_;
+  std::unique_ptr<StoreClient> client_;
+};
+
+TEST_F(StoreServerValidationTest, AddRefusesToOverflow) {
+  Start({});
+  constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
+  EXPECT_EQ(*client_->Add("n", kMax), kMax);
+  auto over = client_->Add("n", 1);
+  EXPECT_EQ(over.status().code(), StatusCode::kInvalidArgument) << over.status();
+  EXPECT_NE(over.status().message().find("overflows"), std::string::npos) << over.status();
+  EXPECT_EQ(*client_->Get("n", 1s), std::to_string(kMax)) << "the counter is unchanged";
+  EXPECT_EQ(*client_->Add("m", std::numeric_limits<int64_t>::min()),
+            std::numeric_limits<int64_t>::min());
+  EXPECT_EQ(client_->Add("m", -1).status().code(), StatusCode::kInvalidArgument);
+  ASSERT_TRUE(client_->Set("text", std::string(30000, '9')).ok());
+  EXPECT_EQ(client_->Add("text", 1).status().code(), StatusCode::kInvalidArgument);
+}
+
+TEST_F(StoreServerValidationTest, KeysNamesAndKeyListsAreBounded) {
+  StoreServer::Options o;
+  o.max_key_bytes = 64;
+  o.max_keys_per_request = 8;
+  Start(o);
+  auto bad = [](const Status& s, const char* want) {
+    EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s;
+    EXPECT_NE(s.message().find(want), std::string::npos) << s;
+  };
+  const std::string long_key(65, 'k');
+  bad(client_->Set(long_key, "v"), "must be 1..64 bytes, not 65");
+  bad(client_->Set("", "v"), "must be 1..64 bytes, not 0");
+  bad(client_->Add(long_key, 1).status(), "rendezvous add");
+  bad(client_->CompareSet(long_key, "", "x").status(), "rendezvous compare_set");
+  bad(client_->Get(long_key, 1s).status(), "rendezvous get");
+  bad(client_->Barrier(long_key, 2, 1s), "rendezvous barrier");
+  bad(client_->AllGather(long_key, 0, 2, "v", 1s).status(), "rendezvous gather");
+  bad(client_->Wait(std::vector<std::string>(9, "k"), 1s), "9 keys; at most 8");
+  proto::StoreRequest g;
+  for (int i = 0; i < 9; ++i) g.mutable_get()->add_keys("k");
+  bad(Raw(g).status(), "9 keys; at most 8");
+  proto::StoreRequest b;
+  b.mutable_barrier()->set_name("b");
+  b.mutable_barrier()->set_n(std::numeric_limits<int32_t>::max());
+  bad(Raw(b).status(), "is more than the");
+  EXPECT_EQ(Parked(), 0u) << "nothing refused was parked";
+  EXPECT_TRUE(client_->Set(std::string(64, 'k'), "v").ok());
+}
+
+// A get may name one big key many times; the reply would pass the message limit and be dropped
+// by the client's socket, leaving it waiting. It is an error reply instead.
+TEST_F(StoreServerValidationTest, AGetWhoseReplyWouldPassTheMessageLimitIsAnError) {
+  StoreServer::Options o;
+  o.max_message_bytes = 64 << 10;
+  Start(o);
+  ASSERT_TRUE(client_->Set("big", std::string(40 << 10, 'b')).ok());
+  proto::StoreRequest g;
+  g.mutable_get()->add_keys("big");
+  g.mutable_get()->add_keys("big");
+  g.mutable_get()->set_timeout_ms(1000);
+  auto r = Raw(g, 3s);
+  EXPECT_EQ(r.status().code(), StatusCode::kFailedPrecondition) << r.status();
+  EXPECT_NE(r.status().message().find("message size limit"), std::string::npos) << r.status();
+  // The same, parked until the key is set.
+  proto::StoreRequest w;
+  w.mutable_get()->add_keys("later");
+  w.mutable_get()->add_keys("later");
+  w.mutable_get()->set_timeout_ms(5000);
+  StatusOr<proto::StoreReply> parked = InternalError("not run");
+  std::thread t([&] { parked = Raw(w, 8s); });
+  ASSERT_TRUE(WaitUntilParked(1));
+  ASSERT_TRUE(client_->Set("later", std::string(40 << 10, 'l')).ok());
+  t.join();
+  EXPECT_EQ(parked.status().code(), StatusCode::kFailedPrecondition) << parked.status();
+  auto one = client_->Get("big", 1s);
+  ASSERT_TRUE(one.ok()) << one.status();
+}
+
+TEST_F(StoreServerValidationTest, AScopeHoldsBoundedBytesEntriesAndParkedRequests) {
+  StoreServer::Options o;
+  o.max_scope_bytes = 10000;
+  o.max_scope_entries = 4;
+  o.max_parked_per_scope = 2;
+  Start(o);
+  auto full = [](const Status& s) {
+    EXPECT_EQ(s.code(), StatusCode::kFailedPrecondition) << s;
+    EXPECT_NE(s.message().find("rendezvous scope j/0"), std::string::npos) << s;
+  };
+  ASSERT_TRUE(client_->Set("a", std::string(6000, 'a')).ok());
+  full(client_->Set("b", std::string(6000, 'b')));
+  EXPECT_EQ(ScopeBytes(), 6001);
+  ASSERT_TRUE(client_->Set("a", std::string(3000, 'a')).ok()) << "an overwrite frees the old value";
+  EXPECT_EQ(ScopeBytes(), 3001);
+  ASSERT_TRUE(client_->Set("b", std::string(6000, 'b')).ok());
+  full(client_->CompareSet("c", "", std::string(2000, 'c')).status());
+  full(client_->AllGather("g", 0, 2, std::string(2000, 'g'), 1s).status());
+  // Entries: a, b, then c and d fill the scope; e does not fit.
+  ASSERT_TRUE(client_->Set("c", "1").ok());
+  ASSERT_TRUE(client_->Add("d", 1).ok());
+  full(client_->Set("e", "1"));
+  full(client_->Barrier("bar", 2, 1s));
+  EXPECT_TRUE(client_->Set("c", "2").ok()) << "an existing key may change";
+  // Parked requests: two wait; a third is refused at once; once they time out, two more fit.
+  std::vector<std::thread> ts;
+  std::atomic<int> timed_out{0};
+  for (int i = 0; i < 2; ++i) {
+    ts.emplace_back([&] {
+      if (client_->Get("never", 300ms).status().code() == StatusCode::kDeadlineExceeded)
+        ++timed_out;
+    });
+  }
+  ASSERT_TRUE(WaitUntilParked(2));
+  full(client_->Get("never", 5s).status());
+  for (auto& t : ts) t.join();
+  EXPECT_EQ(timed_out, 2);
+  EXPECT_EQ(Parked(), 0u);
+  ts.clear();
+  for (int i = 0; i < 2; ++i) {
+    ts.emplace_back([&] {
+      if (client_->Get("never", 200ms).status().code() == StatusCode::kDeadlineExceeded)
+        ++timed_out;
+    });
+  }
+  for (auto& t : ts) t.join();
+  EXPECT_EQ(timed_out, 4) << "the count of parked requests went back down";
 }
 
 TEST_F(StoreServerTest, AttemptsAreIsolated) {
