@@ -12,6 +12,8 @@
 #include <sstream>
 #include <unordered_map>
 
+#include "common/rank_env.h"
+
 namespace muster::coordinator {
 
 namespace {
@@ -586,6 +588,8 @@ Status ValidateJobSpec(const JobSpec& s) {
   if (s.command.empty()) errs.Add(0, "command", "is required");
   CheckFields(
       s, [](const std::string&) { return 0; }, &errs);
+  // A name of the env contract (muster sets it) or an unknown MUSTER_* name (a typo).
+  if (Status st = CheckJobEnv(s.env); !st.ok()) errs.Add(0, "env", st.message());
   if (!errs.empty()) return errs.ToStatus();
   return Status::Ok();
 }

@@ -5,9 +5,10 @@
 // Used by `muster run` (the launcher) and by the node agent. For each child it:
 //   - spawns the program (fork + exec, PATH searched as execvp does) in its own process group
 //     (so a stop reaches every process the rank started), with an exact environment, a working
-//     directory, and stdin from a given fd or /dev/null; every signal the child could inherit
-//     as blocked or ignored is reset to its default; the child gets SIGKILL if the reactor
-//     thread that started it dies (PR_SET_PDEATHSIG), so a rank never outlives its agent or
+//     directory, stdin from a given fd or /dev/null, and no other fd of the supervisor's (all
+//     are closed at exec but stdin, stdout, stderr and the control channel); every signal the child
+//     could inherit as blocked or ignored is reset to its default; the child gets SIGKILL if the
+//     reactor thread that started it dies (PR_SET_PDEATHSIG), so a rank never outlives its agent or
 //     launcher, kill -9 included (processes the rank itself started are not covered: the
 //     agent's restart kills what is left of the group);
 //   - reads the child's stdout and stderr through pipes and hands out whole lines (one callback
@@ -15,6 +16,9 @@
 //     kMaxLineBytes is cut into pieces of that size), optionally appending each line to a
 //     per-child log file, rotated by size (Options::log_max_bytes) so that a chatty rank cannot
 //     fill the disk;
+//   - optionally gives the child a control channel (SpawnSpec::control_channel): a socket open
+//     for writing at fd kControlFd of the child, read and handed out line by line the same way
+//     (OutputStream::kControl) and logged as if the child had printed it on stdout;
 //   - learns of the child's exit from a pidfd that the reactor polls (no SIGCHLD handler, no
 //     polling sleeps), reaps it, and reports the exit with a sequence number that orders exits
 //     by the time they were noticed;
@@ -23,7 +27,7 @@
 //
 // Lifecycle of one child, as its callbacks see it:
 //   Spawn() -> on_line* -> on_exit (once, when reaped) -> on_line* (output still buffered in the
-//   pipes) -> on_closed (once, when both pipes reached EOF, or `drain_timeout` after the exit,
+//   pipes) -> on_closed (once, when every pipe reached EOF, or `drain_timeout` after the exit,
 //   when the rest of the process group is SIGKILLed and the pipes are dropped).
 //
 // Threading: a Supervisor lives on one Reactor. Every method and every callback runs on that
@@ -53,7 +57,8 @@ namespace muster::node_agent {
 
 using ChildId = uint64_t;
 
-enum class OutputStream { kStdout, kStderr };
+// kControl: the control channel (SpawnSpec::control_channel).
+enum class OutputStream { kStdout, kStderr, kControl };
 
 // What to start. Copied into the Supervisor.
 struct SpawnSpec {
@@ -76,6 +81,9 @@ struct SpawnSpec {
   std::string log_path;
   // If set, each line of stdout ([0]) or stderr ([1]) is also appended to a file of its own.
   std::string stream_log_paths[2];
+  // Give the child a control channel at fd Supervisor::kControlFd. The caller tells the child
+  // so in its environment (MUSTER_CONTROL_FD, common/rank_env.h).
+  bool control_channel = false;
 };
 
 // How a child ended.
@@ -111,6 +119,8 @@ struct ChildInfo {
 class Supervisor {
  public:
   static constexpr size_t kMaxLineBytes = 64 * 1024;
+  // The child's fd number of its control channel (the first after stdin, stdout, stderr).
+  static constexpr int kControlFd = 3;
 
   struct Callbacks {
     // One whole line, without its '\n'. May be empty (then lines are only logged to files).
@@ -168,7 +178,7 @@ class Supervisor {
 
  private:
   struct Child;
-  enum : int { kPidfd = 0, kStdoutPipe = 1, kStderrPipe = 2 };
+  enum : int { kPidfd = 0, kStdoutPipe = 1, kStderrPipe = 2, kControlPipe = 3 };
 
   void Watch(int fd, ChildId id, int kind);
   void Unwatch(int fd);

@@ -9,14 +9,13 @@
 #include <iostream>
 
 #include "collectives/communicator.h"
-#include "collectives/local_address.h"
-#include "collectives/store_client.h"
 #include "common/logging.h"
+#include "common/rank_env.h"
 #include "examples/finetune/checkpointer_state_store.h"
 #include "examples/finetune/gradient_sync.h"
-#include "examples/finetune/preemption.h"
 #include "examples/finetune/state_store.h"
 #include "examples/finetune/trainer.h"
+#include "runtime/job_context.h"
 
 namespace {
 
@@ -28,20 +27,6 @@ constexpr int kExitPreempted = 3;  // checkpointed on a notice and stopped; resu
 // A collective failed because a peer died or stopped answering: not this rank's fault.
 constexpr int kExitPeerFailed = muster::collectives::kPeerFailureExitCode;
 
-std::string Env(const char* name, std::string fallback = "") {
-  const char* v = std::getenv(name);
-  return v && *v ? std::string(v) : fallback;
-}
-
-int EnvInt(const char* name, int fallback, bool* ok) {
-  std::string v = Env(name);
-  if (v.empty()) return fallback;
-  char* end = nullptr;
-  long n = std::strtol(v.c_str(), &end, 10);
-  if (*end != '\0') *ok = false;
-  return static_cast<int>(n);
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -51,12 +36,11 @@ int main(int argc, char** argv) {
       "muster-finetune: a byte-level transformer LM, pretrained and fine-tuned (full or "
       "LoRA), data-parallel, checkpointed, resumable"};
   bool pretrain = false, deterministic = false;
-  std::string mode = "lora", checkpoint_dir = Env("MUSTER_CHECKPOINT_DIR");
-  std::string notice_file = Env("MUSTER_PREEMPT_FILE"), log_level;
+  std::string mode = "lora", checkpoint_dir, notice_file, log_level;
   std::string data;
   int threads = 0;
   int64_t bucket_kb = 256;
-  c.resume = Env("MUSTER_RESUME_STEP");
+  std::optional<std::string> resume;
   std::optional<double> lr;
   app.add_flag("--pretrain", pretrain,
                "Train a base model from scratch (default data: "
@@ -69,7 +53,7 @@ int main(int argc, char** argv) {
   app.add_option("--base-step", c.base_step, "Step of the base checkpoint (default: its latest)");
   app.add_option("--checkpoint-dir", checkpoint_dir,
                  "Where checkpoints go (default: $MUSTER_CHECKPOINT_DIR)");
-  app.add_option("--resume", c.resume,
+  app.add_option("--resume", resume,
                  "'latest' or a step (default: $MUSTER_RESUME_STEP; empty starts fresh)");
   app.add_option("--steps", c.steps, "Total optimizer steps")->capture_default_str();
   app.add_option("--batch", c.global_batch, "Global batch, in sequences")->capture_default_str();
@@ -114,18 +98,26 @@ int main(int argc, char** argv) {
   }
   auto log = muster::log::Get("examples.finetune");
 
-  bool env_ok = true;
-  const int rank = EnvInt("RANK", 0, &env_ok);
-  const int world = EnvInt("WORLD_SIZE", 1, &env_ok);
-  if (!env_ok) {
-    log->error("RANK and WORLD_SIZE must be integers");
+  // The env contract (common/rank_env.h); the flags above override its defaults.
+  auto env = muster::RankEnv::FromProcessEnviron();
+  if (!env.ok()) {
+    log->error("{}", env.status().ToString());
     return kExitUsage;
   }
-  muster::log::SetContext(Env("MUSTER_JOB_ID"), "", std::to_string(rank));
+  if (checkpoint_dir.empty()) checkpoint_dir = env->checkpoint_dir;
+  if (!notice_file.empty()) env->preempt_file = notice_file;
+  c.resume = resume ? *resume : (env->resume_step ? std::to_string(*env->resume_step) : "");
   if (checkpoint_dir.empty()) {
     log->error("no checkpoint dir: pass --checkpoint-dir or set MUSTER_CHECKPOINT_DIR");
     return kExitUsage;
   }
+  // One store connection (when the rank has a store) for collectives, checkpoints and notices.
+  auto ctx = muster::runtime::JobContext::FromEnv(*env);
+  if (!ctx.ok()) {
+    log->error("{}", ctx.status().ToString());
+    return kExitUsage;
+  }
+  const int world = (*ctx)->world_size();
   c.mode = pretrain ? Mode::kPretrain : (mode == "full" ? Mode::kFull : Mode::kLora);
   c.data = !data.empty() ? data
            : pretrain    ? std::string("/usr/share/common-licenses")
@@ -144,47 +136,35 @@ int main(int argc, char** argv) {
   // World size 1 outside a launcher needs no rendezvous: the identity allreduce and a
   // store-less Checkpointer. Otherwise (and under `muster run -np 1`, so that a one-GPU machine
   // still exercises NCCL) the ranks meet in the attempt's rendezvous store.
-  std::shared_ptr<muster::collectives::Store> rdzv;
   std::unique_ptr<muster::finetune::GradientSync> sync;
-  if (world == 1 && Env("MUSTER_RDZV_ENDPOINT").empty()) {
+  if (world == 1 && !(*ctx)->store()) {
     sync = std::make_unique<muster::finetune::LocalGradientSync>();
   } else {
-    auto client = muster::collectives::ConnectStoreFromEnv();
-    if (!client.ok()) {
-      log->error("WORLD_SIZE={} needs the rendezvous store: {}", world, client.status().ToString());
+    if (!(*ctx)->store()) {
+      log->error("WORLD_SIZE={} needs the rendezvous store: MUSTER_RDZV_ENDPOINT is not set",
+                 world);
       return kExitUsage;
     }
-    rdzv = std::move(*client);
     const bool gpu = c.device == "cuda" || (c.device == "auto" && torch::cuda::is_available());
     muster::collectives::CommConfig cc;
-    cc.rank = rank;
-    cc.size = world;
     cc.name = "finetune";
-    cc.device = std::atoi(Env("LOCAL_RANK", "0").c_str());
-    // Peers on other hosts reach this rank at the address that routes to MASTER_ADDR.
-    cc.host = muster::collectives::LocalAddressToward(Env("MASTER_ADDR"));
-    auto backend = gpu ? muster::collectives::Backend::kNccl : muster::collectives::Backend::kGloo;
-    if (std::string forced = Env("MUSTER_COLL_BACKEND"); !forced.empty()) {
-      auto parsed = muster::collectives::ParseBackend(forced);
-      if (!parsed.ok()) {
-        log->error("{}", parsed.status().ToString());
-        return kExitUsage;
-      }
-      backend = *parsed;
-    }
-    auto comm = muster::collectives::CreateCommunicator(backend, rdzv, cc);
+    auto comm = (*ctx)->NewCommunicator(cc, gpu);
     if (!comm.ok()) {
       log->error("cannot join the job's collectives: {}", comm.status().ToString());
-      return kExitFailed;
+      return comm.status().code() == muster::StatusCode::kInvalidArgument ? kExitUsage
+                                                                          : kExitFailed;
     }
     sync = std::make_unique<muster::finetune::CommunicatorGradientSync>(std::move(*comm));
   }
-  auto store =
-      muster::finetune::CheckpointerStateStore::Open(checkpoint_dir, rank, world, rdzv.get());
-  if (!store.ok()) {
-    log->error("{}", store.status().ToString());
+  muster::checkpoint::CheckpointerOptions ck_options;
+  ck_options.dir = checkpoint_dir;
+  ck_options.io_threads = 1;  // the example's checkpoints are a few MB
+  auto ck = (*ctx)->NewCheckpointer(ck_options);
+  if (!ck.ok()) {
+    log->error("{}", ck.status().ToString());
     return kExitUsage;
   }
+  auto store = std::make_unique<muster::finetune::CheckpointerStateStore>(std::move(*ck));
   std::unique_ptr<muster::finetune::StateStore> base;
   if (c.mode != Mode::kPretrain && !c.base_dir.empty()) {
     // The base is only read, by every rank on its own: a world of one.
@@ -195,22 +175,8 @@ int main(int argc, char** argv) {
     }
     base = std::move(*opened);
   }
-  muster::finetune::LocalNotice local_notice(notice_file);
-  muster::finetune::LocalNotice::InstallSigtermHandler();
-  // Rank 0 also watches the job's store for the agent's checkpoint request, on a connection of
-  // its own.
-  std::unique_ptr<muster::collectives::StoreClient> notice_store;
-  if (rdzv && rank == 0) {
-    auto client = muster::collectives::ConnectStoreFromEnv();
-    if (client.ok()) {
-      notice_store = std::move(*client);
-    } else {
-      log->warn("not watching the store for notices: {}", client.status().ToString());
-    }
-  }
-  muster::finetune::StoreNotice notice(&local_notice, notice_store.get());
-
-  auto result = muster::finetune::Train(c, *sync, **store, base.get(), notice, std::cout);
+  muster::runtime::JobContext::InstallSigtermHandler();  // SIGTERM: checkpoint, then stop
+  auto result = muster::finetune::Train(c, *sync, *store, base.get(), **ctx, std::cout);
   if (!result.ok()) {
     log->error("{}", result.status().ToString());
     switch (result.status().code()) {

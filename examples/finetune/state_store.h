@@ -2,17 +2,8 @@
 
 // StateStore: the seam between the fine-tune trainer and checkpoint storage. A checkpoint is a
 // set of named tensors plus opaque metadata (the trainer's JSON), committed atomically under a
-// step number. FileStateStore is a single-writer local implementation; the sharded
-// muster::checkpoint::Checkpointer plugs in behind the same interface.
-//
-// On-disk layout of FileStateStore (mirrors docs/architecture.md's checkpoint layout):
-//
-//   <dir>/step-000000100/tensors.bin   named tensors, then an xxh3-64 of every preceding byte
-//   <dir>/step-000000100/METADATA      the caller's metadata, verbatim
-//   <dir>/LATEST                       "100\n": the newest committed step
-//
-// A step directory is written as step-N.tmp, fsynced, renamed and its parent fsynced; LATEST is
-// replaced by temp + fsync + rename. A directory without the rename never counts.
+// step number. The sharded muster::checkpoint::Checkpointer plugs in behind it
+// (checkpointer_state_store.h).
 //
 // Thread-safety: one instance per process, used by one thread.
 
@@ -55,28 +46,6 @@ class StateStore {
   // Reads checkpoint `step`; NotFound when it was never committed, DataLoss when it is corrupt.
   virtual StatusOr<SavedState> Restore(int64_t step) = 0;
 };
-
-class FileStateStore final : public StateStore {
- public:
-  // Rank `rank` of the job; only rank 0 writes.
-  FileStateStore(std::filesystem::path dir, int rank) : dir_(std::move(dir)), rank_(rank) {}
-
-  Status Save(int64_t step, const NamedTensors& tensors, const std::string& metadata) override;
-  Status Wait() override { return Status::Ok(); }  // Save is synchronous
-  StatusOr<std::optional<int64_t>> LatestStep() override;
-  StatusOr<SavedState> Restore(int64_t step) override;
-
-  std::filesystem::path StepDir(int64_t step) const;
-
- private:
-  std::filesystem::path dir_;
-  int rank_;
-};
-
-// Serialises named tensors (float32/float64/int64/uint8/bfloat16/float16, any shape) with a
-// trailing checksum, and parses them back. Exposed for tests and tools.
-std::string EncodeTensors(const NamedTensors& tensors);
-StatusOr<NamedTensors> DecodeTensors(const std::string& bytes);
 
 // xxh3-64 of every tensor's name, dtype, shape and bytes, in order, as 16 hex digits. Two
 // models have the same digest exactly when their parameters are bit-identical.

@@ -73,10 +73,8 @@ StatusOr<json> ParseMetadata(const SavedState& s, std::string_view what) {
   }
 }
 
-torch::Device PickDevice(const std::string& want) {
+torch::Device PickDevice(const std::string& want, int local) {
   if (want == "cpu" || (want == "auto" && !torch::cuda::is_available())) return torch::kCPU;
-  const char* lr = std::getenv("LOCAL_RANK");
-  const int local = lr && *lr ? std::atoi(lr) : 0;
   const int count = static_cast<int>(torch::cuda::device_count());
   return torch::Device(torch::kCUDA, count > 0 ? local % count : 0);
 }
@@ -96,15 +94,15 @@ double EvalLoss(CharLM& model, const Corpus& corpus, torch::Device device) {
 class Run {
  public:
   Run(const TrainConfig& c, GradientSync& sync, StateStore& store, StateStore* base,
-      PreemptionNotice& notice, std::ostream& out)
+      runtime::JobContext& ctx, std::ostream& out)
       : c_(c),
         sync_(sync),
         store_(store),
         base_store_(base),
-        notice_(notice),
+        ctx_(ctx),
         out_(out),
         log_(log::Get("examples.finetune")),
-        device_(PickDevice(c.device)) {}
+        device_(PickDevice(c.device, ctx.local_rank())) {}
 
   StatusOr<TrainResult> Go();
 
@@ -126,7 +124,7 @@ class Run {
   GradientSync& sync_;
   StateStore& store_;
   StateStore* base_store_;
-  PreemptionNotice& notice_;
+  runtime::JobContext& ctx_;
   std::ostream& out_;
   std::shared_ptr<spdlog::logger> log_;
   torch::Device device_;
@@ -286,8 +284,8 @@ Status Run::WaitForCommit() {
   pending_save_.reset();
   auto s = store_.Wait();
   if (!s.ok()) return s.WithContext("checkpoint at step " + std::to_string(step));
+  // The checkpointer announced the commit itself (JobContext::NewCheckpointer).
   log_->info("checkpoint committed at step {}", step);
-  Say("MUSTER_CHECKPOINT step=" + std::to_string(step));
   return Status::Ok();
 }
 
@@ -353,9 +351,10 @@ StatusOr<TrainResult> Run::Go() {
     optimizer_->step();
 
     // One small collective carries the loss and whether any rank has a notice, so every rank
-    // agrees on the step at which to checkpoint and stop.
+    // agrees on the step at which to checkpoint and stop (JobContext::AgreeToStop's decision,
+    // folded into the allreduce this loop does anyway).
     torch::Tensor stats =
-        torch::tensor({loss.item<float>(), notice_.Requested() ? 1.0f : 0.0f}, torch::kFloat32);
+        torch::tensor({loss.item<float>(), ctx_.NoticeSeen() ? 1.0f : 0.0f}, torch::kFloat32);
     MUSTER_RETURN_IF_ERROR(sync_.AllreduceSum(stats));
     loss_value = stats[0].item<double>() / sync_.world_size();
     const bool stop = stats[1].item<float>() > 0;
@@ -369,12 +368,11 @@ StatusOr<TrainResult> Run::Go() {
       const double secs =
           std::chrono::duration<double>(std::chrono::steady_clock::now() - window_start).count();
       const double tps = secs > 0 ? window_steps * tokens_per_step / secs : 0.0;
-      char line[256];
-      std::snprintf(line, sizeof(line),
-                    "MUSTER_PROGRESS step=%lld total=%lld loss=%.4f tokens_per_s=%.0f lr=%.6g",
-                    static_cast<long long>(done), static_cast<long long>(c_.steps), loss_value, tps,
-                    lr);
-      Say(line);
+      // On the control channel under muster (stdout otherwise); rank 0 only.
+      if (Status s = ctx_.Progress(done, c_.steps, loss_value, {{"tokens_per_s", tps}, {"lr", lr}});
+          !s.ok()) {
+        log_->warn("progress: {}", s.ToString());
+      }
       log_->info("step {}/{}  loss {:.4f}  lr {:.3g}  {:.0f} tok/s", done, c_.steps, loss_value, lr,
                  tps);
       window_start = std::chrono::steady_clock::now();
@@ -387,8 +385,8 @@ StatusOr<TrainResult> Run::Go() {
     result.step = done;
     if (stop) {
       MUSTER_RETURN_IF_ERROR(WaitForCommit());
-      log_->warn("preemption notice ({}): checkpointed step {} and stopping", notice_.Reason(),
-                 done);
+      log_->warn("preemption notice ({}): checkpointed step {} and stopping",
+                 ctx_.NoticeReason().empty() ? "another rank" : ctx_.NoticeReason(), done);
       Say("MUSTER_PREEMPTED step=" + std::to_string(done));
       result.preempted = true;
       break;
@@ -434,9 +432,9 @@ double LearningRate(const TrainConfig& c, int64_t step) {
 }
 
 StatusOr<TrainResult> Train(const TrainConfig& c, GradientSync& sync, StateStore& store,
-                            StateStore* base, PreemptionNotice& notice, std::ostream& out) {
+                            StateStore* base, runtime::JobContext& ctx, std::ostream& out) {
   try {
-    Run run(c, sync, store, base, notice, out);
+    Run run(c, sync, store, base, ctx, out);
     return run.Go();
   } catch (const c10::Error& e) {
     return InternalError(std::string("libtorch: ") + e.what_without_backtrace());

@@ -2,8 +2,8 @@
 
 // The fine-tune training loop: pretraining a base CharLM, full fine-tuning it, or training LoRA
 // adapters on it, data-parallel across ranks, checkpointing every K steps and on a preemption
-// notice, resuming bit-exactly. Collectives, storage and notices come in through the seams in
-// gradient_sync.h, state_store.h and preemption.h.
+// notice, resuming bit-exactly. Collectives and storage come in through the seams in
+// gradient_sync.h and state_store.h; notices and progress through runtime::JobContext.
 
 #include <cstdint>
 #include <filesystem>
@@ -14,8 +14,8 @@
 #include "common/status.h"
 #include "examples/finetune/gradient_sync.h"
 #include "examples/finetune/model.h"
-#include "examples/finetune/preemption.h"
 #include "examples/finetune/state_store.h"
+#include "runtime/job_context.h"
 
 namespace muster::finetune {
 
@@ -59,9 +59,10 @@ double LearningRate(const TrainConfig& c, int64_t step);
 // Runs training to c.steps or a notice. `store` holds this run's checkpoints; `base` (required
 // unless pretraining) is the store of the base model's checkpoints, read only. Resumes from
 // c.resume: a step, "latest", or empty meaning the latest checkpoint when there is one.
-// Machine-readable lines (MUSTER_PROGRESS, ...; see examples/README.md) go to `out` from rank 0;
-// readable ones go to the log.
+// `ctx` supplies the preemption notice (NoticeSeen) and takes the progress (MUSTER_PROGRESS,
+// on the control channel or stdout). The other machine-readable lines (MUSTER_PREEMPTED,
+// MUSTER_DONE; see examples/README.md) go to `out` from rank 0; readable ones go to the log.
 StatusOr<TrainResult> Train(const TrainConfig& c, GradientSync& sync, StateStore& store,
-                            StateStore* base, PreemptionNotice& notice, std::ostream& out);
+                            StateStore* base, runtime::JobContext& ctx, std::ostream& out);
 
 }  // namespace muster::finetune

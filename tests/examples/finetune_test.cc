@@ -124,6 +124,11 @@ class FinetuneTest : public ::testing::Test {
       EXPECT_TRUE(
           c.WaitOutput("MUSTER_PROGRESS step=" + std::to_string(at) + " ", Clock::now() + 60s))
           << c.Output();
+      // Saves are asynchronous: on a loaded machine step 5's commit may land steps later. A
+      // SIGKILL before any commit would leave nothing to resume from; wait for the first.
+      if (sig == SIGKILL) {
+        EXPECT_TRUE(c.WaitOutput("MUSTER_CHECKPOINT step=", Clock::now() + 60s)) << c.Output();
+      }
       c.Kill(sig);
       int code = c.WaitExit(Clock::now() + 30s);
       if (sig == SIGKILL) {
@@ -226,8 +231,8 @@ TEST_F(FinetuneTest, LoraRefusesToResumeOnADifferentBase) {
             0)
       << out;
   int code = RunToEnd(Args({"--mode", "lora", "--base", Dir("base2"), "--steps", "6",
-                            "--checkpoint-dir", Dir("lora-other")}),
-                      &out, {{"MUSTER_RESUME_STEP", "latest"}});
+                            "--checkpoint-dir", Dir("lora-other"), "--resume", "latest"}),
+                      &out);
   EXPECT_EQ(code, 1) << out;
   EXPECT_NE(out.find("holds LoRA adapters for a base with parameter digest"), std::string::npos)
       << out;
@@ -296,7 +301,10 @@ TEST_F(FinetuneTest, TwoRanksKilledMidRunResumeAtWorldSizeOneAndTheLossCarriesOn
   reactor.Stop();
 
   std::string out;
-  ASSERT_EQ(RunToEnd(argv, &out, {{"MUSTER_RESUME_STEP", "latest"}}), 0) << out;
+  // "latest" is the example's flag value, not a value of MUSTER_RESUME_STEP (a step or empty).
+  std::vector<std::string> resume_argv = argv;
+  resume_argv.insert(resume_argv.end(), {"--resume", "latest"});
+  ASSERT_EQ(RunToEnd(resume_argv, &out), 0) << out;
   std::smatch m;
   ASSERT_TRUE(std::regex_search(out, m, std::regex("resumed from step (\\d+)"))) << out;
   const int from = std::stoi(m[1]);
