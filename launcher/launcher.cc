@@ -23,6 +23,7 @@
 #include "collectives/store_server.h"
 #include "common/curve.h"
 #include "common/logging.h"
+#include "common/python_path.h"
 #include "common/reactor.h"
 #include "launcher/remote_run.h"
 #include "node_agent/supervisor.h"
@@ -207,6 +208,8 @@ StatusOr<std::vector<RankPlan>> PlanRanks(const RunOptions& options, const JobCo
       base[x.substr(0, eq)] = x.substr(eq + 1);
     }
   }
+
+  AddMusterPythonPath(base);  // `import muster` works in every rank
 
   // Every rank is on this machine: one node.
   std::vector<RankPlan> plan;

@@ -24,6 +24,7 @@
 #include "collectives/store_server.h"
 #include "common/curve.h"
 #include "common/logging.h"
+#include "common/python_path.h"
 #include "common/reactor.h"
 #include "coordinator/client.h"
 #include "node_agent/replication_queue.h"
@@ -667,6 +668,7 @@ struct Agent::Impl {
     base["MUSTER_RDZV_KEY"] = creds;
     base["MUSTER_NODE"] = labels.name();
     base["MUSTER_PROVIDER"] = labels.provider();
+    AddMusterPythonPath(base);  // `import muster` works in every rank
     base["MUSTER_PREEMPT_FILE"] = a.notice_path.string();
     base["MUSTER_CHECKPOINT_DIR"] =
         a.volume_path.empty() ? "" : (fs::path(a.volume_path) / s.job_id()).string();

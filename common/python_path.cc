@@ -1,0 +1,45 @@
+#include "common/python_path.h"
+
+#include <cstdlib>
+#include <filesystem>
+#include <system_error>
+
+namespace muster {
+namespace {
+
+namespace fs = std::filesystem;
+
+bool HoldsPackage(const fs::path& dir) {
+  std::error_code ec;
+  return !dir.empty() && fs::exists(dir / "muster" / "__init__.py", ec);
+}
+
+}  // namespace
+
+std::string MusterPythonDir() {
+  if (const char* env = std::getenv("MUSTER_PYTHON_DIR"); env && *env) {
+    return HoldsPackage(env) ? std::string(env) : std::string();
+  }
+  std::error_code ec;
+  fs::path exe = fs::read_symlink("/proc/self/exe", ec);
+  if (!ec) {
+    fs::path candidate = exe.parent_path().parent_path() / "python";
+    if (HoldsPackage(candidate)) return candidate.string();
+  }
+#ifdef MUSTER_BUILD_PYTHON_DIR
+  if (HoldsPackage(MUSTER_BUILD_PYTHON_DIR)) return MUSTER_BUILD_PYTHON_DIR;
+#endif
+  return {};
+}
+
+void AddMusterPythonPath(std::map<std::string, std::string>& env) {
+  std::string dir = MusterPythonDir();
+  if (dir.empty()) return;
+  std::string& path = env["PYTHONPATH"];
+  // Already first or somewhere in the list: leave the user's order alone.
+  std::string padded = ":" + path + ":";
+  if (padded.find(":" + dir + ":") != std::string::npos) return;
+  path = path.empty() ? dir : dir + ":" + path;
+}
+
+}  // namespace muster

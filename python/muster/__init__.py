@@ -1,0 +1,72 @@
+"""muster: checkpoints and the rank's side of a muster job, from Python.
+
+    import muster
+    state = muster.load("latest") if muster.resume_step() is not None else None
+    ...
+    muster.save(step, {"model": model.state_dict(), "optim": opt.state_dict()})  # async
+    muster.wait()                                          # the last save is committed
+
+The package is found with nothing to install: `muster run` and agents put the build's package
+directory on every rank's PYTHONPATH. The C++ core is muster._core (pybind11). docs/python.md
+has the whole API.
+"""
+
+import threading as _threading
+
+from muster import _core
+from muster._core import (AbortedError, DataLossError, DeadlineExceededError, Error,
+                          FailedPreconditionError, InternalError, InvalidArgumentError,
+                          NotFoundError, UnavailableError)
+from muster.checkpoint import (MAX_PICKLE_BYTES, Checkpointer, PerRank, RowShard, SaveHandle,
+                               load_tensors)
+from muster._state import shard_rows as _shard_rows
+
+_default = None
+_default_lock = _threading.Lock()
+
+
+def checkpointer():
+    """The process's Checkpointer, made from the env contract on first use."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Checkpointer()
+        return _default
+
+
+def save(step, state):
+    """Saves `state` as checkpoint `step` asynchronously; returns a SaveHandle (Checkpointer.save)."""
+    return checkpointer().save(step, state)
+
+
+def load(step="latest", **kwargs):
+    """The state saved as `step` (Checkpointer.load)."""
+    return checkpointer().load(step, **kwargs)
+
+
+def wait():
+    """Waits for the last save's commit (Checkpointer.wait)."""
+    return checkpointer().wait()
+
+
+def resume_step():
+    """The step to resume from (MUSTER_RESUME_STEP, else the newest committed), or None."""
+    return checkpointer().resume_step()
+
+
+def shard_rows(total_rows, rank=None, world_size=None):
+    """(offset, rows) of this rank's rows when `total_rows` are split over the ranks the way
+    numpy.array_split splits them (the split muster.load gives RowShard tensors)."""
+    if rank is None or world_size is None:
+        from muster.checkpoint import _int_env
+        rank = _int_env(["RANK", "OMPI_COMM_WORLD_RANK"], 0) if rank is None else rank
+        world_size = (_int_env(["WORLD_SIZE", "OMPI_COMM_WORLD_SIZE"], 1)
+                      if world_size is None else world_size)
+    return _shard_rows(total_rows, rank, world_size)
+
+
+__all__ = ["Error", "InvalidArgumentError", "NotFoundError", "DeadlineExceededError",
+           "UnavailableError", "AbortedError", "FailedPreconditionError", "DataLossError",
+           "InternalError", "Checkpointer", "SaveHandle", "RowShard", "PerRank", "save", "load",
+           "wait", "resume_step", "shard_rows", "checkpointer", "load_tensors",
+           "MAX_PICKLE_BYTES"]
