@@ -1,6 +1,5 @@
 #include "common/python_path.h"
 
-#include <cstdlib>
 #include <filesystem>
 #include <system_error>
 
@@ -17,9 +16,6 @@ bool HoldsPackage(const fs::path& dir) {
 }  // namespace
 
 std::string MusterPythonDir() {
-  if (const char* env = std::getenv("MUSTER_PYTHON_DIR"); env && *env) {
-    return HoldsPackage(env) ? std::string(env) : std::string();
-  }
   std::error_code ec;
   fs::path exe = fs::read_symlink("/proc/self/exe", ec);
   if (!ec) {

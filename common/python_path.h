@@ -12,7 +12,7 @@
 // The directory is found relative to the running binary (/proc/self/exe): `<bin>/../python`
 // holds `muster/__init__.py` in the build tree (build/bin/muster, build/python/muster). Binaries
 // that are not in bin/ (tests, benchmarks) fall back to the build tree this file was compiled
-// in. MUSTER_PYTHON_DIR overrides both.
+// in.
 //
 // Thread-safety: pure functions.
 

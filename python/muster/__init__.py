@@ -13,7 +13,6 @@ has the whole API.
 
 import threading as _threading
 
-from muster import _core
 from muster._core import (AbortedError, DataLossError, DeadlineExceededError, Error,
                           FailedPreconditionError, InternalError, InvalidArgumentError,
                           NotFoundError, UnavailableError)

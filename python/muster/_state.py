@@ -19,10 +19,22 @@ try:
 except ImportError:  # numpy is optional: torch-only states still work
     np = None
 
-try:
-    import torch
-except ImportError:
-    torch = None
+import sys
+
+
+def loaded_torch():
+    """torch if this process has imported it, else None: `import muster` never pays for importing
+    torch (seconds), and a state can only hold torch tensors once torch is imported."""
+    return sys.modules.get("torch")
+
+
+def import_torch():
+    """torch, imported on demand (to load a state saved from torch), or None."""
+    try:
+        import torch
+        return torch
+    except ImportError:
+        return None
 
 
 class RowShard:
@@ -85,6 +97,7 @@ class Leaf:
 
 
 def is_tensor(x):
+    torch = loaded_torch()
     return torch is not None and isinstance(x, torch.Tensor)
 
 
@@ -134,7 +147,7 @@ def flatten(state):
                 if device not in ("cpu", "cuda"):
                     raise TypeError(f"muster.save: {_describe(path)} is on device '{x.device}': "
                                     "only CPU and CUDA tensors can be saved")
-                if x.is_sparse or x.layout != torch.strided:
+                if x.layout != loaded_torch().strided:
                     raise TypeError(f"muster.save: {_describe(path)} is a {x.layout} tensor: "
                                     "only dense (strided) tensors can be saved")
             else:
@@ -231,8 +244,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return super().find_class(module, name)
         if module in ("muster._state",) and name == "Leaf":
             return Leaf
-        if module == "torch" and torch is not None and isinstance(getattr(torch, name, None),
-                                                                  torch.dtype):
+        torch = import_torch() if module == "torch" else None
+        if torch is not None and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
         raise pickle.UnpicklingError(
             f"the checkpoint's state holds a {module}.{name} object, which muster does not "

@@ -34,7 +34,7 @@ import threading
 
 from muster import _core
 from muster import _state
-from muster._state import Leaf, PerRank, RowShard, np, shard_rows, torch
+from muster._state import Leaf, PerRank, RowShard, import_torch, loaded_torch, np, shard_rows
 
 MAX_PICKLE_BYTES = 16 << 20
 _METADATA_MAGIC = b"muster-py/1\n"
@@ -141,9 +141,14 @@ class Checkpointer:
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
             raise _core.InvalidArgumentError(
                 f"muster: rank {self.rank} is not in a world of {self.world_size} ranks")
-        connect = self.world_size > 1
-        self._ck = _core.Checkpointer(str(dir), self.rank, self.world_size, connect,
-                                      direct_io, io_threads)
+        # Saving at world size > 1 commits through the job's store; loading needs none, so a
+        # Checkpointer made outside a job (a notebook, a test) at any rank and world size loads.
+        self._no_store = self.world_size > 1 and not os.environ.get("MUSTER_RDZV_ENDPOINT")
+        if self._no_store:
+            self._ck = _core.Checkpointer(str(dir), 0, 1, False, direct_io, io_threads)
+        else:
+            self._ck = _core.Checkpointer(str(dir), self.rank, self.world_size,
+                                          self.world_size > 1, direct_io, io_threads)
         self.dir = self._ck.dir
         self._lock = threading.Lock()
         self._pending = None
@@ -159,6 +164,11 @@ class Checkpointer:
         the state), ValueError (InvalidArgumentError) for a bad step or shard."""
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise _core.InvalidArgumentError(f"muster.save: step must be an int >= 0, not {step!r}")
+        if self._no_store:
+            raise _core.FailedPreconditionError(
+                f"muster.save: world size {self.world_size} commits through the job's "
+                "rendezvous store, and MUSTER_RDZV_ENDPOINT is not set: run under `muster run` "
+                "or an agent")
         skeleton, leaves = _state.flatten(state)
         refs, keep = [], []
         any_cuda = False
@@ -216,7 +226,7 @@ class Checkpointer:
                 f"muster.save: the non-tensor part of the state pickles to {len(blob)} bytes, "
                 f"over {MAX_PICKLE_BYTES}: keep big data in tensors or numpy arrays")
         if any_cuda:
-            torch.cuda.synchronize()  # the copy runs on muster's stream, after the producers
+            loaded_torch().cuda.synchronize()  # the copy runs on muster's stream, after the producers
         with self._lock:
             if self._closed:
                 raise _core.FailedPreconditionError("muster.save: the checkpointer is closed")
@@ -366,6 +376,7 @@ class Checkpointer:
         else:
             out_shape = shape
         if leaf.kind == "torch":
+            torch = import_torch()
             if torch is None:
                 raise _core.FailedPreconditionError(
                     f"muster.load: tensor '{leaf.name}' was saved from torch, which this Python "
@@ -409,6 +420,7 @@ def load_tensors(step, dir=None):
              "u8": "|u1", "i8": "|i1", "bool": "|b1"}
     for t in manifest["tensors"]:
         if t["dtype"] == "bf16":
+            torch = import_torch()
             if torch is None:
                 a = np.empty(t["shape"], dtype="<u2")  # the raw bf16 bits
             else:
