@@ -24,6 +24,7 @@
 #include "checkpoint/manifest.h"
 #include "checkpoint/volume.h"
 #include "collectives/store_client.h"
+#include "common/rank_env.h"
 #include "common/status.h"
 
 namespace py = pybind11;
@@ -64,9 +65,7 @@ PyObject* NewError(py::module_& m, const char* name, PyObject* bases, const char
   return cls;
 }
 
-DType ParseDTypeOrThrow(const std::string& name) {
-  return Value(checkpoint::ParseDType(name));
-}
+DType ParseDTypeOrThrow(const std::string& name) { return Value(checkpoint::ParseDType(name)); }
 
 MemoryKind ParseMemory(const std::string& kind) {
   if (kind == "host") return MemoryKind::kHost;
@@ -118,8 +117,8 @@ py::dict ManifestToDict(const checkpoint::Manifest& m) {
 // The Checkpointer with the store connection it commits through (world size > 1).
 class PyCheckpointer {
  public:
-  PyCheckpointer(std::string dir, int rank, int world_size, bool connect_store,
-                 bool direct_io, int io_threads) {
+  PyCheckpointer(std::string dir, int rank, int world_size, bool connect_store, bool direct_io,
+                 int io_threads) {
     if (connect_store) {
       store_ = Value(collectives::ConnectStoreFromEnv());
     } else if (world_size > 1) {
@@ -293,9 +292,9 @@ PYBIND11_MODULE(_core, m) {
       .def_readwrite("memory", &PyTensor::memory);
 
   py::class_<PyCheckpointer>(m, "Checkpointer")
-      .def(py::init<std::string, int, int, bool, bool, int>(), py::arg("dir"),
-           py::arg("rank") = 0, py::arg("world_size") = 1, py::arg("connect_store") = false,
-           py::arg("direct_io") = true, py::arg("io_threads") = 4)
+      .def(py::init<std::string, int, int, bool, bool, int>(), py::arg("dir"), py::arg("rank") = 0,
+           py::arg("world_size") = 1, py::arg("connect_store") = false, py::arg("direct_io") = true,
+           py::arg("io_threads") = 4)
       .def("save", &PyCheckpointer::Save, py::arg("step"), py::arg("tensors"),
            py::arg("metadata") = py::bytes())
       .def("wait", &PyCheckpointer::Wait)
@@ -326,5 +325,39 @@ PYBIND11_MODULE(_core, m) {
         return py::int_(Value(std::move(v)));
       },
       py::arg("dir"));
+  // The env contract (common/rank_env.h); the store credentials are not exposed.
+  py::class_<RankEnv>(m, "RankEnv",
+                      "This rank's env contract (docs/env-contract.md), parsed and validated.")
+      .def_readonly("rank", &RankEnv::rank)
+      .def_readonly("world_size", &RankEnv::world_size)
+      .def_readonly("local_rank", &RankEnv::local_rank)
+      .def_readonly("local_world_size", &RankEnv::local_world_size)
+      .def_readonly("node_rank", &RankEnv::node_rank)
+      .def_readonly("nnodes", &RankEnv::nnodes)
+      .def_readonly("master_addr", &RankEnv::master_addr)
+      .def_readonly("master_port", &RankEnv::master_port)
+      .def_readonly("job_id", &RankEnv::job_id)
+      .def_readonly("attempt", &RankEnv::attempt)
+      .def_readonly("rdzv_endpoint", &RankEnv::rdzv_endpoint)
+      .def_readonly("checkpoint_dir", &RankEnv::checkpoint_dir)
+      .def_readonly("resume_step", &RankEnv::resume_step)
+      .def_readonly("checkpoint_every", &RankEnv::checkpoint_every)
+      .def_readonly("checkpoint_every_s", &RankEnv::checkpoint_every_s)
+      .def_readonly("preempt_file", &RankEnv::preempt_file)
+      .def_readonly("node", &RankEnv::node)
+      .def_readonly("provider", &RankEnv::provider)
+      .def_readonly("control_fd", &RankEnv::control_fd)
+      .def_property_readonly("has_rendezvous", &RankEnv::has_rendezvous)
+      .def("__repr__", [](const RankEnv& e) {
+        return "<muster.RankEnv rank=" + std::to_string(e.rank) + "/" +
+               std::to_string(e.world_size) + " local_rank=" + std::to_string(e.local_rank) +
+               " job=" + e.job_id + " attempt=" + std::to_string(e.attempt) +
+               " checkpoint_dir=" + e.checkpoint_dir +
+               " resume_step=" + (e.resume_step ? std::to_string(*e.resume_step) : "None") + ">";
+      });
+  m.def(
+      "rank_env", [] { return Value(RankEnv::FromProcessEnviron()); },
+      "Parses this process's env contract; InvalidArgumentError names a malformed variable.");
+
   m.attr("cuda_built_in") = checkpoint::CudaBuiltIn();
 }

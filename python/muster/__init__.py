@@ -13,9 +13,10 @@ has the whole API.
 
 import threading as _threading
 
+from muster import _core
 from muster._core import (AbortedError, DataLossError, DeadlineExceededError, Error,
                           FailedPreconditionError, InternalError, InvalidArgumentError,
-                          NotFoundError, UnavailableError)
+                          NotFoundError, RankEnv, UnavailableError)
 from muster.checkpoint import (MAX_PICKLE_BYTES, Checkpointer, PerRank, RowShard, SaveHandle,
                                load_tensors)
 from muster._state import shard_rows as _shard_rows
@@ -57,15 +58,21 @@ def shard_rows(total_rows, rank=None, world_size=None):
     """(offset, rows) of this rank's rows when `total_rows` are split over the ranks the way
     numpy.array_split splits them (the split muster.load gives RowShard tensors)."""
     if rank is None or world_size is None:
-        from muster.checkpoint import _int_env
-        rank = _int_env(["RANK", "OMPI_COMM_WORLD_RANK"], 0) if rank is None else rank
-        world_size = (_int_env(["WORLD_SIZE", "OMPI_COMM_WORLD_SIZE"], 1)
-                      if world_size is None else world_size)
+        e = env()
+        rank = e.rank if rank is None else rank
+        world_size = e.world_size if world_size is None else world_size
     return _shard_rows(total_rows, rank, world_size)
+
+
+def env():
+    """This rank's env contract as one object (muster.RankEnv): rank, world_size, local_rank,
+    local_world_size, node_rank, nnodes, job_id, attempt, checkpoint_dir, resume_step (None when
+    starting fresh), preempt_file, ... Raises InvalidArgumentError naming a malformed variable."""
+    return _core.rank_env()
 
 
 __all__ = ["Error", "InvalidArgumentError", "NotFoundError", "DeadlineExceededError",
            "UnavailableError", "AbortedError", "FailedPreconditionError", "DataLossError",
            "InternalError", "Checkpointer", "SaveHandle", "RowShard", "PerRank", "save", "load",
-           "wait", "resume_step", "shard_rows", "checkpointer", "load_tensors",
+           "wait", "resume_step", "env", "RankEnv", "shard_rows", "checkpointer", "load_tensors",
            "MAX_PICKLE_BYTES"]

@@ -27,7 +27,6 @@ announces each commit to muster (the agent records it and replicates it) by itse
 """
 
 import atexit
-import os
 import pickle
 import sys
 import threading
@@ -45,17 +44,6 @@ _TORCH_DTYPES = {"float32": "f32", "float64": "f64", "float16": "f16", "bfloat16
                  "int32": "i32", "int64": "i64", "uint8": "u8", "int8": "i8", "bool": "bool"}
 
 _print_lock = threading.Lock()
-
-
-def _int_env(names, default):
-    for n in names:
-        v = os.environ.get(n, "")
-        if v != "":
-            try:
-                return int(v)
-            except ValueError:
-                raise _core.InvalidArgumentError(f"{n}={v!r} is not an integer") from None
-    return default
 
 
 def announce(line):
@@ -128,22 +116,22 @@ class Checkpointer:
     """
 
     def __init__(self, dir=None, rank=None, world_size=None, *, direct_io=True, io_threads=4):
+        env = _core.rank_env() if dir is None or rank is None or world_size is None else None
         if dir is None:
-            dir = os.environ.get("MUSTER_CHECKPOINT_DIR", "")
+            dir = env.checkpoint_dir
             if not dir:
                 raise _core.FailedPreconditionError(
                     "muster: MUSTER_CHECKPOINT_DIR is not set and no dir was given: the job has "
                     "no checkpoint directory (a job spec's checkpoint.volume, or "
                     "`muster run --checkpoint-dir DIR`)")
-        self.rank = _int_env(["RANK", "OMPI_COMM_WORLD_RANK"], 0) if rank is None else rank
-        self.world_size = (_int_env(["WORLD_SIZE", "OMPI_COMM_WORLD_SIZE"], 1)
-                           if world_size is None else world_size)
+        self.rank = env.rank if rank is None else rank
+        self.world_size = env.world_size if world_size is None else world_size
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
             raise _core.InvalidArgumentError(
                 f"muster: rank {self.rank} is not in a world of {self.world_size} ranks")
         # Saving at world size > 1 commits through the job's store; loading needs none, so a
         # Checkpointer made outside a job (a notebook, a test) at any rank and world size loads.
-        self._no_store = self.world_size > 1 and not os.environ.get("MUSTER_RDZV_ENDPOINT")
+        self._no_store = self.world_size > 1 and not _core.rank_env().has_rendezvous
         if self._no_store:
             self._ck = _core.Checkpointer(str(dir), 0, 1, False, direct_io, io_threads)
         else:
@@ -285,13 +273,9 @@ class Checkpointer:
     def resume_step(self):
         """MUSTER_RESUME_STEP when set (the coordinator's newest step on this provider), else
         the newest committed step here, else None (start fresh)."""
-        v = os.environ.get("MUSTER_RESUME_STEP", "")
-        if v not in ("", "latest"):
-            try:
-                return int(v)
-            except ValueError:
-                raise _core.InvalidArgumentError(
-                    f"MUSTER_RESUME_STEP={v!r} is not a step number") from None
+        step = _core.rank_env().resume_step
+        if step is not None:
+            return step
         return self.latest_step()
 
     def load(self, step="latest", *, device=None, allow_pickle=False):

@@ -9,6 +9,7 @@ import collections
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import unittest
 
@@ -263,6 +264,32 @@ class CheckpointTest(unittest.TestCase):
         finally:
             os.environ.clear()
             os.environ.update(saved)
+
+
+class RankEnvTest(unittest.TestCase):
+    def env_of(self, **env):
+        code = ("import muster; e = muster.env(); print(e.rank, e.world_size, e.local_rank, "
+                "e.job_id, e.attempt, e.checkpoint_dir, e.resume_step)")
+        base = {k: v for k, v in os.environ.items()
+                if k == "PYTHONPATH" or not (k.startswith("MUSTER_") or k in (
+                    "RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_RANK"))}
+        return subprocess.run([sys.executable, "-c", code], env=dict(base, **env),
+                              capture_output=True, text=True, timeout=60)
+
+    def test_env_contract_as_one_object(self):
+        out = self.env_of(RANK="3", WORLD_SIZE="4", LOCAL_RANK="1", LOCAL_WORLD_SIZE="2",
+                          MUSTER_JOB_ID="ft-2", MUSTER_ATTEMPT="2",
+                          MUSTER_CHECKPOINT_DIR="/ck/ft-2", MUSTER_RESUME_STEP="120")
+        self.assertEqual(out.stdout.split(), ["3", "4", "1", "ft-2", "2", "/ck/ft-2", "120"],
+                         out.stderr)
+        fresh = self.env_of(MUSTER_RESUME_STEP="")
+        self.assertEqual(fresh.stdout.split(), ["0", "1", "0", "0", "None"], fresh.stderr)
+
+    def test_malformed_env_is_a_clear_error(self):
+        out = self.env_of(RANK="4", WORLD_SIZE="4")
+        self.assertNotEqual(out.returncode, 0)
+        self.assertIn("muster.InvalidArgumentError", out.stderr)
+        self.assertIn("RANK", out.stderr)
 
 
 if __name__ == "__main__":
