@@ -3,8 +3,10 @@
 
 #include <climits>
 #include <cstdio>
+#include <cstdlib>
 #include <iostream>
 
+#include "checkpoint/adopt.h"
 #include "checkpoint/checkpoint_dir.h"
 #include "checkpoint/replicate.h"
 #include "cli/commands.h"
@@ -121,6 +123,45 @@ int Inspect(const std::string& dir, int64_t step) {
   return 0;
 }
 
+// `muster ckpt adopt SRC [--into DIR] [--step N]`: checkpoint/adopt.h.
+void AddAdoptCommand(CLI::App& ck, Runner* runner) {
+  auto src = std::make_shared<std::string>();
+  auto into = std::make_shared<std::string>();
+  auto step = std::make_shared<int64_t>(-1);
+  auto* adopt = ck.add_subcommand(
+      "adopt",
+      "Commit a finished Hugging Face checkpoint-N, DCP or torch.save directory as a step (a "
+      "half-written one is refused, naming what is missing)");
+  adopt->add_option("SRC", *src, "The directory to adopt")->required();
+  adopt->add_option("--into", *into,
+                    "The job's checkpoint directory (default: "
+                    "$MUSTER_CHECKPOINT_DIR)");
+  adopt->add_option("--step", *step,
+                    "The step (default: N of checkpoint-N, else trainer_state.json's global_step)");
+  adopt->callback([=] {
+    *runner = [=] {
+      AdoptOptions o;
+      o.source = *src;
+      o.job_dir = *into;
+      if (o.job_dir.empty()) {
+        const char* env = std::getenv("MUSTER_CHECKPOINT_DIR");
+        o.job_dir = env ? env : "";
+      }
+      if (o.job_dir.empty()) {
+        return Fail("adopt", InvalidArgumentError("no job checkpoint directory: pass --into DIR "
+                                                  "or set MUSTER_CHECKPOINT_DIR"));
+      }
+      o.step = *step;
+      auto r = Adopt(o);
+      if (!r.ok()) return Fail("adopt", r.status());
+      std::printf("adopted %s checkpoint %s as step %lld of %s: %zu files, %s\n", r->format.c_str(),
+                  src->c_str(), static_cast<long long>(r->step), o.job_dir.c_str(), r->files.size(),
+                  Bytes(r->bytes).c_str());
+      return 0;
+    };
+  });
+}
+
 }  // namespace
 
 void AddCkptCommands(CLI::App& app, Runner* runner) {
@@ -171,6 +212,7 @@ void AddCkptCommands(CLI::App& app, Runner* runner) {
 
   auto src = std::make_shared<std::string>();
   auto dst = std::make_shared<std::string>();
+  AddAdoptCommand(*ck, runner);
   auto latest = std::make_shared<bool>(false);
   auto* rep = ck->add_subcommand(
       "replicate", "Copy a committed step to another volume; verify, then commit it there");

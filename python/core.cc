@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "checkpoint/adopt.h"
 #include "checkpoint/checkpoint_dir.h"
 #include "checkpoint/checkpointer.h"
 #include "checkpoint/manifest.h"
@@ -317,6 +318,38 @@ PYBIND11_MODULE(_core, m) {
         Check(st);
       },
       py::arg("dir"), py::arg("step"), "Reads every block of `step` and checks its checksum.");
+  m.def(
+      "adopt",
+      [](const std::string& source, const std::string& job_dir, int64_t step) {
+        checkpoint::AdoptOptions o;
+        o.source = source;
+        o.job_dir = job_dir;
+        o.step = step;
+        StatusOr<checkpoint::AdoptReport> r = InternalError("unset");
+        {
+          py::gil_scoped_release release;
+          r = checkpoint::Adopt(o);
+        }
+        auto rep = Value(std::move(r));
+        py::dict d;
+        d["step"] = rep.step;
+        d["format"] = rep.format;
+        d["files"] = rep.files;
+        d["bytes"] = rep.bytes;
+        return d;
+      },
+      py::arg("source"), py::arg("job_dir"), py::arg("step") = -1);
+  m.def(
+      "extract",
+      [](const std::string& job_dir, int64_t step, const std::string& dest) {
+        Status st;
+        {
+          py::gil_scoped_release release;
+          st = checkpoint::ExtractAdopted(checkpoint::LocalVolume(), job_dir, step, dest);
+        }
+        Check(st);
+      },
+      py::arg("job_dir"), py::arg("step"), py::arg("dest"));
   m.def(
       "latest_committed_step",
       [](const std::string& dir) -> py::object {

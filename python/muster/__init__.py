@@ -64,6 +64,31 @@ def shard_rows(total_rows, rank=None, world_size=None):
     return _shard_rows(total_rows, rank, world_size)
 
 
+def _job_dir(dir):
+    if dir is not None:
+        return str(dir)
+    d = env().checkpoint_dir
+    if not d:
+        raise FailedPreconditionError("muster: MUSTER_CHECKPOINT_DIR is not set and no dir was "
+                                      "given")
+    return d
+
+
+def adopt(source, step=None, dir=None):
+    """Commits a finished Hugging Face checkpoint-N, DCP or torch.save directory `source` as a
+    step of the job's checkpoint directory (`dir`, default MUSTER_CHECKPOINT_DIR), with per-block
+    checksums, so it is verified and replicated like a native step. `step` defaults to N of
+    checkpoint-N, else trainer_state.json's global_step. A half-written directory raises
+    InvalidArgumentError naming what is missing. Returns {"step", "format", "files", "bytes"}."""
+    return _core.adopt(str(source), _job_dir(dir), -1 if step is None else int(step))
+
+
+def extract(step, dest, dir=None):
+    """Writes the files of an adopted step back into `dest` (checked against the step's
+    checksums), e.g. for Trainer.train(resume_from_checkpoint=dest)."""
+    _core.extract(_job_dir(dir), int(step), str(dest))
+
+
 def env():
     """This rank's env contract as one object (muster.RankEnv): rank, world_size, local_rank,
     local_world_size, node_rank, nnodes, job_id, attempt, checkpoint_dir, resume_step (None when
@@ -74,5 +99,5 @@ def env():
 __all__ = ["Error", "InvalidArgumentError", "NotFoundError", "DeadlineExceededError",
            "UnavailableError", "AbortedError", "FailedPreconditionError", "DataLossError",
            "InternalError", "Checkpointer", "SaveHandle", "RowShard", "PerRank", "save", "load",
-           "wait", "resume_step", "env", "RankEnv", "shard_rows", "checkpointer", "load_tensors",
+           "wait", "resume_step", "env", "RankEnv", "adopt", "extract", "shard_rows", "checkpointer", "load_tensors",
            "MAX_PICKLE_BYTES"]
