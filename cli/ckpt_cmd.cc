@@ -8,6 +8,7 @@
 
 #include "checkpoint/adopt.h"
 #include "checkpoint/checkpoint_dir.h"
+#include "checkpoint/export.h"
 #include "checkpoint/replicate.h"
 #include "cli/commands.h"
 #include "common/logging.h"
@@ -162,6 +163,32 @@ void AddAdoptCommand(CLI::App& ck, Runner* runner) {
   });
 }
 
+// `muster ckpt export DIR [--step N] --format safetensors [--lora-only] [--prefix P] -o FILE`:
+// checkpoint/export.h.
+void AddExportCommand(CLI::App& ck, Runner* runner) {
+  auto o = std::make_shared<ExportOptions>();
+  auto* ex =
+      ck.add_subcommand("export",
+                        "Write a committed step as a safetensors file (a PEFT-style adapter with "
+                        "--lora-only)");
+  ex->add_option("DIR", o->job_dir, "The job's checkpoint directory")->required();
+  ex->add_option("--step", o->step, "The step (default: the newest committed)");
+  ex->add_option("--format", o->format, "Output format: safetensors")->required();
+  ex->add_option("-o,--out", o->out, "The file to write")->required();
+  ex->add_option("--prefix", o->prefix,
+                 "Only tensors whose names start with P, without it (e.g. model/)");
+  ex->add_flag("--lora-only", o->lora_only, "Only the LoRA adapter tensors (lora_a, lora_b)");
+  ex->callback([=] {
+    *runner = [=] {
+      auto r = Export(*o);
+      if (!r.ok()) return Fail("export", r.status());
+      std::printf("exported step %lld: %d tensors to %s (%s)\n", static_cast<long long>(r->step),
+                  r->tensors, o->out.c_str(), Bytes(r->bytes).c_str());
+      return 0;
+    };
+  });
+}
+
 }  // namespace
 
 void AddCkptCommands(CLI::App& app, Runner* runner) {
@@ -213,6 +240,7 @@ void AddCkptCommands(CLI::App& app, Runner* runner) {
   auto src = std::make_shared<std::string>();
   auto dst = std::make_shared<std::string>();
   AddAdoptCommand(*ck, runner);
+  AddExportCommand(*ck, runner);
   auto latest = std::make_shared<bool>(false);
   auto* rep = ck->add_subcommand(
       "replicate", "Copy a committed step to another volume; verify, then commit it there");
