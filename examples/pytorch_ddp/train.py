@@ -252,6 +252,9 @@ def main():
         checkpoints = MusterCheckpoints(ckpt_dir)
     else:
         checkpoints = TorchSaveCheckpoints(ckpt_dir, rank)
+    if rank == 0:
+        kind = "muster" if isinstance(checkpoints, MusterCheckpoints) else "torch.save"
+        print(f"checkpoints: {kind} in {ckpt_dir}", flush=True)
     start = 0
     step0 = checkpoints.resume_step()
     if step0 is not None:

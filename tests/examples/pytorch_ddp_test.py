@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""examples/pytorch_ddp/train.py under two real ranks (gloo), forked here with the torchrun env
-contract as `muster run -np 2` starts them: killed with SIGKILL at a random step and resumed
-from its latest checkpoint, and stopped by a SIGTERM notice and resumed, it ends with the same
-parameters as an uninterrupted run. Run by ctest (label `examples`) with Debian's python3-torch.
+"""examples/pytorch_ddp/train.py under two real ranks (gloo): forked here with the torchrun env
+contract only (its torch.save path), under `muster run -np 2` and as a job of real agents (its
+muster-package path: async muster.save, muster.load). Killed with SIGKILL and resumed from its
+latest checkpoint, or stopped by a SIGTERM notice and resumed, it ends with the same parameters
+as an uninterrupted run. Run by ctest (label `examples`) with Debian's python3-torch.
 """
 
 import fcntl
@@ -86,6 +87,7 @@ class PytorchDdpTest(unittest.TestCase):
         assert codes == [0, 0], ranks[0].out + ranks[1].out
         cls.want = field(ranks[0].out, "MUSTER_DONE", "param_digest")
         assert cls.want and len(cls.want) == 16, ranks[0].out
+        assert "checkpoints: torch.save in" in ranks[0].out, ranks[0].out
 
     @classmethod
     def tearDownClass(cls):
@@ -159,6 +161,7 @@ class PytorchDdpUnderMusterRunTest(unittest.TestCase):
         assert ref.wait(120) == 0, ref.out
         cls.want = field(ref.out, "MUSTER_DONE", "param_digest")
         assert cls.want, ref.out
+        assert "checkpoints: muster in" in ref.out, ref.out
         cls.ref_out = ref.out
 
     @classmethod
@@ -326,6 +329,8 @@ class PytorchDdpUnderSubmitTest(unittest.TestCase):
         self.assertGreaterEqual(preempted, at)
         self.assertEqual(st["resume_step"], preempted, "zero lost steps")
         self.assertIn(f"resumed from step {preempted}", second)
+        self.assertIn("checkpoints: muster in", first)  # the package, from the agent's path
+        self.assertIn("checkpoints: muster in", second)
         self.assertEqual(field(second, "MUSTER_DONE", "param_digest"),
                          getattr(PytorchDdpTest, "want", None) or self.reference_digest(), second)
 
