@@ -140,7 +140,6 @@ class Checkpointer:
         self.dir = self._ck.dir
         self._lock = threading.Lock()
         self._pending = None
-        self._closed = False
         atexit.register(self._at_exit)
 
     # -- saving --------------------------------------------------------------------------------
@@ -215,11 +214,19 @@ class Checkpointer:
                 f"over {MAX_PICKLE_BYTES}: keep big data in tensors or numpy arrays")
         if any_cuda:
             loaded_torch().cuda.synchronize()  # the copy runs on muster's stream, after the producers
+        return self._submit(step, refs, _METADATA_MAGIC + blob, keep)
+
+    def _submit(self, step, refs, metadata, keep):
+        """Hands `refs` (whose memory `keep` holds) to the C++ checkpointer; returns the handle
+        whose commit a background thread awaits and announces."""
+        if self._no_store:
+            raise _core.FailedPreconditionError(
+                f"muster.save: world size {self.world_size} commits through the job's "
+                "rendezvous store, and MUSTER_RDZV_ENDPOINT is not set: run under `muster run` "
+                "or an agent")
         with self._lock:
-            if self._closed:
-                raise _core.FailedPreconditionError("muster.save: the checkpointer is closed")
             self._finish_pending()
-            self._ck.save(step, refs, _METADATA_MAGIC + blob)
+            self._ck.save(step, refs, metadata)
             handle = SaveHandle(step)
             self._pending = handle
             threading.Thread(target=self._await_commit, args=(handle,), daemon=True,
