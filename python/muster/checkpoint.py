@@ -138,6 +138,9 @@ class Checkpointer:
             self._ck = _core.Checkpointer(str(dir), self.rank, self.world_size,
                                           self.world_size > 1, direct_io, io_threads)
         self.dir = self._ck.dir
+        # Rank 0 of a job muster started tells muster of each commit (a program run by hand has
+        # no one to tell).
+        self._announce = self.rank == 0 and bool(_core.rank_env().job_id)
         self._lock = threading.Lock()
         self._pending = None
         atexit.register(self._at_exit)
@@ -240,7 +243,7 @@ class Checkpointer:
         except _core.Error as e:
             handle._finish(e)
             return
-        if self.rank == 0:
+        if self._announce:
             announce(f"MUSTER_CHECKPOINT step={handle.step}")
         handle._finish(None)
 
