@@ -8,6 +8,7 @@
 #include <set>
 
 #include "checkpoint/restore_pipeline.h"
+#include "common/control_channel.h"
 #include "common/logging.h"
 
 namespace muster::checkpoint {
@@ -77,24 +78,6 @@ Status ValidateBox(const std::string& what, const std::vector<int64_t>& shape,
     }
   }
   return Status::Ok();
-}
-
-std::string EnvOr(const char* a, const char* b) {
-  if (const char* v = std::getenv(a); v && *v) return v;
-  if (b)
-    if (const char* v = std::getenv(b); v && *v) return v;
-  return "";
-}
-
-StatusOr<int64_t> ParseInt(const std::string& s, const std::string& what) {
-  try {
-    size_t pos = 0;
-    int64_t v = std::stoll(s, &pos);
-    if (pos != s.size()) throw std::invalid_argument(s);
-    return v;
-  } catch (const std::exception&) {
-    return InvalidArgumentError(what + "='" + s + "' is not an integer");
-  }
 }
 
 }  // namespace
@@ -240,22 +223,30 @@ StatusOr<std::unique_ptr<Checkpointer>> Checkpointer::Create(CheckpointerOptions
 
 StatusOr<std::unique_ptr<Checkpointer>> Checkpointer::FromEnv(collectives::Store* store,
                                                               CheckpointerOptions base) {
-  std::string dir = EnvOr("MUSTER_CHECKPOINT_DIR", nullptr);
-  if (dir.empty()) {
+  MUSTER_ASSIGN_OR_RETURN(RankEnv env, RankEnv::FromProcessEnviron());
+  return FromEnv(env, store, std::move(base));
+}
+
+StatusOr<std::unique_ptr<Checkpointer>> Checkpointer::FromEnv(const RankEnv& env,
+                                                              collectives::Store* store,
+                                                              CheckpointerOptions base) {
+  if (env.checkpoint_dir.empty()) {
     return FailedPreconditionError("MUSTER_CHECKPOINT_DIR is not set: no checkpoint directory");
   }
-  base.dir = dir;
-  std::string rank = EnvOr("RANK", "OMPI_COMM_WORLD_RANK");
-  std::string world = EnvOr("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE");
-  if (!rank.empty()) {
-    MUSTER_ASSIGN_OR_RETURN(int64_t r, ParseInt(rank, "RANK"));
-    base.rank = static_cast<int>(r);
-  }
-  if (!world.empty()) {
-    MUSTER_ASSIGN_OR_RETURN(int64_t w, ParseInt(world, "WORLD_SIZE"));
-    base.world_size = static_cast<int>(w);
-  }
+  base.dir = env.checkpoint_dir;
+  base.rank = env.rank;
+  base.world_size = env.world_size;
+  base.resume_step = env.resume_step;
   base.store = store;
+  if (env.control_fd >= 0 && !base.on_commit) {
+    // Announce each commit to the agent ourselves: catalogued even if the program never prints.
+    const int fd = env.control_fd;
+    base.on_commit = [fd](int64_t step) {
+      if (Status s = SendControlLine(fd, CheckpointLine(step)); !s.ok()) {
+        log::Get("ckpt.write")->warn("announcing step {}: {}", step, s.ToString());
+      }
+    };
+  }
   return Create(std::move(base));
 }
 
@@ -510,6 +501,7 @@ Status Checkpointer::RunJob(Job& job) {
   }
   Status st = Commit(job, parts);
   if (!st.ok()) return fail(st);
+  if (options_.on_commit) options_.on_commit(job.step);
   if (store) MUSTER_RETURN_IF_ERROR(store->Set(key + "/commit", "ok"));
   return Status::Ok();
 }
@@ -763,8 +755,7 @@ Status Checkpointer::Restore(int64_t step, const std::vector<RestoreRequest>& re
 StatusOr<int64_t> Checkpointer::LatestStep() { return LatestCommittedStep(volume_, options_.dir); }
 
 StatusOr<int64_t> Checkpointer::ResumeStep() {
-  std::string s = EnvOr("MUSTER_RESUME_STEP", nullptr);
-  if (!s.empty()) return ParseInt(s, "MUSTER_RESUME_STEP");
+  if (options_.resume_step) return *options_.resume_step;
   return LatestStep();
 }
 

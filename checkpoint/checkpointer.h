@@ -39,8 +39,10 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -51,6 +53,7 @@
 #include "checkpoint/staging.h"
 #include "checkpoint/volume.h"
 #include "collectives/store.h"
+#include "common/rank_env.h"
 
 namespace muster::checkpoint {
 
@@ -129,6 +132,14 @@ struct CheckpointerOptions {
   // runtime (cudaMemcpyAsync on a stream of the device current on the Restore caller's
   // thread). Tests pass a fake device; it must outlive the Checkpointer.
   DeviceCopier* device_copier = nullptr;
+  // The step ResumeStep() answers with; nullopt: the newest committed one (FromEnv sets it
+  // from MUSTER_RESUME_STEP).
+  std::optional<int64_t> resume_step;
+  // Called on rank 0's writer thread once each step is committed (durable, LATEST updated),
+  // before the other ranks' Wait() returns. FromEnv, when the rank has a control channel
+  // (MUSTER_CONTROL_FD), sets it to announce the commit to the agent (common/control_channel.h),
+  // so a program that never prints `MUSTER_CHECKPOINT step=N` is still catalogued.
+  std::function<void(int64_t step)> on_commit;
 };
 
 class Checkpointer {
@@ -137,10 +148,16 @@ class Checkpointer {
   // world_size > 1 and no store is given.
   static StatusOr<std::unique_ptr<Checkpointer>> Create(CheckpointerOptions options);
 
-  // From the env contract: MUSTER_CHECKPOINT_DIR (required), RANK and WORLD_SIZE (or
-  // OMPI_COMM_WORLD_RANK/SIZE; default 0 and 1). `store` is the job attempt's rendezvous store
-  // (may be null at world size 1). `base` supplies the other options.
+  // From the env contract (common/rank_env.h): MUSTER_CHECKPOINT_DIR (required; else
+  // FailedPrecondition), RANK and WORLD_SIZE (or OMPI_COMM_WORLD_RANK/SIZE; default 0 and 1),
+  // MUSTER_RESUME_STEP, and MUSTER_CONTROL_FD (commits are announced there: on_commit). `store` is
+  // the job attempt's rendezvous store (may be null at world size 1). `base` supplies the other
+  // options. A malformed variable is InvalidArgument.
   static StatusOr<std::unique_ptr<Checkpointer>> FromEnv(collectives::Store* store,
+                                                         CheckpointerOptions base = {});
+  // The same from an already parsed env (runtime::JobContext passes its own).
+  static StatusOr<std::unique_ptr<Checkpointer>> FromEnv(const RankEnv& env,
+                                                         collectives::Store* store,
                                                          CheckpointerOptions base = {});
 
   // Waits for the in-flight save, then stops the background thread.
@@ -163,7 +180,7 @@ class Checkpointer {
 
   // The newest committed step in the directory; NotFound if none.
   StatusOr<int64_t> LatestStep();
-  // MUSTER_RESUME_STEP when set and non-empty, else LatestStep().
+  // options().resume_step (MUSTER_RESUME_STEP under FromEnv) when set, else LatestStep().
   StatusOr<int64_t> ResumeStep();
 
   StatusOr<Manifest> ReadManifest(int64_t step);

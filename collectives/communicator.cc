@@ -155,36 +155,6 @@ StatusOr<std::unique_ptr<Communicator>> CreateCommunicator(Backend backend,
   return InvalidArgumentError("communicator: unknown backend");
 }
 
-namespace {
-
-std::string Env(const char* name) {
-  const char* v = std::getenv(name);
-  return v ? v : "";
-}
-
-StatusOr<int> EnvInt(const char* name, const char* alias, int fallback) {
-  std::string v = Env(name);
-  const char* used = name;
-  if (v.empty() && alias) {
-    v = Env(alias);
-    used = alias;
-  }
-  if (v.empty()) {
-    if (fallback >= 0) return fallback;
-    return InvalidArgumentError(std::string(name) + " is not set (not started by muster run, " +
-                                "torchrun or mpirun?)");
-  }
-  char* end = nullptr;
-  errno = 0;
-  long n = std::strtol(v.c_str(), &end, 10);
-  if (errno || *end || n < 0 || n > 1 << 24) {
-    return InvalidArgumentError(std::string(used) + "='" + v + "' is not a valid number");
-  }
-  return static_cast<int>(n);
-}
-
-}  // namespace
-
 std::string LocalAddressToward(const std::string& master) {
   if (master.empty() || master == "localhost" || master.rfind("127.", 0) == 0) return "127.0.0.1";
   addrinfo hints{}, *res = nullptr;
@@ -207,31 +177,46 @@ std::string LocalAddressToward(const std::string& master) {
   return out;
 }
 
+namespace {
+
+// mpirun's own variable: a program it started has no muster rendezvous store.
+bool UnderMpirun(const RankEnv& env) {
+  const char* v = std::getenv("OMPI_COMM_WORLD_SIZE");
+  return v != nullptr && *v != '\0' && !env.has_rendezvous();
+}
+
+}  // namespace
+
 StatusOr<std::unique_ptr<Communicator>> Communicator::FromEnv(CommConfig config, bool want_gpu) {
-  std::string forced = Env("MUSTER_COLL_BACKEND");
-  bool under_mpirun = !Env("OMPI_COMM_WORLD_SIZE").empty() && Env("MUSTER_RDZV_ENDPOINT").empty();
+  MUSTER_ASSIGN_OR_RETURN(RankEnv env, RankEnv::FromProcessEnviron());
+  std::shared_ptr<Store> store;
+  if (!UnderMpirun(env) && env.coll_backend != "mpi") {
+    MUSTER_ASSIGN_OR_RETURN(auto client, ConnectStore(env));
+    store = std::move(client);
+  }
+  return FromEnv(env, std::move(store), std::move(config), want_gpu);
+}
+
+StatusOr<std::unique_ptr<Communicator>> Communicator::FromEnv(const RankEnv& env,
+                                                              std::shared_ptr<Store> store,
+                                                              CommConfig config, bool want_gpu) {
   Backend backend = Backend::kGloo;
-  if (!forced.empty()) {
-    MUSTER_ASSIGN_OR_RETURN(backend, ParseBackend(forced));
-  } else if (under_mpirun) {
+  if (!env.coll_backend.empty()) {
+    MUSTER_ASSIGN_OR_RETURN(backend, ParseBackend(env.coll_backend));
+  } else if (UnderMpirun(env)) {
     backend = Backend::kMpi;
   } else if (want_gpu) {
     backend = Backend::kNccl;
   }
-  MUSTER_ASSIGN_OR_RETURN(config.rank, EnvInt("RANK", "OMPI_COMM_WORLD_RANK", -1));
-  MUSTER_ASSIGN_OR_RETURN(config.size, EnvInt("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", -1));
-  MUSTER_ASSIGN_OR_RETURN(config.device, EnvInt("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", 0));
-  if (std::string t = Env("MUSTER_COLL_TIMEOUT_MS"); !t.empty()) {
-    MUSTER_ASSIGN_OR_RETURN(int ms, EnvInt("MUSTER_COLL_TIMEOUT_MS", nullptr, -1));
-    if (ms <= 0) return InvalidArgumentError("MUSTER_COLL_TIMEOUT_MS must be positive");
-    config.timeout = std::chrono::milliseconds(ms);
-  }
-  config.host = LocalAddressToward(Env("MASTER_ADDR"));
-  log::SetContext(Env("MUSTER_JOB_ID"), "", std::to_string(config.rank));
-  std::shared_ptr<Store> store;
-  if (backend != Backend::kMpi) {
-    MUSTER_ASSIGN_OR_RETURN(auto client, ConnectStoreFromEnv());
-    store = std::move(client);
+  config.rank = env.rank;
+  config.size = env.world_size;
+  config.device = env.local_rank;
+  if (env.coll_timeout_ms) config.timeout = std::chrono::milliseconds(*env.coll_timeout_ms);
+  config.host = LocalAddressToward(env.master_addr);
+  log::SetContext(env.job_id, "", std::to_string(config.rank));
+  if (backend != Backend::kMpi && store == nullptr) {
+    return InvalidArgumentError("communicator: the " + std::string(BackendName(backend)) +
+                                " backend needs the job's rendezvous store");
   }
   return CreateCommunicator(backend, std::move(store), std::move(config));
 }

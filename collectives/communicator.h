@@ -4,9 +4,10 @@
 // broadcast, allgather, reduce_scatter, barrier), over Gloo (CPU, TCP), NCCL (GPU) or MPI.
 //
 // A rank program normally calls Communicator::FromEnv(), which reads the env contract
-// (RANK, WORLD_SIZE, LOCAL_RANK, MUSTER_RDZV_ENDPOINT, MUSTER_RDZV_KEY, MUSTER_JOB_ID,
+// (common/rank_env.h: RANK, WORLD_SIZE, LOCAL_RANK, MUSTER_RDZV_*, MUSTER_JOB_ID,
 // MUSTER_ATTEMPT; OMPI_COMM_WORLD_RANK/SIZE under mpirun), connects to the job's rendezvous
-// store and picks a backend. Tests and embedders call CreateCommunicator(kind, store, config).
+// store and picks a backend; runtime::JobContext builds one over its shared store connection.
+// Tests and embedders call CreateCommunicator(kind, store, config).
 //
 // Collectives are issued in the same order on every rank and run in that order, one at a time,
 // on the communicator's worker (Gloo, MPI) or its CUDA stream (NCCL); each returns a Work
@@ -34,6 +35,7 @@
 #include <string_view>
 
 #include "collectives/store.h"
+#include "common/rank_env.h"
 #include "common/status.h"
 
 namespace muster::collectives {
@@ -94,6 +96,13 @@ class Communicator {
   // `config.rank/size/device` are taken from the environment; the timeout from
   // MUSTER_COLL_TIMEOUT_MS if set.
   static StatusOr<std::unique_ptr<Communicator>> FromEnv(CommConfig config = {},
+                                                         bool want_gpu = false);
+  // The same from an already parsed env and an already connected store (may be null for MPI;
+  // shared, so the caller may keep using it). `config.name` keeps communicators built on one
+  // store apart.
+  static StatusOr<std::unique_ptr<Communicator>> FromEnv(const RankEnv& env,
+                                                         std::shared_ptr<Store> store,
+                                                         CommConfig config = {},
                                                          bool want_gpu = false);
 
   virtual Backend backend() const = 0;

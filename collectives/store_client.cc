@@ -196,30 +196,21 @@ StatusOr<std::vector<std::string>> StoreClient::AllGather(const std::string& nam
 }
 
 StatusOr<std::unique_ptr<StoreClient>> ConnectStoreFromEnv() {
-  auto env = [](const char* name) -> std::string {
-    const char* v = std::getenv(name);
-    return v ? v : "";
-  };
+  MUSTER_ASSIGN_OR_RETURN(RankEnv env, RankEnv::FromProcessEnviron());
+  return ConnectStore(env);
+}
+
+StatusOr<std::unique_ptr<StoreClient>> ConnectStore(const RankEnv& env) {
   StoreClient::Options o;
-  o.endpoint = env("MUSTER_RDZV_ENDPOINT");
+  o.endpoint = env.rdzv_endpoint;
   if (o.endpoint.empty()) {
     return InvalidArgumentError("MUSTER_RDZV_ENDPOINT is not set: not started by muster?");
   }
-  std::string key = env("MUSTER_RDZV_KEY");
-  if (key.empty()) return InvalidArgumentError("MUSTER_RDZV_KEY is not set");
-  MUSTER_ASSIGN_OR_RETURN(o.credentials, RdzvCredentials::Parse(key));
-  o.job = env("MUSTER_JOB_ID");
+  if (env.rdzv_key.empty()) return InvalidArgumentError("MUSTER_RDZV_KEY is not set");
+  MUSTER_ASSIGN_OR_RETURN(o.credentials, RdzvCredentials::Parse(env.rdzv_key));
+  o.job = env.job_id;
   if (o.job.empty()) return InvalidArgumentError("MUSTER_JOB_ID is not set");
-  std::string attempt = env("MUSTER_ATTEMPT");
-  if (!attempt.empty()) {
-    char* end = nullptr;
-    errno = 0;
-    unsigned long long a = std::strtoull(attempt.c_str(), &end, 10);
-    if (errno != 0 || *end != '\0' || attempt[0] == '-') {
-      return InvalidArgumentError("MUSTER_ATTEMPT='" + attempt + "' is not a non-negative integer");
-    }
-    o.attempt = a;
-  }
+  o.attempt = static_cast<uint64_t>(env.attempt);
   return StoreClient::Connect(std::move(o));
 }
 

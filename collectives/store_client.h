@@ -2,11 +2,13 @@
 
 // StoreClient: a rank's connection to the rendezvous store (collectives/store_server.h).
 //
-// A rank builds one from the env contract with ConnectStoreFromEnv():
-//   MUSTER_RDZV_ENDPOINT  the server, e.g. "tcp://10.0.0.5:40123"
-//   MUSTER_RDZV_KEY       the attempt's credentials (RdzvCredentials below)
-//   MUSTER_JOB_ID         the job
-//   MUSTER_ATTEMPT        the attempt number (decimal; absent means 0)
+// A rank builds one from the env contract (common/rank_env.h) with ConnectStore(env) or
+// ConnectStoreFromEnv(), from these fields of RankEnv:
+//   rdzv_endpoint  MUSTER_RDZV_ENDPOINT, the server, e.g. "tcp://10.0.0.5:40123"
+//   rdzv_key       MUSTER_RDZV_KEY, the attempt's credentials (RdzvCredentials below)
+//   job_id         MUSTER_JOB_ID
+//   attempt        MUSTER_ATTEMPT (absent means 0)
+// A rank program that uses runtime::JobContext gets one shared connection from it instead.
 //
 // Waiting calls are parked on the server, which answers at the latest when their timeout
 // passes; the client allows the server `rpc_slack` beyond that before it reports the server
@@ -26,6 +28,7 @@
 #include "collectives/store.h"
 #include "common/curve.h"
 #include "common/proto/envelope.pb.h"
+#include "common/rank_env.h"
 #include "common/rpc.h"
 
 namespace muster::collectives {
@@ -86,5 +89,7 @@ class StoreClient final : public Store {
 // Reads the env contract (above) and connects. InvalidArgument names the variable that is
 // missing or malformed.
 StatusOr<std::unique_ptr<StoreClient>> ConnectStoreFromEnv();
+// The same from an already parsed env: InvalidArgument when it has no endpoint, key or job id.
+StatusOr<std::unique_ptr<StoreClient>> ConnectStore(const RankEnv& env);
 
 }  // namespace muster::collectives

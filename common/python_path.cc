@@ -38,4 +38,15 @@ void AddMusterPythonPath(std::map<std::string, std::string>& env) {
   path = path.empty() ? dir : dir + ":" + path;
 }
 
+void AddMusterPythonPath(const std::vector<std::string>& inherited,
+                         std::map<std::string, std::string>& overrides) {
+  if (MusterPythonDir().empty()) return;
+  if (!overrides.count("PYTHONPATH")) {
+    for (const auto& kv : inherited) {
+      if (kv.rfind("PYTHONPATH=", 0) == 0) overrides["PYTHONPATH"] = kv.substr(11);
+    }
+  }
+  AddMusterPythonPath(overrides);
+}
+
 }  // namespace muster

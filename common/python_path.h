@@ -18,6 +18,7 @@
 
 #include <map>
 #include <string>
+#include <vector>
 
 namespace muster {
 
@@ -27,5 +28,11 @@ std::string MusterPythonDir();
 // Prepends MusterPythonDir() to env["PYTHONPATH"] (kept after it), unless it is already there
 // or no package was found.
 void AddMusterPythonPath(std::map<std::string, std::string>& env);
+
+// The same for a rank's environment composed as `inherited` ("KEY=VALUE": the starter's own
+// environment) under `overrides` (the job's env, `-x`): `overrides` gets PYTHONPATH = the
+// package dir + the PYTHONPATH it sets, else the inherited one.
+void AddMusterPythonPath(const std::vector<std::string>& inherited,
+                         std::map<std::string, std::string>& overrides);
 
 }  // namespace muster

@@ -348,26 +348,13 @@ void Coordinator::Start(JobRt& job, const std::vector<std::string>& nodes) {
     s->set_nnodes(nn);
     s->set_ranks_per_node(rpn);
     for (const auto& c : r.spec.command()) s->add_command(c);
-    auto& env = *s->mutable_env();
-    for (const auto& [k, v] : r.spec.env()) env[k] = v;
-    env["MUSTER_JOB_ID"] = r.id;
-    env["MUSTER_ATTEMPT"] = std::to_string(r.attempt);
-    env["NNODES"] = std::to_string(nn);
-    env["NODE_RANK"] = std::to_string(i);
-    env["GROUP_RANK"] = std::to_string(i);
-    env["WORLD_SIZE"] = std::to_string(nn * rpn);
-    env["LOCAL_WORLD_SIZE"] = std::to_string(rpn);
-    env["MASTER_ADDR"] = master;
-    env["MASTER_PORT"] = std::to_string(port);
-    env["MUSTER_RDZV_ENDPOINT"] = fmt::format("tcp://{}:{}", master, store_port);
-    env["MUSTER_RESUME_STEP"] = r.resume_step >= 0 ? std::to_string(r.resume_step) : "";
-    env["TORCHELASTIC_RESTART_COUNT"] = std::to_string(r.attempt - 1);
-    if (r.spec.checkpoint_every_steps() > 0)
-      env["MUSTER_CHECKPOINT_EVERY"] = std::to_string(r.spec.checkpoint_every_steps());
-    if (r.spec.checkpoint_every_s() > 0)
-      env["MUSTER_CHECKPOINT_EVERY_S"] = std::to_string(r.spec.checkpoint_every_s());
-    s->set_rendezvous_host(master);
+    // The job's own env; the agent adds the contract from the fields (common/rank_env.h).
+    for (const auto& [k, v] : r.spec.env()) (*s->mutable_env())[k] = v;
+    s->set_master_addr(master);
+    s->set_master_port(port);
     s->set_rendezvous_port(store_port);
+    s->set_checkpoint_every_steps(r.spec.checkpoint_every_steps());
+    s->set_checkpoint_every_s(r.spec.checkpoint_every_s());
     s->set_host_rendezvous(i == 0);
     s->set_rendezvous_key(rdzv_key);
     s->set_checkpoint_volume(r.spec.checkpoint_volume());

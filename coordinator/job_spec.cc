@@ -9,6 +9,8 @@
 #include <set>
 #include <sstream>
 
+#include "common/rank_env.h"
+
 namespace muster::coordinator {
 
 namespace {
@@ -375,6 +377,8 @@ Status ValidateJobSpec(const JobSpec& s) {
   for (const auto& [k, v] : s.env) {
     if (!std::regex_match(k, EnvRe())) errs.Add(0, "env." + k, "is not a valid variable name");
   }
+  // A name of the env contract (muster sets it) or an unknown MUSTER_* name (a typo).
+  if (Status st = CheckJobEnv(s.env); !st.ok()) errs.Add(0, "env", st.message());
   if (s.nodes < 1 || s.nodes > kMaxNodes) errs.Add(0, "nodes", "must be in [1, 100000]");
   if (s.ranks_per_node < 1 || s.ranks_per_node > kMaxRanksPerNode)
     errs.Add(0, "ranks_per_node", "must be in [1, 1024]");

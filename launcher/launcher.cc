@@ -11,6 +11,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <condition_variable>
 #include <map>
@@ -24,11 +25,10 @@
 #include "common/curve.h"
 #include "common/logging.h"
 #include "common/python_path.h"
+#include "common/rank_env.h"
 #include "common/reactor.h"
 #include "launcher/remote_run.h"
 #include "node_agent/supervisor.h"
-
-extern char** environ;
 
 namespace muster::launcher {
 namespace {
@@ -166,7 +166,7 @@ std::vector<std::string> DetectGpus() {
   return gpus;
 }
 
-StatusOr<std::vector<RankPlan>> PlanRanks(const RunOptions& options, const JobContext& ctx) {
+StatusOr<std::vector<RankPlan>> PlanRanks(const RunOptions& options, const LaunchContext& ctx) {
   if (options.program.empty()) return InvalidArgumentError("no program given");
   std::vector<HostSlots> hosts = options.hosts;
   if (hosts.empty()) {
@@ -191,25 +191,25 @@ StatusOr<std::vector<RankPlan>> PlanRanks(const RunOptions& options, const JobCo
                                 std::to_string(total) + " slots of the hosts given");
   }
 
-  std::map<std::string, std::string> base;
-  for (const auto& kv : ctx.base_env) {
-    size_t eq = kv.find('=');
-    if (eq == std::string::npos || eq == 0) continue;
-    base[kv.substr(0, eq)] = kv.substr(eq + 1);
-  }
+  std::map<std::string, std::string> exported;
   for (const auto& x : options.exports) {
     size_t eq = x.find('=');
-    if (eq == std::string::npos) {
-      if (!base.count(x)) {
-        return InvalidArgumentError("-x " + x + ": " + x +
-                                    " is not set in this environment (use -x " + x + "=VALUE)");
-      }
-    } else {
-      base[x.substr(0, eq)] = x.substr(eq + 1);
+    if (eq != std::string::npos) {
+      exported[x.substr(0, eq)] = x.substr(eq + 1);
+      continue;
     }
+    // -x NAME: the value this launcher has (ctx.base_env is its environment).
+    auto it = std::find_if(ctx.base_env.begin(), ctx.base_env.end(), [&](const std::string& kv) {
+      return kv.size() > x.size() && kv.compare(0, x.size(), x) == 0 && kv[x.size()] == '=';
+    });
+    if (it == ctx.base_env.end()) {
+      return InvalidArgumentError("-x " + x + ": " + x +
+                                  " is not set in this environment (use -x " + x + "=VALUE)");
+    }
+    exported[x] = it->substr(x.size() + 1);
   }
 
-  AddMusterPythonPath(base);  // `import muster` works in every rank
+  AddMusterPythonPath(ctx.base_env, exported);  // `import muster` works in every rank
 
   // Every rank is on this machine: one node.
   std::vector<RankPlan> plan;
@@ -225,29 +225,23 @@ StatusOr<std::vector<RankPlan>> PlanRanks(const RunOptions& options, const JobCo
     p.rank = r;
     p.local_rank = r;
     p.host = hosts[host_index].host;
-    std::map<std::string, std::string> env = base;
-    env["RANK"] = std::to_string(r);
-    env["WORLD_SIZE"] = std::to_string(np);
-    env["LOCAL_RANK"] = std::to_string(p.local_rank);
-    env["LOCAL_WORLD_SIZE"] = std::to_string(np);
-    env["NODE_RANK"] = "0";
-    env["GROUP_RANK"] = "0";
-    env["NNODES"] = "1";
-    env["MASTER_ADDR"] = ctx.master_addr;
-    env["MASTER_PORT"] = std::to_string(ctx.master_port);
-    env["TORCHELASTIC_RESTART_COUNT"] = std::to_string(ctx.attempt);
-    env["OMPI_COMM_WORLD_RANK"] = std::to_string(r);
-    env["OMPI_COMM_WORLD_SIZE"] = std::to_string(np);
-    env["OMPI_COMM_WORLD_LOCAL_RANK"] = std::to_string(p.local_rank);
-    env["CUDA_VISIBLE_DEVICES"] =
+    RankEnv env;
+    env.rank = r;
+    env.world_size = np;
+    env.local_rank = p.local_rank;
+    env.local_world_size = np;
+    env.master_addr = ctx.master_addr;
+    env.master_port = ctx.master_port;
+    env.cuda_visible_devices =
         ctx.gpus.empty() ? "" : ctx.gpus[static_cast<size_t>(p.local_rank) % ctx.gpus.size()];
-    env["MUSTER_JOB_ID"] = ctx.job_id;
-    env["MUSTER_ATTEMPT"] = std::to_string(ctx.attempt);
-    env["MUSTER_RDZV_ENDPOINT"] = ctx.rdzv_endpoint;
-    env["MUSTER_RDZV_KEY"] = ctx.rdzv_key;
-    env["MUSTER_CHECKPOINT_DIR"] = options.checkpoint_dir;
-    env["MUSTER_RESUME_STEP"] = "";
-    for (auto& [k, v] : env) p.env.push_back(k + "=" + v);
+    env.job_id = ctx.job_id;
+    env.attempt = ctx.attempt;
+    env.rdzv_endpoint = ctx.rdzv_endpoint;
+    env.rdzv_key = ctx.rdzv_key;
+    env.checkpoint_dir = options.checkpoint_dir;
+    env.control_fd = Supervisor::kControlFd;  // RunJob spawns with a control channel
+    MUSTER_RETURN_IF_ERROR(env.Validate());
+    p.env = ComposeRankEnviron(ctx.base_env, exported, env);
     plan.push_back(std::move(p));
   }
   return plan;
@@ -265,10 +259,10 @@ int RunJob(const RunOptions& options, const RunIo& io) {
     return RunThroughCoordinator(remote, io);
   }
 
-  JobContext ctx;
+  LaunchContext ctx;
   ctx.job_id = options.job_id.empty() ? GenerateJobId() : options.job_id;
   if (Status st = ValidateJobId(ctx.job_id); !st.ok()) return fail(st, kExitUsage);
-  for (char** e = environ; e && *e; ++e) ctx.base_env.push_back(*e);
+  ctx.base_env = ProcessEnviron();
   ctx.gpus = DetectGpus();
   auto port = PickFreePort();
   if (!port.ok()) return fail(port.status(), 1);
@@ -341,7 +335,8 @@ int RunJob(const RunOptions& options, const RunIo& io) {
     out.reserve(line.size() + name.size() + 4);
     if (options.tag_output) out.append("[").append(name).append("] ");
     out.append(line).push_back('\n');
-    WriteAll(s == OutputStream::kStdout ? io.stdout_fd : io.stderr_fd, out);
+    // A control-channel line (progress, a commit) is shown as if the rank had printed it.
+    WriteAll(s == OutputStream::kStderr ? io.stderr_fd : io.stdout_fd, out);
   };
   cb.on_exit = [&](ChildId id, const std::string&, const ExitInfo& e) {
     if (e.success()) return;
@@ -379,6 +374,7 @@ int RunJob(const RunOptions& options, const RunIo& io) {
       spec.group = ctx.job_id;
       spec.argv = options.program;
       spec.env = r.env;
+      spec.control_channel = true;
       spec.stdin_fd = r.rank == 0 ? io.stdin_fd : -1;
       if (!options.log_dir.empty()) {
         spec.log_path = options.log_dir + "/rank-" + std::to_string(r.rank) + ".log";

@@ -41,7 +41,7 @@ struct RankPlan {
 };
 
 // What the plan needs that is only known at run time.
-struct JobContext {
+struct LaunchContext {
   std::string job_id;
   int attempt = 0;
   std::string master_addr = "127.0.0.1";
@@ -55,12 +55,10 @@ struct JobContext {
 };
 
 // Resolves hosts and rank count (InvalidArgument for more ranks than slots, or a host that is
-// not this machine) and builds every rank's environment: the launcher's own, then -x, then the
-// contract (RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE NODE_RANK GROUP_RANK NNODES MASTER_ADDR
-// MASTER_PORT TORCHELASTIC_RESTART_COUNT OMPI_COMM_WORLD_RANK/SIZE/LOCAL_RANK
-// CUDA_VISIBLE_DEVICES MUSTER_JOB_ID MUSTER_ATTEMPT MUSTER_RDZV_ENDPOINT MUSTER_RDZV_KEY
-// MUSTER_CHECKPOINT_DIR MUSTER_RESUME_STEP), which wins over both.
-StatusOr<std::vector<RankPlan>> PlanRanks(const RunOptions& options, const JobContext& context);
+// not this machine) and builds every rank's environment with ComposeRankEnviron
+// (common/rank_env.h): the launcher's own environment, then -x, then the env contract, which
+// wins over both.
+StatusOr<std::vector<RankPlan>> PlanRanks(const RunOptions& options, const LaunchContext& context);
 
 // The GPUs ranks are spread over: $CUDA_VISIBLE_DEVICES of the launcher if set, else one per
 // /dev/nvidiaN device.

@@ -25,6 +25,7 @@
 #include "common/curve.h"
 #include "common/logging.h"
 #include "common/python_path.h"
+#include "common/rank_env.h"
 #include "common/reactor.h"
 #include "coordinator/client.h"
 #include "coordinator/job_spec.h"
@@ -35,8 +36,6 @@
 #ifdef MUSTER_HAVE_CUDA
 #include <cuda_runtime_api.h>
 #endif
-
-extern char** environ;
 
 namespace muster::node_agent {
 
@@ -58,23 +57,6 @@ int64_t ToUnixMs(std::chrono::system_clock::time_point t) {
 
 std::string GroupOf(const std::string& job, int attempt) {
   return job + "/" + std::to_string(attempt);
-}
-
-// Names the agent sets itself; never inherited from the agent's own environment.
-bool IsContractName(std::string_view name) {
-  static const std::set<std::string_view> kNames = {"RANK",
-                                                    "WORLD_SIZE",
-                                                    "LOCAL_RANK",
-                                                    "LOCAL_WORLD_SIZE",
-                                                    "NODE_RANK",
-                                                    "GROUP_RANK",
-                                                    "NNODES",
-                                                    "MASTER_ADDR",
-                                                    "MASTER_PORT",
-                                                    "TORCHELASTIC_RESTART_COUNT",
-                                                    "CUDA_VISIBLE_DEVICES"};
-  return kNames.count(name) > 0 || name.rfind("MUSTER_", 0) == 0 ||
-         name.rfind("OMPI_COMM_WORLD_", 0) == 0;
 }
 
 // "<server secret>,<client secret>" (coordinator.proto, StartAssignment.rendezvous_key).
@@ -279,6 +261,9 @@ struct Agent::Impl {
     bool checkpoint_asked = false;
     bool all_exited_sent = false;
     Reactor::TimerId deadline_timer = 0;
+    // Steps reported to the coordinator: a rank may announce a commit on its control channel
+    // (the checkpointer does) and print it too; the catalog hears it once.
+    std::set<int64_t> reported_checkpoints;
   };
 
   AgentOptions options;
@@ -626,10 +611,7 @@ struct Agent::Impl {
       const std::string bind_address =
           labels.address().empty() ? std::string("0.0.0.0") : labels.address();
       std::vector<int> ports = {s.rendezvous_port()};
-      if (auto mp = s.env().find("MASTER_PORT"); mp != s.env().end()) {
-        int64_t p = 0;
-        if (ParseInt(mp->second, &p) && p > 0 && p < 65536) ports.push_back(static_cast<int>(p));
-      }
+      if (s.master_port() > 0) ports.push_back(s.master_port());
       for (int port : ports) {
         if (TcpPortInUse(bind_address, port)) {
           return StartError(s, "port " + std::to_string(port) + " is in use on this node", true);
@@ -658,42 +640,45 @@ struct Agent::Impl {
     fs::create_directories(LogPath(s.job_id(), s.attempt(), 0).parent_path(), ec);
     if (ec) return StartError(s, "log directory: " + ec.message());
 
-    std::map<std::string, std::string> base;
-    for (char** e = environ; e && *e; ++e) {
-      std::string_view kv(*e);
-      size_t eq = kv.find('=');
-      if (eq == std::string_view::npos || IsContractName(kv.substr(0, eq))) continue;
-      base.emplace(std::string(kv.substr(0, eq)), std::string(kv.substr(eq + 1)));
-    }
-    for (const auto& [k, v] : s.env()) base[k] = v;
-    base["MUSTER_RDZV_KEY"] = creds;
-    base["MUSTER_NODE"] = labels.name();
-    base["MUSTER_PROVIDER"] = labels.provider();
-    AddMusterPythonPath(base);  // `import muster` works in every rank
-    base["MUSTER_PREEMPT_FILE"] = a.notice_path.string();
-    base["MUSTER_CHECKPOINT_DIR"] =
+    // The env contract (common/rank_env.h), from the assignment's fields.
+    RankEnv contract;
+    contract.world_size = s.nnodes() * s.ranks_per_node();
+    contract.local_world_size = s.ranks_per_node();
+    contract.node_rank = s.node_rank();
+    contract.nnodes = s.nnodes();
+    contract.master_addr = s.master_addr();
+    contract.master_port = s.master_port();
+    contract.job_id = s.job_id();
+    contract.attempt = s.attempt();
+    contract.rdzv_endpoint = "tcp://" + s.master_addr() + ":" + std::to_string(s.rendezvous_port());
+    contract.rdzv_key = creds;
+    contract.checkpoint_dir =
         a.volume_path.empty() ? "" : (fs::path(a.volume_path) / s.job_id()).string();
-    if (!base.count("MUSTER_RESUME_STEP")) {
-      base["MUSTER_RESUME_STEP"] = s.resume_step() >= 0 ? std::to_string(s.resume_step()) : "";
-    }
+    if (s.resume_step() >= 0) contract.resume_step = s.resume_step();
+    if (s.checkpoint_every_steps() > 0) contract.checkpoint_every = s.checkpoint_every_steps();
+    if (s.checkpoint_every_s() > 0) contract.checkpoint_every_s = s.checkpoint_every_s();
+    contract.preempt_file = a.notice_path.string();
+    contract.node = labels.name();
+    contract.provider = labels.provider();
+    contract.control_fd = Supervisor::kControlFd;
+    if (Status st = contract.Validate(); !st.ok()) return StartError(s, st.message());
+    std::map<std::string, std::string> job_env(s.env().begin(), s.env().end());
+    const std::vector<std::string> inherited = ProcessEnviron();
+    AddMusterPythonPath(inherited, job_env);  // `import muster` works in every rank
     int rpn = s.ranks_per_node();
-    int world = s.nnodes() * rpn;
+    int world = contract.world_size;
     for (int local = 0; local < rpn; ++local) {
       int rank = s.node_rank() * rpn + local;
-      auto env = base;
-      env["RANK"] = std::to_string(rank);
-      env["LOCAL_RANK"] = std::to_string(local);
-      env["WORLD_SIZE"] = std::to_string(world);
-      env["OMPI_COMM_WORLD_RANK"] = std::to_string(rank);
-      env["OMPI_COMM_WORLD_SIZE"] = std::to_string(world);
-      env["OMPI_COMM_WORLD_LOCAL_RANK"] = std::to_string(local);
-      env["CUDA_VISIBLE_DEVICES"] =
+      contract.rank = rank;
+      contract.local_rank = local;
+      contract.cuda_visible_devices =
           labels.gpus() > 0 ? std::to_string(local % labels.gpus()) : std::string();
       SpawnSpec spec;
       spec.name = std::to_string(rank);
       spec.group = group;
       spec.argv.assign(s.command().begin(), s.command().end());
-      for (auto& [k, v] : env) spec.env.push_back(k + "=" + v);
+      spec.env = ComposeRankEnviron(inherited, job_env, contract);
+      spec.control_channel = true;
       spec.log_path = LogPath(s.job_id(), s.attempt(), rank).string();
       if (s.split_streams()) {
         spec.stream_log_paths[0] = LogPath(s.job_id(), s.attempt(), rank, proto::LOG_STDOUT);
@@ -841,6 +826,7 @@ struct Agent::Impl {
     return &it->second;
   }
 
+  // A line of a rank's stdout, stderr or control channel: all are parsed alike.
   void OnLine(ChildId id, std::string_view line) {
     int rank = 0;
     Assignment* found = AssignmentOf(id, &rank);
@@ -857,7 +843,8 @@ struct Agent::Impl {
       return;
     }
     if (rank == 0 && !a.volume_path.empty()) {
-      if (auto step = ParseCheckpointLine(line)) {
+      if (auto step = ParseCheckpointLine(line);
+          step && a.reported_checkpoints.insert(*step).second) {
         proto::AgentReport r;
         r.set_job_id(a.spec.job_id());
         r.set_attempt(a.spec.attempt());

@@ -5,6 +5,7 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -23,6 +24,8 @@ auto Log() {
   static auto logger = log::Get("agent.spawn");
   return logger;
 }
+
+constexpr unsigned kCloseRangeCloexec = 1U << 2;  // CLOSE_RANGE_CLOEXEC (linux/close_range.h)
 
 int PidfdOpen(pid_t pid) { return static_cast<int>(syscall(SYS_pidfd_open, pid, 0)); }
 
@@ -103,8 +106,8 @@ struct Supervisor::Child {
   pid_t pid = -1;
   std::chrono::steady_clock::time_point started;
   Fd pidfd;
-  Fd out[2];  // indexed by OutputStream
-  std::string partial[2];
+  Fd out[3];  // indexed by OutputStream
+  std::string partial[3];
   Fd log;
   Fd stream_log[2];  // indexed by OutputStream
   bool running = true;
@@ -147,7 +150,9 @@ void Supervisor::OnEvents() {
     if (kind == kPidfd) {
       OnPidfdReadable(id);
     } else {
-      OnPipeReadable(id, kind == kStdoutPipe ? OutputStream::kStdout : OutputStream::kStderr);
+      OnPipeReadable(id, kind == kStdoutPipe   ? OutputStream::kStdout
+                         : kind == kStderrPipe ? OutputStream::kStderr
+                                               : OutputStream::kControl);
     }
   }
 }
@@ -192,6 +197,19 @@ StatusOr<ChildId> Supervisor::Spawn(const SpawnSpec& spec) {
   child->out[0] = Fd(out_pipe[0][0]);
   child->out[1] = Fd(out_pipe[1][0]);
   Fd out_w(out_pipe[0][1]), err_w(out_pipe[1][1]);
+  // The control channel is a socket rather than a pipe, so that a rank writing to it after its
+  // reader is gone gets EPIPE from send(MSG_NOSIGNAL) instead of dying of SIGPIPE.
+  Fd control_w;
+  if (spec.control_channel) {
+    int sv[2];
+    if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) {
+      return ErrnoStatus(errno, "spawn '" + spec.name + "': control channel");
+    }
+    ::shutdown(sv[0], SHUT_WR);
+    ::shutdown(sv[1], SHUT_RD);
+    child->out[2] = Fd(sv[0]);
+    control_w = Fd(sv[1]);
+  }
 
   Fd devnull;
   int stdin_fd = spec.stdin_fd;
@@ -244,7 +262,7 @@ StatusOr<ChildId> Supervisor::Spawn(const SpawnSpec& spec) {
   if (::pipe2(err_pipe, O_CLOEXEC) != 0) return ErrnoStatus(errno, "spawn: pipe");
   Fd err_r(err_pipe[0]), err_w_child(err_pipe[1]);
   const pid_t parent = ::getpid();
-  const int stdout_w = out_w.fd, stderr_w = err_w.fd;
+  const int stdout_w = out_w.fd, stderr_w = err_w.fd, control_fd = control_w.fd;
   const char* cwd = spec.cwd.empty() ? nullptr : spec.cwd.c_str();
   pid_t pid = ::fork();
   if (pid < 0) return ErrnoStatus(errno, "spawn '" + spec.name + "': fork");
@@ -255,6 +273,19 @@ StatusOr<ChildId> Supervisor::Spawn(const SpawnSpec& spec) {
     int fail = 0;
     if (::dup2(stdin_fd, 0) < 0 || ::dup2(stdout_w, 1) < 0 || ::dup2(stderr_w, 2) < 0) {
       fail = errno;
+    }
+    // dup2 onto itself would keep FD_CLOEXEC: clear it by hand then.
+    if (fail == 0 && control_fd >= 0 &&
+        (control_fd == kControlFd ? ::fcntl(kControlFd, F_SETFD, 0)
+                                  : ::dup2(control_fd, kControlFd)) < 0) {
+      fail = errno;
+    }
+    // Nothing else of the parent's reaches the program: every other fd is closed at exec
+    // (CLOSE_RANGE_CLOEXEC, so the exec-error pipe still works until then). Best effort on
+    // kernels without it.
+    if (fail == 0) {
+      ::syscall(SYS_close_range, control_fd >= 0 ? kControlFd + 1 : kControlFd, ~0U,
+                kCloseRangeCloexec);
     }
     if (fail == 0 && cwd != nullptr && ::chdir(cwd) != 0) fail = errno;
     if (fail == 0) {
@@ -291,6 +322,7 @@ StatusOr<ChildId> Supervisor::Spawn(const SpawnSpec& spec) {
   child->started = std::chrono::steady_clock::now();
   out_w.Reset();
   err_w.Reset();
+  control_w.Reset();
 
   // A zombie still has a pidfd, so an exit before this line is not missed.
   child->pidfd = Fd(PidfdOpen(pid));
@@ -301,12 +333,15 @@ StatusOr<ChildId> Supervisor::Spawn(const SpawnSpec& spec) {
     ::waitpid(pid, &status, 0);
     return ErrnoStatus(err, "pidfd_open");
   }
-  for (auto& fd : child->out) ::fcntl(fd.fd, F_SETFL, ::fcntl(fd.fd, F_GETFL) | O_NONBLOCK);
+  for (auto& fd : child->out) {
+    if (fd.fd >= 0) ::fcntl(fd.fd, F_SETFL, ::fcntl(fd.fd, F_GETFL) | O_NONBLOCK);
+  }
 
   ChildId id = child->id;
   Watch(child->pidfd.fd, id, kPidfd);
   Watch(child->out[0].fd, id, kStdoutPipe);
   Watch(child->out[1].fd, id, kStderrPipe);
+  if (child->out[2].fd >= 0) Watch(child->out[2].fd, id, kControlPipe);
   Log()->debug("started {} as pid {}: {}", spec.name, pid, spec.argv[0]);
   children_.emplace(id, std::move(child));
   return id;
@@ -355,7 +390,7 @@ void Supervisor::OnPidfdReadable(ChildId id) {
   // erases).
   it = children_.find(id);
   if (it == children_.end()) return;
-  if (it->second->out[0].fd >= 0 || it->second->out[1].fd >= 0) {
+  if (it->second->out[0].fd >= 0 || it->second->out[1].fd >= 0 || it->second->out[2].fd >= 0) {
     it->second->drain_timer = reactor_.PostAfter(options_.drain_timeout, "supervisor.drain",
                                                  [this, id] { OnDrainTimeout(id); });
   }
@@ -407,7 +442,7 @@ void Supervisor::OnPipeReadable(ChildId id, OutputStream stream) {
 }
 
 void Supervisor::EmitLine(Child& c, OutputStream stream, std::string_view line) {
-  const int own = c.stream_log[static_cast<int>(stream)].fd;
+  const int own = stream == OutputStream::kControl ? -1 : c.stream_log[static_cast<int>(stream)].fd;
   if (c.log.fd >= 0 || own >= 0) {
     std::string l;
     l.reserve(line.size() + 1);
@@ -435,7 +470,7 @@ void Supervisor::MaybeClosed(ChildId id) {
   auto it = children_.find(id);
   if (it == children_.end()) return;
   Child& c = *it->second;
-  if (c.running || c.out[0].fd >= 0 || c.out[1].fd >= 0) return;
+  if (c.running || c.out[0].fd >= 0 || c.out[1].fd >= 0 || c.out[2].fd >= 0) return;
   if (c.drain_timer) reactor_.CancelTimer(c.drain_timer);
   std::string name = c.name;
   children_.erase(it);
@@ -452,12 +487,14 @@ void Supervisor::OnDrainTimeout(ChildId id) {
   // The leader is reaped, but its pgid cannot be reused while members remain.
   ::kill(-c.pid, SIGKILL);
   // Deliver what is already buffered, then drop the pipes.
-  OnPipeReadable(id, OutputStream::kStdout);
-  OnPipeReadable(id, OutputStream::kStderr);
+  for (auto s : {OutputStream::kStdout, OutputStream::kStderr, OutputStream::kControl}) {
+    OnPipeReadable(id, s);
+  }
   it = children_.find(id);
   if (it == children_.end()) return;
-  CloseStream(*it->second, OutputStream::kStdout);
-  CloseStream(*it->second, OutputStream::kStderr);
+  for (auto s : {OutputStream::kStdout, OutputStream::kStderr, OutputStream::kControl}) {
+    CloseStream(*it->second, s);
+  }
   MaybeClosed(id);
 }
 

@@ -22,7 +22,7 @@
 //
 // Lifecycle of one child, as its callbacks see it:
 //   Spawn() -> on_line* -> on_exit (once, when reaped) -> on_line* (output still buffered in the
-//   pipes) -> on_closed (once, when both pipes reached EOF, or `drain_timeout` after the exit,
+//   pipes) -> on_closed (once, when every pipe reached EOF, or `drain_timeout` after the exit,
 //   when the rest of the process group is SIGKILLed and the pipes are dropped).
 //
 // Threading: a Supervisor lives on one Reactor. Every method and every callback runs on that
@@ -52,7 +52,8 @@ namespace muster::node_agent {
 
 using ChildId = uint64_t;
 
-enum class OutputStream { kStdout, kStderr };
+// kControl: the control channel (SpawnSpec::control_channel).
+enum class OutputStream { kStdout, kStderr, kControl };
 
 // What to start. Copied into the Supervisor.
 struct SpawnSpec {
@@ -74,6 +75,9 @@ struct SpawnSpec {
   std::string log_path;
   // If set, each line of stdout ([0]) or stderr ([1]) is also appended to a file of its own.
   std::string stream_log_paths[2];
+  // Give the child a control channel at fd Supervisor::kControlFd. The caller tells the child
+  // so in its environment (MUSTER_CONTROL_FD, common/rank_env.h).
+  bool control_channel = false;
 };
 
 // How a child ended.
@@ -109,6 +113,8 @@ struct ChildInfo {
 class Supervisor {
  public:
   static constexpr size_t kMaxLineBytes = 64 * 1024;
+  // The child's fd number of its control channel (the first after stdin, stdout, stderr).
+  static constexpr int kControlFd = 3;
 
   struct Callbacks {
     // One whole line, without its '\n'. May be empty (then lines are only logged to files).
@@ -157,7 +163,7 @@ class Supervisor {
 
  private:
   struct Child;
-  enum : int { kPidfd = 0, kStdoutPipe = 1, kStderrPipe = 2 };
+  enum : int { kPidfd = 0, kStdoutPipe = 1, kStderrPipe = 2, kControlPipe = 3 };
 
   void Watch(int fd, ChildId id, int kind);
   void Unwatch(int fd);

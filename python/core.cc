@@ -14,7 +14,10 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <cstdint>
+#include <limits>
+#include <mutex>
 #include <memory>
 #include <string>
 #include <vector>
@@ -27,6 +30,7 @@
 #include "collectives/store_client.h"
 #include "common/rank_env.h"
 #include "common/status.h"
+#include "runtime/job_context.h"
 
 namespace py = pybind11;
 
@@ -74,6 +78,33 @@ MemoryKind ParseMemory(const std::string& kind) {
   Throw(InvalidArgumentError("memory kind '" + kind + "' is not 'host' or 'cuda'"));
 }
 
+// The process's JobContext: one store connection for every checkpointer and communicator the
+// package makes. Made on first use and never destroyed (a store client torn down during
+// interpreter shutdown could block on its sockets).
+runtime::JobContext& Context() {
+  static std::mutex mu;
+  static runtime::JobContext* ctx = nullptr;
+  std::lock_guard<std::mutex> l(mu);
+  if (!ctx) ctx = Value(runtime::JobContext::FromEnv()).release();
+  return *ctx;
+}
+
+// The communicator muster.agree_to_stop() decides over (made by the first call, on every rank).
+collectives::Communicator& StopCommunicator() {
+  static std::mutex mu;
+  static collectives::Communicator* comm = nullptr;
+  std::lock_guard<std::mutex> l(mu);
+  if (!comm) {
+    runtime::JobContext& ctx = Context();
+    collectives::CommConfig c;
+    c.rank = ctx.rank();
+    c.size = ctx.world_size();
+    c.name = "muster-py-stop";
+    comm = Value(ctx.NewCommunicator(c)).release();
+  }
+  return *comm;
+}
+
 // One tensor of a save, as the Python layer describes it.
 struct PyTensor {
   std::string name;
@@ -118,6 +149,17 @@ py::dict ManifestToDict(const checkpoint::Manifest& m) {
 // The Checkpointer with the store connection it commits through (world size > 1).
 class PyCheckpointer {
  public:
+  // From the job's context (the env contract, its store, commits announced to the agent);
+  // `dir` overrides MUSTER_CHECKPOINT_DIR when not empty.
+  PyCheckpointer(const std::string& dir, bool direct_io, int io_threads) {
+    CheckpointerOptions o;
+    o.dir = dir;
+    o.store_prefix = "ckpt-py";
+    o.direct_io = direct_io;
+    o.io_threads = io_threads;
+    ck_ = Value(Context().NewCheckpointer(std::move(o)));
+  }
+
   PyCheckpointer(std::string dir, int rank, int world_size, bool connect_store, bool direct_io,
                  int io_threads) {
     if (connect_store) {
@@ -296,6 +338,12 @@ PYBIND11_MODULE(_core, m) {
       .def(py::init<std::string, int, int, bool, bool, int>(), py::arg("dir"), py::arg("rank") = 0,
            py::arg("world_size") = 1, py::arg("connect_store") = false, py::arg("direct_io") = true,
            py::arg("io_threads") = 4)
+      .def_static(
+          "from_context",
+          [](const std::string& dir, bool direct_io, int io_threads) {
+            return std::make_unique<PyCheckpointer>(dir, direct_io, io_threads);
+          },
+          py::arg("dir") = "", py::arg("direct_io") = true, py::arg("io_threads") = 4)
       .def("save", &PyCheckpointer::Save, py::arg("step"), py::arg("tensors"),
            py::arg("metadata") = py::bytes())
       .def("wait", &PyCheckpointer::Wait)
@@ -391,6 +439,32 @@ PYBIND11_MODULE(_core, m) {
   m.def(
       "rank_env", [] { return Value(RankEnv::FromProcessEnviron()); },
       "Parses this process's env contract; InvalidArgumentError names a malformed variable.");
+
+  m.def(
+      "progress",
+      [](int64_t step, int64_t total, double loss,
+         const std::vector<std::pair<std::string, double>>& metrics) {
+        Check(Context().Progress(step, total, loss, metrics));
+      },
+      py::arg("step"), py::arg("total") = -1,
+      py::arg("loss") = std::numeric_limits<double>::quiet_NaN(),
+      py::arg("metrics") = std::vector<std::pair<std::string, double>>{});
+  m.def("notice_seen", [] {
+    runtime::JobContext& ctx = Context();
+    py::gil_scoped_release release;  // rank 0 asks the store
+    return ctx.NoticeSeen();
+  });
+  m.def("notice_reason", [] { return Context().NoticeReason(); });
+  m.def("agree_to_stop", [] {
+    runtime::JobContext& ctx = Context();
+    StatusOr<bool> r = InternalError("unset");
+    {
+      py::gil_scoped_release release;  // a collective: waits for every rank
+      r = ctx.AgreeToStop(StopCommunicator());
+    }
+    return Value(std::move(r));
+  });
+  m.def("install_sigterm_handler", &runtime::JobContext::InstallSigtermHandler);
 
   m.attr("cuda_built_in") = checkpoint::CudaBuiltIn();
 }

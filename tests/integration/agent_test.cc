@@ -246,6 +246,26 @@ TEST_F(AgentCluster, GangRunsWithTheEnvContractLogsAndProgress) {
   EXPECT_NE(events.find("succeeded"), std::string::npos) << events;
 }
 
+// A C++ rank that never prints (runtime::JobContext: progress on the control channel, the
+// checkpointer announcing its own commit) is catalogued all the same, and its progress shows.
+TEST_F(AgentCluster, ARankThatNeverPrintsIsStillCataloguedThroughItsControlChannel) {
+  StartAgent("aws-1", "aws");
+  WaitNodesUp(1);
+  std::string job =
+      Submit(std::string("name: silent\ncommand: [\"") + MUSTER_SILENT_RANK_BIN +
+             "\", \"4\"]\nnodes: 1\nranks_per_node: 2\ncheckpoint:\n  volume: ckpt\n");
+  ASSERT_FALSE(job.empty());
+  ASSERT_TRUE(WaitState(job, "succeeded", 30s)) << Events(job);
+  std::string events = Events(job);
+  EXPECT_NE(events.find("checkpoint_committed"), std::string::npos) << events;
+  EXPECT_NE(events.find("step 4 on volume ckpt"), std::string::npos) << events;
+  EXPECT_EQ(Status(job)["progress"]["step"], 4) << Status(job).dump();
+  // The rank log keeps what came on the channel, beside the (empty) output.
+  auto log = Muster({"logs", job, "--rank", "0"});
+  ASSERT_TRUE(log.ok()) << log.status().ToString();
+  EXPECT_NE(log->find("MUSTER_CHECKPOINT step=4\n"), std::string::npos) << *log;
+}
+
 // Gang placement on one provider, all or nothing, a visible pending reason, refusal of a job no
 // node set could hold, and a higher-priority job preempting a lower one, which checkpoints
 // first and resumes afterwards from that step.

@@ -373,6 +373,16 @@ TEST(MusterRunTest, StdinGoesToRankZeroOnly) {
   EXPECT_EQ(got, (std::set<std::string>{"[0] line one", "[0] end", "[1] end"}));
 }
 
+TEST(MusterRunTest, ShowsWhatRanksSendOnTheirControlChannelAsTheirOutput) {
+  MusterRun run({"-np", "2", "--tag-output", "sh", "-c",
+                 "echo \"MUSTER_PROGRESS step=$RANK\" >&$MUSTER_CONTROL_FD; echo done"});
+  ASSERT_EQ(run.Wait(), 0) << run.err();
+  auto lines = Lines(run.out());
+  std::set<std::string> got(lines.begin(), lines.end());
+  EXPECT_EQ(got, (std::set<std::string>{"[0] MUSTER_PROGRESS step=0", "[1] MUSTER_PROGRESS step=1",
+                                        "[0] done", "[1] done"}));
+}
+
 TEST(MusterRunTest, GivesEveryRankTheEnvContract) {
   std::string ckpt = ::testing::TempDir();
   MusterRun run({"-np", "3", "--tag-output", "--job-id", "envjob", "--checkpoint-dir", ckpt, "-x",
@@ -413,6 +423,7 @@ TEST(MusterRunTest, GivesEveryRankTheEnvContract) {
     EXPECT_EQ(e["MUSTER_CHECKPOINT_DIR"], ckpt);
     EXPECT_TRUE(e.count("MUSTER_RESUME_STEP"));
     EXPECT_EQ(e["MUSTER_RESUME_STEP"], "");
+    EXPECT_EQ(e["MUSTER_CONTROL_FD"], "3");
     EXPECT_EQ(e["FOO"], "bar");
     EXPECT_EQ(e["KEEPME"], "kept");
   }

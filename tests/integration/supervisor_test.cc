@@ -7,6 +7,8 @@
 #include <unistd.h>
 
 #include <condition_variable>
+#include <filesystem>
+#include <fstream>
 #include <map>
 #include <mutex>
 #include <set>
@@ -130,6 +132,36 @@ TEST(SupervisorTest, DeliversWholeLinesOfBothStreamsAndTheExitCode) {
   EXPECT_EQ(e.code, 3);
   EXPECT_EQ(e.ShellCode(), 3);
   EXPECT_EQ(e.Describe(), "exited with code 3");
+}
+
+TEST(SupervisorTest, AControlChannelAtFd3IsReadLineByLineAndLoggedNotPerStream) {
+  SupervisorHarness h;
+  const std::string dir = ::testing::TempDir() + "/supervisor_control_" + std::to_string(getpid());
+  std::filesystem::create_directories(dir);
+  SpawnSpec s;
+  s.name = "c";
+  s.group = "g";
+  s.control_channel = true;
+  s.log_path = dir + "/merged.log";
+  s.stream_log_paths[0] = dir + "/out.log";
+  s.argv = {"/bin/sh", "-c",
+            "echo out; echo 'MUSTER_CHECKPOINT step=7' >&3; printf 'part' >&3; printf 'ial' >&3"};
+  ChildId id = h.SpawnOk(s);
+  ASSERT_TRUE(h.WaitClosed(id));
+  EXPECT_EQ(h.Lines(id, OutputStream::kControl),
+            (std::vector<std::string>{"MUSTER_CHECKPOINT step=7", "partial"}));
+  EXPECT_EQ(h.Lines(id, OutputStream::kStdout), (std::vector<std::string>{"out"}));
+  std::ifstream merged(s.log_path), out(s.stream_log_paths[0]);
+  std::string m((std::istreambuf_iterator<char>(merged)), {});
+  std::string o((std::istreambuf_iterator<char>(out)), {});
+  EXPECT_NE(m.find("MUSTER_CHECKPOINT step=7\n"), std::string::npos) << m;
+  EXPECT_EQ(o, "out\n");
+  std::filesystem::remove_all(dir);
+  // Without the option, fd 3 is not open in the child.
+  auto plain = h.Sh("echo x >&3 && echo open || echo closed");
+  ASSERT_TRUE(plain.ok());
+  ASSERT_TRUE(h.WaitClosed(*plain));
+  EXPECT_EQ(h.Lines(*plain, OutputStream::kStdout), (std::vector<std::string>{"closed"}));
 }
 
 TEST(SupervisorTest, ReportsDeathBySignal) {

@@ -109,6 +109,24 @@ TEST(JobSpecTest, MissingRequiredFieldsAndUnknownTopLevel) {
   EXPECT_NE(m.find("j.yaml:1: nodse: unknown field"), std::string::npos) << m;
 }
 
+TEST(JobSpecTest, EnvMayNotSetTheContractOrUnknownMusterNames) {
+  auto check = [](const std::string& env) {
+    auto spec = ParseJobSpec("name: a\ncommand: [x]\nenv:\n  " + env + "\n", "j.yaml");
+    EXPECT_TRUE(spec.ok()) << spec.status();
+    return spec.ok() ? ValidateJobSpec(*spec) : spec.status();
+  };
+  Status rank = check("RANK: 3");
+  EXPECT_EQ(rank.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(rank.message().find("RANK is set by muster for every rank"), std::string::npos)
+      << rank.message();
+  Status typo = check("MUSTER_CHECKPIONT_EVERY: 3");
+  EXPECT_NE(typo.message().find("MUSTER_CHECKPIONT_EVERY is not a MUSTER_ variable"),
+            std::string::npos)
+      << typo.message();
+  EXPECT_TRUE(check("MUSTER_COLL_BACKEND: gloo").ok());
+  EXPECT_TRUE(check("HF_HOME: /data").ok());
+}
+
 TEST(JobSpecTest, MalformedYamlAndWrongShapes) {
   auto spec = ParseJobSpec("name: x\ncommand: [unclosed\n", "y.yaml");
   ASSERT_FALSE(spec.ok());

@@ -82,7 +82,7 @@ TEST(PlanRanksTest, FillsSlotsInOrderAndRefusesTooManyRanks) {
   RunOptions o;
   o.program = {"true"};
   o.hosts = {{"localhost", 2}, {"127.0.0.1", 3}};
-  JobContext ctx;
+  LaunchContext ctx;
   ctx.job_id = "j";
   auto plan = PlanRanks(o, ctx);
   ASSERT_TRUE(plan.ok());
@@ -103,7 +103,7 @@ TEST(PlanRanksTest, ContractOverridesExportsWhichOverrideTheEnvironment) {
   o.program = {"true"};
   o.np = 2;
   o.exports = {"A=from-x", "RANK=99", "B"};
-  JobContext ctx;
+  LaunchContext ctx;
   ctx.job_id = "j";
   ctx.base_env = {"A=from-env", "B=kept", "PATH=/bin"};
   auto plan = PlanRanks(o, ctx);
