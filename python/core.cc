@@ -17,8 +17,8 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
-#include <mutex>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 

@@ -89,6 +89,35 @@ def extract(step, dest, dir=None):
     _core.extract(_job_dir(dir), int(step), str(dest))
 
 
+def progress(step, total=None, loss=None, **metrics):
+    """Reports progress to muster (`muster status`, the events): rank 0 sends
+    `MUSTER_PROGRESS step=.. total=.. loss=.. name=value ...` on the control channel (stdout
+    outside muster); other ranks do nothing. A metric `<x>_per_s` is shown as throughput."""
+    import sys
+    sys.stdout.flush()  # without a control channel the line goes to stdout: keep the order
+    _core.progress(int(step), -1 if total is None else int(total),
+                   float("nan") if loss is None else float(loss),
+                   [(k, float(v)) for k, v in metrics.items()])
+
+
+def notice_seen():
+    """True once this rank has seen a preemption notice (the notice file, SIGTERM after
+    install_sigterm_handler(), or on rank 0 the job store's key); cheap enough for every step.
+    Fold it into a collective the step already does, or call agree_to_stop()."""
+    return _core.notice_seen()
+
+
+def agree_to_stop():
+    """True on every rank at the same step once any rank has seen a notice: one allreduce of one
+    value over muster's own communicator. Every rank must call it at the same steps."""
+    return _core.agree_to_stop()
+
+
+def install_sigterm_handler():
+    """SIGTERM sets the notice flag instead of ending the process (then save and exit)."""
+    _core.install_sigterm_handler()
+
+
 def env():
     """This rank's env contract as one object (muster.RankEnv): rank, world_size, local_rank,
     local_world_size, node_rank, nnodes, job_id, attempt, checkpoint_dir, resume_step (None when
@@ -99,5 +128,6 @@ def env():
 __all__ = ["Error", "InvalidArgumentError", "NotFoundError", "DeadlineExceededError",
            "UnavailableError", "AbortedError", "FailedPreconditionError", "DataLossError",
            "InternalError", "Checkpointer", "SaveHandle", "RowShard", "PerRank", "save", "load",
-           "wait", "resume_step", "env", "RankEnv", "adopt", "extract", "shard_rows", "checkpointer", "load_tensors",
+           "wait", "resume_step", "env", "RankEnv", "adopt", "extract", "progress",
+           "notice_seen", "agree_to_stop", "install_sigterm_handler", "shard_rows", "checkpointer", "load_tensors",
            "MAX_PICKLE_BYTES"]

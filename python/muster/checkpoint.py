@@ -23,7 +23,8 @@ muster.PerRank (each rank's own copy; loadable at the same world size only).
 Save is asynchronous: it returns once the bytes are copied into staging memory (the GIL released
 during the copy); later in-place updates do not change the saved step. The write, fsync and
 commit run on the C++ writer thread. The returned SaveHandle waits for the commit; rank 0
-announces each commit to muster (the agent records it and replicates it) by itself.
+announces each commit to muster (on the control channel: the agent records it and replicates
+it) by itself.
 """
 
 import atexit
@@ -42,16 +43,6 @@ _NUMPY_DTYPES = {"<f4": "f32", "<f8": "f64", "<f2": "f16", "<i4": "i32", "<i8": 
                  "|u1": "u8", "|i1": "i8", "|b1": "bool"}
 _TORCH_DTYPES = {"float32": "f32", "float64": "f64", "float16": "f16", "bfloat16": "bf16",
                  "int32": "i32", "int64": "i64", "uint8": "u8", "int8": "i8", "bool": "bool"}
-
-_print_lock = threading.Lock()
-
-
-def announce(line):
-    """Writes one whole line to stdout, where the agent or `muster run` reads it."""
-    with _print_lock:
-        sys.stdout.write(line + "\n")
-        sys.stdout.flush()
-
 
 class SaveHandle:
     """The commit of one muster save. wait() returns once the step is committed on every rank
@@ -129,18 +120,19 @@ class Checkpointer:
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
             raise _core.InvalidArgumentError(
                 f"muster: rank {self.rank} is not in a world of {self.world_size} ranks")
-        # Saving at world size > 1 commits through the job's store; loading needs none, so a
-        # Checkpointer made outside a job (a notebook, a test) at any rank and world size loads.
-        self._no_store = self.world_size > 1 and not _core.rank_env().has_rendezvous
-        if self._no_store:
-            self._ck = _core.Checkpointer(str(dir), 0, 1, False, direct_io, io_threads)
+        # In a job (this process's own rank and world size) the checkpointer comes from the
+        # job's context: its one store connection, and commits announced to the agent or
+        # `muster run` on the control channel by the C++ side. Otherwise (a tool loading as some
+        # other rank) a plain one: loading needs no store; saving at world size > 1 does.
+        e = env or _core.rank_env()
+        own = self.rank == e.rank and self.world_size == e.world_size
+        self._no_store = not own and self.world_size > 1
+        if own and (self.world_size == 1 or e.has_rendezvous):
+            self._ck = _core.Checkpointer.from_context(str(dir), direct_io, io_threads)
         else:
-            self._ck = _core.Checkpointer(str(dir), self.rank, self.world_size,
-                                          self.world_size > 1, direct_io, io_threads)
+            self._no_store = self.world_size > 1
+            self._ck = _core.Checkpointer(str(dir), 0, 1, False, direct_io, io_threads)
         self.dir = self._ck.dir
-        # Rank 0 of a job muster started tells muster of each commit (a program run by hand has
-        # no one to tell).
-        self._announce = self.rank == 0 and bool(_core.rank_env().job_id)
         self._lock = threading.Lock()
         self._pending = None
         atexit.register(self._at_exit)
@@ -243,9 +235,7 @@ class Checkpointer:
         except _core.Error as e:
             handle._finish(e)
             return
-        if self._announce:
-            announce(f"MUSTER_CHECKPOINT step={handle.step}")
-        handle._finish(None)
+        handle._finish(None)  # rank 0's C++ side has announced the commit
 
     def _finish_pending(self):
         # A save waits for the previous commit (one save in flight, as in C++). Its error stays
