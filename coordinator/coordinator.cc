@@ -7,6 +7,7 @@
 
 #include "common/curve.h"
 #include "common/logging.h"
+#include "common/path_name.h"
 #include "common/wire.h"
 #include "coordinator/job_spec.h"
 
@@ -380,6 +381,14 @@ void Coordinator::Replicate(JobRt* job, const std::string& job_id, int64_t step,
                             const std::string& volume, const NodeRt& source) {
   const auto& src = source.rec.labels;
   if (src.transfer_endpoint().empty()) return;
+  // Both become directories on the target's volume (<root>/<job>): names only, never paths.
+  for (const Status& st :
+       {ValidatePathName(job_id, "job id"), ValidatePathName(volume, "volume name")}) {
+    if (!st.ok()) {
+      Logger()->warn("not replicating a checkpoint reported by {}: {}", src.name(), st.message());
+      return;
+    }
+  }
   std::set<std::string> done;
   for (const auto& [name, n] : nodes_) {
     const auto& l = n->rec.labels;
@@ -397,6 +406,8 @@ void Coordinator::Replicate(JobRt* job, const std::string& job_id, int64_t step,
     // another copy of the job and then run for hours (hundreds of GB across providers): a day.
     // The key reads only this job's directories, read-only, and only the target knows it.
     allow.mutable_allow_transfer()->set_expires_ms(NowMs() + 24 * 3600 * 1000LL);
+    grants_.push_back(
+        {job_id, src.name(), name, key->public_key, allow.allow_transfer().expires_ms()});
     Enqueue(src.name(), std::move(allow));
     proto::AgentAction copy;
     auto* r = copy.mutable_replicate();
@@ -413,6 +424,15 @@ void Coordinator::Replicate(JobRt* job, const std::string& job_id, int64_t step,
           fmt::format("step {} from {} (provider {}) to volume {} of provider {}", step, src.name(),
                       src.provider(), volume, l.provider()));
   }
+}
+
+void Coordinator::RevokeTransfer(const TransferGrant& g, const std::string& why) {
+  Logger()->info("revoking the transfer key of {} on {} (copy to {}): {}", g.job_id, g.source,
+                 g.target, why);
+  proto::AgentAction a;
+  a.mutable_revoke_transfer()->set_job_id(g.job_id);
+  a.mutable_revoke_transfer()->set_client_public_key(g.public_key);
+  Enqueue(g.source, std::move(a));
 }
 
 void Coordinator::StopGang(JobRt& job, proto::StopReason reason, const std::string& except,
@@ -614,6 +634,18 @@ void Coordinator::Tick() {
       it = fetches_.erase(it);
     } else {
       ++it;
+    }
+  }
+  // Transfer keys of jobs that ended are revoked; expired ones the source dropped itself.
+  for (auto g = grants_.begin(); g != grants_.end();) {
+    auto j = jobs_.find(g->job_id);
+    if (g->expires_ms <= now) {
+      g = grants_.erase(g);
+    } else if (j == jobs_.end() || Terminal(j->second->rec.state)) {
+      RevokeTransfer(*g, "the job ended");
+      g = grants_.erase(g);
+    } else {
+      ++g;
     }
   }
   std::vector<std::string> forget;
@@ -1123,6 +1155,20 @@ StatusOr<proto::Envelope> Coordinator::OnReport(const proto::AgentReport& req) {
   }
   if (req.job_id().empty()) return ack;
   auto it = jobs_.find(req.job_id());
+  if (!req.transfer_key().empty() && (req.checkpoint_replica() || !req.replicate_error().empty() ||
+                                      req.replicate_superseded_by() > 0)) {
+    // A copy ended: its key reads nothing more at the source.
+    for (auto g = grants_.begin(); g != grants_.end();) {
+      if (g->public_key != req.transfer_key() || g->target != node || g->job_id != req.job_id()) {
+        ++g;
+        continue;
+      }
+      RevokeTransfer(*g, req.checkpoint_replica()         ? "copied"
+                         : !req.replicate_error().empty() ? "copy failed"
+                                                          : "copy superseded");
+      g = grants_.erase(g);
+    }
+  }
   if (req.replicate_superseded_by() > 0) {
     // Not an outcome: the newer step's copy reports one (and ends the wait for this provider).
     Event(req.job_id(), node, "replicate_superseded",

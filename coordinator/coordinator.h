@@ -89,6 +89,14 @@ class Coordinator {
   void Replicate(JobRt* job, const std::string& job_id, int64_t step, const std::string& volume,
                  const NodeRt& source);
   void Replicated(JobRt& job, const std::string& provider, int64_t step);
+  // A transfer key handed to a replication's source (AllowTransfer). It is revoked there
+  // (RevokeTransfer) when the copy it was made for ends (the target reports the outcome with
+  // the key) or when the job ends; the source drops it by itself at its expiry.
+  struct TransferGrant {
+    std::string job_id, source, target, public_key;
+    int64_t expires_ms = 0;
+  };
+  void RevokeTransfer(const TransferGrant& grant, const std::string& why);
   void NodeDone(JobRt& job, const std::string& node);
   void Finish(JobRt& job);
   void LoseNode(NodeRt& node, const std::string& why);
@@ -123,6 +131,7 @@ class Coordinator {
     std::string node;
   };
   std::map<uint64_t, Fetch> fetches_;
+  std::vector<TransferGrant> grants_;
   uint64_t next_fetch_ = 1;
   uint64_t next_session_ = 1;
   bool pass_needed_ = true;

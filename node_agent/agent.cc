@@ -24,6 +24,7 @@
 #include "collectives/store_server.h"
 #include "common/curve.h"
 #include "common/logging.h"
+#include "common/path_name.h"
 #include "common/python_path.h"
 #include "common/rank_env.h"
 #include "common/reactor.h"
@@ -537,8 +538,16 @@ struct Agent::Impl {
         return FetchLog(a.fetch_log());
       case proto::AgentAction::kAllowTransfer:
         if (volume_server) {
-          volume_server->Allow(a.allow_transfer().job_id(), a.allow_transfer().client_public_key(),
-                               a.allow_transfer().expires_ms());
+          Status st = volume_server->Allow(a.allow_transfer().job_id(),
+                                           a.allow_transfer().client_public_key(),
+                                           a.allow_transfer().expires_ms());
+          if (!st.ok()) logger->warn("transfer grant refused: {}", st.ToString());
+        }
+        return;
+      case proto::AgentAction::kRevokeTransfer:
+        if (volume_server) {
+          volume_server->Revoke(a.revoke_transfer().job_id(),
+                                a.revoke_transfer().client_public_key());
         }
         return;
       case proto::AgentAction::kReplicate:
@@ -572,6 +581,10 @@ struct Agent::Impl {
   }
 
   void StartAssignment(const proto::StartAssignment& s) {
+    // The job id names directories on volumes and under the work directory.
+    if (Status st = ValidatePathName(s.job_id(), "job id"); !st.ok()) {
+      return StartError(s, st.message());
+    }
     std::string group = GroupOf(s.job_id(), s.attempt());
     if (assignments.count(group)) return;  // delivered twice
     if (notice) return StartError(s, "node has a preemption notice (" + notice->source + ")");
@@ -787,6 +800,11 @@ struct Agent::Impl {
     auto* c = e.mutable_agent_log_chunk();
     c->set_node(labels.name());
     c->set_fetch_id(f.fetch_id());
+    if (Status st = ValidatePathName(f.job_id(), "job id"); !st.ok()) {
+      c->set_error(st.message());
+      c->set_eof(true);
+      return Queue(std::move(e));
+    }
     fs::path path = LogPath(f.job_id(), f.attempt(), f.rank(), f.stream());
     std::ifstream in(path, std::ios::binary);
     if (!in) {
@@ -938,8 +956,16 @@ struct Agent::Impl {
       rep.set_checkpoint_step(req.step());
       rep.set_checkpoint_volume(req.volume());
       rep.set_replicate_superseded_by(by);
+      rep.set_transfer_key(TransferKeyOf(req));
       QueueReport(std::move(rep));
     }
+  }
+
+  // The public half of `r`'s transfer key (the coordinator revokes that grant when the copy
+  // ends); empty if the secret is malformed.
+  static std::string TransferKeyOf(const proto::ReplicateCheckpoint& r) {
+    auto pub = PublicKeyFromSecret(r.client_secret());
+    return pub.ok() ? *pub : "";
   }
 
   // Copies `r`'s step into our volume; the report for the coordinator (a verified replica or
@@ -953,9 +979,13 @@ struct Agent::Impl {
     rep.set_job_id(r.job_id());
     rep.set_checkpoint_step(r.step());
     rep.set_checkpoint_volume(r.volume());
+    rep.set_transfer_key(TransferKeyOf(r));
     auto t0 = Clock::now();
-    Status st = Status::Ok();
-    if (root.empty()) {
+    // The job id becomes <volume root>/<job>: a name, never a path that leaves the volume.
+    Status st = ValidatePathName(r.job_id(), "job id to replicate");
+    if (!st.ok()) {
+      // reported below
+    } else if (root.empty()) {
       st = NotFoundError("volume " + r.volume() + " is not mounted on " + labels.name());
     } else {
       KeyPair client;

@@ -16,6 +16,7 @@
 #include <nlohmann/json.hpp>
 #include <thread>
 
+#include "checkpoint/checkpointer.h"
 #include "tests/testing/port_range.h"
 #include "tests/testing/subprocess.h"
 
@@ -744,6 +745,44 @@ TEST_F(AgentCluster, MusterRunThroughTheCoordinatorEndsAtItsTimeoutWith124) {
   EXPECT_EQ(WEXITSTATUS(*st), 124) << ReadFile(out);
   EXPECT_NE(ReadFile(out).find("started\n"), std::string::npos) << ReadFile(out);
   EXPECT_NE(ReadFile(out).find("ran past --timeout 2 s"), std::string::npos) << ReadFile(out);
+}
+
+// A step committed on one provider is copied to the other provider's volume, agent to agent
+// over CURVE, with a transfer key that the source revokes once the copy is reported.
+TEST_F(AgentCluster, ACommitIsCopiedToTheOtherProviderAndItsTransferKeyRevoked) {
+  const fs::path made = dir_ / "made";  // a real committed step 10 that the rank "commits"
+  {
+    checkpoint::CheckpointerOptions o;
+    o.dir = made.string();
+    o.block_size = 4096;
+    auto ck = checkpoint::Checkpointer::Create(o);
+    ASSERT_TRUE(ck.ok()) << ck.status();
+    std::vector<int32_t> w(5000, 3);
+    checkpoint::SaveState s;
+    s.tensors.push_back(
+        checkpoint::TensorRef::Replicated("w", checkpoint::DType::kI32, {5000}, w.data()));
+    ASSERT_TRUE((*ck)->Save(10, s).ok());
+    ASSERT_TRUE((*ck)->Wait().ok());
+  }
+  StartAgent("aws-1", "aws");
+  StartAgent("gcp-1", "gcp");
+  WaitNodesUp(2);
+  std::string body = "mkdir -p \"$MUSTER_CHECKPOINT_DIR\" && cp -r " +
+                     (made / "step-000000010").string() + " " + (made / "LATEST").string() +
+                     " \"$MUSTER_CHECKPOINT_DIR\"/ && echo MUSTER_CHECKPOINT step=10 && sleep 60";
+  std::string id = Submit("name: copied\n" + Script(body) +
+                          "nodes: 1\nranks_per_node: 1\ncheckpoint:\n  volume: ckpt\n"
+                          "placement:\n  hosts: [aws-1]\n");
+  const fs::path replica = dir_ / "vol-gcp" / id / "step-000000010" / "MANIFEST";
+  ASSERT_TRUE(WaitUntil([&] { return fs::exists(replica); }, 30s)) << Events(id);
+  ASSERT_TRUE(
+      WaitUntil([&] { return Events(id).find("(verified replica)") != std::string::npos; }, 10s))
+      << Events(id);
+  EXPECT_EQ(ReadFile(replica), ReadFile(made / "step-000000010" / "MANIFEST"));
+  EXPECT_TRUE(WaitUntil(
+      [&] { return ReadFile(dir_ / "aws-1.log").find("revoked") != std::string::npos; }, 10s))
+      << ReadFile(dir_ / "aws-1.log");
+  ASSERT_TRUE(Muster({"cancel", id}).ok());
 }
 
 }  // namespace

@@ -208,7 +208,7 @@ TEST(VolumeTransferTest, TransferKeysAreRequiredAndScopedToOneJob) {
                         std::chrono::system_clock::now().time_since_epoch())
                         .count() +
                     60000;
-  (*server)->Allow("job-1", key->public_key, expires);
+  ASSERT_TRUE((*server)->Allow("job-1", key->public_key, expires).ok());
   auto v = node_agent::RemoteVolume::Connect((*server)->endpoint(), (*server)->public_key(), *key,
                                              false, "ckpt");
   ASSERT_TRUE(v.ok());

@@ -7,8 +7,11 @@
 #include <unistd.h>
 
 #include <filesystem>
+#include <map>
 #include <random>
+#include <set>
 
+#include "common/curve.h"
 #include "common/wire.h"
 
 namespace muster::coordinator {
@@ -451,6 +454,74 @@ TEST_F(CoordinatorTest, AnInteractiveJobIsCancelledWhenItsClientGoesAway) {
   for (const auto& a : Heartbeat("n0", s0)) {
     if (a.has_start()) EXPECT_FALSE(a.start().split_streams());
   }
+}
+
+// A job id becomes a directory on the target's volume: a report naming "../x" or an absolute
+// path is never turned into a transfer.
+TEST_F(CoordinatorTest, AHostileJobIdInACheckpointReportIsNeverReplicated) {
+  std::string s0 = RegisterWithVolume("aws-1", "aws");
+  std::string s1 = RegisterWithVolume("gcp-1", "gcp");
+  for (const char* job : {"../x", "/abs", "a/../../b"}) {
+    ReportCheckpoint("aws-1", s0, job, 1, 10, false);
+  }
+  for (const auto& a : Heartbeat("gcp-1", s1)) {
+    EXPECT_FALSE(a.has_replicate()) << "asked to copy " << a.replicate().job_id();
+  }
+  for (const auto& a : Heartbeat("aws-1", s0)) {
+    EXPECT_FALSE(a.has_allow_transfer()) << "asked to serve " << a.allow_transfer().job_id();
+  }
+}
+
+// The transfer key of a copy is revoked at the source when the target reports the copy's
+// outcome, and the keys of copies still running when the job ends are revoked then.
+TEST_F(CoordinatorTest, TransferKeysAreRevokedWhenTheCopyOrTheJobEnds) {
+  std::string s0 = RegisterWithVolume("aws-1", "aws");
+  std::string id = Submit("name: j\ncommand: x\ncheckpoint:\n  volume: ckpt\n  every: 10\n");
+  ASSERT_EQ(Heartbeat("aws-1", s0).size(), 1u);
+  Report("aws-1", s0, id, 1, true, 0, false);
+  std::string s1 = RegisterWithVolume("gcp-1", "gcp");
+  // Commits of steps 10 and 20: one grant at the source and one copy at the target each.
+  for (int64_t step : {10, 20}) ReportCheckpoint("aws-1", s0, id, 1, step, false);
+  std::map<int64_t, std::string> key_of_step;  // public half, from the secret the target got
+  for (const auto& a : Heartbeat("gcp-1", s1)) {
+    if (!a.has_replicate()) continue;
+    auto pub = PublicKeyFromSecret(a.replicate().client_secret());
+    ASSERT_TRUE(pub.ok());
+    key_of_step[a.replicate().step()] = *pub;
+  }
+  ASSERT_EQ(key_of_step.size(), 2u);
+  std::set<std::string> allowed;
+  for (const auto& a : Heartbeat("aws-1", s0)) {
+    if (a.has_allow_transfer()) allowed.insert(a.allow_transfer().client_public_key());
+  }
+  EXPECT_EQ(allowed, (std::set<std::string>{key_of_step[10], key_of_step[20]}));
+  // Step 10 copied: its key, and only its key, is revoked at the source.
+  proto::Envelope e = ReportFrom("gcp-1", s1, id, 0);
+  e.mutable_agent_report()->set_checkpoint_step(10);
+  e.mutable_agent_report()->set_checkpoint_volume("ckpt");
+  e.mutable_agent_report()->set_checkpoint_replica(true);
+  e.mutable_agent_report()->set_transfer_key(key_of_step[10]);
+  ASSERT_TRUE(Call(e).has_agent_report_reply());
+  std::vector<std::string> revoked;
+  auto collect = [&] {
+    for (const auto& a : Heartbeat("aws-1", s0)) {
+      if (!a.has_revoke_transfer()) continue;
+      EXPECT_EQ(a.revoke_transfer().job_id(), id);
+      revoked.push_back(a.revoke_transfer().client_public_key());
+    }
+  };
+  collect();
+  EXPECT_EQ(revoked, std::vector<std::string>{key_of_step[10]});
+  // The job is cancelled while step 20 is still copied: that key is revoked too.
+  proto::Envelope cancel;
+  cancel.mutable_cancel_request()->set_job_id(id);
+  Call(cancel);
+  coord_->Tick();
+  collect();
+  EXPECT_EQ(revoked, (std::vector<std::string>{key_of_step[10], key_of_step[20]}));
+  coord_->Tick();
+  collect();
+  EXPECT_EQ(revoked.size(), 2u) << "each key is revoked once";
 }
 
 }  // namespace
