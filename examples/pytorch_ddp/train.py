@@ -20,10 +20,12 @@ muster's MUSTER_CHECKPOINT_DIR and MUSTER_RESUME_STEP, so the same script runs u
   with torch.save into a temp file, fsyncs, renames, fsyncs the directory, then replaces LATEST
   the same way. Resume: MUSTER_RESUME_STEP=N resumes step N; "latest" or empty resumes the
   newest checkpoint if there is one, else starts fresh.
-- SIGTERM (a preemption notice) or --notice-file: every rank agrees on the step through the
-  loss allreduce, rank 0 checkpoints it, and the ranks exit 3.
+- SIGTERM (a preemption notice) or --notice-file (under muster: muster.notice_seen(), which also
+  sees the job store's notice key): every rank agrees on the step through the loss allreduce,
+  the ranks checkpoint it, and exit 3.
 - Progress: `MUSTER_PROGRESS step=120 total=400 loss=1.8731 tokens_per_s=5321 lr=0.000812`
-  (format: examples/README.md), and finally `MUSTER_DONE step=N param_digest=HEX`.
+  (format: examples/README.md; under muster through muster.progress, on the control channel),
+  and finally `MUSTER_DONE step=N param_digest=HEX`.
 """
 
 import argparse
@@ -252,8 +254,11 @@ def main():
         checkpoints = MusterCheckpoints(ckpt_dir)
     else:
         checkpoints = TorchSaveCheckpoints(ckpt_dir, rank)
+    under_muster = isinstance(checkpoints, MusterCheckpoints)
+    if under_muster:
+        muster.install_sigterm_handler()  # SIGTERM is a notice: checkpoint, then stop
     if rank == 0:
-        kind = "muster" if isinstance(checkpoints, MusterCheckpoints) else "torch.save"
+        kind = "muster" if under_muster else "torch.save"
         print(f"checkpoints: {kind} in {ckpt_dir}", flush=True)
     start = 0
     step0 = checkpoints.resume_step()
@@ -286,14 +291,20 @@ def main():
         opt.step()
         step += 1
         window += 1
-        notice = _notice or bool(args.notice_file and os.path.exists(args.notice_file))
+        if under_muster:  # SIGTERM, the notice file, or (rank 0) the job store's key
+            notice = muster.notice_seen()
+        else:
+            notice = _notice or bool(args.notice_file and os.path.exists(args.notice_file))
         stats = torch.tensor([loss.item(), 1.0 if notice else 0.0], device=device)
         dist.all_reduce(stats)
         mean_loss, stop = stats[0].item() / world, stats[1].item() > 0
         if rank == 0 and (step % args.log_every == 0 or step == args.steps or stop):
             tps = window * args.batch * args.seq_len / max(time.time() - t0, 1e-9)
-            print(f"MUSTER_PROGRESS step={step} total={args.steps} loss={mean_loss:.4f} "
-                  f"tokens_per_s={tps:.0f} lr={lr:.6g}", flush=True)
+            if under_muster:
+                muster.progress(step, args.steps, loss=mean_loss, tokens_per_s=tps, lr=lr)
+            else:
+                print(f"MUSTER_PROGRESS step={step} total={args.steps} loss={mean_loss:.4f} "
+                      f"tokens_per_s={tps:.0f} lr={lr:.6g}", flush=True)
             t0, window = time.time(), 0
         if step % args.ckpt_every == 0 or step == args.steps or stop:
             checkpoints.save(step, checkpoint_state(step, model, opt, args, world))
