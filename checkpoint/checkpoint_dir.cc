@@ -4,6 +4,7 @@
 #include <climits>
 #include <cstdlib>
 #include <memory>
+#include <new>
 #include <set>
 
 namespace muster::checkpoint {
@@ -15,12 +16,12 @@ std::string TmpStepPath(const std::string& dir, int64_t step) {
   return JoinPath(dir, StepDirName(step) + ".tmp");
 }
 
-StatusOr<Manifest> LoadManifest(Volume* v, const std::string& dir, int64_t step) {
+StatusOr<Manifest> LoadManifest(Volume* v, const std::string& dir, int64_t step, std::string* raw) {
   std::string path = JoinPath(StepPath(dir, step), kManifestName);
   if (!v->Exists(StepPath(dir, step))) {
     return NotFoundError("step " + std::to_string(step) + " is not committed in " + dir);
   }
-  auto bytes = ReadFileToString(v, path);
+  auto bytes = ReadFileToString(v, path, kMaxManifestBytes);
   if (!bytes.ok()) return bytes.status().WithContext("step " + std::to_string(step));
   auto m = ParseManifest(*bytes);
   if (!m.ok()) return m.status().WithContext("step " + std::to_string(step));
@@ -28,10 +29,43 @@ StatusOr<Manifest> LoadManifest(Volume* v, const std::string& dir, int64_t step)
     return DataLossError("step " + std::to_string(step) + ": MANIFEST says step " +
                          std::to_string(m->step));
   }
+  if (raw) *raw = std::move(*bytes);
   return m;
 }
 
-StatusOr<std::vector<StepInfo>> ListSteps(Volume* v, const std::string& dir) {
+StatusOr<int64_t> ReadLatest(Volume* v, const std::string& dir) {
+  MUSTER_ASSIGN_OR_RETURN(std::string bytes,
+                          ReadFileToString(v, JoinPath(dir, kLatestName), kMaxLatestBytes));
+  auto step = ParseLatest(bytes);
+  if (!step.ok()) return step.status().WithContext(dir);
+  return step;
+}
+
+StatusOr<Manifest> CheckStep(Volume* v, const std::string& dir, int64_t step, StepCheck check) {
+  MUSTER_ASSIGN_OR_RETURN(Manifest m, LoadManifest(v, dir, step));
+  const std::string sdir = StepPath(dir, step);
+  for (const auto& s : m.shards) {
+    const std::string path = JoinPath(sdir, s.file);
+    if (check == StepCheck::kChecksums) {
+      MUSTER_RETURN_IF_ERROR(VerifyShardFile(v, path, m, s, /*drop_cache=*/false));
+      continue;
+    }
+    auto f = v->NewReadableFile(path, /*direct=*/false);
+    if (!f.ok()) {
+      return DataLossError("step " + std::to_string(step) + ": " + s.file +
+                           " is not readable: " + f.status().ToString());
+    }
+    MUSTER_ASSIGN_OR_RETURN(uint64_t size, (*f)->Size());
+    if (size != s.size) {
+      return DataLossError("step " + std::to_string(step) + ": " + s.file + " has " +
+                           std::to_string(size) + " bytes, the manifest says " +
+                           std::to_string(s.size));
+    }
+  }
+  return m;
+}
+
+StatusOr<std::vector<StepInfo>> ListSteps(Volume* v, const std::string& dir, StepCheck check) {
   if (!v->Exists(dir)) return NotFoundError("checkpoint directory " + dir + " does not exist");
   MUSTER_ASSIGN_OR_RETURN(auto names, v->ListDir(dir));
   std::vector<StepInfo> out;
@@ -44,7 +78,7 @@ StatusOr<std::vector<StepInfo>> ListSteps(Volume* v, const std::string& dir) {
     info.path = JoinPath(dir, n);
     if (auto age = v->AgeSeconds(info.path); age.ok()) info.age_s = *age;
     if (!incomplete) {
-      auto m = LoadManifest(v, dir, *step);
+      auto m = CheckStep(v, dir, *step, check);
       if (m.ok()) {
         info.committed = true;
         info.bytes = m->TotalBytes();
@@ -108,7 +142,11 @@ Status VerifyShardFile(Volume* v, const std::string& path, const Manifest& m,
                          std::to_string(shard.size));
   }
   const uint64_t chunk = std::max<uint64_t>(m.block_size, (32 << 20) / m.block_size * m.block_size);
-  std::unique_ptr<char[]> buf(new char[chunk]);
+  std::unique_ptr<char[]> buf(new (std::nothrow) char[chunk]);
+  if (!buf) {
+    return UnavailableError("step " + std::to_string(m.step) + ": no memory for a " +
+                            std::to_string(chunk) + "-byte read buffer");
+  }
   for (uint64_t off = 0; off < size; off += chunk) {
     size_t n = std::min<uint64_t>(chunk, size - off);
     Status st = f->Read(off, buf.get(), n);
@@ -119,26 +157,16 @@ Status VerifyShardFile(Volume* v, const std::string& path, const Manifest& m,
 }
 
 Status VerifyStep(Volume* v, const std::string& dir, int64_t step) {
-  MUSTER_ASSIGN_OR_RETURN(Manifest m, LoadManifest(v, dir, step));
-  for (const auto& s : m.shards) {
-    MUSTER_RETURN_IF_ERROR(
-        VerifyShardFile(v, JoinPath(StepPath(dir, step), s.file), m, s, /*drop_cache=*/false));
-  }
-  return Status::Ok();
+  return CheckStep(v, dir, step, StepCheck::kChecksums).status();
 }
 
 Status UpdateLatest(Volume* v, const std::string& dir, int64_t step) {
   std::string path = JoinPath(dir, kLatestName);
   if (v->Exists(path)) {
-    auto cur = ReadFileToString(v, path);
-    if (cur.ok()) {
-      bool inc = false;
-      std::string name = *cur;
-      while (!name.empty() && (name.back() == '\n' || name.back() == ' ')) name.pop_back();
-      auto s = ParseStepDirName(name, &inc);
-      if (s && !inc && *s > step && v->Exists(JoinPath(StepPath(dir, *s), kManifestName))) {
-        return Status::Ok();
-      }
+    // A damaged or unreadable LATEST, or one naming a step that is not good, is replaced.
+    auto cur = ReadLatest(v, dir);
+    if (cur.ok() && *cur > step && CheckStep(v, dir, *cur, StepCheck::kFiles).ok()) {
+      return Status::Ok();
     }
   }
   return WriteFileAtomic(v, path, StepDirName(step) + "\n");
@@ -148,11 +176,17 @@ StatusOr<GcReport> CollectGarbage(Volume* v, const std::string& dir, RetentionPo
                                   int64_t incomplete_below) {
   if (policy.keep_last < 1) return InvalidArgumentError("gc: keep_last must be at least 1");
   if (policy.keep_every < 0) return InvalidArgumentError("gc: keep_every must not be negative");
-  MUSTER_ASSIGN_OR_RETURN(auto steps, ListSteps(v, dir));
+  MUSTER_ASSIGN_OR_RETURN(
+      auto steps,
+      ListSteps(v, dir, policy.verify_checksums ? StepCheck::kChecksums : StepCheck::kFiles));
   GcReport report;
   std::vector<int64_t> committed;
-  for (const auto& s : steps)
+  // Only good steps count toward keep_last: a damaged newer step must not push the newest
+  // good one out.
+  for (const auto& s : steps) {
     if (s.committed) committed.push_back(s.step);
+    if (!s.committed && !s.problem.empty()) report.damaged.push_back(s);
+  }
   std::set<int64_t> keep;
   for (size_t i = committed.size() > static_cast<size_t>(policy.keep_last)
                       ? committed.size() - policy.keep_last
@@ -175,7 +209,7 @@ StatusOr<GcReport> CollectGarbage(Volume* v, const std::string& dir, RetentionPo
   }
   for (const auto& s : steps) {
     if (s.committed || s.step >= incomplete_below) continue;
-    // A committed step's directory with a bad MANIFEST is left for a human to look at.
+    // A step directory that is not good (bad MANIFEST, missing shard) is left for a human.
     if (!s.problem.empty()) continue;
     if (!v->Exists(s.path)) continue;
     MUSTER_RETURN_IF_ERROR(v->RemoveAll(s.path));

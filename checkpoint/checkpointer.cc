@@ -70,11 +70,11 @@ Status ValidateBox(const std::string& what, const std::vector<int64_t>& shape,
                                 " lengths for a tensor of rank " + std::to_string(shape.size()));
   }
   for (size_t d = 0; d < shape.size(); ++d) {
-    if (off[d] < 0 || len[d] < 0 || off[d] + len[d] > shape[d]) {
-      return InvalidArgumentError(what + ": slice [" + std::to_string(off[d]) + ", " +
-                                  std::to_string(off[d] + len[d]) + ") of dimension " +
-                                  std::to_string(d) + " is outside its size " +
-                                  std::to_string(shape[d]));
+    // off <= shape and len <= shape - off: no overflow on the way.
+    if (off[d] < 0 || len[d] < 0 || off[d] > shape[d] || len[d] > shape[d] - off[d]) {
+      return InvalidArgumentError(what + ": slice [" + std::to_string(off[d]) + ", +" +
+                                  std::to_string(len[d]) + ") of dimension " + std::to_string(d) +
+                                  " is outside its size " + std::to_string(shape[d]));
     }
   }
   return Status::Ok();
@@ -568,7 +568,7 @@ Status Checkpointer::Commit(Job& job, const std::vector<std::string>& parts) {
                           .count();
   std::map<std::string, size_t> index;
   for (size_t r = 0; r < parts.size(); ++r) {
-    auto part = ParseManifest(parts[r]);
+    auto part = ParseManifest(parts[r], ManifestScope::kRankReport);
     if (!part.ok()) {
       return part.status().WithContext(StepStr(job.step) + ": rank " + std::to_string(r) +
                                        "'s report");

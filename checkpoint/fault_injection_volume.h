@@ -59,6 +59,7 @@ class FaultInjectionVolume final : public Volume {
     return base_->ListDir(path);
   }
   bool Exists(const std::string& path) override { return base_->Exists(path); }
+  bool IsLink(const std::string& path) override { return base_->IsLink(path); }
   StatusOr<uint64_t> FileSize(const std::string& path) override { return base_->FileSize(path); }
   StatusOr<double> AgeSeconds(const std::string& path) override { return base_->AgeSeconds(path); }
   Status DeleteFile(const std::string& path) override;

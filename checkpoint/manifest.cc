@@ -2,9 +2,12 @@
 
 #include <xxhash.h>
 
+#include <algorithm>
 #include <cinttypes>
+#include <climits>
 #include <cstdio>
 #include <nlohmann/json.hpp>
+#include <set>
 
 namespace muster::checkpoint {
 
@@ -146,41 +149,264 @@ std::string SerializeManifest(const Manifest& m) {
   return body + kTrailer + HexU64(Xxh3(body.data(), body.size())) + "\n";
 }
 
-static Status CheckManifest(const Manifest& m) {
-  if (m.world_size <= 0) return DataLossError("manifest: world_size must be positive");
-  if (m.block_size == 0) return DataLossError("manifest: block_size is 0");
+namespace {
+
+using nlohmann::json;
+
+std::string TensorWhere(const TensorEntry& t) { return "manifest: tensor '" + t.name + "'"; }
+
+// Integers from the JSON, range-checked: nlohmann's get<> casts out-of-range values silently.
+StatusOr<uint64_t> JsonU64(const json& j, const char* what) {
+  if (j.is_number_unsigned()) return j.get<uint64_t>();
+  if (j.is_number_integer()) {
+    return DataLossError(std::string("manifest: ") + what + " must not be negative");
+  }
+  return DataLossError(std::string("manifest: ") + what + " is not an unsigned 64-bit integer");
+}
+
+StatusOr<int64_t> JsonI64(const json& j, const char* what) {
+  if (j.is_number_unsigned()) {
+    const uint64_t v = j.get<uint64_t>();
+    if (v > static_cast<uint64_t>(INT64_MAX)) {
+      return DataLossError(std::string("manifest: ") + what + " is out of range");
+    }
+    return static_cast<int64_t>(v);
+  }
+  if (j.is_number_integer()) return j.get<int64_t>();
+  return DataLossError(std::string("manifest: ") + what + " is not a 64-bit integer");
+}
+
+StatusOr<int> JsonInt(const json& j, const char* what) {
+  MUSTER_ASSIGN_OR_RETURN(int64_t v, JsonI64(j, what));
+  if (v < INT_MIN || v > INT_MAX) {
+    return DataLossError(std::string("manifest: ") + what + " is out of range");
+  }
+  return static_cast<int>(v);
+}
+
+StatusOr<std::vector<int64_t>> JsonDims(const json& j, const char* what) {
+  if (!j.is_array()) return DataLossError(std::string("manifest: ") + what + " is not an array");
+  if (j.size() > kMaxTensorDims) {
+    return DataLossError(std::string("manifest: ") + what + " has " + std::to_string(j.size()) +
+                         " dimensions, more than " + std::to_string(kMaxTensorDims));
+  }
+  std::vector<int64_t> out;
+  out.reserve(j.size());
+  for (const auto& e : j) {
+    MUSTER_ASSIGN_OR_RETURN(int64_t v, JsonI64(e, what));
+    out.push_back(v);
+  }
+  return out;
+}
+
+StatusOr<uint64_t> ParseHash(const json& j) {
+  if (!j.is_string()) return DataLossError("manifest: a block checksum is not a string");
+  const std::string& h = j.get_ref<const std::string&>();
+  if (h.empty() || h.size() > 16) return DataLossError("manifest: bad block checksum '" + h + "'");
+  uint64_t v = 0;
+  for (char c : h) {
+    int d;
+    if (c >= '0' && c <= '9') {
+      d = c - '0';
+    } else if (c >= 'a' && c <= 'f') {
+      d = c - 'a' + 10;
+    } else if (c >= 'A' && c <= 'F') {
+      d = c - 'A' + 10;
+    } else {
+      return DataLossError("manifest: bad block checksum '" + h + "'");
+    }
+    v = v << 4 | static_cast<uint64_t>(d);
+  }
+  return v;
+}
+
+bool PlainFileName(const std::string& f) {
+  if (f.empty() || f.size() > 255 || f == "." || f == "..") return false;
+  for (char c : f)
+    if (c == '/' || c == '\0') return false;
+  return true;
+}
+
+// Checks that the non-empty slices of `t` do not overlap. Sweeps along the dimension in which
+// the slices are cut the most, so a row-, column- or grid-sharded tensor costs about one
+// comparison per slice; `*budget` bounds the comparisons of a whole manifest.
+Status CheckNoOverlap(const TensorEntry& t, uint64_t* budget) {
+  const size_t nd = t.shape.size();
+  std::vector<const StoredSlice*> v;
+  for (const auto& s : t.slices) {
+    if (NumElements(s.lengths) > 0) v.push_back(&s);
+  }
+  if (v.size() < 2) return Status::Ok();
+  if (nd == 0) return DataLossError(TensorWhere(t) + ": a scalar is stored more than once");
+  size_t dim = 0, most = 0;
+  for (size_t d = 0; d < nd; ++d) {
+    std::vector<int64_t> offs;
+    offs.reserve(v.size());
+    for (const auto* s : v) offs.push_back(s->offsets[d]);
+    std::sort(offs.begin(), offs.end());
+    const size_t distinct = std::unique(offs.begin(), offs.end()) - offs.begin();
+    if (distinct > most) {
+      most = distinct;
+      dim = d;
+    }
+  }
+  std::sort(v.begin(), v.end(), [dim](const StoredSlice* a, const StoredSlice* b) {
+    return a->offsets[dim] < b->offsets[dim];
+  });
+  auto show = [](const StoredSlice& s) {
+    std::string r = "[";
+    for (size_t d = 0; d < s.offsets.size(); ++d) {
+      r += (d ? "," : "") + std::to_string(s.offsets[d]) + "+" + std::to_string(s.lengths[d]);
+    }
+    return r + "]";
+  };
+  std::vector<const StoredSlice*> active;
+  for (const StoredSlice* s : v) {
+    const int64_t lo = s->offsets[dim];
+    size_t keep = 0;
+    for (const StoredSlice* a : active) {
+      if (a->offsets[dim] + a->lengths[dim] <= lo) continue;  // ended before s begins
+      active[keep++] = a;
+      if (*budget == 0) {
+        return DataLossError(TensorWhere(t) + ": its " + std::to_string(t.slices.size()) +
+                             " slices are laid out too irregularly to check for overlap");
+      }
+      --*budget;
+      bool overlap = true;
+      for (size_t d = 0; d < nd && overlap; ++d) {
+        overlap = std::max(a->offsets[d], s->offsets[d]) <
+                  std::min(a->offsets[d] + a->lengths[d], s->offsets[d] + s->lengths[d]);
+      }
+      if (overlap) {
+        return DataLossError(TensorWhere(t) + ": slices " + show(*a) + " and " + show(*s) +
+                             " overlap, so part of the tensor is stored twice and part of it " +
+                             "is missing");
+      }
+    }
+    active.resize(keep);
+    active.push_back(s);
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+std::optional<int64_t> CheckedNumElements(const std::vector<int64_t>& dims) {
+  int64_t n = 1;
+  for (int64_t d : dims) {
+    if (d < 0 || __builtin_mul_overflow(n, d, &n)) return std::nullopt;
+  }
+  return n;
+}
+
+Status ValidateManifest(const Manifest& m, ManifestScope scope) {
+  if (m.version != kFormatVersion) {
+    return InvalidArgumentError("manifest: format version " + std::to_string(m.version) +
+                                " is not supported (this build reads version " +
+                                std::to_string(kFormatVersion) + ")");
+  }
+  if (m.step < 0) return DataLossError("manifest: step is negative");
+  if (m.world_size <= 0 || m.world_size > kMaxWorldSize) {
+    return DataLossError("manifest: world_size " + std::to_string(m.world_size) +
+                         " is outside [1, " + std::to_string(kMaxWorldSize) + "]");
+  }
+  if (m.block_size == 0 || m.block_size > kMaxBlockSize) {
+    return DataLossError("manifest: block_size " + std::to_string(m.block_size) +
+                         " is outside [1, " + std::to_string(kMaxBlockSize) + "]");
+  }
+  std::set<std::string> files;
+  std::set<int> ranks;
   for (const auto& s : m.shards) {
-    uint64_t blocks = (s.size + m.block_size - 1) / m.block_size;
+    if (!PlainFileName(s.file))
+      return DataLossError("manifest: bad shard file name '" + s.file + "'");
+    if (!files.insert(s.file).second) {
+      return DataLossError("manifest: shard file '" + s.file + "' is named twice");
+    }
+    if (s.rank < 0 || s.rank >= m.world_size) {
+      return DataLossError("manifest: " + s.file + " belongs to rank " + std::to_string(s.rank) +
+                           ", outside world size " + std::to_string(m.world_size));
+    }
+    if (!ranks.insert(s.rank).second) {
+      return DataLossError("manifest: rank " + std::to_string(s.rank) + " has two shards");
+    }
+    if (s.size > static_cast<uint64_t>(INT64_MAX)) {
+      return DataLossError("manifest: " + s.file + " size " + std::to_string(s.size) +
+                           " is out of range");
+    }
+    const uint64_t blocks = s.size / m.block_size + (s.size % m.block_size != 0);
     if (s.block_xxh3.size() != blocks) {
       return DataLossError("manifest: " + s.file + " has " + std::to_string(s.block_xxh3.size()) +
                            " block checksums for " + std::to_string(blocks) + " blocks");
     }
   }
+  std::set<std::string> names;
+  uint64_t budget = kMaxOverlapComparisons;
   for (const auto& t : m.tensors) {
+    if (!names.insert(t.name).second) {
+      return DataLossError(TensorWhere(t) + " is listed twice");
+    }
+    if (t.shape.size() > kMaxTensorDims) {
+      return DataLossError(TensorWhere(t) + " has more than " + std::to_string(kMaxTensorDims) +
+                           " dimensions");
+    }
     for (int64_t d : t.shape)
-      if (d < 0) return DataLossError("manifest: tensor '" + t.name + "' has a negative dim");
+      if (d < 0) return DataLossError(TensorWhere(t) + " has a negative dim");
+    const int64_t es = static_cast<int64_t>(DTypeSize(t.dtype));
+    std::optional<int64_t> total = CheckedNumElements(t.shape);
+    int64_t total_bytes = 0;
+    if (!total || __builtin_mul_overflow(*total, es, &total_bytes)) {
+      return DataLossError(TensorWhere(t) + ": its shape's size overflows 64 bits");
+    }
+    uint64_t covered = 0;
     for (const auto& s : t.slices) {
       if (s.shard < 0 || s.shard >= static_cast<int>(m.shards.size())) {
-        return DataLossError("manifest: tensor '" + t.name + "' names a missing shard");
+        return DataLossError(TensorWhere(t) + " names a missing shard");
       }
       if (s.offsets.size() != t.shape.size() || s.lengths.size() != t.shape.size()) {
-        return DataLossError("manifest: tensor '" + t.name + "' slice rank mismatch");
+        return DataLossError(TensorWhere(t) + ": slice rank mismatch");
       }
       for (size_t d = 0; d < t.shape.size(); ++d) {
-        if (s.offsets[d] < 0 || s.lengths[d] < 0 || s.offsets[d] + s.lengths[d] > t.shape[d]) {
-          return DataLossError("manifest: tensor '" + t.name + "' slice out of bounds");
+        // off <= shape and len <= shape - off: no overflow on the way.
+        if (s.offsets[d] < 0 || s.lengths[d] < 0 || s.offsets[d] > t.shape[d] ||
+            s.lengths[d] > t.shape[d] - s.offsets[d]) {
+          return DataLossError(TensorWhere(t) + ": slice out of bounds in dimension " +
+                               std::to_string(d));
         }
       }
-      if (static_cast<uint64_t>(NumElements(s.lengths)) * DTypeSize(t.dtype) != s.byte_length ||
-          s.byte_offset + s.byte_length > m.shards[s.shard].size) {
-        return DataLossError("manifest: tensor '" + t.name + "' byte range is inconsistent");
+      // Inside the shape, so neither product can overflow.
+      const int64_t elems = NumElements(s.lengths);
+      const uint64_t bytes = static_cast<uint64_t>(elems) * static_cast<uint64_t>(es);
+      const ShardEntry& shard = m.shards[s.shard];
+      uint64_t end = 0;
+      if (bytes != s.byte_length || __builtin_add_overflow(s.byte_offset, s.byte_length, &end) ||
+          end > shard.size) {
+        return DataLossError(TensorWhere(t) + ": byte range [" + std::to_string(s.byte_offset) +
+                             ", +" + std::to_string(s.byte_length) + ") is inconsistent with " +
+                             "its slice or outside " + shard.file + " (" +
+                             std::to_string(shard.size) + " bytes)");
+      }
+      covered += static_cast<uint64_t>(elems);  // each <= total < 2^63: no wrap for 2^63 slices
+      if (covered > static_cast<uint64_t>(*total) && scope == ManifestScope::kComplete) {
+        return DataLossError(TensorWhere(t) + ": its slices hold more than its " +
+                             std::to_string(*total) + " elements (they overlap)");
       }
     }
+    if (scope != ManifestScope::kComplete) continue;
+    if (covered != static_cast<uint64_t>(*total)) {
+      return DataLossError(TensorWhere(t) + ": its slices cover " + std::to_string(covered) +
+                           " of its " + std::to_string(*total) + " elements");
+    }
+    MUSTER_RETURN_IF_ERROR(CheckNoOverlap(t, &budget));
   }
   return Status::Ok();
 }
 
-StatusOr<Manifest> ParseManifest(const std::string& bytes) {
+StatusOr<Manifest> ParseManifest(const std::string& bytes, ManifestScope scope) {
+  if (bytes.size() > kMaxManifestBytes) {
+    return InvalidArgumentError("manifest: " + std::to_string(bytes.size()) +
+                                " bytes, more than the limit of " +
+                                std::to_string(kMaxManifestBytes));
+  }
   size_t pos = bytes.rfind(kTrailer);
   if (pos == std::string::npos) return DataLossError("manifest: no checksum trailer (torn?)");
   std::string body = bytes.substr(0, pos);
@@ -191,49 +417,66 @@ StatusOr<Manifest> ParseManifest(const std::string& bytes) {
   }
   Manifest m;
   try {
-    auto j = nlohmann::json::parse(body);
-    if (j.at("format").get<std::string>() != "muster-checkpoint") {
+    auto j = json::parse(body);
+    if (!j.is_object()) return DataLossError("manifest: not a JSON object");
+    if (j.at("format") != "muster-checkpoint") {
       return DataLossError("manifest: not a muster checkpoint");
     }
-    m.version = j.at("version").get<int>();
+    MUSTER_ASSIGN_OR_RETURN(m.version, JsonInt(j.at("version"), "version"));
     if (m.version != kFormatVersion) {
       return InvalidArgumentError("manifest: format version " + std::to_string(m.version) +
                                   " is not supported (this build reads version " +
                                   std::to_string(kFormatVersion) + ")");
     }
-    m.step = j.at("step").get<int64_t>();
-    m.world_size = j.at("world_size").get<int>();
-    m.block_size = j.at("block_size").get<uint64_t>();
-    m.created_unix_ms = j.at("created_unix_ms").get<int64_t>();
-    for (const auto& s : j.at("shards")) {
+    MUSTER_ASSIGN_OR_RETURN(m.step, JsonI64(j.at("step"), "step"));
+    MUSTER_ASSIGN_OR_RETURN(m.world_size, JsonInt(j.at("world_size"), "world_size"));
+    MUSTER_ASSIGN_OR_RETURN(m.block_size, JsonU64(j.at("block_size"), "block_size"));
+    MUSTER_ASSIGN_OR_RETURN(m.created_unix_ms, JsonI64(j.at("created_unix_ms"), "created_unix_ms"));
+    // Checked before the shards' checksums are read: the count of checksums depends on it.
+    if (m.block_size == 0 || m.block_size > kMaxBlockSize) {
+      return DataLossError("manifest: block_size " + std::to_string(m.block_size) +
+                           " is outside [1, " + std::to_string(kMaxBlockSize) + "]");
+    }
+    const json& shards = j.at("shards");
+    const json& tensors = j.at("tensors");
+    if (!shards.is_array() || !tensors.is_array()) {
+      return DataLossError("manifest: shards and tensors must be arrays");
+    }
+    for (const auto& s : shards) {
       ShardEntry e;
-      e.rank = s.at("rank").get<int>();
+      MUSTER_ASSIGN_OR_RETURN(e.rank, JsonInt(s.at("rank"), "shard rank"));
       e.file = s.at("file").get<std::string>();
-      if (e.file.find('/') != std::string::npos || e.file == ".." || e.file.empty()) {
+      if (!PlainFileName(e.file)) {
         return DataLossError("manifest: bad shard file name '" + e.file + "'");
       }
-      e.size = s.at("size").get<uint64_t>();
-      for (const auto& h : s.at("block_xxh3")) {
-        e.block_xxh3.push_back(std::stoull(h.get<std::string>(), nullptr, 16));
+      MUSTER_ASSIGN_OR_RETURN(e.size, JsonU64(s.at("size"), "shard size"));
+      const auto& hashes = s.at("block_xxh3");
+      if (!hashes.is_array()) return DataLossError("manifest: block_xxh3 is not an array");
+      e.block_xxh3.reserve(hashes.size());
+      for (const auto& h : hashes) {
+        MUSTER_ASSIGN_OR_RETURN(uint64_t v, ParseHash(h));
+        e.block_xxh3.push_back(v);
       }
       MUSTER_ASSIGN_OR_RETURN(e.metadata, Unhex(s.at("metadata_hex").get<std::string>()));
       m.shards.push_back(std::move(e));
     }
-    for (const auto& t : j.at("tensors")) {
+    for (const auto& t : tensors) {
       TensorEntry e;
       e.name = t.at("name").get<std::string>();
       auto dt = ParseDType(t.at("dtype").get<std::string>());
       if (!dt.ok()) return DataLossError("manifest: " + dt.status().message());
       e.dtype = *dt;
-      e.shape = t.at("shape").get<std::vector<int64_t>>();
+      MUSTER_ASSIGN_OR_RETURN(e.shape, JsonDims(t.at("shape"), "shape"));
       e.replicated = t.at("replicated").get<bool>();
-      for (const auto& s : t.at("slices")) {
+      const json& slices = t.at("slices");
+      if (!slices.is_array()) return DataLossError("manifest: slices is not an array");
+      for (const auto& s : slices) {
         StoredSlice sl;
-        sl.shard = s.at("shard").get<int>();
-        sl.offsets = s.at("offsets").get<std::vector<int64_t>>();
-        sl.lengths = s.at("lengths").get<std::vector<int64_t>>();
-        sl.byte_offset = s.at("byte_offset").get<uint64_t>();
-        sl.byte_length = s.at("byte_length").get<uint64_t>();
+        MUSTER_ASSIGN_OR_RETURN(sl.shard, JsonInt(s.at("shard"), "slice shard"));
+        MUSTER_ASSIGN_OR_RETURN(sl.offsets, JsonDims(s.at("offsets"), "slice offsets"));
+        MUSTER_ASSIGN_OR_RETURN(sl.lengths, JsonDims(s.at("lengths"), "slice lengths"));
+        MUSTER_ASSIGN_OR_RETURN(sl.byte_offset, JsonU64(s.at("byte_offset"), "byte_offset"));
+        MUSTER_ASSIGN_OR_RETURN(sl.byte_length, JsonU64(s.at("byte_length"), "byte_length"));
         e.slices.push_back(std::move(sl));
       }
       m.tensors.push_back(std::move(e));
@@ -241,8 +484,29 @@ StatusOr<Manifest> ParseManifest(const std::string& bytes) {
   } catch (const std::exception& e) {
     return DataLossError(std::string("manifest: malformed: ") + e.what());
   }
-  MUSTER_RETURN_IF_ERROR(CheckManifest(m));
+  MUSTER_RETURN_IF_ERROR(ValidateManifest(m, scope));
   return m;
+}
+
+StatusOr<int64_t> ParseLatest(const std::string& bytes) {
+  if (bytes.size() > kMaxLatestBytes) {
+    return DataLossError("LATEST: " + std::to_string(bytes.size()) + " bytes, more than " +
+                         std::to_string(kMaxLatestBytes));
+  }
+  std::string name = bytes;
+  while (!name.empty() && (name.back() == '\n' || name.back() == ' ' || name.back() == '\r' ||
+                           name.back() == '\t')) {
+    name.pop_back();
+  }
+  bool incomplete = false;
+  auto step = ParseStepDirName(name, &incomplete);
+  if (!step || incomplete) {
+    std::string shown = name.substr(0, 64);
+    for (char& c : shown)
+      if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) c = '?';
+    return DataLossError("LATEST does not name a committed step: '" + shown + "'");
+  }
+  return *step;
 }
 
 }  // namespace muster::checkpoint

@@ -19,6 +19,18 @@ inline constexpr int kFormatVersion = 1;
 inline constexpr char kManifestName[] = "MANIFEST";
 inline constexpr char kLatestName[] = "LATEST";
 
+// Limits a reader applies to what it finds on a volume (docs/checkpoint-format.md, "What a
+// reader checks"). Everything read from a volume is untrusted: a MANIFEST or LATEST over its
+// limit is refused by its size before any of it is read.
+inline constexpr uint64_t kMaxManifestBytes = uint64_t{64} << 20;
+inline constexpr uint64_t kMaxLatestBytes = 4096;
+inline constexpr uint64_t kMaxBlockSize = uint64_t{256} << 20;
+inline constexpr int kMaxWorldSize = 1 << 20;
+inline constexpr size_t kMaxTensorDims = 64;
+// Pairs of slices compared for overlap in one manifest; a layout that needs more is refused
+// (row, column and 2-D grid shardings need about one comparison per slice).
+inline constexpr uint64_t kMaxOverlapComparisons = uint64_t{1} << 26;
+
 enum class DType { kF32, kF64, kF16, kBF16, kI32, kI64, kU8, kI8, kBool };
 
 size_t DTypeSize(DType d);
@@ -68,9 +80,32 @@ struct Manifest {
 };
 
 std::string SerializeManifest(const Manifest& m);
-// DataLoss if the checksum trailer does not match or the JSON is malformed; InvalidArgument
-// for an unsupported version. Checks that every slice lies inside its shard and its tensor.
-StatusOr<Manifest> ParseManifest(const std::string& bytes);
+
+// What ParseManifest checks beyond the structure.
+enum class ManifestScope {
+  // A whole checkpoint's MANIFEST: every tensor is covered exactly (no overlap, no gap).
+  kComplete,
+  // One rank's report of its own slices before the commit: coverage is checked later, by the
+  // committing rank over every report.
+  kRankReport,
+};
+
+// DataLoss if the checksum trailer does not match, the JSON is malformed, or a value is out of
+// range: block_size in (0, kMaxBlockSize], world_size in [1, kMaxWorldSize], every shard's rank
+// in [0, world_size) and its file a plain unique name, one checksum per block, every size,
+// offset and length non-negative and free of overflow, every slice inside its tensor and its
+// byte range inside its shard file, unique tensor names, and (kComplete) exact coverage naming
+// the tensor that is not. InvalidArgument for an unsupported version or bytes over
+// kMaxManifestBytes.
+StatusOr<Manifest> ParseManifest(const std::string& bytes,
+                                 ManifestScope scope = ManifestScope::kComplete);
+
+// The checks of ParseManifest on an already-built manifest.
+Status ValidateManifest(const Manifest& m, ManifestScope scope = ManifestScope::kComplete);
+
+// LATEST's contents: "step-N" and optional trailing whitespace. DataLoss for anything else,
+// including more than kMaxLatestBytes.
+StatusOr<int64_t> ParseLatest(const std::string& bytes);
 
 // "step-000000100" and back.
 std::string StepDirName(int64_t step);
@@ -78,8 +113,11 @@ std::string StepDirName(int64_t step);
 std::optional<int64_t> ParseStepDirName(const std::string& name, bool* incomplete);
 std::string ShardFileName(int rank);
 
-// Number of elements of a box.
+// Number of elements of a box. REQUIRES: the product fits (true of every validated manifest's
+// shapes and slices); CheckedNumElements is the checked form.
 int64_t NumElements(const std::vector<int64_t>& lengths);
+// The product of `dims`, or nullopt when a dim is negative or the product exceeds INT64_MAX.
+std::optional<int64_t> CheckedNumElements(const std::vector<int64_t>& dims);
 
 uint64_t Xxh3(const void* data, size_t n);
 std::string HexU64(uint64_t v);

@@ -1,6 +1,7 @@
 #include "checkpoint/replicate.h"
 
 #include <memory>
+#include <new>
 
 #include "checkpoint/checkpoint_dir.h"
 #include "checkpoint/manifest.h"
@@ -12,9 +13,13 @@ StatusOr<ReplicateReport> Replicate(Volume* src, const std::string& src_dir, Vol
                                     const std::string& dst_dir, int64_t step) {
   ReplicateReport report;
   report.step = step;
-  MUSTER_ASSIGN_OR_RETURN(Manifest m, LoadManifest(src, src_dir, step));
-  const std::string manifest_bytes_path = JoinPath(StepPath(src_dir, step), kManifestName);
-  MUSTER_ASSIGN_OR_RETURN(std::string manifest_bytes, ReadFileToString(src, manifest_bytes_path));
+  // The source is untrusted (another provider's volume): its MANIFEST is size-capped and
+  // validated before anything is allocated or created at the destination, and the bytes that
+  // were validated are the ones committed there.
+  std::string manifest_bytes;
+  auto loaded = LoadManifest(src, src_dir, step, &manifest_bytes);
+  if (!loaded.ok()) return loaded.status().WithContext("replicate: the source's MANIFEST");
+  const Manifest& m = *loaded;
 
   MUSTER_RETURN_IF_ERROR(dst->CreateDirs(dst_dir));
   if (dst->Exists(StepPath(dst_dir, step))) {
@@ -25,10 +30,16 @@ StatusOr<ReplicateReport> Replicate(Volume* src, const std::string& src_dir, Vol
     return report;
   }
   const std::string tmp = TmpStepPath(dst_dir, step);
+  // A link planted in place of the temp directory would take the copy wherever it points.
+  if (dst->IsLink(tmp)) MUSTER_RETURN_IF_ERROR(dst->RemoveAll(tmp));
   MUSTER_RETURN_IF_ERROR(dst->CreateDirs(tmp));
   const std::string sdir = StepPath(src_dir, step);
   const uint64_t chunk = std::max<uint64_t>(m.block_size, (32 << 20) / m.block_size * m.block_size);
-  std::unique_ptr<char[]> buf(new char[chunk]);
+  std::unique_ptr<char[]> buf(new (std::nothrow) char[chunk]);
+  if (!buf) {
+    return UnavailableError("replicate: no memory for a " + std::to_string(chunk) +
+                            "-byte copy buffer");
+  }
   for (const auto& shard : m.shards) {
     const std::string to = JoinPath(tmp, shard.file);
     if (dst->Exists(to) && VerifyShardFile(dst, to, m, shard, false).ok()) {

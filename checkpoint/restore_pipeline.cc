@@ -26,10 +26,19 @@ RestorePlanBuilder::RestorePlanBuilder(const Manifest& m, uint64_t window_bytes)
 
 void RestorePlanBuilder::AddRun(int shard, uint64_t file_off, uint64_t len, char* dst,
                                 MemoryKind kind, const std::string* tensor) {
+  if (!plan_.error.ok()) return;
+  uint64_t end = 0;
+  if (shard < 0 || static_cast<size_t>(shard) >= m_.shards.size() ||
+      __builtin_add_overflow(file_off, len, &end) || end > m_.shards[shard].size) {
+    plan_.error = DataLossError("restore of step " + std::to_string(m_.step) + ": tensor '" +
+                                (tensor ? *tensor : std::string("?")) + "': byte range [" +
+                                std::to_string(file_off) + ", +" + std::to_string(len) +
+                                ") is outside its shard file");
+    return;
+  }
   plan_.run_bytes += len;
   // Split at multiples of the window size, so every piece fits one window.
   uint64_t off = file_off;
-  const uint64_t end = file_off + len;
   while (off < end) {
     const uint64_t cut = std::min(end, (off / window_bytes_ + 1) * window_bytes_);
     AddPiece(shard, off, cut - off, dst + (off - file_off), kind, tensor);
@@ -248,8 +257,42 @@ class Pipeline {
 
 }  // namespace
 
+namespace {
+
+// Every window inside its shard file and within the slot size, every run inside its window:
+// what the pipeline's pointer arithmetic relies on.
+Status CheckPlan(const RestorePlan& plan, const RestoreIo& io) {
+  const Manifest& m = *io.manifest;
+  for (const auto& w : plan.windows) {
+    if (w.shard < 0 || static_cast<size_t>(w.shard) >= m.shards.size() ||
+        !io.files.count(w.shard)) {
+      return InternalError("restore plan: a window names shard " + std::to_string(w.shard) +
+                           ", which has no open file");
+    }
+    const uint64_t size = m.shards[w.shard].size;
+    if (w.begin > w.end || w.end > size || w.end - w.begin > plan.max_window ||
+        w.begin % m.block_size != 0 || w.first_run > plan.runs.size() ||
+        w.num_runs > plan.runs.size() - w.first_run) {
+      return InternalError("restore plan: a window of " + m.shards[w.shard].file +
+                           " is outside the file or the plan");
+    }
+    for (size_t i = 0; i < w.num_runs; ++i) {
+      const RestoreRun& r = plan.runs[w.first_run + i];
+      if (r.file_off < w.begin || r.file_off > w.end || r.len > w.end - r.file_off) {
+        return InternalError("restore plan: a run of " + m.shards[w.shard].file +
+                             " is outside its window");
+      }
+    }
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
 Status ExecuteRestorePlan(const RestorePlan& plan, const RestoreIo& io) {
+  MUSTER_RETURN_IF_ERROR(plan.error);
   if (plan.windows.empty()) return Status::Ok();
+  MUSTER_RETURN_IF_ERROR(CheckPlan(plan, io));
   bool any_device = false;
   for (const auto& w : plan.windows) any_device |= w.kind != MemoryKind::kHost;
   if (any_device && !io.device) {

@@ -54,12 +54,16 @@ struct RestorePlan {
   std::vector<RestoreWindow> windows;
   uint64_t max_window = 0;  // bytes of the largest window: the slot size
   uint64_t run_bytes = 0;   // bytes delivered in all
+  // The first run the builder refused (a shard that does not exist, a byte range that wraps
+  // around or ends past its shard); ExecuteRestorePlan returns it without reading anything.
+  Status error;
 };
 
 // Builds a plan. Runs of one tensor slice are added in increasing file order; a run joins the
 // current window when it is in the same shard, for the same tensor and kind of memory, starts in
 // or right after the window's last block, and the window stays within `window_bytes`. Runs are
-// split at multiples of `window_bytes` in the file.
+// split at multiples of `window_bytes` in the file. A run outside its shard file is refused
+// (RestorePlan::error), never wrapped around.
 class RestorePlanBuilder {
  public:
   // REQUIRES: window_bytes is a positive multiple of the manifest's block size.
@@ -91,6 +95,8 @@ struct RestoreIo {
 
 // Reads and delivers `plan`. The first error wins: DataLoss naming the tensor and step for a
 // block that fails its checksum or a short file; the volume's or the device's error otherwise.
+// A plan whose windows or runs fall outside their shard files (or the plan's own error) is
+// refused before anything is read.
 Status ExecuteRestorePlan(const RestorePlan& plan, const RestoreIo& io);
 
 }  // namespace muster::checkpoint

@@ -109,34 +109,69 @@ class PosixReadableFile final : public ReadableFile {
   bool direct_;
 };
 
+std::string FileKind(mode_t m) {
+  if (S_ISFIFO(m)) return "a FIFO";
+  if (S_ISDIR(m)) return "a directory";
+  if (S_ISCHR(m) || S_ISBLK(m)) return "a device";
+  if (S_ISSOCK(m)) return "a socket";
+  if (S_ISLNK(m)) return "a symbolic link";
+  return "not a plain file";
+}
+
+Status OpenError(int err, const std::string& path) {
+  if (err == ELOOP) {
+    return FailedPreconditionError(path +
+                                   " is a symbolic link; checkpoint files are read only "
+                                   "as regular files");
+  }
+  return ErrnoStatus(err, "open " + path);
+}
+
 class PosixVolume final : public Volume {
  public:
   StatusOr<std::unique_ptr<WritableFile>> NewWritableFile(const std::string& path,
                                                           bool direct) override {
-    int flags = O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC;
+    // O_NOFOLLOW: a link planted where a checkpoint file goes is never written through.
+    int flags = O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW;
     int fd = -1;
     bool got_direct = false;
     if (direct) {
       fd = ::open(path.c_str(), flags | O_DIRECT, 0644);
       got_direct = fd >= 0;
-      if (fd < 0 && errno != EINVAL) return ErrnoStatus(errno, "open " + path);
+      if (fd < 0 && errno != EINVAL) return OpenError(errno, path);
     }
     if (fd < 0) fd = ::open(path.c_str(), flags, 0644);
-    if (fd < 0) return ErrnoStatus(errno, "open " + path);
+    if (fd < 0) return OpenError(errno, path);
     return std::unique_ptr<WritableFile>(new PosixWritableFile(path, fd, got_direct));
   }
 
   StatusOr<std::unique_ptr<ReadableFile>> NewReadableFile(const std::string& path,
                                                           bool direct) override {
+    // O_NONBLOCK: opening a FIFO must not wait for a writer; O_NOFOLLOW: a checkpoint's files
+    // are never links. Only a regular file is returned (then reads never block).
+    const int flags = O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOFOLLOW;
     int fd = -1;
     bool got_direct = false;
     if (direct) {
-      fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_DIRECT);
+      fd = ::open(path.c_str(), flags | O_DIRECT);
       got_direct = fd >= 0;
-      if (fd < 0 && errno != EINVAL) return ErrnoStatus(errno, "open " + path);
+      if (fd < 0 && errno != EINVAL) return OpenError(errno, path);
     }
-    if (fd < 0) fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return ErrnoStatus(errno, "open " + path);
+    if (fd < 0) fd = ::open(path.c_str(), flags);
+    if (fd < 0) return OpenError(errno, path);
+    struct stat st;
+    if (::fstat(fd, &st) != 0) {
+      Status s = ErrnoStatus(errno, "stat " + path);
+      ::close(fd);
+      return s;
+    }
+    if (!S_ISREG(st.st_mode)) {
+      ::close(fd);
+      return FailedPreconditionError(path + " is not a regular file (" + FileKind(st.st_mode) +
+                                     ")");
+    }
+    int fl = ::fcntl(fd, F_GETFL);
+    if (fl >= 0) ::fcntl(fd, F_SETFL, fl & ~O_NONBLOCK);
     return std::unique_ptr<ReadableFile>(new PosixReadableFile(path, fd, got_direct));
   }
 
@@ -181,6 +216,11 @@ class PosixVolume final : public Volume {
     return ::stat(path.c_str(), &st) == 0;
   }
 
+  bool IsLink(const std::string& path) override {
+    struct stat st;
+    return ::lstat(path.c_str(), &st) == 0 && S_ISLNK(st.st_mode);
+  }
+
   StatusOr<uint64_t> FileSize(const std::string& path) override {
     struct stat st;
     if (::stat(path.c_str(), &st) != 0) return ErrnoStatus(errno, "stat " + path);
@@ -215,9 +255,14 @@ Volume* LocalVolume() {
   return v;
 }
 
-StatusOr<std::string> ReadFileToString(Volume* v, const std::string& path) {
+StatusOr<std::string> ReadFileToString(Volume* v, const std::string& path, uint64_t max_bytes) {
   MUSTER_ASSIGN_OR_RETURN(auto f, v->NewReadableFile(path, /*direct=*/false));
   MUSTER_ASSIGN_OR_RETURN(uint64_t size, f->Size());
+  if (size > max_bytes) {
+    return InvalidArgumentError(path + " is " + std::to_string(size) +
+                                " bytes, more than the limit of " + std::to_string(max_bytes) +
+                                " for this file");
+  }
   std::string out(size, '\0');
   MUSTER_RETURN_IF_ERROR(f->Read(0, out.data(), size));
   return out;
@@ -226,6 +271,8 @@ StatusOr<std::string> ReadFileToString(Volume* v, const std::string& path) {
 Status WriteFileAtomic(Volume* v, const std::string& path, const std::string& contents) {
   std::string tmp = path + ".tmp";
   {
+    // A leftover (or planted) temp file or link goes first: the new one is created afresh.
+    v->DeleteFile(tmp).IgnoreError();
     MUSTER_ASSIGN_OR_RETURN(auto f, v->NewWritableFile(tmp, /*direct=*/false));
     MUSTER_RETURN_IF_ERROR(f->Write(0, contents.data(), contents.size()));
     MUSTER_RETURN_IF_ERROR(f->Sync());

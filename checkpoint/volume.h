@@ -75,6 +75,8 @@ class Volume {
                                                                   bool direct) = 0;
   // Opens a file for reading. With `direct`, asks for O_DIRECT (aligned reads only) and falls
   // back to buffered I/O where the file system refuses it (see ReadableFile::direct()).
+  // Implementations open only regular files and never block on opening: LocalVolume refuses a
+  // FIFO, device, directory or a symbolic link in the last component (FailedPrecondition).
   virtual StatusOr<std::unique_ptr<ReadableFile>> NewReadableFile(const std::string& path,
                                                                   bool direct) = 0;
 
@@ -87,6 +89,8 @@ class Volume {
   // Names of the entries of a directory (no "." or ".."), unsorted.
   virtual StatusOr<std::vector<std::string>> ListDir(const std::string& path) = 0;
   virtual bool Exists(const std::string& path) = 0;
+  // True if `path` itself is a symbolic link (not followed). Volumes without links say false.
+  virtual bool IsLink(const std::string& path) { return false; }
   virtual StatusOr<uint64_t> FileSize(const std::string& path) = 0;
   // Seconds since the entry was last modified.
   virtual StatusOr<double> AgeSeconds(const std::string& path) = 0;
@@ -99,7 +103,10 @@ class Volume {
 Volume* LocalVolume();
 
 // Convenience helpers over any Volume.
-StatusOr<std::string> ReadFileToString(Volume* v, const std::string& path);
+// Reads a whole (regular) file of at most `max_bytes`; a larger one is refused by its size
+// before anything is allocated (InvalidArgument naming the file, its size and the limit).
+StatusOr<std::string> ReadFileToString(Volume* v, const std::string& path,
+                                       uint64_t max_bytes = uint64_t{64} << 20);
 // Writes `path` durably and atomically: `path`.tmp, fsync, rename over `path`, fsync the parent.
 Status WriteFileAtomic(Volume* v, const std::string& path, const std::string& contents);
 // Joins two path pieces with one '/'.

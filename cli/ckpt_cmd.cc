@@ -69,6 +69,14 @@ int Ls(const std::string& dir) {
     if (!s.problem.empty()) std::printf("             %s\n", s.problem.c_str());
   }
   if (steps->empty()) std::printf("(no checkpoints)\n");
+  // A damaged step is worth a non-zero exit: scripts that list before they resume or gc see it.
+  for (const auto& s : *steps) {
+    if (!s.committed && !s.problem.empty()) {
+      std::fprintf(stderr, "muster ckpt ls: step %lld is damaged: %s\n",
+                   static_cast<long long>(s.step), s.problem.c_str());
+      return 1;
+    }
+  }
   return 0;
 }
 
@@ -198,7 +206,9 @@ void AddCkptCommands(CLI::App& app, Runner* runner) {
   auto dir = std::make_shared<std::string>();
   auto step = std::make_shared<int64_t>(-1);
 
-  auto* ls = ck->add_subcommand("ls", "List steps: size, world size, committed or not, age");
+  auto* ls = ck->add_subcommand(
+      "ls",
+      "List steps: size, world size, committed or not, age (non-zero exit if one is damaged)");
   ls->add_option("DIR", *dir, "The job's checkpoint directory")->required();
   ls->callback([=] { *runner = [=] { return Ls(*dir); }; });
 
@@ -215,18 +225,27 @@ void AddCkptCommands(CLI::App& app, Runner* runner) {
 
   auto keep = std::make_shared<int>(0);
   auto every = std::make_shared<int64_t>(0);
+  auto gc_verify = std::make_shared<bool>(false);
   auto* gc = ck->add_subcommand(
       "gc",
-      "Keep the newest K (plus every M-th) committed steps; remove incomplete ones. Do not "
-      "run while the job is saving into DIR");
+      "Keep the newest K (plus every M-th) good steps; remove incomplete ones. A step is good "
+      "when its MANIFEST validates and every shard it names is present with its size; damaged "
+      "steps are left alone and never counted. Do not run while the job is saving into DIR");
   gc->add_option("DIR", *dir, "The job's checkpoint directory")->required();
-  gc->add_option("--keep", *keep, "Committed steps to keep (>= 1)")->required();
+  gc->add_option("--keep", *keep, "Good steps to keep (>= 1)")->required();
   gc->add_option("--every", *every, "Also keep every step divisible by M");
+  gc->add_flag("--verify", *gc_verify,
+               "Count a step as good only if every block checksum matches (reads every byte)");
   gc->callback([=] {
     *runner = [=] {
-      auto rep = CollectGarbage(LocalVolume(), *dir, {.keep_last = *keep, .keep_every = *every},
-                                INT64_MAX);
+      auto rep = CollectGarbage(
+          LocalVolume(), *dir,
+          {.keep_last = *keep, .keep_every = *every, .verify_checksums = *gc_verify}, INT64_MAX);
       if (!rep.ok()) return Fail("gc", rep.status());
+      for (const auto& d : rep->damaged) {
+        std::printf("kept damaged step %lld (not counted): %s\n", static_cast<long long>(d.step),
+                    d.problem.c_str());
+      }
       for (int64_t s : rep->removed_committed)
         std::printf("removed step %lld\n", static_cast<long long>(s));
       for (const auto& p : rep->removed_incomplete)

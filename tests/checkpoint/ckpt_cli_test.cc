@@ -1,10 +1,14 @@
 // `muster ckpt ...` run as a real binary over checkpoints written by Checkpointer.
 
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
+#include <functional>
 
 #include "checkpoint/checkpointer.h"
 #include "tests/checkpoint/test_util.h"
@@ -17,8 +21,9 @@ struct Result {
   std::string out;
 };
 
+// Runs `muster ARGS`; a run that hangs is killed after 20 s (exit status 124 or 137).
 Result Muster(const std::string& args) {
-  std::string cmd = std::string(MUSTER_BIN) + " " + args + " 2>&1";
+  std::string cmd = "timeout -s KILL 20 " + std::string(MUSTER_BIN) + " " + args + " 2>&1";
   FILE* p = ::popen(cmd.c_str(), "r");
   Result r{-1, ""};
   if (!p) return r;
@@ -94,6 +99,107 @@ TEST(CkptCliTest, BadInputsFailClearly) {
   auto none = Muster("ckpt replicate " + dir.path() + " " + dir.sub("x") + " --latest");
   EXPECT_NE(none.code, 0);
   EXPECT_NE(none.out.find("no committed checkpoint"), std::string::npos) << none.out;
+}
+
+// Each hostile directory makes ls, verify and inspect exit 1 with the reason: before, a huge
+// block_size or a sparse MANIFEST aborted them (bad_alloc), a FIFO MANIFEST hung them, and
+// wrapping offsets or overlapping slices passed verify as "ok".
+TEST(CkptCliTest, HostileDirectoriesFailClearlyWithoutCrashOrHang) {
+  struct Case {
+    const char* what;
+    std::function<void(const std::string& job)> spoil;
+    const char* expect;
+  };
+  const std::string manifest = "/step-000000010/MANIFEST";
+  const std::vector<Case> cases = {
+      {"huge block_size",
+       [](const std::string& job) {
+         std::string shard = testing::ReadAll(job + "/step-000000010/shard-00000.bin");
+         ASSERT_TRUE(testing::EditManifest(job, 10, [&](Manifest& m) {
+           m.block_size = uint64_t{1} << 62;
+           m.shards[0].block_xxh3 = testing::BlockHashes(shard, m.block_size);
+         }));
+       },
+       "block_size 4611686018427387904 is outside"},
+      {"sparse 1 TiB MANIFEST",
+       [&](const std::string& job) {
+         ASSERT_EQ(::truncate((job + manifest).c_str(), int64_t{1} << 40), 0);
+       },
+       "more than the limit"},
+      {"FIFO MANIFEST",
+       [&](const std::string& job) {
+         ASSERT_EQ(::unlink((job + manifest).c_str()), 0);
+         ASSERT_EQ(::mkfifo((job + manifest).c_str(), 0644), 0);
+       },
+       "not a regular file (a FIFO)"},
+      {"offset near 2^64",
+       [](const std::string& job) {
+         ASSERT_TRUE(testing::EditManifest(job, 10, [](Manifest& m) {
+           m.tensors[0].slices[0].byte_offset = ~uint64_t{0} - 4095;
+         }));
+       },
+       "byte range [18446744073709547520"},
+      {"overlapping slices leaving a gap",
+       [](const std::string& job) {
+         ASSERT_TRUE(testing::EditManifest(job, 10, [](Manifest& m) {
+           StoredSlice a = m.tensors[0].slices[0];
+           a.lengths = {32, 64};
+           a.byte_length /= 2;
+           StoredSlice b = a;
+           b.byte_offset = a.byte_length;
+           m.tensors[0].slices = {a, b};
+         }));
+       },
+       "tensor 'layer.weight': slices [0+32,0+64] and [0+32,0+64] overlap"},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.what);
+    testing::TempDir dir;
+    const std::string job = dir.sub("job");
+    SaveSteps(job, {10});
+    c.spoil(job);
+    for (const std::string cmd : {"ls", "verify", "inspect --step 10"}) {
+      auto r = Muster("ckpt " + cmd + " " + job);
+      EXPECT_EQ(r.code, 1) << cmd << ": " << r.out;
+      EXPECT_NE(r.out.find(c.expect), std::string::npos) << cmd << ": " << r.out;
+    }
+  }
+}
+
+// gc --keep 1 when the newest step lost a shard: the newest good step stays (before, it was
+// deleted and nothing restorable was left), and the damaged step is left and reported.
+TEST(CkptCliTest, GcKeepsTheNewestGoodStep) {
+  testing::TempDir dir;
+  const std::string job = dir.sub("job");
+  SaveSteps(job, {10, 20});
+  ASSERT_EQ(::unlink((job + "/step-000000020/shard-00000.bin").c_str()), 0);
+  auto gc = Muster("ckpt gc " + job + " --keep 1");
+  ASSERT_EQ(gc.code, 0) << gc.out;
+  EXPECT_NE(gc.out.find("kept damaged step 20"), std::string::npos) << gc.out;
+  EXPECT_EQ(gc.out.find("removed step 10"), std::string::npos) << gc.out;
+  auto v = Muster("ckpt verify " + job + " --step 10");
+  EXPECT_EQ(v.code, 0) << v.out;
+  auto ls = Muster("ckpt ls " + job);
+  EXPECT_EQ(ls.code, 1) << ls.out;
+  EXPECT_NE(ls.out.find("shard-00000.bin is not readable"), std::string::npos) << ls.out;
+}
+
+// gc --verify also reads every block: a step of the right size with a flipped byte is not good.
+TEST(CkptCliTest, GcVerifyCountsOnlyStepsWhoseChecksumsMatch) {
+  testing::TempDir dir;
+  const std::string job = dir.sub("job");
+  SaveSteps(job, {10, 20});
+  {
+    std::fstream f(job + "/step-000000020/shard-00000.bin",
+                   std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(3);
+    f.write("\x7f", 1);
+  }
+  auto gc = Muster("ckpt gc " + job + " --keep 1 --verify");
+  ASSERT_EQ(gc.code, 0) << gc.out;
+  EXPECT_NE(gc.out.find("kept damaged step 20"), std::string::npos) << gc.out;
+  EXPECT_TRUE(std::filesystem::exists(job + "/step-000000010"));
+  EXPECT_EQ(Muster("ckpt verify " + job + " --step 10").code, 0);
 }
 
 }  // namespace

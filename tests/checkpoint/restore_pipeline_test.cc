@@ -400,5 +400,35 @@ TEST(RestorePlanTest, WindowsAreAlignedBoundedAndDeliverEveryByteOnce) {
   EXPECT_EQ(p.runs[p.windows[6].first_run].len, 3u * 4096);
 }
 
+// The planner is the last line of defence for byte ranges it is handed: one that wraps around
+// 2^64 or ends past its shard is refused, and executing the plan reads nothing.
+TEST(RestorePlanTest, RunsOutsideTheirShardAreRefusedNotWrapped) {
+  Manifest m;
+  m.block_size = 4096;
+  m.shards.resize(1);
+  m.shards[0].size = 4 * 4096;
+  const std::string name = "t";
+  std::vector<char> dst(8 * 4096, 'x');
+  struct Case {
+    int shard;
+    uint64_t off, len;
+  };
+  for (const Case c : {Case{0, ~uint64_t{0} - 4095, 3 * 4096}, Case{0, 3 * 4096, 2 * 4096},
+                       Case{1, 0, 4096}, Case{-1, 0, 4096}}) {
+    RestorePlanBuilder b(m, 4096);
+    b.AddRun(0, 0, 4096, dst.data(), MemoryKind::kHost, &name);
+    b.AddRun(c.shard, c.off, c.len, dst.data() + 4096, MemoryKind::kHost, &name);
+    RestorePlan p = b.Take();
+    EXPECT_EQ(p.error.code(), StatusCode::kDataLoss) << c.off << " +" << c.len;
+    EXPECT_NE(p.error.message().find("tensor 't'"), std::string::npos) << p.error;
+    StagingBuffer ring;
+    RestoreIo io;
+    io.manifest = &m;
+    io.ring = &ring;  // no files: a plan that got as far as reading would fail differently
+    EXPECT_EQ(ExecuteRestorePlan(p, io), p.error);
+  }
+  EXPECT_EQ(dst, std::vector<char>(8 * 4096, 'x'));
+}
+
 }  // namespace
 }  // namespace muster::checkpoint

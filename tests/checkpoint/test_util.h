@@ -6,8 +6,14 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <fstream>
+#include <functional>
+#include <sstream>
 #include <string>
 #include <vector>
+
+#include "checkpoint/checkpoint_dir.h"
+#include "checkpoint/manifest.h"
 
 namespace muster::checkpoint::testing {
 
@@ -46,5 +52,34 @@ class TempDir {
  private:
   std::string path_;
 };
+
+inline std::string ReadAll(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+// Rewrites the MANIFEST of committed `step` in `dir` as `edit` leaves it, with a matching
+// checksum trailer: what a broken or hostile writer could leave on a volume. Returns false if
+// the step could not be loaded.
+inline bool EditManifest(const std::string& dir, int64_t step,
+                         const std::function<void(Manifest&)>& edit) {
+  auto m = LoadManifest(LocalVolume(), dir, step);
+  if (!m.ok()) return false;
+  edit(*m);
+  std::ofstream f(StepPath(dir, step) + "/" + kManifestName, std::ios::binary | std::ios::trunc);
+  f << SerializeManifest(*m);
+  return static_cast<bool>(f);
+}
+
+// The xxh3 of each `block_size` block of `bytes` (the last one may be short).
+inline std::vector<uint64_t> BlockHashes(const std::string& bytes, uint64_t block_size) {
+  std::vector<uint64_t> out;
+  for (uint64_t off = 0; off < bytes.size(); off += block_size) {
+    out.push_back(Xxh3(bytes.data() + off, std::min<uint64_t>(block_size, bytes.size() - off)));
+  }
+  return out;
+}
 
 }  // namespace muster::checkpoint::testing
