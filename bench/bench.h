@@ -36,5 +36,6 @@ void AddCkptBench(CLI::App& app, Runner* runner);
 void AddLaunchBench(CLI::App& app, Runner* runner);
 void AddSchedulerBench(CLI::App& app, Runner* runner);
 void AddRecoveryBench(CLI::App& app, Runner* runner);
+void AddCkptPyBench(CLI::App& app, Runner* runner);
 
 }  // namespace muster::bench

@@ -3,9 +3,12 @@
 
 #include <climits>
 #include <cstdio>
+#include <cstdlib>
 #include <iostream>
 
+#include "checkpoint/adopt.h"
 #include "checkpoint/checkpoint_dir.h"
+#include "checkpoint/export.h"
 #include "checkpoint/replicate.h"
 #include "cli/commands.h"
 #include "common/logging.h"
@@ -129,6 +132,71 @@ int Inspect(const std::string& dir, int64_t step) {
   return 0;
 }
 
+// `muster ckpt adopt SRC [--into DIR] [--step N]`: checkpoint/adopt.h.
+void AddAdoptCommand(CLI::App& ck, Runner* runner) {
+  auto src = std::make_shared<std::string>();
+  auto into = std::make_shared<std::string>();
+  auto step = std::make_shared<int64_t>(-1);
+  auto* adopt = ck.add_subcommand(
+      "adopt",
+      "Commit a finished Hugging Face checkpoint-N, DCP or torch.save directory as a step (a "
+      "half-written one is refused, naming what is missing)");
+  adopt->add_option("SRC", *src, "The directory to adopt")->required();
+  adopt->add_option("--into", *into,
+                    "The job's checkpoint directory (default: "
+                    "$MUSTER_CHECKPOINT_DIR)");
+  adopt->add_option("--step", *step,
+                    "The step (default: N of checkpoint-N, else trainer_state.json's global_step)");
+  adopt->callback([=] {
+    *runner = [=] {
+      AdoptOptions o;
+      o.source = *src;
+      o.job_dir = *into;
+      if (o.job_dir.empty()) {
+        const char* env = std::getenv("MUSTER_CHECKPOINT_DIR");
+        o.job_dir = env ? env : "";
+      }
+      if (o.job_dir.empty()) {
+        return Fail("adopt", InvalidArgumentError("no job checkpoint directory: pass --into DIR "
+                                                  "or set MUSTER_CHECKPOINT_DIR"));
+      }
+      o.step = *step;
+      auto r = Adopt(o);
+      if (!r.ok()) return Fail("adopt", r.status());
+      std::printf("adopted %s checkpoint %s as step %lld of %s: %zu files, %s\n", r->format.c_str(),
+                  src->c_str(), static_cast<long long>(r->step), o.job_dir.c_str(), r->files.size(),
+                  Bytes(r->bytes).c_str());
+      return 0;
+    };
+  });
+}
+
+// `muster ckpt export DIR [--step N] --format safetensors [--lora-only] [--prefix P] -o FILE`:
+// checkpoint/export.h.
+void AddExportCommand(CLI::App& ck, Runner* runner) {
+  auto o = std::make_shared<ExportOptions>();
+  auto* ex =
+      ck.add_subcommand("export",
+                        "Write a committed step as a safetensors file (a PEFT-style adapter with "
+                        "--lora-only)");
+  ex->add_option("DIR", o->job_dir, "The job's checkpoint directory")->required();
+  ex->add_option("--step", o->step, "The step (default: the newest committed)");
+  ex->add_option("--format", o->format, "Output format: safetensors")->required();
+  ex->add_option("-o,--out", o->out, "The file to write")->required();
+  ex->add_option("--prefix", o->prefix,
+                 "Only tensors whose names start with P, without it (e.g. model/)");
+  ex->add_flag("--lora-only", o->lora_only, "Only the LoRA adapter tensors (lora_a, lora_b)");
+  ex->callback([=] {
+    *runner = [=] {
+      auto r = Export(*o);
+      if (!r.ok()) return Fail("export", r.status());
+      std::printf("exported step %lld: %d tensors to %s (%s)\n", static_cast<long long>(r->step),
+                  r->tensors, o->out.c_str(), Bytes(r->bytes).c_str());
+      return 0;
+    };
+  });
+}
+
 }  // namespace
 
 void AddCkptCommands(CLI::App& app, Runner* runner) {
@@ -190,6 +258,8 @@ void AddCkptCommands(CLI::App& app, Runner* runner) {
 
   auto src = std::make_shared<std::string>();
   auto dst = std::make_shared<std::string>();
+  AddAdoptCommand(*ck, runner);
+  AddExportCommand(*ck, runner);
   auto latest = std::make_shared<bool>(false);
   auto* rep = ck->add_subcommand(
       "replicate", "Copy a committed step to another volume; verify, then commit it there");

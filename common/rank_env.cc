@@ -48,7 +48,7 @@ const std::set<std::string_view>& ContractNames() {
 
 const std::set<std::string_view>& KnobNames() {
   static const std::set<std::string_view> kNames = {"MUSTER_COLL_BACKEND", "MUSTER_COLL_TIMEOUT_MS",
-                                                    "MUSTER_LOG_LEVEL"};
+                                                    "MUSTER_LOG_LEVEL", "MUSTER_NOTICE_SIGNAL"};
   return kNames;
 }
 

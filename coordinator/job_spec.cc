@@ -421,7 +421,7 @@ StatusOr<JobSpec> ParseJobSpec(std::string_view text, std::string_view filename)
   try {
     CheckKeys(root, "",
               {"name", "command", "env", "nodes", "ranks_per_node", "gpu_type", "gpus_per_node",
-               "placement", "priority", "checkpoint", "restart", "time_limit"},
+               "placement", "priority", "checkpoint", "restart", "time_limit", "notice_signal"},
               &errs);
     if (auto n = root["name"]; !n) {
       errs.Add(0, "name", "is required");
@@ -481,6 +481,23 @@ StatusOr<JobSpec> ParseJobSpec(std::string_view text, std::string_view filename)
         n && GetInt(n, "priority", -kMaxPriority, kMaxPriority, &v, &errs))
       spec.priority = v;
     if (auto n = root["time_limit"]) GetDuration(n, "time_limit", &spec.time_limit, &errs);
+    if (auto n = root["notice_signal"]) {
+      // Carried to the agent (and the ranks) as a job env entry: no new wire field.
+      std::string name = n.IsScalar() ? n.Scalar() : "";
+      if (name == "true") name = "SIGTERM";
+      if (name.rfind("SIG", 0) != 0) name = "SIG" + name;
+      static const std::set<std::string> kSignals = {"SIGTERM", "SIGINT", "SIGHUP",
+                                                     "SIGUSR1", "SIGUSR2", "SIGQUIT"};
+      if (n.IsScalar() && n.Scalar() == "false") {
+        // off, as without the field
+      } else if (kSignals.count(name)) {
+        spec.env[std::string(kNoticeSignalEnv)] = name;
+      } else {
+        errs.Add(n, "notice_signal",
+                 "must be true, false or one of SIGTERM SIGINT SIGHUP SIGUSR1 SIGUSR2 SIGQUIT, "
+                 "not " + Shown(n));
+      }
+    }
     if (auto p = root["placement"]) {
       if (!p.IsMap()) {
         errs.Add(p, "placement", "must be a mapping (providers, island, hosts), not " + Shown(p));

@@ -47,6 +47,11 @@ inline constexpr int64_t kMaxEverySteps = int64_t{1} << 50;
 inline constexpr std::chrono::seconds kMaxDuration{365LL * 24 * 3600};
 inline constexpr size_t kMaxJobSpecBytes = 1 << 20;  // YAML text
 
+// `notice_signal: SIGTERM` (opt-in): on a preemption notice the agent also sends the ranks this
+// signal, so programs that checkpoint on a signal (HF Trainer, Lightning, submitit) work
+// unchanged. The spec carries it as this job env entry (the ranks see it too).
+inline constexpr std::string_view kNoticeSignalEnv = "MUSTER_NOTICE_SIGNAL";
+
 struct JobSpec {
   std::string name;
   // argv. A YAML string becomes {"/bin/sh", "-c", string}; a YAML list is the argv itself.

@@ -24,6 +24,7 @@
 #include "collectives/store_server.h"
 #include "common/curve.h"
 #include "common/logging.h"
+#include "common/python_path.h"
 #include "common/rank_env.h"
 #include "common/reactor.h"
 #include "launcher/remote_run.h"
@@ -207,6 +208,8 @@ StatusOr<std::vector<RankPlan>> PlanRanks(const RunOptions& options, const Launc
     }
     exported[x] = it->substr(x.size() + 1);
   }
+
+  AddMusterPythonPath(ctx.base_env, exported);  // `import muster` works in every rank
 
   // Every rank is on this machine: one node.
   std::vector<RankPlan> plan;

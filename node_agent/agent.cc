@@ -26,9 +26,11 @@
 #include "common/curve.h"
 #include "common/logging.h"
 #include "common/path_name.h"
+#include "common/python_path.h"
 #include "common/rank_env.h"
 #include "common/reactor.h"
 #include "coordinator/client.h"
+#include "coordinator/job_spec.h"
 #include "node_agent/checkpoint_steps.h"
 #include "node_agent/lease_watchdog.h"
 #include "node_agent/outbox.h"
@@ -688,8 +690,9 @@ struct Agent::Impl {
     contract.provider = labels.provider();
     contract.control_fd = Supervisor::kControlFd;
     if (Status st = contract.Validate(); !st.ok()) return StartError(s, st.message());
-    const std::map<std::string, std::string> job_env(s.env().begin(), s.env().end());
+    std::map<std::string, std::string> job_env(s.env().begin(), s.env().end());
     const std::vector<std::string> inherited = ProcessEnviron();
+    AddMusterPythonPath(inherited, job_env);  // `import muster` works in every rank
     int rpn = s.ranks_per_node();
     int world = contract.world_size;
     for (int local = 0; local < rpn; ++local) {
@@ -763,8 +766,27 @@ struct Agent::Impl {
     if (a.store) {
       a.store->Set(a.spec.job_id(), a.spec.attempt(), "muster/preempt", value).IgnoreError();
     }
+    SendNoticeSignal(a);
     logger->warn("job {} attempt {}: asked ranks to checkpoint and stop within {} ms ({})",
                  a.spec.job_id(), a.spec.attempt(), deadline_ms - UnixMs(), why);
+  }
+
+  // The job spec's opt-in `notice_signal`: the notice also reaches the ranks as a signal.
+  void SendNoticeSignal(Assignment& a) {
+    auto it = a.spec.env().find(std::string(coordinator::kNoticeSignalEnv));
+    if (it == a.spec.env().end()) return;
+    static const std::map<std::string, int> kSignals = {
+        {"SIGTERM", SIGTERM}, {"SIGINT", SIGINT},   {"SIGHUP", SIGHUP},
+        {"SIGUSR1", SIGUSR1}, {"SIGUSR2", SIGUSR2}, {"SIGQUIT", SIGQUIT}};
+    auto sig = kSignals.find(it->second);
+    if (sig == kSignals.end()) {
+      logger->warn("job {}: notice signal '{}' is not one muster sends", a.spec.job_id(),
+                   it->second);
+      return;
+    }
+    for (const auto& [child, rank] : a.rank_of) {
+      if (a.live.count(rank)) supervisor->Signal(child, sig->second).IgnoreError();
+    }
   }
 
   void ArmDeadline(Assignment& a, int64_t deadline_ms, milliseconds grace) {

@@ -15,6 +15,7 @@ PKGS=(
   libgloo-dev
   libopenmpi-dev openmpi-bin
   libtorch-dev python3-torch
+  pybind11-dev python3-dev python3-numpy
   clang-14 libclang-rt-14-dev clang-format
   iproute2 procps psmisc
 )

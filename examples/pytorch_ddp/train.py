@@ -1,23 +1,31 @@
 #!/usr/bin/env python3
 """A plain PyTorch DDP fine-tune that muster can run unchanged.
 
-It uses only the torchrun env contract (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)
-plus muster's MUSTER_CHECKPOINT_DIR and MUSTER_RESUME_STEP, so the same script runs under
-`torchrun`, `muster run -np N` and `muster submit`. Gloo on CPU, NCCL on GPU.
+It uses the torchrun env contract (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) plus
+muster's MUSTER_CHECKPOINT_DIR and MUSTER_RESUME_STEP, so the same script runs under `torchrun`,
+`muster run -np N` and `muster submit`. Gloo on CPU, NCCL on GPU.
 
 - A small byte-level GRU language model, fine-tuned on examples/data (or --data); --base loads
   initial weights from a state_dict saved by an earlier run (its step-N.pt's "model").
 - AdamW, linear warmup then cosine decay, gradient clipping.
 - Batches are a pure function of (seed, step, sample index): the global batch is the same at any
   world size, and the data position of a run is its step.
-- Checkpoints: rank 0 writes MUSTER_CHECKPOINT_DIR/step-000000100.pt with torch.save into a
-  temp file, fsyncs, renames, fsyncs the directory, then replaces LATEST the same way.
-- Resume: MUSTER_RESUME_STEP=N resumes step N; "latest" or empty resumes the newest checkpoint
-  if there is one, else starts fresh.
-- SIGTERM (a preemption notice) or --notice-file: every rank agrees on the step through the
-  loss allreduce, rank 0 checkpoints it, and the ranks exit 3.
+- Checkpoints, under muster (`muster run`, agents: the `muster` package is on PYTHONPATH and
+  the job has a rendezvous store): muster.save of the model, the optimizer and the run's
+  settings, asynchronous (training goes on while the step is written; the parameters are
+  replicated, so each rank writes a share), checksummed, committed by all ranks together and
+  announced to muster by the library. Resume: muster.load of MUSTER_RESUME_STEP, else the
+  newest committed step.
+- Checkpoints elsewhere (plain torchrun): rank 0 writes MUSTER_CHECKPOINT_DIR/step-000000100.pt
+  with torch.save into a temp file, fsyncs, renames, fsyncs the directory, then replaces LATEST
+  the same way. Resume: MUSTER_RESUME_STEP=N resumes step N; "latest" or empty resumes the
+  newest checkpoint if there is one, else starts fresh.
+- SIGTERM (a preemption notice) or --notice-file (under muster: muster.notice_seen(), which also
+  sees the job store's notice key): every rank agrees on the step through the loss allreduce,
+  the ranks checkpoint it, and exit 3.
 - Progress: `MUSTER_PROGRESS step=120 total=400 loss=1.8731 tokens_per_s=5321 lr=0.000812`
-  (format: examples/README.md), and finally `MUSTER_DONE step=N param_digest=HEX`.
+  (format: examples/README.md; under muster through muster.progress, on the control channel),
+  and finally `MUSTER_DONE step=N param_digest=HEX`.
 """
 
 import argparse
@@ -33,6 +41,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+try:
+    import muster
+except ImportError:  # not started by muster (plain torchrun): torch.save checkpoints
+    muster = None
 
 EXIT_PREEMPTED = 3
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -110,9 +123,8 @@ def step_path(ckpt_dir, step):
     return os.path.join(ckpt_dir, f"step-{step:09d}.pt")
 
 
-def save_checkpoint(ckpt_dir, step, model, opt, args, world):
-    os.makedirs(ckpt_dir, exist_ok=True)
-    state = {
+def checkpoint_state(step, model, opt, args, world):
+    return {
         "step": step,
         "world_size": world,
         "global_batch": args.batch,
@@ -120,8 +132,6 @@ def save_checkpoint(ckpt_dir, step, model, opt, args, world):
         "model": model.module.state_dict(),
         "optimizer": opt.state_dict(),
     }
-    write_atomically(step_path(ckpt_dir, step), lambda f: torch.save(state, f))
-    write_atomically(os.path.join(ckpt_dir, "LATEST"), lambda f: f.write(f"{step}\n".encode()))
 
 
 def resume_step(ckpt_dir):
@@ -134,6 +144,50 @@ def resume_step(ckpt_dir):
     if not want.isdigit():
         sys.exit(f"train.py: MUSTER_RESUME_STEP={want!r} is not 'latest' or a step number")
     return int(want)
+
+
+class TorchSaveCheckpoints:
+    """Plain torchrun: rank 0 torch.saves whole steps (no muster package or store)."""
+
+    def __init__(self, ckpt_dir, rank):
+        self.dir, self.rank = ckpt_dir, rank
+
+    def resume_step(self):
+        return resume_step(self.dir)
+
+    def load(self, step, device):
+        return torch.load(step_path(self.dir, step), map_location=device)
+
+    def save(self, step, state):
+        if self.rank == 0:
+            os.makedirs(self.dir, exist_ok=True)
+            write_atomically(step_path(self.dir, step), lambda f: torch.save(state, f))
+            write_atomically(os.path.join(self.dir, "LATEST"),
+                             lambda f: f.write(f"{step}\n".encode()))
+            print(f"MUSTER_CHECKPOINT step={step}", flush=True)
+        dist.barrier()
+
+    def wait(self):
+        pass
+
+
+class MusterCheckpoints:
+    """Under muster: asynchronous, checksummed steps through the muster package."""
+
+    def __init__(self, ckpt_dir):
+        self.ck = muster.Checkpointer(ckpt_dir)
+
+    def resume_step(self):
+        return self.ck.resume_step()
+
+    def load(self, step, device):
+        return self.ck.load(step, device=device)
+
+    def save(self, step, state):
+        self.ck.save(step, state)  # returns once the tensors are copied; the commit follows
+
+    def wait(self):
+        self.ck.wait()
 
 
 def param_digest(model):
@@ -196,10 +250,20 @@ def main():
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
                             weight_decay=args.weight_decay)
 
+    if muster is not None and (world == 1 or muster.env().has_rendezvous):
+        checkpoints = MusterCheckpoints(ckpt_dir)
+    else:
+        checkpoints = TorchSaveCheckpoints(ckpt_dir, rank)
+    under_muster = isinstance(checkpoints, MusterCheckpoints)
+    if under_muster:
+        muster.install_sigterm_handler()  # SIGTERM is a notice: checkpoint, then stop
+    if rank == 0:
+        kind = "muster" if under_muster else "torch.save"
+        print(f"checkpoints: {kind} in {ckpt_dir}", flush=True)
     start = 0
-    step0 = resume_step(ckpt_dir)
+    step0 = checkpoints.resume_step()
     if step0 is not None:
-        state = torch.load(step_path(ckpt_dir, step0), map_location=device)
+        state = checkpoints.load(step0, device)
         if state["global_batch"] != args.batch:
             sys.exit(f"train.py: checkpoint {step0} used --batch {state['global_batch']}")
         model.module.load_state_dict(state["model"])
@@ -227,25 +291,29 @@ def main():
         opt.step()
         step += 1
         window += 1
-        notice = _notice or bool(args.notice_file and os.path.exists(args.notice_file))
+        if under_muster:  # SIGTERM, the notice file, or (rank 0) the job store's key
+            notice = muster.notice_seen()
+        else:
+            notice = _notice or bool(args.notice_file and os.path.exists(args.notice_file))
         stats = torch.tensor([loss.item(), 1.0 if notice else 0.0], device=device)
         dist.all_reduce(stats)
         mean_loss, stop = stats[0].item() / world, stats[1].item() > 0
         if rank == 0 and (step % args.log_every == 0 or step == args.steps or stop):
             tps = window * args.batch * args.seq_len / max(time.time() - t0, 1e-9)
-            print(f"MUSTER_PROGRESS step={step} total={args.steps} loss={mean_loss:.4f} "
-                  f"tokens_per_s={tps:.0f} lr={lr:.6g}", flush=True)
+            if under_muster:
+                muster.progress(step, args.steps, loss=mean_loss, tokens_per_s=tps, lr=lr)
+            else:
+                print(f"MUSTER_PROGRESS step={step} total={args.steps} loss={mean_loss:.4f} "
+                      f"tokens_per_s={tps:.0f} lr={lr:.6g}", flush=True)
             t0, window = time.time(), 0
         if step % args.ckpt_every == 0 or step == args.steps or stop:
-            if rank == 0:
-                save_checkpoint(ckpt_dir, step, model, opt, args, world)
-                print(f"MUSTER_CHECKPOINT step={step}", flush=True)
-            dist.barrier()
+            checkpoints.save(step, checkpoint_state(step, model, opt, args, world))
         if stop:
             if rank == 0:
                 print(f"MUSTER_PREEMPTED step={step}", flush=True)
             preempted = True
             break
+    checkpoints.wait()  # the last step is committed (and announced) before the exit
     if rank == 0:
         print(f"MUSTER_DONE step={step} preempted={int(preempted)} "
               f"param_digest={param_digest(model.module)}", flush=True)

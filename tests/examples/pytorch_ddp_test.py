@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""examples/pytorch_ddp/train.py under two real ranks (gloo), forked here with the torchrun env
-contract as `muster run -np 2` starts them: killed with SIGKILL at a random step and resumed
-from its latest checkpoint, and stopped by a SIGTERM notice and resumed, it ends with the same
-parameters as an uninterrupted run. Run by ctest (label `examples`) with Debian's python3-torch.
+"""examples/pytorch_ddp/train.py under two real ranks (gloo): forked here with the torchrun env
+contract only (its torch.save path), under `muster run -np 2` and as a job of real agents (its
+muster-package path: async muster.save, muster.load). Killed with SIGKILL and resumed from its
+latest checkpoint, or stopped by a SIGTERM notice and resumed, it ends with the same parameters
+as an uninterrupted run. Run by ctest (label `examples`) with Debian's python3-torch.
 """
 
 import fcntl
@@ -86,6 +87,7 @@ class PytorchDdpTest(unittest.TestCase):
         assert codes == [0, 0], ranks[0].out + ranks[1].out
         cls.want = field(ranks[0].out, "MUSTER_DONE", "param_digest")
         assert cls.want and len(cls.want) == 16, ranks[0].out
+        assert "checkpoints: torch.save in" in ranks[0].out, ranks[0].out
 
     @classmethod
     def tearDownClass(cls):
@@ -124,6 +126,93 @@ class PytorchDdpTest(unittest.TestCase):
 
 
 MUSTER = os.environ.get("MUSTER_BIN", "")
+
+
+class MusterRun:
+    """`muster run -np 2 train.py` (the muster path: the package on PYTHONPATH from the
+    launcher, async muster.save, muster.load on resume), its output collected by a thread."""
+
+    def __init__(self, ckpt_dir):
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        self.proc = subprocess.Popen(
+            [MUSTER, "run", "-np", "2", "--grace", "30", "--checkpoint-dir", ckpt_dir, "--",
+             sys.executable, TRAIN] + ARGS, env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT)
+        self.out = ""
+        self.cv = threading.Condition()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    _read = Rank._read
+    wait_output = Rank.wait_output
+    wait = Rank.wait
+
+
+@unittest.skipUnless(MUSTER, "MUSTER_BIN is not set (ctest sets it)")
+class PytorchDdpUnderMusterRunTest(unittest.TestCase):
+    """train.py under `muster run -np 2` checkpoints through the muster package: killed with
+    SIGKILL after a commit, or stopped by SIGTERM (a notice), it resumes from the newest muster
+    step and ends with the parameters of an uninterrupted run; the steps pass `ckpt verify`."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.root = tempfile.mkdtemp(prefix="muster-ddp-run-")
+        ref = MusterRun(os.path.join(cls.root, "ref"))
+        assert ref.wait(120) == 0, ref.out
+        cls.want = field(ref.out, "MUSTER_DONE", "param_digest")
+        assert cls.want, ref.out
+        assert "checkpoints: muster in" in ref.out, ref.out
+        cls.ref_out = ref.out
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.root, ignore_errors=True)
+
+    def test_uninterrupted_run_matches_the_torchrun_path_and_verifies(self):
+        if getattr(PytorchDdpTest, "want", None):
+            self.assertEqual(self.want, PytorchDdpTest.want)
+        ckpt = os.path.join(self.root, "ref")
+        steps = sorted(n for n in os.listdir(ckpt) if n.startswith("step-"))
+        self.assertEqual(steps, [f"step-{s:09d}" for s in range(4, STEPS + 1, 4)])
+        for s in range(4, STEPS + 1, 4):  # announced by the library, once, by rank 0
+            self.assertEqual(self.ref_out.count(f"MUSTER_CHECKPOINT step={s}\n"), 1,
+                             self.ref_out)
+        v = subprocess.run([MUSTER, "ckpt", "verify", ckpt], capture_output=True, text=True,
+                           timeout=60)
+        self.assertEqual(v.returncode, 0, v.stdout + v.stderr)
+
+    def interrupt_and_resume(self, name, sig, after):
+        ckpt = os.path.join(self.root, name)
+        run = MusterRun(ckpt)
+        self.assertTrue(run.wait_output(after, 90), run.out)
+        run.proc.send_signal(sig)
+        code = run.wait(60)
+        self.assertNotEqual(code, 0, run.out)
+        latest = muster_latest(ckpt)
+        self.assertGreaterEqual(latest, 8, run.out)
+        again = MusterRun(ckpt)
+        self.assertEqual(again.wait(120), 0, again.out)
+        self.assertIn(f"resumed from step {latest}", again.out)
+        self.assertEqual(field(again.out, "MUSTER_DONE", "param_digest"), self.want, again.out)
+        return run, latest
+
+    def test_sigkill_after_a_commit_then_resume_matches(self):
+        self.interrupt_and_resume("kill", signal.SIGKILL, "MUSTER_CHECKPOINT step=8\n")
+
+    def test_sigterm_notice_saves_the_agreed_step_then_resume_matches(self):
+        at = random.randint(9, STEPS - 3)
+        run, latest = self.interrupt_and_resume("term", signal.SIGTERM,
+                                                f"MUSTER_PROGRESS step={at} ")
+        preempted = int(field(run.out, "MUSTER_PREEMPTED", "step"))
+        self.assertEqual(latest, preempted, run.out)  # the notice's step was committed
+        self.assertIn(f"MUSTER_CHECKPOINT step={preempted}", run.out)
+
+
+def muster_latest(ckpt_dir):
+    committed = [int(n[5:]) for n in os.listdir(ckpt_dir)
+                 if n.startswith("step-") and not n.endswith(".tmp")
+                 and os.path.exists(os.path.join(ckpt_dir, n, "MANIFEST"))]
+    return max(committed)
 
 
 @unittest.skipUnless(MUSTER, "MUSTER_BIN is not set (ctest sets it)")
@@ -240,6 +329,8 @@ class PytorchDdpUnderSubmitTest(unittest.TestCase):
         self.assertGreaterEqual(preempted, at)
         self.assertEqual(st["resume_step"], preempted, "zero lost steps")
         self.assertIn(f"resumed from step {preempted}", second)
+        self.assertIn("checkpoints: muster in", first)  # the package, from the agent's path
+        self.assertIn("checkpoints: muster in", second)
         self.assertEqual(field(second, "MUSTER_DONE", "param_digest"),
                          getattr(PytorchDdpTest, "want", None) or self.reference_digest(), second)
 

@@ -522,6 +522,41 @@ TEST_F(AgentCluster, PreemptionNoticeCheckpointsFirstAndTheJobResumesFromThatSte
   EXPECT_NE(events.find("resumed"), std::string::npos) << events;
 }
 
+// notice_signal: a rank that only checkpoints on a signal (as HF Trainer or Lightning do on
+// SIGTERM) gets the notice as that signal, long before the deadline's SIGTERM. SIGUSR1 here, so
+// only the notice can have sent it.
+TEST_F(AgentCluster, NoticeSignalReachesRanksThatCheckpointOnASignal) {
+  StartAgent("aws-1", "aws");
+  StartAgent("aws-2", "aws");
+  WaitNodesUp(2);
+  std::string rank =
+      "s=${MUSTER_RESUME_STEP:-0}; s=${s:-0}; echo resumed_from=$s; "
+      "trap 'echo MUSTER_CHECKPOINT step=$s; echo got_usr1_at=$s; exit 3' USR1; "
+      "while [ $s -lt 40 ]; do s=$((s+1)); echo MUSTER_PROGRESS step=$s total=40; sleep 0.1; "
+      "done";
+  std::string job = Submit("name: sig\n" + Script(rank) +
+                           "nodes: 1\nranks_per_node: 1\nnotice_signal: SIGUSR1\n"
+                           "checkpoint:\n  volume: ckpt\n");
+  ASSERT_TRUE(WaitState(job, "running", 15s)) << Events(job);
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        auto st = Status(job);
+        return st.contains("progress") && st["progress"].value("step", 0) >= 3;
+      },
+      10s));
+  std::string victim = Status(job)["nodes"][0];
+  ASSERT_TRUE(Muster({"node", "preempt", victim, "--notice", "60"}).ok());
+  ASSERT_TRUE(WaitState(job, "succeeded", 40s)) << Events(job);
+  auto first = Muster({"logs", job, "--rank", "0", "--attempt", "1"});
+  auto second = Muster({"logs", job, "--rank", "0"});
+  ASSERT_TRUE(first.ok() && second.ok());
+  auto at = first->find("got_usr1_at=");
+  ASSERT_NE(at, std::string::npos) << *first;
+  int step = std::atoi(first->c_str() + at + 12);
+  EXPECT_NE(second->find("resumed_from=" + std::to_string(step) + "\n"), std::string::npos)
+      << *second;
+}
+
 // The other notice sources of an agent: SIGTERM to the agent itself, and a notice file.
 TEST_F(AgentCluster, SigtermToTheAgentAndANoticeFileAreNoticesToo) {
   fs::path notice = dir_ / "notice-aws-2";

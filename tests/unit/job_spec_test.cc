@@ -4,6 +4,10 @@
 
 #include <gtest/gtest.h>
 
+#include <string>
+#include <utility>
+#include <vector>
+
 namespace muster::coordinator {
 namespace {
 
@@ -337,6 +341,26 @@ TEST(JobSpecTest, LoadFileNotFound) {
   auto spec = LoadJobSpecFile("/nonexistent/job.yaml");
   ASSERT_FALSE(spec.ok());
   EXPECT_NE(spec.status().message().find("/nonexistent/job.yaml"), std::string::npos);
+}
+
+TEST(JobSpecTest, NoticeSignalIsOptInAndReachesTheAgentAsAJobEnvEntry) {
+  auto off = ParseJobSpec("name: a\ncommand: x\n", "a.yaml");
+  ASSERT_TRUE(off.ok());
+  EXPECT_EQ(off->env.count("MUSTER_NOTICE_SIGNAL"), 0u);
+  for (auto [text, want] : std::vector<std::pair<std::string, std::string>>{
+           {"true", "SIGTERM"}, {"SIGUSR1", "SIGUSR1"}, {"INT", "SIGINT"}}) {
+    auto spec = ParseJobSpec("name: a\ncommand: x\nnotice_signal: " + text + "\n", "a.yaml");
+    ASSERT_TRUE(spec.ok()) << spec.status().ToString();
+    EXPECT_EQ(spec->env.at("MUSTER_NOTICE_SIGNAL"), want) << text;
+  }
+  auto no = ParseJobSpec("name: a\ncommand: x\nnotice_signal: false\n", "a.yaml");
+  ASSERT_TRUE(no.ok());
+  EXPECT_EQ(no->env.count("MUSTER_NOTICE_SIGNAL"), 0u);
+  auto bad = ParseJobSpec("name: a\ncommand: x\nnotice_signal: SIGKILL\n", "b.yaml");
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("b.yaml:3: notice_signal: must be true, false or one of"),
+            std::string::npos)
+      << bad.status().message();
 }
 
 }  // namespace
