@@ -271,7 +271,7 @@ void AddCkptCommands(CLI::App& app, Runner* runner) {
   rep->callback([=] {
     *runner = [=] {
       int64_t s = *step;
-      if (s < 0) {
+      if (*latest || s < 0) {  // uses `latest` too, which keeps the flag's target alive
         auto l = LatestCommittedStep(LocalVolume(), *src);
         if (!l.ok()) return Fail("replicate", l.status());
         s = *l;

@@ -283,9 +283,10 @@ TEST_F(AgentCluster, ACommitAnnouncedTwiceIsRecordedOnce) {
   WaitNodesUp(1);
   std::string job = Submit(
       "name: twice\n" +
-      Script(
-          "if [ \"$RANK\" = 0 ]; then echo MUSTER_CHECKPOINT step=2; "
-          "echo MUSTER_CHECKPOINT step=2 >&$MUSTER_CONTROL_FD; echo MUSTER_CHECKPOINT step=2; fi") +
+      Script(WriteStep("2") +
+             "if [ \"$RANK\" = 0 ]; then echo MUSTER_CHECKPOINT step=2; "
+             "echo MUSTER_CHECKPOINT step=2 >&$MUSTER_CONTROL_FD; echo MUSTER_CHECKPOINT step=2; "
+             "fi") +
       "nodes: 1\nranks_per_node: 1\ncheckpoint:\n  volume: ckpt\n");
   ASSERT_FALSE(job.empty());
   ASSERT_TRUE(WaitState(job, "succeeded", 30s)) << Events(job);
@@ -531,7 +532,9 @@ TEST_F(AgentCluster, NoticeSignalReachesRanksThatCheckpointOnASignal) {
   WaitNodesUp(2);
   std::string rank =
       "s=${MUSTER_RESUME_STEP:-0}; s=${s:-0}; echo resumed_from=$s; "
-      "trap 'echo MUSTER_CHECKPOINT step=$s; echo got_usr1_at=$s; exit 3' USR1; "
+      "trap '" +
+      WriteStep("$s") +
+      "echo MUSTER_CHECKPOINT step=$s; echo got_usr1_at=$s; exit 3' USR1; "
       "while [ $s -lt 40 ]; do s=$((s+1)); echo MUSTER_PROGRESS step=$s total=40; sleep 0.1; "
       "done";
   std::string job = Submit("name: sig\n" + Script(rank) +

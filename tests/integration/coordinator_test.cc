@@ -332,8 +332,10 @@ TEST_F(CoordinatorIntegrationTest, GangPlacementRefusalPendingReasonAndSuccess) 
   ASSERT_TRUE(s0 && s1) << "both aws nodes get the gang";
   EXPECT_EQ(s0->job_id(), *first);
   EXPECT_EQ(s0->nnodes(), 2);
-  EXPECT_EQ(s0->env().at("WORLD_SIZE"), "8");
-  EXPECT_EQ(s0->env().at("MASTER_ADDR"), "127.0.0.1");
+  // The env contract travels as structured fields: WORLD_SIZE = nnodes x ranks_per_node.
+  EXPECT_EQ(s0->nnodes() * s0->ranks_per_node(), 8);
+  EXPECT_EQ(s0->master_addr(), "127.0.0.1");
+  EXPECT_FALSE(s0->env().contains("WORLD_SIZE")) << "the assignment's env is the job's own";
   EXPECT_NE(s0->node_rank(), s1->node_rank());
   EXPECT_TRUE(s0->host_rendezvous() != s1->host_rendezvous());
   EXPECT_EQ(Status(*first).state(), proto::JOB_SCHEDULED);
@@ -364,7 +366,7 @@ TEST_F(CoordinatorIntegrationTest, FailureRestartsThenFails) {
   s = a.WaitStart();
   ASSERT_TRUE(s) << "restarted";
   EXPECT_EQ(s->attempt(), 2);
-  EXPECT_EQ(s->env().at("TORCHELASTIC_RESTART_COUNT"), "1");
+  EXPECT_EQ(s->resume_step(), -1) << "no checkpoint: the restart starts fresh";
   ASSERT_TRUE(a.Report(*id, 2, true, 3, true).ok());
   ASSERT_TRUE(WaitState(*id, proto::JOB_FAILED));
   auto st = Status(*id);
