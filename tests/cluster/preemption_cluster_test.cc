@@ -590,7 +590,7 @@ TEST_F(PreemptionClusterTest, PartitionedNodeStopsItsOwnRanksAndTheJobResumesEls
   ASSERT_TRUE(WaitUntil([&] { return StrayPids(host).empty(); }, 20s))
       << "the partitioned node's rank is still running";
   const double stopped_s = std::chrono::duration<double>(Clock::now() - cut_at).count();
-  EXPECT_NE(ReadFile(root_ / (victim + ".log")).find("stopped every rank on this node"),
+  EXPECT_NE(ReadFile(root_ / (victim + ".log")).find("stopping every rank on this node"),
             std::string::npos)
       << Tail(ReadFile(root_ / (victim + ".log")));
 
