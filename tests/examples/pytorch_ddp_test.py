@@ -325,7 +325,10 @@ class PytorchDdpUnderSubmitTest(unittest.TestCase):
         self.assertNotEqual(st["nodes"][0], victim)
         first = self.muster("logs", job, "--rank", "0", "--attempt", "1")
         second = self.muster("logs", job, "--rank", "0")
-        preempted = int(field(first, "MUSTER_PREEMPTED", "step"))
+        preempted_field = field(first, "MUSTER_PREEMPTED", "step")
+        self.assertIsNotNone(preempted_field, "attempt 1's rank 0 log:\n" + first[-3000:] +
+                             "\nevents:\n" + self.muster("events", job))
+        preempted = int(preempted_field)
         self.assertGreaterEqual(preempted, at)
         self.assertEqual(st["resume_step"], preempted, "zero lost steps")
         self.assertIn(f"resumed from step {preempted}", second)
