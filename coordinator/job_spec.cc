@@ -486,7 +486,7 @@ StatusOr<JobSpec> ParseJobSpec(std::string_view text, std::string_view filename)
       std::string name = n.IsScalar() ? n.Scalar() : "";
       if (name == "true") name = "SIGTERM";
       if (name.rfind("SIG", 0) != 0) name = "SIG" + name;
-      static const std::set<std::string> kSignals = {"SIGTERM", "SIGINT", "SIGHUP",
+      static const std::set<std::string> kSignals = {"SIGTERM", "SIGINT",  "SIGHUP",
                                                      "SIGUSR1", "SIGUSR2", "SIGQUIT"};
       if (n.IsScalar() && n.Scalar() == "false") {
         // off, as without the field
@@ -495,7 +495,8 @@ StatusOr<JobSpec> ParseJobSpec(std::string_view text, std::string_view filename)
       } else {
         errs.Add(n, "notice_signal",
                  "must be true, false or one of SIGTERM SIGINT SIGHUP SIGUSR1 SIGUSR2 SIGQUIT, "
-                 "not " + Shown(n));
+                 "not " +
+                     Shown(n));
       }
     }
     if (auto p = root["placement"]) {

@@ -775,9 +775,9 @@ struct Agent::Impl {
   void SendNoticeSignal(Assignment& a) {
     auto it = a.spec.env().find(std::string(coordinator::kNoticeSignalEnv));
     if (it == a.spec.env().end()) return;
-    static const std::map<std::string, int> kSignals = {
-        {"SIGTERM", SIGTERM}, {"SIGINT", SIGINT},   {"SIGHUP", SIGHUP},
-        {"SIGUSR1", SIGUSR1}, {"SIGUSR2", SIGUSR2}, {"SIGQUIT", SIGQUIT}};
+    static const std::map<std::string, int> kSignals = {{"SIGTERM", SIGTERM}, {"SIGINT", SIGINT},
+                                                        {"SIGHUP", SIGHUP},   {"SIGUSR1", SIGUSR1},
+                                                        {"SIGUSR2", SIGUSR2}, {"SIGQUIT", SIGQUIT}};
     auto sig = kSignals.find(it->second);
     if (sig == kSignals.end()) {
       logger->warn("job {}: notice signal '{}' is not one muster sends", a.spec.job_id(),
