@@ -217,6 +217,9 @@ def main():
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--notice-file", default=os.environ.get("MUSTER_PREEMPT_FILE", ""))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--step-delay", type=float, default=0.0,
+                    help="seconds to sleep after each step: a longer step, without changing the "
+                         "result (tests use it so that a notice lands mid-run)")
     args = ap.parse_args()
 
     rank = int(os.environ.get("RANK", "0"))
@@ -291,6 +294,8 @@ def main():
         opt.step()
         step += 1
         window += 1
+        if args.step_delay > 0:
+            time.sleep(args.step_delay)
         if under_muster:  # SIGTERM, the notice file, or (rank 0) the job store's key
             notice = muster.notice_seen()
         else:

@@ -307,7 +307,9 @@ class PytorchDdpUnderSubmitTest(unittest.TestCase):
         with open(spec, "w") as f:
             f.write("name: ddp\n"
                     f"command: [{sys.executable!r}, {TRAIN!r}, " +
-                    ", ".join(repr(a) for a in ARGS) + "]\n"
+                    # 0.25 s a step: the status (heartbeat-paced) sees step `at` well before
+                    # the last step, so the notice lands mid-run even on an idle machine.
+                    ", ".join(repr(a) for a in ARGS + ["--step-delay", "0.25"]) + "]\n"
                     "nodes: 1\nranks_per_node: 2\n"
                     "checkpoint:\n  volume: ckpt\n")
         job = self.muster("submit", spec).strip()
