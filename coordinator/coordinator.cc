@@ -10,6 +10,7 @@
 #include "common/path_name.h"
 #include "common/wire.h"
 #include "coordinator/job_spec.h"
+#include "coordinator/providers/provider_manager.h"
 
 namespace muster::coordinator {
 
@@ -291,6 +292,32 @@ void Coordinator::Pass() {
           fmt::format("stopping for higher-priority job {}", pr.for_job));
     StopGang(*it->second, proto::STOP_PREEMPTED, "", NowMs() + options_.stop_grace.count());
   }
+}
+
+std::vector<JobRequest> Coordinator::PendingRequests() const {
+  std::vector<JobRequest> pending;
+  for (const auto& [id, j] : jobs_) {
+    if (j->in_scheduler && sched_->IsPending(id)) pending.push_back(j->req);
+  }
+  return pending;
+}
+
+// A released node: its agent is being stopped by its provider; it runs no job.
+void Coordinator::ForgetNode(const std::string& name) {
+  auto it = nodes_.find(name);
+  if (it == nodes_.end()) return;
+  if (it->second->poll) {
+    Reply r = std::move(*it->second->poll);
+    it->second->poll.reset();
+    proto::Envelope e;
+    e.mutable_agent_actions();
+    r(std::move(e));
+  }
+  Status st = sched_->RemoveNode(name);
+  if (!st.ok()) log::Get("coord")->error("released node {}: {}", name, st.ToString());
+  st = store_->DeleteNode(name);
+  if (!st.ok()) log::Get("coord")->error("released node {} not deleted: {}", name, st.ToString());
+  nodes_.erase(it);
 }
 
 void Coordinator::Start(JobRt& job, const std::vector<std::string>& nodes) {
@@ -854,6 +881,7 @@ void Coordinator::Tick() {
   }
   for (const auto& id : forget) jobs_.erase(id);
   Pass();  // every tick: quarantines expire and backoffs end with time, not only on events
+  ProvidersPass();  // after the pass: what is still pending may get nodes from a provider
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1031,7 +1059,9 @@ StatusOr<proto::Envelope> Coordinator::OnSubmit(const Caller& caller,
     spec.hosts.assign(req.spec().hosts().begin(), req.spec().hosts().end());
     MUSTER_RETURN_IF_ERROR(ValidateJobSpec(spec));
   }
-  MUSTER_RETURN_IF_ERROR(sched_->Feasible(ToJobRequest(spec, "feasibility-check", 0)));
+  if (Status f = sched_->Feasible(ToJobRequest(spec, "feasibility-check", 0)); !f.ok()) {
+    if (!providers_ || !providers_->CouldHold(ToJobRequest(spec, "feasibility-check", 0))) return f;
+  }
   auto j = std::make_unique<JobRt>();
   j->rec.spec = JobSpecToProto(spec);
   j->rec.state = proto::JOB_PENDING;
@@ -1069,7 +1099,8 @@ proto::JobStatus Coordinator::StatusOf(const JobRt& j) {
       s.set_pending_reason(fmt::format("waiting: restart backoff, {} s left",
                                        (r.not_before_ms - NowMs() + 999) / 1000));
     } else {
-      s.set_pending_reason(sched_->PendingReason(r.id));
+      std::string from_provider = ProviderReason(r.id);
+      s.set_pending_reason(from_provider.empty() ? sched_->PendingReason(r.id) : from_provider);
     }
   }
   if (j.progress) *s.mutable_progress() = *j.progress;
@@ -1343,6 +1374,8 @@ StatusOr<proto::Envelope> Coordinator::OnRegister(const Caller& caller,
   }
   if (l.provider().empty()) return InvalidArgumentError("agent register: provider is required");
   if (l.gpus() < 0 || l.slots() < 0) return InvalidArgumentError("agent register: negative gpus");
+  if (providers_ && providers_->Released(l.name()))
+    return FailedPreconditionError("agent register: node " + l.name() + " was released");
   // The first registration of a name binds it to the key; no other key may take it.
   auto b = node_keys_.find(l.name());
   if (b != node_keys_.end() && b->second != caller.public_key) {

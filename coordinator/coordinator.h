@@ -33,6 +33,10 @@
 
 namespace muster::coordinator {
 
+namespace providers {
+class ProviderManager;
+}
+
 struct CoordinatorOptions {
   std::chrono::milliseconds heartbeat_interval{1000};
   std::chrono::milliseconds heartbeat_timeout{5000};
@@ -85,6 +89,10 @@ class Coordinator {
 
   const Scheduler& scheduler() const { return *sched_; }
 
+  // On-demand nodes (coordinator/providers/): after each pass the manager may request node
+  // groups for the gangs left pending and release idle nodes. Call before the first Tick.
+  void SetProviders(std::unique_ptr<providers::ProviderManager> providers);
+
  private:
   struct NodeRt;
   struct JobRt;
@@ -96,6 +104,11 @@ class Coordinator {
              const std::string& message);
   void Persist(JobRt& job);
   void Pass();
+  // The provider hooks (provider_hooks.cc).
+  void ProvidersPass();
+  std::string ProviderReason(const std::string& job) const;
+  void ForgetNode(const std::string& name);
+  std::vector<JobRequest> PendingRequests() const;
   void Start(JobRt& job, const std::vector<std::string>& nodes);
   // `checkpoint_deadline_ms` (unix ms) > 0: the agents ask the ranks to checkpoint a common
   // step before it, then stop them (preemption).
@@ -190,6 +203,7 @@ class Coordinator {
   uint64_t next_fetch_ = 1;
   uint64_t next_session_ = 1;
   bool pass_needed_ = true;
+  std::unique_ptr<providers::ProviderManager> providers_;  // null: static nodes only
 };
 
 // Conversions between the YAML job spec and the wire.
