@@ -69,7 +69,8 @@ class ProviderCluster : public ::testing::Test {
   }
 
   // Starts the coordinator with `providers_yaml`; false (and the log) if it did not come up.
-  ::testing::AssertionResult StartCoordinator(const std::string& providers_yaml) {
+  ::testing::AssertionResult StartCoordinator(const std::string& providers_yaml,
+                                              const std::vector<std::string>& env = {}) {
     fs::create_directories(dir_ / "coord");
     std::ofstream(dir_ / "providers.yaml") << providers_yaml;
     std::vector<std::string> argv = {MUSTER_BIN,
@@ -86,7 +87,7 @@ class ProviderCluster : public ::testing::Test {
                                      "tcp://127.0.0.1:*",
                                      "--providers",
                                      (dir_ / "providers.yaml").string()};
-    auto p = Subprocess::Start(argv, {}, (dir_ / "coord.log").string());
+    auto p = Subprocess::Start(argv, env, (dir_ / "coord.log").string());
     if (!p.ok()) return ::testing::AssertionFailure() << p.status().ToString();
     coordinator_ = std::make_unique<Subprocess>(std::move(*p));
     if (!WaitUntil([&] { return fs::exists(dir_ / "coord" / "endpoint"); }, 10s))
