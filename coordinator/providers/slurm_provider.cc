@@ -11,6 +11,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 
 #include "common/logging.h"
 
@@ -165,6 +166,7 @@ std::string SlurmProvider::BatchScript(const NodeGroupRequest& req) const {
       Sh(launch_.muster_bin), Sh(launch_.coordinator), Sh(config_.name), config_.node.gpus,
       config_.node.slots, Sh(config_.slurm.work_dir));
   const NodeTemplate& t = config_.node;
+  std::string mkdirs = Sh(config_.slurm.work_dir) + "/\"$1\"";
   if (!t.region.empty()) agent += " --region " + Sh(t.region);
   if (!t.island.empty()) agent += " --island " + Sh(t.island);
   if (!t.gpu_type.empty()) agent += " --gpu-type " + Sh(t.gpu_type);
@@ -174,15 +176,15 @@ std::string SlurmProvider::BatchScript(const NodeGroupRequest& req) const {
     for (size_t at; (at = rest.find("{node}")) != std::string::npos; rest.erase(0, at + 6))
       word += Sh(rest.substr(0, at)) + "\"$1\"";
     agent += " --volume " + word + Sh(rest);
+    mkdirs += " " + word.substr(Sh(vol + "=").size()) + Sh(rest);
   }
   for (const auto& a : launch_.args) agent += " " + Sh(a);
   if (!config_.slurm.agent_args.empty()) agent += " " + config_.slurm.agent_args;
   std::string names;
   for (const auto& n : req.names) names += (names.empty() ? "" : " ") + n;
   // Each step task picks its name by its node index; volumes with {node} get their own dir.
-  std::string per_node =
-      fmt::format("set -- $MUSTER_NODE_NAMES; shift \"$SLURM_NODEID\"; mkdir -p {}/\"$1\"; exec {}",
-                  Sh(config_.slurm.work_dir), agent);
+  std::string per_node = fmt::format(
+      "set -- $MUSTER_NODE_NAMES; shift \"$SLURM_NODEID\"; mkdir -p {}; exec {}", mkdirs, agent);
   return fmt::format(
       "#!/bin/bash\n"
       "# muster node group: request {} for job {}\n"
@@ -289,7 +291,58 @@ void SlurmProvider::Release(const std::string& node) {
   }
 }
 
+void SlurmProvider::Watch() {
+  std::map<std::string, uint64_t> jobs;  // Slurm job -> request
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    watching_ = false;
+    for (const auto& [id, a] : allocs_) {
+      if (!a.slurm_job.empty() && !a.cancelled) jobs[a.slurm_job] = id;
+    }
+  }
+  if (jobs.empty()) return;
+  std::string ids;
+  for (const auto& [job, id] : jobs) ids += (ids.empty() ? "" : ",") + job;
+  std::string bin = config_.slurm.bin_dir.empty() ? "" : config_.slurm.bin_dir + "/";
+  auto out = RunTool({bin + "squeue", "-h", "-o", "%i %T", "-j", ids}, kToolTimeout);
+  if (!out.ok()) return;  // the controller may be busy: next time
+  std::set<std::string> alive;
+  std::istringstream in(*out);
+  for (std::string job, state; in >> job >> state;) {
+    if (state != "COMPLETING" && state != "COMPLETED" && state != "FAILED" &&
+        state != "CANCELLED" && state != "TIMEOUT" && state != "NODE_FAIL" &&
+        state != "PREEMPTED" && state != "OUT_OF_MEMORY")
+      alive.insert(job);
+  }
+  std::lock_guard<std::mutex> l(mu_);
+  for (const auto& [job, id] : jobs) {
+    if (alive.count(job)) continue;
+    auto it = allocs_.find(id);
+    if (it == allocs_.end() || it->second.cancelled) continue;
+    // Its agents are gone: a request still waiting for them fails; nodes that were up are
+    // lost nodes to the coordinator (heartbeats stop).
+    std::ifstream f(fs::path(config_.slurm.work_dir) / fmt::format("request-{}.out", id));
+    std::string line, last;
+    while (std::getline(f, line)) {
+      if (!line.empty()) last = line;
+    }
+    failures_.push_back({id, fmt::format("Slurm job {} ended{}", job,
+                                         last.empty() ? "" : ": " + last.substr(0, 300))});
+    allocs_.erase(it);
+  }
+}
+
 std::vector<RequestFailure> SlurmProvider::Poll() {
+  auto now = std::chrono::steady_clock::now();
+  if (now >= next_watch_) {
+    next_watch_ = now + std::chrono::seconds(2);
+    std::lock_guard<std::mutex> l(mu_);
+    if (!watching_ && !allocs_.empty()) {
+      watching_ = true;
+      work_.push_back([this] { Watch(); });
+      cv_.notify_all();
+    }
+  }
   std::lock_guard<std::mutex> l(mu_);
   std::vector<RequestFailure> out;
   out.swap(failures_);

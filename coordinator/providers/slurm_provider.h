@@ -16,7 +16,8 @@
 //
 // sbatch and scancel talk to slurmctld and may block (an unreachable controller): they run on
 // the provider's own worker thread, one at a time in order, each with a timeout, so the
-// coordinator's reactor never waits on Slurm. A failed sbatch is a failed try (Poll).
+// coordinator's reactor never waits on Slurm. A failed sbatch is a failed try (Poll); so is
+// an allocation that ends by itself (every 2 s, squeue: its agents exited, or Slurm ended it).
 //
 // Thread-safety: the public methods are for the reactor thread; the worker shares only the
 // queues under mu_.
@@ -56,15 +57,20 @@ class SlurmProvider : public Provider {
   void Post(std::function<void()> work);
   void WorkerLoop();
   void Scancel(uint64_t id);  // worker thread
+  // Worker thread: allocations that ended (squeue no longer lists them as pending or running)
+  // without our scancel fail their request.
+  void Watch();
 
   ProviderConfig config_;
   AgentLaunch launch_;
   std::mutex mu_;
   std::condition_variable cv_;
-  std::deque<std::function<void()>> work_;  // GUARDED_BY(mu_)
-  std::vector<RequestFailure> failures_;    // GUARDED_BY(mu_)
-  std::map<uint64_t, Alloc> allocs_;        // GUARDED_BY(mu_)
-  bool stop_ = false;                       // GUARDED_BY(mu_)
+  std::deque<std::function<void()>> work_;              // GUARDED_BY(mu_)
+  std::vector<RequestFailure> failures_;                // GUARDED_BY(mu_)
+  std::map<uint64_t, Alloc> allocs_;                    // GUARDED_BY(mu_)
+  bool stop_ = false;                                   // GUARDED_BY(mu_)
+  bool watching_ = false;                               // GUARDED_BY(mu_): a Watch is queued
+  std::chrono::steady_clock::time_point next_watch_{};  // reactor thread only
   std::thread worker_;
 };
 

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <random>
+#include <set>
 
 namespace muster::providers_test {
 namespace {
@@ -37,7 +38,7 @@ std::string Which(const std::string& tool) {
 
 }  // namespace
 
-Status SlurmCluster::Start(int nodes) {
+Status SlurmCluster::Start(int nodes, const std::string& partitions) {
   std::vector<std::string> missing;
   for (const char* t :
        {"munged", "slurmctld", "slurmd", "sbatch", "squeue", "scancel", "sinfo", "srun"}) {
@@ -98,7 +99,9 @@ Status SlurmCluster::Start(int nodes) {
         i, host, FreePort());
     fs::create_directories(dir_ / "spool" / fmt::format("n{}", i), ec);
   }
-  conf += "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP\n";
+  conf += partitions.empty()
+              ? "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP\n"
+              : partitions;
   std::ofstream(dir_ / "slurm.conf") << conf;
   setenv("SLURM_CONF", (dir_ / "slurm.conf").c_str(), 1);  // for Tool() and this process
 
@@ -111,16 +114,18 @@ Status SlurmCluster::Start(int nodes) {
   std::string last;
   bool idle = WaitUntil(
       [&] {
-        auto out = Tool({"sinfo", "-h", "-N", "-o", "%T"});
+        auto out = Tool({"sinfo", "-h", "-N", "-o", "%N %T"});
         if (!out.ok()) {
           last = out.status().message();
           return false;
         }
         last = *out;
-        int n = 0;
+        std::set<std::string> idle;  // a node is listed once per partition
         std::istringstream in(*out);
-        for (std::string s; in >> s;) n += s == "idle";
-        return n == nodes;
+        for (std::string name, state; in >> name >> state;) {
+          if (state == "idle") idle.insert(name);
+        }
+        return static_cast<int>(idle.size()) == nodes;
       },
       30s);
   if (!idle)
@@ -147,7 +152,7 @@ std::string SlurmCluster::Logs() const {
 void SlurmCluster::Stop() {
   if (!started_) return;
   started_ = false;
-  (void)Tool({"scancel", "--full", "--partition", "debug"});
+  (void)Tool({"scancel", "--full", "--user", "root"});
   daemons_.clear();  // SIGKILL to each daemon's process group
   // What the daemons started outside their groups (slurmstepd, job steps, agents) carries our
   // slurm.conf in its environment.

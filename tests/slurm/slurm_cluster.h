@@ -22,7 +22,9 @@ class SlurmCluster {
 
   // Starts the daemons and waits until every node is idle. Unavailable with the reason (and
   // the daemons' logs) when they cannot start.
-  Status Start(int nodes);
+  // `partitions`: PartitionName lines (and any further slurm.conf lines) in place of the
+  // default one (`debug`, every node).
+  Status Start(int nodes, const std::string& partitions = "");
   void Stop();
 
   // "SLURM_CONF=..." for processes that use the Slurm tools.

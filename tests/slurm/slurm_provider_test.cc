@@ -18,13 +18,13 @@ class SlurmProviderTest : public ProviderCluster {
     if (!HasFailure()) fs::remove_all(slurm_dir_);
     ProviderCluster::TearDown();
   }
-  void StartSlurm(int nodes) {
+  void StartSlurm(int nodes, const std::string& partitions = "") {
     // slurmstepd's socket paths live under the spool directory and must fit in 108 bytes.
     static int n = 0;
     slurm_dir_ = fs::path("/tmp") / fmt::format("msl-{}-{}", getpid(), ++n);
     fs::remove_all(slurm_dir_);
     cluster_ = std::make_unique<SlurmCluster>(slurm_dir_);
-    muster::Status st = cluster_->Start(nodes);
+    muster::Status st = cluster_->Start(nodes, partitions);
     ASSERT_TRUE(st.ok()) << st.ToString();
   }
   std::string Squeue() {
@@ -96,6 +96,74 @@ TEST_F(SlurmProviderTest, AnUnreachableControllerIsAPendingReasonNotAHang) {
       },
       40s))
       << Status(job).dump() << ReadFile(dir_ / "coord.log");
+}
+
+TEST_F(SlurmProviderTest, SlurmPreemptionIsANoticeAndTheJobResumesFromThatStep) {
+  // Two partitions on the same three nodes: muster's allocations in `low`, which a job in
+  // `high` preempts (PreemptMode=CANCEL with a GraceTime: SIGTERM to the steps, the agents,
+  // then SIGKILL 5 s later).
+  ASSERT_NO_FATAL_FAILURE(StartSlurm(
+      3,
+      "PreemptType=preempt/partition_prio\nPreemptMode=CANCEL\n"
+      "PartitionName=low Nodes=ALL Default=YES PriorityTier=1 PreemptMode=CANCEL GraceTime=5 "
+      "State=UP\n"
+      "PartitionName=high Nodes=ALL PriorityTier=2 PreemptMode=OFF State=UP\n"));
+  fs::path marks = dir_ / "marks";
+  fs::create_directories(marks);
+  ASSERT_TRUE(StartCoordinator(
+      fmt::format("providers:\n"
+                  "  - name: hpc\n"
+                  "    kind: slurm\n"
+                  "    max_nodes: 3\n"
+                  "    idle_timeout_s: 1\n"
+                  "    request_timeout_s: 30\n"
+                  "    node: {{slots: 1, volumes: {{ckpt: {}}}}}\n"
+                  "    slurm: {{partition: low, work_dir: {}, agent_args: \"--notice 5\"}}\n",
+                  (dir_ / "vol").string(), (dir_ / "hpc").string()),
+      {cluster_->ConfEnv()}));
+  // Rank 0 "trains" 60 steps of 0.1 s from MUSTER_RESUME_STEP; on the notice it commits the
+  // step it is at (a real checkpoint), records it and exits 3.
+  std::string rank = "s=${MUSTER_RESUME_STEP:-0}; s=${s:-0}; [ \"$RANK\" != 0 ] || echo $s >> " +
+                     (marks / "resumed_from").string() +
+                     "; while [ $s -lt 60 ]; do s=$((s+1)); echo MUSTER_PROGRESS step=$s total=60; "
+                     "if [ -e \"$MUSTER_PREEMPT_FILE\" ]; then if [ \"$RANK\" = 0 ]; then " +
+                     std::string(MUSTER_WRITE_STEP) +
+                     " \"$MUSTER_CHECKPOINT_DIR\" $s || exit 9; echo $s > " +
+                     (marks / "notice_at").string() +
+                     "; fi; echo MUSTER_CHECKPOINT step=$s; exit 3; fi; sleep 0.1; done";
+  std::string job =
+      Submit("name: preempted\ncommand: [\"/bin/sh\", \"-c\", " + nlohmann::json(rank).dump() +
+             "]\nnodes: 2\nranks_per_node: 1\ncheckpoint:\n  volume: ckpt\n");
+  ASSERT_FALSE(job.empty());
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        auto st = Status(job);
+        return st.contains("progress") && st["progress"].value("step", 0) >= 5;
+      },
+      40s))
+      << Events(job) << Squeue() << ReadFile(dir_ / "coord.log");
+  // A higher-tier job wants one node: Slurm preempts muster's allocation.
+  auto high = cluster_->Tool({"sbatch", "--parsable", "--partition", "high", "--nodes", "3",
+                              "--output", "/dev/null", "--wrap", "sleep 2"});
+  ASSERT_TRUE(high.ok()) << high.status().ToString();
+  ASSERT_TRUE(WaitState(job, "succeeded", 60s))
+      << Events(job) << Squeue() << ReadFile(dir_ / "coord.log") << cluster_->Logs();
+  std::string notice_at = ReadFile(marks / "notice_at");
+  ASSERT_FALSE(notice_at.empty()) << "rank 0 never got the notice\n" << Events(job);
+  // Attempt 1 started from 0; attempt 2 from the very step checkpointed on the notice.
+  EXPECT_EQ(ReadFile(marks / "resumed_from"), "0\n" + notice_at) << Events(job);
+  auto st = Status(job);
+  EXPECT_EQ(st.value("preemptions", 0), 1) << Events(job);
+  EXPECT_EQ(st.value("restarts", -1), 0) << Events(job);
+  std::string events = Events(job);
+  // The preempted allocation's nodes are gone; the requeued job got a new allocation.
+  EXPECT_NE(events.find("requested 2 nodes from hpc: hpc-1,hpc-2"), std::string::npos) << events;
+  EXPECT_NE(events.find("requested 2 nodes from hpc: hpc-3,hpc-4"), std::string::npos) << events;
+  EXPECT_NE(events.find("resumed  attempt 2 resumes from step " +
+                        notice_at.substr(0, notice_at.size() - 1)),
+            std::string::npos)
+      << events;
+  EXPECT_TRUE(WaitUntil([&] { return Squeue().empty(); }, 30s)) << Squeue();
 }
 
 }  // namespace
