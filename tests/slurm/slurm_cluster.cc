@@ -94,7 +94,7 @@ Status SlurmCluster::Start(int nodes, const std::string& partitions) {
       host, ctld_port, slurmd_port, sock, dir_.string());
   for (int i = 1; i <= nodes; ++i) {
     conf += fmt::format(
-        "NodeName=n{} NodeHostname={} NodeAddr=127.0.0.1 Port={} CPUs=1 RealMemory=100 "
+        "NodeName=n{} NodeHostname={} NodeAddr=127.0.0.1 Port={} CPUs=2 RealMemory=100 "
         "State=UNKNOWN\n",
         i, host, FreePort());
     fs::create_directories(dir_ / "spool" / fmt::format("n{}", i), ec);

@@ -166,5 +166,33 @@ TEST_F(SlurmProviderTest, SlurmPreemptionIsANoticeAndTheJobResumesFromThatStep) 
   EXPECT_TRUE(WaitUntil([&] { return Squeue().empty(); }, 30s)) << Squeue();
 }
 
+TEST_F(SlurmProviderTest, MusterRunInsideAnAllocationUsesItsNodes) {
+  ASSERT_NO_FATAL_FAILURE(StartSlurm(2));
+  // An sbatch script of 2 nodes x 2 tasks runs `muster run` twice: all ranks print, then one
+  // fails with 3 and `muster run` exits 3, as on one machine.
+  std::string script = fmt::format(
+      "{0} run -np 4 -- sh -c 'echo rank=$RANK/$WORLD_SIZE node=$NODE_RANK'; echo rc=$?; "
+      "{0} run -np 4 -- sh -c '[ $RANK != 2 ] || exit 3'; echo rc=$?",
+      MUSTER_BIN);
+  auto id =
+      cluster_->Tool({"sbatch", "--parsable", "--nodes", "2", "--ntasks-per-node", "2", "--chdir",
+                      dir_.string(), "--output", (dir_ / "run.out").string(), "--wrap", script});
+  ASSERT_TRUE(id.ok()) << id.status().ToString();
+  ASSERT_TRUE(WaitUntil([&] { return Squeue().empty(); }, 90s))
+      << Squeue() << ReadFile(dir_ / "run.out") << cluster_->Logs();
+  std::string out = ReadFile(dir_ / "run.out");
+  for (int r = 0; r < 4; ++r) {
+    EXPECT_NE(out.find(fmt::format("rank={}/4 node={}", r, r / 2)), std::string::npos) << out;
+  }
+  auto first = out.find("rc=0");
+  ASSERT_NE(first, std::string::npos) << out;
+  EXPECT_NE(out.find("rc=3", first), std::string::npos) << out;
+  EXPECT_NE(out.find("rank 2"), std::string::npos) << "the failing rank is named\n" << out;
+  // Nothing left behind in the submit directory.
+  for (const auto& e : fs::directory_iterator(dir_)) {
+    EXPECT_EQ(e.path().filename().string().rfind(".muster-run-", 0), std::string::npos) << e.path();
+  }
+}
+
 }  // namespace
 }  // namespace muster::providers_test
