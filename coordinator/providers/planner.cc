@@ -126,13 +126,19 @@ PlannerDecisions PlanProviders(const PlannerInput& in) {
       d.pending_reasons[job.id] = w->second;
       continue;
     }
-    if (auto g = in.given_up.find(job.id); g != in.given_up.end()) {
-      d.pending_reasons[job.id] = g->second;
-      continue;
-    }
-    std::string limit;
+    const std::map<std::string, GivenUp>* gave_up = nullptr;
+    if (auto g = in.given_up.find(job.id); g != in.given_up.end()) gave_up = &g->second;
+    std::string limit, given_up_reason;
+    bool requested = false;
     for (const auto& p : in.providers) {
       if (!p.OnDemand() || !TemplateFits(p, job)) continue;
+      if (gave_up) {
+        auto g = gave_up->find(p.name);
+        if (g != gave_up->end() && in.now < g->second.at + p.retry_backoff_max) {
+          if (given_up_reason.empty()) given_up_reason = g->second.reason;
+          continue;
+        }
+      }
       std::vector<std::string> idle;
       for (const auto& n : in.nodes) {
         if (n.spec.provider == p.name && n.state == NodeState::kUp && n.job.empty() &&
@@ -164,25 +170,31 @@ PlannerDecisions PlanProviders(const PlannerInput& in) {
       d.requests.push_back({p.name, job.id, need, 1, 0, ""});
       d.pending_reasons[job.id] =
           fmt::format("waiting for {} nodes from provider {}", need, p.name);
-      limit.clear();
+      requested = true;
       break;
     }
-    if (!limit.empty()) d.pending_reasons[job.id] = limit;
+    if (requested) continue;
+    if (!limit.empty()) {
+      d.pending_reasons[job.id] = limit;
+    } else if (!given_up_reason.empty()) {
+      d.pending_reasons[job.id] = given_up_reason;
+    }
   }
 
   // 3. Idle nodes past their provider's timeout go back; a node with a job never does.
   for (const auto& n : in.nodes) {
     auto pc = config.find(n.spec.provider);
     if (pc == config.end() || !pc->second->OnDemand()) continue;
-    if (!n.job.empty() || n.state == NodeState::kDown) continue;
+    if (!n.job.empty()) continue;
     if (claimed.count(n.spec.name) || requested_nodes.count(n.spec.name)) continue;
     auto since = in.idle_since.find(n.spec.name);
     if (since == in.idle_since.end()) continue;
     Millis idle = std::chrono::duration_cast<Millis>(in.now - since->second);
     if (idle < pc->second->idle_timeout) continue;
     d.releases.push_back({n.spec.name, n.spec.provider,
-                          fmt::format("idle for {} s (idle_timeout {} s)", SecondsUp(idle),
-                                      SecondsUp(pc->second->idle_timeout))});
+                          fmt::format("{} for {} s (idle_timeout {} s)",
+                                      n.state == NodeState::kDown ? "down (lost)" : "idle",
+                                      SecondsUp(idle), SecondsUp(pc->second->idle_timeout))});
   }
   return d;
 }

@@ -18,11 +18,13 @@
 //    that every fitting provider refuses for a limit waits with that limit as its reason.
 //  - A try that the provider reported failed, or whose nodes are not all up within
 //    request_timeout, is cancelled and retried after retry_backoff * 2^(tries-1) (capped at
-//    retry_backoff_max), up to max_tries tries; then it is given up: an event, and the gang's
-//    pending reason names the provider and the last error (the caller keeps that reason).
+//    retry_backoff_max), up to max_tries tries; then it is given up: an event, and the gang
+//    asks the next fitting provider; with none left its pending reason names the provider and
+//    the last error. A provider given up for a gang is asked again after retry_backoff_max.
 //  - A node of an on-demand provider that runs no job and has been idle for idle_timeout is
 //    released, unless a pending gang of this pass claimed it or a request outstanding still
-//    waits for its group. A node that runs a job (ranks) is never released.
+//    waits for its group. A node that runs a job (ranks) is never released. A lost (down)
+//    node of an on-demand provider is released the same way: its provider took it back.
 //  - A request whose nodes are all up is done (forgotten); so is one waiting to retry whose
 //    gang is no longer pending.
 //
@@ -55,13 +57,20 @@ struct OutstandingRequest {
   std::string last_error;  // of the previous try, for the pending reason
 };
 
+struct GivenUp {
+  std::string reason;
+  TimePoint at{};
+};
+
 struct PlannerInput {
   std::vector<ProviderConfig> providers;
   std::vector<JobRequest> pending;              // jobs the last pass left pending, in queue order
   std::vector<NodeView> nodes;                  // every node the scheduler knows
   std::map<std::string, TimePoint> idle_since;  // per node that runs no job: since when
   std::vector<OutstandingRequest> requests;
-  std::map<std::string, std::string> given_up;  // job -> the reason its request was given up
+  // Requests given up: job -> provider -> why and when. The job asks other providers, and
+  // this one again once retry_backoff_max has passed.
+  std::map<std::string, std::map<std::string, GivenUp>> given_up;
   TimePoint now{};
 };
 

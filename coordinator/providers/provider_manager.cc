@@ -55,7 +55,7 @@ ProviderManager::Output ProviderManager::Tick(const std::vector<JobRequest>& pen
   std::set<std::string> known;
   for (const auto& n : nodes) {
     known.insert(n.spec.name);
-    if (!n.job.empty() || n.state == NodeState::kDown) {
+    if (!n.job.empty()) {
       idle_since_.erase(n.spec.name);
     } else if (!idle_since_.count(n.spec.name)) {
       idle_since_[n.spec.name] = now;
@@ -111,7 +111,7 @@ ProviderManager::Output ProviderManager::Tick(const std::vector<JobRequest>& pen
   for (const auto& g : d.give_ups) {
     if (auto p = providers_.find(g.provider); p != providers_.end()) p->second->Cancel(g.id);
     requests_.erase(g.id);
-    given_up_[g.job] = g.reason;
+    given_up_[g.job][g.provider] = GivenUp{g.reason, now};
     out.events.push_back({g.job, "", "provider_failed", g.reason});
   }
   for (const auto& nr : d.requests) {

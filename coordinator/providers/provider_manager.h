@@ -61,7 +61,7 @@ class ProviderManager {
   std::map<std::string, std::unique_ptr<Provider>> providers_;
   std::map<uint64_t, OutstandingRequest> requests_;
   std::map<std::string, TimePoint> idle_since_;
-  std::map<std::string, std::string> given_up_;
+  std::map<std::string, std::map<std::string, GivenUp>> given_up_;  // job -> provider
   std::map<std::string, std::string> reasons_;
   std::map<std::string, int> next_index_;
   std::set<std::string> released_;

@@ -268,13 +268,28 @@ TEST(ProviderPlannerTest, ARetryIsMadeWhenDueAndDroppedWhenTheGangLeft) {
   EXPECT_EQ(d.done, std::vector<uint64_t>{3});
 }
 
-TEST(ProviderPlannerTest, GivenUpGangsKeepTheirReasonAndAreNotAskedForAgain) {
+TEST(ProviderPlannerTest, AGivenUpProviderIsSkippedThenAskedAgainAfterTheMaxBackoff) {
+  std::string why = "provider aws could not supply 1 nodes after 3 tries: x";
   auto in = Input({Prov("aws")});
   in.pending = {Job("a", 1)};
-  in.given_up["a"] = "provider aws could not supply 1 nodes after 3 tries: x";
+  in.given_up["a"]["aws"] = GivenUp{why, kT0};
   auto d = PlanProviders(in);
   EXPECT_TRUE(d.requests.empty());
-  EXPECT_EQ(d.pending_reasons["a"], in.given_up["a"]);
+  EXPECT_EQ(d.pending_reasons["a"], why);
+  in.now = kT0 + 5s;  // retry_backoff_max
+  d = PlanProviders(in);
+  ASSERT_EQ(d.requests.size(), 1u);
+  EXPECT_EQ(d.requests[0].provider, "aws");
+}
+
+TEST(ProviderPlannerTest, AGangFailsOverToTheNextProviderWhenOneIsGivenUp) {
+  auto in = Input({Prov("hpc", "slurm"), Prov("aws")});
+  in.pending = {Job("a", 2)};
+  in.given_up["a"]["hpc"] = GivenUp{"provider hpc could not supply 2 nodes after 1 tries: x", kT0};
+  auto d = PlanProviders(in);
+  ASSERT_EQ(d.requests.size(), 1u);
+  EXPECT_EQ(d.requests[0].provider, "aws");
+  EXPECT_EQ(d.pending_reasons["a"], "waiting for 2 nodes from provider aws");
 }
 
 TEST(ProviderPlannerTest, ReleasesOnlyIdleNodesPastTheirProvidersTimeout) {
@@ -291,7 +306,8 @@ TEST(ProviderPlannerTest, ReleasesOnlyIdleNodesPastTheirProvidersTimeout) {
       {"idle, not yet", Node("aws-1", "aws"), 29s, false},
       {"runs ranks, however long", Node("aws-1", "aws", "job-1"), 3600s, false},
       {"draining and idle", Node("aws-1", "aws", "", NodeState::kDraining), 30s, true},
-      {"down: already gone", Node("aws-1", "aws", "", NodeState::kDown), 3600s, false},
+      {"lost: forgotten after the timeout", Node("aws-1", "aws", "", NodeState::kDown), 30s, true},
+      {"lost, not yet", Node("aws-1", "aws", "", NodeState::kDown), 29s, false},
       {"per-provider timeout", Node("gcp-1", "gcp"), 60s, false},
       {"per-provider timeout, reached", Node("gcp-1", "gcp"), 120s, true},
       {"static nodes stay", Node("lab-1", "lab"), 3600s, false},
