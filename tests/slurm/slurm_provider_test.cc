@@ -11,6 +11,19 @@
 namespace muster::providers_test {
 namespace {
 
+// Rank 0 "trains" 60 steps of 0.1 s from MUSTER_RESUME_STEP; on the notice it commits the step
+// it is at (a real checkpoint), records it in marks/notice_at and exits 3. Every start appends
+// its first step to marks/resumed_from.
+std::string CheckpointingRank(const fs::path& marks) {
+  return "s=${MUSTER_RESUME_STEP:-0}; s=${s:-0}; [ \"$RANK\" != 0 ] || echo $s >> " +
+         (marks / "resumed_from").string() +
+         "; while [ $s -lt 60 ]; do s=$((s+1)); echo MUSTER_PROGRESS step=$s total=60; "
+         "if [ -e \"$MUSTER_PREEMPT_FILE\" ]; then if [ \"$RANK\" = 0 ]; then " +
+         std::string(MUSTER_WRITE_STEP) + " \"$MUSTER_CHECKPOINT_DIR\" $s || exit 9; echo $s > " +
+         (marks / "notice_at").string() +
+         "; fi; echo MUSTER_CHECKPOINT step=$s; exit 3; fi; sleep 0.1; done";
+}
+
 class SlurmProviderTest : public ProviderCluster {
  protected:
   void TearDown() override {
@@ -121,16 +134,7 @@ TEST_F(SlurmProviderTest, SlurmPreemptionIsANoticeAndTheJobResumesFromThatStep) 
                   "    slurm: {{partition: low, work_dir: {}, agent_args: \"--notice 5\"}}\n",
                   (dir_ / "vol").string(), (dir_ / "hpc").string()),
       {cluster_->ConfEnv()}));
-  // Rank 0 "trains" 60 steps of 0.1 s from MUSTER_RESUME_STEP; on the notice it commits the
-  // step it is at (a real checkpoint), records it and exits 3.
-  std::string rank = "s=${MUSTER_RESUME_STEP:-0}; s=${s:-0}; [ \"$RANK\" != 0 ] || echo $s >> " +
-                     (marks / "resumed_from").string() +
-                     "; while [ $s -lt 60 ]; do s=$((s+1)); echo MUSTER_PROGRESS step=$s total=60; "
-                     "if [ -e \"$MUSTER_PREEMPT_FILE\" ]; then if [ \"$RANK\" = 0 ]; then " +
-                     std::string(MUSTER_WRITE_STEP) +
-                     " \"$MUSTER_CHECKPOINT_DIR\" $s || exit 9; echo $s > " +
-                     (marks / "notice_at").string() +
-                     "; fi; echo MUSTER_CHECKPOINT step=$s; exit 3; fi; sleep 0.1; done";
+  std::string rank = CheckpointingRank(marks);
   std::string job =
       Submit("name: preempted\ncommand: [\"/bin/sh\", \"-c\", " + nlohmann::json(rank).dump() +
              "]\nnodes: 2\nranks_per_node: 1\ncheckpoint:\n  volume: ckpt\n");
@@ -192,6 +196,74 @@ TEST_F(SlurmProviderTest, MusterRunInsideAnAllocationUsesItsNodes) {
   for (const auto& e : fs::directory_iterator(dir_)) {
     EXPECT_EQ(e.path().filename().string().rfind(".muster-run-", 0), std::string::npos) << e.path();
   }
+}
+
+TEST_F(SlurmProviderTest, AJobFailsOverFromSlurmToTheLocalProviderAfterANotice) {
+  // One pool: a slurm provider (first choice) and a local one. Slurm preempts the job's
+  // allocation and keeps its nodes busy; the job checkpoints on the notice and resumes on
+  // local nodes from the step copied to their volume (the slurm provider still holds its
+  // max_nodes while its preempted nodes go, or, once they are gone, its request would time
+  // out and be given up: either way the gang asks the next provider).
+  ASSERT_NO_FATAL_FAILURE(StartSlurm(
+      2,
+      "PreemptType=preempt/partition_prio\nPreemptMode=CANCEL\n"
+      "PartitionName=low Nodes=ALL Default=YES PriorityTier=1 PreemptMode=CANCEL GraceTime=5 "
+      "State=UP\n"
+      "PartitionName=high Nodes=ALL PriorityTier=2 PreemptMode=OFF State=UP\n"));
+  fs::path marks = dir_ / "marks";
+  fs::create_directories(marks);
+  ASSERT_TRUE(StartCoordinator(
+      fmt::format("providers:\n"
+                  "  - name: hpc\n"
+                  "    kind: slurm\n"
+                  "    max_nodes: 2\n"
+                  "    request_timeout_s: 8\n"
+                  "    max_tries: 1\n"
+                  "    retry_backoff_max_s: 120\n"
+                  "    node: {{slots: 1, volumes: {{ckpt: {0}/vol-hpc}}}}\n"
+                  "    slurm: {{partition: low, work_dir: {0}/hpc, agent_args: \"--notice 5\"}}\n"
+                  "  - name: aws\n"
+                  "    kind: local\n"
+                  "    max_nodes: 3\n"
+                  "    work_dir: {0}/local\n"
+                  "    node: {{slots: 1, volumes: {{ckpt: {0}/vol-aws}}}}\n",
+                  dir_.string()),
+      {cluster_->ConfEnv()}));
+  // A node of the local provider is up while the job runs on Slurm: the job's checkpoints are
+  // copied to its volume (the catalog then knows the step on provider aws).
+  std::string anchor = Submit(
+      "name: anchor\ncommand: [\"sleep\", \"120\"]\nnodes: 1\ncheckpoint:\n  volume: ckpt\n"
+      "placement:\n  providers: [aws]\n");
+  ASSERT_TRUE(WaitState(anchor, "running", 30s)) << Events(anchor);
+  std::string job = Submit("name: failover\ncommand: [\"/bin/sh\", \"-c\", " +
+                           nlohmann::json(CheckpointingRank(marks)).dump() +
+                           "]\nnodes: 2\nranks_per_node: 1\ncheckpoint:\n  volume: ckpt\n");
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        auto st = Status(job);
+        return st.value("provider", "") == "hpc" && st.contains("progress") &&
+               st["progress"].value("step", 0) >= 5;
+      },
+      40s))
+      << Events(job) << Squeue() << ReadFile(dir_ / "coord.log");
+  // Slurm takes both nodes for a minute.
+  auto high = cluster_->Tool({"sbatch", "--parsable", "--partition", "high", "--nodes", "2",
+                              "--output", "/dev/null", "--wrap", "sleep 60"});
+  ASSERT_TRUE(high.ok()) << high.status().ToString();
+  ASSERT_TRUE(WaitState(job, "succeeded", 60s))
+      << Events(job) << Squeue() << ReadFile(dir_ / "coord.log");
+  std::string notice_at = ReadFile(marks / "notice_at");
+  ASSERT_FALSE(notice_at.empty()) << Events(job);
+  EXPECT_EQ(ReadFile(marks / "resumed_from"), "0\n" + notice_at) << Events(job);
+  auto st = Status(job);
+  EXPECT_EQ(st.value("provider", ""), "aws") << st.dump();
+  std::string events = Events(job);
+  std::string step = notice_at.substr(0, notice_at.size() - 1);
+  EXPECT_NE(events.find("requested 2 nodes from aws"), std::string::npos) << events;
+  EXPECT_NE(events.find("resumes from step " + step + " on volume ckpt (provider aws)"),
+            std::string::npos)
+      << events;
+  (void)Muster({"cancel", anchor});
 }
 
 }  // namespace
