@@ -79,28 +79,6 @@ StatusOr<RdzvKeys> ParseRdzvKey(const std::string& text) {
   return k;
 }
 
-bool ParseDouble(std::string_view v, double* out) {
-  try {
-    size_t used = 0;
-    *out = std::stod(std::string(v), &used);
-    return used == v.size();
-  } catch (...) {
-    return false;
-  }
-}
-
-bool ParseInt(std::string_view v, int64_t* out) {
-  auto r = std::from_chars(v.data(), v.data() + v.size(), *out);
-  return r.ec == std::errc() && r.ptr == v.data() + v.size();
-}
-
-std::string_view Trim(std::string_view s) {
-  while (!s.empty() && (s.back() == '\r' || s.back() == ' ' || s.back() == '\t'))
-    s.remove_suffix(1);
-  while (!s.empty() && (s.front() == ' ' || s.front() == '\t')) s.remove_prefix(1);
-  return s;
-}
-
 // Ranks a previous incarnation of this agent started (it was killed -9): their attempt has been
 // declared lost and requeued, so they must not run on. Each rank leads its process group. The
 // rank itself died with its agent (the supervisor's PR_SET_PDEATHSIG), but processes it
@@ -126,56 +104,6 @@ void KillLeftovers(const fs::path& pids_file, const std::shared_ptr<spdlog::logg
 
 }  // namespace
 
-std::optional<proto::Progress> ParseProgressLine(std::string_view line) {
-  line = Trim(line);
-  constexpr std::string_view kTag = "MUSTER_PROGRESS";
-  if (line.substr(0, kTag.size()) != kTag) return std::nullopt;
-  line.remove_prefix(kTag.size());
-  if (!line.empty() && line.front() != ' ' && line.front() != '\t') return std::nullopt;
-  proto::Progress p;
-  bool have_step = false;
-  while (!line.empty()) {
-    line = Trim(line);
-    size_t end = line.find_first_of(" \t");
-    std::string_view tok = line.substr(0, end);
-    line = end == std::string_view::npos ? std::string_view() : line.substr(end);
-    size_t eq = tok.find('=');
-    if (eq == std::string_view::npos) continue;
-    std::string_view k = tok.substr(0, eq), v = tok.substr(eq + 1);
-    int64_t i = 0;
-    double d = 0;
-    if (k == "step" && ParseInt(v, &i) && i >= 0) {
-      p.set_step(i);
-      have_step = true;
-    } else if (k == "total" && ParseInt(v, &i) && i >= 0) {
-      p.set_total_steps(i);
-    } else if (k == "loss" && ParseDouble(v, &d)) {
-      p.set_loss(d);
-    } else if (k == "throughput" && ParseDouble(v, &d)) {
-      p.set_throughput(d);
-    } else if (k == "unit") {
-      p.set_throughput_unit(std::string(v));
-    } else if (k.size() > 6 && k.substr(k.size() - 6) == "_per_s" && ParseDouble(v, &d) &&
-               p.throughput_unit().empty()) {
-      p.set_throughput(d);
-      p.set_throughput_unit(std::string(k.substr(0, k.size() - 6)) + "/s");
-    }
-  }
-  if (!have_step) return std::nullopt;
-  return p;
-}
-
-std::optional<int64_t> ParseCheckpointLine(std::string_view line) {
-  line = Trim(line);
-  constexpr std::string_view kTag = "MUSTER_CHECKPOINT step=";
-  if (line.substr(0, kTag.size()) != kTag) return std::nullopt;
-  line.remove_prefix(kTag.size());
-  size_t end = line.find_first_of(" \t");
-  int64_t step = 0;
-  if (!ParseInt(line.substr(0, end), &step) || step <= 0) return std::nullopt;
-  return step;
-}
-
 int CountGpus() {
 #ifdef MUSTER_HAVE_CUDA
   int n = 0;
@@ -184,55 +112,6 @@ int CountGpus() {
 #else
   return 0;
 #endif
-}
-
-bool TcpPortInUse(const std::string& address, int port) {
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_port = htons(static_cast<uint16_t>(port));
-  if (address.empty() || address == "*") {
-    a.sin_addr.s_addr = htonl(INADDR_ANY);
-  } else if (::inet_pton(AF_INET, address.c_str(), &a.sin_addr) != 1) {
-    return false;  // a name, not an address: the bind itself will tell
-  }
-  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) return false;
-  int one = 1;
-  ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-  bool in_use = ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0 && errno == EADDRINUSE;
-  ::close(fd);
-  return in_use;
-}
-
-std::string LocalAddressFor(const std::string& endpoint) {
-  // tcp://HOST:PORT
-  std::string s = endpoint;
-  if (auto p = s.find("://"); p != std::string::npos) s = s.substr(p + 3);
-  auto colon = s.rfind(':');
-  std::string host = colon == std::string::npos ? s : s.substr(0, colon);
-  std::string port = colon == std::string::npos ? "7070" : s.substr(colon + 1);
-  if (host.empty() || host == "*" || host == "0.0.0.0") return "127.0.0.1";
-  addrinfo hints{};
-  hints.ai_family = AF_INET;
-  hints.ai_socktype = SOCK_DGRAM;
-  addrinfo* res = nullptr;
-  if (::getaddrinfo(host.c_str(), port.c_str(), &hints, &res) != 0 || res == nullptr) {
-    return "127.0.0.1";
-  }
-  std::string out = "127.0.0.1";
-  int fd = ::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-  if (fd >= 0 && ::connect(fd, res->ai_addr, res->ai_addrlen) == 0) {
-    sockaddr_in local{};
-    socklen_t len = sizeof(local);
-    char buf[INET_ADDRSTRLEN];
-    if (::getsockname(fd, reinterpret_cast<sockaddr*>(&local), &len) == 0 &&
-        ::inet_ntop(AF_INET, &local.sin_addr, buf, sizeof(buf)) != nullptr) {
-      out = buf;
-    }
-  }
-  if (fd >= 0) ::close(fd);
-  ::freeaddrinfo(res);
-  return out;
 }
 
 // ---------------------------------------------------------------------------------------------
