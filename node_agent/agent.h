@@ -28,9 +28,13 @@
 // keep ranks alive (lease_watchdog.h). It re-registers, listing what still runs, whenever the
 // coordinator forgets its session (a coordinator restart): running ranks are kept.
 //
-// Threads: a reactor owns the supervisor, the stores and all assignment state; a control
-// thread makes the calls to the coordinator (register, heartbeat, reports); a poll thread keeps
-// the long poll outstanding. Thread-safety: the public methods are thread-safe.
+// Threads: a reactor owns the supervisor, the stores and all assignment state (the
+// AssignmentRunner, assignment_runner.h); a control thread makes the calls to the coordinator
+// (register, heartbeat, reports) and a poll thread keeps the long poll outstanding (the
+// CoordinatorSession, coordinator_session.h); the lease watchdog, the replication worker and
+// the prune worker have threads of their own (lease_watchdog.h, replication_worker.h,
+// prune_worker.h). Agent wires them together. Thread-safety: the public methods are
+// thread-safe.
 
 #include <chrono>
 #include <filesystem>
