@@ -620,7 +620,7 @@ void AssignmentRunner::SaveRanks() {
 }
 
 // The watchdog found the lease running out and signalled the ranks' groups itself; here,
-// when the reactor runs at all, the assignments_ learn that their exits are the agent's doing.
+// when the reactor runs at all, the assignments learn that their exits are the agent's doing.
 void AssignmentRunner::OnLeaseExpired(milliseconds silent) {
   bool any = false;
   for (auto& [g, a] : assignments_) {

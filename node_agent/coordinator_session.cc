@@ -89,8 +89,8 @@ void CoordinatorSession::ForgetSession(const std::string& stale) {
   if (session_ == stale) session_.clear();
 }
 
-// Heartbeats and reports give up well inside the lease_, so a reply that was lost (the
-// coordinator restarted) is asked for again before the lease_ runs out.
+// Heartbeats and reports give up well inside the lease, so a reply that was lost (the
+// coordinator restarted) is asked for again before the lease runs out.
 milliseconds CoordinatorSession::ControlTimeout() {
   std::lock_guard<std::mutex> l(mu_);
   if (lease_.count() <= 0) return call_timeout_;
@@ -126,7 +126,7 @@ bool CoordinatorSession::Register() {
     watchdog_->Feed(sent, lease_);
   }
   bool first = !ever_registered_.exchange(true);
-  logger_->info("{} with {} as {} (session_ {}, {} assignment(s) running, lease_ {} ms)",
+  logger_->info("{} with {} as {} (session {}, {} assignment(s) running, lease {} ms)",
                 first ? "registered" : "re-registered", ctl_->endpoint(), labels_.name(),
                 reg.session_id(), running.size(), reg.lease_ms());
   ApplyActions(reg.actions());
@@ -145,8 +145,8 @@ void CoordinatorSession::Heartbeat(const std::string& sid) {
   auto reply = ctl_->Call(std::move(req), ControlTimeout());
   if (!reply.ok()) {
     if (reply.status().code() == StatusCode::kNotFound) {
-      // Not a renewal of the lease_: the registration that follows is.
-      logger_->warn("coordinator forgot session_ {}: registering again", sid);
+      // Not a renewal of the lease: the registration that follows is.
+      logger_->warn("coordinator forgot session {}: registering again", sid);
       ForgetSession(sid);
     } else {
       logger_->warn("heartbeat failed: {}", reply.status().ToString());
@@ -162,7 +162,7 @@ void CoordinatorSession::Heartbeat(const std::string& sid) {
   ApplyActions(reply->agent_heartbeat_reply().actions());
 }
 
-// Sends the oldest outbox_ message. False when it could not (kept for later).
+// Sends the oldest outbox message. False when it could not (kept for later).
 bool CoordinatorSession::SendOne(const std::string& sid) {
   proto::Envelope e;
   {
@@ -174,7 +174,7 @@ bool CoordinatorSession::SendOne(const std::string& sid) {
   if (e.has_agent_log_chunk()) e.mutable_agent_log_chunk()->set_session_id(sid);
   auto reply = ctl_->Call(e, ControlTimeout());
   if (!reply.ok() && reply.status().code() == StatusCode::kNotFound && e.has_agent_report()) {
-    // Unknown session_: register again first, then resend.
+    // Unknown session: register again first, then resend.
     ForgetSession(sid);
     return false;
   }
