@@ -9,6 +9,7 @@
 #include "common/logging.h"
 #include "common/path_name.h"
 #include "common/wire.h"
+#include "coordinator/job_lifecycle.h"
 #include "coordinator/job_spec.h"
 
 namespace muster::coordinator {
@@ -47,57 +48,6 @@ proto::Envelope Wrap(auto setter) {
 
 }  // namespace
 
-proto::JobSpec JobSpecToProto(const JobSpec& s) {
-  proto::JobSpec p;
-  p.set_name(s.name);
-  for (const auto& c : s.command) p.add_command(c);
-  for (const auto& [k, v] : s.env) (*p.mutable_env())[k] = v;
-  p.set_nodes(s.nodes);
-  p.set_ranks_per_node(s.ranks_per_node);
-  p.set_gpu_type(s.gpu_type);
-  p.set_gpus_per_node(s.gpus_per_node);
-  for (const auto& pr : s.providers) p.add_providers(pr);
-  p.set_island(std::string(IslandPolicyName(s.island)));
-  p.set_priority(s.priority);
-  p.set_checkpoint_volume(s.checkpoint_volume);
-  p.set_checkpoint_every_steps(s.checkpoint_every_steps);
-  p.set_checkpoint_every_s(s.checkpoint_every_time.count());
-  p.set_checkpoint_keep(s.checkpoint_keep);
-  p.set_max_restarts(s.max_restarts);
-  p.set_restart_backoff_s(s.restart_backoff.count());
-  p.set_time_limit_s(s.time_limit.count());
-  for (const auto& h : s.hosts) p.add_hosts(h);
-  p.set_interactive(s.interactive);
-  return p;
-}
-
-StatusOr<JobSpec> JobSpecFromProto(const proto::JobSpec& p) {
-  JobSpec s;
-  s.name = p.name();
-  s.command.assign(p.command().begin(), p.command().end());
-  for (const auto& [k, v] : p.env()) s.env[k] = v;
-  s.nodes = p.nodes();
-  s.ranks_per_node = p.ranks_per_node();
-  s.gpu_type = p.gpu_type();
-  s.gpus_per_node = p.gpus_per_node();
-  s.providers.assign(p.providers().begin(), p.providers().end());
-  if (!p.island().empty()) {
-    MUSTER_ASSIGN_OR_RETURN(s.island, ParseIslandPolicy(p.island()));
-  }
-  s.priority = p.priority();
-  s.checkpoint_volume = p.checkpoint_volume();
-  s.checkpoint_every_steps = p.checkpoint_every_steps();
-  s.checkpoint_every_time = std::chrono::seconds(p.checkpoint_every_s());
-  s.checkpoint_keep = p.checkpoint_keep();
-  s.max_restarts = p.max_restarts();
-  s.restart_backoff = std::chrono::seconds(p.restart_backoff_s());
-  s.time_limit = std::chrono::seconds(p.time_limit_s());
-  s.hosts.assign(p.hosts().begin(), p.hosts().end());
-  s.interactive = p.interactive();
-  MUSTER_RETURN_IF_ERROR(ValidateJobSpec(s));
-  return s;
-}
-
 struct Coordinator::NodeRt {
   NodeRecord rec;
   std::string session;            // empty: not connected
@@ -112,14 +62,10 @@ struct Coordinator::JobRt {
   JobRecord rec;
   JobRequest req;
   std::optional<proto::Progress> progress;
-  std::set<std::string> started, done;
-  proto::StopReason stop = proto::STOP_REASON_UNSPECIFIED;
-  std::string failure;       // first failure, for events and detail
-  std::string failure_node;  // node to blame (quarantine)
-  bool lost = false;         // a node was lost (not the job's fault)
+  AttemptState attempt;  // the current attempt's facts (job_lifecycle.h); fresh at each Start
   bool in_scheduler = false;
-  int64_t started_ms = 0;
-  int64_t checkpoint_deadline_ms = 0;  // the stop asks for a checkpoint first (preemption)
+  // Retryable start errors in a row (job_lifecycle.h): a port in use on the master node.
+  int start_retries = 0;
   // Replications in flight: provider -> give up waiting at (ms). A requeued job waits for them,
   // so it resumes on another provider from the newest step.
   struct Copy {
@@ -130,23 +76,10 @@ struct Coordinator::JobRt {
   // Interactive jobs (`muster run` through the coordinator) end when their client stops asking
   // about them: the last status or logs request for the job.
   int64_t client_seen_ms = 0;
-  // A rank exited kPeerFailureExitCode: its collective failed because another rank or node
-  // did. Not the failure to report unless no real one shows up by the time the gang is down.
-  std::string peer_failure;
-  bool stopped_for_peer_exit = false;
-  // The attempt could not start for a reason that is neither the job's nor the node's (a port
-  // in use on the master node): retried at once on other ports, up to kMaxStartRetries in a row.
-  bool start_retry = false;
-  int start_retries = 0;
 };
-
-// The exit code of a rank whose collective failed because a peer died (docs/env-contract.md;
-// collectives::kPeerFailureExitCode).
-constexpr int kPeerFailureExitCode = 75;
 
 constexpr int64_t kInteractiveClientTimeoutMs = 15000;
 
-constexpr int kMaxStartRetries = 8;
 // Checkpoint copies (CopyRt): tries before a copy fails for good, the backoff between them
 // (doubling from the first, capped), and how long a copy waits for its source node to come back.
 constexpr int kMaxCopyTries = 8;
@@ -299,18 +232,9 @@ void Coordinator::Start(JobRt& job, const std::vector<std::string>& nodes) {
   r.nodes = nodes;
   r.state = proto::JOB_SCHEDULED;
   r.detail.clear();
-  job.started.clear();
-  job.done.clear();
-  job.stop = proto::STOP_REASON_UNSPECIFIED;
-  job.failure.clear();
-  job.failure_node.clear();
-  job.lost = false;
+  job.attempt = AttemptState{};
+  job.attempt.started_ms = NowMs();
   job.progress.reset();
-  job.checkpoint_deadline_ms = 0;
-  job.peer_failure.clear();
-  job.stopped_for_peer_exit = false;
-  job.start_retry = false;
-  job.started_ms = NowMs();
   r.resume_step = -1;
   std::string provider;
   std::string master = nodes.empty() ? "" : nodes[0];
@@ -601,23 +525,14 @@ void Coordinator::RevokeTransfer(const TransferGrant& g, const std::string& why)
 
 void Coordinator::StopGang(JobRt& job, proto::StopReason reason, const std::string& except,
                            int64_t checkpoint_deadline_ms) {
-  if (job.stop == proto::STOP_REASON_UNSPECIFIED || reason == proto::STOP_CANCELLED) {
-    job.stop = reason;
-  }
-  if (checkpoint_deadline_ms > 0 && reason != proto::STOP_CANCELLED &&
-      !job.rec.spec.checkpoint_volume().empty() &&
-      (job.checkpoint_deadline_ms == 0 || checkpoint_deadline_ms < job.checkpoint_deadline_ms)) {
-    job.checkpoint_deadline_ms = checkpoint_deadline_ms;
-  }
-  if (reason == proto::STOP_CANCELLED) job.checkpoint_deadline_ms = 0;
-  if (job.rec.state == proto::JOB_SCHEDULED || job.rec.state == proto::JOB_RUNNING) {
-    if (reason != proto::STOP_CANCELLED && reason != proto::STOP_TIME_LIMIT) {
-      job.rec.state = proto::JOB_REQUEUED;
-      Persist(job);
-    }
+  bool requeues = job.attempt.RecordStop(reason, checkpoint_deadline_ms,
+                                         !job.rec.spec.checkpoint_volume().empty());
+  if (requeues && (job.rec.state == proto::JOB_SCHEDULED || job.rec.state == proto::JOB_RUNNING)) {
+    job.rec.state = proto::JOB_REQUEUED;
+    Persist(job);
   }
   for (const auto& n : job.rec.nodes) {
-    if (n == except || job.done.count(n)) continue;
+    if (n == except || job.attempt.done.count(n)) continue;
     proto::AgentAction a;
     auto* s = a.mutable_stop();
     s->set_job_id(job.rec.id);
@@ -626,116 +541,58 @@ void Coordinator::StopGang(JobRt& job, proto::StopReason reason, const std::stri
     s->set_grace_ms(reason == proto::STOP_PEER_FAILED
                         ? std::min(options_.stop_grace, options_.peer_failed_grace).count()
                         : options_.stop_grace.count());
-    if (job.checkpoint_deadline_ms > 0) {
+    if (job.attempt.checkpoint_deadline_ms > 0) {
       s->set_checkpoint_first(true);
-      s->set_checkpoint_deadline_ms(job.checkpoint_deadline_ms);
+      s->set_checkpoint_deadline_ms(job.attempt.checkpoint_deadline_ms);
     }
     Enqueue(n, std::move(a));
   }
 }
 
 void Coordinator::NodeDone(JobRt& job, const std::string& node) {
-  job.done.insert(node);
-  if (job.done.size() < job.rec.nodes.size()) return;
+  job.attempt.done.insert(node);
+  if (job.attempt.done.size() < job.rec.nodes.size()) return;
   Finish(job);
 }
 
-// Every node of the attempt has stopped: decide what becomes of the job.
+// Every node of the attempt has stopped: decide what becomes of the job (job_lifecycle.h) and
+// apply the decision.
 void Coordinator::Finish(JobRt& job) {
   auto& r = job.rec;
   int64_t now = NowMs();
-  std::string outcome;
-  if (job.failure.empty() && !job.lost && !job.peer_failure.empty()) {
-    job.failure = job.peer_failure;  // no cause showed up: the peer failure is all we know
-  }
-  if (r.state == proto::JOB_CANCELLED) {
-    outcome = "cancelled";
-    sched_->Release(r.id).IgnoreError();
-    job.in_scheduler = false;
-  } else if (job.stop == proto::STOP_TIME_LIMIT) {
-    outcome = "failed";
-    r.state = proto::JOB_FAILED;
-    r.detail = "time limit";
-    Event(r.id, "", "failed", "time limit reached");
-    sched_->Release(r.id).IgnoreError();
-    job.in_scheduler = false;
-  } else if (job.stop == proto::STOP_PREEMPTED || job.stop == proto::STOP_NODE_PREEMPTED ||
-             job.lost) {
-    outcome = job.lost ? "node_lost" : "preempted";
-    r.preemptions++;
-    r.state = proto::JOB_PENDING;
-    if (job.lost && options_.lease > options_.heartbeat_timeout) {
-      // No split brain: a lost node's agent may still be running its ranks until its lease
-      // runs out (it counts from its last reply, at most heartbeat_timeout before now).
-      r.not_before_ms = now + (options_.lease - options_.heartbeat_timeout).count() + 500;
-      sched_->Release(r.id).IgnoreError();
-      job.in_scheduler = false;
-    } else if (!job.replicating.empty()) {
-      // Resubmitted by Tick once the copies to other providers are in (or given up on).
-      sched_->Release(r.id).IgnoreError();
-      job.in_scheduler = false;
-    } else {
-      sched_->Requeue(r.id).IgnoreError();
-    }
-    Event(r.id, "", "requeued",
-          fmt::format("after attempt {} ({}); not counted against max_restarts", r.attempt,
-                      job.lost ? job.failure : "preempted"));
-  } else if (job.start_retry) {
-    // A port of this attempt was taken on its master node: the next attempt gets other ports.
-    outcome = "start_retry";
-    job.start_retries++;
-    r.state = proto::JOB_PENDING;
-    sched_->Requeue(r.id).IgnoreError();
-    Event(r.id, "", "requeued",
-          fmt::format("after attempt {} ({}); retried on other ports, not counted against "
-                      "max_restarts",
-                      r.attempt, job.failure));
-  } else if (!job.failure.empty()) {
-    outcome = "failed";
-    job.start_retries = 0;
-    r.restarts++;
-    if (!job.failure_node.empty()) {
-      if (auto until = sched_->RecordNodeFailure(job.failure_node, options_.clock())) {
-        auto& n = nodes_.at(job.failure_node);
-        n->rec.quarantines++;
-        n->rec.quarantined_until_ms =
-            std::chrono::duration_cast<std::chrono::milliseconds>(until->time_since_epoch())
-                .count();
-        store_->PutNode(n->rec).IgnoreError();
-        Event(
-            "", job.failure_node, "node_quarantined",
+  AttemptEndDecision d =
+      DecideAttemptEnd(job.attempt, r, job.start_retries, !job.replicating.empty(), now,
+                       {options_.lease.count(), options_.heartbeat_timeout.count()});
+  if (!d.blame_node.empty()) {
+    if (auto until = sched_->RecordNodeFailure(d.blame_node, options_.clock())) {
+      auto& n = nodes_.at(d.blame_node);
+      n->rec.quarantines++;
+      n->rec.quarantined_until_ms =
+          std::chrono::duration_cast<std::chrono::milliseconds>(until->time_since_epoch()).count();
+      store_->PutNode(n->rec).IgnoreError();
+      Event("", d.blame_node, "node_quarantined",
             fmt::format("failed repeatedly; quarantined until {} ms", n->rec.quarantined_until_ms));
-      }
     }
-    if (r.restarts > r.spec.max_restarts()) {
-      r.state = proto::JOB_FAILED;
-      r.detail = job.failure;
-      Event(r.id, "", "failed",
-            fmt::format("{}; {} restart(s) used of {}", job.failure, r.restarts - 1,
-                        r.spec.max_restarts()));
-      sched_->Release(r.id).IgnoreError();
-      job.in_scheduler = false;
-    } else {
-      int64_t backoff = r.spec.restart_backoff_s() * 1000;
-      for (int i = 1; i < r.restarts && backoff < 3600 * 1000; ++i) backoff *= 2;
-      r.not_before_ms = now + backoff;
-      r.state = proto::JOB_PENDING;
-      r.detail = job.failure;
-      sched_->Release(r.id).IgnoreError();
-      job.in_scheduler = false;
-      Event(r.id, "", "requeued",
-            fmt::format("restart {} of {} in {} ms", r.restarts, r.spec.max_restarts(), backoff));
-    }
-  } else {
-    outcome = "succeeded";
-    r.state = proto::JOB_SUCCEEDED;
-    r.detail = "every rank exited 0";
+  }
+  if (d.credit_nodes) {
     for (const auto& n : r.nodes) sched_->RecordNodeSuccess(n);
-    Event(r.id, "", "succeeded", fmt::format("attempt {}: every rank exited 0", r.attempt));
+  }
+  r.state = d.state;
+  if (d.set_detail) r.detail = d.detail;
+  r.restarts = d.restarts;
+  r.preemptions = d.preemptions;
+  r.not_before_ms = d.not_before_ms;
+  job.start_retries = d.start_retries;
+  for (const auto& e : d.events) Event(r.id, "", e.kind, e.message);
+  if (d.queue == AttemptEndDecision::Queue::kRequeue) {
+    sched_->Requeue(r.id).IgnoreError();
+  } else {
     sched_->Release(r.id).IgnoreError();
     job.in_scheduler = false;
   }
-  store_->PutAttempt({r.id, r.attempt, r.nodes, job.started_ms, now, outcome, job.failure})
+  store_
+      ->PutAttempt(
+          {r.id, r.attempt, r.nodes, job.attempt.started_ms, now, d.outcome, d.attempt_detail})
       .IgnoreError();
   if (r.state == proto::JOB_PENDING) r.nodes.clear();
   Persist(job);
@@ -754,14 +611,11 @@ void Coordinator::LoseNode(NodeRt& node, const std::string& why) {
   sched_->SetNodeState(name, NodeState::kDown).IgnoreError();
   Event("", name, "node_lost", why);
   for (auto& [id, j] : jobs_) {
-    if (Terminal(j->rec.state) && j->done.size() == j->rec.nodes.size()) continue;
+    if (Terminal(j->rec.state) && j->attempt.done.size() == j->rec.nodes.size()) continue;
     if (std::find(j->rec.nodes.begin(), j->rec.nodes.end(), name) == j->rec.nodes.end()) continue;
-    if (j->done.count(name)) continue;
+    if (j->attempt.done.count(name)) continue;
     if (!Terminal(j->rec.state)) {
-      if (j->failure.empty()) {
-        j->lost = true;
-        j->failure = fmt::format("node {} lost ({})", name, why);
-      }
+      j->attempt.RecordNodeLost(fmt::format("node {} lost ({})", name, why));
       Event(id, name, "node_lost", fmt::format("attempt {}: {}", j->rec.attempt, why));
       StopGang(*j, proto::STOP_PEER_FAILED, name);
     }
@@ -781,7 +635,7 @@ void Coordinator::Tick() {
     if (!expected) {
       // Restored after a restart: a node whose jobs are still assigned must come back in time.
       for (auto& [id, j] : jobs_) {
-        if (!Terminal(j->rec.state) && !j->done.count(name) &&
+        if (!Terminal(j->rec.state) && !j->attempt.done.count(name) &&
             std::find(j->rec.nodes.begin(), j->rec.nodes.end(), name) != j->rec.nodes.end())
           expected = true;
       }
@@ -839,8 +693,8 @@ void Coordinator::Tick() {
       }
     }
     if ((r.state == proto::JOB_RUNNING || r.state == proto::JOB_SCHEDULED) &&
-        r.spec.time_limit_s() > 0 && j->started_ms + r.spec.time_limit_s() * 1000 <= now &&
-        j->stop == proto::STOP_REASON_UNSPECIFIED) {
+        r.spec.time_limit_s() > 0 && j->attempt.started_ms + r.spec.time_limit_s() * 1000 <= now &&
+        j->attempt.stop == proto::STOP_REASON_UNSPECIFIED) {
       Event(id, "", "time_limit", fmt::format("{} s reached; stopping", r.spec.time_limit_s()));
       StopGang(*j, proto::STOP_TIME_LIMIT, "");
     }
@@ -849,7 +703,8 @@ void Coordinator::Tick() {
   int finished = 0;
   for (auto it = jobs_.rbegin(); it != jobs_.rend(); ++it) {
     const auto& j = *it->second;
-    if (Terminal(j.rec.state) && j.done.size() >= j.rec.nodes.size() && ++finished > kFinishedKept)
+    if (Terminal(j.rec.state) && j.attempt.done.size() >= j.rec.nodes.size() &&
+        ++finished > kFinishedKept)
       forget.push_back(it->first);
   }
   for (const auto& id : forget) jobs_.erase(id);
@@ -1405,23 +1260,24 @@ StatusOr<proto::Envelope> Coordinator::OnRegister(const Caller& caller,
                   it->second->rec.attempt == ra.attempt() &&
                   std::find(it->second->rec.nodes.begin(), it->second->rec.nodes.end(), l.name()) !=
                       it->second->rec.nodes.end() &&
-                  !it->second->done.count(l.name());
+                  !it->second->attempt.done.count(l.name());
     if (wanted) {
       reported.insert(ra.job_id());
       JobRt& j = *it->second;
-      j.started.insert(l.name());
-      if (j.stop != proto::STOP_REASON_UNSPECIFIED) {
+      j.attempt.started.insert(l.name());
+      if (j.attempt.stop != proto::STOP_REASON_UNSPECIFIED) {
         proto::AgentAction a;
         a.mutable_stop()->set_job_id(ra.job_id());
         a.mutable_stop()->set_attempt(ra.attempt());
-        a.mutable_stop()->set_reason(j.stop);
+        a.mutable_stop()->set_reason(j.attempt.stop);
         a.mutable_stop()->set_grace_ms(options_.stop_grace.count());
-        if (j.checkpoint_deadline_ms > NowMs()) {
+        if (j.attempt.checkpoint_deadline_ms > NowMs()) {
           a.mutable_stop()->set_checkpoint_first(true);
-          a.mutable_stop()->set_checkpoint_deadline_ms(j.checkpoint_deadline_ms);
+          a.mutable_stop()->set_checkpoint_deadline_ms(j.attempt.checkpoint_deadline_ms);
         }
         *out->add_actions() = std::move(a);
-      } else if (j.rec.state == proto::JOB_SCHEDULED && j.started.size() == j.rec.nodes.size()) {
+      } else if (j.rec.state == proto::JOB_SCHEDULED &&
+                 j.attempt.started.size() == j.rec.nodes.size()) {
         j.rec.state = proto::JOB_RUNNING;
         Persist(j);
       }
@@ -1439,22 +1295,19 @@ StatusOr<proto::Envelope> Coordinator::OnRegister(const Caller& caller,
   // Assignments we expect that the agent does not run: never started -> send again; started ->
   // its ranks are gone (agent restarted): the node is lost for that attempt.
   for (auto& [id, j] : jobs_) {
-    if (Terminal(j->rec.state) || reported.count(id) || j->done.count(l.name())) continue;
+    if (Terminal(j->rec.state) || reported.count(id) || j->attempt.done.count(l.name())) continue;
     auto pos = std::find(j->rec.nodes.begin(), j->rec.nodes.end(), l.name());
     if (pos == j->rec.nodes.end()) continue;
-    if (j->started.count(l.name()) || j->rec.state == proto::JOB_RUNNING) {
-      if (j->failure.empty()) {
-        j->lost = true;
-        j->failure = fmt::format("node {} lost its ranks (agent restarted)", l.name());
-      }
+    if (j->attempt.started.count(l.name()) || j->rec.state == proto::JOB_RUNNING) {
+      j->attempt.RecordNodeLost(fmt::format("node {} lost its ranks (agent restarted)", l.name()));
       Event(id, l.name(), "node_lost", "agent came back without the job's ranks");
       StopGang(*j, proto::STOP_PEER_FAILED, l.name());
       NodeDone(*j, l.name());
-    } else if (j->stop == proto::STOP_REASON_UNSPECIFIED) {
+    } else if (j->attempt.stop == proto::STOP_REASON_UNSPECIFIED) {
       // Start it (again): rebuild the start action by re-running Start for this node only is
       // not possible without a new attempt, so the whole gang starts a new attempt.
-      j->lost = true;
-      j->failure = fmt::format("node {} re-registered before starting", l.name());
+      j->attempt.RecordNodeLost(fmt::format("node {} re-registered before starting", l.name()),
+                                /*override_cause=*/true);
       StopGang(*j, proto::STOP_PEER_FAILED, l.name());
       NodeDone(*j, l.name());
     } else {
@@ -1624,10 +1477,8 @@ StatusOr<proto::Envelope> Coordinator::OnReport(const Caller& caller,
   JobRt& j = *it->second;
   if (std::find(j.rec.nodes.begin(), j.rec.nodes.end(), node) == j.rec.nodes.end()) return ack;
   for (const auto& p : req.progress()) j.progress = p;
-  if (!req.start_error().empty() && j.failure.empty()) {
-    j.failure = fmt::format("node {} could not start: {}", node, req.start_error());
-    j.failure_node = node;
-    j.start_retry = req.start_retryable() && j.start_retries < kMaxStartRetries;
+  if (!req.start_error().empty() &&
+      j.attempt.RecordStartError(node, req.start_error(), req.start_retryable(), j.start_retries)) {
     Event(j.rec.id, node, "start_failed", req.start_error());
     StopGang(j, proto::STOP_PEER_FAILED, node);
   }
@@ -1638,9 +1489,9 @@ StatusOr<proto::Envelope> Coordinator::OnReport(const Caller& caller,
     Event(j.rec.id, node, "resume_fallback",
           fmt::format("attempt {}: {}", j.rec.attempt, req.resume_fallback()));
   }
-  if (req.started() && !j.started.count(node)) {
-    j.started.insert(node);
-    if (j.rec.state == proto::JOB_SCHEDULED && j.started.size() == j.rec.nodes.size()) {
+  if (req.started() && !j.attempt.started.count(node)) {
+    j.attempt.started.insert(node);
+    if (j.rec.state == proto::JOB_SCHEDULED && j.attempt.started.size() == j.rec.nodes.size()) {
       j.rec.state = proto::JOB_RUNNING;
       Persist(j);
       Event(j.rec.id, "", "started",
@@ -1649,35 +1500,19 @@ StatusOr<proto::Envelope> Coordinator::OnReport(const Caller& caller,
     }
   }
   for (const auto& x : req.exits()) {
-    bool bad = (x.exit_code() != 0 || x.signal() != 0) && !x.stopped_by_agent();
-    bool open = j.stop == proto::STOP_REASON_UNSPECIFIED || j.stopped_for_peer_exit;
-    if (!bad || !j.failure.empty() || !open) continue;
-    if (x.signal() == 0 && x.exit_code() == kPeerFailureExitCode) {
-      // A consequence, not a cause: stop the gang, wait for the cause (another rank's exit, a
-      // lost node) to be reported.
-      if (j.peer_failure.empty()) {
-        j.peer_failure =
-            fmt::format("rank {} on {} exited {} (a peer failed)", x.rank(), node, x.exit_code());
-        Event(j.rec.id, node, "rank_peer_failed",
-              fmt::format("attempt {}: {}", j.rec.attempt, j.peer_failure));
-      }
-      if (j.stop == proto::STOP_REASON_UNSPECIFIED) {
-        j.stopped_for_peer_exit = true;
-        StopGang(j, proto::STOP_PEER_FAILED, req.all_exited() ? node : "");
-      }
-      continue;
+    ExitVerdict v = j.attempt.RecordExit(node, x);
+    if (v.first_peer_failure) {
+      Event(j.rec.id, node, "rank_peer_failed",
+            fmt::format("attempt {}: {}", j.rec.attempt, j.attempt.peer_failure));
     }
-    j.failure = x.signal()
-                    ? fmt::format("rank {} on {} killed by signal {}", x.rank(), node, x.signal())
-                    : fmt::format("rank {} on {} exited {}", x.rank(), node, x.exit_code());
-    j.failure_node = node;
-    Event(j.rec.id, node, "rank_failed", fmt::format("attempt {}: {}", j.rec.attempt, j.failure));
+    if (v.kind == ExitVerdict::Kind::kRankFailed) {
+      Event(j.rec.id, node, "rank_failed",
+            fmt::format("attempt {}: {}", j.rec.attempt, j.attempt.failure));
+    }
     // This node's other ranks are stopped too, unless it reports them all gone already.
-    if (j.stop == proto::STOP_REASON_UNSPECIFIED) {
-      StopGang(j, proto::STOP_PEER_FAILED, req.all_exited() ? node : "");
-    }
+    if (v.stop_gang) StopGang(j, proto::STOP_PEER_FAILED, req.all_exited() ? node : "");
   }
-  if (req.all_exited() && !j.done.count(node)) NodeDone(j, node);
+  if (req.all_exited() && !j.attempt.done.count(node)) NodeDone(j, node);
   return ack;
 }
 

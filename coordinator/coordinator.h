@@ -192,8 +192,4 @@ class Coordinator {
   bool pass_needed_ = true;
 };
 
-// Conversions between the YAML job spec and the wire.
-proto::JobSpec JobSpecToProto(const JobSpec& spec);
-StatusOr<JobSpec> JobSpecFromProto(const proto::JobSpec& spec);
-
 }  // namespace muster::coordinator
