@@ -48,16 +48,6 @@ proto::Envelope Wrap(auto setter) {
 
 }  // namespace
 
-struct Coordinator::NodeRt {
-  NodeRecord rec;
-  std::string session;            // empty: not connected
-  KeyRole role = KeyRole::kNone;  // of the key it registered with; kNone until it registers
-  int64_t last_hb_ms = 0;
-  std::vector<proto::AgentAction> queue;
-  std::optional<Reply> poll;
-  int64_t poll_deadline_ms = 0;
-};
-
 struct Coordinator::JobRt {
   JobRecord rec;
   JobRequest req;
@@ -94,9 +84,7 @@ Coordinator::Coordinator(std::unique_ptr<StateStore> store, CoordinatorOptions o
 
 Coordinator::~Coordinator() {
   for (auto& [id, f] : fetches_) f.reply(ErrorEnvelope(0, UnavailableError("shutting down")));
-  for (auto& [name, n] : nodes_) {
-    if (n->poll) (*n->poll)(Wrap([](auto& e) { e.mutable_agent_actions(); }));
-  }
+  // The registry answers the parked polls.
 }
 
 StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(std::unique_ptr<StateStore> store,
@@ -114,12 +102,11 @@ int64_t Coordinator::NowMs() const {
 
 Status Coordinator::Restore() {
   int64_t now = NowMs();
-  MUSTER_ASSIGN_OR_RETURN(node_keys_, store_->LoadNodeKeys());
+  MUSTER_ASSIGN_OR_RETURN(auto keys, store_->LoadNodeKeys());
   MUSTER_ASSIGN_OR_RETURN(auto nodes, store_->LoadNodes());
-  for (auto& rec : nodes) {
-    auto n = std::make_unique<NodeRt>();
-    n->rec = std::move(rec);
-    n->last_hb_ms = now;  // give every agent a full timeout to come back
+  // Every agent gets a full heartbeat timeout to come back.
+  nodes_.Restore(std::move(nodes), std::move(keys), now);
+  for (auto& [name, n] : nodes_) {
     sched_->UpsertNode(ToNodeSpec(n->rec.labels));
     // Down until its agent registers again; draining is remembered.
     sched_->SetNodeState(n->rec.labels.name(), NodeState::kDown).IgnoreError();
@@ -127,7 +114,6 @@ Status Coordinator::Restore() {
       sched_->RestoreQuarantine(n->rec.labels.name(), n->rec.quarantines,
                                 TimePoint(std::chrono::milliseconds(n->rec.quarantined_until_ms)));
     }
-    nodes_.emplace(n->rec.labels.name(), std::move(n));
   }
   MUSTER_ASSIGN_OR_RETURN(auto jobs, store_->LoadJobs());
   int restored = 0;
@@ -187,20 +173,7 @@ void Coordinator::Persist(JobRt& job) {
 }
 
 void Coordinator::Enqueue(const std::string& node, proto::AgentAction action) {
-  auto it = nodes_.find(node);
-  if (it == nodes_.end()) return;
-  it->second->queue.push_back(std::move(action));
-  FlushPoll(*it->second);
-}
-
-void Coordinator::FlushPoll(NodeRt& node) {
-  if (!node.poll || node.queue.empty()) return;
-  proto::Envelope e;
-  for (auto& a : node.queue) *e.mutable_agent_actions()->add_actions() = std::move(a);
-  node.queue.clear();
-  Reply r = std::move(*node.poll);
-  node.poll.reset();
-  r(std::move(e));
+  nodes_.Enqueue(node, std::move(action));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -238,9 +211,9 @@ void Coordinator::Start(JobRt& job, const std::vector<std::string>& nodes) {
   r.resume_step = -1;
   std::string provider;
   std::string master = nodes.empty() ? "" : nodes[0];
-  if (auto it = nodes_.find(master); it != nodes_.end()) {
-    provider = it->second->rec.labels.provider();
-    if (!it->second->rec.labels.address().empty()) master = it->second->rec.labels.address();
+  if (const NodeRt* m = nodes_.Find(master)) {
+    provider = m->rec.labels.provider();
+    if (!m->rec.labels.address().empty()) master = m->rec.labels.address();
   }
   // Each provider mounts its own volume under the job's volume name: resume from the newest
   // step committed (or verified as a replica) on this provider's.
@@ -355,9 +328,8 @@ void Coordinator::Replicate(JobRt* job, const std::string& job_id, int64_t step,
 }
 
 bool Coordinator::IssueCopy(CopyRt& c, int keep) {
-  auto src = nodes_.find(c.source);
-  if (src == nodes_.end() || src->second->session.empty() ||
-      src->second->rec.labels.transfer_endpoint().empty()) {
+  const NodeRt* src = nodes_.Find(c.source);
+  if (src == nullptr || !src->connected() || src->rec.labels.transfer_endpoint().empty()) {
     return false;
   }
   const NodeRt* target = nullptr;
@@ -381,7 +353,7 @@ bool Coordinator::IssueCopy(CopyRt& c, int keep) {
   if (target == nullptr) return false;
   auto key = GenerateKeyPair();
   if (!key.ok()) return false;
-  const auto& sl = src->second->rec.labels;
+  const auto& sl = src->rec.labels;
   proto::AgentAction allow;
   allow.mutable_allow_transfer()->set_job_id(c.job_id);
   allow.mutable_allow_transfer()->set_client_public_key(key->public_key);
@@ -446,8 +418,8 @@ void Coordinator::TickCopies(int64_t now) {
       continue;
     }
     if (c.retry_at_ms == 0) {
-      auto t = nodes_.find(c.target);
-      if (t == nodes_.end() || t->second->session != c.target_session) {
+      const NodeRt* t = nodes_.Find(c.target);
+      if (t == nullptr || t->session != c.target_session) {
         // The try died with its target: the key it was given reads nothing more at the source.
         for (auto g = grants_.begin(); g != grants_.end();) {
           if (g->job_id == c.job_id && g->target == c.target) {
@@ -457,7 +429,7 @@ void Coordinator::TickCopies(int64_t now) {
             ++g;
           }
         }
-        RetryCopy(c, t != nodes_.end() && !t->second->session.empty()
+        RetryCopy(c, t != nullptr && t->connected()
                          ? "target " + c.target + " restarted during the copy"
                          : "target " + c.target + " was lost during the copy");
       }
@@ -565,7 +537,8 @@ void Coordinator::Finish(JobRt& job) {
                        {options_.lease.count(), options_.heartbeat_timeout.count()});
   if (!d.blame_node.empty()) {
     if (auto until = sched_->RecordNodeFailure(d.blame_node, options_.clock())) {
-      auto& n = nodes_.at(d.blame_node);
+      NodeRt* n = nodes_.Find(d.blame_node);
+      MUSTER_CHECK(n != nullptr) << "blamed node " << d.blame_node << " is not registered";
       n->rec.quarantines++;
       n->rec.quarantined_until_ms =
           std::chrono::duration_cast<std::chrono::milliseconds>(until->time_since_epoch()).count();
@@ -601,13 +574,7 @@ void Coordinator::Finish(JobRt& job) {
 
 void Coordinator::LoseNode(NodeRt& node, const std::string& why) {
   const std::string& name = node.rec.labels.name();
-  node.session.clear();
-  node.queue.clear();
-  if (node.poll) {
-    Reply r = std::move(*node.poll);
-    node.poll.reset();
-    r(Wrap([](auto& e) { e.mutable_agent_actions(); }));
-  }
+  nodes_.Disconnect(node);
   sched_->SetNodeState(name, NodeState::kDown).IgnoreError();
   Event("", name, "node_lost", why);
   for (auto& [id, j] : jobs_) {
@@ -625,12 +592,8 @@ void Coordinator::LoseNode(NodeRt& node, const std::string& why) {
 
 void Coordinator::Tick() {
   int64_t now = NowMs();
+  nodes_.ExpirePolls(now);
   for (auto& [name, n] : nodes_) {
-    if (n->poll && n->poll_deadline_ms <= now) {
-      Reply r = std::move(*n->poll);
-      n->poll.reset();
-      r(Wrap([](auto& e) { e.mutable_agent_actions(); }));
-    }
     bool expected = !n->session.empty();
     if (!expected) {
       // Restored after a restart: a node whose jobs are still assigned must come back in time.
@@ -916,8 +879,7 @@ proto::JobStatus Coordinator::StatusOf(const JobRt& j) {
   s.set_preemptions(r.preemptions);
   for (const auto& n : r.nodes) s.add_nodes(n);
   if (!r.nodes.empty()) {
-    if (auto it = nodes_.find(r.nodes[0]); it != nodes_.end())
-      s.set_provider(it->second->rec.labels.provider());
+    if (const NodeRt* n = nodes_.Find(r.nodes[0])) s.set_provider(n->rec.labels.provider());
   }
   if (r.state == proto::JOB_PENDING) {
     if (!j.in_scheduler && r.not_before_ms > NowMs()) {
@@ -1090,9 +1052,9 @@ StatusOr<proto::Envelope> Coordinator::OnEvents(const Caller& caller,
 }
 
 StatusOr<proto::Envelope> Coordinator::OnDrain(const proto::DrainRequest& req) {
-  auto it = nodes_.find(req.node());
-  if (it == nodes_.end()) return NotFoundError("unknown node " + req.node());
-  NodeRt& n = *it->second;
+  NodeRt* found = nodes_.Find(req.node());
+  if (found == nullptr) return NotFoundError("unknown node " + req.node());
+  NodeRt& n = *found;
   n.rec.state = req.drain() ? proto::NODE_DRAINING : proto::NODE_UP;
   store_->PutNode(n.rec).IgnoreError();
   if (!n.session.empty() || !req.drain()) {
@@ -1108,8 +1070,7 @@ StatusOr<proto::Envelope> Coordinator::OnDrain(const proto::DrainRequest& req) {
 }
 
 StatusOr<proto::Envelope> Coordinator::OnPreemptNode(const proto::PreemptNodeRequest& req) {
-  auto it = nodes_.find(req.node());
-  if (it == nodes_.end()) return NotFoundError("unknown node " + req.node());
+  if (nodes_.Find(req.node()) == nullptr) return NotFoundError("unknown node " + req.node());
   proto::Envelope e;
   auto* out = e.mutable_preempt_node_reply();
   Event("", req.node(), "notice", fmt::format("preemption notice, {} ms", req.notice_ms()));
@@ -1158,8 +1119,8 @@ void Coordinator::OnLogs(const Caller& caller, const proto::LogsRequest& req, Re
         fmt::format("job {} attempt {} has no rank {}", rec.id, attempt, req.rank())));
   }
   const std::string& node = nodes[req.rank() / rpn];
-  auto nit = nodes_.find(node);
-  if (nit == nodes_.end() || nit->second->session.empty()) {
+  const NodeRt* target = nodes_.Find(node);
+  if (target == nullptr || !target->connected()) {
     return fail(UnavailableError("the agent of node " + node + " is not connected"));
   }
   uint64_t fetch = next_fetch_++;
@@ -1179,15 +1140,10 @@ void Coordinator::OnLogs(const Caller& caller, const proto::LogsRequest& req, Re
 StatusOr<Coordinator::NodeRt*> Coordinator::Session(const Caller& caller, const std::string& node,
                                                     const std::string& session) {
   // A session id is no secret: the key decides who speaks for a node.
-  if (auto b = node_keys_.find(node); b != node_keys_.end() && b->second != caller.public_key) {
+  if (!nodes_.MaySpeakFor(node, caller.public_key)) {
     return Deny(caller, "speak for node " + node, "the node is bound to another key");
   }
-  auto it = nodes_.find(node);
-  if (it == nodes_.end() || it->second->session.empty() || it->second->session != session) {
-    return NotFoundError(fmt::format("no session {} for node {}: register again", session, node));
-  }
-  it->second->last_hb_ms = NowMs();
-  return it->second.get();
+  return nodes_.FindSession(node, session, NowMs());
 }
 
 StatusOr<proto::Envelope> Coordinator::OnRegister(const Caller& caller,
@@ -1199,42 +1155,27 @@ StatusOr<proto::Envelope> Coordinator::OnRegister(const Caller& caller,
   if (l.provider().empty()) return InvalidArgumentError("agent register: provider is required");
   if (l.gpus() < 0 || l.slots() < 0) return InvalidArgumentError("agent register: negative gpus");
   // The first registration of a name binds it to the key; no other key may take it.
-  auto b = node_keys_.find(l.name());
-  if (b != node_keys_.end() && b->second != caller.public_key) {
-    KeyRole old = options_.current_role ? options_.current_role(b->second) : KeyRole::kAgent;
+  std::optional<std::string> bound = nodes_.BoundKey(l.name());
+  if (bound && *bound != caller.public_key) {
+    KeyRole old = options_.current_role ? options_.current_role(*bound) : KeyRole::kAgent;
     if (old == KeyRole::kAgent || old == KeyRole::kLegacy) {
       return Deny(caller, "register as node " + l.name(),
                   fmt::format("the name is bound to agent key {}... (remove that key from "
                               "authorized_keys to move the node to another key)",
-                              b->second.substr(0, 8)));
+                              bound->substr(0, 8)));
     }
     Logger()->warn("node {} moves from key {}... (now role {}) to {}", l.name(),
-                   b->second.substr(0, 8), KeyRoleName(old), caller.ToString());
-    node_keys_.erase(b);
-    b = node_keys_.end();
+                   bound->substr(0, 8), KeyRoleName(old), caller.ToString());
+    nodes_.Unbind(l.name());
+    bound.reset();
   }
-  if (b == node_keys_.end()) {
+  if (!bound) {
     MUSTER_RETURN_IF_ERROR(store_->BindNodeKey(l.name(), caller.public_key, NowMs()));
-    node_keys_[l.name()] = caller.public_key;
+    nodes_.Bind(l.name(), caller.public_key);
     Logger()->info("node {} bound to {}", l.name(), caller.ToString());
   }
-  auto& slot = nodes_[l.name()];
-  bool fresh = slot == nullptr;
-  if (fresh) slot = std::make_unique<NodeRt>();
-  NodeRt& n = *slot;
-  bool was_connected = !n.session.empty();
-  n.rec.labels = l;
-  n.role = caller.role;
-  if (n.rec.state == proto::NODE_DOWN || n.rec.state == proto::NODE_STATE_UNSPECIFIED)
-    n.rec.state = proto::NODE_UP;
-  n.session = fmt::format("{}-{}", NowMs(), next_session_++);
-  n.last_hb_ms = NowMs();
-  n.queue.clear();
-  if (n.poll) {
-    Reply r = std::move(*n.poll);
-    n.poll.reset();
-    r(Wrap([](auto& e) { e.mutable_agent_actions(); }));
-  }
+  bool was_connected = false;
+  NodeRt& n = nodes_.Connect(l, caller.role, NowMs(), &was_connected);
   store_->PutNode(n.rec).IgnoreError();
   sched_->UpsertNode(ToNodeSpec(l));
   sched_
@@ -1331,23 +1272,14 @@ StatusOr<proto::Envelope> Coordinator::OnHeartbeat(const Caller& caller,
   }
   proto::Envelope e;
   auto* out = e.mutable_agent_heartbeat_reply();
-  for (auto& a : n->queue) *out->add_actions() = std::move(a);
-  n->queue.clear();
+  for (auto& a : nodes_.TakeQueue(*n)) *out->add_actions() = std::move(a);
   return e;
 }
 
 void Coordinator::OnPoll(const Caller& caller, const proto::AgentPoll& req, Reply reply) {
   auto n = Session(caller, req.node(), req.session_id());
   if (!n.ok()) return reply(ErrorEnvelope(0, n.status()));
-  NodeRt& node = **n;
-  if (node.poll) {  // a newer poll replaces an older one
-    Reply old = std::move(*node.poll);
-    node.poll.reset();
-    old(Wrap([](auto& e) { e.mutable_agent_actions(); }));
-  }
-  node.poll = std::move(reply);
-  node.poll_deadline_ms = NowMs() + std::clamp<int64_t>(req.wait_ms(), 0, 30000);
-  FlushPoll(node);
+  nodes_.Park(**n, std::move(reply), NowMs() + std::clamp<int64_t>(req.wait_ms(), 0, 30000));
 }
 
 bool Coordinator::ReplicaReportAllowed(const NodeRt& node, const std::string& job_id, int64_t step,
