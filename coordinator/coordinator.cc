@@ -681,7 +681,8 @@ void Coordinator::Tick() {
   }
   for (const auto& id : forget) jobs_.erase(id);
   Pass();  // every tick: quarantines expire and backoffs end with time, not only on events
-  ProvidersPass();  // after the pass: what is still pending may get nodes from a provider
+  // What is still pending may get nodes from a provider; idle on-demand nodes go back.
+  ProvidersPass();
 }
 
 // ---------------------------------------------------------------------------------------------
