@@ -5,6 +5,7 @@
 #include <cstdlib>
 
 #include "common/curve.h"
+#include "common/strings.h"
 
 namespace muster::coordinator {
 
@@ -48,7 +49,7 @@ StatusOr<std::unique_ptr<CoordinatorClient>> CoordinatorClient::Connect(ClientOp
   std::unique_ptr<CoordinatorClient> c(new CoordinatorClient());
   std::string endpoint = o.endpoint;
   if (endpoint.empty()) {
-    if (const char* e = std::getenv("MUSTER_COORDINATOR")) endpoint = e;
+    endpoint = EnvValue("MUSTER_COORDINATOR").value_or("");
   }
   if (endpoint.empty()) {
     return InvalidArgumentError(

@@ -27,6 +27,7 @@
 #include "common/python_path.h"
 #include "common/rank_env.h"
 #include "common/reactor.h"
+#include "common/strings.h"
 #include "launcher/remote_run.h"
 #include "node_agent/supervisor.h"
 
@@ -140,8 +141,8 @@ StatusOr<int> PickFreePort() {
 
 std::vector<std::string> DetectGpus() {
   std::vector<std::string> gpus;
-  if (const char* env = std::getenv("CUDA_VISIBLE_DEVICES"); env && *env) {
-    std::string s(env);
+  if (auto env = EnvValue("CUDA_VISIBLE_DEVICES")) {
+    std::string s = *env;
     size_t start = 0;
     while (start <= s.size()) {
       size_t comma = s.find(',', start);
@@ -253,9 +254,9 @@ int RunJob(const RunOptions& options, const RunIo& io) {
     return code;
   };
   if (!options.coordinator.empty()) return RunThroughCoordinator(options, io);
-  if (const char* env = std::getenv("MUSTER_COORDINATOR"); env && *env) {
+  if (auto env = EnvValue("MUSTER_COORDINATOR")) {
     RunOptions remote = options;
-    remote.coordinator = env;
+    remote.coordinator = *env;
     return RunThroughCoordinator(remote, io);
   }
 

@@ -8,6 +8,8 @@
 #include <fstream>
 #include <sstream>
 
+#include "common/strings.h"
+
 namespace muster::launcher {
 namespace {
 
@@ -19,13 +21,6 @@ StatusOr<int> ParsePositiveInt(const std::string& what, const std::string& text)
     return InvalidArgumentError(what + ": '" + text + "' is not a positive integer");
   }
   return static_cast<int>(v);
-}
-
-std::string Trim(const std::string& s) {
-  size_t b = s.find_first_not_of(" \t\r");
-  if (b == std::string::npos) return "";
-  size_t e = s.find_last_not_of(" \t\r");
-  return s.substr(b, e - b + 1);
 }
 
 }  // namespace
@@ -73,7 +68,7 @@ StatusOr<std::vector<HostSlots>> ParseHostList(const std::string& list) {
   std::stringstream ss(list);
   std::string item;
   while (std::getline(ss, item, ',')) {
-    item = Trim(item);
+    item = TrimCopy(item, " \t\r");
     if (item.empty()) return InvalidArgumentError("-H '" + list + "': empty host name");
     HostSlots h;
     size_t colon = item.rfind(':');
