@@ -192,23 +192,8 @@ StatusOr<std::vector<RankPlan>> PlanRanks(const RunOptions& options, const Launc
                                 std::to_string(total) + " slots of the hosts given");
   }
 
-  std::map<std::string, std::string> exported;
-  for (const auto& x : options.exports) {
-    size_t eq = x.find('=');
-    if (eq != std::string::npos) {
-      exported[x.substr(0, eq)] = x.substr(eq + 1);
-      continue;
-    }
-    // -x NAME: the value this launcher has (ctx.base_env is its environment).
-    auto it = std::find_if(ctx.base_env.begin(), ctx.base_env.end(), [&](const std::string& kv) {
-      return kv.size() > x.size() && kv.compare(0, x.size(), x) == 0 && kv[x.size()] == '=';
-    });
-    if (it == ctx.base_env.end()) {
-      return InvalidArgumentError("-x " + x + ": " + x +
-                                  " is not set in this environment (use -x " + x + "=VALUE)");
-    }
-    exported[x] = it->substr(x.size() + 1);
-  }
+  // -x NAME takes the value this launcher has (ctx.base_env is its environment).
+  MUSTER_ASSIGN_OR_RETURN(auto exported, ResolveExports(options.exports, ctx.base_env));
 
   AddMusterPythonPath(ctx.base_env, exported);  // `import muster` works in every rank
 

@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstdlib>
@@ -24,6 +25,27 @@ StatusOr<int> ParsePositiveInt(const std::string& what, const std::string& text)
 }
 
 }  // namespace
+
+StatusOr<std::map<std::string, std::string>> ResolveExports(
+    const std::vector<std::string>& exports, const std::vector<std::string>& environ) {
+  std::map<std::string, std::string> out;
+  for (const auto& x : exports) {
+    size_t eq = x.find('=');
+    if (eq != std::string::npos) {
+      out[x.substr(0, eq)] = x.substr(eq + 1);
+      continue;
+    }
+    auto it = std::find_if(environ.begin(), environ.end(), [&](const std::string& kv) {
+      return kv.size() > x.size() && kv.compare(0, x.size(), x) == 0 && kv[x.size()] == '=';
+    });
+    if (it == environ.end()) {
+      return InvalidArgumentError("-x " + x + ": " + x +
+                                  " is not set in this environment (use -x " + x + "=VALUE)");
+    }
+    out[x] = it->substr(x.size() + 1);
+  }
+  return out;
+}
 
 const char* RunUsage() {
   return R"(Usage: muster run [options] [--] PROG [ARGS...]

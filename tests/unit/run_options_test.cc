@@ -78,6 +78,17 @@ TEST(RunOptionsTest, KnowsWhichHostsAreThisMachine) {
   EXPECT_FALSE(IsLocalHost("gpu-node-17.example.com"));
 }
 
+TEST(RunOptionsTest, ResolvesExportsByValueOrFromTheEnvironment) {
+  auto got = ResolveExports({"A=1", "B", "C=x=y", "EMPTY"}, {"B=from-env", "BB=no", "EMPTY="});
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(*got, (std::map<std::string, std::string>{
+                      {"A", "1"}, {"B", "from-env"}, {"C", "x=y"}, {"EMPTY", ""}}));
+  auto missing = ResolveExports({"B"}, {"BB=no", "B"});
+  EXPECT_EQ(missing.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(missing.status().message().find("-x B: B is not set"), std::string::npos)
+      << missing.status();
+}
+
 TEST(PlanRanksTest, FillsSlotsInOrderAndRefusesTooManyRanks) {
   RunOptions o;
   o.program = {"true"};
