@@ -20,9 +20,9 @@
 #include <random>
 #include <thread>
 
-#include "collectives/communicator.h"
 #include "collectives/store_server.h"
 #include "common/curve.h"
+#include "common/exit_codes.h"
 #include "common/logging.h"
 #include "common/python_path.h"
 #include "common/rank_env.h"
@@ -101,7 +101,7 @@ struct JobState {
 
   // The outcome; the first of these to happen decides the exit code.
   std::optional<std::pair<int, ExitInfo>> first_failure;  // rank, how it ended
-  bool first_is_peer_failure = false;  // it exited with collectives::kPeerFailureExitCode
+  bool first_is_peer_failure = false;  // it exited with kPeerFailureExitCode
   std::optional<int> interrupted_by;   // signal
   bool timed_out = false;
   std::optional<std::pair<int, Status>> spawn_error;  // rank, why
@@ -327,7 +327,7 @@ int RunJob(const RunOptions& options, const RunIo& io) {
   cb.on_exit = [&](ChildId id, const std::string&, const ExitInfo& e) {
     if (e.success()) return;
     int rank = job.rank_of.at(id);
-    bool peer = !e.signaled && e.code == collectives::kPeerFailureExitCode;
+    bool peer = !e.signaled && e.code == kPeerFailureExitCode;
     if (!job.stopping) {
       // The first failure: it decides the exit code; every other rank is stopped.
       job.first_failure.emplace(rank, e);
