@@ -1,4 +1,4 @@
-// Survive preemption across providers (issue 6), on a cluster of network namespaces: a real
+// Survive preemption across providers, on a cluster of network namespaces: a real
 // `muster coordinator` on one host and four real `muster agent`s on others, two on provider aws
 // and two on gcp. Each provider's agents share one volume directory (a per-provider shared
 // filesystem), each agent has its own work dir, and everything speaks CURVE with the keys of
@@ -7,7 +7,7 @@
 // `muster events` and the ranks' own log lines (MUSTER_PROGRESS, MUSTER_CHECKPOINT step=N,
 // MUSTER_PREEMPTED step=N, MUSTER_DONE ... param_digest=...).
 //
-// Scenarios (issue 6, item 6):
+// Scenarios:
 //   a. a preemption notice (`muster node preempt`): the job resumes at exactly the step it was
 //      preempted at, on the other provider;
 //   b. kill -9 of an agent: the job is requeued and resumes from its last commit, losing at
