@@ -40,6 +40,7 @@
 
 #include "tests/cluster/netns_cluster.h"
 #include "tests/testing/subprocess.h"
+#include "tests/testing/wait_until.h"
 
 namespace muster::testing {
 namespace {
@@ -75,15 +76,8 @@ std::string Tail(const std::string& s, size_t n = 3000) {
   return s.size() <= n ? s : "..." + s.substr(s.size() - n);
 }
 
-// Polls `pred` until it holds or `timeout` passes (the cluster has no push channel to a test).
-bool WaitUntil(const std::function<bool()>& pred, std::chrono::milliseconds timeout) {
-  auto until = Clock::now() + timeout;
-  while (!pred()) {
-    if (Clock::now() >= until) return false;
-    std::this_thread::sleep_for(50ms);
-  }
-  return true;
-}
+// The cluster has no push channel to a test: WaitUntil (tests/testing/wait_until.h) polls its
+// state (`muster status` and the logs), at most every 50 ms.
 
 // Every `step=N` of lines starting with `tag`, in order.
 std::vector<int> Steps(const std::string& log, const std::string& tag) {
