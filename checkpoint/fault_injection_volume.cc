@@ -107,6 +107,7 @@ namespace {
 Status SaveTree(Volume* v, FaultInjectionVolume::Journal& j, const std::string& root,
                 const std::string& rel, std::vector<Entry>* out) {
   const std::string path = rel.empty() ? root : JoinPath(root, rel);
+  if (v->IsLink(path)) return Status::Ok();  // not followed, and not brought back
   auto names = v->ListDir(path);
   if (names.ok()) {
     out->push_back({rel, true, ""});
@@ -386,30 +387,23 @@ Status FaultInjectionVolume::Rename(const std::string& from, const std::string& 
 }
 
 Status FaultInjectionVolume::DeleteFile(const std::string& path) {
-  if (crashed_) return CrashedError();
-  const std::string p = Norm(path);
-  std::lock_guard<std::mutex> l(mu_);
-  Op op = MakeOp(Op::kRemove, journal_->next_id, p);
-  if (!target()->ListDir(p).ok() && target()->Exists(p)) {
-    MUSTER_RETURN_IF_ERROR(SaveTree(target(), *journal_, p, "", &op.saved));
-  }
-  MUSTER_RETURN_IF_ERROR(target()->DeleteFile(path));
-  journal_->next_id++;
-  journal_->OrphanFiles(p);
-  journal_->RebaseOps(p, Shadow(op.id, p));
-  op.unsynced = {Parent(p)};
-  journal_->ops.push_back(std::move(op));
-  return Status::Ok();
+  return RemoveRecorded(path, /*tree=*/false);
 }
 
 Status FaultInjectionVolume::RemoveAll(const std::string& path) {
+  return RemoveRecorded(path, /*tree=*/true);
+}
+
+Status FaultInjectionVolume::RemoveRecorded(const std::string& path, bool tree) {
   if (crashed_) return CrashedError();
   const std::string p = Norm(path);
   std::lock_guard<std::mutex> l(mu_);
-  if (!target()->Exists(p) && !target()->IsLink(p)) return target()->RemoveAll(path);
   Op op = MakeOp(Op::kRemove, journal_->next_id, p);
-  MUSTER_RETURN_IF_ERROR(SaveTree(target(), *journal_, p, "", &op.saved));
-  MUSTER_RETURN_IF_ERROR(target()->RemoveAll(path));
+  // A symbolic link is removed but not brought back by Crash(): a Volume cannot make one.
+  const bool save = !target()->IsLink(p) && target()->Exists(p);
+  if (save) MUSTER_RETURN_IF_ERROR(SaveTree(target(), *journal_, p, "", &op.saved));
+  MUSTER_RETURN_IF_ERROR(tree ? target()->RemoveAll(path) : target()->DeleteFile(path));
+  if (!save) return Status::Ok();
   journal_->next_id++;
   journal_->OrphanFiles(p);
   journal_->RebaseOps(p, Shadow(op.id, p));

@@ -30,7 +30,8 @@
 // directories that existed before they were touched through this volume count as durable.
 // Limits: bytes of a synced file rewritten in place and not fsynced again are not rolled back
 // (checkpoint files are written once); deleted and overwritten files are kept in memory until
-// their delete is durable, so this is for test-sized directories.
+// their delete is durable, so this is for test-sized directories; symbolic links are removed
+// but not brought back.
 //
 // Thread-safety: thread-safe. Crash() must not run concurrently with other calls.
 
@@ -118,6 +119,10 @@ class FaultInjectionVolume final : public VolumeWrapper {
   Status NoteFileSynced(FileState* f);
 
  private:
+  // DeleteFile (`tree` false) or RemoveAll, remembering what was removed until its parent is
+  // synced.
+  Status RemoveRecorded(const std::string& path, bool tree);
+
   mutable std::mutex mu_;
   std::optional<Fault> fault_;        // GUARDED_BY(mu_)
   int seen_ = 0;                      // GUARDED_BY(mu_)
