@@ -30,21 +30,6 @@ std::string JobStateName(proto::JobState s) {
   }
 }
 
-std::string NodeStateText(proto::NodeStatusState s) {
-  switch (s) {
-    case proto::NODE_UP:
-      return "up";
-    case proto::NODE_DRAINING:
-      return "draining";
-    case proto::NODE_QUARANTINED:
-      return "quarantined";
-    case proto::NODE_DOWN:
-      return "down";
-    default:
-      return "unknown";
-  }
-}
-
 StatusOr<std::unique_ptr<CoordinatorClient>> CoordinatorClient::Connect(ClientOptions o) {
   std::unique_ptr<CoordinatorClient> c(new CoordinatorClient());
   std::string endpoint = o.endpoint;
