@@ -12,6 +12,16 @@ std::string_view Trim(std::string_view s, std::string_view blanks) {
   return s.substr(b, e - b + 1);
 }
 
+std::string_view TrimLeft(std::string_view s, std::string_view blanks) {
+  size_t b = s.find_first_not_of(blanks);
+  return b == std::string_view::npos ? std::string_view() : s.substr(b);
+}
+
+std::string_view TrimRight(std::string_view s, std::string_view blanks) {
+  size_t e = s.find_last_not_of(blanks);
+  return e == std::string_view::npos ? std::string_view() : s.substr(0, e + 1);
+}
+
 std::string TrimCopy(std::string_view s, std::string_view blanks) {
   return std::string(Trim(s, blanks));
 }

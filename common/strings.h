@@ -20,6 +20,9 @@ inline constexpr std::string_view kBlanks = " \t\r\n";
 // `s` without leading and trailing characters of `blanks`.
 std::string_view Trim(std::string_view s, std::string_view blanks = kBlanks);
 std::string TrimCopy(std::string_view s, std::string_view blanks = kBlanks);
+// One end only.
+std::string_view TrimLeft(std::string_view s, std::string_view blanks = kBlanks);
+std::string_view TrimRight(std::string_view s, std::string_view blanks = kBlanks);
 
 // A base-10 int64: an optional '-' and digits, nothing else (no '+', no blanks, no overflow).
 // nullopt otherwise.

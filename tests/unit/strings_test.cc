@@ -15,6 +15,10 @@ TEST(StringsTest, TrimRemovesBlanksAtBothEndsOnly) {
   EXPECT_EQ(Trim("x"), "x");
   EXPECT_EQ(TrimCopy(" \rhost \r", " \t"), "\rhost \r");  // a narrower set keeps the rest
   EXPECT_EQ(TrimCopy(" host\r\n", " \t\r"), "host\r\n");
+  EXPECT_EQ(TrimLeft(" \tx \r"), "x \r");
+  EXPECT_EQ(TrimRight(" \tx \r"), " \tx");
+  EXPECT_EQ(TrimLeft(" \r\n"), "");
+  EXPECT_EQ(TrimRight(" \r\n"), "");
 }
 
 TEST(StringsTest, ParseInt64TakesDigitsWithAnOptionalMinusAndNothingElse) {
