@@ -267,6 +267,12 @@ void AddCoordinatorCommands(CLI::App& app, Runner* runner) {
         if (!c) return rc;
         auto st = c->Status(*job);
         if (!st.ok()) return Fail("status", st.status());
+        if (!st->write_error().empty()) {
+          // On stderr with --json, so the JSON on stdout stays what scripts parse.
+          (*json ? std::cerr : std::cout)
+              << "coordinator: READ-ONLY, refusing every change since a durable write failed: "
+              << st->write_error() << "\n";
+        }
         if (*json) {
           nlohmann::json out = nlohmann::json::array();
           for (const auto& j : st->jobs()) out.push_back(JobJson(j));

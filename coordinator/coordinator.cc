@@ -52,6 +52,9 @@ proto::Envelope Wrap(auto setter) {
 
 struct Coordinator::JobRt {
   JobRecord rec;
+  // What the state store holds for the job: rec as last written. A write that fails puts rec
+  // back to it, so nothing in memory claims what the store does not have.
+  JobRecord durable;
   JobRequest req;
   std::optional<proto::Progress> progress;
   AttemptState attempt;  // the current attempt's facts (job_lifecycle.h); fresh at each Start
@@ -123,11 +126,12 @@ Status Coordinator::Restore() {
     if (Terminal(rec.state)) continue;
     auto j = std::make_unique<JobRt>();
     j->rec = std::move(rec);
+    j->durable = j->rec;
     auto spec = JobSpecFromProto(j->rec.spec);
     if (!spec.ok()) {
       j->rec.state = proto::JOB_FAILED;
       j->rec.detail = "stored spec no longer valid: " + spec.status().message();
-      store_->UpdateJob(j->rec).IgnoreError();
+      MUSTER_RETURN_IF_ERROR(store_->UpdateJob(j->rec));
       continue;
     }
     j->req = ToJobRequest(*spec, j->rec.id, j->rec.seq);
@@ -142,7 +146,8 @@ Status Coordinator::Restore() {
     if (!j->in_scheduler) {
       j->rec.state = proto::JOB_PENDING;
       j->rec.nodes.clear();
-      Persist(*j);
+      // Before any request: a store that cannot take this write fails the start.
+      MUSTER_RETURN_IF_ERROR(Persist(*j));
       sched_->Submit(j->req).IgnoreError();
       j->in_scheduler = true;
     }
@@ -162,16 +167,43 @@ void Coordinator::Event(const std::string& job, const std::string& node, const s
   e.set_node(node);
   e.set_kind(kind);
   e.set_message(message);
-  auto id = store_->AppendEvent(e);
-  if (!id.ok()) Logger()->error("event not stored: {}", id.status().ToString());
+  // Logged either way; a failed append latches (not stored after that).
+  Write("event " + kind, [&] { return store_->AppendEvent(e).status(); }).IgnoreError();
   Logger()->info("{}{}{}: {}", job.empty() ? "" : "job " + job + " ",
                  node.empty() ? "" : "node " + node + " ", kind, message);
 }
 
-void Coordinator::Persist(JobRt& job) {
+Status Coordinator::Persist(JobRt& job) {
   job.rec.updated_ms = NowMs();
-  Status st = store_->UpdateJob(job.rec);
-  if (!st.ok()) Logger()->error("job {} not stored: {}", job.rec.id, st.ToString());
+  Status st = Write("job " + job.rec.id, [&] { return store_->UpdateJob(job.rec); });
+  if (st.ok()) {
+    job.durable = job.rec;
+  } else {
+    job.rec = job.durable;  // what the store has
+  }
+  return st;
+}
+
+Status Coordinator::Write(const std::string& what, const std::function<Status()>& write) {
+  if (!write_error_.ok()) return Refusal();
+  Status st = write();
+  if (st.ok()) return st;
+  // LevelDB's background error: the first failure is kept and every later change refused, so
+  // the coordinator never acts on (or reports) state the store does not have.
+  write_error_ = Status(st.code(), fmt::format("writing {} to {} failed: {}", what,
+                                               store_->path().string(), st.message()));
+  Logger()->critical(
+      "{}; refusing every change from now on (reads still work): fix the state store and restart "
+      "the coordinator",
+      write_error_.message());
+  return Refusal();
+}
+
+Status Coordinator::Refusal() const {
+  return UnavailableError(fmt::format(
+      "the coordinator refuses changes since a durable write failed ({}); reads still work; "
+      "fix the state store and restart the coordinator",
+      write_error_.message()));
 }
 
 void Coordinator::Enqueue(const std::string& node, proto::AgentAction action) {
@@ -190,7 +222,8 @@ void Coordinator::Pass() {
       sched_->Release(p.job).IgnoreError();
       continue;
     }
-    Start(*it->second, p.nodes);
+    // Not started (the store did not take it): back in the queue, as the store has it.
+    if (!Start(*it->second, p.nodes)) sched_->Requeue(p.job).IgnoreError();
   }
   for (auto& pr : d.preemptions) {
     auto it = jobs_.find(pr.victim);
@@ -209,7 +242,8 @@ std::vector<JobRequest> Coordinator::PendingRequests() const {
   return pending;
 }
 
-void Coordinator::Start(JobRt& job, const std::vector<std::string>& nodes) {
+bool Coordinator::Start(JobRt& job, const std::vector<std::string>& nodes) {
+  if (!write_error_.ok()) return false;  // refusing changes: no attempt starts
   auto& r = job.rec;
   r.attempt++;
   r.nodes = nodes;
@@ -231,8 +265,13 @@ void Coordinator::Start(JobRt& job, const std::vector<std::string>& nodes) {
     auto step = store_->LatestCommittedStep(r.id, VolumeKey(r.spec.checkpoint_volume(), provider));
     if (step.ok() && step->has_value()) r.resume_step = **step;
   }
-  Persist(job);
-  store_->PutAttempt({r.id, r.attempt, nodes, NowMs(), 0, "", ""}).IgnoreError();
+  // Nothing starts unless the store has the attempt.
+  if (!Persist(job).ok()) return false;
+  if (!Write(fmt::format("attempt {} of job {}", r.attempt, r.id), [&] {
+         return store_->PutAttempt({r.id, r.attempt, nodes, NowMs(), 0, "", ""});
+       }).ok()) {
+    return true;  // scheduled in the store; nothing sent (a restart reconciles it)
+  }
   Event(r.id, "", "scheduled",
         fmt::format("attempt {} on provider {}: {}", r.attempt, provider, fmt::join(nodes, ",")));
   if (r.resume_step >= 0) {
@@ -280,6 +319,7 @@ void Coordinator::Start(JobRt& job, const std::vector<std::string>& nodes) {
     s->set_split_streams(r.spec.interactive());  // `muster run` keeps stdout and stderr apart
     Enqueue(nodes[i], std::move(a));
   }
+  return true;
 }
 
 // A copy of `step` to `provider` ended (copied or failed): the job stops waiting for that
@@ -296,7 +336,7 @@ std::string Coordinator::VolumeKey(const std::string& volume, const std::string&
 void Coordinator::Replicate(JobRt* job, const std::string& job_id, int64_t step,
                             const std::string& volume, const NodeRt& source) {
   const auto& src = source.rec.labels;
-  if (src.transfer_endpoint().empty()) return;
+  if (src.transfer_endpoint().empty() || !write_error_.ok()) return;
   // Both become directories on the target's volume (<root>/<job>): names only, never paths.
   for (const Status& st :
        {ValidatePathName(job_id, "job id"), ValidatePathName(volume, "volume name")}) {
@@ -507,11 +547,16 @@ void Coordinator::RevokeTransfer(const TransferGrant& g, const std::string& why)
 
 void Coordinator::StopGang(JobRt& job, proto::StopReason reason, const std::string& except,
                            int64_t checkpoint_deadline_ms) {
+  // Refusing changes: the ranks run on as the store says, unless it says they stop already.
+  if (!write_error_.ok() && !Terminal(job.durable.state) &&
+      job.durable.state != proto::JOB_REQUEUED) {
+    return;
+  }
   bool requeues = job.attempt.RecordStop(reason, checkpoint_deadline_ms,
                                          !job.rec.spec.checkpoint_volume().empty());
   if (requeues && (job.rec.state == proto::JOB_SCHEDULED || job.rec.state == proto::JOB_RUNNING)) {
     job.rec.state = proto::JOB_REQUEUED;
-    Persist(job);
+    if (!Persist(job).ok()) return;
   }
   for (const auto& n : job.rec.nodes) {
     if (n == except || job.attempt.done.count(n)) continue;
@@ -540,6 +585,7 @@ void Coordinator::NodeDone(JobRt& job, const std::string& node) {
 // Every node of the attempt has stopped: decide what becomes of the job (job_lifecycle.h) and
 // apply the decision.
 void Coordinator::Finish(JobRt& job) {
+  if (!write_error_.ok()) return;  // refusing changes: the job stays as the store has it
   auto& r = job.rec;
   int64_t now = NowMs();
   AttemptEndDecision d =
@@ -549,16 +595,16 @@ void Coordinator::Finish(JobRt& job) {
     if (auto until = sched_->RecordNodeFailure(d.blame_node, options_.clock())) {
       NodeRt* n = nodes_.Find(d.blame_node);
       MUSTER_CHECK(n != nullptr) << "blamed node " << d.blame_node << " is not registered";
-      n->rec.quarantines++;
-      n->rec.quarantined_until_ms =
+      NodeRecord next = n->rec;
+      next.quarantines++;
+      next.quarantined_until_ms =
           std::chrono::duration_cast<std::chrono::milliseconds>(until->time_since_epoch()).count();
-      store_->PutNode(n->rec).IgnoreError();
-      Event("", d.blame_node, "node_quarantined",
-            fmt::format("failed repeatedly; quarantined until {} ms", n->rec.quarantined_until_ms));
+      if (Write("node " + d.blame_node, [&] { return store_->PutNode(next); }).ok()) {
+        n->rec = next;
+        Event("", d.blame_node, "node_quarantined",
+              fmt::format("failed repeatedly; quarantined until {} ms", next.quarantined_until_ms));
+      }
     }
-  }
-  if (d.credit_nodes) {
-    for (const auto& n : r.nodes) sched_->RecordNodeSuccess(n);
   }
   r.state = d.state;
   if (d.set_detail) r.detail = d.detail;
@@ -567,18 +613,23 @@ void Coordinator::Finish(JobRt& job) {
   r.not_before_ms = d.not_before_ms;
   job.start_retries = d.start_retries;
   for (const auto& e : d.events) Event(r.id, "", e.kind, e.message);
+  Write(fmt::format("attempt {} of job {}", r.attempt, r.id), [&] {
+    return store_->PutAttempt(
+        {r.id, r.attempt, r.nodes, job.attempt.started_ms, now, d.outcome, d.attempt_detail});
+  }).IgnoreError();  // latched if it failed; the job record below is then not written either
+  const std::vector<std::string> attempt_nodes = r.nodes;
+  if (r.state == proto::JOB_PENDING) r.nodes.clear();
+  // On failure the record goes back to what the store has, and the scheduler keeps the job.
+  if (!Persist(job).ok()) return;
+  if (d.credit_nodes) {
+    for (const auto& n : attempt_nodes) sched_->RecordNodeSuccess(n);
+  }
   if (d.queue == AttemptEndDecision::Queue::kRequeue) {
     sched_->Requeue(r.id).IgnoreError();
   } else {
     sched_->Release(r.id).IgnoreError();
     job.in_scheduler = false;
   }
-  store_
-      ->PutAttempt(
-          {r.id, r.attempt, r.nodes, job.attempt.started_ms, now, d.outcome, d.attempt_detail})
-      .IgnoreError();
-  if (r.state == proto::JOB_PENDING) r.nodes.clear();
-  Persist(job);
   pass_needed_ = true;
 }
 
@@ -603,6 +654,13 @@ void Coordinator::LoseNode(NodeRt& node, const std::string& why) {
 void Coordinator::Tick() {
   int64_t now = NowMs();
   nodes_.ExpirePolls(now);
+  if (!write_error_.ok()) {
+    // Refusing changes: no node is declared lost, no job stopped, started or requeued. Agents
+    // that keep heartbeating keep their leases, so running ranks go on until a restarted
+    // coordinator (on a store that works) reconciles them.
+    ExpireFetches(now);
+    return;
+  }
   for (auto& [name, n] : nodes_) {
     bool expected = !n->session.empty();
     if (!expected) {
@@ -618,15 +676,7 @@ void Coordinator::Tick() {
       n->last_hb_ms = now;  // report once
     }
   }
-  for (auto it = fetches_.begin(); it != fetches_.end();) {
-    if (it->second.deadline_ms <= now) {
-      it->second.reply(ErrorEnvelope(
-          0, DeadlineExceededError("node " + it->second.node + " did not send the log in time")));
-      it = fetches_.erase(it);
-    } else {
-      ++it;
-    }
-  }
+  ExpireFetches(now);
   TickCopies(now);
   // Transfer keys of jobs that ended are revoked; expired ones the source dropped itself.
   for (auto g = grants_.begin(); g != grants_.end();) {
@@ -658,7 +708,7 @@ void Coordinator::Tick() {
         cancel.set_job_id(id);
         (void)OnCancel(Caller{"coordinator", "", KeyRole::kAdmin, ""}, cancel);
         r.detail = "interactive client went away";
-        Persist(*j);
+        Persist(*j).IgnoreError();
         Event(
             id, "", "cancelled",
             fmt::format("no word from its `muster run` client for {} ms", now - j->client_seen_ms));
@@ -686,6 +736,18 @@ void Coordinator::Tick() {
   ProvidersPass();
 }
 
+void Coordinator::ExpireFetches(int64_t now) {
+  for (auto it = fetches_.begin(); it != fetches_.end();) {
+    if (it->second.deadline_ms <= now) {
+      it->second.reply(ErrorEnvelope(
+          0, DeadlineExceededError("node " + it->second.node + " did not send the log in time")));
+      it = fetches_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Requests
 
@@ -702,16 +764,19 @@ enum class Right { kAny, kClient, kAdmin, kAgent };
 struct RequestKind {
   const char* name;
   Right right;
+  // Changes durable state: refused once a durable write has failed. Heartbeats, polls and log
+  // chunks change none (an agent that heartbeats keeps its lease and its ranks).
+  bool mutates = false;
 };
 
 RequestKind KindOf(proto::Envelope::PayloadCase c) {
   switch (c) {
     case proto::Envelope::kSubmitRequest:
-      return {"submit", Right::kClient};
+      return {"submit", Right::kClient, true};
     case proto::Envelope::kStatusRequest:
       return {"status", Right::kClient};
     case proto::Envelope::kCancelRequest:
-      return {"cancel", Right::kClient};
+      return {"cancel", Right::kClient, true};
     case proto::Envelope::kNodesRequest:
       return {"nodes", Right::kClient};  // clients see no addresses nor endpoints
     case proto::Envelope::kEventsRequest:
@@ -719,17 +784,17 @@ RequestKind KindOf(proto::Envelope::PayloadCase c) {
     case proto::Envelope::kLogsRequest:
       return {"logs", Right::kClient};
     case proto::Envelope::kDrainRequest:
-      return {"drain", Right::kAdmin};
+      return {"drain", Right::kAdmin, true};
     case proto::Envelope::kPreemptNodeRequest:
-      return {"node preempt", Right::kAdmin};
+      return {"node preempt", Right::kAdmin, true};
     case proto::Envelope::kAgentRegister:
-      return {"agent register", Right::kAgent};
+      return {"agent register", Right::kAgent, true};
     case proto::Envelope::kAgentHeartbeat:
       return {"agent heartbeat", Right::kAgent};
     case proto::Envelope::kAgentPoll:
       return {"agent poll", Right::kAgent};
     case proto::Envelope::kAgentReport:
-      return {"agent report", Right::kAgent};
+      return {"agent report", Right::kAgent, true};
     case proto::Envelope::kAgentLogChunk:
       return {"agent log chunk", Right::kAgent};
     case proto::Envelope::kPing:
@@ -790,7 +855,10 @@ void Coordinator::Handle(const std::string& peer, proto::Envelope&& req, Reply r
 
 void Coordinator::Handle(const Caller& caller, proto::Envelope&& req, Reply reply) {
   uint64_t id = req.request_id();
+  const bool latched_before = !write_error_.ok();
   auto answer = [&](StatusOr<proto::Envelope> r) {
+    // A request during which a durable write failed gets that failure, whatever it did before.
+    if (!latched_before && !write_error_.ok() && r.ok()) r = Refusal();
     if (!r.ok()) {
       reply(ErrorEnvelope(id, r.status()));
       return;
@@ -801,6 +869,10 @@ void Coordinator::Handle(const Caller& caller, proto::Envelope&& req, Reply repl
   RequestKind kind = KindOf(req.payload_case());
   if (!HasRight(caller.role, kind.right)) {
     return answer(Deny(caller, kind.name, fmt::format("it needs {}", RightName(kind.right))));
+  }
+  if (kind.mutates && !write_error_.ok()) {
+    Logger()->debug("refused {} from {}: {}", kind.name, caller.ToString(), write_error_.message());
+    return answer(Refusal());
   }
   switch (req.payload_case()) {
     case proto::Envelope::kSubmitRequest:
@@ -869,7 +941,8 @@ StatusOr<proto::Envelope> Coordinator::OnSubmit(const Caller& caller,
   j->rec.state = proto::JOB_PENDING;
   j->rec.submitted_ms = j->rec.updated_ms = NowMs();
   j->rec.submitter = caller.public_key;
-  MUSTER_RETURN_IF_ERROR(store_->InsertJob(&j->rec));
+  MUSTER_RETURN_IF_ERROR(Write("new job " + spec.name, [&] { return store_->InsertJob(&j->rec); }));
+  j->durable = j->rec;
   j->req = ToJobRequest(spec, j->rec.id, j->rec.seq);
   MUSTER_RETURN_IF_ERROR(sched_->Submit(j->req));
   j->in_scheduler = true;
@@ -917,6 +990,7 @@ StatusOr<proto::Envelope> Coordinator::OnStatus(const Caller& caller,
                                                 const proto::StatusRequest& req) {
   proto::Envelope e;
   auto* out = e.mutable_status_reply();
+  if (!write_error_.ok()) out->set_write_error(write_error_.message());
   if (!req.job_id().empty()) {
     auto it = jobs_.find(req.job_id());
     if (it != jobs_.end()) {
@@ -964,16 +1038,16 @@ StatusOr<proto::Envelope> Coordinator::OnCancel(const Caller& caller,
   if (!Terminal(j.rec.state)) {
     bool pending = sched_->IsPending(j.rec.id) || !j.in_scheduler;
     if (pending && j.rec.nodes.empty()) {
-      if (j.in_scheduler) sched_->CancelPending(j.rec.id).IgnoreError();
-      j.in_scheduler = false;
       j.rec.state = proto::JOB_CANCELLED;
       j.rec.detail = "cancelled while pending";
-      Persist(j);
+      MUSTER_RETURN_IF_ERROR(Persist(j));  // still pending (and queued) if it failed
+      if (j.in_scheduler) sched_->CancelPending(j.rec.id).IgnoreError();
+      j.in_scheduler = false;
       Event(j.rec.id, "", "cancelled", "while pending");
     } else {
       j.rec.state = proto::JOB_CANCELLED;
       j.rec.detail = "cancelled";
-      Persist(j);
+      MUSTER_RETURN_IF_ERROR(Persist(j));  // still running if it failed
       Event(j.rec.id, "", "cancelled", fmt::format("stopping attempt {}", j.rec.attempt));
       StopGang(j, proto::STOP_CANCELLED, "");
     }
@@ -1057,8 +1131,10 @@ StatusOr<proto::Envelope> Coordinator::OnDrain(const proto::DrainRequest& req) {
   NodeRt* found = nodes_.Find(req.node());
   if (found == nullptr) return NotFoundError("unknown node " + req.node());
   NodeRt& n = *found;
-  n.rec.state = req.drain() ? proto::NODE_DRAINING : proto::NODE_UP;
-  store_->PutNode(n.rec).IgnoreError();
+  NodeRecord next = n.rec;
+  next.state = req.drain() ? proto::NODE_DRAINING : proto::NODE_UP;
+  MUSTER_RETURN_IF_ERROR(Write("node " + req.node(), [&] { return store_->PutNode(next); }));
+  n.rec = next;
   if (!n.session.empty() || !req.drain()) {
     NodeState s = req.drain() ? NodeState::kDraining
                               : (n.session.empty() ? NodeState::kDown : NodeState::kUp);
@@ -1076,6 +1152,7 @@ StatusOr<proto::Envelope> Coordinator::OnPreemptNode(const proto::PreemptNodeReq
   proto::Envelope e;
   auto* out = e.mutable_preempt_node_reply();
   Event("", req.node(), "notice", fmt::format("preemption notice, {} ms", req.notice_ms()));
+  MUSTER_RETURN_IF_ERROR(write_error_.ok() ? Status::Ok() : Refusal());
   for (auto& [id, j] : jobs_) {
     if (Terminal(j->rec.state)) continue;
     if (std::find(j->rec.nodes.begin(), j->rec.nodes.end(), req.node()) == j->rec.nodes.end())
@@ -1084,6 +1161,7 @@ StatusOr<proto::Envelope> Coordinator::OnPreemptNode(const proto::PreemptNodeReq
     StopGang(*j, proto::STOP_NODE_PREEMPTED, "",
              NowMs() + std::max<int64_t>(req.notice_ms(), 1000));
   }
+  MUSTER_RETURN_IF_ERROR(write_error_.ok() ? Status::Ok() : Refusal());  // jobs not stopped
   sched_->SetNodeState(req.node(), NodeState::kDraining).IgnoreError();
   return e;
 }
@@ -1174,13 +1252,22 @@ StatusOr<proto::Envelope> Coordinator::OnRegister(const Caller& caller,
     bound.reset();
   }
   if (!bound) {
-    MUSTER_RETURN_IF_ERROR(store_->BindNodeKey(l.name(), caller.public_key, NowMs()));
+    MUSTER_RETURN_IF_ERROR(Write("the key of node " + l.name(), [&] {
+      return store_->BindNodeKey(l.name(), caller.public_key, NowMs());
+    }));
     nodes_.Bind(l.name(), caller.public_key);
     Logger()->info("node {} bound to {}", l.name(), caller.ToString());
   }
+  // The record as Connect makes it, stored first.
+  NodeRecord next;
+  if (const NodeRt* known = nodes_.Find(l.name())) next = known->rec;
+  next.labels = l;
+  if (next.state == proto::NODE_DOWN || next.state == proto::NODE_STATE_UNSPECIFIED) {
+    next.state = proto::NODE_UP;
+  }
+  MUSTER_RETURN_IF_ERROR(Write("node " + l.name(), [&] { return store_->PutNode(next); }));
   bool was_connected = false;
   NodeRt& n = nodes_.Connect(l, caller.role, NowMs(), &was_connected);
-  store_->PutNode(n.rec).IgnoreError();
   sched_->UpsertNode(ToNodeSpec(l));
   sched_
       ->SetNodeState(l.name(),
@@ -1224,7 +1311,7 @@ StatusOr<proto::Envelope> Coordinator::OnRegister(const Caller& caller,
       } else if (j.rec.state == proto::JOB_SCHEDULED &&
                  j.attempt.started.size() == j.rec.nodes.size()) {
         j.rec.state = proto::JOB_RUNNING;
-        Persist(j);
+        MUSTER_RETURN_IF_ERROR(Persist(j));
       }
       continue;
     }
@@ -1311,13 +1398,15 @@ StatusOr<proto::Envelope> Coordinator::OnReport(const Caller& caller,
     Event("", node, "notice",
           fmt::format("preemption notice from {}, deadline {}", req.notice_source(),
                       req.notice_deadline_ms()));
-    sched_->SetNodeState(node, NodeState::kDraining).IgnoreError();
     for (auto& [id, j] : jobs_) {
       if (!Terminal(j->rec.state) &&
           std::find(j->rec.nodes.begin(), j->rec.nodes.end(), node) != j->rec.nodes.end()) {
         StopGang(*j, proto::STOP_NODE_PREEMPTED, "", req.notice_deadline_ms());
       }
     }
+    // Not taken (the agent sends the notice again): its jobs were not stopped, nor is it drained.
+    MUSTER_RETURN_IF_ERROR(write_error_.ok() ? Status::Ok() : Refusal());
+    sched_->SetNodeState(node, NodeState::kDraining).IgnoreError();
   }
   if (req.job_id().empty()) return ack;
   auto it = jobs_.find(req.job_id());
@@ -1390,10 +1479,13 @@ StatusOr<proto::Envelope> Coordinator::OnReport(const Caller& caller,
     }
   } else if (req.checkpoint_step() > 0 && !req.checkpoint_volume().empty()) {
     const std::string& provider = n->rec.labels.provider();
-    store_
-        ->RecordCheckpoint({req.job_id(), req.checkpoint_step(),
-                            VolumeKey(req.checkpoint_volume(), provider), true, NowMs()})
-        .IgnoreError();
+    // Not catalogued: refused, and the agent sends it again (to a coordinator that works).
+    MUSTER_RETURN_IF_ERROR(Write(
+        fmt::format("step {} of job {} to the catalog", req.checkpoint_step(), req.job_id()), [&] {
+          return store_->RecordCheckpoint({req.job_id(), req.checkpoint_step(),
+                                           VolumeKey(req.checkpoint_volume(), provider), true,
+                                           NowMs()});
+        }));
     Event(req.job_id(), node, "checkpoint_committed",
           fmt::format("step {} on volume {} of provider {}{}", req.checkpoint_step(),
                       req.checkpoint_volume(), provider,
@@ -1421,7 +1513,7 @@ StatusOr<proto::Envelope> Coordinator::OnReport(const Caller& caller,
   if (!req.resume_fallback().empty()) {
     // The catalog's step is not good on the volume where the attempt started (the agent checked).
     j.rec.resume_step = req.resume_fallback_step();
-    Persist(j);
+    MUSTER_RETURN_IF_ERROR(Persist(j));
     Event(j.rec.id, node, "resume_fallback",
           fmt::format("attempt {}: {}", j.rec.attempt, req.resume_fallback()));
   }
@@ -1429,7 +1521,7 @@ StatusOr<proto::Envelope> Coordinator::OnReport(const Caller& caller,
     j.attempt.started.insert(node);
     if (j.rec.state == proto::JOB_SCHEDULED && j.attempt.started.size() == j.rec.nodes.size()) {
       j.rec.state = proto::JOB_RUNNING;
-      Persist(j);
+      MUSTER_RETURN_IF_ERROR(Persist(j));
       Event(j.rec.id, "", "started",
             fmt::format("attempt {}: all {} node(s) started their ranks", j.rec.attempt,
                         j.rec.nodes.size()));

@@ -14,6 +14,16 @@
 // heartbeat timeouts, enforces time limits, ends restart backoffs, expires parked polls and runs
 // a scheduling pass.
 //
+// Durable writes: every change goes to the state store before anything acts on it. The first
+// write that fails latches the coordinator (LevelDB's background error): it is logged
+// (critical), kept (write_error()), shown by the status request (StatusReply.write_error, and so
+// `muster status`), and every later change is refused with Unavailable naming it: submit,
+// cancel, drain, node preempt, agent register and agent report requests, and Tick's own
+// changes (lost nodes, time limits, starts, copies). Reads keep working, and so do heartbeats
+// and polls, so agents keep their leases and running ranks go on until the coordinator is
+// restarted on a working store. In memory nothing claims what the store does not have: a job
+// record whose write failed goes back to the stored one, and nothing is sent for it.
+//
 // Thread-safety: none; used from one thread (the server's reactor).
 
 #include <chrono>
@@ -94,6 +104,9 @@ class Coordinator {
   // groups for the gangs left pending and release idle nodes. Call before the first Tick.
   void SetProviders(std::unique_ptr<providers::ProviderManager> providers);
 
+  // Ok, or the first durable write that failed; every change has been refused since.
+  const Status& write_error() const { return write_error_; }
+
  private:
   using NodeRt = NodeRegistry::Node;
   struct JobRt;
@@ -103,14 +116,21 @@ class Coordinator {
   int64_t NowMs() const;
   void Event(const std::string& job, const std::string& node, const std::string& kind,
              const std::string& message);
-  void Persist(JobRt& job);
+  // Writes job.rec (UpdateJob); on failure job.rec goes back to what the store has.
+  Status Persist(JobRt& job);
+  // Runs a durable write named `what` (for the error): refused once latched; a failure latches.
+  Status Write(const std::string& what, const std::function<Status()>& write);
+  // The error every change gets once latched: Unavailable, naming the original failure.
+  Status Refusal() const;
+  void ExpireFetches(int64_t now);
   void Pass();
   // The provider hooks (provider_hooks.cc).
   void ProvidersPass();
   std::string ProviderReason(const std::string& job) const;
   void ForgetNode(const std::string& name);
   std::vector<JobRequest> PendingRequests() const;
-  void Start(JobRt& job, const std::vector<std::string>& nodes);
+  // False if the store did not take the attempt (nothing was sent).
+  bool Start(JobRt& job, const std::vector<std::string>& nodes);
   // `checkpoint_deadline_ms` (unix ms) > 0: the agents ask the ranks to checkpoint a common
   // step before it, then stop them (preemption).
   void StopGang(JobRt& job, proto::StopReason reason, const std::string& except_node,
@@ -201,6 +221,7 @@ class Coordinator {
   uint64_t next_fetch_ = 1;
   bool pass_needed_ = true;
   std::unique_ptr<providers::ProviderManager> providers_;  // null: static nodes only
+  Status write_error_;  // the latch: the first durable write that failed
 };
 
 }  // namespace muster::coordinator

@@ -33,10 +33,14 @@ std::string Coordinator::ProviderReason(const std::string& job) const {
 // A released node: its agent is being stopped by its provider; it runs no job.
 void Coordinator::ForgetNode(const std::string& name) {
   if (!nodes_.Find(name)) return;
-  Status st = sched_->RemoveNode(name);
+  // Durable first (the latch refuses it once a write has failed), then memory follows.
+  Status st = Write("delete released node " + name, [&] { return store_->DeleteNode(name); });
+  if (!st.ok()) {
+    log::Get("coord")->error("released node {} not deleted: {}", name, st.ToString());
+    return;
+  }
+  st = sched_->RemoveNode(name);
   if (!st.ok()) log::Get("coord")->error("released node {}: {}", name, st.ToString());
-  st = store_->DeleteNode(name);
-  if (!st.ok()) log::Get("coord")->error("released node {} not deleted: {}", name, st.ToString());
   nodes_.Remove(name);
 }
 

@@ -6,9 +6,6 @@
 // Every write is its own transaction and is durable when the call returns, so a coordinator killed
 // with SIGKILL right after answering a submit still has the job when it starts again.
 //
-// Only one coordinator may use a data dir: Open takes an exclusive lock file and fails with
-// FailedPrecondition if another process holds it.
-//
 // Thread-safety: none. The coordinator uses it from its reactor thread. (Each write is a few
 // hundred microseconds on a local disk; the coordinator accepts that stall rather than reorder
 // durability behind replies.)
@@ -73,52 +70,95 @@ struct CheckpointRecord {
   int64_t time_ms = 0;
 };
 
+// The coordinator's state store: the seam between the coordinator and its durable state. The
+// real one is SQLite (Open, below); tests put a FaultInjectionStateStore
+// (fault_injection_state_store.h) around it to fail chosen writes.
+//
+// Writes (PutNode, DeleteNode, BindNodeKey, InsertJob, UpdateJob, PutAttempt, AppendEvent,
+// RecordCheckpoint) are each atomic and durable when they return Ok; a write that returns an
+// error changed nothing. The coordinator treats a failed write as fatal for changes: it stops
+// accepting any (coordinator.h, "Durable writes").
 class StateStore {
  public:
-  // Creates `data_dir` if needed and opens (or creates) coordinator.db in it.
+  // The SQLite store: creates `data_dir` if needed and opens (or creates) coordinator.db in it.
+  // Only one coordinator may use a data dir: Open takes an exclusive lock file and fails with
+  // FailedPrecondition if another process holds it.
   static StatusOr<std::unique_ptr<StateStore>> Open(const std::filesystem::path& data_dir);
-  ~StateStore();
-  StateStore(const StateStore&) = delete;
-  StateStore& operator=(const StateStore&) = delete;
+  virtual ~StateStore() = default;
 
-  const std::filesystem::path& path() const { return path_; }
+  // Where the state lives (logs, errors).
+  virtual const std::filesystem::path& path() const = 0;
 
   // Nodes (keyed by labels.name).
-  Status PutNode(const NodeRecord& node);
-  Status DeleteNode(const std::string& name);
-  StatusOr<std::vector<NodeRecord>> LoadNodes();
+  virtual Status PutNode(const NodeRecord& node) = 0;
+  virtual Status DeleteNode(const std::string& name) = 0;
+  virtual StatusOr<std::vector<NodeRecord>> LoadNodes() = 0;
   // A node name is bound to the key that first registered it (docs/security.md); binding it
   // again replaces the key (the coordinator does so only when the old key lost its agent role).
-  Status BindNodeKey(const std::string& name, const std::string& public_key, int64_t time_ms);
+  virtual Status BindNodeKey(const std::string& name, const std::string& public_key,
+                             int64_t time_ms) = 0;
   // name -> z85 public key.
-  StatusOr<std::map<std::string, std::string>> LoadNodeKeys();
+  virtual StatusOr<std::map<std::string, std::string>> LoadNodeKeys() = 0;
 
   // Jobs. InsertJob assigns `seq` (and the id, `<spec.name>-<seq>`, when `job->id` is empty).
-  Status InsertJob(JobRecord* job);
+  virtual Status InsertJob(JobRecord* job) = 0;
   // NotFound if the job does not exist.
-  Status UpdateJob(const JobRecord& job);
-  StatusOr<JobRecord> GetJob(const std::string& id);
+  virtual Status UpdateJob(const JobRecord& job) = 0;
+  virtual StatusOr<JobRecord> GetJob(const std::string& id) = 0;
   // Every job, by seq.
-  StatusOr<std::vector<JobRecord>> LoadJobs();
+  virtual StatusOr<std::vector<JobRecord>> LoadJobs() = 0;
 
-  Status PutAttempt(const AttemptRecord& attempt);
-  StatusOr<std::vector<AttemptRecord>> LoadAttempts(const std::string& job_id);
+  virtual Status PutAttempt(const AttemptRecord& attempt) = 0;
+  virtual StatusOr<std::vector<AttemptRecord>> LoadAttempts(const std::string& job_id) = 0;
 
   // Appends and returns the event's id (increasing).
-  StatusOr<int64_t> AppendEvent(const proto::Event& event);
+  virtual StatusOr<int64_t> AppendEvent(const proto::Event& event) = 0;
   // Events with id > after_id, oldest first; `job_id` empty: all jobs.
-  StatusOr<std::vector<proto::Event>> Events(const std::string& job_id, int64_t after_id,
-                                             int limit);
+  virtual StatusOr<std::vector<proto::Event>> Events(const std::string& job_id, int64_t after_id,
+                                                     int limit) = 0;
 
   // The checkpoint catalog.
-  Status RecordCheckpoint(const CheckpointRecord& ckpt);
-  StatusOr<std::vector<CheckpointRecord>> Checkpoints(const std::string& job_id);
+  virtual Status RecordCheckpoint(const CheckpointRecord& ckpt) = 0;
+  virtual StatusOr<std::vector<CheckpointRecord>> Checkpoints(const std::string& job_id) = 0;
   // The newest committed step of `job_id` on `volume` (any volume if empty); nullopt if none.
+  virtual StatusOr<std::optional<int64_t>> LatestCommittedStep(const std::string& job_id,
+                                                               const std::string& volume) = 0;
+
+ protected:
+  StateStore() = default;
+  StateStore(const StateStore&) = delete;
+  StateStore& operator=(const StateStore&) = delete;
+};
+
+// The SQLite store (see the top of this file). Made by StateStore::Open.
+class SqliteStateStore final : public StateStore {
+ public:
+  ~SqliteStateStore() override;
+
+  const std::filesystem::path& path() const override { return path_; }
+  Status PutNode(const NodeRecord& node) override;
+  Status DeleteNode(const std::string& name) override;
+  StatusOr<std::vector<NodeRecord>> LoadNodes() override;
+  Status BindNodeKey(const std::string& name, const std::string& public_key,
+                     int64_t time_ms) override;
+  StatusOr<std::map<std::string, std::string>> LoadNodeKeys() override;
+  Status InsertJob(JobRecord* job) override;
+  Status UpdateJob(const JobRecord& job) override;
+  StatusOr<JobRecord> GetJob(const std::string& id) override;
+  StatusOr<std::vector<JobRecord>> LoadJobs() override;
+  Status PutAttempt(const AttemptRecord& attempt) override;
+  StatusOr<std::vector<AttemptRecord>> LoadAttempts(const std::string& job_id) override;
+  StatusOr<int64_t> AppendEvent(const proto::Event& event) override;
+  StatusOr<std::vector<proto::Event>> Events(const std::string& job_id, int64_t after_id,
+                                             int limit) override;
+  Status RecordCheckpoint(const CheckpointRecord& ckpt) override;
+  StatusOr<std::vector<CheckpointRecord>> Checkpoints(const std::string& job_id) override;
   StatusOr<std::optional<int64_t>> LatestCommittedStep(const std::string& job_id,
-                                                       const std::string& volume);
+                                                       const std::string& volume) override;
 
  private:
-  StateStore(std::filesystem::path path, sqlite3* db, int lock_fd);
+  friend class StateStore;
+  SqliteStateStore(std::filesystem::path path, sqlite3* db, int lock_fd);
   Status Exec(const std::string& sql);
 
   std::filesystem::path path_;

@@ -363,5 +363,38 @@ TEST(JobSpecTest, NoticeSignalIsOptInAndReachesTheAgentAsAJobEnvEntry) {
       << bad.status().message();
 }
 
+// The wire form keeps every field, and a wire spec is validated like YAML.
+TEST(JobSpecTest, TheWireFormRoundTripsAndIsValidated) {
+  auto spec = ParseJobSpec(R"(name: w
+command: ["a", "b"]
+env: {K: v}
+nodes: 2
+ranks_per_node: 4
+gpu_type: h100
+gpus_per_node: 8
+placement: {providers: [aws], island: required}
+priority: 3
+checkpoint: {volume: ckpt, every: 10m, keep: 2}
+restart: {max_restarts: 5, backoff: 1m}
+time_limit: 2h
+)");
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  spec->hosts = {"h1", "h2"};
+  spec->interactive = true;
+  proto::JobSpec p = JobSpecToProto(*spec);
+  auto back = JobSpecFromProto(p);
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(JobSpecToProto(*back).SerializeAsString(), p.SerializeAsString());
+  EXPECT_EQ(back->island, IslandPolicy::kRequired);
+  EXPECT_EQ(back->checkpoint_every_time, std::chrono::minutes(10));
+  EXPECT_EQ(back->hosts, spec->hosts);
+  EXPECT_TRUE(back->interactive);
+  p.set_island("sometimes");
+  EXPECT_EQ(JobSpecFromProto(p).status().code(), StatusCode::kInvalidArgument);
+  p.set_island("any");
+  p.set_nodes(0);
+  EXPECT_EQ(JobSpecFromProto(p).status().code(), StatusCode::kInvalidArgument);
+}
+
 }  // namespace
 }  // namespace muster::coordinator

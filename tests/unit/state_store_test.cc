@@ -12,6 +12,8 @@
 #include <map>
 #include <random>
 
+#include "coordinator/fault_injection_state_store.h"
+
 namespace muster::coordinator {
 namespace {
 
@@ -215,6 +217,32 @@ TEST_F(StateStoreTest, ADatabaseFromBeforeSubmittersOpens) {
   b.submitter = "k";
   ASSERT_TRUE((*store)->InsertJob(&b).ok());
   EXPECT_EQ((*store)->GetJob(b.id)->submitter, "k");
+}
+
+// The fault-injecting store fails exactly the write asked for (and, sticky, every one after),
+// names it, and a failed write does not reach the store underneath.
+TEST_F(StateStoreTest, TheFaultInjectingStoreFailsTheChosenWritesOnly) {
+  auto base = StateStore::Open(dir_);
+  ASSERT_TRUE(base.ok());
+  FaultInjectionStateStore fault(std::move(*base));
+  fault.FailWrite(2);
+  JobRecord a = Job("a");
+  ASSERT_TRUE(fault.InsertJob(&a).ok());
+  a.detail = "changed";
+  Status st = fault.UpdateJob(a);
+  EXPECT_EQ(st.code(), StatusCode::kInternal);
+  EXPECT_EQ(st.message(), "injected fault: write 2 (UpdateJob " + a.id + ") failed");
+  EXPECT_EQ(fault.GetJob(a.id)->detail, "") << "a failed write changes nothing";
+  ASSERT_TRUE(fault.UpdateJob(a).ok()) << "only write 2";
+  EXPECT_EQ(fault.GetJob(a.id)->detail, "changed");
+  fault.FailWrite(4, /*sticky=*/true);
+  proto::Event e;
+  e.set_kind("k");
+  EXPECT_FALSE(fault.AppendEvent(e).ok());
+  EXPECT_FALSE(fault.PutAttempt({a.id, 1, {"n"}, 1, 0, "", ""}).ok()) << "sticky";
+  EXPECT_EQ(fault.writes(), 5);
+  EXPECT_EQ(fault.write_log()[4], "PutAttempt " + a.id + " attempt 1");
+  EXPECT_TRUE(fault.Events("", 0, 10)->empty());
 }
 
 }  // namespace
