@@ -63,6 +63,18 @@ struct Caller {
   std::string ToString() const;
 };
 
+// Told what the coordinator does, on its reactor thread, as it happens (coordinator/http's
+// recorder keeps progress histories and the scheduler's pass times from these). REQUIRES: the
+// methods return quickly and never call back into the Coordinator.
+class CoordinatorObserver {
+ public:
+  virtual ~CoordinatorObserver() = default;
+  // One scheduling pass took `took` (wall time of Scheduler::Schedule).
+  virtual void OnSchedulerPass(std::chrono::nanoseconds took) = 0;
+  // A progress report of `attempt` of `job_id` was accepted.
+  virtual void OnProgress(const std::string& job_id, int attempt, const proto::Progress& p) = 0;
+};
+
 class Coordinator {
  public:
   using Reply = std::function<void(proto::Envelope)>;
@@ -84,6 +96,10 @@ class Coordinator {
   void Tick();
 
   const Scheduler& scheduler() const { return *sched_; }
+  // Read-only use on the reactor thread (the HTTP side's snapshots: attempts, catalog, events).
+  StateStore& store() { return *store_; }
+  // Not owned; null: none. REQUIRES: outlives the Coordinator or is reset to null first.
+  void set_observer(CoordinatorObserver* observer) { observer_ = observer; }
 
  private:
   struct NodeRt;
@@ -190,6 +206,7 @@ class Coordinator {
   uint64_t next_fetch_ = 1;
   uint64_t next_session_ = 1;
   bool pass_needed_ = true;
+  CoordinatorObserver* observer_ = nullptr;
 };
 
 // Conversions between the YAML job spec and the wire.

@@ -18,6 +18,9 @@ PKGS=(
   pybind11-dev python3-dev python3-numpy
   clang-14 libclang-rt-14-dev clang-format
   iproute2 procps psmisc
+  # the coordinator's dashboard (civetweb, prometheus-cpp's text format) and its end-to-end
+  # tests (a real Prometheus scraping it; headless Chromium looking at the page)
+  libcivetweb-dev prometheus-cpp-dev prometheus chromium
 )
 missing=()
 for p in "${PKGS[@]}"; do
