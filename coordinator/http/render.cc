@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <sstream>
 
 namespace muster::coordinator::http {
@@ -333,9 +334,22 @@ StatusOr<std::string> RenderJobJson(const FleetSnapshot& s, const std::string& j
   }
   out["attempts"] = attempts;
   out["points_format"] = {"step", "loss", "throughput", "time_ms"};
+  // The job's events, and those of its nodes while it was there (a preemption notice is the
+  // node's event, and it is the start of the job's story).
+  std::set<std::string> nodes;
+  for (const auto& a : j->attempts) nodes.insert(a.record.nodes.begin(), a.record.nodes.end());
   json events = json::array();
   for (const auto& e : s.events) {
-    if (e.job_id() == job_id) events.push_back(EventJson(e));
+    bool mine = e.job_id() == job_id;
+    bool its_node = e.job_id().empty() && nodes.count(e.node()) > 0 &&
+                    e.time_ms() >= j->status.submitted_ms() &&
+                    std::any_of(j->attempts.begin(), j->attempts.end(), [&](const auto& a) {
+                      const auto& ns = a.record.nodes;
+                      return std::find(ns.begin(), ns.end(), e.node()) != ns.end() &&
+                             e.time_ms() >= a.record.started_ms &&
+                             (a.record.ended_ms == 0 || e.time_ms() <= a.record.ended_ms);
+                    });
+    if (mine || its_node) events.push_back(EventJson(e));
   }
   out["events"] = events;
   out["checkpoints"] = CatalogJson(*j);

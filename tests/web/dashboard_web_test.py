@@ -142,11 +142,11 @@ class DashboardWebTest(unittest.TestCase):
             self.assertTrue(listed, f"step {notice_step} not listed under {provider}")
 
         # The timeline and a rank's log.
-        kinds = self.page('[...document.querySelectorAll("#events tr.event")]'
-                          '.map(r => r.dataset.kind)')
-        for k in ("scheduled", "notice", "requeued", "resumed", "checkpoint_committed",
-                  "succeeded"):
-            self.assertIn(k, kinds)
+        want = ["scheduled", "notice", "requeued", "resumed", "checkpoint_committed", "succeeded"]
+        self.wait_page(f"the events timeline to show {want}",
+                       f'(() => {{ const k = [...document.querySelectorAll("#events tr.event")]'
+                       f'.map(r => r.dataset.kind); return {want!r}.every(w => k.includes(w)); }})()',
+                       20)
         self.wait_page("rank 0's log tail",
                        'document.getElementById("log").textContent.includes("MUSTER_PROGRESS")', 20)
         self.browser.screenshot(os.path.join(SHOTS, "dashboard-job.png"))

@@ -232,7 +232,9 @@ async function showJob(id) {
   }
   let opts = "";
   for (let r = 0; r < ranks; r++) opts += `<option value="${r}" ${r === logRank ? "selected" : ""}>rank ${r}</option>`;
-  const scrollWas = document.querySelector("pre.log")?.scrollTop;
+  // Keep the log pinned to its end unless the reader scrolled up.
+  const was = document.querySelector("pre.log");
+  const scrollWas = was && was.scrollTop + was.clientHeight < was.scrollHeight - 20 ? was.scrollTop : null;
   app.innerHTML = `
     <div class="card" id="job" data-job="${esc(job.id)}" data-state="${esc(job.state)}">
       <h2>${esc(job.id)} ${stateBadge(job.state)}
