@@ -67,6 +67,8 @@ class DashboardServer : public ServerExtension {
   void OnTick() override;
 
   int port() const { return port_; }
+  // The version of the snapshot served now (increases with every publication).
+  uint64_t snapshot_version() const { return hub_.Get()->version; }
   std::string url() const;
 
  private:

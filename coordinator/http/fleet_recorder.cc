@@ -17,6 +17,7 @@ auto Logger() {
 constexpr int kEventsPerRead = 1000;
 constexpr int kEventReadsPerPublish = 4;
 constexpr int kFinishedJobsShown = 50;
+constexpr int64_t kMaxUnchangedMs = 2000;
 
 // The volume name and provider of a catalog volume key ("ckpt@aws"; Coordinator::VolumeKey).
 void SplitVolumeKey(const std::string& key, std::string* volume, std::string* provider) {
@@ -66,16 +67,19 @@ void FleetRecorder::OnProgress(const std::string& job_id, int attempt, const pro
   // Heartbeats repeat the newest report until a new one comes: one point per step.
   if (!pts.empty() && pts.back().step == p.step() && pts.back().time_ms == p.time_ms()) return;
   pts.push_back({p.step(), p.loss(), p.throughput(), p.time_ms()});
+  changed_ = true;
   Thin(pts);
 }
 
-void FleetRecorder::ReadEvents() {
+size_t FleetRecorder::ReadEvents() {
+  size_t read = 0;
   for (int i = 0; i < kEventReadsPerPublish; ++i) {
     auto batch = coord_.store().Events("", event_cursor_, kEventsPerRead);
     if (!batch.ok()) {
       Logger()->warn("dashboard: events not read: {}", batch.status().ToString());
-      return;
+      return read;
     }
+    read += batch->size();
     for (auto& e : *batch) {
       event_cursor_ = std::max(event_cursor_, e.id());
       if (!e.job_id().empty()) {
@@ -99,8 +103,9 @@ void FleetRecorder::ReadEvents() {
       events_.push_back(std::move(e));
       if (events_.size() > FleetSnapshot::kMaxEvents) events_.pop_front();
     }
-    if (static_cast<int>(batch->size()) < kEventsPerRead) return;
+    if (static_cast<int>(batch->size()) < kEventsPerRead) return read;
   }
+  return read;
 }
 
 JobView FleetRecorder::BuildJob(const proto::JobStatus& status, JobCache& jc,
@@ -189,8 +194,14 @@ JobView FleetRecorder::BuildJob(const proto::JobStatus& status, JobCache& jc,
 
 bool FleetRecorder::MaybePublish(int64_t now_ms, bool force) {
   if (!force && version_ > 0 && now_ms - last_publish_ms_ < min_interval_ms_) return false;
+  // Every change of a job or node is an event, and progress comes through OnProgress: without
+  // either, the snapshot is retaken only to age heartbeats and pass times.
+  changed_ |= ReadEvents() > 0;
+  if (!force && version_ > 0 && !changed_ && now_ms - last_publish_ms_ < kMaxUnchangedMs) {
+    return false;
+  }
+  changed_ = false;
   last_publish_ms_ = now_ms;
-  ReadEvents();
   auto snap = std::make_shared<FleetSnapshot>();
   snap->time_ms = now_ms;
   snap->version = ++version_;

@@ -39,7 +39,8 @@ class FleetRecorder : public CoordinatorObserver {
   void OnProgress(const std::string& job_id, int attempt, const proto::Progress& p) override;
 
   // Publishes a new snapshot taken at `now_ms` (unix ms) if `min_interval_ms` has passed since
-  // the last one, or `force`. Returns whether it published.
+  // the last one and something changed (a new event or progress report) or 2 s have passed
+  // (heartbeat ages, pass times), or if `force`. Returns whether it published.
   bool MaybePublish(int64_t now_ms, bool force = false);
 
  private:
@@ -55,7 +56,8 @@ class FleetRecorder : public CoordinatorObserver {
     std::vector<CheckpointRecord> catalog;
     std::map<int32_t, AttemptCache> by_attempt;
   };
-  void ReadEvents();
+  // Reads new events into the ring; returns how many.
+  size_t ReadEvents();
   JobView BuildJob(const proto::JobStatus& status, JobCache& cache,
                    const std::map<std::string, std::string>& node_provider, int64_t now_ms);
 
@@ -63,6 +65,7 @@ class FleetRecorder : public CoordinatorObserver {
   SnapshotHub& hub_;
   int64_t min_interval_ms_;
   int64_t last_publish_ms_ = 0;
+  bool changed_ = false;  // progress since the last publication
   uint64_t version_ = 0;
   int64_t event_cursor_ = 0;
   std::deque<proto::Event> events_;  // at most FleetSnapshot::kMaxEvents

@@ -214,6 +214,15 @@ TEST_F(RecorderTest, SnapshotHoldsJobsAttemptsProgressCatalogLagAndPasses) {
                    std::to_string(s->passes.count)),
             std::string::npos)
       << m;
+
+  // Retaken when something changed, else every 2 s.
+  EXPECT_FALSE(rec.MaybePublish(Ms(fleet_.now_) + 1000)) << "nothing changed";
+  EXPECT_TRUE(rec.MaybePublish(Ms(fleet_.now_) + 2000)) << "heartbeat ages move on";
+  fleet_.Heartbeat("aws-1", sa_, {Fleet::Progress(id_, 21, 1.9, t0 + 8000)});
+  EXPECT_TRUE(rec.MaybePublish(Ms(fleet_.now_) + 2300)) << "progress";
+  EXPECT_FALSE(rec.MaybePublish(Ms(fleet_.now_) + 2600));
+  Commit("aws-1", sa_, 21, false);  // an event
+  EXPECT_TRUE(rec.MaybePublish(Ms(fleet_.now_) + 2900)) << "a new event";
 }
 
 TEST_F(RecorderTest, APreemptedAttemptIsCountedByCauseAndTheJobWaits) {
