@@ -234,7 +234,7 @@ TEST_F(RecorderTest, APreemptedAttemptIsCountedByCauseAndTheJobWaits) {
   ASSERT_TRUE(fleet_.Call(pre).has_preempt_node_reply());
   auto exited = fleet_.Report("aws-1", sa_, id_, 1);
   auto* x = exited.mutable_agent_report()->add_exits();
-  x->set_exit_code(0);
+  x->set_exit_code(3);  // stopped for the notice (an exit 0 would have finished the job)
   x->set_stopped_by_agent(true);
   exited.mutable_agent_report()->set_all_exited(true);
   fleet_.Call(exited);
