@@ -59,6 +59,7 @@ int main(int argc, char** argv) {
   muster::bench::AddCkptBench(app, &runner);
   muster::bench::AddLaunchBench(app, &runner);
   muster::bench::AddSchedulerBench(app, &runner);
+  muster::bench::AddDashboardBench(app, &runner);
   muster::bench::AddRecoveryBench(app, &runner);
   muster::bench::AddCkptPyBench(app, &runner);
   auto* all = app.add_subcommand("all", "Run every benchmark with its default settings");

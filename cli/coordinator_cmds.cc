@@ -12,8 +12,10 @@
 #include <thread>
 
 #include "cli/commands.h"
+#include "common/curve.h"
 #include "common/logging.h"
 #include "coordinator/client.h"
+#include "coordinator/http/dashboard_server.h"
 #include "coordinator/server.h"
 
 namespace muster::cli {
@@ -153,6 +155,11 @@ void AddCoordinatorCommands(CLI::App& app, Runner* runner) {
                     "split brain); a lost node's job waits lease - heartbeat timeout before it "
                     "is placed again. Default 1.5 x the heartbeat timeout")
         ->check(CLI::Range(0, 3600000));
+    auto http = std::make_shared<std::string>();
+    cmd->add_option("--http", *http,
+                    "Serve /metrics, the JSON API and the dashboard page on HOST:PORT (e.g. "
+                    "127.0.0.1:8780; port 0: any). Beyond loopback every data request needs the "
+                    "bearer token in <keys>/http_token");
     cmd->add_option("--rendezvous-port-base", *port_base,
                     "Jobs get MASTER_PORT in [base, base+500) and their rendezvous store "
                     "MASTER_PORT + 500")
@@ -170,6 +177,20 @@ void AddCoordinatorCommands(CLI::App& app, Runner* runner) {
         o->coordinator.heartbeat_timeout = std::chrono::milliseconds(*hb_timeout);
         o->coordinator.lease =
             std::chrono::milliseconds(*lease != 0 ? *lease : *hb_timeout + *hb_timeout / 2);
+        if (!http->empty()) {
+          coordinator::http::HttpOptions ho;
+          ho.listen = *http;
+          auto hp = coordinator::http::ParseListen(*http);
+          if (!hp.ok()) return Fail("coordinator", hp.status());
+          if (!coordinator::http::IsLoopbackHost(hp->first)) {
+            auto token = LoadHttpToken(KeysDir::Resolve(o->keys_dir));
+            if (!token.ok()) return Fail("coordinator", token.status());
+            ho.token = *token;
+          }
+          o->extensions.push_back(coordinator::http::DashboardServer::Factory(
+              ho,
+              [](const std::string& url) { std::cout << "dashboard on " << url << std::endl; }));
+        }
         sigset_t set;
         sigemptyset(&set);
         sigaddset(&set, SIGINT);

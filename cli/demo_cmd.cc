@@ -33,6 +33,11 @@ void AddDemoCommands(CLI::App& app, Runner* runner) {
   cmd->add_option("--threads", o->threads, "Torch threads per rank")->capture_default_str();
   cmd->add_option("--timeout", o->timeout_s, "Give up after this many seconds")
       ->capture_default_str();
+  cmd->add_option("--http", o->http,
+                  "Serve the dashboard on HOST:PORT (port 0: any free one; \"\": none)")
+      ->capture_default_str();
+  cmd->add_flag("--no-wait{false}", o->wait,
+                "Exit when the demo ends instead of serving the dashboard until Enter");
   cmd->callback([=] {
     *runner = [=] {
       o->work_dir = *dir;

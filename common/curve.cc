@@ -1,6 +1,7 @@
 #include "common/curve.h"
 
 #include <fcntl.h>
+#include <fmt/format.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -289,10 +290,36 @@ Status InitKeysDir(const KeysDir& keys, bool force) {
   MUSTER_RETURN_IF_ERROR(SaveKeyPair(keys.coordinator_pub(), {coord.public_key, ""}, force));
   MUSTER_RETURN_IF_ERROR(SaveKeyPair(keys.client_key(), client, force));
   MUSTER_RETURN_IF_ERROR(SaveKeyPair(keys.agent_key(), agent, force));
+  {
+    unsigned char raw[32];
+    std::ifstream urandom("/dev/urandom", std::ios::binary);
+    if (!urandom.read(reinterpret_cast<char*>(raw), sizeof(raw))) {
+      return InternalError("cannot read /dev/urandom for the HTTP token");
+    }
+    std::string hex;
+    for (unsigned char c : raw) hex += fmt::format("{:02x}", c);
+    MUSTER_RETURN_IF_ERROR(WriteFileMode(keys.http_token(), hex + "\n", 0600, force));
+  }
   return SaveAuthorizedKeys(
       keys.authorized_keys(),
       {{client.public_key, "admin", KeyRole::kAdmin}, {agent.public_key, "agent", KeyRole::kAgent}},
       force);
+}
+
+StatusOr<std::string> LoadHttpToken(const KeysDir& keys) {
+  std::error_code ec;
+  std::string text;
+  if (fs::exists(keys.http_token(), ec)) {
+    MUSTER_ASSIGN_OR_RETURN(text, ReadFile(keys.http_token()));
+  }
+  text = Trim(text);
+  if (text.size() < 32) {
+    return FailedPreconditionError(fmt::format(
+        "no HTTP bearer token in {} (at least 32 characters); `muster keys init` makes one, or "
+        "write one: head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n' > {}; chmod 600 {}",
+        keys.http_token().string(), keys.http_token().string(), keys.http_token().string()));
+  }
+  return text;
 }
 
 StatusOr<KeyPair> AddKey(const KeysDir& keys, const std::string& name, KeyRole role,

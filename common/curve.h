@@ -88,16 +88,22 @@ struct KeysDir {
   // keys had roles.
   std::filesystem::path agent_key_or_client_key() const;
   std::filesystem::path authorized_keys() const { return dir / "authorized_keys"; }
+  // The bearer token of the coordinator's HTTP side when bound beyond loopback (64 hex chars).
+  std::filesystem::path http_token() const { return dir / "http_token"; }
 
   // `flag` if non-empty, else $MUSTER_KEYS, else ~/.muster.
   static KeysDir Resolve(const std::string& flag);
 };
 
 // Writes a coordinator key pair, an admin key pair for the local CLI (client.key), an agent key
-// pair for the agents of this directory (agent.key) and an authorized-keys list holding both
-// public keys with their roles. Refuses (FailedPrecondition, naming the file) if any exists,
-// unless `force`. Directory made 0700.
+// pair for the agents of this directory (agent.key), an authorized-keys list holding both
+// public keys with their roles, and a random bearer token for the HTTP side (http_token, 0600).
+// Refuses (FailedPrecondition, naming the file) if any exists, unless `force`. Directory made 0700.
 Status InitKeysDir(const KeysDir& keys, bool force);
+
+// The HTTP bearer token of `keys` (trimmed). FailedPrecondition when there is none or it is
+// shorter than 32 characters, saying how to make one.
+StatusOr<std::string> LoadHttpToken(const KeysDir& keys);
 
 // Makes a key pair, writes it to `key_file` (0600; refuses to replace one) and appends its public
 // key with `name` and `role` to the directory's authorized_keys. Refuses a name or key already

@@ -215,7 +215,9 @@ void Coordinator::Enqueue(const std::string& node, proto::AgentAction action) {
 
 void Coordinator::Pass() {
   pass_needed_ = false;
+  auto pass_start = std::chrono::steady_clock::now();
   Decisions d = sched_->Schedule(options_.clock());
+  if (observer_) observer_->OnSchedulerPass(std::chrono::steady_clock::now() - pass_start);
   for (auto& p : d.placements) {
     auto it = jobs_.find(p.job);
     if (it == jobs_.end()) {
@@ -1359,6 +1361,7 @@ StatusOr<proto::Envelope> Coordinator::OnHeartbeat(const Caller& caller,
     if (it != jobs_.end() && std::find(it->second->rec.nodes.begin(), it->second->rec.nodes.end(),
                                        req.node()) != it->second->rec.nodes.end()) {
       it->second->progress = p;
+      if (observer_) observer_->OnProgress(p.job_id(), it->second->rec.attempt, p);
     }
   }
   proto::Envelope e;
@@ -1504,7 +1507,10 @@ StatusOr<proto::Envelope> Coordinator::OnReport(const Caller& caller,
   if (it == jobs_.end() || it->second->rec.attempt != req.attempt()) return ack;  // stale
   JobRt& j = *it->second;
   if (std::find(j.rec.nodes.begin(), j.rec.nodes.end(), node) == j.rec.nodes.end()) return ack;
-  for (const auto& p : req.progress()) j.progress = p;
+  for (const auto& p : req.progress()) {
+    j.progress = p;
+    if (observer_) observer_->OnProgress(j.rec.id, j.rec.attempt, p);
+  }
   if (!req.start_error().empty() &&
       j.attempt.RecordStartError(node, req.start_error(), req.start_retryable(), j.start_retries)) {
     Event(j.rec.id, node, "start_failed", req.start_error());

@@ -78,6 +78,18 @@ struct Caller {
   std::string ToString() const;
 };
 
+// Told what the coordinator does, on its reactor thread, as it happens (coordinator/http's
+// recorder keeps progress histories and the scheduler's pass times from these). REQUIRES: the
+// methods return quickly and never call back into the Coordinator.
+class CoordinatorObserver {
+ public:
+  virtual ~CoordinatorObserver() = default;
+  // One scheduling pass took `took` (wall time of Scheduler::Schedule).
+  virtual void OnSchedulerPass(std::chrono::nanoseconds took) = 0;
+  // A progress report of `attempt` of `job_id` was accepted.
+  virtual void OnProgress(const std::string& job_id, int attempt, const proto::Progress& p) = 0;
+};
+
 class Coordinator {
  public:
   using Reply = std::function<void(proto::Envelope)>;
@@ -99,6 +111,10 @@ class Coordinator {
   void Tick();
 
   const Scheduler& scheduler() const { return *sched_; }
+  // Read-only use on the reactor thread (the HTTP side's snapshots: attempts, catalog, events).
+  StateStore& store() { return *store_; }
+  // Not owned; null: none. REQUIRES: outlives the Coordinator or is reset to null first.
+  void set_observer(CoordinatorObserver* observer) { observer_ = observer; }
 
   // On-demand nodes (coordinator/providers/): after each pass the manager may request node
   // groups for the gangs left pending and release idle nodes. Call before the first Tick.
@@ -222,6 +238,7 @@ class Coordinator {
   bool pass_needed_ = true;
   std::unique_ptr<providers::ProviderManager> providers_;  // null: static nodes only
   Status write_error_;  // the latch: the first durable write that failed
+  CoordinatorObserver* observer_ = nullptr;
 };
 
 }  // namespace muster::coordinator

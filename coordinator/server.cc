@@ -19,6 +19,7 @@ struct CoordinatorServer::Impl {
   std::unique_ptr<ZapAuthenticator> zap;
   std::unique_ptr<RpcServer> rpc;
   std::unique_ptr<Coordinator> coord;
+  std::vector<std::unique_ptr<ServerExtension>> extensions;
   KeysDir keys;
   fs::file_time_type keys_mtime{};
   int ticks = 0;
@@ -41,6 +42,7 @@ struct CoordinatorServer::Impl {
 
   void Tick() {
     coord->Tick();
+    for (auto& x : extensions) x->OnTick();
     if (zap && ++ticks % 20 == 0) ReloadKeysIfChanged();
     reactor.PostAfter(options.tick, "coord.tick", [this] { Tick(); });
   }
@@ -59,7 +61,9 @@ void CoordinatorServer::ReloadKeys() {
 void CoordinatorServer::Stop() {
   if (!impl_ || impl_->stopped) return;
   impl_->stopped = true;
+  // Extensions live on the reactor thread: its closures may hold them until it stops.
   impl_->reactor.Stop();
+  impl_->extensions.clear();
   impl_->coord.reset();
   impl_->rpc.reset();
   impl_->zap.reset();
@@ -160,6 +164,19 @@ StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(ServerOpti
                  options.providers_file.string());
   }
   impl->reactor.Start();
+  if (!options.extensions.empty()) {
+    Status st = impl->reactor.Call("coord.extensions", [raw, &options]() -> Status {
+      for (auto& make : options.extensions) {
+        MUSTER_ASSIGN_OR_RETURN(auto x, make(raw->reactor, *raw->coord));
+        raw->extensions.push_back(std::move(x));
+      }
+      return Status::Ok();
+    });
+    if (!st.ok()) {
+      impl->reactor.Stop();
+      return st;
+    }
+  }
   impl->reactor.Post("coord.tick", [raw] { raw->Tick(); });
   logger->info("coordinator serving on {} (data dir {})", endpoint, options.data_dir.string());
   std::unique_ptr<CoordinatorServer> server(new CoordinatorServer(std::move(impl)));

@@ -10,13 +10,27 @@
 // Thread-safety: Start/Stop/endpoint from any one thread.
 
 #include <filesystem>
+#include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
+#include "common/reactor.h"
 #include "common/status.h"
 #include "coordinator/coordinator.h"
 
 namespace muster::coordinator {
+
+// Something run beside the Coordinator on the server's reactor (coordinator/http: the
+// dashboard). Created on the reactor thread after the Coordinator, ticked with it, and destroyed
+// on the reactor before it.
+class ServerExtension {
+ public:
+  virtual ~ServerExtension() = default;
+  virtual void OnTick() = 0;  // on the reactor, after every Coordinator::Tick
+};
+using ServerExtensionFactory =
+    std::function<StatusOr<std::unique_ptr<ServerExtension>>(Reactor&, Coordinator&)>;
 
 struct ServerOptions {
   std::filesystem::path data_dir;
@@ -29,6 +43,7 @@ struct ServerOptions {
   std::filesystem::path providers_file;
   std::string muster_bin;
   CoordinatorOptions coordinator;
+  std::vector<ServerExtensionFactory> extensions;  // Start fails if one of them fails
 };
 
 class CoordinatorServer {

@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <fstream>
+#include <iostream>
 #include <map>
 #include <memory>
 #include <optional>
@@ -15,6 +16,7 @@
 #include "common/curve.h"
 #include "common/logging.h"
 #include "coordinator/client.h"
+#include "coordinator/http/dashboard_server.h"
 #include "coordinator/server.h"
 #include "demo/loss_plot.h"
 #include "node_agent/agent.h"
@@ -113,10 +115,18 @@ int RunDemo(const DemoOptions& o, std::ostream& out) {
   so.coordinator.heartbeat_timeout = milliseconds(3000);
   so.coordinator.lease = milliseconds(4500);
   so.coordinator.stop_grace = milliseconds(5000);
+  std::string dashboard;
+  if (!o.http.empty()) {
+    coordinator::http::HttpOptions ho;
+    ho.listen = o.http;
+    so.extensions.push_back(coordinator::http::DashboardServer::Factory(
+        ho, [&dashboard](const std::string& url) { dashboard = url; }));
+  }
   auto server = coordinator::CoordinatorServer::Start(so);
   if (!server.ok()) return fail("coordinator: " + server.status().ToString());
   out << "  coordinator  " << (*server)->endpoint() << "  (state in " << so.data_dir.string()
       << "/coordinator.db)\n";
+  if (!dashboard.empty()) out << "  dashboard    " << st.bold(dashboard) << std::endl;
 
   struct NodeSpec {
     std::string name, provider, region;
@@ -350,6 +360,12 @@ int RunDemo(const DemoOptions& o, std::ostream& out) {
   }
   out << "  files: " << work.string() << " (coordinator db, agent logs, both volumes)\n";
   out << "  took " << elapsed() << "\n";
+  if (!dashboard.empty() && o.wait) {
+    out << "\n  the dashboard keeps serving at " << st.bold(dashboard) << "; press Enter to stop"
+        << std::endl;
+    std::string line;
+    std::getline(std::cin, line);  // Enter, or EOF (stdin closed)
+  }
 
   for (auto& a : agents) a->Shutdown(milliseconds(2000));
   agents.clear();

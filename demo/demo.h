@@ -24,6 +24,11 @@ struct DemoOptions {
   double notice_s = 20;  // seconds of notice
   int threads = 1;       // torch threads per rank
   int timeout_s = 300;   // give up (and fail) after this long
+  // The coordinator's dashboard (HOST:PORT; port 0: any free one; "": none). Its URL is printed
+  // at the start; at the end the demo keeps serving it until Enter (or EOF) on stdin, unless
+  // `wait` is false.
+  std::string http = "127.0.0.1:0";
+  bool wait = true;
 };
 
 // Returns the process exit code: 0 when the job completed after the preemption and resumed

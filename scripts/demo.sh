@@ -18,7 +18,7 @@ if [ ! -x "$BUILD/examples/finetune/muster-finetune" ]; then
   echo "muster-finetune was not built (libtorch not found): the demo needs it" >&2
   exit 1
 fi
-"$MUSTER" demo --work-dir "$WORK"
+"$MUSTER" demo --work-dir "$WORK" --no-wait
 
 printf '\n\033[1m== 6. the checkpoints on both providers'"'"' volumes: muster ckpt ls / verify\033[0m\n'
 for provider in aws gcp; do

@@ -20,6 +20,9 @@ PKGS=(
   iproute2 procps psmisc
   # the slurm provider's tests run a real Slurm cluster (munged, slurmctld, slurmd) on this machine
   slurmctld slurmd slurm-client munge
+  # the coordinator's dashboard (civetweb, prometheus-cpp's text format) and its end-to-end
+  # tests (a real Prometheus scraping it; headless Chromium looking at the page)
+  libcivetweb-dev prometheus-cpp-dev prometheus chromium
 )
 missing=()
 for p in "${PKGS[@]}"; do

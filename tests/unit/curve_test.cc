@@ -180,5 +180,19 @@ TEST(CurveTest, InitKeysDirWritesAllFilesAndRefusesToOverwrite) {
   EXPECT_NE(LoadKeyPair(kd.coordinator_key())->secret_key, coord->secret_key);
 }
 
+TEST(CurveTest, InitKeysDirWritesAnHttpBearerTokenOwnerOnly) {
+  TempDir dir;
+  KeysDir kd{dir.path() / "keys"};
+  EXPECT_EQ(LoadHttpToken(kd).status().code(), StatusCode::kFailedPrecondition);
+  ASSERT_TRUE(InitKeysDir(kd, false).ok());
+  EXPECT_EQ(Mode(kd.http_token()), 0600);
+  auto token = LoadHttpToken(kd);
+  ASSERT_TRUE(token.ok()) << token.status();
+  EXPECT_EQ(token->size(), 64u);
+  EXPECT_EQ(token->find_first_not_of("0123456789abcdef"), std::string::npos);
+  ASSERT_TRUE(InitKeysDir(kd, true).ok());
+  EXPECT_NE(*LoadHttpToken(kd), *token) << "a new one with --force";
+}
+
 }  // namespace
 }  // namespace muster

@@ -1,0 +1,454 @@
+// The coordinator's HTTP side (coordinator/http): the recorder's snapshots of a real Coordinator
+// on an injected clock, their rendering as Prometheus text and JSON, and the server's answers
+// over a real socket (404/400 JSON errors, the bearer token beyond loopback, HEAD, 405).
+
+#include <arpa/inet.h>
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <random>
+
+#include "common/reactor.h"
+#include "common/wire.h"
+#include "coordinator/coordinator.h"
+#include "coordinator/http/dashboard_server.h"
+#include "coordinator/http/fleet_recorder.h"
+#include "coordinator/http/render.h"
+
+namespace muster::coordinator::http {
+namespace {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+using namespace std::chrono_literals;
+
+int64_t Ms(TimePoint t) {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(t.time_since_epoch()).count();
+}
+
+// A Coordinator on an injected clock, driven like coordinator_test drives it.
+class Fleet {
+ public:
+  Fleet() {
+    dir_ = fs::temp_directory_path() / ("dashboard-unit-" + std::to_string(getpid()) + "-" +
+                                        std::to_string(std::random_device{}()));
+    CoordinatorOptions o;
+    o.clock = [this] { return now_; };
+    auto c = Coordinator::Create(*StateStore::Open(dir_), o);
+    EXPECT_TRUE(c.ok()) << c.status();
+    coord_ = std::move(*c);
+  }
+  ~Fleet() {
+    coord_.reset();
+    fs::remove_all(dir_);
+  }
+  proto::Envelope Call(proto::Envelope req) {
+    proto::Envelope out;
+    coord_->Handle("test", std::move(req), [&](proto::Envelope e) { out = std::move(e); });
+    return out;
+  }
+  std::string Register(const std::string& name, const std::string& provider) {
+    proto::Envelope e;
+    auto* l = e.mutable_agent_register()->mutable_labels();
+    l->set_name(name);
+    l->set_provider(provider);
+    l->set_island(provider + "-a");
+    l->set_gpus(8);
+    l->set_slots(8);
+    auto* v = l->add_volumes();
+    v->set_name("ckpt");
+    v->set_path("/vol/" + name);
+    l->set_transfer_endpoint("tcp://" + name + ":7071");
+    l->set_transfer_key("key-of-" + name);
+    auto r = Call(e);
+    EXPECT_TRUE(r.has_agent_registered()) << r.DebugString();
+    return r.agent_registered().session_id();
+  }
+  std::vector<proto::AgentAction> Heartbeat(const std::string& node, const std::string& session,
+                                            std::vector<proto::Progress> progress = {}) {
+    proto::Envelope e;
+    e.mutable_agent_heartbeat()->set_node(node);
+    e.mutable_agent_heartbeat()->set_session_id(session);
+    for (auto& p : progress) *e.mutable_agent_heartbeat()->add_progress() = p;
+    auto r = Call(e);
+    return {r.agent_heartbeat_reply().actions().begin(), r.agent_heartbeat_reply().actions().end()};
+  }
+  proto::Envelope Report(const std::string& node, const std::string& session,
+                         const std::string& job, int attempt) {
+    proto::Envelope e;
+    auto* r = e.mutable_agent_report();
+    r->set_node(node);
+    r->set_session_id(session);
+    r->set_job_id(job);
+    r->set_attempt(attempt);
+    return e;
+  }
+  std::string Submit(const std::string& yaml) {
+    proto::Envelope e;
+    e.mutable_submit_request()->set_yaml(yaml);
+    auto r = Call(e);
+    EXPECT_TRUE(r.has_submit_reply()) << r.DebugString();
+    return r.submit_reply().job_id();
+  }
+  static proto::Progress Progress(const std::string& job, int64_t step, double loss,
+                                  int64_t time_ms) {
+    proto::Progress p;
+    p.set_job_id(job);
+    p.set_step(step);
+    p.set_total_steps(100);
+    p.set_loss(loss);
+    p.set_throughput(250);
+    p.set_throughput_unit("tokens/s");
+    p.set_time_ms(time_ms);
+    return p;
+  }
+
+  TimePoint now_ = TimePoint{} + std::chrono::hours(490000);
+  fs::path dir_;
+  std::unique_ptr<Coordinator> coord_;
+};
+
+// The fine-tune's story on the injected clock: placed on one provider, progress, a commit there
+// and its verified replica on the other provider, a newer commit not yet copied, a preemption
+// notice, and the gang's exit.
+class RecorderTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    sa_ = fleet_.Register("aws-1", "aws");
+    sg_ = fleet_.Register("gcp-1", "gcp");
+    id_ = fleet_.Submit(
+        "name: ft\ncommand: x\nplacement:\n  providers: [aws]\ncheckpoint:\n  volume: ckpt\n");
+    auto actions = fleet_.Heartbeat("aws-1", sa_);
+    ASSERT_EQ(actions.size(), 1u);
+    ASSERT_TRUE(actions[0].has_start());
+    auto started = fleet_.Report("aws-1", sa_, id_, 1);
+    started.mutable_agent_report()->set_started(true);
+    fleet_.Call(started);
+  }
+  void Commit(const std::string& node, const std::string& session, int64_t step, bool replica) {
+    auto e = fleet_.Report(node, session, id_, 1);
+    e.mutable_agent_report()->set_checkpoint_step(step);
+    e.mutable_agent_report()->set_checkpoint_volume("ckpt");
+    e.mutable_agent_report()->set_checkpoint_replica(replica);
+    fleet_.Call(e);
+  }
+  Fleet fleet_;
+  SnapshotHub hub_;
+  std::string sa_, sg_, id_;
+};
+
+TEST_F(RecorderTest, SnapshotHoldsJobsAttemptsProgressCatalogLagAndPasses) {
+  FleetRecorder rec(*fleet_.coord_, hub_, 250);
+  int64_t t0 = Ms(fleet_.now_);
+  fleet_.Heartbeat("aws-1", sa_, {Fleet::Progress(id_, 10, 2.5, t0)});
+  fleet_.Heartbeat("aws-1", sa_, {Fleet::Progress(id_, 10, 2.5, t0)});  // repeated: one point
+  fleet_.now_ += 2s;
+  fleet_.Heartbeat("aws-1", sa_, {Fleet::Progress(id_, 20, 2.0, t0 + 2000)});
+  Commit("aws-1", sa_, 20, false);
+  Commit("gcp-1", sg_, 20, true);
+  fleet_.now_ += 1s;
+  Commit("aws-1", sa_, 30, false);  // not on gcp yet
+  fleet_.now_ += 4s;
+  fleet_.coord_->Tick();
+  ASSERT_TRUE(rec.MaybePublish(Ms(fleet_.now_), true));
+  EXPECT_FALSE(rec.MaybePublish(Ms(fleet_.now_) + 100)) << "within the 250 ms interval";
+
+  auto s = hub_.Get();
+  ASSERT_EQ(s->jobs.size(), 1u);
+  const JobView& j = s->jobs[0];
+  EXPECT_EQ(j.status.state(), proto::JOB_RUNNING);
+  EXPECT_EQ(j.status.provider(), "aws");
+  ASSERT_EQ(j.attempts.size(), 1u);
+  EXPECT_EQ(j.attempts[0].provider, "aws");
+  ASSERT_EQ(j.attempts[0].points.size(), 2u);
+  EXPECT_EQ(j.attempts[0].points[1].step, 20);
+  EXPECT_DOUBLE_EQ(j.attempts[0].points[1].loss, 2.0);
+  // 10 steps in 2 s, 80 to go: 16 s.
+  EXPECT_NEAR(j.eta_seconds, 16.0, 1e-6);
+  ASSERT_EQ(j.catalog.size(), 3u);
+  EXPECT_EQ(j.catalog[0].provider, "aws");
+  EXPECT_EQ(j.catalog[2].provider, "gcp");
+  EXPECT_EQ(j.catalog[2].step, 20);
+  ASSERT_EQ(j.lag.size(), 2u);
+  EXPECT_EQ(j.lag[0].provider, "aws");
+  EXPECT_EQ(j.lag[0].lag_steps, 0);
+  EXPECT_EQ(j.lag[1].provider, "gcp");
+  EXPECT_EQ(j.lag[1].lag_steps, 10);
+  EXPECT_NEAR(j.lag[1].lag_seconds, 4.0, 1e-6) << "step 30 was recorded 4 s before the snapshot";
+  EXPECT_GT(s->passes.count, 0u);
+  ASSERT_EQ(s->nodes.size(), 2u);
+  bool saw_scheduled = false;
+  for (const auto& e : s->events) saw_scheduled |= e.kind() == "scheduled";
+  EXPECT_TRUE(saw_scheduled);
+
+  std::string m = RenderMetrics(*s);
+  EXPECT_NE(m.find("muster_jobs{state=\"running\"} 1\n"), std::string::npos) << m;
+  EXPECT_NE(m.find("muster_queue_depth 0\n"), std::string::npos) << m;
+  EXPECT_NE(m.find("muster_job_step{job_id=\"" + id_ + "\"} 20\n"), std::string::npos) << m;
+  EXPECT_NE(m.find("muster_job_total_steps{job_id=\"" + id_ + "\"} 100\n"), std::string::npos);
+  EXPECT_NE(m.find("muster_job_loss{job_id=\"" + id_ + "\"} 2\n"), std::string::npos) << m;
+  EXPECT_NE(m.find("muster_job_throughput{job_id=\"" + id_ + "\",unit=\"tokens/s\"} 250\n"),
+            std::string::npos)
+      << m;
+  EXPECT_NE(m.find("muster_replication_lag_steps{job_id=\"" + id_ + "\",provider=\"gcp\"} 10\n"),
+            std::string::npos)
+      << m;
+  EXPECT_NE(m.find("muster_replication_lag_seconds{job_id=\"" + id_ + "\",provider=\"gcp\"} 4\n"),
+            std::string::npos)
+      << m;
+  EXPECT_NE(m.find("muster_checkpoint_commits_total{job_id=\"" + id_ + "\",provider=\"aws\"} 2\n"),
+            std::string::npos)
+      << m;
+  EXPECT_NE(m.find("muster_nodes{provider=\"gcp\",island=\"gcp-a\",state=\"up\"} 1\n"),
+            std::string::npos)
+      << m;
+  EXPECT_NE(m.find("# TYPE muster_scheduler_pass_seconds histogram"), std::string::npos);
+  EXPECT_NE(m.find("muster_scheduler_pass_seconds_count " + std::to_string(s->passes.count)),
+            std::string::npos)
+      << m;
+  EXPECT_NE(m.find("muster_scheduler_pass_seconds_bucket{le=\"+Inf\"} " +
+                   std::to_string(s->passes.count)),
+            std::string::npos)
+      << m;
+
+  // Retaken when something changed, else every 2 s.
+  EXPECT_FALSE(rec.MaybePublish(Ms(fleet_.now_) + 1000)) << "nothing changed";
+  EXPECT_TRUE(rec.MaybePublish(Ms(fleet_.now_) + 2000)) << "heartbeat ages move on";
+  fleet_.Heartbeat("aws-1", sa_, {Fleet::Progress(id_, 21, 1.9, t0 + 8000)});
+  EXPECT_TRUE(rec.MaybePublish(Ms(fleet_.now_) + 2300)) << "progress";
+  EXPECT_FALSE(rec.MaybePublish(Ms(fleet_.now_) + 2600));
+  Commit("aws-1", sa_, 21, false);  // an event
+  EXPECT_TRUE(rec.MaybePublish(Ms(fleet_.now_) + 2900)) << "a new event";
+}
+
+TEST_F(RecorderTest, APreemptedAttemptIsCountedByCauseAndTheJobWaits) {
+  FleetRecorder rec(*fleet_.coord_, hub_, 250);
+  fleet_.Heartbeat("aws-1", sa_, {Fleet::Progress(id_, 10, 2.5, Ms(fleet_.now_))});
+  proto::Envelope pre;
+  pre.mutable_preempt_node_request()->set_node("aws-1");
+  pre.mutable_preempt_node_request()->set_notice_ms(5000);
+  ASSERT_TRUE(fleet_.Call(pre).has_preempt_node_reply());
+  auto exited = fleet_.Report("aws-1", sa_, id_, 1);
+  auto* x = exited.mutable_agent_report()->add_exits();
+  x->set_exit_code(3);  // stopped for the notice (an exit 0 would have finished the job)
+  x->set_stopped_by_agent(true);
+  exited.mutable_agent_report()->set_all_exited(true);
+  fleet_.Call(exited);
+  ASSERT_TRUE(rec.MaybePublish(Ms(fleet_.now_), true));
+  auto s = hub_.Get();
+  ASSERT_EQ(s->jobs.size(), 1u);
+  const JobView& j = s->jobs[0];
+  ASSERT_EQ(j.attempts.size(), 1u);
+  EXPECT_EQ(j.attempts[0].record.outcome, "preempted");
+  EXPECT_EQ(j.ended_by_cause.at("preemption"), 1);
+  std::string m = RenderMetrics(*s);
+  EXPECT_NE(m.find("muster_restarts_total{cause=\"preemption\"} 1\n"), std::string::npos) << m;
+  EXPECT_NE(m.find("muster_restarts_total{cause=\"failure\"} 0\n"), std::string::npos) << m;
+  EXPECT_NE(m.find("muster_job_restarts_total{job_id=\"" + id_ + "\",cause=\"preemption\"} 1\n"),
+            std::string::npos)
+      << m;
+
+  auto body = RenderJobJson(*s, id_);
+  ASSERT_TRUE(body.ok());
+  json jj = json::parse(*body);
+  EXPECT_EQ(jj["attempts"][0]["outcome"], "preempted");
+  EXPECT_EQ(jj["attempts"][0]["end_step"], 10);
+  EXPECT_EQ(jj["preemptions"], 1);
+  // The node's notice belongs to the job's story too.
+  bool requeued = false, notice = false;
+  for (const auto& e : jj["events"]) {
+    requeued |= e["kind"] == "requeued";
+    notice |= e["kind"] == "notice" && e["node"] == "aws-1";
+  }
+  EXPECT_TRUE(requeued) << jj["events"].dump();
+  EXPECT_TRUE(notice) << jj["events"].dump();
+}
+
+TEST(RenderTest, UnknownJobIsNotFoundAndEventsFollowACursor) {
+  FleetSnapshot s;
+  for (int i = 1; i <= 5; ++i) {
+    proto::Event e;
+    e.set_id(i);
+    e.set_job_id(i % 2 ? "a-1" : "b-2");
+    e.set_kind("k" + std::to_string(i));
+    s.events.push_back(e);
+  }
+  EXPECT_EQ(RenderJobJson(s, "nope-1").status().code(), StatusCode::kNotFound);
+  EXPECT_EQ(RenderCheckpointsJson(s, "nope-1").status().code(), StatusCode::kNotFound);
+  json all = json::parse(RenderEventsJson(s, 2, "", 2));
+  ASSERT_EQ(all["events"].size(), 2u);
+  EXPECT_EQ(all["events"][0]["id"], 3);
+  EXPECT_EQ(all["next"], 4);
+  json a = json::parse(RenderEventsJson(s, 0, "a-1", 100));
+  ASSERT_EQ(a["events"].size(), 3u);
+  EXPECT_EQ(a["next"], 5);
+  EXPECT_FALSE(a["truncated"]);
+  EXPECT_EQ(PendingReasonClass("waiting: 2 of 4 nodes free on provider aws"), "waiting");
+  EXPECT_EQ(PendingReasonClass(""), "none");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The server over a real socket.
+
+struct HttpReply {
+  int code = 0;
+  std::string headers, body;
+};
+
+HttpReply Get(int port, const std::string& path, const std::string& extra = "",
+              const std::string& method = "GET") {
+  HttpReply r;
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(port);
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  timeval tv{10, 0};
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) {
+    ::close(fd);
+    return r;
+  }
+  std::string req = method + " " + path + " HTTP/1.0\r\nHost: x\r\n" + extra + "\r\n";
+  if (::send(fd, req.data(), req.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(req.size())) {
+    ::close(fd);
+    return r;
+  }
+  std::string all;
+  char buf[4096];
+  for (ssize_t n; (n = ::recv(fd, buf, sizeof(buf), 0)) > 0;) all.append(buf, n);
+  ::close(fd);
+  auto end = all.find("\r\n\r\n");
+  if (all.size() < 12 || end == std::string::npos) return r;
+  r.code = std::atoi(all.c_str() + 9);
+  r.headers = all.substr(0, end);
+  r.body = all.substr(end + 4);
+  return r;
+}
+
+class ServerTest : public ::testing::Test {
+ protected:
+  void StartServer(HttpOptions o) {
+    reactor_.Start();
+    auto s =
+        reactor_.Call("start", [&] { return DashboardServer::Start(reactor_, *fleet_.coord_, o); });
+    status_ = s.status();
+    if (s.ok()) server_ = std::move(*s);
+  }
+  void TearDown() override {
+    reactor_.Stop();
+    server_.reset();
+  }
+  Fleet fleet_;
+  Reactor reactor_{"dashboard-test"};
+  std::unique_ptr<DashboardServer> server_;
+  Status status_;
+};
+
+TEST_F(ServerTest, AnswersJsonErrorsForUnknownJobsAndMalformedQueries) {
+  fleet_.Register("aws-1", "aws");
+  fleet_.Submit("name: ft\ncommand: x\n");                   // placed on aws-1
+  std::string id = fleet_.Submit("name: ft\ncommand: x\n");  // waits for it
+  HttpOptions o;
+  o.listen = "127.0.0.1:0";
+  o.publish_interval_ms = 0;
+  StartServer(o);
+  ASSERT_TRUE(status_.ok()) << status_;
+  ASSERT_GT(server_->port(), 0);
+  int port = server_->port();
+  // Snapshots are published from the reactor's ticks (here: posted by the test).
+  reactor_.Call("tick", [&] {
+    server_->OnTick();
+    return 0;
+  });
+
+  auto jobs = Get(port, "/api/jobs");
+  ASSERT_EQ(jobs.code, 200) << jobs.body;
+  auto listed = json::parse(jobs.body)["jobs"];
+  ASSERT_EQ(listed.size(), 2u);
+  EXPECT_TRUE(listed[0]["id"] == id || listed[1]["id"] == id) << listed.dump();
+  auto one = Get(port, "/api/jobs/" + id);
+  EXPECT_EQ(one.code, 200);
+  EXPECT_EQ(json::parse(one.body)["state"], "pending");
+
+  auto missing = Get(port, "/api/jobs/nope-7");
+  EXPECT_EQ(missing.code, 404);
+  EXPECT_NE(json::parse(missing.body)["error"].get<std::string>().find("nope-7"),
+            std::string::npos);
+  EXPECT_NE(missing.headers.find("application/json"), std::string::npos);
+  EXPECT_EQ(Get(port, "/api/jobs/nope-7/logs?rank=0").code, 404);
+  EXPECT_EQ(Get(port, "/api/events?job=nope-7").code, 404);
+  EXPECT_EQ(Get(port, "/api/checkpoints?job=nope-7").code, 404);
+  EXPECT_EQ(Get(port, "/nowhere").code, 404);
+
+  auto bad = Get(port, "/api/events?after=abc");
+  EXPECT_EQ(bad.code, 400);
+  EXPECT_NE(json::parse(bad.body)["error"].get<std::string>().find("'after' must be an integer"),
+            std::string::npos)
+      << bad.body;
+  EXPECT_EQ(Get(port, "/api/events?limit=0").code, 400);
+  EXPECT_EQ(Get(port, "/api/events?after=1&after=2").code, 400);
+  EXPECT_EQ(Get(port, "/api/jobs?x=1").code, 400);
+  EXPECT_EQ(Get(port, "/api/jobs/" + id + "/logs?rank=-1").code, 400);
+  EXPECT_EQ(Get(port, "/api/events?after=%zz").code, 400);
+  auto ev = Get(port, "/api/events?after=0&limit=1");
+  ASSERT_EQ(ev.code, 200);
+  EXPECT_EQ(json::parse(ev.body)["events"].size(), 1u);
+
+  EXPECT_EQ(Get(port, "/api/jobs", "", "POST").code, 405);
+  auto head = Get(port, "/metrics", "", "HEAD");
+  EXPECT_EQ(head.code, 200);
+  EXPECT_TRUE(head.body.empty());
+  auto metrics = Get(port, "/metrics");
+  ASSERT_EQ(metrics.code, 200);
+  EXPECT_NE(metrics.body.find("muster_jobs{state=\"pending\"} 1"), std::string::npos);
+  EXPECT_NE(metrics.body.find("muster_queue_depth 1"), std::string::npos);
+  auto page = Get(port, "/");
+  EXPECT_EQ(page.code, 200);
+  EXPECT_NE(page.body.find("<script src=\"/app.js\">"), std::string::npos);
+  EXPECT_EQ(Get(port, "/app.js").code, 200);
+}
+
+TEST_F(ServerTest, BeyondLoopbackATokenIsRequired) {
+  HttpOptions o;
+  o.listen = "0.0.0.0:0";
+  StartServer(o);
+  EXPECT_EQ(status_.code(), StatusCode::kFailedPrecondition) << status_;
+  EXPECT_NE(status_.message().find("http_token"), std::string::npos);
+}
+
+TEST_F(ServerTest, BeyondLoopbackEveryDataRouteWantsTheBearerToken) {
+  HttpOptions o;
+  o.listen = "0.0.0.0:0";
+  o.token = std::string(64, 'f');
+  StartServer(o);
+  ASSERT_TRUE(status_.ok()) << status_;
+  int port = server_->port();
+  auto none = Get(port, "/metrics");
+  EXPECT_EQ(none.code, 401);
+  EXPECT_NE(none.headers.find("WWW-Authenticate: Bearer"), std::string::npos);
+  EXPECT_EQ(Get(port, "/api/jobs", "Authorization: Bearer " + std::string(64, 'e') + "\r\n").code,
+            401);
+  EXPECT_EQ(Get(port, "/api/jobs/x", "Authorization: Bearer \r\n").code, 401);
+  EXPECT_EQ(Get(port, "/metrics", "Authorization: Bearer " + o.token + "\r\n").code, 200);
+  EXPECT_EQ(Get(port, "/api/jobs", "Authorization: Bearer " + o.token + "\r\n").code, 200);
+  EXPECT_EQ(Get(port, "/").code, 200) << "the page holds no data";
+}
+
+TEST(ListenTest, ParsesAndRefuses) {
+  EXPECT_TRUE(ParseListen("127.0.0.1:8780").ok());
+  EXPECT_EQ(ParseListen("localhost:0")->first, "127.0.0.1");
+  EXPECT_FALSE(ParseListen("8780").ok());
+  EXPECT_FALSE(ParseListen("127.0.0.1:99999").ok());
+  EXPECT_FALSE(ParseListen("example.com:80").ok());
+  EXPECT_TRUE(IsLoopbackHost("127.3.0.1"));
+  EXPECT_FALSE(IsLoopbackHost("10.0.0.1"));
+  EXPECT_FALSE(IsLoopbackHost("0.0.0.0"));
+}
+
+}  // namespace
+}  // namespace muster::coordinator::http
