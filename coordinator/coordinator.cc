@@ -681,13 +681,14 @@ void Coordinator::Finish(JobRt& job) {
           fmt::format("after attempt {} ({}); not counted against max_restarts", r.attempt,
                       job.lost ? job.failure : "preempted"));
   } else if (job.start_retry) {
-    // A port of this attempt was taken on its master node: the next attempt gets other ports.
+    // A port of this attempt was taken on its master node (the next attempt gets other ports),
+    // or a node failed the launch preflight (the next one goes without it).
     outcome = "start_retry";
     job.start_retries++;
     r.state = proto::JOB_PENDING;
     sched_->Requeue(r.id).IgnoreError();
     Event(r.id, "", "requeued",
-          fmt::format("after attempt {} ({}); retried on other ports, not counted against "
+          fmt::format("after attempt {} ({}); placed again at once, not counted against "
                       "max_restarts",
                       r.attempt, job.failure));
   } else if (!job.failure.empty()) {
@@ -1628,8 +1629,12 @@ StatusOr<proto::Envelope> Coordinator::OnReport(const Caller& caller,
     j.failure = fmt::format("node {} could not start: {}", node, req.start_error());
     j.failure_node = node;
     j.start_retry = req.start_retryable() && j.start_retries < kMaxStartRetries;
-    Event(j.rec.id, node, "start_failed", req.start_error());
-    StopGang(j, proto::STOP_PEER_FAILED, node);
+    if (req.preflight_failed()) {
+      PreflightFailed(j, node, req);
+    } else {
+      Event(j.rec.id, node, "start_failed", req.start_error());
+      StopGang(j, proto::STOP_PEER_FAILED, node);
+    }
   }
   if (!req.resume_fallback().empty()) {
     // The catalog's step is not good on the volume where the attempt started (the agent checked).
@@ -1679,6 +1684,28 @@ StatusOr<proto::Envelope> Coordinator::OnReport(const Caller& caller,
   }
   if (req.all_exited() && !j.done.count(node)) NodeDone(j, node);
   return ack;
+}
+
+// A launch preflight failed: the blamed node is kept off this job (quarantined for it alone)
+// and the gang is placed again at once, not counted against max_restarts. Pinned hosts cannot
+// go elsewhere: there it is an ordinary start failure.
+void Coordinator::PreflightFailed(JobRt& j, const std::string& node,
+                                  const proto::AgentReport& req) {
+  int r = req.preflight_blamed_rank();
+  std::string blamed = r >= 0 && r < static_cast<int>(j.rec.nodes.size()) ? j.rec.nodes[r] : node;
+  j.failure = fmt::format("launch preflight failed on node {}: {}", blamed, req.start_error());
+  j.failure_node = blamed;
+  Event(j.rec.id, blamed, "preflight_failed",
+        fmt::format("attempt {} (reported by {}): {}", j.rec.attempt, node, req.start_error()));
+  if (j.req.hosts.empty() && j.start_retries < kMaxStartRetries) {
+    j.start_retry = true;
+    j.req.excluded_nodes.insert(blamed);
+    sched_->Exclude(j.rec.id, blamed).IgnoreError();
+    Event(j.rec.id, blamed, "node_quarantined",
+          fmt::format("kept off job {} for the rest of the job: it failed the launch preflight",
+                      j.rec.id));
+  }
+  StopGang(j, proto::STOP_PEER_FAILED, node);
 }
 
 StatusOr<proto::Envelope> Coordinator::OnLogChunk(const Caller& caller,

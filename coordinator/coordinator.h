@@ -141,6 +141,7 @@ class Coordinator {
   void RevokeTransfer(const TransferGrant& grant, const std::string& why);
   void NodeDone(JobRt& job, const std::string& node);
   void Finish(JobRt& job);
+  void PreflightFailed(JobRt& job, const std::string& node, const proto::AgentReport& req);
   void LoseNode(NodeRt& node, const std::string& why);
   void Enqueue(const std::string& node, proto::AgentAction action);
   void FlushPoll(NodeRt& node);

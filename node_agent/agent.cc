@@ -22,6 +22,7 @@
 #include <thread>
 
 #include "checkpoint/replicate.h"
+#include "collectives/store_client.h"
 #include "collectives/store_server.h"
 #include "common/curve.h"
 #include "common/logging.h"
@@ -34,6 +35,7 @@
 #include "node_agent/checkpoint_steps.h"
 #include "node_agent/lease_watchdog.h"
 #include "node_agent/outbox.h"
+#include "node_agent/preflight.h"
 #include "node_agent/replication_queue.h"
 #include "node_agent/supervisor.h"
 #include "node_agent/volume_transfer.h"
@@ -267,6 +269,13 @@ struct Agent::Impl {
   std::unique_ptr<Supervisor> supervisor;
   std::unique_ptr<VolumeServer> volume_server;
   std::map<std::string, Assignment> assignments;  // by group
+  // Multi-node attempts whose launch preflight runs: by group, what starting the ranks needs.
+  struct Pending {
+    Assignment a;
+    std::string creds, resume_fallback;
+    std::unique_ptr<Preflight> run;
+  };
+  std::map<std::string, Pending> preflights;
   std::map<ChildId, std::string> group_of;
   std::map<std::string, proto::Progress> progress;  // newest per job, not yet sent
   std::optional<PreemptionNotice> notice;
@@ -582,7 +591,7 @@ struct Agent::Impl {
       return StartError(s, st.message());
     }
     std::string group = GroupOf(s.job_id(), s.attempt());
-    if (assignments.count(group)) return;  // delivered twice
+    if (assignments.count(group) || preflights.count(group)) return;  // delivered twice
     if (notice) return StartError(s, "node has a preemption notice (" + notice->source + ")");
     if (s.command_size() == 0 || s.ranks_per_node() <= 0 || s.nnodes() <= 0) {
       return StartError(s, "empty command or no ranks");
@@ -660,6 +669,15 @@ struct Agent::Impl {
       if (!scope.ok()) return StartError(s, "rendezvous scope: " + scope.status().message());
       a.store = std::move(*store);
     }
+    if (s.nnodes() > 1) return BeginPreflight(std::move(a), creds, resume_fallback);
+    LaunchRanks(std::move(a), creds, resume_fallback, "");
+  }
+
+  // The ranks of an assignment whose checks passed; `ifname`: the preflight's interface.
+  void LaunchRanks(Assignment a, const std::string& creds, const std::string& resume_fallback,
+                   const std::string& ifname) {
+    const proto::StartAssignment s = a.spec;  // a copy: `a` is moved into assignments
+    const std::string group = a.group;
     std::error_code ec;
     fs::create_directories(options.work_dir / "notice", ec);
     a.notice_path =
@@ -689,6 +707,7 @@ struct Agent::Impl {
     contract.node = labels.name();
     contract.provider = labels.provider();
     contract.control_fd = Supervisor::kControlFd;
+    contract.socket_ifname = ifname;
     if (Status st = contract.Validate(); !st.ok()) return StartError(s, st.message());
     std::map<std::string, std::string> job_env(s.env().begin(), s.env().end());
     const std::vector<std::string> inherited = ProcessEnviron();
@@ -750,6 +769,72 @@ struct Agent::Impl {
     QueueReport(std::move(r));
   }
 
+  // Runs the launch preflight (node_agent/preflight.h) off the reactor; the ranks start when
+  // it passes. The master's store already serves: it is the preflight's meeting point.
+  void BeginPreflight(Assignment a, const std::string& creds, const std::string& fallback) {
+    const proto::StartAssignment& s = a.spec;
+    PreflightOptions o;
+    o.node = labels.name();
+    o.node_rank = s.node_rank();
+    o.nnodes = s.nnodes();
+    o.master_addr = s.master_addr();
+    o.store_port = s.rendezvous_port();
+    o.timeout = options.preflight_timeout;
+    o.probe_timeout = options.preflight_probe_timeout;
+    collectives::StoreClient::Options so;
+    so.endpoint = "tcp://" + s.master_addr() + ":" + std::to_string(s.rendezvous_port());
+    so.job = s.job_id();
+    so.attempt = s.attempt();
+    auto cred = collectives::RdzvCredentials::Parse(creds);
+    if (!cred.ok()) return StartError(s, "rendezvous key: " + cred.status().message());
+    so.credentials = *cred;
+    auto connect = [so]() -> StatusOr<std::unique_ptr<collectives::Store>> {
+      MUSTER_ASSIGN_OR_RETURN(auto c, collectives::StoreClient::Connect(so));
+      return std::unique_ptr<collectives::Store>(std::move(c));
+    };
+    std::string group = a.group;
+    logger->info("job {} attempt {}: launch preflight with {} nodes (master {})", s.job_id(),
+                 s.attempt(), s.nnodes(), s.master_addr());
+    Pending& p = preflights[group];
+    p.a = std::move(a);
+    p.creds = creds;
+    p.resume_fallback = fallback;
+    p.run = Preflight::Start(o, connect, [this, group](PreflightResult r) {
+      reactor->Post("agent.preflight", [this, group, r] { EndPreflight(group, r); });
+    });
+  }
+
+  void EndPreflight(const std::string& group, const PreflightResult& r) {
+    auto it = preflights.find(group);
+    if (it == preflights.end()) return;  // stopped meanwhile
+    Pending p = std::move(it->second);
+    preflights.erase(it);
+    if (r.ok) return LaunchRanks(std::move(p.a), p.creds, p.resume_fallback, r.route.interface);
+    logger->error("job {} attempt {}: launch preflight failed: {}", p.a.spec.job_id(),
+                  p.a.spec.attempt(), r.message);
+    proto::AgentReport rep;
+    rep.set_job_id(p.a.spec.job_id());
+    rep.set_attempt(p.a.spec.attempt());
+    rep.set_start_error(r.message);
+    rep.set_preflight_failed(true);
+    rep.set_preflight_blamed_rank(r.blamed_rank);
+    rep.set_all_exited(true);
+    QueueReport(std::move(rep));
+  }
+
+  // A stop for an attempt still in its preflight: nothing runs yet, so it is over at once.
+  bool StopPreflight(const std::string& group) {
+    auto it = preflights.find(group);
+    if (it == preflights.end()) return false;
+    proto::AgentReport rep;
+    rep.set_job_id(it->second.a.spec.job_id());
+    rep.set_attempt(it->second.a.spec.attempt());
+    rep.set_all_exited(true);
+    preflights.erase(it);  // cancels it; the master's store closes
+    QueueReport(std::move(rep));
+    return true;
+  }
+
   // Asks the assignment's ranks to checkpoint and stop: the store key `muster/preempt` (on the
   // node that hosts the store) and the notice file (every node). Value: the deadline, unix ms.
   void AskCheckpoint(Assignment& a, int64_t deadline_ms, const std::string& why) {
@@ -803,6 +888,7 @@ struct Agent::Impl {
   }
 
   void StopAssignment(const proto::StopAssignment& s) {
+    if (StopPreflight(GroupOf(s.job_id(), s.attempt()))) return;
     auto it = assignments.find(GroupOf(s.job_id(), s.attempt()));
     if (it == assignments.end() || it->second.live.empty()) return;  // already stopped
     Assignment& a = it->second;
@@ -1109,7 +1195,8 @@ struct Agent::Impl {
   // The watchdog found the lease running out and signalled the ranks' groups itself; here,
   // when the reactor runs at all, the assignments learn that their exits are the agent's doing.
   void OnLeaseExpired(milliseconds silent) {
-    bool any = false;
+    bool any = !preflights.empty();
+    preflights.clear();  // no rank may start without a lease
     for (auto& [g, a] : assignments) {
       if (a.live.empty()) continue;
       any = true;
