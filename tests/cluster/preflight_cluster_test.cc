@@ -120,12 +120,12 @@ class PreflightClusterTest : public ::testing::Test {
     ASSERT_TRUE(IpIn(b, {"link", "set", tb, "name", nb}).ok());
     ASSERT_TRUE(IpIn(a, {"link", "set", na, "up"}).ok());
     ASSERT_TRUE(IpIn(b, {"link", "set", nb, "up"}).ok());
-    ASSERT_TRUE(IpIn(a, {"route", "add", net_->address(b) + "/32", "dev", na, "src",
-                         net_->address(a)})
-                    .ok());
-    ASSERT_TRUE(IpIn(b, {"route", "add", net_->address(a) + "/32", "dev", nb, "src",
-                         net_->address(b)})
-                    .ok());
+    ASSERT_TRUE(
+        IpIn(a, {"route", "add", net_->address(b) + "/32", "dev", na, "src", net_->address(a)})
+            .ok());
+    ASSERT_TRUE(
+        IpIn(b, {"route", "add", net_->address(a) + "/32", "dev", nb, "src", net_->address(b)})
+            .ok());
   }
 
   // A second interface ib0 on host h whose subnet reaches nobody (its other end stays down).
@@ -135,20 +135,25 @@ class PreflightClusterTest : public ::testing::Test {
     extra_links_.push_back(t);
     ASSERT_TRUE(Ip({"link", "set", t + "p", "netns", net_->netns(h)}).ok());
     ASSERT_TRUE(IpIn(h, {"link", "set", t + "p", "name", "ib0"}).ok());
-    ASSERT_TRUE(IpIn(h, {"addr", "add", "198.19.200." + std::to_string(h) + "/24", "dev", "ib0"})
-                    .ok());
+    ASSERT_TRUE(
+        IpIn(h, {"addr", "add", "198.19.200." + std::to_string(h) + "/24", "dev", "ib0"}).ok());
     ASSERT_TRUE(IpIn(h, {"link", "set", "ib0", "up"}).ok());
   }
 
   void StartAgent(int host) {
     const std::string& name = kHosts[host];
     fs::create_directories(WorkDir(name));
-    auto p = Subprocess::Start(
-        net_->Wrap(host, {MUSTER_BIN, "--log-level", "info", "agent", "--coordinator", Endpoint(),
-                          "--keys", keys_, "--provider", "aws", "--name", name, "--address",
-                          net_->address(host), "--gpus", "0", "--slots", "1", "--work-dir",
-                          WorkDir(name).string()}),
-        {}, (root_ / (name + ".log")).string());
+    auto p = Subprocess::Start(net_->Wrap(host, {MUSTER_BIN,      "--log-level",
+                                                 "info",          "agent",
+                                                 "--coordinator", Endpoint(),
+                                                 "--keys",        keys_,
+                                                 "--provider",    "aws",
+                                                 "--name",        name,
+                                                 "--address",     net_->address(host),
+                                                 "--gpus",        "0",
+                                                 "--slots",       "1",
+                                                 "--work-dir",    WorkDir(name).string()}),
+                               {}, (root_ / (name + ".log")).string());
     ASSERT_TRUE(p.ok()) << p.status();
     agents_.emplace(name, std::move(*p));
   }
