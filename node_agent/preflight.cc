@@ -214,6 +214,15 @@ StatusOr<PreflightPeer> PreflightPeer::Decode(const std::string& text) {
   if (parts.size() != 4) {
     return InvalidArgumentError("preflight entry '" + text + "' is not node|address|if|port");
   }
+  for (int i = 0; i < 3; ++i) {
+    bool control = std::any_of(parts[i].begin(), parts[i].end(),
+                               [](char c) { return static_cast<unsigned char>(c) < 0x20; });
+    if (parts[i].empty() || control) {
+      return InvalidArgumentError("preflight entry '" + OneLine(text) +
+                                  "': a node, address or interface is empty or holds a control "
+                                  "character");
+    }
+  }
   PreflightPeer p{parts[0], parts[1], parts[2], 0};
   try {
     size_t used = 0;

@@ -47,6 +47,8 @@ TEST(PreflightCodecTest, RoundTripsAndRejectsGarbage) {
   EXPECT_FALSE(PreflightPeer::Decode("n1|a|eth0").ok());
   EXPECT_FALSE(PreflightPeer::Decode("n1|a|eth0|70000").ok());
   EXPECT_FALSE(PreflightPeer::Decode("n1|a|eth0|12x").ok());
+  EXPECT_FALSE(PreflightPeer::Decode("n1||eth0|12").ok());
+  EXPECT_FALSE(PreflightPeer::Decode("n\n1|a|eth0|12").ok());
 
   std::vector<ProbeFailure> f = {{0, 2, "timed out\nafter"}, {1, -1, "did not join"}};
   auto g = DecodeFailures(EncodeFailures(f), 3);
