@@ -809,6 +809,9 @@ struct Agent::Impl {
     if (it == preflights.end()) return;  // stopped meanwhile
     Pending p = std::move(it->second);
     preflights.erase(it);
+    if (r.ok && notice) {
+      return StartError(p.a.spec, "node has a preemption notice (" + notice->source + ")");
+    }
     if (r.ok) return LaunchRanks(std::move(p.a), p.creds, p.resume_fallback, r.route.interface);
     logger->error("job {} attempt {}: launch preflight failed: {}", p.a.spec.job_id(),
                   p.a.spec.attempt(), r.message);
