@@ -408,7 +408,7 @@ TEST_F(AgentCluster, APortInUseOnTheMasterNodeIsRetriedOnOtherPortsAndNotCounted
   std::string events = Events(job);
   EXPECT_NE(events.find("port " + std::to_string(port_base_ + 8) + " is in use"), std::string::npos)
       << events;
-  EXPECT_NE(events.find("placed again at once, not counted"), std::string::npos) << events;
+  EXPECT_NE(events.find("retried on other ports"), std::string::npos) << events;
   EXPECT_EQ(events.find("quarantined"), std::string::npos) << events;
 }
 
