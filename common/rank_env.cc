@@ -13,6 +13,11 @@ extern char** environ;
 namespace muster {
 namespace {
 
+// The socket interface variables (RankEnv::socket_ifname): not contract names, since a user
+// may set them.
+constexpr std::string_view kGlooIfname = "GLOO_SOCKET_IFNAME";
+constexpr std::string_view kNcclIfname = "NCCL_SOCKET_IFNAME";
+
 // Every name ToEnviron may write, and the names read as aliases.
 const std::set<std::string_view>& ContractNames() {
   static const std::set<std::string_view> kNames = {
@@ -171,7 +176,7 @@ Status RankEnv::Validate() const {
     return bad("MUSTER_COLL_TIMEOUT_MS=" + std::to_string(*coll_timeout_ms) + " is not positive");
   }
   for (const auto* s : {&job_id, &rdzv_endpoint, &rdzv_key, &checkpoint_dir, &preempt_file, &node,
-                        &provider, &master_addr, &coll_backend}) {
+                        &provider, &master_addr, &coll_backend, &socket_ifname}) {
     if (s->find('\0') != std::string::npos) {
       return bad("an env contract value holds a NUL byte");
     }
@@ -208,6 +213,10 @@ std::map<std::string, std::string> RankEnv::ToEnviron() const {
   if (!node.empty()) env["MUSTER_NODE"] = node;
   if (!provider.empty()) env["MUSTER_PROVIDER"] = provider;
   if (control_fd >= 0) env["MUSTER_CONTROL_FD"] = num(control_fd);
+  if (!socket_ifname.empty()) {
+    env[std::string(kGlooIfname)] = socket_ifname;
+    env[std::string(kNcclIfname)] = "=" + socket_ifname;
+  }
   if (!coll_backend.empty()) env["MUSTER_COLL_BACKEND"] = coll_backend;
   if (coll_timeout_ms) env["MUSTER_COLL_TIMEOUT_MS"] = num(*coll_timeout_ms);
   return env;
@@ -260,6 +269,7 @@ StatusOr<RankEnv> RankEnv::FromEnviron(const std::map<std::string, std::string>&
   MUSTER_RETURN_IF_ERROR(
       ReadInt(env, "MUSTER_CONTROL_FD", nullptr, 0, "a file descriptor number", &e.control_fd));
   e.coll_backend = ValueOr(env, "MUSTER_COLL_BACKEND");
+  e.socket_ifname = ValueOr(env, kGlooIfname.data());
   MUSTER_RETURN_IF_ERROR(
       ReadInt64(env, "MUSTER_COLL_TIMEOUT_MS", 1, kPositive, &e.coll_timeout_ms));
   MUSTER_RETURN_IF_ERROR(e.Validate());
@@ -299,7 +309,10 @@ std::vector<std::string> ComposeRankEnviron(const std::vector<std::string>& inhe
     all[k] = std::move(v);
   }
   for (const auto& [k, v] : job_env) all[k] = v;
-  for (auto& [k, v] : env.ToEnviron()) all[k] = std::move(v);
+  for (auto& [k, v] : env.ToEnviron()) {
+    if ((k == kGlooIfname || k == kNcclIfname) && all.count(k)) continue;  // the user's choice
+    all[k] = std::move(v);
+  }
   std::vector<std::string> out;
   out.reserve(all.size());
   for (const auto& [k, v] : all) out.push_back(k + "=" + v);

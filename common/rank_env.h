@@ -70,6 +70,13 @@ struct RankEnv {
   // (runtime/control_channel.h); -1: none.
   int control_fd = -1;
 
+  // The network interface the rank's peers are reached through, found by the agent's launch
+  // preflight (node_agent/preflight.h); empty: unknown. Written as GLOO_SOCKET_IFNAME=<name>
+  // and NCCL_SOCKET_IFNAME==<name> (NCCL's '=' asks for that exact name, not a prefix), but
+  // ComposeRankEnviron never overrides either variable where the user (job env, or the writer's
+  // own environment) set it. Read back from GLOO_SOCKET_IFNAME, whatever its form.
+  std::string socket_ifname;
+
   // Knobs a user may set (job spec `env`, `-x`, or the launcher's own environment); muster
   // never sets them, and ToEnviron writes them only when set.
   std::string coll_backend;                // MUSTER_COLL_BACKEND: gloo, nccl, mpi
@@ -107,7 +114,8 @@ struct RankEnv {
 
 // A rank's whole environment, "KEY=VALUE" sorted by key: `inherited` ("KEY=VALUE" each: the
 // agent's or launcher's own environment) without the contract's names and without MUSTER_*
-// names other than the knobs; then `job_env` over it; then `env.ToEnviron()` over both.
+// names other than the knobs; then `job_env` over it; then `env.ToEnviron()` over both, except
+// GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME, which the first two keep where they set them.
 // REQUIRES: env.Validate().ok()
 std::vector<std::string> ComposeRankEnviron(const std::vector<std::string>& inherited,
                                             const std::map<std::string, std::string>& job_env,

@@ -1511,8 +1511,11 @@ StatusOr<proto::Envelope> Coordinator::OnReport(const Caller& caller,
     j.progress = p;
     if (observer_) observer_->OnProgress(j.rec.id, j.rec.attempt, p);
   }
-  if (!req.start_error().empty() &&
-      j.attempt.RecordStartError(node, req.start_error(), req.start_retryable(), j.start_retries)) {
+  if (!req.start_error().empty() && req.preflight_failed()) {
+    PreflightFailed(j, node, req);
+  } else if (!req.start_error().empty() &&
+             j.attempt.RecordStartError(node, req.start_error(), req.start_retryable(),
+                                        j.start_retries)) {
     Event(j.rec.id, node, "start_failed", req.start_error());
     StopGang(j, proto::STOP_PEER_FAILED, node);
   }
@@ -1548,6 +1551,31 @@ StatusOr<proto::Envelope> Coordinator::OnReport(const Caller& caller,
   }
   if (req.all_exited() && !j.attempt.done.count(node)) NodeDone(j, node);
   return ack;
+}
+
+// A launch preflight failed: the blamed node is kept off this job (quarantined for it alone)
+// and the gang is placed again at once, not counted against max_restarts (job_lifecycle.h).
+// Pinned hosts cannot go elsewhere: there it is an ordinary start failure.
+void Coordinator::PreflightFailed(JobRt& j, const std::string& node,
+                                  const proto::AgentReport& req) {
+  int r = req.preflight_blamed_rank();
+  std::string blamed = r >= 0 && r < static_cast<int>(j.rec.nodes.size()) ? j.rec.nodes[r] : node;
+  bool retry = j.req.hosts.empty();
+  if (!j.attempt.RecordStartError(blamed, "launch preflight: " + req.start_error(), retry,
+                                  j.start_retries)) {
+    return;  // a later report of the same verdict, or another cause came first
+  }
+  Event(j.rec.id, blamed, "preflight_failed",
+        fmt::format("attempt {} (reported by {}): {}", j.rec.attempt, node, req.start_error()));
+  if (j.attempt.cause == AttemptCause::kStartRetryable) {
+    j.attempt.preflight = true;
+    j.req.excluded_nodes.insert(blamed);
+    sched_->Exclude(j.rec.id, blamed).IgnoreError();
+    Event(j.rec.id, blamed, "node_quarantined",
+          fmt::format("kept off job {} for the rest of the job: it failed the launch preflight",
+                      j.rec.id));
+  }
+  StopGang(j, proto::STOP_PEER_FAILED, node);
 }
 
 StatusOr<proto::Envelope> Coordinator::OnLogChunk(const Caller& caller,

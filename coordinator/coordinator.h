@@ -191,6 +191,7 @@ class Coordinator {
   void RevokeTransfer(const TransferGrant& grant, const std::string& why);
   void NodeDone(JobRt& job, const std::string& node);
   void Finish(JobRt& job);
+  void PreflightFailed(JobRt& job, const std::string& node, const proto::AgentReport& req);
   void LoseNode(NodeRt& node, const std::string& why);
   void Enqueue(const std::string& node, proto::AgentAction action);
   // The node's session, if `caller` holds the key the node is bound to.

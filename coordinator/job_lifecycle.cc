@@ -173,9 +173,10 @@ AttemptEndDecision DecideAttemptEnd(const AttemptState& a, const JobRecord& r, i
     d.start_retries++;
     d.state = proto::JOB_PENDING;
     d.queue = Q::kRequeue;
-    event("requeued", fmt::format("after attempt {} ({}); retried on other ports, not counted "
-                                  "against max_restarts",
-                                  r.attempt, failure));
+    event("requeued",
+          fmt::format(
+              "after attempt {} ({}); {}, not counted against max_restarts", r.attempt, failure,
+              a.preflight ? "placed again at once without that node" : "retried on other ports"));
   } else if (!failure.empty()) {
     d.outcome = "failed";
     d.start_retries = 0;

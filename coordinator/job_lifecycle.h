@@ -19,8 +19,10 @@
 //                                    -> pending again, counted as a preemption, not against
 //                                       max_restarts; after a lost node not before its agent's
 //                                       lease has surely run out (no split brain);
-//      a retryable start error (a port in use on the master node), fewer than kMaxStartRetries
-//      in a row                      -> pending at once on other ports, not counted;
+//      a retryable start error (a port in use on the master node, or a launch preflight that
+//      blamed a node), fewer than kMaxStartRetries in a row
+//                                    -> pending at once on other ports (without that node),
+//                                       not counted;
 //      a failure                     -> restart after restart_backoff * 2^(restarts-1) (capped
 //                                       at an hour), blaming the failing node (quarantine), or
 //                                       failed once max_restarts is used up;
@@ -81,6 +83,9 @@ struct AttemptState {
   // The first exit 75, in words; the failure only if no cause shows up.
   std::string peer_failure;
   bool stopped_for_peer_exit = false;  // the gang was stopped because of an exit 75
+  // The start error was a failed launch preflight (node_agent/preflight.h): the retry goes
+  // without the blamed node (failure_node), which the coordinator keeps off the job.
+  bool preflight = false;
   // Ranks (node, rank) that exited 0 with no signal, and whether any exited otherwise.
   std::set<std::pair<std::string, int>> clean_exits;
   bool unclean_exit = false;

@@ -310,6 +310,21 @@ struct Scheduler::Impl {
                 int* e_used) {
     picked->clear();
     *e_used = 0;
+    // The job's excluded nodes are not free for it: hidden from the free lists for this try.
+    std::vector<int> hidden;
+    for (const auto& name : j.req.hosts.empty() ? j.req.excluded_nodes : std::set<std::string>{}) {
+      auto it = node_index.find(name);
+      if (it == node_index.end() || nodes[it->second].free_pos < 0) continue;
+      SetFree(it->second, false);
+      hidden.push_back(it->second);
+    }
+    struct Unhide {
+      Impl* m;
+      std::vector<int>* idx;
+      ~Unhide() {
+        for (int i : *idx) m->Refresh(i);
+      }
+    } unhide{this, &hidden};
     bool fits_before_shadow =
         res.head == nullptr || (j.req.time_limit.count() > 0 && res.shadow != kNever &&
                                 now + j.req.time_limit <= res.shadow);
@@ -851,6 +866,13 @@ Status Scheduler::Requeue(const std::string& job) {
   it->second->wait = WaitKind::kNotEnough;
   it->second->wait_provider = -1;
   m.queue.insert(it->second.get());
+  return Status::Ok();
+}
+
+Status Scheduler::Exclude(const std::string& job, const std::string& node) {
+  auto it = impl_->jobs.find(job);
+  if (it == impl_->jobs.end()) return NotFoundError("no job " + job);
+  it->second->req.excluded_nodes.insert(node);
   return Status::Ok();
 }
 

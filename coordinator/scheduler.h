@@ -20,6 +20,8 @@
 //  - Preemption: a head job that cannot be placed from free nodes preempts running jobs of
 //    strictly lower priority (fewest victims, lowest priority, youngest first) when that gives
 //    it a gang; it then waits while they stop, and nobody else takes their nodes.
+//  - Exclusion: a job is never placed on its excluded_nodes (the placement pass hides them from
+//    it; the backfill reservation still counts them, which at worst delays a backfill).
 //  - Quarantine: a node with `failures_to_quarantine` failures within `failure_window` is
 //    quarantined for quarantine_base * 2^(previous quarantines), capped at quarantine_max.
 //  - Refusal: Feasible() says whether the registered nodes (in any state) could ever hold a job.
@@ -77,6 +79,9 @@ struct JobRequest {
   std::string checkpoint_volume;       // empty: none required
   std::vector<std::string> hosts;      // pinned node names in node-rank order (`muster run -H`)
   std::chrono::seconds time_limit{0};  // 0: unlimited (never backfills ahead of a shadow)
+  // Nodes this job is never placed on (a launch preflight found them unable to reach the
+  // others); other jobs may use them. Not honoured for pinned `hosts`.
+  std::set<std::string> excluded_nodes;
 };
 
 struct Placement {
@@ -150,6 +155,9 @@ class Scheduler {
   // puts it back in the queue at its original position. NotFound if not running.
   Status Release(const std::string& job);
   Status Requeue(const std::string& job);
+  // Keeps the job off `node` from now on (JobRequest::excluded_nodes). NotFound if the job is
+  // not known.
+  Status Exclude(const std::string& job, const std::string& node);
   // Removes a pending job from the queue. NotFound if not pending.
   Status CancelPending(const std::string& job);
   bool IsPending(const std::string& job) const;

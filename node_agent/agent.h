@@ -73,6 +73,10 @@ struct AgentOptions {
   int64_t rank_log_max_bytes = int64_t{64} << 20;
   int rank_log_keep = 3;
   std::chrono::milliseconds call_timeout{3000};
+  // The launch preflight of a multi-node attempt (node_agent/preflight.h): the whole of it,
+  // and one connect to a peer.
+  std::chrono::milliseconds preflight_timeout{15000};
+  std::chrono::milliseconds preflight_probe_timeout{2000};
 };
 
 class Agent {

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <fstream>
 
+#include "collectives/store_client.h"
 #include "common/net_address.h"
 #include "common/path_name.h"
 #include "common/python_path.h"
@@ -222,7 +223,7 @@ void AssignmentRunner::StartAssignment(const proto::StartAssignment& given) {
     return StartError(s, st.message());
   }
   std::string group = GroupOf(s.job_id(), s.attempt());
-  if (assignments_.count(group)) return;  // delivered twice
+  if (assignments_.count(group) || preflights_.count(group)) return;  // delivered twice
   if (notice_) return StartError(s, "node has a preemption notice (" + notice_->source + ")");
   if (s.command_size() == 0 || s.ranks_per_node() <= 0 || s.nnodes() <= 0) {
     return StartError(s, "empty command or no ranks");
@@ -299,6 +300,14 @@ void AssignmentRunner::StartAssignment(const proto::StartAssignment& given) {
     if (!scope.ok()) return StartError(s, "rendezvous scope: " + scope.status().message());
     a.store = std::move(*store);
   }
+  if (s.nnodes() > 1) return BeginPreflight(std::move(a), creds, resume_fallback);
+  LaunchRanks(std::move(a), creds, resume_fallback, "");
+}
+
+void AssignmentRunner::LaunchRanks(Assignment a, const std::string& creds,
+                                   const std::string& resume_fallback, const std::string& ifname) {
+  const proto::StartAssignment s = a.spec;  // a copy: `a` is moved into assignments_
+  const std::string group = a.group;
   std::error_code ec;
   fs::create_directories(options_.work_dir / "notice", ec);
   a.notice_path =
@@ -328,6 +337,7 @@ void AssignmentRunner::StartAssignment(const proto::StartAssignment& given) {
   contract.node = labels_.name();
   contract.provider = labels_.provider();
   contract.control_fd = Supervisor::kControlFd;
+  contract.socket_ifname = ifname;
   if (Status st = contract.Validate(); !st.ok()) return StartError(s, st.message());
   std::map<std::string, std::string> job_env(s.env().begin(), s.env().end());
   const std::vector<std::string> inherited = ProcessEnviron();
@@ -389,6 +399,78 @@ void AssignmentRunner::StartAssignment(const proto::StartAssignment& given) {
   out_.report(std::move(r));
 }
 
+// Runs the launch preflight (node_agent/preflight.h) off the reactor; the ranks start when it
+// passes. The master's store already serves: it is the preflight's meeting point.
+void AssignmentRunner::BeginPreflight(Assignment a, const std::string& creds,
+                                      const std::string& fallback) {
+  const proto::StartAssignment& s = a.spec;
+  PreflightOptions o;
+  o.node = labels_.name();
+  o.node_rank = s.node_rank();
+  o.nnodes = s.nnodes();
+  o.master_addr = s.master_addr();
+  o.store_port = s.rendezvous_port();
+  o.timeout = options_.preflight_timeout;
+  o.probe_timeout = options_.preflight_probe_timeout;
+  collectives::StoreClient::Options so;
+  so.endpoint = "tcp://" + s.master_addr() + ":" + std::to_string(s.rendezvous_port());
+  so.job = s.job_id();
+  so.attempt = s.attempt();
+  auto cred = collectives::RdzvCredentials::Parse(creds);
+  if (!cred.ok()) return StartError(s, "rendezvous key: " + cred.status().message());
+  so.credentials = *cred;
+  auto connect = [so]() -> StatusOr<std::unique_ptr<collectives::Store>> {
+    MUSTER_ASSIGN_OR_RETURN(auto c, collectives::StoreClient::Connect(so));
+    return std::unique_ptr<collectives::Store>(std::move(c));
+  };
+  const std::string group = a.group;
+  logger_->info("job {} attempt {}: launch preflight with {} nodes (master {})", s.job_id(),
+                s.attempt(), s.nnodes(), s.master_addr());
+  Pending& p = preflights_[group];
+  p.a = std::move(a);
+  p.creds = creds;
+  p.resume_fallback = fallback;
+  std::weak_ptr<int> life = life_;
+  p.run = Preflight::Start(o, connect, [this, life, group](PreflightResult r) {
+    reactor_.Post("agent.preflight", [this, life, group, r] {
+      if (life.lock()) EndPreflight(group, r);
+    });
+  });
+}
+
+void AssignmentRunner::EndPreflight(const std::string& group, const PreflightResult& r) {
+  auto it = preflights_.find(group);
+  if (it == preflights_.end()) return;  // stopped meanwhile
+  Pending p = std::move(it->second);
+  preflights_.erase(it);
+  if (r.ok && notice_) {
+    return StartError(p.a.spec, "node has a preemption notice (" + notice_->source + ")");
+  }
+  if (r.ok) return LaunchRanks(std::move(p.a), p.creds, p.resume_fallback, r.route.interface);
+  logger_->error("job {} attempt {}: launch preflight failed: {}", p.a.spec.job_id(),
+                 p.a.spec.attempt(), r.message);
+  proto::AgentReport rep;
+  rep.set_job_id(p.a.spec.job_id());
+  rep.set_attempt(p.a.spec.attempt());
+  rep.set_start_error(r.message);
+  rep.set_preflight_failed(true);
+  rep.set_preflight_blamed_rank(r.blamed_rank);
+  rep.set_all_exited(true);
+  out_.report(std::move(rep));
+}
+
+bool AssignmentRunner::StopPreflight(const std::string& group) {
+  auto it = preflights_.find(group);
+  if (it == preflights_.end()) return false;
+  proto::AgentReport rep;
+  rep.set_job_id(it->second.a.spec.job_id());
+  rep.set_attempt(it->second.a.spec.attempt());
+  rep.set_all_exited(true);
+  preflights_.erase(it);  // cancels it; the master's store closes
+  out_.report(std::move(rep));
+  return true;
+}
+
 // Asks the assignment's ranks to checkpoint and stop: the store key `muster/preempt` (on the
 // node that hosts the store) and the notice file (every node). Value: the deadline, unix ms.
 void AssignmentRunner::AskCheckpoint(Assignment& a, int64_t deadline_ms, const std::string& why) {
@@ -442,6 +524,7 @@ void AssignmentRunner::ArmDeadline(Assignment& a, int64_t deadline_ms, milliseco
 }
 
 void AssignmentRunner::StopAssignment(const proto::StopAssignment& s) {
+  if (StopPreflight(GroupOf(s.job_id(), s.attempt()))) return;
   auto it = assignments_.find(GroupOf(s.job_id(), s.attempt()));
   if (it == assignments_.end() || it->second.live.empty()) return;  // already stopped
   Assignment& a = it->second;
@@ -622,7 +705,8 @@ void AssignmentRunner::SaveRanks() {
 // The watchdog found the lease running out and signalled the ranks' groups itself; here,
 // when the reactor runs at all, the assignments learn that their exits are the agent's doing.
 void AssignmentRunner::OnLeaseExpired(milliseconds silent) {
-  bool any = false;
+  bool any = !preflights_.empty();
+  preflights_.clear();  // no rank may start without a lease
   for (auto& [g, a] : assignments_) {
     if (a.live.empty()) continue;
     any = true;

@@ -38,6 +38,7 @@
 #include "common/reactor.h"
 #include "common/status.h"
 #include "node_agent/preemption_notice.h"
+#include "node_agent/preflight.h"
 #include "node_agent/supervisor.h"
 #include "node_agent/volume_transfer.h"
 
@@ -52,6 +53,9 @@ class AssignmentRunner {
     std::chrono::milliseconds stop_grace{5000};
     int64_t rank_log_max_bytes = int64_t{64} << 20;  // Supervisor::Options
     int rank_log_keep = 3;
+    // The launch preflight of a multi-node attempt (node_agent/preflight.h).
+    std::chrono::milliseconds preflight_timeout{15000};
+    std::chrono::milliseconds preflight_probe_timeout{2000};
   };
   // Where what the runner produces goes. Each runs on the reactor thread.
   struct Outputs {
@@ -123,6 +127,14 @@ class AssignmentRunner {
                                 proto::LogStream stream = proto::LOG_MERGED) const;
   void StartError(const proto::StartAssignment& s, const std::string& why, bool retryable = false);
   void StartAssignment(const proto::StartAssignment& given);
+  // The ranks of an assignment whose checks passed; `ifname`: the preflight's interface.
+  void LaunchRanks(Assignment a, const std::string& creds, const std::string& resume_fallback,
+                   const std::string& ifname);
+  // A multi-node attempt runs the launch preflight off the reactor before LaunchRanks.
+  void BeginPreflight(Assignment a, const std::string& creds, const std::string& fallback);
+  void EndPreflight(const std::string& group, const PreflightResult& r);
+  // A stop for an attempt still in its preflight: over at once. False if none.
+  bool StopPreflight(const std::string& group);
   void AskCheckpoint(Assignment& a, int64_t deadline_ms, const std::string& why);
   void SendNoticeSignal(Assignment& a);
   void ArmDeadline(Assignment& a, int64_t deadline_ms, std::chrono::milliseconds grace);
@@ -144,6 +156,15 @@ class AssignmentRunner {
   std::unique_ptr<Supervisor> supervisor_;
   std::unique_ptr<VolumeServer> volume_server_;
   std::map<std::string, Assignment> assignments_;  // by group
+  // Attempts whose launch preflight runs: by group, what LaunchRanks will need.
+  struct Pending {
+    Assignment a;
+    std::string creds, resume_fallback;
+    std::unique_ptr<Preflight> run;
+  };
+  std::map<std::string, Pending> preflights_;
+  // Closures posted by preflight threads check it: the runner may be gone when they run.
+  std::shared_ptr<int> life_ = std::make_shared<int>(0);
   std::map<ChildId, std::string> group_of_;
   std::map<std::string, proto::Progress> progress_;  // newest per job, not yet taken
   std::optional<PreemptionNotice> notice_;

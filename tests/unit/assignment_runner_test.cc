@@ -42,6 +42,8 @@ class AssignmentRunnerTest : public ::testing::Test {
     o.work_dir = dir_ / "work";
     o.insecure = true;
     o.stop_grace = 200ms;
+    o.preflight_timeout = 500ms;  // multi-node starts only
+    o.preflight_probe_timeout = 200ms;
     AssignmentRunner::Outputs out;
     // All outputs run on the reactor thread; the test reads them there too (Call).
     out.report = [this](proto::AgentReport r) { reports_.push_back(std::move(r)); };
@@ -105,6 +107,46 @@ class AssignmentRunnerTest : public ::testing::Test {
   std::vector<proto::ReplicateCheckpoint> replicate_;
   std::vector<pid_t> guarded_, unguarded_;
 };
+
+// Node rank 1 of a 2-node attempt whose master's store nobody serves: the launch preflight
+// fails, the report names this node and what it could not reach, and no rank is spawned.
+TEST_F(AssignmentRunnerTest, AMultiNodeStartRunsThePreflightAndReportsItsFailure) {
+  proto::AgentAction a = Start("pf", {"/bin/true"});
+  a.mutable_start()->set_nnodes(2);
+  a.mutable_start()->set_node_rank(1);
+  a.mutable_start()->set_rendezvous_port(1);  // refused
+  Act(a);
+  ASSERT_TRUE(WaitUntil([this] { return !reports_.empty(); }, 5s));
+  auto r = Reports();
+  ASSERT_EQ(r.size(), 1u);
+  EXPECT_TRUE(r[0].preflight_failed());
+  EXPECT_EQ(r[0].preflight_blamed_rank(), 1);
+  EXPECT_TRUE(r[0].all_exited());
+  EXPECT_NE(r[0].start_error().find("node n1 (127.0.0.1 via lo) cannot reach the master at "
+                                    "127.0.0.1:1 (rendezvous store)"),
+            std::string::npos)
+      << r[0].start_error();
+  EXPECT_TRUE(reactor_->Call("guarded", [this] { return guarded_.empty(); }));
+}
+
+// A stop that arrives while the preflight runs ends the attempt at once.
+TEST_F(AssignmentRunnerTest, AStopDuringThePreflightEndsTheAttemptAtOnce) {
+  proto::AgentAction a = Start("pf", {"/bin/true"});
+  a.mutable_start()->set_nnodes(2);
+  a.mutable_start()->set_node_rank(1);
+  a.mutable_start()->set_rendezvous_port(1);
+  Act(a);
+  Act(a);  // delivered twice: still one preflight
+  proto::AgentAction stop;
+  stop.mutable_stop()->set_job_id("pf");
+  stop.mutable_stop()->set_attempt(1);
+  Act(stop);
+  auto r = Reports();
+  ASSERT_EQ(r.size(), 1u);
+  EXPECT_TRUE(r[0].all_exited());
+  EXPECT_TRUE(r[0].start_error().empty());
+  EXPECT_FALSE(r[0].preflight_failed());
+}
 
 TEST_F(AssignmentRunnerTest, StartsItCannotRunAreClearStartErrorsAndSpawnNothing) {
   Act(Start("../escape", {"/bin/true"}));

@@ -410,6 +410,47 @@ TEST_F(CoordinatorTest, MalformedRequestsGetErrors) {
 // A rank that exits 75 (its collective failed because a peer did) is not the failure: when the
 // peer's node turns out lost, the job is requeued as a lost node (not counted, nobody blamed);
 // only when no cause shows up does the exit 75 count.
+// A launch preflight that blames a node: the gang is placed again at once without that node,
+// not counted against max_restarts; the node stays usable for other jobs.
+TEST_F(CoordinatorTest, APreflightFailureKeepsTheBlamedNodeOffTheJobAndIsNotCounted) {
+  std::map<std::string, std::string> sess;
+  for (const char* n : {"n0", "n1", "n2"}) sess[n] = Register(n);
+  std::string id = Submit("name: pf\ncommand: x\nnodes: 2\nrestart:\n  max_restarts: 0\n");
+  for (auto& [n, s] : sess) Heartbeat(n, s);
+  auto st = Status(id);
+  ASSERT_EQ(st.nodes_size(), 2);
+  const std::string master = st.nodes(0), blamed = st.nodes(1);
+  for (const auto& n : {master, blamed}) {
+    proto::Envelope e = ReportFrom(n, sess[n], id, 1);
+    auto* r = e.mutable_agent_report();
+    r->set_start_error("node " + blamed + " (10.0.0.2 via eth1) cannot reach node " + master +
+                       " at 10.0.0.1:4000: connect timed out after 2000 ms");
+    r->set_preflight_failed(true);
+    r->set_preflight_blamed_rank(1);
+    r->set_all_exited(true);
+    EXPECT_TRUE(Call(e).has_agent_report_reply());
+  }
+  std::string events = Events(id);
+  EXPECT_NE(events.find("preflight_failed [" + blamed + "] attempt 1 (reported by " + master +
+                        "): node " + blamed + " (10.0.0.2 via eth1) cannot reach"),
+            std::string::npos)
+      << events;
+  EXPECT_NE(events.find("node_quarantined [" + blamed + "]"), std::string::npos) << events;
+  coord_->Tick();
+  st = Status(id);
+  EXPECT_EQ(st.attempt(), 2) << events;
+  EXPECT_EQ(st.restarts(), 0);
+  ASSERT_EQ(st.nodes_size(), 2);
+  EXPECT_NE(st.nodes(0), blamed);
+  EXPECT_NE(st.nodes(1), blamed);
+  // Another job may still use it.
+  std::string other = Submit("name: o\ncommand: x\n");
+  coord_->Tick();
+  st = Status(other);
+  ASSERT_EQ(st.nodes_size(), 1);
+  EXPECT_EQ(st.nodes(0), blamed);
+}
+
 TEST_F(CoordinatorTest, PeerFailureExitsAloneCountBlamingNoNode) {
   std::string s0 = Register("n0"), s1 = Register("n1");
   std::string id = Submit("name: p\ncommand: x\nnodes: 2\nrestart:\n  backoff: 1s\n");

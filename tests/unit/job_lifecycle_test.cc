@@ -266,6 +266,25 @@ std::vector<Case> Cases() {
          "not counted against max_restarts"}},
        "start_retry",
        "="},
+      {"FailedLaunchPreflightIsPlacedAgainWithoutTheBlamedNode",
+       [](AttemptState& a, JobRecord&, int& start_retries, bool&) {
+         EXPECT_TRUE(a.RecordStartError("b", "launch preflight: node b cannot reach node a", true,
+                                        start_retries));
+         a.preflight = true;
+       },
+       K::kStartRetry,
+       proto::JOB_PENDING,
+       Q::kRequeue,
+       1,
+       1,
+       1,
+       42,
+       "",
+       {{"requeued",
+         "after attempt 3 (node b could not start: launch preflight: node b cannot reach node a); "
+         "placed again at once without that node, not counted against max_restarts"}},
+       "start_retry",
+       "="},
       {"RetryableStartErrorPastTheLimitIsAFailure",
        [](AttemptState& a, JobRecord&, int& start_retries, bool&) {
          start_retries = kMaxStartRetries;

@@ -35,6 +35,7 @@ RankEnv Full() {
   e.control_fd = 3;
   e.coll_backend = "gloo";
   e.coll_timeout_ms = 2000;
+  e.socket_ifname = "eth1";
   return e;
 }
 
@@ -185,6 +186,33 @@ TEST(RankEnvTest, ComposeLayersInheritedJobAndContract) {
   ASSERT_TRUE(back.ok()) << back.status();
   e.coll_backend = "mpi";
   EXPECT_EQ(*back, e);
+}
+
+TEST(RankEnvTest, SocketInterfaceIsExportedForGlooAndNcclUnlessTheUserSetIt) {
+  RankEnv e = Full();  // the preflight found eth1
+  auto has = [](const std::vector<std::string>& env, const std::string& kv) {
+    return std::find(env.begin(), env.end(), kv) != env.end();
+  };
+  auto env = ComposeRankEnviron({"PATH=/bin"}, {}, e);
+  EXPECT_TRUE(has(env, "GLOO_SOCKET_IFNAME=eth1"));
+  EXPECT_TRUE(has(env, "NCCL_SOCKET_IFNAME==eth1"));  // exact name, not a prefix
+  // The job's env wins for the variable it sets; the other still gets the preflight's.
+  env = ComposeRankEnviron({"PATH=/bin"}, {{"NCCL_SOCKET_IFNAME", "ib"}}, e);
+  EXPECT_TRUE(has(env, "NCCL_SOCKET_IFNAME=ib"));
+  EXPECT_TRUE(has(env, "GLOO_SOCKET_IFNAME=eth1"));
+  // So does the operator's, in the agent's own environment.
+  env = ComposeRankEnviron({"GLOO_SOCKET_IFNAME=bond0"}, {}, e);
+  EXPECT_TRUE(has(env, "GLOO_SOCKET_IFNAME=bond0"));
+  EXPECT_TRUE(has(env, "NCCL_SOCKET_IFNAME==eth1"));
+  // Unknown (single node, no preflight): neither is written.
+  e.socket_ifname.clear();
+  env = ComposeRankEnviron({}, {}, e);
+  for (const auto& kv : env) EXPECT_EQ(kv.find("SOCKET_IFNAME"), std::string::npos) << kv;
+  // A user's list is read back as is, never refused.
+  auto back = RankEnv::FromEnviron({{"GLOO_SOCKET_IFNAME", "eth0,eth1"}});
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->socket_ifname, "eth0,eth1");
+  EXPECT_TRUE(CheckJobEnv({{"NCCL_SOCKET_IFNAME", "^docker"}}).ok());
 }
 
 TEST(RankEnvTest, CheckJobEnvRejectsContractNamesAndUnknownMusterNames) {

@@ -65,6 +65,31 @@ TEST(SchedulerTest, AllOrNothingGangOnOneProvider) {
   EXPECT_TRUE(s.AllocationOf("three").empty());
 }
 
+TEST(SchedulerTest, AnExcludedNodeIsNeverPlacedForThatJobButStaysFreeForOthers) {
+  Scheduler s;
+  for (int i = 0; i < 3; ++i) s.UpsertNode(N("aws-" + std::to_string(i), "aws"));
+  ASSERT_TRUE(s.Submit(J("a", 2)).ok());
+  Decisions d = s.Schedule(T(0));
+  ASSERT_EQ(d.placements.size(), 1u);
+  std::string bad = d.placements[0].nodes[1];
+  // The preflight blamed `bad`: the job is placed again without it.
+  ASSERT_TRUE(s.Exclude("a", bad).ok());
+  ASSERT_TRUE(s.Requeue("a").ok());
+  d = s.Schedule(T(1));
+  ASSERT_EQ(d.placements.size(), 1u);
+  EXPECT_EQ(std::count(d.placements[0].nodes.begin(), d.placements[0].nodes.end(), bad), 0);
+  // With a second exclusion only one node is left for it: it waits, and another job may take
+  // an excluded node (one with a higher priority, so a's reservation does not hold it).
+  ASSERT_TRUE(s.Exclude("a", d.placements[0].nodes[0]).ok());
+  ASSERT_TRUE(s.Requeue("a").ok());
+  ASSERT_TRUE(s.Submit(J("b", 1, 1)).ok());
+  d = s.Schedule(T(2));
+  ASSERT_EQ(d.placements.size(), 1u);
+  EXPECT_EQ(d.placements[0].job, "b");
+  EXPECT_TRUE(s.IsPending("a"));
+  EXPECT_EQ(s.Exclude("nope", bad).code(), StatusCode::kNotFound);
+}
+
 TEST(SchedulerTest, FragmentationTwoHalfGangsNeverDeadlock) {
   // Two gangs that each need all 4 nodes: a scheduler that hands out nodes one at a time can
   // give each half and deadlock. Here the first gets all 4 and the second waits, whole.
