@@ -10,8 +10,8 @@ namespace muster::cli {
 void AddDemoCommands(CLI::App& app, Runner* runner) {
   auto* cmd = app.add_subcommand(
       "demo",
-      "Embedded coordinator + 4 agents on two simulated providers: a fine-tune is preempted "
-      "on one provider and resumes on the other; writes the loss curve as SVG");
+      "Embedded coordinator with two on-demand local providers: a fine-tune gets its nodes "
+      "from one, is preempted and resumes on the other; writes the loss curve as SVG");
   auto o = std::make_shared<demo::DemoOptions>();
   auto dir = std::make_shared<std::string>(o->work_dir.string());
   cmd->add_option("--work-dir", *dir, "Where everything goes (emptied first, kept after)")

@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <fstream>
 #include <iostream>
@@ -104,13 +105,42 @@ int RunDemo(const DemoOptions& o, std::ostream& out) {
   // The coordinator, the agents and the ranks all log; keep the terminal for the story.
   if (std::getenv("MUSTER_LOG_LEVEL") == nullptr) log::InitLogging("error").IgnoreError();
 
-  say("1. a coordinator and four node agents on two simulated providers (loopback, CURVE)");
+  say("1. a coordinator with two on-demand providers (local agents on loopback, CURVE)");
   KeysDir keys{work / "keys"};
   if (auto s = InitKeysDir(keys, true); !s.ok()) return fail(s.ToString());
+  // Both providers are `local`: the coordinator starts a `muster agent` process per node when a
+  // gang needs one and stops it once it has been idle for idle_timeout_s. Each provider has its
+  // own checkpoint volume. The idle timeouts must outlast one thing: the demo reads each
+  // attempt's rank-0 log through the coordinator from that attempt's node (the agent keeps it),
+  // and it does so as soon as it sees the attempt end (the requeue, or the job's end), one poll
+  // (200 ms) later; an idle node is released no earlier than idle_timeout_s after its ranks
+  // exited. aws's 10 s and gcp's 5 s leave that read a wide margin and still show the releases.
+  for (const char* p : {"aws", "gcp"}) fs::create_directories(work / "volumes" / p, ec);
+  fs::path providers_file = work / "providers.yaml";
+  std::string providers_yaml = fmt::format(
+      "providers:\n"
+      "  - name: aws\n"
+      "    kind: local\n"
+      "    max_nodes: 2\n"
+      "    idle_timeout_s: 10\n"
+      "    work_dir: {0}/agents\n"
+      "    node: {{region: us-east-1, island: us-east-1a, slots: 2, gpus: 0,\n"
+      "           volumes: {{ckpt: {0}/volumes/aws}}}}\n"
+      "  - name: gcp\n"
+      "    kind: local\n"
+      "    max_nodes: 3\n"
+      "    idle_timeout_s: 5\n"
+      "    work_dir: {0}/agents\n"
+      "    node: {{region: us-central1, island: us-central1a, slots: 2, gpus: 0,\n"
+      "           volumes: {{ckpt: {0}/volumes/gcp}}}}\n",
+      work.string());
+  std::ofstream(providers_file) << providers_yaml;
+  out << st.dim(providers_yaml);
   coordinator::ServerOptions so;
   so.data_dir = work / "coordinator";
   so.listen = "tcp://127.0.0.1:*";
   so.keys_dir = keys.dir.string();
+  so.providers_file = providers_file;
   so.coordinator.heartbeat_interval = milliseconds(500);
   so.coordinator.heartbeat_timeout = milliseconds(3000);
   so.coordinator.lease = milliseconds(4500);
@@ -125,58 +155,14 @@ int RunDemo(const DemoOptions& o, std::ostream& out) {
   auto server = coordinator::CoordinatorServer::Start(so);
   if (!server.ok()) return fail("coordinator: " + server.status().ToString());
   out << "  coordinator  " << (*server)->endpoint() << "  (state in " << so.data_dir.string()
-      << "/coordinator.db)\n";
+      << "/coordinator.db); no nodes yet\n";
   if (!dashboard.empty()) out << "  dashboard    " << st.bold(dashboard) << std::endl;
-
-  struct NodeSpec {
-    std::string name, provider, region;
-  };
-  std::vector<NodeSpec> specs = {{"aws-1", "aws", "us-east-1"},
-                                 {"aws-2", "aws", "us-east-1"},
-                                 {"gcp-1", "gcp", "us-central1"},
-                                 {"gcp-2", "gcp", "us-central1"}};
-  std::vector<std::unique_ptr<node_agent::Agent>> agents;
-  for (const auto& n : specs) {
-    node_agent::AgentOptions ao;
-    ao.coordinator = (*server)->endpoint();
-    ao.keys_dir = keys.dir.string();
-    ao.labels.set_name(n.name);
-    ao.labels.set_provider(n.provider);
-    ao.labels.set_region(n.region);
-    ao.labels.set_island(n.region + "a");
-    ao.labels.set_gpus(0);
-    ao.labels.set_slots(2);
-    ao.labels.set_address("127.0.0.1");
-    fs::path vol = work / "volumes" / n.provider;
-    fs::create_directories(vol, ec);
-    auto* v = ao.labels.add_volumes();
-    v->set_name("ckpt");
-    v->set_path(vol.string());
-    ao.work_dir = work / "agents" / n.name;
-    ao.stop_grace = milliseconds(3000);
-    auto a = node_agent::Agent::Start(ao);
-    if (!a.ok()) return fail("agent " + n.name + ": " + a.status().ToString());
-    agents.push_back(std::move(*a));
-    out << "  agent        " << n.name << "  provider " << n.provider << ", region " << n.region
-        << ", 2 slots, volume ckpt -> " << vol.string() << "\n";
-  }
   coordinator::ClientOptions co;
   co.endpoint = (*server)->endpoint();
   co.keys_dir = keys.dir.string();
   auto client = coordinator::CoordinatorClient::Connect(co);
   if (!client.ok()) return fail(client.status().ToString());
   auto& c = **client;
-  for (auto until = Clock::now() + std::chrono::seconds(20);;) {
-    auto nodes = c.Nodes();
-    int up = 0;
-    if (nodes.ok()) {
-      for (const auto& n : nodes->nodes()) up += n.state() == proto::NODE_UP;
-    }
-    if (up == static_cast<int>(specs.size())) break;
-    if (Clock::now() > until) return fail("the agents did not register within 20 s");
-    std::this_thread::sleep_for(milliseconds(100));
-  }
-  out << "  " << specs.size() << " nodes registered\n";
 
   say("2. submit the C++ fine-tune: 2 nodes x 2 ranks, checkpoints to volume ckpt");
   std::string yaml = fmt::format(
@@ -199,6 +185,19 @@ int RunDemo(const DemoOptions& o, std::ostream& out) {
   auto job = c.Submit(yaml, spec_path.string());
   if (!job.ok()) return fail("submit: " + job.status().ToString());
   out << "  job " << st.bold(*job) << " submitted\n";
+  // A checkpoint is copied to another provider's volume only through a node of that provider
+  // that is up when the step commits. An evaluation service on gcp keeps one gcp node up
+  // beside the fine-tune, so the step checkpointed on the notice reaches gcp's volume.
+  std::string eval_yaml =
+      "name: eval\n"
+      "command: [\"sleep\", \"3600\"]\n"
+      "nodes: 1\n"
+      "placement:\n"
+      "  providers: [gcp]\n";
+  auto eval = c.Submit(eval_yaml, (work / "eval.yaml").string());
+  if (!eval.ok()) return fail("submit eval: " + eval.status().ToString());
+  out << "  job " << st.bold(*eval) << " submitted: an evaluation service on gcp (1 node), "
+      << "whose node receives the copies of the fine-tune's checkpoints\n";
 
   say("3. timeline (events from the coordinator, progress from rank 0)");
   int64_t after = 0;
@@ -206,27 +205,69 @@ int RunDemo(const DemoOptions& o, std::ostream& out) {
   bool preempted = false;
   std::string preempted_node;
   proto::JobStatus last;
-  for (auto until = t0 + std::chrono::seconds(o.timeout_s);;) {
-    auto events = c.Events(*job, after);
-    if (events.ok()) {
-      for (const auto& e : events->events()) {
-        after = e.id();
-        std::string kind = e.kind();
-        std::string shown = fmt::format("{:<20}", kind);
-        if (kind == "preempted" || kind == "notice" || kind == "requeued") {
-          shown = st.yellow(shown);
-        } else if (kind == "resumed" || kind == "succeeded") {
-          shown = st.green(shown);
-        } else if (kind == "failed" || kind == "rank_failed" || kind == "node_lost") {
-          shown = st.red(shown);
-        }
-        out << "  " << elapsed() << "  " << shown << " "
-            << (e.node().empty() ? "" : "[" + e.node() + "] ") << e.message() << "\n";
+  std::vector<std::string> shown_lines;  // what the timeline showed (checked at the end)
+  // The events of both jobs and of the providers' nodes (requests, nodes up, releases).
+  auto show_events = [&] {
+    auto events = c.Events("", after);
+    if (!events.ok()) return;
+    for (const auto& e : events->events()) {
+      after = e.id();
+      std::string kind = e.kind();
+      bool ours = e.job_id() == *job || e.job_id() == *eval;
+      if (!ours && kind != "node_released" && kind != "notice" && kind != "node_lost") continue;
+      std::string shown = fmt::format("{:<20}", kind);
+      if (kind == "preempted" || kind == "notice" || kind == "requeued") {
+        shown = st.yellow(shown);
+      } else if (kind == "resumed" || kind == "succeeded") {
+        shown = st.green(shown);
+      } else if (kind == "failed" || kind == "rank_failed" || kind == "node_lost") {
+        shown = st.red(shown);
       }
+      std::string job_tag = e.job_id() == *eval ? "(eval) " : "";
+      out << "  " << elapsed() << "  " << shown << " " << job_tag
+          << (e.node().empty() ? "" : "[" + e.node() + "] ") << e.message() << "\n";
+      shown_lines.push_back(kind + " " + e.message());
     }
+  };
+  // Each attempt's rank-0 log, fetched through the coordinator from the agent of the node
+  // that ran rank 0, as soon as the attempt has ended: the node may be released once it has
+  // been idle for its provider's idle_timeout_s (see the providers file above).
+  std::map<int, std::string> rank0_logs;
+  std::map<int, std::string> log_errors;
+  auto fetch_log = [&](int a) {
+    if (rank0_logs.count(a) || log_errors.count(a)) return;
+    std::string text;
+    for (int64_t off = 0;;) {
+      proto::Envelope req;
+      auto* l = req.mutable_logs_request();
+      l->set_job_id(*job);
+      l->set_rank(0);
+      l->set_attempt(a);
+      l->set_offset(off);
+      l->set_max_bytes(1 << 20);
+      auto r = c.Call(std::move(req));
+      if (!r.ok()) {
+        log_errors[a] = std::string(r.status().message());
+        return;
+      }
+      text += r->logs_reply().data();
+      off = r->logs_reply().next_offset();
+      if (r->logs_reply().eof() || r->logs_reply().data().empty()) break;
+    }
+    rank0_logs[a] = std::move(text);
+  };
+  for (auto until = t0 + std::chrono::seconds(o.timeout_s);;) {
+    show_events();
     auto status = c.Status(*job);
     if (status.ok() && status->jobs_size() == 1) {
       last = status->jobs(0);
+      for (int a = 1; a < last.attempt(); ++a) fetch_log(a);
+      if (last.attempt() >= 1 &&
+          (last.state() == proto::JOB_REQUEUED || last.state() == proto::JOB_PENDING ||
+           last.state() == proto::JOB_SUCCEEDED || last.state() == proto::JOB_FAILED ||
+           last.state() == proto::JOB_CANCELLED)) {
+        fetch_log(last.attempt());
+      }
       const auto& p = last.progress();
       if (p.step() > 0 && p.step() != last_step && p.step() % 10 == 0) {
         last_step = p.step();
@@ -261,13 +302,23 @@ int RunDemo(const DemoOptions& o, std::ostream& out) {
       return fail(fmt::format("the job did not end within {} s", o.timeout_s));
     std::this_thread::sleep_for(milliseconds(200));
   }
-  // The last events (the final checkpoint's replication).
-  std::this_thread::sleep_for(milliseconds(300));
-  if (auto events = c.Events(*job, after); events.ok()) {
-    for (const auto& e : events->events()) {
-      out << "  " << elapsed() << "  " << fmt::format("{:<20}", e.kind()) << " "
-          << (e.node().empty() ? "" : "[" + e.node() + "] ") << e.message() << "\n";
+  // The evaluation service is no longer needed: cancel it. Then every node the providers
+  // started is idle and goes back once its provider's idle_timeout_s has passed; follow the
+  // events (the final checkpoint's replication, the releases) until each node that came up
+  // was released.
+  if (auto r = c.Cancel(*eval); !r.ok()) return fail("cancel eval: " + r.status().ToString());
+  auto count = [&](const std::string& prefix) {
+    return std::count_if(shown_lines.begin(), shown_lines.end(),
+                         [&](const std::string& l) { return l.rfind(prefix, 0) == 0; });
+  };
+  for (auto until = Clock::now() + std::chrono::seconds(60);;) {
+    show_events();
+    if (count("node_up ") > 0 && count("node_released ") >= count("node_up ")) break;
+    if (Clock::now() > until) {
+      return fail(fmt::format("{} of the {} nodes that came up were released within 60 s",
+                              count("node_released "), count("node_up ")));
     }
+    std::this_thread::sleep_for(milliseconds(200));
   }
 
   say("4. the loss curve, from each attempt's rank-0 log (fetched through the coordinator)");
@@ -287,23 +338,10 @@ int RunDemo(const DemoOptions& o, std::ostream& out) {
     Series s;
     s.attempt = a;
     s.provider = provider_of[a];
-    std::string text;
-    for (int64_t off = 0;;) {
-      proto::Envelope req;
-      auto* l = req.mutable_logs_request();
-      l->set_job_id(*job);
-      l->set_rank(0);
-      l->set_attempt(a);
-      l->set_offset(off);
-      l->set_max_bytes(1 << 20);
-      auto r = c.Call(std::move(req));
-      if (!r.ok()) {
-        out << "  attempt " << a << ": no log (" << r.status().message() << ")\n";
-        break;
-      }
-      text += r->logs_reply().data();
-      off = r->logs_reply().next_offset();
-      if (r->logs_reply().eof() || r->logs_reply().data().empty()) break;
+    std::string text = rank0_logs.count(a) ? rank0_logs[a] : "";
+    if (!rank0_logs.count(a)) {
+      out << "  attempt " << a << ": no log (" << (log_errors.count(a) ? log_errors[a] : "not read")
+          << ")\n";
     }
     ParseRankLog(text, &s);
     if (!s.points.empty() && a > 1) s.resumed_from = s.points.front().first - 5;
@@ -358,7 +396,15 @@ int RunDemo(const DemoOptions& o, std::ostream& out) {
     out << st.red("  the preemption did not happen as planned") << "\n";
     ok = false;
   }
-  out << "  files: " << work.string() << " (coordinator db, agent logs, both volumes)\n";
+  auto requests = count("provider_request "), ups = count("node_up "),
+       releases = count("node_released ");
+  out << fmt::format(
+      "  nodes on demand: {} request{} to the providers, {} node{} up, {} released "
+      "idle\n",
+      requests, requests == 1 ? "" : "s", ups, ups == 1 ? "" : "s", releases);
+  ok = ok && requests > 0 && ups > 0 && releases >= ups;
+  out << "  files: " << work.string()
+      << " (coordinator db, providers.yaml, agent logs, both volumes)\n";
   out << "  took " << elapsed() << "\n";
   if (!dashboard.empty() && o.wait) {
     out << "\n  the dashboard keeps serving at " << st.bold(dashboard) << "; press Enter to stop"
@@ -367,8 +413,6 @@ int RunDemo(const DemoOptions& o, std::ostream& out) {
     std::getline(std::cin, line);  // Enter, or EOF (stdin closed)
   }
 
-  for (auto& a : agents) a->Shutdown(milliseconds(2000));
-  agents.clear();
   (*server)->Stop();
   return ok ? 0 : 1;
 }

@@ -1,13 +1,16 @@
 #pragma once
 
 // `muster demo`: the whole promise on one machine. It starts an embedded coordinator (CURVE,
-// SQLite) and four node agents for two simulated providers on loopback ("aws" and "gcp", two
-// nodes each, each provider with its own checkpoint volume), submits the C++ fine-tune
-// (2 nodes x 2 ranks, Gloo through the job's rendezvous store), gives one of its nodes a
-// preemption notice midway, and shows what follows as a timeline with live progress: the
-// checkpoint on notice, the copy of that checkpoint to the other provider's volume, the requeue
-// onto the other provider, the resume from the very step and the completion. Then it writes the
-// loss curve, with the preemption and the resume marked, as <work-dir>/loss.svg.
+// SQLite) with two on-demand providers of kind `local` ("aws" and "gcp", each with its own
+// checkpoint volume): their nodes are `muster agent` processes on loopback that the coordinator
+// starts when a gang needs them and stops once they are idle. It submits the C++ fine-tune
+// (2 nodes x 2 ranks, Gloo through the job's rendezvous store), which gets its nodes from aws,
+// and an evaluation service on one gcp node (so the fine-tune's checkpoints are copied to gcp's
+// volume), gives one fine-tune node a preemption notice midway, and shows what follows as a
+// timeline with live progress: the checkpoint on notice, the copy of that checkpoint to gcp's
+// volume, the requeue, the request of two nodes from gcp, the resume from the very step, the
+// completion and the release of every idle node. Then it writes the loss curve, with the
+// preemption and the resume marked, as <work-dir>/loss.svg.
 
 #include <filesystem>
 #include <ostream>
@@ -32,7 +35,8 @@ struct DemoOptions {
 };
 
 // Returns the process exit code: 0 when the job completed after the preemption and resumed
-// from the step it checkpointed on the notice.
+// from the step it checkpointed on the notice, and every node the providers started was
+// released once idle.
 int RunDemo(const DemoOptions& options, std::ostream& out);
 
 }  // namespace muster::demo

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # `make demo`: what muster does, on this machine, in about two minutes after the build.
 #
-# `muster demo` starts an embedded coordinator and four node agents for two simulated providers
-# (aws and gcp, two nodes each, each provider with its own checkpoint volume) on loopback with
-# CURVE, submits the C++ fine-tune (2 nodes x 2 ranks), gives one of its nodes a preemption
-# notice midway and shows, as a timeline with live progress: the checkpoint on the notice, the
-# copy of that checkpoint to the other provider's volume, the requeue onto the other provider,
-# the resume from the same step and the completion. It writes the loss curve to
-# muster-demo/loss.svg. Then `muster ckpt` shows what both volumes hold.
+# `muster demo` starts an embedded coordinator with two on-demand providers of kind `local`
+# (aws and gcp; each provider with its own checkpoint volume) on loopback with CURVE: the
+# coordinator starts node agents when a job needs them and stops them once idle. It submits the
+# C++ fine-tune (2 nodes x 2 ranks), which gets two nodes from aws, gives one of its nodes a
+# preemption notice midway and shows, as a timeline with live progress: the checkpoint on the
+# notice, the copy of that checkpoint to gcp's volume, the requeue, the request of two nodes
+# from gcp, the resume from the same step, the completion and the release of the idle nodes.
+# It writes the loss curve to muster-demo/loss.svg. Then `muster ckpt` shows what both volumes
+# hold.
 set -euo pipefail
 BUILD="${1:-build}"
 MUSTER="$BUILD/bin/muster"

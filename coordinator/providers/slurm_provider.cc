@@ -119,7 +119,65 @@ StatusOr<std::string> RunTool(const std::vector<std::string>& argv,
 
 SlurmProvider::SlurmProvider(ProviderConfig config, AgentLaunch launch)
     : config_(std::move(config)), launch_(std::move(launch)) {
+  // First of all, the allocations an earlier coordinator left (it was killed before it could
+  // scancel them): nothing here knows their nodes, so they go back.
+  work_.push_back([this] { CancelLeftovers(); });
   worker_ = std::thread([this] { WorkerLoop(); });
+}
+
+fs::path SlurmProvider::LedgerPath() const {
+  return fs::path(config_.slurm.work_dir) / "allocations";
+}
+
+void SlurmProvider::SaveLedgerLocked() {
+  std::error_code ec;
+  fs::create_directories(LedgerPath().parent_path().empty() ? "." : LedgerPath().parent_path(), ec);
+  fs::path tmp = LedgerPath();
+  tmp += ".tmp";
+  {
+    std::ofstream f(tmp, std::ios::trunc);
+    for (const auto& job : ledger_) f << job << "\n";
+    if (!f) {
+      Logger()->error("provider {}: cannot write {}", config_.name, tmp.string());
+      return;
+    }
+  }
+  fs::rename(tmp, LedgerPath(), ec);
+  if (ec) {
+    Logger()->error("provider {}: cannot write {}: {}", config_.name, LedgerPath().string(),
+                    ec.message());
+  }
+}
+
+void SlurmProvider::CancelLeftovers() {
+  std::set<std::string> left;
+  {
+    std::ifstream f(LedgerPath());
+    for (std::string job; f >> job;) left.insert(job);
+  }
+  if (left.empty()) return;
+  std::string bin = config_.slurm.bin_dir.empty() ? "" : config_.slurm.bin_dir + "/";
+  std::set<std::string> keep;  // could not be scancelled now: tried again at the next start
+  for (const auto& job : left) {
+    auto r = RunTool({bin + "scancel", job}, kToolTimeout);
+    if (r.ok()) {
+      Logger()->warn(
+          "provider {}: scancelled Slurm job {}, an allocation a previous coordinator left ({})",
+          config_.name, job, LedgerPath().string());
+      continue;
+    }
+    const std::string& why = r.status().message();
+    if (why.find("Invalid job id") != std::string::npos ||
+        why.find("already completing or completed") != std::string::npos) {
+      continue;  // it ended by itself
+    }
+    Logger()->error("provider {}: Slurm job {}, left by a previous coordinator, not scancelled: {}",
+                    config_.name, job, why);
+    keep.insert(job);
+  }
+  std::lock_guard<std::mutex> l(mu_);
+  ledger_.insert(keep.begin(), keep.end());
+  SaveLedgerLocked();
 }
 
 SlurmProvider::~SlurmProvider() {
@@ -241,6 +299,8 @@ Status SlurmProvider::Request(const NodeGroupRequest& req) {
     std::string job = Trim(*out);
     if (auto semi = job.find(';'); semi != std::string::npos) job.resize(semi);  // "id;cluster"
     allocs_[id].slurm_job = job;
+    ledger_.insert(job);
+    SaveLedgerLocked();
     Logger()->info("provider {}: request {} is Slurm job {}", provider, id, job);
     if (allocs_[id].cancelled) work_.push_front([this, id] { Scancel(id); });
   });
@@ -260,9 +320,13 @@ void SlurmProvider::Scancel(uint64_t id) {
   std::string bin = config_.slurm.bin_dir.empty() ? "" : config_.slurm.bin_dir + "/";
   auto r = RunTool({bin + "scancel", job}, kToolTimeout);
   if (!r.ok()) {
+    // Left in the ledger: the next coordinator tries again.
     Logger()->warn("provider {}: scancel {}: {}", config_.name, job, r.status().message());
   } else {
     Logger()->info("provider {}: scancelled Slurm job {}", config_.name, job);
+    std::lock_guard<std::mutex> l(mu_);
+    ledger_.erase(job);
+    SaveLedgerLocked();
   }
 }
 
@@ -329,6 +393,8 @@ void SlurmProvider::Watch() {
     failures_.push_back({id, fmt::format("Slurm job {} ended{}", job,
                                          last.empty() ? "" : ": " + last.substr(0, 300))});
     allocs_.erase(it);
+    ledger_.erase(job);
+    SaveLedgerLocked();
   }
 }
 

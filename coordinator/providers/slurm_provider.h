@@ -19,11 +19,20 @@
 // coordinator's reactor never waits on Slurm. A failed sbatch is a failed try (Poll); so is
 // an allocation that ends by itself (every 2 s, squeue: its agents exited, or Slurm ended it).
 //
+// Allocations outlive a coordinator that is killed before it can scancel them. So every Slurm
+// job sbatch answered is written to <slurm.work_dir>/allocations until it is scancelled or
+// seen to end; a provider created with that file non-empty (a coordinator restarted with the
+// same providers file) first scancels each job listed there, on its worker thread, before any
+// request of its own: a new coordinator does not know their nodes, so it does not adopt them.
+// A job whose scancel fails for another reason than having ended stays listed for the next
+// start. Not covered: an sbatch still unanswered when the coordinator died.
+//
 // Thread-safety: the public methods are for the reactor thread; the worker shares only the
 // queues under mu_.
 
 #include <condition_variable>
 #include <deque>
+#include <filesystem>
 #include <functional>
 #include <map>
 #include <mutex>
@@ -57,6 +66,10 @@ class SlurmProvider : public Provider {
   void Post(std::function<void()> work);
   void WorkerLoop();
   void Scancel(uint64_t id);  // worker thread
+  // Worker thread: scancels the jobs an earlier provider left in the ledger.
+  void CancelLeftovers();
+  std::filesystem::path LedgerPath() const;
+  void SaveLedgerLocked();  // REQUIRES: mu_ held
   // Worker thread: allocations that ended (squeue no longer lists them as pending or running)
   // without our scancel fail their request.
   void Watch();
@@ -65,11 +78,12 @@ class SlurmProvider : public Provider {
   AgentLaunch launch_;
   std::mutex mu_;
   std::condition_variable cv_;
-  std::deque<std::function<void()>> work_;              // GUARDED_BY(mu_)
-  std::vector<RequestFailure> failures_;                // GUARDED_BY(mu_)
-  std::map<uint64_t, Alloc> allocs_;                    // GUARDED_BY(mu_)
-  bool stop_ = false;                                   // GUARDED_BY(mu_)
-  bool watching_ = false;                               // GUARDED_BY(mu_): a Watch is queued
+  std::deque<std::function<void()>> work_;  // GUARDED_BY(mu_)
+  std::vector<RequestFailure> failures_;    // GUARDED_BY(mu_)
+  std::map<uint64_t, Alloc> allocs_;        // GUARDED_BY(mu_)
+  bool stop_ = false;                       // GUARDED_BY(mu_)
+  std::set<std::string> ledger_;            // GUARDED_BY(mu_): Slurm jobs not known to be gone
+  bool watching_ = false;                   // GUARDED_BY(mu_): a Watch is queued
   std::chrono::steady_clock::time_point next_watch_{};  // reactor thread only
   std::thread worker_;
 };

@@ -268,3 +268,51 @@ TEST_F(SlurmProviderTest, AJobFailsOverFromSlurmToTheLocalProviderAfterANotice) 
 
 }  // namespace
 }  // namespace muster::providers_test
+
+namespace muster::providers_test {
+namespace {
+
+TEST_F(SlurmProviderTest, ARestartedCoordinatorScancelsTheAllocationsTheKilledOneLeft) {
+  ASSERT_NO_FATAL_FAILURE(StartSlurm(2));
+  std::string providers = fmt::format(
+      "providers:\n"
+      "  - name: hpc\n"
+      "    kind: slurm\n"
+      "    max_nodes: 2\n"
+      "    idle_timeout_s: 600\n"
+      "    request_timeout_s: 30\n"
+      "    node: {{slots: 1}}\n"
+      "    slurm: {{partition: debug, work_dir: {}}}\n",
+      (dir_ / "hpc").string());
+  ASSERT_TRUE(StartCoordinator(providers, {cluster_->ConfEnv()}));
+  std::string job = Submit("name: held\ncommand: [\"sleep\", \"600\"]\nnodes: 1\n");
+  ASSERT_FALSE(job.empty());
+  ASSERT_TRUE(WaitState(job, "running", 40s))
+      << Events(job) << Squeue() << ReadFile(dir_ / "coord.log");
+  // The job ends; its node stays (idle for less than 600 s), and so does the allocation.
+  ASSERT_TRUE(Muster({"cancel", job}).ok());
+  ASSERT_TRUE(WaitState(job, "cancelled", 20s)) << Events(job);
+  std::string before = Squeue();
+  auto at = before.find(" muster-hpc-" + job);
+  ASSERT_NE(at, std::string::npos) << before;
+  std::string slurm_job = before.substr(0, at);
+  slurm_job = slurm_job.substr(slurm_job.find_last_of('\n') + 1);
+  // Killed (SIGKILL): it cannot scancel anything.
+  coordinator_.reset();
+  EXPECT_NE(Squeue().find(slurm_job + " "), std::string::npos) << Squeue();
+  // The next coordinator, with the same providers file, gives the allocation back.
+  fs::remove(dir_ / "coord" / "endpoint");
+  fs::rename(dir_ / "coord.log", dir_ / "coord.1.log");
+  ASSERT_TRUE(StartCoordinator(providers, {cluster_->ConfEnv()}));
+  EXPECT_TRUE(WaitUntil([&] { return Squeue().find(slurm_job + " ") == std::string::npos; }, 30s))
+      << Squeue() << ReadFile(dir_ / "coord.log");
+  std::string log = ReadFile(dir_ / "coord.log");
+  EXPECT_NE(
+      log.find("scancelled Slurm job " + slurm_job + ", an allocation a previous coordinator left"),
+      std::string::npos)
+      << log;
+  EXPECT_EQ(ReadFile(dir_ / "hpc" / "allocations"), "") << ReadFile(dir_ / "hpc" / "allocations");
+}
+
+}  // namespace
+}  // namespace muster::providers_test
