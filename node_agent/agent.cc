@@ -36,6 +36,7 @@
 #include "node_agent/outbox.h"
 #include "node_agent/replication_queue.h"
 #include "node_agent/supervisor.h"
+#include "node_agent/torch_env.h"
 #include "node_agent/volume_transfer.h"
 
 #ifdef MUSTER_HAVE_CUDA
@@ -693,6 +694,7 @@ struct Agent::Impl {
     std::map<std::string, std::string> job_env(s.env().begin(), s.env().end());
     const std::vector<std::string> inherited = ProcessEnviron();
     AddMusterPythonPath(inherited, job_env);  // `import muster` works in every rank
+    AddGlooSocketIfname(inherited, s.master_addr(), s.nnodes(), job_env);  // torch's Gloo
     int rpn = s.ranks_per_node();
     int world = contract.world_size;
     for (int local = 0; local < rpn; ++local) {
