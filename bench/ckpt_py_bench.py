@@ -49,6 +49,11 @@ def direct_write(path, nbytes):
 
 
 def main():
+    # The JSON goes to the original stdout; everything else written to fd 1 (the checkpointer
+    # announces each commit there, `MUSTER_CHECKPOINT step=N`, when there is no control
+    # channel) goes to stderr, so the caller parses one clean object.
+    result = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", required=True)
     ap.add_argument("--size-mb", type=int, default=256)
@@ -129,8 +134,9 @@ def main():
     if out.get("dcp_save_s"):
         out["dcp_save_gbps"] = gb / out["dcp_save_s"]
     shutil.rmtree(ck_dir, ignore_errors=True)
-    json.dump(out, sys.stdout)
-    print()
+    json.dump(out, result)
+    result.write("\n")
+    result.close()
 
 
 if __name__ == "__main__":
