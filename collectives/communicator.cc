@@ -12,9 +12,9 @@
 #include <cstring>
 
 #include "collectives/backends.h"
-#include "collectives/local_address.h"
 #include "collectives/store_client.h"
 #include "common/logging.h"
+#include "common/net_address.h"
 
 namespace muster::collectives {
 
@@ -153,28 +153,6 @@ StatusOr<std::unique_ptr<Communicator>> CreateCommunicator(Backend backend,
       return internal::NewMpiCommunicator(std::move(store), std::move(config));
   }
   return InvalidArgumentError("communicator: unknown backend");
-}
-
-std::string LocalAddressToward(const std::string& master) {
-  if (master.empty() || master == "localhost" || master.rfind("127.", 0) == 0) return "127.0.0.1";
-  addrinfo hints{}, *res = nullptr;
-  hints.ai_family = AF_INET;
-  hints.ai_socktype = SOCK_DGRAM;
-  if (getaddrinfo(master.c_str(), "9", &hints, &res) != 0 || !res) return "127.0.0.1";
-  std::string out = "127.0.0.1";
-  int fd = socket(AF_INET, SOCK_DGRAM, 0);
-  if (fd >= 0 && connect(fd, res->ai_addr, res->ai_addrlen) == 0) {
-    sockaddr_in local{};
-    socklen_t len = sizeof(local);
-    char buf[INET_ADDRSTRLEN];
-    if (getsockname(fd, reinterpret_cast<sockaddr*>(&local), &len) == 0 &&
-        inet_ntop(AF_INET, &local.sin_addr, buf, sizeof(buf))) {
-      out = buf;
-    }
-  }
-  if (fd >= 0) close(fd);
-  freeaddrinfo(res);
-  return out;
 }
 
 namespace {

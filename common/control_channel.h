@@ -5,7 +5,7 @@
 //
 // The agent and the launcher give every rank a socket open for writing, its number in
 // MUSTER_CONTROL_FD (RankEnv::control_fd); they read it line by line with the same parser as
-// the rank's stdout (node_agent/agent.h: ParseProgressLine, ParseCheckpointLine). The lines:
+// the rank's stdout (node_agent/rank_lines.h: ParseProgressLine, ParseCheckpointLine). The lines:
 //
 //   MUSTER_PROGRESS step=120 total=1000 loss=1.93 tokens_per_s=812.5
 //   MUSTER_CHECKPOINT step=100

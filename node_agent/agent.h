@@ -28,9 +28,13 @@
 // keep ranks alive (lease_watchdog.h). It re-registers, listing what still runs, whenever the
 // coordinator forgets its session (a coordinator restart): running ranks are kept.
 //
-// Threads: a reactor owns the supervisor, the stores and all assignment state; a control
-// thread makes the calls to the coordinator (register, heartbeat, reports); a poll thread keeps
-// the long poll outstanding. Thread-safety: the public methods are thread-safe.
+// Threads: a reactor owns the supervisor, the stores and all assignment state (the
+// AssignmentRunner, assignment_runner.h); a control thread makes the calls to the coordinator
+// (register, heartbeat, reports) and a poll thread keeps the long poll outstanding (the
+// CoordinatorSession, coordinator_session.h); the lease watchdog, the replication worker and
+// the prune worker have threads of their own (lease_watchdog.h, replication_worker.h,
+// prune_worker.h). Agent wires them together. Thread-safety: the public methods are
+// thread-safe.
 
 #include <chrono>
 #include <filesystem>
@@ -39,9 +43,11 @@
 #include <string>
 #include <vector>
 
+#include "common/net_address.h"
 #include "common/proto/envelope.pb.h"
 #include "common/status.h"
 #include "node_agent/preemption_notice.h"
+#include "node_agent/rank_lines.h"  // ParseProgressLine, ParseCheckpointLine
 
 namespace muster::node_agent {
 
@@ -102,19 +108,8 @@ class Agent {
 // with CUDA (0 when no driver or device answers), else 0.
 int CountGpus();
 
-// The address this host uses to reach `endpoint`'s host (a UDP connect, no packet sent);
-// "127.0.0.1" when that cannot be worked out.
-std::string LocalAddressFor(const std::string& endpoint);
-
-// Whether a TCP listener could not bind `port` on `address` (IPv4; empty or "0.0.0.0": every
-// address) because something holds it: a bind test with SO_REUSEADDR, as ZeroMQ and torch's
-// TCPStore bind, so a port only in TIME_WAIT counts as free.
-bool TcpPortInUse(const std::string& address, int port);
-
-// Parses a `MUSTER_PROGRESS key=value ...` line (docs/protocol.md). nullopt when the line is
-// not one. Unknown keys are ignored; `<x>_per_s=V` is taken as throughput V with unit "<x>/s".
-std::optional<proto::Progress> ParseProgressLine(std::string_view line);
-// Parses `MUSTER_CHECKPOINT step=N`; nullopt when the line is not one.
-std::optional<int64_t> ParseCheckpointLine(std::string_view line);
+// The local-address and port helpers live in common/net_address.h.
+using ::muster::LocalAddressFor;
+using ::muster::TcpPortInUse;
 
 }  // namespace muster::node_agent

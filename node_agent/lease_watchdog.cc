@@ -24,8 +24,41 @@ uint64_t ProcessStartTime(pid_t pid) {
   return 0;
 }
 
+void LeaseTimeline::Feed(Clock::time_point sent, milliseconds lease) {
+  fed_ = std::max(fed_, sent);
+  lease_ = lease;
+  expired_ = false;
+  termed_ = false;
+}
+
+LeaseTimeline::Step LeaseTimeline::Advance(Clock::time_point now) {
+  Step step;
+  if (!armed()) return step;  // nothing to wait for until the next Feed
+  milliseconds grace = std::min(grace_, lease_ / 2);
+  auto expiry = fed_ + lease_;
+  auto term_at = expiry - grace;
+  if (!termed_ && now < term_at) {
+    step.wake = term_at;
+    return step;
+  }
+  if (!termed_) {
+    termed_ = true;
+    step.action = Action::kTerm;
+    step.silent = std::chrono::duration_cast<milliseconds>(now - fed_);
+    return step;
+  }
+  if (now < expiry) {
+    step.wake = expiry;
+    return step;
+  }
+  // Still unanswered at the lease's end: whatever is left is killed.
+  expired_ = true;
+  step.action = Action::kKill;
+  return step;
+}
+
 LeaseWatchdog::LeaseWatchdog(milliseconds grace, std::function<void(milliseconds)> on_expired)
-    : grace_(grace), on_expired_(std::move(on_expired)) {
+    : on_expired_(std::move(on_expired)), timeline_(grace) {
   thread_ = std::thread([this] { Run(); });
 }
 
@@ -41,10 +74,7 @@ LeaseWatchdog::~LeaseWatchdog() {
 void LeaseWatchdog::Feed(Clock::time_point sent, milliseconds lease) {
   {
     std::lock_guard<std::mutex> l(mu_);
-    fed_ = std::max(fed_, sent);
-    lease_ = lease;
-    expired_ = false;
-    termed_ = false;
+    timeline_.Feed(sent, lease);
   }
   cv_.notify_all();
 }
@@ -53,7 +83,7 @@ void LeaseWatchdog::AddGroup(pid_t pgid, const std::string& label) {
   if (pgid <= 1) return;
   std::lock_guard<std::mutex> l(mu_);
   groups_[pgid] = {ProcessStartTime(pgid), label};
-  if (expired_) {
+  if (timeline_.expired()) {
     // The lease is out: nothing may start running here until the coordinator answers again.
     ::kill(-pgid, SIGKILL);
   }
@@ -66,7 +96,7 @@ void LeaseWatchdog::RemoveGroup(pid_t pgid) {
 
 bool LeaseWatchdog::expired() const {
   std::lock_guard<std::mutex> l(mu_);
-  return expired_;
+  return timeline_.expired();
 }
 
 size_t LeaseWatchdog::groups() const {
@@ -85,34 +115,26 @@ void LeaseWatchdog::Signal(int sig) {
 void LeaseWatchdog::Run() {
   std::unique_lock<std::mutex> l(mu_);
   while (!stop_) {
-    if (lease_.count() <= 0 || expired_) {
-      cv_.wait(l, [&] { return stop_ || (lease_.count() > 0 && !expired_); });
-      continue;
+    LeaseTimeline::Step step = timeline_.Advance(Clock::now());
+    switch (step.action) {
+      case LeaseTimeline::Action::kTerm:
+        Signal(SIGTERM);
+        l.unlock();
+        if (on_expired_) on_expired_(step.silent);
+        l.lock();
+        break;
+      case LeaseTimeline::Action::kKill:
+        Signal(SIGKILL);
+        break;
+      case LeaseTimeline::Action::kWait:
+        // Woken early by a Feed or the destructor: Advance re-reads the lease.
+        if (step.wake) {
+          cv_.wait_until(l, *step.wake);
+        } else {
+          cv_.wait(l, [&] { return stop_ || timeline_.armed(); });
+        }
+        break;
     }
-    milliseconds grace = std::min(grace_, lease_ / 2);
-    auto expiry = fed_ + lease_;
-    auto term_at = expiry - grace;
-    auto now = Clock::now();
-    if (!termed_ && now < term_at) {
-      cv_.wait_until(l, term_at);
-      continue;  // re-read: a Feed may have moved the lease on
-    }
-    if (!termed_) {
-      termed_ = true;
-      Signal(SIGTERM);
-      auto silent = std::chrono::duration_cast<milliseconds>(now - fed_);
-      l.unlock();
-      if (on_expired_) on_expired_(silent);
-      l.lock();
-      continue;
-    }
-    if (now < expiry) {
-      cv_.wait_until(l, expiry);
-      continue;
-    }
-    // Still unanswered at the lease's end: whatever is left is killed.
-    Signal(SIGKILL);
-    expired_ = true;
   }
 }
 

@@ -18,7 +18,9 @@
 // unrelated process that reused the number and is left alone; while any member of a group
 // lives the kernel does not hand its number out again.
 //
-// Uses the monotonic clock. Thread-safe; the destructor stops the thread.
+// When to signal is decided by a LeaseTimeline (below), a pure state machine on time points
+// the caller gives, so the lease's arithmetic is tested on a fake clock without sleeps; the
+// watchdog drives it with the monotonic clock. Thread-safe; the destructor stops the thread.
 
 #include <sys/types.h>
 
@@ -28,10 +30,47 @@
 #include <functional>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 
 namespace muster::node_agent {
+
+// LeaseTimeline: the lease's decisions, with no clock, thread or signal of its own. Feed moves
+// the lease on; Advance(now) says what is due at `now`: nothing yet (and when to look again),
+// SIGTERM (once per expiry, at `fed + lease - grace`, grace capped at half the lease) or SIGKILL
+// (at `fed + lease`, after which it stays expired until the next Feed). Not thread-safe (the
+// watchdog holds its mutex around it).
+class LeaseTimeline {
+ public:
+  using Clock = std::chrono::steady_clock;
+  enum class Action { kWait, kTerm, kKill };
+  struct Step {
+    Action action = Action::kWait;
+    // kWait: when to call Advance again; nullopt: not before the next Feed (no lease, or
+    // expired).
+    std::optional<Clock::time_point> wake;
+    std::chrono::milliseconds silent{0};  // kTerm: how long the coordinator has been silent
+  };
+
+  explicit LeaseTimeline(std::chrono::milliseconds grace) : grace_(grace) {}
+
+  // The coordinator answered a request sent at `sent`, with this lease (0: no lease yet). A
+  // `sent` older than one already fed does not move the lease back.
+  void Feed(Clock::time_point sent, std::chrono::milliseconds lease);
+  Step Advance(Clock::time_point now);
+
+  // A lease is running (handed out and not expired): Advance has something to wait for.
+  bool armed() const { return lease_.count() > 0 && !expired_; }
+  bool expired() const { return expired_; }
+
+ private:
+  const std::chrono::milliseconds grace_;
+  Clock::time_point fed_{};
+  std::chrono::milliseconds lease_{0};  // 0: none
+  bool expired_ = false;
+  bool termed_ = false;  // SIGTERM due-and-given for this expiry
+};
 
 class LeaseWatchdog {
  public:
@@ -65,16 +104,12 @@ class LeaseWatchdog {
   void Run();
   void Signal(int sig);  // REQUIRES: mu_ held
 
-  const std::chrono::milliseconds grace_;
   const std::function<void(std::chrono::milliseconds)> on_expired_;
   mutable std::mutex mu_;
   std::condition_variable cv_;
-  bool stop_ = false;                   // GUARDED_BY(mu_)
-  Clock::time_point fed_{};             // GUARDED_BY(mu_)
-  std::chrono::milliseconds lease_{0};  // GUARDED_BY(mu_); 0: none
-  bool expired_ = false;                // GUARDED_BY(mu_)
-  bool termed_ = false;                 // GUARDED_BY(mu_): SIGTERM sent for this expiry
-  std::map<pid_t, Group> groups_;       // GUARDED_BY(mu_)
+  bool stop_ = false;              // GUARDED_BY(mu_)
+  LeaseTimeline timeline_;         // GUARDED_BY(mu_)
+  std::map<pid_t, Group> groups_;  // GUARDED_BY(mu_)
   std::thread thread_;
 };
 

@@ -6,7 +6,7 @@
 
 #include <cstring>
 
-#include "collectives/local_address.h"
+#include "common/net_address.h"
 
 namespace muster::node_agent {
 
@@ -45,7 +45,7 @@ void AddGlooSocketIfname(const std::vector<std::string>& inherited, const std::s
   for (const auto& e : inherited) {
     if (e.compare(0, prefix.size(), prefix) == 0) return;
   }
-  std::string ifname = InterfaceWithAddress(collectives::LocalAddressToward(master_addr));
+  std::string ifname = InterfaceWithAddress(LocalAddressToward(master_addr));
   if (!ifname.empty()) job_env[kGlooIfname] = ifname;
 }
 

@@ -21,7 +21,7 @@ std::string InterfaceWithAddress(const std::string& address);
 
 // When `nnodes` > 1 and neither `job_env` nor `inherited` ("NAME=value" entries) sets
 // GLOO_SOCKET_IFNAME, sets it in `job_env` to the interface that routes to `master_addr`
-// (collectives::LocalAddressToward). Leaves `job_env` as it is when no interface is found.
+// (LocalAddressToward, common/net_address.h). Leaves `job_env` as it is when no interface is found.
 void AddGlooSocketIfname(const std::vector<std::string>& inherited, const std::string& master_addr,
                          int nnodes, std::map<std::string, std::string>& job_env);
 

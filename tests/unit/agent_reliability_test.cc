@@ -75,6 +75,74 @@ pid_t StartGroup(pid_t* member) {
   return leader;
 }
 
+// ---- LeaseTimeline: the lease's decisions on a fake clock (no sleeps, no processes)
+
+using node_agent::LeaseTimeline;
+using Action = LeaseTimeline::Action;
+
+TEST(LeaseTimelineTest, TermAtLeaseMinusGraceKillAtTheLeaseThenExpiredUntilFed) {
+  LeaseTimeline t(300ms);
+  const Clock::time_point t0{};  // any origin: the timeline only compares time points
+  auto at = [&](std::chrono::milliseconds d) { return t0 + d; };
+  t.Feed(at(0ms), 1000ms);
+  auto s = t.Advance(at(10ms));
+  EXPECT_EQ(s.action, Action::kWait);
+  ASSERT_TRUE(s.wake);
+  EXPECT_EQ(*s.wake, at(700ms));
+  EXPECT_EQ(t.Advance(at(699ms)).action, Action::kWait);
+  s = t.Advance(at(700ms));
+  EXPECT_EQ(s.action, Action::kTerm);
+  EXPECT_EQ(s.silent, 700ms);
+  s = t.Advance(at(701ms));  // SIGTERM is given once per expiry
+  EXPECT_EQ(s.action, Action::kWait);
+  ASSERT_TRUE(s.wake);
+  EXPECT_EQ(*s.wake, at(1000ms));
+  EXPECT_FALSE(t.expired());
+  EXPECT_EQ(t.Advance(at(1000ms)).action, Action::kKill);
+  EXPECT_TRUE(t.expired());
+  s = t.Advance(at(5000ms));  // expired: nothing more until the next Feed
+  EXPECT_EQ(s.action, Action::kWait);
+  EXPECT_FALSE(s.wake);
+  EXPECT_FALSE(t.armed());
+  t.Feed(at(5000ms), 1000ms);
+  EXPECT_FALSE(t.expired());
+  EXPECT_EQ(*t.Advance(at(5000ms)).wake, at(5700ms));
+}
+
+TEST(LeaseTimelineTest, FeedingKeepsItQuietAndAFeedAfterTheTermCancelsTheKill) {
+  LeaseTimeline t(300ms);
+  const Clock::time_point t0{};
+  for (int i = 0; i < 20; ++i) {  // fed every 100 ms with a 1 s lease: never due
+    auto now = t0 + i * 100ms;
+    t.Feed(now, 1000ms);
+    EXPECT_EQ(t.Advance(now + 99ms).action, Action::kWait) << i;
+  }
+  auto fed = t0 + 1900ms;
+  EXPECT_EQ(t.Advance(fed + 700ms).action, Action::kTerm);
+  // The coordinator answers between the SIGTERM and the lease's end: no SIGKILL.
+  t.Feed(fed + 800ms, 1000ms);
+  auto s = t.Advance(fed + 1000ms);
+  EXPECT_EQ(s.action, Action::kWait);
+  EXPECT_EQ(*s.wake, fed + 800ms + 700ms);
+  // A late answer to an older request does not move the lease back.
+  t.Feed(fed, 1000ms);
+  EXPECT_EQ(*t.Advance(fed + 1000ms).wake, fed + 800ms + 700ms);
+}
+
+TEST(LeaseTimelineTest, GraceIsCappedAtHalfTheLeaseAndNoLeaseNeverActs) {
+  LeaseTimeline t(5000ms);
+  const Clock::time_point t0{};
+  auto s = t.Advance(t0 + 3600s);  // no lease handed out yet
+  EXPECT_EQ(s.action, Action::kWait);
+  EXPECT_FALSE(s.wake);
+  t.Feed(t0, 0ms);  // a registration without a lease: still none
+  EXPECT_FALSE(t.Advance(t0 + 3600s).wake);
+  t.Feed(t0, 1000ms);
+  EXPECT_EQ(*t.Advance(t0).wake, t0 + 500ms);
+  EXPECT_EQ(t.Advance(t0 + 500ms).action, Action::kTerm);
+  EXPECT_EQ(t.Advance(t0 + 1000ms).action, Action::kKill);
+}
+
 // ---- LeaseWatchdog
 
 TEST(LeaseWatchdogTest, StopsTheGroupsWhenTheLeaseRunsOutAndNotBefore) {

@@ -1,0 +1,157 @@
+#pragma once
+
+// AssignmentRunner: carries out, on this node, what the coordinator asks of it (AgentAction)
+// and watches what follows. It spawns an attempt's ranks with the env contract
+// (docs/env-contract.md), serves the attempt's rendezvous store on node rank 0, stops ranks
+// (with a checkpoint first where asked), answers log fetches, grants and revokes volume
+// transfers, and turns what ranks print and how they end into reports: starts and start
+// errors, exits, checkpoint commits (only once the step is good on the volume), progress (the
+// newest per job, taken by the heartbeat). A preemption notice or the lease running out makes
+// it stop its ranks by itself. Replications and retention leave through its outputs.
+//
+// Ownership: owns the Supervisor (so every rank process), the attempts' rendezvous stores and
+// the node's VolumeServer. Borrows the reactor and the ZAP authenticator, which must outlive
+// it.
+//
+// Thread-safety: none, by design: every method runs on the reactor thread (REQUIRES), and so
+// do the supervisor's callbacks into it, so its state needs no lock. Create() may run before
+// the reactor starts; destroy it on the reactor thread (or once the reactor has stopped). The
+// outputs are called on the reactor thread and must not block for long.
+
+#include <sys/types.h>
+
+#include <chrono>
+#include <filesystem>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "collectives/store_server.h"
+#include "common/curve.h"
+#include "common/logging.h"
+#include "common/proto/coordinator.pb.h"
+#include "common/proto/envelope.pb.h"
+#include "common/reactor.h"
+#include "common/status.h"
+#include "node_agent/preemption_notice.h"
+#include "node_agent/supervisor.h"
+#include "node_agent/volume_transfer.h"
+
+namespace muster::node_agent {
+
+class AssignmentRunner {
+ public:
+  struct Options {
+    std::filesystem::path work_dir;  // logs/, notice/ and ranks.pids; must exist
+    bool insecure = false;           // no CURVE for the stores (tests only)
+    // Grace between SIGTERM and SIGKILL when the lease runs out.
+    std::chrono::milliseconds stop_grace{5000};
+    int64_t rank_log_max_bytes = int64_t{64} << 20;  // Supervisor::Options
+    int rank_log_keep = 3;
+  };
+  // Where what the runner produces goes. Each runs on the reactor thread.
+  struct Outputs {
+    std::function<void(proto::AgentReport)> report;  // to the coordinator (node name unset)
+    std::function<void(proto::Envelope)> send;       // a log chunk for the coordinator
+    std::function<void(const std::string& job_dir, int keep)> prune;   // checkpoint.keep
+    std::function<void(const proto::ReplicateCheckpoint&)> replicate;  // a copy to run
+    // A rank's process group to stop when the lease runs out, and its release once reaped.
+    std::function<void(pid_t pgid, const std::string& label)> guard;
+    std::function<void(pid_t pgid)> unguard;
+  };
+
+  // `labels`: the node's (name, provider, gpus, address, volumes). With volumes, serves them to
+  // other nodes (VolumeServer on the node's address) and fills in the labels' transfer
+  // endpoint and key. `zap`: null when insecure.
+  static StatusOr<std::unique_ptr<AssignmentRunner>> Create(Reactor& reactor, ZapAuthenticator* zap,
+                                                            proto::NodeLabels labels,
+                                                            Options options, Outputs outputs);
+  ~AssignmentRunner();  // REQUIRES: on the reactor thread, or the reactor stopped
+  AssignmentRunner(const AssignmentRunner&) = delete;
+  AssignmentRunner& operator=(const AssignmentRunner&) = delete;
+
+  // The labels as completed by Create; immutable, so readable from any thread.
+  const proto::NodeLabels& labels() const { return labels_; }
+
+  // ---- REQUIRES: on the reactor thread, for everything below.
+
+  void OnAction(const proto::AgentAction& a);
+  // A preemption notice for this node: every running attempt is asked to checkpoint and is
+  // stopped at the notice's deadline; later starts are refused. The first notice counts.
+  void OnNotice(const PreemptionNotice& n);
+  // The lease watchdog found the lease running out and signalled the ranks itself: their
+  // exits are the agent's doing, and what is left is stopped.
+  void OnLeaseExpired(std::chrono::milliseconds silent);
+  // Stops every running rank (SIGTERM, SIGKILL after `grace`): the agent shuts down.
+  void StopAll(std::chrono::milliseconds grace);
+
+  // What runs here, for registrations and heartbeats.
+  std::vector<proto::RunningAssignment> Running() const;
+  // The newest progress per job since the last take; ReturnProgress gives back what a failed
+  // heartbeat could not deliver (newer progress taken since wins).
+  std::map<std::string, proto::Progress> TakeProgress();
+  void ReturnProgress(std::map<std::string, proto::Progress> progress);
+  // No rank lives.
+  bool Idle() const;
+
+ private:
+  struct Assignment {
+    proto::StartAssignment spec;
+    std::string group;
+    std::map<ChildId, int> rank_of;   // child -> global rank
+    std::map<ChildId, pid_t> pid_of;  // child -> its pid, which leads its process group
+    std::set<int> live;               // global ranks not yet reaped
+    size_t open = 0;                  // children not yet closed
+    std::unique_ptr<collectives::StoreServer> store;
+    std::string volume_path;
+    std::filesystem::path notice_path;
+    bool stopping = false;  // a stop (or a notice) reached it: exits are not failures
+    bool checkpoint_asked = false;
+    bool all_exited_sent = false;
+    Reactor::TimerId deadline_timer = 0;
+    int64_t last_commit = 0;  // the newest step reported as committed
+  };
+
+  AssignmentRunner(Reactor& reactor, ZapAuthenticator* zap, proto::NodeLabels labels,
+                   Options options, Outputs outputs);
+
+  std::filesystem::path LogPath(const std::string& job, int attempt, int rank,
+                                proto::LogStream stream = proto::LOG_MERGED) const;
+  void StartError(const proto::StartAssignment& s, const std::string& why, bool retryable = false);
+  void StartAssignment(const proto::StartAssignment& given);
+  void AskCheckpoint(Assignment& a, int64_t deadline_ms, const std::string& why);
+  void SendNoticeSignal(Assignment& a);
+  void ArmDeadline(Assignment& a, int64_t deadline_ms, std::chrono::milliseconds grace);
+  void StopAssignment(const proto::StopAssignment& s);
+  void FetchLog(const proto::FetchLog& f);
+  Assignment* AssignmentOf(ChildId id, int* rank);
+  void OnLine(ChildId id, std::string_view line);
+  void OnCommitLine(Assignment& a, int64_t step);
+  void OnExit(ChildId id, const ExitInfo& info);
+  void OnClosed(ChildId id);
+  void SaveRanks();
+
+  Reactor& reactor_;
+  ZapAuthenticator* const zap_;
+  const Options options_;
+  const Outputs out_;
+  proto::NodeLabels labels_;
+  std::shared_ptr<spdlog::logger> logger_ = log::Get("agent");
+  std::unique_ptr<Supervisor> supervisor_;
+  std::unique_ptr<VolumeServer> volume_server_;
+  std::map<std::string, Assignment> assignments_;  // by group
+  std::map<ChildId, std::string> group_of_;
+  std::map<std::string, proto::Progress> progress_;  // newest per job, not yet taken
+  std::optional<PreemptionNotice> notice_;
+};
+
+// Stops the ranks a previous incarnation of this agent started (it was killed -9), as recorded
+// in `pids_file` (the runner's <work_dir>/ranks.pids), and removes the file.
+void KillLeftoverRanks(const std::filesystem::path& pids_file,
+                       const std::shared_ptr<spdlog::logger>& logger);
+
+}  // namespace muster::node_agent

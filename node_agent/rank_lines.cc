@@ -1,0 +1,84 @@
+#include "node_agent/rank_lines.h"
+
+#include <charconv>
+#include <string>
+
+namespace muster::node_agent {
+
+namespace {
+
+bool ParseDouble(std::string_view v, double* out) {
+  try {
+    size_t used = 0;
+    *out = std::stod(std::string(v), &used);
+    return used == v.size();
+  } catch (...) {
+    return false;
+  }
+}
+
+bool ParseInt(std::string_view v, int64_t* out) {
+  auto r = std::from_chars(v.data(), v.data() + v.size(), *out);
+  return r.ec == std::errc() && r.ptr == v.data() + v.size();
+}
+
+std::string_view Trim(std::string_view s) {
+  while (!s.empty() && (s.back() == '\r' || s.back() == ' ' || s.back() == '\t'))
+    s.remove_suffix(1);
+  while (!s.empty() && (s.front() == ' ' || s.front() == '\t')) s.remove_prefix(1);
+  return s;
+}
+
+}  // namespace
+
+std::optional<proto::Progress> ParseProgressLine(std::string_view line) {
+  line = Trim(line);
+  constexpr std::string_view kTag = "MUSTER_PROGRESS";
+  if (line.substr(0, kTag.size()) != kTag) return std::nullopt;
+  line.remove_prefix(kTag.size());
+  if (!line.empty() && line.front() != ' ' && line.front() != '\t') return std::nullopt;
+  proto::Progress p;
+  bool have_step = false;
+  while (!line.empty()) {
+    line = Trim(line);
+    size_t end = line.find_first_of(" \t");
+    std::string_view tok = line.substr(0, end);
+    line = end == std::string_view::npos ? std::string_view() : line.substr(end);
+    size_t eq = tok.find('=');
+    if (eq == std::string_view::npos) continue;
+    std::string_view k = tok.substr(0, eq), v = tok.substr(eq + 1);
+    int64_t i = 0;
+    double d = 0;
+    if (k == "step" && ParseInt(v, &i) && i >= 0) {
+      p.set_step(i);
+      have_step = true;
+    } else if (k == "total" && ParseInt(v, &i) && i >= 0) {
+      p.set_total_steps(i);
+    } else if (k == "loss" && ParseDouble(v, &d)) {
+      p.set_loss(d);
+    } else if (k == "throughput" && ParseDouble(v, &d)) {
+      p.set_throughput(d);
+    } else if (k == "unit") {
+      p.set_throughput_unit(std::string(v));
+    } else if (k.size() > 6 && k.substr(k.size() - 6) == "_per_s" && ParseDouble(v, &d) &&
+               p.throughput_unit().empty()) {
+      p.set_throughput(d);
+      p.set_throughput_unit(std::string(k.substr(0, k.size() - 6)) + "/s");
+    }
+  }
+  if (!have_step) return std::nullopt;
+  return p;
+}
+
+std::optional<int64_t> ParseCheckpointLine(std::string_view line) {
+  line = Trim(line);
+  constexpr std::string_view kTag = "MUSTER_CHECKPOINT step=";
+  if (line.substr(0, kTag.size()) != kTag) return std::nullopt;
+  line.remove_prefix(kTag.size());
+  size_t end = line.find_first_of(" \t");
+  int64_t step = 0;
+  if (!ParseInt(line.substr(0, end), &step) || step <= 0) return std::nullopt;
+  return step;
+}
+
+}  // namespace muster::node_agent
