@@ -83,6 +83,12 @@ void AddCkptPyBench(CLI::App& app, Runner* runner) {
       row(t, "O_DIRECT write + fsync, bs=32M (anchor)", j["disk_write_s"].get<double>(), "");
       row(t, "muster.save to commit", j["save_s"].get<double>(),
           Fmt(j["save_gbps"].get<double>() / disk) + "x disk");
+      if (j.contains("save_overlap_s")) {
+        row(t, "overlap_snapshot: stall", j["stall_overlap_s"].get<double>(),
+            Fmt(j["stall_overlap_s"].get<double>() / j["memcpy_s"].get<double>()) + "x memcpy");
+        row(t, "overlap_snapshot: save to commit", j["save_overlap_s"].get<double>(),
+            Fmt(j["save_overlap_gbps"].get<double>() / disk) + "x disk");
+      }
       if (j.contains("torch_save_s") && j["torch_save_s"].is_number()) {
         row(t, "torch.save + fsync", j["torch_save_s"].get<double>(),
             Fmt(j["torch_save_gbps"].get<double>() / disk) + "x disk");

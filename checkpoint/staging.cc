@@ -1,6 +1,7 @@
 #include "checkpoint/staging.h"
 
 #include <stdlib.h>
+#include <sys/mman.h>
 
 #include <cstring>
 #include <string>
@@ -14,6 +15,7 @@
 namespace muster::checkpoint {
 
 namespace {
+constexpr size_t kHugePage = 2 << 20;
 #ifdef MUSTER_HAVE_CUDA
 using internal::CudaStatus;
 #endif
@@ -69,10 +71,17 @@ Status StagingBuffer::Reserve(size_t bytes, bool pinned) {
     log::Get("ckpt.write")->warn("{}; staging in pageable memory", st.ToString());
   }
 #endif
+  // Big buffers are 2 MiB-aligned and asked to be backed by transparent huge pages: with 4 KiB
+  // pages the snapshot's memcpy into a buffer of hundreds of MiB takes TLB misses that the
+  // tensors' own memory (numpy and torch madvise their big allocations) does not, and the
+  // stall was 1.5-2x a memcpy of the same bytes (docs/benchmarks.md, ckpt-py).
+  const bool huge = cap >= kHugePage;
+  if (huge) cap = (cap + kHugePage - 1) / kHugePage * kHugePage;
   void* p = nullptr;
-  if (::posix_memalign(&p, kDirectIoAlignment, cap) != 0) {
+  if (::posix_memalign(&p, huge ? kHugePage : kDirectIoAlignment, cap) != 0) {
     return InternalError("cannot allocate " + std::to_string(cap) + " bytes of staging memory");
   }
+  if (huge) ::madvise(p, cap, MADV_HUGEPAGE);  // advice only: 4 KiB pages still work
   data_ = static_cast<char*>(p);
   capacity_ = cap;
   pinned_ = false;

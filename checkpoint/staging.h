@@ -7,7 +7,8 @@
 // arrives. Where CUDA was found at build time (MUSTER_HAVE_CUDA) and a
 // state holds CUDA tensors, it is pinned with cudaHostAlloc so device-to-host copies run at
 // full PCIe speed with cudaMemcpyAsync; otherwise it is page-aligned ordinary memory (aligned
-// for O_DIRECT either way).
+// for O_DIRECT either way); from 2 MiB on, 2 MiB-aligned and madvise(MADV_HUGEPAGE)d, so that
+// copies into it run at the speed of copies between the tensors' own (huge-page) memory.
 //
 // Thread-safety: a StagingBuffer belongs to one owner; the copy functions are thread-safe.
 

@@ -151,17 +151,18 @@ class PyCheckpointer {
  public:
   // From the job's context (the env contract, its store, commits announced to the agent);
   // `dir` overrides MUSTER_CHECKPOINT_DIR when not empty.
-  PyCheckpointer(const std::string& dir, bool direct_io, int io_threads) {
+  PyCheckpointer(const std::string& dir, bool direct_io, int io_threads, bool overlap_snapshot) {
     CheckpointerOptions o;
     o.dir = dir;
     o.store_prefix = "ckpt-py";
     o.direct_io = direct_io;
     o.io_threads = io_threads;
+    o.overlap_snapshot = overlap_snapshot;
     ck_ = Value(Context().NewCheckpointer(std::move(o)));
   }
 
   PyCheckpointer(std::string dir, int rank, int world_size, bool connect_store, bool direct_io,
-                 int io_threads) {
+                 int io_threads, bool overlap_snapshot) {
     if (connect_store) {
       store_ = Value(collectives::ConnectStoreFromEnv());
     } else if (world_size > 1) {
@@ -178,6 +179,7 @@ class PyCheckpointer {
     o.store_prefix = "ckpt-py";
     o.direct_io = direct_io;
     o.io_threads = io_threads;
+    o.overlap_snapshot = overlap_snapshot;
     ck_ = Value(Checkpointer::Create(std::move(o)));
   }
 
@@ -335,15 +337,17 @@ PYBIND11_MODULE(_core, m) {
       .def_readwrite("memory", &PyTensor::memory);
 
   py::class_<PyCheckpointer>(m, "Checkpointer")
-      .def(py::init<std::string, int, int, bool, bool, int>(), py::arg("dir"), py::arg("rank") = 0,
-           py::arg("world_size") = 1, py::arg("connect_store") = false, py::arg("direct_io") = true,
-           py::arg("io_threads") = 4)
+      .def(py::init<std::string, int, int, bool, bool, int, bool>(), py::arg("dir"),
+           py::arg("rank") = 0, py::arg("world_size") = 1, py::arg("connect_store") = false,
+           py::arg("direct_io") = true, py::arg("io_threads") = 4,
+           py::arg("overlap_snapshot") = false)
       .def_static(
           "from_context",
-          [](const std::string& dir, bool direct_io, int io_threads) {
-            return std::make_unique<PyCheckpointer>(dir, direct_io, io_threads);
+          [](const std::string& dir, bool direct_io, int io_threads, bool overlap_snapshot) {
+            return std::make_unique<PyCheckpointer>(dir, direct_io, io_threads, overlap_snapshot);
           },
-          py::arg("dir") = "", py::arg("direct_io") = true, py::arg("io_threads") = 4)
+          py::arg("dir") = "", py::arg("direct_io") = true, py::arg("io_threads") = 4,
+          py::arg("overlap_snapshot") = false)
       .def("save", &PyCheckpointer::Save, py::arg("step"), py::arg("tensors"),
            py::arg("metadata") = py::bytes())
       .def("wait", &PyCheckpointer::Wait)

@@ -69,9 +69,16 @@ if [ "${QUICK:-0}" = 1 ]; then
   exit $failed
 fi
 
+# The muster Python package for the venv's python3 (3.12, torch 2.x): Debian's pybind11 is not
+# there, torch's wheel bundles pybind11's headers; only that folder is put on the include path
+# (torch/include also holds an fmt that must not shadow the system's).
+TORCH_INCLUDE="$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))' 2>/dev/null)/include"
+mkdir -p "$BUILD/pybind11-include"
+ln -sfn "$TORCH_INCLUDE/pybind11" "$BUILD/pybind11-include/pybind11"
 stage configure cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -DCMAKE_CUDA_ARCHITECTURES=90 -DMUSTER_WITH_CUDA=ON \
-  -DCMAKE_PREFIX_PATH="$TORCH_PREFIX;/opt/devdeps/usr"
+  -DCMAKE_PREFIX_PATH="$TORCH_PREFIX;/opt/devdeps/usr" \
+  -DPython_EXECUTABLE="$(command -v python3)" -DMUSTER_PYBIND11_INCLUDE_DIR="$BUILD/pybind11-include"
 stage build cmake --build "$BUILD" -j "$(nproc)"
 stage unit-tests ctest --test-dir "$BUILD" -L unit -j 8 --no-tests=error --output-on-failure --timeout 120
 # The gpu label includes NcclAbortTest (an in-flight collective aborted within the timeout,
@@ -108,6 +115,16 @@ echo "uninterrupted: $digest_a   notice+resume: $digest_b"
 stage ft-bit-exact test -n "$digest_a" -a "$digest_a" = "$digest_b"
 stage rpc-bench "$BUILD/bench/muster-bench" rpc --iterations 2000
 
+# torch.distributed.checkpoint end to end through muster on torch 2.x (CI's torch 1.13 cannot
+# import DCP): dcp.save, dcp.async_save and dcp.load with muster.dcp.MusterStorageWriter/Reader
+# at two ranks (Gloo; the tensors on the GPU), every tensor compared bit for bit, then
+# `muster ckpt verify`. MUSTER_REQUIRE_DCP=1 turns a skip into a failure.
+stage dcp-torch bash -c "cd tests/python && PYTHONPATH='$PWD/$BUILD/python' \
+  MUSTER_BIN='$PWD/$MUSTER' MUSTER_REQUIRE_DCP=1 python3 -m unittest -v test_dcp_torch"
+# The same bytes saved from Python through muster, torch.save and DCP's FileSystemWriter.
+stage ckpt-py "$BUILD/bench/muster-bench" ckpt-py --size-mb 4096 --python "$(command -v python3)" \
+  --dir /tmp/muster-gpu-ckpt-py
+
 echo
 echo "===== summary ($(date -u +%F) on $(head -1 "$OUT/machine.txt"))"
 printf '%-14s %-12s %8s\n' stage result seconds
@@ -120,5 +137,8 @@ echo "checkpoint (4 GiB from GPU memory):"
 grep -E "stall|save|restore|copy|O_DIRECT|memcpy" "$OUT/ckpt-cuda.log" | head -12
 echo "fine-tune on CUDA:"
 grep -hE "MUSTER_PROGRESS|MUSTER_DONE|MUSTER_PREEMPTED" "$OUT/finetune-cuda.log" | tail -3
+echo "dcp end to end (torch 2.x): $(grep -m1 -oE '^(OK|FAILED).*' "$OUT/dcp-torch.log")"
+echo "ckpt-py:"
+grep -E "memcpy|stall|O_DIRECT|muster.save|torch.save|DCP" "$OUT/ckpt-py.log" | head -8
 echo "bit-exact resume: $([ -n "$digest_a" ] && [ "$digest_a" = "$digest_b" ] && echo yes || echo NO) ($digest_a vs $digest_b)"
 exit $failed

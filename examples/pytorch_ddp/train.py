@@ -314,6 +314,9 @@ def main():
         if step % args.ckpt_every == 0 or step == args.steps or stop:
             checkpoints.save(step, checkpoint_state(step, model, opt, args, world))
         if stop:
+            # Every rank says where it stopped (the ranks agree on it through the allreduce).
+            print(f"rank {rank}: preemption notice: checkpointed step {step} and stopping",
+                  file=sys.stderr, flush=True)
             if rank == 0:
                 print(f"MUSTER_PREEMPTED step={step}", flush=True)
             preempted = True

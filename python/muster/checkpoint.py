@@ -104,9 +104,15 @@ class Checkpointer:
     At world size > 1 the ranks commit through the job's rendezvous store (MUSTER_RDZV_ENDPOINT,
     MUSTER_RDZV_KEY), which `muster run` and agents provide. Thread-safety: one save at a time
     (a save waits for the previous one's commit); load may run beside a save.
+
+    direct_io, io_threads and overlap_snapshot are checkpoint::CheckpointerOptions'
+    (O_DIRECT shard writes; writer threads; start writing each chunk as soon as the snapshot has
+    copied it, which shortens the save where spare cores exist and lengthens the stall where
+    they do not).
     """
 
-    def __init__(self, dir=None, rank=None, world_size=None, *, direct_io=True, io_threads=4):
+    def __init__(self, dir=None, rank=None, world_size=None, *, direct_io=True, io_threads=4,
+                 overlap_snapshot=False):
         env = _core.rank_env() if dir is None or rank is None or world_size is None else None
         if dir is None:
             dir = env.checkpoint_dir
@@ -128,10 +134,12 @@ class Checkpointer:
         own = self.rank == e.rank and self.world_size == e.world_size
         self._no_store = not own and self.world_size > 1
         if own and (self.world_size == 1 or e.has_rendezvous):
-            self._ck = _core.Checkpointer.from_context(str(dir), direct_io, io_threads)
+            self._ck = _core.Checkpointer.from_context(str(dir), direct_io, io_threads,
+                                                       overlap_snapshot)
         else:
             self._no_store = self.world_size > 1
-            self._ck = _core.Checkpointer(str(dir), 0, 1, False, direct_io, io_threads)
+            self._ck = _core.Checkpointer(str(dir), 0, 1, False, direct_io, io_threads,
+                                          overlap_snapshot)
         self.dir = self._ck.dir
         self._lock = threading.Lock()
         self._pending = None

@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <thread>
@@ -616,6 +617,35 @@ TEST_P(VolumeConformanceTest, WritesReadsRenamesAndLists) {
   EXPECT_EQ(*ReadFileToString(v, dir.sub("d")), std::string(8192, 'z'));
   ASSERT_EQ(v->RemoveAll(dir.sub("a")), Status::Ok());
   EXPECT_FALSE(v->Exists(dir.sub("a")));
+}
+
+// A big staging buffer is 2 MiB-aligned and advised to use transparent huge pages (VM_HUGEPAGE,
+// "hg" in /proc/self/smaps), as numpy and torch do for the tensors it copies from; a small one
+// keeps ordinary pages.
+bool AdvisedHuge(const void* p) {
+  std::ifstream smaps("/proc/self/smaps");
+  const auto addr = reinterpret_cast<uintptr_t>(p);
+  bool inside = false;
+  for (std::string line; std::getline(smaps, line);) {
+    uintptr_t lo = 0, hi = 0;
+    if (std::sscanf(line.c_str(), "%lx-%lx ", &lo, &hi) == 2) {  // a mapping's first line
+      inside = lo <= addr && addr < hi;
+    } else if (inside && line.rfind("VmFlags:", 0) == 0) {
+      return line.find(" hg") != std::string::npos;
+    }
+  }
+  return false;
+}
+
+TEST(StagingBufferTest, BigBuffersAreHugePageAlignedAndAdvised) {
+  StagingBuffer big;
+  ASSERT_TRUE(big.Reserve((64 << 20) + 123, false).ok());
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(big.data()) % (2 << 20), 0u);
+  EXPECT_GE(big.capacity(), (64u << 20) + 123);
+  EXPECT_TRUE(AdvisedHuge(big.data())) << "no MADV_HUGEPAGE on the staging buffer";
+  StagingBuffer small;
+  ASSERT_TRUE(small.Reserve(8192, false).ok());
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(small.data()) % 4096, 0u);
 }
 
 INSTANTIATE_TEST_SUITE_P(Volumes, VolumeConformanceTest, ::testing::Values(false, true),

@@ -21,7 +21,12 @@
 //   f. a deterministic job interrupted by (a) and (d) ends bit-identical (param_digest) to an
 //      uninterrupted run of the same job.
 //
-// Needs root (network namespaces) and the fine-tune example (libtorch); skips otherwise.
+// (a), (d) and (f) also run with the PyTorch example (examples/pytorch_ddp/train.py on the
+// `muster` package: muster.save/load, the notice through muster.notice_seen, commits announced by
+// the library) in place of the C++ fine-tune.
+//
+// Needs root (network namespaces) and the fine-tune example (libtorch), or Debian's
+// python3-torch and the `muster` package for the PyTorch runs; skips otherwise.
 
 #include <gtest/gtest.h>
 #include <signal.h>
@@ -101,14 +106,47 @@ std::string Digest(const std::string& log) {
   return "";
 }
 
+enum class Program { kFinetune, kPytorch };
+
 struct JobOptions {
   std::string name = "ft";
   int steps = 120;
   bool deterministic = false;
+  Program program = Program::kFinetune;
+  // train.py only: seconds slept after each step (the result does not change), so that a
+  // status-paced notice lands mid-run although a step of the tiny model takes milliseconds.
+  double step_delay = 0;
 };
+
+// The PyTorch example's command line under Debian's python3 (python3-torch); the same tiny model
+// sizes as the fine-tune's. It always runs deterministically (fixed seeds, Gloo on CPU, one
+// thread, torch.use_deterministic_algorithms).
+std::vector<std::string> PytorchArgv(const JobOptions& o) {
+  return {MUSTER_SYSTEM_PYTHON,
+          MUSTER_PYTORCH_TRAIN,
+          "--steps",
+          std::to_string(o.steps),
+          "--ckpt-every",
+          std::to_string(kCheckpointEvery),
+          "--log-every",
+          "1",
+          "--threads",
+          "1",
+          "--batch",
+          "8",
+          "--d-model",
+          "32",
+          "--layers",
+          "1",
+          "--seq-len",
+          "32",
+          "--step-delay",
+          std::to_string(o.step_delay)};
+}
 
 // The fine-tune's command line: a tiny model so that a step takes milliseconds on 2 cores.
 std::vector<std::string> FinetuneArgv(const JobOptions& o) {
+  if (o.program == Program::kPytorch) return PytorchArgv(o);
   std::vector<std::string> argv = {MUSTER_FINETUNE_BIN, "--pretrain",
                                    "--steps",           std::to_string(o.steps),
                                    "--ckpt-every",      std::to_string(kCheckpointEvery),
@@ -125,9 +163,17 @@ std::vector<std::string> FinetuneArgv(const JobOptions& o) {
 class PreemptionClusterTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    if (!fs::exists(MUSTER_FINETUNE_BIN)) {
+    if (program_ == Program::kFinetune && !fs::exists(MUSTER_FINETUNE_BIN)) {
       GTEST_SKIP() << "the fine-tune example was not built (libtorch not found): "
                    << MUSTER_FINETUNE_BIN;
+    }
+    if (program_ == Program::kPytorch) {
+      if (!fs::exists(MUSTER_PYTHON_PACKAGE)) {
+        GTEST_SKIP() << "the muster Python package was not built: " << MUSTER_PYTHON_PACKAGE;
+      }
+      if (!RunCommand({MUSTER_SYSTEM_PYTHON, "-c", "import torch.distributed"}, 60s).ok()) {
+        GTEST_SKIP() << MUSTER_SYSTEM_PYTHON << " has no torch.distributed (python3-torch)";
+      }
     }
     auto c = NetnsCluster::Create(kHosts);
     if (!c.ok()) GTEST_SKIP() << "no multi-host cluster: " << c.status().message();
@@ -379,7 +425,11 @@ class PreemptionClusterTest : public ::testing::Test {
 
   // A node is lost after this long without heartbeats; agents stop their ranks after 1.5x
   // (the lease). Short, so that failures are detected fast.
+  // (a), (d) and (f) with `opts` (see the tests below).
+  void NoticeThenProviderLoss(const JobOptions& opts);
+
   int heartbeat_timeout_ms_ = 2000;
+  Program program_ = Program::kFinetune;  // what SetUp needs to have been built
   std::unique_ptr<NetnsCluster> net_;
   fs::path root_;
   std::string keys_;
@@ -444,8 +494,7 @@ TEST_F(PreemptionClusterTest, AgentKilledJobResumesFromItsLastCommit) {
 // resumes on gcp at exactly the step it checkpointed on the notice; attempt 2 then loses all
 // of gcp (both hosts die) and resumes on aws from the newest step replicated there; the final
 // parameters are bit-identical to an uninterrupted run of the same job.
-TEST_F(PreemptionClusterTest, NoticeThenProviderLossResumesAcrossProvidersBitIdentical) {
-  const JobOptions opts{.name = "determ", .steps = 80, .deterministic = true};
+void PreemptionClusterTest::NoticeThenProviderLoss(const JobOptions& opts) {
   // The uninterrupted reference: the same ranks under `muster run -np 2` on this host, while the
   // cluster job runs.
   std::vector<std::string> ref_argv = {MUSTER_BIN,
@@ -553,6 +602,25 @@ TEST_F(PreemptionClusterTest, NoticeThenProviderLossResumesAcrossProvidersBitIde
             << "; gcp lost at step " << LastStep(a2r0, "MUSTER_PROGRESS")
             << " -> resumed on aws at " << from << " after " << recovery_s << " s; param_digest "
             << Digest(a3r0) << " (uninterrupted: " << want << ")\n";
+}
+
+TEST_F(PreemptionClusterTest, NoticeThenProviderLossResumesAcrossProvidersBitIdentical) {
+  NoticeThenProviderLoss({.name = "determ", .steps = 80, .deterministic = true});
+}
+
+// The same with the PyTorch example on the `muster` package: its asynchronous muster.save
+// commits (announced by the library) are what is replicated and resumed from.
+class PytorchClusterTest : public PreemptionClusterTest {
+ protected:
+  PytorchClusterTest() { program_ = Program::kPytorch; }
+};
+
+TEST_F(PytorchClusterTest, NoticeThenProviderLossResumesAcrossProvidersBitIdentical) {
+  NoticeThenProviderLoss({.name = "torchddp",
+                          .steps = 100,
+                          .deterministic = true,
+                          .program = Program::kPytorch,
+                          .step_delay = 0.1});
 }
 
 // (c) A node cut off from the network: the coordinator declares it lost after the heartbeat
