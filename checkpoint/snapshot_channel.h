@@ -70,7 +70,9 @@ struct SnapshotSenderOptions {
 class SnapshotSender {
  public:
   static std::unique_ptr<SnapshotSender> Create(SnapshotSenderOptions options);
-  ~SnapshotSender();  // sends nothing more; waits for a send in progress
+  // Waits for a send in progress; a snapshot queued but not yet sent is dropped (Flush first to
+  // hand over the last one before exiting).
+  ~SnapshotSender();
 
   // Copies `state` (EncodeSnapshotState) and queues it for the agent. Returns after the copy;
   // errors in the state itself only. REQUIRES: steps increase from call to call.

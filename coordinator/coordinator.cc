@@ -63,6 +63,7 @@ proto::JobSpec JobSpecToProto(const JobSpec& s) {
   p.set_checkpoint_every_steps(s.checkpoint_every_steps);
   p.set_checkpoint_every_s(s.checkpoint_every_time.count());
   p.set_checkpoint_keep(s.checkpoint_keep);
+  p.set_snapshot_every_steps(s.snapshot_every_steps);
   p.set_max_restarts(s.max_restarts);
   p.set_restart_backoff_s(s.restart_backoff.count());
   p.set_time_limit_s(s.time_limit.count());
@@ -89,6 +90,7 @@ StatusOr<JobSpec> JobSpecFromProto(const proto::JobSpec& p) {
   s.checkpoint_every_steps = p.checkpoint_every_steps();
   s.checkpoint_every_time = std::chrono::seconds(p.checkpoint_every_s());
   s.checkpoint_keep = p.checkpoint_keep();
+  s.snapshot_every_steps = p.snapshot_every_steps();
   s.max_restarts = p.max_restarts();
   s.restart_backoff = std::chrono::seconds(p.restart_backoff_s());
   s.time_limit = std::chrono::seconds(p.time_limit_s());
@@ -369,6 +371,7 @@ void Coordinator::Start(JobRt& job, const std::vector<std::string>& nodes) {
     s->set_checkpoint_volume(r.spec.checkpoint_volume());
     s->set_resume_step(r.resume_step);
     s->set_checkpoint_keep(r.spec.checkpoint_keep());
+    s->set_snapshot_every_steps(r.spec.snapshot_every_steps());
     s->set_time_limit_ms(r.spec.time_limit_s() * 1000);
     s->set_split_streams(r.spec.interactive());  // `muster run` keeps stdout and stderr apart
     Enqueue(nodes[i], std::move(a));

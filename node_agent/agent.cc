@@ -111,6 +111,7 @@ StatusOr<std::unique_ptr<Agent>> Agent::Start(AgentOptions options) {
   ro.stop_grace = options.stop_grace;
   ro.rank_log_max_bytes = options.rank_log_max_bytes;
   ro.rank_log_keep = options.rank_log_keep;
+  ro.snapshot_memory = options.snapshot_memory;
   AssignmentRunner::Outputs out;
   out.report = [p](proto::AgentReport r) { p->session->QueueReport(std::move(r)); };
   out.send = [p](proto::Envelope e) { p->session->Queue(std::move(e)); };

@@ -73,6 +73,8 @@ struct AgentOptions {
   int64_t rank_log_max_bytes = int64_t{64} << 20;
   int rank_log_keep = 3;
   std::chrono::milliseconds call_timeout{3000};
+  // Bytes of memory for jobs' in-memory snapshots (node_agent/snapshots/); 0: none.
+  uint64_t snapshot_memory = 0;
 };
 
 class Agent {

@@ -38,6 +38,8 @@
 #include "common/reactor.h"
 #include "common/status.h"
 #include "node_agent/preemption_notice.h"
+#include "node_agent/snapshots/snapshot_server.h"
+#include "node_agent/snapshots/snapshot_store.h"
 #include "node_agent/supervisor.h"
 #include "node_agent/volume_transfer.h"
 
@@ -52,6 +54,10 @@ class AssignmentRunner {
     std::chrono::milliseconds stop_grace{5000};
     int64_t rank_log_max_bytes = int64_t{64} << 20;  // Supervisor::Options
     int rank_log_keep = 3;
+    // Memory for in-memory snapshots of jobs that ask for them (checkpoint.snapshot_every_steps):
+    // 0 turns them off here (such jobs run with volume checkpoints only, and a warning). Served
+    // on <work_dir>/snapshots/s.sock (node_agent/snapshots/).
+    uint64_t snapshot_memory = 0;
   };
   // Where what the runner produces goes. Each runs on the reactor thread.
   struct Outputs {
@@ -76,6 +82,11 @@ class AssignmentRunner {
 
   // The labels as completed by Create; immutable, so readable from any thread.
   const proto::NodeLabels& labels() const { return labels_; }
+  // The snapshots this agent holds; null when Options::snapshot_memory is 0. Thread-safe.
+  // A job's snapshots are kept across its attempts (a resumed gang restores from them) and
+  // dropped once an attempt here ends for good: every rank exited 0, or it was cancelled or
+  // ran out of time.
+  SnapshotStore* snapshots() const { return snapshots_.get(); }
 
   // ---- REQUIRES: on the reactor thread, for everything below.
 
@@ -112,6 +123,8 @@ class AssignmentRunner {
     bool stopping = false;  // a stop (or a notice) reached it: exits are not failures
     bool checkpoint_asked = false;
     bool all_exited_sent = false;
+    bool rank_failed = false;  // a rank exited non-zero without being stopped
+    bool job_over = false;     // stopped for good (cancelled, time limit)
     Reactor::TimerId deadline_timer = 0;
     int64_t last_commit = 0;  // the newest step reported as committed
   };
@@ -143,6 +156,9 @@ class AssignmentRunner {
   std::shared_ptr<spdlog::logger> logger_ = log::Get("agent");
   std::unique_ptr<Supervisor> supervisor_;
   std::unique_ptr<VolumeServer> volume_server_;
+  // Shared with the snapshot server's threads (thread-safe); the server is destroyed first.
+  std::unique_ptr<SnapshotStore> snapshots_;
+  std::unique_ptr<SnapshotServer> snapshot_server_;
   std::map<std::string, Assignment> assignments_;  // by group
   std::map<ChildId, std::string> group_of_;
   std::map<std::string, proto::Progress> progress_;  // newest per job, not yet taken

@@ -2,15 +2,19 @@
 // whatever decodes re-encodes to the same bytes, and the store keeps it only within its limit.
 // Inputs are decoded as they are, and also (since a random input rarely carries a matching
 // xxh3) used as the key and payload of a frame that is encoded, then flipped at one byte and
-// decoded: a flip anywhere must be refused or decode to a different frame, never crash.
+// decoded: a flip anywhere must be refused or decode to a different frame, never crash. The
+// input is also restored from as a state payload (checkpoint/snapshot_state.h), which a peer's
+// frame carries: a request for tensor "t" must be refused or fill exactly its buffer.
 
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "checkpoint/snapshot_frame.h"
+#include "checkpoint/snapshot_state.h"
 #include "node_agent/snapshots/snapshot_store.h"
 
 namespace {
@@ -43,6 +47,17 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     auto back = EncodeSnapshotFrame(f->key, f->payload);
     if (!back.ok() || *back != in) std::abort();
     Keep(*f);
+  }
+  {
+    std::vector<char> out(64);
+    std::string meta;
+    std::vector<muster::checkpoint::RestoreRequest> req = {
+        muster::checkpoint::RestoreRequest::Whole("t", muster::checkpoint::DType::kU8,
+                                                  out.data()),
+    };
+    req[0].offsets = {0};
+    req[0].lengths = {64};
+    (void)muster::checkpoint::RestoreSnapshotState(in, req, &meta);
   }
   if (size < 12) return 0;
   muster::checkpoint::SnapshotKey key;
