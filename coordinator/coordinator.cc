@@ -9,6 +9,7 @@
 #include "common/logging.h"
 #include "common/path_name.h"
 #include "common/wire.h"
+#include "coordinator/job_lifecycle.h"
 #include "coordinator/job_spec.h"
 
 namespace muster::coordinator {
@@ -47,81 +48,14 @@ proto::Envelope Wrap(auto setter) {
 
 }  // namespace
 
-proto::JobSpec JobSpecToProto(const JobSpec& s) {
-  proto::JobSpec p;
-  p.set_name(s.name);
-  for (const auto& c : s.command) p.add_command(c);
-  for (const auto& [k, v] : s.env) (*p.mutable_env())[k] = v;
-  p.set_nodes(s.nodes);
-  p.set_ranks_per_node(s.ranks_per_node);
-  p.set_gpu_type(s.gpu_type);
-  p.set_gpus_per_node(s.gpus_per_node);
-  for (const auto& pr : s.providers) p.add_providers(pr);
-  p.set_island(std::string(IslandPolicyName(s.island)));
-  p.set_priority(s.priority);
-  p.set_checkpoint_volume(s.checkpoint_volume);
-  p.set_checkpoint_every_steps(s.checkpoint_every_steps);
-  p.set_checkpoint_every_s(s.checkpoint_every_time.count());
-  p.set_checkpoint_keep(s.checkpoint_keep);
-  p.set_snapshot_every_steps(s.snapshot_every_steps);
-  p.set_max_restarts(s.max_restarts);
-  p.set_restart_backoff_s(s.restart_backoff.count());
-  p.set_time_limit_s(s.time_limit.count());
-  for (const auto& h : s.hosts) p.add_hosts(h);
-  p.set_interactive(s.interactive);
-  return p;
-}
-
-StatusOr<JobSpec> JobSpecFromProto(const proto::JobSpec& p) {
-  JobSpec s;
-  s.name = p.name();
-  s.command.assign(p.command().begin(), p.command().end());
-  for (const auto& [k, v] : p.env()) s.env[k] = v;
-  s.nodes = p.nodes();
-  s.ranks_per_node = p.ranks_per_node();
-  s.gpu_type = p.gpu_type();
-  s.gpus_per_node = p.gpus_per_node();
-  s.providers.assign(p.providers().begin(), p.providers().end());
-  if (!p.island().empty()) {
-    MUSTER_ASSIGN_OR_RETURN(s.island, ParseIslandPolicy(p.island()));
-  }
-  s.priority = p.priority();
-  s.checkpoint_volume = p.checkpoint_volume();
-  s.checkpoint_every_steps = p.checkpoint_every_steps();
-  s.checkpoint_every_time = std::chrono::seconds(p.checkpoint_every_s());
-  s.checkpoint_keep = p.checkpoint_keep();
-  s.snapshot_every_steps = p.snapshot_every_steps();
-  s.max_restarts = p.max_restarts();
-  s.restart_backoff = std::chrono::seconds(p.restart_backoff_s());
-  s.time_limit = std::chrono::seconds(p.time_limit_s());
-  s.hosts.assign(p.hosts().begin(), p.hosts().end());
-  s.interactive = p.interactive();
-  MUSTER_RETURN_IF_ERROR(ValidateJobSpec(s));
-  return s;
-}
-
-struct Coordinator::NodeRt {
-  NodeRecord rec;
-  std::string session;            // empty: not connected
-  KeyRole role = KeyRole::kNone;  // of the key it registered with; kNone until it registers
-  int64_t last_hb_ms = 0;
-  std::vector<proto::AgentAction> queue;
-  std::optional<Reply> poll;
-  int64_t poll_deadline_ms = 0;
-};
-
 struct Coordinator::JobRt {
   JobRecord rec;
   JobRequest req;
   std::optional<proto::Progress> progress;
-  std::set<std::string> started, done;
-  proto::StopReason stop = proto::STOP_REASON_UNSPECIFIED;
-  std::string failure;       // first failure, for events and detail
-  std::string failure_node;  // node to blame (quarantine)
-  bool lost = false;         // a node was lost (not the job's fault)
+  AttemptState attempt;  // the current attempt's facts (job_lifecycle.h); fresh at each Start
   bool in_scheduler = false;
-  int64_t started_ms = 0;
-  int64_t checkpoint_deadline_ms = 0;  // the stop asks for a checkpoint first (preemption)
+  // Retryable start errors in a row (job_lifecycle.h): a port in use on the master node.
+  int start_retries = 0;
   // Replications in flight: provider -> give up waiting at (ms). A requeued job waits for them,
   // so it resumes on another provider from the newest step.
   struct Copy {
@@ -132,23 +66,10 @@ struct Coordinator::JobRt {
   // Interactive jobs (`muster run` through the coordinator) end when their client stops asking
   // about them: the last status or logs request for the job.
   int64_t client_seen_ms = 0;
-  // A rank exited kPeerFailureExitCode: its collective failed because another rank or node
-  // did. Not the failure to report unless no real one shows up by the time the gang is down.
-  std::string peer_failure;
-  bool stopped_for_peer_exit = false;
-  // The attempt could not start for a reason that is neither the job's nor the node's (a port
-  // in use on the master node): retried at once on other ports, up to kMaxStartRetries in a row.
-  bool start_retry = false;
-  int start_retries = 0;
 };
-
-// The exit code of a rank whose collective failed because a peer died (docs/env-contract.md;
-// collectives::kPeerFailureExitCode).
-constexpr int kPeerFailureExitCode = 75;
 
 constexpr int64_t kInteractiveClientTimeoutMs = 15000;
 
-constexpr int kMaxStartRetries = 8;
 // Checkpoint copies (CopyRt): tries before a copy fails for good, the backoff between them
 // (doubling from the first, capped), and how long a copy waits for its source node to come back.
 constexpr int kMaxCopyTries = 8;
@@ -163,9 +84,7 @@ Coordinator::Coordinator(std::unique_ptr<StateStore> store, CoordinatorOptions o
 
 Coordinator::~Coordinator() {
   for (auto& [id, f] : fetches_) f.reply(ErrorEnvelope(0, UnavailableError("shutting down")));
-  for (auto& [name, n] : nodes_) {
-    if (n->poll) (*n->poll)(Wrap([](auto& e) { e.mutable_agent_actions(); }));
-  }
+  // The registry answers the parked polls.
 }
 
 StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(std::unique_ptr<StateStore> store,
@@ -183,12 +102,11 @@ int64_t Coordinator::NowMs() const {
 
 Status Coordinator::Restore() {
   int64_t now = NowMs();
-  MUSTER_ASSIGN_OR_RETURN(node_keys_, store_->LoadNodeKeys());
+  MUSTER_ASSIGN_OR_RETURN(auto keys, store_->LoadNodeKeys());
   MUSTER_ASSIGN_OR_RETURN(auto nodes, store_->LoadNodes());
-  for (auto& rec : nodes) {
-    auto n = std::make_unique<NodeRt>();
-    n->rec = std::move(rec);
-    n->last_hb_ms = now;  // give every agent a full timeout to come back
+  // Every agent gets a full heartbeat timeout to come back.
+  nodes_.Restore(std::move(nodes), std::move(keys), now);
+  for (auto& [name, n] : nodes_) {
     sched_->UpsertNode(ToNodeSpec(n->rec.labels));
     // Down until its agent registers again; draining is remembered.
     sched_->SetNodeState(n->rec.labels.name(), NodeState::kDown).IgnoreError();
@@ -196,7 +114,6 @@ Status Coordinator::Restore() {
       sched_->RestoreQuarantine(n->rec.labels.name(), n->rec.quarantines,
                                 TimePoint(std::chrono::milliseconds(n->rec.quarantined_until_ms)));
     }
-    nodes_.emplace(n->rec.labels.name(), std::move(n));
   }
   MUSTER_ASSIGN_OR_RETURN(auto jobs, store_->LoadJobs());
   int restored = 0;
@@ -256,20 +173,7 @@ void Coordinator::Persist(JobRt& job) {
 }
 
 void Coordinator::Enqueue(const std::string& node, proto::AgentAction action) {
-  auto it = nodes_.find(node);
-  if (it == nodes_.end()) return;
-  it->second->queue.push_back(std::move(action));
-  FlushPoll(*it->second);
-}
-
-void Coordinator::FlushPoll(NodeRt& node) {
-  if (!node.poll || node.queue.empty()) return;
-  proto::Envelope e;
-  for (auto& a : node.queue) *e.mutable_agent_actions()->add_actions() = std::move(a);
-  node.queue.clear();
-  Reply r = std::move(*node.poll);
-  node.poll.reset();
-  r(std::move(e));
+  nodes_.Enqueue(node, std::move(action));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -301,24 +205,15 @@ void Coordinator::Start(JobRt& job, const std::vector<std::string>& nodes) {
   r.nodes = nodes;
   r.state = proto::JOB_SCHEDULED;
   r.detail.clear();
-  job.started.clear();
-  job.done.clear();
-  job.stop = proto::STOP_REASON_UNSPECIFIED;
-  job.failure.clear();
-  job.failure_node.clear();
-  job.lost = false;
+  job.attempt = AttemptState{};
+  job.attempt.started_ms = NowMs();
   job.progress.reset();
-  job.checkpoint_deadline_ms = 0;
-  job.peer_failure.clear();
-  job.stopped_for_peer_exit = false;
-  job.start_retry = false;
-  job.started_ms = NowMs();
   r.resume_step = -1;
   std::string provider;
   std::string master = nodes.empty() ? "" : nodes[0];
-  if (auto it = nodes_.find(master); it != nodes_.end()) {
-    provider = it->second->rec.labels.provider();
-    if (!it->second->rec.labels.address().empty()) master = it->second->rec.labels.address();
+  if (const NodeRt* m = nodes_.Find(master)) {
+    provider = m->rec.labels.provider();
+    if (!m->rec.labels.address().empty()) master = m->rec.labels.address();
   }
   // Each provider mounts its own volume under the job's volume name: resume from the newest
   // step committed (or verified as a replica) on this provider's.
@@ -434,9 +329,8 @@ void Coordinator::Replicate(JobRt* job, const std::string& job_id, int64_t step,
 }
 
 bool Coordinator::IssueCopy(CopyRt& c, int keep) {
-  auto src = nodes_.find(c.source);
-  if (src == nodes_.end() || src->second->session.empty() ||
-      src->second->rec.labels.transfer_endpoint().empty()) {
+  const NodeRt* src = nodes_.Find(c.source);
+  if (src == nullptr || !src->connected() || src->rec.labels.transfer_endpoint().empty()) {
     return false;
   }
   const NodeRt* target = nullptr;
@@ -460,7 +354,7 @@ bool Coordinator::IssueCopy(CopyRt& c, int keep) {
   if (target == nullptr) return false;
   auto key = GenerateKeyPair();
   if (!key.ok()) return false;
-  const auto& sl = src->second->rec.labels;
+  const auto& sl = src->rec.labels;
   proto::AgentAction allow;
   allow.mutable_allow_transfer()->set_job_id(c.job_id);
   allow.mutable_allow_transfer()->set_client_public_key(key->public_key);
@@ -525,8 +419,8 @@ void Coordinator::TickCopies(int64_t now) {
       continue;
     }
     if (c.retry_at_ms == 0) {
-      auto t = nodes_.find(c.target);
-      if (t == nodes_.end() || t->second->session != c.target_session) {
+      const NodeRt* t = nodes_.Find(c.target);
+      if (t == nullptr || t->session != c.target_session) {
         // The try died with its target: the key it was given reads nothing more at the source.
         for (auto g = grants_.begin(); g != grants_.end();) {
           if (g->job_id == c.job_id && g->target == c.target) {
@@ -536,7 +430,7 @@ void Coordinator::TickCopies(int64_t now) {
             ++g;
           }
         }
-        RetryCopy(c, t != nodes_.end() && !t->second->session.empty()
+        RetryCopy(c, t != nullptr && t->connected()
                          ? "target " + c.target + " restarted during the copy"
                          : "target " + c.target + " was lost during the copy");
       }
@@ -604,23 +498,14 @@ void Coordinator::RevokeTransfer(const TransferGrant& g, const std::string& why)
 
 void Coordinator::StopGang(JobRt& job, proto::StopReason reason, const std::string& except,
                            int64_t checkpoint_deadline_ms) {
-  if (job.stop == proto::STOP_REASON_UNSPECIFIED || reason == proto::STOP_CANCELLED) {
-    job.stop = reason;
-  }
-  if (checkpoint_deadline_ms > 0 && reason != proto::STOP_CANCELLED &&
-      !job.rec.spec.checkpoint_volume().empty() &&
-      (job.checkpoint_deadline_ms == 0 || checkpoint_deadline_ms < job.checkpoint_deadline_ms)) {
-    job.checkpoint_deadline_ms = checkpoint_deadline_ms;
-  }
-  if (reason == proto::STOP_CANCELLED) job.checkpoint_deadline_ms = 0;
-  if (job.rec.state == proto::JOB_SCHEDULED || job.rec.state == proto::JOB_RUNNING) {
-    if (reason != proto::STOP_CANCELLED && reason != proto::STOP_TIME_LIMIT) {
-      job.rec.state = proto::JOB_REQUEUED;
-      Persist(job);
-    }
+  bool requeues = job.attempt.RecordStop(reason, checkpoint_deadline_ms,
+                                         !job.rec.spec.checkpoint_volume().empty());
+  if (requeues && (job.rec.state == proto::JOB_SCHEDULED || job.rec.state == proto::JOB_RUNNING)) {
+    job.rec.state = proto::JOB_REQUEUED;
+    Persist(job);
   }
   for (const auto& n : job.rec.nodes) {
-    if (n == except || job.done.count(n)) continue;
+    if (n == except || job.attempt.done.count(n)) continue;
     proto::AgentAction a;
     auto* s = a.mutable_stop();
     s->set_job_id(job.rec.id);
@@ -629,116 +514,59 @@ void Coordinator::StopGang(JobRt& job, proto::StopReason reason, const std::stri
     s->set_grace_ms(reason == proto::STOP_PEER_FAILED
                         ? std::min(options_.stop_grace, options_.peer_failed_grace).count()
                         : options_.stop_grace.count());
-    if (job.checkpoint_deadline_ms > 0) {
+    if (job.attempt.checkpoint_deadline_ms > 0) {
       s->set_checkpoint_first(true);
-      s->set_checkpoint_deadline_ms(job.checkpoint_deadline_ms);
+      s->set_checkpoint_deadline_ms(job.attempt.checkpoint_deadline_ms);
     }
     Enqueue(n, std::move(a));
   }
 }
 
 void Coordinator::NodeDone(JobRt& job, const std::string& node) {
-  job.done.insert(node);
-  if (job.done.size() < job.rec.nodes.size()) return;
+  job.attempt.done.insert(node);
+  if (job.attempt.done.size() < job.rec.nodes.size()) return;
   Finish(job);
 }
 
-// Every node of the attempt has stopped: decide what becomes of the job.
+// Every node of the attempt has stopped: decide what becomes of the job (job_lifecycle.h) and
+// apply the decision.
 void Coordinator::Finish(JobRt& job) {
   auto& r = job.rec;
   int64_t now = NowMs();
-  std::string outcome;
-  if (job.failure.empty() && !job.lost && !job.peer_failure.empty()) {
-    job.failure = job.peer_failure;  // no cause showed up: the peer failure is all we know
-  }
-  if (r.state == proto::JOB_CANCELLED) {
-    outcome = "cancelled";
-    sched_->Release(r.id).IgnoreError();
-    job.in_scheduler = false;
-  } else if (job.stop == proto::STOP_TIME_LIMIT) {
-    outcome = "failed";
-    r.state = proto::JOB_FAILED;
-    r.detail = "time limit";
-    Event(r.id, "", "failed", "time limit reached");
-    sched_->Release(r.id).IgnoreError();
-    job.in_scheduler = false;
-  } else if (job.stop == proto::STOP_PREEMPTED || job.stop == proto::STOP_NODE_PREEMPTED ||
-             job.lost) {
-    outcome = job.lost ? "node_lost" : "preempted";
-    r.preemptions++;
-    r.state = proto::JOB_PENDING;
-    if (job.lost && options_.lease > options_.heartbeat_timeout) {
-      // No split brain: a lost node's agent may still be running its ranks until its lease
-      // runs out (it counts from its last reply, at most heartbeat_timeout before now).
-      r.not_before_ms = now + (options_.lease - options_.heartbeat_timeout).count() + 500;
-      sched_->Release(r.id).IgnoreError();
-      job.in_scheduler = false;
-    } else if (!job.replicating.empty()) {
-      // Resubmitted by Tick once the copies to other providers are in (or given up on).
-      sched_->Release(r.id).IgnoreError();
-      job.in_scheduler = false;
-    } else {
-      sched_->Requeue(r.id).IgnoreError();
-    }
-    Event(r.id, "", "requeued",
-          fmt::format("after attempt {} ({}); not counted against max_restarts", r.attempt,
-                      job.lost ? job.failure : "preempted"));
-  } else if (job.start_retry) {
-    // A port of this attempt was taken on its master node: the next attempt gets other ports.
-    outcome = "start_retry";
-    job.start_retries++;
-    r.state = proto::JOB_PENDING;
-    sched_->Requeue(r.id).IgnoreError();
-    Event(r.id, "", "requeued",
-          fmt::format("after attempt {} ({}); retried on other ports, not counted against "
-                      "max_restarts",
-                      r.attempt, job.failure));
-  } else if (!job.failure.empty()) {
-    outcome = "failed";
-    job.start_retries = 0;
-    r.restarts++;
-    if (!job.failure_node.empty()) {
-      if (auto until = sched_->RecordNodeFailure(job.failure_node, options_.clock())) {
-        auto& n = nodes_.at(job.failure_node);
-        n->rec.quarantines++;
-        n->rec.quarantined_until_ms =
-            std::chrono::duration_cast<std::chrono::milliseconds>(until->time_since_epoch())
-                .count();
-        store_->PutNode(n->rec).IgnoreError();
-        Event(
-            "", job.failure_node, "node_quarantined",
+  AttemptEndDecision d =
+      DecideAttemptEnd(job.attempt, r, job.start_retries, !job.replicating.empty(), now,
+                       {options_.lease.count(), options_.heartbeat_timeout.count()});
+  if (!d.blame_node.empty()) {
+    if (auto until = sched_->RecordNodeFailure(d.blame_node, options_.clock())) {
+      NodeRt* n = nodes_.Find(d.blame_node);
+      MUSTER_CHECK(n != nullptr) << "blamed node " << d.blame_node << " is not registered";
+      n->rec.quarantines++;
+      n->rec.quarantined_until_ms =
+          std::chrono::duration_cast<std::chrono::milliseconds>(until->time_since_epoch()).count();
+      store_->PutNode(n->rec).IgnoreError();
+      Event("", d.blame_node, "node_quarantined",
             fmt::format("failed repeatedly; quarantined until {} ms", n->rec.quarantined_until_ms));
-      }
     }
-    if (r.restarts > r.spec.max_restarts()) {
-      r.state = proto::JOB_FAILED;
-      r.detail = job.failure;
-      Event(r.id, "", "failed",
-            fmt::format("{}; {} restart(s) used of {}", job.failure, r.restarts - 1,
-                        r.spec.max_restarts()));
-      sched_->Release(r.id).IgnoreError();
-      job.in_scheduler = false;
-    } else {
-      int64_t backoff = r.spec.restart_backoff_s() * 1000;
-      for (int i = 1; i < r.restarts && backoff < 3600 * 1000; ++i) backoff *= 2;
-      r.not_before_ms = now + backoff;
-      r.state = proto::JOB_PENDING;
-      r.detail = job.failure;
-      sched_->Release(r.id).IgnoreError();
-      job.in_scheduler = false;
-      Event(r.id, "", "requeued",
-            fmt::format("restart {} of {} in {} ms", r.restarts, r.spec.max_restarts(), backoff));
-    }
-  } else {
-    outcome = "succeeded";
-    r.state = proto::JOB_SUCCEEDED;
-    r.detail = "every rank exited 0";
+  }
+  if (d.credit_nodes) {
     for (const auto& n : r.nodes) sched_->RecordNodeSuccess(n);
-    Event(r.id, "", "succeeded", fmt::format("attempt {}: every rank exited 0", r.attempt));
+  }
+  r.state = d.state;
+  if (d.set_detail) r.detail = d.detail;
+  r.restarts = d.restarts;
+  r.preemptions = d.preemptions;
+  r.not_before_ms = d.not_before_ms;
+  job.start_retries = d.start_retries;
+  for (const auto& e : d.events) Event(r.id, "", e.kind, e.message);
+  if (d.queue == AttemptEndDecision::Queue::kRequeue) {
+    sched_->Requeue(r.id).IgnoreError();
+  } else {
     sched_->Release(r.id).IgnoreError();
     job.in_scheduler = false;
   }
-  store_->PutAttempt({r.id, r.attempt, r.nodes, job.started_ms, now, outcome, job.failure})
+  store_
+      ->PutAttempt(
+          {r.id, r.attempt, r.nodes, job.attempt.started_ms, now, d.outcome, d.attempt_detail})
       .IgnoreError();
   if (r.state == proto::JOB_PENDING) r.nodes.clear();
   Persist(job);
@@ -747,24 +575,15 @@ void Coordinator::Finish(JobRt& job) {
 
 void Coordinator::LoseNode(NodeRt& node, const std::string& why) {
   const std::string& name = node.rec.labels.name();
-  node.session.clear();
-  node.queue.clear();
-  if (node.poll) {
-    Reply r = std::move(*node.poll);
-    node.poll.reset();
-    r(Wrap([](auto& e) { e.mutable_agent_actions(); }));
-  }
+  nodes_.Disconnect(node);
   sched_->SetNodeState(name, NodeState::kDown).IgnoreError();
   Event("", name, "node_lost", why);
   for (auto& [id, j] : jobs_) {
-    if (Terminal(j->rec.state) && j->done.size() == j->rec.nodes.size()) continue;
+    if (Terminal(j->rec.state) && j->attempt.done.size() == j->rec.nodes.size()) continue;
     if (std::find(j->rec.nodes.begin(), j->rec.nodes.end(), name) == j->rec.nodes.end()) continue;
-    if (j->done.count(name)) continue;
+    if (j->attempt.done.count(name)) continue;
     if (!Terminal(j->rec.state)) {
-      if (j->failure.empty()) {
-        j->lost = true;
-        j->failure = fmt::format("node {} lost ({})", name, why);
-      }
+      j->attempt.RecordNodeLost(fmt::format("node {} lost ({})", name, why));
       Event(id, name, "node_lost", fmt::format("attempt {}: {}", j->rec.attempt, why));
       StopGang(*j, proto::STOP_PEER_FAILED, name);
     }
@@ -774,17 +593,13 @@ void Coordinator::LoseNode(NodeRt& node, const std::string& why) {
 
 void Coordinator::Tick() {
   int64_t now = NowMs();
+  nodes_.ExpirePolls(now);
   for (auto& [name, n] : nodes_) {
-    if (n->poll && n->poll_deadline_ms <= now) {
-      Reply r = std::move(*n->poll);
-      n->poll.reset();
-      r(Wrap([](auto& e) { e.mutable_agent_actions(); }));
-    }
     bool expected = !n->session.empty();
     if (!expected) {
       // Restored after a restart: a node whose jobs are still assigned must come back in time.
       for (auto& [id, j] : jobs_) {
-        if (!Terminal(j->rec.state) && !j->done.count(name) &&
+        if (!Terminal(j->rec.state) && !j->attempt.done.count(name) &&
             std::find(j->rec.nodes.begin(), j->rec.nodes.end(), name) != j->rec.nodes.end())
           expected = true;
       }
@@ -842,8 +657,8 @@ void Coordinator::Tick() {
       }
     }
     if ((r.state == proto::JOB_RUNNING || r.state == proto::JOB_SCHEDULED) &&
-        r.spec.time_limit_s() > 0 && j->started_ms + r.spec.time_limit_s() * 1000 <= now &&
-        j->stop == proto::STOP_REASON_UNSPECIFIED) {
+        r.spec.time_limit_s() > 0 && j->attempt.started_ms + r.spec.time_limit_s() * 1000 <= now &&
+        j->attempt.stop == proto::STOP_REASON_UNSPECIFIED) {
       Event(id, "", "time_limit", fmt::format("{} s reached; stopping", r.spec.time_limit_s()));
       StopGang(*j, proto::STOP_TIME_LIMIT, "");
     }
@@ -852,7 +667,8 @@ void Coordinator::Tick() {
   int finished = 0;
   for (auto it = jobs_.rbegin(); it != jobs_.rend(); ++it) {
     const auto& j = *it->second;
-    if (Terminal(j.rec.state) && j.done.size() >= j.rec.nodes.size() && ++finished > kFinishedKept)
+    if (Terminal(j.rec.state) && j.attempt.done.size() >= j.rec.nodes.size() &&
+        ++finished > kFinishedKept)
       forget.push_back(it->first);
   }
   for (const auto& id : forget) jobs_.erase(id);
@@ -1064,8 +880,7 @@ proto::JobStatus Coordinator::StatusOf(const JobRt& j) {
   s.set_preemptions(r.preemptions);
   for (const auto& n : r.nodes) s.add_nodes(n);
   if (!r.nodes.empty()) {
-    if (auto it = nodes_.find(r.nodes[0]); it != nodes_.end())
-      s.set_provider(it->second->rec.labels.provider());
+    if (const NodeRt* n = nodes_.Find(r.nodes[0])) s.set_provider(n->rec.labels.provider());
   }
   if (r.state == proto::JOB_PENDING) {
     if (!j.in_scheduler && r.not_before_ms > NowMs()) {
@@ -1238,9 +1053,9 @@ StatusOr<proto::Envelope> Coordinator::OnEvents(const Caller& caller,
 }
 
 StatusOr<proto::Envelope> Coordinator::OnDrain(const proto::DrainRequest& req) {
-  auto it = nodes_.find(req.node());
-  if (it == nodes_.end()) return NotFoundError("unknown node " + req.node());
-  NodeRt& n = *it->second;
+  NodeRt* found = nodes_.Find(req.node());
+  if (found == nullptr) return NotFoundError("unknown node " + req.node());
+  NodeRt& n = *found;
   n.rec.state = req.drain() ? proto::NODE_DRAINING : proto::NODE_UP;
   store_->PutNode(n.rec).IgnoreError();
   if (!n.session.empty() || !req.drain()) {
@@ -1256,8 +1071,7 @@ StatusOr<proto::Envelope> Coordinator::OnDrain(const proto::DrainRequest& req) {
 }
 
 StatusOr<proto::Envelope> Coordinator::OnPreemptNode(const proto::PreemptNodeRequest& req) {
-  auto it = nodes_.find(req.node());
-  if (it == nodes_.end()) return NotFoundError("unknown node " + req.node());
+  if (nodes_.Find(req.node()) == nullptr) return NotFoundError("unknown node " + req.node());
   proto::Envelope e;
   auto* out = e.mutable_preempt_node_reply();
   Event("", req.node(), "notice", fmt::format("preemption notice, {} ms", req.notice_ms()));
@@ -1306,8 +1120,8 @@ void Coordinator::OnLogs(const Caller& caller, const proto::LogsRequest& req, Re
         fmt::format("job {} attempt {} has no rank {}", rec.id, attempt, req.rank())));
   }
   const std::string& node = nodes[req.rank() / rpn];
-  auto nit = nodes_.find(node);
-  if (nit == nodes_.end() || nit->second->session.empty()) {
+  const NodeRt* target = nodes_.Find(node);
+  if (target == nullptr || !target->connected()) {
     return fail(UnavailableError("the agent of node " + node + " is not connected"));
   }
   uint64_t fetch = next_fetch_++;
@@ -1327,15 +1141,10 @@ void Coordinator::OnLogs(const Caller& caller, const proto::LogsRequest& req, Re
 StatusOr<Coordinator::NodeRt*> Coordinator::Session(const Caller& caller, const std::string& node,
                                                     const std::string& session) {
   // A session id is no secret: the key decides who speaks for a node.
-  if (auto b = node_keys_.find(node); b != node_keys_.end() && b->second != caller.public_key) {
+  if (!nodes_.MaySpeakFor(node, caller.public_key)) {
     return Deny(caller, "speak for node " + node, "the node is bound to another key");
   }
-  auto it = nodes_.find(node);
-  if (it == nodes_.end() || it->second->session.empty() || it->second->session != session) {
-    return NotFoundError(fmt::format("no session {} for node {}: register again", session, node));
-  }
-  it->second->last_hb_ms = NowMs();
-  return it->second.get();
+  return nodes_.FindSession(node, session, NowMs());
 }
 
 StatusOr<proto::Envelope> Coordinator::OnRegister(const Caller& caller,
@@ -1347,42 +1156,27 @@ StatusOr<proto::Envelope> Coordinator::OnRegister(const Caller& caller,
   if (l.provider().empty()) return InvalidArgumentError("agent register: provider is required");
   if (l.gpus() < 0 || l.slots() < 0) return InvalidArgumentError("agent register: negative gpus");
   // The first registration of a name binds it to the key; no other key may take it.
-  auto b = node_keys_.find(l.name());
-  if (b != node_keys_.end() && b->second != caller.public_key) {
-    KeyRole old = options_.current_role ? options_.current_role(b->second) : KeyRole::kAgent;
+  std::optional<std::string> bound = nodes_.BoundKey(l.name());
+  if (bound && *bound != caller.public_key) {
+    KeyRole old = options_.current_role ? options_.current_role(*bound) : KeyRole::kAgent;
     if (old == KeyRole::kAgent || old == KeyRole::kLegacy) {
       return Deny(caller, "register as node " + l.name(),
                   fmt::format("the name is bound to agent key {}... (remove that key from "
                               "authorized_keys to move the node to another key)",
-                              b->second.substr(0, 8)));
+                              bound->substr(0, 8)));
     }
     Logger()->warn("node {} moves from key {}... (now role {}) to {}", l.name(),
-                   b->second.substr(0, 8), KeyRoleName(old), caller.ToString());
-    node_keys_.erase(b);
-    b = node_keys_.end();
+                   bound->substr(0, 8), KeyRoleName(old), caller.ToString());
+    nodes_.Unbind(l.name());
+    bound.reset();
   }
-  if (b == node_keys_.end()) {
+  if (!bound) {
     MUSTER_RETURN_IF_ERROR(store_->BindNodeKey(l.name(), caller.public_key, NowMs()));
-    node_keys_[l.name()] = caller.public_key;
+    nodes_.Bind(l.name(), caller.public_key);
     Logger()->info("node {} bound to {}", l.name(), caller.ToString());
   }
-  auto& slot = nodes_[l.name()];
-  bool fresh = slot == nullptr;
-  if (fresh) slot = std::make_unique<NodeRt>();
-  NodeRt& n = *slot;
-  bool was_connected = !n.session.empty();
-  n.rec.labels = l;
-  n.role = caller.role;
-  if (n.rec.state == proto::NODE_DOWN || n.rec.state == proto::NODE_STATE_UNSPECIFIED)
-    n.rec.state = proto::NODE_UP;
-  n.session = fmt::format("{}-{}", NowMs(), next_session_++);
-  n.last_hb_ms = NowMs();
-  n.queue.clear();
-  if (n.poll) {
-    Reply r = std::move(*n.poll);
-    n.poll.reset();
-    r(Wrap([](auto& e) { e.mutable_agent_actions(); }));
-  }
+  bool was_connected = false;
+  NodeRt& n = nodes_.Connect(l, caller.role, NowMs(), &was_connected);
   store_->PutNode(n.rec).IgnoreError();
   sched_->UpsertNode(ToNodeSpec(l));
   sched_
@@ -1408,23 +1202,24 @@ StatusOr<proto::Envelope> Coordinator::OnRegister(const Caller& caller,
                   it->second->rec.attempt == ra.attempt() &&
                   std::find(it->second->rec.nodes.begin(), it->second->rec.nodes.end(), l.name()) !=
                       it->second->rec.nodes.end() &&
-                  !it->second->done.count(l.name());
+                  !it->second->attempt.done.count(l.name());
     if (wanted) {
       reported.insert(ra.job_id());
       JobRt& j = *it->second;
-      j.started.insert(l.name());
-      if (j.stop != proto::STOP_REASON_UNSPECIFIED) {
+      j.attempt.started.insert(l.name());
+      if (j.attempt.stop != proto::STOP_REASON_UNSPECIFIED) {
         proto::AgentAction a;
         a.mutable_stop()->set_job_id(ra.job_id());
         a.mutable_stop()->set_attempt(ra.attempt());
-        a.mutable_stop()->set_reason(j.stop);
+        a.mutable_stop()->set_reason(j.attempt.stop);
         a.mutable_stop()->set_grace_ms(options_.stop_grace.count());
-        if (j.checkpoint_deadline_ms > NowMs()) {
+        if (j.attempt.checkpoint_deadline_ms > NowMs()) {
           a.mutable_stop()->set_checkpoint_first(true);
-          a.mutable_stop()->set_checkpoint_deadline_ms(j.checkpoint_deadline_ms);
+          a.mutable_stop()->set_checkpoint_deadline_ms(j.attempt.checkpoint_deadline_ms);
         }
         *out->add_actions() = std::move(a);
-      } else if (j.rec.state == proto::JOB_SCHEDULED && j.started.size() == j.rec.nodes.size()) {
+      } else if (j.rec.state == proto::JOB_SCHEDULED &&
+                 j.attempt.started.size() == j.rec.nodes.size()) {
         j.rec.state = proto::JOB_RUNNING;
         Persist(j);
       }
@@ -1442,22 +1237,19 @@ StatusOr<proto::Envelope> Coordinator::OnRegister(const Caller& caller,
   // Assignments we expect that the agent does not run: never started -> send again; started ->
   // its ranks are gone (agent restarted): the node is lost for that attempt.
   for (auto& [id, j] : jobs_) {
-    if (Terminal(j->rec.state) || reported.count(id) || j->done.count(l.name())) continue;
+    if (Terminal(j->rec.state) || reported.count(id) || j->attempt.done.count(l.name())) continue;
     auto pos = std::find(j->rec.nodes.begin(), j->rec.nodes.end(), l.name());
     if (pos == j->rec.nodes.end()) continue;
-    if (j->started.count(l.name()) || j->rec.state == proto::JOB_RUNNING) {
-      if (j->failure.empty()) {
-        j->lost = true;
-        j->failure = fmt::format("node {} lost its ranks (agent restarted)", l.name());
-      }
+    if (j->attempt.started.count(l.name()) || j->rec.state == proto::JOB_RUNNING) {
+      j->attempt.RecordNodeLost(fmt::format("node {} lost its ranks (agent restarted)", l.name()));
       Event(id, l.name(), "node_lost", "agent came back without the job's ranks");
       StopGang(*j, proto::STOP_PEER_FAILED, l.name());
       NodeDone(*j, l.name());
-    } else if (j->stop == proto::STOP_REASON_UNSPECIFIED) {
+    } else if (j->attempt.stop == proto::STOP_REASON_UNSPECIFIED) {
       // Start it (again): rebuild the start action by re-running Start for this node only is
       // not possible without a new attempt, so the whole gang starts a new attempt.
-      j->lost = true;
-      j->failure = fmt::format("node {} re-registered before starting", l.name());
+      j->attempt.RecordNodeLost(fmt::format("node {} re-registered before starting", l.name()),
+                                /*override_cause=*/true);
       StopGang(*j, proto::STOP_PEER_FAILED, l.name());
       NodeDone(*j, l.name());
     } else {
@@ -1481,23 +1273,14 @@ StatusOr<proto::Envelope> Coordinator::OnHeartbeat(const Caller& caller,
   }
   proto::Envelope e;
   auto* out = e.mutable_agent_heartbeat_reply();
-  for (auto& a : n->queue) *out->add_actions() = std::move(a);
-  n->queue.clear();
+  for (auto& a : nodes_.TakeQueue(*n)) *out->add_actions() = std::move(a);
   return e;
 }
 
 void Coordinator::OnPoll(const Caller& caller, const proto::AgentPoll& req, Reply reply) {
   auto n = Session(caller, req.node(), req.session_id());
   if (!n.ok()) return reply(ErrorEnvelope(0, n.status()));
-  NodeRt& node = **n;
-  if (node.poll) {  // a newer poll replaces an older one
-    Reply old = std::move(*node.poll);
-    node.poll.reset();
-    old(Wrap([](auto& e) { e.mutable_agent_actions(); }));
-  }
-  node.poll = std::move(reply);
-  node.poll_deadline_ms = NowMs() + std::clamp<int64_t>(req.wait_ms(), 0, 30000);
-  FlushPoll(node);
+  nodes_.Park(**n, std::move(reply), NowMs() + std::clamp<int64_t>(req.wait_ms(), 0, 30000));
 }
 
 bool Coordinator::ReplicaReportAllowed(const NodeRt& node, const std::string& job_id, int64_t step,
@@ -1627,10 +1410,8 @@ StatusOr<proto::Envelope> Coordinator::OnReport(const Caller& caller,
   JobRt& j = *it->second;
   if (std::find(j.rec.nodes.begin(), j.rec.nodes.end(), node) == j.rec.nodes.end()) return ack;
   for (const auto& p : req.progress()) j.progress = p;
-  if (!req.start_error().empty() && j.failure.empty()) {
-    j.failure = fmt::format("node {} could not start: {}", node, req.start_error());
-    j.failure_node = node;
-    j.start_retry = req.start_retryable() && j.start_retries < kMaxStartRetries;
+  if (!req.start_error().empty() &&
+      j.attempt.RecordStartError(node, req.start_error(), req.start_retryable(), j.start_retries)) {
     Event(j.rec.id, node, "start_failed", req.start_error());
     StopGang(j, proto::STOP_PEER_FAILED, node);
   }
@@ -1641,9 +1422,9 @@ StatusOr<proto::Envelope> Coordinator::OnReport(const Caller& caller,
     Event(j.rec.id, node, "resume_fallback",
           fmt::format("attempt {}: {}", j.rec.attempt, req.resume_fallback()));
   }
-  if (req.started() && !j.started.count(node)) {
-    j.started.insert(node);
-    if (j.rec.state == proto::JOB_SCHEDULED && j.started.size() == j.rec.nodes.size()) {
+  if (req.started() && !j.attempt.started.count(node)) {
+    j.attempt.started.insert(node);
+    if (j.rec.state == proto::JOB_SCHEDULED && j.attempt.started.size() == j.rec.nodes.size()) {
       j.rec.state = proto::JOB_RUNNING;
       Persist(j);
       Event(j.rec.id, "", "started",
@@ -1652,35 +1433,19 @@ StatusOr<proto::Envelope> Coordinator::OnReport(const Caller& caller,
     }
   }
   for (const auto& x : req.exits()) {
-    bool bad = (x.exit_code() != 0 || x.signal() != 0) && !x.stopped_by_agent();
-    bool open = j.stop == proto::STOP_REASON_UNSPECIFIED || j.stopped_for_peer_exit;
-    if (!bad || !j.failure.empty() || !open) continue;
-    if (x.signal() == 0 && x.exit_code() == kPeerFailureExitCode) {
-      // A consequence, not a cause: stop the gang, wait for the cause (another rank's exit, a
-      // lost node) to be reported.
-      if (j.peer_failure.empty()) {
-        j.peer_failure =
-            fmt::format("rank {} on {} exited {} (a peer failed)", x.rank(), node, x.exit_code());
-        Event(j.rec.id, node, "rank_peer_failed",
-              fmt::format("attempt {}: {}", j.rec.attempt, j.peer_failure));
-      }
-      if (j.stop == proto::STOP_REASON_UNSPECIFIED) {
-        j.stopped_for_peer_exit = true;
-        StopGang(j, proto::STOP_PEER_FAILED, req.all_exited() ? node : "");
-      }
-      continue;
+    ExitVerdict v = j.attempt.RecordExit(node, x);
+    if (v.first_peer_failure) {
+      Event(j.rec.id, node, "rank_peer_failed",
+            fmt::format("attempt {}: {}", j.rec.attempt, j.attempt.peer_failure));
     }
-    j.failure = x.signal()
-                    ? fmt::format("rank {} on {} killed by signal {}", x.rank(), node, x.signal())
-                    : fmt::format("rank {} on {} exited {}", x.rank(), node, x.exit_code());
-    j.failure_node = node;
-    Event(j.rec.id, node, "rank_failed", fmt::format("attempt {}: {}", j.rec.attempt, j.failure));
+    if (v.kind == ExitVerdict::Kind::kRankFailed) {
+      Event(j.rec.id, node, "rank_failed",
+            fmt::format("attempt {}: {}", j.rec.attempt, j.attempt.failure));
+    }
     // This node's other ranks are stopped too, unless it reports them all gone already.
-    if (j.stop == proto::STOP_REASON_UNSPECIFIED) {
-      StopGang(j, proto::STOP_PEER_FAILED, req.all_exited() ? node : "");
-    }
+    if (v.stop_gang) StopGang(j, proto::STOP_PEER_FAILED, req.all_exited() ? node : "");
   }
-  if (req.all_exited() && !j.done.count(node)) NodeDone(j, node);
+  if (req.all_exited() && !j.attempt.done.count(node)) NodeDone(j, node);
   return ack;
 }
 

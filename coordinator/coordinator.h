@@ -28,6 +28,7 @@
 #include "common/proto/envelope.pb.h"
 #include "common/status.h"
 #include "coordinator/job_spec.h"
+#include "coordinator/node_registry.h"
 #include "coordinator/scheduler.h"
 #include "coordinator/state_store.h"
 
@@ -86,7 +87,7 @@ class Coordinator {
   const Scheduler& scheduler() const { return *sched_; }
 
  private:
-  struct NodeRt;
+  using NodeRt = NodeRegistry::Node;
   struct JobRt;
   Coordinator(std::unique_ptr<StateStore> store, CoordinatorOptions options);
   Status Restore();
@@ -143,7 +144,6 @@ class Coordinator {
   void Finish(JobRt& job);
   void LoseNode(NodeRt& node, const std::string& why);
   void Enqueue(const std::string& node, proto::AgentAction action);
-  void FlushPoll(NodeRt& node);
   // The node's session, if `caller` holds the key the node is bound to.
   StatusOr<NodeRt*> Session(const Caller& caller, const std::string& node,
                             const std::string& session);
@@ -175,10 +175,8 @@ class Coordinator {
   std::unique_ptr<StateStore> store_;
   CoordinatorOptions options_;
   std::unique_ptr<Scheduler> sched_;
-  std::map<std::string, std::unique_ptr<NodeRt>> nodes_;
+  NodeRegistry nodes_;  // and the node keys (persisted: StateStore::BindNodeKey)
   std::map<std::string, std::unique_ptr<JobRt>> jobs_;  // every job not terminal, plus recent
-  // Node name -> the z85 key it is bound to (persisted: StateStore::BindNodeKey).
-  std::map<std::string, std::string> node_keys_;
   struct Fetch {
     Reply reply;
     int64_t deadline_ms;
@@ -188,12 +186,7 @@ class Coordinator {
   std::map<std::pair<std::string, std::string>, CopyRt> copies_;  // by (job, target provider)
   std::vector<TransferGrant> grants_;
   uint64_t next_fetch_ = 1;
-  uint64_t next_session_ = 1;
   bool pass_needed_ = true;
 };
-
-// Conversions between the YAML job spec and the wire.
-proto::JobSpec JobSpecToProto(const JobSpec& spec);
-StatusOr<JobSpec> JobSpecFromProto(const proto::JobSpec& spec);
 
 }  // namespace muster::coordinator

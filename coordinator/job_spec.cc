@@ -638,4 +638,60 @@ JobRequest ToJobRequest(const JobSpec& spec, const std::string& id, uint64_t seq
   return r;
 }
 
+// ---------------------------------------------------------------------------------------------
+// The wire form
+
+proto::JobSpec JobSpecToProto(const JobSpec& s) {
+  proto::JobSpec p;
+  p.set_name(s.name);
+  for (const auto& c : s.command) p.add_command(c);
+  for (const auto& [k, v] : s.env) (*p.mutable_env())[k] = v;
+  p.set_nodes(s.nodes);
+  p.set_ranks_per_node(s.ranks_per_node);
+  p.set_gpu_type(s.gpu_type);
+  p.set_gpus_per_node(s.gpus_per_node);
+  for (const auto& pr : s.providers) p.add_providers(pr);
+  p.set_island(std::string(IslandPolicyName(s.island)));
+  p.set_priority(s.priority);
+  p.set_checkpoint_volume(s.checkpoint_volume);
+  p.set_checkpoint_every_steps(s.checkpoint_every_steps);
+  p.set_checkpoint_every_s(s.checkpoint_every_time.count());
+  p.set_checkpoint_keep(s.checkpoint_keep);
+  p.set_snapshot_every_steps(s.snapshot_every_steps);
+  p.set_max_restarts(s.max_restarts);
+  p.set_restart_backoff_s(s.restart_backoff.count());
+  p.set_time_limit_s(s.time_limit.count());
+  for (const auto& h : s.hosts) p.add_hosts(h);
+  p.set_interactive(s.interactive);
+  return p;
+}
+
+StatusOr<JobSpec> JobSpecFromProto(const proto::JobSpec& p) {
+  JobSpec s;
+  s.name = p.name();
+  s.command.assign(p.command().begin(), p.command().end());
+  for (const auto& [k, v] : p.env()) s.env[k] = v;
+  s.nodes = p.nodes();
+  s.ranks_per_node = p.ranks_per_node();
+  s.gpu_type = p.gpu_type();
+  s.gpus_per_node = p.gpus_per_node();
+  s.providers.assign(p.providers().begin(), p.providers().end());
+  if (!p.island().empty()) {
+    MUSTER_ASSIGN_OR_RETURN(s.island, ParseIslandPolicy(p.island()));
+  }
+  s.priority = p.priority();
+  s.checkpoint_volume = p.checkpoint_volume();
+  s.checkpoint_every_steps = p.checkpoint_every_steps();
+  s.checkpoint_every_time = std::chrono::seconds(p.checkpoint_every_s());
+  s.checkpoint_keep = p.checkpoint_keep();
+  s.snapshot_every_steps = p.snapshot_every_steps();
+  s.max_restarts = p.max_restarts();
+  s.restart_backoff = std::chrono::seconds(p.restart_backoff_s());
+  s.time_limit = std::chrono::seconds(p.time_limit_s());
+  s.hosts.assign(p.hosts().begin(), p.hosts().end());
+  s.interactive = p.interactive();
+  MUSTER_RETURN_IF_ERROR(ValidateJobSpec(s));
+  return s;
+}
+
 }  // namespace muster::coordinator

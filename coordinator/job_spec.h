@@ -21,6 +21,7 @@
 #include <string_view>
 #include <vector>
 
+#include "common/proto/coordinator.pb.h"
 #include "common/status.h"
 #include "coordinator/scheduler.h"
 
@@ -97,6 +98,12 @@ Status ValidateJobSpec(const JobSpec& spec);
 // InvalidArgument otherwise.
 StatusOr<std::chrono::seconds> ParseDuration(std::string_view text);
 std::string FormatDuration(std::chrono::seconds d);
+
+// The wire form (proto::JobSpec, what SubmitRequest.spec and the state store carry). FromProto
+// applies ValidateJobSpec: a wire spec is as untrusted as YAML. ToProto(FromProto(p)) keeps
+// every field a valid `p` has.
+proto::JobSpec JobSpecToProto(const JobSpec& spec);
+StatusOr<JobSpec> JobSpecFromProto(const proto::JobSpec& spec);
 
 // The scheduler's view of the spec.
 JobRequest ToJobRequest(const JobSpec& spec, const std::string& id, uint64_t seq);

@@ -307,6 +307,34 @@ TEST_F(CoordinatorTest, PeerFailureExitWaitsForTheRealCause) {
   EXPECT_NE(st.detail().find("exited 75 (a peer failed)"), std::string::npos) << st.detail();
 }
 
+// Exit 0 is success (docs/env-contract.md), also after a preemption notice: a job whose ranks
+// all finish while the notice runs has finished, and is not run again from its last checkpoint.
+TEST_F(CoordinatorTest, RanksThatAllExitZeroAfterANoticeFinishTheJob) {
+  std::string s = Register("n0");
+  std::string id = Submit("name: z\ncommand: x\n");
+  ASSERT_EQ(Heartbeat("n0", s).size(), 1u);
+  Report("n0", s, id, 1, true, 0, false);
+  proto::Envelope notice = ReportFrom("n0", s, "", 0);
+  notice.mutable_agent_report()->set_notice_deadline_ms(
+      std::chrono::duration_cast<std::chrono::milliseconds>((now_ + 30s).time_since_epoch())
+          .count());
+  notice.mutable_agent_report()->set_notice_source("test");
+  ASSERT_TRUE(Call(notice).has_agent_report_reply());
+  auto stop = Heartbeat("n0", s);
+  ASSERT_EQ(stop.size(), 1u);
+  EXPECT_EQ(stop[0].stop().reason(), proto::STOP_NODE_PREEMPTED);
+  proto::Envelope e = ReportFrom("n0", s, id, 1);
+  auto* x = e.mutable_agent_report()->add_exits();
+  x->set_exit_code(0);
+  x->set_stopped_by_agent(true);  // the agent marks every exit after a notice
+  e.mutable_agent_report()->set_all_exited(true);
+  ASSERT_TRUE(Call(e).has_agent_report_reply());
+  auto st = Status(id);
+  EXPECT_EQ(st.state(), proto::JOB_SUCCEEDED) << st.DebugString();
+  EXPECT_EQ(st.preemptions(), 0);
+  EXPECT_EQ(st.detail(), "every rank exited 0");
+}
+
 TEST_F(CoordinatorTest, TimeLimitStopsAndFails) {
   std::string s = Register("n0");
   std::string id = Submit("name: t\ncommand: x\ntime_limit: 60s\n");

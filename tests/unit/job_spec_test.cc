@@ -373,6 +373,9 @@ checkpoint:
 )");
   ASSERT_TRUE(spec.ok()) << spec.status();
   EXPECT_EQ(spec->snapshot_every_steps, 1);
+  auto back = JobSpecFromProto(JobSpecToProto(*spec));
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->snapshot_every_steps, 1);
   EXPECT_EQ(ParseJobSpec("name: ft\ncommand: [./t]\n")->snapshot_every_steps, 0);
   auto bad = ParseJobSpec(R"(name: ft
 command: [./train]
