@@ -37,5 +37,6 @@ void AddLaunchBench(CLI::App& app, Runner* runner);
 void AddSchedulerBench(CLI::App& app, Runner* runner);
 void AddRecoveryBench(CLI::App& app, Runner* runner);
 void AddCkptPyBench(CLI::App& app, Runner* runner);
+void AddSnapshotBench(CLI::App& app, Runner* runner);
 
 }  // namespace muster::bench

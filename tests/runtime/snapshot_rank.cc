@@ -26,7 +26,7 @@ int main(int argc, char** argv) {
   const int64_t every = (*ctx)->snapshot_every();
   if (!sender || every <= 0) return 5;
   const int rank = (*ctx)->rank();
-  std::vector<float> w(1024);
+  std::vector<float> w(1024), w_last;
   int64_t last = -1;
   for (int64_t step = 1; step <= steps; ++step) {
     for (size_t i = 0; i < w.size(); ++i) w[i] = static_cast<float>(rank * 1000 + step + i);
@@ -37,6 +37,7 @@ int main(int argc, char** argv) {
     s.metadata = "step=" + std::to_string(step);
     if (!sender->Snapshot(step, s).ok()) return 6;
     last = step;
+    w_last = w;
   }
   Status flushed = sender->Flush(std::chrono::seconds(20));
   if (!flushed.ok()) {
@@ -56,7 +57,7 @@ int main(int argc, char** argv) {
            .ok()) {
     return 7;
   }
-  if (back != w || meta != "step=" + std::to_string(last)) return 8;
+  if (back != w_last || meta != "step=" + std::to_string(last)) return 8;
   std::printf("snapshot ok step=%lld bytes=%zu\n", static_cast<long long>(last), f->payload.size());
   std::fflush(stdout);
   return exit_code;
