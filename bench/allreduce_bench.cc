@@ -89,7 +89,7 @@ int RankMain(const std::string& mode, size_t lo, size_t hi) {
         [&] { (void)c.Barrier()->Wait(); });
     if (!failed.ok()) {
       std::cerr << "allreduce-rank: " << failed << "\n";
-      return collectives::kPeerFailureExitCode;
+      return kPeerFailureExitCode;
     }
     return 0;
   }

@@ -1,8 +1,9 @@
 #pragma once
 
 // Volume: the narrow storage seam every checkpoint byte goes through (LevelDB's Env is the
-// model). LocalVolume is a POSIX file system; FaultInjectionVolume (fault_injection_volume.h)
-// wraps any Volume to tear, shorten or fail writes in tests.
+// model). LocalVolume is a POSIX file system; VolumeWrapper forwards every call to another Volume
+// so a decorator overrides only what it changes; FaultInjectionVolume (fault_injection_volume.h)
+// is one: it tears, shortens or fails writes and drops unsynced data in tests.
 //
 // Paths are plain strings; a Volume does not interpret them beyond handing them to the OS.
 //
@@ -97,6 +98,78 @@ class Volume {
   virtual Status DeleteFile(const std::string& path) = 0;
   // Removes a directory tree; a missing one is fine.
   virtual Status RemoveAll(const std::string& path) = 0;
+};
+
+// Forwards every call to `target`; a subclass overrides what it changes (LevelDB's EnvWrapper).
+// Owns nothing: `target` must outlive the wrapper. Thread-safe if `target` is.
+class VolumeWrapper : public Volume {
+ public:
+  explicit VolumeWrapper(Volume* target) : target_(target) {}
+  Volume* target() const { return target_; }
+
+  StatusOr<std::unique_ptr<WritableFile>> NewWritableFile(const std::string& path,
+                                                          bool direct) override {
+    return target_->NewWritableFile(path, direct);
+  }
+  StatusOr<std::unique_ptr<ReadableFile>> NewReadableFile(const std::string& path,
+                                                          bool direct) override {
+    return target_->NewReadableFile(path, direct);
+  }
+  Status CreateDirs(const std::string& path) override { return target_->CreateDirs(path); }
+  Status SyncDir(const std::string& path) override { return target_->SyncDir(path); }
+  Status Rename(const std::string& from, const std::string& to) override {
+    return target_->Rename(from, to);
+  }
+  StatusOr<std::vector<std::string>> ListDir(const std::string& path) override {
+    return target_->ListDir(path);
+  }
+  bool Exists(const std::string& path) override { return target_->Exists(path); }
+  bool IsLink(const std::string& path) override { return target_->IsLink(path); }
+  StatusOr<uint64_t> FileSize(const std::string& path) override { return target_->FileSize(path); }
+  StatusOr<double> AgeSeconds(const std::string& path) override {
+    return target_->AgeSeconds(path);
+  }
+  Status DeleteFile(const std::string& path) override { return target_->DeleteFile(path); }
+  Status RemoveAll(const std::string& path) override { return target_->RemoveAll(path); }
+
+ private:
+  Volume* target_;
+};
+
+// Forwarding bases for the files a VolumeWrapper hands out; each owns the file it wraps.
+class WritableFileWrapper : public WritableFile {
+ public:
+  explicit WritableFileWrapper(std::unique_ptr<WritableFile> target) : target_(std::move(target)) {}
+  StatusOr<size_t> WriteAt(uint64_t offset, const void* data, size_t n) override {
+    return target_->WriteAt(offset, data, n);
+  }
+  Status Sync() override { return target_->Sync(); }
+  Status Truncate(uint64_t size) override { return target_->Truncate(size); }
+  Status Close() override { return target_->Close(); }
+  bool direct() const override { return target_->direct(); }
+
+ protected:
+  WritableFile* target() const { return target_.get(); }
+
+ private:
+  std::unique_ptr<WritableFile> target_;
+};
+
+class ReadableFileWrapper : public ReadableFile {
+ public:
+  explicit ReadableFileWrapper(std::unique_ptr<ReadableFile> target) : target_(std::move(target)) {}
+  StatusOr<size_t> ReadAt(uint64_t offset, void* dst, size_t n) override {
+    return target_->ReadAt(offset, dst, n);
+  }
+  StatusOr<uint64_t> Size() override { return target_->Size(); }
+  void DropCache() override { target_->DropCache(); }
+  bool direct() const override { return target_->direct(); }
+
+ protected:
+  ReadableFile* target() const { return target_.get(); }
+
+ private:
+  std::unique_ptr<ReadableFile> target_;
 };
 
 // The process's local file system. Returns a process-wide instance (never destroyed).

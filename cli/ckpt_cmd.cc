@@ -12,6 +12,7 @@
 #include "checkpoint/replicate.h"
 #include "cli/commands.h"
 #include "common/logging.h"
+#include "common/strings.h"
 
 namespace muster::cli {
 namespace {
@@ -153,8 +154,7 @@ void AddAdoptCommand(CLI::App& ck, Runner* runner) {
       o.source = *src;
       o.job_dir = *into;
       if (o.job_dir.empty()) {
-        const char* env = std::getenv("MUSTER_CHECKPOINT_DIR");
-        o.job_dir = env ? env : "";
+        o.job_dir = EnvValue("MUSTER_CHECKPOINT_DIR").value_or("");
       }
       if (o.job_dir.empty()) {
         return Fail("adopt", InvalidArgumentError("no job checkpoint directory: pass --into DIR "

@@ -20,8 +20,8 @@
 // No hangs: every collective finishes within `CommConfig::timeout` (default 30 s). When a peer
 // dies mid-collective, every other rank's Work fails (Aborted or DeadlineExceeded) within that
 // timeout, and the communicator stays failed: later collectives fail at once. A rank program
-// should then exit with kPeerFailureExitCode, so that the launcher reports the rank that
-// failed first and not its victims.
+// should then exit with kPeerFailureExitCode (common/exit_codes.h), so that the launcher
+// reports the rank that failed first and not its victims.
 //
 // Thread-safety: a Communicator may be called from any thread, but collectives must be issued
 // in the same order on every rank, so one thread per rank should issue them. Work objects are
@@ -35,14 +35,11 @@
 #include <string_view>
 
 #include "collectives/store.h"
+#include "common/exit_codes.h"
 #include "common/rank_env.h"
 #include "common/status.h"
 
 namespace muster::collectives {
-
-// The exit code of a rank whose collective failed because a peer died or stopped answering
-// (EX_TEMPFAIL of sysexits.h: not this rank's fault; retrying the attempt may succeed).
-inline constexpr int kPeerFailureExitCode = 75;
 
 enum class DataType { kF32, kF64, kF16, kBF16, kI32, kI64 };
 enum class ReduceOp { kSum, kAvg, kMin, kMax };

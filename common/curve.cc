@@ -13,18 +13,12 @@
 #include <sstream>
 
 #include "common/logging.h"
+#include "common/strings.h"
 
 namespace muster {
 namespace fs = std::filesystem;
 
 namespace {
-
-std::string Trim(std::string s) {
-  size_t b = s.find_first_not_of(" \t\r\n");
-  if (b == std::string::npos) return "";
-  size_t e = s.find_last_not_of(" \t\r\n");
-  return s.substr(b, e - b + 1);
-}
 
 Status WriteFileMode(const fs::path& path, const std::string& content, mode_t mode,
                      bool overwrite) {
@@ -107,14 +101,14 @@ StatusOr<KeyPair> LoadKeyPair(const fs::path& path) {
   int lineno = 0;
   while (std::getline(in, line)) {
     ++lineno;
-    line = Trim(line);
+    line = TrimCopy(line);
     if (line.empty() || line[0] == '#') continue;
     size_t eq = line.find('=');
     if (eq == std::string::npos) {
       return InvalidArgumentError(path.string() + ":" + std::to_string(lineno) +
                                   ": expected 'public-key = ...' or 'secret-key = ...'");
     }
-    std::string k = Trim(line.substr(0, eq)), v = Trim(line.substr(eq + 1));
+    std::string k = TrimCopy(line.substr(0, eq)), v = TrimCopy(line.substr(eq + 1));
     if (!IsValidZ85Key(v)) {
       return InvalidArgumentError(path.string() + ":" + std::to_string(lineno) +
                                   ": not a 40-character z85 key");
@@ -169,10 +163,10 @@ namespace {
 StatusOr<bool> ParseAuthorizedLine(std::string line, AuthorizedKey* key, bool* has_role) {
   // '#' is also a z85 character: it starts a comment only at the start of a line or after
   // whitespace.
-  line = Trim(line);
+  line = TrimCopy(line);
   for (size_t i = 0; i < line.size(); ++i) {
     if (line[i] == '#' && (i == 0 || line[i - 1] == ' ' || line[i - 1] == '\t')) {
-      line = Trim(line.substr(0, i));
+      line = TrimCopy(line.substr(0, i));
       break;
     }
   }
@@ -270,9 +264,8 @@ fs::path KeysDir::agent_key_or_client_key() const {
 
 KeysDir KeysDir::Resolve(const std::string& flag) {
   if (!flag.empty()) return {flag};
-  if (const char* env = std::getenv("MUSTER_KEYS"); env && *env) return {env};
-  const char* home = std::getenv("HOME");
-  return {fs::path(home && *home ? home : "/root") / ".muster"};
+  if (auto env = EnvValue("MUSTER_KEYS")) return {*env};
+  return {fs::path(EnvValue("HOME").value_or("/root")) / ".muster"};
 }
 
 Status InitKeysDir(const KeysDir& keys, bool force) {
@@ -360,7 +353,7 @@ StatusOr<int> MigrateKeysDir(const KeysDir& keys, KeyRole role) {
           break;
         }
       }
-      line = Trim(body) + " role=" + std::string(KeyRoleName(role)) + comment;
+      line = TrimCopy(body) + " role=" + std::string(KeyRoleName(role)) + comment;
       ++changed;
     }
     out += line + "\n";

@@ -7,6 +7,8 @@
 #include <cstdlib>
 #include <mutex>
 
+#include "common/strings.h"
+
 namespace muster::log {
 namespace {
 
@@ -22,9 +24,9 @@ State& GetState() {
     auto* s = new State;
     s->dist = std::make_shared<spdlog::sinks::dist_sink_mt>();
     s->dist->add_sink(std::make_shared<spdlog::sinks::stderr_color_sink_mt>());
-    if (const char* env = std::getenv("MUSTER_LOG_LEVEL"); env && *env) {
-      auto lvl = spdlog::level::from_str(env);
-      if (lvl != spdlog::level::off || std::string_view(env) == "off") s->level = lvl;
+    if (auto env = EnvValue("MUSTER_LOG_LEVEL")) {
+      auto lvl = spdlog::level::from_str(*env);
+      if (lvl != spdlog::level::off || *env == "off") s->level = lvl;
     }
     return s;
   }();
@@ -55,8 +57,7 @@ std::unique_ptr<spdlog::formatter> MakeFormatter() {
 Status InitLogging(std::string_view level) {
   std::string name(level);
   if (name.empty()) {
-    const char* env = std::getenv("MUSTER_LOG_LEVEL");
-    name = env && *env ? env : "info";
+    name = EnvValue("MUSTER_LOG_LEVEL").value_or("info");
   }
   auto lvl = spdlog::level::from_str(name);
   if (lvl == spdlog::level::off && name != "off") {

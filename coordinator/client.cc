@@ -5,6 +5,7 @@
 #include <cstdlib>
 
 #include "common/curve.h"
+#include "common/strings.h"
 
 namespace muster::coordinator {
 
@@ -29,26 +30,11 @@ std::string JobStateName(proto::JobState s) {
   }
 }
 
-std::string NodeStateText(proto::NodeStatusState s) {
-  switch (s) {
-    case proto::NODE_UP:
-      return "up";
-    case proto::NODE_DRAINING:
-      return "draining";
-    case proto::NODE_QUARANTINED:
-      return "quarantined";
-    case proto::NODE_DOWN:
-      return "down";
-    default:
-      return "unknown";
-  }
-}
-
 StatusOr<std::unique_ptr<CoordinatorClient>> CoordinatorClient::Connect(ClientOptions o) {
   std::unique_ptr<CoordinatorClient> c(new CoordinatorClient());
   std::string endpoint = o.endpoint;
   if (endpoint.empty()) {
-    if (const char* e = std::getenv("MUSTER_COORDINATOR")) endpoint = e;
+    endpoint = EnvValue("MUSTER_COORDINATOR").value_or("");
   }
   if (endpoint.empty()) {
     return InvalidArgumentError(

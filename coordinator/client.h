@@ -14,6 +14,7 @@
 #include "common/proto/envelope.pb.h"
 #include "common/rpc.h"
 #include "common/status.h"
+#include "coordinator/node_state.h"  // NodeStateText, for the CLI
 
 namespace muster::coordinator {
 
@@ -55,6 +56,5 @@ class CoordinatorClient {
 
 // "pending", "running", ...
 std::string JobStateName(proto::JobState state);
-std::string NodeStateText(proto::NodeStatusState state);
 
 }  // namespace muster::coordinator

@@ -11,6 +11,7 @@
 #include "common/wire.h"
 #include "coordinator/job_lifecycle.h"
 #include "coordinator/job_spec.h"
+#include "coordinator/node_state.h"
 
 namespace muster::coordinator {
 
@@ -973,20 +974,7 @@ proto::NodeStatus Coordinator::NodeStatusOf(const NodeRt& n) {
   *s.mutable_labels() = n.rec.labels;
   auto view = sched_->GetNode(n.rec.labels.name(), options_.clock());
   if (view.ok()) {
-    switch (view->state) {
-      case NodeState::kUp:
-        s.set_state(proto::NODE_UP);
-        break;
-      case NodeState::kDraining:
-        s.set_state(proto::NODE_DRAINING);
-        break;
-      case NodeState::kQuarantined:
-        s.set_state(proto::NODE_QUARANTINED);
-        break;
-      case NodeState::kDown:
-        s.set_state(proto::NODE_DOWN);
-        break;
-    }
+    s.set_state(NodeStateToProto(view->state));
     s.set_job_id(view->job);
   }
   s.set_last_heartbeat_ms(n.last_hb_ms);

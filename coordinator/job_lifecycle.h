@@ -36,14 +36,12 @@
 #include <utility>
 #include <vector>
 
+#include "common/exit_codes.h"  // kPeerFailureExitCode
 #include "common/proto/coordinator.pb.h"
 #include "coordinator/state_store.h"
 
 namespace muster::coordinator {
 
-// The exit code of a rank whose collective failed because a peer died (docs/env-contract.md;
-// collectives::kPeerFailureExitCode).
-inline constexpr int kPeerFailureExitCode = 75;
 // Retryable start errors in a row before one counts as a failure.
 inline constexpr int kMaxStartRetries = 8;
 

@@ -4,7 +4,6 @@
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
-#include <charconv>
 #include <fstream>
 #include <functional>
 #include <optional>
@@ -13,6 +12,7 @@
 #include <unordered_map>
 
 #include "common/rank_env.h"
+#include "common/strings.h"
 
 namespace muster::coordinator {
 
@@ -93,14 +93,12 @@ bool IsDigits(std::string_view s) {
   return !s.empty() && std::all_of(s.begin(), s.end(), [](char c) { return c >= '0' && c <= '9'; });
 }
 
-// A decimal integer with an optional sign, nothing else; nullopt if not one or out of int64.
-std::optional<int64_t> ParseInt64(std::string_view s) {
+// A decimal integer with an optional sign ('+' too, which YAML allows), nothing else; nullopt if
+// not one or out of int64.
+std::optional<int64_t> ParseSignedInt(std::string_view s) {
   if (!s.empty() && s[0] == '+') s.remove_prefix(1);
   if (s.empty() || s[0] == '+') return std::nullopt;
-  int64_t v = 0;
-  auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), v, 10);
-  if (ec != std::errc() || end != s.data() + s.size()) return std::nullopt;
-  return v;
+  return muster::ParseInt64(s);
 }
 
 bool IsLower(char c) { return c >= 'a' && c <= 'z'; }
@@ -253,7 +251,7 @@ void CheckFields(const JobSpec& s, const LineOf& line_of, Errors* errs) {
 bool GetInt(const YAML::Node& n, std::string_view field, int64_t lo, int64_t hi, int64_t* out,
             Errors* errs) {
   if (n.IsScalar()) {
-    auto v = ParseInt64(n.Scalar());
+    auto v = ParseSignedInt(n.Scalar());
     if (v && *v >= lo && *v <= hi) {
       *out = *v;
       return true;
@@ -350,7 +348,7 @@ StatusOr<std::chrono::seconds> ParseDuration(std::string_view text) {
     size_t digits = pos;
     while (digits < text.size() && IsDigit(text[digits])) ++digits;
     if (digits == pos) return bad();
-    auto v = ParseInt64(text.substr(pos, digits - pos));
+    auto v = ParseSignedInt(text.substr(pos, digits - pos));
     if (!v) return bad();
     int64_t unit = 1;
     if (digits < text.size()) {

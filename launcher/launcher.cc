@@ -20,13 +20,14 @@
 #include <random>
 #include <thread>
 
-#include "collectives/communicator.h"
 #include "collectives/store_server.h"
 #include "common/curve.h"
+#include "common/exit_codes.h"
 #include "common/logging.h"
 #include "common/python_path.h"
 #include "common/rank_env.h"
 #include "common/reactor.h"
+#include "common/strings.h"
 #include "launcher/remote_run.h"
 #include "node_agent/supervisor.h"
 
@@ -100,7 +101,7 @@ struct JobState {
 
   // The outcome; the first of these to happen decides the exit code.
   std::optional<std::pair<int, ExitInfo>> first_failure;  // rank, how it ended
-  bool first_is_peer_failure = false;  // it exited with collectives::kPeerFailureExitCode
+  bool first_is_peer_failure = false;  // it exited with kPeerFailureExitCode
   std::optional<int> interrupted_by;   // signal
   bool timed_out = false;
   std::optional<std::pair<int, Status>> spawn_error;  // rank, why
@@ -140,8 +141,8 @@ StatusOr<int> PickFreePort() {
 
 std::vector<std::string> DetectGpus() {
   std::vector<std::string> gpus;
-  if (const char* env = std::getenv("CUDA_VISIBLE_DEVICES"); env && *env) {
-    std::string s(env);
+  if (auto env = EnvValue("CUDA_VISIBLE_DEVICES")) {
+    std::string s = *env;
     size_t start = 0;
     while (start <= s.size()) {
       size_t comma = s.find(',', start);
@@ -191,23 +192,8 @@ StatusOr<std::vector<RankPlan>> PlanRanks(const RunOptions& options, const Launc
                                 std::to_string(total) + " slots of the hosts given");
   }
 
-  std::map<std::string, std::string> exported;
-  for (const auto& x : options.exports) {
-    size_t eq = x.find('=');
-    if (eq != std::string::npos) {
-      exported[x.substr(0, eq)] = x.substr(eq + 1);
-      continue;
-    }
-    // -x NAME: the value this launcher has (ctx.base_env is its environment).
-    auto it = std::find_if(ctx.base_env.begin(), ctx.base_env.end(), [&](const std::string& kv) {
-      return kv.size() > x.size() && kv.compare(0, x.size(), x) == 0 && kv[x.size()] == '=';
-    });
-    if (it == ctx.base_env.end()) {
-      return InvalidArgumentError("-x " + x + ": " + x +
-                                  " is not set in this environment (use -x " + x + "=VALUE)");
-    }
-    exported[x] = it->substr(x.size() + 1);
-  }
+  // -x NAME takes the value this launcher has (ctx.base_env is its environment).
+  MUSTER_ASSIGN_OR_RETURN(auto exported, ResolveExports(options.exports, ctx.base_env));
 
   AddMusterPythonPath(ctx.base_env, exported);  // `import muster` works in every rank
 
@@ -253,9 +239,9 @@ int RunJob(const RunOptions& options, const RunIo& io) {
     return code;
   };
   if (!options.coordinator.empty()) return RunThroughCoordinator(options, io);
-  if (const char* env = std::getenv("MUSTER_COORDINATOR"); env && *env) {
+  if (auto env = EnvValue("MUSTER_COORDINATOR")) {
     RunOptions remote = options;
-    remote.coordinator = env;
+    remote.coordinator = *env;
     return RunThroughCoordinator(remote, io);
   }
 
@@ -341,7 +327,7 @@ int RunJob(const RunOptions& options, const RunIo& io) {
   cb.on_exit = [&](ChildId id, const std::string&, const ExitInfo& e) {
     if (e.success()) return;
     int rank = job.rank_of.at(id);
-    bool peer = !e.signaled && e.code == collectives::kPeerFailureExitCode;
+    bool peer = !e.signaled && e.code == kPeerFailureExitCode;
     if (!job.stopping) {
       // The first failure: it decides the exit code; every other rank is stopped.
       job.first_failure.emplace(rank, e);

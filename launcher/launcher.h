@@ -7,8 +7,10 @@
 //   int code = RunJob(opts);   // what `muster run` exits with
 //
 // What RunJob does:
-//   - plans the ranks over the hosts (all must be this machine until the coordinator issue
-//     brings node agents: another host is refused, naming --coordinator);
+//   - with --coordinator or $MUSTER_COORDINATOR, hands the job to RunThroughCoordinator
+//     (remote_run.h): node agents run it, on any hosts;
+//   - otherwise plans the ranks over the hosts, which must all be this machine (another host is
+//     refused, naming --coordinator);
 //   - serves the rendezvous store (CURVE, one scope for the job's attempt 0) and a free
 //     MASTER_PORT, builds each rank's environment (PlanRanks) and spawns the ranks through a
 //     node_agent::Supervisor, rank 0 with the launcher's stdin;

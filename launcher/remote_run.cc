@@ -15,7 +15,9 @@
 #include <thread>
 
 #include "common/logging.h"
+#include "common/rank_env.h"
 #include "coordinator/client.h"
+#include "launcher/run_options.h"
 
 namespace muster::launcher {
 
@@ -116,17 +118,9 @@ int RunThroughCoordinator(const RunOptions& options, const RunIo& io) {
   auto* spec = req.mutable_submit_request()->mutable_spec();
   spec->set_name(options.job_id.empty() ? "run" : options.job_id);
   for (const auto& a : options.program) spec->add_command(a);
-  for (const auto& x : options.exports) {
-    auto eq = x.find('=');
-    if (eq != std::string::npos) {
-      (*spec->mutable_env())[x.substr(0, eq)] = x.substr(eq + 1);
-    } else if (const char* v = std::getenv(x.c_str())) {
-      (*spec->mutable_env())[x] = v;
-    } else {
-      return fail("-x " + x + ": " + x + " is not set in this environment (use -x " + x + "=VALUE)",
-                  kExitUsage);
-    }
-  }
+  auto exported = ResolveExports(options.exports, ProcessEnviron());
+  if (!exported.ok()) return fail(exported.status().message(), kExitUsage);
+  for (const auto& [name, value] : *exported) (*spec->mutable_env())[name] = value;
   spec->set_nodes(hosts.empty() ? 1 : static_cast<int>(hosts.size()));
   spec->set_ranks_per_node(rpn);
   for (const auto& h : hosts) spec->add_hosts(h);

@@ -2,11 +2,14 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstdlib>
 #include <fstream>
 #include <sstream>
+
+#include "common/strings.h"
 
 namespace muster::launcher {
 namespace {
@@ -21,14 +24,28 @@ StatusOr<int> ParsePositiveInt(const std::string& what, const std::string& text)
   return static_cast<int>(v);
 }
 
-std::string Trim(const std::string& s) {
-  size_t b = s.find_first_not_of(" \t\r");
-  if (b == std::string::npos) return "";
-  size_t e = s.find_last_not_of(" \t\r");
-  return s.substr(b, e - b + 1);
-}
-
 }  // namespace
+
+StatusOr<std::map<std::string, std::string>> ResolveExports(
+    const std::vector<std::string>& exports, const std::vector<std::string>& environ) {
+  std::map<std::string, std::string> out;
+  for (const auto& x : exports) {
+    size_t eq = x.find('=');
+    if (eq != std::string::npos) {
+      out[x.substr(0, eq)] = x.substr(eq + 1);
+      continue;
+    }
+    auto it = std::find_if(environ.begin(), environ.end(), [&](const std::string& kv) {
+      return kv.size() > x.size() && kv.compare(0, x.size(), x) == 0 && kv[x.size()] == '=';
+    });
+    if (it == environ.end()) {
+      return InvalidArgumentError("-x " + x + ": " + x +
+                                  " is not set in this environment (use -x " + x + "=VALUE)");
+    }
+    out[x] = it->substr(x.size() + 1);
+  }
+  return out;
+}
 
 const char* RunUsage() {
   return R"(Usage: muster run [options] [--] PROG [ARGS...]
@@ -73,7 +90,7 @@ StatusOr<std::vector<HostSlots>> ParseHostList(const std::string& list) {
   std::stringstream ss(list);
   std::string item;
   while (std::getline(ss, item, ',')) {
-    item = Trim(item);
+    item = TrimCopy(item, " \t\r");
     if (item.empty()) return InvalidArgumentError("-H '" + list + "': empty host name");
     HostSlots h;
     size_t colon = item.rfind(':');

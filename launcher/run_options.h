@@ -6,6 +6,7 @@
 // Thread-safety: values and pure functions.
 
 #include <chrono>
+#include <map>
 #include <optional>
 #include <string>
 #include <vector>
@@ -30,7 +31,7 @@ struct HostSlots {
 struct RunOptions {
   int np = 0;                        // 0: every slot of the hosts (or this machine's CPU count)
   std::vector<HostSlots> hosts;      // -H and --hostfile, in order; empty: localhost
-  std::vector<std::string> exports;  // -x VAR or VAR=VAL
+  std::vector<std::string> exports;  // -x VAR or VAR=VAL (ResolveExports)
   bool tag_output = false;
   std::optional<std::chrono::milliseconds> timeout;
   std::chrono::milliseconds grace{3000};
@@ -52,6 +53,12 @@ const char* RunUsage();
 // option (or everything after `--`) is the program and its arguments. InvalidArgument, with
 // the offending word, for anything malformed; hostfiles are read here (NotFound if missing).
 StatusOr<RunOptions> ParseRunArgs(const std::vector<std::string>& args);
+
+// The variables -x asks for, by name: "NAME=VALUE" as given, "NAME" with its value in
+// `environ` ("K=V" entries: the launcher's own environment). The one reading of -x, for local
+// and coordinator runs. InvalidArgument naming NAME when `environ` does not set it.
+StatusOr<std::map<std::string, std::string>> ResolveExports(
+    const std::vector<std::string>& exports, const std::vector<std::string>& environ);
 
 // "a:2,b,c:4" -> {a,2},{b,1},{c,4} (Open MPI's -H).
 StatusOr<std::vector<HostSlots>> ParseHostList(const std::string& list);

@@ -10,6 +10,7 @@
 #include <sstream>
 
 #include "common/logging.h"
+#include "common/strings.h"
 
 #ifdef MUSTER_HAVE_CURL
 #include <curl/curl.h>
@@ -21,12 +22,6 @@ namespace muster::node_agent {
 namespace {
 
 using SysClock = std::chrono::system_clock;
-
-std::string Trim(std::string s) {
-  size_t b = s.find_first_not_of(" \t\r\n");
-  if (b == std::string::npos) return "";
-  return s.substr(b, s.find_last_not_of(" \t\r\n") - b + 1);
-}
 
 constexpr int64_t kMaxNoticeSeconds = 365LL * 24 * 3600;
 
@@ -45,7 +40,7 @@ class NoticeFileSource final : public NoticeSource {
     std::ifstream in(path_);
     std::stringstream ss;
     ss << in.rdbuf();
-    std::string text = Trim(ss.str());
+    std::string text = TrimCopy(ss.str());
     auto mtime = SysClock::from_time_t(st.st_mtim.tv_sec);
     PreemptionNotice n{"file", mtime + default_notice_, "notice file " + path_};
     if (!text.empty()) {
@@ -124,7 +119,7 @@ class AwsSpotSource final : public NoticeSource {
     auto token = Http("PUT", base_ + "/latest/api/token",
                       {"X-aws-ec2-metadata-token-ttl-seconds: 300"}, timeout_);
     if (token.ok() && token->code == 200) {
-      headers.push_back("X-aws-ec2-metadata-token: " + Trim(token->body));
+      headers.push_back("X-aws-ec2-metadata-token: " + TrimCopy(token->body));
     }
     MUSTER_ASSIGN_OR_RETURN(
         HttpResponse r,
@@ -164,7 +159,7 @@ class GcpPreemptedSource final : public NoticeSource {
     if (r.code != 200) {
       return UnavailableError("gcp preempted answered HTTP " + std::to_string(r.code));
     }
-    std::string v = Trim(r.body);
+    std::string v = TrimCopy(r.body);
     if (v == "FALSE") return std::optional<PreemptionNotice>();
     if (v != "TRUE") return InvalidArgumentError("gcp preempted: unexpected value '" + v + "'");
     return std::optional<PreemptionNotice>(

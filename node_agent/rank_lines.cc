@@ -1,7 +1,8 @@
 #include "node_agent/rank_lines.h"
 
-#include <charconv>
 #include <string>
+
+#include "common/strings.h"
 
 namespace muster::node_agent {
 
@@ -17,17 +18,8 @@ bool ParseDouble(std::string_view v, double* out) {
   }
 }
 
-bool ParseInt(std::string_view v, int64_t* out) {
-  auto r = std::from_chars(v.data(), v.data() + v.size(), *out);
-  return r.ec == std::errc() && r.ptr == v.data() + v.size();
-}
-
-std::string_view Trim(std::string_view s) {
-  while (!s.empty() && (s.back() == '\r' || s.back() == ' ' || s.back() == '\t'))
-    s.remove_suffix(1);
-  while (!s.empty() && (s.front() == ' ' || s.front() == '\t')) s.remove_prefix(1);
-  return s;
-}
+// Blanks and a CR at the end (a line written with CRLF), blanks at the start.
+std::string_view Trim(std::string_view s) { return TrimLeft(TrimRight(s, " \t\r"), " \t"); }
 
 }  // namespace
 
@@ -47,13 +39,13 @@ std::optional<proto::Progress> ParseProgressLine(std::string_view line) {
     size_t eq = tok.find('=');
     if (eq == std::string_view::npos) continue;
     std::string_view k = tok.substr(0, eq), v = tok.substr(eq + 1);
-    int64_t i = 0;
+    std::optional<int64_t> i = ParseInt64(v);
     double d = 0;
-    if (k == "step" && ParseInt(v, &i) && i >= 0) {
-      p.set_step(i);
+    if (k == "step" && i && *i >= 0) {
+      p.set_step(*i);
       have_step = true;
-    } else if (k == "total" && ParseInt(v, &i) && i >= 0) {
-      p.set_total_steps(i);
+    } else if (k == "total" && i && *i >= 0) {
+      p.set_total_steps(*i);
     } else if (k == "loss" && ParseDouble(v, &d)) {
       p.set_loss(d);
     } else if (k == "throughput" && ParseDouble(v, &d)) {
@@ -76,8 +68,8 @@ std::optional<int64_t> ParseCheckpointLine(std::string_view line) {
   if (line.substr(0, kTag.size()) != kTag) return std::nullopt;
   line.remove_prefix(kTag.size());
   size_t end = line.find_first_of(" \t");
-  int64_t step = 0;
-  if (!ParseInt(line.substr(0, end), &step) || step <= 0) return std::nullopt;
+  std::optional<int64_t> step = ParseInt64(line.substr(0, end));
+  if (!step || *step <= 0) return std::nullopt;
   return step;
 }
 

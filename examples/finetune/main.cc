@@ -25,7 +25,7 @@ constexpr int kExitFailed = 1;
 constexpr int kExitUsage = 2;
 constexpr int kExitPreempted = 3;  // checkpointed on a notice and stopped; resume later
 // A collective failed because a peer died or stopped answering: not this rank's fault.
-constexpr int kExitPeerFailed = muster::collectives::kPeerFailureExitCode;
+constexpr int kExitPeerFailed = muster::kPeerFailureExitCode;
 
 }  // namespace
 

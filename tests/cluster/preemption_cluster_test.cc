@@ -1,4 +1,4 @@
-// Survive preemption across providers (issue 6), on a cluster of network namespaces: a real
+// Survive preemption across providers, on a cluster of network namespaces: a real
 // `muster coordinator` on one host and four real `muster agent`s on others, two on provider aws
 // and two on gcp. Each provider's agents share one volume directory (a per-provider shared
 // filesystem), each agent has its own work dir, and everything speaks CURVE with the keys of
@@ -7,7 +7,7 @@
 // `muster events` and the ranks' own log lines (MUSTER_PROGRESS, MUSTER_CHECKPOINT step=N,
 // MUSTER_PREEMPTED step=N, MUSTER_DONE ... param_digest=...).
 //
-// Scenarios (issue 6, item 6):
+// Scenarios:
 //   a. a preemption notice (`muster node preempt`): the job resumes at exactly the step it was
 //      preempted at, on the other provider;
 //   b. kill -9 of an agent: the job is requeued and resumes from its last commit, losing at
@@ -40,6 +40,7 @@
 
 #include "tests/cluster/netns_cluster.h"
 #include "tests/testing/subprocess.h"
+#include "tests/testing/wait_until.h"
 
 namespace muster::testing {
 namespace {
@@ -75,15 +76,8 @@ std::string Tail(const std::string& s, size_t n = 3000) {
   return s.size() <= n ? s : "..." + s.substr(s.size() - n);
 }
 
-// Polls `pred` until it holds or `timeout` passes (the cluster has no push channel to a test).
-bool WaitUntil(const std::function<bool()>& pred, std::chrono::milliseconds timeout) {
-  auto until = Clock::now() + timeout;
-  while (!pred()) {
-    if (Clock::now() >= until) return false;
-    std::this_thread::sleep_for(50ms);
-  }
-  return true;
-}
+// The cluster has no push channel to a test: WaitUntil (tests/testing/wait_until.h) polls its
+// state (`muster status` and the logs), at most every 50 ms.
 
 // Every `step=N` of lines starting with `tag`, in order.
 std::vector<int> Steps(const std::string& log, const std::string& tag) {

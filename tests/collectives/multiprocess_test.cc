@@ -23,6 +23,7 @@
 #include "collectives/communicator.h"
 #include "collectives/store_server.h"
 #include "tests/testing/child_process.h"
+#include "tests/testing/reactor_fixture.h"
 
 namespace muster::collectives {
 namespace {
@@ -33,23 +34,17 @@ using Clock = std::chrono::steady_clock;
 using Child = ::muster::testing::Child;
 
 // Hosts a CURVE rendezvous store, as the launcher does, and starts ranks with the env contract.
-class MultiProcessTest : public ::testing::Test {
+class MultiProcessTest : public ::muster::testing::ReactorZapTest {
  protected:
   void SetUp() override {
-    reactor_ = std::make_unique<Reactor>("mp-test");
-    zap_ = std::move(*ZapAuthenticator::Create(*reactor_));
+    CreateReactor("mp-test");
+    if (HasFatalFailure()) return;
     auto s = StoreServer::Create(*reactor_, zap_.get(), {});
     ASSERT_TRUE(s.ok()) << s.status();
     server_ = std::move(*s);
     reactor_->Start();
   }
-  void TearDown() override {
-    reactor_->Call("teardown", [&] {
-      server_.reset();
-      zap_.reset();
-    });
-    reactor_->Stop();
-  }
+  void ReleaseOnReactor() override { server_.reset(); }
 
   std::vector<std::unique_ptr<Child>> StartRanks(int np, std::vector<std::string> args,
                                                  uint64_t attempt = 0) {
@@ -78,8 +73,6 @@ class MultiProcessTest : public ::testing::Test {
     return ranks;
   }
 
-  std::unique_ptr<Reactor> reactor_;
-  std::unique_ptr<ZapAuthenticator> zap_;
   std::unique_ptr<StoreServer> server_;
 };
 

@@ -21,6 +21,7 @@
 #include "coordinator/client.h"
 #include "tests/testing/port_range.h"
 #include "tests/testing/subprocess.h"
+#include "tests/testing/wait_until.h"
 
 namespace muster {
 namespace {
@@ -31,15 +32,7 @@ using Clock = std::chrono::steady_clock;
 using testing::RunCommand;
 using testing::Subprocess;
 
-template <typename F>
-bool WaitUntil(F pred, std::chrono::milliseconds timeout) {
-  auto end = Clock::now() + timeout;
-  while (Clock::now() < end) {
-    if (pred()) return true;
-    std::this_thread::sleep_for(50ms);
-  }
-  return pred();
-}
+using testing::WaitUntil;
 
 std::string ReadFile(const fs::path& p) {
   std::ifstream in(p);

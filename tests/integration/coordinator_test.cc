@@ -21,6 +21,7 @@
 #include "common/curve.h"
 #include "common/rpc.h"
 #include "coordinator/client.h"
+#include "tests/testing/wait_until.h"
 
 namespace muster::coordinator {
 namespace {
@@ -29,15 +30,7 @@ namespace fs = std::filesystem;
 using namespace std::chrono_literals;
 using Clock = std::chrono::steady_clock;
 
-template <typename F>
-bool WaitUntil(F pred, std::chrono::milliseconds timeout) {
-  auto end = Clock::now() + timeout;
-  while (Clock::now() < end) {
-    if (pred()) return true;
-    std::this_thread::sleep_for(20ms);
-  }
-  return pred();
-}
+using testing::WaitUntil;
 
 // One `muster coordinator` child process.
 class CoordinatorProcess {

@@ -202,7 +202,7 @@ TEST(MusterRunTest, FailuresCausedByTheStopAreNotTheFirstFailure) {
 }
 
 TEST(MusterRunTest, APeerFailureExitGivesWayToTheRealCulprit) {
-  // Rank 1 exits 75 (collectives::kPeerFailureExitCode: "a peer died") first; rank 2 then dies
+  // Rank 1 exits 75 (kPeerFailureExitCode: "a peer died") first; rank 2 then dies
   // of a SIGKILL the launcher did not send. Rank 2 is the culprit.
   std::string fifo = MakeFifo("peer");
   MusterRun run({"-np", "4", "-x", "FIFO=" + fifo, "sh", "-c",

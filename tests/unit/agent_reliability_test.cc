@@ -23,6 +23,7 @@
 #include "node_agent/lease_watchdog.h"
 #include "node_agent/outbox.h"
 #include "tests/testing/port_range.h"
+#include "tests/testing/wait_until.h"
 
 namespace muster {
 namespace {
@@ -31,15 +32,7 @@ namespace fs = std::filesystem;
 using namespace std::chrono_literals;
 using Clock = std::chrono::steady_clock;
 
-template <typename F>
-bool WaitUntil(F pred, std::chrono::milliseconds timeout) {
-  auto end = Clock::now() + timeout;
-  while (Clock::now() < end) {
-    if (pred()) return true;
-    std::this_thread::sleep_for(10ms);
-  }
-  return pred();
-}
+using testing::WaitUntil;
 
 bool Gone(pid_t pid) {
   // Reaps it if it is our child; a zombie counts as gone.

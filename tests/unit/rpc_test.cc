@@ -6,6 +6,7 @@
 
 #include "common/wire.h"
 #include "tests/testing/log_capture.h"
+#include "tests/testing/reactor_fixture.h"
 
 namespace muster {
 namespace {
@@ -13,17 +14,15 @@ namespace {
 using namespace std::chrono_literals;
 
 // A CURVE server with our ZAP handler, answering Ping with Pong.
-class RpcTest : public ::testing::Test {
+class RpcTest : public testing::ReactorZapTest {
  protected:
   void SetUp() override { StartServer(kDefaultMaxMessageBytes); }
 
   void StartServer(int64_t max_bytes) {
     server_key_ = *GenerateKeyPair();
     client_key_ = *GenerateKeyPair();
-    reactor_ = std::make_unique<Reactor>("rpc-test");
-    auto zap = ZapAuthenticator::Create(*reactor_);
-    ASSERT_TRUE(zap.ok()) << zap.status();
-    zap_ = std::move(*zap);
+    CreateReactor("rpc-test");
+    if (HasFatalFailure()) return;
     zap_->SetAuthorized(kDefaultZapDomain, {{client_key_.public_key, "alice"}});
     RpcServer::Options o;
     o.name = "test";
@@ -44,13 +43,7 @@ class RpcTest : public ::testing::Test {
     reactor_->Start();
   }
 
-  void TearDown() override {
-    reactor_->Call("teardown", [&] {
-      server_.reset();
-      zap_.reset();
-    });
-    reactor_->Stop();
-  }
+  void ReleaseOnReactor() override { server_.reset(); }
 
   std::unique_ptr<RpcClient> Client(const KeyPair& key) {
     RpcClient::Options o;
@@ -70,8 +63,6 @@ class RpcTest : public ::testing::Test {
 
   zmq::context_t ctx_;
   KeyPair server_key_, client_key_;
-  std::unique_ptr<Reactor> reactor_;
-  std::unique_ptr<ZapAuthenticator> zap_;
   std::unique_ptr<RpcServer> server_;
   std::atomic<int> handled_{0};
   std::string last_user_;  // written on the reactor, read after a reply

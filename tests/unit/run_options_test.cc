@@ -5,7 +5,11 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <map>
+
+#include "common/rank_env.h"
 #include "launcher/launcher.h"
+#include "node_agent/supervisor.h"
 
 namespace muster::launcher {
 namespace {
@@ -78,6 +82,17 @@ TEST(RunOptionsTest, KnowsWhichHostsAreThisMachine) {
   EXPECT_FALSE(IsLocalHost("gpu-node-17.example.com"));
 }
 
+TEST(RunOptionsTest, ResolvesExportsByValueOrFromTheEnvironment) {
+  auto got = ResolveExports({"A=1", "B", "C=x=y", "EMPTY"}, {"B=from-env", "BB=no", "EMPTY="});
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(*got, (std::map<std::string, std::string>{
+                      {"A", "1"}, {"B", "from-env"}, {"C", "x=y"}, {"EMPTY", ""}}));
+  auto missing = ResolveExports({"B"}, {"BB=no", "B"});
+  EXPECT_EQ(missing.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(missing.status().message().find("-x B: B is not set"), std::string::npos)
+      << missing.status();
+}
+
 TEST(PlanRanksTest, FillsSlotsInOrderAndRefusesTooManyRanks) {
   RunOptions o;
   o.program = {"true"};
@@ -117,6 +132,69 @@ TEST(PlanRanksTest, ContractOverridesExportsWhichOverrideTheEnvironment) {
   EXPECT_TRUE(has((*plan)[1], "CUDA_VISIBLE_DEVICES="));  // no GPUs: none visible
   o.exports = {"UNSET_VAR_FOR_TEST"};
   EXPECT_NE(PlanRanks(o, ctx).status().message().find("UNSET_VAR_FOR_TEST"), std::string::npos);
+}
+
+// `muster run` keeps its own spawn path (docs/architecture.md, "muster run"), so this pins what
+// keeps it from drifting from the agents': every rank's environment is the one env type's
+// (RankEnv) through the one builder (ComposeRankEnviron), the same as an agent's. The ranks
+// read it back with RankEnv::FromEnviron into exactly the fields the plan chose, every
+// variable ToEnviron writes is there as written, and the launcher adds no contract or
+// MUSTER_* variable of its own beside them.
+TEST(PlanRanksTest, EveryRankGetsTheEnvContractThroughTheOneEnvType) {
+  RunOptions o;
+  o.program = {"true"};
+  o.np = 3;
+  o.checkpoint_dir = "/ckpt/j";
+  o.exports = {"MUSTER_COLL_BACKEND=gloo", "USER_VAR=1"};
+  LaunchContext ctx;
+  ctx.job_id = "j";
+  ctx.master_port = 29500;
+  ctx.rdzv_endpoint = "tcp://127.0.0.1:30000";
+  ctx.rdzv_key = "insecure";
+  ctx.gpus = {"0", "1"};
+  ctx.base_env = {"PATH=/bin", "MUSTER_STALE_FROM_PARENT=x", "RANK=7"};
+  auto plan = PlanRanks(o, ctx);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  ASSERT_EQ(plan->size(), 3u);
+  for (const RankPlan& p : *plan) {
+    SCOPED_TRACE("rank " + std::to_string(p.rank));
+    std::map<std::string, std::string> env;
+    for (const auto& kv : p.env) {
+      size_t eq = kv.find('=');
+      ASSERT_NE(eq, std::string::npos) << kv;
+      ASSERT_TRUE(env.emplace(kv.substr(0, eq), kv.substr(eq + 1)).second) << "twice: " << kv;
+    }
+    std::vector<std::string> unknown;
+    auto got = RankEnv::FromEnviron(env, &unknown);
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_TRUE(unknown.empty()) << unknown[0];
+    RankEnv want;
+    want.rank = p.rank;
+    want.world_size = 3;
+    want.local_rank = p.rank;
+    want.local_world_size = 3;
+    want.master_addr = "127.0.0.1";
+    want.master_port = 29500;
+    want.cuda_visible_devices = ctx.gpus[p.rank % 2];
+    want.job_id = "j";
+    want.rdzv_endpoint = ctx.rdzv_endpoint;
+    want.rdzv_key = "insecure";
+    want.checkpoint_dir = "/ckpt/j";
+    want.control_fd = node_agent::Supervisor::kControlFd;
+    want.coll_backend = "gloo";
+    EXPECT_EQ(*got, want);
+    for (const auto& [k, v] : want.ToEnviron()) {
+      auto it = env.find(k);
+      ASSERT_NE(it, env.end()) << k << " is missing";
+      EXPECT_EQ(it->second, v) << k;
+    }
+    for (const auto& [k, v] : env) {
+      if (RankEnv::IsContractName(k) || k.rfind("MUSTER_", 0) == 0) {
+        EXPECT_TRUE(want.ToEnviron().count(k) || RankEnv::IsKnobName(k)) << k << "=" << v;
+      }
+    }
+    EXPECT_EQ(env["USER_VAR"], "1");
+  }
 }
 
 }  // namespace

@@ -11,6 +11,8 @@
 
 #include "collectives/store_client.h"
 #include "tests/testing/log_capture.h"
+#include "tests/testing/reactor_fixture.h"
+#include "tests/testing/wait_until.h"
 
 namespace muster::collectives {
 namespace {
@@ -18,17 +20,13 @@ namespace {
 using namespace std::chrono_literals;
 using Clock = std::chrono::steady_clock;
 
-class StoreServerTest : public ::testing::Test {
+class StoreServerTest : public testing::ReactorZapTest {
  protected:
   void SetUp() override { Start(/*insecure=*/false); }
 
   void Start(bool insecure) {
-    reactor_ = std::make_unique<Reactor>("store-test");
-    if (!insecure) {
-      auto zap = ZapAuthenticator::Create(*reactor_);
-      ASSERT_TRUE(zap.ok()) << zap.status();
-      zap_ = std::move(*zap);
-    }
+    CreateReactor("store-test", /*with_zap=*/!insecure);
+    if (HasFatalFailure()) return;
     StoreServer::Options o;
     o.insecure = insecure;
     auto s = StoreServer::Create(*reactor_, zap_.get(), o);
@@ -37,13 +35,7 @@ class StoreServerTest : public ::testing::Test {
     reactor_->Start();
   }
 
-  void TearDown() override {
-    reactor_->Call("teardown", [&] {
-      server_.reset();
-      zap_.reset();
-    });
-    reactor_->Stop();
-  }
+  void ReleaseOnReactor() override { server_.reset(); }
 
   std::unique_ptr<StoreClient> Client(const std::string& creds, const std::string& job,
                                       uint64_t attempt) {
@@ -81,8 +73,6 @@ class StoreServerTest : public ::testing::Test {
     return Parked() == n;
   }
 
-  std::unique_ptr<Reactor> reactor_;
-  std::unique_ptr<ZapAuthenticator> zap_;
   std::unique_ptr<StoreServer> server_;
 };
 
@@ -300,11 +290,11 @@ TEST(StoreServerLimitsTest, AGatherLargerThanTheMessageLimitFailsEveryRank) {
 }
 
 // An insecure server with small limits, and raw requests: what a rank's code could send.
-class StoreServerValidationTest : public ::testing::Test {
+class StoreServerValidationTest : public testing::ReactorZapTest {
  protected:
   void Start(StoreServer::Options o) {
     o.insecure = true;
-    reactor_ = std::make_unique<Reactor>("store-validation");
+    CreateReactor("store-validation", /*with_zap=*/false);
     server_ = std::move(*StoreServer::Create(*reactor_, nullptr, o));
     reactor_->Start();
     ASSERT_TRUE(server_->AddScope("j", 0).ok());
@@ -319,11 +309,7 @@ class StoreServerValidationTest : public ::testing::Test {
     co.op_timeout = 5s;
     client_ = std::move(*StoreClient::Connect(co));
   }
-  void TearDown() override {
-    if (!reactor_) return;
-    reactor_->Call("teardown", [&] { server_.reset(); });
-    reactor_->Stop();
-  }
+  void ReleaseOnReactor() override { server_.reset(); }
   StatusOr<proto::StoreReply> Raw(proto::StoreRequest r, std::chrono::milliseconds t = 5s) {
     r.mutable_scope()->set_job("j");
     proto::Envelope e;
@@ -338,16 +324,10 @@ class StoreServerValidationTest : public ::testing::Test {
     return reactor_->Call("bytes", [&] { return server_->scope_bytes("j", 0); });
   }
   bool WaitUntilParked(size_t n) {
-    auto deadline = Clock::now() + 5s;
-    while (Clock::now() < deadline) {
-      if (Parked() == n) return true;
-      std::this_thread::yield();
-    }
-    return Parked() == n;
+    return testing::WaitUntil([&] { return Parked() == n; }, 5s);
   }
 
   zmq::context_t ctx_;
-  std::unique_ptr<Reactor> reactor_;
   std::unique_ptr<StoreServer> server_;
   std::unique_ptr<RpcClient> rpc_;
   std::unique_ptr<StoreClient> client_;

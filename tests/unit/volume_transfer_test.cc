@@ -31,6 +31,7 @@
 #include "common/rpc.h"
 #include "common/wire.h"
 #include "node_agent/agent.h"
+#include "tests/testing/wait_until.h"
 
 namespace muster {
 namespace {
@@ -41,15 +42,7 @@ using node_agent::RemoteVolume;
 using node_agent::VolumeServer;
 using Clock = std::chrono::steady_clock;
 
-template <typename F>
-bool WaitFor(F pred, std::chrono::milliseconds timeout) {
-  auto end = Clock::now() + timeout;
-  while (Clock::now() < end) {
-    if (pred()) return true;
-    std::this_thread::sleep_for(20ms);
-  }
-  return pred();
-}
+using testing::WaitUntil;
 
 int64_t UnixMs() {
   return std::chrono::duration_cast<std::chrono::milliseconds>(
@@ -460,7 +453,7 @@ TEST(VolumeServerTest, RevokedAndExpiredGrantsReadNothingMore) {
   ASSERT_TRUE(f.server().Allow("job-1", key2->public_key, UnixMs() + 400).ok());
   auto v2 = f.Connect(*key2);
   ASSERT_TRUE(checkpoint::ReadFileToString(v2.get(), "job-1/a").ok());
-  EXPECT_TRUE(WaitFor([&] { return f.server().active_grants() == 0; }, 5s));
+  EXPECT_TRUE(WaitUntil([&] { return f.server().active_grants() == 0; }, 5s));
   EXPECT_FALSE(checkpoint::ReadFileToString(v2.get(), "job-1/a").ok());
 }
 
@@ -624,7 +617,7 @@ TEST(AgentReplicationTest, HostileJobIdsAreRefusedAndNothingIsWrittenOutsideTheV
   o.call_timeout = 1000ms;
   auto agent = node_agent::Agent::Start(o);
   ASSERT_TRUE(agent.ok()) << agent.status();
-  ASSERT_TRUE(WaitFor(
+  ASSERT_TRUE(WaitUntil(
       [&] {
         for (const auto& j : jobs) {
           if (!coord.Outcome(j)) return false;
