@@ -11,10 +11,10 @@
 #include <chrono>
 #include <filesystem>
 #include <set>
-#include <thread>
 
 #include "common/reactor.h"
 #include "node_agent/assignment_runner.h"
+#include "tests/testing/wait_until.h"
 
 namespace muster::node_agent {
 namespace {
@@ -80,17 +80,16 @@ class SnapshotRunnerTest : public ::testing::Test {
     }
     reactor_->Call("act", [&] { runner_->OnAction(a); });
     std::vector<proto::RankExit> exits;
-    auto end = std::chrono::steady_clock::now() + 20s;
-    while (std::chrono::steady_clock::now() < end) {
-      bool done = reactor_->Call("poll", [&] {
-        for (const auto& r : reports_) {
-          if (r.job_id() == job && r.all_exited()) return true;
-        }
-        return false;
-      });
-      if (done) break;
-      std::this_thread::sleep_for(20ms);
-    }
+    testing::WaitUntil(
+        [&] {
+          return reactor_->Call("poll", [&] {
+            for (const auto& r : reports_) {
+              if (r.job_id() == job && r.all_exited()) return true;
+            }
+            return false;
+          });
+        },
+        std::chrono::steady_clock::now() + 20s);
     reactor_->Call("exits", [&] {
       for (const auto& r : reports_) {
         if (r.job_id() != job) continue;
