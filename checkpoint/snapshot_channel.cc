@@ -85,6 +85,14 @@ Status SnapshotClient::ReadReply() {
   return Status(static_cast<StatusCode>(code), std::move(msg));
 }
 
+Status SnapshotClient::Put(const SnapshotKey& key, std::string_view payload) {
+  MUSTER_ASSIGN_OR_RETURN(std::string prefix, EncodeSnapshotPrefix(key, payload));
+  MUSTER_RETURN_IF_ERROR(SendAll(fd_, "P"));
+  MUSTER_RETURN_IF_ERROR(SendAll(fd_, prefix));
+  MUSTER_RETURN_IF_ERROR(SendAll(fd_, payload));
+  return ReadReply();
+}
+
 Status SnapshotClient::Put(std::string_view frame) {
   std::string op = "P";
   MUSTER_RETURN_IF_ERROR(SendAll(fd_, op));
@@ -133,14 +141,20 @@ SnapshotSender::~SnapshotSender() {
 }
 
 Status SnapshotSender::Snapshot(int64_t step, const SaveState& state) {
-  SnapshotKey key = options_.key;
-  key.step = step;
-  MUSTER_ASSIGN_OR_RETURN(std::string payload, EncodeSnapshotState(state));
-  MUSTER_ASSIGN_OR_RETURN(std::string frame, EncodeSnapshotFrame(key, payload));
+  if (step < 0) return InvalidArgumentError("snapshot: step must not be negative");
+  std::string payload;
   {
     std::lock_guard<std::mutex> l(mu_);
-    if (pending_) ++replaced_;
-    pending_ = std::move(frame);
+    payload.swap(spare_);
+  }
+  MUSTER_RETURN_IF_ERROR(EncodeSnapshotStateInto(state, &payload));
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (pending_) {
+      ++replaced_;
+      spare_.swap(pending_->second);
+    }
+    pending_ = std::make_pair(step, std::move(payload));
   }
   cv_.notify_all();
   return Status::Ok();
@@ -171,7 +185,9 @@ void SnapshotSender::Loop() {
   while (true) {
     cv_.wait(l, [&] { return stop_ || pending_; });
     if (stop_) return;
-    std::string frame = std::move(*pending_);
+    SnapshotKey key = options_.key;
+    key.step = pending_->first;
+    std::string payload = std::move(pending_->second);
     pending_.reset();
     sending_ = true;
     l.unlock();
@@ -185,7 +201,7 @@ void SnapshotSender::Loop() {
       }
     }
     if (client_) {
-      s = client_->Put(frame);
+      s = client_->Put(key, payload);
       // A broken connection is reopened on the next snapshot; a refusal keeps it.
       if (s.code() == StatusCode::kUnavailable || s.code() == StatusCode::kDataLoss) {
         client_.reset();
@@ -193,6 +209,7 @@ void SnapshotSender::Loop() {
     }
     if (!s.ok()) log->warn("snapshot not kept by the agent: {}", s.ToString());
     l.lock();
+    if (spare_.capacity() < payload.capacity()) spare_.swap(payload);
     sending_ = false;
     last_ = s;
     if (s.ok()) ++sent_;

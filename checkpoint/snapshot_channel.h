@@ -12,10 +12,11 @@
 //            | on a get that is OK: u64 frame length | the frame held.
 //
 // SnapshotClient speaks it (one connection, calls serialized by the caller). SnapshotSender is
-// what a training loop uses: Snapshot() copies the state into a payload (the only stall) and
-// returns; a background thread sends it to the agent. Training never waits on the agent: when
-// a snapshot is still being sent as the next one is taken, the older unsent one is replaced
-// (the newest step matters on recovery, not every step).
+// what a training loop uses: Snapshot() copies the state into a payload (the only stall: one
+// copy into a buffer reused from snapshot to snapshot) and returns; checksumming and framing
+// happen on the sender's thread; a background thread sends it to the agent. Training never waits on
+// the agent: when a snapshot is still being sent as the next one is taken, the older unsent one is
+// replaced (the newest step matters on recovery, not every step).
 //
 // Thread-safety: SnapshotClient is not thread-safe. SnapshotSender's methods may be called from
 // any thread.
@@ -28,6 +29,7 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <utility>
 
 #include "checkpoint/checkpointer.h"
 #include "checkpoint/snapshot_frame.h"
@@ -52,6 +54,8 @@ class SnapshotClient {
   // Hands an encoded frame (EncodeSnapshotFrame) to the agent; its answer: OK once it holds
   // the frame, else the agent's refusal (FailedPrecondition when it does not fit, ...).
   Status Put(std::string_view frame);
+  // The same for `payload` as `key`'s frame, without copying it into one buffer.
+  Status Put(const SnapshotKey& key, std::string_view payload);
   // The frame the agent holds for `key` (its payload checked again here). NotFound when the
   // agent has none.
   StatusOr<SnapshotFrame> Get(const SnapshotKey& key, uint64_t max_payload);
@@ -94,12 +98,14 @@ class SnapshotSender {
   std::unique_ptr<SnapshotClient> client_;  // the loop's only
   mutable std::mutex mu_;
   std::condition_variable cv_;
-  std::optional<std::string> pending_;  // GUARDED_BY(mu_): an encoded frame
-  bool sending_ = false;                // GUARDED_BY(mu_)
-  bool stop_ = false;                   // GUARDED_BY(mu_)
-  Status last_;                         // GUARDED_BY(mu_)
-  int64_t sent_ = 0;                    // GUARDED_BY(mu_)
-  int64_t replaced_ = 0;                // GUARDED_BY(mu_)
+  // GUARDED_BY(mu_): the newest payload not yet sent, and its step.
+  std::optional<std::pair<int64_t, std::string>> pending_;
+  std::string spare_;     // GUARDED_BY(mu_): a sent payload's buffer, reused by the next copy
+  bool sending_ = false;  // GUARDED_BY(mu_)
+  bool stop_ = false;     // GUARDED_BY(mu_)
+  Status last_;           // GUARDED_BY(mu_)
+  int64_t sent_ = 0;      // GUARDED_BY(mu_)
+  int64_t replaced_ = 0;  // GUARDED_BY(mu_)
   std::thread thread_;
 };
 

@@ -49,10 +49,16 @@ Status AsDataLoss(const Status& s) { return s.ok() ? s : DataLossError(s.message
 }  // namespace
 
 StatusOr<std::string> EncodeSnapshotFrame(const SnapshotKey& key, std::string_view payload) {
+  MUSTER_ASSIGN_OR_RETURN(std::string out, EncodeSnapshotPrefix(key, payload));
+  out.append(payload);
+  return out;
+}
+
+StatusOr<std::string> EncodeSnapshotPrefix(const SnapshotKey& key, std::string_view payload) {
   MUSTER_RETURN_IF_ERROR(CheckKey(key));
   MUSTER_RETURN_IF_ERROR(ValidatePathName(key.job, "snapshot job id"));
   std::string out;
-  out.reserve(kSnapshotHeaderBytes + key.job.size() + payload.size());
+  out.reserve(kSnapshotHeaderBytes + key.job.size());
   out.append(kSnapshotMagic, 4);
   Put<uint16_t>(out, kSnapshotFrameVersion);
   Put<uint16_t>(out, static_cast<uint16_t>(key.job.size()));
@@ -64,7 +70,6 @@ StatusOr<std::string> EncodeSnapshotFrame(const SnapshotKey& key, std::string_vi
   Put<uint64_t>(out, payload.size());
   Put<uint64_t>(out, Xxh3(payload.data(), payload.size()));
   out.append(key.job);
-  out.append(payload);
   return out;
 }
 

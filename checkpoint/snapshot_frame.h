@@ -63,6 +63,9 @@ struct SnapshotFrame {
 
 // The frame's bytes. InvalidArgument for a key that DecodeSnapshotFrame would refuse.
 StatusOr<std::string> EncodeSnapshotFrame(const SnapshotKey& key, std::string_view payload);
+// The same frame without its payload (the header and the job id): a sender writes these bytes,
+// then the payload, without copying the payload into one buffer.
+StatusOr<std::string> EncodeSnapshotPrefix(const SnapshotKey& key, std::string_view payload);
 
 // The fixed header of a frame (exactly kSnapshotHeaderBytes bytes): lets a stream reader learn
 // how many bytes follow before reading them. DataLoss names the field that is wrong: magic,

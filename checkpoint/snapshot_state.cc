@@ -50,6 +50,13 @@ StatusOr<std::vector<int64_t>> Ints(const json& j, const std::string& what) {
 }  // namespace
 
 StatusOr<std::string> EncodeSnapshotState(const SaveState& state) {
+  std::string out;
+  MUSTER_RETURN_IF_ERROR(EncodeSnapshotStateInto(state, &out));
+  return out;
+}
+
+Status EncodeSnapshotStateInto(const SaveState& state, std::string* out_ptr) {
+  std::string& out = *out_ptr;
   json tensors = json::array();
   std::set<std::string> names;
   uint64_t pos = 0;
@@ -80,21 +87,20 @@ StatusOr<std::string> EncodeSnapshotState(const SaveState& state) {
   }
   json index = {{"tensors", tensors}, {"metadata_bytes", state.metadata.size()}};
   std::string idx = index.dump();
-  std::string out;
+  out.clear();
   out.reserve(4 + idx.size() + pos + state.metadata.size());
   uint32_t n = static_cast<uint32_t>(idx.size());
   for (int i = 0; i < 4; ++i) out.push_back(static_cast<char>((n >> (8 * i)) & 0xff));
   out += idx;
-  size_t data_at = out.size();
-  out.resize(data_at + pos);
+  // Appended in order ("at" is the running sum): one copy, no zero fill first.
   size_t i = 0;
   for (const TensorRef& t : state.tensors) {
-    uint64_t at = tensors[i]["at"].get<uint64_t>(), bytes = tensors[i]["bytes"].get<uint64_t>();
-    if (bytes > 0) std::memcpy(out.data() + data_at + at, t.data, bytes);
+    uint64_t bytes = tensors[i]["bytes"].get<uint64_t>();
+    if (bytes > 0) out.append(static_cast<const char*>(t.data), bytes);
     ++i;
   }
   out += state.metadata;
-  return out;
+  return Status::Ok();
 }
 
 Status RestoreSnapshotState(std::string_view payload, const std::vector<RestoreRequest>& requests,

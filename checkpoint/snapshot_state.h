@@ -28,6 +28,9 @@ namespace muster::checkpoint {
 // duplicate or empty name, a box outside the shape, a missing data pointer);
 // FailedPrecondition for a CUDA tensor (snapshots copy host memory only, for now).
 StatusOr<std::string> EncodeSnapshotState(const SaveState& state);
+// The same into `out` (its capacity is reused: a caller that keeps the buffer between snapshots
+// pays for no new pages). `out` is unspecified after an error.
+Status EncodeSnapshotStateInto(const SaveState& state, std::string* out);
 
 // Copies the requested tensors out of `payload` (which may come from another node: every
 // field is checked before a byte is copied; DataLoss names what is malformed). NotFound for a
