@@ -140,6 +140,9 @@ void AddCoordinatorCommands(CLI::App& app, Runner* runner) {
                     "Keys directory with coordinator.key and authorized_keys (default: "
                     "$MUSTER_KEYS, else ~/.muster)");
     cmd->add_flag("--insecure", o->insecure, "Serve without CURVE or authorization (tests only)");
+    cmd->add_option("--providers", o->providers_file,
+                    "On-demand node providers, a YAML file (docs/providers.md); default: every "
+                    "node is static (agents started by hand)");
     cmd->add_option("--heartbeat-interval-ms", *hb, "Agent heartbeat interval")
         ->check(CLI::Range(10, 600000));
     cmd->add_option("--heartbeat-timeout-ms", *hb_timeout,

@@ -12,6 +12,7 @@
 #include "coordinator/job_lifecycle.h"
 #include "coordinator/job_spec.h"
 #include "coordinator/node_state.h"
+#include "coordinator/providers/provider_manager.h"
 
 namespace muster::coordinator {
 
@@ -198,6 +199,14 @@ void Coordinator::Pass() {
           fmt::format("stopping for higher-priority job {}", pr.for_job));
     StopGang(*it->second, proto::STOP_PREEMPTED, "", NowMs() + options_.stop_grace.count());
   }
+}
+
+std::vector<JobRequest> Coordinator::PendingRequests() const {
+  std::vector<JobRequest> pending;
+  for (const auto& [id, j] : jobs_) {
+    if (j->in_scheduler && sched_->IsPending(id)) pending.push_back(j->req);
+  }
+  return pending;
 }
 
 void Coordinator::Start(JobRt& job, const std::vector<std::string>& nodes) {
@@ -674,6 +683,8 @@ void Coordinator::Tick() {
   }
   for (const auto& id : forget) jobs_.erase(id);
   Pass();  // every tick: quarantines expire and backoffs end with time, not only on events
+  // What is still pending may get nodes from a provider; idle on-demand nodes go back.
+  ProvidersPass();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -851,7 +862,9 @@ StatusOr<proto::Envelope> Coordinator::OnSubmit(const Caller& caller,
     spec.hosts.assign(req.spec().hosts().begin(), req.spec().hosts().end());
     MUSTER_RETURN_IF_ERROR(ValidateJobSpec(spec));
   }
-  MUSTER_RETURN_IF_ERROR(sched_->Feasible(ToJobRequest(spec, "feasibility-check", 0)));
+  if (Status f = sched_->Feasible(ToJobRequest(spec, "feasibility-check", 0)); !f.ok()) {
+    if (!providers_ || !providers_->CouldHold(ToJobRequest(spec, "feasibility-check", 0))) return f;
+  }
   auto j = std::make_unique<JobRt>();
   j->rec.spec = JobSpecToProto(spec);
   j->rec.state = proto::JOB_PENDING;
@@ -888,7 +901,8 @@ proto::JobStatus Coordinator::StatusOf(const JobRt& j) {
       s.set_pending_reason(fmt::format("waiting: restart backoff, {} s left",
                                        (r.not_before_ms - NowMs() + 999) / 1000));
     } else {
-      s.set_pending_reason(sched_->PendingReason(r.id));
+      std::string from_provider = ProviderReason(r.id);
+      s.set_pending_reason(from_provider.empty() ? sched_->PendingReason(r.id) : from_provider);
     }
   }
   if (j.progress) *s.mutable_progress() = *j.progress;
@@ -1143,6 +1157,8 @@ StatusOr<proto::Envelope> Coordinator::OnRegister(const Caller& caller,
   }
   if (l.provider().empty()) return InvalidArgumentError("agent register: provider is required");
   if (l.gpus() < 0 || l.slots() < 0) return InvalidArgumentError("agent register: negative gpus");
+  if (providers_ && providers_->Released(l.name()))
+    return FailedPreconditionError("agent register: node " + l.name() + " was released");
   // The first registration of a name binds it to the key; no other key may take it.
   std::optional<std::string> bound = nodes_.BoundKey(l.name());
   if (bound && *bound != caller.public_key) {

@@ -34,6 +34,10 @@
 
 namespace muster::coordinator {
 
+namespace providers {
+class ProviderManager;
+}
+
 struct CoordinatorOptions {
   std::chrono::milliseconds heartbeat_interval{1000};
   std::chrono::milliseconds heartbeat_timeout{5000};
@@ -86,6 +90,10 @@ class Coordinator {
 
   const Scheduler& scheduler() const { return *sched_; }
 
+  // On-demand nodes (coordinator/providers/): after each pass the manager may request node
+  // groups for the gangs left pending and release idle nodes. Call before the first Tick.
+  void SetProviders(std::unique_ptr<providers::ProviderManager> providers);
+
  private:
   using NodeRt = NodeRegistry::Node;
   struct JobRt;
@@ -97,6 +105,11 @@ class Coordinator {
              const std::string& message);
   void Persist(JobRt& job);
   void Pass();
+  // The provider hooks (provider_hooks.cc).
+  void ProvidersPass();
+  std::string ProviderReason(const std::string& job) const;
+  void ForgetNode(const std::string& name);
+  std::vector<JobRequest> PendingRequests() const;
   void Start(JobRt& job, const std::vector<std::string>& nodes);
   // `checkpoint_deadline_ms` (unix ms) > 0: the agents ask the ranks to checkpoint a common
   // step before it, then stop them (preemption).
@@ -187,6 +200,7 @@ class Coordinator {
   std::vector<TransferGrant> grants_;
   uint64_t next_fetch_ = 1;
   bool pass_needed_ = true;
+  std::unique_ptr<providers::ProviderManager> providers_;  // null: static nodes only
 };
 
 }  // namespace muster::coordinator

@@ -127,4 +127,11 @@ void NodeRegistry::Flush(Node& node) {
   r(std::move(e));
 }
 
+void NodeRegistry::Remove(const std::string& name) {
+  auto it = nodes_.find(name);
+  if (it == nodes_.end()) return;
+  AnswerEmpty(*it->second);
+  nodes_.erase(it);
+}
+
 }  // namespace muster::coordinator

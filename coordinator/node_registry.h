@@ -103,6 +103,9 @@ class NodeRegistry {
   void Park(Node& node, Reply reply, int64_t deadline_ms);
   // Answers (empty) every parked poll whose deadline is <= now_ms.
   void ExpirePolls(int64_t now_ms);
+  // Forgets a node (its provider took it back): its parked poll is answered empty; its key
+  // binding stays.
+  void Remove(const std::string& name);
 
  private:
   static void AnswerEmpty(Node& node);

@@ -7,6 +7,7 @@
 #include "common/curve.h"
 #include "common/logging.h"
 #include "common/rpc.h"
+#include "coordinator/providers/provider_manager.h"
 
 namespace muster::coordinator {
 
@@ -69,6 +70,11 @@ StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(ServerOpti
   if (options.data_dir.empty()) return InvalidArgumentError("--data-dir is required");
   auto impl = std::make_unique<Impl>();
   impl->options = options;
+  std::optional<providers::ProvidersConfig> providers_config;
+  if (!options.providers_file.empty()) {
+    MUSTER_ASSIGN_OR_RETURN(providers_config,
+                            providers::LoadProvidersConfig(options.providers_file));
+  }
   MUSTER_ASSIGN_OR_RETURN(auto store, StateStore::Open(options.data_dir));
   Impl* self = impl.get();
   if (!options.insecure) {
@@ -131,6 +137,27 @@ StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(ServerOpti
     out.close();
     std::error_code ec;
     fs::rename(tmp, options.data_dir / "endpoint", ec);
+  }
+  if (providers_config) {
+    providers::AgentLaunch launch;
+    std::error_code ec;
+    launch.muster_bin = !options.muster_bin.empty()
+                            ? options.muster_bin
+                            : fs::read_symlink("/proc/self/exe", ec).string();
+    // Agents started by a provider reach us on the address we bound (a wildcard: loopback).
+    launch.coordinator = endpoint;
+    if (auto at = launch.coordinator.find("://0.0.0.0:"); at != std::string::npos)
+      launch.coordinator.replace(at + 3, 7, "127.0.0.1");
+    if (options.insecure) {
+      launch.args = {"--insecure"};
+    } else {
+      launch.args = {"--keys", impl->keys.dir.string()};
+    }
+    MUSTER_ASSIGN_OR_RETURN(auto manager,
+                            providers::ProviderManager::Create(*providers_config, launch));
+    impl->coord->SetProviders(std::move(manager));
+    logger->info("{} provider(s) from {}", providers_config->providers.size(),
+                 options.providers_file.string());
   }
   impl->reactor.Start();
   impl->reactor.Post("coord.tick", [raw] { raw->Tick(); });

@@ -24,6 +24,10 @@ struct ServerOptions {
   std::string keys_dir;  // "" : $MUSTER_KEYS, else ~/.muster
   bool insecure = false;
   std::chrono::milliseconds tick{100};
+  // On-demand node providers (docs/providers.md): a YAML file read at start; empty: every node
+  // is static. Their agents run `muster_bin` (default: this process's executable).
+  std::filesystem::path providers_file;
+  std::string muster_bin;
   CoordinatorOptions coordinator;
 };
 

@@ -18,6 +18,7 @@
 #include <mutex>
 #include <optional>
 #include <random>
+#include <sstream>
 #include <thread>
 
 #include "collectives/store_server.h"
@@ -28,7 +29,9 @@
 #include "common/rank_env.h"
 #include "common/reactor.h"
 #include "common/strings.h"
+#include "coordinator/providers/slurm_provider.h"
 #include "launcher/remote_run.h"
+#include "launcher/slurm_run.h"
 #include "node_agent/supervisor.h"
 
 namespace muster::launcher {
@@ -243,6 +246,22 @@ int RunJob(const RunOptions& options, const RunIo& io) {
     RunOptions remote = options;
     remote.coordinator = *env;
     return RunThroughCoordinator(remote, io);
+  }
+  // Inside a Slurm allocation of several nodes and without -H: over the allocation's nodes.
+  if (options.hosts.empty()) {
+    auto alloc = SlurmAllocationHosts(
+        [](const char* name) { return std::getenv(name); },
+        [](const std::string& list) -> StatusOr<std::vector<std::string>> {
+          MUSTER_ASSIGN_OR_RETURN(
+              auto out, coordinator::providers::RunTool({"scontrol", "show", "hostnames", list},
+                                                        std::chrono::seconds(10)));
+          std::vector<std::string> names;
+          std::istringstream in(out);
+          for (std::string n; in >> n;) names.push_back(n);
+          return names;
+        });
+    if (!alloc.ok()) return fail(alloc.status(), kExitUsage);
+    if (*alloc && (*alloc)->size() > 1) return RunInSlurmAllocation(options, **alloc, io);
   }
 
   LaunchContext ctx;

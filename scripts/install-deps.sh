@@ -18,6 +18,8 @@ PKGS=(
   pybind11-dev python3-dev python3-numpy
   clang-14 libclang-rt-14-dev clang-format
   iproute2 procps psmisc
+  # the slurm provider's tests run a real Slurm cluster (munged, slurmctld, slurmd) on this machine
+  slurmctld slurmd slurm-client munge
 )
 missing=()
 for p in "${PKGS[@]}"; do

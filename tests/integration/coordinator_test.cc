@@ -418,7 +418,9 @@ TEST_F(CoordinatorIntegrationTest, LostAgentStopsAndRequeuesTheJob) {
   auto nodes = client_->Nodes();
   ASSERT_TRUE(nodes.ok());
   for (const auto& n : nodes->nodes()) {
-    if (n.labels().name() == "aws-1") EXPECT_EQ(n.state(), proto::NODE_DOWN);
+    if (n.labels().name() == "aws-1") {
+      EXPECT_EQ(n.state(), proto::NODE_DOWN);
+    }
   }
 }
 

@@ -27,7 +27,14 @@ std::string Join(const std::vector<std::string>& argv) {
 StatusOr<pid_t> Spawn(const std::vector<std::string>& argv, const std::vector<std::string>& env,
                       int out_fd) {
   std::vector<std::string> envs;
-  for (char** e = environ; *e; ++e) envs.emplace_back(*e);
+  // `env` overrides a variable of ours with the same name (the first of two would win).
+  auto name = [](const std::string& kv) { return kv.substr(0, kv.find('=') + 1); };
+  for (char** e = environ; *e; ++e) {
+    std::string kv = *e;
+    bool overridden = false;
+    for (const auto& o : env) overridden = overridden || name(o) == name(kv);
+    if (!overridden) envs.push_back(std::move(kv));
+  }
   for (const auto& kv : env) envs.push_back(kv);
   std::vector<char*> cargv, cenv;
   for (const auto& a : argv) cargv.push_back(const_cast<char*>(a.c_str()));

@@ -620,7 +620,9 @@ TEST_F(CoordinatorTest, AnInteractiveJobIsCancelledWhenItsClientGoesAway) {
   // A batch job is neither cancelled for it nor given split logs.
   std::string batch = Submit("name: b\ncommand: x\n");
   for (const auto& a : Heartbeat("n0", s0)) {
-    if (a.has_start()) EXPECT_FALSE(a.start().split_streams());
+    if (a.has_start()) {
+      EXPECT_FALSE(a.start().split_streams());
+    }
   }
 }
 

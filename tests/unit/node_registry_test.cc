@@ -150,5 +150,20 @@ TEST(NodeRegistryTest, EveryPollIsAnsweredExactlyOnce) {
   }
 }
 
+TEST(NodeRegistryTest, ARemovedNodeIsGoneItsPollAnsweredAndItsKeyStillBound) {
+  PollLog poll;
+  NodeRegistry r;
+  r.Bind("n0", "KEY");
+  auto& n = r.Connect(Labels("n0"), KeyRole::kAgent, 0, nullptr);
+  r.Park(n, poll.Reply(), 1000);
+  r.Remove("n0");
+  EXPECT_EQ(r.Find("n0"), nullptr);
+  EXPECT_EQ(r.size(), 0u);
+  ASSERT_EQ(poll.answers.size(), 1u);
+  EXPECT_EQ(poll.actions(0), 0u);
+  EXPECT_EQ(r.BoundKey("n0"), std::optional<std::string>("KEY"));
+  r.Remove("n0");  // unknown: nothing
+}
+
 }  // namespace
 }  // namespace muster::coordinator

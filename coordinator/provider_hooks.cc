@@ -1,0 +1,43 @@
+// The coordinator's side of on-demand nodes: the hooks that feed the ProviderManager from the
+// scheduler's model after each pass and apply what it decided (events, released nodes).
+
+#include <algorithm>
+
+#include "common/logging.h"
+#include "coordinator/coordinator.h"
+#include "coordinator/providers/provider_manager.h"
+
+namespace muster::coordinator {
+
+void Coordinator::SetProviders(std::unique_ptr<providers::ProviderManager> providers) {
+  providers_ = std::move(providers);
+  pass_needed_ = true;
+}
+
+void Coordinator::ProvidersPass() {
+  if (!providers_) return;
+  TimePoint now = options_.clock();
+  std::vector<JobRequest> pending = PendingRequests();
+  std::sort(pending.begin(), pending.end(), [](const JobRequest& a, const JobRequest& b) {
+    return a.priority != b.priority ? a.priority > b.priority : a.seq < b.seq;
+  });
+  auto out = providers_->Tick(pending, sched_->Nodes(now), now);
+  for (const auto& e : out.events) Event(e.job, e.node, e.kind, e.message);
+  for (const auto& name : out.released) ForgetNode(name);
+}
+
+std::string Coordinator::ProviderReason(const std::string& job) const {
+  return providers_ ? providers_->PendingReason(job) : "";
+}
+
+// A released node: its agent is being stopped by its provider; it runs no job.
+void Coordinator::ForgetNode(const std::string& name) {
+  if (!nodes_.Find(name)) return;
+  Status st = sched_->RemoveNode(name);
+  if (!st.ok()) log::Get("coord")->error("released node {}: {}", name, st.ToString());
+  st = store_->DeleteNode(name);
+  if (!st.ok()) log::Get("coord")->error("released node {} not deleted: {}", name, st.ToString());
+  nodes_.Remove(name);
+}
+
+}  // namespace muster::coordinator

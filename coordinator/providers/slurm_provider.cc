@@ -1,0 +1,353 @@
+#include "coordinator/providers/slurm_provider.h"
+
+#include <fcntl.h>
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <poll.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "common/logging.h"
+
+extern char** environ;
+
+namespace muster::coordinator::providers {
+namespace {
+
+namespace fs = std::filesystem;
+constexpr std::chrono::seconds kToolTimeout{30};
+
+auto Logger() {
+  static auto l = log::Get("coord.slurm");
+  return l;
+}
+
+// Single quotes for a shell word.
+std::string Sh(const std::string& s) {
+  std::string out = "'";
+  for (char c : s) out += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return out + "'";
+}
+
+std::string Trim(std::string s) {
+  while (!s.empty() && (s.back() == '\n' || s.back() == ' ' || s.back() == '\r')) s.pop_back();
+  return s;
+}
+
+}  // namespace
+
+StatusOr<std::string> RunTool(const std::vector<std::string>& argv,
+                              std::chrono::milliseconds timeout) {
+  int out[2], err[2];
+  if (pipe2(out, O_CLOEXEC) != 0) return UnavailableError("pipe failed");
+  if (pipe2(err, O_CLOEXEC) != 0) {
+    close(out[0]);
+    close(out[1]);
+    return UnavailableError("pipe failed");
+  }
+  posix_spawn_file_actions_t fa;
+  posix_spawn_file_actions_init(&fa);
+  posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
+  posix_spawn_file_actions_adddup2(&fa, out[1], 1);
+  posix_spawn_file_actions_adddup2(&fa, err[1], 2);
+  posix_spawnattr_t attr;
+  posix_spawnattr_init(&attr);
+  sigset_t none;
+  sigemptyset(&none);
+  posix_spawnattr_setsigmask(&attr, &none);
+  posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK);
+  std::vector<char*> args;
+  for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+  args.push_back(nullptr);
+  pid_t pid;
+  int rc = posix_spawnp(&pid, args[0], &fa, &attr, args.data(), environ);
+  posix_spawn_file_actions_destroy(&fa);
+  posix_spawnattr_destroy(&attr);
+  close(out[1]);
+  close(err[1]);
+  if (rc != 0) {
+    close(out[0]);
+    close(err[0]);
+    return UnavailableError(fmt::format("cannot run {}: {}", argv[0], strerror(rc)));
+  }
+  std::string so, se;
+  auto deadline = std::chrono::steady_clock::now() + timeout;
+  bool timed_out = false;
+  pollfd fds[2] = {{out[0], POLLIN, 0}, {err[0], POLLIN, 0}};
+  int open_fds = 2;
+  while (open_fds > 0) {
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+        deadline - std::chrono::steady_clock::now());
+    if (left.count() <= 0) {
+      timed_out = true;
+      break;
+    }
+    if (poll(fds, 2, static_cast<int>(left.count())) < 0 && errno != EINTR) break;
+    for (int i = 0; i < 2; ++i) {
+      if (fds[i].fd < 0 || !(fds[i].revents & (POLLIN | POLLHUP | POLLERR))) continue;
+      char buf[4096];
+      ssize_t n = read(fds[i].fd, buf, sizeof buf);
+      if (n > 0) {
+        (i == 0 ? so : se).append(buf, n);
+      } else {
+        close(fds[i].fd);
+        fds[i].fd = -1;
+        --open_fds;
+      }
+    }
+  }
+  for (auto& f : fds) {
+    if (f.fd >= 0) close(f.fd);
+  }
+  if (timed_out) kill(pid, SIGKILL);
+  int st = 0;
+  waitpid(pid, &st, 0);
+  if (timed_out)
+    return UnavailableError(
+        fmt::format("{} did not answer within {} s", argv[0], timeout.count() / 1000));
+  if (!WIFEXITED(st) || WEXITSTATUS(st) != 0)
+    return UnavailableError(
+        fmt::format("{} failed ({}): {}", argv[0], WIFEXITED(st) ? WEXITSTATUS(st) : -1, Trim(se)));
+  return so;
+}
+
+SlurmProvider::SlurmProvider(ProviderConfig config, AgentLaunch launch)
+    : config_(std::move(config)), launch_(std::move(launch)) {
+  worker_ = std::thread([this] { WorkerLoop(); });
+}
+
+SlurmProvider::~SlurmProvider() {
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    for (auto& [id, a] : allocs_) {
+      if (a.cancelled) continue;
+      a.cancelled = true;
+      uint64_t rid = id;
+      work_.push_back([this, rid] { Scancel(rid); });
+    }
+    stop_ = true;
+  }
+  cv_.notify_all();
+  worker_.join();
+}
+
+void SlurmProvider::Post(std::function<void()> work) {
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    work_.push_back(std::move(work));
+  }
+  cv_.notify_all();
+}
+
+void SlurmProvider::WorkerLoop() {
+  for (;;) {
+    std::function<void()> w;
+    {
+      std::unique_lock<std::mutex> l(mu_);
+      cv_.wait(l, [&] { return stop_ || !work_.empty(); });
+      if (work_.empty()) return;  // stop_ and nothing left
+      w = std::move(work_.front());
+      work_.pop_front();
+    }
+    w();
+  }
+}
+
+std::string SlurmProvider::BatchScript(const NodeGroupRequest& req) const {
+  std::string agent = fmt::format(
+      "{} agent --coordinator {} --provider {} --name \"$1\" --gpus {} --slots {} --work-dir "
+      "{}/\"$1\"",
+      Sh(launch_.muster_bin), Sh(launch_.coordinator), Sh(config_.name), config_.node.gpus,
+      config_.node.slots, Sh(config_.slurm.work_dir));
+  const NodeTemplate& t = config_.node;
+  std::string mkdirs = Sh(config_.slurm.work_dir) + "/\"$1\"";
+  if (!t.region.empty()) agent += " --region " + Sh(t.region);
+  if (!t.island.empty()) agent += " --island " + Sh(t.island);
+  if (!t.gpu_type.empty()) agent += " --gpu-type " + Sh(t.gpu_type);
+  for (const auto& [vol, path] : t.volumes) {
+    // "{node}" in a path becomes the node's name ("$1" in the script).
+    std::string word = Sh(vol + "="), rest = path;
+    for (size_t at; (at = rest.find("{node}")) != std::string::npos; rest.erase(0, at + 6))
+      word += Sh(rest.substr(0, at)) + "\"$1\"";
+    agent += " --volume " + word + Sh(rest);
+    mkdirs += " " + word.substr(Sh(vol + "=").size()) + Sh(rest);
+  }
+  for (const auto& a : launch_.args) agent += " " + Sh(a);
+  if (!config_.slurm.agent_args.empty()) agent += " " + config_.slurm.agent_args;
+  std::string names;
+  for (const auto& n : req.names) names += (names.empty() ? "" : " ") + n;
+  // Each step task picks its name by its node index; volumes with {node} get their own dir.
+  std::string per_node = fmt::format(
+      "set -- $MUSTER_NODE_NAMES; shift \"$SLURM_NODEID\"; mkdir -p {}; exec {}", mkdirs, agent);
+  return fmt::format(
+      "#!/bin/bash\n"
+      "# muster node group: request {} for job {}\n"
+      "export MUSTER_NODE_NAMES={}\n"
+      "exec srun --ntasks-per-node=1 --kill-on-bad-exit=0 bash -c {}\n",
+      req.id, req.job, Sh(names), Sh(per_node));
+}
+
+Status SlurmProvider::Request(const NodeGroupRequest& req) {
+  std::error_code ec;
+  fs::create_directories(config_.slurm.work_dir, ec);
+  if (ec)
+    return UnavailableError(
+        fmt::format("cannot create {}: {}", config_.slurm.work_dir, ec.message()));
+  fs::path script = fs::path(config_.slurm.work_dir) / fmt::format("request-{}.sh", req.id);
+  {
+    std::ofstream f(script);
+    f << BatchScript(req);
+    if (!f) return UnavailableError("cannot write " + script.string());
+  }
+  std::string bin = config_.slurm.bin_dir.empty() ? "" : config_.slurm.bin_dir + "/";
+  std::vector<std::string> argv = {
+      bin + "sbatch",
+      "--parsable",
+      "--job-name",
+      "muster-" + config_.name + "-" + req.job,
+      "--nodes",
+      std::to_string(req.names.size()),
+      "--exclusive",
+      fmt::format("--signal=TERM@{}", config_.slurm.signal_lead_s),
+      "--output",
+      (fs::path(config_.slurm.work_dir) / fmt::format("request-{}.out", req.id)).string()};
+  if (!config_.slurm.partition.empty())
+    argv.insert(argv.end(), {"--partition", config_.slurm.partition});
+  if (!config_.slurm.gres.empty()) argv.insert(argv.end(), {"--gres", config_.slurm.gres});
+  if (!config_.slurm.time_limit.empty())
+    argv.insert(argv.end(), {"--time", config_.slurm.time_limit});
+  argv.insert(argv.end(), config_.slurm.extra_args.begin(), config_.slurm.extra_args.end());
+  argv.push_back(script.string());
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    auto& a = allocs_[req.id];
+    a.nodes.insert(req.names.begin(), req.names.end());
+  }
+  uint64_t id = req.id;
+  std::string provider = config_.name;
+  Post([this, argv, id, provider] {
+    auto out = RunTool(argv, kToolTimeout);
+    std::lock_guard<std::mutex> l(mu_);
+    if (!out.ok()) {
+      failures_.push_back({id, "sbatch: " + out.status().message()});
+      return;
+    }
+    std::string job = Trim(*out);
+    if (auto semi = job.find(';'); semi != std::string::npos) job.resize(semi);  // "id;cluster"
+    allocs_[id].slurm_job = job;
+    Logger()->info("provider {}: request {} is Slurm job {}", provider, id, job);
+    if (allocs_[id].cancelled) work_.push_front([this, id] { Scancel(id); });
+  });
+  return Status::Ok();
+}
+
+void SlurmProvider::Scancel(uint64_t id) {
+  std::string job;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    auto it = allocs_.find(id);
+    if (it == allocs_.end()) return;
+    job = it->second.slurm_job;
+    if (job.empty()) return;  // sbatch has not answered: its reply scancels
+    allocs_.erase(it);
+  }
+  std::string bin = config_.slurm.bin_dir.empty() ? "" : config_.slurm.bin_dir + "/";
+  auto r = RunTool({bin + "scancel", job}, kToolTimeout);
+  if (!r.ok()) {
+    Logger()->warn("provider {}: scancel {}: {}", config_.name, job, r.status().message());
+  } else {
+    Logger()->info("provider {}: scancelled Slurm job {}", config_.name, job);
+  }
+}
+
+void SlurmProvider::Cancel(uint64_t id) {
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    auto it = allocs_.find(id);
+    if (it == allocs_.end() || it->second.cancelled) return;
+    it->second.cancelled = true;
+  }
+  Post([this, id] { Scancel(id); });
+}
+
+void SlurmProvider::Release(const std::string& node) {
+  std::lock_guard<std::mutex> l(mu_);
+  for (auto& [id, a] : allocs_) {
+    if (!a.nodes.count(node)) continue;
+    a.released.insert(node);
+    if (a.released.size() == a.nodes.size() && !a.cancelled) {
+      a.cancelled = true;
+      uint64_t rid = id;
+      work_.push_back([this, rid] { Scancel(rid); });
+      cv_.notify_all();
+    }
+    return;
+  }
+}
+
+void SlurmProvider::Watch() {
+  std::map<std::string, uint64_t> jobs;  // Slurm job -> request
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    watching_ = false;
+    for (const auto& [id, a] : allocs_) {
+      if (!a.slurm_job.empty() && !a.cancelled) jobs[a.slurm_job] = id;
+    }
+  }
+  if (jobs.empty()) return;
+  std::string ids;
+  for (const auto& [job, id] : jobs) ids += (ids.empty() ? "" : ",") + job;
+  std::string bin = config_.slurm.bin_dir.empty() ? "" : config_.slurm.bin_dir + "/";
+  auto out = RunTool({bin + "squeue", "-h", "-o", "%i %T", "-j", ids}, kToolTimeout);
+  if (!out.ok()) return;  // the controller may be busy: next time
+  std::set<std::string> alive;
+  std::istringstream in(*out);
+  for (std::string job, state; in >> job >> state;) {
+    if (state != "COMPLETING" && state != "COMPLETED" && state != "FAILED" &&
+        state != "CANCELLED" && state != "TIMEOUT" && state != "NODE_FAIL" &&
+        state != "PREEMPTED" && state != "OUT_OF_MEMORY")
+      alive.insert(job);
+  }
+  std::lock_guard<std::mutex> l(mu_);
+  for (const auto& [job, id] : jobs) {
+    if (alive.count(job)) continue;
+    auto it = allocs_.find(id);
+    if (it == allocs_.end() || it->second.cancelled) continue;
+    // Its agents are gone: a request still waiting for them fails; nodes that were up are
+    // lost nodes to the coordinator (heartbeats stop).
+    std::ifstream f(fs::path(config_.slurm.work_dir) / fmt::format("request-{}.out", id));
+    std::string line, last;
+    while (std::getline(f, line)) {
+      if (!line.empty()) last = line;
+    }
+    failures_.push_back({id, fmt::format("Slurm job {} ended{}", job,
+                                         last.empty() ? "" : ": " + last.substr(0, 300))});
+    allocs_.erase(it);
+  }
+}
+
+std::vector<RequestFailure> SlurmProvider::Poll() {
+  auto now = std::chrono::steady_clock::now();
+  if (now >= next_watch_) {
+    next_watch_ = now + std::chrono::seconds(2);
+    std::lock_guard<std::mutex> l(mu_);
+    if (!watching_ && !allocs_.empty()) {
+      watching_ = true;
+      work_.push_back([this] { Watch(); });
+      cv_.notify_all();
+    }
+  }
+  std::lock_guard<std::mutex> l(mu_);
+  std::vector<RequestFailure> out;
+  out.swap(failures_);
+  for (const auto& f : out) allocs_.erase(f.id);
+  return out;
+}
+
+}  // namespace muster::coordinator::providers

@@ -1,0 +1,82 @@
+#pragma once
+
+// SlurmProvider: a node group is a Slurm allocation. Request writes a batch script and runs
+// `sbatch --parsable --nodes N --exclusive --signal=TERM@lead [--partition P] [--gres G]
+// [--time T]`; the script runs one `muster agent` per node with `srun --ntasks-per-node=1`,
+// node i registering as the request's names[i]. Release marks a node given back; when every node
+// of an allocation is, the allocation is `scancel`ed (Slurm gives nodes back by allocation).
+// Cancel scancels at once. A node Slurm loses (node failure, time limit) stops heartbeating and
+// the coordinator handles it as any lost node; the `--signal` lead time, and Slurm preemption
+// with a GraceTime, reach the agent as SIGTERM, its preemption notice.
+//
+// Why the command-line tools and not slurmrestd: they are in slurm-client on every login node,
+// authenticate through munge with no token to issue or rotate, and behave the same across
+// Slurm releases, while slurmrestd's OpenAPI plugin versions change with each release and it is
+// often not deployed. docs/providers.md says more.
+//
+// sbatch and scancel talk to slurmctld and may block (an unreachable controller): they run on
+// the provider's own worker thread, one at a time in order, each with a timeout, so the
+// coordinator's reactor never waits on Slurm. A failed sbatch is a failed try (Poll); so is
+// an allocation that ends by itself (every 2 s, squeue: its agents exited, or Slurm ended it).
+//
+// Thread-safety: the public methods are for the reactor thread; the worker shares only the
+// queues under mu_.
+
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <map>
+#include <mutex>
+#include <set>
+#include <thread>
+
+#include "coordinator/providers/provider.h"
+
+namespace muster::coordinator::providers {
+
+class SlurmProvider : public Provider {
+ public:
+  SlurmProvider(ProviderConfig config, AgentLaunch launch);
+  ~SlurmProvider() override;  // scancels every allocation it holds, then joins the worker
+
+  const ProviderConfig& config() const override { return config_; }
+  Status Request(const NodeGroupRequest& request) override;
+  void Cancel(uint64_t request_id) override;
+  void Release(const std::string& node) override;
+  std::vector<RequestFailure> Poll() override;
+
+  // The batch script for a request (tests read it).
+  std::string BatchScript(const NodeGroupRequest& request) const;
+
+ private:
+  struct Alloc {
+    std::string slurm_job;  // empty until sbatch answered
+    std::set<std::string> nodes, released;
+    bool cancelled = false;
+  };
+  void Post(std::function<void()> work);
+  void WorkerLoop();
+  void Scancel(uint64_t id);  // worker thread
+  // Worker thread: allocations that ended (squeue no longer lists them as pending or running)
+  // without our scancel fail their request.
+  void Watch();
+
+  ProviderConfig config_;
+  AgentLaunch launch_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::function<void()>> work_;              // GUARDED_BY(mu_)
+  std::vector<RequestFailure> failures_;                // GUARDED_BY(mu_)
+  std::map<uint64_t, Alloc> allocs_;                    // GUARDED_BY(mu_)
+  bool stop_ = false;                                   // GUARDED_BY(mu_)
+  bool watching_ = false;                               // GUARDED_BY(mu_): a Watch is queued
+  std::chrono::steady_clock::time_point next_watch_{};  // reactor thread only
+  std::thread worker_;
+};
+
+// Runs `argv` (argv[0] a path or a name on $PATH) with stdin from /dev/null, waits at most
+// `timeout`, returns its stdout; Unavailable with its stderr (or the timeout) when it fails.
+StatusOr<std::string> RunTool(const std::vector<std::string>& argv,
+                              std::chrono::milliseconds timeout);
+
+}  // namespace muster::coordinator::providers

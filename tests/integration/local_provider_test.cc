@@ -1,0 +1,108 @@
+// The local provider end to end: a real coordinator started with --providers gets a job's
+// nodes by starting real `muster agent` processes, runs the job on them, and stops them once
+// they have been idle for the provider's idle_timeout.
+
+#include <fmt/format.h>
+
+#include "tests/integration/provider_fixture.h"
+
+namespace muster::providers_test {
+namespace {
+
+std::string LocalProviders(const fs::path& dir, const std::string& extra = "") {
+  return fmt::format(
+      "providers:\n"
+      "  - name: aws\n"
+      "    kind: local\n"
+      "    max_nodes: 3\n"
+      "    idle_timeout_s: 1\n"
+      "    request_timeout_s: 20\n"
+      "    work_dir: {}\n"
+      "    node: {{slots: 2, volumes: {{ckpt: \"{}/vol-{{node}}\"}}}}\n{}",
+      (dir / "local").string(), dir.string(), extra);
+}
+
+TEST_F(ProviderCluster, LocalJobGetsItsNodesOnDemandAndIdleNodesAreReleased) {
+  ASSERT_TRUE(StartCoordinator(LocalProviders(dir_)));
+  EXPECT_EQ(NodeCount(), 0);
+  std::string job = Submit(
+      "name: ondemand\ncommand: [\"/bin/sh\", \"-c\", \"echo rank=$RANK node=$NODE_RANK\"]\n"
+      "nodes: 2\nranks_per_node: 1\ncheckpoint:\n  volume: ckpt\n");
+  ASSERT_FALSE(job.empty());
+  ASSERT_TRUE(WaitState(job, "succeeded", 40s)) << Events(job) << ReadFile(dir_ / "coord.log");
+  std::string events = Events(job);
+  EXPECT_NE(events.find("requested 2 nodes from aws"), std::string::npos) << events;
+  EXPECT_NE(events.find("node aws-1 up"), std::string::npos) << events;
+  EXPECT_NE(events.find("node aws-2 up"), std::string::npos) << events;
+  // Idle for 1 s: both go back, their agents exit, and the coordinator forgets them.
+  EXPECT_TRUE(WaitUntil([&] { return NodeCount() == 0; }, 15s)) << *Muster({"nodes"});
+  EXPECT_TRUE(
+      WaitUntil([&] { return ProcessesMentioning((dir_ / "local").string()).empty(); }, 10s))
+      << "agents still running";
+  std::string log = ReadFile(dir_ / "coord.log");
+  EXPECT_NE(log.find("released idle node aws-1"), std::string::npos) << log;
+  EXPECT_NE(log.find("released idle node aws-2"), std::string::npos) << log;
+}
+
+TEST_F(ProviderCluster, RequestsBeyondMaxNodesWaitWithTheLimitAsTheReason) {
+  ASSERT_TRUE(StartCoordinator(LocalProviders(dir_)));
+  // 4 nodes: the provider could hold it by its template, but max_nodes is 3: refused at submit.
+  fs::path f = dir_ / "big.yaml";
+  std::ofstream(f) << "name: big\ncommand: [\"true\"]\nnodes: 4\n";
+  auto out = Muster({"submit", f.string()});
+  EXPECT_FALSE(out.ok()) << *out;
+  // Two jobs of 2 nodes: the second waits for the first's nodes (3 < 4).
+  std::string a = Submit("name: a\ncommand: [\"sleep\", \"3\"]\nnodes: 2\n");
+  std::string b = Submit("name: b\ncommand: [\"true\"]\nnodes: 2\n");
+  ASSERT_TRUE(WaitState(a, "running", 30s)) << Events(a);
+  auto st = Status(b);
+  EXPECT_EQ(st.value("state", ""), "pending");
+  EXPECT_TRUE(WaitUntil(
+      [&] {
+        return Status(b).value("pending_reason", "").find("at its limit of 3 nodes") !=
+               std::string::npos;
+      },
+      5s))
+      << Status(b).dump();
+  ASSERT_TRUE(WaitState(b, "succeeded", 40s)) << Events(b);
+}
+
+TEST_F(ProviderCluster, AFailingProviderIsRetriedThenSurfacedAsEventAndPendingReason) {
+  // The work directory cannot be created: every try fails.
+  ASSERT_TRUE(StartCoordinator(
+      "providers:\n  - name: aws\n    kind: local\n    max_tries: 2\n    retry_backoff_s: 0.2\n"
+      "    work_dir: /proc/muster-cannot-write\n"));
+  std::string job = Submit("name: stuck\ncommand: [\"true\"]\nnodes: 1\n");
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        return Status(job)
+                   .value("pending_reason", "")
+                   .find("provider aws could not supply 1 nodes after 2 tries") !=
+               std::string::npos;
+      },
+      15s))
+      << Status(job).dump() << Events(job);
+  std::string events = Events(job);
+  EXPECT_NE(events.find("provider_retry"), std::string::npos) << events;
+  EXPECT_NE(events.find("provider_failed"), std::string::npos) << events;
+  EXPECT_NE(events.find("cannot create /proc/muster-cannot-write"), std::string::npos) << events;
+}
+
+TEST_F(ProviderCluster, ABadProvidersFileStopsTheCoordinatorWithFileLineAndField) {
+  fs::create_directories(dir_ / "coord");
+  std::ofstream(dir_ / "bad.yaml") << "providers:\n  - name: aws\n    kind: local\n"
+                                      "    work_dir: /tmp\n    max_nodes: lots\n";
+  auto out = RunCommand({MUSTER_BIN, "coordinator", "--data-dir", (dir_ / "coord").string(),
+                         "--keys", (dir_ / "keys").string(), "--listen", "tcp://127.0.0.1:*",
+                         "--providers", (dir_ / "bad.yaml").string()},
+                        10s);
+  ASSERT_FALSE(out.ok());
+  EXPECT_NE(out.status().message().find(
+                (dir_ / "bad.yaml").string() +
+                ":5: providers[0].max_nodes: must be an integer in [1, 100000], not \"lots\""),
+            std::string::npos)
+      << out.status().message();
+}
+
+}  // namespace
+}  // namespace muster::providers_test
