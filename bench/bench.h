@@ -38,5 +38,6 @@ void AddSchedulerBench(CLI::App& app, Runner* runner);
 void AddRecoveryBench(CLI::App& app, Runner* runner);
 void AddCkptPyBench(CLI::App& app, Runner* runner);
 void AddDashboardBench(CLI::App& app, Runner* runner);
+void AddSnapshotBench(CLI::App& app, Runner* runner);
 
 }  // namespace muster::bench

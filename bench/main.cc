@@ -62,6 +62,7 @@ int main(int argc, char** argv) {
   muster::bench::AddDashboardBench(app, &runner);
   muster::bench::AddRecoveryBench(app, &runner);
   muster::bench::AddCkptPyBench(app, &runner);
+  muster::bench::AddSnapshotBench(app, &runner);
   auto* all = app.add_subcommand("all", "Run every benchmark with its default settings");
   all->callback([&] {
     runner = [&] {

@@ -22,6 +22,7 @@ void AddAgentCommands(CLI::App& app, Runner* runner) {
     double notice_s = 30;
     int grace_ms = 5000;
     int64_t rank_log_max_mb = 64;
+    int64_t snapshot_memory_mb = 0;
   };
   auto f = std::make_shared<Flags>();
   cmd->add_option("--coordinator", o->coordinator,
@@ -64,6 +65,11 @@ void AddAgentCommands(CLI::App& app, Runner* runner) {
   cmd->add_option("--rank-log-max-mb", f->rank_log_max_mb,
                   "Rotate a rank's log file past this many MiB (0: never)")
       ->check(CLI::Range(int64_t{0}, int64_t{1} << 20))
+      ->capture_default_str();
+  cmd->add_option("--snapshot-memory-mb", f->snapshot_memory_mb,
+                  "MiB of memory for jobs' in-memory snapshots (checkpoint.snapshot_every_steps); "
+                  "a job whose snapshots do not fit is refused them (0: none)")
+      ->check(CLI::Range(int64_t{0}, int64_t{1} << 30))
       ->capture_default_str();
   cmd->add_option("--rank-log-keep", o->rank_log_keep,
                   "Rotated parts kept of each rank log file (the oldest is dropped)")
@@ -111,6 +117,7 @@ void AddAgentCommands(CLI::App& app, Runner* runner) {
       o->default_notice = std::chrono::seconds(static_cast<int64_t>(f->notice_s));
       o->stop_grace = std::chrono::milliseconds(f->grace_ms);
       o->rank_log_max_bytes = f->rank_log_max_mb << 20;
+      o->snapshot_memory = static_cast<uint64_t>(f->snapshot_memory_mb) << 20;
       // Signals go to sigwait below; threads started from here inherit the mask.
       sigset_t set;
       sigemptyset(&set);

@@ -44,6 +44,8 @@ const std::set<std::string_view>& ContractNames() {
       "MUSTER_CHECKPOINT_EVERY",
       "MUSTER_CHECKPOINT_EVERY_S",
       "MUSTER_PREEMPT_FILE",
+      "MUSTER_SNAPSHOT_EVERY",
+      "MUSTER_SNAPSHOT_SOCKET",
       "MUSTER_NODE",
       "MUSTER_PROVIDER",
       "MUSTER_CONTROL_FD",
@@ -169,6 +171,9 @@ Status RankEnv::Validate() const {
     return bad("MUSTER_CHECKPOINT_EVERY_S=" + std::to_string(*checkpoint_every_s) +
                " is not positive");
   }
+  if (snapshot_every && *snapshot_every <= 0) {
+    return bad("MUSTER_SNAPSHOT_EVERY=" + std::to_string(*snapshot_every) + " is not positive");
+  }
   if (control_fd < -1) {
     return bad("MUSTER_CONTROL_FD=" + std::to_string(control_fd) + " is not a file descriptor");
   }
@@ -176,7 +181,8 @@ Status RankEnv::Validate() const {
     return bad("MUSTER_COLL_TIMEOUT_MS=" + std::to_string(*coll_timeout_ms) + " is not positive");
   }
   for (const auto* s : {&job_id, &rdzv_endpoint, &rdzv_key, &checkpoint_dir, &preempt_file, &node,
-                        &provider, &master_addr, &coll_backend, &socket_ifname}) {
+                        &snapshot_socket, &provider, &master_addr, &coll_backend,
+                        &socket_ifname}) {
     if (s->find('\0') != std::string::npos) {
       return bad("an env contract value holds a NUL byte");
     }
@@ -210,6 +216,8 @@ std::map<std::string, std::string> RankEnv::ToEnviron() const {
   if (checkpoint_every) env["MUSTER_CHECKPOINT_EVERY"] = num(*checkpoint_every);
   if (checkpoint_every_s) env["MUSTER_CHECKPOINT_EVERY_S"] = num(*checkpoint_every_s);
   if (!preempt_file.empty()) env["MUSTER_PREEMPT_FILE"] = preempt_file;
+  if (snapshot_every) env["MUSTER_SNAPSHOT_EVERY"] = num(*snapshot_every);
+  if (!snapshot_socket.empty()) env["MUSTER_SNAPSHOT_SOCKET"] = snapshot_socket;
   if (!node.empty()) env["MUSTER_NODE"] = node;
   if (!provider.empty()) env["MUSTER_PROVIDER"] = provider;
   if (control_fd >= 0) env["MUSTER_CONTROL_FD"] = num(control_fd);
@@ -264,6 +272,8 @@ StatusOr<RankEnv> RankEnv::FromEnviron(const std::map<std::string, std::string>&
   MUSTER_RETURN_IF_ERROR(
       ReadInt64(env, "MUSTER_CHECKPOINT_EVERY_S", 1, kPositive, &e.checkpoint_every_s));
   e.preempt_file = ValueOr(env, "MUSTER_PREEMPT_FILE");
+  MUSTER_RETURN_IF_ERROR(ReadInt64(env, "MUSTER_SNAPSHOT_EVERY", 1, kPositive, &e.snapshot_every));
+  e.snapshot_socket = ValueOr(env, "MUSTER_SNAPSHOT_SOCKET");
   e.node = ValueOr(env, "MUSTER_NODE");
   e.provider = ValueOr(env, "MUSTER_PROVIDER");
   MUSTER_RETURN_IF_ERROR(

@@ -64,8 +64,13 @@ struct RankEnv {
   std::optional<int64_t> checkpoint_every;    // MUSTER_CHECKPOINT_EVERY (> 0)
   std::optional<int64_t> checkpoint_every_s;  // MUSTER_CHECKPOINT_EVERY_S (> 0)
   std::string preempt_file;                   // MUSTER_PREEMPT_FILE; empty: none
-  std::string node;                           // MUSTER_NODE (agents only)
-  std::string provider;                       // MUSTER_PROVIDER (agents only)
+  // In-memory snapshots (the job spec's checkpoint.snapshot_every_steps): every this many steps
+  // a rank hands its checkpoint state to its agent over the Unix socket at snapshot_socket
+  // (checkpoint/snapshot_channel.h). Both unset when the job or the agent has none.
+  std::optional<int64_t> snapshot_every;  // MUSTER_SNAPSHOT_EVERY (> 0)
+  std::string snapshot_socket;            // MUSTER_SNAPSHOT_SOCKET; empty: none
+  std::string node;                       // MUSTER_NODE (agents only)
+  std::string provider;                   // MUSTER_PROVIDER (agents only)
   // MUSTER_CONTROL_FD: the write end of the rank's control channel to its agent or launcher
   // (runtime/control_channel.h); -1: none.
   int control_fd = -1;

@@ -317,6 +317,7 @@ bool Coordinator::Start(JobRt& job, const std::vector<std::string>& nodes) {
     s->set_checkpoint_volume(r.spec.checkpoint_volume());
     s->set_resume_step(r.resume_step);
     s->set_checkpoint_keep(r.spec.checkpoint_keep());
+    s->set_snapshot_every_steps(r.spec.snapshot_every_steps());
     s->set_time_limit_ms(r.spec.time_limit_s() * 1000);
     s->set_split_streams(r.spec.interactive());  // `muster run` keeps stdout and stderr apart
     Enqueue(nodes[i], std::move(a));

@@ -239,6 +239,10 @@ void CheckFields(const JobSpec& s, const LineOf& line_of, Errors* errs) {
     add("checkpoint.every", "is a number of steps or a duration, not both");
   }
   range("checkpoint.keep", s.checkpoint_keep, 1, kMaxCheckpointKeep);
+  range("checkpoint.snapshot_every_steps", s.snapshot_every_steps, 0, kMaxEverySteps);
+  if (s.snapshot_every_steps > 0 && s.checkpoint_volume.empty()) {
+    add("checkpoint.snapshot_every_steps", "needs checkpoint.volume (snapshots fall back to it)");
+  }
   range("restart.max_restarts", s.max_restarts, 0, kMaxRestarts);
   duration("restart.backoff", s.restart_backoff);
   duration("time_limit", s.time_limit);
@@ -538,9 +542,10 @@ StatusOr<JobSpec> ParseJobSpec(std::string_view text, std::string_view filename)
     }
     if (auto c = root["checkpoint"]) {
       if (!c.IsMap()) {
-        errs.Add(c, "checkpoint", "must be a mapping (volume, every, keep), not " + Shown(c));
+        errs.Add(c, "checkpoint",
+                 "must be a mapping (volume, every, keep, snapshot_every_steps), not " + Shown(c));
       } else {
-        CheckKeys(c, "checkpoint.", {"volume", "every", "keep"}, &errs);
+        CheckKeys(c, "checkpoint.", {"volume", "every", "keep", "snapshot_every_steps"}, &errs);
         if (auto n = c["volume"]) {
           if (GetString(n, "checkpoint.volume", &spec.checkpoint_volume, &errs)) {
             note("checkpoint.volume", n);
@@ -560,6 +565,10 @@ StatusOr<JobSpec> ParseJobSpec(std::string_view text, std::string_view filename)
         }
         if (auto n = c["keep"]; n && GetInt(n, "checkpoint.keep", 1, kMaxCheckpointKeep, &v, &errs))
           spec.checkpoint_keep = v;
+        if (auto n = c["snapshot_every_steps"]) {
+          GetInt(n, "checkpoint.snapshot_every_steps", 1, kMaxEverySteps,
+                 &spec.snapshot_every_steps, &errs);
+        }
       }
     }
     if (auto r = root["restart"]) {
@@ -646,6 +655,7 @@ proto::JobSpec JobSpecToProto(const JobSpec& s) {
   p.set_checkpoint_every_steps(s.checkpoint_every_steps);
   p.set_checkpoint_every_s(s.checkpoint_every_time.count());
   p.set_checkpoint_keep(s.checkpoint_keep);
+  p.set_snapshot_every_steps(s.snapshot_every_steps);
   p.set_max_restarts(s.max_restarts);
   p.set_restart_backoff_s(s.restart_backoff.count());
   p.set_time_limit_s(s.time_limit.count());
@@ -672,6 +682,7 @@ StatusOr<JobSpec> JobSpecFromProto(const proto::JobSpec& p) {
   s.checkpoint_every_steps = p.checkpoint_every_steps();
   s.checkpoint_every_time = std::chrono::seconds(p.checkpoint_every_s());
   s.checkpoint_keep = p.checkpoint_keep();
+  s.snapshot_every_steps = p.snapshot_every_steps();
   s.max_restarts = p.max_restarts();
   s.restart_backoff = std::chrono::seconds(p.restart_backoff_s());
   s.time_limit = std::chrono::seconds(p.time_limit_s());

@@ -71,6 +71,9 @@ struct JobSpec {
   int64_t checkpoint_every_steps = 0;
   std::chrono::seconds checkpoint_every_time{0};
   int checkpoint_keep = 3;
+  // checkpoint.snapshot_every_steps: every this many steps each rank's state also goes to the
+  // memory of its node's agent (node_agent/snapshots/); 0: none.
+  int64_t snapshot_every_steps = 0;
   int max_restarts = 3;
   std::chrono::seconds restart_backoff{10};
   std::chrono::seconds time_limit{0};  // 0: none

@@ -113,6 +113,7 @@ StatusOr<std::unique_ptr<Agent>> Agent::Start(AgentOptions options) {
   ro.rank_log_keep = options.rank_log_keep;
   ro.preflight_timeout = options.preflight_timeout;
   ro.preflight_probe_timeout = options.preflight_probe_timeout;
+  ro.snapshot_memory = options.snapshot_memory;
   AssignmentRunner::Outputs out;
   out.report = [p](proto::AgentReport r) { p->session->QueueReport(std::move(r)); };
   out.send = [p](proto::Envelope e) { p->session->Queue(std::move(e)); };

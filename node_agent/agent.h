@@ -77,6 +77,8 @@ struct AgentOptions {
   // and one connect to a peer.
   std::chrono::milliseconds preflight_timeout{15000};
   std::chrono::milliseconds preflight_probe_timeout{2000};
+  // Bytes of memory for jobs' in-memory snapshots (node_agent/snapshots/); 0: none.
+  uint64_t snapshot_memory = 0;
 };
 
 class Agent {

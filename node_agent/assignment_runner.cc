@@ -94,6 +94,14 @@ StatusOr<std::unique_ptr<AssignmentRunner>> AssignmentRunner::Create(Reactor& re
     r->labels_.set_transfer_endpoint(r->volume_server_->endpoint());
     r->labels_.set_transfer_key(r->volume_server_->public_key());
   }
+  if (r->options_.snapshot_memory > 0) {
+    r->snapshots_ = std::make_unique<SnapshotStore>(
+        SnapshotStoreOptions{.memory_limit = r->options_.snapshot_memory});
+    auto ss = SnapshotServer::Start((r->options_.work_dir / "snapshots" / "s.sock").string(),
+                                    r->snapshots_.get());
+    if (!ss.ok()) return ss.status().WithContext("snapshot server");
+    r->snapshot_server_ = std::move(*ss);
+  }
   return r;
 }
 
@@ -122,6 +130,8 @@ AssignmentRunner::~AssignmentRunner() {
   supervisor_.reset();
   assignments_.clear();
   volume_server_.reset();
+  snapshot_server_.reset();
+  snapshots_.reset();
 }
 
 std::map<std::string, proto::Progress> AssignmentRunner::TakeProgress() {
@@ -338,6 +348,17 @@ void AssignmentRunner::LaunchRanks(Assignment a, const std::string& creds,
   contract.provider = labels_.provider();
   contract.control_fd = Supervisor::kControlFd;
   contract.socket_ifname = ifname;
+  if (s.snapshot_every_steps() > 0) {
+    if (snapshot_server_) {
+      contract.snapshot_every = s.snapshot_every_steps();
+      contract.snapshot_socket = snapshot_server_->socket_path();
+    } else {
+      logger_->warn(
+          "job {}: asks for in-memory snapshots, but this agent has no snapshot memory "
+          "(--snapshot-memory-mb 0); its ranks checkpoint to the volume only",
+          s.job_id());
+    }
+  }
   if (Status st = contract.Validate(); !st.ok()) return StartError(s, st.message());
   std::map<std::string, std::string> job_env(s.env().begin(), s.env().end());
   const std::vector<std::string> inherited = ProcessEnviron();
@@ -529,6 +550,7 @@ void AssignmentRunner::StopAssignment(const proto::StopAssignment& s) {
   if (it == assignments_.end() || it->second.live.empty()) return;  // already stopped
   Assignment& a = it->second;
   a.stopping = true;
+  a.job_over |= s.reason() == proto::STOP_CANCELLED || s.reason() == proto::STOP_TIME_LIMIT;
   milliseconds grace(std::max<int64_t>(0, s.grace_ms()));
   if (s.checkpoint_first() && s.checkpoint_deadline_ms() > UnixMs()) {
     AskCheckpoint(a, s.checkpoint_deadline_ms(),
@@ -654,6 +676,7 @@ void AssignmentRunner::OnExit(ChildId id, const ExitInfo& info) {
   x->set_signal(info.signaled ? info.signal : 0);
   x->set_time_ms(UnixMs());
   x->set_stopped_by_agent(a.stopping || info.stopped);
+  a.rank_failed |= !info.success() && !a.stopping && !info.stopped;
   if (info.success() || a.stopping) {
     logger_->info("job {} rank {} {}", a.group, rank, info.Describe());
   } else {
@@ -670,6 +693,10 @@ void AssignmentRunner::OnExit(ChildId id, const ExitInfo& info) {
     }
     std::error_code ec;
     fs::remove(a.notice_path, ec);
+    // Kept while the job may resume from them (a failure, a lost peer, a notice).
+    if (snapshots_ && (a.job_over || (!a.rank_failed && !a.stopping))) {
+      snapshots_->DropJob(a.spec.job_id());
+    }
   }
   if (!a.all_exited_sent || a.live.empty()) out_.report(std::move(r));
   SaveRanks();

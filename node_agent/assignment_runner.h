@@ -39,6 +39,8 @@
 #include "common/status.h"
 #include "node_agent/preemption_notice.h"
 #include "node_agent/preflight.h"
+#include "node_agent/snapshots/snapshot_server.h"
+#include "node_agent/snapshots/snapshot_store.h"
 #include "node_agent/supervisor.h"
 #include "node_agent/volume_transfer.h"
 
@@ -56,6 +58,10 @@ class AssignmentRunner {
     // The launch preflight of a multi-node attempt (node_agent/preflight.h).
     std::chrono::milliseconds preflight_timeout{15000};
     std::chrono::milliseconds preflight_probe_timeout{2000};
+    // Memory for in-memory snapshots of jobs that ask for them (checkpoint.snapshot_every_steps):
+    // 0 turns them off here (such jobs run with volume checkpoints only, and a warning). Served
+    // on <work_dir>/snapshots/s.sock (node_agent/snapshots/).
+    uint64_t snapshot_memory = 0;
   };
   // Where what the runner produces goes. Each runs on the reactor thread.
   struct Outputs {
@@ -80,6 +86,11 @@ class AssignmentRunner {
 
   // The labels as completed by Create; immutable, so readable from any thread.
   const proto::NodeLabels& labels() const { return labels_; }
+  // The snapshots this agent holds; null when Options::snapshot_memory is 0. Thread-safe.
+  // A job's snapshots are kept across its attempts (a resumed gang restores from them) and
+  // dropped once an attempt here ends for good: every rank exited 0, or it was cancelled or
+  // ran out of time.
+  SnapshotStore* snapshots() const { return snapshots_.get(); }
 
   // ---- REQUIRES: on the reactor thread, for everything below.
 
@@ -116,6 +127,8 @@ class AssignmentRunner {
     bool stopping = false;  // a stop (or a notice) reached it: exits are not failures
     bool checkpoint_asked = false;
     bool all_exited_sent = false;
+    bool rank_failed = false;  // a rank exited non-zero without being stopped
+    bool job_over = false;     // stopped for good (cancelled, time limit)
     Reactor::TimerId deadline_timer = 0;
     int64_t last_commit = 0;  // the newest step reported as committed
   };
@@ -155,6 +168,9 @@ class AssignmentRunner {
   std::shared_ptr<spdlog::logger> logger_ = log::Get("agent");
   std::unique_ptr<Supervisor> supervisor_;
   std::unique_ptr<VolumeServer> volume_server_;
+  // Shared with the snapshot server's threads (thread-safe); the server is destroyed first.
+  std::unique_ptr<SnapshotStore> snapshots_;
+  std::unique_ptr<SnapshotServer> snapshot_server_;
   std::map<std::string, Assignment> assignments_;  // by group
   // Attempts whose launch preflight runs: by group, what LaunchRanks will need.
   struct Pending {

@@ -129,4 +129,28 @@ Status JobContext::Announce(const std::string& line) const {
   return PrintLine(line);
 }
 
+std::unique_ptr<checkpoint::SnapshotSender> JobContext::NewSnapshotSender() const {
+  if (env_.snapshot_socket.empty() || !env_.snapshot_every) return nullptr;
+  return checkpoint::SnapshotSender::Create({.socket_path = env_.snapshot_socket,
+                                             .key = {.job = env_.job_id,
+                                                     .attempt = env_.attempt,
+                                                     .rank = env_.rank,
+                                                     .world_size = env_.world_size}});
+}
+
+StatusOr<checkpoint::SnapshotFrame> JobContext::FetchSnapshot(int64_t step, int attempt) const {
+  if (env_.snapshot_socket.empty()) {
+    return FailedPreconditionError(
+        "no snapshot socket (MUSTER_SNAPSHOT_SOCKET): the job or the "
+        "agent has no in-memory snapshots");
+  }
+  MUSTER_ASSIGN_OR_RETURN(auto client, checkpoint::SnapshotClient::Connect(env_.snapshot_socket));
+  return client->Get({.job = env_.job_id,
+                      .attempt = attempt,
+                      .rank = env_.rank,
+                      .world_size = env_.world_size,
+                      .step = step},
+                     kMaxSnapshotFetchBytes);
+}
+
 }  // namespace muster::runtime

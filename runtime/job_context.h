@@ -45,6 +45,7 @@
 #include <vector>
 
 #include "checkpoint/checkpointer.h"
+#include "checkpoint/snapshot_channel.h"
 #include "collectives/communicator.h"
 #include "collectives/store.h"
 #include "common/rank_env.h"
@@ -54,6 +55,9 @@ namespace muster::runtime {
 
 class JobContext {
  public:
+  // The largest snapshot payload FetchSnapshot accepts from the agent.
+  static constexpr uint64_t kMaxSnapshotFetchBytes = uint64_t{1} << 40;
+
   // The store key the node-rank-0 agent sets (value: the deadline, unix ms) to ask the ranks to
   // checkpoint and stop.
   static constexpr char kPreemptKey[] = "muster/preempt";
@@ -91,6 +95,18 @@ class JobContext {
   // on the control channel, or on stdout without one. FailedPrecondition without a directory.
   StatusOr<std::unique_ptr<checkpoint::Checkpointer>> NewCheckpointer(
       checkpoint::CheckpointerOptions base = {}) const;
+
+  // In-memory snapshots (the job spec's checkpoint.snapshot_every_steps; checkpoint/
+  // snapshot_channel.h): a sender to this node's agent, or null when the job or the agent has
+  // none (MUSTER_SNAPSHOT_EVERY / MUSTER_SNAPSHOT_SOCKET unset). Call its Snapshot(step, state)
+  // every snapshot_every() steps; it returns once the state is copied.
+  std::unique_ptr<checkpoint::SnapshotSender> NewSnapshotSender() const;
+  // MUSTER_SNAPSHOT_EVERY; 0 when unset.
+  int64_t snapshot_every() const { return env_.snapshot_every.value_or(0); }
+  // This rank's snapshot of `step` of `attempt` as the local agent holds it (its payload
+  // checked), for checkpoint::RestoreSnapshotState. FailedPrecondition without a snapshot
+  // socket; NotFound when the agent has none.
+  StatusOr<checkpoint::SnapshotFrame> FetchSnapshot(int64_t step, int attempt) const;
 
   // True once this rank has seen a preemption notice (see above); stays true.
   bool NoticeSeen();

@@ -396,5 +396,37 @@ time_limit: 2h
   EXPECT_EQ(JobSpecFromProto(p).status().code(), StatusCode::kInvalidArgument);
 }
 
+TEST(JobSpecTest, SnapshotsAreOptInEveryKStepsAndNeedAVolume) {
+  auto spec = ParseJobSpec(R"(name: ft
+command: [./train]
+checkpoint:
+  volume: ckpt
+  every: 10
+  snapshot_every_steps: 1
+)");
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->snapshot_every_steps, 1);
+  auto back = JobSpecFromProto(JobSpecToProto(*spec));
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->snapshot_every_steps, 1);
+  EXPECT_EQ(ParseJobSpec("name: ft\ncommand: [./t]\n")->snapshot_every_steps, 0);
+  auto bad = ParseJobSpec(R"(name: ft
+command: [./train]
+checkpoint:
+  volume: ckpt
+  snapshot_every_steps: 0
+)");
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("job.yaml:5: checkpoint.snapshot_every_steps"),
+            std::string::npos)
+      << bad.status();
+  JobSpec wire = *spec;
+  wire.checkpoint_volume.clear();
+  Status s = ValidateJobSpec(wire);
+  EXPECT_NE(s.message().find("checkpoint.snapshot_every_steps: needs checkpoint.volume"),
+            std::string::npos)
+      << s;
+}
+
 }  // namespace
 }  // namespace muster::coordinator

@@ -33,6 +33,8 @@ RankEnv Full() {
   e.node = "aws-2";
   e.provider = "aws";
   e.control_fd = 3;
+  e.snapshot_every = 1;
+  e.snapshot_socket = "/var/lib/muster/snapshots/s.sock";
   e.coll_backend = "gloo";
   e.coll_timeout_ms = 2000;
   e.socket_ifname = "eth1";
@@ -127,6 +129,8 @@ TEST(RankEnvTest, MalformedValuesAreClearErrors) {
             "MUSTER_RESUME_STEP='12x' is not a non-negative integer");
   EXPECT_EQ(Error({{"MUSTER_CHECKPOINT_EVERY", "0"}}),
             "MUSTER_CHECKPOINT_EVERY='0' is not a positive integer");
+  EXPECT_EQ(Error({{"MUSTER_SNAPSHOT_EVERY", "0"}}),
+            "MUSTER_SNAPSHOT_EVERY='0' is not a positive integer");
   EXPECT_EQ(Error({{"MUSTER_CONTROL_FD", "-3"}}),
             "MUSTER_CONTROL_FD='-3' is not a file descriptor number");
   EXPECT_EQ(Error({{"MUSTER_COLL_TIMEOUT_MS", "0"}}),

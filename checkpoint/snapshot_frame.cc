@@ -1,0 +1,143 @@
+#include "checkpoint/snapshot_frame.h"
+
+#include <cstring>
+
+#include "checkpoint/manifest.h"  // Xxh3
+#include "common/path_name.h"
+
+namespace muster::checkpoint {
+namespace {
+
+template <typename T>
+void Put(std::string& out, T v) {
+  char b[sizeof(T)];
+  for (size_t i = 0; i < sizeof(T); ++i) {
+    b[i] = static_cast<char>((static_cast<uint64_t>(v) >> (8 * i)) & 0xff);
+  }
+  out.append(b, sizeof(T));
+}
+
+template <typename T>
+T Get(std::string_view in, size_t at) {
+  uint64_t v = 0;
+  for (size_t i = 0; i < sizeof(T); ++i) {
+    v |= static_cast<uint64_t>(static_cast<unsigned char>(in[at + i])) << (8 * i);
+  }
+  return static_cast<T>(v);
+}
+
+Status CheckKey(const SnapshotKey& key) {
+  if (key.step < 0)
+    return InvalidArgumentError("snapshot: step " + std::to_string(key.step) + " is negative");
+  if (key.attempt < 0) {
+    return InvalidArgumentError("snapshot: attempt " + std::to_string(key.attempt) +
+                                " is negative");
+  }
+  if (key.world_size < 1 || key.world_size > kMaxSnapshotWorldSize) {
+    return InvalidArgumentError("snapshot: world size " + std::to_string(key.world_size) +
+                                " is outside 1.." + std::to_string(kMaxSnapshotWorldSize));
+  }
+  if (key.rank < 0 || key.rank >= key.world_size) {
+    return InvalidArgumentError("snapshot: rank " + std::to_string(key.rank) + " is outside 0.." +
+                                std::to_string(key.world_size - 1));
+  }
+  return Status::Ok();
+}
+
+Status AsDataLoss(const Status& s) { return s.ok() ? s : DataLossError(s.message()); }
+
+}  // namespace
+
+StatusOr<std::string> EncodeSnapshotFrame(const SnapshotKey& key, std::string_view payload) {
+  MUSTER_ASSIGN_OR_RETURN(std::string out, EncodeSnapshotPrefix(key, payload));
+  out.append(payload);
+  return out;
+}
+
+StatusOr<std::string> EncodeSnapshotPrefix(const SnapshotKey& key, std::string_view payload) {
+  MUSTER_RETURN_IF_ERROR(CheckKey(key));
+  MUSTER_RETURN_IF_ERROR(ValidatePathName(key.job, "snapshot job id"));
+  std::string out;
+  out.reserve(kSnapshotHeaderBytes + key.job.size());
+  out.append(kSnapshotMagic, 4);
+  Put<uint16_t>(out, kSnapshotFrameVersion);
+  Put<uint16_t>(out, static_cast<uint16_t>(key.job.size()));
+  Put<int64_t>(out, key.step);
+  Put<int32_t>(out, key.attempt);
+  Put<int32_t>(out, key.rank);
+  Put<int32_t>(out, key.world_size);
+  Put<uint32_t>(out, 0);
+  Put<uint64_t>(out, payload.size());
+  Put<uint64_t>(out, Xxh3(payload.data(), payload.size()));
+  out.append(key.job);
+  return out;
+}
+
+StatusOr<SnapshotHeader> DecodeSnapshotHeader(std::string_view in, uint64_t max_payload) {
+  if (in.size() != kSnapshotHeaderBytes) {
+    return DataLossError("snapshot: header is " + std::to_string(in.size()) + " bytes, not " +
+                         std::to_string(kSnapshotHeaderBytes));
+  }
+  if (std::memcmp(in.data(), kSnapshotMagic, 4) != 0) {
+    return DataLossError("snapshot: bad magic " + QuoteForError(in.substr(0, 4)));
+  }
+  uint16_t version = Get<uint16_t>(in, 4);
+  if (version != kSnapshotFrameVersion) {
+    return DataLossError("snapshot: unknown version " + std::to_string(version));
+  }
+  SnapshotHeader h;
+  h.job_length = Get<uint16_t>(in, 6);
+  if (h.job_length == 0 || h.job_length > kMaxPathNameLength) {
+    return DataLossError("snapshot: job id length " + std::to_string(h.job_length) +
+                         " is outside 1.." + std::to_string(kMaxPathNameLength));
+  }
+  h.key.step = Get<int64_t>(in, 8);
+  h.key.attempt = Get<int32_t>(in, 16);
+  h.key.rank = Get<int32_t>(in, 20);
+  h.key.world_size = Get<int32_t>(in, 24);
+  MUSTER_RETURN_IF_ERROR(AsDataLoss(CheckKey(h.key)));
+  if (uint32_t reserved = Get<uint32_t>(in, 28); reserved != 0) {
+    return DataLossError("snapshot: reserved field is " + std::to_string(reserved) + ", not 0");
+  }
+  h.payload_length = Get<uint64_t>(in, 32);
+  if (h.payload_length > max_payload) {
+    return DataLossError("snapshot: payload of " + std::to_string(h.payload_length) +
+                         " bytes exceeds the limit of " + std::to_string(max_payload));
+  }
+  h.payload_xxh3 = Get<uint64_t>(in, 40);
+  return h;
+}
+
+StatusOr<SnapshotFrame> DecodeSnapshotBody(const SnapshotHeader& header, std::string_view body) {
+  uint64_t want = uint64_t{header.job_length} + header.payload_length;
+  if (body.size() != want) {
+    return DataLossError("snapshot: body is " + std::to_string(body.size()) +
+                         " bytes, the header says " + std::to_string(want));
+  }
+  SnapshotFrame f;
+  f.key = header.key;
+  f.key.job = std::string(body.substr(0, header.job_length));
+  MUSTER_RETURN_IF_ERROR(AsDataLoss(ValidatePathName(f.key.job, "snapshot job id")));
+  std::string_view payload = body.substr(header.job_length);
+  uint64_t sum = Xxh3(payload.data(), payload.size());
+  if (sum != header.payload_xxh3) {
+    return DataLossError("snapshot: payload of job " + f.key.job + " rank " +
+                         std::to_string(f.key.rank) + " step " + std::to_string(f.key.step) +
+                         " fails its xxh3 checksum");
+  }
+  f.payload_xxh3 = sum;
+  f.payload = std::string(payload);
+  return f;
+}
+
+StatusOr<SnapshotFrame> DecodeSnapshotFrame(std::string_view bytes, uint64_t max_payload) {
+  if (bytes.size() < kSnapshotHeaderBytes) {
+    return DataLossError("snapshot: frame of " + std::to_string(bytes.size()) +
+                         " bytes is shorter than its header");
+  }
+  MUSTER_ASSIGN_OR_RETURN(SnapshotHeader h,
+                          DecodeSnapshotHeader(bytes.substr(0, kSnapshotHeaderBytes), max_payload));
+  return DecodeSnapshotBody(h, bytes.substr(kSnapshotHeaderBytes));
+}
+
+}  // namespace muster::checkpoint

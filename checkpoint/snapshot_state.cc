@@ -1,0 +1,193 @@
+#include "checkpoint/snapshot_state.h"
+
+#include <cstring>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <set>
+
+#include "checkpoint/manifest.h"
+
+namespace muster::checkpoint {
+namespace {
+
+using json = nlohmann::json;
+
+constexpr size_t kMaxIndexBytes = 64u << 20;
+
+struct Entry {
+  DType dtype = DType::kF32;
+  std::vector<int64_t> shape, offsets, lengths;
+  bool replicated = false;
+  uint64_t at = 0, bytes = 0;
+};
+
+Status CheckBox(const std::string& what, const std::vector<int64_t>& shape,
+                const std::vector<int64_t>& offsets, const std::vector<int64_t>& lengths) {
+  if (offsets.size() != shape.size() || lengths.size() != shape.size()) {
+    return InvalidArgumentError(what + ": box rank does not match the shape's");
+  }
+  for (size_t d = 0; d < shape.size(); ++d) {
+    if (shape[d] < 0 || offsets[d] < 0 || lengths[d] < 0 || offsets[d] > shape[d] ||
+        lengths[d] > shape[d] - offsets[d]) {
+      return InvalidArgumentError(what + ": dimension " + std::to_string(d) +
+                                  " is outside the shape");
+    }
+  }
+  if (!CheckedNumElements(shape)) return InvalidArgumentError(what + ": shape is too large");
+  return Status::Ok();
+}
+
+StatusOr<std::vector<int64_t>> Ints(const json& j, const std::string& what) {
+  if (!j.is_array() || j.size() > 64) return DataLossError("snapshot state: " + what + " is bad");
+  std::vector<int64_t> out;
+  for (const auto& v : j) {
+    if (!v.is_number_integer()) return DataLossError("snapshot state: " + what + " is bad");
+    out.push_back(v.get<int64_t>());
+  }
+  return out;
+}
+
+}  // namespace
+
+StatusOr<std::string> EncodeSnapshotState(const SaveState& state) {
+  std::string out;
+  MUSTER_RETURN_IF_ERROR(EncodeSnapshotStateInto(state, &out));
+  return out;
+}
+
+Status EncodeSnapshotStateInto(const SaveState& state, std::string* out_ptr) {
+  std::string& out = *out_ptr;
+  json tensors = json::array();
+  std::set<std::string> names;
+  uint64_t pos = 0;
+  for (const TensorRef& t : state.tensors) {
+    std::string what = "snapshot: tensor '" + t.name + "'";
+    if (t.name.empty()) return InvalidArgumentError("snapshot: a tensor has an empty name");
+    if (!names.insert(t.name).second) return InvalidArgumentError(what + " is given twice");
+    if (t.memory == MemoryKind::kCuda) {
+      return FailedPreconditionError(what + " is in CUDA memory; snapshots hold host tensors only");
+    }
+    std::vector<int64_t> off = t.offsets, len = t.lengths;
+    if (off.empty() && len.empty()) {
+      off.assign(t.shape.size(), 0);
+      len = t.shape;
+    }
+    MUSTER_RETURN_IF_ERROR(CheckBox(what, t.shape, off, len));
+    uint64_t bytes = static_cast<uint64_t>(NumElements(len)) * DTypeSize(t.dtype);
+    if (bytes > 0 && !t.data) return InvalidArgumentError(what + " has no data pointer");
+    tensors.push_back({{"name", t.name},
+                       {"dtype", DTypeName(t.dtype)},
+                       {"shape", t.shape},
+                       {"offsets", off},
+                       {"lengths", len},
+                       {"replicated", t.replicated},
+                       {"at", pos},
+                       {"bytes", bytes}});
+    pos += bytes;
+  }
+  json index = {{"tensors", tensors}, {"metadata_bytes", state.metadata.size()}};
+  std::string idx = index.dump();
+  out.clear();
+  out.reserve(4 + idx.size() + pos + state.metadata.size());
+  uint32_t n = static_cast<uint32_t>(idx.size());
+  for (int i = 0; i < 4; ++i) out.push_back(static_cast<char>((n >> (8 * i)) & 0xff));
+  out += idx;
+  // Appended in order ("at" is the running sum): one copy, no zero fill first.
+  size_t i = 0;
+  for (const TensorRef& t : state.tensors) {
+    uint64_t bytes = tensors[i]["bytes"].get<uint64_t>();
+    if (bytes > 0) out.append(static_cast<const char*>(t.data), bytes);
+    ++i;
+  }
+  out += state.metadata;
+  return Status::Ok();
+}
+
+Status RestoreSnapshotState(std::string_view payload, const std::vector<RestoreRequest>& requests,
+                            std::string* metadata) {
+  if (payload.size() < 4) return DataLossError("snapshot state: shorter than its index length");
+  uint32_t n = 0;
+  for (int i = 0; i < 4; ++i) n |= uint32_t{static_cast<unsigned char>(payload[i])} << (8 * i);
+  if (n > kMaxIndexBytes || n > payload.size() - 4) {
+    return DataLossError("snapshot state: index length " + std::to_string(n) +
+                         " does not fit the payload");
+  }
+  json index = json::parse(payload.substr(4, n), nullptr, /*allow_exceptions=*/false);
+  if (!index.is_object() || !index.contains("tensors") || !index["tensors"].is_array() ||
+      !index.contains("metadata_bytes") || !index["metadata_bytes"].is_number_unsigned()) {
+    return DataLossError("snapshot state: the index is not a valid object");
+  }
+  std::string_view data = payload.substr(4 + n);
+  uint64_t meta_bytes = index["metadata_bytes"].get<uint64_t>();
+  if (meta_bytes > data.size()) return DataLossError("snapshot state: metadata does not fit");
+  const uint64_t tensor_bytes = data.size() - meta_bytes;
+  std::map<std::string, Entry> entries;
+  for (const json& t : index["tensors"]) {
+    if (!t.is_object() || !t.contains("name") || !t["name"].is_string() || !t.contains("dtype") ||
+        !t["dtype"].is_string() || !t.contains("replicated") || !t["replicated"].is_boolean() ||
+        !t.contains("at") || !t["at"].is_number_unsigned() || !t.contains("bytes") ||
+        !t["bytes"].is_number_unsigned() || !t.contains("shape") || !t.contains("offsets") ||
+        !t.contains("lengths")) {
+      return DataLossError("snapshot state: a tensor entry is malformed");
+    }
+    std::string name = t["name"].get<std::string>();
+    Entry e;
+    auto dt = ParseDType(t["dtype"].get<std::string>());
+    if (!dt.ok()) return DataLossError("snapshot state: tensor '" + name + "': bad dtype");
+    e.dtype = *dt;
+    MUSTER_ASSIGN_OR_RETURN(e.shape, Ints(t["shape"], "shape of '" + name + "'"));
+    MUSTER_ASSIGN_OR_RETURN(e.offsets, Ints(t["offsets"], "offsets of '" + name + "'"));
+    MUSTER_ASSIGN_OR_RETURN(e.lengths, Ints(t["lengths"], "lengths of '" + name + "'"));
+    Status box = CheckBox("snapshot state: tensor '" + name + "'", e.shape, e.offsets, e.lengths);
+    if (!box.ok()) return DataLossError(box.message());
+    e.replicated = t["replicated"].get<bool>();
+    e.at = t["at"].get<uint64_t>();
+    e.bytes = t["bytes"].get<uint64_t>();
+    auto elems = CheckedNumElements(e.lengths);
+    if (!elems || static_cast<uint64_t>(*elems) > UINT64_MAX / DTypeSize(e.dtype) ||
+        static_cast<uint64_t>(*elems) * DTypeSize(e.dtype) != e.bytes || e.at > tensor_bytes ||
+        e.bytes > tensor_bytes - e.at) {
+      return DataLossError("snapshot state: tensor '" + name + "' has a byte range of " +
+                           std::to_string(e.bytes) + " at " + std::to_string(e.at) +
+                           " that does not match its box or the payload");
+    }
+    if (!entries.emplace(name, std::move(e)).second) {
+      return DataLossError("snapshot state: tensor '" + name + "' appears twice");
+    }
+  }
+  // Check every request before copying any byte.
+  std::vector<const Entry*> found;
+  for (const RestoreRequest& r : requests) {
+    std::string what = "snapshot restore: tensor '" + r.name + "'";
+    auto it = entries.find(r.name);
+    if (it == entries.end()) return NotFoundError(what + " is not in the snapshot");
+    const Entry& e = it->second;
+    if (r.memory == MemoryKind::kCuda) {
+      return FailedPreconditionError(what + ": CUDA destinations are not supported by snapshots");
+    }
+    if (r.dtype != e.dtype) {
+      return InvalidArgumentError(what + " was saved as " + std::string(DTypeName(e.dtype)) +
+                                  ", not " + std::string(DTypeName(r.dtype)));
+    }
+    std::vector<int64_t> off = r.offsets, len = r.lengths;
+    if (off.empty() && len.empty()) {
+      off.assign(e.shape.size(), 0);
+      len = e.shape;
+    }
+    if (off != e.offsets || len != e.lengths) {
+      return InvalidArgumentError(what + ": the requested slice differs from the one this rank " +
+                                  "saved; restore other layouts from the volume");
+    }
+    if (e.bytes > 0 && !r.data) return InvalidArgumentError(what + " has no destination");
+    found.push_back(&e);
+  }
+  for (size_t i = 0; i < requests.size(); ++i) {
+    if (found[i]->bytes > 0) {
+      std::memcpy(requests[i].data, data.data() + found[i]->at, found[i]->bytes);
+    }
+  }
+  if (metadata) *metadata = std::string(data.substr(tensor_bytes));
+  return Status::Ok();
+}
+
+}  // namespace muster::checkpoint

@@ -1,0 +1,43 @@
+#pragma once
+
+// A rank's checkpoint state as the payload of an in-memory snapshot (checkpoint/snapshot_frame.h):
+// the tensors it passes to Checkpointer::Save, with their layout, and its opaque metadata, in one
+// byte string; and the way back into a rank's memory.
+//
+// Payload layout (little-endian): u32 index length | index (JSON: per tensor its name, dtype,
+// global shape, this rank's box, replicated flag, byte offset and length in the data part;
+// and the metadata's length) | data part: the tensors' bytes back to back, then the metadata.
+//
+// Unlike a volume checkpoint, a snapshot is restored by the rank that saved it (same world size,
+// same slices): RestoreSnapshotState copies each requested tensor whose box equals the saved box
+// (or the whole tensor, for a whole or replicated one). Re-sharding to another world size goes
+// through the volume.
+//
+// Thread-safety: pure functions (they read and write the callers' buffers).
+
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "checkpoint/checkpointer.h"
+#include "common/status.h"
+
+namespace muster::checkpoint {
+
+// The payload for `state`. InvalidArgument for a state Checkpointer::Save would refuse (a
+// duplicate or empty name, a box outside the shape, a missing data pointer);
+// FailedPrecondition for a CUDA tensor (snapshots copy host memory only, for now).
+StatusOr<std::string> EncodeSnapshotState(const SaveState& state);
+// The same into `out` (its capacity is reused: a caller that keeps the buffer between snapshots
+// pays for no new pages). `out` is unspecified after an error.
+Status EncodeSnapshotStateInto(const SaveState& state, std::string* out);
+
+// Copies the requested tensors out of `payload` (which may come from another node: every
+// field is checked before a byte is copied; DataLoss names what is malformed). NotFound for a
+// tensor not in it; InvalidArgument for a dtype or box that does not match the saved one;
+// FailedPrecondition for a CUDA destination. On success `metadata` (when given) receives the
+// saved metadata.
+Status RestoreSnapshotState(std::string_view payload, const std::vector<RestoreRequest>& requests,
+                            std::string* metadata = nullptr);
+
+}  // namespace muster::checkpoint

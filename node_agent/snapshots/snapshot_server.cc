@@ -1,0 +1,214 @@
+#include "node_agent/snapshots/snapshot_server.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+
+#include "checkpoint/snapshot_channel.h"
+#include "common/logging.h"
+
+namespace muster::node_agent {
+namespace {
+
+std::string Errno(const std::string& what) { return what + ": " + std::strerror(errno); }
+
+std::string Reply(const Status& s) {
+  std::string msg = s.message().substr(0, checkpoint::kMaxSnapshotReplyMessage);
+  std::string out(1, static_cast<char>(s.code()));
+  uint32_t n = static_cast<uint32_t>(msg.size());
+  for (int i = 0; i < 4; ++i) out.push_back(static_cast<char>((n >> (8 * i)) & 0xff));
+  return out + msg;
+}
+
+}  // namespace
+
+SnapshotServer::SnapshotServer(std::string path, SnapshotStore* store, OnPut on_put)
+    : path_(std::move(path)), store_(store), on_put_(std::move(on_put)) {}
+
+StatusOr<std::unique_ptr<SnapshotServer>> SnapshotServer::Start(std::string socket_path,
+                                                                SnapshotStore* store,
+                                                                OnPut on_put) {
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  if (socket_path.empty() || socket_path.size() >= sizeof(addr.sun_path)) {
+    return InvalidArgumentError("snapshot socket path '" + socket_path +
+                                "' is empty or too long for a Unix socket");
+  }
+  std::filesystem::path dir = std::filesystem::path(socket_path).parent_path();
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  if (ec || ::chmod(dir.c_str(), 0700) != 0) {
+    return UnavailableError("snapshot socket directory " + dir.string() + ": " +
+                            (ec ? ec.message() : std::strerror(errno)));
+  }
+  ::unlink(socket_path.c_str());  // a predecessor's (kill -9 leaves it)
+  std::unique_ptr<SnapshotServer> s(new SnapshotServer(socket_path, store, std::move(on_put)));
+  s->listen_fd_ = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (s->listen_fd_ < 0) return InternalError(Errno("snapshot socket"));
+  std::memcpy(addr.sun_path, socket_path.data(), socket_path.size());
+  if (::bind(s->listen_fd_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
+      ::listen(s->listen_fd_, 64) != 0) {
+    return UnavailableError(Errno("snapshot socket " + socket_path));
+  }
+  if (::pipe2(s->wake_, O_CLOEXEC) != 0) return InternalError(Errno("snapshot server pipe"));
+  s->accept_thread_ = std::thread([p = s.get()] { p->AcceptLoop(); });
+  return s;
+}
+
+SnapshotServer::~SnapshotServer() {
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    stopping_ = true;
+  }
+  if (wake_[1] >= 0) ::close(wake_[1]);
+  if (accept_thread_.joinable()) accept_thread_.join();
+  std::vector<std::unique_ptr<Conn>> conns;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    for (auto& c : conns_) {
+      if (!c->done) ::shutdown(c->fd, SHUT_RDWR);
+    }
+    conns.swap(conns_);
+  }
+  for (auto& c : conns) c->thread.join();
+  if (listen_fd_ >= 0) ::close(listen_fd_);
+  if (wake_[0] >= 0) ::close(wake_[0]);
+  ::unlink(path_.c_str());
+}
+
+void SnapshotServer::AcceptLoop() {
+  auto log = log::Get("agent.snap");
+  while (true) {
+    pollfd p[2] = {{listen_fd_, POLLIN, 0}, {wake_[0], POLLIN, 0}};
+    if (::poll(p, 2, -1) < 0) {
+      if (errno == EINTR) continue;
+      log->error("snapshot server: poll: {}", std::strerror(errno));
+      return;
+    }
+    if (p[1].revents) return;
+    if (!(p[0].revents & POLLIN)) continue;
+    int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+    if (fd < 0) continue;
+    std::vector<std::unique_ptr<Conn>> finished;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      for (auto it = conns_.begin(); it != conns_.end();) {
+        if ((*it)->done) {
+          finished.push_back(std::move(*it));
+          it = conns_.erase(it);
+        } else {
+          ++it;
+        }
+      }
+      if (stopping_ || conns_.size() >= static_cast<size_t>(kMaxSnapshotConnections)) {
+        log->warn("snapshot server: connection refused ({} open)", conns_.size());
+        ::close(fd);
+      } else {
+        auto c = std::make_unique<Conn>();
+        c->fd = fd;
+        Conn* raw = c.get();
+        conns_.push_back(std::move(c));
+        raw->thread = std::thread([this, raw] { Serve(raw); });
+      }
+    }
+    for (auto& c : finished) c->thread.join();
+  }
+}
+
+void SnapshotServer::Serve(Conn* conn) {
+  const int fd = conn->fd;
+  auto log = log::Get("agent.snap");
+  const uint64_t limit = store_->memory_limit();
+  while (true) {
+    char op = 0;
+    if (!checkpoint::RecvAll(fd, &op, 1).ok()) break;
+    std::string header(checkpoint::kSnapshotHeaderBytes, '\0');
+    Status s = checkpoint::RecvAll(fd, header.data(), header.size());
+    if (!s.ok()) break;
+    auto h = checkpoint::DecodeSnapshotHeader(header, limit);
+    if (!h.ok() || (op != 'P' && op != 'G')) {
+      Status bad = h.ok() ? InvalidArgumentError("snapshot channel: unknown op " +
+                                                 std::to_string(static_cast<int>(op)))
+                          : h.status();
+      log->warn("snapshot channel: {}", bad.ToString());
+      (void)checkpoint::SendAll(fd, Reply(bad));
+      break;
+    }
+    const uint64_t want = h->job_length + h->payload_length;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (inflight_ + want > limit) {
+        s = UnavailableError("snapshot channel: the agent is already reading " +
+                             std::to_string(inflight_) + " bytes of snapshots; " +
+                             std::to_string(want) + " more would pass its limit of " +
+                             std::to_string(limit));
+      } else {
+        inflight_ += want;
+      }
+    }
+    if (!s.ok()) {
+      (void)checkpoint::SendAll(fd, Reply(s));
+      break;
+    }
+    std::string body(want, '\0');
+    Status read = checkpoint::RecvAll(fd, body.data(), body.size());
+    auto f = read.ok() ? checkpoint::DecodeSnapshotBody(*h, body)
+                       : StatusOr<checkpoint::SnapshotFrame>(read);
+    body = std::string();
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      inflight_ -= want;
+    }
+    if (!read.ok()) break;
+    if (!f.ok()) {
+      log->warn("snapshot channel: {}", f.status().ToString());
+      (void)checkpoint::SendAll(fd, Reply(f.status()));
+      break;
+    }
+    if (op == 'P') {
+      checkpoint::SnapshotKey key = f->key;
+      Status put = store_->Put(std::move(*f));
+      if (!put.ok())
+        log->warn("snapshot of job {} rank {} step {}: {}", key.job, key.rank, key.step,
+                  put.ToString());
+      if (put.ok() && on_put_) {
+        auto held = store_->Get(key.job, key.rank, key.step);
+        if (held.ok()) on_put_(*held);
+      }
+      if (!checkpoint::SendAll(fd, Reply(put)).ok()) break;
+      continue;
+    }
+    auto held = store_->Get(f->key.job, f->key.rank, f->key.step);
+    if (held.ok() && !((*held)->key == f->key)) {
+      held = NotFoundError("snapshot of job " + f->key.job + " rank " +
+                           std::to_string(f->key.rank) + " step " + std::to_string(f->key.step) +
+                           " is held for another attempt or world size");
+    }
+    if (!held.ok()) {
+      if (!checkpoint::SendAll(fd, Reply(held.status())).ok()) break;
+      continue;
+    }
+    auto bytes = checkpoint::EncodeSnapshotFrame((*held)->key, (*held)->payload);
+    if (!bytes.ok()) {
+      if (!checkpoint::SendAll(fd, Reply(bytes.status())).ok()) break;
+      continue;
+    }
+    std::string out = Reply(Status::Ok());
+    uint64_t n = bytes->size();
+    for (int i = 0; i < 8; ++i) out.push_back(static_cast<char>((n >> (8 * i)) & 0xff));
+    if (!checkpoint::SendAll(fd, out).ok() || !checkpoint::SendAll(fd, *bytes).ok()) break;
+  }
+  std::lock_guard<std::mutex> l(mu_);
+  ::close(fd);
+  conn->done = true;
+}
+
+}  // namespace muster::node_agent

@@ -1,0 +1,74 @@
+#pragma once
+
+// SnapshotServer: the agent's end of the local snapshot channel (checkpoint/snapshot_channel.h).
+// It listens on a Unix socket at `socket_path`, whose directory it creates with mode 0700 (only
+// the agent's user, which its ranks run as, can connect), reads each request's frame (the header
+// first, so a frame larger than the store's whole memory limit is refused before its bytes are
+// read, and so is one that would take the bytes being read at once past that limit), keeps puts in
+// the SnapshotStore and answers gets from it.
+//
+// Frames are read and checked on the server's own threads (one per connection, at most
+// kMaxSnapshotConnections), never on the agent's reactor: a rank handing over gigabytes cannot
+// stall heartbeats or the lease. A malformed request gets an error reply and its connection is
+// closed (the stream cannot be resynchronised).
+//
+// `on_put`, when set, is called on the connection's thread after each frame is kept (the peer
+// forwarder hooks in here).
+//
+// Thread-safety: constructed and destroyed by one thread; the store is shared (thread-safe).
+// REQUIRES: `store` outlives the server.
+
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "checkpoint/snapshot_frame.h"
+#include "common/status.h"
+#include "node_agent/snapshots/snapshot_store.h"
+
+namespace muster::node_agent {
+
+inline constexpr int kMaxSnapshotConnections = 256;
+
+class SnapshotServer {
+ public:
+  using OnPut = std::function<void(std::shared_ptr<const checkpoint::SnapshotFrame>)>;
+
+  // Unavailable/Internal naming the path when the socket cannot be made.
+  static StatusOr<std::unique_ptr<SnapshotServer>> Start(std::string socket_path,
+                                                         SnapshotStore* store,
+                                                         OnPut on_put = nullptr);
+  // Closes the socket and every connection, joins the threads, removes the socket file.
+  ~SnapshotServer();
+
+  const std::string& socket_path() const { return path_; }
+
+ private:
+  SnapshotServer(std::string path, SnapshotStore* store, OnPut on_put);
+  void AcceptLoop();
+
+  const std::string path_;
+  SnapshotStore* store_;
+  OnPut on_put_;
+  int listen_fd_ = -1;
+  int wake_[2] = {-1, -1};  // closing wake_[1] wakes every poll
+  std::thread accept_thread_;
+  struct Conn {
+    int fd = -1;
+    bool done = false;  // GUARDED_BY(mu_): Serve returned; the thread may be joined
+    std::thread thread;
+  };
+  std::mutex mu_;
+  std::vector<std::unique_ptr<Conn>> conns_;  // GUARDED_BY(mu_)
+  bool stopping_ = false;                     // GUARDED_BY(mu_)
+  // Bytes of frames being read, across connections: bounded by the store's limit, so many
+  // ranks sending at once cannot make the agent hold more than twice its limit.
+  uint64_t inflight_ = 0;  // GUARDED_BY(mu_)
+
+  void Serve(Conn* conn);
+};
+
+}  // namespace muster::node_agent

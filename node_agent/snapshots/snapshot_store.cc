@@ -1,0 +1,172 @@
+#include "node_agent/snapshots/snapshot_store.h"
+
+#include <utility>
+
+#include "checkpoint/manifest.h"  // Xxh3
+#include "common/logging.h"
+
+namespace muster::node_agent {
+namespace {
+
+std::string Bytes(uint64_t n) { return std::to_string(n) + " bytes"; }
+
+}  // namespace
+
+SnapshotStore::SnapshotStore(SnapshotStoreOptions options) : options_(options) {
+  MUSTER_CHECK(options_.keep_steps >= 1) << "SnapshotStore: keep_steps must be >= 1";
+}
+
+Status SnapshotStore::ReserveLocked(const std::string& job, JobState& js, int32_t rank,
+                                    uint64_t per_step) {
+  RankSlot& slot = js.ranks[rank];
+  uint64_t want = per_step * static_cast<uint64_t>(options_.keep_steps);
+  if (per_step != 0 && want / per_step != static_cast<uint64_t>(options_.keep_steps)) {
+    want = UINT64_MAX;
+  }
+  if (want <= slot.reserved) return Status::Ok();
+  uint64_t others = reserved_ - slot.reserved;
+  if (want > options_.memory_limit || others > options_.memory_limit - want) {
+    if (slot.reserved == 0 && slot.frames.empty()) js.ranks.erase(rank);
+    return FailedPreconditionError(
+        "snapshots of job " + job + " do not fit in this agent's snapshot memory: rank " +
+        std::to_string(rank) + " needs " + std::to_string(options_.keep_steps) + " x " +
+        Bytes(per_step) + ", " + Bytes(others) + " are reserved already, and the limit is " +
+        Bytes(options_.memory_limit) +
+        " (raise the agent's --snapshot-memory or snapshot less often)");
+  }
+  reserved_ = others + want;
+  slot.reserved = want;
+  return Status::Ok();
+}
+
+Status SnapshotStore::Reserve(const std::string& job, int32_t rank, uint64_t bytes_per_step) {
+  std::lock_guard<std::mutex> lock(mu_);
+  return ReserveLocked(job, jobs_[job], rank, bytes_per_step);
+}
+
+void SnapshotStore::EraseLocked(RankSlot& slot, int64_t step) {
+  auto it = slot.frames.find(step);
+  if (it == slot.frames.end()) return;
+  used_ -= it->second->payload.size();
+  slot.frames.erase(it);
+}
+
+Status SnapshotStore::Put(checkpoint::SnapshotFrame frame) {
+  if (checkpoint::Xxh3(frame.payload.data(), frame.payload.size()) != frame.payload_xxh3) {
+    return DataLossError("snapshot of job " + frame.key.job + " rank " +
+                         std::to_string(frame.key.rank) + " step " +
+                         std::to_string(frame.key.step) + " fails its xxh3 checksum");
+  }
+  const checkpoint::SnapshotKey key = frame.key;
+  std::lock_guard<std::mutex> lock(mu_);
+  JobState& js = jobs_[key.job];
+  Status s = PutLocked(js, std::move(frame));
+  if (!s.ok() && js.ranks.empty()) jobs_.erase(key.job);
+  return s;
+}
+
+Status SnapshotStore::PutLocked(JobState& js, checkpoint::SnapshotFrame frame) {
+  const checkpoint::SnapshotKey key = frame.key;
+  if (key.attempt < js.newest_attempt) {
+    return AbortedError("snapshot of job " + key.job + " attempt " + std::to_string(key.attempt) +
+                        " is stale: attempt " + std::to_string(js.newest_attempt) +
+                        " has snapshots here");
+  }
+  js.newest_attempt = key.attempt;
+  MUSTER_RETURN_IF_ERROR(ReserveLocked(key.job, js, key.rank, frame.payload.size()));
+  RankSlot& slot = js.ranks[key.rank];
+  // A resumed attempt overwrites what its predecessor saved at or past this step.
+  for (auto it = slot.frames.lower_bound(key.step); it != slot.frames.end();) {
+    if (it->second->key.attempt < key.attempt || it->first == key.step) {
+      used_ -= it->second->payload.size();
+      it = slot.frames.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  while (slot.frames.size() >= static_cast<size_t>(options_.keep_steps)) {
+    EraseLocked(slot, slot.frames.begin()->first);
+  }
+  used_ += frame.payload.size();
+  slot.frames[key.step] = std::make_shared<const checkpoint::SnapshotFrame>(std::move(frame));
+  return Status::Ok();
+}
+
+StatusOr<std::shared_ptr<const checkpoint::SnapshotFrame>> SnapshotStore::Get(
+    const std::string& job, int32_t rank, int64_t step) {
+  std::shared_ptr<const checkpoint::SnapshotFrame> f;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto j = jobs_.find(job);
+    if (j != jobs_.end()) {
+      auto r = j->second.ranks.find(rank);
+      if (r != j->second.ranks.end()) {
+        auto s = r->second.frames.find(step);
+        if (s != r->second.frames.end()) f = s->second;
+      }
+    }
+  }
+  std::string what =
+      "snapshot of job " + job + " rank " + std::to_string(rank) + " step " + std::to_string(step);
+  if (!f) return NotFoundError(what + " is not held by this agent");
+  if (checkpoint::Xxh3(f->payload.data(), f->payload.size()) != f->payload_xxh3) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto j = jobs_.find(job);
+    if (j != jobs_.end()) {
+      auto r = j->second.ranks.find(rank);
+      if (r != j->second.ranks.end()) {
+        auto s = r->second.frames.find(step);
+        if (s != r->second.frames.end() && s->second == f) EraseLocked(r->second, step);
+      }
+    }
+    return DataLossError(what + " no longer matches its xxh3 checksum; dropped");
+  }
+  return f;
+}
+
+std::vector<HeldSnapshot> SnapshotStore::Held(const std::string& job) const {
+  std::vector<HeldSnapshot> out;
+  std::lock_guard<std::mutex> lock(mu_);
+  auto j = jobs_.find(job);
+  if (j == jobs_.end()) return out;
+  for (const auto& [rank, slot] : j->second.ranks) {
+    for (const auto& [step, f] : slot.frames) {
+      out.push_back({.rank = rank,
+                     .world_size = f->key.world_size,
+                     .attempt = f->key.attempt,
+                     .step = step,
+                     .bytes = f->payload.size()});
+    }
+  }
+  return out;
+}
+
+std::vector<std::string> SnapshotStore::Jobs() const {
+  std::vector<std::string> out;
+  std::lock_guard<std::mutex> lock(mu_);
+  for (const auto& [job, js] : jobs_) out.push_back(job);
+  return out;
+}
+
+void SnapshotStore::DropJob(const std::string& job) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto j = jobs_.find(job);
+  if (j == jobs_.end()) return;
+  for (auto& [rank, slot] : j->second.ranks) {
+    reserved_ -= slot.reserved;
+    for (auto& [step, f] : slot.frames) used_ -= f->payload.size();
+  }
+  jobs_.erase(j);
+}
+
+uint64_t SnapshotStore::used_bytes() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return used_;
+}
+
+uint64_t SnapshotStore::reserved_bytes() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return reserved_;
+}
+
+}  // namespace muster::node_agent

@@ -1,0 +1,109 @@
+#pragma once
+
+// SnapshotStore: the in-memory peer snapshots one agent holds, bounded by a memory limit.
+//
+// Ranks that opted in (the job spec's checkpoint.snapshot_every_steps) hand their checkpoint
+// state for a step to their own node's agent as a SnapshotFrame (checkpoint/snapshot_frame.h);
+// the agent also keeps the frames a peer agent on another node forwards to it. When a node is
+// lost, the coordinator resumes the gang from the newest step that the surviving agents' frames
+// cover for every rank (coordinator/snapshot_resume.h), and each rank restores from a copy here.
+//
+// Rules:
+//   - Bounded, never swapped out to disk: every byte held is counted against `memory_limit`.
+//     A (job, rank) reserves keep_steps x its frame size when its first frame arrives (or
+//     through Reserve, ahead of time); a reservation that would pass the limit is refused with
+//     FailedPrecondition naming the job, the rank, the bytes needed and the limit, and nothing
+//     is kept for it. A later frame larger than the reservation grows it only if the limit
+//     allows, else it is refused the same way.
+//   - Checksummed: a frame is kept only once its payload matches its xxh3 (Put), and Get checks
+//     it again before handing it out, so a bit flipped in memory is DataLoss, never restored.
+//   - Per (job, rank), the newest keep_steps steps are kept. A frame of a newer attempt first
+//     drops that rank's frames of older attempts at the same or later steps (a resumed gang
+//     overwrites the steps that its predecessor saved past the resume point).
+//   - Frames of an attempt older than the newest one seen for the job are refused (Aborted).
+//   - DropJob frees everything of a job (the job ended, or was cancelled).
+//
+// Thread-safety: every method is thread-safe (one mutex; Put copies nothing while holding it
+// beyond moving the frame in).
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "checkpoint/snapshot_frame.h"
+#include "common/status.h"
+
+namespace muster::node_agent {
+
+struct SnapshotStoreOptions {
+  uint64_t memory_limit = 0;  // bytes of payload held at most (0: snapshots refused)
+  int keep_steps = 2;         // per (job, rank); >= 1
+};
+
+// One frame held, as agents report it to the coordinator.
+struct HeldSnapshot {
+  int32_t rank = 0;
+  int32_t world_size = 0;
+  int32_t attempt = 0;
+  int64_t step = 0;
+  uint64_t bytes = 0;
+};
+
+class SnapshotStore {
+ public:
+  // REQUIRES: options.keep_steps >= 1.
+  explicit SnapshotStore(SnapshotStoreOptions options);
+
+  // Reserves room for `rank` of `job` to keep keep_steps frames of `bytes_per_step` each.
+  // FailedPrecondition when the limit would be passed (the message says by how much and what
+  // else is reserved). A smaller reservation than the current one is a no-op.
+  Status Reserve(const std::string& job, int32_t rank, uint64_t bytes_per_step);
+
+  // Keeps `frame` (see the rules above). DataLoss for a payload that fails its checksum;
+  // FailedPrecondition when it does not fit; Aborted for a stale attempt.
+  Status Put(checkpoint::SnapshotFrame frame);
+
+  // The frame of `rank` of `job` at `step`, checked against its xxh3 again. NotFound when not
+  // held; DataLoss when the bytes held no longer match (the frame is then dropped).
+  StatusOr<std::shared_ptr<const checkpoint::SnapshotFrame>> Get(const std::string& job,
+                                                                 int32_t rank, int64_t step);
+
+  // Every frame held for `job`, by rank then step.
+  std::vector<HeldSnapshot> Held(const std::string& job) const;
+  // The jobs with anything held or reserved.
+  std::vector<std::string> Jobs() const;
+
+  // Frees every frame and reservation of `job`.
+  void DropJob(const std::string& job);
+
+  uint64_t used_bytes() const;
+  uint64_t reserved_bytes() const;
+  uint64_t memory_limit() const { return options_.memory_limit; }
+
+ private:
+  struct RankSlot {
+    uint64_t reserved = 0;
+    // By step; at most keep_steps entries.
+    std::map<int64_t, std::shared_ptr<const checkpoint::SnapshotFrame>> frames;
+  };
+  struct JobState {
+    int32_t newest_attempt = 0;
+    std::map<int32_t, RankSlot> ranks;
+  };
+
+  // REQUIRES: mu_ held.
+  Status ReserveLocked(const std::string& job, JobState& js, int32_t rank, uint64_t per_step);
+  Status PutLocked(JobState& js, checkpoint::SnapshotFrame frame);
+  void EraseLocked(RankSlot& slot, int64_t step);
+
+  const SnapshotStoreOptions options_;
+  mutable std::mutex mu_;
+  std::map<std::string, JobState> jobs_;  // GUARDED_BY(mu_)
+  uint64_t used_ = 0;                     // GUARDED_BY(mu_)
+  uint64_t reserved_ = 0;                 // GUARDED_BY(mu_)
+};
+
+}  // namespace muster::node_agent

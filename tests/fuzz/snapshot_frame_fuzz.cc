@@ -1,0 +1,83 @@
+// Snapshot frames from a rank or a peer agent (checkpoint/snapshot_frame.h): never crashes,
+// whatever decodes re-encodes to the same bytes, and the store keeps it only within its limit.
+// Inputs are decoded as they are, and also (since a random input rarely carries a matching
+// xxh3) used as the key and payload of a frame that is encoded, then flipped at one byte and
+// decoded: a flip anywhere must be refused or decode to a different frame, never crash. The
+// input is also restored from as a state payload (checkpoint/snapshot_state.h), which a peer's
+// frame carries: a request for tensor "t" must be refused or fill exactly its buffer.
+
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "checkpoint/snapshot_frame.h"
+#include "checkpoint/snapshot_state.h"
+#include "node_agent/snapshots/snapshot_store.h"
+
+namespace {
+
+using muster::checkpoint::DecodeSnapshotFrame;
+using muster::checkpoint::EncodeSnapshotFrame;
+using muster::checkpoint::SnapshotFrame;
+
+constexpr uint64_t kLimit = 1 << 16;
+
+void Keep(const SnapshotFrame& f) {
+  muster::node_agent::SnapshotStore store({.memory_limit = 4096, .keep_steps = 2});
+  (void)store.Put(f);
+  if (store.used_bytes() > 4096 || store.reserved_bytes() > 4096) std::abort();
+  auto got = store.Get(f.key.job, f.key.rank, f.key.step);
+  if (got.ok() && (*got)->payload != f.payload) std::abort();
+  store.DropJob(f.key.job);
+  if (store.used_bytes() != 0 || store.reserved_bytes() != 0) std::abort();
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  std::string_view in(reinterpret_cast<const char*>(data), size);
+  if (in.size() >= muster::checkpoint::kSnapshotHeaderBytes) {
+    (void)muster::checkpoint::DecodeSnapshotHeader(
+        in.substr(0, muster::checkpoint::kSnapshotHeaderBytes), kLimit);
+  }
+  if (auto f = DecodeSnapshotFrame(in, kLimit); f.ok()) {
+    auto back = EncodeSnapshotFrame(f->key, f->payload);
+    if (!back.ok() || *back != in) std::abort();
+    Keep(*f);
+  }
+  {
+    std::vector<char> out(64);
+    std::string meta;
+    std::vector<muster::checkpoint::RestoreRequest> req = {
+        muster::checkpoint::RestoreRequest::Whole("t", muster::checkpoint::DType::kU8,
+                                                  out.data()),
+    };
+    req[0].offsets = {0};
+    req[0].lengths = {64};
+    (void)muster::checkpoint::RestoreSnapshotState(in, req, &meta);
+  }
+  if (size < 12) return 0;
+  muster::checkpoint::SnapshotKey key;
+  key.world_size = 1 + data[0] % 8;
+  key.rank = data[1] % 9;
+  key.attempt = data[2];
+  key.step = static_cast<int64_t>(data[3]) - 2;
+  key.job = std::string(in.substr(4, 1 + data[4] % 6));
+  size_t flip = data[5] | (size_t{data[6]} << 8);
+  std::string_view payload = in.substr(12);
+  auto enc = EncodeSnapshotFrame(key, payload);
+  if (!enc.ok()) return 0;
+  auto f = DecodeSnapshotFrame(*enc, kLimit);
+  if (!f.ok() || !(f->key == key) || f->payload != payload) std::abort();
+  Keep(*f);
+  std::string bad = *enc;
+  bad[flip % bad.size()] ^= static_cast<char>(1 + data[7] % 255);
+  if (auto g = DecodeSnapshotFrame(bad, kLimit); g.ok()) {
+    if (g->key == key && g->payload == payload) std::abort();
+    Keep(*g);
+  }
+  return 0;
+}

@@ -1,0 +1,198 @@
+// The local snapshot channel over a real Unix socket: a rank's SnapshotSender hands its state to
+// the agent's SnapshotServer, which keeps it in the bounded SnapshotStore; the rank gets it back
+// with SnapshotClient::Get and restores it (checkpoint/snapshot_state.h).
+
+#include "checkpoint/snapshot_channel.h"
+
+#include <gtest/gtest.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <filesystem>
+#include <vector>
+
+#include "checkpoint/snapshot_state.h"
+#include "node_agent/snapshots/snapshot_server.h"
+
+namespace muster {
+namespace {
+
+using checkpoint::DType;
+using checkpoint::RestoreRequest;
+using checkpoint::SaveState;
+using checkpoint::SnapshotClient;
+using checkpoint::SnapshotKey;
+using checkpoint::SnapshotSender;
+using checkpoint::TensorRef;
+using node_agent::SnapshotServer;
+using node_agent::SnapshotStore;
+using std::chrono::seconds;
+
+class SnapshotChannelTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = "/tmp/snapshots-test-" + std::to_string(::getpid()) + "-" +
+           ::testing::UnitTest::GetInstance()->current_test_info()->name();
+    path_ = dir_ + "/s.sock";
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+  std::string dir_, path_;
+};
+
+SnapshotKey Key(int rank, int64_t step = 0) {
+  return {.job = "ft-1", .attempt = 0, .rank = rank, .world_size = 2, .step = step};
+}
+
+TEST_F(SnapshotChannelTest, ARanksStateGoesToTheAgentAndComesBackBitForBit) {
+  SnapshotStore store({.memory_limit = 1 << 20});
+  auto server = SnapshotServer::Start(path_, &store);
+  ASSERT_TRUE(server.ok()) << server.status().ToString();
+  EXPECT_EQ(std::filesystem::status(dir_).permissions() & std::filesystem::perms::all,
+            std::filesystem::perms::owner_all);
+
+  std::vector<float> w(6 * 4);
+  for (size_t i = 0; i < w.size(); ++i) w[i] = 0.5f * static_cast<float>(i);
+  std::vector<int64_t> bias = {7, -3};
+  SaveState state;
+  state.tensors.push_back(TensorRef::RowShard("w", DType::kF32, {12, 4}, 6, 6, w.data()));
+  state.tensors.push_back(TensorRef::Replicated("b", DType::kI64, {2}, bias.data()));
+  state.metadata = std::string("pos=42\0rng", 10);
+  auto sender = SnapshotSender::Create({.socket_path = path_, .key = Key(1)});
+  ASSERT_TRUE(sender->Snapshot(30, state).ok());
+  ASSERT_TRUE(sender->Flush(seconds(10)).ok());
+  EXPECT_EQ(sender->sent(), 1);
+  ASSERT_EQ(store.Held("ft-1").size(), 1u);
+  EXPECT_EQ(store.Held("ft-1")[0].step, 30);
+
+  auto client = SnapshotClient::Connect(path_);
+  ASSERT_TRUE(client.ok());
+  auto f = (*client)->Get(Key(1, 30), 1 << 20);
+  ASSERT_TRUE(f.ok()) << f.status().ToString();
+  std::vector<float> w2(w.size(), -1);
+  std::vector<int64_t> bias2(2, 0);
+  std::string meta;
+  ASSERT_TRUE(checkpoint::RestoreSnapshotState(
+                  f->payload,
+                  {RestoreRequest::RowShard("w", DType::kF32, {12, 4}, 6, 6, w2.data()),
+                   RestoreRequest::Whole("b", DType::kI64, bias2.data())},
+                  &meta)
+                  .ok());
+  EXPECT_EQ(w2, w);
+  EXPECT_EQ(bias2, bias);
+  EXPECT_EQ(meta, state.metadata);
+  // Asked for a step it does not hold, the agent says so.
+  EXPECT_EQ((*client)->Get(Key(1, 40), 1 << 20).status().code(), StatusCode::kNotFound);
+  // A slice other than the one saved, or another dtype, is refused before any byte is copied.
+  std::vector<float> other(4 * 4, -1);
+  Status s = checkpoint::RestoreSnapshotState(
+      f->payload, {RestoreRequest::RowShard("w", DType::kF32, {12, 4}, 4, 4, other.data())});
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s.ToString();
+  EXPECT_EQ(other, std::vector<float>(16, -1));
+  EXPECT_EQ(checkpoint::RestoreSnapshotState(
+                f->payload, {RestoreRequest::Whole("b", DType::kI32, bias2.data())})
+                .code(),
+            StatusCode::kInvalidArgument);
+}
+
+TEST_F(SnapshotChannelTest, TheAgentsRefusalReachesTheRankAndNothingIsKept) {
+  SnapshotStore store({.memory_limit = 1000});
+  auto server = SnapshotServer::Start(path_, &store);
+  ASSERT_TRUE(server.ok());
+  std::vector<char> big(600);
+  SaveState state;
+  state.tensors.push_back(TensorRef::Replicated("x", DType::kU8, {600}, big.data()));
+  auto sender = SnapshotSender::Create({.socket_path = path_, .key = Key(0)});
+  ASSERT_TRUE(sender->Snapshot(10, state).ok());
+  Status s = sender->Flush(seconds(10));
+  EXPECT_EQ(s.code(), StatusCode::kFailedPrecondition) << s.ToString();
+  EXPECT_NE(s.message().find("do not fit"), std::string::npos) << s.ToString();
+  EXPECT_EQ(store.used_bytes(), 0u);
+  EXPECT_EQ(sender->sent(), 0);
+}
+
+TEST_F(SnapshotChannelTest, WithoutAnAgentTheRankIsNotHeldUp) {
+  std::vector<float> w(1000);
+  SaveState state;
+  state.tensors.push_back(TensorRef::Replicated("w", DType::kF32, {1000}, w.data()));
+  auto sender = SnapshotSender::Create({.socket_path = path_, .key = Key(0)});
+  ASSERT_TRUE(sender->Snapshot(1, state).ok());
+  EXPECT_EQ(sender->Flush(seconds(10)).code(), StatusCode::kUnavailable);
+  // Once the agent is up, the next snapshot reaches it.
+  SnapshotStore store({.memory_limit = 1 << 20});
+  auto server = SnapshotServer::Start(path_, &store);
+  ASSERT_TRUE(server.ok());
+  ASSERT_TRUE(sender->Snapshot(2, state).ok());
+  EXPECT_TRUE(sender->Flush(seconds(10)).ok());
+  EXPECT_EQ(store.Held("ft-1").size(), 1u);
+}
+
+TEST_F(SnapshotChannelTest, AMalformedRequestGetsAnErrorAndTheServerKeepsServing) {
+  SnapshotStore store({.memory_limit = 1 << 20});
+  auto server = SnapshotServer::Start(path_, &store);
+  ASSERT_TRUE(server.ok());
+  int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::memcpy(addr.sun_path, path_.data(), path_.size());
+  ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  std::string junk = "P" + std::string(checkpoint::kSnapshotHeaderBytes, 'x');
+  ASSERT_TRUE(checkpoint::SendAll(fd, junk).ok());
+  char head[5];
+  ASSERT_TRUE(
+      checkpoint::RecvAll(fd, head, 5, std::chrono::steady_clock::now() + seconds(10)).ok());
+  EXPECT_EQ(head[0], static_cast<char>(StatusCode::kDataLoss));
+  char more;
+  uint32_t len = 0;
+  std::memcpy(&len, head + 1, 4);
+  std::string msg(len, '\0');
+  ASSERT_TRUE(checkpoint::RecvAll(fd, msg.data(), len).ok());
+  EXPECT_NE(msg.find("magic"), std::string::npos) << msg;
+  EXPECT_EQ(::recv(fd, &more, 1, 0), 0);  // closed
+  ::close(fd);
+  // A payload larger than the whole limit is refused from its header, unread.
+  auto client = SnapshotClient::Connect(path_);
+  ASSERT_TRUE(client.ok());
+  auto frame = checkpoint::EncodeSnapshotFrame(Key(0, 1), std::string((1 << 20) + 1, 'z'));
+  ASSERT_TRUE(frame.ok());
+  Status s = (*client)->Put(frame->substr(0, checkpoint::kSnapshotHeaderBytes));
+  EXPECT_EQ(s.code(), StatusCode::kDataLoss) << s.ToString();
+  EXPECT_NE(s.message().find("exceeds the limit"), std::string::npos) << s.ToString();
+  // Others are still served.
+  auto sender = SnapshotSender::Create({.socket_path = path_, .key = Key(0)});
+  std::vector<char> x(10);
+  SaveState state;
+  state.tensors.push_back(TensorRef::Replicated("x", DType::kU8, {10}, x.data()));
+  ASSERT_TRUE(sender->Snapshot(5, state).ok());
+  EXPECT_TRUE(sender->Flush(seconds(10)).ok());
+}
+
+TEST(SnapshotStateTest, AMalformedPayloadIsDataLoss) {
+  std::vector<float> w(8, 1.0f);
+  SaveState state;
+  state.tensors.push_back(TensorRef::Replicated("w", DType::kF32, {8}, w.data()));
+  auto p = checkpoint::EncodeSnapshotState(state);
+  ASSERT_TRUE(p.ok());
+  std::vector<float> out(8);
+  std::vector<RestoreRequest> req = {RestoreRequest::Whole("w", DType::kF32, out.data())};
+  EXPECT_TRUE(checkpoint::RestoreSnapshotState(*p, req).ok());
+  EXPECT_EQ(checkpoint::RestoreSnapshotState(p->substr(0, p->size() - 1), req).code(),
+            StatusCode::kDataLoss);
+  std::string bad = *p;
+  bad[0] = '\xff';
+  EXPECT_EQ(checkpoint::RestoreSnapshotState(bad, req).code(), StatusCode::kDataLoss);
+  bad = *p;
+  bad[6] = '!';  // inside the JSON index
+  EXPECT_EQ(checkpoint::RestoreSnapshotState(bad, req).code(), StatusCode::kDataLoss);
+  EXPECT_EQ(
+      checkpoint::RestoreSnapshotState(*p, {RestoreRequest::Whole("nope", DType::kF32, out.data())})
+          .code(),
+      StatusCode::kNotFound);
+  state.tensors[0].memory = checkpoint::MemoryKind::kCuda;
+  EXPECT_EQ(checkpoint::EncodeSnapshotState(state).status().code(),
+            StatusCode::kFailedPrecondition);
+}
+
+}  // namespace
+}  // namespace muster

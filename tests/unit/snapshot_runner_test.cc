@@ -1,0 +1,153 @@
+// In-memory snapshots through a real agent runner and a real rank process: a job that asks for
+// them (StartAssignment.snapshot_every_steps) gets the env (MUSTER_SNAPSHOT_EVERY,
+// MUSTER_SNAPSHOT_SOCKET), its rank's snapshots land in the agent's SnapshotStore and come back
+// bit for bit (tests/runtime/snapshot_rank.cc); they are kept when the attempt fails (a resume
+// needs them) and dropped when it succeeds. An agent without snapshot memory runs the job
+// without them.
+
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <set>
+
+#include "common/reactor.h"
+#include "node_agent/assignment_runner.h"
+#include "tests/testing/wait_until.h"
+
+namespace muster::node_agent {
+namespace {
+
+namespace fs = std::filesystem;
+using namespace std::chrono_literals;
+
+class SnapshotRunnerTest : public ::testing::Test {
+ protected:
+  void Make(uint64_t snapshot_memory) {
+    // Short: the snapshot socket's path must fit a sockaddr_un.
+    static int n = 0;
+    dir_ = fs::temp_directory_path() /
+           ("snapshots-rt-" + std::to_string(::getpid()) + "-" + std::to_string(n++));
+    fs::remove_all(dir_);
+    fs::create_directories(dir_ / "work");
+    reactor_ = std::make_unique<Reactor>("snapshot-runner-test");
+    proto::NodeLabels labels;
+    labels.set_name("n1");
+    labels.set_provider("aws");
+    labels.set_address("127.0.0.1");
+    AssignmentRunner::Options o;
+    o.work_dir = dir_ / "work";
+    o.insecure = true;
+    o.stop_grace = 200ms;
+    o.snapshot_memory = snapshot_memory;
+    AssignmentRunner::Outputs out;
+    out.report = [this](proto::AgentReport r) { reports_.push_back(std::move(r)); };
+    out.send = [](proto::Envelope) {};
+    out.prune = [](const std::string&, int) {};
+    out.replicate = [](const proto::ReplicateCheckpoint&) {};
+    out.guard = [](pid_t, const std::string&) {};
+    out.unguard = [](pid_t) {};
+    auto runner = AssignmentRunner::Create(*reactor_, nullptr, labels, o, std::move(out));
+    ASSERT_TRUE(runner.ok()) << runner.status();
+    runner_ = std::move(*runner);
+    reactor_->Start();
+  }
+  void TearDown() override {
+    if (reactor_) {
+      reactor_->Call("teardown", [this] { runner_.reset(); });
+      reactor_->Stop();
+    }
+    fs::remove_all(dir_);
+  }
+  // Runs one assignment of `ranks` ranks of muster-snapshot-rank to the end; returns the exits.
+  std::vector<proto::RankExit> Run(const std::string& job, int ranks, int64_t every,
+                                   int exit_code) {
+    proto::AgentAction a;
+    auto* s = a.mutable_start();
+    s->set_job_id(job);
+    s->set_attempt(1);
+    s->set_nnodes(1);
+    s->set_ranks_per_node(ranks);
+    s->set_master_addr("127.0.0.1");
+    s->set_master_port(29500);
+    s->set_rendezvous_port(29501);
+    s->set_resume_step(-1);
+    s->set_snapshot_every_steps(every);
+    for (std::string c :
+         {std::string(MUSTER_SNAPSHOT_RANK_BIN), std::string("5"), std::to_string(exit_code)}) {
+      s->add_command(c);
+    }
+    reactor_->Call("act", [&] { runner_->OnAction(a); });
+    std::vector<proto::RankExit> exits;
+    testing::WaitUntil(
+        [&] {
+          return reactor_->Call("poll", [&] {
+            for (const auto& r : reports_) {
+              if (r.job_id() == job && r.all_exited()) return true;
+            }
+            return false;
+          });
+        },
+        std::chrono::steady_clock::now() + 20s);
+    reactor_->Call("exits", [&] {
+      for (const auto& r : reports_) {
+        if (r.job_id() != job) continue;
+        for (const auto& x : r.exits()) exits.push_back(x);
+      }
+    });
+    return exits;
+  }
+
+  fs::path dir_;
+  std::unique_ptr<Reactor> reactor_;
+  std::unique_ptr<AssignmentRunner> runner_;
+  std::vector<proto::AgentReport> reports_;  // reactor thread only
+};
+
+TEST_F(SnapshotRunnerTest, ARanksSnapshotsReachItsAgentAndAreKeptWhileTheJobMayResume) {
+  ASSERT_NO_FATAL_FAILURE(Make(64 << 20));
+  ASSERT_NE(runner_->snapshots(), nullptr);
+  auto exits = Run("snap-fail", 2, 2, /*exit_code=*/3);
+  ASSERT_EQ(exits.size(), 2u);
+  for (const auto& x : exits) EXPECT_EQ(x.exit_code(), 3) << "rank " << x.rank();
+  // Step 4 of each rank (K=2, 5 steps; step 2 too unless step 4 replaced it before it was
+  // sent), kept after the failure for the resume.
+  std::set<int> newest;
+  for (const auto& h : runner_->snapshots()->Held("snap-fail")) {
+    EXPECT_EQ(h.attempt, 1);
+    EXPECT_EQ(h.world_size, 2);
+    EXPECT_TRUE(h.step == 2 || h.step == 4) << h.step;
+    if (h.step == 4) newest.insert(h.rank);
+  }
+  EXPECT_EQ(newest, (std::set<int>{0, 1}));
+}
+
+TEST_F(SnapshotRunnerTest, AJobThatSucceedsHasItsSnapshotsDropped) {
+  ASSERT_NO_FATAL_FAILURE(Make(64 << 20));
+  auto exits = Run("snap-ok", 1, 1, 0);
+  ASSERT_EQ(exits.size(), 1u);
+  EXPECT_EQ(exits[0].exit_code(), 0);
+  EXPECT_TRUE(runner_->snapshots()->Held("snap-ok").empty());
+  EXPECT_EQ(runner_->snapshots()->used_bytes(), 0u);
+}
+
+TEST_F(SnapshotRunnerTest, SnapshotsThatDoNotFitAreRefusedToTheRankWithTheReason) {
+  ASSERT_NO_FATAL_FAILURE(Make(4096));  // a 4 KiB tensor x 2 steps does not fit
+  auto exits = Run("snap-big", 1, 1, 0);
+  ASSERT_EQ(exits.size(), 1u);
+  EXPECT_EQ(exits[0].exit_code(), 6);
+  EXPECT_EQ(runner_->snapshots()->used_bytes(), 0u);
+  EXPECT_EQ(runner_->snapshots()->reserved_bytes(), 0u);
+}
+
+TEST_F(SnapshotRunnerTest, WithoutSnapshotMemoryTheJobRunsWithoutSnapshots) {
+  ASSERT_NO_FATAL_FAILURE(Make(0));
+  EXPECT_EQ(runner_->snapshots(), nullptr);
+  auto exits = Run("snap-none", 1, 1, 0);
+  ASSERT_EQ(exits.size(), 1u);
+  EXPECT_EQ(exits[0].exit_code(), 5);  // the rank was offered no snapshots
+}
+
+}  // namespace
+}  // namespace muster::node_agent
