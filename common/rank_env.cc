@@ -181,8 +181,7 @@ Status RankEnv::Validate() const {
     return bad("MUSTER_COLL_TIMEOUT_MS=" + std::to_string(*coll_timeout_ms) + " is not positive");
   }
   for (const auto* s : {&job_id, &rdzv_endpoint, &rdzv_key, &checkpoint_dir, &preempt_file, &node,
-                        &snapshot_socket, &provider, &master_addr, &coll_backend,
-                        &socket_ifname}) {
+                        &snapshot_socket, &provider, &master_addr, &coll_backend, &socket_ifname}) {
     if (s->find('\0') != std::string::npos) {
       return bad("an env contract value holds a NUL byte");
     }

@@ -104,8 +104,8 @@ struct JobState {
 
   // The outcome; the first of these to happen decides the exit code.
   std::optional<std::pair<int, ExitInfo>> first_failure;  // rank, how it ended
-  bool first_is_peer_failure = false;  // it exited with kPeerFailureExitCode
-  std::optional<int> interrupted_by;   // signal
+  bool first_is_peer_failure = false;                     // it exited with kPeerFailureExitCode
+  std::optional<int> interrupted_by;                      // signal
   bool timed_out = false;
   std::optional<std::pair<int, Status>> spawn_error;  // rank, why
   int signals_received = 0;

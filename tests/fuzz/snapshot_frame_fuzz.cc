@@ -52,8 +52,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     std::vector<char> out(64);
     std::string meta;
     std::vector<muster::checkpoint::RestoreRequest> req = {
-        muster::checkpoint::RestoreRequest::Whole("t", muster::checkpoint::DType::kU8,
-                                                  out.data()),
+        muster::checkpoint::RestoreRequest::Whole("t", muster::checkpoint::DType::kU8, out.data()),
     };
     req[0].offsets = {0};
     req[0].lengths = {64};
