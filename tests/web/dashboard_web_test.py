@@ -125,7 +125,9 @@ class DashboardWebTest(unittest.TestCase):
         for l in lines:
             self.assertGreater(l["points"], 1, l)
             self.assertGreater(l["width"], 10, l)
-        self.assertLessEqual(lines[0]["first"], 5)
+        # Progress reaches the coordinator with heartbeats (sampled), so the first point is the
+        # first sample: before the notice, not necessarily step 1.
+        self.assertLess(lines[0]["first"], notice_step)
         self.assertGreaterEqual(lines[1]["first"], resume_step)
         self.assertEqual(lines[1]["last"], 60)
 
