@@ -5,6 +5,8 @@
 
 #include <CLI/CLI.hpp>
 #include <functional>
+#include <string>
+#include <vector>
 
 namespace muster::cli {
 
@@ -15,6 +17,8 @@ using Runner = std::function<int()>;
 void AddKeysCommands(CLI::App& app, Runner* runner);
 void AddCkptCommands(CLI::App& app, Runner* runner);
 void AddRunCommands(CLI::App& app, Runner* runner);
+// `muster run` with the words after `run` (mpirun syntax, parsed by launcher::ParseRunArgs).
+int RunMain(const std::vector<std::string>& args);
 void AddCoordinatorCommands(CLI::App& app, Runner* runner);
 void AddAgentCommands(CLI::App& app, Runner* runner);
 void AddDemoCommands(CLI::App& app, Runner* runner);

@@ -165,6 +165,21 @@ TEST(MusterRunTest, ExitsZeroWhenEveryRankDoes) {
   EXPECT_TRUE(run.SummaryLines().empty()) << run.err();
 }
 
+// `--` right after `run` (no option before it) ends the options, as with mpirun; CLI11 used to
+// take it for itself and refuse the program as "not expected" (exit 109).
+TEST(MusterRunTest, ADoubleDashRightAfterRunStartsTheProgram) {
+  MusterRun run({"--", "sh", "-c", "echo rank $RANK of $WORLD_SIZE"});
+  ASSERT_EQ(run.Wait(), 0) << run.err();
+  // Without -np, one rank per slot of this machine (as mpirun does).
+  std::vector<std::string> lines = Lines(run.out());
+  ASSERT_FALSE(lines.empty()) << run.err();
+  std::set<std::string> want, got(lines.begin(), lines.end());
+  for (size_t r = 0; r < lines.size(); ++r) {
+    want.insert("rank " + std::to_string(r) + " of " + std::to_string(lines.size()));
+  }
+  EXPECT_EQ(got, want) << run.out();
+}
+
 TEST(MusterRunTest, FirstFailureDecidesTheCodeAndIsNamedOnce) {
   MusterRun run({"-np", "4", "sh", "-c", "if [ $RANK = 2 ]; then exit 3; fi; exec sleep 100"});
   ASSERT_EQ(run.Wait(), 3) << run.err();
