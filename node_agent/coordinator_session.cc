@@ -185,8 +185,13 @@ bool CoordinatorSession::SendOne(const std::string& sid) {
   if (!reply.ok()) {
     logger_->warn("coordinator refused a report: {}", reply.status().ToString());
   }
-  std::lock_guard<std::mutex> l(mu_);
-  if (!outbox_.empty()) outbox_.pop_front();
+  bool drained;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (!outbox_.empty()) outbox_.pop_front();
+    drained = outbox_.empty();
+  }
+  if (drained) cv_.notify_all();  // WaitSent
   return true;
 }
 
