@@ -4,6 +4,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <map>
 #include <set>
 
@@ -217,7 +218,19 @@ StatusOr<std::unique_ptr<Checkpointer>> Checkpointer::Create(CheckpointerOptions
   if (o.io_threads < 1) o.io_threads = 1;
   o.write_chunk = std::max(o.block_size, o.write_chunk / o.block_size * o.block_size);
   Volume* v = o.volume ? o.volume : LocalVolume();
+  // DIR and any missing parents it creates are made durable in their parents: the commit's own
+  // fsyncs cover only what is inside DIR, so a power loss could otherwise take a fresh DIR away.
+  std::vector<std::filesystem::path> created;  // innermost first
+  std::filesystem::path p = std::filesystem::path(o.dir).lexically_normal();
+  if (p.has_filename() == false && p.has_parent_path()) p = p.parent_path();  // "a/b/" -> "a/b"
+  for (; !p.empty() && p != p.root_path() && !v->Exists(p.string()); p = p.parent_path()) {
+    created.push_back(p);
+  }
   MUSTER_RETURN_IF_ERROR(v->CreateDirs(o.dir));
+  for (const auto& d : created) {
+    std::filesystem::path parent = d.has_parent_path() ? d.parent_path() : ".";
+    MUSTER_RETURN_IF_ERROR(v->SyncDir(parent.string()));
+  }
   return std::unique_ptr<Checkpointer>(new Checkpointer(std::move(o)));
 }
 

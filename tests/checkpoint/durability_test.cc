@@ -235,6 +235,17 @@ Outcome RunScenario(const Scenario& sc, std::optional<Fault> fault) {
   return out;
 }
 
+// A DIR the checkpointer creates itself, with a missing parent, survives a power loss after a
+// save: Create fsyncs the parent of each directory it made.
+TEST(CheckpointerCreateTest, ADirectoryItCreatesSurvivesAPowerLoss) {
+  TempDir root;
+  std::string dir = root.path() + "/job/ckpt";
+  FaultInjectionVolume vol(LocalVolume());
+  ASSERT_EQ(SaveStep(&vol, dir, 7), Status::Ok());
+  ASSERT_EQ(vol.Crash(), Status::Ok());
+  EXPECT_EQ(Violations(dir, 7, 7), "");
+}
+
 class CommitSyncTest : public ::testing::TestWithParam<Scenario> {};
 
 TEST_P(CommitSyncTest, EveryFsyncOnTheCommitPathIsNeeded) {
