@@ -9,6 +9,9 @@
 #include <set>
 #include <sstream>
 
+#include "coordinator/client.h"
+#include "coordinator/node_state.h"
+
 namespace muster::coordinator::http {
 
 namespace {
@@ -58,7 +61,7 @@ json JobSummaryJson(const JobView& j, int64_t now_ms) {
   const auto& s = j.status;
   json out = {{"id", s.job_id()},
               {"name", s.name()},
-              {"state", JobStateLabel(s.state())},
+              {"state", JobStateName(s.state())},
               {"attempt", s.attempt()},
               {"restarts", s.restarts()},
               {"preemptions", s.preemptions()},
@@ -100,42 +103,6 @@ json CatalogJson(const JobView& j) {
 
 }  // namespace
 
-std::string JobStateLabel(proto::JobState s) {
-  switch (s) {
-    case proto::JOB_PENDING:
-      return "pending";
-    case proto::JOB_SCHEDULED:
-      return "scheduled";
-    case proto::JOB_RUNNING:
-      return "running";
-    case proto::JOB_SUCCEEDED:
-      return "succeeded";
-    case proto::JOB_FAILED:
-      return "failed";
-    case proto::JOB_CANCELLED:
-      return "cancelled";
-    case proto::JOB_REQUEUED:
-      return "requeued";
-    default:
-      return "unknown";
-  }
-}
-
-std::string NodeStateLabel(proto::NodeStatusState s) {
-  switch (s) {
-    case proto::NODE_UP:
-      return "up";
-    case proto::NODE_DRAINING:
-      return "draining";
-    case proto::NODE_QUARANTINED:
-      return "quarantined";
-    case proto::NODE_DOWN:
-      return "down";
-    default:
-      return "unknown";
-  }
-}
-
 std::string PendingReasonClass(const std::string& reason) {
   if (reason.empty()) return "none";
   size_t end = reason.find_first_of(":(");
@@ -159,11 +126,11 @@ std::string RenderMetrics(const FleetSnapshot& s) {
   for (auto st :
        {proto::JOB_PENDING, proto::JOB_SCHEDULED, proto::JOB_RUNNING, proto::JOB_SUCCEEDED,
         proto::JOB_FAILED, proto::JOB_CANCELLED, proto::JOB_REQUEUED}) {
-    by_state[JobStateLabel(st)] = 0;
+    by_state[JobStateName(st)] = 0;
   }
   int waiting = 0;
   for (const auto& j : s.jobs) {
-    by_state[JobStateLabel(j.status.state())]++;
+    by_state[JobStateName(j.status.state())]++;
     if (j.status.state() == proto::JOB_PENDING || j.status.state() == proto::JOB_REQUEUED) {
       waiting++;
       by_reason[PendingReasonClass(j.status.pending_reason())]++;
@@ -203,7 +170,7 @@ std::string RenderMetrics(const FleetSnapshot& s) {
                    MetricType::Gauge);
   std::map<std::tuple<std::string, std::string, std::string>, int> node_count;
   for (const auto& n : s.nodes) {
-    node_count[{n.labels().provider(), n.labels().island(), NodeStateLabel(n.state())}]++;
+    node_count[{n.labels().provider(), n.labels().island(), NodeStateText(n.state())}]++;
     double age = n.last_heartbeat_ms() > 0
                      ? std::max<int64_t>(0, s.time_ms - n.last_heartbeat_ms()) / 1000.0
                      : -1;
@@ -371,7 +338,7 @@ std::string RenderNodesJson(const FleetSnapshot& s) {
          {"gpus", l.gpus()},
          {"slots", l.slots()},
          {"volumes", vols},
-         {"state", NodeStateLabel(n.state())},
+         {"state", NodeStateText(n.state())},
          {"job", n.job_id()},
          {"heartbeat_age_s", n.last_heartbeat_ms() > 0
                                  ? std::max<int64_t>(0, s.time_ms - n.last_heartbeat_ms()) / 1000.0

@@ -47,8 +47,4 @@ StatusOr<std::string> RenderCheckpointsJson(const FleetSnapshot& s, const std::s
 // {"error": message, "code": "NOT_FOUND"}
 std::string ErrorJson(const Status& status);
 
-// Names used in JSON and labels.
-std::string JobStateLabel(proto::JobState s);
-std::string NodeStateLabel(proto::NodeStatusState s);
-
 }  // namespace muster::coordinator::http
