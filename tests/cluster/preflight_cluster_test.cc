@@ -229,7 +229,9 @@ TEST_F(PreflightClusterTest, ACutPeerLinkIsNamedAndRoutedAroundAndRanksGetTheRou
   ASSERT_TRUE(WaitUntil(
       [&] {
         events = Events(job);
-        return events.find("node_quarantined") != std::string::npos;
+        // The requeue is recorded just after the quarantine: wait for both.
+        return events.find("node_quarantined") != std::string::npos &&
+               events.find("placed again at once") != std::string::npos;
       },
       40s))
       << events << Logs();
