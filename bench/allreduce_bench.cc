@@ -20,7 +20,7 @@
 
 #include "bench/bench.h"
 #include "collectives/communicator.h"
-#include "collectives/store_server.h"
+#include "collectives/rendezvous_server.h"
 
 #ifdef MUSTER_HAVE_GLOO
 #include <gloo/allreduce.h>
@@ -226,7 +226,7 @@ int Parent(const Args& args, const std::string& self) {
     {
       Reactor reactor("allreduce-bench");
       auto zap = std::move(*ZapAuthenticator::Create(reactor));
-      auto server = collectives::StoreServer::Create(reactor, zap.get(), {});
+      auto server = collectives::RendezvousServer::Create(reactor, zap.get(), {});
       if (!server.ok()) {
         std::cerr << server.status() << "\n";
         return 1;

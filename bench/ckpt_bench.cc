@@ -23,7 +23,7 @@
 
 #include "bench/bench.h"
 #include "checkpoint/checkpointer.h"
-#include "collectives/store.h"
+#include "collectives/rendezvous_store.h"
 
 namespace muster::bench {
 namespace {
@@ -317,7 +317,7 @@ int Run(const Options& o) {
   // Saves: every rank calls Save at once; stall is the slowest rank's Save call, save time runs
   // from the calls to the commit seen by every rank.
   const std::string ckdir = o.dir + "/job";
-  auto store = collectives::NewInMemoryStore();
+  auto store = collectives::NewInMemoryRendezvousStore();
   std::vector<std::unique_ptr<Checkpointer>> cks(o.ranks);
   for (int r = 0; r < o.ranks; ++r) {
     CheckpointerOptions co;

@@ -84,7 +84,7 @@ void AddDashboardBench(CLI::App& app, Runner* runner) {
       coordinator::CoordinatorOptions co;
       co.heartbeat_timeout = std::chrono::hours(1);  // nodes stay up without agents
       co.lease = std::chrono::hours(2);
-      auto store = coordinator::StateStore::Open(dir);
+      auto store = coordinator::CoordinatorDb::Open(dir);
       if (!store.ok()) return 1;
       auto coord = coordinator::Coordinator::Create(std::move(*store), co);
       if (!coord.ok()) return 1;

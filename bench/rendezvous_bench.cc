@@ -1,9 +1,9 @@
 // muster-bench rendezvous: N simulated ranks, each with its own DEALER socket (CURVE), go
-// through a job's rendezvous on one StoreServer: connect (first request), barrier, broadcast of
-// 128 bytes from rank 0, allgather of 64-byte addresses (one Store::AllGather request each). The
-// anchors, in the same run, with the same N sockets against a raw ZeroMQ ROUTER (CURVE too): one
-// round trip each (the floor that connecting N sockets costs), then a reply of N x 64 bytes to
-// each (the floor of an allgather answered by one server: N^2 x 64 bytes leave it).
+// through a job's rendezvous on one RendezvousServer: connect (first request), barrier, broadcast
+// of 128 bytes from rank 0, allgather of 64-byte addresses (one RendezvousStore::AllGather request
+// each). The anchors, in the same run, with the same N sockets against a raw ZeroMQ ROUTER (CURVE
+// too): one round trip each (the floor that connecting N sockets costs), then a reply of N x 64
+// bytes to each (the floor of an allgather answered by one server: N^2 x 64 bytes leave it).
 
 #include <sys/epoll.h>
 #include <sys/resource.h>
@@ -16,8 +16,8 @@
 #include <thread>
 
 #include "bench/bench.h"
-#include "collectives/store_client.h"
-#include "collectives/store_server.h"
+#include "collectives/rendezvous_client.h"
+#include "collectives/rendezvous_server.h"
 #include "common/wire.h"
 
 namespace muster::bench {
@@ -133,9 +133,10 @@ StatusOr<Result> Run(int n, bool curve) {
   if (curve) {
     MUSTER_ASSIGN_OR_RETURN(zap, ZapAuthenticator::Create(reactor));
   }
-  collectives::StoreServer::Options so;
+  collectives::RendezvousServer::Options so;
   so.insecure = !curve;
-  MUSTER_ASSIGN_OR_RETURN(auto server, collectives::StoreServer::Create(reactor, zap.get(), so));
+  MUSTER_ASSIGN_OR_RETURN(auto server,
+                          collectives::RendezvousServer::Create(reactor, zap.get(), so));
   MUSTER_ASSIGN_OR_RETURN(std::string key, server->AddScope("bench", 0));
   MUSTER_ASSIGN_OR_RETURN(auto creds, RdzvCredentials::Parse(key));
   reactor.Start();
@@ -331,7 +332,7 @@ void AddRendezvousBench(CLI::App& app, Runner* runner) {
         return 0;
       }
       std::cout
-          << "rendezvous of N ranks (own DEALER each) on one StoreServer; anchors: the same N "
+          << "rendezvous of N ranks (own DEALER each) on one RendezvousServer; anchors: the same N "
              "sockets against a raw ZeroMQ ROUTER, one round trip each (connect) and then "
              "N x 64 bytes to each (allgather)\n";
       Table t({"ranks", "security", "connect s", "barrier s", "bcast128 s", "allgather64 s",

@@ -234,14 +234,14 @@ StatusOr<std::unique_ptr<Checkpointer>> Checkpointer::Create(CheckpointerOptions
   return std::unique_ptr<Checkpointer>(new Checkpointer(std::move(o)));
 }
 
-StatusOr<std::unique_ptr<Checkpointer>> Checkpointer::FromEnv(collectives::Store* store,
+StatusOr<std::unique_ptr<Checkpointer>> Checkpointer::FromEnv(collectives::RendezvousStore* store,
                                                               CheckpointerOptions base) {
   MUSTER_ASSIGN_OR_RETURN(RankEnv env, RankEnv::FromProcessEnviron());
   return FromEnv(env, store, std::move(base));
 }
 
 StatusOr<std::unique_ptr<Checkpointer>> Checkpointer::FromEnv(const RankEnv& env,
-                                                              collectives::Store* store,
+                                                              collectives::RendezvousStore* store,
                                                               CheckpointerOptions base) {
   if (env.checkpoint_dir.empty()) {
     return FailedPreconditionError("MUSTER_CHECKPOINT_DIR is not set: no checkpoint directory");
@@ -427,7 +427,7 @@ Status Checkpointer::RunJob(Job& job) {
     return std::max(std::chrono::milliseconds(1),
                     std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()));
   };
-  collectives::Store* store = options_.world_size > 1 ? options_.store : nullptr;
+  collectives::RendezvousStore* store = options_.world_size > 1 ? options_.store : nullptr;
   const std::string key = options_.store_prefix + "/" + std::to_string(job.seq);
   const std::string tmp = TmpStepPath(options_.dir, job.step);
   const std::string final_dir = StepPath(options_.dir, job.step);

@@ -6,8 +6,8 @@
 // Save(step, state) with the same step and the same set of tensors (each rank passing its own
 // slice of sharded tensors). Save snapshots the state into reused host staging memory (pinned,
 // device-to-host, for CUDA tensors) and returns; a background thread writes this rank's shard,
-// fsyncs it, and reports its checksums through the rendezvous Store; rank 0 then writes the
-// MANIFEST, renames step-N.tmp to step-N, fsyncs the parent and updates LATEST (the format and
+// fsyncs it, and reports its checksums through the rendezvous RendezvousStore; rank 0 then writes
+// the MANIFEST, renames step-N.tmp to step-N, fsyncs the parent and updates LATEST (the format and
 // the commit protocol: docs/checkpoint-format.md). One save is in flight at a time: a second
 // Save first waits for the previous one.
 //
@@ -52,7 +52,7 @@
 #include "checkpoint/manifest.h"
 #include "checkpoint/staging.h"
 #include "checkpoint/volume.h"
-#include "collectives/store.h"
+#include "collectives/rendezvous_store.h"
 #include "common/rank_env.h"
 
 namespace muster::checkpoint {
@@ -107,7 +107,7 @@ struct CheckpointerOptions {
   int world_size = 1;
   // The rendezvous store the ranks commit through; required when world_size > 1; must outlive
   // the Checkpointer. Keys are "<store_prefix>/<n>/..." for the n-th save of this attempt.
-  collectives::Store* store = nullptr;
+  collectives::RendezvousStore* store = nullptr;
   std::string store_prefix = "ckpt";
   std::chrono::milliseconds commit_timeout{std::chrono::minutes(10)};
   // After each commit, rank 0 applies this (keep_last <= 0: keep everything).
@@ -153,11 +153,11 @@ class Checkpointer {
   // MUSTER_RESUME_STEP, and MUSTER_CONTROL_FD (commits are announced there: on_commit). `store` is
   // the job attempt's rendezvous store (may be null at world size 1). `base` supplies the other
   // options. A malformed variable is InvalidArgument.
-  static StatusOr<std::unique_ptr<Checkpointer>> FromEnv(collectives::Store* store,
+  static StatusOr<std::unique_ptr<Checkpointer>> FromEnv(collectives::RendezvousStore* store,
                                                          CheckpointerOptions base = {});
   // The same from an already parsed env (runtime::JobContext passes its own).
   static StatusOr<std::unique_ptr<Checkpointer>> FromEnv(const RankEnv& env,
-                                                         collectives::Store* store,
+                                                         collectives::RendezvousStore* store,
                                                          CheckpointerOptions base = {});
 
   // Waits for the in-flight save, then stops the background thread.

@@ -9,12 +9,12 @@
 
 namespace muster::collectives::internal {
 
-StatusOr<std::unique_ptr<Communicator>> NewGlooCommunicator(std::shared_ptr<Store> store,
+StatusOr<std::unique_ptr<Communicator>> NewGlooCommunicator(std::shared_ptr<RendezvousStore> store,
                                                             CommConfig config);
-StatusOr<std::unique_ptr<Communicator>> NewNcclCommunicator(std::shared_ptr<Store> store,
+StatusOr<std::unique_ptr<Communicator>> NewNcclCommunicator(std::shared_ptr<RendezvousStore> store,
                                                             CommConfig config);
 // MPI ignores `store`: it wires itself up through mpirun.
-StatusOr<std::unique_ptr<Communicator>> NewMpiCommunicator(std::shared_ptr<Store> store,
+StatusOr<std::unique_ptr<Communicator>> NewMpiCommunicator(std::shared_ptr<RendezvousStore> store,
                                                            CommConfig config);
 
 }  // namespace muster::collectives::internal

@@ -12,7 +12,7 @@
 #include <cstring>
 
 #include "collectives/backends.h"
-#include "collectives/store_client.h"
+#include "collectives/rendezvous_client.h"
 #include "common/logging.h"
 #include "common/net_address.h"
 
@@ -130,7 +130,7 @@ uint16_t FloatToBFloat16(float f) {
 }
 
 StatusOr<std::unique_ptr<Communicator>> CreateCommunicator(Backend backend,
-                                                           std::shared_ptr<Store> store,
+                                                           std::shared_ptr<RendezvousStore> store,
                                                            CommConfig config) {
   if (config.size < 1 || config.rank < 0 || config.rank >= config.size) {
     return InvalidArgumentError("communicator: rank " + std::to_string(config.rank) +
@@ -167,17 +167,16 @@ bool UnderMpirun(const RankEnv& env) {
 
 StatusOr<std::unique_ptr<Communicator>> Communicator::FromEnv(CommConfig config, bool want_gpu) {
   MUSTER_ASSIGN_OR_RETURN(RankEnv env, RankEnv::FromProcessEnviron());
-  std::shared_ptr<Store> store;
+  std::shared_ptr<RendezvousStore> store;
   if (!UnderMpirun(env) && env.coll_backend != "mpi") {
-    MUSTER_ASSIGN_OR_RETURN(auto client, ConnectStore(env));
+    MUSTER_ASSIGN_OR_RETURN(auto client, ConnectRendezvous(env));
     store = std::move(client);
   }
   return FromEnv(env, std::move(store), std::move(config), want_gpu);
 }
 
-StatusOr<std::unique_ptr<Communicator>> Communicator::FromEnv(const RankEnv& env,
-                                                              std::shared_ptr<Store> store,
-                                                              CommConfig config, bool want_gpu) {
+StatusOr<std::unique_ptr<Communicator>> Communicator::FromEnv(
+    const RankEnv& env, std::shared_ptr<RendezvousStore> store, CommConfig config, bool want_gpu) {
   Backend backend = Backend::kGloo;
   if (!env.coll_backend.empty()) {
     MUSTER_ASSIGN_OR_RETURN(backend, ParseBackend(env.coll_backend));

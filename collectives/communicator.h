@@ -34,7 +34,7 @@
 #include <string>
 #include <string_view>
 
-#include "collectives/store.h"
+#include "collectives/rendezvous_store.h"
 #include "common/exit_codes.h"
 #include "common/rank_env.h"
 #include "common/status.h"
@@ -98,7 +98,7 @@ class Communicator {
   // shared, so the caller may keep using it). `config.name` keeps communicators built on one
   // store apart.
   static StatusOr<std::unique_ptr<Communicator>> FromEnv(const RankEnv& env,
-                                                         std::shared_ptr<Store> store,
+                                                         std::shared_ptr<RendezvousStore> store,
                                                          CommConfig config = {},
                                                          bool want_gpu = false);
 
@@ -126,7 +126,7 @@ class Communicator {
 // config.timeout passes. A backend that was not built gives FailedPrecondition naming the
 // CMake option that enables it.
 StatusOr<std::unique_ptr<Communicator>> CreateCommunicator(Backend backend,
-                                                           std::shared_ptr<Store> store,
+                                                           std::shared_ptr<RendezvousStore> store,
                                                            CommConfig config);
 
 }  // namespace muster::collectives

@@ -1,5 +1,5 @@
 // The Gloo backend: CPU collectives over Gloo's TCP transport, its pairs connected through one
-// Store::AllGather (MeshContext below). Every Gloo exception is caught here.
+// RendezvousStore::AllGather (MeshContext below). Every Gloo exception is caught here.
 
 #include "collectives/backends.h"
 
@@ -29,7 +29,7 @@
 namespace muster::collectives::internal {
 namespace {
 
-// A gloo::Context whose pairs are connected through one Store::AllGather.
+// A gloo::Context whose pairs are connected through one RendezvousStore::AllGather.
 //
 // Rank i's pair with rank j connects to the address that j's pair with i listens on, so each
 // rank needs one address from every other. Gloo's own rendezvous::Context::connectFullMesh has
@@ -46,7 +46,7 @@ class MeshContext final : public gloo::Context {
   MeshContext(int rank, int size) : gloo::Context(rank, size) {}
 
   // Throws what Gloo throws; returns the store's error.
-  Status ConnectFullMesh(Store& store, const std::string& name,
+  Status ConnectFullMesh(RendezvousStore& store, const std::string& name,
                          std::shared_ptr<gloo::transport::Device> device,
                          std::chrono::milliseconds timeout) {
     auto transport = device->createContext(rank, size);
@@ -384,7 +384,7 @@ class GlooCommunicator final : public QueuedCommunicator {
 
 }  // namespace
 
-StatusOr<std::unique_ptr<Communicator>> NewGlooCommunicator(std::shared_ptr<Store> store,
+StatusOr<std::unique_ptr<Communicator>> NewGlooCommunicator(std::shared_ptr<RendezvousStore> store,
                                                             CommConfig config) {
   BlockSigpipe sigpipe_blocked;
   try {
@@ -419,7 +419,8 @@ StatusOr<std::unique_ptr<Communicator>> NewGlooCommunicator(std::shared_ptr<Stor
 #else  // !MUSTER_HAVE_GLOO
 
 namespace muster::collectives::internal {
-StatusOr<std::unique_ptr<Communicator>> NewGlooCommunicator(std::shared_ptr<Store>, CommConfig) {
+StatusOr<std::unique_ptr<Communicator>> NewGlooCommunicator(std::shared_ptr<RendezvousStore>,
+                                                            CommConfig) {
   return FailedPreconditionError(
       "the Gloo backend was not built: install libgloo-dev and reconfigure (MUSTER_HAVE_GLOO)");
 }

@@ -129,7 +129,7 @@ class MpiCommunicator final : public QueuedCommunicator {
 
 }  // namespace
 
-StatusOr<std::unique_ptr<Communicator>> NewMpiCommunicator(std::shared_ptr<Store>,
+StatusOr<std::unique_ptr<Communicator>> NewMpiCommunicator(std::shared_ptr<RendezvousStore>,
                                                            CommConfig config) {
   int inited = 0;
   MPI_Initialized(&inited);
@@ -168,7 +168,8 @@ StatusOr<std::unique_ptr<Communicator>> NewMpiCommunicator(std::shared_ptr<Store
 #else  // !MUSTER_HAVE_MPI
 
 namespace muster::collectives::internal {
-StatusOr<std::unique_ptr<Communicator>> NewMpiCommunicator(std::shared_ptr<Store>, CommConfig) {
+StatusOr<std::unique_ptr<Communicator>> NewMpiCommunicator(std::shared_ptr<RendezvousStore>,
+                                                           CommConfig) {
   return FailedPreconditionError(
       "the MPI backend was not built: install libopenmpi-dev and configure with "
       "-DMUSTER_WITH_MPI=ON");

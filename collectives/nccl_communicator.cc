@@ -307,7 +307,7 @@ class NcclCommunicator final : public Communicator {
 
 }  // namespace
 
-StatusOr<std::unique_ptr<Communicator>> NewNcclCommunicator(std::shared_ptr<Store> store,
+StatusOr<std::unique_ptr<Communicator>> NewNcclCommunicator(std::shared_ptr<RendezvousStore> store,
                                                             CommConfig config) {
   int devices = 0;
   if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
@@ -373,7 +373,8 @@ StatusOr<std::unique_ptr<Communicator>> NewNcclCommunicator(std::shared_ptr<Stor
 #else  // !MUSTER_HAVE_NCCL
 
 namespace muster::collectives::internal {
-StatusOr<std::unique_ptr<Communicator>> NewNcclCommunicator(std::shared_ptr<Store>, CommConfig) {
+StatusOr<std::unique_ptr<Communicator>> NewNcclCommunicator(std::shared_ptr<RendezvousStore>,
+                                                            CommConfig) {
   return FailedPreconditionError(
       "the NCCL backend was not built: configure with -DMUSTER_WITH_CUDA=ON where CUDA and NCCL "
       "are installed (/usr/local/cuda)");

@@ -82,7 +82,7 @@ constexpr int64_t kCopyBackoffMs = 1000;
 constexpr int64_t kCopyBackoffMaxMs = 30000;
 constexpr int64_t kCopySourceWaitMs = 10 * 60 * 1000;
 
-Coordinator::Coordinator(std::unique_ptr<StateStore> store, CoordinatorOptions options)
+Coordinator::Coordinator(std::unique_ptr<CoordinatorDb> store, CoordinatorOptions options)
     : store_(std::move(store)),
       options_(std::move(options)),
       sched_(std::make_unique<Scheduler>(options_.quarantine)) {}
@@ -92,7 +92,7 @@ Coordinator::~Coordinator() {
   // The registry answers the parked polls.
 }
 
-StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(std::unique_ptr<StateStore> store,
+StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(std::unique_ptr<CoordinatorDb> store,
                                                            CoordinatorOptions options) {
   if (!store) return InvalidArgumentError("no state store");
   std::unique_ptr<Coordinator> c(new Coordinator(std::move(store), std::move(options)));

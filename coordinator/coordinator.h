@@ -37,10 +37,10 @@
 #include "common/curve.h"
 #include "common/proto/envelope.pb.h"
 #include "common/status.h"
+#include "coordinator/coordinator_db.h"
 #include "coordinator/job_spec.h"
 #include "coordinator/node_registry.h"
 #include "coordinator/scheduler.h"
-#include "coordinator/state_store.h"
 
 namespace muster::coordinator {
 
@@ -96,7 +96,7 @@ class Coordinator {
 
   // Takes `store`, loads its state and restores the scheduler: pending jobs queue again, running
   // jobs keep their nodes until their agents re-register or time out.
-  static StatusOr<std::unique_ptr<Coordinator>> Create(std::unique_ptr<StateStore> store,
+  static StatusOr<std::unique_ptr<Coordinator>> Create(std::unique_ptr<CoordinatorDb> store,
                                                        CoordinatorOptions options);
   ~Coordinator();
 
@@ -112,7 +112,7 @@ class Coordinator {
 
   const Scheduler& scheduler() const { return *sched_; }
   // Read-only use on the reactor thread (the HTTP side's snapshots: attempts, catalog, events).
-  StateStore& store() { return *store_; }
+  CoordinatorDb& store() { return *store_; }
   // Not owned; null: none. REQUIRES: outlives the Coordinator or is reset to null first.
   void set_observer(CoordinatorObserver* observer) { observer_ = observer; }
 
@@ -126,7 +126,7 @@ class Coordinator {
  private:
   using NodeRt = NodeRegistry::Node;
   struct JobRt;
-  Coordinator(std::unique_ptr<StateStore> store, CoordinatorOptions options);
+  Coordinator(std::unique_ptr<CoordinatorDb> store, CoordinatorOptions options);
   Status Restore();
 
   int64_t NowMs() const;
@@ -222,10 +222,10 @@ class Coordinator {
   StatusOr<proto::Envelope> OnReport(const Caller& caller, const proto::AgentReport& req);
   StatusOr<proto::Envelope> OnLogChunk(const Caller& caller, const proto::AgentLogChunk& req);
 
-  std::unique_ptr<StateStore> store_;
+  std::unique_ptr<CoordinatorDb> store_;
   CoordinatorOptions options_;
   std::unique_ptr<Scheduler> sched_;
-  NodeRegistry nodes_;  // and the node keys (persisted: StateStore::BindNodeKey)
+  NodeRegistry nodes_;  // and the node keys (persisted: CoordinatorDb::BindNodeKey)
   std::map<std::string, std::unique_ptr<JobRt>> jobs_;  // every job not terminal, plus recent
   struct Fetch {
     Reply reply;

@@ -40,7 +40,7 @@
 
 #include "common/exit_codes.h"  // kPeerFailureExitCode
 #include "common/proto/coordinator.pb.h"
-#include "coordinator/state_store.h"
+#include "coordinator/coordinator_db.h"
 
 namespace muster::coordinator {
 

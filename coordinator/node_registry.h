@@ -28,7 +28,7 @@
 #include "common/curve.h"
 #include "common/proto/envelope.pb.h"
 #include "common/status.h"
-#include "coordinator/state_store.h"
+#include "coordinator/coordinator_db.h"
 
 namespace muster::coordinator {
 
@@ -76,7 +76,7 @@ class NodeRegistry {
   std::optional<std::string> BoundKey(const std::string& name) const;
   // True if `public_key` may speak for `name`: the name is unbound or bound to that key.
   bool MaySpeakFor(const std::string& name, const std::string& public_key) const;
-  // REQUIRES: the caller has made the binding durable (StateStore::BindNodeKey) first.
+  // REQUIRES: the caller has made the binding durable (CoordinatorDb::BindNodeKey) first.
   void Bind(const std::string& name, const std::string& public_key);
   void Unbind(const std::string& name);
 

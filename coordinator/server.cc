@@ -79,7 +79,7 @@ StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(ServerOpti
     MUSTER_ASSIGN_OR_RETURN(providers_config,
                             providers::LoadProvidersConfig(options.providers_file));
   }
-  MUSTER_ASSIGN_OR_RETURN(auto store, StateStore::Open(options.data_dir));
+  MUSTER_ASSIGN_OR_RETURN(auto store, CoordinatorDb::Open(options.data_dir));
   Impl* self = impl.get();
   if (!options.insecure) {
     options.coordinator.current_role = [self](const std::string& key) {

@@ -21,7 +21,7 @@
 #include <sstream>
 #include <thread>
 
-#include "collectives/store_server.h"
+#include "collectives/rendezvous_server.h"
 #include "common/curve.h"
 #include "common/exit_codes.h"
 #include "common/logging.h"
@@ -309,7 +309,7 @@ int RunJob(const RunOptions& options, const RunIo& io) {
     restore_signals();
     return fail(zap.status(), 1);
   }
-  auto server = collectives::StoreServer::Create(reactor, zap->get(), {});
+  auto server = collectives::RendezvousServer::Create(reactor, zap->get(), {});
   if (!server.ok()) {
     restore_signals();
     return fail(server.status().WithContext("rendezvous store"), 1);

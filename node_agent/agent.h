@@ -5,7 +5,7 @@
 //
 //   - StartAssignment: spawns the node's ranks with the env contract (docs/env-contract.md),
 //     each rank's output appended to <work-dir>/logs/<job>/attempt-<a>/rank-<r>.log; on node
-//     rank 0 it also serves the attempt's rendezvous store (collectives::StoreServer) on the
+//     rank 0 it also serves the attempt's rendezvous store (collectives::RendezvousServer) on the
 //     port and with the CURVE keys the coordinator chose.
 //   - StopAssignment: SIGTERM to every rank's process group, SIGKILL after the grace. With
 //     `checkpoint_first` the ranks are first asked to checkpoint (the key `muster/preempt` in

@@ -6,7 +6,7 @@
 #include <algorithm>
 #include <fstream>
 
-#include "collectives/store_client.h"
+#include "collectives/rendezvous_client.h"
 #include "common/net_address.h"
 #include "common/path_name.h"
 #include "common/python_path.h"
@@ -295,11 +295,11 @@ void AssignmentRunner::StartAssignment(const proto::StartAssignment& given) {
         return StartError(s, "port " + std::to_string(port) + " is in use on this node", true);
       }
     }
-    collectives::StoreServer::Options so;
+    collectives::RendezvousServer::Options so;
     so.endpoint = "tcp://" + bind_address + ":" + std::to_string(s.rendezvous_port());
     so.insecure = options_.insecure;
     if (keys) so.server_key = keys->server;
-    auto store = collectives::StoreServer::Create(reactor_, zap_, so);
+    auto store = collectives::RendezvousServer::Create(reactor_, zap_, so);
     if (!store.ok()) {
       return StartError(s,
                         "rendezvous store on port " + std::to_string(s.rendezvous_port()) + ": " +
@@ -433,16 +433,16 @@ void AssignmentRunner::BeginPreflight(Assignment a, const std::string& creds,
   o.store_port = s.rendezvous_port();
   o.timeout = options_.preflight_timeout;
   o.probe_timeout = options_.preflight_probe_timeout;
-  collectives::StoreClient::Options so;
+  collectives::RendezvousClient::Options so;
   so.endpoint = "tcp://" + s.master_addr() + ":" + std::to_string(s.rendezvous_port());
   so.job = s.job_id();
   so.attempt = s.attempt();
   auto cred = collectives::RdzvCredentials::Parse(creds);
   if (!cred.ok()) return StartError(s, "rendezvous key: " + cred.status().message());
   so.credentials = *cred;
-  auto connect = [so]() -> StatusOr<std::unique_ptr<collectives::Store>> {
-    MUSTER_ASSIGN_OR_RETURN(auto c, collectives::StoreClient::Connect(so));
-    return std::unique_ptr<collectives::Store>(std::move(c));
+  auto connect = [so]() -> StatusOr<std::unique_ptr<collectives::RendezvousStore>> {
+    MUSTER_ASSIGN_OR_RETURN(auto c, collectives::RendezvousClient::Connect(so));
+    return std::unique_ptr<collectives::RendezvousStore>(std::move(c));
   };
   const std::string group = a.group;
   logger_->info("job {} attempt {}: launch preflight with {} nodes (master {})", s.job_id(),

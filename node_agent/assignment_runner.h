@@ -30,7 +30,7 @@
 #include <string>
 #include <vector>
 
-#include "collectives/store_server.h"
+#include "collectives/rendezvous_server.h"
 #include "common/curve.h"
 #include "common/logging.h"
 #include "common/proto/coordinator.pb.h"
@@ -121,7 +121,7 @@ class AssignmentRunner {
     std::map<ChildId, pid_t> pid_of;  // child -> its pid, which leads its process group
     std::set<int> live;               // global ranks not yet reaped
     size_t open = 0;                  // children not yet closed
-    std::unique_ptr<collectives::StoreServer> store;
+    std::unique_ptr<collectives::RendezvousServer> store;
     std::string volume_path;
     std::filesystem::path notice_path;
     bool stopping = false;  // a stop (or a notice) reached it: exits are not failures

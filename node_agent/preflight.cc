@@ -274,7 +274,7 @@ std::optional<int> Blame(int nnodes, const std::vector<ProbeFailure>& failures) 
   return best;
 }
 
-PreflightResult RunPreflight(const PreflightOptions& o, collectives::Store& store,
+PreflightResult RunPreflight(const PreflightOptions& o, collectives::RendezvousStore& store,
                              const std::atomic<bool>* cancelled) {
   auto logger = log::Get("agent.preflight");
   const auto deadline = Clock::now() + o.timeout;

@@ -33,7 +33,7 @@
 #include <thread>
 #include <vector>
 
-#include "collectives/store.h"
+#include "collectives/rendezvous_store.h"
 #include "common/status.h"
 
 namespace muster::node_agent {
@@ -124,17 +124,17 @@ struct PreflightResult {
 // Runs the whole preflight, blocking, through `store` (the attempt's; its AllGather is the
 // collective). `cancelled` is checked between steps.
 // REQUIRES: options.nnodes >= 2, 0 <= node_rank < nnodes.
-PreflightResult RunPreflight(const PreflightOptions& options, collectives::Store& store,
+PreflightResult RunPreflight(const PreflightOptions& options, collectives::RendezvousStore& store,
                              const std::atomic<bool>* cancelled = nullptr);
 
 // Runs RunPreflight on its own thread and hands the result to `done` (on that thread). The
 // destructor cancels: `done` is not called after it returns, and the thread, if still
 // blocked in the store, is left to end on its own (it owns everything it touches).
-// `connect` makes the store on the worker thread (a StoreClient connects lazily, but building
+// `connect` makes the store on the worker thread (a RendezvousClient connects lazily, but building
 // one may still take time).
 class Preflight {
  public:
-  using StoreFactory = std::function<StatusOr<std::unique_ptr<collectives::Store>>()>;
+  using StoreFactory = std::function<StatusOr<std::unique_ptr<collectives::RendezvousStore>>()>;
   using Done = std::function<void(PreflightResult)>;
   static std::unique_ptr<Preflight> Start(PreflightOptions options, StoreFactory connect,
                                           Done done);

@@ -27,7 +27,7 @@
 #include "checkpoint/checkpointer.h"
 #include "checkpoint/manifest.h"
 #include "checkpoint/volume.h"
-#include "collectives/store_client.h"
+#include "collectives/rendezvous_client.h"
 #include "common/rank_env.h"
 #include "common/status.h"
 #include "runtime/job_context.h"
@@ -164,7 +164,7 @@ class PyCheckpointer {
   PyCheckpointer(std::string dir, int rank, int world_size, bool connect_store, bool direct_io,
                  int io_threads, bool overlap_snapshot) {
     if (connect_store) {
-      store_ = Value(collectives::ConnectStoreFromEnv());
+      store_ = Value(collectives::ConnectRendezvousFromEnv());
     } else if (world_size > 1) {
       Throw(FailedPreconditionError(
           "checkpointer: world size " + std::to_string(world_size) +
@@ -276,7 +276,7 @@ class PyCheckpointer {
   int world_size() const { return ck_->options().world_size; }
 
  private:
-  std::unique_ptr<collectives::StoreClient> store_;
+  std::unique_ptr<collectives::RendezvousClient> store_;
   std::unique_ptr<Checkpointer> ck_;
 };
 

@@ -7,7 +7,7 @@
 #include <filesystem>
 #include <system_error>
 
-#include "collectives/store_client.h"
+#include "collectives/rendezvous_client.h"
 #include "common/control_channel.h"
 #include "common/logging.h"
 
@@ -40,17 +40,17 @@ StatusOr<std::unique_ptr<JobContext>> JobContext::FromEnv() {
 }
 
 StatusOr<std::unique_ptr<JobContext>> JobContext::FromEnv(const RankEnv& env) {
-  std::shared_ptr<collectives::Store> store;
+  std::shared_ptr<collectives::RendezvousStore> store;
   if (env.has_rendezvous()) {
     MUSTER_RETURN_IF_ERROR(env.Validate());
-    MUSTER_ASSIGN_OR_RETURN(auto client, collectives::ConnectStore(env));
+    MUSTER_ASSIGN_OR_RETURN(auto client, collectives::ConnectRendezvous(env));
     store = std::move(client);
   }
   return FromEnv(env, std::move(store));
 }
 
 StatusOr<std::unique_ptr<JobContext>> JobContext::FromEnv(
-    const RankEnv& env, std::shared_ptr<collectives::Store> store) {
+    const RankEnv& env, std::shared_ptr<collectives::RendezvousStore> store) {
   MUSTER_RETURN_IF_ERROR(env.Validate());
   std::unique_ptr<JobContext> ctx(new JobContext(env));
   ctx->store_ = std::move(store);

@@ -16,7 +16,7 @@
 //
 // What it holds:
 //   - the rank's RankEnv (common/rank_env.h), parsed and validated once;
-//   - ONE connection to the job attempt's rendezvous store (a thread-safe StoreClient: each
+//   - ONE connection to the job attempt's rendezvous store (a thread-safe RendezvousClient: each
 //     concurrent call uses its own socket from a small pool, so the notice check never queues
 //     behind a checkpoint commit), shared by every communicator and checkpointer built here;
 //     null when the rank has no store (a program started by hand: a job of one);
@@ -47,7 +47,7 @@
 #include "checkpoint/checkpointer.h"
 #include "checkpoint/snapshot_channel.h"
 #include "collectives/communicator.h"
-#include "collectives/store.h"
+#include "collectives/rendezvous_store.h"
 #include "common/rank_env.h"
 #include "common/status.h"
 
@@ -70,8 +70,8 @@ class JobContext {
   static StatusOr<std::unique_ptr<JobContext>> FromEnv(const RankEnv& env);
   // From a given env over a store the caller already holds (an embedder's connection, or an
   // in-memory store in tests); `store` may be null (no store).
-  static StatusOr<std::unique_ptr<JobContext>> FromEnv(const RankEnv& env,
-                                                       std::shared_ptr<collectives::Store> store);
+  static StatusOr<std::unique_ptr<JobContext>> FromEnv(
+      const RankEnv& env, std::shared_ptr<collectives::RendezvousStore> store);
 
   // SIGTERM sets the notice flag instead of ending the process (async-signal-safe: a flag).
   // For programs that want to checkpoint on the agent's or a user's SIGTERM. Process-wide.
@@ -82,7 +82,7 @@ class JobContext {
   int local_rank() const { return env_.local_rank; }
   const RankEnv& env() const { return env_; }
   // The shared store connection; null when the rank has none.
-  const std::shared_ptr<collectives::Store>& store() const { return store_; }
+  const std::shared_ptr<collectives::RendezvousStore>& store() const { return store_; }
 
   // A communicator over the shared store (Communicator::FromEnv's backend choice). Give each
   // communicator of a program its own config.name. FailedPrecondition... as CreateCommunicator;
@@ -131,7 +131,7 @@ class JobContext {
   explicit JobContext(RankEnv env) : env_(std::move(env)) {}
 
   RankEnv env_;
-  std::shared_ptr<collectives::Store> store_;
+  std::shared_ptr<collectives::RendezvousStore> store_;
   mutable std::mutex mu_;
   std::string notice_reason_;  // GUARDED_BY(mu_)
 };

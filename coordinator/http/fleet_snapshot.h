@@ -18,7 +18,7 @@
 #include <vector>
 
 #include "common/proto/coordinator.pb.h"
-#include "coordinator/state_store.h"
+#include "coordinator/coordinator_db.h"
 
 namespace muster::coordinator::http {
 

@@ -11,9 +11,9 @@
 #include "collectives/communicator.h"
 #include "common/logging.h"
 #include "common/rank_env.h"
-#include "examples/finetune/checkpointer_state_store.h"
+#include "examples/finetune/checkpointer_state_sink.h"
 #include "examples/finetune/gradient_sync.h"
-#include "examples/finetune/state_store.h"
+#include "examples/finetune/train_state_sink.h"
 #include "examples/finetune/trainer.h"
 #include "runtime/job_context.h"
 
@@ -164,11 +164,11 @@ int main(int argc, char** argv) {
     log->error("{}", ck.status().ToString());
     return kExitUsage;
   }
-  auto store = std::make_unique<muster::finetune::CheckpointerStateStore>(std::move(*ck));
-  std::unique_ptr<muster::finetune::StateStore> base;
+  auto store = std::make_unique<muster::finetune::CheckpointerStateSink>(std::move(*ck));
+  std::unique_ptr<muster::finetune::TrainStateSink> base;
   if (c.mode != Mode::kPretrain && !c.base_dir.empty()) {
     // The base is only read, by every rank on its own: a world of one.
-    auto opened = muster::finetune::CheckpointerStateStore::Open(c.base_dir, 0, 1, nullptr);
+    auto opened = muster::finetune::CheckpointerStateSink::Open(c.base_dir, 0, 1, nullptr);
     if (!opened.ok()) {
       log->error("--base: {}", opened.status().ToString());
       return kExitUsage;

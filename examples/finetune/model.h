@@ -14,7 +14,7 @@
 #include <cstdint>
 #include <string>
 
-#include "examples/finetune/state_store.h"
+#include "examples/finetune/train_state_sink.h"
 
 namespace muster::finetune {
 

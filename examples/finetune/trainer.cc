@@ -93,7 +93,7 @@ double EvalLoss(CharLM& model, const Corpus& corpus, torch::Device device) {
 
 class Run {
  public:
-  Run(const TrainConfig& c, GradientSync& sync, StateStore& store, StateStore* base,
+  Run(const TrainConfig& c, GradientSync& sync, TrainStateSink& store, TrainStateSink* base,
       runtime::JobContext& ctx, std::ostream& out)
       : c_(c),
         sync_(sync),
@@ -122,8 +122,8 @@ class Run {
 
   const TrainConfig& c_;
   GradientSync& sync_;
-  StateStore& store_;
-  StateStore* base_store_;
+  TrainStateSink& store_;
+  TrainStateSink* base_store_;
   runtime::JobContext& ctx_;
   std::ostream& out_;
   std::shared_ptr<spdlog::logger> log_;
@@ -164,7 +164,7 @@ Status Run::Validate() {
 
 Status Run::LoadBase(ModelConfig* model_config) {
   if (base_store_ == nullptr) return InvalidArgumentError("fine-tuning needs a base store");
-  StateStore& base = *base_store_;
+  TrainStateSink& base = *base_store_;
   int64_t step;
   if (c_.base_step) {
     step = *c_.base_step;
@@ -431,8 +431,8 @@ double LearningRate(const TrainConfig& c, int64_t step) {
   return min_lr + 0.5 * (c.lr - min_lr) * (1.0 + std::cos(M_PI * progress));
 }
 
-StatusOr<TrainResult> Train(const TrainConfig& c, GradientSync& sync, StateStore& store,
-                            StateStore* base, runtime::JobContext& ctx, std::ostream& out) {
+StatusOr<TrainResult> Train(const TrainConfig& c, GradientSync& sync, TrainStateSink& store,
+                            TrainStateSink* base, runtime::JobContext& ctx, std::ostream& out) {
   try {
     Run run(c, sync, store, base, ctx, out);
     return run.Go();

@@ -3,7 +3,7 @@
 // The fine-tune training loop: pretraining a base CharLM, full fine-tuning it, or training LoRA
 // adapters on it, data-parallel across ranks, checkpointing every K steps and on a preemption
 // notice, resuming bit-exactly. Collectives and storage come in through the seams in
-// gradient_sync.h and state_store.h; notices and progress through runtime::JobContext.
+// gradient_sync.h and train_state_sink.h; notices and progress through runtime::JobContext.
 
 #include <cstdint>
 #include <filesystem>
@@ -14,7 +14,7 @@
 #include "common/status.h"
 #include "examples/finetune/gradient_sync.h"
 #include "examples/finetune/model.h"
-#include "examples/finetune/state_store.h"
+#include "examples/finetune/train_state_sink.h"
 #include "runtime/job_context.h"
 
 namespace muster::finetune {
@@ -62,7 +62,7 @@ double LearningRate(const TrainConfig& c, int64_t step);
 // `ctx` supplies the preemption notice (NoticeSeen) and takes the progress (MUSTER_PROGRESS,
 // on the control channel or stdout). The other machine-readable lines (MUSTER_PREEMPTED,
 // MUSTER_DONE; see examples/README.md) go to `out` from rank 0; readable ones go to the log.
-StatusOr<TrainResult> Train(const TrainConfig& c, GradientSync& sync, StateStore& store,
-                            StateStore* base, runtime::JobContext& ctx, std::ostream& out);
+StatusOr<TrainResult> Train(const TrainConfig& c, GradientSync& sync, TrainStateSink& store,
+                            TrainStateSink* base, runtime::JobContext& ctx, std::ostream& out);
 
 }  // namespace muster::finetune

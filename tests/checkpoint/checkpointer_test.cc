@@ -56,8 +56,8 @@ RankState MakeState(int64_t step, int world, int rank) {
   return s;
 }
 
-CheckpointerOptions Opts(const std::string& dir, int world, int rank, collectives::Store* store,
-                         Volume* v = nullptr) {
+CheckpointerOptions Opts(const std::string& dir, int world, int rank,
+                         collectives::RendezvousStore* store, Volume* v = nullptr) {
   CheckpointerOptions o;
   o.dir = dir;
   o.world_size = world;
@@ -73,7 +73,7 @@ CheckpointerOptions Opts(const std::string& dir, int world, int rank, collective
 // Saves `steps` with `world` ranks as threads; returns each rank's last Wait() status.
 std::vector<Status> SaveWorld(const std::string& dir, int world, std::vector<int64_t> steps,
                               std::vector<Volume*> volumes = {}) {
-  auto store = collectives::NewInMemoryStore();
+  auto store = collectives::NewInMemoryRendezvousStore();
   std::vector<Status> out(world);
   std::vector<std::thread> ts;
   for (int r = 0; r < world; ++r) {
@@ -271,7 +271,7 @@ TEST(CheckpointerTest, ReshardedRestoreReadsOnlyOverlappingBlocks) {
   // Big enough that a whole-shard read would stand out: 1024 x 1024 i32 = 4 MiB.
   const int64_t rows = 1024, cols = 1024;
   {
-    auto store = collectives::NewInMemoryStore();
+    auto store = collectives::NewInMemoryRendezvousStore();
     std::vector<std::thread> ts;
     for (int r = 0; r < 4; ++r) {
       ts.emplace_back([&, r] {
@@ -380,7 +380,7 @@ TEST(CheckpointerTest, BadInputsGetClearErrors) {
 
 TEST(CheckpointerTest, MismatchedShardingAcrossRanksIsNotCommitted) {
   TempDir dir;
-  auto store = collectives::NewInMemoryStore();
+  auto store = collectives::NewInMemoryRendezvousStore();
   std::vector<Status> st(2);
   std::vector<std::thread> ts;
   for (int r = 0; r < 2; ++r) {
@@ -404,7 +404,7 @@ TEST(CheckpointerTest, FromEnvReadsTheEnvContract) {
   ::setenv("MUSTER_CHECKPOINT_DIR", dir.path().c_str(), 1);
   ::setenv("RANK", "1", 1);
   ::setenv("WORLD_SIZE", "3", 1);
-  auto store = collectives::NewInMemoryStore();
+  auto store = collectives::NewInMemoryRendezvousStore();
   auto ck = Checkpointer::FromEnv(store.get());
   ASSERT_TRUE(ck.ok()) << ck.status();
   EXPECT_EQ((*ck)->options().rank, 1);

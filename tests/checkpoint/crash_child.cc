@@ -33,7 +33,7 @@ int main(int argc, char** argv) {
   muster::log::InitLogging("error").IgnoreError();
   const std::string dir = argv[1];
   const int64_t start = std::atoll(argv[2]);
-  auto store = muster::collectives::NewInMemoryStore();
+  auto store = muster::collectives::NewInMemoryRendezvousStore();
   std::vector<std::unique_ptr<Checkpointer>> cks;
   for (int r = 0; r < testing::kCrashWorld; ++r) {
     CheckpointerOptions o;

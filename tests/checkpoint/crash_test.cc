@@ -150,7 +150,7 @@ TEST(CheckpointCrashTest, ReplicationKilledAtRandomInstantsResumesAndNeverExpose
   const std::string src = dir.sub("src");
   // Source: the crash state at step 5, saved by two ranks.
   {
-    auto store = collectives::NewInMemoryStore();
+    auto store = collectives::NewInMemoryRendezvousStore();
     std::vector<std::thread> ts;
     for (int r = 0; r < testing::kCrashWorld; ++r) {
       ts.emplace_back([&, r] {

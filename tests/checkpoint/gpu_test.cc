@@ -7,7 +7,7 @@
 
 #include "checkpoint/checkpoint_dir.h"
 #include "checkpoint/checkpointer.h"
-#include "collectives/store.h"
+#include "collectives/rendezvous_store.h"
 #include "tests/checkpoint/test_util.h"
 
 namespace muster::checkpoint {
@@ -50,7 +50,7 @@ TEST(CheckpointGpuTest, RestoresReshardedAndColumnBlocksIntoDeviceMemoryThroughT
   if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) GTEST_SKIP() << "no CUDA device";
   testing::TempDir dir;
   const int64_t rows = 4096, cols = 4099;  // rows of 16396 bytes: windows cut rows
-  auto store = collectives::NewInMemoryStore();
+  auto store = collectives::NewInMemoryRendezvousStore();
   auto opts = [&](int world, int rank) {
     CheckpointerOptions o;
     o.dir = dir.path();

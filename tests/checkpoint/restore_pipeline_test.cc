@@ -32,8 +32,9 @@ std::pair<int64_t, int64_t> RowRange(int64_t n, int world, int rank) {
   return {rank * base + std::min<int64_t>(rank, extra), base + (rank < extra ? 1 : 0)};
 }
 
-CheckpointerOptions Opts(const std::string& dir, int world, int rank, collectives::Store* store,
-                         Volume* v = nullptr, DeviceCopier* device = nullptr, int slots = 0) {
+CheckpointerOptions Opts(const std::string& dir, int world, int rank,
+                         collectives::RendezvousStore* store, Volume* v = nullptr,
+                         DeviceCopier* device = nullptr, int slots = 0) {
   CheckpointerOptions o;
   o.dir = dir;
   o.world_size = world;
@@ -51,7 +52,7 @@ CheckpointerOptions Opts(const std::string& dir, int world, int rank, collective
 // Step 1 saved by `world` ranks (threads): "w" row-sharded {kRows, kCols} u32, "bias"
 // replicated, "emb" {8, 5, 3} sharded on dimension 0.
 void SaveWorld(const std::string& dir, int world) {
-  auto store = collectives::NewInMemoryStore();
+  auto store = collectives::NewInMemoryRendezvousStore();
   std::vector<std::thread> ts;
   std::vector<Status> st(world);
   for (int r = 0; r < world; ++r) {

@@ -24,7 +24,7 @@ class ConformanceTest : public ::testing::TestWithParam<Param> {};
 
 TEST_P(ConformanceTest, EveryCollectiveOpAndDtypeMatchesTheReference) {
   const Param p = GetParam();
-  std::shared_ptr<Store> store = NewInMemoryStore();
+  std::shared_ptr<RendezvousStore> store = NewInMemoryRendezvousStore();
   std::vector<Status> results(p.size);
   std::vector<int> checks(p.size, 0);
   std::vector<std::thread> ranks;
@@ -63,7 +63,7 @@ INSTANTIATE_TEST_SUITE_P(Gloo, ConformanceTest,
                          Name);
 
 TEST(CommunicatorTest, BadConfigIsRefused) {
-  std::shared_ptr<Store> store = NewInMemoryStore();
+  std::shared_ptr<RendezvousStore> store = NewInMemoryRendezvousStore();
   CommConfig c;
   c.rank = 2;
   c.size = 2;
@@ -75,7 +75,7 @@ TEST(CommunicatorTest, BadConfigIsRefused) {
 }
 
 TEST(CommunicatorTest, RendezvousTimesOutWhenAPeerNeverComes) {
-  std::shared_ptr<Store> store = NewInMemoryStore();
+  std::shared_ptr<RendezvousStore> store = NewInMemoryRendezvousStore();
   CommConfig c;
   c.rank = 0;
   c.size = 2;
@@ -89,7 +89,7 @@ TEST(CommunicatorTest, RendezvousTimesOutWhenAPeerNeverComes) {
 // Two Gloo ranks as threads; returns rank 0's and rank 1's communicators.
 std::pair<std::unique_ptr<Communicator>, std::unique_ptr<Communicator>> Pair(
     std::chrono::milliseconds timeout) {
-  std::shared_ptr<Store> store = NewInMemoryStore();
+  std::shared_ptr<RendezvousStore> store = NewInMemoryRendezvousStore();
   std::unique_ptr<Communicator> c1;
   std::thread t([&] {
     CommConfig c;

@@ -21,7 +21,7 @@
 #include <thread>
 
 #include "collectives/communicator.h"
-#include "collectives/store_server.h"
+#include "collectives/rendezvous_server.h"
 #include "tests/testing/child_process.h"
 #include "tests/testing/reactor_fixture.h"
 
@@ -39,7 +39,7 @@ class MultiProcessTest : public ::muster::testing::ReactorZapTest {
   void SetUp() override {
     CreateReactor("mp-test");
     if (HasFatalFailure()) return;
-    auto s = StoreServer::Create(*reactor_, zap_.get(), {});
+    auto s = RendezvousServer::Create(*reactor_, zap_.get(), {});
     ASSERT_TRUE(s.ok()) << s.status();
     server_ = std::move(*s);
     reactor_->Start();
@@ -73,7 +73,7 @@ class MultiProcessTest : public ::muster::testing::ReactorZapTest {
     return ranks;
   }
 
-  std::unique_ptr<StoreServer> server_;
+  std::unique_ptr<RendezvousServer> server_;
 };
 
 // `muster run -np N` hosts the rendezvous store (CURVE, the attempt's key) and gives each rank

@@ -63,7 +63,7 @@ class StreamGate {
 TEST(NcclAbortTest, AnInFlightCollectiveIsAbortedWithinTheTimeout) {
   if (Gpus() == 0) GTEST_SKIP() << "no CUDA device: the NCCL abort path needs a GPU";
   testing::LogCapture logs;
-  std::shared_ptr<Store> store = NewInMemoryStore();
+  std::shared_ptr<RendezvousStore> store = NewInMemoryRendezvousStore();
   CommConfig c;
   c.timeout = 3s;
   auto comm_or = CreateCommunicator(Backend::kNccl, store, c);

@@ -24,7 +24,7 @@ int Gpus() {
 TEST(NcclTest, AllReduceBroadcastAllGatherReduceScatterOnDevices) {
   const int size = std::min(Gpus(), 8);
   if (size == 0) GTEST_SKIP() << "no CUDA device";
-  std::shared_ptr<Store> store = NewInMemoryStore();
+  std::shared_ptr<RendezvousStore> store = NewInMemoryRendezvousStore();
   constexpr size_t kCount = 1 << 20;
   std::vector<Status> results(size);
   std::vector<std::thread> ranks;
@@ -72,7 +72,7 @@ TEST(NcclTest, AllReduceBroadcastAllGatherReduceScatterOnDevices) {
 TEST(NcclTest, EveryOpAndDtypeMatchesTheCpuReference) {
   const int size = std::min(Gpus(), 8);
   if (size == 0) GTEST_SKIP() << "no CUDA device";
-  std::shared_ptr<Store> store = NewInMemoryStore();
+  std::shared_ptr<RendezvousStore> store = NewInMemoryRendezvousStore();
   constexpr size_t kCount = 4096;
   const DataType types[] = {DataType::kF32,  DataType::kF64, DataType::kF16,
                             DataType::kBF16, DataType::kI32, DataType::kI64};
@@ -169,7 +169,7 @@ TEST(NcclTest, EveryOpAndDtypeMatchesTheCpuReference) {
 
 TEST(NcclTest, InitTimesOutAndAbortsWhenAPeerNeverJoins) {
   if (Gpus() == 0) GTEST_SKIP() << "no CUDA device";
-  std::shared_ptr<Store> store = NewInMemoryStore();
+  std::shared_ptr<RendezvousStore> store = NewInMemoryRendezvousStore();
   CommConfig c;
   c.rank = 0;
   c.size = 2;  // rank 1 never comes
@@ -184,7 +184,7 @@ TEST(NcclTest, InitTimesOutAndAbortsWhenAPeerNeverJoins) {
 
 TEST(NcclTest, WithoutAGpuTheBackendSaysSo) {
   if (Gpus() > 0) GTEST_SKIP() << "this machine has a GPU";
-  std::shared_ptr<Store> store = NewInMemoryStore();
+  std::shared_ptr<RendezvousStore> store = NewInMemoryRendezvousStore();
   auto comm = CreateCommunicator(Backend::kNccl, store, CommConfig{});
   ASSERT_FALSE(comm.ok());
   EXPECT_EQ(comm.status().code(), StatusCode::kFailedPrecondition);

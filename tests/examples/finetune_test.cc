@@ -24,7 +24,7 @@
 #include <thread>
 
 #include "checkpoint/checkpointer.h"
-#include "collectives/store_server.h"
+#include "collectives/rendezvous_server.h"
 #include "common/curve.h"
 #include "common/logging.h"
 #include "common/reactor.h"
@@ -257,7 +257,7 @@ TEST_F(FinetuneTest, TwoRanksKilledMidRunResumeAtWorldSizeOneAndTheLossCarriesOn
   Reactor reactor("ft-test");
   auto zap = ZapAuthenticator::Create(reactor);
   ASSERT_TRUE(zap.ok()) << zap.status();
-  auto server = collectives::StoreServer::Create(reactor, zap->get(), {});
+  auto server = collectives::RendezvousServer::Create(reactor, zap->get(), {});
   ASSERT_TRUE(server.ok()) << server.status();
   reactor.Start();
   auto creds = (*server)->AddScope("ft", 0);

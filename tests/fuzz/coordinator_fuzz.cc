@@ -30,7 +30,7 @@ Coordinator* Instance() {
     muster::log::InitLogging("off").IgnoreError();
     auto dir = std::filesystem::temp_directory_path() / ("muster-fuzz-" + std::to_string(getpid()));
     std::filesystem::remove_all(dir);
-    auto store = muster::coordinator::StateStore::Open(dir);
+    auto store = muster::coordinator::CoordinatorDb::Open(dir);
     if (!store.ok()) abort();
     CoordinatorOptions o;
     o.clock = [] { return g_now; };

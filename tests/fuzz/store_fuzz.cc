@@ -1,7 +1,7 @@
-// libFuzzer target: the rendezvous store's request handling (collectives/store_server.h), fed
+// libFuzzer target: the rendezvous store's request handling (collectives/rendezvous_server.h), fed
 // the envelopes a rank's code could send. Each input is a sequence of envelopes (u16
 // little-endian length, then that many bytes) handled in one scope, as if off the socket:
-// StoreServer::HandleRequest, without the socket, on a reactor that is not running (parked
+// RendezvousServer::HandleRequest, without the socket, on a reactor that is not running (parked
 // requests stay parked; closing the scope at the end answers them). Small limits make the
 // bounds reachable. Each run checks:
 //   - every request is answered (at once, or when the scope closes), exactly once;
@@ -14,20 +14,20 @@
 #include <cstdlib>
 #include <memory>
 
-#include "collectives/store_server.h"
+#include "collectives/rendezvous_server.h"
 #include "common/logging.h"
 #include "common/wire.h"
 
 namespace {
 
-using muster::collectives::StoreServer;
+using muster::collectives::RendezvousServer;
 
 constexpr int64_t kMaxMessageBytes = 8 << 10;
 
 struct Harness {
   Harness() : reactor("store-fuzz") {
     muster::log::InitLogging("off").IgnoreError();
-    StoreServer::Options o;
+    RendezvousServer::Options o;
     o.endpoint = "inproc://store-fuzz";
     o.insecure = true;
     o.max_message_bytes = kMaxMessageBytes;
@@ -36,12 +36,12 @@ struct Harness {
     o.max_scope_bytes = 32 << 10;
     o.max_scope_entries = 64;
     o.max_parked_per_scope = 16;
-    auto s = StoreServer::Create(reactor, nullptr, o);
+    auto s = RendezvousServer::Create(reactor, nullptr, o);
     if (!s.ok()) abort();
     server = std::move(*s);
   }
   muster::Reactor reactor;
-  std::unique_ptr<StoreServer> server;
+  std::unique_ptr<RendezvousServer> server;
 };
 
 }  // namespace

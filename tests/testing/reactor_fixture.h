@@ -1,11 +1,11 @@
 #pragma once
 
 // ReactorZapTest: a GoogleTest fixture holding a Reactor and, for CURVE, a ZapAuthenticator on
-// it: the set-up every test of a ZeroMQ server (RpcServer, StoreServer) repeats.
+// it: the set-up every test of a ZeroMQ server (RpcServer, RendezvousServer) repeats.
 //
 //   void SetUp() override {
 //     CreateReactor("store-test");                  // the reactor and its authenticator
-//     server_ = *StoreServer::Create(*reactor_, zap_.get(), {});
+//     server_ = *RendezvousServer::Create(*reactor_, zap_.get(), {});
 //     reactor_->Start();
 //   }
 //   void ReleaseOnReactor() override { server_.reset(); }

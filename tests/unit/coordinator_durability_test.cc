@@ -1,5 +1,5 @@
 // Durable writes never fail silently (coordinator.h, "Durable writes"): for each mutation of the
-// coordinator, a FaultInjectionStateStore fails its writes one at a time (write N of the
+// coordinator, a FaultInjectionCoordinatorDb fails its writes one at a time (write N of the
 // mutation, for every N it makes), and the test checks the latch: the error names the failed
 // write, the request that hit it and every later change are refused with it, no later write
 // reaches the store, reads and `muster status` keep working and show it, and nothing in memory
@@ -16,7 +16,7 @@
 
 #include "common/wire.h"
 #include "coordinator/coordinator.h"
-#include "coordinator/fault_injection_state_store.h"
+#include "coordinator/fault_injection_coordinator_db.h"
 
 namespace muster::coordinator {
 namespace {
@@ -29,9 +29,9 @@ class Harness {
   Harness() {
     dir_ = fs::temp_directory_path() / ("muster-coord-durable-" + std::to_string(getpid()) + "-" +
                                         std::to_string(std::random_device{}()));
-    auto base = StateStore::Open(dir_);
+    auto base = CoordinatorDb::Open(dir_);
     EXPECT_TRUE(base.ok()) << base.status();
-    auto fault = std::make_unique<FaultInjectionStateStore>(std::move(*base));
+    auto fault = std::make_unique<FaultInjectionCoordinatorDb>(std::move(*base));
     fault_ = fault.get();
     auto c = Coordinator::Create(std::move(fault), Options());
     EXPECT_TRUE(c.ok()) << c.status();
@@ -132,7 +132,7 @@ class Harness {
 
   TimePoint now_ = TimePoint{} + std::chrono::hours(490000);
   fs::path dir_;
-  FaultInjectionStateStore* fault_ = nullptr;
+  FaultInjectionCoordinatorDb* fault_ = nullptr;
   std::unique_ptr<Coordinator> coord_;
   std::map<std::string, std::string> sessions_;
   std::string job_;  // the setup's job, if any
@@ -387,14 +387,14 @@ TEST(DurableWriteRestoreTest, AFailedWriteDuringRestoreFailsTheStart) {
         fs::temp_directory_path() / ("muster-coord-durable-restore-" + std::to_string(getpid()));
     fs::remove_all(dir);
     {
-      auto store = StateStore::Open(dir);
+      auto store = CoordinatorDb::Open(dir);
       ASSERT_TRUE(store.ok());
       JobRecord j;
       j.spec = spec;
       j.state = proto::JOB_SCHEDULED;
       ASSERT_TRUE((*store)->InsertJob(&j).ok());
     }
-    auto fault = std::make_unique<FaultInjectionStateStore>(*StateStore::Open(dir));
+    auto fault = std::make_unique<FaultInjectionCoordinatorDb>(*CoordinatorDb::Open(dir));
     fault->FailWrite(1);
     auto c = Coordinator::Create(std::move(fault), {});
     ASSERT_FALSE(c.ok());

@@ -41,7 +41,7 @@ class CoordinatorTest : public ::testing::Test {
       auto it = current_roles_.find(key);
       return it == current_roles_.end() ? KeyRole::kAgent : it->second;
     };
-    auto c = Coordinator::Create(*StateStore::Open(dir_), o);
+    auto c = Coordinator::Create(*CoordinatorDb::Open(dir_), o);
     ASSERT_TRUE(c.ok()) << c.status();
     coord_ = std::move(*c);
   }

@@ -38,7 +38,7 @@ class Fleet {
                                         std::to_string(std::random_device{}()));
     CoordinatorOptions o;
     o.clock = [this] { return now_; };
-    auto c = Coordinator::Create(*StateStore::Open(dir_), o);
+    auto c = Coordinator::Create(*CoordinatorDb::Open(dir_), o);
     EXPECT_TRUE(c.ok()) << c.status();
     coord_ = std::move(*c);
   }

@@ -9,7 +9,7 @@
 #include <fstream>
 #include <thread>
 
-#include "collectives/store.h"
+#include "collectives/rendezvous_store.h"
 
 namespace muster::runtime {
 namespace {
@@ -98,7 +98,7 @@ TEST(JobContextTest, TheCheckpointerAnnouncesItsOwnCommits) {
 
 TEST(JobContextTest, ANoticeFileOrTheStoreKeyIsANoticeAndEveryRankAgreesToStop) {
   TempDir dir;
-  std::shared_ptr<collectives::Store> store = collectives::NewInMemoryStore();
+  std::shared_ptr<collectives::RendezvousStore> store = collectives::NewInMemoryRendezvousStore();
   constexpr int kWorld = 2;
   std::vector<std::unique_ptr<JobContext>> ctxs;
   for (int r = 0; r < kWorld; ++r) {

@@ -81,9 +81,9 @@ TEST(BlameTest, PicksTheNodeMostFailuresInvolveAndTheHighestRankOnATie) {
 
 // A store that hands out a wrong probe port for one node in round 1: its peers cannot reach
 // it (the port is closed), as if its link were cut.
-class RewritingStore : public collectives::Store {
+class RewritingStore : public collectives::RendezvousStore {
  public:
-  RewritingStore(collectives::Store& inner, int rank, int port)
+  RewritingStore(collectives::RendezvousStore& inner, int rank, int port)
       : inner_(inner), rank_(rank), port_(port) {}
   Status Set(const std::string& k, const std::string& v) override { return inner_.Set(k, v); }
   StatusOr<std::string> Get(const std::string& k, std::chrono::milliseconds t) override {
@@ -115,12 +115,12 @@ class RewritingStore : public collectives::Store {
   }
 
  private:
-  collectives::Store& inner_;
+  collectives::RendezvousStore& inner_;
   int rank_, port_;
 };
 
 struct Gang {
-  std::unique_ptr<collectives::Store> store = collectives::NewInMemoryStore();
+  std::unique_ptr<collectives::RendezvousStore> store = collectives::NewInMemoryRendezvousStore();
   std::unique_ptr<ProbeListener> store_port;  // stands for the master's rendezvous store
   std::vector<PreflightResult> results;
 
@@ -141,7 +141,7 @@ struct Gang {
     return o;
   }
   // Runs ranks [0, running) of n, each with `store_of(rank)`.
-  void Run(int n, int running, const std::function<collectives::Store&(int)>& store_of) {
+  void Run(int n, int running, const std::function<collectives::RendezvousStore&(int)>& store_of) {
     std::vector<std::thread> t;
     for (int r = 0; r < running; ++r) {
       t.emplace_back([&, r] { results[r] = RunPreflight(Options(r, n), store_of(r)); });
@@ -152,7 +152,7 @@ struct Gang {
 
 TEST(RunPreflightTest, PassesWhenEveryNodeReachesEveryOtherAndNamesTheInterface) {
   Gang g(3);
-  g.Run(3, 3, [&](int) -> collectives::Store& { return *g.store; });
+  g.Run(3, 3, [&](int) -> collectives::RendezvousStore& { return *g.store; });
   for (int r = 0; r < 3; ++r) {
     EXPECT_TRUE(g.results[r].ok) << g.results[r].message;
     EXPECT_EQ(g.results[r].route.interface, "lo");
@@ -167,7 +167,7 @@ TEST(RunPreflightTest, ANodeItsPeersCannotReachIsBlamedTheSameWayEverywhere) {
   int dead_port = (*closed)->port();
   closed->reset();
   RewritingStore rewriting(*g.store, 1, dead_port);
-  g.Run(3, 3, [&](int) -> collectives::Store& { return rewriting; });
+  g.Run(3, 3, [&](int) -> collectives::RendezvousStore& { return rewriting; });
   for (int r = 0; r < 3; ++r) {
     const auto& res = g.results[r];
     EXPECT_FALSE(res.ok);
@@ -185,7 +185,8 @@ TEST(RunPreflightTest, ANodeItsPeersCannotReachIsBlamedTheSameWayEverywhere) {
 
 TEST(RunPreflightTest, ANodeThatNeverJoinsIsBlamedByThoseWhoWaited) {
   Gang g(3);
-  g.Run(3, 2, [&](int) -> collectives::Store& { return *g.store; });  // rank 2 never comes
+  g.Run(3, 2,
+        [&](int) -> collectives::RendezvousStore& { return *g.store; });  // rank 2 never comes
   for (int r = 0; r < 2; ++r) {
     EXPECT_FALSE(g.results[r].ok);
     EXPECT_EQ(g.results[r].blamed_rank, 2) << g.results[r].message;
@@ -219,8 +220,8 @@ TEST(PreflightTest, RunsOnItsOwnThreadAndNeverCallsBackOnceDestroyed) {
   o.master_addr = "127.0.0.1";
   o.store_port = 1;  // refused: retried until the deadline
   o.timeout = 300ms;
-  auto connect = []() -> StatusOr<std::unique_ptr<collectives::Store>> {
-    return collectives::NewInMemoryStore();
+  auto connect = []() -> StatusOr<std::unique_ptr<collectives::RendezvousStore>> {
+    return collectives::NewInMemoryRendezvousStore();
   };
   auto p = Preflight::Start(o, connect, [&](PreflightResult r) {
     std::lock_guard<std::mutex> l(mu);

@@ -1,12 +1,12 @@
 #pragma once
 
-// StoreServer: the rendezvous store of muster jobs, served over ZeroMQ on a host's Reactor (the
-// launcher's, or the node-rank-0 agent's).
+// RendezvousServer: the rendezvous store of muster jobs, served over ZeroMQ on a host's Reactor
+// (the launcher's, or the node-rank-0 agent's).
 //
 // Keys live in scopes, one per job attempt, so a restarted attempt never reads a stale value.
 // The host opens a scope with AddScope(job, attempt) before starting that attempt's ranks and
 // hands every rank the returned credentials in MUSTER_RDZV_KEY (see RdzvCredentials in
-// collectives/store_client.h for the format), and closes it with RemoveScope when the attempt
+// collectives/rendezvous_client.h for the format), and closes it with RemoveScope when the attempt
 // ends: parked waiters then get Aborted and the attempt's client key stops being accepted.
 //
 // Security: under CURVE each scope has its own client key pair, authorized in the server's ZAP
@@ -17,10 +17,11 @@
 //
 // Waiting operations (get, wait, barrier, gather) are parked on the server and answered exactly
 // once, when their keys are set, the barrier or gather fills, their timeout (a reactor timer)
-// fires, or the scope closes. Nothing polls: one request, one reply. A gather (Store::AllGather)
-// keeps each rank's entry once, builds the assembled reply once when the last rank arrives,
-// and sends it to every parked rank: N requests and N replies for an allgather of N ranks,
-// where a get of N keys by every rank would cost the server N^2 entries to copy and encode.
+// fires, or the scope closes. Nothing polls: one request, one reply. A gather
+// (RendezvousStore::AllGather) keeps each rank's entry once, builds the assembled reply once when
+// the last rank arrives, and sends it to every parked rank: N requests and N replies for an
+// allgather of N ranks, where a get of N keys by every rank would cost the server N^2 entries to
+// copy and encode.
 //
 // Every request is untrusted (any rank's code sends them): keys and names are bounded, get and
 // wait lists too, a reply that would pass the message size limit is an error instead, add
@@ -42,7 +43,7 @@
 #include <unordered_set>
 #include <vector>
 
-#include "collectives/store.h"
+#include "collectives/rendezvous_store.h"
 #include "common/curve.h"
 #include "common/reactor.h"
 #include "common/rpc.h"
@@ -50,9 +51,9 @@
 
 namespace muster::collectives {
 
-inline constexpr char kStoreZapDomain[] = "muster-rdzv";
+inline constexpr char kRendezvousZapDomain[] = "muster-rdzv";
 
-class StoreServer {
+class RendezvousServer {
  public:
   struct Options {
     // "tcp://0.0.0.0:*" serves every interface on a port chosen by the kernel.
@@ -61,7 +62,7 @@ class StoreServer {
     bool insecure = false;
     // The server's key pair; generated if empty.
     KeyPair server_key;
-    std::string zap_domain = kStoreZapDomain;
+    std::string zap_domain = kRendezvousZapDomain;
     int64_t max_message_bytes = kDefaultMaxMessageBytes;
     // Longer waits are cut to this.
     std::chrono::milliseconds max_timeout = std::chrono::hours(24);
@@ -79,11 +80,11 @@ class StoreServer {
   // Binds `options.endpoint` on `reactor`. Unless insecure, `authenticator` must be the
   // ZapAuthenticator of the reactor's context (not owned; outlives the server).
   // REQUIRES: on the reactor thread or before reactor.Start().
-  static StatusOr<std::unique_ptr<StoreServer>> Create(Reactor& reactor,
-                                                       ZapAuthenticator* authenticator,
-                                                       Options options);
+  static StatusOr<std::unique_ptr<RendezvousServer>> Create(Reactor& reactor,
+                                                            ZapAuthenticator* authenticator,
+                                                            Options options);
   // Answers every parked waiter with Aborted. REQUIRES: on the reactor thread or after Stop.
-  ~StoreServer();
+  ~RendezvousServer();
 
   // Opens the scope of one job attempt and returns the credentials its ranks connect with
   // (the MUSTER_RDZV_KEY value): "insecure" when serving insecure, else
@@ -146,7 +147,7 @@ class StoreServer {
     size_t parked = 0;  // waiters of this scope
   };
 
-  StoreServer(Reactor& reactor, ZapAuthenticator* authenticator, Options options);
+  RendezvousServer(Reactor& reactor, ZapAuthenticator* authenticator, Options options);
   template <typename F>
   auto OnReactor(const char* name, F fn) -> decltype(fn());
   Status CheckKey(const char* op, const std::string& key) const;

@@ -1,6 +1,6 @@
 // The ZeroMQ rendezvous store: real sockets, CURVE with a ZAP handler, one scope per attempt.
 
-#include "collectives/store_server.h"
+#include "collectives/rendezvous_server.h"
 
 #include <gtest/gtest.h>
 #include <stdlib.h>
@@ -9,7 +9,7 @@
 #include <limits>
 #include <thread>
 
-#include "collectives/store_client.h"
+#include "collectives/rendezvous_client.h"
 #include "tests/testing/log_capture.h"
 #include "tests/testing/reactor_fixture.h"
 #include "tests/testing/wait_until.h"
@@ -20,16 +20,16 @@ namespace {
 using namespace std::chrono_literals;
 using Clock = std::chrono::steady_clock;
 
-class StoreServerTest : public testing::ReactorZapTest {
+class RendezvousServerTest : public testing::ReactorZapTest {
  protected:
   void SetUp() override { Start(/*insecure=*/false); }
 
   void Start(bool insecure) {
     CreateReactor("store-test", /*with_zap=*/!insecure);
     if (HasFatalFailure()) return;
-    StoreServer::Options o;
+    RendezvousServer::Options o;
     o.insecure = insecure;
-    auto s = StoreServer::Create(*reactor_, zap_.get(), o);
+    auto s = RendezvousServer::Create(*reactor_, zap_.get(), o);
     ASSERT_TRUE(s.ok()) << s.status();
     server_ = std::move(*s);
     reactor_->Start();
@@ -37,9 +37,9 @@ class StoreServerTest : public testing::ReactorZapTest {
 
   void ReleaseOnReactor() override { server_.reset(); }
 
-  std::unique_ptr<StoreClient> Client(const std::string& creds, const std::string& job,
-                                      uint64_t attempt) {
-    StoreClient::Options o;
+  std::unique_ptr<RendezvousClient> Client(const std::string& creds, const std::string& job,
+                                           uint64_t attempt) {
+    RendezvousClient::Options o;
     o.endpoint = server_->endpoint();
     auto c = RdzvCredentials::Parse(creds);
     EXPECT_TRUE(c.ok()) << c.status();
@@ -48,12 +48,13 @@ class StoreServerTest : public testing::ReactorZapTest {
     o.attempt = attempt;
     o.op_timeout = 5s;
     o.rpc_slack = 1s;
-    auto client = StoreClient::Connect(o);
+    auto client = RendezvousClient::Connect(o);
     EXPECT_TRUE(client.ok()) << client.status();
     return std::move(*client);
   }
 
-  std::unique_ptr<StoreClient> OpenClient(const std::string& job = "job-a", uint64_t attempt = 0) {
+  std::unique_ptr<RendezvousClient> OpenClient(const std::string& job = "job-a",
+                                               uint64_t attempt = 0) {
     auto creds = server_->AddScope(job, attempt);
     EXPECT_TRUE(creds.ok()) << creds.status();
     return Client(*creds, job, attempt);
@@ -73,10 +74,10 @@ class StoreServerTest : public testing::ReactorZapTest {
     return Parked() == n;
   }
 
-  std::unique_ptr<StoreServer> server_;
+  std::unique_ptr<RendezvousServer> server_;
 };
 
-TEST_F(StoreServerTest, SetGetAddCompareSet) {
+TEST_F(RendezvousServerTest, SetGetAddCompareSet) {
   auto c = OpenClient();
   ASSERT_TRUE(c->Set("k", std::string("v\0x", 3)).ok());
   auto v = c->Get("k", 1s);
@@ -96,10 +97,10 @@ TEST_F(StoreServerTest, SetGetAddCompareSet) {
   EXPECT_EQ(*c->Get("n", 1s), "3");
 }
 
-TEST_F(StoreServerTest, WaitersAreParkedAndWokenOnceBySet) {
+TEST_F(RendezvousServerTest, WaitersAreParkedAndWokenOnceBySet) {
   auto setter = OpenClient();
   constexpr int kWaiters = 16;
-  std::vector<std::unique_ptr<StoreClient>> clients;
+  std::vector<std::unique_ptr<RendezvousClient>> clients;
   for (int i = 0; i < kWaiters; ++i) clients.push_back(OpenClient());
   std::atomic<int> got{0};
   std::vector<std::thread> threads;
@@ -120,7 +121,7 @@ TEST_F(StoreServerTest, WaitersAreParkedAndWokenOnceBySet) {
   EXPECT_EQ(Parked(), 0u);
 }
 
-TEST_F(StoreServerTest, WaitForSeveralKeys) {
+TEST_F(RendezvousServerTest, WaitForSeveralKeys) {
   auto a = OpenClient(), b = OpenClient();
   std::atomic<bool> done{false};
   Status st;
@@ -138,7 +139,7 @@ TEST_F(StoreServerTest, WaitForSeveralKeys) {
   EXPECT_TRUE(st.ok()) << st;
 }
 
-TEST_F(StoreServerTest, GetTimesOutOnTheServer) {
+TEST_F(RendezvousServerTest, GetTimesOutOnTheServer) {
   auto c = OpenClient();
   auto t0 = Clock::now();
   auto v = c->Get("never", 300ms);
@@ -153,9 +154,9 @@ TEST_F(StoreServerTest, GetTimesOutOnTheServer) {
   EXPECT_EQ(*c->Get("never", 0ms), "now");
 }
 
-TEST_F(StoreServerTest, BarrierReleasesAllAtOnceAndTimesOutWithCount) {
+TEST_F(RendezvousServerTest, BarrierReleasesAllAtOnceAndTimesOutWithCount) {
   constexpr int kN = 5;
-  std::vector<std::unique_ptr<StoreClient>> clients;
+  std::vector<std::unique_ptr<RendezvousClient>> clients;
   for (int i = 0; i < kN; ++i) clients.push_back(OpenClient());
   std::atomic<int> ok{0};
   std::vector<std::thread> threads;
@@ -180,9 +181,9 @@ TEST_F(StoreServerTest, BarrierReleasesAllAtOnceAndTimesOutWithCount) {
   EXPECT_EQ(Parked(), 0u);
 }
 
-TEST_F(StoreServerTest, AllGatherAnswersEveryRankOnceWithAllEntriesInRankOrder) {
+TEST_F(RendezvousServerTest, AllGatherAnswersEveryRankOnceWithAllEntriesInRankOrder) {
   constexpr int kN = 6;
-  std::vector<std::unique_ptr<StoreClient>> clients;
+  std::vector<std::unique_ptr<RendezvousClient>> clients;
   for (int i = 0; i < kN; ++i) clients.push_back(OpenClient());
   auto entry = [](int r) { return std::string("addr\0", 5) + std::to_string(r * 7); };
   std::vector<StatusOr<std::vector<std::string>>> got(kN, InternalError("not run"));
@@ -206,7 +207,7 @@ TEST_F(StoreServerTest, AllGatherAnswersEveryRankOnceWithAllEntriesInRankOrder) 
   EXPECT_NE(again.status().message().find("single use"), std::string::npos) << again.status();
 }
 
-TEST_F(StoreServerTest, AllGatherRefusesInconsistentCallers) {
+TEST_F(RendezvousServerTest, AllGatherRefusesInconsistentCallers) {
   auto a = OpenClient(), b = OpenClient();
   EXPECT_EQ(a->AllGather("g", 3, 3, "v", 1s).status().code(), StatusCode::kInvalidArgument);
   EXPECT_EQ(a->AllGather("g", -1, 3, "v", 1s).status().code(), StatusCode::kInvalidArgument);
@@ -230,7 +231,7 @@ TEST_F(StoreServerTest, AllGatherRefusesInconsistentCallers) {
   EXPECT_EQ(*ok, *first);
 }
 
-TEST_F(StoreServerTest, AllGatherTimesOutNamingMissingRanksAndWithdrawsTheEntry) {
+TEST_F(RendezvousServerTest, AllGatherTimesOutNamingMissingRanksAndWithdrawsTheEntry) {
   auto a = OpenClient(), b = OpenClient(), c = OpenClient();
   auto t0 = Clock::now();
   auto late = a->AllGather("g", 0, 3, "stale", 300ms);
@@ -253,7 +254,7 @@ TEST_F(StoreServerTest, AllGatherTimesOutNamingMissingRanksAndWithdrawsTheEntry)
   EXPECT_EQ(*rc, *ra);
 }
 
-TEST_F(StoreServerTest, ClosingTheScopeAbortsAParkedGather) {
+TEST_F(RendezvousServerTest, ClosingTheScopeAbortsAParkedGather) {
   auto a = OpenClient("job-g", 1);
   StatusOr<std::vector<std::string>> r = InternalError("not run");
   std::thread t([&] { r = a->AllGather("g", 0, 2, "a", 10s); });
@@ -265,18 +266,18 @@ TEST_F(StoreServerTest, ClosingTheScopeAbortsAParkedGather) {
 
 TEST(StoreServerLimitsTest, AGatherLargerThanTheMessageLimitFailsEveryRank) {
   Reactor reactor("store-limits");
-  StoreServer::Options o;
+  RendezvousServer::Options o;
   o.insecure = true;
   o.max_message_bytes = 4096;
-  auto server = std::move(*StoreServer::Create(reactor, nullptr, o));
+  auto server = std::move(*RendezvousServer::Create(reactor, nullptr, o));
   reactor.Start();
   ASSERT_TRUE(server->AddScope("j", 0).ok());
-  StoreClient::Options co;
+  RendezvousClient::Options co;
   co.endpoint = server->endpoint();
   co.credentials.insecure = true;
   co.job = "j";
-  auto a = std::move(*StoreClient::Connect(co));
-  auto b = std::move(*StoreClient::Connect(co));
+  auto a = std::move(*RendezvousClient::Connect(co));
+  auto b = std::move(*RendezvousClient::Connect(co));
   // Each entry fits a request; the two together do not fit a reply.
   StatusOr<std::vector<std::string>> ra = InternalError("not run");
   std::thread t([&] { ra = a->AllGather("big", 0, 2, std::string(3000, 'a'), 10s); });
@@ -292,22 +293,22 @@ TEST(StoreServerLimitsTest, AGatherLargerThanTheMessageLimitFailsEveryRank) {
 // An insecure server with small limits, and raw requests: what a rank's code could send.
 class StoreServerValidationTest : public testing::ReactorZapTest {
  protected:
-  void Start(StoreServer::Options o) {
+  void Start(RendezvousServer::Options o) {
     o.insecure = true;
     CreateReactor("store-validation", /*with_zap=*/false);
-    server_ = std::move(*StoreServer::Create(*reactor_, nullptr, o));
+    server_ = std::move(*RendezvousServer::Create(*reactor_, nullptr, o));
     reactor_->Start();
     ASSERT_TRUE(server_->AddScope("j", 0).ok());
     RpcClient::Options ro;
     ro.endpoint = server_->endpoint();
     ro.insecure = true;
     rpc_ = std::move(*RpcClient::Connect(ctx_, ro));
-    StoreClient::Options co;
+    RendezvousClient::Options co;
     co.endpoint = server_->endpoint();
     co.credentials.insecure = true;
     co.job = "j";
     co.op_timeout = 5s;
-    client_ = std::move(*StoreClient::Connect(co));
+    client_ = std::move(*RendezvousClient::Connect(co));
   }
   void ReleaseOnReactor() override { server_.reset(); }
   StatusOr<proto::StoreReply> Raw(proto::StoreRequest r, std::chrono::milliseconds t = 5s) {
@@ -328,9 +329,9 @@ class StoreServerValidationTest : public testing::ReactorZapTest {
   }
 
   zmq::context_t ctx_;
-  std::unique_ptr<StoreServer> server_;
+  std::unique_ptr<RendezvousServer> server_;
   std::unique_ptr<RpcClient> rpc_;
-  std::unique_ptr<StoreClient> client_;
+  std::unique_ptr<RendezvousClient> client_;
 };
 
 TEST_F(StoreServerValidationTest, AddRefusesToOverflow) {
@@ -349,7 +350,7 @@ TEST_F(StoreServerValidationTest, AddRefusesToOverflow) {
 }
 
 TEST_F(StoreServerValidationTest, KeysNamesAndKeyListsAreBounded) {
-  StoreServer::Options o;
+  RendezvousServer::Options o;
   o.max_key_bytes = 64;
   o.max_keys_per_request = 8;
   Start(o);
@@ -380,7 +381,7 @@ TEST_F(StoreServerValidationTest, KeysNamesAndKeyListsAreBounded) {
 // A get may name one big key many times; the reply would pass the message limit and be dropped
 // by the client's socket, leaving it waiting. It is an error reply instead.
 TEST_F(StoreServerValidationTest, AGetWhoseReplyWouldPassTheMessageLimitIsAnError) {
-  StoreServer::Options o;
+  RendezvousServer::Options o;
   o.max_message_bytes = 64 << 10;
   Start(o);
   ASSERT_TRUE(client_->Set("big", std::string(40 << 10, 'b')).ok());
@@ -407,7 +408,7 @@ TEST_F(StoreServerValidationTest, AGetWhoseReplyWouldPassTheMessageLimitIsAnErro
 }
 
 TEST_F(StoreServerValidationTest, AScopeHoldsBoundedBytesEntriesAndParkedRequests) {
-  StoreServer::Options o;
+  RendezvousServer::Options o;
   o.max_scope_bytes = 10000;
   o.max_scope_entries = 4;
   o.max_parked_per_scope = 2;
@@ -455,7 +456,7 @@ TEST_F(StoreServerValidationTest, AScopeHoldsBoundedBytesEntriesAndParkedRequest
   EXPECT_EQ(timed_out, 4) << "the count of parked requests went back down";
 }
 
-TEST_F(StoreServerTest, AttemptsAreIsolated) {
+TEST_F(RendezvousServerTest, AttemptsAreIsolated) {
   auto creds1 = *server_->AddScope("job-a", 1);
   auto creds2 = *server_->AddScope("job-a", 2);
   EXPECT_NE(creds1, creds2);
@@ -483,7 +484,7 @@ TEST_F(StoreServerTest, AttemptsAreIsolated) {
   EXPECT_TRUE(fresh->Set("x", "y").ok());
 }
 
-TEST_F(StoreServerTest, UnknownKeyIsRefused) {
+TEST_F(RendezvousServerTest, UnknownKeyIsRefused) {
   ASSERT_TRUE(server_->AddScope("job-a", 0).ok());
   RdzvCredentials c;
   c.server_public_key = server_->public_key();
@@ -495,7 +496,7 @@ TEST_F(StoreServerTest, UnknownKeyIsRefused) {
   EXPECT_NE(st.message().find("refused"), std::string::npos) << st;
 }
 
-TEST_F(StoreServerTest, BadJobIdsAreRejected) {
+TEST_F(RendezvousServerTest, BadJobIdsAreRejected) {
   EXPECT_EQ(server_->AddScope("", 0).status().code(), StatusCode::kInvalidArgument);
   EXPECT_EQ(server_->AddScope("a/b", 0).status().code(), StatusCode::kInvalidArgument);
   EXPECT_EQ(server_->AddScope("a b", 0).status().code(), StatusCode::kInvalidArgument);
@@ -503,7 +504,7 @@ TEST_F(StoreServerTest, BadJobIdsAreRejected) {
             StatusCode::kInvalidArgument);
 }
 
-TEST_F(StoreServerTest, ClosingTheServerAbortsWaiters) {
+TEST_F(RendezvousServerTest, ClosingTheServerAbortsWaiters) {
   auto c = OpenClient();
   Status st;
   std::thread t([&] { st = c->Get("never", 10s).status(); });
@@ -515,20 +516,20 @@ TEST_F(StoreServerTest, ClosingTheServerAbortsWaiters) {
 
 TEST(StoreServerInsecureTest, ScopeMustBeOpen) {
   Reactor reactor("store-insecure");
-  StoreServer::Options o;
+  RendezvousServer::Options o;
   o.insecure = true;
-  auto server = std::move(*StoreServer::Create(reactor, nullptr, o));
+  auto server = std::move(*RendezvousServer::Create(reactor, nullptr, o));
   reactor.Start();
   EXPECT_EQ(*server->AddScope("j", 3), "insecure");
-  StoreClient::Options co;
+  RendezvousClient::Options co;
   co.endpoint = server->endpoint();
   co.credentials.insecure = true;
   co.job = "j";
   co.attempt = 3;
-  auto c = std::move(*StoreClient::Connect(co));
+  auto c = std::move(*RendezvousClient::Connect(co));
   EXPECT_TRUE(c->Set("k", "v").ok());
   co.attempt = 2;
-  auto stale = std::move(*StoreClient::Connect(co));
+  auto stale = std::move(*RendezvousClient::Connect(co));
   EXPECT_EQ(stale->Get("k", 100ms).status().code(), StatusCode::kFailedPrecondition);
   reactor.Call("teardown", [&] { server.reset(); });
   reactor.Stop();
@@ -553,21 +554,21 @@ TEST(RdzvCredentialsTest, ParseAndPrint) {
             StatusCode::kInvalidArgument);
 }
 
-TEST_F(StoreServerTest, ConnectFromEnv) {
+TEST_F(RendezvousServerTest, ConnectFromEnv) {
   auto creds = *server_->AddScope("envjob", 4);
   unsetenv("MUSTER_RDZV_ENDPOINT");
-  auto missing = ConnectStoreFromEnv();
+  auto missing = ConnectRendezvousFromEnv();
   ASSERT_FALSE(missing.ok());
   EXPECT_NE(missing.status().message().find("MUSTER_RDZV_ENDPOINT"), std::string::npos);
   setenv("MUSTER_RDZV_ENDPOINT", server_->endpoint().c_str(), 1);
   setenv("MUSTER_RDZV_KEY", creds.c_str(), 1);
   setenv("MUSTER_JOB_ID", "envjob", 1);
   setenv("MUSTER_ATTEMPT", "x4", 1);
-  auto bad = ConnectStoreFromEnv();
+  auto bad = ConnectRendezvousFromEnv();
   ASSERT_FALSE(bad.ok());
   EXPECT_NE(bad.status().message().find("MUSTER_ATTEMPT"), std::string::npos);
   setenv("MUSTER_ATTEMPT", "4", 1);
-  auto c = ConnectStoreFromEnv();
+  auto c = ConnectRendezvousFromEnv();
   ASSERT_TRUE(c.ok()) << c.status();
   EXPECT_TRUE((*c)->Set("hello", "world").ok());
   for (auto* v : {"MUSTER_RDZV_ENDPOINT", "MUSTER_RDZV_KEY", "MUSTER_JOB_ID", "MUSTER_ATTEMPT"})

@@ -1,7 +1,7 @@
 // The coordinator's state store on real SQLite files: round trips, and no submitted job lost
 // when the process writing it is killed with SIGKILL.
 
-#include "coordinator/state_store.h"
+#include "coordinator/coordinator_db.h"
 
 #include <gtest/gtest.h>
 #include <sqlite3.h>
@@ -12,14 +12,14 @@
 #include <map>
 #include <random>
 
-#include "coordinator/fault_injection_state_store.h"
+#include "coordinator/fault_injection_coordinator_db.h"
 
 namespace muster::coordinator {
 namespace {
 
 namespace fs = std::filesystem;
 
-class StateStoreTest : public ::testing::Test {
+class CoordinatorDbTest : public ::testing::Test {
  protected:
   void SetUp() override {
     dir_ = fs::temp_directory_path() / ("muster-state-" + std::to_string(getpid()) + "-" +
@@ -38,8 +38,8 @@ JobRecord Job(const std::string& name) {
   return j;
 }
 
-TEST_F(StateStoreTest, JobsRoundTripInSubmissionOrder) {
-  auto store = StateStore::Open(dir_);
+TEST_F(CoordinatorDbTest, JobsRoundTripInSubmissionOrder) {
+  auto store = CoordinatorDb::Open(dir_);
   ASSERT_TRUE(store.ok()) << store.status();
   JobRecord a = Job("a"), b = Job("b");
   ASSERT_TRUE((*store)->InsertJob(&a).ok());
@@ -53,7 +53,7 @@ TEST_F(StateStoreTest, JobsRoundTripInSubmissionOrder) {
   ASSERT_TRUE((*store)->UpdateJob(a).ok());
   store->reset();
 
-  auto again = StateStore::Open(dir_);
+  auto again = CoordinatorDb::Open(dir_);
   ASSERT_TRUE(again.ok()) << again.status();
   auto jobs = (*again)->LoadJobs();
   ASSERT_TRUE(jobs.ok());
@@ -70,8 +70,8 @@ TEST_F(StateStoreTest, JobsRoundTripInSubmissionOrder) {
   EXPECT_EQ((*again)->GetJob("nope").status().code(), StatusCode::kNotFound);
 }
 
-TEST_F(StateStoreTest, NodesAttemptsEventsCheckpoints) {
-  auto store = *StateStore::Open(dir_);
+TEST_F(CoordinatorDbTest, NodesAttemptsEventsCheckpoints) {
+  auto store = *CoordinatorDb::Open(dir_);
   NodeRecord n;
   n.labels.set_name("aws-0");
   n.labels.set_provider("aws");
@@ -120,15 +120,15 @@ TEST_F(StateStoreTest, NodesAttemptsEventsCheckpoints) {
   EXPECT_EQ(store->Checkpoints("j-1")->size(), 4u);
 }
 
-TEST_F(StateStoreTest, SecondOpenOfTheSameDirIsRefused) {
-  auto first = StateStore::Open(dir_);
+TEST_F(CoordinatorDbTest, SecondOpenOfTheSameDirIsRefused) {
+  auto first = CoordinatorDb::Open(dir_);
   ASSERT_TRUE(first.ok());
-  auto second = StateStore::Open(dir_);
+  auto second = CoordinatorDb::Open(dir_);
   EXPECT_EQ(second.status().code(), StatusCode::kFailedPrecondition);
   EXPECT_NE(second.status().message().find("in use"), std::string::npos);
 }
 
-TEST_F(StateStoreTest, KillNineLosesNoInsertedJob) {
+TEST_F(CoordinatorDbTest, KillNineLosesNoInsertedJob) {
   // A child inserts jobs and reports each id on a pipe after InsertJob returns; the parent
   // SIGKILLs it mid-stream. Every reported job must be there.
   int fds[2];
@@ -137,7 +137,7 @@ TEST_F(StateStoreTest, KillNineLosesNoInsertedJob) {
   ASSERT_GE(pid, 0);
   if (pid == 0) {
     close(fds[0]);
-    auto store = StateStore::Open(dir_);
+    auto store = CoordinatorDb::Open(dir_);
     if (!store.ok()) _exit(3);
     for (int i = 0;; ++i) {
       JobRecord j = Job("k");
@@ -161,7 +161,7 @@ TEST_F(StateStoreTest, KillNineLosesNoInsertedJob) {
   waitpid(pid, &status, 0);
   ASSERT_TRUE(WIFSIGNALED(status));
   close(fds[0]);
-  auto store = StateStore::Open(dir_);
+  auto store = CoordinatorDb::Open(dir_);
   ASSERT_TRUE(store.ok()) << store.status();
   auto jobs = *(*store)->LoadJobs();
   EXPECT_GE(static_cast<int>(jobs.size()), lines);
@@ -170,9 +170,9 @@ TEST_F(StateStoreTest, KillNineLosesNoInsertedJob) {
   }
 }
 
-TEST_F(StateStoreTest, SubmitterAndNodeKeyBindingsPersist) {
+TEST_F(CoordinatorDbTest, SubmitterAndNodeKeyBindingsPersist) {
   {
-    auto store = StateStore::Open(dir_);
+    auto store = CoordinatorDb::Open(dir_);
     ASSERT_TRUE(store.ok()) << store.status();
     JobRecord a = Job("a");
     a.submitter = "alice-key";
@@ -181,7 +181,7 @@ TEST_F(StateStoreTest, SubmitterAndNodeKeyBindingsPersist) {
     ASSERT_TRUE((*store)->BindNodeKey("n1", "key-1", 1).ok());
     ASSERT_TRUE((*store)->BindNodeKey("n1", "key-2", 2).ok());  // moved to another key
   }
-  auto store = StateStore::Open(dir_);
+  auto store = CoordinatorDb::Open(dir_);
   ASSERT_TRUE(store.ok()) << store.status();
   auto jobs = (*store)->LoadJobs();
   ASSERT_TRUE(jobs.ok());
@@ -193,9 +193,9 @@ TEST_F(StateStoreTest, SubmitterAndNodeKeyBindingsPersist) {
 }
 
 // A database written before jobs recorded their submitter gets the column; its jobs have none.
-TEST_F(StateStoreTest, ADatabaseFromBeforeSubmittersOpens) {
+TEST_F(CoordinatorDbTest, ADatabaseFromBeforeSubmittersOpens) {
   {
-    auto store = StateStore::Open(dir_);
+    auto store = CoordinatorDb::Open(dir_);
     ASSERT_TRUE(store.ok());
     JobRecord a = Job("old");
     ASSERT_TRUE((*store)->InsertJob(&a).ok());
@@ -207,7 +207,7 @@ TEST_F(StateStoreTest, ADatabaseFromBeforeSubmittersOpens) {
     sqlite3_close(db);
     ASSERT_EQ(rc, SQLITE_OK) << "could not make an old database";
   }
-  auto store = StateStore::Open(dir_);
+  auto store = CoordinatorDb::Open(dir_);
   ASSERT_TRUE(store.ok()) << store.status();
   auto jobs = (*store)->LoadJobs();
   ASSERT_TRUE(jobs.ok()) << jobs.status();
@@ -221,10 +221,10 @@ TEST_F(StateStoreTest, ADatabaseFromBeforeSubmittersOpens) {
 
 // The fault-injecting store fails exactly the write asked for (and, sticky, every one after),
 // names it, and a failed write does not reach the store underneath.
-TEST_F(StateStoreTest, TheFaultInjectingStoreFailsTheChosenWritesOnly) {
-  auto base = StateStore::Open(dir_);
+TEST_F(CoordinatorDbTest, TheFaultInjectingStoreFailsTheChosenWritesOnly) {
+  auto base = CoordinatorDb::Open(dir_);
   ASSERT_TRUE(base.ok());
-  FaultInjectionStateStore fault(std::move(*base));
+  FaultInjectionCoordinatorDb fault(std::move(*base));
   fault.FailWrite(2);
   JobRecord a = Job("a");
   ASSERT_TRUE(fault.InsertJob(&a).ok());

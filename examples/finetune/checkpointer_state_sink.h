@@ -1,6 +1,6 @@
 #pragma once
 
-// CheckpointerStateStore: the StateStore seam over muster::checkpoint::Checkpointer, the
+// CheckpointerStateSink: the TrainStateSink seam over muster::checkpoint::Checkpointer, the
 // project's sharded asynchronous checkpoints (format: docs/checkpoint-format.md). Every tensor
 // is saved as replicated (data-parallel ranks hold identical copies; the Checkpointer stores it
 // once); the trainer's metadata rides in the manifest. Save returns after the snapshot into
@@ -11,20 +11,20 @@
 #include <memory>
 
 #include "checkpoint/checkpointer.h"
-#include "examples/finetune/state_store.h"
+#include "examples/finetune/train_state_sink.h"
 
 namespace muster::finetune {
 
-class CheckpointerStateStore final : public StateStore {
+class CheckpointerStateSink final : public TrainStateSink {
  public:
-  explicit CheckpointerStateStore(std::unique_ptr<checkpoint::Checkpointer> ck)
+  explicit CheckpointerStateSink(std::unique_ptr<checkpoint::Checkpointer> ck)
       : ck_(std::move(ck)) {}
 
   // Opens `dir` for rank `rank` of `world_size`. `store` (the job attempt's rendezvous store)
   // is required when world_size > 1 and must outlive the result.
-  static StatusOr<std::unique_ptr<CheckpointerStateStore>> Open(const std::string& dir, int rank,
-                                                                int world_size,
-                                                                collectives::Store* store);
+  static StatusOr<std::unique_ptr<CheckpointerStateSink>> Open(const std::string& dir, int rank,
+                                                               int world_size,
+                                                               collectives::RendezvousStore* store);
 
   Status Save(int64_t step, const NamedTensors& tensors, const std::string& metadata) override;
   Status Wait() override { return ck_->Wait(); }

@@ -1,6 +1,6 @@
 #pragma once
 
-// StateStore: the coordinator's durable state, one SQLite database (WAL, synchronous=FULL) at
+// CoordinatorDb: the coordinator's durable state, one SQLite database (WAL, synchronous=FULL) at
 // <data-dir>/coordinator.db. Tables: nodes, jobs, attempts, events, checkpoints (the catalog:
 // which steps of which job are committed on which volume), node_keys (node name -> agent key).
 // Every write is its own transaction and is durable when the call returns, so a coordinator killed
@@ -71,20 +71,20 @@ struct CheckpointRecord {
 };
 
 // The coordinator's state store: the seam between the coordinator and its durable state. The
-// real one is SQLite (Open, below); tests put a FaultInjectionStateStore
-// (fault_injection_state_store.h) around it to fail chosen writes.
+// real one is SQLite (Open, below); tests put a FaultInjectionCoordinatorDb
+// (fault_injection_coordinator_db.h) around it to fail chosen writes.
 //
 // Writes (PutNode, DeleteNode, BindNodeKey, InsertJob, UpdateJob, PutAttempt, AppendEvent,
 // RecordCheckpoint) are each atomic and durable when they return Ok; a write that returns an
 // error changed nothing. The coordinator treats a failed write as fatal for changes: it stops
 // accepting any (coordinator.h, "Durable writes").
-class StateStore {
+class CoordinatorDb {
  public:
   // The SQLite store: creates `data_dir` if needed and opens (or creates) coordinator.db in it.
   // Only one coordinator may use a data dir: Open takes an exclusive lock file and fails with
   // FailedPrecondition if another process holds it.
-  static StatusOr<std::unique_ptr<StateStore>> Open(const std::filesystem::path& data_dir);
-  virtual ~StateStore() = default;
+  static StatusOr<std::unique_ptr<CoordinatorDb>> Open(const std::filesystem::path& data_dir);
+  virtual ~CoordinatorDb() = default;
 
   // Where the state lives (logs, errors).
   virtual const std::filesystem::path& path() const = 0;
@@ -125,15 +125,15 @@ class StateStore {
                                                                const std::string& volume) = 0;
 
  protected:
-  StateStore() = default;
-  StateStore(const StateStore&) = delete;
-  StateStore& operator=(const StateStore&) = delete;
+  CoordinatorDb() = default;
+  CoordinatorDb(const CoordinatorDb&) = delete;
+  CoordinatorDb& operator=(const CoordinatorDb&) = delete;
 };
 
-// The SQLite store (see the top of this file). Made by StateStore::Open.
-class SqliteStateStore final : public StateStore {
+// The SQLite store (see the top of this file). Made by CoordinatorDb::Open.
+class SqliteCoordinatorDb final : public CoordinatorDb {
  public:
-  ~SqliteStateStore() override;
+  ~SqliteCoordinatorDb() override;
 
   const std::filesystem::path& path() const override { return path_; }
   Status PutNode(const NodeRecord& node) override;
@@ -157,8 +157,8 @@ class SqliteStateStore final : public StateStore {
                                                        const std::string& volume) override;
 
  private:
-  friend class StateStore;
-  SqliteStateStore(std::filesystem::path path, sqlite3* db, int lock_fd);
+  friend class CoordinatorDb;
+  SqliteCoordinatorDb(std::filesystem::path path, sqlite3* db, int lock_fd);
   Status Exec(const std::string& sql);
 
   std::filesystem::path path_;

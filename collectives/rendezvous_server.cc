@@ -1,4 +1,4 @@
-#include "collectives/store_server.h"
+#include "collectives/rendezvous_server.h"
 
 #include <algorithm>
 #include <cctype>
@@ -50,7 +50,7 @@ proto::Envelope ReplyEnvelope(proto::StoreReply r) {
 }  // namespace
 
 // A parked get, wait or barrier. Reactor thread only.
-struct StoreServer::Waiter {
+struct RendezvousServer::Waiter {
   std::string scope;
   std::vector<std::string> keys;  // get/wait: the keys asked for, in order
   size_t missing = 0;             // get/wait: how many of `keys` are still unset
@@ -62,12 +62,12 @@ struct StoreServer::Waiter {
   Reactor::TimerId timer = 0;
 };
 
-StoreServer::StoreServer(Reactor& reactor, ZapAuthenticator* authenticator, Options options)
+RendezvousServer::RendezvousServer(Reactor& reactor, ZapAuthenticator* authenticator,
+                                   Options options)
     : reactor_(reactor), authenticator_(authenticator), options_(std::move(options)) {}
 
-StatusOr<std::unique_ptr<StoreServer>> StoreServer::Create(Reactor& reactor,
-                                                           ZapAuthenticator* authenticator,
-                                                           Options options) {
+StatusOr<std::unique_ptr<RendezvousServer>> RendezvousServer::Create(
+    Reactor& reactor, ZapAuthenticator* authenticator, Options options) {
   if (!options.insecure) {
     if (authenticator == nullptr) {
       return InvalidArgumentError("rendezvous store: a CURVE store needs a ZapAuthenticator");
@@ -76,7 +76,8 @@ StatusOr<std::unique_ptr<StoreServer>> StoreServer::Create(Reactor& reactor,
       MUSTER_ASSIGN_OR_RETURN(options.server_key, GenerateKeyPair());
     }
   }
-  std::unique_ptr<StoreServer> s(new StoreServer(reactor, authenticator, std::move(options)));
+  std::unique_ptr<RendezvousServer> s(
+      new RendezvousServer(reactor, authenticator, std::move(options)));
   RpcServer::Options ro;
   ro.name = "rdzv";
   ro.endpoint = s->options_.endpoint;
@@ -85,7 +86,7 @@ StatusOr<std::unique_ptr<StoreServer>> StoreServer::Create(Reactor& reactor,
   ro.authenticator = authenticator;
   ro.zap_domain = s->options_.zap_domain;
   ro.max_message_bytes = s->options_.max_message_bytes;
-  StoreServer* raw = s.get();
+  RendezvousServer* raw = s.get();
   MUSTER_ASSIGN_OR_RETURN(
       s->rpc_,
       RpcServer::Create(reactor, ro,
@@ -100,7 +101,7 @@ StatusOr<std::unique_ptr<StoreServer>> StoreServer::Create(Reactor& reactor,
   return s;
 }
 
-StoreServer::~StoreServer() {
+RendezvousServer::~RendezvousServer() {
   std::vector<uint64_t> ids;
   for (auto& [id, w] : waiters_) ids.push_back(id);
   for (uint64_t id : ids) Finish(id, AbortedError("rendezvous store shut down"));
@@ -113,13 +114,13 @@ StoreServer::~StoreServer() {
 }
 
 template <typename F>
-auto StoreServer::OnReactor(const char* name, F fn) -> decltype(fn()) {
+auto RendezvousServer::OnReactor(const char* name, F fn) -> decltype(fn()) {
   if (reactor_.InReactorThread() || !reactor_.running()) return fn();
   return reactor_.Call(name, std::move(fn));
 }
 
-StatusOr<std::string> StoreServer::AddScope(const std::string& job, uint64_t attempt,
-                                            const KeyPair* client_key) {
+StatusOr<std::string> RendezvousServer::AddScope(const std::string& job, uint64_t attempt,
+                                                 const KeyPair* client_key) {
   MUSTER_RETURN_IF_ERROR(ValidateJob(job));
   std::string name = ScopeName(job, attempt);
   // Key generation needs no reactor; registering does.
@@ -151,8 +152,8 @@ StatusOr<std::string> StoreServer::AddScope(const std::string& job, uint64_t att
   });
 }
 
-Status StoreServer::Set(const std::string& job, uint64_t attempt, const std::string& key,
-                        const std::string& value) {
+Status RendezvousServer::Set(const std::string& job, uint64_t attempt, const std::string& key,
+                             const std::string& value) {
   std::string name = ScopeName(job, attempt);
   return OnReactor("rdzv.host_set", [&]() -> Status {
     auto it = scopes_.find(name);
@@ -162,7 +163,7 @@ Status StoreServer::Set(const std::string& job, uint64_t attempt, const std::str
   });
 }
 
-void StoreServer::RemoveScope(const std::string& job, uint64_t attempt) {
+void RendezvousServer::RemoveScope(const std::string& job, uint64_t attempt) {
   std::string name = ScopeName(job, attempt);
   OnReactor("rdzv.remove_scope", [&] {
     auto it = scopes_.find(name);
@@ -179,17 +180,17 @@ void StoreServer::RemoveScope(const std::string& job, uint64_t attempt) {
   });
 }
 
-std::chrono::milliseconds StoreServer::ClampTimeout(int64_t timeout_ms) const {
+std::chrono::milliseconds RendezvousServer::ClampTimeout(int64_t timeout_ms) const {
   return std::min(std::chrono::milliseconds(std::max<int64_t>(timeout_ms, 0)),
                   options_.max_timeout);
 }
 
-int64_t StoreServer::scope_bytes(const std::string& job, uint64_t attempt) const {
+int64_t RendezvousServer::scope_bytes(const std::string& job, uint64_t attempt) const {
   auto it = scopes_.find(ScopeName(job, attempt));
   return it == scopes_.end() ? -1 : it->second.bytes;
 }
 
-Status StoreServer::CheckKey(const char* op, const std::string& key) const {
+Status RendezvousServer::CheckKey(const char* op, const std::string& key) const {
   if (key.empty() || key.size() > options_.max_key_bytes) {
     return InvalidArgumentError("rendezvous " + std::string(op) + ": a key or name must be 1.." +
                                 std::to_string(options_.max_key_bytes) + " bytes, not " +
@@ -198,7 +199,8 @@ Status StoreServer::CheckKey(const char* op, const std::string& key) const {
   return Status::Ok();
 }
 
-Status StoreServer::CheckRoom(const Scope& scope, int64_t more_bytes, size_t more_entries) const {
+Status RendezvousServer::CheckRoom(const Scope& scope, int64_t more_bytes,
+                                   size_t more_entries) const {
   if (scope.bytes + more_bytes > options_.max_scope_bytes) {
     return FailedPreconditionError("rendezvous scope " + scope.name + " is full: it holds " +
                                    std::to_string(scope.bytes) + " bytes, and this request needs " +
@@ -214,14 +216,15 @@ Status StoreServer::CheckRoom(const Scope& scope, int64_t more_bytes, size_t mor
   return Status::Ok();
 }
 
-Status StoreServer::CheckSet(const Scope& scope, const std::string& key, size_t value_bytes) const {
+Status RendezvousServer::CheckSet(const Scope& scope, const std::string& key,
+                                  size_t value_bytes) const {
   auto it = scope.kv.find(key);
   int64_t now = it == scope.kv.end() ? 0 : static_cast<int64_t>(key.size() + it->second.size());
   int64_t after = static_cast<int64_t>(key.size() + value_bytes);
   return CheckRoom(scope, after - now, it == scope.kv.end() ? 1 : 0);
 }
 
-Status StoreServer::CheckPark(const Scope& scope) const {
+Status RendezvousServer::CheckPark(const Scope& scope) const {
   if (scope.parked >= options_.max_parked_per_scope) {
     return FailedPreconditionError(
         "rendezvous scope " + scope.name + " has " + std::to_string(scope.parked) +
@@ -230,8 +233,8 @@ Status StoreServer::CheckPark(const Scope& scope) const {
   return Status::Ok();
 }
 
-void StoreServer::HandleRequest(const PeerInfo& peer, proto::Envelope&& request,
-                                RpcServer::Reply reply) {
+void RendezvousServer::HandleRequest(const PeerInfo& peer, proto::Envelope&& request,
+                                     RpcServer::Reply reply) {
   auto fail = [&](const Status& s) { reply(ErrorEnvelope(request.request_id(), s)); };
   if (!request.has_store_request()) {
     return fail(InvalidArgumentError("rendezvous store: expected a StoreRequest"));
@@ -255,7 +258,7 @@ void StoreServer::HandleRequest(const PeerInfo& peer, proto::Envelope&& request,
   if (!st.ok()) fail(st);
 }
 
-Status StoreServer::Dispatch(Scope& scope, proto::StoreRequest& req, RpcServer::Reply& reply) {
+Status RendezvousServer::Dispatch(Scope& scope, proto::StoreRequest& req, RpcServer::Reply& reply) {
   auto CheckKeys = [&](const char* op, const auto& keys) -> Status {
     if (static_cast<size_t>(keys.size()) > options_.max_keys_per_request) {
       return InvalidArgumentError("rendezvous " + std::string(op) + ": " +
@@ -348,7 +351,7 @@ Status StoreServer::Dispatch(Scope& scope, proto::StoreRequest& req, RpcServer::
   return InvalidArgumentError("rendezvous store: request has no operation");
 }
 
-void StoreServer::SetKey(Scope& scope, const std::string& key, std::string value) {
+void RendezvousServer::SetKey(Scope& scope, const std::string& key, std::string value) {
   auto [kv, inserted] = scope.kv.try_emplace(key);
   scope.bytes += static_cast<int64_t>(value.size()) - static_cast<int64_t>(kv->second.size());
   if (inserted) scope.bytes += static_cast<int64_t>(key.size());
@@ -364,8 +367,8 @@ void StoreServer::SetKey(Scope& scope, const std::string& key, std::string value
   }
 }
 
-void StoreServer::Park(Scope& scope, std::vector<std::string> keys, bool with_values,
-                       int64_t timeout_ms, RpcServer::Reply reply) {
+void RendezvousServer::Park(Scope& scope, std::vector<std::string> keys, bool with_values,
+                            int64_t timeout_ms, RpcServer::Reply reply) {
   auto w = std::make_unique<Waiter>();
   w->scope = scope.name;
   w->with_values = with_values;
@@ -399,7 +402,8 @@ void StoreServer::Park(Scope& scope, std::vector<std::string> keys, bool with_va
   });
 }
 
-void StoreServer::ParkBarrier(Scope& scope, const proto::StoreBarrier& b, RpcServer::Reply reply) {
+void RendezvousServer::ParkBarrier(Scope& scope, const proto::StoreBarrier& b,
+                                   RpcServer::Reply reply) {
   if (b.n() <= 0) {
     reply(ErrorEnvelope(
         0, InvalidArgumentError("rendezvous barrier '" + b.name() + "': n must be positive")));
@@ -467,7 +471,7 @@ void StoreServer::ParkBarrier(Scope& scope, const proto::StoreBarrier& b, RpcSer
   });
 }
 
-Status StoreServer::ParkGather(Scope& scope, proto::StoreGather& g, RpcServer::Reply& reply) {
+Status RendezvousServer::ParkGather(Scope& scope, proto::StoreGather& g, RpcServer::Reply& reply) {
   const std::string& name = g.name();
   if (g.n() <= 0 || g.n() > kMaxGatherRanks) {
     return InvalidArgumentError("rendezvous gather '" + name + "': n=" + std::to_string(g.n()) +
@@ -549,7 +553,7 @@ Status StoreServer::ParkGather(Scope& scope, proto::StoreGather& g, RpcServer::R
   return Status::Ok();
 }
 
-void StoreServer::CompleteGather(Scope& scope, const std::string& name, GatherState& gs) {
+void RendezvousServer::CompleteGather(Scope& scope, const std::string& name, GatherState& gs) {
   gs.done = true;
   std::vector<uint64_t> ids = std::move(gs.waiter_of);
   gs.waiter_of.clear();
@@ -582,7 +586,7 @@ void StoreServer::CompleteGather(Scope& scope, const std::string& name, GatherSt
   for (uint64_t id : ids) Finish(id, Status::Ok(), &env);
 }
 
-void StoreServer::Finish(uint64_t id, const Status& status, const proto::Envelope* result) {
+void RendezvousServer::Finish(uint64_t id, const Status& status, const proto::Envelope* result) {
   auto it = waiters_.find(id);
   if (it == waiters_.end()) return;
   std::unique_ptr<Waiter> w = std::move(it->second);

@@ -1,9 +1,9 @@
 #pragma once
 
-// StateStore: the seam between the fine-tune trainer and checkpoint storage. A checkpoint is a
+// TrainStateSink: the seam between the fine-tune trainer and checkpoint storage. A checkpoint is a
 // set of named tensors plus opaque metadata (the trainer's JSON), committed atomically under a
 // step number. The sharded muster::checkpoint::Checkpointer plugs in behind it
-// (checkpointer_state_store.h).
+// (checkpointer_state_sink.h).
 //
 // Thread-safety: one instance per process, used by one thread.
 
@@ -29,9 +29,9 @@ struct SavedState {
   std::string metadata;
 };
 
-class StateStore {
+class TrainStateSink {
  public:
-  virtual ~StateStore() = default;
+  virtual ~TrainStateSink() = default;
   // Starts committing `tensors` and `metadata` as checkpoint `step`. Every rank calls it;
   // tensors are replicated across data-parallel ranks, so an implementation may store them
   // once. May return as soon as the tensors are copied (an asynchronous save): the caller may

@@ -2,13 +2,13 @@
 #include <map>
 #include <mutex>
 
-#include "collectives/store.h"
+#include "collectives/rendezvous_store.h"
 
 namespace muster::collectives {
 
 namespace {
 
-class InMemoryStore final : public Store {
+class InMemoryRendezvousStore final : public RendezvousStore {
  public:
   Status Set(const std::string& key, const std::string& value) override {
     std::lock_guard<std::mutex> l(mu_);
@@ -145,6 +145,8 @@ class InMemoryStore final : public Store {
 
 }  // namespace
 
-std::unique_ptr<Store> NewInMemoryStore() { return std::make_unique<InMemoryStore>(); }
+std::unique_ptr<RendezvousStore> NewInMemoryRendezvousStore() {
+  return std::make_unique<InMemoryRendezvousStore>();
+}
 
 }  // namespace muster::collectives

@@ -1,9 +1,9 @@
 #pragma once
 
-// StoreClient: a rank's connection to the rendezvous store (collectives/store_server.h).
+// RendezvousClient: a rank's connection to the rendezvous store (collectives/rendezvous_server.h).
 //
-// A rank builds one from the env contract (common/rank_env.h) with ConnectStore(env) or
-// ConnectStoreFromEnv(), from these fields of RankEnv:
+// A rank builds one from the env contract (common/rank_env.h) with ConnectRendezvous(env) or
+// ConnectRendezvousFromEnv(), from these fields of RankEnv:
 //   rdzv_endpoint  MUSTER_RDZV_ENDPOINT, the server, e.g. "tcp://10.0.0.5:40123"
 //   rdzv_key       MUSTER_RDZV_KEY, the attempt's credentials (RdzvCredentials below)
 //   job_id         MUSTER_JOB_ID
@@ -25,7 +25,7 @@
 #include <vector>
 #include <zmq.hpp>
 
-#include "collectives/store.h"
+#include "collectives/rendezvous_store.h"
 #include "common/curve.h"
 #include "common/proto/envelope.pb.h"
 #include "common/rank_env.h"
@@ -45,7 +45,7 @@ struct RdzvCredentials {
   std::string ToString() const;
 };
 
-class StoreClient final : public Store {
+class RendezvousClient final : public RendezvousStore {
  public:
   struct Options {
     std::string endpoint;
@@ -60,8 +60,8 @@ class StoreClient final : public Store {
   };
 
   // Connects lazily: a server that is not up yet is retried until a call's timeout.
-  static StatusOr<std::unique_ptr<StoreClient>> Connect(Options options);
-  ~StoreClient() override;
+  static StatusOr<std::unique_ptr<RendezvousClient>> Connect(Options options);
+  ~RendezvousClient() override;
 
   Status Set(const std::string& key, const std::string& value) override;
   StatusOr<std::string> Get(const std::string& key, std::chrono::milliseconds timeout) override;
@@ -77,7 +77,7 @@ class StoreClient final : public Store {
   const Options& options() const { return options_; }
 
  private:
-  explicit StoreClient(Options options);
+  explicit RendezvousClient(Options options);
   StatusOr<proto::StoreReply> Call(proto::StoreRequest request, std::chrono::milliseconds timeout);
 
   Options options_;
@@ -88,8 +88,8 @@ class StoreClient final : public Store {
 
 // Reads the env contract (above) and connects. InvalidArgument names the variable that is
 // missing or malformed.
-StatusOr<std::unique_ptr<StoreClient>> ConnectStoreFromEnv();
+StatusOr<std::unique_ptr<RendezvousClient>> ConnectRendezvousFromEnv();
 // The same from an already parsed env: InvalidArgument when it has no endpoint, key or job id.
-StatusOr<std::unique_ptr<StoreClient>> ConnectStore(const RankEnv& env);
+StatusOr<std::unique_ptr<RendezvousClient>> ConnectRendezvous(const RankEnv& env);
 
 }  // namespace muster::collectives

@@ -1,4 +1,4 @@
-#include "examples/finetune/checkpointer_state_store.h"
+#include "examples/finetune/checkpointer_state_sink.h"
 
 namespace muster::finetune {
 namespace {
@@ -47,8 +47,8 @@ StatusOr<torch::ScalarType> FromDType(checkpoint::DType d) {
 
 }  // namespace
 
-StatusOr<std::unique_ptr<CheckpointerStateStore>> CheckpointerStateStore::Open(
-    const std::string& dir, int rank, int world_size, collectives::Store* store) {
+StatusOr<std::unique_ptr<CheckpointerStateSink>> CheckpointerStateSink::Open(
+    const std::string& dir, int rank, int world_size, collectives::RendezvousStore* store) {
   checkpoint::CheckpointerOptions o;
   o.dir = dir;
   o.rank = rank;
@@ -56,11 +56,11 @@ StatusOr<std::unique_ptr<CheckpointerStateStore>> CheckpointerStateStore::Open(
   o.store = store;
   o.io_threads = 1;  // the example's checkpoints are a few MB
   MUSTER_ASSIGN_OR_RETURN(auto ck, checkpoint::Checkpointer::Create(std::move(o)));
-  return std::make_unique<CheckpointerStateStore>(std::move(ck));
+  return std::make_unique<CheckpointerStateSink>(std::move(ck));
 }
 
-Status CheckpointerStateStore::Save(int64_t step, const NamedTensors& tensors,
-                                    const std::string& metadata) {
+Status CheckpointerStateSink::Save(int64_t step, const NamedTensors& tensors,
+                                   const std::string& metadata) {
   checkpoint::SaveState state;
   state.metadata = metadata;
   std::vector<torch::Tensor> keep;  // the host copies must live until Save has snapshotted them
@@ -77,7 +77,7 @@ Status CheckpointerStateStore::Save(int64_t step, const NamedTensors& tensors,
   return ck_->Save(step, state);
 }
 
-StatusOr<std::optional<int64_t>> CheckpointerStateStore::LatestStep() {
+StatusOr<std::optional<int64_t>> CheckpointerStateSink::LatestStep() {
   auto latest = ck_->LatestStep();
   if (!latest.ok()) {
     if (latest.status().code() == StatusCode::kNotFound) return std::optional<int64_t>();
@@ -86,7 +86,7 @@ StatusOr<std::optional<int64_t>> CheckpointerStateStore::LatestStep() {
   return std::optional<int64_t>(*latest);
 }
 
-StatusOr<SavedState> CheckpointerStateStore::Restore(int64_t step) {
+StatusOr<SavedState> CheckpointerStateSink::Restore(int64_t step) {
   MUSTER_ASSIGN_OR_RETURN(checkpoint::Manifest m, ck_->ReadManifest(step));
   SavedState out;
   out.step = step;

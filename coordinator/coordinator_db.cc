@@ -1,4 +1,4 @@
-#include "coordinator/state_store.h"
+#include "coordinator/coordinator_db.h"
 
 #include <fcntl.h>
 #include <fmt/format.h>
@@ -161,15 +161,16 @@ constexpr const char* kJobCols =
 
 }  // namespace
 
-SqliteStateStore::SqliteStateStore(std::filesystem::path path, sqlite3* db, int lock_fd)
+SqliteCoordinatorDb::SqliteCoordinatorDb(std::filesystem::path path, sqlite3* db, int lock_fd)
     : path_(std::move(path)), db_(db), lock_fd_(lock_fd) {}
 
-SqliteStateStore::~SqliteStateStore() {
+SqliteCoordinatorDb::~SqliteCoordinatorDb() {
   sqlite3_close_v2(db_);
   if (lock_fd_ >= 0) close(lock_fd_);
 }
 
-StatusOr<std::unique_ptr<StateStore>> StateStore::Open(const std::filesystem::path& data_dir) {
+StatusOr<std::unique_ptr<CoordinatorDb>> CoordinatorDb::Open(
+    const std::filesystem::path& data_dir) {
   std::error_code ec;
   std::filesystem::create_directories(data_dir, ec);
   if (ec) {
@@ -195,7 +196,7 @@ StatusOr<std::unique_ptr<StateStore>> StateStore::Open(const std::filesystem::pa
     close(fd);
     return FailedPreconditionError(fmt::format("cannot open {}: {}", path.string(), msg));
   }
-  std::unique_ptr<SqliteStateStore> store(new SqliteStateStore(path, db, fd));
+  std::unique_ptr<SqliteCoordinatorDb> store(new SqliteCoordinatorDb(path, db, fd));
   sqlite3_busy_timeout(db, 5000);
   MUSTER_RETURN_IF_ERROR(store->Exec("PRAGMA journal_mode=WAL"));
   MUSTER_RETURN_IF_ERROR(store->Exec("PRAGMA synchronous=FULL"));
@@ -216,10 +217,10 @@ StatusOr<std::unique_ptr<StateStore>> StateStore::Open(const std::filesystem::pa
     MUSTER_RETURN_IF_ERROR(
         store->Exec("ALTER TABLE jobs ADD COLUMN submitter TEXT NOT NULL DEFAULT ''"));
   }
-  return std::unique_ptr<StateStore>(std::move(store));
+  return std::unique_ptr<CoordinatorDb>(std::move(store));
 }
 
-Status SqliteStateStore::Exec(const std::string& sql) {
+Status SqliteCoordinatorDb::Exec(const std::string& sql) {
   char* err = nullptr;
   if (sqlite3_exec(db_, sql.c_str(), nullptr, nullptr, &err) != SQLITE_OK) {
     std::string msg = err ? err : "unknown";
@@ -229,7 +230,7 @@ Status SqliteStateStore::Exec(const std::string& sql) {
   return Status::Ok();
 }
 
-Status SqliteStateStore::PutNode(const NodeRecord& n) {
+Status SqliteCoordinatorDb::PutNode(const NodeRecord& n) {
   Stmt s(db_,
          "INSERT OR REPLACE INTO nodes (name, labels, state, last_heartbeat_ms, quarantines, "
          "quarantined_until_ms) VALUES (?, ?, ?, ?, ?, ?)");
@@ -243,14 +244,14 @@ Status SqliteStateStore::PutNode(const NodeRecord& n) {
   return s.Run();
 }
 
-Status SqliteStateStore::DeleteNode(const std::string& name) {
+Status SqliteCoordinatorDb::DeleteNode(const std::string& name) {
   Stmt s(db_, "DELETE FROM nodes WHERE name = ?");
   MUSTER_RETURN_IF_ERROR(s.status());
   s.Bind(1, name);
   return s.Run();
 }
 
-StatusOr<std::vector<NodeRecord>> SqliteStateStore::LoadNodes() {
+StatusOr<std::vector<NodeRecord>> SqliteCoordinatorDb::LoadNodes() {
   Stmt s(db_,
          "SELECT labels, state, last_heartbeat_ms, quarantines, quarantined_until_ms FROM nodes "
          "ORDER BY name");
@@ -270,7 +271,7 @@ StatusOr<std::vector<NodeRecord>> SqliteStateStore::LoadNodes() {
   return out;
 }
 
-Status SqliteStateStore::InsertJob(JobRecord* j) {
+Status SqliteCoordinatorDb::InsertJob(JobRecord* j) {
   MUSTER_RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE"));
   auto fail = [&](Status st) {
     Exec("ROLLBACK").IgnoreError();
@@ -308,7 +309,7 @@ Status SqliteStateStore::InsertJob(JobRecord* j) {
   return Exec("COMMIT");
 }
 
-Status SqliteStateStore::UpdateJob(const JobRecord& j) {
+Status SqliteCoordinatorDb::UpdateJob(const JobRecord& j) {
   Stmt s(db_,
          "UPDATE jobs SET spec=?, state=?, attempt=?, restarts=?, preemptions=?, nodes=?, "
          "detail=?, resume_step=?, updated_ms=?, not_before_ms=? WHERE id=?");
@@ -329,7 +330,7 @@ Status SqliteStateStore::UpdateJob(const JobRecord& j) {
   return Status::Ok();
 }
 
-StatusOr<JobRecord> SqliteStateStore::GetJob(const std::string& id) {
+StatusOr<JobRecord> SqliteCoordinatorDb::GetJob(const std::string& id) {
   Stmt s(db_, fmt::format("SELECT {} FROM jobs WHERE id = ?", kJobCols).c_str());
   MUSTER_RETURN_IF_ERROR(s.status());
   s.Bind(1, id);
@@ -338,15 +339,15 @@ StatusOr<JobRecord> SqliteStateStore::GetJob(const std::string& id) {
   return ReadJob(s);
 }
 
-Status SqliteStateStore::BindNodeKey(const std::string& name, const std::string& public_key,
-                                     int64_t time_ms) {
+Status SqliteCoordinatorDb::BindNodeKey(const std::string& name, const std::string& public_key,
+                                        int64_t time_ms) {
   Stmt s(db_, "INSERT OR REPLACE INTO node_keys (name, public_key, bound_ms) VALUES (?, ?, ?)");
   MUSTER_RETURN_IF_ERROR(s.status());
   s.Bind(1, name).Bind(2, public_key).Bind(3, time_ms);
   return s.Run();
 }
 
-StatusOr<std::map<std::string, std::string>> SqliteStateStore::LoadNodeKeys() {
+StatusOr<std::map<std::string, std::string>> SqliteCoordinatorDb::LoadNodeKeys() {
   Stmt s(db_, "SELECT name, public_key FROM node_keys");
   MUSTER_RETURN_IF_ERROR(s.status());
   std::map<std::string, std::string> out;
@@ -358,7 +359,7 @@ StatusOr<std::map<std::string, std::string>> SqliteStateStore::LoadNodeKeys() {
   return out;
 }
 
-StatusOr<std::vector<JobRecord>> SqliteStateStore::LoadJobs() {
+StatusOr<std::vector<JobRecord>> SqliteCoordinatorDb::LoadJobs() {
   Stmt s(db_, fmt::format("SELECT {} FROM jobs ORDER BY seq", kJobCols).c_str());
   MUSTER_RETURN_IF_ERROR(s.status());
   std::vector<JobRecord> out;
@@ -370,7 +371,7 @@ StatusOr<std::vector<JobRecord>> SqliteStateStore::LoadJobs() {
   return out;
 }
 
-Status SqliteStateStore::PutAttempt(const AttemptRecord& a) {
+Status SqliteCoordinatorDb::PutAttempt(const AttemptRecord& a) {
   Stmt s(db_,
          "INSERT OR REPLACE INTO attempts (job_id, attempt, nodes, started_ms, ended_ms, outcome, "
          "detail) VALUES (?,?,?,?,?,?,?)");
@@ -385,7 +386,7 @@ Status SqliteStateStore::PutAttempt(const AttemptRecord& a) {
   return s.Run();
 }
 
-StatusOr<std::vector<AttemptRecord>> SqliteStateStore::LoadAttempts(const std::string& job_id) {
+StatusOr<std::vector<AttemptRecord>> SqliteCoordinatorDb::LoadAttempts(const std::string& job_id) {
   Stmt s(db_,
          "SELECT job_id, attempt, nodes, started_ms, ended_ms, outcome, detail FROM attempts "
          "WHERE job_id = ? ORDER BY attempt");
@@ -408,7 +409,7 @@ StatusOr<std::vector<AttemptRecord>> SqliteStateStore::LoadAttempts(const std::s
   return out;
 }
 
-StatusOr<int64_t> SqliteStateStore::AppendEvent(const proto::Event& e) {
+StatusOr<int64_t> SqliteCoordinatorDb::AppendEvent(const proto::Event& e) {
   Stmt s(db_, "INSERT INTO events (time_ms, job_id, node, kind, message) VALUES (?,?,?,?,?)");
   MUSTER_RETURN_IF_ERROR(s.status());
   s.Bind(1, e.time_ms())
@@ -420,8 +421,8 @@ StatusOr<int64_t> SqliteStateStore::AppendEvent(const proto::Event& e) {
   return static_cast<int64_t>(sqlite3_last_insert_rowid(db_));
 }
 
-StatusOr<std::vector<proto::Event>> SqliteStateStore::Events(const std::string& job_id,
-                                                             int64_t after_id, int limit) {
+StatusOr<std::vector<proto::Event>> SqliteCoordinatorDb::Events(const std::string& job_id,
+                                                                int64_t after_id, int limit) {
   const char* sql =
       job_id.empty()
           ? "SELECT id, time_ms, job_id, node, kind, message FROM events WHERE id > ? ORDER BY "
@@ -452,7 +453,7 @@ StatusOr<std::vector<proto::Event>> SqliteStateStore::Events(const std::string& 
   return out;
 }
 
-Status SqliteStateStore::RecordCheckpoint(const CheckpointRecord& c) {
+Status SqliteCoordinatorDb::RecordCheckpoint(const CheckpointRecord& c) {
   Stmt s(db_,
          "INSERT OR REPLACE INTO checkpoints (job_id, step, volume, committed, time_ms) VALUES "
          "(?,?,?,?,?)");
@@ -465,7 +466,8 @@ Status SqliteStateStore::RecordCheckpoint(const CheckpointRecord& c) {
   return s.Run();
 }
 
-StatusOr<std::vector<CheckpointRecord>> SqliteStateStore::Checkpoints(const std::string& job_id) {
+StatusOr<std::vector<CheckpointRecord>> SqliteCoordinatorDb::Checkpoints(
+    const std::string& job_id) {
   Stmt s(db_,
          "SELECT job_id, step, volume, committed, time_ms FROM checkpoints WHERE job_id = ? "
          "ORDER BY step, volume");
@@ -480,8 +482,8 @@ StatusOr<std::vector<CheckpointRecord>> SqliteStateStore::Checkpoints(const std:
   return out;
 }
 
-StatusOr<std::optional<int64_t>> SqliteStateStore::LatestCommittedStep(const std::string& job_id,
-                                                                       const std::string& volume) {
+StatusOr<std::optional<int64_t>> SqliteCoordinatorDb::LatestCommittedStep(
+    const std::string& job_id, const std::string& volume) {
   const char* sql = volume.empty() ? "SELECT MAX(step) FROM checkpoints WHERE job_id = ? AND "
                                      "committed = 1"
                                    : "SELECT MAX(step) FROM checkpoints WHERE job_id = ? AND "

@@ -1,4 +1,4 @@
-#include "collectives/store_client.h"
+#include "collectives/rendezvous_client.h"
 
 #include <cerrno>
 #include <cstdlib>
@@ -47,20 +47,20 @@ std::string RdzvCredentials::ToString() const {
   return "v1," + server_public_key + "," + client_key.public_key + "," + client_key.secret_key;
 }
 
-StoreClient::StoreClient(Options options) : options_(std::move(options)), context_(1) {}
+RendezvousClient::RendezvousClient(Options options) : options_(std::move(options)), context_(1) {}
 
-StoreClient::~StoreClient() {
+RendezvousClient::~RendezvousClient() {
   std::lock_guard<std::mutex> l(mu_);
   idle_.clear();
 }
 
-StatusOr<std::unique_ptr<StoreClient>> StoreClient::Connect(Options options) {
+StatusOr<std::unique_ptr<RendezvousClient>> RendezvousClient::Connect(Options options) {
   if (options.endpoint.empty()) {
     return InvalidArgumentError("rendezvous client: no endpoint (MUSTER_RDZV_ENDPOINT)");
   }
   if (options.job.empty())
     return InvalidArgumentError("rendezvous client: no job id (MUSTER_JOB_ID)");
-  std::unique_ptr<StoreClient> c(new StoreClient(std::move(options)));
+  std::unique_ptr<RendezvousClient> c(new RendezvousClient(std::move(options)));
   // Open the first connection now, so a malformed endpoint fails here.
   RpcClient::Options ro;
   ro.endpoint = c->options_.endpoint;
@@ -73,8 +73,8 @@ StatusOr<std::unique_ptr<StoreClient>> StoreClient::Connect(Options options) {
   return c;
 }
 
-StatusOr<proto::StoreReply> StoreClient::Call(proto::StoreRequest request,
-                                              std::chrono::milliseconds timeout) {
+StatusOr<proto::StoreReply> RendezvousClient::Call(proto::StoreRequest request,
+                                                   std::chrono::milliseconds timeout) {
   std::unique_ptr<RpcClient> rpc;
   {
     std::lock_guard<std::mutex> l(mu_);
@@ -109,14 +109,15 @@ StatusOr<proto::StoreReply> StoreClient::Call(proto::StoreRequest request,
   return std::move(*reply->mutable_store_reply());
 }
 
-Status StoreClient::Set(const std::string& key, const std::string& value) {
+Status RendezvousClient::Set(const std::string& key, const std::string& value) {
   proto::StoreRequest r;
   r.mutable_set()->set_key(key);
   r.mutable_set()->set_value(value);
   return Call(std::move(r), options_.op_timeout).status();
 }
 
-StatusOr<std::string> StoreClient::Get(const std::string& key, std::chrono::milliseconds timeout) {
+StatusOr<std::string> RendezvousClient::Get(const std::string& key,
+                                            std::chrono::milliseconds timeout) {
   proto::StoreRequest r;
   r.mutable_get()->add_keys(key);
   r.mutable_get()->set_timeout_ms(timeout.count());
@@ -128,7 +129,7 @@ StatusOr<std::string> StoreClient::Get(const std::string& key, std::chrono::mill
   return std::move(*reply.mutable_values(0));
 }
 
-StatusOr<int64_t> StoreClient::Add(const std::string& key, int64_t delta) {
+StatusOr<int64_t> RendezvousClient::Add(const std::string& key, int64_t delta) {
   proto::StoreRequest r;
   r.mutable_add()->set_key(key);
   r.mutable_add()->set_delta(delta);
@@ -136,8 +137,9 @@ StatusOr<int64_t> StoreClient::Add(const std::string& key, int64_t delta) {
   return reply.counter();
 }
 
-StatusOr<std::string> StoreClient::CompareSet(const std::string& key, const std::string& expected,
-                                              const std::string& desired) {
+StatusOr<std::string> RendezvousClient::CompareSet(const std::string& key,
+                                                   const std::string& expected,
+                                                   const std::string& desired) {
   proto::StoreRequest r;
   r.mutable_compare_set()->set_key(key);
   r.mutable_compare_set()->set_expected(expected);
@@ -147,7 +149,8 @@ StatusOr<std::string> StoreClient::CompareSet(const std::string& key, const std:
   return std::move(*reply.mutable_values(0));
 }
 
-Status StoreClient::Wait(const std::vector<std::string>& keys, std::chrono::milliseconds timeout) {
+Status RendezvousClient::Wait(const std::vector<std::string>& keys,
+                              std::chrono::milliseconds timeout) {
   if (keys.empty()) return Status::Ok();
   proto::StoreRequest r;
   for (const auto& k : keys) r.mutable_wait()->add_keys(k);
@@ -155,7 +158,8 @@ Status StoreClient::Wait(const std::vector<std::string>& keys, std::chrono::mill
   return Call(std::move(r), timeout + options_.rpc_slack).status();
 }
 
-Status StoreClient::Barrier(const std::string& name, int n, std::chrono::milliseconds timeout) {
+Status RendezvousClient::Barrier(const std::string& name, int n,
+                                 std::chrono::milliseconds timeout) {
   proto::StoreRequest r;
   r.mutable_barrier()->set_name(name);
   r.mutable_barrier()->set_n(n);
@@ -163,9 +167,9 @@ Status StoreClient::Barrier(const std::string& name, int n, std::chrono::millise
   return Call(std::move(r), timeout + options_.rpc_slack).status();
 }
 
-StatusOr<std::vector<std::string>> StoreClient::AllGather(const std::string& name, int rank, int n,
-                                                          const std::string& value,
-                                                          std::chrono::milliseconds timeout) {
+StatusOr<std::vector<std::string>> RendezvousClient::AllGather(const std::string& name, int rank,
+                                                               int n, const std::string& value,
+                                                               std::chrono::milliseconds timeout) {
   // The server checks these too; failing here saves a round trip and a parked request.
   if (n <= 0 || n > kMaxGatherRanks) {
     return InvalidArgumentError("rendezvous gather '" + name + "': n=" + std::to_string(n) +
@@ -195,13 +199,13 @@ StatusOr<std::vector<std::string>> StoreClient::AllGather(const std::string& nam
                                   std::make_move_iterator(all.mutable_values()->end()));
 }
 
-StatusOr<std::unique_ptr<StoreClient>> ConnectStoreFromEnv() {
+StatusOr<std::unique_ptr<RendezvousClient>> ConnectRendezvousFromEnv() {
   MUSTER_ASSIGN_OR_RETURN(RankEnv env, RankEnv::FromProcessEnviron());
-  return ConnectStore(env);
+  return ConnectRendezvous(env);
 }
 
-StatusOr<std::unique_ptr<StoreClient>> ConnectStore(const RankEnv& env) {
-  StoreClient::Options o;
+StatusOr<std::unique_ptr<RendezvousClient>> ConnectRendezvous(const RankEnv& env) {
+  RendezvousClient::Options o;
   o.endpoint = env.rdzv_endpoint;
   if (o.endpoint.empty()) {
     return InvalidArgumentError("MUSTER_RDZV_ENDPOINT is not set: not started by muster?");
@@ -211,7 +215,7 @@ StatusOr<std::unique_ptr<StoreClient>> ConnectStore(const RankEnv& env) {
   o.job = env.job_id;
   if (o.job.empty()) return InvalidArgumentError("MUSTER_JOB_ID is not set");
   o.attempt = static_cast<uint64_t>(env.attempt);
-  return StoreClient::Connect(std::move(o));
+  return RendezvousClient::Connect(std::move(o));
 }
 
 }  // namespace muster::collectives

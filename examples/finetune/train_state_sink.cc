@@ -1,4 +1,4 @@
-#include "examples/finetune/state_store.h"
+#include "examples/finetune/train_state_sink.h"
 
 #include <xxhash.h>
 

@@ -1,6 +1,6 @@
 #pragma once
 
-// FaultInjectionStateStore: a StateStore for tests that forwards to another (the real SQLite
+// FaultInjectionCoordinatorDb: a CoordinatorDb for tests that forwards to another (the real SQLite
 // store) and fails the writes a test picks, as LevelDB's FaultInjectionTestEnv does for files.
 // A failed write does not reach the store underneath (a failed SQLite transaction changes
 // nothing) and returns Internal "injected fault: write N (<op> <key>) failed". Reads always
@@ -15,13 +15,13 @@
 #include <string>
 #include <vector>
 
-#include "coordinator/state_store.h"
+#include "coordinator/coordinator_db.h"
 
 namespace muster::coordinator {
 
-class FaultInjectionStateStore final : public StateStore {
+class FaultInjectionCoordinatorDb final : public CoordinatorDb {
  public:
-  explicit FaultInjectionStateStore(std::unique_ptr<StateStore> base);
+  explicit FaultInjectionCoordinatorDb(std::unique_ptr<CoordinatorDb> base);
 
   // Fails write number `n` (counted from the first write of this store; 0: none) and, with
   // `sticky`, every write after it too (a disk that stays broken).
@@ -65,7 +65,7 @@ class FaultInjectionStateStore final : public StateStore {
   // Counts a write; its injected error if it is to fail.
   Status Attempt(const std::string& what);
 
-  std::unique_ptr<StateStore> base_;
+  std::unique_ptr<CoordinatorDb> base_;
   int fail_at_ = 0;
   bool sticky_ = false;
   std::vector<std::string> log_;

@@ -1,11 +1,11 @@
 #pragma once
 
-// Store: the key-value store that ranks of one job attempt rendezvous through.
+// RendezvousStore: the key-value store that ranks of one job attempt rendezvous through.
 //
 // The real one is served over ZeroMQ (by the launcher, or the node-rank-0 agent), with keys
 // scoped by job and attempt so a restarted attempt never reads a stale value; the client is
-// built from the env contract (MUSTER_RDZV_ENDPOINT, MUSTER_RDZV_KEY). InMemoryStore serves
-// ranks that run as threads of one process (unit tests).
+// built from the env contract (MUSTER_RDZV_ENDPOINT, MUSTER_RDZV_KEY). InMemoryRendezvousStore
+// serves ranks that run as threads of one process (unit tests).
 //
 // Waiting operations (Get, Wait, Barrier) park on the server and are woken once; they never
 // poll. Every waiting operation takes a timeout and returns DeadlineExceeded when it passes.
@@ -22,9 +22,9 @@
 
 namespace muster::collectives {
 
-class Store {
+class RendezvousStore {
  public:
-  virtual ~Store() = default;
+  virtual ~RendezvousStore() = default;
 
   // Sets `key` to `value`, waking its waiters.
   virtual Status Set(const std::string& key, const std::string& value) = 0;
@@ -63,10 +63,10 @@ class Store {
                                                        std::chrono::milliseconds timeout) = 0;
 };
 
-// The largest n of Store::AllGather.
+// The largest n of RendezvousStore::AllGather.
 inline constexpr int kMaxGatherRanks = 1 << 17;
 
 // A store in this process's memory, for ranks run as threads.
-std::unique_ptr<Store> NewInMemoryStore();
+std::unique_ptr<RendezvousStore> NewInMemoryRendezvousStore();
 
 }  // namespace muster::collectives

@@ -1,12 +1,12 @@
-// The in-memory Store (ranks as threads of one process): the same contract as the ZeroMQ store
-// (tests/unit/store_server_test.cc), without sockets.
+// The in-memory RendezvousStore (ranks as threads of one process): the same contract as the ZeroMQ
+// store (tests/unit/rendezvous_server_test.cc), without sockets.
 
 #include <gtest/gtest.h>
 
 #include <atomic>
 #include <thread>
 
-#include "collectives/store.h"
+#include "collectives/rendezvous_store.h"
 
 namespace muster::collectives {
 namespace {
@@ -15,7 +15,7 @@ using namespace std::chrono_literals;
 using Clock = std::chrono::steady_clock;
 
 TEST(InMemoryStoreTest, SetGetAddCompareSetAndTimeouts) {
-  auto s = NewInMemoryStore();
+  auto s = NewInMemoryRendezvousStore();
   ASSERT_TRUE(s->Set("k", std::string("v\0x", 3)).ok());
   EXPECT_EQ(*s->Get("k", 0ms), std::string("v\0x", 3));
   EXPECT_EQ(*s->Add("n", 5), 5);
@@ -31,7 +31,7 @@ TEST(InMemoryStoreTest, SetGetAddCompareSetAndTimeouts) {
 }
 
 TEST(InMemoryStoreTest, GetWaitsForTheSet) {
-  auto s = NewInMemoryStore();
+  auto s = NewInMemoryRendezvousStore();
   StatusOr<std::string> got = InternalError("not run");
   std::thread t([&] { got = s->Get("addr", 10s); });
   ASSERT_TRUE(s->Set("addr", "tcp://x:1").ok());
@@ -42,7 +42,7 @@ TEST(InMemoryStoreTest, GetWaitsForTheSet) {
 
 TEST(InMemoryStoreTest, AllGatherGivesEveryRankAllEntriesInRankOrder) {
   constexpr int kN = 8;
-  auto s = NewInMemoryStore();
+  auto s = NewInMemoryRendezvousStore();
   std::vector<StatusOr<std::vector<std::string>>> got(kN, InternalError("not run"));
   std::vector<std::thread> threads;
   for (int r = kN - 1; r >= 0; --r) {
@@ -62,7 +62,7 @@ TEST(InMemoryStoreTest, AllGatherGivesEveryRankAllEntriesInRankOrder) {
 }
 
 TEST(InMemoryStoreTest, AllGatherRefusesBadArguments) {
-  auto s = NewInMemoryStore();
+  auto s = NewInMemoryRendezvousStore();
   EXPECT_EQ(s->AllGather("g", 2, 2, "v", 1s).status().code(), StatusCode::kInvalidArgument);
   EXPECT_EQ(s->AllGather("g", -1, 2, "v", 1s).status().code(), StatusCode::kInvalidArgument);
   EXPECT_EQ(s->AllGather("g", 0, 0, "v", 1s).status().code(), StatusCode::kInvalidArgument);
@@ -95,7 +95,7 @@ TEST(InMemoryStoreTest, AllGatherRefusesBadArguments) {
 }
 
 TEST(InMemoryStoreTest, AllGatherTimeoutWithdrawsTheEntry) {
-  auto s = NewInMemoryStore();
+  auto s = NewInMemoryRendezvousStore();
   auto t0 = Clock::now();
   auto late = s->AllGather("g", 0, 2, "stale", 100ms);
   EXPECT_GE(Clock::now() - t0, 95ms);
@@ -111,7 +111,7 @@ TEST(InMemoryStoreTest, AllGatherTimeoutWithdrawsTheEntry) {
 
 TEST(InMemoryStoreTest, BarrierReleasesAllAndTimesOut) {
   constexpr int kN = 4;
-  auto s = NewInMemoryStore();
+  auto s = NewInMemoryRendezvousStore();
   std::atomic<int> ok{0};
   std::vector<std::thread> threads;
   for (int i = 0; i < kN; ++i) threads.emplace_back([&] { ok += s->Barrier("b", kN, 10s).ok(); });

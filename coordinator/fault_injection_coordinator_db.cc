@@ -1,18 +1,18 @@
-#include "coordinator/fault_injection_state_store.h"
+#include "coordinator/fault_injection_coordinator_db.h"
 
 #include <fmt/format.h>
 
 namespace muster::coordinator {
 
-FaultInjectionStateStore::FaultInjectionStateStore(std::unique_ptr<StateStore> base)
+FaultInjectionCoordinatorDb::FaultInjectionCoordinatorDb(std::unique_ptr<CoordinatorDb> base)
     : base_(std::move(base)) {}
 
-void FaultInjectionStateStore::FailWrite(int n, bool sticky) {
+void FaultInjectionCoordinatorDb::FailWrite(int n, bool sticky) {
   fail_at_ = n;
   sticky_ = sticky;
 }
 
-Status FaultInjectionStateStore::Attempt(const std::string& what) {
+Status FaultInjectionCoordinatorDb::Attempt(const std::string& what) {
   log_.push_back(what);
   int n = writes();
   if (fail_at_ > 0 && (n == fail_at_ || (sticky_ && n > fail_at_))) {
@@ -21,44 +21,44 @@ Status FaultInjectionStateStore::Attempt(const std::string& what) {
   return Status::Ok();
 }
 
-Status FaultInjectionStateStore::PutNode(const NodeRecord& node) {
+Status FaultInjectionCoordinatorDb::PutNode(const NodeRecord& node) {
   MUSTER_RETURN_IF_ERROR(Attempt("PutNode " + node.labels.name()));
   return base_->PutNode(node);
 }
 
-Status FaultInjectionStateStore::DeleteNode(const std::string& name) {
+Status FaultInjectionCoordinatorDb::DeleteNode(const std::string& name) {
   MUSTER_RETURN_IF_ERROR(Attempt("DeleteNode " + name));
   return base_->DeleteNode(name);
 }
 
-Status FaultInjectionStateStore::BindNodeKey(const std::string& name, const std::string& public_key,
-                                             int64_t time_ms) {
+Status FaultInjectionCoordinatorDb::BindNodeKey(const std::string& name,
+                                                const std::string& public_key, int64_t time_ms) {
   MUSTER_RETURN_IF_ERROR(Attempt("BindNodeKey " + name));
   return base_->BindNodeKey(name, public_key, time_ms);
 }
 
-Status FaultInjectionStateStore::InsertJob(JobRecord* job) {
+Status FaultInjectionCoordinatorDb::InsertJob(JobRecord* job) {
   MUSTER_RETURN_IF_ERROR(Attempt("InsertJob " + job->spec.name()));
   return base_->InsertJob(job);
 }
 
-Status FaultInjectionStateStore::UpdateJob(const JobRecord& job) {
+Status FaultInjectionCoordinatorDb::UpdateJob(const JobRecord& job) {
   MUSTER_RETURN_IF_ERROR(Attempt("UpdateJob " + job.id));
   return base_->UpdateJob(job);
 }
 
-Status FaultInjectionStateStore::PutAttempt(const AttemptRecord& attempt) {
+Status FaultInjectionCoordinatorDb::PutAttempt(const AttemptRecord& attempt) {
   MUSTER_RETURN_IF_ERROR(
       Attempt(fmt::format("PutAttempt {} attempt {}", attempt.job_id, attempt.attempt)));
   return base_->PutAttempt(attempt);
 }
 
-StatusOr<int64_t> FaultInjectionStateStore::AppendEvent(const proto::Event& event) {
+StatusOr<int64_t> FaultInjectionCoordinatorDb::AppendEvent(const proto::Event& event) {
   MUSTER_RETURN_IF_ERROR(Attempt("AppendEvent " + event.kind()));
   return base_->AppendEvent(event);
 }
 
-Status FaultInjectionStateStore::RecordCheckpoint(const CheckpointRecord& ckpt) {
+Status FaultInjectionCoordinatorDb::RecordCheckpoint(const CheckpointRecord& ckpt) {
   MUSTER_RETURN_IF_ERROR(
       Attempt(fmt::format("RecordCheckpoint {} step {}", ckpt.job_id, ckpt.step)));
   return base_->RecordCheckpoint(ckpt);
