@@ -1,11 +1,7 @@
 #include "coordinator/http/dashboard_server.h"
 
-#include <arpa/inet.h>
-#include <civetweb.h>
 #include <fmt/format.h>
 
-#include <charconv>
-#include <cstring>
 #include <map>
 #include <nlohmann/json.hpp>
 
@@ -34,83 +30,7 @@ std::string_view Asset(const unsigned char* data, size_t size) {
   return {reinterpret_cast<const char*>(data), size};
 }
 
-void Send(mg_connection* conn, int code, std::string_view type, std::string_view body,
-          const char* extra = "") {
-  mg_printf(conn,
-            "HTTP/1.1 %d %s\r\nContent-Type: %.*s\r\nContent-Length: %zu\r\n"
-            "Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n"
-            "Content-Security-Policy: default-src 'self'; style-src 'self' 'unsafe-inline'\r\n"
-            "%s\r\n",
-            code, mg_get_response_code_text(conn, code), static_cast<int>(type.size()), type.data(),
-            body.size(), extra);
-  if (std::strcmp(mg_get_request_info(conn)->request_method, "HEAD") != 0) {
-    mg_write(conn, body.data(), body.size());
-  }
-}
-
-void SendJson(mg_connection* conn, int code, std::string_view body) {
-  Send(conn, code, "application/json", body);
-}
-
-void SendError(mg_connection* conn, const Status& st) {
-  int code = 500;
-  switch (st.code()) {
-    case StatusCode::kInvalidArgument:
-      code = 400;
-      break;
-    case StatusCode::kNotFound:
-      code = 404;
-      break;
-    case StatusCode::kUnavailable:
-    case StatusCode::kDeadlineExceeded:
-      code = 503;
-      break;
-    case StatusCode::kFailedPrecondition:
-      code = 409;
-      break;
-    default:
-      break;
-  }
-  SendJson(conn, code, ErrorJson(st));
-}
-
-bool ConstantTimeEqual(const std::string& a, const std::string& b) {
-  if (a.size() != b.size()) return false;
-  unsigned char d = 0;
-  for (size_t i = 0; i < a.size(); ++i) d |= static_cast<unsigned char>(a[i] ^ b[i]);
-  return d == 0;
-}
-
 }  // namespace
-
-bool IsLoopbackHost(const std::string& host) {
-  if (host == "localhost") return true;
-  in_addr a{};
-  if (inet_pton(AF_INET, host.c_str(), &a) != 1) return false;
-  return (ntohl(a.s_addr) >> 24) == 127;
-}
-
-StatusOr<std::pair<std::string, int>> ParseListen(const std::string& listen) {
-  auto colon = listen.rfind(':');
-  if (colon == std::string::npos || colon == 0) {
-    return InvalidArgumentError("--http '" + listen + "' must be HOST:PORT, e.g. 127.0.0.1:8780");
-  }
-  std::string host = listen.substr(0, colon);
-  std::string port_s = listen.substr(colon + 1);
-  int port = -1;
-  auto [p, ec] = std::from_chars(port_s.data(), port_s.data() + port_s.size(), port);
-  if (ec != std::errc() || p != port_s.data() + port_s.size() || port < 0 || port > 65535) {
-    return InvalidArgumentError("--http '" + listen + "': port '" + port_s +
-                                "' must be a number in [0, 65535]");
-  }
-  if (host == "localhost") host = "127.0.0.1";
-  in_addr a{};
-  if (inet_pton(AF_INET, host.c_str(), &a) != 1) {
-    return InvalidArgumentError("--http '" + listen + "': host '" + host +
-                                "' must be an IPv4 address or localhost");
-  }
-  return std::make_pair(host, port);
-}
 
 DashboardServer::DashboardServer(Reactor& reactor, Coordinator& coord, HttpOptions options)
     : reactor_(reactor), coord_(coord), options_(std::move(options)) {}
@@ -118,6 +38,8 @@ DashboardServer::DashboardServer(Reactor& reactor, Coordinator& coord, HttpOptio
 StatusOr<std::unique_ptr<DashboardServer>> DashboardServer::Start(Reactor& reactor,
                                                                   Coordinator& coord,
                                                                   HttpOptions options) {
+  // The address and token are checked before anything is built (HttpServer::Start checks them
+  // again, with the same messages).
   MUSTER_ASSIGN_OR_RETURN(auto hp, ParseListen(options.listen));
   if (!IsLoopbackHost(hp.first) && options.token.empty()) {
     return FailedPreconditionError(fmt::format(
@@ -125,38 +47,25 @@ StatusOr<std::unique_ptr<DashboardServer>> DashboardServer::Start(Reactor& react
         "`muster keys init` writes to <keys>/http_token",
         options.listen));
   }
-  if (IsLoopbackHost(hp.first)) options.token.clear();
-  if (options.threads < 1 || options.threads > 64) {
-    return InvalidArgumentError("dashboard threads must be in [1, 64]");
-  }
   std::unique_ptr<DashboardServer> s(new DashboardServer(reactor, coord, std::move(options)));
-  s->host_ = hp.first;
   s->recorder_ = std::make_unique<FleetRecorder>(coord, s->hub_, s->options_.publish_interval_ms);
   s->recorder_->MaybePublish(UnixMs(), /*force=*/true);
 
-  std::string ports = fmt::format("{}:{}", hp.first, hp.second);
-  std::string threads = std::to_string(s->options_.threads);
-  const char* opts[] = {
-      "listening_ports", ports.c_str(),       "num_threads", threads.c_str(), "request_timeout_ms",
-      "10000",           "enable_keep_alive", "yes",         nullptr};
-  mg_callbacks cb{};
-  cb.log_message = [](const mg_connection*, const char* msg) {
-    Logger()->warn("http: {}", msg);
-    return 1;
-  };
-  mg_init_library(0);
-  s->ctx_ = mg_start(&cb, nullptr, opts);
-  if (s->ctx_ == nullptr) {
-    return UnavailableError("dashboard: cannot listen on " + ports +
-                            " (in use, or not an address of this host)");
-  }
-  mg_set_request_handler(s->ctx_, "/", &DashboardServer::HandleRequest, s.get());
-  mg_server_port sp[4] = {};
-  int n = mg_get_server_ports(s->ctx_, 4, sp);
-  if (n < 1) return InternalError("dashboard: civetweb reports no listening port");
-  s->port_ = sp[0].port;
-  Logger()->info("dashboard serving on {}{}", s->url(),
-                 s->options_.token.empty() ? " (loopback: no token)" : " (bearer token required)");
+  ::muster::http::HttpServerOptions ho;
+  ho.listen = s->options_.listen;
+  ho.token = s->options_.token;
+  ho.public_paths = {"/", "/index.html", "/app.js"};
+  ho.threads = s->options_.threads;
+  ho.what = "dashboard";
+  ho.logger = "coord.http";
+  DashboardServer* self = s.get();
+  MUSTER_ASSIGN_OR_RETURN(
+      s->server_, ::muster::http::HttpServer::Start(
+                      std::move(ho), [self](::muster::http::Request& r) { self->Serve(r); }));
+  s->port_ = s->server_->port();
+  Logger()->info(
+      "dashboard serving on {}{}", s->url(),
+      s->server_->token_required() ? " (bearer token required)" : " (loopback: no token)");
   return s;
 }
 
@@ -176,70 +85,45 @@ DashboardServer::~DashboardServer() {
     waits_->stopping = true;
   }
   waits_->cv.notify_all();
-  if (ctx_) mg_stop(ctx_);
+  server_.reset();
   recorder_.reset();
 }
 
-std::string DashboardServer::url() const { return fmt::format("http://{}:{}/", host_, port_); }
+std::string DashboardServer::url() const { return server_ ? server_->url() : ""; }
 
 void DashboardServer::OnTick() { recorder_->MaybePublish(UnixMs()); }
 
-int DashboardServer::HandleRequest(mg_connection* conn, void* self) {
-  return static_cast<DashboardServer*>(self)->Serve(conn);
-}
-
-int DashboardServer::Serve(mg_connection* conn) {
+void DashboardServer::Serve(::muster::http::Request& req) {
   requests_++;
-  const mg_request_info* ri = mg_get_request_info(conn);
-  std::string method = ri->request_method ? ri->request_method : "";
-  std::string path = ri->local_uri ? ri->local_uri : "/";
-  if (method != "GET" && method != "HEAD") {
-    SendJson(conn, 405, ErrorJson(InvalidArgumentError("the dashboard is read-only: GET only")));
-    return 405;
-  }
+  const std::string& path = req.path();
   if (path == "/" || path == "/index.html") {
-    Send(conn, 200, "text/html; charset=utf-8", Asset(kIndexHtml, kIndexHtmlSize));
-    return 200;
+    req.Send(200, "text/html; charset=utf-8", Asset(kIndexHtml, kIndexHtmlSize));
+    return;
   }
   if (path == "/app.js") {
-    Send(conn, 200, "text/javascript; charset=utf-8", Asset(kAppJs, kAppJsSize));
-    return 200;
-  }
-  if (!options_.token.empty()) {
-    const char* auth = mg_get_header(conn, "Authorization");
-    std::string want = "Bearer " + options_.token;
-    if (auth == nullptr || !ConstantTimeEqual(auth, want)) {
-      Logger()->warn("dashboard: 401 for {} {} from {} ({})", method, path, ri->remote_addr,
-                     auth ? "wrong token" : "no Authorization header");
-      Send(conn, 401, "application/json",
-           ErrorJson(InvalidArgumentError("a bearer token is required (<keys>/http_token)")),
-           "WWW-Authenticate: Bearer realm=\"muster\"\r\n");
-      return 401;
-    }
+    req.Send(200, "text/javascript; charset=utf-8", Asset(kAppJs, kAppJsSize));
+    return;
   }
   auto snap = hub_.Get();
-  const char* qs = ri->query_string;
-  auto fail = [&](const Status& st) {
-    SendError(conn, st);
-    return 400;
-  };
+  const char* qs = req.query();
+  auto fail = [&](const Status& st) { req.SendError(st); };
   if (path == "/metrics") {
     auto q = ParseQuery(qs, {});
     if (!q.ok()) return fail(q.status());
-    Send(conn, 200, "text/plain; version=0.0.4; charset=utf-8", RenderMetrics(*snap));
-    return 200;
+    req.Send(200, "text/plain; version=0.0.4; charset=utf-8", RenderMetrics(*snap));
+    return;
   }
   if (path == "/api/jobs") {
     auto q = ParseQuery(qs, {});
     if (!q.ok()) return fail(q.status());
-    SendJson(conn, 200, RenderJobsJson(*snap));
-    return 200;
+    req.SendJson(200, RenderJobsJson(*snap));
+    return;
   }
   if (path == "/api/nodes") {
     auto q = ParseQuery(qs, {});
     if (!q.ok()) return fail(q.status());
-    SendJson(conn, 200, RenderNodesJson(*snap));
-    return 200;
+    req.SendJson(200, RenderNodesJson(*snap));
+    return;
   }
   if (path == "/api/events") {
     auto q = ParseQuery(qs, {"after", "job", "limit"});
@@ -252,16 +136,16 @@ int DashboardServer::Serve(mg_connection* conn) {
     if (!job.empty() && !snap->FindJob(job)) {
       return fail(NotFoundError("no job '" + job + "'"));
     }
-    SendJson(conn, 200, RenderEventsJson(*snap, *after, job, static_cast<int>(*limit)));
-    return 200;
+    req.SendJson(200, RenderEventsJson(*snap, *after, job, static_cast<int>(*limit)));
+    return;
   }
   if (path == "/api/checkpoints") {
     auto q = ParseQuery(qs, {"job"});
     if (!q.ok()) return fail(q.status());
     auto body = RenderCheckpointsJson(*snap, q->count("job") ? q->at("job") : "");
     if (!body.ok()) return fail(body.status());
-    SendJson(conn, 200, *body);
-    return 200;
+    req.SendJson(200, *body);
+    return;
   }
   const std::string prefix = "/api/jobs/";
   if (path.rfind(prefix, 0) == 0) {
@@ -275,30 +159,29 @@ int DashboardServer::Serve(mg_connection* conn) {
       if (!q.ok()) return fail(q.status());
       auto body = RenderJobJson(*snap, job);
       if (!body.ok()) return fail(body.status());
-      SendJson(conn, 200, *body);
-      return 200;
+      req.SendJson(200, *body);
+      return;
     }
     if (sub == "/logs") {
-      ServeLogs(conn, job, qs ? qs : "");
-      return 200;
+      ServeLogs(req, job, qs ? qs : "");
+      return;
     }
   }
-  SendJson(conn, 404, ErrorJson(NotFoundError("no route " + path)));
-  return 404;
+  req.SendJson(404, ErrorJson(NotFoundError("no route " + path)));
 }
 
-void DashboardServer::ServeLogs(mg_connection* conn, const std::string& job,
+void DashboardServer::ServeLogs(::muster::http::Request& http_req, const std::string& job,
                                 const std::string& query) {
   auto snap = hub_.Get();
   auto q = ParseQuery(query.c_str(), {"rank", "attempt", "bytes"});
-  if (!q.ok()) return SendError(conn, q.status());
+  if (!q.ok()) return http_req.SendError(q.status());
   auto rank = IntParam(*q, "rank", 0, 0, 1 << 20);
-  if (!rank.ok()) return SendError(conn, rank.status());
+  if (!rank.ok()) return http_req.SendError(rank.status());
   auto attempt = IntParam(*q, "attempt", 0, 0, 1 << 30);
-  if (!attempt.ok()) return SendError(conn, attempt.status());
+  if (!attempt.ok()) return http_req.SendError(attempt.status());
   auto bytes = IntParam(*q, "bytes", 16 << 10, 1, 1 << 20);
-  if (!bytes.ok()) return SendError(conn, bytes.status());
-  if (!snap->FindJob(job)) return SendError(conn, NotFoundError("no job '" + job + "'"));
+  if (!bytes.ok()) return http_req.SendError(bytes.status());
+  if (!snap->FindJob(job)) return http_req.SendError(NotFoundError("no job '" + job + "'"));
 
   struct Result {
     bool done = false;
@@ -324,27 +207,27 @@ void DashboardServer::ServeLogs(mg_connection* conn, const std::string& job,
       waits->cv.notify_all();
     });
   });
-  if (!posted) return SendError(conn, UnavailableError("the coordinator is shutting down"));
+  if (!posted) return http_req.SendError(UnavailableError("the coordinator is shutting down"));
   proto::Envelope reply;
   {
     std::unique_lock<std::mutex> l(waits->mu);
     if (!waits->cv.wait_for(l, options_.log_timeout,
                             [&] { return result->done || waits->stopping; }) ||
         !result->done) {
-      return SendError(conn, UnavailableError(fmt::format("no log from the agent within {} ms",
-                                                          options_.log_timeout.count())));
+      return http_req.SendError(UnavailableError(
+          fmt::format("no log from the agent within {} ms", options_.log_timeout.count())));
     }
     reply = std::move(result->reply);
   }
-  if (reply.has_error()) return SendError(conn, ErrorToStatus(reply.error()));
+  if (reply.has_error()) return http_req.SendError(ErrorToStatus(reply.error()));
   if (!reply.has_logs_reply())
-    return SendError(conn, InternalError("unexpected reply to a log request"));
+    return http_req.SendError(InternalError("unexpected reply to a log request"));
   nlohmann::json out = {{"job", job},
                         {"rank", *rank},
                         {"data", reply.logs_reply().data()},
                         {"next_offset", reply.logs_reply().next_offset()},
                         {"eof", reply.logs_reply().eof()}};
-  SendJson(conn, 200, out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
+  http_req.SendJson(200, out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
 }
 
 }  // namespace muster::coordinator::http

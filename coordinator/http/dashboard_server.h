@@ -6,10 +6,10 @@
 //
 // It is a ServerExtension: created on the coordinator's reactor, it owns a FleetRecorder that
 // publishes a snapshot at most every `publish_interval_ms` from OnTick, and a civetweb server
-// (libcivetweb, Debian) whose threads answer requests from the newest snapshot only. The one
-// request that needs the reactor, a rank's log tail, is posted to it as an ordinary LogsRequest
-// (the agent is asked; the reactor never waits) and its HTTP thread waits for the reply with a
-// deadline.
+// (http/http_server.h: libcivetweb) whose threads answer requests from the newest snapshot only.
+// The one request that needs the reactor, a rank's log tail, is posted to it as an ordinary
+// LogsRequest (the agent is asked; the reactor never waits) and its HTTP thread waits for the reply
+// with a deadline.
 //
 // Access: bound to a loopback address it serves anyone on the host. Bound elsewhere, Start
 // requires a bearer token (`muster keys init` writes it to <keys>/http_token) and every data
@@ -33,9 +33,7 @@
 #include "coordinator/http/fleet_recorder.h"
 #include "coordinator/http/fleet_snapshot.h"
 #include "coordinator/server.h"
-
-struct mg_context;
-struct mg_connection;
+#include "http/http_server.h"
 
 namespace muster::coordinator::http {
 
@@ -49,10 +47,9 @@ struct HttpOptions {
   std::chrono::milliseconds log_timeout{5000};
 };
 
-// True for 127.0.0.0/8 and "localhost".
-bool IsLoopbackHost(const std::string& host);
-// "HOST:PORT" -> (host, port). InvalidArgument naming what is wrong.
-StatusOr<std::pair<std::string, int>> ParseListen(const std::string& listen);
+// The address rules are the shared HTTP server's (http/http_server.h).
+using ::muster::http::IsLoopbackHost;
+using ::muster::http::ParseListen;
 
 class DashboardServer : public ServerExtension {
  public:
@@ -73,18 +70,17 @@ class DashboardServer : public ServerExtension {
 
  private:
   DashboardServer(Reactor& reactor, Coordinator& coord, HttpOptions options);
-  static int HandleRequest(mg_connection* conn, void* self);
-  int Serve(mg_connection* conn);
-  void ServeLogs(mg_connection* conn, const std::string& job, const std::string& query);
+  void Serve(::muster::http::Request& req);
+  void ServeLogs(::muster::http::Request& http_req, const std::string& job,
+                 const std::string& query);
 
   Reactor& reactor_;
   Coordinator& coord_;
   HttpOptions options_;
-  std::string host_;
   int port_ = 0;
   SnapshotHub hub_;
   std::unique_ptr<FleetRecorder> recorder_;  // reactor-only
-  mg_context* ctx_ = nullptr;
+  std::unique_ptr<::muster::http::HttpServer> server_;
   // Log fetches waiting for the reactor's reply. Shared with the reply closures, which the
   // Coordinator may hold (and call) after this server is gone.
   struct Waits {

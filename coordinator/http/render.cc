@@ -11,6 +11,7 @@
 
 #include "coordinator/client.h"
 #include "coordinator/node_state.h"
+#include "http/http_server.h"
 
 namespace muster::coordinator::http {
 
@@ -375,8 +376,6 @@ StatusOr<std::string> RenderCheckpointsJson(const FleetSnapshot& s, const std::s
   return Dump({{"jobs", jobs}});
 }
 
-std::string ErrorJson(const Status& status) {
-  return Dump({{"error", status.message()}, {"code", std::string(StatusCodeName(status.code()))}});
-}
+std::string ErrorJson(const Status& status) { return ::muster::http::ErrorJson(status); }
 
 }  // namespace muster::coordinator::http
