@@ -6,7 +6,9 @@
 #include <thread>
 
 #include "cli/commands.h"
+#include "common/curve.h"
 #include "common/logging.h"
+#include "http/http_server.h"
 #include "node_agent/agent.h"
 
 namespace muster::cli {
@@ -71,6 +73,10 @@ void AddAgentCommands(CLI::App& app, Runner* runner) {
                   "a job whose snapshots do not fit is refused them (0: none)")
       ->check(CLI::Range(int64_t{0}, int64_t{1} << 30))
       ->capture_default_str();
+  cmd->add_option("--http", o->http,
+                  "Serve the agent's own /metrics (Prometheus) on HOST:PORT (e.g. 127.0.0.1:8781; "
+                  "port 0: any). Beyond loopback every request needs the bearer token in "
+                  "<keys>/http_token");
   cmd->add_option("--rank-log-keep", o->rank_log_keep,
                   "Rotated parts kept of each rank log file (the oldest is dropped)")
       ->check(CLI::Range(0, 1000))
@@ -118,6 +124,21 @@ void AddAgentCommands(CLI::App& app, Runner* runner) {
       o->stop_grace = std::chrono::milliseconds(f->grace_ms);
       o->rank_log_max_bytes = f->rank_log_max_mb << 20;
       o->snapshot_memory = static_cast<uint64_t>(f->snapshot_memory_mb) << 20;
+      if (!o->http.empty()) {
+        auto hp = http::ParseListen(o->http);
+        if (!hp.ok()) {
+          std::cerr << "muster agent: " << hp.status().message() << "\n";
+          return 2;
+        }
+        if (!http::IsLoopbackHost(hp->first)) {
+          auto token = LoadHttpToken(KeysDir::Resolve(o->keys_dir));
+          if (!token.ok()) {
+            std::cerr << "muster agent: " << token.status().message() << "\n";
+            return 1;
+          }
+          o->http_token = *token;
+        }
+      }
       // Signals go to sigwait below; threads started from here inherit the mask.
       sigset_t set;
       sigemptyset(&set);
@@ -126,6 +147,9 @@ void AddAgentCommands(CLI::App& app, Runner* runner) {
       pthread_sigmask(SIG_BLOCK, &set, nullptr);
       auto agent = node_agent::Agent::Start(*o);
       if (agent.ok()) log::SetContext("", (*agent)->labels().name(), "");
+      if (agent.ok() && !(*agent)->metrics_url().empty()) {
+        std::cout << "agent metrics on " << (*agent)->metrics_url() << std::endl;
+      }
       if (!agent.ok()) {
         std::cerr << "muster agent: " << agent.status().message() << "\n";
         return agent.status().code() == StatusCode::kInvalidArgument ? 2 : 1;

@@ -12,6 +12,7 @@
 #include "node_agent/assignment_runner.h"
 #include "node_agent/coordinator_session.h"
 #include "node_agent/lease_watchdog.h"
+#include "node_agent/metrics/metrics_server.h"
 #include "node_agent/prune_worker.h"
 #include "node_agent/replication_worker.h"
 
@@ -60,6 +61,33 @@ struct Agent::Impl {
   std::unique_ptr<ReplicationWorker> replication;
   std::unique_ptr<CoordinatorSession> session;
   std::unique_ptr<NoticeWatcher> watcher;
+  NoticeCounter notices;
+  std::unique_ptr<AgentMetricsServer> metrics;  // reactor thread; null without --http
+
+  // Every notice, whatever its source, goes through here to the runner.
+  void OnNotice(const PreemptionNotice& n) {
+    notices.Count(n.source);
+    reactor->Post("agent.notice", [this, n] { runner->OnNotice(n); });
+  }
+  // What /metrics shows now. On the reactor thread.
+  AgentMetricsSnapshot CollectMetrics() const {
+    AgentMetricsSnapshot s;
+    s.time_ms = std::chrono::duration_cast<milliseconds>(
+                    std::chrono::system_clock::now().time_since_epoch())
+                    .count();
+    s.node = labels.name();
+    s.provider = labels.provider();
+    s.ranks = runner->RankMetricsNow();
+    s.copies = replication->CopiesInFlight();
+    s.notices = notices.Get();
+    if (SnapshotStore* ss = runner->snapshots()) {
+      s.snapshots = true;
+      s.snapshot_used = ss->used_bytes();
+      s.snapshot_reserved = ss->reserved_bytes();
+      s.snapshot_limit = ss->memory_limit();
+    }
+    return s;
+  }
 };
 
 Agent::Agent(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -77,6 +105,15 @@ StatusOr<std::unique_ptr<Agent>> Agent::Start(AgentOptions options) {
   }
   if (labels.provider().empty()) return InvalidArgumentError("--provider is required");
   if (options.work_dir.empty()) return InvalidArgumentError("no work directory");
+  if (!options.http.empty()) {  // checked before anything starts; bound once the reactor runs
+    MUSTER_ASSIGN_OR_RETURN(auto hp, http::ParseListen(options.http));
+    if (!http::IsLoopbackHost(hp.first) && options.http_token.empty()) {
+      return FailedPreconditionError(
+          "--http " + options.http +
+          " is not a loopback address: the agent's /metrics then needs the bearer token that "
+          "`muster keys init` writes to <keys>/http_token");
+    }
+  }
   std::error_code ec;
   fs::create_directories(options.work_dir / "logs", ec);
   if (ec) return ErrnoStatus(ec.value(), "work directory " + options.work_dir.string());
@@ -154,6 +191,20 @@ StatusOr<std::unique_ptr<Agent>> Agent::Start(AgentOptions options) {
       std::make_unique<CoordinatorSession>(std::move(ctl), std::move(poll), m.labels,
                                            options.call_timeout, m.watchdog.get(), std::move(d));
   m.reactor->Start();
+  if (!options.http.empty()) {
+    AgentMetricsOptions mo;
+    mo.listen = options.http;
+    mo.token = options.http_token;
+    auto metrics = m.reactor->Call("agent.metrics_start", [&] {
+      return AgentMetricsServer::Start(*m.reactor, mo, [p] { return p->CollectMetrics(); });
+    });
+    if (!metrics.ok()) {
+      m.reactor->Call("agent.teardown", [&] { m.runner.reset(); });
+      m.reactor->Stop();
+      return metrics.status();
+    }
+    m.metrics = std::move(*metrics);
+  }
 
   std::vector<std::unique_ptr<NoticeSource>> sources;
   if (!options.preempt_file.empty()) {
@@ -168,7 +219,7 @@ StatusOr<std::unique_ptr<Agent>> Agent::Start(AgentOptions options) {
   if (!sources.empty()) {
     m.watcher = std::make_unique<NoticeWatcher>(
         std::move(sources), options.notice_interval, [p](const PreemptionNotice& n) {
-          p->reactor->Post("agent.notice", [p, n] { p->runner->OnNotice(n); });
+          p->OnNotice(n);
         });
     m.watcher->Start();
   }
@@ -179,8 +230,7 @@ StatusOr<std::unique_ptr<Agent>> Agent::Start(AgentOptions options) {
 }
 
 void Agent::Notice(const PreemptionNotice& notice) {
-  Impl* p = impl_.get();
-  p->reactor->Post("agent.notice", [p, notice] { p->runner->OnNotice(notice); });
+  impl_->OnNotice(notice);
 }
 
 bool Agent::WaitIdle(std::chrono::milliseconds timeout) {
@@ -208,7 +258,11 @@ void Agent::Shutdown(std::chrono::milliseconds grace) {
   m.replication->Stop();
   m.pruner->Stop();
   m.session->Join();
-  m.reactor->Call("agent.teardown", [&] { m.runner.reset(); });
+  m.reactor->Call("agent.teardown", [&] {
+    if (m.metrics) m.metrics->Stop();
+    m.runner.reset();
+  });
+  m.metrics.reset();
   m.watchdog.reset();
   m.reactor->Stop();
   m.zap.reset();
@@ -221,6 +275,10 @@ const proto::NodeLabels& Agent::labels() const { return impl_->labels; }
 
 void Agent::RunOnReactorForTesting(std::function<void()> f) {
   impl_->reactor->Post("agent.test", std::move(f));
+}
+
+std::string Agent::metrics_url() const {
+  return impl_->metrics ? impl_->metrics->url() : "";
 }
 
 bool Agent::registered() const { return !impl_->session->session().empty(); }

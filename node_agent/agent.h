@@ -79,6 +79,10 @@ struct AgentOptions {
   std::chrono::milliseconds preflight_probe_timeout{2000};
   // Bytes of memory for jobs' in-memory snapshots (node_agent/snapshots/); 0: none.
   uint64_t snapshot_memory = 0;
+  // The agent's own /metrics (node_agent/metrics/metrics_server.h) on HOST:PORT; "": off.
+  // Beyond loopback `http_token` is required.
+  std::string http;
+  std::string http_token;
 };
 
 class Agent {
@@ -100,6 +104,8 @@ class Agent {
 
   const proto::NodeLabels& labels() const;
   bool registered() const;
+  // The /metrics URL when AgentOptions::http is set, else "".
+  std::string metrics_url() const;
 
   // Runs `f` on the agent's reactor thread (tests: a closure that blocks stalls the reactor).
   void RunOnReactorForTesting(std::function<void()> f);

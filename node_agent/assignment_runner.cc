@@ -403,6 +403,7 @@ void AssignmentRunner::LaunchRanks(Assignment a, const std::string& creds,
     }
   }
   a.open = a.rank_of.size();
+  a.started_ms = UnixMs();
   SaveRanks();
   logger_->info("job {} attempt {}: started ranks {}..{} of {} (node rank {} of {}){}", s.job_id(),
                 s.attempt(), s.node_rank() * rpn, s.node_rank() * rpn + rpn - 1, world,
@@ -616,13 +617,38 @@ AssignmentRunner::Assignment* AssignmentRunner::AssignmentOf(ChildId id, int* ra
   return &it->second;
 }
 
+std::vector<RankMetrics> AssignmentRunner::RankMetricsNow() const {
+  std::vector<RankMetrics> out;
+  for (const auto& [g, a] : assignments_) {
+    for (const auto& [id, rank] : a.rank_of) {
+      RankMetrics m;
+      m.job_id = a.spec.job_id();
+      m.attempt = a.spec.attempt();
+      m.rank = rank;
+      auto pid = a.pid_of.find(id);
+      m.pid = pid == a.pid_of.end() ? 0 : pid->second;
+      m.state = a.live.count(rank) == 0 ? "exited" : a.stopping ? "stopping" : "running";
+      m.started_ms = a.started_ms;
+      if (auto it = a.last_line_ms.find(rank); it != a.last_line_ms.end()) {
+        m.last_output_ms = it->second.first;
+        m.last_progress_ms = it->second.second;
+      }
+      out.push_back(std::move(m));
+    }
+  }
+  return out;
+}
+
 // A line of a rank's stdout, stderr or control channel: all are parsed alike.
 void AssignmentRunner::OnLine(ChildId id, std::string_view line) {
   int rank = 0;
   Assignment* found = AssignmentOf(id, &rank);
   if (found == nullptr) return;
   Assignment& a = *found;
+  auto& seen = a.last_line_ms[rank];
+  seen.first = UnixMs();
   if (auto p = ParseProgressLine(line)) {
+    seen.second = seen.first;
     // The lowest rank reporting since the last heartbeat wins (rank 0 preferred).
     auto& cur = progress_[a.spec.job_id()];
     if (!cur.job_id().empty() && rank > cur.rank()) return;

@@ -37,6 +37,7 @@
 #include "common/proto/envelope.pb.h"
 #include "common/reactor.h"
 #include "common/status.h"
+#include "node_agent/metrics/agent_metrics.h"
 #include "node_agent/preemption_notice.h"
 #include "node_agent/preflight.h"
 #include "node_agent/snapshots/snapshot_server.h"
@@ -112,6 +113,8 @@ class AssignmentRunner {
   void ReturnProgress(std::map<std::string, proto::Progress> progress);
   // No rank lives.
   bool Idle() const;
+  // Every rank process of the attempts here, for the agent's /metrics.
+  std::vector<RankMetrics> RankMetricsNow() const;
 
  private:
   struct Assignment {
@@ -131,6 +134,9 @@ class AssignmentRunner {
     bool job_over = false;     // stopped for good (cancelled, time limit)
     Reactor::TimerId deadline_timer = 0;
     int64_t last_commit = 0;  // the newest step reported as committed
+    int64_t started_ms = 0;   // when its ranks were spawned (unix ms)
+    // Per global rank: unix ms of its newest line and newest progress line (/metrics).
+    std::map<int, std::pair<int64_t, int64_t>> last_line_ms;
   };
 
   AssignmentRunner(Reactor& reactor, ZapAuthenticator* zap, proto::NodeLabels labels,

@@ -14,6 +14,38 @@ namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 using std::chrono::milliseconds;
 
+namespace {
+
+// The local volume, counting the bytes written through it (a copy's progress).
+class CountingVolume final : public checkpoint::VolumeWrapper {
+ public:
+  CountingVolume(checkpoint::Volume* target, std::atomic<uint64_t>* bytes)
+      : VolumeWrapper(target), bytes_(bytes) {}
+  StatusOr<std::unique_ptr<checkpoint::WritableFile>> NewWritableFile(const std::string& path,
+                                                                      bool direct) override {
+    MUSTER_ASSIGN_OR_RETURN(auto f, target()->NewWritableFile(path, direct));
+    return std::unique_ptr<checkpoint::WritableFile>(new File(std::move(f), bytes_));
+  }
+
+ private:
+  class File final : public checkpoint::WritableFileWrapper {
+   public:
+    File(std::unique_ptr<checkpoint::WritableFile> f, std::atomic<uint64_t>* bytes)
+        : WritableFileWrapper(std::move(f)), bytes_(bytes) {}
+    StatusOr<size_t> WriteAt(uint64_t offset, const void* data, size_t n) override {
+      auto w = target()->WriteAt(offset, data, n);
+      if (w.ok()) bytes_->fetch_add(*w, std::memory_order_relaxed);
+      return w;
+    }
+
+   private:
+    std::atomic<uint64_t>* bytes_;
+  };
+  std::atomic<uint64_t>* bytes_;
+};
+
+}  // namespace
+
 std::string TransferKeyOf(const proto::ReplicateCheckpoint& r) {
   auto pub = PublicKeyFromSecret(r.client_secret());
   return pub.ok() ? *pub : "";
@@ -63,6 +95,19 @@ void ReplicationWorker::Offer(const proto::ReplicateCheckpoint& r) {
   }
 }
 
+std::vector<CopyMetrics> ReplicationWorker::CopiesInFlight() const {
+  std::vector<CopyMetrics> out;
+  auto now = Clock::now();
+  std::lock_guard<std::mutex> l(mu_);
+  for (const auto& f : in_flight_) {
+    CopyMetrics c = f->what;
+    c.bytes = f->bytes.load(std::memory_order_relaxed);
+    c.seconds = std::chrono::duration<double>(now - f->started).count();
+    out.push_back(std::move(c));
+  }
+  return out;
+}
+
 void ReplicationWorker::RequestStop() {
   std::lock_guard<std::mutex> l(mu_);
   stop_ = true;
@@ -89,6 +134,25 @@ proto::AgentReport ReplicationWorker::Copy(const proto::ReplicateCheckpoint& r) 
   rep.set_checkpoint_volume(r.volume());
   rep.set_transfer_key(TransferKeyOf(r));
   auto t0 = Clock::now();
+  auto flight = std::make_shared<InFlight>();
+  flight->what.job_id = r.job_id();
+  flight->what.volume = r.volume();
+  flight->what.source_node = r.source_node();
+  flight->what.step = r.step();
+  flight->started = t0;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    in_flight_.push_back(flight);
+  }
+  struct Done {
+    ReplicationWorker* w;
+    InFlight* f;
+    ~Done() {
+      std::lock_guard<std::mutex> l(w->mu_);
+      std::erase_if(w->in_flight_, [&](const auto& p) { return p.get() == f; });
+    }
+  } done{this, flight.get()};
+  CountingVolume local(checkpoint::LocalVolume(), &flight->bytes);
   // The job id becomes <volume root>/<job>: a name, never a path that leaves the volume.
   Status st = ValidatePathName(r.job_id(), "job id to replicate");
   if (!st.ok()) {
@@ -125,7 +189,7 @@ proto::AgentReport ReplicationWorker::Copy(const proto::ReplicateCheckpoint& r) 
             break;
           }
         }
-        auto report = checkpoint::Replicate(remote->get(), r.job_id(), checkpoint::LocalVolume(),
+        auto report = checkpoint::Replicate(remote->get(), r.job_id(), &local,
                                             (fs::path(root) / r.job_id()).string(), r.step());
         if (report.ok()) {
           double s = std::chrono::duration<double>(Clock::now() - t0).count();

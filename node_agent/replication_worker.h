@@ -13,6 +13,7 @@
 // must not block for long. Thread-safety: every method is thread-safe.
 
 #include <atomic>
+#include <chrono>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -24,6 +25,7 @@
 #include "common/logging.h"
 #include "common/proto/coordinator.pb.h"
 #include "common/proto/envelope.pb.h"
+#include "node_agent/metrics/agent_metrics.h"
 #include "node_agent/replication_queue.h"
 
 namespace muster::node_agent {
@@ -46,6 +48,10 @@ class ReplicationWorker {
   // Stop().
   void Offer(const proto::ReplicateCheckpoint& r);
 
+  // The copies running now: bytes written into the local volume so far and seconds since each
+  // started (the agent's /metrics).
+  std::vector<CopyMetrics> CopiesInFlight() const;
+
   // No copy starts any more (a running one finishes its copy and reports it).
   void RequestStop();
   // RequestStop, and waits for the running copies.
@@ -59,7 +65,14 @@ class ReplicationWorker {
   const bool insecure_;
   const Outputs out_;
   std::shared_ptr<spdlog::logger> logger_ = log::Get("agent");
-  std::mutex mu_;
+  // A running copy as /metrics sees it: the copier thread adds to `bytes`.
+  struct InFlight {
+    CopyMetrics what;
+    std::chrono::steady_clock::time_point started;
+    std::atomic<uint64_t> bytes{0};
+  };
+  mutable std::mutex mu_;
+  std::vector<std::shared_ptr<InFlight>> in_flight_;  // GUARDED_BY(mu_)
   bool stop_ = false;       // GUARDED_BY(mu_)
   ReplicationQueue queue_;  // GUARDED_BY(mu_)
   // The running copies' threads, each with its "finished" flag so finished ones are joined as

@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstring>
 #include <ctime>
 #include <filesystem>
 #include <fstream>
@@ -19,6 +20,7 @@
 
 #include "checkpoint/checkpointer.h"
 #include "coordinator/client.h"
+#include "tests/testing/http_get.h"
 #include "tests/testing/port_range.h"
 #include "tests/testing/subprocess.h"
 #include "tests/testing/wait_until.h"
@@ -521,6 +523,99 @@ TEST_F(AgentCluster, PreemptionNoticeCheckpointsFirstAndTheJobResumesFromThatSte
   std::string events = Events(job);
   EXPECT_NE(events.find("checkpoint_committed"), std::string::npos) << events;
   EXPECT_NE(events.find("resumed"), std::string::npos) << events;
+}
+
+// `muster agent --http`: the agent's own /metrics, scraped over a real socket from the real
+// process, shows the ranks it runs (with their real pids), the age of their output and progress,
+// and the notice it received. Bound beyond loopback it wants the token of `muster keys init`.
+TEST_F(AgentCluster, AgentMetricsShowItsRanksTheirAgesAndNotices) {
+  fs::path notice = dir_ / "notice-aws-1";
+  StartAgent("aws-1", "aws",
+             {"--http", "0.0.0.0:0", "--preempt-file", notice.string(), "--notice", "30"});
+  WaitNodesUp(1);
+  int port = 0;
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        std::string log = ReadFile(dir_ / "aws-1.log");
+        auto at = log.find("agent metrics on http://0.0.0.0:");
+        if (at == std::string::npos) return false;
+        port = std::atoi(log.c_str() + at + std::strlen("agent metrics on http://0.0.0.0:"));
+        return port > 0;
+      },
+      10s))
+      << ReadFile(dir_ / "aws-1.log");
+  std::string token = ReadFile(dir_ / "keys" / "http_token");
+  while (!token.empty() && std::isspace(token.back())) token.pop_back();
+  ASSERT_EQ(token.size(), 64u);
+  const std::string auth = "Authorization: Bearer " + token + "\r\n";
+  EXPECT_EQ(testing::HttpGet(port, "/metrics").code, 401);
+  EXPECT_EQ(testing::HttpGet(port, "/metrics", "Authorization: Bearer x\r\n").code, 401);
+  EXPECT_EQ(testing::HttpGet(port, "/nowhere", auth).code, 404);
+  EXPECT_EQ(testing::HttpGet(port, "/metrics?a=b", auth).code, 400);
+
+  std::string job = Submit(
+      "name: watched\n" +
+      Script("echo pid=$$; s=0; while [ $s -lt 600 ]; do s=$((s+1)); "
+             "echo MUSTER_PROGRESS step=$s total=600; sleep 0.1; done") +
+      "nodes: 1\nranks_per_node: 2\n");
+  ASSERT_TRUE(WaitState(job, "running", 15s)) << Events(job);
+  // The ranks' own pids, as they printed them.
+  std::map<int, std::string> pids;
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        for (int r = 0; r < 2; ++r) {
+          auto log = Muster({"logs", job, "--rank", std::to_string(r)});
+          if (!log.ok()) return false;
+          auto at = log->find("pid=");
+          if (at == std::string::npos) return false;
+          pids[r] = log->substr(at + 4, log->find('\n', at) - at - 4);
+        }
+        return true;
+      },
+      15s));
+  const std::string node = "node=\"aws-1\",provider=\"aws\"";
+  const std::string id = node + ",job_id=\"" + job + "\",attempt=\"1\"";
+  std::string text;
+  auto value = [&](const std::string& series) {
+    auto at = text.find(series + " ");
+    return at == std::string::npos ? -1.0 : std::atof(text.c_str() + at + series.size() + 1);
+  };
+  // Published by the agent's reactor every 500 ms: wait for one with both ranks' progress.
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        auto m = testing::HttpGet(port, "/metrics", auth);
+        text = m.body;
+        return m.code == 200 &&
+               value("muster_agent_rank_last_progress_age_seconds{" + id + ",rank=\"1\"}") >= 0;
+      },
+      15s))
+      << text;
+  for (int r = 0; r < 2; ++r) {
+    std::string rank = ",rank=\"" + std::to_string(r) + "\"";
+    EXPECT_EQ(value("muster_agent_rank_info{" + id + rank + ",pid=\"" + pids[r] +
+                    "\",state=\"running\"}"),
+              1)
+        << text;
+    double out_age = value("muster_agent_rank_last_output_age_seconds{" + id + rank + "}");
+    double progress_age = value("muster_agent_rank_last_progress_age_seconds{" + id + rank + "}");
+    EXPECT_GE(out_age, 0) << text;
+    EXPECT_LT(out_age, 5) << text;  // it prints every 100 ms
+    EXPECT_GE(progress_age, 0) << text;
+    EXPECT_LT(progress_age, 5) << text;
+  }
+  EXPECT_EQ(value("muster_agent_ranks{" + node + ",state=\"running\"}"), 2) << text;
+  EXPECT_EQ(value("muster_agent_replication_copies_in_flight{" + node + "}"), 0) << text;
+  EXPECT_EQ(text.find("muster_agent_notices_total{"), std::string::npos) << text;
+
+  // A notice from the node's file source is counted.
+  std::ofstream(notice) << "30\n";
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        text = testing::HttpGet(port, "/metrics", auth).body;
+        return value("muster_agent_notices_total{" + node + ",source=\"file\"}") == 1;
+      },
+      15s))
+      << text;
 }
 
 // notice_signal: a rank that only checkpoints on a signal (as HF Trainer or Lightning do on
