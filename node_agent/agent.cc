@@ -217,10 +217,8 @@ StatusOr<std::unique_ptr<Agent>> Agent::Start(AgentOptions options) {
     sources.push_back(NewGcpPreemptedSource(options.gcp_metadata, milliseconds(1000)));
   }
   if (!sources.empty()) {
-    m.watcher = std::make_unique<NoticeWatcher>(
-        std::move(sources), options.notice_interval, [p](const PreemptionNotice& n) {
-          p->OnNotice(n);
-        });
+    m.watcher = std::make_unique<NoticeWatcher>(std::move(sources), options.notice_interval,
+                                                [p](const PreemptionNotice& n) { p->OnNotice(n); });
     m.watcher->Start();
   }
   m.session->Start();
@@ -229,9 +227,7 @@ StatusOr<std::unique_ptr<Agent>> Agent::Start(AgentOptions options) {
   return std::unique_ptr<Agent>(new Agent(std::move(impl)));
 }
 
-void Agent::Notice(const PreemptionNotice& notice) {
-  impl_->OnNotice(notice);
-}
+void Agent::Notice(const PreemptionNotice& notice) { impl_->OnNotice(notice); }
 
 bool Agent::WaitIdle(std::chrono::milliseconds timeout) {
   auto until = Clock::now() + timeout;
@@ -277,9 +273,7 @@ void Agent::RunOnReactorForTesting(std::function<void()> f) {
   impl_->reactor->Post("agent.test", std::move(f));
 }
 
-std::string Agent::metrics_url() const {
-  return impl_->metrics ? impl_->metrics->url() : "";
-}
+std::string Agent::metrics_url() const { return impl_->metrics ? impl_->metrics->url() : ""; }
 
 bool Agent::registered() const { return !impl_->session->session().empty(); }
 

@@ -73,8 +73,8 @@ class ReplicationWorker {
   };
   mutable std::mutex mu_;
   std::vector<std::shared_ptr<InFlight>> in_flight_;  // GUARDED_BY(mu_)
-  bool stop_ = false;       // GUARDED_BY(mu_)
-  ReplicationQueue queue_;  // GUARDED_BY(mu_)
+  bool stop_ = false;                                 // GUARDED_BY(mu_)
+  ReplicationQueue queue_;                            // GUARDED_BY(mu_)
   // The running copies' threads, each with its "finished" flag so finished ones are joined as
   // new ones start.
   std::vector<std::pair<std::thread, std::shared_ptr<std::atomic<bool>>>>
