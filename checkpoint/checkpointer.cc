@@ -151,6 +151,7 @@ struct Checkpointer::Piece {
 struct Checkpointer::Job {
   int64_t step;
   int64_t seq;
+  std::chrono::steady_clock::time_point started;  // Save was called (and the writer was free)
   std::vector<Piece> pieces;
   std::string metadata;
   uint64_t total;
@@ -254,8 +255,8 @@ StatusOr<std::unique_ptr<Checkpointer>> Checkpointer::FromEnv(const RankEnv& env
   if (env.control_fd >= 0 && !base.on_commit) {
     // Announce each commit to the agent ourselves: catalogued even if the program never prints.
     const int fd = env.control_fd;
-    base.on_commit = [fd](int64_t step) {
-      if (Status s = SendControlLine(fd, CheckpointLine(step)); !s.ok()) {
+    base.on_commit = [fd](int64_t step, double seconds) {
+      if (Status s = SendControlLine(fd, CheckpointLine(step, seconds)); !s.ok()) {
         log::Get("ckpt.write")->warn("announcing step {}: {}", step, s.ToString());
       }
     };
@@ -298,6 +299,7 @@ Status Checkpointer::Save(int64_t step, const SaveState& state) {
 
   auto job = std::make_unique<Job>();
   job->step = step;
+  job->started = std::chrono::steady_clock::now();
   job->seq = ++save_seq_;
   job->metadata = state.metadata;
   uint64_t pos = 0;
@@ -514,7 +516,11 @@ Status Checkpointer::RunJob(Job& job) {
   }
   Status st = Commit(job, parts);
   if (!st.ok()) return fail(st);
-  if (options_.on_commit) options_.on_commit(job.step);
+  if (options_.on_commit) {
+    options_.on_commit(
+        job.step,
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - job.started).count());
+  }
   if (store) MUSTER_RETURN_IF_ERROR(store->Set(key + "/commit", "ok"));
   return Status::Ok();
 }

@@ -138,8 +138,10 @@ struct CheckpointerOptions {
   // Called on rank 0's writer thread once each step is committed (durable, LATEST updated),
   // before the other ranks' Wait() returns. FromEnv, when the rank has a control channel
   // (MUSTER_CONTROL_FD), sets it to announce the commit to the agent (common/control_channel.h),
-  // so a program that never prints `MUSTER_CHECKPOINT step=N` is still catalogued.
-  std::function<void(int64_t step)> on_commit = nullptr;
+  // so a program that never prints `MUSTER_CHECKPOINT step=N` is still catalogued. `seconds`:
+  // from the Save call (once the previous save was done) to the commit, the commit latency the
+  // announcement carries (`seconds=S`).
+  std::function<void(int64_t step, double seconds)> on_commit = nullptr;
 };
 
 class Checkpointer {

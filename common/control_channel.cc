@@ -10,8 +10,14 @@
 
 namespace muster {
 
-std::string CheckpointLine(int64_t step) {
-  return "MUSTER_CHECKPOINT step=" + std::to_string(step);
+std::string CheckpointLine(int64_t step, double seconds) {
+  std::string line = "MUSTER_CHECKPOINT step=" + std::to_string(step);
+  if (seconds >= 0 && std::isfinite(seconds)) {
+    char buf[48];
+    std::snprintf(buf, sizeof(buf), " seconds=%.3f", seconds);
+    line += buf;
+  }
+  return line;
 }
 
 StatusOr<std::string> ProgressLine(int64_t step, int64_t total, double loss,

@@ -8,7 +8,7 @@
 // the rank's stdout (node_agent/rank_lines.h: ParseProgressLine, ParseCheckpointLine). The lines:
 //
 //   MUSTER_PROGRESS step=120 total=1000 loss=1.93 tokens_per_s=812.5
-//   MUSTER_CHECKPOINT step=100
+//   MUSTER_CHECKPOINT step=100 seconds=2.417
 //
 // Writes never raise SIGPIPE (send with MSG_NOSIGNAL) and each line is one send of at most
 // kMaxLineBytes, so lines of different threads never mix.
@@ -28,8 +28,9 @@ namespace muster {
 
 inline constexpr size_t kMaxControlLineBytes = 4000;
 
-// "MUSTER_CHECKPOINT step=N".
-std::string CheckpointLine(int64_t step);
+// "MUSTER_CHECKPOINT step=N", and " seconds=S" (the save's commit latency, 3 decimals) when
+// `seconds` >= 0.
+std::string CheckpointLine(int64_t step, double seconds = -1);
 
 // "MUSTER_PROGRESS step=S total=T loss=L k=v ..." (`total` < 0 and a NaN `loss` are left out;
 // metrics in the order given, values as %g). InvalidArgument for a negative step or a metric name

@@ -1494,6 +1494,7 @@ StatusOr<proto::Envelope> Coordinator::OnReport(const Caller& caller,
           fmt::format("step {} on volume {} of provider {}{}", req.checkpoint_step(),
                       req.checkpoint_volume(), provider,
                       req.checkpoint_replica() ? " (verified replica)" : ""));
+    if (observer_) observer_->OnCheckpoint(req, provider);
   }
   if (req.replicate_error().empty() && req.checkpoint_step() > 0 &&
       !req.checkpoint_volume().empty()) {

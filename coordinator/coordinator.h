@@ -88,6 +88,9 @@ class CoordinatorObserver {
   virtual void OnSchedulerPass(std::chrono::nanoseconds took) = 0;
   // A progress report of `attempt` of `job_id` was accepted.
   virtual void OnProgress(const std::string& job_id, int attempt, const proto::Progress& p) = 0;
+  // A step was catalogued on `provider`'s volume: a commit or a verified replica
+  // (`report.checkpoint_replica()`), with its size and, for a commit, its latency when given.
+  virtual void OnCheckpoint(const proto::AgentReport& report, const std::string& provider) {}
 };
 
 class Coordinator {

@@ -659,7 +659,7 @@ void AssignmentRunner::OnLine(ChildId id, std::string_view line) {
     return;
   }
   if (rank == 0 && !a.volume_path.empty()) {
-    if (auto step = ParseCheckpointLine(line)) OnCommitLine(a, *step);
+    if (auto c = ParseCheckpointCommitLine(line)) OnCommitLine(a, c->step, c->seconds);
   }
 }
 
@@ -667,10 +667,11 @@ void AssignmentRunner::OnLine(ChildId id, std::string_view line) {
 // volume (the catalog records only steps that exist), then checkpoint.keep is applied. Done
 // here on the reactor, before the rank's exit is queued, so a commit is always reported
 // before the exit that follows it; the check opens only regular files (checkpoint_steps.h).
-void AssignmentRunner::OnCommitLine(Assignment& a, int64_t step) {
+void AssignmentRunner::OnCommitLine(Assignment& a, int64_t step, double seconds) {
   if (step <= a.last_commit) return;  // printed again
   std::string job_dir = (fs::path(a.volume_path) / a.spec.job_id()).string();
-  if (Status st = StepIsGood(job_dir, step); !st.ok()) {
+  auto bytes = GoodStepBytes(job_dir, step);
+  if (Status st = bytes.status(); !st.ok()) {
     logger_->error(
         "job {}: rank 0 printed MUSTER_CHECKPOINT step={}, but it is not a good "
         "checkpoint on volume {}: not reported ({})",
@@ -683,6 +684,8 @@ void AssignmentRunner::OnCommitLine(Assignment& a, int64_t step) {
   r.set_attempt(a.spec.attempt());
   r.set_checkpoint_step(step);
   r.set_checkpoint_volume(a.spec.checkpoint_volume());
+  r.set_checkpoint_bytes(*bytes);
+  if (seconds > 0) r.set_checkpoint_commit_seconds(seconds);
   out_.report(std::move(r));
   out_.prune(job_dir, a.spec.checkpoint_keep());
 }

@@ -161,7 +161,7 @@ class AssignmentRunner {
   void FetchLog(const proto::FetchLog& f);
   Assignment* AssignmentOf(ChildId id, int* rank);
   void OnLine(ChildId id, std::string_view line);
-  void OnCommitLine(Assignment& a, int64_t step);
+  void OnCommitLine(Assignment& a, int64_t step, double seconds);
   void OnExit(ChildId id, const ExitInfo& info);
   void OnClosed(ChildId id);
   void SaveRanks();

@@ -33,6 +33,10 @@ std::vector<int64_t> CommittedLookingSteps(const std::string& job_dir) {
 }  // namespace
 
 Status StepIsGood(const std::string& job_dir, int64_t step) {
+  return GoodStepBytes(job_dir, step).status();
+}
+
+StatusOr<uint64_t> GoodStepBytes(const std::string& job_dir, int64_t step) {
   // A step directory reached through a symlink is not this job's.
   struct stat st {};
   std::string step_dir = checkpoint::StepPath(job_dir, step);
@@ -43,7 +47,8 @@ Status StepIsGood(const std::string& job_dir, int64_t step) {
   // following links and without blocking, and only regular files count.
   auto m = checkpoint::CheckStep(checkpoint::LocalVolume(), job_dir, step,
                                  checkpoint::StepCheck::kFiles);
-  return m.ok() ? Status::Ok() : m.status();
+  if (!m.ok()) return m.status();
+  return m->TotalBytes();
 }
 
 std::vector<int64_t> GoodSteps(const std::string& job_dir, size_t limit) {

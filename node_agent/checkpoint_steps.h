@@ -32,6 +32,8 @@ namespace muster::node_agent {
 // validates and whose shard files are all regular files of the sizes it gives
 // (checkpoint::CheckStep). Otherwise NotFound or DataLoss naming what is missing or wrong.
 Status StepIsGood(const std::string& job_dir, int64_t step);
+// StepIsGood, and the step's size: the sum of its MANIFEST's shard file sizes.
+StatusOr<uint64_t> GoodStepBytes(const std::string& job_dir, int64_t step);
 
 // The good steps of `job_dir`, newest first (empty when none, or no such directory).
 // At most `limit` of them (0: all).

@@ -1,5 +1,6 @@
 #include "node_agent/rank_lines.h"
 
+#include <cmath>
 #include <string>
 
 #include "common/strings.h"
@@ -71,6 +72,29 @@ std::optional<int64_t> ParseCheckpointLine(std::string_view line) {
   std::optional<int64_t> step = ParseInt64(line.substr(0, end));
   if (!step || *step <= 0) return std::nullopt;
   return step;
+}
+
+std::optional<CheckpointCommitLine> ParseCheckpointCommitLine(std::string_view line) {
+  std::optional<int64_t> step = ParseCheckpointLine(line);
+  if (!step) return std::nullopt;
+  CheckpointCommitLine c;
+  c.step = *step;
+  line = Trim(line);
+  size_t end = line.find_first_of(" \t");
+  line = end == std::string_view::npos ? std::string_view() : line.substr(end);
+  while (!line.empty()) {
+    line = Trim(line);
+    end = line.find_first_of(" \t");
+    std::string_view tok = line.substr(0, end);
+    line = end == std::string_view::npos ? std::string_view() : line.substr(end);
+    constexpr std::string_view kSeconds = "seconds=";
+    double d = 0;
+    if (tok.substr(0, kSeconds.size()) == kSeconds &&
+        ParseDouble(tok.substr(kSeconds.size()), &d) && std::isfinite(d) && d >= 0) {
+      c.seconds = d;
+    }
+  }
+  return c;
 }
 
 }  // namespace muster::node_agent

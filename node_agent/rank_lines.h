@@ -20,5 +20,12 @@ namespace muster::node_agent {
 std::optional<proto::Progress> ParseProgressLine(std::string_view line);
 // Parses `MUSTER_CHECKPOINT step=N`; nullopt when the line is not one.
 std::optional<int64_t> ParseCheckpointLine(std::string_view line);
+// The same line with what may follow the step: `seconds=S`, the commit latency the
+// checkpointer measured (-1 when absent or not a finite number >= 0; other keys are ignored).
+struct CheckpointCommitLine {
+  int64_t step = 0;
+  double seconds = -1;
+};
+std::optional<CheckpointCommitLine> ParseCheckpointCommitLine(std::string_view line);
 
 }  // namespace muster::node_agent

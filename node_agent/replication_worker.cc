@@ -6,6 +6,7 @@
 #include "checkpoint/replicate.h"
 #include "common/curve.h"
 #include "common/path_name.h"
+#include "node_agent/checkpoint_steps.h"
 #include "node_agent/volume_transfer.h"
 
 namespace muster::node_agent {
@@ -208,6 +209,10 @@ proto::AgentReport ReplicationWorker::Copy(const proto::ReplicateCheckpoint& r) 
   }
   if (st.ok()) {
     rep.set_checkpoint_replica(true);
+    // The replica's size, as its (verified) MANIFEST gives it.
+    if (auto bytes = GoodStepBytes((fs::path(root) / r.job_id()).string(), r.step()); bytes.ok()) {
+      rep.set_checkpoint_bytes(*bytes);
+    }
     out_.prune((fs::path(root) / r.job_id()).string(), r.checkpoint_keep());
   } else {
     logger_->error("replication of {} step {} from {} failed: {}", r.job_id(), r.step(),

@@ -78,8 +78,8 @@ StatusOr<std::unique_ptr<checkpoint::Checkpointer>> JobContext::NewCheckpointer(
   if (!base.on_commit) {
     // By value: the checkpointer may outlive this context.
     const int fd = env.control_fd;
-    base.on_commit = [fd](int64_t step) {
-      const std::string line = CheckpointLine(step);
+    base.on_commit = [fd](int64_t step, double seconds) {
+      const std::string line = CheckpointLine(step, seconds);
       if (Status s = fd >= 0 ? SendControlLine(fd, line) : PrintLine(line); !s.ok()) {
         log::Get("ckpt.write")->warn("announcing step {}: {}", step, s.ToString());
       }

@@ -62,6 +62,19 @@ void FleetRecorder::OnSchedulerPass(std::chrono::nanoseconds took) {
   passes_.Add(std::chrono::duration<double>(took).count());
 }
 
+void FleetRecorder::OnCheckpoint(const proto::AgentReport& r, const std::string& provider) {
+  CheckpointStats& s = checkpoints_[{r.job_id(), provider}];
+  if (r.checkpoint_replica()) {
+    s.replicas++;
+    s.replica_bytes += r.checkpoint_bytes();
+  } else {
+    s.commits++;
+    s.commit_bytes += r.checkpoint_bytes();
+    if (r.checkpoint_commit_seconds() > 0) s.latency.Add(r.checkpoint_commit_seconds());
+  }
+  changed_ = true;
+}
+
 void FleetRecorder::OnProgress(const std::string& job_id, int attempt, const proto::Progress& p) {
   auto& pts = jobs_[job_id].by_attempt[attempt].points;
   // Heartbeats repeat the newest report until a new one comes: one point per step.
@@ -229,8 +242,10 @@ bool FleetRecorder::MaybePublish(int64_t now_ms, bool force) {
     kept[s.job_id()] = std::move(jc);
   }
   jobs_.swap(kept);  // forget jobs no longer listed
+  std::erase_if(checkpoints_, [&](const auto& kv) { return jobs_.count(kv.first.first) == 0; });
   snap->events.assign(events_.begin(), events_.end());
   snap->passes = passes_;
+  snap->checkpoints = checkpoints_;
   hub_.Publish(std::move(snap));
   return true;
 }

@@ -37,6 +37,7 @@ class FleetRecorder : public CoordinatorObserver {
 
   void OnSchedulerPass(std::chrono::nanoseconds took) override;
   void OnProgress(const std::string& job_id, int attempt, const proto::Progress& p) override;
+  void OnCheckpoint(const proto::AgentReport& report, const std::string& provider) override;
 
   // Publishes a new snapshot taken at `now_ms` (unix ms) if `min_interval_ms` has passed since
   // the last one and something changed (a new event or progress report) or 2 s have passed
@@ -71,6 +72,7 @@ class FleetRecorder : public CoordinatorObserver {
   std::deque<proto::Event> events_;  // at most FleetSnapshot::kMaxEvents
   std::map<std::string, JobCache> jobs_;
   PassHistogram passes_;
+  std::map<std::pair<std::string, std::string>, CheckpointStats> checkpoints_;
 };
 
 }  // namespace muster::coordinator::http

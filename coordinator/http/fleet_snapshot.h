@@ -87,6 +87,37 @@ struct PassHistogram {
   }
 };
 
+// Checkpoint commit latencies (Save to commit, as the ranks' checkpointer measured them) as a
+// Prometheus histogram (seconds).
+struct CommitHistogram {
+  static constexpr double kBounds[] = {0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900};
+  static constexpr int kBuckets = sizeof(kBounds) / sizeof(kBounds[0]);
+  uint64_t counts[kBuckets] = {};  // non-cumulative, per bound
+  uint64_t count = 0;
+  double sum_seconds = 0;
+  void Add(double seconds) {
+    for (int i = 0; i < kBuckets; ++i) {
+      if (seconds <= kBounds[i]) {
+        counts[i]++;
+        break;
+      }
+    }
+    count++;
+    sum_seconds += seconds;
+  }
+};
+
+// What agents reported of one job's checkpoints on one provider's volumes since this coordinator
+// started: commits (by the job's ranks) and verified replicas (copies from another provider),
+// their bytes, and the latency of the commits that gave one.
+struct CheckpointStats {
+  uint64_t commits = 0;
+  uint64_t replicas = 0;
+  uint64_t commit_bytes = 0;
+  uint64_t replica_bytes = 0;
+  CommitHistogram latency;
+};
+
 struct FleetSnapshot {
   int64_t time_ms = 0;        // when it was taken (the coordinator's clock, unix ms)
   uint64_t version = 0;       // increases with every publication
@@ -95,6 +126,8 @@ struct FleetSnapshot {
   std::vector<proto::Event> events;  // the newest (at most kMaxEvents), oldest first
   static constexpr size_t kMaxEvents = 4096;
   PassHistogram passes;
+  // By (job id, provider).
+  std::map<std::pair<std::string, std::string>, CheckpointStats> checkpoints;
 
   const JobView* FindJob(const std::string& id) const {
     for (const auto& j : jobs) {

@@ -231,6 +231,42 @@ std::string RenderMetrics(const FleetSnapshot& s) {
   }
   fams.push_back(std::move(commits));
   fams.push_back(std::move(newest));
+
+  // What the agents reported of commits and replicas: bytes, and the commits' latency.
+  auto bytes = Family("checkpoint_bytes_total",
+                      "Bytes of checkpoint steps committed (kind=commit) or replicated as a "
+                      "verified copy (kind=replica) on the provider's volume, as the agents "
+                      "reported them since the coordinator started",
+                      MetricType::Counter);
+  auto reported = Family("checkpoint_reports_total",
+                         "Checkpoint commits (kind=commit) and verified replicas (kind=replica) "
+                         "the agents reported since the coordinator started",
+                         MetricType::Counter);
+  auto latency = Family("checkpoint_commit_seconds",
+                        "From the program's save to the step's commit, as the ranks' checkpointer "
+                        "measured it (commits that gave no latency are not observed)",
+                        MetricType::Histogram);
+  for (const auto& [key, st] : s.checkpoints) {
+    const auto& [job_id, provider] = key;
+    Add(bytes, {{"job_id", job_id}, {"provider", provider}, {"kind", "commit"}}, st.commit_bytes);
+    Add(bytes, {{"job_id", job_id}, {"provider", provider}, {"kind", "replica"}}, st.replica_bytes);
+    Add(reported, {{"job_id", job_id}, {"provider", provider}, {"kind", "commit"}}, st.commits);
+    Add(reported, {{"job_id", job_id}, {"provider", provider}, {"kind", "replica"}}, st.replicas);
+    ClientMetric m;
+    m.label = {{"job_id", job_id}, {"provider", provider}};
+    uint64_t cum = 0;
+    for (int i = 0; i < CommitHistogram::kBuckets; ++i) {
+      cum += st.latency.counts[i];
+      m.histogram.bucket.push_back({cum, CommitHistogram::kBounds[i]});
+    }
+    m.histogram.bucket.push_back({st.latency.count, std::numeric_limits<double>::infinity()});
+    m.histogram.sample_count = st.latency.count;
+    m.histogram.sample_sum = st.latency.sum_seconds;
+    latency.metric.push_back(std::move(m));
+  }
+  fams.push_back(std::move(bytes));
+  fams.push_back(std::move(reported));
+  fams.push_back(std::move(latency));
   fams.push_back(std::move(lag_steps));
   fams.push_back(std::move(lag_s));
 

@@ -8,6 +8,8 @@
 //   job_restarts_total{job_id,cause}, nodes{provider,island,state},
 //   node_heartbeat_age_seconds{node,provider}, scheduler_pass_seconds (histogram),
 //   checkpoint_commits_total{job_id,provider}, checkpoint_newest_step{job_id,provider},
+//   checkpoint_bytes_total{job_id,provider,kind}, checkpoint_reports_total{job_id,provider,kind},
+//   checkpoint_commit_seconds{job_id,provider} (histogram),
 //   replication_lag_steps{job_id,provider}, replication_lag_seconds{job_id,provider},
 //   job_step{job_id}, job_total_steps{job_id}, job_loss{job_id}, job_throughput{job_id,unit},
 //   job_last_progress_timestamp_seconds{job_id}.

@@ -1,7 +1,9 @@
-// muster-test-write-step DIR STEP [BYTES]: commits a real checkpoint of STEP (one rank, one
-// f32 tensor of BYTES bytes, default 4096, its values derived from STEP) into the job
+// muster-test-write-step DIR STEP [BYTES [announce]]: commits a real checkpoint of STEP (one
+// rank, one f32 tensor of BYTES bytes, default 4096, its values derived from STEP) into the job
 // directory DIR with checkpoint::Checkpointer, so shell-script ranks in tests can print a
-// `MUSTER_CHECKPOINT step=N` line for a step that exists. Exits 0 once the step is committed.
+// `MUSTER_CHECKPOINT step=N` line for a step that exists. With "announce" the checkpointer's
+// own commit callback prints that line, with the commit latency it measured (`seconds=S`).
+// Exits 0 once the step is committed.
 
 #include <cstdio>
 #include <cstdlib>
@@ -9,6 +11,7 @@
 #include <vector>
 
 #include "checkpoint/checkpointer.h"
+#include "common/control_channel.h"
 
 int main(int argc, char** argv) {
   using namespace muster::checkpoint;
@@ -26,6 +29,12 @@ int main(int argc, char** argv) {
   o.dir = argv[1];
   o.direct_io = false;
   o.io_threads = 1;
+  if (argc > 4 && std::string(argv[4]) == "announce") {
+    o.on_commit = [](int64_t step, double seconds) {
+      std::printf("%s\n", muster::CheckpointLine(step, seconds).c_str());
+      std::fflush(stdout);
+    };
+  }
   auto ck = Checkpointer::Create(o);
   if (!ck.ok()) {
     std::fprintf(stderr, "%s\n", ck.status().ToString().c_str());

@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "common/control_channel.h"
 #include "common/progress.h"
 #include "common/reactor.h"
 #include "demo/loss_plot.h"
@@ -142,6 +143,24 @@ TEST(ReplicationQueueTest, OneCopyRunsPerJobAndTheNewestStepWaits) {
   EXPECT_EQ(q.running(), 2u);
   // The slot is free again: the next request runs at once.
   EXPECT_TRUE(q.Offer(Copy("j", 40)).start);
+}
+
+TEST(CheckpointLineTest, CarriesTheCommitLatencyWhenGiven) {
+  using node_agent::ParseCheckpointCommitLine;
+  EXPECT_EQ(CheckpointLine(40), "MUSTER_CHECKPOINT step=40");
+  EXPECT_EQ(CheckpointLine(40, 2.5), "MUSTER_CHECKPOINT step=40 seconds=2.500");
+  auto c = ParseCheckpointCommitLine(CheckpointLine(40, 2.5));
+  ASSERT_TRUE(c);
+  EXPECT_EQ(c->step, 40);
+  EXPECT_DOUBLE_EQ(c->seconds, 2.5);
+  EXPECT_EQ(ParseCheckpointLine(CheckpointLine(40, 2.5)), 40) << "older parsers read the step";
+  EXPECT_EQ(ParseCheckpointCommitLine("MUSTER_CHECKPOINT step=7")->seconds, -1);
+  EXPECT_EQ(ParseCheckpointCommitLine("MUSTER_CHECKPOINT step=7 seconds=x")->seconds, -1);
+  EXPECT_EQ(ParseCheckpointCommitLine("MUSTER_CHECKPOINT step=7 seconds=-1")->seconds, -1);
+  EXPECT_EQ(ParseCheckpointCommitLine("MUSTER_CHECKPOINT step=7 seconds=inf")->seconds, -1);
+  EXPECT_DOUBLE_EQ(
+      ParseCheckpointCommitLine("MUSTER_CHECKPOINT step=7 x=1 seconds=0.25\r")->seconds, 0.25);
+  EXPECT_FALSE(ParseCheckpointCommitLine("MUSTER_CHECKPOINT step=0 seconds=1"));
 }
 
 TEST(CheckpointLineTest, ParsesCommittedSteps) {

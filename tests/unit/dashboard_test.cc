@@ -268,6 +268,54 @@ TEST_F(RecorderTest, APreemptedAttemptIsCountedByCauseAndTheJobWaits) {
   EXPECT_TRUE(notice) << jj["events"].dump();
 }
 
+// Commits and replicas as the agents report them (their size, and a commit's latency when the
+// checkpointer gave one) become per job and provider byte counters and a latency histogram.
+TEST_F(RecorderTest, CheckpointBytesAndCommitLatencyPerJobAndProvider) {
+  FleetRecorder rec(*fleet_.coord_, hub_, 250);
+  auto commit = [&](const std::string& node, const std::string& session, int64_t step, bool replica,
+                    uint64_t bytes, double seconds) {
+    auto e = fleet_.Report(node, session, id_, 1);
+    auto* r = e.mutable_agent_report();
+    r->set_checkpoint_step(step);
+    r->set_checkpoint_volume("ckpt");
+    r->set_checkpoint_replica(replica);
+    r->set_checkpoint_bytes(bytes);
+    r->set_checkpoint_commit_seconds(seconds);
+    fleet_.Call(e);
+  };
+  commit("aws-1", sa_, 10, false, 1000, 0.3);
+  commit("aws-1", sa_, 20, false, 3000, 4.0);
+  commit("aws-1", sa_, 30, false, 5000, 0);  // no latency given: not observed
+  commit("gcp-1", sg_, 20, true, 3000, 0);
+  ASSERT_TRUE(rec.MaybePublish(Ms(fleet_.now_), true));
+  auto s = hub_.Get();
+  const CheckpointStats& aws = s->checkpoints.at({id_, "aws"});
+  EXPECT_EQ(aws.commits, 3u);
+  EXPECT_EQ(aws.commit_bytes, 9000u);
+  EXPECT_EQ(aws.latency.count, 2u);
+  EXPECT_EQ(s->checkpoints.at({id_, "gcp"}).replica_bytes, 3000u);
+
+  std::string m = RenderMetrics(*s);
+  const std::string aws_l = "job_id=\"" + id_ + "\",provider=\"aws\"";
+  const std::string gcp_l = "job_id=\"" + id_ + "\",provider=\"gcp\"";
+  for (const std::string& line :
+       {"muster_checkpoint_bytes_total{" + aws_l + ",kind=\"commit\"} 9000",
+        "muster_checkpoint_bytes_total{" + aws_l + ",kind=\"replica\"} 0",
+        "muster_checkpoint_bytes_total{" + gcp_l + ",kind=\"replica\"} 3000",
+        "muster_checkpoint_reports_total{" + aws_l + ",kind=\"commit\"} 3",
+        "muster_checkpoint_reports_total{" + gcp_l + ",kind=\"replica\"} 1",
+        "muster_checkpoint_commit_seconds_bucket{" + aws_l + ",le=\"0.25\"} 0",
+        "muster_checkpoint_commit_seconds_bucket{" + aws_l + ",le=\"0.5\"} 1",
+        "muster_checkpoint_commit_seconds_bucket{" + aws_l + ",le=\"5\"} 2",
+        "muster_checkpoint_commit_seconds_bucket{" + aws_l + ",le=\"+Inf\"} 2",
+        "muster_checkpoint_commit_seconds_count{" + aws_l + "} 2",
+        "muster_checkpoint_commit_seconds_sum{" + aws_l + "} 4.3",
+        "muster_checkpoint_commit_seconds_count{" + gcp_l + "} 0"}) {
+    EXPECT_NE(m.find(line + "\n"), std::string::npos) << line << "\n" << m;
+  }
+  EXPECT_NE(m.find("# TYPE muster_checkpoint_commit_seconds histogram"), std::string::npos);
+}
+
 TEST(RenderTest, UnknownJobIsNotFoundAndEventsFollowACursor) {
   FleetSnapshot s;
   for (int i = 1; i <= 5; ++i) {

@@ -93,7 +93,14 @@ TEST(JobContextTest, TheCheckpointerAnnouncesItsOwnCommits) {
       checkpoint::TensorRef::Replicated("w", checkpoint::DType::kF32, {64}, w.data()));
   ASSERT_TRUE((*ck)->Save(5, s).ok());
   ASSERT_TRUE((*ck)->Wait().ok());
-  EXPECT_EQ(ch.Drain(), "MUSTER_CHECKPOINT step=5\n");
+  // Announced with the commit latency the checkpointer measured.
+  std::string line = ch.Drain();
+  EXPECT_EQ(line.rfind("MUSTER_CHECKPOINT step=5 seconds=", 0), 0u) << line;
+  ASSERT_EQ(line.back(), '\n');
+  const std::string seconds = line.substr(33, line.size() - 34);
+  char* end = nullptr;
+  double s_value = std::strtod(seconds.c_str(), &end);
+  EXPECT_TRUE(end && *end == '\0' && s_value >= 0) << line;
 }
 
 TEST(JobContextTest, ANoticeFileOrTheStoreKeyIsANoticeAndEveryRankAgreesToStop) {
