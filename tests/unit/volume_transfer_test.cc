@@ -22,6 +22,7 @@
 #include <fstream>
 #include <future>
 #include <mutex>
+#include <optional>
 #include <thread>
 
 #include "checkpoint/checkpointer.h"
@@ -31,6 +32,7 @@
 #include "common/rpc.h"
 #include "common/wire.h"
 #include "node_agent/agent.h"
+#include "node_agent/replication_worker.h"
 #include "tests/testing/wait_until.h"
 
 namespace muster {
@@ -569,6 +571,129 @@ class AnyJobSource {
   Reactor reactor_;
   std::unique_ptr<RpcServer> server_;
 };
+
+// A source that serves `root` but holds every READ at or past `stall_from` until Release: a
+// copy caught in the middle.
+class StallingSource {
+ public:
+  StallingSource(fs::path root, uint64_t stall_from)
+      : root_(std::move(root)), stall_from_(stall_from), reactor_("stalling") {
+    RpcServer::Options o;
+    o.name = "stalling";
+    o.endpoint = "tcp://127.0.0.1:*";
+    o.insecure = true;
+    auto s = RpcServer::Create(
+        reactor_, o, [this](const PeerInfo&, proto::Envelope&& req, RpcServer::Reply r) {
+          const proto::VolumeRequest& q = req.volume_request();
+          if (q.op() == proto::VolumeRequest::READ && q.offset() >= stall_from_) {
+            std::unique_lock<std::mutex> l(mu_);
+            stalled_ = true;
+            cv_.notify_all();
+            cv_.wait(l, [&] { return released_; });
+          }
+          auto served = node_agent::ServeVolumeRequest(root_.string(), q);
+          if (!served.ok()) return r(ErrorEnvelope(req.request_id(), served.status()));
+          proto::Envelope e;
+          e.set_request_id(req.request_id());
+          *e.mutable_volume_reply() = std::move(*served);
+          r(std::move(e));
+        });
+    EXPECT_TRUE(s.ok()) << s.status();
+    server_ = std::move(*s);
+    reactor_.Start();
+  }
+  ~StallingSource() {
+    Release();
+    reactor_.Call("stop", [&] { server_.reset(); });
+    reactor_.Stop();
+  }
+  std::string endpoint() const { return server_->endpoint(); }
+  bool stalled() {
+    std::lock_guard<std::mutex> l(mu_);
+    return stalled_;
+  }
+  void Release() {
+    std::lock_guard<std::mutex> l(mu_);
+    released_ = true;
+    cv_.notify_all();
+  }
+
+ private:
+  fs::path root_;
+  uint64_t stall_from_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool stalled_ = false;   // GUARDED_BY(mu_)
+  bool released_ = false;  // GUARDED_BY(mu_)
+  Reactor reactor_;
+  std::unique_ptr<RpcServer> server_;
+};
+
+// A copy in flight is listed for the agent's /metrics with the bytes it has written into the
+// local volume so far; once done it is reported with the replica's size and leaves the list.
+TEST(AgentReplicationTest, ACopyInFlightShowsItsBytesUntilItIsReported) {
+  TempDir dir;
+  const fs::path src = dir.path / "src", vol = dir.path / "vol";
+  fs::create_directories(vol);
+  constexpr uint64_t kBytes = uint64_t{33} << 20;  // past one 32 MiB copy chunk
+  {
+    checkpoint::CheckpointerOptions o;
+    o.dir = (src / "job").string();
+    o.block_size = 1 << 20;
+    o.direct_io = false;
+    auto ck = checkpoint::Checkpointer::Create(o);
+    ASSERT_TRUE(ck.ok()) << ck.status();
+    std::vector<float> w(kBytes / 4, 1.5f);
+    checkpoint::SaveState s;
+    s.tensors.push_back(checkpoint::TensorRef::Replicated(
+        "w", checkpoint::DType::kF32, {static_cast<int64_t>(w.size())}, w.data()));
+    ASSERT_TRUE((*ck)->Save(10, s).ok());
+    ASSERT_TRUE((*ck)->Wait().ok());
+  }
+  StallingSource source(src, uint64_t{32} << 20);
+  std::mutex mu;
+  std::optional<proto::AgentReport> report;
+  node_agent::ReplicationWorker::Outputs out;
+  out.report = [&](proto::AgentReport r) {
+    std::lock_guard<std::mutex> l(mu);
+    report = std::move(r);
+  };
+  out.prune = [](const std::string&, int) {};
+  proto::NodeLabels labels;
+  labels.set_name("target");
+  auto* v = labels.add_volumes();
+  v->set_name("ckpt");
+  v->set_path(vol.string());
+  node_agent::ReplicationWorker worker(labels, /*insecure=*/true, out);
+  EXPECT_TRUE(worker.CopiesInFlight().empty());
+  proto::ReplicateCheckpoint r;
+  r.set_job_id("job");
+  r.set_step(10);
+  r.set_volume("ckpt");
+  r.set_source_node("src");
+  r.set_source_endpoint(source.endpoint());
+  worker.Offer(r);
+  ASSERT_TRUE(WaitUntil([&] { return source.stalled(); }, 20s));
+  auto copies = worker.CopiesInFlight();
+  ASSERT_EQ(copies.size(), 1u);
+  EXPECT_EQ(copies[0].job_id, "job");
+  EXPECT_EQ(copies[0].step, 10);
+  EXPECT_EQ(copies[0].volume, "ckpt");
+  EXPECT_EQ(copies[0].source_node, "src");
+  EXPECT_EQ(copies[0].bytes, uint64_t{32} << 20) << "the first chunk is written, the next held";
+  EXPECT_GT(copies[0].seconds, 0);
+  source.Release();
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        std::lock_guard<std::mutex> l(mu);
+        return report.has_value();
+      },
+      20s));
+  EXPECT_TRUE(report->checkpoint_replica()) << report->replicate_error();
+  EXPECT_EQ(report->checkpoint_bytes(), kBytes);
+  EXPECT_TRUE(worker.CopiesInFlight().empty());
+  worker.Stop();
+}
 
 TEST(AgentReplicationTest, HostileJobIdsAreRefusedAndNothingIsWrittenOutsideTheVolume) {
   TempDir dir;
