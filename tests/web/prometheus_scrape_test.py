@@ -24,6 +24,7 @@ import sys
 import tempfile
 import unittest
 import urllib.parse
+import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from procs import Proc, get_json, wait_until  # noqa: E402
@@ -31,6 +32,11 @@ from procs import Proc, get_json, wait_until  # noqa: E402
 MUSTER = os.environ.get("MUSTER_BIN", "muster")
 PROMETHEUS = os.environ.get("PROMETHEUS_BIN", "/usr/bin/prometheus")
 WRITE_STEP = os.environ.get("WRITE_STEP_BIN", "muster-test-write-step")
+
+
+def get_text(url, timeout=5):
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.read().decode()
 
 
 def free_port():
@@ -183,9 +189,15 @@ class PrometheusScrapeTest(unittest.TestCase):
         pid = re.search(r"pid=(\d+)", log).group(1)
         wait_until("Prometheus to scrape the agent (up == 1)",
                    lambda: one('up{job="agent"}') == 1, 60)
-        rank = (f'muster_agent_rank_info{{node="aws-1",job_id="{running}",attempt="1",'
-                f'rank="0",pid="{pid}",state="running"}}')
-        wait_until("the agent's rank series", lambda: one(rank) == 1, 30)
+        # The attempt the JSON API gives (a start retried on other ports is a new attempt).
+        rank = (f'muster_agent_rank_info{{node="aws-1",job_id="{running}",'
+                f'attempt="{run["attempt"]}",rank="0",pid="{pid}",state="running"}}')
+        try:
+            wait_until("the agent's rank series", lambda: one(rank) == 1, 30)
+        except AssertionError as e:
+            raise AssertionError(f"{e}: want {rank}; Prometheus has "
+                                 f"{query('muster_agent_rank_info')}; the agent serves "
+                                 f"{get_text(agent_url)}") from None
         self.assertEqual(one('muster_agent_ranks{node="aws-1",state="running"}'), 1)
         age = one(f'muster_agent_rank_last_output_age_seconds{{job_id="{running}",rank="0"}}')
         self.assertIsNotNone(age)
