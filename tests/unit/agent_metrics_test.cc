@@ -7,6 +7,8 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
+#include <mutex>
 #include <nlohmann/json.hpp>
 
 #include "common/reactor.h"
@@ -176,6 +178,39 @@ TEST_F(AgentMetricsServerTest, ServesTheNewestSnapshotAndJsonErrors) {
   auto head = HttpGet(port, "/metrics", "", "HEAD");
   EXPECT_EQ(head.code, 200);
   EXPECT_TRUE(head.body.empty());
+}
+
+// Serving reads only the published snapshot: a stalled reactor (the agent's, busy or stuck)
+// does not hold up a scrape.
+TEST_F(AgentMetricsServerTest, AStalledReactorDoesNotBlockAScrape) {
+  AgentMetricsOptions o;
+  o.listen = "127.0.0.1:0";
+  o.publish_interval = 20ms;
+  ASSERT_TRUE(Start(o).ok());
+  std::mutex mu;
+  std::condition_variable cv;
+  bool stalled = false, release = false;
+  reactor_.Post("stall", [&] {
+    std::unique_lock<std::mutex> l(mu);
+    stalled = true;
+    cv.notify_all();
+    cv.wait(l, [&] { return release; });
+  });
+  {
+    std::unique_lock<std::mutex> l(mu);
+    ASSERT_TRUE(cv.wait_for(l, 10s, [&] { return stalled; }));
+  }
+  auto t0 = std::chrono::steady_clock::now();
+  auto m = HttpGet(server_->port(), "/metrics");
+  auto took = std::chrono::steady_clock::now() - t0;
+  {
+    std::lock_guard<std::mutex> l(mu);
+    release = true;
+  }
+  cv.notify_all();
+  EXPECT_EQ(m.code, 200);
+  EXPECT_NE(m.body.find("muster_agent_rank_info{"), std::string::npos) << m.body;
+  EXPECT_LT(took, 5s) << "answered while the reactor was stalled";
 }
 
 TEST_F(AgentMetricsServerTest, BeyondLoopbackTheBearerTokenIsRequired) {
