@@ -262,7 +262,10 @@ TEST(UntrustedAdoptTest, AStepNameTooLargeForInt64IsRefused) {
   TempDir tmp;
   for (const std::string name : {"checkpoint-42", "checkpoint-99999999999999999999"}) {
     std::filesystem::create_directories(tmp.sub(name));
-    std::ofstream(tmp.sub(name + "/config.json")) << "{}";
+    std::ofstream(tmp.sub(name + "/trainer_state.json")) << "{}";
+    // An empty zip archive (its end-of-central-directory record alone): whole weights.
+    std::ofstream(tmp.sub(name + "/pytorch_model.bin"), std::ios::binary)
+        << std::string("PK\x05\x06", 4) << std::string(18, '\0');
   }
   auto ok = CheckAdoptable(tmp.sub("checkpoint-42"));
   ASSERT_TRUE(ok.ok()) << ok.status();
