@@ -121,6 +121,7 @@ Status Coordinator::Restore() {
     }
   }
   MUSTER_ASSIGN_OR_RETURN(auto jobs, store_->LoadJobs());
+  MUSTER_ASSIGN_OR_RETURN(auto exclusions, store_->LoadExclusions());
   int restored = 0;
   for (auto& rec : jobs) {
     if (Terminal(rec.state)) continue;
@@ -135,6 +136,8 @@ Status Coordinator::Restore() {
       continue;
     }
     j->req = ToJobRequest(*spec, j->rec.id, j->rec.seq);
+    if (auto ex = exclusions.find(j->rec.id); ex != exclusions.end())
+      j->req.excluded_nodes = ex->second;
     if ((j->rec.state == proto::JOB_SCHEDULED || j->rec.state == proto::JOB_RUNNING) &&
         !j->rec.nodes.empty()) {
       Status st = sched_->RestoreRunning(j->req, j->rec.nodes);
@@ -1156,6 +1159,7 @@ StatusOr<proto::Envelope> Coordinator::OnPreemptNode(const proto::PreemptNodeReq
   auto* out = e.mutable_preempt_node_reply();
   Event("", req.node(), "notice", fmt::format("preemption notice, {} ms", req.notice_ms()));
   MUSTER_RETURN_IF_ERROR(write_error_.ok() ? Status::Ok() : Refusal());
+  MUSTER_RETURN_IF_ERROR(DrainOnNotice(req.node()));  // durable before the jobs stop
   for (auto& [id, j] : jobs_) {
     if (Terminal(j->rec.state)) continue;
     if (std::find(j->rec.nodes.begin(), j->rec.nodes.end(), req.node()) == j->rec.nodes.end())
@@ -1165,7 +1169,6 @@ StatusOr<proto::Envelope> Coordinator::OnPreemptNode(const proto::PreemptNodeReq
              NowMs() + std::max<int64_t>(req.notice_ms(), 1000));
   }
   MUSTER_RETURN_IF_ERROR(write_error_.ok() ? Status::Ok() : Refusal());  // jobs not stopped
-  sched_->SetNodeState(req.node(), NodeState::kDraining).IgnoreError();
   return e;
 }
 
@@ -1402,15 +1405,15 @@ StatusOr<proto::Envelope> Coordinator::OnReport(const Caller& caller,
     Event("", node, "notice",
           fmt::format("preemption notice from {}, deadline {}", req.notice_source(),
                       req.notice_deadline_ms()));
+    MUSTER_RETURN_IF_ERROR(DrainOnNotice(node));  // durable before the jobs stop
     for (auto& [id, j] : jobs_) {
       if (!Terminal(j->rec.state) &&
           std::find(j->rec.nodes.begin(), j->rec.nodes.end(), node) != j->rec.nodes.end()) {
         StopGang(*j, proto::STOP_NODE_PREEMPTED, "", req.notice_deadline_ms());
       }
     }
-    // Not taken (the agent sends the notice again): its jobs were not stopped, nor is it drained.
+    // Not taken (the agent sends the notice again): its jobs were not stopped.
     MUSTER_RETURN_IF_ERROR(write_error_.ok() ? Status::Ok() : Refusal());
-    sched_->SetNodeState(node, NodeState::kDraining).IgnoreError();
   }
   if (req.job_id().empty()) return ack;
   auto it = jobs_.find(req.job_id());
@@ -1570,11 +1573,12 @@ void Coordinator::PreflightFailed(JobRt& j, const std::string& node,
         fmt::format("attempt {} (reported by {}): {}", j.rec.attempt, node, req.start_error()));
   if (j.attempt.cause == AttemptCause::kStartRetryable) {
     j.attempt.preflight = true;
-    j.req.excluded_nodes.insert(blamed);
-    sched_->Exclude(j.rec.id, blamed).IgnoreError();
-    Event(j.rec.id, blamed, "node_quarantined",
-          fmt::format("kept off job {} for the rest of the job: it failed the launch preflight",
-                      j.rec.id));
+    // A write that fails latches; the stop below is refused then too.
+    if (ExcludeFromJob(j.req, blamed, req.start_error()).ok()) {
+      Event(j.rec.id, blamed, "node_quarantined",
+            fmt::format("kept off job {} for the rest of the job: it failed the launch preflight",
+                        j.rec.id));
+    }
   }
   StopGang(j, proto::STOP_PEER_FAILED, node);
 }

@@ -192,6 +192,11 @@ class Coordinator {
   void NodeDone(JobRt& job, const std::string& node);
   void Finish(JobRt& job);
   void PreflightFailed(JobRt& job, const std::string& node, const proto::AgentReport& req);
+  // Durable facts beyond jobs and nodes (durable_hooks.cc), stored before memory follows:
+  // a preemption notice drains its node until an admin undrains it; a node blamed by a launch
+  // preflight is kept off that job for the rest of it.
+  Status DrainOnNotice(const std::string& node);
+  Status ExcludeFromJob(JobRequest& job, const std::string& node, const std::string& why);
   void LoseNode(NodeRt& node, const std::string& why);
   void Enqueue(const std::string& node, proto::AgentAction action);
   // The node's session, if `caller` holds the key the node is bound to.

@@ -203,6 +203,20 @@ std::vector<Mutation> Mutations() {
            r->set_resume_fallback_step(5);
          });
        }},
+      {"APreflightVerdict",
+       [](Harness& h) {
+         h.Register("n0");
+         h.job_ = h.Submit("name: pf\ncommand: x\n");
+         EXPECT_EQ(h.Heartbeat("n0").size(), 1u);
+       },
+       [](Harness& h) {
+         return h.Report("n0", h.job_, 1, [](auto* r) {
+           r->set_start_error("no GPU visible");
+           r->set_preflight_failed(true);
+           r->set_preflight_blamed_rank(0);
+           Harness::Exit(r, 1);
+         });
+       }},
       {"APreemptionNotice", running,
        [](Harness& h) {
          proto::Envelope e;
