@@ -10,10 +10,20 @@
 // already known to the coordinator is skipped), so a released node that still heartbeats can
 // be told apart and refused (Released()).
 //
+// State across restarts: SaveState() is everything above as one document (JSON); the
+// coordinator stores it after each Tick that changed it (StateToSave, StateSaved) and hands it
+// to RestoreState when it starts again. Restored, a request whose try was in flight counts that
+// try as failed (a provider's new process gives back what its old one held: the local
+// provider's agents stop with the coordinator, the Slurm provider scancels its ledger), so it
+// is retried after the backoff, or given up after max_tries, counting the tries made before the
+// restart; a provider given up for a gang stays given up for its retry_backoff_max_s; idle clocks
+// keep running; names already handed out are never handed out again.
+//
 // Thread-safety: none; the coordinator's reactor thread only.
 
 #include <map>
 #include <memory>
+#include <optional>
 #include <set>
 #include <string>
 #include <vector>
@@ -54,6 +64,14 @@ class ProviderManager {
   bool Released(const std::string& node) const { return released_.count(node) > 0; }
   const ProvidersConfig& config() const { return config_; }
 
+  // See "State across restarts" above. RestoreState: call before the first Tick; DataLoss for a
+  // document that does not parse (nothing restored then); the events say what it dropped.
+  std::string SaveState() const;
+  StatusOr<std::vector<Event>> RestoreState(const std::string& state);
+  // The document if it changed since it was last restored or saved (StateSaved).
+  std::optional<std::string> StateToSave() const;
+  void StateSaved(std::string state) { saved_ = std::move(state); }
+
  private:
   std::string NextName(const std::string& provider, const std::set<std::string>& known);
 
@@ -67,6 +85,7 @@ class ProviderManager {
   std::set<std::string> released_;
   std::set<std::string> announced_;  // nodes of requests whose "up" event was written
   uint64_t next_request_ = 1;
+  std::string saved_;  // the state as last saved or restored
 };
 
 }  // namespace muster::coordinator::providers
