@@ -157,6 +157,7 @@ Status Coordinator::Restore() {
     ++restored;
     jobs_.emplace(j->rec.id, std::move(j));
   }
+  RestoreCopies();
   Logger()->info("restored {} node(s) and {} unfinished job(s) from {}", nodes_.size(), restored,
                  store_->path().string());
   return Status::Ok();
@@ -377,6 +378,7 @@ void Coordinator::Replicate(JobRt* job, const std::string& job_id, int64_t step,
     c.source = src.name();
     if (!IssueCopy(c, keep)) continue;
     if (job) job->replicating[provider] = {step, NowMs() + 60 * 1000};
+    SaveCopies();
     Event(job_id, c.target, "replicating",
           fmt::format("step {} from {} (provider {}) to volume {} of provider {}", step, src.name(),
                       src.provider(), volume, provider));
@@ -684,6 +686,7 @@ void Coordinator::Tick() {
   }
   ExpireFetches(now);
   TickCopies(now);
+  SaveCopies();
   // Transfer keys of jobs that ended are revoked; expired ones the source dropped itself.
   for (auto g = grants_.begin(); g != grants_.end();) {
     auto j = jobs_.find(g->job_id);

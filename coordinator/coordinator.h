@@ -164,7 +164,8 @@ class Coordinator {
   // provider mounting the volume) until it is done, superseded by a newer step, or has failed
   // kMaxCopyTries times or waited kCopySourceWaitMs for its source, or the job ended (its transfer
   // keys are revoked then): every outcome is an event.
-  // Not persisted: a coordinator restart forgets the copies in flight.
+  // Saved in the state store when one starts and at each tick that changed them (not the
+  // grants, sessions or backoff clocks): after a restart a copy not done is asked again.
   struct CopyRt {
     std::string job_id, provider, volume;
     int64_t step = 0;
@@ -177,6 +178,11 @@ class Coordinator {
   };
   // Starts a try of `c` now; false when no source or target is connected (retried later).
   bool IssueCopy(CopyRt& c, int keep);
+  // The copies as the state store keeps them (durable_hooks.cc): SaveCopies writes them when
+  // they changed since the last save; RestoreCopies reads them (REQUIRES: jobs restored).
+  std::string CopiesState() const;
+  void SaveCopies();
+  void RestoreCopies();
   void RetryCopy(CopyRt& c, const std::string& why);
   void TickCopies(int64_t now);
   // A report about a copy from its target: done, failed (retried) or superseded there.
@@ -240,6 +246,7 @@ class Coordinator {
   std::map<uint64_t, Fetch> fetches_;
   std::map<std::pair<std::string, std::string>, CopyRt> copies_;  // by (job, target provider)
   std::vector<TransferGrant> grants_;
+  std::string saved_copies_;  // CopiesState() as last saved or restored
   uint64_t next_fetch_ = 1;
   bool pass_needed_ = true;
   std::unique_ptr<providers::ProviderManager> providers_;  // null: static nodes only

@@ -991,9 +991,9 @@ class CoordinatorKillNineTest : public CoordinatorIntegrationTest {
     client_ = std::move(*CoordinatorClient::Connect(o));
   }
   // An agent of the restarted coordinator (a fresh process: it runs nothing).
-  FakeAgent& Rejoin(const std::string& name) {
-    again_.push_back(
-        std::make_unique<FakeAgent>(ctx_, coord_->endpoint(), keys_, Labels(name, "aws")));
+  FakeAgent& Rejoin(const std::string& name) { return Rejoin(Labels(name, "aws")); }
+  FakeAgent& Rejoin(const proto::NodeLabels& labels) {
+    again_.push_back(std::make_unique<FakeAgent>(ctx_, coord_->endpoint(), keys_, labels));
     EXPECT_TRUE(again_.back()->Register().ok());
     again_.back()->StartHeartbeats();
     return *again_.back();
@@ -1105,6 +1105,52 @@ TEST_F(CoordinatorKillNineTest, APreflightExclusionSurvivesKillNine) {
   start = back.WaitStart();
   ASSERT_TRUE(start.has_value()) << Status(*id).DebugString();
   EXPECT_EQ(start->attempt(), 3);
+}
+
+// A checkpoint copy to another provider that had not landed when the coordinator was killed is
+// asked again of the target once the source and the target are back.
+TEST_F(CoordinatorKillNineTest, ACopyInFlightIsAskedAgainAfterKillNine) {
+  proto::NodeLabels src = Labels("aws-0", "aws");
+  src.set_transfer_endpoint("tcp://127.0.0.1:1");
+  src.set_transfer_key(GenerateKeyPair()->public_key);
+  agents_.push_back(std::make_unique<FakeAgent>(ctx_, coord_->endpoint(), keys_, src));
+  FakeAgent& a0 = *agents_.back();
+  ASSERT_TRUE(a0.Register().ok());
+  a0.StartHeartbeats();
+  FakeAgent& g0 = AddAgent("gcp-0", "gcp");
+  auto id = Submit("name: c\ncommand: train\ncheckpoint:\n  volume: ckpt\n  every: 10\n");
+  ASSERT_TRUE(id.ok()) << id.status();
+  auto start = a0.WaitStart();
+  ASSERT_TRUE(start);
+  ASSERT_TRUE(a0.Report(*id, 1, true, 0, false).ok());
+  proto::Envelope commit;
+  auto* r = commit.mutable_agent_report();
+  r->set_node("aws-0");
+  r->set_session_id(a0.session());
+  r->set_job_id(*id);
+  r->set_attempt(1);
+  r->set_checkpoint_step(10);
+  r->set_checkpoint_volume("ckpt");
+  ASSERT_TRUE(a0.Call(commit).ok());
+  auto copy = g0.WaitAction([](const auto& a) { return a.has_replicate(); }, 5s);
+  ASSERT_TRUE(copy);
+  ASSERT_EQ(copy->replicate().step(), 10);
+
+  KillNineAndRestart();  // before gcp-0 reports the replica
+  Rejoin(src);
+  FakeAgent& g1 = Rejoin(Labels("gcp-0", "gcp"));
+  copy = g1.WaitAction([](const auto& a) { return a.has_replicate(); }, 10s);
+  ASSERT_TRUE(copy) << "the copy was forgotten with the coordinator";
+  EXPECT_EQ(copy->replicate().step(), 10);
+  EXPECT_EQ(copy->replicate().source_node(), "aws-0");
+  auto ev = client_->Events(*id, 0);
+  ASSERT_TRUE(ev.ok());
+  bool said = false;
+  for (const auto& e : ev->events()) {
+    said |= e.kind() == "replicate_retry" &&
+            e.message().find("the coordinator restarted during the copy") != std::string::npos;
+  }
+  EXPECT_TRUE(said) << "an event says why the copy is asked again";
 }
 
 }  // namespace
