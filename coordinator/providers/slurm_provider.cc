@@ -128,7 +128,15 @@ SlurmProvider::SlurmProvider(ProviderConfig config, AgentLaunch launch)
   nonce_ = fmt::format("{:08x}", std::random_device{}());
   // First of all, the allocations an earlier coordinator left (it was killed before it could
   // scancel them): nothing here knows their nodes, so they go back.
-  work_.push_back([this] { CancelLeftovers(); });
+  // Read now, before any Request of this process rewrites the ledger; each stays in it until
+  // it is scancelled or seen to have ended.
+  std::set<std::string> left;
+  {
+    std::ifstream f(LedgerPath());
+    for (std::string job; f >> job;) left.insert(job);
+  }
+  ledger_ = left;
+  work_.push_back([this, left] { CancelLeftovers(left); });
   worker_ = std::thread([this] { WorkerLoop(); });
 }
 
@@ -174,15 +182,10 @@ bool SlurmProvider::SaveLedgerLocked() {
   return ok;
 }
 
-void SlurmProvider::CancelLeftovers() {
-  std::set<std::string> left;
-  {
-    std::ifstream f(LedgerPath());
-    for (std::string job; f >> job;) left.insert(job);
-  }
+void SlurmProvider::CancelLeftovers(const std::set<std::string>& left) {
   if (left.empty()) return;
   std::string bin = config_.slurm.bin_dir.empty() ? "" : config_.slurm.bin_dir + "/";
-  std::set<std::string> keep;  // could not be scancelled now: tried again at the next start
+  std::set<std::string> gone;  // scancelled, or ended by themselves
   for (const auto& job : left) {
     bool by_name = job.rfind(kIntentPrefix, 0) == 0;
     // An intent: sbatch had not answered when the coordinator died; the job has that name.
@@ -193,19 +196,21 @@ void SlurmProvider::CancelLeftovers() {
       Logger()->warn(
           "provider {}: scancelled Slurm job {}, an allocation a previous coordinator left ({})",
           config_.name, job, LedgerPath().string());
+      gone.insert(job);
       continue;
     }
     const std::string& why = r.status().message();
     if (why.find("Invalid job id") != std::string::npos ||
         why.find("already completing or completed") != std::string::npos) {
-      continue;  // it ended by itself
+      gone.insert(job);  // it ended by itself
+      continue;
     }
+    // Stays in the ledger: tried again at the next start.
     Logger()->error("provider {}: Slurm job {}, left by a previous coordinator, not scancelled: {}",
                     config_.name, job, why);
-    keep.insert(job);
   }
   std::lock_guard<std::mutex> l(mu_);
-  ledger_.insert(keep.begin(), keep.end());
+  for (const auto& job : gone) ledger_.erase(job);
   SaveLedgerLocked();
 }
 

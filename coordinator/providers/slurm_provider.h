@@ -70,7 +70,7 @@ class SlurmProvider : public Provider {
   void WorkerLoop();
   void Scancel(uint64_t id);  // worker thread
   // Worker thread: scancels the jobs an earlier provider left in the ledger.
-  void CancelLeftovers();
+  void CancelLeftovers(const std::set<std::string>& left);
   std::filesystem::path LedgerPath() const;
   // False (and logged) if the ledger could not be written durably. REQUIRES: mu_ held.
   bool SaveLedgerLocked();
