@@ -16,6 +16,13 @@ void Coordinator::SetProviders(std::unique_ptr<providers::ProviderManager> provi
   providers_ = std::move(providers);
   pass_needed_ = true;
   if (!providers_) return;
+  providers_->SetPersist([this](const std::string& state) {
+    bool ok = Write("provider state", [&] {
+                return store_->PutState(kProviderStateKey, state, NowMs());
+              }).ok();
+    if (ok) providers_->StateSaved(state);
+    return ok;
+  });
   // What the previous coordinator on this data dir knew: requests, idle clocks, given-up gangs.
   auto saved = store_->GetState(kProviderStateKey);
   Status st = saved.status();

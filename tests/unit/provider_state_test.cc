@@ -1,6 +1,7 @@
 // ProviderManager's state across a restart (provider_manager.h, "State across restarts"): saved
 // by one manager, restored by a fresh one over fake providers, time passed in.
 
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -21,6 +22,7 @@ class FakeProvider : public Provider {
   const ProviderConfig& config() const override { return config_; }
   Status Request(const NodeGroupRequest& r) override {
     requests.push_back(r);
+    persisted_when_asked.push_back(persisted ? *persisted : "");
     return Status::Ok();
   }
   void Cancel(uint64_t id) override { cancelled.push_back(id); }
@@ -29,6 +31,8 @@ class FakeProvider : public Provider {
   std::vector<NodeGroupRequest> requests;
   std::vector<uint64_t> cancelled;
   std::vector<std::string> released;
+  const std::string* persisted = nullptr;         // the test's last persisted state
+  std::vector<std::string> persisted_when_asked;  // its value at each Request
 
  private:
   ProviderConfig config_;
@@ -133,6 +137,37 @@ TEST(ProviderStateTest, ATryInFlightCountsAsFailedAndTheTriesCarryOver) {
   EXPECT_NE(fourth->PendingReason("j").find("could not supply 2 nodes after 2 tries"),
             std::string::npos)
       << fourth->PendingReason("j");
+}
+
+// A request is in the persisted state before its provider is asked; a persist that fails
+// (the coordinator's store) means no request is made.
+TEST(ProviderStateTest, ARequestIsPersistedBeforeTheProviderIsAsked) {
+  FakeProvider* a = nullptr;
+  auto m = Manager(&a);
+  std::string persisted;
+  bool store_ok = false;
+  a->persisted = &persisted;
+  m->SetPersist([&](const std::string& s) {
+    if (store_ok) persisted = s;
+    return store_ok;
+  });
+  auto out = m->Tick({Job("j", 2)}, {}, kT0);
+  EXPECT_TRUE(a->requests.empty()) << "not recorded, not asked: " << Kinds(out);
+  EXPECT_EQ(Kinds(out).find("provider_request"), std::string::npos) << Kinds(out);
+  store_ok = true;
+  out = m->Tick({Job("j", 2)}, {}, kT0 + 1s);
+  ASSERT_EQ(a->requests.size(), 1u) << Kinds(out);
+  const std::string& then = a->persisted_when_asked[0];
+  EXPECT_NE(then.find(fmt::format("\"id\":{}", a->requests[0].id)), std::string::npos) << then;
+  for (const auto& name : a->requests[0].names) {
+    EXPECT_NE(then.find("\"" + name + "\""), std::string::npos) << name << " in " << then;
+  }
+  // A fresh manager restored from what was persisted when the provider was asked knows it.
+  FakeProvider* b = nullptr;
+  auto after = Manager(&b);
+  ASSERT_TRUE(after->RestoreState(then).ok());
+  out = after->Tick({Job("j", 2)}, {}, kT0 + 2s);
+  EXPECT_NE(Kinds(out).find("provider_retry"), std::string::npos) << Kinds(out);
 }
 
 // Idle clocks keep running across a restart, and a released node stays released.
