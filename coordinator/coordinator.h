@@ -117,7 +117,8 @@ class Coordinator {
   void set_observer(CoordinatorObserver* observer) { observer_ = observer; }
 
   // On-demand nodes (coordinator/providers/): after each pass the manager may request node
-  // groups for the gangs left pending and release idle nodes. Call before the first Tick.
+  // groups for the gangs left pending and release idle nodes. Call before the first Tick: it
+  // restores the manager's state that the store kept (provider_manager.h).
   void SetProviders(std::unique_ptr<providers::ProviderManager> providers);
 
   // Ok, or the first durable write that failed; every change has been refused since.
