@@ -165,7 +165,7 @@ class Coordinator {
   // provider mounting the volume) until it is done, superseded by a newer step, or has failed
   // kMaxCopyTries times or waited kCopySourceWaitMs for its source, or the job ended (its transfer
   // keys are revoked then): every outcome is an event.
-  // Saved in the state store when one starts and at each tick that changed them (not the
+  // Saved in the database when one starts and at each tick that changed them (not the
   // grants, sessions or backoff clocks): after a restart a copy not done is asked again.
   struct CopyRt {
     std::string job_id, provider, volume;
@@ -179,7 +179,7 @@ class Coordinator {
   };
   // Starts a try of `c` now; false when no source or target is connected (retried later).
   bool IssueCopy(CopyRt& c, int keep);
-  // The copies as the state store keeps them (durable_hooks.cc): SaveCopies writes them when
+  // The copies as the database keeps them (durable_hooks.cc): SaveCopies writes them when
   // they changed since the last save; RestoreCopies reads them (REQUIRES: jobs restored).
   std::string CopiesState() const;
   void SaveCopies();

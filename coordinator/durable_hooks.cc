@@ -1,6 +1,6 @@
 // The coordinator's facts that must survive its own restart beyond jobs and nodes: the drain a
 // preemption notice causes, and the nodes a failed launch preflight keeps off a job (each
-// written to the state store before memory, the scheduler, follows, so a coordinator killed
+// written to the database before memory, the scheduler, follows, so a coordinator killed
 // right after acting on a notice or a preflight verdict still has it when it starts again); and
 // the checkpoint copies between providers it follows (saved when one starts and at each tick
 // that changed them, asked again after a restart).

@@ -9,7 +9,7 @@
 
 namespace muster::coordinator {
 
-// The state store key of the ProviderManager's state (provider_manager.h).
+// The database key of the ProviderManager's state (provider_manager.h).
 constexpr const char* kProviderStateKey = "providers";
 
 void Coordinator::SetProviders(std::unique_ptr<providers::ProviderManager> providers) {

@@ -1,5 +1,5 @@
 // ProviderManager's durable state (provider_manager.h, "State across restarts"): what it knows
-// as one JSON document the coordinator keeps in its state store.
+// as one JSON document the coordinator keeps in its database.
 
 #include <fmt/format.h>
 
