@@ -636,7 +636,23 @@ void Coordinator::Finish(JobRt& job) {
   pass_needed_ = true;
 }
 
-void Coordinator::LoseNode(NodeRt& node, const std::string& why) {
+bool Coordinator::IsAgentSession(const Caller& caller, const std::string& node,
+                                 const std::string& session) {
+  NodeRt* n = nodes_.Find(node);
+  return n != nullptr && !session.empty() && n->session == session &&
+         nodes_.MaySpeakFor(node, caller.public_key);
+}
+
+void Coordinator::AgentGone(const std::string& node, const std::string& session,
+                            const std::string& why) {
+  NodeRt* n = nodes_.Find(node);
+  if (n == nullptr || session.empty() || n->session != session) return;
+  // Refusing changes: as in Tick, nobody is declared lost.
+  if (!write_error_.ok()) return;
+  LoseNode(*n, why, /*agent_gone=*/true);
+}
+
+void Coordinator::LoseNode(NodeRt& node, const std::string& why, bool agent_gone) {
   const std::string& name = node.rec.labels.name();
   nodes_.Disconnect(node);
   sched_->SetNodeState(name, NodeState::kDown).IgnoreError();
@@ -646,7 +662,7 @@ void Coordinator::LoseNode(NodeRt& node, const std::string& why) {
     if (std::find(j->rec.nodes.begin(), j->rec.nodes.end(), name) == j->rec.nodes.end()) continue;
     if (j->attempt.done.count(name)) continue;
     if (!Terminal(j->rec.state)) {
-      j->attempt.RecordNodeLost(fmt::format("node {} lost ({})", name, why));
+      j->attempt.RecordNodeLost(fmt::format("node {} lost ({})", name, why), false, agent_gone);
       Event(id, name, "node_lost", fmt::format("attempt {}: {}", j->rec.attempt, why));
       StopGang(*j, proto::STOP_PEER_FAILED, name);
     }
