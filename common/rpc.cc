@@ -74,8 +74,7 @@ StatusOr<std::unique_ptr<RpcServer>> RpcServer::Create(Reactor& reactor, Options
                              ZMQ_EVENT_ACCEPTED | ZMQ_EVENT_DISCONNECTED) != 0) {
         return InternalError(std::string("zmq_socket_monitor: ") + zmq_strerror(zmq_errno()));
       }
-      server->monitor_ =
-          std::make_unique<zmq::socket_t>(reactor.context(), zmq::socket_type::pair);
+      server->monitor_ = std::make_unique<zmq::socket_t>(reactor.context(), zmq::socket_type::pair);
       server->monitor_->set(zmq::sockopt::linger, 0);
       server->monitor_->connect(mon);
     }

@@ -55,9 +55,9 @@ class AgentConnections {
 
  private:
   int64_t grace_ms_;
-  std::set<int> open_;                  // fds accepted and not closed since
-  std::map<int, Agent> owner_;          // open fd -> the agent whose request came over it
-  std::map<Agent, int64_t> suspects_;   // agent -> when its last connection closed
+  std::set<int> open_;                 // fds accepted and not closed since
+  std::map<int, Agent> owner_;         // open fd -> the agent whose request came over it
+  std::map<Agent, int64_t> suspects_;  // agent -> when its last connection closed
 };
 
 }  // namespace muster::coordinator

@@ -111,8 +111,7 @@ struct AttemptState {
   // start again wherever its cause came from). `agent_gone`: the node's agent process is known
   // to have ended (its connection closed), so its ranks ended with it and no lease fence is
   // needed for it. Returns whether it became the cause.
-  bool RecordNodeLost(const std::string& why, bool override_cause = false,
-                      bool agent_gone = false);
+  bool RecordNodeLost(const std::string& why, bool override_cause = false, bool agent_gone = false);
 
   // Every one of `ranks` ranks exited 0, none otherwise, and no cause is known.
   bool EveryRankExitedZero(int ranks) const;

@@ -68,7 +68,8 @@ struct CoordinatorServer::Impl {
       default:
         return;
     }
-    if (coord->IsAgentSession(caller, *node, *session)) agents->OnRequest(peer.fd, {*node, *session});
+    if (coord->IsAgentSession(caller, *node, *session))
+      agents->OnRequest(peer.fd, {*node, *session});
   }
 
   void ReloadKeysIfChanged(bool force = false) {
