@@ -1374,9 +1374,17 @@ StatusOr<proto::Envelope> Coordinator::OnHeartbeat(const Caller& caller,
   MUSTER_ASSIGN_OR_RETURN(NodeRt * n, Session(caller, req.node(), req.session_id()));
   for (const auto& p : req.progress()) {
     auto it = jobs_.find(p.job_id());
-    // Only a node of the job's current attempt reports its progress.
-    if (it != jobs_.end() && std::find(it->second->rec.nodes.begin(), it->second->rec.nodes.end(),
-                                       req.node()) != it->second->rec.nodes.end()) {
+    // Only a node of the job's current attempt reports its progress, and only of that attempt:
+    // a node of the last attempt and of this one may still send what the last one printed
+    // (printed before this attempt began, and the node runs none of this attempt's ranks yet).
+    auto of_current = [&](const proto::RunningAssignment& r) {
+      return r.job_id() == p.job_id() && r.attempt() == it->second->rec.attempt;
+    };
+    if (it != jobs_.end() &&
+        std::find(it->second->rec.nodes.begin(), it->second->rec.nodes.end(), req.node()) !=
+            it->second->rec.nodes.end() &&
+        (p.time_ms() >= it->second->attempt.started_ms ||
+         std::any_of(req.running().begin(), req.running().end(), of_current))) {
       it->second->progress = p;
       if (observer_) observer_->OnProgress(p.job_id(), it->second->rec.attempt, p);
     }
