@@ -641,7 +641,23 @@ void Coordinator::Finish(JobRt& job) {
   pass_needed_ = true;
 }
 
-void Coordinator::LoseNode(NodeRt& node, const std::string& why) {
+bool Coordinator::IsAgentSession(const Caller& caller, const std::string& node,
+                                 const std::string& session) {
+  NodeRt* n = nodes_.Find(node);
+  return n != nullptr && !session.empty() && n->session == session &&
+         nodes_.MaySpeakFor(node, caller.public_key);
+}
+
+void Coordinator::AgentGone(const std::string& node, const std::string& session,
+                            const std::string& why) {
+  NodeRt* n = nodes_.Find(node);
+  if (n == nullptr || session.empty() || n->session != session) return;
+  // Refusing changes: as in Tick, nobody is declared lost.
+  if (!write_error_.ok()) return;
+  LoseNode(*n, why, /*agent_gone=*/true);
+}
+
+void Coordinator::LoseNode(NodeRt& node, const std::string& why, bool agent_gone) {
   const std::string& name = node.rec.labels.name();
   nodes_.Disconnect(node);
   sched_->SetNodeState(name, NodeState::kDown).IgnoreError();
@@ -651,7 +667,7 @@ void Coordinator::LoseNode(NodeRt& node, const std::string& why) {
     if (std::find(j->rec.nodes.begin(), j->rec.nodes.end(), name) == j->rec.nodes.end()) continue;
     if (j->attempt.done.count(name)) continue;
     if (!Terminal(j->rec.state)) {
-      j->attempt.RecordNodeLost(fmt::format("node {} lost ({})", name, why));
+      j->attempt.RecordNodeLost(fmt::format("node {} lost ({})", name, why), false, agent_gone);
       Event(id, name, "node_lost", fmt::format("attempt {}: {}", j->rec.attempt, why));
       StopGang(*j, proto::STOP_PEER_FAILED, name);
     }
@@ -1364,9 +1380,17 @@ StatusOr<proto::Envelope> Coordinator::OnHeartbeat(const Caller& caller,
   MUSTER_ASSIGN_OR_RETURN(NodeRt * n, Session(caller, req.node(), req.session_id()));
   for (const auto& p : req.progress()) {
     auto it = jobs_.find(p.job_id());
-    // Only a node of the job's current attempt reports its progress.
-    if (it != jobs_.end() && std::find(it->second->rec.nodes.begin(), it->second->rec.nodes.end(),
-                                       req.node()) != it->second->rec.nodes.end()) {
+    // Only a node of the job's current attempt reports its progress, and only of that attempt:
+    // a node of the last attempt and of this one may still send what the last one printed
+    // (printed before this attempt began, and the node runs none of this attempt's ranks yet).
+    auto of_current = [&](const proto::RunningAssignment& r) {
+      return r.job_id() == p.job_id() && r.attempt() == it->second->rec.attempt;
+    };
+    if (it != jobs_.end() &&
+        std::find(it->second->rec.nodes.begin(), it->second->rec.nodes.end(), req.node()) !=
+            it->second->rec.nodes.end() &&
+        (p.time_ms() >= it->second->attempt.started_ms ||
+         std::any_of(req.running().begin(), req.running().end(), of_current))) {
       it->second->progress = p;
       if (observer_) observer_->OnProgress(p.job_id(), it->second->rec.attempt, p);
     }

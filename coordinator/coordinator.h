@@ -110,6 +110,14 @@ class Coordinator {
   // Periodic work; see above.
   void Tick();
 
+  // Dead or silent (docs/protocol.md; coordinator/agent_connections.h). Whether `caller` speaks
+  // for `node` and `session` is its current session.
+  bool IsAgentSession(const Caller& caller, const std::string& node, const std::string& session);
+  // The agent of `node` (session `session`) is gone: every connection it had closed and it said
+  // nothing since. Declares the node lost now, with no lease fence: its ranks died with it. A
+  // session that is no longer the node's current one is ignored.
+  void AgentGone(const std::string& node, const std::string& session, const std::string& why);
+
   const Scheduler& scheduler() const { return *sched_; }
   // Read-only use on the reactor thread (the HTTP side's snapshots: attempts, catalog, events).
   CoordinatorDb& store() { return *store_; }
@@ -204,7 +212,8 @@ class Coordinator {
   // preflight is kept off that job for the rest of it.
   Status DrainOnNotice(const std::string& node);
   Status ExcludeFromJob(JobRequest& job, const std::string& node, const std::string& why);
-  void LoseNode(NodeRt& node, const std::string& why);
+  // `agent_gone`: the agent process is known to have ended (AgentGone): no lease fence.
+  void LoseNode(NodeRt& node, const std::string& why, bool agent_gone = false);
   void Enqueue(const std::string& node, proto::AgentAction action);
   // The node's session, if `caller` holds the key the node is bound to.
   StatusOr<NodeRt*> Session(const Caller& caller, const std::string& node,
