@@ -84,7 +84,7 @@ StatusOr<std::unique_ptr<RpcServer>> RpcServer::Create(Reactor& reactor, Options
 RpcServer::~RpcServer() {
   if (!core_) return;
   core_->open = false;
-  if (reactor_.InReactorThread()) reactor_.RemoveSocket(core_->socket);
+  if (reactor_.InReactorThread() || !reactor_.running()) reactor_.RemoveSocket(core_->socket);
   core_->socket.close();
 }
 
