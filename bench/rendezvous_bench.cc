@@ -54,6 +54,24 @@ class Ranks {
       : ctx_(1), epfd_(epoll_create1(EPOLL_CLOEXEC)) {
     ctx_.set(zmq::ctxopt::max_sockets, n + 64);
     socks_.reserve(n);
+    try {
+      Open(n, endpoint_of, creds);
+    } catch (const zmq::error_t& e) {
+      rlimit r{};
+      getrlimit(RLIMIT_NOFILE, &r);
+      status_ = UnavailableError("cannot open " + std::to_string(n) + " rank sockets (" +
+                                 std::to_string(socks_.size()) + " opened): " + e.what() +
+                                 "; open files are limited to " + std::to_string(r.rlim_cur));
+    }
+  }
+  ~Ranks() { close(epfd_); }
+  // Not OK when the sockets could not all be opened.
+  const Status& status() const { return status_; }
+  int size() const { return static_cast<int>(socks_.size()); }
+
+ private:
+  void Open(int n, const std::function<std::string(int)>& endpoint_of,
+            const RdzvCredentials& creds) {
     for (int i = 0; i < n; ++i) {
       socks_.emplace_back(ctx_, zmq::socket_type::dealer);
       zmq::socket_t& s = socks_.back();
@@ -73,9 +91,8 @@ class Ranks {
       epoll_ctl(epfd_, EPOLL_CTL_ADD, s.get(zmq::sockopt::fd), &ev);
     }
   }
-  ~Ranks() { close(epfd_); }
-  int size() const { return static_cast<int>(socks_.size()); }
 
+ public:
   void Send(int i, const std::string& bytes) {
     socks_[i].send(zmq::buffer(bytes), zmq::send_flags::none);
   }
@@ -127,6 +144,7 @@ class Ranks {
   zmq::context_t ctx_;
   std::vector<zmq::socket_t> socks_;
   int epfd_;
+  Status status_;
   uint64_t next_id_ = 0;
 };
 
@@ -203,6 +221,19 @@ class Relays {
 StatusOr<Result> Run(int n, bool curve, int per_node) {
   Result res{n, curve, 0, 0, 0, 0, 0, 0, 0};
   res.ranks_per_node = per_node;
+  // Every simulated rank costs about three descriptors in this one process (its socket's
+  // mailbox and both ends of its connection), a relay four more. libzmq aborts when it runs
+  // out of them while accepting, so refuse a run that cannot fit instead.
+  rlimit lim{};
+  getrlimit(RLIMIT_NOFILE, &lim);
+  uint64_t needed = 3 * static_cast<uint64_t>(n) + 256 +
+                    (per_node > 0 ? 4 * static_cast<uint64_t>((n + per_node - 1) / per_node) : 0);
+  if (lim.rlim_cur != RLIM_INFINITY && needed > lim.rlim_cur) {
+    return FailedPreconditionError(
+        std::to_string(n) + " simulated ranks need about " + std::to_string(needed) +
+        " open files in this one process; the limit is " + std::to_string(lim.rlim_cur) +
+        " (hard limit " + std::to_string(lim.rlim_max) + ")");
+  }
   Reactor reactor("rdzv-bench");
   std::unique_ptr<ZapAuthenticator> zap;
   if (curve) {
@@ -239,14 +270,15 @@ StatusOr<Result> Run(int n, bool curve, int per_node) {
     }
     Ranks ranks(
         n, [&](int i) { return relays ? relays->EndpointOf(i) : server->endpoint(); }, creds);
+    st = ranks.status();
     // connect: the first request of every rank completes its handshake.
-    for (int i = 0; i < n; ++i) {
+    for (int i = 0; st.ok() && i < n; ++i) {
       proto::StoreRequest r;
       r.mutable_add()->set_key("joined");
       r.mutable_add()->set_delta(1);
       ranks.SendRequest(i, std::move(r));
     }
-    st = ranks.Collect(n, [](int, const proto::Envelope&) { return Status::Ok(); });
+    if (st.ok()) st = ranks.Collect(n, [](int, const proto::Envelope&) { return Status::Ok(); });
     res.connect_s = Since(t0);
     auto t1 = Clock::now();
     for (int i = 0; st.ok() && i < n; ++i) {
@@ -362,8 +394,9 @@ StatusOr<Result> Run(int n, bool curve, int per_node) {
     auto ta = Clock::now();
     {
       Ranks ranks(n, ep, ac);
-      for (int i = 0; i < n; ++i) ranks.Send(i, "ping");
-      st = ranks.Collect(n);
+      st = ranks.status();
+      for (int i = 0; st.ok() && i < n; ++i) ranks.Send(i, "ping");
+      if (st.ok()) st = ranks.Collect(n);
       res.anchor_s = Since(ta);
       // The floor of an allgather through one server: every socket receives N x 64 bytes.
       auto tb = Clock::now();

@@ -41,9 +41,7 @@ std::optional<pid_t> PeerPid(const std::string& address) {
 }  // namespace
 
 RendezvousRelay::RendezvousRelay(Reactor& reactor, Options options)
-    : reactor_(reactor),
-      options_(std::move(options)),
-      upstream_(reactor.context(), zmq::socket_type::dealer) {}
+    : reactor_(reactor), options_(std::move(options)) {}
 
 StatusOr<std::unique_ptr<RendezvousRelay>> RendezvousRelay::Create(Reactor& reactor,
                                                                    Options options) {
@@ -91,6 +89,7 @@ Status RendezvousRelay::Start() {
                     HandleLocal(peer, std::move(req), std::move(reply));
                   }));
   try {
+    upstream_ = zmq::socket_t(reactor_.context(), zmq::socket_type::dealer);
     upstream_.set(zmq::sockopt::linger, 0);
     upstream_.set(zmq::sockopt::maxmsgsize, options_.max_message_bytes);
     const RdzvCredentials& c = options_.credentials;
@@ -104,14 +103,14 @@ Status RendezvousRelay::Start() {
     }
     upstream_.connect(options_.upstream_endpoint);
   } catch (const zmq::error_t& e) {
-    return InvalidArgumentError("rendezvous relay: cannot connect to the store at " +
-                                options_.upstream_endpoint + ": " + e.what());
+    return UnavailableError("rendezvous relay: cannot connect to the store at " +
+                            options_.upstream_endpoint + ": " + e.what());
   }
   reactor_.AddSocket(upstream_, "rdzv-relay.upstream", [this] { OnUpstreamReadable(); });
   upstream_added_ = true;
   log::Get("coll.relay")
-      ->info("rendezvous relay for {}/{} serving {} ({} local ranks), store {}", options_.job,
-             options_.attempt, endpoint_, options_.local_ranks.size(), options_.upstream_endpoint);
+      ->debug("rendezvous relay for {}/{} serving {} ({} local ranks), store {}", options_.job,
+              options_.attempt, endpoint_, options_.local_ranks.size(), options_.upstream_endpoint);
   return Status::Ok();
 }
 
@@ -121,7 +120,7 @@ RendezvousRelay::~RendezvousRelay() {
   if (upstream_added_ && (reactor_.InReactorThread() || !reactor_.running())) {
     reactor_.RemoveSocket(upstream_);
   }
-  upstream_.close();
+  if (upstream_) upstream_.close();
   local_.reset();
   if (!dir_.empty()) {
     std::error_code ec;

@@ -37,7 +37,12 @@ StatusOr<std::unique_ptr<RpcServer>> RpcServer::Create(Reactor& reactor, Options
                                                        Handler handler) {
   std::unique_ptr<RpcServer> server(new RpcServer(reactor, std::move(options), std::move(handler)));
   const Options& o = server->options_;
-  auto core = std::make_shared<Core>(reactor.context());
+  std::shared_ptr<Core> core;
+  try {
+    core = std::make_shared<Core>(reactor.context());
+  } catch (const zmq::error_t& e) {
+    return UnavailableError(o.name + ": cannot open a socket for " + o.endpoint + ": " + e.what());
+  }
   core->name = o.name;
   try {
     zmq::socket_t& s = core->socket;

@@ -3,7 +3,7 @@
 // many bytes: ZeroMQ's "host:uid:gid:pid", which the relay parses for the pid it admits) and a
 // sequence of envelopes (u16 little-endian length, then that many bytes) handled as if off the
 // socket: RendezvousRelay::HandleLocal, on a reactor that is not running, with a store that
-// never answers (requests forwarded upstream stay pending; batches wait for their window).
+// is not there (requests forwarded upstream stay pending; batches wait for their window).
 // Closing the relay at the end answers them. Each run checks:
 //   - every request is answered (at once, or when the relay closes), exactly once;
 //   - a pid the admit function refuses never gets a request upstream.
@@ -13,6 +13,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <memory>
 #include <string>
 
@@ -46,7 +47,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   bool admitted_any = false;
   RendezvousRelay::Options o;
   o.socket_parent = h->dir;
-  o.upstream_endpoint = "inproc://relay-fuzz-store-nobody-binds";
+  o.upstream_endpoint = "ipc://" + h->dir + "/nobody-listens";
   o.credentials.insecure = true;
   o.job = "j";
   o.attempt = 0;
@@ -59,7 +60,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     return muster::Status::Ok();
   };
   auto relay = RendezvousRelay::Create(h->reactor, o);
-  if (!relay.ok()) abort();
+  if (!relay.ok()) {
+    fprintf(stderr, "relay_fuzz: %s\n", relay.status().ToString().c_str());
+    abort();
+  }
   int requests = 0;
   int64_t answered = 0;
   auto reply = [&answered](muster::proto::Envelope) { ++answered; };
