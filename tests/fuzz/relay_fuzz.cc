@@ -13,6 +13,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <filesystem>
 #include <cstdio>
 #include <memory>
 #include <string>
@@ -25,12 +26,16 @@ namespace {
 
 using muster::collectives::RendezvousRelay;
 
+std::string* g_dir = nullptr;  // removed at exit
+
 struct Harness {
   Harness() : reactor("relay-fuzz") {
     muster::log::InitLogging("off").IgnoreError();
     std::string templ = "/tmp/relay-fuzz-XXXXXX";
     if (mkdtemp(templ.data()) == nullptr) abort();
     dir = templ;
+    g_dir = new std::string(dir);
+    std::atexit([] { std::filesystem::remove_all(*g_dir); });
   }
   muster::Reactor reactor;
   std::string dir;
