@@ -325,8 +325,19 @@ void RendezvousRelay::AddToBatch(bool gather, proto::StoreRequest& req, RpcServe
     batch.gather = gather;
     batch.name = name;
     batch.n = n;
+    batch.flush_at = Clock::now() + options_.batch_window;
+  }
+  // The batch leaves when complete, after the window, or at its earliest caller's deadline,
+  // whichever is first: a caller never waits here past its own timeout.
+  Clock::time_point flush_at = std::min(batch.flush_at, caller.deadline);
+  batch.callers.push_back(std::move(caller));
+  size_t expected = Expected(batch);
+  if (expected > 0 && batch.callers.size() >= expected) return Flush(key);
+  if (batch.timer == 0 || flush_at < batch.flush_at) {
+    if (batch.timer != 0) reactor_.CancelTimer(batch.timer);
+    batch.flush_at = flush_at;
     std::weak_ptr<int> life = life_;
-    batch.timer = reactor_.PostAfter(options_.batch_window, "rdzv-relay.batch", [this, life, key] {
+    batch.timer = reactor_.PostAt(flush_at, "rdzv-relay.batch", [this, life, key] {
       if (!life.lock()) return;
       auto b = batches_.find(key);
       if (b == batches_.end()) return;
@@ -334,9 +345,6 @@ void RendezvousRelay::AddToBatch(bool gather, proto::StoreRequest& req, RpcServe
       Flush(key);
     });
   }
-  batch.callers.push_back(std::move(caller));
-  size_t expected = Expected(batch);
-  if (expected > 0 && batch.callers.size() >= expected) Flush(key);
 }
 
 size_t RendezvousRelay::Expected(const Batch& b) const {

@@ -12,9 +12,11 @@
 //     (StoreGather.batch); the one reply is fanned out to each local caller;
 //   - a barrier: the node's arrivals go upstream in one request (StoreBarrier.arrivals).
 // A batch (by name and n) goes upstream as soon as it holds all of `local_ranks` (a gather:
-// those below n; a barrier: min(local ranks, n)), or `batch_window` after its first caller,
-// whichever is first: a gather or barrier that only some local ranks join (a subgroup) still
-// completes, one window later. A caller that comes after its batch left forms the next batch.
+// those below n; a barrier: min(local ranks, n)), `batch_window` after its first caller, or at
+// its earliest caller's deadline, whichever is first: a gather or barrier that only some local
+// ranks join (a subgroup) still completes, one window later, and no caller waits here past its
+// own timeout. Where every local rank joins (the usual case) the window costs nothing: the
+// batch leaves with the last of them. A caller that comes after its batch left forms the next.
 // Semantics are the store's: a batch's timeout is its callers' earliest; when the store times
 // it out, the callers whose own timeout has passed get the store's DeadlineExceeded and the
 // others go upstream again with what they have left (a withdrawn gather entry may be
@@ -72,7 +74,7 @@ class RendezvousRelay {
     // The global ranks served by this relay (its node's); used to send a batch as soon as it
     // is complete. Empty: every batch waits for `batch_window`.
     std::vector<int> local_ranks;
-    std::chrono::milliseconds batch_window{20};
+    std::chrono::milliseconds batch_window{200};
     // Decides whether the process `pid` (kernel-reported for the connection) may use the
     // socket; null admits every process that can open it. The agent checks that the pid is
     // in the process group of one of the attempt's ranks.
@@ -119,6 +121,7 @@ class RendezvousRelay {
     std::string name;
     int n = 0;
     std::vector<Caller> callers;
+    Clock::time_point flush_at;  // window end, or the earliest caller's deadline if sooner
     Reactor::TimerId timer = 0;
   };
   struct Pending {

@@ -171,6 +171,22 @@ TEST_F(RelayTest, EachCallerInABatchKeepsItsOwnDeadline) {
   EXPECT_EQ(*r2, *again);
 }
 
+TEST_F(RelayTest, ACallerNeverWaitsInABatchPastItsOwnTimeout) {
+  // A 10 s window, and a batch that cannot complete (rank 1 of this node never comes): the
+  // caller's 200 ms timeout sends the batch upstream, and the store's answer names who is
+  // missing.
+  auto* a = AddRelay(0, 2, 10s);
+  auto c = Client(a);
+  auto t0 = Clock::now();
+  auto r = c->AllGather("lonely", 0, 2, "x", 200ms);
+  EXPECT_LT(Clock::now() - t0, 2s);
+  ASSERT_EQ(r.status().code(), StatusCode::kDeadlineExceeded) << r.status();
+  EXPECT_NE(r.status().message().find("missing rank(s) 1"), std::string::npos) << r.status();
+  auto b = c->Barrier("lonely-barrier", 2, 200ms);
+  EXPECT_LT(Clock::now() - t0, 4s);
+  EXPECT_EQ(b.code(), StatusCode::kDeadlineExceeded) << b;
+}
+
 TEST_F(RelayTest, TheSocketIsPrivateAndOnlyAdmittedProcessesMayUseIt) {
   // Only a process other than this one is "a rank of the attempt": this test process is the
   // outsider, and the relay learns its pid from the kernel, not from anything it sends.
