@@ -46,9 +46,11 @@ StatusOr<std::unique_ptr<collectives::RendezvousRelay>> StartRankRelay(
       relay.status().message().find("Unix socket") == std::string::npos) {
     return relay;
   }
-  // The work directory's path is too long for a socket address: a private one under /tmp.
+  // The work directory's path is too long for a socket address: the private directory goes
+  // straight into the temp directory, whose sticky bit keeps other users from renaming it
+  // (a shared subdirectory another user made first would not).
   std::error_code ec;
-  o.socket_parent = std::filesystem::temp_directory_path(ec) / "muster-rdzv";
+  o.socket_parent = std::filesystem::temp_directory_path(ec);
   return collectives::RendezvousRelay::Create(reactor, o);
 }
 

@@ -34,10 +34,10 @@ bool WantsDirectRendezvous(const proto::StartAssignment& s);
 
 // Starts the relay of the attempt `s` (its local ranks: node_rank * ranks_per_node onwards),
 // with `creds` (MUSTER_RDZV_KEY's format) for the store at tcp://master_addr:rendezvous_port.
-// The socket goes under `work_dir`/rdzv, or under the system's temp directory where that path
-// is too long for a Unix socket. `rank_groups` returns the process groups of the attempt's
-// ranks here (their pids) when a request comes in.
-// REQUIRES: on the reactor thread.
+// The socket goes under `work_dir`/rdzv, or (its private directory) straight under the
+// system's temp directory where that path is too long for a Unix socket. `rank_groups` returns the
+// process groups of the attempt's ranks here (their pids) when a request comes in. REQUIRES: on the
+// reactor thread.
 StatusOr<std::unique_ptr<collectives::RendezvousRelay>> StartRankRelay(
     Reactor& reactor, const proto::StartAssignment& s, const std::string& creds,
     const std::filesystem::path& work_dir, std::function<std::vector<pid_t>()> rank_groups);
