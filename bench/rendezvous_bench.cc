@@ -4,6 +4,9 @@
 // each). The anchors, in the same run, with the same N sockets against a raw ZeroMQ ROUTER (CURVE
 // too): one round trip each (the floor that connecting N sockets costs), then a reply of N x 64
 // bytes to each (the floor of an allgather answered by one server: N^2 x 64 bytes leave it).
+// The relayed path runs the same phases with the ranks grouped into nodes of --ranks-per-node:
+// each node's ranks talk to their node's RendezvousRelay over ipc (no CURVE), and only the
+// relays talk to the store, one CURVE connection each (collectives/rendezvous_relay.h).
 
 #include <sys/epoll.h>
 #include <sys/resource.h>
@@ -11,12 +14,14 @@
 
 #include <atomic>
 #include <chrono>
+#include <filesystem>
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <thread>
 
 #include "bench/bench.h"
 #include "collectives/rendezvous_client.h"
+#include "collectives/rendezvous_relay.h"
 #include "collectives/rendezvous_server.h"
 #include "common/wire.h"
 
@@ -42,14 +47,37 @@ void RaiseFdLimit() {
 class Ranks {
  public:
   Ranks(int n, const std::string& endpoint, const RdzvCredentials& creds)
+      : Ranks(
+            n, [&](int) { return endpoint; }, creds) {}
+  // Rank i connects to endpoint_of(i); an ipc:// endpoint (a relay's) without CURVE.
+  Ranks(int n, const std::function<std::string(int)>& endpoint_of, const RdzvCredentials& creds)
       : ctx_(1), epfd_(epoll_create1(EPOLL_CLOEXEC)) {
     ctx_.set(zmq::ctxopt::max_sockets, n + 64);
     socks_.reserve(n);
+    try {
+      Open(n, endpoint_of, creds);
+    } catch (const zmq::error_t& e) {
+      rlimit r{};
+      getrlimit(RLIMIT_NOFILE, &r);
+      status_ = UnavailableError("cannot open " + std::to_string(n) + " rank sockets (" +
+                                 std::to_string(socks_.size()) + " opened): " + e.what() +
+                                 "; open files are limited to " + std::to_string(r.rlim_cur));
+    }
+  }
+  ~Ranks() { close(epfd_); }
+  // Not OK when the sockets could not all be opened.
+  const Status& status() const { return status_; }
+  int size() const { return static_cast<int>(socks_.size()); }
+
+ private:
+  void Open(int n, const std::function<std::string(int)>& endpoint_of,
+            const RdzvCredentials& creds) {
     for (int i = 0; i < n; ++i) {
       socks_.emplace_back(ctx_, zmq::socket_type::dealer);
       zmq::socket_t& s = socks_.back();
       s.set(zmq::sockopt::linger, 0);
-      if (!creds.insecure) {
+      const std::string endpoint = endpoint_of(i);
+      if (!creds.insecure && !collectives::IsLocalRendezvousEndpoint(endpoint)) {
         s.set(zmq::sockopt::curve_serverkey, creds.server_public_key);
         s.set(zmq::sockopt::curve_publickey, creds.client_key.public_key);
         s.set(zmq::sockopt::curve_secretkey, creds.client_key.secret_key);
@@ -63,9 +91,8 @@ class Ranks {
       epoll_ctl(epfd_, EPOLL_CTL_ADD, s.get(zmq::sockopt::fd), &ev);
     }
   }
-  ~Ranks() { close(epfd_); }
-  int size() const { return static_cast<int>(socks_.size()); }
 
+ public:
   void Send(int i, const std::string& bytes) {
     socks_[i].send(zmq::buffer(bytes), zmq::send_flags::none);
   }
@@ -117,6 +144,7 @@ class Ranks {
   zmq::context_t ctx_;
   std::vector<zmq::socket_t> socks_;
   int epfd_;
+  Status status_;
   uint64_t next_id_ = 0;
 };
 
@@ -124,10 +152,88 @@ struct Result {
   int ranks;
   bool curve;
   double connect_s, barrier_s, broadcast_s, allgather_s, total_s, anchor_s, anchor_allgather_s;
+  int ranks_per_node = 0;          // 0: the direct path; else relayed, this many ranks per relay
+  uint64_t upstream_requests = 0;  // relayed: requests the relays sent the store
 };
 
-StatusOr<Result> Run(int n, bool curve) {
+// The relays of the relayed path: one per node of `per_node` ranks, all on one reactor of
+// their own (its context allows the sockets of thousands of relays).
+class Relays {
+ public:
+  Relays(int n, int per_node)
+      : n_(n), per_node_(per_node), ctx_(MakeContext(n)), reactor_("rdzv-bench-relays", &ctx_) {
+    dir_ =
+        std::filesystem::temp_directory_path() / ("muster-relay-bench-" + std::to_string(getpid()));
+  }
+  ~Relays() {
+    if (reactor_.running()) {
+      reactor_.Call("stop", [&] { relays_.clear(); });
+      reactor_.Stop();
+    }
+    relays_.clear();
+    std::error_code ec;
+    std::filesystem::remove_all(dir_, ec);
+  }
+  Status Start(const std::string& store, const RdzvCredentials& creds) {
+    reactor_.Start();
+    return reactor_.Call("create", [&]() -> Status {
+      for (int node = 0; node * per_node_ < n_; ++node) {
+        collectives::RendezvousRelay::Options o;
+        o.socket_parent = dir_;
+        o.upstream_endpoint = store;
+        o.credentials = creds;
+        o.job = "bench";
+        o.attempt = 0;
+        for (int r = node * per_node_; r < std::min(n_, (node + 1) * per_node_); ++r) {
+          o.local_ranks.push_back(r);
+        }
+        o.rpc_slack = std::chrono::seconds(60);
+        MUSTER_ASSIGN_OR_RETURN(auto relay, collectives::RendezvousRelay::Create(reactor_, o));
+        relays_.push_back(std::move(relay));
+      }
+      return Status::Ok();
+    });
+  }
+  std::string EndpointOf(int rank) const { return relays_[rank / per_node_]->endpoint(); }
+  uint64_t UpstreamRequests() {
+    return reactor_.Call("stats", [&] {
+      uint64_t sum = 0;
+      for (auto& r : relays_) sum += r->stats().upstream_requests;
+      return sum;
+    });
+  }
+
+ private:
+  static zmq::context_t MakeContext(int n) {
+    zmq::context_t ctx(1);
+    ctx.set(zmq::ctxopt::max_sockets, n + 1024);
+    return ctx;
+  }
+  int n_, per_node_;
+  zmq::context_t ctx_;
+  Reactor reactor_;
+  std::filesystem::path dir_;
+  std::vector<std::unique_ptr<collectives::RendezvousRelay>> relays_;
+};
+
+// `per_node` 0: every rank connects to the store itself (the direct path); else the ranks go
+// through relays of `per_node` ranks each.
+StatusOr<Result> Run(int n, bool curve, int per_node) {
   Result res{n, curve, 0, 0, 0, 0, 0, 0, 0};
+  res.ranks_per_node = per_node;
+  // Every simulated rank costs about three descriptors in this one process (its socket's
+  // mailbox and both ends of its connection), a relay four more. libzmq aborts when it runs
+  // out of them while accepting, so refuse a run that cannot fit instead.
+  rlimit lim{};
+  getrlimit(RLIMIT_NOFILE, &lim);
+  uint64_t needed = 3 * static_cast<uint64_t>(n) + 256 +
+                    (per_node > 0 ? 4 * static_cast<uint64_t>((n + per_node - 1) / per_node) : 0);
+  if (lim.rlim_cur != RLIM_INFINITY && needed > lim.rlim_cur) {
+    return FailedPreconditionError(
+        std::to_string(n) + " simulated ranks need about " + std::to_string(needed) +
+        " open files in this one process; the limit is " + std::to_string(lim.rlim_cur) +
+        " (hard limit " + std::to_string(lim.rlim_max) + ")");
+  }
   Reactor reactor("rdzv-bench");
   std::unique_ptr<ZapAuthenticator> zap;
   if (curve) {
@@ -151,15 +257,28 @@ StatusOr<Result> Run(int n, bool curve) {
   auto t0 = Clock::now();
   Status st;
   {
-    Ranks ranks(n, server->endpoint(), creds);
+    // Relays are created inside the timed section: their CURVE connections are part of
+    // connecting.
+    std::unique_ptr<Relays> relays;
+    if (per_node > 0) {
+      relays = std::make_unique<Relays>(n, per_node);
+      if (Status rs = relays->Start(server->endpoint(), creds); !rs.ok()) {
+        relays.reset();
+        cleanup();
+        return rs;
+      }
+    }
+    Ranks ranks(
+        n, [&](int i) { return relays ? relays->EndpointOf(i) : server->endpoint(); }, creds);
+    st = ranks.status();
     // connect: the first request of every rank completes its handshake.
-    for (int i = 0; i < n; ++i) {
+    for (int i = 0; st.ok() && i < n; ++i) {
       proto::StoreRequest r;
       r.mutable_add()->set_key("joined");
       r.mutable_add()->set_delta(1);
       ranks.SendRequest(i, std::move(r));
     }
-    st = ranks.Collect(n, [](int, const proto::Envelope&) { return Status::Ok(); });
+    if (st.ok()) st = ranks.Collect(n, [](int, const proto::Envelope&) { return Status::Ok(); });
     res.connect_s = Since(t0);
     auto t1 = Clock::now();
     for (int i = 0; st.ok() && i < n; ++i) {
@@ -230,9 +349,11 @@ StatusOr<Result> Run(int n, bool curve) {
     }
     res.allgather_s = Since(t3);
     res.total_s = Since(t0);
+    if (relays) res.upstream_requests = relays->UpstreamRequests();
   }
   cleanup();
   if (!st.ok()) return st;
+  if (per_node > 0) return res;  // the anchors are the direct path's
 
   // The anchor: one round trip per socket against a raw ROUTER echo, same security.
   {
@@ -273,8 +394,9 @@ StatusOr<Result> Run(int n, bool curve) {
     auto ta = Clock::now();
     {
       Ranks ranks(n, ep, ac);
-      for (int i = 0; i < n; ++i) ranks.Send(i, "ping");
-      st = ranks.Collect(n);
+      st = ranks.status();
+      for (int i = 0; st.ok() && i < n; ++i) ranks.Send(i, "ping");
+      if (st.ok()) st = ranks.Collect(n);
       res.anchor_s = Since(ta);
       // The floor of an allgather through one server: every socket receives N x 64 bytes.
       auto tb = Clock::now();
@@ -297,8 +419,17 @@ void AddRendezvousBench(CLI::App& app, Runner* runner) {
   auto ranks = std::make_shared<std::vector<int>>(std::vector<int>{64, 256, 1024, 4096});
   auto json = std::make_shared<bool>(false);
   auto insecure = std::make_shared<bool>(false);
+  auto paths =
+      std::make_shared<std::vector<std::string>>(std::vector<std::string>{"direct", "relayed"});
+  auto per_node = std::make_shared<int>(8);
   cmd->add_option("--ranks", *ranks, "Simulated ranks (repeatable; 64..4096 by default)")
       ->check(CLI::Range(1, 16384));
+  cmd->add_option("--path", *paths,
+                  "direct (every rank connects to the store) and/or relayed (through node "
+                  "agents' relays); repeatable, both by default")
+      ->check(CLI::IsMember({"direct", "relayed"}));
+  cmd->add_option("--ranks-per-node", *per_node, "Ranks per relay on the relayed path")
+      ->check(CLI::Range(1, 1024));
   cmd->add_flag("--insecure", *insecure, "Also run without CURVE");
   cmd->add_flag("--json", *json, "Print JSON instead of a table");
   cmd->callback([=] {
@@ -306,14 +437,17 @@ void AddRendezvousBench(CLI::App& app, Runner* runner) {
       RaiseFdLimit();
       std::vector<Result> rows;
       for (int n : *ranks) {
-        for (bool curve : {true, false}) {
-          if (!curve && !*insecure) continue;
-          auto r = Run(n, curve);
-          if (!r.ok()) {
-            std::cerr << "rendezvous bench with " << n << " ranks failed: " << r.status() << "\n";
-            return 1;
+        for (const std::string& path : *paths) {
+          for (bool curve : {true, false}) {
+            if (!curve && !*insecure) continue;
+            auto r = Run(n, curve, path == "relayed" ? *per_node : 0);
+            if (!r.ok()) {
+              std::cerr << "rendezvous bench with " << n << " ranks (" << path
+                        << ") failed: " << r.status() << "\n";
+              return 1;
+            }
+            rows.push_back(*r);
           }
-          rows.push_back(*r);
         }
       }
       if (*json) {
@@ -327,20 +461,29 @@ void AddRendezvousBench(CLI::App& app, Runner* runner) {
                          {"broadcast_s", r.broadcast_s},
                          {"allgather_s", r.allgather_s},
                          {"raw_zmq_connect_s", r.anchor_s},
-                         {"raw_zmq_allgather_s", r.anchor_allgather_s}});
+                         {"raw_zmq_allgather_s", r.anchor_allgather_s},
+                         {"path", r.ranks_per_node > 0 ? "relayed" : "direct"},
+                         {"ranks_per_node", r.ranks_per_node},
+                         {"upstream_requests", r.upstream_requests}});
         std::cout << (out.size() == 1 ? out[0] : out).dump(2) << "\n";
         return 0;
       }
       std::cout
-          << "rendezvous of N ranks (own DEALER each) on one RendezvousServer; anchors: the same N "
-             "sockets against a raw ZeroMQ ROUTER, one round trip each (connect) and then "
-             "N x 64 bytes to each (allgather)\n";
-      Table t({"ranks", "security", "connect s", "barrier s", "bcast128 s", "allgather64 s",
-               "total s", "raw zmq connect s", "raw zmq N*64B s"});
-      for (auto& r : rows)
-        t.Row({std::to_string(r.ranks), r.curve ? "CURVE" : "none", Fmt(r.connect_s, 3),
-               Fmt(r.barrier_s, 3), Fmt(r.broadcast_s, 3), Fmt(r.allgather_s, 3), Fmt(r.total_s, 3),
-               Fmt(r.anchor_s, 3), Fmt(r.anchor_allgather_s, 3)});
+          << "rendezvous of N ranks (own DEALER each) on one RendezvousServer, direct or through "
+             "relays of R ranks (ipc to the relay, one CURVE connection per relay to the store); "
+             "anchors (direct rows): the same N sockets against a raw ZeroMQ ROUTER, one round "
+             "trip each (connect) and then N x 64 bytes to each (allgather)\n";
+      Table t({"ranks", "path", "security", "connect s", "barrier s", "bcast128 s", "allgather64 s",
+               "total s", "store reqs by relays", "raw zmq connect s", "raw zmq N*64B s"});
+      for (auto& r : rows) {
+        bool relayed = r.ranks_per_node > 0;
+        t.Row({std::to_string(r.ranks),
+               relayed ? "relayed R=" + std::to_string(r.ranks_per_node) : "direct",
+               r.curve ? "CURVE" : "none", Fmt(r.connect_s, 3), Fmt(r.barrier_s, 3),
+               Fmt(r.broadcast_s, 3), Fmt(r.allgather_s, 3), Fmt(r.total_s, 3),
+               relayed ? std::to_string(r.upstream_requests) : "-",
+               relayed ? "-" : Fmt(r.anchor_s, 3), relayed ? "-" : Fmt(r.anchor_allgather_s, 3)});
+      }
       t.Print();
       return 0;
     };

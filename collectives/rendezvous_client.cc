@@ -42,6 +42,10 @@ StatusOr<RdzvCredentials> RdzvCredentials::Parse(const std::string& text) {
   return c;
 }
 
+bool IsLocalRendezvousEndpoint(const std::string& endpoint) {
+  return endpoint.rfind("ipc://", 0) == 0;
+}
+
 std::string RdzvCredentials::ToString() const {
   if (insecure) return "insecure";
   return "v1," + server_public_key + "," + client_key.public_key + "," + client_key.secret_key;
@@ -64,7 +68,7 @@ StatusOr<std::unique_ptr<RendezvousClient>> RendezvousClient::Connect(Options op
   // Open the first connection now, so a malformed endpoint fails here.
   RpcClient::Options ro;
   ro.endpoint = c->options_.endpoint;
-  ro.insecure = c->options_.credentials.insecure;
+  ro.insecure = c->options_.credentials.insecure || IsLocalRendezvousEndpoint(ro.endpoint);
   ro.server_public_key = c->options_.credentials.server_public_key;
   ro.client_key = c->options_.credentials.client_key;
   ro.max_message_bytes = c->options_.max_message_bytes;
@@ -86,7 +90,7 @@ StatusOr<proto::StoreReply> RendezvousClient::Call(proto::StoreRequest request,
   if (!rpc) {
     RpcClient::Options ro;
     ro.endpoint = options_.endpoint;
-    ro.insecure = options_.credentials.insecure;
+    ro.insecure = options_.credentials.insecure || IsLocalRendezvousEndpoint(ro.endpoint);
     ro.server_public_key = options_.credentials.server_public_key;
     ro.client_key = options_.credentials.client_key;
     ro.max_message_bytes = options_.max_message_bytes;

@@ -4,7 +4,8 @@
 //
 // A rank builds one from the env contract (common/rank_env.h) with ConnectRendezvous(env) or
 // ConnectRendezvousFromEnv(), from these fields of RankEnv:
-//   rdzv_endpoint  MUSTER_RDZV_ENDPOINT, the server, e.g. "tcp://10.0.0.5:40123"
+//   rdzv_endpoint  MUSTER_RDZV_ENDPOINT, the server, e.g. "tcp://10.0.0.5:40123", or the local
+//                  socket of this node's relay, "ipc:///.../rdzv-XXXXXX/s" (no CURVE on it)
 //   rdzv_key       MUSTER_RDZV_KEY, the attempt's credentials (RdzvCredentials below)
 //   job_id         MUSTER_JOB_ID
 //   attempt        MUSTER_ATTEMPT (absent means 0)
@@ -44,6 +45,11 @@ struct RdzvCredentials {
   static StatusOr<RdzvCredentials> Parse(const std::string& text);
   std::string ToString() const;
 };
+
+// True for the local socket of a node agent's relay (collectives/rendezvous_relay.h), an
+// "ipc://" endpoint: the client talks to it without CURVE (the socket never leaves the host; the
+// relay's header says who may open it) and the relay carries the attempt's key to the store.
+bool IsLocalRendezvousEndpoint(const std::string& endpoint);
 
 class RendezvousClient final : public RendezvousStore {
  public:

@@ -56,9 +56,10 @@ struct RendezvousServer::Waiter {
   std::vector<std::string> keys;  // get/wait: the keys asked for, in order
   size_t missing = 0;             // get/wait: how many of `keys` are still unset
   bool with_values = false;
-  std::string barrier;  // barrier: its name
-  std::string gather;   // gather: its name
-  int gather_rank = -1;
+  std::string barrier;            // barrier: its name
+  int arrivals = 1;               // barrier: the callers it stands for (a relay's batch)
+  std::string gather;             // gather: its name
+  std::vector<int> gather_ranks;  // gather: the ranks it contributed (several: a relay's batch)
   RpcServer::Reply reply;
   Reactor::TimerId timer = 0;
 };
@@ -383,6 +384,7 @@ void RendezvousServer::Park(Scope& scope, std::vector<std::string> keys, bool wi
   bool ready = w->missing == 0;
   waiters_.emplace(id, std::move(w));
   ++scope.parked;
+  ++parked_callers_;
   if (ready) return Finish(id, Status::Ok());
   auto timeout = ClampTimeout(timeout_ms);
   waiters_[id]->timer = reactor_.PostAfter(timeout, "rdzv.timeout", [this, id, timeout] {
@@ -417,6 +419,14 @@ void RendezvousServer::ParkBarrier(Scope& scope, const proto::StoreBarrier& b,
                                                 " requests a scope may park")));
     return;
   }
+  const int arrivals = b.arrivals() == 0 ? 1 : b.arrivals();
+  if (arrivals < 0 || arrivals > b.n()) {
+    reply(ErrorEnvelope(
+        0, InvalidArgumentError("rendezvous barrier '" + b.name() +
+                                "': " + std::to_string(b.arrivals()) +
+                                " arrivals in one request, with n=" + std::to_string(b.n()))));
+    return;
+  }
   if (!scope.barriers.count(b.name())) {
     if (Status room = CheckRoom(scope, static_cast<int64_t>(b.name().size()), 1); !room.ok()) {
       reply(ErrorEnvelope(0, room));
@@ -438,19 +448,29 @@ void RendezvousServer::ParkBarrier(Scope& scope, const proto::StoreBarrier& b,
                                 std::to_string(bs.n) + " callers; names are single use")));
     return;
   }
+  if (bs.arrived + arrivals > bs.n) {
+    reply(ErrorEnvelope(0, InvalidArgumentError("rendezvous barrier '" + b.name() +
+                                                "': " + std::to_string(bs.arrived) + " of " +
+                                                std::to_string(bs.n) + " arrived already, and " +
+                                                std::to_string(arrivals) + " more is too many")));
+    return;
+  }
   auto w = std::make_unique<Waiter>();
   w->scope = scope.name;
   w->barrier = b.name();
+  w->arrivals = arrivals;
   w->reply = std::move(reply);
   uint64_t id = next_waiter_++;
   waiters_.emplace(id, std::move(w));
   ++scope.parked;
-  bs.waiters.insert(id);
-  if (static_cast<int>(bs.waiters.size()) == bs.n) {
+  parked_callers_ += arrivals;
+  bs.waiters.emplace(id, arrivals);
+  bs.arrived += arrivals;
+  if (bs.arrived == bs.n) {
     bs.done = true;
-    std::unordered_set<uint64_t> ids = std::move(bs.waiters);
+    std::unordered_map<uint64_t, int> ids = std::move(bs.waiters);
     bs.waiters.clear();
-    for (uint64_t wid : ids) Finish(wid, Status::Ok());
+    for (const auto& [wid, count] : ids) Finish(wid, Status::Ok());
     return;
   }
   auto timeout = ClampTimeout(b.timeout_ms());
@@ -461,8 +481,7 @@ void RendezvousServer::ParkBarrier(Scope& scope, const proto::StoreBarrier& b,
     int arrived = 0, n = 0;
     if (auto s = scopes_.find(scope_name); s != scopes_.end()) {
       auto& state = s->second.barriers[b.name()];
-      state.waiters.erase(id);  // this caller leaves the barrier
-      arrived = static_cast<int>(state.waiters.size()) + 1;
+      arrived = state.arrived;  // counting this caller, which leaves in Finish
       n = state.n;
     }
     it->second->timer = 0;
@@ -478,16 +497,39 @@ Status RendezvousServer::ParkGather(Scope& scope, proto::StoreGather& g, RpcServ
     return InvalidArgumentError("rendezvous gather '" + name + "': n=" + std::to_string(g.n()) +
                                 " is not in 1.." + std::to_string(kMaxGatherRanks));
   }
-  if (g.rank() < 0 || g.rank() >= g.n()) {
-    return InvalidArgumentError("rendezvous gather '" + name + "': rank " +
-                                std::to_string(g.rank()) + " is not in 0.." +
-                                std::to_string(g.n() - 1));
+  // A plain request contributes (rank, value); a relay's, the entries of its batch.
+  if (g.batch_size() == 0) {
+    auto* e = g.add_batch();
+    e->set_rank(g.rank());
+    *e->mutable_value() = std::move(*g.mutable_value());
+  }
+  if (g.batch_size() > g.n()) {
+    return InvalidArgumentError("rendezvous gather '" + name +
+                                "': " + std::to_string(g.batch_size()) +
+                                " entries for n=" + std::to_string(g.n()));
+  }
+  int64_t value_bytes = 0;
+  std::vector<int> ranks;
+  ranks.reserve(g.batch_size());
+  for (const auto& e : g.batch()) {
+    if (e.rank() < 0 || e.rank() >= g.n()) {
+      return InvalidArgumentError("rendezvous gather '" + name + "': rank " +
+                                  std::to_string(e.rank()) + " is not in 0.." +
+                                  std::to_string(g.n() - 1));
+    }
+    ranks.push_back(e.rank());
+    value_bytes += static_cast<int64_t>(e.value().size());
+  }
+  std::sort(ranks.begin(), ranks.end());
+  if (auto dup = std::adjacent_find(ranks.begin(), ranks.end()); dup != ranks.end()) {
+    return InvalidArgumentError("rendezvous gather '" + name + "': rank " + std::to_string(*dup) +
+                                " appears twice in one request");
   }
   if (auto known = scope.gathers.find(name); known == scope.gathers.end()) {
     MUSTER_RETURN_IF_ERROR(CheckRoom(
-        scope, static_cast<int64_t>(name.size()) + GatherOverhead(g.n()) + g.value().size(), 1));
+        scope, static_cast<int64_t>(name.size()) + GatherOverhead(g.n()) + value_bytes, 1));
   } else {
-    MUSTER_RETURN_IF_ERROR(CheckRoom(scope, static_cast<int64_t>(g.value().size()), 0));
+    MUSTER_RETURN_IF_ERROR(CheckRoom(scope, value_bytes, 0));
   }
   GatherState& gs = scope.gathers[name];
   if (gs.n == 0) {
@@ -505,22 +547,28 @@ Status RendezvousServer::ParkGather(Scope& scope, proto::StoreGather& g, RpcServ
     return InvalidArgumentError("rendezvous gather '" + name + "' already completed with " +
                                 std::to_string(gs.n) + " ranks; names are single use");
   }
-  if (gs.waiter_of[g.rank()] != 0) {
-    return InvalidArgumentError("rendezvous gather '" + name + "': rank " +
-                                std::to_string(g.rank()) + " has already contributed");
+  for (int rank : ranks) {
+    if (gs.waiter_of[rank] != 0) {
+      return InvalidArgumentError("rendezvous gather '" + name + "': rank " + std::to_string(rank) +
+                                  " has already contributed");
+    }
   }
   auto w = std::make_unique<Waiter>();
   w->scope = scope.name;
   w->gather = name;
-  w->gather_rank = g.rank();
+  w->gather_ranks = ranks;
   w->reply = std::move(reply);
   uint64_t id = next_waiter_++;
   waiters_.emplace(id, std::move(w));
   ++scope.parked;
-  scope.bytes += static_cast<int64_t>(g.value().size());
-  gs.values[g.rank()] = std::move(*g.mutable_value());
-  gs.waiter_of[g.rank()] = id;
-  if (++gs.arrived == gs.n) {
+  parked_callers_ += ranks.size();
+  scope.bytes += value_bytes;
+  for (auto& e : *g.mutable_batch()) {
+    gs.values[e.rank()] = std::move(*e.mutable_value());
+    gs.waiter_of[e.rank()] = id;
+  }
+  gs.arrived += static_cast<int>(ranks.size());
+  if (gs.arrived == gs.n) {
     CompleteGather(scope, name, gs);
     return Status::Ok();
   }
@@ -558,6 +606,9 @@ void RendezvousServer::CompleteGather(Scope& scope, const std::string& name, Gat
   gs.done = true;
   std::vector<uint64_t> ids = std::move(gs.waiter_of);
   gs.waiter_of.clear();
+  // A relay's request holds several ranks: answer it once.
+  std::sort(ids.begin(), ids.end());
+  ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
   proto::StoreGathered all;
   size_t bytes = 0;
   for (auto& v : gs.values) {
@@ -595,6 +646,7 @@ void RendezvousServer::Finish(uint64_t id, const Status& status, const proto::En
   if (w->timer != 0) reactor_.CancelTimer(w->timer);
   auto owner = scopes_.find(w->scope);
   if (owner != scopes_.end()) --owner->second.parked;
+  parked_callers_ -= w->barrier.empty() ? std::max<size_t>(1, w->gather_ranks.size()) : w->arrivals;
   if (!status.ok()) {
     // Drop this waiter from the watch lists of keys it still missed.
     if (auto s = owner; s != scopes_.end()) {
@@ -606,19 +658,28 @@ void RendezvousServer::Finish(uint64_t id, const Status& status, const proto::En
       }
       if (!w->barrier.empty()) {
         auto b = s->second.barriers.find(w->barrier);
-        if (b != s->second.barriers.end()) b->second.waiters.erase(id);
+        if (b != s->second.barriers.end() && b->second.waiters.erase(id) > 0) {
+          b->second.arrived -= w->arrivals;
+        }
       }
       if (!w->gather.empty()) {
         auto g = s->second.gathers.find(w->gather);
-        if (g != s->second.gathers.end() && !g->second.done &&
-            g->second.waiter_of[w->gather_rank] == id) {
+        bool left = false;
+        for (int rank : w->gather_ranks) {
+          if (g == s->second.gathers.end() || g->second.done || g->second.waiter_of[rank] != id) {
+            continue;
+          }
           // The rank leaves the gather; it may contribute again. A gather nobody is in is
           // forgotten, so its n is not fixed by callers that have all given up.
-          g->second.waiter_of[w->gather_rank] = 0;
-          s->second.bytes -= static_cast<int64_t>(g->second.values[w->gather_rank].size());
-          g->second.values[w->gather_rank].clear();
-          g->second.values[w->gather_rank].shrink_to_fit();
-          if (--g->second.arrived == 0) {
+          g->second.waiter_of[rank] = 0;
+          s->second.bytes -= static_cast<int64_t>(g->second.values[rank].size());
+          g->second.values[rank].clear();
+          g->second.values[rank].shrink_to_fit();
+          --g->second.arrived;
+          left = true;
+        }
+        if (left) {
+          if (g->second.arrived == 0) {
             s->second.bytes -= static_cast<int64_t>(g->first.size()) + GatherOverhead(g->second.n);
             s->second.gathers.erase(g);
           }

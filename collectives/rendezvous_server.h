@@ -23,6 +23,12 @@
 // allgather of N ranks, where a get of N keys by every rank would cost the server N^2 entries to
 // copy and encode.
 //
+// Batches: a node agent's relay (collectives/rendezvous_relay.h) stands for its node's ranks.
+// It enters a barrier for several callers with one request (StoreBarrier.arrivals) and
+// contributes several ranks' entries to a gather with one request (StoreGather.batch); each is
+// parked as one request, answered once, and on a timeout or error withdrawn as a whole. The
+// checks are those of the callers it stands for (a rank twice, a barrier over-filled, ...).
+//
 // Every request is untrusted (any rank's code sends them): keys and names are bounded, get and
 // wait lists too, a reply that would pass the message size limit is an error instead, add
 // refuses to overflow, and what one scope may hold (bytes, entries, parked requests) is capped
@@ -110,8 +116,11 @@ class RendezvousServer {
   const std::string& public_key() const { return options_.server_key.public_key; }
   bool insecure() const { return options_.insecure; }
 
-  // Requests parked now (for tests and metrics). Reactor thread, or via Reactor::Call.
-  size_t parked() const { return waiters_.size(); }
+  // Callers parked now (for tests and metrics): a relay's request for several of its node's
+  // callers (a batched barrier or gather) counts each. Reactor thread, or via Reactor::Call.
+  size_t parked() const { return parked_callers_; }
+  // Requests parked now. Reactor thread, or via Reactor::Call.
+  size_t parked_requests() const { return waiters_.size(); }
   // Bytes held by the scope (keys, values, names, gather entries); -1 if it is not open.
   // Reactor thread, or via Reactor::Call.
   int64_t scope_bytes(const std::string& job, uint64_t attempt) const;
@@ -126,7 +135,9 @@ class RendezvousServer {
   struct BarrierState {
     int n = 0;
     bool done = false;
-    std::unordered_set<uint64_t> waiters;  // a set: a timed-out waiter leaves in O(1)
+    int arrived = 0;  // callers in the barrier now (a relay's request stands for several)
+    // Waiter -> the callers it stands for (a map: a timed-out waiter leaves in O(1)).
+    std::unordered_map<uint64_t, int> waiters;
   };
   struct GatherState {
     int n = 0;
@@ -178,6 +189,7 @@ class RendezvousServer {
   std::map<std::string, Scope> scopes_;  // by name
   std::unordered_map<uint64_t, std::unique_ptr<Waiter>> waiters_;
   uint64_t next_waiter_ = 1;
+  size_t parked_callers_ = 0;
 };
 
 }  // namespace muster::collectives

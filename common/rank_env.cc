@@ -55,7 +55,8 @@ const std::set<std::string_view>& ContractNames() {
 
 const std::set<std::string_view>& KnobNames() {
   static const std::set<std::string_view> kNames = {"MUSTER_COLL_BACKEND", "MUSTER_COLL_TIMEOUT_MS",
-                                                    "MUSTER_LOG_LEVEL", "MUSTER_NOTICE_SIGNAL"};
+                                                    "MUSTER_LOG_LEVEL", "MUSTER_NOTICE_SIGNAL",
+                                                    "MUSTER_RDZV_DIRECT"};
   return kNames;
 }
 

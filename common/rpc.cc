@@ -41,7 +41,12 @@ StatusOr<std::unique_ptr<RpcServer>> RpcServer::Create(Reactor& reactor, Options
                                                        Handler handler) {
   std::unique_ptr<RpcServer> server(new RpcServer(reactor, std::move(options), std::move(handler)));
   const Options& o = server->options_;
-  auto core = std::make_shared<Core>(reactor.context());
+  std::shared_ptr<Core> core;
+  try {
+    core = std::make_shared<Core>(reactor.context());
+  } catch (const zmq::error_t& e) {
+    return UnavailableError(o.name + ": cannot open a socket for " + o.endpoint + ": " + e.what());
+  }
   core->name = o.name;
   try {
     zmq::socket_t& s = core->socket;
@@ -51,7 +56,10 @@ StatusOr<std::unique_ptr<RpcServer>> RpcServer::Create(Reactor& reactor, Options
     // Thousands of ranks connect at once at a rendezvous; with the default backlog (100) the
     // kernel drops their SYNs and each retries after a second.
     s.set(zmq::sockopt::backlog, 4096);
-    if (o.insecure) {
+    if (o.insecure && o.endpoint.rfind("ipc://", 0) == 0) {
+      // A Unix socket: who may open it is up to its directory's permissions.
+      log::Get("rpc")->debug("{}: serving local socket {} without CURVE", o.name, o.endpoint);
+    } else if (o.insecure) {
       log::Get("rpc")->warn(
           "{}: INSECURE: serving {} without CURVE; anyone who can reach it is trusted", o.name,
           o.endpoint);
@@ -99,12 +107,15 @@ StatusOr<std::unique_ptr<RpcServer>> RpcServer::Create(Reactor& reactor, Options
 RpcServer::~RpcServer() {
   if (!core_) return;
   core_->open = false;
+  // Before the reactor runs (or once it stopped) no loop holds the sockets: unregister them
+  // too, or the reactor keeps a pointer to a closed socket.
+  const bool own = reactor_.InReactorThread() || !reactor_.running();
   if (monitor_) {
-    if (reactor_.InReactorThread()) reactor_.RemoveSocket(*monitor_);
+    if (own) reactor_.RemoveSocket(*monitor_);
     zmq_socket_monitor(core_->socket.handle(), nullptr, 0);
     monitor_->close();
   }
-  if (reactor_.InReactorThread()) reactor_.RemoveSocket(core_->socket);
+  if (own) reactor_.RemoveSocket(core_->socket);
   core_->socket.close();
 }
 

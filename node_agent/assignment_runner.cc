@@ -15,6 +15,7 @@
 #include "node_agent/checkpoint_steps.h"
 #include "node_agent/lease_watchdog.h"  // ProcessStartTime
 #include "node_agent/rank_lines.h"
+#include "node_agent/rank_relay.h"
 
 namespace muster::node_agent {
 
@@ -338,6 +339,22 @@ void AssignmentRunner::LaunchRanks(Assignment a, const std::string& creds,
   contract.attempt = s.attempt();
   contract.rdzv_endpoint = "tcp://" + s.master_addr() + ":" + std::to_string(s.rendezvous_port());
   contract.rdzv_key = creds;
+  if (!WantsDirectRendezvous(s)) {
+    auto relay = StartRankRelay(reactor_, s, creds, options_.work_dir, [this, group] {
+      std::vector<pid_t> groups;
+      if (auto it = assignments_.find(group); it != assignments_.end()) {
+        for (const auto& [child, pid] : it->second.pid_of) groups.push_back(pid);
+      }
+      return groups;
+    });
+    if (relay.ok()) {
+      a.relay = std::move(*relay);
+      contract.rdzv_endpoint = a.relay->endpoint();
+    } else {
+      logger_->warn("job {} attempt {}: no rendezvous relay ({}); ranks connect to the store",
+                    s.job_id(), s.attempt(), relay.status().message());
+    }
+  }
   contract.checkpoint_dir =
       a.volume_path.empty() ? "" : (fs::path(a.volume_path) / s.job_id()).string();
   if (s.resume_step() >= 0) contract.resume_step = s.resume_step();
@@ -716,6 +733,7 @@ void AssignmentRunner::OnExit(ChildId id, const ExitInfo& info) {
     a.all_exited_sent = true;
     if (a.deadline_timer != 0) reactor_.CancelTimer(a.deadline_timer);
     a.deadline_timer = 0;
+    a.relay.reset();
     if (a.store) {
       a.store->RemoveScope(a.spec.job_id(), a.spec.attempt());
       a.store.reset();

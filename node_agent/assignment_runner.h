@@ -30,6 +30,7 @@
 #include <string>
 #include <vector>
 
+#include "collectives/rendezvous_relay.h"
 #include "collectives/rendezvous_server.h"
 #include "common/curve.h"
 #include "common/logging.h"
@@ -125,6 +126,8 @@ class AssignmentRunner {
     std::set<int> live;               // global ranks not yet reaped
     size_t open = 0;                  // children not yet closed
     std::unique_ptr<collectives::RendezvousServer> store;
+    // This node's relay to the store for the attempt's ranks (node_agent/rank_relay.h).
+    std::unique_ptr<collectives::RendezvousRelay> relay;
     std::string volume_path;
     std::filesystem::path notice_path;
     bool stopping = false;  // a stop (or a notice) reached it: exits are not failures

@@ -1,13 +1,20 @@
 // The conformance suite, ranks as threads on the in-memory store: every backend that can run
 // in one process x world sizes 1, 2, 3, 4, 8; each rank runs every collective, op and dtype
-// against the CPU reference (conformance_checks.h).
+// against the CPU reference (conformance_checks.h). Gloo also meets on the ZeroMQ store (CURVE),
+// each rank with its own connection (direct) or through relays of two ranks each (relayed, as
+// under node agents: collectives/rendezvous_relay.h).
 
 #include <gtest/gtest.h>
+#include <stdlib.h>
 
 #include <cmath>
+#include <filesystem>
 #include <thread>
 
 #include "collectives/communicator.h"
+#include "collectives/rendezvous_client.h"
+#include "collectives/rendezvous_relay.h"
+#include "collectives/rendezvous_server.h"
 #include "tests/collectives/conformance_checks.h"
 
 namespace muster::collectives {
@@ -15,21 +22,87 @@ namespace {
 
 using namespace std::chrono_literals;
 
+enum class StorePath { kMemory, kDirect, kRelayed };
+
 struct Param {
   Backend backend;
   int size;
+  StorePath path = StorePath::kMemory;
+};
+
+// The ZeroMQ store on its own reactor, and, for the relayed path, relays of two ranks each.
+class ZmqStores {
+ public:
+  ZmqStores(int size, bool relayed) : reactor_("conformance-store") {
+    zap_ = std::move(*ZapAuthenticator::Create(reactor_));
+    server_ = std::move(*RendezvousServer::Create(reactor_, zap_.get(), {}));
+    creds_ = *RdzvCredentials::Parse(*server_->AddScope("conformance", 0));
+    reactor_.Start();
+    if (!relayed) return;
+    std::string templ = "/tmp/relay-conformance-XXXXXX";
+    if (mkdtemp(templ.data()) != nullptr) dir_ = templ;
+    for (int node = 0; node * 2 < size; ++node) {
+      RendezvousRelay::Options o;
+      o.socket_parent = dir_;
+      o.upstream_endpoint = server_->endpoint();
+      o.credentials = creds_;
+      o.job = "conformance";
+      for (int r = node * 2; r < std::min(size, node * 2 + 2); ++r) o.local_ranks.push_back(r);
+      auto relay = reactor_.Call("relay", [&] { return RendezvousRelay::Create(reactor_, o); });
+      EXPECT_TRUE(relay.ok()) << relay.status();
+      if (relay.ok()) relays_.push_back(std::move(*relay));
+    }
+  }
+  ~ZmqStores() {
+    reactor_.Call("teardown", [&] {
+      relays_.clear();
+      server_.reset();
+      zap_.reset();
+    });
+    reactor_.Stop();
+    if (!dir_.empty()) std::filesystem::remove_all(dir_);
+  }
+  StatusOr<std::shared_ptr<RendezvousStore>> ClientFor(int rank) {
+    RendezvousClient::Options o;
+    o.endpoint = relays_.empty() ? server_->endpoint() : relays_.at(rank / 2)->endpoint();
+    o.credentials = creds_;
+    o.job = "conformance";
+    MUSTER_ASSIGN_OR_RETURN(auto c, RendezvousClient::Connect(o));
+    return std::shared_ptr<RendezvousStore>(std::move(c));
+  }
+
+ private:
+  Reactor reactor_;
+  std::unique_ptr<ZapAuthenticator> zap_;
+  std::unique_ptr<RendezvousServer> server_;
+  RdzvCredentials creds_;
+  std::string dir_;
+  std::vector<std::unique_ptr<RendezvousRelay>> relays_;
 };
 
 class ConformanceTest : public ::testing::TestWithParam<Param> {};
 
 TEST_P(ConformanceTest, EveryCollectiveOpAndDtypeMatchesTheReference) {
   const Param p = GetParam();
-  std::shared_ptr<RendezvousStore> store = NewInMemoryRendezvousStore();
+  std::shared_ptr<RendezvousStore> memory = NewInMemoryRendezvousStore();
+  std::unique_ptr<ZmqStores> zmq;
+  if (p.path != StorePath::kMemory) {
+    zmq = std::make_unique<ZmqStores>(p.size, p.path == StorePath::kRelayed);
+  }
   std::vector<Status> results(p.size);
   std::vector<int> checks(p.size, 0);
   std::vector<std::thread> ranks;
   for (int r = 0; r < p.size; ++r) {
     ranks.emplace_back([&, r] {
+      std::shared_ptr<RendezvousStore> store = memory;
+      if (zmq) {
+        auto client = zmq->ClientFor(r);
+        if (!client.ok()) {
+          results[r] = client.status();
+          return;
+        }
+        store = std::move(*client);
+      }
       CommConfig c;
       c.rank = r;
       c.size = p.size;
@@ -54,13 +127,20 @@ TEST_P(ConformanceTest, EveryCollectiveOpAndDtypeMatchesTheReference) {
 }
 
 std::string Name(const ::testing::TestParamInfo<Param>& info) {
-  return std::string(BackendName(info.param.backend)) + "_np" + std::to_string(info.param.size);
+  const char* path = info.param.path == StorePath::kDirect    ? "_direct"
+                     : info.param.path == StorePath::kRelayed ? "_relayed"
+                                                              : "";
+  return std::string(BackendName(info.param.backend)) + "_np" + std::to_string(info.param.size) +
+         path;
 }
 
 INSTANTIATE_TEST_SUITE_P(Gloo, ConformanceTest,
                          ::testing::Values(Param{Backend::kGloo, 1}, Param{Backend::kGloo, 2},
                                            Param{Backend::kGloo, 3}, Param{Backend::kGloo, 4},
-                                           Param{Backend::kGloo, 8}),
+                                           Param{Backend::kGloo, 8},
+                                           Param{Backend::kGloo, 4, StorePath::kDirect},
+                                           Param{Backend::kGloo, 3, StorePath::kRelayed},
+                                           Param{Backend::kGloo, 4, StorePath::kRelayed}),
                          Name);
 
 TEST(CommunicatorTest, BadConfigIsRefused) {

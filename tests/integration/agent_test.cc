@@ -252,6 +252,31 @@ TEST_F(AgentCluster, GangRunsWithTheEnvContractLogsAndProgress) {
   EXPECT_NE(events.find("succeeded"), std::string::npos) << events;
 }
 
+// A Gloo job over two agents x two ranks: each node's ranks meet the store through their own
+// agent's relay (an ipc:// socket), the agents through CURVE; the conformance checks (every
+// collective, op and dtype) pass. With MUSTER_RDZV_DIRECT=1 the ranks connect to the store
+// themselves, as before relays, and pass too.
+TEST_F(AgentCluster, AGlooJobOverTwoAgentsRendezvousesThroughTheirRelays) {
+  StartAgent("aws-1", "aws");
+  StartAgent("aws-2", "aws");
+  WaitNodesUp(2);
+  for (bool direct : {false, true}) {
+    std::string job = Submit(
+        std::string("name: relay\n") +
+        Script(std::string("echo rdzv=$MUSTER_RDZV_ENDPOINT; exec ") + MUSTER_CONFORMANCE_RANK) +
+        "nodes: 2\nranks_per_node: 2\nenv:\n  MUSTER_COLL_BACKEND: gloo\n" +
+        (direct ? "  MUSTER_RDZV_DIRECT: \"1\"\n" : ""));
+    ASSERT_FALSE(job.empty());
+    ASSERT_TRUE(WaitState(job, "succeeded", 90s)) << Events(job) << *Muster({"logs", job});
+    for (int rank = 0; rank < 4; ++rank) {
+      auto log = Muster({"logs", job, "--rank", std::to_string(rank)});
+      ASSERT_TRUE(log.ok()) << log.status().ToString();
+      EXPECT_NE(log->find(direct ? "rdzv=tcp://" : "rdzv=ipc://"), std::string::npos)
+          << "rank " << rank << ": " << *log;
+    }
+  }
+}
+
 // A C++ rank that never prints (runtime::JobContext: progress on the control channel, the
 // checkpointer announcing its own commit) is catalogued all the same, and its progress shows.
 TEST_F(AgentCluster, ARankThatNeverPrintsIsStillCataloguedThroughItsControlChannel) {

@@ -6,10 +6,13 @@
 #include <stdlib.h>
 
 #include <atomic>
+#include <filesystem>
 #include <limits>
+#include <map>
 #include <thread>
 
 #include "collectives/rendezvous_client.h"
+#include "collectives/rendezvous_relay.h"
 #include "tests/testing/log_capture.h"
 #include "tests/testing/reactor_fixture.h"
 #include "tests/testing/wait_until.h"
@@ -20,9 +23,17 @@ namespace {
 using namespace std::chrono_literals;
 using Clock = std::chrono::steady_clock;
 
+// Ranks reach the store directly (their own CURVE connection each) or, with relayed_, through
+// node agents' relays (collectives/rendezvous_relay.h): two relays per scope, the clients
+// alternating between them, so every batch meets the other relay's on the store.
 class RendezvousServerTest : public testing::ReactorZapTest {
  protected:
   void SetUp() override { Start(/*insecure=*/false); }
+
+  void TearDown() override {
+    testing::ReactorZapTest::TearDown();
+    if (!relay_dir_.empty()) std::filesystem::remove_all(relay_dir_);
+  }
 
   void Start(bool insecure) {
     CreateReactor("store-test", /*with_zap=*/!insecure);
@@ -35,14 +46,44 @@ class RendezvousServerTest : public testing::ReactorZapTest {
     reactor_->Start();
   }
 
-  void ReleaseOnReactor() override { server_.reset(); }
+  void ReleaseOnReactor() override {
+    relays_.clear();
+    server_.reset();
+  }
+
+  // The endpoint the next client of (creds, job, attempt) uses: the store's, or one of the
+  // scope's two relays in turn.
+  std::string EndpointFor(const std::string& creds, const RdzvCredentials& c,
+                          const std::string& job, uint64_t attempt) {
+    if (!relayed_) return server_->endpoint();
+    if (relay_dir_.empty()) {
+      std::string templ = "/tmp/relay-rdzvtest-XXXXXX";
+      EXPECT_NE(mkdtemp(templ.data()), nullptr);
+      relay_dir_ = templ;
+    }
+    auto& pair = relays_[creds + "|" + job + "|" + std::to_string(attempt)];
+    if (pair.size() < 2) {
+      RendezvousRelay::Options ro;
+      ro.socket_parent = relay_dir_;
+      ro.upstream_endpoint = server_->endpoint();
+      ro.credentials = c;
+      ro.job = job;
+      ro.attempt = attempt;
+      ro.rpc_slack = 1s;
+      auto relay = reactor_->Call("relay", [&] { return RendezvousRelay::Create(*reactor_, ro); });
+      EXPECT_TRUE(relay.ok()) << relay.status();
+      if (!relay.ok()) return "";
+      pair.push_back(std::move(*relay));
+    }
+    return pair[next_relay_++ % 2]->endpoint();
+  }
 
   std::unique_ptr<RendezvousClient> Client(const std::string& creds, const std::string& job,
                                            uint64_t attempt) {
     RendezvousClient::Options o;
-    o.endpoint = server_->endpoint();
     auto c = RdzvCredentials::Parse(creds);
     EXPECT_TRUE(c.ok()) << c.status();
+    o.endpoint = EndpointFor(creds, *c, job, attempt);
     o.credentials = *c;
     o.job = job;
     o.attempt = attempt;
@@ -75,9 +116,26 @@ class RendezvousServerTest : public testing::ReactorZapTest {
   }
 
   std::unique_ptr<RendezvousServer> server_;
+  bool relayed_ = false;
+  std::string relay_dir_;
+  std::map<std::string, std::vector<std::unique_ptr<RendezvousRelay>>> relays_;
+  int next_relay_ = 0;
 };
 
-TEST_F(RendezvousServerTest, SetGetAddCompareSet) {
+// What a rank relies on, on both paths: direct to the store, and through relays.
+class RendezvousStoreConformanceTest : public RendezvousServerTest,
+                                       public ::testing::WithParamInterface<bool> {
+ protected:
+  void SetUp() override {
+    relayed_ = GetParam();
+    RendezvousServerTest::SetUp();
+  }
+};
+
+INSTANTIATE_TEST_SUITE_P(Paths, RendezvousStoreConformanceTest, ::testing::Values(false, true),
+                         [](const auto& info) { return info.param ? "Relayed" : "Direct"; });
+
+TEST_P(RendezvousStoreConformanceTest, SetGetAddCompareSet) {
   auto c = OpenClient();
   ASSERT_TRUE(c->Set("k", std::string("v\0x", 3)).ok());
   auto v = c->Get("k", 1s);
@@ -97,7 +155,7 @@ TEST_F(RendezvousServerTest, SetGetAddCompareSet) {
   EXPECT_EQ(*c->Get("n", 1s), "3");
 }
 
-TEST_F(RendezvousServerTest, WaitersAreParkedAndWokenOnceBySet) {
+TEST_P(RendezvousStoreConformanceTest, WaitersAreParkedAndWokenOnceBySet) {
   auto setter = OpenClient();
   constexpr int kWaiters = 16;
   std::vector<std::unique_ptr<RendezvousClient>> clients;
@@ -121,7 +179,7 @@ TEST_F(RendezvousServerTest, WaitersAreParkedAndWokenOnceBySet) {
   EXPECT_EQ(Parked(), 0u);
 }
 
-TEST_F(RendezvousServerTest, WaitForSeveralKeys) {
+TEST_P(RendezvousStoreConformanceTest, WaitForSeveralKeys) {
   auto a = OpenClient(), b = OpenClient();
   std::atomic<bool> done{false};
   Status st;
@@ -139,7 +197,7 @@ TEST_F(RendezvousServerTest, WaitForSeveralKeys) {
   EXPECT_TRUE(st.ok()) << st;
 }
 
-TEST_F(RendezvousServerTest, GetTimesOutOnTheServer) {
+TEST_P(RendezvousStoreConformanceTest, GetTimesOutOnTheServer) {
   auto c = OpenClient();
   auto t0 = Clock::now();
   auto v = c->Get("never", 300ms);
@@ -154,7 +212,7 @@ TEST_F(RendezvousServerTest, GetTimesOutOnTheServer) {
   EXPECT_EQ(*c->Get("never", 0ms), "now");
 }
 
-TEST_F(RendezvousServerTest, BarrierReleasesAllAtOnceAndTimesOutWithCount) {
+TEST_P(RendezvousStoreConformanceTest, BarrierReleasesAllAtOnceAndTimesOutWithCount) {
   constexpr int kN = 5;
   std::vector<std::unique_ptr<RendezvousClient>> clients;
   for (int i = 0; i < kN; ++i) clients.push_back(OpenClient());
@@ -181,7 +239,7 @@ TEST_F(RendezvousServerTest, BarrierReleasesAllAtOnceAndTimesOutWithCount) {
   EXPECT_EQ(Parked(), 0u);
 }
 
-TEST_F(RendezvousServerTest, AllGatherAnswersEveryRankOnceWithAllEntriesInRankOrder) {
+TEST_P(RendezvousStoreConformanceTest, AllGatherAnswersEveryRankOnceWithAllEntriesInRankOrder) {
   constexpr int kN = 6;
   std::vector<std::unique_ptr<RendezvousClient>> clients;
   for (int i = 0; i < kN; ++i) clients.push_back(OpenClient());
@@ -207,7 +265,7 @@ TEST_F(RendezvousServerTest, AllGatherAnswersEveryRankOnceWithAllEntriesInRankOr
   EXPECT_NE(again.status().message().find("single use"), std::string::npos) << again.status();
 }
 
-TEST_F(RendezvousServerTest, AllGatherRefusesInconsistentCallers) {
+TEST_P(RendezvousStoreConformanceTest, AllGatherRefusesInconsistentCallers) {
   auto a = OpenClient(), b = OpenClient();
   EXPECT_EQ(a->AllGather("g", 3, 3, "v", 1s).status().code(), StatusCode::kInvalidArgument);
   EXPECT_EQ(a->AllGather("g", -1, 3, "v", 1s).status().code(), StatusCode::kInvalidArgument);
@@ -231,7 +289,7 @@ TEST_F(RendezvousServerTest, AllGatherRefusesInconsistentCallers) {
   EXPECT_EQ(*ok, *first);
 }
 
-TEST_F(RendezvousServerTest, AllGatherTimesOutNamingMissingRanksAndWithdrawsTheEntry) {
+TEST_P(RendezvousStoreConformanceTest, AllGatherTimesOutNamingMissingRanksAndWithdrawsTheEntry) {
   auto a = OpenClient(), b = OpenClient(), c = OpenClient();
   auto t0 = Clock::now();
   auto late = a->AllGather("g", 0, 3, "stale", 300ms);
@@ -254,7 +312,7 @@ TEST_F(RendezvousServerTest, AllGatherTimesOutNamingMissingRanksAndWithdrawsTheE
   EXPECT_EQ(*rc, *ra);
 }
 
-TEST_F(RendezvousServerTest, ClosingTheScopeAbortsAParkedGather) {
+TEST_P(RendezvousStoreConformanceTest, ClosingTheScopeAbortsAParkedGather) {
   auto a = OpenClient("job-g", 1);
   StatusOr<std::vector<std::string>> r = InternalError("not run");
   std::thread t([&] { r = a->AllGather("g", 0, 2, "a", 10s); });
@@ -504,7 +562,7 @@ TEST_F(RendezvousServerTest, BadJobIdsAreRejected) {
             StatusCode::kInvalidArgument);
 }
 
-TEST_F(RendezvousServerTest, ClosingTheServerAbortsWaiters) {
+TEST_P(RendezvousStoreConformanceTest, ClosingTheServerAbortsWaiters) {
   auto c = OpenClient();
   Status st;
   std::thread t([&] { st = c->Get("never", 10s).status(); });

@@ -1,0 +1,434 @@
+#include "collectives/rendezvous_relay.h"
+
+#include <stdlib.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <charconv>
+#include <cstring>
+#include <optional>
+
+#include "common/logging.h"
+#include "common/wire.h"
+
+namespace muster::collectives {
+
+namespace fs = std::filesystem;
+using std::chrono::milliseconds;
+
+namespace {
+
+// Unix socket addresses hold 107 bytes and a NUL.
+constexpr size_t kMaxSocketPath = 107;
+constexpr milliseconds kMaxTimeout = std::chrono::hours(24);
+
+milliseconds ClampTimeout(int64_t ms) {
+  return std::min(milliseconds(std::max<int64_t>(ms, 0)), kMaxTimeout);
+}
+
+// The pid in ZeroMQ's Peer-Address of an ipc connection: "host:uid:gid:pid" (SO_PEERCRED).
+std::optional<pid_t> PeerPid(const std::string& address) {
+  size_t colon = address.rfind(':');
+  if (colon == std::string::npos || colon + 1 >= address.size()) return std::nullopt;
+  pid_t pid = 0;
+  const char* b = address.data() + colon + 1;
+  const char* e = address.data() + address.size();
+  auto [end, ec] = std::from_chars(b, e, pid);
+  if (ec != std::errc() || end != e || pid <= 0) return std::nullopt;
+  return pid;
+}
+
+}  // namespace
+
+RendezvousRelay::RendezvousRelay(Reactor& reactor, Options options)
+    : reactor_(reactor), options_(std::move(options)) {}
+
+StatusOr<std::unique_ptr<RendezvousRelay>> RendezvousRelay::Create(Reactor& reactor,
+                                                                   Options options) {
+  if (options.job.empty()) return InvalidArgumentError("rendezvous relay: no job id");
+  if (options.upstream_endpoint.empty()) {
+    return InvalidArgumentError("rendezvous relay: no store endpoint");
+  }
+  if (options.socket_parent.empty()) {
+    return InvalidArgumentError("rendezvous relay: no directory for its socket");
+  }
+  std::unique_ptr<RendezvousRelay> r(new RendezvousRelay(reactor, std::move(options)));
+  MUSTER_RETURN_IF_ERROR(r->Start());
+  return r;
+}
+
+Status RendezvousRelay::Start() {
+  std::error_code ec;
+  fs::create_directories(options_.socket_parent, ec);
+  if (ec) {
+    return UnavailableError("rendezvous relay: cannot create " + options_.socket_parent.string() +
+                            ": " + ec.message());
+  }
+  std::string templ = (options_.socket_parent / "rdzv-XXXXXX").string();
+  if (templ.size() + 2 > kMaxSocketPath) {
+    return InvalidArgumentError("rendezvous relay: the socket path under " +
+                                options_.socket_parent.string() + " would be " +
+                                std::to_string(templ.size() + 2) + " bytes; at most " +
+                                std::to_string(kMaxSocketPath) + " fit a Unix socket address");
+  }
+  // mkdtemp makes the directory with mode 0700: only the agent's user can reach the socket.
+  if (::mkdtemp(templ.data()) == nullptr) {
+    return UnavailableError("rendezvous relay: mkdtemp " + templ + ": " + std::strerror(errno));
+  }
+  dir_ = templ;
+  endpoint_ = "ipc://" + (dir_ / "s").string();
+  RpcServer::Options lo;
+  lo.name = "rdzv-relay";
+  lo.endpoint = endpoint_;
+  lo.insecure = true;  // a local socket: see the trust boundary in the header
+  lo.max_message_bytes = options_.max_message_bytes;
+  MUSTER_ASSIGN_OR_RETURN(
+      local_, RpcServer::Create(
+                  reactor_, lo,
+                  [this](const PeerInfo& peer, proto::Envelope&& req, RpcServer::Reply reply) {
+                    HandleLocal(peer, std::move(req), std::move(reply));
+                  }));
+  try {
+    upstream_ = zmq::socket_t(reactor_.context(), zmq::socket_type::dealer);
+    upstream_.set(zmq::sockopt::linger, 0);
+    upstream_.set(zmq::sockopt::maxmsgsize, options_.max_message_bytes);
+    const RdzvCredentials& c = options_.credentials;
+    if (!c.insecure) {
+      if (!IsValidZ85Key(c.server_public_key) || !IsValidZ85Key(c.client_key.secret_key)) {
+        return InvalidArgumentError("rendezvous relay: malformed store credentials");
+      }
+      upstream_.set(zmq::sockopt::curve_serverkey, c.server_public_key);
+      upstream_.set(zmq::sockopt::curve_publickey, c.client_key.public_key);
+      upstream_.set(zmq::sockopt::curve_secretkey, c.client_key.secret_key);
+    }
+    upstream_.connect(options_.upstream_endpoint);
+  } catch (const zmq::error_t& e) {
+    return UnavailableError("rendezvous relay: cannot connect to the store at " +
+                            options_.upstream_endpoint + ": " + e.what());
+  }
+  reactor_.AddSocket(upstream_, "rdzv-relay.upstream", [this] { OnUpstreamReadable(); });
+  upstream_added_ = true;
+  log::Get("coll.relay")
+      ->debug("rendezvous relay for {}/{} serving {} ({} local ranks), store {}", options_.job,
+              options_.attempt, endpoint_, options_.local_ranks.size(), options_.upstream_endpoint);
+  return Status::Ok();
+}
+
+RendezvousRelay::~RendezvousRelay() {
+  Abort("rendezvous relay for " + options_.job + "/" + std::to_string(options_.attempt) +
+        " closed (the attempt ended on this node)");
+  if (upstream_added_ && (reactor_.InReactorThread() || !reactor_.running())) {
+    reactor_.RemoveSocket(upstream_);
+  }
+  if (upstream_) upstream_.close();
+  local_.reset();
+  if (!dir_.empty()) {
+    std::error_code ec;
+    fs::remove_all(dir_, ec);
+  }
+}
+
+void RendezvousRelay::Abort(const std::string& why) {
+  Status aborted = AbortedError(why);
+  std::map<std::string, Batch> batches = std::move(batches_);
+  batches_.clear();
+  for (auto& [key, b] : batches) {
+    if (b.timer != 0) reactor_.CancelTimer(b.timer);
+    for (auto& c : b.callers) c.reply(ErrorEnvelope(0, aborted));
+  }
+  auto pending = std::move(pending_);
+  pending_.clear();
+  for (auto& [id, p] : pending) {
+    if (p.timer != 0) reactor_.CancelTimer(p.timer);
+    p.done(aborted);
+  }
+  gather_ranks_.clear();
+}
+
+void RendezvousRelay::HandleLocal(const PeerInfo& peer, proto::Envelope&& request,
+                                  RpcServer::Reply reply) {
+  ++stats_.local_requests;
+  auto fail = [&](const Status& s) { reply(ErrorEnvelope(request.request_id(), s)); };
+  if (options_.admit) {
+    auto pid = PeerPid(peer.address);
+    Status ok = pid ? options_.admit(*pid)
+                    : FailedPreconditionError("the kernel did not say which process it is");
+    if (!ok.ok()) {
+      log::Get("coll.relay")
+          ->warn("rendezvous relay {}: refused a request from {}: {}", endpoint_, peer.address,
+                 ok.message());
+      return fail(FailedPreconditionError(
+          "rendezvous relay: this socket serves the ranks of " + options_.job + " attempt " +
+          std::to_string(options_.attempt) + " only; refused process " +
+          (pid ? std::to_string(*pid) : "'" + peer.address + "'") + ": " + ok.message()));
+    }
+  }
+  if (!request.has_store_request()) {
+    return fail(InvalidArgumentError("rendezvous relay: expected a StoreRequest"));
+  }
+  proto::StoreRequest& req = *request.mutable_store_request();
+  if (req.scope().job() != options_.job || req.scope().attempt() != options_.attempt) {
+    std::string named =
+        req.scope().job().substr(0, 128) + "/" + std::to_string(req.scope().attempt());
+    return fail(FailedPreconditionError("rendezvous relay: this socket serves scope '" +
+                                        options_.job + "/" + std::to_string(options_.attempt) +
+                                        "', not '" + named + "'"));
+  }
+  auto through = [reply](StatusOr<proto::StoreReply> r) {
+    if (!r.ok()) return reply(ErrorEnvelope(0, r.status()));
+    proto::Envelope e;
+    *e.mutable_store_reply() = std::move(*r);
+    reply(std::move(e));
+  };
+  switch (req.op_case()) {
+    case proto::StoreRequest::kSet:
+    case proto::StoreRequest::kAdd:
+    case proto::StoreRequest::kCompareSet:
+      return Forward(std::move(req), options_.op_timeout, std::move(through));
+    case proto::StoreRequest::kGet:
+      return Forward(std::move(req), ClampTimeout(req.get().timeout_ms()) + options_.rpc_slack,
+                     std::move(through));
+    case proto::StoreRequest::kWait:
+      return Forward(std::move(req), ClampTimeout(req.wait().timeout_ms()) + options_.rpc_slack,
+                     std::move(through));
+    case proto::StoreRequest::kBarrier:
+      return AddToBatch(/*gather=*/false, req, std::move(reply));
+    case proto::StoreRequest::kGather:
+      return AddToBatch(/*gather=*/true, req, std::move(reply));
+    case proto::StoreRequest::OP_NOT_SET:
+      break;
+  }
+  fail(InvalidArgumentError("rendezvous relay: request has no operation"));
+}
+
+void RendezvousRelay::Forward(proto::StoreRequest request, milliseconds timeout, Upstream done) {
+  uint64_t id = next_id_++;
+  proto::Envelope env;
+  env.set_request_id(id);
+  env.set_deadline_ms(timeout.count());
+  *env.mutable_store_request() = std::move(request);
+  std::string bytes = SerializeEnvelope(env);
+  if (static_cast<int64_t>(bytes.size()) > options_.max_message_bytes) {
+    return done(InvalidArgumentError(
+        "rendezvous relay: a request of " + std::to_string(bytes.size()) +
+        " bytes exceeds the message limit of " + std::to_string(options_.max_message_bytes)));
+  }
+  bool sent = false;
+  try {
+    sent = upstream_.send(zmq::buffer(bytes), zmq::send_flags::dontwait).has_value();
+  } catch (const zmq::error_t& e) {
+    log::Get("coll.relay")->warn("rendezvous relay: send to the store: {}", e.what());
+  }
+  if (!sent) {
+    return done(UnavailableError("rendezvous relay: cannot queue a request to the store at " +
+                                 options_.upstream_endpoint));
+  }
+  ++stats_.upstream_requests;
+  Pending& p = pending_[id];
+  p.done = std::move(done);
+  std::weak_ptr<int> life = life_;
+  p.timer = reactor_.PostAfter(timeout, "rdzv-relay.timeout", [this, life, id, timeout] {
+    if (!life.lock()) return;
+    auto it = pending_.find(id);
+    if (it == pending_.end()) return;
+    Upstream cb = std::move(it->second.done);
+    pending_.erase(it);
+    cb(DeadlineExceededError("rendezvous relay: the store at " + options_.upstream_endpoint +
+                             " did not answer within " + std::to_string(timeout.count()) + " ms"));
+  });
+}
+
+void RendezvousRelay::OnUpstreamReadable() {
+  for (int i = 0; i < 1024; ++i) {
+    zmq::message_t msg;
+    try {
+      if (!upstream_.recv(msg, zmq::recv_flags::dontwait)) return;
+    } catch (const zmq::error_t& e) {
+      log::Get("coll.relay")->error("rendezvous relay: recv from the store: {}", e.what());
+      return;
+    }
+    auto env = ParseEnvelope(msg.data(), msg.size());
+    if (!env.ok()) {
+      log::Get("coll.relay")->warn("rendezvous relay: the store sent {}", env.status().message());
+      continue;
+    }
+    auto it = pending_.find(env->request_id());
+    if (it == pending_.end()) continue;  // answered already (timed out here)
+    Pending p = std::move(it->second);
+    pending_.erase(it);
+    if (p.timer != 0) reactor_.CancelTimer(p.timer);
+    if (env->has_error()) {
+      p.done(ErrorToStatus(env->error()));
+    } else if (env->has_store_reply()) {
+      p.done(std::move(*env->mutable_store_reply()));
+    } else {
+      p.done(InternalError("rendezvous relay: the store at " + options_.upstream_endpoint +
+                           " answered with something other than a StoreReply"));
+    }
+  }
+}
+
+void RendezvousRelay::AddToBatch(bool gather, proto::StoreRequest& req, RpcServer::Reply reply) {
+  auto fail = [&](const Status& s) { reply(ErrorEnvelope(0, s)); };
+  Caller caller;
+  std::string name;
+  int n = 0;
+  int64_t timeout_ms = 0;
+  if (gather) {
+    auto& g = *req.mutable_gather();
+    name = g.name();
+    n = g.n();
+    timeout_ms = g.timeout_ms();
+    // Checked here, with the store's words: a batch fails as a whole upstream, and one rank's
+    // bad call must not fail its neighbours'.
+    if (g.batch_size() > 0) {
+      return fail(InvalidArgumentError("rendezvous relay: gather '" + name +
+                                       "': a batch of entries comes from relays, not ranks"));
+    }
+    if (n <= 0 || n > kMaxGatherRanks) {
+      return fail(InvalidArgumentError("rendezvous gather '" + name + "': n=" + std::to_string(n) +
+                                       " is not in 1.." + std::to_string(kMaxGatherRanks)));
+    }
+    if (g.rank() < 0 || g.rank() >= n) {
+      return fail(InvalidArgumentError("rendezvous gather '" + name + "': rank " +
+                                       std::to_string(g.rank()) + " is not in 0.." +
+                                       std::to_string(n - 1)));
+    }
+    auto& seen = gather_ranks_[name];
+    if (seen.count(g.rank())) {
+      return fail(InvalidArgumentError("rendezvous gather '" + name + "': rank " +
+                                       std::to_string(g.rank()) + " has already contributed"));
+    }
+    seen[g.rank()] = n;
+    caller.rank = g.rank();
+    caller.value = std::move(*g.mutable_value());
+  } else {
+    const auto& b = req.barrier();
+    name = b.name();
+    n = b.n();
+    timeout_ms = b.timeout_ms();
+    if (b.arrivals() != 0) {
+      return fail(InvalidArgumentError("rendezvous relay: barrier '" + name +
+                                       "': arrivals for several callers come from relays, "
+                                       "not ranks"));
+    }
+    if (n <= 0) {
+      return fail(InvalidArgumentError("rendezvous barrier '" + name + "': n must be positive"));
+    }
+  }
+  caller.reply = std::move(reply);
+  caller.deadline = Clock::now() + ClampTimeout(timeout_ms);
+  std::string key = std::string(gather ? "g" : "b") + std::to_string(n) + "|" + name;
+  auto [it, inserted] = batches_.try_emplace(key);
+  Batch& batch = it->second;
+  if (inserted) {
+    batch.gather = gather;
+    batch.name = name;
+    batch.n = n;
+    batch.flush_at = Clock::now() + options_.batch_window;
+  }
+  // The batch leaves when complete, after the window, or at its earliest caller's deadline,
+  // whichever is first: a caller never waits here past its own timeout.
+  Clock::time_point flush_at = std::min(batch.flush_at, caller.deadline);
+  batch.callers.push_back(std::move(caller));
+  size_t expected = Expected(batch);
+  if (expected > 0 && batch.callers.size() >= expected) return Flush(key);
+  if (batch.timer == 0 || flush_at < batch.flush_at) {
+    if (batch.timer != 0) reactor_.CancelTimer(batch.timer);
+    batch.flush_at = flush_at;
+    std::weak_ptr<int> life = life_;
+    batch.timer = reactor_.PostAt(flush_at, "rdzv-relay.batch", [this, life, key] {
+      if (!life.lock()) return;
+      auto b = batches_.find(key);
+      if (b == batches_.end()) return;
+      b->second.timer = 0;
+      Flush(key);
+    });
+  }
+}
+
+size_t RendezvousRelay::Expected(const Batch& b) const {
+  if (options_.local_ranks.empty()) return 0;
+  if (!b.gather) return std::min(options_.local_ranks.size(), static_cast<size_t>(b.n));
+  return static_cast<size_t>(std::count_if(options_.local_ranks.begin(), options_.local_ranks.end(),
+                                           [&](int r) { return r >= 0 && r < b.n; }));
+}
+
+void RendezvousRelay::Flush(const std::string& key) {
+  auto it = batches_.find(key);
+  if (it == batches_.end()) return;
+  Batch batch = std::move(it->second);
+  batches_.erase(it);
+  if (batch.timer != 0) reactor_.CancelTimer(batch.timer);
+  batch.timer = 0;
+  SendBatch(std::move(batch));
+}
+
+void RendezvousRelay::SendBatch(Batch batch) {
+  if (batch.callers.empty()) return;
+  auto now = Clock::now();
+  Clock::time_point first = batch.callers.front().deadline;
+  for (const auto& c : batch.callers) first = std::min(first, c.deadline);
+  // Rounded up, so the store never times the batch out before its earliest caller's deadline.
+  auto timeout = std::max(milliseconds(0), std::chrono::ceil<milliseconds>(first - now));
+  proto::StoreRequest req;
+  req.mutable_scope()->set_job(options_.job);
+  req.mutable_scope()->set_attempt(options_.attempt);
+  if (batch.gather) {
+    auto& g = *req.mutable_gather();
+    g.set_name(batch.name);
+    g.set_n(batch.n);
+    g.set_timeout_ms(timeout.count());
+    for (const auto& c : batch.callers) {
+      auto* e = g.add_batch();
+      e->set_rank(c.rank);
+      e->set_value(c.value);  // kept: a caller with time left may go upstream again
+    }
+  } else {
+    auto& b = *req.mutable_barrier();
+    b.set_name(batch.name);
+    b.set_n(batch.n);
+    b.set_timeout_ms(timeout.count());
+    b.set_arrivals(static_cast<int32_t>(batch.callers.size()));
+  }
+  auto shared = std::make_shared<Batch>(std::move(batch));
+  Forward(std::move(req), timeout + options_.rpc_slack,
+          [this, shared](StatusOr<proto::StoreReply> r) {
+            Batch& b = *shared;
+            auto forget = [&](const Caller& c) {
+              if (!b.gather) return;
+              auto g = gather_ranks_.find(b.name);
+              if (g == gather_ranks_.end()) return;
+              g->second.erase(c.rank);
+              if (g->second.empty()) gather_ranks_.erase(g);
+            };
+            if (r.ok()) {
+              proto::Envelope e;
+              *e.mutable_store_reply() = std::move(*r);
+              for (auto& c : b.callers) {
+                forget(c);
+                c.reply(e);
+              }
+              return;
+            }
+            // The store timed the batch out at its earliest caller's deadline (or never
+            // answered): callers with time left go upstream again.
+            Batch again;
+            again.gather = b.gather;
+            again.name = b.name;
+            again.n = b.n;
+            auto now = Clock::now();
+            for (auto& c : b.callers) {
+              if (r.status().code() == StatusCode::kDeadlineExceeded &&
+                  c.deadline > now + milliseconds(1)) {
+                again.callers.push_back(std::move(c));
+                continue;
+              }
+              forget(c);
+              c.reply(ErrorEnvelope(0, r.status()));
+            }
+            SendBatch(std::move(again));
+          });
+}
+
+}  // namespace muster::collectives

@@ -1,0 +1,158 @@
+#pragma once
+
+// RendezvousRelay: a node agent's stand-in for the attempt's rendezvous store
+// (collectives/rendezvous_server.h), so that the store's connections, CURVE handshakes and
+// allgather replies scale with nodes, not ranks.
+//
+// The ranks of this node reach the relay over a local ZeroMQ ipc:// socket (their
+// MUSTER_RDZV_ENDPOINT); the relay reaches the store with one CURVE connection made with the
+// attempt's key. It forwards set, get, add, compare_set and wait request by request, and
+// aggregates what every rank sends:
+//   - a gather (RendezvousStore::AllGather): the node's entries go upstream in one request
+//     (StoreGather.batch); the one reply is fanned out to each local caller;
+//   - a barrier: the node's arrivals go upstream in one request (StoreBarrier.arrivals).
+// A batch (by name and n) goes upstream as soon as it holds all of `local_ranks` (a gather:
+// those below n; a barrier: min(local ranks, n)), `batch_window` after its first caller, or at
+// its earliest caller's deadline, whichever is first: a gather or barrier that only some local
+// ranks join (a subgroup) still completes, one window later, and no caller waits here past its
+// own timeout. Where every local rank joins (the usual case) the window costs nothing: the
+// batch leaves with the last of them. A caller that comes after its batch left forms the next.
+// Semantics are the store's: a batch's timeout is its callers' earliest; when the store times
+// it out, the callers whose own timeout has passed get the store's DeadlineExceeded and the
+// others go upstream again with what they have left (a withdrawn gather entry may be
+// re-contributed, as on the store). A rank contributing twice to one gather is refused here,
+// with the store's message, so one rank's mistake never fails its node's batch.
+//
+// Trust boundary of the local socket: (1) it lives in a directory the relay creates with mode
+// 0700 (mkdtemp) and removes, so only processes of the agent's user (and root) can connect to
+// it; (2) every request is checked with `admit` against the peer's pid, which the kernel
+// reports for the connection (SO_PEERCRED, ZeroMQ's Peer-Address "host:uid:gid:pid"): the
+// agent admits only processes in the process group of one of this attempt's ranks; (3) the
+// relay serves exactly one scope (job, attempt): a request naming another is refused, and its
+// upstream key cannot reach another scope on the store either. The local socket carries no
+// CURVE (it never leaves the host); everything between hosts does.
+//
+// Bad input on the local socket (not an Envelope, not a StoreRequest, no operation, a rank or
+// n out of range, another scope, a peer not admitted) gets an error reply naming what is wrong,
+// and the relay keeps serving.
+//
+// Thread-safety: none; everything runs on the reactor thread (REQUIRES), Create included (or
+// before the reactor starts). Destroy on the reactor thread or after it stopped: callers still
+// waiting get Aborted.
+
+#include <sys/types.h>
+
+#include <chrono>
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <vector>
+#include <zmq.hpp>
+
+#include "collectives/rendezvous_client.h"
+#include "common/reactor.h"
+#include "common/rpc.h"
+#include "common/status.h"
+
+namespace muster::collectives {
+
+class RendezvousRelay {
+ public:
+  struct Options {
+    // A directory the relay's private socket directory is made in (mkdtemp "rdzv-XXXXXX",
+    // mode 0700); the socket is <that>/s. The path must fit a Unix socket address (107 bytes).
+    std::filesystem::path socket_parent;
+    // The store, and the attempt's credentials for it (MUSTER_RDZV_KEY's format).
+    std::string upstream_endpoint;
+    RdzvCredentials credentials;
+    std::string job;
+    uint64_t attempt = 0;
+    // The global ranks served by this relay (its node's); used to send a batch as soon as it
+    // is complete. Empty: every batch waits for `batch_window`.
+    std::vector<int> local_ranks;
+    std::chrono::milliseconds batch_window{200};
+    // Decides whether the process `pid` (kernel-reported for the connection) may use the
+    // socket; null admits every process that can open it. The agent checks that the pid is
+    // in the process group of one of the attempt's ranks.
+    std::function<Status(pid_t pid)> admit;
+    // How long past a request's own timeout the relay waits for the store's answer (and the
+    // timeout of requests that do not wait: set, add, compare_set).
+    std::chrono::milliseconds rpc_slack{2000};
+    std::chrono::milliseconds op_timeout{30000};
+    int64_t max_message_bytes = kDefaultMaxMessageBytes;
+  };
+
+  struct Stats {
+    uint64_t local_requests = 0;     // requests from local callers
+    uint64_t upstream_requests = 0;  // requests sent to the store
+  };
+
+  // REQUIRES: on the reactor thread or before reactor.Start().
+  static StatusOr<std::unique_ptr<RendezvousRelay>> Create(Reactor& reactor, Options options);
+  ~RendezvousRelay();
+  RendezvousRelay(const RendezvousRelay&) = delete;
+  RendezvousRelay& operator=(const RendezvousRelay&) = delete;
+
+  // "ipc:///.../rdzv-XXXXXX/s": the ranks' MUSTER_RDZV_ENDPOINT.
+  const std::string& endpoint() const { return endpoint_; }
+  const Stats& stats() const { return stats_; }
+
+  // Handles one request as if it came from `peer` over the local socket (the socket calls
+  // this; tests and the fuzzer call it directly). REQUIRES: on the reactor thread, or the
+  // reactor not running.
+  void HandleLocal(const PeerInfo& peer, proto::Envelope&& request, RpcServer::Reply reply);
+
+ private:
+  using Clock = std::chrono::steady_clock;
+  using Upstream = std::function<void(StatusOr<proto::StoreReply>)>;
+  struct Caller {
+    RpcServer::Reply reply;
+    Clock::time_point deadline;
+    int rank = -1;      // gather: the rank; barrier: unused
+    std::string value;  // gather: the entry
+  };
+  // Callers of one gather or barrier (by kind, name and n) that have not gone upstream yet.
+  struct Batch {
+    bool gather = false;
+    std::string name;
+    int n = 0;
+    std::vector<Caller> callers;
+    Clock::time_point flush_at;  // window end, or the earliest caller's deadline if sooner
+    Reactor::TimerId timer = 0;
+  };
+  struct Pending {
+    Upstream done;
+    Reactor::TimerId timer = 0;
+  };
+
+  RendezvousRelay(Reactor& reactor, Options options);
+  Status Start();
+  void Forward(proto::StoreRequest request, std::chrono::milliseconds timeout, Upstream done);
+  void OnUpstreamReadable();
+  void AddToBatch(bool gather, proto::StoreRequest& req, RpcServer::Reply reply);
+  size_t Expected(const Batch& b) const;
+  void Flush(const std::string& key);
+  void SendBatch(Batch batch);
+  void Abort(const std::string& why);
+
+  Reactor& reactor_;
+  Options options_;
+  std::filesystem::path dir_;
+  std::string endpoint_;
+  std::unique_ptr<RpcServer> local_;
+  zmq::socket_t upstream_;
+  bool upstream_added_ = false;
+  uint64_t next_id_ = 1;
+  std::unordered_map<uint64_t, Pending> pending_;  // upstream requests by request id
+  std::map<std::string, Batch> batches_;           // by "g|b" + n + name
+  // Gather ranks waiting here or upstream, by gather name: a second contribution is refused.
+  std::map<std::string, std::unordered_map<int, int>> gather_ranks_;
+  Stats stats_;
+  std::shared_ptr<int> life_ = std::make_shared<int>(0);
+};
+
+}  // namespace muster::collectives

@@ -1,0 +1,282 @@
+// The rendezvous relay (collectives/rendezvous_relay.h): real sockets (ipc to the ranks, CURVE
+// to the store). Its aggregation (one upstream request per node for a gather or a barrier),
+// its batching window, per-caller deadlines inside a batch, its trust boundary (the 0700
+// directory, the kernel-reported pid, the one scope) and its answers to bad input.
+
+#include "collectives/rendezvous_relay.h"
+
+#include <gtest/gtest.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <filesystem>
+#include <thread>
+
+#include "collectives/rendezvous_client.h"
+#include "collectives/rendezvous_server.h"
+#include "common/wire.h"
+#include "tests/testing/reactor_fixture.h"
+#include "tests/testing/wait_until.h"
+
+namespace muster::collectives {
+namespace {
+
+using namespace std::chrono_literals;
+using Clock = std::chrono::steady_clock;
+
+class RelayTest : public testing::ReactorZapTest {
+ protected:
+  void SetUp() override {
+    std::string templ = "/tmp/relay-test-XXXXXX";
+    ASSERT_NE(mkdtemp(templ.data()), nullptr);
+    dir_ = templ;
+    CreateReactor("relay-test");
+    if (HasFatalFailure()) return;
+    auto s = RendezvousServer::Create(*reactor_, zap_.get(), {});
+    ASSERT_TRUE(s.ok()) << s.status();
+    server_ = std::move(*s);
+    auto creds = server_->AddScope("job", 1);
+    ASSERT_TRUE(creds.ok()) << creds.status();
+    creds_ = *RdzvCredentials::Parse(*creds);
+    reactor_->Start();
+  }
+  void TearDown() override {
+    testing::ReactorZapTest::TearDown();
+    std::filesystem::remove_all(dir_);
+  }
+  void ReleaseOnReactor() override {
+    relays_.clear();
+    server_.reset();
+  }
+
+  // A relay for "node" `node` of `per_node` ranks (ranks node*per_node ..).
+  RendezvousRelay* AddRelay(int node, int per_node, std::chrono::milliseconds window = 10s,
+                            std::function<Status(pid_t)> admit = {}) {
+    RendezvousRelay::Options o;
+    o.socket_parent = dir_;
+    o.upstream_endpoint = server_->endpoint();
+    o.credentials = creds_;
+    o.job = "job";
+    o.attempt = 1;
+    for (int i = 0; i < per_node; ++i) o.local_ranks.push_back(node * per_node + i);
+    o.batch_window = window;
+    o.admit = std::move(admit);
+    o.rpc_slack = 1s;
+    auto r = reactor_->Call("relay", [&] { return RendezvousRelay::Create(*reactor_, o); });
+    EXPECT_TRUE(r.ok()) << r.status();
+    if (!r.ok()) return nullptr;
+    relays_.push_back(std::move(*r));
+    return relays_.back().get();
+  }
+
+  std::unique_ptr<RendezvousClient> Client(const RendezvousRelay* relay, uint64_t attempt = 1) {
+    RendezvousClient::Options o;
+    o.endpoint = relay->endpoint();
+    o.credentials = creds_;
+    o.job = "job";
+    o.attempt = attempt;
+    o.op_timeout = 5s;
+    o.rpc_slack = 1s;
+    auto c = RendezvousClient::Connect(o);
+    EXPECT_TRUE(c.ok()) << c.status();
+    return std::move(*c);
+  }
+
+  RendezvousRelay::Stats Stats(const RendezvousRelay* r) {
+    return reactor_->Call("stats", [&] { return r->stats(); });
+  }
+  size_t ParkedRequests() {
+    return reactor_->Call("parked", [&] { return server_->parked_requests(); });
+  }
+
+  std::filesystem::path dir_;
+  std::unique_ptr<RendezvousServer> server_;
+  RdzvCredentials creds_;
+  std::vector<std::unique_ptr<RendezvousRelay>> relays_;
+};
+
+TEST_F(RelayTest, AGatherAndABarrierGoUpstreamOncePerNode) {
+  constexpr int kNodes = 2, kPerNode = 4, kN = kNodes * kPerNode;
+  std::vector<RendezvousRelay*> relay;
+  for (int n = 0; n < kNodes; ++n) relay.push_back(AddRelay(n, kPerNode));
+  std::vector<std::unique_ptr<RendezvousClient>> clients;
+  for (int r = 0; r < kN; ++r) clients.push_back(Client(relay[r / kPerNode]));
+  auto entry = [](int r) { return "addr-" + std::to_string(r); };
+  std::vector<StatusOr<std::vector<std::string>>> got(kN, InternalError("not run"));
+  std::vector<Status> barrier(kN, InternalError("not run"));
+  std::vector<std::thread> threads;
+  auto t0 = Clock::now();
+  for (int r = 0; r < kN; ++r) {
+    threads.emplace_back([&, r] {
+      got[r] = clients[r]->AllGather("addrs", r, kN, entry(r), 20s);
+      barrier[r] = clients[r]->Barrier("after", kN, 20s);
+    });
+  }
+  for (auto& t : threads) t.join();
+  // The window is 10 s: a batch went upstream because it was complete, not because it waited.
+  EXPECT_LT(Clock::now() - t0, 5s);
+  for (int r = 0; r < kN; ++r) {
+    ASSERT_TRUE(got[r].ok()) << "rank " << r << ": " << got[r].status();
+    ASSERT_EQ(got[r]->size(), size_t{kN});
+    for (int e = 0; e < kN; ++e) EXPECT_EQ((*got[r])[e], entry(e));
+    EXPECT_TRUE(barrier[r].ok()) << barrier[r];
+  }
+  for (auto* r : relay) {
+    auto st = Stats(r);
+    EXPECT_EQ(st.local_requests, uint64_t{2 * kPerNode});
+    EXPECT_EQ(st.upstream_requests, 2u) << "one gather and one barrier request per node";
+  }
+  EXPECT_EQ(ParkedRequests(), 0u);
+}
+
+TEST_F(RelayTest, ABatchThatOnlySomeLocalRanksJoinGoesUpstreamAfterTheWindow) {
+  // Node 0 serves ranks 0 and 1, but a gather of n=2 has rank 0 here and rank 1 on node 1 (a
+  // subgroup): node 0's batch can never be complete, and must not wait for rank 1.
+  auto* a = AddRelay(0, 2, 100ms);
+  auto* b = AddRelay(1, 2, 100ms);
+  auto ca = Client(a), cb = Client(b);
+  StatusOr<std::vector<std::string>> ra = InternalError("not run");
+  std::thread t([&] { ra = ca->AllGather("sub", 0, 2, "x", 10s); });
+  auto rb = cb->AllGather("sub", 1, 2, "y", 10s);
+  t.join();
+  ASSERT_TRUE(rb.ok()) << rb.status();
+  ASSERT_TRUE(ra.ok()) << ra.status();
+  EXPECT_EQ(*ra, (std::vector<std::string>{"x", "y"}));
+}
+
+TEST_F(RelayTest, EachCallerInABatchKeepsItsOwnDeadline) {
+  auto* a = AddRelay(0, 2, 50ms);
+  auto* b = AddRelay(1, 2, 50ms);
+  auto c0 = Client(a), c1 = Client(a), c2 = Client(b);
+  // Ranks 0 and 1 go upstream together; rank 2 is late. Rank 0 gives up after 300 ms, rank 1
+  // waits on: it goes upstream again alone, and completes once ranks 2 and 0 come.
+  StatusOr<std::vector<std::string>> r0 = InternalError(""), r1 = InternalError("");
+  std::thread t1([&] { r1 = c1->AllGather("g", 1, 3, "b", 20s); });
+  auto t0 = Clock::now();
+  r0 = c0->AllGather("g", 0, 3, "stale", 300ms);
+  EXPECT_GE(Clock::now() - t0, 290ms);
+  ASSERT_EQ(r0.status().code(), StatusCode::kDeadlineExceeded) << r0.status();
+  EXPECT_NE(r0.status().message().find("missing rank(s) 2"), std::string::npos) << r0.status();
+  StatusOr<std::vector<std::string>> r2 = InternalError("");
+  std::thread t2([&] { r2 = c2->AllGather("g", 2, 3, "c", 20s); });
+  auto again = c0->AllGather("g", 0, 3, "fresh", 20s);
+  t1.join();
+  t2.join();
+  ASSERT_TRUE(again.ok()) << again.status();
+  ASSERT_TRUE(r1.ok()) << r1.status();
+  ASSERT_TRUE(r2.ok()) << r2.status();
+  EXPECT_EQ(*again, (std::vector<std::string>{"fresh", "b", "c"}));
+  EXPECT_EQ(*r1, *again);
+  EXPECT_EQ(*r2, *again);
+}
+
+TEST_F(RelayTest, ACallerNeverWaitsInABatchPastItsOwnTimeout) {
+  // A 10 s window, and a batch that cannot complete (rank 1 of this node never comes): the
+  // caller's 200 ms timeout sends the batch upstream, and the store's answer names who is
+  // missing.
+  auto* a = AddRelay(0, 2, 10s);
+  auto c = Client(a);
+  auto t0 = Clock::now();
+  auto r = c->AllGather("lonely", 0, 2, "x", 200ms);
+  EXPECT_LT(Clock::now() - t0, 2s);
+  ASSERT_EQ(r.status().code(), StatusCode::kDeadlineExceeded) << r.status();
+  EXPECT_NE(r.status().message().find("missing rank(s) 1"), std::string::npos) << r.status();
+  auto b = c->Barrier("lonely-barrier", 2, 200ms);
+  EXPECT_LT(Clock::now() - t0, 4s);
+  EXPECT_EQ(b.code(), StatusCode::kDeadlineExceeded) << b;
+}
+
+TEST_F(RelayTest, TheSocketIsPrivateAndOnlyAdmittedProcessesMayUseIt) {
+  // Only a process other than this one is "a rank of the attempt": this test process is the
+  // outsider, and the relay learns its pid from the kernel, not from anything it sends.
+  const pid_t me = getpid();
+  std::atomic<pid_t> rank_pid{me + 1};
+  auto* relay = AddRelay(0, 1, 10ms, [&](pid_t pid) -> Status {
+    if (pid == rank_pid.load()) return Status::Ok();
+    return FailedPreconditionError("process " + std::to_string(pid) + " is not a rank");
+  });
+  std::string path = relay->endpoint().substr(std::string("ipc://").size());
+  struct stat st {};
+  ASSERT_EQ(stat(std::filesystem::path(path).parent_path().c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0700u) << "the socket's directory is the agent user's only";
+
+  auto c = Client(relay);
+  Status refused = c->Set("k", "v");
+  ASSERT_EQ(refused.code(), StatusCode::kFailedPrecondition) << refused;
+  EXPECT_NE(refused.message().find("refused process " + std::to_string(me)), std::string::npos)
+      << refused;
+  auto parked = c->AllGather("g", 0, 1, "v", 1s);
+  EXPECT_EQ(parked.status().code(), StatusCode::kFailedPrecondition) << parked.status();
+  EXPECT_EQ(Stats(relay).upstream_requests, 0u) << "nothing of an outsider reaches the store";
+  rank_pid = me;  // now this process is admitted
+  EXPECT_TRUE(c->Set("k", "v").ok());
+  // The relay serves its own scope only.
+  auto other = Client(relay, /*attempt=*/2);
+  auto st2 = other->Set("k", "v");
+  ASSERT_EQ(st2.code(), StatusCode::kFailedPrecondition) << st2;
+  EXPECT_NE(st2.message().find("serves scope 'job/1', not 'job/2'"), std::string::npos) << st2;
+  // When the relay closes, its directory goes with it.
+  reactor_->Call("close", [&] { relays_.clear(); });
+  EXPECT_FALSE(std::filesystem::exists(std::filesystem::path(path).parent_path()));
+}
+
+TEST_F(RelayTest, BadInputOnTheLocalSocketGetsAClearErrorAndTheRelayKeepsServing) {
+  auto* relay = AddRelay(0, 2, 10ms);
+  zmq::context_t ctx(1);
+  RpcClient::Options ro;
+  ro.endpoint = relay->endpoint();
+  ro.insecure = true;
+  auto rpc = std::move(*RpcClient::Connect(ctx, ro));
+  auto call = [&](proto::Envelope e) { return rpc->Call(std::move(e), 5s).status(); };
+  auto expect = [](const Status& s, StatusCode code, const std::string& words) {
+    EXPECT_EQ(s.code(), code) << s;
+    EXPECT_NE(s.message().find(words), std::string::npos) << s;
+  };
+  proto::Envelope ping;
+  ping.mutable_ping();
+  expect(call(ping), StatusCode::kInvalidArgument, "expected a StoreRequest");
+  proto::Envelope none;
+  none.mutable_store_request()->mutable_scope()->set_job("job");
+  none.mutable_store_request()->mutable_scope()->set_attempt(1);
+  expect(call(none), StatusCode::kInvalidArgument, "no operation");
+  auto gather = [&](int rank, int n) {
+    proto::Envelope e = none;
+    auto* g = e.mutable_store_request()->mutable_gather();
+    g->set_name("g");
+    g->set_rank(rank);
+    g->set_n(n);
+    g->set_timeout_ms(1000);
+    return e;
+  };
+  expect(call(gather(5, 2)), StatusCode::kInvalidArgument, "rank 5 is not in 0..1");
+  expect(call(gather(0, 0)), StatusCode::kInvalidArgument, "n=0 is not in 1..");
+  proto::Envelope forged = gather(0, 2);
+  auto* entry = forged.mutable_store_request()->mutable_gather()->add_batch();
+  entry->set_rank(1);
+  expect(call(forged), StatusCode::kInvalidArgument, "comes from relays, not ranks");
+  proto::Envelope barrier = none;
+  barrier.mutable_store_request()->mutable_barrier()->set_name("b");
+  barrier.mutable_store_request()->mutable_barrier()->set_n(4);
+  barrier.mutable_store_request()->mutable_barrier()->set_arrivals(4);
+  expect(call(barrier), StatusCode::kInvalidArgument, "come from relays, not ranks");
+  // Bytes that are no Envelope at all, on a raw socket.
+  zmq::socket_t raw(ctx, zmq::socket_type::dealer);
+  raw.set(zmq::sockopt::linger, 0);
+  raw.connect(relay->endpoint());
+  raw.send(zmq::str_buffer("\xff\xff not a protobuf"), zmq::send_flags::none);
+  zmq::message_t reply;
+  raw.set(zmq::sockopt::rcvtimeo, 5000);
+  ASSERT_TRUE(raw.recv(reply));
+  auto env = ParseEnvelope(reply.data(), reply.size());
+  ASSERT_TRUE(env.ok()) << env.status();
+  ASSERT_TRUE(env->has_error());
+  EXPECT_EQ(env->error().code(), proto::INVALID_ARGUMENT) << env->error().message();
+  // Still serving.
+  auto c = Client(relay);
+  EXPECT_TRUE(c->Set("k", "v").ok());
+  EXPECT_EQ(*c->Get("k", 1s), "v");
+}
+
+}  // namespace
+}  // namespace muster::collectives
