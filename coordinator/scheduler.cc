@@ -71,6 +71,7 @@ struct Node {
   int cls = -1;
   int free_pos = -1;  // index in its class's free list, -1 when not free
   Job* job = nullptr;
+  bool spare = false;  // held idle as a spare of `job`
   bool removed = false;
 };
 
@@ -93,6 +94,7 @@ struct Job {
   JobRequest req;
   bool running = false;
   std::vector<int> nodes;
+  std::vector<int> spares;  // held for it, idle (JobRequest::spares)
   TimePoint start{};
   std::vector<int> elig;  // eligible classes
   uint64_t elig_gen = std::numeric_limits<uint64_t>::max();
@@ -138,6 +140,8 @@ struct Scheduler::Impl {
   std::unordered_map<std::string, std::unique_ptr<Job>> jobs;
   std::set<Job*, QueueOrder> queue;
   std::set<int> quarantined_nodes;
+  // Running jobs holding fewer spares than they ask for (refilled after the queue in a pass).
+  std::set<Job*, QueueOrder> short_of_spares;
   // Scratch arrays for a pass.
   std::vector<int> s_prov_non, s_prov_e, s_isl_non, s_isl_e, s_prov_tot, s_isl_tot;
 
@@ -250,6 +254,12 @@ struct Scheduler::Impl {
       nodes[idx].job = &j;
       SetFree(idx, false);
     }
+    // The gang first (node-rank order), then its spares.
+    if (static_cast<int>(picked.size()) > j.req.nodes) {
+      j.spares.assign(picked.begin() + j.req.nodes, picked.end());
+      picked.resize(j.req.nodes);
+      for (int idx : j.spares) nodes[idx].spare = true;
+    }
     j.nodes = std::move(picked);
     j.running = true;
     j.start = now;
@@ -257,11 +267,15 @@ struct Scheduler::Impl {
   }
 
   void FreeNodes(Job& j) {
+    for (int idx : j.spares) nodes[idx].spare = false;
+    j.nodes.insert(j.nodes.end(), j.spares.begin(), j.spares.end());
     for (int idx : j.nodes) {
       nodes[idx].job = nullptr;
       Refresh(idx);
     }
     j.nodes.clear();
+    j.spares.clear();
+    short_of_spares.erase(&j);
     j.running = false;
     if (j.preempted_for != nullptr) {
       j.preempted_for->victims--;
@@ -359,7 +373,7 @@ struct Scheduler::Impl {
         s_isl_non[cl.island_group] += f;
       }
     }
-    const int need = j.req.nodes;
+    const int need = Need(j.req);
     auto avail = [&](int non, int e) { return non + std::min(e, budget); };
     // Best fit: the smallest group that holds the gang.
     int best_p = -1, best_i = -1, best_avail = std::numeric_limits<int>::max();
@@ -510,7 +524,7 @@ struct Scheduler::Impl {
           if (n.job) busy[n.job]++;
         }
       }
-      if (usable < head.req.nodes) continue;
+      if (usable < Need(head.req)) continue;
       std::vector<std::pair<TimePoint, int>> ends;
       for (auto& [job, count] : busy) ends.emplace_back(EndOf(*job), count);
       std::sort(ends.begin(), ends.end());
@@ -519,9 +533,9 @@ struct Scheduler::Impl {
       for (auto& [end, count] : ends) {
         if (end == kNever) break;
         have += count;
-        if (have >= head.req.nodes) {
+        if (have >= Need(head.req)) {
           shadow = end;
-          extra = have - head.req.nodes;
+          extra = have - Need(head.req);
           break;
         }
       }
@@ -569,12 +583,12 @@ struct Scheduler::Impl {
       Plan p{g, {}, std::numeric_limits<int>::min()};
       int have = free;
       for (auto& [job, count] : v) {
-        if (have >= head.req.nodes) break;
+        if (have >= Need(head.req)) break;
         p.victims.push_back(job);
         p.max_prio = std::max(p.max_prio, job->req.priority);
         have += count;
       }
-      if (have < head.req.nodes || p.victims.empty()) continue;
+      if (have < Need(head.req) || p.victims.empty()) continue;
       if (!best || p.victims.size() < best->victims.size() ||
           (p.victims.size() == best->victims.size() && p.max_prio < best->max_prio)) {
         best = std::move(p);
@@ -597,6 +611,51 @@ struct Scheduler::Impl {
     return true;
   }
 
+  // Gives running jobs short of spares new ones from free nodes of their gang's provider (the
+  // gang's islands first; only those when the island is required), never from nodes held for
+  // the head job `res`.
+  void RefillSpares(const Reservation& res, Decisions* out) {
+    for (auto it = short_of_spares.begin(); it != short_of_spares.end();) {
+      Job& j = **it;
+      if (!j.running || j.nodes.empty() || static_cast<int>(j.spares.size()) >= j.req.spares) {
+        it = short_of_spares.erase(it);
+        continue;
+      }
+      int provider = classes[nodes[j.nodes[0]].cls].provider;
+      std::set<int> gang_islands;
+      for (int idx : j.nodes) gang_islands.insert(classes[nodes[idx].cls].island_group);
+      std::vector<int> cand;  // free nodes that may become its spares
+      for (int c : EligibleClasses(j)) {
+        const Class& cl = classes[c];
+        if (cl.provider != provider || cl.free.empty() || (res.head && res.in_e[c])) continue;
+        if (j.req.island == IslandPolicy::kRequired && !gang_islands.count(cl.island_group))
+          continue;
+        for (int idx : cl.free) {
+          if (!j.req.excluded_nodes.count(nodes[idx].spec.name)) cand.push_back(idx);
+        }
+      }
+      std::sort(cand.begin(), cand.end(), [&](int a, int b) {
+        bool sa = gang_islands.count(classes[nodes[a].cls].island_group) > 0;
+        bool sb = gang_islands.count(classes[nodes[b].cls].island_group) > 0;
+        if (sa != sb) return sa;
+        return nodes[a].spec.name < nodes[b].spec.name;
+      });
+      for (int idx : cand) {
+        if (static_cast<int>(j.spares.size()) >= j.req.spares) break;
+        nodes[idx].job = &j;
+        nodes[idx].spare = true;
+        SetFree(idx, false);
+        j.spares.push_back(idx);
+        out->spares_held.push_back({j.req.id, nodes[idx].spec.name});
+      }
+      if (static_cast<int>(j.spares.size()) >= j.req.spares) {
+        it = short_of_spares.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+
   void ExpireQuarantines(TimePoint now) {
     for (auto it = quarantined_nodes.begin(); it != quarantined_nodes.end();) {
       Node& n = nodes[*it];
@@ -615,6 +674,7 @@ struct Scheduler::Impl {
     v.spec = n.spec;
     v.state = n.quarantined && n.q_until > now ? NodeState::kQuarantined : n.base;
     if (n.job) v.job = n.job->req.id;
+    v.spare = n.spare;
     v.quarantines = n.quarantines;
     v.quarantined_until = n.q_until;
     return v;
@@ -630,6 +690,10 @@ struct Scheduler::Impl {
     if (!j.hosts.empty() && static_cast<int>(j.hosts.size()) != j.nodes)
       return InvalidArgumentError(
           fmt::format("job {}: {} hosts named for {} nodes", j.id, j.hosts.size(), j.nodes));
+    if (j.spares < 0) return InvalidArgumentError(fmt::format("job {}: spares must be >= 0", j.id));
+    if (j.spares > 0 && !j.hosts.empty())
+      return InvalidArgumentError(
+          fmt::format("job {}: spares cannot be held for a gang pinned to named hosts", j.id));
     return Status::Ok();
   }
 };
@@ -746,6 +810,10 @@ Status Scheduler::Feasible(const JobRequest& job) const {
   auto& m = *impl_;
   MUSTER_RETURN_IF_ERROR(m.Validate(job));
   std::string needs = fmt::format("{} node{}", job.nodes, job.nodes == 1 ? "" : "s");
+  if (job.spares > 0) {
+    needs = fmt::format("{} ({} for the gang + {} spare{})", Need(job), job.nodes, job.spares,
+                        job.spares == 1 ? "" : "s");
+  }
   std::vector<std::string> what;
   if (!job.gpu_type.empty()) what.push_back("gpu_type " + job.gpu_type);
   if (job.gpus_per_node > 0) what.push_back(fmt::format(">= {} GPUs", job.gpus_per_node));
@@ -785,7 +853,7 @@ Status Scheduler::Feasible(const JobRequest& job) const {
   for (size_t i = 0; i < counts.size(); ++i) {
     if (counts[i] > best) best = counts[i], best_idx = static_cast<int>(i);
   }
-  if (best >= job.nodes) return Status::Ok();
+  if (best >= Need(job)) return Status::Ok();
   std::string where;
   if (best_idx < 0) {
     where = "no registered node fits";
@@ -843,6 +911,8 @@ Status Scheduler::RestoreRunning(const JobRequest& job, const std::vector<std::s
   }
   j->nodes = std::move(idxs);
   j->running = true;
+  // Spares are not stored: a restored job gets new ones in the next passes.
+  if (j->req.spares > 0) m.short_of_spares.insert(j.get());
   m.jobs.emplace(job.id, std::move(j));
   return Status::Ok();
 }
@@ -907,6 +977,63 @@ std::vector<std::string> Scheduler::AllocationOf(const std::string& job) const {
   return out;
 }
 
+std::vector<std::string> Scheduler::SparesOf(const std::string& job) const {
+  std::vector<std::string> out;
+  auto it = impl_->jobs.find(job);
+  if (it == impl_->jobs.end()) return out;
+  for (int idx : it->second->spares) out.push_back(impl_->nodes[idx].spec.name);
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+StatusOr<std::string> Scheduler::TakeSpare(const std::string& job, const std::string& lost) {
+  auto& m = *impl_;
+  auto it = m.jobs.find(job);
+  if (it == m.jobs.end() || !it->second->running)
+    return NotFoundError("job " + job + " is not running");
+  Job& j = *it->second;
+  auto li = m.node_index.find(lost);
+  auto pos = li == m.node_index.end() ? j.nodes.end()
+                                      : std::find(j.nodes.begin(), j.nodes.end(), li->second);
+  if (pos == j.nodes.end())
+    return NotFoundError(fmt::format("node {} is not in job {}'s gang", lost, job));
+  if (j.spares.empty()) return FailedPreconditionError(fmt::format("job {} holds no spare", job));
+  int lost_island = m.classes[m.nodes[li->second].cls].island_group;
+  auto better = [&](int a, int b) {  // same island as the lost node first, then by name
+    bool sa = m.classes[m.nodes[a].cls].island_group == lost_island;
+    bool sb = m.classes[m.nodes[b].cls].island_group == lost_island;
+    if (sa != sb) return sa;
+    return m.nodes[a].spec.name < m.nodes[b].spec.name;
+  };
+  auto pick = std::min_element(j.spares.begin(), j.spares.end(), better);
+  int spare = *pick;
+  j.spares.erase(pick);
+  m.nodes[spare].spare = false;
+  *pos = spare;
+  m.nodes[li->second].job = nullptr;
+  m.Refresh(li->second);
+  m.short_of_spares.insert(&j);
+  return m.nodes[spare].spec.name;
+}
+
+Status Scheduler::DropSpare(const std::string& job, const std::string& node) {
+  auto& m = *impl_;
+  auto it = m.jobs.find(job);
+  auto ni = m.node_index.find(node);
+  if (it == m.jobs.end() || ni == m.node_index.end())
+    return NotFoundError(fmt::format("node {} is not a spare of job {}", node, job));
+  Job& j = *it->second;
+  auto pos = std::find(j.spares.begin(), j.spares.end(), ni->second);
+  if (pos == j.spares.end())
+    return NotFoundError(fmt::format("node {} is not a spare of job {}", node, job));
+  j.spares.erase(pos);
+  m.nodes[ni->second].spare = false;
+  m.nodes[ni->second].job = nullptr;
+  m.Refresh(ni->second);
+  m.short_of_spares.insert(&j);
+  return Status::Ok();
+}
+
 std::string Scheduler::PendingReason(const std::string& job) const {
   auto& m = *impl_;
   auto it = m.jobs.find(job);
@@ -919,10 +1046,10 @@ std::string Scheduler::PendingReason(const std::string& job) const {
       if (j.wait_provider < 0) return "waiting: not yet scheduled";
       if (j.wait_island >= 0) {
         return fmt::format("waiting: {} of {} nodes free on provider {}, island {}", j.wait_free,
-                           j.req.nodes, m.providers[j.wait_provider],
+                           Need(j.req), m.providers[j.wait_provider],
                            m.islands[j.wait_island].second);
       }
-      return fmt::format("waiting: {} of {} nodes free on provider {}", j.wait_free, j.req.nodes,
+      return fmt::format("waiting: {} of {} nodes free on provider {}", j.wait_free, Need(j.req),
                          m.providers[j.wait_provider]);
     case WaitKind::kHeld:
       return fmt::format(
@@ -936,7 +1063,7 @@ std::string Scheduler::PendingReason(const std::string& job) const {
     case WaitKind::kNoNodes:
       return fmt::format("waiting: no {} has {} registered nodes that fit this job",
                          j.req.island == IslandPolicy::kRequired ? "island" : "provider",
-                         j.req.nodes);
+                         Need(j.req));
   }
   return "";
 }
@@ -973,9 +1100,11 @@ Decisions Scheduler::Schedule(TimePoint now) {
     Placement p;
     p.job = j->req.id;
     for (int idx : j->nodes) p.nodes.push_back(m.nodes[idx].spec.name);
+    for (int idx : j->spares) p.spares.push_back(m.nodes[idx].spec.name);
     out.placements.push_back(std::move(p));
   }
   for (Job* j : placed) m.queue.erase(j);
+  m.RefillSpares(res, &out);
   out.pending = m.queue.size();
   return out;
 }
