@@ -1034,6 +1034,21 @@ Status Scheduler::DropSpare(const std::string& job, const std::string& node) {
   return Status::Ok();
 }
 
+std::vector<JobRequest> Scheduler::SpareRequests() const {
+  auto& m = *impl_;
+  std::vector<JobRequest> out;
+  for (const Job* j : m.short_of_spares) {
+    int lacks = j->req.spares - static_cast<int>(j->spares.size());
+    if (!j->running || j->nodes.empty() || lacks <= 0) continue;
+    JobRequest r = j->req;
+    r.nodes = lacks;
+    r.spares = 0;
+    r.providers = {m.nodes[j->nodes[0]].spec.provider};
+    out.push_back(std::move(r));
+  }
+  return out;
+}
+
 std::string Scheduler::PendingReason(const std::string& job) const {
   auto& m = *impl_;
   auto it = m.jobs.find(job);

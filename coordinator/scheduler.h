@@ -197,6 +197,10 @@ class Scheduler {
   // `node`, a spare of the running `job`, is of no use any more (lost): it is no longer the
   // job's, and the job is short of a spare. NotFound if it is not a spare of that job.
   Status DropSpare(const std::string& job, const std::string& node);
+  // For each running job short of spares, what it lacks as a request of its own (id = the
+  // job's, nodes = the spares it lacks, no spares, its gang's provider only), in queue order:
+  // what an on-demand provider is asked for (coordinator/providers/planner.h).
+  std::vector<JobRequest> SpareRequests() const;
 
   // Why a pending job waits, e.g. "waiting: 2 of 4 nodes free on provider aws, island a".
   // Valid after a pass; empty for a job that is not pending.
