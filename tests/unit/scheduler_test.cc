@@ -503,5 +503,25 @@ TEST(SchedulerTest, FeasibleRefusesMoreSparesThanAnyGroupCanHoldWithTheReason) {
   EXPECT_EQ(s.Feasible(pinned).code(), StatusCode::kInvalidArgument);
 }
 
+TEST(SchedulerTest, SpareRequestsSayWhatARunningJobLacksOnItsGangsProvider) {
+  Scheduler s;
+  s.UpsertNode(N("gcp-0", "gcp"));
+  s.UpsertNode(N("gcp-1", "gcp"));
+  s.UpsertNode(N("gcp-2", "gcp"));
+  ASSERT_TRUE(s.Submit(WithSpares(J("ft", 2), 1)).ok());
+  ASSERT_EQ(s.Schedule(T(0)).placements.size(), 1u);
+  EXPECT_TRUE(s.SpareRequests().empty()) << "it holds its spare";
+  ASSERT_TRUE(s.SetNodeState("gcp-0", NodeState::kDown).ok());
+  ASSERT_TRUE(s.TakeSpare("ft", "gcp-0").ok());
+  auto r = s.SpareRequests();
+  ASSERT_EQ(r.size(), 1u);
+  EXPECT_EQ(r[0].id, "ft");
+  EXPECT_EQ(r[0].nodes, 1);
+  EXPECT_EQ(r[0].spares, 0);
+  EXPECT_EQ(r[0].providers, (std::vector<std::string>{"gcp"}));
+  ASSERT_TRUE(s.Release("ft").ok());
+  EXPECT_TRUE(s.SpareRequests().empty()) << "a job that ended asks for nothing";
+}
+
 }  // namespace
 }  // namespace muster::coordinator
