@@ -733,6 +733,11 @@ void Coordinator::Tick() {
     if (j->spare_restart == 1 && r.state == proto::JOB_PENDING && r.not_before_ms <= now) {
       // The lost node's lease fence has passed: the survivors and spares start at once.
       auto nodes = sched_->AllocationOf(id);
+      if (nodes.empty()) {  // not held any more: placed the usual way
+        j->spare_restart = 0;
+        j->in_scheduler = sched_->IsPending(id);
+        continue;
+      }
       Event(id, "", "restarting_on_spares",
             fmt::format("attempt {} on {} without a scheduling pass", r.attempt + 1,
                         fmt::join(nodes, ",")));
