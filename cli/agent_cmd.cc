@@ -3,10 +3,13 @@
 #include <signal.h>
 
 #include <iostream>
+#include <limits>
+#include <optional>
 #include <thread>
 
 #include "cli/commands.h"
 #include "common/logging.h"
+#include "common/strings.h"
 #include "node_agent/agent.h"
 
 namespace muster::cli {
@@ -88,11 +91,8 @@ void AddAgentCommands(CLI::App& app, Runner* runner) {
       if (f->gpus == "auto") {
         gpus = node_agent::CountGpus();
       } else {
-        try {
-          gpus = std::stoi(f->gpus);
-        } catch (...) {
-          gpus = -1;
-        }
+        std::optional<int64_t> n = ParseInt64(f->gpus);
+        gpus = n && *n >= 0 && *n <= std::numeric_limits<int>::max() ? static_cast<int>(*n) : -1;
         if (gpus < 0) {
           std::cerr << "muster agent: --gpus must be a number or auto, not " << f->gpus << "\n";
           return 2;

@@ -52,7 +52,7 @@ proto::Envelope Wrap(auto setter) {
 
 struct Coordinator::JobRt {
   JobRecord rec;
-  // What the state store holds for the job: rec as last written. A write that fails puts rec
+  // What the database holds for the job: rec as last written. A write that fails puts rec
   // back to it, so nothing in memory claims what the store does not have.
   JobRecord durable;
   JobRequest req;
@@ -99,7 +99,7 @@ Coordinator::~Coordinator() {
 
 StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(std::unique_ptr<CoordinatorDb> store,
                                                            CoordinatorOptions options) {
-  if (!store) return InvalidArgumentError("no state store");
+  if (!store) return InvalidArgumentError("no coordinator database");
   std::unique_ptr<Coordinator> c(new Coordinator(std::move(store), std::move(options)));
   MUSTER_RETURN_IF_ERROR(c->Restore());
   return c;
@@ -198,7 +198,7 @@ Status Coordinator::Write(const std::string& what, const std::function<Status()>
   write_error_ = Status(st.code(), fmt::format("writing {} to {} failed: {}", what,
                                                store_->path().string(), st.message()));
   Logger()->critical(
-      "{}; refusing every change from now on (reads still work): fix the state store and restart "
+      "{}; refusing every change from now on (reads still work): fix the database and restart "
       "the coordinator",
       write_error_.message());
   return Refusal();
@@ -207,7 +207,7 @@ Status Coordinator::Write(const std::string& what, const std::function<Status()>
 Status Coordinator::Refusal() const {
   return UnavailableError(fmt::format(
       "the coordinator refuses changes since a durable write failed ({}); reads still work; "
-      "fix the state store and restart the coordinator",
+      "fix the database and restart the coordinator",
       write_error_.message()));
 }
 

@@ -14,7 +14,7 @@
 // heartbeat timeouts, enforces time limits, ends restart backoffs, expires parked polls and runs
 // a scheduling pass.
 //
-// Durable writes: every change goes to the state store before anything acts on it. The first
+// Durable writes: every change goes to the database before anything acts on it. The first
 // write that fails latches the coordinator (LevelDB's background error): it is logged
 // (critical), kept (write_error()), shown by the status request (StatusReply.write_error, and so
 // `muster status`), and every later change is refused with Unavailable naming it: submit,

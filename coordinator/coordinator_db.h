@@ -70,7 +70,7 @@ struct CheckpointRecord {
   int64_t time_ms = 0;
 };
 
-// The coordinator's state store: the seam between the coordinator and its durable state. The
+// The coordinator's database: the seam between the coordinator and its durable state. The
 // real one is SQLite (Open, below); tests put a FaultInjectionCoordinatorDb
 // (fault_injection_coordinator_db.h) around it to fail chosen writes.
 //

@@ -3,7 +3,7 @@
 // The job lifecycle of the coordinator as pure rules: what one attempt has seen (AttemptState,
 // filled in as the agents report), and what becomes of the job when every node of the attempt
 // has stopped (DecideAttemptEnd). Like Scheduler::Schedule it does no I/O and reads no clock:
-// the coordinator passes `now` in, applies the decision (state store, scheduler, events, agent
+// the coordinator passes `now` in, applies the decision (database, scheduler, events, agent
 // actions) and owns everything else.
 //
 // Rules (docs/protocol.md, "Reports", points users here):

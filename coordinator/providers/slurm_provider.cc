@@ -14,6 +14,7 @@
 #include <sstream>
 
 #include "common/logging.h"
+#include "common/strings.h"
 
 extern char** environ;
 
@@ -33,11 +34,6 @@ std::string Sh(const std::string& s) {
   std::string out = "'";
   for (char c : s) out += c == '\'' ? std::string("'\\''") : std::string(1, c);
   return out + "'";
-}
-
-std::string Trim(std::string s) {
-  while (!s.empty() && (s.back() == '\n' || s.back() == ' ' || s.back() == '\r')) s.pop_back();
-  return s;
 }
 
 }  // namespace
@@ -296,7 +292,7 @@ Status SlurmProvider::Request(const NodeGroupRequest& req) {
       failures_.push_back({id, "sbatch: " + out.status().message()});
       return;
     }
-    std::string job = Trim(*out);
+    std::string job = TrimCopy(*out);
     if (auto semi = job.find(';'); semi != std::string::npos) job.resize(semi);  // "id;cluster"
     allocs_[id].slurm_job = job;
     ledger_.insert(job);

@@ -1,4 +1,4 @@
-// The coordinator's state store on real SQLite files: round trips, and no submitted job lost
+// The coordinator's database on real SQLite files: round trips, and no submitted job lost
 // when the process writing it is killed with SIGKILL.
 
 #include "coordinator/coordinator_db.h"

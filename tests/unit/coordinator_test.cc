@@ -929,7 +929,7 @@ TEST_F(CoordinatorTest, ANodeNameIsBoundToTheKeyThatFirstRegisteredIt) {
   EXPECT_EQ(ErrorOf(CallAs(agent2_, exit)).code(), StatusCode::kFailedPrecondition);
   EXPECT_EQ(Status(id).state(), proto::JOB_RUNNING) << "the job was not touched";
 
-  Open();  // the binding is in the state store
+  Open();  // the binding is in the database
   EXPECT_EQ(ErrorOf(CallAs(agent2_, RegisterRequest("n0", "aws"))).code(),
             StatusCode::kFailedPrecondition);
   EXPECT_FALSE(RegisterAs(agent1_, "n0").empty());
