@@ -261,6 +261,7 @@ struct Scheduler::Impl {
       for (int idx : j.spares) nodes[idx].spare = true;
     }
     j.nodes = std::move(picked);
+    if (static_cast<int>(j.spares.size()) < j.req.spares) short_of_spares.insert(&j);
     j.running = true;
     j.start = now;
     j.wait = WaitKind::kNone;
@@ -318,10 +319,19 @@ struct Scheduler::Impl {
     return true;
   }
 
-  // Tries to place `j` from free nodes, honouring the head's reservation. On success fills
-  // `picked` and `e_used`; otherwise sets j's wait info.
+  // Tries to place `j` with its spares, else its gang alone (the spares follow as nodes free up):
+  // a gang never waits for its spares, so a job that lost its spare to a replacement is never
+  // stuck waiting for one.
   bool TryPlace(Job& j, const Reservation& res, TimePoint now, std::vector<int>* picked,
                 int* e_used) {
+    if (j.req.spares > 0 && TryPlaceN(j, res, now, picked, e_used, Need(j.req))) return true;
+    return TryPlaceN(j, res, now, picked, e_used, j.req.nodes);
+  }
+
+  // Tries to place `need` nodes for `j` from free nodes, honouring the head's reservation. On
+  // success fills `picked` and `e_used`; otherwise sets j's wait info.
+  bool TryPlaceN(Job& j, const Reservation& res, TimePoint now, std::vector<int>* picked,
+                 int* e_used, const int need) {
     picked->clear();
     *e_used = 0;
     // The job's excluded nodes are not free for it: hidden from the free lists for this try.
@@ -373,7 +383,6 @@ struct Scheduler::Impl {
         s_isl_non[cl.island_group] += f;
       }
     }
-    const int need = Need(j.req);
     auto avail = [&](int non, int e) { return non + std::min(e, budget); };
     // Best fit: the smallest group that holds the gang.
     int best_p = -1, best_i = -1, best_avail = std::numeric_limits<int>::max();
@@ -524,7 +533,7 @@ struct Scheduler::Impl {
           if (n.job) busy[n.job]++;
         }
       }
-      if (usable < Need(head.req)) continue;
+      if (usable < head.req.nodes) continue;
       std::vector<std::pair<TimePoint, int>> ends;
       for (auto& [job, count] : busy) ends.emplace_back(EndOf(*job), count);
       std::sort(ends.begin(), ends.end());
@@ -533,9 +542,9 @@ struct Scheduler::Impl {
       for (auto& [end, count] : ends) {
         if (end == kNever) break;
         have += count;
-        if (have >= Need(head.req)) {
+        if (have >= head.req.nodes) {
           shadow = end;
-          extra = have - Need(head.req);
+          extra = have - head.req.nodes;
           break;
         }
       }
@@ -583,12 +592,12 @@ struct Scheduler::Impl {
       Plan p{g, {}, std::numeric_limits<int>::min()};
       int have = free;
       for (auto& [job, count] : v) {
-        if (have >= Need(head.req)) break;
+        if (have >= head.req.nodes) break;
         p.victims.push_back(job);
         p.max_prio = std::max(p.max_prio, job->req.priority);
         have += count;
       }
-      if (have < Need(head.req) || p.victims.empty()) continue;
+      if (have < head.req.nodes || p.victims.empty()) continue;
       if (!best || p.victims.size() < best->victims.size() ||
           (p.victims.size() == best->victims.size() && p.max_prio < best->max_prio)) {
         best = std::move(p);
@@ -1061,10 +1070,10 @@ std::string Scheduler::PendingReason(const std::string& job) const {
       if (j.wait_provider < 0) return "waiting: not yet scheduled";
       if (j.wait_island >= 0) {
         return fmt::format("waiting: {} of {} nodes free on provider {}, island {}", j.wait_free,
-                           Need(j.req), m.providers[j.wait_provider],
+                           j.req.nodes, m.providers[j.wait_provider],
                            m.islands[j.wait_island].second);
       }
-      return fmt::format("waiting: {} of {} nodes free on provider {}", j.wait_free, Need(j.req),
+      return fmt::format("waiting: {} of {} nodes free on provider {}", j.wait_free, j.req.nodes,
                          m.providers[j.wait_provider]);
     case WaitKind::kHeld:
       return fmt::format(
@@ -1078,7 +1087,7 @@ std::string Scheduler::PendingReason(const std::string& job) const {
     case WaitKind::kNoNodes:
       return fmt::format("waiting: no {} has {} registered nodes that fit this job",
                          j.req.island == IslandPolicy::kRequired ? "island" : "provider",
-                         Need(j.req));
+                         j.req.nodes);
   }
   return "";
 }

@@ -25,9 +25,11 @@
 //  - Quarantine: a node with `failures_to_quarantine` failures within `failure_window` is
 //    quarantined for quarantine_base * 2^(previous quarantines), capped at quarantine_max.
 //  - Refusal: Feasible() says whether the registered nodes (in any state) could ever hold a job.
-//  - Hot spares (JobRequest::spares = S): the job is placed on nodes + S nodes at once, all
-//    under the rules above (one provider; one island when the policy requires it); the first
-//    `nodes` (in node-rank order) are the gang, the rest its spares. Spares stay allocated to the
+//  - Hot spares (JobRequest::spares = S): the job is placed on nodes + S nodes at once when they
+//    fit, all under the rules above (one provider; one island when the policy requires it); the
+//    first `nodes` (in node-rank order) are the gang, the rest its spares. When only the gang
+//    fits, it starts alone and its spares follow (below): a gang never waits for, preempts or
+//    reserves nodes for its spares. Spares stay allocated to the
 //    job (never free, never placed for another job, never idle) until it is released or
 //    requeued. TakeSpare swaps a spare into a lost node's place (a spare on the lost node's
 //    island first). A running job short of spares (one taken, one lost) gets new ones in each

@@ -408,17 +408,22 @@ TEST(SchedulerTest, SparesAreHeldOnTheGangsProviderAndIslandAndNeverGivenToAnoth
   EXPECT_FALSE((*s.GetNode("aws-3", T(2))).spare);
 }
 
-TEST(SchedulerTest, AGangWaitsUntilItsSparesFitToo) {
+// A gang never waits for its spares: a job that lost its spare and was placed again, or one
+// whose spares do not fit yet, starts on its gang alone and gets its spares as nodes free up.
+TEST(SchedulerTest, AGangStartsAloneWhenItsSparesDoNotFitAndGetsThemLater) {
   Scheduler s;
   for (int i = 0; i < 3; ++i) s.UpsertNode(N("aws-" + std::to_string(i), "aws"));
   ASSERT_TRUE(s.Submit(WithSpares(J("ft", 3), 1)).ok());
-  EXPECT_TRUE(s.Schedule(T(0)).placements.empty());
-  EXPECT_EQ(s.PendingReason("ft"), "waiting: no provider has 4 registered nodes that fit this job");
-  s.UpsertNode(N("aws-3", "aws"));
-  Decisions d = s.Schedule(T(1));
+  Decisions d = s.Schedule(T(0));
   ASSERT_EQ(d.placements.size(), 1u);
   EXPECT_EQ(d.placements[0].nodes.size(), 3u);
-  EXPECT_EQ(d.placements[0].spares.size(), 1u);
+  EXPECT_TRUE(d.placements[0].spares.empty());
+  EXPECT_EQ(s.SpareRequests().size(), 1u) << "it asks for the spare it lacks";
+  s.UpsertNode(N("aws-3", "aws"));
+  d = s.Schedule(T(1));
+  ASSERT_EQ(d.spares_held.size(), 1u);
+  EXPECT_EQ(d.spares_held[0].node, "aws-3");
+  EXPECT_EQ(s.SparesOf("ft"), (std::vector<std::string>{"aws-3"}));
 }
 
 TEST(SchedulerTest, ASpareTakesTheLostNodesRankPreferringItsIsland) {
