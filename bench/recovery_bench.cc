@@ -205,11 +205,14 @@ class Cluster {
 // `finetune`: the real C++ fine-tune (a gang over Gloo with real checkpoints) instead of the
 // shell trainer; its start-up (libtorch, model, Gloo) is then timed from the coordinator's
 // "started" event to the first progress line the agent stamped (within one heartbeat).
+// `spare`: the job holds the third node as a hot spare (`spares: 1`), which takes the lost
+// node's place without a scheduling pass; otherwise the third node is merely free.
 Outcome Measure(const std::string& muster, bool with_notice, int step_ms, int ckpt_every, int at,
-                int hb_timeout_ms, const std::string& finetune) {
+                int hb_timeout_ms, const std::string& finetune, bool spare = false) {
   Outcome o;
-  fs::path dir = fs::temp_directory_path() / ("muster-bench-recovery-" + std::to_string(getpid()) +
-                                              (with_notice ? "-notice" : "-kill"));
+  fs::path dir =
+      fs::temp_directory_path() / ("muster-bench-recovery-" + std::to_string(getpid()) +
+                                   (with_notice ? "-notice" : "-kill") + (spare ? "-spare" : ""));
   Cluster c(muster, dir, hb_timeout_ms);
   if (auto s = c.Start(3); !s.ok()) {
     o.error = s.ToString();
@@ -230,6 +233,7 @@ Outcome Measure(const std::string& muster, bool with_notice, int step_ms, int ck
            "\", \"--log-every\", \"1\", \"--threads\", \"1\"]\nnodes: 2\nranks_per_node: "
            "1\ncheckpoint:\n  volume: ckpt\n";
   }
+  if (spare) yaml += "spares: 1\n";
   auto job = c.client().Submit(yaml, "recovery.yaml");
   if (!job.ok()) {
     o.error = job.status().ToString();
@@ -412,6 +416,8 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
       Outcome notice =
           Measure(muster, true, f->step_ms, f->ckpt_every, f->at, f->hb_timeout_ms, ft);
       Outcome kill = Measure(muster, false, f->step_ms, f->ckpt_every, f->at, f->hb_timeout_ms, ft);
+      Outcome spare =
+          Measure(muster, false, f->step_ms, f->ckpt_every, f->at, f->hb_timeout_ms, ft, true);
       double mpirun = MpirunFirstStep(f->step_ms, 3);
       if (f->json) {
         nlohmann::json j = {{"notice_to_resume_s", notice.down_s},
@@ -422,12 +428,17 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
                             {"failure_muster_s", kill.muster_s},
                             {"failure_startup_s", kill.startup_s},
                             {"lost_steps_without_notice", kill.lost_steps},
+                            {"failure_spare_to_resume_s", spare.down_s},
+                            {"failure_spare_muster_s", spare.muster_s},
+                            {"failure_spare_startup_s", spare.startup_s},
+                            {"lost_steps_without_notice_spare", spare.lost_steps},
                             {"mpirun_launch_to_first_step_s", mpirun},
                             {"heartbeat_timeout_ms", f->hb_timeout_ms},
                             {"trainer", f->trainer},
                             {"checkpoint_every", f->ckpt_every}};
         if (!notice.error.empty()) j["notice_error"] = notice.error;
         if (!kill.error.empty()) j["failure_error"] = kill.error;
+        if (!spare.error.empty()) j["failure_spare_error"] = spare.error;
         std::cout << j.dump(2) << "\n";
       } else {
         Table t({"event", "to resumed step s", "muster part s", "program start-up s", "lost steps",
@@ -441,6 +452,8 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
         // The agent's connections close: lost after the grace (heartbeat interval + 200 ms),
         // with no heartbeat timeout and no lease fence (docs/protocol.md, "Dead or silent").
         row("agent kill -9", kill, "connections closed + 300 ms grace; no timeout, no fence");
+        row("agent kill -9 with a spare", spare,
+            "spares: 1; the spare replaces the lost node, no scheduling pass");
         t.Row({"anchor: mpirun -np 2 start", mpirun < 0 ? "-" : Fmt(mpirun), "-", "-", "-",
                "launch to first step, by hand"});
         t.Print();
@@ -448,7 +461,7 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
                   << (f->trainer == "sh" ? " of " + std::to_string(f->step_ms) + " ms" : "")
                   << "; interrupted at step " << f->at << "\n";
       }
-      return notice.error.empty() && kill.error.empty() ? 0 : 1;
+      return notice.error.empty() && kill.error.empty() && spare.error.empty() ? 0 : 1;
     };
   });
 }

@@ -92,7 +92,8 @@ nlohmann::json JobJson(const proto::JobStatus& j) {
                         {"pending_reason", j.pending_reason()},
                         {"detail", j.detail()},
                         {"submitted_ms", j.submitted_ms()},
-                        {"resume_step", j.resume_step()}};
+                        {"resume_step", j.resume_step()},
+                        {"spares", std::vector<std::string>(j.spares().begin(), j.spares().end())}};
   if (j.has_progress()) {
     out["progress"] = {{"step", j.progress().step()},
                        {"total_steps", j.progress().total_steps()},
@@ -111,6 +112,11 @@ void PrintJob(const proto::JobStatus& j) {
     for (int i = 0; i < j.nodes_size(); ++i) std::cout << (i ? "," : "") << j.nodes(i);
   }
   std::cout << "\n";
+  if (j.spares_size() > 0) {
+    std::cout << "  spares held:";
+    for (int i = 0; i < j.spares_size(); ++i) std::cout << (i ? "," : " ") << j.spares(i);
+    std::cout << "\n";
+  }
   if (!j.pending_reason().empty()) std::cout << "  " << j.pending_reason() << "\n";
   if (j.has_progress() && !ProgressBar(j.progress()).empty())
     std::cout << "  " << ProgressBar(j.progress()) << "\n";
@@ -362,6 +368,7 @@ void AddCoordinatorCommands(CLI::App& app, Runner* runner) {
                            {"volumes", vols},
                            {"state", NodeStateText(n.state())},
                            {"job_id", n.job_id()},
+                           {"spare", n.spare()},
                            {"last_heartbeat_ms", n.last_heartbeat_ms()},
                            {"quarantines", n.quarantines()}});
           }
@@ -375,7 +382,9 @@ void AddCoordinatorCommands(CLI::App& app, Runner* runner) {
           std::printf("%-20s %-10s %-10s %-10s %-8s %5d %5d %-12s %-16s %s\n", l.name().c_str(),
                       l.provider().c_str(), l.region().c_str(), l.island().c_str(),
                       l.gpu_type().c_str(), l.gpus(), l.slots(), NodeStateText(n.state()).c_str(),
-                      n.job_id().empty() ? "-" : n.job_id().c_str(),
+                      n.job_id().empty() ? "-"
+                      : n.spare()        ? (n.job_id() + " (spare)").c_str()
+                                         : n.job_id().c_str(),
                       Ago(n.last_heartbeat_ms()).c_str());
         }
         return 0;

@@ -71,6 +71,11 @@ struct Coordinator::JobRt {
   // Interactive jobs (`muster run` through the coordinator) end when their client stops asking
   // about them: the last status or logs request for the job.
   int64_t client_seen_ms = 0;
+  // Hot spares (spares.cc), per attempt: 1 = every lost node of the gang was replaced by a
+  // spare, so the next attempt starts on the survivors and spares once the lease fence passes,
+  // without a scheduling pass; -1 = a lost node found none (placed again the usual way); 0 = no
+  // node lost.
+  int spare_restart = 0;
 };
 
 constexpr int64_t kInteractiveClientTimeoutMs = 15000;
@@ -236,8 +241,10 @@ void Coordinator::Pass() {
     if (it == jobs_.end()) continue;
     Event(pr.victim, "", "preempted",
           fmt::format("stopping for higher-priority job {}", pr.for_job));
+    it->second->spare_restart = -1;  // its nodes go to the preemptor
     StopGang(*it->second, proto::STOP_PREEMPTED, "", NowMs() + options_.stop_grace.count());
   }
+  SpareEvents(d);
 }
 
 std::vector<JobRequest> Coordinator::PendingRequests() const {
@@ -256,6 +263,7 @@ bool Coordinator::Start(JobRt& job, const std::vector<std::string>& nodes) {
   r.state = proto::JOB_SCHEDULED;
   r.detail.clear();
   job.attempt = AttemptState{};
+  job.spare_restart = 0;
   job.attempt.started_ms = NowMs();
   job.progress.reset();
   r.resume_step = -1;
@@ -632,9 +640,14 @@ void Coordinator::Finish(JobRt& job) {
   if (d.credit_nodes) {
     for (const auto& n : attempt_nodes) sched_->RecordNodeSuccess(n);
   }
-  if (d.queue == AttemptEndDecision::Queue::kRequeue) {
+  if (job.spare_restart == 1 && d.kind == AttemptEndDecision::Kind::kNodeLost &&
+      sched_->IsRunning(r.id)) {
+    // Survivors and spares stay the job's; Tick starts them once the lease fence has passed.
+  } else if (d.queue == AttemptEndDecision::Queue::kRequeue) {
+    job.spare_restart = 0;
     sched_->Requeue(r.id).IgnoreError();
   } else {
+    job.spare_restart = 0;
     sched_->Release(r.id).IgnoreError();
     job.in_scheduler = false;
   }
@@ -662,13 +675,31 @@ void Coordinator::LoseNode(NodeRt& node, const std::string& why, bool agent_gone
   nodes_.Disconnect(node);
   sched_->SetNodeState(name, NodeState::kDown).IgnoreError();
   Event("", name, "node_lost", why);
+  DropLostSpare(name);
   for (auto& [id, j] : jobs_) {
+    if (j->spare_restart == 1 && j->rec.state == proto::JOB_PENDING) {
+      // Waiting out the fence to restart on survivors and spares: one of those is lost now.
+      auto held = sched_->AllocationOf(id);
+      if (std::find(held.begin(), held.end(), name) != held.end() && !ReplaceWithSpare(id, name)) {
+        j->spare_restart = 0;
+        sched_->Release(id).IgnoreError();
+        j->in_scheduler = false;  // submitted again once its not_before has passed
+      }
+      continue;
+    }
     if (Terminal(j->rec.state) && j->attempt.done.size() == j->rec.nodes.size()) continue;
     if (std::find(j->rec.nodes.begin(), j->rec.nodes.end(), name) == j->rec.nodes.end()) continue;
     if (j->attempt.done.count(name)) continue;
     if (!Terminal(j->rec.state)) {
       j->attempt.RecordNodeLost(fmt::format("node {} lost ({})", name, why), false, agent_gone);
       Event(id, name, "node_lost", fmt::format("attempt {}: {}", j->rec.attempt, why));
+      // Only a gang stopping for its own lost nodes restarts on spares (not a preempted or
+      // time-limited one).
+      bool own_loss = j->attempt.stop == proto::STOP_REASON_UNSPECIFIED ||
+                      j->attempt.stop == proto::STOP_PEER_FAILED;
+      if (j->req.spares > 0 && j->spare_restart >= 0) {
+        j->spare_restart = own_loss && ReplaceWithSpare(id, name) ? 1 : -1;
+      }
       StopGang(*j, proto::STOP_PEER_FAILED, name);
     }
     NodeDone(*j, name);
@@ -720,6 +751,20 @@ void Coordinator::Tick() {
     auto& r = j->rec;
     for (auto rit = j->replicating.begin(); rit != j->replicating.end();) {
       rit = rit->second.give_up_ms <= now ? j->replicating.erase(rit) : std::next(rit);
+    }
+    if (j->spare_restart == 1 && r.state == proto::JOB_PENDING && r.not_before_ms <= now) {
+      // The lost node's lease fence has passed: the survivors and spares start at once.
+      auto nodes = sched_->AllocationOf(id);
+      if (nodes.empty()) {  // not held any more: placed the usual way
+        j->spare_restart = 0;
+        j->in_scheduler = sched_->IsPending(id);
+        continue;
+      }
+      Event(id, "", "restarting_on_spares",
+            fmt::format("attempt {} on {} without a scheduling pass", r.attempt + 1,
+                        fmt::join(nodes, ",")));
+      if (!Start(*j, nodes)) sched_->Requeue(id).IgnoreError();
+      continue;
     }
     if (r.state == proto::JOB_PENDING && !j->in_scheduler && r.not_before_ms <= now &&
         j->replicating.empty()) {
@@ -959,7 +1004,11 @@ StatusOr<proto::Envelope> Coordinator::OnSubmit(const Caller& caller,
     MUSTER_RETURN_IF_ERROR(ValidateJobSpec(spec));
   }
   if (Status f = sched_->Feasible(ToJobRequest(spec, "feasibility-check", 0)); !f.ok()) {
-    if (!providers_ || !providers_->CouldHold(ToJobRequest(spec, "feasibility-check", 0))) return f;
+    if (!providers_) return f;
+    if (!providers_->CouldHold(ToJobRequest(spec, "feasibility-check", 0))) {
+      return FailedPreconditionError(f.message() +
+                                     "; no on-demand provider could hold it either (max_nodes)");
+    }
   }
   auto j = std::make_unique<JobRt>();
   j->rec.spec = JobSpecToProto(spec);
@@ -993,8 +1042,13 @@ proto::JobStatus Coordinator::StatusOf(const JobRt& j) {
   if (!r.nodes.empty()) {
     if (const NodeRt* n = nodes_.Find(r.nodes[0])) s.set_provider(n->rec.labels.provider());
   }
+  for (const auto& n : sched_->SparesOf(r.id)) s.add_spares(n);
   if (r.state == proto::JOB_PENDING) {
-    if (!j.in_scheduler && r.not_before_ms > NowMs()) {
+    if (j.spare_restart == 1) {
+      s.set_pending_reason(fmt::format(
+          "waiting: {} s for the lost node's lease, then restarting on the survivors and spares",
+          std::max<int64_t>(0, (r.not_before_ms - NowMs() + 999) / 1000)));
+    } else if (!j.in_scheduler && r.not_before_ms > NowMs()) {
       s.set_pending_reason(fmt::format("waiting: restart backoff, {} s left",
                                        (r.not_before_ms - NowMs() + 999) / 1000));
     } else {
@@ -1061,12 +1115,17 @@ StatusOr<proto::Envelope> Coordinator::OnCancel(const Caller& caller,
     return Deny(caller, "cancel job " + req.job_id(), "another key submitted it");
   }
   if (!Terminal(j.rec.state)) {
-    bool pending = sched_->IsPending(j.rec.id) || !j.in_scheduler;
+    bool pending = sched_->IsPending(j.rec.id) || !j.in_scheduler ||
+                   (j.spare_restart == 1 && j.rec.state == proto::JOB_PENDING);
     if (pending && j.rec.nodes.empty()) {
       j.rec.state = proto::JOB_CANCELLED;
       j.rec.detail = "cancelled while pending";
       MUSTER_RETURN_IF_ERROR(Persist(j));  // still pending (and queued) if it failed
-      if (j.in_scheduler) sched_->CancelPending(j.rec.id).IgnoreError();
+      // A job waiting to restart on its spares still holds them: released.
+      if (j.in_scheduler && !sched_->CancelPending(j.rec.id).ok()) {
+        sched_->Release(j.rec.id).IgnoreError();
+      }
+      j.spare_restart = 0;
       j.in_scheduler = false;
       Event(j.rec.id, "", "cancelled", "while pending");
     } else {
@@ -1088,6 +1147,7 @@ proto::NodeStatus Coordinator::NodeStatusOf(const NodeRt& n) {
   if (view.ok()) {
     s.set_state(NodeStateToProto(view->state));
     s.set_job_id(view->job);
+    s.set_spare(view->spare);
   }
   s.set_last_heartbeat_ms(n.last_hb_ms);
   s.set_quarantines(n.rec.quarantines);

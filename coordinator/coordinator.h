@@ -155,6 +155,11 @@ class Coordinator {
   // The provider hooks (provider_hooks.cc).
   void ProvidersPass();
   std::string ProviderReason(const std::string& job) const;
+  // Hot spares (spares.cc): events for the spares a pass held; a lost gang node replaced by a
+  // spare (false: none held); a lost spare dropped from its job.
+  void SpareEvents(const Decisions& d);
+  bool ReplaceWithSpare(const std::string& job, const std::string& lost);
+  void DropLostSpare(const std::string& node);
   void ForgetNode(const std::string& name);
   std::vector<JobRequest> PendingRequests() const;
   // False if the store did not take the attempt (nothing was sent).

@@ -140,6 +140,15 @@ void CheckFields(const JobSpec& s, const LineOf& line_of, Errors* errs) {
                                 Quoted(s.gpu_type)));
   }
   range("priority", s.priority, -kMaxPriority, kMaxPriority);
+  range("spares", s.spares, 0, kMaxNodes);
+  if (s.spares > 0 && s.nodes >= 1 && s.nodes <= kMaxNodes && s.spares <= kMaxNodes &&
+      s.nodes + s.spares > kMaxNodes) {
+    add("spares", fmt::format("nodes + spares is {}; at most {}", s.nodes + s.spares, kMaxNodes));
+  }
+  if (s.spares > 0 && !s.hosts.empty()) {
+    add("spares",
+        "cannot be held for a gang pinned to named hosts (placement.hosts, muster run -H)");
+  }
   if (s.providers.size() > kMaxProviders) {
     add("placement.providers",
         fmt::format("names {} providers; at most {}", s.providers.size(), kMaxProviders));
@@ -364,10 +373,11 @@ StatusOr<JobSpec> ParseJobSpec(std::string_view text, std::string_view filename)
     lines[field] = n.Mark().line + 1;
   };
   try {
-    CheckKeys(root, "",
-              {"name", "command", "env", "nodes", "ranks_per_node", "gpu_type", "gpus_per_node",
-               "placement", "priority", "checkpoint", "restart", "time_limit", "notice_signal"},
-              &errs);
+    CheckKeys(
+        root, "",
+        {"name", "command", "env", "nodes", "ranks_per_node", "gpu_type", "gpus_per_node",
+         "placement", "priority", "checkpoint", "restart", "time_limit", "notice_signal", "spares"},
+        &errs);
     if (auto n = root["name"]; !n) {
       errs.Add(0, "name", "is required");
     } else if (GetString(n, "name", &spec.name, &errs)) {
@@ -425,6 +435,10 @@ StatusOr<JobSpec> ParseJobSpec(std::string_view text, std::string_view filename)
     if (auto n = root["priority"];
         n && GetInt(n, "priority", -kMaxPriority, kMaxPriority, &v, &errs))
       spec.priority = v;
+    if (auto n = root["spares"]; n && GetInt(n, "spares", 0, kMaxNodes, &v, &errs)) {
+      spec.spares = static_cast<int>(v);
+      note("spares", n);
+    }
     if (auto n = root["time_limit"]) GetDuration(n, "time_limit", &spec.time_limit, &errs);
     if (auto n = root["notice_signal"]) {
       // Carried to the agent (and the ranks) as a job env entry: no new wire field.
@@ -576,6 +590,7 @@ JobRequest ToJobRequest(const JobSpec& spec, const std::string& id, uint64_t seq
   r.checkpoint_volume = spec.checkpoint_volume;
   r.hosts = spec.hosts;
   r.time_limit = spec.time_limit;
+  r.spares = spec.spares;
   return r;
 }
 
@@ -604,6 +619,7 @@ proto::JobSpec JobSpecToProto(const JobSpec& s) {
   p.set_time_limit_s(s.time_limit.count());
   for (const auto& h : s.hosts) p.add_hosts(h);
   p.set_interactive(s.interactive);
+  p.set_spares(s.spares);
   return p;
 }
 
@@ -631,6 +647,7 @@ StatusOr<JobSpec> JobSpecFromProto(const proto::JobSpec& p) {
   s.time_limit = std::chrono::seconds(p.time_limit_s());
   s.hosts.assign(p.hosts().begin(), p.hosts().end());
   s.interactive = p.interactive();
+  s.spares = p.spares();
   MUSTER_RETURN_IF_ERROR(ValidateJobSpec(s));
   return s;
 }

@@ -75,6 +75,9 @@ struct JobSpec {
   // memory of its node's agent (node_agent/snapshots/); 0: none.
   int64_t snapshot_every_steps = 0;
   int max_restarts = 3;
+  // Hot spares: this many extra nodes of the gang's provider (and island) held idle for the job
+  // while it runs; a lost node of the gang is replaced by one at once (scheduler.h).
+  int spares = 0;
   std::chrono::seconds restart_backoff{10};
   std::chrono::seconds time_limit{0};  // 0: none
   // Pinned nodes in node-rank order (`muster run -H`); not part of the YAML.

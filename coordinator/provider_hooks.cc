@@ -46,6 +46,8 @@ void Coordinator::ProvidersPass() {
   std::sort(pending.begin(), pending.end(), [](const JobRequest& a, const JobRequest& b) {
     return a.priority != b.priority ? a.priority > b.priority : a.seq < b.seq;
   });
+  // Running jobs short of hot spares ask for them after every pending gang.
+  for (auto& r : sched_->SpareRequests()) pending.push_back(std::move(r));
   auto out = providers_->Tick(pending, sched_->Nodes(now), now);
   for (const auto& e : out.events) Event(e.job, e.node, e.kind, e.message);
   for (const auto& name : out.released) ForgetNode(name);

@@ -71,6 +71,7 @@ struct Node {
   int cls = -1;
   int free_pos = -1;  // index in its class's free list, -1 when not free
   Job* job = nullptr;
+  bool spare = false;  // held idle as a spare of `job`
   bool removed = false;
 };
 
@@ -93,6 +94,7 @@ struct Job {
   JobRequest req;
   bool running = false;
   std::vector<int> nodes;
+  std::vector<int> spares;  // held for it, idle (JobRequest::spares)
   TimePoint start{};
   std::vector<int> elig;  // eligible classes
   uint64_t elig_gen = std::numeric_limits<uint64_t>::max();
@@ -138,6 +140,8 @@ struct Scheduler::Impl {
   std::unordered_map<std::string, std::unique_ptr<Job>> jobs;
   std::set<Job*, QueueOrder> queue;
   std::set<int> quarantined_nodes;
+  // Running jobs holding fewer spares than they ask for (refilled after the queue in a pass).
+  std::set<Job*, QueueOrder> short_of_spares;
   // Scratch arrays for a pass.
   std::vector<int> s_prov_non, s_prov_e, s_isl_non, s_isl_e, s_prov_tot, s_isl_tot;
 
@@ -250,18 +254,29 @@ struct Scheduler::Impl {
       nodes[idx].job = &j;
       SetFree(idx, false);
     }
+    // The gang first (node-rank order), then its spares.
+    if (static_cast<int>(picked.size()) > j.req.nodes) {
+      j.spares.assign(picked.begin() + j.req.nodes, picked.end());
+      picked.resize(j.req.nodes);
+      for (int idx : j.spares) nodes[idx].spare = true;
+    }
     j.nodes = std::move(picked);
+    if (static_cast<int>(j.spares.size()) < j.req.spares) short_of_spares.insert(&j);
     j.running = true;
     j.start = now;
     j.wait = WaitKind::kNone;
   }
 
   void FreeNodes(Job& j) {
+    for (int idx : j.spares) nodes[idx].spare = false;
+    j.nodes.insert(j.nodes.end(), j.spares.begin(), j.spares.end());
     for (int idx : j.nodes) {
       nodes[idx].job = nullptr;
       Refresh(idx);
     }
     j.nodes.clear();
+    j.spares.clear();
+    short_of_spares.erase(&j);
     j.running = false;
     if (j.preempted_for != nullptr) {
       j.preempted_for->victims--;
@@ -304,10 +319,19 @@ struct Scheduler::Impl {
     return true;
   }
 
-  // Tries to place `j` from free nodes, honouring the head's reservation. On success fills
-  // `picked` and `e_used`; otherwise sets j's wait info.
+  // Tries to place `j` with its spares, else its gang alone (the spares follow as nodes free up):
+  // a gang never waits for its spares, so a job that lost its spare to a replacement is never
+  // stuck waiting for one.
   bool TryPlace(Job& j, const Reservation& res, TimePoint now, std::vector<int>* picked,
                 int* e_used) {
+    if (j.req.spares > 0 && TryPlaceN(j, res, now, picked, e_used, Need(j.req))) return true;
+    return TryPlaceN(j, res, now, picked, e_used, j.req.nodes);
+  }
+
+  // Tries to place `need` nodes for `j` from free nodes, honouring the head's reservation. On
+  // success fills `picked` and `e_used`; otherwise sets j's wait info.
+  bool TryPlaceN(Job& j, const Reservation& res, TimePoint now, std::vector<int>* picked,
+                 int* e_used, const int need) {
     picked->clear();
     *e_used = 0;
     // The job's excluded nodes are not free for it: hidden from the free lists for this try.
@@ -359,7 +383,6 @@ struct Scheduler::Impl {
         s_isl_non[cl.island_group] += f;
       }
     }
-    const int need = j.req.nodes;
     auto avail = [&](int non, int e) { return non + std::min(e, budget); };
     // Best fit: the smallest group that holds the gang.
     int best_p = -1, best_i = -1, best_avail = std::numeric_limits<int>::max();
@@ -597,6 +620,51 @@ struct Scheduler::Impl {
     return true;
   }
 
+  // Gives running jobs short of spares new ones from free nodes of their gang's provider (the
+  // gang's islands first; only those when the island is required), never from nodes held for
+  // the head job `res`.
+  void RefillSpares(const Reservation& res, Decisions* out) {
+    for (auto it = short_of_spares.begin(); it != short_of_spares.end();) {
+      Job& j = **it;
+      if (!j.running || j.nodes.empty() || static_cast<int>(j.spares.size()) >= j.req.spares) {
+        it = short_of_spares.erase(it);
+        continue;
+      }
+      int provider = classes[nodes[j.nodes[0]].cls].provider;
+      std::set<int> gang_islands;
+      for (int idx : j.nodes) gang_islands.insert(classes[nodes[idx].cls].island_group);
+      std::vector<int> cand;  // free nodes that may become its spares
+      for (int c : EligibleClasses(j)) {
+        const Class& cl = classes[c];
+        if (cl.provider != provider || cl.free.empty() || (res.head && res.in_e[c])) continue;
+        if (j.req.island == IslandPolicy::kRequired && !gang_islands.count(cl.island_group))
+          continue;
+        for (int idx : cl.free) {
+          if (!j.req.excluded_nodes.count(nodes[idx].spec.name)) cand.push_back(idx);
+        }
+      }
+      std::sort(cand.begin(), cand.end(), [&](int a, int b) {
+        bool sa = gang_islands.count(classes[nodes[a].cls].island_group) > 0;
+        bool sb = gang_islands.count(classes[nodes[b].cls].island_group) > 0;
+        if (sa != sb) return sa;
+        return nodes[a].spec.name < nodes[b].spec.name;
+      });
+      for (int idx : cand) {
+        if (static_cast<int>(j.spares.size()) >= j.req.spares) break;
+        nodes[idx].job = &j;
+        nodes[idx].spare = true;
+        SetFree(idx, false);
+        j.spares.push_back(idx);
+        out->spares_held.push_back({j.req.id, nodes[idx].spec.name});
+      }
+      if (static_cast<int>(j.spares.size()) >= j.req.spares) {
+        it = short_of_spares.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+
   void ExpireQuarantines(TimePoint now) {
     for (auto it = quarantined_nodes.begin(); it != quarantined_nodes.end();) {
       Node& n = nodes[*it];
@@ -615,6 +683,7 @@ struct Scheduler::Impl {
     v.spec = n.spec;
     v.state = n.quarantined && n.q_until > now ? NodeState::kQuarantined : n.base;
     if (n.job) v.job = n.job->req.id;
+    v.spare = n.spare;
     v.quarantines = n.quarantines;
     v.quarantined_until = n.q_until;
     return v;
@@ -630,6 +699,10 @@ struct Scheduler::Impl {
     if (!j.hosts.empty() && static_cast<int>(j.hosts.size()) != j.nodes)
       return InvalidArgumentError(
           fmt::format("job {}: {} hosts named for {} nodes", j.id, j.hosts.size(), j.nodes));
+    if (j.spares < 0) return InvalidArgumentError(fmt::format("job {}: spares must be >= 0", j.id));
+    if (j.spares > 0 && !j.hosts.empty())
+      return InvalidArgumentError(
+          fmt::format("job {}: spares cannot be held for a gang pinned to named hosts", j.id));
     return Status::Ok();
   }
 };
@@ -746,6 +819,10 @@ Status Scheduler::Feasible(const JobRequest& job) const {
   auto& m = *impl_;
   MUSTER_RETURN_IF_ERROR(m.Validate(job));
   std::string needs = fmt::format("{} node{}", job.nodes, job.nodes == 1 ? "" : "s");
+  if (job.spares > 0) {
+    needs = fmt::format("{} ({} for the gang + {} spare{})", Need(job), job.nodes, job.spares,
+                        job.spares == 1 ? "" : "s");
+  }
   std::vector<std::string> what;
   if (!job.gpu_type.empty()) what.push_back("gpu_type " + job.gpu_type);
   if (job.gpus_per_node > 0) what.push_back(fmt::format(">= {} GPUs", job.gpus_per_node));
@@ -785,7 +862,7 @@ Status Scheduler::Feasible(const JobRequest& job) const {
   for (size_t i = 0; i < counts.size(); ++i) {
     if (counts[i] > best) best = counts[i], best_idx = static_cast<int>(i);
   }
-  if (best >= job.nodes) return Status::Ok();
+  if (best >= Need(job)) return Status::Ok();
   std::string where;
   if (best_idx < 0) {
     where = "no registered node fits";
@@ -843,6 +920,8 @@ Status Scheduler::RestoreRunning(const JobRequest& job, const std::vector<std::s
   }
   j->nodes = std::move(idxs);
   j->running = true;
+  // Spares are not stored: a restored job gets new ones in the next passes.
+  if (j->req.spares > 0) m.short_of_spares.insert(j.get());
   m.jobs.emplace(job.id, std::move(j));
   return Status::Ok();
 }
@@ -904,6 +983,78 @@ std::vector<std::string> Scheduler::AllocationOf(const std::string& job) const {
   auto it = impl_->jobs.find(job);
   if (it == impl_->jobs.end()) return out;
   for (int idx : it->second->nodes) out.push_back(impl_->nodes[idx].spec.name);
+  return out;
+}
+
+std::vector<std::string> Scheduler::SparesOf(const std::string& job) const {
+  std::vector<std::string> out;
+  auto it = impl_->jobs.find(job);
+  if (it == impl_->jobs.end()) return out;
+  for (int idx : it->second->spares) out.push_back(impl_->nodes[idx].spec.name);
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+StatusOr<std::string> Scheduler::TakeSpare(const std::string& job, const std::string& lost) {
+  auto& m = *impl_;
+  auto it = m.jobs.find(job);
+  if (it == m.jobs.end() || !it->second->running)
+    return NotFoundError("job " + job + " is not running");
+  Job& j = *it->second;
+  auto li = m.node_index.find(lost);
+  auto pos = li == m.node_index.end() ? j.nodes.end()
+                                      : std::find(j.nodes.begin(), j.nodes.end(), li->second);
+  if (pos == j.nodes.end())
+    return NotFoundError(fmt::format("node {} is not in job {}'s gang", lost, job));
+  if (j.spares.empty()) return FailedPreconditionError(fmt::format("job {} holds no spare", job));
+  int lost_island = m.classes[m.nodes[li->second].cls].island_group;
+  auto better = [&](int a, int b) {  // same island as the lost node first, then by name
+    bool sa = m.classes[m.nodes[a].cls].island_group == lost_island;
+    bool sb = m.classes[m.nodes[b].cls].island_group == lost_island;
+    if (sa != sb) return sa;
+    return m.nodes[a].spec.name < m.nodes[b].spec.name;
+  };
+  auto pick = std::min_element(j.spares.begin(), j.spares.end(), better);
+  int spare = *pick;
+  j.spares.erase(pick);
+  m.nodes[spare].spare = false;
+  *pos = spare;
+  m.nodes[li->second].job = nullptr;
+  m.Refresh(li->second);
+  m.short_of_spares.insert(&j);
+  return m.nodes[spare].spec.name;
+}
+
+Status Scheduler::DropSpare(const std::string& job, const std::string& node) {
+  auto& m = *impl_;
+  auto it = m.jobs.find(job);
+  auto ni = m.node_index.find(node);
+  if (it == m.jobs.end() || ni == m.node_index.end())
+    return NotFoundError(fmt::format("node {} is not a spare of job {}", node, job));
+  Job& j = *it->second;
+  auto pos = std::find(j.spares.begin(), j.spares.end(), ni->second);
+  if (pos == j.spares.end())
+    return NotFoundError(fmt::format("node {} is not a spare of job {}", node, job));
+  j.spares.erase(pos);
+  m.nodes[ni->second].spare = false;
+  m.nodes[ni->second].job = nullptr;
+  m.Refresh(ni->second);
+  m.short_of_spares.insert(&j);
+  return Status::Ok();
+}
+
+std::vector<JobRequest> Scheduler::SpareRequests() const {
+  auto& m = *impl_;
+  std::vector<JobRequest> out;
+  for (const Job* j : m.short_of_spares) {
+    int lacks = j->req.spares - static_cast<int>(j->spares.size());
+    if (!j->running || j->nodes.empty() || lacks <= 0) continue;
+    JobRequest r = j->req;
+    r.nodes = lacks;
+    r.spares = 0;
+    r.providers = {m.nodes[j->nodes[0]].spec.provider};
+    out.push_back(std::move(r));
+  }
   return out;
 }
 
@@ -973,9 +1124,11 @@ Decisions Scheduler::Schedule(TimePoint now) {
     Placement p;
     p.job = j->req.id;
     for (int idx : j->nodes) p.nodes.push_back(m.nodes[idx].spec.name);
+    for (int idx : j->spares) p.spares.push_back(m.nodes[idx].spec.name);
     out.placements.push_back(std::move(p));
   }
   for (Job* j : placed) m.queue.erase(j);
+  m.RefillSpares(res, &out);
   out.pending = m.queue.size();
   return out;
 }

@@ -25,6 +25,17 @@
 //  - Quarantine: a node with `failures_to_quarantine` failures within `failure_window` is
 //    quarantined for quarantine_base * 2^(previous quarantines), capped at quarantine_max.
 //  - Refusal: Feasible() says whether the registered nodes (in any state) could ever hold a job.
+//  - Hot spares (JobRequest::spares = S): the job is placed on nodes + S nodes at once when they
+//    fit, all under the rules above (one provider; one island when the policy requires it); the
+//    first `nodes` (in node-rank order) are the gang, the rest its spares. When only the gang
+//    fits, it starts alone and its spares follow (below): a gang never waits for, preempts or
+//    reserves nodes for its spares. Spares stay allocated to the
+//    job (never free, never placed for another job, never idle) until it is released or
+//    requeued. TakeSpare swaps a spare into a lost node's place (a spare on the lost node's
+//    island first). A running job short of spares (one taken, one lost) gets new ones in each
+//    pass from free nodes of its gang's provider (its gang's island first; only that island when
+//    the policy requires one), after the queue and never from nodes held for the head job
+//    (Decisions::spares_held).
 //
 // Thread-safety: none; the coordinator uses it from its reactor thread only.
 
@@ -82,11 +93,23 @@ struct JobRequest {
   // Nodes this job is never placed on (a launch preflight found them unable to reach the
   // others); other jobs may use them. Not honoured for pinned `hosts`.
   std::set<std::string> excluded_nodes;
+  // Hot spares held idle for the job while it runs (see the rules above). REQUIRES: hosts empty.
+  int spares = 0;
 };
+
+// The nodes a job needs at once: its gang and its spares.
+inline int Need(const JobRequest& j) { return j.nodes + j.spares; }
 
 struct Placement {
   std::string job;
-  std::vector<std::string> nodes;  // index = node rank
+  std::vector<std::string> nodes;   // index = node rank
+  std::vector<std::string> spares;  // held for the job, idle
+};
+
+// A node held as a new spare for a running job that was short of them.
+struct SpareHeld {
+  std::string job;
+  std::string node;
 };
 
 struct Preemption {
@@ -98,6 +121,7 @@ struct Decisions {
   std::vector<Placement> placements;    // already committed as allocations in the model
   std::vector<Preemption> preemptions;  // the caller stops these, then Requeue()s them
   size_t pending = 0;                   // jobs still waiting after this pass
+  std::vector<SpareHeld> spares_held;   // already committed in the model
 };
 
 struct QuarantinePolicy {
@@ -112,6 +136,7 @@ struct NodeView {
   NodeSpec spec;
   NodeState state = NodeState::kUp;  // kQuarantined while quarantined_until > now
   std::string job;                   // allocated to, or empty
+  bool spare = false;                // held idle as a spare of `job`
   int quarantines = 0;
   TimePoint quarantined_until{};
 };
@@ -164,6 +189,20 @@ class Scheduler {
   bool IsRunning(const std::string& job) const;
   // The nodes of a running job (node-rank order); empty if not running.
   std::vector<std::string> AllocationOf(const std::string& job) const;
+  // The spares a running job holds (sorted by name); empty if none or not running.
+  std::vector<std::string> SparesOf(const std::string& job) const;
+  // The running job's gang lost `lost`: a spare takes its node rank (one on the lost node's
+  // island first, then the first by name), `lost` is no longer the job's, and the job is short
+  // of a spare until a pass finds one. Returns the spare. NotFound if the job is not running or
+  // `lost` is not in its gang; FailedPrecondition if it holds no spare.
+  StatusOr<std::string> TakeSpare(const std::string& job, const std::string& lost);
+  // `node`, a spare of the running `job`, is of no use any more (lost): it is no longer the
+  // job's, and the job is short of a spare. NotFound if it is not a spare of that job.
+  Status DropSpare(const std::string& job, const std::string& node);
+  // For each running job short of spares, what it lacks as a request of its own (id = the
+  // job's, nodes = the spares it lacks, no spares, its gang's provider only), in queue order:
+  // what an on-demand provider is asked for (coordinator/providers/planner.h).
+  std::vector<JobRequest> SpareRequests() const;
 
   // Why a pending job waits, e.g. "waiting: 2 of 4 nodes free on provider aws, island a".
   // Valid after a pass; empty for a job that is not pending.

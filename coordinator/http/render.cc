@@ -73,6 +73,7 @@ json JobSummaryJson(const JobView& j, int64_t now_ms) {
               {"submitted_ms", s.submitted_ms()},
               {"updated_ms", s.updated_ms()},
               {"resume_step", s.resume_step()},
+              {"spares", std::vector<std::string>(s.spares().begin(), s.spares().end())},
               {"eta_s", j.eta_seconds},
               {"ended_by_cause", j.ended_by_cause}};
   if (s.has_progress()) {
@@ -377,6 +378,7 @@ std::string RenderNodesJson(const FleetSnapshot& s) {
          {"volumes", vols},
          {"state", NodeStateText(n.state())},
          {"job", n.job_id()},
+         {"spare", n.spare()},
          {"heartbeat_age_s", n.last_heartbeat_ms() > 0
                                  ? std::max<int64_t>(0, s.time_ms - n.last_heartbeat_ms()) / 1000.0
                                  : -1.0},

@@ -29,7 +29,7 @@ Millis Backoff(const ProviderConfig& p, int tries) {
 }  // namespace
 
 bool ProviderCouldHold(const ProviderConfig& p, const JobRequest& job) {
-  return p.OnDemand() && TemplateFits(p, job) && job.nodes <= p.max_nodes;
+  return p.OnDemand() && TemplateFits(p, job) && Need(job) <= p.max_nodes;
 }
 
 PlannerDecisions PlanProviders(const PlannerInput& in) {
@@ -145,8 +145,8 @@ PlannerDecisions PlanProviders(const PlannerInput& in) {
             !claimed.count(n.spec.name) && !requested_nodes.count(n.spec.name))
           idle.push_back(n.spec.name);
       }
-      int take = std::min<int>(static_cast<int>(idle.size()), job.nodes);
-      int need = job.nodes - take;
+      int take = std::min<int>(static_cast<int>(idle.size()), Need(job));
+      int need = Need(job) - take;
       if (need == 0) {  // enough idle nodes: the scheduler has its reasons (reservations)
         for (int i = 0; i < take; ++i) claimed.insert(idle[i]);
         limit.clear();

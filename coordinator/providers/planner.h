@@ -10,8 +10,10 @@
 //  - A pending gang that the last scheduling pass could not place, and that has no request
 //    outstanding, gets one request for the nodes it lacks, from the first on-demand provider
 //    (config order) that it allows and whose node template fits it (gpu_type, gpus, slots,
-//    checkpoint volume). The nodes it lacks: its node count less the provider's idle nodes no
-//    earlier gang of this pass has claimed. Its pending reason then says "waiting for N nodes
+//    checkpoint volume). The nodes it lacks: its node count and spares (JobRequest::spares)
+//    less the provider's idle nodes no earlier gang of this pass has claimed. A running job
+//    short of spares comes here as a pending request for the spares it lacks, limited to its
+//    gang's provider (the coordinator's ProvidersPass). Its pending reason then says "waiting for N nodes
 //    from provider P".
 //  - Limits: a provider never holds more than max_nodes nodes (registered, plus promised by
 //    requests outstanding) and never more than max_pending_requests requests in flight. A gang

@@ -67,6 +67,45 @@ TEST_F(ProviderCluster, RequestsBeyondMaxNodesWaitWithTheLimitAsTheReason) {
   ASSERT_TRUE(WaitState(b, "succeeded", 40s)) << Events(b);
 }
 
+// Hot spares come from the provider like gang nodes: a 1-node job with `spares: 1` gets two
+// nodes, holds one idle for as long as it runs (never released, though idle_timeout is 1 s),
+// and a spec whose gang and spares exceed max_nodes is refused at submit with the reason.
+TEST_F(ProviderCluster, ASparesNodesComeFromTheProviderAndAreNotReleasedAsIdle) {
+  ASSERT_TRUE(StartCoordinator(LocalProviders(dir_)));
+  fs::path f = dir_ / "big.yaml";
+  std::ofstream(f) << "name: big\ncommand: [\"true\"]\nnodes: 2\nspares: 2\n";
+  auto refused = Muster({"submit", f.string()});
+  ASSERT_FALSE(refused.ok());
+  EXPECT_NE(refused.status().message().find("4 (2 for the gang + 2 spares)"), std::string::npos)
+      << refused.status();
+  EXPECT_NE(refused.status().message().find("no on-demand provider could hold it either"),
+            std::string::npos)
+      << refused.status();
+  std::string job = Submit("name: sp\ncommand: [\"sleep\", \"600\"]\nnodes: 1\nspares: 1\n");
+  ASSERT_TRUE(WaitState(job, "running", 30s)) << Events(job);
+  EXPECT_NE(Events(job).find("requested 2 nodes from aws"), std::string::npos) << Events(job);
+  auto st = Status(job);
+  ASSERT_TRUE(st.contains("spares")) << st.dump();
+  ASSERT_EQ(st["spares"].size(), 1u) << st.dump();
+  const std::string spare = st["spares"][0];
+  // Idle three times its idle_timeout while the job runs: never released.
+  EXPECT_FALSE(WaitUntil(
+      [&] {
+        return ReadFile(dir_ / "coord.log").find("released idle node " + spare) !=
+               std::string::npos;
+      },
+      3s))
+      << "the spare was released while its job ran";
+  auto nodes = Muster({"nodes", "--json"});
+  ASSERT_TRUE(nodes.ok()) << nodes.status();
+  bool marked = false;
+  for (const auto& n : nlohmann::json::parse(*nodes)) {
+    if (n.value("name", "") == spare) marked = n.value("spare", false) && n["job_id"] == job;
+  }
+  EXPECT_TRUE(marked) << *nodes;
+  ASSERT_TRUE(Muster({"cancel", job}).ok());
+}
+
 TEST_F(ProviderCluster, AFailingProviderIsRetriedThenSurfacedAsEventAndPendingReason) {
   // The work directory cannot be created: every try fails.
   ASSERT_TRUE(StartCoordinator(

@@ -509,6 +509,139 @@ TEST_F(CoordinatorTest, APreflightFailureKeepsTheBlamedNodeOffTheJobAndIsNotCoun
   EXPECT_EQ(st.nodes(0), blamed);
 }
 
+// Hot spares: a lost node of the gang is replaced by the job's spare at once; the survivors and
+// the spare stay the job's while the lost node's lease fence runs out, then start without a
+// scheduling pass; a new spare is held when a node is free; a spec asking for more spares than
+// the nodes can ever hold is refused at submit.
+TEST_F(CoordinatorTest, ALostNodeIsReplacedByASpareAfterTheFenceWithoutAPass) {
+  std::map<std::string, std::string> sess;
+  for (const char* n : {"n0", "n1", "n2"}) sess[n] = Register(n);
+  proto::Envelope big;
+  big.mutable_submit_request()->set_yaml("name: big\ncommand: x\nnodes: 2\nspares: 2\n");
+  muster::Status refused = ErrorOf(Call(big));
+  EXPECT_EQ(refused.code(), StatusCode::kFailedPrecondition);
+  EXPECT_NE(refused.message().find("4 (2 for the gang + 2 spares)"), std::string::npos) << refused;
+  std::string id = Submit("name: ft\ncommand: x\nnodes: 2\nspares: 1\n");
+  std::map<std::string, std::vector<proto::AgentAction>> got;
+  auto beat = [&](std::vector<std::string> nodes) {
+    for (const auto& n : nodes) {
+      for (auto& a : Heartbeat(n, sess[n])) got[n].push_back(a);
+    }
+  };
+  beat({"n0", "n1", "n2"});
+  ASSERT_EQ(got["n0"].size(), 1u);
+  ASSERT_EQ(got["n1"].size(), 1u);
+  EXPECT_TRUE(got["n2"].empty()) << "the spare runs nothing";
+  Report("n0", sess["n0"], id, 1, true, 0, false);
+  Report("n1", sess["n1"], id, 1, true, 0, false);
+  auto st = Status(id);
+  EXPECT_EQ(st.state(), proto::JOB_RUNNING);
+  ASSERT_EQ(st.spares_size(), 1);
+  EXPECT_EQ(st.spares(0), "n2");
+  EXPECT_NE(Events(id).find("spares_held [] holding n2 idle as spare of the gang"),
+            std::string::npos)
+      << Events(id);
+  // n1 stops heartbeating: lost after 5 s.
+  got.clear();
+  for (int i = 0; i < 6; ++i) {
+    now_ += 1s;
+    beat({"n0", "n2"});
+    coord_->Tick();
+  }
+  std::string events = Events(id);
+  EXPECT_NE(events.find("spare_replaces [n2] spare n2 replaces lost node n1"), std::string::npos)
+      << events;
+  EXPECT_NE(events.find("spare_requested [] 0 spare(s) held now; a new one is requested"),
+            std::string::npos)
+      << events;
+  beat({"n0", "n2"});
+  ASSERT_EQ(got["n0"].size(), 1u);
+  ASSERT_TRUE(got["n0"][0].has_stop());
+  proto::Envelope e = ReportFrom("n0", sess["n0"], id, 1);
+  auto* x = e.mutable_agent_report()->add_exits();
+  x->set_exit_code(-1);
+  x->set_stopped_by_agent(true);
+  e.mutable_agent_report()->set_all_exited(true);
+  ASSERT_TRUE(Call(e).has_agent_report_reply());
+  st = Status(id);
+  EXPECT_EQ(st.state(), proto::JOB_PENDING);
+  EXPECT_NE(st.pending_reason().find("for the lost node's lease, then restarting on the survivors"),
+            std::string::npos)
+      << st.pending_reason();
+  // The survivor and the spare stay the job's during the fence: another job gets neither.
+  std::string other = Submit("name: other\ncommand: x\n");
+  got.clear();
+  now_ += 1s;
+  coord_->Tick();
+  beat({"n0", "n2"});
+  EXPECT_TRUE(got.empty()) << "started inside the lease fence of the lost node";
+  EXPECT_EQ(Status(other).state(), proto::JOB_PENDING);
+  // The fence (lease 8 s - heartbeat timeout 5 s + 0.5 s after the gang stopped) passes.
+  for (int i = 0; i < 3; ++i) {
+    now_ += 1s;
+    coord_->Tick();
+    beat({"n0", "n2"});
+  }
+  ASSERT_EQ(got["n0"].size(), 1u);
+  ASSERT_EQ(got["n2"].size(), 1u);
+  ASSERT_TRUE(got["n2"][0].has_start());
+  EXPECT_EQ(got["n0"][0].start().attempt(), 2);
+  EXPECT_EQ(got["n0"][0].start().node_rank(), 0);
+  EXPECT_EQ(got["n2"][0].start().node_rank(), 1) << "the spare takes the lost node's rank";
+  events = Events(id);
+  EXPECT_NE(events.find("restarting_on_spares [] attempt 2 on n0,n2 without a scheduling pass"),
+            std::string::npos)
+      << events;
+  EXPECT_EQ(Status(id).restarts(), 0) << "a lost node is not counted";
+  // New nodes: the pending job comes first; the next one is held as the new spare.
+  sess["n3"] = Register("n3");
+  coord_->Tick();
+  EXPECT_EQ(Status(other).state(), proto::JOB_SCHEDULED);
+  sess["n4"] = Register("n4");
+  coord_->Tick();
+  st = Status(id);
+  ASSERT_EQ(st.spares_size(), 1);
+  EXPECT_EQ(st.spares(0), "n4");
+  EXPECT_NE(Events(id).find("spare_held [n4] node n4 held as a new spare (1 held now)"),
+            std::string::npos)
+      << Events(id);
+  // A lost spare is dropped and requested again.
+  for (int i = 0; i < 6; ++i) {
+    now_ += 1s;
+    beat({"n0", "n2", "n3"});
+    coord_->Tick();
+  }
+  EXPECT_NE(Events(id).find("spare_lost [n4] spare n4 lost; a new one is requested"),
+            std::string::npos)
+      << Events(id);
+  EXPECT_EQ(Status(id).spares_size(), 0);
+}
+
+TEST_F(CoordinatorTest, CancellingAJobWaitingToRestartOnItsSparesFreesThem) {
+  std::map<std::string, std::string> sess;
+  for (const char* n : {"n0", "n1", "n2"}) sess[n] = Register(n);
+  std::string id = Submit("name: ft\ncommand: x\nnodes: 2\nspares: 1\n");
+  for (auto& [n, s] : sess) Heartbeat(n, s);
+  Report("n0", sess["n0"], id, 1, true, 0, false);
+  Report("n1", sess["n1"], id, 1, true, 0, false);
+  for (int i = 0; i < 6; ++i) {
+    now_ += 1s;
+    Heartbeat("n0", sess["n0"]);
+    Heartbeat("n2", sess["n2"]);
+    coord_->Tick();
+  }
+  Report("n0", sess["n0"], id, 1, true, 137, true);
+  ASSERT_EQ(Status(id).state(), proto::JOB_PENDING);
+  proto::Envelope c;
+  c.mutable_cancel_request()->set_job_id(id);
+  EXPECT_EQ(Call(c).cancel_reply().state(), proto::JOB_CANCELLED);
+  std::string other = Submit("name: other\ncommand: x\nnodes: 2\n");
+  coord_->Tick();
+  auto st = Status(other);
+  EXPECT_EQ(st.state(), proto::JOB_SCHEDULED) << st.pending_reason();
+  EXPECT_EQ(st.nodes_size(), 2);
+}
+
 TEST_F(CoordinatorTest, PeerFailureExitsAloneCountBlamingNoNode) {
   std::string s0 = Register("n0"), s1 = Register("n1");
   std::string id = Submit("name: p\ncommand: x\nnodes: 2\nrestart:\n  backoff: 1s\n");

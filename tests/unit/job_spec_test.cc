@@ -396,6 +396,31 @@ time_limit: 2h
   EXPECT_EQ(JobSpecFromProto(p).status().code(), StatusCode::kInvalidArgument);
 }
 
+TEST(JobSpecTest, SparesAreBoundedAndReachTheSchedulerAndTheWire) {
+  auto spec = ParseJobSpec("name: ft\ncommand: x\nnodes: 4\nspares: 2\n");
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->spares, 2);
+  EXPECT_EQ(ToJobRequest(*spec, "ft-1", 1).spares, 2);
+  EXPECT_EQ(Need(ToJobRequest(*spec, "ft-1", 1)), 6);
+  auto back = JobSpecFromProto(JobSpecToProto(*spec));
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->spares, 2);
+  EXPECT_EQ(ParseJobSpec("name: ft\ncommand: x\n")->spares, 0);
+  EXPECT_MENTIONS(Refusal("name: ft\ncommand: x\nspares: -1\n"),
+                  "job.yaml:3: spares: must be an integer in [0, 100000], not \"-1\"");
+  EXPECT_MENTIONS(Refusal("name: ft\ncommand: x\nspares: [1]\n"), "job.yaml:3: spares:");
+  EXPECT_MENTIONS(Refusal("name: ft\ncommand: x\nnodes: 99999\nspares: 2\n"),
+                  "job.yaml:4: spares: nodes + spares is 100001; at most 100000");
+  JobSpec pinned = *spec;
+  pinned.hosts = {"a", "b", "c", "d"};
+  Status st = ValidateJobSpec(pinned);
+  EXPECT_EQ(st.code(), StatusCode::kInvalidArgument);
+  EXPECT_MENTIONS(st.message(), "spares: cannot be held for a gang pinned to named hosts");
+  proto::JobSpec p = JobSpecToProto(*spec);
+  p.set_spares(-3);
+  EXPECT_EQ(JobSpecFromProto(p).status().code(), StatusCode::kInvalidArgument);
+}
+
 TEST(JobSpecTest, SnapshotsAreOptInEveryKStepsAndNeedAVolume) {
   auto spec = ParseJobSpec(R"(name: ft
 command: [./train]

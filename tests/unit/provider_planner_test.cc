@@ -444,5 +444,43 @@ TEST(ProvidersConfigTest, ErrorsNameFileLineAndField) {
   EXPECT_EQ(LoadProvidersConfig("/nonexistent/p.yaml").status().code(), StatusCode::kNotFound);
 }
 
+// Hot spares are asked for like gang nodes: a pending gang with spares asks for both at once, and
+// a running job short of spares (Scheduler::SpareRequests: a request of its own, limited to its
+// gang's provider) for what it lacks; a spare is never released as idle.
+TEST(ProviderPlannerTest, SparesAreRequestedLikeGangNodesAndNeverReleasedAsIdle) {
+  PlannerInput in = Input({Prov("aws"), Prov("gcp")});
+  JobRequest gang = Job("ft", 2);
+  gang.spares = 1;
+  in.pending = {gang};
+  PlannerDecisions d = PlanProviders(in);
+  ASSERT_EQ(d.requests.size(), 1u);
+  EXPECT_EQ(d.requests[0].provider, "aws");
+  EXPECT_EQ(d.requests[0].nodes, 3) << "the gang and its spare";
+  // Beyond max_nodes (4) with its spares: never on that provider.
+  gang.spares = 3;
+  EXPECT_FALSE(ProviderCouldHold(Prov("aws"), gang));
+  gang.spares = 2;
+  EXPECT_TRUE(ProviderCouldHold(Prov("aws"), gang));
+
+  // Running on gcp, short of one spare: asked of gcp only, though aws comes first.
+  in = Input({Prov("aws"), Prov("gcp")});
+  JobRequest lacks = Job("ft", 1);
+  lacks.providers = {"gcp"};
+  in.pending = {lacks};
+  in.nodes = {Node("gcp-1", "gcp", "ft"), Node("gcp-2", "gcp", "ft")};
+  d = PlanProviders(in);
+  ASSERT_EQ(d.requests.size(), 1u);
+  EXPECT_EQ(d.requests[0].provider, "gcp");
+  EXPECT_EQ(d.requests[0].nodes, 1);
+
+  // A held spare runs no ranks but has a job: never released, however long it idles.
+  in = Input({Prov("aws")});
+  NodeView spare = Node("aws-3", "aws", "ft");
+  spare.spare = true;
+  in.nodes = {spare};
+  in.idle_since["aws-3"] = kT0 - 1h;
+  EXPECT_TRUE(PlanProviders(in).releases.empty());
+}
+
 }  // namespace
 }  // namespace muster::coordinator::providers

@@ -364,5 +364,169 @@ TEST(SchedulerTest, RestoreRunningAfterRestart) {
   EXPECT_TRUE(s.Schedule(T(0)).placements.empty()) << "restored nodes are busy";
 }
 
+// --- hot spares ---
+
+JobRequest WithSpares(JobRequest j, int spares, IslandPolicy island = IslandPolicy::kAny) {
+  j.spares = spares;
+  j.island = island;
+  return j;
+}
+
+TEST(SchedulerTest, SparesAreHeldOnTheGangsProviderAndIslandAndNeverGivenToAnotherJob) {
+  Scheduler s;
+  s.UpsertNode(N("aws-0", "aws", "a"));
+  s.UpsertNode(N("aws-1", "aws", "a"));
+  s.UpsertNode(N("aws-2", "aws", "b"));
+  s.UpsertNode(N("aws-3", "aws", "a"));
+  s.UpsertNode(N("gcp-0", "gcp", "a"));
+  ASSERT_TRUE(s.Submit(WithSpares(J("ft", 2), 1, IslandPolicy::kRequired)).ok());
+  Decisions d = s.Schedule(T(0));
+  ASSERT_EQ(d.placements.size(), 1u);
+  EXPECT_EQ(d.placements[0].nodes, (std::vector<std::string>{"aws-0", "aws-1"}));
+  EXPECT_EQ(d.placements[0].spares, (std::vector<std::string>{"aws-3"}))
+      << "island a, like the gang";
+  EXPECT_EQ(s.AllocationOf("ft"), (std::vector<std::string>{"aws-0", "aws-1"}));
+  EXPECT_EQ(s.SparesOf("ft"), (std::vector<std::string>{"aws-3"}));
+  auto v = *s.GetNode("aws-3", T(0));
+  EXPECT_EQ(v.job, "ft");
+  EXPECT_TRUE(v.spare);
+  EXPECT_FALSE((*s.GetNode("aws-0", T(0))).spare);
+  // Two one-node jobs: only aws-2 and gcp-0 are free; the spare is never handed out, even to
+  // a higher-priority job (it may preempt the whole job, not borrow its spare).
+  ASSERT_TRUE(s.Submit(J("a", 1, 5)).ok());
+  ASSERT_TRUE(s.Submit(J("b", 1, 5)).ok());
+  ASSERT_TRUE(s.Submit(J("c", 1, 0)).ok());
+  d = s.Schedule(T(1));
+  std::set<std::string> used;
+  for (const auto& p : d.placements) used.insert(p.nodes.begin(), p.nodes.end());
+  EXPECT_EQ(used, (std::set<std::string>{"aws-2", "gcp-0"}));
+  EXPECT_TRUE(s.IsPending("c"));
+  EXPECT_EQ(s.SparesOf("ft"), (std::vector<std::string>{"aws-3"}));
+  // Released with the job.
+  ASSERT_TRUE(s.Release("ft").ok());
+  EXPECT_EQ((*s.GetNode("aws-3", T(2))).job, "");
+  EXPECT_FALSE((*s.GetNode("aws-3", T(2))).spare);
+}
+
+// A gang never waits for its spares: a job that lost its spare and was placed again, or one
+// whose spares do not fit yet, starts on its gang alone and gets its spares as nodes free up.
+TEST(SchedulerTest, AGangStartsAloneWhenItsSparesDoNotFitAndGetsThemLater) {
+  Scheduler s;
+  for (int i = 0; i < 3; ++i) s.UpsertNode(N("aws-" + std::to_string(i), "aws"));
+  ASSERT_TRUE(s.Submit(WithSpares(J("ft", 3), 1)).ok());
+  Decisions d = s.Schedule(T(0));
+  ASSERT_EQ(d.placements.size(), 1u);
+  EXPECT_EQ(d.placements[0].nodes.size(), 3u);
+  EXPECT_TRUE(d.placements[0].spares.empty());
+  EXPECT_EQ(s.SpareRequests().size(), 1u) << "it asks for the spare it lacks";
+  s.UpsertNode(N("aws-3", "aws"));
+  d = s.Schedule(T(1));
+  ASSERT_EQ(d.spares_held.size(), 1u);
+  EXPECT_EQ(d.spares_held[0].node, "aws-3");
+  EXPECT_EQ(s.SparesOf("ft"), (std::vector<std::string>{"aws-3"}));
+}
+
+TEST(SchedulerTest, ASpareTakesTheLostNodesRankPreferringItsIsland) {
+  Scheduler s;
+  s.UpsertNode(N("aws-0", "aws", "a"));
+  s.UpsertNode(N("aws-1", "aws", "a"));
+  s.UpsertNode(N("aws-2", "aws", "b"));
+  s.UpsertNode(N("aws-3", "aws", "a"));
+  ASSERT_TRUE(s.Submit(WithSpares(J("ft", 2), 2)).ok());
+  Decisions d = s.Schedule(T(0));
+  ASSERT_EQ(d.placements.size(), 1u);
+  ASSERT_EQ(d.placements[0].nodes, (std::vector<std::string>{"aws-0", "aws-1"}));
+  ASSERT_EQ(s.SparesOf("ft"), (std::vector<std::string>{"aws-2", "aws-3"}));
+  ASSERT_TRUE(s.SetNodeState("aws-1", NodeState::kDown).ok());
+  // aws-2 comes first by name, but aws-3 shares the lost node's island.
+  auto spare = s.TakeSpare("ft", "aws-1");
+  ASSERT_TRUE(spare.ok()) << spare.status();
+  EXPECT_EQ(*spare, "aws-3");
+  EXPECT_EQ(s.AllocationOf("ft"), (std::vector<std::string>{"aws-0", "aws-3"})) << "node rank 1";
+  EXPECT_EQ(s.SparesOf("ft"), (std::vector<std::string>{"aws-2"}));
+  EXPECT_EQ((*s.GetNode("aws-1", T(1))).job, "") << "the lost node is no longer the job's";
+  EXPECT_FALSE((*s.GetNode("aws-3", T(1))).spare);
+  // Next: the other island's spare; then none is left.
+  EXPECT_EQ(*s.TakeSpare("ft", "aws-0"), "aws-2");
+  EXPECT_EQ(s.AllocationOf("ft"), (std::vector<std::string>{"aws-2", "aws-3"}));
+  EXPECT_EQ(s.TakeSpare("ft", "aws-3").status().code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(s.TakeSpare("ft", "aws-1").status().code(), StatusCode::kNotFound) << "not in gang";
+  EXPECT_EQ(s.TakeSpare("nope", "aws-2").status().code(), StatusCode::kNotFound);
+}
+
+TEST(SchedulerTest, AJobShortOfSparesGetsNewOnesOnItsProviderAndIslandAfterTheQueue) {
+  Scheduler s;
+  s.UpsertNode(N("aws-0", "aws", "a"));
+  s.UpsertNode(N("aws-1", "aws", "a"));
+  s.UpsertNode(N("aws-2", "aws", "a"));
+  ASSERT_TRUE(s.Submit(WithSpares(J("ft", 2), 1, IslandPolicy::kRequired)).ok());
+  ASSERT_EQ(s.Schedule(T(0)).placements.size(), 1u);
+  ASSERT_TRUE(s.SetNodeState("aws-0", NodeState::kDown).ok());
+  ASSERT_EQ(*s.TakeSpare("ft", "aws-0"), "aws-2");
+  // Free now: a node of another provider and one of another island: neither may be its spare.
+  s.UpsertNode(N("gcp-0", "gcp", "a"));
+  s.UpsertNode(N("aws-9", "aws", "b"));
+  Decisions d = s.Schedule(T(1));
+  EXPECT_TRUE(d.spares_held.empty());
+  EXPECT_TRUE(s.SparesOf("ft").empty());
+  // A node on its island: held as the new spare, unless a pending job takes it first.
+  s.UpsertNode(N("aws-5", "aws", "a"));
+  JobRequest one = J("one", 1);
+  one.providers = {"aws"};
+  ASSERT_TRUE(s.Submit(one).ok());
+  d = s.Schedule(T(2));
+  ASSERT_EQ(d.placements.size(), 1u);
+  EXPECT_EQ(d.placements[0].nodes[0], "aws-5") << "island a packs first";
+  EXPECT_TRUE(d.spares_held.empty()) << "the queue comes before spares";
+  ASSERT_TRUE(s.Release("one").ok());
+  d = s.Schedule(T(3));
+  ASSERT_EQ(d.spares_held.size(), 1u);
+  EXPECT_EQ(d.spares_held[0].job, "ft");
+  EXPECT_EQ(s.SparesOf("ft").size(), 1u);
+  std::string spare = s.SparesOf("ft")[0];
+  EXPECT_EQ((*s.GetNode(spare, T(3))).spec.provider, "aws");
+  EXPECT_EQ((*s.GetNode(spare, T(3))).spec.island, "a");
+  EXPECT_TRUE(s.Schedule(T(4)).spares_held.empty()) << "full again: no more";
+  // A lost spare: dropped, and replaced in the next pass when a node is free.
+  ASSERT_TRUE(s.SetNodeState(spare, NodeState::kDown).ok());
+  ASSERT_TRUE(s.DropSpare("ft", spare).ok());
+  EXPECT_TRUE(s.SparesOf("ft").empty());
+  EXPECT_EQ(s.DropSpare("ft", spare).code(), StatusCode::kNotFound);
+}
+
+TEST(SchedulerTest, FeasibleRefusesMoreSparesThanAnyGroupCanHoldWithTheReason) {
+  Scheduler s;
+  for (int i = 0; i < 4; ++i) s.UpsertNode(N("aws-" + std::to_string(i), "aws"));
+  s.UpsertNode(N("gcp-0", "gcp"));
+  EXPECT_TRUE(s.Feasible(WithSpares(J("ok", 3), 1)).ok());
+  Status st = s.Feasible(WithSpares(J("big", 3), 2));
+  EXPECT_EQ(st.code(), StatusCode::kFailedPrecondition);
+  EXPECT_NE(st.message().find("5 (3 for the gang + 2 spares)"), std::string::npos) << st;
+  EXPECT_NE(st.message().find("the most on one provider is 4 (aws)"), std::string::npos) << st;
+  JobRequest pinned = WithSpares(J("pinned", 1), 1);
+  pinned.hosts = {"aws-0"};
+  EXPECT_EQ(s.Feasible(pinned).code(), StatusCode::kInvalidArgument);
+}
+
+TEST(SchedulerTest, SpareRequestsSayWhatARunningJobLacksOnItsGangsProvider) {
+  Scheduler s;
+  s.UpsertNode(N("gcp-0", "gcp"));
+  s.UpsertNode(N("gcp-1", "gcp"));
+  s.UpsertNode(N("gcp-2", "gcp"));
+  ASSERT_TRUE(s.Submit(WithSpares(J("ft", 2), 1)).ok());
+  ASSERT_EQ(s.Schedule(T(0)).placements.size(), 1u);
+  EXPECT_TRUE(s.SpareRequests().empty()) << "it holds its spare";
+  ASSERT_TRUE(s.SetNodeState("gcp-0", NodeState::kDown).ok());
+  ASSERT_TRUE(s.TakeSpare("ft", "gcp-0").ok());
+  auto r = s.SpareRequests();
+  ASSERT_EQ(r.size(), 1u);
+  EXPECT_EQ(r[0].id, "ft");
+  EXPECT_EQ(r[0].nodes, 1);
+  EXPECT_EQ(r[0].spares, 0);
+  EXPECT_EQ(r[0].providers, (std::vector<std::string>{"gcp"}));
+  ASSERT_TRUE(s.Release("ft").ok());
+  EXPECT_TRUE(s.SpareRequests().empty()) << "a job that ended asks for nothing";
+}
+
 }  // namespace
 }  // namespace muster::coordinator

@@ -66,7 +66,7 @@ function jobsTable(jobs) {
     rows += `<tr class="job-row" data-job="${esc(j.id)}" data-state="${esc(j.state)}">
       <td><a href="#/job/${encodeURIComponent(j.id)}">${esc(j.id)}</a></td>
       <td>${stateBadge(j.state)}</td>
-      <td>${esc(j.provider)}</td>
+      <td>${esc(j.provider)}${j.spares && j.spares.length ? ` <span class="muted spares" title="hot spares held: ${esc(j.spares.join(", "))}">+${j.spares.length} spare${j.spares.length > 1 ? "s" : ""}</span>` : ""}</td>
       <td class="num step">${step}</td>
       <td class="num">${p.loss !== undefined && j.progress ? fmtNum(p.loss, 4) : ""}</td>
       <td class="num">${tput}</td>
@@ -94,7 +94,7 @@ function nodesView(nodes) {
       out += `<div class="island"><div class="name">island ${esc(isl)}</div>`;
       for (const n of ns) {
         out += `<span class="node" data-node="${esc(n.name)}" title="heartbeat ${fmtNum(n.heartbeat_age_s, 1)} s ago">
-          ${esc(n.name)} ${stateBadge(n.state)} ${n.job ? '<span class="muted">' + esc(n.job) + "</span>" : ""}</span>`;
+          ${esc(n.name)} ${stateBadge(n.state)} ${n.job ? '<span class="muted">' + esc(n.job) + (n.spare ? " (spare)" : "") + "</span>" : ""}</span>`;
       }
       out += "</div>";
     }

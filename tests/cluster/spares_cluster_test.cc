@@ -1,0 +1,236 @@
+// Hot spares (JobSpec::spares) on a cluster of network namespaces: a real `muster coordinator`
+// on host 0 and real `muster agent`s (CURVE) on n1..n3, later n4. A 2-node job with `spares: 1`
+// holds the third node idle; the agent of a gang node is killed with SIGKILL (no notice). The
+// coordinator must declare it lost, put the spare in its place (an event naming both), restart
+// the gang on the survivor and the spare once the lost node's lease fence has passed, without a
+// scheduling pass, and hold n4 as the new spare when it registers. A spec asking for more spares
+// than the nodes can ever hold is refused at submit with the reason.
+//
+// Needs root (network namespaces); skips otherwise.
+
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <regex>
+#include <sstream>
+#include <thread>
+
+#include "tests/cluster/netns_cluster.h"
+#include "tests/testing/subprocess.h"
+
+namespace muster::testing {
+namespace {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+using namespace std::chrono_literals;
+using Clock = std::chrono::steady_clock;
+
+const std::vector<std::string> kHosts = {"coord", "n1", "n2", "n3", "n4"};
+constexpr int kPort = 7071;
+
+std::string ReadFile(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+bool WaitUntil(const std::function<bool()>& pred, std::chrono::milliseconds timeout) {
+  auto until = Clock::now() + timeout;
+  while (!pred()) {
+    if (Clock::now() >= until) return false;
+    std::this_thread::sleep_for(50ms);
+  }
+  return true;
+}
+
+class SparesClusterTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto c = NetnsCluster::Create(kHosts);
+    if (!c.ok()) GTEST_SKIP() << "no multi-host cluster: " << c.status().message();
+    net_ = std::move(*c);
+    root_ = fs::temp_directory_path() / ("muster-spares-cluster-" + std::to_string(getpid()));
+    fs::remove_all(root_);
+    fs::create_directories(root_);
+    keys_ = (root_ / "keys").string();
+    auto k = RunCommand({MUSTER_BIN, "--log-level", "warn", "keys", "init", "--dir", keys_});
+    ASSERT_TRUE(k.ok()) << k.status();
+    auto p = Subprocess::Start(
+        net_->Wrap(0, {MUSTER_BIN, "--log-level", "info", "coordinator", "--data-dir",
+                       (root_ / "coord").string(), "--listen", Endpoint(), "--keys", keys_,
+                       "--heartbeat-interval-ms", "250", "--heartbeat-timeout-ms", "3000"}),
+        {}, (root_ / "coordinator.log").string());
+    ASSERT_TRUE(p.ok()) << p.status();
+    coordinator_.emplace(std::move(*p));
+  }
+
+  void TearDown() override {
+    if (HasFailure() && net_) std::cout << "cluster logs kept in " << root_ << "\n" << Logs();
+    agents_.clear();
+    coordinator_.reset();
+    net_.reset();
+    if (!HasFailure() && !root_.empty()) fs::remove_all(root_);
+  }
+
+  std::string Endpoint() const { return "tcp://" + net_->address(0) + ":" + std::to_string(kPort); }
+  fs::path WorkDir(const std::string& node) const { return root_ / "work" / node; }
+
+  void StartAgent(int host) {
+    const std::string& name = kHosts[host];
+    fs::create_directories(WorkDir(name));
+    auto p = Subprocess::Start(net_->Wrap(host, {MUSTER_BIN,      "--log-level",
+                                                 "info",          "agent",
+                                                 "--coordinator", Endpoint(),
+                                                 "--keys",        keys_,
+                                                 "--provider",    "aws",
+                                                 "--name",        name,
+                                                 "--address",     net_->address(host),
+                                                 "--gpus",        "0",
+                                                 "--slots",       "1",
+                                                 "--work-dir",    WorkDir(name).string()}),
+                               {}, (root_ / (name + ".log")).string());
+    ASSERT_TRUE(p.ok()) << p.status();
+    agents_.emplace(name, std::move(*p));
+  }
+
+  StatusOr<std::string> Muster(std::vector<std::string> args) {
+    std::vector<std::string> argv = {MUSTER_BIN, "--log-level", "error"};
+    argv.insert(argv.end(), args.begin(), args.end());
+    argv.insert(argv.end(), {"--coordinator", Endpoint(), "--keys", keys_});
+    return RunCommand(net_->Wrap(0, argv), 20s);
+  }
+  int NodesUp() {
+    auto out = Muster({"nodes", "--json"});
+    if (!out.ok()) return 0;
+    json n = json::parse(*out, nullptr, false);
+    int up = 0;
+    if (n.is_array()) {
+      for (const auto& x : n) up += x["state"] == "up";
+    }
+    return up;
+  }
+  json JobStatus(const std::string& job) {
+    auto out = Muster({"status", job, "--json"});
+    if (!out.ok()) return json::object();
+    json j = json::parse(*out, nullptr, false);
+    return j.is_discarded() ? json::object() : j;
+  }
+  std::string Events(const std::string& job) {
+    auto out = Muster({"events", job});
+    return out.ok() ? *out : "";
+  }
+  std::string Logs() {
+    std::string s;
+    for (const auto& h : kHosts) {
+      fs::path p = root_ / (h == "coord" ? "coordinator.log" : h + ".log");
+      std::string t = ReadFile(p);
+      if (t.size() > 4000) t = "..." + t.substr(t.size() - 4000);
+      s += "---- " + h + "\n" + t;
+    }
+    return s;
+  }
+  fs::path WriteSpec(const std::string& name, const std::string& text) {
+    fs::path p = root_ / (name + ".yaml");
+    std::ofstream(p) << text;
+    return p;
+  }
+
+  std::unique_ptr<NetnsCluster> net_;
+  fs::path root_;
+  std::string keys_;
+  std::optional<Subprocess> coordinator_;
+  std::map<std::string, Subprocess> agents_;
+};
+
+TEST_F(SparesClusterTest, AnAgentKilledWithSigkillIsReplacedByTheSpareAndTheJobContinues) {
+  for (int h = 1; h <= 3; ++h) StartAgent(h);
+  ASSERT_TRUE(WaitUntil([&] { return NodesUp() == 3; }, 30s)) << Logs();
+
+  // More spares than the 3 nodes of provider aws can ever hold: refused with the reason.
+  auto refused = Muster({"submit", WriteSpec("big",
+                                             "name: big\ncommand: \"true\"\nnodes: 2\n"
+                                             "spares: 2\n")
+                                       .string()});
+  ASSERT_FALSE(refused.ok());
+  EXPECT_NE(refused.status().message().find("4 (2 for the gang + 2 spares)"), std::string::npos)
+      << refused.status();
+
+  // Attempt 1 runs until it is killed; attempt 2 says where it runs and finishes.
+  auto out = Muster(
+      {"submit", WriteSpec("sp",
+                           "name: sp\n"
+                           "command: \"if [ $MUSTER_ATTEMPT = 1 ]; then echo UP; exec sleep 600; "
+                           "else echo RESUMED attempt=$MUSTER_ATTEMPT node_rank=$NODE_RANK; "
+                           "exec sleep 600; fi\"\n"
+                           "nodes: 2\nspares: 1\nrestart:\n  max_restarts: 0\n")
+                     .string()});
+  ASSERT_TRUE(out.ok()) << out.status();
+  std::string job = *out;
+  while (!job.empty() && (job.back() == '\n' || job.back() == ' ')) job.pop_back();
+
+  json st;
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        st = JobStatus(job);
+        return st.value("state", "") == "running";
+      },
+      40s))
+      << st.dump() << Events(job) << Logs();
+  std::vector<std::string> gang = st["nodes"];
+  std::vector<std::string> spares = st["spares"];
+  ASSERT_EQ(gang.size(), 2u) << st.dump();
+  ASSERT_EQ(spares.size(), 1u) << "muster status shows the spare held: " << st.dump();
+  const std::string spare = spares[0];
+  EXPECT_EQ(std::count(gang.begin(), gang.end(), spare), 0);
+  const std::string victim = gang[1];
+  const std::string survivor = gang[0];
+
+  agents_.at(victim).Signal(SIGKILL);
+  const auto killed_at = Clock::now();
+  // Attempt 2 runs on the survivor and the spare (the spare's rank says so).
+  const fs::path spare_log = WorkDir(spare) / "logs" / job / "attempt-2" / "rank-1.log";
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        return ReadFile(spare_log).find("RESUMED attempt=2 node_rank=1") != std::string::npos;
+      },
+      60s))
+      << JobStatus(job).dump() << Events(job) << Logs();
+  const double took = std::chrono::duration<double>(Clock::now() - killed_at).count();
+  st = JobStatus(job);
+  std::string events = Events(job);
+  EXPECT_EQ(st.value("attempt", 0), 2) << st.dump() << events;
+  EXPECT_EQ(st.value("restarts", -1), 0) << st.dump();
+  EXPECT_EQ(st["nodes"], json({survivor, spare})) << "the spare takes the lost node's rank";
+  EXPECT_NE(events.find("spare " + spare + " replaces lost node " + victim), std::string::npos)
+      << events;
+  EXPECT_NE(events.find("attempt 2 on " + survivor + "," + spare + " without a scheduling pass"),
+            std::string::npos)
+      << events;
+  EXPECT_NE(events.find("a new one is requested"), std::string::npos) << events;
+  std::cout << "kill -9 of " << victim << "'s agent -> attempt 2 on " << survivor << "+" << spare
+            << " after " << took << " s\n";
+
+  // A new node is held as the new spare while the job runs.
+  StartAgent(4);
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        st = JobStatus(job);
+        return st.contains("spares") && st["spares"] == json({"n4"});
+      },
+      30s))
+      << st.dump() << Events(job) << Logs();
+  EXPECT_NE(Events(job).find("node n4 held as a new spare"), std::string::npos) << Events(job);
+  ASSERT_TRUE(Muster({"cancel", job}).ok());
+}
+
+}  // namespace
+}  // namespace muster::testing
