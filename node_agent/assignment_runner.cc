@@ -111,7 +111,11 @@ StatusOr<std::unique_ptr<AssignmentRunner>> AssignmentRunner::Create(Reactor& re
     SnapshotForwarder* fwd = r->forwarder_.get();
     auto ss = SnapshotServer::Start(
         (r->options_.work_dir / "snapshots" / "s.sock").string(), r->snapshots_.get(),
-        [fwd](std::shared_ptr<const checkpoint::SnapshotFrame> f) { fwd->Offer(std::move(f)); });
+        [fwd](std::shared_ptr<const checkpoint::SnapshotFrame> f) { fwd->Offer(std::move(f)); },
+        kSnapshotFrameTimeout,
+        [trust = r->rank_trust_](pid_t pid, const checkpoint::SnapshotKey& key) {
+          return trust->Check(pid, key);
+        });
     if (!ss.ok()) return ss.status().WithContext("snapshot server");
     r->snapshot_server_ = std::move(*ss);
   }
@@ -590,6 +594,7 @@ void AssignmentRunner::LaunchRanks(Assignment a, const std::string& creds,
       if (c.id != *id) continue;
       a.pid_of[*id] = c.pid;
       out_.guard(c.pid, group + " rank " + std::to_string(rank));
+      rank_trust_->Add(c.pid, s.job_id(), rank);
     }
   }
   a.open = a.rank_of.size();
@@ -916,6 +921,7 @@ void AssignmentRunner::OnClosed(ChildId id) {
   if (it == assignments_.end()) return;
   if (auto p = it->second.pid_of.find(id); p != it->second.pid_of.end()) {
     out_.unguard(p->second);
+    rank_trust_->Remove(p->second);
   }
   if (--it->second.open == 0 && it->second.live.empty()) assignments_.erase(it);
 }

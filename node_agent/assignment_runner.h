@@ -42,6 +42,7 @@
 #include "node_agent/preemption_notice.h"
 #include "node_agent/preflight.h"
 #include "node_agent/snapshots/peer_copy.h"
+#include "node_agent/snapshots/rank_trust.h"
 #include "node_agent/snapshots/snapshot_server.h"
 #include "node_agent/snapshots/snapshot_store.h"
 #include "node_agent/supervisor.h"
@@ -188,6 +189,8 @@ class AssignmentRunner {
   std::unique_ptr<SnapshotServer> snapshot_server_;
   std::unique_ptr<SnapshotForwarder> forwarder_;
   std::unique_ptr<SnapshotPeerServer> peer_server_;
+  // The ranks that may use the local snapshot socket (shared with its threads).
+  std::shared_ptr<RankTrust> rank_trust_ = std::make_shared<RankTrust>();
   // Attempts whose ranks' snapshot frames are being fetched from peers, by group.
   struct Fetching {
     Assignment a;
