@@ -289,6 +289,12 @@ bool Coordinator::Start(JobRt& job, const std::vector<std::string>& nodes) {
         sn, r.spec.ranks_per_node(), snapshot_book_.Of(r.id),
         r.resume_step >= 0 ? std::optional<int64_t>(r.resume_step) : std::nullopt, starts);
   }
+  // Frames held outside this attempt's nodes cannot be used by it: freed there.
+  for (const auto& n : snapshot_book_.TakeHoldersExcept(r.id, nodes)) {
+    proto::AgentAction drop;
+    drop.mutable_drop_snapshots()->set_job_id(r.id);
+    Enqueue(n, std::move(drop));
+  }
   if (snapshot_choice.source == ResumeChoice::Source::kSnapshot) {
     Event(r.id, "", "resumed",
           SnapshotResumeEvent(
@@ -628,6 +634,14 @@ void Coordinator::Finish(JobRt& job) {
     }
   }
   r.state = d.state;
+  if (Terminal(r.state)) {
+    // The job is over: every agent that holds snapshots of it frees them.
+    for (const auto& n : snapshot_book_.TakeHoldersExcept(r.id, {})) {
+      proto::AgentAction drop;
+      drop.mutable_drop_snapshots()->set_job_id(r.id);
+      Enqueue(n, std::move(drop));
+    }
+  }
   if (d.set_detail) r.detail = d.detail;
   r.restarts = d.restarts;
   r.preemptions = d.preemptions;

@@ -44,6 +44,19 @@ std::vector<SnapshotHolding> SnapshotBook::Of(const std::string& job) const {
   return out;
 }
 
+std::vector<std::string> SnapshotBook::TakeHoldersExcept(const std::string& job,
+                                                         const std::vector<std::string>& keep) {
+  std::vector<std::string> out;
+  for (auto& [node, jobs] : held_) {
+    if (std::find(keep.begin(), keep.end(), node) != keep.end()) continue;
+    auto it = jobs.find(job);
+    if (it == jobs.end()) continue;
+    jobs.erase(it);
+    out.push_back(node);
+  }
+  return out;
+}
+
 ResumeChoice PlanSnapshots(const std::vector<SnapshotNode>& nodes, int ranks_per_node,
                            const std::vector<SnapshotHolding>& held,
                            std::optional<int64_t> volume_step,

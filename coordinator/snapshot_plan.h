@@ -36,6 +36,10 @@ class SnapshotBook {
   void ForgetNode(const std::string& node);
   // Every frame of `job` that some node holds.
   std::vector<SnapshotHolding> Of(const std::string& job) const;
+  // The nodes that hold frames of `job` and are not in `keep`; they are forgotten as holders
+  // of it (the caller asks them to drop the frames: DropSnapshots).
+  std::vector<std::string> TakeHoldersExcept(const std::string& job,
+                                             const std::vector<std::string>& keep);
 
  private:
   // node -> job -> frames

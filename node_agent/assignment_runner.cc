@@ -190,6 +190,25 @@ void AssignmentRunner::AddSnapshotsHeld(const std::string& job, proto::AgentRepo
   }
 }
 
+void AssignmentRunner::DropSnapshots(const std::string& job) {
+  if (!snapshots_) return;
+  for (const auto& [g, a] : assignments_) {
+    if (a.spec.job_id() == job && !a.live.empty()) return;  // its ranks run here: still needed
+  }
+  for (const auto& [g, f] : fetches_) {
+    if (f.a.spec.job_id() == job) return;
+  }
+  for (const auto& [g, p] : preflights_) {
+    if (p.a.spec.job_id() == job) return;
+  }
+  const auto jobs = snapshots_->Jobs();
+  if (std::find(jobs.begin(), jobs.end(), job) == jobs.end()) return;  // nothing held
+  logger_->info("job {}: in-memory snapshots dropped (the job ended or runs elsewhere)", job);
+  snapshots_->DropJob(job);
+  forwarder_->ClearJob(job);
+  peer_server_->Revoke(job);
+}
+
 std::map<std::string, proto::Progress> AssignmentRunner::TakeProgress() {
   auto p = std::move(progress_);
   progress_.clear();
@@ -253,6 +272,8 @@ void AssignmentRunner::OnAction(const proto::AgentAction& a) {
       return;
     case proto::AgentAction::kReplicate:
       return out_.replicate(a.replicate());
+    case proto::AgentAction::kDropSnapshots:
+      return DropSnapshots(a.drop_snapshots().job_id());
     default:
       logger_->warn("ignoring an action this agent does not know (case {})",
                     static_cast<int>(a.action_case()));

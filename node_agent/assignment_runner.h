@@ -161,6 +161,8 @@ class AssignmentRunner {
   // The preflight (several nodes) or the launch.
   void Proceed(Assignment a, const std::string& creds, const std::string& fallback);
   void AddSnapshotsHeld(const std::string& job, proto::AgentReport& r) const;
+  // Frees the job's snapshots and reservations here, unless its ranks run (or start) here.
+  void DropSnapshots(const std::string& job);
   void EndPreflight(const std::string& group, const PreflightResult& r);
   // A stop for an attempt still in its preflight: over at once. False if none.
   bool StopPreflight(const std::string& group);

@@ -49,6 +49,18 @@ TEST(SnapshotBookTest, ReportsReplaceWhatANodeSaidAndALostNodeIsForgotten) {
   EXPECT_EQ(j[0].step, 11);
 }
 
+TEST(SnapshotBookTest, HoldersOutsideAnAttemptAreTakenOnce) {
+  SnapshotBook book;
+  book.ReplaceNode("a", List({Held("j", 0, 1, 10)}));
+  book.ReplaceNode("b", List({Held("j", 1, 1, 10), Held("k", 0, 1, 3)}));
+  book.ReplaceNode("c", List({Held("k", 1, 1, 3)}));
+  EXPECT_EQ(book.TakeHoldersExcept("j", {"a", "c"}), std::vector<std::string>{"b"});
+  EXPECT_TRUE(book.TakeHoldersExcept("j", {"a", "c"}).empty());
+  EXPECT_EQ(book.Of("k").size(), 2u);  // another job's frames stay
+  EXPECT_EQ(book.TakeHoldersExcept("k", {}), (std::vector<std::string>{"b", "c"}));
+  EXPECT_EQ(book.Of("j").size(), 1u);
+}
+
 TEST(SnapshotPlanTest, EachNodeCopiesToTheNextNodeRankInARing) {
   std::vector<SnapshotNode> nodes = {
       {"a", "tcp://a:1", "ka"}, {"b", "tcp://b:1", "kb"}, {"c", "tcp://c:1", "kc"}};

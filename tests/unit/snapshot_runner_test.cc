@@ -154,7 +154,7 @@ TEST_F(SnapshotRunnerTest, AProcessThatIsNotARankIsRefusedTheSocket) {
       checkpoint::SnapshotClient::Connect((dir_ / "work" / "snapshots" / "s.sock").string());
   ASSERT_TRUE(client.ok()) << client.status();
   checkpoint::SnapshotKey key{
-      .job = "snap-kept", .attempt = 1, .rank = 0, .world_size = 1, .step = 1};
+      .job = "snap-kept", .attempt = 1, .rank = 0, .world_size = 1, .step = 1000};
   Status put = (*client)->Put(key, "not a rank's");
   EXPECT_EQ(put.code(), StatusCode::kFailedPrecondition) << put;
   EXPECT_NE(put.message().find("permission denied: process " + std::to_string(::getpid()) +
@@ -163,7 +163,25 @@ TEST_F(SnapshotRunnerTest, AProcessThatIsNotARankIsRefusedTheSocket) {
       << put;
   auto got = (*client)->Get(key, 1 << 20);
   EXPECT_EQ(got.status().code(), StatusCode::kFailedPrecondition) << got.status();
-  EXPECT_FALSE(runner_->snapshots()->Get("snap-kept", 0, 1).ok());
+  EXPECT_FALSE(runner_->snapshots()->Get("snap-kept", 0, 1000).ok());
+}
+
+// The coordinator's DropSnapshots (the job ended, or its next attempt runs elsewhere) frees
+// what a failed attempt left here, reservations included; another job's frames stay.
+TEST_F(SnapshotRunnerTest, DropSnapshotsFreesTheJobsFramesAndReservations) {
+  ASSERT_NO_FATAL_FAILURE(Make(64 << 20));
+  ASSERT_EQ(Run("snap-a", 1, 1, 3).size(), 1u);
+  ASSERT_EQ(Run("snap-b", 1, 1, 3).size(), 1u);
+  ASSERT_FALSE(runner_->snapshots()->Held("snap-a").empty());
+  const uint64_t reserved = runner_->snapshots()->reserved_bytes();
+  proto::AgentAction drop;
+  drop.mutable_drop_snapshots()->set_job_id("snap-a");
+  reactor_->Call("drop", [&] { runner_->OnAction(drop); });
+  EXPECT_TRUE(runner_->snapshots()->Held("snap-a").empty());
+  EXPECT_FALSE(runner_->snapshots()->Held("snap-b").empty());
+  EXPECT_LT(runner_->snapshots()->reserved_bytes(), reserved);
+  auto jobs = runner_->snapshots()->Jobs();
+  EXPECT_EQ(jobs, std::vector<std::string>{"snap-b"});
 }
 
 TEST(RankTrustTest, ARankMayUseOnlyItsOwnFramesOfItsOwnJob) {
