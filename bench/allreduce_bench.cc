@@ -82,7 +82,7 @@ int RankMain(const std::string& mode, size_t lo, size_t hi) {
         c.rank(), lo, hi,
         [&](size_t n) {
           Status s =
-              c.AllReduce(data.data(), n, collectives::DataType::kF32, collectives::ReduceOp::kSum)
+              c.AllReduce(data.data(), n, DType::kF32, collectives::ReduceOp::kSum)
                   ->Wait();
           if (!s.ok() && failed.ok()) failed = s;
         },

@@ -1,6 +1,6 @@
 // muster-bench dashboard: does serving the dashboard slow the coordinator's reactor down?
 //
-// A Coordinator (real SQLite state store, real clock) on its own reactor with the dashboard
+// A Coordinator (real SQLite database, real clock) on its own reactor with the dashboard
 // (coordinator/http) on loopback; `--nodes` registered nodes and `--jobs` submitted jobs of 2
 // nodes each, so that part is placed and the rest stays pending and every pass has work. Then
 // `--ticks` reactor ticks (Coordinator::Tick, which runs a scheduling pass, and the dashboard's

@@ -293,6 +293,9 @@ Outcome Measure(const std::string& muster, bool with_notice, int step_ms, int ck
     std::this_thread::sleep_for(milliseconds(10));
   }
   int64_t t_event = UnixMs();
+  // Not necessarily 1: an attempt that could not start (a rendezvous port taken by another
+  // program on this machine) is retried on other ports first.
+  const int interrupted = st.attempt();
   if (with_notice) {
     proto::Envelope req;
     req.mutable_preempt_node_request()->set_node(st.nodes(1));
@@ -310,7 +313,8 @@ Outcome Measure(const std::string& muster, bool with_notice, int step_ms, int ck
   for (;;) {
     auto s = c.client().Status(*job);
     if (s.ok() && s->jobs_size() == 1) st = s->jobs(0);
-    if (st.attempt() >= 2 && st.progress().step() > std::max<int64_t>(st.resume_step(), 0) &&
+    if (st.attempt() > interrupted &&
+        st.progress().step() > std::max<int64_t>(st.resume_step(), 0) &&
         st.progress().time_ms() > t_event)
       break;
     if (Clock::now() > until) {
@@ -319,7 +323,7 @@ Outcome Measure(const std::string& muster, bool with_notice, int step_ms, int ck
     }
     std::this_thread::sleep_for(milliseconds(10));
   }
-  auto first = c.Log(*job, 1);
+  auto first = c.Log(*job, interrupted);
   auto second = c.Log(*job, st.attempt());
   if (!first.ok() || !second.ok()) {
     o.error = "logs: " + (first.ok() ? second.status() : first.status()).ToString();
@@ -527,8 +531,9 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
                  std::to_string(o.lost_steps), note});
         };
         row("preemption notice", notice, "checkpoint on notice, requeue");
-        row("agent kill -9", kill,
-            "heartbeat timeout " + std::to_string(f->hb_timeout_ms) + " ms + lease fence");
+        // The agent's connections close: lost after the grace (heartbeat interval + 200 ms),
+        // with no heartbeat timeout and no lease fence (docs/protocol.md, "Dead or silent").
+        row("agent kill -9", kill, "connections closed + 300 ms grace; no timeout, no fence");
         if (snap_on && snap_off) {
           row("agent kill -9, snapshot trainer, volume only", *snap_off,
               "step " + Fmt(snap_off->step_ms, 1) + " ms");

@@ -14,6 +14,7 @@
 #include "checkpoint/checkpointer.h"
 #include "checkpoint/manifest.h"
 #include "common/logging.h"
+#include "common/strings.h"
 
 namespace muster::checkpoint {
 namespace {
@@ -235,7 +236,9 @@ StatusOr<AdoptReport> CheckAdoptable(const std::string& source) {
   std::smatch m;
   std::string base = src.filename().string();
   if (std::regex_match(base, m, kHfDir)) {
-    report.step = std::stoll(m[1].str());
+    std::optional<int64_t> step = ParseInt64(m[1].str());
+    if (!step) return InvalidArgumentError("adopt: " + base + ": the step does not fit in 64 bits");
+    report.step = *step;
   } else if (HasFile(files, "trainer_state.json")) {
     auto ts = ReadSmallFile(src / "trainer_state.json", 256 << 20);
     json j = ts.ok() ? json::parse(*ts, nullptr, false) : json();

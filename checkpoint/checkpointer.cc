@@ -81,6 +81,18 @@ Status ValidateBox(const std::string& what, const std::vector<int64_t>& shape,
   return Status::Ok();
 }
 
+// The box of rows [row_offset, row_offset + rows) of a tensor of `shape`, whole in every other
+// dimension.
+void RowBox(const std::vector<int64_t>& shape, int64_t row_offset, int64_t rows,
+            std::vector<int64_t>* offsets, std::vector<int64_t>* lengths) {
+  offsets->assign(shape.size(), 0);
+  *lengths = shape;
+  if (!shape.empty()) {
+    (*offsets)[0] = row_offset;
+    (*lengths)[0] = rows;
+  }
+}
+
 }  // namespace
 
 TensorRef TensorRef::Replicated(std::string name, DType dtype, std::vector<int64_t> shape,
@@ -101,12 +113,7 @@ TensorRef TensorRef::RowShard(std::string name, DType dtype, std::vector<int64_t
   TensorRef t;
   t.name = std::move(name);
   t.dtype = dtype;
-  t.offsets.assign(shape.size(), 0);
-  t.lengths = shape;
-  if (!shape.empty()) {
-    t.offsets[0] = row_offset;
-    t.lengths[0] = rows;
-  }
+  RowBox(shape, row_offset, rows, &t.offsets, &t.lengths);
   t.shape = std::move(shape);
   t.data = data;
   t.memory = memory;
@@ -128,12 +135,7 @@ RestoreRequest RestoreRequest::RowShard(std::string name, DType dtype, std::vect
   RestoreRequest r;
   r.name = std::move(name);
   r.dtype = dtype;
-  r.offsets.assign(shape.size(), 0);
-  r.lengths = shape;
-  if (!shape.empty()) {
-    r.offsets[0] = row_offset;
-    r.lengths[0] = rows;
-  }
+  RowBox(shape, row_offset, rows, &r.offsets, &r.lengths);
   r.data = data;
   r.memory = memory;
   return r;

@@ -12,9 +12,6 @@
 namespace muster::checkpoint {
 
 namespace {
-constexpr const char* kDTypeNames[] = {"f32", "f64", "f16", "bf16", "i32",
-                                       "i64", "u8",  "i8",  "bool"};
-constexpr size_t kDTypeSizes[] = {4, 8, 2, 2, 4, 8, 1, 1, 1};
 constexpr char kTrailer[] = "\nxxh3:";
 
 std::string Hex(const std::string& s) {
@@ -44,16 +41,6 @@ StatusOr<std::string> Unhex(const std::string& s) {
   return out;
 }
 }  // namespace
-
-size_t DTypeSize(DType d) { return kDTypeSizes[static_cast<int>(d)]; }
-std::string_view DTypeName(DType d) { return kDTypeNames[static_cast<int>(d)]; }
-
-StatusOr<DType> ParseDType(std::string_view name) {
-  for (int i = 0; i < static_cast<int>(std::size(kDTypeNames)); ++i) {
-    if (name == kDTypeNames[i]) return static_cast<DType>(i);
-  }
-  return InvalidArgumentError("unknown dtype '" + std::string(name) + "'");
-}
 
 uint64_t Xxh3(const void* data, size_t n) { return XXH3_64bits(data, n); }
 

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "common/dtype.h"
 #include "common/status.h"
 
 namespace muster::checkpoint {
@@ -31,11 +32,12 @@ inline constexpr size_t kMaxTensorDims = 64;
 // (row, column and 2-D grid shardings need about one comparison per slice).
 inline constexpr uint64_t kMaxOverlapComparisons = uint64_t{1} << 26;
 
-enum class DType { kF32, kF64, kF16, kBF16, kI32, kI64, kU8, kI8, kBool };
-
-size_t DTypeSize(DType d);
-std::string_view DTypeName(DType d);  // "f32", "bf16", ...
-StatusOr<DType> ParseDType(std::string_view name);
+// A tensor's element type: common/dtype.h, shared with the collectives. A MANIFEST records it
+// by DTypeName.
+using muster::DType;
+using muster::DTypeName;
+using muster::DTypeSize;
+using muster::ParseDType;
 
 // One stored piece of a tensor: the box [offsets, offsets + lengths) of the global shape,
 // stored row-major and contiguous at [byte_offset, byte_offset + byte_length) of a shard file.

@@ -3,15 +3,27 @@
 #include <signal.h>
 
 #include <iostream>
+#include <limits>
+#include <optional>
 #include <thread>
 
 #include "cli/commands.h"
 #include "common/logging.h"
+#include "common/strings.h"
 #include "node_agent/agent.h"
+#include "node_agent/rank_reaper.h"
 
 namespace muster::cli {
 
 void AddAgentCommands(CLI::App& app, Runner* runner) {
+  {
+    // Started by `muster agent` itself (node_agent/rank_reaper.h); hidden.
+    auto* reaper = app.add_subcommand("rank-reaper", "");
+    reaper->group("");
+    auto pids = std::make_shared<std::string>();
+    reaper->add_option("--pids", *pids)->required();
+    reaper->callback([=] { *runner = [=] { return node_agent::RunRankReaper(3, *pids); }; });
+  }
   auto* cmd = app.add_subcommand(
       "agent", "Run the node agent: registers this node, starts and supervises ranks");
   auto o = std::make_shared<node_agent::AgentOptions>();
@@ -88,11 +100,8 @@ void AddAgentCommands(CLI::App& app, Runner* runner) {
       if (f->gpus == "auto") {
         gpus = node_agent::CountGpus();
       } else {
-        try {
-          gpus = std::stoi(f->gpus);
-        } catch (...) {
-          gpus = -1;
-        }
+        std::optional<int64_t> n = ParseInt64(f->gpus);
+        gpus = n && *n >= 0 && *n <= std::numeric_limits<int>::max() ? static_cast<int>(*n) : -1;
         if (gpus < 0) {
           std::cerr << "muster agent: --gpus must be a number or auto, not " << f->gpus << "\n";
           return 2;
@@ -124,6 +133,8 @@ void AddAgentCommands(CLI::App& app, Runner* runner) {
       sigaddset(&set, SIGINT);
       sigaddset(&set, SIGTERM);
       pthread_sigmask(SIG_BLOCK, &set, nullptr);
+      std::error_code ec;
+      o->rank_reaper_bin = std::filesystem::read_symlink("/proc/self/exe", ec).string();
       auto agent = node_agent::Agent::Start(*o);
       if (agent.ok()) log::SetContext("", (*agent)->labels().name(), "");
       if (!agent.ok()) {

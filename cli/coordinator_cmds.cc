@@ -135,6 +135,7 @@ void AddCoordinatorCommands(CLI::App& app, Runner* runner) {
     auto hb = std::make_shared<int>(1000);
     auto hb_timeout = std::make_shared<int>(5000);
     auto lease = std::make_shared<int>(0);
+    auto gone_grace = std::make_shared<int>(0);
     auto port_base = std::make_shared<int>(29500);
     cmd->add_option("--data-dir", *data_dir, "State directory (SQLite database)")->required();
     cmd->add_option("--listen", o->listen, "Endpoint to serve on")->capture_default_str();
@@ -155,6 +156,12 @@ void AddCoordinatorCommands(CLI::App& app, Runner* runner) {
                     "split brain); a lost node's job waits lease - heartbeat timeout before it "
                     "is placed again. Default 1.5 x the heartbeat timeout")
         ->check(CLI::Range(0, 3600000));
+    cmd->add_option("--agent-gone-grace-ms", *gone_grace,
+                    "An agent whose connections all closed (its process ended: kill -9, crash) "
+                    "and that does not come back within this is lost at once, with no heartbeat "
+                    "timeout and no lease fence (its ranks died with it; a silent node keeps "
+                    "both). 0: the heartbeat interval + 200 ms; -1: off")
+        ->check(CLI::Range(-1, 600000));
     auto http = std::make_shared<std::string>();
     cmd->add_option("--http", *http,
                     "Serve /metrics, the JSON API and the dashboard page on HOST:PORT (e.g. "
@@ -175,6 +182,7 @@ void AddCoordinatorCommands(CLI::App& app, Runner* runner) {
         o->coordinator.rendezvous_port_base = *port_base;
         o->coordinator.heartbeat_interval = std::chrono::milliseconds(*hb);
         o->coordinator.heartbeat_timeout = std::chrono::milliseconds(*hb_timeout);
+        o->agent_gone_grace = std::chrono::milliseconds(*gone_grace);
         o->coordinator.lease =
             std::chrono::milliseconds(*lease != 0 ? *lease : *hb_timeout + *hb_timeout / 2);
         if (!http->empty()) {

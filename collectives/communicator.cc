@@ -15,41 +15,11 @@
 #include "collectives/rendezvous_client.h"
 #include "common/logging.h"
 #include "common/net_address.h"
+#include "common/strings.h"
 
 namespace muster::collectives {
 
-size_t DataTypeSize(DataType t) {
-  switch (t) {
-    case DataType::kF16:
-    case DataType::kBF16:
-      return 2;
-    case DataType::kF32:
-    case DataType::kI32:
-      return 4;
-    case DataType::kF64:
-    case DataType::kI64:
-      return 8;
-  }
-  return 0;
-}
-
-std::string_view DataTypeName(DataType t) {
-  switch (t) {
-    case DataType::kF32:
-      return "f32";
-    case DataType::kF64:
-      return "f64";
-    case DataType::kF16:
-      return "f16";
-    case DataType::kBF16:
-      return "bf16";
-    case DataType::kI32:
-      return "i32";
-    case DataType::kI64:
-      return "i64";
-  }
-  return "?";
-}
+bool IsReducible(DType type) { return type != DType::kBool; }
 
 std::string_view ReduceOpName(ReduceOp op) {
   switch (op) {
@@ -159,8 +129,7 @@ namespace {
 
 // mpirun's own variable: a program it started has no muster rendezvous store.
 bool UnderMpirun(const RankEnv& env) {
-  const char* v = std::getenv("OMPI_COMM_WORLD_SIZE");
-  return v != nullptr && *v != '\0' && !env.has_rendezvous();
+  return EnvValue("OMPI_COMM_WORLD_SIZE").has_value() && !env.has_rendezvous();
 }
 
 }  // namespace
@@ -199,3 +168,30 @@ StatusOr<std::unique_ptr<Communicator>> Communicator::FromEnv(
 }
 
 }  // namespace muster::collectives
+
+namespace muster::collectives::internal {
+namespace {
+
+class FinishedWorkImpl final : public Work {
+ public:
+  explicit FinishedWorkImpl(Status status) : status_(std::move(status)) {}
+  Status Wait(std::chrono::steady_clock::time_point) override { return status_; }
+  bool Done() override { return true; }
+
+ private:
+  const Status status_;
+};
+
+}  // namespace
+
+Status CheckReducible(std::string_view collective, DType type) {
+  if (IsReducible(type)) return Status::Ok();
+  return InvalidArgumentError(std::string(collective) + " of " + std::string(DTypeName(type)) +
+                              ": only broadcast and allgather take it (reduce a u8 of 0/1)");
+}
+
+std::unique_ptr<Work> FinishedWork(Status status) {
+  return std::make_unique<FinishedWorkImpl>(std::move(status));
+}
+
+}  // namespace muster::collectives::internal

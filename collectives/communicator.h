@@ -35,19 +35,21 @@
 #include <string_view>
 
 #include "collectives/rendezvous_store.h"
+#include "common/dtype.h"  // DType: what a collective moves
 #include "common/exit_codes.h"
 #include "common/rank_env.h"
 #include "common/status.h"
 
 namespace muster::collectives {
 
-enum class DataType { kF32, kF64, kF16, kBF16, kI32, kI64 };
 enum class ReduceOp { kSum, kAvg, kMin, kMax };
 enum class Backend { kGloo, kNccl, kMpi };
 
-size_t DataTypeSize(DataType t);
-std::string_view DataTypeName(DataType t);
 std::string_view ReduceOpName(ReduceOp op);
+// Whether AllReduce and ReduceScatter take `type`: every DType but kBool, which collectives
+// only move (Broadcast, AllGather); reduce a u8 of 0/1 instead (max: any, min: all). A
+// reduction of kBool fails with InvalidArgument and leaves the communicator usable.
+bool IsReducible(DType type);
 std::string_view BackendName(Backend b);
 // "gloo", "nccl", "mpi".
 StatusOr<Backend> ParseBackend(std::string_view name);
@@ -108,16 +110,16 @@ class Communicator {
 
   // In place: every rank's `data` ends up holding op over all ranks' `data`. Avg of integers
   // truncates toward zero.
-  virtual std::unique_ptr<Work> AllReduce(void* data, size_t count, DataType type, ReduceOp op) = 0;
+  virtual std::unique_ptr<Work> AllReduce(void* data, size_t count, DType type, ReduceOp op) = 0;
   // In place: every rank's `data` ends up holding `root`'s.
-  virtual std::unique_ptr<Work> Broadcast(void* data, size_t count, DataType type, int root) = 0;
+  virtual std::unique_ptr<Work> Broadcast(void* data, size_t count, DType type, int root) = 0;
   // `send` holds `count` elements, `recv` size()*count: rank r's block at r*count.
   virtual std::unique_ptr<Work> AllGather(const void* send, void* recv, size_t count,
-                                          DataType type) = 0;
+                                          DType type) = 0;
   // `send` holds size()*count elements; `recv` gets this rank's block (rank*count...) of the
   // reduction over all ranks' `send`.
   virtual std::unique_ptr<Work> ReduceScatter(const void* send, void* recv, size_t count,
-                                              DataType type, ReduceOp op) = 0;
+                                              DType type, ReduceOp op) = 0;
   virtual std::unique_ptr<Work> Barrier() = 0;
 };
 

@@ -243,11 +243,12 @@ class GlooCommunicator final : public QueuedCommunicator {
   int rank() const override { return config_.rank; }
   int size() const override { return config_.size; }
 
-  std::unique_ptr<Work> AllReduce(void* data, size_t count, DataType type, ReduceOp op) override {
+  std::unique_ptr<Work> AllReduce(void* data, size_t count, DType type, ReduceOp op) override {
+    if (Status s = CheckReducible("allreduce", type); !s.ok()) return FinishedWork(s);
     return Enqueue([=, this] { return DoAllReduce(data, count, type, op); });
   }
 
-  std::unique_ptr<Work> Broadcast(void* data, size_t count, DataType type, int root) override {
+  std::unique_ptr<Work> Broadcast(void* data, size_t count, DType type, int root) override {
     return Enqueue([=, this]() -> Status {
       if (root < 0 || root >= config_.size) {
         return InvalidArgumentError("broadcast root " + std::to_string(root) + " out of range");
@@ -255,7 +256,7 @@ class GlooCommunicator final : public QueuedCommunicator {
       if (config_.size == 1 || count == 0) return Status::Ok();
       return Guard("broadcast", [&] {
         gloo::BroadcastOptions o(context_);
-        o.setOutput(static_cast<char*>(data), count * DataTypeSize(type));
+        o.setOutput(static_cast<char*>(data), count * DTypeSize(type));
         o.setRoot(root);
         o.setTag(NextTag());
         o.setTimeout(config_.timeout);
@@ -264,10 +265,9 @@ class GlooCommunicator final : public QueuedCommunicator {
     });
   }
 
-  std::unique_ptr<Work> AllGather(const void* send, void* recv, size_t count,
-                                  DataType type) override {
+  std::unique_ptr<Work> AllGather(const void* send, void* recv, size_t count, DType type) override {
     return Enqueue([=, this]() -> Status {
-      size_t bytes = count * DataTypeSize(type);
+      size_t bytes = count * DTypeSize(type);
       if (config_.size == 1 || count == 0) {
         if (bytes) std::memmove(recv, send, bytes);
         return Status::Ok();
@@ -283,11 +283,12 @@ class GlooCommunicator final : public QueuedCommunicator {
     });
   }
 
-  std::unique_ptr<Work> ReduceScatter(const void* send, void* recv, size_t count, DataType type,
+  std::unique_ptr<Work> ReduceScatter(const void* send, void* recv, size_t count, DType type,
                                       ReduceOp op) override {
+    if (Status s = CheckReducible("reduce_scatter", type); !s.ok()) return FinishedWork(s);
     // Gloo's new-style API has no reduce_scatter: allreduce a copy and keep this rank's block.
     return Enqueue([=, this]() -> Status {
-      size_t block = count * DataTypeSize(type);
+      size_t block = count * DTypeSize(type);
       std::vector<char> tmp(static_cast<const char*>(send),
                             static_cast<const char*>(send) + block * config_.size);
       MUSTER_RETURN_IF_ERROR(DoAllReduce(tmp.data(), count * config_.size, type, op));
@@ -351,26 +352,33 @@ class GlooCommunicator final : public QueuedCommunicator {
     return f;
   }
 
-  Status DoAllReduce(void* data, size_t count, DataType type, ReduceOp op) {
+  Status DoAllReduce(void* data, size_t count, DType type, ReduceOp op) {
     if (count == 0) return Status::Ok();
     if (config_.size > 1) {
       MUSTER_RETURN_IF_ERROR(Guard("allreduce", [&] {
         switch (type) {
-          case DataType::kF32:
+          case DType::kF32:
             return RunAllReduce<float>(data, count, Native<float>(op));
-          case DataType::kF64:
+          case DType::kF64:
             return RunAllReduce<double>(data, count, Native<double>(op));
-          case DataType::kI32:
+          case DType::kI32:
             return RunAllReduce<int32_t>(data, count, Native<int32_t>(op));
-          case DataType::kI64:
+          case DType::kI64:
             return RunAllReduce<int64_t>(data, count, Native<int64_t>(op));
-          case DataType::kF16:
-          case DataType::kBF16:
+          case DType::kU8:
+            return RunAllReduce<uint8_t>(data, count, Native<uint8_t>(op));
+          case DType::kI8:
+            return RunAllReduce<int8_t>(data, count, Native<int8_t>(op));
+          case DType::kF16:
+          case DType::kBF16:
             return RunAllReduce<uint16_t>(
                 data, count, [type, op](void* c, const void* a, const void* b, size_t n) {
                   ReduceInto(type, op, c, a, b, n);
                 });
+          case DType::kBool:  // refused by CheckReducible before it was queued
+            break;
         }
+        MUSTER_CHECK(false) << "allreduce of " << DTypeName(type);
       }));
     }
     if (op == ReduceOp::kAvg) DivideBy(type, data, count, config_.size);

@@ -1,8 +1,11 @@
 #include <condition_variable>
 #include <map>
 #include <mutex>
+#include <optional>
+#include <string>
 
 #include "collectives/rendezvous_store.h"
+#include "common/strings.h"
 
 namespace muster::collectives {
 
@@ -30,13 +33,15 @@ class InMemoryRendezvousStore final : public RendezvousStore {
     std::lock_guard<std::mutex> l(mu_);
     int64_t v = 0;
     if (auto it = kv_.find(key); it != kv_.end()) {
-      try {
-        v = std::stoll(it->second);
-      } catch (const std::exception&) {
-        return InvalidArgumentError("store: key '" + key + "' does not hold an integer");
-      }
+      std::optional<int64_t> held = ParseInt64(it->second);
+      if (!held) return InvalidArgumentError("store: key '" + key + "' does not hold an integer");
+      v = *held;
     }
-    v += delta;
+    // As the rendezvous server: an add that would overflow is refused, not wrapped.
+    if (__builtin_add_overflow(v, delta, &v)) {
+      return InvalidArgumentError("store: key '" + key + "' holds " + kv_[key] + "; adding " +
+                                  std::to_string(delta) + " overflows a 64-bit integer");
+    }
     kv_[key] = std::to_string(v);
     cv_.notify_all();
     return v;

@@ -18,24 +18,31 @@
 namespace muster::collectives::internal {
 namespace {
 
-// User-defined MPI ops for the 16-bit float types (MPI has none), reducing through float.
-template <DataType T, ReduceOp Op>
-void Reduce16(void* in, void* inout, int* len, MPI_Datatype*) {
+// User-defined MPI ops, with the kernels of reduce.h: for the 16-bit float types (MPI has
+// none; they reduce through float), and for the 8-bit integers, whose MPI_SUM some Open MPI
+// builds compute with saturating vector adds (255 + 1 = 255) where every other backend wraps.
+template <DType T, ReduceOp Op>
+void ReduceOwn(void* in, void* inout, int* len, MPI_Datatype*) {
   ReduceInto(T, Op, inout, inout, in, static_cast<size_t>(*len));
 }
 
-MPI_Datatype ToMpi(DataType t) {
+MPI_Datatype ToMpi(DType t) {
   switch (t) {
-    case DataType::kF32:
+    case DType::kF32:
       return MPI_FLOAT;
-    case DataType::kF64:
+    case DType::kF64:
       return MPI_DOUBLE;
-    case DataType::kI32:
+    case DType::kI32:
       return MPI_INT32_T;
-    case DataType::kI64:
+    case DType::kI64:
       return MPI_INT64_T;
-    case DataType::kF16:
-    case DataType::kBF16:
+    case DType::kU8:
+    case DType::kBool:  // moved only (IsReducible)
+      return MPI_UINT8_T;
+    case DType::kI8:
+      return MPI_INT8_T;
+    case DType::kF16:
+    case DType::kBF16:
       return MPI_UINT16_T;
   }
   return MPI_BYTE;
@@ -57,18 +64,22 @@ class MpiCommunicator final : public QueuedCommunicator {
       MPI_Op_create(fn, /*commute=*/1, &op);
       return op;
     };
-    f16_[0] = make(&Reduce16<DataType::kF16, ReduceOp::kSum>);
-    f16_[1] = make(&Reduce16<DataType::kF16, ReduceOp::kMin>);
-    f16_[2] = make(&Reduce16<DataType::kF16, ReduceOp::kMax>);
-    bf16_[0] = make(&Reduce16<DataType::kBF16, ReduceOp::kSum>);
-    bf16_[1] = make(&Reduce16<DataType::kBF16, ReduceOp::kMin>);
-    bf16_[2] = make(&Reduce16<DataType::kBF16, ReduceOp::kMax>);
+    f16_[0] = make(&ReduceOwn<DType::kF16, ReduceOp::kSum>);
+    f16_[1] = make(&ReduceOwn<DType::kF16, ReduceOp::kMin>);
+    f16_[2] = make(&ReduceOwn<DType::kF16, ReduceOp::kMax>);
+    bf16_[0] = make(&ReduceOwn<DType::kBF16, ReduceOp::kSum>);
+    bf16_[1] = make(&ReduceOwn<DType::kBF16, ReduceOp::kMin>);
+    bf16_[2] = make(&ReduceOwn<DType::kBF16, ReduceOp::kMax>);
+    u8_sum_ = make(&ReduceOwn<DType::kU8, ReduceOp::kSum>);
+    i8_sum_ = make(&ReduceOwn<DType::kI8, ReduceOp::kSum>);
     StartWorker();
   }
   ~MpiCommunicator() override {
     StopWorker();
     for (auto& op : f16_) MPI_Op_free(&op);
     for (auto& op : bf16_) MPI_Op_free(&op);
+    MPI_Op_free(&u8_sum_);
+    MPI_Op_free(&i8_sum_);
     MPI_Comm_free(&comm_);
   }
 
@@ -76,7 +87,8 @@ class MpiCommunicator final : public QueuedCommunicator {
   int rank() const override { return config_.rank; }
   int size() const override { return config_.size; }
 
-  std::unique_ptr<Work> AllReduce(void* data, size_t count, DataType type, ReduceOp op) override {
+  std::unique_ptr<Work> AllReduce(void* data, size_t count, DType type, ReduceOp op) override {
+    if (Status s = CheckReducible("allreduce", type); !s.ok()) return FinishedWork(s);
     return Enqueue([=, this]() -> Status {
       MUSTER_RETURN_IF_ERROR(Check(MPI_Allreduce(MPI_IN_PLACE, data, static_cast<int>(count),
                                                  ToMpi(type), Op(type, op), comm_),
@@ -85,23 +97,23 @@ class MpiCommunicator final : public QueuedCommunicator {
       return Status::Ok();
     });
   }
-  std::unique_ptr<Work> Broadcast(void* data, size_t count, DataType type, int root) override {
+  std::unique_ptr<Work> Broadcast(void* data, size_t count, DType type, int root) override {
     return Enqueue([=, this]() -> Status {
       if (root < 0 || root >= config_.size)
         return InvalidArgumentError("broadcast root out of range");
       return Check(MPI_Bcast(data, static_cast<int>(count), ToMpi(type), root, comm_), "bcast");
     });
   }
-  std::unique_ptr<Work> AllGather(const void* send, void* recv, size_t count,
-                                  DataType type) override {
+  std::unique_ptr<Work> AllGather(const void* send, void* recv, size_t count, DType type) override {
     return Enqueue([=, this] {
       return Check(MPI_Allgather(send, static_cast<int>(count), ToMpi(type), recv,
                                  static_cast<int>(count), ToMpi(type), comm_),
                    "allgather");
     });
   }
-  std::unique_ptr<Work> ReduceScatter(const void* send, void* recv, size_t count, DataType type,
+  std::unique_ptr<Work> ReduceScatter(const void* send, void* recv, size_t count, DType type,
                                       ReduceOp op) override {
+    if (Status s = CheckReducible("reduce_scatter", type); !s.ok()) return FinishedWork(s);
     return Enqueue([=, this]() -> Status {
       MUSTER_RETURN_IF_ERROR(Check(MPI_Reduce_scatter_block(send, recv, static_cast<int>(count),
                                                             ToMpi(type), Op(type, op), comm_),
@@ -115,16 +127,19 @@ class MpiCommunicator final : public QueuedCommunicator {
   }
 
  private:
-  MPI_Op Op(DataType type, ReduceOp op) const {
+  MPI_Op Op(DType type, ReduceOp op) const {
     int i = op == ReduceOp::kMin ? 1 : op == ReduceOp::kMax ? 2 : 0;
-    if (type == DataType::kF16) return f16_[i];
-    if (type == DataType::kBF16) return bf16_[i];
+    if (type == DType::kF16) return f16_[i];
+    if (type == DType::kBF16) return bf16_[i];
+    if (i == 0 && type == DType::kU8) return u8_sum_;
+    if (i == 0 && type == DType::kI8) return i8_sum_;
     return i == 1 ? MPI_MIN : i == 2 ? MPI_MAX : MPI_SUM;
   }
 
   CommConfig config_;
   MPI_Comm comm_;
   MPI_Op f16_[3], bf16_[3];
+  MPI_Op u8_sum_, i8_sum_;
 };
 
 }  // namespace

@@ -35,20 +35,25 @@ Status CudaStatus(cudaError_t e, const char* what) {
   return InternalError(std::string("CUDA ") + what + ": " + cudaGetErrorString(e));
 }
 
-ncclDataType_t ToNccl(DataType t) {
+ncclDataType_t ToNccl(DType t) {
   switch (t) {
-    case DataType::kF32:
+    case DType::kF32:
       return ncclFloat32;
-    case DataType::kF64:
+    case DType::kF64:
       return ncclFloat64;
-    case DataType::kF16:
+    case DType::kF16:
       return ncclFloat16;
-    case DataType::kBF16:
+    case DType::kBF16:
       return ncclBfloat16;
-    case DataType::kI32:
+    case DType::kI32:
       return ncclInt32;
-    case DataType::kI64:
+    case DType::kI64:
       return ncclInt64;
+    case DType::kU8:
+    case DType::kBool:  // moved only (IsReducible)
+      return ncclUint8;
+    case DType::kI8:
+      return ncclInt8;
   }
   return ncclFloat32;
 }
@@ -199,13 +204,14 @@ class NcclCommunicator final : public Communicator {
   int rank() const override { return config_.rank; }
   int size() const override { return config_.size; }
 
-  std::unique_ptr<Work> AllReduce(void* data, size_t count, DataType type, ReduceOp op) override {
+  std::unique_ptr<Work> AllReduce(void* data, size_t count, DType type, ReduceOp op) override {
+    if (Status s = CheckReducible("allreduce", type); !s.ok()) return Failed(s);
     return Launch([&] {
       return ncclAllReduce(data, data, count, ToNccl(type), ToNccl(op), shared_->comm,
                            shared_->stream);
     });
   }
-  std::unique_ptr<Work> Broadcast(void* data, size_t count, DataType type, int root) override {
+  std::unique_ptr<Work> Broadcast(void* data, size_t count, DType type, int root) override {
     if (root < 0 || root >= config_.size) {
       return Failed(
           InvalidArgumentError("broadcast root " + std::to_string(root) + " out of range"));
@@ -214,14 +220,14 @@ class NcclCommunicator final : public Communicator {
       return ncclBroadcast(data, data, count, ToNccl(type), root, shared_->comm, shared_->stream);
     });
   }
-  std::unique_ptr<Work> AllGather(const void* send, void* recv, size_t count,
-                                  DataType type) override {
+  std::unique_ptr<Work> AllGather(const void* send, void* recv, size_t count, DType type) override {
     return Launch([&] {
       return ncclAllGather(send, recv, count, ToNccl(type), shared_->comm, shared_->stream);
     });
   }
-  std::unique_ptr<Work> ReduceScatter(const void* send, void* recv, size_t count, DataType type,
+  std::unique_ptr<Work> ReduceScatter(const void* send, void* recv, size_t count, DType type,
                                       ReduceOp op) override {
+    if (Status s = CheckReducible("reduce_scatter", type); !s.ok()) return Failed(s);
     return Launch([&] {
       return ncclReduceScatter(send, recv, count, ToNccl(type), ToNccl(op), shared_->comm,
                                shared_->stream);
@@ -235,7 +241,7 @@ class NcclCommunicator final : public Communicator {
         return Failed(s);
       }
     }
-    return AllReduce(scratch_, 1, DataType::kF32, ReduceOp::kSum);
+    return AllReduce(scratch_, 1, DType::kF32, ReduceOp::kSum);
   }
 
  private:

@@ -2,9 +2,10 @@
 
 #include <algorithm>
 #include <cctype>
-#include <charconv>
+#include <optional>
 
 #include "common/logging.h"
+#include "common/strings.h"
 #include "common/wire.h"
 
 namespace muster::collectives {
@@ -300,12 +301,12 @@ Status RendezvousServer::Dispatch(Scope& scope, proto::StoreRequest& req, RpcSer
       MUSTER_RETURN_IF_ERROR(CheckKey("add", key));
       int64_t v = 0;
       if (auto it = scope.kv.find(key); it != scope.kv.end()) {
-        const std::string& s = it->second;
-        auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), v, 10);
-        if (s.empty() || ec != std::errc() || end != s.data() + s.size()) {
+        std::optional<int64_t> held = ParseInt64(it->second);
+        if (!held) {
           return InvalidArgumentError("rendezvous add: key '" + key +
                                       "' does not hold a 64-bit integer");
         }
+        v = *held;
       }
       if (__builtin_add_overflow(v, req.add().delta(), &v)) {
         return InvalidArgumentError("rendezvous add: key '" + key + "' holds " + scope.kv[key] +

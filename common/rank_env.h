@@ -5,7 +5,7 @@
 //
 //   - the writers (the node agent, `muster run`) fill a RankEnv and call ComposeRankEnviron(),
 //     which puts ToEnviron() over the job's own env over the writer's inherited environment;
-//   - the readers (collectives, the store client, the checkpointer, runtime::JobContext, the
+//   - the readers (collectives, the rendezvous client, the checkpointer, runtime::JobContext, the
 //     examples) call RankEnv::FromProcessEnviron() and read the fields.
 //
 // FromEnviron(ToEnviron(e)) == e for every valid `e` (tests/unit/rank_env_test.cc).

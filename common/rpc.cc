@@ -9,6 +9,10 @@
 
 namespace muster {
 
+namespace {
+std::atomic<uint64_t> g_monitor_seq{0};
+}
+
 // The server's socket, shared with Reply closures so a late reply after the server is gone is
 // dropped instead of touching a closed socket. Reactor thread only.
 struct RpcServer::Core {
@@ -63,6 +67,17 @@ StatusOr<std::unique_ptr<RpcServer>> RpcServer::Create(Reactor& reactor, Options
       }
       s.set(zmq::sockopt::zap_domain, o.zap_domain);
     }
+    if (o.on_connection) {
+      // Before the bind, so that no connection is accepted unseen.
+      std::string mon = "inproc://muster-rpc-server-monitor-" + std::to_string(g_monitor_seq++);
+      if (zmq_socket_monitor(s.handle(), mon.c_str(),
+                             ZMQ_EVENT_ACCEPTED | ZMQ_EVENT_DISCONNECTED) != 0) {
+        return InternalError(std::string("zmq_socket_monitor: ") + zmq_strerror(zmq_errno()));
+      }
+      server->monitor_ = std::make_unique<zmq::socket_t>(reactor.context(), zmq::socket_type::pair);
+      server->monitor_->set(zmq::sockopt::linger, 0);
+      server->monitor_->connect(mon);
+    }
     s.bind(o.endpoint);
     server->endpoint_ = s.get(zmq::sockopt::last_endpoint);
   } catch (const zmq::error_t& e) {
@@ -75,14 +90,51 @@ StatusOr<std::unique_ptr<RpcServer>> RpcServer::Create(Reactor& reactor, Options
   server->core_ = std::move(core);
   RpcServer* raw = server.get();
   reactor.AddSocket(server->core_->socket, o.name + ".recv", [raw] { raw->OnReadable(); });
+  if (server->monitor_) {
+    reactor.AddSocket(*server->monitor_, o.name + ".monitor", [raw] { raw->DrainMonitor(); });
+  }
   return server;
 }
 
 RpcServer::~RpcServer() {
   if (!core_) return;
   core_->open = false;
+  if (monitor_) {
+    if (reactor_.InReactorThread()) reactor_.RemoveSocket(*monitor_);
+    zmq_socket_monitor(core_->socket.handle(), nullptr, 0);
+    monitor_->close();
+  }
   if (reactor_.InReactorThread()) reactor_.RemoveSocket(core_->socket);
   core_->socket.close();
+}
+
+void RpcServer::DrainMonitor() {
+  if (!monitor_) return;
+  for (;;) {
+    zmq::message_t event, addr;
+    try {
+      if (!monitor_->recv(event, zmq::recv_flags::dontwait)) return;
+      if (event.more()) (void)monitor_->recv(addr, zmq::recv_flags::dontwait);
+    } catch (const zmq::error_t& e) {
+      log::Get("rpc")->error("{}: monitor: {}", options_.name, e.what());
+      return;
+    }
+    if (event.size() < 6) continue;
+    uint16_t id;
+    uint32_t value;
+    std::memcpy(&id, event.data(), sizeof(id));
+    std::memcpy(&value, static_cast<const char*>(event.data()) + 2, sizeof(value));
+    ConnectionEvent e;
+    e.fd = static_cast<int>(value);
+    if (id == ZMQ_EVENT_ACCEPTED) {
+      e.kind = ConnectionEvent::Kind::kAccepted;
+    } else if (id == ZMQ_EVENT_DISCONNECTED) {
+      e.kind = ConnectionEvent::Kind::kClosed;
+    } else {
+      continue;
+    }
+    options_.on_connection(e);
+  }
 }
 
 void RpcServer::OnReadable() {
@@ -108,8 +160,12 @@ void RpcServer::OnReadable() {
                                                 std::to_string(frames.size() - 1))));
       continue;
     }
+    // Connection events first (see Options::on_connection): the monitor emits a connection's
+    // kAccepted before its requests can be queued, and an fd's kClosed before the fd is reused.
+    DrainMonitor();
     PeerInfo peer;
     peer.routing_id = routing_id;
+    peer.fd = zmq_msg_get(frames[1].handle(), ZMQ_SRCFD);
     // gets() throws EINVAL for a property the connection lacks (no ZAP ran: insecure).
     auto property = [&](const char* name) -> std::string {
       const char* v = zmq_msg_gets(frames[1].handle(), name);
@@ -167,10 +223,6 @@ void RpcServer::OnReadable() {
 }
 
 // --- RpcClient -------------------------------------------------------------------------------
-
-namespace {
-std::atomic<uint64_t> g_monitor_seq{0};
-}
 
 RpcClient::RpcClient(zmq::context_t& context, Options options)
     : options_(std::move(options)),

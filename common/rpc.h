@@ -31,6 +31,17 @@ struct PeerInfo {
   std::string address;            // the peer's IP address
   std::string public_key;         // the client's z85 CURVE key; empty when insecure
   KeyRole role = KeyRole::kNone;  // as authorized now (kLegacy when insecure)
+  int fd = -1;                    // the connection's socket in this process (ZMQ_SRCFD); -1 unknown
+};
+
+// A connection of an RpcServer's socket opened or closed, as its socket monitor saw it
+// (Options::on_connection). `fd` is the connection's socket in this process, as PeerInfo::fd of
+// the requests that came over it. The kernel reuses fds: an fd closed may come back as another
+// connection, announced by its own kAccepted.
+struct ConnectionEvent {
+  enum class Kind { kAccepted, kClosed };
+  Kind kind = Kind::kAccepted;
+  int fd = -1;
 };
 
 class RpcServer {
@@ -55,6 +66,13 @@ class RpcServer {
     ZapAuthenticator* authenticator = nullptr;
     std::string zap_domain = kDefaultZapDomain;
     int64_t max_message_bytes = kDefaultMaxMessageBytes;
+    // When set, the server watches its connections (a socket monitor) and calls this on the
+    // reactor for each one accepted or closed (the peer's kernel closed it: process exit, kill
+    // -9, reset; or libzmq dropped it). Ordering: events are handed out before each request is,
+    // so every event the monitor emitted before a request's connection was set up precedes the
+    // request: a kClosed(fd) seen after a request from `fd` closes that request's connection
+    // or a later one on the same fd.
+    std::function<void(const ConnectionEvent&)> on_connection;
   };
 
   // REQUIRES: on the reactor thread or before reactor.Start().
@@ -71,11 +89,13 @@ class RpcServer {
   struct Core;
   RpcServer(Reactor& reactor, Options options, Handler handler);
   void OnReadable();
+  void DrainMonitor();
 
   Reactor& reactor_;
   Options options_;
   Handler handler_;
   std::shared_ptr<Core> core_;
+  std::unique_ptr<zmq::socket_t> monitor_;  // with options_.on_connection
   std::string endpoint_;
 };
 

@@ -52,7 +52,7 @@ proto::Envelope Wrap(auto setter) {
 
 struct Coordinator::JobRt {
   JobRecord rec;
-  // What the state store holds for the job: rec as last written. A write that fails puts rec
+  // What the database holds for the job: rec as last written. A write that fails puts rec
   // back to it, so nothing in memory claims what the store does not have.
   JobRecord durable;
   JobRequest req;
@@ -94,7 +94,7 @@ Coordinator::~Coordinator() {
 
 StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(std::unique_ptr<CoordinatorDb> store,
                                                            CoordinatorOptions options) {
-  if (!store) return InvalidArgumentError("no state store");
+  if (!store) return InvalidArgumentError("no coordinator database");
   std::unique_ptr<Coordinator> c(new Coordinator(std::move(store), std::move(options)));
   MUSTER_RETURN_IF_ERROR(c->Restore());
   return c;
@@ -121,6 +121,7 @@ Status Coordinator::Restore() {
     }
   }
   MUSTER_ASSIGN_OR_RETURN(auto jobs, store_->LoadJobs());
+  MUSTER_ASSIGN_OR_RETURN(auto exclusions, store_->LoadExclusions());
   int restored = 0;
   for (auto& rec : jobs) {
     if (Terminal(rec.state)) continue;
@@ -135,6 +136,8 @@ Status Coordinator::Restore() {
       continue;
     }
     j->req = ToJobRequest(*spec, j->rec.id, j->rec.seq);
+    if (auto ex = exclusions.find(j->rec.id); ex != exclusions.end())
+      j->req.excluded_nodes = ex->second;
     if ((j->rec.state == proto::JOB_SCHEDULED || j->rec.state == proto::JOB_RUNNING) &&
         !j->rec.nodes.empty()) {
       Status st = sched_->RestoreRunning(j->req, j->rec.nodes);
@@ -154,6 +157,7 @@ Status Coordinator::Restore() {
     ++restored;
     jobs_.emplace(j->rec.id, std::move(j));
   }
+  RestoreCopies();
   Logger()->info("restored {} node(s) and {} unfinished job(s) from {}", nodes_.size(), restored,
                  store_->path().string());
   return Status::Ok();
@@ -193,7 +197,7 @@ Status Coordinator::Write(const std::string& what, const std::function<Status()>
   write_error_ = Status(st.code(), fmt::format("writing {} to {} failed: {}", what,
                                                store_->path().string(), st.message()));
   Logger()->critical(
-      "{}; refusing every change from now on (reads still work): fix the state store and restart "
+      "{}; refusing every change from now on (reads still work): fix the database and restart "
       "the coordinator",
       write_error_.message());
   return Refusal();
@@ -202,7 +206,7 @@ Status Coordinator::Write(const std::string& what, const std::function<Status()>
 Status Coordinator::Refusal() const {
   return UnavailableError(fmt::format(
       "the coordinator refuses changes since a durable write failed ({}); reads still work; "
-      "fix the state store and restart the coordinator",
+      "fix the database and restart the coordinator",
       write_error_.message()));
 }
 
@@ -398,6 +402,7 @@ void Coordinator::Replicate(JobRt* job, const std::string& job_id, int64_t step,
     c.source = src.name();
     if (!IssueCopy(c, keep)) continue;
     if (job) job->replicating[provider] = {step, NowMs() + 60 * 1000};
+    SaveCopies();
     Event(job_id, c.target, "replicating",
           fmt::format("step {} from {} (provider {}) to volume {} of provider {}", step, src.name(),
                       src.provider(), volume, provider));
@@ -668,7 +673,23 @@ void Coordinator::Finish(JobRt& job) {
   pass_needed_ = true;
 }
 
-void Coordinator::LoseNode(NodeRt& node, const std::string& why) {
+bool Coordinator::IsAgentSession(const Caller& caller, const std::string& node,
+                                 const std::string& session) {
+  NodeRt* n = nodes_.Find(node);
+  return n != nullptr && !session.empty() && n->session == session &&
+         nodes_.MaySpeakFor(node, caller.public_key);
+}
+
+void Coordinator::AgentGone(const std::string& node, const std::string& session,
+                            const std::string& why) {
+  NodeRt* n = nodes_.Find(node);
+  if (n == nullptr || session.empty() || n->session != session) return;
+  // Refusing changes: as in Tick, nobody is declared lost.
+  if (!write_error_.ok()) return;
+  LoseNode(*n, why, /*agent_gone=*/true);
+}
+
+void Coordinator::LoseNode(NodeRt& node, const std::string& why, bool agent_gone) {
   const std::string& name = node.rec.labels.name();
   snapshot_book_.ForgetNode(name);  // its memory is gone with it
   nodes_.Disconnect(node);
@@ -679,7 +700,7 @@ void Coordinator::LoseNode(NodeRt& node, const std::string& why) {
     if (std::find(j->rec.nodes.begin(), j->rec.nodes.end(), name) == j->rec.nodes.end()) continue;
     if (j->attempt.done.count(name)) continue;
     if (!Terminal(j->rec.state)) {
-      j->attempt.RecordNodeLost(fmt::format("node {} lost ({})", name, why));
+      j->attempt.RecordNodeLost(fmt::format("node {} lost ({})", name, why), false, agent_gone);
       Event(id, name, "node_lost", fmt::format("attempt {}: {}", j->rec.attempt, why));
       StopGang(*j, proto::STOP_PEER_FAILED, name);
     }
@@ -714,6 +735,7 @@ void Coordinator::Tick() {
   }
   ExpireFetches(now);
   TickCopies(now);
+  SaveCopies();
   // Transfer keys of jobs that ended are revoked; expired ones the source dropped itself.
   for (auto g = grants_.begin(); g != grants_.end();) {
     auto j = jobs_.find(g->job_id);
@@ -1189,6 +1211,7 @@ StatusOr<proto::Envelope> Coordinator::OnPreemptNode(const proto::PreemptNodeReq
   auto* out = e.mutable_preempt_node_reply();
   Event("", req.node(), "notice", fmt::format("preemption notice, {} ms", req.notice_ms()));
   MUSTER_RETURN_IF_ERROR(write_error_.ok() ? Status::Ok() : Refusal());
+  MUSTER_RETURN_IF_ERROR(DrainOnNotice(req.node()));  // durable before the jobs stop
   for (auto& [id, j] : jobs_) {
     if (Terminal(j->rec.state)) continue;
     if (std::find(j->rec.nodes.begin(), j->rec.nodes.end(), req.node()) == j->rec.nodes.end())
@@ -1198,7 +1221,6 @@ StatusOr<proto::Envelope> Coordinator::OnPreemptNode(const proto::PreemptNodeReq
              NowMs() + std::max<int64_t>(req.notice_ms(), 1000));
   }
   MUSTER_RETURN_IF_ERROR(write_error_.ok() ? Status::Ok() : Refusal());  // jobs not stopped
-  sched_->SetNodeState(req.node(), NodeState::kDraining).IgnoreError();
   return e;
 }
 
@@ -1393,9 +1415,17 @@ StatusOr<proto::Envelope> Coordinator::OnHeartbeat(const Caller& caller,
   if (req.snapshots_reported()) snapshot_book_.ReplaceNode(req.node(), req.snapshots_held());
   for (const auto& p : req.progress()) {
     auto it = jobs_.find(p.job_id());
-    // Only a node of the job's current attempt reports its progress.
-    if (it != jobs_.end() && std::find(it->second->rec.nodes.begin(), it->second->rec.nodes.end(),
-                                       req.node()) != it->second->rec.nodes.end()) {
+    // Only a node of the job's current attempt reports its progress, and only of that attempt:
+    // a node of the last attempt and of this one may still send what the last one printed
+    // (printed before this attempt began, and the node runs none of this attempt's ranks yet).
+    auto of_current = [&](const proto::RunningAssignment& r) {
+      return r.job_id() == p.job_id() && r.attempt() == it->second->rec.attempt;
+    };
+    if (it != jobs_.end() &&
+        std::find(it->second->rec.nodes.begin(), it->second->rec.nodes.end(), req.node()) !=
+            it->second->rec.nodes.end() &&
+        (p.time_ms() >= it->second->attempt.started_ms ||
+         std::any_of(req.running().begin(), req.running().end(), of_current))) {
       it->second->progress = p;
       if (observer_) observer_->OnProgress(p.job_id(), it->second->rec.attempt, p);
     }
@@ -1437,15 +1467,15 @@ StatusOr<proto::Envelope> Coordinator::OnReport(const Caller& caller,
     Event("", node, "notice",
           fmt::format("preemption notice from {}, deadline {}", req.notice_source(),
                       req.notice_deadline_ms()));
+    MUSTER_RETURN_IF_ERROR(DrainOnNotice(node));  // durable before the jobs stop
     for (auto& [id, j] : jobs_) {
       if (!Terminal(j->rec.state) &&
           std::find(j->rec.nodes.begin(), j->rec.nodes.end(), node) != j->rec.nodes.end()) {
         StopGang(*j, proto::STOP_NODE_PREEMPTED, "", req.notice_deadline_ms());
       }
     }
-    // Not taken (the agent sends the notice again): its jobs were not stopped, nor is it drained.
+    // Not taken (the agent sends the notice again): its jobs were not stopped.
     MUSTER_RETURN_IF_ERROR(write_error_.ok() ? Status::Ok() : Refusal());
-    sched_->SetNodeState(node, NodeState::kDraining).IgnoreError();
   }
   if (req.job_id().empty()) return ack;
   if (req.snapshots_reported()) {
@@ -1608,11 +1638,12 @@ void Coordinator::PreflightFailed(JobRt& j, const std::string& node,
         fmt::format("attempt {} (reported by {}): {}", j.rec.attempt, node, req.start_error()));
   if (j.attempt.cause == AttemptCause::kStartRetryable) {
     j.attempt.preflight = true;
-    j.req.excluded_nodes.insert(blamed);
-    sched_->Exclude(j.rec.id, blamed).IgnoreError();
-    Event(j.rec.id, blamed, "node_quarantined",
-          fmt::format("kept off job {} for the rest of the job: it failed the launch preflight",
-                      j.rec.id));
+    // A write that fails latches; the stop below is refused then too.
+    if (ExcludeFromJob(j.req, blamed, req.start_error()).ok()) {
+      Event(j.rec.id, blamed, "node_quarantined",
+            fmt::format("kept off job {} for the rest of the job: it failed the launch preflight",
+                        j.rec.id));
+    }
   }
   StopGang(j, proto::STOP_PEER_FAILED, node);
 }

@@ -14,7 +14,7 @@
 // heartbeat timeouts, enforces time limits, ends restart backoffs, expires parked polls and runs
 // a scheduling pass.
 //
-// Durable writes: every change goes to the state store before anything acts on it. The first
+// Durable writes: every change goes to the database before anything acts on it. The first
 // write that fails latches the coordinator (LevelDB's background error): it is logged
 // (critical), kept (write_error()), shown by the status request (StatusReply.write_error, and so
 // `muster status`), and every later change is refused with Unavailable naming it: submit,
@@ -111,6 +111,14 @@ class Coordinator {
   // Periodic work; see above.
   void Tick();
 
+  // Dead or silent (docs/protocol.md; coordinator/agent_connections.h). Whether `caller` speaks
+  // for `node` and `session` is its current session.
+  bool IsAgentSession(const Caller& caller, const std::string& node, const std::string& session);
+  // The agent of `node` (session `session`) is gone: every connection it had closed and it said
+  // nothing since. Declares the node lost now, with no lease fence: its ranks died with it. A
+  // session that is no longer the node's current one is ignored.
+  void AgentGone(const std::string& node, const std::string& session, const std::string& why);
+
   const Scheduler& scheduler() const { return *sched_; }
   // Read-only use on the reactor thread (the HTTP side's snapshots: attempts, catalog, events).
   CoordinatorDb& store() { return *store_; }
@@ -118,7 +126,8 @@ class Coordinator {
   void set_observer(CoordinatorObserver* observer) { observer_ = observer; }
 
   // On-demand nodes (coordinator/providers/): after each pass the manager may request node
-  // groups for the gangs left pending and release idle nodes. Call before the first Tick.
+  // groups for the gangs left pending and release idle nodes. Call before the first Tick: it
+  // restores the manager's state that the store kept (provider_manager.h).
   void SetProviders(std::unique_ptr<providers::ProviderManager> providers);
 
   // Ok, or the first durable write that failed; every change has been refused since.
@@ -165,7 +174,8 @@ class Coordinator {
   // provider mounting the volume) until it is done, superseded by a newer step, or has failed
   // kMaxCopyTries times or waited kCopySourceWaitMs for its source, or the job ended (its transfer
   // keys are revoked then): every outcome is an event.
-  // Not persisted: a coordinator restart forgets the copies in flight.
+  // Saved in the database when one starts and at each tick that changed them (not the
+  // grants, sessions or backoff clocks): after a restart a copy not done is asked again.
   struct CopyRt {
     std::string job_id, provider, volume;
     int64_t step = 0;
@@ -178,6 +188,11 @@ class Coordinator {
   };
   // Starts a try of `c` now; false when no source or target is connected (retried later).
   bool IssueCopy(CopyRt& c, int keep);
+  // The copies as the database keeps them (durable_hooks.cc): SaveCopies writes them when
+  // they changed since the last save; RestoreCopies reads them (REQUIRES: jobs restored).
+  std::string CopiesState() const;
+  void SaveCopies();
+  void RestoreCopies();
   void RetryCopy(CopyRt& c, const std::string& why);
   void TickCopies(int64_t now);
   // A report about a copy from its target: done, failed (retried) or superseded there.
@@ -193,7 +208,13 @@ class Coordinator {
   void NodeDone(JobRt& job, const std::string& node);
   void Finish(JobRt& job);
   void PreflightFailed(JobRt& job, const std::string& node, const proto::AgentReport& req);
-  void LoseNode(NodeRt& node, const std::string& why);
+  // Durable facts beyond jobs and nodes (durable_hooks.cc), stored before memory follows:
+  // a preemption notice drains its node until an admin undrains it; a node blamed by a launch
+  // preflight is kept off that job for the rest of it.
+  Status DrainOnNotice(const std::string& node);
+  Status ExcludeFromJob(JobRequest& job, const std::string& node, const std::string& why);
+  // `agent_gone`: the agent process is known to have ended (AgentGone): no lease fence.
+  void LoseNode(NodeRt& node, const std::string& why, bool agent_gone = false);
   void Enqueue(const std::string& node, proto::AgentAction action);
   // The node's session, if `caller` holds the key the node is bound to.
   StatusOr<NodeRt*> Session(const Caller& caller, const std::string& node,
@@ -237,6 +258,7 @@ class Coordinator {
   std::map<uint64_t, Fetch> fetches_;
   std::map<std::pair<std::string, std::string>, CopyRt> copies_;  // by (job, target provider)
   std::vector<TransferGrant> grants_;
+  std::string saved_copies_;  // CopiesState() as last saved or restored
   uint64_t next_fetch_ = 1;
   bool pass_needed_ = true;
   std::unique_ptr<providers::ProviderManager> providers_;  // null: static nodes only

@@ -68,6 +68,18 @@ CREATE TABLE IF NOT EXISTS node_keys (
   public_key TEXT NOT NULL,
   bound_ms INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS job_exclusions (
+  job_id TEXT NOT NULL,
+  node TEXT NOT NULL,
+  reason TEXT NOT NULL,
+  time_ms INTEGER NOT NULL,
+  PRIMARY KEY (job_id, node)
+);
+CREATE TABLE IF NOT EXISTS state (
+  key TEXT PRIMARY KEY,
+  value BLOB NOT NULL,
+  time_ms INTEGER NOT NULL
+);
 )";
 
 std::string Join(const std::vector<std::string>& v) {
@@ -495,6 +507,45 @@ StatusOr<std::optional<int64_t>> SqliteCoordinatorDb::LatestCommittedStep(
   MUSTER_ASSIGN_OR_RETURN(bool row, s.Step());
   std::optional<int64_t> out;
   if (row && !s.Text(0).empty()) out = s.Int(0);
+  return out;
+}
+
+Status SqliteCoordinatorDb::ExcludeNode(const std::string& job_id, const std::string& node,
+                                        const std::string& reason, int64_t time_ms) {
+  Stmt s(db_,
+         "INSERT OR IGNORE INTO job_exclusions (job_id, node, reason, time_ms) VALUES (?,?,?,?)");
+  MUSTER_RETURN_IF_ERROR(s.status());
+  s.Bind(1, job_id).Bind(2, node).Bind(3, reason).Bind(4, time_ms);
+  return s.Run();
+}
+
+StatusOr<std::map<std::string, std::set<std::string>>> SqliteCoordinatorDb::LoadExclusions() {
+  Stmt s(db_, "SELECT job_id, node FROM job_exclusions");
+  MUSTER_RETURN_IF_ERROR(s.status());
+  std::map<std::string, std::set<std::string>> out;
+  while (true) {
+    MUSTER_ASSIGN_OR_RETURN(bool row, s.Step());
+    if (!row) break;
+    out[s.Text(0)].insert(s.Text(1));
+  }
+  return out;
+}
+
+Status SqliteCoordinatorDb::PutState(const std::string& key, const std::string& value,
+                                     int64_t time_ms) {
+  Stmt s(db_, "INSERT OR REPLACE INTO state (key, value, time_ms) VALUES (?,?,?)");
+  MUSTER_RETURN_IF_ERROR(s.status());
+  s.Bind(1, key).BindBlob(2, value).Bind(3, time_ms);
+  return s.Run();
+}
+
+StatusOr<std::optional<std::string>> SqliteCoordinatorDb::GetState(const std::string& key) {
+  Stmt s(db_, "SELECT value FROM state WHERE key = ?");
+  MUSTER_RETURN_IF_ERROR(s.status());
+  s.Bind(1, key);
+  MUSTER_ASSIGN_OR_RETURN(bool row, s.Step());
+  std::optional<std::string> out;
+  if (row) out = s.Text(0);
   return out;
 }
 

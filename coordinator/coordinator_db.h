@@ -2,7 +2,11 @@
 
 // CoordinatorDb: the coordinator's durable state, one SQLite database (WAL, synchronous=FULL) at
 // <data-dir>/coordinator.db. Tables: nodes, jobs, attempts, events, checkpoints (the catalog:
-// which steps of which job are committed on which volume), node_keys (node name -> agent key).
+// which steps of which job are committed on which volume), node_keys (node name -> agent key),
+// job_exclusions (nodes kept off a job: a failed launch preflight), state (named blobs of
+// components that keep their own state: the provider manager's requests and clocks).
+// Tables added later are created when an older database is opened (CREATE TABLE IF NOT EXISTS),
+// so a database moves forward without losing anything.
 // Every write is its own transaction and is durable when the call returns, so a coordinator killed
 // with SIGKILL right after answering a submit still has the job when it starts again.
 //
@@ -15,6 +19,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -70,14 +75,14 @@ struct CheckpointRecord {
   int64_t time_ms = 0;
 };
 
-// The coordinator's state store: the seam between the coordinator and its durable state. The
+// The coordinator's database: the seam between the coordinator and its durable state. The
 // real one is SQLite (Open, below); tests put a FaultInjectionCoordinatorDb
 // (fault_injection_coordinator_db.h) around it to fail chosen writes.
 //
 // Writes (PutNode, DeleteNode, BindNodeKey, InsertJob, UpdateJob, PutAttempt, AppendEvent,
-// RecordCheckpoint) are each atomic and durable when they return Ok; a write that returns an
-// error changed nothing. The coordinator treats a failed write as fatal for changes: it stops
-// accepting any (coordinator.h, "Durable writes").
+// RecordCheckpoint, ExcludeNode, PutState) are each atomic and durable when they return Ok; a write
+// that returns an error changed nothing. The coordinator treats a failed write as fatal for
+// changes: it stops accepting any (coordinator.h, "Durable writes").
 class CoordinatorDb {
  public:
   // The SQLite store: creates `data_dir` if needed and opens (or creates) coordinator.db in it.
@@ -124,6 +129,18 @@ class CoordinatorDb {
   virtual StatusOr<std::optional<int64_t>> LatestCommittedStep(const std::string& job_id,
                                                                const std::string& volume) = 0;
 
+  // Nodes kept off a job for the rest of it (a failed launch preflight blamed them). Adding one
+  // that is there already is Ok and changes nothing.
+  virtual Status ExcludeNode(const std::string& job_id, const std::string& node,
+                             const std::string& reason, int64_t time_ms) = 0;
+  // job id -> its excluded nodes.
+  virtual StatusOr<std::map<std::string, std::set<std::string>>> LoadExclusions() = 0;
+
+  // A named blob a component keeps whole (replaced on each put), e.g. "providers".
+  virtual Status PutState(const std::string& key, const std::string& value, int64_t time_ms) = 0;
+  // nullopt if never put.
+  virtual StatusOr<std::optional<std::string>> GetState(const std::string& key) = 0;
+
  protected:
   CoordinatorDb() = default;
   CoordinatorDb(const CoordinatorDb&) = delete;
@@ -155,6 +172,11 @@ class SqliteCoordinatorDb final : public CoordinatorDb {
   StatusOr<std::vector<CheckpointRecord>> Checkpoints(const std::string& job_id) override;
   StatusOr<std::optional<int64_t>> LatestCommittedStep(const std::string& job_id,
                                                        const std::string& volume) override;
+  Status ExcludeNode(const std::string& job_id, const std::string& node, const std::string& reason,
+                     int64_t time_ms) override;
+  StatusOr<std::map<std::string, std::set<std::string>>> LoadExclusions() override;
+  Status PutState(const std::string& key, const std::string& value, int64_t time_ms) override;
+  StatusOr<std::optional<std::string>> GetState(const std::string& key) override;
 
  private:
   friend class CoordinatorDb;

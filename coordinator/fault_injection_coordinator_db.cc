@@ -64,4 +64,16 @@ Status FaultInjectionCoordinatorDb::RecordCheckpoint(const CheckpointRecord& ckp
   return base_->RecordCheckpoint(ckpt);
 }
 
+Status FaultInjectionCoordinatorDb::ExcludeNode(const std::string& job_id, const std::string& node,
+                                                const std::string& reason, int64_t time_ms) {
+  MUSTER_RETURN_IF_ERROR(Attempt(fmt::format("ExcludeNode {} {}", job_id, node)));
+  return base_->ExcludeNode(job_id, node, reason, time_ms);
+}
+
+Status FaultInjectionCoordinatorDb::PutState(const std::string& key, const std::string& value,
+                                             int64_t time_ms) {
+  MUSTER_RETURN_IF_ERROR(Attempt("PutState " + key));
+  return base_->PutState(key, value, time_ms);
+}
+
 }  // namespace muster::coordinator

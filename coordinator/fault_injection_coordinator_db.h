@@ -7,7 +7,7 @@
 // forward, so a test can compare what the coordinator claims with what is durable.
 //
 // Writes are numbered from 1 in the order they are attempted: PutNode, DeleteNode, BindNodeKey,
-// InsertJob, UpdateJob, PutAttempt, AppendEvent, RecordCheckpoint.
+// InsertJob, UpdateJob, PutAttempt, AppendEvent, RecordCheckpoint, ExcludeNode, PutState.
 //
 // Thread-safety: none (the coordinator's reactor thread, or a test's).
 
@@ -59,6 +59,15 @@ class FaultInjectionCoordinatorDb final : public CoordinatorDb {
   StatusOr<std::optional<int64_t>> LatestCommittedStep(const std::string& job_id,
                                                        const std::string& volume) override {
     return base_->LatestCommittedStep(job_id, volume);
+  }
+  Status ExcludeNode(const std::string& job_id, const std::string& node, const std::string& reason,
+                     int64_t time_ms) override;
+  StatusOr<std::map<std::string, std::set<std::string>>> LoadExclusions() override {
+    return base_->LoadExclusions();
+  }
+  Status PutState(const std::string& key, const std::string& value, int64_t time_ms) override;
+  StatusOr<std::optional<std::string>> GetState(const std::string& key) override {
+    return base_->GetState(key);
   }
 
  private:

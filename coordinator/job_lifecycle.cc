@@ -99,7 +99,8 @@ bool AttemptState::RecordStartError(const std::string& node, const std::string& 
   return true;
 }
 
-bool AttemptState::RecordNodeLost(const std::string& why, bool override_cause) {
+bool AttemptState::RecordNodeLost(const std::string& why, bool override_cause, bool agent_gone) {
+  if (!agent_gone) lost_node_may_run = true;
   if (!failure.empty() && !override_cause) return false;
   cause = AttemptCause::kNodeLost;
   failure = why;
@@ -153,7 +154,7 @@ AttemptEndDecision DecideAttemptEnd(const AttemptState& a, const JobRecord& r, i
     d.outcome = lost ? "node_lost" : "preempted";
     d.preemptions++;
     d.state = proto::JOB_PENDING;
-    if (lost && timing.lease_ms > timing.heartbeat_timeout_ms) {
+    if (lost && a.lost_node_may_run && timing.lease_ms > timing.heartbeat_timeout_ms) {
       // No split brain: a lost node's agent may still be running its ranks until its lease
       // runs out (it counts from its last reply, at most heartbeat_timeout before now).
       d.not_before_ms = now + (timing.lease_ms - timing.heartbeat_timeout_ms) + 500;

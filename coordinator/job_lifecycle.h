@@ -3,7 +3,7 @@
 // The job lifecycle of the coordinator as pure rules: what one attempt has seen (AttemptState,
 // filled in as the agents report), and what becomes of the job when every node of the attempt
 // has stopped (DecideAttemptEnd). Like Scheduler::Schedule it does no I/O and reads no clock:
-// the coordinator passes `now` in, applies the decision (state store, scheduler, events, agent
+// the coordinator passes `now` in, applies the decision (database, scheduler, events, agent
 // actions) and owns everything else.
 //
 // Rules (docs/protocol.md, "Reports", points users here):
@@ -18,7 +18,8 @@
 //      preempted (scheduler or notice) and not every rank exited 0, or a node lost
 //                                    -> pending again, counted as a preemption, not against
 //                                       max_restarts; after a lost node not before its agent's
-//                                       lease has surely run out (no split brain);
+//                                       lease has surely run out (no split brain), unless every
+//                                       lost node's agent is known to be gone (then at once);
 //      a retryable start error (a port in use on the master node, or a launch preflight that
 //      blamed a node), fewer than kMaxStartRetries in a row
 //                                    -> pending at once on other ports (without that node),
@@ -86,6 +87,10 @@ struct AttemptState {
   // The start error was a failed launch preflight (node_agent/preflight.h): the retry goes
   // without the blamed node (failure_node), which the coordinator keeps off the job.
   bool preflight = false;
+  // A node was lost that may still be running its ranks (silent: no heartbeat): the next attempt
+  // waits for its lease to run out. False when every lost node's agent is known to be gone
+  // (its connection closed: docs/protocol.md, "Dead or silent").
+  bool lost_node_may_run = false;
   // Ranks (node, rank) that exited 0 with no signal, and whether any exited otherwise.
   std::set<std::pair<std::string, int>> clean_exits;
   bool unclean_exit = false;
@@ -103,8 +108,10 @@ struct AttemptState {
                         int start_retries);
   // A node of the attempt was lost; `why` names it. Becomes the cause unless one is known, or
   // always with `override_cause` (a node that re-registered before starting: the attempt must
-  // start again wherever its cause came from). Returns whether it became the cause.
-  bool RecordNodeLost(const std::string& why, bool override_cause = false);
+  // start again wherever its cause came from). `agent_gone`: the node's agent process is known
+  // to have ended (its connection closed), so its ranks ended with it and no lease fence is
+  // needed for it. Returns whether it became the cause.
+  bool RecordNodeLost(const std::string& why, bool override_cause = false, bool agent_gone = false);
 
   // Every one of `ranks` ranks exited 0, none otherwise, and no cause is known.
   bool EveryRankExitedZero(int ranks) const;

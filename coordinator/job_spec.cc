@@ -13,66 +13,16 @@
 
 #include "common/rank_env.h"
 #include "common/strings.h"
+#include "coordinator/config_errors.h"
 
 namespace muster::coordinator {
 
 namespace {
 
-// More errors than this are counted, not listed: a hostile spec cannot make a huge reply.
-constexpr size_t kMaxErrorLines = 100;
-// Bytes of a bad value shown in an error.
-constexpr size_t kMaxShownBytes = 48;
-
-// Collects "file:line: field: message" errors.
-class Errors {
- public:
-  explicit Errors(std::string_view file) : file_(file) {}
-  void Add(const YAML::Node& at, std::string_view field, std::string message) {
-    int line = at.IsDefined() ? at.Mark().line + 1 : 0;
-    Add(line, field, std::move(message));
-  }
-  void Add(int line, std::string_view field, std::string message) {
-    ++total_;
-    if (lines_.size() >= kMaxErrorLines) return;
-    if (line > 0) {
-      lines_.emplace_back(line, fmt::format("{}:{}: {}: {}", file_, line, field, message));
-    } else {
-      lines_.emplace_back(0, fmt::format("{}: {}: {}", file_, field, message));
-    }
-  }
-  bool empty() const { return total_ == 0; }
-  Status ToStatus() const {
-    std::string msg = fmt::format("invalid job spec ({} error{}):", total_, total_ == 1 ? "" : "s");
-    auto sorted = lines_;
-    std::stable_sort(sorted.begin(), sorted.end(),
-                     [](const auto& a, const auto& b) { return a.first < b.first; });
-    for (const auto& l : sorted) msg += "\n  " + l.second;
-    if (total_ > lines_.size()) msg += fmt::format("\n  ... and {} more", total_ - lines_.size());
-    return InvalidArgumentError(msg);
-  }
-
- private:
-  std::string file_;
-  std::vector<std::pair<int, std::string>> lines_;  // (line, text)
-  size_t total_ = 0;
-};
-
-// `s` for an error message: at most kMaxShownBytes, control bytes escaped, the size named
-// when cut.
-std::string Clip(std::string_view s) {
-  std::string out;
-  for (size_t i = 0; i < s.size() && i < kMaxShownBytes; ++i) {
-    unsigned char c = static_cast<unsigned char>(s[i]);
-    if (c < 0x20 || c == 0x7f || c == '"' || c == '\\') {
-      out += fmt::format("\\x{:02x}", c);
-    } else {
-      out += static_cast<char>(c);
-    }
-  }
-  if (s.size() > kMaxShownBytes) out += fmt::format("... ({} bytes)", s.size());
-  return out;
-}
-std::string Quoted(std::string_view s) { return "\"" + Clip(s) + "\""; }
+using config::Clip;
+using config::Errors;
+using config::Quoted;
+using config::Shown;
 
 // The key node of `name` in `map` (for errors about a whole section), or an undefined node.
 YAML::Node KeyOf(const YAML::Node& map, const std::string& name) {
@@ -80,13 +30,6 @@ YAML::Node KeyOf(const YAML::Node& map, const std::string& name) {
     if (it->first.IsScalar() && it->first.Scalar() == name) return it->first;
   }
   return YAML::Node(YAML::NodeType::Undefined);
-}
-
-std::string Shown(const YAML::Node& n) {
-  if (n.IsScalar()) return Quoted(n.Scalar());
-  if (n.IsSequence()) return "a list";
-  if (n.IsMap()) return "a mapping";
-  return "null";
 }
 
 bool IsDigits(std::string_view s) {
@@ -394,7 +337,7 @@ std::string FormatDuration(std::chrono::seconds d) {
 }
 
 StatusOr<JobSpec> ParseJobSpec(std::string_view text, std::string_view filename) {
-  Errors errs(filename);
+  Errors errs(filename, "job spec");
   if (text.size() > kMaxJobSpecBytes) {
     errs.Add(0, "(file)",
              fmt::format("is {} bytes; a job spec is at most {}", text.size(), kMaxJobSpecBytes));
@@ -608,7 +551,7 @@ StatusOr<JobSpec> LoadJobSpecFile(const std::string& path) {
 }
 
 Status ValidateJobSpec(const JobSpec& s) {
-  Errors errs("job spec");
+  Errors errs("job spec", "job spec");
   if (s.name.empty()) errs.Add(0, "name", "is required");
   if (s.command.empty()) errs.Add(0, "command", "is required");
   CheckFields(

@@ -99,7 +99,7 @@ Status ValidateJobSpec(const JobSpec& spec);
 StatusOr<std::chrono::seconds> ParseDuration(std::string_view text);
 std::string FormatDuration(std::chrono::seconds d);
 
-// The wire form (proto::JobSpec, what SubmitRequest.spec and the state store carry). FromProto
+// The wire form (proto::JobSpec, what SubmitRequest.spec and the database carry). FromProto
 // applies ValidateJobSpec: a wire spec is as untrusted as YAML. ToProto(FromProto(p)) keeps
 // every field a valid `p` has.
 proto::JobSpec JobSpecToProto(const JobSpec& spec);

@@ -1,7 +1,7 @@
 #pragma once
 
 // NodeRegistry: the coordinator's agents. For each node: its record (labels, admin state,
-// quarantine; what the state store keeps), its session (who speaks for it now; empty: not
+// quarantine; what the database keeps), its session (who speaks for it now; empty: not
 // connected), its last heartbeat, the actions queued for it and the long poll it parked; and, for
 // each node name, the agent key it is bound to (docs/security.md: the first key that registers a
 // name owns it).
@@ -12,7 +12,7 @@
 // back reconciles what it runs with what the coordinator wants.
 //
 // It does no I/O and reads no clock (time is passed in): the coordinator persists records and
-// bindings in its state store before it changes them here. Every parked poll is answered exactly
+// bindings in its database before it changes them here. Every parked poll is answered exactly
 // once (with actions, empty at a deadline or when replaced, or empty at destruction).
 //
 // Thread-safety: none; the coordinator uses it from its reactor thread only.

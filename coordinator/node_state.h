@@ -1,7 +1,7 @@
 #pragma once
 
 // NodeState on the wire: the scheduler's NodeState (scheduler.h) is the one node-state enum;
-// proto::NodeStatusState is only its encoding in messages and in the state store. These are
+// proto::NodeStatusState is only its encoding in messages and in the database. These are
 // the one mapping between them, so a fifth state is added in one place.
 //
 // Thread-safety: pure functions.

@@ -9,9 +9,34 @@
 
 namespace muster::coordinator {
 
+// The database key of the ProviderManager's state (provider_manager.h).
+constexpr const char* kProviderStateKey = "providers";
+
 void Coordinator::SetProviders(std::unique_ptr<providers::ProviderManager> providers) {
   providers_ = std::move(providers);
   pass_needed_ = true;
+  if (!providers_) return;
+  providers_->SetPersist([this](const std::string& state) {
+    bool ok = Write("provider state", [&] {
+                return store_->PutState(kProviderStateKey, state, NowMs());
+              }).ok();
+    if (ok) providers_->StateSaved(state);
+    return ok;
+  });
+  // What the previous coordinator on this data dir knew: requests, idle clocks, given-up gangs.
+  auto saved = store_->GetState(kProviderStateKey);
+  Status st = saved.status();
+  if (st.ok() && saved->has_value()) {
+    auto restored = providers_->RestoreState(**saved);
+    st = restored.status();
+    if (st.ok()) {
+      for (const auto& e : *restored) Event(e.job, e.node, e.kind, e.message);
+    }
+  }
+  if (!st.ok()) {
+    // The providers start from nothing: as before their state was kept (docs/providers.md).
+    Event("", "", "provider_state_lost", "starting with no provider state: " + st.ToString());
+  }
 }
 
 void Coordinator::ProvidersPass() {
@@ -24,6 +49,13 @@ void Coordinator::ProvidersPass() {
   auto out = providers_->Tick(pending, sched_->Nodes(now), now);
   for (const auto& e : out.events) Event(e.job, e.node, e.kind, e.message);
   for (const auto& name : out.released) ForgetNode(name);
+  if (auto state = providers_->StateToSave()) {
+    if (Write("provider state", [&] {
+          return store_->PutState(kProviderStateKey, *state, NowMs());
+        }).ok()) {
+      providers_->StateSaved(std::move(*state));
+    }
+  }
 }
 
 std::string Coordinator::ProviderReason(const std::string& job) const {

@@ -136,7 +136,7 @@ class Scheduler {
   std::optional<TimePoint> RecordNodeFailure(const std::string& name, TimePoint now);
   // A clean finish on this node ends its failure streak (not its quarantine history).
   void RecordNodeSuccess(const std::string& name);
-  // Restores quarantine state from the state store after a restart.
+  // Restores quarantine state from the database after a restart.
   void RestoreQuarantine(const std::string& name, int quarantines, TimePoint until);
   StatusOr<NodeView> GetNode(const std::string& name, TimePoint now) const;
   std::vector<NodeView> Nodes(TimePoint now) const;  // sorted by name

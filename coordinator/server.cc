@@ -7,6 +7,7 @@
 #include "common/curve.h"
 #include "common/logging.h"
 #include "common/rpc.h"
+#include "coordinator/agent_connections.h"
 #include "coordinator/providers/provider_manager.h"
 
 namespace muster::coordinator {
@@ -24,6 +25,52 @@ struct CoordinatorServer::Impl {
   fs::file_time_type keys_mtime{};
   int ticks = 0;
   bool stopped = false;
+  std::unique_ptr<AgentConnections> agents;  // null: dead agents are not told from silent ones
+
+  static int64_t SteadyMs() {
+    return std::chrono::duration_cast<std::chrono::milliseconds>(
+               std::chrono::steady_clock::now().time_since_epoch())
+        .count();
+  }
+  void OnConnection(const ConnectionEvent& e) {
+    if (e.kind == ConnectionEvent::Kind::kAccepted) return agents->OnAccepted(e.fd);
+    agents->OnClosed(e.fd, SteadyMs());
+    if (auto next = agents->NextDue()) {
+      reactor.PostAfter(std::chrono::milliseconds(std::max<int64_t>(0, *next - SteadyMs())),
+                        "coord.agent_gone", [this] { DeclareGone(); });
+    }
+  }
+  void DeclareGone() {
+    for (const auto& a : agents->Due(SteadyMs())) {
+      coord->AgentGone(a.node, a.session,
+                       fmt::format("its agent's connections closed and it did not come back "
+                                   "within {} ms: the agent process is gone, its ranks with it",
+                                   options.agent_gone_grace.count()));
+    }
+  }
+  // An agent's request over `peer`: which agent that connection belongs to.
+  void NoteAgent(const PeerInfo& peer, const Caller& caller, const proto::Envelope& req) {
+    const std::string* node = nullptr;
+    const std::string* session = nullptr;
+    switch (req.payload_case()) {
+      case proto::Envelope::kAgentHeartbeat:
+        node = &req.agent_heartbeat().node();
+        session = &req.agent_heartbeat().session_id();
+        break;
+      case proto::Envelope::kAgentPoll:
+        node = &req.agent_poll().node();
+        session = &req.agent_poll().session_id();
+        break;
+      case proto::Envelope::kAgentReport:
+        node = &req.agent_report().node();
+        session = &req.agent_report().session_id();
+        break;
+      default:
+        return;
+    }
+    if (coord->IsAgentSession(caller, *node, *session))
+      agents->OnRequest(peer.fd, {*node, *session});
+  }
 
   void ReloadKeysIfChanged(bool force = false) {
     std::error_code ec;
@@ -126,11 +173,20 @@ StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(ServerOpti
     ro.authenticator = impl->zap.get();
   }
   Impl* raw = impl.get();
+  if (options.agent_gone_grace.count() >= 0) {
+    if (options.agent_gone_grace.count() == 0) {
+      impl->options.agent_gone_grace =
+          options.coordinator.heartbeat_interval + std::chrono::milliseconds(200);
+    }
+    impl->agents = std::make_unique<AgentConnections>(impl->options.agent_gone_grace.count());
+    ro.on_connection = [raw](const ConnectionEvent& e) { raw->OnConnection(e); };
+  }
   MUSTER_ASSIGN_OR_RETURN(
       impl->rpc,
       RpcServer::Create(impl->reactor, ro,
                         [raw](const PeerInfo& peer, proto::Envelope&& req, RpcServer::Reply reply) {
                           Caller caller{peer.user_id, peer.public_key, peer.role, peer.address};
+                          if (raw->agents) raw->NoteAgent(peer, caller, req);
                           raw->coord->Handle(caller, std::move(req), std::move(reply));
                         }));
   std::string endpoint = impl->rpc->endpoint();

@@ -43,6 +43,12 @@ struct ServerOptions {
   std::filesystem::path providers_file;
   std::string muster_bin;
   CoordinatorOptions coordinator;
+  // Dead or silent (docs/protocol.md): an agent whose every connection closed (its process
+  // ended) and that says nothing for this long is lost at once, without the heartbeat timeout
+  // and the lease fence. Negative: off (every lost node waits for both). Default (0): the
+  // heartbeat interval + 200 ms (a live agent whose connection alone dropped reconnects and
+  // heartbeats within that).
+  std::chrono::milliseconds agent_gone_grace{0};
   std::vector<ServerExtensionFactory> extensions;  // Start fails if one of them fails
 };
 

@@ -15,13 +15,11 @@ namespace muster::launcher {
 namespace {
 
 StatusOr<int> ParsePositiveInt(const std::string& what, const std::string& text) {
-  char* end = nullptr;
-  errno = 0;
-  long v = std::strtol(text.c_str(), &end, 10);
-  if (text.empty() || *end != '\0' || errno != 0 || v <= 0 || v > 1000000) {
+  std::optional<int64_t> v = ParseInt64(text);
+  if (!v || *v <= 0 || *v > 1000000) {
     return InvalidArgumentError(what + ": '" + text + "' is not a positive integer");
   }
-  return static_cast<int>(v);
+  return static_cast<int>(*v);
 }
 
 }  // namespace

@@ -16,6 +16,7 @@
 
 #include "common/curve.h"
 #include "common/logging.h"
+#include "common/strings.h"
 #include "coordinator/client.h"
 #include "coordinator/providers/slurm_provider.h"
 #include "launcher/remote_run.h"
@@ -148,11 +149,11 @@ int RunInSlurmAllocation(const RunOptions& options, const std::vector<HostSlots>
     WriteLine(io.stderr_fd, "muster run: " + what);
     return 1;
   };
-  const char* job = std::getenv("SLURM_JOB_ID");
-  const char* base = std::getenv("MUSTER_RUN_DIR");
-  if (!base || !*base) base = std::getenv("SLURM_SUBMIT_DIR");
-  fs::path dir = fs::path(base && *base ? base : ".") /
-                 fmt::format(".muster-run-{}-{}", job ? job : "0", getpid());
+  std::optional<std::string> job = EnvValue("SLURM_JOB_ID");
+  std::optional<std::string> base = EnvValue("MUSTER_RUN_DIR");
+  if (!base) base = EnvValue("SLURM_SUBMIT_DIR");
+  fs::path dir =
+      fs::path(base.value_or(".")) / fmt::format(".muster-run-{}-{}", job.value_or("0"), getpid());
   std::error_code ec;
   fs::create_directories(dir / "coord", ec);
   if (ec) return fail(fmt::format("cannot create {}: {}", dir.string(), ec.message()));

@@ -13,6 +13,7 @@
 #include "node_agent/coordinator_session.h"
 #include "node_agent/lease_watchdog.h"
 #include "node_agent/prune_worker.h"
+#include "node_agent/rank_reaper.h"
 #include "node_agent/replication_worker.h"
 
 #ifdef MUSTER_HAVE_CUDA
@@ -81,6 +82,10 @@ StatusOr<std::unique_ptr<Agent>> Agent::Start(AgentOptions options) {
   fs::create_directories(options.work_dir / "logs", ec);
   if (ec) return ErrnoStatus(ec.value(), "work directory " + options.work_dir.string());
   KillLeftoverRanks(options.work_dir / "ranks.pids", m.logger);
+  if (!options.rank_reaper_bin.empty()) {
+    MUSTER_RETURN_IF_ERROR(
+        StartRankReaper(options.rank_reaper_bin, options.work_dir / "ranks.pids"));
+  }
   for (const auto& v : labels.volumes()) {
     if (!fs::is_directory(v.path(), ec)) {
       return InvalidArgumentError("volume " + v.name() + ": " + v.path() + " is not a directory");

@@ -56,6 +56,8 @@ struct AgentOptions {
   std::string keys_dir;     // agent.key + coordinator.pub; "" : $MUSTER_KEYS, else ~/.muster
   std::string key_file;     // "" : <keys_dir>/agent.key, or client.key in a pre-roles keys dir
   bool insecure = false;    // no CURVE to the coordinator nor for the stores (tests only)
+  // `muster` to run as this agent's rank reaper (node_agent/rank_reaper.h); "": none.
+  std::string rank_reaper_bin;
   // name, provider, region, island, gpu_type, gpus, slots, volumes, address. An empty name
   // becomes the hostname; an empty address the local address that routes to the coordinator.
   proto::NodeLabels labels;

@@ -19,6 +19,7 @@
 #include <sstream>
 
 #include "common/logging.h"
+#include "common/strings.h"
 
 namespace muster::node_agent {
 namespace {
@@ -223,15 +224,11 @@ StatusOr<PreflightPeer> PreflightPeer::Decode(const std::string& text) {
                                   "character");
     }
   }
-  PreflightPeer p{parts[0], parts[1], parts[2], 0};
-  try {
-    size_t used = 0;
-    p.probe_port = std::stoi(parts[3], &used);
-    if (used != parts[3].size() || p.probe_port <= 0 || p.probe_port > 65535) throw 0;
-  } catch (...) {
+  std::optional<int64_t> port = ParseInt64(parts[3]);
+  if (!port || *port <= 0 || *port > 65535) {
     return InvalidArgumentError("preflight entry '" + text + "': bad port '" + parts[3] + "'");
   }
-  return p;
+  return PreflightPeer{parts[0], parts[1], parts[2], static_cast<int>(*port)};
 }
 
 std::string EncodeFailures(const std::vector<ProbeFailure>& failures) {

@@ -79,7 +79,7 @@ MemoryKind ParseMemory(const std::string& kind) {
 }
 
 // The process's JobContext: one store connection for every checkpointer and communicator the
-// package makes. Made on first use and never destroyed (a store client torn down during
+// package makes. Made on first use and never destroyed (a rendezvous client torn down during
 // interpreter shutdown could block on its sockets).
 runtime::JobContext& Context() {
   static std::mutex mu;

@@ -113,7 +113,7 @@ std::string JobContext::NoticeReason() const {
 
 StatusOr<bool> JobContext::AgreeToStop(collectives::Communicator& comm) {
   int32_t seen = NoticeSeen() ? 1 : 0;
-  auto work = comm.AllReduce(&seen, 1, collectives::DataType::kI32, collectives::ReduceOp::kMax);
+  auto work = comm.AllReduce(&seen, 1, DType::kI32, collectives::ReduceOp::kMax);
   MUSTER_RETURN_IF_ERROR(work->Wait());
   return seen != 0;
 }

@@ -5,13 +5,13 @@
 // It is the Coordinator's observer (progress reports become per-attempt progress histories;
 // scheduler passes feed a histogram) and, at most once per `min_interval_ms`, reads the rest:
 // jobs and nodes through the Coordinator's own request handler (a status and a nodes request,
-// as `muster status` and `muster nodes` see them), new events from the state store past a
+// as `muster status` and `muster nodes` see them), new events from the database past a
 // cursor, and, only for jobs that changed (a new event or a new attempt), their attempts and
 // checkpoint catalog. The result is published to a SnapshotHub. The reactor's cost is bounded
 // by the publication rate and by what changed, not by how often pages are fetched.
 //
 // Progress histories live in memory: a restarted coordinator starts them anew (the attempts,
-// events and catalog come back from the state store).
+// events and catalog come back from the database).
 //
 // Thread-safety: reactor-only (the Coordinator's thread), no locks; the hub is thread-safe.
 

@@ -11,48 +11,16 @@
 #include <set>
 #include <sstream>
 
+#include "coordinator/config_errors.h"
+
 namespace muster::coordinator::providers {
 namespace {
 
 constexpr int kMaxNodes = 100000;
 constexpr double kMaxSeconds = 7 * 24 * 3600;
 
-class Errors {
- public:
-  explicit Errors(std::string_view file) : file_(file) {}
-  void Add(const YAML::Node& at, std::string_view field, std::string message) {
-    int line = at.IsDefined() && at.Mark().line >= 0 ? at.Mark().line + 1 : 0;
-    Add(line, field, std::move(message));
-  }
-  void Add(int line, std::string_view field, std::string message) {
-    if (lines_.size() >= 50) return;
-    lines_.push_back(line > 0 ? fmt::format("{}:{}: {}: {}", file_, line, field, message)
-                              : fmt::format("{}: {}: {}", file_, field, message));
-  }
-  bool empty() const { return lines_.empty(); }
-  Status ToStatus() const {
-    return InvalidArgumentError(fmt::format("invalid providers config ({} error{}):\n  {}",
-                                            lines_.size(), lines_.size() == 1 ? "" : "s",
-                                            fmt::join(lines_, "\n  ")));
-  }
-
- private:
-  std::string file_;
-  std::vector<std::string> lines_;
-};
-
-std::string Shown(const YAML::Node& n) {
-  if (n.IsScalar()) {
-    std::string s = n.Scalar().substr(0, 48);
-    for (auto& c : s) {
-      if (static_cast<unsigned char>(c) < 0x20) c = '?';
-    }
-    return "\"" + s + "\"";
-  }
-  if (n.IsSequence()) return "a list";
-  if (n.IsMap()) return "a mapping";
-  return "null";
-}
+using config::Errors;
+using config::Shown;
 
 void CheckKeys(const YAML::Node& map, const std::string& prefix,
                const std::vector<std::string>& known, Errors* errs) {
@@ -198,7 +166,7 @@ const ProviderConfig* ProvidersConfig::Find(std::string_view name) const {
 }
 
 StatusOr<ProvidersConfig> ParseProvidersConfig(std::string_view text, std::string_view file) {
-  Errors errs(file);
+  Errors errs(file, "providers config");
   YAML::Node root;
   try {
     root = YAML::Load(std::string(text));

@@ -124,8 +124,19 @@ ProviderManager::Output ProviderManager::Tick(const std::vector<JobRequest>& pen
     r.tries = nr.tries;
     r.issued = now;
     r.last_error = nr.last_error;
-    if (nr.retry_of) requests_.erase(nr.retry_of);
+    std::optional<OutstandingRequest> replaced;
+    if (auto it = requests_.find(nr.retry_of); nr.retry_of && it != requests_.end()) {
+      replaced = std::move(it->second);
+      requests_.erase(it);
+    }
     for (int i = 0; i < nr.nodes; ++i) r.nodes.push_back(NextName(nr.provider, known));
+    // The intent is durable before the provider is asked (see "State across restarts").
+    requests_[r.id] = r;
+    if (persist_ && !persist_(SaveState())) {
+      requests_.erase(r.id);
+      if (replaced) requests_[replaced->id] = std::move(*replaced);
+      break;  // the coordinator refuses changes now: nothing more is asked of a provider
+    }
     NodeGroupRequest g;
     g.id = r.id;
     g.job = nr.job;

@@ -10,10 +10,23 @@
 // already known to the coordinator is skipped), so a released node that still heartbeats can
 // be told apart and refused (Released()).
 //
+// State across restarts: SaveState() is everything above as one document (JSON); the
+// coordinator stores it after each Tick that changed it (StateToSave, StateSaved) and, through
+// the persist hook (SetPersist), before each new request is handed to its provider, so a
+// request's id, names and try count are durable before anything can exist because of it. It
+// hands the document to RestoreState when it starts again. Restored, a request whose try was in
+// flight counts that try as failed (a provider's new process gives back what its old one held: the
+// local provider's agents stop with the coordinator, the Slurm provider scancels its ledger), so it
+// is retried after the backoff, or given up after max_tries, counting the tries made before the
+// restart; a provider given up for a gang stays given up for its retry_backoff_max_s; idle clocks
+// keep running; names already handed out are never handed out again.
+//
 // Thread-safety: none; the coordinator's reactor thread only.
 
+#include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <set>
 #include <string>
 #include <vector>
@@ -54,6 +67,19 @@ class ProviderManager {
   bool Released(const std::string& node) const { return released_.count(node) > 0; }
   const ProvidersConfig& config() const { return config_; }
 
+  // See "State across restarts" above. RestoreState: call before the first Tick; DataLoss for a
+  // document that does not parse (nothing restored then); the events say what it dropped.
+  std::string SaveState() const;
+  StatusOr<std::vector<Event>> RestoreState(const std::string& state);
+  // The document if it changed since it was last restored or saved (StateSaved).
+  std::optional<std::string> StateToSave() const;
+  void StateSaved(std::string state) { saved_ = std::move(state); }
+  // Called with SaveState() (the new request included) before each Provider::Request; false:
+  // the request is not made, nor any other this Tick. Unset: requests are made unrecorded.
+  void SetPersist(std::function<bool(const std::string& state)> persist) {
+    persist_ = std::move(persist);
+  }
+
  private:
   std::string NextName(const std::string& provider, const std::set<std::string>& known);
 
@@ -67,6 +93,8 @@ class ProviderManager {
   std::set<std::string> released_;
   std::set<std::string> announced_;  // nodes of requests whose "up" event was written
   uint64_t next_request_ = 1;
+  std::string saved_;  // the state as last saved or restored
+  std::function<bool(const std::string&)> persist_;
 };
 
 }  // namespace muster::coordinator::providers

@@ -9,11 +9,16 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cerrno>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <random>
 #include <sstream>
+#include <string_view>
 
 #include "common/logging.h"
+#include "common/strings.h"
 
 extern char** environ;
 
@@ -22,6 +27,8 @@ namespace {
 
 namespace fs = std::filesystem;
 constexpr std::chrono::seconds kToolTimeout{30};
+// A ledger line for an sbatch not yet answered: this prefix and the Slurm job's unique name.
+constexpr std::string_view kIntentPrefix = "name:";
 
 auto Logger() {
   static auto l = log::Get("coord.slurm");
@@ -33,11 +40,6 @@ std::string Sh(const std::string& s) {
   std::string out = "'";
   for (char c : s) out += c == '\'' ? std::string("'\\''") : std::string(1, c);
   return out + "'";
-}
-
-std::string Trim(std::string s) {
-  while (!s.empty() && (s.back() == '\n' || s.back() == ' ' || s.back() == '\r')) s.pop_back();
-  return s;
 }
 
 }  // namespace
@@ -119,9 +121,18 @@ StatusOr<std::string> RunTool(const std::vector<std::string>& argv,
 
 SlurmProvider::SlurmProvider(ProviderConfig config, AgentLaunch launch)
     : config_(std::move(config)), launch_(std::move(launch)) {
+  nonce_ = fmt::format("{:08x}", std::random_device{}());
   // First of all, the allocations an earlier coordinator left (it was killed before it could
   // scancel them): nothing here knows their nodes, so they go back.
-  work_.push_back([this] { CancelLeftovers(); });
+  // Read now, before any Request of this process rewrites the ledger; each stays in it until
+  // it is scancelled or seen to have ended.
+  std::set<std::string> left;
+  {
+    std::ifstream f(LedgerPath());
+    for (std::string job; f >> job;) left.insert(job);
+  }
+  ledger_ = left;
+  work_.push_back([this, left] { CancelLeftovers(left); });
   worker_ = std::thread([this] { WorkerLoop(); });
 }
 
@@ -129,54 +140,73 @@ fs::path SlurmProvider::LedgerPath() const {
   return fs::path(config_.slurm.work_dir) / "allocations";
 }
 
-void SlurmProvider::SaveLedgerLocked() {
+bool SlurmProvider::SaveLedgerLocked() {
   std::error_code ec;
-  fs::create_directories(LedgerPath().parent_path().empty() ? "." : LedgerPath().parent_path(), ec);
+  fs::path dir = LedgerPath().parent_path().empty() ? fs::path(".") : LedgerPath().parent_path();
+  fs::create_directories(dir, ec);
   fs::path tmp = LedgerPath();
   tmp += ".tmp";
-  {
-    std::ofstream f(tmp, std::ios::trunc);
-    for (const auto& job : ledger_) f << job << "\n";
-    if (!f) {
-      Logger()->error("provider {}: cannot write {}", config_.name, tmp.string());
-      return;
+  std::string text;
+  for (const auto& job : ledger_) text += job + "\n";
+  // Written, fsynced and renamed into place, the directory fsynced: an intent recorded before
+  // sbatch runs is on disk when sbatch runs.
+  int fd = open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  bool ok = fd >= 0;
+  for (size_t done = 0; ok && done < text.size();) {
+    ssize_t n = write(fd, text.data() + done, text.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    ok = n > 0;
+    if (ok) done += n;
+  }
+  ok = ok && fsync(fd) == 0;
+  if (fd >= 0) close(fd);
+  if (ok) {
+    fs::rename(tmp, LedgerPath(), ec);
+    ok = !ec;
+  }
+  if (ok) {
+    int dfd = open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd >= 0) {
+      fsync(dfd);
+      close(dfd);
     }
   }
-  fs::rename(tmp, LedgerPath(), ec);
-  if (ec) {
+  if (!ok) {
     Logger()->error("provider {}: cannot write {}: {}", config_.name, LedgerPath().string(),
-                    ec.message());
+                    ec ? ec.message() : strerror(errno));
   }
+  return ok;
 }
 
-void SlurmProvider::CancelLeftovers() {
-  std::set<std::string> left;
-  {
-    std::ifstream f(LedgerPath());
-    for (std::string job; f >> job;) left.insert(job);
-  }
+void SlurmProvider::CancelLeftovers(const std::set<std::string>& left) {
   if (left.empty()) return;
   std::string bin = config_.slurm.bin_dir.empty() ? "" : config_.slurm.bin_dir + "/";
-  std::set<std::string> keep;  // could not be scancelled now: tried again at the next start
+  std::set<std::string> gone;  // scancelled, or ended by themselves
   for (const auto& job : left) {
-    auto r = RunTool({bin + "scancel", job}, kToolTimeout);
+    bool by_name = job.rfind(kIntentPrefix, 0) == 0;
+    // An intent: sbatch had not answered when the coordinator died; the job has that name.
+    auto r = by_name ? RunTool({bin + "scancel", "--name", job.substr(kIntentPrefix.size())},
+                               kToolTimeout)
+                     : RunTool({bin + "scancel", job}, kToolTimeout);
     if (r.ok()) {
       Logger()->warn(
           "provider {}: scancelled Slurm job {}, an allocation a previous coordinator left ({})",
           config_.name, job, LedgerPath().string());
+      gone.insert(job);
       continue;
     }
     const std::string& why = r.status().message();
     if (why.find("Invalid job id") != std::string::npos ||
         why.find("already completing or completed") != std::string::npos) {
-      continue;  // it ended by itself
+      gone.insert(job);  // it ended by itself
+      continue;
     }
+    // Stays in the ledger: tried again at the next start.
     Logger()->error("provider {}: Slurm job {}, left by a previous coordinator, not scancelled: {}",
                     config_.name, job, why);
-    keep.insert(job);
   }
   std::lock_guard<std::mutex> l(mu_);
-  ledger_.insert(keep.begin(), keep.end());
+  for (const auto& job : gone) ledger_.erase(job);
   SaveLedgerLocked();
 }
 
@@ -264,11 +294,15 @@ Status SlurmProvider::Request(const NodeGroupRequest& req) {
     if (!f) return UnavailableError("cannot write " + script.string());
   }
   std::string bin = config_.slurm.bin_dir.empty() ? "" : config_.slurm.bin_dir + "/";
+  // The name is unique to this try, so a coordinator that dies before sbatch answers leaves an
+  // intent in the ledger by which the next one finds (and scancels) the allocation.
+  const std::string name =
+      fmt::format("muster-{}-{}-r{}-{}", config_.name, req.job, req.id, nonce_);
   std::vector<std::string> argv = {
       bin + "sbatch",
       "--parsable",
       "--job-name",
-      "muster-" + config_.name + "-" + req.job,
+      name,
       "--nodes",
       std::to_string(req.names.size()),
       "--exclusive",
@@ -282,29 +316,58 @@ Status SlurmProvider::Request(const NodeGroupRequest& req) {
     argv.insert(argv.end(), {"--time", config_.slurm.time_limit});
   argv.insert(argv.end(), config_.slurm.extra_args.begin(), config_.slurm.extra_args.end());
   argv.push_back(script.string());
+  const std::string intent = std::string(kIntentPrefix) + name;
   {
     std::lock_guard<std::mutex> l(mu_);
     auto& a = allocs_[req.id];
     a.nodes.insert(req.names.begin(), req.names.end());
+    // Durable before sbatch runs: the allocation may exist before (or without) its answer.
+    ledger_.insert(intent);
+    if (!SaveLedgerLocked()) {
+      ledger_.erase(intent);
+      allocs_.erase(req.id);
+      return UnavailableError("cannot record the request in " + LedgerPath().string());
+    }
   }
   uint64_t id = req.id;
   std::string provider = config_.name;
-  Post([this, argv, id, provider] {
+  Post([this, argv, id, provider, intent, name] {
     auto out = RunTool(argv, kToolTimeout);
     std::lock_guard<std::mutex> l(mu_);
     if (!out.ok()) {
+      // sbatch said no: nothing was submitted. It did not answer: it may have been, so the
+      // intent stays for the next start, and the allocation is scancelled by name now.
+      if (out.status().message().find("did not answer") == std::string::npos) {
+        ledger_.erase(intent);
+        SaveLedgerLocked();
+      } else {
+        work_.push_front([this, intent, name] { ScancelByName(intent, name); });
+      }
       failures_.push_back({id, "sbatch: " + out.status().message()});
       return;
     }
-    std::string job = Trim(*out);
+    std::string job = TrimCopy(*out);
     if (auto semi = job.find(';'); semi != std::string::npos) job.resize(semi);  // "id;cluster"
     allocs_[id].slurm_job = job;
     ledger_.insert(job);
+    ledger_.erase(intent);
     SaveLedgerLocked();
     Logger()->info("provider {}: request {} is Slurm job {}", provider, id, job);
     if (allocs_[id].cancelled) work_.push_front([this, id] { Scancel(id); });
   });
   return Status::Ok();
+}
+
+void SlurmProvider::ScancelByName(const std::string& intent, const std::string& name) {
+  std::string bin = config_.slurm.bin_dir.empty() ? "" : config_.slurm.bin_dir + "/";
+  auto r = RunTool({bin + "scancel", "--name", name}, kToolTimeout);
+  if (!r.ok()) {
+    Logger()->warn("provider {}: scancel --name {}: {}", config_.name, name, r.status().message());
+    return;  // left in the ledger: the next coordinator tries again
+  }
+  std::lock_guard<std::mutex> l(mu_);
+  ledger_.erase(intent);
+  SaveLedgerLocked();
 }
 
 void SlurmProvider::Scancel(uint64_t id) {

@@ -25,7 +25,10 @@
 // same providers file) first scancels each job listed there, on its worker thread, before any
 // request of its own: a new coordinator does not know their nodes, so it does not adopt them.
 // A job whose scancel fails for another reason than having ended stays listed for the next
-// start. Not covered: an sbatch still unanswered when the coordinator died.
+// start. An sbatch not yet answered is covered too: before sbatch runs, the ledger gets an
+// intent ("name:<job name>", a name unique to the try); the answer replaces it with the job id,
+// a refusal removes it, and a next coordinator that finds it runs `scancel --name`. An sbatch
+// that times out is scancelled by name at once (its intent stays until that succeeds).
 //
 // Thread-safety: the public methods are for the reactor thread; the worker shares only the
 // queues under mu_.
@@ -67,9 +70,13 @@ class SlurmProvider : public Provider {
   void WorkerLoop();
   void Scancel(uint64_t id);  // worker thread
   // Worker thread: scancels the jobs an earlier provider left in the ledger.
-  void CancelLeftovers();
+  void CancelLeftovers(const std::set<std::string>& left);
   std::filesystem::path LedgerPath() const;
-  void SaveLedgerLocked();  // REQUIRES: mu_ held
+  // False (and logged) if the ledger could not be written durably. REQUIRES: mu_ held.
+  bool SaveLedgerLocked();
+  // Worker thread: scancels the Slurm job named `name` (an sbatch that did not answer) and
+  // drops its `intent` from the ledger.
+  void ScancelByName(const std::string& intent, const std::string& name);
   // Worker thread: allocations that ended (squeue no longer lists them as pending or running)
   // without our scancel fail their request.
   void Watch();
@@ -85,6 +92,7 @@ class SlurmProvider : public Provider {
   std::set<std::string> ledger_;            // GUARDED_BY(mu_): Slurm jobs not known to be gone
   bool watching_ = false;                   // GUARDED_BY(mu_): a Watch is queued
   std::chrono::steady_clock::time_point next_watch_{};  // reactor thread only
+  std::string nonce_;  // in every Slurm job name of this process: the names are unique
   std::thread worker_;
 };
 

@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "checkpoint/adopt.h"
 #include "checkpoint/checkpoint_dir.h"
 #include "checkpoint/checkpointer.h"
 #include "checkpoint/replicate.h"
@@ -254,6 +255,26 @@ TEST(UntrustedManifestTest, ShardedLayoutsStillValidate) {
 }
 
 // --- LATEST -------------------------------------------------------------------------------------
+
+// A source directory named checkpoint-N gives the step N; an N past int64 is a clear error (it
+// was an uncaught std::out_of_range that took `muster ckpt adopt` down).
+TEST(UntrustedAdoptTest, AStepNameTooLargeForInt64IsRefused) {
+  TempDir tmp;
+  for (const std::string name : {"checkpoint-42", "checkpoint-99999999999999999999"}) {
+    std::filesystem::create_directories(tmp.sub(name));
+    std::ofstream(tmp.sub(name + "/trainer_state.json")) << "{}";
+    // An empty zip archive (its end-of-central-directory record alone): whole weights.
+    std::ofstream(tmp.sub(name + "/pytorch_model.bin"), std::ios::binary)
+        << std::string("PK\x05\x06", 4) << std::string(18, '\0');
+  }
+  auto ok = CheckAdoptable(tmp.sub("checkpoint-42"));
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  EXPECT_EQ(ok->step, 42);
+  auto big = CheckAdoptable(tmp.sub("checkpoint-99999999999999999999"));
+  EXPECT_EQ(big.status().code(), StatusCode::kInvalidArgument) << big.status();
+  EXPECT_NE(big.status().message().find("checkpoint-99999999999999999999"), std::string::npos)
+      << big.status();
+}
 
 TEST(UntrustedLatestTest, ParseLatestAcceptsOnlyACommittedStepName) {
   EXPECT_EQ(*ParseLatest("step-000000300\n"), 300);

@@ -409,7 +409,12 @@ class PreemptionClusterTest : public ::testing::Test {
     if (!pids.ok()) return out;
     auto it = agents_.find(kHosts[host]);
     for (int pid : *pids) {
-      if (it == agents_.end() || pid != it->second.pid()) out.push_back(pid);
+      if (it != agents_.end() && pid == it->second.pid()) continue;
+      // The agent's rank reaper (node_agent/rank_reaper.h) is the agent's, not a rank.
+      if (ReadFile("/proc/" + std::to_string(pid) + "/cmdline").find("rank-reaper") !=
+          std::string::npos)
+        continue;
+      out.push_back(pid);
     }
     return out;
   }
@@ -648,6 +653,11 @@ TEST_F(PreemptionClusterTest, PartitionedNodeStopsItsOwnRanksAndTheJobResumesEls
       [&] { return EventText(job).find("node_lost [" + victim + "]") != std::string::npos; }, 20s))
       << EventText(job);
   const double detect_s = std::chrono::duration<double>(Clock::now() - cut_at).count();
+  // A cut link closes no connection: the node is silent, not dead, so it is lost by the
+  // heartbeat timeout and its job waits for the lease fence (docs/protocol.md, "Dead or
+  // silent"), never by the fast path for an agent whose process ended.
+  EXPECT_EQ(EventText(job).find("agent process is gone"), std::string::npos) << EventText(job);
+  EXPECT_NE(EventText(job).find("no heartbeat for"), std::string::npos) << EventText(job);
   // ...and the node's own agent stops its rank while the link is still down.
   ASSERT_TRUE(WaitUntil([&] { return StrayPids(host).empty(); }, 20s))
       << "the partitioned node's rank is still running";

@@ -14,8 +14,8 @@ struct ConformanceReport {
 
 // Writes / reads element `i` of a buffer of dtype `t` as a double (16-bit types round to
 // nearest even). Exact for the small integers the checks use.
-void StoreElement(DataType t, void* buf, size_t i, double v);
-double LoadElement(DataType t, const void* buf, size_t i);
+void StoreElement(DType t, void* buf, size_t i, double v);
+double LoadElement(DType t, const void* buf, size_t i);
 
 // Runs the checks on `comm`; the first mismatch or failure is returned as an error naming the
 // collective, op, dtype, count and element. Every rank of the communicator must call it.

@@ -61,7 +61,7 @@ int main(int argc, char** argv) {
   std::vector<float> data(1 << 16, 1.0f);
   for (long i = 0;; ++i) {
     auto t0 = std::chrono::steady_clock::now();
-    Status s = c.AllReduce(data.data(), data.size(), DataType::kF32, ReduceOp::kAvg)->Wait();
+    Status s = c.AllReduce(data.data(), data.size(), DType::kF32, ReduceOp::kAvg)->Wait();
     if (!s.ok()) {
       double ms =
           std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();

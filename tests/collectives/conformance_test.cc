@@ -47,8 +47,9 @@ TEST_P(ConformanceTest, EveryCollectiveOpAndDtypeMatchesTheReference) {
   for (auto& t : ranks) t.join();
   for (int r = 0; r < p.size; ++r) {
     EXPECT_TRUE(results[r].ok()) << "rank " << r << ": " << results[r];
-    // 6 dtypes x 2 counts x (4 ops x 2 + broadcast + allgather) + barrier.
-    EXPECT_EQ(checks[r], 6 * 2 * 10 + 1) << "rank " << r;
+    // 8 reducible dtypes x 2 counts x (4 ops x 2 + broadcast + allgather), bool x 2 counts x
+    // (reductions refused + broadcast + allgather), barrier.
+    EXPECT_EQ(checks[r], 8 * 2 * 10 + 2 * 3 + 1) << "rank " << r;
   }
 }
 
@@ -113,12 +114,12 @@ TEST(CommunicatorTest, WorkWaitHonoursTheCallersDeadline) {
   auto [c0, c1] = Pair(10s);
   ASSERT_TRUE(c0 && c1);
   std::vector<float> a(1000, 1.0f), b(1000, 2.0f);
-  auto w0 = c0->AllReduce(a.data(), a.size(), DataType::kF32, ReduceOp::kSum);
+  auto w0 = c0->AllReduce(a.data(), a.size(), DType::kF32, ReduceOp::kSum);
   // Rank 1 has not joined: a short wait gives up, the collective goes on.
   EXPECT_EQ(w0->Wait(std::chrono::steady_clock::now() + 100ms).code(),
             StatusCode::kDeadlineExceeded);
   EXPECT_FALSE(w0->Done());
-  auto w1 = c1->AllReduce(b.data(), b.size(), DataType::kF32, ReduceOp::kSum);
+  auto w1 = c1->AllReduce(b.data(), b.size(), DType::kF32, ReduceOp::kSum);
   EXPECT_TRUE(w0->Wait().ok());
   EXPECT_TRUE(w1->Wait().ok());
   EXPECT_EQ(a[999], 3.0f);
@@ -131,7 +132,7 @@ TEST(CommunicatorTest, APeerThatLeavesFailsTheCollectiveAndTheCommunicatorStaysF
   std::vector<float> a(1 << 16, 1.0f);
   c1.reset();  // closes rank 1's connections
   auto t0 = std::chrono::steady_clock::now();
-  Status s = c0->AllReduce(a.data(), a.size(), DataType::kF32, ReduceOp::kSum)->Wait();
+  Status s = c0->AllReduce(a.data(), a.size(), DType::kF32, ReduceOp::kSum)->Wait();
   EXPECT_FALSE(s.ok());
   EXPECT_TRUE(s.code() == StatusCode::kAborted || s.code() == StatusCode::kDeadlineExceeded) << s;
   EXPECT_LT(std::chrono::steady_clock::now() - t0, 2s + 1s);

@@ -89,7 +89,7 @@ TEST_P(GlooProcessConformance, EveryRankPassesTheChecksUnderMusterRun) {
   ASSERT_EQ(code, 0) << run.Output();
   for (int r = 0; r < np; ++r) {
     std::string line = "[" + std::to_string(r) + "] rank " + std::to_string(r) + " of " +
-                       std::to_string(np) + " (gloo): 121 checks ok";
+                       std::to_string(np) + " (gloo): 167 checks ok";
     EXPECT_NE(run.Output().find(line), std::string::npos) << line << " not in:\n" << run.Output();
   }
 }
@@ -157,7 +157,7 @@ TEST_P(MpiProcessConformance, EveryRankPassesTheChecksUnderMpirun) {
   ASSERT_EQ(code, 0) << mpirun.Output();
   for (int r = 0; r < np; ++r) {
     EXPECT_NE(mpirun.Output().find("rank " + std::to_string(r) + " of " + std::to_string(np) +
-                                   " (mpi): 121 checks ok"),
+                                   " (mpi): 167 checks ok"),
               std::string::npos)
         << mpirun.Output();
   }

@@ -77,7 +77,7 @@ TEST(NcclAbortTest, AnInFlightCollectiveIsAbortedWithinTheTimeout) {
   ASSERT_EQ(cudaMalloc(&recv, kCount * sizeof(float)), cudaSuccess);
 
   // Unobstructed, the collective completes (at world size 1, allgather copies send to recv).
-  ASSERT_EQ(comm->AllGather(send, recv, kCount, DataType::kF32)->Wait(Clock::now() + 10s),
+  ASSERT_EQ(comm->AllGather(send, recv, kCount, DType::kF32)->Wait(Clock::now() + 10s),
             Status::Ok());
 
   StreamGate gate;
@@ -89,7 +89,7 @@ TEST(NcclAbortTest, AnInFlightCollectiveIsAbortedWithinTheTimeout) {
   });
 
   const auto t0 = Clock::now();
-  auto work = comm->AllGather(send, recv, kCount, DataType::kF32);
+  auto work = comm->AllGather(send, recv, kCount, DType::kF32);
   // The caller's own deadline: it gives up waiting; the collective is not aborted.
   Status early = work->Wait(Clock::now() + 300ms);
   EXPECT_EQ(early.code(), StatusCode::kDeadlineExceeded) << early;
@@ -112,7 +112,7 @@ TEST(NcclAbortTest, AnInFlightCollectiveIsAbortedWithinTheTimeout) {
 
   // The communicator stays failed: later collectives fail at once instead of hanging.
   const auto t1 = Clock::now();
-  Status next = comm->AllReduce(recv, kCount, DataType::kF32, ReduceOp::kSum)->Wait();
+  Status next = comm->AllReduce(recv, kCount, DType::kF32, ReduceOp::kSum)->Wait();
   EXPECT_FALSE(next.ok());
   EXPECT_LT(Clock::now() - t1, 1s);
 

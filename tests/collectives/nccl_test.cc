@@ -45,19 +45,27 @@ TEST(NcclTest, AllReduceBroadcastAllGatherReduceScatterOnDevices) {
       cudaMalloc(&all, kCount * size * sizeof(float));
       std::vector<float> h(kCount, static_cast<float>(r + 1));
       cudaMemcpy(d, h.data(), kCount * sizeof(float), cudaMemcpyHostToDevice);
-      Status s = (*comm)->AllReduce(d, kCount, DataType::kF32, ReduceOp::kSum)->Wait();
+      Status s = (*comm)->AllReduce(d, kCount, DType::kF32, ReduceOp::kSum)->Wait();
       if (!s.ok()) return fail(s);
       cudaMemcpy(h.data(), d, kCount * sizeof(float), cudaMemcpyDeviceToHost);
       float want = size * (size + 1) / 2.0f;
       for (size_t i = 0; i < kCount; i += 4099)
         if (h[i] != want) return fail(DataLossError("allreduce: " + std::to_string(h[i])));
-      s = (*comm)->AllGather(d, all, kCount, DataType::kF32)->Wait();
+      s = (*comm)->AllGather(d, all, kCount, DType::kF32)->Wait();
       if (!s.ok()) return fail(s);
-      s = (*comm)->ReduceScatter(all, d, kCount / size, DataType::kF32, ReduceOp::kMax)->Wait();
+      s = (*comm)->ReduceScatter(all, d, kCount / size, DType::kF32, ReduceOp::kMax)->Wait();
       if (!s.ok()) return fail(s);
-      s = (*comm)->Broadcast(d, kCount, DataType::kF32, 0)->Wait();
+      s = (*comm)->Broadcast(d, kCount, DType::kF32, 0)->Wait();
       if (!s.ok()) return fail(s);
       s = (*comm)->Barrier()->Wait();
+      if (!s.ok()) return fail(s);
+      // bool is moved, never reduced: refused at once, naming it; the communicator goes on.
+      s = (*comm)->AllReduce(d, kCount, DType::kBool, ReduceOp::kMax)->Wait();
+      if (s.code() != StatusCode::kInvalidArgument ||
+          s.message().find("bool") == std::string::npos) {
+        return fail(InternalError("bool allreduce gave " + s.ToString()));
+      }
+      s = (*comm)->Broadcast(d, kCount, DType::kBool, 0)->Wait();
       if (!s.ok()) return fail(s);
       cudaFree(d);
       cudaFree(all);
@@ -74,8 +82,8 @@ TEST(NcclTest, EveryOpAndDtypeMatchesTheCpuReference) {
   if (size == 0) GTEST_SKIP() << "no CUDA device";
   std::shared_ptr<RendezvousStore> store = NewInMemoryRendezvousStore();
   constexpr size_t kCount = 4096;
-  const DataType types[] = {DataType::kF32,  DataType::kF64, DataType::kF16,
-                            DataType::kBF16, DataType::kI32, DataType::kI64};
+  const DType types[] = {DType::kF32, DType::kF64, DType::kF16, DType::kBF16,
+                         DType::kI32, DType::kI64, DType::kU8,  DType::kI8};
   const ReduceOp ops[] = {ReduceOp::kSum, ReduceOp::kAvg, ReduceOp::kMin, ReduceOp::kMax};
   std::vector<std::vector<std::string>> failures(size);
   std::vector<std::thread> ranks;
@@ -95,8 +103,8 @@ TEST(NcclTest, EveryOpAndDtypeMatchesTheCpuReference) {
       cudaMalloc(&d, kCount * 8);
       cudaMalloc(&all, kCount * 8 * size);
       std::vector<char> h(kCount * 8 * size);
-      for (DataType t : types) {
-        const size_t es = DataTypeSize(t);
+      for (DType t : types) {
+        const size_t es = DTypeSize(t);
         auto load = [&] {
           for (size_t i = 0; i < kCount; ++i)
             testing::StoreElement(t, h.data(), i, (i % 7) + 1 + r);
@@ -106,7 +114,7 @@ TEST(NcclTest, EveryOpAndDtypeMatchesTheCpuReference) {
           load();
           Status s = (*comm)->AllReduce(d, kCount, t, op)->Wait();
           if (!s.ok()) {
-            fails.push_back(std::string(DataTypeName(t)) + " " + s.ToString());
+            fails.push_back(std::string(DTypeName(t)) + " " + s.ToString());
             continue;
           }
           cudaMemcpy(h.data(), d, kCount * es, cudaMemcpyDeviceToHost);
@@ -116,12 +124,13 @@ TEST(NcclTest, EveryOpAndDtypeMatchesTheCpuReference) {
                           : op == ReduceOp::kMin ? base
                           : op == ReduceOp::kMax ? base + size - 1
                                                  : sum / size;
-            if (op == ReduceOp::kAvg && (t == DataType::kI32 || t == DataType::kI64)) {
+            if (op == ReduceOp::kAvg &&
+                (t == DType::kI32 || t == DType::kI64 || t == DType::kU8 || t == DType::kI8)) {
               want = std::trunc(want);
             }
             double got = testing::LoadElement(t, h.data(), i);
             if (std::abs(got - want) > 1e-2 * std::max(1.0, std::abs(want))) {
-              fails.push_back(std::string(DataTypeName(t)) + " allreduce " +
+              fails.push_back(std::string(DTypeName(t)) + " allreduce " +
                               std::string(ReduceOpName(op)) + " [" + std::to_string(i) +
                               "]: " + std::to_string(got) + " want " + std::to_string(want));
               break;
@@ -133,18 +142,18 @@ TEST(NcclTest, EveryOpAndDtypeMatchesTheCpuReference) {
         Status s = (*comm)->Broadcast(d, kCount, t, size - 1)->Wait();
         cudaMemcpy(h.data(), d, kCount * es, cudaMemcpyDeviceToHost);
         if (!s.ok() || testing::LoadElement(t, h.data(), 5) != (5 % 7) + 1 + (size - 1)) {
-          fails.push_back(std::string(DataTypeName(t)) + " broadcast " + s.ToString());
+          fails.push_back(std::string(DTypeName(t)) + " broadcast " + s.ToString());
         }
         load();
         s = (*comm)->AllGather(d, all, kCount, t)->Wait();
         cudaMemcpy(h.data(), all, kCount * es * size, cudaMemcpyDeviceToHost);
         for (int q = 0; s.ok() && q < size; ++q) {
           if (testing::LoadElement(t, h.data(), q * kCount + 3) != 3 + 1 + q) {
-            fails.push_back(std::string(DataTypeName(t)) + " allgather from rank " +
+            fails.push_back(std::string(DTypeName(t)) + " allgather from rank " +
                             std::to_string(q));
           }
         }
-        if (!s.ok()) fails.push_back(std::string(DataTypeName(t)) + " allgather " + s.ToString());
+        if (!s.ok()) fails.push_back(std::string(DTypeName(t)) + " allgather " + s.ToString());
         for (int q = 0; q < size; ++q)
           for (size_t i = 0; i < kCount; ++i)
             testing::StoreElement(t, h.data(), q * kCount + i, (i % 7) + 1 + r);
@@ -153,7 +162,7 @@ TEST(NcclTest, EveryOpAndDtypeMatchesTheCpuReference) {
         cudaMemcpy(h.data(), d, kCount * es, cudaMemcpyDeviceToHost);
         double want9 = size * ((9 % 7) + 1.0) + size * (size - 1) / 2.0;
         if (!s.ok() || testing::LoadElement(t, h.data(), 9) != want9) {
-          fails.push_back(std::string(DataTypeName(t)) + " reduce_scatter " + s.ToString());
+          fails.push_back(std::string(DTypeName(t)) + " reduce_scatter " + s.ToString());
         }
       }
       cudaFree(d);

@@ -45,10 +45,10 @@ class FakeQueued final : public QueuedCommunicator {
     });
   }
 
-  std::unique_ptr<Work> AllReduce(void*, size_t, DataType, ReduceOp) override { return Op(-1); }
-  std::unique_ptr<Work> Broadcast(void*, size_t, DataType, int) override { return Op(-1); }
-  std::unique_ptr<Work> AllGather(const void*, void*, size_t, DataType) override { return Op(-1); }
-  std::unique_ptr<Work> ReduceScatter(const void*, void*, size_t, DataType, ReduceOp) override {
+  std::unique_ptr<Work> AllReduce(void*, size_t, DType, ReduceOp) override { return Op(-1); }
+  std::unique_ptr<Work> Broadcast(void*, size_t, DType, int) override { return Op(-1); }
+  std::unique_ptr<Work> AllGather(const void*, void*, size_t, DType) override { return Op(-1); }
+  std::unique_ptr<Work> ReduceScatter(const void*, void*, size_t, DType, ReduceOp) override {
     return Op(-1);
   }
   std::unique_ptr<Work> Barrier() override { return Op(-1); }

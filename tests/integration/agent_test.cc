@@ -456,25 +456,101 @@ TEST_F(AgentCluster, AgentKill9IsDetectedAndTheJobMovesToOtherNodes) {
   EXPECT_NE(events.find("node_lost"), std::string::npos) << events;
 }
 
-TEST_F(AgentCluster, ARestartedAgentKillsTheRanksItsPredecessorLeft) {
+// Dead or silent (docs/protocol.md): an agent killed -9 closes its connections, and the
+// coordinator declares its node lost at once, without the heartbeat timeout (a minute here, so
+// that "well before" is no race) or the lease fence; the job moves on.
+TEST_F(AgentCluster, AgentKill9IsDeclaredLostAsSoonAsItsConnectionsClose) {
+  coordinator_.reset();
+  endpoint_.clear();
+  StartCoordinator(/*lease_ms=*/0, /*heartbeat_timeout_ms=*/60000);
+  StartAgent("aws-1", "aws");
+  StartAgent("aws-2", "aws");
+  StartAgent("aws-3", "aws");
+  WaitNodesUp(3);
+  std::string job = Submit("name: dead\n" +
+                           Script("for s in $(seq 1 600); do echo MUSTER_PROGRESS step=$s; "
+                                  "sleep 0.1; done") +
+                           "nodes: 2\nranks_per_node: 1\n");
+  ASSERT_TRUE(WaitState(job, "running", 15s)) << Events(job);
+  std::string victim = Status(job)["nodes"][1];
+  const auto killed_at = Clock::now();
+  KillAgent(victim);
+  // 60 s timeout + 30 s fence on the silent path; 20 s leaves a loaded machine room.
+  ASSERT_TRUE(WaitUntil([&] { return Status(job).value("attempt", 0) == 2; }, 20s)) << Events(job);
+  const double moved_s = std::chrono::duration<double>(Clock::now() - killed_at).count();
+  std::string events = Events(job);
+  EXPECT_NE(events.find("agent process is gone"), std::string::npos) << events;
+  EXPECT_EQ(events.find("no heartbeat for"), std::string::npos) << events;
+  ASSERT_TRUE(WaitState(job, "running", 20s)) << Events(job);
+  for (auto& n : Status(job)["nodes"]) EXPECT_NE(n.get<std::string>(), victim);
+  std::cout << "agent kill -9: attempt 2 placed after " << moved_s << " s\n";
+  (void)Muster({"cancel", job});
+}
+
+// A rank and every process it started die with their agent (kill -9): the rank by
+// PR_SET_PDEATHSIG, what it started by the agent's rank reaper (node_agent/rank_reaper.h).
+TEST_F(AgentCluster, ARankAndWhatItStartedDieWithTheirAgent) {
   StartAgent("aws-1", "aws");
   WaitNodesUp(1);
   fs::path marks = dir_ / "marks";
   fs::create_directories(marks);
-  // The rank dies with its agent; a process it started in the background (it writes nothing,
-  // so no SIGPIPE, and ignores SIGPIPE) would outlive both.
+  // A process the rank started in the background (it writes nothing, so no SIGPIPE, and
+  // ignores SIGPIPE) would outlive both without the reaper.
   std::string job = Submit("name: orphan\n" +
                            Script("trap '' PIPE; sleep 60 & echo $! > " + marks.string() +
                                   "/child; echo $$ > " + marks.string() + "/rank; wait") +
                            "nodes: 1\nranks_per_node: 1\n");
   ASSERT_TRUE(WaitUntil([&] { return !ReadFile(marks / "rank").empty(); }, 15s)) << Events(job);
+  ASSERT_TRUE(WaitUntil([&] { return !ReadFile(marks / "child").empty(); }, 5s));
   pid_t rank = std::stoi(ReadFile(marks / "rank"));
   pid_t child = std::stoi(ReadFile(marks / "child"));
   KillAgent("aws-1");
   EXPECT_TRUE(WaitUntil([&] { return muster::testing::ProcessExited(rank); }, 5s))
       << "the rank dies with its agent (SIGKILL, PR_SET_PDEATHSIG)";
+  EXPECT_TRUE(WaitUntil([&] { return muster::testing::ProcessExited(child); }, 5s))
+      << "what the rank started dies with its agent too (the rank reaper)";
+  (void)Muster({"cancel", job});
+}
+
+// The pids of this test's rank reapers (`muster rank-reaper --pids <dir_>/...`).
+std::vector<pid_t> ReapersUnder(const fs::path& dir) {
+  std::vector<pid_t> out;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator("/proc", ec)) {
+    const std::string name = e.path().filename().string();
+    if (name.find_first_not_of("0123456789") != std::string::npos) continue;
+    std::string cmd = ReadFile(e.path() / "cmdline");
+    std::replace(cmd.begin(), cmd.end(), '\0', ' ');
+    if (cmd.find("rank-reaper") != std::string::npos && cmd.find(dir.string()) != std::string::npos)
+      out.push_back(std::stoi(name));
+  }
+  return out;
+}
+
+// Without its reaper (killed too), what a rank started outlives its agent until the agent
+// starts again: the restarted agent kills it.
+TEST_F(AgentCluster, ARestartedAgentKillsTheRanksItsPredecessorLeft) {
+  StartAgent("aws-1", "aws");
+  WaitNodesUp(1);
+  fs::path marks = dir_ / "marks";
+  fs::create_directories(marks);
+  std::string job = Submit("name: orphan\n" +
+                           Script("trap '' PIPE; sleep 60 & echo $! > " + marks.string() +
+                                  "/child; echo $$ > " + marks.string() + "/rank; wait") +
+                           "nodes: 1\nranks_per_node: 1\n");
+  ASSERT_TRUE(WaitUntil([&] { return !ReadFile(marks / "rank").empty(); }, 15s)) << Events(job);
+  ASSERT_TRUE(WaitUntil([&] { return !ReadFile(marks / "child").empty(); }, 5s));
+  pid_t rank = std::stoi(ReadFile(marks / "rank"));
+  pid_t child = std::stoi(ReadFile(marks / "child"));
+  auto reapers = ReapersUnder(dir_);
+  ASSERT_EQ(reapers.size(), 1u) << "the agent starts one rank reaper";
+  ::kill(reapers[0], SIGKILL);
+  ASSERT_TRUE(WaitUntil([&] { return muster::testing::ProcessExited(reapers[0]); }, 5s));
+  KillAgent("aws-1");
+  EXPECT_TRUE(WaitUntil([&] { return muster::testing::ProcessExited(rank); }, 5s))
+      << "the rank dies with its agent (SIGKILL, PR_SET_PDEATHSIG)";
   ASSERT_FALSE(muster::testing::ProcessExited(child))
-      << "what the rank started outlives a kill -9 of the agent";
+      << "without the reaper, what the rank started outlives a kill -9 of the agent";
   StartAgent("aws-1", "aws");  // same work dir
   EXPECT_TRUE(WaitUntil([&] { return muster::testing::ProcessExited(child); }, 10s))
       << "the restarted agent stops what its predecessor left running";

@@ -978,5 +978,180 @@ TEST_F(CoordinatorIntegrationTest, SighupReloadsTheKeysAndEndsARemovedKeysSessio
   EXPECT_TRUE(client_->Status("").ok()) << "the coordinator is still up";
 }
 
+// Facts the coordinator learns at run time survive a SIGKILL and a restart on the same data dir.
+class CoordinatorKillNineTest : public CoordinatorIntegrationTest {
+ protected:
+  void KillNineAndRestart() {
+    for (auto& a : agents_) a->StopHeartbeats();
+    coord_->Kill(SIGKILL);
+    coord_->Start();
+    ClientOptions o;
+    o.endpoint = coord_->endpoint();
+    o.keys_dir = keys_.dir.string();
+    client_ = std::move(*CoordinatorClient::Connect(o));
+  }
+  // An agent of the restarted coordinator (a fresh process: it runs nothing).
+  FakeAgent& Rejoin(const std::string& name) { return Rejoin(Labels(name, "aws")); }
+  FakeAgent& Rejoin(const proto::NodeLabels& labels) {
+    again_.push_back(std::make_unique<FakeAgent>(ctx_, coord_->endpoint(), keys_, labels));
+    EXPECT_TRUE(again_.back()->Register().ok());
+    again_.back()->StartHeartbeats();
+    return *again_.back();
+  }
+  proto::NodeStatusState NodeState(const std::string& name) {
+    auto nodes = client_->Nodes();
+    if (nodes.ok()) {
+      for (const auto& n : nodes->nodes()) {
+        if (n.labels().name() == name) return n.state();
+      }
+    }
+    return proto::NODE_STATE_UNSPECIFIED;
+  }
+  void TearDown() override {
+    again_.clear();
+    CoordinatorIntegrationTest::TearDown();
+  }
+  std::vector<std::unique_ptr<FakeAgent>> again_;
+};
+
+// A preemption notice drains its node, from the admin (`muster node preempt`) or from the
+// node's agent; the drain is stored, so after kill -9 and a restart the nodes come back
+// draining, a new job is not placed on them, and only an undrain makes them usable again.
+TEST_F(CoordinatorKillNineTest, ANoticeDrainSurvivesKillNine) {
+  AddAgent("aws-0", "aws");
+  FakeAgent& a1 = AddAgent("aws-1", "aws");
+  proto::Envelope pre;
+  pre.mutable_preempt_node_request()->set_node("aws-0");
+  pre.mutable_preempt_node_request()->set_notice_ms(10000);
+  ASSERT_TRUE(client_->Call(pre).ok());
+  proto::Envelope notice;
+  auto* r = notice.mutable_agent_report();
+  r->set_node("aws-1");
+  r->set_session_id(a1.session());
+  r->set_notice_deadline_ms(std::chrono::duration_cast<std::chrono::milliseconds>(
+                                std::chrono::system_clock::now().time_since_epoch() + 30s)
+                                .count());
+  r->set_notice_source("test");
+  auto reply = a1.Call(notice);
+  ASSERT_TRUE(reply.ok() && !reply->has_error()) << reply.status() << reply->DebugString();
+  EXPECT_EQ(NodeState("aws-0"), proto::NODE_DRAINING);
+  EXPECT_EQ(NodeState("aws-1"), proto::NODE_DRAINING);
+
+  KillNineAndRestart();
+  Rejoin("aws-0");
+  FakeAgent& b1 = Rejoin("aws-1");
+  EXPECT_EQ(NodeState("aws-0"), proto::NODE_DRAINING) << "the admin's notice drain was lost";
+  EXPECT_EQ(NodeState("aws-1"), proto::NODE_DRAINING) << "the agent's notice drain was lost";
+  auto id = Submit("name: after\ncommand: x\n");
+  ASSERT_TRUE(id.ok()) << id.status();
+  EXPECT_TRUE(WaitUntil(
+      [&] {
+        auto st = Status(*id);
+        return st.state() == proto::JOB_PENDING && !st.pending_reason().empty();
+      },
+      5s))
+      << Status(*id).DebugString();
+  ASSERT_TRUE(client_->Drain("aws-1", false).ok());
+  auto start = b1.WaitStart();
+  ASSERT_TRUE(start.has_value()) << "undrained, the node takes work again";
+  EXPECT_EQ(start->job_id(), *id);
+}
+
+// A node a launch preflight blamed stays off that job after kill -9 and a restart: the job,
+// requeued when its other node does not come back, waits rather than going to the blamed node.
+TEST_F(CoordinatorKillNineTest, APreflightExclusionSurvivesKillNine) {
+  FakeAgent& a0 = AddAgent("aws-0", "aws");
+  FakeAgent& a1 = AddAgent("aws-1", "aws");
+  auto id = Submit("name: pf\ncommand: x\nrestart:\n  max_restarts: 0\n");
+  ASSERT_TRUE(id.ok()) << id.status();
+  ASSERT_TRUE(WaitUntil([&] { return Status(*id).nodes_size() == 1; }, 5s));
+  const std::string blamed = Status(*id).nodes(0);
+  const std::string other = blamed == "aws-0" ? "aws-1" : "aws-0";
+  FakeAgent& b = blamed == "aws-0" ? a0 : a1;
+  FakeAgent& o = blamed == "aws-0" ? a1 : a0;
+  ASSERT_TRUE(b.WaitStart());
+  proto::Envelope e;
+  auto* r = e.mutable_agent_report();
+  r->set_node(blamed);
+  r->set_session_id(b.session());
+  r->set_job_id(*id);
+  r->set_attempt(1);
+  r->set_start_error("no GPU visible");
+  r->set_preflight_failed(true);
+  r->set_preflight_blamed_rank(0);
+  r->add_exits()->set_exit_code(1);
+  r->set_all_exited(true);
+  auto reply = b.Call(e);
+  ASSERT_TRUE(reply.ok() && !reply->has_error()) << reply.status();
+  auto start = o.WaitStart();
+  ASSERT_TRUE(start.has_value()) << Status(*id).DebugString();
+  EXPECT_EQ(start->attempt(), 2);
+  ASSERT_TRUE(o.Report(*id, 2, true, 0, false).ok());
+  ASSERT_TRUE(WaitState(*id, proto::JOB_RUNNING));
+
+  KillNineAndRestart();
+  FakeAgent& again = Rejoin(blamed);  // `other` does not come back: the job is requeued
+  EXPECT_TRUE(WaitUntil(
+      [&] {
+        auto st = Status(*id);
+        return st.state() == proto::JOB_PENDING && !st.pending_reason().empty();
+      },
+      10s))
+      << Status(*id).DebugString();
+  EXPECT_FALSE(again.WaitAction([](const auto& a) { return a.has_start(); }, 0ms))
+      << "the blamed node was given the job again";
+  EXPECT_EQ(Status(*id).attempt(), 2);
+  FakeAgent& back = Rejoin(other);
+  start = back.WaitStart();
+  ASSERT_TRUE(start.has_value()) << Status(*id).DebugString();
+  EXPECT_EQ(start->attempt(), 3);
+}
+
+// A checkpoint copy to another provider that had not landed when the coordinator was killed is
+// asked again of the target once the source and the target are back.
+TEST_F(CoordinatorKillNineTest, ACopyInFlightIsAskedAgainAfterKillNine) {
+  proto::NodeLabels src = Labels("aws-0", "aws");
+  src.set_transfer_endpoint("tcp://127.0.0.1:1");
+  src.set_transfer_key(GenerateKeyPair()->public_key);
+  agents_.push_back(std::make_unique<FakeAgent>(ctx_, coord_->endpoint(), keys_, src));
+  FakeAgent& a0 = *agents_.back();
+  ASSERT_TRUE(a0.Register().ok());
+  a0.StartHeartbeats();
+  FakeAgent& g0 = AddAgent("gcp-0", "gcp");
+  auto id = Submit("name: c\ncommand: train\ncheckpoint:\n  volume: ckpt\n  every: 10\n");
+  ASSERT_TRUE(id.ok()) << id.status();
+  auto start = a0.WaitStart();
+  ASSERT_TRUE(start);
+  ASSERT_TRUE(a0.Report(*id, 1, true, 0, false).ok());
+  proto::Envelope commit;
+  auto* r = commit.mutable_agent_report();
+  r->set_node("aws-0");
+  r->set_session_id(a0.session());
+  r->set_job_id(*id);
+  r->set_attempt(1);
+  r->set_checkpoint_step(10);
+  r->set_checkpoint_volume("ckpt");
+  ASSERT_TRUE(a0.Call(commit).ok());
+  auto copy = g0.WaitAction([](const auto& a) { return a.has_replicate(); }, 5s);
+  ASSERT_TRUE(copy);
+  ASSERT_EQ(copy->replicate().step(), 10);
+
+  KillNineAndRestart();  // before gcp-0 reports the replica
+  Rejoin(src);
+  FakeAgent& g1 = Rejoin(Labels("gcp-0", "gcp"));
+  copy = g1.WaitAction([](const auto& a) { return a.has_replicate(); }, 10s);
+  ASSERT_TRUE(copy) << "the copy was forgotten with the coordinator";
+  EXPECT_EQ(copy->replicate().step(), 10);
+  EXPECT_EQ(copy->replicate().source_node(), "aws-0");
+  auto ev = client_->Events(*id, 0);
+  ASSERT_TRUE(ev.ok());
+  bool said = false;
+  for (const auto& e : ev->events()) {
+    said |= e.kind() == "replicate_retry" &&
+            e.message().find("the coordinator restarted during the copy") != std::string::npos;
+  }
+  EXPECT_TRUE(said) << "an event says why the copy is asked again";
+}
+
 }  // namespace
 }  // namespace muster::coordinator

@@ -1,4 +1,4 @@
-// The coordinator's state store on real SQLite files: round trips, and no submitted job lost
+// The coordinator's database on real SQLite files: round trips, and no submitted job lost
 // when the process writing it is killed with SIGKILL.
 
 #include "coordinator/coordinator_db.h"
@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <map>
 #include <random>
+#include <set>
 
 #include "coordinator/fault_injection_coordinator_db.h"
 
@@ -217,6 +218,62 @@ TEST_F(CoordinatorDbTest, ADatabaseFromBeforeSubmittersOpens) {
   b.submitter = "k";
   ASSERT_TRUE((*store)->InsertJob(&b).ok());
   EXPECT_EQ((*store)->GetJob(b.id)->submitter, "k");
+}
+
+// Exclusions and state blobs round-trip and survive a reopen; putting a state again replaces it.
+TEST_F(CoordinatorDbTest, ExclusionsAndStateSurviveAReopen) {
+  {
+    auto store = CoordinatorDb::Open(dir_);
+    ASSERT_TRUE(store.ok());
+    ASSERT_TRUE((*store)->ExcludeNode("j-1", "n1", "no GPU", 5).ok());
+    ASSERT_TRUE((*store)->ExcludeNode("j-1", "n1", "again", 6).ok()) << "twice is Ok";
+    ASSERT_TRUE((*store)->ExcludeNode("j-1", "n2", "no route", 7).ok());
+    ASSERT_TRUE((*store)->ExcludeNode("j-2", "n1", "no GPU", 8).ok());
+    ASSERT_TRUE((*store)->PutState("providers", "v1", 1).ok());
+    ASSERT_TRUE((*store)->PutState("providers", std::string("v2\0bin", 6), 2).ok());
+    auto none = (*store)->GetState("other");
+    ASSERT_TRUE(none.ok());
+    EXPECT_FALSE(none->has_value());
+  }
+  auto store = CoordinatorDb::Open(dir_);
+  ASSERT_TRUE(store.ok());
+  auto ex = (*store)->LoadExclusions();
+  ASSERT_TRUE(ex.ok()) << ex.status();
+  std::map<std::string, std::set<std::string>> want = {{"j-1", {"n1", "n2"}}, {"j-2", {"n1"}}};
+  EXPECT_EQ(*ex, want);
+  auto v = (*store)->GetState("providers");
+  ASSERT_TRUE(v.ok() && v->has_value());
+  EXPECT_EQ(**v, std::string("v2\0bin", 6));
+}
+
+// A database made before exclusions and state blobs were stored (no such tables) opens: the
+// tables are created and the old rows are kept.
+TEST_F(CoordinatorDbTest, ADatabaseFromBeforeExclusionsAndStateOpens) {
+  {
+    auto store = CoordinatorDb::Open(dir_);
+    ASSERT_TRUE(store.ok());
+    JobRecord a = Job("old");
+    ASSERT_TRUE((*store)->InsertJob(&a).ok());
+  }
+  {
+    sqlite3* db = nullptr;
+    ASSERT_EQ(sqlite3_open((dir_ / "coordinator.db").c_str(), &db), SQLITE_OK);
+    int rc =
+        sqlite3_exec(db, "DROP TABLE job_exclusions; DROP TABLE state;", nullptr, nullptr, nullptr);
+    sqlite3_close(db);
+    ASSERT_EQ(rc, SQLITE_OK) << "could not make an old database";
+  }
+  auto store = CoordinatorDb::Open(dir_);
+  ASSERT_TRUE(store.ok()) << store.status();
+  auto jobs = (*store)->LoadJobs();
+  ASSERT_TRUE(jobs.ok()) << jobs.status();
+  ASSERT_EQ(jobs->size(), 1u);
+  auto ex = (*store)->LoadExclusions();
+  ASSERT_TRUE(ex.ok()) << ex.status();
+  EXPECT_TRUE(ex->empty());
+  ASSERT_TRUE((*store)->ExcludeNode((*jobs)[0].id, "n1", "no GPU", 1).ok());
+  ASSERT_TRUE((*store)->PutState("providers", "{}", 1).ok());
+  EXPECT_EQ((*store)->LoadExclusions()->at((*jobs)[0].id).count("n1"), 1u);
 }
 
 // The fault-injecting store fails exactly the write asked for (and, sticky, every one after),

@@ -196,11 +196,44 @@ std::vector<Mutation> Mutations() {
            r->set_checkpoint_volume("ckpt");
          });
        }},
+      {"ACommitStartsACopyToAnotherProvider",
+       [](Harness& h) {
+         proto::Envelope src = h.RegisterRequest("n0");
+         src.mutable_agent_register()->mutable_labels()->set_transfer_endpoint("tcp://127.0.0.1:1");
+         src.mutable_agent_register()->mutable_labels()->set_transfer_key("key-of-n0");
+         h.sessions_["n0"] = h.Call(src).agent_registered().session_id();
+         h.job_ = h.Submit("name: j\ncommand: x\ncheckpoint:\n  volume: ckpt\n");
+         EXPECT_EQ(h.Heartbeat("n0").size(), 1u);
+         h.Report("n0", h.job_, 1, [](auto* r) { r->set_started(true); });
+         proto::Envelope target = h.RegisterRequest("z0");
+         target.mutable_agent_register()->mutable_labels()->set_provider("gcp");
+         h.sessions_["z0"] = h.Call(target).agent_registered().session_id();
+       },
+       [](Harness& h) {
+         return h.Report("n0", h.job_, 1, [](auto* r) {
+           r->set_checkpoint_step(10);
+           r->set_checkpoint_volume("ckpt");
+         });
+       }},
       {"AResumeFallback", running,
        [](Harness& h) {
          return h.Report("n0", h.job_, 1, [](auto* r) {
            r->set_resume_fallback("step 7 is not good here");
            r->set_resume_fallback_step(5);
+         });
+       }},
+      {"APreflightVerdict",
+       [](Harness& h) {
+         h.Register("n0");
+         h.job_ = h.Submit("name: pf\ncommand: x\n");
+         EXPECT_EQ(h.Heartbeat("n0").size(), 1u);
+       },
+       [](Harness& h) {
+         return h.Report("n0", h.job_, 1, [](auto* r) {
+           r->set_start_error("no GPU visible");
+           r->set_preflight_failed(true);
+           r->set_preflight_blamed_rank(0);
+           Harness::Exit(r, 1);
          });
        }},
       {"APreemptionNotice", running,

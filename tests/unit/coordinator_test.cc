@@ -249,6 +249,64 @@ TEST_F(CoordinatorTest, HeartbeatTimeoutOnTheInjectedClockRequeues) {
   EXPECT_EQ(actions[0].start().attempt(), 2);
 }
 
+// Dead or silent (docs/protocol.md): an agent known to be gone (its connections closed) is lost
+// at once, and its job is placed again with no lease to wait for; a stale session is ignored.
+TEST_F(CoordinatorTest, AnAgentThatIsGoneIsLostAtOnceWithNoLeaseToWaitFor) {
+  std::string s0 = Register("n0");
+  std::string s1 = Register("n1");
+  std::string id = Submit("name: j\ncommand: x\n");
+  std::string node = Heartbeat("n0", s0).empty() ? "n1" : "n0";
+  std::string other = node == "n0" ? "n1" : "n0";
+  std::string session = node == "n0" ? s0 : s1, other_session = node == "n0" ? s1 : s0;
+  if (node == "n1") ASSERT_EQ(Heartbeat("n1", s1).size(), 1u);
+  Report(node, session, id, 1, true, 0, false);
+  EXPECT_EQ(Status(id).state(), proto::JOB_RUNNING);
+
+  coord_->AgentGone(node, "an-older-session", "gone");
+  EXPECT_EQ(Status(id).state(), proto::JOB_RUNNING) << "another session of the node: ignored";
+
+  coord_->AgentGone(node, session, "its agent's connections closed");
+  auto st = Status(id);
+  EXPECT_EQ(st.state(), proto::JOB_PENDING) << "lost at once, no heartbeat timeout";
+  EXPECT_EQ(st.preemptions(), 1);
+  coord_->Tick();
+  // Placed again on the other node at once: no lease fence.
+  auto actions = Heartbeat(other, other_session);
+  ASSERT_EQ(actions.size(), 1u);
+  EXPECT_EQ(actions[0].start().attempt(), 2);
+}
+
+// Progress that a node of the new attempt printed before the attempt began (its ranks of the
+// last attempt) is not the new attempt's.
+TEST_F(CoordinatorTest, ProgressPrintedBeforeTheAttemptBeganIsNotItsProgress) {
+  std::string s0 = Register("n0");
+  std::string id = Submit("name: j\ncommand: x\n");
+  ASSERT_EQ(Heartbeat("n0", s0).size(), 1u);
+  auto now_ms = [&] {
+    return std::chrono::duration_cast<std::chrono::milliseconds>(now_.time_since_epoch()).count();
+  };
+  proto::Envelope hb;
+  hb.mutable_agent_heartbeat()->set_node("n0");
+  hb.mutable_agent_heartbeat()->set_session_id(s0);
+  auto* p = hb.mutable_agent_heartbeat()->add_progress();
+  p->set_job_id(id);
+  p->set_step(7);
+  p->set_time_ms(now_ms() - 1000);  // before attempt 1 was placed
+  Call(hb);
+  EXPECT_EQ(Status(id).progress().step(), 0) << "printed before the attempt began";
+  p->set_time_ms(now_ms());
+  Call(hb);
+  EXPECT_EQ(Status(id).progress().step(), 7);
+  // Earlier than the attempt, but the node reports running it: the agent's clock is behind.
+  p->set_step(8);
+  p->set_time_ms(now_ms() - 5000);
+  auto* r = hb.mutable_agent_heartbeat()->add_running();
+  r->set_job_id(id);
+  r->set_attempt(1);
+  Call(hb);
+  EXPECT_EQ(Status(id).progress().step(), 8);
+}
+
 // Exit 75 (a peer failed) stops the gang but is not the failure: a node lost afterwards is the
 // cause (not counted against max_restarts); with no other cause, the 75 is the failure.
 TEST_F(CoordinatorTest, PeerFailureExitWaitsForTheRealCause) {
@@ -796,7 +854,7 @@ TEST_F(CoordinatorTest, ANodeNameIsBoundToTheKeyThatFirstRegisteredIt) {
   EXPECT_EQ(ErrorOf(CallAs(agent2_, exit)).code(), StatusCode::kFailedPrecondition);
   EXPECT_EQ(Status(id).state(), proto::JOB_RUNNING) << "the job was not touched";
 
-  Open();  // the binding is in the state store
+  Open();  // the binding is in the database
   EXPECT_EQ(ErrorOf(CallAs(agent2_, RegisterRequest("n0", "aws"))).code(),
             StatusCode::kFailedPrecondition);
   EXPECT_FALSE(RegisterAs(agent1_, "n0").empty());

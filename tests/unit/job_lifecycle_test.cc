@@ -168,6 +168,44 @@ std::vector<Case> Cases() {
          "max_restarts"}},
        "node_lost",
        "="},
+      // Its agent's connection closed: the agent process is gone, its ranks with it; no lease
+      // to wait for (docs/protocol.md, "Dead or silent").
+      {"NodeWhoseAgentIsGoneIsRequeuedAtOnce",
+       [](AttemptState& a, JobRecord&, int&, bool&) {
+         EXPECT_TRUE(a.RecordNodeLost("node b lost (agent gone)", false, /*agent_gone=*/true));
+         EXPECT_TRUE(a.RecordStop(proto::STOP_PEER_FAILED, 0, true));
+         a.RecordExit("a", Exit(0, -1, 15, true));
+       },
+       K::kNodeLost,
+       proto::JOB_PENDING,
+       Q::kRequeue,
+       1,
+       2,
+       0,
+       42,
+       "",
+       {{"requeued", "after attempt 3 (node b lost (agent gone)); not counted against max_restarts"}},
+       "node_lost",
+       "="},
+      // One node gone, another silent: the silent one may still run its ranks; the fence holds,
+      // whichever was lost first.
+      {"GoneAndSilentNodesStillWaitForTheLease",
+       [](AttemptState& a, JobRecord&, int&, bool&) {
+         EXPECT_TRUE(a.RecordNodeLost("node b lost (agent gone)", false, /*agent_gone=*/true));
+         EXPECT_FALSE(a.RecordNodeLost("node a lost (no heartbeat for 5001 ms)"));
+         a.RecordStop(proto::STOP_PEER_FAILED, 0, true);
+       },
+       K::kNodeLost,
+       proto::JOB_PENDING,
+       Q::kRelease,
+       1,
+       2,
+       0,
+       kNow + (t.lease_ms - t.heartbeat_timeout_ms) + 500,
+       "",
+       {{"requeued", "after attempt 3 (node b lost (agent gone)); not counted against max_restarts"}},
+       "node_lost",
+       "="},
       {"PeerFailureThenNodeLostBlamesTheLoss",
        [](AttemptState& a, JobRecord&, int&, bool&) {
          auto v = a.RecordExit("a", Exit(0, kPeerFailureExitCode));

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <limits>
 #include <thread>
 
 #include "collectives/rendezvous_store.h"
@@ -28,6 +29,24 @@ TEST(InMemoryStoreTest, SetGetAddCompareSetAndTimeouts) {
   EXPECT_EQ(s->Get("never", 100ms).status().code(), StatusCode::kDeadlineExceeded);
   EXPECT_GE(Clock::now() - t0, 95ms);
   EXPECT_EQ(s->Wait({"k", "never"}, 10ms).code(), StatusCode::kDeadlineExceeded);
+}
+
+// As the ZeroMQ store (StoreServerValidationTest.AddRefusesToOverflow): a counter never wraps,
+// and only a whole decimal integer counts as one.
+TEST(InMemoryStoreTest, AddRefusesToOverflowAndNonIntegers) {
+  auto s = NewInMemoryRendezvousStore();
+  constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
+  EXPECT_EQ(*s->Add("n", kMax), kMax);
+  auto over = s->Add("n", 1);
+  EXPECT_EQ(over.status().code(), StatusCode::kInvalidArgument) << over.status();
+  EXPECT_NE(over.status().message().find("overflows"), std::string::npos) << over.status();
+  EXPECT_EQ(*s->Get("n", 0ms), std::to_string(kMax)) << "the counter is unchanged";
+  EXPECT_EQ(*s->Add("m", std::numeric_limits<int64_t>::min()), std::numeric_limits<int64_t>::min());
+  EXPECT_EQ(s->Add("m", -1).status().code(), StatusCode::kInvalidArgument);
+  for (const char* text : {"12abc", " 7", "+7", "", "99999999999999999999"}) {
+    ASSERT_TRUE(s->Set("t", text).ok());
+    EXPECT_EQ(s->Add("t", 1).status().code(), StatusCode::kInvalidArgument) << "'" << text << "'";
+  }
 }
 
 TEST(InMemoryStoreTest, GetWaitsForTheSet) {

@@ -388,6 +388,27 @@ providers:
   EXPECT_EQ(cfg->providers[2].slurm.extra_args, std::vector<std::string>{"--qos=high"});
 }
 
+// The providers config reports its errors as the job spec does (coordinator/config_errors.h):
+// every one, sorted by line, counted past the listed ones, bad values clipped and escaped.
+TEST(ProvidersConfigTest, ErrorsAreSortedCountedAndEscapedAsTheJobSpecs) {
+  std::string text = "providers:\n";
+  for (int i = 0; i < 120; ++i) {
+    text += "  - name: p" + std::to_string(i) + "\n    kind: local\n    work_dir: /w\n" +
+            "    max_nodes: \"x\\ty\"\n";
+  }
+  text += "nodes: 3\n";
+  auto cfg = ParseProvidersConfig(text, "p.yaml");
+  ASSERT_FALSE(cfg.ok());
+  const std::string m = cfg.status().message();
+  EXPECT_EQ(m.rfind("invalid providers config (121 errors):", 0), 0u) << m;
+  EXPECT_NE(m.find("p.yaml:5: providers[0].max_nodes: must be an integer in [1, 100000], not "
+                   "\"x\\x09y\""),
+            std::string::npos)
+      << m;
+  EXPECT_LT(m.find("p.yaml:5:"), m.find("p.yaml:9:")) << m;
+  EXPECT_NE(m.find("... and 21 more"), std::string::npos) << m;
+}
+
 TEST(ProvidersConfigTest, ErrorsNameFileLineAndField) {
   struct Case {
     std::string text, want;

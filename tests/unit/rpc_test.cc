@@ -7,6 +7,7 @@
 #include "common/wire.h"
 #include "tests/testing/log_capture.h"
 #include "tests/testing/reactor_fixture.h"
+#include "tests/testing/wait_until.h"
 
 namespace muster {
 namespace {
@@ -30,10 +31,19 @@ class RpcTest : public testing::ReactorZapTest {
     o.server_key = server_key_;
     o.authenticator = zap_.get();
     o.max_message_bytes = max_bytes;
+    o.on_connection = [this](const ConnectionEvent& e) {
+      std::lock_guard<std::mutex> l(mu_);
+      events_.push_back(e);
+    };
     auto server = RpcServer::Create(
         *reactor_, o, [this](const PeerInfo& peer, proto::Envelope&& req, RpcServer::Reply reply) {
           handled_++;
           last_user_ = peer.user_id;
+          {
+            std::lock_guard<std::mutex> l(mu_);
+            request_fds_.push_back(peer.fd);
+            events_before_request_.push_back(events_.size());
+          }
           proto::Envelope out;
           out.mutable_pong()->set_data(req.ping().data());
           reply(std::move(out));
@@ -66,7 +76,39 @@ class RpcTest : public testing::ReactorZapTest {
   std::unique_ptr<RpcServer> server_;
   std::atomic<int> handled_{0};
   std::string last_user_;  // written on the reactor, read after a reply
+  std::mutex mu_;
+  std::vector<ConnectionEvent> events_;        // GUARDED_BY(mu_)
+  std::vector<int> request_fds_;               // GUARDED_BY(mu_)
+  std::vector<size_t> events_before_request_;  // GUARDED_BY(mu_)
 };
+
+// The server's connection events (on_connection) and each request's fd: the accept is handed
+// out before the connection's first request, and the close when the client goes away, both
+// with the fd the request carried (what the coordinator tells dead agents by).
+TEST_F(RpcTest, ConnectionEventsCarryTheFdOfTheirRequests) {
+  auto client = Client(client_key_);
+  ASSERT_TRUE(client->Call(Ping("x"), 5s).ok());
+  int fd;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    ASSERT_EQ(request_fds_.size(), 1u);
+    fd = request_fds_[0];
+    ASSERT_GE(fd, 0) << "a request carries its connection's fd";
+    ASSERT_GE(events_before_request_[0], 1u);
+    EXPECT_EQ(events_[0].kind, ConnectionEvent::Kind::kAccepted);
+    EXPECT_EQ(events_[0].fd, fd);
+  }
+  client.reset();  // closes its connection
+  EXPECT_TRUE(testing::WaitUntil(
+      [&] {
+        std::lock_guard<std::mutex> l(mu_);
+        for (const auto& e : events_)
+          if (e.kind == ConnectionEvent::Kind::kClosed && e.fd == fd) return true;
+        return false;
+      },
+      10s))
+      << "the server sees the client's connection close";
+}
 
 // A key removed from the authorized set stops being served on the connection it already opened:
 // the next request gets a permission error and never reaches the handler.
