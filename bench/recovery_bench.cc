@@ -94,6 +94,12 @@ const char* kTrainer =
 
 struct AttemptLog {
   int64_t start_ms = 0, first_step_ms = 0, resume = -1, last_step = 0, preempted = -1;
+  int64_t last_step_ms = 0, steps = 0;  // the last progress stamp; progress lines
+  std::string source;                   // the snapshot trainer's resume source
+  // The mean time between progress lines (ms); -1 with fewer than two.
+  double MeanStepMs() const {
+    return steps > 1 ? static_cast<double>(last_step_ms - first_step_ms) / (steps - 1) : -1;
+  }
 };
 
 AttemptLog ParseLog(const std::string& text) {
@@ -105,11 +111,17 @@ AttemptLog ParseLog(const std::string& text) {
       a.start_ms = std::atoll(line.c_str() + 8);
       auto r = line.find("resume=");
       if (r != std::string::npos) a.resume = std::atoll(line.c_str() + r + 7);
+      auto src = line.find("source=");
+      if (src != std::string::npos) a.source = line.substr(src + 7);
     } else if (line.rfind("MUSTER_PROGRESS step=", 0) == 0) {
       a.last_step = std::atoll(line.c_str() + 21);
       auto t = line.find(" t=");
       if (a.first_step_ms == 0 && t != std::string::npos)
         a.first_step_ms = std::atoll(line.c_str() + t + 3);
+      if (t != std::string::npos) {
+        a.last_step_ms = std::atoll(line.c_str() + t + 3);
+        ++a.steps;
+      }
     } else if (line.rfind("MUSTER_PREEMPTED step=", 0) == 0) {
       a.preempted = std::atoll(line.c_str() + 22);
     }
@@ -122,13 +134,25 @@ struct Outcome {
   double muster_s = -1;   // event -> the resumed rank started
   double startup_s = -1;  // resumed rank started -> its first step
   int64_t lost_steps = -1;
+  double step_ms = -1;  // attempt 1's mean step time (the snapshot trainer)
+  std::string source;   // where the resumed attempt's rank 0 resumed from (snapshot trainer)
   std::string error;
+};
+
+// The snapshot trainer (tests/runtime/snapshot_trainer.cc) instead of the sh or fine-tune one.
+struct SnapshotTrainer {
+  std::string bin;  // empty: not this trainer
+  bool snapshots = false;
+  int state_kb = 4096;
 };
 
 class Cluster {
  public:
-  Cluster(std::string muster, fs::path dir, int hb_timeout_ms)
-      : muster_(std::move(muster)), dir_(std::move(dir)), hb_timeout_ms_(hb_timeout_ms) {}
+  Cluster(std::string muster, fs::path dir, int hb_timeout_ms, int snapshot_mb = 0)
+      : muster_(std::move(muster)),
+        dir_(std::move(dir)),
+        hb_timeout_ms_(hb_timeout_ms),
+        snapshot_mb_(snapshot_mb) {}
   ~Cluster() {
     for (auto& [n, pid] : agents_) KillGroup(pid, SIGKILL);
     KillGroup(coord_, SIGKILL);
@@ -167,16 +191,28 @@ class Cluster {
   }
 
   void StartAgent(const std::string& name) {
-    agents_[name] = Spawn({muster_,         "agent",
-                           "--coordinator", endpoint_,
-                           "--keys",        (dir_ / "keys").string(),
-                           "--provider",    "aws",
-                           "--name",        name,
-                           "--slots",       "1",
-                           "--gpus",        "0",
-                           "--volume",      "ckpt=" + (dir_ / "volume").string(),
-                           "--work-dir",    (dir_ / name).string(),
-                           "--grace-ms",    "1000"},
+    agents_[name] = Spawn({muster_,
+                           "agent",
+                           "--coordinator",
+                           endpoint_,
+                           "--keys",
+                           (dir_ / "keys").string(),
+                           "--provider",
+                           "aws",
+                           "--name",
+                           name,
+                           "--slots",
+                           "1",
+                           "--gpus",
+                           "0",
+                           "--volume",
+                           "ckpt=" + (dir_ / "volume").string(),
+                           "--work-dir",
+                           (dir_ / name).string(),
+                           "--grace-ms",
+                           "1000",
+                           "--snapshot-memory-mb",
+                           std::to_string(snapshot_mb_)},
                           (dir_ / (name + ".log")).string());
   }
   void KillAgent(const std::string& name) {
@@ -195,6 +231,7 @@ class Cluster {
   std::string muster_;
   fs::path dir_;
   int hb_timeout_ms_;
+  int snapshot_mb_;
   pid_t coord_ = -1;
   std::map<std::string, pid_t> agents_;
   std::string endpoint_;
@@ -208,19 +245,28 @@ class Cluster {
 // `spare`: the job holds the third node as a hot spare (`spares: 1`), which takes the lost
 // node's place without a scheduling pass; otherwise the third node is merely free.
 Outcome Measure(const std::string& muster, bool with_notice, int step_ms, int ckpt_every, int at,
-                int hb_timeout_ms, const std::string& finetune, bool spare = false) {
+                int hb_timeout_ms, const std::string& finetune, const SnapshotTrainer& snap = {},
+                bool spare = false) {
   Outcome o;
-  fs::path dir =
-      fs::temp_directory_path() / ("muster-bench-recovery-" + std::to_string(getpid()) +
-                                   (with_notice ? "-notice" : "-kill") + (spare ? "-spare" : ""));
-  Cluster c(muster, dir, hb_timeout_ms);
+  fs::path dir = fs::temp_directory_path() /
+                 ("muster-bench-recovery-" + std::to_string(getpid()) +
+                  (with_notice ? "-notice" : "-kill") + (snap.snapshots ? "-snap" : "") +
+                  (spare ? "-spare" : ""));
+  Cluster c(muster, dir, hb_timeout_ms, snap.snapshots ? 1024 : 0);
   if (auto s = c.Start(3); !s.ok()) {
     o.error = s.ToString();
     return o;
   }
   int total = at + 40;
   std::string yaml;
-  if (finetune.empty()) {
+  if (!snap.bin.empty()) {
+    yaml = "name: recovery\ncommand: [" + nlohmann::json(snap.bin).dump() + "]\nenv:\n  TOTAL: \"" +
+           std::to_string(total) + "\"\n  STEP_MS: \"" + std::to_string(step_ms) +
+           "\"\n  CKPT_EVERY: \"" + std::to_string(ckpt_every) + "\"\n  STATE_KB: \"" +
+           std::to_string(snap.state_kb) +
+           "\"\nnodes: 2\nranks_per_node: 1\ncheckpoint:\n  volume: ckpt\n" +
+           (snap.snapshots ? "  snapshot_every_steps: 1\n" : "");
+  } else if (finetune.empty()) {
     yaml = "name: recovery\ncommand: [\"/bin/sh\", \"-c\", " + nlohmann::json(kTrainer).dump() +
            "]\nenv:\n  TOTAL: \"" + std::to_string(total) + "\"\n  STEP_S: \"" +
            Fmt(step_ms / 1000.0, 3) + "\"\n  CKPT_EVERY: \"" + std::to_string(ckpt_every) +
@@ -310,6 +356,8 @@ Outcome Measure(const std::string& muster, bool with_notice, int step_ms, int ck
   o.muster_s = (b.start_ms - t_event) / 1000.0;
   o.startup_s = (b.first_step_ms - b.start_ms) / 1000.0;
   o.lost_steps = a.last_step - std::max<int64_t>(b.resume, 0);
+  o.step_ms = a.MeanStepMs();
+  o.source = b.source;
   (void)c.client().Cancel(*job);
   std::error_code ec;
   fs::remove_all(dir, ec);
@@ -379,6 +427,9 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
     std::string muster, trainer = "finetune", finetune;
     int step_ms = 50, ckpt_every = 10, at = 25, hb_timeout_ms = 1000;
     bool json = false;
+    std::string snapshot_trainer;
+    int snapshot_state_kb = 4096;
+    bool no_snapshots = false;
   };
   auto f = std::make_shared<Flags>();
   cmd->add_option("--muster", f->muster, "the muster binary (default: beside muster-bench)");
@@ -394,6 +445,13 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
       ->check(CLI::IsMember({"finetune", "sh"}))
       ->capture_default_str();
   cmd->add_option("--finetune", f->finetune, "the muster-finetune binary (default: found)");
+  cmd->add_option("--snapshot-trainer", f->snapshot_trainer,
+                  "the muster-snapshot-trainer binary for the in-memory snapshot rows (default: "
+                  "found in the build)");
+  cmd->add_option("--snapshot-state-kb", f->snapshot_state_kb,
+                  "the snapshot trainer's state per rank, KiB")
+      ->capture_default_str();
+  cmd->add_flag("--no-snapshots", f->no_snapshots, "skip the in-memory snapshot rows");
   cmd->add_flag("--json", f->json, "print JSON");
   cmd->callback([=] {
     *runner = [=] {
@@ -417,7 +475,27 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
           Measure(muster, true, f->step_ms, f->ckpt_every, f->at, f->hb_timeout_ms, ft);
       Outcome kill = Measure(muster, false, f->step_ms, f->ckpt_every, f->at, f->hb_timeout_ms, ft);
       Outcome spare =
-          Measure(muster, false, f->step_ms, f->ckpt_every, f->at, f->hb_timeout_ms, ft, true);
+          Measure(muster, false, f->step_ms, f->ckpt_every, f->at, f->hb_timeout_ms, ft, {}, true);
+      // In-memory peer snapshots: the same kill -9 with the snapshot trainer (a gang that
+      // agrees every step), without snapshots and with one every step; the step time of the
+      // first attempt of each is the snapshots' cost.
+      std::string st_bin = f->snapshot_trainer;
+      if (st_bin.empty() && !f->no_snapshots) {
+        std::error_code ec;
+        fs::path self = fs::read_symlink("/proc/self/exe", ec).parent_path();
+        fs::path p = self / ".." / "tests" / "integration" / "muster-snapshot-trainer";
+        if (fs::exists(p, ec)) st_bin = fs::canonical(p, ec).string();
+      }
+      std::optional<Outcome> snap_off, snap_on;
+      if (!st_bin.empty() && !f->no_snapshots) {
+        snap_off = Measure(muster, false, f->step_ms, f->ckpt_every, f->at, f->hb_timeout_ms, "",
+                           {st_bin, false, f->snapshot_state_kb});
+        snap_on = Measure(muster, false, f->step_ms, f->ckpt_every, f->at, f->hb_timeout_ms, "",
+                          {st_bin, true, f->snapshot_state_kb});
+      }
+      const double cost_pct = snap_on && snap_off && snap_on->step_ms > 0 && snap_off->step_ms > 0
+                                  ? 100.0 * (snap_on->step_ms / snap_off->step_ms - 1.0)
+                                  : -1;
       double mpirun = MpirunFirstStep(f->step_ms, 3);
       if (f->json) {
         nlohmann::json j = {{"notice_to_resume_s", notice.down_s},
@@ -439,6 +517,22 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
         if (!notice.error.empty()) j["notice_error"] = notice.error;
         if (!kill.error.empty()) j["failure_error"] = kill.error;
         if (!spare.error.empty()) j["failure_spare_error"] = spare.error;
+        if (snap_on && snap_off) {
+          j["failure_snapshot_trainer_volume_to_resume_s"] = snap_off->down_s;
+          j["lost_steps_without_notice_snapshot_trainer_volume"] = snap_off->lost_steps;
+          j["failure_snapshots_to_resume_s"] = snap_on->down_s;
+          j["failure_snapshots_muster_s"] = snap_on->muster_s;
+          j["failure_snapshots_startup_s"] = snap_on->startup_s;
+          j["lost_steps_without_notice_snapshots"] = snap_on->lost_steps;
+          j["snapshots_resumed_from"] = snap_on->source;
+          j["step_ms_without_snapshots"] = snap_off->step_ms;
+          j["step_ms_with_snapshots"] = snap_on->step_ms;
+          j["snapshot_step_cost_pct"] = cost_pct;
+          j["snapshot_state_kb"] = f->snapshot_state_kb;
+          if (!snap_off->error.empty())
+            j["failure_snapshot_trainer_volume_error"] = snap_off->error;
+          if (!snap_on->error.empty()) j["failure_snapshots_error"] = snap_on->error;
+        }
         std::cout << j.dump(2) << "\n";
       } else {
         Table t({"event", "to resumed step s", "muster part s", "program start-up s", "lost steps",
@@ -454,6 +548,14 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
         row("agent kill -9", kill, "connections closed + 300 ms grace; no timeout, no fence");
         row("agent kill -9 with a spare", spare,
             "spares: 1; the spare replaces the lost node, no scheduling pass");
+        if (snap_on && snap_off) {
+          row("agent kill -9, snapshot trainer, volume only", *snap_off,
+              "step " + Fmt(snap_off->step_ms, 1) + " ms");
+          row("agent kill -9 with snapshots", *snap_on,
+              "every step, " + std::to_string(f->snapshot_state_kb) + " KiB/rank; resumed from " +
+                  snap_on->source + "; step " + Fmt(snap_on->step_ms, 1) + " ms (" +
+                  Fmt(cost_pct, 1) + "% step-time cost)");
+        }
         t.Row({"anchor: mpirun -np 2 start", mpirun < 0 ? "-" : Fmt(mpirun), "-", "-", "-",
                "launch to first step, by hand"});
         t.Print();
@@ -461,7 +563,8 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
                   << (f->trainer == "sh" ? " of " + std::to_string(f->step_ms) + " ms" : "")
                   << "; interrupted at step " << f->at << "\n";
       }
-      return notice.error.empty() && kill.error.empty() && spare.error.empty() ? 0 : 1;
+      bool snap_ok = !snap_on || (snap_on->error.empty() && snap_off->error.empty());
+      return notice.error.empty() && kill.error.empty() && spare.error.empty() && snap_ok ? 0 : 1;
     };
   });
 }

@@ -46,6 +46,8 @@ const std::set<std::string_view>& ContractNames() {
       "MUSTER_PREEMPT_FILE",
       "MUSTER_SNAPSHOT_EVERY",
       "MUSTER_SNAPSHOT_SOCKET",
+      "MUSTER_RESUME_SNAPSHOT_STEP",
+      "MUSTER_RESUME_SNAPSHOT_ATTEMPT",
       "MUSTER_NODE",
       "MUSTER_PROVIDER",
       "MUSTER_CONTROL_FD",
@@ -175,6 +177,16 @@ Status RankEnv::Validate() const {
   if (snapshot_every && *snapshot_every <= 0) {
     return bad("MUSTER_SNAPSHOT_EVERY=" + std::to_string(*snapshot_every) + " is not positive");
   }
+  if (resume_snapshot_step.has_value() != resume_snapshot_attempt.has_value()) {
+    return bad("MUSTER_RESUME_SNAPSHOT_STEP and MUSTER_RESUME_SNAPSHOT_ATTEMPT go together");
+  }
+  if ((resume_snapshot_step && *resume_snapshot_step < 0) ||
+      (resume_snapshot_attempt && *resume_snapshot_attempt < 0)) {
+    return bad("MUSTER_RESUME_SNAPSHOT_STEP/ATTEMPT must not be negative");
+  }
+  if (resume_snapshot_step && snapshot_socket.empty()) {
+    return bad("MUSTER_RESUME_SNAPSHOT_STEP is set without MUSTER_SNAPSHOT_SOCKET");
+  }
   if (control_fd < -1) {
     return bad("MUSTER_CONTROL_FD=" + std::to_string(control_fd) + " is not a file descriptor");
   }
@@ -218,6 +230,10 @@ std::map<std::string, std::string> RankEnv::ToEnviron() const {
   if (!preempt_file.empty()) env["MUSTER_PREEMPT_FILE"] = preempt_file;
   if (snapshot_every) env["MUSTER_SNAPSHOT_EVERY"] = num(*snapshot_every);
   if (!snapshot_socket.empty()) env["MUSTER_SNAPSHOT_SOCKET"] = snapshot_socket;
+  if (resume_snapshot_step) env["MUSTER_RESUME_SNAPSHOT_STEP"] = num(*resume_snapshot_step);
+  if (resume_snapshot_attempt) {
+    env["MUSTER_RESUME_SNAPSHOT_ATTEMPT"] = num(*resume_snapshot_attempt);
+  }
   if (!node.empty()) env["MUSTER_NODE"] = node;
   if (!provider.empty()) env["MUSTER_PROVIDER"] = provider;
   if (control_fd >= 0) env["MUSTER_CONTROL_FD"] = num(control_fd);
@@ -274,6 +290,10 @@ StatusOr<RankEnv> RankEnv::FromEnviron(const std::map<std::string, std::string>&
   e.preempt_file = ValueOr(env, "MUSTER_PREEMPT_FILE");
   MUSTER_RETURN_IF_ERROR(ReadInt64(env, "MUSTER_SNAPSHOT_EVERY", 1, kPositive, &e.snapshot_every));
   e.snapshot_socket = ValueOr(env, "MUSTER_SNAPSHOT_SOCKET");
+  MUSTER_RETURN_IF_ERROR(
+      ReadInt64(env, "MUSTER_RESUME_SNAPSHOT_STEP", 0, kCount, &e.resume_snapshot_step));
+  MUSTER_RETURN_IF_ERROR(
+      ReadInt64(env, "MUSTER_RESUME_SNAPSHOT_ATTEMPT", 0, kCount, &e.resume_snapshot_attempt));
   e.node = ValueOr(env, "MUSTER_NODE");
   e.provider = ValueOr(env, "MUSTER_PROVIDER");
   MUSTER_RETURN_IF_ERROR(

@@ -69,8 +69,13 @@ struct RankEnv {
   // (checkpoint/snapshot_channel.h). Both unset when the job or the agent has none.
   std::optional<int64_t> snapshot_every;  // MUSTER_SNAPSHOT_EVERY (> 0)
   std::string snapshot_socket;            // MUSTER_SNAPSHOT_SOCKET; empty: none
-  std::string node;                       // MUSTER_NODE (agents only)
-  std::string provider;                   // MUSTER_PROVIDER (agents only)
+  // Resume from the in-memory snapshot of this step of this attempt, held by the agent at
+  // snapshot_socket (runtime::JobContext::RestoreSnapshot); resume_step is then the volume's
+  // step, the fallback. Both set or both unset.
+  std::optional<int64_t> resume_snapshot_step;     // MUSTER_RESUME_SNAPSHOT_STEP (>= 0)
+  std::optional<int64_t> resume_snapshot_attempt;  // MUSTER_RESUME_SNAPSHOT_ATTEMPT (>= 0)
+  std::string node;                                // MUSTER_NODE (agents only)
+  std::string provider;                            // MUSTER_PROVIDER (agents only)
   // MUSTER_CONTROL_FD: the write end of the rank's control channel to its agent or launcher
   // (runtime/control_channel.h); -1: none.
   int control_fd = -1;

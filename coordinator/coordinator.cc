@@ -288,7 +288,31 @@ bool Coordinator::Start(JobRt& job, const std::vector<std::string>& nodes) {
   }
   Event(r.id, "", "scheduled",
         fmt::format("attempt {} on provider {}: {}", r.attempt, provider, fmt::join(nodes, ",")));
-  if (r.resume_step >= 0) {
+  std::vector<proto::AgentAction> starts(nodes.size());
+  ResumeChoice snapshot_choice;
+  if (r.spec.snapshot_every_steps() > 0) {
+    std::vector<SnapshotNode> sn;
+    for (const auto& name : nodes) {
+      const NodeRt* n = nodes_.Find(name);
+      sn.push_back({name, n ? n->rec.labels.snapshot_endpoint() : "",
+                    n ? n->rec.labels.snapshot_key() : ""});
+    }
+    snapshot_choice = PlanSnapshots(
+        sn, r.spec.ranks_per_node(), snapshot_book_.Of(r.id),
+        r.resume_step >= 0 ? std::optional<int64_t>(r.resume_step) : std::nullopt, starts);
+  }
+  // Frames held outside this attempt's nodes cannot be used by it: freed there.
+  for (const auto& n : snapshot_book_.TakeHoldersExcept(r.id, nodes)) {
+    proto::AgentAction drop;
+    drop.mutable_drop_snapshots()->set_job_id(r.id);
+    Enqueue(n, std::move(drop));
+  }
+  if (snapshot_choice.source == ResumeChoice::Source::kSnapshot) {
+    Event(r.id, "", "resumed",
+          SnapshotResumeEvent(
+              r.attempt, snapshot_choice,
+              r.resume_step >= 0 ? std::optional<int64_t>(r.resume_step) : std::nullopt));
+  } else if (r.resume_step >= 0) {
     Event(r.id, "", "resumed",
           fmt::format("attempt {} resumes from step {} on volume {} (provider {})", r.attempt,
                       r.resume_step, r.spec.checkpoint_volume(), provider));
@@ -309,7 +333,7 @@ bool Coordinator::Start(JobRt& job, const std::vector<std::string>& nodes) {
   int nn = static_cast<int>(nodes.size());
   int rpn = r.spec.ranks_per_node();
   for (int i = 0; i < nn; ++i) {
-    proto::AgentAction a;
+    proto::AgentAction& a = starts[i];  // snapshot fields already set
     auto* s = a.mutable_start();
     s->set_job_id(r.id);
     s->set_attempt(r.attempt);
@@ -623,6 +647,14 @@ void Coordinator::Finish(JobRt& job) {
     }
   }
   r.state = d.state;
+  if (Terminal(r.state)) {
+    // The job is over: every agent that holds snapshots of it frees them.
+    for (const auto& n : snapshot_book_.TakeHoldersExcept(r.id, {})) {
+      proto::AgentAction drop;
+      drop.mutable_drop_snapshots()->set_job_id(r.id);
+      Enqueue(n, std::move(drop));
+    }
+  }
   if (d.set_detail) r.detail = d.detail;
   r.restarts = d.restarts;
   r.preemptions = d.preemptions;
@@ -672,6 +704,7 @@ void Coordinator::AgentGone(const std::string& node, const std::string& session,
 
 void Coordinator::LoseNode(NodeRt& node, const std::string& why, bool agent_gone) {
   const std::string& name = node.rec.labels.name();
+  snapshot_book_.ForgetNode(name);  // its memory is gone with it
   nodes_.Disconnect(node);
   sched_->SetNodeState(name, NodeState::kDown).IgnoreError();
   Event("", name, "node_lost", why);
@@ -1353,6 +1386,7 @@ StatusOr<proto::Envelope> Coordinator::OnRegister(const Caller& caller,
   MUSTER_RETURN_IF_ERROR(Write("node " + l.name(), [&] { return store_->PutNode(next); }));
   bool was_connected = false;
   NodeRt& n = nodes_.Connect(l, caller.role, NowMs(), &was_connected);
+  snapshot_book_.ForgetNode(l.name());  // a restarted agent holds nothing; heartbeats say
   sched_->UpsertNode(ToNodeSpec(l));
   sched_
       ->SetNodeState(l.name(),
@@ -1438,6 +1472,7 @@ StatusOr<proto::Envelope> Coordinator::OnRegister(const Caller& caller,
 StatusOr<proto::Envelope> Coordinator::OnHeartbeat(const Caller& caller,
                                                    const proto::AgentHeartbeat& req) {
   MUSTER_ASSIGN_OR_RETURN(NodeRt * n, Session(caller, req.node(), req.session_id()));
+  if (req.snapshots_reported()) snapshot_book_.ReplaceNode(req.node(), req.snapshots_held());
   for (const auto& p : req.progress()) {
     auto it = jobs_.find(p.job_id());
     // Only a node of the job's current attempt reports its progress, and only of that attempt:
@@ -1503,6 +1538,9 @@ StatusOr<proto::Envelope> Coordinator::OnReport(const Caller& caller,
     MUSTER_RETURN_IF_ERROR(write_error_.ok() ? Status::Ok() : Refusal());
   }
   if (req.job_id().empty()) return ack;
+  if (req.snapshots_reported()) {
+    snapshot_book_.ReplaceJob(node, req.job_id(), req.snapshots_held());
+  }
   auto it = jobs_.find(req.job_id());
   // Who may report what: the outcome of a copy comes from a node of another provider that
   // mounts the volume, for a step committed elsewhere; everything else about a job (commits,

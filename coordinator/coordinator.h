@@ -41,6 +41,7 @@
 #include "coordinator/job_spec.h"
 #include "coordinator/node_registry.h"
 #include "coordinator/scheduler.h"
+#include "coordinator/snapshot_plan.h"
 
 namespace muster::coordinator {
 
@@ -254,7 +255,8 @@ class Coordinator {
   std::unique_ptr<CoordinatorDb> store_;
   CoordinatorOptions options_;
   std::unique_ptr<Scheduler> sched_;
-  NodeRegistry nodes_;  // and the node keys (persisted: CoordinatorDb::BindNodeKey)
+  NodeRegistry nodes_;          // and the node keys (persisted: CoordinatorDb::BindNodeKey)
+  SnapshotBook snapshot_book_;  // the in-memory snapshots each agent holds (snapshot_plan.h)
   std::map<std::string, std::unique_ptr<JobRt>> jobs_;  // every job not terminal, plus recent
   struct Fetch {
     Reply reply;

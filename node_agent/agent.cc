@@ -189,6 +189,7 @@ StatusOr<std::unique_ptr<Agent>> Agent::Start(AgentOptions options) {
       p->runner->ReturnProgress(std::move(progress));
     });
   };
+  d.snapshots_held = [p] { return p->runner->SnapshotsHeld(); };
   d.on_action = [p](const proto::AgentAction& a) {
     p->reactor->Post("agent.action", [p, a] { p->runner->OnAction(a); });
   };

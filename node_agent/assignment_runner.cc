@@ -98,8 +98,25 @@ StatusOr<std::unique_ptr<AssignmentRunner>> AssignmentRunner::Create(Reactor& re
   if (r->options_.snapshot_memory > 0) {
     r->snapshots_ = std::make_unique<SnapshotStore>(
         SnapshotStoreOptions{.memory_limit = r->options_.snapshot_memory});
-    auto ss = SnapshotServer::Start((r->options_.work_dir / "snapshots" / "s.sock").string(),
-                                    r->snapshots_.get());
+    // Every frame a rank hands over is also copied to the job's peer agent, off the rank's path.
+    r->forwarder_ = std::make_unique<SnapshotForwarder>(
+        SnapshotForwarder::Options{.insecure = r->options_.insecure});
+    const std::string host =
+        r->labels_.address().empty() ? std::string("127.0.0.1") : r->labels_.address();
+    auto ps = SnapshotPeerServer::Create(reactor, zap, r->options_.insecure, "tcp://" + host + ":*",
+                                         r->snapshots_.get());
+    if (!ps.ok()) return ps.status().WithContext("snapshot peer server");
+    r->peer_server_ = std::move(*ps);
+    r->labels_.set_snapshot_endpoint(r->peer_server_->endpoint());
+    r->labels_.set_snapshot_key(r->peer_server_->public_key());
+    SnapshotForwarder* fwd = r->forwarder_.get();
+    auto ss = SnapshotServer::Start(
+        (r->options_.work_dir / "snapshots" / "s.sock").string(), r->snapshots_.get(),
+        [fwd](std::shared_ptr<const checkpoint::SnapshotFrame> f) { fwd->Offer(std::move(f)); },
+        kSnapshotFrameTimeout,
+        [trust = r->rank_trust_](pid_t pid, const checkpoint::SnapshotKey& key) {
+          return trust->Check(pid, key);
+        });
     if (!ss.ok()) return ss.status().WithContext("snapshot server");
     r->snapshot_server_ = std::move(*ss);
   }
@@ -131,8 +148,66 @@ AssignmentRunner::~AssignmentRunner() {
   supervisor_.reset();
   assignments_.clear();
   volume_server_.reset();
-  snapshot_server_.reset();
+  for (auto& [g, f] : fetches_) {
+    f.cancel->store(true);
+    finished_fetches_.push_back(std::move(f.thread));
+  }
+  for (auto& t : finished_fetches_) {
+    if (t.joinable()) t.join();
+  }
+  snapshot_server_.reset();  // no more frames to forward
+  forwarder_.reset();
+  peer_server_.reset();
   snapshots_.reset();
+}
+
+std::optional<std::vector<proto::SnapshotHeld>> AssignmentRunner::SnapshotsHeld() const {
+  if (!snapshots_) return std::nullopt;
+  std::vector<proto::SnapshotHeld> out;
+  for (const std::string& job : snapshots_->Jobs()) {
+    for (const HeldSnapshot& h : snapshots_->Held(job)) {
+      proto::SnapshotHeld p;
+      p.set_job_id(job);
+      p.set_rank(h.rank);
+      p.set_world_size(h.world_size);
+      p.set_attempt(h.attempt);
+      p.set_step(h.step);
+      out.push_back(std::move(p));
+    }
+  }
+  return out;
+}
+
+void AssignmentRunner::AddSnapshotsHeld(const std::string& job, proto::AgentReport& r) const {
+  if (!snapshots_) return;
+  r.set_snapshots_reported(true);
+  for (const HeldSnapshot& h : snapshots_->Held(job)) {
+    auto* p = r.add_snapshots_held();
+    p->set_job_id(job);
+    p->set_rank(h.rank);
+    p->set_world_size(h.world_size);
+    p->set_attempt(h.attempt);
+    p->set_step(h.step);
+  }
+}
+
+void AssignmentRunner::DropSnapshots(const std::string& job) {
+  if (!snapshots_) return;
+  for (const auto& [g, a] : assignments_) {
+    if (a.spec.job_id() == job && !a.live.empty()) return;  // its ranks run here: still needed
+  }
+  for (const auto& [g, f] : fetches_) {
+    if (f.a.spec.job_id() == job) return;
+  }
+  for (const auto& [g, p] : preflights_) {
+    if (p.a.spec.job_id() == job) return;
+  }
+  const auto jobs = snapshots_->Jobs();
+  if (std::find(jobs.begin(), jobs.end(), job) == jobs.end()) return;  // nothing held
+  logger_->info("job {}: in-memory snapshots dropped (the job ended or runs elsewhere)", job);
+  snapshots_->DropJob(job);
+  forwarder_->ClearJob(job);
+  peer_server_->Revoke(job);
 }
 
 std::map<std::string, proto::Progress> AssignmentRunner::TakeProgress() {
@@ -198,6 +273,8 @@ void AssignmentRunner::OnAction(const proto::AgentAction& a) {
       return;
     case proto::AgentAction::kReplicate:
       return out_.replicate(a.replicate());
+    case proto::AgentAction::kDropSnapshots:
+      return DropSnapshots(a.drop_snapshots().job_id());
     default:
       logger_->warn("ignoring an action this agent does not know (case {})",
                     static_cast<int>(a.action_case()));
@@ -234,7 +311,9 @@ void AssignmentRunner::StartAssignment(const proto::StartAssignment& given) {
     return StartError(s, st.message());
   }
   std::string group = GroupOf(s.job_id(), s.attempt());
-  if (assignments_.count(group) || preflights_.count(group)) return;  // delivered twice
+  if (assignments_.count(group) || preflights_.count(group) || fetches_.count(group)) {
+    return;  // delivered twice
+  }
   if (notice_) return StartError(s, "node has a preemption notice (" + notice_->source + ")");
   if (s.command_size() == 0 || s.ranks_per_node() <= 0 || s.nnodes() <= 0) {
     return StartError(s, "empty command or no ranks");
@@ -311,8 +390,139 @@ void AssignmentRunner::StartAssignment(const proto::StartAssignment& given) {
     if (!scope.ok()) return StartError(s, "rendezvous scope: " + scope.status().message());
     a.store = std::move(*store);
   }
-  if (s.nnodes() > 1) return BeginPreflight(std::move(a), creds, resume_fallback);
+  if (s.snapshot_every_steps() > 0 && peer_server_) {
+    // The gang's agents (and only they) hold the attempt's client key: they may copy this
+    // job's frames here and fetch them back.
+    if (keys) {
+      if (Status st = peer_server_->Allow(s.job_id(), keys->client.public_key); !st.ok()) {
+        logger_->warn("job {}: snapshot peers not admitted: {}", s.job_id(), st.ToString());
+      }
+    }
+    if (!s.snapshot_peer_endpoint().empty()) {
+      SnapshotPeerTarget t;
+      t.attempt = s.attempt();
+      t.node = "node rank " + std::to_string((s.node_rank() + 1) % std::max(1, s.nnodes()));
+      t.endpoint = s.snapshot_peer_endpoint();
+      t.server_key = s.snapshot_peer_key();
+      if (keys) t.client_key = keys->client;
+      forwarder_->SetTarget(s.job_id(), std::move(t));
+    }
+  }
+  if (s.snapshot_sources_size() > 0) {
+    return BeginSnapshotFetch(std::move(a), creds, resume_fallback);
+  }
+  Proceed(std::move(a), creds, resume_fallback);
+}
+
+void AssignmentRunner::Proceed(Assignment a, const std::string& creds,
+                               const std::string& resume_fallback) {
+  if (a.spec.nnodes() > 1) return BeginPreflight(std::move(a), creds, resume_fallback);
   LaunchRanks(std::move(a), creds, resume_fallback, "");
+}
+
+// The frames of this node's ranks for the snapshot resume that the store lacks come from their
+// holders first (a rank that moved to this node). A node that cannot get them fails the start:
+// its ranks must not resume from another step than the rest of the gang.
+void AssignmentRunner::BeginSnapshotFetch(Assignment a, const std::string& creds,
+                                          const std::string& fallback) {
+  const proto::StartAssignment& s = a.spec;
+  if (!snapshots_) {
+    return StartError(s,
+                      "the attempt resumes from in-memory snapshots, but this agent has no "
+                      "snapshot memory (--snapshot-memory-mb 0)");
+  }
+  struct Want {
+    checkpoint::SnapshotKey key;
+    std::vector<proto::SnapshotSource> from;
+  };
+  std::vector<Want> wants;
+  const int world = s.nnodes() * s.ranks_per_node();
+  for (int local = 0; local < s.ranks_per_node(); ++local) {
+    const int rank = s.node_rank() * s.ranks_per_node() + local;
+    checkpoint::SnapshotKey key{.job = s.job_id(),
+                                .attempt = s.snapshot_resume_attempt(),
+                                .rank = rank,
+                                .world_size = world,
+                                .step = s.snapshot_resume_step()};
+    auto held = snapshots_->Get(s.job_id(), rank, key.step);
+    if (held.ok() && (*held)->key == key) continue;
+    Want w{key, {}};
+    for (const auto& src : s.snapshot_sources()) {
+      if (src.rank() == rank && src.node() != labels_.name()) w.from.push_back(src);
+    }
+    if (w.from.empty()) {
+      return StartError(s, fmt::format("snapshot of rank {} step {} (attempt {}) is neither held "
+                                       "here nor offered by a peer",
+                                       rank, key.step, key.attempt));
+    }
+    wants.push_back(std::move(w));
+  }
+  if (wants.empty()) {
+    logger_->info("job {} attempt {}: resumes from in-memory snapshots of step {} held here",
+                  s.job_id(), s.attempt(), s.snapshot_resume_step());
+    return Proceed(std::move(a), creds, fallback);
+  }
+  KeyPair client;
+  if (!options_.insecure) {
+    auto k = ParseRdzvKey(s.rendezvous_key());
+    if (!k.ok()) return StartError(s, "rendezvous key: " + k.status().message());
+    client = k->client;
+  }
+  const std::string group = a.group;
+  Fetching& f = fetches_[group];
+  f.a = std::move(a);
+  f.creds = creds;
+  f.resume_fallback = fallback;
+  f.cancel = std::make_shared<std::atomic<bool>>(false);
+  std::weak_ptr<int> life = life_;
+  SnapshotStore* store = snapshots_.get();
+  const bool insecure = options_.insecure;
+  f.thread = std::thread([this, life, group, wants, client, store, insecure, cancel = f.cancel] {
+    Status result;
+    for (const Want& w : wants) {
+      Status last = NotFoundError("no holder");
+      bool got = false;
+      for (const auto& src : w.from) {
+        auto frame =
+            FetchSnapshotFromPeer(src.endpoint(), src.key(), client, insecure, w.key,
+                                  store->memory_limit(), milliseconds(20000), cancel.get());
+        if (!frame.ok()) {
+          last = frame.status().WithContext("from " + src.node());
+          continue;
+        }
+        last = store->Put(std::move(*frame));
+        if (last.ok()) {
+          got = true;
+          break;
+        }
+        last = last.WithContext("keeping the frame from " + src.node());
+      }
+      if (!got) {
+        result = last.WithContext(fmt::format("snapshot of rank {} step {} (attempt {})",
+                                              w.key.rank, w.key.step, w.key.attempt));
+        break;
+      }
+    }
+    if (cancel->load()) return;
+    reactor_.Post("agent.snapshot_fetch", [this, life, group, result] {
+      if (life.lock()) EndSnapshotFetch(group, result);
+    });
+  });
+  logger_->info("job {} attempt {}: fetching {} snapshot frame(s) of step {} from peers",
+                f.a.spec.job_id(), f.a.spec.attempt(), wants.size(),
+                f.a.spec.snapshot_resume_step());
+}
+
+void AssignmentRunner::EndSnapshotFetch(const std::string& group, const Status& st) {
+  auto it = fetches_.find(group);
+  if (it == fetches_.end()) return;  // stopped meanwhile
+  Fetching f = std::move(it->second);
+  fetches_.erase(it);
+  if (f.thread.joinable()) f.thread.join();  // it posted this and returned
+  if (!st.ok()) return StartError(f.a.spec, "snapshot resume: " + st.message());
+  logger_->info("job {} attempt {}: snapshot frames of step {} fetched from peers",
+                f.a.spec.job_id(), f.a.spec.attempt(), f.a.spec.snapshot_resume_step());
+  Proceed(std::move(f.a), f.creds, f.resume_fallback);
 }
 
 void AssignmentRunner::LaunchRanks(Assignment a, const std::string& creds,
@@ -365,6 +575,11 @@ void AssignmentRunner::LaunchRanks(Assignment a, const std::string& creds,
   contract.provider = labels_.provider();
   contract.control_fd = Supervisor::kControlFd;
   contract.socket_ifname = ifname;
+  if (s.snapshot_sources_size() > 0 && snapshot_server_) {
+    contract.snapshot_socket = snapshot_server_->socket_path();
+    contract.resume_snapshot_step = s.snapshot_resume_step();
+    contract.resume_snapshot_attempt = s.snapshot_resume_attempt();
+  }
   if (s.snapshot_every_steps() > 0) {
     if (snapshot_server_) {
       contract.snapshot_every = s.snapshot_every_steps();
@@ -417,6 +632,7 @@ void AssignmentRunner::LaunchRanks(Assignment a, const std::string& creds,
       if (c.id != *id) continue;
       a.pid_of[*id] = c.pid;
       out_.guard(c.pid, group + " rank " + std::to_string(rank));
+      rank_trust_->Add(c.pid, s.job_id(), rank);
     }
   }
   a.open = a.rank_of.size();
@@ -499,6 +715,17 @@ void AssignmentRunner::EndPreflight(const std::string& group, const PreflightRes
 }
 
 bool AssignmentRunner::StopPreflight(const std::string& group) {
+  if (auto f = fetches_.find(group); f != fetches_.end()) {
+    f->second.cancel->store(true);
+    finished_fetches_.push_back(std::move(f->second.thread));
+    proto::AgentReport rep;
+    rep.set_job_id(f->second.a.spec.job_id());
+    rep.set_attempt(f->second.a.spec.attempt());
+    rep.set_all_exited(true);
+    fetches_.erase(f);
+    out_.report(std::move(rep));
+    return true;
+  }
   auto it = preflights_.find(group);
   if (it == preflights_.end()) return false;
   proto::AgentReport rep;
@@ -743,6 +970,10 @@ void AssignmentRunner::OnExit(ChildId id, const ExitInfo& info) {
     // Kept while the job may resume from them (a failure, a lost peer, a notice).
     if (snapshots_ && (a.job_over || (!a.rank_failed && !a.stopping))) {
       snapshots_->DropJob(a.spec.job_id());
+      forwarder_->ClearJob(a.spec.job_id());
+      peer_server_->Revoke(a.spec.job_id());
+    } else if (snapshots_) {
+      AddSnapshotsHeld(a.spec.job_id(), r);  // what a resume may use: the ranks are gone
     }
   }
   if (!a.all_exited_sent || a.live.empty()) out_.report(std::move(r));
@@ -758,6 +989,7 @@ void AssignmentRunner::OnClosed(ChildId id) {
   if (it == assignments_.end()) return;
   if (auto p = it->second.pid_of.find(id); p != it->second.pid_of.end()) {
     out_.unguard(p->second);
+    rank_trust_->Remove(p->second);
   }
   if (--it->second.open == 0 && it->second.live.empty()) assignments_.erase(it);
 }

@@ -20,6 +20,7 @@
 
 #include <sys/types.h>
 
+#include <atomic>
 #include <chrono>
 #include <filesystem>
 #include <functional>
@@ -28,6 +29,7 @@
 #include <optional>
 #include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "collectives/rendezvous_relay.h"
@@ -41,6 +43,8 @@
 #include "node_agent/metrics/agent_metrics.h"
 #include "node_agent/preemption_notice.h"
 #include "node_agent/preflight.h"
+#include "node_agent/snapshots/peer_copy.h"
+#include "node_agent/snapshots/rank_trust.h"
 #include "node_agent/snapshots/snapshot_server.h"
 #include "node_agent/snapshots/snapshot_store.h"
 #include "node_agent/supervisor.h"
@@ -93,6 +97,11 @@ class AssignmentRunner {
   // dropped once an attempt here ends for good: every rank exited 0, or it was cancelled or
   // ran out of time.
   SnapshotStore* snapshots() const { return snapshots_.get(); }
+  // Copies to the peer agent and the peer's end of them; null without snapshot memory.
+  SnapshotForwarder* snapshot_forwarder() const { return forwarder_.get(); }
+  SnapshotPeerServer* snapshot_peer_server() const { return peer_server_.get(); }
+  // Every frame held now, for heartbeats; nullopt without snapshot memory. Thread-safe.
+  std::optional<std::vector<proto::SnapshotHeld>> SnapshotsHeld() const;
 
   // ---- REQUIRES: on the reactor thread, for everything below.
 
@@ -154,6 +163,15 @@ class AssignmentRunner {
                    const std::string& ifname);
   // A multi-node attempt runs the launch preflight off the reactor before LaunchRanks.
   void BeginPreflight(Assignment a, const std::string& creds, const std::string& fallback);
+  // A snapshot resume (StartAssignment.snapshot_sources): this node's ranks' frames that its
+  // store lacks are fetched from their holders off the reactor first; then Proceed.
+  void BeginSnapshotFetch(Assignment a, const std::string& creds, const std::string& fallback);
+  void EndSnapshotFetch(const std::string& group, const Status& st);
+  // The preflight (several nodes) or the launch.
+  void Proceed(Assignment a, const std::string& creds, const std::string& fallback);
+  void AddSnapshotsHeld(const std::string& job, proto::AgentReport& r) const;
+  // Frees the job's snapshots and reservations here, unless its ranks run (or start) here.
+  void DropSnapshots(const std::string& job);
   void EndPreflight(const std::string& group, const PreflightResult& r);
   // A stop for an attempt still in its preflight: over at once. False if none.
   bool StopPreflight(const std::string& group);
@@ -180,6 +198,19 @@ class AssignmentRunner {
   // Shared with the snapshot server's threads (thread-safe); the server is destroyed first.
   std::unique_ptr<SnapshotStore> snapshots_;
   std::unique_ptr<SnapshotServer> snapshot_server_;
+  std::unique_ptr<SnapshotForwarder> forwarder_;
+  std::unique_ptr<SnapshotPeerServer> peer_server_;
+  // The ranks that may use the local snapshot socket (shared with its threads).
+  std::shared_ptr<RankTrust> rank_trust_ = std::make_shared<RankTrust>();
+  // Attempts whose ranks' snapshot frames are being fetched from peers, by group.
+  struct Fetching {
+    Assignment a;
+    std::string creds, resume_fallback;
+    std::shared_ptr<std::atomic<bool>> cancel;
+    std::thread thread;
+  };
+  std::map<std::string, Fetching> fetches_;
+  std::vector<std::thread> finished_fetches_;      // joined in the destructor
   std::map<std::string, Assignment> assignments_;  // by group
   // Attempts whose launch preflight runs: by group, what LaunchRanks will need.
   struct Pending {

@@ -141,6 +141,12 @@ void CoordinatorSession::Heartbeat(const std::string& sid) {
   auto [running, prog] = delegate_.snapshot();
   for (auto& ra : running) *h->add_running() = std::move(ra);
   for (auto& [job, p] : prog) *h->add_progress() = p;
+  if (delegate_.snapshots_held) {
+    if (auto held = delegate_.snapshots_held()) {
+      h->set_snapshots_reported(true);
+      for (auto& s : *held) *h->add_snapshots_held() = std::move(s);
+    }
+  }
   auto sent = Clock::now();
   auto reply = ctl_->Call(std::move(req), ControlTimeout());
   if (!reply.ok()) {

@@ -22,6 +22,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <utility>
@@ -49,6 +50,8 @@ class CoordinatorSession {
     std::function<void(ProgressMap)> return_progress;
     // An action from the coordinator, in the order received; must not block.
     std::function<void(const proto::AgentAction&)> on_action;
+    // The in-memory snapshot frames held now, for each heartbeat; unset or nullopt: none.
+    std::function<std::optional<std::vector<proto::SnapshotHeld>>()> snapshots_held;
   };
 
   // `ctl` makes the control calls, `poll` the long polls (one each: calls on one client are

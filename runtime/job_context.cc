@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <system_error>
 
+#include "checkpoint/snapshot_state.h"
 #include "collectives/rendezvous_client.h"
 #include "common/control_channel.h"
 #include "common/logging.h"
@@ -151,6 +152,24 @@ StatusOr<checkpoint::SnapshotFrame> JobContext::FetchSnapshot(int64_t step, int 
                       .world_size = env_.world_size,
                       .step = step},
                      kMaxSnapshotFetchBytes);
+}
+
+StatusOr<int64_t> JobContext::RestoreSnapshot(
+    const std::vector<checkpoint::RestoreRequest>& requests, std::string* metadata) const {
+  if (!env_.resume_snapshot_step || !env_.resume_snapshot_attempt) {
+    return FailedPreconditionError(
+        "this attempt does not resume from an in-memory snapshot "
+        "(MUSTER_RESUME_SNAPSHOT_STEP unset)");
+  }
+  const int64_t step = *env_.resume_snapshot_step;
+  auto frame = FetchSnapshot(step, static_cast<int>(*env_.resume_snapshot_attempt));
+  if (!frame.ok()) {
+    return frame.status().WithContext("snapshot of step " + std::to_string(step));
+  }
+  MUSTER_RETURN_IF_ERROR(
+      checkpoint::RestoreSnapshotState(frame->payload, requests, metadata)
+          .WithContext("restoring the snapshot of step " + std::to_string(step)));
+  return step;
 }
 
 }  // namespace muster::runtime

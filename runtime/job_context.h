@@ -107,6 +107,17 @@ class JobContext {
   // checked), for checkpoint::RestoreSnapshotState. FailedPrecondition without a snapshot
   // socket; NotFound when the agent has none.
   StatusOr<checkpoint::SnapshotFrame> FetchSnapshot(int64_t step, int attempt) const;
+  // The step this attempt resumes from in memory (MUSTER_RESUME_SNAPSHOT_STEP), nullopt when it
+  // does not (it resumes from resume_step() on the volume, or fresh).
+  std::optional<int64_t> resume_snapshot_step() const { return env_.resume_snapshot_step; }
+  // The snapshot resume: fetches this rank's frame of MUSTER_RESUME_SNAPSHOT_STEP (of attempt
+  // MUSTER_RESUME_SNAPSHOT_ATTEMPT) from the local agent, checks its xxh3, and copies the saved
+  // tensors into `requests` (checkpoint::RestoreSnapshotState) and the saved metadata into
+  // `metadata`. Returns the step. FailedPrecondition when the attempt does not resume from a
+  // snapshot; NotFound, DataLoss or InvalidArgument as the fetch and the restore say. On an
+  // error the rank must not go on with another step than its peers: exit non-zero.
+  StatusOr<int64_t> RestoreSnapshot(const std::vector<checkpoint::RestoreRequest>& requests,
+                                    std::string* metadata = nullptr) const;
 
   // True once this rank has seen a preemption notice (see above); stays true.
   bool NoticeSeen();

@@ -30,12 +30,17 @@ std::string Reply(const Status& s) {
 
 }  // namespace
 
-SnapshotServer::SnapshotServer(std::string path, SnapshotStore* store, OnPut on_put)
-    : path_(std::move(path)), store_(store), on_put_(std::move(on_put)) {}
+SnapshotServer::SnapshotServer(std::string path, SnapshotStore* store, OnPut on_put,
+                               std::chrono::milliseconds frame_timeout, PeerCheck peer_check)
+    : path_(std::move(path)),
+      store_(store),
+      on_put_(std::move(on_put)),
+      frame_timeout_(frame_timeout),
+      peer_check_(std::move(peer_check)) {}
 
-StatusOr<std::unique_ptr<SnapshotServer>> SnapshotServer::Start(std::string socket_path,
-                                                                SnapshotStore* store,
-                                                                OnPut on_put) {
+StatusOr<std::unique_ptr<SnapshotServer>> SnapshotServer::Start(
+    std::string socket_path, SnapshotStore* store, OnPut on_put,
+    std::chrono::milliseconds frame_timeout, PeerCheck peer_check) {
   sockaddr_un addr{};
   addr.sun_family = AF_UNIX;
   if (socket_path.empty() || socket_path.size() >= sizeof(addr.sun_path)) {
@@ -50,7 +55,8 @@ StatusOr<std::unique_ptr<SnapshotServer>> SnapshotServer::Start(std::string sock
                             (ec ? ec.message() : std::strerror(errno)));
   }
   ::unlink(socket_path.c_str());  // a predecessor's (kill -9 leaves it)
-  std::unique_ptr<SnapshotServer> s(new SnapshotServer(socket_path, store, std::move(on_put)));
+  std::unique_ptr<SnapshotServer> s(new SnapshotServer(socket_path, store, std::move(on_put),
+                                                       frame_timeout, std::move(peer_check)));
   s->listen_fd_ = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (s->listen_fd_ < 0) return InternalError(Errno("snapshot socket"));
   std::memcpy(addr.sun_path, socket_path.data(), socket_path.size());
@@ -114,6 +120,9 @@ void SnapshotServer::AcceptLoop() {
       } else {
         auto c = std::make_unique<Conn>();
         c->fd = fd;
+        ucred cred{};
+        socklen_t len = sizeof(cred);
+        if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0) c->pid = cred.pid;
         Conn* raw = c.get();
         conns_.push_back(std::move(c));
         raw->thread = std::thread([this, raw] { Serve(raw); });
@@ -129,10 +138,15 @@ void SnapshotServer::Serve(Conn* conn) {
   const uint64_t limit = store_->memory_limit();
   while (true) {
     char op = 0;
-    if (!checkpoint::RecvAll(fd, &op, 1).ok()) break;
+    if (!checkpoint::RecvAll(fd, &op, 1).ok()) break;  // idle between requests: no limit
+    // The rest of the request must follow promptly (kSnapshotFrameTimeout).
+    auto deadline = std::chrono::steady_clock::now() + frame_timeout_;
     std::string header(checkpoint::kSnapshotHeaderBytes, '\0');
-    Status s = checkpoint::RecvAll(fd, header.data(), header.size());
-    if (!s.ok()) break;
+    Status s = checkpoint::RecvAll(fd, header.data(), header.size(), deadline);
+    if (!s.ok()) {
+      log->warn("snapshot channel: request header: {}; connection closed", s.ToString());
+      break;
+    }
     auto h = checkpoint::DecodeSnapshotHeader(header, limit);
     if (!h.ok() || (op != 'P' && op != 'G')) {
       Status bad = h.ok() ? InvalidArgumentError("snapshot channel: unknown op " +
@@ -159,7 +173,12 @@ void SnapshotServer::Serve(Conn* conn) {
       break;
     }
     std::string body(want, '\0');
-    Status read = checkpoint::RecvAll(fd, body.data(), body.size());
+    deadline += std::chrono::seconds(want / kSnapshotFrameBytesPerSecond);
+    Status read = checkpoint::RecvAll(fd, body.data(), body.size(), deadline);
+    if (!read.ok()) {
+      log->warn("snapshot channel: frame of {} bytes: {}; connection closed", want,
+                read.ToString());
+    }
     auto f = read.ok() ? checkpoint::DecodeSnapshotBody(*h, body)
                        : StatusOr<checkpoint::SnapshotFrame>(read);
     body = std::string();
@@ -172,6 +191,17 @@ void SnapshotServer::Serve(Conn* conn) {
       log->warn("snapshot channel: {}", f.status().ToString());
       (void)checkpoint::SendAll(fd, Reply(f.status()));
       break;
+    }
+    if (peer_check_) {
+      Status may =
+          conn->pid > 0
+              ? peer_check_(conn->pid, f->key)
+              : FailedPreconditionError("permission denied: the connecting process is unknown");
+      if (!may.ok()) {
+        log->warn("snapshot channel: process {} refused: {}", conn->pid, may.ToString());
+        if (!checkpoint::SendAll(fd, Reply(may)).ok()) break;
+        continue;
+      }
     }
     if (op == 'P') {
       checkpoint::SnapshotKey key = f->key;

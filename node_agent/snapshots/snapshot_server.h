@@ -18,6 +18,9 @@
 // Thread-safety: constructed and destroyed by one thread; the store is shared (thread-safe).
 // REQUIRES: `store` outlives the server.
 
+#include <sys/types.h>
+
+#include <chrono>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -32,32 +35,49 @@
 namespace muster::node_agent {
 
 inline constexpr int kMaxSnapshotConnections = 256;
+// Once a request's first byte has arrived, the rest of its frame must arrive within this, plus
+// one second per kSnapshotFrameBytesPerSecond of payload announced: a rank that stalls
+// mid-frame (stopped, hung) loses its connection, and the bytes it had reserved against the
+// limit are free again.
+inline constexpr std::chrono::milliseconds kSnapshotFrameTimeout{10000};
+inline constexpr uint64_t kSnapshotFrameBytesPerSecond = uint64_t{256} << 20;
 
 class SnapshotServer {
  public:
   using OnPut = std::function<void(std::shared_ptr<const checkpoint::SnapshotFrame>)>;
+  // Whether the process `pid` (the connecting process, from SO_PEERCRED) may put or get the
+  // frame of `key`; an error is the reply. Called on the connection's thread for every request.
+  using PeerCheck = std::function<Status(pid_t pid, const checkpoint::SnapshotKey& key)>;
 
   // Unavailable/Internal naming the path when the socket cannot be made.
-  static StatusOr<std::unique_ptr<SnapshotServer>> Start(std::string socket_path,
-                                                         SnapshotStore* store,
-                                                         OnPut on_put = nullptr);
+  // `frame_timeout`: kSnapshotFrameTimeout (shorter in tests).
+  // `peer_check`: null lets every process of the agent's user in (the directory's mode is then
+  // the only fence).
+  static StatusOr<std::unique_ptr<SnapshotServer>> Start(
+      std::string socket_path, SnapshotStore* store, OnPut on_put = nullptr,
+      std::chrono::milliseconds frame_timeout = kSnapshotFrameTimeout,
+      PeerCheck peer_check = nullptr);
   // Closes the socket and every connection, joins the threads, removes the socket file.
   ~SnapshotServer();
 
   const std::string& socket_path() const { return path_; }
 
  private:
-  SnapshotServer(std::string path, SnapshotStore* store, OnPut on_put);
+  SnapshotServer(std::string path, SnapshotStore* store, OnPut on_put,
+                 std::chrono::milliseconds frame_timeout, PeerCheck peer_check);
   void AcceptLoop();
 
   const std::string path_;
   SnapshotStore* store_;
   OnPut on_put_;
+  const std::chrono::milliseconds frame_timeout_;
+  PeerCheck peer_check_;
   int listen_fd_ = -1;
   int wake_[2] = {-1, -1};  // closing wake_[1] wakes every poll
   std::thread accept_thread_;
   struct Conn {
     int fd = -1;
+    pid_t pid = -1;     // the connecting process (SO_PEERCRED); -1: unknown
     bool done = false;  // GUARDED_BY(mu_): Serve returned; the thread may be joined
     std::thread thread;
   };

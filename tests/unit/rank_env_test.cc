@@ -35,6 +35,8 @@ RankEnv Full() {
   e.control_fd = 3;
   e.snapshot_every = 1;
   e.snapshot_socket = "/var/lib/muster/snapshots/s.sock";
+  e.resume_snapshot_step = 41;
+  e.resume_snapshot_attempt = 1;
   e.coll_backend = "gloo";
   e.coll_timeout_ms = 2000;
   e.socket_ifname = "eth1";
@@ -144,6 +146,20 @@ TEST(RankEnvTest, ValidateNamesTheFieldOutOfRange) {
   e = Full();
   e.checkpoint_every = 0;
   EXPECT_EQ(e.Validate().code(), StatusCode::kInvalidArgument);
+}
+
+TEST(RankEnvTest, ASnapshotResumeNeedsItsStepAttemptAndSocket) {
+  RankEnv e = Full();
+  e.resume_snapshot_attempt.reset();
+  EXPECT_EQ(e.Validate().message(),
+            "MUSTER_RESUME_SNAPSHOT_STEP and MUSTER_RESUME_SNAPSHOT_ATTEMPT go together");
+  e = Full();
+  e.snapshot_socket.clear();
+  EXPECT_EQ(e.Validate().message(),
+            "MUSTER_RESUME_SNAPSHOT_STEP is set without MUSTER_SNAPSHOT_SOCKET");
+  auto env = Full().ToEnviron();
+  env["MUSTER_RESUME_SNAPSHOT_STEP"] = "-3";
+  EXPECT_NE(Error(env).find("MUSTER_RESUME_SNAPSHOT_STEP"), std::string::npos);
 }
 
 TEST(RankEnvTest, UnknownMusterNamesAreReportedNotFatal) {

@@ -5,6 +5,7 @@
 #include "checkpoint/snapshot_channel.h"
 
 #include <gtest/gtest.h>
+#include <poll.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -166,6 +167,40 @@ TEST_F(SnapshotChannelTest, AMalformedRequestGetsAnErrorAndTheServerKeepsServing
   state.tensors.push_back(TensorRef::Replicated("x", DType::kU8, {10}, x.data()));
   ASSERT_TRUE(sender->Snapshot(5, state).ok());
   EXPECT_TRUE(sender->Flush(seconds(10)).ok());
+}
+
+// A rank that stalls in the middle of a frame loses its connection after the frame timeout, and
+// the bytes it had reserved against the limit are free again: a frame as large as the whole
+// limit is then kept. (Without the timeout the stalled connection holds them for ever.)
+TEST_F(SnapshotChannelTest, AFrameStalledMidwayIsDroppedAndItsReservationFreed) {
+  const uint64_t limit = 64 << 10;
+  SnapshotStore store({.memory_limit = 2 * limit, .keep_steps = 1});
+  auto server = SnapshotServer::Start(path_, &store, nullptr, std::chrono::milliseconds(300));
+  ASSERT_TRUE(server.ok());
+  int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::memcpy(addr.sun_path, path_.data(), path_.size());
+  ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  auto frame = checkpoint::EncodeSnapshotFrame(Key(0, 1), std::string(limit + (limit / 2), 's'));
+  ASSERT_TRUE(frame.ok());
+  // The header and a little of the body, then nothing.
+  ASSERT_TRUE(
+      checkpoint::SendAll(fd, "P" + frame->substr(0, checkpoint::kSnapshotHeaderBytes + 100)).ok());
+  // Another rank's frame of the same size would not fit beside the stalled one's reservation.
+  auto other = SnapshotClient::Connect(path_);
+  ASSERT_TRUE(other.ok());
+  auto big = checkpoint::EncodeSnapshotFrame(Key(1, 1), std::string(limit + (limit / 2), 'b'));
+  ASSERT_TRUE(big.ok());
+  // The stalled connection is closed by the server.
+  char c;
+  pollfd p{fd, POLLIN, 0};
+  ASSERT_EQ(::poll(&p, 1, 10000), 1);
+  EXPECT_EQ(::recv(fd, &c, 1, 0), 0);
+  ::close(fd);
+  Status put = (*other)->Put(*big);
+  EXPECT_TRUE(put.ok()) << put.ToString();
+  EXPECT_TRUE(store.Get("ft-1", 1, 1).ok());
 }
 
 TEST(SnapshotStateTest, AMalformedPayloadIsDataLoss) {

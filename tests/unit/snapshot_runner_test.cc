@@ -12,6 +12,7 @@
 #include <filesystem>
 #include <set>
 
+#include "checkpoint/snapshot_channel.h"
 #include "common/reactor.h"
 #include "node_agent/assignment_runner.h"
 #include "tests/testing/wait_until.h"
@@ -139,6 +140,65 @@ TEST_F(SnapshotRunnerTest, SnapshotsThatDoNotFitAreRefusedToTheRankWithTheReason
   EXPECT_EQ(exits[0].exit_code(), 6);
   EXPECT_EQ(runner_->snapshots()->used_bytes(), 0u);
   EXPECT_EQ(runner_->snapshots()->reserved_bytes(), 0u);
+}
+
+// Only the agent's own ranks may use its snapshot socket, each for its own frames: this test
+// process (the agent's user, so the directory lets it reach the socket) is refused, for a job
+// that exists too, and nothing is kept.
+TEST_F(SnapshotRunnerTest, AProcessThatIsNotARankIsRefusedTheSocket) {
+  ASSERT_NO_FATAL_FAILURE(Make(64 << 20));
+  auto exits = Run("snap-kept", 1, 1, 3);  // its snapshots are kept after the failure
+  ASSERT_EQ(exits.size(), 1u);
+  ASSERT_FALSE(runner_->snapshots()->Held("snap-kept").empty());
+  auto client =
+      checkpoint::SnapshotClient::Connect((dir_ / "work" / "snapshots" / "s.sock").string());
+  ASSERT_TRUE(client.ok()) << client.status();
+  checkpoint::SnapshotKey key{
+      .job = "snap-kept", .attempt = 1, .rank = 0, .world_size = 1, .step = 1000};
+  Status put = (*client)->Put(key, "not a rank's");
+  EXPECT_EQ(put.code(), StatusCode::kFailedPrecondition) << put;
+  EXPECT_NE(put.message().find("permission denied: process " + std::to_string(::getpid()) +
+                               " is not a rank this agent started"),
+            std::string::npos)
+      << put;
+  auto got = (*client)->Get(key, 1 << 20);
+  EXPECT_EQ(got.status().code(), StatusCode::kFailedPrecondition) << got.status();
+  EXPECT_FALSE(runner_->snapshots()->Get("snap-kept", 0, 1000).ok());
+}
+
+// The coordinator's DropSnapshots (the job ended, or its next attempt runs elsewhere) frees
+// what a failed attempt left here, reservations included; another job's frames stay.
+TEST_F(SnapshotRunnerTest, DropSnapshotsFreesTheJobsFramesAndReservations) {
+  ASSERT_NO_FATAL_FAILURE(Make(64 << 20));
+  ASSERT_EQ(Run("snap-a", 1, 1, 3).size(), 1u);
+  ASSERT_EQ(Run("snap-b", 1, 1, 3).size(), 1u);
+  ASSERT_FALSE(runner_->snapshots()->Held("snap-a").empty());
+  const uint64_t reserved = runner_->snapshots()->reserved_bytes();
+  proto::AgentAction drop;
+  drop.mutable_drop_snapshots()->set_job_id("snap-a");
+  reactor_->Call("drop", [&] { runner_->OnAction(drop); });
+  EXPECT_TRUE(runner_->snapshots()->Held("snap-a").empty());
+  EXPECT_FALSE(runner_->snapshots()->Held("snap-b").empty());
+  EXPECT_LT(runner_->snapshots()->reserved_bytes(), reserved);
+  auto jobs = runner_->snapshots()->Jobs();
+  EXPECT_EQ(jobs, std::vector<std::string>{"snap-b"});
+}
+
+TEST(RankTrustTest, ARankMayUseOnlyItsOwnFramesOfItsOwnJob) {
+  RankTrust trust;
+  checkpoint::SnapshotKey key{.job = "j", .attempt = 1, .rank = 1, .world_size = 2, .step = 3};
+  EXPECT_EQ(trust.Check(::getpid(), key).code(), StatusCode::kFailedPrecondition);
+  trust.Add(::getpgid(0), "j", 1);  // this process's group stands for a rank's
+  EXPECT_TRUE(trust.Check(::getpid(), key).ok());
+  key.rank = 0;
+  EXPECT_NE(trust.Check(::getpid(), key).message().find("is rank 1 of job j, not rank 0 of job j"),
+            std::string::npos);
+  key.rank = 1;
+  key.job = "other";
+  EXPECT_EQ(trust.Check(::getpid(), key).code(), StatusCode::kFailedPrecondition);
+  trust.Remove(::getpgid(0));
+  key.job = "j";
+  EXPECT_EQ(trust.Check(::getpid(), key).code(), StatusCode::kFailedPrecondition);
 }
 
 TEST_F(SnapshotRunnerTest, WithoutSnapshotMemoryTheJobRunsWithoutSnapshots) {

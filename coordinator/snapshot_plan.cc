@@ -1,0 +1,118 @@
+#include "coordinator/snapshot_plan.h"
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <algorithm>
+#include <set>
+
+namespace muster::coordinator {
+
+namespace {
+
+void ToHoldings(const std::string& node, const SnapshotBook::Held& held,
+                const std::string* only_job,
+                std::map<std::string, std::vector<SnapshotHolding>>* out) {
+  for (const auto& h : held) {
+    if (only_job && h.job_id() != *only_job) continue;
+    (*out)[h.job_id()].push_back({node, h.rank(), h.world_size(), h.attempt(), h.step()});
+  }
+}
+
+}  // namespace
+
+void SnapshotBook::ReplaceNode(const std::string& node, const Held& held) {
+  auto& jobs = held_[node];
+  jobs.clear();
+  ToHoldings(node, held, nullptr, &jobs);
+}
+
+void SnapshotBook::ReplaceJob(const std::string& node, const std::string& job, const Held& held) {
+  auto& jobs = held_[node];
+  jobs.erase(job);
+  ToHoldings(node, held, &job, &jobs);
+}
+
+void SnapshotBook::ForgetNode(const std::string& node) { held_.erase(node); }
+
+std::vector<SnapshotHolding> SnapshotBook::Of(const std::string& job) const {
+  std::vector<SnapshotHolding> out;
+  for (const auto& [node, jobs] : held_) {
+    auto it = jobs.find(job);
+    if (it != jobs.end()) out.insert(out.end(), it->second.begin(), it->second.end());
+  }
+  return out;
+}
+
+std::vector<std::string> SnapshotBook::TakeHoldersExcept(const std::string& job,
+                                                         const std::vector<std::string>& keep) {
+  std::vector<std::string> out;
+  for (auto& [node, jobs] : held_) {
+    if (std::find(keep.begin(), keep.end(), node) != keep.end()) continue;
+    auto it = jobs.find(job);
+    if (it == jobs.end()) continue;
+    jobs.erase(it);
+    out.push_back(node);
+  }
+  return out;
+}
+
+ResumeChoice PlanSnapshots(const std::vector<SnapshotNode>& nodes, int ranks_per_node,
+                           const std::vector<SnapshotHolding>& held,
+                           std::optional<int64_t> volume_step,
+                           std::vector<proto::AgentAction>& starts) {
+  const int nn = static_cast<int>(nodes.size());
+  // The ring: node rank i copies to node rank i+1's agent.
+  for (int i = 0; i < nn && nn > 1; ++i) {
+    const SnapshotNode& peer = nodes[(i + 1) % nn];
+    if (peer.endpoint.empty() || nodes[i].endpoint.empty()) continue;
+    auto* s = starts[i].mutable_start();
+    s->set_snapshot_peer_endpoint(peer.endpoint);
+    s->set_snapshot_peer_key(peer.key);
+  }
+  // Only frames that this attempt's nodes hold can be fetched by its agents.
+  std::map<std::string, const SnapshotNode*> by_name;
+  for (const auto& n : nodes) {
+    if (!n.endpoint.empty()) by_name[n.name] = &n;
+  }
+  std::vector<SnapshotHolding> usable;
+  for (const auto& h : held) {
+    if (by_name.count(h.node)) usable.push_back(h);
+  }
+  ResumeChoice c = ChooseResume(nn * ranks_per_node, usable, {}, volume_step);
+  if (c.source != ResumeChoice::Source::kSnapshot) return c;
+  for (int i = 0; i < nn; ++i) {
+    auto* s = starts[i].mutable_start();
+    s->set_snapshot_resume_step(c.step);
+    s->set_snapshot_resume_attempt(c.attempt);
+    for (int local = 0; local < ranks_per_node; ++local) {
+      const int rank = i * ranks_per_node + local;
+      std::vector<std::string> holders = c.holders[rank];
+      // Its own node first: no copy over the network when it holds the frame.
+      std::stable_partition(holders.begin(), holders.end(),
+                            [&](const std::string& n) { return n == nodes[i].name; });
+      for (const auto& h : holders) {
+        const SnapshotNode* n = by_name.at(h);
+        auto* src = s->add_snapshot_sources();
+        src->set_rank(rank);
+        src->set_node(n->name);
+        src->set_endpoint(n->endpoint);
+        src->set_key(n->key);
+      }
+    }
+  }
+  return c;
+}
+
+std::string SnapshotResumeEvent(int attempt, const ResumeChoice& c,
+                                std::optional<int64_t> volume_step) {
+  std::set<std::string> on;
+  for (const auto& [rank, nodes] : c.holders) on.insert(nodes.begin(), nodes.end());
+  return fmt::format(
+      "attempt {} resumes from step {} (in-memory snapshot of attempt {} on nodes {}; {})", attempt,
+      c.step, c.attempt, fmt::join(on, ","),
+      volume_step ? "the volume has step " + std::to_string(*volume_step)
+                  : std::string("nothing on the volume"));
+}
+
+}  // namespace muster::coordinator

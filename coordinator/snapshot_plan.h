@@ -1,0 +1,69 @@
+#pragma once
+
+// The coordinator's side of in-memory peer snapshots (node_agent/snapshots/):
+//
+// SnapshotBook: what each node's agent last said it holds (heartbeats carry every frame held;
+// the report that an attempt's ranks all exited carries the job's frames as they are once its
+// ranks are gone). A lost node's or a re-registered agent's holdings are forgotten.
+//
+// PlanSnapshots: fills in an attempt's StartAssignments. Each node copies its frames to the next
+// node rank's agent (ring order). And where the job resumes: ChooseResume (snapshot_resume.h)
+// over the frames that the attempt's own nodes hold (a rank may then fetch its frame from another
+// node of the attempt, which admits the attempt's key) and the volume's step; for a snapshot
+// resume each node gets the step, the attempt and the holders of its ranks' frames (its own node
+// first). resume_step stays the volume's step.
+//
+// Thread-safety: SnapshotBook is not thread-safe (the coordinator's reactor only);
+// PlanSnapshots is a pure function of its arguments.
+
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "common/proto/coordinator.pb.h"
+#include "coordinator/snapshot_resume.h"
+
+namespace muster::coordinator {
+
+class SnapshotBook {
+ public:
+  using Held = google::protobuf::RepeatedPtrField<proto::SnapshotHeld>;
+  // Everything `node` holds (a heartbeat).
+  void ReplaceNode(const std::string& node, const Held& held);
+  // What `node` holds of `job` (an all-exited report).
+  void ReplaceJob(const std::string& node, const std::string& job, const Held& held);
+  void ForgetNode(const std::string& node);
+  // Every frame of `job` that some node holds.
+  std::vector<SnapshotHolding> Of(const std::string& job) const;
+  // The nodes that hold frames of `job` and are not in `keep`; they are forgotten as holders
+  // of it (the caller asks them to drop the frames: DropSnapshots).
+  std::vector<std::string> TakeHoldersExcept(const std::string& job,
+                                             const std::vector<std::string>& keep);
+
+ private:
+  // node -> job -> frames
+  std::map<std::string, std::map<std::string, std::vector<SnapshotHolding>>> held_;
+};
+
+// A node of the attempt, in node-rank order: where its agent takes snapshot frames (empty: it
+// has no snapshot memory).
+struct SnapshotNode {
+  std::string name;
+  std::string endpoint;
+  std::string key;
+};
+
+// REQUIRES: starts.size() == nodes.size(), each holding a start; ranks_per_node >= 1.
+// `volume_step`: the newest step on the volume (nullopt: none).
+ResumeChoice PlanSnapshots(const std::vector<SnapshotNode>& nodes, int ranks_per_node,
+                           const std::vector<SnapshotHolding>& held,
+                           std::optional<int64_t> volume_step,
+                           std::vector<proto::AgentAction>& starts);
+
+// "attempt A resumes from step S (in-memory snapshot of attempt P on nodes x,y; the volume has
+// step V)" for a snapshot choice.
+std::string SnapshotResumeEvent(int attempt, const ResumeChoice& c,
+                                std::optional<int64_t> volume_step);
+
+}  // namespace muster::coordinator

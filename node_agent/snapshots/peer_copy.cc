@@ -1,0 +1,402 @@
+#include "node_agent/snapshots/peer_copy.h"
+
+#include <algorithm>
+#include <atomic>
+
+#include "common/logging.h"
+#include "common/path_name.h"
+#include "common/rpc.h"
+#include "common/wire.h"
+
+namespace muster::node_agent {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using std::chrono::milliseconds;
+
+Status PermissionDenied(const std::string& why) {
+  return FailedPreconditionError("permission denied: " + why);
+}
+
+bool IsPermissionDenied(const Status& st) {
+  return st.code() == StatusCode::kFailedPrecondition &&
+         st.message().rfind("permission denied", 0) == 0;
+}
+
+// Room for the envelope and the frame's header around a payload.
+constexpr int64_t kEnvelopeSlack = 1 << 20;
+
+std::string Describe(const checkpoint::SnapshotKey& k) {
+  return k.job + " attempt " + std::to_string(k.attempt) + " rank " + std::to_string(k.rank) +
+         " step " + std::to_string(k.step);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+
+struct SnapshotPeerServer::Impl {
+  ZapAuthenticator* zap = nullptr;
+  bool insecure = false;
+  SnapshotStore* store = nullptr;
+  std::unique_ptr<RpcServer> rpc;
+  std::shared_ptr<spdlog::logger> logger = log::Get("agent.snapshots");
+
+  std::mutex mu;
+  std::map<std::string, std::string> job_of_key;  // GUARDED_BY(mu): client key -> job
+  // GUARDED_BY(mu): requests waiting for the worker, and the bytes of their frames.
+  std::deque<std::pair<proto::Envelope, RpcServer::Reply>> work;
+  std::deque<std::string> keys;  // GUARDED_BY(mu): each queued request's client key
+  uint64_t queued_bytes = 0;     // GUARDED_BY(mu)
+  bool stop = false;             // GUARDED_BY(mu)
+  std::condition_variable cv;
+  std::thread worker;
+  std::atomic<int64_t> kept{0}, refused{0};
+
+  Status Authorize(const std::string& peer_key, const std::string& job) {
+    if (insecure) return Status::Ok();
+    std::lock_guard<std::mutex> l(mu);
+    auto it = job_of_key.find(peer_key);
+    if (it == job_of_key.end() || it->second != job) {
+      return PermissionDenied("this key is not admitted for snapshots of job " + job);
+    }
+    return Status::Ok();
+  }
+
+  // On the reactor: queue for the worker (the frame is decoded and checked there).
+  void Handle(const PeerInfo& peer, proto::Envelope&& req, RpcServer::Reply reply) {
+    uint64_t id = req.request_id();
+    if (!req.has_snapshot_peer_request()) {
+      refused++;
+      return reply(ErrorEnvelope(id, InvalidArgumentError("not a snapshot peer request")));
+    }
+    const uint64_t bytes = req.snapshot_peer_request().frame().size();
+    {
+      std::lock_guard<std::mutex> l(mu);
+      // At most the store's whole limit waits in memory besides what it holds.
+      if (!work.empty() && queued_bytes + bytes > store->memory_limit()) {
+        refused++;
+        return reply(ErrorEnvelope(
+            id, UnavailableError("snapshot peer server busy: " + std::to_string(queued_bytes) +
+                                 " bytes of frames queued")));
+      }
+      queued_bytes += bytes;
+      keys.push_back(insecure ? std::string() : peer.public_key);
+      work.emplace_back(std::move(req), std::move(reply));
+    }
+    cv.notify_one();
+  }
+
+  proto::Envelope Serve(const std::string& peer_key, const proto::Envelope& req) {
+    const uint64_t id = req.request_id();
+    const auto& r = req.snapshot_peer_request();
+    auto frame = checkpoint::DecodeSnapshotFrame(r.frame(), store->memory_limit());
+    if (!frame.ok()) return ErrorEnvelope(id, frame.status().WithContext("snapshot frame"));
+    if (Status st = Authorize(peer_key, frame->key.job); !st.ok()) return ErrorEnvelope(id, st);
+    proto::Envelope out;
+    out.set_request_id(id);
+    if (r.op() == proto::SnapshotPeerRequest::PUT) {
+      const std::string what = Describe(frame->key);
+      if (Status st = store->Put(std::move(*frame)); !st.ok()) {
+        logger->error("snapshot from a peer refused ({}): {}", what, st.ToString());
+        return ErrorEnvelope(id, st);
+      }
+      kept++;
+      out.mutable_snapshot_peer_reply();
+      return out;
+    }
+    if (r.op() == proto::SnapshotPeerRequest::GET) {
+      auto held = store->Get(frame->key.job, frame->key.rank, frame->key.step);
+      if (!held.ok()) return ErrorEnvelope(id, held.status());
+      const checkpoint::SnapshotKey& k = (*held)->key;
+      if (k.attempt != frame->key.attempt || k.world_size != frame->key.world_size) {
+        return ErrorEnvelope(
+            id, NotFoundError("no frame of " + Describe(frame->key) + " here (holds attempt " +
+                              std::to_string(k.attempt) + ", world size " +
+                              std::to_string(k.world_size) + ")"));
+      }
+      auto bytes = checkpoint::EncodeSnapshotFrame(k, (*held)->payload);
+      if (!bytes.ok()) return ErrorEnvelope(id, bytes.status());
+      out.mutable_snapshot_peer_reply()->set_frame(std::move(*bytes));
+      return out;
+    }
+    return ErrorEnvelope(id, InvalidArgumentError("unknown snapshot peer op " +
+                                                  std::to_string(static_cast<int>(r.op()))));
+  }
+
+  void Loop() {
+    std::unique_lock<std::mutex> l(mu);
+    for (;;) {
+      cv.wait(l, [&] { return stop || !work.empty(); });
+      if (stop) return;
+      auto [req, reply] = std::move(work.front());
+      work.pop_front();
+      std::string key = std::move(keys.front());
+      keys.pop_front();
+      const uint64_t bytes = req.snapshot_peer_request().frame().size();
+      l.unlock();
+      proto::Envelope out = Serve(key, req);
+      if (out.has_error()) refused++;
+      req.Clear();
+      reply(std::move(out));
+      l.lock();
+      queued_bytes -= bytes;
+    }
+  }
+};
+
+SnapshotPeerServer::SnapshotPeerServer(std::shared_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+SnapshotPeerServer::~SnapshotPeerServer() {
+  impl_->rpc.reset();  // no new requests
+  {
+    std::lock_guard<std::mutex> l(impl_->mu);
+    impl_->stop = true;
+  }
+  impl_->cv.notify_all();
+  if (impl_->worker.joinable()) impl_->worker.join();
+  if (impl_->zap) impl_->zap->SetAuthorized(kSnapshotsZapDomain, {});
+}
+
+StatusOr<std::unique_ptr<SnapshotPeerServer>> SnapshotPeerServer::Create(
+    Reactor& reactor, ZapAuthenticator* zap, bool insecure, const std::string& endpoint,
+    SnapshotStore* store) {
+  if (!insecure && zap == nullptr) {
+    return InvalidArgumentError("snapshot peer server: CURVE needs a ZAP authenticator");
+  }
+  auto impl = std::make_shared<Impl>();
+  impl->zap = zap;
+  impl->insecure = insecure;
+  impl->store = store;
+  RpcServer::Options o;
+  o.name = "snapshots";
+  o.endpoint = endpoint;
+  o.insecure = insecure;
+  o.authenticator = zap;
+  o.zap_domain = kSnapshotsZapDomain;
+  o.max_message_bytes =
+      static_cast<int64_t>(std::min<uint64_t>(store->memory_limit(), uint64_t{1} << 62)) +
+      kEnvelopeSlack;
+  if (!insecure) {
+    MUSTER_ASSIGN_OR_RETURN(o.server_key, GenerateKeyPair());
+    zap->SetAuthorized(kSnapshotsZapDomain, {});
+  }
+  Impl* p = impl.get();
+  MUSTER_ASSIGN_OR_RETURN(
+      impl->rpc,
+      RpcServer::Create(reactor, o,
+                        [p](const PeerInfo& peer, proto::Envelope&& req, RpcServer::Reply reply) {
+                          p->Handle(peer, std::move(req), std::move(reply));
+                        }));
+  impl->worker = std::thread([p] { p->Loop(); });
+  return std::unique_ptr<SnapshotPeerServer>(new SnapshotPeerServer(std::move(impl)));
+}
+
+Status SnapshotPeerServer::Allow(const std::string& job, const std::string& client_public_key) {
+  MUSTER_RETURN_IF_ERROR(ValidatePathName(job, "snapshot job id"));
+  if (!IsValidZ85Key(client_public_key)) {
+    return InvalidArgumentError("snapshot key for " + job + " is not a z85 CURVE public key");
+  }
+  if (impl_->insecure) return Status::Ok();
+  std::lock_guard<std::mutex> l(impl_->mu);
+  impl_->job_of_key[client_public_key] = job;
+  impl_->zap->Authorize(kSnapshotsZapDomain, {client_public_key, client_public_key});
+  return Status::Ok();
+}
+
+void SnapshotPeerServer::Revoke(const std::string& job) {
+  if (impl_->insecure) return;
+  std::lock_guard<std::mutex> l(impl_->mu);
+  for (auto it = impl_->job_of_key.begin(); it != impl_->job_of_key.end();) {
+    if (it->second != job) {
+      ++it;
+      continue;
+    }
+    impl_->zap->Revoke(kSnapshotsZapDomain, it->first);
+    it = impl_->job_of_key.erase(it);
+  }
+}
+
+const std::string& SnapshotPeerServer::endpoint() const { return impl_->rpc->endpoint(); }
+const std::string& SnapshotPeerServer::public_key() const { return impl_->rpc->public_key(); }
+int64_t SnapshotPeerServer::kept() const { return impl_->kept.load(); }
+int64_t SnapshotPeerServer::refused() const { return impl_->refused.load(); }
+
+// ---------------------------------------------------------------------------------------------
+
+SnapshotForwarder::SnapshotForwarder(Options options)
+    : options_(options), thread_([this] { Loop(); }) {}
+
+SnapshotForwarder::~SnapshotForwarder() {
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    stop_ = true;
+    queue_.clear();
+  }
+  cv_.notify_all();
+  thread_.join();
+}
+
+void SnapshotForwarder::SetTarget(const std::string& job, SnapshotPeerTarget target) {
+  std::lock_guard<std::mutex> l(mu_);
+  targets_[job] = std::move(target);
+  logged_.erase(job);
+}
+
+void SnapshotForwarder::ClearJob(const std::string& job) {
+  std::lock_guard<std::mutex> l(mu_);
+  targets_.erase(job);
+  logged_.erase(job);
+  std::erase_if(queue_, [&](const auto& f) { return f->key.job == job; });
+  cv_.notify_all();
+}
+
+void SnapshotForwarder::Offer(std::shared_ptr<const checkpoint::SnapshotFrame> frame) {
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    auto t = targets_.find(frame->key.job);
+    if (stop_ || t == targets_.end() || t->second.attempt != frame->key.attempt) return;
+    for (auto& q : queue_) {
+      if (q->key.job == frame->key.job && q->key.rank == frame->key.rank) {
+        q = std::move(frame);  // the newest step matters on recovery, not every step
+        ++replaced_;
+        return;
+      }
+    }
+    queue_.push_back(std::move(frame));
+  }
+  cv_.notify_all();
+}
+
+bool SnapshotForwarder::WaitIdle(milliseconds timeout) {
+  std::unique_lock<std::mutex> l(mu_);
+  return cv_.wait_for(l, timeout, [&] { return queue_.empty() && !busy_; });
+}
+
+int64_t SnapshotForwarder::sent() const {
+  std::lock_guard<std::mutex> l(mu_);
+  return sent_;
+}
+int64_t SnapshotForwarder::failed() const {
+  std::lock_guard<std::mutex> l(mu_);
+  return failed_;
+}
+int64_t SnapshotForwarder::replaced() const {
+  std::lock_guard<std::mutex> l(mu_);
+  return replaced_;
+}
+std::string SnapshotForwarder::last_error() const {
+  std::lock_guard<std::mutex> l(mu_);
+  return last_error_;
+}
+
+Status SnapshotForwarder::Send(const SnapshotPeerTarget& t, const checkpoint::SnapshotFrame& f) {
+  MUSTER_ASSIGN_OR_RETURN(std::string bytes, checkpoint::EncodeSnapshotFrame(f.key, f.payload));
+  RpcClient::Options o;
+  o.endpoint = t.endpoint;
+  o.insecure = options_.insecure;
+  o.server_public_key = t.server_key;
+  o.client_key = t.client_key;
+  o.max_message_bytes = static_cast<int64_t>(bytes.size()) + kEnvelopeSlack;
+  // One connection per frame keeps no state across peers and attempts; the CURVE handshake is
+  // small next to a frame's bytes.
+  MUSTER_ASSIGN_OR_RETURN(auto client, RpcClient::Connect(context_, o));
+  proto::Envelope req;
+  auto* r = req.mutable_snapshot_peer_request();
+  r->set_op(proto::SnapshotPeerRequest::PUT);
+  r->set_frame(std::move(bytes));
+  auto reply = client->Call(std::move(req), options_.call_timeout);
+  if (!reply.ok()) return reply.status();
+  if (!reply->has_snapshot_peer_reply()) {
+    return DataLossError("peer answered a snapshot put with something else");
+  }
+  return Status::Ok();
+}
+
+void SnapshotForwarder::Loop() {
+  auto logger = log::Get("agent.snapshots");
+  std::unique_lock<std::mutex> l(mu_);
+  for (;;) {
+    cv_.wait(l, [&] { return stop_ || !queue_.empty(); });
+    if (stop_) return;
+    auto frame = std::move(queue_.front());
+    queue_.pop_front();
+    auto t = targets_.find(frame->key.job);
+    if (t == targets_.end() || t->second.attempt != frame->key.attempt) continue;
+    SnapshotPeerTarget target = t->second;
+    busy_ = true;
+    l.unlock();
+    Status st = Send(target, *frame);
+    l.lock();
+    busy_ = false;
+    if (st.ok()) {
+      ++sent_;
+      if (logged_.erase(frame->key.job)) {
+        logger->info("snapshots of {} reach peer {} again", frame->key.job, target.node);
+      }
+    } else {
+      ++failed_;
+      last_error_ = "copy of " + Describe(frame->key) + " to peer " + target.node + " (" +
+                    target.endpoint + "): " + st.ToString();
+      // Once per job and reason: a peer that refuses every frame does not flood the log.
+      auto& prev = logged_[frame->key.job];
+      if (prev != st.message()) {
+        prev = st.message();
+        logger->error("snapshot {}", last_error_);
+      }
+    }
+    cv_.notify_all();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+StatusOr<checkpoint::SnapshotFrame> FetchSnapshotFromPeer(
+    const std::string& endpoint, const std::string& server_key, const KeyPair& client_key,
+    bool insecure, const checkpoint::SnapshotKey& key, uint64_t max_payload, milliseconds timeout,
+    const std::atomic<bool>* cancel) {
+  MUSTER_ASSIGN_OR_RETURN(std::string ask, checkpoint::EncodeSnapshotFrame(key, ""));
+  zmq::context_t context;
+  const auto deadline = Clock::now() + timeout;
+  Status last = DeadlineExceededError("no attempt made");
+  for (;;) {
+    if (cancel && cancel->load()) return AbortedError("snapshot fetch cancelled");
+    auto left = std::chrono::duration_cast<milliseconds>(deadline - Clock::now());
+    if (left.count() <= 0) break;
+    RpcClient::Options o;
+    o.endpoint = endpoint;
+    o.insecure = insecure;
+    o.server_public_key = server_key;
+    o.client_key = client_key;
+    o.max_message_bytes =
+        static_cast<int64_t>(std::min<uint64_t>(max_payload, uint64_t{1} << 62)) + kEnvelopeSlack;
+    auto client = RpcClient::Connect(context, o);
+    if (!client.ok()) return client.status();
+    proto::Envelope req;
+    auto* r = req.mutable_snapshot_peer_request();
+    r->set_op(proto::SnapshotPeerRequest::GET);
+    r->set_frame(ask);
+    auto reply = (*client)->Call(std::move(req), left);
+    if (reply.ok()) {
+      if (!reply->has_snapshot_peer_reply()) {
+        return DataLossError("peer answered a snapshot get with something else");
+      }
+      MUSTER_ASSIGN_OR_RETURN(auto f, checkpoint::DecodeSnapshotFrame(
+                                          reply->snapshot_peer_reply().frame(), max_payload));
+      if (!(f.key == key)) {
+        return DataLossError("peer sent the frame of " + Describe(f.key) + " for " + Describe(key));
+      }
+      return f;
+    }
+    last = reply.status();
+    bool retry = last.code() == StatusCode::kUnavailable ||
+                 last.code() == StatusCode::kDeadlineExceeded || IsPermissionDenied(last);
+    if (!retry) return last;
+    std::this_thread::sleep_for(milliseconds(50));  // the holder admits the key shortly
+  }
+  return DeadlineExceededError("snapshot of " + Describe(key) + " from " + endpoint + " within " +
+                               std::to_string(timeout.count()) + " ms: " + last.ToString());
+}
+
+}  // namespace muster::node_agent

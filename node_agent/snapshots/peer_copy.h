@@ -1,0 +1,144 @@
+#pragma once
+
+// The copy of in-memory snapshots to a peer agent on another node, and the way back.
+//
+// SnapshotPeerServer: takes frames (SnapshotPeerRequest PUT, common/proto/envelope.proto) that a
+// peer agent forwards, and serves frames back (GET) to an agent that resumes a rank from them.
+// An RpcServer with CURVE (ZAP domain "muster-snapshots"): only a client key admitted for a job
+// (Allow: the attempt's rendezvous client key, which every agent of the gang and only they get
+// from the coordinator) may put or get that job's frames; every request is checked against the
+// frame's job. Frames are decoded (every field and the xxh3 checked) and kept in the agent's
+// bounded SnapshotStore on the server's own worker thread, never on the agent's reactor; a frame
+// that does not fit is refused with the store's FailedPrecondition, never swapped.
+//
+// SnapshotForwarder: what the agent's local snapshot server (snapshot_server.h) calls for each
+// frame a rank hands it. Offer returns at once (the rank's put is answered without waiting on the
+// network); a worker thread sends the newest frame per (job, rank) to the job's peer target.
+// When frames arrive faster than the network takes them, an older unsent frame of the same rank
+// is replaced. Failures (the peer refuses the frame, or is unreachable) are logged as errors with
+// the peer's reason and counted.
+//
+// FetchSnapshotFromPeer: one GET, retried until `timeout` while the holder has not admitted the
+// key yet (it learns it from its own StartAssignment, which may arrive after ours).
+//
+// Thread-safety: SnapshotPeerServer is created and destroyed on the reactor thread (or before it
+// starts / after it stops); Allow and Revoke are thread-safe. SnapshotForwarder's methods are
+// thread-safe. REQUIRES: the store and the authenticator outlive the server.
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <set>
+#include <string>
+#include <thread>
+#include <zmq.hpp>
+
+#include "checkpoint/snapshot_frame.h"
+#include "common/curve.h"
+#include "common/reactor.h"
+#include "common/status.h"
+#include "node_agent/snapshots/snapshot_store.h"
+
+namespace muster::node_agent {
+
+inline constexpr char kSnapshotsZapDomain[] = "muster-snapshots";
+
+class SnapshotPeerServer {
+ public:
+  // Listens on `endpoint` (e.g. "tcp://10.0.0.2:*"). `zap`: the reactor context's
+  // authenticator; null only when `insecure` (then every client may put and get).
+  static StatusOr<std::unique_ptr<SnapshotPeerServer>> Create(Reactor& reactor,
+                                                              ZapAuthenticator* zap, bool insecure,
+                                                              const std::string& endpoint,
+                                                              SnapshotStore* store);
+  ~SnapshotPeerServer();  // waits for the frame being stored; later replies are dropped
+
+  // Lets `client_public_key` put and get `job`'s frames (until Revoke). InvalidArgument for a
+  // bad job id or key. Ok and a no-op when insecure.
+  Status Allow(const std::string& job, const std::string& client_public_key);
+  // Every key of `job` loses access, on open connections too.
+  void Revoke(const std::string& job);
+
+  const std::string& endpoint() const;
+  const std::string& public_key() const;
+  // Frames kept and requests refused, since the start.
+  int64_t kept() const;
+  int64_t refused() const;
+
+ private:
+  struct Impl;
+  explicit SnapshotPeerServer(std::shared_ptr<Impl> impl);
+  std::shared_ptr<Impl> impl_;
+};
+
+// Where a job's frames go.
+struct SnapshotPeerTarget {
+  int32_t attempt = 0;  // frames of this attempt only
+  std::string node;     // for logs
+  std::string endpoint;
+  std::string server_key;  // z85; unused when insecure
+  KeyPair client_key;      // the attempt's rendezvous client key
+};
+
+class SnapshotForwarder {
+ public:
+  struct Options {
+    bool insecure = false;
+    std::chrono::milliseconds call_timeout{30000};
+  };
+  explicit SnapshotForwarder(Options options);
+  ~SnapshotForwarder();  // drops what is not sent yet; waits for the send in progress
+
+  // Frames of `job` at `target.attempt` go to `target` from now on (replaces the job's target).
+  void SetTarget(const std::string& job, SnapshotPeerTarget target);
+  // Frames of `job` are no longer sent; what waits is dropped.
+  void ClearJob(const std::string& job);
+  // Queues `frame` for its job's target (dropped when the job has none for its attempt).
+  // Returns at once.
+  void Offer(std::shared_ptr<const checkpoint::SnapshotFrame> frame);
+
+  // Waits until nothing is queued or being sent, or `timeout` passes (false).
+  bool WaitIdle(std::chrono::milliseconds timeout);
+
+  int64_t sent() const;
+  int64_t failed() const;
+  int64_t replaced() const;
+  // The last failure's message ("" when none).
+  std::string last_error() const;
+
+ private:
+  void Loop();
+  Status Send(const SnapshotPeerTarget& t, const checkpoint::SnapshotFrame& f);
+
+  const Options options_;
+  zmq::context_t context_;
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::map<std::string, SnapshotPeerTarget> targets_;  // GUARDED_BY(mu_)
+  // GUARDED_BY(mu_): the newest unsent frame per (job, rank), in arrival order.
+  std::deque<std::shared_ptr<const checkpoint::SnapshotFrame>> queue_;
+  bool busy_ = false;                             // GUARDED_BY(mu_)
+  bool stop_ = false;                             // GUARDED_BY(mu_)
+  int64_t sent_ = 0, failed_ = 0, replaced_ = 0;  // GUARDED_BY(mu_)
+  std::string last_error_;                        // GUARDED_BY(mu_)
+  std::map<std::string, std::string> logged_;     // GUARDED_BY(mu_): job -> last error logged
+  std::thread thread_;
+};
+
+// The frame of `key` from the peer at `endpoint`. Retries Unavailable and PermissionDenied
+// (the holder may not have admitted `client_key` yet) until `timeout`; NotFound when the peer
+// does not hold it; DataLoss when the bytes do not decode or are not the frame asked for;
+// Aborted once `*cancel` is set (checked between tries).
+StatusOr<checkpoint::SnapshotFrame> FetchSnapshotFromPeer(
+    const std::string& endpoint, const std::string& server_key, const KeyPair& client_key,
+    bool insecure, const checkpoint::SnapshotKey& key, uint64_t max_payload,
+    std::chrono::milliseconds timeout, const std::atomic<bool>* cancel = nullptr);
+
+}  // namespace muster::node_agent

@@ -1,0 +1,202 @@
+// The copy of in-memory snapshots to a peer agent (node_agent/snapshots/peer_copy.h), over real
+// CURVE sockets: a rank's frame handed to its own agent's SnapshotServer reaches the peer's
+// SnapshotStore through the SnapshotForwarder; only the key admitted for the job may put or get;
+// a frame that does not fit is refused by the peer with the store's reason; and
+// FetchSnapshotFromPeer brings a frame back, checked.
+
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <future>
+
+#include "checkpoint/snapshot_channel.h"
+#include "node_agent/snapshots/peer_copy.h"
+#include "node_agent/snapshots/snapshot_server.h"
+#include "tests/testing/reactor_fixture.h"
+#include "tests/testing/wait_until.h"
+
+namespace muster {
+namespace {
+
+using checkpoint::SnapshotFrame;
+using checkpoint::SnapshotKey;
+using node_agent::FetchSnapshotFromPeer;
+using node_agent::SnapshotForwarder;
+using node_agent::SnapshotPeerServer;
+using node_agent::SnapshotPeerTarget;
+using node_agent::SnapshotServer;
+using node_agent::SnapshotStore;
+using std::chrono::milliseconds;
+using std::chrono::seconds;
+using testing::WaitUntil;
+
+SnapshotKey Key(int rank, int64_t step, int attempt = 1) {
+  return {.job = "ft-1", .attempt = attempt, .rank = rank, .world_size = 2, .step = step};
+}
+
+std::shared_ptr<const SnapshotFrame> Frame(const SnapshotKey& k, std::string payload) {
+  auto bytes = checkpoint::EncodeSnapshotFrame(k, payload);
+  EXPECT_TRUE(bytes.ok());
+  auto f = checkpoint::DecodeSnapshotFrame(*bytes, 1 << 30);
+  EXPECT_TRUE(f.ok());
+  return std::make_shared<const SnapshotFrame>(std::move(*f));
+}
+
+class SnapshotPeerTest : public testing::ReactorZapTest {
+ protected:
+  void Start(uint64_t peer_limit) {
+    CreateReactor("peer-test");
+    peer_store_ = std::make_unique<SnapshotStore>(
+        node_agent::SnapshotStoreOptions{.memory_limit = peer_limit, .keep_steps = 2});
+    auto s = SnapshotPeerServer::Create(*reactor_, zap_.get(), /*insecure=*/false,
+                                        "tcp://127.0.0.1:*", peer_store_.get());
+    ASSERT_TRUE(s.ok()) << s.status();
+    server_ = std::move(*s);
+    reactor_->Start();
+    auto k = GenerateKeyPair();
+    ASSERT_TRUE(k.ok());
+    gang_key_ = *k;
+  }
+  void ReleaseOnReactor() override { server_.reset(); }
+
+  SnapshotPeerTarget Target(int attempt = 1) {
+    return {.attempt = attempt,
+            .node = "peer",
+            .endpoint = server_->endpoint(),
+            .server_key = server_->public_key(),
+            .client_key = gang_key_};
+  }
+
+  std::unique_ptr<SnapshotStore> peer_store_;
+  std::unique_ptr<SnapshotPeerServer> server_;
+  KeyPair gang_key_;
+};
+
+// The whole path: rank -> its agent's Unix socket -> forwarder -> the peer's store. The rank's
+// put is answered by its own agent; the copy follows on the forwarder's thread.
+TEST_F(SnapshotPeerTest, ARanksFrameReachesThePeerAgentsStore) {
+  Start(1 << 20);
+  ASSERT_TRUE(server_->Allow("ft-1", gang_key_.public_key).ok());
+  SnapshotForwarder fwd({});
+  fwd.SetTarget("ft-1", Target());
+
+  const std::string dir = "/tmp/snapshots2-peer-test-" + std::to_string(::getpid());
+  SnapshotStore own({.memory_limit = 1 << 20});
+  auto local = SnapshotServer::Start(dir + "/s.sock", &own,
+                                     [&](std::shared_ptr<const SnapshotFrame> f) { fwd.Offer(f); });
+  ASSERT_TRUE(local.ok()) << local.status();
+  auto client = checkpoint::SnapshotClient::Connect(dir + "/s.sock");
+  ASSERT_TRUE(client.ok()) << client.status();
+  const std::string payload(4096, 'q');
+  ASSERT_TRUE((*client)->Put(Key(1, 7), payload).ok());
+
+  ASSERT_TRUE(fwd.WaitIdle(seconds(20)));
+  EXPECT_EQ(fwd.sent(), 1) << fwd.last_error();
+  auto held = peer_store_->Get("ft-1", 1, 7);
+  ASSERT_TRUE(held.ok()) << held.status();
+  EXPECT_EQ((*held)->payload, payload);
+  EXPECT_EQ((*held)->key, Key(1, 7));
+  EXPECT_TRUE(own.Get("ft-1", 1, 7).ok());  // and the rank's own agent keeps its copy
+  local->reset();
+  std::filesystem::remove_all(dir);
+}
+
+// A key the peer has not admitted for the job is refused (on the CURVE handshake), and so is an
+// admitted key for another job's frames; nothing is kept.
+TEST_F(SnapshotPeerTest, OnlyTheKeyAdmittedForTheJobMayPutOrGet) {
+  Start(1 << 20);
+  SnapshotForwarder fwd({.call_timeout = milliseconds(2000)});
+  fwd.SetTarget("ft-1", Target());
+  fwd.Offer(Frame(Key(0, 3), "abc"));
+  ASSERT_TRUE(fwd.WaitIdle(seconds(20)));
+  EXPECT_EQ(fwd.failed(), 1);
+  EXPECT_EQ(peer_store_->Jobs().size(), 0u);
+
+  ASSERT_TRUE(server_->Allow("other-job", gang_key_.public_key).ok());
+  fwd.Offer(Frame(Key(0, 4), "abc"));
+  ASSERT_TRUE(fwd.WaitIdle(seconds(20)));
+  EXPECT_EQ(fwd.failed(), 2);
+  EXPECT_NE(fwd.last_error().find("not admitted for snapshots of job ft-1"), std::string::npos)
+      << fwd.last_error();
+  EXPECT_EQ(peer_store_->Jobs().size(), 0u);
+  auto got = FetchSnapshotFromPeer(server_->endpoint(), server_->public_key(), gang_key_, false,
+                                   Key(0, 4), 1 << 20, milliseconds(300));
+  EXPECT_FALSE(got.ok());
+
+  // Admitted for the job: kept. Revoked: refused again.
+  ASSERT_TRUE(server_->Allow("ft-1", gang_key_.public_key).ok());
+  fwd.Offer(Frame(Key(0, 5), "abc"));
+  ASSERT_TRUE(fwd.WaitIdle(seconds(20)));
+  EXPECT_EQ(fwd.sent(), 1) << fwd.last_error();
+  EXPECT_TRUE(peer_store_->Get("ft-1", 0, 5).ok());
+  server_->Revoke("ft-1");
+  fwd.Offer(Frame(Key(0, 6), "abc"));
+  ASSERT_TRUE(fwd.WaitIdle(seconds(20)));
+  EXPECT_EQ(fwd.failed(), 3);
+  EXPECT_FALSE(peer_store_->Get("ft-1", 0, 6).ok());
+}
+
+// A frame that does not fit in the peer's memory limit is refused with the store's reason (the
+// bytes needed and the limit), never kept in part.
+TEST_F(SnapshotPeerTest, AFrameThatDoesNotFitIsRefusedWithTheReason) {
+  Start(8 << 10);
+  ASSERT_TRUE(server_->Allow("ft-1", gang_key_.public_key).ok());
+  SnapshotForwarder fwd({});
+  fwd.SetTarget("ft-1", Target());
+  fwd.Offer(Frame(Key(0, 1), std::string(6 << 10, 'x')));  // 2 steps x 6 KiB > 8 KiB
+  ASSERT_TRUE(fwd.WaitIdle(seconds(20)));
+  EXPECT_EQ(fwd.failed(), 1);
+  EXPECT_NE(fwd.last_error().find("FailedPrecondition: snapshots of job ft-1 do not fit"),
+            std::string::npos)
+      << fwd.last_error();
+  EXPECT_EQ(peer_store_->used_bytes(), 0u);
+  EXPECT_GE(server_->refused(), 1);
+}
+
+// Frames of another attempt than the target's, or of a job without a target, are not sent.
+TEST_F(SnapshotPeerTest, OnlyTheTargetsAttemptIsForwarded) {
+  Start(1 << 20);
+  ASSERT_TRUE(server_->Allow("ft-1", gang_key_.public_key).ok());
+  SnapshotForwarder fwd({});
+  fwd.Offer(Frame(Key(0, 1), "no target yet"));
+  fwd.SetTarget("ft-1", Target(/*attempt=*/2));
+  fwd.Offer(Frame(Key(0, 2, /*attempt=*/1), "old attempt"));
+  fwd.Offer(Frame(Key(0, 3, /*attempt=*/2), "this one"));
+  ASSERT_TRUE(fwd.WaitIdle(seconds(20)));
+  EXPECT_EQ(fwd.sent(), 1) << fwd.last_error();
+  EXPECT_FALSE(peer_store_->Get("ft-1", 0, 2).ok());
+  EXPECT_TRUE(peer_store_->Get("ft-1", 0, 3).ok());
+  fwd.ClearJob("ft-1");
+  fwd.Offer(Frame(Key(0, 4, 2), "cleared"));
+  ASSERT_TRUE(fwd.WaitIdle(seconds(20)));
+  EXPECT_EQ(fwd.sent(), 1);
+}
+
+// The way back: an agent fetches a rank's frame from the holder, checked against the key asked.
+// A frame the holder lacks is NotFound at once; a key admitted late is retried until it is.
+TEST_F(SnapshotPeerTest, FetchBringsTheFrameBackAndWaitsForTheKeyToBeAdmitted) {
+  Start(1 << 20);
+  ASSERT_TRUE(peer_store_->Put(*Frame(Key(1, 9), "state of rank 1")).ok());
+  auto late = std::async(std::launch::async, [&] {
+    return FetchSnapshotFromPeer(server_->endpoint(), server_->public_key(), gang_key_, false,
+                                 Key(1, 9), 1 << 20, seconds(20));
+  });
+  // Admitted only once the fetch has been refused at least once.
+  ASSERT_TRUE(WaitUntil([&] { return zap_->refused_count() >= 1; }, seconds(10)));
+  ASSERT_TRUE(server_->Allow("ft-1", gang_key_.public_key).ok());
+  auto got = late.get();
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(got->payload, "state of rank 1");
+  EXPECT_EQ(got->key, Key(1, 9));
+
+  auto missing = FetchSnapshotFromPeer(server_->endpoint(), server_->public_key(), gang_key_, false,
+                                       Key(1, 10), 1 << 20, seconds(5));
+  EXPECT_EQ(missing.status().code(), StatusCode::kNotFound) << missing.status();
+  auto other_attempt = FetchSnapshotFromPeer(server_->endpoint(), server_->public_key(), gang_key_,
+                                             false, Key(1, 9, 3), 1 << 20, seconds(5));
+  EXPECT_EQ(other_attempt.status().code(), StatusCode::kNotFound) << other_attempt.status();
+}
+
+}  // namespace
+}  // namespace muster
