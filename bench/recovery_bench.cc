@@ -248,10 +248,10 @@ Outcome Measure(const std::string& muster, bool with_notice, int step_ms, int ck
                 int hb_timeout_ms, const std::string& finetune, const SnapshotTrainer& snap = {},
                 bool spare = false) {
   Outcome o;
-  fs::path dir = fs::temp_directory_path() /
-                 ("muster-bench-recovery-" + std::to_string(getpid()) +
-                  (with_notice ? "-notice" : "-kill") + (snap.snapshots ? "-snap" : "") +
-                  (spare ? "-spare" : ""));
+  fs::path dir =
+      fs::temp_directory_path() /
+      ("muster-bench-recovery-" + std::to_string(getpid()) + (with_notice ? "-notice" : "-kill") +
+       (snap.snapshots ? "-snap" : "") + (spare ? "-spare" : ""));
   Cluster c(muster, dir, hb_timeout_ms, snap.snapshots ? 1024 : 0);
   if (auto s = c.Start(3); !s.ok()) {
     o.error = s.ToString();
@@ -486,12 +486,16 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
         fs::path p = self / ".." / "tests" / "integration" / "muster-snapshot-trainer";
         if (fs::exists(p, ec)) st_bin = fs::canonical(p, ec).string();
       }
-      std::optional<Outcome> snap_off, snap_on;
+      std::optional<Outcome> snap_off, snap_on, snap_spare;
       if (!st_bin.empty() && !f->no_snapshots) {
         snap_off = Measure(muster, false, f->step_ms, f->ckpt_every, f->at, f->hb_timeout_ms, "",
                            {st_bin, false, f->snapshot_state_kb});
         snap_on = Measure(muster, false, f->step_ms, f->ckpt_every, f->at, f->hb_timeout_ms, "",
                           {st_bin, true, f->snapshot_state_kb});
+        // Both: the spare takes the lost node's rank and fetches that rank's frame from the
+        // survivor, which holds it as the lost node's ring peer.
+        snap_spare = Measure(muster, false, f->step_ms, f->ckpt_every, f->at, f->hb_timeout_ms, "",
+                             {st_bin, true, f->snapshot_state_kb}, true);
       }
       const double cost_pct = snap_on && snap_off && snap_on->step_ms > 0 && snap_off->step_ms > 0
                                   ? 100.0 * (snap_on->step_ms / snap_off->step_ms - 1.0)
@@ -532,6 +536,11 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
           if (!snap_off->error.empty())
             j["failure_snapshot_trainer_volume_error"] = snap_off->error;
           if (!snap_on->error.empty()) j["failure_snapshots_error"] = snap_on->error;
+          j["failure_snapshots_spare_to_resume_s"] = snap_spare->down_s;
+          j["failure_snapshots_spare_muster_s"] = snap_spare->muster_s;
+          j["lost_steps_without_notice_snapshots_spare"] = snap_spare->lost_steps;
+          j["snapshots_spare_resumed_from"] = snap_spare->source;
+          if (!snap_spare->error.empty()) j["failure_snapshots_spare_error"] = snap_spare->error;
         }
         std::cout << j.dump(2) << "\n";
       } else {
@@ -555,6 +564,10 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
               "every step, " + std::to_string(f->snapshot_state_kb) + " KiB/rank; resumed from " +
                   snap_on->source + "; step " + Fmt(snap_on->step_ms, 1) + " ms (" +
                   Fmt(cost_pct, 1) + "% step-time cost)");
+          row("agent kill -9 with snapshots and a spare", *snap_spare,
+              "spares: 1; the spare fetches the lost rank's frame from the survivor; resumed "
+              "from " +
+                  snap_spare->source);
         }
         t.Row({"anchor: mpirun -np 2 start", mpirun < 0 ? "-" : Fmt(mpirun), "-", "-", "-",
                "launch to first step, by hand"});
@@ -563,7 +576,8 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
                   << (f->trainer == "sh" ? " of " + std::to_string(f->step_ms) + " ms" : "")
                   << "; interrupted at step " << f->at << "\n";
       }
-      bool snap_ok = !snap_on || (snap_on->error.empty() && snap_off->error.empty());
+      bool snap_ok = !snap_on || (snap_on->error.empty() && snap_off->error.empty() &&
+                                  snap_spare->error.empty());
       return notice.error.empty() && kill.error.empty() && spare.error.empty() && snap_ok ? 0 : 1;
     };
   });
