@@ -81,9 +81,7 @@ int RankMain(const std::string& mode, size_t lo, size_t hi) {
     Sweep(
         c.rank(), lo, hi,
         [&](size_t n) {
-          Status s =
-              c.AllReduce(data.data(), n, DType::kF32, collectives::ReduceOp::kSum)
-                  ->Wait();
+          Status s = c.AllReduce(data.data(), n, DType::kF32, collectives::ReduceOp::kSum)->Wait();
           if (!s.ok() && failed.ok()) failed = s;
         },
         [&] { (void)c.Barrier()->Wait(); });

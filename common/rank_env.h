@@ -117,8 +117,8 @@ struct RankEnv {
   // writer's own environment and a job's `env` may not set them. Aliases included.
   static bool IsContractName(std::string_view name);
   // MUSTER_* names a user may set for ranks: MUSTER_COLL_BACKEND, MUSTER_COLL_TIMEOUT_MS,
-  // MUSTER_LOG_LEVEL, MUSTER_NOTICE_SIGNAL, MUSTER_RDZV_DIRECT. (The CLI's MUSTER_COORDINATOR and MUSTER_KEYS are known
-  // too, but are the writer's own settings: never inherited by ranks.)
+  // MUSTER_LOG_LEVEL, MUSTER_NOTICE_SIGNAL, MUSTER_RDZV_DIRECT. (The CLI's MUSTER_COORDINATOR and
+  // MUSTER_KEYS are known too, but are the writer's own settings: never inherited by ranks.)
   static bool IsKnobName(std::string_view name);
 };
 

@@ -13,8 +13,8 @@
 //    checkpoint volume). The nodes it lacks: its node count and spares (JobRequest::spares)
 //    less the provider's idle nodes no earlier gang of this pass has claimed. A running job
 //    short of spares comes here as a pending request for the spares it lacks, limited to its
-//    gang's provider (the coordinator's ProvidersPass). Its pending reason then says "waiting for N nodes
-//    from provider P".
+//    gang's provider (the coordinator's ProvidersPass). Its pending reason then says "waiting for N
+//    nodes from provider P".
 //  - Limits: a provider never holds more than max_nodes nodes (registered, plus promised by
 //    requests outstanding) and never more than max_pending_requests requests in flight. A gang
 //    that every fitting provider refuses for a limit waits with that limit as its reason.

@@ -66,8 +66,8 @@ Status CommunicatorGradientSync::AllreduceSum(torch::Tensor& flat) {
   const bool device_ok = flat.is_cuda() == (comm_->backend() == collectives::Backend::kNccl);
   torch::Tensor buf = device_ok ? flat : flat.to(flat.is_cuda() ? torch::kCPU : torch::kCUDA);
   if (buf.is_cuda()) torch::cuda::synchronize();  // the producer kernels ran on torch's stream
-  auto work = comm_->AllReduce(buf.data_ptr(), static_cast<size_t>(buf.numel()),
-                               DType::kF32, collectives::ReduceOp::kSum);
+  auto work = comm_->AllReduce(buf.data_ptr(), static_cast<size_t>(buf.numel()), DType::kF32,
+                               collectives::ReduceOp::kSum);
   MUSTER_RETURN_IF_ERROR(work->Wait());
   if (!device_ok) flat.copy_(buf);
   return Status::Ok();

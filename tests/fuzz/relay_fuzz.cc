@@ -13,8 +13,8 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <filesystem>
 #include <cstdio>
+#include <filesystem>
 #include <memory>
 #include <string>
 

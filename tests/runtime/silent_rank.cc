@@ -27,8 +27,7 @@ int main(int argc, char** argv) {
   const int rank = (*ctx)->rank(), world = (*ctx)->world_size();
   std::vector<float> w(256, static_cast<float>(rank));
   for (int64_t step = 1; step <= steps; ++step) {
-    auto work = (*comm)->AllReduce(w.data(), w.size(), DType::kF32,
-                                   collectives::ReduceOp::kSum);
+    auto work = (*comm)->AllReduce(w.data(), w.size(), DType::kF32, collectives::ReduceOp::kSum);
     if (!work->Wait().ok()) return 5;
     auto stop = (*ctx)->AgreeToStop(**comm);
     if (!stop.ok()) return 5;

@@ -137,8 +137,7 @@ int main() {
     std::this_thread::sleep_for(std::chrono::milliseconds(step_ms));
     if (comm) {
       int32_t one = 1;
-      Status st = comm->AllReduce(&one, 1, DType::kI32, collectives::ReduceOp::kSum)
-                      ->Wait();
+      Status st = comm->AllReduce(&one, 1, DType::kI32, collectives::ReduceOp::kSum)->Wait();
       if (!st.ok()) {
         std::fprintf(stderr, "step %lld: %s\n", static_cast<long long>(s), st.ToString().c_str());
         return kPeerFailureExitCode;  // a consequence: the cause is the peer's
