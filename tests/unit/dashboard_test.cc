@@ -18,6 +18,7 @@
 #include "coordinator/http/dashboard_server.h"
 #include "coordinator/http/fleet_recorder.h"
 #include "coordinator/http/render.h"
+#include "tests/testing/http_get.h"
 
 namespace muster::coordinator::http {
 namespace {
@@ -342,40 +343,11 @@ TEST(RenderTest, UnknownJobIsNotFoundAndEventsFollowACursor) {
 // ---------------------------------------------------------------------------------------------
 // The server over a real socket.
 
-struct HttpReply {
-  int code = 0;
-  std::string headers, body;
-};
+using muster::testing::HttpReply;
 
 HttpReply Get(int port, const std::string& path, const std::string& extra = "",
               const std::string& method = "GET") {
-  HttpReply r;
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_port = htons(port);
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  timeval tv{10, 0};
-  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-  if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) {
-    ::close(fd);
-    return r;
-  }
-  std::string req = method + " " + path + " HTTP/1.0\r\nHost: x\r\n" + extra + "\r\n";
-  if (::send(fd, req.data(), req.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(req.size())) {
-    ::close(fd);
-    return r;
-  }
-  std::string all;
-  char buf[4096];
-  for (ssize_t n; (n = ::recv(fd, buf, sizeof(buf), 0)) > 0;) all.append(buf, n);
-  ::close(fd);
-  auto end = all.find("\r\n\r\n");
-  if (all.size() < 12 || end == std::string::npos) return r;
-  r.code = std::atoi(all.c_str() + 9);
-  r.headers = all.substr(0, end);
-  r.body = all.substr(end + 4);
-  return r;
+  return muster::testing::HttpGet(port, path, extra, method);
 }
 
 class ServerTest : public ::testing::Test {
