@@ -88,8 +88,13 @@ Status RendezvousRelay::Start() {
                   [this](const PeerInfo& peer, proto::Envelope&& req, RpcServer::Reply reply) {
                     HandleLocal(peer, std::move(req), std::move(reply));
                   }));
+  auto upstream = OpenSocket(reactor_.context(), zmq::socket_type::dealer);
+  if (!upstream.ok()) {
+    return UnavailableError("rendezvous relay: no socket for the store at " +
+                            options_.upstream_endpoint + ": " + upstream.status().message());
+  }
+  upstream_ = std::move(*upstream);
   try {
-    upstream_ = zmq::socket_t(reactor_.context(), zmq::socket_type::dealer);
     upstream_.set(zmq::sockopt::linger, 0);
     upstream_.set(zmq::sockopt::maxmsgsize, options_.max_message_bytes);
     const RdzvCredentials& c = options_.credentials;

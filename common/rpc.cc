@@ -1,7 +1,13 @@
 #include "common/rpc.h"
 
+#include <dirent.h>
+#include <sys/resource.h>
+
+#include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <cstring>
+#include <thread>
 #include <vector>
 
 #include "common/logging.h"
@@ -11,12 +17,50 @@ namespace muster {
 
 namespace {
 std::atomic<uint64_t> g_monitor_seq{0};
+
+// Descriptors open in this process, or -1 when /proc says nothing.
+int OpenFdCount() {
+  DIR* d = opendir("/proc/self/fd");
+  if (d == nullptr) return -1;
+  int n = 0;
+  while (readdir(d) != nullptr) ++n;
+  closedir(d);
+  return n - 3;  // ".", ".." and the directory's own descriptor
+}
+}  // namespace
+
+StatusOr<zmq::socket_t> OpenSocket(zmq::context_t& context, zmq::socket_type type,
+                                   std::chrono::milliseconds wait) {
+  auto deadline = std::chrono::steady_clock::now() + wait;
+  auto pause = std::chrono::milliseconds(1);
+  for (;;) {
+    try {
+      return zmq::socket_t(context, type);
+    } catch (const zmq::error_t& e) {
+      if (e.num() != EMFILE) {
+        return UnavailableError(std::string("cannot open a ZeroMQ socket: ") + e.what());
+      }
+      if (std::chrono::steady_clock::now() >= deadline) {
+        struct rlimit rl {};
+        getrlimit(RLIMIT_NOFILE, &rl);
+        return UnavailableError(
+            std::string("cannot open a ZeroMQ socket: ") + e.what() +
+            " (this context holds at most " +
+            std::to_string(context.get(zmq::ctxopt::max_sockets)) + " sockets, and " +
+            std::to_string(OpenFdCount()) + " of this process's " + std::to_string(rl.rlim_cur) +
+            " file descriptors are open; sockets closed earlier were not released within " +
+            std::to_string(wait.count()) + " ms)");
+      }
+    }
+    std::this_thread::sleep_for(pause);
+    pause = std::min(pause * 2, std::chrono::milliseconds(50));
+  }
 }
 
 // The server's socket, shared with Reply closures so a late reply after the server is gone is
 // dropped instead of touching a closed socket. Reactor thread only.
 struct RpcServer::Core {
-  explicit Core(zmq::context_t& ctx) : socket(ctx, zmq::socket_type::router) {}
+  explicit Core(zmq::socket_t s) : socket(std::move(s)) {}
   zmq::socket_t socket;
   bool open = true;
   std::string name;
@@ -41,12 +85,12 @@ StatusOr<std::unique_ptr<RpcServer>> RpcServer::Create(Reactor& reactor, Options
                                                        Handler handler) {
   std::unique_ptr<RpcServer> server(new RpcServer(reactor, std::move(options), std::move(handler)));
   const Options& o = server->options_;
-  std::shared_ptr<Core> core;
-  try {
-    core = std::make_shared<Core>(reactor.context());
-  } catch (const zmq::error_t& e) {
-    return UnavailableError(o.name + ": cannot open a socket for " + o.endpoint + ": " + e.what());
+  auto socket = OpenSocket(reactor.context(), zmq::socket_type::router);
+  if (!socket.ok()) {
+    return UnavailableError(o.name + ": cannot serve " + o.endpoint + ": " +
+                            socket.status().message());
   }
+  auto core = std::make_shared<Core>(std::move(*socket));
   core->name = o.name;
   try {
     zmq::socket_t& s = core->socket;

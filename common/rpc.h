@@ -34,6 +34,16 @@ struct PeerInfo {
   int fd = -1;                    // the connection's socket in this process (ZMQ_SRCFD); -1 unknown
 };
 
+// Opens a ZeroMQ socket of `type` in `context`. ZeroMQ closes sockets asynchronously: a socket
+// closed a moment ago keeps its slot in the context (ZMQ_MAX_SOCKETS, 1023 by default) and its
+// descriptors until the context's reaper thread has shut it down, and on a loaded machine that
+// thread can fall far behind a loop that opens and closes sockets. So when the context (or the
+// process) has no room left (EMFILE), this waits up to `wait` for sockets closed earlier to be
+// released, and then fails with Unavailable naming the limits. It blocks the calling thread only
+// in that case.
+StatusOr<zmq::socket_t> OpenSocket(zmq::context_t& context, zmq::socket_type type,
+                                   std::chrono::milliseconds wait = std::chrono::seconds(2));
+
 // A connection of an RpcServer's socket opened or closed, as its socket monitor saw it
 // (Options::on_connection). `fd` is the connection's socket in this process, as PeerInfo::fd of
 // the requests that came over it. The kernel reuses fds: an fd closed may come back as another

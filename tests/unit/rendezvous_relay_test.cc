@@ -278,5 +278,42 @@ TEST_F(RelayTest, BadInputOnTheLocalSocketGetsAClearErrorAndTheRelayKeepsServing
   EXPECT_EQ(*c->Get("k", 1s), "v");
 }
 
+// ZeroMQ releases a closed socket's context slot (and descriptors) asynchronously, on its
+// reaper thread. A loop that makes and closes relays faster than that thread frees them (the
+// fuzzer, on a loaded machine) used to fail Create with "Too many open files". Here the context
+// holds exactly one relay's two sockets, so every Create but the first needs the slots of the
+// relay closed just before it: it waits for them instead of failing.
+TEST(RelayLifecycleTest, ARelayMadeRightAfterOneClosedWaitsForItsSocketsToBeReleased) {
+  std::string templ = "/tmp/relay-test-XXXXXX";
+  ASSERT_NE(mkdtemp(templ.data()), nullptr);
+  zmq::context_t ctx;
+  ctx.set(zmq::ctxopt::max_sockets, 2);
+  {
+    Reactor reactor("relay-lifecycle", &ctx);  // not running: Create and close on this thread
+    RendezvousRelay::Options o;
+    o.socket_parent = templ;
+    o.upstream_endpoint = "ipc://" + templ + "/nobody-listens";
+    o.credentials.insecure = true;
+    o.job = "job";
+    o.local_ranks = {0, 1};
+    for (int i = 0; i < 200; ++i) {
+      auto relay = RendezvousRelay::Create(reactor, o);
+      ASSERT_TRUE(relay.ok()) << "relay " << i << ": " << relay.status();
+    }
+  }
+  // Once the context is full for good, the error names the limit instead.
+  auto a = OpenSocket(ctx, zmq::socket_type::pair);
+  auto b = OpenSocket(ctx, zmq::socket_type::pair);
+  ASSERT_TRUE(a.ok() && b.ok());
+  auto third = OpenSocket(ctx, zmq::socket_type::dealer, 50ms);
+  ASSERT_FALSE(third.ok());
+  EXPECT_EQ(third.status().code(), StatusCode::kUnavailable);
+  EXPECT_NE(third.status().message().find("holds at most 2 sockets"), std::string::npos)
+      << third.status();
+  a->close();
+  b->close();
+  std::filesystem::remove_all(templ);
+}
+
 }  // namespace
 }  // namespace muster::collectives
