@@ -3,6 +3,7 @@
 #include <stdlib.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <charconv>
 #include <cstring>
@@ -21,6 +22,10 @@ namespace {
 // Unix socket addresses hold 107 bytes and a NUL.
 constexpr size_t kMaxSocketPath = 107;
 constexpr milliseconds kMaxTimeout = std::chrono::hours(24);
+std::atomic<uint64_t> g_monitor_seq{0};
+// Connections the store closes in a row before any handshake completes, before the relay calls
+// its key wrong (one may be the store going away mid-handshake).
+constexpr int kClosedInHandshake = 3;
 
 milliseconds ClampTimeout(int64_t ms) {
   return std::min(milliseconds(std::max<int64_t>(ms, 0)), kMaxTimeout);
@@ -106,6 +111,25 @@ Status RendezvousRelay::Start() {
       upstream_.set(zmq::sockopt::curve_publickey, c.client_key.public_key);
       upstream_.set(zmq::sockopt::curve_secretkey, c.client_key.secret_key);
     }
+    // Before the connect, so that no handshake goes unseen.
+    std::string mon = "inproc://muster-rdzv-relay-monitor-" + std::to_string(g_monitor_seq++);
+    Status watched =
+        MonitorSocket(reactor_.context(), upstream_, mon,
+                      ZMQ_EVENT_HANDSHAKE_FAILED_AUTH | ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL |
+                          ZMQ_EVENT_HANDSHAKE_SUCCEEDED | ZMQ_EVENT_DISCONNECTED);
+    if (!watched.ok()) {
+      return UnavailableError("rendezvous relay: cannot watch the store's handshakes: " +
+                              watched.message());
+    }
+    auto monitor = OpenSocket(reactor_.context(), zmq::socket_type::pair);
+    if (!monitor.ok()) {
+      zmq_socket_monitor(upstream_.handle(), nullptr, 0);
+      return UnavailableError("rendezvous relay: no socket to watch the store's handshakes: " +
+                              monitor.status().message());
+    }
+    monitor_ = std::move(*monitor);
+    monitor_.set(zmq::sockopt::linger, 0);
+    monitor_.connect(mon);
     upstream_.connect(options_.upstream_endpoint);
   } catch (const zmq::error_t& e) {
     return UnavailableError("rendezvous relay: cannot connect to the store at " +
@@ -113,6 +137,8 @@ Status RendezvousRelay::Start() {
   }
   reactor_.AddSocket(upstream_, "rdzv-relay.upstream", [this] { OnUpstreamReadable(); });
   upstream_added_ = true;
+  reactor_.AddSocket(monitor_, "rdzv-relay.monitor", [this] { OnMonitor(); });
+  monitor_added_ = true;
   log::Get("coll.relay")
       ->debug("rendezvous relay for {}/{} serving {} ({} local ranks), store {}", options_.job,
               options_.attempt, endpoint_, options_.local_ranks.size(), options_.upstream_endpoint);
@@ -122,8 +148,12 @@ Status RendezvousRelay::Start() {
 RendezvousRelay::~RendezvousRelay() {
   Abort("rendezvous relay for " + options_.job + "/" + std::to_string(options_.attempt) +
         " closed (the attempt ended on this node)");
-  if (upstream_added_ && (reactor_.InReactorThread() || !reactor_.running())) {
-    reactor_.RemoveSocket(upstream_);
+  const bool own = reactor_.InReactorThread() || !reactor_.running();
+  if (upstream_added_ && own) reactor_.RemoveSocket(upstream_);
+  if (monitor_added_ && own) reactor_.RemoveSocket(monitor_);
+  if (monitor_) {
+    zmq_socket_monitor(upstream_.handle(), nullptr, 0);
+    monitor_.close();
   }
   if (upstream_) upstream_.close();
   local_.reset();
@@ -207,6 +237,7 @@ void RendezvousRelay::HandleLocal(const PeerInfo& peer, proto::Envelope&& reques
 }
 
 void RendezvousRelay::Forward(proto::StoreRequest request, milliseconds timeout, Upstream done) {
+  if (refused_) return done(*refused_);
   uint64_t id = next_id_++;
   proto::Envelope env;
   env.set_request_id(id);
@@ -269,6 +300,71 @@ void RendezvousRelay::OnUpstreamReadable() {
     } else {
       p.done(InternalError("rendezvous relay: the store at " + options_.upstream_endpoint +
                            " answered with something other than a StoreReply"));
+    }
+  }
+}
+
+void RendezvousRelay::OnMonitor() {
+  for (;;) {
+    zmq::message_t event, addr;
+    try {
+      if (!monitor_.recv(event, zmq::recv_flags::dontwait)) return;
+      if (event.more()) (void)monitor_.recv(addr, zmq::recv_flags::dontwait);
+    } catch (const zmq::error_t& e) {
+      log::Get("coll.relay")->error("rendezvous relay: monitor: {}", e.what());
+      return;
+    }
+    if (event.size() < 6) continue;
+    uint16_t id;
+    uint32_t value;
+    std::memcpy(&id, event.data(), sizeof(id));
+    std::memcpy(&value, static_cast<const char*>(event.data()) + 2, sizeof(value));
+    const std::string scope = options_.job + "/" + std::to_string(options_.attempt);
+    if (id == ZMQ_EVENT_HANDSHAKE_SUCCEEDED) {
+      if (refused_) {
+        log::Get("coll.relay")
+            ->info("rendezvous relay {}: the store at {} accepted its key now", scope,
+                   options_.upstream_endpoint);
+      }
+      refused_.reset();
+      handshake_ok_ = true;
+      closed_in_handshake_ = 0;
+      continue;
+    }
+    if (id == ZMQ_EVENT_DISCONNECTED) {
+      // A CURVE server that cannot open the client's HELLO (it was sealed for another server
+      // key) just closes the connection: the client gets no handshake event, only this.
+      if (handshake_ok_) {
+        handshake_ok_ = false;
+        continue;
+      }
+      if (options_.credentials.insecure || ++closed_in_handshake_ < kClosedInHandshake) continue;
+      refused_ = UnavailableError(
+          "rendezvous relay for " + scope + ": the store at " + options_.upstream_endpoint +
+          " closed the connection " + std::to_string(closed_in_handshake_) +
+          " times in a row during the CURVE handshake: the attempt's credentials most likely "
+          "carry a wrong store public key");
+    } else if (id == ZMQ_EVENT_HANDSHAKE_FAILED_AUTH) {
+      refused_ = UnavailableError(
+          "rendezvous relay for " + scope + ": the store at " + options_.upstream_endpoint +
+          " refused this node's key (ZAP status " + std::to_string(value) +
+          "): it is not the attempt's store key there, or the attempt is over on the store");
+    } else if (id == ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL) {
+      refused_ =
+          UnavailableError("rendezvous relay for " + scope +
+                           ": the CURVE handshake with the store at " + options_.upstream_endpoint +
+                           " failed: a wrong store public key in the attempt's "
+                           "credentials, or the store does not speak CURVE");
+    } else {
+      continue;
+    }
+    log::Get("coll.relay")->error("{}", refused_->message());
+    // What waits upstream would only time out: fail it now, with the cause.
+    auto pending = std::move(pending_);
+    pending_.clear();
+    for (auto& [rid, p] : pending) {
+      if (p.timer != 0) reactor_.CancelTimer(p.timer);
+      p.done(*refused_);
     }
   }
 }

@@ -32,6 +32,12 @@
 // upstream key cannot reach another scope on the store either. The local socket carries no
 // CURVE (it never leaves the host); everything between hosts does.
 //
+// A store that refuses the relay's key (its ZAP handler: not the attempt's key, or the attempt
+// is gone), or that closes three connections in a row before their CURVE handshake completes
+// (what a wrong store public key looks like from the client), is seen on the upstream socket's
+// monitor: what waits upstream, and what comes while the refusal holds, fails at once with
+// Unavailable naming the cause, instead of timing out. A later successful handshake clears it.
+//
 // Bad input on the local socket (not an Envelope, not a StoreRequest, no operation, a rank or
 // n out of range, another scope, a peer not admitted) gets an error reply naming what is wrong,
 // and the relay keeps serving.
@@ -48,6 +54,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -133,6 +140,7 @@ class RendezvousRelay {
   Status Start();
   void Forward(proto::StoreRequest request, std::chrono::milliseconds timeout, Upstream done);
   void OnUpstreamReadable();
+  void OnMonitor();
   void AddToBatch(bool gather, proto::StoreRequest& req, RpcServer::Reply reply);
   size_t Expected(const Batch& b) const;
   void Flush(const std::string& key);
@@ -146,6 +154,11 @@ class RendezvousRelay {
   std::unique_ptr<RpcServer> local_;
   zmq::socket_t upstream_;
   bool upstream_added_ = false;
+  zmq::socket_t monitor_;  // the upstream socket's handshake events
+  bool monitor_added_ = false;
+  std::optional<Status> refused_;  // the store refused the last handshake
+  bool handshake_ok_ = false;      // the current connection completed its handshake
+  int closed_in_handshake_ = 0;    // connections closed in a row before their handshake
   uint64_t next_id_ = 1;
   std::unordered_map<uint64_t, Pending> pending_;  // upstream requests by request id
   std::map<std::string, Batch> batches_;           // by "g|b" + n + name

@@ -29,32 +29,63 @@ int OpenFdCount() {
 }
 }  // namespace
 
-StatusOr<zmq::socket_t> OpenSocket(zmq::context_t& context, zmq::socket_type type,
-                                   std::chrono::milliseconds wait) {
+namespace {
+
+// The error once `context` has had no room for a socket for `wait`.
+Status NoRoomError(zmq::context_t& context, const std::string& what,
+                   std::chrono::milliseconds wait) {
+  struct rlimit rl {};
+  getrlimit(RLIMIT_NOFILE, &rl);
+  return UnavailableError(
+      what + ": " + zmq_strerror(EMFILE) + " (this context holds at most " +
+      std::to_string(context.get(zmq::ctxopt::max_sockets)) + " sockets, and " +
+      std::to_string(OpenFdCount()) + " of this process's " + std::to_string(rl.rlim_cur) +
+      " file descriptors are open; sockets closed earlier were not released within " +
+      std::to_string(wait.count()) + " ms)");
+}
+
+// Calls `attempt` (which returns an errno: 0 on success) until it succeeds, fails with
+// something other than EMFILE, or `wait` has passed.
+template <typename F>
+int RetryWhileFull(std::chrono::milliseconds wait, F attempt) {
   auto deadline = std::chrono::steady_clock::now() + wait;
   auto pause = std::chrono::milliseconds(1);
   for (;;) {
-    try {
-      return zmq::socket_t(context, type);
-    } catch (const zmq::error_t& e) {
-      if (e.num() != EMFILE) {
-        return UnavailableError(std::string("cannot open a ZeroMQ socket: ") + e.what());
-      }
-      if (std::chrono::steady_clock::now() >= deadline) {
-        struct rlimit rl {};
-        getrlimit(RLIMIT_NOFILE, &rl);
-        return UnavailableError(
-            std::string("cannot open a ZeroMQ socket: ") + e.what() +
-            " (this context holds at most " +
-            std::to_string(context.get(zmq::ctxopt::max_sockets)) + " sockets, and " +
-            std::to_string(OpenFdCount()) + " of this process's " + std::to_string(rl.rlim_cur) +
-            " file descriptors are open; sockets closed earlier were not released within " +
-            std::to_string(wait.count()) + " ms)");
-      }
-    }
+    int err = attempt();
+    if (err != EMFILE || std::chrono::steady_clock::now() >= deadline) return err;
     std::this_thread::sleep_for(pause);
     pause = std::min(pause * 2, std::chrono::milliseconds(50));
   }
+}
+
+}  // namespace
+
+StatusOr<zmq::socket_t> OpenSocket(zmq::context_t& context, zmq::socket_type type,
+                                   std::chrono::milliseconds wait) {
+  zmq::socket_t socket;
+  int err = RetryWhileFull(wait, [&] {
+    try {
+      socket = zmq::socket_t(context, type);
+      return 0;
+    } catch (const zmq::error_t& e) {
+      return e.num();
+    }
+  });
+  if (err == EMFILE) return NoRoomError(context, "cannot open a ZeroMQ socket", wait);
+  if (err != 0) {
+    return UnavailableError(std::string("cannot open a ZeroMQ socket: ") + zmq_strerror(err));
+  }
+  return socket;
+}
+
+Status MonitorSocket(zmq::context_t& context, zmq::socket_t& socket, const std::string& endpoint,
+                     int events, std::chrono::milliseconds wait) {
+  int err = RetryWhileFull(wait, [&] {
+    return zmq_socket_monitor(socket.handle(), endpoint.c_str(), events) == 0 ? 0 : zmq_errno();
+  });
+  if (err == EMFILE) return NoRoomError(context, "cannot watch a ZeroMQ socket", wait);
+  if (err != 0) return InternalError(std::string("zmq_socket_monitor: ") + zmq_strerror(err));
+  return Status::Ok();
 }
 
 // The server's socket, shared with Reply closures so a late reply after the server is gone is

@@ -43,6 +43,10 @@ struct PeerInfo {
 // in that case.
 StatusOr<zmq::socket_t> OpenSocket(zmq::context_t& context, zmq::socket_type type,
                                    std::chrono::milliseconds wait = std::chrono::seconds(2));
+// zmq_socket_monitor(socket, endpoint, events), which opens a socket of its own: waits for room
+// as OpenSocket does.
+Status MonitorSocket(zmq::context_t& context, zmq::socket_t& socket, const std::string& endpoint,
+                     int events, std::chrono::milliseconds wait = std::chrono::seconds(2));
 
 // A connection of an RpcServer's socket opened or closed, as its socket monitor saw it
 // (Options::on_connection). `fd` is the connection's socket in this process, as PeerInfo::fd of

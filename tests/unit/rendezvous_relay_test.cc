@@ -52,11 +52,12 @@ class RelayTest : public testing::ReactorZapTest {
 
   // A relay for "node" `node` of `per_node` ranks (ranks node*per_node ..).
   RendezvousRelay* AddRelay(int node, int per_node, std::chrono::milliseconds window = 10s,
-                            std::function<Status(pid_t)> admit = {}) {
+                            std::function<Status(pid_t)> admit = {},
+                            const RdzvCredentials* upstream = nullptr) {
     RendezvousRelay::Options o;
     o.socket_parent = dir_;
     o.upstream_endpoint = server_->endpoint();
-    o.credentials = creds_;
+    o.credentials = upstream ? *upstream : creds_;
     o.job = "job";
     o.attempt = 1;
     for (int i = 0; i < per_node; ++i) o.local_ranks.push_back(node * per_node + i);
@@ -278,16 +279,49 @@ TEST_F(RelayTest, BadInputOnTheLocalSocketGetsAClearErrorAndTheRelayKeepsServing
   EXPECT_EQ(*c->Get("k", 1s), "v");
 }
 
+TEST_F(RelayTest, AStoreThatRefusesTheRelaysKeyIsNamedAtOnceNotATimeout) {
+  // A key the store never authorized, and the right key with a wrong store public key.
+  RdzvCredentials stranger = creds_;
+  stranger.client_key = *GenerateKeyPair();
+  RdzvCredentials wrong_server = creds_;
+  wrong_server.server_public_key = GenerateKeyPair()->public_key;
+  struct Case {
+    const RdzvCredentials* creds;
+    std::string words;
+  };
+  for (const Case& c : {Case{&stranger, "refused this node's key"},
+                        Case{&wrong_server, "wrong store public key"}}) {
+    auto* relay = AddRelay(0, 2, 10ms, {}, c.creds);
+    ASSERT_NE(relay, nullptr);
+    auto rank0 = Client(relay), rank1 = Client(relay);
+    auto t0 = Clock::now();
+    // A forwarded request (its op timeout is 30 s) and a barrier batch (10 s).
+    Status set = rank0->Set("k", "v");
+    Status barrier = InternalError("not run");
+    std::thread t([&] { barrier = rank1->Barrier("b", 2, 10s); });
+    Status barrier0 = rank0->Barrier("b", 2, 10s);
+    t.join();
+    EXPECT_LT(Clock::now() - t0, 4s) << c.words;
+    for (const Status& s : {set, barrier, barrier0}) {
+      EXPECT_EQ(s.code(), StatusCode::kUnavailable) << s;
+      EXPECT_NE(s.message().find(c.words), std::string::npos) << s;
+      EXPECT_NE(s.message().find(server_->endpoint()), std::string::npos) << s;
+    }
+  }
+}
+
 // ZeroMQ releases a closed socket's context slot (and descriptors) asynchronously, on its
 // reaper thread. A loop that makes and closes relays faster than that thread frees them (the
 // fuzzer, on a loaded machine) used to fail Create with "Too many open files". Here the context
-// holds exactly one relay's two sockets, so every Create but the first needs the slots of the
-// relay closed just before it: it waits for them instead of failing.
+// holds exactly one relay's sockets (its local socket, its upstream socket, and the pair that
+// watches the upstream handshakes), so every Create but the first needs the slots of the relay
+// closed just before it: it waits for them instead of failing.
 TEST(RelayLifecycleTest, ARelayMadeRightAfterOneClosedWaitsForItsSocketsToBeReleased) {
+  constexpr int kRelaySockets = 4;
   std::string templ = "/tmp/relay-test-XXXXXX";
   ASSERT_NE(mkdtemp(templ.data()), nullptr);
   zmq::context_t ctx;
-  ctx.set(zmq::ctxopt::max_sockets, 2);
+  ctx.set(zmq::ctxopt::max_sockets, kRelaySockets);
   {
     Reactor reactor("relay-lifecycle", &ctx);  // not running: Create and close on this thread
     RendezvousRelay::Options o;
@@ -302,16 +336,18 @@ TEST(RelayLifecycleTest, ARelayMadeRightAfterOneClosedWaitsForItsSocketsToBeRele
     }
   }
   // Once the context is full for good, the error names the limit instead.
-  auto a = OpenSocket(ctx, zmq::socket_type::pair);
-  auto b = OpenSocket(ctx, zmq::socket_type::pair);
-  ASSERT_TRUE(a.ok() && b.ok());
-  auto third = OpenSocket(ctx, zmq::socket_type::dealer, 50ms);
-  ASSERT_FALSE(third.ok());
-  EXPECT_EQ(third.status().code(), StatusCode::kUnavailable);
-  EXPECT_NE(third.status().message().find("holds at most 2 sockets"), std::string::npos)
-      << third.status();
-  a->close();
-  b->close();
+  std::vector<zmq::socket_t> held;
+  for (int i = 0; i < kRelaySockets; ++i) {
+    auto s = OpenSocket(ctx, zmq::socket_type::pair);
+    ASSERT_TRUE(s.ok()) << s.status();
+    held.push_back(std::move(*s));
+  }
+  auto more = OpenSocket(ctx, zmq::socket_type::dealer, 50ms);
+  ASSERT_FALSE(more.ok());
+  EXPECT_EQ(more.status().code(), StatusCode::kUnavailable);
+  EXPECT_NE(more.status().message().find("holds at most 4 sockets"), std::string::npos)
+      << more.status();
+  held.clear();
   std::filesystem::remove_all(templ);
 }
 
