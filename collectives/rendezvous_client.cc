@@ -1,7 +1,15 @@
 #include "collectives/rendezvous_client.h"
 
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <xxhash.h>
+
 #include <cerrno>
 #include <cstdlib>
+#include <cstring>
+#include <filesystem>
 
 #include "common/logging.h"
 
@@ -44,6 +52,53 @@ StatusOr<RdzvCredentials> RdzvCredentials::Parse(const std::string& text) {
 
 bool IsLocalRendezvousEndpoint(const std::string& endpoint) {
   return endpoint.rfind("ipc://", 0) == 0;
+}
+
+StatusOr<MappedGather> MappedGather::Open(const std::string& endpoint,
+                                          const proto::StoreReply& reply) {
+  const std::string& name = reply.gathered_file();
+  if (!IsLocalRendezvousEndpoint(endpoint)) {
+    return FailedPreconditionError("rendezvous gather: " + endpoint +
+                                   " is not a local relay, yet its reply names a file");
+  }
+  // Only a file directly in the directory of the relay's socket (ipc://<dir>/s), which the
+  // relay made 0700: the reply cannot point the rank anywhere else.
+  std::filesystem::path socket = endpoint.substr(6);
+  std::filesystem::path file = name;
+  if (file.parent_path() != socket.parent_path() || file.filename() == socket.filename() ||
+      file.filename().empty() || file.filename() == "." || file.filename() == "..") {
+    return FailedPreconditionError("rendezvous gather: the relay at " + endpoint +
+                                   " named the file '" + name.substr(0, 256) +
+                                   "', which is not in its own directory");
+  }
+  int fd = ::open(name.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+  if (fd < 0) {
+    return DataLossError("rendezvous gather: cannot open the relay's result file " + name + ": " +
+                         std::strerror(errno));
+  }
+  struct stat st {};
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) ||
+      static_cast<uint64_t>(st.st_size) != reply.gathered_size() || st.st_size == 0) {
+    ::close(fd);
+    return DataLossError("rendezvous gather: the relay's result file " + name +
+                         " is not a regular file of " + std::to_string(reply.gathered_size()) +
+                         " bytes");
+  }
+  void* data = ::mmap(nullptr, st.st_size, PROT_READ, MAP_SHARED, fd, 0);
+  ::close(fd);
+  if (data == MAP_FAILED) {
+    return DataLossError("rendezvous gather: cannot map " + name + ": " + std::strerror(errno));
+  }
+  MappedGather m(data, static_cast<size_t>(st.st_size));
+  if (XXH3_64bits(data, m.size_) != reply.gathered_xxh3()) {
+    return DataLossError("rendezvous gather: the relay's result file " + name +
+                         " does not match its checksum");
+  }
+  return m;
+}
+
+MappedGather::~MappedGather() {
+  if (data_ != nullptr) ::munmap(data_, size_);
 }
 
 std::string RdzvCredentials::ToString() const {
@@ -192,7 +247,14 @@ StatusOr<std::vector<std::string>> RendezvousClient::AllGather(const std::string
   g.set_timeout_ms(timeout.count());
   MUSTER_ASSIGN_OR_RETURN(auto reply, Call(std::move(r), timeout + options_.rpc_slack));
   proto::StoreGathered all;
-  if (!all.ParseFromString(reply.gathered())) {
+  bool parsed = false;
+  if (!reply.gathered_file().empty()) {
+    MUSTER_ASSIGN_OR_RETURN(MappedGather shared, MappedGather::Open(options_.endpoint, reply));
+    parsed = all.ParseFromArray(shared.bytes().data(), static_cast<int>(shared.bytes().size()));
+  } else {
+    parsed = all.ParseFromString(reply.gathered());
+  }
+  if (!parsed) {
     return DataLossError("rendezvous gather '" + name + "': the server's reply does not parse");
   }
   if (all.values_size() != n) {

@@ -23,6 +23,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <string_view>
 #include <vector>
 #include <zmq.hpp>
 
@@ -50,6 +51,28 @@ struct RdzvCredentials {
 // "ipc://" endpoint: the client talks to it without CURVE (the socket never leaves the host; the
 // relay's header says who may open it) and the relay carries the attempt's key to the store.
 bool IsLocalRendezvousEndpoint(const std::string& endpoint);
+
+// A gather result that the local relay at `endpoint` left in a file beside its socket
+// (StoreReply.gathered_file) instead of sending it down the socket to each of its ranks: the
+// file mapped read-only, checked (a plain file directly in the socket's directory, of the size
+// and XXH3-64 the reply names). Move-only; unmaps when destroyed.
+class MappedGather {
+ public:
+  // DataLoss when the file is not what the reply says; FailedPrecondition when the reply names
+  // a file outside the relay's directory or `endpoint` is not a local relay's.
+  static StatusOr<MappedGather> Open(const std::string& endpoint, const proto::StoreReply& reply);
+  MappedGather(MappedGather&& o) noexcept : data_(o.data_), size_(o.size_) { o.data_ = nullptr; }
+  MappedGather& operator=(MappedGather&&) = delete;
+  MappedGather(const MappedGather&) = delete;
+  ~MappedGather();
+  // The serialized StoreGathered.
+  std::string_view bytes() const { return {static_cast<const char*>(data_), size_}; }
+
+ private:
+  MappedGather(void* data, size_t size) : data_(data), size_(size) {}
+  void* data_ = nullptr;
+  size_t size_ = 0;
+};
 
 class RendezvousClient final : public RendezvousStore {
  public:

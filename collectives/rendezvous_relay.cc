@@ -1,6 +1,9 @@
 #include "collectives/rendezvous_relay.h"
 
+#include <fcntl.h>
 #include <stdlib.h>
+#include <unistd.h>
+#include <xxhash.h>
 
 #include <algorithm>
 #include <atomic>
@@ -504,6 +507,7 @@ void RendezvousRelay::SendBatch(Batch batch) {
               if (g->second.empty()) gather_ranks_.erase(g);
             };
             if (r.ok()) {
+              if (b.gather && b.callers.size() >= 2) ShareGather(*r);
               proto::Envelope e;
               *e.mutable_store_reply() = std::move(*r);
               for (auto& c : b.callers) {
@@ -530,6 +534,45 @@ void RendezvousRelay::SendBatch(Batch batch) {
             }
             SendBatch(std::move(again));
           });
+}
+
+void RendezvousRelay::ShareGather(proto::StoreReply& reply) {
+  const int64_t size = static_cast<int64_t>(reply.gathered().size());
+  if (options_.shared_gather_min_bytes <= 0 || size < options_.shared_gather_min_bytes ||
+      shared_bytes_ + size > options_.shared_gather_max_bytes) {
+    return;
+  }
+  const std::string path = (dir_ / ("gather-" + std::to_string(next_file_++))).string();
+  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
+  if (fd < 0) {
+    log::Get("coll.relay")
+        ->warn("rendezvous relay: cannot create {}: {}; gather replies go down the socket", path,
+               std::strerror(errno));
+    return;
+  }
+  const char* p = reply.gathered().data();
+  size_t left = reply.gathered().size();
+  while (left > 0) {
+    ssize_t n = ::write(fd, p, left);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      log::Get("coll.relay")
+          ->warn("rendezvous relay: cannot write {}: {}; gather replies go down the socket", path,
+                 std::strerror(errno));
+      ::close(fd);
+      ::unlink(path.c_str());
+      return;
+    }
+    p += n;
+    left -= static_cast<size_t>(n);
+  }
+  ::close(fd);
+  shared_bytes_ += size;
+  ++stats_.shared_gathers;
+  reply.set_gathered_xxh3(XXH3_64bits(reply.gathered().data(), reply.gathered().size()));
+  reply.set_gathered_size(static_cast<uint64_t>(size));
+  reply.set_gathered_file(path);
+  reply.clear_gathered();
 }
 
 }  // namespace muster::collectives

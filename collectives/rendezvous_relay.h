@@ -23,6 +23,11 @@
 // re-contributed, as on the store). A rank contributing twice to one gather is refused here,
 // with the store's message, so one rank's mistake never fails its node's batch.
 //
+// A large gather reply (Options::shared_gather_min_bytes) is handed to the local callers as a
+// file in the socket's private directory (written once, checksummed, mapped read-only by each
+// rank: MappedGather) instead of one copy per rank down the socket; the files go with the
+// directory when the relay closes.
+//
 // Trust boundary of the local socket: (1) it lives in a directory the relay creates with mode
 // 0700 (mkdtemp) and removes, so only processes of the agent's user (and root) can connect to
 // it; (2) every request is checked with `admit` against the peer's pid, which the kernel
@@ -91,11 +96,20 @@ class RendezvousRelay {
     std::chrono::milliseconds rpc_slack{2000};
     std::chrono::milliseconds op_timeout{30000};
     int64_t max_message_bytes = kDefaultMaxMessageBytes;
+    // A gather reply of at least this many bytes, for two or more local callers, is written
+    // once to a file in the socket's directory, and each caller gets the file's name, size and
+    // XXH3 (StoreReply.gathered_file; MappedGather reads it) instead of its own copy down the
+    // socket. 0 turns this off.
+    int64_t shared_gather_min_bytes = 64 << 10;
+    // At most this many bytes of such files (kept until the relay closes); past it, replies go
+    // down the socket again.
+    int64_t shared_gather_max_bytes = 256 << 20;
   };
 
   struct Stats {
     uint64_t local_requests = 0;     // requests from local callers
     uint64_t upstream_requests = 0;  // requests sent to the store
+    uint64_t shared_gathers = 0;     // gather replies handed over in a file
   };
 
   // REQUIRES: on the reactor thread or before reactor.Start().
@@ -145,6 +159,9 @@ class RendezvousRelay {
   size_t Expected(const Batch& b) const;
   void Flush(const std::string& key);
   void SendBatch(Batch batch);
+  // Moves a large gather reply's result into a file (Options::shared_gather_min_bytes); leaves
+  // the reply as it is when it is small or the file cannot be written.
+  void ShareGather(proto::StoreReply& reply);
   void Abort(const std::string& why);
 
   Reactor& reactor_;
@@ -165,6 +182,8 @@ class RendezvousRelay {
   // Gather ranks waiting here or upstream, by gather name: a second contribution is refused.
   std::map<std::string, std::unordered_map<int, int>> gather_ranks_;
   Stats stats_;
+  int64_t shared_bytes_ = 0;  // in gather result files
+  uint64_t next_file_ = 0;
   std::shared_ptr<int> life_ = std::make_shared<int>(0);
 };
 

@@ -8,9 +8,11 @@
 #include <gtest/gtest.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <xxhash.h>
 
 #include <atomic>
 #include <filesystem>
+#include <fstream>
 #include <thread>
 
 #include "collectives/rendezvous_client.h"
@@ -64,6 +66,7 @@ class RelayTest : public testing::ReactorZapTest {
     o.batch_window = window;
     o.admit = std::move(admit);
     o.rpc_slack = 1s;
+    o.shared_gather_min_bytes = shared_min_;
     auto r = reactor_->Call("relay", [&] { return RendezvousRelay::Create(*reactor_, o); });
     EXPECT_TRUE(r.ok()) << r.status();
     if (!r.ok()) return nullptr;
@@ -95,6 +98,7 @@ class RelayTest : public testing::ReactorZapTest {
   std::unique_ptr<RendezvousServer> server_;
   RdzvCredentials creds_;
   std::vector<std::unique_ptr<RendezvousRelay>> relays_;
+  int64_t shared_min_ = 64 << 10;
 };
 
 TEST_F(RelayTest, AGatherAndABarrierGoUpstreamOncePerNode) {
@@ -277,6 +281,70 @@ TEST_F(RelayTest, BadInputOnTheLocalSocketGetsAClearErrorAndTheRelayKeepsServing
   auto c = Client(relay);
   EXPECT_TRUE(c->Set("k", "v").ok());
   EXPECT_EQ(*c->Get("k", 1s), "v");
+}
+
+TEST_F(RelayTest, ALargeGatherReachesTheLocalRanksThroughOneCheckedFile) {
+  shared_min_ = 1;  // every gather of two or more local callers goes through a file
+  constexpr int kPerNode = 4;
+  auto* relay = AddRelay(0, kPerNode);
+  std::vector<std::unique_ptr<RendezvousClient>> clients;
+  for (int r = 0; r < kPerNode; ++r) clients.push_back(Client(relay));
+  auto entry = [](int r) { return "addr-" + std::to_string(r); };
+  std::vector<StatusOr<std::vector<std::string>>> got(kPerNode, InternalError("not run"));
+  std::vector<std::thread> threads;
+  for (int r = 0; r < kPerNode; ++r) {
+    threads.emplace_back(
+        [&, r] { got[r] = clients[r]->AllGather("addrs", r, kPerNode, entry(r), 10s); });
+  }
+  for (auto& t : threads) t.join();
+  for (int r = 0; r < kPerNode; ++r) {
+    ASSERT_TRUE(got[r].ok()) << "rank " << r << ": " << got[r].status();
+    ASSERT_EQ(got[r]->size(), static_cast<size_t>(kPerNode));
+    for (int i = 0; i < kPerNode; ++i) EXPECT_EQ((*got[r])[i], entry(i));
+  }
+  EXPECT_EQ(Stats(relay).shared_gathers, 1u);
+
+  // What a rank accepts as such a file: exactly what the reply says, in the relay's directory.
+  std::filesystem::path socket = relay->endpoint().substr(6);
+  std::filesystem::path file = socket.parent_path() / "gather-0";
+  std::string bytes;
+  {
+    std::ifstream in(file, std::ios::binary);
+    bytes.assign(std::istreambuf_iterator<char>(in), {});
+  }
+  ASSERT_FALSE(bytes.empty());
+  EXPECT_EQ(
+      std::filesystem::status(socket.parent_path()).permissions() & std::filesystem::perms::all,
+      std::filesystem::perms::owner_all);
+  proto::StoreReply good;
+  good.set_gathered_file(file.string());
+  good.set_gathered_size(bytes.size());
+  good.set_gathered_xxh3(XXH3_64bits(bytes.data(), bytes.size()));
+  auto mapped = MappedGather::Open(relay->endpoint(), good);
+  ASSERT_TRUE(mapped.ok()) << mapped.status();
+  EXPECT_EQ(mapped->bytes(), bytes);
+  auto expect = [&](proto::StoreReply reply, const std::string& endpoint, StatusCode code,
+                    const std::string& words) {
+    auto m = MappedGather::Open(endpoint, reply);
+    ASSERT_FALSE(m.ok()) << words;
+    EXPECT_EQ(m.status().code(), code) << m.status();
+    EXPECT_NE(m.status().message().find(words), std::string::npos) << m.status();
+  };
+  proto::StoreReply bad = good;
+  bad.set_gathered_xxh3(good.gathered_xxh3() + 1);
+  expect(bad, relay->endpoint(), StatusCode::kDataLoss, "does not match its checksum");
+  bad = good;
+  bad.set_gathered_size(bytes.size() + 1);
+  expect(bad, relay->endpoint(), StatusCode::kDataLoss, "not a regular file of");
+  bad = good;
+  bad.set_gathered_file("/etc/passwd");
+  expect(bad, relay->endpoint(), StatusCode::kFailedPrecondition, "not in its own directory");
+  bad = good;
+  bad.set_gathered_file((socket.parent_path() / "../gather-0").string());
+  expect(bad, relay->endpoint(), StatusCode::kFailedPrecondition, "not in its own directory");
+  bad.set_gathered_file(socket.string());
+  expect(bad, relay->endpoint(), StatusCode::kFailedPrecondition, "not in its own directory");
+  expect(good, server_->endpoint(), StatusCode::kFailedPrecondition, "is not a local relay");
 }
 
 TEST_F(RelayTest, AStoreThatRefusesTheRelaysKeyIsNamedAtOnceNotATimeout) {
