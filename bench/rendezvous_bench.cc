@@ -6,7 +6,9 @@
 // bytes to each (the floor of an allgather answered by one server: N^2 x 64 bytes leave it).
 // The relayed path runs the same phases with the ranks grouped into nodes of --ranks-per-node:
 // each node's ranks talk to their node's RendezvousRelay over ipc (no CURVE), and only the
-// relays talk to the store, one CURVE connection each (collectives/rendezvous_relay.h).
+// relays talk to the store, one CURVE connection each (collectives/rendezvous_relay.h). A large
+// allgather result reaches a node's ranks through one file from its relay (relayed), or down
+// each rank's socket (relayed-socket).
 
 #include <sys/epoll.h>
 #include <sys/resource.h>
@@ -17,6 +19,8 @@
 #include <filesystem>
 #include <iostream>
 #include <nlohmann/json.hpp>
+#include <optional>
+#include <string_view>
 #include <thread>
 
 #include "bench/bench.h"
@@ -154,80 +158,113 @@ struct Result {
   double connect_s, barrier_s, broadcast_s, allgather_s, total_s, anchor_s, anchor_allgather_s;
   int ranks_per_node = 0;          // 0: the direct path; else relayed, this many ranks per relay
   uint64_t upstream_requests = 0;  // relayed: requests the relays sent the store
+  uint64_t shared_replies = 0;     // relayed: allgather replies handed over in a file
+  bool gather_files = false;       // relayed: large gather results may go through files
 };
 
-// The relays of the relayed path: one per node of `per_node` ranks, all on one reactor of
-// their own (its context allows the sockets of thousands of relays).
+// The relays of the relayed path: one per node of `per_node` ranks. As on a cluster, where
+// each node's agent runs its relay on its own reactor, the relays are spread over reactors of
+// their own (kNodesPerReactor each; one reactor polling the sockets of hundreds of relays would
+// cost the simulation, not the relays, O(relays) per event).
 class Relays {
  public:
-  Relays(int n, int per_node)
-      : n_(n), per_node_(per_node), ctx_(MakeContext(n)), reactor_("rdzv-bench-relays", &ctx_) {
+  static constexpr int kNodesPerReactor = 16;
+
+  Relays(int n, int per_node, bool gather_files)
+      : n_(n), per_node_(per_node), gather_files_(gather_files), ctx_(MakeContext(n, per_node)) {
     dir_ =
         std::filesystem::temp_directory_path() / ("muster-relay-bench-" + std::to_string(getpid()));
   }
   ~Relays() {
-    if (reactor_.running()) {
-      reactor_.Call("stop", [&] { relays_.clear(); });
-      reactor_.Stop();
+    for (auto& g : groups_) {
+      if (g.reactor->running()) {
+        g.reactor->Call("stop", [&] { g.relays.clear(); });
+        g.reactor->Stop();
+      }
+      g.relays.clear();
     }
-    relays_.clear();
     std::error_code ec;
     std::filesystem::remove_all(dir_, ec);
   }
   Status Start(const std::string& store, const RdzvCredentials& creds) {
-    reactor_.Start();
-    return reactor_.Call("create", [&]() -> Status {
-      for (int node = 0; node * per_node_ < n_; ++node) {
-        collectives::RendezvousRelay::Options o;
-        o.socket_parent = dir_;
-        o.upstream_endpoint = store;
-        o.credentials = creds;
-        o.job = "bench";
-        o.attempt = 0;
-        for (int r = node * per_node_; r < std::min(n_, (node + 1) * per_node_); ++r) {
-          o.local_ranks.push_back(r);
+    const int nodes = (n_ + per_node_ - 1) / per_node_;
+    for (int first = 0; first < nodes; first += kNodesPerReactor) {
+      groups_.push_back(
+          {std::make_unique<Reactor>("rdzv-bench-relays-" + std::to_string(groups_.size()), &ctx_),
+           {}});
+      Group& g = groups_.back();
+      g.reactor->Start();
+      MUSTER_RETURN_IF_ERROR(g.reactor->Call("create", [&]() -> Status {
+        for (int node = first; node < std::min(nodes, first + kNodesPerReactor); ++node) {
+          collectives::RendezvousRelay::Options o;
+          o.socket_parent = dir_;
+          o.upstream_endpoint = store;
+          o.credentials = creds;
+          o.job = "bench";
+          o.attempt = 0;
+          for (int r = node * per_node_; r < std::min(n_, (node + 1) * per_node_); ++r) {
+            o.local_ranks.push_back(r);
+          }
+          o.rpc_slack = std::chrono::seconds(60);
+          if (!gather_files_) o.shared_gather_min_bytes = 0;
+          MUSTER_ASSIGN_OR_RETURN(auto relay, collectives::RendezvousRelay::Create(*g.reactor, o));
+          g.relays.push_back(std::move(relay));
         }
-        o.rpc_slack = std::chrono::seconds(60);
-        MUSTER_ASSIGN_OR_RETURN(auto relay, collectives::RendezvousRelay::Create(reactor_, o));
-        relays_.push_back(std::move(relay));
-      }
-      return Status::Ok();
-    });
+        return Status::Ok();
+      }));
+    }
+    return Status::Ok();
   }
-  std::string EndpointOf(int rank) const { return relays_[rank / per_node_]->endpoint(); }
+  std::string EndpointOf(int rank) const {
+    int node = rank / per_node_;
+    return groups_[node / kNodesPerReactor].relays[node % kNodesPerReactor]->endpoint();
+  }
   uint64_t UpstreamRequests() {
-    return reactor_.Call("stats", [&] {
-      uint64_t sum = 0;
-      for (auto& r : relays_) sum += r->stats().upstream_requests;
-      return sum;
-    });
+    uint64_t sum = 0;
+    for (auto& g : groups_) {
+      sum += g.reactor->Call("stats", [&] {
+        uint64_t s = 0;
+        for (auto& r : g.relays) s += r->stats().upstream_requests;
+        return s;
+      });
+    }
+    return sum;
   }
 
  private:
-  static zmq::context_t MakeContext(int n) {
+  struct Group {
+    std::unique_ptr<Reactor> reactor;
+    std::vector<std::unique_ptr<collectives::RendezvousRelay>> relays;
+  };
+  static zmq::context_t MakeContext(int n, int per_node) {
     zmq::context_t ctx(1);
-    ctx.set(zmq::ctxopt::max_sockets, n + 1024);
+    // Four sockets per relay: its local socket, its upstream one, and the pair that watches
+    // the upstream handshakes.
+    ctx.set(zmq::ctxopt::max_sockets, 4 * ((n + per_node - 1) / per_node) + 1024);
     return ctx;
   }
   int n_, per_node_;
+  bool gather_files_;
   zmq::context_t ctx_;
-  Reactor reactor_;
   std::filesystem::path dir_;
-  std::vector<std::unique_ptr<collectives::RendezvousRelay>> relays_;
+  std::vector<Group> groups_;
 };
 
 // `per_node` 0: every rank connects to the store itself (the direct path); else the ranks go
-// through relays of `per_node` ranks each.
-StatusOr<Result> Run(int n, bool curve, int per_node) {
+// through relays of `per_node` ranks each, which hand a large allgather result to their ranks
+// in a file when `gather_files` (else down each rank's socket).
+StatusOr<Result> Run(int n, bool curve, int per_node, bool gather_files) {
   Result res{n, curve, 0, 0, 0, 0, 0, 0, 0};
   res.ranks_per_node = per_node;
+  res.gather_files = per_node > 0 && gather_files;
   // Every simulated rank costs about three descriptors in this one process (its socket's
-  // mailbox and both ends of its connection), a relay four more. libzmq aborts when it runs
-  // out of them while accepting, so refuse a run that cannot fit instead.
+  // mailbox and both ends of its connection), a relay about seven more (its sockets' mailboxes,
+  // its listener, its connection to the store and the store's end of it). libzmq aborts when it
+  // runs out of them while accepting, so refuse a run that cannot fit instead.
   rlimit lim{};
   getrlimit(RLIMIT_NOFILE, &lim);
   uint64_t needed = 3 * static_cast<uint64_t>(n) + 256 +
-                    (per_node > 0 ? 4 * static_cast<uint64_t>((n + per_node - 1) / per_node) : 0);
+                    (per_node > 0 ? 7 * static_cast<uint64_t>((n + per_node - 1) / per_node) : 0);
   if (lim.rlim_cur != RLIM_INFINITY && needed > lim.rlim_cur) {
     return FailedPreconditionError(
         std::to_string(n) + " simulated ranks need about " + std::to_string(needed) +
@@ -261,7 +298,7 @@ StatusOr<Result> Run(int n, bool curve, int per_node) {
     // connecting.
     std::unique_ptr<Relays> relays;
     if (per_node > 0) {
-      relays = std::make_unique<Relays>(n, per_node);
+      relays = std::make_unique<Relays>(n, per_node, gather_files);
       if (Status rs = relays->Start(server->endpoint(), creds); !rs.ok()) {
         relays.reset();
         cleanup();
@@ -314,6 +351,7 @@ StatusOr<Result> Run(int n, bool curve, int per_node) {
     // allgather: each rank contributes its 64-byte address to one gather and receives all N in
     // rank order (one request, one reply per rank; the server assembles the reply once).
     auto t3 = Clock::now();
+    uint64_t shared_replies = 0;
     auto address = [](int i) {
       std::string addr = "tcp://198.18.0.1:" + std::to_string(20000 + i);
       addr.resize(64, ' ');
@@ -333,21 +371,32 @@ StatusOr<Result> Run(int n, bool curve, int per_node) {
       // Every rank must receive the same entries; the first reply is decoded and checked
       // entry by entry, every other one compared with it byte for byte.
       std::string first;
-      st = ranks.Collect(n, [&](int, const proto::Envelope& e) -> Status {
-        const std::string& got = e.store_reply().gathered();
+      st = ranks.Collect(n, [&](int i, const proto::Envelope& e) -> Status {
+        // Through a relay, a large result comes as a file beside its socket: each rank maps
+        // and checks it, as RendezvousClient::AllGather does.
+        std::optional<collectives::MappedGather> mapped;
+        if (!e.store_reply().gathered_file().empty()) {
+          auto m = collectives::MappedGather::Open(relays->EndpointOf(i), e.store_reply());
+          if (!m.ok()) return m.status();
+          mapped.emplace(std::move(*m));
+          ++shared_replies;
+        }
+        std::string_view got =
+            mapped ? mapped->bytes() : std::string_view(e.store_reply().gathered());
         if (!first.empty()) {
           return got == first ? Status::Ok() : DataLossError("allgather: replies differ");
         }
         proto::StoreGathered all;
-        if (!all.ParseFromString(got) || all.values_size() != n)
+        if (!all.ParseFromArray(got.data(), static_cast<int>(got.size())) || all.values_size() != n)
           return DataLossError("allgather: wrong number of addresses");
         for (int r = 0; r < n; ++r)
           if (all.values(r) != address(r)) return DataLossError("allgather: wrong address");
-        first = got;
+        first = std::string(got);
         return Status::Ok();
       });
     }
     res.allgather_s = Since(t3);
+    res.shared_replies = shared_replies;
     res.total_s = Since(t0);
     if (relays) res.upstream_requests = relays->UpstreamRequests();
   }
@@ -425,9 +474,11 @@ void AddRendezvousBench(CLI::App& app, Runner* runner) {
   cmd->add_option("--ranks", *ranks, "Simulated ranks (repeatable; 64..4096 by default)")
       ->check(CLI::Range(1, 16384));
   cmd->add_option("--path", *paths,
-                  "direct (every rank connects to the store) and/or relayed (through node "
-                  "agents' relays); repeatable, both by default")
-      ->check(CLI::IsMember({"direct", "relayed"}));
+                  "direct (every rank connects to the store), relayed (through node agents' "
+                  "relays, which hand a large allgather result over in a file) and/or "
+                  "relayed-socket (the same, with every reply down the rank's socket); "
+                  "repeatable; direct and relayed by default")
+      ->check(CLI::IsMember({"direct", "relayed", "relayed-socket"}));
   cmd->add_option("--ranks-per-node", *per_node, "Ranks per relay on the relayed path")
       ->check(CLI::Range(1, 1024));
   cmd->add_flag("--insecure", *insecure, "Also run without CURVE");
@@ -440,7 +491,7 @@ void AddRendezvousBench(CLI::App& app, Runner* runner) {
         for (const std::string& path : *paths) {
           for (bool curve : {true, false}) {
             if (!curve && !*insecure) continue;
-            auto r = Run(n, curve, path == "relayed" ? *per_node : 0);
+            auto r = Run(n, curve, path == "direct" ? 0 : *per_node, path == "relayed");
             if (!r.ok()) {
               std::cerr << "rendezvous bench with " << n << " ranks (" << path
                         << ") failed: " << r.status() << "\n";
@@ -462,7 +513,10 @@ void AddRendezvousBench(CLI::App& app, Runner* runner) {
                          {"allgather_s", r.allgather_s},
                          {"raw_zmq_connect_s", r.anchor_s},
                          {"raw_zmq_allgather_s", r.anchor_allgather_s},
-                         {"path", r.ranks_per_node > 0 ? "relayed" : "direct"},
+                         {"path", r.ranks_per_node == 0 ? "direct"
+                                  : r.gather_files      ? "relayed"
+                                                        : "relayed-socket"},
+                         {"gather_file_replies", r.shared_replies},
                          {"ranks_per_node", r.ranks_per_node},
                          {"upstream_requests", r.upstream_requests}});
         std::cout << (out.size() == 1 ? out[0] : out).dump(2) << "\n";
@@ -474,15 +528,19 @@ void AddRendezvousBench(CLI::App& app, Runner* runner) {
              "anchors (direct rows): the same N sockets against a raw ZeroMQ ROUTER, one round "
              "trip each (connect) and then N x 64 bytes to each (allgather)\n";
       Table t({"ranks", "path", "security", "connect s", "barrier s", "bcast128 s", "allgather64 s",
-               "total s", "store reqs by relays", "raw zmq connect s", "raw zmq N*64B s"});
+               "total s", "store reqs by relays", "gather via file", "raw zmq connect s",
+               "raw zmq N*64B s"});
       for (auto& r : rows) {
         bool relayed = r.ranks_per_node > 0;
         t.Row({std::to_string(r.ranks),
-               relayed ? "relayed R=" + std::to_string(r.ranks_per_node) : "direct",
+               relayed ? std::string(r.gather_files ? "relayed" : "relay-sock") +
+                             " R=" + std::to_string(r.ranks_per_node)
+                       : "direct",
                r.curve ? "CURVE" : "none", Fmt(r.connect_s, 3), Fmt(r.barrier_s, 3),
                Fmt(r.broadcast_s, 3), Fmt(r.allgather_s, 3), Fmt(r.total_s, 3),
                relayed ? std::to_string(r.upstream_requests) : "-",
-               relayed ? "-" : Fmt(r.anchor_s, 3), relayed ? "-" : Fmt(r.anchor_allgather_s, 3)});
+               relayed ? std::to_string(r.shared_replies) : "-", relayed ? "-" : Fmt(r.anchor_s, 3),
+               relayed ? "-" : Fmt(r.anchor_allgather_s, 3)});
       }
       t.Print();
       return 0;
