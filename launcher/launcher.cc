@@ -14,6 +14,8 @@
 #include <algorithm>
 #include <cerrno>
 #include <condition_variable>
+#include <cstring>
+#include <filesystem>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -21,6 +23,7 @@
 #include <sstream>
 #include <thread>
 
+#include "collectives/rendezvous_relay.h"
 #include "collectives/rendezvous_server.h"
 #include "common/curve.h"
 #include "common/exit_codes.h"
@@ -38,6 +41,7 @@ namespace muster::launcher {
 namespace {
 
 using node_agent::ChildId;
+using node_agent::ChildInfo;
 using node_agent::ExitInfo;
 using node_agent::OutputStream;
 using node_agent::SpawnSpec;
@@ -92,6 +96,23 @@ Status ValidateJobId(const std::string& id) {
 }
 
 // Everything the reactor-side handlers of one job share. Reactor thread only, except `done`.
+// OK when `pid` is in the process group of one of `supervisor`'s children (each rank leads its
+// own): the launcher's relay serves the ranks and what they start, nothing else.
+Status InRankGroup(pid_t pid, Supervisor* supervisor) {
+  pid_t pgid = ::getpgid(pid);
+  if (pgid < 0) {
+    return FailedPreconditionError("process " + std::to_string(pid) +
+                                   " is gone: " + std::strerror(errno));
+  }
+  if (supervisor != nullptr) {
+    for (const ChildInfo& c : supervisor->List()) {
+      if (c.pid == pgid) return Status::Ok();
+    }
+  }
+  return FailedPreconditionError("process " + std::to_string(pid) + " (process group " +
+                                 std::to_string(pgid) + ") is not one of this job's ranks");
+}
+
 struct JobState {
   const RunOptions* options = nullptr;
   const RunIo* io = nullptr;
@@ -329,6 +350,40 @@ int RunJob(const RunOptions& options, const RunIo& io) {
   }
 
   JobState job;
+  // The ranks reach the store through a relay on this reactor, as they do under node agents
+  // (collectives/rendezvous_relay.h): a local socket in a private directory, one CURVE
+  // connection to the store, a gather or barrier sent upstream once, a large gather result
+  // handed over once. Only processes in a rank's process group may use it.
+  // MUSTER_RDZV_DIRECT=1 keeps the direct path; a relay that cannot start falls back to it.
+  std::unique_ptr<collectives::RendezvousRelay> relay;
+  if (auto direct = EnvValue("MUSTER_RDZV_DIRECT");
+      !direct || (*direct != "1" && *direct != "true" && *direct != "yes")) {
+    collectives::RendezvousRelay::Options ro;
+    std::error_code ec;
+    ro.socket_parent = std::filesystem::temp_directory_path(ec);
+    ro.upstream_endpoint = ctx.rdzv_endpoint;
+    ro.job = ctx.job_id;
+    ro.attempt = static_cast<uint64_t>(ctx.attempt);
+    for (const RankPlan& r : *plan) ro.local_ranks.push_back(r.rank);
+    ro.admit = [&job](pid_t pid) { return InRankGroup(pid, job.supervisor); };
+    auto made = [&]() -> StatusOr<std::unique_ptr<collectives::RendezvousRelay>> {
+      MUSTER_ASSIGN_OR_RETURN(ro.credentials, collectives::RdzvCredentials::Parse(*key));
+      return collectives::RendezvousRelay::Create(reactor, ro);
+    }();
+    if (made.ok()) {
+      relay = std::move(*made);
+      ctx.rdzv_endpoint = relay->endpoint();
+      plan = PlanRanks(options, ctx);
+      if (!plan.ok()) {
+        relay.reset();
+        restore_signals();
+        return fail(plan.status(), kExitUsage);
+      }
+    } else {
+      Log()->warn("job {}: no rendezvous relay ({}); ranks connect to the store", ctx.job_id,
+                  made.status().message());
+    }
+  }
   job.options = &options;
   job.io = &io;
   job.plan = &*plan;
@@ -429,6 +484,7 @@ int RunJob(const RunOptions& options, const RunIo& io) {
     reactor.RemoveFd(sig_fd);
     job.supervisor = nullptr;
     supervisor.reset();
+    relay.reset();
     server->reset();
     zap->reset();
   });

@@ -432,7 +432,9 @@ TEST(MusterRunTest, GivesEveryRankTheEnvContract) {
     EXPECT_EQ(e["CUDA_VISIBLE_DEVICES"], gpus[r]);
     EXPECT_EQ(e["MUSTER_JOB_ID"], "envjob");
     EXPECT_EQ(e["MUSTER_ATTEMPT"], "0");
-    EXPECT_EQ(e["MUSTER_RDZV_ENDPOINT"].rfind("tcp://127.0.0.1:", 0), 0u);
+    // The launcher's relay (a local socket), as under node agents.
+    EXPECT_EQ(e["MUSTER_RDZV_ENDPOINT"].rfind("ipc://", 0), 0u) << e["MUSTER_RDZV_ENDPOINT"];
+    EXPECT_EQ(e["MUSTER_RDZV_ENDPOINT"], env[0]["MUSTER_RDZV_ENDPOINT"]);
     EXPECT_EQ(e["MUSTER_RDZV_KEY"].rfind("v1,", 0), 0u);
     EXPECT_EQ(e["MUSTER_RDZV_KEY"], env[0]["MUSTER_RDZV_KEY"]);
     EXPECT_EQ(e["MUSTER_CHECKPOINT_DIR"], ckpt);
@@ -442,6 +444,19 @@ TEST(MusterRunTest, GivesEveryRankTheEnvContract) {
     EXPECT_EQ(e["FOO"], "bar");
     EXPECT_EQ(e["KEEPME"], "kept");
   }
+}
+
+TEST(MusterRunTest, MusterRdzvDirectKeepsTheRanksOnTheStoreItself) {
+  MusterRun run({"-np", "2", "--tag-output", "sh", "-c", "echo ep=$MUSTER_RDZV_ENDPOINT"},
+                {"MUSTER_RDZV_DIRECT=1"});
+  ASSERT_EQ(run.Wait(), 0) << run.err();
+  int seen = 0;
+  for (const auto& l : Lines(run.out())) {
+    if (l.find("ep=") == std::string::npos) continue;
+    ++seen;
+    EXPECT_NE(l.find("ep=tcp://127.0.0.1:"), std::string::npos) << l;
+  }
+  EXPECT_EQ(seen, 2) << run.out();
 }
 
 TEST(MusterRunTest, WritesPerRankLogFiles) {
