@@ -10,12 +10,17 @@
 // allgather result reaches a node's ranks through one file from its relay (relayed), or down
 // each rank's socket (relayed-socket).
 
+#include <fcntl.h>
+#include <spawn.h>
 #include <sys/epoll.h>
 #include <sys/resource.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <iostream>
 #include <nlohmann/json.hpp>
@@ -157,6 +162,7 @@ struct Result {
   bool curve;
   double connect_s, barrier_s, broadcast_s, allgather_s, total_s, anchor_s, anchor_allgather_s;
   int ranks_per_node = 0;          // 0: the direct path; else relayed, this many ranks per relay
+  int processes = 1;               // relayed: the simulated nodes were spread over this many
   uint64_t upstream_requests = 0;  // relayed: requests the relays sent the store
   uint64_t shared_replies = 0;     // relayed: allgather replies handed over in a file
   bool gather_files = false;       // relayed: large gather results may go through files
@@ -170,8 +176,14 @@ class Relays {
  public:
   static constexpr int kNodesPerReactor = 16;
 
-  Relays(int n, int per_node, bool gather_files)
-      : n_(n), per_node_(per_node), gather_files_(gather_files), ctx_(MakeContext(n, per_node)) {
+  // The relays of nodes [first_node, first_node + nodes) (nodes -1: all of them) of n ranks.
+  Relays(int n, int per_node, bool gather_files, int first_node = 0, int nodes = -1)
+      : n_(n),
+        per_node_(per_node),
+        first_node_(first_node),
+        nodes_(nodes >= 0 ? nodes : (n + per_node - 1) / per_node),
+        gather_files_(gather_files),
+        ctx_(MakeContext(nodes_)) {
     dir_ =
         std::filesystem::temp_directory_path() / ("muster-relay-bench-" + std::to_string(getpid()));
   }
@@ -187,8 +199,8 @@ class Relays {
     std::filesystem::remove_all(dir_, ec);
   }
   Status Start(const std::string& store, const RdzvCredentials& creds) {
-    const int nodes = (n_ + per_node_ - 1) / per_node_;
-    for (int first = 0; first < nodes; first += kNodesPerReactor) {
+    const int nodes = first_node_ + nodes_;
+    for (int first = first_node_; first < nodes; first += kNodesPerReactor) {
       groups_.push_back(
           {std::make_unique<Reactor>("rdzv-bench-relays-" + std::to_string(groups_.size()), &ctx_),
            {}});
@@ -216,10 +228,11 @@ class Relays {
     return Status::Ok();
   }
   std::string EndpointOf(int rank) const {
-    int node = rank / per_node_;
+    int node = rank / per_node_ - first_node_;
     return groups_[node / kNodesPerReactor].relays[node % kNodesPerReactor]->endpoint();
   }
   uint64_t UpstreamRequests() {
+    if (groups_.empty()) return 0;
     uint64_t sum = 0;
     for (auto& g : groups_) {
       sum += g.reactor->Call("stats", [&] {
@@ -236,18 +249,123 @@ class Relays {
     std::unique_ptr<Reactor> reactor;
     std::vector<std::unique_ptr<collectives::RendezvousRelay>> relays;
   };
-  static zmq::context_t MakeContext(int n, int per_node) {
+  static zmq::context_t MakeContext(int nodes) {
     zmq::context_t ctx(1);
     // Four sockets per relay: its local socket, its upstream one, and the pair that watches
     // the upstream handshakes.
-    ctx.set(zmq::ctxopt::max_sockets, 4 * ((n + per_node - 1) / per_node) + 1024);
+    ctx.set(zmq::ctxopt::max_sockets, 4 * nodes + 1024);
     return ctx;
   }
-  int n_, per_node_;
+  int n_, per_node_, first_node_, nodes_;
   bool gather_files_;
   zmq::context_t ctx_;
   std::filesystem::path dir_;
   std::vector<Group> groups_;
+};
+
+// The phases of a rendezvous for ranks [first, first + ranks.size()) of n: rank first + i is
+// socket i of `ranks`, going through `relays` (null: the direct path).
+class Phases {
+ public:
+  Phases(Ranks& ranks, int first, int n, Relays* relays)
+      : ranks_(ranks), first_(first), n_(n), relays_(relays) {}
+
+  // connect: the first request of every rank completes its handshake.
+  Status Connect() {
+    for (int i = 0; i < ranks_.size(); ++i) {
+      proto::StoreRequest r;
+      r.mutable_add()->set_key("joined");
+      r.mutable_add()->set_delta(1);
+      ranks_.SendRequest(i, std::move(r));
+    }
+    return ranks_.Collect(ranks_.size(), [](int, const proto::Envelope&) { return Status::Ok(); });
+  }
+  Status Barrier() {
+    for (int i = 0; i < ranks_.size(); ++i) {
+      proto::StoreRequest r;
+      r.mutable_barrier()->set_name("start");
+      r.mutable_barrier()->set_n(n_);
+      r.mutable_barrier()->set_timeout_ms(60000);
+      ranks_.SendRequest(i, std::move(r));
+    }
+    return ranks_.Collect(ranks_.size(), [](int, const proto::Envelope&) { return Status::Ok(); });
+  }
+  // broadcast: ranks 1.. park a get; rank 0 sets.
+  Status Broadcast() {
+    const std::string blob(128, 'b');
+    for (int i = 0; i < ranks_.size(); ++i) {
+      if (first_ + i == 0) continue;
+      proto::StoreRequest r;
+      r.mutable_get()->add_keys("bcast");
+      r.mutable_get()->set_timeout_ms(60000);
+      ranks_.SendRequest(i, std::move(r));
+    }
+    if (first_ == 0 && ranks_.size() > 0) {
+      proto::StoreRequest r;
+      r.mutable_set()->set_key("bcast");
+      r.mutable_set()->set_value(blob);
+      ranks_.SendRequest(0, std::move(r));
+    }
+    return ranks_.Collect(ranks_.size(), [&](int i, const proto::Envelope& e) -> Status {
+      if (first_ + i != 0 &&
+          (e.store_reply().values_size() != 1 || e.store_reply().values(0) != blob))
+        return DataLossError("broadcast: wrong value");
+      return Status::Ok();
+    });
+  }
+  // allgather: each rank contributes its 64-byte address to one gather and receives all N in
+  // rank order (one request, one reply per rank; the server assembles the reply once).
+  Status AllGather() {
+    auto address = [](int i) {
+      std::string addr = "tcp://198.18.0.1:" + std::to_string(20000 + i);
+      addr.resize(64, ' ');
+      return addr;
+    };
+    for (int i = 0; i < ranks_.size(); ++i) {
+      proto::StoreRequest r;
+      auto& g = *r.mutable_gather();
+      g.set_name("addrs");
+      g.set_rank(first_ + i);
+      g.set_n(n_);
+      g.set_value(address(first_ + i));
+      g.set_timeout_ms(60000);
+      ranks_.SendRequest(i, std::move(r));
+    }
+    // Every rank must receive the same entries; the first reply is decoded and checked entry
+    // by entry, every other one compared with it byte for byte.
+    std::string first;
+    return ranks_.Collect(ranks_.size(), [&](int i, const proto::Envelope& e) -> Status {
+      // Through a relay, a large result comes as a file beside its socket: each rank maps and
+      // checks it, as RendezvousClient::AllGather does.
+      std::optional<collectives::MappedGather> mapped;
+      if (!e.store_reply().gathered_file().empty()) {
+        if (relays_ == nullptr) return DataLossError("allgather: a file from the store itself");
+        auto m = collectives::MappedGather::Open(relays_->EndpointOf(first_ + i), e.store_reply());
+        if (!m.ok()) return m.status();
+        mapped.emplace(std::move(*m));
+        ++shared_replies;
+      }
+      std::string_view got =
+          mapped ? mapped->bytes() : std::string_view(e.store_reply().gathered());
+      if (!first.empty()) {
+        return got == first ? Status::Ok() : DataLossError("allgather: replies differ");
+      }
+      proto::StoreGathered all;
+      if (!all.ParseFromArray(got.data(), static_cast<int>(got.size())) || all.values_size() != n_)
+        return DataLossError("allgather: wrong number of addresses");
+      for (int r = 0; r < n_; ++r)
+        if (all.values(r) != address(r)) return DataLossError("allgather: wrong address");
+      first = std::string(got);
+      return Status::Ok();
+    });
+  }
+
+  uint64_t shared_replies = 0;  // allgather replies that came as a file
+
+ private:
+  Ranks& ranks_;
+  int first_, n_;
+  Relays* relays_;
 };
 
 // `per_node` 0: every rank connects to the store itself (the direct path); else the ranks go
@@ -307,96 +425,20 @@ StatusOr<Result> Run(int n, bool curve, int per_node, bool gather_files) {
     }
     Ranks ranks(
         n, [&](int i) { return relays ? relays->EndpointOf(i) : server->endpoint(); }, creds);
+    Phases phases(ranks, 0, n, relays.get());
     st = ranks.status();
-    // connect: the first request of every rank completes its handshake.
-    for (int i = 0; st.ok() && i < n; ++i) {
-      proto::StoreRequest r;
-      r.mutable_add()->set_key("joined");
-      r.mutable_add()->set_delta(1);
-      ranks.SendRequest(i, std::move(r));
-    }
-    if (st.ok()) st = ranks.Collect(n, [](int, const proto::Envelope&) { return Status::Ok(); });
+    if (st.ok()) st = phases.Connect();
     res.connect_s = Since(t0);
     auto t1 = Clock::now();
-    for (int i = 0; st.ok() && i < n; ++i) {
-      proto::StoreRequest r;
-      r.mutable_barrier()->set_name("start");
-      r.mutable_barrier()->set_n(n);
-      r.mutable_barrier()->set_timeout_ms(60000);
-      ranks.SendRequest(i, std::move(r));
-    }
-    if (st.ok()) st = ranks.Collect(n, [](int, const proto::Envelope&) { return Status::Ok(); });
+    if (st.ok()) st = phases.Barrier();
     res.barrier_s = Since(t1);
-    // broadcast: ranks 1.. park a get; rank 0 sets.
     auto t2 = Clock::now();
-    const std::string blob(128, 'b');
-    for (int i = 1; st.ok() && i < n; ++i) {
-      proto::StoreRequest r;
-      r.mutable_get()->add_keys("bcast");
-      r.mutable_get()->set_timeout_ms(60000);
-      ranks.SendRequest(i, std::move(r));
-    }
-    if (st.ok()) {
-      proto::StoreRequest r;
-      r.mutable_set()->set_key("bcast");
-      r.mutable_set()->set_value(blob);
-      ranks.SendRequest(0, std::move(r));
-      st = ranks.Collect(n, [&](int i, const proto::Envelope& e) -> Status {
-        if (i != 0 && (e.store_reply().values_size() != 1 || e.store_reply().values(0) != blob))
-          return DataLossError("broadcast: wrong value");
-        return Status::Ok();
-      });
-    }
+    if (st.ok()) st = phases.Broadcast();
     res.broadcast_s = Since(t2);
-    // allgather: each rank contributes its 64-byte address to one gather and receives all N in
-    // rank order (one request, one reply per rank; the server assembles the reply once).
     auto t3 = Clock::now();
-    uint64_t shared_replies = 0;
-    auto address = [](int i) {
-      std::string addr = "tcp://198.18.0.1:" + std::to_string(20000 + i);
-      addr.resize(64, ' ');
-      return addr;
-    };
-    for (int i = 0; st.ok() && i < n; ++i) {
-      proto::StoreRequest r;
-      auto& g = *r.mutable_gather();
-      g.set_name("addrs");
-      g.set_rank(i);
-      g.set_n(n);
-      g.set_value(address(i));
-      g.set_timeout_ms(60000);
-      ranks.SendRequest(i, std::move(r));
-    }
-    if (st.ok()) {
-      // Every rank must receive the same entries; the first reply is decoded and checked
-      // entry by entry, every other one compared with it byte for byte.
-      std::string first;
-      st = ranks.Collect(n, [&](int i, const proto::Envelope& e) -> Status {
-        // Through a relay, a large result comes as a file beside its socket: each rank maps
-        // and checks it, as RendezvousClient::AllGather does.
-        std::optional<collectives::MappedGather> mapped;
-        if (!e.store_reply().gathered_file().empty()) {
-          auto m = collectives::MappedGather::Open(relays->EndpointOf(i), e.store_reply());
-          if (!m.ok()) return m.status();
-          mapped.emplace(std::move(*m));
-          ++shared_replies;
-        }
-        std::string_view got =
-            mapped ? mapped->bytes() : std::string_view(e.store_reply().gathered());
-        if (!first.empty()) {
-          return got == first ? Status::Ok() : DataLossError("allgather: replies differ");
-        }
-        proto::StoreGathered all;
-        if (!all.ParseFromArray(got.data(), static_cast<int>(got.size())) || all.values_size() != n)
-          return DataLossError("allgather: wrong number of addresses");
-        for (int r = 0; r < n; ++r)
-          if (all.values(r) != address(r)) return DataLossError("allgather: wrong address");
-        first = std::string(got);
-        return Status::Ok();
-      });
-    }
+    if (st.ok()) st = phases.AllGather();
     res.allgather_s = Since(t3);
-    res.shared_replies = shared_replies;
+    res.shared_replies = phases.shared_replies;
     res.total_s = Since(t0);
     if (relays) res.upstream_requests = relays->UpstreamRequests();
   }
@@ -460,6 +502,192 @@ StatusOr<Result> Run(int n, bool curve, int per_node, bool gather_files) {
   return res;
 }
 
+// One of the processes of a spread simulation (`rendezvous-nodes`, started by RunSpread): the
+// relays and ranks of nodes [first_node, first_node + nodes) of n ranks, against the store at
+// `store` with the key in MUSTER_RDZV_KEY. It reads one phase a line on stdin (connect,
+// barrier, bcast, allgather, quit) and answers each with "ok <store requests by its relays>
+// <allgather replies by file>" or "error <why>".
+int RunNodes(const std::string& store, int n, int per_node, int first_node, int nodes,
+             bool gather_files) {
+  RaiseFdLimit();
+  const char* key = std::getenv("MUSTER_RDZV_KEY");
+  auto creds = RdzvCredentials::Parse(key ? key : "");
+  const int first_rank = first_node * per_node;
+  const int count = std::min(n, (first_node + nodes) * per_node) - first_rank;
+  std::unique_ptr<Relays> relays;
+  std::unique_ptr<Ranks> ranks;
+  std::unique_ptr<Phases> phases;
+  for (std::string line; std::getline(std::cin, line);) {
+    if (line == "quit") break;
+    Status st;
+    if (!creds.ok()) {
+      st = creds.status();
+    } else if (line == "connect") {
+      relays = std::make_unique<Relays>(n, per_node, gather_files, first_node, nodes);
+      st = relays->Start(store, *creds);
+      if (st.ok()) {
+        ranks = std::make_unique<Ranks>(
+            count, [&](int i) { return relays->EndpointOf(first_rank + i); }, *creds);
+        st = ranks->status();
+      }
+      if (st.ok()) {
+        phases = std::make_unique<Phases>(*ranks, first_rank, n, relays.get());
+        st = phases->Connect();
+      }
+    } else if (!phases) {
+      st = FailedPreconditionError("'" + line + "' before connect");
+    } else if (line == "barrier") {
+      st = phases->Barrier();
+    } else if (line == "bcast") {
+      st = phases->Broadcast();
+    } else if (line == "allgather") {
+      st = phases->AllGather();
+    } else {
+      st = InvalidArgumentError("unknown phase '" + line + "'");
+    }
+    if (st.ok()) {
+      std::cout << "ok " << relays->UpstreamRequests() << " " << phases->shared_replies
+                << std::endl;
+    } else {
+      std::cout << "error " << st.ToString() << std::endl;
+    }
+  }
+  phases.reset();
+  ranks.reset();
+  relays.reset();
+  return 0;
+}
+
+// The relayed path with the simulated nodes spread over `processes` processes (this binary's
+// `rendezvous-nodes`), as on a cluster where each node's relay and ranks are their own
+// processes: the store here, each phase started in every process at once and timed until the
+// last one has finished it.
+StatusOr<Result> RunSpread(int n, bool curve, int per_node, bool gather_files, int processes) {
+  Result res{n, curve, 0, 0, 0, 0, 0, 0, 0};
+  res.ranks_per_node = per_node;
+  res.gather_files = gather_files;
+  res.processes = processes;
+  Reactor reactor("rdzv-bench");
+  std::unique_ptr<ZapAuthenticator> zap;
+  if (curve) {
+    MUSTER_ASSIGN_OR_RETURN(zap, ZapAuthenticator::Create(reactor));
+  }
+  collectives::RendezvousServer::Options so;
+  so.insecure = !curve;
+  MUSTER_ASSIGN_OR_RETURN(auto server,
+                          collectives::RendezvousServer::Create(reactor, zap.get(), so));
+  MUSTER_ASSIGN_OR_RETURN(std::string key, server->AddScope("bench", 0));
+  reactor.Start();
+
+  struct Child {
+    pid_t pid = -1;
+    FILE* in = nullptr;   // its stdin
+    FILE* out = nullptr;  // its stdout
+  };
+  std::vector<Child> children;
+  const int nodes = (n + per_node - 1) / per_node;
+  const int chunk = (nodes + processes - 1) / processes;
+  std::vector<std::string> env;
+  for (char** e = environ; *e != nullptr; ++e) {
+    if (std::string_view(*e).rfind("MUSTER_RDZV_KEY=", 0) != 0) env.emplace_back(*e);
+  }
+  env.push_back("MUSTER_RDZV_KEY=" + key);
+  std::vector<char*> envp;
+  for (auto& e : env) envp.push_back(e.data());
+  envp.push_back(nullptr);
+  Status st;
+  for (int first = 0; first < nodes && st.ok(); first += chunk) {
+    int to[2], from[2];
+    if (::pipe2(to, O_CLOEXEC) != 0 || ::pipe2(from, O_CLOEXEC) != 0) {
+      st = ErrnoStatus(errno, "pipe");
+      break;
+    }
+    std::vector<std::string> args = {
+        "muster-bench",     "rendezvous-nodes",
+        "--store",          server->endpoint(),
+        "--ranks",          std::to_string(n),
+        "--ranks-per-node", std::to_string(per_node),
+        "--first-node",     std::to_string(first),
+        "--nodes",          std::to_string(std::min(chunk, nodes - first)),
+        "--gather-files",   gather_files ? "1" : "0"};
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_adddup2(&fa, to[0], 0);
+    posix_spawn_file_actions_adddup2(&fa, from[1], 1);
+    pid_t pid = -1;
+    int rc = posix_spawn(&pid, "/proc/self/exe", &fa, nullptr, argv.data(), envp.data());
+    posix_spawn_file_actions_destroy(&fa);
+    ::close(to[0]);
+    ::close(from[1]);
+    if (rc != 0) {
+      ::close(to[1]);
+      ::close(from[0]);
+      st = ErrnoStatus(rc, "posix_spawn muster-bench rendezvous-nodes");
+      break;
+    }
+    children.push_back({pid, fdopen(to[1], "w"), fdopen(from[0], "r")});
+  }
+  // Runs one phase in every child at once; adds up what they report.
+  uint64_t upstream = 0, shared = 0;
+  auto phase = [&](const std::string& name) -> Status {
+    for (auto& c : children) {
+      std::fputs((name + "\n").c_str(), c.in);
+      std::fflush(c.in);
+    }
+    upstream = shared = 0;
+    Status result;
+    for (auto& c : children) {
+      char buf[4096];
+      if (std::fgets(buf, sizeof(buf), c.out) == nullptr) {
+        if (result.ok()) result = InternalError("a rendezvous-nodes process ended during " + name);
+        continue;
+      }
+      std::string line(buf);
+      if (line.rfind("ok ", 0) == 0) {
+        unsigned long long u = 0, f = 0;
+        std::sscanf(line.c_str() + 3, "%llu %llu", &u, &f);
+        upstream += u;
+        shared += f;
+      } else {
+        if (result.ok()) result = InternalError(name + ": " + line);
+      }
+    }
+    return result;
+  };
+  auto t0 = Clock::now();
+  if (st.ok()) st = phase("connect");
+  res.connect_s = Since(t0);
+  auto t1 = Clock::now();
+  if (st.ok()) st = phase("barrier");
+  res.barrier_s = Since(t1);
+  auto t2 = Clock::now();
+  if (st.ok()) st = phase("bcast");
+  res.broadcast_s = Since(t2);
+  auto t3 = Clock::now();
+  if (st.ok()) st = phase("allgather");
+  res.allgather_s = Since(t3);
+  res.total_s = Since(t0);
+  res.upstream_requests = upstream;
+  res.shared_replies = shared;
+  for (auto& c : children) {
+    std::fputs("quit\n", c.in);
+    std::fclose(c.in);
+    std::fclose(c.out);
+    int status = 0;
+    ::waitpid(c.pid, &status, 0);
+  }
+  reactor.Call("stop", [&] {
+    server.reset();
+    zap.reset();
+  });
+  reactor.Stop();
+  if (!st.ok()) return st;
+  return res;
+}
+
 }  // namespace
 
 void AddRendezvousBench(CLI::App& app, Runner* runner) {
@@ -481,6 +709,11 @@ void AddRendezvousBench(CLI::App& app, Runner* runner) {
       ->check(CLI::IsMember({"direct", "relayed", "relayed-socket"}));
   cmd->add_option("--ranks-per-node", *per_node, "Ranks per relay on the relayed path")
       ->check(CLI::Range(1, 1024));
+  auto processes = std::make_shared<int>(1);
+  cmd->add_option("--processes", *processes,
+                  "Spread the relayed paths' simulated nodes over this many processes (the "
+                  "direct path always runs in this one)")
+      ->check(CLI::Range(1, 64));
   cmd->add_flag("--insecure", *insecure, "Also run without CURVE");
   cmd->add_flag("--json", *json, "Print JSON instead of a table");
   cmd->callback([=] {
@@ -491,7 +724,9 @@ void AddRendezvousBench(CLI::App& app, Runner* runner) {
         for (const std::string& path : *paths) {
           for (bool curve : {true, false}) {
             if (!curve && !*insecure) continue;
-            auto r = Run(n, curve, path == "direct" ? 0 : *per_node, path == "relayed");
+            auto r = path != "direct" && *processes > 1
+                         ? RunSpread(n, curve, *per_node, path == "relayed", *processes)
+                         : Run(n, curve, path == "direct" ? 0 : *per_node, path == "relayed");
             if (!r.ok()) {
               std::cerr << "rendezvous bench with " << n << " ranks (" << path
                         << ") failed: " << r.status() << "\n";
@@ -517,6 +752,7 @@ void AddRendezvousBench(CLI::App& app, Runner* runner) {
                                   : r.gather_files      ? "relayed"
                                                         : "relayed-socket"},
                          {"gather_file_replies", r.shared_replies},
+                         {"processes", r.processes},
                          {"ranks_per_node", r.ranks_per_node},
                          {"upstream_requests", r.upstream_requests}});
         std::cout << (out.size() == 1 ? out[0] : out).dump(2) << "\n";
@@ -534,7 +770,8 @@ void AddRendezvousBench(CLI::App& app, Runner* runner) {
         bool relayed = r.ranks_per_node > 0;
         t.Row({std::to_string(r.ranks),
                relayed ? std::string(r.gather_files ? "relayed" : "relay-sock") +
-                             " R=" + std::to_string(r.ranks_per_node)
+                             " R=" + std::to_string(r.ranks_per_node) +
+                             (r.processes > 1 ? " P=" + std::to_string(r.processes) : "")
                        : "direct",
                r.curve ? "CURVE" : "none", Fmt(r.connect_s, 3), Fmt(r.barrier_s, 3),
                Fmt(r.broadcast_s, 3), Fmt(r.allgather_s, 3), Fmt(r.total_s, 3),
@@ -545,6 +782,25 @@ void AddRendezvousBench(CLI::App& app, Runner* runner) {
       t.Print();
       return 0;
     };
+  });
+
+  // One process of a spread simulation (RunSpread); not for users.
+  auto nodes_cmd = app.add_subcommand("rendezvous-nodes", "");
+  nodes_cmd->group("");
+  auto store = std::make_shared<std::string>();
+  auto n_all = std::make_shared<int>(0);
+  auto first_node = std::make_shared<int>(0);
+  auto node_count = std::make_shared<int>(0);
+  auto files = std::make_shared<int>(1);
+  auto rpn = std::make_shared<int>(8);
+  nodes_cmd->add_option("--store", *store)->required();
+  nodes_cmd->add_option("--ranks", *n_all)->required();
+  nodes_cmd->add_option("--ranks-per-node", *rpn)->required();
+  nodes_cmd->add_option("--first-node", *first_node)->required();
+  nodes_cmd->add_option("--nodes", *node_count)->required();
+  nodes_cmd->add_option("--gather-files", *files);
+  nodes_cmd->callback([=] {
+    *runner = [=] { return RunNodes(*store, *n_all, *rpn, *first_node, *node_count, *files != 0); };
   });
 }
 
