@@ -236,6 +236,10 @@ _SAFE_GLOBALS = {("collections", "OrderedDict"), ("collections", "defaultdict"),
                  ("collections", "deque"), ("numpy", "dtype"), ("torch", "Size")}
 
 
+class RefusedGlobal(pickle.UnpicklingError):
+    """restricted_loads met a class it does not unpickle by default (the message names it)."""
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if module == "builtins" and name in _SAFE_BUILTINS:
@@ -247,7 +251,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         torch = import_torch() if module == "torch" else None
         if torch is not None and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
-        raise pickle.UnpicklingError(
+        raise RefusedGlobal(
             f"the checkpoint's state holds a {module}.{name} object, which muster does not "
             "unpickle by default (it could run code); pass allow_pickle=True to muster.load if "
             "you trust the checkpoint")
