@@ -102,7 +102,7 @@ def _describe(state, rank, world_size, what):
     `world_size`: the _core.Tensor descriptions, the objects whose memory they point to (keep
     them alive for the call), the metadata (the pickled skeleton) and whether a tensor is on a
     GPU. Raises TypeError / InvalidArgumentError as Checkpointer.save documents."""
-    skeleton, leaves = _state.flatten(state)
+    skeleton, leaves = _state.flatten(state, what)
     refs, keep = [], []
     any_cuda = False
     for leaf, x, wrapper in leaves:

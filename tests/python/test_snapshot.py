@@ -174,8 +174,11 @@ class SnapshotTest(unittest.TestCase):
             snap.snapshot(2, {"w": torch.ones(3)})
         with self.assertRaisesRegex(muster.InvalidArgumentError, "step must be an int"):
             snap.snapshot(-1, {"w": torch.ones(3)})
-        with self.assertRaisesRegex(TypeError, "cannot be saved"):
+        with self.assertRaisesRegex(TypeError, "muster.snapshot: .* cannot be saved"):
             snap.snapshot(4, {"f": lambda: 1})
+        with self.assertRaisesRegex(TypeError, r"muster.snapshot: state\['s'\] is a "
+                                    "torch.sparse_coo tensor"):
+            snap.snapshot(4, {"s": torch.eye(2).to_sparse()})
         snap.flush(10)
 
     def test_without_snapshots_nothing_is_sent_and_restore_says_why(self):
