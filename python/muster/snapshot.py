@@ -24,8 +24,8 @@ agent. A refusal by the agent (e.g. snapshots that do not fit its memory limit) 
 that thread and reported by flush().
 
 A snapshot restore that fails raises (NotFoundError, DataLossError, ...): the rank must not go
-on from another step than its peers, so let the exception end it; the coordinator then resumes
-the next attempt from the volume.
+on from another step than its peers, so let the exception end it (the attempt fails like any
+rank failure).
 """
 
 import collections
