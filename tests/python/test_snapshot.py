@@ -166,6 +166,32 @@ class SnapshotTest(unittest.TestCase):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         opt.load_state_dict(r.state["optim"])
 
+    @unittest.skipUnless(torch.cuda.is_available(), "no CUDA device (runs in the GPU check)")
+    def test_cuda_tensors_go_through_reused_host_buffers(self):
+        self.rank_env(rank=0, world=1, attempt=0)
+        torch.manual_seed(3)
+        model = torch.nn.Linear(8, 4).cuda()
+        state = {"model": model.state_dict(), "ids": torch.arange(5, device="cuda"),
+                 "cpu": torch.ones(3)}
+        snap = muster.Snapshotter()
+        snap.snapshot(1, state)
+        snap.flush(10)  # sent before step 2 is taken (an unsent one would be replaced)
+        buffers = dict(snap._host)
+        self.assertEqual(sorted(buffers), ["ids", "model/bias", "model/weight"])
+        with torch.no_grad():
+            model.weight.add_(1.0)  # after snapshot() returned: not in step 1, in step 2
+        snap.snapshot(2, state)
+        for name, buf in buffers.items():
+            self.assertIs(snap._host[name], buf, name)  # reused, not reallocated
+        snap.flush(10)
+        for step in (1, 2):
+            got = muster.load_snapshot(step, attempt=0, device="cuda")
+            self.assertEqual(got["model"]["weight"].device.type, "cuda")
+            want = model.weight.detach() - (1.0 if step == 1 else 0.0)
+            self.assertTrue(torch.equal(got["model"]["weight"], want), step)
+            self.assertTrue(torch.equal(got["ids"].cpu(), torch.arange(5)))
+            self.assertTrue(torch.equal(got["cpu"].cpu(), torch.ones(3)))
+
     def test_steps_must_increase_and_bad_input_is_refused(self):
         self.rank_env(rank=0, world=1, attempt=3)
         snap = muster.Snapshotter()
