@@ -7,9 +7,10 @@ snapshot every step (checkpoint.snapshot_every_steps: 1) and a volume checkpoint
 The agent of node rank 1 is killed with SIGKILL past the volume's step 10 (its rank dies with
 it). The coordinator resumes the next attempt, on the survivor and the third node, from the
 newest step every rank's snapshot survived; each rank reads its state back from its own agent
-(muster.resume()). Asserted: the resumed step is newer than the volume's, the attempt lost at
-most one step, and the job ends with the parameters of an uninterrupted run (the state restored
-from memory is the state that was saved). Run by ctest (label integration)."""
+(muster.resume()), the third node's agent having fetched it from the survivor's. Asserted: the
+resumed step is newer than the volume's, the attempt lost at most one step, and the job ends
+with the parameters of an uninterrupted run (the state restored from memory is the state that
+was saved). Run by ctest (label integration)."""
 
 import fcntl
 import json
@@ -177,6 +178,11 @@ class SnapshotRecoveryTest(unittest.TestCase):
         st = self.status(job)
         self.assertEqual(st["attempt"], attempt, self.muster("events", job))
         self.assertNotIn(victim, st["nodes"])
+        # The third node had nothing: its agent fetched rank 1's frame from the survivor's.
+        spare = [n for n in st["nodes"] if n != survivor]
+        self.assertEqual(len(spare), 1, st)
+        with open(os.path.join(self.root, spare[0] + ".log")) as f:
+            self.assertIn("fetched from peers", f.read())
         first = self.muster("logs", job, "--rank", "0", "--attempt", "1")
         second = self.muster("logs", job, "--rank", "0", "--attempt", str(attempt))
         self.assertIn("snapshots: every 1 steps into the agents' memory", first)
