@@ -377,16 +377,7 @@ class Checkpointer:
             lengths = out_shape
         else:
             out_shape = shape
-        if leaf.kind == "torch":
-            torch = import_torch()
-            if torch is None:
-                raise _core.FailedPreconditionError(
-                    f"muster.load: tensor '{leaf.name}' was saved from torch, which this Python "
-                    "cannot import")
-            out = torch.empty(out_shape, dtype=getattr(torch, leaf.dtype),
-                              device=device if device is not None else "cpu")
-        else:
-            out = np.empty(out_shape, dtype=np.dtype(leaf.dtype))
+        out = _empty(leaf, out_shape, device, f"muster.load: step {step}")
         dtype, obj, extra = _storage(leaf, out)
         if extra is not None and (offsets or lengths):
             offsets, lengths = offsets + [0], lengths + [extra]
@@ -399,6 +390,36 @@ class Checkpointer:
         r.offsets, r.lengths = offsets, lengths
         r.data, r.memory = _pointer(obj)
         return out, (r, obj)
+
+
+def _empty(leaf, shape, device, what):
+    """An empty torch tensor (on `device`, default the CPU) or numpy array of `shape` for a leaf
+    of a loaded skeleton. The skeleton comes from stored bytes: a kind or dtype that no save
+    writes (e.g. a numpy dtype of Python objects, whose raw bytes would be pointers) is
+    DataLossError, never an array the restore writes into."""
+    where = f"{what}: tensor '{leaf.name}'"
+    if leaf.kind == "torch":
+        torch = import_torch()
+        if torch is None:
+            raise _core.FailedPreconditionError(
+                f"{where} was saved from torch, which this Python cannot import")
+        dtype = getattr(torch, str(leaf.dtype), None)
+        if not isinstance(dtype, torch.dtype):
+            raise _core.DataLossError(f"{where} has an unknown torch dtype {leaf.dtype!r}")
+        return torch.empty(shape, dtype=dtype, device=device if device is not None else "cpu")
+    if leaf.kind in ("numpy", "npscalar"):
+        if np is None:
+            raise _core.FailedPreconditionError(
+                f"{where} was saved from numpy, which this Python cannot import")
+        try:
+            dtype = np.dtype(leaf.dtype)
+        except (TypeError, ValueError):
+            raise _core.DataLossError(f"{where} has an unknown numpy dtype {leaf.dtype!r}") \
+                from None
+        if dtype.hasobject:
+            raise _core.DataLossError(f"{where} claims a numpy dtype of Python objects")
+        return np.empty(shape, dtype=dtype)
+    raise _core.DataLossError(f"{where} has an unknown kind {leaf.kind!r}")
 
 
 def _collect_leaves(x, out):

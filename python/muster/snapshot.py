@@ -34,8 +34,9 @@ import threading
 
 from muster import _core
 from muster import _state
-from muster._state import import_torch, loaded_torch, np
-from muster.checkpoint import _METADATA_MAGIC, _collect_leaves, _describe, _pointer, _storage
+from muster._state import loaded_torch
+from muster.checkpoint import (_METADATA_MAGIC, _collect_leaves, _describe, _empty, _pointer,
+                               _storage)
 
 
 def _int_step(step, what):
@@ -137,8 +138,10 @@ class Snapshotter:
             keep[i] = buf
         torch.cuda.synchronize()
 
-def _leaf_output(leaf, step):
-    """An empty array or tensor for `leaf` (its saved local shape), and its _storage."""
+def _leaf_output(leaf, entry, step):
+    """(an empty array or tensor for `leaf`, its _storage) once `entry` (the payload index's
+    description of the same name) holds exactly what the leaf says: its dtype and box. Checked
+    before the destination is allocated: a lying skeleton costs no memory."""
     what = f"muster.load_snapshot: step {step}: tensor '{leaf.name}'"
     shape = list(leaf.shape)
     if not all(isinstance(d, int) and d >= 0 for d in shape):
@@ -147,27 +150,14 @@ def _leaf_output(leaf, step):
         shape = [1] + shape
     elif leaf.layout not in ("rows", "replicated"):
         raise _core.DataLossError(f"{what} has an unknown layout {leaf.layout!r}")
-    if leaf.kind == "torch":
-        torch = import_torch()
-        if torch is None:
-            raise _core.FailedPreconditionError(
-                f"{what} was saved from torch, which this Python cannot import")
-        dtype = getattr(torch, str(leaf.dtype), None)
-        if not isinstance(dtype, torch.dtype):
-            raise _core.DataLossError(f"{what} has an unknown torch dtype {leaf.dtype!r}")
-        out = torch.empty(shape, dtype=dtype)
-    elif leaf.kind in ("numpy", "npscalar"):
-        try:
-            dtype = np.dtype(leaf.dtype)
-        except TypeError:
-            raise _core.DataLossError(f"{what} has an unknown numpy dtype {leaf.dtype!r}") \
-                from None
-        if dtype.hasobject:
-            raise _core.DataLossError(f"{what} claims a numpy dtype of Python objects")
-        out = np.empty(shape, dtype=dtype)
-    else:
-        raise _core.DataLossError(f"{what} has an unknown kind {leaf.kind!r}")
-    return out, _storage(leaf, out), shape
+    where = f"muster.load_snapshot: step {step}"
+    dtype, _, extra = _storage(leaf, _empty(leaf, [0] * len(shape), None, where))
+    want = shape + ([extra] if extra is not None else [])
+    if entry["dtype"] != dtype or list(entry["lengths"]) != want:
+        raise _core.DataLossError(f"{what} is held as {entry['dtype']}{list(entry['lengths'])}, "
+                                  f"its state says {dtype}{want}")
+    out = _empty(leaf, shape, None, where)
+    return out, _storage(leaf, out)
 
 
 def restore_payload(payload, step, *, device=None, allow_pickle=False):
@@ -196,12 +186,7 @@ def restore_payload(payload, step, *, device=None, allow_pickle=False):
         if entry is None:
             raise _core.DataLossError(f"muster.load_snapshot: step {step} has no tensor "
                                       f"'{leaf.name}' though its state names it")
-        out, (dtype, obj, extra), shape = _leaf_output(leaf, step)
-        want = shape + ([extra] if extra is not None else [])
-        if entry["dtype"] != dtype or list(entry["lengths"]) != want:
-            raise _core.DataLossError(
-                f"muster.load_snapshot: step {step}: tensor '{leaf.name}' is held as "
-                f"{entry['dtype']}{list(entry['lengths'])}, its state says {dtype}{want}")
+        out, (dtype, obj, _) = _leaf_output(leaf, entry, step)
         r = _core.Tensor()
         r.name, r.dtype = leaf.name, dtype
         r.offsets, r.lengths = list(entry["offsets"]), list(entry["lengths"])

@@ -277,7 +277,10 @@ class SnapshotTest(unittest.TestCase):
                           (Leaf("v", "torch", "float32", (1000,), "replicated"), "no tensor 'v'"),
                           (Leaf("w", "numpy", "O", (1000,), "replicated"), "Python objects"),
                           (Leaf("w", "torch", "save", (1000,), "replicated"), "torch dtype"),
-                          (Leaf("w", "torch", "float32", (-1,), "replicated"), "malformed")]:
+                          (Leaf("w", "torch", "float32", (-1,), "replicated"), "malformed"),
+                          # No allocation of what the lying skeleton claims.
+                          (Leaf("w", "torch", "float32", (1 << 50,), "replicated"),
+                           "held as f32")]:
             with self.subTest(leaf=leaf):
                 p = _core.SnapshotPayload(payload_of(t, {"x": leaf}))
                 with self.assertRaisesRegex(muster.DataLossError, msg):
