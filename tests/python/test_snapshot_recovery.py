@@ -4,8 +4,9 @@ with CURVE: a real `muster coordinator`, three real `muster agent`s with snapsho
 examples/pytorch_ddp/train.py as a 2-node gang (one rank per node) whose job spec asks for a
 snapshot every step (checkpoint.snapshot_every_steps: 1) and a volume checkpoint every 10.
 
-The agent of node rank 1 is killed with SIGKILL past the volume's step 10 (its rank dies with
-it). The coordinator resumes the next attempt, on the survivor and the third node, from the
+The agent of node rank 0 is killed with SIGKILL past the volume's step 10 (rank 0 dies with it,
+and with it the attempt's master address; tests/integration/snapshot_recovery_test.cc kills node
+rank 1's). The coordinator resumes the next attempt, on the survivor and the third node, from the
 newest step every rank's snapshot survived; each rank reads its state back from its own agent
 (muster.resume()), the third node's agent having fetched it from the survivor's. Asserted: the
 resumed step is newer than the volume's, the attempt lost at most one step, and the job ends
@@ -157,7 +158,7 @@ class SnapshotRecoveryTest(unittest.TestCase):
             self.muster("events", job))
         st = self.status(job)
         self.assertEqual(st["attempt"], 1, self.muster("events", job))
-        survivor, victim = st["nodes"]
+        victim, survivor = st["nodes"]  # rank 0 and its node go (C++'s test kills rank 1's)
         self.procs[victim].kill()
         self.procs.pop(victim).wait()
 
@@ -178,16 +179,19 @@ class SnapshotRecoveryTest(unittest.TestCase):
         st = self.status(job)
         self.assertEqual(st["attempt"], attempt, self.muster("events", job))
         self.assertNotIn(victim, st["nodes"])
-        # The third node had nothing: its agent fetched rank 1's frame from the survivor's.
+        # The third node had nothing: its agent fetched its rank's frame from the survivor's.
         spare = [n for n in st["nodes"] if n != survivor]
         self.assertEqual(len(spare), 1, st)
         with open(os.path.join(self.root, spare[0] + ".log")) as f:
             self.assertIn("fetched from peers", f.read())
-        first = self.muster("logs", job, "--rank", "0", "--attempt", "1")
+        # Attempt 1's rank 0 ran on the killed node: its log is still in that agent's work dir.
+        with open(os.path.join(self.root, victim, "logs", job, "attempt-1", "rank-0.log")) as f:
+            first = f.read()
         second = self.muster("logs", job, "--rank", "0", "--attempt", str(attempt))
         self.assertIn("snapshots: every 1 steps into the agents' memory", first)
         self.assertIn(f"resumed from step {step} from the in-memory snapshot", second)
-        # Lost: what the survivor's rank 0 had done past the resumed step.
+        # Lost: what rank 0 had done past the resumed step (each step ends in an allreduce: the
+        # survivor's rank 1 got no further).
         reached = max(int(s) for s in re.findall(r"^MUSTER_PROGRESS step=(\d+)", first, re.M))
         self.assertLessEqual(reached - step, 1,
                              f"attempt 1 reached step {reached}, resumed from {step}")
