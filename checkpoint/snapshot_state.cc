@@ -217,6 +217,8 @@ Status RestoreSnapshotState(std::string_view payload, const std::vector<RestoreR
       return InvalidArgumentError(what + ": the requested slice differs from the one this rank " +
                                   "saved; restore other layouts from the volume");
     }
+    MUSTER_RETURN_IF_ERROR(
+        CheckRestoreCapacity(r, r.offsets.empty() && r.lengths.empty(), e.bytes, what));
     if (e.bytes > 0 && !r.data) return InvalidArgumentError(what + " has no destination");
     found.push_back(&e);
   }

@@ -95,6 +95,18 @@ TEST_F(SnapshotChannelTest, ARanksStateGoesToTheAgentAndComesBackBitForBit) {
                 f->payload, {RestoreRequest::Whole("b", DType::kI32, bias2.data())})
                 .code(),
             StatusCode::kInvalidArgument);
+  // A whole tensor of another size than the destination says it holds (the program's tensor
+  // shrank between attempts) is refused before a byte is copied.
+  std::vector<int64_t> one(2, 7);
+  s = checkpoint::RestoreSnapshotState(
+      f->payload, {RestoreRequest::Whole("b", DType::kI64, one.data(), sizeof(int64_t))});
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s.ToString();
+  EXPECT_NE(s.message().find("holds 16 bytes, the destination 8 bytes"), std::string::npos) << s;
+  EXPECT_EQ(one, std::vector<int64_t>(2, 7));
+  EXPECT_TRUE(checkpoint::RestoreSnapshotState(
+                  f->payload, {RestoreRequest::Whole("b", DType::kI64, one.data(), 16)})
+                  .ok());
+  EXPECT_EQ(one, bias);
 }
 
 TEST_F(SnapshotChannelTest, TheAgentsRefusalReachesTheRankAndNothingIsKept) {
