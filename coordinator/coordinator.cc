@@ -313,9 +313,11 @@ bool Coordinator::Start(JobRt& job, const std::vector<std::string>& nodes) {
               r.attempt, snapshot_choice,
               r.resume_step >= 0 ? std::optional<int64_t>(r.resume_step) : std::nullopt));
   } else if (r.resume_step >= 0) {
+    // With snapshots on, the event says why they were not used.
     Event(r.id, "", "resumed",
-          fmt::format("attempt {} resumes from step {} on volume {} (provider {})", r.attempt,
-                      r.resume_step, r.spec.checkpoint_volume(), provider));
+          fmt::format("attempt {} resumes from step {} on volume {} (provider {}){}", r.attempt,
+                      r.resume_step, r.spec.checkpoint_volume(), provider,
+                      snapshot_choice.reason.empty() ? "" : ": " + snapshot_choice.reason));
   }
   // MASTER_PORT is left to the program (torch's TCPStore binds it on rank 0's host); the
   // rendezvous store listens 500 ports above it. A retry moves to other ports, so a port some
