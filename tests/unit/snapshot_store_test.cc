@@ -6,6 +6,10 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <map>
+#include <random>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -192,6 +196,56 @@ TEST(SnapshotStoreTest, TheWindowGivesItsMemoryBackToAReservation) {
   EXPECT_EQ(store.used_bytes(), 0u);
   EXPECT_EQ(store.extra_bytes(), 0u);
   EXPECT_EQ(store.reserved_bytes(), 0u);
+}
+
+// Random puts, reservations and drops over several jobs: the accounting stays exact and within
+// the limit, no rank holds more than the window, and the complete step's frames are all held.
+TEST(SnapshotStoreTest, RandomOperationsKeepTheAccountingWithinTheLimit) {
+  std::mt19937 rng(20261130);
+  for (int keep : {1, 2, 3}) {
+    SnapshotStore store({.memory_limit = 4000, .keep_steps = keep, .window_steps = 5});
+    bool saw_extra = false, saw_complete = false;
+    for (int op = 0; op < 3000; ++op) {
+      const std::string job = "ft-" + std::to_string(1 + rng() % 3);
+      const int rank = static_cast<int>(rng() % 4);
+      const int r = static_cast<int>(rng() % 100);
+      if (r < 80) {
+        (void)store.Put(
+            Frame(rank, 1 + rng() % 40, 10 + rng() % 200, static_cast<int>(rng() % 3), job));
+      } else if (r < 90) {
+        (void)store.Reserve(job, rank, rng() % 700);
+      } else if (r < 93) {
+        store.DropJob(job);
+      } else {
+        auto held = store.Held(job);
+        if (!held.empty()) (void)store.Get(job, held[0].rank, held[0].step);
+      }
+      uint64_t held_bytes = 0;
+      for (const auto& j : store.Jobs()) {
+        std::map<int, int> per_rank;
+        std::map<int64_t, std::set<int>> ranks_at;
+        for (const auto& h : store.Held(j)) {
+          held_bytes += h.bytes;
+          per_rank[h.rank]++;
+          ranks_at[h.step].insert(h.rank);
+        }
+        for (const auto& [rk, n] : per_rank) {
+          ASSERT_LE(n, std::max(keep, 5)) << "job " << j << " rank " << rk << " op " << op;
+        }
+        const int64_t c = store.complete_step(j);
+        saw_complete = saw_complete || (c >= 0 && per_rank.size() > 1);
+        if (c >= 0) {
+          ASSERT_TRUE(ranks_at.count(c)) << "complete step " << c << " of " << j << " op " << op;
+        }
+      }
+      ASSERT_EQ(held_bytes, store.used_bytes()) << "op " << op;
+      ASSERT_LE(store.used_bytes(), 4000u) << "op " << op;
+      ASSERT_LE(store.reserved_bytes() + store.extra_bytes(), 4000u) << "op " << op;
+      saw_extra = saw_extra || store.extra_bytes() > 0;
+    }
+    EXPECT_TRUE(saw_extra) << "keep " << keep << ": the window was never used";
+    EXPECT_TRUE(saw_complete) << "keep " << keep << ": no step was ever complete";
+  }
 }
 
 TEST(SnapshotStoreTest, RefusesAPayloadThatFailsItsChecksum) {
