@@ -11,6 +11,8 @@
 //   - Both gang hosts crash, so the lost node's peer copy is gone too; one of them comes back
 //     with an empty agent. The next attempt must resume from the volume, with an event saying
 //     why the snapshots were not used.
+//   - The frames exist but the ranks cannot restore them (the program's state changed size):
+//     that attempt costs one restart, and the next resumes from the volume.
 //
 // Needs root (network namespaces); skips otherwise. Run under `flock /tmp/muster-netns.lock`.
 
@@ -208,12 +210,15 @@ class SnapshotClusterTest : public ::testing::Test {
 
   // Submits the snapshot trainer's job and waits until attempt 1 is past the volume's step 20.
   // Returns the job id and fills `st` with its status.
-  std::string SubmitAndRunPastStep20(json& st) {
+  // `command`: the job's command (default: the trainer).
+  std::string SubmitAndRunPastStep20(json& st, json command = json()) {
+    if (command.is_null()) command = json::array({std::string(MUSTER_SNAPSHOT_TRAINER)});
     fs::path spec = root_ / "snap.yaml";
-    std::ofstream(spec) << "name: snap\ncommand: [" << json(std::string(MUSTER_SNAPSHOT_TRAINER))
-                        << "]\nenv:\n  TOTAL: \"100000\"\n  STEP_MS: \"50\"\n"
+    std::ofstream(spec) << "name: snap\ncommand: " << command
+                        << "\nenv:\n  TOTAL: \"100000\"\n  STEP_MS: \"50\"\n"
                            "  CKPT_EVERY: \"20\"\n  STATE_KB: \"256\"\n"
                            "nodes: 2\nranks_per_node: 1\nrestart:\n  max_restarts: 3\n"
+                           "  backoff: 1s\n"
                            "checkpoint:\n  volume: ckpt\n  snapshot_every_steps: 1\n";
     auto out = Muster({"submit", spec.string()});
     EXPECT_TRUE(out.ok()) << out.status();
@@ -359,6 +364,61 @@ TEST_F(SnapshotClusterTest, WhenBothHoldersOfALostRanksFramesAreGoneTheJobResume
     EXPECT_EQ(r.resume, step) << "rank " << rank << " on " << node;
   }
   EXPECT_EQ(now.value("restarts", -1), 0) << "lost nodes are not the job's fault\n" << now.dump();
+  std::cout << line << "\n";
+  ASSERT_TRUE(Muster({"cancel", job}).ok());
+}
+
+// The snapshot exists but cannot be restored: from attempt 2 on the program's state has another
+// size (a new program version), so each rank's restore is refused (exit 7). That attempt costs
+// one restart; the next one must resume from the volume, not try the same frames again.
+TEST_F(SnapshotClusterTest, ASnapshotThatCannotBeRestoredCostsOneRestartThenTheVolumeIsUsed) {
+  json st;
+  const std::string trainer = MUSTER_SNAPSHOT_TRAINER;
+  const std::string job = SubmitAndRunPastStep20(
+      st, json::array({"/bin/sh", "-c",
+                       "if [ \"$MUSTER_ATTEMPT\" != 1 ]; then export STATE_KB=128; fi; exec '" +
+                           trainer + "'"}));
+  ASSERT_FALSE(job.empty());
+  Crash(st["nodes"][1]);
+
+  std::string events;
+  std::smatch m;
+  static const std::regex resumed(R"(attempt (\d+) resumes from step (\d+) on volume ckpt[^\n]*)");
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        events = Events(job);
+        return std::regex_search(events, m, resumed);
+      },
+      40s))
+      << events << "\n"
+      << Logs();
+  const int attempt = std::stoi(m[1]);
+  const int64_t step = std::stoll(m[2]);
+  const std::string line = m[0];
+  EXPECT_EQ(attempt, 3) << events;
+  EXPECT_NE(events.find("attempt 2 resumes from step"), std::string::npos) << events;
+  EXPECT_NE(events.find("(in-memory snapshot of attempt 1"), std::string::npos) << events;
+  EXPECT_NE(events.find("exited 7"), std::string::npos) << events;
+  EXPECT_NE(events.find("snapshot_resume_failed"), std::string::npos) << events;
+  EXPECT_NE(line.find("the snapshot resume of attempt 2"), std::string::npos) << line;
+
+  json now;
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        now = JobStatus(job);
+        return now.value("attempt", 0) == attempt && now.contains("progress") &&
+               now["progress"].value("step", 0) > step + 2;
+      },
+      30s))
+      << now.dump() << "\n"
+      << Events(job) << Logs();
+  for (int rank = 0; rank < 2; ++rank) {
+    const std::string node = now["nodes"][rank];
+    RankLog r = ParseRankLog(ReadFile(RankLogPath(node, job, attempt, rank)));
+    EXPECT_EQ(r.source, "volume") << "rank " << rank << " on " << node;
+    EXPECT_EQ(r.resume, step) << "rank " << rank << " on " << node;
+  }
+  EXPECT_EQ(now.value("restarts", -1), 1) << "only the failed snapshot resume's\n" << Events(job);
   std::cout << line << "\n";
   ASSERT_TRUE(Muster({"cancel", job}).ok());
 }
