@@ -301,10 +301,10 @@ bool Coordinator::Start(JobRt& job, const std::vector<std::string>& nodes) {
       sn.push_back({name, n ? n->rec.labels.snapshot_endpoint() : "",
                     n ? n->rec.labels.snapshot_key() : ""});
     }
-    snapshot_choice = PlanSnapshots(
-        sn, r.spec.ranks_per_node(), snapshot_book_.Of(r.id),
-        r.resume_step >= 0 ? std::optional<int64_t>(r.resume_step) : std::nullopt, starts,
-        job.snapshot_fallback);
+    snapshot_choice =
+        PlanSnapshots(sn, r.spec.ranks_per_node(), snapshot_book_.Of(r.id),
+                      r.resume_step >= 0 ? std::optional<int64_t>(r.resume_step) : std::nullopt,
+                      starts, job.snapshot_fallback);
   }
   job.snapshot_resumed = snapshot_choice;
   job.snapshot_fallback.clear();
