@@ -4,9 +4,11 @@
 // xxh3) used as the key and payload of a frame that is encoded, then flipped at one byte and
 // decoded: a flip anywhere must be refused or decode to a different frame, never crash. The
 // input is also restored from as a state payload (checkpoint/snapshot_state.h), which a peer's
-// frame carries: a request for tensor "t" must be refused or fill exactly its buffer. And the
+// frame carries: a request for tensor "t" must be refused or fill exactly its buffer, and every
+// tensor ReadSnapshotIndex lists must restore into a buffer of the size it gives. And the
 // input is read as a sequence of store operations (puts, reservations, drops, gets).
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -102,6 +104,25 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     req[0].offsets = {0};
     req[0].lengths = {64};
     (void)muster::checkpoint::RestoreSnapshotState(in, req, &meta);
+  }
+  // The index (what the Python package sizes its tensors from) and the restore agree: every
+  // tensor the index lists restores into a buffer of exactly the size it says.
+  if (auto index = muster::checkpoint::ReadSnapshotIndex(in); index.ok()) {
+    uint64_t total = 0;
+    for (const auto& t : *index) total += t.bytes;
+    if (total <= (uint64_t{1} << 20) && index->size() <= 64) {
+      std::vector<std::vector<char>> bufs;
+      std::vector<muster::checkpoint::RestoreRequest> all;
+      for (const auto& t : *index) {
+        bufs.emplace_back(std::max<uint64_t>(t.bytes, 1));
+        auto r = muster::checkpoint::RestoreRequest::Whole(t.name, t.dtype, bufs.back().data(),
+                                                           t.bytes);
+        r.offsets = t.offsets;
+        r.lengths = t.lengths;
+        all.push_back(std::move(r));
+      }
+      if (!muster::checkpoint::RestoreSnapshotState(in, all).ok()) std::abort();
+    }
   }
   if (size < 12) return 0;
   muster::checkpoint::SnapshotKey key;
