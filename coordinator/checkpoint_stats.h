@@ -61,7 +61,8 @@ struct CheckpointStats {
     replicas += other.replicas;
     commit_bytes += other.commit_bytes;
     replica_bytes += other.replica_bytes;
-    for (int i = 0; i < CommitHistogram::kBuckets; ++i) latency.counts[i] += other.latency.counts[i];
+    for (int i = 0; i < CommitHistogram::kBuckets; ++i)
+      latency.counts[i] += other.latency.counts[i];
     latency.count += other.latency.count;
     latency.sum_seconds += other.latency.sum_seconds;
   }

@@ -130,7 +130,8 @@ JobView FleetRecorder::BuildJob(const proto::JobStatus& status, JobCache& jc,
     if (a.ok()) jc.attempts = std::move(*a);
     if (c.ok()) jc.catalog = std::move(*c);
     if (n.ok()) jc.counters = std::move(*n);
-    if (!n.ok()) Logger()->warn("dashboard: checkpoint counters of {}: {}", id, n.status().ToString());
+    if (!n.ok())
+      Logger()->warn("dashboard: checkpoint counters of {}: {}", id, n.status().ToString());
     jc.dirty = !a.ok() || !c.ok() || !n.ok();
     jc.attempt_seen = status.attempt();
   }

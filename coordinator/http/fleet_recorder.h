@@ -7,8 +7,8 @@
 // jobs and nodes through the Coordinator's own request handler (a status and a nodes request,
 // as `muster status` and `muster nodes` see them), new events from the database past a
 // cursor, and, only for jobs that changed (a new event or a new attempt), their attempts and
-// checkpoint catalog and counters. The result is published to a SnapshotHub. The reactor's cost is bounded
-// by the publication rate and by what changed, not by how often pages are fetched.
+// checkpoint catalog and counters. The result is published to a SnapshotHub. The reactor's cost is
+// bounded by the publication rate and by what changed, not by how often pages are fetched.
 //
 // Progress histories live in memory: a restarted coordinator starts them anew (the attempts,
 // events, catalog and checkpoint counters come back from the database, so /metrics' counters

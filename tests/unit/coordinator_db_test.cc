@@ -133,17 +133,21 @@ TEST_F(CoordinatorDbTest, CheckpointCountersAddUpWithTheCatalogAndSurviveReopeni
   {
     auto store = *CoordinatorDb::Open(dir_);
     EXPECT_TRUE(store->CheckpointCounters("j-1")->empty());
-    ASSERT_TRUE(store->RecordCheckpointCounted({"j-1", 10, "ckpt@aws", true, 1}, "aws",
-                                               count(false, 1000, 0.3))
+    ASSERT_TRUE(store
+                    ->RecordCheckpointCounted({"j-1", 10, "ckpt@aws", true, 1}, "aws",
+                                              count(false, 1000, 0.3))
                     .ok());
-    ASSERT_TRUE(store->RecordCheckpointCounted({"j-1", 20, "ckpt@aws", true, 2}, "aws",
-                                               count(false, 3000, 4.0))
+    ASSERT_TRUE(store
+                    ->RecordCheckpointCounted({"j-1", 20, "ckpt@aws", true, 2}, "aws",
+                                              count(false, 3000, 4.0))
                     .ok());
-    ASSERT_TRUE(store->RecordCheckpointCounted({"j-1", 20, "ckpt@gcp", true, 3}, "gcp",
-                                               count(true, 3000, 0))
-                    .ok());
-    ASSERT_TRUE(store->RecordCheckpointCounted({"j-2", 5, "ckpt@aws", true, 4}, "aws",
-                                               count(false, 7, 2000))  // above the last bound
+    ASSERT_TRUE(
+        store
+            ->RecordCheckpointCounted({"j-1", 20, "ckpt@gcp", true, 3}, "gcp", count(true, 3000, 0))
+            .ok());
+    ASSERT_TRUE(store
+                    ->RecordCheckpointCounted({"j-2", 5, "ckpt@aws", true, 4}, "aws",
+                                              count(false, 7, 2000))  // above the last bound
                     .ok());
     EXPECT_EQ(**store->LatestCommittedStep("j-1", "ckpt@gcp"), 20);
   }
