@@ -93,6 +93,8 @@ Coordinator::Coordinator(std::unique_ptr<CoordinatorDb> store, CoordinatorOption
       sched_(std::make_unique<Scheduler>(options_.quarantine)) {}
 
 Coordinator::~Coordinator() {
+  // First, while the database and the write latch are there: providers write their ledgers.
+  providers_.reset();
   for (auto& [id, f] : fetches_) f.reply(ErrorEnvelope(0, UnavailableError("shutting down")));
   // The registry answers the parked polls.
 }
@@ -1618,10 +1620,10 @@ StatusOr<proto::Envelope> Coordinator::OnReport(const Caller& caller,
                     req.checkpoint_commit_seconds());
     MUSTER_RETURN_IF_ERROR(Write(
         fmt::format("step {} of job {} to the catalog", req.checkpoint_step(), req.job_id()), [&] {
-          return store_->RecordCheckpointCounted({req.job_id(), req.checkpoint_step(),
-                                                  VolumeKey(req.checkpoint_volume(), provider),
-                                                  true, NowMs()},
-                                                 provider, count);
+          return store_->RecordCheckpointCounted(
+              {req.job_id(), req.checkpoint_step(), VolumeKey(req.checkpoint_volume(), provider),
+               true, NowMs()},
+              provider, count);
         }));
     Event(req.job_id(), node, "checkpoint_committed",
           fmt::format("step {} on volume {} of provider {}{}", req.checkpoint_step(),
