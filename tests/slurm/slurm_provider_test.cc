@@ -321,10 +321,13 @@ TEST_F(SlurmProviderTest, ARestartedCoordinatorAdoptsTheAllocationOfARunningJob)
   fs::remove(dir_ / "coord" / "endpoint");
   fs::rename(dir_ / "coord.log", dir_ / "coord.1.log");
   ASSERT_TRUE(StartCoordinator(providers, {cluster_->ConfEnv()}, listen));
-  // The agent finds the new coordinator; the job was never stopped.
+  // The agent finds the new coordinator (this log is the new one's); the job was never stopped.
   ASSERT_TRUE(WaitUntil(
-      [&] { return Events(job).find("re-registered") != std::string::npos || NodeCount() == 1; },
-      20s));
+      [&] {
+        return ReadFile(dir_ / "coord.log").find("node hpc-1 node_registered") != std::string::npos;
+      },
+      20s))
+      << ReadFile(dir_ / "coord.log");
   ASSERT_TRUE(WaitState(job, "running", 20s)) << Events(job) << ReadFile(dir_ / "coord.log");
   EXPECT_EQ(Status(job).value("attempt", 0), attempt) << Events(job);
   EXPECT_NE(Squeue().find(slurm_job + " "), std::string::npos) << Squeue();
