@@ -102,7 +102,8 @@ std::vector<NodeView> Coordinator::NodesForProviders(TimePoint now) const {
   std::vector<NodeView> nodes = sched_->Nodes(now);
   for (auto& n : nodes) {
     auto it = copying.find(n.spec.name);
-    if (n.job.empty() && it != copying.end()) n.job = it->second;
+    // A lost node took its part of the copy with it already (the copy is retried elsewhere).
+    if (n.job.empty() && it != copying.end() && n.state != NodeState::kDown) n.job = it->second;
   }
   return nodes;
 }
