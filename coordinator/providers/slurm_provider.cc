@@ -167,7 +167,8 @@ std::set<uint64_t> SlurmProvider::Adopt(ProviderLedger* ledger, const KeepFn& ke
       Logger()->info("provider {}: adopted {} of request {} (nodes {})", config_.name, e.key,
                      e.request, fmt::join(e.nodes, ","));
     }
-    ledger_dirty_ = true;
+    // (An unreadable ledger is not overwritten until this process records something.)
+    ledger_dirty_ = !entries.empty();
     // Before any request of this process: the leftovers go back, the intents are looked up.
     work_.push_back([this, left] { CancelLeftovers(left); });
     for (const auto& [id, key] : intents) {
