@@ -613,8 +613,20 @@ Status SqliteCoordinatorDb::RecordCheckpointCounted(const CheckpointRecord& ckpt
     Exec("ROLLBACK").IgnoreError();
     return st;
   };
+  // A step already committed on that volume is not counted again: the same report sent again
+  // (its answer lost with a coordinator that died after the commit).
+  bool again = false;
+  {
+    Stmt q(db_, "SELECT committed FROM checkpoints WHERE job_id = ? AND step = ? AND volume = ?");
+    if (!q.status().ok()) return fail(q.status());
+    q.Bind(1, ckpt.job_id).Bind(2, ckpt.step).Bind(3, ckpt.volume);
+    auto row = q.Step();
+    if (!row.ok()) return fail(row.status());
+    again = *row && q.Int(0) != 0 && ckpt.committed;
+  }
   Status st = RecordCheckpoint(ckpt);
   if (!st.ok()) return fail(st);
+  if (again) return Exec("COMMIT");
   auto all = CheckpointCounters(ckpt.job_id);
   if (!all.ok()) return fail(all.status());
   CheckpointStats row = (*all)[provider];

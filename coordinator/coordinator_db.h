@@ -146,7 +146,8 @@ class CoordinatorDb {
   // The checkpoint counters (checkpoint_stats.h), per job and provider. RecordCheckpointCounted
   // is RecordCheckpoint(ckpt) and, in the same transaction, `count` added to the counters of
   // (ckpt.job_id, provider): a report is counted exactly when it is catalogued, and the counters
-  // never go back after a restart. Counted as one write.
+  // never go back after a restart. A step already committed on that volume is catalogued again
+  // but not counted again (a report sent again). Counted as one write.
   virtual Status RecordCheckpointCounted(const CheckpointRecord& ckpt, const std::string& provider,
                                          const CheckpointStats& count) = 0;
   // provider -> the counters of `job_id` (empty: nothing counted).
