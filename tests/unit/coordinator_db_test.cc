@@ -151,8 +151,9 @@ TEST_F(CoordinatorDbTest, CheckpointCountersAddUpWithTheCatalogAndSurviveReopeni
                     .ok());
     EXPECT_EQ(**store->LatestCommittedStep("j-1", "ckpt@gcp"), 20);
     // The same report again (its answer was lost): catalogued, not counted twice.
-    ASSERT_TRUE(store->RecordCheckpointCounted({"j-1", 20, "ckpt@aws", true, 5}, "aws",
-                                               count(false, 3000, 4.0))
+    ASSERT_TRUE(store
+                    ->RecordCheckpointCounted({"j-1", 20, "ckpt@aws", true, 5}, "aws",
+                                              count(false, 3000, 4.0))
                     .ok());
   }
   auto store = *CoordinatorDb::Open(dir_);
