@@ -97,6 +97,8 @@ Coordinator::Coordinator(std::unique_ptr<CoordinatorDb> store, CoordinatorOption
       sched_(std::make_unique<Scheduler>(options_.quarantine)) {}
 
 Coordinator::~Coordinator() {
+  // First, while the database and the write latch are there: providers write their ledgers.
+  providers_.reset();
   for (auto& [id, f] : fetches_) f.reply(ErrorEnvelope(0, UnavailableError("shutting down")));
   // The registry answers the parked polls.
 }
@@ -1638,11 +1640,16 @@ StatusOr<proto::Envelope> Coordinator::OnReport(const Caller& caller,
   } else if (req.checkpoint_step() > 0 && !req.checkpoint_volume().empty()) {
     const std::string& provider = n->rec.labels.provider();
     // Not catalogued: refused, and the agent sends it again (to a coordinator that works).
+    // Counted (/metrics) in the same transaction: the counters outlive a restart.
+    CheckpointStats count;
+    count.AddReport(req.checkpoint_replica(), req.checkpoint_bytes(),
+                    req.checkpoint_commit_seconds());
     MUSTER_RETURN_IF_ERROR(Write(
         fmt::format("step {} of job {} to the catalog", req.checkpoint_step(), req.job_id()), [&] {
-          return store_->RecordCheckpoint({req.job_id(), req.checkpoint_step(),
-                                           VolumeKey(req.checkpoint_volume(), provider), true,
-                                           NowMs()});
+          return store_->RecordCheckpointCounted(
+              {req.job_id(), req.checkpoint_step(), VolumeKey(req.checkpoint_volume(), provider),
+               true, NowMs()},
+              provider, count);
         }));
     Event(req.job_id(), node, "checkpoint_committed",
           fmt::format("step {} on volume {} of provider {}{}", req.checkpoint_step(),
