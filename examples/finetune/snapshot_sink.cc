@@ -13,8 +13,8 @@ std::vector<int64_t> Shape(const torch::Tensor& t) { return {t.sizes().begin(), 
 
 }  // namespace
 
-Status SnapshotSink::Save(int64_t step, const NamedTensors& tensors, const std::string& metadata) {
-  const auto t0 = std::chrono::steady_clock::now();
+Status SnapshotSink::Save(int64_t step, const NamedTensors& tensors, const std::string& metadata,
+                          std::chrono::steady_clock::time_point began) {
   checkpoint::SaveState state;
   state.metadata = metadata;
   std::vector<torch::Tensor> keep;  // host copies of CUDA or strided tensors, until copied
@@ -31,7 +31,7 @@ Status SnapshotSink::Save(int64_t step, const NamedTensors& tensors, const std::
   }
   MUSTER_RETURN_IF_ERROR(sender_->Snapshot(step, state));
   const double ms =
-      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - began).count();
   ++stats_.snapshots;
   stats_.stall_ms_sum += ms;
   stats_.stall_ms_max = std::max(stats_.stall_ms_max, ms);

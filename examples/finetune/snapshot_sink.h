@@ -33,7 +33,7 @@ class SnapshotSink {
  public:
   struct Stats {
     int64_t snapshots = 0;    // handed to the sender
-    double stall_ms_sum = 0;  // time Save() took, summed (the copy, and a device-to-host copy)
+    double stall_ms_sum = 0;  // from gathering the state to Save()'s return, summed
     double stall_ms_max = 0;
     uint64_t bytes = 0;  // the state's bytes in the last snapshot
     double mean_ms() const { return snapshots > 0 ? stall_ms_sum / snapshots : 0.0; }
@@ -49,8 +49,10 @@ class SnapshotSink {
 
   // Copies `tensors` (any device; each under its own name) and `metadata` and queues them for
   // the agent as step `step`. InvalidArgument for a dtype snapshots cannot hold; otherwise the
-  // sender's errors on the state itself (the agent's refusals show up in Flush()).
-  Status Save(int64_t step, const NamedTensors& tensors, const std::string& metadata);
+  // sender's errors on the state itself (the agent's refusals show up in Flush()). The stall is
+  // counted from `began`: when the caller started gathering the state.
+  Status Save(int64_t step, const NamedTensors& tensors, const std::string& metadata,
+              std::chrono::steady_clock::time_point began);
   // Waits for the last snapshot to be handed over (SnapshotSender::Flush).
   Status Flush(std::chrono::milliseconds timeout) { return sender_->Flush(timeout); }
 

@@ -374,8 +374,9 @@ Status Run::Checkpoint(int64_t step, double loss) {
 }
 
 Status Run::Snapshot(int64_t step, double loss) {
-  // Views of the live tensors: the sink copies them before returning (the training stall), and
-  // the next optimizer step changes them only after that.
+  // Views of the live tensors: the sink copies them before returning (the training stall, timed
+  // from here), and the next optimizer step changes them only after that.
+  const auto began = std::chrono::steady_clock::now();
   const NamedTensors trainable = Trainable();
   NamedTensors tensors;
   tensors.reserve(3 * trainable.size() + 1);
@@ -402,7 +403,7 @@ Status Run::Snapshot(int64_t step, double loss) {
   tensors.emplace_back(kAdamSteps, steps);
   json meta = Metadata(step, loss);
   meta["optimizer"] = kSnapshotOptimizer;
-  return snapshots_->Save(step, tensors, meta.dump());
+  return snapshots_->Save(step, tensors, meta.dump(), began);
 }
 
 Status Run::WaitForCommit() {
