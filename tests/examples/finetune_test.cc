@@ -261,43 +261,49 @@ TEST_F(FinetuneTest, BadInputGetsAClearError) {
 // agent holds), and the run resumed from that frame (the env the agent gives a snapshot resume)
 // ends bit-identical to an uninterrupted run without snapshots.
 TEST_F(FinetuneTest, SnapshotsEveryStepKilledWithSigkillResumeFromMemoryBitIdentical) {
-  const std::string want = Uninterrupted("full", Dir("snap-ref"));
-  ASSERT_EQ(want.size(), 16u);
   node_agent::SnapshotStore store({.memory_limit = uint64_t{256} << 20, .keep_steps = 2});
   auto server = node_agent::SnapshotServer::Start(Dir("snap-agent") + "/snapshots.sock", &store);
   ASSERT_TRUE(server.ok()) << server.status();
-  const std::string dir = Dir("snap-kill");
-  std::vector<std::string> argv =
-      Args({"--mode", "full", "--base", Base(), "--steps", std::to_string(kSteps), "--ckpt-every",
-            "5", "--checkpoint-dir", dir});
-  std::map<std::string, std::string> env = {{"MUSTER_JOB_ID", "ftsnap"},
-                                            {"MUSTER_ATTEMPT", "0"},
-                                            {"MUSTER_SNAPSHOT_EVERY", "1"},
-                                            {"MUSTER_SNAPSHOT_SOCKET", (*server)->socket_path()}};
-  const int at = RandomStep(8, kSteps - 3);
-  {
-    Child c(argv, env);
-    ASSERT_TRUE(
-        c.WaitOutput("MUSTER_PROGRESS step=" + std::to_string(at) + " ", Clock::now() + 60s))
-        << c.Output();
-    c.Kill(SIGKILL);
-    EXPECT_EQ(c.WaitExit(Clock::now() + 30s), 128 + SIGKILL) << c.Output();
-  }
-  int64_t held = -1;
-  for (const auto& h : store.Held("ftsnap")) held = std::max(held, h.step);
-  std::cout << "killed after step " << at << "; the agent holds step " << held << "\n";
-  ASSERT_GE(held, at - 1) << "more than one step lost";
+  std::vector<std::string> argv;
+  std::map<std::string, std::string> env;
+  // Full fine-tune (every parameter and its AdamW state in the snapshot), then LoRA (the
+  // adapters and theirs; the frozen base comes from --base and is checked by the digest).
+  for (const std::string mode : {"lora", "full"}) {
+    SCOPED_TRACE(mode);
+    const std::string want = Uninterrupted(mode, Dir("snap-ref-" + mode));
+    ASSERT_EQ(want.size(), 16u);
+    argv = Args({"--mode", mode, "--base", Base(), "--steps", std::to_string(kSteps),
+                 "--ckpt-every", "5", "--checkpoint-dir", Dir("snap-kill-" + mode)});
+    env = {{"MUSTER_JOB_ID", "ftsnap-" + mode},
+           {"MUSTER_ATTEMPT", "0"},
+           {"MUSTER_SNAPSHOT_EVERY", "1"},
+           {"MUSTER_SNAPSHOT_SOCKET", (*server)->socket_path()}};
+    const int at = RandomStep(8, kSteps - 3);
+    {
+      Child c(argv, env);
+      ASSERT_TRUE(
+          c.WaitOutput("MUSTER_PROGRESS step=" + std::to_string(at) + " ", Clock::now() + 60s))
+          << c.Output();
+      c.Kill(SIGKILL);
+      EXPECT_EQ(c.WaitExit(Clock::now() + 30s), 128 + SIGKILL) << c.Output();
+    }
+    int64_t held = -1;
+    for (const auto& h : store.Held("ftsnap-" + mode)) held = std::max(held, h.step);
+    std::cout << mode << ": killed after step " << at << "; the agent holds step " << held << "\n";
+    ASSERT_GE(held, at - 1) << "more than one step lost";
 
-  env["MUSTER_ATTEMPT"] = "1";
-  env["MUSTER_RESUME_SNAPSHOT_STEP"] = std::to_string(held);
-  env["MUSTER_RESUME_SNAPSHOT_ATTEMPT"] = "0";
-  env["MUSTER_RESUME_STEP"] = "5";  // the volume's step, as the agent also passes it
+    env["MUSTER_ATTEMPT"] = "1";
+    env["MUSTER_RESUME_SNAPSHOT_STEP"] = std::to_string(held);
+    env["MUSTER_RESUME_SNAPSHOT_ATTEMPT"] = "0";
+    env["MUSTER_RESUME_STEP"] = "5";  // the volume's step, as the agent also passes it
+    std::string out;
+    ASSERT_EQ(RunToEnd(argv, &out, env), 0) << out;
+    EXPECT_NE(out.find("resumed from the in-memory snapshot of step " + std::to_string(held)),
+              std::string::npos)
+        << out;
+    EXPECT_EQ(LastField(out, "MUSTER_DONE", "param_digest"), want) << out;
+  }
   std::string out;
-  ASSERT_EQ(RunToEnd(argv, &out, env), 0) << out;
-  EXPECT_NE(out.find("resumed from the in-memory snapshot of step " + std::to_string(held)),
-            std::string::npos)
-      << out;
-  EXPECT_EQ(LastField(out, "MUSTER_DONE", "param_digest"), want) << out;
 
   // A step the agent does not hold, and a snapshot of another kind of run (full weights, asked
   // for by a LoRA run): the rank stops, non-zero, naming the snapshot, and trains nothing.
