@@ -161,6 +161,8 @@ struct Outcome {
   std::string source;                          // where the resumed attempt's rank 0 resumed from
   double copy_mean_ms = -1, copy_max_ms = -1;  // the fine-tune's snapshot stall (attempt 1)
   int64_t snapshot_kib = -1;
+  // CPU the agents themselves used per step of attempt 1 (from step 3 to the interruption).
+  double agent_cpu_ms_per_step = -1;
   std::string error;
 };
 
@@ -247,6 +249,24 @@ class Cluster {
 
   coordinator::CoordinatorClient& client() { return *client_; }
 
+  // CPU seconds the agent processes themselves have used (their threads, not their ranks:
+  // /proc/<pid>/stat utime + stime); -1 when unreadable.
+  double AgentsCpuS() const {
+    double ticks = 0;
+    for (const auto& [name, pid] : agents_) {
+      std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+      std::string stat((std::istreambuf_iterator<char>(in)), {});
+      auto close = stat.rfind(')');
+      if (close == std::string::npos) return -1;
+      std::istringstream fields(stat.substr(close + 2));
+      std::string f;
+      for (int i = 3; i <= 15 && fields >> f; ++i) {
+        if (i == 14 || i == 15) ticks += std::atof(f.c_str());
+      }
+    }
+    return ticks / static_cast<double>(sysconf(_SC_CLK_TCK));
+  }
+
   StatusOr<std::string> Log(const std::string& job, int attempt) {
     MUSTER_ASSIGN_OR_RETURN(auto r, client_->Logs(job, 0, 0, 1 << 20, attempt));
     return r.data();
@@ -317,12 +337,14 @@ Outcome Measure(const std::string& muster, bool with_notice, int step_ms, int ck
   proto::JobStatus st;
   auto until = Clock::now() + std::chrono::seconds(60);
   int64_t first_step = 0, first_ms = 0;  // the first progress seen from step 3 on
+  double first_cpu_s = -1;
   for (;;) {
     auto s = c.client().Status(*job);
     if (s.ok() && s->jobs_size() == 1) st = s->jobs(0);
     if (first_step == 0 && st.progress().step() >= 3) {
       first_step = st.progress().step();
       first_ms = st.progress().time_ms();
+      first_cpu_s = c.AgentsCpuS();
     }
     if (st.progress().step() >= at) break;
     if (Clock::now() > until) {
@@ -332,6 +354,11 @@ Outcome Measure(const std::string& muster, bool with_notice, int step_ms, int ck
     std::this_thread::sleep_for(milliseconds(10));
   }
   int64_t t_event = UnixMs();
+  const double cpu_s = c.AgentsCpuS();
+  if (first_cpu_s >= 0 && cpu_s >= 0 && st.progress().step() > first_step) {
+    o.agent_cpu_ms_per_step =
+        1000.0 * (cpu_s - first_cpu_s) / static_cast<double>(st.progress().step() - first_step);
+  }
   const double progress_step_ms = st.progress().step() > first_step && first_step > 0
                                       ? static_cast<double>(st.progress().time_ms() - first_ms) /
                                             static_cast<double>(st.progress().step() - first_step)
@@ -472,6 +499,7 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
     std::string snapshot_trainer;
     int snapshot_state_kb = 4096;
     bool no_snapshots = false;
+    int finetune_cost_runs = 1;
   };
   auto f = std::make_shared<Flags>();
   cmd->add_option("--muster", f->muster, "the muster binary (default: beside muster-bench)");
@@ -494,6 +522,11 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
                   "the snapshot trainer's state per rank, KiB")
       ->capture_default_str();
   cmd->add_flag("--no-snapshots", f->no_snapshots, "skip the in-memory snapshot rows");
+  cmd->add_option("--finetune-cost-runs", f->finetune_cost_runs,
+                  "the fine-tune's step time with and without snapshots: the median of this many "
+                  "runs of each, alternated (the first pair is the kill -9 rows)")
+      ->check(CLI::Range(1, 20))
+      ->capture_default_str();
   cmd->add_flag("--json", f->json, "print JSON");
   cmd->callback([=] {
     *runner = [=] {
@@ -525,11 +558,33 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
         ft_snap = Measure(muster, false, f->step_ms, f->ckpt_every, f->at, f->hb_timeout_ms, ft, {},
                           false, true);
       }
-      const double ft_cost_pct = ft_snap && ft_snap->step_ms > 0 && kill.step_ms > 0
-                                     ? 100.0 * (ft_snap->step_ms / kill.step_ms - 1.0)
-                                     : -1;
-      const double ft_copy_pct = ft_snap && ft_snap->copy_mean_ms >= 0 && kill.step_ms > 0
-                                     ? 100.0 * ft_snap->copy_mean_ms / kill.step_ms
+      // Step times and the agents' own CPU per step, volume only and with snapshots: the kill
+      // -9 rows, then more runs of each, alternated (the load of a shared machine drifts).
+      std::vector<double> ft_off_ms{kill.step_ms}, ft_on_ms, ft_off_cpu{kill.agent_cpu_ms_per_step},
+          ft_on_cpu;
+      if (ft_snap) {
+        ft_on_ms.push_back(ft_snap->step_ms);
+        ft_on_cpu.push_back(ft_snap->agent_cpu_ms_per_step);
+        for (int i = 1; i < f->finetune_cost_runs; ++i) {
+          Outcome off =
+              Measure(muster, false, f->step_ms, f->ckpt_every, f->at, f->hb_timeout_ms, ft);
+          Outcome on = Measure(muster, false, f->step_ms, f->ckpt_every, f->at, f->hb_timeout_ms,
+                               ft, {}, false, true);
+          ft_off_ms.push_back(off.step_ms);
+          ft_off_cpu.push_back(off.agent_cpu_ms_per_step);
+          ft_on_ms.push_back(on.step_ms);
+          ft_on_cpu.push_back(on.agent_cpu_ms_per_step);
+        }
+      }
+      auto median = [](std::vector<double> v) {
+        std::sort(v.begin(), v.end());
+        return v.empty() ? -1.0 : v[v.size() / 2];
+      };
+      const double ft_off = median(ft_off_ms), ft_on = median(ft_on_ms);
+      const double ft_cost_pct =
+          ft_snap && ft_on > 0 && ft_off > 0 ? 100.0 * (ft_on / ft_off - 1.0) : -1;
+      const double ft_copy_pct = ft_snap && ft_snap->copy_mean_ms >= 0 && ft_off > 0
+                                     ? 100.0 * ft_snap->copy_mean_ms / ft_off
                                      : -1;
       // In-memory peer snapshots: the same kill -9 with the snapshot trainer (a gang that
       // agrees every step), without snapshots and with one every step; the step time of the
@@ -582,8 +637,12 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
           j["failure_finetune_snapshots_startup_s"] = ft_snap->startup_s;
           j["lost_steps_without_notice_finetune_snapshots"] = ft_snap->lost_steps;
           j["finetune_snapshots_resumed_from"] = ft_snap->source;
-          j["finetune_step_ms_without_snapshots"] = kill.step_ms;
-          j["finetune_step_ms_with_snapshots"] = ft_snap->step_ms;
+          j["finetune_step_ms_without_snapshots"] = ft_off;
+          j["finetune_step_ms_with_snapshots"] = ft_on;
+          j["finetune_step_ms_without_snapshots_runs"] = ft_off_ms;
+          j["finetune_step_ms_with_snapshots_runs"] = ft_on_ms;
+          j["finetune_agent_cpu_ms_per_step_without_snapshots"] = median(ft_off_cpu);
+          j["finetune_agent_cpu_ms_per_step_with_snapshots"] = median(ft_on_cpu);
           j["finetune_snapshot_step_cost_pct"] = ft_cost_pct;
           j["finetune_snapshot_copy_ms"] = ft_snap->copy_mean_ms;
           j["finetune_snapshot_copy_max_ms"] = ft_snap->copy_max_ms;
@@ -630,9 +689,11 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
         if (ft_snap) {
           row("agent kill -9, fine-tune with snapshots", *ft_snap,
               "every step, " + std::to_string(ft_snap->snapshot_kib) + " KiB/rank; resumed from " +
-                  ft_snap->source + "; step " + Fmt(ft_snap->step_ms, 1) + " ms vs " +
-                  Fmt(kill.step_ms, 1) + " ms without (" + Fmt(ft_cost_pct, 1) + "%); copy " +
-                  Fmt(ft_snap->copy_mean_ms, 2) + " ms (" + Fmt(ft_copy_pct, 1) + "% of a step)");
+                  ft_snap->source + "; step " + Fmt(ft_on, 1) + " ms vs " + Fmt(ft_off, 1) +
+                  " ms without (" + Fmt(ft_cost_pct, 1) + "%, median of " +
+                  std::to_string(ft_on_ms.size()) + "); copy " + Fmt(ft_snap->copy_mean_ms, 2) +
+                  " ms (" + Fmt(ft_copy_pct, 1) + "% of a step); agents' CPU " +
+                  Fmt(median(ft_on_cpu), 1) + " vs " + Fmt(median(ft_off_cpu), 1) + " ms per step");
         }
         if (snap_on && snap_off) {
           row("agent kill -9, snapshot trainer, volume only", *snap_off,
