@@ -164,6 +164,45 @@ TEST(UntrustedManifestTest, RestoreOfAByteRangeThatWrapsAroundIsRefused) {
   for (float f : got) ASSERT_EQ(f, -1.0f);
 }
 
+// A whole-tensor restore takes its size from the stored tensor. With the destination's
+// capacity, a stored tensor of another size (a hostile MANIFEST, or a model whose shape changed
+// since the checkpoint) is refused before one byte is written past, or short of, the buffer.
+TEST(UntrustedManifestTest, AWholeRestoreIntoASmallerBufferIsRefusedNamingBothSizes) {
+  TempDir tmp;
+  const std::string dir = tmp.path();
+  {
+    auto ck = *Checkpointer::Create(Opts(dir));
+    std::vector<float> w(2 * kSide * kSide, 1.5f);  // twice the rows the restorer expects
+    SaveState st;
+    st.tensors.push_back(
+        TensorRef::Replicated("layer.weight", DType::kF32, {2 * kSide, kSide}, w.data()));
+    ASSERT_EQ(ck->Save(5, st), Status::Ok());
+    ASSERT_EQ(ck->Wait(), Status::Ok());
+  }
+  auto ck = *Checkpointer::Create(Opts(dir));
+  // Room for the stored tensor so that an unchecked restore cannot crash this test; the
+  // request says it holds half of it.
+  std::vector<float> got(2 * kSide * kSide, -1.0f);
+  const uint64_t capacity = kSide * kSide * sizeof(float);
+  Status r =
+      ck->Restore(5, {RestoreRequest::Whole("layer.weight", DType::kF32, got.data(), capacity)});
+  EXPECT_EQ(r.code(), StatusCode::kInvalidArgument) << r;
+  EXPECT_TRUE(Contains(r.message(), "'layer.weight' holds 32768 bytes, the destination 16384"))
+      << r;
+  for (float f : got) ASSERT_EQ(f, -1.0f);
+  // A buffer of the stored size restores; so does a box inside a larger capacity.
+  EXPECT_EQ(ck->Restore(
+                5, {RestoreRequest::Whole("layer.weight", DType::kF32, got.data(), 2 * capacity)}),
+            Status::Ok());
+  EXPECT_EQ(got[0], 1.5f);
+  auto box = RestoreRequest::RowShard("layer.weight", DType::kF32, {2 * kSide, kSide}, 0, kSide,
+                                      got.data());
+  box.capacity = capacity - 1;
+  EXPECT_EQ(ck->Restore(5, {box}).code(), StatusCode::kInvalidArgument);
+  box.capacity = 2 * capacity;
+  EXPECT_EQ(ck->Restore(5, {box}), Status::Ok());
+}
+
 TEST(UntrustedManifestTest, ValuesOutOfRangeAreDataLossNamingTheField) {
   TempDir tmp;
   const std::string dir = tmp.path();
