@@ -52,9 +52,10 @@ StatusOr<int64_t> RestoreSnapshotInto(const runtime::JobContext& ctx, const Name
       staged.emplace_back(t, host);
     }
     MUSTER_ASSIGN_OR_RETURN(checkpoint::DType dtype, ToCheckpointDType(host.scalar_type()));
-    auto r = checkpoint::RestoreRequest::Whole(name, dtype, host.data_ptr());
-    // Whole() takes the saved box; the shape must match too, which the box check covers only
-    // when given: ask for exactly this tensor's extent.
+    auto r = checkpoint::RestoreRequest::Whole(
+        name, dtype, host.data_ptr(), static_cast<uint64_t>(host.numel()) * host.element_size());
+    // The size alone would let a saved tensor of another shape through: ask for exactly this
+    // tensor's extent, which must be the box that was saved.
     r.offsets.assign(host.dim(), 0);
     r.lengths = Shape(host);
     requests.push_back(std::move(r));
