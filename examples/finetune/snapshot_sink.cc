@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "checkpoint/snapshot_state.h"
+#include "common/logging.h"
 #include "examples/finetune/checkpointer_state_sink.h"
 
 namespace muster::finetune {
@@ -36,6 +37,22 @@ Status SnapshotSink::Save(int64_t step, const NamedTensors& tensors, const std::
   stats_.stall_ms_sum += ms;
   stats_.stall_ms_max = std::max(stats_.stall_ms_max, ms);
   stats_.bytes = bytes;
+  if (const int64_t kept = sender_->sent(); kept > kept_) {
+    if (warned_) {
+      log::Get("examples.finetune")->info("in-memory snapshots: the agent keeps them again");
+    }
+    kept_ = kept;
+    kept_at_ = stats_.snapshots;
+    warned_ = false;
+  } else if (!warned_ && stats_.snapshots - kept_at_ >= kStalledAfter) {
+    warned_ = true;
+    log::Get("examples.finetune")
+        ->warn(
+            "in-memory snapshots: the agent has kept none of the last {} (up to step {}); a "
+            "failure now resumes from an older snapshot or the volume. The agent's log says "
+            "why (a snapshot larger than its --snapshot-memory-mb is refused)",
+            stats_.snapshots - kept_at_, step);
+  }
   return Status::Ok();
 }
 

@@ -53,6 +53,11 @@ class SnapshotSink {
   // counted from `began`: when the caller started gathering the state.
   Status Save(int64_t step, const NamedTensors& tensors, const std::string& metadata,
               std::chrono::steady_clock::time_point began);
+  // A snapshot the agent refuses (one that does not fit its memory limit, ...) does not stop
+  // training; once kStalledAfter snapshots in a row have gone without the agent keeping one,
+  // Save logs a warning (once, and once more when the agent keeps one again).
+  static constexpr int64_t kStalledAfter = 10;
+
   // Waits for the last snapshot to be handed over (SnapshotSender::Flush).
   Status Flush(std::chrono::milliseconds timeout) { return sender_->Flush(timeout); }
 
@@ -64,6 +69,9 @@ class SnapshotSink {
   std::unique_ptr<checkpoint::SnapshotSender> sender_;
   const int64_t every_;
   Stats stats_;
+  int64_t kept_ = 0;     // sender_->sent() when last seen growing
+  int64_t kept_at_ = 0;  // stats_.snapshots then
+  bool warned_ = false;
 };
 
 // Copies the snapshot this attempt resumes from (MUSTER_RESUME_SNAPSHOT_STEP, held by the local

@@ -326,6 +326,28 @@ TEST_F(FinetuneTest, SnapshotsEveryStepKilledWithSigkillResumeFromMemoryBitIdent
   EXPECT_EQ(out.find("MUSTER_PROGRESS"), std::string::npos) << out;
 }
 
+// An agent that refuses every snapshot (its memory limit is smaller than one): training goes on
+// and ends, and the rank says the agent keeps none.
+TEST_F(FinetuneTest, SnapshotsTheAgentRefusesDoNotStopTrainingAndAreReported) {
+  node_agent::SnapshotStore store({.memory_limit = 1024, .keep_steps = 2});
+  auto server = node_agent::SnapshotServer::Start(Dir("snap-small") + "/snapshots.sock", &store);
+  ASSERT_TRUE(server.ok()) << server.status();
+  std::string out;
+  ASSERT_EQ(RunToEnd(Args({"--mode", "lora", "--base", Base(), "--steps", "14", "--checkpoint-dir",
+                           Dir("snap-refused")}),
+                     &out,
+                     {{"MUSTER_JOB_ID", "ftsnap-small"},
+                      {"MUSTER_SNAPSHOT_EVERY", "1"},
+                      {"MUSTER_SNAPSHOT_SOCKET", (*server)->socket_path()}}),
+            0)
+      << out;
+  EXPECT_EQ(LastField(out, "MUSTER_DONE", "step"), "14") << out;
+  EXPECT_NE(out.find("the agent has kept none of the last 10"), std::string::npos) << out;
+  EXPECT_NE(out.find("the last in-memory snapshot was not handed to the agent"), std::string::npos)
+      << out;
+  EXPECT_TRUE(store.Held("ftsnap-small").empty());
+}
+
 // Two ranks over Gloo, rendezvousing through a CURVE store hosted here as `muster run` would.
 TEST_F(FinetuneTest, TwoRanksKilledMidRunResumeAtWorldSizeOneAndTheLossCarriesOn) {
   Reactor reactor("ft-test");
