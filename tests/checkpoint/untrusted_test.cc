@@ -96,6 +96,36 @@ TEST(UntrustedReplicateTest, SparseTerabyteManifestAtTheSourceIsRefusedByItsSize
   EXPECT_TRUE(Contains((*steps)[0].problem, "more than the limit")) << (*steps)[0].problem;
 }
 
+// A source whose MANIFEST claims more than the destination's file system can hold (consistent
+// block counts, so the MANIFEST itself passes) is refused before anything is written. Before,
+// the copy ran until the source came up short or the disk filled (ENOSPC).
+TEST(UntrustedReplicateTest, AClaimLargerThanTheDestinationsFreeSpaceIsRefusedBeforeCopying) {
+  TempDir tmp;
+  const std::string src = tmp.sub("src"), dst = tmp.sub("dst");
+  SaveSteps(Opts(src), {5});
+  auto avail = LocalVolume()->AvailableBytes(dst);  // dst does not exist yet: its parent's
+  ASSERT_TRUE(avail.ok()) << avail.status();
+  ASSERT_TRUE(avail->has_value());
+  ASSERT_GT(**avail, 0u);
+  const uint64_t claim = **avail + (uint64_t{1} << 30);
+  ASSERT_TRUE(EditManifest(src, 5, [&](Manifest& m) {
+    m.block_size = kMaxBlockSize;
+    m.shards[0].size = claim;
+    m.shards[0].block_xxh3.assign((claim + kMaxBlockSize - 1) / kMaxBlockSize, 0);
+  }));
+  auto r = Replicate(LocalVolume(), src, LocalVolume(), dst, 5);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), StatusCode::kFailedPrecondition) << r.status();
+  EXPECT_TRUE(Contains(r.status().message(), "needs " + std::to_string(claim) + " bytes"))
+      << r.status();
+  EXPECT_TRUE(Contains(r.status().message(), "nothing was copied")) << r.status();
+  EXPECT_FALSE(std::filesystem::exists(TmpStepPath(dst, 5)));
+  // An honest step of the same source still copies.
+  SaveSteps(Opts(src), {6});
+  auto ok = Replicate(LocalVolume(), src, LocalVolume(), dst, 6);
+  ASSERT_TRUE(ok.ok()) << ok.status();
+}
+
 // A job can plant links in its own directory on the destination volume; the replicating agent
 // must not write through them (before, the shard copy landed in the link's target, and
 // LATEST.tmp truncated whatever file it pointed at).
