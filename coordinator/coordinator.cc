@@ -163,6 +163,7 @@ Status Coordinator::Restore() {
     jobs_.emplace(j->rec.id, std::move(j));
   }
   RestoreCopies();
+  RestoreSpares();
   Logger()->info("restored {} node(s) and {} unfinished job(s) from {}", nodes_.size(), restored,
                  store_->path().string());
   return Status::Ok();
@@ -245,6 +246,7 @@ void Coordinator::Pass() {
     StopGang(*it->second, proto::STOP_PREEMPTED, "", NowMs() + options_.stop_grace.count());
   }
   SpareEvents(d);
+  SaveSpares();
 }
 
 std::vector<JobRequest> Coordinator::PendingRequests() const {
@@ -758,6 +760,8 @@ void Coordinator::Tick() {
             std::find(j->rec.nodes.begin(), j->rec.nodes.end(), name) != j->rec.nodes.end())
           expected = true;
       }
+      // A restored spare that never comes back is dropped (and replaced), not held forever.
+      if (auto v = sched_->GetNode(name, options_.clock()); v.ok() && v->spare) expected = true;
     }
     if (expected && n->last_hb_ms + options_.heartbeat_timeout.count() < now) {
       LoseNode(*n, fmt::format("no heartbeat for {} ms", now - n->last_hb_ms));

@@ -7,7 +7,8 @@
 // forward, so a test can compare what the coordinator claims with what is durable.
 //
 // Writes are numbered from 1 in the order they are attempted: PutNode, DeleteNode, BindNodeKey,
-// InsertJob, UpdateJob, PutAttempt, AppendEvent, RecordCheckpoint, ExcludeNode, PutState.
+// InsertJob, UpdateJob, PutAttempt, AppendEvent, RecordCheckpoint, ExcludeNode, PutState,
+// PutSpares.
 //
 // Thread-safety: none (the coordinator's reactor thread, or a test's).
 
@@ -68,6 +69,11 @@ class FaultInjectionCoordinatorDb final : public CoordinatorDb {
   Status PutState(const std::string& key, const std::string& value, int64_t time_ms) override;
   StatusOr<std::optional<std::string>> GetState(const std::string& key) override {
     return base_->GetState(key);
+  }
+  Status PutSpares(const std::string& job_id, const std::vector<std::string>& nodes,
+                   int64_t time_ms) override;
+  StatusOr<std::map<std::string, std::vector<std::string>>> LoadSpares() override {
+    return base_->LoadSpares();
   }
 
  private:

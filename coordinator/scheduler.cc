@@ -920,9 +920,39 @@ Status Scheduler::RestoreRunning(const JobRequest& job, const std::vector<std::s
   }
   j->nodes = std::move(idxs);
   j->running = true;
-  // Spares are not stored: a restored job gets new ones in the next passes.
+  // Short of spares until RestoreSpare gives them back; one not restored is found in a pass.
   if (j->req.spares > 0) m.short_of_spares.insert(j.get());
   m.jobs.emplace(job.id, std::move(j));
+  return Status::Ok();
+}
+
+Status Scheduler::RestoreSpare(const std::string& job, const std::string& node) {
+  auto& m = *impl_;
+  auto it = m.jobs.find(job);
+  if (it == m.jobs.end() || !it->second->running)
+    return NotFoundError("job " + job + " is not running");
+  Job& j = *it->second;
+  if (static_cast<int>(j.spares.size()) >= j.req.spares) {
+    return FailedPreconditionError(
+        fmt::format("job {} holds the {} spare(s) it asks for already", job, j.req.spares));
+  }
+  if (!m.node_index.count(node)) {
+    NodeSpec unregistered;  // as in RestoreRunning
+    unregistered.name = node;
+    UpsertNode(unregistered);
+    m.nodes[m.node_index[node]].base = NodeState::kDown;
+    m.Refresh(m.node_index[node]);
+  }
+  int idx = m.node_index[node];
+  if (m.nodes[idx].job) {
+    return FailedPreconditionError(
+        fmt::format("node {} is held by job {} already", node, m.nodes[idx].job->req.id));
+  }
+  m.nodes[idx].job = &j;
+  m.nodes[idx].spare = true;
+  m.SetFree(idx, false);
+  j.spares.push_back(idx);
+  if (static_cast<int>(j.spares.size()) >= j.req.spares) m.short_of_spares.erase(&j);
   return Status::Ok();
 }
 
@@ -1008,7 +1038,9 @@ StatusOr<std::string> Scheduler::TakeSpare(const std::string& job, const std::st
     return NotFoundError(fmt::format("node {} is not in job {}'s gang", lost, job));
   if (j.spares.empty()) return FailedPreconditionError(fmt::format("job {} holds no spare", job));
   int lost_island = m.classes[m.nodes[li->second].cls].island_group;
-  auto better = [&](int a, int b) {  // same island as the lost node first, then by name
+  auto better = [&](int a, int b) {  // up first, same island as the lost node, then by name
+    bool ua = m.nodes[a].base == NodeState::kUp, ub = m.nodes[b].base == NodeState::kUp;
+    if (ua != ub) return ua;
     bool sa = m.classes[m.nodes[a].cls].island_group == lost_island;
     bool sb = m.classes[m.nodes[b].cls].island_group == lost_island;
     if (sa != sb) return sa;
