@@ -12,6 +12,7 @@
 #include "coordinator/job_lifecycle.h"
 #include "coordinator/job_spec.h"
 #include "coordinator/node_state.h"
+#include "coordinator/pool_capacity.h"
 #include "coordinator/providers/provider_manager.h"
 
 namespace muster::coordinator {
@@ -1040,13 +1041,12 @@ StatusOr<proto::Envelope> Coordinator::OnSubmit(const Caller& caller,
     spec.hosts.assign(req.spec().hosts().begin(), req.spec().hosts().end());
     MUSTER_RETURN_IF_ERROR(ValidateJobSpec(spec));
   }
-  if (Status f = sched_->Feasible(ToJobRequest(spec, "feasibility-check", 0)); !f.ok()) {
-    if (!providers_) return f;
-    if (!providers_->CouldHold(ToJobRequest(spec, "feasibility-check", 0))) {
-      return FailedPreconditionError(f.message() +
-                                     "; no on-demand provider could hold it either (max_nodes)");
-    }
-  }
+  // With on-demand providers, what each can ever hold counts (max_nodes, pool_capacity.h).
+  JobRequest check = ToJobRequest(spec, "feasibility-check", 0);
+  Status feasible = sched_->Feasible(check);
+  if (providers_ && check.hosts.empty() && feasible.code() != StatusCode::kInvalidArgument)
+    feasible = PoolCanEverHold(check, sched_->Nodes(options_.clock()), providers_->config());
+  MUSTER_RETURN_IF_ERROR(feasible);
   auto j = std::make_unique<JobRt>();
   j->rec.spec = JobSpecToProto(spec);
   j->rec.state = proto::JOB_PENDING;

@@ -13,6 +13,7 @@
 
 #include "common/curve.h"
 #include "common/wire.h"
+#include "coordinator/providers/provider_manager.h"
 
 namespace muster::coordinator {
 namespace {
@@ -507,6 +508,61 @@ TEST_F(CoordinatorTest, APreflightFailureKeepsTheBlamedNodeOffTheJobAndIsNotCoun
   st = Status(other);
   ASSERT_EQ(st.nodes_size(), 1);
   EXPECT_EQ(st.nodes(0), blamed);
+}
+
+// With on-demand providers, a spec whose gang and spares no provider can ever hold at once is
+// refused at submit, naming each provider and what it can hold: an on-demand provider counts
+// its max_nodes, not the nodes registered now (a lost node waiting for its release and its
+// replacement are both registered).
+TEST_F(CoordinatorTest, SparesBeyondAnOnDemandProvidersMaxNodesAreRefusedAtSubmit) {
+  for (const char* n : {"aws-0", "aws-1", "aws-2"}) Register(n);
+  providers::ProvidersConfig cfg;
+  providers::ProviderConfig aws;
+  aws.name = "aws";
+  aws.kind = "local";
+  aws.max_nodes = 2;
+  aws.node.gpus = 8;
+  aws.node.slots = 8;
+  cfg.providers = {aws};
+  coord_->SetProviders(std::make_unique<providers::ProviderManager>(
+      cfg, std::map<std::string, std::unique_ptr<providers::Provider>>{}));
+  proto::Envelope big;
+  big.mutable_submit_request()->set_yaml("name: big\ncommand: x\nnodes: 2\nspares: 1\n");
+  muster::Status refused = ErrorOf(Call(big));
+  EXPECT_EQ(refused.code(), StatusCode::kFailedPrecondition) << refused;
+  EXPECT_NE(refused.message().find("it needs 3 (2 for the gang + 1 spare) on one provider"),
+            std::string::npos)
+      << refused;
+  EXPECT_NE(refused.message().find("provider aws: 2 (max_nodes 2)"), std::string::npos) << refused;
+  Submit("name: fits\ncommand: x\nnodes: 1\nspares: 1\n");
+}
+
+// Static nodes and an on-demand provider that cannot hold the job either: the refusal names
+// both, with what each can ever hold.
+TEST_F(CoordinatorTest, ARefusalNamesEachProviderAndWhatItCanEverHold) {
+  for (const char* n : {"aws-0", "aws-1", "aws-2"}) Register(n);
+  providers::ProvidersConfig cfg;
+  providers::ProviderConfig loc;
+  loc.name = "loc";
+  loc.kind = "local";
+  loc.max_nodes = 2;
+  loc.node.gpus = 8;
+  loc.node.slots = 8;
+  cfg.providers = {loc};
+  coord_->SetProviders(std::make_unique<providers::ProviderManager>(
+      cfg, std::map<std::string, std::unique_ptr<providers::Provider>>{}));
+  proto::Envelope big;
+  big.mutable_submit_request()->set_yaml("name: big\ncommand: x\nnodes: 3\nspares: 1\n");
+  muster::Status refused = ErrorOf(Call(big));
+  EXPECT_EQ(refused.code(), StatusCode::kFailedPrecondition) << refused;
+  EXPECT_NE(refused.message().find("it needs 4 (3 for the gang + 1 spare) on one provider"),
+            std::string::npos)
+      << refused;
+  EXPECT_NE(refused.message().find("the most that can ever exist on one provider is 3: provider "
+                                   "aws: 3 (3 registered nodes fit); provider loc: 2 (max_nodes "
+                                   "2)"),
+            std::string::npos)
+      << refused;
 }
 
 // Hot spares: a lost node of the gang is replaced by the job's spare at once; the survivors and
