@@ -118,9 +118,15 @@ TEST_F(ProviderCluster, AfterASpareReplacesALostNodeTheProviderSuppliesANewSpare
   auto st = Status(job);
   ASSERT_EQ(st["spares"].size(), 1u) << st.dump();
   const std::string lost = st["nodes"][0], spare = st["spares"][0];
-  std::vector<pid_t> agent =
-      ProcessesMentioning((dir_ / "local" / lost).string() + std::string(1, '\0'));
-  ASSERT_EQ(agent.size(), 1u) << "the agent of " << lost;
+  // Exactly one: a child the agent is forking has its command line until it execs.
+  std::vector<pid_t> agent;
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        agent = ProcessesMentioning((dir_ / "local" / lost).string() + std::string(1, '\0'));
+        return agent.size() == 1;
+      },
+      5s))
+      << "the agent of " << lost << ": " << agent.size() << " processes";
   ASSERT_EQ(kill(agent[0], SIGKILL), 0);
   ASSERT_TRUE(WaitUntil(
       [&] {
