@@ -84,9 +84,15 @@ TEST_F(ProviderCluster, ASparesNodesComeFromTheProviderAndAreNotReleasedAsIdle) 
   std::string job = Submit("name: sp\ncommand: [\"sleep\", \"600\"]\nnodes: 1\nspares: 1\n");
   ASSERT_TRUE(WaitState(job, "running", 30s)) << Events(job);
   EXPECT_NE(Events(job).find("requested 2 nodes from aws"), std::string::npos) << Events(job);
-  auto st = Status(job);
-  ASSERT_TRUE(st.contains("spares")) << st.dump();
-  ASSERT_EQ(st["spares"].size(), 1u) << st.dump();
+  // The gang may start before its spare's agent has registered (it never waits for it).
+  nlohmann::json st;
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        st = Status(job);
+        return st.contains("spares") && st["spares"].size() == 1;
+      },
+      30s))
+      << st.dump() << Events(job);
   const std::string spare = st["spares"][0];
   // Idle three times its idle_timeout while the job runs: never released.
   EXPECT_FALSE(WaitUntil(
@@ -115,8 +121,15 @@ TEST_F(ProviderCluster, AfterASpareReplacesALostNodeTheProviderSuppliesANewSpare
       "name: sp\ncommand: [\"sleep\", \"600\"]\nnodes: 1\nspares: 1\n"
       "restart:\n  max_restarts: 0\n");
   ASSERT_TRUE(WaitState(job, "running", 30s)) << Events(job);
-  auto st = Status(job);
-  ASSERT_EQ(st["spares"].size(), 1u) << st.dump();
+  // The gang may start before its spare's agent has registered (it never waits for it).
+  nlohmann::json st;
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        st = Status(job);
+        return st.contains("spares") && st["spares"].size() == 1;
+      },
+      30s))
+      << st.dump() << Events(job);
   const std::string lost = st["nodes"][0], spare = st["spares"][0];
   // Exactly one: a child the agent is forking has its command line until it execs.
   std::vector<pid_t> agent;
