@@ -1,15 +1,22 @@
 // muster-bench ckpt-py: checkpoints of torch tensors saved from Python through muster, beside
 // torch.save (+ fsync), DCP's FileSystemWriter where torch supports it, a memcpy of the same
-// bytes and an O_DIRECT write of the same size, in one run. The measuring is done by
-// bench/ckpt_py_bench.py under Debian's python3 with the build's `muster` package; this
-// subcommand runs it, prints the table and passes its JSON through.
+// bytes and an O_DIRECT write of the same size, in one run; and the same state as an in-memory
+// snapshot (muster.Snapshotter) to a real SnapshotServer that this subcommand runs in-process, as
+// an agent does. The measuring is done by bench/ckpt_py_bench.py under Debian's python3 with the
+// build's `muster` package; this subcommand runs it, prints the table and passes its JSON through.
+
+#include <unistd.h>
 
 #include <cstdio>
+#include <filesystem>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
 
 #include "bench/bench.h"
 #include "common/python_path.h"
+#include "node_agent/snapshots/snapshot_server.h"
+#include "node_agent/snapshots/snapshot_store.h"
 
 namespace muster::bench {
 namespace {
@@ -49,7 +56,20 @@ void AddCkptPyBench(CLI::App& app, Runner* runner) {
         std::fprintf(stderr, "ckpt-py: the muster Python package was not built\n");
         return 1;
       }
-      std::string command = "PYTHONPATH=" + Quote(pydir) + " " + Quote(o->python) + " " +
+      // The agent's end of the snapshot channel, with room for its two newest snapshots.
+      node_agent::SnapshotStore store(
+          {.memory_limit = (uint64_t{3} * static_cast<uint64_t>(o->size_mb) + 16) << 20,
+           .keep_steps = 2});
+      const std::string snap_dir = "/tmp/muster-bench-snap-" + std::to_string(::getpid());
+      auto server = node_agent::SnapshotServer::Start(snap_dir + "/s.sock", &store);
+      std::string snap_env;
+      if (server.ok()) {
+        snap_env = "MUSTER_JOB_ID=bench-ckpt-py MUSTER_SNAPSHOT_EVERY=1 MUSTER_SNAPSHOT_SOCKET=" +
+                   Quote((*server)->socket_path()) + " ";
+      } else {
+        std::fprintf(stderr, "ckpt-py: no snapshot rows: %s\n", server.status().ToString().c_str());
+      }
+      std::string command = snap_env + "PYTHONPATH=" + Quote(pydir) + " " + Quote(o->python) + " " +
                             Quote(MUSTER_BENCH_PY_SCRIPT) + " --dir " + Quote(o->dir) +
                             " --size-mb " + std::to_string(o->size_mb) + " --tensors " +
                             std::to_string(o->tensors) + " --repeat " + std::to_string(o->repeat) +
@@ -60,6 +80,11 @@ void AddCkptPyBench(CLI::App& app, Runner* runner) {
       char buf[4096];
       while (size_t n = std::fread(buf, 1, sizeof(buf), p)) text.append(buf, n);
       int rc = ::pclose(p);
+      if (server.ok()) {
+        server->reset();
+        std::error_code ec;
+        std::filesystem::remove_all(snap_dir, ec);
+      }
       nlohmann::json j = nlohmann::json::parse(text, nullptr, false);
       if (rc != 0 || !j.is_object()) {
         std::fprintf(stderr, "ckpt-py: %s failed (status %d): %s\n", MUSTER_BENCH_PY_SCRIPT, rc,
@@ -88,6 +113,12 @@ void AddCkptPyBench(CLI::App& app, Runner* runner) {
             Fmt(j["stall_overlap_s"].get<double>() / j["memcpy_s"].get<double>()) + "x memcpy");
         row(t, "overlap_snapshot: save to commit", j["save_overlap_s"].get<double>(),
             Fmt(j["save_overlap_gbps"].get<double>() / disk) + "x disk");
+      }
+      if (j.contains("snapshot_stall_s") && j["snapshot_stall_s"].is_number()) {
+        row(t, "muster.snapshot stall (until it returns)", j["snapshot_stall_s"].get<double>(),
+            Fmt(j["snapshot_stall_s"].get<double>() / j["memcpy_s"].get<double>()) + "x memcpy");
+        row(t, "muster.snapshot until the agent holds it", j["snapshot_held_s"].get<double>(),
+            Fmt(j["snapshot_held_s"].get<double>() / j["memcpy_s"].get<double>()) + "x memcpy");
       }
       if (j.contains("torch_save_s") && j["torch_save_s"].is_number()) {
         row(t, "torch.save + fsync", j["torch_save_s"].get<double>(),

@@ -7,6 +7,9 @@ The same bytes of torch tensors (or numpy arrays where torch is missing), saved:
   - through DCP's FileSystemWriter where torch's DCP is usable (torch >= 2.2);
 beside two anchors measured in the same run: a memcpy of the same bytes (what the stall should
 cost) and an O_DIRECT write + fsync of the same size in 32 MiB requests (what the disk can do).
+Where `muster-bench` runs a snapshot server (MUSTER_SNAPSHOT_SOCKET), also the same state as an
+in-memory snapshot (muster.Snapshotter): the stall until snapshot() returns, and the time until
+the agent holds it (flush()).
 """
 
 import argparse
@@ -108,6 +111,21 @@ def main():
     out["stall_s"], out["save_s"] = muster_saves(False)
     # The writers start on each chunk as soon as the snapshot has copied it.
     out["stall_overlap_s"], out["save_overlap_s"] = muster_saves(True)
+
+    if os.environ.get("MUSTER_SNAPSHOT_SOCKET"):
+        snap = muster.Snapshotter()
+        stalls, held = [], []
+        for step in range(1, args.repeat + 2):  # the first snapshot sizes the reused buffer
+            t0 = now()
+            snap.snapshot(step, state)
+            t1 = now()
+            snap.flush(600)
+            t2 = now()
+            if step > 1:
+                stalls.append(t1 - t0)
+                held.append(t2 - t0)
+        out["snapshot_stall_s"], out["snapshot_held_s"] = min(stalls), min(held)
+        del snap
 
     if torch is not None:
         times = []

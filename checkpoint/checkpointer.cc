@@ -1,5 +1,7 @@
 #include "checkpoint/checkpointer.h"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
@@ -127,6 +129,24 @@ RestoreRequest RestoreRequest::Whole(std::string name, DType dtype, void* data, 
   r.data = data;
   r.memory = memory;
   return r;
+}
+
+RestoreRequest RestoreRequest::Whole(std::string name, DType dtype, void* data, uint64_t capacity,
+                                     MemoryKind memory) {
+  RestoreRequest r = Whole(std::move(name), dtype, data, memory);
+  r.capacity = capacity;
+  return r;
+}
+
+Status CheckRestoreCapacity(const RestoreRequest& req, bool whole, uint64_t bytes,
+                            const std::string& what) {
+  if (req.capacity == 0) return Status::Ok();
+  if (whole ? bytes != req.capacity : bytes > req.capacity) {
+    return InvalidArgumentError(fmt::format(
+        "{} holds {} bytes, the destination {} bytes{}", what, bytes, req.capacity,
+        whole ? " (a whole-tensor restore needs the same size: did the model change?)" : ""));
+  }
+  return Status::Ok();
 }
 
 RestoreRequest RestoreRequest::RowShard(std::string name, DType dtype, std::vector<int64_t> shape,
@@ -694,6 +714,9 @@ Status Checkpointer::Restore(int64_t step, const std::vector<RestoreRequest>& re
     MUSTER_RETURN_IF_ERROR(
         ValidateBox("restore: tensor '" + req.name + "'", t->shape, rb.off, rb.len));
     const int64_t want = NumElements(rb.len);
+    MUSTER_RETURN_IF_ERROR(CheckRestoreCapacity(req, req.offsets.empty() && req.lengths.empty(),
+                                                static_cast<uint64_t>(want) * DTypeSize(t->dtype),
+                                                StepStr(step) + ": tensor '" + req.name + "'"));
     if (want > 0 && !req.data) {
       return InvalidArgumentError("restore: tensor '" + req.name + "' has no destination");
     }

@@ -91,14 +91,28 @@ struct RestoreRequest {
   std::vector<int64_t> lengths;
   void* data = nullptr;
   MemoryKind memory = MemoryKind::kHost;
+  // The bytes `data` holds. A whole-tensor request takes its size from the stored tensor, which
+  // comes from a volume or a peer (untrusted): with a capacity, a stored tensor of any other
+  // size is refused (InvalidArgument naming both sizes) before a byte is written; a box request
+  // must fit in it. 0: unchecked (the caller sized `data` from the same MANIFEST or index).
+  uint64_t capacity = 0;
 
+  // Prefer the overload with `capacity` whenever the caller knows its buffer's size.
   static RestoreRequest Whole(std::string name, DType dtype, void* data,
+                              MemoryKind memory = MemoryKind::kHost);
+  static RestoreRequest Whole(std::string name, DType dtype, void* data, uint64_t capacity,
                               MemoryKind memory = MemoryKind::kHost);
   // `shape` is the global shape (rows [row_offset, row_offset + rows) of dimension 0).
   static RestoreRequest RowShard(std::string name, DType dtype, std::vector<int64_t> shape,
                                  int64_t row_offset, int64_t rows, void* data,
                                  MemoryKind memory = MemoryKind::kHost);
 };
+
+// InvalidArgument (naming `what`) when `req` has a capacity that `bytes`, the size of the
+// stored data it asks for, does not fit: for a whole-tensor request (`whole`) any other size,
+// for a box a larger one. Shared by the volume and the snapshot restores.
+Status CheckRestoreCapacity(const RestoreRequest& req, bool whole, uint64_t bytes,
+                            const std::string& what);
 
 struct CheckpointerOptions {
   std::string dir;           // the job's checkpoint directory (holds LATEST)

@@ -117,7 +117,8 @@ StatusOr<ExportReport> Export(const ExportOptions& options) {
   for (const auto& c : chosen) {
     buf.resize(std::max<uint64_t>(c.bytes, 1));
     MUSTER_RETURN_IF_ERROR(
-        ck->Restore(step, {RestoreRequest::Whole(c.entry->name, c.entry->dtype, buf.data())}));
+        ck->Restore(step, {RestoreRequest::Whole(c.entry->name, c.entry->dtype, buf.data(),
+                                                 static_cast<uint64_t>(c.bytes))}));
     MUSTER_RETURN_IF_ERROR(f->Write(off, buf.data(), c.bytes));
     off += c.bytes;
   }

@@ -1,5 +1,9 @@
 #include "checkpoint/replicate.h"
 
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cstdint>
 #include <memory>
 #include <new>
 
@@ -8,6 +12,33 @@
 #include "common/logging.h"
 
 namespace muster::checkpoint {
+
+namespace {
+
+// The source's MANIFEST may claim shards of any size that its block checksums agree with (a
+// hostile source can make up terabytes of them): the copy is refused up front when the
+// destination's file system cannot hold what is still to copy and keep kReplicateReserveBytes
+// free, instead of filling the disk until ENOSPC.
+Status CheckRoomFor(const Manifest& m, Volume* dst, const std::string& dst_dir,
+                    const std::string& tmp, int64_t step) {
+  MUSTER_ASSIGN_OR_RETURN(std::optional<uint64_t> avail, dst->AvailableBytes(dst_dir));
+  if (!avail) return Status::Ok();
+  uint64_t need = 0;
+  for (const auto& shard : m.shards) {
+    auto have = dst->FileSize(JoinPath(tmp, shard.file));  // a resumed copy's finished shards
+    if (have.ok() && *have == shard.size) continue;
+    need += std::min<uint64_t>(shard.size, UINT64_MAX - need);
+  }
+  if (need > *avail || *avail - need < kReplicateReserveBytes) {
+    return FailedPreconditionError(fmt::format(
+        "replicate: step {} needs {} bytes at the destination and its file system has {} free "
+        "(a copy must leave {} free); nothing was copied",
+        step, need, *avail, kReplicateReserveBytes));
+  }
+  return Status::Ok();
+}
+
+}  // namespace
 
 StatusOr<ReplicateReport> Replicate(Volume* src, const std::string& src_dir, Volume* dst,
                                     const std::string& dst_dir, int64_t step) {
@@ -32,6 +63,7 @@ StatusOr<ReplicateReport> Replicate(Volume* src, const std::string& src_dir, Vol
   const std::string tmp = TmpStepPath(dst_dir, step);
   // A link planted in place of the temp directory would take the copy wherever it points.
   if (dst->IsLink(tmp)) MUSTER_RETURN_IF_ERROR(dst->RemoveAll(tmp));
+  MUSTER_RETURN_IF_ERROR(CheckRoomFor(m, dst, dst_dir, tmp, step));
   MUSTER_RETURN_IF_ERROR(dst->CreateDirs(tmp));
   const std::string sdir = StepPath(src_dir, step);
   const uint64_t chunk = std::max<uint64_t>(m.block_size, (32 << 20) / m.block_size * m.block_size);

@@ -26,9 +26,14 @@ struct ReplicateReport {
   uint64_t bytes_copied = 0;
 };
 
+// What a copy leaves free on the destination's file system at least.
+inline constexpr uint64_t kReplicateReserveBytes = uint64_t{64} << 20;
+
 // Replicates committed `step` of `src_dir` on `src` into `dst_dir` on `dst`. NotFound when the
 // step is not committed at the source; DataLoss when the source is corrupt (nothing is
-// committed at the destination) or the destination already holds a corrupt copy.
+// committed at the destination) or the destination already holds a corrupt copy;
+// FailedPrecondition, before anything is written, when the destination's file system
+// (Volume::AvailableBytes) cannot hold the shards still to copy plus kReplicateReserveBytes.
 StatusOr<ReplicateReport> Replicate(Volume* src, const std::string& src_dir, Volume* dst,
                                     const std::string& dst_dir, int64_t step);
 

@@ -85,19 +85,27 @@ Status SnapshotClient::ReadReply() {
   return Status(static_cast<StatusCode>(code), std::move(msg));
 }
 
+Status SnapshotClient::SentReply(Status sent) {
+  if (sent.ok()) return ReadReply();
+  // The agent refuses a frame from its header (too large for its limit, a bad field) and closes
+  // the connection before the rest arrives: its answer, already sent, says why; the broken
+  // pipe does not.
+  Status reply = ReadReply();
+  return reply.ok() || reply.code() == StatusCode::kUnavailable ? sent : reply;
+}
+
 Status SnapshotClient::Put(const SnapshotKey& key, std::string_view payload) {
   MUSTER_ASSIGN_OR_RETURN(std::string prefix, EncodeSnapshotPrefix(key, payload));
-  MUSTER_RETURN_IF_ERROR(SendAll(fd_, "P"));
-  MUSTER_RETURN_IF_ERROR(SendAll(fd_, prefix));
-  MUSTER_RETURN_IF_ERROR(SendAll(fd_, payload));
-  return ReadReply();
+  Status sent = SendAll(fd_, "P");
+  if (sent.ok()) sent = SendAll(fd_, prefix);
+  if (sent.ok()) sent = SendAll(fd_, payload);
+  return SentReply(sent);
 }
 
 Status SnapshotClient::Put(std::string_view frame) {
-  std::string op = "P";
-  MUSTER_RETURN_IF_ERROR(SendAll(fd_, op));
-  MUSTER_RETURN_IF_ERROR(SendAll(fd_, frame));
-  return ReadReply();
+  Status sent = SendAll(fd_, "P");
+  if (sent.ok()) sent = SendAll(fd_, frame);
+  return SentReply(sent);
 }
 
 StatusOr<SnapshotFrame> SnapshotClient::Get(const SnapshotKey& key, uint64_t max_payload) {

@@ -63,6 +63,8 @@ class SnapshotClient {
  private:
   explicit SnapshotClient(int fd) : fd_(fd) {}
   Status ReadReply();
+  // The agent's reply after a put whose send ended with `sent`.
+  Status SentReply(Status sent);
   int fd_;
 };
 

@@ -103,8 +103,17 @@ Status EncodeSnapshotStateInto(const SaveState& state, std::string* out_ptr) {
   return Status::Ok();
 }
 
-Status RestoreSnapshotState(std::string_view payload, const std::vector<RestoreRequest>& requests,
-                            std::string* metadata) {
+namespace {
+
+// The payload's index, checked field by field, and the parts it describes.
+struct ParsedIndex {
+  std::vector<std::pair<std::string, Entry>> tensors;  // in index order
+  std::map<std::string, size_t> by_name;
+  std::string_view data;      // the tensors' bytes, then the metadata
+  uint64_t tensor_bytes = 0;  // where the metadata starts in `data`
+};
+
+StatusOr<ParsedIndex> ParseIndex(std::string_view payload) {
   if (payload.size() < 4) return DataLossError("snapshot state: shorter than its index length");
   uint32_t n = 0;
   for (int i = 0; i < 4; ++i) n |= uint32_t{static_cast<unsigned char>(payload[i])} << (8 * i);
@@ -117,11 +126,12 @@ Status RestoreSnapshotState(std::string_view payload, const std::vector<RestoreR
       !index.contains("metadata_bytes") || !index["metadata_bytes"].is_number_unsigned()) {
     return DataLossError("snapshot state: the index is not a valid object");
   }
-  std::string_view data = payload.substr(4 + n);
+  ParsedIndex out;
+  out.data = payload.substr(4 + n);
   uint64_t meta_bytes = index["metadata_bytes"].get<uint64_t>();
-  if (meta_bytes > data.size()) return DataLossError("snapshot state: metadata does not fit");
-  const uint64_t tensor_bytes = data.size() - meta_bytes;
-  std::map<std::string, Entry> entries;
+  if (meta_bytes > out.data.size()) return DataLossError("snapshot state: metadata does not fit");
+  const uint64_t tensor_bytes = out.data.size() - meta_bytes;
+  out.tensor_bytes = tensor_bytes;
   for (const json& t : index["tensors"]) {
     if (!t.is_object() || !t.contains("name") || !t["name"].is_string() || !t.contains("dtype") ||
         !t["dtype"].is_string() || !t.contains("replicated") || !t["replicated"].is_boolean() ||
@@ -151,17 +161,46 @@ Status RestoreSnapshotState(std::string_view payload, const std::vector<RestoreR
                            std::to_string(e.bytes) + " at " + std::to_string(e.at) +
                            " that does not match its box or the payload");
     }
-    if (!entries.emplace(name, std::move(e)).second) {
+    if (!out.by_name.emplace(name, out.tensors.size()).second) {
       return DataLossError("snapshot state: tensor '" + name + "' appears twice");
     }
+    out.tensors.emplace_back(name, std::move(e));
   }
+  return out;
+}
+
+}  // namespace
+
+StatusOr<std::vector<SnapshotTensorInfo>> ReadSnapshotIndex(std::string_view payload,
+                                                            std::string* metadata) {
+  MUSTER_ASSIGN_OR_RETURN(ParsedIndex index, ParseIndex(payload));
+  std::vector<SnapshotTensorInfo> out;
+  out.reserve(index.tensors.size());
+  for (const auto& [name, e] : index.tensors) {
+    out.push_back({.name = name,
+                   .dtype = e.dtype,
+                   .shape = e.shape,
+                   .offsets = e.offsets,
+                   .lengths = e.lengths,
+                   .replicated = e.replicated,
+                   .bytes = e.bytes});
+  }
+  if (metadata) *metadata = std::string(index.data.substr(index.tensor_bytes));
+  return out;
+}
+
+Status RestoreSnapshotState(std::string_view payload, const std::vector<RestoreRequest>& requests,
+                            std::string* metadata) {
+  MUSTER_ASSIGN_OR_RETURN(ParsedIndex index, ParseIndex(payload));
+  const std::string_view data = index.data;
+  const uint64_t tensor_bytes = index.tensor_bytes;
   // Check every request before copying any byte.
   std::vector<const Entry*> found;
   for (const RestoreRequest& r : requests) {
     std::string what = "snapshot restore: tensor '" + r.name + "'";
-    auto it = entries.find(r.name);
-    if (it == entries.end()) return NotFoundError(what + " is not in the snapshot");
-    const Entry& e = it->second;
+    auto it = index.by_name.find(r.name);
+    if (it == index.by_name.end()) return NotFoundError(what + " is not in the snapshot");
+    const Entry& e = index.tensors[it->second].second;
     if (r.memory == MemoryKind::kCuda) {
       return FailedPreconditionError(what + ": CUDA destinations are not supported by snapshots");
     }
@@ -178,6 +217,8 @@ Status RestoreSnapshotState(std::string_view payload, const std::vector<RestoreR
       return InvalidArgumentError(what + ": the requested slice differs from the one this rank " +
                                   "saved; restore other layouts from the volume");
     }
+    MUSTER_RETURN_IF_ERROR(
+        CheckRestoreCapacity(r, r.offsets.empty() && r.lengths.empty(), e.bytes, what));
     if (e.bytes > 0 && !r.data) return InvalidArgumentError(what + " has no destination");
     found.push_back(&e);
   }

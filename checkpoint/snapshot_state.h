@@ -32,6 +32,21 @@ StatusOr<std::string> EncodeSnapshotState(const SaveState& state);
 // pays for no new pages). `out` is unspecified after an error.
 Status EncodeSnapshotStateInto(const SaveState& state, std::string* out);
 
+// One tensor of a payload, as its index describes it.
+struct SnapshotTensorInfo {
+  std::string name;
+  DType dtype = DType::kF32;
+  std::vector<int64_t> shape, offsets, lengths;  // the global shape and this rank's box
+  bool replicated = false;
+  uint64_t bytes = 0;
+};
+
+// The tensors `payload` holds, in its index's order, and (when given) its metadata; every field
+// checked as RestoreSnapshotState checks it (DataLoss naming what is malformed). Copies no
+// tensor bytes: a caller sizes its destinations from this before restoring.
+StatusOr<std::vector<SnapshotTensorInfo>> ReadSnapshotIndex(std::string_view payload,
+                                                            std::string* metadata = nullptr);
+
 // Copies the requested tensors out of `payload` (which may come from another node: every
 // field is checked before a byte is copied; DataLoss names what is malformed). NotFound for a
 // tensor not in it; InvalidArgument for a dtype or box that does not match the saved one;

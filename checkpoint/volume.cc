@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -225,6 +226,17 @@ class PosixVolume final : public Volume {
     struct stat st;
     if (::stat(path.c_str(), &st) != 0) return ErrnoStatus(errno, "stat " + path);
     return static_cast<uint64_t>(st.st_size);
+  }
+
+  StatusOr<std::optional<uint64_t>> AvailableBytes(const std::string& path) override {
+    std::filesystem::path p(path.empty() ? "." : path);
+    struct statvfs vs;
+    while (::statvfs(p.c_str(), &vs) != 0) {
+      if (errno != ENOENT || !p.has_relative_path()) return ErrnoStatus(errno, "statvfs " + path);
+      p = p.has_parent_path() && p.parent_path() != p ? p.parent_path()
+                                                      : std::filesystem::path(".");
+    }
+    return std::optional<uint64_t>(static_cast<uint64_t>(vs.f_bavail) * vs.f_frsize);
   }
 
   StatusOr<double> AgeSeconds(const std::string& path) override {

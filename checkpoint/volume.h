@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -98,6 +99,12 @@ class Volume {
   virtual Status DeleteFile(const std::string& path) = 0;
   // Removes a directory tree; a missing one is fine.
   virtual Status RemoveAll(const std::string& path) = 0;
+  // Bytes an unprivileged writer may still put on the file system that holds `path` (or its
+  // nearest existing parent): statvfs's f_bavail x f_frsize. Volumes that cannot tell return
+  // nullopt (no check is made against them).
+  virtual StatusOr<std::optional<uint64_t>> AvailableBytes(const std::string& path) {
+    return std::optional<uint64_t>();
+  }
 };
 
 // Forwards every call to `target`; a subclass overrides what it changes (LevelDB's EnvWrapper).
@@ -131,6 +138,9 @@ class VolumeWrapper : public Volume {
   }
   Status DeleteFile(const std::string& path) override { return target_->DeleteFile(path); }
   Status RemoveAll(const std::string& path) override { return target_->RemoveAll(path); }
+  StatusOr<std::optional<uint64_t>> AvailableBytes(const std::string& path) override {
+    return target_->AvailableBytes(path);
+  }
 
  private:
   Volume* target_;

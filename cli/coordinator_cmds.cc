@@ -436,11 +436,19 @@ void AddCoordinatorCommands(CLI::App& app, Runner* runner) {
         auto c = ConnectOrPrint("logs", *o, &rc);
         if (!c) return rc;
         int64_t offset = 0;
+        uint64_t generation = 0;
         while (true) {
-          auto r = c->Logs(*job, *rank, offset, 1 << 20, *attempt);
+          auto r = c->Logs(*job, *rank, offset, 1 << 20, *attempt, proto::LOG_MERGED, generation);
           if (!r.ok()) return Fail("logs", r.status());
+          if (r->skipped()) {
+            std::cout << std::flush;
+            std::cerr << "muster logs: some output of rank " << *rank
+                      << " was rotated away before it was read (the agent keeps "
+                         "--rank-log-keep parts of --rank-log-max-mb each)\n";
+          }
           std::cout << r->data() << std::flush;
           offset = r->next_offset();
+          generation = r->generation();
           if (r->eof() || (!*follow && r->data().empty())) return 0;
           if (r->data().empty()) std::this_thread::sleep_for(std::chrono::milliseconds(500));
         }

@@ -1333,6 +1333,7 @@ void Coordinator::OnLogs(const Caller& caller, const proto::LogsRequest& req, Re
   f->set_attempt(attempt);
   f->set_rank(req.rank());
   f->set_offset(req.offset());
+  f->set_generation(req.generation());
   f->set_max_bytes(std::clamp(req.max_bytes() > 0 ? req.max_bytes() : 65536, 1, 1 << 20));
   f->set_stream(req.stream());
   fetches_.emplace(fetch, Fetch{std::move(reply), NowMs() + 10000, node});
@@ -1734,6 +1735,8 @@ StatusOr<proto::Envelope> Coordinator::OnLogChunk(const Caller& caller,
       out->set_data(req.data());
       out->set_next_offset(req.next_offset());
       out->set_eof(req.eof());
+      out->set_generation(req.generation());
+      out->set_skipped(req.skipped());
       r(std::move(e));
     }
   }

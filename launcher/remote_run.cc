@@ -151,6 +151,7 @@ int RunThroughCoordinator(const RunOptions& options, const RunIo& io) {
   constexpr proto::LogStream kStreams[2] = {proto::LOG_STDOUT, proto::LOG_STDERR};
   const int fds[2] = {io.stdout_fd, io.stderr_fd};
   std::vector<int64_t> offset(2 * world, 0);
+  std::vector<uint64_t> generation(2 * world, 0);
   std::vector<std::string> partial(2 * world);
   std::vector<bool> eof(2 * world, false);
   int seen_attempt = 0;
@@ -165,9 +166,14 @@ int RunThroughCoordinator(const RunOptions& options, const RunIo& io) {
       for (int s = 0; s < 2; ++s) {
         const int i = 2 * r + s;
         if (eof[i]) continue;
-        auto reply = c.Logs(job, r, offset[i], 1 << 20, attempt, kStreams[s]);
+        auto reply = c.Logs(job, r, offset[i], 1 << 20, attempt, kStreams[s], generation[i]);
         if (!reply.ok()) continue;  // not started yet, or its node is away: try again later
+        if (reply->skipped()) {
+          emit(r, 1, "muster run: some output of this rank was rotated away on its node before "
+                     "it was read");
+        }
         offset[i] = reply->next_offset();
+        generation[i] = reply->generation();
         partial[i] += reply->data();
         size_t start = 0;
         for (size_t nl; (nl = partial[i].find('\n', start)) != std::string::npos; start = nl + 1) {
@@ -199,6 +205,7 @@ int RunThroughCoordinator(const RunOptions& options, const RunIo& io) {
         }
         seen_attempt = last.attempt();  // a fresh attempt: its logs start over
         std::fill(offset.begin(), offset.end(), 0);
+        std::fill(generation.begin(), generation.end(), 0);
         std::fill(eof.begin(), eof.end(), false);
         for (auto& p : partial) p.clear();
       }

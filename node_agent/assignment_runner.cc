@@ -14,6 +14,7 @@
 #include "coordinator/job_spec.h"
 #include "node_agent/checkpoint_steps.h"
 #include "node_agent/lease_watchdog.h"  // ProcessStartTime
+#include "node_agent/log_reader.h"
 #include "node_agent/rank_lines.h"
 #include "node_agent/rank_relay.h"
 
@@ -819,8 +820,16 @@ void AssignmentRunner::FetchLog(const proto::FetchLog& f) {
     return out_.send(std::move(e));
   }
   fs::path path = LogPath(f.job_id(), f.attempt(), f.rank(), f.stream());
-  std::ifstream in(path, std::ios::binary);
-  if (!in) {
+  int64_t max = f.max_bytes() > 0 ? std::min(f.max_bytes(), 1 << 20) : 64 << 10;
+  // node_agent/log_reader.h: the cursor follows the log across rotation.
+  auto read = ReadLog(path, LogCursor{f.generation(), f.offset()}, max);
+  if (!read.ok() && read.status().code() != StatusCode::kNotFound) {
+    c->set_error(read.status().message() + " (rank " + std::to_string(f.rank()) + " of " +
+                 f.job_id() + " attempt " + std::to_string(f.attempt()) + " on " +
+                 labels_.name() + ")");
+    return out_.send(std::move(e));
+  }
+  if (!read.ok()) {
     c->set_error(std::string("no ") +
                  (f.stream() == proto::LOG_STDOUT   ? "stdout log"
                   : f.stream() == proto::LOG_STDERR ? "stderr log"
@@ -829,25 +838,15 @@ void AssignmentRunner::FetchLog(const proto::FetchLog& f) {
                  std::to_string(f.attempt()) + " on " + labels_.name());
     return out_.send(std::move(e));
   }
-  in.seekg(0, std::ios::end);
-  int64_t size = in.tellg();
-  int64_t max = f.max_bytes() > 0 ? std::min(f.max_bytes(), 1 << 20) : 64 << 10;
-  // An offset past the end: the log was rotated since (Supervisor::Options), so the reader
-  // goes on from the start of the new file.
-  int64_t off = f.offset() < 0      ? std::max<int64_t>(0, size - max)
-                : f.offset() > size ? 0
-                                    : f.offset();
-  int64_t n = std::min(max, size - off);
-  std::string data(static_cast<size_t>(n), '\0');
-  in.seekg(off);
-  in.read(data.data(), n);
-  c->set_data(std::move(data));
-  c->set_next_offset(off + n);
+  c->set_data(std::move(read->data));
+  c->set_next_offset(read->next.offset);
+  c->set_generation(read->next.generation);
+  c->set_skipped(read->skipped);
   bool live = false;
   if (auto it = assignments_.find(GroupOf(f.job_id(), f.attempt())); it != assignments_.end()) {
     live = it->second.live.count(f.rank()) > 0 || it->second.open > 0;
   }
-  c->set_eof(!live && off + n >= size);
+  c->set_eof(!live && read->at_live_end);
   out_.send(std::move(e));
 }
 

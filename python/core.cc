@@ -5,7 +5,9 @@
 // (name, dtype, shape, box, data pointer, memory kind) and keeps the objects alive for the
 // duration of the call. Save and Restore run with the GIL released: the snapshot copies straight
 // from the tensors' memory into the staging buffers (no intermediate Python copy), and the
-// background writer never needs the GIL.
+// background writer never needs the GIL. The same descriptions feed the in-memory snapshots
+// (SnapshotSender, SnapshotPayload: checkpoint/snapshot_channel.h and snapshot_state.h, under
+// python/muster/snapshot.py), whose copy also runs without the GIL.
 //
 // Errors: every non-OK Status becomes a Python exception of the class for its code
 // (muster.InvalidArgumentError is also a ValueError, muster.NotFoundError a LookupError, ...);
@@ -14,6 +16,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -26,6 +29,9 @@
 #include "checkpoint/checkpoint_dir.h"
 #include "checkpoint/checkpointer.h"
 #include "checkpoint/manifest.h"
+#include "checkpoint/snapshot_channel.h"
+#include "checkpoint/snapshot_frame.h"
+#include "checkpoint/snapshot_state.h"
 #include "checkpoint/volume.h"
 #include "collectives/rendezvous_client.h"
 #include "common/rank_env.h"
@@ -146,6 +152,53 @@ py::dict ManifestToDict(const checkpoint::Manifest& m) {
   return d;
 }
 
+// The state of a save or a snapshot: `tensors`' memory stays the caller's (Python keeps the
+// objects alive for the call).
+checkpoint::SaveState ToSaveState(const std::vector<PyTensor>& tensors, const py::bytes& metadata) {
+  checkpoint::SaveState state;
+  state.metadata = std::string(metadata);
+  state.tensors.reserve(tensors.size());
+  for (const auto& t : tensors) {
+    checkpoint::TensorRef r;
+    r.name = t.name;
+    r.dtype = ParseDTypeOrThrow(t.dtype);
+    r.shape = t.shape;
+    r.offsets = t.offsets;
+    r.lengths = t.lengths;
+    r.replicated = t.replicated;
+    r.data = reinterpret_cast<const void*>(t.data);
+    r.memory = ParseMemory(t.memory);
+    if (r.memory == MemoryKind::kCuda && !checkpoint::CudaBuiltIn()) {
+      Throw(FailedPreconditionError("save: tensor '" + t.name +
+                                    "' is on a GPU but this muster was built without CUDA"));
+    }
+    state.tensors.push_back(std::move(r));
+  }
+  return state;
+}
+
+// Restore requests from the Python layer's descriptions (`what`: "load", "snapshot restore").
+std::vector<checkpoint::RestoreRequest> ToRequests(const std::vector<PyTensor>& requests,
+                                                   const std::string& what) {
+  std::vector<checkpoint::RestoreRequest> rs;
+  rs.reserve(requests.size());
+  for (const auto& t : requests) {
+    checkpoint::RestoreRequest r;
+    r.name = t.name;
+    r.dtype = ParseDTypeOrThrow(t.dtype);
+    r.offsets = t.offsets;
+    r.lengths = t.lengths;
+    r.data = reinterpret_cast<void*>(t.data);
+    r.memory = ParseMemory(t.memory);
+    if (r.memory == MemoryKind::kCuda && !checkpoint::CudaBuiltIn()) {
+      Throw(FailedPreconditionError(what + ": tensor '" + t.name +
+                                    "' asked on a GPU but this muster was built without CUDA"));
+    }
+    rs.push_back(std::move(r));
+  }
+  return rs;
+}
+
 // The Checkpointer with the store connection it commits through (world size > 1).
 class PyCheckpointer {
  public:
@@ -191,25 +244,7 @@ class PyCheckpointer {
   }
 
   void Save(int64_t step, const std::vector<PyTensor>& tensors, const py::bytes& metadata) {
-    checkpoint::SaveState state;
-    state.metadata = std::string(metadata);
-    state.tensors.reserve(tensors.size());
-    for (const auto& t : tensors) {
-      checkpoint::TensorRef r;
-      r.name = t.name;
-      r.dtype = ParseDTypeOrThrow(t.dtype);
-      r.shape = t.shape;
-      r.offsets = t.offsets;
-      r.lengths = t.lengths;
-      r.replicated = t.replicated;
-      r.data = reinterpret_cast<const void*>(t.data);
-      r.memory = ParseMemory(t.memory);
-      if (r.memory == MemoryKind::kCuda && !checkpoint::CudaBuiltIn()) {
-        Throw(FailedPreconditionError("save: tensor '" + t.name +
-                                      "' is on a GPU but this muster was built without CUDA"));
-      }
-      state.tensors.push_back(std::move(r));
-    }
+    checkpoint::SaveState state = ToSaveState(tensors, metadata);
     Status st;
     {
       py::gil_scoped_release release;
@@ -247,22 +282,7 @@ class PyCheckpointer {
   // requests: (name, dtype, offsets, lengths, data pointer, memory kind); empty offsets and
   // lengths ask for the whole tensor.
   void Restore(int64_t step, const std::vector<PyTensor>& requests) {
-    std::vector<checkpoint::RestoreRequest> rs;
-    rs.reserve(requests.size());
-    for (const auto& t : requests) {
-      checkpoint::RestoreRequest r;
-      r.name = t.name;
-      r.dtype = ParseDTypeOrThrow(t.dtype);
-      r.offsets = t.offsets;
-      r.lengths = t.lengths;
-      r.data = reinterpret_cast<void*>(t.data);
-      r.memory = ParseMemory(t.memory);
-      if (r.memory == MemoryKind::kCuda && !checkpoint::CudaBuiltIn()) {
-        Throw(FailedPreconditionError("load: tensor '" + t.name +
-                                      "' asked on a GPU but this muster was built without CUDA"));
-      }
-      rs.push_back(std::move(r));
-    }
+    std::vector<checkpoint::RestoreRequest> rs = ToRequests(requests, "load");
     Status st;
     {
       py::gil_scoped_release release;
@@ -278,6 +298,126 @@ class PyCheckpointer {
  private:
   std::unique_ptr<collectives::RendezvousClient> store_;
   std::unique_ptr<Checkpointer> ck_;
+};
+
+// The key of this rank's snapshots, checked as a frame's would be (InvalidArgument names the
+// field), so a bad env fails at construction, not on the sender's thread.
+checkpoint::SnapshotKey SnapshotKeyOrThrow(const std::string& job, int attempt, int rank,
+                                           int world_size, int64_t step) {
+  checkpoint::SnapshotKey key{
+      .job = job, .attempt = attempt, .rank = rank, .world_size = world_size, .step = step};
+  Value(checkpoint::EncodeSnapshotPrefix(key, ""));
+  return key;
+}
+
+// A rank's in-memory snapshots to its node's agent (checkpoint::SnapshotSender): snapshot()
+// copies the state into the sender's reused buffer with the GIL released and returns; the
+// checksum and the send to the agent run on the sender's own thread.
+class PySnapshotSender {
+ public:
+  PySnapshotSender(const std::string& socket_path, const std::string& job, int attempt, int rank,
+                   int world_size) {
+    if (socket_path.empty()) {
+      Throw(FailedPreconditionError(
+          "snapshots: no snapshot socket (MUSTER_SNAPSHOT_SOCKET): the job or its agent has no "
+          "in-memory snapshots"));
+    }
+    checkpoint::SnapshotSenderOptions o;
+    o.socket_path = socket_path;
+    o.key = SnapshotKeyOrThrow(job, attempt, rank, world_size, 0);
+    sender_ = checkpoint::SnapshotSender::Create(std::move(o));
+  }
+  ~PySnapshotSender() {
+    py::gil_scoped_release release;  // joins the sender's thread (a send in progress)
+    sender_.reset();
+  }
+
+  void Snapshot(int64_t step, const std::vector<PyTensor>& tensors, const py::bytes& metadata) {
+    checkpoint::SaveState state = ToSaveState(tensors, metadata);
+    Status st;
+    {
+      py::gil_scoped_release release;
+      st = sender_->Snapshot(step, state);
+    }
+    Check(st);
+  }
+
+  void Flush(double timeout_s) {
+    if (!(timeout_s >= 0) || timeout_s > 86400) {
+      Throw(InvalidArgumentError("snapshot flush: timeout must be in [0, 86400] s"));
+    }
+    Status st;
+    {
+      py::gil_scoped_release release;
+      st = sender_->Flush(std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000)));
+    }
+    Check(st);
+  }
+
+  int64_t sent() const { return sender_->sent(); }
+  int64_t replaced() const { return sender_->replaced(); }
+
+ private:
+  std::unique_ptr<checkpoint::SnapshotSender> sender_;
+};
+
+// One snapshot payload (checkpoint/snapshot_state.h) held on the C++ side: fetched from the
+// agent, or given as bytes (tools, tests). Every method checks the payload before using it.
+class PySnapshotPayload {
+ public:
+  explicit PySnapshotPayload(std::string payload) : payload_(std::move(payload)) {}
+
+  // The saved metadata; DataLoss for a malformed payload.
+  py::bytes Metadata() const {
+    std::string meta;
+    Status st;
+    {
+      py::gil_scoped_release release;
+      st = checkpoint::ReadSnapshotIndex(payload_, &meta).status();
+    }
+    Check(st);
+    return py::bytes(meta);
+  }
+
+  // The tensors it holds, by name: {"dtype", "shape", "offsets", "lengths", "replicated",
+  // "bytes"} (checkpoint::ReadSnapshotIndex; DataLoss for a malformed payload).
+  py::dict Tensors() const {
+    StatusOr<std::vector<checkpoint::SnapshotTensorInfo>> index = InternalError("unset");
+    {
+      py::gil_scoped_release release;
+      index = checkpoint::ReadSnapshotIndex(payload_);
+    }
+    py::dict out;
+    for (const auto& t : Value(std::move(index))) {
+      py::dict d;
+      d["dtype"] = std::string(checkpoint::DTypeName(t.dtype));
+      d["shape"] = t.shape;
+      d["offsets"] = t.offsets;
+      d["lengths"] = t.lengths;
+      d["replicated"] = t.replicated;
+      d["bytes"] = t.bytes;
+      out[py::str(t.name)] = d;
+    }
+    return out;
+  }
+
+  // Copies the requested tensors (checkpoint::RestoreSnapshotState: all checked before any
+  // byte is copied).
+  void Restore(const std::vector<PyTensor>& requests) const {
+    std::vector<checkpoint::RestoreRequest> rs = ToRequests(requests, "snapshot restore");
+    Status st;
+    {
+      py::gil_scoped_release release;
+      st = checkpoint::RestoreSnapshotState(payload_, rs);
+    }
+    Check(st);
+  }
+
+  size_t size() const { return payload_.size(); }
+  py::bytes bytes() const { return py::bytes(payload_); }
+
+ private:
+  std::string payload_;
 };
 
 }  // namespace
@@ -432,6 +572,10 @@ PYBIND11_MODULE(_core, m) {
       .def_readonly("node", &RankEnv::node)
       .def_readonly("provider", &RankEnv::provider)
       .def_readonly("control_fd", &RankEnv::control_fd)
+      .def_readonly("snapshot_every", &RankEnv::snapshot_every)
+      .def_readonly("snapshot_socket", &RankEnv::snapshot_socket)
+      .def_readonly("resume_snapshot_step", &RankEnv::resume_snapshot_step)
+      .def_readonly("resume_snapshot_attempt", &RankEnv::resume_snapshot_attempt)
       .def_property_readonly("has_rendezvous", &RankEnv::has_rendezvous)
       .def("__repr__", [](const RankEnv& e) {
         return "<muster.RankEnv rank=" + std::to_string(e.rank) + "/" +
@@ -469,6 +613,77 @@ PYBIND11_MODULE(_core, m) {
     return Value(std::move(r));
   });
   m.def("install_sigterm_handler", &runtime::JobContext::InstallSigtermHandler);
+  // In-memory snapshots (checkpoint/snapshot_channel.h); python/muster/snapshot.py is the API.
+  py::class_<PySnapshotSender>(m, "SnapshotSender")
+      .def(py::init<std::string, std::string, int, int, int>(), py::arg("socket_path"),
+           py::arg("job"), py::arg("attempt"), py::arg("rank"), py::arg("world_size"))
+      .def("snapshot", &PySnapshotSender::Snapshot, py::arg("step"), py::arg("tensors"),
+           py::arg("metadata") = py::bytes())
+      .def("flush", &PySnapshotSender::Flush, py::arg("timeout_s"))
+      .def_property_readonly("sent", &PySnapshotSender::sent)
+      .def_property_readonly("replaced", &PySnapshotSender::replaced);
+  py::class_<PySnapshotPayload>(m, "SnapshotPayload")
+      .def(py::init([](const py::bytes& b) {
+             return std::make_unique<PySnapshotPayload>(std::string(b));
+           }),
+           py::arg("payload"))
+      .def("metadata", &PySnapshotPayload::Metadata)
+      .def("tensors", &PySnapshotPayload::Tensors)
+      .def("restore", &PySnapshotPayload::Restore, py::arg("requests"))
+      .def("bytes", &PySnapshotPayload::bytes)
+      .def("__len__", &PySnapshotPayload::size);
+  m.def(
+      "encode_snapshot_state",
+      [](const std::vector<PyTensor>& tensors, const py::bytes& metadata) {
+        checkpoint::SaveState state = ToSaveState(tensors, metadata);
+        StatusOr<std::string> out = InternalError("unset");
+        {
+          py::gil_scoped_release release;
+          out = checkpoint::EncodeSnapshotState(state);
+        }
+        return py::bytes(Value(std::move(out)));
+      },
+      py::arg("tensors"), py::arg("metadata") = py::bytes(),
+      "The snapshot payload of a state (checkpoint::EncodeSnapshotState).");
+  m.def(
+      "fetch_snapshot",
+      [](const std::string& socket_path, const std::string& job, int attempt, int rank,
+         int world_size, int64_t step) {
+        checkpoint::SnapshotKey key = SnapshotKeyOrThrow(job, attempt, rank, world_size, step);
+        StatusOr<checkpoint::SnapshotFrame> f = InternalError("unset");
+        {
+          py::gil_scoped_release release;
+          auto client = checkpoint::SnapshotClient::Connect(socket_path);
+          f = client.ok() ? (*client)->Get(key, runtime::JobContext::kMaxSnapshotFetchBytes)
+                          : StatusOr<checkpoint::SnapshotFrame>(client.status());
+        }
+        if (!f.ok()) {
+          Throw(f.status().WithContext("the snapshot of step " + std::to_string(step) +
+                                       " of attempt " + std::to_string(attempt) + " (rank " +
+                                       std::to_string(rank) + ")"));
+        }
+        return std::make_unique<PySnapshotPayload>(std::move(f->payload));
+      },
+      py::arg("socket_path"), py::arg("job"), py::arg("attempt"), py::arg("rank"),
+      py::arg("world_size"), py::arg("step"),
+      "This rank's snapshot as the agent at `socket_path` holds it (its xxh3 checked).");
+  m.def(
+      "put_snapshot",
+      [](const std::string& socket_path, const std::string& job, int attempt, int rank,
+         int world_size, int64_t step, const py::bytes& payload) {
+        checkpoint::SnapshotKey key = SnapshotKeyOrThrow(job, attempt, rank, world_size, step);
+        std::string bytes(payload);
+        Status st;
+        {
+          py::gil_scoped_release release;
+          auto client = checkpoint::SnapshotClient::Connect(socket_path);
+          st = client.ok() ? (*client)->Put(key, bytes) : client.status();
+        }
+        Check(st);
+      },
+      py::arg("socket_path"), py::arg("job"), py::arg("attempt"), py::arg("rank"),
+      py::arg("world_size"), py::arg("step"), py::arg("payload"),
+      "Hands `payload` to the agent as one frame and waits for its answer (tools, tests).");
 
   m.attr("cuda_built_in") = checkpoint::CudaBuiltIn();
 }

@@ -16,6 +16,12 @@ muster's MUSTER_CHECKPOINT_DIR and MUSTER_RESUME_STEP, so the same script runs u
   replicated, so each rank writes a share), checksummed, committed by all ranks together and
   announced to muster by the library. Resume: muster.load of MUSTER_RESUME_STEP, else the
   newest committed step.
+- In-memory snapshots, when the job spec asks for them (checkpoint.snapshot_every_steps: K):
+  every K steps each rank also hands the same state to its node's agent with muster.Snapshotter
+  (one copy, no wait on the network; the agents keep it in memory and on a peer node). After a
+  node is lost, the coordinator resumes the gang from the newest step every rank's snapshot
+  survived, and muster.resume() reads this rank's state back from its agent; it falls back to
+  the volume's step only when the coordinator says so.
 - Checkpoints elsewhere (plain torchrun): rank 0 writes MUSTER_CHECKPOINT_DIR/step-000000100.pt
   with torch.save into a temp file, fsyncs, renames, fsyncs the directory, then replaces LATEST
   the same way. Resume: MUSTER_RESUME_STEP=N resumes step N; "latest" or empty resumes the
@@ -260,21 +266,28 @@ def main():
     under_muster = isinstance(checkpoints, MusterCheckpoints)
     if under_muster:
         muster.install_sigterm_handler()  # SIGTERM is a notice: checkpoint, then stop
+    snapshots = muster.Snapshotter() if under_muster else None
     if rank == 0:
         kind = "muster" if under_muster else "torch.save"
         print(f"checkpoints: {kind} in {ckpt_dir}", flush=True)
+        if snapshots is not None and snapshots.enabled:
+            print(f"snapshots: every {snapshots.every} steps into the agents' memory", flush=True)
     start = 0
-    step0 = checkpoints.resume_step()
+    if under_muster:  # the agent's in-memory snapshot when the attempt resumes from one
+        step0, state, source = muster.resume(checkpoints.ck, device=device)
+    else:
+        step0, source = checkpoints.resume_step(), "volume"
+        state = checkpoints.load(step0, device) if step0 is not None else None
     if step0 is not None:
-        state = checkpoints.load(step0, device)
         if state["global_batch"] != args.batch:
             sys.exit(f"train.py: checkpoint {step0} used --batch {state['global_batch']}")
         model.module.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start = step0
         if rank == 0:
-            print(f"resumed from step {start} (saved at world size {state['world_size']}, "
-                  f"now {world})", flush=True)
+            where = "the in-memory snapshot" if source == "snapshot" else "the volume"
+            print(f"resumed from step {start} from {where} (saved at world size "
+                  f"{state['world_size']}, now {world})", flush=True)
 
     local = args.batch // world
     t0, window = time.time(), 0
@@ -303,6 +316,8 @@ def main():
         stats = torch.tensor([loss.item(), 1.0 if notice else 0.0], device=device)
         dist.all_reduce(stats)
         mean_loss, stop = stats[0].item() / world, stats[1].item() > 0
+        if snapshots is not None:  # every rank has finished `step`: hand it to the agent
+            snapshots.maybe_snapshot(step, lambda: checkpoint_state(step, model, opt, args, world))
         if rank == 0 and (step % args.log_every == 0 or step == args.steps or stop):
             tps = window * args.batch * args.seq_len / max(time.time() - t0, 1e-9)
             if under_muster:

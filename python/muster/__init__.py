@@ -6,6 +6,12 @@
     muster.save(step, {"model": model.state_dict(), "optim": opt.state_dict()})  # async
     muster.wait()                                          # the last save is committed
 
+In-memory snapshots (a job spec with checkpoint.snapshot_every_steps: K):
+
+    step, state, source = muster.resume()                  # snapshot, else volume, else fresh
+    ...
+    muster.maybe_snapshot(step, lambda: {"model": model.state_dict(), ...})  # every K steps
+
 The package is found with nothing to install: `muster run` and agents put the build's package
 directory on every rank's PYTHONPATH. The C++ core is muster._core (pybind11). docs/python.md
 has the whole API.
@@ -20,6 +26,7 @@ from muster._core import (AbortedError, DataLossError, DeadlineExceededError, Er
 from muster.checkpoint import (MAX_PICKLE_BYTES, Checkpointer, PerRank, RowShard, SaveHandle,
                                load_tensors)
 from muster._state import shard_rows as _shard_rows
+from muster.snapshot import Resume, Snapshotter, load_snapshot, resume
 
 _default = None
 _default_lock = _threading.Lock()
@@ -52,6 +59,44 @@ def wait():
 def resume_step():
     """The step to resume from (MUSTER_RESUME_STEP, else the newest committed), or None."""
     return checkpointer().resume_step()
+
+
+_snapshotter = None
+
+
+def snapshotter():
+    """The process's Snapshotter (in-memory snapshots), made from the env contract on first
+    use."""
+    global _snapshotter
+    with _default_lock:
+        if _snapshotter is None:
+            _snapshotter = Snapshotter()
+        return _snapshotter
+
+
+def snapshot_every():
+    """Every how many steps the job snapshots into its agents' memory
+    (MUSTER_SNAPSHOT_EVERY, the job spec's checkpoint.snapshot_every_steps); 0 when it does not
+    (or the agent has no snapshot memory)."""
+    e = env()
+    return (e.snapshot_every or 0) if e.snapshot_socket else 0
+
+
+def snapshot(step, state):
+    """Hands `state` to this node's agent as the in-memory snapshot of `step`, without waiting
+    on the network (Snapshotter.snapshot)."""
+    return snapshotter().snapshot(step, state)
+
+
+def maybe_snapshot(step, state):
+    """snapshot(step, state) when `step` is a multiple of snapshot_every(); `state` may be a
+    function returning it. Returns whether a snapshot was taken (Snapshotter.maybe_snapshot)."""
+    return snapshotter().maybe_snapshot(step, state)
+
+
+def resume_snapshot_step():
+    """The step this attempt resumes from in memory (MUSTER_RESUME_SNAPSHOT_STEP), or None."""
+    return env().resume_snapshot_step
 
 
 def shard_rows(total_rows, rank=None, world_size=None):
@@ -129,5 +174,7 @@ __all__ = ["Error", "InvalidArgumentError", "NotFoundError", "DeadlineExceededEr
            "UnavailableError", "AbortedError", "FailedPreconditionError", "DataLossError",
            "InternalError", "Checkpointer", "SaveHandle", "RowShard", "PerRank", "save", "load",
            "wait", "resume_step", "env", "RankEnv", "adopt", "extract", "progress",
-           "notice_seen", "agree_to_stop", "install_sigterm_handler", "shard_rows", "checkpointer", "load_tensors",
-           "MAX_PICKLE_BYTES"]
+           "notice_seen", "agree_to_stop", "install_sigterm_handler", "shard_rows", "checkpointer",
+           "load_tensors",
+           "MAX_PICKLE_BYTES", "Snapshotter", "snapshotter", "snapshot_every", "snapshot",
+           "maybe_snapshot", "load_snapshot", "resume", "Resume", "resume_snapshot_step"]

@@ -117,9 +117,10 @@ def _describe(path):
     return "state" + "".join(f"[{k!r}]" for k in path)
 
 
-def flatten(state):
+def flatten(state, what="muster.save"):
     """Returns (skeleton, leaves): leaves is a list of (Leaf, value, wrapper) in walk order,
-    where value is the tensor/array and wrapper the RowShard/PerRank that marked it (or None)."""
+    where value is the tensor/array and wrapper the RowShard/PerRank that marked it (or None).
+    `what` starts the errors' messages (the caller's name)."""
     leaves = []
     names = set()
 
@@ -137,7 +138,7 @@ def flatten(state):
         if isinstance(x, (RowShard, PerRank)):
             wrapper, x = x, x.tensor
             if not (is_tensor(x) or is_array(x)):
-                raise TypeError(f"muster.save: {_describe(path)} is a {type(wrapper).__name__} "
+                raise TypeError(f"{what}: {_describe(path)} is a {type(wrapper).__name__} "
                                 f"of a {type(x).__name__}: only tensors and numpy arrays can "
                                 "be sharded")
         if is_tensor(x) or is_array(x) or is_np_scalar(x):
@@ -145,23 +146,23 @@ def flatten(state):
                 kind, dtype = "torch", str(x.dtype).replace("torch.", "")
                 device = x.device.type
                 if device not in ("cpu", "cuda"):
-                    raise TypeError(f"muster.save: {_describe(path)} is on device '{x.device}': "
+                    raise TypeError(f"{what}: {_describe(path)} is on device '{x.device}': "
                                     "only CPU and CUDA tensors can be saved")
                 if x.layout != loaded_torch().strided:
-                    raise TypeError(f"muster.save: {_describe(path)} is a {x.layout} tensor: "
+                    raise TypeError(f"{what}: {_describe(path)} is a {x.layout} tensor: "
                                     "only dense (strided) tensors can be saved")
             else:
                 kind = "numpy" if is_array(x) else "npscalar"
                 dtype, device = np.dtype(x.dtype).str, "cpu"
                 if np.dtype(x.dtype).hasobject:
-                    raise TypeError(f"muster.save: {_describe(path)} is a numpy array of "
+                    raise TypeError(f"{what}: {_describe(path)} is a numpy array of "
                                     "Python objects: only fixed-size element types can be saved")
             shape = tuple(x.shape)
             layout = "replicated"
             if isinstance(wrapper, RowShard):
                 layout = "rows"
                 if len(shape) == 0:
-                    raise ValueError(f"muster.save: {_describe(path)} is 0-dimensional: "
+                    raise ValueError(f"{what}: {_describe(path)} is 0-dimensional: "
                                      "it has no rows to shard")
             elif isinstance(wrapper, PerRank):
                 layout = "per_rank"
@@ -236,6 +237,10 @@ _SAFE_GLOBALS = {("collections", "OrderedDict"), ("collections", "defaultdict"),
                  ("collections", "deque"), ("numpy", "dtype"), ("torch", "Size")}
 
 
+class RefusedGlobal(pickle.UnpicklingError):
+    """restricted_loads met a class it does not unpickle by default (the message names it)."""
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if module == "builtins" and name in _SAFE_BUILTINS:
@@ -247,7 +252,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         torch = import_torch() if module == "torch" else None
         if torch is not None and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
-        raise pickle.UnpicklingError(
+        raise RefusedGlobal(
             f"the checkpoint's state holds a {module}.{name} object, which muster does not "
             "unpickle by default (it could run code); pass allow_pickle=True to muster.load if "
             "you trust the checkpoint")

@@ -97,6 +97,70 @@ def _pointer(obj):
     return obj.__array_interface__["data"][0], "host"
 
 
+def _describe(state, rank, world_size, what):
+    """(refs, keep, metadata, any_cuda) of a save or snapshot of `state` by `rank` of
+    `world_size`: the _core.Tensor descriptions, the objects whose memory they point to (keep
+    them alive for the call), the metadata (the pickled skeleton) and whether a tensor is on a
+    GPU. Raises TypeError / InvalidArgumentError as Checkpointer.save documents."""
+    skeleton, leaves = _state.flatten(state, what)
+    refs, keep = [], []
+    any_cuda = False
+    for leaf, x, wrapper in leaves:
+        dtype, obj, extra = _storage(leaf, x)
+        keep.append(obj)
+        ptr, memory = _pointer(obj)
+        any_cuda |= memory == "cuda"
+        r = _core.Tensor()
+        r.name, r.dtype, r.data, r.memory = leaf.name, dtype, ptr, memory
+        shape = list(leaf.shape)
+        if leaf.layout == "rows":
+            rows = shape[0]
+            if wrapper.offset is None and wrapper.total_rows is None:
+                offset, total = rank * rows, world_size * rows
+            elif wrapper.offset is None:
+                total = int(wrapper.total_rows)
+                offset, want = shard_rows(total, rank, world_size)
+                if want != rows:
+                    raise _core.InvalidArgumentError(
+                        f"{what}: RowShard '{leaf.name}' has {rows} rows on rank "
+                        f"{rank}, but {total} rows split over {world_size} ranks "
+                        f"give it {want} (pass offset= for another split)")
+            else:
+                offset, total = int(wrapper.offset), int(wrapper.total_rows)
+            if not 0 <= offset <= offset + rows <= total:
+                raise _core.InvalidArgumentError(
+                    f"{what}: RowShard '{leaf.name}': rows [{offset}, {offset + rows}) "
+                    f"are not inside a tensor of {total} rows")
+            r.shape = [total] + shape[1:]
+            r.offsets = [offset] + [0] * (len(shape) - 1)
+            r.lengths = shape
+        elif leaf.layout == "per_rank":
+            r.shape = [world_size] + shape
+            r.offsets = [rank] + [0] * len(shape)
+            r.lengths = [1] + shape
+        else:
+            r.shape = shape
+            r.replicated = True
+        if extra is not None:
+            r.shape = r.shape + [extra]
+            if r.offsets:
+                r.offsets = r.offsets + [0]
+                r.lengths = r.lengths + [extra]
+        refs.append(r)
+    try:
+        blob = pickle.dumps(skeleton, protocol=4)
+    except Exception as e:
+        found = _state.find_unpicklable(skeleton)
+        where = f"{found[0]} (a {found[1]})" if found else "the state"
+        raise TypeError(f"{what}: {where} cannot be saved: it is not a tensor, a numpy "
+                        f"array or a picklable object ({e})") from None
+    if len(blob) > MAX_PICKLE_BYTES:
+        raise _core.InvalidArgumentError(
+            f"{what}: the non-tensor part of the state pickles to {len(blob)} bytes, "
+            f"over {MAX_PICKLE_BYTES}: keep big data in tensors or numpy arrays")
+    return refs, keep, _METADATA_MAGIC + blob, any_cuda
+
+
 class Checkpointer:
     """Saves and loads nested training state as muster checkpoints in `dir`.
 
@@ -159,65 +223,11 @@ class Checkpointer:
                 f"muster.save: world size {self.world_size} commits through the job's "
                 "rendezvous store, and MUSTER_RDZV_ENDPOINT is not set: run under `muster run` "
                 "or an agent")
-        skeleton, leaves = _state.flatten(state)
-        refs, keep = [], []
-        any_cuda = False
-        for leaf, x, wrapper in leaves:
-            dtype, obj, extra = _storage(leaf, x)
-            keep.append(obj)
-            ptr, memory = _pointer(obj)
-            any_cuda |= memory == "cuda"
-            r = _core.Tensor()
-            r.name, r.dtype, r.data, r.memory = leaf.name, dtype, ptr, memory
-            shape = list(leaf.shape)
-            if leaf.layout == "rows":
-                rows = shape[0]
-                if wrapper.offset is None and wrapper.total_rows is None:
-                    offset, total = self.rank * rows, self.world_size * rows
-                elif wrapper.offset is None:
-                    total = int(wrapper.total_rows)
-                    offset, want = shard_rows(total, self.rank, self.world_size)
-                    if want != rows:
-                        raise _core.InvalidArgumentError(
-                            f"muster.save: RowShard '{leaf.name}' has {rows} rows on rank "
-                            f"{self.rank}, but {total} rows split over {self.world_size} ranks "
-                            f"give it {want} (pass offset= for another split)")
-                else:
-                    offset, total = int(wrapper.offset), int(wrapper.total_rows)
-                if not 0 <= offset <= offset + rows <= total:
-                    raise _core.InvalidArgumentError(
-                        f"muster.save: RowShard '{leaf.name}': rows [{offset}, {offset + rows}) "
-                        f"are not inside a tensor of {total} rows")
-                r.shape = [total] + shape[1:]
-                r.offsets = [offset] + [0] * (len(shape) - 1)
-                r.lengths = shape
-            elif leaf.layout == "per_rank":
-                r.shape = [self.world_size] + shape
-                r.offsets = [self.rank] + [0] * len(shape)
-                r.lengths = [1] + shape
-            else:
-                r.shape = shape
-                r.replicated = True
-            if extra is not None:
-                r.shape = r.shape + [extra]
-                if r.offsets:
-                    r.offsets = r.offsets + [0]
-                    r.lengths = r.lengths + [extra]
-            refs.append(r)
-        try:
-            blob = pickle.dumps(skeleton, protocol=4)
-        except Exception as e:
-            found = _state.find_unpicklable(skeleton)
-            where = f"{found[0]} (a {found[1]})" if found else "the state"
-            raise TypeError(f"muster.save: {where} cannot be saved: it is not a tensor, a numpy "
-                            f"array or a picklable object ({e})") from None
-        if len(blob) > MAX_PICKLE_BYTES:
-            raise _core.InvalidArgumentError(
-                f"muster.save: the non-tensor part of the state pickles to {len(blob)} bytes, "
-                f"over {MAX_PICKLE_BYTES}: keep big data in tensors or numpy arrays")
+        refs, keep, metadata, any_cuda = _describe(state, self.rank, self.world_size,
+                                                   "muster.save")
         if any_cuda:
             loaded_torch().cuda.synchronize()  # the copy runs on muster's stream, after the producers
-        return self._submit(step, refs, _METADATA_MAGIC + blob, keep)
+        return self._submit(step, refs, metadata, keep)
 
     def _submit(self, step, refs, metadata, keep):
         """Hands `refs` (whose memory `keep` holds) to the C++ checkpointer; returns the handle
@@ -367,16 +377,7 @@ class Checkpointer:
             lengths = out_shape
         else:
             out_shape = shape
-        if leaf.kind == "torch":
-            torch = import_torch()
-            if torch is None:
-                raise _core.FailedPreconditionError(
-                    f"muster.load: tensor '{leaf.name}' was saved from torch, which this Python "
-                    "cannot import")
-            out = torch.empty(out_shape, dtype=getattr(torch, leaf.dtype),
-                              device=device if device is not None else "cpu")
-        else:
-            out = np.empty(out_shape, dtype=np.dtype(leaf.dtype))
+        out = _empty(leaf, out_shape, device, f"muster.load: step {step}")
         dtype, obj, extra = _storage(leaf, out)
         if extra is not None and (offsets or lengths):
             offsets, lengths = offsets + [0], lengths + [extra]
@@ -389,6 +390,36 @@ class Checkpointer:
         r.offsets, r.lengths = offsets, lengths
         r.data, r.memory = _pointer(obj)
         return out, (r, obj)
+
+
+def _empty(leaf, shape, device, what):
+    """An empty torch tensor (on `device`, default the CPU) or numpy array of `shape` for a leaf
+    of a loaded skeleton. The skeleton comes from stored bytes: a kind or dtype that no save
+    writes (e.g. a numpy dtype of Python objects, whose raw bytes would be pointers) is
+    DataLossError, never an array the restore writes into."""
+    where = f"{what}: tensor '{leaf.name}'"
+    if leaf.kind == "torch":
+        torch = import_torch()
+        if torch is None:
+            raise _core.FailedPreconditionError(
+                f"{where} was saved from torch, which this Python cannot import")
+        dtype = getattr(torch, str(leaf.dtype), None)
+        if not isinstance(dtype, torch.dtype):
+            raise _core.DataLossError(f"{where} has an unknown torch dtype {leaf.dtype!r}")
+        return torch.empty(shape, dtype=dtype, device=device if device is not None else "cpu")
+    if leaf.kind in ("numpy", "npscalar"):
+        if np is None:
+            raise _core.FailedPreconditionError(
+                f"{where} was saved from numpy, which this Python cannot import")
+        try:
+            dtype = np.dtype(leaf.dtype)
+        except (TypeError, ValueError):
+            raise _core.DataLossError(f"{where} has an unknown numpy dtype {leaf.dtype!r}") \
+                from None
+        if dtype.hasobject:
+            raise _core.DataLossError(f"{where} claims a numpy dtype of Python objects")
+        return np.empty(shape, dtype=dtype)
+    raise _core.DataLossError(f"{where} has an unknown kind {leaf.kind!r}")
 
 
 def _collect_leaves(x, out):

@@ -96,6 +96,36 @@ TEST(UntrustedReplicateTest, SparseTerabyteManifestAtTheSourceIsRefusedByItsSize
   EXPECT_TRUE(Contains((*steps)[0].problem, "more than the limit")) << (*steps)[0].problem;
 }
 
+// A source whose MANIFEST claims more than the destination's file system can hold (consistent
+// block counts, so the MANIFEST itself passes) is refused before anything is written. Before,
+// the copy ran until the source came up short or the disk filled (ENOSPC).
+TEST(UntrustedReplicateTest, AClaimLargerThanTheDestinationsFreeSpaceIsRefusedBeforeCopying) {
+  TempDir tmp;
+  const std::string src = tmp.sub("src"), dst = tmp.sub("dst");
+  SaveSteps(Opts(src), {5});
+  auto avail = LocalVolume()->AvailableBytes(dst);  // dst does not exist yet: its parent's
+  ASSERT_TRUE(avail.ok()) << avail.status();
+  ASSERT_TRUE(avail->has_value());
+  ASSERT_GT(**avail, 0u);
+  const uint64_t claim = **avail + (uint64_t{1} << 30);
+  ASSERT_TRUE(EditManifest(src, 5, [&](Manifest& m) {
+    m.block_size = kMaxBlockSize;
+    m.shards[0].size = claim;
+    m.shards[0].block_xxh3.assign((claim + kMaxBlockSize - 1) / kMaxBlockSize, 0);
+  }));
+  auto r = Replicate(LocalVolume(), src, LocalVolume(), dst, 5);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), StatusCode::kFailedPrecondition) << r.status();
+  EXPECT_TRUE(Contains(r.status().message(), "needs " + std::to_string(claim) + " bytes"))
+      << r.status();
+  EXPECT_TRUE(Contains(r.status().message(), "nothing was copied")) << r.status();
+  EXPECT_FALSE(std::filesystem::exists(TmpStepPath(dst, 5)));
+  // An honest step of the same source still copies.
+  SaveSteps(Opts(src), {6});
+  auto ok = Replicate(LocalVolume(), src, LocalVolume(), dst, 6);
+  ASSERT_TRUE(ok.ok()) << ok.status();
+}
+
 // A job can plant links in its own directory on the destination volume; the replicating agent
 // must not write through them (before, the shard copy landed in the link's target, and
 // LATEST.tmp truncated whatever file it pointed at).
@@ -162,6 +192,45 @@ TEST(UntrustedManifestTest, RestoreOfAByteRangeThatWrapsAroundIsRefused) {
   EXPECT_TRUE(Contains(r.message(), "'layer.weight'")) << r;
   EXPECT_TRUE(Contains(r.message(), "byte range")) << r;
   for (float f : got) ASSERT_EQ(f, -1.0f);
+}
+
+// A whole-tensor restore takes its size from the stored tensor. With the destination's
+// capacity, a stored tensor of another size (a hostile MANIFEST, or a model whose shape changed
+// since the checkpoint) is refused before one byte is written past, or short of, the buffer.
+TEST(UntrustedManifestTest, AWholeRestoreIntoASmallerBufferIsRefusedNamingBothSizes) {
+  TempDir tmp;
+  const std::string dir = tmp.path();
+  {
+    auto ck = *Checkpointer::Create(Opts(dir));
+    std::vector<float> w(2 * kSide * kSide, 1.5f);  // twice the rows the restorer expects
+    SaveState st;
+    st.tensors.push_back(
+        TensorRef::Replicated("layer.weight", DType::kF32, {2 * kSide, kSide}, w.data()));
+    ASSERT_EQ(ck->Save(5, st), Status::Ok());
+    ASSERT_EQ(ck->Wait(), Status::Ok());
+  }
+  auto ck = *Checkpointer::Create(Opts(dir));
+  // Room for the stored tensor so that an unchecked restore cannot crash this test; the
+  // request says it holds half of it.
+  std::vector<float> got(2 * kSide * kSide, -1.0f);
+  const uint64_t capacity = kSide * kSide * sizeof(float);
+  Status r =
+      ck->Restore(5, {RestoreRequest::Whole("layer.weight", DType::kF32, got.data(), capacity)});
+  EXPECT_EQ(r.code(), StatusCode::kInvalidArgument) << r;
+  EXPECT_TRUE(Contains(r.message(), "'layer.weight' holds 32768 bytes, the destination 16384"))
+      << r;
+  for (float f : got) ASSERT_EQ(f, -1.0f);
+  // A buffer of the stored size restores; so does a box inside a larger capacity.
+  EXPECT_EQ(ck->Restore(
+                5, {RestoreRequest::Whole("layer.weight", DType::kF32, got.data(), 2 * capacity)}),
+            Status::Ok());
+  EXPECT_EQ(got[0], 1.5f);
+  auto box = RestoreRequest::RowShard("layer.weight", DType::kF32, {2 * kSide, kSide}, 0, kSide,
+                                      got.data());
+  box.capacity = capacity - 1;
+  EXPECT_EQ(ck->Restore(5, {box}).code(), StatusCode::kInvalidArgument);
+  box.capacity = 2 * capacity;
+  EXPECT_EQ(ck->Restore(5, {box}), Status::Ok());
 }
 
 TEST(UntrustedManifestTest, ValuesOutOfRangeAreDataLossNamingTheField) {

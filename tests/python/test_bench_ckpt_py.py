@@ -25,7 +25,8 @@ class BenchCkptPyTest(unittest.TestCase):
         self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
         j = json.loads(r.stdout)
         self.assertEqual(j["bytes"], 8 << 20)
-        for k in ("save_gbps", "stall_s", "memcpy_s", "disk_write_gbps", "save_s"):
+        for k in ("save_gbps", "stall_s", "memcpy_s", "disk_write_gbps", "save_s",
+                  "snapshot_stall_s", "snapshot_held_s"):
             self.assertGreater(j[k], 0, k)
 
 

@@ -241,6 +241,27 @@ class CheckpointTest(unittest.TestCase):
         self.assertIn("load_tensors", str(e.exception))
         self.assertEqual(muster.load_tensors(1, dir=self.dir)["x"].tolist(), a.tolist())
 
+    def test_a_skeleton_naming_object_arrays_is_data_loss_not_a_crash(self):
+        # A manifest whose Python state claims a numpy array of objects over raw bytes: loading
+        # it must not make an object array out of those bytes (a segfault on first use).
+        import pickle
+        from muster._state import Leaf
+        from muster.checkpoint import _METADATA_MAGIC
+        a = np.full(16, 0x41, dtype=np.uint8)
+        r = muster._core.Tensor()
+        r.name, r.dtype, r.shape, r.replicated = "x", "u8", [2, 8], True
+        r.data = a.__array_interface__["data"][0]
+        cases = [(1, Leaf("x", "numpy", "|O", (2,), "replicated")),
+                 (3, Leaf("x", "pickle", "|u1", (2,), "replicated"))]
+        if torch is not None:
+            cases.append((2, Leaf("x", "torch", "save", (2,), "replicated")))
+        for step, leaf in cases:
+            self.ck._ck.save(step, [r], _METADATA_MAGIC + pickle.dumps({"x": leaf}))
+            self.ck._ck.wait()
+            with self.assertRaises(muster.DataLossError) as e:
+                self.ck.load(step)
+            self.assertIn("tensor 'x'", str(e.exception))
+
     def test_no_checkpoint_dir(self):
         old = os.environ.pop("MUSTER_CHECKPOINT_DIR", None)
         try:

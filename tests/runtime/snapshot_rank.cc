@@ -53,7 +53,9 @@ int main(int argc, char** argv) {
   std::string meta;
   if (!checkpoint::RestoreSnapshotState(
            f->payload,
-           {checkpoint::RestoreRequest::Whole("w", checkpoint::DType::kF32, back.data())}, &meta)
+           {checkpoint::RestoreRequest::Whole("w", checkpoint::DType::kF32, back.data(),
+                                              back.size() * sizeof(float))},
+           &meta)
            .ok()) {
     return 7;
   }

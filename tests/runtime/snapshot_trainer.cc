@@ -92,8 +92,8 @@ int main() {
   int64_t s = 0;
   std::string source = "fresh";
   if (c.resume_snapshot_step()) {
-    auto restored = c.RestoreSnapshot(
-        {checkpoint::RestoreRequest::Whole("w", checkpoint::DType::kF32, w.data())});
+    auto restored = c.RestoreSnapshot({checkpoint::RestoreRequest::Whole(
+        "w", checkpoint::DType::kF32, w.data(), w.size() * sizeof(float))});
     if (!restored.ok()) {
       std::fprintf(stderr, "snapshot restore: %s\n", restored.status().ToString().c_str());
       return 7;

@@ -95,6 +95,18 @@ TEST_F(SnapshotChannelTest, ARanksStateGoesToTheAgentAndComesBackBitForBit) {
                 f->payload, {RestoreRequest::Whole("b", DType::kI32, bias2.data())})
                 .code(),
             StatusCode::kInvalidArgument);
+  // A whole tensor of another size than the destination says it holds (the program's tensor
+  // shrank between attempts) is refused before a byte is copied.
+  std::vector<int64_t> one(2, 7);
+  s = checkpoint::RestoreSnapshotState(
+      f->payload, {RestoreRequest::Whole("b", DType::kI64, one.data(), sizeof(int64_t))});
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s.ToString();
+  EXPECT_NE(s.message().find("holds 16 bytes, the destination 8 bytes"), std::string::npos) << s;
+  EXPECT_EQ(one, std::vector<int64_t>(2, 7));
+  EXPECT_TRUE(checkpoint::RestoreSnapshotState(
+                  f->payload, {RestoreRequest::Whole("b", DType::kI64, one.data(), 16)})
+                  .ok());
+  EXPECT_EQ(one, bias);
 }
 
 TEST_F(SnapshotChannelTest, TheAgentsRefusalReachesTheRankAndNothingIsKept) {
@@ -227,6 +239,55 @@ TEST(SnapshotStateTest, AMalformedPayloadIsDataLoss) {
   state.tensors[0].memory = checkpoint::MemoryKind::kCuda;
   EXPECT_EQ(checkpoint::EncodeSnapshotState(state).status().code(),
             StatusCode::kFailedPrecondition);
+}
+
+}  // namespace
+}  // namespace muster
+
+namespace muster {
+namespace {
+
+TEST_F(SnapshotChannelTest, AFrameRefusedFromItsHeaderReportsTheAgentsReason) {
+  // Larger than the agent's whole limit: refused before its bytes are read, and the connection
+  // closed while the rank still sends. The rank gets the agent's reason, not a broken pipe.
+  SnapshotStore store({.memory_limit = 4096});
+  auto server = SnapshotServer::Start(path_, &store);
+  ASSERT_TRUE(server.ok());
+  auto client = SnapshotClient::Connect(path_);
+  ASSERT_TRUE(client.ok());
+  Status s = (*client)->Put(Key(0, 1), std::string(8 << 20, 'x'));
+  EXPECT_EQ(s.code(), StatusCode::kDataLoss) << s.ToString();
+  EXPECT_NE(s.message().find("exceeds the limit of 4096"), std::string::npos) << s.ToString();
+  EXPECT_TRUE(store.Held("ft-1").empty());
+}
+
+TEST(SnapshotStateTest, TheIndexDescribesEachTensorAndTheMetadata) {
+  std::vector<float> w(6 * 4, 1.0f);
+  std::vector<int64_t> b = {1, 2};
+  SaveState state;
+  state.tensors.push_back(TensorRef::RowShard("w", DType::kF32, {12, 4}, 6, 6, w.data()));
+  state.tensors.push_back(TensorRef::Replicated("b", DType::kI64, {2}, b.data()));
+  state.metadata = "meta";
+  auto p = checkpoint::EncodeSnapshotState(state);
+  ASSERT_TRUE(p.ok());
+  std::string meta;
+  auto index = checkpoint::ReadSnapshotIndex(*p, &meta);
+  ASSERT_TRUE(index.ok()) << index.status().ToString();
+  ASSERT_EQ(index->size(), 2u);
+  const auto& t = (*index)[0];
+  EXPECT_EQ(t.name, "w");
+  EXPECT_EQ(t.dtype, DType::kF32);
+  EXPECT_EQ(t.shape, (std::vector<int64_t>{12, 4}));
+  EXPECT_EQ(t.offsets, (std::vector<int64_t>{6, 0}));
+  EXPECT_EQ(t.lengths, (std::vector<int64_t>{6, 4}));
+  EXPECT_FALSE(t.replicated);
+  EXPECT_EQ(t.bytes, 6u * 4 * 4);
+  EXPECT_EQ((*index)[1].name, "b");
+  EXPECT_TRUE((*index)[1].replicated);
+  EXPECT_EQ((*index)[1].lengths, (std::vector<int64_t>{2}));
+  EXPECT_EQ(meta, "meta");
+  EXPECT_EQ(checkpoint::ReadSnapshotIndex(p->substr(0, p->size() - 1)).status().code(),
+            StatusCode::kDataLoss);
 }
 
 }  // namespace
