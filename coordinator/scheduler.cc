@@ -1037,18 +1037,27 @@ StatusOr<std::string> Scheduler::TakeSpare(const std::string& job, const std::st
   if (pos == j.nodes.end())
     return NotFoundError(fmt::format("node {} is not in job {}'s gang", lost, job));
   if (j.spares.empty()) return FailedPreconditionError(fmt::format("job {} holds no spare", job));
+  // Only a spare that could start ranks now: up (a restored spare whose agent is not back yet is
+  // down), not draining, not quarantined.
+  std::vector<int> usable;
+  for (int idx : j.spares) {
+    if (m.nodes[idx].base == NodeState::kUp && !m.nodes[idx].quarantined) usable.push_back(idx);
+  }
+  if (usable.empty()) {
+    std::vector<std::string> names;
+    for (int idx : j.spares) names.push_back(m.nodes[idx].spec.name);
+    return FailedPreconditionError(
+        fmt::format("job {} holds no spare that is up (held: {})", job, fmt::join(names, ",")));
+  }
   int lost_island = m.classes[m.nodes[li->second].cls].island_group;
-  auto better = [&](int a, int b) {  // up first, same island as the lost node, then by name
-    bool ua = m.nodes[a].base == NodeState::kUp, ub = m.nodes[b].base == NodeState::kUp;
-    if (ua != ub) return ua;
+  auto better = [&](int a, int b) {  // same island as the lost node first, then by name
     bool sa = m.classes[m.nodes[a].cls].island_group == lost_island;
     bool sb = m.classes[m.nodes[b].cls].island_group == lost_island;
     if (sa != sb) return sa;
     return m.nodes[a].spec.name < m.nodes[b].spec.name;
   };
-  auto pick = std::min_element(j.spares.begin(), j.spares.end(), better);
-  int spare = *pick;
-  j.spares.erase(pick);
+  int spare = *std::min_element(usable.begin(), usable.end(), better);
+  j.spares.erase(std::find(j.spares.begin(), j.spares.end(), spare));
   m.nodes[spare].spare = false;
   *pos = spare;
   m.nodes[li->second].job = nullptr;

@@ -196,10 +196,11 @@ class Scheduler {
   std::vector<std::string> AllocationOf(const std::string& job) const;
   // The spares a running job holds (sorted by name); empty if none or not running.
   std::vector<std::string> SparesOf(const std::string& job) const;
-  // The running job's gang lost `lost`: a spare takes its node rank (one that is up first, then
-  // one on the lost node's island, then the first by name), `lost` is no longer the job's, and the
-  // job is short of a spare until a pass finds one. Returns the spare. NotFound if the job is not
-  // running or `lost` is not in its gang; FailedPrecondition if it holds no spare.
+  // The running job's gang lost `lost`: a spare that is up (not draining or quarantined) takes
+  // its node rank (one on the lost node's island first, then the first by name), `lost` is no
+  // longer the job's, and the job is short of a spare until a pass finds one. Returns the spare.
+  // NotFound if the job is not running or `lost` is not in its gang; FailedPrecondition if it
+  // holds no spare that is up.
   StatusOr<std::string> TakeSpare(const std::string& job, const std::string& lost);
   // `node`, a spare of the running `job`, is of no use any more (lost): it is no longer the
   // job's, and the job is short of a spare. NotFound if it is not a spare of that job.

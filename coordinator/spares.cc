@@ -37,7 +37,8 @@ bool Coordinator::ReplaceWithSpare(const std::string& job, const std::string& lo
   if (!spare.ok()) {
     if (spare.status().code() == StatusCode::kFailedPrecondition) {
       Event(job, lost, "no_spare",
-            fmt::format("no spare held to replace lost node {}; the gang is placed again", lost));
+            fmt::format("no spare to replace lost node {} ({}); the gang is placed again", lost,
+                        spare.status().message()));
     }
     return false;
   }

@@ -510,6 +510,63 @@ TEST_F(CoordinatorTest, APreflightFailureKeepsTheBlamedNodeOffTheJobAndIsNotCoun
   EXPECT_EQ(st.nodes(0), blamed);
 }
 
+// A spare restored after a coordinator restart whose agent never comes back is lost after the
+// heartbeat timeout like any node the coordinator expects (spare_lost), not held forever; while
+// its agent is not back it replaces no lost node.
+TEST_F(CoordinatorTest, ARestoredSpareWhoseAgentNeverComesBackIsLost) {
+  std::map<std::string, std::string> sess;
+  for (const char* n : {"n0", "n1", "n2"}) sess[n] = Register(n);
+  std::string id = Submit("name: ft\ncommand: x\nnodes: 2\nspares: 1\n");
+  for (const char* n : {"n0", "n1"}) {
+    Heartbeat(n, sess[n]);
+    Report(n, sess[n], id, 1, true, 0, false);
+  }
+  ASSERT_EQ(Status(id).spares_size(), 1);
+  ASSERT_EQ(Status(id).spares(0), "n2");
+  Open();  // a restarted coordinator
+  ASSERT_EQ(Status(id).spares_size(), 1) << Events(id);
+  EXPECT_NE(Events(id).find("spare_restored [n2]"), std::string::npos) << Events(id);
+  // The gang's agents come back with their ranks; the spare's never does.
+  for (int rank = 0; rank < 2; ++rank) {
+    const std::string n = "n" + std::to_string(rank);
+    proto::Envelope e;
+    auto* l = e.mutable_agent_register()->mutable_labels();
+    l->set_name(n);
+    l->set_provider("aws");
+    l->set_gpus(8);
+    l->set_slots(8);
+    auto* ra = e.mutable_agent_register()->add_running();
+    ra->set_job_id(id);
+    ra->set_attempt(1);
+    ra->set_node_rank(rank);
+    auto r = Call(e);
+    ASSERT_TRUE(r.has_agent_registered()) << r.DebugString();
+    sess[n] = r.agent_registered().session_id();
+  }
+  for (int i = 0; i < 6; ++i) {
+    now_ += 1s;
+    for (const char* n : {"n0", "n1"}) Heartbeat(n, sess[n]);
+    coord_->Tick();
+  }
+  EXPECT_EQ(Status(id).state(), proto::JOB_RUNNING) << Events(id);
+  EXPECT_NE(Events(id).find("spare_lost [n2] spare n2 lost; a new one is requested"),
+            std::string::npos)
+      << Events(id);
+  // Short of a spare now: the next free node is held as its spare.
+  ASSERT_TRUE(Register("n3").size() > 0);
+  coord_->Tick();
+  EXPECT_EQ(Status(id).spares_size(), 1) << Events(id);
+  EXPECT_NE(Events(id).find("spare_held [n3]"), std::string::npos) << Events(id);
+  auto nodes = Call([] {
+    proto::Envelope e;
+    e.mutable_nodes_request();
+    return e;
+  }());
+  for (const auto& n : nodes.nodes_reply().nodes()) {
+    if (n.labels().name() == "n2") EXPECT_FALSE(n.spare()) << n.DebugString();
+  }
+}
+
 // With on-demand providers, a spec whose gang and spares no provider can ever hold at once is
 // refused at submit, naming each provider and what it can hold: an on-demand provider counts
 // its max_nodes, not the nodes registered now (a lost node waiting for its release and its

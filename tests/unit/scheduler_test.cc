@@ -480,8 +480,9 @@ TEST(SchedulerTest, ARestoredSpareIsHeldForItsJobAgain) {
   EXPECT_EQ(*s.TakeSpare("ft", "aws-1"), "aws-3");
 }
 
-// A spare whose node is down (a restored spare whose agent is not back yet) is taken last.
-TEST(SchedulerTest, ASpareThatIsUpIsTakenBeforeOneThatIsDown) {
+// A spare whose node is down (a restored spare whose agent is not back yet) never replaces a
+// lost node.
+TEST(SchedulerTest, OnlyASpareThatIsUpReplacesALostNode) {
   Scheduler s;
   for (int i = 0; i < 4; ++i) s.UpsertNode(N("aws-" + std::to_string(i), "aws"));
   ASSERT_TRUE(s.Submit(WithSpares(J("ft", 2), 2)).ok());
@@ -489,6 +490,13 @@ TEST(SchedulerTest, ASpareThatIsUpIsTakenBeforeOneThatIsDown) {
   ASSERT_EQ(s.SparesOf("ft"), (std::vector<std::string>{"aws-2", "aws-3"}));
   ASSERT_TRUE(s.SetNodeState("aws-2", NodeState::kDown).ok());
   EXPECT_EQ(*s.TakeSpare("ft", "aws-1"), "aws-3");
+  // Only a spare that is down is left: none can replace a lost node.
+  auto none = s.TakeSpare("ft", "aws-0");
+  EXPECT_EQ(none.status().code(), StatusCode::kFailedPrecondition);
+  EXPECT_NE(none.status().message().find("no spare that is up (held: aws-2)"), std::string::npos)
+      << none.status();
+  EXPECT_EQ(s.AllocationOf("ft"), (std::vector<std::string>{"aws-0", "aws-3"})) << "unchanged";
+  EXPECT_EQ(s.SparesOf("ft"), (std::vector<std::string>{"aws-2"}));
 }
 
 TEST(SchedulerTest, AJobShortOfSparesGetsNewOnesOnItsProviderAndIslandAfterTheQueue) {
