@@ -4,8 +4,9 @@
 // <data-dir>/coordinator.db. Tables: nodes, jobs, attempts, events, checkpoints (the catalog:
 // which steps of which job are committed on which volume), node_keys (node name -> agent key),
 // job_exclusions (nodes kept off a job: a failed launch preflight), state (named blobs of
-// components that keep their own state: the provider manager's requests and clocks), job_spares
-// (the hot spares held for running jobs).
+// components that keep their own state: the provider manager's requests and clocks),
+// checkpoint_counters (checkpoint_stats.h: what /metrics counts of commits and replicas),
+// job_spares (the hot spares held for running jobs).
 // Tables added later are created when an older database is opened (CREATE TABLE IF NOT EXISTS),
 // so a database moves forward without losing anything.
 // Every write is its own transaction and is durable when the call returns, so a coordinator killed
@@ -26,6 +27,7 @@
 
 #include "common/proto/coordinator.pb.h"
 #include "common/status.h"
+#include "coordinator/checkpoint_stats.h"
 
 struct sqlite3;
 
@@ -82,8 +84,8 @@ struct CheckpointRecord {
 //
 // Writes (PutNode, DeleteNode, BindNodeKey, InsertJob, UpdateJob, PutAttempt, AppendEvent,
 // RecordCheckpoint, ExcludeNode, PutState, PutSpares) are each atomic and durable when they return
-// Ok; a write that returns an error changed nothing. The coordinator treats a failed write as fatal
-// for changes: it stops accepting any (coordinator.h, "Durable writes").
+// Ok; a write that returns an error changed nothing. The coordinator treats a failed write as
+// fatal for changes: it stops accepting any (coordinator.h, "Durable writes").
 class CoordinatorDb {
  public:
   // The SQLite store: creates `data_dir` if needed and opens (or creates) coordinator.db in it.
@@ -142,6 +144,17 @@ class CoordinatorDb {
   // nullopt if never put.
   virtual StatusOr<std::optional<std::string>> GetState(const std::string& key) = 0;
 
+  // The checkpoint counters (checkpoint_stats.h), per job and provider. RecordCheckpointCounted
+  // is RecordCheckpoint(ckpt) and, in the same transaction, `count` added to the counters of
+  // (ckpt.job_id, provider): a report is counted exactly when it is catalogued, and the counters
+  // never go back after a restart. A step already committed on that volume is catalogued again
+  // but not counted again (a report sent again). Counted as one write.
+  virtual Status RecordCheckpointCounted(const CheckpointRecord& ckpt, const std::string& provider,
+                                         const CheckpointStats& count) = 0;
+  // provider -> the counters of `job_id` (empty: nothing counted).
+  virtual StatusOr<std::map<std::string, CheckpointStats>> CheckpointCounters(
+      const std::string& job_id) = 0;
+
   // Hot spares (table job_spares): the nodes held idle for a running job. PutSpares replaces
   // the job's whole set at once (empty: the job holds none). A node is held for one job at most:
   // putting it for another job moves it.
@@ -186,6 +199,10 @@ class SqliteCoordinatorDb final : public CoordinatorDb {
   StatusOr<std::map<std::string, std::set<std::string>>> LoadExclusions() override;
   Status PutState(const std::string& key, const std::string& value, int64_t time_ms) override;
   StatusOr<std::optional<std::string>> GetState(const std::string& key) override;
+  Status RecordCheckpointCounted(const CheckpointRecord& ckpt, const std::string& provider,
+                                 const CheckpointStats& count) override;
+  StatusOr<std::map<std::string, CheckpointStats>> CheckpointCounters(
+      const std::string& job_id) override;
   Status PutSpares(const std::string& job_id, const std::vector<std::string>& nodes,
                    int64_t time_ms) override;
   StatusOr<std::map<std::string, std::vector<std::string>>> LoadSpares() override;
