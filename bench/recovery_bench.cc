@@ -292,14 +292,21 @@ class Cluster {
 // `ft_snapshots`: the fine-tune snapshots its whole train state every step
 // (checkpoint.snapshot_every_steps: 1).
 // The fine-tune's step time is the agent-stamped progress from step 3 to the interruption.
+// `replacement_after_ms` >= 0: no node is free when the agent is killed (the spare is the only
+// node the gang does not use; without a spare, a second job of the same priority holds the
+// third node, so it is not preempted), and a replacement node's agent is started that long
+// after the kill, as a rebooted or newly provisioned node would register: without a spare the
+// job waits for it.
 Outcome Measure(const std::string& muster, bool with_notice, int step_ms, int ckpt_every, int at,
                 int hb_timeout_ms, const std::string& finetune, const SnapshotTrainer& snap = {},
-                bool spare = false, bool ft_snapshots = false) {
+                bool spare = false, bool ft_snapshots = false, int replacement_after_ms = -1) {
   Outcome o;
+  const bool no_free = replacement_after_ms >= 0;
   fs::path dir =
       fs::temp_directory_path() /
       ("muster-bench-recovery-" + std::to_string(getpid()) + (with_notice ? "-notice" : "-kill") +
-       (snap.snapshots ? "-snap" : "") + (spare ? "-spare" : "") + (ft_snapshots ? "-ftsnap" : ""));
+       (snap.snapshots ? "-snap" : "") + (spare ? "-spare" : "") + (ft_snapshots ? "-ftsnap" : "") +
+       (no_free ? "-nofree" : ""));
   Cluster c(muster, dir, hb_timeout_ms, snap.snapshots || ft_snapshots ? 1024 : 0);
   if (auto s = c.Start(3); !s.ok()) {
     o.error = s.ToString();
@@ -333,6 +340,24 @@ Outcome Measure(const std::string& muster, bool with_notice, int step_ms, int ck
   if (!job.ok()) {
     o.error = job.status().ToString();
     return o;
+  }
+  if (no_free && !spare) {
+    // The third node goes to another job (placed after the gang, which the submit placed):
+    // nothing is free when the gang loses a node.
+    auto filler = c.client().Submit("name: filler\ncommand: [\"sleep\", \"600\"]\n", "filler.yaml");
+    if (!filler.ok()) {
+      o.error = "filler job: " + filler.status().ToString();
+      return o;
+    }
+    for (auto u = Clock::now() + std::chrono::seconds(30);;) {
+      auto s = c.client().Status(*filler);
+      if (s.ok() && s->jobs_size() == 1 && s->jobs(0).state() == proto::JOB_RUNNING) break;
+      if (Clock::now() > u) {
+        o.error = "the filler job did not start";
+        return o;
+      }
+      std::this_thread::sleep_for(milliseconds(10));
+    }
   }
   proto::JobStatus st;
   auto until = Clock::now() + std::chrono::seconds(60);
@@ -380,13 +405,23 @@ Outcome Measure(const std::string& muster, bool with_notice, int step_ms, int ck
   }
   // Until the next attempt has taken a step.
   until = Clock::now() + std::chrono::seconds(120);
+  bool replaced = !no_free;
   for (;;) {
+    if (!replaced && UnixMs() >= t_event + replacement_after_ms) {
+      c.StartAgent("n4");  // the lost node's replacement registers
+      replaced = true;
+    }
     auto s = c.client().Status(*job);
     if (s.ok() && s->jobs_size() == 1) st = s->jobs(0);
     if (st.attempt() > interrupted &&
         st.progress().step() > std::max<int64_t>(st.resume_step(), 0) &&
-        st.progress().time_ms() > t_event)
-      break;
+        st.progress().time_ms() > t_event) {
+      // The status may still show a line the last attempt's survivor printed as it stopped:
+      // with stamped logs, the new attempt's own first step decides.
+      if (!finetune.empty()) break;
+      auto l = c.Log(*job, st.attempt());
+      if (l.ok() && ParseLog(*l).first_step_ms != 0) break;
+    }
     if (Clock::now() > until) {
       o.error = "the job did not resume";
       return o;
@@ -495,6 +530,7 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
   struct Flags {
     std::string muster, trainer = "finetune", finetune;
     int step_ms = 50, ckpt_every = 10, at = 25, hb_timeout_ms = 1000;
+    int replacement_after_ms = 0;
     bool json = false;
     std::string snapshot_trainer;
     int snapshot_state_kb = 4096;
@@ -522,6 +558,11 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
                   "the snapshot trainer's state per rank, KiB")
       ->capture_default_str();
   cmd->add_flag("--no-snapshots", f->no_snapshots, "skip the in-memory snapshot rows");
+  cmd->add_option("--replacement-after-ms", f->replacement_after_ms,
+                  "the no-free-node rows: the lost node's replacement registers this long after "
+                  "the kill")
+      ->check(CLI::Range(0, 600000))
+      ->capture_default_str();
   cmd->add_option("--finetune-cost-runs", f->finetune_cost_runs,
                   "the fine-tune's step time with and without snapshots: the median of this many "
                   "runs of each, alternated (the first pair is the kill -9 rows)")
@@ -551,6 +592,13 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
       Outcome kill = Measure(muster, false, f->step_ms, f->ckpt_every, f->at, f->hb_timeout_ms, ft);
       Outcome spare =
           Measure(muster, false, f->step_ms, f->ckpt_every, f->at, f->hb_timeout_ms, ft, {}, true);
+      // No free node when the agent dies: what the spare is for. Without it the job waits for
+      // the lost node's replacement to register.
+      Outcome no_free = Measure(muster, false, f->step_ms, f->ckpt_every, f->at, f->hb_timeout_ms,
+                                ft, {}, false, false, f->replacement_after_ms);
+      Outcome spare_no_free =
+          Measure(muster, false, f->step_ms, f->ckpt_every, f->at, f->hb_timeout_ms, ft, {}, true,
+                  false, f->replacement_after_ms);
       // The fine-tune itself with snapshots of its whole train state every step: the kill -9
       // above is its volume-only twin (same job otherwise), whose step time is the baseline.
       std::optional<Outcome> ft_snap;
@@ -628,9 +676,19 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
                             {"heartbeat_timeout_ms", f->hb_timeout_ms},
                             {"trainer", f->trainer},
                             {"checkpoint_every", f->ckpt_every}};
+        j["failure_no_free_node_to_resume_s"] = no_free.down_s;
+        j["failure_no_free_node_muster_s"] = no_free.muster_s;
+        j["lost_steps_without_notice_no_free_node"] = no_free.lost_steps;
+        j["failure_spare_no_free_node_to_resume_s"] = spare_no_free.down_s;
+        j["failure_spare_no_free_node_muster_s"] = spare_no_free.muster_s;
+        j["lost_steps_without_notice_spare_no_free_node"] = spare_no_free.lost_steps;
+        j["replacement_after_ms"] = f->replacement_after_ms;
         if (!notice.error.empty()) j["notice_error"] = notice.error;
         if (!kill.error.empty()) j["failure_error"] = kill.error;
         if (!spare.error.empty()) j["failure_spare_error"] = spare.error;
+        if (!no_free.error.empty()) j["failure_no_free_node_error"] = no_free.error;
+        if (!spare_no_free.error.empty())
+          j["failure_spare_no_free_node_error"] = spare_no_free.error;
         if (ft_snap) {
           j["failure_finetune_snapshots_to_resume_s"] = ft_snap->down_s;
           j["failure_finetune_snapshots_muster_s"] = ft_snap->muster_s;
@@ -686,6 +744,11 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
         row("agent kill -9", kill, "connections closed + 300 ms grace; no timeout, no fence");
         row("agent kill -9 with a spare", spare,
             "spares: 1; the spare replaces the lost node, no scheduling pass");
+        const std::string after = std::to_string(f->replacement_after_ms) + " ms after the kill";
+        row("agent kill -9, no free node", no_free,
+            "another job holds the third node; waits for the replacement, started " + after);
+        row("agent kill -9, no free node, a spare", spare_no_free,
+            "the spare is the only node not in the gang; replacement started " + after);
         if (ft_snap) {
           row("agent kill -9, fine-tune with snapshots", *ft_snap,
               "every step, " + std::to_string(ft_snap->snapshot_kib) + " KiB/rank; resumed from " +
@@ -717,7 +780,8 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
       bool snap_ok = !snap_on || (snap_on->error.empty() && snap_off->error.empty() &&
                                   snap_spare->error.empty());
       const bool ft_ok = !ft_snap || ft_snap->error.empty();
-      return notice.error.empty() && kill.error.empty() && spare.error.empty() && snap_ok && ft_ok
+      return notice.error.empty() && kill.error.empty() && spare.error.empty() &&
+                     no_free.error.empty() && spare_no_free.error.empty() && snap_ok && ft_ok
                  ? 0
                  : 1;
     };

@@ -12,6 +12,7 @@
 #include "coordinator/job_lifecycle.h"
 #include "coordinator/job_spec.h"
 #include "coordinator/node_state.h"
+#include "coordinator/pool_capacity.h"
 #include "coordinator/providers/provider_manager.h"
 
 namespace muster::coordinator {
@@ -169,6 +170,7 @@ Status Coordinator::Restore() {
     jobs_.emplace(j->rec.id, std::move(j));
   }
   RestoreCopies();
+  RestoreSpares();
   Logger()->info("restored {} node(s) and {} unfinished job(s) from {}", nodes_.size(), restored,
                  store_->path().string());
   return Status::Ok();
@@ -251,6 +253,7 @@ void Coordinator::Pass() {
     StopGang(*it->second, proto::STOP_PREEMPTED, "", NowMs() + options_.stop_grace.count());
   }
   SpareEvents(d);
+  SaveSpares();
 }
 
 std::vector<JobRequest> Coordinator::PendingRequests() const {
@@ -785,6 +788,8 @@ void Coordinator::Tick() {
             std::find(j->rec.nodes.begin(), j->rec.nodes.end(), name) != j->rec.nodes.end())
           expected = true;
       }
+      // A restored spare that never comes back is dropped (and replaced), not held forever.
+      if (auto v = sched_->GetNode(name, options_.clock()); v.ok() && v->spare) expected = true;
     }
     if (expected && n->last_hb_ms + options_.heartbeat_timeout.count() < now) {
       LoseNode(*n, fmt::format("no heartbeat for {} ms", now - n->last_hb_ms));
@@ -1063,13 +1068,12 @@ StatusOr<proto::Envelope> Coordinator::OnSubmit(const Caller& caller,
     spec.hosts.assign(req.spec().hosts().begin(), req.spec().hosts().end());
     MUSTER_RETURN_IF_ERROR(ValidateJobSpec(spec));
   }
-  if (Status f = sched_->Feasible(ToJobRequest(spec, "feasibility-check", 0)); !f.ok()) {
-    if (!providers_) return f;
-    if (!providers_->CouldHold(ToJobRequest(spec, "feasibility-check", 0))) {
-      return FailedPreconditionError(f.message() +
-                                     "; no on-demand provider could hold it either (max_nodes)");
-    }
-  }
+  // With on-demand providers, what each can ever hold counts (max_nodes, pool_capacity.h).
+  JobRequest check = ToJobRequest(spec, "feasibility-check", 0);
+  Status feasible = sched_->Feasible(check);
+  if (providers_ && check.hosts.empty() && feasible.code() != StatusCode::kInvalidArgument)
+    feasible = PoolCanEverHold(check, sched_->Nodes(options_.clock()), providers_->config());
+  MUSTER_RETURN_IF_ERROR(feasible);
   auto j = std::make_unique<JobRt>();
   j->rec.spec = JobSpecToProto(spec);
   j->rec.state = proto::JOB_PENDING;

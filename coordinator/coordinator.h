@@ -164,6 +164,11 @@ class Coordinator {
   void SpareEvents(const Decisions& d);
   bool ReplaceWithSpare(const std::string& job, const std::string& lost);
   void DropLostSpare(const std::string& node);
+  // The spares as the database keeps them (job_spares): SaveSpares writes each job's set that
+  // changed since it was last saved; RestoreSpares gives the restored running jobs theirs back
+  // (REQUIRES: jobs restored).
+  void SaveSpares();
+  void RestoreSpares();
   void ForgetNode(const std::string& name);
   std::vector<JobRequest> PendingRequests() const;
   // False if the store did not take the attempt (nothing was sent).
@@ -270,6 +275,7 @@ class Coordinator {
   std::map<std::pair<std::string, std::string>, CopyRt> copies_;  // by (job, target provider)
   std::vector<TransferGrant> grants_;
   std::string saved_copies_;  // CopiesState() as last saved or restored
+  std::map<std::string, std::vector<std::string>> saved_spares_;  // job -> spares, as saved
   uint64_t next_fetch_ = 1;
   bool pass_needed_ = true;
   std::unique_ptr<providers::ProviderManager> providers_;  // null: static nodes only

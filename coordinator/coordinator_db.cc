@@ -101,6 +101,16 @@ CREATE TABLE IF NOT EXISTS checkpoint_counters (
 );
 )";
 
+// The hot spares held for running jobs (PutSpares): one row per held node.
+constexpr const char* kSparesSchema = R"(
+CREATE TABLE IF NOT EXISTS job_spares (
+  node TEXT PRIMARY KEY,
+  job_id TEXT NOT NULL,
+  time_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS job_spares_by_job ON job_spares (job_id);
+)";
+
 std::string Join(const std::vector<std::string>& v) {
   std::string out;
   for (size_t i = 0; i < v.size(); ++i) out += (i ? "," : "") + v[i];
@@ -254,6 +264,8 @@ StatusOr<std::unique_ptr<CoordinatorDb>> CoordinatorDb::Open(
         store->Exec("ALTER TABLE jobs ADD COLUMN submitter TEXT NOT NULL DEFAULT ''"));
   }
   MUSTER_RETURN_IF_ERROR(store->Exec(kCheckpointCountersSchema));
+  // Databases made before hot spares were kept get the (empty) table.
+  MUSTER_RETURN_IF_ERROR(store->Exec(kSparesSchema));
   return std::unique_ptr<CoordinatorDb>(std::move(store));
 }
 
@@ -669,6 +681,40 @@ StatusOr<std::map<std::string, CheckpointStats>> SqliteCoordinatorDb::Checkpoint
     c.latency.count = s.Int(5);
     c.latency.sum_seconds = s.Double(6);
     MUSTER_RETURN_IF_ERROR(DecodeBuckets(s.Text(7), &c.latency));
+  }
+  return out;
+}
+
+Status SqliteCoordinatorDb::PutSpares(const std::string& job_id,
+                                      const std::vector<std::string>& nodes, int64_t time_ms) {
+  MUSTER_RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE"));
+  auto fail = [&](Status st) {
+    Exec("ROLLBACK").IgnoreError();
+    return st;
+  };
+  {
+    Stmt d(db_, "DELETE FROM job_spares WHERE job_id = ?");
+    if (!d.status().ok()) return fail(d.status());
+    d.Bind(1, job_id);
+    if (Status st = d.Run(); !st.ok()) return fail(st);
+  }
+  for (const auto& node : nodes) {
+    Stmt s(db_, "INSERT OR REPLACE INTO job_spares (node, job_id, time_ms) VALUES (?,?,?)");
+    if (!s.status().ok()) return fail(s.status());
+    s.Bind(1, node).Bind(2, job_id).Bind(3, time_ms);
+    if (Status st = s.Run(); !st.ok()) return fail(st);
+  }
+  return Exec("COMMIT");
+}
+
+StatusOr<std::map<std::string, std::vector<std::string>>> SqliteCoordinatorDb::LoadSpares() {
+  Stmt s(db_, "SELECT job_id, node FROM job_spares ORDER BY job_id, node");
+  MUSTER_RETURN_IF_ERROR(s.status());
+  std::map<std::string, std::vector<std::string>> out;
+  while (true) {
+    MUSTER_ASSIGN_OR_RETURN(bool row, s.Step());
+    if (!row) break;
+    out[s.Text(0)].push_back(s.Text(1));
   }
   return out;
 }

@@ -5,7 +5,8 @@
 // which steps of which job are committed on which volume), node_keys (node name -> agent key),
 // job_exclusions (nodes kept off a job: a failed launch preflight), state (named blobs of
 // components that keep their own state: the provider manager's requests and clocks),
-// checkpoint_counters (checkpoint_stats.h: what /metrics counts of commits and replicas).
+// checkpoint_counters (checkpoint_stats.h: what /metrics counts of commits and replicas),
+// job_spares (the hot spares held for running jobs).
 // Tables added later are created when an older database is opened (CREATE TABLE IF NOT EXISTS),
 // so a database moves forward without losing anything.
 // Every write is its own transaction and is durable when the call returns, so a coordinator killed
@@ -82,9 +83,9 @@ struct CheckpointRecord {
 // (fault_injection_coordinator_db.h) around it to fail chosen writes.
 //
 // Writes (PutNode, DeleteNode, BindNodeKey, InsertJob, UpdateJob, PutAttempt, AppendEvent,
-// RecordCheckpoint, ExcludeNode, PutState) are each atomic and durable when they return Ok; a write
-// that returns an error changed nothing. The coordinator treats a failed write as fatal for
-// changes: it stops accepting any (coordinator.h, "Durable writes").
+// RecordCheckpoint, ExcludeNode, PutState, PutSpares) are each atomic and durable when they return
+// Ok; a write that returns an error changed nothing. The coordinator treats a failed write as
+// fatal for changes: it stops accepting any (coordinator.h, "Durable writes").
 class CoordinatorDb {
  public:
   // The SQLite store: creates `data_dir` if needed and opens (or creates) coordinator.db in it.
@@ -154,6 +155,14 @@ class CoordinatorDb {
   virtual StatusOr<std::map<std::string, CheckpointStats>> CheckpointCounters(
       const std::string& job_id) = 0;
 
+  // Hot spares (table job_spares): the nodes held idle for a running job. PutSpares replaces
+  // the job's whole set at once (empty: the job holds none). A node is held for one job at most:
+  // putting it for another job moves it.
+  virtual Status PutSpares(const std::string& job_id, const std::vector<std::string>& nodes,
+                           int64_t time_ms) = 0;
+  // job id -> its spares, sorted by name.
+  virtual StatusOr<std::map<std::string, std::vector<std::string>>> LoadSpares() = 0;
+
  protected:
   CoordinatorDb() = default;
   CoordinatorDb(const CoordinatorDb&) = delete;
@@ -194,6 +203,9 @@ class SqliteCoordinatorDb final : public CoordinatorDb {
                                  const CheckpointStats& count) override;
   StatusOr<std::map<std::string, CheckpointStats>> CheckpointCounters(
       const std::string& job_id) override;
+  Status PutSpares(const std::string& job_id, const std::vector<std::string>& nodes,
+                   int64_t time_ms) override;
+  StatusOr<std::map<std::string, std::vector<std::string>>> LoadSpares() override;
 
  private:
   friend class CoordinatorDb;

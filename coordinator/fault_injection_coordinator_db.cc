@@ -84,4 +84,11 @@ Status FaultInjectionCoordinatorDb::PutState(const std::string& key, const std::
   return base_->PutState(key, value, time_ms);
 }
 
+Status FaultInjectionCoordinatorDb::PutSpares(const std::string& job_id,
+                                              const std::vector<std::string>& nodes,
+                                              int64_t time_ms) {
+  MUSTER_RETURN_IF_ERROR(Attempt("PutSpares " + job_id));
+  return base_->PutSpares(job_id, nodes, time_ms);
+}
+
 }  // namespace muster::coordinator

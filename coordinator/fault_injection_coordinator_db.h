@@ -8,7 +8,8 @@
 //
 // Writes are numbered from 1 in the order they are attempted: PutNode, DeleteNode, BindNodeKey,
 // InsertJob, UpdateJob, PutAttempt, AppendEvent, RecordCheckpoint, ExcludeNode, PutState,
-// RecordCheckpointCounted (logged as "RecordCheckpoint": it is the same write, counted).
+// RecordCheckpointCounted (logged as "RecordCheckpoint": it is the same write, counted),
+// PutSpares.
 //
 // Thread-safety: none (the coordinator's reactor thread, or a test's).
 
@@ -75,6 +76,11 @@ class FaultInjectionCoordinatorDb final : public CoordinatorDb {
   StatusOr<std::map<std::string, CheckpointStats>> CheckpointCounters(
       const std::string& job_id) override {
     return base_->CheckpointCounters(job_id);
+  }
+  Status PutSpares(const std::string& job_id, const std::vector<std::string>& nodes,
+                   int64_t time_ms) override;
+  StatusOr<std::map<std::string, std::vector<std::string>>> LoadSpares() override {
+    return base_->LoadSpares();
   }
 
  private:

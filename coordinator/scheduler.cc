@@ -920,9 +920,39 @@ Status Scheduler::RestoreRunning(const JobRequest& job, const std::vector<std::s
   }
   j->nodes = std::move(idxs);
   j->running = true;
-  // Spares are not stored: a restored job gets new ones in the next passes.
+  // Short of spares until RestoreSpare gives them back; one not restored is found in a pass.
   if (j->req.spares > 0) m.short_of_spares.insert(j.get());
   m.jobs.emplace(job.id, std::move(j));
+  return Status::Ok();
+}
+
+Status Scheduler::RestoreSpare(const std::string& job, const std::string& node) {
+  auto& m = *impl_;
+  auto it = m.jobs.find(job);
+  if (it == m.jobs.end() || !it->second->running)
+    return NotFoundError("job " + job + " is not running");
+  Job& j = *it->second;
+  if (static_cast<int>(j.spares.size()) >= j.req.spares) {
+    return FailedPreconditionError(
+        fmt::format("job {} holds the {} spare(s) it asks for already", job, j.req.spares));
+  }
+  if (!m.node_index.count(node)) {
+    NodeSpec unregistered;  // as in RestoreRunning
+    unregistered.name = node;
+    UpsertNode(unregistered);
+    m.nodes[m.node_index[node]].base = NodeState::kDown;
+    m.Refresh(m.node_index[node]);
+  }
+  int idx = m.node_index[node];
+  if (m.nodes[idx].job) {
+    return FailedPreconditionError(
+        fmt::format("node {} is held by job {} already", node, m.nodes[idx].job->req.id));
+  }
+  m.nodes[idx].job = &j;
+  m.nodes[idx].spare = true;
+  m.SetFree(idx, false);
+  j.spares.push_back(idx);
+  if (static_cast<int>(j.spares.size()) >= j.req.spares) m.short_of_spares.erase(&j);
   return Status::Ok();
 }
 
@@ -1007,6 +1037,18 @@ StatusOr<std::string> Scheduler::TakeSpare(const std::string& job, const std::st
   if (pos == j.nodes.end())
     return NotFoundError(fmt::format("node {} is not in job {}'s gang", lost, job));
   if (j.spares.empty()) return FailedPreconditionError(fmt::format("job {} holds no spare", job));
+  // Only a spare that could start ranks now: up (a restored spare whose agent is not back yet is
+  // down), not draining, not quarantined.
+  std::vector<int> usable;
+  for (int idx : j.spares) {
+    if (m.nodes[idx].base == NodeState::kUp && !m.nodes[idx].quarantined) usable.push_back(idx);
+  }
+  if (usable.empty()) {
+    std::vector<std::string> names;
+    for (int idx : j.spares) names.push_back(m.nodes[idx].spec.name);
+    return FailedPreconditionError(
+        fmt::format("job {} holds no spare that is up (held: {})", job, fmt::join(names, ",")));
+  }
   int lost_island = m.classes[m.nodes[li->second].cls].island_group;
   auto better = [&](int a, int b) {  // same island as the lost node first, then by name
     bool sa = m.classes[m.nodes[a].cls].island_group == lost_island;
@@ -1014,9 +1056,8 @@ StatusOr<std::string> Scheduler::TakeSpare(const std::string& job, const std::st
     if (sa != sb) return sa;
     return m.nodes[a].spec.name < m.nodes[b].spec.name;
   };
-  auto pick = std::min_element(j.spares.begin(), j.spares.end(), better);
-  int spare = *pick;
-  j.spares.erase(pick);
+  int spare = *std::min_element(usable.begin(), usable.end(), better);
+  j.spares.erase(std::find(j.spares.begin(), j.spares.end(), spare));
   m.nodes[spare].spare = false;
   *pos = spare;
   m.nodes[li->second].job = nullptr;

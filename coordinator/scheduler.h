@@ -176,6 +176,11 @@ class Scheduler {
   // Restores an allocation after a coordinator restart (a node not registered yet is
   // known by name only and kDown until its agent registers). InvalidArgument if the id is known.
   Status RestoreRunning(const JobRequest& job, const std::vector<std::string>& nodes);
+  // Restores a hot spare of a job restored with RestoreRunning (a node not registered yet is
+  // known by name only and kDown until its agent registers). NotFound if the job is not
+  // running; FailedPrecondition if the node is held by a job already or the job holds all the
+  // spares it asks for.
+  Status RestoreSpare(const std::string& job, const std::string& node);
   // Frees a running job's nodes and forgets it (finished, failed, cancelled) or, with Requeue,
   // puts it back in the queue at its original position. NotFound if not running.
   Status Release(const std::string& job);
@@ -191,10 +196,11 @@ class Scheduler {
   std::vector<std::string> AllocationOf(const std::string& job) const;
   // The spares a running job holds (sorted by name); empty if none or not running.
   std::vector<std::string> SparesOf(const std::string& job) const;
-  // The running job's gang lost `lost`: a spare takes its node rank (one on the lost node's
-  // island first, then the first by name), `lost` is no longer the job's, and the job is short
-  // of a spare until a pass finds one. Returns the spare. NotFound if the job is not running or
-  // `lost` is not in its gang; FailedPrecondition if it holds no spare.
+  // The running job's gang lost `lost`: a spare that is up (not draining or quarantined) takes
+  // its node rank (one on the lost node's island first, then the first by name), `lost` is no
+  // longer the job's, and the job is short of a spare until a pass finds one. Returns the spare.
+  // NotFound if the job is not running or `lost` is not in its gang; FailedPrecondition if it
+  // holds no spare that is up.
   StatusOr<std::string> TakeSpare(const std::string& job, const std::string& lost);
   // `node`, a spare of the running `job`, is of no use any more (lost): it is no longer the
   // job's, and the job is short of a spare. NotFound if it is not a spare of that job.

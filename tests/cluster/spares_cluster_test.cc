@@ -4,7 +4,8 @@
 // coordinator must declare it lost, put the spare in its place (an event naming both), restart
 // the gang on the survivor and the spare once the lost node's lease fence has passed, without a
 // scheduling pass, and hold n4 as the new spare when it registers. A spec asking for more spares
-// than the nodes can ever hold is refused at submit with the reason.
+// than the nodes can ever hold is refused at submit with the reason. A spare held when the
+// coordinator is killed with SIGKILL and restarted is still held for its job afterwards.
 //
 // Needs root (network namespaces); skips otherwise.
 
@@ -64,11 +65,15 @@ class SparesClusterTest : public ::testing::Test {
     keys_ = (root_ / "keys").string();
     auto k = RunCommand({MUSTER_BIN, "--log-level", "warn", "keys", "init", "--dir", keys_});
     ASSERT_TRUE(k.ok()) << k.status();
+    StartCoordinator("coordinator.log");
+  }
+
+  void StartCoordinator(const std::string& log) {
     auto p = Subprocess::Start(
         net_->Wrap(0, {MUSTER_BIN, "--log-level", "info", "coordinator", "--data-dir",
                        (root_ / "coord").string(), "--listen", Endpoint(), "--keys", keys_,
                        "--heartbeat-interval-ms", "250", "--heartbeat-timeout-ms", "3000"}),
-        {}, (root_ / "coordinator.log").string());
+        {}, (root_ / log).string());
     ASSERT_TRUE(p.ok()) << p.status();
     coordinator_.emplace(std::move(*p));
   }
@@ -135,6 +140,11 @@ class SparesClusterTest : public ::testing::Test {
       std::string t = ReadFile(p);
       if (t.size() > 4000) t = "..." + t.substr(t.size() - 4000);
       s += "---- " + h + "\n" + t;
+    }
+    if (fs::exists(root_ / "coordinator-2.log")) {
+      std::string t = ReadFile(root_ / "coordinator-2.log");
+      if (t.size() > 4000) t = "..." + t.substr(t.size() - 4000);
+      s += "---- coord (restarted)\n" + t;
     }
     return s;
   }
@@ -230,6 +240,78 @@ TEST_F(SparesClusterTest, AnAgentKilledWithSigkillIsReplacedByTheSpareAndTheJobC
       << st.dump() << Events(job) << Logs();
   EXPECT_NE(Events(job).find("node n4 held as a new spare"), std::string::npos) << Events(job);
   ASSERT_TRUE(Muster({"cancel", job}).ok());
+}
+
+// The coordinator is killed with SIGKILL and restarted on its data dir while the job runs and
+// another job waits for a node: the spare is still held for its job once the agents are back
+// (not given to the waiting job), and it still replaces a gang node whose agent is then killed.
+TEST_F(SparesClusterTest, ASpareHeldAcrossACoordinatorKillNineStillReplacesAKilledNode) {
+  for (int h = 1; h <= 3; ++h) StartAgent(h);
+  ASSERT_TRUE(WaitUntil([&] { return NodesUp() == 3; }, 30s)) << Logs();
+  auto out = Muster(
+      {"submit", WriteSpec("sp",
+                           "name: sp\n"
+                           "command: \"if [ $MUSTER_ATTEMPT = 1 ]; then echo UP; exec sleep 600; "
+                           "else echo RESUMED attempt=$MUSTER_ATTEMPT node_rank=$NODE_RANK; "
+                           "exec sleep 600; fi\"\n"
+                           "nodes: 2\nspares: 1\nrestart:\n  max_restarts: 0\n")
+                     .string()});
+  ASSERT_TRUE(out.ok()) << out.status();
+  std::string job = *out;
+  while (!job.empty() && (job.back() == '\n' || job.back() == ' ')) job.pop_back();
+  json st;
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        st = JobStatus(job);
+        return st.value("state", "") == "running";
+      },
+      40s))
+      << st.dump() << Events(job) << Logs();
+  std::vector<std::string> gang = st["nodes"];
+  ASSERT_EQ(st["spares"].size(), 1u) << st.dump();
+  const std::string spare = st["spares"][0];
+  auto waiting = Muster(
+      {"submit", WriteSpec("w", "name: w\ncommand: \"exec sleep 600\"\nnodes: 1\n").string()});
+  ASSERT_TRUE(waiting.ok()) << waiting.status();
+  std::string wjob = *waiting;
+  while (!wjob.empty() && (wjob.back() == '\n' || wjob.back() == ' ')) wjob.pop_back();
+
+  coordinator_->Signal(SIGKILL);
+  ASSERT_TRUE(coordinator_->Wait(10s));
+  coordinator_.reset();
+  StartCoordinator("coordinator-2.log");
+  // Every agent is back (the gang's with their ranks): the spare is still the job's, idle.
+  ASSERT_TRUE(WaitUntil([&] { return NodesUp() == 3; }, 30s)) << Logs();
+  st = JobStatus(job);
+  EXPECT_EQ(st.value("state", ""), "running") << st.dump();
+  EXPECT_EQ(st["spares"], json({spare})) << st.dump() << Events(job);
+  auto nodes = Muster({"nodes", "--json"});
+  ASSERT_TRUE(nodes.ok()) << nodes.status();
+  for (const auto& n : json::parse(*nodes)) {
+    if (n.value("name", "") != spare) continue;
+    EXPECT_EQ(n.value("job_id", ""), job) << n.dump();
+    EXPECT_TRUE(n.value("spare", false)) << n.dump();
+  }
+
+  agents_.at(gang[1]).Signal(SIGKILL);
+  const fs::path spare_log = WorkDir(spare) / "logs" / job / "attempt-2" / "rank-1.log";
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        return ReadFile(spare_log).find("RESUMED attempt=2 node_rank=1") != std::string::npos;
+      },
+      60s))
+      << JobStatus(job).dump() << Events(job) << Logs();
+  st = JobStatus(job);
+  EXPECT_EQ(st["nodes"], json({gang[0], spare})) << st.dump();
+  std::string events = Events(job);
+  EXPECT_NE(events.find("node " + spare + " held as a spare again after the coordinator restarted"),
+            std::string::npos)
+      << events;
+  EXPECT_NE(events.find("spare " + spare + " replaces lost node " + gang[1]), std::string::npos)
+      << events;
+  EXPECT_EQ(JobStatus(wjob).value("state", ""), "pending") << "the spare went to the other job";
+  ASSERT_TRUE(Muster({"cancel", job}).ok());
+  ASSERT_TRUE(Muster({"cancel", wjob}).ok());
 }
 
 }  // namespace

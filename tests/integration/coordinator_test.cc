@@ -13,6 +13,7 @@
 #include <filesystem>
 #include <fstream>
 #include <limits>
+#include <map>
 #include <mutex>
 #include <optional>
 #include <random>
@@ -160,6 +161,16 @@ class FakeAgent {
     r.set_node_rank(a->start().node_rank());
     running_.push_back(r);
     return a->start();
+  }
+  // Reports this assignment as running at the next Register: an agent that kept its ranks
+  // while the coordinator restarted.
+  void AddRunning(const std::string& job, int attempt, int node_rank) {
+    std::lock_guard<std::mutex> l(mu_);
+    proto::RunningAssignment r;
+    r.set_job_id(job);
+    r.set_attempt(attempt);
+    r.set_node_rank(node_rank);
+    running_.push_back(r);
   }
   std::optional<proto::StopAssignment> WaitStop(std::chrono::milliseconds t = 5s) {
     auto a = WaitAction([](const auto& a) { return a.has_stop(); }, t);
@@ -1151,6 +1162,84 @@ TEST_F(CoordinatorKillNineTest, ACopyInFlightIsAskedAgainAfterKillNine) {
             e.message().find("the coordinator restarted during the copy") != std::string::npos;
   }
   EXPECT_TRUE(said) << "an event says why the copy is asked again";
+}
+
+// Hot spares are kept in the database: after kill -9 and a restart the spare is still held for
+// its job, before and after its agent comes back (not handed to a job waiting for a node), and
+// it still replaces a gang node that is lost afterwards.
+TEST_F(CoordinatorKillNineTest, AHeldSpareSurvivesKillNineAndStillReplacesALostNode) {
+  std::map<std::string, FakeAgent*> first;
+  for (const char* n : {"aws-0", "aws-1", "aws-2"}) first[n] = &AddAgent(n, "aws");
+  auto id = Submit("name: sp\ncommand: train\nnodes: 2\nspares: 1\n");
+  ASSERT_TRUE(id.ok()) << id.status();
+  proto::JobStatus st;
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        st = Status(*id);
+        return st.nodes_size() == 2 && st.spares_size() == 1;
+      },
+      5s))
+      << st.DebugString();
+  const std::vector<std::string> gang(st.nodes().begin(), st.nodes().end());
+  const std::string spare = st.spares(0);
+  for (const auto& n : gang) {
+    ASSERT_TRUE(first[n]->WaitStart()) << n;
+    ASSERT_TRUE(first[n]->Report(*id, 1, true, 0, false).ok());
+  }
+  ASSERT_TRUE(WaitState(*id, proto::JOB_RUNNING));
+  // A job that waits for a node: it must not get the spare.
+  auto waiting = Submit("name: w\ncommand: x\n");
+  ASSERT_TRUE(waiting.ok()) << waiting.status();
+
+  KillNineAndRestart();
+  // The gang's agents kept their ranks: adopted.
+  std::vector<FakeAgent*> kept;
+  for (size_t r = 0; r < gang.size(); ++r) {
+    again_.push_back(
+        std::make_unique<FakeAgent>(ctx_, coord_->endpoint(), keys_, Labels(gang[r], "aws")));
+    again_.back()->AddRunning(*id, 1, static_cast<int>(r));
+    ASSERT_TRUE(again_.back()->Register().ok());
+    again_.back()->StartHeartbeats();
+    kept.push_back(again_.back().get());
+  }
+  st = Status(*id);
+  EXPECT_EQ(st.state(), proto::JOB_RUNNING) << st.DebugString();
+  ASSERT_EQ(st.spares_size(), 1) << "the spare was forgotten: " << st.DebugString();
+  EXPECT_EQ(st.spares(0), spare);
+  // Its agent comes back: still the job's spare, still idle.
+  FakeAgent& s = Rejoin(spare);
+  ASSERT_TRUE(WaitUntil([&] { return NodeState(spare) == proto::NODE_UP; }, 5s));
+  auto nodes = client_->Nodes();
+  ASSERT_TRUE(nodes.ok()) << nodes.status();
+  for (const auto& n : nodes->nodes()) {
+    if (n.labels().name() != spare) continue;
+    EXPECT_EQ(n.job_id(), *id) << n.DebugString();
+    EXPECT_TRUE(n.spare()) << n.DebugString();
+  }
+
+  // A gang node is lost: the spare takes its place.
+  kept[1]->StopHeartbeats();
+  auto stop = kept[0]->WaitStop(10s);
+  ASSERT_TRUE(stop) << "the survivor was not stopped";
+  ASSERT_TRUE(kept[0]->Report(*id, 1, true, 0, true, true).ok());
+  auto start = s.WaitStart(10s);
+  ASSERT_TRUE(start) << "the spare did not start";
+  EXPECT_EQ(start->attempt(), 2);
+  EXPECT_EQ(start->node_rank(), 1);
+  st = Status(*id);
+  EXPECT_EQ(std::vector<std::string>(st.nodes().begin(), st.nodes().end()),
+            (std::vector<std::string>{gang[0], spare}));
+  EXPECT_EQ(Status(*waiting).state(), proto::JOB_PENDING) << "the spare went to another job";
+  auto ev = client_->Events(*id, 0);
+  ASSERT_TRUE(ev.ok());
+  bool restored = false, replaced = false;
+  for (const auto& e : ev->events()) {
+    restored |= e.kind() == "spare_restored" && e.node() == spare;
+    replaced |= e.kind() == "spare_replaces" &&
+                e.message() == "spare " + spare + " replaces lost node " + gang[1];
+  }
+  EXPECT_TRUE(restored) << "an event says the spare is held again";
+  EXPECT_TRUE(replaced) << "an event says which spare replaced which node";
 }
 
 }  // namespace

@@ -345,6 +345,43 @@ TEST_F(CoordinatorDbTest, ADatabaseFromBeforeExclusionsAndStateOpens) {
   EXPECT_EQ((*store)->LoadExclusions()->at((*jobs)[0].id).count("n1"), 1u);
 }
 
+// Hot spares: each job's set is replaced whole, an empty set deletes it, a node held for
+// another job moves, and the sets survive a reopen; a database made before spares were kept
+// (no job_spares table) opens with none.
+TEST_F(CoordinatorDbTest, SparesAreReplacedPerJobAndSurviveAReopen) {
+  {
+    auto store = CoordinatorDb::Open(dir_);
+    ASSERT_TRUE(store.ok());
+    ASSERT_TRUE((*store)->PutSpares("j-1", {"n3", "n2"}, 1).ok());
+    ASSERT_TRUE((*store)->PutSpares("j-2", {"n4"}, 2).ok());
+    ASSERT_TRUE((*store)->PutSpares("j-1", {"n3"}, 3).ok()) << "n2 replaced a lost node";
+    ASSERT_TRUE((*store)->PutSpares("j-3", {"n5"}, 4).ok());
+    ASSERT_TRUE((*store)->PutSpares("j-3", {}, 5).ok()) << "j-3 ended";
+    ASSERT_TRUE((*store)->PutSpares("j-4", {"n4"}, 6).ok()) << "n4 moves from j-2";
+  }
+  auto store = CoordinatorDb::Open(dir_);
+  ASSERT_TRUE(store.ok());
+  auto sp = (*store)->LoadSpares();
+  ASSERT_TRUE(sp.ok()) << sp.status();
+  std::map<std::string, std::vector<std::string>> want = {{"j-1", {"n3"}}, {"j-4", {"n4"}}};
+  EXPECT_EQ(*sp, want);
+  store->reset();
+  {
+    sqlite3* db = nullptr;
+    ASSERT_EQ(sqlite3_open((dir_ / "coordinator.db").c_str(), &db), SQLITE_OK);
+    int rc = sqlite3_exec(db, "DROP TABLE job_spares;", nullptr, nullptr, nullptr);
+    sqlite3_close(db);
+    ASSERT_EQ(rc, SQLITE_OK) << "could not make an old database";
+  }
+  store = CoordinatorDb::Open(dir_);
+  ASSERT_TRUE(store.ok()) << store.status();
+  sp = (*store)->LoadSpares();
+  ASSERT_TRUE(sp.ok()) << sp.status();
+  EXPECT_TRUE(sp->empty());
+  ASSERT_TRUE((*store)->PutSpares("j-1", {"n1"}, 7).ok());
+  EXPECT_EQ((*store)->LoadSpares()->at("j-1"), std::vector<std::string>{"n1"});
+}
+
 // The fault-injecting store fails exactly the write asked for (and, sticky, every one after),
 // names it, and a failed write does not reach the store underneath.
 TEST_F(CoordinatorDbTest, TheFaultInjectingStoreFailsTheChosenWritesOnly) {

@@ -13,6 +13,7 @@
 
 #include "common/curve.h"
 #include "common/wire.h"
+#include "coordinator/providers/provider_manager.h"
 
 namespace muster::coordinator {
 namespace {
@@ -507,6 +508,118 @@ TEST_F(CoordinatorTest, APreflightFailureKeepsTheBlamedNodeOffTheJobAndIsNotCoun
   st = Status(other);
   ASSERT_EQ(st.nodes_size(), 1);
   EXPECT_EQ(st.nodes(0), blamed);
+}
+
+// A spare restored after a coordinator restart whose agent never comes back is lost after the
+// heartbeat timeout like any node the coordinator expects (spare_lost), not held forever; while
+// its agent is not back it replaces no lost node.
+TEST_F(CoordinatorTest, ARestoredSpareWhoseAgentNeverComesBackIsLost) {
+  std::map<std::string, std::string> sess;
+  for (const char* n : {"n0", "n1", "n2"}) sess[n] = Register(n);
+  std::string id = Submit("name: ft\ncommand: x\nnodes: 2\nspares: 1\n");
+  for (const char* n : {"n0", "n1"}) {
+    Heartbeat(n, sess[n]);
+    Report(n, sess[n], id, 1, true, 0, false);
+  }
+  ASSERT_EQ(Status(id).spares_size(), 1);
+  ASSERT_EQ(Status(id).spares(0), "n2");
+  Open();  // a restarted coordinator
+  ASSERT_EQ(Status(id).spares_size(), 1) << Events(id);
+  EXPECT_NE(Events(id).find("spare_restored [n2]"), std::string::npos) << Events(id);
+  // The gang's agents come back with their ranks; the spare's never does.
+  for (int rank = 0; rank < 2; ++rank) {
+    const std::string n = "n" + std::to_string(rank);
+    proto::Envelope e;
+    auto* l = e.mutable_agent_register()->mutable_labels();
+    l->set_name(n);
+    l->set_provider("aws");
+    l->set_gpus(8);
+    l->set_slots(8);
+    auto* ra = e.mutable_agent_register()->add_running();
+    ra->set_job_id(id);
+    ra->set_attempt(1);
+    ra->set_node_rank(rank);
+    auto r = Call(e);
+    ASSERT_TRUE(r.has_agent_registered()) << r.DebugString();
+    sess[n] = r.agent_registered().session_id();
+  }
+  for (int i = 0; i < 6; ++i) {
+    now_ += 1s;
+    for (const char* n : {"n0", "n1"}) Heartbeat(n, sess[n]);
+    coord_->Tick();
+  }
+  EXPECT_EQ(Status(id).state(), proto::JOB_RUNNING) << Events(id);
+  EXPECT_NE(Events(id).find("spare_lost [n2] spare n2 lost; a new one is requested"),
+            std::string::npos)
+      << Events(id);
+  // Short of a spare now: the next free node is held as its spare.
+  ASSERT_TRUE(Register("n3").size() > 0);
+  coord_->Tick();
+  EXPECT_EQ(Status(id).spares_size(), 1) << Events(id);
+  EXPECT_NE(Events(id).find("spare_held [n3]"), std::string::npos) << Events(id);
+  auto nodes = Call([] {
+    proto::Envelope e;
+    e.mutable_nodes_request();
+    return e;
+  }());
+  for (const auto& n : nodes.nodes_reply().nodes()) {
+    if (n.labels().name() == "n2") EXPECT_FALSE(n.spare()) << n.DebugString();
+  }
+}
+
+// With on-demand providers, a spec whose gang and spares no provider can ever hold at once is
+// refused at submit, naming each provider and what it can hold: an on-demand provider counts
+// its max_nodes, not the nodes registered now (a lost node waiting for its release and its
+// replacement are both registered).
+TEST_F(CoordinatorTest, SparesBeyondAnOnDemandProvidersMaxNodesAreRefusedAtSubmit) {
+  for (const char* n : {"aws-0", "aws-1", "aws-2"}) Register(n);
+  providers::ProvidersConfig cfg;
+  providers::ProviderConfig aws;
+  aws.name = "aws";
+  aws.kind = "local";
+  aws.max_nodes = 2;
+  aws.node.gpus = 8;
+  aws.node.slots = 8;
+  cfg.providers = {aws};
+  coord_->SetProviders(std::make_unique<providers::ProviderManager>(
+      cfg, std::map<std::string, std::unique_ptr<providers::Provider>>{}));
+  proto::Envelope big;
+  big.mutable_submit_request()->set_yaml("name: big\ncommand: x\nnodes: 2\nspares: 1\n");
+  muster::Status refused = ErrorOf(Call(big));
+  EXPECT_EQ(refused.code(), StatusCode::kFailedPrecondition) << refused;
+  EXPECT_NE(refused.message().find("it needs 3 (2 for the gang + 1 spare) on one provider"),
+            std::string::npos)
+      << refused;
+  EXPECT_NE(refused.message().find("provider aws: 2 (max_nodes 2)"), std::string::npos) << refused;
+  Submit("name: fits\ncommand: x\nnodes: 1\nspares: 1\n");
+}
+
+// Static nodes and an on-demand provider that cannot hold the job either: the refusal names
+// both, with what each can ever hold.
+TEST_F(CoordinatorTest, ARefusalNamesEachProviderAndWhatItCanEverHold) {
+  for (const char* n : {"aws-0", "aws-1", "aws-2"}) Register(n);
+  providers::ProvidersConfig cfg;
+  providers::ProviderConfig loc;
+  loc.name = "loc";
+  loc.kind = "local";
+  loc.max_nodes = 2;
+  loc.node.gpus = 8;
+  loc.node.slots = 8;
+  cfg.providers = {loc};
+  coord_->SetProviders(std::make_unique<providers::ProviderManager>(
+      cfg, std::map<std::string, std::unique_ptr<providers::Provider>>{}));
+  proto::Envelope big;
+  big.mutable_submit_request()->set_yaml("name: big\ncommand: x\nnodes: 3\nspares: 1\n");
+  muster::Status refused = ErrorOf(Call(big));
+  EXPECT_EQ(refused.code(), StatusCode::kFailedPrecondition) << refused;
+  EXPECT_NE(refused.message().find("it needs 4 (3 for the gang + 1 spare) on one provider"),
+            std::string::npos)
+      << refused;
+  EXPECT_NE(refused.message().find("the most that can ever exist on one provider is 3: provider "
+                                   "aws: 3 (3 registered nodes fit); provider loc: 2 (max_nodes "
+                                   "2)"),
+            std::string::npos)
+      << refused;
 }
 
 // Hot spares: a lost node of the gang is replaced by the job's spare at once; the survivors and

@@ -454,6 +454,51 @@ TEST(SchedulerTest, ASpareTakesTheLostNodesRankPreferringItsIsland) {
   EXPECT_EQ(s.TakeSpare("nope", "aws-2").status().code(), StatusCode::kNotFound);
 }
 
+// After a coordinator restart: a restored spare is the job's again (idle, never free, not
+// refilled), before and after its agent registers; one held by a job already is refused.
+TEST(SchedulerTest, ARestoredSpareIsHeldForItsJobAgain) {
+  Scheduler s;
+  s.UpsertNode(N("aws-0", "aws"));
+  s.UpsertNode(N("aws-2", "aws"));
+  ASSERT_TRUE(s.RestoreRunning(WithSpares(J("ft", 2), 1), {"aws-0", "aws-1"}).ok());
+  EXPECT_EQ(s.RestoreSpare("ft", "aws-0").code(), StatusCode::kFailedPrecondition) << "in the gang";
+  EXPECT_EQ(s.RestoreSpare("nope", "aws-2").code(), StatusCode::kNotFound);
+  ASSERT_TRUE(s.RestoreSpare("ft", "aws-3").ok()) << "not registered yet: known by name";
+  EXPECT_EQ(s.SparesOf("ft"), (std::vector<std::string>{"aws-3"}));
+  EXPECT_EQ(s.RestoreSpare("ft", "aws-2").code(), StatusCode::kFailedPrecondition)
+      << "it asks for one spare";
+  EXPECT_TRUE(s.SpareRequests().empty()) << "not short of spares";
+  s.UpsertNode(N("aws-3", "aws"));
+  auto v = *s.GetNode("aws-3", T(0));
+  EXPECT_EQ(v.job, "ft");
+  EXPECT_TRUE(v.spare);
+  ASSERT_TRUE(s.Submit(J("w", 1)).ok());
+  Decisions d = s.Schedule(T(0));
+  ASSERT_EQ(d.placements.size(), 1u);
+  EXPECT_EQ(d.placements[0].nodes, (std::vector<std::string>{"aws-2"})) << "not the spare";
+  EXPECT_TRUE(d.spares_held.empty());
+  EXPECT_EQ(*s.TakeSpare("ft", "aws-1"), "aws-3");
+}
+
+// A spare whose node is down (a restored spare whose agent is not back yet) never replaces a
+// lost node.
+TEST(SchedulerTest, OnlyASpareThatIsUpReplacesALostNode) {
+  Scheduler s;
+  for (int i = 0; i < 4; ++i) s.UpsertNode(N("aws-" + std::to_string(i), "aws"));
+  ASSERT_TRUE(s.Submit(WithSpares(J("ft", 2), 2)).ok());
+  ASSERT_EQ(s.Schedule(T(0)).placements.size(), 1u);
+  ASSERT_EQ(s.SparesOf("ft"), (std::vector<std::string>{"aws-2", "aws-3"}));
+  ASSERT_TRUE(s.SetNodeState("aws-2", NodeState::kDown).ok());
+  EXPECT_EQ(*s.TakeSpare("ft", "aws-1"), "aws-3");
+  // Only a spare that is down is left: none can replace a lost node.
+  auto none = s.TakeSpare("ft", "aws-0");
+  EXPECT_EQ(none.status().code(), StatusCode::kFailedPrecondition);
+  EXPECT_NE(none.status().message().find("no spare that is up (held: aws-2)"), std::string::npos)
+      << none.status();
+  EXPECT_EQ(s.AllocationOf("ft"), (std::vector<std::string>{"aws-0", "aws-3"})) << "unchanged";
+  EXPECT_EQ(s.SparesOf("ft"), (std::vector<std::string>{"aws-2"}));
+}
+
 TEST(SchedulerTest, AJobShortOfSparesGetsNewOnesOnItsProviderAndIslandAfterTheQueue) {
   Scheduler s;
   s.UpsertNode(N("aws-0", "aws", "a"));
