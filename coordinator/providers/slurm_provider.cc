@@ -171,7 +171,10 @@ std::set<uint64_t> SlurmProvider::Adopt(ProviderLedger* ledger, const KeepFn& ke
     ledger_dirty_ = !entries.empty();
     // Before any request of this process: the leftovers go back, the intents are looked up.
     work_.push_back([this, left] { CancelLeftovers(left); });
-    for (const auto& [id, key] : intents) {
+    for (const auto& intent : intents) {
+      // Copied by name: clang 14 cannot capture structured bindings.
+      auto id = intent.first;
+      std::string key = intent.second;
       std::string name = key.substr(kIntentPrefix.size());
       work_.push_back([this, id, key, name] { ResolveIntent(id, key, name); });
     }
