@@ -96,6 +96,9 @@ struct AttemptLog {
   int64_t start_ms = 0, first_step_ms = 0, resume = -1, last_step = 0, preempted = -1;
   int64_t last_step_ms = 0, steps = 0;  // the last progress stamp; progress lines
   std::string source;                   // the snapshot trainer's resume source
+  // The fine-tune: its "snapshot copy mean X ms max Y ms over N of K KiB" log line (the last).
+  double copy_mean_ms = -1, copy_max_ms = -1;
+  int64_t snapshot_kib = -1;
   // The mean time between progress lines (ms); -1 with fewer than two.
   double MeanStepMs() const {
     return steps > 1 ? static_cast<double>(last_step_ms - first_step_ms) / (steps - 1) : -1;
@@ -124,6 +127,26 @@ AttemptLog ParseLog(const std::string& text) {
       }
     } else if (line.rfind("MUSTER_PREEMPTED step=", 0) == 0) {
       a.preempted = std::atoll(line.c_str() + 22);
+    } else if (auto f = line.find("| step "); f != std::string::npos) {
+      // The fine-tune's own step line (its MUSTER_PROGRESS goes on the control channel).
+      a.last_step = std::max<int64_t>(a.last_step, std::atoll(line.c_str() + f + 7));
+      if (auto c = line.find("snapshot copy mean "); c != std::string::npos) {
+        double mean = -1, max = -1;
+        long long n = 0, kib = -1;
+        if (std::sscanf(line.c_str() + c, "snapshot copy mean %lf ms max %lf ms over %lld of %lld",
+                        &mean, &max, &n, &kib) == 4) {
+          a.copy_mean_ms = mean;
+          a.copy_max_ms = max;
+          a.snapshot_kib = kib;
+        }
+      }
+    } else if (auto r = line.find("resumed from the in-memory snapshot of step ");
+               r != std::string::npos) {
+      a.source = "snapshot";  // the fine-tune's
+      a.resume = std::atoll(line.c_str() + r + 44);
+    } else if (auto r = line.find("resumed from step "); r != std::string::npos) {
+      a.source = "volume";
+      a.resume = std::atoll(line.c_str() + r + 18);
     }
   }
   return a;
@@ -134,8 +157,12 @@ struct Outcome {
   double muster_s = -1;   // event -> the resumed rank started
   double startup_s = -1;  // resumed rank started -> its first step
   int64_t lost_steps = -1;
-  double step_ms = -1;  // attempt 1's mean step time (the snapshot trainer)
-  std::string source;   // where the resumed attempt's rank 0 resumed from (snapshot trainer)
+  double step_ms = -1;                         // attempt 1's mean step time
+  std::string source;                          // where the resumed attempt's rank 0 resumed from
+  double copy_mean_ms = -1, copy_max_ms = -1;  // the fine-tune's snapshot stall (attempt 1)
+  int64_t snapshot_kib = -1;
+  // CPU the agents themselves used per step of attempt 1 (from step 3 to the interruption).
+  double agent_cpu_ms_per_step = -1;
   std::string error;
 };
 
@@ -222,6 +249,24 @@ class Cluster {
 
   coordinator::CoordinatorClient& client() { return *client_; }
 
+  // CPU seconds the agent processes themselves have used (their threads, not their ranks:
+  // /proc/<pid>/stat utime + stime); -1 when unreadable.
+  double AgentsCpuS() const {
+    double ticks = 0;
+    for (const auto& [name, pid] : agents_) {
+      std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+      std::string stat((std::istreambuf_iterator<char>(in)), {});
+      auto close = stat.rfind(')');
+      if (close == std::string::npos) return -1;
+      std::istringstream fields(stat.substr(close + 2));
+      std::string f;
+      for (int i = 3; i <= 15 && fields >> f; ++i) {
+        if (i == 14 || i == 15) ticks += std::atof(f.c_str());
+      }
+    }
+    return ticks / static_cast<double>(sysconf(_SC_CLK_TCK));
+  }
+
   StatusOr<std::string> Log(const std::string& job, int attempt) {
     MUSTER_ASSIGN_OR_RETURN(auto r, client_->Logs(job, 0, 0, 1 << 20, attempt));
     return r.data();
@@ -244,15 +289,18 @@ class Cluster {
 // "started" event to the first progress line the agent stamped (within one heartbeat).
 // `spare`: the job holds the third node as a hot spare (`spares: 1`), which takes the lost
 // node's place without a scheduling pass; otherwise the third node is merely free.
+// `ft_snapshots`: the fine-tune snapshots its whole train state every step
+// (checkpoint.snapshot_every_steps: 1).
+// The fine-tune's step time is the agent-stamped progress from step 3 to the interruption.
 Outcome Measure(const std::string& muster, bool with_notice, int step_ms, int ckpt_every, int at,
                 int hb_timeout_ms, const std::string& finetune, const SnapshotTrainer& snap = {},
-                bool spare = false) {
+                bool spare = false, bool ft_snapshots = false) {
   Outcome o;
   fs::path dir =
       fs::temp_directory_path() /
       ("muster-bench-recovery-" + std::to_string(getpid()) + (with_notice ? "-notice" : "-kill") +
-       (snap.snapshots ? "-snap" : "") + (spare ? "-spare" : ""));
-  Cluster c(muster, dir, hb_timeout_ms, snap.snapshots ? 1024 : 0);
+       (snap.snapshots ? "-snap" : "") + (spare ? "-spare" : "") + (ft_snapshots ? "-ftsnap" : ""));
+  Cluster c(muster, dir, hb_timeout_ms, snap.snapshots || ft_snapshots ? 1024 : 0);
   if (auto s = c.Start(3); !s.ok()) {
     o.error = s.ToString();
     return o;
@@ -277,7 +325,8 @@ Outcome Measure(const std::string& muster, bool with_notice, int step_ms, int ck
            ", \"--pretrain\", \"--steps\", \"" + std::to_string(total) +
            "\", \"--ckpt-every\", \"" + std::to_string(ckpt_every) +
            "\", \"--log-every\", \"1\", \"--threads\", \"1\"]\nnodes: 2\nranks_per_node: "
-           "1\ncheckpoint:\n  volume: ckpt\n";
+           "1\ncheckpoint:\n  volume: ckpt\n" +
+           (ft_snapshots ? "  snapshot_every_steps: 1\n" : "");
   }
   if (spare) yaml += "spares: 1\n";
   auto job = c.client().Submit(yaml, "recovery.yaml");
@@ -287,9 +336,16 @@ Outcome Measure(const std::string& muster, bool with_notice, int step_ms, int ck
   }
   proto::JobStatus st;
   auto until = Clock::now() + std::chrono::seconds(60);
+  int64_t first_step = 0, first_ms = 0;  // the first progress seen from step 3 on
+  double first_cpu_s = -1;
   for (;;) {
     auto s = c.client().Status(*job);
     if (s.ok() && s->jobs_size() == 1) st = s->jobs(0);
+    if (first_step == 0 && st.progress().step() >= 3) {
+      first_step = st.progress().step();
+      first_ms = st.progress().time_ms();
+      first_cpu_s = c.AgentsCpuS();
+    }
     if (st.progress().step() >= at) break;
     if (Clock::now() > until) {
       o.error = "the job did not reach step " + std::to_string(at);
@@ -298,6 +354,15 @@ Outcome Measure(const std::string& muster, bool with_notice, int step_ms, int ck
     std::this_thread::sleep_for(milliseconds(10));
   }
   int64_t t_event = UnixMs();
+  const double cpu_s = c.AgentsCpuS();
+  if (first_cpu_s >= 0 && cpu_s >= 0 && st.progress().step() > first_step) {
+    o.agent_cpu_ms_per_step =
+        1000.0 * (cpu_s - first_cpu_s) / static_cast<double>(st.progress().step() - first_step);
+  }
+  const double progress_step_ms = st.progress().step() > first_step && first_step > 0
+                                      ? static_cast<double>(st.progress().time_ms() - first_ms) /
+                                            static_cast<double>(st.progress().step() - first_step)
+                                      : -1;
   // Not necessarily 1: an attempt that could not start (a rendezvous port taken by another
   // program on this machine) is retried on other ports first.
   const int interrupted = st.attempt();
@@ -346,7 +411,8 @@ Outcome Measure(const std::string& muster, bool with_notice, int step_ms, int ck
       }
     }
     b.first_step_ms = st.progress().time_ms();
-    b.resume = st.resume_step();
+    // The step it logged it resumed from (the status's resume step is the volume's).
+    if (b.resume < 0) b.resume = st.resume_step();
   }
   if (b.start_ms == 0 || b.first_step_ms == 0) {
     o.error = "the resumed attempt's log has no stamps";
@@ -356,8 +422,11 @@ Outcome Measure(const std::string& muster, bool with_notice, int step_ms, int ck
   o.muster_s = (b.start_ms - t_event) / 1000.0;
   o.startup_s = (b.first_step_ms - b.start_ms) / 1000.0;
   o.lost_steps = a.last_step - std::max<int64_t>(b.resume, 0);
-  o.step_ms = a.MeanStepMs();
+  o.step_ms = finetune.empty() ? a.MeanStepMs() : progress_step_ms;
   o.source = b.source;
+  o.copy_mean_ms = a.copy_mean_ms;
+  o.copy_max_ms = a.copy_max_ms;
+  o.snapshot_kib = a.snapshot_kib;
   (void)c.client().Cancel(*job);
   std::error_code ec;
   fs::remove_all(dir, ec);
@@ -430,6 +499,7 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
     std::string snapshot_trainer;
     int snapshot_state_kb = 4096;
     bool no_snapshots = false;
+    int finetune_cost_runs = 1;
   };
   auto f = std::make_shared<Flags>();
   cmd->add_option("--muster", f->muster, "the muster binary (default: beside muster-bench)");
@@ -452,6 +522,11 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
                   "the snapshot trainer's state per rank, KiB")
       ->capture_default_str();
   cmd->add_flag("--no-snapshots", f->no_snapshots, "skip the in-memory snapshot rows");
+  cmd->add_option("--finetune-cost-runs", f->finetune_cost_runs,
+                  "the fine-tune's step time with and without snapshots: the median of this many "
+                  "runs of each, alternated (the first pair is the kill -9 rows)")
+      ->check(CLI::Range(1, 20))
+      ->capture_default_str();
   cmd->add_flag("--json", f->json, "print JSON");
   cmd->callback([=] {
     *runner = [=] {
@@ -476,6 +551,41 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
       Outcome kill = Measure(muster, false, f->step_ms, f->ckpt_every, f->at, f->hb_timeout_ms, ft);
       Outcome spare =
           Measure(muster, false, f->step_ms, f->ckpt_every, f->at, f->hb_timeout_ms, ft, {}, true);
+      // The fine-tune itself with snapshots of its whole train state every step: the kill -9
+      // above is its volume-only twin (same job otherwise), whose step time is the baseline.
+      std::optional<Outcome> ft_snap;
+      if (!ft.empty() && !f->no_snapshots) {
+        ft_snap = Measure(muster, false, f->step_ms, f->ckpt_every, f->at, f->hb_timeout_ms, ft, {},
+                          false, true);
+      }
+      // Step times and the agents' own CPU per step, volume only and with snapshots: the kill
+      // -9 rows, then more runs of each, alternated (the load of a shared machine drifts).
+      std::vector<double> ft_off_ms{kill.step_ms}, ft_on_ms, ft_off_cpu{kill.agent_cpu_ms_per_step},
+          ft_on_cpu;
+      if (ft_snap) {
+        ft_on_ms.push_back(ft_snap->step_ms);
+        ft_on_cpu.push_back(ft_snap->agent_cpu_ms_per_step);
+        for (int i = 1; i < f->finetune_cost_runs; ++i) {
+          Outcome off =
+              Measure(muster, false, f->step_ms, f->ckpt_every, f->at, f->hb_timeout_ms, ft);
+          Outcome on = Measure(muster, false, f->step_ms, f->ckpt_every, f->at, f->hb_timeout_ms,
+                               ft, {}, false, true);
+          ft_off_ms.push_back(off.step_ms);
+          ft_off_cpu.push_back(off.agent_cpu_ms_per_step);
+          ft_on_ms.push_back(on.step_ms);
+          ft_on_cpu.push_back(on.agent_cpu_ms_per_step);
+        }
+      }
+      auto median = [](std::vector<double> v) {
+        std::sort(v.begin(), v.end());
+        return v.empty() ? -1.0 : v[v.size() / 2];
+      };
+      const double ft_off = median(ft_off_ms), ft_on = median(ft_on_ms);
+      const double ft_cost_pct =
+          ft_snap && ft_on > 0 && ft_off > 0 ? 100.0 * (ft_on / ft_off - 1.0) : -1;
+      const double ft_copy_pct = ft_snap && ft_snap->copy_mean_ms >= 0 && ft_off > 0
+                                     ? 100.0 * ft_snap->copy_mean_ms / ft_off
+                                     : -1;
       // In-memory peer snapshots: the same kill -9 with the snapshot trainer (a gang that
       // agrees every step), without snapshots and with one every step; the step time of the
       // first attempt of each is the snapshots' cost.
@@ -521,6 +631,25 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
         if (!notice.error.empty()) j["notice_error"] = notice.error;
         if (!kill.error.empty()) j["failure_error"] = kill.error;
         if (!spare.error.empty()) j["failure_spare_error"] = spare.error;
+        if (ft_snap) {
+          j["failure_finetune_snapshots_to_resume_s"] = ft_snap->down_s;
+          j["failure_finetune_snapshots_muster_s"] = ft_snap->muster_s;
+          j["failure_finetune_snapshots_startup_s"] = ft_snap->startup_s;
+          j["lost_steps_without_notice_finetune_snapshots"] = ft_snap->lost_steps;
+          j["finetune_snapshots_resumed_from"] = ft_snap->source;
+          j["finetune_step_ms_without_snapshots"] = ft_off;
+          j["finetune_step_ms_with_snapshots"] = ft_on;
+          j["finetune_step_ms_without_snapshots_runs"] = ft_off_ms;
+          j["finetune_step_ms_with_snapshots_runs"] = ft_on_ms;
+          j["finetune_agent_cpu_ms_per_step_without_snapshots"] = median(ft_off_cpu);
+          j["finetune_agent_cpu_ms_per_step_with_snapshots"] = median(ft_on_cpu);
+          j["finetune_snapshot_step_cost_pct"] = ft_cost_pct;
+          j["finetune_snapshot_copy_ms"] = ft_snap->copy_mean_ms;
+          j["finetune_snapshot_copy_max_ms"] = ft_snap->copy_max_ms;
+          j["finetune_snapshot_copy_pct"] = ft_copy_pct;
+          j["finetune_snapshot_kib"] = ft_snap->snapshot_kib;
+          if (!ft_snap->error.empty()) j["failure_finetune_snapshots_error"] = ft_snap->error;
+        }
         if (snap_on && snap_off) {
           j["failure_snapshot_trainer_volume_to_resume_s"] = snap_off->down_s;
           j["lost_steps_without_notice_snapshot_trainer_volume"] = snap_off->lost_steps;
@@ -557,6 +686,15 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
         row("agent kill -9", kill, "connections closed + 300 ms grace; no timeout, no fence");
         row("agent kill -9 with a spare", spare,
             "spares: 1; the spare replaces the lost node, no scheduling pass");
+        if (ft_snap) {
+          row("agent kill -9, fine-tune with snapshots", *ft_snap,
+              "every step, " + std::to_string(ft_snap->snapshot_kib) + " KiB/rank; resumed from " +
+                  ft_snap->source + "; step " + Fmt(ft_on, 1) + " ms vs " + Fmt(ft_off, 1) +
+                  " ms without (" + Fmt(ft_cost_pct, 1) + "%, median of " +
+                  std::to_string(ft_on_ms.size()) + "); copy " + Fmt(ft_snap->copy_mean_ms, 2) +
+                  " ms (" + Fmt(ft_copy_pct, 1) + "% of a step); agents' CPU " +
+                  Fmt(median(ft_on_cpu), 1) + " vs " + Fmt(median(ft_off_cpu), 1) + " ms per step");
+        }
         if (snap_on && snap_off) {
           row("agent kill -9, snapshot trainer, volume only", *snap_off,
               "step " + Fmt(snap_off->step_ms, 1) + " ms");
@@ -578,7 +716,10 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
       }
       bool snap_ok = !snap_on || (snap_on->error.empty() && snap_off->error.empty() &&
                                   snap_spare->error.empty());
-      return notice.error.empty() && kill.error.empty() && spare.error.empty() && snap_ok ? 0 : 1;
+      const bool ft_ok = !ft_snap || ft_snap->error.empty();
+      return notice.error.empty() && kill.error.empty() && spare.error.empty() && snap_ok && ft_ok
+                 ? 0
+                 : 1;
     };
   });
 }

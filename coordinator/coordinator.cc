@@ -76,6 +76,10 @@ struct Coordinator::JobRt {
   // without a scheduling pass; -1 = a lost node found none (placed again the usual way); 0 = no
   // node lost.
   int spare_restart = 0;
+  // In-memory snapshots (snapshot_plan.h): where the current attempt resumed from, and, when
+  // the previous snapshot resume failed, why the next attempt must not resume from snapshots.
+  ResumeChoice snapshot_resumed;
+  std::string snapshot_fallback;
 };
 
 constexpr int64_t kInteractiveClientTimeoutMs = 15000;
@@ -93,6 +97,8 @@ Coordinator::Coordinator(std::unique_ptr<CoordinatorDb> store, CoordinatorOption
       sched_(std::make_unique<Scheduler>(options_.quarantine)) {}
 
 Coordinator::~Coordinator() {
+  // First, while the database and the write latch are there: providers write their ledgers.
+  providers_.reset();
   for (auto& [id, f] : fetches_) f.reply(ErrorEnvelope(0, UnavailableError("shutting down")));
   // The registry answers the parked polls.
 }
@@ -297,10 +303,13 @@ bool Coordinator::Start(JobRt& job, const std::vector<std::string>& nodes) {
       sn.push_back({name, n ? n->rec.labels.snapshot_endpoint() : "",
                     n ? n->rec.labels.snapshot_key() : ""});
     }
-    snapshot_choice = PlanSnapshots(
-        sn, r.spec.ranks_per_node(), snapshot_book_.Of(r.id),
-        r.resume_step >= 0 ? std::optional<int64_t>(r.resume_step) : std::nullopt, starts);
+    snapshot_choice =
+        PlanSnapshots(sn, r.spec.ranks_per_node(), snapshot_book_.Of(r.id),
+                      r.resume_step >= 0 ? std::optional<int64_t>(r.resume_step) : std::nullopt,
+                      starts, job.snapshot_fallback);
   }
+  job.snapshot_resumed = snapshot_choice;
+  job.snapshot_fallback.clear();
   // Frames held outside this attempt's nodes cannot be used by it: freed there.
   for (const auto& n : snapshot_book_.TakeHoldersExcept(r.id, nodes)) {
     proto::AgentAction drop;
@@ -313,9 +322,11 @@ bool Coordinator::Start(JobRt& job, const std::vector<std::string>& nodes) {
               r.attempt, snapshot_choice,
               r.resume_step >= 0 ? std::optional<int64_t>(r.resume_step) : std::nullopt));
   } else if (r.resume_step >= 0) {
+    // With snapshots on, the event says why they were not used.
     Event(r.id, "", "resumed",
-          fmt::format("attempt {} resumes from step {} on volume {} (provider {})", r.attempt,
-                      r.resume_step, r.spec.checkpoint_volume(), provider));
+          fmt::format("attempt {} resumes from step {} on volume {} (provider {}){}", r.attempt,
+                      r.resume_step, r.spec.checkpoint_volume(), provider,
+                      snapshot_choice.reason.empty() ? "" : ": " + snapshot_choice.reason));
   }
   // MASTER_PORT is left to the program (torch's TCPStore binds it on rank 0's host); the
   // rendezvous store listens 500 ports above it. A retry moves to other ports, so a port some
@@ -643,6 +654,22 @@ void Coordinator::Finish(JobRt& job) {
         n->rec = next;
         Event("", d.blame_node, "node_quarantined",
               fmt::format("failed repeatedly; quarantined until {} ms", next.quarantined_until_ms));
+      }
+    }
+  }
+  if (d.kind == AttemptEndDecision::Kind::kRestart) {
+    auto why = FailedSnapshotResume(
+        r.attempt, job.snapshot_resumed,
+        job.progress ? std::optional<int64_t>(job.progress->step()) : std::nullopt,
+        job.attempt.failure);
+    if (why) {
+      // Those frames are not tried again: freed, and the next attempt resumes from the volume.
+      job.snapshot_fallback = *why;
+      Event(r.id, "", "snapshot_resume_failed", *why);
+      for (const auto& n : snapshot_book_.TakeHoldersExcept(r.id, {})) {
+        proto::AgentAction drop;
+        drop.mutable_drop_snapshots()->set_job_id(r.id);
+        Enqueue(n, std::move(drop));
       }
     }
   }
@@ -1623,11 +1650,16 @@ StatusOr<proto::Envelope> Coordinator::OnReport(const Caller& caller,
   } else if (req.checkpoint_step() > 0 && !req.checkpoint_volume().empty()) {
     const std::string& provider = n->rec.labels.provider();
     // Not catalogued: refused, and the agent sends it again (to a coordinator that works).
+    // Counted (/metrics) in the same transaction: the counters outlive a restart.
+    CheckpointStats count;
+    count.AddReport(req.checkpoint_replica(), req.checkpoint_bytes(),
+                    req.checkpoint_commit_seconds());
     MUSTER_RETURN_IF_ERROR(Write(
         fmt::format("step {} of job {} to the catalog", req.checkpoint_step(), req.job_id()), [&] {
-          return store_->RecordCheckpoint({req.job_id(), req.checkpoint_step(),
-                                           VolumeKey(req.checkpoint_volume(), provider), true,
-                                           NowMs()});
+          return store_->RecordCheckpointCounted(
+              {req.job_id(), req.checkpoint_step(), VolumeKey(req.checkpoint_volume(), provider),
+               true, NowMs()},
+              provider, count);
         }));
     Event(req.job_id(), node, "checkpoint_committed",
           fmt::format("step {} on volume {} of provider {}{}", req.checkpoint_step(),

@@ -157,7 +157,10 @@ class Coordinator {
   void ExpireFetches(int64_t now);
   void Pass();
   // The provider hooks (provider_hooks.cc).
+  class DbProviderLedger;
   void ProvidersPass();
+  // The scheduler's nodes as the providers see them: one serving a copy in flight is busy.
+  std::vector<NodeView> NodesForProviders(TimePoint now) const;
   std::string ProviderReason(const std::string& job) const;
   // Hot spares (spares.cc): events for the spares a pass held; a lost gang node replaced by a
   // spare (false: none held); a lost spare dropped from its job.

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdio>
 
 namespace muster::coordinator {
 
@@ -82,6 +83,24 @@ CREATE TABLE IF NOT EXISTS state (
 );
 )";
 
+// Tables added after the first schema, each its own step (run on every open: IF NOT EXISTS).
+// The checkpoint counters (checkpoint_stats.h): latency_buckets is "bound=count,..." for the
+// non-cumulative bucket counts, so a changed set of bounds still reads back.
+constexpr const char* kCheckpointCountersSchema = R"(
+CREATE TABLE IF NOT EXISTS checkpoint_counters (
+  job_id TEXT NOT NULL,
+  provider TEXT NOT NULL,
+  commits INTEGER NOT NULL,
+  replicas INTEGER NOT NULL,
+  commit_bytes INTEGER NOT NULL,
+  replica_bytes INTEGER NOT NULL,
+  latency_count INTEGER NOT NULL,
+  latency_sum REAL NOT NULL,
+  latency_buckets TEXT NOT NULL,
+  PRIMARY KEY (job_id, provider)
+);
+)";
+
 std::string Join(const std::vector<std::string>& v) {
   std::string out;
   for (size_t i = 0; i < v.size(); ++i) out += (i ? "," : "") + v[i];
@@ -120,6 +139,10 @@ class Stmt {
     sqlite3_bind_text(stmt_, i, v.data(), static_cast<int>(v.size()), SQLITE_TRANSIENT);
     return *this;
   }
+  Stmt& BindDouble(int i, double v) {
+    sqlite3_bind_double(stmt_, i, v);
+    return *this;
+  }
   Stmt& BindBlob(int i, const std::string& v) {
     sqlite3_bind_blob(stmt_, i, v.data(), static_cast<int>(v.size()), SQLITE_TRANSIENT);
     return *this;
@@ -136,6 +159,7 @@ class Stmt {
     return r.status();
   }
   int64_t Int(int col) { return sqlite3_column_int64(stmt_, col); }
+  double Double(int col) { return sqlite3_column_double(stmt_, col); }
   std::string Text(int col) {
     const auto* p = sqlite3_column_blob(stmt_, col);
     int n = sqlite3_column_bytes(stmt_, col);
@@ -229,6 +253,7 @@ StatusOr<std::unique_ptr<CoordinatorDb>> CoordinatorDb::Open(
     MUSTER_RETURN_IF_ERROR(
         store->Exec("ALTER TABLE jobs ADD COLUMN submitter TEXT NOT NULL DEFAULT ''"));
   }
+  MUSTER_RETURN_IF_ERROR(store->Exec(kCheckpointCountersSchema));
   return std::unique_ptr<CoordinatorDb>(std::move(store));
 }
 
@@ -546,6 +571,105 @@ StatusOr<std::optional<std::string>> SqliteCoordinatorDb::GetState(const std::st
   MUSTER_ASSIGN_OR_RETURN(bool row, s.Step());
   std::optional<std::string> out;
   if (row) out = s.Text(0);
+  return out;
+}
+
+namespace {
+
+std::string EncodeBuckets(const CommitHistogram& h) {
+  std::string out;
+  for (int i = 0; i < CommitHistogram::kBuckets; ++i) {
+    out += fmt::format("{}{}={}", i ? "," : "", CommitHistogram::kBounds[i], h.counts[i]);
+  }
+  return out;
+}
+
+// A bound no longer in kBounds counts in the next larger one (above the last: only in `count`,
+// the +Inf bucket), so cumulative buckets never go down.
+Status DecodeBuckets(const std::string& text, CommitHistogram* h) {
+  for (const auto& pair : Split(text)) {
+    double bound = 0;
+    unsigned long long n = 0;
+    if (std::sscanf(pair.c_str(), "%lf=%llu", &bound, &n) != 2) {
+      return DataLossError(fmt::format("checkpoint_counters: bucket '{}' does not parse", pair));
+    }
+    for (int i = 0; i < CommitHistogram::kBuckets; ++i) {
+      if (bound <= CommitHistogram::kBounds[i]) {
+        h->counts[i] += n;
+        break;
+      }
+    }
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status SqliteCoordinatorDb::RecordCheckpointCounted(const CheckpointRecord& ckpt,
+                                                    const std::string& provider,
+                                                    const CheckpointStats& count) {
+  MUSTER_RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE"));
+  auto fail = [&](Status st) {
+    Exec("ROLLBACK").IgnoreError();
+    return st;
+  };
+  // A step already committed on that volume is not counted again: the same report sent again
+  // (its answer lost with a coordinator that died after the commit).
+  bool again = false;
+  {
+    Stmt q(db_, "SELECT committed FROM checkpoints WHERE job_id = ? AND step = ? AND volume = ?");
+    if (!q.status().ok()) return fail(q.status());
+    q.Bind(1, ckpt.job_id).Bind(2, ckpt.step).Bind(3, ckpt.volume);
+    auto row = q.Step();
+    if (!row.ok()) return fail(row.status());
+    again = *row && q.Int(0) != 0 && ckpt.committed;
+  }
+  Status st = RecordCheckpoint(ckpt);
+  if (!st.ok()) return fail(st);
+  if (again) return Exec("COMMIT");
+  auto all = CheckpointCounters(ckpt.job_id);
+  if (!all.ok()) return fail(all.status());
+  CheckpointStats row = (*all)[provider];
+  row.Merge(count);
+  Stmt s(db_,
+         "INSERT OR REPLACE INTO checkpoint_counters (job_id, provider, commits, replicas, "
+         "commit_bytes, replica_bytes, latency_count, latency_sum, latency_buckets) VALUES "
+         "(?,?,?,?,?,?,?,?,?)");
+  if (!s.status().ok()) return fail(s.status());
+  s.Bind(1, ckpt.job_id)
+      .Bind(2, provider)
+      .Bind(3, static_cast<int64_t>(row.commits))
+      .Bind(4, static_cast<int64_t>(row.replicas))
+      .Bind(5, static_cast<int64_t>(row.commit_bytes))
+      .Bind(6, static_cast<int64_t>(row.replica_bytes))
+      .Bind(7, static_cast<int64_t>(row.latency.count))
+      .BindDouble(8, row.latency.sum_seconds)
+      .Bind(9, EncodeBuckets(row.latency));
+  st = s.Run();
+  if (!st.ok()) return fail(st);
+  return Exec("COMMIT");
+}
+
+StatusOr<std::map<std::string, CheckpointStats>> SqliteCoordinatorDb::CheckpointCounters(
+    const std::string& job_id) {
+  Stmt s(db_,
+         "SELECT provider, commits, replicas, commit_bytes, replica_bytes, latency_count, "
+         "latency_sum, latency_buckets FROM checkpoint_counters WHERE job_id = ?");
+  MUSTER_RETURN_IF_ERROR(s.status());
+  s.Bind(1, job_id);
+  std::map<std::string, CheckpointStats> out;
+  while (true) {
+    MUSTER_ASSIGN_OR_RETURN(bool row, s.Step());
+    if (!row) break;
+    CheckpointStats& c = out[s.Text(0)];
+    c.commits = s.Int(1);
+    c.replicas = s.Int(2);
+    c.commit_bytes = s.Int(3);
+    c.replica_bytes = s.Int(4);
+    c.latency.count = s.Int(5);
+    c.latency.sum_seconds = s.Double(6);
+    MUSTER_RETURN_IF_ERROR(DecodeBuckets(s.Text(7), &c.latency));
+  }
   return out;
 }
 

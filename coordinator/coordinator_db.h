@@ -4,7 +4,8 @@
 // <data-dir>/coordinator.db. Tables: nodes, jobs, attempts, events, checkpoints (the catalog:
 // which steps of which job are committed on which volume), node_keys (node name -> agent key),
 // job_exclusions (nodes kept off a job: a failed launch preflight), state (named blobs of
-// components that keep their own state: the provider manager's requests and clocks).
+// components that keep their own state: the provider manager's requests and clocks),
+// checkpoint_counters (checkpoint_stats.h: what /metrics counts of commits and replicas).
 // Tables added later are created when an older database is opened (CREATE TABLE IF NOT EXISTS),
 // so a database moves forward without losing anything.
 // Every write is its own transaction and is durable when the call returns, so a coordinator killed
@@ -25,6 +26,7 @@
 
 #include "common/proto/coordinator.pb.h"
 #include "common/status.h"
+#include "coordinator/checkpoint_stats.h"
 
 struct sqlite3;
 
@@ -141,6 +143,17 @@ class CoordinatorDb {
   // nullopt if never put.
   virtual StatusOr<std::optional<std::string>> GetState(const std::string& key) = 0;
 
+  // The checkpoint counters (checkpoint_stats.h), per job and provider. RecordCheckpointCounted
+  // is RecordCheckpoint(ckpt) and, in the same transaction, `count` added to the counters of
+  // (ckpt.job_id, provider): a report is counted exactly when it is catalogued, and the counters
+  // never go back after a restart. A step already committed on that volume is catalogued again
+  // but not counted again (a report sent again). Counted as one write.
+  virtual Status RecordCheckpointCounted(const CheckpointRecord& ckpt, const std::string& provider,
+                                         const CheckpointStats& count) = 0;
+  // provider -> the counters of `job_id` (empty: nothing counted).
+  virtual StatusOr<std::map<std::string, CheckpointStats>> CheckpointCounters(
+      const std::string& job_id) = 0;
+
  protected:
   CoordinatorDb() = default;
   CoordinatorDb(const CoordinatorDb&) = delete;
@@ -177,6 +190,10 @@ class SqliteCoordinatorDb final : public CoordinatorDb {
   StatusOr<std::map<std::string, std::set<std::string>>> LoadExclusions() override;
   Status PutState(const std::string& key, const std::string& value, int64_t time_ms) override;
   StatusOr<std::optional<std::string>> GetState(const std::string& key) override;
+  Status RecordCheckpointCounted(const CheckpointRecord& ckpt, const std::string& provider,
+                                 const CheckpointStats& count) override;
+  StatusOr<std::map<std::string, CheckpointStats>> CheckpointCounters(
+      const std::string& job_id) override;
 
  private:
   friend class CoordinatorDb;

@@ -64,6 +64,14 @@ Status FaultInjectionCoordinatorDb::RecordCheckpoint(const CheckpointRecord& ckp
   return base_->RecordCheckpoint(ckpt);
 }
 
+Status FaultInjectionCoordinatorDb::RecordCheckpointCounted(const CheckpointRecord& ckpt,
+                                                            const std::string& provider,
+                                                            const CheckpointStats& count) {
+  MUSTER_RETURN_IF_ERROR(
+      Attempt(fmt::format("RecordCheckpoint {} step {}", ckpt.job_id, ckpt.step)));
+  return base_->RecordCheckpointCounted(ckpt, provider, count);
+}
+
 Status FaultInjectionCoordinatorDb::ExcludeNode(const std::string& job_id, const std::string& node,
                                                 const std::string& reason, int64_t time_ms) {
   MUSTER_RETURN_IF_ERROR(Attempt(fmt::format("ExcludeNode {} {}", job_id, node)));

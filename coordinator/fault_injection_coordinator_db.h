@@ -7,7 +7,8 @@
 // forward, so a test can compare what the coordinator claims with what is durable.
 //
 // Writes are numbered from 1 in the order they are attempted: PutNode, DeleteNode, BindNodeKey,
-// InsertJob, UpdateJob, PutAttempt, AppendEvent, RecordCheckpoint, ExcludeNode, PutState.
+// InsertJob, UpdateJob, PutAttempt, AppendEvent, RecordCheckpoint, ExcludeNode, PutState,
+// RecordCheckpointCounted (logged as "RecordCheckpoint": it is the same write, counted).
 //
 // Thread-safety: none (the coordinator's reactor thread, or a test's).
 
@@ -68,6 +69,12 @@ class FaultInjectionCoordinatorDb final : public CoordinatorDb {
   Status PutState(const std::string& key, const std::string& value, int64_t time_ms) override;
   StatusOr<std::optional<std::string>> GetState(const std::string& key) override {
     return base_->GetState(key);
+  }
+  Status RecordCheckpointCounted(const CheckpointRecord& ckpt, const std::string& provider,
+                                 const CheckpointStats& count) override;
+  StatusOr<std::map<std::string, CheckpointStats>> CheckpointCounters(
+      const std::string& job_id) override {
+    return base_->CheckpointCounters(job_id);
   }
 
  private:

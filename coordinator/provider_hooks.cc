@@ -12,6 +12,28 @@ namespace muster::coordinator {
 // The database key of the ProviderManager's state (provider_manager.h).
 constexpr const char* kProviderStateKey = "providers";
 
+// The providers' ledgers (provider_ledger.h) as database state "provider_ledger/<provider>",
+// written through the coordinator's durable-write latch.
+class Coordinator::DbProviderLedger : public providers::ProviderLedger {
+ public:
+  explicit DbProviderLedger(Coordinator& c) : c_(c) {}
+  Status Save(const std::string& provider,
+              const std::vector<providers::LedgerEntry>& entries) override {
+    return c_.Write("provider ledger of " + provider, [&] {
+      return c_.store_->PutState(Key(provider), providers::EncodeLedger(entries), c_.NowMs());
+    });
+  }
+  StatusOr<std::vector<providers::LedgerEntry>> Load(const std::string& provider) override {
+    MUSTER_ASSIGN_OR_RETURN(auto saved, c_.store_->GetState(Key(provider)));
+    if (!saved) return std::vector<providers::LedgerEntry>{};
+    return providers::DecodeLedger(*saved);
+  }
+
+ private:
+  static std::string Key(const std::string& provider) { return "provider_ledger/" + provider; }
+  Coordinator& c_;
+};
+
 void Coordinator::SetProviders(std::unique_ptr<providers::ProviderManager> providers) {
   providers_ = std::move(providers);
   pass_needed_ = true;
@@ -37,6 +59,12 @@ void Coordinator::SetProviders(std::unique_ptr<providers::ProviderManager> provi
     // The providers start from nothing: as before their state was kept (docs/providers.md).
     Event("", "", "provider_state_lost", "starting with no provider state: " + st.ToString());
   }
+  // What the providers hold outside this process (Slurm jobs): adopted when still wanted.
+  std::set<std::string> known;
+  for (const auto& [name, n] : nodes_) known.insert(name);
+  for (const auto& e : providers_->Adopt(std::make_unique<DbProviderLedger>(*this), known)) {
+    Event(e.job, e.node, e.kind, e.message);
+  }
 }
 
 void Coordinator::ProvidersPass() {
@@ -48,7 +76,7 @@ void Coordinator::ProvidersPass() {
   });
   // Running jobs short of hot spares ask for them after every pending gang.
   for (auto& r : sched_->SpareRequests()) pending.push_back(std::move(r));
-  auto out = providers_->Tick(pending, sched_->Nodes(now), now);
+  auto out = providers_->Tick(pending, NodesForProviders(now), now);
   for (const auto& e : out.events) Event(e.job, e.node, e.kind, e.message);
   for (const auto& name : out.released) ForgetNode(name);
   if (auto state = providers_->StateToSave()) {
@@ -58,6 +86,26 @@ void Coordinator::ProvidersPass() {
       providers_->StateSaved(std::move(*state));
     }
   }
+}
+
+std::vector<NodeView> Coordinator::NodesForProviders(TimePoint now) const {
+  // A node serving a checkpoint copy not done yet (its source, or the target of its current
+  // try) is not idle: released, it would take the copy with it. It counts as busy with the
+  // copy's job until the copy is done (copied, failed for good, superseded, or its job ended),
+  // and its idle clock starts then.
+  std::map<std::string, std::string> copying;
+  for (const auto& [key, c] : copies_) {
+    if (c.done) continue;
+    copying.emplace(c.source, c.job_id);
+    if (!c.target.empty()) copying.emplace(c.target, c.job_id);
+  }
+  std::vector<NodeView> nodes = sched_->Nodes(now);
+  for (auto& n : nodes) {
+    auto it = copying.find(n.spec.name);
+    // A lost node took its part of the copy with it already (the copy is retried elsewhere).
+    if (n.job.empty() && it != copying.end() && n.state != NodeState::kDown) n.job = it->second;
+  }
+  return nodes;
 }
 
 std::string Coordinator::ProviderReason(const std::string& job) const {

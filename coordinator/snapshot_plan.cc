@@ -60,7 +60,8 @@ std::vector<std::string> SnapshotBook::TakeHoldersExcept(const std::string& job,
 ResumeChoice PlanSnapshots(const std::vector<SnapshotNode>& nodes, int ranks_per_node,
                            const std::vector<SnapshotHolding>& held,
                            std::optional<int64_t> volume_step,
-                           std::vector<proto::AgentAction>& starts) {
+                           std::vector<proto::AgentAction>& starts,
+                           const std::string& no_resume_because) {
   const int nn = static_cast<int>(nodes.size());
   // The ring: node rank i copies to node rank i+1's agent.
   for (int i = 0; i < nn && nn > 1; ++i) {
@@ -69,6 +70,11 @@ ResumeChoice PlanSnapshots(const std::vector<SnapshotNode>& nodes, int ranks_per
     auto* s = starts[i].mutable_start();
     s->set_snapshot_peer_endpoint(peer.endpoint);
     s->set_snapshot_peer_key(peer.key);
+  }
+  if (!no_resume_because.empty()) {
+    ResumeChoice c = ChooseResume(std::max(1, nn * ranks_per_node), {}, {}, volume_step);
+    c.reason = no_resume_because;
+    return c;
   }
   // Only frames that this attempt's nodes hold can be fetched by its agents.
   std::map<std::string, const SnapshotNode*> by_name;
@@ -102,6 +108,17 @@ ResumeChoice PlanSnapshots(const std::vector<SnapshotNode>& nodes, int ranks_per
     }
   }
   return c;
+}
+
+std::optional<std::string> FailedSnapshotResume(int attempt, const ResumeChoice& resumed,
+                                                std::optional<int64_t> progress_step,
+                                                const std::string& failure) {
+  if (resumed.source != ResumeChoice::Source::kSnapshot) return std::nullopt;
+  if (progress_step && *progress_step > resumed.step) return std::nullopt;
+  return fmt::format(
+      "the snapshot resume of attempt {} (step {}, in-memory snapshots of attempt {}) failed "
+      "before the gang passed that step ({}): the next attempt resumes without snapshots",
+      attempt, resumed.step, resumed.attempt, failure.empty() ? "no cause reported" : failure);
 }
 
 std::string SnapshotResumeEvent(int attempt, const ResumeChoice& c,

@@ -55,11 +55,26 @@ struct SnapshotNode {
 };
 
 // REQUIRES: starts.size() == nodes.size(), each holding a start; ranks_per_node >= 1.
-// `volume_step`: the newest step on the volume (nullopt: none).
+// `volume_step`: the newest step on the volume (nullopt: none). `no_resume_because`: when not
+// empty, the attempt does not resume from snapshots at all (the previous snapshot resume
+// failed: FailedSnapshotResume); the choice is the volume's (or a fresh start) with this reason.
+// The ring of copies is set up either way.
 ResumeChoice PlanSnapshots(const std::vector<SnapshotNode>& nodes, int ranks_per_node,
                            const std::vector<SnapshotHolding>& held,
                            std::optional<int64_t> volume_step,
-                           std::vector<proto::AgentAction>& starts);
+                           std::vector<proto::AgentAction>& starts,
+                           const std::string& no_resume_because = "");
+
+// An attempt that resumed from in-memory snapshots (`resumed`, its PlanSnapshots choice) ended
+// in a failure that counts as a restart. It is a failed snapshot resume when the gang reported
+// no step past the resumed one (`progress_step`: the newest step reported, nullopt: none): the
+// fetch of a frame failed, or a rank could not restore it. Then the next attempt must resume
+// from the volume rather than try the same frames again (each try would cost a restart): the
+// reason, for the job's events and PlanSnapshots, is returned. nullopt otherwise (not a
+// snapshot resume, or the gang trained past it, so the restore worked).
+std::optional<std::string> FailedSnapshotResume(int attempt, const ResumeChoice& resumed,
+                                                std::optional<int64_t> progress_step,
+                                                const std::string& failure);
 
 // "attempt A resumes from step S (in-memory snapshot of attempt P on nodes x,y; the volume has
 // step V)" for a snapshot choice.

@@ -62,16 +62,9 @@ void FleetRecorder::OnSchedulerPass(std::chrono::nanoseconds took) {
   passes_.Add(std::chrono::duration<double>(took).count());
 }
 
-void FleetRecorder::OnCheckpoint(const proto::AgentReport& r, const std::string& provider) {
-  CheckpointStats& s = checkpoints_[{r.job_id(), provider}];
-  if (r.checkpoint_replica()) {
-    s.replicas++;
-    s.replica_bytes += r.checkpoint_bytes();
-  } else {
-    s.commits++;
-    s.commit_bytes += r.checkpoint_bytes();
-    if (r.checkpoint_commit_seconds() > 0) s.latency.Add(r.checkpoint_commit_seconds());
-  }
+void FleetRecorder::OnCheckpoint(const proto::AgentReport& r, const std::string&) {
+  // The counters are read back from the database (they survive restarts there).
+  jobs_[r.job_id()].dirty = true;
   changed_ = true;
 }
 
@@ -133,9 +126,13 @@ JobView FleetRecorder::BuildJob(const proto::JobStatus& status, JobCache& jc,
   if (jc.dirty || jc.attempt_seen != status.attempt()) {
     auto a = coord_.store().LoadAttempts(id);
     auto c = coord_.store().Checkpoints(id);
+    auto n = coord_.store().CheckpointCounters(id);
     if (a.ok()) jc.attempts = std::move(*a);
     if (c.ok()) jc.catalog = std::move(*c);
-    jc.dirty = !a.ok() || !c.ok();
+    if (n.ok()) jc.counters = std::move(*n);
+    if (!n.ok())
+      Logger()->warn("dashboard: checkpoint counters of {}: {}", id, n.status().ToString());
+    jc.dirty = !a.ok() || !c.ok() || !n.ok();
     jc.attempt_seen = status.attempt();
   }
   JobView v;
@@ -239,13 +236,12 @@ bool FleetRecorder::MaybePublish(int64_t now_ms, bool force) {
   for (const auto& s : status.jobs()) {
     auto& jc = jobs_[s.job_id()];
     snap->jobs.push_back(BuildJob(s, jc, node_provider, now_ms));
+    for (const auto& [provider, c] : jc.counters) snap->checkpoints[{s.job_id(), provider}] = c;
     kept[s.job_id()] = std::move(jc);
   }
   jobs_.swap(kept);  // forget jobs no longer listed
-  std::erase_if(checkpoints_, [&](const auto& kv) { return jobs_.count(kv.first.first) == 0; });
   snap->events.assign(events_.begin(), events_.end());
   snap->passes = passes_;
-  snap->checkpoints = checkpoints_;
   hub_.Publish(std::move(snap));
   return true;
 }

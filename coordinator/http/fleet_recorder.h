@@ -7,11 +7,12 @@
 // jobs and nodes through the Coordinator's own request handler (a status and a nodes request,
 // as `muster status` and `muster nodes` see them), new events from the database past a
 // cursor, and, only for jobs that changed (a new event or a new attempt), their attempts and
-// checkpoint catalog. The result is published to a SnapshotHub. The reactor's cost is bounded
-// by the publication rate and by what changed, not by how often pages are fetched.
+// checkpoint catalog and counters. The result is published to a SnapshotHub. The reactor's cost is
+// bounded by the publication rate and by what changed, not by how often pages are fetched.
 //
 // Progress histories live in memory: a restarted coordinator starts them anew (the attempts,
-// events and catalog come back from the database).
+// events, catalog and checkpoint counters come back from the database, so /metrics' counters
+// never go back).
 //
 // Thread-safety: reactor-only (the Coordinator's thread), no locks; the hub is thread-safe.
 
@@ -55,6 +56,7 @@ class FleetRecorder : public CoordinatorObserver {
     bool dirty = true;          // reload attempts and catalog at the next publication
     std::vector<AttemptRecord> attempts;
     std::vector<CheckpointRecord> catalog;
+    std::map<std::string, CheckpointStats> counters;  // by provider, as the database has them
     std::map<int32_t, AttemptCache> by_attempt;
   };
   // Reads new events into the ring; returns how many.
@@ -72,7 +74,6 @@ class FleetRecorder : public CoordinatorObserver {
   std::deque<proto::Event> events_;  // at most FleetSnapshot::kMaxEvents
   std::map<std::string, JobCache> jobs_;
   PassHistogram passes_;
-  std::map<std::pair<std::string, std::string>, CheckpointStats> checkpoints_;
 };
 
 }  // namespace muster::coordinator::http

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "common/proto/coordinator.pb.h"
+#include "coordinator/checkpoint_stats.h"
 #include "coordinator/coordinator_db.h"
 
 namespace muster::coordinator::http {
@@ -87,36 +88,7 @@ struct PassHistogram {
   }
 };
 
-// Checkpoint commit latencies (Save to commit, as the ranks' checkpointer measured them) as a
-// Prometheus histogram (seconds).
-struct CommitHistogram {
-  static constexpr double kBounds[] = {0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900};
-  static constexpr int kBuckets = sizeof(kBounds) / sizeof(kBounds[0]);
-  uint64_t counts[kBuckets] = {};  // non-cumulative, per bound
-  uint64_t count = 0;
-  double sum_seconds = 0;
-  void Add(double seconds) {
-    for (int i = 0; i < kBuckets; ++i) {
-      if (seconds <= kBounds[i]) {
-        counts[i]++;
-        break;
-      }
-    }
-    count++;
-    sum_seconds += seconds;
-  }
-};
-
-// What agents reported of one job's checkpoints on one provider's volumes since this coordinator
-// started: commits (by the job's ranks) and verified replicas (copies from another provider),
-// their bytes, and the latency of the commits that gave one.
-struct CheckpointStats {
-  uint64_t commits = 0;
-  uint64_t replicas = 0;
-  uint64_t commit_bytes = 0;
-  uint64_t replica_bytes = 0;
-  CommitHistogram latency;
-};
+// CommitHistogram and CheckpointStats: coordinator/checkpoint_stats.h.
 
 struct FleetSnapshot {
   int64_t time_ms = 0;        // when it was taken (the coordinator's clock, unix ms)

@@ -237,11 +237,11 @@ std::string RenderMetrics(const FleetSnapshot& s) {
   auto bytes = Family("checkpoint_bytes_total",
                       "Bytes of checkpoint steps committed (kind=commit) or replicated as a "
                       "verified copy (kind=replica) on the provider's volume, as the agents "
-                      "reported them since the coordinator started",
+                      "reported them (kept across coordinator restarts)",
                       MetricType::Counter);
   auto reported = Family("checkpoint_reports_total",
                          "Checkpoint commits (kind=commit) and verified replicas (kind=replica) "
-                         "the agents reported since the coordinator started",
+                         "the agents reported (kept across coordinator restarts)",
                          MetricType::Counter);
   auto latency = Family("checkpoint_commit_seconds",
                         "From the program's save to the step's commit, as the ranks' checkpointer "

@@ -13,16 +13,21 @@
 //  - Failures found later (the allocation was refused, the agent exited) come out of Poll().
 //  - Cancel gives back every node of a request, up or not (a timed-out try).
 //  - The destructor gives back everything the provider still holds.
+//  - A provider whose nodes can outlive the coordinator (Slurm) records them in a ledger and
+//    adopts them after a restart (Adopt).
 //
 // Thread-safety: used from the coordinator's reactor thread only.
 
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
 #include "common/status.h"
 #include "coordinator/providers/provider_config.h"
+#include "coordinator/providers/provider_ledger.h"
 
 namespace muster::coordinator::providers {
 
@@ -56,6 +61,17 @@ class Provider {
   virtual void Cancel(uint64_t request_id) = 0;
   virtual void Release(const std::string& node) = 0;
   virtual std::vector<RequestFailure> Poll() = 0;
+
+  // Once, before the first Request, by a coordinator that keeps a ledger (provider_ledger.h,
+  // not owned; outlives the provider): what this provider's previous process recorded there is
+  // adopted when `keep(request, nodes)` says so (its request is still in flight, or its nodes
+  // are nodes the coordinator knows) and given back otherwise; from then on the provider
+  // records what it holds in `ledger`. Returns the requests adopted: their nodes may still
+  // register, and Cancel and Release act on them as on the provider's own. The default holds
+  // nothing beyond its process (the local provider's agents stop with the coordinator), so it
+  // adopts nothing.
+  using KeepFn = std::function<bool(uint64_t request, const std::vector<std::string>& nodes)>;
+  virtual std::set<uint64_t> Adopt(ProviderLedger* ledger, const KeepFn& keep) { return {}; }
 };
 
 // The provider for `config.kind` (local or slurm). InvalidArgument for static or unknown kinds.

@@ -15,11 +15,12 @@
 // the persist hook (SetPersist), before each new request is handed to its provider, so a
 // request's id, names and try count are durable before anything can exist because of it. It
 // hands the document to RestoreState when it starts again. Restored, a request whose try was in
-// flight counts that try as failed (a provider's new process gives back what its old one held: the
-// local provider's agents stop with the coordinator, the Slurm provider scancels its ledger), so it
-// is retried after the backoff, or given up after max_tries, counting the tries made before the
-// restart; a provider given up for a gang stays given up for its retry_backoff_max_s; idle clocks
-// keep running; names already handed out are never handed out again.
+// flight and that its provider does not adopt (Adopt, below) counts that try as failed (a
+// provider's new process gives back what its old one held: the local provider's agents stop with
+// the coordinator, the Slurm provider scancels its ledger), so it is retried after the backoff, or
+// given up after max_tries, counting the tries made before the restart; a provider given up for a
+// gang stays given up for its retry_backoff_max_s; idle clocks keep running; names already handed
+// out are never handed out again.
 //
 // Thread-safety: none; the coordinator's reactor thread only.
 
@@ -74,6 +75,14 @@ class ProviderManager {
   // The document if it changed since it was last restored or saved (StateSaved).
   std::optional<std::string> StateToSave() const;
   void StateSaved(std::string state) { saved_ = std::move(state); }
+  // After RestoreState (or with no state to restore), before the first Tick: each provider
+  // adopts what its previous process recorded in `ledger` (provider.h, Provider::Adopt) that is
+  // still wanted: the allocation of a request whose try was in flight (the try is in flight
+  // again, not failed: a node that registers for it now is its node, and request_timeout, counted
+  // from the try's start, still cancels it), or one holding nodes in `known` (the nodes the
+  // coordinator has). The rest goes back. Returns the events saying what was adopted.
+  std::vector<Event> Adopt(std::unique_ptr<ProviderLedger> ledger,
+                           const std::set<std::string>& known);
   // Called with SaveState() (the new request included) before each Provider::Request; false:
   // the request is not made, nor any other this Tick. Unset: requests are made unrecorded.
   void SetPersist(std::function<bool(const std::string& state)> persist) {
@@ -84,6 +93,7 @@ class ProviderManager {
   std::string NextName(const std::string& provider, const std::set<std::string>& known);
 
   ProvidersConfig config_;
+  std::unique_ptr<ProviderLedger> ledger_;  // outlives the providers (declared before them)
   std::map<std::string, std::unique_ptr<Provider>> providers_;
   std::map<uint64_t, OutstandingRequest> requests_;
   std::map<std::string, TimePoint> idle_since_;
@@ -95,6 +105,7 @@ class ProviderManager {
   uint64_t next_request_ = 1;
   std::string saved_;  // the state as last saved or restored
   std::function<bool(const std::string&)> persist_;
+  std::set<uint64_t> restart_failed_;  // tries RestoreState found in flight (Adopt may resume)
 };
 
 }  // namespace muster::coordinator::providers

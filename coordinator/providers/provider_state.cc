@@ -2,6 +2,7 @@
 // as one JSON document the coordinator keeps in its database.
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <nlohmann/json.hpp>
 
@@ -65,6 +66,7 @@ StatusOr<std::vector<ProviderManager::Event>> ProviderManager::RestoreState(
   decltype(released_) released;
   decltype(announced_) announced;
   uint64_t next_request = 1;
+  std::set<uint64_t> restart_failed;
   try {
     json j = json::parse(state);
     if (j.value("version", 0) != 1) {
@@ -115,6 +117,7 @@ StatusOr<std::vector<ProviderManager::Event>> ProviderManager::RestoreState(
     // ledger), so the try failed. It counts, and is retried after the backoff as any failed try.
     if (!r.waiting_retry && !r.failed) {
       r.failed = "the coordinator restarted while the request was in flight";
+      restart_failed.insert(r.id);
     }
     ++it;
   }
@@ -125,7 +128,39 @@ StatusOr<std::vector<ProviderManager::Event>> ProviderManager::RestoreState(
   released_ = std::move(released);
   announced_ = std::move(announced);
   next_request_ = std::max(next_request_, next_request);
+  restart_failed_ = std::move(restart_failed);
   saved_ = state;
+  return events;
+}
+
+std::vector<ProviderManager::Event> ProviderManager::Adopt(std::unique_ptr<ProviderLedger> ledger,
+                                                           const std::set<std::string>& known) {
+  std::vector<Event> events;
+  ledger_ = std::move(ledger);
+  for (auto& [name, p] : providers_) {
+    const std::string& provider = name;
+    auto keep = [&](uint64_t id, const std::vector<std::string>& nodes) {
+      auto it = requests_.find(id);
+      if (it != requests_.end() && it->second.provider == provider && restart_failed_.count(id))
+        return true;
+      for (const auto& n : nodes) {
+        if (known.count(n)) return true;
+      }
+      return false;
+    };
+    for (uint64_t id : p->Adopt(ledger_.get(), keep)) {
+      next_request_ = std::max(next_request_, id + 1);  // never handed out again
+      auto it = requests_.find(id);
+      if (it == requests_.end() || !restart_failed_.count(id)) continue;
+      it->second.failed.reset();
+      events.push_back(
+          {it->second.job, "", "provider_adopted",
+           fmt::format("request {} to provider {} (nodes {}) was in flight when the coordinator "
+                       "restarted; adopted: its nodes may still register",
+                       id, provider, fmt::join(it->second.nodes, ","))});
+    }
+  }
+  restart_failed_.clear();
   return events;
 }
 

@@ -122,60 +122,123 @@ StatusOr<std::string> RunTool(const std::vector<std::string>& argv,
 SlurmProvider::SlurmProvider(ProviderConfig config, AgentLaunch launch)
     : config_(std::move(config)), launch_(std::move(launch)) {
   nonce_ = fmt::format("{:08x}", std::random_device{}());
-  // First of all, the allocations an earlier coordinator left (it was killed before it could
-  // scancel them): nothing here knows their nodes, so they go back.
-  // Read now, before any Request of this process rewrites the ledger; each stays in it until
-  // it is scancelled or seen to have ended.
-  std::set<std::string> left;
-  {
-    std::ifstream f(LedgerPath());
-    for (std::string job; f >> job;) left.insert(job);
-  }
-  ledger_ = left;
-  work_.push_back([this, left] { CancelLeftovers(left); });
   worker_ = std::thread([this] { WorkerLoop(); });
 }
 
-fs::path SlurmProvider::LedgerPath() const {
-  return fs::path(config_.slurm.work_dir) / "allocations";
-}
-
-bool SlurmProvider::SaveLedgerLocked() {
-  std::error_code ec;
-  fs::path dir = LedgerPath().parent_path().empty() ? fs::path(".") : LedgerPath().parent_path();
-  fs::create_directories(dir, ec);
-  fs::path tmp = LedgerPath();
-  tmp += ".tmp";
-  std::string text;
-  for (const auto& job : ledger_) text += job + "\n";
-  // Written, fsynced and renamed into place, the directory fsynced: an intent recorded before
-  // sbatch runs is on disk when sbatch runs.
-  int fd = open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-  bool ok = fd >= 0;
-  for (size_t done = 0; ok && done < text.size();) {
-    ssize_t n = write(fd, text.data() + done, text.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    ok = n > 0;
-    if (ok) done += n;
+std::set<uint64_t> SlurmProvider::Adopt(ProviderLedger* ledger, const KeepFn& keep) {
+  ledger_db_ = ledger;
+  std::vector<LedgerEntry> entries;
+  if (auto loaded = ledger->Load(config_.name); loaded.ok()) {
+    entries = std::move(*loaded);
+  } else {
+    Logger()->error(
+        "provider {}: its ledger is not read ({}): what an earlier coordinator "
+        "left in Slurm is neither adopted nor scancelled",
+        config_.name, loaded.status().ToString());
   }
-  ok = ok && fsync(fd) == 0;
-  if (fd >= 0) close(fd);
-  if (ok) {
-    fs::rename(tmp, LedgerPath(), ec);
-    ok = !ec;
+  // The file an older coordinator kept: its jobs go back, as they did then.
+  fs::path legacy = fs::path(config_.slurm.work_dir) / "allocations";
+  {
+    std::ifstream f(legacy);
+    for (std::string job; f >> job;) entries.push_back({job, 0, {}});
   }
-  if (ok) {
-    int dfd = open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (dfd >= 0) {
-      fsync(dfd);
-      close(dfd);
+  std::set<uint64_t> adopted;
+  std::set<std::string> left;
+  std::vector<std::pair<uint64_t, std::string>> intents;  // adopted, to look up by name
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    for (const auto& e : entries) {
+      ledger_[e.key] = e;
+      bool intent = e.key.rfind(kIntentPrefix, 0) == 0;
+      if (e.request == 0 || allocs_.count(e.request) || !keep(e.request, e.nodes)) {
+        left.insert(e.key);
+        continue;
+      }
+      Alloc& a = allocs_[e.request];
+      a.adopted = true;
+      a.nodes.insert(e.nodes.begin(), e.nodes.end());
+      if (intent) {
+        a.name = e.key.substr(kIntentPrefix.size());
+        intents.push_back({e.request, e.key});
+      } else {
+        a.slurm_job = e.key;
+      }
+      adopted.insert(e.request);
+      Logger()->info("provider {}: adopted {} of request {} (nodes {})", config_.name, e.key,
+                     e.request, fmt::join(e.nodes, ","));
+    }
+    // (An unreadable ledger is not overwritten until this process records something.)
+    ledger_dirty_ = !entries.empty();
+    // Before any request of this process: the leftovers go back, the intents are looked up.
+    work_.push_back([this, left] { CancelLeftovers(left); });
+    for (const auto& [id, key] : intents) {
+      std::string name = key.substr(kIntentPrefix.size());
+      work_.push_back([this, id, key, name] { ResolveIntent(id, key, name); });
     }
   }
-  if (!ok) {
-    Logger()->error("provider {}: cannot write {}: {}", config_.name, LedgerPath().string(),
-                    ec ? ec.message() : strerror(errno));
+  cv_.notify_all();
+  if (FlushLedger().ok() && fs::exists(legacy)) {
+    std::error_code ec;
+    fs::remove(legacy, ec);
   }
-  return ok;
+  return adopted;
+}
+
+Status SlurmProvider::FlushLedger() {
+  if (ledger_db_ == nullptr) return Status::Ok();
+  std::vector<LedgerEntry> entries;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (!ledger_dirty_) return Status::Ok();
+    for (const auto& [key, e] : ledger_) entries.push_back(e);
+    ledger_dirty_ = false;
+  }
+  Status st = ledger_db_->Save(config_.name, entries);
+  if (!st.ok()) {
+    std::lock_guard<std::mutex> l(mu_);
+    ledger_dirty_ = true;
+    Logger()->error("provider {}: ledger not saved: {}", config_.name, st.ToString());
+  }
+  return st;
+}
+
+void SlurmProvider::ResolveIntent(uint64_t id, const std::string& intent, const std::string& name) {
+  std::string bin = config_.slurm.bin_dir.empty() ? "" : config_.slurm.bin_dir + "/";
+  auto out = RunTool({bin + "squeue", "-h", "-o", "%i", "--name", name}, kToolTimeout);
+  if (!out.ok()) {
+    // Unknown for now: a Cancel (the request's deadline) scancels it by name.
+    Logger()->warn("provider {}: squeue --name {}: {}", config_.name, name, out.status().message());
+    return;
+  }
+  std::string job;
+  std::istringstream(*out) >> job;
+  std::lock_guard<std::mutex> l(mu_);
+  auto it = allocs_.find(id);
+  if (job.empty()) {
+    // sbatch never submitted it (or it ended already): the request's try failed. Its name is
+    // scancelled all the same (it leaves the ledger when that succeeds).
+    work_.push_front([this, intent, name] { ScancelByName(intent, name); });
+    if (it != allocs_.end() && !it->second.cancelled) {
+      failures_.push_back({id, fmt::format("Slurm has no job {}: the sbatch in flight when the "
+                                           "coordinator restarted submitted nothing",
+                                           name)});
+    }
+    if (it != allocs_.end()) allocs_.erase(it);
+    return;
+  }
+  auto entry = ledger_.find(intent);
+  LedgerEntry e = entry != ledger_.end() ? entry->second : LedgerEntry{intent, id, {}};
+  e.key = job;
+  ledger_.erase(intent);
+  ledger_[job] = e;
+  ledger_dirty_ = true;
+  if (it == allocs_.end()) {
+    work_.push_front([this, job] { CancelLeftovers({job}); });
+    return;
+  }
+  it->second.slurm_job = job;
+  Logger()->info("provider {}: request {} is Slurm job {} ({})", config_.name, id, job, name);
+  if (it->second.cancelled) work_.push_front([this, id] { Scancel(id); });
 }
 
 void SlurmProvider::CancelLeftovers(const std::set<std::string>& left) {
@@ -190,8 +253,8 @@ void SlurmProvider::CancelLeftovers(const std::set<std::string>& left) {
                      : RunTool({bin + "scancel", job}, kToolTimeout);
     if (r.ok()) {
       Logger()->warn(
-          "provider {}: scancelled Slurm job {}, an allocation a previous coordinator left ({})",
-          config_.name, job, LedgerPath().string());
+          "provider {}: scancelled Slurm job {}, an allocation a previous coordinator left",
+          config_.name, job);
       gone.insert(job);
       continue;
     }
@@ -207,7 +270,7 @@ void SlurmProvider::CancelLeftovers(const std::set<std::string>& left) {
   }
   std::lock_guard<std::mutex> l(mu_);
   for (const auto& job : gone) ledger_.erase(job);
-  SaveLedgerLocked();
+  ledger_dirty_ = true;
 }
 
 SlurmProvider::~SlurmProvider() {
@@ -223,6 +286,7 @@ SlurmProvider::~SlurmProvider() {
   }
   cv_.notify_all();
   worker_.join();
+  FlushLedger().IgnoreError();  // what the scancels ended is not left for the next start
 }
 
 void SlurmProvider::Post(std::function<void()> work) {
@@ -320,14 +384,17 @@ Status SlurmProvider::Request(const NodeGroupRequest& req) {
   {
     std::lock_guard<std::mutex> l(mu_);
     auto& a = allocs_[req.id];
+    a.name = name;
     a.nodes.insert(req.names.begin(), req.names.end());
-    // Durable before sbatch runs: the allocation may exist before (or without) its answer.
-    ledger_.insert(intent);
-    if (!SaveLedgerLocked()) {
-      ledger_.erase(intent);
-      allocs_.erase(req.id);
-      return UnavailableError("cannot record the request in " + LedgerPath().string());
-    }
+    ledger_[intent] = {intent, req.id, req.names};
+    ledger_dirty_ = true;
+  }
+  // Durable before sbatch runs: the allocation may exist before (or without) its answer.
+  if (Status st = FlushLedger(); !st.ok()) {
+    std::lock_guard<std::mutex> l(mu_);
+    ledger_.erase(intent);
+    allocs_.erase(req.id);
+    return UnavailableError("cannot record the request in the provider ledger: " + st.ToString());
   }
   uint64_t id = req.id;
   std::string provider = config_.name;
@@ -339,7 +406,7 @@ Status SlurmProvider::Request(const NodeGroupRequest& req) {
       // intent stays for the next start, and the allocation is scancelled by name now.
       if (out.status().message().find("did not answer") == std::string::npos) {
         ledger_.erase(intent);
-        SaveLedgerLocked();
+        ledger_dirty_ = true;
       } else {
         work_.push_front([this, intent, name] { ScancelByName(intent, name); });
       }
@@ -349,9 +416,11 @@ Status SlurmProvider::Request(const NodeGroupRequest& req) {
     std::string job = TrimCopy(*out);
     if (auto semi = job.find(';'); semi != std::string::npos) job.resize(semi);  // "id;cluster"
     allocs_[id].slurm_job = job;
-    ledger_.insert(job);
+    LedgerEntry e = ledger_[intent];
+    e.key = job;
+    ledger_[job] = e;
     ledger_.erase(intent);
-    SaveLedgerLocked();
+    ledger_dirty_ = true;
     Logger()->info("provider {}: request {} is Slurm job {}", provider, id, job);
     if (allocs_[id].cancelled) work_.push_front([this, id] { Scancel(id); });
   });
@@ -367,7 +436,7 @@ void SlurmProvider::ScancelByName(const std::string& intent, const std::string& 
   }
   std::lock_guard<std::mutex> l(mu_);
   ledger_.erase(intent);
-  SaveLedgerLocked();
+  ledger_dirty_ = true;
 }
 
 void SlurmProvider::Scancel(uint64_t id) {
@@ -377,6 +446,13 @@ void SlurmProvider::Scancel(uint64_t id) {
     auto it = allocs_.find(id);
     if (it == allocs_.end()) return;
     job = it->second.slurm_job;
+    if (job.empty() && it->second.adopted) {
+      // An adopted intent not found (yet) by its name: scancelled by name.
+      std::string name = it->second.name;
+      allocs_.erase(it);
+      work_.push_front([this, name] { ScancelByName(std::string(kIntentPrefix) + name, name); });
+      return;
+    }
     if (job.empty()) return;  // sbatch has not answered: its reply scancels
     allocs_.erase(it);
   }
@@ -389,7 +465,7 @@ void SlurmProvider::Scancel(uint64_t id) {
     Logger()->info("provider {}: scancelled Slurm job {}", config_.name, job);
     std::lock_guard<std::mutex> l(mu_);
     ledger_.erase(job);
-    SaveLedgerLocked();
+    ledger_dirty_ = true;
   }
 }
 
@@ -457,11 +533,12 @@ void SlurmProvider::Watch() {
                                          last.empty() ? "" : ": " + last.substr(0, 300))});
     allocs_.erase(it);
     ledger_.erase(job);
-    SaveLedgerLocked();
+    ledger_dirty_ = true;
   }
 }
 
 std::vector<RequestFailure> SlurmProvider::Poll() {
+  FlushLedger().IgnoreError();  // logged; retried at the next Poll
   auto now = std::chrono::steady_clock::now();
   if (now >= next_watch_) {
     next_watch_ = now + std::chrono::seconds(2);

@@ -19,23 +19,30 @@
 // coordinator's reactor never waits on Slurm. A failed sbatch is a failed try (Poll); so is
 // an allocation that ends by itself (every 2 s, squeue: its agents exited, or Slurm ended it).
 //
-// Allocations outlive a coordinator that is killed before it can scancel them. So every Slurm
-// job sbatch answered is written to <slurm.work_dir>/allocations until it is scancelled or
-// seen to end; a provider created with that file non-empty (a coordinator restarted with the
-// same providers file) first scancels each job listed there, on its worker thread, before any
-// request of its own: a new coordinator does not know their nodes, so it does not adopt them.
-// A job whose scancel fails for another reason than having ended stays listed for the next
-// start. An sbatch not yet answered is covered too: before sbatch runs, the ledger gets an
-// intent ("name:<job name>", a name unique to the try); the answer replaces it with the job id,
-// a refusal removes it, and a next coordinator that finds it runs `scancel --name`. An sbatch
-// that times out is scancelled by name at once (its intent stays until that succeeds).
+// Allocations outlive a coordinator that is killed before it can scancel them, and nodes that
+// run jobs must keep running through a coordinator restart. So every Slurm job sbatch answered
+// is recorded in the coordinator's ledger (provider_ledger.h: its database) with its request
+// and node names, until it is scancelled or seen to end. An sbatch not yet answered is covered
+// too: before sbatch runs, the ledger gets an intent ("name:<job name>", a name unique to the
+// try, durable when Request returns); the answer replaces it with the job id, a refusal removes
+// it. An sbatch that times out is scancelled by name at once (its intent stays until that
+// succeeds). The worker thread's changes to the ledger reach the database at the next Poll.
+//
+// After a restart, Adopt reads the ledger: an allocation whose request the coordinator still
+// waits for, or whose nodes it knows (they run jobs or sit idle), is adopted: its nodes that
+// register are its request's, Release and Cancel scancel it as before, and an adopted intent is
+// looked up by its name (squeue --name: a job found is adopted by id; none means sbatch never
+// submitted, and the request fails). Everything else in the ledger is scancelled on the
+// worker thread before any request of the new process (by id, or `scancel --name` for an
+// intent); a job whose scancel fails for another reason than having ended stays in the ledger
+// for the next start. A ledger file an older coordinator left (<slurm.work_dir>/allocations) is
+// read once as such leftovers and removed.
 //
 // Thread-safety: the public methods are for the reactor thread; the worker shares only the
 // queues under mu_.
 
 #include <condition_variable>
 #include <deque>
-#include <filesystem>
 #include <functional>
 #include <map>
 #include <mutex>
@@ -56,6 +63,7 @@ class SlurmProvider : public Provider {
   void Cancel(uint64_t request_id) override;
   void Release(const std::string& node) override;
   std::vector<RequestFailure> Poll() override;
+  std::set<uint64_t> Adopt(ProviderLedger* ledger, const KeepFn& keep) override;
 
   // The batch script for a request (tests read it).
   std::string BatchScript(const NodeGroupRequest& request) const;
@@ -63,17 +71,21 @@ class SlurmProvider : public Provider {
  private:
   struct Alloc {
     std::string slurm_job;  // empty until sbatch answered
+    std::string name;       // the Slurm job name (scancel --name for an adopted intent)
     std::set<std::string> nodes, released;
     bool cancelled = false;
+    bool adopted = false;  // from a previous process: no sbatch of ours will answer
   };
   void Post(std::function<void()> work);
   void WorkerLoop();
   void Scancel(uint64_t id);  // worker thread
-  // Worker thread: scancels the jobs an earlier provider left in the ledger.
+  // Worker thread: scancels the jobs (or intents) an earlier process left that were not adopted.
   void CancelLeftovers(const std::set<std::string>& left);
-  std::filesystem::path LedgerPath() const;
-  // False (and logged) if the ledger could not be written durably. REQUIRES: mu_ held.
-  bool SaveLedgerLocked();
+  // Worker thread: finds the Slurm job of an adopted intent by its name (see the top).
+  void ResolveIntent(uint64_t id, const std::string& intent, const std::string& name);
+  // Reactor thread: writes the ledger to the coordinator's database if it changed; an error
+  // leaves it to the next flush. Ok without a ledger (never adopted: nothing is durable).
+  Status FlushLedger();
   // Worker thread: scancels the Slurm job named `name` (an sbatch that did not answer) and
   // drops its `intent` from the ledger.
   void ScancelByName(const std::string& intent, const std::string& name);
@@ -89,8 +101,11 @@ class SlurmProvider : public Provider {
   std::vector<RequestFailure> failures_;    // GUARDED_BY(mu_)
   std::map<uint64_t, Alloc> allocs_;        // GUARDED_BY(mu_)
   bool stop_ = false;                       // GUARDED_BY(mu_)
-  std::set<std::string> ledger_;            // GUARDED_BY(mu_): Slurm jobs not known to be gone
-  bool watching_ = false;                   // GUARDED_BY(mu_): a Watch is queued
+  // GUARDED_BY(mu_): Slurm jobs (and intents) not known to be gone, by key.
+  std::map<std::string, LedgerEntry> ledger_;
+  bool ledger_dirty_ = false;            // GUARDED_BY(mu_): changed since the last flush
+  ProviderLedger* ledger_db_ = nullptr;  // reactor thread only; set by Adopt
+  bool watching_ = false;                // GUARDED_BY(mu_): a Watch is queued
   std::chrono::steady_clock::time_point next_watch_{};  // reactor thread only
   std::string nonce_;  // in every Slurm job name of this process: the names are unique
   std::thread worker_;

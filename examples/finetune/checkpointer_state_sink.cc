@@ -1,9 +1,8 @@
 #include "examples/finetune/checkpointer_state_sink.h"
 
 namespace muster::finetune {
-namespace {
 
-StatusOr<checkpoint::DType> ToDType(torch::ScalarType t) {
+StatusOr<checkpoint::DType> ToCheckpointDType(torch::ScalarType t) {
   switch (t) {
     case torch::kFloat32:
       return checkpoint::DType::kF32;
@@ -23,6 +22,8 @@ StatusOr<checkpoint::DType> ToDType(torch::ScalarType t) {
       return InvalidArgumentError("no checkpoint dtype for this tensor's dtype");
   }
 }
+
+namespace {
 
 StatusOr<torch::ScalarType> FromDType(checkpoint::DType d) {
   switch (d) {
@@ -67,7 +68,7 @@ Status CheckpointerStateSink::Save(int64_t step, const NamedTensors& tensors,
   for (const auto& [name, t] : tensors) {
     torch::Tensor c = t.detach().contiguous();
     const bool cuda = c.is_cuda();
-    MUSTER_ASSIGN_OR_RETURN(checkpoint::DType dtype, ToDType(c.scalar_type()));
+    MUSTER_ASSIGN_OR_RETURN(checkpoint::DType dtype, ToCheckpointDType(c.scalar_type()));
     std::vector<int64_t> shape(c.sizes().begin(), c.sizes().end());
     state.tensors.push_back(checkpoint::TensorRef::Replicated(
         name, dtype, shape, c.data_ptr(),

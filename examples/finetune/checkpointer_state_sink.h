@@ -15,6 +15,9 @@
 
 namespace muster::finetune {
 
+// The checkpoint dtype of a torch dtype; InvalidArgument for one checkpoints cannot hold.
+StatusOr<checkpoint::DType> ToCheckpointDType(torch::ScalarType t);
+
 class CheckpointerStateSink final : public TrainStateSink {
  public:
   explicit CheckpointerStateSink(std::unique_ptr<checkpoint::Checkpointer> ck)

@@ -13,6 +13,7 @@
 #include "common/rank_env.h"
 #include "examples/finetune/checkpointer_state_sink.h"
 #include "examples/finetune/gradient_sync.h"
+#include "examples/finetune/snapshot_sink.h"
 #include "examples/finetune/train_state_sink.h"
 #include "examples/finetune/trainer.h"
 #include "runtime/job_context.h"
@@ -175,8 +176,23 @@ int main(int argc, char** argv) {
     }
     base = std::move(*opened);
   }
+  // In-memory peer snapshots, when the job asks for them (checkpoint.snapshot_every_steps) and
+  // the agent holds them.
+  std::unique_ptr<muster::finetune::SnapshotSink> snapshots;
+  if ((*ctx)->snapshot_every() > 0) {
+    if (auto sender = (*ctx)->NewSnapshotSender()) {
+      snapshots = std::make_unique<muster::finetune::SnapshotSink>(std::move(sender),
+                                                                   (*ctx)->snapshot_every());
+    } else {
+      log->warn(
+          "MUSTER_SNAPSHOT_EVERY={} but no snapshot socket (MUSTER_SNAPSHOT_SOCKET): no "
+          "in-memory snapshots",
+          (*ctx)->snapshot_every());
+    }
+  }
   muster::runtime::JobContext::InstallSigtermHandler();  // SIGTERM: checkpoint, then stop
-  auto result = muster::finetune::Train(c, *sync, *store, base.get(), **ctx, std::cout);
+  auto result =
+      muster::finetune::Train(c, *sync, *store, base.get(), **ctx, std::cout, snapshots.get());
   if (!result.ok()) {
     log->error("{}", result.status().ToString());
     switch (result.status().code()) {

@@ -16,6 +16,13 @@ using json = nlohmann::json;
 constexpr char kFormat[] = "muster.finetune/1";
 constexpr char kModelPrefix[] = "model.";
 constexpr char kOptimizerKey[] = "optimizer";
+// In a snapshot the AdamW state is raw tensors, not torch::save's archive: per trainable
+// parameter "adamw.<name>.exp_avg" and ".exp_avg_sq", and "adamw.step" (i64, one per parameter;
+// 0: the optimizer holds no state for it yet). Copying them costs one memcpy; serializing the
+// archive every step would cost more than the rest of the snapshot.
+constexpr char kAdamPrefix[] = "adamw.";
+constexpr char kAdamSteps[] = "adamw.step";
+constexpr char kSnapshotOptimizer[] = "adamw-tensors/1";
 
 uint64_t Mix(uint64_t x) {
   x += 0x9E3779B97F4A7C15ULL;
@@ -94,13 +101,14 @@ double EvalLoss(CharLM& model, const Corpus& corpus, torch::Device device) {
 class Run {
  public:
   Run(const TrainConfig& c, GradientSync& sync, TrainStateSink& store, TrainStateSink* base,
-      runtime::JobContext& ctx, std::ostream& out)
+      runtime::JobContext& ctx, std::ostream& out, SnapshotSink* snapshots)
       : c_(c),
         sync_(sync),
         store_(store),
         base_store_(base),
         ctx_(ctx),
         out_(out),
+        snapshots_(snapshots),
         log_(log::Get("examples.finetune")),
         device_(PickDevice(c.device, ctx.local_rank())) {}
 
@@ -110,8 +118,16 @@ class Run {
   Status Validate();
   Status LoadBase(ModelConfig* model_config);
   Status Build(const ModelConfig& mc);
+  // Refuses a checkpoint's or snapshot's metadata written by another kind of run.
+  Status CheckResumable(const json& meta, const std::string& what);
   Status ResumeFrom(int64_t step);
+  // Resumes from the in-memory snapshot of ctx_.resume_snapshot_step().
+  Status ResumeFromSnapshot();
+  // The metadata a checkpoint or snapshot of `step` carries.
+  json Metadata(int64_t step, double loss);
   Status Checkpoint(int64_t step, double loss);
+  // Hands the whole train state of `step` to snapshots_.
+  Status Snapshot(int64_t step, double loss);
   // Waits for the save in flight, if any, and announces its commit.
   Status WaitForCommit();
   std::optional<int64_t> pending_save_;
@@ -126,6 +142,7 @@ class Run {
   TrainStateSink* base_store_;
   runtime::JobContext& ctx_;
   std::ostream& out_;
+  SnapshotSink* snapshots_;
   std::shared_ptr<spdlog::logger> log_;
   torch::Device device_;
 
@@ -211,10 +228,7 @@ Status Run::Build(const ModelConfig& mc) {
   return Status::Ok();
 }
 
-Status Run::ResumeFrom(int64_t step) {
-  MUSTER_ASSIGN_OR_RETURN(SavedState s, store_.Restore(step));
-  const std::string what = "checkpoint step " + std::to_string(step);
-  MUSTER_ASSIGN_OR_RETURN(json meta, ParseMetadata(s, what));
+Status Run::CheckResumable(const json& meta, const std::string& what) {
   if (meta.at("mode") != ModeName(c_.mode)) {
     return FailedPreconditionError(what + " was written in mode " +
                                    meta.at("mode").get<std::string>() + ", not " +
@@ -233,6 +247,14 @@ Status Run::ResumeFrom(int64_t step) {
           c_.base_dir.string() + " has digest " + base_ref_.at("digest").get<std::string>());
     }
   }
+  return Status::Ok();
+}
+
+Status Run::ResumeFrom(int64_t step) {
+  MUSTER_ASSIGN_OR_RETURN(SavedState s, store_.Restore(step));
+  const std::string what = "checkpoint step " + std::to_string(step);
+  MUSTER_ASSIGN_OR_RETURN(json meta, ParseMetadata(s, what));
+  MUSTER_RETURN_IF_ERROR(CheckResumable(meta, what));
   MUSTER_RETURN_IF_ERROR(CopyInto(Trainable(), s.tensors, what));
   for (const auto& [n, t] : s.tensors) {
     if (n != kOptimizerKey) continue;
@@ -246,15 +268,75 @@ Status Run::ResumeFrom(int64_t step) {
   return Status::Ok();
 }
 
-Status Run::Checkpoint(int64_t step, double loss) {
-  NamedTensors tensors;
-  for (auto& [n, p] : Trainable()) tensors.emplace_back(kModelPrefix + n, p.detach().cpu());
-  std::ostringstream os;
-  torch::save(*optimizer_, os);
-  const std::string blob = os.str();
-  torch::Tensor bytes = torch::empty({static_cast<int64_t>(blob.size())}, torch::kUInt8);
-  std::memcpy(bytes.data_ptr(), blob.data(), blob.size());
-  tensors.emplace_back(kOptimizerKey, bytes);
+Status Run::ResumeFromSnapshot() {
+  const int64_t want = *ctx_.resume_snapshot_step();
+  const std::string what = "the in-memory snapshot of step " + std::to_string(want);
+  // Exits 1 (not 2, "usage"): a snapshot that does not fit this run is not a bad flag.
+  auto fail = [&](const Status& s) {
+    Status c = s.WithContext("cannot resume from " + what +
+                             " (the other ranks resume from it; this rank must not train on "
+                             "from another step)");
+    return c.code() == StatusCode::kInvalidArgument
+               ? Status(StatusCode::kFailedPrecondition, c.message())
+               : c;
+  };
+  const NamedTensors trainable = Trainable();
+  NamedTensors into;
+  for (const auto& [n, p] : trainable) into.emplace_back(kModelPrefix + n, p.detach());
+  std::vector<torch::Tensor> avg, avg_sq;
+  for (const auto& [n, p] : trainable) {
+    avg.push_back(torch::empty_like(p, torch::MemoryFormat::Contiguous));
+    avg_sq.push_back(torch::empty_like(p, torch::MemoryFormat::Contiguous));
+    into.emplace_back(kAdamPrefix + n + ".exp_avg", avg.back());
+    into.emplace_back(kAdamPrefix + n + ".exp_avg_sq", avg_sq.back());
+  }
+  torch::Tensor steps = torch::empty({static_cast<int64_t>(trainable.size())}, torch::kInt64);
+  into.emplace_back(kAdamSteps, steps);
+  SavedState s;
+  auto restored = RestoreSnapshotInto(ctx_, into, &s.metadata);
+  if (!restored.ok()) return fail(restored.status());
+  auto meta = ParseMetadata(s, what);
+  if (!meta.ok()) return fail(meta.status());
+  if (Status st = CheckResumable(*meta, what); !st.ok()) return fail(st);
+  if (meta->value("step", int64_t{-1}) != want ||
+      meta->value("world_size", -1) != sync_.world_size() ||
+      meta->value("optimizer", "") != kSnapshotOptimizer) {
+    return fail(DataLossError("its metadata says step " + meta->value("step", json()).dump() +
+                              ", world size " + meta->value("world_size", json()).dump() +
+                              ", optimizer " + meta->value("optimizer", json()).dump() +
+                              "; expected step " + std::to_string(want) + ", world size " +
+                              std::to_string(sync_.world_size()) + ", " + kSnapshotOptimizer));
+  }
+  auto& state = optimizer_->state();
+  for (size_t i = 0; i < trainable.size(); ++i) {
+    const std::string key = c10::guts::to_string(trainable[i].second.unsafeGetTensorImpl());
+    const int64_t step = steps[static_cast<int64_t>(i)].item<int64_t>();
+    if (step == 0) {
+      state.erase(key);
+      continue;
+    }
+    auto ps = std::make_unique<torch::optim::AdamWParamState>();
+    ps->step(step);
+    ps->exp_avg(avg[i]);
+    ps->exp_avg_sq(avg_sq[i]);
+    state[key] = std::move(ps);
+  }
+  // Bit-exact, or not at all: the restored parameters (base and trainable) must hash to the
+  // digest the snapshot was taken with.
+  const std::string digest = DigestTensors(NamedParams(*model_, ParamSet::kAll));
+  if (digest != meta->value("param_digest", "")) {
+    return fail(DataLossError("the restored parameters have digest " + digest + ", the snapshot " +
+                              "was taken with " + meta->value("param_digest", json()).dump()));
+  }
+  start_step_ = want;
+  log_->info(
+      "resumed from the in-memory snapshot of step {} (data position {} sequences, param "
+      "digest {})",
+      want, want * c_.global_batch, digest);
+  return Status::Ok();
+}
+
+json Run::Metadata(int64_t step, double loss) {
   json meta = {{"format", kFormat},
                {"mode", ModeName(c_.mode)},
                {"step", step},
@@ -272,10 +354,56 @@ Status Run::Checkpoint(int64_t step, double loss) {
                {"param_digest", DigestTensors(NamedParams(*model_, ParamSet::kAll))}};
   if (c_.mode == Mode::kLora) meta["lora"] = {{"rank", c_.lora_rank}, {"alpha", c_.lora_alpha}};
   if (!base_ref_.is_null()) meta["base"] = base_ref_;
+  return meta;
+}
+
+Status Run::Checkpoint(int64_t step, double loss) {
+  NamedTensors tensors;
+  for (auto& [n, p] : Trainable()) tensors.emplace_back(kModelPrefix + n, p.detach().cpu());
+  std::ostringstream os;
+  torch::save(*optimizer_, os);
+  const std::string blob = os.str();
+  torch::Tensor bytes = torch::empty({static_cast<int64_t>(blob.size())}, torch::kUInt8);
+  std::memcpy(bytes.data_ptr(), blob.data(), blob.size());
+  tensors.emplace_back(kOptimizerKey, bytes);
+  const json meta = Metadata(step, loss);
   MUSTER_RETURN_IF_ERROR(WaitForCommit());
   MUSTER_RETURN_IF_ERROR(store_.Save(step, tensors, meta.dump(2)));
   pending_save_ = step;
   return Status::Ok();
+}
+
+Status Run::Snapshot(int64_t step, double loss) {
+  // Views of the live tensors: the sink copies them before returning (the training stall, timed
+  // from here), and the next optimizer step changes them only after that.
+  const auto began = std::chrono::steady_clock::now();
+  const NamedTensors trainable = Trainable();
+  NamedTensors tensors;
+  tensors.reserve(3 * trainable.size() + 1);
+  for (const auto& [n, p] : trainable) tensors.emplace_back(kModelPrefix + n, p.detach());
+  torch::Tensor steps = torch::zeros({static_cast<int64_t>(trainable.size())}, torch::kInt64);
+  auto* step_data = steps.data_ptr<int64_t>();
+  const auto& state = optimizer_->state();
+  for (size_t i = 0; i < trainable.size(); ++i) {
+    const torch::Tensor& p = trainable[i].second;
+    auto it = state.find(c10::guts::to_string(p.unsafeGetTensorImpl()));
+    torch::Tensor avg, avg_sq;
+    if (it != state.end()) {
+      const auto& ps = static_cast<const torch::optim::AdamWParamState&>(*it->second);
+      avg = ps.exp_avg();
+      avg_sq = ps.exp_avg_sq();
+      step_data[i] = ps.step();
+    } else {  // no update yet: what AdamW starts such a parameter from
+      avg = torch::zeros_like(p);
+      avg_sq = torch::zeros_like(p);
+    }
+    tensors.emplace_back(kAdamPrefix + trainable[i].first + ".exp_avg", avg);
+    tensors.emplace_back(kAdamPrefix + trainable[i].first + ".exp_avg_sq", avg_sq);
+  }
+  tensors.emplace_back(kAdamSteps, steps);
+  json meta = Metadata(step, loss);
+  meta["optimizer"] = kSnapshotOptimizer;
+  return snapshots_->Save(step, tensors, meta.dump(), began);
 }
 
 Status Run::WaitForCommit() {
@@ -312,7 +440,16 @@ StatusOr<TrainResult> Run::Go() {
   } else {
     resume_step = latest;  // an empty MUSTER_RESUME_STEP: the latest checkpoint, if any
   }
-  if (resume_step) MUSTER_RETURN_IF_ERROR(ResumeFrom(*resume_step));
+  if (ctx_.resume_snapshot_step()) {
+    // The agent resumes the gang from its memory: that step, on every rank, or none.
+    if (resume_step) {
+      log_->info("resuming from the in-memory snapshot of step {}, not the volume's step {}",
+                 *ctx_.resume_snapshot_step(), *resume_step);
+    }
+    MUSTER_RETURN_IF_ERROR(ResumeFromSnapshot());
+  } else if (resume_step) {
+    MUSTER_RETURN_IF_ERROR(ResumeFrom(*resume_step));
+  }
 
   int64_t trainable = 0, total = 0;
   for (auto& [n, p] : Trainable()) trainable += p.numel();
@@ -363,6 +500,9 @@ StatusOr<TrainResult> Run::Go() {
     // Announce the last checkpoint as soon as it is committed, not at the next one: the
     // scheduler resumes a job from the newest step it has heard of.
     if (pending_save_ && !store_.Saving()) MUSTER_RETURN_IF_ERROR(WaitForCommit());
+    // The snapshot of this step goes to the agent before the step is announced, so that a step
+    // the job reports done is (once the sender's thread hands it over) one it can resume from.
+    if (snapshots_ && snapshots_->Due(done)) MUSTER_RETURN_IF_ERROR(Snapshot(done, loss_value));
 
     if (done % c_.log_every == 0 || done == c_.steps || stop) {
       const double secs =
@@ -373,8 +513,17 @@ StatusOr<TrainResult> Run::Go() {
           !s.ok()) {
         log_->warn("progress: {}", s.ToString());
       }
-      log_->info("step {}/{}  loss {:.4f}  lr {:.3g}  {:.0f} tok/s", done, c_.steps, loss_value, lr,
-                 tps);
+      if (snapshots_ && snapshots_->stats().snapshots > 0) {
+        const SnapshotSink::Stats& ss = snapshots_->stats();
+        log_->info(
+            "step {}/{}  loss {:.4f}  lr {:.3g}  {:.0f} tok/s  snapshot copy mean {:.3f} ms max "
+            "{:.3f} ms over {} of {} KiB",
+            done, c_.steps, loss_value, lr, tps, ss.mean_ms(), ss.stall_ms_max, ss.snapshots,
+            ss.bytes / 1024);
+      } else {
+        log_->info("step {}/{}  loss {:.4f}  lr {:.3g}  {:.0f} tok/s", done, c_.steps, loss_value,
+                   lr, tps);
+      }
       window_start = std::chrono::steady_clock::now();
       window_steps = 0;
     }
@@ -393,6 +542,12 @@ StatusOr<TrainResult> Run::Go() {
     }
   }
   MUSTER_RETURN_IF_ERROR(WaitForCommit());
+  if (snapshots_) {
+    // Hand the last snapshot over before exiting (the sender drops one still queued).
+    if (Status s = snapshots_->Flush(std::chrono::seconds(10)); !s.ok()) {
+      log_->warn("the last in-memory snapshot was not handed to the agent: {}", s.ToString());
+    }
+  }
   if (result.step == 0) result.step = start_step_;
   (void)last_saved;
   result.param_digest = DigestTensors(NamedParams(*model_, ParamSet::kAll));
@@ -432,9 +587,10 @@ double LearningRate(const TrainConfig& c, int64_t step) {
 }
 
 StatusOr<TrainResult> Train(const TrainConfig& c, GradientSync& sync, TrainStateSink& store,
-                            TrainStateSink* base, runtime::JobContext& ctx, std::ostream& out) {
+                            TrainStateSink* base, runtime::JobContext& ctx, std::ostream& out,
+                            SnapshotSink* snapshots) {
   try {
-    Run run(c, sync, store, base, ctx, out);
+    Run run(c, sync, store, base, ctx, out, snapshots);
     return run.Go();
   } catch (const c10::Error& e) {
     return InternalError(std::string("libtorch: ") + e.what_without_backtrace());

@@ -14,6 +14,7 @@
 #include "common/status.h"
 #include "examples/finetune/gradient_sync.h"
 #include "examples/finetune/model.h"
+#include "examples/finetune/snapshot_sink.h"
 #include "examples/finetune/train_state_sink.h"
 #include "runtime/job_context.h"
 
@@ -62,7 +63,14 @@ double LearningRate(const TrainConfig& c, int64_t step);
 // `ctx` supplies the preemption notice (NoticeSeen) and takes the progress (MUSTER_PROGRESS,
 // on the control channel or stdout). The other machine-readable lines (MUSTER_PREEMPTED,
 // MUSTER_DONE; see examples/README.md) go to `out` from rank 0; readable ones go to the log.
+//
+// `snapshots` (may be null): the job's in-memory peer snapshots; the whole train state goes to it
+// every snapshots->every() steps. When the attempt resumes from a snapshot
+// (ctx.resume_snapshot_step()), the state comes from the local agent's memory instead of the
+// volume, bit-exact; a snapshot that cannot be restored is an error (the peers resume from that
+// step: never train on from another one).
 StatusOr<TrainResult> Train(const TrainConfig& c, GradientSync& sync, TrainStateSink& store,
-                            TrainStateSink* base, runtime::JobContext& ctx, std::ostream& out);
+                            TrainStateSink* base, runtime::JobContext& ctx, std::ostream& out,
+                            SnapshotSink* snapshots = nullptr);
 
 }  // namespace muster::finetune

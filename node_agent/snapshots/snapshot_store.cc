@@ -1,6 +1,8 @@
 #include "node_agent/snapshots/snapshot_store.h"
 
+#include <algorithm>
 #include <utility>
+#include <vector>
 
 #include "checkpoint/manifest.h"  // Xxh3
 #include "common/logging.h"
@@ -34,8 +36,11 @@ Status SnapshotStore::ReserveLocked(const std::string& job, JobState& js, int32_
         Bytes(options_.memory_limit) +
         " (raise the agent's --snapshot-memory or snapshot less often)");
   }
+  extra_ -= Extra(slot);
   reserved_ = others + want;
   slot.reserved = want;
+  extra_ += Extra(slot);
+  DropExtrasLocked(0);  // the window gives back the room a reservation takes
   return Status::Ok();
 }
 
@@ -47,8 +52,63 @@ Status SnapshotStore::Reserve(const std::string& job, int32_t rank, uint64_t byt
 void SnapshotStore::EraseLocked(RankSlot& slot, int64_t step) {
   auto it = slot.frames.find(step);
   if (it == slot.frames.end()) return;
-  used_ -= it->second->payload.size();
+  const uint64_t size = it->second->payload.size();
+  extra_ -= Extra(slot);
+  used_ -= size;
+  slot.used -= size;
   slot.frames.erase(it);
+  extra_ += Extra(slot);
+}
+
+bool SnapshotStore::DropOldestLocked(RankSlot& slot, int64_t keep) {
+  if (slot.frames.size() < 2) return false;  // the newest frame always stays
+  const int64_t newest = slot.frames.rbegin()->first;
+  for (const auto& [step, f] : slot.frames) {
+    if (step == newest) break;
+    if (step == keep) continue;
+    EraseLocked(slot, step);
+    return true;
+  }
+  return false;
+}
+
+void SnapshotStore::DropExtrasLocked(uint64_t room) {
+  const uint64_t limit = options_.memory_limit;
+  for (auto& [job, js] : jobs_) {
+    const int64_t keep = options_.keep_steps >= 2 ? js.complete_step : -1;
+    for (auto& [rank, slot] : js.ranks) {
+      while (extra_ > 0 && reserved_ + extra_ + room > limit && Extra(slot) > 0) {
+        if (!DropOldestLocked(slot, keep)) break;
+      }
+    }
+  }
+}
+
+void SnapshotStore::UpdateCompleteLocked(JobState& js) {
+  js.complete_step = -1;
+  auto has = [&](const RankSlot& slot, int64_t step) {
+    auto it = slot.frames.find(step);
+    return it != slot.frames.end() && it->second->key.attempt == js.newest_attempt;
+  };
+  std::vector<const RankSlot*> slots;  // the ranks with a frame of the newest attempt
+  for (const auto& [rank, slot] : js.ranks) {
+    for (const auto& [step, f] : slot.frames) {
+      if (f->key.attempt == js.newest_attempt) {
+        slots.push_back(&slot);
+        break;
+      }
+    }
+  }
+  if (slots.empty()) return;
+  for (auto it = slots[0]->frames.rbegin(); it != slots[0]->frames.rend(); ++it) {
+    if (it->second->key.attempt != js.newest_attempt) continue;
+    bool all = true;
+    for (const RankSlot* other : slots) all = all && has(*other, it->first);
+    if (all) {
+      js.complete_step = it->first;
+      return;
+    }
+  }
 }
 
 Status SnapshotStore::Put(checkpoint::SnapshotFrame frame) {
@@ -77,18 +137,28 @@ Status SnapshotStore::PutLocked(JobState& js, checkpoint::SnapshotFrame frame) {
   RankSlot& slot = js.ranks[key.rank];
   // A resumed attempt overwrites what its predecessor saved at or past this step.
   for (auto it = slot.frames.lower_bound(key.step); it != slot.frames.end();) {
-    if (it->second->key.attempt < key.attempt || it->first == key.step) {
-      used_ -= it->second->payload.size();
-      it = slot.frames.erase(it);
-    } else {
-      ++it;
-    }
+    const int64_t step = it->first;
+    const bool drop = it->second->key.attempt < key.attempt || step == key.step;
+    ++it;
+    if (drop) EraseLocked(slot, step);
   }
-  while (slot.frames.size() >= static_cast<size_t>(options_.keep_steps)) {
-    EraseLocked(slot, slot.frames.begin()->first);
-  }
-  used_ += frame.payload.size();
+  const uint64_t size = frame.payload.size();
+  extra_ -= Extra(slot);
+  used_ += size;
+  slot.used += size;
   slot.frames[key.step] = std::make_shared<const checkpoint::SnapshotFrame>(std::move(frame));
+  extra_ += Extra(slot);
+  UpdateCompleteLocked(js);
+  // The reserved steps, the window while unreserved memory allows; never the complete step
+  // (with a single reserved step it is the newest one).
+  const size_t keep = static_cast<size_t>(options_.keep_steps);
+  const size_t window = std::max(keep, static_cast<size_t>(std::max(0, options_.window_steps)));
+  const int64_t protect = keep >= 2 ? js.complete_step : -1;
+  while (slot.frames.size() > keep &&
+         (slot.frames.size() > window || reserved_ + extra_ > options_.memory_limit)) {
+    if (!DropOldestLocked(slot, protect)) break;
+  }
+  DropExtrasLocked(0);
   return Status::Ok();
 }
 
@@ -116,7 +186,10 @@ StatusOr<std::shared_ptr<const checkpoint::SnapshotFrame>> SnapshotStore::Get(
       auto r = j->second.ranks.find(rank);
       if (r != j->second.ranks.end()) {
         auto s = r->second.frames.find(step);
-        if (s != r->second.frames.end() && s->second == f) EraseLocked(r->second, step);
+        if (s != r->second.frames.end() && s->second == f) {
+          EraseLocked(r->second, step);
+          UpdateCompleteLocked(j->second);
+        }
       }
     }
     return DataLossError(what + " no longer matches its xxh3 checksum; dropped");
@@ -153,8 +226,9 @@ void SnapshotStore::DropJob(const std::string& job) {
   auto j = jobs_.find(job);
   if (j == jobs_.end()) return;
   for (auto& [rank, slot] : j->second.ranks) {
+    extra_ -= Extra(slot);
     reserved_ -= slot.reserved;
-    for (auto& [step, f] : slot.frames) used_ -= f->payload.size();
+    used_ -= slot.used;
   }
   jobs_.erase(j);
 }
@@ -167,6 +241,17 @@ uint64_t SnapshotStore::used_bytes() const {
 uint64_t SnapshotStore::reserved_bytes() const {
   std::lock_guard<std::mutex> lock(mu_);
   return reserved_;
+}
+
+uint64_t SnapshotStore::extra_bytes() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return extra_;
+}
+
+int64_t SnapshotStore::complete_step(const std::string& job) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto j = jobs_.find(job);
+  return j == jobs_.end() ? -1 : j->second.complete_step;
 }
 
 }  // namespace muster::node_agent

@@ -17,9 +17,20 @@
 //     allows, else it is refused the same way.
 //   - Checksummed: a frame is kept only once its payload matches its xxh3 (Put), and Get checks
 //     it again before handing it out, so a bit flipped in memory is DataLoss, never restored.
-//   - Per (job, rank), the newest keep_steps steps are kept. A frame of a newer attempt first
+//   - Per (job, rank), the newest keep_steps steps are kept, and up to window_steps of the
+//     newest while memory that no reservation holds allows (a reservation that needs that room
+//     takes it back: the oldest such extra frames go first). A frame of a newer attempt first
 //     drops that rank's frames of older attempts at the same or later steps (a resumed gang
 //     overwrites the steps that its predecessor saved past the resume point).
+//   - Coordinated retention: the newest step at which this store holds a frame of every rank it
+//     holds frames of (of the job's newest attempt here) is the job's complete step, and its
+//     frames are never the ones dropped to make room, until a newer step is complete. An agent
+//     holds its own ranks' frames, which arrive every step, and copies of a peer node's ranks,
+//     which arrive late and thinned when the network is slower than the steps
+//     (peer_copy.h); without this its own ranks' frames would have moved past every step the
+//     copies reached, and no step would be complete here. The window keeps the own ranks'
+//     recent steps until the late copies catch up with one of them. With two nodes this makes
+//     the survivor of either hold a complete set; with more, each node's own set.
 //   - Frames of an attempt older than the newest one seen for the job are refused (Aborted).
 //   - DropJob frees everything of a job (the job ended, or was cancelled).
 //
@@ -40,7 +51,10 @@ namespace muster::node_agent {
 
 struct SnapshotStoreOptions {
   uint64_t memory_limit = 0;  // bytes of payload held at most (0: snapshots refused)
-  int keep_steps = 2;         // per (job, rank); >= 1
+  int keep_steps = 2;         // per (job, rank), reserved; >= 1
+  // Per (job, rank), the most steps kept in memory that no reservation holds (a value below
+  // keep_steps means keep_steps).
+  int window_steps = 8;
 };
 
 // One frame held, as agents report it to the coordinator.
@@ -81,16 +95,22 @@ class SnapshotStore {
 
   uint64_t used_bytes() const;
   uint64_t reserved_bytes() const;
+  // Bytes held beyond the reservations (the window), which a reservation may take back.
+  uint64_t extra_bytes() const;
+  // The job's complete step here (see the rules), or -1.
+  int64_t complete_step(const std::string& job) const;
   uint64_t memory_limit() const { return options_.memory_limit; }
 
  private:
   struct RankSlot {
     uint64_t reserved = 0;
-    // By step; at most keep_steps entries.
+    uint64_t used = 0;  // payload bytes of `frames`
+    // By step; keep_steps entries, up to window_steps while unreserved memory allows.
     std::map<int64_t, std::shared_ptr<const checkpoint::SnapshotFrame>> frames;
   };
   struct JobState {
     int32_t newest_attempt = 0;
+    int64_t complete_step = -1;  // never dropped to make room (see the rules)
     std::map<int32_t, RankSlot> ranks;
   };
 
@@ -98,12 +118,24 @@ class SnapshotStore {
   Status ReserveLocked(const std::string& job, JobState& js, int32_t rank, uint64_t per_step);
   Status PutLocked(JobState& js, checkpoint::SnapshotFrame frame);
   void EraseLocked(RankSlot& slot, int64_t step);
+  // Bytes of `slot` beyond its reservation.
+  static uint64_t Extra(const RankSlot& slot) {
+    return slot.used > slot.reserved ? slot.used - slot.reserved : 0;
+  }
+  // Drops `slot`'s oldest frame that is not at `keep` (the job's complete step); false when
+  // there is none.
+  bool DropOldestLocked(RankSlot& slot, int64_t keep);
+  // Drops extra frames (oldest first, any job) until reserved_ + extra_ + `room` fits the limit
+  // or no extra frame is left.
+  void DropExtrasLocked(uint64_t room);
+  void UpdateCompleteLocked(JobState& js);
 
   const SnapshotStoreOptions options_;
   mutable std::mutex mu_;
   std::map<std::string, JobState> jobs_;  // GUARDED_BY(mu_)
   uint64_t used_ = 0;                     // GUARDED_BY(mu_)
   uint64_t reserved_ = 0;                 // GUARDED_BY(mu_)
+  uint64_t extra_ = 0;                    // GUARDED_BY(mu_): the sum of every slot's Extra
 };
 
 }  // namespace muster::node_agent

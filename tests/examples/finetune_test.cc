@@ -4,7 +4,9 @@
 // checkpoints the current step and stops, losing nothing; LoRA checkpoints hold only adapters
 // and refuse a different base; a 2-rank run (Gloo, rendezvous through a CURVE store hosted by
 // this test, as `muster run` hosts it) killed mid-run resumes at world size 1 with its loss
-// carrying on.
+// carrying on; with in-memory snapshots (an agent's SnapshotServer hosted here), a run killed with
+// SIGKILL resumes from the newest snapshot its agent holds, losing at most one step, and ends
+// bit-identical; a snapshot that cannot be restored stops the rank with a clear error.
 
 #include <fcntl.h>
 #include <gtest/gtest.h>
@@ -28,6 +30,8 @@
 #include "common/curve.h"
 #include "common/logging.h"
 #include "common/reactor.h"
+#include "node_agent/snapshots/snapshot_server.h"
+#include "node_agent/snapshots/snapshot_store.h"
 #include "tests/testing/child_process.h"
 
 namespace muster::finetune {
@@ -250,6 +254,98 @@ TEST_F(FinetuneTest, BadInputGetsAClearError) {
   EXPECT_NE(out.find("neither a file nor a directory"), std::string::npos) << out;
   EXPECT_EQ(RunToEnd(Args({"--pretrain"}), &out, {{"MUSTER_CHECKPOINT_DIR", ""}}), 2);
   EXPECT_NE(out.find("no checkpoint dir"), std::string::npos) << out;
+}
+
+// In-memory snapshots every step, handed to an agent's snapshot server hosted here (as the
+// node's agent hosts it): a SIGKILL at a random step loses at most one step (the newest frame the
+// agent holds), and the run resumed from that frame (the env the agent gives a snapshot resume)
+// ends bit-identical to an uninterrupted run without snapshots.
+TEST_F(FinetuneTest, SnapshotsEveryStepKilledWithSigkillResumeFromMemoryBitIdentical) {
+  node_agent::SnapshotStore store({.memory_limit = uint64_t{256} << 20, .keep_steps = 2});
+  auto server = node_agent::SnapshotServer::Start(Dir("snap-agent") + "/snapshots.sock", &store);
+  ASSERT_TRUE(server.ok()) << server.status();
+  std::vector<std::string> argv;
+  std::map<std::string, std::string> env;
+  // Full fine-tune (every parameter and its AdamW state in the snapshot), then LoRA (the
+  // adapters and theirs; the frozen base comes from --base and is checked by the digest).
+  for (const std::string mode : {"lora", "full"}) {
+    SCOPED_TRACE(mode);
+    const std::string want = Uninterrupted(mode, Dir("snap-ref-" + mode));
+    ASSERT_EQ(want.size(), 16u);
+    argv = Args({"--mode", mode, "--base", Base(), "--steps", std::to_string(kSteps),
+                 "--ckpt-every", "5", "--checkpoint-dir", Dir("snap-kill-" + mode)});
+    env = {{"MUSTER_JOB_ID", "ftsnap-" + mode},
+           {"MUSTER_ATTEMPT", "0"},
+           {"MUSTER_SNAPSHOT_EVERY", "1"},
+           {"MUSTER_SNAPSHOT_SOCKET", (*server)->socket_path()}};
+    const int at = RandomStep(8, kSteps - 3);
+    {
+      Child c(argv, env);
+      ASSERT_TRUE(
+          c.WaitOutput("MUSTER_PROGRESS step=" + std::to_string(at) + " ", Clock::now() + 60s))
+          << c.Output();
+      c.Kill(SIGKILL);
+      EXPECT_EQ(c.WaitExit(Clock::now() + 30s), 128 + SIGKILL) << c.Output();
+    }
+    int64_t held = -1;
+    for (const auto& h : store.Held("ftsnap-" + mode)) held = std::max(held, h.step);
+    std::cout << mode << ": killed after step " << at << "; the agent holds step " << held << "\n";
+    ASSERT_GE(held, at - 1) << "more than one step lost";
+
+    env["MUSTER_ATTEMPT"] = "1";
+    env["MUSTER_RESUME_SNAPSHOT_STEP"] = std::to_string(held);
+    env["MUSTER_RESUME_SNAPSHOT_ATTEMPT"] = "0";
+    env["MUSTER_RESUME_STEP"] = "5";  // the volume's step, as the agent also passes it
+    std::string out;
+    ASSERT_EQ(RunToEnd(argv, &out, env), 0) << out;
+    EXPECT_NE(out.find("resumed from the in-memory snapshot of step " + std::to_string(held)),
+              std::string::npos)
+        << out;
+    EXPECT_EQ(LastField(out, "MUSTER_DONE", "param_digest"), want) << out;
+  }
+  std::string out;
+
+  // A step the agent does not hold, and a snapshot of another kind of run (full weights, asked
+  // for by a LoRA run): the rank stops, non-zero, naming the snapshot, and trains nothing.
+  env["MUSTER_ATTEMPT"] = "2";
+  env["MUSTER_RESUME_SNAPSHOT_STEP"] = "999";
+  EXPECT_EQ(RunToEnd(argv, &out, env), 1) << out;
+  EXPECT_NE(out.find("cannot resume from the in-memory snapshot of step 999"), std::string::npos)
+      << out;
+  EXPECT_EQ(out.find("MUSTER_PROGRESS"), std::string::npos) << out;
+  // (The agent keeps two steps per rank: by now the resumed attempt's last two.)
+  env["MUSTER_RESUME_SNAPSHOT_STEP"] = std::to_string(kSteps);
+  env["MUSTER_RESUME_SNAPSHOT_ATTEMPT"] = "1";
+  std::vector<std::string> lora =
+      Args({"--mode", "lora", "--base", Base(), "--steps", std::to_string(kSteps),
+            "--checkpoint-dir", Dir("snap-lora")});
+  EXPECT_EQ(RunToEnd(lora, &out, env), 1) << out;
+  EXPECT_NE(out.find("cannot resume from the in-memory snapshot of step " + std::to_string(kSteps)),
+            std::string::npos)
+      << out;
+  EXPECT_EQ(out.find("MUSTER_PROGRESS"), std::string::npos) << out;
+}
+
+// An agent that refuses every snapshot (its memory limit is smaller than one): training goes on
+// and ends, and the rank says the agent keeps none.
+TEST_F(FinetuneTest, SnapshotsTheAgentRefusesDoNotStopTrainingAndAreReported) {
+  node_agent::SnapshotStore store({.memory_limit = 1024, .keep_steps = 2});
+  auto server = node_agent::SnapshotServer::Start(Dir("snap-small") + "/snapshots.sock", &store);
+  ASSERT_TRUE(server.ok()) << server.status();
+  std::string out;
+  ASSERT_EQ(RunToEnd(Args({"--mode", "lora", "--base", Base(), "--steps", "14", "--checkpoint-dir",
+                           Dir("snap-refused")}),
+                     &out,
+                     {{"MUSTER_JOB_ID", "ftsnap-small"},
+                      {"MUSTER_SNAPSHOT_EVERY", "1"},
+                      {"MUSTER_SNAPSHOT_SOCKET", (*server)->socket_path()}}),
+            0)
+      << out;
+  EXPECT_EQ(LastField(out, "MUSTER_DONE", "step"), "14") << out;
+  EXPECT_NE(out.find("the agent has kept none of the last 10"), std::string::npos) << out;
+  EXPECT_NE(out.find("the last in-memory snapshot was not handed to the agent"), std::string::npos)
+      << out;
+  EXPECT_TRUE(store.Held("ftsnap-small").empty());
 }
 
 // Two ranks over Gloo, rendezvousing through a CURVE store hosted here as `muster run` would.

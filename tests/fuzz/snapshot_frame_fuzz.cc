@@ -4,8 +4,11 @@
 // xxh3) used as the key and payload of a frame that is encoded, then flipped at one byte and
 // decoded: a flip anywhere must be refused or decode to a different frame, never crash. The
 // input is also restored from as a state payload (checkpoint/snapshot_state.h), which a peer's
-// frame carries: a request for tensor "t" must be refused or fill exactly its buffer.
+// frame carries: a request for tensor "t" must be refused or fill exactly its buffer, and every
+// tensor ReadSnapshotIndex lists must restore into a buffer of the size it gives. And the
+// input is read as a sequence of store operations (puts, reservations, drops, gets).
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -13,6 +16,7 @@
 #include <string_view>
 #include <vector>
 
+#include "checkpoint/manifest.h"  // Xxh3
 #include "checkpoint/snapshot_frame.h"
 #include "checkpoint/snapshot_state.h"
 #include "node_agent/snapshots/snapshot_store.h"
@@ -35,10 +39,53 @@ void Keep(const SnapshotFrame& f) {
   if (store.used_bytes() != 0 || store.reserved_bytes() != 0) std::abort();
 }
 
+// The input as a sequence of store operations (4 bytes each) on a store with a window of
+// extra steps: the accounting must stay exact and within the limit whatever the order.
+void Sequence(std::string_view in) {
+  constexpr uint64_t kStoreLimit = 2000;
+  const int keep = 1 + (in.empty() ? 0 : static_cast<uint8_t>(in[0]) % 3);
+  muster::node_agent::SnapshotStore store(
+      {.memory_limit = kStoreLimit, .keep_steps = keep, .window_steps = 4});
+  for (size_t i = 1; i + 4 <= in.size() && i < 4 * 512; i += 4) {
+    const auto b = [&](size_t k) { return static_cast<uint8_t>(in[i + k]); };
+    const std::string job = "j" + std::to_string(b(0) & 1);
+    const int rank = (b(0) >> 1) & 3;
+    const int op = (b(0) >> 3) & 7;
+    if (op < 5) {
+      SnapshotFrame f;
+      f.key = {
+          .job = job, .attempt = (b(0) >> 6) & 3, .rank = rank, .world_size = 4, .step = b(1) % 32};
+      f.payload.assign(b(2) + (b(3) & 3) * 256, static_cast<char>(b(3)));
+      f.payload_xxh3 = muster::checkpoint::Xxh3(f.payload.data(), f.payload.size());
+      (void)store.Put(std::move(f));
+    } else if (op == 5) {
+      (void)store.Reserve(job, rank, b(2) * 4);
+    } else if (op == 6) {
+      store.DropJob(job);
+    } else {
+      (void)store.Get(job, rank, b(1) % 32);
+    }
+    uint64_t held = 0;
+    for (const auto& j : store.Jobs()) {
+      for (const auto& h : store.Held(j)) held += h.bytes;
+    }
+    if (held != store.used_bytes() || store.used_bytes() > kStoreLimit ||
+        store.reserved_bytes() + store.extra_bytes() > kStoreLimit) {
+      std::abort();
+    }
+  }
+  store.DropJob("j0");
+  store.DropJob("j1");
+  if (store.used_bytes() != 0 || store.reserved_bytes() != 0 || store.extra_bytes() != 0) {
+    std::abort();
+  }
+}
+
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   std::string_view in(reinterpret_cast<const char*>(data), size);
+  Sequence(in);
   if (in.size() >= muster::checkpoint::kSnapshotHeaderBytes) {
     (void)muster::checkpoint::DecodeSnapshotHeader(
         in.substr(0, muster::checkpoint::kSnapshotHeaderBytes), kLimit);
@@ -57,6 +104,25 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     req[0].offsets = {0};
     req[0].lengths = {64};
     (void)muster::checkpoint::RestoreSnapshotState(in, req, &meta);
+  }
+  // The index (what the Python package sizes its tensors from) and the restore agree: every
+  // tensor the index lists restores into a buffer of exactly the size it says.
+  if (auto index = muster::checkpoint::ReadSnapshotIndex(in); index.ok()) {
+    uint64_t total = 0;
+    for (const auto& t : *index) total += t.bytes;
+    if (total <= (uint64_t{1} << 20) && index->size() <= 64) {
+      std::vector<std::vector<char>> bufs;
+      std::vector<muster::checkpoint::RestoreRequest> all;
+      for (const auto& t : *index) {
+        bufs.emplace_back(std::max<uint64_t>(t.bytes, 1));
+        auto r = muster::checkpoint::RestoreRequest::Whole(t.name, t.dtype, bufs.back().data(),
+                                                           t.bytes);
+        r.offsets = t.offsets;
+        r.lengths = t.lengths;
+        all.push_back(std::move(r));
+      }
+      if (!muster::checkpoint::RestoreSnapshotState(in, all).ok()) std::abort();
+    }
   }
   if (size < 12) return 0;
   muster::checkpoint::SnapshotKey key;

@@ -69,8 +69,10 @@ class ProviderCluster : public ::testing::Test {
   }
 
   // Starts the coordinator with `providers_yaml`; false (and the log) if it did not come up.
+  // `listen`: a fixed endpoint, for agents that must find a restarted coordinator again.
   ::testing::AssertionResult StartCoordinator(const std::string& providers_yaml,
-                                              const std::vector<std::string>& env = {}) {
+                                              const std::vector<std::string>& env = {},
+                                              const std::string& listen = "tcp://127.0.0.1:*") {
     fs::create_directories(dir_ / "coord");
     std::ofstream(dir_ / "providers.yaml") << providers_yaml;
     std::vector<std::string> argv = {MUSTER_BIN,
@@ -84,7 +86,7 @@ class ProviderCluster : public ::testing::Test {
                                      "--heartbeat-timeout-ms",
                                      "3000",
                                      "--listen",
-                                     "tcp://127.0.0.1:*",
+                                     listen,
                                      "--providers",
                                      (dir_ / "providers.yaml").string()};
     auto p = Subprocess::Start(argv, env, (dir_ / "coord.log").string());

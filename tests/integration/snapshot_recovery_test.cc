@@ -7,6 +7,10 @@
 // from the newest complete snapshot set (newer than the volume's step), the spare's agent fetches
 // its rank's frame from the survivor first, and each rank restores its state from its own
 // agent's memory, checked value for value by the trainer. At most one step is lost.
+//
+// The same with the real C++ fine-tune (examples/finetune, where built with libtorch): a 2-node
+// gang over Gloo, snapshots every step; after the kill the job resumes from a snapshot, losing at
+// most one step, and its final parameters equal those of an uninterrupted run of the same job.
 
 #include <gtest/gtest.h>
 #include <signal.h>
@@ -143,6 +147,15 @@ class SnapshotRecoveryTest : public ::testing::Test {
     auto out = Muster({"events", job});
     return out.ok() ? *out : out.status().ToString();
   }
+  // Submits `yaml` as a file; the job id.
+  std::string Submit(const std::string& name, const std::string& yaml) {
+    std::ofstream(dir_ / (name + ".yaml")) << yaml;
+    auto submitted = Muster({"submit", (dir_ / (name + ".yaml")).string()});
+    EXPECT_TRUE(submitted.ok()) << submitted.status();
+    std::string job = submitted.ok() ? *submitted : "";
+    while (!job.empty() && std::isspace(job.back())) job.pop_back();
+    return job;
+  }
   fs::path RankLogPath(const std::string& node, const std::string& job, int attempt, int rank) {
     return dir_ / node / "logs" / job / ("attempt-" + std::to_string(attempt)) /
            ("rank-" + std::to_string(rank) + ".log");
@@ -237,6 +250,121 @@ TEST_F(SnapshotRecoveryTest, AgentKillNineResumesFromPeerSnapshotsLosingAtMostOn
               static_cast<long long>(step), survivor.c_str(), spare.c_str());
   (void)Muster({"cancel", job});
 }
+
+#ifdef MUSTER_FINETUNE_BIN
+// The steps a fine-tune rank's log shows it finished ("step N/T" log lines; the MUSTER_PROGRESS
+// lines go to the agent on the control channel), where it resumed from, and its MUSTER_DONE.
+struct FinetuneLog {
+  int64_t last_step = -1, snapshot_resume = -1;
+  std::string digest;
+};
+FinetuneLog ParseFinetuneLog(const std::string& text) {
+  FinetuneLog f;
+  std::istringstream in(text);
+  std::string line;
+  static const std::regex step(R"(\| step (\d+)/\d+ )");
+  static const std::regex resumed(R"(resumed from the in-memory snapshot of step (\d+))");
+  static const std::regex done(R"(MUSTER_DONE step=\d+ .*param_digest=([0-9a-f]+))");
+  while (std::getline(in, line)) {
+    std::smatch m;
+    if (std::regex_search(line, m, step)) {
+      f.last_step = std::stoll(m[1]);
+    } else if (std::regex_search(line, m, resumed)) {
+      f.snapshot_resume = std::stoll(m[1]);
+    } else if (std::regex_search(line, m, done)) {
+      f.digest = m[1];
+    }
+  }
+  return f;
+}
+
+TEST_F(SnapshotRecoveryTest, FinetuneAgentKillNineResumesFromSnapshotsBitIdentical) {
+  auto yaml = [](const std::string& name, bool snapshots) {
+    return "name: " + name + "\ncommand: [" +
+           nlohmann::json(std::string(MUSTER_FINETUNE_BIN)).dump() +
+           ", \"--pretrain\", \"--steps\", \"60\", \"--ckpt-every\", \"10\", \"--log-every\", "
+           "\"1\", \"--deterministic\", \"--device\", \"cpu\", \"--d-model\", \"32\", "
+           "\"--seq-len\", \"32\", \"--batch\", \"8\"]\nnodes: 2\nranks_per_node: 1\n"
+           "restart:\n  max_restarts: 3\ncheckpoint:\n  volume: ckpt\n" +
+           (snapshots ? "  snapshot_every_steps: 1\n" : "");
+  };
+  auto finished = [&](const std::string& job, nlohmann::json* st) {
+    *st = Status(job);
+    const std::string s = st->value("state", "");
+    return s == "succeeded" || s == "failed" || s == "cancelled";
+  };
+  // The uninterrupted run, without snapshots.
+  const std::string ref = Submit("ref", yaml("ref", false));
+  nlohmann::json st;
+  ASSERT_TRUE(WaitUntil([&] { return finished(ref, &st); }, 90s)) << st.dump() << Events(ref);
+  ASSERT_EQ(st.value("state", ""), "succeeded") << st.dump() << Events(ref);
+  std::string want;
+  for (const auto& [name, agent] : agents_) {
+    for (int attempt = 1; attempt <= st.value("attempt", 1); ++attempt) {
+      FinetuneLog f = ParseFinetuneLog(ReadFile(RankLogPath(name, ref, attempt, 0)));
+      if (!f.digest.empty()) want = f.digest;
+    }
+  }
+  ASSERT_EQ(want.size(), 16u) << "no MUSTER_DONE in the reference run's rank-0 log";
+
+  // The same job with snapshots every step, its node-rank-1 agent killed past the volume's step
+  // 10 and before its step 20.
+  const std::string job = Submit("ftsnap", yaml("ftsnap", true));
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        st = Status(job);
+        return st.contains("progress") && st["progress"].value("step", 0) >= 13;
+      },
+      60s))
+      << st.dump() << "\n"
+      << Events(job);
+  const int interrupted = st.value("attempt", 0);
+  ASSERT_EQ(st["nodes"].size(), 2u);
+  const std::string survivor = st["nodes"][0], victim = st["nodes"][1];
+  agents_.at(victim)->Signal(SIGKILL);
+  agents_.at(victim)->Wait(5s);
+  agents_.erase(victim);
+
+  std::string events;
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        events = Events(job);
+        return events.find("(in-memory snapshot") != std::string::npos;
+      },
+      30s))
+      << events << "\n"
+      << ReadFile(dir_ / "coord.log");
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(
+      events, m, std::regex(R"(attempt (\d+) resumes from step (\d+) \(in-memory snapshot)")))
+      << events;
+  const int attempt = std::stoi(m[1]);
+  const int64_t step = std::stoll(m[2]);
+  EXPECT_GT(step, 10) << "newer than the volume's step\n" << events;
+
+  ASSERT_TRUE(WaitUntil([&] { return finished(job, &st); }, 90s)) << st.dump() << Events(job);
+  ASSERT_EQ(st.value("state", ""), "succeeded") << st.dump() << Events(job);
+  ASSERT_EQ(st.value("attempt", 0), attempt) << "one restart, from the snapshot\n" << Events(job);
+  ASSERT_EQ(st["nodes"].size(), 2u);
+  std::string got;
+  for (int rank = 0; rank < 2; ++rank) {
+    const std::string node = st["nodes"][rank];
+    EXPECT_NE(node, victim);
+    FinetuneLog f = ParseFinetuneLog(ReadFile(RankLogPath(node, job, attempt, rank)));
+    EXPECT_EQ(f.snapshot_resume, step) << "rank " << rank << " on " << node;
+    if (rank == 0) got = f.digest;
+  }
+  EXPECT_EQ(got, want) << "the resumed run's final parameters differ from the uninterrupted run's";
+
+  FinetuneLog before = ParseFinetuneLog(ReadFile(RankLogPath(survivor, job, interrupted, 0)));
+  ASSERT_GT(before.last_step, 0);
+  EXPECT_LE(before.last_step - step, 1) << "attempt " << interrupted << " reached step "
+                                        << before.last_step << ", resumed from " << step;
+  std::printf("%s\nattempt %d reached step %lld; attempt %d resumed from %lld; digest %s\n",
+              m[0].str().c_str(), interrupted, static_cast<long long>(before.last_step), attempt,
+              static_cast<long long>(step), got.c_str());
+}
+#endif  // MUSTER_FINETUNE_BIN
 
 }  // namespace
 }  // namespace muster

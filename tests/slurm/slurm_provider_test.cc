@@ -4,7 +4,11 @@
 // allocation is scancelled: squeue is empty again. If the daemons cannot start the test fails
 // with the reason; it never skips.
 
+#include <arpa/inet.h>
 #include <fmt/format.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include "tests/slurm/slurm_cluster.h"
 
@@ -272,26 +276,41 @@ TEST_F(SlurmProviderTest, AJobFailsOverFromSlurmToTheLocalProviderAfterANotice) 
 namespace muster::providers_test {
 namespace {
 
-TEST_F(SlurmProviderTest, ARestartedCoordinatorScancelsTheAllocationsTheKilledOneLeft) {
+// A coordinator killed with SIGKILL while a job runs on a Slurm allocation: the next one, on
+// the same data dir and address, adopts the allocation from its ledger (it does not scancel
+// it), the node's agent registers again and the job keeps running, on the same attempt; once
+// the job ends and the node idles out, the adopted allocation is scancelled as its own.
+TEST_F(SlurmProviderTest, ARestartedCoordinatorAdoptsTheAllocationOfARunningJob) {
   ASSERT_NO_FATAL_FAILURE(StartSlurm(2));
   std::string providers = fmt::format(
       "providers:\n"
       "  - name: hpc\n"
       "    kind: slurm\n"
       "    max_nodes: 2\n"
-      "    idle_timeout_s: 600\n"
+      "    idle_timeout_s: 1\n"
       "    request_timeout_s: 30\n"
       "    node: {{slots: 1}}\n"
       "    slurm: {{partition: debug, work_dir: {}}}\n",
       (dir_ / "hpc").string());
-  ASSERT_TRUE(StartCoordinator(providers, {cluster_->ConfEnv()}));
+  int port = 0;
+  {
+    int s = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof a;
+    ASSERT_EQ(bind(s, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+    getsockname(s, reinterpret_cast<sockaddr*>(&a), &len);
+    port = ntohs(a.sin_port);
+    close(s);
+  }
+  const std::string listen = fmt::format("tcp://127.0.0.1:{}", port);
+  ASSERT_TRUE(StartCoordinator(providers, {cluster_->ConfEnv()}, listen));
   std::string job = Submit("name: held\ncommand: [\"sleep\", \"600\"]\nnodes: 1\n");
   ASSERT_FALSE(job.empty());
   ASSERT_TRUE(WaitState(job, "running", 40s))
       << Events(job) << Squeue() << ReadFile(dir_ / "coord.log");
-  // The job ends; its node stays (idle for less than 600 s), and so does the allocation.
-  ASSERT_TRUE(Muster({"cancel", job}).ok());
-  ASSERT_TRUE(WaitState(job, "cancelled", 20s)) << Events(job);
+  const int attempt = Status(job).value("attempt", 0);
   std::string before = Squeue();
   auto at = before.find(" muster-hpc-" + job);
   ASSERT_NE(at, std::string::npos) << before;
@@ -299,19 +318,26 @@ TEST_F(SlurmProviderTest, ARestartedCoordinatorScancelsTheAllocationsTheKilledOn
   slurm_job = slurm_job.substr(slurm_job.find_last_of('\n') + 1);
   // Killed (SIGKILL): it cannot scancel anything.
   coordinator_.reset();
-  EXPECT_NE(Squeue().find(slurm_job + " "), std::string::npos) << Squeue();
-  // The next coordinator, with the same providers file, gives the allocation back.
   fs::remove(dir_ / "coord" / "endpoint");
   fs::rename(dir_ / "coord.log", dir_ / "coord.1.log");
-  ASSERT_TRUE(StartCoordinator(providers, {cluster_->ConfEnv()}));
-  EXPECT_TRUE(WaitUntil([&] { return Squeue().find(slurm_job + " ") == std::string::npos; }, 30s))
-      << Squeue() << ReadFile(dir_ / "coord.log");
+  ASSERT_TRUE(StartCoordinator(providers, {cluster_->ConfEnv()}, listen));
+  // The agent finds the new coordinator (this log is the new one's); the job was never stopped.
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        return ReadFile(dir_ / "coord.log").find("node hpc-1 node_registered") != std::string::npos;
+      },
+      20s))
+      << ReadFile(dir_ / "coord.log");
+  ASSERT_TRUE(WaitState(job, "running", 20s)) << Events(job) << ReadFile(dir_ / "coord.log");
+  EXPECT_EQ(Status(job).value("attempt", 0), attempt) << Events(job);
+  EXPECT_NE(Squeue().find(slurm_job + " "), std::string::npos) << Squeue();
   std::string log = ReadFile(dir_ / "coord.log");
-  EXPECT_NE(
-      log.find("scancelled Slurm job " + slurm_job + ", an allocation a previous coordinator left"),
-      std::string::npos)
-      << log;
-  EXPECT_EQ(ReadFile(dir_ / "hpc" / "allocations"), "") << ReadFile(dir_ / "hpc" / "allocations");
+  EXPECT_NE(log.find("adopted " + slurm_job + " of request"), std::string::npos) << log;
+  EXPECT_EQ(log.find("scancelled Slurm job " + slurm_job), std::string::npos) << log;
+  // Its own now: the job ends, the node idles out, the allocation goes back.
+  ASSERT_TRUE(Muster({"cancel", job}).ok());
+  EXPECT_TRUE(WaitUntil([&] { return Squeue().find(slurm_job + " ") == std::string::npos; }, 40s))
+      << Squeue() << ReadFile(dir_ / "coord.log");
 }
 
 }  // namespace

@@ -121,6 +121,75 @@ TEST_F(CoordinatorDbTest, NodesAttemptsEventsCheckpoints) {
   EXPECT_EQ(store->Checkpoints("j-1")->size(), 4u);
 }
 
+// The checkpoint counters a report adds are written with its catalog row, add up per job and
+// provider, and are there after the database is opened again (what a restarted coordinator
+// serves as /metrics' counters).
+TEST_F(CoordinatorDbTest, CheckpointCountersAddUpWithTheCatalogAndSurviveReopening) {
+  auto count = [](bool replica, uint64_t bytes, double seconds) {
+    CheckpointStats c;
+    c.AddReport(replica, bytes, seconds);
+    return c;
+  };
+  {
+    auto store = *CoordinatorDb::Open(dir_);
+    EXPECT_TRUE(store->CheckpointCounters("j-1")->empty());
+    ASSERT_TRUE(store
+                    ->RecordCheckpointCounted({"j-1", 10, "ckpt@aws", true, 1}, "aws",
+                                              count(false, 1000, 0.3))
+                    .ok());
+    ASSERT_TRUE(store
+                    ->RecordCheckpointCounted({"j-1", 20, "ckpt@aws", true, 2}, "aws",
+                                              count(false, 3000, 4.0))
+                    .ok());
+    ASSERT_TRUE(
+        store
+            ->RecordCheckpointCounted({"j-1", 20, "ckpt@gcp", true, 3}, "gcp", count(true, 3000, 0))
+            .ok());
+    ASSERT_TRUE(store
+                    ->RecordCheckpointCounted({"j-2", 5, "ckpt@aws", true, 4}, "aws",
+                                              count(false, 7, 2000))  // above the last bound
+                    .ok());
+    EXPECT_EQ(**store->LatestCommittedStep("j-1", "ckpt@gcp"), 20);
+    // The same report again (its answer was lost): catalogued, not counted twice.
+    ASSERT_TRUE(store
+                    ->RecordCheckpointCounted({"j-1", 20, "ckpt@aws", true, 5}, "aws",
+                                              count(false, 3000, 4.0))
+                    .ok());
+  }
+  auto store = *CoordinatorDb::Open(dir_);
+  auto c = *store->CheckpointCounters("j-1");
+  ASSERT_EQ(c.size(), 2u);
+  EXPECT_EQ(c["aws"].commits, 2u);
+  EXPECT_EQ(c["aws"].commit_bytes, 4000u);
+  EXPECT_EQ(c["aws"].replicas, 0u);
+  EXPECT_EQ(c["aws"].latency.count, 2u);
+  EXPECT_DOUBLE_EQ(c["aws"].latency.sum_seconds, 4.3);
+  EXPECT_EQ(c["aws"].latency.counts[2], 1u);  // 0.3 s: le=0.5
+  EXPECT_EQ(c["aws"].latency.counts[5], 1u);  // 4 s: le=5
+  EXPECT_EQ(c["gcp"].replicas, 1u);
+  EXPECT_EQ(c["gcp"].replica_bytes, 3000u);
+  EXPECT_EQ(c["gcp"].latency.count, 0u);
+  auto j2 = *store->CheckpointCounters("j-2");
+  EXPECT_EQ(j2["aws"].latency.count, 1u);  // counted in +Inf only
+  uint64_t in_buckets = 0;
+  for (auto n : j2["aws"].latency.counts) in_buckets += n;
+  EXPECT_EQ(in_buckets, 0u);
+  EXPECT_EQ(store->Checkpoints("j-1")->size(), 3u);
+}
+
+// A counted report whose write fails changes neither the catalog nor the counters.
+TEST_F(CoordinatorDbTest, FailedCountedCheckpointChangesNothing) {
+  FaultInjectionCoordinatorDb store(*CoordinatorDb::Open(dir_));
+  CheckpointStats one;
+  one.AddReport(false, 10, 1.0);
+  ASSERT_TRUE(store.RecordCheckpointCounted({"j-1", 10, "ckpt@aws", true, 1}, "aws", one).ok());
+  store.FailWrite(2);
+  EXPECT_FALSE(store.RecordCheckpointCounted({"j-1", 20, "ckpt@aws", true, 2}, "aws", one).ok());
+  EXPECT_EQ(store.write_log().back(), "RecordCheckpoint j-1 step 20");
+  EXPECT_EQ((*store.CheckpointCounters("j-1"))["aws"].commits, 1u);
+  EXPECT_EQ(store.Checkpoints("j-1")->size(), 1u);
+}
+
 TEST_F(CoordinatorDbTest, SecondOpenOfTheSameDirIsRefused) {
   auto first = CoordinatorDb::Open(dir_);
   ASSERT_TRUE(first.ok());

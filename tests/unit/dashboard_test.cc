@@ -47,13 +47,29 @@ class Fleet {
     coord_.reset();
     fs::remove_all(dir_);
   }
+  // A new coordinator on the same data dir, as after a crash (nothing is flushed at close).
+  void Restart() {
+    coord_.reset();
+    CoordinatorOptions o;
+    o.clock = [this] { return now_; };
+    auto c = Coordinator::Create(*CoordinatorDb::Open(dir_), o);
+    ASSERT_TRUE(c.ok()) << c.status();
+    coord_ = std::move(*c);
+  }
   proto::Envelope Call(proto::Envelope req) {
     proto::Envelope out;
     coord_->Handle("test", std::move(req), [&](proto::Envelope e) { out = std::move(e); });
     return out;
   }
-  std::string Register(const std::string& name, const std::string& provider) {
+  // `job`: the agent runs attempt 1 of it (it re-registers with a restarted coordinator).
+  std::string Register(const std::string& name, const std::string& provider,
+                       const std::string& job = "") {
     proto::Envelope e;
+    if (!job.empty()) {
+      auto* ra = e.mutable_agent_register()->add_running();
+      ra->set_job_id(job);
+      ra->set_attempt(1);
+    }
     auto* l = e.mutable_agent_register()->mutable_labels();
     l->set_name(name);
     l->set_provider(provider);
@@ -315,6 +331,62 @@ TEST_F(RecorderTest, CheckpointBytesAndCommitLatencyPerJobAndProvider) {
     EXPECT_NE(m.find(line + "\n"), std::string::npos) << line << "\n" << m;
   }
   EXPECT_NE(m.find("# TYPE muster_checkpoint_commit_seconds histogram"), std::string::npos);
+}
+
+// The checkpoint counters are Prometheus counters: a coordinator restarted on the same data dir
+// serves them where they were (not from zero), and a report after the restart adds to them.
+TEST_F(RecorderTest, CheckpointCountersSurviveACoordinatorRestart) {
+  auto commit = [&](const std::string& node, const std::string& session, int64_t step, bool replica,
+                    uint64_t bytes, double seconds) {
+    auto e = fleet_.Report(node, session, id_, 1);
+    auto* r = e.mutable_agent_report();
+    r->set_checkpoint_step(step);
+    r->set_checkpoint_volume("ckpt");
+    r->set_checkpoint_replica(replica);
+    r->set_checkpoint_bytes(bytes);
+    r->set_checkpoint_commit_seconds(seconds);
+    auto reply = fleet_.Call(e);
+    EXPECT_FALSE(reply.has_error()) << reply.DebugString();
+  };
+  const std::string aws_l = "job_id=\"" + id_ + "\",provider=\"aws\"";
+  const std::string gcp_l = "job_id=\"" + id_ + "\",provider=\"gcp\"";
+  auto metrics = [&] {
+    FleetRecorder rec(*fleet_.coord_, hub_, 250);
+    EXPECT_TRUE(rec.MaybePublish(Ms(fleet_.now_), true));
+    return RenderMetrics(*hub_.Get());
+  };
+  commit("aws-1", sa_, 10, false, 1000, 0.3);
+  commit("aws-1", sa_, 20, false, 3000, 4.0);
+  commit("gcp-1", sg_, 20, true, 3000, 0);
+  const std::vector<std::string> before = {
+      "muster_checkpoint_bytes_total{" + aws_l + ",kind=\"commit\"} 4000",
+      "muster_checkpoint_bytes_total{" + gcp_l + ",kind=\"replica\"} 3000",
+      "muster_checkpoint_reports_total{" + aws_l + ",kind=\"commit\"} 2",
+      "muster_checkpoint_reports_total{" + gcp_l + ",kind=\"replica\"} 1",
+      "muster_checkpoint_commit_seconds_bucket{" + aws_l + ",le=\"0.5\"} 1",
+      "muster_checkpoint_commit_seconds_bucket{" + aws_l + ",le=\"5\"} 2",
+      "muster_checkpoint_commit_seconds_count{" + aws_l + "} 2",
+      "muster_checkpoint_commit_seconds_sum{" + aws_l + "} 4.3"};
+  std::string m = metrics();
+  for (const auto& line : before) EXPECT_NE(m.find(line + "\n"), std::string::npos) << line << m;
+
+  fleet_.Restart();
+  m = metrics();
+  for (const auto& line : before) {
+    EXPECT_NE(m.find(line + "\n"), std::string::npos) << "after the restart: " << line << m;
+  }
+  // The running job's agent comes back, commits again: counted on top.
+  sa_ = fleet_.Register("aws-1", "aws", id_);
+  commit("aws-1", sa_, 30, false, 5000, 0.2);
+  m = metrics();
+  for (const std::string& line :
+       {"muster_checkpoint_bytes_total{" + aws_l + ",kind=\"commit\"} 9000",
+        "muster_checkpoint_reports_total{" + aws_l + ",kind=\"commit\"} 3",
+        "muster_checkpoint_commit_seconds_bucket{" + aws_l + ",le=\"0.25\"} 1",
+        "muster_checkpoint_commit_seconds_count{" + aws_l + "} 3",
+        "muster_checkpoint_reports_total{" + gcp_l + ",kind=\"replica\"} 1"}) {
+    EXPECT_NE(m.find(line + "\n"), std::string::npos) << line << "\n" << m;
+  }
 }
 
 TEST(RenderTest, UnknownJobIsNotFoundAndEventsFollowACursor) {

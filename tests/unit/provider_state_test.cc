@@ -28,6 +28,15 @@ class FakeProvider : public Provider {
   void Cancel(uint64_t id) override { cancelled.push_back(id); }
   void Release(const std::string& node) override { released.push_back(node); }
   std::vector<RequestFailure> Poll() override { return {}; }
+  // Adopts what `held` lists (as a previous process's ledger would) where `keep` says so.
+  std::set<uint64_t> Adopt(ProviderLedger* ledger, const KeepFn& keep) override {
+    for (const auto& [id, nodes] : held) {
+      if (keep(id, nodes)) adopted.insert(id);
+    }
+    return adopted;
+  }
+  std::map<uint64_t, std::vector<std::string>> held;
+  std::set<uint64_t> adopted;
   std::vector<NodeGroupRequest> requests;
   std::vector<uint64_t> cancelled;
   std::vector<std::string> released;
@@ -137,6 +146,60 @@ TEST(ProviderStateTest, ATryInFlightCountsAsFailedAndTheTriesCarryOver) {
   EXPECT_NE(fourth->PendingReason("j").find("could not supply 2 nodes after 2 tries"),
             std::string::npos)
       << fourth->PendingReason("j");
+}
+
+// After a restart, a request whose try was in flight and that its provider still holds is
+// adopted: not a failed try, and the nodes that register for it complete it (no second try, no
+// cancel). An allocation holding a node the coordinator knows is adopted too; one nobody wants
+// is not.
+TEST(ProviderStateTest, AnAdoptedRequestIsCompletedByItsNodesWithoutANewTry) {
+  FakeProvider* a = nullptr;
+  auto before = Manager(&a);
+  before->Tick({Job("j", 2)}, {}, kT0);
+  ASSERT_EQ(a->requests.size(), 1u);
+  const uint64_t id = a->requests[0].id;
+
+  FakeProvider* b = nullptr;
+  auto after = Manager(&b);
+  ASSERT_TRUE(after->RestoreState(before->SaveState()).ok());
+  b->held = {{id, {"aws-1", "aws-2"}}, {77, {"aws-9"}}, {78, {"aws-5"}}};
+  auto events = after->Adopt(std::make_unique<MemoryProviderLedger>(), {"aws-5"});
+  EXPECT_EQ(b->adopted, (std::set<uint64_t>{id, 78}));
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].kind, "provider_adopted");
+  EXPECT_NE(events[0].message.find("aws-1,aws-2"), std::string::npos) << events[0].message;
+  // Its nodes register after the restart: theirs is the adopted request.
+  auto out = after->Tick({Job("j", 2)}, {Node("aws-1"), Node("aws-2")}, kT0 + 1s);
+  EXPECT_EQ(Kinds(out).find("provider_retry"), std::string::npos) << Kinds(out);
+  EXPECT_NE(Kinds(out).find("node aws-1 up (provider aws, request " + std::to_string(id)),
+            std::string::npos)
+      << Kinds(out);
+  EXPECT_TRUE(b->requests.empty()) << Kinds(out);
+  EXPECT_TRUE(b->cancelled.empty());
+  // Request ids never collide with an adopted allocation's.
+  after->Tick({Job("k", 1)}, {Node("aws-1", "j"), Node("aws-2", "j")}, kT0 + 2s);
+  ASSERT_EQ(b->requests.size(), 1u);
+  EXPECT_GT(b->requests[0].id, 78u);
+}
+
+// An adopted request whose nodes never register is cancelled at its deadline (request_timeout
+// from its try's start, before the restart) and retried, as any try.
+TEST(ProviderStateTest, AnAdoptedRequestWhoseNodesNeverComeIsCancelledAtItsDeadline) {
+  FakeProvider* a = nullptr;
+  auto before = Manager(&a);
+  before->Tick({Job("j", 2)}, {}, kT0);
+  ASSERT_EQ(a->requests.size(), 1u);
+  const uint64_t id = a->requests[0].id;
+  FakeProvider* b = nullptr;
+  auto after = Manager(&b);
+  ASSERT_TRUE(after->RestoreState(before->SaveState()).ok());
+  b->held = {{id, {"aws-1", "aws-2"}}};
+  after->Adopt(std::make_unique<MemoryProviderLedger>(), {});
+  auto out = after->Tick({Job("j", 2)}, {}, kT0 + 59s);
+  EXPECT_TRUE(b->cancelled.empty()) << Kinds(out);
+  out = after->Tick({Job("j", 2)}, {}, kT0 + 61s);
+  EXPECT_EQ(b->cancelled, (std::vector<uint64_t>{id})) << Kinds(out);
+  EXPECT_NE(Kinds(out).find("provider_retry"), std::string::npos) << Kinds(out);
 }
 
 // A request is in the persisted state before its provider is asked; a persist that fails

@@ -6,10 +6,14 @@
 // without them.
 
 #include <gtest/gtest.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
 #include <filesystem>
+#include <future>
 #include <set>
 
 #include "checkpoint/snapshot_channel.h"
@@ -185,7 +189,7 @@ TEST_F(SnapshotRunnerTest, DropSnapshotsFreesTheJobsFramesAndReservations) {
 }
 
 TEST(RankTrustTest, ARankMayUseOnlyItsOwnFramesOfItsOwnJob) {
-  RankTrust trust;
+  RankTrust trust(std::chrono::milliseconds(20));
   checkpoint::SnapshotKey key{.job = "j", .attempt = 1, .rank = 1, .world_size = 2, .step = 3};
   EXPECT_EQ(trust.Check(::getpid(), key).code(), StatusCode::kFailedPrecondition);
   trust.Add(::getpgid(0), "j", 1);  // this process's group stands for a rank's
@@ -199,6 +203,40 @@ TEST(RankTrustTest, ARankMayUseOnlyItsOwnFramesOfItsOwnJob) {
   trust.Remove(::getpgid(0));
   key.job = "j";
   EXPECT_EQ(trust.Check(::getpid(), key).code(), StatusCode::kFailedPrecondition);
+}
+
+// A rank runs as soon as it is spawned: it may ask before the runner recorded it (a restore at
+// its very start raced the runner and was refused, exit 7, in the netns cluster).
+TEST(RankTrustTest, ARankThatAsksBeforeItIsRecordedIsWaitedFor) {
+  posix_spawnattr_t attr;
+  ASSERT_EQ(posix_spawnattr_init(&attr), 0);
+  posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETPGROUP);
+  posix_spawnattr_setpgroup(&attr, 0);  // leads its own group, as the supervisor's ranks do
+  char sleep_bin[] = "/bin/sleep", arg[] = "30";
+  char* argv[] = {sleep_bin, arg, nullptr};
+  pid_t child = -1;
+  ASSERT_EQ(posix_spawn(&child, "/bin/sleep", nullptr, &attr, argv, environ), 0);
+  posix_spawnattr_destroy(&attr);
+  struct Reap {
+    pid_t pid;
+    ~Reap() {
+      ::kill(pid, SIGKILL);
+      ::waitpid(pid, nullptr, 0);
+    }
+  } reap{child};
+
+  RankTrust trust(std::chrono::milliseconds(20000));
+  checkpoint::SnapshotKey key{.job = "j", .attempt = 1, .rank = 0, .world_size = 1, .step = 1};
+  auto checked = std::async(std::launch::async, [&] { return trust.Check(child, key); });
+  ASSERT_TRUE(testing::WaitUntil([&] { return trust.waiting() == 1; }, 10s));
+  trust.Add(child, "j", 0);
+  ASSERT_EQ(checked.wait_for(10s), std::future_status::ready);
+  EXPECT_TRUE(checked.get().ok());
+
+  // Not one of its ranks, ever: refused once the wait is over.
+  RankTrust brief(std::chrono::milliseconds(50));
+  EXPECT_NE(brief.Check(child, key).message().find("is not a rank this agent started"),
+            std::string::npos);
 }
 
 TEST_F(SnapshotRunnerTest, WithoutSnapshotMemoryTheJobRunsWithoutSnapshots) {

@@ -6,7 +6,12 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <map>
+#include <random>
+#include <set>
 #include <string>
+#include <vector>
 
 #include "checkpoint/snapshot_frame.h"
 #include "coordinator/snapshot_resume.h"
@@ -74,7 +79,7 @@ TEST(SnapshotFrameTest, RefusesWhatIsWrongAndNamesIt) {
 }
 
 TEST(SnapshotStoreTest, KeepsTheNewestStepsPerRankWithinItsReservation) {
-  SnapshotStore store({.memory_limit = 1000, .keep_steps = 2});
+  SnapshotStore store({.memory_limit = 1000, .keep_steps = 2, .window_steps = 2});
   for (int64_t step : {10, 20, 30}) ASSERT_TRUE(store.Put(Frame(0, step, 100)).ok());
   auto held = store.Held("ft-1");
   ASSERT_EQ(held.size(), 2u);
@@ -106,6 +111,141 @@ TEST(SnapshotStoreTest, RefusesWhatDoesNotFitWithAClearMessageAndKeepsNothingOfI
   EXPECT_EQ(store.Reserve("other", 0, 300).code(), StatusCode::kFailedPrecondition);
   EXPECT_TRUE(store.Reserve("other", 0, 200).ok());
   EXPECT_EQ(store.reserved_bytes(), 1000u);
+}
+
+// What an agent holds when the copies of its peer's ranks are slower than the steps: its own
+// ranks (2, 3 of 4) hand it a frame every step; the peer's (0, 1) arrive 3 steps late and only
+// every 4th step (the forwarder keeps the newest unsent frame per rank). With 16 MiB/rank every
+// 50 ms in `muster-bench recovery` the newest 2 steps per rank then shared no step, and the
+// gang resumed from the volume. The store must keep the own ranks' steps that the copies reach.
+TEST(SnapshotStoreTest, KeepsACompleteStepWhenThePeersCopiesLagAndAreThinned) {
+  SnapshotStore store({.memory_limit = 1 << 20, .keep_steps = 2, .window_steps = 8});
+  int64_t newest_copy = -1;
+  for (int64_t step = 1; step <= 30; ++step) {
+    for (int rank : {2, 3}) ASSERT_TRUE(store.Put(Frame(rank, step, 100)).ok());
+    if (step % 4 == 0) {
+      newest_copy = step - 3;
+      for (int rank : {0, 1}) ASSERT_TRUE(store.Put(Frame(rank, newest_copy, 100)).ok());
+    }
+  }
+  EXPECT_EQ(store.complete_step("ft-1"), newest_copy);
+  std::vector<SnapshotHolding> held;
+  for (const auto& h : store.Held("ft-1")) {
+    held.push_back({"b", h.rank, h.world_size, h.attempt, h.step});
+  }
+  // The peer node "a" is lost: this agent alone holds a complete set, of the newest copy's step.
+  ResumeChoice c = ChooseResume(4, held, {"a"}, 20);
+  EXPECT_EQ(c.source, ResumeChoice::Source::kSnapshot) << c.reason;
+  EXPECT_EQ(c.step, newest_copy) << c.reason;
+  // Within the window: at most 8 steps per rank.
+  for (int rank = 0; rank < 4; ++rank) {
+    int n = 0;
+    for (const auto& h : store.Held("ft-1")) n += h.rank == rank;
+    EXPECT_LE(n, 8) << "rank " << rank;
+  }
+}
+
+// With no room beyond the reservations, the complete step still stays: a rank's newer frames
+// replace its other ones until the step its peers reached is complete again.
+TEST(SnapshotStoreTest, TheCompleteStepIsNotDroppedUntilANewerOneIsComplete) {
+  SnapshotStore store({.memory_limit = 1000, .keep_steps = 2, .window_steps = 2});
+  for (int rank : {0, 1}) ASSERT_TRUE(store.Put(Frame(rank, 10, 100)).ok());
+  EXPECT_EQ(store.complete_step("ft-1"), 10);
+  for (int64_t step : {11, 12, 13}) ASSERT_TRUE(store.Put(Frame(0, step, 100)).ok());
+  auto steps_of = [&](int rank) {
+    std::vector<int64_t> out;
+    for (const auto& h : store.Held("ft-1"))
+      if (h.rank == rank) out.push_back(h.step);
+    return out;
+  };
+  EXPECT_EQ(steps_of(0), (std::vector<int64_t>{10, 13}));
+  ASSERT_TRUE(store.Put(Frame(1, 13, 100)).ok());
+  EXPECT_EQ(store.complete_step("ft-1"), 13);
+  ASSERT_TRUE(store.Put(Frame(0, 14, 100)).ok());
+  EXPECT_EQ(steps_of(0), (std::vector<int64_t>{13, 14}));
+  EXPECT_EQ(store.used_bytes(), 400u);
+  EXPECT_EQ(store.extra_bytes(), 0u);
+}
+
+// The window uses only memory that no reservation holds, and gives it back to one.
+TEST(SnapshotStoreTest, TheWindowGivesItsMemoryBackToAReservation) {
+  SnapshotStore store({.memory_limit = 1000, .keep_steps = 2, .window_steps = 8});
+  for (int64_t step = 1; step <= 8; ++step) ASSERT_TRUE(store.Put(Frame(0, step, 100)).ok());
+  EXPECT_EQ(store.Held("ft-1").size(), 8u);
+  EXPECT_EQ(store.reserved_bytes(), 200u);
+  EXPECT_EQ(store.extra_bytes(), 600u);
+  ASSERT_TRUE(store.Put(Frame(0, 9, 100)).ok());
+  EXPECT_EQ(store.Held("ft-1").size(), 8u) << "never more than the window";
+  // Another job reserves 600: the window shrinks to what is left (1000 - 800 = 2 extra steps).
+  ASSERT_TRUE(store.Reserve("ft-2", 0, 300).ok());
+  EXPECT_EQ(store.reserved_bytes(), 800u);
+  EXPECT_LE(store.reserved_bytes() + store.extra_bytes(), 1000u);
+  auto held = store.Held("ft-1");
+  ASSERT_EQ(held.size(), 4u);
+  EXPECT_EQ(held.front().step, 6);
+  EXPECT_EQ(held.back().step, 9);
+  // ft-2's frames fill its reservation; ft-1 keeps at least its own.
+  for (int64_t step = 1; step <= 2; ++step) {
+    ASSERT_TRUE(store.Put(Frame(0, step, 300, 0, "ft-2")).ok());
+  }
+  EXPECT_LE(store.used_bytes(), 1000u);
+  EXPECT_GE(store.Held("ft-1").size(), 2u);
+  EXPECT_EQ(store.Held("ft-2").size(), 2u);
+  store.DropJob("ft-2");
+  store.DropJob("ft-1");
+  EXPECT_EQ(store.used_bytes(), 0u);
+  EXPECT_EQ(store.extra_bytes(), 0u);
+  EXPECT_EQ(store.reserved_bytes(), 0u);
+}
+
+// Random puts, reservations and drops over several jobs: the accounting stays exact and within
+// the limit, no rank holds more than the window, and the complete step's frames are all held.
+TEST(SnapshotStoreTest, RandomOperationsKeepTheAccountingWithinTheLimit) {
+  std::mt19937 rng(20261130);
+  for (int keep : {1, 2, 3}) {
+    SnapshotStore store({.memory_limit = 4000, .keep_steps = keep, .window_steps = 5});
+    bool saw_extra = false, saw_complete = false;
+    for (int op = 0; op < 3000; ++op) {
+      const std::string job = "ft-" + std::to_string(1 + rng() % 3);
+      const int rank = static_cast<int>(rng() % 4);
+      const int r = static_cast<int>(rng() % 100);
+      if (r < 80) {
+        (void)store.Put(
+            Frame(rank, 1 + rng() % 40, 10 + rng() % 200, static_cast<int>(rng() % 3), job));
+      } else if (r < 90) {
+        (void)store.Reserve(job, rank, rng() % 700);
+      } else if (r < 93) {
+        store.DropJob(job);
+      } else {
+        auto held = store.Held(job);
+        if (!held.empty()) (void)store.Get(job, held[0].rank, held[0].step);
+      }
+      uint64_t held_bytes = 0;
+      for (const auto& j : store.Jobs()) {
+        std::map<int, int> per_rank;
+        std::map<int64_t, std::set<int>> ranks_at;
+        for (const auto& h : store.Held(j)) {
+          held_bytes += h.bytes;
+          per_rank[h.rank]++;
+          ranks_at[h.step].insert(h.rank);
+        }
+        for (const auto& [rk, n] : per_rank) {
+          ASSERT_LE(n, std::max(keep, 5)) << "job " << j << " rank " << rk << " op " << op;
+        }
+        const int64_t c = store.complete_step(j);
+        saw_complete = saw_complete || (c >= 0 && per_rank.size() > 1);
+        if (c >= 0) {
+          ASSERT_TRUE(ranks_at.count(c)) << "complete step " << c << " of " << j << " op " << op;
+        }
+      }
+      ASSERT_EQ(held_bytes, store.used_bytes()) << "op " << op;
+      ASSERT_LE(store.used_bytes(), 4000u) << "op " << op;
+      ASSERT_LE(store.reserved_bytes() + store.extra_bytes(), 4000u) << "op " << op;
+      saw_extra = saw_extra || store.extra_bytes() > 0;
+    }
+    EXPECT_TRUE(saw_extra) << "keep " << keep << ": the window was never used";
+    EXPECT_TRUE(saw_complete) << "keep " << keep << ": no step was ever complete";
+  }
 }
 
 TEST(SnapshotStoreTest, RefusesAPayloadThatFailsItsChecksum) {

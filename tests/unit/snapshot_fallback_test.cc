@@ -1,0 +1,241 @@
+// The coordinator after a failed in-memory snapshot resume (snapshot_plan.h,
+// FailedSnapshotResume), on an injected clock without sockets: the attempt that resumed from
+// snapshots and failed before passing the resumed step costs its one restart, and the next
+// attempt resumes from the volume (not from the same frames again, which would cost a restart
+// each), with an event naming why.
+
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <map>
+#include <random>
+
+#include "coordinator/coordinator.h"
+
+namespace muster::coordinator {
+namespace {
+
+namespace fs = std::filesystem;
+using namespace std::chrono_literals;
+
+class SnapshotFallbackTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() / ("snapnet-fallback-unit-" + std::to_string(getpid()) + "-" +
+                                        std::to_string(std::random_device{}()));
+    CoordinatorOptions o;
+    o.clock = [this] { return now_; };
+    o.heartbeat_timeout = 5s;
+    auto c = Coordinator::Create(*CoordinatorDb::Open(dir_), o);
+    ASSERT_TRUE(c.ok()) << c.status();
+    coord_ = std::move(*c);
+  }
+  void TearDown() override {
+    coord_.reset();
+    fs::remove_all(dir_);
+  }
+
+  proto::Envelope Call(proto::Envelope req) {
+    proto::Envelope out;
+    bool replied = false;
+    coord_->Handle("test", std::move(req), [&](proto::Envelope e) {
+      out = std::move(e);
+      replied = true;
+    });
+    EXPECT_TRUE(replied);
+    return out;
+  }
+
+  // An agent with snapshot memory and volume "ckpt".
+  void Register(const std::string& name) {
+    proto::Envelope e;
+    auto* l = e.mutable_agent_register()->mutable_labels();
+    l->set_name(name);
+    l->set_provider("aws");
+    l->set_gpus(8);
+    l->set_slots(8);
+    auto* v = l->add_volumes();
+    v->set_name("ckpt");
+    v->set_path("/vol/" + name);
+    l->set_snapshot_endpoint("tcp://" + name + ":7100");
+    l->set_snapshot_key("snapshot-key-of-" + name);
+    auto r = Call(e);
+    ASSERT_TRUE(r.has_agent_registered()) << r.DebugString();
+    sessions_[name] = r.agent_registered().session_id();
+  }
+
+  // A heartbeat from `node`, reporting the frames it holds of `job` (ranks `ranks` of a world of
+  // 2, attempt `attempt`, step `step`); the start actions it gets back.
+  std::vector<proto::StartAssignment> Heartbeat(const std::string& node, const std::string& job,
+                                                std::vector<int> ranks, int attempt, int64_t step) {
+    proto::Envelope e;
+    auto* h = e.mutable_agent_heartbeat();
+    h->set_node(node);
+    h->set_session_id(sessions_[node]);
+    h->set_snapshots_reported(true);
+    for (int rank : ranks) {
+      auto* s = h->add_snapshots_held();
+      s->set_job_id(job);
+      s->set_rank(rank);
+      s->set_world_size(2);
+      s->set_attempt(attempt);
+      s->set_step(step);
+    }
+    std::vector<proto::StartAssignment> starts;
+    const proto::Envelope reply = Call(e);
+    for (const auto& a : reply.agent_heartbeat_reply().actions()) {
+      if (a.has_start()) starts.push_back(a.start());
+    }
+    return starts;
+  }
+
+  proto::Envelope ReportFrom(const std::string& node, const std::string& job, int attempt) {
+    proto::Envelope e;
+    auto* r = e.mutable_agent_report();
+    r->set_node(node);
+    r->set_session_id(sessions_[node]);
+    r->set_job_id(job);
+    r->set_attempt(attempt);
+    return e;
+  }
+  void Started(const std::string& node, const std::string& job, int attempt) {
+    proto::Envelope e = ReportFrom(node, job, attempt);
+    e.mutable_agent_report()->set_started(true);
+    EXPECT_TRUE(Call(e).has_agent_report_reply());
+  }
+  void Exited(const std::string& node, const std::string& job, int attempt, int code) {
+    proto::Envelope e = ReportFrom(node, job, attempt);
+    e.mutable_agent_report()->add_exits()->set_exit_code(code);
+    e.mutable_agent_report()->set_all_exited(true);
+    EXPECT_TRUE(Call(e).has_agent_report_reply());
+  }
+  void StartFailed(const std::string& node, const std::string& job, int attempt,
+                   const std::string& why) {
+    proto::Envelope e = ReportFrom(node, job, attempt);
+    e.mutable_agent_report()->set_start_error(why);
+    e.mutable_agent_report()->set_all_exited(true);
+    EXPECT_TRUE(Call(e).has_agent_report_reply());
+  }
+  void Committed(const std::string& node, const std::string& job, int attempt, int64_t step) {
+    proto::Envelope e = ReportFrom(node, job, attempt);
+    e.mutable_agent_report()->set_checkpoint_step(step);
+    e.mutable_agent_report()->set_checkpoint_volume("ckpt");
+    EXPECT_TRUE(Call(e).has_agent_report_reply());
+  }
+  proto::JobStatus Status(const std::string& id) {
+    proto::Envelope e;
+    e.mutable_status_request()->set_job_id(id);
+    return Call(e).status_reply().jobs(0);
+  }
+  std::string Events(const std::string& job) {
+    proto::Envelope e;
+    e.mutable_events_request()->set_job_id(job);
+    std::string out;
+    const proto::Envelope reply = Call(e);
+    for (const auto& ev : reply.events_reply().events())
+      out += ev.kind() + " [" + ev.node() + "] " + ev.message() + "\n";
+    return out;
+  }
+
+  // Heartbeats from a and b (holding frames of step `step` of `frames_attempt` for both ranks)
+  // until attempt `attempt` is started on both; returns its starts by node.
+  std::map<std::string, proto::StartAssignment> WaitForAttempt(const std::string& job, int attempt,
+                                                               int frames_attempt, int64_t step) {
+    std::map<std::string, proto::StartAssignment> got;
+    for (int i = 0; i < 60 && got.size() < 2; ++i) {
+      for (const std::string node : {"a", "b"}) {
+        std::vector<int> ranks = {0, 1};
+        if (frames_attempt == 0) ranks.clear();
+        for (auto& s : Heartbeat(node, job, ranks, frames_attempt, step)) {
+          if (s.attempt() == attempt) got[node] = s;
+        }
+      }
+      if (got.size() < 2) {
+        now_ += 1s;
+        coord_->Tick();
+      }
+    }
+    return got;
+  }
+
+  std::chrono::system_clock::time_point now_ = std::chrono::system_clock::now();
+  fs::path dir_;
+  std::unique_ptr<Coordinator> coord_;
+  std::map<std::string, std::string> sessions_;
+};
+
+TEST_F(SnapshotFallbackTest, AFailedSnapshotResumeCostsOneRestartAndTheNextAttemptUsesTheVolume) {
+  Register("a");
+  Register("b");
+  proto::Envelope submit;
+  submit.mutable_submit_request()->set_yaml(
+      "name: s\ncommand: x\nnodes: 2\nrestart:\n  max_restarts: 5\n  backoff: 2s\n"
+      "checkpoint:\n  volume: ckpt\n  snapshot_every_steps: 1\n");
+  const std::string id = Call(submit).submit_reply().job_id();
+  ASSERT_FALSE(id.empty());
+
+  // Attempt 1 commits step 20 to the volume, snapshots up to step 28, and a rank fails.
+  auto a1 = WaitForAttempt(id, 1, 0, 0);
+  ASSERT_EQ(a1.size(), 2u) << Events(id);
+  for (const auto& [node, s] : a1) Started(node, id, 1);
+  Committed("a", id, 1, 20);
+  Exited("a", id, 1, 1);
+  Exited("b", id, 1, 75);
+
+  // Attempt 2 resumes from those frames (both agents hold both ranks' step 28)...
+  auto a2 = WaitForAttempt(id, 2, 1, 28);
+  ASSERT_EQ(a2.size(), 2u) << Events(id);
+  for (const auto& [node, s] : a2) {
+    EXPECT_EQ(s.snapshot_resume_step(), 28) << Events(id);
+    EXPECT_GT(s.snapshot_sources_size(), 0);
+  }
+  // ... and fails before passing step 28: a frame could not be fetched.
+  StartFailed("a", id, 2, "snapshot resume: snapshot of rank 0 step 28 (attempt 1): unreachable");
+  // b's ranks were stopped; it reports them gone.
+  Exited("b", id, 2, 143);
+  std::string events = Events(id);
+  EXPECT_NE(events.find("snapshot_resume_failed [] the snapshot resume of attempt 2 (step 28, "
+                        "in-memory snapshots of attempt 1) failed before the gang passed that "
+                        "step (node a could not start: snapshot resume: snapshot of rank 0 step 28 "
+                        "(attempt 1): "
+                        "unreachable)"),
+            std::string::npos)
+      << events;
+
+  // Attempt 3: from the volume's step 20, though the agents still report the frames.
+  auto a3 = WaitForAttempt(id, 3, 1, 28);
+  ASSERT_EQ(a3.size(), 2u) << Events(id);
+  for (const auto& [node, s] : a3) {
+    EXPECT_EQ(s.snapshot_sources_size(), 0) << node << " told to fetch frames again\n"
+                                            << Events(id);
+    EXPECT_EQ(s.snapshot_resume_step(), 0) << node;
+    EXPECT_EQ(s.resume_step(), 20) << node;
+    EXPECT_FALSE(s.snapshot_peer_endpoint().empty()) << "the copies go on in attempt 3";
+  }
+  events = Events(id);
+  EXPECT_NE(events.find("attempt 3 resumes from step 20 on volume ckpt (provider aws): the "
+                        "snapshot resume of attempt 2"),
+            std::string::npos)
+      << events;
+  // Attempt 1's failure and attempt 2's: one restart each, none more.
+  EXPECT_EQ(Status(id).restarts(), 2) << events;
+}
+
+TEST(FailedSnapshotResumeTest, OnlyASnapshotResumeThatNeverPassedItsStep) {
+  ResumeChoice snap;
+  snap.source = ResumeChoice::Source::kSnapshot;
+  snap.step = 28;
+  snap.attempt = 1;
+  EXPECT_TRUE(FailedSnapshotResume(2, snap, std::nullopt, "rank 0 exited 7").has_value());
+  EXPECT_TRUE(FailedSnapshotResume(2, snap, 28, "rank 0 exited 7").has_value());
+  EXPECT_FALSE(FailedSnapshotResume(2, snap, 29, "rank 0 exited 1").has_value())
+      << "the gang trained past the step: the restore worked";
+  ResumeChoice volume;
+  volume.source = ResumeChoice::Source::kVolume;
+  volume.step = 20;
+  EXPECT_FALSE(FailedSnapshotResume(2, volume, std::nullopt, "x").has_value());
+}
+
+}  // namespace
+}  // namespace muster::coordinator
