@@ -1,6 +1,7 @@
 // `muster agent`: argument parsing only; the agent is node_agent/agent.h.
 
 #include <signal.h>
+#include <unistd.h>
 
 #include <iostream>
 #include <limits>
@@ -153,7 +154,9 @@ void AddAgentCommands(CLI::App& app, Runner* runner) {
       sigemptyset(&set);
       sigaddset(&set, SIGINT);
       sigaddset(&set, SIGTERM);
+      sigaddset(&set, SIGUSR1);  // a registration refused for good (on_fatal below)
       pthread_sigmask(SIG_BLOCK, &set, nullptr);
+      o->on_fatal = [](const Status&) { ::kill(::getpid(), SIGUSR1); };
       std::error_code ec;
       o->rank_reaper_bin = std::filesystem::read_symlink("/proc/self/exe", ec).string();
       auto agent = node_agent::Agent::Start(*o);
@@ -168,6 +171,12 @@ void AddAgentCommands(CLI::App& app, Runner* runner) {
       int sig = 0;
       sigwait(&set, &sig);
       auto logger = log::Get("agent");
+      if (sig == SIGUSR1) {
+        // The session logged why (critical); nothing runs that the coordinator still wants.
+        logger->critical("the coordinator refused this node for good: stopping");
+        (*agent)->Shutdown(o->stop_grace);
+        return 1;
+      }
       if (sig == SIGTERM) {
         // The node is going away: checkpoint on notice, then stop.
         node_agent::PreemptionNotice n;

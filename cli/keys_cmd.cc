@@ -1,4 +1,4 @@
-// `muster keys init|add|migrate`
+// `muster keys init|add|list|migrate`
 
 #include <iostream>
 
@@ -46,6 +46,7 @@ void AddKeysCommands(CLI::App& app, Runner* runner) {
     auto role = std::make_shared<std::string>();
     auto name = std::make_shared<std::string>();
     auto out = std::make_shared<std::string>();
+    auto scope = std::make_shared<KeyScope>();
     add->add_option("--dir", *dir, "Keys directory (default: $MUSTER_KEYS, else ~/.muster)");
     add->add_option("--role", *role, "admin, client or agent")
         ->required()
@@ -53,6 +54,13 @@ void AddKeysCommands(CLI::App& app, Runner* runner) {
     add->add_option("--name", *name, "The key's name (a user, or a node for an agent key)")
         ->required();
     add->add_option("--out", *out, "Where to write the key pair (default: DIR/NAME.key)");
+    add->add_option("--node", scope->nodes,
+                    "Agent keys: a node name the key may register (repeat for more; default: any "
+                    "name)");
+    add->add_option("--provider", scope->provider,
+                    "Agent keys: the provider every node it registers must have (default: any)");
+    add->add_option("--island", scope->island,
+                    "Agent keys: the island every node it registers must have (default: any)");
     add->callback([=] {
       *runner = [=] {
         KeysDir kd = KeysDir::Resolve(*dir);
@@ -63,17 +71,42 @@ void AddKeysCommands(CLI::App& app, Runner* runner) {
         }
         std::filesystem::path file =
             out->empty() ? kd.dir / (*name + ".key") : std::filesystem::path(*out);
-        auto pair = AddKey(kd, *name, *r, file);
+        auto pair = AddKey(kd, *name, *r, file, *scope);
         if (!pair.ok()) {
           std::cerr << "muster keys add: " << pair.status().message() << "\n";
           return pair.status().code() == StatusCode::kInvalidArgument ? 2 : 1;
         }
         std::cout << "wrote " << file.string() << " (secret, 0600): key '" << *name << "', role "
-                  << *role << "\nadded its public key to " << kd.authorized_keys().string()
+                  << *role << (scope->empty() ? "" : ", scope " + scope->ToString())
+                  << "\nadded its public key to " << kd.authorized_keys().string()
                   << " (a running coordinator picks it up within 2 s)\n";
         if (*r == KeyRole::kAgent) {
           std::cout << "on the node: muster agent --key " << file.filename().string() << " --name "
                     << *name << " ... (with coordinator.pub in its --keys dir)\n";
+        }
+        return 0;
+      };
+    });
+  }
+  {
+    auto* list = keys->add_subcommand(
+        "list", "The keys of authorized_keys: name, role, an agent key's scope, public key");
+    auto dir = std::make_shared<std::string>();
+    list->add_option("--dir", *dir, "Keys directory (default: $MUSTER_KEYS, else ~/.muster)");
+    list->callback([=] {
+      *runner = [=] {
+        KeysDir kd = KeysDir::Resolve(*dir);
+        auto keys = LoadAuthorizedKeys(kd.authorized_keys());
+        if (!keys.ok()) {
+          std::cerr << "muster keys list: " << keys.status().message() << "\n";
+          return 1;
+        }
+        std::cout << fmt::format("{:<20} {:<7} {:<12} {}\n", "NAME", "ROLE", "KEY", "SCOPE");
+        for (const auto& k : *keys) {
+          std::string scope =
+              k.role == KeyRole::kAgent || k.role == KeyRole::kLegacy ? k.scope.ToString() : "-";
+          std::cout << fmt::format("{:<20} {:<7} {:<12} {}\n", k.name, KeyRoleName(k.role),
+                                   k.public_key.substr(0, 8) + "...", scope);
         }
         return 0;
       };

@@ -188,7 +188,14 @@ StatusOr<bool> ParseAuthorizedLine(std::string line, AuthorizedKey* key, bool* h
       *has_role = true;
       continue;
     }
+    MUSTER_ASSIGN_OR_RETURN(bool scope_word, ParseKeyScopeWord(word, &key->scope));
+    if (scope_word) continue;
     name += (name.empty() ? "" : " ") + word;
+  }
+  if (!key->scope.empty() && key->role != KeyRole::kAgent) {
+    return InvalidArgumentError(fmt::format(
+        "a scope ({}) is only for agent keys, and this line has {}", key->scope.LineWords(),
+        *has_role ? "role=" + std::string(KeyRoleName(key->role)) : std::string("no role=")));
   }
   key->name = name.empty() ? key->public_key.substr(0, 8) : name;
   return true;
@@ -253,6 +260,7 @@ Status SaveAuthorizedKeys(const fs::path& path, const std::vector<AuthorizedKey>
     if (k.role == KeyRole::kAdmin || k.role == KeyRole::kClient || k.role == KeyRole::kAgent) {
       content += " role=" + std::string(KeyRoleName(k.role));
     }
+    if (!k.scope.empty()) content += " " + k.scope.LineWords();
     content += "\n";
   }
   return WriteFileMode(path, content, 0644, overwrite);
@@ -323,15 +331,22 @@ StatusOr<std::string> LoadHttpToken(const KeysDir& keys) {
 }
 
 StatusOr<KeyPair> AddKey(const KeysDir& keys, const std::string& name, KeyRole role,
-                         const fs::path& key_file) {
+                         const fs::path& key_file, const KeyScope& scope) {
   if (role != KeyRole::kAdmin && role != KeyRole::kClient && role != KeyRole::kAgent) {
     return InvalidArgumentError("a new key's role must be admin, client or agent");
   }
+  KeyScope probe;
+  auto scope_word = ParseKeyScopeWord(name, &probe);
   if (name.empty() || name.size() > 253 || name.find_first_of(" \t\r\n#") != std::string::npos ||
-      name.rfind("role=", 0) == 0) {
+      name.rfind("role=", 0) == 0 || !scope_word.ok() || *scope_word) {
     return InvalidArgumentError("key name '" + name +
-                                "' must be 1-253 characters without whitespace or '#'");
+                                "' must be 1-253 characters without whitespace or '#', and not "
+                                "start with role=, nodes=, provider= or island=");
   }
+  if (!scope.empty() && role != KeyRole::kAgent) {
+    return InvalidArgumentError("a scope (--node, --provider, --island) is only for agent keys");
+  }
+  MUSTER_RETURN_IF_ERROR(ValidateKeyScope(scope));
   std::string text;
   std::error_code ec;
   if (fs::exists(keys.authorized_keys(), ec)) {
@@ -347,7 +362,9 @@ StatusOr<KeyPair> AddKey(const KeysDir& keys, const std::string& name, KeyRole r
   MUSTER_ASSIGN_OR_RETURN(KeyPair pair, GenerateKeyPair());
   MUSTER_RETURN_IF_ERROR(SaveKeyPair(key_file, pair, /*overwrite=*/false));
   if (!text.empty() && text.back() != '\n') text += '\n';
-  text += pair.public_key + " " + name + " role=" + std::string(KeyRoleName(role)) + "\n";
+  text += pair.public_key + " " + name + " role=" + std::string(KeyRoleName(role));
+  if (!scope.empty()) text += " " + scope.LineWords();
+  text += "\n";
   // Atomically: the coordinator re-reads the file when it changes and must never see half of it.
   MUSTER_RETURN_IF_ERROR(WriteFileAtomically(keys.authorized_keys(), text, 0644));
   return pair;

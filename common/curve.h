@@ -13,7 +13,9 @@
 //   public-key = <40 z85 chars>
 //   secret-key = <40 z85 chars>
 // Public key files hold the `public-key` line only. An authorized-keys file has one
-// `<z85 public key> [name] role=<admin|client|agent>` per line; `#` starts a comment. A line
+// `<z85 public key> [name] role=<admin|client|agent> [nodes=a,b] [provider=P] [island=I]` per
+// line; `#` starts a comment. The last three are an agent key's scope (key_scope.h): only on
+// role=agent lines. A line
 // without `role=` is a legacy entry (written before keys had roles): it keeps the rights every
 // key had then (admin and agent), and loading it logs a loud warning; `muster keys migrate`
 // gives such entries a role (docs/security.md).
@@ -29,6 +31,7 @@
 #include <zmq.hpp>
 #include <zmq_addon.hpp>
 
+#include "common/key_scope.h"
 #include "common/reactor.h"
 #include "common/status.h"
 
@@ -70,9 +73,11 @@ struct AuthorizedKey {
   std::string public_key;
   std::string name;
   KeyRole role = KeyRole::kNone;
+  KeyScope scope;  // what an agent key may register as; empty: anything
 };
 // Refuses (InvalidArgument, naming file and line) malformed keys, unknown roles, a key listed
-// twice. Legacy lines (no role) load as kLegacy with a warning per file load.
+// twice, a malformed scope or a scope on a line that is not role=agent. Legacy lines (no role) load
+// as kLegacy with a warning per file load.
 StatusOr<std::vector<AuthorizedKey>> LoadAuthorizedKeys(const std::filesystem::path& path);
 Status SaveAuthorizedKeys(const std::filesystem::path& path, const std::vector<AuthorizedKey>& keys,
                           bool overwrite);
@@ -106,10 +111,11 @@ Status InitKeysDir(const KeysDir& keys, bool force);
 StatusOr<std::string> LoadHttpToken(const KeysDir& keys);
 
 // Makes a key pair, writes it to `key_file` (0600; refuses to replace one) and appends its public
-// key with `name` and `role` to the directory's authorized_keys. Refuses a name or key already
-// listed, and a name with whitespace or '#'.
+// key with `name`, `role` and `scope` to the directory's authorized_keys. Refuses a name or key
+// already listed, a name with whitespace or '#' (or that reads as a role or scope word), a bad
+// scope (ValidateKeyScope), and a scope for a role other than agent.
 StatusOr<KeyPair> AddKey(const KeysDir& keys, const std::string& name, KeyRole role,
-                         const std::filesystem::path& key_file);
+                         const std::filesystem::path& key_file, const KeyScope& scope = {});
 
 // Gives every legacy (role-less) line of authorized_keys the role `role` and writes the file back
 // (atomically). If the directory has no agent.key yet, also makes one with role agent, so that

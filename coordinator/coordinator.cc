@@ -1386,6 +1386,16 @@ StatusOr<proto::Envelope> Coordinator::OnRegister(const Caller& caller,
   if (l.gpus() < 0 || l.slots() < 0) return InvalidArgumentError("agent register: negative gpus");
   if (providers_ && providers_->Released(l.name()))
     return FailedPreconditionError("agent register: node " + l.name() + " was released");
+  // An agent key registers only inside its scope, and no key moves a known node to another
+  // provider or island (common/key_scope.h).
+  if (options_.current_scope) {
+    if (auto why = OutsideKeyScope(options_.current_scope(caller.public_key), l))
+      return Deny(caller, "register as node " + l.name(), *why);
+  }
+  if (const NodeRt* known = nodes_.Find(l.name())) {
+    if (auto why = MovesNode(known->rec.labels, l))
+      return Deny(caller, "register as node " + l.name(), *why);
+  }
   // The first registration of a name binds it to the key; no other key may take it.
   std::optional<std::string> bound = nodes_.BoundKey(l.name());
   if (bound && *bound != caller.public_key) {

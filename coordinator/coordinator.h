@@ -65,6 +65,9 @@ struct CoordinatorOptions {
   // A node name bound to a key that is no longer an agent key may be taken by another agent
   // key (key rotation, `muster keys migrate`). Unset: a binding never moves.
   std::function<KeyRole(const std::string& public_key)> current_role;
+  // The scope a key has now (common/key_scope.h): a registration outside it is refused. The
+  // server asks its ZAP handler. Unset: every key is unscoped.
+  std::function<KeyScope(const std::string& public_key)> current_scope;
   std::function<TimePoint()> clock = [] { return SchedClock::now(); };
 };
 

@@ -133,6 +133,10 @@ StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(ServerOpti
       auto k = self->zap ? self->zap->Lookup(kDefaultZapDomain, key) : std::nullopt;
       return k ? k->role : KeyRole::kNone;
     };
+    options.coordinator.current_scope = [self](const std::string& key) {
+      auto k = self->zap ? self->zap->Lookup(kDefaultZapDomain, key) : std::nullopt;
+      return k ? k->scope : KeyScope{};
+    };
   }
   MUSTER_ASSIGN_OR_RETURN(impl->coord, Coordinator::Create(std::move(store), options.coordinator));
 

@@ -190,6 +190,7 @@ StatusOr<std::unique_ptr<Agent>> Agent::Start(AgentOptions options) {
     });
   };
   d.snapshots_held = [p] { return p->runner->SnapshotsHeld(); };
+  d.on_fatal = options.on_fatal;
   d.on_action = [p](const proto::AgentAction& a) {
     p->reactor->Post("agent.action", [p, a] { p->runner->OnAction(a); });
   };

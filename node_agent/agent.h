@@ -85,6 +85,10 @@ struct AgentOptions {
   // Beyond loopback `http_token` is required.
   std::string http;
   std::string http_token;
+  // Called (on the session's control thread) when the coordinator refuses this node's
+  // registration for good (CoordinatorSession::Delegate::on_fatal): the agent should end with
+  // an error. `muster agent` exits 1. Unset: the agent idles, unregistered.
+  std::function<void(const Status&)> on_fatal;
 };
 
 class Agent {

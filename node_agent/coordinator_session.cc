@@ -104,7 +104,7 @@ void CoordinatorSession::ApplyActions(
   }
 }
 
-bool CoordinatorSession::Register() {
+Status CoordinatorSession::Register() {
   proto::Envelope req;
   auto* r = req.mutable_agent_register();
   *r->mutable_labels() = labels_;
@@ -114,9 +114,15 @@ bool CoordinatorSession::Register() {
   auto sent = Clock::now();
   auto reply = ctl_->Call(std::move(req), call_timeout_);
   if (!reply.ok()) {
-    logger_->warn("register with {} failed: {}", ctl_->endpoint(), reply.status().ToString());
-    return false;
+    // Once per change: an agent refused for an hour logs its reason once, not 7200 times.
+    std::string why = reply.status().ToString();
+    if (why != last_refusal_) {
+      logger_->warn("register with {} as {} failed: {}", ctl_->endpoint(), labels_.name(), why);
+      last_refusal_ = why;
+    }
+    return reply.status();
   }
+  last_refusal_.clear();
   const auto& reg = reply->agent_registered();
   {
     std::lock_guard<std::mutex> l(mu_);
@@ -130,7 +136,7 @@ bool CoordinatorSession::Register() {
                 first ? "registered" : "re-registered", ctl_->endpoint(), labels_.name(),
                 reg.session_id(), running.size(), reg.lease_ms());
   ApplyActions(reg.actions());
-  return true;
+  return Status::Ok();
 }
 
 void CoordinatorSession::Heartbeat(const std::string& sid) {
@@ -212,11 +218,24 @@ void CoordinatorSession::ControlLoop() {
     std::string sid = session();
     if (sid.empty()) {
       if (Clock::now() >= retry_at) {
-        if (Register()) {
+        Status st = Register();
+        if (st.ok()) {
+          backoff_.Reset();
           next_hb = Clock::now();
           continue;
         }
-        retry_at = Clock::now() + milliseconds(500);
+        if (IsPermanentRegisterRefusal(st)) {
+          logger_->critical(
+              "the coordinator at {} refuses node {} for good, asking again cannot change it: "
+              "{} (fix the agent's key, its scope in authorized_keys or the node's labels, then "
+              "start the agent again)",
+              ctl_->endpoint(), labels_.name(), st.message());
+          if (delegate_.on_fatal) delegate_.on_fatal(st);
+          return;
+        }
+        // No answer: the call already waited its timeout. An answered refusal: back off.
+        retry_at = Clock::now() + (st.code() == StatusCode::kDeadlineExceeded ? milliseconds(500)
+                                                                              : backoff_.Next());
       }
       std::unique_lock<std::mutex> l(mu_);
       if (stop_) return;  // no coordinator: the last reports cannot go anywhere

@@ -33,6 +33,7 @@
 #include "coordinator/client.h"
 #include "node_agent/lease_watchdog.h"
 #include "node_agent/outbox.h"
+#include "node_agent/register_backoff.h"
 
 namespace muster::node_agent {
 
@@ -52,6 +53,10 @@ class CoordinatorSession {
     std::function<void(const proto::AgentAction&)> on_action;
     // The in-memory snapshot frames held now, for each heartbeat; unset or nullopt: none.
     std::function<std::optional<std::vector<proto::SnapshotHeld>>()> snapshots_held;
+    // The coordinator refused the registration for good (register_backoff.h: the key's scope,
+    // a name bound to another key, a node moving providers): the session has stopped asking
+    // and the agent should end with an error. Called once. Unset: only logged.
+    std::function<void(const Status&)> on_fatal;
   };
 
   // `ctl` makes the control calls, `poll` the long polls (one each: calls on one client are
@@ -66,7 +71,10 @@ class CoordinatorSession {
   CoordinatorSession(const CoordinatorSession&) = delete;
   CoordinatorSession& operator=(const CoordinatorSession&) = delete;
 
-  // Starts the control and poll threads; registration is retried until it succeeds.
+  // Starts the control and poll threads. A registration that gets no answer is asked again
+  // 500 ms later; one the coordinator refuses, after an exponential backoff with jitter (0.5 s
+  // doubling to 30 s: register_backoff.h), each new refusal logged once; a permanent refusal
+  // ends the asking and goes to Delegate::on_fatal.
   void Start();
 
   // A message for the coordinator (reports never dropped, log chunks bounded: outbox.h).
@@ -92,7 +100,8 @@ class CoordinatorSession {
   void ForgetSession(const std::string& stale);
   std::chrono::milliseconds ControlTimeout();
   void ApplyActions(const google::protobuf::RepeatedPtrField<proto::AgentAction>& actions);
-  bool Register();
+  // Ok, or why the coordinator did not register this node.
+  Status Register();
   void Heartbeat(const std::string& sid);
   bool SendOne(const std::string& sid);
   void ControlLoop();
@@ -114,6 +123,8 @@ class CoordinatorSession {
   std::chrono::milliseconds lease_{0};           // GUARDED_BY(mu_); 0: not registered yet
   Outbox outbox_;                                // GUARDED_BY(mu_)
   std::atomic<bool> ever_registered_{false};
+  RegisterBackoff backoff_{std::chrono::milliseconds(500), std::chrono::seconds(30)};  // control
+  std::string last_refusal_;  // control thread: the refusal last logged
   std::thread control_thread_, poll_thread_;
 };
 

@@ -289,8 +289,8 @@ class CoordinatorIntegrationTest : public ::testing::Test {
   }
 
   // A new key with `role` in authorized_keys, once the running coordinator serves it.
-  KeyPair AddKeyAndWait(const std::string& name, KeyRole role) {
-    auto key = AddKey(keys_, name, role, keys_.dir / (name + ".key"));
+  KeyPair AddKeyAndWait(const std::string& name, KeyRole role, const KeyScope& scope = {}) {
+    auto key = AddKey(keys_, name, role, keys_.dir / (name + ".key"), scope);
     EXPECT_TRUE(key.ok()) << key.status();
     if (!key.ok()) return {};
     RpcClient::Options o;
@@ -768,6 +768,100 @@ TEST_F(CoordinatorIntegrationTest, AnotherKeyCannotHijackANodeName) {
   EXPECT_EQ(Status(*id).attempt(), 1);
   auto kinds = EventKinds(*id);
   EXPECT_EQ(std::count(kinds.begin(), kinds.end(), "node_lost"), 0);
+}
+
+// A scoped agent key (`muster keys add --role agent --node gcp-0 --provider gcp --island a`)
+// registers only inside its scope: a leaked key of one provider's node cannot pose as nodes of
+// another provider (and so attract jobs and that provider's checkpoint copies).
+TEST_F(CoordinatorIntegrationTest, AScopedAgentKeyRegistersOnlyInsideItsScope) {
+  KeyScope scope;
+  scope.nodes = {"gcp-0"};
+  scope.provider = "gcp";
+  scope.island = "a";
+  KeyPair key = AddKeyAndWait("gcp-0-key", KeyRole::kAgent, scope);
+
+  FakeAgent other_name(ctx_, coord_->endpoint(), keys_, Labels("aws-9", "aws"), key);
+  muster::Status st = other_name.Register();
+  EXPECT_EQ(st.code(), StatusCode::kFailedPrecondition) << st;
+  EXPECT_NE(st.message().find("key 'gcp-0-key' (role agent) may not register as node aws-9: node "
+                              "name 'aws-9' is outside the key's scope (nodes=gcp-0 "
+                              "provider=gcp island=a)"),
+            std::string::npos)
+      << st;
+  FakeAgent other_provider(ctx_, coord_->endpoint(), keys_, Labels("gcp-0", "aws"), key);
+  st = other_provider.Register();
+  EXPECT_NE(st.message().find("provider 'aws' is outside the key's scope"), std::string::npos)
+      << st;
+  proto::NodeLabels island_b = Labels("gcp-0", "gcp");
+  island_b.set_island("b");
+  FakeAgent other_island(ctx_, coord_->endpoint(), keys_, island_b, key);
+  st = other_island.Register();
+  EXPECT_NE(st.message().find("island 'b' is outside the key's scope"), std::string::npos) << st;
+  // Nothing registered: no job can be placed on those names.
+  auto nodes = client_->Nodes();
+  ASSERT_TRUE(nodes.ok()) << nodes.status();
+  EXPECT_EQ(nodes->nodes_size(), 0);
+
+  // Inside its scope it works, and a job is placed there.
+  agents_.push_back(
+      std::make_unique<FakeAgent>(ctx_, coord_->endpoint(), keys_, Labels("gcp-0", "gcp"), key));
+  FakeAgent& inside = *agents_.back();
+  ASSERT_TRUE(inside.Register().ok());
+  inside.StartHeartbeats();
+  nodes = client_->Nodes();
+  ASSERT_TRUE(nodes.ok()) << nodes.status();
+  ASSERT_EQ(nodes->nodes_size(), 1);
+  EXPECT_EQ(nodes->nodes(0).labels().name(), "gcp-0");
+  auto id = Submit("name: s\ncommand: train\n");
+  ASSERT_TRUE(id.ok()) << id.status();
+  auto start = inside.WaitStart();
+  ASSERT_TRUE(start);
+  EXPECT_EQ(start->job_id(), *id);
+
+  // A changed scope applies from the next request: the key is narrowed to another node, and
+  // its next registration of gcp-0 is refused.
+  auto list = LoadAuthorizedKeys(keys_.authorized_keys());
+  ASSERT_TRUE(list.ok()) << list.status();
+  for (auto& k : *list) {
+    if (k.name == "gcp-0-key") k.scope.nodes = {"gcp-1"};
+  }
+  fs::path tmp = keys_.dir / "authorized_keys.new";
+  ASSERT_TRUE(SaveAuthorizedKeys(tmp, *list, true).ok());
+  fs::rename(tmp, keys_.authorized_keys());
+  FakeAgent again(ctx_, coord_->endpoint(), keys_, Labels("gcp-0", "gcp"), key);
+  EXPECT_TRUE(WaitUntil(
+      [&] {
+        muster::Status s = again.Register();
+        return s.message().find("outside the key's scope (nodes=gcp-1") != std::string::npos;
+      },
+      10s));
+}
+
+// A node does not move to another provider or island, whichever key asks (the shared,
+// unscoped agent.key here, the one that registered it).
+TEST_F(CoordinatorIntegrationTest, ABoundNodeCannotMoveToAnotherProviderOrIsland) {
+  FakeAgent& a0 = AddAgent("aws-0", "aws");
+  (void)a0;
+  FakeAgent moved(ctx_, coord_->endpoint(), keys_, Labels("aws-0", "gcp"));
+  muster::Status st = moved.Register();
+  EXPECT_EQ(st.code(), StatusCode::kFailedPrecondition) << st;
+  EXPECT_NE(st.message().find("may not register as node aws-0: node aws-0 is registered with "
+                              "provider 'aws' island 'a' and claims provider 'gcp' island 'a'"),
+            std::string::npos)
+      << st;
+  proto::NodeLabels island_b = Labels("aws-0", "aws");
+  island_b.set_island("b");
+  FakeAgent moved_island(ctx_, coord_->endpoint(), keys_, island_b);
+  st = moved_island.Register();
+  EXPECT_NE(st.message().find("does not move to another provider or island"), std::string::npos)
+      << st;
+  auto nodes = client_->Nodes();
+  ASSERT_TRUE(nodes.ok()) << nodes.status();
+  ASSERT_EQ(nodes->nodes_size(), 1);
+  EXPECT_EQ(nodes->nodes(0).labels().provider(), "aws");
+  // Same provider and island: a re-registration as before.
+  FakeAgent same(ctx_, coord_->endpoint(), keys_, Labels("aws-0", "aws"));
+  EXPECT_TRUE(same.Register().ok());
 }
 
 // D3: a key that may not run agents cannot register a fake node named to sort first, and so

@@ -12,9 +12,12 @@
 #include <mutex>
 #include <thread>
 
+#include "common/rpc.h"
+#include "common/wire.h"
 #include "coordinator/client.h"
 #include "coordinator/server.h"
 #include "tests/testing/port_range.h"
+#include "tests/testing/reactor_fixture.h"
 
 namespace muster::node_agent {
 namespace {
@@ -139,6 +142,132 @@ TEST_F(CoordinatorSessionTest, AStartForThisNodeReachesTheDelegateAndAReportIsSe
   // for the next unrelated notification, which made agent shutdown take up to 2 s more).
   EXPECT_TRUE(session_->WaitSent(t0 + 20s));
   EXPECT_LT(Clock::now() - t0, 10s);
+}
+
+// A refused registration is asked again after 0.5 s, 1 s, 2 s, ... up to 30 s, each drawn from
+// [d/2, d] (it used to be a flat 500 ms forever); only a "permission denied" is permanent.
+TEST(RegisterBackoffTest, DoublesWithJitterUpToTheCapAndResets) {
+  RegisterBackoff b(500ms, 30s, /*seed=*/7);
+  int64_t want = 500;
+  for (int i = 0; i < 12; ++i) {
+    auto d = b.Next().count();
+    EXPECT_GE(d, want / 2) << "refusal " << i;
+    EXPECT_LE(d, want) << "refusal " << i;
+    want = std::min<int64_t>(want * 2, 30000);
+  }
+  EXPECT_EQ(b.refusals(), 12);
+  b.Reset();
+  EXPECT_LE(b.Next().count(), 500);
+  // Jitter: two agents refused together do not come back in step.
+  RegisterBackoff x(500ms, 30s, 1), y(500ms, 30s, 2);
+  bool differ = false;
+  for (int i = 0; i < 8; ++i) differ |= x.Next() != y.Next();
+  EXPECT_TRUE(differ);
+
+  EXPECT_TRUE(IsPermanentRegisterRefusal(FailedPreconditionError(
+      "permission denied: key 'k' (role agent) may not register as node n: outside")));
+  EXPECT_FALSE(IsPermanentRegisterRefusal(UnavailableError("the coordinator refuses changes")));
+  EXPECT_FALSE(IsPermanentRegisterRefusal(DeadlineExceededError("no reply")));
+  EXPECT_FALSE(IsPermanentRegisterRefusal(FailedPreconditionError("node n was released")));
+}
+
+// A coordinator that refuses every registration with `refusal`, and a session against it.
+class RefusedRegistrationTest : public muster::testing::ReactorZapTest {
+ protected:
+  void StartWith(Status refusal) {
+    CreateReactor("refusing-coordinator", /*with_zap=*/false);
+    RpcServer::Options o;
+    o.name = "refusing";
+    o.endpoint = "tcp://127.0.0.1:*";
+    o.insecure = true;
+    auto server = RpcServer::Create(
+        *reactor_, o, [this, refusal](const PeerInfo&, proto::Envelope&& req, RpcServer::Reply r) {
+          if (req.has_agent_register()) {
+            std::lock_guard<std::mutex> l(mu_);
+            attempts_.push_back(Clock::now());
+          }
+          r(ErrorEnvelope(req.request_id(), refusal));
+        });
+    ASSERT_TRUE(server.ok()) << server.status();
+    server_ = std::move(*server);
+    reactor_->Start();
+    coordinator::ClientOptions co;
+    co.endpoint = server_->endpoint();
+    co.insecure = true;
+    auto ctl = coordinator::CoordinatorClient::Connect(co);
+    auto poll = coordinator::CoordinatorClient::Connect(co);
+    ASSERT_TRUE(ctl.ok() && poll.ok());
+    watchdog_ = std::make_unique<LeaseWatchdog>(100ms, [](std::chrono::milliseconds) {});
+    CoordinatorSession::Delegate d;
+    d.running = [] { return std::vector<proto::RunningAssignment>(); };
+    d.snapshot = [] {
+      return std::make_pair(std::vector<proto::RunningAssignment>(),
+                            CoordinatorSession::ProgressMap());
+    };
+    d.return_progress = [](CoordinatorSession::ProgressMap) {};
+    d.on_action = [](const proto::AgentAction&) {};
+    d.on_fatal = [this](const Status& st) {
+      std::lock_guard<std::mutex> l(mu_);
+      fatal_.push_back(st);
+    };
+    proto::NodeLabels labels;
+    labels.set_name("refused-1");
+    labels.set_provider("aws");
+    session_ = std::make_unique<CoordinatorSession>(std::move(*ctl), std::move(*poll), labels,
+                                                    3000ms, watchdog_.get(), d);
+    session_->Start();
+  }
+  void TearDown() override {
+    session_.reset();
+    watchdog_.reset();
+    ReactorZapTest::TearDown();
+  }
+  void ReleaseOnReactor() override { server_.reset(); }
+  size_t Attempts() {
+    std::lock_guard<std::mutex> l(mu_);
+    return attempts_.size();
+  }
+
+  std::unique_ptr<RpcServer> server_;
+  std::unique_ptr<LeaseWatchdog> watchdog_;
+  std::unique_ptr<CoordinatorSession> session_;
+  std::mutex mu_;
+  std::vector<Clock::time_point> attempts_;  // GUARDED_BY(mu_)
+  std::vector<Status> fatal_;                // GUARDED_BY(mu_)
+};
+
+// An answered refusal that may pass (Unavailable: the coordinator refuses changes until its
+// database is fixed) is asked again with a growing wait, not every 500 ms.
+TEST_F(RefusedRegistrationTest, ARefusalThatMayPassIsRetriedWithExponentialBackoff) {
+  StartWith(UnavailableError("the coordinator refuses changes since a durable write failed"));
+  // 5 attempts: waits of [250,500], [500,1000], [1000,2000], [2000,4000] ms (flat 500 ms before).
+  ASSERT_TRUE(WaitUntil([&] { return Attempts() >= 5; }, 15s)) << Attempts() << " attempts";
+  std::lock_guard<std::mutex> l(mu_);
+  for (size_t i = 1; i < 5; ++i) {
+    auto gap =
+        std::chrono::duration_cast<std::chrono::milliseconds>(attempts_[i] - attempts_[i - 1]);
+    EXPECT_GE(gap.count(), (250 << (i - 1)) - 20) << "wait before attempt " << i + 1;
+  }
+  EXPECT_TRUE(fatal_.empty());
+}
+
+// A permanent refusal (the key's scope) ends the asking and is handed to on_fatal once.
+TEST_F(RefusedRegistrationTest, APermanentRefusalEndsTheAskingAndIsFatal) {
+  StartWith(FailedPreconditionError(
+      "permission denied: key 'k' (role agent) may not register as node refused-1: node name "
+      "'refused-1' is outside the key's scope (nodes=other)"));
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        std::lock_guard<std::mutex> l(mu_);
+        return !fatal_.empty();
+      },
+      10s));
+  session_->RequestStop();
+  session_->Join();
+  std::lock_guard<std::mutex> l(mu_);
+  ASSERT_EQ(fatal_.size(), 1u);
+  EXPECT_NE(fatal_[0].message().find("outside the key's scope"), std::string::npos);
+  EXPECT_EQ(attempts_.size(), 1u) << "a permanent refusal is not asked again";
 }
 
 }  // namespace

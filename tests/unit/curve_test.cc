@@ -194,5 +194,109 @@ TEST(CurveTest, InitKeysDirWritesAnHttpBearerTokenOwnerOnly) {
   EXPECT_NE(*LoadHttpToken(kd), *token) << "a new one with --force";
 }
 
+TEST(CurveTest, AgentKeyScopesParseAndOldLinesStayUnscoped) {
+  TempDir dir;
+  auto a = GenerateKeyPair(), b = GenerateKeyPair(), c = GenerateKeyPair();
+  std::ofstream(dir.path() / "auth")
+      << a->public_key << " gpu-key role=agent nodes=gcp-0,gcp-1 provider=gcp island=eu # x\n"
+      << b->public_key << " agent role=agent\n"
+      << c->public_key << " prov role=agent provider=aws\n";
+  auto keys = LoadAuthorizedKeys(dir.path() / "auth");
+  ASSERT_TRUE(keys.ok()) << keys.status();
+  ASSERT_EQ(keys->size(), 3u);
+  const KeyScope& s = (*keys)[0].scope;
+  EXPECT_EQ((*keys)[0].name, "gpu-key") << "scope words are not part of the name";
+  EXPECT_EQ(s.nodes, (std::vector<std::string>{"gcp-0", "gcp-1"}));
+  EXPECT_EQ(s.provider, "gcp");
+  EXPECT_EQ(s.island, "eu");
+  EXPECT_EQ(s.ToString(), "nodes=gcp-0,gcp-1 provider=gcp island=eu");
+  EXPECT_TRUE((*keys)[1].scope.empty());
+  EXPECT_EQ((*keys)[1].scope.ToString(), "unscoped");
+  EXPECT_TRUE((*keys)[2].scope.nodes.empty());
+  EXPECT_EQ((*keys)[2].scope.provider, "aws");
+
+  // Written back, the scope survives.
+  ASSERT_TRUE(SaveAuthorizedKeys(dir.path() / "again", *keys, false).ok());
+  auto again = LoadAuthorizedKeys(dir.path() / "again");
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ((*again)[0].scope.LineWords(), s.LineWords());
+
+  // Malformed scopes: a clear error naming file, line and what is wrong.
+  auto bad = [&](const std::string& name, const std::string& rest) {
+    std::ofstream(dir.path() / name) << "# first\n" << a->public_key << " k " << rest << "\n";
+    return LoadAuthorizedKeys(dir.path() / name).status();
+  };
+  Status st = bad("empty-node", "role=agent nodes=gcp-0,,gcp-1");
+  EXPECT_EQ(st.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("empty-node:2: key scope: node name ''"), std::string::npos) << st;
+  st = bad("no-nodes", "role=agent nodes=");
+  EXPECT_NE(st.message().find("no-nodes:2: key scope: node name ''"), std::string::npos) << st;
+  st = bad("twice", "role=agent provider=a provider=b");
+  EXPECT_NE(st.message().find("twice:2: key scope: provider= given twice"), std::string::npos)
+      << st;
+  st = bad("same-node", "role=agent nodes=n,n");
+  EXPECT_NE(st.message().find("same-node:2: key scope: node 'n' listed twice"), std::string::npos)
+      << st;
+  st = bad("client", "role=client provider=aws");
+  EXPECT_NE(st.message().find("client:2: a scope (provider=aws) is only for agent keys, and this "
+                              "line has role=client"),
+            std::string::npos)
+      << st;
+  st = bad("legacy", "island=x");
+  EXPECT_NE(st.message().find("legacy:2: a scope (island=x) is only for agent keys, and this line "
+                              "has no role="),
+            std::string::npos)
+      << st;
+}
+
+TEST(CurveTest, AddKeyWritesAnAgentKeysScopeAndRefusesABadOne) {
+  TempDir dir;
+  KeysDir kd{dir.path() / "keys"};
+  ASSERT_TRUE(InitKeysDir(kd, false).ok());
+  KeyScope scope;
+  scope.nodes = {"gcp-0"};
+  scope.provider = "gcp";
+  ASSERT_TRUE(AddKey(kd, "gcp-0", KeyRole::kAgent, kd.dir / "gcp-0.key", scope).ok());
+  auto keys = LoadAuthorizedKeys(kd.authorized_keys());
+  ASSERT_TRUE(keys.ok()) << keys.status();
+  EXPECT_EQ(keys->back().name, "gcp-0");
+  EXPECT_EQ(keys->back().scope.ToString(), "nodes=gcp-0 provider=gcp");
+  for (const auto& k : *keys) {
+    if (k.name == "agent") EXPECT_TRUE(k.scope.empty()) << "the shared agent.key stays unscoped";
+  }
+  EXPECT_EQ(AddKey(kd, "c", KeyRole::kClient, kd.dir / "c.key", scope).status().code(),
+            StatusCode::kInvalidArgument);
+  KeyScope comma;
+  comma.nodes = {"a,b"};
+  EXPECT_EQ(AddKey(kd, "d", KeyRole::kAgent, kd.dir / "d.key", comma).status().code(),
+            StatusCode::kInvalidArgument);
+  EXPECT_EQ(AddKey(kd, "nodes=x", KeyRole::kAgent, kd.dir / "e.key").status().code(),
+            StatusCode::kInvalidArgument);
+}
+
+TEST(CurveTest, ARegistrationOutsideTheScopeOrMovingANodeIsNamed) {
+  proto::NodeLabels l;
+  l.set_name("gcp-0");
+  l.set_provider("gcp");
+  l.set_island("eu");
+  EXPECT_FALSE(OutsideKeyScope(KeyScope{}, l));
+  KeyScope s{{"gcp-0"}, "gcp", "eu"};
+  EXPECT_FALSE(OutsideKeyScope(s, l));
+  proto::NodeLabels other = l;
+  other.set_name("aws-0");
+  EXPECT_EQ(OutsideKeyScope(s, other).value_or(""),
+            "node name 'aws-0' is outside the key's scope (nodes=gcp-0 provider=gcp island=eu)");
+  other = l;
+  other.set_provider("aws");
+  EXPECT_NE(OutsideKeyScope(s, other).value_or("").find("provider 'aws' is outside"),
+            std::string::npos);
+  other = l;
+  other.set_island("us");
+  EXPECT_NE(OutsideKeyScope(s, other).value_or("").find("island 'us' is outside"),
+            std::string::npos);
+  EXPECT_FALSE(MovesNode(l, l));
+  EXPECT_TRUE(MovesNode(l, other));
+}
+
 }  // namespace
 }  // namespace muster
