@@ -184,8 +184,11 @@ class Relays {
         nodes_(nodes >= 0 ? nodes : (n + per_node - 1) / per_node),
         gather_files_(gather_files),
         ctx_(MakeContext(nodes_)) {
-    dir_ =
-        std::filesystem::temp_directory_path() / ("muster-relay-bench-" + std::to_string(getpid()));
+    // Where an agent puts its relay's directory (a memory file system where the host has one),
+    // in a directory of this run's own.
+    dir_ = collectives::PickRelaySocketParent(collectives::RelaySocketParentCandidates(),
+                                              std::filesystem::temp_directory_path()) /
+           ("muster-relay-bench-" + std::to_string(getpid()));
   }
   ~Relays() {
     for (auto& g : groups_) {
