@@ -40,6 +40,14 @@ namespace {
 using Clock = std::chrono::steady_clock;
 using collectives::RdzvCredentials;
 
+// CPU seconds (user + system, every thread) this process has used so far.
+double CpuSeconds() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return static_cast<double>(u.ru_utime.tv_sec + u.ru_stime.tv_sec) +
+         1e-6 * static_cast<double>(u.ru_utime.tv_usec + u.ru_stime.tv_usec);
+}
+
 double Since(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
 }
@@ -166,6 +174,8 @@ struct Result {
   uint64_t upstream_requests = 0;  // relayed: requests the relays sent the store
   uint64_t shared_replies = 0;     // relayed: allgather replies handed over in a file
   bool gather_files = false;       // relayed: large gather results may go through files
+  double relays_s = 0;             // relayed, one process: creating the relays (part of connect)
+  double cpu_s = -1;               // one process: CPU seconds of every phase, all threads; else -1
 };
 
 // The relays of the relayed path: one per node of `per_node` ranks. As on a cluster, where
@@ -413,6 +423,7 @@ StatusOr<Result> Run(int n, bool curve, int per_node, bool gather_files) {
   };
 
   auto t0 = Clock::now();
+  const double cpu0 = CpuSeconds();
   Status st;
   {
     // Relays are created inside the timed section: their CURVE connections are part of
@@ -425,6 +436,7 @@ StatusOr<Result> Run(int n, bool curve, int per_node, bool gather_files) {
         cleanup();
         return rs;
       }
+      res.relays_s = Since(t0);
     }
     Ranks ranks(
         n, [&](int i) { return relays ? relays->EndpointOf(i) : server->endpoint(); }, creds);
@@ -443,6 +455,7 @@ StatusOr<Result> Run(int n, bool curve, int per_node, bool gather_files) {
     res.allgather_s = Since(t3);
     res.shared_replies = phases.shared_replies;
     res.total_s = Since(t0);
+    res.cpu_s = CpuSeconds() - cpu0;
     if (relays) res.upstream_requests = relays->UpstreamRequests();
   }
   cleanup();
@@ -757,6 +770,8 @@ void AddRendezvousBench(CLI::App& app, Runner* runner) {
                          {"gather_file_replies", r.shared_replies},
                          {"processes", r.processes},
                          {"ranks_per_node", r.ranks_per_node},
+                         {"relays_s", r.relays_s},
+                         {"cpu_s", r.cpu_s},
                          {"upstream_requests", r.upstream_requests}});
         std::cout << (out.size() == 1 ? out[0] : out).dump(2) << "\n";
         return 0;
@@ -765,10 +780,12 @@ void AddRendezvousBench(CLI::App& app, Runner* runner) {
           << "rendezvous of N ranks (own DEALER each) on one RendezvousServer, direct or through "
              "relays of R ranks (ipc to the relay, one CURVE connection per relay to the store); "
              "anchors (direct rows): the same N sockets against a raw ZeroMQ ROUTER, one round "
-             "trip each (connect) and then N x 64 bytes to each (allgather)\n";
+             "trip each (connect) and then N x 64 bytes to each (allgather); relays s: creating "
+             "the relays, part of connect; cpu s: CPU seconds this process used over all phases "
+             "(every thread; one-process rows)\n";
       Table t({"ranks", "path", "security", "connect s", "barrier s", "bcast128 s", "allgather64 s",
-               "total s", "store reqs by relays", "gather via file", "raw zmq connect s",
-               "raw zmq N*64B s"});
+               "total s", "relays s", "cpu s", "store reqs by relays", "gather via file",
+               "raw zmq connect s", "raw zmq N*64B s"});
       for (auto& r : rows) {
         bool relayed = r.ranks_per_node > 0;
         t.Row({std::to_string(r.ranks),
@@ -778,6 +795,8 @@ void AddRendezvousBench(CLI::App& app, Runner* runner) {
                        : "direct",
                r.curve ? "CURVE" : "none", Fmt(r.connect_s, 3), Fmt(r.barrier_s, 3),
                Fmt(r.broadcast_s, 3), Fmt(r.allgather_s, 3), Fmt(r.total_s, 3),
+               relayed && r.processes == 1 ? Fmt(r.relays_s, 3) : "-",
+               r.cpu_s >= 0 ? Fmt(r.cpu_s, 2) : "-",
                relayed ? std::to_string(r.upstream_requests) : "-",
                relayed ? std::to_string(r.shared_replies) : "-", relayed ? "-" : Fmt(r.anchor_s, 3),
                relayed ? "-" : Fmt(r.anchor_allgather_s, 3)});
