@@ -351,6 +351,25 @@ TEST_F(RelayTest, ALargeGatherReachesTheLocalRanksThroughOneCheckedFile) {
   bad.set_gathered_file(socket.string());
   expect(bad, relay->endpoint(), StatusCode::kFailedPrecondition, "not in its own directory");
   expect(good, server_->endpoint(), StatusCode::kFailedPrecondition, "is not a local relay");
+
+  // A rank trusts the file because only its user can write into the relay's 0700 directory:
+  // a file that others may write, a directory that others may enter, or a file of another
+  // user is refused even when its bytes match.
+  namespace fs = std::filesystem;
+  fs::permissions(file, fs::perms::group_write | fs::perms::others_write, fs::perm_options::add);
+  expect(good, relay->endpoint(), StatusCode::kDataLoss, "is not private to this user");
+  fs::permissions(file, fs::perms::owner_read | fs::perms::owner_write, fs::perm_options::replace);
+  ASSERT_TRUE(MappedGather::Open(relay->endpoint(), good).ok());
+  fs::permissions(socket.parent_path(), fs::perms::group_exec | fs::perms::others_exec,
+                  fs::perm_options::add);
+  expect(good, relay->endpoint(), StatusCode::kDataLoss, "directory uid");
+  fs::permissions(socket.parent_path(), fs::perms::owner_all, fs::perm_options::replace);
+  ASSERT_TRUE(MappedGather::Open(relay->endpoint(), good).ok());
+  if (::geteuid() == 0) {  // only root can give the file away
+    ASSERT_EQ(::chown(file.c_str(), 65534, 65534), 0);
+    expect(good, relay->endpoint(), StatusCode::kDataLoss, "file uid 65534");
+    ASSERT_EQ(::chown(file.c_str(), 0, 0), 0);
+  }
 }
 
 TEST_F(RelayTest, AStoreThatRefusesTheRelaysKeyIsNamedAtOnceNotATimeout) {
