@@ -36,6 +36,7 @@ struct Options {
   int kib = 1608;  // the fine-tune's frame per rank in `muster-bench recovery`
   int steps = 200;
   int step_ms = 44;
+  bool insecure = false;  // no CURVE between the agents: what CURVE costs, for comparison
   bool json = false;
 };
 
@@ -64,17 +65,19 @@ struct Agent {
   std::unique_ptr<node_agent::SnapshotForwarder> forwarder;
   std::unique_ptr<node_agent::SnapshotServer> local;
 
-  Status Start(const std::string& name, const std::string& socket_path) {
+  Status Start(const std::string& name, const std::string& socket_path, bool insecure) {
     reactor = std::make_unique<Reactor>(name);
-    MUSTER_ASSIGN_OR_RETURN(zap, ZapAuthenticator::Create(*reactor));
+    if (!insecure) {
+      MUSTER_ASSIGN_OR_RETURN(zap, ZapAuthenticator::Create(*reactor));
+    }
     store = std::make_unique<node_agent::SnapshotStore>(
         node_agent::SnapshotStoreOptions{.memory_limit = uint64_t{1} << 30});
-    MUSTER_ASSIGN_OR_RETURN(peer_server,
-                            node_agent::SnapshotPeerServer::Create(
-                                *reactor, zap.get(), false, "tcp://127.0.0.1:*", store.get()));
+    MUSTER_ASSIGN_OR_RETURN(
+        peer_server, node_agent::SnapshotPeerServer::Create(*reactor, zap.get(), insecure,
+                                                            "tcp://127.0.0.1:*", store.get()));
     reactor->Start();
     forwarder = std::make_unique<node_agent::SnapshotForwarder>(
-        node_agent::SnapshotForwarder::Options{});
+        node_agent::SnapshotForwarder::Options{.insecure = insecure});
     auto* fwd = forwarder.get();
     MUSTER_ASSIGN_OR_RETURN(
         local, node_agent::SnapshotServer::Start(
@@ -107,7 +110,8 @@ int Run(const Options& o) {
   if (!gang.ok()) return fail(gang.status());
   Agent a[2];
   for (int i = 0; i < 2; ++i) {
-    if (Status s = a[i].Start("agent" + std::to_string(i), dir + "/n" + std::to_string(i) + "/s.sock");
+    if (Status s = a[i].Start("agent" + std::to_string(i),
+                              dir + "/n" + std::to_string(i) + "/s.sock", o.insecure);
         !s.ok())
       return fail(s);
   }
@@ -143,7 +147,8 @@ int Run(const Options& o) {
       faults0 = MinorFaults();
     }
     for (int i = 0; i < 2; ++i) {
-      checkpoint::SnapshotKey key{.job = job, .attempt = 1, .rank = i, .world_size = 2, .step = step};
+      checkpoint::SnapshotKey key{
+          .job = job, .attempt = 1, .rank = i, .world_size = 2, .step = step};
       payload[step % payload.size()] ^= 1;  // a different payload each step
       if (Status s = rank[i]->Put(key, payload); !s.ok()) return fail(s);
     }
@@ -183,8 +188,9 @@ int Run(const Options& o) {
   t.Row({std::to_string(o.kib), std::to_string(o.steps), Fmt(per_step_ms, 2),
          Fmt(1000.0 * rank_cpu / o.steps, 2), Fmt(double(faults) / o.steps, 0),
          std::to_string(sent), std::to_string(replaced), std::to_string(failed)});
-  std::cout << "2 agents x 1 rank, one frame per rank every " << o.step_ms
-            << " ms, CURVE between the agents (kept by the peers: " << kept << ")\n";
+  std::cout << "2 agents x 1 rank, one frame per rank every " << o.step_ms << " ms, "
+            << (o.insecure ? "NO CURVE (insecure)" : "CURVE")
+            << " between the agents (kept by the peers: " << kept << ")\n";
   t.Print();
   return failed == 0 ? 0 : 1;
 }
@@ -200,6 +206,8 @@ void AddSnapshotPathBench(CLI::App& app, Runner* runner) {
   cmd->add_option("--kib", o->kib, "frame payload per rank, KiB")->capture_default_str();
   cmd->add_option("--steps", o->steps, "measured steps")->capture_default_str();
   cmd->add_option("--step-ms", o->step_ms, "time between steps")->capture_default_str();
+  cmd->add_flag("--insecure", o->insecure,
+                "no CURVE between the agents (never how an agent runs; shows what CURVE costs)");
   cmd->add_flag("--json", o->json, "Print JSON");
   cmd->callback([=] { *runner = [=] { return Run(*o); }; });
 }
