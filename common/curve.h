@@ -73,7 +73,7 @@ struct AuthorizedKey {
   std::string public_key;
   std::string name;
   KeyRole role = KeyRole::kNone;
-  KeyScope scope;  // what an agent key may register as; empty: anything
+  KeyScope scope{};  // what an agent key may register as; empty: anything
 };
 // Refuses (InvalidArgument, naming file and line) malformed keys, unknown roles, a key listed
 // twice, a malformed scope or a scope on a line that is not role=agent. Legacy lines (no role) load
