@@ -197,13 +197,15 @@ bool Coordinator::ServeKeptLog(const proto::LogsRequest& req, const JobRecord& r
   out->set_next_offset(chunk->next_offset);
   out->set_eof(chunk->eof);
   out->set_kept(true);
-  if (!req.kept()) {
-    const NodeRt* n = nodes_.Find(node);
-    std::string why = providers_ && providers_->Released(node) ? "node " + node + " was released"
-                      : n == nullptr                           ? "node " + node + " is gone"
-                      : !n->connected() ? "node " + node + " is not connected"
-                                        : "the attempt ended on node " + node;
-    out->set_kept_note(fmt::format("logs of attempt {} kept by the coordinator; {}", attempt, why));
+  // Said once, when the node the log came from is not there to ask (with the node there the
+  // copy holds the same bytes, and nothing is said).
+  const NodeRt* n = nodes_.Find(node);
+  if (!req.kept() && (n == nullptr || !n->connected())) {
+    std::string why = providers_ && providers_->Released(node) ? "was released"
+                      : n == nullptr                           ? "is gone"
+                                                               : "is not connected";
+    out->set_kept_note(
+        fmt::format("logs of attempt {} kept by the coordinator; node {} {}", attempt, node, why));
   }
   reply(std::move(e));
   return true;
