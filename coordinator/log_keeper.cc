@@ -1,8 +1,12 @@
 #include "coordinator/log_keeper.h"
 
+#include <fcntl.h>
 #include <fmt/format.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
 #include <fstream>
 #include <vector>
 
@@ -17,6 +21,7 @@ namespace {
 
 constexpr const char* kPart = ".part";
 constexpr const char* kTmp = ".tmp";
+constexpr const char* kPrevPart = ".prev.part";
 
 std::string DroppedLine(int64_t n, std::string_view why = "") {
   return fmt::format("[muster: {} bytes dropped{}]\n", n, why);
@@ -42,17 +47,35 @@ Status WriteWhole(const fs::path& path, std::string_view data) {
   return Status::Ok();
 }
 
-// The last `n` bytes of the file (all of it if shorter).
-StatusOr<std::string> ReadTail(const fs::path& path, int64_t n) {
-  std::ifstream in(path, std::ios::binary | std::ios::ate);
-  if (!in) return InternalError("cannot read " + path.string());
-  int64_t size = in.tellg();
-  int64_t start = std::max<int64_t>(0, size - n);
-  std::string out(static_cast<size_t>(size - start), '\0');
-  in.seekg(start);
-  in.read(out.data(), static_cast<std::streamsize>(out.size()));
-  if (!in) return InternalError("cannot read " + path.string());
-  return out;
+// Appends `len` bytes of `in` from `off` to `out`: copy_file_range (in the kernel), else
+// read and write.
+Status CopyRange(int in, int64_t off, int64_t len, int out, const fs::path& what) {
+  while (len > 0) {
+    loff_t o = off;
+    ssize_t n = copy_file_range(in, &o, out, nullptr, static_cast<size_t>(len), 0);
+    if (n < 0 && (errno == ENOSYS || errno == EXDEV || errno == EINVAL || errno == EOPNOTSUPP)) {
+      char buf[64 << 10];
+      n = pread(in, buf, static_cast<size_t>(std::min<int64_t>(len, sizeof(buf))), off);
+      if (n > 0 && write(out, buf, static_cast<size_t>(n)) != n) n = -1;
+    }
+    if (n < 0)
+      return InternalError(fmt::format("cannot copy {}: {}", what.string(), strerror(errno)));
+    if (n == 0) return InternalError("cannot copy " + what.string() + ": shorter than expected");
+    off += n;
+    len -= n;
+  }
+  return Status::Ok();
+}
+
+Status WriteAll(int fd, std::string_view data, const fs::path& what) {
+  while (!data.empty()) {
+    ssize_t n = write(fd, data.data(), data.size());
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0)
+      return InternalError(fmt::format("cannot write {}: {}", what.string(), strerror(errno)));
+    data.remove_prefix(static_cast<size_t>(n));
+  }
+  return Status::Ok();
 }
 
 int64_t FileSize(const fs::path& p) {
@@ -141,25 +164,18 @@ Status LogKeeper::Begin(const std::string& job, int attempt, int rank, int ranks
   if (ec)
     return InternalError(
         fmt::format("cannot create {}: {}", p.parent_path().string(), ec.message()));
-  fs::path part = p;
+  fs::path part = p, prev = p;
   part += kPart;
+  prev += kPrevPart;
+  fs::remove(prev, ec);
   MUSTER_RETURN_IF_ERROR(WriteWhole(part, ""));
-  writers_[p.string()] = Writer{std::max(1, ranks), 0, 0};
+  writers_[p.string()] = Writer{std::max(1, ranks), 0, 0, 0};
   return Status::Ok();
 }
 
 bool LogKeeper::Writing(const std::string& job, int attempt, int rank) const {
   if (!Validate(job, attempt, rank).ok()) return false;
   return writers_.count(RankPath(job, attempt, rank).string()) > 0;
-}
-
-Status LogKeeper::TrimPart(const fs::path& part, Writer& w, int64_t keep) {
-  if (w.size <= keep) return Status::Ok();
-  MUSTER_ASSIGN_OR_RETURN(std::string tail, ReadTail(part, keep));
-  MUSTER_RETURN_IF_ERROR(WriteWhole(part, tail));
-  w.dropped += w.size - static_cast<int64_t>(tail.size());
-  w.size = static_cast<int64_t>(tail.size());
-  return Status::Ok();
 }
 
 Status LogKeeper::Append(const std::string& job, int attempt, int rank, std::string_view data) {
@@ -171,17 +187,24 @@ Status LogKeeper::Append(const std::string& job, int attempt, int rank, std::str
         fmt::format("no copy of rank {} of {} attempt {} is being written", rank, job, attempt));
   }
   Writer& w = it->second;
-  fs::path part = p;
+  fs::path part = p, prev = p;
   part += kPart;
+  prev += kPrevPart;
   {
     std::ofstream out(part, std::ios::binary | std::ios::app);
     out.write(data.data(), static_cast<std::streamsize>(data.size()));
     if (!out) return InternalError("cannot write " + part.string());
   }
-  w.size += static_cast<int64_t>(data.size());
-  // Cut back to the share once twice over it: the file stays bounded, the work linear.
-  int64_t share = Share(w.ranks);
-  if (w.size > 2 * share) return TrimPart(part, w, share);
+  w.cur += static_cast<int64_t>(data.size());
+  if (w.cur >= Share(w.ranks)) {
+    // The current segment holds a whole share: the one before it is not needed any more.
+    std::error_code ec;
+    fs::rename(part, prev, ec);
+    if (ec) return InternalError(fmt::format("cannot rename {}: {}", part.string(), ec.message()));
+    w.dropped += w.prev;
+    w.prev = w.cur;
+    w.cur = 0;
+  }
   return Status::Ok();
 }
 
@@ -195,20 +218,60 @@ Status LogKeeper::Commit(const std::string& job, int attempt, int rank, const st
   }
   Writer w = it->second;
   writers_.erase(it);
-  fs::path part = p;
+  fs::path part = p, prev = p, tmp = p;
   part += kPart;
-  MUSTER_RETURN_IF_ERROR(TrimPart(part, w, Share(w.ranks)));
-  MUSTER_ASSIGN_OR_RETURN(std::string body, ReadTail(part, w.size));
-  std::string out;
-  if (w.dropped > 0) out = DroppedLine(w.dropped);
-  out += body;
-  if (!note.empty()) {
-    if (!out.empty() && out.back() != '\n') out += '\n';
-    out += "[muster: " + note + "]\n";
-  }
-  MUSTER_RETURN_IF_ERROR(WriteWhole(p, out));
+  prev += kPrevPart;
+  tmp += kTmp;
+  // The tail of the share: all of the current segment, the end of the one before.
+  int64_t keep = std::min(w.prev + w.cur, Share(w.ranks));
+  int64_t skip = w.prev + w.cur - keep;  // < w.prev: the current segment is under a share
+  int64_t dropped = w.dropped + skip;
+  Status st = [&]() -> Status {
+    int out = open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (out < 0)
+      return InternalError(fmt::format("cannot create {}: {}", tmp.string(), strerror(errno)));
+    auto copy = [&]() -> Status {
+      if (dropped > 0) MUSTER_RETURN_IF_ERROR(WriteAll(out, DroppedLine(dropped), tmp));
+      for (const auto& [seg, off, len] :
+           {std::tuple{prev, skip, w.prev - skip}, std::tuple{part, int64_t{0}, w.cur}}) {
+        if (len <= 0) continue;
+        int in = open(seg.c_str(), O_RDONLY | O_CLOEXEC);
+        if (in < 0)
+          return InternalError(fmt::format("cannot read {}: {}", seg.string(), strerror(errno)));
+        Status c = CopyRange(in, off, len, out, seg);
+        close(in);
+        MUSTER_RETURN_IF_ERROR(c);
+      }
+      if (!note.empty()) {
+        std::string line = "[muster: " + note + "]\n";
+        if (w.cur + w.prev > 0 || dropped > 0) {
+          // A note starts a line of its own.
+          char last = '\n';
+          const fs::path& seg = w.cur > 0 ? part : prev;
+          int64_t at = (w.cur > 0 ? w.cur : w.prev) - 1;
+          int in = at >= 0 ? open(seg.c_str(), O_RDONLY | O_CLOEXEC) : -1;
+          if (in >= 0) {
+            if (pread(in, &last, 1, at) != 1) last = '\n';
+            close(in);
+          }
+          if (last != '\n') line.insert(line.begin(), '\n');
+        }
+        MUSTER_RETURN_IF_ERROR(WriteAll(out, line, tmp));
+      }
+      return Status::Ok();
+    }();
+    if (close(out) != 0 && copy.ok()) copy = InternalError("cannot write " + tmp.string());
+    return copy;
+  }();
   std::error_code ec;
+  if (st.ok()) {
+    fs::rename(tmp, p, ec);
+    if (ec) st = InternalError(fmt::format("cannot rename {}: {}", tmp.string(), ec.message()));
+  }
   fs::remove(part, ec);
+  fs::remove(prev, ec);
+  fs::remove(tmp, ec);
+  MUSTER_RETURN_IF_ERROR(st);
   Reindex(job);
   jobs_[job].last_written = ++clock_;
   ApplyJobCap(job, attempt);

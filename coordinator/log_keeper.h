@@ -6,7 +6,8 @@
 // log_collect.cc, through FetchLog/AgentLogChunk); this class holds the files:
 //
 //   <dir>/<job>/<attempt>/rank-<r>.log        a kept copy (plain text, what the rank wrote)
-//   <dir>/<job>/<attempt>/rank-<r>.log.part   being written (removed at Open: a crash mid-copy)
+//   <dir>/<job>/<attempt>/rank-<r>.log.part and .prev.part: being written (removed at Open: a
+//                                              crash mid-copy)
 //
 // Bounded twice:
 //   - per job (`job_bytes`): a rank's copy keeps the tail of `job_bytes / ranks` bytes of its
@@ -21,8 +22,9 @@
 // Every name that becomes a path is validated (common/path_name.h): a job id is a plain name
 // (no '/', no ".."), an attempt is 1..kMaxAttempt, a rank 0..kMaxRank.
 //
-// Thread-safety: none; the coordinator's reactor thread. File operations are local and small
-// (a chunk is at most 1 MiB).
+// Thread-safety: none; the coordinator's reactor thread. File operations are local: an append
+// writes one chunk (at most 1 MiB), a commit copies at most the rank's share plus a chunk in the
+// kernel, a read reads at most what it is asked (at most 1 MiB).
 
 #include <cstdint>
 #include <filesystem>
@@ -80,10 +82,16 @@ class LogKeeper {
   const std::filesystem::path& dir() const { return dir_; }
 
  private:
+  // A copy being written is two segments, like the agent's own rotation: the current one
+  // (.part) and the one before it (.prev.part). When the current one reaches the rank's share
+  // it replaces the one before, which is dropped: no byte is ever rewritten while chunks come,
+  // and the two hold at least the last `share` bytes. Commit stitches the tail of the share
+  // into the kept file once (copy_file_range: in the kernel, at most share + one chunk).
   struct Writer {
     int ranks = 1;
-    int64_t dropped = 0;  // bytes cut from the head so far
-    int64_t size = 0;     // bytes in the .part file
+    int64_t dropped = 0;  // bytes of segments dropped so far
+    int64_t prev = 0;     // bytes in .prev.part
+    int64_t cur = 0;      // bytes in .part
   };
   struct JobIndex {
     int64_t bytes = 0;
@@ -93,7 +101,6 @@ class LogKeeper {
       : dir_(std::move(dir)), limits_(limits) {}
   std::filesystem::path RankPath(const std::string& job, int attempt, int rank) const;
   int64_t Share(int ranks) const;
-  Status TrimPart(const std::filesystem::path& part, Writer& w, int64_t keep);
   void ApplyJobCap(const std::string& job, int newest_attempt);
   void ApplyTotalCap(const std::string& keep_job);
   void Reindex(const std::string& job);

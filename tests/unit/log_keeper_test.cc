@@ -84,6 +84,30 @@ TEST_F(LogKeeperTest, ARankKeepsTheTailOfItsShareAndSaysHowManyBytesWereDropped)
   EXPECT_EQ(ReadAll(*k, "job-1", 1, 3), "[muster: 2750 bytes dropped]\n" + Lines(275, 25));
 }
 
+TEST_F(LogKeeperTest, TheTailOfTheShareIsExactWhateverTheChunksAndNothingIsLeftBehind) {
+  auto k = Open(1000, 1 << 30);
+  std::string all = Lines(0, 400);  // 4000 bytes; the share of 4 ranks is 250
+  int n = 0;
+  for (size_t chunk : {1, 7, 249, 250, 251, 1000}) {
+    for (size_t total : {0, 1, 249, 250, 251, 500, 777, 4000}) {
+      std::string job = "job-" + std::to_string(n++);
+      ASSERT_TRUE(k->Begin(job, 1, 0, 4).ok());
+      for (size_t i = 0; i < total; i += chunk) {
+        ASSERT_TRUE(k->Append(job, 1, 0, all.substr(i, std::min(chunk, total - i))).ok());
+      }
+      ASSERT_TRUE(k->Commit(job, 1, 0).ok());
+      std::string want = total <= 250 ? all.substr(0, total)
+                                      : "[muster: " + std::to_string(total - 250) +
+                                            " bytes dropped]\n" + all.substr(total - 250, 250);
+      EXPECT_EQ(ReadAll(*k, job, 1, 0), want) << "chunk " << chunk << " total " << total;
+      std::vector<std::string> files;
+      for (const auto& f : fs::directory_iterator(dir_ / job / "1"))
+        files.push_back(f.path().filename().string());
+      EXPECT_EQ(files, std::vector<std::string>{"rank-0.log"});
+    }
+  }
+}
+
 TEST_F(LogKeeperTest, ANoteEndsAnIncompleteCopy) {
   auto k = Open(1000, 1 << 20);
   ASSERT_TRUE(k->Begin("job-1", 1, 0, 1).ok());
