@@ -126,6 +126,12 @@ class LogCollectTest : public ::testing::Test {
   }
   // Runs a 2-rank job on gcp-1 to its end; returns its id.
   std::string RunJobToTheEnd() {
+    std::string id = StartJob();
+    EndJob(id);
+    return id;
+  }
+  // A 2-rank job started on gcp-1; returns its id.
+  std::string StartJob() {
     proto::Envelope submit;
     submit.mutable_submit_request()->set_yaml(
         "name: lk\ncommand: x\nranks_per_node: 2\nplacement:\n  providers: [gcp]\n");
@@ -144,16 +150,34 @@ class LogCollectTest : public ::testing::Test {
     a->set_attempt(1);
     a->set_started(true);
     Call(rep);
-    a->set_started(false);
+    return id;
+  }
+  // gcp-1 reports both ranks gone.
+  void EndJob(const std::string& id, bool stopped = false) {
+    proto::Envelope rep;
+    auto* a = rep.mutable_agent_report();
+    a->set_node("gcp-1");
+    a->set_session_id(sg_);
+    a->set_job_id(id);
+    a->set_attempt(1);
     for (int rank : {0, 1}) {
       auto* x = a->add_exits();
       x->set_rank(rank);
-      x->set_exit_code(0);
+      x->set_exit_code(stopped ? -1 : 0);
+      x->set_signal(stopped ? 15 : 0);
+      x->set_stopped_by_agent(stopped);
     }
     a->set_all_exited(true);
     auto reply = Call(rep);
     EXPECT_FALSE(reply.has_error()) << reply.DebugString();
-    return id;
+  }
+  // The FetchLog actions gcp-1 gets now, by rank.
+  std::map<int, uint64_t> Fetches() {
+    std::map<int, uint64_t> out;
+    for (const auto& a : Heartbeat("gcp-1", sg_)) {
+      if (a.has_fetch_log()) out[a.fetch_log().rank()] = a.fetch_log().fetch_id();
+    }
+    return out;
   }
 
   TimePoint now_ = TimePoint{} + std::chrono::hours(490000);
@@ -253,6 +277,70 @@ TEST_F(LogCollectTest, AChunkLargerThanAskedEndsTheCopy) {
   ASSERT_TRUE(l0.has_logs_reply()) << l0.DebugString();
   EXPECT_NE(l0.logs_reply().data().find("more than the 1048576 asked for"), std::string::npos);
   EXPECT_EQ(l0.logs_reply().data().find("xxx"), std::string::npos);
+}
+
+TEST_F(LogCollectTest, ACancelledJobsLogsAreKept) {
+  sa_ = Register("aws-1", "aws");
+  sg_ = Register("gcp-1", "gcp");
+  std::string id = StartJob();
+  proto::Envelope cancel;
+  cancel.mutable_cancel_request()->set_job_id(id);
+  ASSERT_FALSE(Call(cancel).has_error());
+  bool stop = false;
+  for (const auto& a : Heartbeat("gcp-1", sg_)) stop |= a.has_stop();
+  ASSERT_TRUE(stop);
+  EXPECT_TRUE(Fetches().empty()) << "nothing is copied while the ranks still run";
+  EndJob(id, /*stopped=*/true);
+  auto fetch = Fetches();
+  ASSERT_EQ(fetch.size(), 2u);
+  ASSERT_FALSE(Chunk("gcp-1", sg_, fetch[0], "zero\n", 5, true).has_error());
+  ASSERT_FALSE(Chunk("gcp-1", sg_, fetch[1], "one\n", 4, true).has_error());
+  EXPECT_NE(Events().find("logs_kept gcp-1"), std::string::npos) << Events();
+  auto l1 = Logs(id, 1);
+  ASSERT_TRUE(l1.has_logs_reply()) << l1.DebugString();
+  EXPECT_EQ(l1.logs_reply().data(), "one\n");
+  EXPECT_TRUE(l1.logs_reply().kept());
+}
+
+TEST_F(LogCollectTest, ANodeLostWhileItsLogsAreCopiedKeepsWhatCameWithANote) {
+  sa_ = Register("aws-1", "aws");
+  sg_ = Register("gcp-1", "gcp");
+  std::string id = RunJobToTheEnd();
+  auto fetch = Fetches();
+  ASSERT_EQ(fetch.size(), 2u);
+  ASSERT_FALSE(Chunk("gcp-1", sg_, fetch[0], "first half", 10, false).has_error());
+  coord_->AgentGone("gcp-1", sg_, "its agent's connections closed");
+  coord_->Tick();
+  auto l0 = Logs(id, 0);
+  ASSERT_TRUE(l0.has_logs_reply()) << l0.DebugString();
+  EXPECT_EQ(l0.logs_reply().data(),
+            "first half\n[muster: node gcp-1 went away before all of it was kept]\n");
+  EXPECT_EQ(l0.logs_reply().kept_note(),
+            "logs of attempt 1 kept by the coordinator; node gcp-1 is not connected");
+  std::string events = Events();
+  EXPECT_NE(events.find("logs_lost gcp-1: attempt 1: the log of rank 0 is kept only in part"),
+            std::string::npos)
+      << events;
+  // The fetch still in flight for it expires later: the copy has ended, nothing changes.
+  now_ += 11s;
+  coord_->Tick();
+  EXPECT_EQ(Logs(id, 0).logs_reply().data(), l0.logs_reply().data());
+}
+
+TEST_F(LogCollectTest, ANodeLostBeforeItsLogsWereCopiedIsAnEventAndNothingIsKept) {
+  sa_ = Register("aws-1", "aws");
+  sg_ = Register("gcp-1", "gcp");
+  std::string id = StartJob();
+  coord_->AgentGone("gcp-1", sg_, "its agent's connections closed");
+  std::string events = Events();
+  EXPECT_NE(events.find("logs_lost gcp-1: attempt 1: the logs of ranks 0-1 were not kept: node "
+                        "gcp-1 was lost before they could be copied"),
+            std::string::npos)
+      << events;
+  auto l0 = Logs(id, 0);
+  ASSERT_TRUE(l0.has_error()) << l0.DebugString();
+  EXPECT_NE(l0.error().message().find("not connected"), std::string::npos) << l0.DebugString();
+  EXPECT_FALSE(fs::exists(dir_ / "logs" / id / "1" / "rank-0.log"));
 }
 
 }  // namespace
