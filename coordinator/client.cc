@@ -139,8 +139,8 @@ StatusOr<proto::NodeStatusState> CoordinatorClient::Drain(const std::string& nod
 
 StatusOr<proto::LogsReply> CoordinatorClient::Logs(const std::string& job_id, int rank,
                                                    int64_t offset, int max_bytes, int attempt,
-                                                   proto::LogStream stream,
-                                                   uint64_t generation, bool kept) {
+                                                   proto::LogStream stream, uint64_t generation,
+                                                   bool kept) {
   proto::Envelope e;
   auto* l = e.mutable_logs_request();
   l->set_job_id(job_id);

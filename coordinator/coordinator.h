@@ -242,7 +242,8 @@ class Coordinator {
     uint64_t serial = 0;  // which fetch replies belong to this copy
     std::string job, node;
     int attempt = 0, rank = 0, ranks = 0;
-    uint64_t generation = 0;  // the agent's cursor (node_agent/log_reader.h)
+    int node_first = 0, node_ranks = 0;  // the node's ranks of the attempt
+    uint64_t generation = 0;             // the agent's cursor (node_agent/log_reader.h)
     int64_t offset = 0;
     int64_t deadline_ms = 0;
     int64_t next_fetch_ms = 0;  // > 0: ask again then (the node had nothing new yet)
@@ -252,8 +253,9 @@ class Coordinator {
   void KeepLogs(const JobRecord& rec, const std::string& node);
   void FetchKeptLog(LogCopy& c);
   void OnKeptLogChunk(const LogCopyKey& key, uint64_t serial, const proto::Envelope& e);
-  // Ends a copy: commits what it has, with `note` saying what is missing ("" : complete).
-  void EndLogCopy(const LogCopyKey& key, const std::string& note);
+  // Ends a copy: commits what it has, with `note` saying what is missing ("" : complete);
+  // `keep` false: drops it (the node had no log of the rank).
+  void EndLogCopy(const LogCopyKey& key, const std::string& note, bool keep = true);
   void TickLogCopies(int64_t now);
   // Answers `req` from the kept copy when there is one to answer from; false: ask the node.
   bool ServeKeptLog(const proto::LogsRequest& req, const JobRecord& rec, int attempt,

@@ -55,6 +55,8 @@ void Coordinator::KeepLogs(const JobRecord& r, const std::string& node) {
     c.attempt = r.attempt;
     c.rank = rank;
     c.ranks = ranks;
+    c.node_first = first;
+    c.node_ranks = rpn;
     c.deadline_ms = now + options_.log_keep_wait.count();
     auto& stored = log_copies_.emplace(key, std::move(c)).first->second;
     FetchKeptLog(stored);
@@ -97,8 +99,7 @@ void Coordinator::OnKeptLogChunk(const LogCopyKey& key, uint64_t serial, const p
     const auto& err = e.error();
     if (err.code() == proto::NOT_FOUND && c.offset == 0 && c.generation == 0) {
       // The rank left no log on the node (it never started): there is nothing to keep.
-      log_copies_.erase(it);
-      return;
+      return EndLogCopy(key, "", /*keep=*/false);
     }
     if (err.code() == proto::DEADLINE_EXCEEDED) {
       c.next_fetch_ms = NowMs();  // asked again at the next tick, until the copy's deadline
@@ -130,12 +131,17 @@ void Coordinator::OnKeptLogChunk(const LogCopyKey& key, uint64_t serial, const p
   FetchKeptLog(c);
 }
 
-void Coordinator::EndLogCopy(const LogCopyKey& key, const std::string& note) {
+void Coordinator::EndLogCopy(const LogCopyKey& key, const std::string& note, bool keep) {
   auto it = log_copies_.find(key);
   if (it == log_copies_.end()) return;
   LogCopy c = std::move(it->second);
   log_copies_.erase(it);
-  Status st = log_keeper_->Commit(c.job, c.attempt, c.rank, note);
+  Status st = Status::Ok();
+  if (keep) {
+    st = log_keeper_->Commit(c.job, c.attempt, c.rank, note);
+  } else {
+    log_keeper_->Abandon(c.job, c.attempt, c.rank);
+  }
   if (!st.ok()) {
     log::Get("coord")->warn("job {} attempt {} rank {}: kept log not written: {}", c.job, c.attempt,
                             c.rank, st.ToString());
@@ -149,9 +155,13 @@ void Coordinator::EndLogCopy(const LogCopyKey& key, const std::string& note) {
   for (const auto& [k, other] : log_copies_) {
     if (other.job == c.job && other.attempt == c.attempt && other.node == c.node) return;
   }
+  int kept = 0;
+  for (int r = c.node_first; r < c.node_first + c.node_ranks; ++r)
+    kept += log_keeper_->Has(c.job, c.attempt, r) ? 1 : 0;
+  if (kept == 0) return;  // the node had no log of any of them
   Event(c.job, c.node, "logs_kept",
-        fmt::format("attempt {}: the rank logs from node {} are kept by the coordinator", c.attempt,
-                    c.node));
+        fmt::format("attempt {}: the logs of {} rank(s) from node {} are kept by the coordinator",
+                    c.attempt, kept, c.node));
 }
 
 void Coordinator::TickLogCopies(int64_t now) {

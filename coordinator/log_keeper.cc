@@ -173,6 +173,21 @@ Status LogKeeper::Begin(const std::string& job, int attempt, int rank, int ranks
   return Status::Ok();
 }
 
+void LogKeeper::Abandon(const std::string& job, int attempt, int rank) {
+  if (!Validate(job, attempt, rank).ok()) return;
+  fs::path p = RankPath(job, attempt, rank);
+  if (writers_.erase(p.string()) == 0) return;
+  fs::path part = p, prev = p;
+  part += kPart;
+  prev += kPrevPart;
+  std::error_code ec;
+  fs::remove(part, ec);
+  fs::remove(prev, ec);
+  // Directories left empty go too (a job none of whose ranks left a log).
+  fs::remove(p.parent_path(), ec);
+  fs::remove(p.parent_path().parent_path(), ec);
+}
+
 bool LogKeeper::Writing(const std::string& job, int attempt, int rank) const {
   if (!Validate(job, attempt, rank).ok()) return false;
   return writers_.count(RankPath(job, attempt, rank).string()) > 0;

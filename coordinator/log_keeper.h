@@ -62,6 +62,8 @@ class LogKeeper {
   // The copy is complete: it becomes readable (rank-<r>.log), with `note` (if not empty) as
   // its last line "[muster: <note>]". Then the job cap and the total cap are applied.
   Status Commit(const std::string& job, int attempt, int rank, const std::string& note = "");
+  // Drops the copy being written (nothing to keep: the node had no log of the rank).
+  void Abandon(const std::string& job, int attempt, int rank);
   // Whether a copy of the rank is being written.
   bool Writing(const std::string& job, int attempt, int rank) const;
 

@@ -121,7 +121,8 @@ void Coordinator::ForgetNode(const std::string& name) {
   std::vector<LogCopyKey> cut;
   for (const auto& [key, c] : log_copies_)
     if (c.node == name) cut.push_back(key);
-  for (const auto& key : cut) EndLogCopy(key, "node " + name + " was released before all of it was kept");
+  for (const auto& key : cut)
+    EndLogCopy(key, "node " + name + " was released before all of it was kept");
   // Durable first (the latch refuses it once a write has failed), then memory follows.
   Status st = Write("delete released node " + name, [&] { return store_->DeleteNode(name); });
   if (!st.ok()) {

@@ -243,7 +243,9 @@ TEST_F(LogCollectTest, AFinishedAttemptsLogsAreKeptAndTheIdleNodeWaitsForThem) {
                         "all of it was copied from node gcp-1 within 10000 ms"),
             std::string::npos)
       << events;
-  EXPECT_NE(events.find("logs_kept gcp-1"), std::string::npos) << events;
+  EXPECT_NE(events.find("logs_kept gcp-1: attempt 1: the logs of 2 rank(s) from node gcp-1"),
+            std::string::npos)
+      << events;
   // The release's PassProviders forgot the node: the copies still answer.
   now_ += 1s;
   coord_->Tick();
@@ -325,6 +327,34 @@ TEST_F(LogCollectTest, ANodeLostWhileItsLogsAreCopiedKeepsWhatCameWithANote) {
   now_ += 11s;
   coord_->Tick();
   EXPECT_EQ(Logs(id, 0).logs_reply().data(), l0.logs_reply().data());
+}
+
+TEST_F(LogCollectTest, ARankWithNoLogOnItsNodeLeavesNothingBehind) {
+  sa_ = Register("aws-1", "aws");
+  sg_ = Register("gcp-1", "gcp");
+  std::string id = RunJobToTheEnd();
+  auto fetch = Fetches();
+  ASSERT_EQ(fetch.size(), 2u);
+  for (int rank : {0, 1}) {
+    proto::Envelope e;
+    auto* c = e.mutable_agent_log_chunk();
+    c->set_node("gcp-1");
+    c->set_session_id(sg_);
+    c->set_fetch_id(fetch[rank]);
+    c->set_error("no log for rank " + std::to_string(rank));
+    c->set_eof(true);
+    ASSERT_FALSE(Call(e).has_error());
+  }
+  EXPECT_FALSE(fs::exists(dir_ / "logs" / id)) << "no part file, no empty directory";
+  std::string events = Events();
+  EXPECT_EQ(events.find("logs_kept"), std::string::npos) << events;
+  EXPECT_EQ(events.find("logs_lost"), std::string::npos) << events;
+  // Nothing holds the node back: it goes back after its idle timeout.
+  for (int i = 0; i < 4 && released_.empty(); ++i) {
+    now_ += 1s;
+    TickAll();
+  }
+  EXPECT_EQ(released_, (std::vector<std::string>{"gcp-1"})) << Events();
 }
 
 TEST_F(LogCollectTest, ANodeLostBeforeItsLogsWereCopiedIsAnEventAndNothingIsKept) {
