@@ -190,10 +190,18 @@ void Coordinator::TickLogCopies(int64_t now) {
 bool Coordinator::ServeKeptLog(const proto::LogsRequest& req, const JobRecord& rec, int attempt,
                                const std::string& node, Reply& reply) {
   if (!log_keeper_ || req.stream() != proto::LOG_MERGED) return false;
-  // An agent's cursor (generation != 0) counts in the node's files, not in the copy: it goes
-  // on reading from the node while the node is there.
-  if (!req.kept() && (req.generation() != 0 || !log_keeper_->Has(rec.id, attempt, req.rank())))
-    return false;
+  const NodeRt* n = nodes_.Find(node);
+  bool node_there = n != nullptr && n->connected();
+  if (!req.kept()) {
+    // An agent's cursor (generation != 0) counts in the node's files, not in the copy: it goes
+    // on reading from the node while the node is there; so does every reader while the copy
+    // is not complete (the node may have what the copy lacks).
+    if (!log_keeper_->Has(rec.id, attempt, req.rank())) return false;
+    if (node_there &&
+        (req.generation() != 0 || !log_keeper_->Complete(rec.id, attempt, req.rank())))
+      return false;
+    if (!node_there && req.generation() != 0) return false;  // the node's error says what to do
+  }
   auto chunk =
       log_keeper_->Read(rec.id, attempt, req.rank(), req.offset(),
                         std::clamp(req.max_bytes() > 0 ? req.max_bytes() : 65536, 1, 1 << 20));
@@ -209,8 +217,7 @@ bool Coordinator::ServeKeptLog(const proto::LogsRequest& req, const JobRecord& r
   out->set_kept(true);
   // Said once, when the node the log came from is not there to ask (with the node there the
   // copy holds the same bytes, and nothing is said).
-  const NodeRt* n = nodes_.Find(node);
-  if (!req.kept() && (n == nullptr || !n->connected())) {
+  if (!req.kept() && !node_there) {
     std::string why = providers_ && providers_->Released(node) ? "was released"
                       : n == nullptr                           ? "is gone"
                                                                : "is not connected";

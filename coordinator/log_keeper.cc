@@ -287,6 +287,13 @@ Status LogKeeper::Commit(const std::string& job, int attempt, int rank, const st
   fs::remove(prev, ec);
   fs::remove(tmp, ec);
   MUSTER_RETURN_IF_ERROR(st);
+  fs::path incomplete = p;
+  incomplete.replace_extension(".incomplete");
+  if (note.empty()) {
+    fs::remove(incomplete, ec);
+  } else {
+    MUSTER_RETURN_IF_ERROR(WriteWhole(incomplete, ""));
+  }
   Reindex(job);
   jobs_[job].last_written = ++clock_;
   ApplyJobCap(job, attempt);
@@ -351,6 +358,14 @@ bool LogKeeper::Has(const std::string& job, int attempt, int rank) const {
   if (!Validate(job, attempt, rank).ok()) return false;
   std::error_code ec;
   return fs::is_regular_file(RankPath(job, attempt, rank), ec);
+}
+
+bool LogKeeper::Complete(const std::string& job, int attempt, int rank) const {
+  if (!Has(job, attempt, rank)) return false;
+  fs::path incomplete = RankPath(job, attempt, rank);
+  incomplete.replace_extension(".incomplete");
+  std::error_code ec;
+  return !fs::exists(incomplete, ec);
 }
 
 StatusOr<LogKeeper::Chunk> LogKeeper::Read(const std::string& job, int attempt, int rank,

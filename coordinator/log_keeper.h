@@ -6,6 +6,7 @@
 // log_collect.cc, through FetchLog/AgentLogChunk); this class holds the files:
 //
 //   <dir>/<job>/<attempt>/rank-<r>.log        a kept copy (plain text, what the rank wrote)
+//   <dir>/<job>/<attempt>/rank-<r>.incomplete  (empty) the copy ended with a note: not all in
 //   <dir>/<job>/<attempt>/rank-<r>.log.part and .prev.part: being written (removed at Open: a
 //                                              crash mid-copy)
 //
@@ -67,8 +68,10 @@ class LogKeeper {
   // Whether a copy of the rank is being written.
   bool Writing(const std::string& job, int attempt, int rank) const;
 
-  // Whether a complete copy of the rank is kept.
+  // Whether a copy of the rank is kept (committed; perhaps with a note, see Complete).
   bool Has(const std::string& job, int attempt, int rank) const;
+  // Whether it is kept and was committed with no note (rank-<r>.incomplete marks the others).
+  bool Complete(const std::string& job, int attempt, int rank) const;
   struct Chunk {
     std::string data;
     int64_t next_offset = 0;

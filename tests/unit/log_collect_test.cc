@@ -275,6 +275,7 @@ TEST_F(LogCollectTest, AChunkLargerThanAskedEndsTheCopy) {
   }
   ASSERT_NE(fetch, 0u);
   Chunk("gcp-1", sg_, fetch, std::string((1 << 20) + 1, 'x'), (1 << 20) + 1, true);
+  coord_->AgentGone("gcp-1", sg_, "gone");  // so `muster logs` reads the copy
   auto l0 = Logs(id, 0);
   ASSERT_TRUE(l0.has_logs_reply()) << l0.DebugString();
   EXPECT_NE(l0.logs_reply().data().find("more than the 1048576 asked for"), std::string::npos);
@@ -327,6 +328,34 @@ TEST_F(LogCollectTest, ANodeLostWhileItsLogsAreCopiedKeepsWhatCameWithANote) {
   now_ += 11s;
   coord_->Tick();
   EXPECT_EQ(Logs(id, 0).logs_reply().data(), l0.logs_reply().data());
+}
+
+TEST_F(LogCollectTest, AnIncompleteCopyDoesNotHideTheLogOfANodeStillThere) {
+  sa_ = Register("aws-1", "aws");
+  sg_ = Register("gcp-1", "gcp");
+  std::string id = RunJobToTheEnd();
+  auto fetch = Fetches();
+  ASSERT_EQ(fetch.size(), 2u);
+  ASSERT_FALSE(Chunk("gcp-1", sg_, fetch[0], "part\n", 5, false).has_error());
+  fetch = Fetches();
+  ASSERT_EQ(fetch.size(), 1u);
+  proto::Envelope e;
+  auto* c = e.mutable_agent_log_chunk();
+  c->set_node("gcp-1");
+  c->set_session_id(sg_);
+  c->set_fetch_id(fetch[0]);
+  c->set_error("cannot read rank-0.log: Input/output error");
+  ASSERT_FALSE(Call(e).has_error());
+  EXPECT_NE(Events().find("logs_lost gcp-1: attempt 1: the log of rank 0 is kept only in part"),
+            std::string::npos)
+      << Events();
+  // The node is there: it is asked, not the copy.
+  auto l0 = Logs(id, 0);
+  EXPECT_FALSE(l0.has_logs_reply()) << l0.DebugString();
+  bool asked = false;
+  for (const auto& a : Heartbeat("gcp-1", sg_))
+    asked |= a.has_fetch_log() && a.fetch_log().rank() == 0;
+  EXPECT_TRUE(asked);
 }
 
 TEST_F(LogCollectTest, ARankWithNoLogOnItsNodeLeavesNothingBehind) {

@@ -66,6 +66,7 @@ TEST_F(LogKeeperTest, AWholeLogUnderItsShareIsKeptAsWritten) {
   auto k = Open(1000, 1 << 20);
   Keep(*k, "job-1", 1, 0, 2, Lines(0, 40));  // 400 bytes, share 500
   EXPECT_TRUE(k->Has("job-1", 1, 0));
+  EXPECT_TRUE(k->Complete("job-1", 1, 0));
   EXPECT_FALSE(k->Has("job-1", 1, 1));
   EXPECT_EQ(ReadAll(*k, "job-1", 1, 0), Lines(0, 40));
   EXPECT_TRUE(fs::exists(dir_ / "job-1" / "1" / "rank-0.log"));
@@ -117,6 +118,8 @@ TEST_F(LogKeeperTest, ANoteEndsAnIncompleteCopy) {
   ASSERT_TRUE(k->Commit("job-1", 1, 0, "node aws-1 went away").ok());
   EXPECT_FALSE(k->Writing("job-1", 1, 0));
   EXPECT_EQ(ReadAll(*k, "job-1", 1, 0), "partial line\n[muster: node aws-1 went away]\n");
+  EXPECT_TRUE(k->Has("job-1", 1, 0));
+  EXPECT_FALSE(k->Complete("job-1", 1, 0));
   EXPECT_FALSE(k->Append("job-1", 1, 0, "more").ok()) << "committed: nothing more is written";
 }
 
