@@ -178,8 +178,24 @@ void AddCoordinatorCommands(CLI::App& app, Runner* runner) {
                     "MASTER_PORT + 500")
         ->check(CLI::Range(1024, 64535))
         ->capture_default_str();
+    auto log_job_mb = std::make_shared<int64_t>(64);
+    auto log_total_mb = std::make_shared<int64_t>(2048);
+    cmd->add_option("--log-keep-job-mb", *log_job_mb,
+                    "Keep each finished attempt's rank logs in <data-dir>/logs, at most this "
+                    "many MiB per job (each rank keeps the tail of its share; older attempts "
+                    "go first); `muster logs` reads them once the nodes are gone. 0: keep none")
+        ->check(CLI::Range(int64_t{0}, int64_t{1} << 20))
+        ->capture_default_str();
+    cmd->add_option("--log-keep-total-mb", *log_total_mb,
+                    "At most this many MiB of kept logs in all: the jobs kept longest ago are "
+                    "evicted first")
+        ->check(CLI::Range(int64_t{1}, int64_t{1} << 30))
+        ->capture_default_str();
     cmd->callback([=] {
       *runner = [=] {
+        o->keep_logs = *log_job_mb > 0;
+        o->coordinator.log_keep.job_bytes = std::max<int64_t>(1, *log_job_mb) << 20;
+        o->coordinator.log_keep.total_bytes = *log_total_mb << 20;
         if (*lease != 0 && *lease <= *hb_timeout) {
           std::cerr << "muster coordinator: --lease-ms must exceed --heartbeat-timeout-ms\n";
           return 2;
@@ -437,9 +453,16 @@ void AddCoordinatorCommands(CLI::App& app, Runner* runner) {
         if (!c) return rc;
         int64_t offset = 0;
         uint64_t generation = 0;
+        bool kept = false;
         while (true) {
-          auto r = c->Logs(*job, *rank, offset, 1 << 20, *attempt, proto::LOG_MERGED, generation);
+          auto r = c->Logs(*job, *rank, offset, 1 << 20, *attempt, proto::LOG_MERGED, generation,
+                           kept);
           if (!r.ok()) return Fail("logs", r.status());
+          if (!r->kept_note().empty()) {
+            std::cout << std::flush;
+            std::cerr << "muster logs: " << r->kept_note() << "\n";
+          }
+          kept = r->kept();
           if (r->skipped()) {
             std::cout << std::flush;
             std::cerr << "muster logs: some output of rank " << *rank

@@ -139,8 +139,8 @@ StatusOr<proto::NodeStatusState> CoordinatorClient::Drain(const std::string& nod
 
 StatusOr<proto::LogsReply> CoordinatorClient::Logs(const std::string& job_id, int rank,
                                                    int64_t offset, int max_bytes, int attempt,
-                                                   proto::LogStream stream,
-                                                   uint64_t generation) {
+                                                   proto::LogStream stream, uint64_t generation,
+                                                   bool kept) {
   proto::Envelope e;
   auto* l = e.mutable_logs_request();
   l->set_job_id(job_id);
@@ -150,6 +150,7 @@ StatusOr<proto::LogsReply> CoordinatorClient::Logs(const std::string& job_id, in
   l->set_attempt(attempt);
   l->set_stream(stream);
   l->set_generation(generation);
+  l->set_kept(kept);
   MUSTER_ASSIGN_OR_RETURN(auto r, Call(std::move(e)));
   if (!r.has_logs_reply()) return InternalError("unexpected reply to logs");
   return r.logs_reply();

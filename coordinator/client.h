@@ -41,10 +41,11 @@ class CoordinatorClient {
   StatusOr<proto::EventsReply> Events(const std::string& job_id, int64_t after_id);
   StatusOr<proto::NodeStatusState> Drain(const std::string& node, bool drain);
   // `generation`: the last reply's, so the offset follows the rank's log across rotation.
+  // `kept`: the last reply's (the offset counts in the coordinator's kept copy).
   StatusOr<proto::LogsReply> Logs(const std::string& job_id, int rank, int64_t offset,
                                   int max_bytes, int attempt = 0,
                                   proto::LogStream stream = proto::LOG_MERGED,
-                                  uint64_t generation = 0);
+                                  uint64_t generation = 0, bool kept = false);
 
   const std::string& endpoint() const { return endpoint_; }
 

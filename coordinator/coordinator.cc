@@ -100,6 +100,7 @@ Coordinator::Coordinator(std::unique_ptr<CoordinatorDb> store, CoordinatorOption
 Coordinator::~Coordinator() {
   // First, while the database and the write latch are there: providers write their ledgers.
   providers_.reset();
+  stopping_ = true;  // a kept-log copy cut short here is dropped (log_keeper.h: .part files)
   for (auto& [id, f] : fetches_) f.reply(ErrorEnvelope(0, UnavailableError("shutting down")));
   // The registry answers the parked polls.
 }
@@ -108,6 +109,10 @@ StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(std::unique_ptr<Coord
                                                            CoordinatorOptions options) {
   if (!store) return InvalidArgumentError("no coordinator database");
   std::unique_ptr<Coordinator> c(new Coordinator(std::move(store), std::move(options)));
+  if (!c->options_.log_keep_dir.empty()) {
+    MUSTER_ASSIGN_OR_RETURN(c->log_keeper_,
+                            LogKeeper::Open(c->options_.log_keep_dir, c->options_.log_keep));
+  }
   MUSTER_RETURN_IF_ERROR(c->Restore());
   return c;
 }
@@ -632,6 +637,7 @@ void Coordinator::StopGang(JobRt& job, proto::StopReason reason, const std::stri
 
 void Coordinator::NodeDone(JobRt& job, const std::string& node) {
   job.attempt.done.insert(node);
+  KeepLogs(job.rec, node);
   if (job.attempt.done.size() < job.rec.nodes.size()) return;
   Finish(job);
 }
@@ -797,6 +803,7 @@ void Coordinator::Tick() {
     }
   }
   ExpireFetches(now);
+  TickLogCopies(now);
   TickCopies(now);
   SaveCopies();
   // Transfer keys of jobs that ended are revoked; expired ones the source dropped itself.
@@ -1355,9 +1362,13 @@ void Coordinator::OnLogs(const Caller& caller, const proto::LogsRequest& req, Re
         fmt::format("job {} attempt {} has no rank {}", rec.id, attempt, req.rank())));
   }
   const std::string& node = nodes[req.rank() / rpn];
+  if (ServeKeptLog(req, rec, attempt, node, reply)) return;
   const NodeRt* target = nodes_.Find(node);
   if (target == nullptr || !target->connected()) {
-    return fail(UnavailableError("the agent of node " + node + " is not connected"));
+    std::string kept = log_keeper_ && log_keeper_->Has(rec.id, attempt, req.rank())
+                           ? " (the coordinator keeps this log: read it again from the start)"
+                           : "";
+    return fail(UnavailableError("the agent of node " + node + " is not connected" + kept));
   }
   uint64_t fetch = next_fetch_++;
   proto::AgentAction a;

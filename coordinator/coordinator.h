@@ -27,12 +27,14 @@
 // Thread-safety: none; used from one thread (the server's reactor).
 
 #include <chrono>
+#include <filesystem>
 #include <functional>
 #include <map>
 #include <memory>
 #include <optional>
 #include <set>
 #include <string>
+#include <tuple>
 
 #include "common/curve.h"
 #include "common/log_throttle.h"
@@ -40,6 +42,7 @@
 #include "common/status.h"
 #include "coordinator/coordinator_db.h"
 #include "coordinator/job_spec.h"
+#include "coordinator/log_keeper.h"
 #include "coordinator/node_registry.h"
 #include "coordinator/scheduler.h"
 #include "coordinator/snapshot_plan.h"
@@ -70,6 +73,12 @@ struct CoordinatorOptions {
   // server asks its ZAP handler. Unset: every key is unscoped.
   std::function<KeyScope(const std::string& public_key)> current_scope;
   std::function<TimePoint()> clock = [] { return SchedClock::now(); };
+  // Finished attempts' rank logs kept by the coordinator (log_keeper.h, log_collect.cc): the
+  // directory ("": none kept), its caps, and how long collecting one node's logs may take (an
+  // idle on-demand node is not released before that, unless its logs are in).
+  std::filesystem::path log_keep_dir;
+  LogKeepLimits log_keep;
+  std::chrono::milliseconds log_keep_wait{30000};
 };
 
 // Who sent a request: the CURVE key of its connection, as authorized when the request arrived.
@@ -226,6 +235,31 @@ class Coordinator {
   };
   void RevokeTransfer(const TransferGrant& grant, const std::string& why);
   void NodeDone(JobRt& job, const std::string& node);
+  // Kept logs (log_collect.cc): when `node` is done with the current attempt of `job`, its
+  // ranks' logs are copied into log_keeper_ (FetchLog/AgentLogChunk, one chunk in flight per
+  // rank) until complete or log_keep_wait has passed; meanwhile the node is not idle.
+  struct LogCopy {
+    uint64_t serial = 0;  // which fetch replies belong to this copy
+    std::string job, node;
+    int attempt = 0, rank = 0, ranks = 0;
+    int node_first = 0, node_ranks = 0;  // the node's ranks of the attempt
+    uint64_t generation = 0;             // the agent's cursor (node_agent/log_reader.h)
+    int64_t offset = 0;
+    int64_t deadline_ms = 0;
+    int64_t next_fetch_ms = 0;  // > 0: ask again then (the node had nothing new yet)
+    bool in_flight = false;
+  };
+  using LogCopyKey = std::tuple<std::string, int, int>;  // job, attempt, rank
+  void KeepLogs(const JobRecord& rec, const std::string& node);
+  void FetchKeptLog(LogCopy& c);
+  void OnKeptLogChunk(const LogCopyKey& key, uint64_t serial, const proto::Envelope& e);
+  // Ends a copy: commits what it has, with `note` saying what is missing ("" : complete);
+  // `keep` false: drops it (the node had no log of the rank).
+  void EndLogCopy(const LogCopyKey& key, const std::string& note, bool keep = true);
+  void TickLogCopies(int64_t now);
+  // Answers `req` from the kept copy when there is one to answer from; false: ask the node.
+  bool ServeKeptLog(const proto::LogsRequest& req, const JobRecord& rec, int attempt,
+                    const std::string& node, Reply& reply);
   void Finish(JobRt& job);
   void PreflightFailed(JobRt& job, const std::string& node, const proto::AgentReport& req);
   // Durable facts beyond jobs and nodes (durable_hooks.cc), stored before memory follows:
@@ -287,6 +321,10 @@ class Coordinator {
   std::unique_ptr<providers::ProviderManager> providers_;  // null: static nodes only
   Status write_error_;  // the latch: the first durable write that failed
   CoordinatorObserver* observer_ = nullptr;
+  std::unique_ptr<LogKeeper> log_keeper_;  // null: no logs kept
+  std::map<LogCopyKey, LogCopy> log_copies_;
+  uint64_t next_log_copy_ = 1;
+  bool stopping_ = false;  // in the destructor: fetch replies change nothing
 };
 
 }  // namespace muster::coordinator

@@ -99,6 +99,9 @@ std::vector<NodeView> Coordinator::NodesForProviders(TimePoint now) const {
     copying.emplace(c.source, c.job_id);
     if (!c.target.empty()) copying.emplace(c.target, c.job_id);
   }
+  // So is a node whose rank logs of an attempt that ended are being kept (log_collect.cc):
+  // bounded by log_keep_wait.
+  for (const auto& [key, c] : log_copies_) copying.emplace(c.node, c.job);
   std::vector<NodeView> nodes = sched_->Nodes(now);
   for (auto& n : nodes) {
     auto it = copying.find(n.spec.name);
@@ -115,6 +118,11 @@ std::string Coordinator::ProviderReason(const std::string& job) const {
 // A released node: its agent is being stopped by its provider; it runs no job.
 void Coordinator::ForgetNode(const std::string& name) {
   if (!nodes_.Find(name)) return;
+  std::vector<LogCopyKey> cut;
+  for (const auto& [key, c] : log_copies_)
+    if (c.node == name) cut.push_back(key);
+  for (const auto& key : cut)
+    EndLogCopy(key, "node " + name + " was released before all of it was kept");
   // Durable first (the latch refuses it once a write has failed), then memory follows.
   Status st = Write("delete released node " + name, [&] { return store_->DeleteNode(name); });
   if (!st.ok()) {

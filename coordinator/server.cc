@@ -127,6 +127,10 @@ StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(ServerOpti
                             providers::LoadProvidersConfig(options.providers_file));
   }
   MUSTER_ASSIGN_OR_RETURN(auto store, CoordinatorDb::Open(options.data_dir));
+  // Finished attempts' rank logs are kept under the data dir (coordinator/log_keeper.h).
+  if (options.keep_logs && options.coordinator.log_keep_dir.empty()) {
+    options.coordinator.log_keep_dir = options.data_dir / "logs";
+  }
   Impl* self = impl.get();
   if (!options.insecure) {
     options.coordinator.current_role = [self](const std::string& key) {

@@ -50,6 +50,8 @@ struct ServerOptions {
   // heartbeats within that).
   std::chrono::milliseconds agent_gone_grace{0};
   std::vector<ServerExtensionFactory> extensions;  // Start fails if one of them fails
+  // Keep finished attempts' rank logs in <data_dir>/logs (coordinator.log_keep has the caps).
+  bool keep_logs = true;
 };
 
 class CoordinatorServer {

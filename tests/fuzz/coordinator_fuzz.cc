@@ -35,6 +35,11 @@ Coordinator* Instance() {
     CoordinatorOptions o;
     o.clock = [] { return g_now; };
     o.heartbeat_timeout = std::chrono::milliseconds(3000);
+    // Kept logs on (coordinator/log_keeper.h), small caps: fuzzed log chunks and log requests
+    // reach the copies.
+    o.log_keep_dir = dir / "logs";
+    o.log_keep.job_bytes = 1 << 20;
+    o.log_keep.total_bytes = 8 << 20;
     auto coord = Coordinator::Create(std::move(*store), o);
     if (!coord.ok()) abort();
     Coordinator* raw = coord->release();

@@ -45,6 +45,77 @@ TEST_F(ProviderCluster, LocalJobGetsItsNodesOnDemandAndIdleNodesAreReleased) {
   EXPECT_NE(log.find("released idle node aws-2"), std::string::npos) << log;
 }
 
+// A finished job's rank logs outlive its on-demand nodes: the coordinator copies each node's
+// rank logs when the attempt ends there, the idle nodes go back only after that, and `muster
+// logs` reads every rank's lines, in order, from the coordinator's copy, also after a
+// coordinator restart. (Before, the logs lived only on the released nodes: `muster logs` failed
+// with "the agent of node aws-1 is not connected".)
+TEST_F(ProviderCluster, AFinishedJobsLogsAreReadableAfterItsNodesAreReleasedIdle) {
+  ASSERT_TRUE(StartCoordinator(LocalProviders(dir_)));
+  std::string job = Submit(
+      "name: logkeep\n"
+      "command: [\"/bin/sh\", \"-c\", \"i=1; while [ $i -le 300 ]; do echo rank=$RANK "
+      "line=$i; i=$((i+1)); done; echo rank=$RANK err >&2\"]\n"
+      "nodes: 2\nranks_per_node: 2\ncheckpoint:\n  volume: ckpt\n");
+  ASSERT_FALSE(job.empty());
+  ASSERT_TRUE(WaitState(job, "succeeded", 40s)) << Events(job) << ReadFile(dir_ / "coord.log");
+  // Both nodes idle out and go back; their agents are gone.
+  ASSERT_TRUE(WaitUntil([&] { return NodeCount() == 0; }, 40s)) << *Muster({"nodes"});
+  ASSERT_TRUE(
+      WaitUntil([&] { return ProcessesMentioning((dir_ / "local").string()).empty(); }, 10s))
+      << "agents still running";
+  std::string events = Events(job);
+  // The attempt that ran the ranks to the end (a start retried on other ports is another).
+  const int attempt = Status(job).value("attempt", 0);
+  ASSERT_GE(attempt, 1) << Status(job).dump();
+  EXPECT_NE(events.find("logs_kept [aws-1]"), std::string::npos) << events;
+  EXPECT_NE(events.find("logs_kept [aws-2]"), std::string::npos) << events;
+  EXPECT_EQ(events.find("logs_lost"), std::string::npos) << events;
+
+  auto expected = [](int rank) {
+    std::string out;
+    for (int i = 1; i <= 300; ++i) out += fmt::format("rank={} line={}\n", rank, i);
+    return out + fmt::format("rank={} err\n", rank);
+  };
+  // `muster logs JOB --rank R [more]` with its stderr in a file.
+  auto logs = [&](int rank, const std::string& more, std::string* err) {
+    fs::path errf = dir_ / "logs-stderr.txt";
+    auto out = RunCommand({"/bin/sh", "-c",
+                           fmt::format("exec {} logs {} --rank {} {} --coordinator {} --keys {} "
+                                       "2>{}",
+                                       MUSTER_BIN, job, rank, more, endpoint_,
+                                       (dir_ / "keys").string(), errf.string())},
+                          15s);
+    *err = ReadFile(errf);
+    return out;
+  };
+  for (int rank = 0; rank < 4; ++rank) {
+    std::string err;
+    auto out = logs(rank, "", &err);
+    ASSERT_TRUE(out.ok()) << out.status().ToString() << err;
+    EXPECT_EQ(*out, expected(rank)) << "rank " << rank;
+    std::string node = rank < 2 ? "aws-1" : "aws-2";
+    EXPECT_EQ(err, fmt::format("muster logs: logs of attempt {} kept by the coordinator; node {} "
+                               "was released\n",
+                               attempt, node))
+        << events;
+  }
+  // -f of a finished job ends at the end of the copy; --attempt N names the same copy.
+  std::string err;
+  auto follow = logs(3, "-f --attempt " + std::to_string(attempt), &err);
+  ASSERT_TRUE(follow.ok()) << follow.status().ToString() << err;
+  EXPECT_EQ(*follow, expected(3));
+
+  // The copies are files under the data dir: a restarted coordinator serves them too.
+  coordinator_.reset();
+  fs::remove(dir_ / "coord" / "endpoint");
+  ASSERT_TRUE(StartCoordinator(LocalProviders(dir_)));
+  auto again = logs(2, "", &err);
+  ASSERT_TRUE(again.ok()) << again.status().ToString() << err;
+  EXPECT_EQ(*again, expected(2));
+  EXPECT_TRUE(fs::exists(dir_ / "coord" / "logs" / job / std::to_string(attempt) / "rank-2.log"));
+}
+
 TEST_F(ProviderCluster, RequestsBeyondMaxNodesWaitWithTheLimitAsTheReason) {
   ASSERT_TRUE(StartCoordinator(LocalProviders(dir_)));
   // 4 nodes: the provider could hold it by its template, but max_nodes is 3: refused at submit.
