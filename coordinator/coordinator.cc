@@ -171,6 +171,14 @@ Status Coordinator::Restore() {
   }
   RestoreCopies();
   RestoreSpares();
+  // A snapshot resume that failed before a kill -9 still sends the next attempt to the volume.
+  if (auto fb = store_->LoadSnapshotFallbacks(); fb.ok()) {
+    for (const auto& [id, why] : *fb) {
+      if (auto it = jobs_.find(id); it != jobs_.end()) it->second->snapshot_fallback = why;
+    }
+  } else {
+    Logger()->error("snapshot fallbacks not restored: {}", fb.status().ToString());
+  }
   Logger()->info("restored {} node(s) and {} unfinished job(s) from {}", nodes_.size(), restored,
                  store_->path().string());
   return Status::Ok();
@@ -188,6 +196,14 @@ void Coordinator::Event(const std::string& job, const std::string& node, const s
   Write("event " + kind, [&] { return store_->AppendEvent(e).status(); }).IgnoreError();
   Logger()->info("{}{}{}: {}", job.empty() ? "" : "job " + job + " ",
                  node.empty() ? "" : "node " + node + " ", kind, message);
+}
+
+void Coordinator::SaveSnapshotFallback(JobRt& job, const std::string& why) {
+  // Latched on failure like every write; memory follows either way (this attempt's choice).
+  Write("snapshot fallback of job " + job.rec.id, [&] {
+    return store_->PutSnapshotFallback(job.rec.id, why, NowMs());
+  }).IgnoreError();
+  job.snapshot_fallback = why;
 }
 
 Status Coordinator::Persist(JobRt& job) {
@@ -312,7 +328,7 @@ bool Coordinator::Start(JobRt& job, const std::vector<std::string>& nodes) {
                       starts, job.snapshot_fallback);
   }
   job.snapshot_resumed = snapshot_choice;
-  job.snapshot_fallback.clear();
+  if (!job.snapshot_fallback.empty()) SaveSnapshotFallback(job, "");  // planned: used up
   // Frames held outside this attempt's nodes cannot be used by it: freed there.
   for (const auto& n : snapshot_book_.TakeHoldersExcept(r.id, nodes)) {
     proto::AgentAction drop;
@@ -667,7 +683,7 @@ void Coordinator::Finish(JobRt& job) {
         job.attempt.failure);
     if (why) {
       // Those frames are not tried again: freed, and the next attempt resumes from the volume.
-      job.snapshot_fallback = *why;
+      SaveSnapshotFallback(job, *why);
       Event(r.id, "", "snapshot_resume_failed", *why);
       for (const auto& n : snapshot_book_.TakeHoldersExcept(r.id, {})) {
         proto::AgentAction drop;
@@ -679,6 +695,7 @@ void Coordinator::Finish(JobRt& job) {
   r.state = d.state;
   if (Terminal(r.state)) {
     // The job is over: every agent that holds snapshots of it frees them.
+    if (!job.snapshot_fallback.empty()) SaveSnapshotFallback(job, "");
     for (const auto& n : snapshot_book_.TakeHoldersExcept(r.id, {})) {
       proto::AgentAction drop;
       drop.mutable_drop_snapshots()->set_job_id(r.id);

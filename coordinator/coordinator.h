@@ -150,6 +150,9 @@ class Coordinator {
              const std::string& message);
   // Writes job.rec (UpdateJob); on failure job.rec goes back to what the store has.
   Status Persist(JobRt& job);
+  // Sets (or, with "", clears) why the job's next attempt must not resume from snapshots, in
+  // memory and in the database (PutSnapshotFallback), so a restart keeps it.
+  void SaveSnapshotFallback(JobRt& job, const std::string& why);
   // Runs a durable write named `what` (for the error): refused once latched; a failure latches.
   Status Write(const std::string& what, const std::function<Status()>& write);
   // The error every change gets once latched: Unavailable, naming the original failure.

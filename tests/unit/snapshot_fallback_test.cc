@@ -24,6 +24,13 @@ class SnapshotFallbackTest : public ::testing::Test {
   void SetUp() override {
     dir_ = fs::temp_directory_path() / ("snapnet-fallback-unit-" + std::to_string(getpid()) + "-" +
                                         std::to_string(std::random_device{}()));
+    Open();
+  }
+  // A coordinator over the database in dir_. Called again, it is a restart: the old object is
+  // dropped as it is (nothing of it is flushed: every write was durable when made, so this is
+  // what kill -9 leaves) and a new one restores from the database; agents register again.
+  void Open() {
+    coord_.reset();
     CoordinatorOptions o;
     o.clock = [this] { return now_; };
     o.heartbeat_timeout = 5s;
@@ -220,6 +227,51 @@ TEST_F(SnapshotFallbackTest, AFailedSnapshotResumeCostsOneRestartAndTheNextAttem
       << events;
   // Attempt 1's failure and attempt 2's: one restart each, none more.
   EXPECT_EQ(Status(id).restarts(), 2) << events;
+}
+
+// The same with the coordinator restarted between the failed snapshot resume and the next
+// attempt: the fallback is in the database, so attempt 3 still resumes from the volume although
+// the agents (registered again) still report the frames that failed.
+TEST_F(SnapshotFallbackTest, TheFallbackSurvivesACoordinatorRestart) {
+  Register("a");
+  Register("b");
+  proto::Envelope submit;
+  submit.mutable_submit_request()->set_yaml(
+      "name: s\ncommand: x\nnodes: 2\nrestart:\n  max_restarts: 5\n  backoff: 30s\n"
+      "checkpoint:\n  volume: ckpt\n  snapshot_every_steps: 1\n");
+  const std::string id = Call(submit).submit_reply().job_id();
+  ASSERT_FALSE(id.empty());
+  auto a1 = WaitForAttempt(id, 1, 0, 0);
+  ASSERT_EQ(a1.size(), 2u) << Events(id);
+  for (const auto& [node, s] : a1) Started(node, id, 1);
+  Committed("a", id, 1, 20);
+  Exited("a", id, 1, 1);
+  Exited("b", id, 1, 75);
+  auto a2 = WaitForAttempt(id, 2, 1, 28);
+  ASSERT_EQ(a2.size(), 2u) << Events(id);
+  for (const auto& [node, s] : a2) ASSERT_EQ(s.snapshot_resume_step(), 28) << Events(id);
+  StartFailed("a", id, 2, "snapshot resume: rank 0 step 28: unreachable");
+  Exited("b", id, 2, 143);
+  ASSERT_NE(Events(id).find("snapshot_resume_failed"), std::string::npos) << Events(id);
+  // The restart comes before attempt 3 is placed (the 30 s backoff has not passed).
+  ASSERT_EQ(Status(id).attempt(), 2);
+
+  Open();
+  sessions_.clear();
+  Register("a");
+  Register("b");
+  auto a3 = WaitForAttempt(id, 3, 1, 28);
+  ASSERT_EQ(a3.size(), 2u) << Events(id);
+  for (const auto& [node, s] : a3) {
+    EXPECT_EQ(s.snapshot_sources_size(), 0) << node << " told to fetch the failed frames again\n"
+                                            << Events(id);
+    EXPECT_EQ(s.snapshot_resume_step(), 0) << node;
+    EXPECT_EQ(s.resume_step(), 20) << node;
+  }
+  EXPECT_NE(Events(id).find("attempt 3 resumes from step 20 on volume ckpt (provider aws): the "
+                            "snapshot resume of attempt 2"),
+            std::string::npos)
+      << Events(id);
 }
 
 TEST(FailedSnapshotResumeTest, OnlyASnapshotResumeThatNeverPassedItsStep) {
