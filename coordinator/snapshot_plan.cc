@@ -15,7 +15,8 @@ void ToHoldings(const std::string& node, const SnapshotBook::Held& held,
                 std::map<std::string, std::vector<SnapshotHolding>>* out) {
   for (const auto& h : held) {
     if (only_job && h.job_id() != *only_job) continue;
-    (*out)[h.job_id()].push_back({node, h.rank(), h.world_size(), h.attempt(), h.step()});
+    (*out)[h.job_id()].push_back(
+        {node, h.rank(), h.world_size(), h.attempt(), h.step(), h.pinned()});
   }
 }
 
