@@ -695,6 +695,7 @@ void Coordinator::Finish(JobRt& job) {
   r.state = d.state;
   if (Terminal(r.state)) {
     // The job is over: every agent that holds snapshots of it frees them.
+    snapshot_pinner_.Forget(r.id);
     if (!job.snapshot_fallback.empty()) SaveSnapshotFallback(job, "");
     for (const auto& n : snapshot_book_.TakeHoldersExcept(r.id, {})) {
       proto::AgentAction drop;
@@ -1552,6 +1553,20 @@ StatusOr<proto::Envelope> Coordinator::OnHeartbeat(const Caller& caller,
   proto::Envelope e;
   auto* out = e.mutable_agent_heartbeat_reply();
   for (auto& a : nodes_.TakeQueue(*n)) *out->add_actions() = std::move(a);
+  // The snapshot steps this agent keeps for the gangs (snapshot_pin.h), while an attempt runs.
+  for (const auto& job :
+       req.snapshots_reported() ? snapshot_book_.JobsOf(req.node()) : std::vector<std::string>{}) {
+    auto it = jobs_.find(job);
+    if (it == jobs_.end() || Terminal(it->second->rec.state) || it->second->rec.nodes.empty()) {
+      continue;
+    }
+    const JobRecord& r = it->second->rec;
+    const int32_t world = static_cast<int32_t>(r.nodes.size()) * r.spec.ranks_per_node();
+    if (auto pins = snapshot_pinner_.Decide(job, world, snapshot_book_.Of(job),
+                                            snapshot_book_.Reported(), r.nodes)) {
+      *out->add_actions() = std::move(*pins);
+    }
+  }
   return e;
 }
 

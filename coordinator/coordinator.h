@@ -269,8 +269,9 @@ class Coordinator {
   std::unique_ptr<CoordinatorDb> store_;
   CoordinatorOptions options_;
   std::unique_ptr<Scheduler> sched_;
-  NodeRegistry nodes_;          // and the node keys (persisted: CoordinatorDb::BindNodeKey)
-  SnapshotBook snapshot_book_;  // the in-memory snapshots each agent holds (snapshot_plan.h)
+  NodeRegistry nodes_;              // and the node keys (persisted: CoordinatorDb::BindNodeKey)
+  SnapshotBook snapshot_book_;      // the in-memory snapshots each agent holds (snapshot_plan.h)
+  SnapshotPinner snapshot_pinner_;  // the snapshot steps the agents keep (snapshot_pin.h)
   std::map<std::string, std::unique_ptr<JobRt>> jobs_;  // every job not terminal, plus recent
   struct Fetch {
     Reply reply;

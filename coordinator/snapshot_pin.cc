@@ -39,21 +39,30 @@ PinDecision DecidePins(int32_t world_size, const std::vector<SnapshotHolding>& h
     if (h.pinned) r.pinned.insert(h.node);
   }
   d.send = true;
-  // kept: survives the loss of any one node; else, a complete pinned set still held.
-  for (auto it = sets.rbegin(); it != sets.rend(); ++it) {
-    if (Covered(world_size, it->second, 2, true)) {
-      d.kept = it->first;
-      break;
+  auto covered = [&](const SnapshotRef& r, size_t n) {
+    auto it = sets.find(r);
+    return it != sets.end() && Covered(world_size, it->second, n, true);
+  };
+  if (previous.kept.valid() && covered(previous.kept, 1)) {
+    // Moves only to the candidate, once its pins hold it on two nodes for every rank.
+    d.kept = previous.kept;
+    if (previous.candidate.valid() && previous.kept < previous.candidate &&
+        covered(previous.candidate, 2)) {
+      d.kept = previous.candidate;
+    }
+  } else {
+    // Learned from the reports (a restarted coordinator, or the kept set is gone): the newest
+    // pinned set that survives the loss of any one node; else a complete pinned set still held.
+    for (auto it = sets.rbegin(); it != sets.rend() && !d.kept.valid(); ++it) {
+      if (Covered(world_size, it->second, 2, true)) d.kept = it->first;
+    }
+    for (auto it = sets.rbegin(); it != sets.rend() && !d.kept.valid(); ++it) {
+      // A candidate that some pins hold already is not kept yet: it waits for all of them.
+      if (it->first == previous.candidate) continue;
+      if (Covered(world_size, it->second, 1, true)) d.kept = it->first;
     }
   }
-  if (!d.kept.valid()) {
-    for (auto it = sets.rbegin(); it != sets.rend(); ++it) {
-      if (Covered(world_size, it->second, 1, true)) {
-        d.kept = it->first;
-        break;
-      }
-    }
-  }
+  d.next.kept = d.kept;
   // The previous candidate: still waiting for its pins, or resolved (kept above, or given up).
   SnapshotRef given_up;
   if (previous.candidate.valid() && d.kept < previous.candidate) {
@@ -69,7 +78,8 @@ PinDecision DecidePins(int32_t world_size, const std::vector<SnapshotHolding>& h
     }
     given_up = previous.candidate;
   }
-  d.next = {};
+  d.next.candidate = {};
+  d.next.pending = 0;
   for (auto it = sets.rbegin(); it != sets.rend() && d.kept < it->first; ++it) {
     if (it->first == given_up) continue;
     if (Covered(world_size, it->second, 2, false)) {

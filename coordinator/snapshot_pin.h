@@ -15,10 +15,16 @@
 //   - A frame is reported `pinned` by its agent when a pin (kept or candidate, below) covers it:
 //     from then on, until the coordinator sends that agent other pins for the job, the agent
 //     never drops it (snapshot_store.h, SetPins).
-//   - kept: the newest (step, attempt) at which every rank 0..world_size-1 has a pinned frame on
-//     at least two nodes (it survives the loss of any one node). When there is none: the newest
-//     at which every rank has a pinned frame on at least one node (a complete set still held is
-//     never released until a newer one is kept).
+//   - kept: the previous decision's, until its candidate has a pinned frame of every rank
+//     0..world_size-1 on at least two nodes (it survives the loss of any one node): then the
+//     candidate. Only the candidate can become kept: while it is the candidate every decision
+//     still pins it, so the agents' reports that they pin it are current (a candidate given up
+//     may still be reported pinned by an agent that has not heard yet; it is never kept).
+//     With no previous kept set still complete on the pinned frames (the first decisions, a
+//     restarted coordinator, or its frames are gone), kept is learned from the reports: the
+//     newest (step, attempt) at which every rank has a pinned frame on two nodes, else on one,
+//     other than the candidate (a complete set still held is never released until a newer one
+//     is kept).
 //   - candidate: a newer (step, attempt) at which every rank has frames on at least two nodes,
 //     pinned or not, chosen newest first. It is sent along with kept; it stays the candidate
 //     while some node holding a frame of it has not reported that frame pinned yet (the pin is on
@@ -65,6 +71,7 @@ inline constexpr int kMaxPendingDecisions = 64;
 
 // What the coordinator remembers per job between decisions.
 struct PinState {
+  SnapshotRef kept;
   SnapshotRef candidate;
   int pending = 0;  // decisions the candidate has waited for its pins
 };

@@ -2,7 +2,8 @@
 // FailedSnapshotResume), on an injected clock without sockets: the attempt that resumed from
 // snapshots and failed before passing the resumed step costs its one restart, and the next
 // attempt resumes from the volume (not from the same frames again, which would cost a restart
-// each), with an event naming why.
+// each), with an event naming why. And the pins (snapshot_pin.h) a 3-node gang's agents get
+// back on their heartbeats.
 
 #include <gtest/gtest.h>
 #include <unistd.h>
@@ -272,6 +273,85 @@ TEST_F(SnapshotFallbackTest, TheFallbackSurvivesACoordinatorRestart) {
                             "snapshot resume of attempt 2"),
             std::string::npos)
       << Events(id);
+}
+
+// A 3-node gang: once every agent has reported, a step each rank holds on two nodes comes back
+// as the candidate on every heartbeat reply; once every holder reports it pinned, it comes back
+// as the kept step. While a node of the attempt has not reported, nothing is sent.
+TEST_F(SnapshotFallbackTest, AThreeNodeGangGetsItsPinsOnHeartbeats) {
+  for (const char* n : {"a", "b", "c"}) Register(n);
+  proto::Envelope submit;
+  submit.mutable_submit_request()->set_yaml(
+      "name: s\ncommand: x\nnodes: 3\ncheckpoint:\n  volume: ckpt\n  snapshot_every_steps: 1\n");
+  const std::string id = Call(submit).submit_reply().job_id();
+  ASSERT_FALSE(id.empty());
+  struct F {
+    int rank;
+    int64_t step;
+    bool pinned;
+  };
+  std::map<std::string, int> node_rank;
+  // A heartbeat from `node` holding `frames` (world 3, attempt 1); the pins it gets back.
+  auto beat = [&](const std::string& node, std::vector<F> frames,
+                  bool report = true) -> std::optional<proto::SnapshotPins> {
+    proto::Envelope e;
+    auto* h = e.mutable_agent_heartbeat();
+    h->set_node(node);
+    h->set_session_id(sessions_[node]);
+    h->set_snapshots_reported(report);
+    for (const F& f : frames) {
+      auto* s = h->add_snapshots_held();
+      s->set_job_id(id);
+      s->set_rank(f.rank);
+      s->set_world_size(3);
+      s->set_attempt(1);
+      s->set_step(f.step);
+      s->set_pinned(f.pinned);
+    }
+    std::optional<proto::SnapshotPins> pins;
+    const proto::Envelope reply = Call(e);
+    for (const auto& a : reply.agent_heartbeat_reply().actions()) {
+      if (a.has_start()) node_rank[node] = a.start().node_rank();
+      if (a.has_snapshot_pins() && a.snapshot_pins().job_id() == id) pins = a.snapshot_pins();
+    }
+    return pins;
+  };
+  for (int i = 0; i < 20 && node_rank.size() < 3; ++i) {
+    for (const char* n : {"a", "b", "c"}) beat(n, {}, /*report=*/false);
+    now_ += 1s;
+    coord_->Tick();
+  }
+  ASSERT_EQ(node_rank.size(), 3u) << Events(id);
+  for (const auto& [node, r] : node_rank) Started(node, id, 1);
+  // Node rank i holds rank i and the copy of rank i-1, at `step`.
+  auto ring = [&](const std::string& node, int64_t step, bool pinned) {
+    const int r = node_rank[node];
+    return std::vector<F>{{r, step, pinned}, {(r + 2) % 3, step, pinned}};
+  };
+  EXPECT_FALSE(beat("a", ring("a", 10, false)).has_value())
+      << "b and c have not reported: nothing is decided";
+  beat("b", ring("b", 10, false));
+  auto pins = beat("c", ring("c", 10, false));
+  ASSERT_TRUE(pins.has_value());
+  EXPECT_EQ(pins->kept_step(), -1);
+  EXPECT_EQ(pins->candidate_step(), 10);
+  EXPECT_EQ(pins->candidate_attempt(), 1);
+  // a and b pinned it; c's pin is on its way: still the candidate.
+  auto more = [&](const std::string& node, bool pinned) {
+    auto v = ring(node, 10, pinned);
+    for (const F& f : ring(node, 11, false)) v.push_back(f);
+    return v;
+  };
+  beat("a", more("a", true));
+  pins = beat("b", more("b", true));
+  ASSERT_TRUE(pins.has_value());
+  EXPECT_EQ(pins->kept_step(), -1);
+  EXPECT_EQ(pins->candidate_step(), 10);
+  pins = beat("c", more("c", true));
+  ASSERT_TRUE(pins.has_value());
+  EXPECT_EQ(pins->kept_step(), 10);
+  EXPECT_EQ(pins->kept_attempt(), 1);
+  EXPECT_EQ(pins->candidate_step(), 11) << "the next candidate";
 }
 
 TEST(FailedSnapshotResumeTest, OnlyASnapshotResumeThatNeverPassedItsStep) {
