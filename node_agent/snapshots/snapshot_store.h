@@ -40,11 +40,13 @@
 //     complete step is no longer kept for that rank (the kept pin covers it), so at most the
 //     newest, the kept (or the complete) and the candidate frame are protected: keep_steps
 //     (3 by default) reserves room for all three, and the memory bound holds.
-//     The guarantee this gives, with the ring of copies (peer_copy.h): once the coordinator
-//     keeps a step, every rank's frame of it is held under a pin on two nodes until a newer one
-//     is kept, so after the loss of any one node the survivors hold a complete set at that step
-//     or newer, for any number of nodes. Before the first kept step (the first seconds of an
-//     attempt, or when no step is ever held by all the agents at once) only the rule above holds.
+//     The guarantee this gives, with the ring of copies (peer_copy.h), for any number of nodes:
+//     once the coordinator has kept a step whose every rank's frame two agents report pinned,
+//     those frames stay until the coordinator keeps a newer such step, so after the loss of any
+//     one node the survivors hold a complete set at that step or newer, and the gang resumes
+//     from it (or newer) rather than from the volume. Before the first such step (the first
+//     heartbeats of an attempt, a new attempt until its first step is pinned, or copies lagging so
+//     far that the agents never hold one step all at once) only the rule above holds.
 //   - Frames of an attempt older than the newest one seen for the job are refused (Aborted).
 //   - DropJob frees everything of a job (the job ended, or was cancelled).
 //
