@@ -281,8 +281,11 @@ void AssignmentRunner::OnAction(const proto::AgentAction& a) {
     case proto::AgentAction::kSnapshotPins:
       if (snapshots_) {
         const auto& p = a.snapshot_pins();
-        snapshots_->SetPins(p.job_id(), {p.kept_attempt(), p.kept_step()},
-                            {p.candidate_attempt(), p.candidate_step()});
+        const bool held = snapshots_->SetPins(p.job_id(), {p.kept_attempt(), p.kept_step()},
+                                              {p.candidate_attempt(), p.candidate_step()});
+        logger_->debug("job {}: snapshot pins kept {}/{} candidate {}/{}{}", p.job_id(),
+                       p.kept_attempt(), p.kept_step(), p.candidate_attempt(), p.candidate_step(),
+                       held ? "" : " (nothing of the job held here: ignored)");
       }
       return;
     default:
