@@ -308,10 +308,10 @@ Status InitKeysDir(const KeysDir& keys, bool force) {
     for (unsigned char c : raw) hex += fmt::format("{:02x}", c);
     MUSTER_RETURN_IF_ERROR(WriteFileMode(keys.http_token(), hex + "\n", 0600, force));
   }
-  return SaveAuthorizedKeys(
-      keys.authorized_keys(),
-      {{client.public_key, "admin", KeyRole::kAdmin}, {agent.public_key, "agent", KeyRole::kAgent}},
-      force);
+  return SaveAuthorizedKeys(keys.authorized_keys(),
+                            {{client.public_key, "admin", KeyRole::kAdmin, {}},
+                             {agent.public_key, "agent", KeyRole::kAgent, {}}},
+                            force);
 }
 
 StatusOr<std::string> LoadHttpToken(const KeysDir& keys) {

@@ -988,7 +988,14 @@ std::string_view RightName(Right right) {
 }  // namespace
 
 Status Coordinator::Deny(const Caller& caller, const std::string& request, const std::string& why) {
-  Logger()->warn("permission denied: {} may not {}: {}", caller.ToString(), request, why);
+  if (auto held = deny_log_.Admit(caller.name + "\n" + request, LogThrottle::Clock::now())) {
+    if (*held > 0) {
+      Logger()->warn("permission denied: {} may not {}: {} ({} more like it not logged)",
+                     caller.ToString(), request, why, *held);
+    } else {
+      Logger()->warn("permission denied: {} may not {}: {}", caller.ToString(), request, why);
+    }
+  }
   return FailedPreconditionError(fmt::format("permission denied: key '{}' (role {}) may not {}: {}",
                                              caller.name, KeyRoleName(caller.role), request, why));
 }

@@ -35,6 +35,7 @@
 #include <string>
 
 #include "common/curve.h"
+#include "common/log_throttle.h"
 #include "common/proto/envelope.pb.h"
 #include "common/status.h"
 #include "coordinator/coordinator_db.h"
@@ -268,6 +269,8 @@ class Coordinator {
 
   std::unique_ptr<CoordinatorDb> store_;
   CoordinatorOptions options_;
+  // A refused key may retry at will: its warnings are throttled per key and request.
+  LogThrottle deny_log_{std::chrono::seconds(10)};
   std::unique_ptr<Scheduler> sched_;
   NodeRegistry nodes_;              // and the node keys (persisted: CoordinatorDb::BindNodeKey)
   SnapshotBook snapshot_book_;      // the in-memory snapshots each agent holds (snapshot_plan.h)
