@@ -39,5 +39,6 @@ void AddRecoveryBench(CLI::App& app, Runner* runner);
 void AddCkptPyBench(CLI::App& app, Runner* runner);
 void AddDashboardBench(CLI::App& app, Runner* runner);
 void AddSnapshotBench(CLI::App& app, Runner* runner);
+void AddSnapshotPathBench(CLI::App& app, Runner* runner);
 
 }  // namespace muster::bench

@@ -63,6 +63,7 @@ int main(int argc, char** argv) {
   muster::bench::AddRecoveryBench(app, &runner);
   muster::bench::AddCkptPyBench(app, &runner);
   muster::bench::AddSnapshotBench(app, &runner);
+  muster::bench::AddSnapshotPathBench(app, &runner);
   auto* all = app.add_subcommand("all", "Run every benchmark with its default settings");
   all->callback([&] {
     runner = [&] {

@@ -123,7 +123,8 @@ StatusOr<SnapshotFrame> SnapshotClient::Get(const SnapshotKey& key, uint64_t max
   }
   std::string bytes(len, '\0');
   MUSTER_RETURN_IF_ERROR(RecvAll(fd_, bytes.data(), len));
-  MUSTER_ASSIGN_OR_RETURN(SnapshotFrame f, DecodeSnapshotFrame(bytes, max_payload));
+  MUSTER_ASSIGN_OR_RETURN(SnapshotFrame f,
+                          DecodeSnapshotFrameInPlace(std::move(bytes), max_payload));
   if (!(f.key == key)) {
     return DataLossError("snapshot channel: the agent answered with another snapshot (rank " +
                          std::to_string(f.key.rank) + " step " + std::to_string(f.key.step) + ")");

@@ -55,6 +55,11 @@ StatusOr<std::string> EncodeSnapshotFrame(const SnapshotKey& key, std::string_vi
 }
 
 StatusOr<std::string> EncodeSnapshotPrefix(const SnapshotKey& key, std::string_view payload) {
+  return EncodeSnapshotPrefix(key, payload.size(), Xxh3(payload.data(), payload.size()));
+}
+
+StatusOr<std::string> EncodeSnapshotPrefix(const SnapshotKey& key, uint64_t payload_length,
+                                           uint64_t payload_xxh3) {
   MUSTER_RETURN_IF_ERROR(CheckKey(key));
   MUSTER_RETURN_IF_ERROR(ValidatePathName(key.job, "snapshot job id"));
   std::string out;
@@ -67,8 +72,8 @@ StatusOr<std::string> EncodeSnapshotPrefix(const SnapshotKey& key, std::string_v
   Put<int32_t>(out, key.rank);
   Put<int32_t>(out, key.world_size);
   Put<uint32_t>(out, 0);
-  Put<uint64_t>(out, payload.size());
-  Put<uint64_t>(out, Xxh3(payload.data(), payload.size()));
+  Put<uint64_t>(out, payload_length);
+  Put<uint64_t>(out, payload_xxh3);
   out.append(key.job);
   return out;
 }
@@ -108,6 +113,29 @@ StatusOr<SnapshotHeader> DecodeSnapshotHeader(std::string_view in, uint64_t max_
   return h;
 }
 
+namespace {
+
+// The key of `header` with `job`, once the job id and the payload's checksum hold.
+StatusOr<SnapshotKey> CheckBody(const SnapshotHeader& header, std::string_view job,
+                                std::string_view payload) {
+  if (job.size() != header.job_length || payload.size() != header.payload_length) {
+    return DataLossError("snapshot: body is " + std::to_string(job.size() + payload.size()) +
+                         " bytes, the header says " +
+                         std::to_string(uint64_t{header.job_length} + header.payload_length));
+  }
+  SnapshotKey key = header.key;
+  key.job = std::string(job);
+  MUSTER_RETURN_IF_ERROR(AsDataLoss(ValidatePathName(key.job, "snapshot job id")));
+  if (Xxh3(payload.data(), payload.size()) != header.payload_xxh3) {
+    return DataLossError("snapshot: payload of job " + key.job + " rank " +
+                         std::to_string(key.rank) + " step " + std::to_string(key.step) +
+                         " fails its xxh3 checksum");
+  }
+  return key;
+}
+
+}  // namespace
+
 StatusOr<SnapshotFrame> DecodeSnapshotBody(const SnapshotHeader& header, std::string_view body) {
   uint64_t want = uint64_t{header.job_length} + header.payload_length;
   if (body.size() != want) {
@@ -115,18 +143,43 @@ StatusOr<SnapshotFrame> DecodeSnapshotBody(const SnapshotHeader& header, std::st
                          " bytes, the header says " + std::to_string(want));
   }
   SnapshotFrame f;
-  f.key = header.key;
-  f.key.job = std::string(body.substr(0, header.job_length));
-  MUSTER_RETURN_IF_ERROR(AsDataLoss(ValidatePathName(f.key.job, "snapshot job id")));
-  std::string_view payload = body.substr(header.job_length);
-  uint64_t sum = Xxh3(payload.data(), payload.size());
-  if (sum != header.payload_xxh3) {
-    return DataLossError("snapshot: payload of job " + f.key.job + " rank " +
-                         std::to_string(f.key.rank) + " step " + std::to_string(f.key.step) +
-                         " fails its xxh3 checksum");
+  MUSTER_ASSIGN_OR_RETURN(
+      f.key, CheckBody(header, body.substr(0, header.job_length), body.substr(header.job_length)));
+  f.payload_xxh3 = header.payload_xxh3;
+  f.payload = std::string(body.substr(header.job_length));
+  return f;
+}
+
+StatusOr<SnapshotFrame> DecodeSnapshotParts(const SnapshotHeader& header, std::string_view job,
+                                            std::string&& payload) {
+  SnapshotFrame f;
+  MUSTER_ASSIGN_OR_RETURN(f.key, CheckBody(header, job, payload));
+  f.payload_xxh3 = header.payload_xxh3;
+  f.payload = std::move(payload);
+  return f;
+}
+
+StatusOr<SnapshotFrame> DecodeSnapshotFrameInPlace(std::string&& bytes, uint64_t max_payload) {
+  std::string in = std::move(bytes);
+  if (in.size() < kSnapshotHeaderBytes) {
+    return DataLossError("snapshot: frame of " + std::to_string(in.size()) +
+                         " bytes is shorter than its header");
   }
-  f.payload_xxh3 = sum;
-  f.payload = std::string(payload);
+  std::string_view view(in);
+  MUSTER_ASSIGN_OR_RETURN(SnapshotHeader h,
+                          DecodeSnapshotHeader(view.substr(0, kSnapshotHeaderBytes), max_payload));
+  std::string_view body = view.substr(kSnapshotHeaderBytes);
+  if (body.size() != uint64_t{h.job_length} + h.payload_length) {
+    return DataLossError("snapshot: body is " + std::to_string(body.size()) +
+                         " bytes, the header says " +
+                         std::to_string(uint64_t{h.job_length} + h.payload_length));
+  }
+  SnapshotFrame f;
+  MUSTER_ASSIGN_OR_RETURN(f.key,
+                          CheckBody(h, body.substr(0, h.job_length), body.substr(h.job_length)));
+  f.payload_xxh3 = h.payload_xxh3;
+  in.erase(0, kSnapshotHeaderBytes + h.job_length);  // a move within the buffer
+  f.payload = std::move(in);
   return f;
 }
 

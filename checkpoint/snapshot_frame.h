@@ -67,6 +67,11 @@ StatusOr<std::string> EncodeSnapshotFrame(const SnapshotKey& key, std::string_vi
 // then the payload, without copying the payload into one buffer.
 StatusOr<std::string> EncodeSnapshotPrefix(const SnapshotKey& key, std::string_view payload);
 
+// The same prefix for a payload of `payload_length` bytes whose xxh3 is already known (a frame
+// that was checked when it was received): forwarding it does not hash the payload again.
+StatusOr<std::string> EncodeSnapshotPrefix(const SnapshotKey& key, uint64_t payload_length,
+                                           uint64_t payload_xxh3);
+
 // The fixed header of a frame (exactly kSnapshotHeaderBytes bytes): lets a stream reader learn
 // how many bytes follow before reading them. DataLoss names the field that is wrong: magic,
 // version, job id length, step, attempt, rank, world size, reserved, or a payload longer than
@@ -79,5 +84,16 @@ StatusOr<SnapshotFrame> DecodeSnapshotFrame(std::string_view bytes, uint64_t max
 
 // The rest of a frame after its header: the job id and the payload, checked as above.
 StatusOr<SnapshotFrame> DecodeSnapshotBody(const SnapshotHeader& header, std::string_view body);
+
+// As DecodeSnapshotFrame, but the frame's payload is `bytes` itself, the header and the job id
+// moved out of its front in place: no second buffer of the payload's size is allocated (a
+// receiver that already holds the frame's bytes keeps them). `bytes` is consumed either way.
+StatusOr<SnapshotFrame> DecodeSnapshotFrameInPlace(std::string&& bytes, uint64_t max_payload);
+
+// A frame whose header is decoded and whose job id and payload were read separately (a stream
+// reader reads the payload straight into the buffer it keeps): checks the job id and the
+// payload's length and xxh3 as DecodeSnapshotBody does, without copying the payload.
+StatusOr<SnapshotFrame> DecodeSnapshotParts(const SnapshotHeader& header, std::string_view job,
+                                            std::string&& payload);
 
 }  // namespace muster::checkpoint

@@ -52,7 +52,7 @@ struct SnapshotPeerServer::Impl {
   bool stop = false;             // GUARDED_BY(mu)
   std::condition_variable cv;
   std::thread worker;
-  std::atomic<int64_t> kept{0}, refused{0};
+  std::atomic<int64_t> kept{0}, refused{0}, connections{0};
 
   Status Authorize(const std::string& peer_key, const std::string& job) {
     if (insecure) return Status::Ok();
@@ -88,10 +88,12 @@ struct SnapshotPeerServer::Impl {
     cv.notify_one();
   }
 
-  proto::Envelope Serve(const std::string& peer_key, const proto::Envelope& req) {
+  proto::Envelope Serve(const std::string& peer_key, proto::Envelope& req) {
     const uint64_t id = req.request_id();
-    const auto& r = req.snapshot_peer_request();
-    auto frame = checkpoint::DecodeSnapshotFrame(r.frame(), store->memory_limit());
+    auto& r = *req.mutable_snapshot_peer_request();
+    // The request's own buffer becomes the payload kept: no second copy of it.
+    auto frame = checkpoint::DecodeSnapshotFrameInPlace(std::move(*r.mutable_frame()),
+                                                        store->memory_limit());
     if (!frame.ok()) return ErrorEnvelope(id, frame.status().WithContext("snapshot frame"));
     if (Status st = Authorize(peer_key, frame->key.job); !st.ok()) return ErrorEnvelope(id, st);
     proto::Envelope out;
@@ -116,9 +118,13 @@ struct SnapshotPeerServer::Impl {
                               std::to_string(k.attempt) + ", world size " +
                               std::to_string(k.world_size) + ")"));
       }
-      auto bytes = checkpoint::EncodeSnapshotFrame(k, (*held)->payload);
-      if (!bytes.ok()) return ErrorEnvelope(id, bytes.status());
-      out.mutable_snapshot_peer_reply()->set_frame(std::move(*bytes));
+      // Checked against its xxh3 by Get: not hashed again here.
+      auto prefix =
+          checkpoint::EncodeSnapshotPrefix(k, (*held)->payload.size(), (*held)->payload_xxh3);
+      if (!prefix.ok()) return ErrorEnvelope(id, prefix.status());
+      std::string* bytes = out.mutable_snapshot_peer_reply()->mutable_frame();
+      bytes->reserve(prefix->size() + (*held)->payload.size());
+      bytes->append(*prefix).append((*held)->payload);
       return out;
     }
     return ErrorEnvelope(id, InvalidArgumentError("unknown snapshot peer op " +
@@ -136,7 +142,7 @@ struct SnapshotPeerServer::Impl {
       keys.pop_front();
       const uint64_t bytes = req.snapshot_peer_request().frame().size();
       l.unlock();
-      proto::Envelope out = Serve(key, req);
+      proto::Envelope out = Serve(key, req);  // may move the frame's bytes out of `req`
       if (out.has_error()) refused++;
       req.Clear();
       reply(std::move(out));
@@ -175,6 +181,10 @@ StatusOr<std::unique_ptr<SnapshotPeerServer>> SnapshotPeerServer::Create(
   o.insecure = insecure;
   o.authenticator = zap;
   o.zap_domain = kSnapshotsZapDomain;
+  Impl* counted = impl.get();
+  o.on_connection = [counted](const ConnectionEvent& e) {
+    if (e.kind == ConnectionEvent::Kind::kAccepted) counted->connections++;
+  };
   o.max_message_bytes =
       static_cast<int64_t>(std::min<uint64_t>(store->memory_limit(), uint64_t{1} << 62)) +
       kEnvelopeSlack;
@@ -222,6 +232,7 @@ const std::string& SnapshotPeerServer::endpoint() const { return impl_->rpc->end
 const std::string& SnapshotPeerServer::public_key() const { return impl_->rpc->public_key(); }
 int64_t SnapshotPeerServer::kept() const { return impl_->kept.load(); }
 int64_t SnapshotPeerServer::refused() const { return impl_->refused.load(); }
+int64_t SnapshotPeerServer::connections() const { return impl_->connections.load(); }
 
 // ---------------------------------------------------------------------------------------------
 
@@ -286,40 +297,96 @@ int64_t SnapshotForwarder::replaced() const {
   std::lock_guard<std::mutex> l(mu_);
   return replaced_;
 }
+int64_t SnapshotForwarder::connections() const { return connections_.load(); }
 std::string SnapshotForwarder::last_error() const {
   std::lock_guard<std::mutex> l(mu_);
   return last_error_;
 }
 
+namespace {
+
+bool SameTarget(const SnapshotPeerTarget& a, const SnapshotPeerTarget& b) {
+  return a.attempt == b.attempt && a.endpoint == b.endpoint && a.server_key == b.server_key &&
+         a.client_key.public_key == b.client_key.public_key &&
+         a.client_key.secret_key == b.client_key.secret_key;
+}
+
+}  // namespace
+
 Status SnapshotForwarder::Send(const SnapshotPeerTarget& t, const checkpoint::SnapshotFrame& f) {
-  MUSTER_ASSIGN_OR_RETURN(std::string bytes, checkpoint::EncodeSnapshotFrame(f.key, f.payload));
-  RpcClient::Options o;
-  o.endpoint = t.endpoint;
-  o.insecure = options_.insecure;
-  o.server_public_key = t.server_key;
-  o.client_key = t.client_key;
-  o.max_message_bytes = static_cast<int64_t>(bytes.size()) + kEnvelopeSlack;
-  // One connection per frame keeps no state across peers and attempts; the CURVE handshake is
-  // small next to a frame's bytes.
-  MUSTER_ASSIGN_OR_RETURN(auto client, RpcClient::Connect(context_, o));
+  // The frame was checked against its xxh3 when it was kept here: its prefix carries that sum,
+  // and the payload is appended to the request as it is held (the peer checks it again).
+  MUSTER_ASSIGN_OR_RETURN(std::string prefix, checkpoint::EncodeSnapshotPrefix(
+                                                  f.key, f.payload.size(), f.payload_xxh3));
+  const int64_t need = static_cast<int64_t>(prefix.size() + f.payload.size()) + kEnvelopeSlack;
+  auto it = connections_by_job_.find(f.key.job);
+  if (it == connections_by_job_.end() || !SameTarget(it->second.target, t) ||
+      it->second.max_message_bytes < need) {
+    RpcClient::Options o;
+    o.endpoint = t.endpoint;
+    o.insecure = options_.insecure;
+    o.server_public_key = t.server_key;
+    o.client_key = t.client_key;
+    // Room for frames up to twice this one's size (a rank's frames keep their size); a larger
+    // one opens a connection with more.
+    o.max_message_bytes = 2 * need;
+    MUSTER_ASSIGN_OR_RETURN(auto client, RpcClient::Connect(context_, o));
+    connections_++;
+    it = connections_by_job_
+             .insert_or_assign(f.key.job, Connection{t, std::move(client), o.max_message_bytes})
+             .first;
+  }
   proto::Envelope req;
   auto* r = req.mutable_snapshot_peer_request();
   r->set_op(proto::SnapshotPeerRequest::PUT);
-  r->set_frame(std::move(bytes));
-  auto reply = client->Call(std::move(req), options_.call_timeout);
-  if (!reply.ok()) return reply.status();
-  if (!reply->has_snapshot_peer_reply()) {
-    return DataLossError("peer answered a snapshot put with something else");
+  std::string* bytes = r->mutable_frame();
+  bytes->reserve(prefix.size() + f.payload.size());
+  bytes->append(prefix).append(f.payload);
+  auto reply = it->second.client->Call(std::move(req), options_.call_timeout);
+  Status st = reply.ok() ? Status::Ok() : reply.status();
+  if (st.ok() && !reply->has_snapshot_peer_reply()) {
+    st = DataLossError("peer answered a snapshot put with something else");
   }
-  return Status::Ok();
+  if (!st.ok() &&
+      (st.code() == StatusCode::kUnavailable || st.code() == StatusCode::kDeadlineExceeded ||
+       st.code() == StatusCode::kDataLoss || st.code() == StatusCode::kInternal)) {
+    // The connection itself failed (or its state is unknown): the next frame opens a new one.
+    // A refusal of this frame (the store is full, the key not admitted) keeps it.
+    connections_by_job_.erase(f.key.job);
+  }
+  return st;
 }
 
 void SnapshotForwarder::Loop() {
   auto logger = log::Get("agent.snapshots");
   std::unique_lock<std::mutex> l(mu_);
+  // Connections whose job has no target any more, or another one, closed off the lock.
+  auto stale = [&] {
+    for (const auto& [job, c] : connections_by_job_) {
+      auto t = targets_.find(job);
+      if (t == targets_.end() || !SameTarget(t->second, c.target)) return true;
+    }
+    return false;
+  };
   for (;;) {
-    cv_.wait(l, [&] { return stop_ || !queue_.empty(); });
+    cv_.wait(l, [&] { return stop_ || !queue_.empty() || stale(); });
     if (stop_) return;
+    std::vector<std::unique_ptr<RpcClient>> closed;
+    for (auto c = connections_by_job_.begin(); c != connections_by_job_.end();) {
+      auto t = targets_.find(c->first);
+      if (t == targets_.end() || !SameTarget(t->second, c->second.target)) {
+        closed.push_back(std::move(c->second.client));
+        c = connections_by_job_.erase(c);
+      } else {
+        ++c;
+      }
+    }
+    if (!closed.empty()) {
+      l.unlock();
+      closed.clear();
+      l.lock();
+      continue;
+    }
     auto frame = std::move(queue_.front());
     queue_.pop_front();
     auto t = targets_.find(frame->key.job);
@@ -382,8 +449,10 @@ StatusOr<checkpoint::SnapshotFrame> FetchSnapshotFromPeer(
       if (!reply->has_snapshot_peer_reply()) {
         return DataLossError("peer answered a snapshot get with something else");
       }
-      MUSTER_ASSIGN_OR_RETURN(auto f, checkpoint::DecodeSnapshotFrame(
-                                          reply->snapshot_peer_reply().frame(), max_payload));
+      MUSTER_ASSIGN_OR_RETURN(
+          auto f,
+          checkpoint::DecodeSnapshotFrameInPlace(
+              std::move(*reply->mutable_snapshot_peer_reply()->mutable_frame()), max_payload));
       if (!(f.key == key)) {
         return DataLossError("peer sent the frame of " + Describe(f.key) + " for " + Describe(key));
       }

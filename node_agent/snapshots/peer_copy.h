@@ -17,6 +17,10 @@
 // When frames arrive faster than the network takes them, an older unsent frame of the same rank
 // is replaced. Failures (the peer refuses the frame, or is unreachable) are logged as errors with
 // the peer's reason and counted.
+// One connection (one CURVE handshake) per job and target is kept open and reused for every
+// frame: it is opened on the first frame, and opened again after a frame fails to reach the peer
+// (unreachable, no reply in time, or a refused handshake) or when the job's target changes
+// (SetTarget with another attempt, endpoint or key); ClearJob closes it.
 //
 // FetchSnapshotFromPeer: one GET, retried until `timeout` while the holder has not admitted the
 // key yet (it learns it from its own StartAssignment, which may arrive after ours).
@@ -43,6 +47,7 @@
 #include "checkpoint/snapshot_frame.h"
 #include "common/curve.h"
 #include "common/reactor.h"
+#include "common/rpc.h"
 #include "common/status.h"
 #include "node_agent/snapshots/snapshot_store.h"
 
@@ -71,6 +76,8 @@ class SnapshotPeerServer {
   // Frames kept and requests refused, since the start.
   int64_t kept() const;
   int64_t refused() const;
+  // Connections from forwarders and fetchers accepted, since the start.
+  int64_t connections() const;
 
  private:
   struct Impl;
@@ -110,11 +117,22 @@ class SnapshotForwarder {
   int64_t sent() const;
   int64_t failed() const;
   int64_t replaced() const;
+  // Connections to peers opened, since the start.
+  int64_t connections() const;
   // The last failure's message ("" when none).
   std::string last_error() const;
 
  private:
+  // The open connection of a job, to the target it was opened for.
+  struct Connection {
+    SnapshotPeerTarget target;
+    std::unique_ptr<RpcClient> client;
+    int64_t max_message_bytes = 0;  // the client's
+  };
+
   void Loop();
+  // On the loop's thread only: sends `f` over the job's connection, opening it first when
+  // there is none for `t`; a failed frame closes it.
   Status Send(const SnapshotPeerTarget& t, const checkpoint::SnapshotFrame& f);
 
   const Options options_;
@@ -127,8 +145,12 @@ class SnapshotForwarder {
   bool busy_ = false;                             // GUARDED_BY(mu_)
   bool stop_ = false;                             // GUARDED_BY(mu_)
   int64_t sent_ = 0, failed_ = 0, replaced_ = 0;  // GUARDED_BY(mu_)
-  std::string last_error_;                        // GUARDED_BY(mu_)
-  std::map<std::string, std::string> logged_;     // GUARDED_BY(mu_): job -> last error logged
+  std::atomic<int64_t> connections_{0};
+  // The loop's thread only (ClearJob and SetTarget wake the loop, which closes a connection
+  // whose job or target is gone): the open connection of each job.
+  std::map<std::string, Connection> connections_by_job_;
+  std::string last_error_;                     // GUARDED_BY(mu_)
+  std::map<std::string, std::string> logged_;  // GUARDED_BY(mu_): job -> last error logged
   std::thread thread_;
 };
 

@@ -172,16 +172,19 @@ void SnapshotServer::Serve(Conn* conn) {
       (void)checkpoint::SendAll(fd, Reply(s));
       break;
     }
-    std::string body(want, '\0');
+    // The job id, then the payload straight into the buffer the store keeps: no second copy.
+    std::string job(h->job_length, '\0');
+    std::string payload(h->payload_length, '\0');
     deadline += std::chrono::seconds(want / kSnapshotFrameBytesPerSecond);
-    Status read = checkpoint::RecvAll(fd, body.data(), body.size(), deadline);
+    Status read = checkpoint::RecvAll(fd, job.data(), job.size(), deadline);
+    if (read.ok()) read = checkpoint::RecvAll(fd, payload.data(), payload.size(), deadline);
     if (!read.ok()) {
       log->warn("snapshot channel: frame of {} bytes: {}; connection closed", want,
                 read.ToString());
     }
-    auto f = read.ok() ? checkpoint::DecodeSnapshotBody(*h, body)
+    auto f = read.ok() ? checkpoint::DecodeSnapshotParts(*h, job, std::move(payload))
                        : StatusOr<checkpoint::SnapshotFrame>(read);
-    body = std::string();
+    payload = std::string();
     {
       std::lock_guard<std::mutex> l(mu_);
       inflight_ -= want;
@@ -226,15 +229,21 @@ void SnapshotServer::Serve(Conn* conn) {
       if (!checkpoint::SendAll(fd, Reply(held.status())).ok()) break;
       continue;
     }
-    auto bytes = checkpoint::EncodeSnapshotFrame((*held)->key, (*held)->payload);
-    if (!bytes.ok()) {
-      if (!checkpoint::SendAll(fd, Reply(bytes.status())).ok()) break;
+    // The frame held was checked against its xxh3 by Get: its prefix, then its payload as it
+    // is held, without hashing or copying it again.
+    const checkpoint::SnapshotFrame& held_frame = **held;
+    auto prefix = checkpoint::EncodeSnapshotPrefix(held_frame.key, held_frame.payload.size(),
+                                                   held_frame.payload_xxh3);
+    if (!prefix.ok()) {
+      if (!checkpoint::SendAll(fd, Reply(prefix.status())).ok()) break;
       continue;
     }
     std::string out = Reply(Status::Ok());
-    uint64_t n = bytes->size();
+    uint64_t n = prefix->size() + held_frame.payload.size();
     for (int i = 0; i < 8; ++i) out.push_back(static_cast<char>((n >> (8 * i)) & 0xff));
-    if (!checkpoint::SendAll(fd, out).ok() || !checkpoint::SendAll(fd, *bytes).ok()) break;
+    out += *prefix;
+    if (!checkpoint::SendAll(fd, out).ok() || !checkpoint::SendAll(fd, held_frame.payload).ok())
+      break;
   }
   std::lock_guard<std::mutex> l(mu_);
   ::close(fd);

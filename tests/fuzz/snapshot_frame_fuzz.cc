@@ -90,10 +90,37 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     (void)muster::checkpoint::DecodeSnapshotHeader(
         in.substr(0, muster::checkpoint::kSnapshotHeaderBytes), kLimit);
   }
-  if (auto f = DecodeSnapshotFrame(in, kLimit); f.ok()) {
-    auto back = EncodeSnapshotFrame(f->key, f->payload);
-    if (!back.ok() || *back != in) std::abort();
-    Keep(*f);
+  {
+    // The receivers' copy-free decoders (the peer agent keeps the request's own buffer; the
+    // local server reads the payload apart) agree with DecodeSnapshotFrame on every input:
+    // the same frame, or an error both ways.
+    auto f = DecodeSnapshotFrame(in, kLimit);
+    auto g = muster::checkpoint::DecodeSnapshotFrameInPlace(std::string(in), kLimit);
+    if (f.ok() != g.ok()) std::abort();
+    if (f.ok() &&
+        (!(f->key == g->key) || f->payload != g->payload || f->payload_xxh3 != g->payload_xxh3)) {
+      std::abort();
+    }
+    if (in.size() >= muster::checkpoint::kSnapshotHeaderBytes) {
+      auto h = muster::checkpoint::DecodeSnapshotHeader(
+          in.substr(0, muster::checkpoint::kSnapshotHeaderBytes), kLimit);
+      if (h.ok()) {
+        std::string_view body = in.substr(muster::checkpoint::kSnapshotHeaderBytes);
+        std::string_view job = body.substr(0, std::min<size_t>(h->job_length, body.size()));
+        auto p =
+            muster::checkpoint::DecodeSnapshotParts(*h, job, std::string(body.substr(job.size())));
+        if (p.ok() != f.ok()) std::abort();
+        if (p.ok() && (!(p->key == f->key) || p->payload != f->payload)) std::abort();
+      }
+    }
+    if (f.ok()) {
+      auto back = EncodeSnapshotFrame(f->key, f->payload);
+      if (!back.ok() || *back != in) std::abort();
+      auto prefix =
+          muster::checkpoint::EncodeSnapshotPrefix(f->key, f->payload.size(), f->payload_xxh3);
+      if (!prefix.ok() || *prefix + f->payload != in) std::abort();
+      Keep(*f);
+    }
   }
   {
     std::vector<char> out(64);
@@ -115,8 +142,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       std::vector<muster::checkpoint::RestoreRequest> all;
       for (const auto& t : *index) {
         bufs.emplace_back(std::max<uint64_t>(t.bytes, 1));
-        auto r = muster::checkpoint::RestoreRequest::Whole(t.name, t.dtype, bufs.back().data(),
-                                                           t.bytes);
+        auto r =
+            muster::checkpoint::RestoreRequest::Whole(t.name, t.dtype, bufs.back().data(), t.bytes);
         r.offsets = t.offsets;
         r.lengths = t.lengths;
         all.push_back(std::move(r));

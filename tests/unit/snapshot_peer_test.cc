@@ -154,6 +154,56 @@ TEST_F(SnapshotPeerTest, AFrameThatDoesNotFitIsRefusedWithTheReason) {
   EXPECT_GE(server_->refused(), 1);
 }
 
+// Every frame to a peer goes over one connection (one CURVE handshake), not one per frame. When
+// the peer is lost, the frame that fails closes the connection; when the peer is back (a new
+// server, so a new key, at the same endpoint) and the job's target names it, the next frame
+// opens a new connection to it and is kept there.
+TEST_F(SnapshotPeerTest, FramesShareOneConnectionAndARestartedPeerIsReconnected) {
+  Start(8 << 20);
+  ASSERT_TRUE(server_->Allow("ft-1", gang_key_.public_key).ok());
+  SnapshotForwarder fwd({.call_timeout = milliseconds(500)});
+  fwd.SetTarget("ft-1", Target());
+  const std::string payload(64 << 10, 'p');
+  for (int step = 1; step <= 10; ++step) {
+    fwd.Offer(Frame(Key(step % 2, step), payload));
+    ASSERT_TRUE(fwd.WaitIdle(seconds(20)));
+  }
+  EXPECT_EQ(fwd.sent(), 10) << fwd.last_error();
+  EXPECT_EQ(server_->kept(), 10);
+  EXPECT_EQ(server_->connections(), 1);  // as the peer saw it
+  EXPECT_EQ(fwd.connections(), 1);
+
+  // The peer goes away: the next frame fails, and its connection is dropped.
+  const std::string endpoint = server_->endpoint();
+  reactor_->Call("stop-peer", [&] { server_.reset(); });
+  fwd.Offer(Frame(Key(0, 11), payload));
+  ASSERT_TRUE(fwd.WaitIdle(seconds(20)));
+  EXPECT_EQ(fwd.failed(), 1);
+  EXPECT_EQ(fwd.sent(), 10);
+
+  // Back at the same endpoint with a new key; the job's target is updated to it.
+  auto peer_store = std::make_unique<SnapshotStore>(
+      node_agent::SnapshotStoreOptions{.memory_limit = 8 << 20, .keep_steps = 2});
+  reactor_->Call("restart-peer", [&] {
+    auto s = SnapshotPeerServer::Create(*reactor_, zap_.get(), /*insecure=*/false, endpoint,
+                                        peer_store.get());
+    ASSERT_TRUE(s.ok()) << s.status();
+    server_ = std::move(*s);
+  });
+  ASSERT_TRUE(server_);
+  ASSERT_TRUE(server_->Allow("ft-1", gang_key_.public_key).ok());
+  fwd.SetTarget("ft-1", Target());
+  for (int step = 12; step <= 15; ++step) {
+    fwd.Offer(Frame(Key(0, step), payload));
+    ASSERT_TRUE(fwd.WaitIdle(seconds(20)));
+  }
+  EXPECT_EQ(fwd.sent(), 14) << fwd.last_error();
+  EXPECT_TRUE(peer_store->Get("ft-1", 0, 15).ok());
+  EXPECT_EQ(server_->connections(), 1);
+  EXPECT_EQ(fwd.connections(), 2);
+  reactor_->Call("stop-peer", [&] { server_.reset(); });
+}
+
 // Frames of another attempt than the target's, or of a job without a target, are not sent.
 TEST_F(SnapshotPeerTest, OnlyTheTargetsAttemptIsForwarded) {
   Start(1 << 20);
