@@ -57,14 +57,15 @@ struct Outcome {
 };
 
 // Runs `steps` steps of a ring of links.size() nodes (one rank each) and loses each node in turn.
-// With `pins`, the coordinator's pins reach every store each step.
-Outcome RunGang(const std::vector<Link>& links, int steps, bool pins) {
+// With `pins`, the coordinator's pins reach every store each step. `keep_steps`: the stores'
+// reserved steps per rank (2 before the pins, 3 with them).
+Outcome RunGang(const std::vector<Link>& links, int steps, bool pins, int keep_steps) {
   const int n = static_cast<int>(links.size());
-  // Room for 4 frames of each of 2 ranks (own and copy) per store: 3 reserved, 1 more.
+  // Room for 4 frames of each of 2 ranks (own and copy) per store, whatever is reserved.
   std::vector<std::unique_ptr<SnapshotStore>> stores;
   for (int i = 0; i < n; ++i) {
     stores.push_back(std::make_unique<SnapshotStore>(node_agent::SnapshotStoreOptions{
-        .memory_limit = 2 * 4 * 64, .keep_steps = 3, .window_steps = 4}));
+        .memory_limit = 2 * 4 * 64, .keep_steps = keep_steps, .window_steps = 4}));
   }
   auto name = [](int i) { return std::string(1, static_cast<char>('a' + i)); };
   std::multimap<int, std::pair<int, SnapshotFrame>> in_flight;  // arrival step -> (node, frame)
@@ -127,19 +128,23 @@ struct GangCase {
 class SnapshotGangTest : public ::testing::TestWithParam<GangCase> {};
 
 TEST_P(SnapshotGangTest, WithoutPinsTheSurvivorsShareNoStep) {
-  Outcome o = RunGang(GetParam().links, 60, /*pins=*/false);
-  int fell_back = 0;
-  for (const auto& [lost, c] : o.after_loss) {
-    fell_back += c.source == ResumeChoice::Source::kVolume;
+  // The old rule, as the store had it before the pins (2 reserved steps) and with 3: each store
+  // keeps its own complete step, and some node's loss leaves the survivors without a common one
+  // (the defect the pins fix).
+  for (int keep : {2, 3}) {
+    Outcome o = RunGang(GetParam().links, 60, /*pins=*/false, keep);
+    int fell_back = 0;
+    for (const auto& [lost, c] : o.after_loss) {
+      fell_back += c.source == ResumeChoice::Source::kVolume;
+    }
+    EXPECT_GT(fell_back, 0) << "keep_steps " << keep
+                            << ": every single loss left a complete set without pins";
   }
-  // The old rule: each store keeps its own complete step, and some node's loss leaves the
-  // survivors without a common one (this is the defect the pins fix).
-  EXPECT_GT(fell_back, 0) << "every single loss left a complete set without pins";
 }
 
 TEST_P(SnapshotGangTest, WithPinsTheLossOfAnyOneNodeResumesFromSnapshots) {
   const int steps = 60;
-  Outcome o = RunGang(GetParam().links, steps, /*pins=*/true);
+  Outcome o = RunGang(GetParam().links, steps, /*pins=*/true, /*keep_steps=*/3);
   for (const auto& [lost, c] : o.after_loss) {
     EXPECT_EQ(c.source, ResumeChoice::Source::kSnapshot) << "node " << lost << ": " << c.reason;
     // Newer than the volume, and within a few copy intervals of the last step.
