@@ -25,6 +25,7 @@
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <optional>
+#include <set>
 #include <string_view>
 #include <thread>
 
@@ -39,6 +40,63 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 using collectives::RdzvCredentials;
+
+// CPU seconds (user + system, every thread) this process has used so far.
+double CpuSeconds() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return static_cast<double>(u.ru_utime.tv_sec + u.ru_stime.tv_sec) +
+         1e-6 * static_cast<double>(u.ru_utime.tv_usec + u.ru_stime.tv_usec);
+}
+
+// The threads of this process now (their ids).
+std::set<pid_t> Threads() {
+  std::set<pid_t> out;
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator("/proc/self/task", ec)) {
+    out.insert(static_cast<pid_t>(std::atoi(e.path().filename().c_str())));
+  }
+  return out;
+}
+
+// CPU seconds (user + system) the threads `tids` of this process have used so far.
+double ThreadsCpuSeconds(const std::set<pid_t>& tids) {
+  static const double tick = static_cast<double>(sysconf(_SC_CLK_TCK));
+  double sum = 0;
+  for (pid_t t : tids) {
+    FILE* f = std::fopen(("/proc/self/task/" + std::to_string(t) + "/stat").c_str(), "r");
+    if (f == nullptr) continue;
+    char buf[1024];
+    size_t n = std::fread(buf, 1, sizeof(buf) - 1, f);
+    std::fclose(f);
+    buf[n] = '\0';
+    // After the command name's ")": state, then 10 fields, then utime and stime (in ticks).
+    const char* p = std::strrchr(buf, ')');
+    unsigned long long utime = 0, stime = 0;
+    if (p != nullptr && std::sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu",
+                                    &utime, &stime) == 2) {
+      sum += static_cast<double>(utime + stime) / tick;
+    }
+  }
+  return sum;
+}
+
+// The threads that appear between its construction and Since(): those of what was made in
+// between (the store's reactor, its ZeroMQ I/O thread and reaper).
+class NewThreads {
+ public:
+  NewThreads() : before_(Threads()) {}
+  std::set<pid_t> Since() const {
+    std::set<pid_t> out;
+    for (pid_t t : Threads()) {
+      if (!before_.count(t)) out.insert(t);
+    }
+    return out;
+  }
+
+ private:
+  std::set<pid_t> before_;
+};
 
 double Since(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
@@ -166,7 +224,14 @@ struct Result {
   uint64_t upstream_requests = 0;  // relayed: requests the relays sent the store
   uint64_t shared_replies = 0;     // relayed: allgather replies handed over in a file
   bool gather_files = false;       // relayed: large gather results may go through files
+  double relays_s = 0;             // relayed, one process: creating the relays (part of connect)
+  double cpu_s = -1;               // one process: CPU seconds of every phase, all threads; else -1
+  double store_cpu_s = 0;          // CPU seconds of the store's threads (reactor, ZeroMQ I/O)
 };
+
+// Where the relays' directories go (--relay-dir); empty: where an agent would put them
+// (collectives::PickRelaySocketParent).
+std::filesystem::path g_relay_parent;
 
 // The relays of the relayed path: one per node of `per_node` ranks. As on a cluster, where
 // each node's agent runs its relay on its own reactor, the relays are spread over reactors of
@@ -184,8 +249,13 @@ class Relays {
         nodes_(nodes >= 0 ? nodes : (n + per_node - 1) / per_node),
         gather_files_(gather_files),
         ctx_(MakeContext(nodes_)) {
-    dir_ =
-        std::filesystem::temp_directory_path() / ("muster-relay-bench-" + std::to_string(getpid()));
+    // Where an agent puts its relay's directory (a memory file system where the host has one),
+    // or --relay-dir, in a directory of this run's own.
+    dir_ = (g_relay_parent.empty()
+                ? collectives::PickRelaySocketParent(collectives::RelaySocketParentCandidates(),
+                                                     std::filesystem::temp_directory_path())
+                : g_relay_parent) /
+           ("muster-relay-bench-" + std::to_string(getpid()));
   }
   ~Relays() {
     for (auto& g : groups_) {
@@ -389,6 +459,7 @@ StatusOr<Result> Run(int n, bool curve, int per_node, bool gather_files) {
         " open files in this one process; the limit is " + std::to_string(lim.rlim_cur) +
         " (hard limit " + std::to_string(lim.rlim_max) + ")");
   }
+  NewThreads store_threads;
   Reactor reactor("rdzv-bench");
   std::unique_ptr<ZapAuthenticator> zap;
   if (curve) {
@@ -401,6 +472,7 @@ StatusOr<Result> Run(int n, bool curve, int per_node, bool gather_files) {
   MUSTER_ASSIGN_OR_RETURN(std::string key, server->AddScope("bench", 0));
   MUSTER_ASSIGN_OR_RETURN(auto creds, RdzvCredentials::Parse(key));
   reactor.Start();
+  const std::set<pid_t> store_tids = store_threads.Since();
   auto cleanup = [&] {
     reactor.Call("stop", [&] {
       server.reset();
@@ -410,6 +482,8 @@ StatusOr<Result> Run(int n, bool curve, int per_node, bool gather_files) {
   };
 
   auto t0 = Clock::now();
+  const double cpu0 = CpuSeconds();
+  const double store_cpu0 = ThreadsCpuSeconds(store_tids);
   Status st;
   {
     // Relays are created inside the timed section: their CURVE connections are part of
@@ -422,6 +496,7 @@ StatusOr<Result> Run(int n, bool curve, int per_node, bool gather_files) {
         cleanup();
         return rs;
       }
+      res.relays_s = Since(t0);
     }
     Ranks ranks(
         n, [&](int i) { return relays ? relays->EndpointOf(i) : server->endpoint(); }, creds);
@@ -440,6 +515,8 @@ StatusOr<Result> Run(int n, bool curve, int per_node, bool gather_files) {
     res.allgather_s = Since(t3);
     res.shared_replies = phases.shared_replies;
     res.total_s = Since(t0);
+    res.cpu_s = CpuSeconds() - cpu0;
+    res.store_cpu_s = ThreadsCpuSeconds(store_tids) - store_cpu0;
     if (relays) res.upstream_requests = relays->UpstreamRequests();
   }
   cleanup();
@@ -567,6 +644,7 @@ StatusOr<Result> RunSpread(int n, bool curve, int per_node, bool gather_files, i
   res.ranks_per_node = per_node;
   res.gather_files = gather_files;
   res.processes = processes;
+  NewThreads store_threads;
   Reactor reactor("rdzv-bench");
   std::unique_ptr<ZapAuthenticator> zap;
   if (curve) {
@@ -578,6 +656,7 @@ StatusOr<Result> RunSpread(int n, bool curve, int per_node, bool gather_files, i
                           collectives::RendezvousServer::Create(reactor, zap.get(), so));
   MUSTER_ASSIGN_OR_RETURN(std::string key, server->AddScope("bench", 0));
   reactor.Start();
+  const std::set<pid_t> store_tids = store_threads.Since();
 
   struct Child {
     pid_t pid = -1;
@@ -609,7 +688,8 @@ StatusOr<Result> RunSpread(int n, bool curve, int per_node, bool gather_files, i
         "--ranks-per-node", std::to_string(per_node),
         "--first-node",     std::to_string(first),
         "--nodes",          std::to_string(std::min(chunk, nodes - first)),
-        "--gather-files",   gather_files ? "1" : "0"};
+        "--gather-files",   gather_files ? "1" : "0",
+        "--relay-dir",      g_relay_parent.string()};
     std::vector<char*> argv;
     for (auto& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);
@@ -658,6 +738,7 @@ StatusOr<Result> RunSpread(int n, bool curve, int per_node, bool gather_files, i
     return result;
   };
   auto t0 = Clock::now();
+  const double store_cpu0 = ThreadsCpuSeconds(store_tids);
   if (st.ok()) st = phase("connect");
   res.connect_s = Since(t0);
   auto t1 = Clock::now();
@@ -670,6 +751,7 @@ StatusOr<Result> RunSpread(int n, bool curve, int per_node, bool gather_files, i
   if (st.ok()) st = phase("allgather");
   res.allgather_s = Since(t3);
   res.total_s = Since(t0);
+  res.store_cpu_s = ThreadsCpuSeconds(store_tids) - store_cpu0;
   res.upstream_requests = upstream;
   res.shared_replies = shared;
   for (auto& c : children) {
@@ -714,11 +796,16 @@ void AddRendezvousBench(CLI::App& app, Runner* runner) {
                   "Spread the relayed paths' simulated nodes over this many processes (the "
                   "direct path always runs in this one)")
       ->check(CLI::Range(1, 64));
+  auto relay_dir = std::make_shared<std::string>();
+  cmd->add_option("--relay-dir", *relay_dir,
+                  "Make the relays' directories here (default: where an agent makes them, a "
+                  "memory file system where the host has one)");
   cmd->add_flag("--insecure", *insecure, "Also run without CURVE");
   cmd->add_flag("--json", *json, "Print JSON instead of a table");
   cmd->callback([=] {
     *runner = [=] {
       RaiseFdLimit();
+      g_relay_parent = *relay_dir;
       std::vector<Result> rows;
       for (int n : *ranks) {
         for (const std::string& path : *paths) {
@@ -754,6 +841,9 @@ void AddRendezvousBench(CLI::App& app, Runner* runner) {
                          {"gather_file_replies", r.shared_replies},
                          {"processes", r.processes},
                          {"ranks_per_node", r.ranks_per_node},
+                         {"relays_s", r.relays_s},
+                         {"cpu_s", r.cpu_s},
+                         {"store_cpu_s", r.store_cpu_s},
                          {"upstream_requests", r.upstream_requests}});
         std::cout << (out.size() == 1 ? out[0] : out).dump(2) << "\n";
         return 0;
@@ -762,10 +852,14 @@ void AddRendezvousBench(CLI::App& app, Runner* runner) {
           << "rendezvous of N ranks (own DEALER each) on one RendezvousServer, direct or through "
              "relays of R ranks (ipc to the relay, one CURVE connection per relay to the store); "
              "anchors (direct rows): the same N sockets against a raw ZeroMQ ROUTER, one round "
-             "trip each (connect) and then N x 64 bytes to each (allgather)\n";
+             "trip each (connect) and then N x 64 bytes to each (allgather); relays s: creating "
+             "the relays, part of connect; cpu s: CPU seconds this process used over all phases "
+             "(every thread; one-process rows); store cpu s: those of the store's own threads "
+             "(its reactor, ZeroMQ I/O thread and reaper), the part that stays serial on a "
+             "cluster\n";
       Table t({"ranks", "path", "security", "connect s", "barrier s", "bcast128 s", "allgather64 s",
-               "total s", "store reqs by relays", "gather via file", "raw zmq connect s",
-               "raw zmq N*64B s"});
+               "total s", "relays s", "cpu s", "store cpu s", "store reqs by relays",
+               "gather via file", "raw zmq connect s", "raw zmq N*64B s"});
       for (auto& r : rows) {
         bool relayed = r.ranks_per_node > 0;
         t.Row({std::to_string(r.ranks),
@@ -775,6 +869,8 @@ void AddRendezvousBench(CLI::App& app, Runner* runner) {
                        : "direct",
                r.curve ? "CURVE" : "none", Fmt(r.connect_s, 3), Fmt(r.barrier_s, 3),
                Fmt(r.broadcast_s, 3), Fmt(r.allgather_s, 3), Fmt(r.total_s, 3),
+               relayed && r.processes == 1 ? Fmt(r.relays_s, 3) : "-",
+               r.cpu_s >= 0 ? Fmt(r.cpu_s, 2) : "-", Fmt(r.store_cpu_s, 2),
                relayed ? std::to_string(r.upstream_requests) : "-",
                relayed ? std::to_string(r.shared_replies) : "-", relayed ? "-" : Fmt(r.anchor_s, 3),
                relayed ? "-" : Fmt(r.anchor_allgather_s, 3)});
@@ -799,8 +895,13 @@ void AddRendezvousBench(CLI::App& app, Runner* runner) {
   nodes_cmd->add_option("--first-node", *first_node)->required();
   nodes_cmd->add_option("--nodes", *node_count)->required();
   nodes_cmd->add_option("--gather-files", *files);
+  auto nodes_relay_dir = std::make_shared<std::string>();
+  nodes_cmd->add_option("--relay-dir", *nodes_relay_dir);
   nodes_cmd->callback([=] {
-    *runner = [=] { return RunNodes(*store, *n_all, *rpn, *first_node, *node_count, *files != 0); };
+    *runner = [=] {
+      g_relay_parent = *nodes_relay_dir;
+      return RunNodes(*store, *n_all, *rpn, *first_node, *node_count, *files != 0);
+    };
   });
 }
 

@@ -7,6 +7,7 @@
 #include <xxhash.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -83,6 +84,23 @@ StatusOr<MappedGather> MappedGather::Open(const std::string& endpoint,
     return DataLossError("rendezvous gather: the relay's result file " + name +
                          " is not a regular file of " + std::to_string(reply.gathered_size()) +
                          " bytes");
+  }
+  // The file is trusted because only this user can write into the relay's 0700 directory:
+  // check that the directory is that, and that the file is this user's and writable by no
+  // other (the relay makes it 0600).
+  struct stat dir {};
+  const std::string parent = file.parent_path().string();
+  if (st.st_uid != ::geteuid() || (st.st_mode & (S_IWGRP | S_IWOTH)) != 0 ||
+      ::stat(parent.c_str(), &dir) != 0 || dir.st_uid != ::geteuid() ||
+      (dir.st_mode & (S_IRWXG | S_IRWXO)) != 0) {
+    ::close(fd);
+    char modes[128];
+    std::snprintf(modes, sizeof(modes), "file uid %u mode %04o, directory uid %u mode %04o",
+                  static_cast<unsigned>(st.st_uid), static_cast<unsigned>(st.st_mode & 07777),
+                  static_cast<unsigned>(dir.st_uid), static_cast<unsigned>(dir.st_mode & 07777));
+    return DataLossError("rendezvous gather: the relay's result file " + name +
+                         " is not private to this user (" + modes + "; this user is uid " +
+                         std::to_string(::geteuid()) + ")");
   }
   void* data = ::mmap(nullptr, st.st_size, PROT_READ, MAP_SHARED, fd, 0);
   ::close(fd);

@@ -55,7 +55,8 @@ bool IsLocalRendezvousEndpoint(const std::string& endpoint);
 // A gather result that the local relay at `endpoint` left in a file beside its socket
 // (StoreReply.gathered_file) instead of sending it down the socket to each of its ranks: the
 // file mapped read-only, checked (a plain file directly in the socket's directory, of the size
-// and XXH3-64 the reply names). Move-only; unmaps when destroyed.
+// and XXH3-64 the reply names; the file this user's and writable by no other, the directory
+// this user's and closed to all others). Move-only; unmaps when destroyed.
 class MappedGather {
  public:
   // DataLoss when the file is not what the reply says; FailedPrecondition when the reply names

@@ -1,7 +1,11 @@
 #include "collectives/rendezvous_relay.h"
 
 #include <fcntl.h>
+#include <linux/magic.h>
 #include <stdlib.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 #include <xxhash.h>
 
@@ -11,6 +15,7 @@
 #include <charconv>
 #include <cstring>
 #include <optional>
+#include <string_view>
 
 #include "common/logging.h"
 #include "common/wire.h"
@@ -29,6 +34,8 @@ std::atomic<uint64_t> g_monitor_seq{0};
 // Connections the store closes in a row before any handshake completes, before the relay calls
 // its key wrong (one may be the store going away mid-handshake).
 constexpr int kClosedInHandshake = 3;
+// The name of a relay's private directory: this prefix and mkdtemp's six characters.
+constexpr std::string_view kDirPrefix = "muster-rdzv-";
 
 milliseconds ClampTimeout(int64_t ms) {
   return std::min(milliseconds(std::max<int64_t>(ms, 0)), kMaxTimeout);
@@ -72,7 +79,7 @@ Status RendezvousRelay::Start() {
     return UnavailableError("rendezvous relay: cannot create " + options_.socket_parent.string() +
                             ": " + ec.message());
   }
-  std::string templ = (options_.socket_parent / "rdzv-XXXXXX").string();
+  std::string templ = (options_.socket_parent / (std::string(kDirPrefix) + "XXXXXX")).string();
   if (templ.size() + 2 > kMaxSocketPath) {
     return InvalidArgumentError("rendezvous relay: the socket path under " +
                                 options_.socket_parent.string() + " would be " +
@@ -84,6 +91,13 @@ Status RendezvousRelay::Start() {
     return UnavailableError("rendezvous relay: mkdtemp " + templ + ": " + std::strerror(errno));
   }
   dir_ = templ;
+  // Held until the relay closes (the kernel drops it when the process dies): a sweep of stale
+  // directories (SweepStaleRelayDirs) leaves this one alone.
+  dir_lock_ = ::open(templ.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+  if (dir_lock_ < 0 || ::flock(dir_lock_, LOCK_EX | LOCK_NB) != 0) {
+    return UnavailableError("rendezvous relay: cannot lock its directory " + templ + ": " +
+                            std::strerror(errno));
+  }
   endpoint_ = "ipc://" + (dir_ / "s").string();
   RpcServer::Options lo;
   lo.name = "rdzv-relay";
@@ -164,6 +178,7 @@ RendezvousRelay::~RendezvousRelay() {
     std::error_code ec;
     fs::remove_all(dir_, ec);
   }
+  if (dir_lock_ >= 0) ::close(dir_lock_);
 }
 
 void RendezvousRelay::Abort(const std::string& why) {
@@ -573,6 +588,63 @@ void RendezvousRelay::ShareGather(proto::StoreReply& reply) {
   reply.set_gathered_size(static_cast<uint64_t>(size));
   reply.set_gathered_file(path);
   reply.clear_gathered();
+}
+
+fs::path PickRelaySocketParent(const std::vector<fs::path>& candidates, const fs::path& fallback) {
+  for (const fs::path& c : candidates) {
+    if (c.empty() || !c.is_absolute()) continue;
+    struct stat st {};
+    struct statfs sf {};
+    if (::lstat(c.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) continue;
+    if (::statfs(c.c_str(), &sf) != 0 || sf.f_type != TMPFS_MAGIC) continue;
+    const bool own_private = st.st_uid == ::geteuid() && (st.st_mode & (S_IWGRP | S_IWOTH)) == 0;
+    const bool sticky = (st.st_mode & S_ISVTX) != 0;
+    if (!own_private && !sticky) continue;
+    if (::access(c.c_str(), W_OK | X_OK) != 0) continue;
+    return c;
+  }
+  return fallback;
+}
+
+std::vector<fs::path> RelaySocketParentCandidates() {
+  std::vector<fs::path> out;
+  if (const char* xdg = std::getenv("XDG_RUNTIME_DIR"); xdg != nullptr && *xdg != '\0') {
+    out.emplace_back(xdg);
+  }
+  out.emplace_back("/dev/shm");
+  return out;
+}
+
+int SweepStaleRelayDirs(const fs::path& parent, std::chrono::seconds min_age) {
+  std::error_code ec;
+  fs::directory_iterator it(parent, ec);
+  if (ec) return 0;
+  const time_t now = ::time(nullptr);
+  int removed = 0;
+  for (; it != fs::directory_iterator(); it.increment(ec)) {
+    if (ec) break;
+    const std::string name = it->path().filename().string();
+    if (name.size() != kDirPrefix.size() + 6 || name.rfind(kDirPrefix, 0) != 0) continue;
+    struct stat st {};
+    if (::lstat(it->path().c_str(), &st) != 0 || !S_ISDIR(st.st_mode) || st.st_uid != ::geteuid() ||
+        now - st.st_mtime < min_age.count()) {
+      continue;
+    }
+    int fd = ::open(it->path().c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0) continue;
+    if (::flock(fd, LOCK_EX | LOCK_NB) == 0) {
+      std::error_code rm;
+      fs::remove_all(it->path(), rm);
+      if (!rm) {
+        ++removed;
+        log::Get("coll.relay")
+            ->info("removed {}, left by a rendezvous relay whose process died",
+                   it->path().string());
+      }
+    }
+    ::close(fd);
+  }
+  return removed;
 }
 
 }  // namespace muster::collectives

@@ -75,8 +75,11 @@ namespace muster::collectives {
 class RendezvousRelay {
  public:
   struct Options {
-    // A directory the relay's private socket directory is made in (mkdtemp "rdzv-XXXXXX",
-    // mode 0700); the socket is <that>/s. The path must fit a Unix socket address (107 bytes).
+    // A directory the relay's private socket directory is made in (mkdtemp
+    // "muster-rdzv-XXXXXX", mode 0700); the socket is <that>/s. The path must fit a Unix socket
+    // address (107 bytes). The relay holds an flock on its directory while it lives, so that
+    // SweepStaleRelayDirs can tell the directories of relays that died (kill -9) from live ones.
+    // PickRelaySocketParent chooses one for an agent.
     std::filesystem::path socket_parent;
     // The store, and the attempt's credentials for it (MUSTER_RDZV_KEY's format).
     std::string upstream_endpoint;
@@ -118,7 +121,7 @@ class RendezvousRelay {
   RendezvousRelay(const RendezvousRelay&) = delete;
   RendezvousRelay& operator=(const RendezvousRelay&) = delete;
 
-  // "ipc:///.../rdzv-XXXXXX/s": the ranks' MUSTER_RDZV_ENDPOINT.
+  // "ipc:///.../muster-rdzv-XXXXXX/s": the ranks' MUSTER_RDZV_ENDPOINT.
   const std::string& endpoint() const { return endpoint_; }
   const Stats& stats() const { return stats_; }
 
@@ -167,6 +170,7 @@ class RendezvousRelay {
   Reactor& reactor_;
   Options options_;
   std::filesystem::path dir_;
+  int dir_lock_ = -1;  // an open descriptor of dir_, flock'ed while the relay lives
   std::string endpoint_;
   std::unique_ptr<RpcServer> local_;
   zmq::socket_t upstream_;
@@ -186,5 +190,26 @@ class RendezvousRelay {
   uint64_t next_file_ = 0;
   std::shared_ptr<int> life_ = std::make_shared<int>(0);
 };
+
+// Where relays' private socket directories go on this host: the first of `candidates` that is
+// a directory (not a symlink) on a memory file system (tmpfs) that this user may create entries
+// in, and that other users cannot tamper with (this user's own directory writable by nobody
+// else, or a sticky one such as /dev/shm, where mkdtemp's 0700 directory is as private as in
+// the temp directory); `fallback` when none is. On a memory file system a relay's directory,
+// socket and gather result files cost no disk inodes and are never written back to a disk
+// (ext4 spent 1-2 ms per inode on this build machine's churned /tmp). A gather file there is
+// memory, bounded by Options::shared_gather_max_bytes per relay; a full file system sends gather
+// replies down the socket instead.
+std::filesystem::path PickRelaySocketParent(const std::vector<std::filesystem::path>& candidates,
+                                            const std::filesystem::path& fallback);
+// $XDG_RUNTIME_DIR (when set: the user's own tmpfs), then /dev/shm.
+std::vector<std::filesystem::path> RelaySocketParentCandidates();
+
+// Removes the directories ("muster-rdzv-XXXXXX", this user's) that relays left directly under
+// `parent` when their process died without closing them (kill -9): those older than `min_age`
+// whose flock nobody holds. A live relay holds its lock; `min_age` covers the moment between a
+// relay's mkdtemp and its flock. Returns how many it removed. Thread-safe.
+int SweepStaleRelayDirs(const std::filesystem::path& parent,
+                        std::chrono::seconds min_age = std::chrono::seconds(60));
 
 }  // namespace muster::collectives

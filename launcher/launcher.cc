@@ -360,7 +360,8 @@ int RunJob(const RunOptions& options, const RunIo& io) {
       !direct || (*direct != "1" && *direct != "true" && *direct != "yes")) {
     collectives::RendezvousRelay::Options ro;
     std::error_code ec;
-    ro.socket_parent = std::filesystem::temp_directory_path(ec);
+    ro.socket_parent = collectives::PickRelaySocketParent(
+        collectives::RelaySocketParentCandidates(), std::filesystem::temp_directory_path(ec));
     ro.upstream_endpoint = ctx.rdzv_endpoint;
     ro.job = ctx.job_id;
     ro.attempt = static_cast<uint64_t>(ctx.attempt);

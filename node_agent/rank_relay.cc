@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <mutex>
+#include <set>
 
 #include "collectives/rendezvous_client.h"
 
@@ -40,7 +42,15 @@ StatusOr<std::unique_ptr<collectives::RendezvousRelay>> StartRankRelay(
     o.local_ranks.push_back(s.node_rank() * s.ranks_per_node() + i);
   }
   o.admit = [groups = std::move(rank_groups)](pid_t pid) { return InRankGroups(pid, groups()); };
-  o.socket_parent = work_dir / "rdzv";
+  o.socket_parent = collectives::PickRelaySocketParent(collectives::RelaySocketParentCandidates(),
+                                                       work_dir / "rdzv");
+  {
+    // Once per directory and agent process: what relays of a killed agent left there.
+    static std::mutex mu;
+    static std::set<std::filesystem::path> swept;
+    std::lock_guard<std::mutex> l(mu);
+    if (swept.insert(o.socket_parent).second) collectives::SweepStaleRelayDirs(o.socket_parent);
+  }
   auto relay = collectives::RendezvousRelay::Create(reactor, o);
   if (relay.ok() || relay.status().code() != StatusCode::kInvalidArgument ||
       relay.status().message().find("Unix socket") == std::string::npos) {

@@ -34,8 +34,11 @@ bool WantsDirectRendezvous(const proto::StartAssignment& s);
 
 // Starts the relay of the attempt `s` (its local ranks: node_rank * ranks_per_node onwards),
 // with `creds` (MUSTER_RDZV_KEY's format) for the store at tcp://master_addr:rendezvous_port.
-// The socket goes under `work_dir`/rdzv, or (its private directory) straight under the
-// system's temp directory where that path is too long for a Unix socket. `rank_groups` returns the
+// The socket's private directory goes on a memory file system where the host has one
+// (collectives::PickRelaySocketParent: $XDG_RUNTIME_DIR, /dev/shm), else under `work_dir`/rdzv,
+// or straight under the system's temp directory where that path is too long for a Unix socket.
+// The first relay of this process in a directory removes what relays of a killed agent left
+// there (collectives::SweepStaleRelayDirs). `rank_groups` returns the
 // process groups of the attempt's ranks here (their pids) when a request comes in. REQUIRES: on the
 // reactor thread.
 StatusOr<std::unique_ptr<collectives::RendezvousRelay>> StartRankRelay(

@@ -4,10 +4,15 @@
 #include "node_agent/rank_relay.h"
 
 #include <gtest/gtest.h>
+#include <linux/magic.h>
 #include <signal.h>
 #include <spawn.h>
+#include <sys/stat.h>
+#include <sys/vfs.h>
 #include <sys/wait.h>
 #include <unistd.h>
+
+#include <filesystem>
 
 extern char** environ;
 
@@ -67,6 +72,41 @@ TEST(RankRelayTest, TheJobEnvKnobKeepsTheDirectPath) {
   EXPECT_FALSE(WantsDirectRendezvous(s));
   (*s.mutable_env())[kRdzvDirectEnv] = "1";
   EXPECT_TRUE(WantsDirectRendezvous(s));
+}
+
+bool OnTmpfs(const std::filesystem::path& p) {
+  struct statfs sf {};
+  return ::statfs(p.c_str(), &sf) == 0 && sf.f_type == TMPFS_MAGIC;
+}
+
+// The agent's relay keeps its socket and gather files on a memory file system when the host
+// has one (no disk inodes, nothing written back to a disk), in a private 0700 directory, even
+// when the agent's work directory is on a disk.
+TEST(RankRelayTest, TheRelaysDirectoryIsOnAMemoryFileSystemWhenTheHostHasOne) {
+  const std::filesystem::path work = std::filesystem::current_path() / "rank-relay-test-work";
+  if (OnTmpfs(std::filesystem::current_path())) GTEST_SKIP() << "the work directory is a tmpfs";
+  if (!OnTmpfs("/dev/shm")) GTEST_SKIP() << "no tmpfs at /dev/shm on this host";
+  proto::StartAssignment s;
+  s.set_job_id("job");
+  s.set_attempt(1);
+  s.set_master_addr("127.0.0.1");
+  s.set_rendezvous_port(1);
+  s.set_ranks_per_node(2);
+  zmq::context_t ctx;
+  Reactor reactor("rank-relay-test", &ctx);  // not running: Create and close on this thread
+  auto relay = StartRankRelay(reactor, s, "insecure", work, [] { return std::vector<pid_t>{}; });
+  ASSERT_TRUE(relay.ok()) << relay.status();
+  const std::string& endpoint = (*relay)->endpoint();
+  ASSERT_EQ(endpoint.rfind("ipc://", 0), 0u) << endpoint;
+  const std::filesystem::path dir = std::filesystem::path(endpoint.substr(6)).parent_path();
+  EXPECT_TRUE(OnTmpfs(dir)) << endpoint;
+  struct stat st {};
+  ASSERT_EQ(::stat(dir.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0700u) << endpoint;
+  EXPECT_EQ(st.st_uid, ::geteuid());
+  relay->reset();
+  EXPECT_FALSE(std::filesystem::exists(dir));
+  std::filesystem::remove_all(work);
 }
 
 }  // namespace

@@ -5,8 +5,14 @@
 
 #include "collectives/rendezvous_relay.h"
 
+#include <fcntl.h>
 #include <gtest/gtest.h>
+#include <linux/magic.h>
+#include <signal.h>
+#include <sys/file.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
+#include <sys/wait.h>
 #include <unistd.h>
 #include <xxhash.h>
 
@@ -345,6 +351,25 @@ TEST_F(RelayTest, ALargeGatherReachesTheLocalRanksThroughOneCheckedFile) {
   bad.set_gathered_file(socket.string());
   expect(bad, relay->endpoint(), StatusCode::kFailedPrecondition, "not in its own directory");
   expect(good, server_->endpoint(), StatusCode::kFailedPrecondition, "is not a local relay");
+
+  // A rank trusts the file because only its user can write into the relay's 0700 directory:
+  // a file that others may write, a directory that others may enter, or a file of another
+  // user is refused even when its bytes match.
+  namespace fs = std::filesystem;
+  fs::permissions(file, fs::perms::group_write | fs::perms::others_write, fs::perm_options::add);
+  expect(good, relay->endpoint(), StatusCode::kDataLoss, "is not private to this user");
+  fs::permissions(file, fs::perms::owner_read | fs::perms::owner_write, fs::perm_options::replace);
+  ASSERT_TRUE(MappedGather::Open(relay->endpoint(), good).ok());
+  fs::permissions(socket.parent_path(), fs::perms::group_exec | fs::perms::others_exec,
+                  fs::perm_options::add);
+  expect(good, relay->endpoint(), StatusCode::kDataLoss, "directory uid");
+  fs::permissions(socket.parent_path(), fs::perms::owner_all, fs::perm_options::replace);
+  ASSERT_TRUE(MappedGather::Open(relay->endpoint(), good).ok());
+  if (::geteuid() == 0) {  // only root can give the file away
+    ASSERT_EQ(::chown(file.c_str(), 65534, 65534), 0);
+    expect(good, relay->endpoint(), StatusCode::kDataLoss, "file uid 65534");
+    ASSERT_EQ(::chown(file.c_str(), 0, 0), 0);
+  }
 }
 
 TEST_F(RelayTest, AStoreThatRefusesTheRelaysKeyIsNamedAtOnceNotATimeout) {
@@ -417,6 +442,136 @@ TEST(RelayLifecycleTest, ARelayMadeRightAfterOneClosedWaitsForItsSocketsToBeRele
       << more.status();
   held.clear();
   std::filesystem::remove_all(templ);
+}
+
+bool OnTmpfs(const std::filesystem::path& p) {
+  struct statfs sf {};
+  return ::statfs(p.c_str(), &sf) == 0 && sf.f_type == TMPFS_MAGIC;
+}
+
+void MakeOld(const std::filesystem::path& p) {
+  struct timespec ts[2];
+  ts[0].tv_sec = ts[1].tv_sec = ::time(nullptr) - 3600;
+  ts[0].tv_nsec = ts[1].tv_nsec = 0;
+  ASSERT_EQ(::utimensat(AT_FDCWD, p.c_str(), ts, AT_SYMLINK_NOFOLLOW), 0) << p;
+}
+
+// Relays' directories go on a memory file system when the host has one that is safe to use:
+// this user's own directory writable by nobody else, or a sticky one (/dev/shm); never a
+// symlink, a relative path, a directory on disk, or a shared directory without the sticky bit.
+TEST(RelayDirectoryTest, AMemoryFileSystemThatOthersCannotTamperWithIsPreferred) {
+  if (!OnTmpfs("/dev/shm")) GTEST_SKIP() << "no tmpfs at /dev/shm on this host";
+  const std::filesystem::path fallback = "/nonexistent/fallback";
+  std::string templ = "/dev/shm/relay-test-XXXXXX";
+  ASSERT_NE(mkdtemp(templ.data()), nullptr);
+  const std::filesystem::path own = templ;
+  const std::filesystem::path link = own.string() + "-link";
+  std::filesystem::create_directory_symlink(own, link);
+  std::string disk_templ = std::filesystem::current_path() / "relay-test-XXXXXX";
+  ASSERT_NE(mkdtemp(disk_templ.data()), nullptr);
+  const std::filesystem::path disk = disk_templ;
+
+  // Our own 0700 directory on tmpfs.
+  EXPECT_EQ(PickRelaySocketParent({own}, fallback), own);
+  // Group-writable and not sticky: another user of the group could swap entries.
+  ASSERT_EQ(::chmod(own.c_str(), 0770), 0);
+  EXPECT_EQ(PickRelaySocketParent({own}, fallback), fallback);
+  // Sticky: mkdtemp's 0700 directory in it stays ours, as in /tmp.
+  ASSERT_EQ(::chmod(own.c_str(), 01770), 0);
+  EXPECT_EQ(PickRelaySocketParent({own}, fallback), own);
+  ASSERT_EQ(::chmod(own.c_str(), 0700), 0);
+  // A symlink to it, a relative path, a missing one: skipped for the next candidate.
+  EXPECT_EQ(PickRelaySocketParent({link, "dev/shm", "/nonexistent/x", own}, fallback), own);
+  EXPECT_EQ(PickRelaySocketParent({link}, fallback), fallback);
+  // A directory on disk (where the test runs), unless that is a tmpfs too.
+  if (!OnTmpfs(disk)) {
+    EXPECT_EQ(PickRelaySocketParent({disk}, fallback), fallback);
+  }
+  EXPECT_EQ(PickRelaySocketParent({}, fallback), fallback);
+  // The usual list ends with /dev/shm, which this host has.
+  auto usual = RelaySocketParentCandidates();
+  ASSERT_FALSE(usual.empty());
+  EXPECT_EQ(usual.back(), "/dev/shm");
+  EXPECT_TRUE(OnTmpfs(PickRelaySocketParent(usual, fallback)));
+
+  std::filesystem::remove(link);
+  std::filesystem::remove_all(own);
+  std::filesystem::remove_all(disk);
+}
+
+// A relay's directory outlives a process killed with -9 (its destructor never runs); the
+// sweep removes such directories (old, and nobody holds their lock) and nothing else: not a
+// live relay's, not one whose process still runs, not one just made, not other names.
+TEST(RelayDirectoryTest, TheSweepRemovesOnlyWhatRelaysOfDeadProcessesLeft) {
+  std::string templ = "/tmp/relay-test-XXXXXX";
+  ASSERT_NE(mkdtemp(templ.data()), nullptr);
+  const std::filesystem::path parent = templ;
+  auto make = [&](const std::string& name) {
+    std::filesystem::path d = parent / name;
+    std::filesystem::create_directory(d);
+    std::ofstream(d / "gather-0") << "result";
+    return d;
+  };
+  const auto orphan = make("muster-rdzv-aaaaaa");  // nobody holds it: its relay's process died
+  const auto young = make("muster-rdzv-bbbbbb");   // just made: its relay may not hold it yet
+  const auto other = make("muster-rdzv-other-name");
+  const auto held = make("muster-rdzv-cccccc");  // its relay's process is alive (a child here)
+  MakeOld(orphan);
+  MakeOld(other);
+
+  // A real process holds `held` as a relay does, until it is killed with -9.
+  int ready[2];
+  ASSERT_EQ(::pipe(ready), 0);
+  pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    int fd = ::open(held.c_str(), O_RDONLY | O_DIRECTORY);
+    if (fd < 0 || ::flock(fd, LOCK_EX) != 0) ::_exit(1);
+    char c = 'r';
+    if (::write(ready[1], &c, 1) != 1) ::_exit(1);
+    for (;;) ::pause();
+  }
+  ::close(ready[1]);
+  char c = 0;
+  ASSERT_EQ(::read(ready[0], &c, 1), 1);
+  ::close(ready[0]);
+  MakeOld(held);
+
+  zmq::context_t ctx;
+  Reactor reactor("relay-sweep", &ctx);  // not running: Create and close on this thread
+  RendezvousRelay::Options o;
+  o.socket_parent = parent;
+  o.upstream_endpoint = "ipc://" + templ + "/nobody-listens";
+  o.credentials.insecure = true;
+  o.job = "job";
+  auto live = RendezvousRelay::Create(reactor, o);
+  ASSERT_TRUE(live.ok()) << live.status();
+  const std::filesystem::path live_dir =
+      std::filesystem::path((*live)->endpoint().substr(6)).parent_path();
+  EXPECT_EQ(live_dir.parent_path(), parent);
+  EXPECT_EQ(live_dir.filename().string().rfind("muster-rdzv-", 0), 0u) << live_dir;
+  MakeOld(live_dir);
+
+  EXPECT_EQ(SweepStaleRelayDirs(parent), 1);
+  EXPECT_FALSE(std::filesystem::exists(orphan));
+  EXPECT_TRUE(std::filesystem::exists(young));
+  EXPECT_TRUE(std::filesystem::exists(other));
+  EXPECT_TRUE(std::filesystem::exists(held / "gather-0"));
+  EXPECT_TRUE(std::filesystem::exists(live_dir / "s"));
+
+  // Its process killed with -9: the kernel drops the lock, and the next sweep takes it.
+  ::kill(child, SIGKILL);
+  ::waitpid(child, nullptr, 0);
+  EXPECT_EQ(SweepStaleRelayDirs(parent), 1);
+  EXPECT_FALSE(std::filesystem::exists(held));
+  EXPECT_TRUE(std::filesystem::exists(live_dir / "s"));
+  // A zero minimum age takes the young one too, never the live relay's.
+  EXPECT_EQ(SweepStaleRelayDirs(parent, std::chrono::seconds(0)), 1);
+  EXPECT_FALSE(std::filesystem::exists(young));
+  EXPECT_TRUE(std::filesystem::exists(live_dir / "s"));
+  live->reset();
+  EXPECT_FALSE(std::filesystem::exists(live_dir));
+  std::filesystem::remove_all(parent);
 }
 
 }  // namespace
