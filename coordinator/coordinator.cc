@@ -176,6 +176,14 @@ Status Coordinator::Restore() {
   }
   RestoreCopies();
   RestoreSpares();
+  // A snapshot resume that failed before a kill -9 still sends the next attempt to the volume.
+  if (auto fb = store_->LoadSnapshotFallbacks(); fb.ok()) {
+    for (const auto& [id, why] : *fb) {
+      if (auto it = jobs_.find(id); it != jobs_.end()) it->second->snapshot_fallback = why;
+    }
+  } else {
+    Logger()->error("snapshot fallbacks not restored: {}", fb.status().ToString());
+  }
   Logger()->info("restored {} node(s) and {} unfinished job(s) from {}", nodes_.size(), restored,
                  store_->path().string());
   return Status::Ok();
@@ -193,6 +201,14 @@ void Coordinator::Event(const std::string& job, const std::string& node, const s
   Write("event " + kind, [&] { return store_->AppendEvent(e).status(); }).IgnoreError();
   Logger()->info("{}{}{}: {}", job.empty() ? "" : "job " + job + " ",
                  node.empty() ? "" : "node " + node + " ", kind, message);
+}
+
+void Coordinator::SaveSnapshotFallback(JobRt& job, const std::string& why) {
+  // Latched on failure like every write; memory follows either way (this attempt's choice).
+  Write("snapshot fallback of job " + job.rec.id, [&] {
+    return store_->PutSnapshotFallback(job.rec.id, why, NowMs());
+  }).IgnoreError();
+  job.snapshot_fallback = why;
 }
 
 Status Coordinator::Persist(JobRt& job) {
@@ -317,7 +333,7 @@ bool Coordinator::Start(JobRt& job, const std::vector<std::string>& nodes) {
                       starts, job.snapshot_fallback);
   }
   job.snapshot_resumed = snapshot_choice;
-  job.snapshot_fallback.clear();
+  if (!job.snapshot_fallback.empty()) SaveSnapshotFallback(job, "");  // planned: used up
   // Frames held outside this attempt's nodes cannot be used by it: freed there.
   for (const auto& n : snapshot_book_.TakeHoldersExcept(r.id, nodes)) {
     proto::AgentAction drop;
@@ -673,7 +689,7 @@ void Coordinator::Finish(JobRt& job) {
         job.attempt.failure);
     if (why) {
       // Those frames are not tried again: freed, and the next attempt resumes from the volume.
-      job.snapshot_fallback = *why;
+      SaveSnapshotFallback(job, *why);
       Event(r.id, "", "snapshot_resume_failed", *why);
       for (const auto& n : snapshot_book_.TakeHoldersExcept(r.id, {})) {
         proto::AgentAction drop;
@@ -685,6 +701,8 @@ void Coordinator::Finish(JobRt& job) {
   r.state = d.state;
   if (Terminal(r.state)) {
     // The job is over: every agent that holds snapshots of it frees them.
+    snapshot_pinner_.Forget(r.id);
+    if (!job.snapshot_fallback.empty()) SaveSnapshotFallback(job, "");
     for (const auto& n : snapshot_book_.TakeHoldersExcept(r.id, {})) {
       proto::AgentAction drop;
       drop.mutable_drop_snapshots()->set_job_id(r.id);
@@ -1553,6 +1571,20 @@ StatusOr<proto::Envelope> Coordinator::OnHeartbeat(const Caller& caller,
   proto::Envelope e;
   auto* out = e.mutable_agent_heartbeat_reply();
   for (auto& a : nodes_.TakeQueue(*n)) *out->add_actions() = std::move(a);
+  // The snapshot steps this agent keeps for the gangs (snapshot_pin.h), while an attempt runs.
+  for (const auto& job :
+       req.snapshots_reported() ? snapshot_book_.JobsOf(req.node()) : std::vector<std::string>{}) {
+    auto it = jobs_.find(job);
+    if (it == jobs_.end() || Terminal(it->second->rec.state) || it->second->rec.nodes.empty()) {
+      continue;
+    }
+    const JobRecord& r = it->second->rec;
+    const int32_t world = static_cast<int32_t>(r.nodes.size()) * r.spec.ranks_per_node();
+    if (auto pins = snapshot_pinner_.Decide(job, world, snapshot_book_.Of(job),
+                                            snapshot_book_.Reported(), r.nodes)) {
+      *out->add_actions() = std::move(*pins);
+    }
+  }
   return e;
 }
 

@@ -160,6 +160,9 @@ class Coordinator {
              const std::string& message);
   // Writes job.rec (UpdateJob); on failure job.rec goes back to what the store has.
   Status Persist(JobRt& job);
+  // Sets (or, with "", clears) why the job's next attempt must not resume from snapshots, in
+  // memory and in the database (PutSnapshotFallback), so a restart keeps it.
+  void SaveSnapshotFallback(JobRt& job, const std::string& why);
   // Runs a durable write named `what` (for the error): refused once latched; a failure latches.
   Status Write(const std::string& what, const std::function<Status()>& write);
   // The error every change gets once latched: Unavailable, naming the original failure.
@@ -303,8 +306,9 @@ class Coordinator {
   // A refused key may retry at will: its warnings are throttled per key and request.
   LogThrottle deny_log_{std::chrono::seconds(10)};
   std::unique_ptr<Scheduler> sched_;
-  NodeRegistry nodes_;          // and the node keys (persisted: CoordinatorDb::BindNodeKey)
-  SnapshotBook snapshot_book_;  // the in-memory snapshots each agent holds (snapshot_plan.h)
+  NodeRegistry nodes_;              // and the node keys (persisted: CoordinatorDb::BindNodeKey)
+  SnapshotBook snapshot_book_;      // the in-memory snapshots each agent holds (snapshot_plan.h)
+  SnapshotPinner snapshot_pinner_;  // the snapshot steps the agents keep (snapshot_pin.h)
   std::map<std::string, std::unique_ptr<JobRt>> jobs_;  // every job not terminal, plus recent
   struct Fetch {
     Reply reply;

@@ -111,6 +111,15 @@ CREATE TABLE IF NOT EXISTS job_spares (
 CREATE INDEX IF NOT EXISTS job_spares_by_job ON job_spares (job_id);
 )";
 
+// Jobs whose next attempt must not resume from in-memory snapshots (PutSnapshotFallback).
+constexpr const char* kSnapshotFallbacksSchema = R"(
+CREATE TABLE IF NOT EXISTS job_snapshot_fallbacks (
+  job_id TEXT PRIMARY KEY,
+  reason TEXT NOT NULL,
+  time_ms INTEGER NOT NULL
+);
+)";
+
 std::string Join(const std::vector<std::string>& v) {
   std::string out;
   for (size_t i = 0; i < v.size(); ++i) out += (i ? "," : "") + v[i];
@@ -266,6 +275,8 @@ StatusOr<std::unique_ptr<CoordinatorDb>> CoordinatorDb::Open(
   MUSTER_RETURN_IF_ERROR(store->Exec(kCheckpointCountersSchema));
   // Databases made before hot spares were kept get the (empty) table.
   MUSTER_RETURN_IF_ERROR(store->Exec(kSparesSchema));
+  // Databases made before snapshot fallbacks were kept get the (empty) table.
+  MUSTER_RETURN_IF_ERROR(store->Exec(kSnapshotFallbacksSchema));
   return std::unique_ptr<CoordinatorDb>(std::move(store));
 }
 
@@ -715,6 +726,33 @@ StatusOr<std::map<std::string, std::vector<std::string>>> SqliteCoordinatorDb::L
     MUSTER_ASSIGN_OR_RETURN(bool row, s.Step());
     if (!row) break;
     out[s.Text(0)].push_back(s.Text(1));
+  }
+  return out;
+}
+
+Status SqliteCoordinatorDb::PutSnapshotFallback(const std::string& job_id,
+                                                const std::string& reason, int64_t time_ms) {
+  if (reason.empty()) {
+    Stmt d(db_, "DELETE FROM job_snapshot_fallbacks WHERE job_id = ?");
+    MUSTER_RETURN_IF_ERROR(d.status());
+    d.Bind(1, job_id);
+    return d.Run();
+  }
+  Stmt s(db_,
+         "INSERT OR REPLACE INTO job_snapshot_fallbacks (job_id, reason, time_ms) VALUES (?,?,?)");
+  MUSTER_RETURN_IF_ERROR(s.status());
+  s.Bind(1, job_id).Bind(2, reason).Bind(3, time_ms);
+  return s.Run();
+}
+
+StatusOr<std::map<std::string, std::string>> SqliteCoordinatorDb::LoadSnapshotFallbacks() {
+  Stmt s(db_, "SELECT job_id, reason FROM job_snapshot_fallbacks");
+  MUSTER_RETURN_IF_ERROR(s.status());
+  std::map<std::string, std::string> out;
+  while (true) {
+    MUSTER_ASSIGN_OR_RETURN(bool row, s.Step());
+    if (!row) break;
+    out[s.Text(0)] = s.Text(1);
   }
   return out;
 }

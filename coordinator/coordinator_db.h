@@ -6,7 +6,8 @@
 // job_exclusions (nodes kept off a job: a failed launch preflight), state (named blobs of
 // components that keep their own state: the provider manager's requests and clocks),
 // checkpoint_counters (checkpoint_stats.h: what /metrics counts of commits and replicas),
-// job_spares (the hot spares held for running jobs).
+// job_spares (the hot spares held for running jobs), job_snapshot_fallbacks (jobs whose next
+// attempt must not resume from in-memory snapshots: the last snapshot resume failed).
 // Tables added later are created when an older database is opened (CREATE TABLE IF NOT EXISTS),
 // so a database moves forward without losing anything.
 // Every write is its own transaction and is durable when the call returns, so a coordinator killed
@@ -83,9 +84,10 @@ struct CheckpointRecord {
 // (fault_injection_coordinator_db.h) around it to fail chosen writes.
 //
 // Writes (PutNode, DeleteNode, BindNodeKey, InsertJob, UpdateJob, PutAttempt, AppendEvent,
-// RecordCheckpoint, ExcludeNode, PutState, PutSpares) are each atomic and durable when they return
-// Ok; a write that returns an error changed nothing. The coordinator treats a failed write as
-// fatal for changes: it stops accepting any (coordinator.h, "Durable writes").
+// RecordCheckpoint, ExcludeNode, PutState, PutSpares, PutSnapshotFallback) are each atomic and
+// durable when they return Ok; a write that returns an error changed nothing. The coordinator
+// treats a failed write as fatal for changes: it stops accepting any (coordinator.h, "Durable
+// writes").
 class CoordinatorDb {
  public:
   // The SQLite store: creates `data_dir` if needed and opens (or creates) coordinator.db in it.
@@ -163,6 +165,15 @@ class CoordinatorDb {
   // job id -> its spares, sorted by name.
   virtual StatusOr<std::map<std::string, std::vector<std::string>>> LoadSpares() = 0;
 
+  // In-memory snapshot fallbacks (table job_snapshot_fallbacks): a job's previous snapshot
+  // resume failed, so its next attempt resumes from the volume (FailedSnapshotResume,
+  // snapshot_plan.h); `reason` says why. An empty reason clears the job's row (the next attempt
+  // has been planned, or the job ended).
+  virtual Status PutSnapshotFallback(const std::string& job_id, const std::string& reason,
+                                     int64_t time_ms) = 0;
+  // job id -> the reason, for every job with a fallback pending.
+  virtual StatusOr<std::map<std::string, std::string>> LoadSnapshotFallbacks() = 0;
+
  protected:
   CoordinatorDb() = default;
   CoordinatorDb(const CoordinatorDb&) = delete;
@@ -206,6 +217,9 @@ class SqliteCoordinatorDb final : public CoordinatorDb {
   Status PutSpares(const std::string& job_id, const std::vector<std::string>& nodes,
                    int64_t time_ms) override;
   StatusOr<std::map<std::string, std::vector<std::string>>> LoadSpares() override;
+  Status PutSnapshotFallback(const std::string& job_id, const std::string& reason,
+                             int64_t time_ms) override;
+  StatusOr<std::map<std::string, std::string>> LoadSnapshotFallbacks() override;
 
  private:
   friend class CoordinatorDb;

@@ -91,4 +91,11 @@ Status FaultInjectionCoordinatorDb::PutSpares(const std::string& job_id,
   return base_->PutSpares(job_id, nodes, time_ms);
 }
 
+Status FaultInjectionCoordinatorDb::PutSnapshotFallback(const std::string& job_id,
+                                                        const std::string& reason,
+                                                        int64_t time_ms) {
+  MUSTER_RETURN_IF_ERROR(Attempt("PutSnapshotFallback " + job_id));
+  return base_->PutSnapshotFallback(job_id, reason, time_ms);
+}
+
 }  // namespace muster::coordinator

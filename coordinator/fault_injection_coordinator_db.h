@@ -9,7 +9,7 @@
 // Writes are numbered from 1 in the order they are attempted: PutNode, DeleteNode, BindNodeKey,
 // InsertJob, UpdateJob, PutAttempt, AppendEvent, RecordCheckpoint, ExcludeNode, PutState,
 // RecordCheckpointCounted (logged as "RecordCheckpoint": it is the same write, counted),
-// PutSpares.
+// PutSpares, PutSnapshotFallback.
 //
 // Thread-safety: none (the coordinator's reactor thread, or a test's).
 
@@ -81,6 +81,11 @@ class FaultInjectionCoordinatorDb final : public CoordinatorDb {
                    int64_t time_ms) override;
   StatusOr<std::map<std::string, std::vector<std::string>>> LoadSpares() override {
     return base_->LoadSpares();
+  }
+  Status PutSnapshotFallback(const std::string& job_id, const std::string& reason,
+                             int64_t time_ms) override;
+  StatusOr<std::map<std::string, std::string>> LoadSnapshotFallbacks() override {
+    return base_->LoadSnapshotFallbacks();
   }
 
  private:

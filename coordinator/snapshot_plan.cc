@@ -15,7 +15,8 @@ void ToHoldings(const std::string& node, const SnapshotBook::Held& held,
                 std::map<std::string, std::vector<SnapshotHolding>>* out) {
   for (const auto& h : held) {
     if (only_job && h.job_id() != *only_job) continue;
-    (*out)[h.job_id()].push_back({node, h.rank(), h.world_size(), h.attempt(), h.step()});
+    (*out)[h.job_id()].push_back(
+        {node, h.rank(), h.world_size(), h.attempt(), h.step(), h.pinned()});
   }
 }
 
@@ -55,6 +56,36 @@ std::vector<std::string> SnapshotBook::TakeHoldersExcept(const std::string& job,
     out.push_back(node);
   }
   return out;
+}
+
+std::vector<std::string> SnapshotBook::JobsOf(const std::string& node) const {
+  std::vector<std::string> out;
+  auto it = held_.find(node);
+  if (it == held_.end()) return out;
+  for (const auto& [job, frames] : it->second) out.push_back(job);
+  return out;
+}
+
+std::set<std::string> SnapshotBook::Reported() const {
+  std::set<std::string> out;
+  for (const auto& [node, jobs] : held_) out.insert(node);
+  return out;
+}
+
+std::optional<proto::AgentAction> SnapshotPinner::Decide(
+    const std::string& job, int32_t world_size, const std::vector<SnapshotHolding>& held,
+    const std::set<std::string>& reported, const std::vector<std::string>& attempt_nodes) {
+  PinDecision d = DecidePins(world_size, held, reported, attempt_nodes, state_[job]);
+  state_[job] = d.next;
+  if (!d.send) return std::nullopt;
+  proto::AgentAction a;
+  auto* p = a.mutable_snapshot_pins();
+  p->set_job_id(job);
+  p->set_kept_attempt(d.kept.attempt);
+  p->set_kept_step(d.kept.step);
+  p->set_candidate_attempt(d.candidate.attempt);
+  p->set_candidate_step(d.candidate.step);
+  return a;
 }
 
 ResumeChoice PlanSnapshots(const std::vector<SnapshotNode>& nodes, int ranks_per_node,

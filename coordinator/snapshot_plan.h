@@ -18,10 +18,12 @@
 
 #include <map>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
 #include "common/proto/coordinator.pb.h"
+#include "coordinator/snapshot_pin.h"
 #include "coordinator/snapshot_resume.h"
 
 namespace muster::coordinator {
@@ -40,10 +42,30 @@ class SnapshotBook {
   // of it (the caller asks them to drop the frames: DropSnapshots).
   std::vector<std::string> TakeHoldersExcept(const std::string& job,
                                              const std::vector<std::string>& keep);
+  // The jobs `node` reported frames of.
+  std::vector<std::string> JobsOf(const std::string& node) const;
+  // The nodes that reported what they hold (with nothing, too) since they were last forgotten.
+  std::set<std::string> Reported() const;
 
  private:
   // node -> job -> frames
   std::map<std::string, std::map<std::string, std::vector<SnapshotHolding>>> held_;
+};
+
+// SnapshotPinner: the coordinator's side of the pins (snapshot_pin.h): DecidePins per job, with
+// the state it keeps between decisions. Not thread-safe (the coordinator's reactor only).
+class SnapshotPinner {
+ public:
+  // The SnapshotPins action for the agents holding frames of `job` (nullopt: send nothing, they
+  // keep their pins). `attempt_nodes`: the job's current attempt's nodes (REQUIRES: not empty).
+  std::optional<proto::AgentAction> Decide(const std::string& job, int32_t world_size,
+                                           const std::vector<SnapshotHolding>& held,
+                                           const std::set<std::string>& reported,
+                                           const std::vector<std::string>& attempt_nodes);
+  void Forget(const std::string& job) { state_.erase(job); }
+
+ private:
+  std::map<std::string, PinState> state_;
 };
 
 // A node of the attempt, in node-rank order: where its agent takes snapshot frames (empty: it

@@ -34,6 +34,8 @@ struct SnapshotHolding {
   int32_t world_size = 0;
   int32_t attempt = 0;
   int64_t step = 0;
+  // The agent keeps it under a pin (snapshot_pin.h) until the coordinator pins another step.
+  bool pinned = false;
 };
 
 struct ResumeChoice {

@@ -173,6 +173,7 @@ std::optional<std::vector<proto::SnapshotHeld>> AssignmentRunner::SnapshotsHeld(
       p.set_world_size(h.world_size);
       p.set_attempt(h.attempt);
       p.set_step(h.step);
+      p.set_pinned(h.pinned);
       out.push_back(std::move(p));
     }
   }
@@ -189,6 +190,7 @@ void AssignmentRunner::AddSnapshotsHeld(const std::string& job, proto::AgentRepo
     p->set_world_size(h.world_size);
     p->set_attempt(h.attempt);
     p->set_step(h.step);
+    p->set_pinned(h.pinned);
   }
 }
 
@@ -276,6 +278,16 @@ void AssignmentRunner::OnAction(const proto::AgentAction& a) {
       return out_.replicate(a.replicate());
     case proto::AgentAction::kDropSnapshots:
       return DropSnapshots(a.drop_snapshots().job_id());
+    case proto::AgentAction::kSnapshotPins:
+      if (snapshots_) {
+        const auto& p = a.snapshot_pins();
+        const bool held = snapshots_->SetPins(p.job_id(), {p.kept_attempt(), p.kept_step()},
+                                              {p.candidate_attempt(), p.candidate_step()});
+        logger_->debug("job {}: snapshot pins kept {}/{} candidate {}/{}{}", p.job_id(),
+                       p.kept_attempt(), p.kept_step(), p.candidate_attempt(), p.candidate_step(),
+                       held ? "" : " (nothing of the job held here: ignored)");
+      }
+      return;
     default:
       logger_->warn("ignoring an action this agent does not know (case {})",
                     static_cast<int>(a.action_case()));
@@ -825,8 +837,8 @@ void AssignmentRunner::FetchLog(const proto::FetchLog& f) {
   auto read = ReadLog(path, LogCursor{f.generation(), f.offset()}, max);
   if (!read.ok() && read.status().code() != StatusCode::kNotFound) {
     c->set_error(read.status().message() + " (rank " + std::to_string(f.rank()) + " of " +
-                 f.job_id() + " attempt " + std::to_string(f.attempt()) + " on " +
-                 labels_.name() + ")");
+                 f.job_id() + " attempt " + std::to_string(f.attempt()) + " on " + labels_.name() +
+                 ")");
     return out_.send(std::move(e));
   }
   if (!read.ok()) {

@@ -60,12 +60,23 @@ void SnapshotStore::EraseLocked(RankSlot& slot, int64_t step) {
   extra_ += Extra(slot);
 }
 
-bool SnapshotStore::DropOldestLocked(RankSlot& slot, int64_t keep) {
+bool SnapshotStore::PinnedLocked(const JobState& js, const checkpoint::SnapshotFrame& f) const {
+  auto is = [&](const Pin& p) {
+    return p.step >= 0 && f.key.step == p.step && f.key.attempt == p.attempt;
+  };
+  return is(js.kept) || (options_.keep_steps >= 3 && is(js.candidate));
+}
+
+bool SnapshotStore::DropOldestLocked(const JobState& js, RankSlot& slot) {
   if (slot.frames.size() < 2) return false;  // the newest frame always stays
   const int64_t newest = slot.frames.rbegin()->first;
+  // The complete step is kept unless a kept pin covers a frame of this rank (see the rules).
+  auto k = js.kept.step >= 0 ? slot.frames.find(js.kept.step) : slot.frames.end();
+  const bool kept_here = k != slot.frames.end() && k->second->key.attempt == js.kept.attempt;
+  const int64_t complete = options_.keep_steps >= 2 && !kept_here ? js.complete_step : -1;
   for (const auto& [step, f] : slot.frames) {
     if (step == newest) break;
-    if (step == keep) continue;
+    if (step == complete || PinnedLocked(js, *f)) continue;
     EraseLocked(slot, step);
     return true;
   }
@@ -75,10 +86,9 @@ bool SnapshotStore::DropOldestLocked(RankSlot& slot, int64_t keep) {
 void SnapshotStore::DropExtrasLocked(uint64_t room) {
   const uint64_t limit = options_.memory_limit;
   for (auto& [job, js] : jobs_) {
-    const int64_t keep = options_.keep_steps >= 2 ? js.complete_step : -1;
     for (auto& [rank, slot] : js.ranks) {
       while (extra_ > 0 && reserved_ + extra_ + room > limit && Extra(slot) > 0) {
-        if (!DropOldestLocked(slot, keep)) break;
+        if (!DropOldestLocked(js, slot)) break;
       }
     }
   }
@@ -149,14 +159,13 @@ Status SnapshotStore::PutLocked(JobState& js, checkpoint::SnapshotFrame frame) {
   slot.frames[key.step] = std::make_shared<const checkpoint::SnapshotFrame>(std::move(frame));
   extra_ += Extra(slot);
   UpdateCompleteLocked(js);
-  // The reserved steps, the window while unreserved memory allows; never the complete step
-  // (with a single reserved step it is the newest one).
+  // The reserved steps, the window while unreserved memory allows; never the pinned steps or
+  // the complete step (see the rules; with a single reserved step only the newest one).
   const size_t keep = static_cast<size_t>(options_.keep_steps);
   const size_t window = std::max(keep, static_cast<size_t>(std::max(0, options_.window_steps)));
-  const int64_t protect = keep >= 2 ? js.complete_step : -1;
   while (slot.frames.size() > keep &&
          (slot.frames.size() > window || reserved_ + extra_ > options_.memory_limit)) {
-    if (!DropOldestLocked(slot, protect)) break;
+    if (!DropOldestLocked(js, slot)) break;
   }
   DropExtrasLocked(0);
   return Status::Ok();
@@ -208,7 +217,8 @@ std::vector<HeldSnapshot> SnapshotStore::Held(const std::string& job) const {
                      .world_size = f->key.world_size,
                      .attempt = f->key.attempt,
                      .step = step,
-                     .bytes = f->payload.size()});
+                     .bytes = f->payload.size(),
+                     .pinned = PinnedLocked(j->second, *f)});
     }
   }
   return out;
@@ -231,6 +241,15 @@ void SnapshotStore::DropJob(const std::string& job) {
     used_ -= slot.used;
   }
   jobs_.erase(j);
+}
+
+bool SnapshotStore::SetPins(const std::string& job, Pin kept, Pin candidate) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto j = jobs_.find(job);
+  if (j == jobs_.end()) return false;
+  j->second.kept = kept.step >= 0 ? kept : Pin{};
+  j->second.candidate = candidate.step >= 0 ? candidate : Pin{};
+  return true;
 }
 
 uint64_t SnapshotStore::used_bytes() const {

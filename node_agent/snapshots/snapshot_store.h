@@ -30,7 +30,23 @@
 //     (peer_copy.h); without this its own ranks' frames would have moved past every step the
 //     copies reached, and no step would be complete here. The window keeps the own ranks'
 //     recent steps until the late copies catch up with one of them. With two nodes this makes
-//     the survivor of either hold a complete set; with more, each node's own set.
+//     the survivor of either hold a complete set; with more, only each node's own set: the
+//     nodes' complete steps differ, and after a loss the survivors may share none. Hence:
+//   - Pins (SetPins; coordinator/snapshot_pin.h decides them from every agent's report): a
+//     frame of the job's kept (step, attempt), and with keep_steps >= 3 of its candidate, is
+//     never dropped to make room or by the window until SetPins replaces them (a newer attempt
+//     that saves the same or a later step still replaces it, as above). Held reports such frames
+//     `pinned`: the coordinator relies on that report. While a rank's kept frame is held, the
+//     complete step is no longer kept for that rank (the kept pin covers it), so at most the
+//     newest, the kept (or the complete) and the candidate frame are protected: keep_steps
+//     (3 by default) reserves room for all three, and the memory bound holds.
+//     The guarantee this gives, with the ring of copies (peer_copy.h), for any number of nodes:
+//     once the coordinator has kept a step whose every rank's frame two agents report pinned,
+//     those frames stay until the coordinator keeps a newer such step, so after the loss of any
+//     one node the survivors hold a complete set at that step or newer, and the gang resumes
+//     from it (or newer) rather than from the volume. Before the first such step (the first
+//     heartbeats of an attempt, a new attempt until its first step is pinned, or copies lagging so
+//     far that the agents never hold one step all at once) only the rule above holds.
 //   - Frames of an attempt older than the newest one seen for the job are refused (Aborted).
 //   - DropJob frees everything of a job (the job ended, or was cancelled).
 //
@@ -51,7 +67,9 @@ namespace muster::node_agent {
 
 struct SnapshotStoreOptions {
   uint64_t memory_limit = 0;  // bytes of payload held at most (0: snapshots refused)
-  int keep_steps = 2;         // per (job, rank), reserved; >= 1
+  // Per (job, rank), reserved; >= 1. 3: the newest, the pinned kept step and the candidate
+  // (the rules); with 2 a candidate is not protected, so no step is ever kept under a pin.
+  int keep_steps = 3;
   // Per (job, rank), the most steps kept in memory that no reservation holds (a value below
   // keep_steps means keep_steps).
   int window_steps = 8;
@@ -64,6 +82,13 @@ struct HeldSnapshot {
   int32_t attempt = 0;
   int64_t step = 0;
   uint64_t bytes = 0;
+  bool pinned = false;  // kept under a pin until SetPins replaces it (see the rules)
+};
+
+// A (step, attempt) the coordinator pinned. step < 0: none.
+struct SnapshotPin {
+  int32_t attempt = 0;
+  int64_t step = -1;
 };
 
 class SnapshotStore {
@@ -90,7 +115,11 @@ class SnapshotStore {
   // The jobs with anything held or reserved.
   std::vector<std::string> Jobs() const;
 
-  // Frees every frame and reservation of `job`.
+  // The coordinator's pins for `job` (see the rules), replacing the previous ones. false (and
+  // nothing set) when nothing of the job is held or reserved here.
+  bool SetPins(const std::string& job, SnapshotPin kept, SnapshotPin candidate);
+
+  // Frees every frame, reservation and pin of `job`.
   void DropJob(const std::string& job);
 
   uint64_t used_bytes() const;
@@ -108,9 +137,11 @@ class SnapshotStore {
     // By step; keep_steps entries, up to window_steps while unreserved memory allows.
     std::map<int64_t, std::shared_ptr<const checkpoint::SnapshotFrame>> frames;
   };
+  using Pin = SnapshotPin;
   struct JobState {
     int32_t newest_attempt = 0;
     int64_t complete_step = -1;  // never dropped to make room (see the rules)
+    Pin kept, candidate;         // SetPins
     std::map<int32_t, RankSlot> ranks;
   };
 
@@ -122,9 +153,11 @@ class SnapshotStore {
   static uint64_t Extra(const RankSlot& slot) {
     return slot.used > slot.reserved ? slot.used - slot.reserved : 0;
   }
-  // Drops `slot`'s oldest frame that is not at `keep` (the job's complete step); false when
-  // there is none.
-  bool DropOldestLocked(RankSlot& slot, int64_t keep);
+  // `f` is covered by one of the job's pins (see the rules).
+  bool PinnedLocked(const JobState& js, const checkpoint::SnapshotFrame& f) const;
+  // Drops `slot`'s oldest frame that is neither its newest, pinned, nor at the job's complete
+  // step while that is protected (see the rules); false when there is none.
+  bool DropOldestLocked(const JobState& js, RankSlot& slot);
   // Drops extra frames (oldest first, any job) until reserved_ + extra_ + `room` fits the limit
   // or no extra frame is left.
   void DropExtrasLocked(uint64_t room);

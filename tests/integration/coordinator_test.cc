@@ -111,6 +111,11 @@ class FakeAgent {
         {
           std::lock_guard<std::mutex> l(mu_);
           e.mutable_agent_heartbeat()->set_session_id(session_);
+          if (snapshots_reported_) {
+            e.mutable_agent_heartbeat()->set_snapshots_reported(true);
+            for (const auto& h : snapshots_held_)
+              *e.mutable_agent_heartbeat()->add_snapshots_held() = h;
+          }
         }
         auto r = client_->Call(e, 2s);
         if (r.ok()) {
@@ -178,6 +183,13 @@ class FakeAgent {
     return a->stop();
   }
 
+  // The in-memory snapshot frames every heartbeat reports from now on (an agent with snapshot
+  // memory; it ignores DropSnapshots, like one that has not received it yet).
+  void SetSnapshotsHeld(std::vector<proto::SnapshotHeld> held) {
+    std::lock_guard<std::mutex> l(mu_);
+    snapshots_held_ = std::move(held);
+    snapshots_reported_ = true;
+  }
   Status Report(const std::string& job, int attempt, bool started, int exit_code, bool all_exited,
                 bool stopped_by_agent = false) {
     proto::Envelope e;
@@ -218,6 +230,8 @@ class FakeAgent {
   std::string session_;
   std::vector<proto::AgentAction> actions_;
   std::vector<proto::RunningAssignment> running_;
+  std::vector<proto::SnapshotHeld> snapshots_held_;
+  bool snapshots_reported_ = false;
   std::atomic<bool> stop_{false};
   std::thread thread_;
 };
@@ -1160,6 +1174,97 @@ TEST_F(CoordinatorKillNineTest, ANoticeDrainSurvivesKillNine) {
   auto start = b1.WaitStart();
   ASSERT_TRUE(start.has_value()) << "undrained, the node takes work again";
   EXPECT_EQ(start->job_id(), *id);
+}
+
+// A failed in-memory snapshot resume sends the next attempt to the volume, and a coordinator
+// killed with SIGKILL between the failure and that attempt still does: the decision is in the
+// database (job_snapshot_fallbacks), so the restarted coordinator does not plan a resume from the
+// same frames again although the agents still report them (their DropSnapshots never came).
+TEST_F(CoordinatorKillNineTest, AFailedSnapshotResumeStillFallsBackToTheVolumeAfterKillNine) {
+  auto labels = [](const std::string& name) {
+    proto::NodeLabels l = Labels(name, "aws");
+    l.set_snapshot_endpoint("tcp://127.0.0.1:9");
+    l.set_snapshot_key("snapshot-key-of-" + name);
+    return l;
+  };
+  std::vector<proto::SnapshotHeld> frames;
+  for (int rank : {0, 1}) {
+    proto::SnapshotHeld h;
+    h.set_rank(rank);
+    h.set_world_size(2);
+    h.set_attempt(1);
+    h.set_step(28);
+    frames.push_back(h);
+  }
+  FakeAgent* a[2];
+  for (int i = 0; i < 2; ++i) {
+    agents_.push_back(std::make_unique<FakeAgent>(ctx_, coord_->endpoint(), keys_,
+                                                  labels("aws-" + std::to_string(i))));
+    ASSERT_TRUE(agents_.back()->Register().ok());
+    agents_.back()->StartHeartbeats();
+    a[i] = agents_.back().get();
+  }
+  auto id = Submit(
+      "name: snap\ncommand: x\nnodes: 2\nrestart:\n  max_restarts: 5\n  backoff: 1s\n"
+      "checkpoint:\n  volume: ckpt\n  snapshot_every_steps: 1\n");
+  ASSERT_TRUE(id.ok()) << id.status();
+  for (auto& h : frames) h.set_job_id(*id);
+  // Attempt 1 commits step 20, holds frames of step 28 on both agents, and fails.
+  for (FakeAgent* ag : a) ASSERT_TRUE(ag->WaitStart(10s).has_value());
+  for (FakeAgent* ag : a) ASSERT_TRUE(ag->Report(*id, 1, true, 0, false).ok());
+  proto::Envelope commit;
+  auto* c = commit.mutable_agent_report();
+  c->set_node(a[0]->name());
+  c->set_session_id(a[0]->session());
+  c->set_job_id(*id);
+  c->set_attempt(1);
+  c->set_checkpoint_step(20);
+  c->set_checkpoint_volume("ckpt");
+  ASSERT_TRUE(a[0]->Call(commit).ok());
+  for (FakeAgent* ag : a) ag->SetSnapshotsHeld(frames);
+  ASSERT_TRUE(a[0]->Report(*id, 1, false, 1, true).ok());
+  ASSERT_TRUE(a[1]->Report(*id, 1, false, 75, true).ok());
+  // Attempt 2 resumes from those frames, and its snapshot resume fails.
+  std::optional<proto::StartAssignment> s2[2];
+  for (int i = 0; i < 2; ++i) {
+    s2[i] = a[i]->WaitStart(10s);
+    ASSERT_TRUE(s2[i].has_value()) << Status(*id).DebugString();
+    ASSERT_EQ(s2[i]->attempt(), 2);
+    ASSERT_EQ(s2[i]->snapshot_resume_step(), 28) << "the frames did not reach the coordinator";
+  }
+  proto::Envelope failed;
+  auto* f = failed.mutable_agent_report();
+  f->set_node(a[0]->name());
+  f->set_session_id(a[0]->session());
+  f->set_job_id(*id);
+  f->set_attempt(2);
+  f->set_start_error("snapshot resume: rank 0 step 28: unreachable");
+  f->add_exits()->set_exit_code(1);
+  f->set_all_exited(true);
+  ASSERT_TRUE(a[0]->Call(failed).ok());
+  ASSERT_TRUE(a[1]->Report(*id, 2, false, 143, true).ok());
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        auto k = EventKinds(*id);
+        return std::find(k.begin(), k.end(), "snapshot_resume_failed") != k.end();
+      },
+      5s));
+  ASSERT_EQ(Status(*id).attempt(), 2) << "attempt 3 placed before the kill";
+
+  KillNineAndRestart();
+  FakeAgent* b[2];
+  for (int i = 0; i < 2; ++i) {
+    b[i] = &Rejoin(labels("aws-" + std::to_string(i)));
+    b[i]->SetSnapshotsHeld(frames);
+  }
+  for (FakeAgent* ag : b) {
+    auto s3 = ag->WaitStart(15s);
+    ASSERT_TRUE(s3.has_value()) << Status(*id).DebugString();
+    EXPECT_EQ(s3->attempt(), 3);
+    EXPECT_EQ(s3->snapshot_sources_size(), 0) << "told to fetch the failed frames again";
+    EXPECT_EQ(s3->snapshot_resume_step(), 0);
+    EXPECT_EQ(s3->resume_step(), 20);
+  }
 }
 
 // A node a launch preflight blamed stays off that job after kill -9 and a restart: the job,

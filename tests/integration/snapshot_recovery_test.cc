@@ -84,7 +84,7 @@ class SnapshotRecoveryTest : public ::testing::Test {
         << ReadFile(dir_ / "coord.log");
     endpoint_ = ReadFile(dir_ / "coord" / "endpoint");
     while (!endpoint_.empty() && std::isspace(endpoint_.back())) endpoint_.pop_back();
-    for (const char* name : {"n1", "n2", "n3"}) {
+    for (const std::string& name : AgentNames()) {
       auto a = Subprocess::Start({MUSTER_BIN,
                                   "agent",
                                   "--coordinator",
@@ -118,10 +118,12 @@ class SnapshotRecoveryTest : public ::testing::Test {
           int up = 0;
           if (j.is_array())
             for (auto& n : j) up += n.value("state", "") == "up";
-          return up == 3;
+          return up == static_cast<int>(AgentNames().size());
         },
         20s));
   }
+  // The agents started (one node each).
+  virtual std::vector<std::string> AgentNames() const { return {"n1", "n2", "n3"}; }
   void TearDown() override {
     agents_.clear();
     coordinator_.reset();
@@ -248,6 +250,83 @@ TEST_F(SnapshotRecoveryTest, AgentKillNineResumesFromPeerSnapshotsLosingAtMostOn
   std::printf("%s\nattempt 1 reached step %lld; attempt %d resumed from %lld on %s (spare %s)\n",
               m[0].str().c_str(), static_cast<long long>(before.last_step), attempt,
               static_cast<long long>(step), survivor.c_str(), spare.c_str());
+  (void)Muster({"cancel", job});
+}
+
+// A 3-node gang (four agents: the fourth takes the lost node's place). Each agent holds its own
+// rank and a copy of the previous node rank's, and the coordinator pins a step for the whole gang
+// (coordinator/snapshot_pin.h). The middle node's agent is killed with SIGKILL: the survivors and
+// the spare resume from in-memory snapshots newer than the volume's step, each rank restoring
+// its own frame (the spare's fetched from the survivor that holds the copy).
+class ThreeNodeSnapshotRecoveryTest : public SnapshotRecoveryTest {
+ protected:
+  std::vector<std::string> AgentNames() const override { return {"n1", "n2", "n3", "n4"}; }
+};
+
+TEST_F(ThreeNodeSnapshotRecoveryTest, AgentKillNineInAThreeNodeGangResumesFromSnapshots) {
+  const std::string job =
+      Submit("snap3", "name: snap3\ncommand: [" +
+                          nlohmann::json(std::string(MUSTER_SNAPSHOT_TRAINER)).dump() +
+                          "]\nenv:\n  TOTAL: \"100000\"\n  STEP_MS: \"50\"\n  CKPT_EVERY: \"20\"\n"
+                          "  STATE_KB: \"64\"\nnodes: 3\nranks_per_node: 1\n"
+                          "restart:\n  max_restarts: 3\n"
+                          "checkpoint:\n  volume: ckpt\n  snapshot_every_steps: 1\n");
+  ASSERT_FALSE(job.empty());
+  nlohmann::json st;
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        st = Status(job);
+        return st.value("attempt", 0) == 1 && st.contains("progress") &&
+               st["progress"].value("step", 0) >= 27;
+      },
+      60s))
+      << st.dump() << "\n"
+      << Events(job);
+  ASSERT_EQ(st["nodes"].size(), 3u);
+  const std::string victim = st["nodes"][1];
+  agents_.at(victim)->Signal(SIGKILL);
+  agents_.at(victim)->Wait(5s);
+  agents_.erase(victim);
+
+  std::string events;
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        events = Events(job);
+        return events.find("in-memory snapshot of attempt 1") != std::string::npos ||
+               events.find("resumes from step 20 on volume") != std::string::npos;
+      },
+      30s))
+      << events << "\n"
+      << ReadFile(dir_ / "coord.log");
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(
+      events, m, std::regex(R"(attempt (\d+) resumes from step (\d+) \(in-memory snapshot)")))
+      << "fell back to the volume\n"
+      << events;
+  const int attempt = std::stoi(m[1]);
+  const int64_t step = std::stoll(m[2]);
+  EXPECT_GT(step, 20) << events;
+  nlohmann::json now;
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        now = Status(job);
+        return now.value("attempt", 0) == attempt && now.contains("progress") &&
+               now["progress"].value("step", 0) > step + 2;
+      },
+      30s))
+      << now.dump() << "\n"
+      << events;
+  ASSERT_EQ(now["nodes"].size(), 3u);
+  for (int rank = 0; rank < 3; ++rank) {
+    const std::string node = now["nodes"][rank];
+    EXPECT_NE(node, victim);
+    RankLog r = ParseRankLog(ReadFile(RankLogPath(node, job, attempt, rank)));
+    EXPECT_EQ(r.source, "snapshot") << "rank " << rank << " on " << node;
+    EXPECT_EQ(r.resume, step) << "rank " << rank;
+  }
+  RankLog before = ParseRankLog(ReadFile(RankLogPath(st["nodes"][0], job, 1, 0)));
+  std::printf("%s\nattempt 1 reached step %lld; attempt %d resumed from %lld\n", m[0].str().c_str(),
+              static_cast<long long>(before.last_step), attempt, static_cast<long long>(step));
   (void)Muster({"cancel", job});
 }
 

@@ -382,6 +382,41 @@ TEST_F(CoordinatorDbTest, SparesAreReplacedPerJobAndSurviveAReopen) {
   EXPECT_EQ((*store)->LoadSpares()->at("j-1"), std::vector<std::string>{"n1"});
 }
 
+// Snapshot fallbacks: put, replaced, cleared by an empty reason, kept across a reopen; a
+// database made before they were kept (no job_snapshot_fallbacks table) opens with none and
+// takes new ones.
+TEST_F(CoordinatorDbTest, SnapshotFallbacksSurviveAReopenAndAnOldDatabaseTakesThem) {
+  {
+    auto store = CoordinatorDb::Open(dir_);
+    ASSERT_TRUE(store.ok());
+    ASSERT_TRUE((*store)->PutSnapshotFallback("j-1", "first", 1).ok());
+    ASSERT_TRUE((*store)->PutSnapshotFallback("j-1", "second", 2).ok());
+    ASSERT_TRUE((*store)->PutSnapshotFallback("j-2", "gone soon", 3).ok());
+    ASSERT_TRUE((*store)->PutSnapshotFallback("j-2", "", 4).ok()) << "j-2's next attempt planned";
+    ASSERT_TRUE((*store)->PutSnapshotFallback("j-3", "", 5).ok()) << "clearing nothing is fine";
+  }
+  auto store = CoordinatorDb::Open(dir_);
+  ASSERT_TRUE(store.ok());
+  auto fb = (*store)->LoadSnapshotFallbacks();
+  ASSERT_TRUE(fb.ok()) << fb.status();
+  EXPECT_EQ(*fb, (std::map<std::string, std::string>{{"j-1", "second"}}));
+  store->reset();
+  {
+    sqlite3* db = nullptr;
+    ASSERT_EQ(sqlite3_open((dir_ / "coordinator.db").c_str(), &db), SQLITE_OK);
+    int rc = sqlite3_exec(db, "DROP TABLE job_snapshot_fallbacks;", nullptr, nullptr, nullptr);
+    sqlite3_close(db);
+    ASSERT_EQ(rc, SQLITE_OK) << "could not make an old database";
+  }
+  store = CoordinatorDb::Open(dir_);
+  ASSERT_TRUE(store.ok()) << store.status();
+  fb = (*store)->LoadSnapshotFallbacks();
+  ASSERT_TRUE(fb.ok()) << fb.status();
+  EXPECT_TRUE(fb->empty());
+  ASSERT_TRUE((*store)->PutSnapshotFallback("j-1", "again", 6).ok());
+  EXPECT_EQ((*store)->LoadSnapshotFallbacks()->at("j-1"), "again");
+}
+
 // The fault-injecting store fails exactly the write asked for (and, sticky, every one after),
 // names it, and a failed write does not reach the store underneath.
 TEST_F(CoordinatorDbTest, TheFaultInjectingStoreFailsTheChosenWritesOnly) {

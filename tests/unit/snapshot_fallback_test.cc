@@ -2,7 +2,8 @@
 // FailedSnapshotResume), on an injected clock without sockets: the attempt that resumed from
 // snapshots and failed before passing the resumed step costs its one restart, and the next
 // attempt resumes from the volume (not from the same frames again, which would cost a restart
-// each), with an event naming why.
+// each), with an event naming why. And the pins (snapshot_pin.h) a 3-node gang's agents get
+// back on their heartbeats.
 
 #include <gtest/gtest.h>
 #include <unistd.h>
@@ -24,6 +25,13 @@ class SnapshotFallbackTest : public ::testing::Test {
   void SetUp() override {
     dir_ = fs::temp_directory_path() / ("snapnet-fallback-unit-" + std::to_string(getpid()) + "-" +
                                         std::to_string(std::random_device{}()));
+    Open();
+  }
+  // A coordinator over the database in dir_. Called again, it is a restart: the old object is
+  // dropped as it is (nothing of it is flushed: every write was durable when made, so this is
+  // what kill -9 leaves) and a new one restores from the database; agents register again.
+  void Open() {
+    coord_.reset();
     CoordinatorOptions o;
     o.clock = [this] { return now_; };
     o.heartbeat_timeout = 5s;
@@ -220,6 +228,130 @@ TEST_F(SnapshotFallbackTest, AFailedSnapshotResumeCostsOneRestartAndTheNextAttem
       << events;
   // Attempt 1's failure and attempt 2's: one restart each, none more.
   EXPECT_EQ(Status(id).restarts(), 2) << events;
+}
+
+// The same with the coordinator restarted between the failed snapshot resume and the next
+// attempt: the fallback is in the database, so attempt 3 still resumes from the volume although
+// the agents (registered again) still report the frames that failed.
+TEST_F(SnapshotFallbackTest, TheFallbackSurvivesACoordinatorRestart) {
+  Register("a");
+  Register("b");
+  proto::Envelope submit;
+  submit.mutable_submit_request()->set_yaml(
+      "name: s\ncommand: x\nnodes: 2\nrestart:\n  max_restarts: 5\n  backoff: 30s\n"
+      "checkpoint:\n  volume: ckpt\n  snapshot_every_steps: 1\n");
+  const std::string id = Call(submit).submit_reply().job_id();
+  ASSERT_FALSE(id.empty());
+  auto a1 = WaitForAttempt(id, 1, 0, 0);
+  ASSERT_EQ(a1.size(), 2u) << Events(id);
+  for (const auto& [node, s] : a1) Started(node, id, 1);
+  Committed("a", id, 1, 20);
+  Exited("a", id, 1, 1);
+  Exited("b", id, 1, 75);
+  auto a2 = WaitForAttempt(id, 2, 1, 28);
+  ASSERT_EQ(a2.size(), 2u) << Events(id);
+  for (const auto& [node, s] : a2) ASSERT_EQ(s.snapshot_resume_step(), 28) << Events(id);
+  StartFailed("a", id, 2, "snapshot resume: rank 0 step 28: unreachable");
+  Exited("b", id, 2, 143);
+  ASSERT_NE(Events(id).find("snapshot_resume_failed"), std::string::npos) << Events(id);
+  // The restart comes before attempt 3 is placed (the 30 s backoff has not passed).
+  ASSERT_EQ(Status(id).attempt(), 2);
+
+  Open();
+  sessions_.clear();
+  Register("a");
+  Register("b");
+  auto a3 = WaitForAttempt(id, 3, 1, 28);
+  ASSERT_EQ(a3.size(), 2u) << Events(id);
+  for (const auto& [node, s] : a3) {
+    EXPECT_EQ(s.snapshot_sources_size(), 0) << node << " told to fetch the failed frames again\n"
+                                            << Events(id);
+    EXPECT_EQ(s.snapshot_resume_step(), 0) << node;
+    EXPECT_EQ(s.resume_step(), 20) << node;
+  }
+  EXPECT_NE(Events(id).find("attempt 3 resumes from step 20 on volume ckpt (provider aws): the "
+                            "snapshot resume of attempt 2"),
+            std::string::npos)
+      << Events(id);
+}
+
+// A 3-node gang: once every agent has reported, a step each rank holds on two nodes comes back
+// as the candidate on every heartbeat reply; once every holder reports it pinned, it comes back
+// as the kept step. While a node of the attempt has not reported, nothing is sent.
+TEST_F(SnapshotFallbackTest, AThreeNodeGangGetsItsPinsOnHeartbeats) {
+  for (const char* n : {"a", "b", "c"}) Register(n);
+  proto::Envelope submit;
+  submit.mutable_submit_request()->set_yaml(
+      "name: s\ncommand: x\nnodes: 3\ncheckpoint:\n  volume: ckpt\n  snapshot_every_steps: 1\n");
+  const std::string id = Call(submit).submit_reply().job_id();
+  ASSERT_FALSE(id.empty());
+  struct F {
+    int rank;
+    int64_t step;
+    bool pinned;
+  };
+  std::map<std::string, int> node_rank;
+  // A heartbeat from `node` holding `frames` (world 3, attempt 1); the pins it gets back.
+  auto beat = [&](const std::string& node, std::vector<F> frames,
+                  bool report = true) -> std::optional<proto::SnapshotPins> {
+    proto::Envelope e;
+    auto* h = e.mutable_agent_heartbeat();
+    h->set_node(node);
+    h->set_session_id(sessions_[node]);
+    h->set_snapshots_reported(report);
+    for (const F& f : frames) {
+      auto* s = h->add_snapshots_held();
+      s->set_job_id(id);
+      s->set_rank(f.rank);
+      s->set_world_size(3);
+      s->set_attempt(1);
+      s->set_step(f.step);
+      s->set_pinned(f.pinned);
+    }
+    std::optional<proto::SnapshotPins> pins;
+    const proto::Envelope reply = Call(e);
+    for (const auto& a : reply.agent_heartbeat_reply().actions()) {
+      if (a.has_start()) node_rank[node] = a.start().node_rank();
+      if (a.has_snapshot_pins() && a.snapshot_pins().job_id() == id) pins = a.snapshot_pins();
+    }
+    return pins;
+  };
+  for (int i = 0; i < 20 && node_rank.size() < 3; ++i) {
+    for (const char* n : {"a", "b", "c"}) beat(n, {}, /*report=*/false);
+    now_ += 1s;
+    coord_->Tick();
+  }
+  ASSERT_EQ(node_rank.size(), 3u) << Events(id);
+  for (const auto& [node, r] : node_rank) Started(node, id, 1);
+  // Node rank i holds rank i and the copy of rank i-1, at `step`.
+  auto ring = [&](const std::string& node, int64_t step, bool pinned) {
+    const int r = node_rank[node];
+    return std::vector<F>{{r, step, pinned}, {(r + 2) % 3, step, pinned}};
+  };
+  EXPECT_FALSE(beat("a", ring("a", 10, false)).has_value())
+      << "b and c have not reported: nothing is decided";
+  beat("b", ring("b", 10, false));
+  auto pins = beat("c", ring("c", 10, false));
+  ASSERT_TRUE(pins.has_value());
+  EXPECT_EQ(pins->kept_step(), -1);
+  EXPECT_EQ(pins->candidate_step(), 10);
+  EXPECT_EQ(pins->candidate_attempt(), 1);
+  // a and b pinned it; c's pin is on its way: still the candidate.
+  auto more = [&](const std::string& node, bool pinned) {
+    auto v = ring(node, 10, pinned);
+    for (const F& f : ring(node, 11, false)) v.push_back(f);
+    return v;
+  };
+  beat("a", more("a", true));
+  pins = beat("b", more("b", true));
+  ASSERT_TRUE(pins.has_value());
+  EXPECT_EQ(pins->kept_step(), -1);
+  EXPECT_EQ(pins->candidate_step(), 10);
+  pins = beat("c", more("c", true));
+  ASSERT_TRUE(pins.has_value());
+  EXPECT_EQ(pins->kept_step(), 10);
+  EXPECT_EQ(pins->kept_attempt(), 1);
+  EXPECT_EQ(pins->candidate_step(), 11) << "the next candidate";
 }
 
 TEST(FailedSnapshotResumeTest, OnlyASnapshotResumeThatNeverPassedItsStep) {

@@ -61,6 +61,38 @@ TEST(SnapshotBookTest, HoldersOutsideAnAttemptAreTakenOnce) {
   EXPECT_EQ(book.Of("j").size(), 1u);
 }
 
+// What the pins are decided from: the book's jobs per node, the nodes that reported (with
+// nothing, too), and each frame's `pinned` as reported; and the action the pinner makes.
+TEST(SnapshotBookTest, PinsAreDecidedFromTheReportsAndSentAsAnAction) {
+  SnapshotBook book;
+  auto pinned = [](proto::SnapshotHeld h) {
+    h.set_pinned(true);
+    return h;
+  };
+  book.ReplaceNode(
+      "a", List({pinned(Held("j", 0, 1, 10)), pinned(Held("j", 1, 1, 10)), Held("k", 0, 1, 3)}));
+  book.ReplaceNode("b", List({pinned(Held("j", 1, 1, 10)), pinned(Held("j", 0, 1, 10))}));
+  book.ReplaceNode("c", List({}));
+  EXPECT_EQ(book.JobsOf("a"), (std::vector<std::string>{"j", "k"}));
+  EXPECT_TRUE(book.JobsOf("c").empty());
+  EXPECT_EQ(book.Reported(), (std::set<std::string>{"a", "b", "c"}));
+  ASSERT_EQ(book.Of("j").size(), 4u);
+  EXPECT_TRUE(book.Of("j")[0].pinned);
+  EXPECT_FALSE(book.Of("k")[0].pinned);
+
+  SnapshotPinner pinner;
+  EXPECT_FALSE(pinner.Decide("j", 2, book.Of("j"), book.Reported(), {"a", "b", "d"}).has_value())
+      << "d has not reported";
+  auto a = pinner.Decide("j", 2, book.Of("j"), book.Reported(), {"a", "b"});
+  ASSERT_TRUE(a.has_value() && a->has_snapshot_pins());
+  EXPECT_EQ(a->snapshot_pins().job_id(), "j");
+  EXPECT_EQ(a->snapshot_pins().kept_attempt(), 1);
+  EXPECT_EQ(a->snapshot_pins().kept_step(), 10);
+  EXPECT_EQ(a->snapshot_pins().candidate_step(), -1);
+  book.ForgetNode("c");
+  EXPECT_EQ(book.Reported(), (std::set<std::string>{"a", "b"}));
+}
+
 TEST(SnapshotPlanTest, EachNodeCopiesToTheNextNodeRankInARing) {
   std::vector<SnapshotNode> nodes = {
       {"a", "tcp://a:1", "ka"}, {"b", "tcp://b:1", "kb"}, {"c", "tcp://c:1", "kc"}};

@@ -277,8 +277,66 @@ TEST(SnapshotStoreTest, DropJobFreesEverything) {
   store.DropJob("ft-1");
   EXPECT_TRUE(store.Held("ft-1").empty());
   EXPECT_EQ(store.used_bytes(), 100u);
-  EXPECT_EQ(store.reserved_bytes(), 200u);
+  EXPECT_EQ(store.reserved_bytes(), 300u);  // keep_steps is 3 by default
   EXPECT_EQ(store.Jobs(), std::vector<std::string>{"ft-2"});
+}
+
+// Pins (SetPins): the kept step's frames outlive the window and are reported pinned until other
+// pins replace them; then the window drops them like any other.
+TEST(SnapshotStoreTest, APinnedStepOutlivesTheWindowUntilThePinsChange) {
+  SnapshotStore store({.memory_limit = 1 << 20, .keep_steps = 3, .window_steps = 3});
+  EXPECT_FALSE(store.SetPins("ft-1", {0, 2}, {})) << "nothing of the job here yet";
+  for (int64_t step = 1; step <= 3; ++step) ASSERT_TRUE(store.Put(Frame(0, step, 10)).ok());
+  ASSERT_TRUE(store.SetPins("ft-1", {.attempt = 0, .step = 2}, {}));
+  for (int64_t step = 4; step <= 12; ++step) ASSERT_TRUE(store.Put(Frame(0, step, 10)).ok());
+  std::map<int64_t, bool> held;
+  for (const auto& h : store.Held("ft-1")) held[h.step] = h.pinned;
+  EXPECT_EQ(held, (std::map<int64_t, bool>{{2, true}, {11, false}, {12, false}}));
+  // A pin of another attempt covers nothing of attempt 0.
+  ASSERT_TRUE(store.SetPins("ft-1", {.attempt = 1, .step = 11}, {}));
+  for (const auto& h : store.Held("ft-1")) EXPECT_FALSE(h.pinned) << "step " << h.step;
+  ASSERT_TRUE(store.SetPins("ft-1", {.attempt = 0, .step = 11}, {.attempt = 0, .step = 12}));
+  for (int64_t step = 13; step <= 20; ++step) ASSERT_TRUE(store.Put(Frame(0, step, 10)).ok());
+  held.clear();
+  for (const auto& h : store.Held("ft-1")) held[h.step] = h.pinned;
+  EXPECT_EQ(held, (std::map<int64_t, bool>{{11, true}, {12, true}, {20, false}}));
+  store.DropJob("ft-1");
+  ASSERT_TRUE(store.Put(Frame(0, 1, 10)).ok());
+  for (const auto& h : store.Held("ft-1")) EXPECT_FALSE(h.pinned) << "pins go with the job";
+}
+
+// With keep_steps 2 a candidate is not protected (no reserved room for it), so it is not
+// reported pinned either: the coordinator then never keeps it.
+TEST(SnapshotStoreTest, ACandidateIsProtectedOnlyWithThreeReservedSteps) {
+  SnapshotStore store({.memory_limit = 1 << 20, .keep_steps = 2, .window_steps = 2});
+  for (int64_t step = 1; step <= 2; ++step) ASSERT_TRUE(store.Put(Frame(0, step, 10)).ok());
+  ASSERT_TRUE(store.SetPins("ft-1", {}, {.attempt = 0, .step = 1}));
+  for (const auto& h : store.Held("ft-1")) EXPECT_FALSE(h.pinned);
+  ASSERT_TRUE(store.Put(Frame(0, 3, 10)).ok());
+  for (const auto& h : store.Held("ft-1")) EXPECT_NE(h.step, 1);
+}
+
+// The memory bound holds with pins: with no room beyond the reservations (3 frames per rank),
+// the newest, the kept and the candidate frames of a rank fit, the complete step gives way to
+// the kept one, and nothing passes the limit.
+TEST(SnapshotStoreTest, PinsStayWithinTheReservation) {
+  SnapshotStore store({.memory_limit = 2 * 3 * 100, .keep_steps = 3, .window_steps = 8});
+  // Own rank 2 every step; the peer's rank 0 at steps 1 and 4.
+  for (int64_t step = 1; step <= 4; ++step) {
+    ASSERT_TRUE(store.Put(Frame(2, step, 100)).ok());
+    if (step == 1 || step == 4) ASSERT_TRUE(store.Put(Frame(0, step, 100)).ok());
+  }
+  ASSERT_EQ(store.complete_step("ft-1"), 4);
+  ASSERT_TRUE(store.SetPins("ft-1", {.attempt = 0, .step = 1}, {.attempt = 0, .step = 4}));
+  for (int64_t step = 5; step <= 9; ++step) {
+    ASSERT_TRUE(store.Put(Frame(2, step, 100)).ok());
+    EXPECT_LE(store.used_bytes(), store.memory_limit()) << "step " << step;
+  }
+  std::set<int64_t> rank2;
+  for (const auto& h : store.Held("ft-1")) {
+    if (h.rank == 2) rank2.insert(h.step);
+  }
+  EXPECT_EQ(rank2, (std::set<int64_t>{1, 4, 9}));
 }
 
 // Two nodes of two ranks each; each node holds its own ranks and its peer's.
