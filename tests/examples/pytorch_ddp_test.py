@@ -68,6 +68,36 @@ def launch(ckpt_dir, extra_env=None):
     return [Rank(r, 2, port, ckpt_dir, extra_env or {}) for r in range(2)]
 
 
+def run_to_end(ckpt_dir, extra_env=None, timeout=120):
+    """Launches both ranks and waits for both. The port free_port() found may be taken by
+    another test before rank 0 binds it (ctest runs tests in parallel): then rank 0 fails with
+    "Address already in use" and rank 1 may wait on whatever took the port. That launch is
+    retried on a new port, up to 3 times. A rank still running at `timeout` is killed, and the
+    failure shows both ranks' output."""
+    for _ in range(3):
+        ranks = launch(ckpt_dir, extra_env)
+        deadline = time.monotonic() + timeout
+        codes = []
+        for r in ranks:
+            try:
+                codes.append(r.wait(max(1.0, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                codes.append(None)
+            if codes[0] != 0 and "Address already in use" in ranks[0].out:
+                break  # rank 1 waits on a port nobody of ours listens on
+        taken = "Address already in use" in ranks[0].out
+        for r, c in zip(ranks, codes + [None] * (len(ranks) - len(codes))):
+            if c is None:
+                r.proc.kill()
+                r.proc.wait()
+        codes += [None] * (len(ranks) - len(codes))
+        if not taken:
+            break
+        print("rendezvous port taken by another process: launching again", flush=True)
+    out = "".join(f"--- rank {i} (exit {c}) ---\n{r.out}" for i, (r, c) in enumerate(zip(ranks, codes)))
+    return codes, ranks, out
+
+
 def field(out, prefix, key):
     found = None
     for line in out.splitlines():
@@ -82,9 +112,8 @@ class PytorchDdpTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.root = tempfile.mkdtemp(prefix="muster-ddp-test-")
-        ranks = launch(os.path.join(cls.root, "ref"))
-        codes = [r.wait(120) for r in ranks]
-        assert codes == [0, 0], ranks[0].out + ranks[1].out
+        codes, ranks, out = run_to_end(os.path.join(cls.root, "ref"))
+        assert codes == [0, 0], out
         cls.want = field(ranks[0].out, "MUSTER_DONE", "param_digest")
         assert cls.want and len(cls.want) == 16, ranks[0].out
         assert "checkpoints: torch.save in" in ranks[0].out, ranks[0].out
@@ -103,11 +132,11 @@ class PytorchDdpTest(unittest.TestCase):
             r.proc.send_signal(sig)
         codes = [r.wait(60) for r in ranks]
         self.assertEqual(codes, [expected_code] * 2, ranks[0].out + ranks[1].out)
-        latest = int(open(os.path.join(ckpt, "LATEST")).read())
+        with open(os.path.join(ckpt, "LATEST")) as f:
+            latest = int(f.read())
         self.assertGreaterEqual(latest, 4)
-        ranks = launch(ckpt, {"MUSTER_RESUME_STEP": str(latest)})
-        codes = [r.wait(120) for r in ranks]
-        self.assertEqual(codes, [0, 0], ranks[0].out + ranks[1].out)
+        codes, ranks, out = run_to_end(ckpt, {"MUSTER_RESUME_STEP": str(latest)})
+        self.assertEqual(codes, [0, 0], out)
         self.assertIn(f"resumed from step {latest}", ranks[0].out)
         self.assertEqual(field(ranks[0].out, "MUSTER_DONE", "param_digest"), self.want,
                          ranks[0].out)
