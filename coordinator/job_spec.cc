@@ -416,6 +416,13 @@ StatusOr<JobSpec> ParseJobSpec(std::string_view text, std::string_view filename)
           std::string value;
           if (GetString(it->second, EnvField(key), &value, &errs)) {
             note(EnvField(key), it->first);
+            // A name of the env contract, or an unknown MUSTER_* name: refused here with its
+            // line, as ValidateJobSpec refuses it on the wire path.
+            if (Status st = CheckJobEnv({{key, value}}); !st.ok()) {
+              std::string why(st.message());
+              if (why.rfind("env: ", 0) == 0) why.erase(0, 5);
+              errs.Add(it->first, EnvField(key), why);
+            }
             spec.env.emplace(key, std::move(value));
           }
         }

@@ -110,21 +110,35 @@ TEST(JobSpecTest, MissingRequiredFieldsAndUnknownTopLevel) {
 }
 
 TEST(JobSpecTest, EnvMayNotSetTheContractOrUnknownMusterNames) {
+  // Refused by the YAML parse, with the line, and by ValidateJobSpec (the wire path) alike.
   auto check = [](const std::string& env) {
     auto spec = ParseJobSpec("name: a\ncommand: [x]\nenv:\n  " + env + "\n", "j.yaml");
-    EXPECT_TRUE(spec.ok()) << spec.status();
-    return spec.ok() ? ValidateJobSpec(*spec) : spec.status();
+    JobSpec wire;
+    wire.name = "a";
+    wire.command = {"x"};
+    wire.env[env.substr(0, env.find(':'))] = env.substr(env.find(':') + 2);
+    Status validated = ValidateJobSpec(wire);
+    EXPECT_EQ(spec.ok(), validated.ok()) << spec.status() << " vs " << validated;
+    return std::make_pair(spec.status(), validated);
   };
-  Status rank = check("RANK: 3");
+  auto [rank, rank_wire] = check("RANK: 3");
   EXPECT_EQ(rank.code(), StatusCode::kInvalidArgument);
-  EXPECT_NE(rank.message().find("RANK is set by muster for every rank"), std::string::npos)
+  EXPECT_NE(rank.message().find("j.yaml:4: env.RANK: RANK is set by muster for every rank"),
+            std::string::npos)
       << rank.message();
-  Status typo = check("MUSTER_CHECKPIONT_EVERY: 3");
-  EXPECT_NE(typo.message().find("MUSTER_CHECKPIONT_EVERY is not a MUSTER_ variable"),
+  EXPECT_NE(rank_wire.message().find("RANK is set by muster for every rank"), std::string::npos)
+      << rank_wire.message();
+  auto [typo, typo_wire] = check("MUSTER_CHECKPIONT_EVERY: 3");
+  EXPECT_NE(typo.message().find(
+                "j.yaml:4: env.MUSTER_CHECKPIONT_EVERY: MUSTER_CHECKPIONT_EVERY is not a MUSTER_ "
+                "variable"),
             std::string::npos)
       << typo.message();
-  EXPECT_TRUE(check("MUSTER_COLL_BACKEND: gloo").ok());
-  EXPECT_TRUE(check("HF_HOME: /data").ok());
+  EXPECT_EQ(typo_wire.code(), StatusCode::kInvalidArgument);
+  // The prefix alone is no known name either (the job spec fuzzer found the YAML path taking it).
+  EXPECT_FALSE(check("MUSTER_: 30s").first.ok());
+  EXPECT_TRUE(check("MUSTER_COLL_BACKEND: gloo").first.ok());
+  EXPECT_TRUE(check("HF_HOME: /data").first.ok());
 }
 
 TEST(JobSpecTest, MalformedYamlAndWrongShapes) {
