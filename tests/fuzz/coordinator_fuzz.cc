@@ -11,6 +11,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <filesystem>
 
 #include "common/logging.h"
@@ -30,6 +31,12 @@ Coordinator* Instance() {
     muster::log::InitLogging("off").IgnoreError();
     auto dir = std::filesystem::temp_directory_path() / ("muster-fuzz-" + std::to_string(getpid()));
     std::filesystem::remove_all(dir);
+    // Removed when the run ends normally (-max_total_time, -runs); kept after a crash.
+    static std::filesystem::path g_dir = dir;
+    std::atexit([] {
+      std::error_code ec;
+      std::filesystem::remove_all(g_dir, ec);
+    });
     auto store = muster::coordinator::CoordinatorDb::Open(dir);
     if (!store.ok()) abort();
     CoordinatorOptions o;
