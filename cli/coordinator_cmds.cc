@@ -455,8 +455,8 @@ void AddCoordinatorCommands(CLI::App& app, Runner* runner) {
         uint64_t generation = 0;
         bool kept = false;
         while (true) {
-          auto r = c->Logs(*job, *rank, offset, 1 << 20, *attempt, proto::LOG_MERGED, generation,
-                           kept);
+          auto r =
+              c->Logs(*job, *rank, offset, 1 << 20, *attempt, proto::LOG_MERGED, generation, kept);
           if (!r.ok()) return Fail("logs", r.status());
           if (!r->kept_note().empty()) {
             std::cout << std::flush;
