@@ -214,6 +214,19 @@ constexpr const char* kJobCols =
     "id, seq, spec, state, attempt, restarts, preemptions, nodes, detail, resume_step, "
     "submitted_ms, updated_ms, not_before_ms, submitter";
 
+// The rows of a two-text-column SELECT, first column -> second.
+StatusOr<std::map<std::string, std::string>> LoadTextPairs(sqlite3* db, const char* sql) {
+  Stmt s(db, sql);
+  MUSTER_RETURN_IF_ERROR(s.status());
+  std::map<std::string, std::string> out;
+  while (true) {
+    MUSTER_ASSIGN_OR_RETURN(bool row, s.Step());
+    if (!row) break;
+    out[s.Text(0)] = s.Text(1);
+  }
+  return out;
+}
+
 }  // namespace
 
 SqliteCoordinatorDb::SqliteCoordinatorDb(std::filesystem::path path, sqlite3* db, int lock_fd)
@@ -408,15 +421,7 @@ Status SqliteCoordinatorDb::BindNodeKey(const std::string& name, const std::stri
 }
 
 StatusOr<std::map<std::string, std::string>> SqliteCoordinatorDb::LoadNodeKeys() {
-  Stmt s(db_, "SELECT name, public_key FROM node_keys");
-  MUSTER_RETURN_IF_ERROR(s.status());
-  std::map<std::string, std::string> out;
-  while (true) {
-    MUSTER_ASSIGN_OR_RETURN(bool row, s.Step());
-    if (!row) break;
-    out[s.Text(0)] = s.Text(1);
-  }
-  return out;
+  return LoadTextPairs(db_, "SELECT name, public_key FROM node_keys");
 }
 
 StatusOr<std::vector<JobRecord>> SqliteCoordinatorDb::LoadJobs() {
@@ -746,15 +751,7 @@ Status SqliteCoordinatorDb::PutSnapshotFallback(const std::string& job_id,
 }
 
 StatusOr<std::map<std::string, std::string>> SqliteCoordinatorDb::LoadSnapshotFallbacks() {
-  Stmt s(db_, "SELECT job_id, reason FROM job_snapshot_fallbacks");
-  MUSTER_RETURN_IF_ERROR(s.status());
-  std::map<std::string, std::string> out;
-  while (true) {
-    MUSTER_ASSIGN_OR_RETURN(bool row, s.Step());
-    if (!row) break;
-    out[s.Text(0)] = s.Text(1);
-  }
-  return out;
+  return LoadTextPairs(db_, "SELECT job_id, reason FROM job_snapshot_fallbacks");
 }
 
 }  // namespace muster::coordinator
