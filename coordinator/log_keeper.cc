@@ -193,14 +193,20 @@ bool LogKeeper::Writing(const std::string& job, int attempt, int rank) const {
   return writers_.count(RankPath(job, attempt, rank).string()) > 0;
 }
 
-Status LogKeeper::Append(const std::string& job, int attempt, int rank, std::string_view data) {
-  MUSTER_RETURN_IF_ERROR(Validate(job, attempt, rank));
-  fs::path p = RankPath(job, attempt, rank);
-  auto it = writers_.find(p.string());
+StatusOr<std::map<std::string, LogKeeper::Writer>::iterator> LogKeeper::FindWriter(
+    const std::string& job, int attempt, int rank) {
+  auto it = writers_.find(RankPath(job, attempt, rank).string());
   if (it == writers_.end()) {
     return FailedPreconditionError(
         fmt::format("no copy of rank {} of {} attempt {} is being written", rank, job, attempt));
   }
+  return it;
+}
+
+Status LogKeeper::Append(const std::string& job, int attempt, int rank, std::string_view data) {
+  MUSTER_RETURN_IF_ERROR(Validate(job, attempt, rank));
+  fs::path p = RankPath(job, attempt, rank);
+  MUSTER_ASSIGN_OR_RETURN(auto it, FindWriter(job, attempt, rank));
   Writer& w = it->second;
   fs::path part = p, prev = p;
   part += kPart;
@@ -226,11 +232,7 @@ Status LogKeeper::Append(const std::string& job, int attempt, int rank, std::str
 Status LogKeeper::Commit(const std::string& job, int attempt, int rank, const std::string& note) {
   MUSTER_RETURN_IF_ERROR(Validate(job, attempt, rank));
   fs::path p = RankPath(job, attempt, rank);
-  auto it = writers_.find(p.string());
-  if (it == writers_.end()) {
-    return FailedPreconditionError(
-        fmt::format("no copy of rank {} of {} attempt {} is being written", rank, job, attempt));
-  }
+  MUSTER_ASSIGN_OR_RETURN(auto it, FindWriter(job, attempt, rank));
   Writer w = it->second;
   writers_.erase(it);
   fs::path part = p, prev = p, tmp = p;

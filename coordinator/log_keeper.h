@@ -106,6 +106,9 @@ class LogKeeper {
       : dir_(std::move(dir)), limits_(limits) {}
   std::filesystem::path RankPath(const std::string& job, int attempt, int rank) const;
   int64_t Share(int ranks) const;
+  // The copy of that rank being written; FailedPrecondition when none is.
+  StatusOr<std::map<std::string, Writer>::iterator> FindWriter(const std::string& job, int attempt,
+                                                               int rank);
   void ApplyJobCap(const std::string& job, int newest_attempt);
   void ApplyTotalCap(const std::string& keep_job);
   void Reindex(const std::string& job);
