@@ -19,10 +19,12 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <iostream>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <set>
@@ -113,12 +115,14 @@ void RaiseFdLimit() {
 // N DEALER sockets driven from one thread through epoll on their ZMQ_FDs.
 class Ranks {
  public:
-  Ranks(int n, const std::string& endpoint, const RdzvCredentials& creds)
+  Ranks(int n, const std::string& endpoint, const RdzvCredentials& creds, int io_threads = 1)
       : Ranks(
-            n, [&](int) { return endpoint; }, creds) {}
-  // Rank i connects to endpoint_of(i); an ipc:// endpoint (a relay's) without CURVE.
-  Ranks(int n, const std::function<std::string(int)>& endpoint_of, const RdzvCredentials& creds)
-      : ctx_(1), epfd_(epoll_create1(EPOLL_CLOEXEC)) {
+            n, [&](int) { return endpoint; }, creds, io_threads) {}
+  // Rank i connects to endpoint_of(i); an ipc:// endpoint (a relay's) without CURVE. The
+  // sockets share one ZeroMQ context with `io_threads` I/O threads.
+  Ranks(int n, const std::function<std::string(int)>& endpoint_of, const RdzvCredentials& creds,
+        int io_threads = 1)
+      : ctx_(io_threads), epfd_(epoll_create1(EPOLL_CLOEXEC)) {
     ctx_.set(zmq::ctxopt::max_sockets, n + 64);
     socks_.reserve(n);
     try {
@@ -225,13 +229,33 @@ struct Result {
   uint64_t shared_replies = 0;     // relayed: allgather replies handed over in a file
   bool gather_files = false;       // relayed: large gather results may go through files
   double relays_s = 0;             // relayed, one process: creating the relays (part of connect)
-  double cpu_s = -1;               // one process: CPU seconds of every phase, all threads; else -1
-  double store_cpu_s = 0;          // CPU seconds of the store's threads (reactor, ZeroMQ I/O)
+  // Relayed: the relays created and connected to the store (every upstream handshake done), as
+  // an agent does before it spawns the ranks (part of connect, and of total); then the ranks'
+  // own rendezvous: opening their sockets, connect (through the relays), barrier, broadcast and
+  // allgather. total = setup + ranks. Direct: setup 0, ranks = total.
+  double setup_s = 0, ranks_s = 0;
+  double setup_cpu_s = -1;  // one process, relayed: CPU seconds of the setup; else -1
+  double cpu_s = -1;        // one process: CPU seconds of every phase, all threads; else -1
+  double store_cpu_s = 0;   // CPU seconds of the store's threads (reactor, ZeroMQ I/O)
+  int io_threads = 1;       // ZeroMQ I/O threads of the relays and of the ranks
 };
 
 // Where the relays' directories go (--relay-dir); empty: where an agent would put them
 // (collectives::PickRelaySocketParent).
 std::filesystem::path g_relay_parent;
+
+// ZeroMQ I/O threads of the simulated agents' relays, and of the simulated ranks, in each
+// process (--io-threads). On a cluster every agent and every rank is its own process with its
+// own I/O thread; one I/O thread for all of them in this process would serialise every
+// simulated node's socket work (the handshakes, encryption and copies) through one thread,
+// which no real node shares. The default, the host's cores, lets that work use the cores the
+// simulation has; 1 is the mode of the earlier runs, kept for comparison.
+int g_io_threads = 1;
+
+int HostCores() {
+  unsigned c = std::thread::hardware_concurrency();
+  return c == 0 ? 1 : static_cast<int>(c);
+}
 
 // The relays of the relayed path: one per node of `per_node` ranks. As on a cluster, where
 // each node's agent runs its relay on its own reactor, the relays are spread over reactors of
@@ -289,6 +313,14 @@ class Relays {
           }
           o.rpc_slack = std::chrono::seconds(60);
           if (!gather_files_) o.shared_gather_min_bytes = 0;
+          // Counts each relay's first handshake with the store (its reactor thread only).
+          o.on_upstream_ready = [this, counted = std::make_shared<bool>(false)] {
+            if (*counted) return;
+            *counted = true;
+            std::lock_guard<std::mutex> l(ready_mu_);
+            ++ready_;
+            ready_cv_.notify_all();
+          };
           MUSTER_ASSIGN_OR_RETURN(auto relay, collectives::RendezvousRelay::Create(*g.reactor, o));
           g.relays.push_back(std::move(relay));
         }
@@ -296,6 +328,15 @@ class Relays {
       }));
     }
     return Status::Ok();
+  }
+  // Waits until every relay has completed its handshake with the store (an agent's relay
+  // makes it eagerly, while the ranks start).
+  Status WaitUpstream(std::chrono::seconds timeout) {
+    std::unique_lock<std::mutex> l(ready_mu_);
+    if (ready_cv_.wait_for(l, timeout, [&] { return ready_ >= nodes_; })) return Status::Ok();
+    return DeadlineExceededError(std::to_string(ready_) + " of " + std::to_string(nodes_) +
+                                 " relays connected to the store within " +
+                                 std::to_string(timeout.count()) + " s");
   }
   std::string EndpointOf(int rank) const {
     int node = rank / per_node_ - first_node_;
@@ -320,7 +361,7 @@ class Relays {
     std::vector<std::unique_ptr<collectives::RendezvousRelay>> relays;
   };
   static zmq::context_t MakeContext(int nodes) {
-    zmq::context_t ctx(1);
+    zmq::context_t ctx(g_io_threads);
     // Four sockets per relay: its local socket, its upstream one, and the pair that watches
     // the upstream handshakes.
     ctx.set(zmq::ctxopt::max_sockets, 4 * nodes + 1024);
@@ -331,6 +372,9 @@ class Relays {
   zmq::context_t ctx_;
   std::filesystem::path dir_;
   std::vector<Group> groups_;
+  std::mutex ready_mu_;
+  std::condition_variable ready_cv_;
+  int ready_ = 0;  // relays whose upstream handshake completed
 };
 
 // The phases of a rendezvous for ranks [first, first + ranks.size()) of n: rank first + i is
@@ -445,6 +489,7 @@ StatusOr<Result> Run(int n, bool curve, int per_node, bool gather_files) {
   Result res{n, curve, 0, 0, 0, 0, 0, 0, 0};
   res.ranks_per_node = per_node;
   res.gather_files = per_node > 0 && gather_files;
+  res.io_threads = g_io_threads;
   // Every simulated rank costs about three descriptors in this one process (its socket's
   // mailbox and both ends of its connection), a relay about seven more (its sockets' mailboxes,
   // its listener, its connection to the store and the store's end of it). libzmq aborts when it
@@ -497,9 +542,18 @@ StatusOr<Result> Run(int n, bool curve, int per_node, bool gather_files) {
         return rs;
       }
       res.relays_s = Since(t0);
+      if (Status ws = relays->WaitUpstream(std::chrono::seconds(60)); !ws.ok()) {
+        relays.reset();
+        cleanup();
+        return ws;
+      }
+      res.setup_s = Since(t0);
+      res.setup_cpu_s = CpuSeconds() - cpu0;
     }
+    auto tr = Clock::now();
     Ranks ranks(
-        n, [&](int i) { return relays ? relays->EndpointOf(i) : server->endpoint(); }, creds);
+        n, [&](int i) { return relays ? relays->EndpointOf(i) : server->endpoint(); }, creds,
+        g_io_threads);
     Phases phases(ranks, 0, n, relays.get());
     st = ranks.status();
     if (st.ok()) st = phases.Connect();
@@ -514,6 +568,7 @@ StatusOr<Result> Run(int n, bool curve, int per_node, bool gather_files) {
     if (st.ok()) st = phases.AllGather();
     res.allgather_s = Since(t3);
     res.shared_replies = phases.shared_replies;
+    res.ranks_s = Since(tr);
     res.total_s = Since(t0);
     res.cpu_s = CpuSeconds() - cpu0;
     res.store_cpu_s = ThreadsCpuSeconds(store_tids) - store_cpu0;
@@ -561,7 +616,7 @@ StatusOr<Result> Run(int n, bool curve, int per_node, bool gather_files) {
     ac.client_key = *GenerateKeyPair();
     auto ta = Clock::now();
     {
-      Ranks ranks(n, ep, ac);
+      Ranks ranks(n, ep, ac, g_io_threads);
       st = ranks.status();
       for (int i = 0; st.ok() && i < n; ++i) ranks.Send(i, "ping");
       if (st.ok()) st = ranks.Collect(n);
@@ -581,9 +636,10 @@ StatusOr<Result> Run(int n, bool curve, int per_node, bool gather_files) {
 
 // One of the processes of a spread simulation (`rendezvous-nodes`, started by RunSpread): the
 // relays and ranks of nodes [first_node, first_node + nodes) of n ranks, against the store at
-// `store` with the key in MUSTER_RDZV_KEY. It reads one phase a line on stdin (connect,
-// barrier, bcast, allgather, quit) and answers each with "ok <store requests by its relays>
-// <allgather replies by file>" or "error <why>".
+// `store` with the key in MUSTER_RDZV_KEY. It reads one phase a line on stdin (setup: make the
+// relays and wait for their handshakes with the store; connect: open the ranks' sockets and make
+// their first requests; barrier, bcast, allgather, quit) and answers each with "ok <store
+// requests by its relays> <allgather replies by file>" or "error <why>".
 int RunNodes(const std::string& store, int n, int per_node, int first_node, int nodes,
              bool gather_files) {
   RaiseFdLimit();
@@ -599,12 +655,15 @@ int RunNodes(const std::string& store, int n, int per_node, int first_node, int 
     Status st;
     if (!creds.ok()) {
       st = creds.status();
-    } else if (line == "connect") {
+    } else if (line == "setup") {
       relays = std::make_unique<Relays>(n, per_node, gather_files, first_node, nodes);
       st = relays->Start(store, *creds);
+      if (st.ok()) st = relays->WaitUpstream(std::chrono::seconds(60));
+    } else if (line == "connect") {
+      if (!relays) st = FailedPreconditionError("'connect' before 'setup'");
       if (st.ok()) {
         ranks = std::make_unique<Ranks>(
-            count, [&](int i) { return relays->EndpointOf(first_rank + i); }, *creds);
+            count, [&](int i) { return relays->EndpointOf(first_rank + i); }, *creds, g_io_threads);
         st = ranks->status();
       }
       if (st.ok()) {
@@ -623,8 +682,8 @@ int RunNodes(const std::string& store, int n, int per_node, int first_node, int 
       st = InvalidArgumentError("unknown phase '" + line + "'");
     }
     if (st.ok()) {
-      std::cout << "ok " << relays->UpstreamRequests() << " " << phases->shared_replies
-                << std::endl;
+      std::cout << "ok " << relays->UpstreamRequests() << " "
+                << (phases ? phases->shared_replies : 0) << std::endl;
     } else {
       std::cout << "error " << st.ToString() << std::endl;
     }
@@ -644,6 +703,7 @@ StatusOr<Result> RunSpread(int n, bool curve, int per_node, bool gather_files, i
   res.ranks_per_node = per_node;
   res.gather_files = gather_files;
   res.processes = processes;
+  res.io_threads = g_io_threads;
   NewThreads store_threads;
   Reactor reactor("rdzv-bench");
   std::unique_ptr<ZapAuthenticator> zap;
@@ -689,7 +749,8 @@ StatusOr<Result> RunSpread(int n, bool curve, int per_node, bool gather_files, i
         "--first-node",     std::to_string(first),
         "--nodes",          std::to_string(std::min(chunk, nodes - first)),
         "--gather-files",   gather_files ? "1" : "0",
-        "--relay-dir",      g_relay_parent.string()};
+        "--relay-dir",      g_relay_parent.string(),
+        "--io-threads",     std::to_string(g_io_threads)};
     std::vector<char*> argv;
     for (auto& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);
@@ -739,6 +800,9 @@ StatusOr<Result> RunSpread(int n, bool curve, int per_node, bool gather_files, i
   };
   auto t0 = Clock::now();
   const double store_cpu0 = ThreadsCpuSeconds(store_tids);
+  if (st.ok()) st = phase("setup");
+  res.setup_s = Since(t0);
+  auto tr = Clock::now();
   if (st.ok()) st = phase("connect");
   res.connect_s = Since(t0);
   auto t1 = Clock::now();
@@ -750,6 +814,7 @@ StatusOr<Result> RunSpread(int n, bool curve, int per_node, bool gather_files, i
   auto t3 = Clock::now();
   if (st.ok()) st = phase("allgather");
   res.allgather_s = Since(t3);
+  res.ranks_s = Since(tr);
   res.total_s = Since(t0);
   res.store_cpu_s = ThreadsCpuSeconds(store_tids) - store_cpu0;
   res.upstream_requests = upstream;
@@ -796,6 +861,12 @@ void AddRendezvousBench(CLI::App& app, Runner* runner) {
                   "Spread the relayed paths' simulated nodes over this many processes (the "
                   "direct path always runs in this one)")
       ->check(CLI::Range(1, 64));
+  auto io_threads = std::make_shared<int>(HostCores());
+  cmd->add_option("--io-threads", *io_threads,
+                  "ZeroMQ I/O threads of the simulated agents' relays and of the simulated ranks, "
+                  "in each process (default: the host's cores, as real agents and ranks each "
+                  "have their own; 1: all of them through one I/O thread, the earlier mode)")
+      ->check(CLI::Range(1, 64));
   auto relay_dir = std::make_shared<std::string>();
   cmd->add_option("--relay-dir", *relay_dir,
                   "Make the relays' directories here (default: where an agent makes them, a "
@@ -806,6 +877,7 @@ void AddRendezvousBench(CLI::App& app, Runner* runner) {
     *runner = [=] {
       RaiseFdLimit();
       g_relay_parent = *relay_dir;
+      g_io_threads = *io_threads;
       std::vector<Result> rows;
       for (int n : *ranks) {
         for (const std::string& path : *paths) {
@@ -844,36 +916,54 @@ void AddRendezvousBench(CLI::App& app, Runner* runner) {
                          {"relays_s", r.relays_s},
                          {"cpu_s", r.cpu_s},
                          {"store_cpu_s", r.store_cpu_s},
+                         {"io_threads", r.io_threads},
+                         {"setup_s", r.setup_s},
+                         {"ranks_s", r.ranks_s},
+                         {"setup_cpu_s", r.setup_cpu_s},
                          {"upstream_requests", r.upstream_requests}});
         std::cout << (out.size() == 1 ? out[0] : out).dump(2) << "\n";
         return 0;
       }
       std::cout
           << "rendezvous of N ranks (own DEALER each) on one RendezvousServer, direct or through "
-             "relays of R ranks (ipc to the relay, one CURVE connection per relay to the store); "
-             "anchors (direct rows): the same N sockets against a raw ZeroMQ ROUTER, one round "
-             "trip each (connect) and then N x 64 bytes to each (allgather); relays s: creating "
-             "the relays, part of connect; cpu s: CPU seconds this process used over all phases "
-             "(every thread; one-process rows); store cpu s: those of the store's own threads "
-             "(its reactor, ZeroMQ I/O thread and reaper), the part that stays serial on a "
-             "cluster\n";
-      Table t({"ranks", "path", "security", "connect s", "barrier s", "bcast128 s", "allgather64 s",
-               "total s", "relays s", "cpu s", "store cpu s", "store reqs by relays",
-               "gather via file", "raw zmq connect s", "raw zmq N*64B s"});
+             "relays of R ranks (ipc to the relay, one CURVE connection per relay to the store), "
+             "all simulated in "
+          << (*processes > 1 ? std::to_string(*processes) + " processes (relayed rows)"
+                             : std::string("this one process"))
+          << "; io thr: the ZeroMQ I/O threads that the simulated agents' relays share, and "
+             "those the simulated ranks share, per process (on a cluster each agent and each "
+             "rank has its own; 1 serialises all of them through one thread). setup s: the "
+             "relays created and every one's CURVE handshake with the store done, what an agent "
+             "does before it spawns the ranks, so while the programs start; ranks s: the ranks' "
+             "own rendezvous after that (open their sockets, connect through the relays, "
+             "barrier, broadcast, allgather); total s = setup s + ranks s, the whole rendezvous "
+             "from nothing, as in earlier runs; connect s includes setup s; relays s: creating "
+             "the relays, part of setup; cpu s: CPU seconds this process used over all phases "
+             "(every thread; one-process rows), setup cpu s those of the setup; store cpu s: "
+             "those of the store's own threads (its reactor, ZeroMQ I/O thread and reaper), the "
+             "part that stays serial on a cluster; anchors (direct rows): the same N sockets "
+             "against a raw ZeroMQ ROUTER, one round trip each (connect) and then N x 64 bytes "
+             "to each (allgather)\n";
+      Table t({"ranks", "path", "security", "io thr", "setup s", "ranks s", "connect s",
+               "barrier s", "bcast128 s", "allgather64 s", "total s", "relays s", "cpu s",
+               "setup cpu s", "store cpu s", "store reqs by relays", "gather via file",
+               "raw zmq connect s", "raw zmq N*64B s"});
       for (auto& r : rows) {
         bool relayed = r.ranks_per_node > 0;
-        t.Row({std::to_string(r.ranks),
-               relayed ? std::string(r.gather_files ? "relayed" : "relay-sock") +
-                             " R=" + std::to_string(r.ranks_per_node) +
-                             (r.processes > 1 ? " P=" + std::to_string(r.processes) : "")
-                       : "direct",
-               r.curve ? "CURVE" : "none", Fmt(r.connect_s, 3), Fmt(r.barrier_s, 3),
-               Fmt(r.broadcast_s, 3), Fmt(r.allgather_s, 3), Fmt(r.total_s, 3),
-               relayed && r.processes == 1 ? Fmt(r.relays_s, 3) : "-",
-               r.cpu_s >= 0 ? Fmt(r.cpu_s, 2) : "-", Fmt(r.store_cpu_s, 2),
-               relayed ? std::to_string(r.upstream_requests) : "-",
-               relayed ? std::to_string(r.shared_replies) : "-", relayed ? "-" : Fmt(r.anchor_s, 3),
-               relayed ? "-" : Fmt(r.anchor_allgather_s, 3)});
+        t.Row(
+            {std::to_string(r.ranks),
+             relayed ? std::string(r.gather_files ? "relayed" : "relay-sock") +
+                           " R=" + std::to_string(r.ranks_per_node) +
+                           (r.processes > 1 ? " P=" + std::to_string(r.processes) : "")
+                     : "direct",
+             r.curve ? "CURVE" : "none", std::to_string(r.io_threads),
+             relayed ? Fmt(r.setup_s, 3) : "-", relayed ? Fmt(r.ranks_s, 3) : "-",
+             Fmt(r.connect_s, 3), Fmt(r.barrier_s, 3), Fmt(r.broadcast_s, 3), Fmt(r.allgather_s, 3),
+             Fmt(r.total_s, 3), relayed && r.processes == 1 ? Fmt(r.relays_s, 3) : "-",
+             r.cpu_s >= 0 ? Fmt(r.cpu_s, 2) : "-", r.setup_cpu_s >= 0 ? Fmt(r.setup_cpu_s, 2) : "-",
+             Fmt(r.store_cpu_s, 2), relayed ? std::to_string(r.upstream_requests) : "-",
+             relayed ? std::to_string(r.shared_replies) : "-", relayed ? "-" : Fmt(r.anchor_s, 3),
+             relayed ? "-" : Fmt(r.anchor_allgather_s, 3)});
       }
       t.Print();
       return 0;
@@ -897,9 +987,12 @@ void AddRendezvousBench(CLI::App& app, Runner* runner) {
   nodes_cmd->add_option("--gather-files", *files);
   auto nodes_relay_dir = std::make_shared<std::string>();
   nodes_cmd->add_option("--relay-dir", *nodes_relay_dir);
+  auto nodes_io_threads = std::make_shared<int>(1);
+  nodes_cmd->add_option("--io-threads", *nodes_io_threads);
   nodes_cmd->callback([=] {
     *runner = [=] {
       g_relay_parent = *nodes_relay_dir;
+      g_io_threads = std::max(1, *nodes_io_threads);
       return RunNodes(*store, *n_all, *rpn, *first_node, *node_count, *files != 0);
     };
   });

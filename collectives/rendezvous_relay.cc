@@ -347,6 +347,8 @@ void RendezvousRelay::OnMonitor() {
       refused_.reset();
       handshake_ok_ = true;
       closed_in_handshake_ = 0;
+      ++stats_.upstream_handshakes;
+      if (options_.on_upstream_ready) options_.on_upstream_ready();
       continue;
     }
     if (id == ZMQ_EVENT_DISCONNECTED) {

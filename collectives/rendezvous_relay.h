@@ -107,12 +107,18 @@ class RendezvousRelay {
     // At most this many bytes of such files (kept until the relay closes); past it, replies go
     // down the socket again.
     int64_t shared_gather_max_bytes = 256 << 20;
+    // Called on the reactor thread each time the upstream connection completes its handshake
+    // with the store (ZeroMQ's HANDSHAKE_SUCCEEDED; the CURVE handshake, or the plain one when
+    // insecure). Create starts that connection at once, without waiting for a request, so an
+    // agent that creates the relay before it spawns the ranks has it made while they start.
+    std::function<void()> on_upstream_ready;
   };
 
   struct Stats {
-    uint64_t local_requests = 0;     // requests from local callers
-    uint64_t upstream_requests = 0;  // requests sent to the store
-    uint64_t shared_gathers = 0;     // gather replies handed over in a file
+    uint64_t local_requests = 0;       // requests from local callers
+    uint64_t upstream_requests = 0;    // requests sent to the store
+    uint64_t shared_gathers = 0;       // gather replies handed over in a file
+    uint64_t upstream_handshakes = 0;  // handshakes completed with the store
   };
 
   // REQUIRES: on the reactor thread or before reactor.Start().
@@ -124,6 +130,8 @@ class RendezvousRelay {
   // "ipc:///.../muster-rdzv-XXXXXX/s": the ranks' MUSTER_RDZV_ENDPOINT.
   const std::string& endpoint() const { return endpoint_; }
   const Stats& stats() const { return stats_; }
+  // True while the upstream connection has completed its handshake with the store.
+  bool upstream_ready() const { return handshake_ok_; }
 
   // Handles one request as if it came from `peer` over the local socket (the socket calls
   // this; tests and the fuzzer call it directly). REQUIRES: on the reactor thread, or the

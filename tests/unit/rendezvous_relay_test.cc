@@ -17,8 +17,10 @@
 #include <xxhash.h>
 
 #include <atomic>
+#include <condition_variable>
 #include <filesystem>
 #include <fstream>
+#include <mutex>
 #include <thread>
 
 #include "collectives/rendezvous_client.h"
@@ -73,6 +75,7 @@ class RelayTest : public testing::ReactorZapTest {
     o.admit = std::move(admit);
     o.rpc_slack = 1s;
     o.shared_gather_min_bytes = shared_min_;
+    o.on_upstream_ready = on_upstream_ready_;
     auto r = reactor_->Call("relay", [&] { return RendezvousRelay::Create(*reactor_, o); });
     EXPECT_TRUE(r.ok()) << r.status();
     if (!r.ok()) return nullptr;
@@ -105,7 +108,43 @@ class RelayTest : public testing::ReactorZapTest {
   RdzvCredentials creds_;
   std::vector<std::unique_ptr<RendezvousRelay>> relays_;
   int64_t shared_min_ = 64 << 10;
+  std::function<void()> on_upstream_ready_;
 };
+
+TEST_F(RelayTest, TheUpstreamHandshakeCompletesBeforeAnyRankSendsARequest) {
+  // An agent creates its relay before it spawns the ranks, so that the CURVE handshake with the
+  // store overlaps their start-up: the relay must connect eagerly, not on a first request.
+  struct Ready {
+    std::mutex mu;
+    std::condition_variable cv;
+    int count = 0;
+  };
+  auto ready = std::make_shared<Ready>();  // the relay may outlive this test's body
+  on_upstream_ready_ = [ready] {
+    std::lock_guard<std::mutex> l(ready->mu);
+    ++ready->count;
+    ready->cv.notify_all();
+  };
+  RendezvousRelay* relay = AddRelay(0, 4);
+  ASSERT_NE(relay, nullptr);
+  {
+    std::unique_lock<std::mutex> l(ready->mu);
+    ASSERT_TRUE(ready->cv.wait_for(l, 10s, [&] { return ready->count > 0; }))
+        << "no handshake with the store within 10 s of creating the relay";
+  }
+  auto st = Stats(relay);
+  EXPECT_EQ(st.upstream_handshakes, 1u);
+  EXPECT_EQ(st.local_requests, 0u);
+  EXPECT_EQ(st.upstream_requests, 0u) << "the handshake needed no request";
+  EXPECT_TRUE(reactor_->Call("ready", [&] { return relay->upstream_ready(); }));
+  // And the connection it made is the one the ranks' requests then use.
+  auto client = Client(relay);
+  ASSERT_NE(client, nullptr);
+  EXPECT_TRUE(client->Set("k", "v").ok());
+  st = Stats(relay);
+  EXPECT_EQ(st.upstream_handshakes, 1u);
+  EXPECT_EQ(st.upstream_requests, 1u);
+}
 
 TEST_F(RelayTest, AGatherAndABarrierGoUpstreamOncePerNode) {
   constexpr int kNodes = 2, kPerNode = 4, kN = kNodes * kPerNode;
