@@ -234,8 +234,8 @@ struct Result {
   // own rendezvous: opening their sockets, connect (through the relays), barrier, broadcast and
   // allgather. total = setup + ranks. Direct: setup 0, ranks = total.
   double setup_s = 0, ranks_s = 0;
-  double setup_cpu_s = -1;  // one process, relayed: CPU seconds of the setup; else -1
-  double cpu_s = -1;        // one process: CPU seconds of every phase, all threads; else -1
+  double setup_cpu_s = -1;  // relayed: CPU seconds of the setup (every process); else -1
+  double cpu_s = -1;        // CPU seconds of every phase, every thread of every process
   double store_cpu_s = 0;   // CPU seconds of the store's threads (reactor, ZeroMQ I/O)
   int io_threads = 1;       // ZeroMQ I/O threads of the relays and of the ranks
 };
@@ -638,8 +638,9 @@ StatusOr<Result> Run(int n, bool curve, int per_node, bool gather_files) {
 // relays and ranks of nodes [first_node, first_node + nodes) of n ranks, against the store at
 // `store` with the key in MUSTER_RDZV_KEY. It reads one phase a line on stdin (setup: make the
 // relays and wait for their handshakes with the store; connect: open the ranks' sockets and make
-// their first requests; barrier, bcast, allgather, quit) and answers each with "ok <store
-// requests by its relays> <allgather replies by file>" or "error <why>".
+// their first requests; barrier, bcast, allgather; cpu: nothing; quit) and answers each with "ok
+// <store requests by its relays> <allgather replies by file> <CPU seconds it has used so far>"
+// or "error <why>".
 int RunNodes(const std::string& store, int n, int per_node, int first_node, int nodes,
              bool gather_files) {
   RaiseFdLimit();
@@ -655,6 +656,8 @@ int RunNodes(const std::string& store, int n, int per_node, int first_node, int 
     Status st;
     if (!creds.ok()) {
       st = creds.status();
+    } else if (line == "cpu") {
+      // Only the answer's CPU seconds: a baseline before the first phase.
     } else if (line == "setup") {
       relays = std::make_unique<Relays>(n, per_node, gather_files, first_node, nodes);
       st = relays->Start(store, *creds);
@@ -682,8 +685,8 @@ int RunNodes(const std::string& store, int n, int per_node, int first_node, int 
       st = InvalidArgumentError("unknown phase '" + line + "'");
     }
     if (st.ok()) {
-      std::cout << "ok " << relays->UpstreamRequests() << " "
-                << (phases ? phases->shared_replies : 0) << std::endl;
+      std::cout << "ok " << (relays ? relays->UpstreamRequests() : 0) << " "
+                << (phases ? phases->shared_replies : 0) << " " << CpuSeconds() << std::endl;
     } else {
       std::cout << "error " << st.ToString() << std::endl;
     }
@@ -773,12 +776,14 @@ StatusOr<Result> RunSpread(int n, bool curve, int per_node, bool gather_files, i
   }
   // Runs one phase in every child at once; adds up what they report.
   uint64_t upstream = 0, shared = 0;
+  double children_cpu = 0;  // CPU seconds the children have used so far, as they reported
   auto phase = [&](const std::string& name) -> Status {
     for (auto& c : children) {
       std::fputs((name + "\n").c_str(), c.in);
       std::fflush(c.in);
     }
     upstream = shared = 0;
+    children_cpu = 0;
     Status result;
     for (auto& c : children) {
       char buf[4096];
@@ -789,19 +794,26 @@ StatusOr<Result> RunSpread(int n, bool curve, int per_node, bool gather_files, i
       std::string line(buf);
       if (line.rfind("ok ", 0) == 0) {
         unsigned long long u = 0, f = 0;
-        std::sscanf(line.c_str() + 3, "%llu %llu", &u, &f);
+        double cpu = 0;
+        std::sscanf(line.c_str() + 3, "%llu %llu %lf", &u, &f, &cpu);
         upstream += u;
         shared += f;
+        children_cpu += cpu;
       } else {
         if (result.ok()) result = InternalError(name + ": " + line);
       }
     }
     return result;
   };
+  if (st.ok()) st = phase("cpu");
+  const double children_cpu0 = children_cpu;
   auto t0 = Clock::now();
+  const double cpu0 = CpuSeconds();
   const double store_cpu0 = ThreadsCpuSeconds(store_tids);
   if (st.ok()) st = phase("setup");
   res.setup_s = Since(t0);
+  // Every process's: the children's and this one's (the store's threads and the driver).
+  res.setup_cpu_s = children_cpu - children_cpu0 + CpuSeconds() - cpu0;
   auto tr = Clock::now();
   if (st.ok()) st = phase("connect");
   res.connect_s = Since(t0);
@@ -816,6 +828,7 @@ StatusOr<Result> RunSpread(int n, bool curve, int per_node, bool gather_files, i
   res.allgather_s = Since(t3);
   res.ranks_s = Since(tr);
   res.total_s = Since(t0);
+  res.cpu_s = children_cpu - children_cpu0 + CpuSeconds() - cpu0;
   res.store_cpu_s = ThreadsCpuSeconds(store_tids) - store_cpu0;
   res.upstream_requests = upstream;
   res.shared_replies = shared;
@@ -856,10 +869,12 @@ void AddRendezvousBench(CLI::App& app, Runner* runner) {
       ->check(CLI::IsMember({"direct", "relayed", "relayed-socket"}));
   cmd->add_option("--ranks-per-node", *per_node, "Ranks per relay on the relayed path")
       ->check(CLI::Range(1, 1024));
-  auto processes = std::make_shared<int>(1);
+  auto processes = std::make_shared<int>(HostCores());
   cmd->add_option("--processes", *processes,
-                  "Spread the relayed paths' simulated nodes over this many processes (the "
-                  "direct path always runs in this one)")
+                  "Spread the relayed paths' simulated nodes (relays and ranks) over this many "
+                  "processes, the store staying in this one (default: the host's cores, as on a "
+                  "cluster no agent shares an address space with another; 1: everything in this "
+                  "process, the earlier mode). The direct path always runs in this one")
       ->check(CLI::Range(1, 64));
   auto io_threads = std::make_shared<int>(HostCores());
   cmd->add_option("--io-threads", *io_threads,
@@ -927,9 +942,12 @@ void AddRendezvousBench(CLI::App& app, Runner* runner) {
       std::cout
           << "rendezvous of N ranks (own DEALER each) on one RendezvousServer, direct or through "
              "relays of R ranks (ipc to the relay, one CURVE connection per relay to the store), "
-             "all simulated in "
-          << (*processes > 1 ? std::to_string(*processes) + " processes (relayed rows)"
-                             : std::string("this one process"))
+             "simulated in this process"
+          << (*processes > 1 ? ", the relayed rows' relays and ranks spread over " +
+                                   std::to_string(*processes) +
+                                   " processes of their own (P, as no agent shares an address "
+                                   "space with another on a cluster)"
+                             : std::string())
           << "; io thr: the ZeroMQ I/O threads that the simulated agents' relays share, and "
              "those the simulated ranks share, per process (on a cluster each agent and each "
              "rank has its own; 1 serialises all of them through one thread). setup s: the "
@@ -938,8 +956,9 @@ void AddRendezvousBench(CLI::App& app, Runner* runner) {
              "own rendezvous after that (open their sockets, connect through the relays, "
              "barrier, broadcast, allgather); total s = setup s + ranks s, the whole rendezvous "
              "from nothing, as in earlier runs; connect s includes setup s; relays s: creating "
-             "the relays, part of setup; cpu s: CPU seconds this process used over all phases "
-             "(every thread; one-process rows), setup cpu s those of the setup; store cpu s: "
+             "the relays, part of setup (one-process rows); cpu s: CPU seconds used over all "
+             "phases (every thread of every process), setup cpu s those of the setup; store cpu "
+             "s: "
              "those of the store's own threads (its reactor, ZeroMQ I/O thread and reaper), the "
              "part that stays serial on a cluster; anchors (direct rows): the same N sockets "
              "against a raw ZeroMQ ROUTER, one round trip each (connect) and then N x 64 bytes "
