@@ -22,6 +22,7 @@
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <iostream>
 #include <mutex>
@@ -234,10 +235,12 @@ struct Result {
   // own rendezvous: opening their sockets, connect (through the relays), barrier, broadcast and
   // allgather. total = setup + ranks. Direct: setup 0, ranks = total.
   double setup_s = 0, ranks_s = 0;
-  double setup_cpu_s = -1;  // relayed: CPU seconds of the setup (every process); else -1
-  double cpu_s = -1;        // CPU seconds of every phase, every thread of every process
-  double store_cpu_s = 0;   // CPU seconds of the store's threads (reactor, ZeroMQ I/O)
-  int io_threads = 1;       // ZeroMQ I/O threads of the relays and of the ranks
+  double setup_cpu_s = -1;      // relayed: CPU seconds of the setup (every process); else -1
+  double cpu_s = -1;            // CPU seconds of every phase, every thread of every process
+  double store_cpu_s = 0;       // CPU seconds of the store's threads (reactor, ZeroMQ I/O)
+  int io_threads = 1;           // ZeroMQ I/O threads of the relays and of the ranks
+  bool zstd = false;            // relayed: the relays took gather results compressed
+  bool random_entries = false;  // the allgather entries were random bytes
 };
 
 // Where the relays' directories go (--relay-dir); empty: where an agent would put them
@@ -251,6 +254,33 @@ std::filesystem::path g_relay_parent;
 // which no real node shares. The default, the host's cores, lets that work use the cores the
 // simulation has; 1 is the mode of the earlier runs, kept for comparison.
 int g_io_threads = 1;
+
+// Whether the relays ask the store for gather results compressed (--gather-zstd;
+// RendezvousRelay::Options::accept_zstd).
+bool g_gather_zstd = true;
+// Whether each rank's 64-byte allgather entry is pseudo-random bytes, which do not compress
+// (--random-entries), instead of a text address padded with spaces, which does.
+bool g_random_entries = false;
+
+// Rank i's 64-byte allgather entry.
+std::string Entry(int i) {
+  if (g_random_entries) {
+    std::string e(64, '\0');
+    uint64_t x = 0x9e3779b97f4a7c15ull * static_cast<uint64_t>(i + 1);
+    for (size_t b = 0; b < e.size(); b += 8) {  // splitmix64
+      x += 0x9e3779b97f4a7c15ull;
+      uint64_t z = x;
+      z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+      z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+      z ^= z >> 31;
+      std::memcpy(&e[b], &z, 8);
+    }
+    return e;
+  }
+  std::string addr = "tcp://198.18.0.1:" + std::to_string(20000 + i);
+  addr.resize(64, ' ');
+  return addr;
+}
 
 int HostCores() {
   unsigned c = std::thread::hardware_concurrency();
@@ -313,6 +343,7 @@ class Relays {
           }
           o.rpc_slack = std::chrono::seconds(60);
           if (!gather_files_) o.shared_gather_min_bytes = 0;
+          o.accept_zstd = g_gather_zstd;
           // Counts each relay's first handshake with the store (its reactor thread only).
           o.on_upstream_ready = [this, counted = std::make_shared<bool>(false)] {
             if (*counted) return;
@@ -430,11 +461,7 @@ class Phases {
   // allgather: each rank contributes its 64-byte address to one gather and receives all N in
   // rank order (one request, one reply per rank; the server assembles the reply once).
   Status AllGather() {
-    auto address = [](int i) {
-      std::string addr = "tcp://198.18.0.1:" + std::to_string(20000 + i);
-      addr.resize(64, ' ');
-      return addr;
-    };
+    auto address = [](int i) { return Entry(i); };
     for (int i = 0; i < ranks_.size(); ++i) {
       proto::StoreRequest r;
       auto& g = *r.mutable_gather();
@@ -490,6 +517,8 @@ StatusOr<Result> Run(int n, bool curve, int per_node, bool gather_files) {
   res.ranks_per_node = per_node;
   res.gather_files = per_node > 0 && gather_files;
   res.io_threads = g_io_threads;
+  res.zstd = per_node > 0 && g_gather_zstd;
+  res.random_entries = g_random_entries;
   // Every simulated rank costs about three descriptors in this one process (its socket's
   // mailbox and both ends of its connection), a relay about seven more (its sockets' mailboxes,
   // its listener, its connection to the store and the store's end of it). libzmq aborts when it
@@ -707,6 +736,8 @@ StatusOr<Result> RunSpread(int n, bool curve, int per_node, bool gather_files, i
   res.gather_files = gather_files;
   res.processes = processes;
   res.io_threads = g_io_threads;
+  res.zstd = g_gather_zstd;
+  res.random_entries = g_random_entries;
   NewThreads store_threads;
   Reactor reactor("rdzv-bench");
   std::unique_ptr<ZapAuthenticator> zap;
@@ -753,7 +784,9 @@ StatusOr<Result> RunSpread(int n, bool curve, int per_node, bool gather_files, i
         "--nodes",          std::to_string(std::min(chunk, nodes - first)),
         "--gather-files",   gather_files ? "1" : "0",
         "--relay-dir",      g_relay_parent.string(),
-        "--io-threads",     std::to_string(g_io_threads)};
+        "--io-threads",     std::to_string(g_io_threads),
+        "--gather-zstd",    g_gather_zstd ? "1" : "0",
+        "--random-entries", g_random_entries ? "1" : "0"};
     std::vector<char*> argv;
     for (auto& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);
@@ -882,6 +915,15 @@ void AddRendezvousBench(CLI::App& app, Runner* runner) {
                   "in each process (default: the host's cores, as real agents and ranks each "
                   "have their own; 1: all of them through one I/O thread, the earlier mode)")
       ->check(CLI::Range(1, 64));
+  auto zstd = std::make_shared<std::vector<std::string>>(std::vector<std::string>{"on"});
+  cmd->add_option("--gather-zstd", *zstd,
+                  "on: the relays take gather results from the store compressed, as an agent's "
+                  "do; off: plain (repeatable, for rows of both in one run; on by default)")
+      ->check(CLI::IsMember({"on", "off"}));
+  auto random_entries = std::make_shared<bool>(false);
+  cmd->add_flag("--random-entries", *random_entries,
+                "Allgather entries of 64 random bytes, which do not compress, instead of text "
+                "addresses padded with spaces");
   auto relay_dir = std::make_shared<std::string>();
   cmd->add_option("--relay-dir", *relay_dir,
                   "Make the relays' directories here (default: where an agent makes them, a "
@@ -893,20 +935,26 @@ void AddRendezvousBench(CLI::App& app, Runner* runner) {
       RaiseFdLimit();
       g_relay_parent = *relay_dir;
       g_io_threads = *io_threads;
+      g_random_entries = *random_entries;
       std::vector<Result> rows;
       for (int n : *ranks) {
         for (const std::string& path : *paths) {
           for (bool curve : {true, false}) {
             if (!curve && !*insecure) continue;
-            auto r = path != "direct" && *processes > 1
-                         ? RunSpread(n, curve, *per_node, path == "relayed", *processes)
-                         : Run(n, curve, path == "direct" ? 0 : *per_node, path == "relayed");
-            if (!r.ok()) {
-              std::cerr << "rendezvous bench with " << n << " ranks (" << path
-                        << ") failed: " << r.status() << "\n";
-              return 1;
+            for (const std::string& z : *zstd) {
+              // The direct path has no relays to compress for: one row.
+              if (path == "direct" && z != zstd->front()) continue;
+              g_gather_zstd = z == "on";
+              auto r = path != "direct" && *processes > 1
+                           ? RunSpread(n, curve, *per_node, path == "relayed", *processes)
+                           : Run(n, curve, path == "direct" ? 0 : *per_node, path == "relayed");
+              if (!r.ok()) {
+                std::cerr << "rendezvous bench with " << n << " ranks (" << path
+                          << ") failed: " << r.status() << "\n";
+                return 1;
+              }
+              rows.push_back(*r);
             }
-            rows.push_back(*r);
           }
         }
       }
@@ -932,6 +980,8 @@ void AddRendezvousBench(CLI::App& app, Runner* runner) {
                          {"cpu_s", r.cpu_s},
                          {"store_cpu_s", r.store_cpu_s},
                          {"io_threads", r.io_threads},
+                         {"gather_zstd", r.zstd},
+                         {"random_entries", r.random_entries},
                          {"setup_s", r.setup_s},
                          {"ranks_s", r.ranks_s},
                          {"setup_cpu_s", r.setup_cpu_s},
@@ -958,31 +1008,59 @@ void AddRendezvousBench(CLI::App& app, Runner* runner) {
              "from nothing, as in earlier runs; connect s includes setup s; relays s: creating "
              "the relays, part of setup (one-process rows); cpu s: CPU seconds used over all "
              "phases (every thread of every process), setup cpu s those of the setup; store cpu "
-             "s: "
-             "those of the store's own threads (its reactor, ZeroMQ I/O thread and reaper), the "
-             "part that stays serial on a cluster; anchors (direct rows): the same N sockets "
+             "s: those of the store's own threads (its reactor, ZeroMQ I/O thread and reaper), "
+             "the part that stays serial on a cluster; zstd: the relays took gather results from "
+             "the store compressed (the store compresses once; the allgather entries are "
+          << (*random_entries ? "64 random bytes, which do not compress"
+                              : "text addresses padded to 64 bytes, which compress well")
+          << "); anchors (direct rows): the same N sockets "
              "against a raw ZeroMQ ROUTER, one round trip each (connect) and then N x 64 bytes "
              "to each (allgather)\n";
-      Table t({"ranks", "path", "security", "io thr", "setup s", "ranks s", "connect s",
-               "barrier s", "bcast128 s", "allgather64 s", "total s", "relays s", "cpu s",
-               "setup cpu s", "store cpu s", "store reqs by relays", "gather via file",
-               "raw zmq connect s", "raw zmq N*64B s"});
+      Table t({"ranks",
+               "path",
+               "security",
+               "io thr",
+               "zstd",
+               "setup s",
+               "ranks s",
+               "connect s",
+               "barrier s",
+               "bcast128 s",
+               "allgather64 s",
+               "total s",
+               "relays s",
+               "cpu s",
+               "setup cpu s",
+               "store cpu s",
+               "store reqs by relays",
+               "gather via file",
+               "raw zmq connect s",
+               "raw zmq N*64B s"});
       for (auto& r : rows) {
         bool relayed = r.ranks_per_node > 0;
-        t.Row(
-            {std::to_string(r.ranks),
-             relayed ? std::string(r.gather_files ? "relayed" : "relay-sock") +
-                           " R=" + std::to_string(r.ranks_per_node) +
-                           (r.processes > 1 ? " P=" + std::to_string(r.processes) : "")
-                     : "direct",
-             r.curve ? "CURVE" : "none", std::to_string(r.io_threads),
-             relayed ? Fmt(r.setup_s, 3) : "-", relayed ? Fmt(r.ranks_s, 3) : "-",
-             Fmt(r.connect_s, 3), Fmt(r.barrier_s, 3), Fmt(r.broadcast_s, 3), Fmt(r.allgather_s, 3),
-             Fmt(r.total_s, 3), relayed && r.processes == 1 ? Fmt(r.relays_s, 3) : "-",
-             r.cpu_s >= 0 ? Fmt(r.cpu_s, 2) : "-", r.setup_cpu_s >= 0 ? Fmt(r.setup_cpu_s, 2) : "-",
-             Fmt(r.store_cpu_s, 2), relayed ? std::to_string(r.upstream_requests) : "-",
-             relayed ? std::to_string(r.shared_replies) : "-", relayed ? "-" : Fmt(r.anchor_s, 3),
-             relayed ? "-" : Fmt(r.anchor_allgather_s, 3)});
+        t.Row({std::to_string(r.ranks),
+               relayed ? std::string(r.gather_files ? "relayed" : "relay-sock") +
+                             " R=" + std::to_string(r.ranks_per_node) +
+                             (r.processes > 1 ? " P=" + std::to_string(r.processes) : "")
+                       : "direct",
+               r.curve ? "CURVE" : "none",
+               std::to_string(r.io_threads),
+               relayed ? (r.zstd ? "on" : "off") : "-",
+               relayed ? Fmt(r.setup_s, 3) : "-",
+               relayed ? Fmt(r.ranks_s, 3) : "-",
+               Fmt(r.connect_s, 3),
+               Fmt(r.barrier_s, 3),
+               Fmt(r.broadcast_s, 3),
+               Fmt(r.allgather_s, 3),
+               Fmt(r.total_s, 3),
+               relayed && r.processes == 1 ? Fmt(r.relays_s, 3) : "-",
+               r.cpu_s >= 0 ? Fmt(r.cpu_s, 2) : "-",
+               r.setup_cpu_s >= 0 ? Fmt(r.setup_cpu_s, 2) : "-",
+               Fmt(r.store_cpu_s, 2),
+               relayed ? std::to_string(r.upstream_requests) : "-",
+               relayed ? std::to_string(r.shared_replies) : "-",
+               relayed ? "-" : Fmt(r.anchor_s, 3),
+               relayed ? "-" : Fmt(r.anchor_allgather_s, 3)});
       }
       t.Print();
       return 0;
@@ -1008,10 +1086,16 @@ void AddRendezvousBench(CLI::App& app, Runner* runner) {
   nodes_cmd->add_option("--relay-dir", *nodes_relay_dir);
   auto nodes_io_threads = std::make_shared<int>(1);
   nodes_cmd->add_option("--io-threads", *nodes_io_threads);
+  auto nodes_zstd = std::make_shared<int>(1);
+  nodes_cmd->add_option("--gather-zstd", *nodes_zstd);
+  auto nodes_random = std::make_shared<int>(0);
+  nodes_cmd->add_option("--random-entries", *nodes_random);
   nodes_cmd->callback([=] {
     *runner = [=] {
       g_relay_parent = *nodes_relay_dir;
       g_io_threads = std::max(1, *nodes_io_threads);
+      g_gather_zstd = *nodes_zstd != 0;
+      g_random_entries = *nodes_random != 0;
       return RunNodes(*store, *n_all, *rpn, *first_node, *node_count, *files != 0);
     };
   });

@@ -264,6 +264,11 @@ StatusOr<std::vector<std::string>> RendezvousClient::AllGather(const std::string
   g.set_value(value);
   g.set_timeout_ms(timeout.count());
   MUSTER_ASSIGN_OR_RETURN(auto reply, Call(std::move(r), timeout + options_.rpc_slack));
+  if (reply.gathered_zstd()) {  // only a relay asks for that (rendezvous_codec.h)
+    return DataLossError("rendezvous gather '" + name +
+                         "': the server sent a compressed result, which this client did not ask "
+                         "for");
+  }
   proto::StoreGathered all;
   bool parsed = false;
   if (!reply.gathered_file().empty()) {

@@ -17,6 +17,7 @@
 #include <optional>
 #include <string_view>
 
+#include "collectives/rendezvous_codec.h"
 #include "common/logging.h"
 #include "common/wire.h"
 
@@ -500,6 +501,7 @@ void RendezvousRelay::SendBatch(Batch batch) {
     g.set_name(batch.name);
     g.set_n(batch.n);
     g.set_timeout_ms(timeout.count());
+    g.set_accept_zstd(options_.accept_zstd);
     for (const auto& c : batch.callers) {
       auto* e = g.add_batch();
       e->set_rank(c.rank);
@@ -523,6 +525,9 @@ void RendezvousRelay::SendBatch(Batch batch) {
               g->second.erase(c.rank);
               if (g->second.empty()) gather_ranks_.erase(g);
             };
+            if (r.ok() && r->gathered_zstd()) {
+              if (Status plain = Inflate(b.gather, *r); !plain.ok()) r = plain;
+            }
             if (r.ok()) {
               if (b.gather && b.callers.size() >= 2) ShareGather(*r);
               proto::Envelope e;
@@ -551,6 +556,25 @@ void RendezvousRelay::SendBatch(Batch batch) {
             }
             SendBatch(std::move(again));
           });
+}
+
+Status RendezvousRelay::Inflate(bool gather, proto::StoreReply& reply) {
+  // Only a gather's reply may come compressed, and only when asked for.
+  if (!gather || !options_.accept_zstd) {
+    return DataLossError("rendezvous relay: the store at " + options_.upstream_endpoint +
+                         " sent a compressed result the relay did not ask for");
+  }
+  auto plain = InflateGathered(reply.gathered(), options_.max_message_bytes);
+  if (!plain.ok()) {
+    log::Get("coll.relay")
+        ->error("rendezvous relay for {}/{}: {}", options_.job, options_.attempt,
+                plain.status().message());
+    return plain.status();
+  }
+  ++stats_.compressed_gathers;
+  reply.set_gathered(std::move(*plain));
+  reply.clear_gathered_zstd();
+  return Status::Ok();
 }
 
 void RendezvousRelay::ShareGather(proto::StoreReply& reply) {

@@ -23,6 +23,10 @@
 // re-contributed, as on the store). A rank contributing twice to one gather is refused here,
 // with the store's message, so one rank's mistake never fails its node's batch.
 //
+// A gather result comes from the store compressed where that is smaller (Options::accept_zstd:
+// the store compresses it once, the relay inflates it once); a frame that does not inflate, or
+// would inflate past the message limit, fails the batch's callers with DataLoss.
+//
 // A large gather reply (Options::shared_gather_min_bytes) is handed to the local callers as a
 // file in the socket's private directory (written once, checksummed, mapped read-only by each
 // rank: MappedGather) instead of one copy per rank down the socket; the files go with the
@@ -112,6 +116,10 @@ class RendezvousRelay {
     // insecure). Create starts that connection at once, without waiting for a request, so an
     // agent that creates the relay before it spawns the ranks has it made while they start.
     std::function<void()> on_upstream_ready;
+    // Ask the store for large gather results compressed (StoreGather.accept_zstd;
+    // collectives/rendezvous_codec.h): the relay inflates each once, bounded by
+    // max_message_bytes, and its ranks get the plain bytes. false: the store's plain bytes.
+    bool accept_zstd = true;
   };
 
   struct Stats {
@@ -119,6 +127,7 @@ class RendezvousRelay {
     uint64_t upstream_requests = 0;    // requests sent to the store
     uint64_t shared_gathers = 0;       // gather replies handed over in a file
     uint64_t upstream_handshakes = 0;  // handshakes completed with the store
+    uint64_t compressed_gathers = 0;   // gather results the store sent compressed
   };
 
   // REQUIRES: on the reactor thread or before reactor.Start().
@@ -173,6 +182,9 @@ class RendezvousRelay {
   // Moves a large gather reply's result into a file (Options::shared_gather_min_bytes); leaves
   // the reply as it is when it is small or the file cannot be written.
   void ShareGather(proto::StoreReply& reply);
+  // Inflates a compressed gather result in place (StoreReply.gathered_zstd); DataLoss when it
+  // was not asked for (`gather` false, or Options::accept_zstd off) or does not inflate.
+  Status Inflate(bool gather, proto::StoreReply& reply);
   void Abort(const std::string& why);
 
   Reactor& reactor_;

@@ -22,6 +22,7 @@
 #include <fstream>
 #include <mutex>
 #include <thread>
+#include <zmq_addon.hpp>
 
 #include "collectives/rendezvous_client.h"
 #include "collectives/rendezvous_server.h"
@@ -76,6 +77,7 @@ class RelayTest : public testing::ReactorZapTest {
     o.rpc_slack = 1s;
     o.shared_gather_min_bytes = shared_min_;
     o.on_upstream_ready = on_upstream_ready_;
+    o.accept_zstd = accept_zstd_;
     auto r = reactor_->Call("relay", [&] { return RendezvousRelay::Create(*reactor_, o); });
     EXPECT_TRUE(r.ok()) << r.status();
     if (!r.ok()) return nullptr;
@@ -109,6 +111,7 @@ class RelayTest : public testing::ReactorZapTest {
   std::vector<std::unique_ptr<RendezvousRelay>> relays_;
   int64_t shared_min_ = 64 << 10;
   std::function<void()> on_upstream_ready_;
+  bool accept_zstd_ = true;
 };
 
 TEST_F(RelayTest, TheUpstreamHandshakeCompletesBeforeAnyRankSendsARequest) {
@@ -326,6 +329,120 @@ TEST_F(RelayTest, BadInputOnTheLocalSocketGetsAClearErrorAndTheRelayKeepsServing
   auto c = Client(relay);
   EXPECT_TRUE(c->Set("k", "v").ok());
   EXPECT_EQ(*c->Get("k", 1s), "v");
+}
+
+TEST_F(RelayTest, ALargeGatherResultComesFromTheStoreCompressedAndReachesTheRanksPlain) {
+  constexpr int kNodes = 2, kPerNode = 2, kN = kNodes * kPerNode;
+  auto entry = [](int r) {
+    std::string e = "tcp://198.18.0.1:" + std::to_string(20000 + r);
+    e.resize(2000, ' ');  // 8000 bytes in all: past kZstdMinBytes, and they compress
+    return e;
+  };
+  auto gather = [&](const std::vector<RendezvousRelay*>& relay, const std::string& name) {
+    std::vector<std::unique_ptr<RendezvousClient>> clients;
+    for (int r = 0; r < kN; ++r) clients.push_back(Client(relay[r / kPerNode]));
+    std::vector<StatusOr<std::vector<std::string>>> got(kN, InternalError("not run"));
+    std::vector<std::thread> threads;
+    for (int r = 0; r < kN; ++r) {
+      threads.emplace_back([&, r] { got[r] = clients[r]->AllGather(name, r, kN, entry(r), 10s); });
+    }
+    for (auto& t : threads) t.join();
+    for (int r = 0; r < kN; ++r) {
+      ASSERT_TRUE(got[r].ok()) << "rank " << r << ": " << got[r].status();
+      ASSERT_EQ(got[r]->size(), size_t{kN});
+      for (int e = 0; e < kN; ++e) EXPECT_EQ((*got[r])[e], entry(e));
+    }
+  };
+  std::vector<RendezvousRelay*> zrelays;
+  for (int n = 0; n < kNodes; ++n) zrelays.push_back(AddRelay(n, kPerNode));
+  gather(zrelays, "addrs");
+  for (auto* r : zrelays) EXPECT_EQ(Stats(r).compressed_gathers, 1u);
+  // A relay that does not ask gets the plain bytes.
+  accept_zstd_ = false;
+  std::vector<RendezvousRelay*> plain;
+  for (int n = 0; n < kNodes; ++n) plain.push_back(AddRelay(n, kPerNode));
+  gather(plain, "addrs-plain");
+  for (auto* r : plain) EXPECT_EQ(Stats(r).compressed_gathers, 0u);
+}
+
+// A store (here a fake one, without CURVE) whose compressed gather result does not inflate:
+// every caller of the batch gets DataLoss naming it, and the relay keeps serving.
+TEST(RelayCompressedGatherTest, AFrameThatDoesNotInflateFailsTheBatchWithDataLoss) {
+  std::string templ = "/tmp/relay-test-XXXXXX";
+  ASSERT_NE(mkdtemp(templ.data()), nullptr);
+  zmq::context_t fake_ctx(1);
+  zmq::socket_t store(fake_ctx, zmq::socket_type::router);
+  store.set(zmq::sockopt::linger, 0);
+  store.bind("tcp://127.0.0.1:*");
+  const std::string endpoint = store.get(zmq::sockopt::last_endpoint);
+  std::atomic<bool> stop{false};
+  std::thread fake([&] {
+    while (!stop) {
+      zmq::pollitem_t it{store.handle(), 0, ZMQ_POLLIN, 0};
+      zmq::poll(&it, 1, std::chrono::milliseconds(20));
+      std::vector<zmq::message_t> frames;
+      while (zmq::recv_multipart(store, std::back_inserter(frames), zmq::recv_flags::dontwait)) {
+        auto req = ParseEnvelope(frames.back().data(), frames.back().size());
+        proto::Envelope out;
+        out.set_request_id(req.ok() ? req->request_id() : 0);
+        if (req.ok() && req->store_request().has_gather()) {
+          EXPECT_TRUE(req->store_request().gather().accept_zstd());
+          out.mutable_store_reply()->set_gathered(std::string("\x28\xb5\x2f\xfd", 4) +
+                                                  std::string(64, '\x7f'));
+          out.mutable_store_reply()->set_gathered_zstd(true);
+        } else {
+          out.mutable_store_reply()->set_counter(1);
+        }
+        store.send(frames.front(), zmq::send_flags::sndmore);
+        store.send(zmq::buffer(SerializeEnvelope(out)), zmq::send_flags::none);
+        frames.clear();
+      }
+    }
+  });
+  {
+    Reactor reactor("relay-fake-store");
+    RendezvousRelay::Options o;
+    o.socket_parent = templ;
+    o.upstream_endpoint = endpoint;
+    o.credentials.insecure = true;
+    o.job = "job";
+    o.attempt = 1;
+    o.local_ranks = {0, 1};
+    o.rpc_slack = 1s;
+    auto relay = RendezvousRelay::Create(reactor, o);
+    ASSERT_TRUE(relay.ok()) << relay.status();
+    reactor.Start();
+    std::vector<std::unique_ptr<RendezvousClient>> clients;
+    for (int r = 0; r < 2; ++r) {
+      RendezvousClient::Options co;
+      co.endpoint = (*relay)->endpoint();
+      co.credentials.insecure = true;
+      co.job = "job";
+      co.attempt = 1;
+      co.op_timeout = 5s;
+      co.rpc_slack = 1s;
+      clients.push_back(std::move(*RendezvousClient::Connect(co)));
+    }
+    std::vector<StatusOr<std::vector<std::string>>> got(2, InternalError("not run"));
+    std::thread t([&] { got[1] = clients[1]->AllGather("g", 1, 2, "b", 5s); });
+    got[0] = clients[0]->AllGather("g", 0, 2, "a", 5s);
+    t.join();
+    for (auto& g : got) {
+      ASSERT_FALSE(g.ok());
+      EXPECT_EQ(g.status().code(), StatusCode::kDataLoss) << g.status();
+      EXPECT_NE(g.status().message().find("the store's compressed result"), std::string::npos)
+          << g.status();
+    }
+    // Still serving.
+    auto added = clients[0]->Add("k", 1);
+    EXPECT_TRUE(added.ok()) << added.status();
+    EXPECT_EQ(reactor.Call("stats", [&] { return (*relay)->stats().compressed_gathers; }), 0u);
+    reactor.Call("close", [&] { relay->reset(); });
+    reactor.Stop();
+  }
+  stop = true;
+  fake.join();
+  std::filesystem::remove_all(templ);
 }
 
 TEST_F(RelayTest, ALargeGatherReachesTheLocalRanksThroughOneCheckedFile) {

@@ -12,6 +12,7 @@
 #include <thread>
 
 #include "collectives/rendezvous_client.h"
+#include "collectives/rendezvous_codec.h"
 #include "collectives/rendezvous_relay.h"
 #include "tests/testing/log_capture.h"
 #include "tests/testing/reactor_fixture.h"
@@ -463,6 +464,65 @@ TEST_F(StoreServerValidationTest, AGetWhoseReplyWouldPassTheMessageLimitIsAnErro
   EXPECT_EQ(parked.status().code(), StatusCode::kFailedPrecondition) << parked.status();
   auto one = client_->Get("big", 1s);
   ASSERT_TRUE(one.ok()) << one.status();
+}
+
+// A relay asks for a gather result compressed (StoreGather.accept_zstd): it gets one zstd frame
+// of the same bytes, compressed once, when that is an eighth smaller; a caller that does not
+// ask, a small result and one that does not compress get the plain bytes.
+TEST_F(StoreServerValidationTest, AGatherResultGoesCompressedOnlyToCallersThatAskAndWhenSmaller) {
+  Start({});
+  auto gather = [&](const std::string& name, int rank, const std::string& value, bool zstd) {
+    proto::StoreRequest g;
+    g.mutable_gather()->set_name(name);
+    g.mutable_gather()->set_rank(rank);
+    g.mutable_gather()->set_n(2);
+    g.mutable_gather()->set_value(value);
+    g.mutable_gather()->set_timeout_ms(5000);
+    g.mutable_gather()->set_accept_zstd(zstd);
+    return g;
+  };
+  auto run = [&](const std::string& name, const std::string& v0, const std::string& v1) {
+    StatusOr<proto::StoreReply> zr = InternalError("not run");
+    std::thread t([&] { zr = Raw(gather(name, 0, v0, true), 8s); });
+    EXPECT_TRUE(WaitUntilParked(1));
+    auto plain = client_->AllGather(name, 1, 2, v1, 5s);
+    t.join();
+    EXPECT_TRUE(plain.ok()) << plain.status();
+    if (plain.ok()) EXPECT_EQ(*plain, (std::vector<std::string>{v0, v1}));
+    return zr;
+  };
+  proto::StoreGathered expected;
+  expected.add_values(std::string(3000, 'a'));
+  expected.add_values(std::string(3000, 'b'));
+  auto zr = run("big", std::string(3000, 'a'), std::string(3000, 'b'));
+  ASSERT_TRUE(zr.ok()) << zr.status();
+  EXPECT_TRUE(zr->gathered_zstd());
+  EXPECT_LT(zr->gathered().size(), 1000u);
+  auto inflated = InflateGathered(zr->gathered(), 1 << 20);
+  ASSERT_TRUE(inflated.ok()) << inflated.status();
+  EXPECT_EQ(*inflated, expected.SerializeAsString());
+
+  auto small = run("small", "x", "y");
+  ASSERT_TRUE(small.ok()) << small.status();
+  EXPECT_FALSE(small->gathered_zstd()) << "under kZstdMinBytes";
+
+  std::string noise0(3000, '\0'), noise1(3000, '\0');
+  uint64_t x = 88172645463325252ull;
+  for (auto* s : {&noise0, &noise1}) {
+    for (char& c : *s) {
+      x ^= x << 13;
+      x ^= x >> 7;
+      x ^= x << 17;
+      c = static_cast<char>(x);
+    }
+  }
+  auto noise = run("noise", noise0, noise1);
+  ASSERT_TRUE(noise.ok()) << noise.status();
+  EXPECT_FALSE(noise->gathered_zstd()) << "random bytes do not compress by an eighth";
+  proto::StoreGathered got;
+  ASSERT_TRUE(got.ParseFromString(noise->gathered()));
+  ASSERT_EQ(got.values_size(), 2);
+  EXPECT_EQ(got.values(0), noise0);
 }
 
 TEST_F(StoreServerValidationTest, AScopeHoldsBoundedBytesEntriesAndParkedRequests) {
