@@ -902,11 +902,12 @@ void AddRendezvousBench(CLI::App& app, Runner* runner) {
       ->check(CLI::IsMember({"direct", "relayed", "relayed-socket"}));
   cmd->add_option("--ranks-per-node", *per_node, "Ranks per relay on the relayed path")
       ->check(CLI::Range(1, 1024));
-  auto processes = std::make_shared<int>(HostCores());
+  auto processes = std::make_shared<int>(0);
   cmd->add_option("--processes", *processes,
                   "Spread the relayed paths' simulated nodes (relays and ranks) over this many "
                   "processes, the store staying in this one (default: the host's cores, as on a "
-                  "cluster no agent shares an address space with another; 1: everything in this "
+                  "cluster no agent shares an address space with another, and at least one per "
+                  "4096 ranks, which fit one process's open files; 1: everything in this "
                   "process, the earlier mode). The direct path always runs in this one")
       ->check(CLI::Range(1, 64));
   auto io_threads = std::make_shared<int>(HostCores());
@@ -945,8 +946,10 @@ void AddRendezvousBench(CLI::App& app, Runner* runner) {
               // The direct path has no relays to compress for: one row.
               if (path == "direct" && z != zstd->front()) continue;
               g_gather_zstd = z == "on";
-              auto r = path != "direct" && *processes > 1
-                           ? RunSpread(n, curve, *per_node, path == "relayed", *processes)
+              const int procs =
+                  *processes > 0 ? *processes : std::max(HostCores(), (n + 4095) / 4096);
+              auto r = path != "direct" && procs > 1
+                           ? RunSpread(n, curve, *per_node, path == "relayed", procs)
                            : Run(n, curve, path == "direct" ? 0 : *per_node, path == "relayed");
               if (!r.ok()) {
                 std::cerr << "rendezvous bench with " << n << " ranks (" << path
@@ -993,11 +996,10 @@ void AddRendezvousBench(CLI::App& app, Runner* runner) {
           << "rendezvous of N ranks (own DEALER each) on one RendezvousServer, direct or through "
              "relays of R ranks (ipc to the relay, one CURVE connection per relay to the store), "
              "simulated in this process"
-          << (*processes > 1 ? ", the relayed rows' relays and ranks spread over " +
-                                   std::to_string(*processes) +
-                                   " processes of their own (P, as no agent shares an address "
-                                   "space with another on a cluster)"
-                             : std::string())
+          << (*processes != 1 ? ", the relayed rows' relays and ranks spread over P processes "
+                                "of their own (as no agent shares an address space with "
+                                "another on a cluster)"
+                              : std::string())
           << "; io thr: the ZeroMQ I/O threads that the simulated agents' relays share, and "
              "those the simulated ranks share, per process (on a cluster each agent and each "
              "rank has its own; 1 serialises all of them through one thread). setup s: the "
