@@ -4,11 +4,13 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 #include <mutex>
 #include <set>
 
 #include "collectives/rendezvous_client.h"
+#include "common/logging.h"
 
 namespace muster::node_agent {
 
@@ -42,6 +44,17 @@ StatusOr<std::unique_ptr<collectives::RendezvousRelay>> StartRankRelay(
     o.local_ranks.push_back(s.node_rank() * s.ranks_per_node() + i);
   }
   o.admit = [groups = std::move(rank_groups)](pid_t pid) { return InRankGroups(pid, groups()); };
+  // The relay connects to the store as soon as it is made, before the ranks are spawned: the log
+  // says how long its handshake took, to set beside the programs' start-up.
+  o.on_upstream_ready = [scope = s.job_id() + "/" + std::to_string(s.attempt()),
+                         store = o.upstream_endpoint, made = std::chrono::steady_clock::now()] {
+    log::Get("agent.relay")
+        ->info("rendezvous relay for {}: connected to the store at {} ({} ms after it was made)",
+               scope, store,
+               std::chrono::duration_cast<std::chrono::milliseconds>(
+                   std::chrono::steady_clock::now() - made)
+                   .count());
+  };
   o.socket_parent = collectives::PickRelaySocketParent(collectives::RelaySocketParentCandidates(),
                                                        work_dir / "rdzv");
   {
