@@ -224,12 +224,13 @@ struct Result {
   int ranks;
   bool curve;
   double connect_s, barrier_s, broadcast_s, allgather_s, total_s, anchor_s, anchor_allgather_s;
-  int ranks_per_node = 0;          // 0: the direct path; else relayed, this many ranks per relay
-  int processes = 1;               // relayed: the simulated nodes were spread over this many
-  uint64_t upstream_requests = 0;  // relayed: requests the relays sent the store
-  uint64_t shared_replies = 0;     // relayed: allgather replies handed over in a file
-  bool gather_files = false;       // relayed: large gather results may go through files
-  double relays_s = 0;             // relayed, one process: creating the relays (part of connect)
+  int ranks_per_node = 0;           // 0: the direct path; else relayed, this many ranks per relay
+  int processes = 1;                // relayed: the simulated nodes were spread over this many
+  uint64_t upstream_requests = 0;   // relayed: requests the relays sent the store
+  uint64_t compressed_gathers = 0;  // relayed: gather results the store sent compressed
+  uint64_t shared_replies = 0;      // relayed: allgather replies handed over in a file
+  bool gather_files = false;        // relayed: large gather results may go through files
+  double relays_s = 0;              // relayed, one process: creating the relays (part of connect)
   // Relayed: the relays created and connected to the store (every upstream handshake done), as
   // an agent does before it spawns the ranks (part of connect, and of total); then the ranks'
   // own rendezvous: opening their sockets, connect (through the relays), barrier, broadcast and
@@ -266,7 +267,8 @@ bool g_random_entries = false;
 std::string Entry(int i) {
   if (g_random_entries) {
     std::string e(64, '\0');
-    uint64_t x = 0x9e3779b97f4a7c15ull * static_cast<uint64_t>(i + 1);
+    // Each entry its own eight steps of the sequence: no two entries share a word.
+    uint64_t x = 0x9e3779b97f4a7c15ull * (8 * static_cast<uint64_t>(i) + 8);
     for (size_t b = 0; b < e.size(); b += 8) {  // splitmix64
       x += 0x9e3779b97f4a7c15ull;
       uint64_t z = x;
@@ -374,19 +376,25 @@ class Relays {
     return groups_[node / kNodesPerReactor].relays[node % kNodesPerReactor]->endpoint();
   }
   uint64_t UpstreamRequests() {
-    if (groups_.empty()) return 0;
+    return Sum([](const collectives::RendezvousRelay::Stats& s) { return s.upstream_requests; });
+  }
+  // Gather results that came from the store compressed.
+  uint64_t CompressedGathers() {
+    return Sum([](const collectives::RendezvousRelay::Stats& s) { return s.compressed_gathers; });
+  }
+
+ private:
+  uint64_t Sum(const std::function<uint64_t(const collectives::RendezvousRelay::Stats&)>& of) {
     uint64_t sum = 0;
     for (auto& g : groups_) {
       sum += g.reactor->Call("stats", [&] {
         uint64_t s = 0;
-        for (auto& r : g.relays) s += r->stats().upstream_requests;
+        for (auto& r : g.relays) s += of(r->stats());
         return s;
       });
     }
     return sum;
   }
-
- private:
   struct Group {
     std::unique_ptr<Reactor> reactor;
     std::vector<std::unique_ptr<collectives::RendezvousRelay>> relays;
@@ -602,6 +610,7 @@ StatusOr<Result> Run(int n, bool curve, int per_node, bool gather_files) {
     res.cpu_s = CpuSeconds() - cpu0;
     res.store_cpu_s = ThreadsCpuSeconds(store_tids) - store_cpu0;
     if (relays) res.upstream_requests = relays->UpstreamRequests();
+    if (relays) res.compressed_gathers = relays->CompressedGathers();
   }
   cleanup();
   if (!st.ok()) return st;
@@ -668,8 +677,8 @@ StatusOr<Result> Run(int n, bool curve, int per_node, bool gather_files) {
 // `store` with the key in MUSTER_RDZV_KEY. It reads one phase a line on stdin (setup: make the
 // relays and wait for their handshakes with the store; connect: open the ranks' sockets and make
 // their first requests; barrier, bcast, allgather; cpu: nothing; quit) and answers each with "ok
-// <store requests by its relays> <allgather replies by file> <CPU seconds it has used so far>"
-// or "error <why>".
+// <store requests by its relays> <allgather replies by file> <CPU seconds it has used so far>
+// <gather results its relays got compressed>" or "error <why>".
 int RunNodes(const std::string& store, int n, int per_node, int first_node, int nodes,
              bool gather_files) {
   RaiseFdLimit();
@@ -715,7 +724,8 @@ int RunNodes(const std::string& store, int n, int per_node, int first_node, int 
     }
     if (st.ok()) {
       std::cout << "ok " << (relays ? relays->UpstreamRequests() : 0) << " "
-                << (phases ? phases->shared_replies : 0) << " " << CpuSeconds() << std::endl;
+                << (phases ? phases->shared_replies : 0) << " " << CpuSeconds() << " "
+                << (relays ? relays->CompressedGathers() : 0) << std::endl;
     } else {
       std::cout << "error " << st.ToString() << std::endl;
     }
@@ -808,14 +818,14 @@ StatusOr<Result> RunSpread(int n, bool curve, int per_node, bool gather_files, i
     children.push_back({pid, fdopen(to[1], "w"), fdopen(from[0], "r")});
   }
   // Runs one phase in every child at once; adds up what they report.
-  uint64_t upstream = 0, shared = 0;
+  uint64_t upstream = 0, shared = 0, compressed = 0;
   double children_cpu = 0;  // CPU seconds the children have used so far, as they reported
   auto phase = [&](const std::string& name) -> Status {
     for (auto& c : children) {
       std::fputs((name + "\n").c_str(), c.in);
       std::fflush(c.in);
     }
-    upstream = shared = 0;
+    upstream = shared = compressed = 0;
     children_cpu = 0;
     Status result;
     for (auto& c : children) {
@@ -826,11 +836,12 @@ StatusOr<Result> RunSpread(int n, bool curve, int per_node, bool gather_files, i
       }
       std::string line(buf);
       if (line.rfind("ok ", 0) == 0) {
-        unsigned long long u = 0, f = 0;
+        unsigned long long u = 0, f = 0, z = 0;
         double cpu = 0;
-        std::sscanf(line.c_str() + 3, "%llu %llu %lf", &u, &f, &cpu);
+        std::sscanf(line.c_str() + 3, "%llu %llu %lf %llu", &u, &f, &cpu, &z);
         upstream += u;
         shared += f;
+        compressed += z;
         children_cpu += cpu;
       } else {
         if (result.ok()) result = InternalError(name + ": " + line);
@@ -864,6 +875,7 @@ StatusOr<Result> RunSpread(int n, bool curve, int per_node, bool gather_files, i
   res.cpu_s = children_cpu - children_cpu0 + CpuSeconds() - cpu0;
   res.store_cpu_s = ThreadsCpuSeconds(store_tids) - store_cpu0;
   res.upstream_requests = upstream;
+  res.compressed_gathers = compressed;
   res.shared_replies = shared;
   for (auto& c : children) {
     std::fputs("quit\n", c.in);
@@ -988,7 +1000,8 @@ void AddRendezvousBench(CLI::App& app, Runner* runner) {
                          {"setup_s", r.setup_s},
                          {"ranks_s", r.ranks_s},
                          {"setup_cpu_s", r.setup_cpu_s},
-                         {"upstream_requests", r.upstream_requests}});
+                         {"upstream_requests", r.upstream_requests},
+                         {"compressed_gathers", r.compressed_gathers}});
         std::cout << (out.size() == 1 ? out[0] : out).dump(2) << "\n";
         return 0;
       }
@@ -1011,8 +1024,9 @@ void AddRendezvousBench(CLI::App& app, Runner* runner) {
              "the relays, part of setup (one-process rows); cpu s: CPU seconds used over all "
              "phases (every thread of every process), setup cpu s those of the setup; store cpu "
              "s: those of the store's own threads (its reactor, ZeroMQ I/O thread and reaper), "
-             "the part that stays serial on a cluster; zstd: the relays took gather results from "
-             "the store compressed (the store compresses once; the allgather entries are "
+             "the part that stays serial on a cluster; zstd: the relays asked for gather results "
+             "compressed, and zstd from store: how many came so (the store compresses once, "
+             "and only when that saves an eighth; the allgather entries are "
           << (*random_entries ? "64 random bytes, which do not compress"
                               : "text addresses padded to 64 bytes, which compress well")
           << "); anchors (direct rows): the same N sockets "
@@ -1036,6 +1050,7 @@ void AddRendezvousBench(CLI::App& app, Runner* runner) {
                "store cpu s",
                "store reqs by relays",
                "gather via file",
+               "zstd from store",
                "raw zmq connect s",
                "raw zmq N*64B s"});
       for (auto& r : rows) {
@@ -1061,6 +1076,7 @@ void AddRendezvousBench(CLI::App& app, Runner* runner) {
                Fmt(r.store_cpu_s, 2),
                relayed ? std::to_string(r.upstream_requests) : "-",
                relayed ? std::to_string(r.shared_replies) : "-",
+               relayed ? std::to_string(r.compressed_gathers) : "-",
                relayed ? "-" : Fmt(r.anchor_s, 3),
                relayed ? "-" : Fmt(r.anchor_allgather_s, 3)});
       }
