@@ -17,8 +17,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   auto plain = muster::collectives::InflateGathered(frame, kLimit);
   if (!plain.ok()) return 0;
   if (static_cast<int64_t>(plain->size()) > kLimit) std::abort();
-  auto again = muster::collectives::InflateGathered(
-      muster::collectives::CompressGathered(*plain), kLimit);
+  auto again =
+      muster::collectives::InflateGathered(muster::collectives::CompressGathered(*plain), kLimit);
   if (!again.ok() || *again != *plain) std::abort();
   return 0;
 }
