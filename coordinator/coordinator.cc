@@ -168,8 +168,12 @@ Status Coordinator::Restore() {
       j->rec.nodes.clear();
       // Before any request: a store that cannot take this write fails the start.
       MUSTER_RETURN_IF_ERROR(Persist(*j));
-      sched_->Submit(j->req).IgnoreError();
-      j->in_scheduler = true;
+      // A restart backoff or a lost node's lease fence (not_before, wall-clock time) still holds:
+      // Tick submits the job once it has passed, as it would have without the restart.
+      if (j->rec.not_before_ms <= now) {
+        sched_->Submit(j->req).IgnoreError();
+        j->in_scheduler = true;
+      }
     }
     ++restored;
     jobs_.emplace(j->rec.id, std::move(j));

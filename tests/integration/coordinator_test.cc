@@ -1441,5 +1441,35 @@ TEST_F(CoordinatorKillNineTest, AHeldSpareSurvivesKillNineAndStillReplacesALostN
   EXPECT_TRUE(replaced) << "an event says which spare replaced which node";
 }
 
+// A failed attempt's restart backoff is in the database (not_before_ms, wall-clock time): a
+// coordinator killed with SIGKILL during the backoff and restarted does not place the next
+// attempt before the backoff has run out (it used to submit every restored pending job at once).
+TEST_F(CoordinatorKillNineTest, TheRestartBackoffHoldsAcrossKillNine) {
+  FakeAgent& a = AddAgent("aws-0", "aws");
+  auto id = Submit("name: b\ncommand: train\nrestart:\n  max_restarts: 2\n  backoff: 4s\n");
+  ASSERT_TRUE(id.ok()) << id.status();
+  ASSERT_TRUE(a.WaitStart());
+  const auto failed_at = Clock::now();  // the backoff counts from after this
+  ASSERT_TRUE(a.Report(*id, 1, true, 3, true).ok());
+  ASSERT_TRUE(WaitUntil(
+      [&] { return Status(*id).pending_reason().starts_with("waiting: restart backoff"); }, 5s))
+      << Status(*id).DebugString();
+
+  KillNineAndRestart();
+  FakeAgent& b = Rejoin("aws-0");
+  auto st = Status(*id);
+  EXPECT_EQ(st.state(), proto::JOB_PENDING) << st.DebugString();
+  EXPECT_TRUE(st.pending_reason().starts_with("waiting: restart backoff"))
+      << "the restored job does not wait out its backoff: " << st.DebugString();
+  auto start = b.WaitStart(15s);
+  const auto started_after = Clock::now() - failed_at;
+  ASSERT_TRUE(start) << "the next attempt never started: " << Status(*id).DebugString();
+  EXPECT_EQ(start->attempt(), 2);
+  EXPECT_GE(started_after, 3900ms)
+      << "attempt 2 started "
+      << std::chrono::duration_cast<std::chrono::milliseconds>(started_after).count()
+      << " ms after the failure, before its 4 s backoff ended";
+}
+
 }  // namespace
 }  // namespace muster::coordinator
