@@ -180,6 +180,7 @@ Status Coordinator::Restore() {
   }
   RestoreCopies();
   RestoreSpares();
+  RestoreLogCopies(now);
   // A snapshot resume that failed before a kill -9 still sends the next attempt to the volume.
   if (auto fb = store_->LoadSnapshotFallbacks(); fb.ok()) {
     for (const auto& [id, why] : *fb) {
@@ -1824,7 +1825,12 @@ StatusOr<proto::Envelope> Coordinator::OnLogChunk(const Caller& caller,
     Reply r = std::move(it->second.reply);
     fetches_.erase(it);
     if (!req.error().empty()) {
-      r(ErrorEnvelope(0, NotFoundError(req.error())));
+      // The agent's code decides what the reader does (log_collect.cc: give up or ask again).
+      proto::Error err;
+      err.set_code(req.error_code() == 0 ? proto::NOT_FOUND
+                                         : static_cast<proto::Code>(req.error_code()));
+      err.set_message(req.error());
+      r(ErrorEnvelope(0, ErrorToStatus(err)));
     } else {
       proto::Envelope e;
       auto* out = e.mutable_logs_reply();

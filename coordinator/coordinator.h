@@ -251,6 +251,9 @@ class Coordinator {
     int64_t deadline_ms = 0;
     int64_t next_fetch_ms = 0;  // > 0: ask again then (the node had nothing new yet)
     bool in_flight = false;
+    // > 0: a copy asked again after a coordinator restart, waiting until then for its node's
+    // agent to register again (every restored node is disconnected at first).
+    int64_t reconnect_until_ms = 0;
   };
   using LogCopyKey = std::tuple<std::string, int, int>;  // job, attempt, rank
   void KeepLogs(const JobRecord& rec, const std::string& node);
@@ -260,6 +263,9 @@ class Coordinator {
   // `keep` false: drops it (the node had no log of the rank).
   void EndLogCopy(const LogCopyKey& key, const std::string& note, bool keep = true);
   void TickLogCopies(int64_t now);
+  // At start: the copies the previous coordinator was writing when it stopped are asked again
+  // of their nodes (or given up with a logs_lost event when the node is gone).
+  void RestoreLogCopies(int64_t now);
   // Answers `req` from the kept copy when there is one to answer from; false: ask the node.
   bool ServeKeptLog(const proto::LogsRequest& req, const JobRecord& rec, int attempt,
                     const std::string& node, Reply& reply);
