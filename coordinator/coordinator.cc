@@ -952,6 +952,8 @@ RequestKind KindOf(proto::Envelope::PayloadCase c) {
       return {"drain", Right::kAdmin, true};
     case proto::Envelope::kPreemptNodeRequest:
       return {"node preempt", Right::kAdmin, true};
+    case proto::Envelope::kForgetNodeRequest:
+      return {"node forget", Right::kAdmin, true};
     case proto::Envelope::kAgentRegister:
       return {"agent register", Right::kAgent, true};
     case proto::Envelope::kAgentHeartbeat:
@@ -1061,6 +1063,8 @@ void Coordinator::Handle(const Caller& caller, proto::Envelope&& req, Reply repl
       return answer(OnDrain(req.drain_request()));
     case proto::Envelope::kPreemptNodeRequest:
       return answer(OnPreemptNode(req.preempt_node_request()));
+    case proto::Envelope::kForgetNodeRequest:
+      return answer(OnForgetNode(caller, req.forget_node_request()));
     case proto::Envelope::kLogsRequest:
       return OnLogs(caller, req.logs_request(), [id, reply](proto::Envelope e) {
         e.set_request_id(id);
@@ -1331,6 +1335,22 @@ StatusOr<proto::Envelope> Coordinator::OnDrain(const proto::DrainRequest& req) {
   pass_needed_ = true;
   auto st = NodeStatusOf(n);
   return Wrap([&](auto& e) { e.mutable_drain_reply()->set_state(st.state()); });
+}
+
+std::vector<std::string> Coordinator::JobsNeedingNode(const std::string& node) const {
+  std::vector<std::string> out;
+  for (const auto& [id, j] : jobs_) {
+    if (Terminal(j->rec.state) && j->attempt.done.size() >= j->rec.nodes.size()) continue;
+    if (std::find(j->rec.nodes.begin(), j->rec.nodes.end(), node) == j->rec.nodes.end()) continue;
+    if (j->attempt.done.count(node)) continue;
+    out.push_back(fmt::format("it is in attempt {} of job {}", j->rec.attempt, id));
+  }
+  for (const auto& id : snapshot_book_.JobsOf(node)) {
+    auto j = jobs_.find(id);
+    if (j != jobs_.end() && !Terminal(j->second->rec.state))
+      out.push_back(fmt::format("it holds in-memory snapshots of job {}", id));
+  }
+  return out;
 }
 
 StatusOr<proto::Envelope> Coordinator::OnPreemptNode(const proto::PreemptNodeRequest& req) {

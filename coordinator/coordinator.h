@@ -185,7 +185,13 @@ class Coordinator {
   // (REQUIRES: jobs restored).
   void SaveSpares();
   void RestoreSpares();
-  void ForgetNode(const std::string& name);
+  // Drops a node's record (database, scheduler, registry; its key binding stays). Its log
+  // copies in flight end with "node NAME <why> before all of it was kept". No-op for an
+  // unknown node.
+  Status ForgetNode(const std::string& name, const std::string& why);
+  // Why jobs that have not ended still need `node`: "it is in attempt A of job J" (not done
+  // there yet), "it holds in-memory snapshots of job J" (coordinator.cc: JobRt is private to it).
+  std::vector<std::string> JobsNeedingNode(const std::string& node) const;
   std::vector<JobRequest> PendingRequests() const;
   // False if the store did not take the attempt (nothing was sent).
   bool Start(JobRt& job, const std::vector<std::string>& nodes);
@@ -300,6 +306,8 @@ class Coordinator {
   StatusOr<proto::Envelope> OnEvents(const Caller& caller, const proto::EventsRequest& req);
   StatusOr<proto::Envelope> OnDrain(const proto::DrainRequest& req);
   StatusOr<proto::Envelope> OnPreemptNode(const proto::PreemptNodeRequest& req);
+  // `muster node forget` (node_forget.cc).
+  StatusOr<proto::Envelope> OnForgetNode(const Caller& caller, const proto::ForgetNodeRequest& req);
   void OnLogs(const Caller& caller, const proto::LogsRequest& req, Reply reply);
   StatusOr<proto::Envelope> OnRegister(const Caller& caller, const proto::AgentRegister& req);
   StatusOr<proto::Envelope> OnHeartbeat(const Caller& caller, const proto::AgentHeartbeat& req);

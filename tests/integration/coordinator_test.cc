@@ -1471,5 +1471,156 @@ TEST_F(CoordinatorKillNineTest, TheRestartBackoffHoldsAcrossKillNine) {
       << " ms after the failure, before its 4 s backoff ended";
 }
 
+// `muster node forget NODE` against a real coordinator, after a kill -9 (the restored nodes are
+// disconnected until their agents register again): refused, with the reason, for a node in a
+// running attempt, a held spare, a connected node, and for a key that is not an admin's; a node
+// nothing needs is forgotten, an event names the key, and it stays forgotten after another
+// kill -9.
+TEST_F(CoordinatorKillNineTest, NodeForgetRefusesWhatIsStillNeededAndForgetsTheRest) {
+  std::map<std::string, FakeAgent*> first;
+  for (const char* n : {"aws-0", "aws-1"}) first[n] = &AddAgent(n, "aws");
+  auto id = Submit("name: f\ncommand: train\nspares: 1\n");
+  ASSERT_TRUE(id.ok()) << id.status();
+  proto::JobStatus st;
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        st = Status(*id);
+        return st.nodes_size() == 1 && st.spares_size() == 1;
+      },
+      5s))
+      << st.DebugString();
+  const std::string gang = st.nodes(0), spare = st.spares(0);
+  ASSERT_TRUE(first[gang]->WaitStart());
+  ASSERT_TRUE(first[gang]->Report(*id, 1, true, 0, false).ok());
+  ASSERT_TRUE(WaitState(*id, proto::JOB_RUNNING));
+  AddAgent("aws-2", "aws");
+  AddAgent("aws-3", "aws");
+
+  KillNineAndRestart();
+  FakeAgent& a2 = Rejoin("aws-2");
+  proto::SnapshotHeld frame;
+  frame.set_job_id(*id);
+  frame.set_world_size(1);
+  frame.set_attempt(1);
+  frame.set_step(5);
+  a2.SetSnapshotsHeld({frame});
+  std::string base = std::string(MUSTER_BIN) + " --log-level off ";
+  std::string flags = " --coordinator " + coord_->endpoint() + " --keys " + keys_.dir.string();
+  auto run = [&](const std::string& args, int* rc, const std::string& f) {
+    std::string out;
+    FILE* p = popen((base + args + f + " 2>&1").c_str(), "r");
+    char buf[512];
+    while (p && fgets(buf, sizeof(buf), p)) out += buf;
+    *rc = p ? WEXITSTATUS(pclose(p)) : -1;
+    return out;
+  };
+  int rc = 0;
+  std::string out = run("node forget " + gang, &rc, flags);
+  EXPECT_EQ(rc, 2) << out;
+  EXPECT_NE(out.find("muster node forget: node " + gang +
+                     " is not forgotten: it is in attempt 1 "
+                     "of job " +
+                     *id),
+            std::string::npos)
+      << out;
+  out = run("node forget " + spare, &rc, flags);
+  EXPECT_EQ(rc, 2) << out;
+  EXPECT_NE(out.find("node " + spare + " is not forgotten: it is held as a spare of job " + *id),
+            std::string::npos)
+      << out;
+  EXPECT_TRUE(WaitUntil(
+      [&] {
+        out = run("node forget aws-2", &rc, flags);
+        return out.find("it holds in-memory snapshots of job " + *id) != std::string::npos;
+      },
+      5s))
+      << out;
+  EXPECT_EQ(rc, 2) << out;
+  EXPECT_NE(out.find("node aws-2 is not forgotten: it is connected (its agent would register it "
+                     "again: stop the agent first); it holds in-memory snapshots of job " +
+                     *id),
+            std::string::npos)
+      << out;
+  out = run("node forget aws-9", &rc, flags);
+  EXPECT_EQ(rc, 1) << out;
+  EXPECT_NE(out.find("unknown node aws-9"), std::string::npos) << out;
+
+  // A client key may not, even for a node nothing needs.
+  AddKeyAndWait("alice", KeyRole::kClient);
+  fs::path alice = root_ / "alice-keys";
+  fs::create_directories(alice);
+  fs::copy_file(keys_.dir / "alice.key", alice / "client.key");
+  fs::copy_file(keys_.coordinator_pub(), alice / "coordinator.pub");
+  out = run("node forget aws-3", &rc,
+            " --coordinator " + coord_->endpoint() + " --keys " + alice.string());
+  EXPECT_EQ(rc, 2) << out;
+  EXPECT_NE(out.find("permission denied: key 'alice' (role client) may not node forget: it needs "
+                     "an admin key"),
+            std::string::npos)
+      << out;
+  EXPECT_NE(NodeState("aws-3"), proto::NODE_STATE_UNSPECIFIED) << "still listed";
+
+  // The admin forgets aws-3 (its agent is gone, nothing needs it).
+  out = run("node forget aws-3", &rc, flags);
+  EXPECT_EQ(rc, 0) << out;
+  EXPECT_EQ(out, "aws-3 forgotten\n");
+  EXPECT_EQ(NodeState("aws-3"), proto::NODE_STATE_UNSPECIFIED) << "still listed";
+  auto ev = client_->Events("", 0);
+  ASSERT_TRUE(ev.ok()) << ev.status();
+  bool said = false;
+  for (const auto& e : ev->events()) {
+    said |=
+        e.kind() == "node_forgotten" && e.node() == "aws-3" &&
+        e.message() == "node record forgotten by key 'admin' (role admin); its key binding stays";
+  }
+  EXPECT_TRUE(said) << "no event says who forgot the node";
+
+  KillNineAndRestart();
+  EXPECT_EQ(NodeState("aws-3"), proto::NODE_STATE_UNSPECIFIED) << "back after a restart";
+  EXPECT_NE(NodeState(gang), proto::NODE_STATE_UNSPECIFIED);
+  // Its agent, with the same key, may register the name again.
+  Rejoin("aws-3");
+  EXPECT_EQ(NodeState("aws-3"), proto::NODE_UP);
+}
+
+// A node whose volume holds a checkpoint step not yet copied to the other provider (the copy's
+// source) is not forgotten; every reason is given.
+TEST_F(CoordinatorKillNineTest, NodeForgetRefusesTheSourceOfACopyNotDone) {
+  proto::NodeLabels src = Labels("aws-0", "aws");
+  src.set_transfer_endpoint("tcp://127.0.0.1:1");
+  src.set_transfer_key(GenerateKeyPair()->public_key);
+  agents_.push_back(std::make_unique<FakeAgent>(ctx_, coord_->endpoint(), keys_, src));
+  FakeAgent& a0 = *agents_.back();
+  ASSERT_TRUE(a0.Register().ok());
+  a0.StartHeartbeats();
+  FakeAgent& g0 = AddAgent("gcp-0", "gcp");
+  auto id = Submit("name: c\ncommand: train\ncheckpoint:\n  volume: ckpt\n  every: 10\n");
+  ASSERT_TRUE(id.ok()) << id.status();
+  ASSERT_TRUE(a0.WaitStart());
+  ASSERT_TRUE(a0.Report(*id, 1, true, 0, false).ok());
+  proto::Envelope commit;
+  auto* r = commit.mutable_agent_report();
+  r->set_node("aws-0");
+  r->set_session_id(a0.session());
+  r->set_job_id(*id);
+  r->set_attempt(1);
+  r->set_checkpoint_step(10);
+  r->set_checkpoint_volume("ckpt");
+  ASSERT_TRUE(a0.Call(commit).ok());
+  ASSERT_TRUE(g0.WaitAction([](const auto& a) { return a.has_replicate(); }, 5s));
+  // The copy of step 10 is not done (a restarted coordinator asks for it again while the job
+  // has not ended).
+  KillNineAndRestart();
+  proto::Envelope forget;
+  forget.mutable_forget_node_request()->set_node("aws-0");
+  auto reply = client_->Call(forget);
+  ASSERT_FALSE(reply.ok());
+  EXPECT_EQ(reply.status().code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(reply.status().message(),
+            "node aws-0 is not forgotten: it is in attempt 1 of job " + *id +
+                "; it is the source of job " + *id +
+                "'s checkpoint copy of step 10 to provider gcp, not done yet");
+}
+
 }  // namespace
 }  // namespace muster::coordinator
