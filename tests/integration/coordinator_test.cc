@@ -1622,5 +1622,57 @@ TEST_F(CoordinatorKillNineTest, NodeForgetRefusesTheSourceOfACopyNotDone) {
                 "'s checkpoint copy of step 10 to provider gcp, not done yet");
 }
 
+// A kept-log copy in flight when the coordinator is killed with SIGKILL is asked again of its
+// node once the node's agent registers with the restarted coordinator, and is kept whole.
+TEST_F(CoordinatorKillNineTest, AKeptLogCopyInFlightIsAskedAgainAfterKillNine) {
+  FakeAgent& a = AddAgent("aws-0", "aws");
+  auto id = Submit("name: lg\ncommand: train\n");
+  ASSERT_TRUE(id.ok()) << id.status();
+  ASSERT_TRUE(a.WaitStart());
+  ASSERT_TRUE(a.Report(*id, 1, true, 0, false).ok());
+  ASSERT_TRUE(a.Report(*id, 1, false, 0, true).ok());
+  auto answer = [&](FakeAgent& agent, const proto::FetchLog& f, const std::string& data, bool eof) {
+    proto::Envelope e;
+    auto* c = e.mutable_agent_log_chunk();
+    c->set_node(agent.name());
+    c->set_session_id(agent.session());
+    c->set_fetch_id(f.fetch_id());
+    c->set_data(data);
+    c->set_next_offset(f.offset() + static_cast<int64_t>(data.size()));
+    c->set_generation(7);
+    c->set_eof(eof);
+    return agent.Call(e);
+  };
+  auto fetch = a.WaitAction([](const auto& x) { return x.has_fetch_log(); }, 5s);
+  ASSERT_TRUE(fetch) << "the finished attempt's log is not asked for";
+  auto r = answer(a, fetch->fetch_log(), "first part\n", false);
+  ASSERT_TRUE(r.ok() && !r->has_error()) << r.status();
+  // The next chunk is asked for: the first one is in the copy being written.
+  ASSERT_TRUE(a.WaitAction([](const auto& x) { return x.has_fetch_log(); }, 5s));
+
+  KillNineAndRestart();
+  FakeAgent& b = Rejoin("aws-0");
+  fetch = b.WaitAction([](const auto& x) { return x.has_fetch_log(); }, 10s);
+  ASSERT_TRUE(fetch) << "the copy in flight was forgotten with the coordinator";
+  EXPECT_EQ(fetch->fetch_log().job_id(), *id);
+  EXPECT_EQ(fetch->fetch_log().offset(), 0) << "asked again from the start";
+  r = answer(b, fetch->fetch_log(), "first part\nsecond part\n", true);
+  ASSERT_TRUE(r.ok() && !r->has_error()) << r.status();
+  std::string kinds;
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        kinds.clear();
+        for (const auto& k : EventKinds(*id)) kinds += k + " ";
+        return kinds.find("logs_kept") != std::string::npos;
+      },
+      5s))
+      << kinds;
+  EXPECT_NE(kinds.find("logs_copy_retry"), std::string::npos) << kinds;
+  auto kept = client_->Logs(*id, 0, 0, 1000, 0, proto::LOG_MERGED, 0, /*kept=*/true);
+  ASSERT_TRUE(kept.ok()) << kept.status();
+  EXPECT_EQ(kept->data(), "first part\nsecond part\n");
+  EXPECT_TRUE(kept->kept());
+}
+
 }  // namespace
 }  // namespace muster::coordinator
