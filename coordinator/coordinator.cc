@@ -1846,9 +1846,12 @@ StatusOr<proto::Envelope> Coordinator::OnLogChunk(const Caller& caller,
     fetches_.erase(it);
     if (!req.error().empty()) {
       // The agent's code decides what the reader does (log_collect.cc: give up or ask again).
+      // 0: an agent that predates error_code (NOT_FOUND); a code that is not one: INTERNAL.
+      int code = req.error_code();
       proto::Error err;
-      err.set_code(req.error_code() == 0 ? proto::NOT_FOUND
-                                         : static_cast<proto::Code>(req.error_code()));
+      err.set_code(code == 0                   ? proto::NOT_FOUND
+                   : proto::Code_IsValid(code) ? static_cast<proto::Code>(code)
+                                               : proto::INTERNAL);
       err.set_message(req.error());
       r(ErrorEnvelope(0, ErrorToStatus(err)));
     } else {

@@ -555,6 +555,20 @@ TEST_F(LogCollectTest, ALogReadErrorReachesTheClientWithItsCode) {
   ASSERT_TRUE(out.has_error()) << out.DebugString();
   EXPECT_EQ(out.error().code(), proto::DATA_LOSS) << out.DebugString();
   EXPECT_EQ(out.error().message(), "reading a log file: Input/output error");
+  // A code that is not one is INTERNAL, never passed on as it came.
+  proto::Envelope again;
+  again.mutable_logs_request()->set_job_id(id);
+  again.mutable_logs_request()->set_rank(1);
+  out.Clear();
+  coord_->Handle("test", std::move(again), [&](proto::Envelope e) { out = std::move(e); });
+  fetch = 0;
+  for (const auto& a : Heartbeat("gcp-1", sg_)) {
+    if (a.has_fetch_log()) fetch = a.fetch_log().fetch_id();
+  }
+  ASSERT_NE(fetch, 0u);
+  ASSERT_FALSE(ChunkError(fetch, static_cast<StatusCode>(99), "odd").has_error());
+  ASSERT_TRUE(out.has_error()) << out.DebugString();
+  EXPECT_EQ(out.error().code(), proto::INTERNAL) << out.DebugString();
 }
 
 }  // namespace
