@@ -1622,6 +1622,46 @@ TEST_F(CoordinatorKillNineTest, NodeForgetRefusesTheSourceOfACopyNotDone) {
                 "'s checkpoint copy of step 10 to provider gcp, not done yet");
 }
 
+// The same holds for a lost node's lease fence (no split brain): a node that went silent may
+// still run its ranks until its lease runs out, so its job is not placed again before then,
+// even by a coordinator restarted in between.
+TEST_F(CoordinatorKillNineTest, ALostNodesLeaseFenceHoldsAcrossKillNine) {
+  std::map<std::string, FakeAgent*> first;
+  for (const char* n : {"aws-0", "aws-1"}) first[n] = &AddAgent(n, "aws");
+  auto id = Submit("name: fence\ncommand: train\n");
+  ASSERT_TRUE(id.ok()) << id.status();
+  proto::JobStatus st;
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        st = Status(*id);
+        return st.nodes_size() == 1;
+      },
+      5s));
+  const std::string silent = st.nodes(0), other = silent == "aws-0" ? "aws-1" : "aws-0";
+  ASSERT_TRUE(first[silent]->WaitStart());
+  ASSERT_TRUE(first[silent]->Report(*id, 1, true, 0, false).ok());
+  first[silent]->StopHeartbeats();  // silent, not dead: its ranks may still run
+  ASSERT_TRUE(WaitState(*id, proto::JOB_PENDING, 10s));
+  int64_t requeued_ms = 0;
+  auto ev = client_->Events(*id, 0);
+  ASSERT_TRUE(ev.ok()) << ev.status();
+  for (const auto& e : ev->events())
+    if (e.kind() == "requeued") requeued_ms = e.time_ms();
+  ASSERT_GT(requeued_ms, 0);
+
+  KillNineAndRestart();
+  FakeAgent& b = Rejoin(other);
+  auto start = b.WaitStart(10s);
+  const int64_t started_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
+                                 std::chrono::system_clock::now().time_since_epoch())
+                                 .count();
+  ASSERT_TRUE(start) << "the job was never placed again: " << Status(*id).DebugString();
+  // Lease 2250 ms (1.5 x the heartbeat timeout) - heartbeat timeout 1500 ms + 500 ms.
+  EXPECT_GE(started_ms - requeued_ms, 1200)
+      << "attempt 2 started " << started_ms - requeued_ms
+      << " ms after the requeue, inside the lost node's lease fence (1250 ms)";
+}
+
 // A kept-log copy in flight when the coordinator is killed with SIGKILL is asked again of its
 // node once the node's agent registers with the restarted coordinator, and is kept whole.
 TEST_F(CoordinatorKillNineTest, AKeptLogCopyInFlightIsAskedAgainAfterKillNine) {
