@@ -81,6 +81,9 @@ struct Coordinator::JobRt {
   // the previous snapshot resume failed, why the next attempt must not resume from snapshots.
   ResumeChoice snapshot_resumed;
   std::string snapshot_fallback;
+  // Why a pending job waits for rec.not_before_ms, for its pending reason: a lost node's lease
+  // fence (the last attempt ended node_lost), else the restart backoff.
+  bool lease_fence = false;
 };
 
 constexpr int64_t kInteractiveClientTimeoutMs = 15000;
@@ -173,6 +176,9 @@ Status Coordinator::Restore() {
       if (j->rec.not_before_ms <= now) {
         sched_->Submit(j->req).IgnoreError();
         j->in_scheduler = true;
+      } else if (auto attempts = store_->LoadAttempts(j->rec.id);
+                 attempts.ok() && !attempts->empty()) {
+        j->lease_fence = attempts->back().outcome == "node_lost";
       }
     }
     ++restored;
@@ -718,6 +724,7 @@ void Coordinator::Finish(JobRt& job) {
   r.restarts = d.restarts;
   r.preemptions = d.preemptions;
   r.not_before_ms = d.not_before_ms;
+  job.lease_fence = d.kind == AttemptEndDecision::Kind::kNodeLost;
   job.start_retries = d.start_retries;
   for (const auto& e : d.events) Event(r.id, "", e.kind, e.message);
   Write(fmt::format("attempt {} of job {}", r.attempt, r.id), [&] {
@@ -1154,8 +1161,10 @@ proto::JobStatus Coordinator::StatusOf(const JobRt& j) {
           "waiting: {} s for the lost node's lease, then restarting on the survivors and spares",
           std::max<int64_t>(0, (r.not_before_ms - NowMs() + 999) / 1000)));
     } else if (!j.in_scheduler && r.not_before_ms > NowMs()) {
-      s.set_pending_reason(fmt::format("waiting: restart backoff, {} s left",
-                                       (r.not_before_ms - NowMs() + 999) / 1000));
+      s.set_pending_reason(fmt::format(
+          "waiting: {}, {} s left",
+          j.lease_fence ? "the lost node's lease (it may still run its ranks)" : "restart backoff",
+          (r.not_before_ms - NowMs() + 999) / 1000));
     } else {
       std::string from_provider = ProviderReason(r.id);
       s.set_pending_reason(from_provider.empty() ? sched_->PendingReason(r.id) : from_provider);

@@ -1651,6 +1651,10 @@ TEST_F(CoordinatorKillNineTest, ALostNodesLeaseFenceHoldsAcrossKillNine) {
 
   KillNineAndRestart();
   FakeAgent& b = Rejoin(other);
+  st = Status(*id);
+  EXPECT_TRUE(st.pending_reason().starts_with("waiting: the lost node's lease") ||
+              st.state() != proto::JOB_PENDING)
+      << st.DebugString();
   auto start = b.WaitStart(10s);
   const int64_t started_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
                                  std::chrono::system_clock::now().time_since_epoch())

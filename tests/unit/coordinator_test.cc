@@ -243,6 +243,8 @@ TEST_F(CoordinatorTest, HeartbeatTimeoutOnTheInjectedClockRequeues) {
   std::string s1 = Register("n0");
   coord_->Tick();
   EXPECT_TRUE(Heartbeat("n0", s1).empty()) << "placed while the old ranks may still run";
+  EXPECT_EQ(Status(id).pending_reason(),
+            "waiting: the lost node's lease (it may still run its ranks), 4 s left");
   now_ += 4s;
   coord_->Tick();
   actions = Heartbeat("n0", s1);
