@@ -542,8 +542,9 @@ void AddCoordinatorCommands(CLI::App& app, Runner* runner) {
     {
       auto* cmd = node->add_subcommand(
           "forget",
-          "Drop NODE's record (an admin key): refused while it is connected, in an attempt or "
-          "held as a spare, or holds in-memory snapshots or a checkpoint copy a job still needs");
+          "Drop a static NODE's record (an admin key): refused while it is connected, in an "
+          "attempt or held as a spare, or holds in-memory snapshots or a checkpoint copy a job "
+          "still needs");
       auto o = std::make_shared<ClientOptions>();
       auto name = std::make_shared<std::string>();
       cmd->add_option("NODE", *name, "Node name")->required();

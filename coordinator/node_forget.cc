@@ -1,10 +1,11 @@
 // `muster node forget NODE`: an admin drops a node's record from the coordinator (a machine
 // taken out of the pool for good, so that `muster nodes` no longer lists it and no job waits
 // for it). Only what nothing needs any more is forgotten: the request is refused, with every
-// reason, while the node is connected (its agent would only register it again), is in an
-// attempt of a job that has not ended, is held as a spare, holds in-memory snapshots of a job
-// that has not ended, or is the source or target of a checkpoint copy not done (its volume has
-// a step the other provider does not). The right (an admin key) is checked in Handle.
+// reason, while the node is connected (its agent would only register it again), belongs to an
+// on-demand provider (which releases it, and so forgets it, itself), is in an attempt of a job
+// that has not ended, is held as a spare, holds in-memory snapshots of a job that has not
+// ended, or is the source or target of a checkpoint copy not done (its volume has a step the
+// other provider does not). The right (an admin key) is checked in Handle.
 //
 // Forgetting deletes the record (database first), the scheduler's node and the registry's;
 // the node-key binding stays, so only the same key can register the name again. A
@@ -16,6 +17,7 @@
 #include <algorithm>
 
 #include "coordinator/coordinator.h"
+#include "coordinator/providers/provider_manager.h"
 
 namespace muster::coordinator {
 
@@ -28,6 +30,14 @@ StatusOr<proto::Envelope> Coordinator::OnForgetNode(const Caller& caller,
   std::vector<std::string> why;
   if (n->connected()) {
     why.push_back("it is connected (its agent would register it again: stop the agent first)");
+  }
+  if (providers_ && providers_->config().Find(n->rec.labels.provider()) != nullptr) {
+    // Its provider forgets it when it releases it; forgotten here first, it would never be
+    // released (the provider decides from the nodes the coordinator has).
+    why.push_back(fmt::format(
+        "it belongs to on-demand provider {}, which releases it (and its machine) when it is "
+        "idle or down",
+        n->rec.labels.provider()));
   }
   for (auto& reason : JobsNeedingNode(name)) why.push_back(std::move(reason));
   if (auto v = sched_->GetNode(name, options_.clock()); v.ok() && !v->job.empty()) {
