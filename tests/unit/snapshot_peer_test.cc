@@ -49,8 +49,8 @@ class SnapshotPeerTest : public testing::ReactorZapTest {
     CreateReactor("peer-test");
     peer_store_ = std::make_unique<SnapshotStore>(
         node_agent::SnapshotStoreOptions{.memory_limit = peer_limit, .keep_steps = 2});
-    auto s = SnapshotPeerServer::Create(*reactor_, zap_.get(), /*insecure=*/false,
-                                        "tcp://127.0.0.1:*", peer_store_.get());
+    auto s = SnapshotPeerServer::Create(
+        {.endpoint = "tcp://127.0.0.1:*", .store = peer_store_.get(), .cpu = peer_cpu_});
     ASSERT_TRUE(s.ok()) << s.status();
     server_ = std::move(*s);
     reactor_->Start();
@@ -68,6 +68,7 @@ class SnapshotPeerTest : public testing::ReactorZapTest {
             .client_key = gang_key_};
   }
 
+  node_agent::SnapshotCpu peer_cpu_ = node_agent::SnapshotCpu::kNormal;
   std::unique_ptr<SnapshotStore> peer_store_;
   std::unique_ptr<SnapshotPeerServer> server_;
   KeyPair gang_key_;
@@ -185,8 +186,7 @@ TEST_F(SnapshotPeerTest, FramesShareOneConnectionAndARestartedPeerIsReconnected)
   auto peer_store = std::make_unique<SnapshotStore>(
       node_agent::SnapshotStoreOptions{.memory_limit = 8 << 20, .keep_steps = 2});
   reactor_->Call("restart-peer", [&] {
-    auto s = SnapshotPeerServer::Create(*reactor_, zap_.get(), /*insecure=*/false, endpoint,
-                                        peer_store.get());
+    auto s = SnapshotPeerServer::Create({.endpoint = endpoint, .store = peer_store.get()});
     ASSERT_TRUE(s.ok()) << s.status();
     server_ = std::move(*s);
   });
@@ -233,7 +233,7 @@ TEST_F(SnapshotPeerTest, FetchBringsTheFrameBackAndWaitsForTheKeyToBeAdmitted) {
                                  Key(1, 9), 1 << 20, seconds(20));
   });
   // Admitted only once the fetch has been refused at least once.
-  ASSERT_TRUE(WaitUntil([&] { return zap_->refused_count() >= 1; }, seconds(10)));
+  ASSERT_TRUE(WaitUntil([&] { return server_->refused_handshakes() >= 1; }, seconds(10)));
   ASSERT_TRUE(server_->Allow("ft-1", gang_key_.public_key).ok());
   auto got = late.get();
   ASSERT_TRUE(got.ok()) << got.status();
