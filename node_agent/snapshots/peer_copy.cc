@@ -139,7 +139,8 @@ struct SnapshotPeerServer::Impl {
     out.set_request_id(id);
     if (r.op() == proto::SnapshotPeerRequest::PUT) {
       const checkpoint::SnapshotKey key = frame->key;
-      if (Status st = store->Put(std::move(*frame)); !st.ok()) {
+      // Checked against its xxh3 by DecodeSnapshotFrameInPlace just above.
+      if (Status st = store->PutDecoded(std::move(*frame)); !st.ok()) {
         logger->error("snapshot from a peer refused ({}): {}", Describe(key), st.ToString());
         return ErrorEnvelope(id, st);
       }

@@ -214,14 +214,13 @@ void SnapshotServer::Serve(Conn* conn) {
     }
     if (op == 'P') {
       checkpoint::SnapshotKey key = f->key;
-      Status put = store_->Put(std::move(*f));
+      // Checked against its xxh3 by DecodeSnapshotParts just above: not hashed again.
+      std::shared_ptr<const checkpoint::SnapshotFrame> held;
+      Status put = store_->PutDecoded(std::move(*f), on_put_ ? &held : nullptr);
       if (!put.ok())
         log->warn("snapshot of job {} rank {} step {}: {}", key.job, key.rank, key.step,
                   put.ToString());
-      if (put.ok() && on_put_) {
-        auto held = store_->Get(key.job, key.rank, key.step);
-        if (held.ok()) on_put_(*held);
-      }
+      if (put.ok() && held) on_put_(std::move(held));
       if (!checkpoint::SendAll(fd, Reply(put)).ok()) break;
       continue;
     }
