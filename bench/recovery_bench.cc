@@ -585,6 +585,92 @@ double MpirunFirstStep(int step_ms, int reps) {
   return s.empty() ? -1 : s[s.size() / 2];
 }
 
+// `muster-bench recovery --compare-snapshot-cpu`: the fine-tune's kill -9 without snapshots,
+// with snapshots at --snapshot-cpu normal and with background, alternated `runs` times (the load
+// of a shared machine drifts between runs, not between the three of one round).
+template <typename Flags>
+int CompareSnapshotCpu(const Flags& f, const std::string& muster, const std::string& ft) {
+  if (ft.empty()) {
+    std::cerr << "muster-bench recovery: --compare-snapshot-cpu needs the fine-tune\n";
+    return 2;
+  }
+  struct Series {
+    std::vector<double> step_ms, agent_cpu, rank_cpu, idle;
+    std::vector<int64_t> lost, lag;
+    std::vector<std::string> errors;
+    void Add(const Outcome& o) {
+      if (!o.error.empty()) {
+        errors.push_back(o.error);
+        return;
+      }
+      step_ms.push_back(o.step_ms);
+      agent_cpu.push_back(o.agent_cpu_ms_per_step);
+      rank_cpu.push_back(o.rank_cpu_ms_per_step);
+      idle.push_back(o.idle_pct);
+      lost.push_back(o.lost_steps);
+      lag.push_back(o.peer_lag_steps);
+    }
+  };
+  const std::vector<std::string> classes = {"normal", "background"};
+  Series off;
+  std::map<std::string, Series> on;
+  for (int i = 0; i < f.finetune_cost_runs; ++i) {
+    ExtraAgentArgs() = {"--snapshot-cpu", "normal"};
+    off.Add(Measure(muster, false, f.step_ms, f.ckpt_every, f.at, f.hb_timeout_ms, ft));
+    for (const auto& c : classes) {
+      ExtraAgentArgs() = {"--snapshot-cpu", c};
+      on[c].Add(Measure(muster, false, f.step_ms, f.ckpt_every, f.at, f.hb_timeout_ms, ft, {},
+                        false, true));
+    }
+  }
+  auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v.empty() ? -1.0 : v[v.size() / 2];
+  };
+  const double base = median(off.step_ms);
+  nlohmann::json j;
+  j["runs"] = f.finetune_cost_runs;
+  j["step_ms_without_snapshots"] = base;
+  j["step_ms_without_snapshots_runs"] = off.step_ms;
+  j["idle_cpu_pct_without_snapshots"] = median(off.idle);
+  j["rank_cpu_ms_per_step_without_snapshots"] = median(off.rank_cpu);
+  j["agent_cpu_ms_per_step_without_snapshots"] = median(off.agent_cpu);
+  if (!off.errors.empty()) j["errors_without_snapshots"] = off.errors;
+  Table t({"snapshot CPU", "step ms", "cost %", "agents' CPU ms/step", "ranks' CPU ms/step",
+           "idle CPU %", "lost steps per run", "peer lag per run", "errors"});
+  t.Row({"(no snapshots)", Fmt(base, 1), "-", Fmt(median(off.agent_cpu), 1),
+         Fmt(median(off.rank_cpu), 1), Fmt(median(off.idle), 1), "-", "-",
+         std::to_string(off.errors.size())});
+  bool ok = off.errors.empty();
+  for (const auto& c : classes) {
+    const Series& s = on[c];
+    const double ms = median(s.step_ms);
+    const double cost = ms > 0 && base > 0 ? 100.0 * (ms / base - 1.0) : -1;
+    ok = ok && s.errors.empty();
+    j[c] = {{"step_ms", ms},
+            {"step_ms_runs", s.step_ms},
+            {"step_cost_pct", cost},
+            {"agent_cpu_ms_per_step", median(s.agent_cpu)},
+            {"rank_cpu_ms_per_step", median(s.rank_cpu)},
+            {"idle_cpu_pct", median(s.idle)},
+            {"lost_steps_runs", s.lost},
+            {"peer_lag_steps_runs", s.lag}};
+    if (!s.errors.empty()) j[c]["errors"] = s.errors;
+    t.Row({c, Fmt(ms, 1), Fmt(cost, 1), Fmt(median(s.agent_cpu), 1), Fmt(median(s.rank_cpu), 1),
+           Fmt(median(s.idle), 1), nlohmann::json(s.lost).dump(), nlohmann::json(s.lag).dump(),
+           std::to_string(s.errors.size())});
+  }
+  if (f.json) {
+    std::cout << j.dump(2) << "\n";
+  } else {
+    t.Print();
+    std::cout << "the fine-tune's kill -9 at step " << f.at << ", " << f.finetune_cost_runs
+              << " runs of each, alternated; medians; the peer lag is how far the survivor's "
+                 "copy of the lost rank was behind the gang's last step\n";
+  }
+  return ok ? 0 : 1;
+}
+
 }  // namespace
 
 void AddRecoveryBench(CLI::App& app, Runner* runner) {
@@ -625,6 +711,7 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
     int finetune_cost_runs = 1;
     std::string snapshot_cpu;
     bool finetune_only = false;
+    bool compare_snapshot_cpu = false;
   };
   auto f = std::make_shared<Flags>();
   cmd->add_option("--muster", f->muster, "the muster binary (default: beside muster-bench)");
@@ -663,6 +750,11 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
   cmd->add_flag("--finetune-only", f->finetune_only,
                 "only the fine-tune's kill -9 rows, without and with snapshots (the step-time "
                 "cost); no notice, spare, no-free-node or snapshot trainer rows, no mpirun");
+  cmd->add_flag("--compare-snapshot-cpu", f->compare_snapshot_cpu,
+                "only the fine-tune's kill -9, --finetune-cost-runs times each of: without "
+                "snapshots, with snapshots and --snapshot-cpu normal, with snapshots and "
+                "background, alternated; a table per class (step-time cost, lost steps, the "
+                "peer's lag)");
   cmd->add_flag("--json", f->json, "print JSON");
   cmd->callback([=] {
     *runner = [=] {
@@ -691,6 +783,7 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
       Outcome skipped;
       skipped.error = "not run (--finetune-only)";
       const bool all = !f->finetune_only;
+      if (f->compare_snapshot_cpu) return CompareSnapshotCpu(*f, muster, ft);
       Outcome notice =
           all ? Measure(muster, true, f->step_ms, f->ckpt_every, f->at, f->hb_timeout_ms, ft)
               : skipped;
