@@ -43,6 +43,7 @@
 #include <sstream>
 #include <thread>
 
+#include "tests/cluster/muster_cluster.h"
 #include "tests/cluster/netns_cluster.h"
 #include "tests/testing/subprocess.h"
 #include "tests/testing/wait_until.h"
@@ -61,21 +62,7 @@ const std::vector<std::string> kHosts = {"coord", "aws-0", "aws-1", "gcp-0", "gc
 constexpr int kPort = 7070;
 constexpr int kCheckpointEvery = 10;
 
-int HostOf(const std::string& node) {
-  for (size_t i = 1; i < kHosts.size(); ++i) {
-    if (kHosts[i] == node) return static_cast<int>(i);
-  }
-  return -1;
-}
-
 std::string Provider(const std::string& node) { return node.substr(0, node.find('-')); }
-
-std::string ReadFile(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
 
 std::string Tail(const std::string& s, size_t n = 3000) {
   return s.size() <= n ? s : "..." + s.substr(s.size() - n);
@@ -160,8 +147,10 @@ std::vector<std::string> FinetuneArgv(const JobOptions& o) {
   return argv;
 }
 
-class PreemptionClusterTest : public ::testing::Test {
+class PreemptionClusterTest : public MusterClusterTest {
  protected:
+  PreemptionClusterTest() : MusterClusterTest(kHosts, kPort, "cluster") {}
+
   void SetUp() override {
     if (program_ == Program::kFinetune && !fs::exists(MUSTER_FINETUNE_BIN)) {
       GTEST_SKIP() << "the fine-tune example was not built (libtorch not found): "
@@ -175,106 +164,34 @@ class PreemptionClusterTest : public ::testing::Test {
         GTEST_SKIP() << MUSTER_SYSTEM_PYTHON << " has no torch.distributed (python3-torch)";
       }
     }
-    auto c = NetnsCluster::Create(kHosts);
-    if (!c.ok()) GTEST_SKIP() << "no multi-host cluster: " << c.status().message();
-    net_ = std::move(*c);
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    root_ = fs::temp_directory_path() /
-            ("muster-cluster-" + std::to_string(getpid()) + "-" + info->name());
-    fs::remove_all(root_);
-    fs::create_directories(root_);
-    keys_ = (root_ / "keys").string();
-    auto k = RunCommand({MUSTER_BIN, "--log-level", "warn", "keys", "init", "--dir", keys_});
-    ASSERT_TRUE(k.ok()) << k.status();
+    MusterClusterTest::SetUp();
+    if (IsSkipped() || HasFatalFailure()) return;
     for (const char* p : {"aws", "gcp"}) fs::create_directories(Volume(p));
     StartCoordinator();
     for (size_t i = 1; i < kHosts.size(); ++i) StartAgent(static_cast<int>(i));
-    ASSERT_TRUE(WaitUntil(
-        [&] {
-          auto n = Nodes();
-          int up = 0;
-          for (const auto& node : n) up += node["state"] == "up";
-          return up == static_cast<int>(kHosts.size()) - 1;
-        },
-        30s))
+    ASSERT_TRUE(WaitUntil([&] { return NodesUp() == static_cast<int>(kHosts.size()) - 1; }, 30s))
         << "agents did not register\n"
         << Logs();
   }
 
-  void TearDown() override {
-    if (HasFailure() && net_) {
-      std::cout << "cluster logs kept in " << root_ << "\n" << Logs();
-    }
-    agents_.clear();
-    coordinator_.reset();
-    net_.reset();  // kills whatever is left in the namespaces (ranks), then deletes them
-    if (!HasFailure() && !root_.empty()) fs::remove_all(root_);
-  }
-
   // ---- the cluster
 
-  std::string Endpoint() const {
-    return "tcp://" + net_->address(kCoordHost) + ":" + std::to_string(kPort);
-  }
   std::string Volume(const std::string& provider) const {
     return (root_ / ("volume-" + provider)).string();
   }
-  fs::path WorkDir(const std::string& node) const { return root_ / "work" / node; }
 
   void StartCoordinator() {
-    auto p = Subprocess::Start(
-        net_->Wrap(kCoordHost, {MUSTER_BIN, "--log-level", "info", "coordinator", "--data-dir",
-                                (root_ / "coord").string(), "--listen", Endpoint(), "--keys", keys_,
-                                "--heartbeat-interval-ms", "250", "--heartbeat-timeout-ms",
-                                std::to_string(heartbeat_timeout_ms_)}),
-        {}, (root_ / "coordinator.log").string());
-    ASSERT_TRUE(p.ok()) << p.status();
-    coordinator_.emplace(std::move(*p));
+    MusterClusterTest::StartCoordinator("coordinator.log", heartbeat_timeout_ms_);
   }
 
-  void StartAgent(int host) {
+  // Each provider's agents share its volume; a 10 s notice and a 2 s grace.
+  std::vector<std::string> AgentFlags(int host) const override {
     const std::string& name = kHosts[host];
-    fs::create_directories(WorkDir(name));
-    auto p = Subprocess::Start(
-        net_->Wrap(host, {MUSTER_BIN,      "--log-level",
-                          "info",          "agent",
-                          "--coordinator", Endpoint(),
-                          "--keys",        keys_,
-                          "--provider",    Provider(name),
-                          "--region",      Provider(name) == "aws" ? "us-east-1" : "us-central1",
-                          "--name",        name,
-                          "--address",     net_->address(host),
-                          "--gpus",        "0",
-                          "--slots",       "1",
-                          "--volume",      "ckpt=" + Volume(Provider(name)),
-                          "--work-dir",    WorkDir(name).string(),
-                          "--notice",      "10",
-                          "--grace-ms",    "2000"}),
-        {}, (root_ / (name + ".log")).string());
-    ASSERT_TRUE(p.ok()) << p.status();
-    agents_.erase(name);
-    agents_.emplace(name, std::move(*p));
-  }
-
-  // Runs `muster ARGS...` on the coordinator's host, as a user there would.
-  StatusOr<std::string> Muster(std::vector<std::string> args) {
-    std::vector<std::string> argv = {MUSTER_BIN, "--log-level", "error"};
-    argv.insert(argv.end(), args.begin(), args.end());
-    argv.insert(argv.end(), {"--coordinator", Endpoint(), "--keys", keys_});
-    return RunCommand(net_->Wrap(kCoordHost, argv), 20s);
-  }
-
-  json Nodes() {
-    auto out = Muster({"nodes", "--json"});
-    if (!out.ok()) return json::array();
-    return json::parse(*out, nullptr, false);
-  }
-
-  json Status(const std::string& job) {
-    auto out = Muster({"status", job, "--json"});
-    if (!out.ok()) return json::object();
-    json j = json::parse(*out, nullptr, false);
-    return j.is_discarded() ? json::object() : j;
+    return {"--provider", Provider(name),
+            "--region",   Provider(name) == "aws" ? "us-east-1" : "us-central1",
+            "--volume",   "ckpt=" + Volume(Provider(name)),
+            "--notice",   "10",
+            "--grace-ms", "2000"};
   }
 
   // `muster events JOB`, one line each: "<date> <time>  <kind> [<node>]  <message>".
@@ -356,7 +273,7 @@ class PreemptionClusterTest : public ::testing::Test {
                    ("rank-" + std::to_string(rank) + ".log");
       if (fs::exists(p)) {
         if (node) *node = kHosts[i];
-        return ReadFile(p);
+        return ReadFileText(p);
       }
     }
     return "";
@@ -374,7 +291,7 @@ class PreemptionClusterTest : public ::testing::Test {
     json st;
     WaitUntil(
         [&] {
-          st = Status(job);
+          st = JobStatus(job);
           return st.value("state", "") == state &&
                  (attempt == 0 || st.value("attempt", 0) == attempt);
         },
@@ -387,7 +304,7 @@ class PreemptionClusterTest : public ::testing::Test {
     json st;
     WaitUntil(
         [&] {
-          st = Status(job);
+          st = JobStatus(job);
           return st.value("attempt", 0) >= attempt &&
                  (st.value("state", "") == "running" || st.value("state", "") == "succeeded");
         },
@@ -411,21 +328,12 @@ class PreemptionClusterTest : public ::testing::Test {
     for (int pid : *pids) {
       if (it != agents_.end() && pid == it->second.pid()) continue;
       // The agent's rank reaper (node_agent/rank_reaper.h) is the agent's, not a rank.
-      if (ReadFile("/proc/" + std::to_string(pid) + "/cmdline").find("rank-reaper") !=
+      if (ReadFileText("/proc/" + std::to_string(pid) + "/cmdline").find("rank-reaper") !=
           std::string::npos)
         continue;
       out.push_back(pid);
     }
     return out;
-  }
-
-  std::string Logs() {
-    std::string s;
-    for (const auto& e : fs::directory_iterator(root_)) {
-      if (e.path().extension() != ".log") continue;
-      s += "==== " + e.path().filename().string() + "\n" + Tail(ReadFile(e.path()), 2500);
-    }
-    return s;
   }
 
   // A node is lost after this long without heartbeats; agents stop their ranks after 1.5x
@@ -435,11 +343,6 @@ class PreemptionClusterTest : public ::testing::Test {
 
   int heartbeat_timeout_ms_ = 2000;
   Program program_ = Program::kFinetune;  // what SetUp needs to have been built
-  std::unique_ptr<NetnsCluster> net_;
-  fs::path root_;
-  std::string keys_;
-  std::optional<Subprocess> coordinator_;
-  std::map<std::string, Subprocess> agents_;
 };
 
 // (b) An agent killed with SIGKILL (no notice): its node is declared lost within the heartbeat
@@ -453,7 +356,7 @@ TEST_F(PreemptionClusterTest, AgentKilledJobResumesFromItsLastCommit) {
   ASSERT_EQ(WaitForAttempt(job, 1, 90s), "aws");
   Drain("gcp-0", false);
   Drain("gcp-1", false);
-  json st = Status(job);
+  json st = JobStatus(job);
   const std::string victim = NodesOf(st).at(1);
   // Mid-interval, well clear of a commit in flight: the last commit is 20.
   ASSERT_TRUE(WaitForStep(job, 1, 2 * kCheckpointEvery + 3, 120s)) << RankLog(job, 1, 0);
@@ -527,7 +430,7 @@ void PreemptionClusterTest::NoticeThenProviderLoss(const JobOptions& opts) {
 
   // (a) A notice for node rank 0: both ranks checkpoint the step they agree on and stop; the
   // node is drained, so aws cannot hold the gang any more and the job moves to gcp.
-  json st = Status(job);
+  json st = JobStatus(job);
   const std::string noticed = NodesOf(st).at(0);
   auto out = Muster({"node", "preempt", noticed, "--notice", "10"});
   ASSERT_TRUE(out.ok()) << out.status();
@@ -571,7 +474,7 @@ void PreemptionClusterTest::NoticeThenProviderLoss(const JobOptions& opts) {
       },
       60s))
       << EventText(job);
-  st = Status(job);
+  st = JobStatus(job);
   ASSERT_EQ(st.value("attempt", 0), 2) << st.dump(2);
   for (const auto& n : NodesOf(st)) {
     auto killed = net_->KillAll(HostOf(n));
@@ -600,8 +503,8 @@ void PreemptionClusterTest::NoticeThenProviderLoss(const JobOptions& opts) {
 
   // (f) Bit-identical to the uninterrupted run.
   ASSERT_TRUE(reference->Wait(120s).has_value()) << "the reference run did not end";
-  const std::string want = Digest(ReadFile(ref_log));
-  ASSERT_EQ(want.size(), 16u) << Tail(ReadFile(ref_log));
+  const std::string want = Digest(ReadFileText(ref_log));
+  ASSERT_EQ(want.size(), 16u) << Tail(ReadFileText(ref_log));
   EXPECT_EQ(Digest(a3r0), want) << Tail(a3r0);
   std::cout << "notice at step " << preempted << " -> resumed on gcp at " << preempted
             << "; gcp lost at step " << LastStep(a2r0, "MUSTER_PROGRESS")
@@ -641,7 +544,7 @@ TEST_F(PreemptionClusterTest, PartitionedNodeStopsItsOwnRanksAndTheJobResumesEls
   Drain("gcp-1", false);
   ASSERT_TRUE(WaitForStep(job, 1, kCheckpointEvery + 5, 120s)) << RankLog(job, 1, 0);
 
-  json st = Status(job);
+  json st = JobStatus(job);
   const std::string victim = NodesOf(st).at(1);
   const int host = HostOf(victim);
   ASSERT_FALSE(StrayPids(host).empty()) << "the rank runs on " << victim;
@@ -662,9 +565,9 @@ TEST_F(PreemptionClusterTest, PartitionedNodeStopsItsOwnRanksAndTheJobResumesEls
   ASSERT_TRUE(WaitUntil([&] { return StrayPids(host).empty(); }, 20s))
       << "the partitioned node's rank is still running";
   const double stopped_s = std::chrono::duration<double>(Clock::now() - cut_at).count();
-  EXPECT_NE(ReadFile(root_ / (victim + ".log")).find("stopping every rank on this node"),
+  EXPECT_NE(ReadFileText(root_ / (victim + ".log")).find("stopping every rank on this node"),
             std::string::npos)
-      << Tail(ReadFile(root_ / (victim + ".log")));
+      << Tail(ReadFileText(root_ / (victim + ".log")));
 
   ASSERT_EQ(WaitForAttempt(job, 2, 90s), "gcp") << EventText(job);
   ASSERT_TRUE(net_->RestoreLink(host).ok());
@@ -711,7 +614,7 @@ TEST_F(CoordinatorRestartTest, CoordinatorKilledMidJobTheJobStillCompletes) {
   json st;
   ASSERT_TRUE(WaitUntil(
       [&] {
-        st = Status(job);
+        st = JobStatus(job);
         return !st.empty();
       },
       30s));

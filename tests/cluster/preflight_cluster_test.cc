@@ -30,6 +30,7 @@
 #include <sstream>
 #include <thread>
 
+#include "tests/cluster/muster_cluster.h"
 #include "tests/cluster/netns_cluster.h"
 #include "tests/testing/subprocess.h"
 
@@ -39,26 +40,9 @@ namespace {
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 using namespace std::chrono_literals;
-using Clock = std::chrono::steady_clock;
 
 const std::vector<std::string> kHosts = {"coord", "n1", "n2", "n3", "n4"};
 constexpr int kPort = 7070;
-
-std::string ReadFile(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-bool WaitUntil(const std::function<bool()>& pred, std::chrono::milliseconds timeout) {
-  auto until = Clock::now() + timeout;
-  while (!pred()) {
-    if (Clock::now() >= until) return false;
-    std::this_thread::sleep_for(50ms);
-  }
-  return true;
-}
 
 Status Ip(const std::vector<std::string>& args) {
   std::vector<std::string> argv = {"ip"};
@@ -66,38 +50,20 @@ Status Ip(const std::vector<std::string>& args) {
   return RunCommand(argv, 10s).status();
 }
 
-class PreflightClusterTest : public ::testing::Test {
+class PreflightClusterTest : public MusterClusterTest {
  protected:
+  PreflightClusterTest() : MusterClusterTest(kHosts, kPort, "preflight-cluster") {}
+
   void SetUp() override {
-    auto c = NetnsCluster::Create(kHosts);
-    if (!c.ok()) GTEST_SKIP() << "no multi-host cluster: " << c.status().message();
-    net_ = std::move(*c);
-    root_ = fs::temp_directory_path() / ("muster-preflight-cluster-" + std::to_string(getpid()));
-    fs::remove_all(root_);
-    fs::create_directories(root_);
-    keys_ = (root_ / "keys").string();
-    auto k = RunCommand({MUSTER_BIN, "--log-level", "warn", "keys", "init", "--dir", keys_});
-    ASSERT_TRUE(k.ok()) << k.status();
-    auto p = Subprocess::Start(
-        net_->Wrap(0, {MUSTER_BIN, "--log-level", "info", "coordinator", "--data-dir",
-                       (root_ / "coord").string(), "--listen", Endpoint(), "--keys", keys_,
-                       "--heartbeat-interval-ms", "250", "--heartbeat-timeout-ms", "3000"}),
-        {}, (root_ / "coordinator.log").string());
-    ASSERT_TRUE(p.ok()) << p.status();
-    coordinator_.emplace(std::move(*p));
+    MusterClusterTest::SetUp();
+    if (IsSkipped() || HasFatalFailure()) return;
+    StartCoordinator();
   }
 
   void TearDown() override {
-    if (HasFailure() && net_) std::cout << "cluster logs kept in " << root_ << "\n" << Logs();
-    agents_.clear();
-    coordinator_.reset();
     for (const auto& v : extra_links_) Ip({"link", "del", v}).IgnoreError();
-    net_.reset();
-    if (!HasFailure() && !root_.empty()) fs::remove_all(root_);
+    MusterClusterTest::TearDown();
   }
-
-  std::string Endpoint() const { return "tcp://" + net_->address(0) + ":" + std::to_string(kPort); }
-  fs::path WorkDir(const std::string& node) const { return root_ / "work" / node; }
 
   // In host `h`: `ip ARGS...`.
   Status IpIn(int h, std::vector<std::string> args) {
@@ -140,66 +106,6 @@ class PreflightClusterTest : public ::testing::Test {
     ASSERT_TRUE(IpIn(h, {"link", "set", "ib0", "up"}).ok());
   }
 
-  void StartAgent(int host) {
-    const std::string& name = kHosts[host];
-    fs::create_directories(WorkDir(name));
-    auto p = Subprocess::Start(net_->Wrap(host, {MUSTER_BIN,      "--log-level",
-                                                 "info",          "agent",
-                                                 "--coordinator", Endpoint(),
-                                                 "--keys",        keys_,
-                                                 "--provider",    "aws",
-                                                 "--name",        name,
-                                                 "--address",     net_->address(host),
-                                                 "--gpus",        "0",
-                                                 "--slots",       "1",
-                                                 "--work-dir",    WorkDir(name).string()}),
-                               {}, (root_ / (name + ".log")).string());
-    ASSERT_TRUE(p.ok()) << p.status();
-    agents_.emplace(name, std::move(*p));
-  }
-
-  StatusOr<std::string> Muster(std::vector<std::string> args) {
-    std::vector<std::string> argv = {MUSTER_BIN, "--log-level", "error"};
-    argv.insert(argv.end(), args.begin(), args.end());
-    argv.insert(argv.end(), {"--coordinator", Endpoint(), "--keys", keys_});
-    return RunCommand(net_->Wrap(0, argv), 20s);
-  }
-  int NodesUp() {
-    auto out = Muster({"nodes", "--json"});
-    if (!out.ok()) return 0;
-    json n = json::parse(*out, nullptr, false);
-    int up = 0;
-    if (n.is_array()) {
-      for (const auto& x : n) up += x["state"] == "up";
-    }
-    return up;
-  }
-  json JobStatus(const std::string& job) {
-    auto out = Muster({"status", job, "--json"});
-    if (!out.ok()) return json::object();
-    json j = json::parse(*out, nullptr, false);
-    return j.is_discarded() ? json::object() : j;
-  }
-  std::string Events(const std::string& job) {
-    auto out = Muster({"events", job});
-    return out.ok() ? *out : "";
-  }
-  std::string Logs() {
-    std::string s;
-    for (const auto& h : kHosts) {
-      fs::path p = root_ / (h == "coord" ? "coordinator.log" : h + ".log");
-      std::string t = ReadFile(p);
-      if (t.size() > 4000) t = "..." + t.substr(t.size() - 4000);
-      s += "---- " + h + "\n" + t;
-    }
-    return s;
-  }
-
-  std::unique_ptr<NetnsCluster> net_;
-  fs::path root_;
-  std::string keys_;
-  std::optional<Subprocess> coordinator_;
-  std::map<std::string, Subprocess> agents_;
   std::vector<std::string> extra_links_;
 };
 
@@ -218,10 +124,8 @@ TEST_F(PreflightClusterTest, ACutPeerLinkIsNamedAndRoutedAroundAndRanksGetTheRou
       << "nodes: 3\nranks_per_node: 1\n"
       << "restart:\n  max_restarts: 0\n";
   }
-  auto out = Muster({"submit", spec.string()});
-  ASSERT_TRUE(out.ok()) << out.status();
-  std::string job = *out;
-  while (!job.empty() && (job.back() == '\n' || job.back() == ' ')) job.pop_back();
+  std::string job = Submit(spec);
+  ASSERT_FALSE(job.empty());
 
   // The first attempt fails its preflight, naming n2 or n3, its interface, address and error.
   std::smatch m;
@@ -271,8 +175,8 @@ TEST_F(PreflightClusterTest, ACutPeerLinkIsNamedAndRoutedAroundAndRanksGetTheRou
     for (int r = 0; r < 3; ++r) {
       fs::path p = WorkDir(n) / "logs" / job / "attempt-2" / ("rank-" + std::to_string(r) + ".log");
       if (!fs::exists(p)) continue;
-      EXPECT_NE(ReadFile(p).find("IFNAMES gloo=eth0 nccl==eth0"), std::string::npos)
-          << n << ": " << ReadFile(p);
+      EXPECT_NE(ReadFileText(p).find("IFNAMES gloo=eth0 nccl==eth0"), std::string::npos)
+          << n << ": " << ReadFileText(p);
       ++seen;
     }
   }

@@ -30,6 +30,7 @@
 #include <sstream>
 #include <thread>
 
+#include "tests/cluster/muster_cluster.h"
 #include "tests/cluster/netns_cluster.h"
 #include "tests/testing/subprocess.h"
 
@@ -43,22 +44,6 @@ using Clock = std::chrono::steady_clock;
 
 const std::vector<std::string> kHosts = {"coord", "n1", "n2", "n3"};
 constexpr int kPort = 7072;
-
-std::string ReadFile(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-bool WaitUntil(const std::function<bool()>& pred, std::chrono::milliseconds timeout) {
-  auto until = Clock::now() + timeout;
-  while (!pred()) {
-    if (Clock::now() >= until) return false;
-    std::this_thread::sleep_for(50ms);
-  }
-  return true;
-}
 
 // A rank's `T_START ... resume=R source=S` and its last `MUSTER_PROGRESS step=N`.
 struct RankLog {
@@ -83,80 +68,31 @@ RankLog ParseRankLog(const std::string& text) {
   return r;
 }
 
-class SnapshotClusterTest : public ::testing::Test {
+class SnapshotClusterTest : public MusterClusterTest {
  protected:
+  SnapshotClusterTest() : MusterClusterTest(kHosts, kPort, "snapshot-cluster") {}
+
   void SetUp() override {
-    auto c = NetnsCluster::Create(kHosts);
-    if (!c.ok()) GTEST_SKIP() << "no multi-host cluster: " << c.status().message();
-    net_ = std::move(*c);
-    root_ = fs::temp_directory_path() / ("muster-snapshot-cluster-" + std::to_string(getpid()));
-    fs::remove_all(root_);
+    MusterClusterTest::SetUp();
+    if (IsSkipped() || HasFatalFailure()) return;
     fs::create_directories(root_ / "vol");
-    keys_ = (root_ / "keys").string();
-    auto k = RunCommand({MUSTER_BIN, "--log-level", "warn", "keys", "init", "--dir", keys_});
-    ASSERT_TRUE(k.ok()) << k.status();
-    auto p = Subprocess::Start(
-        net_->Wrap(0, {MUSTER_BIN, "--log-level", "info", "coordinator", "--data-dir",
-                       (root_ / "coord").string(), "--listen", Endpoint(), "--keys", keys_,
-                       "--heartbeat-interval-ms", "250", "--heartbeat-timeout-ms", "3000"}),
-        {}, (root_ / "coordinator.log").string());
-    ASSERT_TRUE(p.ok()) << p.status();
-    coordinator_.emplace(std::move(*p));
+    StartCoordinator();
     for (int h = 1; h <= 3; ++h) StartAgent(h);
     ASSERT_TRUE(WaitUntil([&] { return NodesUp() == 3; }, 30s)) << Logs();
   }
 
-  void TearDown() override {
-    if (HasFailure() && net_) std::cout << "cluster logs kept in " << root_ << "\n" << Logs();
-    agents_.clear();
-    coordinator_.reset();
-    net_.reset();
-    if (!HasFailure() && !root_.empty()) fs::remove_all(root_);
+  // One shared volume, a short grace, and 64 MiB of snapshot memory per agent.
+  std::vector<std::string> AgentFlags(int /*host*/) const override {
+    return {"--provider",
+            "aws",
+            "--volume",
+            "ckpt=" + (root_ / "vol").string(),
+            "--grace-ms",
+            "1000",
+            "--snapshot-memory-mb",
+            "64"};
   }
 
-  std::string Endpoint() const { return "tcp://" + net_->address(0) + ":" + std::to_string(kPort); }
-  fs::path WorkDir(const std::string& node) const { return root_ / "work" / node; }
-  int HostOf(const std::string& node) const {
-    for (int h = 0; h < static_cast<int>(kHosts.size()); ++h) {
-      if (kHosts[h] == node) return h;
-    }
-    return -1;
-  }
-
-  void StartAgent(int host) {
-    const std::string& name = kHosts[host];
-    fs::create_directories(WorkDir(name));
-    agents_.erase(name);
-    auto p = Subprocess::Start(net_->Wrap(host, {MUSTER_BIN,
-                                                 "--log-level",
-                                                 "info",
-                                                 "agent",
-                                                 "--coordinator",
-                                                 Endpoint(),
-                                                 "--keys",
-                                                 keys_,
-                                                 "--provider",
-                                                 "aws",
-                                                 "--name",
-                                                 name,
-                                                 "--address",
-                                                 net_->address(host),
-                                                 "--gpus",
-                                                 "0",
-                                                 "--slots",
-                                                 "1",
-                                                 "--volume",
-                                                 "ckpt=" + (root_ / "vol").string(),
-                                                 "--grace-ms",
-                                                 "1000",
-                                                 "--snapshot-memory-mb",
-                                                 "64",
-                                                 "--work-dir",
-                                                 WorkDir(name).string()}),
-                               {}, (root_ / (name + ".log")).string());
-    ASSERT_TRUE(p.ok()) << p.status();
-    agents_.emplace(name, std::move(*p));
-  }
   // The host crashed: its agent and its ranks, everything in its namespace, die with SIGKILL.
   void Crash(const std::string& node) {
     auto killed = net_->KillAll(HostOf(node));
@@ -166,43 +102,6 @@ class SnapshotClusterTest : public ::testing::Test {
     agents_.erase(node);
   }
 
-  StatusOr<std::string> Muster(std::vector<std::string> args) {
-    std::vector<std::string> argv = {MUSTER_BIN, "--log-level", "error"};
-    argv.insert(argv.end(), args.begin(), args.end());
-    argv.insert(argv.end(), {"--coordinator", Endpoint(), "--keys", keys_});
-    return RunCommand(net_->Wrap(0, argv), 20s);
-  }
-  int NodesUp() {
-    auto out = Muster({"nodes", "--json"});
-    if (!out.ok()) return 0;
-    json n = json::parse(*out, nullptr, false);
-    int up = 0;
-    if (n.is_array()) {
-      for (const auto& x : n) up += x["state"] == "up";
-    }
-    return up;
-  }
-  json JobStatus(const std::string& job) {
-    auto out = Muster({"status", job, "--json"});
-    if (!out.ok()) return json::object();
-    json j = json::parse(*out, nullptr, false);
-    if (j.is_array() && !j.empty()) return j[0];
-    return j.is_object() ? j : json::object();
-  }
-  std::string Events(const std::string& job) {
-    auto out = Muster({"events", job});
-    return out.ok() ? *out : "";
-  }
-  std::string Logs() {
-    std::string s;
-    for (const auto& h : kHosts) {
-      fs::path p = root_ / (h == "coord" ? "coordinator.log" : h + ".log");
-      std::string t = ReadFile(p);
-      if (t.size() > 4000) t = "..." + t.substr(t.size() - 4000);
-      s += "---- " + h + "\n" + t;
-    }
-    return s;
-  }
   fs::path RankLogPath(const std::string& node, const std::string& job, int attempt, int rank) {
     return WorkDir(node) / "logs" / job / ("attempt-" + std::to_string(attempt)) /
            ("rank-" + std::to_string(rank) + ".log");
@@ -220,11 +119,8 @@ class SnapshotClusterTest : public ::testing::Test {
                            "nodes: 2\nranks_per_node: 1\nrestart:\n  max_restarts: 3\n"
                            "  backoff: 1s\n"
                            "checkpoint:\n  volume: ckpt\n  snapshot_every_steps: 1\n";
-    auto out = Muster({"submit", spec.string()});
-    EXPECT_TRUE(out.ok()) << out.status();
-    if (!out.ok()) return "";
-    std::string job = *out;
-    while (!job.empty() && std::isspace(static_cast<unsigned char>(job.back()))) job.pop_back();
+    std::string job = Submit(spec);
+    if (job.empty()) return "";
     bool past = WaitUntil(
         [&] {
           st = JobStatus(job);
@@ -237,12 +133,6 @@ class SnapshotClusterTest : public ::testing::Test {
     EXPECT_EQ(st["nodes"].size(), 2u) << st.dump();
     return past && st["nodes"].size() == 2 ? job : "";
   }
-
-  std::unique_ptr<NetnsCluster> net_;
-  fs::path root_;
-  std::string keys_;
-  std::optional<Subprocess> coordinator_;
-  std::map<std::string, Subprocess> agents_;
 };
 
 TEST_F(SnapshotClusterTest, AHostCrashResumesFromThePeerSnapshotFetchedAcrossTheNetwork) {
@@ -291,7 +181,7 @@ TEST_F(SnapshotClusterTest, AHostCrashResumesFromThePeerSnapshotFetchedAcrossThe
     const std::string node = now["nodes"][rank];
     EXPECT_NE(node, victim);
     if (node != survivor) moved = node;
-    RankLog r = ParseRankLog(ReadFile(RankLogPath(node, job, attempt, rank)));
+    RankLog r = ParseRankLog(ReadFileText(RankLogPath(node, job, attempt, rank)));
     EXPECT_EQ(r.source, "snapshot") << "rank " << rank << " on " << node;
     EXPECT_EQ(r.resume, step) << "rank " << rank << " on " << node;
   }
@@ -300,13 +190,13 @@ TEST_F(SnapshotClusterTest, AHostCrashResumesFromThePeerSnapshotFetchedAcrossThe
   EXPECT_EQ(now.value("restarts", -1), 0) << "a lost node costs no restart\n" << events;
   EXPECT_EQ(events.find("rank_failed"), std::string::npos) << events;
   // It held nothing of the job: its agent fetched the frame over the bridge from the survivor.
-  EXPECT_NE(ReadFile(root_ / (moved + ".log")).find("fetched from peers"), std::string::npos)
+  EXPECT_NE(ReadFileText(root_ / (moved + ".log")).find("fetched from peers"), std::string::npos)
       << Logs();
   EXPECT_NE(events.find("on nodes " + survivor), std::string::npos) << events;
 
   // Lost: what the survivor's rank did past the resumed step (it stopped within a step of the
   // crash: its gang peer was gone).
-  RankLog before = ParseRankLog(ReadFile(RankLogPath(survivor, job, 1, 0)));
+  RankLog before = ParseRankLog(ReadFileText(RankLogPath(survivor, job, 1, 0)));
   ASSERT_GT(before.last_step, 0);
   EXPECT_LE(before.last_step - step, 1)
       << "attempt 1 reached step " << before.last_step << ", resumed from " << step;
@@ -359,7 +249,7 @@ TEST_F(SnapshotClusterTest, WhenBothHoldersOfALostRanksFramesAreGoneTheJobResume
       << Events(job) << Logs();
   for (int rank = 0; rank < 2; ++rank) {
     const std::string node = now["nodes"][rank];
-    RankLog r = ParseRankLog(ReadFile(RankLogPath(node, job, attempt, rank)));
+    RankLog r = ParseRankLog(ReadFileText(RankLogPath(node, job, attempt, rank)));
     EXPECT_EQ(r.source, "volume") << "rank " << rank << " on " << node;
     EXPECT_EQ(r.resume, step) << "rank " << rank << " on " << node;
   }
@@ -414,7 +304,7 @@ TEST_F(SnapshotClusterTest, ASnapshotThatCannotBeRestoredCostsOneRestartThenTheV
       << Events(job) << Logs();
   for (int rank = 0; rank < 2; ++rank) {
     const std::string node = now["nodes"][rank];
-    RankLog r = ParseRankLog(ReadFile(RankLogPath(node, job, attempt, rank)));
+    RankLog r = ParseRankLog(ReadFileText(RankLogPath(node, job, attempt, rank)));
     EXPECT_EQ(r.source, "volume") << "rank " << rank << " on " << node;
     EXPECT_EQ(r.resume, step) << "rank " << rank << " on " << node;
   }

@@ -23,6 +23,7 @@
 #include <sstream>
 #include <thread>
 
+#include "tests/cluster/muster_cluster.h"
 #include "tests/cluster/netns_cluster.h"
 #include "tests/testing/subprocess.h"
 
@@ -31,134 +32,21 @@ namespace {
 
 namespace fs = std::filesystem;
 using json = nlohmann::json;
-using namespace std::chrono_literals;
 using Clock = std::chrono::steady_clock;
+using namespace std::chrono_literals;
 
 const std::vector<std::string> kHosts = {"coord", "n1", "n2", "n3", "n4"};
 constexpr int kPort = 7071;
 
-std::string ReadFile(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-bool WaitUntil(const std::function<bool()>& pred, std::chrono::milliseconds timeout) {
-  auto until = Clock::now() + timeout;
-  while (!pred()) {
-    if (Clock::now() >= until) return false;
-    std::this_thread::sleep_for(50ms);
-  }
-  return true;
-}
-
-class SparesClusterTest : public ::testing::Test {
+class SparesClusterTest : public MusterClusterTest {
  protected:
+  SparesClusterTest() : MusterClusterTest(kHosts, kPort, "spares-cluster") {}
+
   void SetUp() override {
-    auto c = NetnsCluster::Create(kHosts);
-    if (!c.ok()) GTEST_SKIP() << "no multi-host cluster: " << c.status().message();
-    net_ = std::move(*c);
-    root_ = fs::temp_directory_path() / ("muster-spares-cluster-" + std::to_string(getpid()));
-    fs::remove_all(root_);
-    fs::create_directories(root_);
-    keys_ = (root_ / "keys").string();
-    auto k = RunCommand({MUSTER_BIN, "--log-level", "warn", "keys", "init", "--dir", keys_});
-    ASSERT_TRUE(k.ok()) << k.status();
-    StartCoordinator("coordinator.log");
+    MusterClusterTest::SetUp();
+    if (IsSkipped() || HasFatalFailure()) return;
+    StartCoordinator();
   }
-
-  void StartCoordinator(const std::string& log) {
-    auto p = Subprocess::Start(
-        net_->Wrap(0, {MUSTER_BIN, "--log-level", "info", "coordinator", "--data-dir",
-                       (root_ / "coord").string(), "--listen", Endpoint(), "--keys", keys_,
-                       "--heartbeat-interval-ms", "250", "--heartbeat-timeout-ms", "3000"}),
-        {}, (root_ / log).string());
-    ASSERT_TRUE(p.ok()) << p.status();
-    coordinator_.emplace(std::move(*p));
-  }
-
-  void TearDown() override {
-    if (HasFailure() && net_) std::cout << "cluster logs kept in " << root_ << "\n" << Logs();
-    agents_.clear();
-    coordinator_.reset();
-    net_.reset();
-    if (!HasFailure() && !root_.empty()) fs::remove_all(root_);
-  }
-
-  std::string Endpoint() const { return "tcp://" + net_->address(0) + ":" + std::to_string(kPort); }
-  fs::path WorkDir(const std::string& node) const { return root_ / "work" / node; }
-
-  void StartAgent(int host) {
-    const std::string& name = kHosts[host];
-    fs::create_directories(WorkDir(name));
-    auto p = Subprocess::Start(net_->Wrap(host, {MUSTER_BIN,      "--log-level",
-                                                 "info",          "agent",
-                                                 "--coordinator", Endpoint(),
-                                                 "--keys",        keys_,
-                                                 "--provider",    "aws",
-                                                 "--name",        name,
-                                                 "--address",     net_->address(host),
-                                                 "--gpus",        "0",
-                                                 "--slots",       "1",
-                                                 "--work-dir",    WorkDir(name).string()}),
-                               {}, (root_ / (name + ".log")).string());
-    ASSERT_TRUE(p.ok()) << p.status();
-    agents_.emplace(name, std::move(*p));
-  }
-
-  StatusOr<std::string> Muster(std::vector<std::string> args) {
-    std::vector<std::string> argv = {MUSTER_BIN, "--log-level", "error"};
-    argv.insert(argv.end(), args.begin(), args.end());
-    argv.insert(argv.end(), {"--coordinator", Endpoint(), "--keys", keys_});
-    return RunCommand(net_->Wrap(0, argv), 20s);
-  }
-  int NodesUp() {
-    auto out = Muster({"nodes", "--json"});
-    if (!out.ok()) return 0;
-    json n = json::parse(*out, nullptr, false);
-    int up = 0;
-    if (n.is_array()) {
-      for (const auto& x : n) up += x["state"] == "up";
-    }
-    return up;
-  }
-  json JobStatus(const std::string& job) {
-    auto out = Muster({"status", job, "--json"});
-    if (!out.ok()) return json::object();
-    json j = json::parse(*out, nullptr, false);
-    return j.is_discarded() ? json::object() : j;
-  }
-  std::string Events(const std::string& job) {
-    auto out = Muster({"events", job});
-    return out.ok() ? *out : "";
-  }
-  std::string Logs() {
-    std::string s;
-    for (const auto& h : kHosts) {
-      fs::path p = root_ / (h == "coord" ? "coordinator.log" : h + ".log");
-      std::string t = ReadFile(p);
-      if (t.size() > 4000) t = "..." + t.substr(t.size() - 4000);
-      s += "---- " + h + "\n" + t;
-    }
-    if (fs::exists(root_ / "coordinator-2.log")) {
-      std::string t = ReadFile(root_ / "coordinator-2.log");
-      if (t.size() > 4000) t = "..." + t.substr(t.size() - 4000);
-      s += "---- coord (restarted)\n" + t;
-    }
-    return s;
-  }
-  fs::path WriteSpec(const std::string& name, const std::string& text) {
-    fs::path p = root_ / (name + ".yaml");
-    std::ofstream(p) << text;
-    return p;
-  }
-
-  std::unique_ptr<NetnsCluster> net_;
-  fs::path root_;
-  std::string keys_;
-  std::optional<Subprocess> coordinator_;
-  std::map<std::string, Subprocess> agents_;
 };
 
 TEST_F(SparesClusterTest, AnAgentKilledWithSigkillIsReplacedByTheSpareAndTheJobContinues) {
@@ -210,7 +98,7 @@ TEST_F(SparesClusterTest, AnAgentKilledWithSigkillIsReplacedByTheSpareAndTheJobC
   const fs::path spare_log = WorkDir(spare) / "logs" / job / "attempt-2" / "rank-1.log";
   ASSERT_TRUE(WaitUntil(
       [&] {
-        return ReadFile(spare_log).find("RESUMED attempt=2 node_rank=1") != std::string::npos;
+        return ReadFileText(spare_log).find("RESUMED attempt=2 node_rank=1") != std::string::npos;
       },
       60s))
       << JobStatus(job).dump() << Events(job) << Logs();
@@ -270,11 +158,8 @@ TEST_F(SparesClusterTest, ASpareHeldAcrossACoordinatorKillNineStillReplacesAKill
   std::vector<std::string> gang = st["nodes"];
   ASSERT_EQ(st["spares"].size(), 1u) << st.dump();
   const std::string spare = st["spares"][0];
-  auto waiting = Muster(
-      {"submit", WriteSpec("w", "name: w\ncommand: \"exec sleep 600\"\nnodes: 1\n").string()});
-  ASSERT_TRUE(waiting.ok()) << waiting.status();
-  std::string wjob = *waiting;
-  while (!wjob.empty() && (wjob.back() == '\n' || wjob.back() == ' ')) wjob.pop_back();
+  std::string wjob = Submit(WriteSpec("w", "name: w\ncommand: \"exec sleep 600\"\nnodes: 1\n"));
+  ASSERT_FALSE(wjob.empty());
 
   coordinator_->Signal(SIGKILL);
   ASSERT_TRUE(coordinator_->Wait(10s));
@@ -297,7 +182,7 @@ TEST_F(SparesClusterTest, ASpareHeldAcrossACoordinatorKillNineStillReplacesAKill
   const fs::path spare_log = WorkDir(spare) / "logs" / job / "attempt-2" / "rank-1.log";
   ASSERT_TRUE(WaitUntil(
       [&] {
-        return ReadFile(spare_log).find("RESUMED attempt=2 node_rank=1") != std::string::npos;
+        return ReadFileText(spare_log).find("RESUMED attempt=2 node_rank=1") != std::string::npos;
       },
       60s))
       << JobStatus(job).dump() << Events(job) << Logs();
