@@ -11,8 +11,10 @@
 #include <future>
 
 #include "checkpoint/snapshot_channel.h"
+#include "common/logging.h"
 #include "node_agent/snapshots/peer_copy.h"
 #include "node_agent/snapshots/snapshot_server.h"
+#include "tests/testing/log_capture.h"
 #include "tests/testing/reactor_fixture.h"
 #include "tests/testing/wait_until.h"
 
@@ -225,6 +227,34 @@ TEST_F(SnapshotPeerTest, OnlyTheTargetsAttemptIsForwarded) {
 
 // The way back: an agent fetches a rank's frame from the holder, checked against the key asked.
 // A frame the holder lacks is NotFound at once; a key admitted late is retried until it is.
+// When a forwarder's connection closes (its agent stopped, or was killed), the peer logs the
+// newest step of each rank put over it: what this agent holds of the lost node's ranks, which
+// `muster-bench recovery` reads as the copy held at the kill.
+TEST_F(SnapshotPeerTest, AClosedForwarderConnectionLogsTheNewestStepOfEachRankItPut) {
+  ASSERT_TRUE(log::InitLogging("info").ok());  // the line is at info; tests log from warn
+  struct Restore {
+    ~Restore() { log::InitLogging("warn").IgnoreError(); }
+  } restore;
+  testing::LogCapture logs;
+  Start(8 << 20);
+  ASSERT_TRUE(server_->Allow("ft-1", gang_key_.public_key).ok());
+  auto fwd = std::make_unique<SnapshotForwarder>(SnapshotForwarder::Options{});
+  fwd->SetTarget("ft-1", Target());
+  const std::string payload(4096, 'p');
+  for (int step = 5; step <= 7; ++step) {
+    fwd->Offer(Frame(Key(0, step), payload));
+    ASSERT_TRUE(fwd->WaitIdle(seconds(20)));
+  }
+  fwd->Offer(Frame(Key(1, 6), payload));
+  ASSERT_TRUE(fwd->WaitIdle(seconds(20)));
+  EXPECT_EQ(fwd->sent(), 4) << fwd->last_error();
+  for (const auto& line : logs.Lines()) EXPECT_EQ(line.find("it last put"), std::string::npos);
+  fwd.reset();  // its connection closes
+  EXPECT_TRUE(logs.WaitFor("snapshot peer connection closed; it last put job ft-1 rank 0 step 7",
+                           seconds(10)));
+  EXPECT_TRUE(logs.WaitFor("it last put job ft-1 rank 1 step 6", seconds(10)));
+}
+
 TEST_F(SnapshotPeerTest, FetchBringsTheFrameBackAndWaitsForTheKeyToBeAdmitted) {
   Start(1 << 20);
   ASSERT_TRUE(peer_store_->Put(*Frame(Key(1, 9), "state of rank 1")).ok());
