@@ -67,7 +67,9 @@ struct SnapshotPeerServer::Impl {
   std::thread worker;
   std::atomic<int64_t> kept{0}, refused{0}, connections{0};
 
-  // REQUIRES: mu held. Logs and forgets a closed connection once nothing of it is pending.
+  // REQUIRES: mu held. Logs a closed connection's newest steps once nothing of it is pending
+  // (`force`: now, its fd being another connection's already) and forgets them; the entry
+  // goes once no request counted in it is pending.
   void FinishConnection(int fd, bool force) {
     auto it = by_fd.find(fd);
     if (it == by_fd.end() || !it->second.closed || (it->second.pending > 0 && !force)) return;
@@ -75,7 +77,12 @@ struct SnapshotPeerServer::Impl {
       logger->info("snapshot peer connection closed; it last put job {} rank {} step {}", jr.first,
                    jr.second, step);
     }
-    by_fd.erase(it);
+    if (it->second.pending == 0) {
+      by_fd.erase(it);
+    } else {
+      it->second.newest.clear();
+      it->second.closed = false;
+    }
   }
 
   void OnConnection(const ConnectionEvent& e) {
