@@ -132,9 +132,9 @@ TEST_P(SnapshotCpuPathTest, OnlyTheSnapshotThreadsTakeTheClassAndControlStaysPro
   auto rank = checkpoint::SnapshotClient::Connect(dir_ + "/s.sock");
   ASSERT_TRUE(rank.ok()) << rank.status();
 
-  // The flood: a rank hands over 2 MiB frames as fast as its agent takes them. For the first
+  // The flood: a rank hands over 1 MiB frames as fast as its agent takes them. For the first
   // 1.5 s every core also runs a normal-class spinner, as busy ranks would.
-  constexpr int kSteps = 40;
+  constexpr int kSteps = 24;
   std::atomic<bool> spin{true};
   std::vector<std::thread> spinners;
   for (unsigned i = 0; i < std::max(2u, std::thread::hardware_concurrency()); ++i) {
@@ -147,7 +147,7 @@ TEST_P(SnapshotCpuPathTest, OnlyTheSnapshotThreadsTakeTheClassAndControlStaysPro
   std::atomic<bool> flooding{true};
   Status flood_status;
   std::thread flood([&] {
-    const std::string payload(2 << 20, 'f');
+    const std::string payload(1 << 20, 'f');
     for (int step = 1; step <= kSteps && flood_status.ok(); ++step) {
       flood_status = (*rank)->Put(
           SnapshotKey{.job = "ft-1", .attempt = 1, .rank = 0, .world_size = 2, .step = step},
