@@ -1,5 +1,6 @@
-// `muster coordinator`, `muster submit|status|cancel|nodes|events`, `muster node drain|undrain`:
-// argument parsing and printing only; the work is in coordinator/ (server.h, client.h).
+// `muster coordinator`, `muster submit|status|cancel|nodes|events`,
+// `muster node drain|undrain|preempt|forget`: argument parsing and printing only; the work is in
+// coordinator/ (server.h, client.h).
 
 #include <signal.h>
 #include <unistd.h>
@@ -478,7 +479,7 @@ void AddCoordinatorCommands(CLI::App& app, Runner* runner) {
       };
     });
   }
-  // muster node drain|undrain NODE
+  // muster node drain|undrain|preempt|forget NODE
   {
     auto* node = app.add_subcommand("node", "Node administration");
     node->require_subcommand(1);
@@ -533,6 +534,31 @@ void AddCoordinatorCommands(CLI::App& app, Runner* runner) {
             std::cout << (i == 0 ? "; checkpointing and stopping: " : ", ") << jobs[i];
           }
           std::cout << "\n";
+          return 0;
+        };
+      });
+    }
+    // muster node forget NODE: drop the record of a node taken out of the pool for good.
+    {
+      auto* cmd = node->add_subcommand(
+          "forget",
+          "Drop a static NODE's record (an admin key): refused while it is connected, in an "
+          "attempt or held as a spare, or holds in-memory snapshots or a checkpoint copy a job "
+          "still needs");
+      auto o = std::make_shared<ClientOptions>();
+      auto name = std::make_shared<std::string>();
+      cmd->add_option("NODE", *name, "Node name")->required();
+      AddClientFlags(cmd, o);
+      cmd->callback([=] {
+        *runner = [=] {
+          int rc = 0;
+          auto c = ConnectOrPrint("node", *o, &rc);
+          if (!c) return rc;
+          proto::Envelope req;
+          req.mutable_forget_node_request()->set_node(*name);
+          auto r = c->Call(std::move(req));
+          if (!r.ok()) return Fail("node forget", r.status());
+          std::cout << r->forget_node_reply().node() << " forgotten\n";
           return 0;
         };
       });

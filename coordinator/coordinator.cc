@@ -81,6 +81,9 @@ struct Coordinator::JobRt {
   // the previous snapshot resume failed, why the next attempt must not resume from snapshots.
   ResumeChoice snapshot_resumed;
   std::string snapshot_fallback;
+  // Why a pending job waits for rec.not_before_ms, for its pending reason: a lost node's lease
+  // fence (the last attempt ended node_lost), else the restart backoff.
+  bool lease_fence = false;
 };
 
 constexpr int64_t kInteractiveClientTimeoutMs = 15000;
@@ -168,14 +171,22 @@ Status Coordinator::Restore() {
       j->rec.nodes.clear();
       // Before any request: a store that cannot take this write fails the start.
       MUSTER_RETURN_IF_ERROR(Persist(*j));
-      sched_->Submit(j->req).IgnoreError();
-      j->in_scheduler = true;
+      // A restart backoff or a lost node's lease fence (not_before, wall-clock time) still holds:
+      // Tick submits the job once it has passed, as it would have without the restart.
+      if (j->rec.not_before_ms <= now) {
+        sched_->Submit(j->req).IgnoreError();
+        j->in_scheduler = true;
+      } else if (auto attempts = store_->LoadAttempts(j->rec.id);
+                 attempts.ok() && !attempts->empty()) {
+        j->lease_fence = attempts->back().outcome == "node_lost";
+      }
     }
     ++restored;
     jobs_.emplace(j->rec.id, std::move(j));
   }
   RestoreCopies();
   RestoreSpares();
+  RestoreLogCopies(now);
   // A snapshot resume that failed before a kill -9 still sends the next attempt to the volume.
   if (auto fb = store_->LoadSnapshotFallbacks(); fb.ok()) {
     for (const auto& [id, why] : *fb) {
@@ -713,6 +724,7 @@ void Coordinator::Finish(JobRt& job) {
   r.restarts = d.restarts;
   r.preemptions = d.preemptions;
   r.not_before_ms = d.not_before_ms;
+  job.lease_fence = d.kind == AttemptEndDecision::Kind::kNodeLost;
   job.start_retries = d.start_retries;
   for (const auto& e : d.events) Event(r.id, "", e.kind, e.message);
   Write(fmt::format("attempt {} of job {}", r.attempt, r.id), [&] {
@@ -947,6 +959,8 @@ RequestKind KindOf(proto::Envelope::PayloadCase c) {
       return {"drain", Right::kAdmin, true};
     case proto::Envelope::kPreemptNodeRequest:
       return {"node preempt", Right::kAdmin, true};
+    case proto::Envelope::kForgetNodeRequest:
+      return {"node forget", Right::kAdmin, true};
     case proto::Envelope::kAgentRegister:
       return {"agent register", Right::kAgent, true};
     case proto::Envelope::kAgentHeartbeat:
@@ -1056,6 +1070,8 @@ void Coordinator::Handle(const Caller& caller, proto::Envelope&& req, Reply repl
       return answer(OnDrain(req.drain_request()));
     case proto::Envelope::kPreemptNodeRequest:
       return answer(OnPreemptNode(req.preempt_node_request()));
+    case proto::Envelope::kForgetNodeRequest:
+      return answer(OnForgetNode(caller, req.forget_node_request()));
     case proto::Envelope::kLogsRequest:
       return OnLogs(caller, req.logs_request(), [id, reply](proto::Envelope e) {
         e.set_request_id(id);
@@ -1145,8 +1161,10 @@ proto::JobStatus Coordinator::StatusOf(const JobRt& j) {
           "waiting: {} s for the lost node's lease, then restarting on the survivors and spares",
           std::max<int64_t>(0, (r.not_before_ms - NowMs() + 999) / 1000)));
     } else if (!j.in_scheduler && r.not_before_ms > NowMs()) {
-      s.set_pending_reason(fmt::format("waiting: restart backoff, {} s left",
-                                       (r.not_before_ms - NowMs() + 999) / 1000));
+      s.set_pending_reason(fmt::format(
+          "waiting: {}, {} s left",
+          j.lease_fence ? "the lost node's lease (it may still run its ranks)" : "restart backoff",
+          (r.not_before_ms - NowMs() + 999) / 1000));
     } else {
       std::string from_provider = ProviderReason(r.id);
       s.set_pending_reason(from_provider.empty() ? sched_->PendingReason(r.id) : from_provider);
@@ -1326,6 +1344,22 @@ StatusOr<proto::Envelope> Coordinator::OnDrain(const proto::DrainRequest& req) {
   pass_needed_ = true;
   auto st = NodeStatusOf(n);
   return Wrap([&](auto& e) { e.mutable_drain_reply()->set_state(st.state()); });
+}
+
+std::vector<std::string> Coordinator::JobsNeedingNode(const std::string& node) const {
+  std::vector<std::string> out;
+  for (const auto& [id, j] : jobs_) {
+    if (Terminal(j->rec.state) && j->attempt.done.size() >= j->rec.nodes.size()) continue;
+    if (std::find(j->rec.nodes.begin(), j->rec.nodes.end(), node) == j->rec.nodes.end()) continue;
+    if (j->attempt.done.count(node)) continue;
+    out.push_back(fmt::format("it is in attempt {} of job {}", j->rec.attempt, id));
+  }
+  for (const auto& id : snapshot_book_.JobsOf(node)) {
+    auto j = jobs_.find(id);
+    if (j != jobs_.end() && !Terminal(j->second->rec.state))
+      out.push_back(fmt::format("it holds in-memory snapshots of job {}", id));
+  }
+  return out;
 }
 
 StatusOr<proto::Envelope> Coordinator::OnPreemptNode(const proto::PreemptNodeRequest& req) {
@@ -1820,7 +1854,15 @@ StatusOr<proto::Envelope> Coordinator::OnLogChunk(const Caller& caller,
     Reply r = std::move(it->second.reply);
     fetches_.erase(it);
     if (!req.error().empty()) {
-      r(ErrorEnvelope(0, NotFoundError(req.error())));
+      // The agent's code decides what the reader does (log_collect.cc: give up or ask again).
+      // 0: an agent that predates error_code (NOT_FOUND); a code that is not one: INTERNAL.
+      int code = req.error_code();
+      proto::Error err;
+      err.set_code(code == 0                   ? proto::NOT_FOUND
+                   : proto::Code_IsValid(code) ? static_cast<proto::Code>(code)
+                                               : proto::INTERNAL);
+      err.set_message(req.error());
+      r(ErrorEnvelope(0, ErrorToStatus(err)));
     } else {
       proto::Envelope e;
       auto* out = e.mutable_logs_reply();

@@ -185,7 +185,13 @@ class Coordinator {
   // (REQUIRES: jobs restored).
   void SaveSpares();
   void RestoreSpares();
-  void ForgetNode(const std::string& name);
+  // Drops a node's record (database, scheduler, registry; its key binding stays). Its log
+  // copies in flight end with "node NAME <why> before all of it was kept". No-op for an
+  // unknown node.
+  Status ForgetNode(const std::string& name, const std::string& why);
+  // Why jobs that have not ended still need `node`: "it is in attempt A of job J" (not done
+  // there yet), "it holds in-memory snapshots of job J" (coordinator.cc: JobRt is private to it).
+  std::vector<std::string> JobsNeedingNode(const std::string& node) const;
   std::vector<JobRequest> PendingRequests() const;
   // False if the store did not take the attempt (nothing was sent).
   bool Start(JobRt& job, const std::vector<std::string>& nodes);
@@ -251,6 +257,9 @@ class Coordinator {
     int64_t deadline_ms = 0;
     int64_t next_fetch_ms = 0;  // > 0: ask again then (the node had nothing new yet)
     bool in_flight = false;
+    // > 0: a copy asked again after a coordinator restart, waiting until then for its node's
+    // agent to register again (every restored node is disconnected at first).
+    int64_t reconnect_until_ms = 0;
   };
   using LogCopyKey = std::tuple<std::string, int, int>;  // job, attempt, rank
   void KeepLogs(const JobRecord& rec, const std::string& node);
@@ -260,6 +269,9 @@ class Coordinator {
   // `keep` false: drops it (the node had no log of the rank).
   void EndLogCopy(const LogCopyKey& key, const std::string& note, bool keep = true);
   void TickLogCopies(int64_t now);
+  // At start: the copies the previous coordinator was writing when it stopped are asked again
+  // of their nodes (or given up with a logs_lost event when the node is gone).
+  void RestoreLogCopies(int64_t now);
   // Answers `req` from the kept copy when there is one to answer from; false: ask the node.
   bool ServeKeptLog(const proto::LogsRequest& req, const JobRecord& rec, int attempt,
                     const std::string& node, Reply& reply);
@@ -294,6 +306,8 @@ class Coordinator {
   StatusOr<proto::Envelope> OnEvents(const Caller& caller, const proto::EventsRequest& req);
   StatusOr<proto::Envelope> OnDrain(const proto::DrainRequest& req);
   StatusOr<proto::Envelope> OnPreemptNode(const proto::PreemptNodeRequest& req);
+  // `muster node forget` (node_forget.cc).
+  StatusOr<proto::Envelope> OnForgetNode(const Caller& caller, const proto::ForgetNodeRequest& req);
   void OnLogs(const Caller& caller, const proto::LogsRequest& req, Reply reply);
   StatusOr<proto::Envelope> OnRegister(const Caller& caller, const proto::AgentRegister& req);
   StatusOr<proto::Envelope> OnHeartbeat(const Caller& caller, const proto::AgentHeartbeat& req);

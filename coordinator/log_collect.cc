@@ -9,6 +9,7 @@
 // coordinator itself holds (validated: LogKeeper::Validate), never from the chunk.
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <algorithm>
 
@@ -63,6 +64,76 @@ void Coordinator::KeepLogs(const JobRecord& r, const std::string& node) {
   }
 }
 
+void Coordinator::RestoreLogCopies(int64_t now) {
+  if (!log_keeper_) return;
+  // By (job, attempt, node): the ranks asked again, for one event each.
+  std::map<std::tuple<std::string, int, std::string>, std::vector<int>> asked;
+  for (const auto& id : log_keeper_->interrupted()) {
+    auto lost = [&](const std::string& node, const std::string& why) {
+      Event(id.job, node, "logs_lost",
+            fmt::format("attempt {}: the log of rank {} was not kept: the coordinator restarted "
+                        "during its copy, and {}",
+                        id.attempt, id.rank, why));
+    };
+    // The attempt's nodes and ranks: from the job's record (running or finished) and its
+    // attempt's, both in the database before the attempt started.
+    StatusOr<JobRecord> rec = store_->GetJob(id.job);
+    auto attempts = rec.ok() ? store_->LoadAttempts(id.job)
+                             : StatusOr<std::vector<AttemptRecord>>(rec.status());
+    const AttemptRecord* attempt = nullptr;
+    if (attempts.ok()) {
+      for (const auto& a : *attempts)
+        if (a.attempt == id.attempt) attempt = &a;
+    }
+    if (attempt == nullptr) {
+      lost("", fmt::format("the nodes of attempt {} are not known ({})", id.attempt,
+                           attempts.ok() ? "no such attempt" : attempts.status().message()));
+      continue;
+    }
+    int rpn = std::max(1, rec->spec.ranks_per_node());
+    int index = id.rank / rpn;
+    if (index >= static_cast<int>(attempt->nodes.size())) {
+      lost("", fmt::format("attempt {} ran {} node(s) of {} rank(s): rank {} is not one of them",
+                           id.attempt, attempt->nodes.size(), rpn, id.rank));
+      continue;
+    }
+    const std::string& node = attempt->nodes[index];
+    if (nodes_.Find(node) == nullptr) {
+      lost(node, fmt::format("node {} is gone", node));
+      continue;
+    }
+    LogCopyKey key(id.job, id.attempt, id.rank);
+    int ranks = static_cast<int>(attempt->nodes.size()) * rpn;
+    if (Status st = log_keeper_->Begin(id.job, id.attempt, id.rank, ranks); !st.ok()) {
+      lost(node, st.message());
+      continue;
+    }
+    LogCopy c;
+    c.serial = next_log_copy_++;
+    c.job = id.job;
+    c.node = node;
+    c.attempt = id.attempt;
+    c.rank = id.rank;
+    c.ranks = ranks;
+    c.node_first = index * rpn;
+    c.node_ranks = rpn;
+    // Its agent gets a heartbeat timeout to register again, as every restored node does; then
+    // the copy has its usual time.
+    c.reconnect_until_ms = now + options_.heartbeat_timeout.count();
+    c.deadline_ms = c.reconnect_until_ms + options_.log_keep_wait.count();
+    c.next_fetch_ms = now;  // TickLogCopies asks once the node is connected
+    log_copies_.emplace(key, std::move(c));
+    asked[{id.job, id.attempt, node}].push_back(id.rank);
+  }
+  for (const auto& [k, ranks] : asked) {
+    const auto& [job, attempt, node] = k;
+    Event(job, node, "logs_copy_retry",
+          fmt::format("attempt {}: the log of rank(s) {} is copied again from node {}: the "
+                      "coordinator restarted during the copy",
+                      attempt, fmt::join(ranks, ","), node));
+  }
+}
+
 void Coordinator::FetchKeptLog(LogCopy& c) {
   LogCopyKey key(c.job, c.attempt, c.rank);
   const NodeRt* n = nodes_.Find(c.node);
@@ -82,6 +153,7 @@ void Coordinator::FetchKeptLog(LogCopy& c) {
   f->set_stream(proto::LOG_MERGED);
   c.in_flight = true;
   c.next_fetch_ms = 0;
+  c.reconnect_until_ms = 0;  // asked of a connected node: from now on it must stay so
   uint64_t serial = c.serial;
   fetches_.emplace(fetch,
                    Fetch{[this, key, serial](proto::Envelope e) { OnKeptLogChunk(key, serial, e); },
@@ -105,6 +177,14 @@ void Coordinator::OnKeptLogChunk(const LogCopyKey& key, uint64_t serial, const p
       c.next_fetch_ms = NowMs();  // asked again at the next tick, until the copy's deadline
       return;
     }
+    if (err.code() == proto::UNAVAILABLE) {
+      // The node could not read it for now (out of descriptors or memory): asked again soon,
+      // until the copy's deadline.
+      c.next_fetch_ms = NowMs() + kKeptRefetchMs;
+      return;
+    }
+    // Permission denied, an I/O error, a refused file, or a log gone in the middle: asking
+    // again would not help. What came is kept, with the node's reason.
     return EndLogCopy(key, "the rest was not kept: " + err.message());
   }
   if (!e.has_logs_reply()) return EndLogCopy(key, "the rest was not kept: unexpected reply");
@@ -136,6 +216,12 @@ void Coordinator::EndLogCopy(const LogCopyKey& key, const std::string& note, boo
   if (it == log_copies_.end()) return;
   LogCopy c = std::move(it->second);
   log_copies_.erase(it);
+  std::string why = note;
+  if (c.reconnect_until_ms > 0) {
+    // Asked again after a restart and never fetched since: nothing of it is here to keep.
+    keep = false;
+    why = "the coordinator restarted during its copy, and " + note;
+  }
   Status st = Status::Ok();
   if (keep) {
     st = log_keeper_->Commit(c.job, c.attempt, c.rank, note);
@@ -146,7 +232,10 @@ void Coordinator::EndLogCopy(const LogCopyKey& key, const std::string& note, boo
     log::Get("coord")->warn("job {} attempt {} rank {}: kept log not written: {}", c.job, c.attempt,
                             c.rank, st.ToString());
   }
-  if (!note.empty() || !st.ok()) {
+  if (!keep && !note.empty()) {
+    Event(c.job, c.node, "logs_lost",
+          fmt::format("attempt {}: the log of rank {} was not kept: {}", c.attempt, c.rank, why));
+  } else if (!note.empty() || !st.ok()) {
     Event(c.job, c.node, "logs_lost",
           fmt::format("attempt {}: the log of rank {} is kept only in part: {}", c.attempt, c.rank,
                       st.ok() ? note : st.message()));
@@ -168,8 +257,11 @@ void Coordinator::TickLogCopies(int64_t now) {
   std::vector<LogCopyKey> late, again;
   for (auto& [key, c] : log_copies_) {
     const NodeRt* n = nodes_.Find(c.node);
+    bool waiting = c.reconnect_until_ms > now && n != nullptr && !n->connected();
     if (c.deadline_ms <= now) {
       late.push_back(key);
+    } else if (waiting) {
+      continue;  // asked again after a restart: its node's agent has not registered yet
     } else if (n == nullptr || !n->connected()) {
       late.push_back(key);
     } else if (!c.in_flight && c.next_fetch_ms > 0 && c.next_fetch_ms <= now) {
@@ -179,6 +271,13 @@ void Coordinator::TickLogCopies(int64_t now) {
   for (const auto& key : late) {
     const LogCopy& c = log_copies_.at(key);
     const NodeRt* n = nodes_.Find(c.node);
+    if (c.reconnect_until_ms > 0) {
+      // Asked again after a restart, and never fetched since (EndLogCopy says so).
+      EndLogCopy(key, n == nullptr ? "node " + c.node + " is gone"
+                                   : fmt::format("node {} did not register again within {} ms",
+                                                 c.node, options_.heartbeat_timeout.count()));
+      continue;
+    }
     EndLogCopy(key, n == nullptr || !n->connected()
                         ? "node " + c.node + " went away before all of it was kept"
                         : fmt::format("not all of it was copied from node {} within {} ms", c.node,

@@ -8,6 +8,8 @@
 #include <cerrno>
 #include <cstring>
 #include <fstream>
+#include <optional>
+#include <set>
 #include <vector>
 
 #include "common/logging.h"
@@ -86,6 +88,30 @@ int64_t FileSize(const fs::path& p) {
 
 }  // namespace
 
+// `<job>/<attempt>/rank-<r>.log.part` or `.log.prev.part`: the copy it belongs to; nullopt for
+// any other name (not ours).
+std::optional<LogKeeper::CopyId> LogKeeper::PartCopy(const std::string& job, const fs::path& part) {
+  std::string name = part.filename().string();
+  for (std::string_view suffix : {std::string_view(kPrevPart), std::string_view(kPart)}) {
+    if (name.size() > suffix.size() && name.ends_with(suffix)) {
+      name.resize(name.size() - suffix.size());
+      break;
+    }
+  }
+  auto number = [](std::string_view s) -> std::optional<int> {
+    if (s.empty() || s.size() > 7 ||
+        !std::all_of(s.begin(), s.end(), [](char c) { return c >= '0' && c <= '9'; }))
+      return std::nullopt;
+    return std::stoi(std::string(s));
+  };
+  if (!name.starts_with("rank-") || !name.ends_with(".log")) return std::nullopt;
+  auto rank = number(std::string_view(name).substr(5, name.size() - 9));
+  auto attempt = number(part.parent_path().filename().string());
+  if (!rank || !attempt || part.parent_path().parent_path().filename() != job) return std::nullopt;
+  if (!Validate(job, *attempt, *rank).ok()) return std::nullopt;
+  return CopyId{job, *attempt, *rank};
+}
+
 Status LogKeeper::Validate(std::string_view job, int attempt, int rank) {
   MUSTER_RETURN_IF_ERROR(ValidatePathName(job, "job id"));
   if (attempt < 1 || attempt > kMaxAttempt) {
@@ -108,6 +134,7 @@ StatusOr<std::unique_ptr<LogKeeper>> LogKeeper::Open(const fs::path& dir, LogKee
   std::unique_ptr<LogKeeper> k(new LogKeeper(dir, limits));
   // Index what a previous coordinator kept; a copy it was writing when it stopped is dropped.
   std::vector<std::pair<fs::file_time_type, std::string>> order;
+  std::set<CopyId> interrupted;
   for (const auto& j : fs::directory_iterator(dir, ec)) {
     std::string job = j.path().filename().string();
     if (!j.is_directory() || !ValidatePathName(job, "job id").ok()) continue;
@@ -116,12 +143,18 @@ StatusOr<std::unique_ptr<LogKeeper>> LogKeeper::Open(const fs::path& dir, LogKee
       if (!f.is_regular_file()) continue;
       std::string ext = f.path().extension().string();
       if (ext == kPart || ext == kTmp) {
+        if (ext == kPart) {
+          if (auto id = PartCopy(job, f.path())) interrupted.insert(*id);
+        }
         fs::remove(f.path(), ec);
         continue;
       }
       newest = std::max(newest, f.last_write_time(ec));
     }
     order.emplace_back(newest, job);
+  }
+  for (const auto& id : interrupted) {
+    if (!k->Has(id.job, id.attempt, id.rank)) k->interrupted_.push_back(id);
   }
   std::sort(order.begin(), order.end());
   for (const auto& [t, job] : order) {

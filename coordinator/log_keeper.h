@@ -8,7 +8,8 @@
 //   <dir>/<job>/<attempt>/rank-<r>.log        a kept copy (plain text, what the rank wrote)
 //   <dir>/<job>/<attempt>/rank-<r>.incomplete  (empty) the copy ended with a note: not all in
 //   <dir>/<job>/<attempt>/rank-<r>.log.part and .prev.part: being written (removed at Open: a
-//                                              crash mid-copy)
+//                                              crash mid-copy; Open lists that rank in
+//                                              interrupted(), so the copy can be asked again)
 //
 // Bounded twice:
 //   - per job (`job_bytes`): a rank's copy keeps the tail of `job_bytes / ranks` bytes of its
@@ -31,8 +32,10 @@
 #include <filesystem>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "common/status.h"
 
@@ -51,6 +54,16 @@ class LogKeeper {
   // Creates `dir` if needed, removes copies left half written, and indexes what is there.
   static StatusOr<std::unique_ptr<LogKeeper>> Open(const std::filesystem::path& dir,
                                                    LogKeepLimits limits);
+
+  // A copy that was being written when the previous coordinator stopped (found at Open).
+  struct CopyId {
+    std::string job;
+    int attempt = 0;
+    int rank = 0;
+    auto operator<=>(const CopyId&) const = default;
+  };
+  // The copies Open found half written and dropped (each has no kept file), in order.
+  const std::vector<CopyId>& interrupted() const { return interrupted_; }
 
   // InvalidArgument unless (job, attempt, rank) can name a file under the directory.
   static Status Validate(std::string_view job, int attempt, int rank);
@@ -112,11 +125,13 @@ class LogKeeper {
   void ApplyJobCap(const std::string& job, int newest_attempt);
   void ApplyTotalCap(const std::string& keep_job);
   void Reindex(const std::string& job);
+  static std::optional<CopyId> PartCopy(const std::string& job, const std::filesystem::path& part);
 
   std::filesystem::path dir_;
   LogKeepLimits limits_;
   std::map<std::string, Writer> writers_;  // by RankPath
   std::map<std::string, JobIndex> jobs_;
+  std::vector<CopyId> interrupted_;
   int64_t total_ = 0;
   int64_t clock_ = 0;
 };

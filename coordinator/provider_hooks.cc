@@ -78,7 +78,7 @@ void Coordinator::ProvidersPass() {
   for (auto& r : sched_->SpareRequests()) pending.push_back(std::move(r));
   auto out = providers_->Tick(pending, NodesForProviders(now), now);
   for (const auto& e : out.events) Event(e.job, e.node, e.kind, e.message);
-  for (const auto& name : out.released) ForgetNode(name);
+  for (const auto& name : out.released) ForgetNode(name, "was released").IgnoreError();
   if (auto state = providers_->StateToSave()) {
     if (Write("provider state", [&] {
           return store_->PutState(kProviderStateKey, *state, NowMs());
@@ -115,23 +115,25 @@ std::string Coordinator::ProviderReason(const std::string& job) const {
   return providers_ ? providers_->PendingReason(job) : "";
 }
 
-// A released node: its agent is being stopped by its provider; it runs no job.
-void Coordinator::ForgetNode(const std::string& name) {
-  if (!nodes_.Find(name)) return;
+// A released node (its agent is being stopped by its provider; it runs no job), or one an
+// admin forgot (node_forget.cc).
+Status Coordinator::ForgetNode(const std::string& name, const std::string& why) {
+  if (!nodes_.Find(name)) return Status::Ok();
   std::vector<LogCopyKey> cut;
   for (const auto& [key, c] : log_copies_)
     if (c.node == name) cut.push_back(key);
   for (const auto& key : cut)
-    EndLogCopy(key, "node " + name + " was released before all of it was kept");
+    EndLogCopy(key, "node " + name + " " + why + " before all of it was kept");
   // Durable first (the latch refuses it once a write has failed), then memory follows.
-  Status st = Write("delete released node " + name, [&] { return store_->DeleteNode(name); });
+  Status st = Write("delete node " + name, [&] { return store_->DeleteNode(name); });
   if (!st.ok()) {
-    log::Get("coord")->error("released node {} not deleted: {}", name, st.ToString());
-    return;
+    log::Get("coord")->error("node {} ({}) not deleted: {}", name, why, st.ToString());
+    return st;
   }
   st = sched_->RemoveNode(name);
-  if (!st.ok()) log::Get("coord")->error("released node {}: {}", name, st.ToString());
+  if (!st.ok()) log::Get("coord")->error("node {} ({}): {}", name, why, st.ToString());
   nodes_.Remove(name);
+  return Status::Ok();
 }
 
 }  // namespace muster::coordinator

@@ -832,6 +832,7 @@ void AssignmentRunner::FetchLog(const proto::FetchLog& f) {
   c->set_fetch_id(f.fetch_id());
   if (Status st = ValidatePathName(f.job_id(), "job id"); !st.ok()) {
     c->set_error(st.message());
+    c->set_error_code(static_cast<int>(st.code()));
     c->set_eof(true);
     return out_.send(std::move(e));
   }
@@ -839,6 +840,7 @@ void AssignmentRunner::FetchLog(const proto::FetchLog& f) {
   int64_t max = f.max_bytes() > 0 ? std::min(f.max_bytes(), 1 << 20) : 64 << 10;
   // node_agent/log_reader.h: the cursor follows the log across rotation.
   auto read = ReadLog(path, LogCursor{f.generation(), f.offset()}, max);
+  if (!read.ok()) c->set_error_code(static_cast<int>(read.status().code()));
   if (!read.ok() && read.status().code() != StatusCode::kNotFound) {
     c->set_error(read.status().message() + " (rank " + std::to_string(f.rank()) + " of " +
                  f.job_id() + " attempt " + std::to_string(f.attempt()) + " on " + labels_.name() +

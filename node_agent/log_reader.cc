@@ -54,13 +54,24 @@ class Parts {
       std::string name = k == 0 ? path.string() : path.string() + "." + std::to_string(k);
       int fd = ::open(name.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
       struct stat st;
-      if (fd >= 0 && (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode))) {
+      if (fd >= 0 && ::fstat(fd, &st) != 0) {
+        int e = errno;
         ::close(fd);
-        if (k == 0) return NotFoundError("log file " + name + " is not a regular file");
+        return LogFileError(e, "log file " + name);
+      }
+      if (fd >= 0 && !S_ISREG(st.st_mode)) {
+        ::close(fd);
+        if (k == 0)
+          return FailedPreconditionError("log file " + name + " is not a regular file: not read");
         break;
       }
       if (fd < 0) {
-        if (k == 0 && errno == ELOOP) return NotFoundError("log file " + name + " is a symlink");
+        int e = errno;
+        if (k == 0 && e == ELOOP)
+          return FailedPreconditionError("log file " + name + " is a symlink: not read");
+        // Only a part that is not there is a gap; any other error (permission denied, an I/O
+        // error) is the answer, not a missing part.
+        if (e != ENOENT && e != ENOTDIR && e != ELOOP) return LogFileError(e, "log file " + name);
         ++missing;
         continue;
       }
@@ -89,7 +100,7 @@ StatusOr<std::string> ReadAt(int fd, int64_t off, int64_t n) {
   while (got < n) {
     ssize_t r = ::pread(fd, data.data() + got, static_cast<size_t>(n - got), off + got);
     if (r < 0 && errno == EINTR) continue;
-    if (r < 0) return InternalError(std::string("reading a log file: ") + std::strerror(errno));
+    if (r < 0) return LogFileError(errno, "reading a log file");
     if (r == 0) break;  // truncated under us (a part rotated with keep 0)
     got += r;
   }
@@ -98,6 +109,23 @@ StatusOr<std::string> ReadAt(int fd, int64_t off, int64_t n) {
 }
 
 }  // namespace
+
+Status LogFileError(int err, const std::string& what) {
+  switch (err) {
+    case ENOENT:
+    case ENOTDIR:
+      return NotFoundError(what + ": " + std::strerror(err));
+    case EINTR:
+    case EAGAIN:
+    case EMFILE:
+    case ENFILE:
+    case ENOMEM:
+      return UnavailableError(what + ": " + std::strerror(err));
+    default:
+      // EACCES/EPERM: FailedPrecondition; EIO: DataLoss; the rest Internal.
+      return ErrnoStatus(err, what);
+  }
+}
 
 StatusOr<LogRead> ReadLog(const std::filesystem::path& path, LogCursor cursor, int64_t max_bytes) {
   if (max_bytes <= 0) return InvalidArgumentError("max_bytes must be positive");

@@ -47,7 +47,19 @@ struct LogRead {
 // The most rotated parts looked at (PATH.1 .. PATH.kMaxParts).
 inline constexpr int kMaxLogParts = 64;
 
-// Reads at most `max_bytes` (> 0) from `cursor`. NotFound when the live part does not exist.
+// Reads at most `max_bytes` (> 0) from `cursor`. Errors, so that a reader can tell what to do
+// (the coordinator's log copy gives up, or asks again; see LogFileError):
+//   NotFound            the log does not exist (no part of it);
+//   FailedPrecondition  it cannot be read: permission denied, or the live part is a symlink or
+//                       not a regular file (refused, never followed);
+//   DataLoss            an I/O error;
+//   Unavailable         out of descriptors or memory for now: worth asking again;
+//   Internal            any other error.
 StatusOr<LogRead> ReadLog(const std::filesystem::path& path, LogCursor cursor, int64_t max_bytes);
+
+// The Status for errno `err` of an operation on a log file, `what` naming it: ENOENT and
+// ENOTDIR NotFound; EACCES and EPERM FailedPrecondition; EIO DataLoss; EINTR, EAGAIN, EMFILE,
+// ENFILE and ENOMEM Unavailable; else as common/status.h's ErrnoStatus.
+Status LogFileError(int err, const std::string& what);
 
 }  // namespace muster::node_agent

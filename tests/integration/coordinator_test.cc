@@ -1441,5 +1441,282 @@ TEST_F(CoordinatorKillNineTest, AHeldSpareSurvivesKillNineAndStillReplacesALostN
   EXPECT_TRUE(replaced) << "an event says which spare replaced which node";
 }
 
+// A failed attempt's restart backoff is in the database (not_before_ms, wall-clock time): a
+// coordinator killed with SIGKILL during the backoff and restarted does not place the next
+// attempt before the backoff has run out (it used to submit every restored pending job at once).
+TEST_F(CoordinatorKillNineTest, TheRestartBackoffHoldsAcrossKillNine) {
+  FakeAgent& a = AddAgent("aws-0", "aws");
+  auto id = Submit("name: b\ncommand: train\nrestart:\n  max_restarts: 2\n  backoff: 4s\n");
+  ASSERT_TRUE(id.ok()) << id.status();
+  ASSERT_TRUE(a.WaitStart());
+  const auto failed_at = Clock::now();  // the backoff counts from after this
+  ASSERT_TRUE(a.Report(*id, 1, true, 3, true).ok());
+  ASSERT_TRUE(WaitUntil(
+      [&] { return Status(*id).pending_reason().starts_with("waiting: restart backoff"); }, 5s))
+      << Status(*id).DebugString();
+
+  KillNineAndRestart();
+  FakeAgent& b = Rejoin("aws-0");
+  auto st = Status(*id);
+  EXPECT_EQ(st.state(), proto::JOB_PENDING) << st.DebugString();
+  EXPECT_TRUE(st.pending_reason().starts_with("waiting: restart backoff"))
+      << "the restored job does not wait out its backoff: " << st.DebugString();
+  auto start = b.WaitStart(15s);
+  const auto started_after = Clock::now() - failed_at;
+  ASSERT_TRUE(start) << "the next attempt never started: " << Status(*id).DebugString();
+  EXPECT_EQ(start->attempt(), 2);
+  EXPECT_GE(started_after, 3900ms)
+      << "attempt 2 started "
+      << std::chrono::duration_cast<std::chrono::milliseconds>(started_after).count()
+      << " ms after the failure, before its 4 s backoff ended";
+}
+
+// `muster node forget NODE` against a real coordinator, after a kill -9 (the restored nodes are
+// disconnected until their agents register again): refused, with the reason, for a node in a
+// running attempt, a held spare, a connected node, and for a key that is not an admin's; a node
+// nothing needs is forgotten, an event names the key, and it stays forgotten after another
+// kill -9.
+TEST_F(CoordinatorKillNineTest, NodeForgetRefusesWhatIsStillNeededAndForgetsTheRest) {
+  std::map<std::string, FakeAgent*> first;
+  for (const char* n : {"aws-0", "aws-1"}) first[n] = &AddAgent(n, "aws");
+  auto id = Submit("name: f\ncommand: train\nspares: 1\n");
+  ASSERT_TRUE(id.ok()) << id.status();
+  proto::JobStatus st;
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        st = Status(*id);
+        return st.nodes_size() == 1 && st.spares_size() == 1;
+      },
+      5s))
+      << st.DebugString();
+  const std::string gang = st.nodes(0), spare = st.spares(0);
+  ASSERT_TRUE(first[gang]->WaitStart());
+  ASSERT_TRUE(first[gang]->Report(*id, 1, true, 0, false).ok());
+  ASSERT_TRUE(WaitState(*id, proto::JOB_RUNNING));
+  AddAgent("aws-2", "aws");
+  AddAgent("aws-3", "aws");
+
+  KillNineAndRestart();
+  FakeAgent& a2 = Rejoin("aws-2");
+  proto::SnapshotHeld frame;
+  frame.set_job_id(*id);
+  frame.set_world_size(1);
+  frame.set_attempt(1);
+  frame.set_step(5);
+  a2.SetSnapshotsHeld({frame});
+  std::string base = std::string(MUSTER_BIN) + " --log-level off ";
+  std::string flags = " --coordinator " + coord_->endpoint() + " --keys " + keys_.dir.string();
+  auto run = [&](const std::string& args, int* rc, const std::string& f) {
+    std::string out;
+    FILE* p = popen((base + args + f + " 2>&1").c_str(), "r");
+    char buf[512];
+    while (p && fgets(buf, sizeof(buf), p)) out += buf;
+    *rc = p ? WEXITSTATUS(pclose(p)) : -1;
+    return out;
+  };
+  int rc = 0;
+  std::string out = run("node forget " + gang, &rc, flags);
+  EXPECT_EQ(rc, 2) << out;
+  EXPECT_NE(out.find("muster node forget: node " + gang +
+                     " is not forgotten: it is in attempt 1 "
+                     "of job " +
+                     *id),
+            std::string::npos)
+      << out;
+  out = run("node forget " + spare, &rc, flags);
+  EXPECT_EQ(rc, 2) << out;
+  EXPECT_NE(out.find("node " + spare + " is not forgotten: it is held as a spare of job " + *id),
+            std::string::npos)
+      << out;
+  EXPECT_TRUE(WaitUntil(
+      [&] {
+        out = run("node forget aws-2", &rc, flags);
+        return out.find("it holds in-memory snapshots of job " + *id) != std::string::npos;
+      },
+      5s))
+      << out;
+  EXPECT_EQ(rc, 2) << out;
+  EXPECT_NE(out.find("node aws-2 is not forgotten: it is connected (its agent would register it "
+                     "again: stop the agent first); it holds in-memory snapshots of job " +
+                     *id),
+            std::string::npos)
+      << out;
+  out = run("node forget aws-9", &rc, flags);
+  EXPECT_EQ(rc, 1) << out;
+  EXPECT_NE(out.find("unknown node aws-9"), std::string::npos) << out;
+
+  // A client key may not, even for a node nothing needs.
+  AddKeyAndWait("alice", KeyRole::kClient);
+  fs::path alice = root_ / "alice-keys";
+  fs::create_directories(alice);
+  fs::copy_file(keys_.dir / "alice.key", alice / "client.key");
+  fs::copy_file(keys_.coordinator_pub(), alice / "coordinator.pub");
+  out = run("node forget aws-3", &rc,
+            " --coordinator " + coord_->endpoint() + " --keys " + alice.string());
+  EXPECT_EQ(rc, 2) << out;
+  EXPECT_NE(out.find("permission denied: key 'alice' (role client) may not node forget: it needs "
+                     "an admin key"),
+            std::string::npos)
+      << out;
+  EXPECT_NE(NodeState("aws-3"), proto::NODE_STATE_UNSPECIFIED) << "still listed";
+
+  // The admin forgets aws-3 (its agent is gone, nothing needs it).
+  out = run("node forget aws-3", &rc, flags);
+  EXPECT_EQ(rc, 0) << out;
+  EXPECT_EQ(out, "aws-3 forgotten\n");
+  EXPECT_EQ(NodeState("aws-3"), proto::NODE_STATE_UNSPECIFIED) << "still listed";
+  auto ev = client_->Events("", 0);
+  ASSERT_TRUE(ev.ok()) << ev.status();
+  bool said = false;
+  for (const auto& e : ev->events()) {
+    said |=
+        e.kind() == "node_forgotten" && e.node() == "aws-3" &&
+        e.message() == "node record forgotten by key 'admin' (role admin); its key binding stays";
+  }
+  EXPECT_TRUE(said) << "no event says who forgot the node";
+
+  KillNineAndRestart();
+  EXPECT_EQ(NodeState("aws-3"), proto::NODE_STATE_UNSPECIFIED) << "back after a restart";
+  EXPECT_NE(NodeState(gang), proto::NODE_STATE_UNSPECIFIED);
+  // Its agent, with the same key, may register the name again.
+  Rejoin("aws-3");
+  EXPECT_EQ(NodeState("aws-3"), proto::NODE_UP);
+}
+
+// A node whose volume holds a checkpoint step not yet copied to the other provider (the copy's
+// source) is not forgotten; every reason is given.
+TEST_F(CoordinatorKillNineTest, NodeForgetRefusesTheSourceOfACopyNotDone) {
+  proto::NodeLabels src = Labels("aws-0", "aws");
+  src.set_transfer_endpoint("tcp://127.0.0.1:1");
+  src.set_transfer_key(GenerateKeyPair()->public_key);
+  agents_.push_back(std::make_unique<FakeAgent>(ctx_, coord_->endpoint(), keys_, src));
+  FakeAgent& a0 = *agents_.back();
+  ASSERT_TRUE(a0.Register().ok());
+  a0.StartHeartbeats();
+  FakeAgent& g0 = AddAgent("gcp-0", "gcp");
+  auto id = Submit("name: c\ncommand: train\ncheckpoint:\n  volume: ckpt\n  every: 10\n");
+  ASSERT_TRUE(id.ok()) << id.status();
+  ASSERT_TRUE(a0.WaitStart());
+  ASSERT_TRUE(a0.Report(*id, 1, true, 0, false).ok());
+  proto::Envelope commit;
+  auto* r = commit.mutable_agent_report();
+  r->set_node("aws-0");
+  r->set_session_id(a0.session());
+  r->set_job_id(*id);
+  r->set_attempt(1);
+  r->set_checkpoint_step(10);
+  r->set_checkpoint_volume("ckpt");
+  ASSERT_TRUE(a0.Call(commit).ok());
+  ASSERT_TRUE(g0.WaitAction([](const auto& a) { return a.has_replicate(); }, 5s));
+  // The copy of step 10 is not done (a restarted coordinator asks for it again while the job
+  // has not ended).
+  KillNineAndRestart();
+  proto::Envelope forget;
+  forget.mutable_forget_node_request()->set_node("aws-0");
+  auto reply = client_->Call(forget);
+  ASSERT_FALSE(reply.ok());
+  EXPECT_EQ(reply.status().code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(reply.status().message(),
+            "node aws-0 is not forgotten: it is in attempt 1 of job " + *id +
+                "; it is the source of job " + *id +
+                "'s checkpoint copy of step 10 to provider gcp, not done yet");
+}
+
+// The same holds for a lost node's lease fence (no split brain): a node that went silent may
+// still run its ranks until its lease runs out, so its job is not placed again before then,
+// even by a coordinator restarted in between.
+TEST_F(CoordinatorKillNineTest, ALostNodesLeaseFenceHoldsAcrossKillNine) {
+  std::map<std::string, FakeAgent*> first;
+  for (const char* n : {"aws-0", "aws-1"}) first[n] = &AddAgent(n, "aws");
+  auto id = Submit("name: fence\ncommand: train\n");
+  ASSERT_TRUE(id.ok()) << id.status();
+  proto::JobStatus st;
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        st = Status(*id);
+        return st.nodes_size() == 1;
+      },
+      5s));
+  const std::string silent = st.nodes(0), other = silent == "aws-0" ? "aws-1" : "aws-0";
+  ASSERT_TRUE(first[silent]->WaitStart());
+  ASSERT_TRUE(first[silent]->Report(*id, 1, true, 0, false).ok());
+  first[silent]->StopHeartbeats();  // silent, not dead: its ranks may still run
+  ASSERT_TRUE(WaitState(*id, proto::JOB_PENDING, 10s));
+  int64_t requeued_ms = 0;
+  auto ev = client_->Events(*id, 0);
+  ASSERT_TRUE(ev.ok()) << ev.status();
+  for (const auto& e : ev->events())
+    if (e.kind() == "requeued") requeued_ms = e.time_ms();
+  ASSERT_GT(requeued_ms, 0);
+
+  KillNineAndRestart();
+  FakeAgent& b = Rejoin(other);
+  st = Status(*id);
+  EXPECT_TRUE(st.pending_reason().starts_with("waiting: the lost node's lease") ||
+              st.state() != proto::JOB_PENDING)
+      << st.DebugString();
+  auto start = b.WaitStart(10s);
+  const int64_t started_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
+                                 std::chrono::system_clock::now().time_since_epoch())
+                                 .count();
+  ASSERT_TRUE(start) << "the job was never placed again: " << Status(*id).DebugString();
+  // Lease 2250 ms (1.5 x the heartbeat timeout) - heartbeat timeout 1500 ms + 500 ms.
+  EXPECT_GE(started_ms - requeued_ms, 1200)
+      << "attempt 2 started " << started_ms - requeued_ms
+      << " ms after the requeue, inside the lost node's lease fence (1250 ms)";
+}
+
+// A kept-log copy in flight when the coordinator is killed with SIGKILL is asked again of its
+// node once the node's agent registers with the restarted coordinator, and is kept whole.
+TEST_F(CoordinatorKillNineTest, AKeptLogCopyInFlightIsAskedAgainAfterKillNine) {
+  FakeAgent& a = AddAgent("aws-0", "aws");
+  auto id = Submit("name: lg\ncommand: train\n");
+  ASSERT_TRUE(id.ok()) << id.status();
+  ASSERT_TRUE(a.WaitStart());
+  ASSERT_TRUE(a.Report(*id, 1, true, 0, false).ok());
+  ASSERT_TRUE(a.Report(*id, 1, false, 0, true).ok());
+  auto answer = [&](FakeAgent& agent, const proto::FetchLog& f, const std::string& data, bool eof) {
+    proto::Envelope e;
+    auto* c = e.mutable_agent_log_chunk();
+    c->set_node(agent.name());
+    c->set_session_id(agent.session());
+    c->set_fetch_id(f.fetch_id());
+    c->set_data(data);
+    c->set_next_offset(f.offset() + static_cast<int64_t>(data.size()));
+    c->set_generation(7);
+    c->set_eof(eof);
+    return agent.Call(e);
+  };
+  auto fetch = a.WaitAction([](const auto& x) { return x.has_fetch_log(); }, 5s);
+  ASSERT_TRUE(fetch) << "the finished attempt's log is not asked for";
+  auto r = answer(a, fetch->fetch_log(), "first part\n", false);
+  ASSERT_TRUE(r.ok() && !r->has_error()) << r.status();
+  // The next chunk is asked for: the first one is in the copy being written.
+  ASSERT_TRUE(a.WaitAction([](const auto& x) { return x.has_fetch_log(); }, 5s));
+
+  KillNineAndRestart();
+  FakeAgent& b = Rejoin("aws-0");
+  fetch = b.WaitAction([](const auto& x) { return x.has_fetch_log(); }, 10s);
+  ASSERT_TRUE(fetch) << "the copy in flight was forgotten with the coordinator";
+  EXPECT_EQ(fetch->fetch_log().job_id(), *id);
+  EXPECT_EQ(fetch->fetch_log().offset(), 0) << "asked again from the start";
+  r = answer(b, fetch->fetch_log(), "first part\nsecond part\n", true);
+  ASSERT_TRUE(r.ok() && !r->has_error()) << r.status();
+  std::string kinds;
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        kinds.clear();
+        for (const auto& k : EventKinds(*id)) kinds += k + " ";
+        return kinds.find("logs_kept") != std::string::npos;
+      },
+      5s))
+      << kinds;
+  EXPECT_NE(kinds.find("logs_copy_retry"), std::string::npos) << kinds;
+  auto kept = client_->Logs(*id, 0, 0, 1000, 0, proto::LOG_MERGED, 0, /*kept=*/true);
+  ASSERT_TRUE(kept.ok()) << kept.status();
+  EXPECT_EQ(kept->data(), "first part\nsecond part\n");
+  EXPECT_TRUE(kept->kept());
+}
+
 }  // namespace
 }  // namespace muster::coordinator

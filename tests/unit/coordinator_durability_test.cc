@@ -188,6 +188,17 @@ std::vector<Mutation> Mutations() {
          e.mutable_drain_request()->set_drain(true);
          return h.Call(e);
        }},
+      {"ForgetANode",
+       [](Harness& h) {
+         h.Register("n0");
+         h.Register("n1");
+         h.coord_->AgentGone("n1", h.sessions_["n1"], "its agent's connections closed");
+       },
+       [](Harness& h) {
+         proto::Envelope e;
+         e.mutable_forget_node_request()->set_node("n1");
+         return h.Call(e);
+       }},
       {"ACheckpointCommit",
        [](Harness& h) { h.job_ = h.RunningJob("checkpoint:\n  volume: ckpt\n"); },
        [](Harness& h) {
@@ -304,6 +315,13 @@ void ExpectMemoryMatchesTheStore(Harness& h, const std::vector<proto::AgentActio
   proto::Envelope shown = h.Call(req);
   std::map<std::string, NodeRecord> stored_nodes;
   for (auto& n : *nodes) stored_nodes[n.labels.name()] = n;
+  // A node the store has is not dropped from memory (`muster node forget` deletes it there
+  // first).
+  for (const auto& [name, n] : stored_nodes) {
+    EXPECT_TRUE(std::any_of(shown.nodes_reply().nodes().begin(), shown.nodes_reply().nodes().end(),
+                            [&](const auto& s) { return s.labels().name() == name; }))
+        << name << " is stored but not shown";
+  }
   for (const auto& n : shown.nodes_reply().nodes()) {
     auto it = stored_nodes.find(n.labels().name());
     if (it == stored_nodes.end()) {

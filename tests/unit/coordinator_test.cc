@@ -243,6 +243,8 @@ TEST_F(CoordinatorTest, HeartbeatTimeoutOnTheInjectedClockRequeues) {
   std::string s1 = Register("n0");
   coord_->Tick();
   EXPECT_TRUE(Heartbeat("n0", s1).empty()) << "placed while the old ranks may still run";
+  EXPECT_EQ(Status(id).pending_reason(),
+            "waiting: the lost node's lease (it may still run its ranks), 4 s left");
   now_ += 4s;
   coord_->Tick();
   actions = Heartbeat("n0", s1);
@@ -592,6 +594,49 @@ TEST_F(CoordinatorTest, SparesBeyondAnOnDemandProvidersMaxNodesAreRefusedAtSubmi
       << refused;
   EXPECT_NE(refused.message().find("provider aws: 2 (max_nodes 2)"), std::string::npos) << refused;
   Submit("name: fits\ncommand: x\nnodes: 1\nspares: 1\n");
+}
+
+// `muster node forget`: a node of an on-demand provider is refused even when disconnected (its
+// provider releases it, and a node forgotten first would never be released: its machine would
+// run on); a static node nothing needs is forgotten, and a client key may not ask.
+TEST_F(CoordinatorTest, NodeForgetLeavesOnDemandNodesToTheirProvider) {
+  std::string s0 = Register("aws-0");
+  std::string s1 = RegisterWithVolume("gcp-0", "gcp");
+  providers::ProvidersConfig cfg;
+  providers::ProviderConfig gcp;
+  gcp.name = "gcp";
+  gcp.kind = "local";
+  gcp.node.gpus = 8;
+  gcp.node.slots = 8;
+  cfg.providers = {gcp};
+  coord_->SetProviders(std::make_unique<providers::ProviderManager>(
+      cfg, std::map<std::string, std::unique_ptr<providers::Provider>>{}));
+  coord_->AgentGone("aws-0", s0, "its agent's connections closed");
+  coord_->AgentGone("gcp-0", s1, "its agent's connections closed");
+  auto forget = [&](const std::string& node, KeyRole role) {
+    proto::Envelope e;
+    e.mutable_forget_node_request()->set_node(node);
+    proto::Envelope out;
+    coord_->Handle(Caller{role == KeyRole::kAdmin ? "root" : "alice", "k", role, ""}, std::move(e),
+                   [&](proto::Envelope r) { out = std::move(r); });
+    return out;
+  };
+  muster::Status st = ErrorOf(forget("gcp-0", KeyRole::kAdmin));
+  EXPECT_EQ(st.code(), StatusCode::kFailedPrecondition) << st;
+  EXPECT_EQ(st.message(),
+            "node gcp-0 is not forgotten: it belongs to on-demand provider gcp, which releases "
+            "it (and its machine) when it is idle or down");
+  st = ErrorOf(forget("aws-0", KeyRole::kClient));
+  EXPECT_EQ(st.code(), StatusCode::kFailedPrecondition) << st;
+  EXPECT_NE(st.message().find("permission denied"), std::string::npos) << st;
+  auto ok = forget("aws-0", KeyRole::kAdmin);
+  ASSERT_TRUE(ok.has_forget_node_reply()) << ok.DebugString();
+  EXPECT_EQ(ok.forget_node_reply().node(), "aws-0");
+  proto::Envelope nodes;
+  nodes.mutable_nodes_request();
+  auto listed = Call(nodes);
+  for (const auto& n : listed.nodes_reply().nodes()) EXPECT_NE(n.labels().name(), "aws-0");
+  EXPECT_EQ(listed.nodes_reply().nodes_size(), 1);
 }
 
 // Static nodes and an on-demand provider that cannot hold the job either: the refusal names

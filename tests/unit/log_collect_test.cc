@@ -4,6 +4,7 @@
 // copy is in, or log_keep_wait has passed (then an event says what was lost). A chunk from
 // another node is refused. A real Coordinator on an injected clock, over a fake provider.
 
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -38,6 +39,11 @@ class LogCollectTest : public ::testing::Test {
   void SetUp() override {
     dir_ = fs::temp_directory_path() / ("logkeep-collect-" + std::to_string(getpid()) + "-" +
                                         std::to_string(std::random_device{}()));
+    StartCoordinator();
+  }
+  // A coordinator on dir_ (again after Restart: what a kill -9 leaves, the .part files of
+  // copies in flight, is still there; the destructor only drops the fetches' replies).
+  void StartCoordinator(bool with_providers = true) {
     CoordinatorOptions o;
     o.clock = [this] { return now_; };
     o.log_keep_dir = dir_ / "logs";
@@ -47,6 +53,7 @@ class LogCollectTest : public ::testing::Test {
     auto c = Coordinator::Create(*CoordinatorDb::Open(dir_), o);
     ASSERT_TRUE(c.ok()) << c.status();
     coord_ = std::move(*c);
+    if (!with_providers) return;
     providers::ProviderConfig gcp;
     gcp.name = "gcp";
     gcp.kind = "local";
@@ -59,6 +66,10 @@ class LogCollectTest : public ::testing::Test {
     std::map<std::string, std::unique_ptr<providers::Provider>> m;
     m["gcp"] = std::move(fake);
     coord_->SetProviders(std::make_unique<providers::ProviderManager>(config, std::move(m)));
+  }
+  void Restart(bool with_providers = true) {
+    coord_.reset();
+    StartCoordinator(with_providers);
   }
   void TearDown() override {
     coord_.reset();
@@ -98,6 +109,18 @@ class LogCollectTest : public ::testing::Test {
     c->set_next_offset(next);
     c->set_eof(eof);
     c->set_generation(77);
+    return Call(e);
+  }
+  // The agent's answer when it cannot read the log: `code` a muster::StatusCode.
+  proto::Envelope ChunkError(uint64_t fetch, StatusCode code, const std::string& message) {
+    proto::Envelope e;
+    auto* c = e.mutable_agent_log_chunk();
+    c->set_node("gcp-1");
+    c->set_session_id(sg_);
+    c->set_fetch_id(fetch);
+    c->set_error(message);
+    c->set_error_code(static_cast<int>(code));
+    c->set_eof(true);
     return Call(e);
   }
   proto::Envelope Logs(const std::string& job, int rank, int64_t offset = 0, bool kept = false) {
@@ -400,6 +423,152 @@ TEST_F(LogCollectTest, ANodeLostBeforeItsLogsWereCopiedIsAnEventAndNothingIsKept
   ASSERT_TRUE(l0.has_error()) << l0.DebugString();
   EXPECT_NE(l0.error().message().find("not connected"), std::string::npos) << l0.DebugString();
   EXPECT_FALSE(fs::exists(dir_ / "logs" / id / "1" / "rank-0.log"));
+}
+
+// A copy in flight when the coordinator stops (kill -9: its .part files stay) is asked again of
+// its node once the node's agent registers with the restarted coordinator, from the start; a
+// copy that was complete is not asked again.
+TEST_F(LogCollectTest, ACopyInFlightIsAskedAgainAfterARestart) {
+  sa_ = Register("aws-1", "aws");
+  sg_ = Register("gcp-1", "gcp");
+  std::string id = RunJobToTheEnd();
+  auto fetch = Fetches();
+  ASSERT_EQ(fetch.size(), 2u);
+  ASSERT_FALSE(Chunk("gcp-1", sg_, fetch[0], "zero\n", 5, true).has_error());
+  ASSERT_FALSE(Chunk("gcp-1", sg_, fetch[1], "one a\n", 6, false).has_error());
+
+  Restart();
+  std::string events = Events();
+  EXPECT_NE(events.find("logs_copy_retry gcp-1: attempt 1: the log of rank(s) 1 is copied again "
+                        "from node gcp-1: the coordinator restarted during the copy"),
+            std::string::npos)
+      << events;
+  coord_->Tick();  // its node is not back yet: the copy waits for it
+  EXPECT_EQ(Events().find("logs_lost"), std::string::npos) << Events();
+  now_ += 2s;
+  sg_ = Register("gcp-1", "gcp");
+  coord_->Tick();
+  fetch = Fetches();
+  ASSERT_EQ(fetch.size(), 1u) << "rank 1 is asked again, rank 0 (kept whole) is not";
+  ASSERT_TRUE(fetch.count(1));
+  ASSERT_FALSE(Chunk("gcp-1", sg_, fetch[1], "one a\none b\n", 12, true).has_error());
+  events = Events();
+  EXPECT_NE(events.find("logs_kept gcp-1: attempt 1: the logs of 2 rank(s) from node gcp-1"),
+            std::string::npos)
+      << events;
+  auto l1 = Logs(id, 1, 0, /*kept=*/true);
+  ASSERT_TRUE(l1.has_logs_reply()) << l1.DebugString();
+  EXPECT_EQ(l1.logs_reply().data(), "one a\none b\n");
+  EXPECT_FALSE(fs::exists(dir_ / "logs" / id / "1" / "rank-1.incomplete"));
+  EXPECT_EQ(Events().find("logs_lost"), std::string::npos) << Events();
+}
+
+// The node of a copy in flight does not come back within a heartbeat timeout of the restart:
+// the copy is given up with a logs_lost event, and nothing half written is left.
+TEST_F(LogCollectTest, ACopyInFlightWhoseNodeDoesNotComeBackIsLost) {
+  sa_ = Register("aws-1", "aws");
+  sg_ = Register("gcp-1", "gcp");
+  std::string id = RunJobToTheEnd();
+  auto fetch = Fetches();
+  ASSERT_EQ(fetch.size(), 2u);
+  ASSERT_FALSE(Chunk("gcp-1", sg_, fetch[0], "zero\n", 5, false).has_error());
+
+  // Without providers: the idle down node is not released first (that ends the copy too, as
+  // "node gcp-1 was released").
+  Restart(/*with_providers=*/false);
+  for (int i = 0; i < 7; ++i) {
+    now_ += 10s;
+    coord_->Tick();
+  }
+  std::string events = Events();
+  for (int rank : {0, 1}) {
+    EXPECT_NE(events.find(fmt::format("logs_lost gcp-1: attempt 1: the log of rank {} was not "
+                                      "kept: the coordinator restarted during its copy, and node "
+                                      "gcp-1 did not register again within 60000 ms",
+                                      rank)),
+              std::string::npos)
+        << events;
+  }
+  EXPECT_FALSE(fs::exists(dir_ / "logs" / id)) << "no part file, no empty directory";
+  // Another restart does not ask again.
+  Restart();
+  EXPECT_EQ(Events().find("logs_copy_retry gcp-1", events.size()), std::string::npos) << Events();
+}
+
+// The agent says why it cannot read a log (error_code): permission denied or an I/O error ends
+// the copy with the node's reason in a logs_lost event (as NOT_FOUND, all it used to say, the
+// rank was taken for one that left no log, and nothing was said); UNAVAILABLE is asked again.
+TEST_F(LogCollectTest, TheAgentsReadErrorDecidesBetweenGivingUpAndAskingAgain) {
+  sa_ = Register("aws-1", "aws");
+  sg_ = Register("gcp-1", "gcp");
+  std::string id = RunJobToTheEnd();
+  auto fetch = Fetches();
+  ASSERT_EQ(fetch.size(), 2u);
+  ASSERT_FALSE(ChunkError(fetch[0], StatusCode::kFailedPrecondition,
+                          "log file /x/rank-0.log: Permission denied")
+                   .has_error());
+  ASSERT_FALSE(
+      ChunkError(fetch[1], StatusCode::kUnavailable, "log file /x/rank-1.log: Too many open files")
+          .has_error());
+  std::string events = Events();
+  EXPECT_NE(events.find("logs_lost gcp-1: attempt 1: the log of rank 0 is kept only in part: the "
+                        "rest was not kept: log file /x/rank-0.log: Permission denied"),
+            std::string::npos)
+      << events;
+  EXPECT_EQ(events.find("rank 1"), std::string::npos) << events;
+  now_ += 1s;
+  coord_->Tick();
+  fetch = Fetches();
+  ASSERT_EQ(fetch.size(), 1u) << "rank 1 is asked again";
+  ASSERT_TRUE(fetch.count(1));
+  ASSERT_FALSE(ChunkError(fetch[1], StatusCode::kDataLoss, "reading a log file: Input/output error")
+                   .has_error());
+  events = Events();
+  EXPECT_NE(events.find("logs_lost gcp-1: attempt 1: the log of rank 1 is kept only in part: the "
+                        "rest was not kept: reading a log file: Input/output error"),
+            std::string::npos)
+      << events;
+  // The kept copy says why.
+  auto l0 = Logs(id, 0, 0, /*kept=*/true);
+  ASSERT_TRUE(l0.has_logs_reply()) << "the kept copy says why: " << l0.DebugString();
+  EXPECT_EQ(l0.logs_reply().data(),
+            "[muster: the rest was not kept: log file /x/rank-0.log: Permission denied]\n");
+}
+
+// `muster logs` through the node: the agent's error code reaches the client.
+TEST_F(LogCollectTest, ALogReadErrorReachesTheClientWithItsCode) {
+  sa_ = Register("aws-1", "aws");
+  sg_ = Register("gcp-1", "gcp");
+  std::string id = StartJob();
+  proto::Envelope req;
+  req.mutable_logs_request()->set_job_id(id);
+  req.mutable_logs_request()->set_rank(0);
+  proto::Envelope out;
+  coord_->Handle("test", std::move(req), [&](proto::Envelope e) { out = std::move(e); });
+  uint64_t fetch = 0;
+  for (const auto& a : Heartbeat("gcp-1", sg_)) {
+    if (a.has_fetch_log()) fetch = a.fetch_log().fetch_id();
+  }
+  ASSERT_NE(fetch, 0u);
+  ASSERT_FALSE(ChunkError(fetch, StatusCode::kDataLoss, "reading a log file: Input/output error")
+                   .has_error());
+  ASSERT_TRUE(out.has_error()) << out.DebugString();
+  EXPECT_EQ(out.error().code(), proto::DATA_LOSS) << out.DebugString();
+  EXPECT_EQ(out.error().message(), "reading a log file: Input/output error");
+  // A code that is not one is INTERNAL, never passed on as it came.
+  proto::Envelope again;
+  again.mutable_logs_request()->set_job_id(id);
+  again.mutable_logs_request()->set_rank(1);
+  out.Clear();
+  coord_->Handle("test", std::move(again), [&](proto::Envelope e) { out = std::move(e); });
+  fetch = 0;
+  for (const auto& a : Heartbeat("gcp-1", sg_)) {
+    if (a.has_fetch_log()) fetch = a.fetch_log().fetch_id();
+  }
+  ASSERT_NE(fetch, 0u);
+  ASSERT_FALSE(ChunkError(fetch, static_cast<StatusCode>(99), "odd").has_error());
+  ASSERT_TRUE(out.has_error()) << out.DebugString();
+  EXPECT_EQ(out.error().code(), proto::INTERNAL) << out.DebugString();
 }
 
 }  // namespace

@@ -177,6 +177,31 @@ TEST_F(LogKeeperTest, TheIndexSurvivesAReopenAndHalfWrittenCopiesAreDropped) {
   EXPECT_EQ(k->total_bytes(), 0);
 }
 
+// The copies a reopen drops half written are listed, so the coordinator can ask for them again:
+// one only in .prev.part (rotated, the next chunk not come yet) counts too; a kept copy, a
+// stray file and a name that is not a copy's do not.
+TEST_F(LogKeeperTest, AReopenListsTheCopiesItFoundHalfWritten) {
+  {
+    auto k = Open(100, 1 << 20);
+    Keep(*k, "job-1", 1, 0, 2, Lines(0, 3));
+    ASSERT_TRUE(k->Begin("job-1", 1, 1, 2).ok());
+    ASSERT_TRUE(k->Append("job-1", 1, 1, "cut short").ok());
+    ASSERT_TRUE(k->Begin("job-2", 3, 7, 1).ok());
+    ASSERT_TRUE(k->Append("job-2", 3, 7, Lines(0, 10)).ok());  // a whole share: rotated
+    ASSERT_TRUE(fs::exists(dir_ / "job-2" / "3" / "rank-7.log.prev.part"));
+    ASSERT_FALSE(fs::exists(dir_ / "job-2" / "3" / "rank-7.log.part"));
+  }
+  std::ofstream(dir_ / "job-1" / "1" / "notes.part") << "x";
+  std::ofstream(dir_ / "job-1" / "1" / "rank-x.log.part") << "x";
+  auto k = Open(100, 1 << 20);
+  using Id = LogKeeper::CopyId;
+  EXPECT_EQ(k->interrupted(), (std::vector<Id>{{"job-1", 1, 1}, {"job-2", 3, 7}}));
+  EXPECT_FALSE(fs::exists(dir_ / "job-2" / "3" / "rank-7.log.prev.part"));
+  EXPECT_FALSE(fs::exists(dir_ / "job-1" / "1" / "rank-x.log.part"));
+  k.reset();
+  EXPECT_TRUE(Open(100, 1 << 20)->interrupted().empty()) << "listed once: the parts are gone";
+}
+
 TEST_F(LogKeeperTest, NamesThatWouldLeaveTheDirectoryAreRefused) {
   auto k = Open(1000, 1 << 20);
   for (const char* job : {"..", ".", "../x", "a/b", "", "a\nb", "/etc"}) {

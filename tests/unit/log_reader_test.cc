@@ -2,8 +2,10 @@
 
 #include "node_agent/log_reader.h"
 
+#include <grp.h>
 #include <gtest/gtest.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <filesystem>
@@ -125,13 +127,59 @@ TEST_F(LogReaderTest, ALivePartTruncatedInPlaceRestartsAndSaysSo) {
   EXPECT_EQ(r.data, "new");
 }
 
+// Refused, not "no log": a reader that is told NotFound takes the rank for one that left none.
 TEST_F(LogReaderTest, ALogThatIsNotARegularFileIsRefused) {
   ASSERT_EQ(::mkfifo(path_.c_str(), 0600), 0);
   auto r = ReadLog(path_, {0, 0}, 10);  // a FIFO must not block the agent's reactor
-  EXPECT_EQ(r.status().code(), StatusCode::kNotFound);
+  EXPECT_EQ(r.status().code(), StatusCode::kFailedPrecondition) << r.status();
   fs::remove(path_);
   fs::create_symlink("/etc/passwd", path_);
+  r = ReadLog(path_, {0, 0}, 10);
+  EXPECT_EQ(r.status().code(), StatusCode::kFailedPrecondition) << r.status();
+  EXPECT_NE(r.status().message().find("is a symlink"), std::string::npos) << r.status();
+  fs::remove(path_);
   EXPECT_EQ(ReadLog(path_, {0, 0}, 10).status().code(), StatusCode::kNotFound);
+}
+
+// A log the agent may not read is FailedPrecondition naming the file and "Permission denied",
+// never NotFound. Read by a child that drops to an unprivileged user (root reads anything).
+TEST_F(LogReaderTest, PermissionDeniedIsNotNotFound) {
+  Append("secret\n");
+  fs::permissions(path_, fs::perms::owner_read | fs::perms::owner_write);
+  fs::permissions(dir_, fs::perms::all);  // the directory is not what is denied
+  pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    if (::getuid() == 0 &&
+        (::setgroups(0, nullptr) != 0 || ::setgid(65534) != 0 || ::setuid(65534) != 0))
+      _exit(100);
+    if (::getuid() == 0) _exit(101);
+    auto r = ReadLog(path_, {0, 0}, 10);
+    if (r.ok()) _exit(102);
+    if (r.status().message().find("Permission denied") == std::string::npos ||
+        r.status().message().find(path_.string()) == std::string::npos)
+      _exit(103);
+    _exit(static_cast<int>(r.status().code()));
+  }
+  int st = 0;
+  ASSERT_EQ(::waitpid(pid, &st, 0), pid);
+  ASSERT_TRUE(WIFEXITED(st));
+  EXPECT_EQ(WEXITSTATUS(st), static_cast<int>(StatusCode::kFailedPrecondition))
+      << "100: could not drop privileges, 102: read anyway, 103: the message does not say "
+         "what, else the StatusCode it got";
+}
+
+TEST(LogFileErrorTest, EachErrnoMapsToWhatAReaderShouldDo) {
+  EXPECT_EQ(LogFileError(ENOENT, "f").code(), StatusCode::kNotFound);
+  EXPECT_EQ(LogFileError(ENOTDIR, "f").code(), StatusCode::kNotFound);
+  EXPECT_EQ(LogFileError(EACCES, "f").code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(LogFileError(EPERM, "f").code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(LogFileError(EIO, "f").code(), StatusCode::kDataLoss);
+  EXPECT_EQ(LogFileError(EMFILE, "f").code(), StatusCode::kUnavailable);
+  EXPECT_EQ(LogFileError(ENOMEM, "f").code(), StatusCode::kUnavailable);
+  EXPECT_EQ(LogFileError(EBADF, "f").code(), StatusCode::kInternal);
+  EXPECT_EQ(LogFileError(EIO, "log file /a/rank-0.log").message(),
+            "log file /a/rank-0.log: Input/output error");
 }
 
 }  // namespace
