@@ -23,6 +23,7 @@
 #include <map>
 #include <nlohmann/json.hpp>
 #include <optional>
+#include <set>
 #include <sstream>
 #include <thread>
 
@@ -64,6 +65,26 @@ pid_t Spawn(const std::vector<std::string>& argv, const std::string& log) {
     _exit(127);
   }
   return pid;
+}
+
+// Flags every agent of every run gets besides its own (--snapshot-cpu).
+std::vector<std::string>& ExtraAgentArgs() {
+  static std::vector<std::string> args;
+  return args;
+}
+
+// The whole machine's CPU time from /proc/stat's first line, in ticks: idle (idle + iowait)
+// and all. {-1, -1} when unreadable.
+std::pair<double, double> MachineCpuTicks() {
+  std::ifstream in("/proc/stat");
+  std::string cpu;
+  if (!(in >> cpu) || cpu != "cpu") return {-1, -1};
+  double idle = 0, all = 0, v = 0;
+  for (int i = 0; i < 8 && in >> v; ++i) {
+    all += v;
+    if (i == 3 || i == 4) idle += v;
+  }
+  return {idle, all};
 }
 
 void KillGroup(pid_t pid, int sig) {
@@ -163,6 +184,14 @@ struct Outcome {
   int64_t snapshot_kib = -1;
   // CPU the agents themselves used per step of attempt 1 (from step 3 to the interruption).
   double agent_cpu_ms_per_step = -1;
+  // The machine's idle CPU over the same steps: percent of all cores' time.
+  double idle_pct = -1;
+  // The ranks' own CPU per step over the same steps (each rank's share of its core).
+  double rank_cpu_ms_per_step = -1;
+  // With snapshots: the newest step of the lost node's ranks that the survivor held (the
+  // "snapshot peer connection closed; it last put ..." line of its agent's log; the fewest of
+  // those ranks), and how far that was behind the interrupted attempt's last step. -1: unknown.
+  int64_t peer_step = -1, peer_lag_steps = -1;
   std::string error;
 };
 
@@ -218,29 +247,30 @@ class Cluster {
   }
 
   void StartAgent(const std::string& name) {
-    agents_[name] = Spawn({muster_,
-                           "agent",
-                           "--coordinator",
-                           endpoint_,
-                           "--keys",
-                           (dir_ / "keys").string(),
-                           "--provider",
-                           "aws",
-                           "--name",
-                           name,
-                           "--slots",
-                           "1",
-                           "--gpus",
-                           "0",
-                           "--volume",
-                           "ckpt=" + (dir_ / "volume").string(),
-                           "--work-dir",
-                           (dir_ / name).string(),
-                           "--grace-ms",
-                           "1000",
-                           "--snapshot-memory-mb",
-                           std::to_string(snapshot_mb_)},
-                          (dir_ / (name + ".log")).string());
+    std::vector<std::string> argv = {muster_,
+                                     "agent",
+                                     "--coordinator",
+                                     endpoint_,
+                                     "--keys",
+                                     (dir_ / "keys").string(),
+                                     "--provider",
+                                     "aws",
+                                     "--name",
+                                     name,
+                                     "--slots",
+                                     "1",
+                                     "--gpus",
+                                     "0",
+                                     "--volume",
+                                     "ckpt=" + (dir_ / "volume").string(),
+                                     "--work-dir",
+                                     (dir_ / name).string(),
+                                     "--grace-ms",
+                                     "1000",
+                                     "--snapshot-memory-mb",
+                                     std::to_string(snapshot_mb_)};
+    argv.insert(argv.end(), ExtraAgentArgs().begin(), ExtraAgentArgs().end());
+    agents_[name] = Spawn(argv, (dir_ / (name + ".log")).string());
   }
   void KillAgent(const std::string& name) {
     KillGroup(agents_[name], SIGKILL);
@@ -264,6 +294,31 @@ class Cluster {
         if (i == 14 || i == 15) ticks += std::atof(f.c_str());
       }
     }
+    return ticks / static_cast<double>(sysconf(_SC_CLK_TCK));
+  }
+
+  // CPU seconds the agents' children (their ranks) have used so far; -1 when unreadable.
+  double RanksCpuS() const {
+    std::set<pid_t> parents;
+    for (const auto& [name, pid] : agents_) parents.insert(pid);
+    double ticks = 0;
+    std::error_code ec;
+    for (const auto& e : fs::directory_iterator("/proc", ec)) {
+      const std::string name = e.path().filename().string();
+      if (name.empty() || !std::isdigit(static_cast<unsigned char>(name[0]))) continue;
+      std::ifstream in(e.path() / "stat");
+      std::string stat((std::istreambuf_iterator<char>(in)), {});
+      auto close = stat.rfind(')');
+      if (close == std::string::npos) continue;
+      std::istringstream fields(stat.substr(close + 2));
+      std::string f;
+      bool child = false;
+      for (int i = 3; i <= 15 && fields >> f; ++i) {
+        if (i == 4) child = parents.count(static_cast<pid_t>(std::atoi(f.c_str()))) > 0;
+        if (child && (i == 14 || i == 15)) ticks += std::atof(f.c_str());
+      }
+    }
+    if (ec) return -1;
     return ticks / static_cast<double>(sysconf(_SC_CLK_TCK));
   }
 
@@ -363,6 +418,8 @@ Outcome Measure(const std::string& muster, bool with_notice, int step_ms, int ck
   auto until = Clock::now() + std::chrono::seconds(60);
   int64_t first_step = 0, first_ms = 0;  // the first progress seen from step 3 on
   double first_cpu_s = -1;
+  std::pair<double, double> first_ticks{-1, -1};
+  double first_rank_cpu_s = -1;
   for (;;) {
     auto s = c.client().Status(*job);
     if (s.ok() && s->jobs_size() == 1) st = s->jobs(0);
@@ -370,6 +427,8 @@ Outcome Measure(const std::string& muster, bool with_notice, int step_ms, int ck
       first_step = st.progress().step();
       first_ms = st.progress().time_ms();
       first_cpu_s = c.AgentsCpuS();
+      first_ticks = MachineCpuTicks();
+      first_rank_cpu_s = c.RanksCpuS();
     }
     if (st.progress().step() >= at) break;
     if (Clock::now() > until) {
@@ -380,6 +439,15 @@ Outcome Measure(const std::string& muster, bool with_notice, int step_ms, int ck
   }
   int64_t t_event = UnixMs();
   const double cpu_s = c.AgentsCpuS();
+  const auto ticks = MachineCpuTicks();
+  const double rank_cpu_s = c.RanksCpuS();
+  if (first_rank_cpu_s >= 0 && rank_cpu_s >= 0 && st.progress().step() > first_step) {
+    o.rank_cpu_ms_per_step = 1000.0 * (rank_cpu_s - first_rank_cpu_s) /
+                             static_cast<double>(st.progress().step() - first_step);
+  }
+  if (first_ticks.second >= 0 && ticks.second > first_ticks.second) {
+    o.idle_pct = 100.0 * (ticks.first - first_ticks.first) / (ticks.second - first_ticks.second);
+  }
   if (first_cpu_s >= 0 && cpu_s >= 0 && st.progress().step() > first_step) {
     o.agent_cpu_ms_per_step =
         1000.0 * (cpu_s - first_cpu_s) / static_cast<double>(st.progress().step() - first_step);
@@ -462,6 +530,25 @@ Outcome Measure(const std::string& muster, bool with_notice, int step_ms, int ck
   o.copy_mean_ms = a.copy_mean_ms;
   o.copy_max_ms = a.copy_max_ms;
   o.snapshot_kib = a.snapshot_kib;
+  if (snap.snapshots || ft_snapshots) {
+    const std::string mark = "it last put job " + *job + " rank ";
+    std::error_code lec;
+    for (const auto& e : fs::directory_iterator(dir, lec)) {
+      if (e.path().extension() != ".log" || e.path().filename() == "coord.log") continue;
+      std::ifstream in(e.path());
+      std::map<int64_t, int64_t> newest;  // rank -> the last step logged
+      for (std::string line; std::getline(in, line);) {
+        auto m = line.find(mark);
+        long long rank = -1, step = -1;
+        if (m != std::string::npos &&
+            std::sscanf(line.c_str() + m + mark.size(), "%lld step %lld", &rank, &step) == 2)
+          newest[rank] = step;
+      }
+      for (const auto& [rank, step] : newest)
+        if (o.peer_step < 0 || step < o.peer_step) o.peer_step = step;
+    }
+    if (o.peer_step >= 0) o.peer_lag_steps = a.last_step - o.peer_step;
+  }
   (void)c.client().Cancel(*job);
   std::error_code ec;
   fs::remove_all(dir, ec);
@@ -496,6 +583,92 @@ double MpirunFirstStep(int step_ms, int reps) {
   }
   std::sort(s.begin(), s.end());
   return s.empty() ? -1 : s[s.size() / 2];
+}
+
+// `muster-bench recovery --compare-snapshot-cpu`: the fine-tune's kill -9 without snapshots,
+// with snapshots at --snapshot-cpu normal and with background, alternated `runs` times (the load
+// of a shared machine drifts between runs, not between the three of one round).
+template <typename Flags>
+int CompareSnapshotCpu(const Flags& f, const std::string& muster, const std::string& ft) {
+  if (ft.empty()) {
+    std::cerr << "muster-bench recovery: --compare-snapshot-cpu needs the fine-tune\n";
+    return 2;
+  }
+  struct Series {
+    std::vector<double> step_ms, agent_cpu, rank_cpu, idle;
+    std::vector<int64_t> lost, lag;
+    std::vector<std::string> errors;
+    void Add(const Outcome& o) {
+      if (!o.error.empty()) {
+        errors.push_back(o.error);
+        return;
+      }
+      step_ms.push_back(o.step_ms);
+      agent_cpu.push_back(o.agent_cpu_ms_per_step);
+      rank_cpu.push_back(o.rank_cpu_ms_per_step);
+      idle.push_back(o.idle_pct);
+      lost.push_back(o.lost_steps);
+      lag.push_back(o.peer_lag_steps);
+    }
+  };
+  const std::vector<std::string> classes = {"normal", "background"};
+  Series off;
+  std::map<std::string, Series> on;
+  for (int i = 0; i < f.finetune_cost_runs; ++i) {
+    ExtraAgentArgs() = {"--snapshot-cpu", "normal"};
+    off.Add(Measure(muster, false, f.step_ms, f.ckpt_every, f.at, f.hb_timeout_ms, ft));
+    for (const auto& c : classes) {
+      ExtraAgentArgs() = {"--snapshot-cpu", c};
+      on[c].Add(Measure(muster, false, f.step_ms, f.ckpt_every, f.at, f.hb_timeout_ms, ft, {},
+                        false, true));
+    }
+  }
+  auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v.empty() ? -1.0 : v[v.size() / 2];
+  };
+  const double base = median(off.step_ms);
+  nlohmann::json j;
+  j["runs"] = f.finetune_cost_runs;
+  j["step_ms_without_snapshots"] = base;
+  j["step_ms_without_snapshots_runs"] = off.step_ms;
+  j["idle_cpu_pct_without_snapshots"] = median(off.idle);
+  j["rank_cpu_ms_per_step_without_snapshots"] = median(off.rank_cpu);
+  j["agent_cpu_ms_per_step_without_snapshots"] = median(off.agent_cpu);
+  if (!off.errors.empty()) j["errors_without_snapshots"] = off.errors;
+  Table t({"snapshot CPU", "step ms", "cost %", "agents' CPU ms/step", "ranks' CPU ms/step",
+           "idle CPU %", "lost steps per run", "peer lag per run", "errors"});
+  t.Row({"(no snapshots)", Fmt(base, 1), "-", Fmt(median(off.agent_cpu), 1),
+         Fmt(median(off.rank_cpu), 1), Fmt(median(off.idle), 1), "-", "-",
+         std::to_string(off.errors.size())});
+  bool ok = off.errors.empty();
+  for (const auto& c : classes) {
+    const Series& s = on[c];
+    const double ms = median(s.step_ms);
+    const double cost = ms > 0 && base > 0 ? 100.0 * (ms / base - 1.0) : -1;
+    ok = ok && s.errors.empty();
+    j[c] = {{"step_ms", ms},
+            {"step_ms_runs", s.step_ms},
+            {"step_cost_pct", cost},
+            {"agent_cpu_ms_per_step", median(s.agent_cpu)},
+            {"rank_cpu_ms_per_step", median(s.rank_cpu)},
+            {"idle_cpu_pct", median(s.idle)},
+            {"lost_steps_runs", s.lost},
+            {"peer_lag_steps_runs", s.lag}};
+    if (!s.errors.empty()) j[c]["errors"] = s.errors;
+    t.Row({c, Fmt(ms, 1), Fmt(cost, 1), Fmt(median(s.agent_cpu), 1), Fmt(median(s.rank_cpu), 1),
+           Fmt(median(s.idle), 1), nlohmann::json(s.lost).dump(), nlohmann::json(s.lag).dump(),
+           std::to_string(s.errors.size())});
+  }
+  if (f.json) {
+    std::cout << j.dump(2) << "\n";
+  } else {
+    t.Print();
+    std::cout << "the fine-tune's kill -9 at step " << f.at << ", " << f.finetune_cost_runs
+              << " runs of each, alternated; medians; the peer lag is how far the survivor's "
+                 "copy of the lost rank was behind the gang's last step\n";
+  }
+  return ok ? 0 : 1;
 }
 
 }  // namespace
@@ -536,6 +709,9 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
     int snapshot_state_kb = 4096;
     bool no_snapshots = false;
     int finetune_cost_runs = 1;
+    std::string snapshot_cpu;
+    bool finetune_only = false;
+    bool compare_snapshot_cpu = false;
   };
   auto f = std::make_shared<Flags>();
   cmd->add_option("--muster", f->muster, "the muster binary (default: beside muster-bench)");
@@ -568,10 +744,26 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
                   "runs of each, alternated (the first pair is the kill -9 rows)")
       ->check(CLI::Range(1, 20))
       ->capture_default_str();
+  cmd->add_option("--snapshot-cpu", f->snapshot_cpu,
+                  "the agents' --snapshot-cpu (default: the agent's own default)")
+      ->check(CLI::IsMember({"background", "normal"}));
+  cmd->add_flag("--finetune-only", f->finetune_only,
+                "only the fine-tune's kill -9 rows, without and with snapshots (the step-time "
+                "cost); no notice, spare, no-free-node or snapshot trainer rows, no mpirun");
+  cmd->add_flag("--compare-snapshot-cpu", f->compare_snapshot_cpu,
+                "only the fine-tune's kill -9, --finetune-cost-runs times each of: without "
+                "snapshots, with snapshots and --snapshot-cpu normal, with snapshots and "
+                "background, alternated; a table per class (step-time cost, lost steps, the "
+                "peer's lag)");
   cmd->add_flag("--json", f->json, "print JSON");
   cmd->callback([=] {
     *runner = [=] {
       log::InitLogging("error").IgnoreError();
+      if (!f->snapshot_cpu.empty()) ExtraAgentArgs() = {"--snapshot-cpu", f->snapshot_cpu};
+      if (f->finetune_only && (f->trainer != "finetune" || f->no_snapshots)) {
+        std::cerr << "muster-bench recovery: --finetune-only needs the fine-tune and snapshots\n";
+        return 2;
+      }
       std::string muster = FindMuster(f->muster);
       std::string ft;
       if (f->trainer == "finetune") {
@@ -587,18 +779,28 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
           return 2;
         }
       }
+      // A row not run (--finetune-only) says so instead of a figure.
+      Outcome skipped;
+      skipped.error = "not run (--finetune-only)";
+      const bool all = !f->finetune_only;
+      if (f->compare_snapshot_cpu) return CompareSnapshotCpu(*f, muster, ft);
       Outcome notice =
-          Measure(muster, true, f->step_ms, f->ckpt_every, f->at, f->hb_timeout_ms, ft);
+          all ? Measure(muster, true, f->step_ms, f->ckpt_every, f->at, f->hb_timeout_ms, ft)
+              : skipped;
       Outcome kill = Measure(muster, false, f->step_ms, f->ckpt_every, f->at, f->hb_timeout_ms, ft);
-      Outcome spare =
-          Measure(muster, false, f->step_ms, f->ckpt_every, f->at, f->hb_timeout_ms, ft, {}, true);
+      Outcome spare = all ? Measure(muster, false, f->step_ms, f->ckpt_every, f->at,
+                                    f->hb_timeout_ms, ft, {}, true)
+                          : skipped;
       // No free node when the agent dies: what the spare is for. Without it the job waits for
       // the lost node's replacement to register.
-      Outcome no_free = Measure(muster, false, f->step_ms, f->ckpt_every, f->at, f->hb_timeout_ms,
-                                ft, {}, false, false, f->replacement_after_ms);
+      Outcome no_free =
+          all ? Measure(muster, false, f->step_ms, f->ckpt_every, f->at, f->hb_timeout_ms, ft, {},
+                        false, false, f->replacement_after_ms)
+              : skipped;
       Outcome spare_no_free =
-          Measure(muster, false, f->step_ms, f->ckpt_every, f->at, f->hb_timeout_ms, ft, {}, true,
-                  false, f->replacement_after_ms);
+          all ? Measure(muster, false, f->step_ms, f->ckpt_every, f->at, f->hb_timeout_ms, ft, {},
+                        true, false, f->replacement_after_ms)
+              : skipped;
       // The fine-tune itself with snapshots of its whole train state every step: the kill -9
       // above is its volume-only twin (same job otherwise), whose step time is the baseline.
       std::optional<Outcome> ft_snap;
@@ -609,10 +811,16 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
       // Step times and the agents' own CPU per step, volume only and with snapshots: the kill
       // -9 rows, then more runs of each, alternated (the load of a shared machine drifts).
       std::vector<double> ft_off_ms{kill.step_ms}, ft_on_ms, ft_off_cpu{kill.agent_cpu_ms_per_step},
-          ft_on_cpu;
+          ft_on_cpu, ft_off_idle{kill.idle_pct}, ft_on_idle, ft_off_rcpu{kill.rank_cpu_ms_per_step},
+          ft_on_rcpu;
+      std::vector<int64_t> ft_on_lost, ft_on_lag;
       if (ft_snap) {
         ft_on_ms.push_back(ft_snap->step_ms);
         ft_on_cpu.push_back(ft_snap->agent_cpu_ms_per_step);
+        ft_on_idle.push_back(ft_snap->idle_pct);
+        ft_on_rcpu.push_back(ft_snap->rank_cpu_ms_per_step);
+        ft_on_lost.push_back(ft_snap->lost_steps);
+        ft_on_lag.push_back(ft_snap->peer_lag_steps);
         for (int i = 1; i < f->finetune_cost_runs; ++i) {
           Outcome off =
               Measure(muster, false, f->step_ms, f->ckpt_every, f->at, f->hb_timeout_ms, ft);
@@ -622,6 +830,12 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
           ft_off_cpu.push_back(off.agent_cpu_ms_per_step);
           ft_on_ms.push_back(on.step_ms);
           ft_on_cpu.push_back(on.agent_cpu_ms_per_step);
+          ft_off_idle.push_back(off.idle_pct);
+          ft_on_idle.push_back(on.idle_pct);
+          ft_off_rcpu.push_back(off.rank_cpu_ms_per_step);
+          ft_on_rcpu.push_back(on.rank_cpu_ms_per_step);
+          ft_on_lost.push_back(on.lost_steps);
+          ft_on_lag.push_back(on.peer_lag_steps);
         }
       }
       auto median = [](std::vector<double> v) {
@@ -638,7 +852,7 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
       // agrees every step), without snapshots and with one every step; the step time of the
       // first attempt of each is the snapshots' cost.
       std::string st_bin = f->snapshot_trainer;
-      if (st_bin.empty() && !f->no_snapshots) {
+      if (st_bin.empty() && !f->no_snapshots && all) {
         std::error_code ec;
         fs::path self = fs::read_symlink("/proc/self/exe", ec).parent_path();
         fs::path p = self / ".." / "tests" / "integration" / "muster-snapshot-trainer";
@@ -658,7 +872,7 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
       const double cost_pct = snap_on && snap_off && snap_on->step_ms > 0 && snap_off->step_ms > 0
                                   ? 100.0 * (snap_on->step_ms / snap_off->step_ms - 1.0)
                                   : -1;
-      double mpirun = MpirunFirstStep(f->step_ms, 3);
+      double mpirun = all ? MpirunFirstStep(f->step_ms, 3) : -1;
       if (f->json) {
         nlohmann::json j = {{"notice_to_resume_s", notice.down_s},
                             {"notice_muster_s", notice.muster_s},
@@ -701,6 +915,16 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
           j["finetune_step_ms_with_snapshots_runs"] = ft_on_ms;
           j["finetune_agent_cpu_ms_per_step_without_snapshots"] = median(ft_off_cpu);
           j["finetune_agent_cpu_ms_per_step_with_snapshots"] = median(ft_on_cpu);
+          j["finetune_idle_cpu_pct_without_snapshots"] = median(ft_off_idle);
+          j["finetune_idle_cpu_pct_with_snapshots"] = median(ft_on_idle);
+          j["finetune_rank_cpu_ms_per_step_without_snapshots"] = median(ft_off_rcpu);
+          j["finetune_rank_cpu_ms_per_step_with_snapshots"] = median(ft_on_rcpu);
+          j["snapshot_cpu"] = f->snapshot_cpu.empty() ? "default" : f->snapshot_cpu;
+          j["finetune_snapshot_peer_step"] = ft_snap->peer_step;
+          j["finetune_snapshot_peer_lag_steps"] = ft_snap->peer_lag_steps;
+          // Every kill -9 run with snapshots (the row's, then --finetune-cost-runs' others).
+          j["lost_steps_without_notice_finetune_snapshots_runs"] = ft_on_lost;
+          j["finetune_snapshot_peer_lag_steps_runs"] = ft_on_lag;
           j["finetune_snapshot_step_cost_pct"] = ft_cost_pct;
           j["finetune_snapshot_copy_ms"] = ft_snap->copy_mean_ms;
           j["finetune_snapshot_copy_max_ms"] = ft_snap->copy_max_ms;
@@ -715,6 +939,7 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
           j["failure_snapshots_muster_s"] = snap_on->muster_s;
           j["failure_snapshots_startup_s"] = snap_on->startup_s;
           j["lost_steps_without_notice_snapshots"] = snap_on->lost_steps;
+          j["snapshots_peer_lag_steps"] = snap_on->peer_lag_steps;
           j["snapshots_resumed_from"] = snap_on->source;
           j["step_ms_without_snapshots"] = snap_off->step_ms;
           j["step_ms_with_snapshots"] = snap_on->step_ms;
@@ -756,7 +981,14 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
                   " ms without (" + Fmt(ft_cost_pct, 1) + "%, median of " +
                   std::to_string(ft_on_ms.size()) + "); copy " + Fmt(ft_snap->copy_mean_ms, 2) +
                   " ms (" + Fmt(ft_copy_pct, 1) + "% of a step); agents' CPU " +
-                  Fmt(median(ft_on_cpu), 1) + " vs " + Fmt(median(ft_off_cpu), 1) + " ms per step");
+                  Fmt(median(ft_on_cpu), 1) + " vs " + Fmt(median(ft_off_cpu), 1) +
+                  " ms per step; ranks' CPU " + Fmt(median(ft_on_rcpu), 1) + " vs " +
+                  Fmt(median(ft_off_rcpu), 1) + " ms per step; idle CPU " +
+                  Fmt(median(ft_on_idle), 1) + "% vs " + Fmt(median(ft_off_idle), 1) +
+                  "%; the peer held step " + std::to_string(ft_snap->peer_step) + ", " +
+                  std::to_string(ft_snap->peer_lag_steps) + " behind; every run's lost steps " +
+                  nlohmann::json(ft_on_lost).dump() + ", peer lag " +
+                  nlohmann::json(ft_on_lag).dump());
         }
         if (snap_on && snap_off) {
           row("agent kill -9, snapshot trainer, volume only", *snap_off,
@@ -764,7 +996,9 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
           row("agent kill -9 with snapshots", *snap_on,
               "every step, " + std::to_string(f->snapshot_state_kb) + " KiB/rank; resumed from " +
                   snap_on->source + "; step " + Fmt(snap_on->step_ms, 1) + " ms (" +
-                  Fmt(cost_pct, 1) + "% step-time cost)");
+                  Fmt(cost_pct, 1) + "% step-time cost); the peer held step " +
+                  std::to_string(snap_on->peer_step) + ", " +
+                  std::to_string(snap_on->peer_lag_steps) + " behind");
           row("agent kill -9 with snapshots and a spare", *snap_spare,
               "spares: 1; the spare fetches the lost rank's frame from the survivor; resumed "
               "from " +
@@ -776,6 +1010,13 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
         std::cout << "trainer " << f->trainer << "; checkpoint every " << f->ckpt_every << " steps"
                   << (f->trainer == "sh" ? " of " + std::to_string(f->step_ms) + " ms" : "")
                   << "; interrupted at step " << f->at << "\n";
+      }
+      if (!all) {
+        // Only the rows run decide the exit status.
+        notice.error.clear();
+        spare.error.clear();
+        no_free.error.clear();
+        spare_no_free.error.clear();
       }
       bool snap_ok = !snap_on || (snap_on->error.empty() && snap_off->error.empty() &&
                                   snap_spare->error.empty());

@@ -58,24 +58,18 @@ double ThreadCpuS() {
 
 // One node's agent: what AssignmentRunner builds when snapshots are on.
 struct Agent {
-  std::unique_ptr<Reactor> reactor;
-  std::unique_ptr<ZapAuthenticator> zap;
   std::unique_ptr<node_agent::SnapshotStore> store;
-  std::unique_ptr<node_agent::SnapshotPeerServer> peer_server;
+  std::unique_ptr<node_agent::SnapshotPeerServer> peer_server;  // its own reactor and context
   std::unique_ptr<node_agent::SnapshotForwarder> forwarder;
   std::unique_ptr<node_agent::SnapshotServer> local;
 
-  Status Start(const std::string& name, const std::string& socket_path, bool insecure) {
-    reactor = std::make_unique<Reactor>(name);
-    if (!insecure) {
-      MUSTER_ASSIGN_OR_RETURN(zap, ZapAuthenticator::Create(*reactor));
-    }
+  Status Start(const std::string& socket_path, bool insecure) {
     store = std::make_unique<node_agent::SnapshotStore>(
         node_agent::SnapshotStoreOptions{.memory_limit = uint64_t{1} << 30});
     MUSTER_ASSIGN_OR_RETURN(
-        peer_server, node_agent::SnapshotPeerServer::Create(*reactor, zap.get(), insecure,
-                                                            "tcp://127.0.0.1:*", store.get()));
-    reactor->Start();
+        peer_server,
+        node_agent::SnapshotPeerServer::Create(
+            {.endpoint = "tcp://127.0.0.1:*", .insecure = insecure, .store = store.get()}));
     forwarder = std::make_unique<node_agent::SnapshotForwarder>(
         node_agent::SnapshotForwarder::Options{.insecure = insecure});
     auto* fwd = forwarder.get();
@@ -88,13 +82,7 @@ struct Agent {
   void Stop() {
     local.reset();
     forwarder.reset();
-    if (reactor) {
-      reactor->Call("stop", [&] {
-        peer_server.reset();
-        zap.reset();
-      });
-      reactor->Stop();
-    }
+    peer_server.reset();
   }
 };
 
@@ -110,9 +98,7 @@ int Run(const Options& o) {
   if (!gang.ok()) return fail(gang.status());
   Agent a[2];
   for (int i = 0; i < 2; ++i) {
-    if (Status s = a[i].Start("agent" + std::to_string(i),
-                              dir + "/n" + std::to_string(i) + "/s.sock", o.insecure);
-        !s.ok())
+    if (Status s = a[i].Start(dir + "/n" + std::to_string(i) + "/s.sock", o.insecure); !s.ok())
       return fail(s);
   }
   const std::string job = "bench";

@@ -38,6 +38,7 @@ void AddAgentCommands(CLI::App& app, Runner* runner) {
     int grace_ms = 5000;
     int64_t rank_log_max_mb = 64;
     int64_t snapshot_memory_mb = 0;
+    std::string snapshot_cpu = "normal";
   };
   auto f = std::make_shared<Flags>();
   cmd->add_option("--coordinator", o->coordinator,
@@ -85,6 +86,16 @@ void AddAgentCommands(CLI::App& app, Runner* runner) {
                   "MiB of memory for jobs' in-memory snapshots (checkpoint.snapshot_every_steps); "
                   "a job whose snapshots do not fit is refused them (0: none)")
       ->check(CLI::Range(int64_t{0}, int64_t{1} << 30))
+      ->capture_default_str();
+  cmd->add_option(
+         "--snapshot-cpu", f->snapshot_cpu,
+         "CPU class of the in-memory snapshot work (taking ranks' frames, CURVE to and from the "
+         "peer agent): 'background' runs it at SCHED_IDLE, on cores the ranks leave idle, so it "
+         "does not slow them, and the peer's copies fall behind (more steps lost on a node "
+         "loss) when the ranks and their data loaders keep every core busy; 'normal' (the "
+         "default) competes with the ranks and keeps the peer's copies current. Heartbeats, the "
+         "lease and control calls always stay at the normal class (docs/job-spec.md)")
+      ->check(CLI::IsMember({"background", "normal"}))
       ->capture_default_str();
   cmd->add_option("--http", o->http,
                   "Serve the agent's own /metrics (Prometheus) on HOST:PORT (e.g. 127.0.0.1:8781; "
@@ -134,6 +145,7 @@ void AddAgentCommands(CLI::App& app, Runner* runner) {
       o->stop_grace = std::chrono::milliseconds(f->grace_ms);
       o->rank_log_max_bytes = f->rank_log_max_mb << 20;
       o->snapshot_memory = static_cast<uint64_t>(f->snapshot_memory_mb) << 20;
+      o->snapshot_cpu = *node_agent::ParseSnapshotCpu(f->snapshot_cpu);  // checked above
       if (!o->http.empty()) {
         auto hp = http::ParseListen(o->http);
         if (!hp.ok()) {

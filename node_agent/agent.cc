@@ -156,6 +156,7 @@ StatusOr<std::unique_ptr<Agent>> Agent::Start(AgentOptions options) {
   ro.preflight_timeout = options.preflight_timeout;
   ro.preflight_probe_timeout = options.preflight_probe_timeout;
   ro.snapshot_memory = options.snapshot_memory;
+  ro.snapshot_cpu = options.snapshot_cpu;
   AssignmentRunner::Outputs out;
   out.report = [p](proto::AgentReport r) { p->session->QueueReport(std::move(r)); };
   out.send = [p](proto::Envelope e) { p->session->Queue(std::move(e)); };

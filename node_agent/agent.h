@@ -48,6 +48,7 @@
 #include "common/status.h"
 #include "node_agent/preemption_notice.h"
 #include "node_agent/rank_lines.h"  // ParseProgressLine, ParseCheckpointLine
+#include "node_agent/snapshots/snapshot_cpu.h"
 
 namespace muster::node_agent {
 
@@ -81,6 +82,8 @@ struct AgentOptions {
   std::chrono::milliseconds preflight_probe_timeout{2000};
   // Bytes of memory for jobs' in-memory snapshots (node_agent/snapshots/); 0: none.
   uint64_t snapshot_memory = 0;
+  // The CPU class of the agent's snapshot work (node_agent/snapshots/snapshot_cpu.h).
+  SnapshotCpu snapshot_cpu = SnapshotCpu::kNormal;
   // The agent's own /metrics (node_agent/metrics/metrics_server.h) on HOST:PORT; "": off.
   // Beyond loopback `http_token` is required.
   std::string http;

@@ -101,11 +101,14 @@ StatusOr<std::unique_ptr<AssignmentRunner>> AssignmentRunner::Create(Reactor& re
         SnapshotStoreOptions{.memory_limit = r->options_.snapshot_memory});
     // Every frame a rank hands over is also copied to the job's peer agent, off the rank's path.
     r->forwarder_ = std::make_unique<SnapshotForwarder>(
-        SnapshotForwarder::Options{.insecure = r->options_.insecure});
+        SnapshotForwarder::Options{.insecure = r->options_.insecure,
+                                   .cpu = r->options_.snapshot_cpu});
     const std::string host =
         r->labels_.address().empty() ? std::string("127.0.0.1") : r->labels_.address();
-    auto ps = SnapshotPeerServer::Create(reactor, zap, r->options_.insecure, "tcp://" + host + ":*",
-                                         r->snapshots_.get());
+    auto ps = SnapshotPeerServer::Create({.endpoint = "tcp://" + host + ":*",
+                                          .insecure = r->options_.insecure,
+                                          .store = r->snapshots_.get(),
+                                          .cpu = r->options_.snapshot_cpu});
     if (!ps.ok()) return ps.status().WithContext("snapshot peer server");
     r->peer_server_ = std::move(*ps);
     r->labels_.set_snapshot_endpoint(r->peer_server_->endpoint());
@@ -117,7 +120,8 @@ StatusOr<std::unique_ptr<AssignmentRunner>> AssignmentRunner::Create(Reactor& re
         kSnapshotFrameTimeout,
         [trust = r->rank_trust_](pid_t pid, const checkpoint::SnapshotKey& key) {
           return trust->Check(pid, key);
-        });
+        },
+        r->options_.snapshot_cpu);
     if (!ss.ok()) return ss.status().WithContext("snapshot server");
     r->snapshot_server_ = std::move(*ss);
   }

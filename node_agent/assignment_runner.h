@@ -68,6 +68,8 @@ class AssignmentRunner {
     // 0 turns them off here (such jobs run with volume checkpoints only, and a warning). Served
     // on <work_dir>/snapshots/s.sock (node_agent/snapshots/).
     uint64_t snapshot_memory = 0;
+    // The CPU class of the snapshot work (node_agent/snapshots/snapshot_cpu.h).
+    SnapshotCpu snapshot_cpu = SnapshotCpu::kNormal;
   };
   // Where what the runner produces goes. Each runs on the reactor thread.
   struct Outputs {

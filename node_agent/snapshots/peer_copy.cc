@@ -37,22 +37,65 @@ std::string Describe(const checkpoint::SnapshotKey& k) {
 // ---------------------------------------------------------------------------------------------
 
 struct SnapshotPeerServer::Impl {
-  ZapAuthenticator* zap = nullptr;
   bool insecure = false;
   SnapshotStore* store = nullptr;
+  SnapshotCpu cpu = SnapshotCpu::kNormal;
+  // The server's own: destroyed in this order by ~SnapshotPeerServer (the reactor stopped first).
+  std::unique_ptr<zmq::context_t> context;
+  std::unique_ptr<Reactor> reactor;
+  std::unique_ptr<ZapAuthenticator> zap;  // null when insecure
   std::unique_ptr<RpcServer> rpc;
   std::shared_ptr<spdlog::logger> logger = log::Get("agent.snapshots");
+
+  // What came over one connection: for the log line when it closes.
+  struct ConnectionPuts {
+    int pending = 0;      // its requests queued or being served
+    bool closed = false;  // its kClosed was seen
+    std::map<std::pair<std::string, int32_t>, int64_t> newest;  // (job, rank) -> step kept
+  };
 
   std::mutex mu;
   std::map<std::string, std::string> job_of_key;  // GUARDED_BY(mu): client key -> job
   // GUARDED_BY(mu): requests waiting for the worker, and the bytes of their frames.
   std::deque<std::pair<proto::Envelope, RpcServer::Reply>> work;
-  std::deque<std::string> keys;  // GUARDED_BY(mu): each queued request's client key
-  uint64_t queued_bytes = 0;     // GUARDED_BY(mu)
-  bool stop = false;             // GUARDED_BY(mu)
+  // GUARDED_BY(mu): each queued request's client key and connection (PeerInfo::fd).
+  std::deque<std::pair<std::string, int>> keys;
+  std::map<int, ConnectionPuts> by_fd;  // GUARDED_BY(mu)
+  uint64_t queued_bytes = 0;            // GUARDED_BY(mu)
+  bool stop = false;                    // GUARDED_BY(mu)
   std::condition_variable cv;
   std::thread worker;
   std::atomic<int64_t> kept{0}, refused{0}, connections{0};
+
+  // REQUIRES: mu held. Logs a closed connection's newest steps once nothing of it is pending
+  // (`force`: now, its fd being another connection's already) and forgets them; the entry
+  // goes once no request counted in it is pending.
+  void FinishConnection(int fd, bool force) {
+    auto it = by_fd.find(fd);
+    if (it == by_fd.end() || !it->second.closed || (it->second.pending > 0 && !force)) return;
+    for (const auto& [jr, step] : it->second.newest) {
+      logger->info("snapshot peer connection closed; it last put job {} rank {} step {}", jr.first,
+                   jr.second, step);
+    }
+    if (it->second.pending == 0) {
+      by_fd.erase(it);
+    } else {
+      it->second.newest.clear();
+      it->second.closed = false;
+    }
+  }
+
+  void OnConnection(const ConnectionEvent& e) {
+    std::lock_guard<std::mutex> l(mu);
+    if (e.kind == ConnectionEvent::Kind::kAccepted) {
+      connections++;
+      // The fd is another connection now: what the old one left is logged as it is.
+      FinishConnection(e.fd, /*force=*/true);
+      return;
+    }
+    by_fd[e.fd].closed = true;
+    FinishConnection(e.fd, /*force=*/false);
+  }
 
   Status Authorize(const std::string& peer_key, const std::string& job) {
     if (insecure) return Status::Ok();
@@ -82,13 +125,16 @@ struct SnapshotPeerServer::Impl {
                                  " bytes of frames queued")));
       }
       queued_bytes += bytes;
-      keys.push_back(insecure ? std::string() : peer.public_key);
+      keys.emplace_back(insecure ? std::string() : peer.public_key, peer.fd);
+      by_fd[peer.fd].pending++;
       work.emplace_back(std::move(req), std::move(reply));
     }
     cv.notify_one();
   }
 
-  proto::Envelope Serve(const std::string& peer_key, proto::Envelope& req) {
+  // `put`: set to the key of the frame kept, for a PUT that was.
+  proto::Envelope Serve(const std::string& peer_key, proto::Envelope& req,
+                        std::optional<checkpoint::SnapshotKey>* put) {
     const uint64_t id = req.request_id();
     auto& r = *req.mutable_snapshot_peer_request();
     // The request's own buffer becomes the payload kept: no second copy of it.
@@ -99,12 +145,14 @@ struct SnapshotPeerServer::Impl {
     proto::Envelope out;
     out.set_request_id(id);
     if (r.op() == proto::SnapshotPeerRequest::PUT) {
-      const std::string what = Describe(frame->key);
-      if (Status st = store->Put(std::move(*frame)); !st.ok()) {
-        logger->error("snapshot from a peer refused ({}): {}", what, st.ToString());
+      const checkpoint::SnapshotKey key = frame->key;
+      // Checked against its xxh3 by DecodeSnapshotFrameInPlace just above.
+      if (Status st = store->PutDecoded(std::move(*frame)); !st.ok()) {
+        logger->error("snapshot from a peer refused ({}): {}", Describe(key), st.ToString());
         return ErrorEnvelope(id, st);
       }
       kept++;
+      *put = key;
       out.mutable_snapshot_peer_reply();
       return out;
     }
@@ -132,22 +180,33 @@ struct SnapshotPeerServer::Impl {
   }
 
   void Loop() {
+    if (Status st = EnterSnapshotThread(cpu, "snap-peer"); !st.ok())
+      logger->error("{}", st.ToString());
     std::unique_lock<std::mutex> l(mu);
     for (;;) {
       cv.wait(l, [&] { return stop || !work.empty(); });
       if (stop) return;
       auto [req, reply] = std::move(work.front());
       work.pop_front();
-      std::string key = std::move(keys.front());
+      auto [key, fd] = std::move(keys.front());
       keys.pop_front();
       const uint64_t bytes = req.snapshot_peer_request().frame().size();
       l.unlock();
-      proto::Envelope out = Serve(key, req);  // may move the frame's bytes out of `req`
+      std::optional<checkpoint::SnapshotKey> put;
+      proto::Envelope out = Serve(key, req, &put);  // may move the frame's bytes out of `req`
       if (out.has_error()) refused++;
       req.Clear();
       reply(std::move(out));
       l.lock();
       queued_bytes -= bytes;
+      if (auto c = by_fd.find(fd); c != by_fd.end()) {
+        if (put) {
+          int64_t& newest = c->second.newest[{put->job, put->rank}];
+          newest = std::max(newest, put->step);
+        }
+        c->second.pending--;
+        FinishConnection(fd, /*force=*/false);
+      }
     }
   }
 };
@@ -155,50 +214,77 @@ struct SnapshotPeerServer::Impl {
 SnapshotPeerServer::SnapshotPeerServer(std::shared_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
 SnapshotPeerServer::~SnapshotPeerServer() {
-  impl_->rpc.reset();  // no new requests
+  impl_->reactor->Stop();  // no new requests; a reply sent from now on is dropped
+  impl_->rpc.reset();
   {
     std::lock_guard<std::mutex> l(impl_->mu);
     impl_->stop = true;
   }
   impl_->cv.notify_all();
   if (impl_->worker.joinable()) impl_->worker.join();
-  if (impl_->zap) impl_->zap->SetAuthorized(kSnapshotsZapDomain, {});
+  impl_->zap.reset();
+  impl_->reactor.reset();
+  impl_->context.reset();
 }
 
-StatusOr<std::unique_ptr<SnapshotPeerServer>> SnapshotPeerServer::Create(
-    Reactor& reactor, ZapAuthenticator* zap, bool insecure, const std::string& endpoint,
-    SnapshotStore* store) {
-  if (!insecure && zap == nullptr) {
-    return InvalidArgumentError("snapshot peer server: CURVE needs a ZAP authenticator");
-  }
+StatusOr<std::unique_ptr<SnapshotPeerServer>> SnapshotPeerServer::Create(const Options& options) {
+  if (options.store == nullptr) return InvalidArgumentError("snapshot peer server: no store");
   auto impl = std::make_shared<Impl>();
-  impl->zap = zap;
-  impl->insecure = insecure;
-  impl->store = store;
+  impl->insecure = options.insecure;
+  impl->store = options.store;
+  impl->cpu = options.cpu;
+  impl->context = std::make_unique<zmq::context_t>();
+  MUSTER_RETURN_IF_ERROR(ConfigureSnapshotContext(*impl->context, options.cpu));
+  impl->reactor = std::make_unique<Reactor>("snapshots", impl->context.get());
+  // Until the reactor runs, a failure below leaves nothing to stop but the objects themselves.
+  auto cleanup = [&impl] {
+    impl->rpc.reset();
+    impl->zap.reset();
+    impl->reactor.reset();
+  };
+  if (!options.insecure) {
+    auto zap = ZapAuthenticator::Create(*impl->reactor);
+    if (!zap.ok()) {
+      cleanup();
+      return zap.status().WithContext("snapshot peer server");
+    }
+    impl->zap = std::move(*zap);
+  }
   RpcServer::Options o;
   o.name = "snapshots";
-  o.endpoint = endpoint;
-  o.insecure = insecure;
-  o.authenticator = zap;
+  o.endpoint = options.endpoint;
+  o.insecure = options.insecure;
+  o.authenticator = impl->zap.get();
   o.zap_domain = kSnapshotsZapDomain;
-  Impl* counted = impl.get();
-  o.on_connection = [counted](const ConnectionEvent& e) {
-    if (e.kind == ConnectionEvent::Kind::kAccepted) counted->connections++;
-  };
-  o.max_message_bytes =
-      static_cast<int64_t>(std::min<uint64_t>(store->memory_limit(), uint64_t{1} << 62)) +
-      kEnvelopeSlack;
-  if (!insecure) {
-    MUSTER_ASSIGN_OR_RETURN(o.server_key, GenerateKeyPair());
-    zap->SetAuthorized(kSnapshotsZapDomain, {});
-  }
   Impl* p = impl.get();
-  MUSTER_ASSIGN_OR_RETURN(
-      impl->rpc,
-      RpcServer::Create(reactor, o,
-                        [p](const PeerInfo& peer, proto::Envelope&& req, RpcServer::Reply reply) {
-                          p->Handle(peer, std::move(req), std::move(reply));
-                        }));
+  o.on_connection = [p](const ConnectionEvent& e) { p->OnConnection(e); };
+  o.max_message_bytes =
+      static_cast<int64_t>(std::min<uint64_t>(options.store->memory_limit(), uint64_t{1} << 62)) +
+      kEnvelopeSlack;
+  if (!options.insecure) {
+    auto key = GenerateKeyPair();
+    if (!key.ok()) {
+      cleanup();
+      return key.status();
+    }
+    o.server_key = *key;
+    impl->zap->SetAuthorized(kSnapshotsZapDomain, {});
+  }
+  auto rpc = RpcServer::Create(
+      *impl->reactor, o, [p](const PeerInfo& peer, proto::Envelope&& req, RpcServer::Reply reply) {
+        p->Handle(peer, std::move(req), std::move(reply));
+      });
+  if (!rpc.ok()) {
+    cleanup();
+    return rpc.status();
+  }
+  impl->rpc = std::move(*rpc);
+  impl->reactor->Start();
+  const SnapshotCpu cpu = options.cpu;
+  impl->reactor->Post("snapshots.cpu", [p, cpu] {
+    if (Status st = EnterSnapshotThread(cpu, "snap-peer-rx"); !st.ok())
+      p->logger->error("{}", st.ToString());
+  });
   impl->worker = std::thread([p] { p->Loop(); });
   return std::unique_ptr<SnapshotPeerServer>(new SnapshotPeerServer(std::move(impl)));
 }
@@ -233,6 +319,9 @@ const std::string& SnapshotPeerServer::public_key() const { return impl_->rpc->p
 int64_t SnapshotPeerServer::kept() const { return impl_->kept.load(); }
 int64_t SnapshotPeerServer::refused() const { return impl_->refused.load(); }
 int64_t SnapshotPeerServer::connections() const { return impl_->connections.load(); }
+uint64_t SnapshotPeerServer::refused_handshakes() const {
+  return impl_->zap ? impl_->zap->refused_count() : 0;
+}
 
 // ---------------------------------------------------------------------------------------------
 
@@ -359,6 +448,13 @@ Status SnapshotForwarder::Send(const SnapshotPeerTarget& t, const checkpoint::Sn
 
 void SnapshotForwarder::Loop() {
   auto logger = log::Get("agent.snapshots");
+  // Before the context's first socket, which starts its threads.
+  if (Status st = ConfigureSnapshotContext(context_, options_.cpu); !st.ok()) {
+    logger->error("{}", st.ToString());
+  }
+  if (Status st = EnterSnapshotThread(options_.cpu, "snap-forward"); !st.ok()) {
+    logger->error("{}", st.ToString());
+  }
   std::unique_lock<std::mutex> l(mu_);
   // Connections whose job has no target any more, or another one, closed off the lock.
   auto stale = [&] {

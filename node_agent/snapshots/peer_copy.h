@@ -7,9 +7,14 @@
 // An RpcServer with CURVE (ZAP domain "muster-snapshots"): only a client key admitted for a job
 // (Allow: the attempt's rendezvous client key, which every agent of the gang and only they get
 // from the coordinator) may put or get that job's frames; every request is checked against the
-// frame's job. Frames are decoded (every field and the xxh3 checked) and kept in the agent's
-// bounded SnapshotStore on the server's own worker thread, never on the agent's reactor; a frame
-// that does not fit is refused with the store's FailedPrecondition, never swapped.
+// frame's job. The server has a ZeroMQ context, reactor and ZAP authenticator of its own, apart
+// from the agent's: CURVE's opening of the frames runs on that context's I/O thread, which can
+// take the background CPU class (snapshot_cpu.h) while heartbeats keep the agent's. Frames are
+// decoded (every field and the xxh3 checked) and kept in the agent's bounded SnapshotStore on the
+// server's own worker thread; a frame that does not fit is refused with the store's
+// FailedPrecondition, never swapped. When a forwarder's connection closes (its agent stopped or
+// died), the newest step of each rank put over it is logged ("... last put job J rank R step S"):
+// what this agent holds of a lost node's ranks.
 //
 // SnapshotForwarder: what the agent's local snapshot server (snapshot_server.h) calls for each
 // frame a rank hands it. Offer returns at once (the rank's put is answered without waiting on the
@@ -25,9 +30,9 @@
 // FetchSnapshotFromPeer: one GET, retried until `timeout` while the holder has not admitted the
 // key yet (it learns it from its own StartAssignment, which may arrive after ours).
 //
-// Thread-safety: SnapshotPeerServer is created and destroyed on the reactor thread (or before it
-// starts / after it stops); Allow and Revoke are thread-safe. SnapshotForwarder's methods are
-// thread-safe. REQUIRES: the store and the authenticator outlive the server.
+// Thread-safety: SnapshotPeerServer is created and destroyed by one thread (any); Allow and
+// Revoke are thread-safe. SnapshotForwarder's methods are thread-safe. REQUIRES: the store
+// outlives the server.
 
 #include <atomic>
 #include <chrono>
@@ -49,6 +54,7 @@
 #include "common/reactor.h"
 #include "common/rpc.h"
 #include "common/status.h"
+#include "node_agent/snapshots/snapshot_cpu.h"
 #include "node_agent/snapshots/snapshot_store.h"
 
 namespace muster::node_agent {
@@ -57,13 +63,16 @@ inline constexpr char kSnapshotsZapDomain[] = "muster-snapshots";
 
 class SnapshotPeerServer {
  public:
-  // Listens on `endpoint` (e.g. "tcp://10.0.0.2:*"). `zap`: the reactor context's
-  // authenticator; null only when `insecure` (then every client may put and get).
-  static StatusOr<std::unique_ptr<SnapshotPeerServer>> Create(Reactor& reactor,
-                                                              ZapAuthenticator* zap, bool insecure,
-                                                              const std::string& endpoint,
-                                                              SnapshotStore* store);
-  ~SnapshotPeerServer();  // waits for the frame being stored; later replies are dropped
+  struct Options {
+    std::string endpoint;            // e.g. "tcp://10.0.0.2:*"
+    bool insecure = false;           // no CURVE: every client may put and get (tests, benches)
+    SnapshotStore* store = nullptr;  // required
+    SnapshotCpu cpu = SnapshotCpu::kNormal;  // of its reactor, worker and ZeroMQ threads
+  };
+  // Starts the server's reactor and worker.
+  static StatusOr<std::unique_ptr<SnapshotPeerServer>> Create(const Options& options);
+  // Stops the reactor; waits for the frame being stored; its reply is dropped.
+  ~SnapshotPeerServer();
 
   // Lets `client_public_key` put and get `job`'s frames (until Revoke). InvalidArgument for a
   // bad job id or key. Ok and a no-op when insecure.
@@ -78,6 +87,8 @@ class SnapshotPeerServer {
   int64_t refused() const;
   // Connections from forwarders and fetchers accepted, since the start.
   int64_t connections() const;
+  // CURVE handshakes refused (a key not admitted), since the start; 0 when insecure.
+  uint64_t refused_handshakes() const;
 
  private:
   struct Impl;
@@ -99,6 +110,7 @@ class SnapshotForwarder {
   struct Options {
     bool insecure = false;
     std::chrono::milliseconds call_timeout{30000};
+    SnapshotCpu cpu = SnapshotCpu::kNormal;  // of its loop and its ZeroMQ context's threads
   };
   explicit SnapshotForwarder(Options options);
   ~SnapshotForwarder();  // drops what is not sent yet; waits for the send in progress

@@ -31,16 +31,18 @@ std::string Reply(const Status& s) {
 }  // namespace
 
 SnapshotServer::SnapshotServer(std::string path, SnapshotStore* store, OnPut on_put,
-                               std::chrono::milliseconds frame_timeout, PeerCheck peer_check)
+                               std::chrono::milliseconds frame_timeout, PeerCheck peer_check,
+                               SnapshotCpu cpu)
     : path_(std::move(path)),
       store_(store),
       on_put_(std::move(on_put)),
       frame_timeout_(frame_timeout),
-      peer_check_(std::move(peer_check)) {}
+      peer_check_(std::move(peer_check)),
+      cpu_(cpu) {}
 
 StatusOr<std::unique_ptr<SnapshotServer>> SnapshotServer::Start(
     std::string socket_path, SnapshotStore* store, OnPut on_put,
-    std::chrono::milliseconds frame_timeout, PeerCheck peer_check) {
+    std::chrono::milliseconds frame_timeout, PeerCheck peer_check, SnapshotCpu cpu) {
   sockaddr_un addr{};
   addr.sun_family = AF_UNIX;
   if (socket_path.empty() || socket_path.size() >= sizeof(addr.sun_path)) {
@@ -56,7 +58,7 @@ StatusOr<std::unique_ptr<SnapshotServer>> SnapshotServer::Start(
   }
   ::unlink(socket_path.c_str());  // a predecessor's (kill -9 leaves it)
   std::unique_ptr<SnapshotServer> s(new SnapshotServer(socket_path, store, std::move(on_put),
-                                                       frame_timeout, std::move(peer_check)));
+                                                       frame_timeout, std::move(peer_check), cpu));
   s->listen_fd_ = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (s->listen_fd_ < 0) return InternalError(Errno("snapshot socket"));
   std::memcpy(addr.sun_path, socket_path.data(), socket_path.size());
@@ -92,6 +94,9 @@ SnapshotServer::~SnapshotServer() {
 
 void SnapshotServer::AcceptLoop() {
   auto log = log::Get("agent.snap");
+  // The connection threads it starts inherit the class.
+  if (Status st = EnterSnapshotThread(cpu_, "snap-accept"); !st.ok())
+    log->error("{}", st.ToString());
   while (true) {
     pollfd p[2] = {{listen_fd_, POLLIN, 0}, {wake_[0], POLLIN, 0}};
     if (::poll(p, 2, -1) < 0) {
@@ -135,6 +140,7 @@ void SnapshotServer::AcceptLoop() {
 void SnapshotServer::Serve(Conn* conn) {
   const int fd = conn->fd;
   auto log = log::Get("agent.snap");
+  if (Status st = EnterSnapshotThread(cpu_, "snap-conn"); !st.ok()) log->error("{}", st.ToString());
   const uint64_t limit = store_->memory_limit();
   while (true) {
     char op = 0;
@@ -208,14 +214,13 @@ void SnapshotServer::Serve(Conn* conn) {
     }
     if (op == 'P') {
       checkpoint::SnapshotKey key = f->key;
-      Status put = store_->Put(std::move(*f));
+      // Checked against its xxh3 by DecodeSnapshotParts just above: not hashed again.
+      std::shared_ptr<const checkpoint::SnapshotFrame> held;
+      Status put = store_->PutDecoded(std::move(*f), on_put_ ? &held : nullptr);
       if (!put.ok())
         log->warn("snapshot of job {} rank {} step {}: {}", key.job, key.rank, key.step,
                   put.ToString());
-      if (put.ok() && on_put_) {
-        auto held = store_->Get(key.job, key.rank, key.step);
-        if (held.ok()) on_put_(*held);
-      }
+      if (put.ok() && held) on_put_(std::move(held));
       if (!checkpoint::SendAll(fd, Reply(put)).ok()) break;
       continue;
     }

@@ -13,7 +13,8 @@
 // closed (the stream cannot be resynchronised).
 //
 // `on_put`, when set, is called on the connection's thread after each frame is kept (the peer
-// forwarder hooks in here).
+// forwarder hooks in here). `cpu`: the class of the accept and connection threads
+// (snapshot_cpu.h).
 //
 // Thread-safety: constructed and destroyed by one thread; the store is shared (thread-safe).
 // REQUIRES: `store` outlives the server.
@@ -30,6 +31,7 @@
 
 #include "checkpoint/snapshot_frame.h"
 #include "common/status.h"
+#include "node_agent/snapshots/snapshot_cpu.h"
 #include "node_agent/snapshots/snapshot_store.h"
 
 namespace muster::node_agent {
@@ -56,7 +58,7 @@ class SnapshotServer {
   static StatusOr<std::unique_ptr<SnapshotServer>> Start(
       std::string socket_path, SnapshotStore* store, OnPut on_put = nullptr,
       std::chrono::milliseconds frame_timeout = kSnapshotFrameTimeout,
-      PeerCheck peer_check = nullptr);
+      PeerCheck peer_check = nullptr, SnapshotCpu cpu = SnapshotCpu::kNormal);
   // Closes the socket and every connection, joins the threads, removes the socket file.
   ~SnapshotServer();
 
@@ -64,7 +66,7 @@ class SnapshotServer {
 
  private:
   SnapshotServer(std::string path, SnapshotStore* store, OnPut on_put,
-                 std::chrono::milliseconds frame_timeout, PeerCheck peer_check);
+                 std::chrono::milliseconds frame_timeout, PeerCheck peer_check, SnapshotCpu cpu);
   void AcceptLoop();
 
   const std::string path_;
@@ -72,6 +74,7 @@ class SnapshotServer {
   OnPut on_put_;
   const std::chrono::milliseconds frame_timeout_;
   PeerCheck peer_check_;
+  const SnapshotCpu cpu_;
   int listen_fd_ = -1;
   int wake_[2] = {-1, -1};  // closing wake_[1] wakes every poll
   std::thread accept_thread_;

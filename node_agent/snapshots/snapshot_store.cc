@@ -127,15 +127,21 @@ Status SnapshotStore::Put(checkpoint::SnapshotFrame frame) {
                          std::to_string(frame.key.rank) + " step " +
                          std::to_string(frame.key.step) + " fails its xxh3 checksum");
   }
+  return PutDecoded(std::move(frame));
+}
+
+Status SnapshotStore::PutDecoded(checkpoint::SnapshotFrame frame,
+                                 std::shared_ptr<const checkpoint::SnapshotFrame>* held) {
   const checkpoint::SnapshotKey key = frame.key;
   std::lock_guard<std::mutex> lock(mu_);
   JobState& js = jobs_[key.job];
-  Status s = PutLocked(js, std::move(frame));
+  Status s = PutLocked(js, std::move(frame), held);
   if (!s.ok() && js.ranks.empty()) jobs_.erase(key.job);
   return s;
 }
 
-Status SnapshotStore::PutLocked(JobState& js, checkpoint::SnapshotFrame frame) {
+Status SnapshotStore::PutLocked(JobState& js, checkpoint::SnapshotFrame frame,
+                                std::shared_ptr<const checkpoint::SnapshotFrame>* held) {
   const checkpoint::SnapshotKey key = frame.key;
   if (key.attempt < js.newest_attempt) {
     return AbortedError("snapshot of job " + key.job + " attempt " + std::to_string(key.attempt) +
@@ -156,7 +162,8 @@ Status SnapshotStore::PutLocked(JobState& js, checkpoint::SnapshotFrame frame) {
   extra_ -= Extra(slot);
   used_ += size;
   slot.used += size;
-  slot.frames[key.step] = std::make_shared<const checkpoint::SnapshotFrame>(std::move(frame));
+  auto kept = std::make_shared<const checkpoint::SnapshotFrame>(std::move(frame));
+  slot.frames[key.step] = kept;
   extra_ += Extra(slot);
   UpdateCompleteLocked(js);
   // The reserved steps, the window while unreserved memory allows; never the pinned steps or
@@ -168,6 +175,11 @@ Status SnapshotStore::PutLocked(JobState& js, checkpoint::SnapshotFrame frame) {
     if (!DropOldestLocked(js, slot)) break;
   }
   DropExtrasLocked(0);
+  if (held != nullptr) {
+    // Not when the rules dropped it at once (an old step arriving late).
+    auto it = slot.frames.find(key.step);
+    *held = it != slot.frames.end() && it->second == kept ? kept : nullptr;
+  }
   return Status::Ok();
 }
 

@@ -104,6 +104,12 @@ class SnapshotStore {
   // Keeps `frame` (see the rules above). DataLoss for a payload that fails its checksum;
   // FailedPrecondition when it does not fit; Aborted for a stale attempt.
   Status Put(checkpoint::SnapshotFrame frame);
+  // The same for a frame a decoder has just checked (checkpoint::DecodeSnapshot*: its payload
+  // matched payload_xxh3 and has not been touched since), without hashing it again; `held`, when
+  // given, is set to the frame as kept (null if the rules dropped it at once). REQUIRES: that
+  // check; a frame of any other origin goes through Put.
+  Status PutDecoded(checkpoint::SnapshotFrame frame,
+                    std::shared_ptr<const checkpoint::SnapshotFrame>* held = nullptr);
 
   // The frame of `rank` of `job` at `step`, checked against its xxh3 again. NotFound when not
   // held; DataLoss when the bytes held no longer match (the frame is then dropped).
@@ -147,7 +153,8 @@ class SnapshotStore {
 
   // REQUIRES: mu_ held.
   Status ReserveLocked(const std::string& job, JobState& js, int32_t rank, uint64_t per_step);
-  Status PutLocked(JobState& js, checkpoint::SnapshotFrame frame);
+  Status PutLocked(JobState& js, checkpoint::SnapshotFrame frame,
+                   std::shared_ptr<const checkpoint::SnapshotFrame>* held);
   void EraseLocked(RankSlot& slot, int64_t step);
   // Bytes of `slot` beyond its reservation.
   static uint64_t Extra(const RankSlot& slot) {

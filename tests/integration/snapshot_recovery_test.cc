@@ -13,14 +13,17 @@
 // most one step, and its final parameters equal those of an uninterrupted run of the same job.
 
 #include <gtest/gtest.h>
+#include <sched.h>
 #include <signal.h>
 #include <unistd.h>
 
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <regex>
+#include <set>
 #include <sstream>
 #include <thread>
 
@@ -85,29 +88,30 @@ class SnapshotRecoveryTest : public ::testing::Test {
     endpoint_ = ReadFile(dir_ / "coord" / "endpoint");
     while (!endpoint_.empty() && std::isspace(endpoint_.back())) endpoint_.pop_back();
     for (const std::string& name : AgentNames()) {
-      auto a = Subprocess::Start({MUSTER_BIN,
-                                  "agent",
-                                  "--coordinator",
-                                  endpoint_,
-                                  "--keys",
-                                  (dir_ / "keys").string(),
-                                  "--provider",
-                                  "aws",
-                                  "--name",
-                                  name,
-                                  "--slots",
-                                  "1",
-                                  "--gpus",
-                                  "0",
-                                  "--volume",
-                                  "ckpt=" + (dir_ / "vol").string(),
-                                  "--work-dir",
-                                  (dir_ / name).string(),
-                                  "--grace-ms",
-                                  "1000",
-                                  "--snapshot-memory-mb",
-                                  "64"},
-                                 {}, (dir_ / (std::string(name) + ".log")).string());
+      std::vector<std::string> argv = {MUSTER_BIN,
+                                       "agent",
+                                       "--coordinator",
+                                       endpoint_,
+                                       "--keys",
+                                       (dir_ / "keys").string(),
+                                       "--provider",
+                                       "aws",
+                                       "--name",
+                                       name,
+                                       "--slots",
+                                       "1",
+                                       "--gpus",
+                                       "0",
+                                       "--volume",
+                                       "ckpt=" + (dir_ / "vol").string(),
+                                       "--work-dir",
+                                       (dir_ / name).string(),
+                                       "--grace-ms",
+                                       "1000",
+                                       "--snapshot-memory-mb",
+                                       "64"};
+      for (const std::string& a : ExtraAgentArgs()) argv.push_back(a);
+      auto a = Subprocess::Start(argv, {}, (dir_ / (std::string(name) + ".log")).string());
       ASSERT_TRUE(a.ok()) << a.status();
       agents_[name] = std::make_unique<Subprocess>(std::move(*a));
     }
@@ -124,6 +128,8 @@ class SnapshotRecoveryTest : public ::testing::Test {
   }
   // The agents started (one node each).
   virtual std::vector<std::string> AgentNames() const { return {"n1", "n2", "n3"}; }
+  // Flags every agent gets besides those above.
+  virtual std::vector<std::string> ExtraAgentArgs() const { return {}; }
   void TearDown() override {
     agents_.clear();
     coordinator_.reset();
@@ -168,89 +174,142 @@ class SnapshotRecoveryTest : public ::testing::Test {
   muster::testing::PortRange ports_;
   std::unique_ptr<Subprocess> coordinator_;
   std::map<std::string, std::unique_ptr<Subprocess>> agents_;
+
+  // The snapshot trainer's gang, its node rank 1's agent killed past the volume's step 20: the
+  // next attempt resumes from in-memory snapshots newer than that. `max_lost`: the most steps
+  // lost. `on_running`: called once the first attempt runs, before the kill.
+  void KillNineResumesFromPeerSnapshots(
+      int64_t max_lost,
+      const std::function<void(const std::set<std::string>& gang)>& on_running = nullptr) {
+    std::ofstream(dir_ / "job.yaml")
+        << "name: snap\ncommand: [" << nlohmann::json(std::string(MUSTER_SNAPSHOT_TRAINER)).dump()
+        << "]\nenv:\n  TOTAL: \"100000\"\n  STEP_MS: \"50\"\n  CKPT_EVERY: \"20\"\n"
+           "  STATE_KB: \"256\"\nnodes: 2\nranks_per_node: 1\n"
+           "restart:\n  max_restarts: 3\n"
+           "checkpoint:\n  volume: ckpt\n  snapshot_every_steps: 1\n";
+    auto submitted = Muster({"submit", (dir_ / "job.yaml").string()});
+    ASSERT_TRUE(submitted.ok()) << submitted.status();
+    std::string job = *submitted;
+    while (!job.empty() && std::isspace(job.back())) job.pop_back();
+
+    // Past the volume's step 20, before its step 40.
+    nlohmann::json st;
+    ASSERT_TRUE(WaitUntil(
+        [&] {
+          st = Status(job);
+          return st.value("attempt", 0) == 1 && st.contains("progress") &&
+                 st["progress"].value("step", 0) >= 27;
+        },
+        60s))
+        << st.dump() << "\n"
+        << Events(job);
+    ASSERT_EQ(st["nodes"].size(), 2u);
+    if (on_running) on_running({st["nodes"][0], st["nodes"][1]});
+    const std::string survivor = st["nodes"][0], victim = st["nodes"][1];
+    agents_.at(victim)->Signal(SIGKILL);
+    agents_.at(victim)->Wait(5s);
+    agents_.erase(victim);
+
+    // The next attempt runs on the survivor and the spare, from the snapshots.
+    std::string events;
+    ASSERT_TRUE(WaitUntil(
+        [&] {
+          events = Events(job);
+          return events.find("in-memory snapshot of attempt 1") != std::string::npos;
+        },
+        30s))
+        << events << "\n"
+        << ReadFile(dir_ / "coord.log");
+    std::smatch m;
+    ASSERT_TRUE(std::regex_search(
+        events, m, std::regex(R"(attempt (\d+) resumes from step (\d+) \(in-memory snapshot)")))
+        << events;
+    const int attempt = std::stoi(m[1]);
+    const int64_t step = std::stoll(m[2]);
+    EXPECT_GT(step, 20) << "newer than the volume's step\n" << events;
+    EXPECT_NE(events.find("the volume has step 20"), std::string::npos) << events;
+
+    // Both ranks restored that step from memory and train on.
+    nlohmann::json now;
+    ASSERT_TRUE(WaitUntil(
+        [&] {
+          now = Status(job);
+          return now.value("attempt", 0) == attempt && now.contains("progress") &&
+                 now["progress"].value("step", 0) > step + 2;
+        },
+        30s))
+        << now.dump() << "\n"
+        << events;
+    ASSERT_EQ(now["nodes"].size(), 2u);
+    for (int rank = 0; rank < 2; ++rank) {
+      const std::string node = now["nodes"][rank];
+      EXPECT_NE(node, victim);
+      RankLog r = ParseRankLog(ReadFile(RankLogPath(node, job, attempt, rank)));
+      EXPECT_EQ(r.source, "snapshot") << "rank " << rank << " on " << node;
+      EXPECT_EQ(r.resume, step) << "rank " << rank;
+    }
+    // The spare had nothing: its agent fetched its rank's frame from the survivor.
+    const std::string spare = now["nodes"][0] == survivor ? now["nodes"][1] : now["nodes"][0];
+    EXPECT_NE(ReadFile(dir_ / (spare + ".log")).find("fetched from peers"), std::string::npos);
+
+    // Lost: what the survivor's rank had done past the resumed step (its gang peer was gone, so
+    // it stopped within a step of the kill).
+    RankLog before = ParseRankLog(ReadFile(RankLogPath(survivor, job, 1, 0)));
+    ASSERT_GT(before.last_step, 0);
+    EXPECT_LE(before.last_step - step, max_lost)
+        << "attempt 1 reached step " << before.last_step << ", resumed from " << step;
+    std::printf("%s\nattempt 1 reached step %lld; attempt %d resumed from %lld on %s (spare %s)\n",
+                m[0].str().c_str(), static_cast<long long>(before.last_step), attempt,
+                static_cast<long long>(step), survivor.c_str(), spare.c_str());
+    (void)Muster({"cancel", job});
+  }
 };
 
 TEST_F(SnapshotRecoveryTest, AgentKillNineResumesFromPeerSnapshotsLosingAtMostOneStep) {
-  std::ofstream(dir_ / "job.yaml")
-      << "name: snap\ncommand: [" << nlohmann::json(std::string(MUSTER_SNAPSHOT_TRAINER)).dump()
-      << "]\nenv:\n  TOTAL: \"100000\"\n  STEP_MS: \"50\"\n  CKPT_EVERY: \"20\"\n"
-         "  STATE_KB: \"256\"\nnodes: 2\nranks_per_node: 1\n"
-         "restart:\n  max_restarts: 3\n"
-         "checkpoint:\n  volume: ckpt\n  snapshot_every_steps: 1\n";
-  auto submitted = Muster({"submit", (dir_ / "job.yaml").string()});
-  ASSERT_TRUE(submitted.ok()) << submitted.status();
-  std::string job = *submitted;
-  while (!job.empty() && std::isspace(job.back())) job.pop_back();
+  KillNineResumesFromPeerSnapshots(1);
+}
 
-  // Past the volume's step 20, before its step 40.
-  nlohmann::json st;
-  ASSERT_TRUE(WaitUntil(
-      [&] {
-        st = Status(job);
-        return st.value("attempt", 0) == 1 && st.contains("progress") &&
-               st["progress"].value("step", 0) >= 27;
-      },
-      60s))
-      << st.dump() << "\n"
-      << Events(job);
-  ASSERT_EQ(st["nodes"].size(), 2u);
-  const std::string survivor = st["nodes"][0], victim = st["nodes"][1];
-  agents_.at(victim)->Signal(SIGKILL);
-  agents_.at(victim)->Wait(5s);
-  agents_.erase(victim);
-
-  // The next attempt runs on the survivor and the spare, from the snapshots.
-  std::string events;
-  ASSERT_TRUE(WaitUntil(
-      [&] {
-        events = Events(job);
-        return events.find("in-memory snapshot of attempt 1") != std::string::npos;
-      },
-      30s))
-      << events << "\n"
-      << ReadFile(dir_ / "coord.log");
-  std::smatch m;
-  ASSERT_TRUE(std::regex_search(
-      events, m, std::regex(R"(attempt (\d+) resumes from step (\d+) \(in-memory snapshot)")))
-      << events;
-  const int attempt = std::stoi(m[1]);
-  const int64_t step = std::stoll(m[2]);
-  EXPECT_GT(step, 20) << "newer than the volume's step\n" << events;
-  EXPECT_NE(events.find("the volume has step 20"), std::string::npos) << events;
-
-  // Both ranks restored that step from memory and train on.
-  nlohmann::json now;
-  ASSERT_TRUE(WaitUntil(
-      [&] {
-        now = Status(job);
-        return now.value("attempt", 0) == attempt && now.contains("progress") &&
-               now["progress"].value("step", 0) > step + 2;
-      },
-      30s))
-      << now.dump() << "\n"
-      << events;
-  ASSERT_EQ(now["nodes"].size(), 2u);
-  for (int rank = 0; rank < 2; ++rank) {
-    const std::string node = now["nodes"][rank];
-    EXPECT_NE(node, victim);
-    RankLog r = ParseRankLog(ReadFile(RankLogPath(node, job, attempt, rank)));
-    EXPECT_EQ(r.source, "snapshot") << "rank " << rank << " on " << node;
-    EXPECT_EQ(r.resume, step) << "rank " << rank;
+// The same with `--snapshot-cpu background`: in each real agent process the snapshot threads
+// (named snap-*, and the snapshot ZeroMQ contexts' "5/ZMQbg/...") run at SCHED_IDLE and every
+// other thread (the reactor, its ZeroMQ threads: heartbeats, the lease, control calls) at the
+// normal class; the gang still resumes from the peer's copies. Copies at the background class
+// wait for idle CPU, so on a machine busy with other work they may lag: up to 5 steps lost
+// here (the volume's interval is 20).
+class BackgroundSnapshotRecoveryTest : public SnapshotRecoveryTest {
+ protected:
+  std::vector<std::string> ExtraAgentArgs() const override {
+    return {"--snapshot-cpu", "background"};
   }
-  // The spare had nothing: its agent fetched its rank's frame from the survivor.
-  const std::string spare = now["nodes"][0] == survivor ? now["nodes"][1] : now["nodes"][0];
-  EXPECT_NE(ReadFile(dir_ / (spare + ".log")).find("fetched from peers"), std::string::npos);
+};
 
-  // Lost: what the survivor's rank had done past the resumed step (its gang peer was gone, so
-  // it stopped within a step of the kill).
-  RankLog before = ParseRankLog(ReadFile(RankLogPath(survivor, job, 1, 0)));
-  ASSERT_GT(before.last_step, 0);
-  EXPECT_LE(before.last_step - step, 1)
-      << "attempt 1 reached step " << before.last_step << ", resumed from " << step;
-  std::printf("%s\nattempt 1 reached step %lld; attempt %d resumed from %lld on %s (spare %s)\n",
-              m[0].str().c_str(), static_cast<long long>(before.last_step), attempt,
-              static_cast<long long>(step), survivor.c_str(), spare.c_str());
-  (void)Muster({"cancel", job});
+TEST_F(BackgroundSnapshotRecoveryTest, SnapshotThreadsRunIdleAndTheGangResumesFromThem) {
+  KillNineResumesFromPeerSnapshots(5, [&](const std::set<std::string>& gang) {
+    for (const auto& [name, agent] : agents_) {
+      int snapshot_threads = 0, io_threads = 0, others = 0;
+      const fs::path tasks = "/proc/" + std::to_string(agent->pid()) + "/task";
+      for (const auto& t : fs::directory_iterator(tasks)) {
+        std::string comm = ReadFile(t.path() / "comm");
+        while (!comm.empty() && std::isspace(comm.back())) comm.pop_back();
+        const int policy = ::sched_getscheduler(std::stoi(t.path().filename().string()));
+        if (policy < 0) continue;  // the thread has gone
+        if (comm.rfind("snap-", 0) == 0 || comm.rfind("5/ZMQbg/", 0) == 0) {
+          ++snapshot_threads;
+          io_threads += comm == "5/ZMQbg/IO/0";
+          EXPECT_EQ(policy, SCHED_IDLE) << name << ": " << comm;
+        } else {
+          ++others;
+          EXPECT_EQ(policy, SCHED_OTHER) << name << ": " << comm;
+        }
+      }
+      // The accept thread, the forwarder's loop, the peer server's reactor and worker, and the
+      // snapshot contexts' I/O threads: the peer server's, and in the gang's agents the
+      // forwarder's (its context starts with its first frame).
+      const bool in_gang = gang.count(name) > 0;
+      EXPECT_GE(snapshot_threads, in_gang ? 6 : 5) << name;
+      EXPECT_EQ(io_threads, in_gang ? 2 : 1) << name;
+      EXPECT_GT(others, 0) << name;
+    }
+  });
 }
 
 // A 3-node gang (four agents: the fourth takes the lost node's place). Each agent holds its own

@@ -147,11 +147,13 @@ class SnapshotFallbackTest : public ::testing::Test {
   }
 
   // Heartbeats from a and b (holding frames of step `step` of `frames_attempt` for both ranks)
-  // until attempt `attempt` is started on both; returns its starts by node.
+  // until attempt `attempt` is started on both, the clock moving 1 s per round (for up to 2
+  // minutes: a restart backoff is waited out, after a coordinator restart too); returns its
+  // starts by node.
   std::map<std::string, proto::StartAssignment> WaitForAttempt(const std::string& job, int attempt,
                                                                int frames_attempt, int64_t step) {
     std::map<std::string, proto::StartAssignment> got;
-    for (int i = 0; i < 60 && got.size() < 2; ++i) {
+    for (int i = 0; i < 120 && got.size() < 2; ++i) {
       for (const std::string node : {"a", "b"}) {
         std::vector<int> ranks = {0, 1};
         if (frames_attempt == 0) ranks.clear();

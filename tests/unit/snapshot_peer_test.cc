@@ -11,8 +11,10 @@
 #include <future>
 
 #include "checkpoint/snapshot_channel.h"
+#include "common/logging.h"
 #include "node_agent/snapshots/peer_copy.h"
 #include "node_agent/snapshots/snapshot_server.h"
+#include "tests/testing/log_capture.h"
 #include "tests/testing/reactor_fixture.h"
 #include "tests/testing/wait_until.h"
 
@@ -49,8 +51,8 @@ class SnapshotPeerTest : public testing::ReactorZapTest {
     CreateReactor("peer-test");
     peer_store_ = std::make_unique<SnapshotStore>(
         node_agent::SnapshotStoreOptions{.memory_limit = peer_limit, .keep_steps = 2});
-    auto s = SnapshotPeerServer::Create(*reactor_, zap_.get(), /*insecure=*/false,
-                                        "tcp://127.0.0.1:*", peer_store_.get());
+    auto s = SnapshotPeerServer::Create(
+        {.endpoint = "tcp://127.0.0.1:*", .store = peer_store_.get(), .cpu = peer_cpu_});
     ASSERT_TRUE(s.ok()) << s.status();
     server_ = std::move(*s);
     reactor_->Start();
@@ -68,6 +70,7 @@ class SnapshotPeerTest : public testing::ReactorZapTest {
             .client_key = gang_key_};
   }
 
+  node_agent::SnapshotCpu peer_cpu_ = node_agent::SnapshotCpu::kNormal;
   std::unique_ptr<SnapshotStore> peer_store_;
   std::unique_ptr<SnapshotPeerServer> server_;
   KeyPair gang_key_;
@@ -185,8 +188,7 @@ TEST_F(SnapshotPeerTest, FramesShareOneConnectionAndARestartedPeerIsReconnected)
   auto peer_store = std::make_unique<SnapshotStore>(
       node_agent::SnapshotStoreOptions{.memory_limit = 8 << 20, .keep_steps = 2});
   reactor_->Call("restart-peer", [&] {
-    auto s = SnapshotPeerServer::Create(*reactor_, zap_.get(), /*insecure=*/false, endpoint,
-                                        peer_store.get());
+    auto s = SnapshotPeerServer::Create({.endpoint = endpoint, .store = peer_store.get()});
     ASSERT_TRUE(s.ok()) << s.status();
     server_ = std::move(*s);
   });
@@ -225,6 +227,34 @@ TEST_F(SnapshotPeerTest, OnlyTheTargetsAttemptIsForwarded) {
 
 // The way back: an agent fetches a rank's frame from the holder, checked against the key asked.
 // A frame the holder lacks is NotFound at once; a key admitted late is retried until it is.
+// When a forwarder's connection closes (its agent stopped, or was killed), the peer logs the
+// newest step of each rank put over it: what this agent holds of the lost node's ranks, which
+// `muster-bench recovery` reads as the copy held at the kill.
+TEST_F(SnapshotPeerTest, AClosedForwarderConnectionLogsTheNewestStepOfEachRankItPut) {
+  ASSERT_TRUE(log::InitLogging("info").ok());  // the line is at info; tests log from warn
+  struct Restore {
+    ~Restore() { log::InitLogging("warn").IgnoreError(); }
+  } restore;
+  testing::LogCapture logs;
+  Start(8 << 20);
+  ASSERT_TRUE(server_->Allow("ft-1", gang_key_.public_key).ok());
+  auto fwd = std::make_unique<SnapshotForwarder>(SnapshotForwarder::Options{});
+  fwd->SetTarget("ft-1", Target());
+  const std::string payload(4096, 'p');
+  for (int step = 5; step <= 7; ++step) {
+    fwd->Offer(Frame(Key(0, step), payload));
+    ASSERT_TRUE(fwd->WaitIdle(seconds(20)));
+  }
+  fwd->Offer(Frame(Key(1, 6), payload));
+  ASSERT_TRUE(fwd->WaitIdle(seconds(20)));
+  EXPECT_EQ(fwd->sent(), 4) << fwd->last_error();
+  for (const auto& line : logs.Lines()) EXPECT_EQ(line.find("it last put"), std::string::npos);
+  fwd.reset();  // its connection closes
+  EXPECT_TRUE(logs.WaitFor("snapshot peer connection closed; it last put job ft-1 rank 0 step 7",
+                           seconds(10)));
+  EXPECT_TRUE(logs.WaitFor("it last put job ft-1 rank 1 step 6", seconds(10)));
+}
+
 TEST_F(SnapshotPeerTest, FetchBringsTheFrameBackAndWaitsForTheKeyToBeAdmitted) {
   Start(1 << 20);
   ASSERT_TRUE(peer_store_->Put(*Frame(Key(1, 9), "state of rank 1")).ok());
@@ -233,7 +263,7 @@ TEST_F(SnapshotPeerTest, FetchBringsTheFrameBackAndWaitsForTheKeyToBeAdmitted) {
                                  Key(1, 9), 1 << 20, seconds(20));
   });
   // Admitted only once the fetch has been refused at least once.
-  ASSERT_TRUE(WaitUntil([&] { return zap_->refused_count() >= 1; }, seconds(10)));
+  ASSERT_TRUE(WaitUntil([&] { return server_->refused_handshakes() >= 1; }, seconds(10)));
   ASSERT_TRUE(server_->Allow("ft-1", gang_key_.public_key).ok());
   auto got = late.get();
   ASSERT_TRUE(got.ok()) << got.status();

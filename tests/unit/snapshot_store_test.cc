@@ -93,6 +93,28 @@ TEST(SnapshotStoreTest, KeepsTheNewestStepsPerRankWithinItsReservation) {
   EXPECT_EQ(store.Get("ft-1", 0, 10).status().code(), StatusCode::kNotFound);
 }
 
+// A frame a decoder has just checked is kept without a second hash, and the caller gets the
+// frame as kept (what the local server hands the forwarder); one the rules drop at once (a late
+// old step past the window) is not handed back. Put itself still checks.
+TEST(SnapshotStoreTest, PutDecodedKeepsACheckedFrameAndHandsItBack) {
+  SnapshotStore store({.memory_limit = 1000, .keep_steps = 2, .window_steps = 2});
+  std::shared_ptr<const SnapshotFrame> held;
+  ASSERT_TRUE(store.PutDecoded(Frame(0, 20, 100), &held).ok());
+  ASSERT_TRUE(held);
+  EXPECT_EQ(held->key, Key(0, 20));
+  EXPECT_EQ(held->payload, std::string(100, 'a'));
+  auto got = store.Get("ft-1", 0, 20);
+  ASSERT_TRUE(got.ok());
+  EXPECT_EQ(got->get(), held.get());  // the same frame: no copy
+  ASSERT_TRUE(store.PutDecoded(Frame(0, 30, 100), &held).ok());
+  ASSERT_TRUE(store.PutDecoded(Frame(0, 10, 100), &held).ok());  // older than both kept
+  EXPECT_FALSE(held);
+  EXPECT_EQ(store.Get("ft-1", 0, 10).status().code(), StatusCode::kNotFound);
+  SnapshotFrame bad = Frame(0, 40, 100);
+  bad.payload[0] ^= 1;
+  EXPECT_EQ(store.Put(std::move(bad)).code(), StatusCode::kDataLoss);
+}
+
 TEST(SnapshotStoreTest, RefusesWhatDoesNotFitWithAClearMessageAndKeepsNothingOfIt) {
   SnapshotStore store({.memory_limit = 1000, .keep_steps = 2});
   ASSERT_TRUE(store.Put(Frame(0, 10, 300)).ok());  // reserves 600
