@@ -202,6 +202,7 @@ TEST_F(ProviderCluster, AfterASpareReplacesALostNodeTheProviderSuppliesANewSpare
       30s))
       << st.dump() << Events(job);
   const std::string lost = st["nodes"][0], spare = st["spares"][0];
+  const int killed_attempt = st.value("attempt", 0);
   // Exactly one: a child the agent is forking has its command line until it execs.
   std::vector<pid_t> agent;
   ASSERT_TRUE(WaitUntil(
@@ -212,14 +213,17 @@ TEST_F(ProviderCluster, AfterASpareReplacesALostNodeTheProviderSuppliesANewSpare
       5s))
       << "the agent of " << lost << ": " << agent.size() << " processes";
   ASSERT_EQ(kill(agent[0], SIGKILL), 0);
+  // The next attempt, or a later one when the port it was given was taken on the spare by
+  // another process (the agent's retry on other ports, not counted; seen under ctest -j2, which
+  // can also have made the attempt the kill hits a later one than 1).
   ASSERT_TRUE(WaitUntil(
       [&] {
         st = Status(job);
-        return st.value("attempt", 0) == 2 && st.value("state", "") == "running";
+        return st.value("attempt", 0) > killed_attempt && st.value("state", "") == "running" &&
+               st["nodes"] == nlohmann::json({spare});
       },
       30s))
       << st.dump() << Events(job);
-  EXPECT_EQ(st["nodes"], nlohmann::json({spare})) << st.dump();
   ASSERT_TRUE(WaitUntil(
       [&] {
         st = Status(job);
@@ -233,7 +237,10 @@ TEST_F(ProviderCluster, AfterASpareReplacesALostNodeTheProviderSuppliesANewSpare
   EXPECT_NE(at("spare " + spare + " replaces lost node " + lost), std::string::npos) << events;
   EXPECT_NE(at("a new one is requested"), std::string::npos) << events;
   EXPECT_NE(at("requested 1 node from aws"), std::string::npos) << events;
-  EXPECT_NE(at("node " + fresh + " held as a new spare"), std::string::npos) << events;
+  // Held as the new spare: on its own, or by the placement of a port retry's attempt.
+  EXPECT_TRUE(at("node " + fresh + " held as a new spare") != std::string::npos ||
+              at("holding " + fresh + " idle as spare") != std::string::npos)
+      << events;
   EXPECT_LT(at("replaces lost node"), at("requested 1 node from aws")) << events;
   ASSERT_TRUE(Muster({"cancel", job}).ok());
 }
