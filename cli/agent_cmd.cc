@@ -146,6 +146,10 @@ void AddAgentCommands(CLI::App& app, Runner* runner) {
       o->rank_log_max_bytes = f->rank_log_max_mb << 20;
       o->snapshot_memory = static_cast<uint64_t>(f->snapshot_memory_mb) << 20;
       o->snapshot_cpu = *node_agent::ParseSnapshotCpu(f->snapshot_cpu);  // checked above
+      if (Status st = node_agent::CheckSnapshotCpuAllowed(o->snapshot_cpu); !st.ok()) {
+        std::cerr << "muster agent: " << st.message() << "\n";
+        return 2;
+      }
       if (!o->http.empty()) {
         auto hp = http::ParseListen(o->http);
         if (!hp.ok()) {

@@ -5,6 +5,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <thread>
 
 namespace muster::node_agent {
 
@@ -30,6 +31,24 @@ Status EnterSnapshotThread(SnapshotCpu cpu, const char* name) {
   if (sched_setscheduler(0, SCHED_IDLE, &p) != 0) {
     return InternalError(std::string("snapshot thread ") + short_name +
                          ": SCHED_IDLE: " + std::strerror(errno));
+  }
+  return Status::Ok();
+}
+
+Status CheckSnapshotCpuAllowed(SnapshotCpu cpu) {
+  if (cpu == SnapshotCpu::kNormal) return Status::Ok();
+  int err = 0;
+  std::thread probe([&err] {
+    sched_param p{};
+    p.sched_priority = 0;
+    if (sched_setscheduler(0, SCHED_IDLE, &p) != 0) err = errno;
+  });
+  probe.join();
+  if (err != 0) {
+    return FailedPreconditionError(
+        std::string("--snapshot-cpu background: this host refuses SCHED_IDLE to the agent's "
+                    "threads (") +
+        std::strerror(err) + "); run with --snapshot-cpu normal");
   }
   return Status::Ok();
 }

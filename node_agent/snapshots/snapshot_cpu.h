@@ -38,6 +38,13 @@ inline constexpr int kSnapshotZmqThreadPrefix = 5;
 // kNormal leaves the class as it is. Internal naming the errno when the kernel refuses.
 Status EnterSnapshotThread(SnapshotCpu cpu, const char* name);
 
+// Whether this host lets a thread of this process take `cpu`'s class: for kBackground, a
+// throw-away thread tries SCHED_IDLE (a sandbox or seccomp profile may refuse it). Call it before
+// any snapshot context is configured: libzmq asserts, and so aborts the whole agent, when it
+// cannot apply ZMQ_THREAD_SCHED_POLICY to a thread it starts. FailedPrecondition naming the
+// errno when refused; Ok for kNormal.
+Status CheckSnapshotCpuAllowed(SnapshotCpu cpu);
+
 // Sets `context`'s thread options: its name prefix, and for kBackground SCHED_IDLE
 // (ZMQ_THREAD_SCHED_POLICY). REQUIRES: no socket has been opened in `context` yet (its threads
 // start with the first one).

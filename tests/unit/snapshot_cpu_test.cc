@@ -12,11 +12,18 @@
 
 #include <dirent.h>
 #include <gtest/gtest.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
 #include <sched.h>
+#include <sys/prctl.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
+#include <cerrno>
+#include <cstddef>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -76,6 +83,42 @@ TEST(SnapshotCpuTest, ParsesTheTwoClassesAndNamesABadOne) {
   EXPECT_EQ(bad.status().code(), StatusCode::kInvalidArgument);
   EXPECT_NE(bad.status().message().find("'idle'"), std::string::npos) << bad.status();
   EXPECT_EQ(node_agent::SnapshotCpuName(SnapshotCpu::kBackground), "background");
+}
+
+// The probe leaves the caller's class alone, passes where the kernel allows SCHED_IDLE, and is
+// refused with the reason where it does not: a child process whose seccomp filter answers
+// sched_setscheduler with EPERM (as a sandbox might).
+TEST(SnapshotCpuTest, TheProbeSaysWhetherTheHostAllowsTheBackgroundClass) {
+  ASSERT_TRUE(node_agent::CheckSnapshotCpuAllowed(SnapshotCpu::kNormal).ok());
+  ASSERT_TRUE(node_agent::CheckSnapshotCpuAllowed(SnapshotCpu::kBackground).ok());
+  EXPECT_EQ(sched_getscheduler(0), SCHED_OTHER) << "the probe changed the caller's class";
+
+  pid_t child = fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    sock_filter filter[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(seccomp_data, nr)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_sched_setscheduler, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | (EPERM & SECCOMP_RET_DATA)),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+    };
+    sock_fprog prog{static_cast<unsigned short>(sizeof(filter) / sizeof(filter[0])), filter};
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 ||
+        prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog) != 0) {
+      _exit(3);
+    }
+    Status st = node_agent::CheckSnapshotCpuAllowed(SnapshotCpu::kBackground);
+    if (st.ok()) _exit(1);
+    bool named = st.code() == StatusCode::kFailedPrecondition &&
+                 st.message().find("refuses SCHED_IDLE") != std::string::npos &&
+                 st.message().find(std::strerror(EPERM)) != std::string::npos;
+    _exit(named && node_agent::CheckSnapshotCpuAllowed(SnapshotCpu::kNormal).ok() ? 0 : 2);
+  }
+  int status = 0;
+  ASSERT_EQ(waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "1: not refused under the filter; 2: refused without the "
+                                       "reason; 3: could not install the filter";
 }
 
 class SnapshotCpuPathTest : public ::testing::TestWithParam<SnapshotCpu> {
