@@ -45,7 +45,7 @@ Status SnapshotStore::ReserveLocked(const std::string& job, JobState& js, int32_
 }
 
 Status SnapshotStore::Reserve(const std::string& job, int32_t rank, uint64_t bytes_per_step) {
-  std::lock_guard<std::mutex> lock(mu_);
+  Lock lock(*this);
   return ReserveLocked(job, jobs_[job], rank, bytes_per_step);
 }
 
@@ -56,6 +56,7 @@ void SnapshotStore::EraseLocked(RankSlot& slot, int64_t step) {
   extra_ -= Extra(slot);
   used_ -= size;
   slot.used -= size;
+  dropped_.push_back(std::move(it->second));  // freed once mu_ is released (Lock)
   slot.frames.erase(it);
   extra_ += Extra(slot);
 }
@@ -133,7 +134,7 @@ Status SnapshotStore::Put(checkpoint::SnapshotFrame frame) {
 Status SnapshotStore::PutDecoded(checkpoint::SnapshotFrame frame,
                                  std::shared_ptr<const checkpoint::SnapshotFrame>* held) {
   const checkpoint::SnapshotKey key = frame.key;
-  std::lock_guard<std::mutex> lock(mu_);
+  Lock lock(*this);
   JobState& js = jobs_[key.job];
   Status s = PutLocked(js, std::move(frame), held);
   if (!s.ok() && js.ranks.empty()) jobs_.erase(key.job);
@@ -201,7 +202,7 @@ StatusOr<std::shared_ptr<const checkpoint::SnapshotFrame>> SnapshotStore::Get(
       "snapshot of job " + job + " rank " + std::to_string(rank) + " step " + std::to_string(step);
   if (!f) return NotFoundError(what + " is not held by this agent");
   if (checkpoint::Xxh3(f->payload.data(), f->payload.size()) != f->payload_xxh3) {
-    std::lock_guard<std::mutex> lock(mu_);
+    Lock lock(*this);
     auto j = jobs_.find(job);
     if (j != jobs_.end()) {
       auto r = j->second.ranks.find(rank);
@@ -244,13 +245,14 @@ std::vector<std::string> SnapshotStore::Jobs() const {
 }
 
 void SnapshotStore::DropJob(const std::string& job) {
-  std::lock_guard<std::mutex> lock(mu_);
+  Lock lock(*this);
   auto j = jobs_.find(job);
   if (j == jobs_.end()) return;
   for (auto& [rank, slot] : j->second.ranks) {
     extra_ -= Extra(slot);
     reserved_ -= slot.reserved;
     used_ -= slot.used;
+    for (auto& [step, f] : slot.frames) dropped_.push_back(std::move(f));
   }
   jobs_.erase(j);
 }

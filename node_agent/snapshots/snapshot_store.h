@@ -170,12 +170,34 @@ class SnapshotStore {
   void DropExtrasLocked(uint64_t room);
   void UpdateCompleteLocked(JobState& js);
 
+  // Holds mu_ and, when it is released, frees the frames dropped under it (dropped_) after
+  // unlocking: freeing a large payload (munmap) takes a while, and a caller at SCHED_IDLE
+  // (--snapshot-cpu background) preempted mid-free while holding mu_ would hold up every
+  // normal-class caller, the heartbeat's Held() among them.
+  class Lock {
+   public:
+    explicit Lock(SnapshotStore& store) : store_(store), lock_(store.mu_) {}
+    ~Lock() {
+      freed_.swap(store_.dropped_);
+      lock_.unlock();
+    }  // freed_ is destroyed after this body, unlocked
+    Lock(const Lock&) = delete;
+    Lock& operator=(const Lock&) = delete;
+
+   private:
+    SnapshotStore& store_;
+    std::unique_lock<std::mutex> lock_;
+    std::vector<std::shared_ptr<const checkpoint::SnapshotFrame>> freed_;
+  };
+
   const SnapshotStoreOptions options_;
   mutable std::mutex mu_;
-  std::map<std::string, JobState> jobs_;  // GUARDED_BY(mu_)
-  uint64_t used_ = 0;                     // GUARDED_BY(mu_)
-  uint64_t reserved_ = 0;                 // GUARDED_BY(mu_)
-  uint64_t extra_ = 0;                    // GUARDED_BY(mu_): the sum of every slot's Extra
+  // Frames dropped under mu_, freed by the Lock that holds it once it is released.
+  std::vector<std::shared_ptr<const checkpoint::SnapshotFrame>> dropped_;  // GUARDED_BY(mu_)
+  std::map<std::string, JobState> jobs_;                                   // GUARDED_BY(mu_)
+  uint64_t used_ = 0;                                                      // GUARDED_BY(mu_)
+  uint64_t reserved_ = 0;                                                  // GUARDED_BY(mu_)
+  uint64_t extra_ = 0;  // GUARDED_BY(mu_): the sum of every slot's Extra
 };
 
 }  // namespace muster::node_agent
