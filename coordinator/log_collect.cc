@@ -70,6 +70,7 @@ void Coordinator::RestoreLogCopies(int64_t now) {
   std::map<std::tuple<std::string, int, std::string>, std::vector<int>> asked;
   for (const auto& id : log_keeper_->interrupted()) {
     auto lost = [&](const std::string& node, const std::string& why) {
+      log_keeper_->Discard(id);
       Event(id.job, node, "logs_lost",
             fmt::format("attempt {}: the log of rank {} was not kept: the coordinator restarted "
                         "during its copy, and {}",

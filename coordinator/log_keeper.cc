@@ -143,8 +143,14 @@ StatusOr<std::unique_ptr<LogKeeper>> LogKeeper::Open(const fs::path& dir, LogKee
       if (!f.is_regular_file()) continue;
       std::string ext = f.path().extension().string();
       if (ext == kPart || ext == kTmp) {
+        // An interrupted copy's part files stay until the coordinator has asked for the copy
+        // again (Begin starts them afresh) or given it up (Discard): a start that fails before
+        // then finds them again next time.
         if (ext == kPart) {
-          if (auto id = PartCopy(job, f.path())) interrupted.insert(*id);
+          if (auto id = PartCopy(job, f.path())) {
+            interrupted.insert(*id);
+            continue;
+          }
         }
         fs::remove(f.path(), ec);
         continue;
@@ -154,7 +160,11 @@ StatusOr<std::unique_ptr<LogKeeper>> LogKeeper::Open(const fs::path& dir, LogKee
     order.emplace_back(newest, job);
   }
   for (const auto& id : interrupted) {
-    if (!k->Has(id.job, id.attempt, id.rank)) k->interrupted_.push_back(id);
+    if (k->Has(id.job, id.attempt, id.rank)) {
+      k->Discard(id);  // kept whole before the stop: the part files are leftovers
+    } else {
+      k->interrupted_.push_back(id);
+    }
   }
   std::sort(order.begin(), order.end());
   for (const auto& [t, job] : order) {
@@ -163,6 +173,16 @@ StatusOr<std::unique_ptr<LogKeeper>> LogKeeper::Open(const fs::path& dir, LogKee
   }
   k->ApplyTotalCap("");
   return k;
+}
+
+void LogKeeper::Discard(const CopyId& id) {
+  if (!Validate(id.job, id.attempt, id.rank).ok()) return;
+  fs::path part = RankPath(id.job, id.attempt, id.rank), prev = part;
+  part += kPart;
+  prev += kPrevPart;
+  std::error_code ec;
+  fs::remove(part, ec);
+  fs::remove(prev, ec);
 }
 
 fs::path LogKeeper::RankPath(const std::string& job, int attempt, int rank) const {

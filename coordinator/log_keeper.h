@@ -7,9 +7,11 @@
 //
 //   <dir>/<job>/<attempt>/rank-<r>.log        a kept copy (plain text, what the rank wrote)
 //   <dir>/<job>/<attempt>/rank-<r>.incomplete  (empty) the copy ended with a note: not all in
-//   <dir>/<job>/<attempt>/rank-<r>.log.part and .prev.part: being written (removed at Open: a
+//   <dir>/<job>/<attempt>/rank-<r>.log.part and .prev.part: being written (found at Open: a
 //                                              crash mid-copy; Open lists that rank in
-//                                              interrupted(), so the copy can be asked again)
+//                                              interrupted(), so the copy can be asked again;
+//                                              they stay until Begin starts it afresh or
+//                                              Discard gives it up)
 //
 // Bounded twice:
 //   - per job (`job_bytes`): a rank's copy keeps the tail of `job_bytes / ranks` bytes of its
@@ -62,8 +64,12 @@ class LogKeeper {
     int rank = 0;
     auto operator<=>(const CopyId&) const = default;
   };
-  // The copies Open found half written and dropped (each has no kept file), in order.
+  // The copies Open found half written (each has no kept file), in order. Their part files
+  // stay until Begin asks for the copy afresh or Discard gives it up, so a coordinator that
+  // stops before either still finds them at its next Open.
   const std::vector<CopyId>& interrupted() const { return interrupted_; }
+  // Removes the part files of a copy that will not be asked again.
+  void Discard(const CopyId& id);
 
   // InvalidArgument unless (job, attempt, rank) can name a file under the directory.
   static Status Validate(std::string_view job, int attempt, int rank);

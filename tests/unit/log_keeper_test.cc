@@ -158,7 +158,7 @@ TEST_F(LogKeeperTest, AJobBeingWrittenIsNeverEvicted) {
   EXPECT_FALSE(k->Has("other", 1, 0));
 }
 
-TEST_F(LogKeeperTest, TheIndexSurvivesAReopenAndHalfWrittenCopiesAreDropped) {
+TEST_F(LogKeeperTest, TheIndexSurvivesAReopenAndHalfWrittenCopiesAreNotServed) {
   {
     auto k = Open(1000, 1 << 20);
     Keep(*k, "job-1", 1, 0, 1, Lines(0, 50));
@@ -169,6 +169,9 @@ TEST_F(LogKeeperTest, TheIndexSurvivesAReopenAndHalfWrittenCopiesAreDropped) {
   EXPECT_EQ(k->total_bytes(), 500);
   EXPECT_EQ(ReadAll(*k, "job-1", 1, 0), Lines(0, 50));
   EXPECT_FALSE(k->Has("job-1", 1, 1));
+  // Not counted, not served: only listed (interrupted()) until asked again or given up.
+  EXPECT_EQ(k->interrupted(), (std::vector<LogKeeper::CopyId>{{"job-1", 1, 1}}));
+  k->Discard({"job-1", 1, 1});
   EXPECT_FALSE(fs::exists(dir_ / "job-1" / "1" / "rank-1.log.part"));
   // A smaller total cap at the next start applies at once.
   k.reset();
@@ -195,11 +198,24 @@ TEST_F(LogKeeperTest, AReopenListsTheCopiesItFoundHalfWritten) {
   std::ofstream(dir_ / "job-1" / "1" / "rank-x.log.part") << "x";
   auto k = Open(100, 1 << 20);
   using Id = LogKeeper::CopyId;
-  EXPECT_EQ(k->interrupted(), (std::vector<Id>{{"job-1", 1, 1}, {"job-2", 3, 7}}));
-  EXPECT_FALSE(fs::exists(dir_ / "job-2" / "3" / "rank-7.log.prev.part"));
-  EXPECT_FALSE(fs::exists(dir_ / "job-1" / "1" / "rank-x.log.part"));
+  const std::vector<Id> both = {{"job-1", 1, 1}, {"job-2", 3, 7}};
+  EXPECT_EQ(k->interrupted(), both);
+  EXPECT_FALSE(fs::exists(dir_ / "job-1" / "1" / "rank-x.log.part")) << "not a copy's: removed";
+  EXPECT_FALSE(k->Has("job-1", 1, 1));
+  // A coordinator that stops before it asks again or gives up (a start that fails later) finds
+  // the same copies at its next Open: their part files are still there.
   k.reset();
-  EXPECT_TRUE(Open(100, 1 << 20)->interrupted().empty()) << "listed once: the parts are gone";
+  k = Open(100, 1 << 20);
+  EXPECT_EQ(k->interrupted(), both);
+  EXPECT_TRUE(fs::exists(dir_ / "job-2" / "3" / "rank-7.log.prev.part"));
+  // Asked again (Begin starts afresh) or given up (Discard): listed no more.
+  ASSERT_TRUE(k->Begin("job-1", 1, 1, 2).ok());
+  ASSERT_TRUE(k->Append("job-1", 1, 1, "whole now").ok());
+  ASSERT_TRUE(k->Commit("job-1", 1, 1, "").ok());
+  k->Discard({"job-2", 3, 7});
+  EXPECT_FALSE(fs::exists(dir_ / "job-2" / "3" / "rank-7.log.prev.part"));
+  k.reset();
+  EXPECT_TRUE(Open(100, 1 << 20)->interrupted().empty());
 }
 
 TEST_F(LogKeeperTest, NamesThatWouldLeaveTheDirectoryAreRefused) {
