@@ -1855,12 +1855,25 @@ StatusOr<proto::Envelope> Coordinator::OnLogChunk(const Caller& caller,
     fetches_.erase(it);
     if (!req.error().empty()) {
       // The agent's code decides what the reader does (log_collect.cc: give up or ask again).
-      // 0: an agent that predates error_code (NOT_FOUND); a code that is not one: INTERNAL.
+      // 0: an agent that predates error_code (NOT_FOUND). Only the codes an agent's log read
+      // gives (node_agent/log_reader.cc) are taken as they are; any other (DEADLINE_EXCEEDED,
+      // which would have a kept copy asked again at once, and the rest) is INTERNAL.
       int code = req.error_code();
       proto::Error err;
-      err.set_code(code == 0                   ? proto::NOT_FOUND
-                   : proto::Code_IsValid(code) ? static_cast<proto::Code>(code)
-                                               : proto::INTERNAL);
+      switch (code) {
+        case 0:
+          err.set_code(proto::NOT_FOUND);
+          break;
+        case proto::NOT_FOUND:
+        case proto::INVALID_ARGUMENT:
+        case proto::FAILED_PRECONDITION:
+        case proto::DATA_LOSS:
+        case proto::UNAVAILABLE:
+          err.set_code(static_cast<proto::Code>(code));
+          break;
+        default:
+          err.set_code(proto::INTERNAL);
+      }
       err.set_message(req.error());
       r(ErrorEnvelope(0, ErrorToStatus(err)));
     } else {

@@ -119,17 +119,18 @@ std::string Coordinator::ProviderReason(const std::string& job) const {
 // admin forgot (node_forget.cc).
 Status Coordinator::ForgetNode(const std::string& name, const std::string& why) {
   if (!nodes_.Find(name)) return Status::Ok();
-  std::vector<LogCopyKey> cut;
-  for (const auto& [key, c] : log_copies_)
-    if (c.node == name) cut.push_back(key);
-  for (const auto& key : cut)
-    EndLogCopy(key, "node " + name + " " + why + " before all of it was kept");
-  // Durable first (the latch refuses it once a write has failed), then memory follows.
+  // Durable first (the latch refuses it once a write has failed), then memory follows: a
+  // refused delete leaves the node, and its log copies, as they were.
   Status st = Write("delete node " + name, [&] { return store_->DeleteNode(name); });
   if (!st.ok()) {
     log::Get("coord")->error("node {} ({}) not deleted: {}", name, why, st.ToString());
     return st;
   }
+  std::vector<LogCopyKey> cut;
+  for (const auto& [key, c] : log_copies_)
+    if (c.node == name) cut.push_back(key);
+  for (const auto& key : cut)
+    EndLogCopy(key, "node " + name + " " + why + " before all of it was kept");
   st = sched_->RemoveNode(name);
   if (!st.ok()) log::Get("coord")->error("node {} ({}): {}", name, why, st.ToString());
   nodes_.Remove(name);

@@ -11,7 +11,9 @@
 // SnapshotForwarder's loop and its ZeroMQ context's threads (CURVE's sealing), and the
 // SnapshotPeerServer's reactor, worker and ZeroMQ context's threads (CURVE's opening). The
 // agent's own reactor, its ZeroMQ context (heartbeats, the lease, control RPCs) and a resume's
-// fetch from a peer are never put in the background class.
+// fetch from a peer are never put in the background class (the holder serves that fetch from
+// its background threads, though: on a holder whose cores are all busy it can time out, and the
+// attempt resumes from the volume).
 //
 // Thread-safety: every function is thread-safe.
 

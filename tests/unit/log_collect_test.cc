@@ -569,6 +569,23 @@ TEST_F(LogCollectTest, ALogReadErrorReachesTheClientWithItsCode) {
   ASSERT_FALSE(ChunkError(fetch, static_cast<StatusCode>(99), "odd").has_error());
   ASSERT_TRUE(out.has_error()) << out.DebugString();
   EXPECT_EQ(out.error().code(), proto::INTERNAL) << out.DebugString();
+  // Nor is a valid code that a log read never gives (DEADLINE_EXCEEDED is the coordinator's own
+  // timeout: taken from an agent, it would have a kept copy asked again at once).
+  for (StatusCode code : {StatusCode::kDeadlineExceeded, StatusCode::kAborted}) {
+    proto::Envelope third;
+    third.mutable_logs_request()->set_job_id(id);
+    third.mutable_logs_request()->set_rank(1);
+    out.Clear();
+    coord_->Handle("test", std::move(third), [&](proto::Envelope e) { out = std::move(e); });
+    fetch = 0;
+    for (const auto& a : Heartbeat("gcp-1", sg_)) {
+      if (a.has_fetch_log()) fetch = a.fetch_log().fetch_id();
+    }
+    ASSERT_NE(fetch, 0u);
+    ASSERT_FALSE(ChunkError(fetch, code, "not a log read's").has_error());
+    ASSERT_TRUE(out.has_error()) << out.DebugString();
+    EXPECT_EQ(out.error().code(), proto::INTERNAL) << out.DebugString();
+  }
 }
 
 }  // namespace
