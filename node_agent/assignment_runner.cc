@@ -100,9 +100,8 @@ StatusOr<std::unique_ptr<AssignmentRunner>> AssignmentRunner::Create(Reactor& re
     r->snapshots_ = std::make_unique<SnapshotStore>(
         SnapshotStoreOptions{.memory_limit = r->options_.snapshot_memory});
     // Every frame a rank hands over is also copied to the job's peer agent, off the rank's path.
-    r->forwarder_ = std::make_unique<SnapshotForwarder>(
-        SnapshotForwarder::Options{.insecure = r->options_.insecure,
-                                   .cpu = r->options_.snapshot_cpu});
+    r->forwarder_ = std::make_unique<SnapshotForwarder>(SnapshotForwarder::Options{
+        .insecure = r->options_.insecure, .cpu = r->options_.snapshot_cpu});
     const std::string host =
         r->labels_.address().empty() ? std::string("127.0.0.1") : r->labels_.address();
     auto ps = SnapshotPeerServer::Create({.endpoint = "tcp://" + host + ":*",
