@@ -540,51 +540,36 @@ TEST_F(LogCollectTest, ALogReadErrorReachesTheClientWithItsCode) {
   sa_ = Register("aws-1", "aws");
   sg_ = Register("gcp-1", "gcp");
   std::string id = StartJob();
-  proto::Envelope req;
-  req.mutable_logs_request()->set_job_id(id);
-  req.mutable_logs_request()->set_rank(0);
-  proto::Envelope out;
-  coord_->Handle("test", std::move(req), [&](proto::Envelope e) { out = std::move(e); });
-  uint64_t fetch = 0;
-  for (const auto& a : Heartbeat("gcp-1", sg_)) {
-    if (a.has_fetch_log()) fetch = a.fetch_log().fetch_id();
-  }
-  ASSERT_NE(fetch, 0u);
-  ASSERT_FALSE(ChunkError(fetch, StatusCode::kDataLoss, "reading a log file: Input/output error")
-                   .has_error());
-  ASSERT_TRUE(out.has_error()) << out.DebugString();
-  EXPECT_EQ(out.error().code(), proto::DATA_LOSS) << out.DebugString();
-  EXPECT_EQ(out.error().message(), "reading a log file: Input/output error");
-  // A code that is not one is INTERNAL, never passed on as it came.
-  proto::Envelope again;
-  again.mutable_logs_request()->set_job_id(id);
-  again.mutable_logs_request()->set_rank(1);
-  out.Clear();
-  coord_->Handle("test", std::move(again), [&](proto::Envelope e) { out = std::move(e); });
-  fetch = 0;
-  for (const auto& a : Heartbeat("gcp-1", sg_)) {
-    if (a.has_fetch_log()) fetch = a.fetch_log().fetch_id();
-  }
-  ASSERT_NE(fetch, 0u);
-  ASSERT_FALSE(ChunkError(fetch, static_cast<StatusCode>(99), "odd").has_error());
-  ASSERT_TRUE(out.has_error()) << out.DebugString();
-  EXPECT_EQ(out.error().code(), proto::INTERNAL) << out.DebugString();
-  // Nor is a valid code that a log read never gives (DEADLINE_EXCEEDED is the coordinator's own
-  // timeout: taken from an agent, it would have a kept copy asked again at once).
-  for (StatusCode code : {StatusCode::kDeadlineExceeded, StatusCode::kAborted}) {
-    proto::Envelope third;
-    third.mutable_logs_request()->set_job_id(id);
-    third.mutable_logs_request()->set_rank(1);
-    out.Clear();
-    coord_->Handle("test", std::move(third), [&](proto::Envelope e) { out = std::move(e); });
-    fetch = 0;
+  // `muster logs` of `rank` (on gcp-1), which answers the fetch with `code` and `message`; the
+  // client's reply.
+  auto read_failing = [&](int rank, StatusCode code, const std::string& message) {
+    proto::Envelope req;
+    req.mutable_logs_request()->set_job_id(id);
+    req.mutable_logs_request()->set_rank(rank);
+    proto::Envelope out;
+    coord_->Handle("test", std::move(req), [&](proto::Envelope e) { out = std::move(e); });
+    uint64_t fetch = 0;
     for (const auto& a : Heartbeat("gcp-1", sg_)) {
       if (a.has_fetch_log()) fetch = a.fetch_log().fetch_id();
     }
-    ASSERT_NE(fetch, 0u);
-    ASSERT_FALSE(ChunkError(fetch, code, "not a log read's").has_error());
+    EXPECT_NE(fetch, 0u);
+    EXPECT_FALSE(ChunkError(fetch, code, message).has_error());
+    return out;
+  };
+  proto::Envelope out =
+      read_failing(0, StatusCode::kDataLoss, "reading a log file: Input/output error");
+  ASSERT_TRUE(out.has_error()) << out.DebugString();
+  EXPECT_EQ(out.error().code(), proto::DATA_LOSS) << out.DebugString();
+  EXPECT_EQ(out.error().message(), "reading a log file: Input/output error");
+  // A code that is not one is INTERNAL, never passed on as it came; nor is a valid code that a
+  // log read never gives (DEADLINE_EXCEEDED is the coordinator's own timeout: taken from an
+  // agent, it would have a kept copy asked again at once).
+  for (StatusCode code :
+       {static_cast<StatusCode>(99), StatusCode::kDeadlineExceeded, StatusCode::kAborted}) {
+    out = read_failing(1, code, "not a log read's");
     ASSERT_TRUE(out.has_error()) << out.DebugString();
-    EXPECT_EQ(out.error().code(), proto::INTERNAL) << out.DebugString();
+    EXPECT_EQ(out.error().code(), proto::INTERNAL)
+        << static_cast<int>(code) << ": " << out.DebugString();
   }
 }
 
