@@ -177,10 +177,11 @@ class SnapshotStore {
   class Lock {
    public:
     explicit Lock(SnapshotStore& store) : store_(store), lock_(store.mu_) {}
+    // Members are destroyed after this body: freed_ (the dropped frames) once mu_ is released.
     ~Lock() {
       freed_.swap(store_.dropped_);
       lock_.unlock();
-    }  // freed_ is destroyed after this body, unlocked
+    }
     Lock(const Lock&) = delete;
     Lock& operator=(const Lock&) = delete;
 
