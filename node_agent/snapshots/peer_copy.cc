@@ -1,8 +1,19 @@
 #include "node_agent/snapshots/peer_copy.h"
 
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
+#include <cstring>
 
+#include "checkpoint/snapshot_channel.h"
 #include "common/logging.h"
 #include "common/path_name.h"
 #include "common/rpc.h"
@@ -30,6 +41,41 @@ constexpr int64_t kEnvelopeSlack = 1 << 20;
 std::string Describe(const checkpoint::SnapshotKey& k) {
   return k.job + " attempt " + std::to_string(k.attempt) + " rank " + std::to_string(k.rank) +
          " step " + std::to_string(k.step);
+}
+
+std::string Errno(const std::string& what) { return what + ": " + std::strerror(errno); }
+
+// "tcp://HOST:PORT" -> HOST (brackets of an IPv6 address removed); "" when not tcp.
+std::string TcpHost(const std::string& endpoint) {
+  constexpr std::string_view kTcp = "tcp://";
+  if (endpoint.rfind(kTcp, 0) != 0) return "";
+  std::string rest = endpoint.substr(kTcp.size());
+  const size_t colon = rest.rfind(':');
+  if (colon == std::string::npos) return "";
+  std::string host = rest.substr(0, colon);
+  if (host.size() >= 2 && host.front() == '[' && host.back() == ']')
+    host = host.substr(1, host.size() - 2);
+  return host;
+}
+
+StatusOr<AeadKey> AsAeadKey(std::string_view bytes) {
+  if (bytes.size() != kAeadKeyBytes) {
+    return DataLossError("snapshot session key is " + std::to_string(bytes.size()) +
+                         " bytes, not " + std::to_string(kAeadKeyBytes));
+  }
+  AeadKey k;
+  std::memcpy(k.data(), bytes.data(), k.size());
+  return k;
+}
+
+StatusOr<DataSessionId> AsSessionId(std::string_view bytes) {
+  if (bytes.size() != kDataSessionIdBytes) {
+    return DataLossError("snapshot session id is " + std::to_string(bytes.size()) + " bytes, not " +
+                         std::to_string(kDataSessionIdBytes));
+  }
+  DataSessionId id;
+  std::memcpy(id.data(), bytes.data(), id.size());
+  return id;
 }
 
 }  // namespace
@@ -67,6 +113,347 @@ struct SnapshotPeerServer::Impl {
   std::thread worker;
   std::atomic<int64_t> kept{0}, refused{0}, connections{0};
 
+  // --- The data channel (see the header): sessions, opened over CURVE, and the plain TCP
+  // connections their sealed frames arrive on.
+  struct Session {
+    std::string job;
+    std::string client_key;  // the CURVE key that opened it ("" when insecure)
+    int curve_fd = -1;       // the CURVE connection it was opened over; it ends with it
+    AeadKey key{};
+    uint64_t last_counter = 0;  // the newest PUT counter accepted: a lower or equal one is a replay
+    int data_fd = -1;           // the data connection using it (-1: none yet)
+  };
+  std::map<DataSessionId, Session> sessions;  // GUARDED_BY(mu)
+  struct DataConn {
+    int fd = -1;
+    Clock::time_point accepted;
+    bool bound = false;  // GUARDED_BY(mu): has presented a live session
+    bool done = false;   // GUARDED_BY(mu): ServeData returned; the thread may be joined
+    std::thread thread;
+  };
+  std::vector<std::unique_ptr<DataConn>> data_conns;  // GUARDED_BY(mu)
+  uint64_t data_inflight = 0;                         // GUARDED_BY(mu): bytes being read
+  int data_listen_fd = -1;
+  int data_port = 0;
+  int data_wake[2] = {-1, -1};  // closing data_wake[1] stops the accept loop
+  std::thread data_accept;
+  std::atomic<int64_t> data_refused{0}, sessions_opened{0};
+
+  // REQUIRES: mu held. Ends `it`: its data connection, if any, is shut down (its thread closes it).
+  void EndSessionLocked(std::map<DataSessionId, Session>::iterator it) {
+    if (it->second.data_fd >= 0) ::shutdown(it->second.data_fd, SHUT_RDWR);
+    sessions.erase(it);
+  }
+  // REQUIRES: mu held. Ends the sessions opened over the CURVE connection `fd`.
+  void EndSessionsOfConnectionLocked(int fd) {
+    for (auto it = sessions.begin(); it != sessions.end();) {
+      auto next = std::next(it);
+      if (it->second.curve_fd == fd) EndSessionLocked(it);
+      it = next;
+    }
+  }
+
+  // On the reactor: a session for the job of `req`, for the key and connection of `peer`. One per
+  // CURVE connection: a new one ends the connection's previous one.
+  proto::Envelope OpenSession(const PeerInfo& peer, const proto::Envelope& req) {
+    const uint64_t id = req.request_id();
+    const std::string& job = req.snapshot_peer_request().job();
+    if (Status st = ValidatePathName(job, "snapshot job id"); !st.ok())
+      return ErrorEnvelope(id, st);
+    const std::string key_name = insecure ? std::string() : peer.public_key;
+    if (Status st = Authorize(key_name, job); !st.ok()) return ErrorEnvelope(id, st);
+    auto sid = RandomBytes(kDataSessionIdBytes);
+    auto key = RandomBytes(kAeadKeyBytes);
+    if (!sid.ok() || !key.ok()) return ErrorEnvelope(id, sid.ok() ? key.status() : sid.status());
+    Session s{.job = job, .client_key = key_name, .curve_fd = peer.fd};
+    std::memcpy(s.key.data(), key->data(), s.key.size());
+    DataSessionId session = *AsSessionId(*sid);
+    {
+      std::lock_guard<std::mutex> l(mu);
+      EndSessionsOfConnectionLocked(peer.fd);
+      sessions.emplace(session, std::move(s));
+      by_fd[peer.fd];  // the frames put in this session are logged when the connection closes
+    }
+    sessions_opened++;
+    proto::Envelope out;
+    out.set_request_id(id);
+    auto* r = out.mutable_snapshot_peer_reply();
+    r->set_session_id(*sid);
+    r->set_session_key(*key);
+    r->set_data_port(static_cast<uint32_t>(data_port));
+    return out;
+  }
+
+  Status StartData(const std::string& rpc_endpoint) {
+    std::string host = TcpHost(rpc_endpoint);
+    if (host.empty()) {
+      return InvalidArgumentError("snapshot peer server: endpoint " + rpc_endpoint +
+                                  " is not tcp://HOST:PORT");
+    }
+    addrinfo hints{};
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+    addrinfo* res = nullptr;
+    const char* node = (host == "*" || host == "0.0.0.0") ? nullptr : host.c_str();
+    if (int rc = ::getaddrinfo(node, "0", &hints, &res); rc != 0) {
+      return UnavailableError("snapshot data channel: address " + host + ": " + gai_strerror(rc));
+    }
+    int fd = ::socket(res->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+      ::freeaddrinfo(res);
+      return InternalError(Errno("snapshot data channel: socket"));
+    }
+    const int one = 1;
+    ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    if (::bind(fd, res->ai_addr, res->ai_addrlen) != 0 || ::listen(fd, 64) != 0) {
+      ::freeaddrinfo(res);
+      ::close(fd);
+      return UnavailableError(Errno("snapshot data channel: bind " + host));
+    }
+    ::freeaddrinfo(res);
+    sockaddr_storage a{};
+    socklen_t len = sizeof(a);
+    ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+    data_port = a.ss_family == AF_INET6 ? ntohs(reinterpret_cast<sockaddr_in6*>(&a)->sin6_port)
+                                        : ntohs(reinterpret_cast<sockaddr_in*>(&a)->sin_port);
+    if (::pipe2(data_wake, O_CLOEXEC) != 0) {
+      ::close(fd);
+      return InternalError(Errno("snapshot data channel: pipe"));
+    }
+    data_listen_fd = fd;
+    data_accept = std::thread([this] { AcceptData(); });
+    return Status::Ok();
+  }
+
+  void StopData() {
+    if (data_wake[1] >= 0) ::close(data_wake[1]);
+    if (data_accept.joinable()) data_accept.join();
+    std::vector<std::unique_ptr<DataConn>> conns;
+    {
+      std::lock_guard<std::mutex> l(mu);
+      for (auto& c : data_conns) {
+        if (!c->done) ::shutdown(c->fd, SHUT_RDWR);
+      }
+      conns.swap(data_conns);
+      sessions.clear();
+    }
+    for (auto& c : conns) c->thread.join();
+    if (data_listen_fd >= 0) ::close(data_listen_fd);
+    if (data_wake[0] >= 0) ::close(data_wake[0]);
+  }
+
+  void AcceptData() {
+    // The connection threads it starts inherit the class.
+    if (Status st = EnterSnapshotThread(cpu, "snap-data-acc"); !st.ok())
+      logger->error("{}", st.ToString());
+    for (;;) {
+      pollfd p[2] = {{data_listen_fd, POLLIN, 0}, {data_wake[0], POLLIN, 0}};
+      if (::poll(p, 2, -1) < 0) {
+        if (errno == EINTR) continue;
+        logger->error("snapshot data channel: poll: {}", std::strerror(errno));
+        return;
+      }
+      if (p[1].revents) return;
+      if (!(p[0].revents & POLLIN)) continue;
+      int fd = ::accept4(data_listen_fd, nullptr, nullptr, SOCK_CLOEXEC);
+      if (fd < 0) continue;
+      std::vector<std::unique_ptr<DataConn>> finished;
+      {
+        std::lock_guard<std::mutex> l(mu);
+        std::erase_if(data_conns, [&](std::unique_ptr<DataConn>& c) {
+          if (!c->done) return false;
+          finished.push_back(std::move(c));
+          return true;
+        });
+        if (data_conns.size() >= static_cast<size_t>(kMaxSnapshotDataConnections)) {
+          // Full: the oldest connection that has not presented a session yet makes room (one
+          // that never will cannot keep the agents' own out); none: this one is refused.
+          DataConn* oldest = nullptr;
+          for (auto& c : data_conns) {
+            if (!c->bound && (oldest == nullptr || c->accepted < oldest->accepted))
+              oldest = c.get();
+          }
+          if (oldest != nullptr) {
+            ::shutdown(oldest->fd, SHUT_RDWR);
+            oldest->bound = true;  // shut down once
+          }
+        }
+        if (data_conns.size() >= static_cast<size_t>(kMaxSnapshotDataConnections) + 1) {
+          data_refused++;
+          logger->warn("snapshot data channel: connection refused ({} open)", data_conns.size());
+          ::close(fd);
+        } else {
+          auto c = std::make_unique<DataConn>();
+          c->fd = fd;
+          c->accepted = Clock::now();
+          const int one = 1;
+          ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+          DataConn* raw = c.get();
+          data_conns.push_back(std::move(c));
+          raw->thread = std::thread([this, raw] { ServeData(raw); });
+        }
+      }
+      for (auto& c : finished) c->thread.join();
+    }
+  }
+
+  void RefuseData(const std::string& why) {
+    data_refused++;
+    refused++;
+    logger->warn("snapshot data channel: refused: {}", why);
+  }
+
+  // One data connection: sealed PUTs in, sealed REPLYs out (data_channel.h). Anything that is
+  // not a live session's next authentic message ends the connection, counted in data_refused;
+  // a frame that is authentic but refused (not admitted, does not fit, stale) gets its reason in
+  // a REPLY and the connection goes on.
+  void ServeData(DataConn* conn) {
+    const int fd = conn->fd;
+    if (Status st = EnterSnapshotThread(cpu, "snap-data"); !st.ok())
+      logger->error("{}", st.ToString());
+    const uint64_t limit = store->memory_limit();
+    bool first = true;
+    std::optional<DataSessionId> bound;  // the session this connection presented
+    while (true) {
+      std::string header(kDataHeaderBytes, '\0');
+      Clock::time_point deadline;
+      if (first) {
+        // A connection must present its session promptly: one that never did the CURVE step
+        // holds no more than this header's bytes, and only for this long.
+        deadline = conn->accepted + kSnapshotDataFirstMessageTimeout;
+        Status st = checkpoint::RecvAll(fd, header.data(), header.size(), deadline);
+        if (!st.ok()) {
+          RefuseData("a connection sent no message header in time: " + st.ToString());
+          break;
+        }
+      } else {
+        if (!checkpoint::RecvAll(fd, header.data(), 1).ok()) break;  // idle between frames
+        deadline = Clock::now() + kSnapshotFrameTimeout;
+        Status st = checkpoint::RecvAll(fd, header.data() + 1, header.size() - 1, deadline);
+        if (!st.ok()) {
+          RefuseData("truncated message header: " + st.ToString());
+          break;
+        }
+      }
+      first = false;
+      auto h = DecodeDataHeader(header, DataKind::kPut, limit);
+      if (!h.ok()) {
+        RefuseData(h.status().ToString());
+        break;
+      }
+      const uint64_t want = uint64_t{h->prefix_length} + h->payload_length;
+      AeadKey key{};
+      std::string job;
+      Status busy;
+      std::string why;  // set: refused before its body is read
+      {
+        std::lock_guard<std::mutex> l(mu);
+        auto s = sessions.find(h->session);
+        if (s == sessions.end()) {
+          why = "unknown or ended session";
+        } else if (bound && *bound != h->session) {
+          why = "another session than the connection's";
+        } else if (s->second.data_fd >= 0 && s->second.data_fd != fd) {
+          why = "the session is in use by another connection";
+        } else if (h->counter <= s->second.last_counter) {
+          why = "replayed counter " + std::to_string(h->counter) + " (last " +
+                std::to_string(s->second.last_counter) + ")";
+        } else if (data_inflight + want > limit) {
+          // Authentic or not, its bytes would pass the limit: answered (sealed) and closed.
+          busy = UnavailableError("snapshot peer server busy: " + std::to_string(data_inflight) +
+                                  " bytes of frames being read");
+          key = s->second.key;
+        } else {
+          s->second.data_fd = fd;
+          conn->bound = true;
+          bound = h->session;
+          key = s->second.key;
+          job = s->second.job;
+          data_inflight += want;
+        }
+      }
+      if (!why.empty()) {
+        RefuseData(why);
+        break;
+      }
+      if (!busy.ok()) {
+        RefuseData(busy.message());
+        if (auto r = EncodeDataReply(h->session, h->counter, key, busy); r.ok())
+          (void)checkpoint::SendAll(fd, *r);
+        break;
+      }
+      deadline = Clock::now() + kSnapshotFrameTimeout +
+                 std::chrono::seconds(want / kSnapshotFrameBytesPerSecond);
+      auto frame = ReadDataPut(*h, header, key, limit, [&](char* out, size_t n) {
+        return checkpoint::RecvAll(fd, out, n, deadline);
+      });
+      bool session_live = false;
+      int curve_fd = -1;
+      {
+        std::lock_guard<std::mutex> l(mu);
+        data_inflight -= want;
+        auto s = sessions.find(h->session);
+        session_live = s != sessions.end();
+        if (session_live && frame.ok()) {
+          s->second.last_counter = h->counter;  // only once the message is authentic
+          curve_fd = s->second.curve_fd;
+        } else if (session_live) {
+          EndSessionLocked(s);  // a message that does not open ends its session
+        }
+      }
+      if (!frame.ok()) {
+        RefuseData("put " + std::to_string(h->counter) + ": " + frame.status().ToString());
+        break;
+      }
+      if (!session_live) {
+        RefuseData("the session ended (its connection closed or its job was revoked)");
+        break;
+      }
+      // Authentic: what the store and the admission say goes back in the reply.
+      Status st = frame->key.job == job
+                      ? Authorize(insecure ? std::string() : SessionKey(h->session), job)
+                      : PermissionDenied("this session is for snapshots of job " + job + ", not " +
+                                         frame->key.job);
+      const checkpoint::SnapshotKey key_of_frame = frame->key;
+      if (st.ok()) {
+        // Checked against its xxh3 by ReadDataPut just above.
+        st = store->PutDecoded(std::move(*frame));
+        if (!st.ok()) {
+          logger->error("snapshot from a peer refused ({}): {}", Describe(key_of_frame),
+                        st.ToString());
+        }
+      }
+      if (st.ok()) {
+        kept++;
+        std::lock_guard<std::mutex> l(mu);
+        auto c = by_fd.find(curve_fd);
+        if (c != by_fd.end() && !c->second.closed) {
+          int64_t& newest = c->second.newest[{key_of_frame.job, key_of_frame.rank}];
+          newest = std::max(newest, key_of_frame.step);
+        }
+      } else {
+        refused++;
+      }
+      auto reply = EncodeDataReply(h->session, h->counter, key, st);
+      if (!reply.ok() || !checkpoint::SendAll(fd, *reply).ok()) break;
+    }
+    std::lock_guard<std::mutex> l(mu);
+    if (bound) {
+      if (auto s = sessions.find(*bound); s != sessions.end() && s->second.data_fd == fd)
+        s->second.data_fd = -1;
+    }
+    ::close(fd);
+    conn->done = true;
+  }
+
+  // The key that opened `session` ("" when it has ended).
+  std::string SessionKey(const DataSessionId& session) {
+    std::lock_guard<std::mutex> l(mu);
+    auto s = sessions.find(session);
+    return s == sessions.end() ? std::string("(ended)") : s->second.client_key;
+  }
+
   // REQUIRES: mu held. Logs a closed connection's newest steps once nothing of it is pending
   // (`force`: now, its fd being another connection's already) and forgets them; the entry
   // goes once no request counted in it is pending.
@@ -89,10 +476,13 @@ struct SnapshotPeerServer::Impl {
     std::lock_guard<std::mutex> l(mu);
     if (e.kind == ConnectionEvent::Kind::kAccepted) {
       connections++;
-      // The fd is another connection now: what the old one left is logged as it is.
+      // The fd is another connection now: what the old one left is logged as it is, and the
+      // sessions it opened end (their kClosed may not have been seen).
       FinishConnection(e.fd, /*force=*/true);
+      EndSessionsOfConnectionLocked(e.fd);
       return;
     }
+    EndSessionsOfConnectionLocked(e.fd);
     by_fd[e.fd].closed = true;
     FinishConnection(e.fd, /*force=*/false);
   }
@@ -113,6 +503,11 @@ struct SnapshotPeerServer::Impl {
     if (!req.has_snapshot_peer_request()) {
       refused++;
       return reply(ErrorEnvelope(id, InvalidArgumentError("not a snapshot peer request")));
+    }
+    if (req.snapshot_peer_request().op() == proto::SnapshotPeerRequest::OPEN_SESSION) {
+      proto::Envelope out = OpenSession(peer, req);  // small: answered here, on the reactor
+      if (out.has_error()) refused++;
+      return reply(std::move(out));
     }
     const uint64_t bytes = req.snapshot_peer_request().frame().size();
     {
@@ -215,6 +610,7 @@ SnapshotPeerServer::SnapshotPeerServer(std::shared_ptr<Impl> impl) : impl_(std::
 
 SnapshotPeerServer::~SnapshotPeerServer() {
   impl_->reactor->Stop();  // no new requests; a reply sent from now on is dropped
+  impl_->StopData();
   impl_->rpc.reset();
   {
     std::lock_guard<std::mutex> l(impl_->mu);
@@ -279,6 +675,10 @@ StatusOr<std::unique_ptr<SnapshotPeerServer>> SnapshotPeerServer::Create(const O
     return rpc.status();
   }
   impl->rpc = std::move(*rpc);
+  if (Status st = impl->StartData(impl->rpc->endpoint()); !st.ok()) {
+    cleanup();
+    return st;
+  }
   impl->reactor->Start();
   const SnapshotCpu cpu = options.cpu;
   impl->reactor->Post("snapshots.cpu", [p, cpu] {
@@ -312,6 +712,12 @@ void SnapshotPeerServer::Revoke(const std::string& job) {
     impl_->zap->Revoke(kSnapshotsZapDomain, it->first);
     it = impl_->job_of_key.erase(it);
   }
+  // And the job's data channel sessions: their connections are shut down now.
+  for (auto it = impl_->sessions.begin(); it != impl_->sessions.end();) {
+    auto next = std::next(it);
+    if (it->second.job == job) impl_->EndSessionLocked(it);
+    it = next;
+  }
 }
 
 const std::string& SnapshotPeerServer::endpoint() const { return impl_->rpc->endpoint(); }
@@ -319,6 +725,9 @@ const std::string& SnapshotPeerServer::public_key() const { return impl_->rpc->p
 int64_t SnapshotPeerServer::kept() const { return impl_->kept.load(); }
 int64_t SnapshotPeerServer::refused() const { return impl_->refused.load(); }
 int64_t SnapshotPeerServer::connections() const { return impl_->connections.load(); }
+int64_t SnapshotPeerServer::data_refused() const { return impl_->data_refused.load(); }
+int64_t SnapshotPeerServer::sessions_opened() const { return impl_->sessions_opened.load(); }
+int SnapshotPeerServer::data_port() const { return impl_->data_port; }
 uint64_t SnapshotPeerServer::refused_handshakes() const {
   return impl_->zap ? impl_->zap->refused_count() : 0;
 }
@@ -402,48 +811,117 @@ bool SameTarget(const SnapshotPeerTarget& a, const SnapshotPeerTarget& b) {
 
 }  // namespace
 
-Status SnapshotForwarder::Send(const SnapshotPeerTarget& t, const checkpoint::SnapshotFrame& f) {
-  // The frame was checked against its xxh3 when it was kept here: its prefix carries that sum,
-  // and the payload is appended to the request as it is held (the peer checks it again).
-  MUSTER_ASSIGN_OR_RETURN(std::string prefix, checkpoint::EncodeSnapshotPrefix(
-                                                  f.key, f.payload.size(), f.payload_xxh3));
-  const int64_t need = static_cast<int64_t>(prefix.size() + f.payload.size()) + kEnvelopeSlack;
-  auto it = connections_by_job_.find(f.key.job);
-  if (it == connections_by_job_.end() || !SameTarget(it->second.target, t) ||
-      it->second.max_message_bytes < need) {
-    RpcClient::Options o;
-    o.endpoint = t.endpoint;
-    o.insecure = options_.insecure;
-    o.server_public_key = t.server_key;
-    o.client_key = t.client_key;
-    // Room for frames up to twice this one's size (a rank's frames keep their size); a larger
-    // one opens a connection with more.
-    o.max_message_bytes = 2 * need;
-    MUSTER_ASSIGN_OR_RETURN(auto client, RpcClient::Connect(context_, o));
-    connections_++;
-    it = connections_by_job_
-             .insert_or_assign(f.key.job, Connection{t, std::move(client), o.max_message_bytes})
-             .first;
+SnapshotForwarder::Fd& SnapshotForwarder::Fd::operator=(Fd&& o) noexcept {
+  if (this != &o) {
+    if (fd >= 0) ::close(fd);
+    fd = std::exchange(o.fd, -1);
   }
+  return *this;
+}
+SnapshotForwarder::Fd::~Fd() {
+  if (fd >= 0) ::close(fd);
+}
+
+StatusOr<SnapshotForwarder::Connection> SnapshotForwarder::Open(const SnapshotPeerTarget& t,
+                                                                const std::string& job) {
+  Connection c;
+  c.target = t;
+  RpcClient::Options o;
+  o.endpoint = t.endpoint;
+  o.insecure = options_.insecure;
+  o.server_public_key = t.server_key;
+  o.client_key = t.client_key;
+  MUSTER_ASSIGN_OR_RETURN(c.client, RpcClient::Connect(context_, o));
+  connections_++;
+  // The session: over CURVE (the key admitted for the job), so its AES key is never in the clear.
   proto::Envelope req;
   auto* r = req.mutable_snapshot_peer_request();
-  r->set_op(proto::SnapshotPeerRequest::PUT);
-  std::string* bytes = r->mutable_frame();
-  bytes->reserve(prefix.size() + f.payload.size());
-  bytes->append(prefix).append(f.payload);
-  auto reply = it->second.client->Call(std::move(req), options_.call_timeout);
-  Status st = reply.ok() ? Status::Ok() : reply.status();
-  if (st.ok() && !reply->has_snapshot_peer_reply()) {
-    st = DataLossError("peer answered a snapshot put with something else");
+  r->set_op(proto::SnapshotPeerRequest::OPEN_SESSION);
+  r->set_job(job);
+  MUSTER_ASSIGN_OR_RETURN(proto::Envelope reply,
+                          c.client->Call(std::move(req), options_.call_timeout));
+  if (!reply.has_snapshot_peer_reply()) {
+    return DataLossError("peer answered a snapshot session request with something else");
   }
-  if (!st.ok() &&
-      (st.code() == StatusCode::kUnavailable || st.code() == StatusCode::kDeadlineExceeded ||
-       st.code() == StatusCode::kDataLoss || st.code() == StatusCode::kInternal)) {
-    // The connection itself failed (or its state is unknown): the next frame opens a new one.
-    // A refusal of this frame (the store is full, the key not admitted) keeps it.
+  const auto& sr = reply.snapshot_peer_reply();
+  MUSTER_ASSIGN_OR_RETURN(c.session, AsSessionId(sr.session_id()));
+  MUSTER_ASSIGN_OR_RETURN(c.key, AsAeadKey(sr.session_key()));
+  if (sr.data_port() == 0 || sr.data_port() > 65535) {
+    return DataLossError("peer answered data port " + std::to_string(sr.data_port()));
+  }
+  const std::string host = TcpHost(t.endpoint);
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_NUMERICSERV;
+  addrinfo* res = nullptr;
+  const std::string port = std::to_string(sr.data_port());
+  if (int rc = ::getaddrinfo(host.c_str(), port.c_str(), &hints, &res); rc != 0) {
+    return UnavailableError("snapshot data channel: address " + host + ": " + gai_strerror(rc));
+  }
+  c.data = Fd(::socket(res->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (c.data.fd < 0) {
+    ::freeaddrinfo(res);
+    return InternalError(Errno("snapshot data channel: socket"));
+  }
+  // Sends (and the connect) give up after the call timeout; reads wait with a deadline.
+  const auto ms = options_.call_timeout.count();
+  timeval tv{.tv_sec = static_cast<time_t>(ms / 1000),
+             .tv_usec = static_cast<suseconds_t>((ms % 1000) * 1000)};
+  ::setsockopt(c.data.fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+  const int one = 1;
+  ::setsockopt(c.data.fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+  const int rc = ::connect(c.data.fd, res->ai_addr, res->ai_addrlen);
+  ::freeaddrinfo(res);
+  if (rc != 0) {
+    return UnavailableError(Errno("snapshot data channel: connect to " + host + ":" + port));
+  }
+  return c;
+}
+
+Status SnapshotForwarder::Send(const SnapshotPeerTarget& t, const checkpoint::SnapshotFrame& f) {
+  auto it = connections_by_job_.find(f.key.job);
+  if (it == connections_by_job_.end() || !SameTarget(it->second.target, t)) {
+    if (it != connections_by_job_.end()) connections_by_job_.erase(it);
+    MUSTER_ASSIGN_OR_RETURN(Connection c, Open(t, f.key.job));
+    it = connections_by_job_.insert_or_assign(f.key.job, std::move(c)).first;
+  }
+  Connection& c = it->second;
+  const uint64_t counter = ++c.counter;
+  const int fd = c.data.fd;
+  const auto deadline = Clock::now() + options_.call_timeout;
+  // Sealed straight from the frame held into the chunk that is sent (data_channel.h); the peer
+  // checks the frame's xxh3 again once it has opened it.
+  Status st = WriteDataPut(c.session, counter, c.key, f, &c.scratch,
+                           [fd](std::string_view b) { return checkpoint::SendAll(fd, b); });
+  Status carried;
+  if (st.ok()) {
+    auto read = [&](char* out, size_t n) { return checkpoint::RecvAll(fd, out, n, deadline); };
+    std::string header(kDataHeaderBytes, '\0');
+    st = read(header.data(), header.size());
+    StatusOr<DataHeader> h =
+        st.ok() ? DecodeDataHeader(header, DataKind::kReply, 0) : StatusOr<DataHeader>(st);
+    if (!h.ok()) {
+      st = h.status();
+    } else if (h->session != c.session || h->counter != counter) {
+      st = DataLossError("peer answered put " + std::to_string(counter) + " with a reply to " +
+                         std::to_string(h->counter) + " of another session or put");
+    } else {
+      st = ReadDataReply(*h, header, c.key, read, &carried);
+    }
+    if (st.code() == StatusCode::kUnavailable) {
+      st = UnavailableError("no reply from the peer's snapshot data channel: " + st.message());
+    }
+  }
+  // A refusal of this frame by the peer's store or admission keeps the session; anything else
+  // (the connection failed, the peer closed it after refusing the message) closes it, and the
+  // next frame opens a new one.
+  if (!st.ok() ||
+      (carried.code() != StatusCode::kOk && carried.code() != StatusCode::kFailedPrecondition &&
+       carried.code() != StatusCode::kAborted)) {
     connections_by_job_.erase(f.key.job);
   }
-  return st;
+  return st.ok() ? carried : st;
 }
 
 void SnapshotForwarder::Loop() {
@@ -467,11 +945,11 @@ void SnapshotForwarder::Loop() {
   for (;;) {
     cv_.wait(l, [&] { return stop_ || !queue_.empty() || stale(); });
     if (stop_) return;
-    std::vector<std::unique_ptr<RpcClient>> closed;
+    std::vector<Connection> closed;
     for (auto c = connections_by_job_.begin(); c != connections_by_job_.end();) {
       auto t = targets_.find(c->first);
       if (t == targets_.end() || !SameTarget(t->second, c->second.target)) {
-        closed.push_back(std::move(c->second.client));
+        closed.push_back(std::move(c->second));
         c = connections_by_job_.erase(c);
       } else {
         ++c;

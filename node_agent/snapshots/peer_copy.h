@@ -47,6 +47,7 @@
 #include <set>
 #include <string>
 #include <thread>
+#include <utility>
 #include <zmq.hpp>
 
 #include "checkpoint/snapshot_frame.h"
@@ -54,12 +55,19 @@
 #include "common/reactor.h"
 #include "common/rpc.h"
 #include "common/status.h"
+#include "node_agent/snapshots/data_channel.h"
 #include "node_agent/snapshots/snapshot_cpu.h"
+#include "node_agent/snapshots/snapshot_server.h"
 #include "node_agent/snapshots/snapshot_store.h"
 
 namespace muster::node_agent {
 
 inline constexpr char kSnapshotsZapDomain[] = "muster-snapshots";
+// Data channel connections open at once, at most (a new one past this closes the oldest that
+// has not presented a session yet, else it is refused).
+inline constexpr int kMaxSnapshotDataConnections = 64;
+// A data connection's first message header must arrive within this of its accept.
+inline constexpr std::chrono::milliseconds kSnapshotDataFirstMessageTimeout{5000};
 
 class SnapshotPeerServer {
  public:
@@ -89,6 +97,14 @@ class SnapshotPeerServer {
   int64_t connections() const;
   // CURVE handshakes refused (a key not admitted), since the start; 0 when insecure.
   uint64_t refused_handshakes() const;
+  // Data channel messages and connections refused (unknown or ended session, replayed counter,
+  // a tag that does not authenticate, malformed, over-size, truncated, too slow), since the
+  // start; each is also in refused().
+  int64_t data_refused() const;
+  // Data channel sessions opened over CURVE, since the start.
+  int64_t sessions_opened() const;
+  // The data channel's TCP port (on the endpoint's host).
+  int data_port() const;
 
  private:
   struct Impl;
@@ -135,14 +151,31 @@ class SnapshotForwarder {
   std::string last_error() const;
 
  private:
-  // The open connection of a job, to the target it was opened for.
+  // A socket closed with its owner.
+  struct Fd {
+    int fd = -1;
+    Fd() = default;
+    explicit Fd(int f) : fd(f) {}
+    Fd(Fd&& o) noexcept : fd(std::exchange(o.fd, -1)) {}
+    Fd& operator=(Fd&& o) noexcept;
+    ~Fd();
+  };
+  // The open connection of a job, to the target it was opened for: its CURVE connection, the
+  // data channel session opened over it, and the session's data connection.
   struct Connection {
     SnapshotPeerTarget target;
     std::unique_ptr<RpcClient> client;
-    int64_t max_message_bytes = 0;  // the client's
+    DataSessionId session{};
+    AeadKey key{};
+    uint64_t counter = 0;  // of the last PUT sent
+    Fd data;
+    std::string scratch;  // what WriteDataPut seals into
   };
 
   void Loop();
+  // On the loop's thread only: the CURVE connection to `t`, a session for `job` over it, and
+  // the session's data connection.
+  StatusOr<Connection> Open(const SnapshotPeerTarget& t, const std::string& job);
   // On the loop's thread only: sends `f` over the job's connection, opening it first when
   // there is none for `t`; a failed frame closes it.
   Status Send(const SnapshotPeerTarget& t, const checkpoint::SnapshotFrame& f);
