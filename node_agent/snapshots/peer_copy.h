@@ -2,19 +2,29 @@
 
 // The copy of in-memory snapshots to a peer agent on another node, and the way back.
 //
-// SnapshotPeerServer: takes frames (SnapshotPeerRequest PUT, common/proto/envelope.proto) that a
-// peer agent forwards, and serves frames back (GET) to an agent that resumes a rank from them.
-// An RpcServer with CURVE (ZAP domain "muster-snapshots"): only a client key admitted for a job
-// (Allow: the attempt's rendezvous client key, which every agent of the gang and only they get
-// from the coordinator) may put or get that job's frames; every request is checked against the
-// frame's job. The server has a ZeroMQ context, reactor and ZAP authenticator of its own, apart
-// from the agent's: CURVE's opening of the frames runs on that context's I/O thread, which can
-// take the background CPU class (snapshot_cpu.h) while heartbeats keep the agent's. Frames are
-// decoded (every field and the xxh3 checked) and kept in the agent's bounded SnapshotStore on the
-// server's own worker thread; a frame that does not fit is refused with the store's
-// FailedPrecondition, never swapped. When a forwarder's connection closes (its agent stopped or
-// died), the newest step of each rank put over it is logged ("... last put job J rank R step S"):
-// what this agent holds of a lost node's ranks.
+// SnapshotPeerServer: takes the frames a peer agent forwards, and serves frames back (GET) to an
+// agent that resumes a rank from them. Two ports on one address:
+//  - an RpcServer with CURVE (ZAP domain "muster-snapshots"): only a client key admitted for a
+//    job (Allow: the attempt's rendezvous client key, which every agent of the gang and only they
+//    get from the coordinator) may open a data channel session for that job (OPEN_SESSION), or
+//    get (GET) or put (PUT, still served) that job's frames; every request is checked against the
+//    frame's job. GET, which a resuming agent sends rarely and never per step, stays on CURVE.
+//  - the data channel (data_channel.h), plain TCP: the frames forwarded every step, sealed with
+//    AES-256-GCM under the session's key (random, returned inside the CURVE reply), a
+//    per-session counter as the nonce that must grow (replay), the header as associated data.
+//    CURVE does not encrypt them a second time: its crypto_box was nearly all of the agents' CPU
+//    per step. A message that is not a live session's next authentic one is refused, counted
+//    (data_refused) and its connection closed, before anything of it is kept or much of it
+//    read (docs/security.md). A session ends when the CURVE connection that opened it closes or
+//    its job is revoked (its data connection is shut down then).
+// The server has a ZeroMQ context, reactor and ZAP authenticator of its own, apart from the
+// agent's, and its data connections are served on threads of their own (at most
+// kMaxSnapshotDataConnections): all can take the background CPU class (snapshot_cpu.h) while
+// heartbeats keep the agent's. A frame is opened straight into the buffer the SnapshotStore
+// keeps, checked (every field and the xxh3) and kept there; one that does not fit is refused with
+// the store's FailedPrecondition, never swapped. When a forwarder's CURVE connection closes (its
+// agent stopped or died), the newest step of each rank put in its session is logged ("... last
+// put job J rank R step S"): what this agent holds of a lost node's ranks.
 //
 // SnapshotForwarder: what the agent's local snapshot server (snapshot_server.h) calls for each
 // frame a rank hands it. Offer returns at once (the rank's put is answered without waiting on the
@@ -22,10 +32,13 @@
 // When frames arrive faster than the network takes them, an older unsent frame of the same rank
 // is replaced. Failures (the peer refuses the frame, or is unreachable) are logged as errors with
 // the peer's reason and counted.
-// One connection (one CURVE handshake) per job and target is kept open and reused for every
-// frame: it is opened on the first frame, and opened again after a frame fails to reach the peer
-// (unreachable, no reply in time, or a refused handshake) or when the job's target changes
-// (SetTarget with another attempt, endpoint or key); ClearJob closes it.
+// One connection per job and target is kept open and reused for every frame: a CURVE handshake
+// and a session over it, and the session's data connection, on which each frame is sealed straight
+// from the frame held into the chunks sent (one pass, no copy besides). It is opened on the first
+// frame, and opened again after a frame fails to reach the peer (unreachable, no reply in time, a
+// refused handshake, the peer closed the data connection) or when the job's target changes
+// (SetTarget with another attempt, endpoint or key); ClearJob closes it. A frame the peer refuses
+// (it does not fit, the key is not admitted) keeps it.
 //
 // FetchSnapshotFromPeer: one GET, retried until `timeout` while the holder has not admitted the
 // key yet (it learns it from its own StartAssignment, which may arrive after ours).

@@ -1,0 +1,374 @@
+// The in-memory snapshot data channel (node_agent/snapshots/data_channel.h, peer_copy.h) over
+// real sockets: a session is opened over CURVE with the key admitted for the job, and sealed
+// frames on the plain TCP data connection are kept byte-exact. Everything that is not a live
+// session's next authentic message is refused, counted (data_refused), and nothing of it is
+// kept: a tampered ciphertext, a replayed or lower counter, an unknown session, a session whose
+// job was revoked or whose CURVE connection closed, a truncated, over-size or malformed message,
+// and a connection that never did the CURVE step.
+
+#include <arpa/inet.h>
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <random>
+
+#include "checkpoint/snapshot_channel.h"
+#include "common/aead.h"
+#include "common/rpc.h"
+#include "node_agent/snapshots/data_channel.h"
+#include "node_agent/snapshots/peer_copy.h"
+#include "tests/testing/wait_until.h"
+
+namespace muster {
+namespace {
+
+using checkpoint::SnapshotFrame;
+using checkpoint::SnapshotKey;
+using node_agent::DataHeader;
+using node_agent::DataKind;
+using node_agent::DataSessionId;
+using node_agent::SnapshotPeerServer;
+using node_agent::SnapshotStore;
+using std::chrono::milliseconds;
+using std::chrono::seconds;
+using testing::WaitUntil;
+
+constexpr uint64_t kLimit = 16 << 20;
+
+SnapshotKey Key(int rank, int64_t step, const std::string& job = "ft-1") {
+  return {.job = job, .attempt = 1, .rank = rank, .world_size = 2, .step = step};
+}
+
+SnapshotFrame Frame(const SnapshotKey& k, std::string payload) {
+  auto bytes = checkpoint::EncodeSnapshotFrame(k, payload);
+  EXPECT_TRUE(bytes.ok()) << bytes.status();
+  auto f = checkpoint::DecodeSnapshotFrame(*bytes, kLimit);
+  EXPECT_TRUE(f.ok()) << f.status();
+  return std::move(*f);
+}
+
+std::string RandomPayload(size_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::string s(n, '\0');
+  for (auto& c : s) c = static_cast<char>(rng());
+  return s;
+}
+
+// A session, opened as a forwarder opens it: over CURVE, with the key admitted for the job.
+struct Session {
+  std::unique_ptr<RpcClient> curve;
+  DataSessionId id{};
+  AeadKey key{};
+  int port = 0;
+};
+
+class SnapshotDataChannelTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    store_ = std::make_unique<SnapshotStore>(
+        node_agent::SnapshotStoreOptions{.memory_limit = kLimit, .keep_steps = 2});
+    auto s = SnapshotPeerServer::Create({.endpoint = "tcp://127.0.0.1:*", .store = store_.get()});
+    ASSERT_TRUE(s.ok()) << s.status();
+    server_ = std::move(*s);
+    auto k = GenerateKeyPair();
+    ASSERT_TRUE(k.ok());
+    gang_key_ = *k;
+    ASSERT_TRUE(server_->Allow("ft-1", gang_key_.public_key).ok());
+  }
+  void TearDown() override {
+    for (int fd : fds_) ::close(fd);
+    server_.reset();
+  }
+
+  StatusOr<Session> Open(const std::string& job = "ft-1", const KeyPair* key = nullptr) {
+    Session s;
+    RpcClient::Options o{.endpoint = server_->endpoint(),
+                         .server_public_key = server_->public_key(),
+                         .client_key = key ? *key : gang_key_};
+    MUSTER_ASSIGN_OR_RETURN(s.curve, RpcClient::Connect(context_, o));
+    proto::Envelope req;
+    req.mutable_snapshot_peer_request()->set_op(proto::SnapshotPeerRequest::OPEN_SESSION);
+    req.mutable_snapshot_peer_request()->set_job(job);
+    MUSTER_ASSIGN_OR_RETURN(proto::Envelope reply, s.curve->Call(std::move(req), seconds(10)));
+    const auto& r = reply.snapshot_peer_reply();
+    EXPECT_EQ(r.session_id().size(), s.id.size());
+    EXPECT_EQ(r.session_key().size(), s.key.size());
+    std::memcpy(s.id.data(), r.session_id().data(), s.id.size());
+    std::memcpy(s.key.data(), r.session_key().data(), s.key.size());
+    s.port = static_cast<int>(r.data_port());
+    EXPECT_EQ(s.port, server_->data_port());
+    return s;
+  }
+
+  // A plain TCP connection to the data channel.
+  int Connect() {
+    int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(static_cast<uint16_t>(server_->data_port()));
+    ::inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
+    EXPECT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0);
+    fds_.push_back(fd);
+    return fd;
+  }
+
+  // The PUT of `f` sealed for `s` with `counter`, as bytes.
+  static std::string Sealed(const Session& s, uint64_t counter, const SnapshotFrame& f) {
+    std::string out, scratch;
+    Status st =
+        node_agent::WriteDataPut(s.id, counter, s.key, f, &scratch, [&](std::string_view b) {
+          out.append(b);
+          return Status::Ok();
+        });
+    EXPECT_TRUE(st.ok()) << st;
+    return out;
+  }
+
+  // The peer's answer to the PUT `counter`: Ok and `*carried` set, or the connection's error
+  // (Unavailable "closed by the peer" when it was refused and closed).
+  static Status Reply(int fd, const Session& s, uint64_t counter, Status* carried) {
+    const auto deadline = std::chrono::steady_clock::now() + seconds(20);
+    auto read = [&](char* out, size_t n) { return checkpoint::RecvAll(fd, out, n, deadline); };
+    std::string header(node_agent::kDataHeaderBytes, '\0');
+    MUSTER_RETURN_IF_ERROR(read(header.data(), header.size()));
+    MUSTER_ASSIGN_OR_RETURN(DataHeader h,
+                            node_agent::DecodeDataHeader(header, DataKind::kReply, 0));
+    EXPECT_EQ(h.counter, counter);
+    return node_agent::ReadDataReply(h, header, s.key, read, carried);
+  }
+
+  // Sends `bytes` and expects the peer to refuse them: the connection is closed without a reply,
+  // the refusal counted.
+  void ExpectRefused(int fd, std::string_view bytes, const Session& s, uint64_t counter) {
+    const int64_t before = server_->data_refused();
+    (void)checkpoint::SendAll(fd, bytes);  // the peer may close before it has read them all
+    Status carried;
+    Status st = Reply(fd, s, counter, &carried);
+    EXPECT_EQ(st.code(), StatusCode::kUnavailable) << st << " carried " << carried;
+    EXPECT_TRUE(WaitUntil([&] { return server_->data_refused() > before; }, seconds(10)));
+  }
+
+  // The peer closes the idle data connection `fd` (not merely: no bytes within the wait).
+  static void ExpectClosedByThePeer(int fd) {
+    char c;
+    Status st = checkpoint::RecvAll(fd, &c, 1, std::chrono::steady_clock::now() + seconds(10));
+    EXPECT_NE(st.message().find("closed by the peer"), std::string::npos) << st;
+  }
+
+  zmq::context_t context_;
+  std::unique_ptr<SnapshotStore> store_;
+  std::unique_ptr<SnapshotPeerServer> server_;
+  KeyPair gang_key_;
+  std::vector<int> fds_;
+};
+
+TEST_F(SnapshotDataChannelTest, AFramePutOverTheDataChannelIsKeptByteExact) {
+  auto s = Open();
+  ASSERT_TRUE(s.ok()) << s.status();
+  const int fd = Connect();
+  // Odd sizes: a payload that is not a whole number of chunks or AES blocks.
+  const std::string payload = RandomPayload((1 << 20) + 333, 7);
+  ASSERT_TRUE(checkpoint::SendAll(fd, Sealed(*s, 1, Frame(Key(1, 7), payload))).ok());
+  Status carried(StatusCode::kInternal, "unset");
+  ASSERT_TRUE(Reply(fd, *s, 1, &carried).ok());
+  EXPECT_TRUE(carried.ok()) << carried;
+  auto held = store_->Get("ft-1", 1, 7);
+  ASSERT_TRUE(held.ok()) << held.status();
+  EXPECT_EQ((*held)->payload, payload);
+  EXPECT_EQ((*held)->key, Key(1, 7));
+  // The payload is not on the wire in the clear.
+  const std::string wire = Sealed(*s, 2, Frame(Key(1, 8), payload));
+  EXPECT_EQ(wire.find(payload.substr(1000, 64)), std::string::npos);
+  EXPECT_EQ(wire.find("ft-1"), std::string::npos);
+  ASSERT_TRUE(checkpoint::SendAll(fd, wire).ok());
+  ASSERT_TRUE(Reply(fd, *s, 2, &carried).ok());
+  EXPECT_TRUE(carried.ok()) << carried;
+  EXPECT_TRUE(store_->Get("ft-1", 1, 8).ok());
+  EXPECT_EQ(server_->kept(), 2);
+  EXPECT_EQ(server_->data_refused(), 0);
+  EXPECT_EQ(server_->sessions_opened(), 1);
+}
+
+TEST_F(SnapshotDataChannelTest, ATamperedCiphertextIsRefusedAndEndsTheSession) {
+  auto s = Open();
+  ASSERT_TRUE(s.ok()) << s.status();
+  std::string bytes = Sealed(*s, 1, Frame(Key(0, 1), RandomPayload(100000, 1)));
+  bytes[node_agent::kDataHeaderBytes + 5000] ^= 0x01;  // one bit of the sealed payload
+  ExpectRefused(Connect(), bytes, *s, 1);
+  EXPECT_EQ(store_->Jobs().size(), 0u);
+  EXPECT_EQ(server_->kept(), 0);
+  // The session is over: even an authentic next message is refused.
+  ExpectRefused(Connect(), Sealed(*s, 2, Frame(Key(0, 2), "x")), *s, 2);
+  EXPECT_EQ(store_->Jobs().size(), 0u);
+
+  // GCM is malleable without its tag: a bit flipped in the sealed step field would open as
+  // another step whose payload still matches its xxh3. Refused all the same.
+  auto s3 = Open();
+  ASSERT_TRUE(s3.ok()) << s3.status();
+  bytes = Sealed(*s3, 1, Frame(Key(0, 1), "abc"));
+  bytes[node_agent::kDataHeaderBytes + 8] ^= 0x02;  // step 1 -> 3
+  ExpectRefused(Connect(), bytes, *s3, 1);
+  EXPECT_FALSE(store_->Get("ft-1", 0, 3).ok());
+  // And a flipped bit of the tag alone.
+  auto s4 = Open();
+  ASSERT_TRUE(s4.ok()) << s4.status();
+  bytes = Sealed(*s4, 1, Frame(Key(0, 1), "abc"));
+  bytes.back() ^= 0x01;
+  ExpectRefused(Connect(), bytes, *s4, 1);
+  EXPECT_EQ(store_->Jobs().size(), 0u);
+
+  // A tampered header (the associated data) is refused the same way.
+  auto s2 = Open();
+  ASSERT_TRUE(s2.ok()) << s2.status();
+  bytes = Sealed(*s2, 1, Frame(Key(0, 1), "abc"));
+  bytes[28] ^= 0x01;  // the counter: 1 -> 1 + 2^32
+  ExpectRefused(Connect(), bytes, *s2, 1ull + (1ull << 32));
+  EXPECT_EQ(store_->Jobs().size(), 0u);
+}
+
+TEST_F(SnapshotDataChannelTest, AReplayedOrLowerCounterIsRefused) {
+  auto s = Open();
+  ASSERT_TRUE(s.ok()) << s.status();
+  int fd = Connect();
+  const std::string put5 = Sealed(*s, 5, Frame(Key(0, 5), "step five"));
+  ASSERT_TRUE(checkpoint::SendAll(fd, put5).ok());
+  Status carried;
+  ASSERT_TRUE(Reply(fd, *s, 5, &carried).ok());
+  ASSERT_TRUE(carried.ok()) << carried;
+  store_->DropJob("ft-1");
+  // The same bytes again: a replay.
+  ExpectRefused(fd, put5, *s, 5);
+  EXPECT_FALSE(store_->Get("ft-1", 0, 5).ok());
+  // Authentic, but its counter is not past the last one seen (a new connection of the session).
+  ExpectRefused(Connect(), Sealed(*s, 4, Frame(Key(0, 6), "step six")), *s, 4);
+  EXPECT_FALSE(store_->Get("ft-1", 0, 6).ok());
+  // Past it: kept.
+  fd = Connect();
+  ASSERT_TRUE(checkpoint::SendAll(fd, Sealed(*s, 6, Frame(Key(0, 6), "step six"))).ok());
+  ASSERT_TRUE(Reply(fd, *s, 6, &carried).ok());
+  EXPECT_TRUE(carried.ok()) << carried;
+  EXPECT_TRUE(store_->Get("ft-1", 0, 6).ok());
+}
+
+TEST_F(SnapshotDataChannelTest, AnUnknownSessionAndAConnectionThatNeverDidTheCurveStepAreRefused) {
+  // Sealed with a made-up session and key, as anyone who reaches the port could.
+  Session fake;
+  fake.id.fill(0x42);
+  fake.key.fill(0x17);
+  ExpectRefused(Connect(), Sealed(fake, 1, Frame(Key(0, 1), "forged")), fake, 1);
+  // A real session's id, but not its key (the id travels in the clear).
+  auto s = Open();
+  ASSERT_TRUE(s.ok()) << s.status();
+  Session stolen;
+  stolen.id = s->id;
+  stolen.key.fill(0x17);
+  ExpectRefused(Connect(), Sealed(stolen, 1, Frame(Key(0, 1), "forged")), stolen, 1);
+  EXPECT_EQ(store_->Jobs().size(), 0u);
+  EXPECT_EQ(server_->kept(), 0);
+}
+
+TEST_F(SnapshotDataChannelTest, ASessionEndsWhenItsJobIsRevokedOrItsCurveConnectionCloses) {
+  auto s = Open();
+  ASSERT_TRUE(s.ok()) << s.status();
+  int fd = Connect();
+  ASSERT_TRUE(checkpoint::SendAll(fd, Sealed(*s, 1, Frame(Key(0, 1), "one"))).ok());
+  Status carried;
+  ASSERT_TRUE(Reply(fd, *s, 1, &carried).ok());
+  ASSERT_TRUE(carried.ok()) << carried;
+
+  // Revoke cuts the data path: the open data connection is closed, and the session is gone.
+  server_->Revoke("ft-1");
+  ExpectClosedByThePeer(fd);
+  ExpectRefused(Connect(), Sealed(*s, 2, Frame(Key(0, 2), "two")), *s, 2);
+  ASSERT_TRUE(server_->Allow("ft-1", gang_key_.public_key).ok());  // admitted again: still gone
+  ExpectRefused(Connect(), Sealed(*s, 3, Frame(Key(0, 3), "three")), *s, 3);
+  EXPECT_FALSE(store_->Get("ft-1", 0, 2).ok());
+  EXPECT_FALSE(store_->Get("ft-1", 0, 3).ok());
+
+  // A session whose CURVE connection closes ends with it.
+  auto s2 = Open();
+  ASSERT_TRUE(s2.ok()) << s2.status();
+  fd = Connect();
+  ASSERT_TRUE(checkpoint::SendAll(fd, Sealed(*s2, 1, Frame(Key(0, 4), "four"))).ok());
+  ASSERT_TRUE(Reply(fd, *s2, 1, &carried).ok());
+  ASSERT_TRUE(carried.ok()) << carried;
+  s2->curve.reset();
+  ExpectClosedByThePeer(fd);
+  ExpectRefused(Connect(), Sealed(*s2, 2, Frame(Key(0, 5), "five")), *s2, 2);
+  EXPECT_FALSE(store_->Get("ft-1", 0, 5).ok());
+  EXPECT_TRUE(store_->Get("ft-1", 0, 4).ok());
+}
+
+TEST_F(SnapshotDataChannelTest, TruncatedOverSizeAndMalformedMessagesAreRefused) {
+  auto s = Open();
+  ASSERT_TRUE(s.ok()) << s.status();
+  // Truncated: the connection closes mid-payload (a session of its own: one whose message
+  // fails to open ends).
+  {
+    auto t = Open();
+    ASSERT_TRUE(t.ok()) << t.status();
+    const int64_t before = server_->data_refused();
+    std::string bytes = Sealed(*t, 1, Frame(Key(0, 1), RandomPayload(300000, 3)));
+    int fd = Connect();
+    ASSERT_TRUE(checkpoint::SendAll(fd, std::string_view(bytes).substr(0, bytes.size() / 2)).ok());
+    ::shutdown(fd, SHUT_WR);
+    EXPECT_TRUE(WaitUntil([&] { return server_->data_refused() > before; }, seconds(10)));
+  }
+  // Over-size: a payload past the store's limit is refused from its header, before its bytes.
+  {
+    DataHeader h{.kind = DataKind::kPut,
+                 .session = s->id,
+                 .counter = 1,
+                 .prefix_length = 60,
+                 .payload_length = kLimit + 1};
+    ExpectRefused(Connect(), node_agent::EncodeDataHeader(h), *s, 1);
+  }
+  // Malformed: a bad magic, and a header with a reserved field set.
+  {
+    std::string bytes = Sealed(*s, 1, Frame(Key(0, 1), "m"));
+    bytes[0] = 'X';
+    ExpectRefused(Connect(), bytes, *s, 1);
+    bytes = Sealed(*s, 1, Frame(Key(0, 1), "m"));
+    bytes[37] = 1;
+    ExpectRefused(Connect(), bytes, *s, 1);
+  }
+  EXPECT_EQ(store_->Jobs().size(), 0u);
+  EXPECT_EQ(server_->kept(), 0);
+  // The session survived what it never authenticated: an authentic message is still kept.
+  int fd = Connect();
+  ASSERT_TRUE(checkpoint::SendAll(fd, Sealed(*s, 2, Frame(Key(0, 2), "fine"))).ok());
+  Status carried;
+  ASSERT_TRUE(Reply(fd, *s, 2, &carried).ok());
+  EXPECT_TRUE(carried.ok()) << carried;
+}
+
+TEST_F(SnapshotDataChannelTest, AFrameOfAnotherJobThanTheSessionsIsRefusedWithTheReason) {
+  auto s = Open();
+  ASSERT_TRUE(s.ok()) << s.status();
+  int fd = Connect();
+  ASSERT_TRUE(checkpoint::SendAll(fd, Sealed(*s, 1, Frame(Key(0, 1, "other"), "o"))).ok());
+  Status carried;
+  ASSERT_TRUE(Reply(fd, *s, 1, &carried).ok());
+  EXPECT_EQ(carried.code(), StatusCode::kFailedPrecondition) << carried;
+  EXPECT_NE(carried.message().find("permission denied"), std::string::npos) << carried;
+  EXPECT_EQ(store_->Jobs().size(), 0u);
+}
+
+TEST_F(SnapshotDataChannelTest, AKeyNotAdmittedFailsTheCurveHandshakeAndGetsNoSession) {
+  auto stranger = GenerateKeyPair();
+  ASSERT_TRUE(stranger.ok());
+  auto s = Open("ft-1", &*stranger);
+  EXPECT_EQ(s.status().code(), StatusCode::kUnavailable) << s.status();
+  EXPECT_GE(server_->refused_handshakes(), 1u);
+  // Admitted for another job: the handshake passes, the session for ft-1 is refused.
+  ASSERT_TRUE(server_->Allow("other", stranger->public_key).ok());
+  s = Open("ft-1", &*stranger);
+  EXPECT_EQ(s.status().code(), StatusCode::kFailedPrecondition) << s.status();
+  EXPECT_NE(s.status().message().find("not admitted for snapshots of job ft-1"), std::string::npos);
+  EXPECT_EQ(server_->sessions_opened(), 0);
+}
+
+}  // namespace
+}  // namespace muster
