@@ -1,8 +1,9 @@
 // muster-bench snapshot-path: the CPU the agents spend on in-memory snapshots, per step, on the
 // whole path a rank's frame takes: the rank's local socket into its agent's SnapshotServer and
-// SnapshotStore, then the SnapshotForwarder's copy over CURVE into the peer agent's
-// SnapshotPeerServer and store. Two "agents" (each a store, a local server, a forwarder and a
-// peer server on its own reactor, with CURVE and ZAP as in the agent) and two "ranks" (each a
+// SnapshotStore, then the SnapshotForwarder's copy into the peer agent's SnapshotPeerServer and
+// store (a session opened over CURVE, the frames sealed with AES-256-GCM on the data channel:
+// node_agent/snapshots/peer_copy.h). Two "agents" (each a store, a local server, a forwarder and
+// a peer server on its own reactor, with CURVE and ZAP as in the agent) and two "ranks" (each a
 // SnapshotClient putting one frame per step) run in this process; the ranks' own CPU (the
 // main thread's) is subtracted, so what is printed is the agents' threads' CPU per step (their
 // reactors, ZeroMQ's I/O threads, the servers' and the forwarders' threads), and the minor page
@@ -36,7 +37,7 @@ struct Options {
   int kib = 1608;  // the fine-tune's frame per rank in `muster-bench recovery`
   int steps = 200;
   int step_ms = 44;
-  bool insecure = false;  // no CURVE between the agents: what CURVE costs, for comparison
+  bool insecure = false;  // no CURVE between the agents (the data channel is sealed all the same)
   bool json = false;
 };
 
@@ -175,8 +176,9 @@ int Run(const Options& o) {
          Fmt(1000.0 * rank_cpu / o.steps, 2), Fmt(double(faults) / o.steps, 0),
          std::to_string(sent), std::to_string(replaced), std::to_string(failed)});
   std::cout << "2 agents x 1 rank, one frame per rank every " << o.step_ms << " ms, "
-            << (o.insecure ? "NO CURVE (insecure)" : "CURVE")
-            << " between the agents (kept by the peers: " << kept << ")\n";
+            << (o.insecure ? "NO CURVE (insecure)" : "CURVE sessions")
+            << " and the AES-256-GCM data channel between the agents (kept by the peers: " << kept
+            << ")\n";
   t.Print();
   return failed == 0 ? 0 : 1;
 }
@@ -186,14 +188,16 @@ int Run(const Options& o) {
 void AddSnapshotPathBench(CLI::App& app, Runner* runner) {
   auto* cmd = app.add_subcommand(
       "snapshot-path",
-      "In-memory snapshots: the agents' CPU per step for the local hand-over and the CURVE copy "
+      "In-memory snapshots: the agents' CPU per step for the local hand-over and the sealed copy "
       "to the peer agent");
   auto o = std::make_shared<Options>();
   cmd->add_option("--kib", o->kib, "frame payload per rank, KiB")->capture_default_str();
   cmd->add_option("--steps", o->steps, "measured steps")->capture_default_str();
   cmd->add_option("--step-ms", o->step_ms, "time between steps")->capture_default_str();
-  cmd->add_flag("--insecure", o->insecure,
-                "no CURVE between the agents (never how an agent runs; shows what CURVE costs)");
+  cmd->add_flag(
+      "--insecure", o->insecure,
+      "no CURVE between the agents (never how an agent runs; the session key then travels in "
+      "the clear, and the frames are sealed all the same)");
   cmd->add_flag("--json", o->json, "Print JSON");
   cmd->callback([=] { *runner = [=] { return Run(*o); }; });
 }
