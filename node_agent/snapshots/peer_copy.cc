@@ -14,6 +14,7 @@
 #include <cstring>
 
 #include "checkpoint/snapshot_channel.h"
+#include "common/log_throttle.h"
 #include "common/logging.h"
 #include "common/path_name.h"
 #include "common/rpc.h"
@@ -298,10 +299,26 @@ struct SnapshotPeerServer::Impl {
     }
   }
 
+  // Anyone who reaches the data port can make these: one line per kind of refusal per 10 s, with
+  // the count held back since.
+  std::mutex throttle_mu;
+  LogThrottle throttle{std::chrono::seconds(10), 64};  // GUARDED_BY(throttle_mu)
+
   void RefuseData(const std::string& why) {
     data_refused++;
     refused++;
-    logger->warn("snapshot data channel: refused: {}", why);
+    std::optional<int64_t> held;
+    {
+      std::lock_guard<std::mutex> l(throttle_mu);
+      held = throttle.Admit(why.substr(0, why.find_first_of("0123456789(:")), Clock::now());
+    }
+    if (!held) return;
+    if (*held > 0) {
+      logger->warn("snapshot data channel: refused: {} ({} more refusals like it held back)", why,
+                   *held);
+    } else {
+      logger->warn("snapshot data channel: refused: {}", why);
+    }
   }
 
   // One data connection: sealed PUTs in, sealed REPLYs out (data_channel.h). Anything that is
