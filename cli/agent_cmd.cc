@@ -89,12 +89,13 @@ void AddAgentCommands(CLI::App& app, Runner* runner) {
       ->capture_default_str();
   cmd->add_option(
          "--snapshot-cpu", f->snapshot_cpu,
-         "CPU class of the in-memory snapshot work (taking ranks' frames, CURVE to and from the "
-         "peer agent): 'background' runs it at SCHED_IDLE, on cores the ranks leave idle, so it "
-         "does not slow them, and the peer's copies fall behind (more steps lost on a node "
-         "loss) when the ranks and their data loaders keep every core busy; 'normal' (the "
-         "default) competes with the ranks and keeps the peer's copies current. Heartbeats, the "
-         "lease and control calls always stay at the normal class (docs/job-spec.md)")
+         "CPU class of the in-memory snapshot work (taking ranks' frames, sealing them for and "
+         "opening them from the peer agent): 'background' runs it at SCHED_IDLE, on cores the "
+         "ranks leave idle, so it does not slow them, and the peer's copies fall behind (more "
+         "steps lost on a node loss) when the ranks and their data loaders keep every core busy; "
+         "'normal' (the default: snapshots are there to lose at most a step) competes with the "
+         "ranks and keeps the peer's copies current. Heartbeats, the lease and control calls "
+         "always stay at the normal class (docs/job-spec.md)")
       ->check(CLI::IsMember({"background", "normal"}))
       ->capture_default_str();
   cmd->add_option("--http", o->http,
