@@ -336,12 +336,24 @@ struct SnapshotPeerServer::Impl {
       std::string header(kDataHeaderBytes, '\0');
       Clock::time_point deadline;
       if (first) {
-        // A connection must present its session promptly: one that never did the CURVE step
-        // holds no more than this header's bytes, and only for this long.
-        deadline = conn->accepted + kSnapshotDataFirstMessageTimeout;
-        Status st = checkpoint::RecvAll(fd, header.data(), header.size(), deadline);
+        // A connection must start its first message promptly: one that never did the CURVE step
+        // holds no more than this header's bytes, and only for this long. (Bytes that arrived in
+        // time count even when this thread runs late, as it may at SCHED_IDLE on a busy node.)
+        const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+            conn->accepted + kSnapshotDataFirstMessageTimeout - Clock::now());
+        pollfd p{fd, POLLIN, 0};
+        int ready;
+        do {
+          ready = ::poll(&p, 1, static_cast<int>(std::max<int64_t>(0, left.count())));
+        } while (ready < 0 && errno == EINTR);
+        deadline = Clock::now() + kSnapshotFrameTimeout;
+        Status st =
+            ready > 0 ? checkpoint::RecvAll(fd, header.data(), header.size(), deadline)
+                      : UnavailableError("nothing within " +
+                                         std::to_string(kSnapshotDataFirstMessageTimeout.count()) +
+                                         " ms of the connection");
         if (!st.ok()) {
-          RefuseData("a connection sent no message header in time: " + st.ToString());
+          RefuseData("a connection sent no whole message header: " + st.ToString());
           break;
         }
       } else {

@@ -344,6 +344,20 @@ TEST_F(SnapshotDataChannelTest, TruncatedOverSizeAndMalformedMessagesAreRefused)
   EXPECT_TRUE(carried.ok()) << carried;
 }
 
+// A connection that sends nothing is closed once kSnapshotDataFirstMessageTimeout has passed:
+// anyone can connect, nobody can hold a connection open without a session.
+TEST_F(SnapshotDataChannelTest, AConnectionThatSendsNothingIsClosed) {
+  const int64_t before = server_->data_refused();
+  const auto start = std::chrono::steady_clock::now();
+  const int fd = Connect();
+  char c;
+  Status st = checkpoint::RecvAll(fd, &c, 1, start + seconds(30));
+  EXPECT_NE(st.message().find("closed by the peer"), std::string::npos) << st;
+  EXPECT_GE(std::chrono::steady_clock::now() - start,
+            node_agent::kSnapshotDataFirstMessageTimeout - milliseconds(100));
+  EXPECT_TRUE(WaitUntil([&] { return server_->data_refused() > before; }, seconds(10)));
+}
+
 TEST_F(SnapshotDataChannelTest, AFrameOfAnotherJobThanTheSessionsIsRefusedWithTheReason) {
   auto s = Open();
   ASSERT_TRUE(s.ok()) << s.status();
