@@ -171,7 +171,12 @@ struct SnapshotPeerServer::Impl {
     DataSessionId session = *AsSessionId(*sid);
     {
       std::lock_guard<std::mutex> l(mu);
-      EndSessionsOfConnectionLocked(peer.fd);
+      if (peer.fd >= 0) EndSessionsOfConnectionLocked(peer.fd);
+      if (sessions.size() >= static_cast<size_t>(kMaxSnapshotSessions)) {
+        return ErrorEnvelope(
+            id, UnavailableError("snapshot peer server: " + std::to_string(sessions.size()) +
+                                 " data channel sessions open already"));
+      }
       sessions.emplace(session, std::move(s));
       by_fd[peer.fd];  // the frames put in this session are logged when the connection closes
     }

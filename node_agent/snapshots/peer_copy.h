@@ -79,7 +79,10 @@ inline constexpr char kSnapshotsZapDomain[] = "muster-snapshots";
 // Data channel connections open at once, at most (a new one past this closes the oldest that
 // has not presented a session yet, else it is refused).
 inline constexpr int kMaxSnapshotDataConnections = 64;
-// A data connection's first message header must arrive within this of its accept.
+// Data channel sessions open at once, at most (one per CURVE connection; past this a new one is
+// refused, Unavailable).
+inline constexpr int kMaxSnapshotSessions = 1024;
+// A data connection's first message must start within this of its accept.
 inline constexpr std::chrono::milliseconds kSnapshotDataFirstMessageTimeout{5000};
 
 class SnapshotPeerServer {
