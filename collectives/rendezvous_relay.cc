@@ -262,15 +262,18 @@ void RendezvousRelay::Forward(proto::StoreRequest request, milliseconds timeout,
   env.set_request_id(id);
   env.set_deadline_ms(timeout.count());
   *env.mutable_store_request() = std::move(request);
-  std::string bytes = SerializeEnvelope(env);
-  if (static_cast<int64_t>(bytes.size()) > options_.max_message_bytes) {
-    return done(InvalidArgumentError(
-        "rendezvous relay: a request of " + std::to_string(bytes.size()) +
-        " bytes exceeds the message limit of " + std::to_string(options_.max_message_bytes)));
+  const size_t size = env.ByteSizeLong();
+  if (size > static_cast<size_t>(options_.max_message_bytes)) {
+    return done(InvalidArgumentError("rendezvous relay: a request of " + std::to_string(size) +
+                                     " bytes exceeds the message limit of " +
+                                     std::to_string(options_.max_message_bytes)));
   }
   bool sent = false;
   try {
-    sent = upstream_.send(zmq::buffer(bytes), zmq::send_flags::dontwait).has_value();
+    // Serialized straight into the message (sizes cached by ByteSizeLong above).
+    zmq::message_t msg(size);
+    env.SerializeWithCachedSizesToArray(static_cast<uint8_t*>(msg.data()));
+    sent = upstream_.send(msg, zmq::send_flags::dontwait).has_value();
   } catch (const zmq::error_t& e) {
     log::Get("coll.relay")->warn("rendezvous relay: send to the store: {}", e.what());
   }
@@ -532,9 +535,11 @@ void RendezvousRelay::SendBatch(Batch batch) {
               if (b.gather && b.callers.size() >= 2) ShareGather(*r);
               proto::Envelope e;
               *e.mutable_store_reply() = std::move(*r);
+              // Serialized once for the batch; each caller's reply copies the bytes once.
+              auto bytes = std::make_shared<const SerializedReply>(e);
               for (auto& c : b.callers) {
                 forget(c);
-                c.reply(e);
+                RpcServer::ReplyWith(c.reply, bytes);
               }
               return;
             }
