@@ -155,8 +155,24 @@ Status RendezvousRelay::Start() {
   }
   reactor_.AddSocket(upstream_, "rdzv-relay.upstream", [this] { OnUpstreamReadable(); });
   upstream_added_ = true;
-  reactor_.AddSocket(monitor_, "rdzv-relay.monitor", [this] { OnMonitor(); });
+  // Watched by its ZMQ_FD, as a plain descriptor: the reactor's zmq_poll asks every ZeroMQ
+  // socket it polls for its events twice per pass (each time through the socket's command
+  // mailbox), and this one has events a handful of times in its life. Its descriptor becomes
+  // readable when commands reach the socket, and OnMonitor drains it until EAGAIN, which
+  // processes them: no event waits unseen.
+  try {
+    monitor_fd_ = monitor_.get(zmq::sockopt::fd);
+  } catch (const zmq::error_t& e) {
+    return UnavailableError(std::string("rendezvous relay: the monitor's descriptor: ") + e.what());
+  }
+  reactor_.AddFd(monitor_fd_, "rdzv-relay.monitor", [this] { OnMonitor(); });
   monitor_added_ = true;
+  // Once on the loop, whatever the descriptor says: drains anything already there, so that
+  // from then on the descriptor alone tells when events come.
+  std::weak_ptr<int> life = life_;
+  reactor_.Post("rdzv-relay.monitor", [this, life] {
+    if (life.lock()) OnMonitor();
+  });
   log::Get("coll.relay")
       ->debug("rendezvous relay for {}/{} serving {} ({} local ranks), store {}", options_.job,
               options_.attempt, endpoint_, options_.local_ranks.size(), options_.upstream_endpoint);
@@ -168,7 +184,7 @@ RendezvousRelay::~RendezvousRelay() {
         " closed (the attempt ended on this node)");
   const bool own = reactor_.InReactorThread() || !reactor_.running();
   if (upstream_added_ && own) reactor_.RemoveSocket(upstream_);
-  if (monitor_added_ && own) reactor_.RemoveSocket(monitor_);
+  if (monitor_added_ && own) reactor_.RemoveFd(monitor_fd_);
   if (monitor_) {
     zmq_socket_monitor(upstream_.handle(), nullptr, 0);
     monitor_.close();
