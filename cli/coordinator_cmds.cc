@@ -53,6 +53,26 @@ std::unique_ptr<CoordinatorClient> ConnectOrPrint(const std::string& what, const
   return std::move(*c);
 }
 
+// A subcommand `name` of `parent` that talks to the coordinator: its client flags, and, when
+// chosen, a runner that connects (a failure printed as `muster WHAT: ...`) and returns what
+// `body` returns. The caller adds the subcommand's own options to the result; `body` reads them
+// through the shared pointers it captured.
+CLI::App* AddClientCommand(CLI::App& parent, Runner* runner, const std::string& name,
+                           const std::string& help, const std::string& what,
+                           std::function<int(CoordinatorClient&)> body) {
+  auto* cmd = parent.add_subcommand(name, help);
+  auto o = std::make_shared<ClientOptions>();
+  AddClientFlags(cmd, o);
+  cmd->callback([=] {
+    *runner = [=] {
+      int rc = 0;
+      auto c = ConnectOrPrint(what, *o, &rc);
+      return c ? body(*c) : rc;
+    };
+  });
+  return cmd;
+}
+
 std::string Ago(int64_t ms) {
   if (ms <= 0) return "-";
   int64_t now = std::chrono::duration_cast<std::chrono::milliseconds>(
@@ -304,264 +324,211 @@ void AddCoordinatorCommands(CLI::App& app, Runner* runner) {
   }
   // muster status [JOB] [--json]
   {
-    auto* cmd =
-        app.add_subcommand("status", "Jobs: state, attempt, nodes, pending reason, progress");
-    auto o = std::make_shared<ClientOptions>();
     auto job = std::make_shared<std::string>();
     auto json = std::make_shared<bool>(false);
+    auto* cmd = AddClientCommand(
+        app, runner, "status", "Jobs: state, attempt, nodes, pending reason, progress", "status",
+        [=](CoordinatorClient& c) {
+          auto st = c.Status(*job);
+          if (!st.ok()) return Fail("status", st.status());
+          if (!st->write_error().empty()) {
+            // On stderr with --json, so the JSON on stdout stays what scripts parse.
+            (*json ? std::cerr : std::cout)
+                << "coordinator: READ-ONLY, refusing every change since a durable write failed: "
+                << st->write_error() << "\n";
+          }
+          if (*json) {
+            nlohmann::json out = nlohmann::json::array();
+            for (const auto& j : st->jobs()) out.push_back(JobJson(j));
+            std::cout << (job->empty() ? out : out[0]).dump(2) << "\n";
+            return 0;
+          }
+          if (st->jobs_size() == 0) std::cout << "no jobs\n";
+          for (const auto& j : st->jobs()) PrintJob(j);
+          return 0;
+        });
     cmd->add_option("JOB", *job, "One job (default: all recent)");
     cmd->add_flag("--json", *json, "Print JSON");
-    AddClientFlags(cmd, o);
-    cmd->callback([=] {
-      *runner = [=] {
-        int rc = 0;
-        auto c = ConnectOrPrint("status", *o, &rc);
-        if (!c) return rc;
-        auto st = c->Status(*job);
-        if (!st.ok()) return Fail("status", st.status());
-        if (!st->write_error().empty()) {
-          // On stderr with --json, so the JSON on stdout stays what scripts parse.
-          (*json ? std::cerr : std::cout)
-              << "coordinator: READ-ONLY, refusing every change since a durable write failed: "
-              << st->write_error() << "\n";
-        }
-        if (*json) {
-          nlohmann::json out = nlohmann::json::array();
-          for (const auto& j : st->jobs()) out.push_back(JobJson(j));
-          std::cout << (job->empty() ? out : out[0]).dump(2) << "\n";
-          return 0;
-        }
-        if (st->jobs_size() == 0) std::cout << "no jobs\n";
-        for (const auto& j : st->jobs()) PrintJob(j);
-        return 0;
-      };
-    });
   }
   // muster cancel JOB
   {
-    auto* cmd = app.add_subcommand("cancel", "Cancel a job (its ranks are stopped)");
-    auto o = std::make_shared<ClientOptions>();
     auto job = std::make_shared<std::string>();
+    auto* cmd = AddClientCommand(app, runner, "cancel", "Cancel a job (its ranks are stopped)",
+                                 "cancel", [=](CoordinatorClient& c) {
+                                   auto st = c.Cancel(*job);
+                                   if (!st.ok()) return Fail("cancel", st.status());
+                                   std::cout << *job << " " << JobStateName(*st) << "\n";
+                                   return 0;
+                                 });
     cmd->add_option("JOB", *job, "Job id")->required();
-    AddClientFlags(cmd, o);
-    cmd->callback([=] {
-      *runner = [=] {
-        int rc = 0;
-        auto c = ConnectOrPrint("cancel", *o, &rc);
-        if (!c) return rc;
-        auto st = c->Cancel(*job);
-        if (!st.ok()) return Fail("cancel", st.status());
-        std::cout << *job << " " << JobStateName(*st) << "\n";
-        return 0;
-      };
-    });
   }
   // muster nodes [--json]
   {
-    auto* cmd = app.add_subcommand("nodes", "Registered nodes: labels, state, job");
-    auto o = std::make_shared<ClientOptions>();
     auto json = std::make_shared<bool>(false);
-    cmd->add_flag("--json", *json, "Print JSON");
-    AddClientFlags(cmd, o);
-    cmd->callback([=] {
-      *runner = [=] {
-        int rc = 0;
-        auto c = ConnectOrPrint("nodes", *o, &rc);
-        if (!c) return rc;
-        auto st = c->Nodes();
-        if (!st.ok()) return Fail("nodes", st.status());
-        if (*json) {
-          nlohmann::json out = nlohmann::json::array();
-          for (const auto& n : st->nodes()) {
-            std::vector<std::string> vols;
-            for (const auto& v : n.labels().volumes()) vols.push_back(v.name());
-            out.push_back({{"name", n.labels().name()},
-                           {"provider", n.labels().provider()},
-                           {"region", n.labels().region()},
-                           {"island", n.labels().island()},
-                           {"gpu_type", n.labels().gpu_type()},
-                           {"gpus", n.labels().gpus()},
-                           {"slots", n.labels().slots()},
-                           {"volumes", vols},
-                           {"state", NodeStateText(n.state())},
-                           {"job_id", n.job_id()},
-                           {"spare", n.spare()},
-                           {"last_heartbeat_ms", n.last_heartbeat_ms()},
-                           {"quarantines", n.quarantines()}});
+    auto* cmd = AddClientCommand(
+        app, runner, "nodes", "Registered nodes: labels, state, job", "nodes",
+        [=](CoordinatorClient& c) {
+          auto st = c.Nodes();
+          if (!st.ok()) return Fail("nodes", st.status());
+          if (*json) {
+            nlohmann::json out = nlohmann::json::array();
+            for (const auto& n : st->nodes()) {
+              std::vector<std::string> vols;
+              for (const auto& v : n.labels().volumes()) vols.push_back(v.name());
+              out.push_back({{"name", n.labels().name()},
+                             {"provider", n.labels().provider()},
+                             {"region", n.labels().region()},
+                             {"island", n.labels().island()},
+                             {"gpu_type", n.labels().gpu_type()},
+                             {"gpus", n.labels().gpus()},
+                             {"slots", n.labels().slots()},
+                             {"volumes", vols},
+                             {"state", NodeStateText(n.state())},
+                             {"job_id", n.job_id()},
+                             {"spare", n.spare()},
+                             {"last_heartbeat_ms", n.last_heartbeat_ms()},
+                             {"quarantines", n.quarantines()}});
+            }
+            std::cout << out.dump(2) << "\n";
+            return 0;
           }
-          std::cout << out.dump(2) << "\n";
+          std::printf("%-20s %-10s %-10s %-10s %-8s %5s %5s %-12s %-16s %s\n", "NODE", "PROVIDER",
+                      "REGION", "ISLAND", "GPU", "GPUS", "SLOTS", "STATE", "JOB", "HEARTBEAT");
+          for (const auto& n : st->nodes()) {
+            const auto& l = n.labels();
+            std::printf("%-20s %-10s %-10s %-10s %-8s %5d %5d %-12s %-16s %s\n", l.name().c_str(),
+                        l.provider().c_str(), l.region().c_str(), l.island().c_str(),
+                        l.gpu_type().c_str(), l.gpus(), l.slots(), NodeStateText(n.state()).c_str(),
+                        n.job_id().empty() ? "-"
+                        : n.spare()        ? (n.job_id() + " (spare)").c_str()
+                                           : n.job_id().c_str(),
+                        Ago(n.last_heartbeat_ms()).c_str());
+          }
           return 0;
-        }
-        std::printf("%-20s %-10s %-10s %-10s %-8s %5s %5s %-12s %-16s %s\n", "NODE", "PROVIDER",
-                    "REGION", "ISLAND", "GPU", "GPUS", "SLOTS", "STATE", "JOB", "HEARTBEAT");
-        for (const auto& n : st->nodes()) {
-          const auto& l = n.labels();
-          std::printf("%-20s %-10s %-10s %-10s %-8s %5d %5d %-12s %-16s %s\n", l.name().c_str(),
-                      l.provider().c_str(), l.region().c_str(), l.island().c_str(),
-                      l.gpu_type().c_str(), l.gpus(), l.slots(), NodeStateText(n.state()).c_str(),
-                      n.job_id().empty() ? "-"
-                      : n.spare()        ? (n.job_id() + " (spare)").c_str()
-                                         : n.job_id().c_str(),
-                      Ago(n.last_heartbeat_ms()).c_str());
-        }
-        return 0;
-      };
-    });
+        });
+    cmd->add_flag("--json", *json, "Print JSON");
   }
   // muster events JOB
   {
-    auto* cmd = app.add_subcommand("events", "A job's timeline");
-    auto o = std::make_shared<ClientOptions>();
     auto job = std::make_shared<std::string>();
+    auto* cmd = AddClientCommand(
+        app, runner, "events", "A job's timeline", "events", [=](CoordinatorClient& c) {
+          auto ev = c.Events(*job, 0);
+          if (!ev.ok()) return Fail("events", ev.status());
+          for (const auto& e : ev->events()) {
+            std::time_t t = e.time_ms() / 1000;
+            char buf[32];
+            std::strftime(buf, sizeof(buf), "%Y-%m-%d %H:%M:%S", std::gmtime(&t));
+            std::cout << buf << "  " << e.kind() << (e.node().empty() ? "" : " [" + e.node() + "]")
+                      << "  " << e.message() << "\n";
+          }
+          return 0;
+        });
     cmd->add_option("JOB", *job, "Job id")->required();
-    AddClientFlags(cmd, o);
-    cmd->callback([=] {
-      *runner = [=] {
-        int rc = 0;
-        auto c = ConnectOrPrint("events", *o, &rc);
-        if (!c) return rc;
-        auto ev = c->Events(*job, 0);
-        if (!ev.ok()) return Fail("events", ev.status());
-        for (const auto& e : ev->events()) {
-          std::time_t t = e.time_ms() / 1000;
-          char buf[32];
-          std::strftime(buf, sizeof(buf), "%Y-%m-%d %H:%M:%S", std::gmtime(&t));
-          std::cout << buf << "  " << e.kind() << (e.node().empty() ? "" : " [" + e.node() + "]")
-                    << "  " << e.message() << "\n";
-        }
-        return 0;
-      };
-    });
   }
   // muster logs JOB [--rank R] [-f]
   {
-    auto* cmd = app.add_subcommand("logs", "A rank's output, fetched from its node's agent");
-    auto o = std::make_shared<ClientOptions>();
     auto job = std::make_shared<std::string>();
     auto rank = std::make_shared<int>(0);
     auto follow = std::make_shared<bool>(false);
     auto attempt = std::make_shared<int>(0);
+    auto* cmd =
+        AddClientCommand(app, runner, "logs", "A rank's output, fetched from its node's agent",
+                         "logs", [=](CoordinatorClient& c) {
+                           int64_t offset = 0;
+                           uint64_t generation = 0;
+                           bool kept = false;
+                           while (true) {
+                             auto r = c.Logs(*job, *rank, offset, 1 << 20, *attempt,
+                                             proto::LOG_MERGED, generation, kept);
+                             if (!r.ok()) return Fail("logs", r.status());
+                             if (!r->kept_note().empty()) {
+                               std::cout << std::flush;
+                               std::cerr << "muster logs: " << r->kept_note() << "\n";
+                             }
+                             kept = r->kept();
+                             if (r->skipped()) {
+                               std::cout << std::flush;
+                               std::cerr << "muster logs: some output of rank " << *rank
+                                         << " was rotated away before it was read (the agent keeps "
+                                            "--rank-log-keep parts of --rank-log-max-mb each)\n";
+                             }
+                             std::cout << r->data() << std::flush;
+                             offset = r->next_offset();
+                             generation = r->generation();
+                             if (r->eof() || (!*follow && r->data().empty())) return 0;
+                             if (r->data().empty())
+                               std::this_thread::sleep_for(std::chrono::milliseconds(500));
+                           }
+                         });
     cmd->add_option("JOB", *job, "Job id")->required();
     cmd->add_option("--rank,-r", *rank, "Global rank (default 0)")->check(CLI::NonNegativeNumber);
     cmd->add_option("--attempt", *attempt, "Attempt (default: the current or last one)")
         ->check(CLI::NonNegativeNumber);
     cmd->add_flag("--follow,-f", *follow, "Keep printing as the rank writes");
-    AddClientFlags(cmd, o);
-    cmd->callback([=] {
-      *runner = [=] {
-        int rc = 0;
-        auto c = ConnectOrPrint("logs", *o, &rc);
-        if (!c) return rc;
-        int64_t offset = 0;
-        uint64_t generation = 0;
-        bool kept = false;
-        while (true) {
-          auto r =
-              c->Logs(*job, *rank, offset, 1 << 20, *attempt, proto::LOG_MERGED, generation, kept);
-          if (!r.ok()) return Fail("logs", r.status());
-          if (!r->kept_note().empty()) {
-            std::cout << std::flush;
-            std::cerr << "muster logs: " << r->kept_note() << "\n";
-          }
-          kept = r->kept();
-          if (r->skipped()) {
-            std::cout << std::flush;
-            std::cerr << "muster logs: some output of rank " << *rank
-                      << " was rotated away before it was read (the agent keeps "
-                         "--rank-log-keep parts of --rank-log-max-mb each)\n";
-          }
-          std::cout << r->data() << std::flush;
-          offset = r->next_offset();
-          generation = r->generation();
-          if (r->eof() || (!*follow && r->data().empty())) return 0;
-          if (r->data().empty()) std::this_thread::sleep_for(std::chrono::milliseconds(500));
-        }
-      };
-    });
   }
   // muster node drain|undrain|preempt|forget NODE
   {
     auto* node = app.add_subcommand("node", "Node administration");
     node->require_subcommand(1);
     for (bool drain : {true, false}) {
-      auto* cmd = node->add_subcommand(
-          drain ? "drain" : "undrain",
-          drain ? "No new work on NODE; running jobs continue" : "NODE accepts work again");
-      auto o = std::make_shared<ClientOptions>();
       auto name = std::make_shared<std::string>();
+      auto* cmd = AddClientCommand(
+          *node, runner, drain ? "drain" : "undrain",
+          drain ? "No new work on NODE; running jobs continue" : "NODE accepts work again", "node",
+          [=](CoordinatorClient& c) {
+            auto st = c.Drain(*name, drain);
+            if (!st.ok()) return Fail("node", st.status());
+            std::cout << *name << " " << NodeStateText(*st) << "\n";
+            return 0;
+          });
       cmd->add_option("NODE", *name, "Node name")->required();
-      AddClientFlags(cmd, o);
-      cmd->callback([=] {
-        *runner = [=] {
-          int rc = 0;
-          auto c = ConnectOrPrint("node", *o, &rc);
-          if (!c) return rc;
-          auto st = c->Drain(*name, drain);
-          if (!st.ok()) return Fail("node", st.status());
-          std::cout << *name << " " << NodeStateText(*st) << "\n";
-          return 0;
-        };
-      });
     }
     // muster node preempt NODE --notice S: as if the node's provider gave notice.
     {
-      auto* cmd = node->add_subcommand(
-          "preempt",
-          "Give NODE a preemption notice: its jobs checkpoint a common step within the notice, "
-          "stop and are requeued (not counted against max_restarts); the node is drained");
-      auto o = std::make_shared<ClientOptions>();
       auto name = std::make_shared<std::string>();
       auto notice = std::make_shared<double>(30);
+      auto* cmd = AddClientCommand(
+          *node, runner, "preempt",
+          "Give NODE a preemption notice: its jobs checkpoint a common step within the notice, "
+          "stop and are requeued (not counted against max_restarts); the node is drained",
+          "node", [=](CoordinatorClient& c) {
+            proto::Envelope req;
+            req.mutable_preempt_node_request()->set_node(*name);
+            req.mutable_preempt_node_request()->set_notice_ms(static_cast<int64_t>(*notice * 1000));
+            auto r = c.Call(std::move(req));
+            if (!r.ok()) return Fail("node preempt", r.status());
+            const auto& jobs = r->preempt_node_reply().jobs();
+            std::cout << *name << ": notice of " << *notice << " s given; draining";
+            if (jobs.empty()) std::cout << "; no job running there";
+            for (int i = 0; i < jobs.size(); ++i) {
+              std::cout << (i == 0 ? "; checkpointing and stopping: " : ", ") << jobs[i];
+            }
+            std::cout << "\n";
+            return 0;
+          });
       cmd->add_option("NODE", *name, "Node name")->required();
       cmd->add_option("--notice", *notice, "Seconds of notice")
           ->check(CLI::Range(0.0, 86400.0))
           ->capture_default_str();
-      AddClientFlags(cmd, o);
-      cmd->callback([=] {
-        *runner = [=] {
-          int rc = 0;
-          auto c = ConnectOrPrint("node", *o, &rc);
-          if (!c) return rc;
-          proto::Envelope req;
-          req.mutable_preempt_node_request()->set_node(*name);
-          req.mutable_preempt_node_request()->set_notice_ms(static_cast<int64_t>(*notice * 1000));
-          auto r = c->Call(std::move(req));
-          if (!r.ok()) return Fail("node preempt", r.status());
-          const auto& jobs = r->preempt_node_reply().jobs();
-          std::cout << *name << ": notice of " << *notice << " s given; draining";
-          if (jobs.empty()) std::cout << "; no job running there";
-          for (int i = 0; i < jobs.size(); ++i) {
-            std::cout << (i == 0 ? "; checkpointing and stopping: " : ", ") << jobs[i];
-          }
-          std::cout << "\n";
-          return 0;
-        };
-      });
     }
     // muster node forget NODE: drop the record of a node taken out of the pool for good.
     {
-      auto* cmd = node->add_subcommand(
-          "forget",
+      auto name = std::make_shared<std::string>();
+      auto* cmd = AddClientCommand(
+          *node, runner, "forget",
           "Drop a static NODE's record (an admin key): refused while it is connected, in an "
           "attempt or held as a spare, or holds in-memory snapshots or a checkpoint copy a job "
-          "still needs");
-      auto o = std::make_shared<ClientOptions>();
-      auto name = std::make_shared<std::string>();
+          "still needs",
+          "node", [=](CoordinatorClient& c) {
+            proto::Envelope req;
+            req.mutable_forget_node_request()->set_node(*name);
+            auto r = c.Call(std::move(req));
+            if (!r.ok()) return Fail("node forget", r.status());
+            std::cout << r->forget_node_reply().node() << " forgotten\n";
+            return 0;
+          });
       cmd->add_option("NODE", *name, "Node name")->required();
-      AddClientFlags(cmd, o);
-      cmd->callback([=] {
-        *runner = [=] {
-          int rc = 0;
-          auto c = ConnectOrPrint("node", *o, &rc);
-          if (!c) return rc;
-          proto::Envelope req;
-          req.mutable_forget_node_request()->set_node(*name);
-          auto r = c->Call(std::move(req));
-          if (!r.ok()) return Fail("node forget", r.status());
-          std::cout << r->forget_node_reply().node() << " forgotten\n";
-          return 0;
-        };
-      });
     }
   }
 }

@@ -11,6 +11,7 @@ same model on different data; DDP must average the gradients, so after every ste
 
 Exit codes: 0 when both hold, 1 when they do not, 77 when torch is not installed (a skip).
 """
+import gc
 import os
 import sys
 
@@ -75,7 +76,13 @@ def main():
     print(f"rank {rank}/{world} (local {local_rank}) ok: {STEPS} DDP steps, gradients averaged, "
           f"parameters identical, checksum {flat.sum().item():.6f}")
     dist.barrier()
+    # DDP's reducer goes before the group, and the group last through its Python handle, which
+    # destroys it without the GIL (torch 1.13 could otherwise deadlock at exit: train.py says how).
+    ddp = None
+    group = dist.distributed_c10d._get_default_group()
+    gc.collect()
     dist.destroy_process_group()
+    del group
     return 0
 
 

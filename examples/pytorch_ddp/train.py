@@ -35,6 +35,7 @@ muster's MUSTER_CHECKPOINT_DIR and MUSTER_RESUME_STEP, so the same script runs u
 """
 
 import argparse
+import gc
 import hashlib
 import math
 import os
@@ -204,6 +205,20 @@ def param_digest(model):
     return h.hexdigest()[:16]
 
 
+def destroy_process_group():
+    """Destroys the default group last, through its Python handle. Call it once nothing else
+    (a DDP model and its reducer) holds the group.
+
+    torch 1.13 (Debian's): a gloo group whose last owner is DDP's C++ reducer is destroyed with
+    the GIL held, and it joins its worker threads; a worker that is just dropping the last
+    collective's tensors needs the GIL to free them: a deadlock at exit (rank 1 hung about once
+    in 70 runs). The group's Python handle releases the GIL while it destroys the group."""
+    group = dist.distributed_c10d._get_default_group()
+    gc.collect()  # a DDP model caught in a reference cycle lets its reducer go now
+    dist.destroy_process_group()
+    del group  # the last owner: destroyed here, without the GIL
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default=os.path.join(HERE, "..", "data"))
@@ -340,7 +355,8 @@ def main():
     if rank == 0:
         print(f"MUSTER_DONE step={step} preempted={int(preempted)} "
               f"param_digest={param_digest(model.module)}", flush=True)
-    dist.destroy_process_group()
+    model = None  # DDP's reducer goes before the group: see destroy_process_group below
+    destroy_process_group()
     return EXIT_PREEMPTED if preempted else 0
 
 

@@ -36,9 +36,9 @@ class Rank:
     """One rank process whose combined output is collected by a thread."""
 
     def __init__(self, rank, world, port, ckpt_dir, extra_env):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                   LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   MUSTER_CHECKPOINT_DIR=ckpt_dir, **extra_env)
+        env = dict(os.environ, PYTHONFAULTHANDLER="1", RANK=str(rank), WORLD_SIZE=str(world),
+                   LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), MUSTER_CHECKPOINT_DIR=ckpt_dir, **extra_env)
         self.proc = subprocess.Popen([sys.executable, TRAIN] + ARGS, env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.out = ""
@@ -72,8 +72,9 @@ def run_to_end(ckpt_dir, extra_env=None, timeout=120):
     """Launches both ranks and waits for both. The port free_port() found may be taken by
     another test before rank 0 binds it (ctest runs tests in parallel): then rank 0 fails with
     "Address already in use" and rank 1 may wait on whatever took the port. That launch is
-    retried on a new port, up to 3 times. A rank still running at `timeout` is killed, and the
-    failure shows both ranks' output."""
+    retried on a new port, up to 3 times. A rank still running at `timeout` is aborted (its
+    Python traceback, by faulthandler, lands in its output) or else killed, and the failure shows
+    both ranks' output."""
     for _ in range(3):
         ranks = launch(ckpt_dir, extra_env)
         deadline = time.monotonic() + timeout
@@ -87,9 +88,14 @@ def run_to_end(ckpt_dir, extra_env=None, timeout=120):
                 break  # rank 1 waits on a port nobody of ours listens on
         taken = "Address already in use" in ranks[0].out
         for r, c in zip(ranks, codes + [None] * (len(ranks) - len(codes))):
-            if c is None:
-                r.proc.kill()
-                r.proc.wait()
+            if c is None:  # SIGABRT first: faulthandler prints where it hung
+                r.proc.send_signal(signal.SIGABRT)
+                try:
+                    r.proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    r.proc.kill()
+                    r.proc.wait()
+                r.reader.join(5)
         codes += [None] * (len(ranks) - len(codes))
         if not taken:
             break

@@ -4,78 +4,33 @@
 #include "coordinator/coordinator.h"
 
 #include <gtest/gtest.h>
-#include <unistd.h>
 
-#include <filesystem>
 #include <map>
-#include <random>
 #include <set>
 
 #include "common/curve.h"
 #include "common/wire.h"
 #include "coordinator/providers/provider_manager.h"
+#include "tests/testing/coordinator_harness.h"
 
 namespace muster::coordinator {
 namespace {
 
-namespace fs = std::filesystem;
 using namespace std::chrono_literals;
 
-class CoordinatorTest : public ::testing::Test {
+class CoordinatorTest : public ::testing::Test, public testing::CoordinatorHarness {
  protected:
-  void SetUp() override {
-    dir_ = fs::temp_directory_path() / ("muster-coord-unit-" + std::to_string(getpid()) + "-" +
-                                        std::to_string(std::random_device{}()));
-    Open();
-  }
-  void TearDown() override {
-    coord_.reset();
-    fs::remove_all(dir_);
-  }
+  CoordinatorTest() : CoordinatorHarness("muster-coord-unit") {}
+  void SetUp() override { Open(); }
   void Open() {
-    coord_.reset();
     CoordinatorOptions o;
-    o.clock = [this] { return now_; };
     o.heartbeat_timeout = 5s;
     o.quarantine.failures_to_quarantine = 2;
     o.current_role = [this](const std::string& key) {
       auto it = current_roles_.find(key);
       return it == current_roles_.end() ? KeyRole::kAgent : it->second;
     };
-    auto c = Coordinator::Create(*CoordinatorDb::Open(dir_), o);
-    ASSERT_TRUE(c.ok()) << c.status();
-    coord_ = std::move(*c);
-  }
-
-  proto::Envelope Call(proto::Envelope req) {
-    proto::Envelope out;
-    bool replied = false;
-    coord_->Handle("test", std::move(req), [&](proto::Envelope e) {
-      out = std::move(e);
-      replied = true;
-    });
-    EXPECT_TRUE(replied);
-    return out;
-  }
-
-  std::string Register(const std::string& name) {
-    proto::Envelope e;
-    auto* l = e.mutable_agent_register()->mutable_labels();
-    l->set_name(name);
-    l->set_provider("aws");
-    l->set_gpus(8);
-    l->set_slots(8);
-    auto r = Call(e);
-    EXPECT_TRUE(r.has_agent_registered()) << r.DebugString();
-    return r.agent_registered().session_id();
-  }
-
-  std::vector<proto::AgentAction> Heartbeat(const std::string& node, const std::string& session) {
-    proto::Envelope e;
-    e.mutable_agent_heartbeat()->set_node(node);
-    e.mutable_agent_heartbeat()->set_session_id(session);
-    auto r = Call(e);
-    return {r.agent_heartbeat_reply().actions().begin(), r.agent_heartbeat_reply().actions().end()};
+    ASSERT_TRUE(CoordinatorHarness::Open(o));
   }
 
   // Moves the clock in 1 s steps, heartbeating like a live agent; returns the actions received.
@@ -92,32 +47,6 @@ class CoordinatorTest : public ::testing::Test {
     return got;
   }
 
-  std::string Submit(const std::string& yaml) {
-    proto::Envelope e;
-    e.mutable_submit_request()->set_yaml(yaml);
-    auto r = Call(e);
-    EXPECT_TRUE(r.has_submit_reply()) << r.DebugString();
-    return r.submit_reply().job_id();
-  }
-
-  proto::JobStatus Status(const std::string& id) {
-    proto::Envelope e;
-    e.mutable_status_request()->set_job_id(id);
-    return Call(e).status_reply().jobs(0);
-  }
-
-  // An AgentReport from `node` about `job`'s `attempt`, to fill in.
-  static proto::Envelope ReportFrom(const std::string& node, const std::string& session,
-                                    const std::string& job, int attempt) {
-    proto::Envelope e;
-    auto* r = e.mutable_agent_report();
-    r->set_node(node);
-    r->set_session_id(session);
-    r->set_job_id(job);
-    r->set_attempt(attempt);
-    return e;
-  }
-
   void Report(const std::string& node, const std::string& session, const std::string& job,
               int attempt, bool started, int exit_code, bool all_exited) {
     proto::Envelope e = ReportFrom(node, session, job, attempt);
@@ -132,20 +61,7 @@ class CoordinatorTest : public ::testing::Test {
 
   // An agent on `provider` mounting volume "ckpt" and serving it for replication.
   std::string RegisterWithVolume(const std::string& name, const std::string& provider) {
-    proto::Envelope e;
-    auto* l = e.mutable_agent_register()->mutable_labels();
-    l->set_name(name);
-    l->set_provider(provider);
-    l->set_gpus(8);
-    l->set_slots(8);
-    auto* v = l->add_volumes();
-    v->set_name("ckpt");
-    v->set_path("/vol/" + name);
-    l->set_transfer_endpoint("tcp://" + name + ":7071");
-    l->set_transfer_key("key-of-" + name);
-    auto r = Call(e);
-    EXPECT_TRUE(r.has_agent_registered()) << r.DebugString();
-    return r.agent_registered().session_id();
+    return Register(name, {.provider = provider, .volume = true, .transfer = true});
   }
 
   // A checkpoint report: a commit on `node`'s volume, a verified replica there, or a copy that
@@ -161,43 +77,15 @@ class CoordinatorTest : public ::testing::Test {
     EXPECT_TRUE(Call(e).has_agent_report_reply());
   }
 
-  std::string Events(const std::string& job) {
-    proto::Envelope e;
-    e.mutable_events_request()->set_job_id(job);
-    std::string out;
-    proto::Envelope reply = Call(e);
-    for (const auto& ev : reply.events_reply().events())
-      out += ev.kind() + " [" + ev.node() + "] " + ev.message() + "\n";
-    return out;
-  }
-
-  proto::Envelope CallAs(const Caller& caller, proto::Envelope req) {
-    proto::Envelope out;
-    bool replied = false;
-    coord_->Handle(caller, std::move(req), [&](proto::Envelope e) {
-      out = std::move(e);
-      replied = true;
-    });
-    EXPECT_TRUE(replied);
-    return out;
-  }
   static muster::Status ErrorOf(const proto::Envelope& e) {
     return e.has_error() ? ErrorToStatus(e.error()) : muster::Status::Ok();
   }
   static proto::Envelope RegisterRequest(const std::string& name, const std::string& provider) {
-    proto::Envelope e;
-    auto* l = e.mutable_agent_register()->mutable_labels();
-    l->set_name(name);
-    l->set_provider(provider);
-    l->set_gpus(8);
-    l->set_slots(8);
-    l->set_address("10.0.0." + std::to_string(name.size()));
-    auto* v = l->add_volumes();
-    v->set_name("ckpt");
-    v->set_path("/vol/" + name);
-    l->set_transfer_endpoint("tcp://" + name + ":7071");
-    l->set_transfer_key("key-of-" + name);
-    return e;
+    return CoordinatorHarness::RegisterRequest(name,
+                                               {.provider = provider,
+                                                .address = "10.0.0." + std::to_string(name.size()),
+                                                .volume = true,
+                                                .transfer = true});
   }
   // Registers `name` with `caller`'s key; returns the session id ("" if refused).
   std::string RegisterAs(const Caller& caller, const std::string& name,
@@ -211,10 +99,6 @@ class CoordinatorTest : public ::testing::Test {
   const Caller agent1_{"node-1", "Agent1Key0000000000000000000000000000000", KeyRole::kAgent, ""};
   const Caller agent2_{"node-2", "Agent2Key0000000000000000000000000000000", KeyRole::kAgent, ""};
   std::map<std::string, KeyRole> current_roles_;  // for CoordinatorOptions::current_role
-
-  TimePoint now_ = TimePoint{} + std::chrono::hours(490000);
-  fs::path dir_;
-  std::unique_ptr<Coordinator> coord_;
 };
 
 TEST_F(CoordinatorTest, HeartbeatTimeoutOnTheInjectedClockRequeues) {

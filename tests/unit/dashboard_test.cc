@@ -8,9 +8,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include <filesystem>
 #include <nlohmann/json.hpp>
-#include <random>
 
 #include "common/reactor.h"
 #include "common/wire.h"
@@ -18,12 +16,12 @@
 #include "coordinator/http/dashboard_server.h"
 #include "coordinator/http/fleet_recorder.h"
 #include "coordinator/http/render.h"
+#include "tests/testing/coordinator_harness.h"
 #include "tests/testing/http_get.h"
 
 namespace muster::coordinator::http {
 namespace {
 
-namespace fs = std::filesystem;
 using json = nlohmann::json;
 using namespace std::chrono_literals;
 
@@ -32,84 +30,29 @@ int64_t Ms(TimePoint t) {
 }
 
 // A Coordinator on an injected clock, driven like coordinator_test drives it.
-class Fleet {
+class Fleet : public testing::CoordinatorHarness {
  public:
-  Fleet() {
-    dir_ = fs::temp_directory_path() / ("dashboard-unit-" + std::to_string(getpid()) + "-" +
-                                        std::to_string(std::random_device{}()));
-    CoordinatorOptions o;
-    o.clock = [this] { return now_; };
-    auto c = Coordinator::Create(*CoordinatorDb::Open(dir_), o);
-    EXPECT_TRUE(c.ok()) << c.status();
-    coord_ = std::move(*c);
-  }
-  ~Fleet() {
-    coord_.reset();
-    fs::remove_all(dir_);
-  }
+  Fleet() : CoordinatorHarness("dashboard-unit") { EXPECT_TRUE(Open()); }
   // A new coordinator on the same data dir, as after a crash (nothing is flushed at close).
-  void Restart() {
-    coord_.reset();
-    CoordinatorOptions o;
-    o.clock = [this] { return now_; };
-    auto c = Coordinator::Create(*CoordinatorDb::Open(dir_), o);
-    ASSERT_TRUE(c.ok()) << c.status();
-    coord_ = std::move(*c);
-  }
-  proto::Envelope Call(proto::Envelope req) {
-    proto::Envelope out;
-    coord_->Handle("test", std::move(req), [&](proto::Envelope e) { out = std::move(e); });
-    return out;
-  }
+  void Restart() { ASSERT_TRUE(Open()); }
   // `job`: the agent runs attempt 1 of it (it re-registers with a restarted coordinator).
   std::string Register(const std::string& name, const std::string& provider,
                        const std::string& job = "") {
-    proto::Envelope e;
-    if (!job.empty()) {
-      auto* ra = e.mutable_agent_register()->add_running();
-      ra->set_job_id(job);
-      ra->set_attempt(1);
-    }
-    auto* l = e.mutable_agent_register()->mutable_labels();
-    l->set_name(name);
-    l->set_provider(provider);
-    l->set_island(provider + "-a");
-    l->set_gpus(8);
-    l->set_slots(8);
-    auto* v = l->add_volumes();
-    v->set_name("ckpt");
-    v->set_path("/vol/" + name);
-    l->set_transfer_endpoint("tcp://" + name + ":7071");
-    l->set_transfer_key("key-of-" + name);
-    auto r = Call(e);
-    EXPECT_TRUE(r.has_agent_registered()) << r.DebugString();
-    return r.agent_registered().session_id();
+    return CoordinatorHarness::Register(name, {.provider = provider,
+                                               .island = provider + "-a",
+                                               .volume = true,
+                                               .transfer = true,
+                                               .running_job = job});
   }
   std::vector<proto::AgentAction> Heartbeat(const std::string& node, const std::string& session,
                                             std::vector<proto::Progress> progress = {}) {
-    proto::Envelope e;
-    e.mutable_agent_heartbeat()->set_node(node);
-    e.mutable_agent_heartbeat()->set_session_id(session);
+    proto::Envelope e = HeartbeatRequest(node, session);
     for (auto& p : progress) *e.mutable_agent_heartbeat()->add_progress() = p;
-    auto r = Call(e);
-    return {r.agent_heartbeat_reply().actions().begin(), r.agent_heartbeat_reply().actions().end()};
+    return ActionsOf(Call(e));
   }
   proto::Envelope Report(const std::string& node, const std::string& session,
                          const std::string& job, int attempt) {
-    proto::Envelope e;
-    auto* r = e.mutable_agent_report();
-    r->set_node(node);
-    r->set_session_id(session);
-    r->set_job_id(job);
-    r->set_attempt(attempt);
-    return e;
-  }
-  std::string Submit(const std::string& yaml) {
-    proto::Envelope e;
-    e.mutable_submit_request()->set_yaml(yaml);
-    auto r = Call(e);
-    EXPECT_TRUE(r.has_submit_reply()) << r.DebugString();
-    return r.submit_reply().job_id();
+    return ReportFrom(node, session, job, attempt);
   }
   static proto::Progress Progress(const std::string& job, int64_t step, double loss,
                                   int64_t time_ms) {
@@ -123,10 +66,6 @@ class Fleet {
     p.set_time_ms(time_ms);
     return p;
   }
-
-  TimePoint now_ = TimePoint{} + std::chrono::hours(490000);
-  fs::path dir_;
-  std::unique_ptr<Coordinator> coord_;
 };
 
 // The fine-tune's story on the injected clock: placed on one provider, progress, a commit there

@@ -9,10 +9,10 @@
 #include <unistd.h>
 
 #include <filesystem>
-#include <random>
 
 #include "coordinator/coordinator.h"
 #include "coordinator/providers/provider_manager.h"
+#include "tests/testing/coordinator_harness.h"
 
 namespace muster::coordinator {
 namespace {
@@ -20,83 +20,24 @@ namespace {
 namespace fs = std::filesystem;
 using namespace std::chrono_literals;
 
-class ReleaseRecorder : public providers::Provider {
- public:
-  explicit ReleaseRecorder(providers::ProviderConfig c) : config_(std::move(c)) {}
-  const providers::ProviderConfig& config() const override { return config_; }
-  Status Request(const providers::NodeGroupRequest&) override { return Status::Ok(); }
-  void Cancel(uint64_t) override {}
-  void Release(const std::string& node) override { released->push_back(node); }
-  std::vector<providers::RequestFailure> Poll() override { return {}; }
-  std::vector<std::string>* released = nullptr;
-
- private:
-  providers::ProviderConfig config_;
-};
-
-class LogCollectTest : public ::testing::Test {
+class LogCollectTest : public ::testing::Test, public testing::CoordinatorHarness {
  protected:
-  void SetUp() override {
-    dir_ = fs::temp_directory_path() / ("logkeep-collect-" + std::to_string(getpid()) + "-" +
-                                        std::to_string(std::random_device{}()));
-    StartCoordinator();
-  }
+  LogCollectTest() : CoordinatorHarness("logkeep-collect") {}
+  void SetUp() override { StartCoordinator(); }
   // A coordinator on dir_ (again after Restart: what a kill -9 leaves, the .part files of
   // copies in flight, is still there; the destructor only drops the fetches' replies).
   void StartCoordinator(bool with_providers = true) {
     CoordinatorOptions o;
-    o.clock = [this] { return now_; };
     o.log_keep_dir = dir_ / "logs";
     o.log_keep_wait = 10s;
     o.heartbeat_timeout = 60s;
     o.lease = 90s;
-    auto c = Coordinator::Create(*CoordinatorDb::Open(dir_), o);
-    ASSERT_TRUE(c.ok()) << c.status();
-    coord_ = std::move(*c);
-    if (!with_providers) return;
-    providers::ProviderConfig gcp;
-    gcp.name = "gcp";
-    gcp.kind = "local";
-    gcp.idle_timeout = 2s;
-    gcp.node.slots = 8;
-    providers::ProvidersConfig config;
-    config.providers.push_back(gcp);
-    auto fake = std::make_unique<ReleaseRecorder>(gcp);
-    fake->released = &released_;
-    std::map<std::string, std::unique_ptr<providers::Provider>> m;
-    m["gcp"] = std::move(fake);
-    coord_->SetProviders(std::make_unique<providers::ProviderManager>(config, std::move(m)));
+    ASSERT_TRUE(Open(o));
+    if (with_providers) UseReleaseRecorder(2s, /*volume=*/false);
   }
-  void Restart(bool with_providers = true) {
-    coord_.reset();
-    StartCoordinator(with_providers);
-  }
-  void TearDown() override {
-    coord_.reset();
-    fs::remove_all(dir_);
-  }
-  proto::Envelope Call(proto::Envelope req) {
-    proto::Envelope out;
-    coord_->Handle("test", std::move(req), [&](proto::Envelope e) { out = std::move(e); });
-    return out;
-  }
+  void Restart(bool with_providers = true) { StartCoordinator(with_providers); }
   std::string Register(const std::string& name, const std::string& provider) {
-    proto::Envelope e;
-    auto* l = e.mutable_agent_register()->mutable_labels();
-    l->set_name(name);
-    l->set_provider(provider);
-    l->set_gpus(8);
-    l->set_slots(8);
-    auto r = Call(e);
-    EXPECT_TRUE(r.has_agent_registered()) << r.DebugString();
-    return r.agent_registered().session_id();
-  }
-  std::vector<proto::AgentAction> Heartbeat(const std::string& node, const std::string& session) {
-    proto::Envelope e;
-    e.mutable_agent_heartbeat()->set_node(node);
-    e.mutable_agent_heartbeat()->set_session_id(session);
-    auto r = Call(e);
-    return {r.agent_heartbeat_reply().actions().begin(), r.agent_heartbeat_reply().actions().end()};
+    return CoordinatorHarness::Register(name, {.provider = provider});
   }
   proto::Envelope Chunk(const std::string& node, const std::string& session, uint64_t fetch,
                         const std::string& data, int64_t next, bool eof) {
@@ -130,7 +71,7 @@ class LogCollectTest : public ::testing::Test {
     l->set_rank(rank);
     l->set_offset(offset);
     l->set_kept(kept);
-    return Call(e);
+    return CallOrPark(e).value_or(proto::Envelope());  // parked while the node is asked
   }
   std::string Events() {
     proto::Envelope e;
@@ -203,10 +144,6 @@ class LogCollectTest : public ::testing::Test {
     return out;
   }
 
-  TimePoint now_ = TimePoint{} + std::chrono::hours(490000);
-  fs::path dir_;
-  std::unique_ptr<Coordinator> coord_;
-  std::vector<std::string> released_;
   std::string sa_, sg_;
 };
 

@@ -6,71 +6,34 @@
 // back on their heartbeats.
 
 #include <gtest/gtest.h>
-#include <unistd.h>
 
-#include <filesystem>
 #include <map>
-#include <random>
 
 #include "coordinator/coordinator.h"
+#include "tests/testing/coordinator_harness.h"
 
 namespace muster::coordinator {
 namespace {
 
-namespace fs = std::filesystem;
 using namespace std::chrono_literals;
 
-class SnapshotFallbackTest : public ::testing::Test {
+class SnapshotFallbackTest : public ::testing::Test, public testing::CoordinatorHarness {
  protected:
-  void SetUp() override {
-    dir_ = fs::temp_directory_path() / ("snapnet-fallback-unit-" + std::to_string(getpid()) + "-" +
-                                        std::to_string(std::random_device{}()));
-    Open();
+  SnapshotFallbackTest() : CoordinatorHarness("snapnet-fallback-unit") {
+    now_ = std::chrono::system_clock::now();
   }
-  // A coordinator over the database in dir_. Called again, it is a restart: the old object is
-  // dropped as it is (nothing of it is flushed: every write was durable when made, so this is
-  // what kill -9 leaves) and a new one restores from the database; agents register again.
+  void SetUp() override { Open(); }
+  // A coordinator over the database in dir_. Called again, it is a restart (see
+  // CoordinatorHarness::Open); agents register again.
   void Open() {
-    coord_.reset();
     CoordinatorOptions o;
-    o.clock = [this] { return now_; };
     o.heartbeat_timeout = 5s;
-    auto c = Coordinator::Create(*CoordinatorDb::Open(dir_), o);
-    ASSERT_TRUE(c.ok()) << c.status();
-    coord_ = std::move(*c);
-  }
-  void TearDown() override {
-    coord_.reset();
-    fs::remove_all(dir_);
-  }
-
-  proto::Envelope Call(proto::Envelope req) {
-    proto::Envelope out;
-    bool replied = false;
-    coord_->Handle("test", std::move(req), [&](proto::Envelope e) {
-      out = std::move(e);
-      replied = true;
-    });
-    EXPECT_TRUE(replied);
-    return out;
+    ASSERT_TRUE(CoordinatorHarness::Open(o));
   }
 
   // An agent with snapshot memory and volume "ckpt".
   void Register(const std::string& name) {
-    proto::Envelope e;
-    auto* l = e.mutable_agent_register()->mutable_labels();
-    l->set_name(name);
-    l->set_provider("aws");
-    l->set_gpus(8);
-    l->set_slots(8);
-    auto* v = l->add_volumes();
-    v->set_name("ckpt");
-    v->set_path("/vol/" + name);
-    l->set_snapshot_endpoint("tcp://" + name + ":7100");
-    l->set_snapshot_key("snapshot-key-of-" + name);
-    auto r = Call(e);
-    ASSERT_TRUE(r.has_agent_registered()) << r.DebugString();
-    sessions_[name] = r.agent_registered().session_id();
+    sessions_[name] = CoordinatorHarness::Register(name, {.volume = true, .snapshots = true});
   }
 
   // A heartbeat from `node`, reporting the frames it holds of `job` (ranks `ranks` of a world of
@@ -99,13 +62,7 @@ class SnapshotFallbackTest : public ::testing::Test {
   }
 
   proto::Envelope ReportFrom(const std::string& node, const std::string& job, int attempt) {
-    proto::Envelope e;
-    auto* r = e.mutable_agent_report();
-    r->set_node(node);
-    r->set_session_id(sessions_[node]);
-    r->set_job_id(job);
-    r->set_attempt(attempt);
-    return e;
+    return CoordinatorHarness::ReportFrom(node, sessions_[node], job, attempt);
   }
   void Started(const std::string& node, const std::string& job, int attempt) {
     proto::Envelope e = ReportFrom(node, job, attempt);
@@ -131,20 +88,6 @@ class SnapshotFallbackTest : public ::testing::Test {
     e.mutable_agent_report()->set_checkpoint_volume("ckpt");
     EXPECT_TRUE(Call(e).has_agent_report_reply());
   }
-  proto::JobStatus Status(const std::string& id) {
-    proto::Envelope e;
-    e.mutable_status_request()->set_job_id(id);
-    return Call(e).status_reply().jobs(0);
-  }
-  std::string Events(const std::string& job) {
-    proto::Envelope e;
-    e.mutable_events_request()->set_job_id(job);
-    std::string out;
-    const proto::Envelope reply = Call(e);
-    for (const auto& ev : reply.events_reply().events())
-      out += ev.kind() + " [" + ev.node() + "] " + ev.message() + "\n";
-    return out;
-  }
 
   // Heartbeats from a and b (holding frames of step `step` of `frames_attempt` for both ranks)
   // until attempt `attempt` is started on both, the clock moving 1 s per round (for up to 2
@@ -169,9 +112,6 @@ class SnapshotFallbackTest : public ::testing::Test {
     return got;
   }
 
-  std::chrono::system_clock::time_point now_ = std::chrono::system_clock::now();
-  fs::path dir_;
-  std::unique_ptr<Coordinator> coord_;
   std::map<std::string, std::string> sessions_;
 };
 
