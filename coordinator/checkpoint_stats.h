@@ -14,27 +14,15 @@
 
 #include <cstdint>
 
+#include "common/bucket_histogram.h"
+
 namespace muster::coordinator {
 
 // Checkpoint commit latencies (Save to commit, as the ranks' checkpointer measured them) as a
 // Prometheus histogram (seconds).
-struct CommitHistogram {
-  static constexpr double kBounds[] = {0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900};
-  static constexpr int kBuckets = sizeof(kBounds) / sizeof(kBounds[0]);
-  uint64_t counts[kBuckets] = {};  // non-cumulative, per bound
-  uint64_t count = 0;              // every observation (those above the last bound too)
-  double sum_seconds = 0;
-  void Add(double seconds) {
-    for (int i = 0; i < kBuckets; ++i) {
-      if (seconds <= kBounds[i]) {
-        counts[i]++;
-        break;
-      }
-    }
-    count++;
-    sum_seconds += seconds;
-  }
-};
+inline constexpr double kCommitSecondsBounds[] = {0.1, 0.25, 0.5, 1,   2.5, 5,
+                                                  10,  30,   60,  120, 300, 900};
+using CommitHistogram = BucketHistogram<kCommitSecondsBounds>;
 
 struct CheckpointStats {
   uint64_t commits = 0;
@@ -64,7 +52,7 @@ struct CheckpointStats {
     for (int i = 0; i < CommitHistogram::kBuckets; ++i)
       latency.counts[i] += other.latency.counts[i];
     latency.count += other.latency.count;
-    latency.sum_seconds += other.latency.sum_seconds;
+    latency.sum += other.latency.sum;
   }
 };
 

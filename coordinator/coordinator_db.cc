@@ -671,7 +671,7 @@ Status SqliteCoordinatorDb::RecordCheckpointCounted(const CheckpointRecord& ckpt
       .Bind(5, static_cast<int64_t>(row.commit_bytes))
       .Bind(6, static_cast<int64_t>(row.replica_bytes))
       .Bind(7, static_cast<int64_t>(row.latency.count))
-      .BindDouble(8, row.latency.sum_seconds)
+      .BindDouble(8, row.latency.sum)
       .Bind(9, EncodeBuckets(row.latency));
   st = s.Run();
   if (!st.ok()) return fail(st);
@@ -695,7 +695,7 @@ StatusOr<std::map<std::string, CheckpointStats>> SqliteCoordinatorDb::Checkpoint
     c.commit_bytes = s.Int(3);
     c.replica_bytes = s.Int(4);
     c.latency.count = s.Int(5);
-    c.latency.sum_seconds = s.Double(6);
+    c.latency.sum = s.Double(6);
     MUSTER_RETURN_IF_ERROR(DecodeBuckets(s.Text(7), &c.latency));
   }
   return out;

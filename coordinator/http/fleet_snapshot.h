@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "common/bucket_histogram.h"
 #include "common/proto/coordinator.pb.h"
 #include "coordinator/checkpoint_stats.h"
 #include "coordinator/coordinator_db.h"
@@ -68,25 +69,10 @@ struct JobView {
   double eta_seconds = -1;  // from the current attempt's rate; -1: unknown
 };
 
-// Pass times of the scheduler as a Prometheus histogram (cumulative buckets, seconds).
-struct PassHistogram {
-  static constexpr double kBounds[] = {0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
-                                       0.01,   0.025,   0.05,   0.1,   0.25,   1.0};
-  static constexpr int kBuckets = sizeof(kBounds) / sizeof(kBounds[0]);
-  uint64_t counts[kBuckets] = {};  // non-cumulative, per bound
-  uint64_t count = 0;
-  double sum_seconds = 0;
-  void Add(double seconds) {
-    for (int i = 0; i < kBuckets; ++i) {
-      if (seconds <= kBounds[i]) {
-        counts[i]++;
-        break;
-      }
-    }
-    count++;
-    sum_seconds += seconds;
-  }
-};
+// Pass times of the scheduler as a Prometheus histogram (seconds).
+inline constexpr double kPassSecondsBounds[] = {0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
+                                                0.01,   0.025,   0.05,   0.1,   0.25,   1.0};
+using PassHistogram = BucketHistogram<kPassSecondsBounds>;
 
 // CommitHistogram and CheckpointStats: coordinator/checkpoint_stats.h.
 

@@ -9,6 +9,7 @@
 #include <set>
 #include <sstream>
 
+#include "common/metric_families.h"
 #include "coordinator/client.h"
 #include "coordinator/node_state.h"
 #include "http/http_server.h"
@@ -22,23 +23,11 @@ using prometheus::ClientMetric;
 using prometheus::MetricFamily;
 using prometheus::MetricType;
 
-MetricFamily Family(std::string name, std::string help, MetricType type) {
-  MetricFamily f;
-  f.name = "muster_" + std::move(name);
-  f.help = std::move(help);
-  f.type = type;
-  return f;
-}
+using metrics::Add;
+using metrics::HistogramMetric;
 
-void Add(MetricFamily& f, std::vector<ClientMetric::Label> labels, double value) {
-  ClientMetric m;
-  m.label = std::move(labels);
-  if (f.type == MetricType::Counter) {
-    m.counter.value = value;
-  } else {
-    m.gauge.value = value;
-  }
-  f.metric.push_back(std::move(m));
+MetricFamily Family(std::string name, std::string help, MetricType type) {
+  return metrics::Family("muster_", std::move(name), std::move(help), type);
 }
 
 // JSON strings must be valid UTF-8 for nlohmann's dump: replace what is not.
@@ -189,16 +178,7 @@ std::string RenderMetrics(const FleetSnapshot& s) {
   {
     auto f =
         Family("scheduler_pass_seconds", "Wall time of one scheduling pass", MetricType::Histogram);
-    ClientMetric m;
-    uint64_t cum = 0;
-    for (int i = 0; i < PassHistogram::kBuckets; ++i) {
-      cum += s.passes.counts[i];
-      m.histogram.bucket.push_back({cum, PassHistogram::kBounds[i]});
-    }
-    m.histogram.bucket.push_back({s.passes.count, std::numeric_limits<double>::infinity()});
-    m.histogram.sample_count = s.passes.count;
-    m.histogram.sample_sum = s.passes.sum_seconds;
-    f.metric.push_back(std::move(m));
+    f.metric.push_back(HistogramMetric(s.passes));
     fams.push_back(std::move(f));
   }
 
@@ -253,17 +233,8 @@ std::string RenderMetrics(const FleetSnapshot& s) {
     Add(bytes, {{"job_id", job_id}, {"provider", provider}, {"kind", "replica"}}, st.replica_bytes);
     Add(reported, {{"job_id", job_id}, {"provider", provider}, {"kind", "commit"}}, st.commits);
     Add(reported, {{"job_id", job_id}, {"provider", provider}, {"kind", "replica"}}, st.replicas);
-    ClientMetric m;
-    m.label = {{"job_id", job_id}, {"provider", provider}};
-    uint64_t cum = 0;
-    for (int i = 0; i < CommitHistogram::kBuckets; ++i) {
-      cum += st.latency.counts[i];
-      m.histogram.bucket.push_back({cum, CommitHistogram::kBounds[i]});
-    }
-    m.histogram.bucket.push_back({st.latency.count, std::numeric_limits<double>::infinity()});
-    m.histogram.sample_count = st.latency.count;
-    m.histogram.sample_sum = st.latency.sum_seconds;
-    latency.metric.push_back(std::move(m));
+    latency.metric.push_back(
+        HistogramMetric(st.latency, {{"job_id", job_id}, {"provider", provider}}));
   }
   fams.push_back(std::move(bytes));
   fams.push_back(std::move(reported));

@@ -6,6 +6,8 @@
 #include <algorithm>
 #include <sstream>
 
+#include "common/metric_families.h"
+
 namespace muster::node_agent {
 
 namespace {
@@ -15,23 +17,10 @@ using prometheus::MetricFamily;
 using prometheus::MetricType;
 using Labels = std::vector<ClientMetric::Label>;
 
-MetricFamily Family(std::string name, std::string help, MetricType type) {
-  MetricFamily f;
-  f.name = "muster_agent_" + std::move(name);
-  f.help = std::move(help);
-  f.type = type;
-  return f;
-}
+using metrics::Add;
 
-void Add(MetricFamily& f, Labels labels, double value) {
-  ClientMetric m;
-  m.label = std::move(labels);
-  if (f.type == MetricType::Counter) {
-    m.counter.value = value;
-  } else {
-    m.gauge.value = value;
-  }
-  f.metric.push_back(std::move(m));
+MetricFamily Family(std::string name, std::string help, MetricType type) {
+  return metrics::Family("muster_agent_", std::move(name), std::move(help), type);
 }
 
 double AgeSeconds(int64_t now_ms, int64_t then_ms) {

@@ -163,7 +163,7 @@ TEST_F(CoordinatorDbTest, CheckpointCountersAddUpWithTheCatalogAndSurviveReopeni
   EXPECT_EQ(c["aws"].commit_bytes, 4000u);
   EXPECT_EQ(c["aws"].replicas, 0u);
   EXPECT_EQ(c["aws"].latency.count, 2u);
-  EXPECT_DOUBLE_EQ(c["aws"].latency.sum_seconds, 4.3);
+  EXPECT_DOUBLE_EQ(c["aws"].latency.sum, 4.3);
   EXPECT_EQ(c["aws"].latency.counts[2], 1u);  // 0.3 s: le=0.5
   EXPECT_EQ(c["aws"].latency.counts[5], 1u);  // 4 s: le=5
   EXPECT_EQ(c["gcp"].replicas, 1u);
