@@ -12,6 +12,7 @@
 
 #include <fcntl.h>
 #include <spawn.h>
+#include <spdlog/sinks/base_sink.h>
 #include <sys/epoll.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
@@ -23,6 +24,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <filesystem>
 #include <iostream>
 #include <mutex>
@@ -36,6 +38,7 @@
 #include "collectives/rendezvous_client.h"
 #include "collectives/rendezvous_relay.h"
 #include "collectives/rendezvous_server.h"
+#include "common/logging.h"
 #include "common/wire.h"
 
 namespace muster::bench {
@@ -240,9 +243,76 @@ struct Result {
   double cpu_s = -1;            // CPU seconds of every phase, every thread of every process
   double store_cpu_s = 0;       // CPU seconds of the store's threads (reactor, ZeroMQ I/O)
   int io_threads = 1;           // ZeroMQ I/O threads of the relays and of the ranks
+  int store_io_threads = 1;     // ZeroMQ I/O threads of the store's context
   bool zstd = false;            // relayed: the relays took gather results compressed
   bool random_entries = false;  // the allgather entries were random bytes
 };
+
+// The reactor's "closure '...' blocked the loop for N ms" warnings, rate-limited in this bench:
+// its simulated relays' reactors share 2 cores with thousands of simulated ranks, and at 16384
+// ranks their closures often wait 100-250 ms for a core, one warning line each, which buried
+// the table. The first such warning of each phase is logged as it comes; the rest are counted
+// and summed up in one line when the phase ends (Summary). Other messages pass untouched.
+// Only this bench installs it (InstallSlowClosureLimiter); the reactor logs as before elsewhere.
+class SlowClosureLimiter : public spdlog::sinks::base_sink<std::mutex> {
+ public:
+  explicit SlowClosureLimiter(std::vector<spdlog::sink_ptr> next) : next_(std::move(next)) {}
+
+  // Logs, on the bench's logger, how many warnings were held back since the last call and the
+  // longest block among all of them; nothing when none were held back.
+  void Summary(const std::string& phase) {
+    int held = 0;
+    long longest = 0;
+    {
+      std::lock_guard<std::mutex> l(mutex_);
+      held = seen_ - 1;
+      longest = longest_;
+      seen_ = 0;
+      longest_ = 0;
+    }
+    if (held <= 0) return;
+    log::Get("bench")->warn(
+        "{} more reactor closures blocked their loops for 100 ms or more during {} (longest {} "
+        "ms; only the first was logged): the simulated relays' reactors wait for a core among "
+        "the simulated ranks",
+        held, phase, longest);
+  }
+
+ protected:
+  void sink_it_(const spdlog::details::log_msg& msg) override {
+    std::string_view text(msg.payload.data(), msg.payload.size());
+    constexpr std::string_view kBlocked = "blocked the loop for ";
+    if (size_t at = text.find(kBlocked); at != std::string_view::npos) {
+      long ms =
+          std::strtol(std::string(text.substr(at + kBlocked.size(), 12)).c_str(), nullptr, 10);
+      longest_ = std::max(longest_, ms);
+      if (seen_++ > 0) return;
+    }
+    for (auto& sink : next_) {
+      if (sink->should_log(msg.level)) sink->log(msg);
+    }
+  }
+  void flush_() override {
+    for (auto& sink : next_) sink->flush();
+  }
+
+ private:
+  std::vector<spdlog::sink_ptr> next_;
+  int seen_ = 0;  // GUARDED_BY(mutex_): such warnings in this phase
+  long longest_ = 0;
+};
+
+// Puts a SlowClosureLimiter in front of the reactor logger's sinks, once per process, before
+// any reactor runs. Returns it.
+SlowClosureLimiter& InstallSlowClosureLimiter() {
+  static SlowClosureLimiter* limiter = [] {
+    auto logger = log::Get("reactor");
+    auto sink = std::make_shared<SlowClosureLimiter>(logger->sinks());
+    logger->sinks() = {sink};
+    return sink.get();  // kept alive by the logger, which the registry holds
+  }();
+  return *limiter;
+}
 
 // Where the relays' directories go (--relay-dir); empty: where an agent would put them
 // (collectives::PickRelaySocketParent).
@@ -255,6 +325,11 @@ std::filesystem::path g_relay_parent;
 // which no real node shares. The default, the host's cores, lets that work use the cores the
 // simulation has; 1 is the mode of the earlier runs, kept for comparison.
 int g_io_threads = 1;
+
+// ZeroMQ I/O threads of the store's context (--store-io-threads): the server side of every
+// CURVE handshake and of every encrypted message runs on them. 1 is what the store gets on the
+// agent's reactor (and the launcher's) today.
+int g_store_io_threads = 1;
 
 // Whether the relays ask the store for gather results compressed (--gather-zstd;
 // RendezvousRelay::Options::accept_zstd).
@@ -525,6 +600,7 @@ StatusOr<Result> Run(int n, bool curve, int per_node, bool gather_files) {
   res.ranks_per_node = per_node;
   res.gather_files = per_node > 0 && gather_files;
   res.io_threads = g_io_threads;
+  res.store_io_threads = g_store_io_threads;
   res.zstd = per_node > 0 && g_gather_zstd;
   res.random_entries = g_random_entries;
   // Every simulated rank costs about three descriptors in this one process (its socket's
@@ -541,8 +617,9 @@ StatusOr<Result> Run(int n, bool curve, int per_node, bool gather_files) {
         " open files in this one process; the limit is " + std::to_string(lim.rlim_cur) +
         " (hard limit " + std::to_string(lim.rlim_max) + ")");
   }
+  zmq::context_t store_ctx(g_store_io_threads);
   NewThreads store_threads;
-  Reactor reactor("rdzv-bench");
+  Reactor reactor("rdzv-bench", &store_ctx);
   std::unique_ptr<ZapAuthenticator> zap;
   if (curve) {
     MUSTER_ASSIGN_OR_RETURN(zap, ZapAuthenticator::Create(reactor));
@@ -682,6 +759,7 @@ StatusOr<Result> Run(int n, bool curve, int per_node, bool gather_files) {
 int RunNodes(const std::string& store, int n, int per_node, int first_node, int nodes,
              bool gather_files) {
   RaiseFdLimit();
+  SlowClosureLimiter& slow = InstallSlowClosureLimiter();
   const char* key = std::getenv("MUSTER_RDZV_KEY");
   auto creds = RdzvCredentials::Parse(key ? key : "");
   const int first_rank = first_node * per_node;
@@ -722,6 +800,8 @@ int RunNodes(const std::string& store, int n, int per_node, int first_node, int 
     } else {
       st = InvalidArgumentError("unknown phase '" + line + "'");
     }
+    slow.Summary(line + " (nodes " + std::to_string(first_node) + ".." +
+                 std::to_string(first_node + nodes - 1) + ")");
     if (st.ok()) {
       std::cout << "ok " << (relays ? relays->UpstreamRequests() : 0) << " "
                 << (phases ? phases->shared_replies : 0) << " " << CpuSeconds() << " "
@@ -741,15 +821,17 @@ int RunNodes(const std::string& store, int n, int per_node, int first_node, int 
 // processes: the store here, each phase started in every process at once and timed until the
 // last one has finished it.
 StatusOr<Result> RunSpread(int n, bool curve, int per_node, bool gather_files, int processes) {
+  zmq::context_t store_ctx(g_store_io_threads);
   Result res{n, curve, 0, 0, 0, 0, 0, 0, 0};
   res.ranks_per_node = per_node;
   res.gather_files = gather_files;
   res.processes = processes;
   res.io_threads = g_io_threads;
+  res.store_io_threads = g_store_io_threads;
   res.zstd = g_gather_zstd;
   res.random_entries = g_random_entries;
   NewThreads store_threads;
-  Reactor reactor("rdzv-bench");
+  Reactor reactor("rdzv-bench", &store_ctx);
   std::unique_ptr<ZapAuthenticator> zap;
   if (curve) {
     MUSTER_ASSIGN_OR_RETURN(zap, ZapAuthenticator::Create(reactor));
@@ -820,7 +902,7 @@ StatusOr<Result> RunSpread(int n, bool curve, int per_node, bool gather_files, i
   // Runs one phase in every child at once; adds up what they report.
   uint64_t upstream = 0, shared = 0, compressed = 0;
   double children_cpu = 0;  // CPU seconds the children have used so far, as they reported
-  auto phase = [&](const std::string& name) -> Status {
+  auto run_phase = [&](const std::string& name) -> Status {
     for (auto& c : children) {
       std::fputs((name + "\n").c_str(), c.in);
       std::fflush(c.in);
@@ -848,6 +930,22 @@ StatusOr<Result> RunSpread(int n, bool curve, int per_node, bool gather_files, i
       }
     }
     return result;
+  };
+  // MUSTER_BENCH_PHASE_CLOCK set: each phase's start and end on stderr, in CLOCK_MONOTONIC
+  // seconds (perf record -k CLOCK_MONOTONIC stamps its samples on the same clock), so that a
+  // profile can be cut by phase.
+  const bool print_clock = std::getenv("MUSTER_BENCH_PHASE_CLOCK") != nullptr;
+  auto mono = [] {
+    timespec ts{};
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return static_cast<double>(ts.tv_sec) + static_cast<double>(ts.tv_nsec) * 1e-9;
+  };
+  auto phase = [&](const std::string& name) -> Status {
+    if (print_clock) std::fprintf(stderr, "phase %s start %.6f\n", name.c_str(), mono());
+    Status done = run_phase(name);
+    if (print_clock) std::fprintf(stderr, "phase %s end %.6f\n", name.c_str(), mono());
+    InstallSlowClosureLimiter().Summary(name + " (the store's process)");
+    return done;
   };
   if (st.ok()) st = phase("cpu");
   const double children_cpu0 = children_cpu;
@@ -928,6 +1026,12 @@ void AddRendezvousBench(CLI::App& app, Runner* runner) {
                   "in each process (default: the host's cores, as real agents and ranks each "
                   "have their own; 1: all of them through one I/O thread, the earlier mode)")
       ->check(CLI::Range(1, 64));
+  auto store_io = std::make_shared<std::vector<int>>(std::vector<int>{1});
+  cmd->add_option("--store-io-threads", *store_io,
+                  "ZeroMQ I/O threads of the store's context, which run the server side of every "
+                  "CURVE handshake and encryption (repeatable, for rows of each in one run; "
+                  "default 1, what the store gets on an agent's reactor today)")
+      ->check(CLI::Range(1, 64));
   auto zstd = std::make_shared<std::vector<std::string>>(std::vector<std::string>{"on"});
   cmd->add_option("--gather-zstd", *zstd,
                   "on: the relays take gather results from the store compressed, as an agent's "
@@ -946,6 +1050,7 @@ void AddRendezvousBench(CLI::App& app, Runner* runner) {
   cmd->callback([=] {
     *runner = [=] {
       RaiseFdLimit();
+      SlowClosureLimiter& slow = InstallSlowClosureLimiter();
       g_relay_parent = *relay_dir;
       g_io_threads = *io_threads;
       g_random_entries = *random_entries;
@@ -955,20 +1060,24 @@ void AddRendezvousBench(CLI::App& app, Runner* runner) {
           for (bool curve : {true, false}) {
             if (!curve && !*insecure) continue;
             for (const std::string& z : *zstd) {
-              // The direct path has no relays to compress for: one row.
-              if (path == "direct" && z != zstd->front()) continue;
-              g_gather_zstd = z == "on";
-              const int procs =
-                  *processes > 0 ? *processes : std::max(HostCores(), (n + 4095) / 4096);
-              auto r = path != "direct" && procs > 1
-                           ? RunSpread(n, curve, *per_node, path == "relayed", procs)
-                           : Run(n, curve, path == "direct" ? 0 : *per_node, path == "relayed");
-              if (!r.ok()) {
-                std::cerr << "rendezvous bench with " << n << " ranks (" << path
-                          << ") failed: " << r.status() << "\n";
-                return 1;
+              for (int store_io_threads : *store_io) {
+                // The direct path has no relays to compress for: one row.
+                if (path == "direct" && z != zstd->front()) continue;
+                g_gather_zstd = z == "on";
+                g_store_io_threads = store_io_threads;
+                const int procs =
+                    *processes > 0 ? *processes : std::max(HostCores(), (n + 4095) / 4096);
+                auto r = path != "direct" && procs > 1
+                             ? RunSpread(n, curve, *per_node, path == "relayed", procs)
+                             : Run(n, curve, path == "direct" ? 0 : *per_node, path == "relayed");
+                if (!r.ok()) {
+                  std::cerr << "rendezvous bench with " << n << " ranks (" << path
+                            << ") failed: " << r.status() << "\n";
+                  return 1;
+                }
+                slow.Summary(std::to_string(n) + " ranks, " + path);
+                rows.push_back(*r);
               }
-              rows.push_back(*r);
             }
           }
         }
@@ -995,6 +1104,7 @@ void AddRendezvousBench(CLI::App& app, Runner* runner) {
                          {"cpu_s", r.cpu_s},
                          {"store_cpu_s", r.store_cpu_s},
                          {"io_threads", r.io_threads},
+                         {"store_io_threads", r.store_io_threads},
                          {"gather_zstd", r.zstd},
                          {"random_entries", r.random_entries},
                          {"setup_s", r.setup_s},
@@ -1031,7 +1141,8 @@ void AddRendezvousBench(CLI::App& app, Runner* runner) {
                               : "text addresses padded to 64 bytes, which compress well")
           << "); anchors (direct rows): the same N sockets "
              "against a raw ZeroMQ ROUTER, one round trip each (connect) and then N x 64 bytes "
-             "to each (allgather)\n";
+             "to each (allgather); store io thr: the ZeroMQ I/O threads of the store's context "
+             "(1 on an agent today)\n";
       Table t({"ranks",
                "path",
                "security",
@@ -1052,7 +1163,8 @@ void AddRendezvousBench(CLI::App& app, Runner* runner) {
                "gather via file",
                "zstd from store",
                "raw zmq connect s",
-               "raw zmq N*64B s"});
+               "raw zmq N*64B s",
+               "store io thr"});
       for (auto& r : rows) {
         bool relayed = r.ranks_per_node > 0;
         t.Row({std::to_string(r.ranks),
@@ -1078,7 +1190,8 @@ void AddRendezvousBench(CLI::App& app, Runner* runner) {
                relayed ? std::to_string(r.shared_replies) : "-",
                relayed ? std::to_string(r.compressed_gathers) : "-",
                relayed ? "-" : Fmt(r.anchor_s, 3),
-               relayed ? "-" : Fmt(r.anchor_allgather_s, 3)});
+               relayed ? "-" : Fmt(r.anchor_allgather_s, 3),
+               std::to_string(r.store_io_threads)});
       }
       t.Print();
       return 0;

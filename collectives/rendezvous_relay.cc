@@ -155,8 +155,24 @@ Status RendezvousRelay::Start() {
   }
   reactor_.AddSocket(upstream_, "rdzv-relay.upstream", [this] { OnUpstreamReadable(); });
   upstream_added_ = true;
-  reactor_.AddSocket(monitor_, "rdzv-relay.monitor", [this] { OnMonitor(); });
+  // Watched by its ZMQ_FD, as a plain descriptor: the reactor's zmq_poll asks every ZeroMQ
+  // socket it polls for its events twice per pass (each time through the socket's command
+  // mailbox), and this one has events a handful of times in its life. Its descriptor becomes
+  // readable when commands reach the socket, and OnMonitor drains it until EAGAIN, which
+  // processes them: no event waits unseen.
+  try {
+    monitor_fd_ = monitor_.get(zmq::sockopt::fd);
+  } catch (const zmq::error_t& e) {
+    return UnavailableError(std::string("rendezvous relay: the monitor's descriptor: ") + e.what());
+  }
+  reactor_.AddFd(monitor_fd_, "rdzv-relay.monitor", [this] { OnMonitor(); });
   monitor_added_ = true;
+  // Once on the loop, whatever the descriptor says: drains anything already there, so that
+  // from then on the descriptor alone tells when events come.
+  std::weak_ptr<int> life = life_;
+  reactor_.Post("rdzv-relay.monitor", [this, life] {
+    if (life.lock()) OnMonitor();
+  });
   log::Get("coll.relay")
       ->debug("rendezvous relay for {}/{} serving {} ({} local ranks), store {}", options_.job,
               options_.attempt, endpoint_, options_.local_ranks.size(), options_.upstream_endpoint);
@@ -168,7 +184,7 @@ RendezvousRelay::~RendezvousRelay() {
         " closed (the attempt ended on this node)");
   const bool own = reactor_.InReactorThread() || !reactor_.running();
   if (upstream_added_ && own) reactor_.RemoveSocket(upstream_);
-  if (monitor_added_ && own) reactor_.RemoveSocket(monitor_);
+  if (monitor_added_ && own) reactor_.RemoveFd(monitor_fd_);
   if (monitor_) {
     zmq_socket_monitor(upstream_.handle(), nullptr, 0);
     monitor_.close();
@@ -262,15 +278,18 @@ void RendezvousRelay::Forward(proto::StoreRequest request, milliseconds timeout,
   env.set_request_id(id);
   env.set_deadline_ms(timeout.count());
   *env.mutable_store_request() = std::move(request);
-  std::string bytes = SerializeEnvelope(env);
-  if (static_cast<int64_t>(bytes.size()) > options_.max_message_bytes) {
-    return done(InvalidArgumentError(
-        "rendezvous relay: a request of " + std::to_string(bytes.size()) +
-        " bytes exceeds the message limit of " + std::to_string(options_.max_message_bytes)));
+  const size_t size = env.ByteSizeLong();
+  if (size > static_cast<size_t>(options_.max_message_bytes)) {
+    return done(InvalidArgumentError("rendezvous relay: a request of " + std::to_string(size) +
+                                     " bytes exceeds the message limit of " +
+                                     std::to_string(options_.max_message_bytes)));
   }
   bool sent = false;
   try {
-    sent = upstream_.send(zmq::buffer(bytes), zmq::send_flags::dontwait).has_value();
+    // Serialized straight into the message (sizes cached by ByteSizeLong above).
+    zmq::message_t msg(size);
+    env.SerializeWithCachedSizesToArray(static_cast<uint8_t*>(msg.data()));
+    sent = upstream_.send(msg, zmq::send_flags::dontwait).has_value();
   } catch (const zmq::error_t& e) {
     log::Get("coll.relay")->warn("rendezvous relay: send to the store: {}", e.what());
   }
@@ -532,9 +551,11 @@ void RendezvousRelay::SendBatch(Batch batch) {
               if (b.gather && b.callers.size() >= 2) ShareGather(*r);
               proto::Envelope e;
               *e.mutable_store_reply() = std::move(*r);
+              // Serialized once for the batch; each caller's reply copies the bytes once.
+              auto bytes = std::make_shared<const SerializedReply>(e);
               for (auto& c : b.callers) {
                 forget(c);
-                c.reply(e);
+                RpcServer::ReplyWith(c.reply, bytes);
               }
               return;
             }

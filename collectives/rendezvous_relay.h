@@ -196,6 +196,7 @@ class RendezvousRelay {
   zmq::socket_t upstream_;
   bool upstream_added_ = false;
   zmq::socket_t monitor_;  // the upstream socket's handshake events
+  int monitor_fd_ = -1;    // monitor_'s ZMQ_FD, which the reactor watches
   bool monitor_added_ = false;
   std::optional<Status> refused_;  // the store refused the last handshake
   bool handshake_ok_ = false;      // the current connection completed its handshake

@@ -637,32 +637,41 @@ void RendezvousServer::CompleteGather(Scope& scope, const std::string& name, Gat
   // Callers that take the result compressed (relays, each answering a node's ranks) get it as
   // one zstd frame, compressed once here, when that saves at least an eighth: every copy the
   // store sends is encrypted (CURVE) on its own, so its size is paid once per relay.
-  std::optional<proto::Envelope> zenv;
+  std::shared_ptr<const SerializedReply> zreply;
+  size_t zbytes = 0;
   if (r.gathered().size() >= kZstdMinBytes && std::any_of(ids.begin(), ids.end(), [&](uint64_t id) {
         auto w = waiters_.find(id);
         return w != waiters_.end() && w->second->accept_zstd;
       })) {
     std::string z = CompressGathered(r.gathered());
     if (!z.empty() && z.size() <= r.gathered().size() - r.gathered().size() / 8) {
+      zbytes = z.size();
       proto::StoreReply zr;
       zr.set_gathered(std::move(z));
       zr.set_gathered_zstd(true);
-      zenv = ReplyEnvelope(std::move(zr));
+      zreply = std::make_shared<const SerializedReply>(ReplyEnvelope(std::move(zr)));
     }
   }
-  const proto::Envelope env = ReplyEnvelope(std::move(r));
+  // Serialized once (each form), and the same bytes sent to every caller: only each reply's
+  // request id differs.
+  std::shared_ptr<const SerializedReply> plain;
+  const bool any_plain = !zreply || std::any_of(ids.begin(), ids.end(), [&](uint64_t id) {
+    auto w = waiters_.find(id);
+    return w != waiters_.end() && !w->second->accept_zstd;
+  });
+  if (any_plain) plain = std::make_shared<const SerializedReply>(ReplyEnvelope(std::move(r)));
   log::Get("coll.store")
       ->debug("rendezvous gather '{}' of scope {} complete: {} ranks, {} bytes ({} compressed)",
-              name, scope.name, gs.n, bytes,
-              zenv ? std::to_string(zenv->store_reply().gathered().size()) : "not");
+              name, scope.name, gs.n, bytes, zreply ? std::to_string(zbytes) : "not");
   for (uint64_t id : ids) {
     auto w = waiters_.find(id);
-    const bool z = zenv && w != waiters_.end() && w->second->accept_zstd;
-    Finish(id, Status::Ok(), z ? &*zenv : &env);
+    const bool z = zreply && w != waiters_.end() && w->second->accept_zstd;
+    Finish(id, Status::Ok(), z ? zreply : plain);
   }
 }
 
-void RendezvousServer::Finish(uint64_t id, const Status& status, const proto::Envelope* result) {
+void RendezvousServer::Finish(uint64_t id, const Status& status,
+                              const std::shared_ptr<const SerializedReply>& result) {
   auto it = waiters_.find(id);
   if (it == waiters_.end()) return;
   std::unique_ptr<Waiter> w = std::move(it->second);
@@ -714,7 +723,7 @@ void RendezvousServer::Finish(uint64_t id, const Status& status, const proto::En
     return;
   }
   if (result != nullptr) {
-    w->reply(*result);
+    RpcServer::ReplyWith(w->reply, result);
     return;
   }
   if (!w->with_values) {

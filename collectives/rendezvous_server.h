@@ -18,8 +18,9 @@
 // Waiting operations (get, wait, barrier, gather) are parked on the server and answered exactly
 // once, when their keys are set, the barrier or gather fills, their timeout (a reactor timer)
 // fires, or the scope closes. Nothing polls: one request, one reply. A gather
-// (RendezvousStore::AllGather) keeps each rank's entry once, builds the assembled reply once when
-// the last rank arrives, and sends it to every parked rank: N requests and N replies for an
+// (RendezvousStore::AllGather) keeps each rank's entry once, builds and serializes the assembled
+// reply once when the last rank arrives, and sends those bytes to every parked request
+// (RpcServer::ReplyWith: one copy each, into its message): N requests and N replies for an
 // allgather of N ranks, where a get of N keys by every rank would cost the server N^2 entries to
 // copy and encode.
 //
@@ -174,9 +175,10 @@ class RendezvousServer {
   void ParkBarrier(Scope& scope, const proto::StoreBarrier& b, RpcServer::Reply reply);
   Status ParkGather(Scope& scope, proto::StoreGather& g, RpcServer::Reply& reply);
   void CompleteGather(Scope& scope, const std::string& name, GatherState& state);
-  // Answers waiter `id`: with `status` if not OK, else with `result` if given, else with the
-  // values (get) or nothing (wait, barrier).
-  void Finish(uint64_t id, const Status& status, const proto::Envelope* result = nullptr);
+  // Answers waiter `id`: with `status` if not OK, else with `result` if given (the same bytes
+  // for every waiter of a gather), else with the values (get) or nothing (wait, barrier).
+  void Finish(uint64_t id, const Status& status,
+              const std::shared_ptr<const SerializedReply>& result = nullptr);
   std::chrono::milliseconds ClampTimeout(int64_t timeout_ms) const;
 
   Reactor& reactor_;

@@ -88,6 +88,51 @@ Status MonitorSocket(zmq::context_t& context, zmq::socket_t& socket, const std::
   return Status::Ok();
 }
 
+namespace {
+
+// Field 1 (request_id) of an Envelope as a varint, the way protobuf writes it: the tag, then
+// the value 7 bits a byte. 0 is not written (proto3's default).
+size_t WriteRequestId(uint64_t id, uint8_t* out) {
+  if (id == 0) return 0;
+  size_t n = 0;
+  out[n++] = 0x08;  // field 1, wire type 0 (varint)
+  while (id >= 0x80) {
+    out[n++] = static_cast<uint8_t>(id | 0x80);
+    id >>= 7;
+  }
+  out[n++] = static_cast<uint8_t>(id);
+  return n;
+}
+
+// `env` serialized straight into a message: no intermediate string.
+zmq::message_t SerializeToMessage(const proto::Envelope& env) {
+  zmq::message_t msg(env.ByteSizeLong());
+  env.SerializeWithCachedSizesToArray(static_cast<uint8_t*>(msg.data()));
+  return msg;
+}
+
+}  // namespace
+
+SerializedReply::SerializedReply(const proto::Envelope& envelope) {
+  if (envelope.request_id() == 0) {
+    bytes_ = SerializeEnvelope(envelope);
+  } else {
+    proto::Envelope copy = envelope;
+    copy.clear_request_id();
+    bytes_ = SerializeEnvelope(copy);
+  }
+}
+
+size_t SerializedReply::size(uint64_t id) const {
+  uint8_t tail[11];
+  return bytes_.size() + WriteRequestId(id, tail);
+}
+
+void SerializedReply::WriteTo(uint64_t id, char* out) const {
+  std::memcpy(out, bytes_.data(), bytes_.size());
+  WriteRequestId(id, reinterpret_cast<uint8_t*>(out) + bytes_.size());
+}
+
 // The server's socket, shared with Reply closures so a late reply after the server is gone is
 // dropped instead of touching a closed socket. Reactor thread only.
 struct RpcServer::Core {
@@ -98,16 +143,72 @@ struct RpcServer::Core {
 
   void Send(const std::string& routing_id, const proto::Envelope& env) {
     if (!open) return;
-    std::string bytes = SerializeEnvelope(env);
+    SendMessage(routing_id, SerializeToMessage(env), env.request_id());
+  }
+  void Send(const std::string& routing_id, const SerializedReply& reply, uint64_t id) {
+    if (!open) return;
+    zmq::message_t msg(reply.size(id));
+    reply.WriteTo(id, static_cast<char*>(msg.data()));
+    SendMessage(routing_id, std::move(msg), id);
+  }
+  void SendMessage(const std::string& routing_id, zmq::message_t body, uint64_t id) {
     try {
       // ROUTER_MANDATORY is off: a reply to a peer that has gone is silently dropped.
       socket.send(zmq::buffer(routing_id), zmq::send_flags::sndmore | zmq::send_flags::dontwait);
-      socket.send(zmq::buffer(bytes), zmq::send_flags::dontwait);
+      socket.send(body, zmq::send_flags::dontwait);
     } catch (const zmq::error_t& e) {
-      log::Get("rpc")->warn("{}: reply {} dropped: {}", name, env.request_id(), e.what());
+      log::Get("rpc")->warn("{}: reply {} dropped: {}", name, id, e.what());
     }
   }
 };
+
+// The Reply the server hands its handler: answers one request over the connection it came on,
+// once (a second answer is a caller bug and is dropped), from any thread.
+struct RpcServer::ServerReply {
+  std::weak_ptr<Core> weak;
+  Reactor* reactor = nullptr;
+  std::string routing_id;
+  uint64_t id = 0;
+  std::shared_ptr<std::atomic<bool>> replied;
+
+  void operator()(proto::Envelope out) const {
+    if (replied->exchange(true)) return;
+    out.set_request_id(id);
+    if (reactor->InReactorThread()) {
+      if (auto core = weak.lock()) core->Send(routing_id, out);
+      return;
+    }
+    reactor->Post("rpc.reply", [weak = weak, routing_id = routing_id, out = std::move(out)] {
+      if (auto core = weak.lock()) core->Send(routing_id, out);
+    });
+  }
+  void Send(std::shared_ptr<const SerializedReply> serialized) const {
+    if (replied->exchange(true)) return;
+    if (reactor->InReactorThread()) {
+      if (auto core = weak.lock()) core->Send(routing_id, *serialized, id);
+      return;
+    }
+    reactor->Post("rpc.reply", [weak = weak, routing_id = routing_id, id = id,
+                                serialized = std::move(serialized)] {
+      if (auto core = weak.lock()) core->Send(routing_id, *serialized, id);
+    });
+  }
+};
+
+void RpcServer::ReplyWith(const Reply& reply, std::shared_ptr<const SerializedReply> serialized) {
+  if (const ServerReply* own = reply.target<ServerReply>(); own != nullptr) {
+    own->Send(std::move(serialized));
+    return;
+  }
+  // Not one of ours: hand it the envelope, as if it had been called with it.
+  auto env = ParseEnvelope(serialized->bytes().data(), serialized->bytes().size());
+  if (env.ok()) {
+    reply(std::move(*env));
+  } else {
+    reply(ErrorEnvelope(
+        0, InternalError("rpc: a serialized reply does not parse: " + env.status().message())));
+  }
+}
 
 RpcServer::RpcServer(Reactor& reactor, Options options, Handler handler)
     : reactor_(reactor), options_(std::move(options)), handler_(std::move(handler)) {}
@@ -289,21 +390,8 @@ void RpcServer::OnReadable() {
       core_->Send(routing_id, ErrorEnvelope(0, env.status()));
       continue;
     }
-    uint64_t id = env->request_id();
-    std::weak_ptr<Core> weak = core_;
-    Reactor* reactor = &reactor_;
-    auto replied = std::make_shared<std::atomic<bool>>(false);
-    Reply reply = [weak, reactor, routing_id, id, replied](proto::Envelope out) {
-      if (replied->exchange(true)) return;  // a second reply is a caller bug; drop it
-      out.set_request_id(id);
-      if (reactor->InReactorThread()) {
-        if (auto core = weak.lock()) core->Send(routing_id, out);
-        return;
-      }
-      reactor->Post("rpc.reply", [weak, routing_id, out = std::move(out)] {
-        if (auto core = weak.lock()) core->Send(routing_id, out);
-      });
-    };
+    Reply reply = ServerReply{core_, &reactor_, routing_id, env->request_id(),
+                              std::make_shared<std::atomic<bool>>(false)};
     handler_(peer, std::move(*env), std::move(reply));
   }
 }
@@ -378,15 +466,18 @@ StatusOr<proto::Envelope> RpcClient::Call(proto::Envelope request,
   uint64_t id = next_id_++;
   request.set_request_id(id);
   if (request.deadline_ms() == 0) request.set_deadline_ms(timeout.count());
-  std::string bytes = SerializeEnvelope(request);
-  if (static_cast<int64_t>(bytes.size()) > options_.max_message_bytes) {
-    return InvalidArgumentError("request of " + std::to_string(bytes.size()) +
+  const size_t size = request.ByteSizeLong();
+  if (size > static_cast<size_t>(options_.max_message_bytes)) {
+    return InvalidArgumentError("request of " + std::to_string(size) +
                                 " bytes exceeds the message limit of " +
                                 std::to_string(options_.max_message_bytes));
   }
   try {
     MUSTER_RETURN_IF_ERROR(CheckMonitor());
-    if (!socket_.send(zmq::buffer(bytes), zmq::send_flags::dontwait)) {
+    // Serialized straight into the message (sizes cached by ByteSizeLong above).
+    zmq::message_t msg(size);
+    request.SerializeWithCachedSizesToArray(static_cast<uint8_t*>(msg.data()));
+    if (!socket_.send(msg, zmq::send_flags::dontwait)) {
       return UnavailableError("cannot queue a request to " + options_.endpoint);
     }
     for (;;) {

@@ -58,11 +58,37 @@ struct ConnectionEvent {
   int fd = -1;
 };
 
+// An Envelope serialized once, to answer several requests with the same bytes (a result that
+// many parked requests wait for): RpcServer::ReplyWith sends it as each one's reply with only
+// that request's id added, where answering with a proto::Envelope copies and serializes it per
+// reply. Immutable once made: share it between threads freely.
+class SerializedReply {
+ public:
+  // `envelope`'s request_id is not kept: each reply carries its own request's.
+  explicit SerializedReply(const proto::Envelope& envelope);
+  // The envelope's bytes, without a request_id.
+  const std::string& bytes() const { return bytes_; }
+  // bytes() with request_id `id` appended: the envelope as the wire carries it to that request
+  // (protobuf merges concatenated messages, so the appended field sets request_id). Writes
+  // size(id) bytes at `out`.
+  size_t size(uint64_t id) const;
+  void WriteTo(uint64_t id, char* out) const;
+
+ private:
+  std::string bytes_;
+};
+
 class RpcServer {
  public:
   // Sends the reply to the request. Call exactly once, from any thread, while the reactor
   // lives; a reply for a connection that has gone is dropped.
   using Reply = std::function<void(proto::Envelope)>;
+
+  // Answers `reply` with `serialized`, as calling it with the envelope those bytes were made
+  // from would, and counts as that call (a Reply is answered once). A Reply made by an
+  // RpcServer copies the bytes once, into the outgoing message; any other (a test's, a
+  // caller's wrapper) is called with the envelope parsed back from them.
+  static void ReplyWith(const Reply& reply, std::shared_ptr<const SerializedReply> serialized);
   // Runs on the reactor. The request's payload is set (malformed requests never reach it).
   using Handler = std::function<void(const PeerInfo&, proto::Envelope&&, Reply)>;
 
@@ -101,6 +127,7 @@ class RpcServer {
 
  private:
   struct Core;
+  struct ServerReply;
   RpcServer(Reactor& reactor, Options options, Handler handler);
   void OnReadable();
   void DrainMonitor();

@@ -3,6 +3,8 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <optional>
+#include <thread>
 
 #include "common/wire.h"
 #include "tests/testing/log_capture.h"
@@ -234,6 +236,81 @@ TEST_F(RpcTest, NoServerGivesDeadlineExceeded) {
   auto c = RpcClient::Connect(ctx_, o);
   ASSERT_TRUE(c.ok());
   EXPECT_EQ((*c)->Call(Ping("x"), 200ms).status().code(), StatusCode::kDeadlineExceeded);
+}
+
+// A reply serialized once carries each request's own id: the bytes plus the appended field
+// parse as the envelope with that id, for ids of every varint length.
+TEST(SerializedReplyTest, EachCopyCarriesItsOwnRequestId) {
+  proto::Envelope env;
+  env.set_request_id(99);  // not kept
+  env.mutable_pong()->set_data(std::string(300, 'p'));
+  SerializedReply serialized(env);
+  for (uint64_t id : {uint64_t{0}, uint64_t{1}, uint64_t{127}, uint64_t{128}, uint64_t{300},
+                      uint64_t{1} << 35, ~uint64_t{0}}) {
+    std::string wire(serialized.size(id), '\0');
+    serialized.WriteTo(id, wire.data());
+    auto parsed = ParseEnvelope(wire.data(), wire.size());
+    ASSERT_TRUE(parsed.ok()) << id << ": " << parsed.status();
+    EXPECT_EQ(parsed->request_id(), id);
+    EXPECT_EQ(parsed->pong().data(), env.pong().data()) << id;
+  }
+}
+
+// One SerializedReply answers several parked requests, from clients of their own: each gets it
+// as the answer to its own call (a reply with another request's id would be discarded by the
+// client as stale, and its call would time out).
+TEST_F(RpcTest, OneSerializedReplyAnswersSeveralRequestsEachWithItsOwnId) {
+  std::vector<RpcServer::Reply> parked;  // reactor thread only
+  reactor_->Call("swap", [&] {
+    server_.reset();
+    RpcServer::Options o;
+    o.name = "shared";
+    o.endpoint = "tcp://127.0.0.1:*";
+    o.server_key = server_key_;
+    o.authenticator = zap_.get();
+    server_ = std::move(*RpcServer::Create(
+        *reactor_, o, [&parked](const PeerInfo&, proto::Envelope&& req, RpcServer::Reply reply) {
+          if (req.ping().data() == "warm") {
+            proto::Envelope out;
+            out.mutable_pong()->set_data("warm");
+            return reply(std::move(out));
+          }
+          parked.push_back(std::move(reply));
+          if (parked.size() != 3) return;
+          proto::Envelope out;
+          out.mutable_pong()->set_data("for all three");
+          auto serialized = std::make_shared<const SerializedReply>(out);
+          for (auto& r : parked) RpcServer::ReplyWith(r, serialized);
+        }));
+  });
+  std::vector<std::unique_ptr<RpcClient>> clients;
+  for (int i = 0; i < 3; ++i) clients.push_back(Client(client_key_));
+  // Different ids on the wire: the second client has made one call before, the third 200
+  // (ids past one varint byte).
+  ASSERT_TRUE(clients[1]->Call(Ping("warm"), 5s).ok());
+  for (int i = 0; i < 200; ++i) ASSERT_TRUE(clients[2]->Call(Ping("warm"), 5s).ok());
+  std::vector<std::thread> threads;
+  std::vector<StatusOr<proto::Envelope>> got(3, InternalError("not called"));
+  for (int i = 0; i < 3; ++i) {
+    threads.emplace_back([&, i] { got[i] = clients[i]->Call(Ping("x"), 10s); });
+  }
+  for (auto& t : threads) t.join();
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_TRUE(got[i].ok()) << i << ": " << got[i].status();
+    EXPECT_EQ(got[i]->pong().data(), "for all three") << i;
+  }
+}
+
+// A Reply that is not the server's own (a wrapper, a test's lambda) gets the envelope parsed
+// back from the bytes.
+TEST(SerializedReplyTest, AnotherReplyGetsTheEnvelope) {
+  proto::Envelope out;
+  out.mutable_pong()->set_data("plain");
+  std::optional<proto::Envelope> got;
+  RpcServer::Reply reply = [&](proto::Envelope e) { got = std::move(e); };
+  RpcServer::ReplyWith(reply, std::make_shared<const SerializedReply>(out));
+  ASSERT_TRUE(got.has_value());
+  EXPECT_EQ(got->pong().data(), "plain");
 }
 
 TEST_F(RpcTest, ReplyFromAnotherThreadArrives) {

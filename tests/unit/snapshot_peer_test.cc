@@ -201,8 +201,13 @@ TEST_F(SnapshotPeerTest, FramesShareOneConnectionAndARestartedPeerIsReconnected)
   }
   EXPECT_EQ(fwd.sent(), 14) << fwd.last_error();
   EXPECT_TRUE(peer_store->Get("ft-1", 0, 15).ok());
-  EXPECT_EQ(server_->connections(), 1);
+  // One connection for the four frames, as the forwarder opened them. The new peer may also
+  // have counted one stray connect (seen once in about 12 runs on a loaded machine): libzmq
+  // retries a lost peer every 100 ms, and a retry of the closed connection's socket can reach
+  // the new server at the same endpoint before that socket's close is processed.
   EXPECT_EQ(fwd.connections(), 2);
+  EXPECT_GE(server_->connections(), 1);
+  EXPECT_LE(server_->connections(), 2);
   reactor_->Call("stop-peer", [&] { server_.reset(); });
 }
 
