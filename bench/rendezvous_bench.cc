@@ -327,9 +327,9 @@ std::filesystem::path g_relay_parent;
 int g_io_threads = 1;
 
 // ZeroMQ I/O threads of the store's context (--store-io-threads): the server side of every
-// CURVE handshake and of every encrypted message runs on them. 1 is what the store gets on the
-// agent's reactor (and the launcher's) today.
-int g_store_io_threads = 1;
+// CURVE handshake and of every encrypted message runs on them. 2 is what the store gets on the
+// agent's reactor (node_agent/agent.cc); the launcher's (`muster run`, one host) has 1.
+int g_store_io_threads = 2;
 
 // Whether the relays ask the store for gather results compressed (--gather-zstd;
 // RendezvousRelay::Options::accept_zstd).
@@ -1026,11 +1026,11 @@ void AddRendezvousBench(CLI::App& app, Runner* runner) {
                   "in each process (default: the host's cores, as real agents and ranks each "
                   "have their own; 1: all of them through one I/O thread, the earlier mode)")
       ->check(CLI::Range(1, 64));
-  auto store_io = std::make_shared<std::vector<int>>(std::vector<int>{1});
+  auto store_io = std::make_shared<std::vector<int>>(std::vector<int>{2});
   cmd->add_option("--store-io-threads", *store_io,
                   "ZeroMQ I/O threads of the store's context, which run the server side of every "
                   "CURVE handshake and encryption (repeatable, for rows of each in one run; "
-                  "default 1, what the store gets on an agent's reactor today)")
+                  "default 2, what the store gets on an agent's reactor; 1 as in `muster run`)")
       ->check(CLI::Range(1, 64));
   auto zstd = std::make_shared<std::vector<std::string>>(std::vector<std::string>{"on"});
   cmd->add_option("--gather-zstd", *zstd,
