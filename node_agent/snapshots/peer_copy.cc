@@ -171,6 +171,15 @@ struct SnapshotPeerServer::Impl {
     DataSessionId session = *AsSessionId(*sid);
     {
       std::lock_guard<std::mutex> l(mu);
+      // Again under the lock that inserts it: a Revoke since the check above must not leave a
+      // session of a revoked job behind.
+      if (!insecure) {
+        auto k = job_of_key.find(key_name);
+        if (k == job_of_key.end() || k->second != job) {
+          return ErrorEnvelope(
+              id, PermissionDenied("this key is not admitted for snapshots of job " + job));
+        }
+      }
       if (peer.fd >= 0) EndSessionsOfConnectionLocked(peer.fd);
       if (sessions.size() >= static_cast<size_t>(kMaxSnapshotSessions)) {
         return ErrorEnvelope(
@@ -263,7 +272,15 @@ struct SnapshotPeerServer::Impl {
       if (p[1].revents) return;
       if (!(p[0].revents & POLLIN)) continue;
       int fd = ::accept4(data_listen_fd, nullptr, nullptr, SOCK_CLOEXEC);
-      if (fd < 0) continue;
+      if (fd < 0) {
+        if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+          // The listener stays readable: without a pause this loop would spin on a core.
+          RefuseData(std::string("cannot accept a connection: ") + std::strerror(errno));
+          pollfd w{data_wake[0], POLLIN, 0};
+          (void)::poll(&w, 1, 100);
+        }
+        continue;
+      }
       std::vector<std::unique_ptr<DataConn>> finished;
       {
         std::lock_guard<std::mutex> l(mu);
@@ -275,9 +292,13 @@ struct SnapshotPeerServer::Impl {
         if (data_conns.size() >= static_cast<size_t>(kMaxSnapshotDataConnections)) {
           // Full: the oldest connection that has not presented a session yet makes room (one
           // that never will cannot keep the agents' own out); none: this one is refused.
+          // Only one that has had kSnapshotDataEvictAfter to present it: a forwarder's own new
+          // connection cannot be pushed out by connections made right after it.
           DataConn* oldest = nullptr;
+          const Clock::time_point now = Clock::now();
           for (auto& c : data_conns) {
-            if (!c->bound && (oldest == nullptr || c->accepted < oldest->accepted))
+            if (!c->bound && now - c->accepted >= kSnapshotDataEvictAfter &&
+                (oldest == nullptr || c->accepted < oldest->accepted))
               oldest = c.get();
           }
           if (oldest != nullptr) {
@@ -351,7 +372,10 @@ struct SnapshotPeerServer::Impl {
         do {
           ready = ::poll(&p, 1, static_cast<int>(std::max<int64_t>(0, left.count())));
         } while (ready < 0 && errno == EINTR);
-        deadline = Clock::now() + kSnapshotFrameTimeout;
+        // The whole header by the same time (a connection that trickles it byte by byte is not
+        // held longer), or a second from now when this thread only looked late.
+        deadline = std::max(conn->accepted + kSnapshotDataFirstMessageTimeout,
+                            Clock::now() + std::chrono::seconds(1));
         Status st =
             ready > 0 ? checkpoint::RecvAll(fd, header.data(), header.size(), deadline)
                       : UnavailableError("nothing within " +
@@ -394,10 +418,13 @@ struct SnapshotPeerServer::Impl {
           why = "replayed counter " + std::to_string(h->counter) + " (last " +
                 std::to_string(s->second.last_counter) + ")";
         } else if (data_inflight + want > limit) {
-          // Authentic or not, its bytes would pass the limit: answered (sealed) and closed.
+          // Its bytes would pass the limit. Closed without a reply: the header is not
+          // authenticated yet, and a reply sealed under its counter could reuse the nonce of the
+          // reply to the authentic message with that counter (the forwarder takes the close as
+          // Unavailable and sends its next frame on a new connection).
           busy = UnavailableError("snapshot peer server busy: " + std::to_string(data_inflight) +
-                                  " bytes of frames being read");
-          key = s->second.key;
+                                  " bytes of frames being read, " + std::to_string(want) +
+                                  " more asked");
         } else {
           s->second.data_fd = fd;
           conn->bound = true;
@@ -413,8 +440,6 @@ struct SnapshotPeerServer::Impl {
       }
       if (!busy.ok()) {
         RefuseData(busy.message());
-        if (auto r = EncodeDataReply(h->session, h->counter, key, busy); r.ok())
-          (void)checkpoint::SendAll(fd, *r);
         break;
       }
       deadline = Clock::now() + kSnapshotFrameTimeout +

@@ -77,12 +77,15 @@ namespace muster::node_agent {
 
 inline constexpr char kSnapshotsZapDomain[] = "muster-snapshots";
 // Data channel connections open at once, at most (a new one past this closes the oldest that
-// has not presented a session yet, else it is refused).
+// has not presented a session yet and has had kSnapshotDataEvictAfter to do so, else it is
+// refused).
 inline constexpr int kMaxSnapshotDataConnections = 64;
+inline constexpr std::chrono::milliseconds kSnapshotDataEvictAfter{1000};
 // Data channel sessions open at once, at most (one per CURVE connection; past this a new one is
 // refused, Unavailable).
 inline constexpr int kMaxSnapshotSessions = 1024;
-// A data connection's first message must start within this of its accept.
+// A data connection's first message header must be in within this of its accept (bytes that
+// arrived in time count when the thread reading them runs late: it then gets another second).
 inline constexpr std::chrono::milliseconds kSnapshotDataFirstMessageTimeout{5000};
 
 class SnapshotPeerServer {

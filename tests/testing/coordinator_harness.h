@@ -209,14 +209,12 @@ class CoordinatorHarness {
 
   template <typename F>
   static proto::Envelope Replied(F&& handle) {
-    proto::Envelope out;
-    bool replied = false;
-    handle([&](proto::Envelope e) {
-      out = std::move(e);
-      replied = true;
-    });
-    EXPECT_TRUE(replied);
-    return out;
+    // Shared with the reply: one that comes after this returns (a parked request) must not
+    // write into a frame that is gone; the EXPECT below fails the test instead.
+    auto out = std::make_shared<std::optional<proto::Envelope>>();
+    handle([out](proto::Envelope e) { *out = std::move(e); });
+    EXPECT_TRUE(out->has_value());
+    return out->value_or(proto::Envelope());
   }
 
   coordinator::TimePoint now_ = coordinator::TimePoint{} + std::chrono::hours(490000);

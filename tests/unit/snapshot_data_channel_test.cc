@@ -29,6 +29,7 @@ using checkpoint::SnapshotKey;
 using node_agent::DataHeader;
 using node_agent::DataKind;
 using node_agent::DataSessionId;
+using node_agent::kSnapshotDataFirstMessageTimeout;
 using node_agent::SnapshotPeerServer;
 using node_agent::SnapshotStore;
 using std::chrono::milliseconds;
@@ -382,6 +383,54 @@ TEST_F(SnapshotDataChannelTest, AKeyNotAdmittedFailsTheCurveHandshakeAndGetsNoSe
   EXPECT_EQ(s.status().code(), StatusCode::kFailedPrecondition) << s.status();
   EXPECT_NE(s.status().message().find("not admitted for snapshots of job ft-1"), std::string::npos);
   EXPECT_EQ(server_->sessions_opened(), 0);
+}
+
+// Found in review: a header whose bytes would pass the limit ("busy") was answered with a REPLY
+// sealed under its counter before anything of it was authenticated, so a forged header and the
+// authentic PUT with the same counter got two replies under one (key, nonce). Now the busy
+// header gets no reply at all, and the authentic PUT's reply is the only one sealed for it.
+TEST_F(SnapshotDataChannelTest, ABusyHeaderIsClosedWithoutASealedReply) {
+  auto s = Open();
+  ASSERT_TRUE(s.ok()) << s.status();
+  // Forged from what the wire shows (the session id is in the clear): a payload of the whole
+  // limit, which with its prefix passes it.
+  const DataHeader forged{.kind = DataKind::kPut,
+                          .session = s->id,
+                          .counter = 5,
+                          .prefix_length = 60,
+                          .payload_length = kLimit};
+  const int a = Connect();
+  const int64_t before = server_->data_refused();
+  ASSERT_TRUE(checkpoint::SendAll(a, node_agent::EncodeDataHeader(forged)).ok());
+  ExpectClosedByThePeer(a);  // not one byte of a reply
+  EXPECT_TRUE(WaitUntil([&] { return server_->data_refused() > before; }, seconds(10)));
+  // The authentic PUT with that counter is kept and answered.
+  const int b = Connect();
+  ASSERT_TRUE(checkpoint::SendAll(b, Sealed(*s, 5, Frame(Key(0, 5), "x"))).ok());
+  Status carried(StatusCode::kInternal, "unset");
+  ASSERT_TRUE(Reply(b, *s, 5, &carried).ok());
+  EXPECT_TRUE(carried.ok()) << carried;
+  EXPECT_TRUE(store_->Get("ft-1", 0, 5).ok());
+}
+
+// Found in review: the first header only had to start within 5 s, and its other bytes then had
+// 10 s more, so a connection trickling a byte a second was held for 15 s. The whole header must
+// be in by 5 s after the accept.
+TEST_F(SnapshotDataChannelTest, AFirstHeaderTrickledByteByByteIsCutAtItsDeadline) {
+  const int fd = Connect();
+  const auto t0 = std::chrono::steady_clock::now();
+  Status sent = Status::Ok();
+  for (int i = 0; i < 40 && sent.ok(); ++i) {  // 40 bytes at 4 a second: 10 s if not cut
+    sent = checkpoint::SendAll(fd, "M");
+    char c;
+    Status st =
+        checkpoint::RecvAll(fd, &c, 1, std::chrono::steady_clock::now() + milliseconds(250));
+    if (st.message().find("closed by the peer") != std::string::npos) break;
+  }
+  const auto held = std::chrono::steady_clock::now() - t0;
+  EXPECT_LT(held, kSnapshotDataFirstMessageTimeout + seconds(2))
+      << std::chrono::duration<double>(held).count() << " s";
+  EXPECT_GE(server_->data_refused(), 1);
 }
 
 }  // namespace
