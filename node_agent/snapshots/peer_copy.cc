@@ -196,6 +196,7 @@ struct SnapshotPeerServer::Impl {
     r->set_session_id(*sid);
     r->set_session_key(*key);
     r->set_data_port(static_cast<uint32_t>(data_port));
+    r->set_max_payload(store->memory_limit());
     return out;
   }
 
@@ -908,6 +909,7 @@ StatusOr<SnapshotForwarder::Connection> SnapshotForwarder::Open(const SnapshotPe
   if (sr.data_port() == 0 || sr.data_port() > 65535) {
     return DataLossError("peer answered data port " + std::to_string(sr.data_port()));
   }
+  c.max_payload = sr.max_payload();
   const std::string host = TcpHost(t.endpoint);
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;
@@ -946,15 +948,37 @@ Status SnapshotForwarder::Send(const SnapshotPeerTarget& t, const checkpoint::Sn
     it = connections_by_job_.insert_or_assign(f.key.job, std::move(c)).first;
   }
   Connection& c = it->second;
+  if (c.max_payload > 0 && f.payload.size() > c.max_payload) {
+    // The peer would refuse it from its header and close the connection; refused here, the
+    // session stays for the next frame, and the reason says what it is.
+    return FailedPreconditionError(
+        "snapshots of job " + f.key.job + " do not fit on peer " + c.target.node + ": a frame of " +
+        std::to_string(f.payload.size()) + " bytes, the peer keeps at most " +
+        std::to_string(c.max_payload));
+  }
   const uint64_t counter = ++c.counter;
   const int fd = c.data.fd;
-  const auto deadline = Clock::now() + options_.call_timeout;
+  // The whole message within the call timeout plus a second per kSnapshotFrameBytesPerSecond (as
+  // the peer reads it: a large frame is not cut for its size); each send within the call timeout
+  // (SO_SNDTIMEO), so a peer that stops reading holds the loop no longer than that past it.
+  const auto write_allowed = std::chrono::duration_cast<std::chrono::milliseconds>(
+      options_.call_timeout +
+      std::chrono::seconds(f.payload.size() / kSnapshotFrameBytesPerSecond));
+  const auto write_deadline = Clock::now() + write_allowed;
   // Sealed straight from the frame held into the chunk that is sent (data_channel.h); the peer
   // checks the frame's xxh3 again once it has opened it.
-  Status st = WriteDataPut(c.session, counter, c.key, f, &c.scratch,
-                           [fd](std::string_view b) { return checkpoint::SendAll(fd, b); });
+  Status st = WriteDataPut(c.session, counter, c.key, f, &c.scratch, [&](std::string_view b) {
+    if (Clock::now() > write_deadline) {
+      return UnavailableError("snapshot data channel: the peer took more than " +
+                              std::to_string(write_allowed.count()) + " ms to read a frame of " +
+                              std::to_string(f.payload.size()) + " bytes");
+    }
+    return checkpoint::SendAll(fd, b);
+  });
   Status carried;
   if (st.ok()) {
+    // The reply's wait starts once the frame is written.
+    const auto deadline = Clock::now() + options_.call_timeout;
     auto read = [&](char* out, size_t n) { return checkpoint::RecvAll(fd, out, n, deadline); };
     std::string header(kDataHeaderBytes, '\0');
     st = read(header.data(), header.size());

@@ -186,7 +186,8 @@ class SnapshotForwarder {
     std::unique_ptr<RpcClient> client;
     DataSessionId session{};
     AeadKey key{};
-    uint64_t counter = 0;  // of the last PUT sent
+    uint64_t counter = 0;      // of the last PUT sent
+    uint64_t max_payload = 0;  // the peer's, from the session (0: not said, an older peer)
     Fd data;
     std::string scratch;  // what WriteDataPut seals into
   };

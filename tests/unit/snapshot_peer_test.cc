@@ -157,6 +157,32 @@ TEST_F(SnapshotPeerTest, AFrameThatDoesNotFitIsRefusedWithTheReason) {
   EXPECT_GE(server_->refused(), 1);
 }
 
+// Found in review: a frame larger than the peer's whole limit is refused by the peer from its
+// header, which closes the connection, so the forwarder reconnected (a CURVE handshake and a
+// session) for every such frame and only said "closed by the peer". The session tells the
+// forwarder the peer's limit: it refuses the frame itself, with the reason, and keeps the
+// connection for the next frame.
+TEST_F(SnapshotPeerTest, AFrameOverThePeersWholeLimitIsRefusedByTheForwarderKeepingItsSession) {
+  Start(8 << 10);
+  ASSERT_TRUE(server_->Allow("ft-1", gang_key_.public_key).ok());
+  SnapshotForwarder fwd({});
+  fwd.SetTarget("ft-1", Target());
+  fwd.Offer(Frame(Key(0, 1), "small"));  // opens the session
+  ASSERT_TRUE(fwd.WaitIdle(seconds(20)));
+  ASSERT_EQ(fwd.sent(), 1) << fwd.last_error();
+  for (int step = 2; step <= 3; ++step) {
+    fwd.Offer(Frame(Key(0, step), std::string(9 << 10, 'x')));  // 9 KiB > the peer's 8 KiB
+    ASSERT_TRUE(fwd.WaitIdle(seconds(20)));
+  }
+  EXPECT_EQ(fwd.failed(), 2);
+  EXPECT_NE(fwd.last_error().find("do not fit on peer"), std::string::npos) << fwd.last_error();
+  fwd.Offer(Frame(Key(0, 4), "small again"));
+  ASSERT_TRUE(fwd.WaitIdle(seconds(20)));
+  EXPECT_EQ(fwd.sent(), 2) << fwd.last_error();
+  EXPECT_EQ(fwd.connections(), 1);  // no reconnect for the frames refused
+  EXPECT_EQ(server_->data_refused(), 0);
+}
+
 // Every frame to a peer goes over one connection (one CURVE handshake), not one per frame. When
 // the peer is lost, the frame that fails closes the connection; when the peer is back (a new
 // server, so a new key, at the same endpoint) and the job's target names it, the next frame
