@@ -3,28 +3,11 @@
 #include <cstring>
 
 #include "checkpoint/manifest.h"  // Xxh3
+#include "common/little_endian.h"
 #include "common/path_name.h"
 
 namespace muster::checkpoint {
 namespace {
-
-template <typename T>
-void Put(std::string& out, T v) {
-  char b[sizeof(T)];
-  for (size_t i = 0; i < sizeof(T); ++i) {
-    b[i] = static_cast<char>((static_cast<uint64_t>(v) >> (8 * i)) & 0xff);
-  }
-  out.append(b, sizeof(T));
-}
-
-template <typename T>
-T Get(std::string_view in, size_t at) {
-  uint64_t v = 0;
-  for (size_t i = 0; i < sizeof(T); ++i) {
-    v |= static_cast<uint64_t>(static_cast<unsigned char>(in[at + i])) << (8 * i);
-  }
-  return static_cast<T>(v);
-}
 
 Status CheckKey(const SnapshotKey& key) {
   if (key.step < 0)
@@ -65,15 +48,15 @@ StatusOr<std::string> EncodeSnapshotPrefix(const SnapshotKey& key, uint64_t payl
   std::string out;
   out.reserve(kSnapshotHeaderBytes + key.job.size());
   out.append(kSnapshotMagic, 4);
-  Put<uint16_t>(out, kSnapshotFrameVersion);
-  Put<uint16_t>(out, static_cast<uint16_t>(key.job.size()));
-  Put<int64_t>(out, key.step);
-  Put<int32_t>(out, key.attempt);
-  Put<int32_t>(out, key.rank);
-  Put<int32_t>(out, key.world_size);
-  Put<uint32_t>(out, 0);
-  Put<uint64_t>(out, payload_length);
-  Put<uint64_t>(out, payload_xxh3);
+  AppendLe<uint16_t>(out, kSnapshotFrameVersion);
+  AppendLe<uint16_t>(out, static_cast<uint16_t>(key.job.size()));
+  AppendLe<int64_t>(out, key.step);
+  AppendLe<int32_t>(out, key.attempt);
+  AppendLe<int32_t>(out, key.rank);
+  AppendLe<int32_t>(out, key.world_size);
+  AppendLe<uint32_t>(out, 0);
+  AppendLe<uint64_t>(out, payload_length);
+  AppendLe<uint64_t>(out, payload_xxh3);
   out.append(key.job);
   return out;
 }
@@ -86,30 +69,30 @@ StatusOr<SnapshotHeader> DecodeSnapshotHeader(std::string_view in, uint64_t max_
   if (std::memcmp(in.data(), kSnapshotMagic, 4) != 0) {
     return DataLossError("snapshot: bad magic " + QuoteForError(in.substr(0, 4)));
   }
-  uint16_t version = Get<uint16_t>(in, 4);
+  uint16_t version = LoadLe<uint16_t>(in, 4);
   if (version != kSnapshotFrameVersion) {
     return DataLossError("snapshot: unknown version " + std::to_string(version));
   }
   SnapshotHeader h;
-  h.job_length = Get<uint16_t>(in, 6);
+  h.job_length = LoadLe<uint16_t>(in, 6);
   if (h.job_length == 0 || h.job_length > kMaxPathNameLength) {
     return DataLossError("snapshot: job id length " + std::to_string(h.job_length) +
                          " is outside 1.." + std::to_string(kMaxPathNameLength));
   }
-  h.key.step = Get<int64_t>(in, 8);
-  h.key.attempt = Get<int32_t>(in, 16);
-  h.key.rank = Get<int32_t>(in, 20);
-  h.key.world_size = Get<int32_t>(in, 24);
+  h.key.step = LoadLe<int64_t>(in, 8);
+  h.key.attempt = LoadLe<int32_t>(in, 16);
+  h.key.rank = LoadLe<int32_t>(in, 20);
+  h.key.world_size = LoadLe<int32_t>(in, 24);
   MUSTER_RETURN_IF_ERROR(AsDataLoss(CheckKey(h.key)));
-  if (uint32_t reserved = Get<uint32_t>(in, 28); reserved != 0) {
+  if (uint32_t reserved = LoadLe<uint32_t>(in, 28); reserved != 0) {
     return DataLossError("snapshot: reserved field is " + std::to_string(reserved) + ", not 0");
   }
-  h.payload_length = Get<uint64_t>(in, 32);
+  h.payload_length = LoadLe<uint64_t>(in, 32);
   if (h.payload_length > max_payload) {
     return DataLossError("snapshot: payload of " + std::to_string(h.payload_length) +
                          " bytes exceeds the limit of " + std::to_string(max_payload));
   }
-  h.payload_xxh3 = Get<uint64_t>(in, 40);
+  h.payload_xxh3 = LoadLe<uint64_t>(in, 40);
   return h;
 }
 

@@ -3,26 +3,11 @@
 #include <algorithm>
 #include <cstring>
 
+#include "common/little_endian.h"
 #include "common/path_name.h"
 
 namespace muster::node_agent {
 namespace {
-
-template <typename T>
-void Put(std::string& out, T v) {
-  for (size_t i = 0; i < sizeof(T); ++i) {
-    out.push_back(static_cast<char>((static_cast<uint64_t>(v) >> (8 * i)) & 0xff));
-  }
-}
-
-template <typename T>
-T Get(std::string_view in, size_t at) {
-  uint64_t v = 0;
-  for (size_t i = 0; i < sizeof(T); ++i) {
-    v |= static_cast<uint64_t>(static_cast<unsigned char>(in[at + i])) << (8 * i);
-  }
-  return static_cast<T>(v);
-}
 
 constexpr uint32_t kMinPutPrefix = checkpoint::kSnapshotHeaderBytes + 1;
 constexpr uint32_t kMaxPutPrefix = checkpoint::kSnapshotHeaderBytes + kMaxPathNameLength;
@@ -40,13 +25,13 @@ std::string EncodeDataHeader(const DataHeader& h) {
   std::string out;
   out.reserve(kDataHeaderBytes);
   out.append(kDataMagic, 4);
-  Put<uint16_t>(out, kDataVersion);
-  Put<uint16_t>(out, static_cast<uint16_t>(h.kind));
+  AppendLe<uint16_t>(out, kDataVersion);
+  AppendLe<uint16_t>(out, static_cast<uint16_t>(h.kind));
   out.append(reinterpret_cast<const char*>(h.session.data()), h.session.size());
-  Put<uint64_t>(out, h.counter);
-  Put<uint32_t>(out, h.prefix_length);
-  Put<uint32_t>(out, 0);
-  Put<uint64_t>(out, h.payload_length);
+  AppendLe<uint64_t>(out, h.counter);
+  AppendLe<uint32_t>(out, h.prefix_length);
+  AppendLe<uint32_t>(out, 0);
+  AppendLe<uint64_t>(out, h.payload_length);
   return out;
 }
 
@@ -58,30 +43,30 @@ StatusOr<DataHeader> DecodeDataHeader(std::string_view in, DataKind kind, uint64
   if (std::memcmp(in.data(), kDataMagic, 4) != 0) {
     return DataLossError("snapshot data: bad magic " + QuoteForError(in.substr(0, 4)));
   }
-  if (uint16_t v = Get<uint16_t>(in, 4); v != kDataVersion) {
+  if (uint16_t v = LoadLe<uint16_t>(in, 4); v != kDataVersion) {
     return DataLossError("snapshot data: unknown version " + std::to_string(v));
   }
   DataHeader h;
-  const uint16_t k = Get<uint16_t>(in, 6);
+  const uint16_t k = LoadLe<uint16_t>(in, 6);
   if (k != static_cast<uint16_t>(kind)) {
     return DataLossError("snapshot data: message kind " + std::to_string(k) + ", expected " +
                          std::to_string(static_cast<uint16_t>(kind)));
   }
   h.kind = kind;
   std::memcpy(h.session.data(), in.data() + 8, kDataSessionIdBytes);
-  h.counter = Get<uint64_t>(in, 24);
+  h.counter = LoadLe<uint64_t>(in, 24);
   if (h.counter == 0) return DataLossError("snapshot data: counter 0");
-  h.prefix_length = Get<uint32_t>(in, 32);
+  h.prefix_length = LoadLe<uint32_t>(in, 32);
   const uint32_t lo = kind == DataKind::kPut ? kMinPutPrefix : kMinReplyPrefix;
   const uint32_t hi = kind == DataKind::kPut ? kMaxPutPrefix : kMaxReplyPrefix;
   if (h.prefix_length < lo || h.prefix_length > hi) {
     return DataLossError("snapshot data: sealed prefix of " + std::to_string(h.prefix_length) +
                          " bytes is outside " + std::to_string(lo) + ".." + std::to_string(hi));
   }
-  if (uint32_t r = Get<uint32_t>(in, 36); r != 0) {
+  if (uint32_t r = LoadLe<uint32_t>(in, 36); r != 0) {
     return DataLossError("snapshot data: reserved field is " + std::to_string(r) + ", not 0");
   }
-  h.payload_length = Get<uint64_t>(in, 40);
+  h.payload_length = LoadLe<uint64_t>(in, 40);
   const uint64_t max = kind == DataKind::kPut ? max_payload : 0;
   if (h.payload_length > max) {
     return DataLossError("snapshot data: payload of " + std::to_string(h.payload_length) +
@@ -187,7 +172,7 @@ StatusOr<std::string> EncodeDataReply(const DataSessionId& session, uint64_t cou
   const std::string msg = status.message().substr(0, kMaxDataReplyMessage);
   std::string body;
   body.push_back(static_cast<char>(status.code()));
-  Put<uint32_t>(body, static_cast<uint32_t>(msg.size()));
+  AppendLe<uint32_t>(body, static_cast<uint32_t>(msg.size()));
   body += msg;
   DataHeader h{.kind = DataKind::kReply,
                .session = session,
@@ -211,7 +196,7 @@ Status ReadDataReply(const DataHeader& h, std::string_view header, const AeadKey
   if (!body.ok()) return DataLossError("snapshot data: reply: " + body.status().message());
   const std::string_view b = *body;
   const uint8_t code = static_cast<uint8_t>(b[0]);
-  const uint32_t n = Get<uint32_t>(b, 1);
+  const uint32_t n = LoadLe<uint32_t>(b, 1);
   if (b.size() != 5 + uint64_t{n} || code > static_cast<uint8_t>(StatusCode::kInternal)) {
     return DataLossError("snapshot data: reply does not parse");
   }
