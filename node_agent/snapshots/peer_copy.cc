@@ -173,13 +173,7 @@ struct SnapshotPeerServer::Impl {
       std::lock_guard<std::mutex> l(mu);
       // Again under the lock that inserts it: a Revoke since the check above must not leave a
       // session of a revoked job behind.
-      if (!insecure) {
-        auto k = job_of_key.find(key_name);
-        if (k == job_of_key.end() || k->second != job) {
-          return ErrorEnvelope(
-              id, PermissionDenied("this key is not admitted for snapshots of job " + job));
-        }
-      }
+      if (Status st = AuthorizeLocked(key_name, job); !st.ok()) return ErrorEnvelope(id, st);
       if (peer.fd >= 0) EndSessionsOfConnectionLocked(peer.fd);
       if (sessions.size() >= static_cast<size_t>(kMaxSnapshotSessions)) {
         return ErrorEnvelope(
@@ -548,8 +542,11 @@ struct SnapshotPeerServer::Impl {
   }
 
   Status Authorize(const std::string& peer_key, const std::string& job) {
-    if (insecure) return Status::Ok();
     std::lock_guard<std::mutex> l(mu);
+    return AuthorizeLocked(peer_key, job);
+  }
+  Status AuthorizeLocked(const std::string& peer_key, const std::string& job) const {
+    if (insecure) return Status::Ok();
     auto it = job_of_key.find(peer_key);
     if (it == job_of_key.end() || it->second != job) {
       return PermissionDenied("this key is not admitted for snapshots of job " + job);
