@@ -90,6 +90,10 @@ struct Agent::Impl {
       s.snapshot_used = ss->used_bytes();
       s.snapshot_reserved = ss->reserved_bytes();
       s.snapshot_limit = ss->memory_limit();
+      if (SnapshotForwarder* fwd = runner->snapshot_forwarder()) {
+        s.snapshot_offered = fwd->offered_bytes();
+        s.snapshot_offered_sent = fwd->offered_bytes_sent();
+      }
     }
     return s;
   }

@@ -111,6 +111,18 @@ std::string RenderAgentMetrics(const AgentMetricsSnapshot& s) {
     fams.push_back(std::move(used));
     fams.push_back(std::move(reserved));
     fams.push_back(std::move(limit));
+    auto offered = Family("snapshot_peer_offered_bytes_total",
+                          "Payload bytes of the snapshot frames offered to peer agents (sent "
+                          "deduplicated: only the chunks a peer does not hold)",
+                          MetricType::Counter);
+    auto offered_sent = Family("snapshot_peer_offered_sent_bytes_total",
+                               "Bytes of the offered snapshot frames that peers asked for and "
+                               "were sent",
+                               MetricType::Counter);
+    Add(offered, node, static_cast<double>(s.snapshot_offered));
+    Add(offered_sent, node, static_cast<double>(s.snapshot_offered_sent));
+    fams.push_back(std::move(offered));
+    fams.push_back(std::move(offered_sent));
   }
 
   auto ts = Family("snapshot_timestamp_seconds", "When the data served was taken (unix seconds)",

@@ -15,6 +15,7 @@
 //   replication_copies_in_flight, replication_copy_bytes{job_id,volume,step,source_node},
 //   replication_copy_rate_bytes_per_second{...}, notices_total{source},
 //   snapshot_memory_used_bytes, snapshot_memory_reserved_bytes, snapshot_memory_limit_bytes,
+//   snapshot_peer_offered_bytes_total, snapshot_peer_offered_sent_bytes_total,
 //   snapshot_timestamp_seconds; each labelled node too.
 //
 // Thread-safety: the structs are plain values; RenderAgentMetrics is pure; the hub is
@@ -65,6 +66,10 @@ struct AgentMetricsSnapshot {
   uint64_t snapshot_used = 0;
   uint64_t snapshot_reserved = 0;
   uint64_t snapshot_limit = 0;
+  // Payload bytes of the frames the forwarder offered to peers (deduplicated puts), and of the
+  // chunks of them the peers asked for (node_agent/snapshots/data_channel.h).
+  uint64_t snapshot_offered = 0;
+  uint64_t snapshot_offered_sent = 0;
 };
 
 // Prometheus text format 0.0.4.

@@ -30,14 +30,39 @@
 // Nothing of a message is used before its tag is checked. A frame opened is then checked as any
 // frame (every field and the payload's xxh3).
 //
+// The deduplicated put. Data-parallel ranks hold the same state, so the frame a forwarder sends
+// for a rank is most often, byte for byte, the frame the peer's own rank of the same job has just
+// handed the peer for the same step. When the session allows it (its CURVE reply carries
+// dedup_chunk_bytes equal to kDedupChunkBytes, and a seed), a forwarder sends instead of a PUT:
+//   OFFER   (kind 3, client to server; payload length: the frame's payload): sealed, the frame's
+//           header and job id as in a PUT, then one digest per kDedupChunkBytes of the payload
+//           (the last chunk may be shorter): XXH3-128 seeded with the session's seed, 16 bytes
+//           each, big-endian (XXH128_canonical_t). Sealed prefix length: the frame's header and
+//           job id plus 16 x the chunk count, exactly.
+//   NEED    (kind 4, server to client, same counter): sealed, a status as in a REPLY, then, when
+//           it is Ok, a bitmap of the chunks the server does not hold (chunk i is bit i % 8 of
+//           byte i / 8; the bits past the last chunk are 0), ceil(chunks / 8) bytes. A status
+//           other than Ok refuses the frame (not admitted, the wrong job) and ends the exchange.
+//   CHUNKS  (kind 5, client to server, same counter; sealed prefix length 0; payload length: the
+//           needed chunks' bytes): the needed chunks' bytes in order, sealed as one message.
+//   REPLY   (same counter): as for a PUT.
+// The server fills the chunks it did not ask for from frames it holds of the same job, attempt
+// and step (another rank's; digests under the same seed), then checks the assembled frame as any
+// frame, against the xxh3 the forwarder's own header carries: a chunk of the server's that only
+// collided with the forwarder's digest fails there (DataLoss in the REPLY, and the forwarder
+// sends the frame again as a PUT). The kinds are part of the nonce, so the four messages of one
+// counter never share one.
+//
 // Thread-safety: pure functions; the reader and writer passed in are called on the caller's
 // thread.
 
 #include <array>
 #include <cstdint>
 #include <functional>
+#include <initializer_list>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "checkpoint/snapshot_frame.h"
 #include "common/aead.h"
@@ -53,9 +78,17 @@ inline constexpr size_t kMaxDataReplyMessage = 4096;
 // A sealed payload is sealed and opened in pieces of this size (in cache while they are).
 inline constexpr size_t kDataChunkBytes = 256 << 10;
 
-using DataSessionId = std::array<uint8_t, kDataSessionIdBytes>;
+// The deduplicated put's chunk, and its digest's size.
+inline constexpr size_t kDedupChunkBytes = 64 << 10;
+inline constexpr size_t kChunkDigestBytes = 16;
 
-enum class DataKind : uint16_t { kPut = 1, kReply = 2 };
+using DataSessionId = std::array<uint8_t, kDataSessionIdBytes>;
+using ChunkDigest = std::array<uint8_t, kChunkDigestBytes>;
+// Bit i set: chunk i is needed (sent in CHUNKS).
+using ChunkNeeds = std::vector<bool>;
+
+// kOffer, kNeed and kChunks: the deduplicated put (below).
+enum class DataKind : uint16_t { kPut = 1, kReply = 2, kOffer = 3, kNeed = 4, kChunks = 5 };
 
 struct DataHeader {
   DataKind kind = DataKind::kPut;
@@ -66,10 +99,14 @@ struct DataHeader {
 };
 
 std::string EncodeDataHeader(const DataHeader& h);
-// Exactly kDataHeaderBytes of a message of `kind`. DataLoss naming the field that is wrong:
-// magic, version, kind, counter 0, a prefix length outside the kind's range, reserved, or a
-// payload longer than `max_payload` (checked before any of it is read).
+// Exactly kDataHeaderBytes of a message of `kind` (or of one of `kinds`). DataLoss naming the
+// field that is wrong: magic, version, kind, counter 0, a prefix length outside the kind's range
+// (an OFFER's must be exact for its payload's chunk count), reserved, or a payload longer than
+// `max_payload` (checked before any of it is read). A NEED has no payload; its `max_payload` is
+// the payload length of the frame offered, which bounds its bitmap.
 StatusOr<DataHeader> DecodeDataHeader(std::string_view bytes, DataKind kind, uint64_t max_payload);
+StatusOr<DataHeader> DecodeDataHeader(std::string_view bytes, std::initializer_list<DataKind> kinds,
+                                      uint64_t max_payload);
 
 AeadNonce DataNonce(DataKind kind, uint64_t counter);
 
@@ -103,5 +140,54 @@ StatusOr<std::string> EncodeDataReply(const DataSessionId& session, uint64_t cou
 // error if it fails.
 Status ReadDataReply(const DataHeader& h, std::string_view header, const AeadKey& key,
                      const DataReader& read, Status* carried);
+
+// --- The deduplicated put (see the top).
+
+// The chunks of a payload of `payload_length` bytes.
+uint64_t DedupChunkCount(uint64_t payload_length);
+// The bytes of the chunks set in `need` of a payload of `payload_length` bytes.
+uint64_t NeededBytes(uint64_t payload_length, const ChunkNeeds& need);
+// The digest of each chunk of `payload`, under `seed`.
+std::vector<ChunkDigest> ChunkDigests(std::string_view payload, uint64_t seed);
+
+// An OFFER opened: the frame's header and job id, checked, and its payload's chunk digests.
+struct DataOffer {
+  checkpoint::SnapshotHeader header;
+  std::string job;
+  std::vector<ChunkDigest> digests;  // DedupChunkCount(header.payload_length)
+};
+
+// Seals the OFFER of `frame` with `counter` (its digests: ChunkDigests of its payload) and writes
+// it. REQUIRES: digests.size() == DedupChunkCount(frame.payload.size()).
+Status WriteDataOffer(const DataSessionId& session, uint64_t counter, const AeadKey& key,
+                      const checkpoint::SnapshotFrame& frame,
+                      const std::vector<ChunkDigest>& digests, const DataWriter& write);
+// Opens the rest of the OFFER whose header `h` (its `header` bytes) was just read, and checks
+// the frame's header (DecodeSnapshotHeader with `max_payload`), its job id and its lengths
+// against the message's. DataLoss naming what is wrong; the reader's error if it fails.
+StatusOr<DataOffer> ReadDataOffer(const DataHeader& h, std::string_view header, const AeadKey& key,
+                                  uint64_t max_payload, const DataReader& read);
+
+// The NEED with `counter`: `status` and, when it is Ok, `need` (one bit per chunk).
+StatusOr<std::string> EncodeDataNeed(const DataSessionId& session, uint64_t counter,
+                                     const AeadKey& key, const Status& status,
+                                     const ChunkNeeds& need);
+// Opens the NEED's body after its header `h`: the status into `*carried` and, when it is Ok,
+// the bitmap of the `chunks` chunks into `*need`. DataLoss when it does not authenticate or
+// parse (a bitmap of another length, bits set past the last chunk).
+Status ReadDataNeed(const DataHeader& h, std::string_view header, const AeadKey& key,
+                    uint64_t chunks, const DataReader& read, Status* carried, ChunkNeeds* need);
+
+// Seals the chunks of `payload` set in `need` as the CHUNKS with `counter` and writes them, a
+// kDataChunkBytes piece at a time through `scratch`, then the tag.
+Status WriteDataChunks(const DataSessionId& session, uint64_t counter, const AeadKey& key,
+                       std::string_view payload, const ChunkNeeds& need, std::string* scratch,
+                       const DataWriter& write);
+// Opens the CHUNKS whose header `h` (its `header` bytes) was just read into `*payload` (sized
+// already): each needed chunk is read into its place and opened there. DataLoss when its
+// lengths are not the needed chunks' or its tag does not authenticate; the reader's error if it
+// fails. The bytes written must be thrown away unless it returns Ok.
+Status ReadDataChunks(const DataHeader& h, std::string_view header, const AeadKey& key,
+                      const ChunkNeeds& need, std::string* payload, const DataReader& read);
 
 }  // namespace muster::node_agent

@@ -123,6 +123,7 @@ struct SnapshotPeerServer::Impl {
     AeadKey key{};
     uint64_t last_counter = 0;  // the newest PUT counter accepted: a lower or equal one is a replay
     int data_fd = -1;           // the data connection using it (-1: none yet)
+    uint64_t dedup_seed = 0;    // of the chunk digests of its offers (data_channel.h)
   };
   std::map<DataSessionId, Session> sessions;  // GUARDED_BY(mu)
   struct DataConn {
@@ -139,6 +140,8 @@ struct SnapshotPeerServer::Impl {
   int data_wake[2] = {-1, -1};  // closing data_wake[1] stops the accept loop
   std::thread data_accept;
   std::atomic<int64_t> data_refused{0}, sessions_opened{0};
+  // Payload bytes of the frames offered (deduplicated puts), and of the chunks sent for them.
+  std::atomic<uint64_t> offered_bytes{0}, received_bytes{0};
 
   // REQUIRES: mu held. Ends `it`: its data connection, if any, is shut down (its thread closes it).
   void EndSessionLocked(std::map<DataSessionId, Session>::iterator it) {
@@ -165,9 +168,14 @@ struct SnapshotPeerServer::Impl {
     if (Status st = Authorize(key_name, job); !st.ok()) return ErrorEnvelope(id, st);
     auto sid = RandomBytes(kDataSessionIdBytes);
     auto key = RandomBytes(kAeadKeyBytes);
-    if (!sid.ok() || !key.ok()) return ErrorEnvelope(id, sid.ok() ? key.status() : sid.status());
+    auto seed = RandomBytes(sizeof(uint64_t));
+    if (!sid.ok() || !key.ok() || !seed.ok()) {
+      return ErrorEnvelope(id, !sid.ok() ? sid.status() : !key.ok() ? key.status() : seed.status());
+    }
     Session s{.job = job, .client_key = key_name, .curve_fd = peer.fd};
     std::memcpy(s.key.data(), key->data(), s.key.size());
+    std::memcpy(&s.dedup_seed, seed->data(), sizeof(s.dedup_seed));
+    const uint64_t dedup_seed = s.dedup_seed;
     DataSessionId session = *AsSessionId(*sid);
     {
       std::lock_guard<std::mutex> l(mu);
@@ -191,6 +199,8 @@ struct SnapshotPeerServer::Impl {
     r->set_session_key(*key);
     r->set_data_port(static_cast<uint32_t>(data_port));
     r->set_max_payload(store->memory_limit());
+    r->set_dedup_chunk_bytes(static_cast<uint32_t>(kDedupChunkBytes));
+    r->set_dedup_seed(dedup_seed);
     return out;
   }
 
@@ -390,7 +400,7 @@ struct SnapshotPeerServer::Impl {
         }
       }
       first = false;
-      auto h = DecodeDataHeader(header, DataKind::kPut, limit);
+      auto h = DecodeDataHeader(header, {DataKind::kPut, DataKind::kOffer}, limit);
       if (!h.ok()) {
         RefuseData(h.status().ToString());
         break;
@@ -398,6 +408,7 @@ struct SnapshotPeerServer::Impl {
       const uint64_t want = uint64_t{h->prefix_length} + h->payload_length;
       AeadKey key{};
       std::string job;
+      uint64_t dedup_seed = 0;
       Status busy;
       std::string why;  // set: refused before its body is read
       {
@@ -426,6 +437,7 @@ struct SnapshotPeerServer::Impl {
           bound = h->session;
           key = s->second.key;
           job = s->second.job;
+          dedup_seed = s->second.dedup_seed;
           data_inflight += want;
         }
       }
@@ -439,9 +451,18 @@ struct SnapshotPeerServer::Impl {
       }
       deadline = Clock::now() + kSnapshotFrameTimeout +
                  std::chrono::seconds(want / kSnapshotFrameBytesPerSecond);
-      auto frame = ReadDataPut(*h, header, key, limit, [&](char* out, size_t n) {
-        return checkpoint::RecvAll(fd, out, n, deadline);
-      });
+      auto read = [&](char* out, size_t n) { return checkpoint::RecvAll(fd, out, n, deadline); };
+      // What came: a frame (a PUT's, or one assembled from an OFFER's chunks), or, for an OFFER,
+      // the verdict instead (a NEED that refused it, or an assembled frame that failed its
+      // check); an error: the message did not arrive whole and authentic.
+      StatusOr<Received> frame = InternalError("no message");
+      if (h->kind == DataKind::kPut) {
+        auto put = ReadDataPut(*h, header, key, limit, read);
+        frame = put.ok() ? StatusOr<Received>(Received(std::move(*put)))
+                         : StatusOr<Received>(put.status());
+      } else {
+        frame = ReceiveOffer(fd, *h, header, key, job, dedup_seed, limit, read);
+      }
       bool session_live = false;
       int curve_fd = -1;
       {
@@ -464,15 +485,24 @@ struct SnapshotPeerServer::Impl {
         RefuseData("the session ended (its connection closed or its job was revoked)");
         break;
       }
+      if (!frame->frame) {
+        refused++;
+        if (frame->answered) continue;  // the NEED carried the refusal: no REPLY follows
+        logger->error("snapshot from a peer refused: {}", frame->verdict.ToString());
+        auto reply = EncodeDataReply(h->session, h->counter, key, frame->verdict);
+        if (!reply.ok() || !checkpoint::SendAll(fd, *reply).ok()) break;
+        continue;
+      }
       // Authentic: what the store and the admission say goes back in the reply.
-      Status st = frame->key.job == job
+      checkpoint::SnapshotFrame& got = *frame->frame;
+      Status st = got.key.job == job
                       ? Authorize(insecure ? std::string() : SessionKey(h->session), job)
                       : PermissionDenied("this session is for snapshots of job " + job + ", not " +
-                                         frame->key.job);
-      const checkpoint::SnapshotKey key_of_frame = frame->key;
+                                         got.key.job);
+      const checkpoint::SnapshotKey key_of_frame = got.key;
       if (st.ok()) {
-        // Checked against its xxh3 by ReadDataPut just above.
-        st = store->PutDecoded(std::move(*frame));
+        // Checked against its xxh3 by ReadDataPut or ReceiveOffer just above.
+        st = store->PutDecoded(std::move(got));
         if (!st.ok()) {
           logger->error("snapshot from a peer refused ({}): {}", Describe(key_of_frame),
                         st.ToString());
@@ -499,6 +529,125 @@ struct SnapshotPeerServer::Impl {
     }
     ::close(fd);
     conn->done = true;
+  }
+
+  // What one data message (and, for an OFFER, the exchange it starts) delivered.
+  struct Received {
+    Received(checkpoint::SnapshotFrame f) : frame(std::move(f)) {}  // NOLINT: a PUT's frame
+    Received(Status v, bool a) : verdict(std::move(v)), answered(a) {}
+    std::optional<checkpoint::SnapshotFrame> frame;  // checked (fields and xxh3)
+    Status verdict;         // when there is no frame: why
+    bool answered = false;  // the verdict went back in the NEED; no REPLY follows
+  };
+
+  // The chunk digests of a frame held, under one session's seed: where each digest's chunk is.
+  struct Digested {
+    std::weak_ptr<const checkpoint::SnapshotFrame> frame;
+    uint64_t seed = 0;
+    std::map<ChunkDigest, uint64_t> chunk_of;  // digest -> chunk index in the frame
+  };
+  std::mutex digest_mu;
+  std::deque<std::shared_ptr<const Digested>> digested;  // GUARDED_BY(digest_mu); newest last
+
+  // The digests of `f` under `seed`, computed once while it is held.
+  std::shared_ptr<const Digested> DigestsOf(const std::shared_ptr<const checkpoint::SnapshotFrame>& f,
+                                            uint64_t seed) {
+    {
+      std::lock_guard<std::mutex> l(digest_mu);
+      for (const auto& d : digested) {
+        if (d->seed == seed && d->frame.lock() == f) return d;
+      }
+    }
+    auto d = std::make_shared<Digested>();
+    d->frame = f;
+    d->seed = seed;
+    const std::vector<ChunkDigest> all = ChunkDigests(f->payload, seed);
+    for (uint64_t i = 0; i < all.size(); ++i) d->chunk_of.emplace(all[i], i);
+    std::lock_guard<std::mutex> l(digest_mu);
+    std::erase_if(digested, [](const auto& e) { return e->frame.expired(); });
+    while (digested.size() >= kDigestedFrames) digested.pop_front();
+    digested.push_back(d);
+    return d;
+  }
+
+  // The rest of an OFFER exchange after its header `h` (data_channel.h): the offer, the NEED
+  // (with the chunks this agent holds of the frames of the same job, attempt and step, waiting
+  // a little for its own rank's frame of that step when it is due), the CHUNKS, and the frame
+  // assembled and checked. An error: the exchange did not complete on the wire or a message did
+  // not authenticate (the connection is closed).
+  StatusOr<Received> ReceiveOffer(int fd, const DataHeader& h, std::string_view header,
+                                  const AeadKey& key, const std::string& session_job,
+                                  uint64_t seed, uint64_t limit, const DataReader& read) {
+    MUSTER_ASSIGN_OR_RETURN(DataOffer offer, ReadDataOffer(h, header, key, limit, read));
+    Status admitted =
+        offer.job == session_job
+            ? Authorize(insecure ? std::string() : SessionKey(h.session), session_job)
+            : PermissionDenied("this session is for snapshots of job " + session_job + ", not " +
+                               offer.job);
+    if (!admitted.ok()) {
+      MUSTER_ASSIGN_OR_RETURN(std::string need,
+                              EncodeDataNeed(h.session, h.counter, key, admitted, {}));
+      MUSTER_RETURN_IF_ERROR(checkpoint::SendAll(fd, need));
+      logger->error("snapshot offer from a peer refused: {}", admitted.ToString());
+      return Received(admitted, true);
+    }
+    const checkpoint::SnapshotKey& k = offer.header.key;
+    const uint64_t size = offer.header.payload_length;
+    // Where each chunk offered is held here already (by digest, under this session's seed).
+    struct Source {
+      const checkpoint::SnapshotFrame* frame = nullptr;
+      uint64_t chunk = 0;
+    };
+    std::vector<Source> from(offer.digests.size());
+    std::vector<std::shared_ptr<const checkpoint::SnapshotFrame>> holding =
+        store->FramesAt(offer.job, k.attempt, k.step, k.rank, Clock::now() + kDedupSourceWait);
+    ChunkNeeds need(offer.digests.size(), true);
+    for (const auto& f : holding) {
+      const auto d = DigestsOf(f, seed);
+      for (uint64_t i = 0; i < offer.digests.size(); ++i) {
+        if (!need[i]) continue;
+        auto c = d->chunk_of.find(offer.digests[i]);
+        if (c == d->chunk_of.end()) continue;
+        // The same length too (the last chunk of either may be short).
+        const uint64_t at = c->second * kDedupChunkBytes;
+        const uint64_t len = std::min<uint64_t>(kDedupChunkBytes, f->payload.size() - at);
+        if (len != std::min<uint64_t>(kDedupChunkBytes, size - i * kDedupChunkBytes)) continue;
+        from[i] = Source{f.get(), c->second};
+        need[i] = false;
+      }
+    }
+    MUSTER_ASSIGN_OR_RETURN(std::string ask,
+                            EncodeDataNeed(h.session, h.counter, key, Status::Ok(), need));
+    MUSTER_RETURN_IF_ERROR(checkpoint::SendAll(fd, ask));
+    std::string payload(size, '\0');
+    for (uint64_t i = 0; i < from.size(); ++i) {
+      if (from[i].frame == nullptr) continue;
+      const uint64_t at = i * kDedupChunkBytes;
+      std::memcpy(payload.data() + at, from[i].frame->payload.data() + from[i].chunk * kDedupChunkBytes,
+                  std::min<uint64_t>(kDedupChunkBytes, size - at));
+    }
+    holding.clear();
+    std::string chunks_header(kDataHeaderBytes, '\0');
+    MUSTER_RETURN_IF_ERROR(read(chunks_header.data(), chunks_header.size()));
+    MUSTER_ASSIGN_OR_RETURN(DataHeader ch, DecodeDataHeader(chunks_header, DataKind::kChunks, size));
+    if (ch.session != h.session || ch.counter != h.counter) {
+      return DataLossError("snapshot data: chunks " + std::to_string(ch.counter) +
+                           " do not answer offer " + std::to_string(h.counter));
+    }
+    MUSTER_RETURN_IF_ERROR(ReadDataChunks(ch, chunks_header, key, need, &payload, read));
+    offered_bytes += size;
+    received_bytes += ch.payload_length;
+    // The frame as assembled, checked against the xxh3 in the forwarder's header: a chunk held
+    // here whose digest only collided with the offered one fails here.
+    auto frame = checkpoint::DecodeSnapshotParts(offer.header, offer.job, std::move(payload));
+    if (!frame.ok()) {
+      return Received(DataLossError("the frame assembled from an offer (" + Describe(k) +
+                                    ", " + std::to_string(ch.payload_length) + " of " +
+                                    std::to_string(size) + " bytes sent) fails its check: " +
+                                    frame.status().message()),
+                      false);
+    }
+    return Received(std::move(*frame));
   }
 
   // The key that opened `session` ("" when it has ended).
@@ -784,6 +933,10 @@ int64_t SnapshotPeerServer::refused() const { return impl_->refused.load(); }
 int64_t SnapshotPeerServer::connections() const { return impl_->connections.load(); }
 int64_t SnapshotPeerServer::data_refused() const { return impl_->data_refused.load(); }
 int64_t SnapshotPeerServer::sessions_opened() const { return impl_->sessions_opened.load(); }
+uint64_t SnapshotPeerServer::offered_bytes() const { return impl_->offered_bytes.load(); }
+uint64_t SnapshotPeerServer::offered_bytes_received() const {
+  return impl_->received_bytes.load();
+}
 int SnapshotPeerServer::data_port() const { return impl_->data_port; }
 uint64_t SnapshotPeerServer::refused_handshakes() const {
   return impl_->zap ? impl_->zap->refused_count() : 0;
@@ -853,6 +1006,8 @@ int64_t SnapshotForwarder::replaced() const {
   return replaced_;
 }
 int64_t SnapshotForwarder::connections() const { return connections_.load(); }
+uint64_t SnapshotForwarder::offered_bytes() const { return offered_bytes_.load(); }
+uint64_t SnapshotForwarder::offered_bytes_sent() const { return offered_sent_bytes_.load(); }
 std::string SnapshotForwarder::last_error() const {
   std::lock_guard<std::mutex> l(mu_);
   return last_error_;
@@ -907,6 +1062,8 @@ StatusOr<SnapshotForwarder::Connection> SnapshotForwarder::Open(const SnapshotPe
     return DataLossError("peer answered data port " + std::to_string(sr.data_port()));
   }
   c.max_payload = sr.max_payload();
+  c.dedup = sr.dedup_chunk_bytes() == kDedupChunkBytes;
+  c.dedup_seed = sr.dedup_seed();
   const std::string host = TcpHost(t.endpoint);
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;
@@ -953,7 +1110,6 @@ Status SnapshotForwarder::Send(const SnapshotPeerTarget& t, const checkpoint::Sn
         std::to_string(f.payload.size()) + " bytes, the peer keeps at most " +
         std::to_string(c.max_payload));
   }
-  const uint64_t counter = ++c.counter;
   const int fd = c.data.fd;
   // The whole message within the call timeout plus a second per kSnapshotFrameBytesPerSecond (as
   // the peer reads it: a large frame is not cut for its size); each send within the call timeout
@@ -962,36 +1118,76 @@ Status SnapshotForwarder::Send(const SnapshotPeerTarget& t, const checkpoint::Sn
       options_.call_timeout +
       std::chrono::seconds(f.payload.size() / kSnapshotFrameBytesPerSecond));
   const auto write_deadline = Clock::now() + write_allowed;
-  // Sealed straight from the frame held into the chunk that is sent (data_channel.h); the peer
-  // checks the frame's xxh3 again once it has opened it.
-  Status st = WriteDataPut(c.session, counter, c.key, f, &c.scratch, [&](std::string_view b) {
+  auto write = [&](std::string_view b) {
     if (Clock::now() > write_deadline) {
       return UnavailableError("snapshot data channel: the peer took more than " +
                               std::to_string(write_allowed.count()) + " ms to read a frame of " +
                               std::to_string(f.payload.size()) + " bytes");
     }
     return checkpoint::SendAll(fd, b);
-  });
-  Status carried;
-  if (st.ok()) {
-    // The reply's wait starts once the frame is written.
+  };
+  // The peer's answer (NEED or REPLY) to message `counter`, into `*carried`; its wait starts
+  // once what it answers is written.
+  auto answer = [&](DataKind kind, uint64_t counter, Status* carried, ChunkNeeds* need) {
     const auto deadline = Clock::now() + options_.call_timeout;
     auto read = [&](char* out, size_t n) { return checkpoint::RecvAll(fd, out, n, deadline); };
     std::string header(kDataHeaderBytes, '\0');
-    st = read(header.data(), header.size());
-    StatusOr<DataHeader> h =
-        st.ok() ? DecodeDataHeader(header, DataKind::kReply, 0) : StatusOr<DataHeader>(st);
-    if (!h.ok()) {
-      st = h.status();
-    } else if (h->session != c.session || h->counter != counter) {
-      st = DataLossError("peer answered put " + std::to_string(counter) + " with a reply to " +
-                         std::to_string(h->counter) + " of another session or put");
-    } else {
-      st = ReadDataReply(*h, header, c.key, read, &carried);
+    MUSTER_RETURN_IF_ERROR(read(header.data(), header.size()));
+    MUSTER_ASSIGN_OR_RETURN(DataHeader h, DecodeDataHeader(header, kind, f.payload.size()));
+    if (h.session != c.session || h.counter != counter) {
+      return DataLossError("peer answered message " + std::to_string(counter) +
+                           " with an answer to " + std::to_string(h.counter) +
+                           " of another session or message");
     }
-    if (st.code() == StatusCode::kUnavailable) {
-      st = UnavailableError("no reply from the peer's snapshot data channel: " + st.message());
+    return kind == DataKind::kNeed
+               ? ReadDataNeed(h, header, c.key, DedupChunkCount(f.payload.size()), read, carried,
+                              need)
+               : ReadDataReply(h, header, c.key, read, carried);
+  };
+  Status st, carried;
+  if (c.dedup && f.payload.size() >= kMinOfferedPayload) {
+    // A deduplicated put (data_channel.h): the digests first, then only the chunks the peer
+    // does not hold.
+    const uint64_t counter = ++c.counter;
+    ChunkNeeds need;
+    st = WriteDataOffer(c.session, counter, c.key, f, ChunkDigests(f.payload, c.dedup_seed), write);
+    if (st.ok()) st = answer(DataKind::kNeed, counter, &carried, &need);
+    if (st.ok() && carried.ok()) {
+      st = WriteDataChunks(c.session, counter, c.key, f.payload, need, &c.scratch, write);
+      if (st.ok()) st = answer(DataKind::kReply, counter, &carried, nullptr);
+      if (st.ok()) {
+        const uint64_t sent = NeededBytes(f.payload.size(), need);
+        offered_bytes_ += f.payload.size();
+        offered_sent_bytes_ += sent;
+        CopyStats& cs = copy_stats_[f.key.job];
+        cs.offers++;
+        cs.offered += f.payload.size();
+        cs.sent += sent;
+      }
     }
+    // The frame assembled from the peer's own chunks failed its check (a digest that only
+    // collided): sent again whole.
+    if (st.ok() && carried.code() == StatusCode::kDataLoss) {
+      if (!c.warned_resend) {  // once per connection
+        c.warned_resend = true;
+        log::Get("agent.snapshots")
+            ->warn("snapshot of {} sent whole after the peer's assembled copy failed: {}",
+                   Describe(f.key), carried.ToString());
+      }
+      carried = Status::Ok();
+      const uint64_t again = ++c.counter;
+      st = WriteDataPut(c.session, again, c.key, f, &c.scratch, write);
+      if (st.ok()) st = answer(DataKind::kReply, again, &carried, nullptr);
+    }
+  } else {
+    // Sealed straight from the frame held into the chunk that is sent (data_channel.h); the
+    // peer checks the frame's xxh3 again once it has opened it.
+    const uint64_t counter = ++c.counter;
+    st = WriteDataPut(c.session, counter, c.key, f, &c.scratch, write);
+    if (st.ok()) st = answer(DataKind::kReply, counter, &carried, nullptr);
+  }
+  if (st.code() == StatusCode::kUnavailable) {
+    st = UnavailableError("no reply from the peer's snapshot data channel: " + st.message());
   }
   // A refusal of this frame by the peer's store or admission keeps the session; anything else
   // (the connection failed, the peer closed it after refusing the message) closes it, and the
@@ -1029,6 +1225,15 @@ void SnapshotForwarder::Loop() {
     for (auto c = connections_by_job_.begin(); c != connections_by_job_.end();) {
       auto t = targets_.find(c->first);
       if (t == targets_.end() || !SameTarget(t->second, c->second.target)) {
+        if (auto cs = copy_stats_.find(c->first); cs != copy_stats_.end()) {
+          const CopyStats& v = cs->second;
+          logger->info(
+              "snapshots of {} to peer {}: {} frames offered, {:.1f} MiB, of which {:.1f} MiB "
+              "({:.1f}%) sent; the rest the peer held already",
+              c->first, c->second.target.node, v.offers, v.offered / 1048576.0, v.sent / 1048576.0,
+              v.offered > 0 ? 100.0 * v.sent / v.offered : 0.0);
+          copy_stats_.erase(cs);
+        }
         closed.push_back(std::move(c->second));
         c = connections_by_job_.erase(c);
       } else {

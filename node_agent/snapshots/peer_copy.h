@@ -87,6 +87,13 @@ inline constexpr int kMaxSnapshotSessions = 1024;
 // A data connection's first message header must be in within this of its accept (bytes that
 // arrived in time count when the thread reading them runs late: it then gets another second).
 inline constexpr std::chrono::milliseconds kSnapshotDataFirstMessageTimeout{5000};
+// How long a peer's offer (a deduplicated put, data_channel.h) waits for a frame of the same
+// step to arrive here from another rank of the job, when one is due (SnapshotStore::FramesAt).
+inline constexpr std::chrono::milliseconds kDedupSourceWait{25};
+// The frames whose chunk digests are kept for offers, at most (the newest).
+inline constexpr size_t kDigestedFrames = 64;
+// Frames smaller than this are put whole: an offer's round trip would save too little.
+inline constexpr uint64_t kMinOfferedPayload = 2 * kDedupChunkBytes;
 
 class SnapshotPeerServer {
  public:
@@ -122,6 +129,10 @@ class SnapshotPeerServer {
   int64_t data_refused() const;
   // Data channel sessions opened over CURVE, since the start.
   int64_t sessions_opened() const;
+  // Payload bytes of the frames offered (deduplicated puts, data_channel.h), and of the chunks
+  // of them that had to be sent, since the start.
+  uint64_t offered_bytes() const;
+  uint64_t offered_bytes_received() const;
   // The data channel's TCP port (on the endpoint's host).
   int data_port() const;
 
@@ -166,6 +177,10 @@ class SnapshotForwarder {
   int64_t replaced() const;
   // Connections to peers opened, since the start.
   int64_t connections() const;
+  // Payload bytes of the frames sent as offers (deduplicated puts, data_channel.h), and of the
+  // chunks of them the peers asked for, since the start.
+  uint64_t offered_bytes() const;
+  uint64_t offered_bytes_sent() const;
   // The last failure's message ("" when none).
   std::string last_error() const;
 
@@ -188,6 +203,9 @@ class SnapshotForwarder {
     AeadKey key{};
     uint64_t counter = 0;      // of the last PUT sent
     uint64_t max_payload = 0;  // the peer's, from the session (0: not said, an older peer)
+    bool dedup = false;        // the peer takes offers (data_channel.h), with this seed
+    uint64_t dedup_seed = 0;
+    bool warned_resend = false;  // an offer's assembled copy failed and was logged
     Fd data;
     std::string scratch;  // what WriteDataPut seals into
   };
@@ -211,9 +229,17 @@ class SnapshotForwarder {
   bool stop_ = false;                             // GUARDED_BY(mu_)
   int64_t sent_ = 0, failed_ = 0, replaced_ = 0;  // GUARDED_BY(mu_)
   std::atomic<int64_t> connections_{0};
+  std::atomic<uint64_t> offered_bytes_{0}, offered_sent_bytes_{0};
   // The loop's thread only (ClearJob and SetTarget wake the loop, which closes a connection
   // whose job or target is gone): the open connection of each job.
   std::map<std::string, Connection> connections_by_job_;
+  // The loop's thread only: per job, its offers to its current target (logged when the
+  // connection closes).
+  struct CopyStats {
+    int64_t offers = 0;
+    uint64_t offered = 0, sent = 0;
+  };
+  std::map<std::string, CopyStats> copy_stats_;
   std::string last_error_;                     // GUARDED_BY(mu_)
   std::map<std::string, std::string> logged_;  // GUARDED_BY(mu_): job -> last error logged
   std::thread thread_;

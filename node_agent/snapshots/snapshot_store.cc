@@ -138,7 +138,30 @@ Status SnapshotStore::PutDecoded(checkpoint::SnapshotFrame frame,
   JobState& js = jobs_[key.job];
   Status s = PutLocked(js, std::move(frame), held);
   if (!s.ok() && js.ranks.empty()) jobs_.erase(key.job);
+  if (s.ok()) put_.notify_all();
   return s;
+}
+
+std::vector<std::shared_ptr<const checkpoint::SnapshotFrame>> SnapshotStore::FramesAt(
+    const std::string& job, int32_t attempt, int64_t step, int32_t for_rank,
+    std::chrono::steady_clock::time_point wait_until) const {
+  std::vector<std::shared_ptr<const checkpoint::SnapshotFrame>> out;
+  std::unique_lock<std::mutex> l(mu_);
+  for (bool last = false;; last = put_.wait_until(l, wait_until) == std::cv_status::timeout) {
+    out.clear();
+    auto j = jobs_.find(job);
+    if (j == jobs_.end()) return out;
+    bool coming = false;  // another rank's frame of an older step is held
+    for (const auto& [rank, slot] : j->second.ranks) {
+      auto f = slot.frames.find(step);
+      if (f != slot.frames.end() && f->second->key.attempt == attempt) {
+        out.push_back(f->second);
+      } else if (rank != for_rank && !slot.frames.empty() && slot.frames.begin()->first < step) {
+        coming = true;
+      }
+    }
+    if (!out.empty() || !coming || last) return out;
+  }
 }
 
 Status SnapshotStore::PutLocked(JobState& js, checkpoint::SnapshotFrame frame,

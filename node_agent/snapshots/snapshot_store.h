@@ -53,6 +53,8 @@
 // Thread-safety: every method is thread-safe (one mutex; Put copies nothing while holding it
 // beyond moving the frame in).
 
+#include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -115,6 +117,15 @@ class SnapshotStore {
   // held; DataLoss when the bytes held no longer match (the frame is then dropped).
   StatusOr<std::shared_ptr<const checkpoint::SnapshotFrame>> Get(const std::string& job,
                                                                  int32_t rank, int64_t step);
+
+  // The frames held of `job` at (`attempt`, `step`), of any rank: where a peer's deduplicated
+  // put (data_channel.h) finds the chunks it does not need sent. When there is none yet but a
+  // rank other than `for_rank` has a frame of the job at an older step (its frame of this step
+  // is likely on its way: data-parallel ranks snapshot the same steps), waits for one until
+  // `wait_until`. Not checked against their xxh3 here (the frame assembled from them is).
+  std::vector<std::shared_ptr<const checkpoint::SnapshotFrame>> FramesAt(
+      const std::string& job, int32_t attempt, int64_t step, int32_t for_rank,
+      std::chrono::steady_clock::time_point wait_until) const;
 
   // Every frame held for `job`, by rank then step.
   std::vector<HeldSnapshot> Held(const std::string& job) const;
@@ -193,6 +204,7 @@ class SnapshotStore {
 
   const SnapshotStoreOptions options_;
   mutable std::mutex mu_;
+  mutable std::condition_variable put_;  // notified after each frame kept (FramesAt)
   // Frames dropped under mu_, freed by the Lock that holds it once it is released.
   std::vector<std::shared_ptr<const checkpoint::SnapshotFrame>> dropped_;  // GUARDED_BY(mu_)
   std::map<std::string, JobState> jobs_;                                   // GUARDED_BY(mu_)

@@ -107,12 +107,18 @@ TEST(AgentMetricsRenderTest, SnapshotMemoryWhenEnabledAndEscapedLabels) {
   s.snapshot_used = 100;
   s.snapshot_reserved = 300;
   s.snapshot_limit = 1000;
+  s.snapshot_offered = 5000;
+  s.snapshot_offered_sent = 700;
   s.ranks[0].job_id = "a\"b\\c";
   std::string text = RenderAgentMetrics(s);
   const std::string node = "{node=\"aws-1\",provider=\"aws\"}";
   EXPECT_TRUE(Has(text, "muster_agent_snapshot_memory_used_bytes" + node + " 100")) << text;
   EXPECT_TRUE(Has(text, "muster_agent_snapshot_memory_reserved_bytes" + node + " 300")) << text;
   EXPECT_TRUE(Has(text, "muster_agent_snapshot_memory_limit_bytes" + node + " 1000")) << text;
+  EXPECT_TRUE(Has(text, "# TYPE muster_agent_snapshot_peer_offered_bytes_total counter")) << text;
+  EXPECT_TRUE(Has(text, "muster_agent_snapshot_peer_offered_bytes_total" + node + " 5000")) << text;
+  EXPECT_TRUE(Has(text, "muster_agent_snapshot_peer_offered_sent_bytes_total" + node + " 700"))
+      << text;
   EXPECT_NE(text.find("job_id=\"a\\\"b\\\\c\""), std::string::npos) << text;
 }
 

@@ -12,6 +12,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <optional>
 #include <random>
 
 #include "checkpoint/snapshot_channel.h"
@@ -63,6 +64,7 @@ struct Session {
   DataSessionId id{};
   AeadKey key{};
   int port = 0;
+  uint64_t dedup_seed = 0;  // of the chunk digests of its offers
 };
 
 class SnapshotDataChannelTest : public ::testing::Test {
@@ -100,6 +102,8 @@ class SnapshotDataChannelTest : public ::testing::Test {
     std::memcpy(s.key.data(), r.session_key().data(), s.key.size());
     s.port = static_cast<int>(r.data_port());
     EXPECT_EQ(s.port, server_->data_port());
+    EXPECT_EQ(r.dedup_chunk_bytes(), node_agent::kDedupChunkBytes);
+    s.dedup_seed = r.dedup_seed();
     return s;
   }
 
@@ -125,6 +129,47 @@ class SnapshotDataChannelTest : public ::testing::Test {
         });
     EXPECT_TRUE(st.ok()) << st;
     return out;
+  }
+
+  // The OFFER of `f` for `s` with `counter` (with `digests`; default: its payload's own).
+  static std::string Offered(const Session& s, uint64_t counter, const SnapshotFrame& f,
+                             std::optional<std::vector<node_agent::ChunkDigest>> digests = {}) {
+    std::string out;
+    Status st = node_agent::WriteDataOffer(
+        s.id, counter, s.key, f, digests ? *digests : node_agent::ChunkDigests(f.payload, s.dedup_seed),
+        [&](std::string_view b) {
+          out.append(b);
+          return Status::Ok();
+        });
+    EXPECT_TRUE(st.ok()) << st;
+    return out;
+  }
+
+  // The CHUNKS of `payload` that `need` asks for, sealed for `s` with `counter`.
+  static std::string Chunks(const Session& s, uint64_t counter, std::string_view payload,
+                            const node_agent::ChunkNeeds& need) {
+    std::string out, scratch;
+    Status st = node_agent::WriteDataChunks(s.id, counter, s.key, payload, need, &scratch,
+                                            [&](std::string_view b) {
+                                              out.append(b);
+                                              return Status::Ok();
+                                            });
+    EXPECT_TRUE(st.ok()) << st;
+    return out;
+  }
+
+  // The peer's NEED for the OFFER `counter` of a payload of `payload_length` bytes.
+  static Status Need(int fd, const Session& s, uint64_t counter, uint64_t payload_length,
+                     Status* carried, node_agent::ChunkNeeds* need) {
+    const auto deadline = std::chrono::steady_clock::now() + seconds(20);
+    auto read = [&](char* out, size_t n) { return checkpoint::RecvAll(fd, out, n, deadline); };
+    std::string header(node_agent::kDataHeaderBytes, '\0');
+    MUSTER_RETURN_IF_ERROR(read(header.data(), header.size()));
+    MUSTER_ASSIGN_OR_RETURN(
+        DataHeader h, node_agent::DecodeDataHeader(header, DataKind::kNeed, payload_length));
+    EXPECT_EQ(h.counter, counter);
+    return node_agent::ReadDataNeed(h, header, s.key, node_agent::DedupChunkCount(payload_length),
+                                    read, carried, need);
   }
 
   // The peer's answer to the PUT `counter`: Ok and `*carried` set, or the connection's error
@@ -431,6 +476,153 @@ TEST_F(SnapshotDataChannelTest, AFirstHeaderTrickledByteByByteIsCutAtItsDeadline
   EXPECT_LT(held, kSnapshotDataFirstMessageTimeout + seconds(2))
       << std::chrono::duration<double>(held).count() << " s";
   EXPECT_GE(server_->data_refused(), 1);
+}
+
+// The deduplicated put on the wire: the peer asks for exactly the chunks it does not hold (the
+// frame of another rank of the job at the same step), assembles the frame from both, and keeps
+// it byte-exact; the digests, the bitmap and the chunks are sealed like a PUT.
+TEST_F(SnapshotDataChannelTest, AnOfferIsAssembledFromHeldChunksAndOnlyTheNeededOnesCross) {
+  auto s = Open();
+  ASSERT_TRUE(s.ok()) << s.status();
+  const uint64_t chunk = node_agent::kDedupChunkBytes;
+  const std::string held = RandomPayload(10 * chunk + 99, 3);
+  ASSERT_TRUE(store_->Put(Frame(Key(0, 5), held)).ok());
+  std::string mine = held;
+  mine[2 * chunk] ^= 0x40;       // chunk 2 differs
+  mine[10 * chunk + 98] ^= 0x01;  // and the short last one, 10
+  const int fd = Connect();
+  const std::string offer = Offered(*s, 1, Frame(Key(1, 5), mine));
+  // The digests are sealed: the offered payload's bytes are not on the wire, nor the job.
+  EXPECT_EQ(offer.find("ft-1"), std::string::npos);
+  ASSERT_TRUE(checkpoint::SendAll(fd, offer).ok());
+  Status carried(StatusCode::kInternal, "unset");
+  node_agent::ChunkNeeds need;
+  ASSERT_TRUE(Need(fd, *s, 1, mine.size(), &carried, &need).ok());
+  ASSERT_TRUE(carried.ok()) << carried;
+  ASSERT_EQ(need.size(), 11u);
+  for (size_t i = 0; i < need.size(); ++i) EXPECT_EQ(need[i], i == 2 || i == 10) << "chunk " << i;
+  const std::string chunks = Chunks(*s, 1, mine, need);
+  EXPECT_EQ(chunks.size(), node_agent::kDataHeaderBytes + chunk + 99 + kAeadTagBytes);
+  ASSERT_TRUE(checkpoint::SendAll(fd, chunks).ok());
+  ASSERT_TRUE(Reply(fd, *s, 1, &carried).ok());
+  EXPECT_TRUE(carried.ok()) << carried;
+  auto kept = store_->Get("ft-1", 1, 5);
+  ASSERT_TRUE(kept.ok()) << kept.status();
+  EXPECT_EQ((*kept)->payload, mine);
+  EXPECT_EQ(server_->offered_bytes(), mine.size());
+  EXPECT_EQ(server_->offered_bytes_received(), chunk + 99);
+
+  // Nothing of step 6 is held. Rank 0 has a frame of an older step, so its frame of step 6 is
+  // due: the peer waits briefly for it, then asks for every chunk.
+  const std::string fresh = RandomPayload(3 * chunk, 4);
+  ASSERT_TRUE(checkpoint::SendAll(fd, Offered(*s, 2, Frame(Key(1, 6), fresh))).ok());
+  ASSERT_TRUE(Need(fd, *s, 2, fresh.size(), &carried, &need).ok());
+  ASSERT_TRUE(carried.ok()) << carried;
+  EXPECT_EQ(need, node_agent::ChunkNeeds(3, true));
+  ASSERT_TRUE(checkpoint::SendAll(fd, Chunks(*s, 2, fresh, need)).ok());
+  ASSERT_TRUE(Reply(fd, *s, 2, &carried).ok());
+  EXPECT_TRUE(carried.ok()) << carried;
+  kept = store_->Get("ft-1", 1, 6);
+  ASSERT_TRUE(kept.ok()) << kept.status();
+  EXPECT_EQ((*kept)->payload, fresh);
+  EXPECT_EQ(server_->data_refused(), 0);
+}
+
+// A forwarder whose digests do not describe its frame (or a chunk held here that only collides
+// with one offered) gets a frame assembled from the wrong bytes: its xxh3, from the forwarder's
+// own header, refuses it (DataLoss in the REPLY), nothing is kept, and the session goes on.
+TEST_F(SnapshotDataChannelTest, AnOfferWhoseDigestsLieIsAssembledThenRefusedByItsChecksum) {
+  auto s = Open();
+  ASSERT_TRUE(s.ok()) << s.status();
+  const uint64_t chunk = node_agent::kDedupChunkBytes;
+  const std::string held = RandomPayload(4 * chunk, 5);
+  ASSERT_TRUE(store_->Put(Frame(Key(0, 5), held)).ok());
+  std::string truth = held;
+  truth[chunk + 3] ^= 0x08;
+  const int fd = Connect();
+  // The frame says `truth` (its xxh3), the digests say `held`.
+  ASSERT_TRUE(checkpoint::SendAll(fd, Offered(*s, 1, Frame(Key(1, 5), truth),
+                                              node_agent::ChunkDigests(held, s->dedup_seed)))
+                  .ok());
+  Status carried(StatusCode::kInternal, "unset");
+  node_agent::ChunkNeeds need;
+  ASSERT_TRUE(Need(fd, *s, 1, truth.size(), &carried, &need).ok());
+  ASSERT_TRUE(carried.ok()) << carried;
+  EXPECT_EQ(need, node_agent::ChunkNeeds(4, false));
+  ASSERT_TRUE(checkpoint::SendAll(fd, Chunks(*s, 1, truth, need)).ok());
+  ASSERT_TRUE(Reply(fd, *s, 1, &carried).ok());
+  EXPECT_EQ(carried.code(), StatusCode::kDataLoss) << carried;
+  EXPECT_NE(carried.message().find("fails its check"), std::string::npos) << carried;
+  EXPECT_FALSE(store_->Get("ft-1", 1, 5).ok());
+  // The session goes on: the frame put whole is kept.
+  ASSERT_TRUE(checkpoint::SendAll(fd, Sealed(*s, 2, Frame(Key(1, 5), truth))).ok());
+  ASSERT_TRUE(Reply(fd, *s, 2, &carried).ok());
+  EXPECT_TRUE(carried.ok()) << carried;
+  auto kept = store_->Get("ft-1", 1, 5);
+  ASSERT_TRUE(kept.ok()) << kept.status();
+  EXPECT_EQ((*kept)->payload, truth);
+}
+
+// An offer of another job's frame is refused in its NEED (no bitmap, no chunks follow), and the
+// session goes on; the held frames of that job were never consulted.
+TEST_F(SnapshotDataChannelTest, AnOfferOfAnotherJobIsRefusedInItsNeed) {
+  auto s = Open();
+  ASSERT_TRUE(s.ok()) << s.status();
+  const std::string state = RandomPayload(3 * node_agent::kDedupChunkBytes, 6);
+  ASSERT_TRUE(store_->Put(Frame(Key(0, 5, "other"), state)).ok());
+  const int fd = Connect();
+  ASSERT_TRUE(checkpoint::SendAll(fd, Offered(*s, 1, Frame(Key(1, 5, "other"), state))).ok());
+  Status carried;
+  node_agent::ChunkNeeds need{true};
+  ASSERT_TRUE(Need(fd, *s, 1, state.size(), &carried, &need).ok());
+  EXPECT_EQ(carried.code(), StatusCode::kFailedPrecondition) << carried;
+  EXPECT_NE(carried.message().find("permission denied"), std::string::npos) << carried;
+  EXPECT_TRUE(need.empty());
+  EXPECT_FALSE(store_->Get("other", 1, 5).ok());
+  ASSERT_TRUE(checkpoint::SendAll(fd, Sealed(*s, 2, Frame(Key(1, 5), state))).ok());
+  ASSERT_TRUE(Reply(fd, *s, 2, &carried).ok());
+  EXPECT_TRUE(carried.ok()) << carried;
+}
+
+// After a NEED, anything but the CHUNKS it asked for, sealed under the offer's counter, is refused
+// and ends the session: chunks of another length, a tampered chunk, another counter.
+TEST_F(SnapshotDataChannelTest, ChunksThatAreNotTheOnesAskedForAreRefused) {
+  const std::string state = RandomPayload(3 * node_agent::kDedupChunkBytes + 5, 8);
+  const node_agent::ChunkNeeds all(4, true);
+  auto exchange = [&](const std::function<std::string(const Session&, const node_agent::ChunkNeeds&)>&
+                          chunks) {
+    auto s = Open();
+    ASSERT_TRUE(s.ok()) << s.status();
+    const int fd = Connect();
+    ASSERT_TRUE(checkpoint::SendAll(fd, Offered(*s, 1, Frame(Key(1, 9), state))).ok());
+    Status carried;
+    node_agent::ChunkNeeds need;
+    ASSERT_TRUE(Need(fd, *s, 1, state.size(), &carried, &need).ok());
+    ASSERT_TRUE(carried.ok()) << carried;
+    ExpectRefused(fd, chunks(*s, need), *s, 1);
+    EXPECT_FALSE(store_->Get("ft-1", 1, 9).ok());
+  };
+  // One chunk fewer than asked.
+  exchange([&](const Session& s, const node_agent::ChunkNeeds& need) {
+    node_agent::ChunkNeeds fewer = need;
+    fewer[1] = false;
+    return Chunks(s, 1, state, fewer);
+  });
+  // A flipped bit.
+  exchange([&](const Session& s, const node_agent::ChunkNeeds& need) {
+    std::string c = Chunks(s, 1, state, need);
+    c[node_agent::kDataHeaderBytes + 100] ^= 0x01;
+    return c;
+  });
+  // Sealed under another counter.
+  exchange([&](const Session& s, const node_agent::ChunkNeeds& need) {
+    return Chunks(s, 2, state, need);
+  });
+  // A PUT instead.
+  exchange([&](const Session& s, const node_agent::ChunkNeeds&) {
+    return Sealed(s, 2, Frame(Key(1, 9), state));
+  });
+  EXPECT_EQ(server_->kept(), 0);
 }
 
 }  // namespace

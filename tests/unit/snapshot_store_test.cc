@@ -11,6 +11,7 @@
 #include <random>
 #include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "checkpoint/snapshot_frame.h"
@@ -373,6 +374,47 @@ std::vector<SnapshotHolding> TwoNodes(int64_t a_step, int64_t b_step) {
     h.push_back({"a", r, 4, 0, b_step});
   }
   return h;
+}
+
+// FramesAt: where a peer's deduplicated put finds chunks. The frames of any rank at the step and
+// attempt; when none is held but another rank's older frame is (its frame of the step is due),
+// a wait until one is put or the deadline passes; no wait when nothing of the job is due.
+TEST(SnapshotStoreTest, FramesAtFindsTheStepsFramesAndWaitsOnlyForOneThatIsDue) {
+  using Clock = std::chrono::steady_clock;
+  SnapshotStore store({.memory_limit = 1 << 20});
+  // Nothing of the job: no wait, even with a long deadline.
+  auto t0 = Clock::now();
+  EXPECT_TRUE(store.FramesAt("ft-1", 0, 5, 1, t0 + std::chrono::seconds(30)).empty());
+  EXPECT_LT(Clock::now() - t0, std::chrono::seconds(10));
+
+  ASSERT_TRUE(store.Put(Frame(0, 5, 100)).ok());
+  ASSERT_TRUE(store.Put(Frame(2, 5, 100, 1)).ok());  // attempt 1: not attempt 0's
+  auto at5 = store.FramesAt("ft-1", 0, 5, 1, Clock::now());
+  ASSERT_EQ(at5.size(), 1u);
+  EXPECT_EQ(at5[0]->key, Key(0, 5));
+  EXPECT_EQ(store.FramesAt("ft-1", 1, 5, 1, Clock::now()).size(), 1u);
+
+  // Step 6 of attempt 1 for rank 1: rank 2 (attempt 1, step 5) has an older frame, so its step 6
+  // is due. A short deadline passes empty-handed; a put during a long one ends the wait at once.
+  t0 = Clock::now();
+  EXPECT_TRUE(store.FramesAt("ft-1", 1, 6, 1, t0 + std::chrono::milliseconds(30)).empty());
+  EXPECT_GE(Clock::now() - t0, std::chrono::milliseconds(30));
+  std::thread put([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    ASSERT_TRUE(store.Put(Frame(2, 6, 100, 1)).ok());
+  });
+  t0 = Clock::now();
+  auto at6 = store.FramesAt("ft-1", 1, 6, 1, t0 + std::chrono::seconds(30));
+  put.join();
+  ASSERT_EQ(at6.size(), 1u);
+  EXPECT_EQ(at6[0]->key, Key(2, 6, 1));
+  EXPECT_LT(Clock::now() - t0, std::chrono::seconds(10));
+  // Only the offered rank's own older frames: nothing is due from anyone else.
+  SnapshotStore alone({.memory_limit = 1 << 20});
+  ASSERT_TRUE(alone.Put(Frame(1, 5, 100)).ok());
+  t0 = Clock::now();
+  EXPECT_TRUE(alone.FramesAt("ft-1", 0, 6, 1, t0 + std::chrono::seconds(30)).empty());
+  EXPECT_LT(Clock::now() - t0, std::chrono::seconds(10));
 }
 
 TEST(ChooseResumeTest, NewestCompleteSetOfSurvivorsWins) {
