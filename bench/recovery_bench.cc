@@ -192,6 +192,11 @@ struct Outcome {
   // "snapshot peer connection closed; it last put ..." line of its agent's log; the fewest of
   // those ranks), and how far that was behind the interrupted attempt's last step. -1: unknown.
   int64_t peer_step = -1, peer_lag_steps = -1;
+  // With snapshots: of the payload the agents' forwarders offered their peers in attempt 1 (the
+  // "snapshots of JOB to peer P: N frames offered, X MiB, of which Y MiB (Z%) sent" line each
+  // surviving agent logs when attempt 1's copies stop), the percent that had to be sent (the
+  // rest the peer held already: the deduplicated put). -1: unknown (nothing offered or logged).
+  double offered_mib = -1, offered_sent_pct = -1;
   std::string error;
 };
 
@@ -532,12 +537,24 @@ Outcome Measure(const std::string& muster, bool with_notice, int step_ms, int ck
   o.snapshot_kib = a.snapshot_kib;
   if (snap.snapshots || ft_snapshots) {
     const std::string mark = "it last put job " + *job + " rank ";
+    const std::string offers = "snapshots of " + *job + " to peer ";
+    double offered = 0, sent = 0;
     std::error_code lec;
     for (const auto& e : fs::directory_iterator(dir, lec)) {
       if (e.path().extension() != ".log" || e.path().filename() == "coord.log") continue;
       std::ifstream in(e.path());
       std::map<int64_t, int64_t> newest;  // rank -> the last step logged
       for (std::string line; std::getline(in, line);) {
+        if (auto at = line.find(offers); at != std::string::npos) {
+          auto of = line.find(" frames offered, ", at);
+          double mib = 0, sent_mib = 0;
+          if (of != std::string::npos &&
+              std::sscanf(line.c_str() + of, " frames offered, %lf MiB, of which %lf MiB", &mib,
+                          &sent_mib) == 2) {
+            offered += mib;
+            sent += sent_mib;
+          }
+        }
         auto m = line.find(mark);
         long long rank = -1, step = -1;
         if (m != std::string::npos &&
@@ -548,6 +565,10 @@ Outcome Measure(const std::string& muster, bool with_notice, int step_ms, int ck
         if (o.peer_step < 0 || step < o.peer_step) o.peer_step = step;
     }
     if (o.peer_step >= 0) o.peer_lag_steps = a.last_step - o.peer_step;
+    if (offered > 0) {
+      o.offered_mib = offered;
+      o.offered_sent_pct = 100.0 * sent / offered;
+    }
   }
   (void)c.client().Cancel(*job);
   std::error_code ec;
@@ -597,6 +618,7 @@ int CompareSnapshotCpu(const Flags& f, const std::string& muster, const std::str
   struct Series {
     std::vector<double> step_ms, agent_cpu, rank_cpu, idle;
     std::vector<int64_t> lost, lag;
+    std::vector<double> sent_pct;
     std::vector<std::string> errors;
     void Add(const Outcome& o) {
       if (!o.error.empty()) {
@@ -609,6 +631,7 @@ int CompareSnapshotCpu(const Flags& f, const std::string& muster, const std::str
       idle.push_back(o.idle_pct);
       lost.push_back(o.lost_steps);
       lag.push_back(o.peer_lag_steps);
+      sent_pct.push_back(o.offered_sent_pct);
     }
   };
   const std::vector<std::string> classes = {"normal", "background"};
@@ -637,9 +660,10 @@ int CompareSnapshotCpu(const Flags& f, const std::string& muster, const std::str
   j["agent_cpu_ms_per_step_without_snapshots"] = median(off.agent_cpu);
   if (!off.errors.empty()) j["errors_without_snapshots"] = off.errors;
   Table t({"snapshot CPU", "step ms", "cost %", "agents' CPU ms/step", "ranks' CPU ms/step",
-           "idle CPU %", "lost steps per run", "peer lag per run", "errors"});
+           "idle CPU %", "lost steps per run", "peer lag per run", "offered bytes sent %",
+           "errors"});
   t.Row({"(no snapshots)", Fmt(base, 1), "-", Fmt(median(off.agent_cpu), 1),
-         Fmt(median(off.rank_cpu), 1), Fmt(median(off.idle), 1), "-", "-",
+         Fmt(median(off.rank_cpu), 1), Fmt(median(off.idle), 1), "-", "-", "-",
          std::to_string(off.errors.size())});
   bool ok = off.errors.empty();
   for (const auto& c : classes) {
@@ -654,11 +678,12 @@ int CompareSnapshotCpu(const Flags& f, const std::string& muster, const std::str
             {"rank_cpu_ms_per_step", median(s.rank_cpu)},
             {"idle_cpu_pct", median(s.idle)},
             {"lost_steps_runs", s.lost},
-            {"peer_lag_steps_runs", s.lag}};
+            {"peer_lag_steps_runs", s.lag},
+            {"offered_sent_pct_runs", s.sent_pct}};
     if (!s.errors.empty()) j[c]["errors"] = s.errors;
     t.Row({c, Fmt(ms, 1), Fmt(cost, 1), Fmt(median(s.agent_cpu), 1), Fmt(median(s.rank_cpu), 1),
            Fmt(median(s.idle), 1), nlohmann::json(s.lost).dump(), nlohmann::json(s.lag).dump(),
-           std::to_string(s.errors.size())});
+           Fmt(median(s.sent_pct), 1), std::to_string(s.errors.size())});
   }
   if (f.json) {
     std::cout << j.dump(2) << "\n";
@@ -922,6 +947,8 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
           j["snapshot_cpu"] = f->snapshot_cpu.empty() ? "default" : f->snapshot_cpu;
           j["finetune_snapshot_peer_step"] = ft_snap->peer_step;
           j["finetune_snapshot_peer_lag_steps"] = ft_snap->peer_lag_steps;
+          j["finetune_snapshot_offered_mib"] = ft_snap->offered_mib;
+          j["finetune_snapshot_offered_sent_pct"] = ft_snap->offered_sent_pct;
           // Every kill -9 run with snapshots (the row's, then --finetune-cost-runs' others).
           j["lost_steps_without_notice_finetune_snapshots_runs"] = ft_on_lost;
           j["finetune_snapshot_peer_lag_steps_runs"] = ft_on_lag;
@@ -988,7 +1015,12 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
                   "%; the peer held step " + std::to_string(ft_snap->peer_step) + ", " +
                   std::to_string(ft_snap->peer_lag_steps) + " behind; every run's lost steps " +
                   nlohmann::json(ft_on_lost).dump() + ", peer lag " +
-                  nlohmann::json(ft_on_lag).dump());
+                  nlohmann::json(ft_on_lag).dump() +
+                  (ft_snap->offered_mib > 0
+                       ? "; the peer copies sent " + Fmt(ft_snap->offered_sent_pct, 1) +
+                             "% of the " + Fmt(ft_snap->offered_mib, 1) +
+                             " MiB offered (the peer held the rest)"
+                       : std::string("; no peer copy offered")));
         }
         if (snap_on && snap_off) {
           row("agent kill -9, snapshot trainer, volume only", *snap_off,

@@ -38,6 +38,10 @@ struct Options {
   int steps = 200;
   int step_ms = 44;
   bool insecure = false;  // no CURVE between the agents (the data channel is sealed all the same)
+  // The two ranks' payloads differ (state that is not replicated, as with sharded optimizers):
+  // the peers hold nothing of a copy, so every chunk offered is sent. Default: the same payload,
+  // as data-parallel ranks' are.
+  bool distinct = false;
   bool json = false;
 };
 
@@ -133,11 +137,19 @@ int Run(const Options& o) {
       rank_cpu0 = ThreadCpuS();
       faults0 = MinorFaults();
     }
+    payload[step % payload.size()] ^= 1;  // a different payload each step
     for (int i = 0; i < 2; ++i) {
       checkpoint::SnapshotKey key{
           .job = job, .attempt = 1, .rank = i, .world_size = 2, .step = step};
-      payload[step % payload.size()] ^= 1;  // a different payload each step
-      if (Status s = rank[i]->Put(key, payload); !s.ok()) return fail(s);
+      // --distinct: rank 1's differs from rank 0's in every chunk.
+      if (o.distinct && i == 1) {
+        for (size_t at = 0; at < payload.size(); at += node_agent::kDedupChunkBytes) payload[at] ^= 0x5a;
+      }
+      Status put = rank[i]->Put(key, payload);
+      if (o.distinct && i == 1) {
+        for (size_t at = 0; at < payload.size(); at += node_agent::kDedupChunkBytes) payload[at] ^= 0x5a;
+      }
+      if (!put.ok()) return fail(put);
     }
     next += std::chrono::milliseconds(o.step_ms);
     std::this_thread::sleep_until(next);
@@ -146,7 +158,10 @@ int Run(const Options& o) {
   const double cpu = ProcessCpuS() - cpu0, rank_cpu = ThreadCpuS() - rank_cpu0;
   const long faults = MinorFaults() - faults0;
   int64_t sent = 0, replaced = 0, failed = 0, kept = 0;
+  uint64_t offered = 0, offered_sent = 0;
   for (auto& ag : a) {
+    offered += ag.forwarder->offered_bytes();
+    offered_sent += ag.forwarder->offered_bytes_sent();
     sent += ag.forwarder->sent();
     replaced += ag.forwarder->replaced();
     failed += ag.forwarder->failed();
@@ -164,17 +179,22 @@ int Run(const Options& o) {
                                 {"ranks_cpu_ms_per_step", 1000.0 * rank_cpu / o.steps},
                                 {"minor_faults_per_step", double(faults) / o.steps},
                                 {"forwarded", sent},
+                                {"offered_bytes", offered},
+                                {"offered_bytes_sent", offered_sent},
+                                {"distinct", o.distinct},
                                 {"replaced", replaced},
                                 {"failed", failed}}
                      .dump(2)
               << "\n";
     return failed == 0 ? 0 : 1;
   }
-  Table t({"frame KiB", "steps", "agents' CPU ms/step", "ranks' CPU ms/step", "minor faults/step",
-           "forwarded", "replaced", "failed"});
-  t.Row({std::to_string(o.kib), std::to_string(o.steps), Fmt(per_step_ms, 2),
-         Fmt(1000.0 * rank_cpu / o.steps, 2), Fmt(double(faults) / o.steps, 0),
-         std::to_string(sent), std::to_string(replaced), std::to_string(failed)});
+  Table t({"frame KiB", "ranks' payloads", "steps", "agents' CPU ms/step", "ranks' CPU ms/step",
+           "minor faults/step", "forwarded", "offered bytes sent %", "replaced", "failed"});
+  t.Row({std::to_string(o.kib), o.distinct ? "distinct" : "the same", std::to_string(o.steps),
+         Fmt(per_step_ms, 2), Fmt(1000.0 * rank_cpu / o.steps, 2),
+         Fmt(double(faults) / o.steps, 0), std::to_string(sent),
+         offered > 0 ? Fmt(100.0 * offered_sent / offered, 1) : std::string("-"),
+         std::to_string(replaced), std::to_string(failed)});
   std::cout << "2 agents x 1 rank, one frame per rank every " << o.step_ms << " ms, "
             << (o.insecure ? "NO CURVE (insecure)" : "CURVE sessions")
             << " and the AES-256-GCM data channel between the agents (kept by the peers: " << kept
@@ -198,6 +218,9 @@ void AddSnapshotPathBench(CLI::App& app, Runner* runner) {
       "--insecure", o->insecure,
       "no CURVE between the agents (never how an agent runs; the session key then travels in "
       "the clear, and the frames are sealed all the same)");
+  cmd->add_flag("--distinct", o->distinct,
+                "the two ranks' payloads differ in every chunk (state that is not replicated): "
+                "each copy is sent whole; default: the same payload, as data-parallel ranks hold");
   cmd->add_flag("--json", o->json, "Print JSON");
   cmd->callback([=] { *runner = [=] { return Run(*o); }; });
 }

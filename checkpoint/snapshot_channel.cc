@@ -102,6 +102,82 @@ Status SnapshotClient::Put(const SnapshotKey& key, std::string_view payload) {
   return SentReply(sent);
 }
 
+Status SnapshotClient::PutInPlace(const SnapshotKey& key, const std::vector<SnapshotPart>& parts) {
+  if (parts.empty() || parts.size() > kMaxSnapshotParts) {
+    return InvalidArgumentError("snapshot: a put in place needs 1.." +
+                                std::to_string(kMaxSnapshotParts) + " parts, not " +
+                                std::to_string(parts.size()));
+  }
+  uint64_t total = 0;
+  for (const SnapshotPart& p : parts) total += p.length;
+  // The payload's xxh3 is the agent's to compute: it reads the bytes itself.
+  MUSTER_ASSIGN_OR_RETURN(std::string msg, EncodeSnapshotPrefix(key, total, 0));
+  msg.insert(msg.begin(), 'V');
+  msg += EncodeSnapshotParts(parts);
+  return SentReply(SendAll(fd_, msg));
+}
+
+std::string EncodeSnapshotParts(const std::vector<SnapshotPart>& parts) {
+  std::string msg;
+  auto le = [&msg](uint64_t v, int bytes) {
+    for (int i = 0; i < bytes; ++i) msg.push_back(static_cast<char>((v >> (8 * i)) & 0xff));
+  };
+  le(parts.size(), 4);
+  for (const SnapshotPart& p : parts) {
+    msg.push_back(p.in_memory() ? 1 : 0);
+    le(p.length, 8);
+    if (p.in_memory()) {
+      le(p.address, 8);
+    } else {
+      msg.append(p.here);
+    }
+  }
+  return msg;
+}
+
+StatusOr<std::vector<InMemoryPart>> ReadSnapshotParts(
+    const std::function<Status(char* out, size_t n)>& read, std::string* payload) {
+  auto le = [](const char* b, int bytes) {
+    uint64_t v = 0;
+    for (int i = 0; i < bytes; ++i) v |= uint64_t{static_cast<unsigned char>(b[i])} << (8 * i);
+    return v;
+  };
+  char count_b[4];
+  MUSTER_RETURN_IF_ERROR(read(count_b, 4));
+  const uint64_t count = le(count_b, 4);
+  if (count == 0 || count > kMaxSnapshotParts) {
+    return InvalidArgumentError("snapshot: a put in place of " + std::to_string(count) +
+                                " parts (1.." + std::to_string(kMaxSnapshotParts) + ")");
+  }
+  std::vector<InMemoryPart> out;
+  uint64_t at = 0;
+  for (uint64_t i = 0; i < count; ++i) {
+    char part[9];
+    MUSTER_RETURN_IF_ERROR(read(part, 9));
+    const uint8_t kind = static_cast<uint8_t>(part[0]);
+    const uint64_t len = le(part + 1, 8);
+    if (kind > 1 || len > payload->size() - at) {
+      return DataLossError("snapshot: put in place: part " + std::to_string(i) + " (kind " +
+                           std::to_string(kind) + ", " + std::to_string(len) +
+                           " bytes) does not fit the " + std::to_string(payload->size()) +
+                           "-byte payload at " + std::to_string(at));
+    }
+    if (kind == 0) {
+      MUSTER_RETURN_IF_ERROR(read(payload->data() + at, len));
+    } else {
+      char addr_b[8];
+      MUSTER_RETURN_IF_ERROR(read(addr_b, 8));
+      if (len > 0) out.push_back({at, le(addr_b, 8), len});
+    }
+    at += len;
+  }
+  if (at != payload->size()) {
+    return DataLossError("snapshot: put in place: the parts hold " + std::to_string(at) +
+                         " bytes, the header says " + std::to_string(payload->size()));
+  }
+  return out;
+}
+
 Status SnapshotClient::Put(std::string_view frame) {
   Status sent = SendAll(fd_, "P");
   if (sent.ok()) sent = SendAll(fd_, frame);
@@ -169,9 +245,62 @@ Status SnapshotSender::Snapshot(int64_t step, const SaveState& state) {
   return Status::Ok();
 }
 
+Status SnapshotSender::SnapshotInPlace(int64_t step, const SaveState& state) {
+  if (step < 0) return InvalidArgumentError("snapshot: step must not be negative");
+  InPlace ip;
+  ip.step = step;
+  ip.state = state;
+  MUSTER_RETURN_IF_ERROR(EncodeSnapshotStateParts(ip.state, &ip.head, &ip.spans));
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (phase_ != InPlacePhase::kNone) {
+      return FailedPreconditionError("snapshot: the previous in-place snapshot was not released");
+    }
+    if (pending_) {  // a copied one not sent yet: this newer one replaces it
+      ++replaced_;
+      spare_.swap(pending_->second);
+      pending_.reset();
+    }
+    in_place_ = std::move(ip);
+    phase_ = InPlacePhase::kQueued;
+  }
+  cv_.notify_all();
+  return Status::Ok();
+}
+
+Status SnapshotSender::Release(std::chrono::milliseconds timeout) {
+  std::unique_lock<std::mutex> l(mu_);
+  if (cv_.wait_for(l, timeout, [&] { return phase_ == InPlacePhase::kNone; })) {
+    return Status::Ok();
+  }
+  const int64_t step = in_place_ ? in_place_->step : -1;
+  if (phase_ == InPlacePhase::kQueued) {
+    in_place_.reset();
+    phase_ = InPlacePhase::kNone;
+  } else if (phase_ == InPlacePhase::kReading) {
+    // The agent checks the connection once it has read: cut, it keeps nothing of this read.
+    // (Still connecting: the loop sees the cut before it asks.)
+    if (in_place_fd_ >= 0) ::shutdown(in_place_fd_, SHUT_RDWR);
+    in_place_cut_ = true;
+  }
+  // The read cut (or a copy) ends promptly; the tensors are free only then.
+  cv_.wait(l, [&] { return phase_ == InPlacePhase::kNone; });
+  return DeadlineExceededError("snapshot: the agent had not taken the in-place snapshot" +
+                               (step >= 0 ? " of step " + std::to_string(step) : std::string()) +
+                               " after " + std::to_string(timeout.count()) +
+                               " ms; given up, training goes on");
+}
+
+bool SnapshotSender::in_place() const {
+  std::lock_guard<std::mutex> l(mu_);
+  return !in_place_unavailable_;
+}
+
 Status SnapshotSender::Flush(std::chrono::milliseconds timeout) {
   std::unique_lock<std::mutex> l(mu_);
-  if (!cv_.wait_for(l, timeout, [&] { return !pending_ && !sending_; })) {
+  if (!cv_.wait_for(l, timeout, [&] {
+        return !pending_ && !sending_ && phase_ == InPlacePhase::kNone;
+      })) {
     return DeadlineExceededError("snapshot: still sending to the agent after " +
                                  std::to_string(timeout.count()) + " ms");
   }
@@ -191,32 +320,116 @@ int64_t SnapshotSender::replaced() const {
 void SnapshotSender::Loop() {
   auto log = log::Get("ckpt.snap");
   std::unique_lock<std::mutex> l(mu_);
+  // Connects when there is no connection; the outcome.
+  auto connect = [&]() -> Status {
+    if (client_) return Status::Ok();
+    auto c = SnapshotClient::Connect(options_.socket_path);
+    if (!c.ok()) return c.status();
+    client_ = std::move(*c);
+    return Status::Ok();
+  };
+  // After a put: a broken connection is reopened on the next snapshot; a refusal keeps it.
+  auto after = [&](const Status& s) {
+    if (s.code() == StatusCode::kUnavailable || s.code() == StatusCode::kDataLoss) client_.reset();
+    if (!s.ok()) log->warn("snapshot not kept by the agent: {}", s.ToString());
+  };
   while (true) {
-    cv_.wait(l, [&] { return stop_ || pending_; });
-    if (stop_) return;
+    cv_.wait(l, [&] { return stop_ || pending_ || phase_ == InPlacePhase::kQueued; });
+    if (stop_) {
+      // A queued in-place snapshot is dropped: its tensors are free.
+      if (phase_ == InPlacePhase::kQueued) {
+        in_place_.reset();
+        phase_ = InPlacePhase::kNone;
+        cv_.notify_all();
+      }
+      return;
+    }
     SnapshotKey key = options_.key;
+    if (phase_ == InPlacePhase::kQueued) {
+      InPlace ip = std::move(*in_place_);
+      in_place_.reset();
+      key.step = ip.step;
+      const bool try_in_place = !in_place_unavailable_;
+      sending_ = true;
+      Status s = Status::Ok();
+      if (try_in_place) {
+        // From here Release may cut the read, not drop it: kReading (no descriptor yet while
+        // connecting; a cut then stops it before the put).
+        phase_ = InPlacePhase::kReading;
+        in_place_cut_ = false;
+        l.unlock();
+        s = connect();
+        l.lock();
+        if (s.ok() && in_place_cut_) s = DeadlineExceededError("cut by Release before the put");
+        if (s.ok()) {
+          in_place_fd_ = client_->fd();
+          l.unlock();
+          std::vector<SnapshotPart> parts;
+          parts.reserve(ip.spans.size() + 2);
+          parts.push_back(SnapshotPart::Here(ip.head));
+          for (const SnapshotSpan& sp : ip.spans) {
+            if (sp.bytes > 0) parts.push_back(SnapshotPart::InMemory(sp.data, sp.bytes));
+          }
+          if (!ip.state.metadata.empty()) parts.push_back(SnapshotPart::Here(ip.state.metadata));
+          s = client_->PutInPlace(key, parts);
+          l.lock();
+          in_place_fd_ = -1;
+          if (in_place_cut_) s = DeadlineExceededError("the put in place was cut by Release");
+        }
+        const bool unavailable =
+            (s.code() == StatusCode::kFailedPrecondition &&
+             s.message().rfind(kSnapshotInPlaceUnavailable, 0) == 0) ||
+            (s.code() == StatusCode::kInvalidArgument &&
+             s.message().find("unknown op") != std::string::npos);
+        if (unavailable) {
+          in_place_unavailable_ = true;
+          log->info("snapshots are copied here: the agent cannot read them in place ({})",
+                    s.message());
+        }
+      }
+      if (try_in_place && !in_place_unavailable_) {
+        // Read by the agent (or refused, or cut): the tensors are free.
+        phase_ = InPlacePhase::kNone;
+        if (in_place_cut_) client_.reset();  // the connection was shut down
+        cv_.notify_all();
+        l.unlock();
+        after(s);
+        l.lock();
+        sending_ = false;
+        last_ = s;
+        if (s.ok()) ++sent_;
+        cv_.notify_all();
+        continue;
+      }
+      // The agent cannot read this process: copied here, then put.
+      phase_ = InPlacePhase::kCopying;
+      std::string payload;
+      payload.swap(spare_);
+      l.unlock();
+      Status enc = EncodeSnapshotStateInto(ip.state, &payload);
+      l.lock();
+      phase_ = InPlacePhase::kNone;  // copied: the tensors are free
+      cv_.notify_all();
+      l.unlock();
+      if (enc.ok()) enc = connect();
+      if (enc.ok()) enc = client_->Put(key, payload);
+      after(enc);
+      l.lock();
+      if (spare_.capacity() < payload.capacity()) spare_.swap(payload);
+      sending_ = false;
+      last_ = enc;
+      if (enc.ok()) ++sent_;
+      cv_.notify_all();
+      continue;
+    }
     key.step = pending_->first;
     std::string payload = std::move(pending_->second);
     pending_.reset();
     sending_ = true;
     l.unlock();
-    Status s;
-    if (!client_) {
-      auto c = SnapshotClient::Connect(options_.socket_path);
-      if (c.ok()) {
-        client_ = std::move(*c);
-      } else {
-        s = c.status();
-      }
-    }
-    if (client_) {
-      s = client_->Put(key, payload);
-      // A broken connection is reopened on the next snapshot; a refusal keeps it.
-      if (s.code() == StatusCode::kUnavailable || s.code() == StatusCode::kDataLoss) {
-        client_.reset();
-      }
-    }
-    if (!s.ok()) log->warn("snapshot not kept by the agent: {}", s.ToString());
+    Status s = connect();
+    if (s.ok()) s = client_->Put(key, payload);
+    after(s);
     l.lock();
     if (spare_.capacity() < payload.capacity()) spare_.swap(payload);
     sending_ = false;

@@ -100,7 +100,7 @@ namespace {
 
 // The key of `header` with `job`, once the job id and the payload's checksum hold.
 StatusOr<SnapshotKey> CheckBody(const SnapshotHeader& header, std::string_view job,
-                                std::string_view payload) {
+                                std::string_view payload, bool hash = true) {
   if (job.size() != header.job_length || payload.size() != header.payload_length) {
     return DataLossError("snapshot: body is " + std::to_string(job.size() + payload.size()) +
                          " bytes, the header says " +
@@ -109,7 +109,7 @@ StatusOr<SnapshotKey> CheckBody(const SnapshotHeader& header, std::string_view j
   SnapshotKey key = header.key;
   key.job = std::string(job);
   MUSTER_RETURN_IF_ERROR(AsDataLoss(ValidatePathName(key.job, "snapshot job id")));
-  if (Xxh3(payload.data(), payload.size()) != header.payload_xxh3) {
+  if (hash && Xxh3(payload.data(), payload.size()) != header.payload_xxh3) {
     return DataLossError("snapshot: payload of job " + key.job + " rank " +
                          std::to_string(key.rank) + " step " + std::to_string(key.step) +
                          " fails its xxh3 checksum");
@@ -137,6 +137,15 @@ StatusOr<SnapshotFrame> DecodeSnapshotParts(const SnapshotHeader& header, std::s
                                             std::string&& payload) {
   SnapshotFrame f;
   MUSTER_ASSIGN_OR_RETURN(f.key, CheckBody(header, job, payload));
+  f.payload_xxh3 = header.payload_xxh3;
+  f.payload = std::move(payload);
+  return f;
+}
+
+StatusOr<SnapshotFrame> DecodeSnapshotPartsChecked(const SnapshotHeader& header,
+                                                   std::string_view job, std::string&& payload) {
+  SnapshotFrame f;
+  MUSTER_ASSIGN_OR_RETURN(f.key, CheckBody(header, job, payload, /*hash=*/false));
   f.payload_xxh3 = header.payload_xxh3;
   f.payload = std::move(payload);
   return f;

@@ -95,5 +95,9 @@ StatusOr<SnapshotFrame> DecodeSnapshotFrameInPlace(std::string&& bytes, uint64_t
 // payload's length and xxh3 as DecodeSnapshotBody does, without copying the payload.
 StatusOr<SnapshotFrame> DecodeSnapshotParts(const SnapshotHeader& header, std::string_view job,
                                             std::string&& payload);
+// The same, without hashing the payload again. REQUIRES: `payload` is a copy of a payload that
+// was checked against this same xxh3 (header.payload_xxh3), as a frame held in a store is.
+StatusOr<SnapshotFrame> DecodeSnapshotPartsChecked(const SnapshotHeader& header,
+                                                   std::string_view job, std::string&& payload);
 
 }  // namespace muster::checkpoint

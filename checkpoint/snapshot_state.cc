@@ -55,11 +55,13 @@ StatusOr<std::string> EncodeSnapshotState(const SaveState& state) {
   return out;
 }
 
-Status EncodeSnapshotStateInto(const SaveState& state, std::string* out_ptr) {
-  std::string& out = *out_ptr;
+Status EncodeSnapshotStateParts(const SaveState& state, std::string* head,
+                                std::vector<SnapshotSpan>* spans) {
   json tensors = json::array();
   std::set<std::string> names;
   uint64_t pos = 0;
+  spans->clear();
+  spans->reserve(state.tensors.size());
   for (const TensorRef& t : state.tensors) {
     std::string what = "snapshot: tensor '" + t.name + "'";
     if (t.name.empty()) return InvalidArgumentError("snapshot: a tensor has an empty name");
@@ -84,20 +86,30 @@ Status EncodeSnapshotStateInto(const SaveState& state, std::string* out_ptr) {
                        {"at", pos},
                        {"bytes", bytes}});
     pos += bytes;
+    spans->push_back({t.data, bytes});
   }
   json index = {{"tensors", tensors}, {"metadata_bytes", state.metadata.size()}};
   std::string idx = index.dump();
-  out.clear();
-  out.reserve(4 + idx.size() + pos + state.metadata.size());
+  head->clear();
   uint32_t n = static_cast<uint32_t>(idx.size());
-  for (int i = 0; i < 4; ++i) out.push_back(static_cast<char>((n >> (8 * i)) & 0xff));
-  out += idx;
+  for (int i = 0; i < 4; ++i) head->push_back(static_cast<char>((n >> (8 * i)) & 0xff));
+  head->append(idx);
+  return Status::Ok();
+}
+
+Status EncodeSnapshotStateInto(const SaveState& state, std::string* out_ptr) {
+  std::string& out = *out_ptr;
+  std::string head;
+  std::vector<SnapshotSpan> spans;
+  MUSTER_RETURN_IF_ERROR(EncodeSnapshotStateParts(state, &head, &spans));
+  uint64_t total = head.size() + state.metadata.size();
+  for (const SnapshotSpan& s : spans) total += s.bytes;
+  out.clear();
+  out.reserve(total);
+  out += head;
   // Appended in order ("at" is the running sum): one copy, no zero fill first.
-  size_t i = 0;
-  for (const TensorRef& t : state.tensors) {
-    uint64_t bytes = tensors[i]["bytes"].get<uint64_t>();
-    if (bytes > 0) out.append(static_cast<const char*>(t.data), bytes);
-    ++i;
+  for (const SnapshotSpan& s : spans) {
+    if (s.bytes > 0) out.append(static_cast<const char*>(s.data), s.bytes);
   }
   out += state.metadata;
   return Status::Ok();

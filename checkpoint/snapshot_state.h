@@ -32,6 +32,17 @@ StatusOr<std::string> EncodeSnapshotState(const SaveState& state);
 // pays for no new pages). `out` is unspecified after an error.
 Status EncodeSnapshotStateInto(const SaveState& state, std::string* out);
 
+// Where one tensor's bytes of a SaveState are, in this process.
+struct SnapshotSpan {
+  const void* data = nullptr;
+  uint64_t bytes = 0;
+};
+// The payload of `state` in parts, without copying a tensor: `head` (the index's length and the
+// index), then each tensor's bytes in order (`spans`), then state.metadata. The same checks as
+// EncodeSnapshotStateInto; its payload is head, the spans' bytes and the metadata, concatenated.
+Status EncodeSnapshotStateParts(const SaveState& state, std::string* head,
+                                std::vector<SnapshotSpan>* spans);
+
 // One tensor of a payload, as its index describes it.
 struct SnapshotTensorInfo {
   std::string name;

@@ -14,11 +14,29 @@ std::vector<int64_t> Shape(const torch::Tensor& t) { return {t.sizes().begin(), 
 
 }  // namespace
 
+SnapshotSink::~SnapshotSink() {
+  if (!held_.empty()) (void)Release();
+}
+
+Status SnapshotSink::Release() {
+  if (held_.empty()) return Status::Ok();
+  const auto began = std::chrono::steady_clock::now();
+  Status s = sender_->Release(kReleaseTimeout);
+  held_.clear();
+  const double ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - began).count();
+  stats_.stall_ms_sum += ms;
+  stats_.stall_ms_max = std::max(stats_.stall_ms_max, ms);
+  if (!s.ok()) log::Get("examples.finetune")->warn("in-memory snapshot: {}", s.ToString());
+  return Status::Ok();
+}
+
 Status SnapshotSink::Save(int64_t step, const NamedTensors& tensors, const std::string& metadata,
                           std::chrono::steady_clock::time_point began) {
+  MUSTER_RETURN_IF_ERROR(Release());  // the previous one, if the caller has not
   checkpoint::SaveState state;
   state.metadata = metadata;
-  std::vector<torch::Tensor> keep;  // host copies of CUDA or strided tensors, until copied
+  std::vector<torch::Tensor>& keep = held_;  // the tensors (and host copies) until Release
   keep.reserve(tensors.size());
   uint64_t bytes = 0;
   for (const auto& [name, t] : tensors) {
@@ -30,7 +48,10 @@ Status SnapshotSink::Save(int64_t step, const NamedTensors& tensors, const std::
     bytes += static_cast<uint64_t>(h.numel()) * h.element_size();
     keep.push_back(std::move(h));
   }
-  MUSTER_RETURN_IF_ERROR(sender_->Snapshot(step, state));
+  if (Status st = sender_->SnapshotInPlace(step, state); !st.ok()) {
+    held_.clear();
+    return st;
+  }
   const double ms =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - began).count();
   ++stats_.snapshots;

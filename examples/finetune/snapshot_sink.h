@@ -6,10 +6,14 @@
 // checkpoint's metadata: step, data position, RNG rule) to its own node's agent, which keeps it in
 // memory and copies it to one agent on another node.
 //
-// Save() returns once the state is copied into the sender's buffer: checksumming, framing and the
-// socket write happen on the sender's thread, so training never waits on the network. The copy is
-// the only stall, and it is measured (stats()). CPU tensors are copied straight from their
-// storage; CUDA tensors are first brought to the host.
+// Save() copies nothing: it hands the agent the state where it is (SnapshotSender::
+// SnapshotInPlace: the agent reads the tensors out of this process's memory while training goes
+// on), and Release(), which the trainer calls before its next optimizer step changes them, waits
+// for the agent to have read them (it nearly always has by then). Training never waits on the
+// network; the stall (gathering the index, and any wait in Release) is measured (stats()). CPU
+// tensors are read straight from their storage; CUDA tensors are first brought to the host, and
+// those copies are kept until Release. Where the agent cannot read this process (no ptrace
+// permission), the sender's thread copies the state instead, and Release waits for that copy.
 //
 // Why not TrainStateSink: a volume checkpoint is read back into fresh tensors whose shapes its
 // manifest gives, and may be re-sharded; a snapshot is restored in place (RestoreSnapshotInto),
@@ -21,6 +25,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "checkpoint/snapshot_channel.h"
 #include "common/status.h"
@@ -42,17 +47,25 @@ class SnapshotSink {
   // REQUIRES: sender non-null, every > 0.
   SnapshotSink(std::unique_ptr<checkpoint::SnapshotSender> sender, int64_t every)
       : sender_(std::move(sender)), every_(every) {}
+  // Releases the last snapshot first: its tensors are not freed while the agent reads them.
+  ~SnapshotSink();
 
   int64_t every() const { return every_; }
   // True when step `step` (steps done) is one to snapshot.
   bool Due(int64_t step) const { return step % every_ == 0; }
 
-  // Copies `tensors` (any device; each under its own name) and `metadata` and queues them for
-  // the agent as step `step`. InvalidArgument for a dtype snapshots cannot hold; otherwise the
-  // sender's errors on the state itself (the agent's refusals show up in Flush()). The stall is
-  // counted from `began`: when the caller started gathering the state.
+  // Hands `tensors` (any device; each under its own name) and `metadata` to the agent as step
+  // `step`. REQUIRES: none of them changes until Release() (the tensors are kept alive until
+  // then). InvalidArgument for a dtype snapshots cannot hold; otherwise the sender's errors on
+  // the state itself (the agent's refusals show up in Flush()). The stall is counted from
+  // `began`: when the caller started gathering the state.
   Status Save(int64_t step, const NamedTensors& tensors, const std::string& metadata,
               std::chrono::steady_clock::time_point began);
+  // Waits until the last Save's tensors may change (the agent has read them, or they were copied
+  // here); the wait is counted as stall. A wait past kReleaseTimeout gives that snapshot up
+  // (logged) and returns Ok: training goes on. No-op when nothing is held.
+  Status Release();
+  static constexpr std::chrono::milliseconds kReleaseTimeout{10000};
   // A snapshot the agent refuses (one that does not fit its memory limit, ...) does not stop
   // training; once kStalledAfter snapshots in a row have gone without the agent keeping one,
   // Save logs a warning (once, and once more when the agent keeps one again).
@@ -72,6 +85,8 @@ class SnapshotSink {
   int64_t kept_ = 0;     // sender_->sent() when last seen growing
   int64_t kept_at_ = 0;  // stats_.snapshots then
   bool warned_ = false;
+  // The last Save's tensors (and host copies), alive until Release.
+  std::vector<torch::Tensor> held_;
 };
 
 // Copies the snapshot this attempt resumes from (MUSTER_RESUME_SNAPSHOT_STEP, held by the local

@@ -485,6 +485,9 @@ StatusOr<TrainResult> Run::Go() {
     for (auto& group : optimizer_->param_groups()) {
       static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
     }
+    // The last snapshot's tensors change now: the agent has read them (nearly always long
+    // since; SnapshotSink::Release).
+    if (snapshots_) MUSTER_RETURN_IF_ERROR(snapshots_->Release());
     optimizer_->step();
 
     // One small collective carries the loss and whether any rank has a notice, so every rank

@@ -544,7 +544,8 @@ struct SnapshotPeerServer::Impl {
   struct Digested {
     std::weak_ptr<const checkpoint::SnapshotFrame> frame;
     uint64_t seed = 0;
-    std::map<ChunkDigest, uint64_t> chunk_of;  // digest -> chunk index in the frame
+    std::vector<ChunkDigest> digests;          // by chunk index
+    std::map<ChunkDigest, uint64_t> chunk_of;  // digest -> the first chunk with it
   };
   std::mutex digest_mu;
   std::deque<std::shared_ptr<const Digested>> digested;  // GUARDED_BY(digest_mu); newest last
@@ -561,8 +562,8 @@ struct SnapshotPeerServer::Impl {
     auto d = std::make_shared<Digested>();
     d->frame = f;
     d->seed = seed;
-    const std::vector<ChunkDigest> all = ChunkDigests(f->payload, seed);
-    for (uint64_t i = 0; i < all.size(); ++i) d->chunk_of.emplace(all[i], i);
+    d->digests = ChunkDigests(f->payload, seed);
+    for (uint64_t i = 0; i < d->digests.size(); ++i) d->chunk_of.emplace(d->digests[i], i);
     std::lock_guard<std::mutex> l(digest_mu);
     std::erase_if(digested, [](const auto& e) { return e->frame.expired(); });
     while (digested.size() >= kDigestedFrames) digested.pop_front();
@@ -606,6 +607,14 @@ struct SnapshotPeerServer::Impl {
       const auto d = DigestsOf(f, seed);
       for (uint64_t i = 0; i < offer.digests.size(); ++i) {
         if (!need[i]) continue;
+        // In its place first (a frame like this one), else anywhere in the frame.
+        if (i < d->digests.size() && d->digests[i] == offer.digests[i] &&
+            std::min<uint64_t>(kDedupChunkBytes, f->payload.size() - i * kDedupChunkBytes) ==
+                std::min<uint64_t>(kDedupChunkBytes, size - i * kDedupChunkBytes)) {
+          from[i] = Source{f.get(), i};
+          need[i] = false;
+          continue;
+        }
         auto c = d->chunk_of.find(offer.digests[i]);
         if (c == d->chunk_of.end()) continue;
         // The same length too (the last chunk of either may be short).
@@ -619,12 +628,32 @@ struct SnapshotPeerServer::Impl {
     MUSTER_ASSIGN_OR_RETURN(std::string ask,
                             EncodeDataNeed(h.session, h.counter, key, Status::Ok(), need));
     MUSTER_RETURN_IF_ERROR(checkpoint::SendAll(fd, ask));
-    std::string payload(size, '\0');
-    for (uint64_t i = 0; i < from.size(); ++i) {
-      if (from[i].frame == nullptr) continue;
-      const uint64_t at = i * kDedupChunkBytes;
-      std::memcpy(payload.data() + at, from[i].frame->payload.data() + from[i].chunk * kDedupChunkBytes,
-                  std::min<uint64_t>(kDedupChunkBytes, size - at));
+    // The common case, data-parallel ranks: one frame held here has every chunk in its place and
+    // the offered frame's size and xxh3. Its payload is the offered one: copied whole (one pass,
+    // no zero fill first), and not hashed again (it matched that same xxh3 when it was kept).
+    const checkpoint::SnapshotFrame* same = nullptr;
+    for (const auto& f : holding) {
+      if (f->payload.size() != size || f->payload_xxh3 != offer.header.payload_xxh3) continue;
+      bool all = true;
+      for (uint64_t i = 0; all && i < from.size(); ++i)
+        all = from[i].frame == f.get() && from[i].chunk == i;
+      if (all) {
+        same = f.get();
+        break;
+      }
+    }
+    std::string payload;
+    if (same != nullptr) {
+      payload = same->payload;
+    } else {
+      payload.assign(size, '\0');
+      for (uint64_t i = 0; i < from.size(); ++i) {
+        if (from[i].frame == nullptr) continue;
+        const uint64_t at = i * kDedupChunkBytes;
+        std::memcpy(payload.data() + at,
+                    from[i].frame->payload.data() + from[i].chunk * kDedupChunkBytes,
+                    std::min<uint64_t>(kDedupChunkBytes, size - at));
+      }
     }
     holding.clear();
     std::string chunks_header(kDataHeaderBytes, '\0');
@@ -638,8 +667,12 @@ struct SnapshotPeerServer::Impl {
     offered_bytes += size;
     received_bytes += ch.payload_length;
     // The frame as assembled, checked against the xxh3 in the forwarder's header: a chunk held
-    // here whose digest only collided with the offered one fails here.
-    auto frame = checkpoint::DecodeSnapshotParts(offer.header, offer.job, std::move(payload));
+    // here whose digest only collided with the offered one fails here. (A copy of a frame held
+    // with that xxh3 already passed the check when it was kept.)
+    auto frame = same != nullptr ? checkpoint::DecodeSnapshotPartsChecked(
+                                       offer.header, offer.job, std::move(payload))
+                                 : checkpoint::DecodeSnapshotParts(offer.header, offer.job,
+                                                                   std::move(payload));
     if (!frame.ok()) {
       return Received(DataLossError("the frame assembled from an offer (" + Describe(k) +
                                     ", " + std::to_string(ch.payload_length) + " of " +

@@ -4,16 +4,21 @@
 #include <poll.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
 #include <sys/un.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
+#include <climits>
 #include <cstring>
 #include <filesystem>
 
+#include "checkpoint/manifest.h"  // Xxh3
 #include "checkpoint/snapshot_channel.h"
 #include "common/logging.h"
+#include "common/path_name.h"
 
 namespace muster::node_agent {
 namespace {
@@ -127,7 +132,12 @@ void SnapshotServer::AcceptLoop() {
         c->fd = fd;
         ucred cred{};
         socklen_t len = sizeof(cred);
-        if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0) c->pid = cred.pid;
+        if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0) {
+          c->pid = cred.pid;
+          // The process itself, not its number: a put in place reads its memory only while
+          // this says it has not exited (its pid could be another process's by then).
+          c->pidfd = static_cast<int>(::syscall(SYS_pidfd_open, cred.pid, 0));
+        }
         Conn* raw = c.get();
         conns_.push_back(std::move(c));
         raw->thread = std::thread([this, raw] { Serve(raw); });
@@ -154,7 +164,7 @@ void SnapshotServer::Serve(Conn* conn) {
       break;
     }
     auto h = checkpoint::DecodeSnapshotHeader(header, limit);
-    if (!h.ok() || (op != 'P' && op != 'G')) {
+    if (!h.ok() || (op != 'P' && op != 'G' && op != 'V')) {
       Status bad = h.ok() ? InvalidArgumentError("snapshot channel: unknown op " +
                                                  std::to_string(static_cast<int>(op)))
                           : h.status();
@@ -177,6 +187,16 @@ void SnapshotServer::Serve(Conn* conn) {
     if (!s.ok()) {
       (void)checkpoint::SendAll(fd, Reply(s));
       break;
+    }
+    if (op == 'V') {
+      const bool keep = ServeInPlace(
+          conn, *h, deadline + std::chrono::seconds(want / kSnapshotFrameBytesPerSecond));
+      {
+        std::lock_guard<std::mutex> l(mu_);
+        inflight_ -= want;
+      }
+      if (!keep) break;
+      continue;
     }
     // The job id, then the payload straight into the buffer the store keeps: no second copy.
     std::string job(h->job_length, '\0');
@@ -252,7 +272,106 @@ void SnapshotServer::Serve(Conn* conn) {
   }
   std::lock_guard<std::mutex> l(mu_);
   ::close(fd);
+  if (conn->pidfd >= 0) ::close(conn->pidfd);
   conn->done = true;
+}
+
+bool SnapshotServer::ServeInPlace(Conn* conn, const checkpoint::SnapshotHeader& h,
+                                  std::chrono::steady_clock::time_point deadline) {
+  const int fd = conn->fd;
+  auto log = log::Get("agent.snap");
+  auto read = [&](char* out, size_t n) { return checkpoint::RecvAll(fd, out, n, deadline); };
+  // Malformed: answered, and the connection closed (the stream cannot be followed past it).
+  auto malformed = [&](const Status& st) {
+    log->warn("snapshot channel: put in place: {}; connection closed", st.ToString());
+    (void)checkpoint::SendAll(fd, Reply(st));
+    return false;
+  };
+  std::string job(h.job_length, '\0');
+  if (Status st = read(job.data(), job.size()); !st.ok()) return malformed(st);
+  // The parts: inline bytes straight into the payload, in-memory ones noted for the read.
+  std::string payload(h.payload_length, '\0');
+  auto parts = checkpoint::ReadSnapshotParts(read, &payload);
+  if (!parts.ok()) return malformed(parts.status());
+  std::vector<iovec> local, remote;
+  local.reserve(parts->size());
+  remote.reserve(parts->size());
+  for (const checkpoint::InMemoryPart& p : *parts) {
+    local.push_back({payload.data() + p.at, p.length});
+    remote.push_back({reinterpret_cast<void*>(p.address), p.length});
+  }
+  checkpoint::SnapshotKey key = h.key;
+  key.job = job;
+  if (Status st = ValidatePathName(job, "snapshot job id"); !st.ok()) {
+    return malformed(DataLossError(st.message()));
+  }
+  if (peer_check_) {
+    Status may = conn->pid > 0 ? peer_check_(conn->pid, key)
+                               : FailedPreconditionError(
+                                     "permission denied: the connecting process is unknown");
+    if (!may.ok()) {
+      log->warn("snapshot channel: process {} refused: {}", conn->pid, may.ToString());
+      return checkpoint::SendAll(fd, Reply(may)).ok();
+    }
+  }
+  auto unavailable = [&](const std::string& why) {
+    return checkpoint::SendAll(
+               fd, Reply(FailedPreconditionError(
+                       std::string(checkpoint::kSnapshotInPlaceUnavailable) + why)))
+        .ok();
+  };
+  if (!in_place_) return unavailable("this agent does not read ranks' memory");
+  if (conn->pid <= 0 || conn->pidfd < 0) {
+    return unavailable("the connecting process is not known by a pidfd");
+  }
+  // The rank's memory, straight into the payload (IOV_MAX regions per call).
+  for (size_t first = 0; first < remote.size();) {
+    const size_t n = std::min<size_t>(remote.size() - first, IOV_MAX);
+    uint64_t want = 0;
+    for (size_t k = first; k < first + n; ++k) want += remote[k].iov_len;
+    const ssize_t got = ::process_vm_readv(conn->pid, local.data() + first, n,
+                                           remote.data() + first, n, 0);
+    if (got < 0 && (errno == EPERM || errno == ENOSYS || errno == ESRCH)) {
+      return unavailable(std::string("process_vm_readv: ") + std::strerror(errno));
+    }
+    if (got < 0 || static_cast<uint64_t>(got) != want) {
+      const int e = got < 0 ? errno : EFAULT;
+      Status bad = InvalidArgumentError(
+          "snapshot channel: put in place: " + std::to_string(got < 0 ? 0 : got) + " of " +
+          std::to_string(want) + " bytes read from process " + std::to_string(conn->pid) +
+          " (" + std::strerror(e) + "): a region it named is not readable");
+      log->warn("{}", bad.ToString());
+      return checkpoint::SendAll(fd, Reply(bad)).ok();
+    }
+    first += n;
+  }
+  // Read while the rank still waited: its connection open (a rank that gave up shut it down
+  // before changing its tensors) and the process the one that connected (not exited, so its
+  // pid is not another's).
+  char c;
+  const ssize_t peek = ::recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
+  pollfd pp{conn->pidfd, POLLIN, 0};
+  if (peek == 0 || (peek < 0 && errno != EAGAIN && errno != EWOULDBLOCK) || ::poll(&pp, 1, 0) != 0) {
+    log->warn("snapshot channel: put in place of job {} rank {} step {}: the rank went away or gave "
+              "up while it was read; not kept",
+              key.job, key.rank, key.step);
+    return false;
+  }
+  if (peek > 0) {
+    return malformed(InvalidArgumentError(
+        "snapshot channel: put in place: more bytes before the reply"));
+  }
+  checkpoint::SnapshotHeader read_h = h;
+  read_h.payload_xxh3 = checkpoint::Xxh3(payload.data(), payload.size());
+  auto f = checkpoint::DecodeSnapshotPartsChecked(read_h, job, std::move(payload));
+  if (!f.ok()) return malformed(f.status());
+  std::shared_ptr<const checkpoint::SnapshotFrame> held;
+  Status put = store_->PutDecoded(std::move(*f), on_put_ ? &held : nullptr);
+  if (!put.ok())
+    log->warn("snapshot of job {} rank {} step {}: {}", key.job, key.rank, key.step,
+              put.ToString());
+  if (put.ok() && held) on_put_(std::move(held));
+  return checkpoint::SendAll(fd, Reply(put)).ok();
 }
 
 }  // namespace muster::node_agent

@@ -21,6 +21,7 @@
 
 #include <sys/types.h>
 
+#include <atomic>
 #include <chrono>
 #include <functional>
 #include <memory>
@@ -62,6 +63,11 @@ class SnapshotServer {
   // Closes the socket and every connection, joins the threads, removes the socket file.
   ~SnapshotServer();
 
+  // From now on every put in place ('V') is answered kSnapshotInPlaceUnavailable: the ranks copy
+  // their snapshots instead (tests of that fallback; a host that must not have its agent read the
+  // ranks' memory).
+  void DisableInPlace() { in_place_ = false; }
+
   const std::string& socket_path() const { return path_; }
 
  private:
@@ -73,6 +79,7 @@ class SnapshotServer {
   SnapshotStore* store_;
   OnPut on_put_;
   const std::chrono::milliseconds frame_timeout_;
+  std::atomic<bool> in_place_{true};
   PeerCheck peer_check_;
   const SnapshotCpu cpu_;
   int listen_fd_ = -1;
@@ -81,9 +88,15 @@ class SnapshotServer {
   struct Conn {
     int fd = -1;
     pid_t pid = -1;     // the connecting process (SO_PEERCRED); -1: unknown
+    int pidfd = -1;     // that process (pidfd_open): whether it is still the one read in place
     bool done = false;  // GUARDED_BY(mu_): Serve returned; the thread may be joined
     std::thread thread;
   };
+  // The rest of a put in place ('V', checkpoint/snapshot_channel.h) after its header `h`: the
+  // parts, the connecting process's memory read (process_vm_readv), the frame kept. Its reply
+  // sent; false when the connection must close.
+  bool ServeInPlace(Conn* conn, const checkpoint::SnapshotHeader& h,
+                    std::chrono::steady_clock::time_point deadline);
   std::mutex mu_;
   std::vector<std::unique_ptr<Conn>> conns_;  // GUARDED_BY(mu_)
   bool stopping_ = false;                     // GUARDED_BY(mu_)

@@ -6,7 +6,10 @@
 // input is also restored from as a state payload (checkpoint/snapshot_state.h), which a peer's
 // frame carries: a request for tensor "t" must be refused or fill exactly its buffer, and every
 // tensor ReadSnapshotIndex lists must restore into a buffer of the size it gives. And the
-// input is read as a sequence of store operations (puts, reservations, drops, gets).
+// input is read as a sequence of store operations (puts, reservations, drops, gets). And it is
+// read as a put in place's part list (checkpoint/snapshot_channel.h) for a payload of a size
+// from its first bytes: refused, or every in-memory part lies inside the payload, in order,
+// without overlap, and re-encoding a part list built from the result reads back the same.
 
 #include <algorithm>
 #include <cstddef>
@@ -17,6 +20,7 @@
 #include <vector>
 
 #include "checkpoint/manifest.h"  // Xxh3
+#include "checkpoint/snapshot_channel.h"
 #include "checkpoint/snapshot_frame.h"
 #include "checkpoint/snapshot_state.h"
 #include "node_agent/snapshots/snapshot_store.h"
@@ -83,9 +87,60 @@ void Sequence(std::string_view in) {
 
 }  // namespace
 
+void PartList(std::string_view data) {
+  if (data.size() < 2) return;
+  const size_t payload_size =
+      static_cast<uint8_t>(data[0]) | (static_cast<size_t>(static_cast<uint8_t>(data[1])) << 8);
+  std::string_view in = data.substr(2);
+  auto reader = [&in](char* out, size_t n) {
+    if (n > in.size()) return muster::UnavailableError("input used up");
+    std::copy(in.begin(), in.begin() + n, out);
+    in.remove_prefix(n);
+    return muster::Status::Ok();
+  };
+  std::string payload(payload_size, '\0');
+  auto parts = muster::checkpoint::ReadSnapshotParts(reader, &payload);
+  if (!parts.ok()) return;
+  uint64_t end = 0;
+  std::vector<muster::checkpoint::SnapshotPart> again;
+  for (const auto& p : *parts) {
+    if (p.length == 0 || p.at < end || p.at + p.length > payload.size()) std::abort();
+    if (p.at > end) again.push_back(muster::checkpoint::SnapshotPart::Here(
+                        std::string_view(payload).substr(end, p.at - end)));
+    again.push_back({{}, p.address, p.length});
+    end = p.at + p.length;
+  }
+  if (end < payload.size()) {
+    again.push_back(muster::checkpoint::SnapshotPart::Here(std::string_view(payload).substr(end)));
+  }
+  if (again.empty()) return;  // an empty payload of zero-length parts
+  const std::string wire = muster::checkpoint::EncodeSnapshotParts(again);
+  std::string_view w = wire;
+  std::string payload2(payload.size(), '\0');
+  auto parts2 = muster::checkpoint::ReadSnapshotParts(
+      [&w](char* out, size_t n) {
+        if (n > w.size()) return muster::UnavailableError("short");
+        std::copy(w.begin(), w.begin() + n, out);
+        w.remove_prefix(n);
+        return muster::Status::Ok();
+      },
+      &payload2);
+  if (!parts2.ok() || parts2->size() != parts->size() || !w.empty()) std::abort();
+  for (size_t i = 0; i < parts->size(); ++i) {
+    if ((*parts2)[i].at != (*parts)[i].at || (*parts2)[i].address != (*parts)[i].address ||
+        (*parts2)[i].length != (*parts)[i].length)
+      std::abort();
+    // The inline bytes land where they were; the in-memory ranges stay untouched (zero).
+    std::fill(payload.begin() + (*parts)[i].at,
+              payload.begin() + (*parts)[i].at + (*parts)[i].length, '\0');
+  }
+  if (payload2 != payload) std::abort();
+}
+
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   std::string_view in(reinterpret_cast<const char*>(data), size);
   Sequence(in);
+  PartList(in);
   if (in.size() >= muster::checkpoint::kSnapshotHeaderBytes) {
     (void)muster::checkpoint::DecodeSnapshotHeader(
         in.substr(0, muster::checkpoint::kSnapshotHeaderBytes), kLimit);

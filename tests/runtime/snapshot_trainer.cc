@@ -127,6 +127,10 @@ int main() {
     comm = std::move(*made);
   }
   auto sender = c.NewSnapshotSender();
+  // SNAPSHOT_COPY=1: copy each snapshot (SnapshotSender::Snapshot); by default the agent reads
+  // it in place (SnapshotInPlace, released before `w` changes).
+  const char* copy_env = std::getenv("SNAPSHOT_COPY");
+  const bool copy_snapshots = copy_env != nullptr && std::string(copy_env) == "1";
   const int64_t every = c.snapshot_every();
   checkpoint::SaveState state;
   state.tensors.push_back(checkpoint::TensorRef::Replicated(
@@ -143,9 +147,16 @@ int main() {
         return kPeerFailureExitCode;  // a consequence: the cause is the peer's
       }
     }
+    // The last snapshot, read in place by the agent, must be taken before `w` changes.
+    if (sender) {
+      if (Status st = sender->Release(std::chrono::seconds(10)); !st.ok()) {
+        std::fprintf(stderr, "snapshot: %s\n", st.ToString().c_str());
+      }
+    }
     Fill(w, rank, s);
     if (sender && every > 0 && s % every == 0) {
-      if (Status st = sender->Snapshot(s, state); !st.ok()) {
+      if (Status st = copy_snapshots ? sender->Snapshot(s, state) : sender->SnapshotInPlace(s, state);
+          !st.ok()) {
         std::fprintf(stderr, "snapshot: %s\n", st.ToString().c_str());
         return 6;
       }

@@ -10,6 +10,9 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <thread>
+#include <algorithm>
 #include <cstring>
 #include <filesystem>
 #include <vector>
@@ -179,6 +182,184 @@ TEST_F(SnapshotChannelTest, AMalformedRequestGetsAnErrorAndTheServerKeepsServing
   state.tensors.push_back(TensorRef::Replicated("x", DType::kU8, {10}, x.data()));
   ASSERT_TRUE(sender->Snapshot(5, state).ok());
   EXPECT_TRUE(sender->Flush(seconds(10)).ok());
+}
+
+// The put in place: the agent reads the tensors out of the rank's memory (process_vm_readv) and
+// keeps exactly the payload a copying put would have sent; nothing is copied in the rank.
+TEST_F(SnapshotChannelTest, AnInPlaceSnapshotIsReadByTheAgentAndKeptAsACopyWouldBe) {
+  SnapshotStore store({.memory_limit = 4 << 20});
+  auto server = SnapshotServer::Start(path_, &store);
+  ASSERT_TRUE(server.ok()) << server.status().ToString();
+  std::vector<float> w(300000);
+  for (size_t i = 0; i < w.size(); ++i) w[i] = 0.25f * static_cast<float>(i);
+  std::vector<int64_t> bias = {7, -3};
+  std::vector<char> empty;
+  SaveState state;
+  state.tensors.push_back(TensorRef::Replicated("w", DType::kF32, {300000}, w.data()));
+  state.tensors.push_back(TensorRef::Replicated("b", DType::kI64, {2}, bias.data()));
+  state.tensors.push_back(TensorRef::Replicated("e", DType::kU8, {0}, empty.data()));
+  state.metadata = "step=30";
+  auto sender = SnapshotSender::Create({.socket_path = path_, .key = Key(1)});
+  ASSERT_TRUE(sender->SnapshotInPlace(30, state).ok());
+  // A second one before the first is released is refused: its tensors are still lent.
+  EXPECT_EQ(sender->SnapshotInPlace(31, state).code(), StatusCode::kFailedPrecondition);
+  ASSERT_TRUE(sender->Release(seconds(10)).ok());
+  EXPECT_TRUE(sender->in_place());
+  w[0] = -1;  // after Release: not in the snapshot
+  ASSERT_TRUE(sender->Flush(seconds(10)).ok());
+  EXPECT_EQ(sender->sent(), 1);
+  auto held = store.Get("ft-1", 1, 30);
+  ASSERT_TRUE(held.ok()) << held.status();
+  w[0] = 0;
+  auto want = checkpoint::EncodeSnapshotState(state);
+  ASSERT_TRUE(want.ok());
+  EXPECT_TRUE((*held)->payload == *want);
+  EXPECT_EQ((*held)->key, Key(1, 30));
+  // Release with nothing lent returns at once.
+  EXPECT_TRUE(sender->Release(std::chrono::milliseconds(0)).ok());
+}
+
+// An agent that does not read in place (it cannot, or must not) answers so; the sender's thread
+// copies the state instead (Release waits for that copy) and keeps copying from then on.
+TEST_F(SnapshotChannelTest, WhereTheAgentCannotReadInPlaceTheSenderCopies) {
+  SnapshotStore store({.memory_limit = 1 << 20});
+  auto server = SnapshotServer::Start(path_, &store);
+  ASSERT_TRUE(server.ok()) << server.status().ToString();
+  (*server)->DisableInPlace();
+  std::vector<int32_t> v(1000, 5);
+  SaveState state;
+  state.tensors.push_back(TensorRef::Replicated("v", DType::kI32, {1000}, v.data()));
+  auto sender = SnapshotSender::Create({.socket_path = path_, .key = Key(0)});
+  for (int64_t step = 1; step <= 3; ++step) {
+    ASSERT_TRUE(sender->SnapshotInPlace(step, state).ok());
+    ASSERT_TRUE(sender->Release(seconds(10)).ok());
+    const std::vector<int32_t> was = v;
+    std::fill(v.begin(), v.end(), static_cast<int32_t>(step * 100));  // after Release
+    ASSERT_TRUE(sender->Flush(seconds(10)).ok());
+    auto held = store.Get("ft-1", 0, step);
+    ASSERT_TRUE(held.ok()) << held.status();
+    std::vector<int32_t> got(1000);
+    ASSERT_TRUE(checkpoint::RestoreSnapshotState(
+                    (*held)->payload, {RestoreRequest::Whole("v", DType::kI32, got.data())})
+                    .ok());
+    EXPECT_EQ(got, was) << "step " << step;
+    EXPECT_FALSE(sender->in_place());
+  }
+  EXPECT_EQ(sender->sent(), 3);
+}
+
+// An agent that does not answer a put in place: Release gives it up after its timeout, shuts the
+// connection down (an agent checks it after reading and keeps nothing read from a rank that gave
+// up), and training goes on; the next snapshot opens a new connection.
+TEST_F(SnapshotChannelTest, ReleaseCutsAnInPlaceReadThatTakesTooLong) {
+  std::filesystem::create_directories(dir_);
+  int lfd = ::socket(AF_UNIX, SOCK_STREAM, 0);
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::memcpy(addr.sun_path, path_.data(), path_.size());
+  ASSERT_EQ(::bind(lfd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  ASSERT_EQ(::listen(lfd, 4), 0);
+  std::atomic<bool> saw_eof{false};
+  std::thread silent([&] {  // reads the request, never answers, waits for the close
+    int fd = ::accept(lfd, nullptr, nullptr);
+    char buf[4096];
+    while (true) {
+      ssize_t n = ::recv(fd, buf, sizeof(buf), 0);
+      if (n == 0) {
+        saw_eof = true;
+        break;
+      }
+      if (n < 0) break;
+    }
+    ::close(fd);
+  });
+  std::vector<float> w(1000, 1.5f);
+  SaveState state;
+  state.tensors.push_back(TensorRef::Replicated("w", DType::kF32, {1000}, w.data()));
+  auto sender = SnapshotSender::Create({.socket_path = path_, .key = Key(0)});
+  ASSERT_TRUE(sender->SnapshotInPlace(4, state).ok());
+  const auto t0 = std::chrono::steady_clock::now();
+  Status s = sender->Release(std::chrono::milliseconds(200));
+  EXPECT_EQ(s.code(), StatusCode::kDeadlineExceeded) << s;
+  EXPECT_GE(std::chrono::steady_clock::now() - t0, std::chrono::milliseconds(200));
+  silent.join();
+  EXPECT_TRUE(saw_eof);
+  EXPECT_EQ(sender->sent(), 0);
+  ::close(lfd);
+}
+
+// Put-in-place requests that are malformed or name memory the rank does not have are refused
+// with the reason, and nothing is kept; the part list's codec round-trips.
+TEST_F(SnapshotChannelTest, AMalformedOrUnreadablePutInPlaceIsRefused) {
+  SnapshotStore store({.memory_limit = 1 << 20});
+  auto server = SnapshotServer::Start(path_, &store);
+  ASSERT_TRUE(server.ok());
+  auto ask = [&](const std::string& parts, uint64_t payload_length) -> Status {
+    int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::memcpy(addr.sun_path, path_.data(), path_.size());
+    EXPECT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+    auto prefix = checkpoint::EncodeSnapshotPrefix(Key(0, 9), payload_length, 0);
+    EXPECT_TRUE(prefix.ok());
+    EXPECT_TRUE(checkpoint::SendAll(fd, "V" + *prefix + parts).ok());
+    char head[5];
+    Status st = checkpoint::RecvAll(fd, head, 5, std::chrono::steady_clock::now() + seconds(10));
+    if (!st.ok()) {
+      ::close(fd);
+      return st;
+    }
+    uint32_t len = 0;
+    std::memcpy(&len, head + 1, 4);
+    std::string msg(len, '\0');
+    EXPECT_TRUE(checkpoint::RecvAll(fd, msg.data(), len).ok());
+    ::close(fd);
+    return Status(static_cast<StatusCode>(head[0]), msg);
+  };
+  using checkpoint::SnapshotPart;
+  const std::string bytes = "0123456789";
+  // No parts; a part past the payload; parts short of it; an unknown kind.
+  EXPECT_EQ(ask(std::string(4, '\0'), 10).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(ask(checkpoint::EncodeSnapshotParts({SnapshotPart::Here(bytes)}), 5).code(),
+            StatusCode::kDataLoss);
+  EXPECT_EQ(ask(checkpoint::EncodeSnapshotParts({SnapshotPart::Here(bytes)}), 20).code(),
+            StatusCode::kDataLoss);
+  std::string bad_kind = checkpoint::EncodeSnapshotParts({SnapshotPart::Here(bytes)});
+  bad_kind[4] = 7;
+  EXPECT_EQ(ask(bad_kind, 10).code(), StatusCode::kDataLoss);
+  // Memory this process does not have mapped: refused with the reason.
+  Status unreadable = ask(checkpoint::EncodeSnapshotParts(
+                              {SnapshotPart::InMemory(reinterpret_cast<void*>(0x10), 4096)}),
+                          4096);
+  EXPECT_EQ(unreadable.code(), StatusCode::kInvalidArgument) << unreadable;
+  EXPECT_NE(unreadable.message().find("not readable"), std::string::npos) << unreadable;
+  EXPECT_TRUE(store.Held("ft-1").empty());
+  // Well formed: kept, inline and in-memory parts in their order.
+  Status good = ask(checkpoint::EncodeSnapshotParts(
+                        {SnapshotPart::Here(bytes), SnapshotPart::InMemory(bytes.data() + 2, 3)}),
+                    13);
+  EXPECT_TRUE(good.ok()) << good;
+  auto held = store.Get("ft-1", 0, 9);
+  ASSERT_TRUE(held.ok()) << held.status();
+  EXPECT_EQ((*held)->payload, "0123456789234");
+  // The codec alone.
+  std::string payload(13, '.');
+  std::string wire = checkpoint::EncodeSnapshotParts(
+      {SnapshotPart::Here(bytes), SnapshotPart::InMemory(bytes.data(), 3)});
+  std::string_view in = wire;
+  auto parts = checkpoint::ReadSnapshotParts(
+      [&](char* out, size_t n) {
+        if (n > in.size()) return UnavailableError("short");
+        std::memcpy(out, in.data(), n);
+        in.remove_prefix(n);
+        return Status::Ok();
+      },
+      &payload);
+  ASSERT_TRUE(parts.ok()) << parts.status();
+  ASSERT_EQ(parts->size(), 1u);
+  EXPECT_EQ((*parts)[0].at, 10u);
+  EXPECT_EQ((*parts)[0].address, reinterpret_cast<uint64_t>(bytes.data()));
+  EXPECT_EQ(payload.substr(0, 10), bytes);
 }
 
 // A rank that stalls in the middle of a frame loses its connection after the frame timeout, and
