@@ -61,6 +61,10 @@ StatusOr<std::unique_ptr<SnapshotClient>> SnapshotClient::Connect(const std::str
   std::memcpy(addr.sun_path, path.data(), path.size());
   int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (fd < 0) return InternalError(std::string("snapshot channel: socket: ") + strerror(errno));
+  // A connect to an agent whose backlog is full (it is frozen) gives up after this rather than
+  // block the sender's thread (and a Release waiting on it) for ever; sends then have it too.
+  const timeval tv{.tv_sec = 10, .tv_usec = 0};
+  ::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
   if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
     int e = errno;
     ::close(fd);
@@ -72,11 +76,17 @@ StatusOr<std::unique_ptr<SnapshotClient>> SnapshotClient::Connect(const std::str
 SnapshotClient::~SnapshotClient() { ::close(fd_); }
 
 Status SnapshotClient::ReadReply() {
-  char head[5];
+  char code = 0;
+  MUSTER_RETURN_IF_ERROR(RecvAll(fd_, &code, 1));
+  return ReadReplyAfter(code);
+}
+
+Status SnapshotClient::ReadReplyAfter(char code_byte) {
+  char head[4];
   MUSTER_RETURN_IF_ERROR(RecvAll(fd_, head, sizeof(head)));
-  uint8_t code = static_cast<uint8_t>(head[0]);
+  uint8_t code = static_cast<uint8_t>(code_byte);
   uint32_t len = 0;
-  for (int i = 0; i < 4; ++i) len |= uint32_t{static_cast<unsigned char>(head[1 + i])} << (8 * i);
+  for (int i = 0; i < 4; ++i) len |= uint32_t{static_cast<unsigned char>(head[i])} << (8 * i);
   if (code > static_cast<uint8_t>(StatusCode::kInternal) || len > kMaxSnapshotReplyMessage) {
     return DataLossError("snapshot channel: malformed reply from the agent");
   }
@@ -102,7 +112,8 @@ Status SnapshotClient::Put(const SnapshotKey& key, std::string_view payload) {
   return SentReply(sent);
 }
 
-Status SnapshotClient::PutInPlace(const SnapshotKey& key, const std::vector<SnapshotPart>& parts) {
+Status SnapshotClient::PutInPlace(const SnapshotKey& key, const std::vector<SnapshotPart>& parts,
+                                  const std::function<void()>& on_read) {
   if (parts.empty() || parts.size() > kMaxSnapshotParts) {
     return InvalidArgumentError("snapshot: a put in place needs 1.." +
                                 std::to_string(kMaxSnapshotParts) + " parts, not " +
@@ -114,7 +125,13 @@ Status SnapshotClient::PutInPlace(const SnapshotKey& key, const std::vector<Snap
   MUSTER_ASSIGN_OR_RETURN(std::string msg, EncodeSnapshotPrefix(key, total, 0));
   msg.insert(msg.begin(), 'V');
   msg += EncodeSnapshotParts(parts);
-  return SentReply(SendAll(fd_, msg));
+  Status sent = SendAll(fd_, msg);
+  if (!sent.ok()) return SentReply(sent);
+  char first = 0;
+  MUSTER_RETURN_IF_ERROR(RecvAll(fd_, &first, 1));
+  if (first != kSnapshotReadAck) return ReadReplyAfter(first);  // refused before any read
+  if (on_read) on_read();
+  return ReadReply();
 }
 
 std::string EncodeSnapshotParts(const std::vector<SnapshotPart>& parts) {
@@ -136,7 +153,8 @@ std::string EncodeSnapshotParts(const std::vector<SnapshotPart>& parts) {
 }
 
 StatusOr<std::vector<InMemoryPart>> ReadSnapshotParts(
-    const std::function<Status(char* out, size_t n)>& read, std::string* payload) {
+    const std::function<Status(char* out, size_t n)>& read, std::string* payload,
+    const std::function<Status(uint64_t count)>& admit) {
   auto le = [](const char* b, int bytes) {
     uint64_t v = 0;
     for (int i = 0; i < bytes; ++i) v |= uint64_t{static_cast<unsigned char>(b[i])} << (8 * i);
@@ -149,6 +167,7 @@ StatusOr<std::vector<InMemoryPart>> ReadSnapshotParts(
     return InvalidArgumentError("snapshot: a put in place of " + std::to_string(count) +
                                 " parts (1.." + std::to_string(kMaxSnapshotParts) + ")");
   }
+  if (admit) MUSTER_RETURN_IF_ERROR(admit(count));
   std::vector<InMemoryPart> out;
   uint64_t at = 0;
   for (uint64_t i = 0; i < count; ++i) {
@@ -247,6 +266,15 @@ Status SnapshotSender::Snapshot(int64_t step, const SaveState& state) {
 
 Status SnapshotSender::SnapshotInPlace(int64_t step, const SaveState& state) {
   if (step < 0) return InvalidArgumentError("snapshot: step must not be negative");
+  {
+    // Known not to be read in place: copied here and queued, as Snapshot() does (training then
+    // never waits on a put still in progress, and an unsent older one is replaced).
+    std::unique_lock<std::mutex> l(mu_);
+    if (in_place_unavailable_ && phase_ == InPlacePhase::kNone) {
+      l.unlock();
+      return Snapshot(step, state);
+    }
+  }
   InPlace ip;
   ip.step = step;
   ip.state = state;
@@ -371,7 +399,15 @@ void SnapshotSender::Loop() {
             if (sp.bytes > 0) parts.push_back(SnapshotPart::InMemory(sp.data, sp.bytes));
           }
           if (!ip.state.metadata.empty()) parts.push_back(SnapshotPart::Here(ip.state.metadata));
-          s = client_->PutInPlace(key, parts);
+          s = client_->PutInPlace(key, parts, [&] {
+            // Read: the tensors are free now, before the agent's hash and store.
+            std::lock_guard<std::mutex> g(mu_);
+            if (!in_place_cut_) {
+              phase_ = InPlacePhase::kNone;
+              in_place_fd_ = -1;
+              cv_.notify_all();
+            }
+          });
           l.lock();
           in_place_fd_ = -1;
           if (in_place_cut_) s = DeadlineExceededError("the put in place was cut by Release");
@@ -388,8 +424,9 @@ void SnapshotSender::Loop() {
         }
       }
       if (try_in_place && !in_place_unavailable_) {
-        // Read by the agent (or refused, or cut): the tensors are free.
-        phase_ = InPlacePhase::kNone;
+        // Read by the agent (or refused, or cut): the tensors are free. (Unless the agent's
+        // read acknowledgement freed them already, and the next snapshot is queued since.)
+        if (phase_ == InPlacePhase::kReading) phase_ = InPlacePhase::kNone;
         if (in_place_cut_) client_.reset();  // the connection was shut down
         cv_.notify_all();
         l.unlock();

@@ -16,7 +16,9 @@
 //            memory (process_vm_readv; that process must not change them until the reply), so
 //            the payload crosses once, with no copy in the rank and none through the socket.
 //   reply:   code (1 byte, StatusCode) | u32 message length | message (at most 4096 bytes)
-//            | on a get that is OK: u64 frame length | the frame held.
+//            | on a get that is OK: u64 frame length | the frame held. To a 'V' the agent first
+//            sends one byte, kSnapshotReadAck, as soon as it has read the rank's memory (the
+//            tensors may change from then on), then the reply once the frame is hashed and kept.
 //   An agent that cannot read the rank's memory (no ptrace permission over it) answers a 'V'
 //   FAILED_PRECONDITION with a message that starts with kSnapshotInPlaceUnavailable; an older
 //   agent answers INVALID_ARGUMENT "unknown op". The rank then copies (op 'P').
@@ -59,6 +61,8 @@ namespace muster::checkpoint {
 inline constexpr size_t kMaxSnapshotReplyMessage = 4096;
 // The parts of a put in place, at most (a tensor each, and the index and metadata).
 inline constexpr uint32_t kMaxSnapshotParts = 1u << 20;
+// The byte that tells a rank the agent has read its memory (see the protocol above).
+inline constexpr char kSnapshotReadAck = 'R';
 // How an agent that cannot read the rank's memory begins its answer to a put in place.
 inline constexpr char kSnapshotInPlaceUnavailable[] = "in-place snapshot unavailable: ";
 
@@ -90,8 +94,11 @@ struct InMemoryPart {
 // `*payload`, the in-memory ones returned (zero-length ones left out). InvalidArgument for a
 // part count outside 1..kMaxSnapshotParts; DataLoss for an unknown kind or parts that do not
 // fill the payload exactly (checked before any byte of a part is placed past it).
+// `admit`, when given, sees the part count before anything else is read or allocated (the agent
+// charges the parts' bookkeeping to its memory budget there); its error is returned.
 StatusOr<std::vector<InMemoryPart>> ReadSnapshotParts(
-    const std::function<Status(char* out, size_t n)>& read, std::string* payload);
+    const std::function<Status(char* out, size_t n)>& read, std::string* payload,
+    const std::function<Status(uint64_t count)>& admit = nullptr);
 
 // Writes and reads whole buffers on a stream socket (no SIGPIPE). Unavailable when the peer is
 // gone or the deadline passes (`deadline` nullopt: no deadline).
@@ -111,8 +118,10 @@ class SnapshotClient {
   // The same for `payload` as `key`'s frame, without copying it into one buffer.
   Status Put(const SnapshotKey& key, std::string_view payload);
   // A put in place ('V'): `key`'s frame is the parts, in order; the agent reads the in-memory
-  // ones out of this process. REQUIRES: they stay unchanged until this returns.
-  Status PutInPlace(const SnapshotKey& key, const std::vector<SnapshotPart>& parts);
+  // ones out of this process. `on_read` runs when the agent says it has read them (before its
+  // verdict). REQUIRES: they stay unchanged until on_read runs or this returns.
+  Status PutInPlace(const SnapshotKey& key, const std::vector<SnapshotPart>& parts,
+                    const std::function<void()>& on_read = nullptr);
   // The connection's descriptor (to cut a put in place that takes too long, from another thread).
   int fd() const { return fd_; }
   // The frame the agent holds for `key` (its payload checked again here). NotFound when the
@@ -122,6 +131,8 @@ class SnapshotClient {
  private:
   explicit SnapshotClient(int fd) : fd_(fd) {}
   Status ReadReply();
+  // The rest of a reply whose code byte was already read.
+  Status ReadReplyAfter(char code);
   // The agent's reply after a put whose send ended with `sent`.
   Status SentReply(Status sent);
   int fd_;

@@ -602,8 +602,21 @@ struct SnapshotPeerServer::Impl {
     std::vector<Source> from(offer.digests.size());
     std::vector<std::shared_ptr<const checkpoint::SnapshotFrame>> holding =
         store->FramesAt(offer.job, k.attempt, k.step, k.rank, Clock::now() + kDedupSourceWait);
-    ChunkNeeds need(offer.digests.size(), true);
+    // The common case, data-parallel ranks: a frame held here has the offered frame's size and
+    // xxh3. Its bytes passed that xxh3 when they were kept, so the frame assembled from them
+    // passes the final check by definition: nothing is hashed, nothing asked for, and it is
+    // copied whole (one pass, no zero fill first).
+    const checkpoint::SnapshotFrame* same = nullptr;
     for (const auto& f : holding) {
+      if (f->payload.size() == size && f->payload_xxh3 == offer.header.payload_xxh3) {
+        same = f.get();
+        break;
+      }
+    }
+    ChunkNeeds need(offer.digests.size(), same == nullptr);
+    uint64_t needed = same == nullptr ? offer.digests.size() : 0;
+    for (const auto& f : holding) {
+      if (needed == 0) break;
       const auto d = DigestsOf(f, seed);
       for (uint64_t i = 0; i < offer.digests.size(); ++i) {
         if (!need[i]) continue;
@@ -613,6 +626,7 @@ struct SnapshotPeerServer::Impl {
                 std::min<uint64_t>(kDedupChunkBytes, size - i * kDedupChunkBytes)) {
           from[i] = Source{f.get(), i};
           need[i] = false;
+          --needed;
           continue;
         }
         auto c = d->chunk_of.find(offer.digests[i]);
@@ -623,25 +637,12 @@ struct SnapshotPeerServer::Impl {
         if (len != std::min<uint64_t>(kDedupChunkBytes, size - i * kDedupChunkBytes)) continue;
         from[i] = Source{f.get(), c->second};
         need[i] = false;
+        --needed;
       }
     }
     MUSTER_ASSIGN_OR_RETURN(std::string ask,
                             EncodeDataNeed(h.session, h.counter, key, Status::Ok(), need));
     MUSTER_RETURN_IF_ERROR(checkpoint::SendAll(fd, ask));
-    // The common case, data-parallel ranks: one frame held here has every chunk in its place and
-    // the offered frame's size and xxh3. Its payload is the offered one: copied whole (one pass,
-    // no zero fill first), and not hashed again (it matched that same xxh3 when it was kept).
-    const checkpoint::SnapshotFrame* same = nullptr;
-    for (const auto& f : holding) {
-      if (f->payload.size() != size || f->payload_xxh3 != offer.header.payload_xxh3) continue;
-      bool all = true;
-      for (uint64_t i = 0; all && i < from.size(); ++i)
-        all = from[i].frame == f.get() && from[i].chunk == i;
-      if (all) {
-        same = f.get();
-        break;
-      }
-    }
     std::string payload;
     if (same != nullptr) {
       payload = same->payload;
@@ -1150,7 +1151,7 @@ Status SnapshotForwarder::Send(const SnapshotPeerTarget& t, const checkpoint::Sn
   const auto write_allowed = std::chrono::duration_cast<std::chrono::milliseconds>(
       options_.call_timeout +
       std::chrono::seconds(f.payload.size() / kSnapshotFrameBytesPerSecond));
-  const auto write_deadline = Clock::now() + write_allowed;
+  auto write_deadline = Clock::now() + write_allowed;
   auto write = [&](std::string_view b) {
     if (Clock::now() > write_deadline) {
       return UnavailableError("snapshot data channel: the peer took more than " +
@@ -1208,6 +1209,7 @@ Status SnapshotForwarder::Send(const SnapshotPeerTarget& t, const checkpoint::Sn
                    Describe(f.key), carried.ToString());
       }
       carried = Status::Ok();
+      write_deadline = Clock::now() + write_allowed;  // the resend's own
       const uint64_t again = ++c.counter;
       st = WriteDataPut(c.session, again, c.key, f, &c.scratch, write);
       if (st.ok()) st = answer(DataKind::kReply, again, &carried, nullptr);

@@ -25,6 +25,12 @@ namespace {
 
 std::string Errno(const std::string& what) { return what + ": " + std::strerror(errno); }
 
+#ifdef SO_PEERPIDFD
+constexpr int kSoPeerPidfd = SO_PEERPIDFD;
+#else
+constexpr int kSoPeerPidfd = 77;  // Linux's value; older headers lack it
+#endif
+
 std::string Reply(const Status& s) {
   std::string msg = s.message().substr(0, checkpoint::kMaxSnapshotReplyMessage);
   std::string out(1, static_cast<char>(s.code()));
@@ -34,6 +40,38 @@ std::string Reply(const Status& s) {
 }
 
 }  // namespace
+
+int64_t ReadRegions(const RegionReader& read, std::vector<iovec> local, std::vector<iovec> remote) {
+  if (local.size() != remote.size()) return -EINVAL;
+  for (size_t k = 0; k < local.size(); ++k) {
+    if (local[k].iov_len != remote[k].iov_len) return -EINVAL;
+  }
+  int64_t total = 0;
+  size_t first = 0;
+  while (first < remote.size()) {
+    if (remote[first].iov_len == 0) {
+      ++first;
+      continue;
+    }
+    const size_t n = std::min<size_t>(remote.size() - first, IOV_MAX);
+    const ssize_t got = read(local.data() + first, n, remote.data() + first);
+    if (got < 0) return -errno;
+    if (got == 0) return -EFAULT;  // nothing more could be read: a region is not mapped
+    total += got;
+    // Past what was read (a call may stop short: the kernel reads at most ~2 GiB per call, and
+    // stops at a region it cannot read, which the next call then reports).
+    for (size_t left = static_cast<size_t>(got); left > 0;) {
+      const size_t take = std::min(left, remote[first].iov_len);
+      remote[first].iov_base = static_cast<char*>(remote[first].iov_base) + take;
+      remote[first].iov_len -= take;
+      local[first].iov_base = static_cast<char*>(local[first].iov_base) + take;
+      local[first].iov_len -= take;
+      left -= take;
+      if (remote[first].iov_len == 0) ++first;
+    }
+  }
+  return total;
+}
 
 SnapshotServer::SnapshotServer(std::string path, SnapshotStore* store, OnPut on_put,
                                std::chrono::milliseconds frame_timeout, PeerCheck peer_check,
@@ -136,7 +174,12 @@ void SnapshotServer::AcceptLoop() {
           c->pid = cred.pid;
           // The process itself, not its number: a put in place reads its memory only while
           // this says it has not exited (its pid could be another process's by then).
-          c->pidfd = static_cast<int>(::syscall(SYS_pidfd_open, cred.pid, 0));
+          // SO_PEERPIDFD (Linux 6.5) names the process that connected, not a process that may
+          // have taken its pid since; pidfd_open of the pid where the kernel is older.
+          int pidfd = -1;
+          socklen_t plen = sizeof(pidfd);
+          if (::getsockopt(fd, SOL_SOCKET, kSoPeerPidfd, &pidfd, &plen) != 0) pidfd = -1;
+          c->pidfd = pidfd >= 0 ? pidfd : static_cast<int>(::syscall(SYS_pidfd_open, cred.pid, 0));
         }
         Conn* raw = c.get();
         conns_.push_back(std::move(c));
@@ -289,9 +332,49 @@ bool SnapshotServer::ServeInPlace(Conn* conn, const checkpoint::SnapshotHeader& 
   };
   std::string job(h.job_length, '\0');
   if (Status st = read(job.data(), job.size()); !st.ok()) return malformed(st);
-  // The parts: inline bytes straight into the payload, in-memory ones noted for the read.
+  checkpoint::SnapshotKey key = h.key;
+  key.job = job;
+  if (Status st = ValidatePathName(job, "snapshot job id"); !st.ok()) {
+    return malformed(DataLossError(st.message()));
+  }
+  // Only a rank may have its part list parsed and its memory read (the rest of the request is
+  // unread: the connection closes after the answer).
+  if (peer_check_) {
+    Status may = conn->pid > 0 ? peer_check_(conn->pid, key)
+                               : FailedPreconditionError(
+                                     "permission denied: the connecting process is unknown");
+    if (!may.ok()) {
+      log->warn("snapshot channel: process {} refused: {}", conn->pid, may.ToString());
+      (void)checkpoint::SendAll(fd, Reply(may));
+      return false;
+    }
+  }
+  // The parts: inline bytes straight into the payload, in-memory ones noted for the read. Their
+  // bookkeeping (kSnapshotPartCost each) is charged to the same budget as the payload.
+  uint64_t charged = 0;
+  struct Uncharge {
+    SnapshotServer* s;
+    uint64_t* n;
+    ~Uncharge() {
+      std::lock_guard<std::mutex> l(s->mu_);
+      s->inflight_ -= *n;
+    }
+  } uncharge{this, &charged};
+  const uint64_t limit = store_->memory_limit();
+  auto admit = [&](uint64_t count) -> Status {
+    const uint64_t cost = count * kSnapshotPartCost;
+    std::lock_guard<std::mutex> l(mu_);
+    if (inflight_ + cost > limit) {
+      return UnavailableError("snapshot channel: the agent is already reading " +
+                              std::to_string(inflight_) + " bytes of snapshots; a put in place "
+                              "of " + std::to_string(count) + " parts would pass its limit");
+    }
+    inflight_ += cost;
+    charged = cost;
+    return Status::Ok();
+  };
   std::string payload(h.payload_length, '\0');
-  auto parts = checkpoint::ReadSnapshotParts(read, &payload);
+  auto parts = checkpoint::ReadSnapshotParts(read, &payload, admit);
   if (!parts.ok()) return malformed(parts.status());
   std::vector<iovec> local, remote;
   local.reserve(parts->size());
@@ -299,20 +382,6 @@ bool SnapshotServer::ServeInPlace(Conn* conn, const checkpoint::SnapshotHeader& 
   for (const checkpoint::InMemoryPart& p : *parts) {
     local.push_back({payload.data() + p.at, p.length});
     remote.push_back({reinterpret_cast<void*>(p.address), p.length});
-  }
-  checkpoint::SnapshotKey key = h.key;
-  key.job = job;
-  if (Status st = ValidatePathName(job, "snapshot job id"); !st.ok()) {
-    return malformed(DataLossError(st.message()));
-  }
-  if (peer_check_) {
-    Status may = conn->pid > 0 ? peer_check_(conn->pid, key)
-                               : FailedPreconditionError(
-                                     "permission denied: the connecting process is unknown");
-    if (!may.ok()) {
-      log->warn("snapshot channel: process {} refused: {}", conn->pid, may.ToString());
-      return checkpoint::SendAll(fd, Reply(may)).ok();
-    }
   }
   auto unavailable = [&](const std::string& why) {
     return checkpoint::SendAll(
@@ -324,26 +393,21 @@ bool SnapshotServer::ServeInPlace(Conn* conn, const checkpoint::SnapshotHeader& 
   if (conn->pid <= 0 || conn->pidfd < 0) {
     return unavailable("the connecting process is not known by a pidfd");
   }
-  // The rank's memory, straight into the payload (IOV_MAX regions per call).
-  for (size_t first = 0; first < remote.size();) {
-    const size_t n = std::min<size_t>(remote.size() - first, IOV_MAX);
-    uint64_t want = 0;
-    for (size_t k = first; k < first + n; ++k) want += remote[k].iov_len;
-    const ssize_t got = ::process_vm_readv(conn->pid, local.data() + first, n,
-                                           remote.data() + first, n, 0);
-    if (got < 0 && (errno == EPERM || errno == ENOSYS || errno == ESRCH)) {
-      return unavailable(std::string("process_vm_readv: ") + std::strerror(errno));
-    }
-    if (got < 0 || static_cast<uint64_t>(got) != want) {
-      const int e = got < 0 ? errno : EFAULT;
-      Status bad = InvalidArgumentError(
-          "snapshot channel: put in place: " + std::to_string(got < 0 ? 0 : got) + " of " +
-          std::to_string(want) + " bytes read from process " + std::to_string(conn->pid) +
-          " (" + std::strerror(e) + "): a region it named is not readable");
-      log->warn("{}", bad.ToString());
-      return checkpoint::SendAll(fd, Reply(bad)).ok();
-    }
-    first += n;
+  // The rank's memory, straight into the payload.
+  const int64_t got = ReadRegions(
+      [pid = conn->pid](const iovec* l, size_t n, const iovec* r) {
+        return ::process_vm_readv(pid, l, n, r, n, 0);
+      },
+      local, remote);
+  if (got < 0 && (-got == EPERM || -got == ENOSYS || -got == ESRCH)) {
+    return unavailable(std::string("process_vm_readv: ") + std::strerror(static_cast<int>(-got)));
+  }
+  if (got < 0) {
+    Status bad = InvalidArgumentError(
+        "snapshot channel: put in place: reading process " + std::to_string(conn->pid) + ": " +
+        std::strerror(static_cast<int>(-got)) + ": a region it named is not readable");
+    log->warn("{}", bad.ToString());
+    return checkpoint::SendAll(fd, Reply(bad)).ok();
   }
   // Read while the rank still waited: its connection open (a rank that gave up shut it down
   // before changing its tensors) and the process the one that connected (not exited, so its
@@ -360,6 +424,10 @@ bool SnapshotServer::ServeInPlace(Conn* conn, const checkpoint::SnapshotHeader& 
   if (peek > 0) {
     return malformed(InvalidArgumentError(
         "snapshot channel: put in place: more bytes before the reply"));
+  }
+  // The rank's tensors are free from here: it is told at once, before the hash and the store.
+  if (!checkpoint::SendAll(fd, std::string_view(&checkpoint::kSnapshotReadAck, 1)).ok()) {
+    return false;
   }
   checkpoint::SnapshotHeader read_h = h;
   read_h.payload_xxh3 = checkpoint::Xxh3(payload.data(), payload.size());

@@ -20,6 +20,7 @@
 // REQUIRES: `store` outlives the server.
 
 #include <sys/types.h>
+#include <sys/uio.h>
 
 #include <atomic>
 #include <chrono>
@@ -44,6 +45,18 @@ inline constexpr int kMaxSnapshotConnections = 256;
 // limit are free again.
 inline constexpr std::chrono::milliseconds kSnapshotFrameTimeout{10000};
 inline constexpr uint64_t kSnapshotFrameBytesPerSecond = uint64_t{256} << 20;
+
+// Reads the regions `remote` into `local` (pairwise, of equal lengths) with `read` (one
+// process_vm_readv call: up to n regions, returns the bytes read or -1 with errno), calling it
+// again past a short count (a call reads at most about 2 GiB, and stops before a region it cannot
+// read) until every byte is read. Returns the bytes read, or -errno of the call that failed
+// (-EFAULT when one read nothing more).
+using RegionReader = std::function<ssize_t(const iovec* local, size_t n, const iovec* remote)>;
+int64_t ReadRegions(const RegionReader& read, std::vector<iovec> local, std::vector<iovec> remote);
+
+// What a put in place's part list costs the agent per part (its entry and two iovecs), charged
+// against the same budget as the payloads being read.
+inline constexpr uint64_t kSnapshotPartCost = 64;
 
 class SnapshotServer {
  public:
