@@ -104,6 +104,29 @@ def run_to_end(ckpt_dir, extra_env=None, timeout=120):
     return codes, ranks, out
 
 
+def launch_and_reach(ckpt_dir, step, timeout=90):
+    """Launches both ranks and waits until rank 0 prints progress at `step`. As in run_to_end, a
+    launch whose rank 0 could not bind the port free_port() found (another test took it first)
+    is stopped and retried on a new port, up to 3 times. Returns the ranks and whether `step`
+    was reached."""
+    for _ in range(3):
+        ranks = launch(ckpt_dir)
+        needle = f"MUSTER_PROGRESS step={step} "
+        with ranks[0].cv:
+            ranks[0].cv.wait_for(lambda: needle in ranks[0].out or
+                                 "Address already in use" in ranks[0].out or
+                                 ranks[0].proc.poll() is not None, timeout)
+            reached = needle in ranks[0].out
+            taken = "Address already in use" in ranks[0].out
+        if reached or not taken:
+            return ranks, reached
+        for r in ranks:
+            r.proc.kill()
+            r.wait(30)
+        print("rendezvous port taken by another process: launching again", flush=True)
+    return ranks, False
+
+
 def field(out, prefix, key):
     found = None
     for line in out.splitlines():
@@ -132,8 +155,8 @@ class PytorchDdpTest(unittest.TestCase):
         ckpt = os.path.join(self.root, name)
         at = random.randint(6, STEPS - 3)
         print(f"{name}: signal {sig} at step {at}", flush=True)
-        ranks = launch(ckpt)
-        self.assertTrue(ranks[0].wait_output(f"MUSTER_PROGRESS step={at} ", 90), ranks[0].out)
+        ranks, reached = launch_and_reach(ckpt, at)
+        self.assertTrue(reached, ranks[0].out)
         for r in ranks:
             r.proc.send_signal(sig)
         codes = [r.wait(60) for r in ranks]
@@ -377,9 +400,8 @@ class PytorchDdpUnderSubmitTest(unittest.TestCase):
                          getattr(PytorchDdpTest, "want", None) or self.reference_digest(), second)
 
     def reference_digest(self):
-        ranks = launch(os.path.join(self.root, "ref"))
-        codes = [r.wait(120) for r in ranks]
-        self.assertEqual(codes, [0, 0])
+        codes, ranks, out = run_to_end(os.path.join(self.root, "ref"))
+        self.assertEqual(codes, [0, 0], out)
         return field(ranks[0].out, "MUSTER_DONE", "param_digest")
 
 
