@@ -162,9 +162,9 @@ Status WriteDataPut(const DataSessionId& session, uint64_t counter, const AeadKe
   return write(std::string_view(buf.data(), used));
 }
 
-StatusOr<checkpoint::SnapshotFrame> ReadDataPut(const DataHeader& h, std::string_view header,
-                                                const AeadKey& key, uint64_t max_payload,
-                                                const DataReader& read) {
+StatusOr<checkpoint::SnapshotFrame> ReadDataPut(
+    const DataHeader& h, std::string_view header, const AeadKey& key, uint64_t max_payload,
+    const DataReader& read, const std::function<std::string(uint64_t n)>& buffer) {
   if (h.kind != DataKind::kPut || header.size() != kDataHeaderBytes) {
     return InvalidArgumentError("snapshot data: not the header of a put");
   }
@@ -174,7 +174,7 @@ StatusOr<checkpoint::SnapshotFrame> ReadDataPut(const DataHeader& h, std::string
   MUSTER_RETURN_IF_ERROR(read(prefix.data(), prefix.size()));
   MUSTER_RETURN_IF_ERROR(s.Update(prefix.data(), prefix.data(), prefix.size()));
   // The payload lands in the buffer the store keeps, and is opened there.
-  std::string payload(h.payload_length, '\0');
+  std::string payload = buffer ? buffer(h.payload_length) : std::string(h.payload_length, '\0');
   for (size_t at = 0; at < payload.size();) {
     const size_t n = std::min(payload.size() - at, kDataChunkBytes);
     MUSTER_RETURN_IF_ERROR(read(payload.data() + at, n));

@@ -128,9 +128,11 @@ Status WriteDataPut(const DataSessionId& session, uint64_t counter, const AeadKe
 // opened there in place, a chunk at a time as it arrives), then the tag; checks the tag, then
 // the frame (DecodeSnapshotHeader with `max_payload`, the job id, the lengths against the
 // header's, the xxh3). DataLoss naming what is wrong; the reader's error if it fails.
-StatusOr<checkpoint::SnapshotFrame> ReadDataPut(const DataHeader& h, std::string_view header,
-                                                const AeadKey& key, uint64_t max_payload,
-                                                const DataReader& read);
+// `buffer`, when given, makes the payload's buffer (its bytes are all overwritten: the store's
+// recycled ones, SnapshotStore::TakeBuffer).
+StatusOr<checkpoint::SnapshotFrame> ReadDataPut(
+    const DataHeader& h, std::string_view header, const AeadKey& key, uint64_t max_payload,
+    const DataReader& read, const std::function<std::string(uint64_t n)>& buffer = nullptr);
 
 // The REPLY with `counter` carrying `status` (its message cut to kMaxDataReplyMessage).
 StatusOr<std::string> EncodeDataReply(const DataSessionId& session, uint64_t counter,

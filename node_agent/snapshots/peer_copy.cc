@@ -457,7 +457,8 @@ struct SnapshotPeerServer::Impl {
       // check); an error: the message did not arrive whole and authentic.
       StatusOr<Received> frame = InternalError("no message");
       if (h->kind == DataKind::kPut) {
-        auto put = ReadDataPut(*h, header, key, limit, read);
+        auto put = ReadDataPut(*h, header, key, limit, read,
+                             [this](uint64_t n) { return store->TakeBuffer(n); });
         frame = put.ok() ? StatusOr<Received>(Received(std::move(*put)))
                          : StatusOr<Received>(put.status());
       } else {
@@ -643,11 +644,11 @@ struct SnapshotPeerServer::Impl {
     MUSTER_ASSIGN_OR_RETURN(std::string ask,
                             EncodeDataNeed(h.session, h.counter, key, Status::Ok(), need));
     MUSTER_RETURN_IF_ERROR(checkpoint::SendAll(fd, ask));
-    std::string payload;
+    // Filled whole below (a copy of `same`, or every chunk from a frame held or from CHUNKS).
+    std::string payload = store->TakeBuffer(size);
     if (same != nullptr) {
-      payload = same->payload;
+      std::memcpy(payload.data(), same->payload.data(), size);
     } else {
-      payload.assign(size, '\0');
       for (uint64_t i = 0; i < from.size(); ++i) {
         if (from[i].frame == nullptr) continue;
         const uint64_t at = i * kDedupChunkBytes;

@@ -243,7 +243,7 @@ void SnapshotServer::Serve(Conn* conn) {
     }
     // The job id, then the payload straight into the buffer the store keeps: no second copy.
     std::string job(h->job_length, '\0');
-    std::string payload(h->payload_length, '\0');
+    std::string payload = store_->TakeBuffer(h->payload_length);
     deadline += std::chrono::seconds(want / kSnapshotFrameBytesPerSecond);
     Status read = checkpoint::RecvAll(fd, job.data(), job.size(), deadline);
     if (read.ok()) read = checkpoint::RecvAll(fd, payload.data(), payload.size(), deadline);
@@ -373,7 +373,7 @@ bool SnapshotServer::ServeInPlace(Conn* conn, const checkpoint::SnapshotHeader& 
     charged = cost;
     return Status::Ok();
   };
-  std::string payload(h.payload_length, '\0');
+  std::string payload = store_->TakeBuffer(h.payload_length);  // the parts fill it whole
   auto parts = checkpoint::ReadSnapshotParts(read, &payload, admit);
   if (!parts.ok()) return malformed(parts.status());
   std::vector<iovec> local, remote;

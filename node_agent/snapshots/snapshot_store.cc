@@ -16,6 +16,43 @@ std::string Bytes(uint64_t n) { return std::to_string(n) + " bytes"; }
 
 SnapshotStore::SnapshotStore(SnapshotStoreOptions options) : options_(options) {
   MUSTER_CHECK(options_.keep_steps >= 1) << "SnapshotStore: keep_steps must be >= 1";
+  pool_->max_bytes = options_.memory_limit / 4;
+}
+
+void SnapshotStore::BufferPool::Give(std::string&& b) {
+  std::string dropped;  // freed outside the lock
+  std::lock_guard<std::mutex> l(mu);
+  if (b.capacity() < (64u << 10) || buffers.size() >= kPooledBuffers ||
+      bytes + b.capacity() > max_bytes) {
+    dropped = std::move(b);
+    return;
+  }
+  bytes += b.capacity();
+  buffers.push_back(std::move(b));
+}
+
+std::string SnapshotStore::TakeBuffer(uint64_t n) {
+  std::string b;
+  {
+    std::lock_guard<std::mutex> l(pool_->mu);
+    // The smallest that holds n.
+    size_t best = pool_->buffers.size();
+    for (size_t i = 0; i < pool_->buffers.size(); ++i) {
+      if (pool_->buffers[i].capacity() >= n &&
+          (best == pool_->buffers.size() ||
+           pool_->buffers[i].capacity() < pool_->buffers[best].capacity())) {
+        best = i;
+      }
+    }
+    if (best < pool_->buffers.size()) {
+      b = std::move(pool_->buffers[best]);
+      pool_->buffers.erase(pool_->buffers.begin() + static_cast<std::ptrdiff_t>(best));
+      pool_->bytes -= b.capacity();
+    }
+  }
+  // Shrinking writes nothing; growing within the capacity zero-fills only the gap.
+  b.resize(n);
+  return b;
 }
 
 Status SnapshotStore::ReserveLocked(const std::string& job, JobState& js, int32_t rank,
@@ -186,7 +223,14 @@ Status SnapshotStore::PutLocked(JobState& js, checkpoint::SnapshotFrame frame,
   extra_ -= Extra(slot);
   used_ += size;
   slot.used += size;
-  auto kept = std::make_shared<const checkpoint::SnapshotFrame>(std::move(frame));
+  // When the last holder lets go of the frame, its payload goes back to the pool (TakeBuffer).
+  std::shared_ptr<const checkpoint::SnapshotFrame> kept(
+      new checkpoint::SnapshotFrame(std::move(frame)),
+      [pool = pool_](const checkpoint::SnapshotFrame* f) {
+        // Allocated non-const just above: taking its payload back is allowed.
+        pool->Give(std::move(const_cast<checkpoint::SnapshotFrame*>(f)->payload));
+        delete f;
+      });
   slot.frames[key.step] = kept;
   extra_ += Extra(slot);
   UpdateCompleteLocked(js);

@@ -127,6 +127,14 @@ class SnapshotStore {
       const std::string& job, int32_t attempt, int64_t step, int32_t for_rank,
       std::chrono::steady_clock::time_point wait_until) const;
 
+  // A buffer of `n` bytes for a frame's payload that is about to be read in whole (its bytes are
+  // unspecified: every one must be written before the frame is checked). It comes from the
+  // payloads of frames this store has dropped when one is large enough, so that the next step's
+  // frame reuses memory already mapped instead of faulting in and zero-filling fresh pages.
+  // Those buffers are bounded (at most kPooledBuffers, a quarter of memory_limit in all).
+  std::string TakeBuffer(uint64_t n);
+  static constexpr size_t kPooledBuffers = 16;
+
   // Every frame held for `job`, by rank then step.
   std::vector<HeldSnapshot> Held(const std::string& job) const;
   // The jobs with anything held or reserved.
@@ -203,6 +211,16 @@ class SnapshotStore {
   };
 
   const SnapshotStoreOptions options_;
+  // Payloads of dropped frames, for TakeBuffer. Shared with the deleter of every frame kept (a
+  // frame may outlive the store in a forwarder's queue).
+  struct BufferPool {
+    std::mutex mu;
+    std::vector<std::string> buffers;  // GUARDED_BY(mu)
+    uint64_t bytes = 0;                // GUARDED_BY(mu): their capacities
+    uint64_t max_bytes = 0;
+    void Give(std::string&& b);
+  };
+  std::shared_ptr<BufferPool> pool_ = std::make_shared<BufferPool>();
   mutable std::mutex mu_;
   mutable std::condition_variable put_;  // notified after each frame kept (FramesAt)
   // Frames dropped under mu_, freed by the Lock that holds it once it is released.

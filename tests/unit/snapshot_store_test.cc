@@ -376,6 +376,30 @@ std::vector<SnapshotHolding> TwoNodes(int64_t a_step, int64_t b_step) {
   return h;
 }
 
+// A dropped frame's payload buffer is handed to the next frame read (TakeBuffer), so a rank's
+// every-step snapshot reuses memory already mapped; a frame still held elsewhere (a forwarder's
+// queue) gives its buffer back only when that holder lets go.
+TEST(SnapshotStoreTest, DroppedPayloadsAreReusedForTheNextFrame) {
+  SnapshotStore store({.memory_limit = 64 << 20, .keep_steps = 1, .window_steps = 1});
+  ASSERT_TRUE(store.Put(Frame(0, 1, 1 << 20)).ok());
+  auto first = store.Get("ft-1", 0, 1);
+  ASSERT_TRUE(first.ok());
+  const char* first_bytes = (*first)->payload.data();
+  // Held here too: step 2 drops step 1 from the store, but its buffer stays with us.
+  ASSERT_TRUE(store.Put(Frame(0, 2, 1 << 20)).ok());
+  std::string fresh = store.TakeBuffer(1 << 20);
+  EXPECT_NE(fresh.data(), first_bytes);
+  EXPECT_EQ(fresh.size(), 1u << 20);
+  first->reset();  // the last holder: its payload goes to the pool
+  std::string reused = store.TakeBuffer((1 << 20) - 100);
+  EXPECT_EQ(reused.data(), first_bytes);
+  EXPECT_EQ(reused.size(), (1u << 20) - 100);
+  // A larger request than any pooled buffer gets a buffer of its size all the same.
+  ASSERT_TRUE(store.Put(Frame(0, 3, 1 << 20)).ok());  // drops step 2: pooled
+  std::string larger = store.TakeBuffer(2 << 20);
+  EXPECT_EQ(larger.size(), 2u << 20);
+}
+
 // FramesAt: where a peer's deduplicated put finds chunks. The frames of any rank at the step and
 // attempt; when none is held but another rank's older frame is (its frame of the step is due),
 // a wait until one is put or the deadline passes; no wait when nothing of the job is due.
