@@ -143,11 +143,13 @@ int Run(const Options& o) {
           .job = job, .attempt = 1, .rank = i, .world_size = 2, .step = step};
       // --distinct: rank 1's differs from rank 0's in every chunk.
       if (o.distinct && i == 1) {
-        for (size_t at = 0; at < payload.size(); at += node_agent::kDedupChunkBytes) payload[at] ^= 0x5a;
+        for (size_t at = 0; at < payload.size(); at += node_agent::kDedupChunkBytes)
+          payload[at] ^= 0x5a;
       }
       Status put = rank[i]->Put(key, payload);
       if (o.distinct && i == 1) {
-        for (size_t at = 0; at < payload.size(); at += node_agent::kDedupChunkBytes) payload[at] ^= 0x5a;
+        for (size_t at = 0; at < payload.size(); at += node_agent::kDedupChunkBytes)
+          payload[at] ^= 0x5a;
       }
       if (!put.ok()) return fail(put);
     }
@@ -191,8 +193,8 @@ int Run(const Options& o) {
   Table t({"frame KiB", "ranks' payloads", "steps", "agents' CPU ms/step", "ranks' CPU ms/step",
            "minor faults/step", "forwarded", "offered bytes sent %", "replaced", "failed"});
   t.Row({std::to_string(o.kib), o.distinct ? "distinct" : "the same", std::to_string(o.steps),
-         Fmt(per_step_ms, 2), Fmt(1000.0 * rank_cpu / o.steps, 2),
-         Fmt(double(faults) / o.steps, 0), std::to_string(sent),
+         Fmt(per_step_ms, 2), Fmt(1000.0 * rank_cpu / o.steps, 2), Fmt(double(faults) / o.steps, 0),
+         std::to_string(sent),
          offered > 0 ? Fmt(100.0 * offered_sent / offered, 1) : std::string("-"),
          std::to_string(replaced), std::to_string(failed)});
   std::cout << "2 agents x 1 rank, one frame per rank every " << o.step_ms << " ms, "

@@ -9,6 +9,7 @@
 #include <cstring>
 
 #include "checkpoint/snapshot_state.h"
+#include "common/little_endian.h"
 #include "common/logging.h"
 
 namespace muster::checkpoint {
@@ -136,15 +137,12 @@ Status SnapshotClient::PutInPlace(const SnapshotKey& key, const std::vector<Snap
 
 std::string EncodeSnapshotParts(const std::vector<SnapshotPart>& parts) {
   std::string msg;
-  auto le = [&msg](uint64_t v, int bytes) {
-    for (int i = 0; i < bytes; ++i) msg.push_back(static_cast<char>((v >> (8 * i)) & 0xff));
-  };
-  le(parts.size(), 4);
+  AppendLe<uint32_t>(msg, static_cast<uint32_t>(parts.size()));
   for (const SnapshotPart& p : parts) {
     msg.push_back(p.in_memory() ? 1 : 0);
-    le(p.length, 8);
+    AppendLe<uint64_t>(msg, p.length);
     if (p.in_memory()) {
-      le(p.address, 8);
+      AppendLe<uint64_t>(msg, p.address);
     } else {
       msg.append(p.here);
     }
@@ -155,14 +153,9 @@ std::string EncodeSnapshotParts(const std::vector<SnapshotPart>& parts) {
 StatusOr<std::vector<InMemoryPart>> ReadSnapshotParts(
     const std::function<Status(char* out, size_t n)>& read, std::string* payload,
     const std::function<Status(uint64_t count)>& admit) {
-  auto le = [](const char* b, int bytes) {
-    uint64_t v = 0;
-    for (int i = 0; i < bytes; ++i) v |= uint64_t{static_cast<unsigned char>(b[i])} << (8 * i);
-    return v;
-  };
   char count_b[4];
   MUSTER_RETURN_IF_ERROR(read(count_b, 4));
-  const uint64_t count = le(count_b, 4);
+  const uint64_t count = LoadLe<uint32_t>(std::string_view(count_b, 4), 0);
   if (count == 0 || count > kMaxSnapshotParts) {
     return InvalidArgumentError("snapshot: a put in place of " + std::to_string(count) +
                                 " parts (1.." + std::to_string(kMaxSnapshotParts) + ")");
@@ -174,7 +167,7 @@ StatusOr<std::vector<InMemoryPart>> ReadSnapshotParts(
     char part[9];
     MUSTER_RETURN_IF_ERROR(read(part, 9));
     const uint8_t kind = static_cast<uint8_t>(part[0]);
-    const uint64_t len = le(part + 1, 8);
+    const uint64_t len = LoadLe<uint64_t>(std::string_view(part, 9), 1);
     if (kind > 1 || len > payload->size() - at) {
       return DataLossError("snapshot: put in place: part " + std::to_string(i) + " (kind " +
                            std::to_string(kind) + ", " + std::to_string(len) +
@@ -186,7 +179,7 @@ StatusOr<std::vector<InMemoryPart>> ReadSnapshotParts(
     } else {
       char addr_b[8];
       MUSTER_RETURN_IF_ERROR(read(addr_b, 8));
-      if (len > 0) out.push_back({at, le(addr_b, 8), len});
+      if (len > 0) out.push_back({at, LoadLe<uint64_t>(std::string_view(addr_b, 8), 0), len});
     }
     at += len;
   }
@@ -326,9 +319,8 @@ bool SnapshotSender::in_place() const {
 
 Status SnapshotSender::Flush(std::chrono::milliseconds timeout) {
   std::unique_lock<std::mutex> l(mu_);
-  if (!cv_.wait_for(l, timeout, [&] {
-        return !pending_ && !sending_ && phase_ == InPlacePhase::kNone;
-      })) {
+  if (!cv_.wait_for(l, timeout,
+                    [&] { return !pending_ && !sending_ && phase_ == InPlacePhase::kNone; })) {
     return DeadlineExceededError("snapshot: still sending to the agent after " +
                                  std::to_string(timeout.count()) + " ms");
   }
@@ -412,11 +404,10 @@ void SnapshotSender::Loop() {
           in_place_fd_ = -1;
           if (in_place_cut_) s = DeadlineExceededError("the put in place was cut by Release");
         }
-        const bool unavailable =
-            (s.code() == StatusCode::kFailedPrecondition &&
-             s.message().rfind(kSnapshotInPlaceUnavailable, 0) == 0) ||
-            (s.code() == StatusCode::kInvalidArgument &&
-             s.message().find("unknown op") != std::string::npos);
+        const bool unavailable = (s.code() == StatusCode::kFailedPrecondition &&
+                                  s.message().rfind(kSnapshotInPlaceUnavailable, 0) == 0) ||
+                                 (s.code() == StatusCode::kInvalidArgument &&
+                                  s.message().find("unknown op") != std::string::npos);
         if (unavailable) {
           in_place_unavailable_ = true;
           log->info("snapshots are copied here: the agent cannot read them in place ({})",

@@ -195,11 +195,11 @@ class SnapshotSender {
   // kReading: the agent is reading it (Release may cut the connection, in_place_fd_);
   // kCopying: the loop copies it (Release waits); kNone: its tensors are free.
   enum class InPlacePhase { kNone, kQueued, kReading, kCopying };
-  std::optional<InPlace> in_place_;            // GUARDED_BY(mu_): kQueued's
-  InPlacePhase phase_ = InPlacePhase::kNone;   // GUARDED_BY(mu_)
-  int in_place_fd_ = -1;                       // GUARDED_BY(mu_): the connection while kReading
-  bool in_place_unavailable_ = false;          // GUARDED_BY(mu_): the agent said it cannot
-  bool in_place_cut_ = false;                  // GUARDED_BY(mu_): Release shut the connection
+  std::optional<InPlace> in_place_;           // GUARDED_BY(mu_): kQueued's
+  InPlacePhase phase_ = InPlacePhase::kNone;  // GUARDED_BY(mu_)
+  int in_place_fd_ = -1;                      // GUARDED_BY(mu_): the connection while kReading
+  bool in_place_unavailable_ = false;         // GUARDED_BY(mu_): the agent said it cannot
+  bool in_place_cut_ = false;                 // GUARDED_BY(mu_): Release shut the connection
   std::string spare_;     // GUARDED_BY(mu_): a sent payload's buffer, reused by the next copy
   bool sending_ = false;  // GUARDED_BY(mu_)
   bool stop_ = false;     // GUARDED_BY(mu_)

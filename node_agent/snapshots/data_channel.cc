@@ -1,8 +1,9 @@
 #include "node_agent/snapshots/data_channel.h"
 
+#include <xxhash.h>
+
 #include <algorithm>
 #include <cstring>
-#include <xxhash.h>
 
 #include "common/little_endian.h"
 #include "common/path_name.h"
@@ -19,6 +20,55 @@ StatusOr<AeadStream> Begin(AeadStream::Mode mode, const AeadKey& key, DataKind k
                            uint64_t counter, std::string_view header) {
   return AeadStream::Begin(mode, key, DataNonce(kind, counter), header);
 }
+
+// One sealed message written a kDataChunkBytes piece at a time through `scratch` (reused between
+// messages): its header in the clear, then every run of bytes given to Seal, sealed in order,
+// then the tag (Finish). Each full piece is written as it fills; nothing else is copied.
+class SealedWriter {
+ public:
+  static StatusOr<SealedWriter> Start(const AeadKey& key, DataKind kind, uint64_t counter,
+                                      const std::string& header, std::string* scratch,
+                                      const DataWriter& write) {
+    MUSTER_ASSIGN_OR_RETURN(AeadStream s,
+                            Begin(AeadStream::Mode::kSeal, key, kind, counter, header));
+    scratch->resize(std::max(scratch->size(), kDataChunkBytes));
+    std::memcpy(scratch->data(), header.data(), header.size());
+    return SealedWriter(std::move(s), scratch, header.size(), write);
+  }
+
+  Status Seal(std::string_view bytes) {
+    while (!bytes.empty()) {
+      const size_t n = std::min(bytes.size(), kDataChunkBytes - used_);
+      MUSTER_RETURN_IF_ERROR(stream_.Update(bytes.data(), buf_->data() + used_, n));
+      used_ += n;
+      bytes.remove_prefix(n);
+      if (used_ == kDataChunkBytes) MUSTER_RETURN_IF_ERROR(Flush());
+    }
+    return Status::Ok();
+  }
+
+  Status Finish() {
+    AeadTag tag;
+    MUSTER_RETURN_IF_ERROR(stream_.FinishSeal(&tag));
+    if (used_ + tag.size() > kDataChunkBytes) MUSTER_RETURN_IF_ERROR(Flush());
+    std::memcpy(buf_->data() + used_, tag.data(), tag.size());
+    used_ += tag.size();
+    return Flush();
+  }
+
+ private:
+  SealedWriter(AeadStream s, std::string* buf, size_t used, const DataWriter& write)
+      : stream_(std::move(s)), buf_(buf), used_(used), write_(write) {}
+  Status Flush() {
+    Status st = write_(std::string_view(buf_->data(), used_));
+    used_ = 0;
+    return st;
+  }
+  AeadStream stream_;
+  std::string* buf_;
+  size_t used_;
+  const DataWriter& write_;
+};
 
 }  // namespace
 
@@ -130,36 +180,12 @@ Status WriteDataPut(const DataSessionId& session, uint64_t counter, const AeadKe
                .counter = counter,
                .prefix_length = static_cast<uint32_t>(prefix.size()),
                .payload_length = frame.payload.size()};
-  const std::string header = EncodeDataHeader(h);
-  MUSTER_ASSIGN_OR_RETURN(AeadStream s,
-                          Begin(AeadStream::Mode::kSeal, key, DataKind::kPut, counter, header));
-  // The header and the sealed prefix lead the first chunk.
-  std::string& buf = *scratch;
-  buf.resize(std::max(buf.size(), kDataChunkBytes));
-  std::memcpy(buf.data(), header.data(), header.size());
-  size_t used = header.size();
-  MUSTER_RETURN_IF_ERROR(s.Update(prefix.data(), buf.data() + used, prefix.size()));
-  used += prefix.size();
-  std::string_view payload = frame.payload;
-  while (!payload.empty()) {
-    const size_t n = std::min(payload.size(), kDataChunkBytes - used);
-    MUSTER_RETURN_IF_ERROR(s.Update(payload.data(), buf.data() + used, n));
-    used += n;
-    payload.remove_prefix(n);
-    if (used == kDataChunkBytes) {
-      MUSTER_RETURN_IF_ERROR(write(std::string_view(buf.data(), used)));
-      used = 0;
-    }
-  }
-  AeadTag tag;
-  MUSTER_RETURN_IF_ERROR(s.FinishSeal(&tag));
-  if (used + tag.size() > kDataChunkBytes) {
-    MUSTER_RETURN_IF_ERROR(write(std::string_view(buf.data(), used)));
-    used = 0;
-  }
-  std::memcpy(buf.data() + used, tag.data(), tag.size());
-  used += tag.size();
-  return write(std::string_view(buf.data(), used));
+  // The header and the sealed prefix lead the first piece.
+  MUSTER_ASSIGN_OR_RETURN(SealedWriter w, SealedWriter::Start(key, DataKind::kPut, counter,
+                                                              EncodeDataHeader(h), scratch, write));
+  MUSTER_RETURN_IF_ERROR(w.Seal(prefix));
+  MUSTER_RETURN_IF_ERROR(w.Seal(frame.payload));
+  return w.Finish();
 }
 
 StatusOr<checkpoint::SnapshotFrame> ReadDataPut(
@@ -291,7 +317,8 @@ Status WriteDataOffer(const DataSessionId& session, uint64_t counter, const Aead
     return InvalidArgumentError("snapshot data: too many chunks to offer");
   }
   body.reserve(body.size() + digests.size() * kChunkDigestBytes);
-  for (const ChunkDigest& d : digests) body.append(reinterpret_cast<const char*>(d.data()), d.size());
+  for (const ChunkDigest& d : digests)
+    body.append(reinterpret_cast<const char*>(d.data()), d.size());
   DataHeader h{.kind = DataKind::kOffer,
                .session = session,
                .counter = counter,
@@ -332,8 +359,8 @@ StatusOr<DataOffer> ReadDataOffer(const DataHeader& h, std::string_view header, 
                          std::to_string(offer.header.job_length) + " + " +
                          std::to_string(offer.header.payload_length) +
                          " bytes, the message carries " +
-                         std::to_string(prefix.size() - checkpoint::kSnapshotHeaderBytes) +
-                         " + " + std::to_string(h.payload_length));
+                         std::to_string(prefix.size() - checkpoint::kSnapshotHeaderBytes) + " + " +
+                         std::to_string(h.payload_length));
   }
   offer.job = std::string(prefix.substr(checkpoint::kSnapshotHeaderBytes));
   if (Status st = ValidatePathName(offer.job, "snapshot job id"); !st.ok()) {
@@ -428,37 +455,14 @@ Status WriteDataChunks(const DataSessionId& session, uint64_t counter, const Aea
                .counter = counter,
                .prefix_length = 0,
                .payload_length = NeededBytes(payload.size(), need)};
-  const std::string header = EncodeDataHeader(h);
-  MUSTER_ASSIGN_OR_RETURN(AeadStream s,
-                          Begin(AeadStream::Mode::kSeal, key, DataKind::kChunks, counter, header));
-  std::string& buf = *scratch;
-  buf.resize(std::max(buf.size(), kDataChunkBytes));
-  std::memcpy(buf.data(), header.data(), header.size());
-  size_t used = header.size();
+  MUSTER_ASSIGN_OR_RETURN(SealedWriter w, SealedWriter::Start(key, DataKind::kChunks, counter,
+                                                              EncodeDataHeader(h), scratch, write));
   for (uint64_t i = 0; i < chunks; ++i) {
     if (!need[i]) continue;
     const auto [at, len] = ChunkSpan(payload.size(), i);
-    std::string_view part = payload.substr(at, len);
-    while (!part.empty()) {
-      const size_t n = std::min(part.size(), kDataChunkBytes - used);
-      MUSTER_RETURN_IF_ERROR(s.Update(part.data(), buf.data() + used, n));
-      used += n;
-      part.remove_prefix(n);
-      if (used == kDataChunkBytes) {
-        MUSTER_RETURN_IF_ERROR(write(std::string_view(buf.data(), used)));
-        used = 0;
-      }
-    }
+    MUSTER_RETURN_IF_ERROR(w.Seal(payload.substr(at, len)));
   }
-  AeadTag tag;
-  MUSTER_RETURN_IF_ERROR(s.FinishSeal(&tag));
-  if (used + tag.size() > kDataChunkBytes) {
-    MUSTER_RETURN_IF_ERROR(write(std::string_view(buf.data(), used)));
-    used = 0;
-  }
-  std::memcpy(buf.data() + used, tag.data(), tag.size());
-  used += tag.size();
-  return write(std::string_view(buf.data(), used));
+  return w.Finish();
 }
 
 Status ReadDataChunks(const DataHeader& h, std::string_view header, const AeadKey& key,
@@ -478,8 +482,8 @@ Status ReadDataChunks(const DataHeader& h, std::string_view header, const AeadKe
                          std::to_string(h.payload_length) + " bytes, " + std::to_string(want) +
                          " were asked for");
   }
-  MUSTER_ASSIGN_OR_RETURN(AeadStream s,
-                          Begin(AeadStream::Mode::kOpen, key, DataKind::kChunks, h.counter, header));
+  MUSTER_ASSIGN_OR_RETURN(
+      AeadStream s, Begin(AeadStream::Mode::kOpen, key, DataKind::kChunks, h.counter, header));
   for (uint64_t i = 0; i < chunks; ++i) {
     if (!need[i]) continue;
     const auto [at, len] = ChunkSpan(payload->size(), i);

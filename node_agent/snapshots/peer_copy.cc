@@ -458,7 +458,7 @@ struct SnapshotPeerServer::Impl {
       StatusOr<Received> frame = InternalError("no message");
       if (h->kind == DataKind::kPut) {
         auto put = ReadDataPut(*h, header, key, limit, read,
-                             [this](uint64_t n) { return store->TakeBuffer(n); });
+                               [this](uint64_t n) { return store->TakeBuffer(n); });
         frame = put.ok() ? StatusOr<Received>(Received(std::move(*put)))
                          : StatusOr<Received>(put.status());
       } else {
@@ -534,10 +534,10 @@ struct SnapshotPeerServer::Impl {
 
   // What one data message (and, for an OFFER, the exchange it starts) delivered.
   struct Received {
-    Received(checkpoint::SnapshotFrame f) : frame(std::move(f)) {}  // NOLINT: a PUT's frame
+    explicit Received(checkpoint::SnapshotFrame f) : frame(std::move(f)) {}
     Received(Status v, bool a) : verdict(std::move(v)), answered(a) {}
     std::optional<checkpoint::SnapshotFrame> frame;  // checked (fields and xxh3)
-    Status verdict;         // when there is no frame: why
+    Status verdict;                                  // when there is no frame: why
     bool answered = false;  // the verdict went back in the NEED; no REPLY follows
   };
 
@@ -552,8 +552,8 @@ struct SnapshotPeerServer::Impl {
   std::deque<std::shared_ptr<const Digested>> digested;  // GUARDED_BY(digest_mu); newest last
 
   // The digests of `f` under `seed`, computed once while it is held.
-  std::shared_ptr<const Digested> DigestsOf(const std::shared_ptr<const checkpoint::SnapshotFrame>& f,
-                                            uint64_t seed) {
+  std::shared_ptr<const Digested> DigestsOf(
+      const std::shared_ptr<const checkpoint::SnapshotFrame>& f, uint64_t seed) {
     {
       std::lock_guard<std::mutex> l(digest_mu);
       for (const auto& d : digested) {
@@ -578,14 +578,13 @@ struct SnapshotPeerServer::Impl {
   // assembled and checked. An error: the exchange did not complete on the wire or a message did
   // not authenticate (the connection is closed).
   StatusOr<Received> ReceiveOffer(int fd, const DataHeader& h, std::string_view header,
-                                  const AeadKey& key, const std::string& session_job,
-                                  uint64_t seed, uint64_t limit, const DataReader& read) {
+                                  const AeadKey& key, const std::string& session_job, uint64_t seed,
+                                  uint64_t limit, const DataReader& read) {
     MUSTER_ASSIGN_OR_RETURN(DataOffer offer, ReadDataOffer(h, header, key, limit, read));
-    Status admitted =
-        offer.job == session_job
-            ? Authorize(insecure ? std::string() : SessionKey(h.session), session_job)
-            : PermissionDenied("this session is for snapshots of job " + session_job + ", not " +
-                               offer.job);
+    Status admitted = offer.job == session_job
+                          ? Authorize(insecure ? std::string() : SessionKey(h.session), session_job)
+                          : PermissionDenied("this session is for snapshots of job " + session_job +
+                                             ", not " + offer.job);
     if (!admitted.ok()) {
       MUSTER_ASSIGN_OR_RETURN(std::string need,
                               EncodeDataNeed(h.session, h.counter, key, admitted, {}));
@@ -660,7 +659,8 @@ struct SnapshotPeerServer::Impl {
     holding.clear();
     std::string chunks_header(kDataHeaderBytes, '\0');
     MUSTER_RETURN_IF_ERROR(read(chunks_header.data(), chunks_header.size()));
-    MUSTER_ASSIGN_OR_RETURN(DataHeader ch, DecodeDataHeader(chunks_header, DataKind::kChunks, size));
+    MUSTER_ASSIGN_OR_RETURN(DataHeader ch,
+                            DecodeDataHeader(chunks_header, DataKind::kChunks, size));
     if (ch.session != h.session || ch.counter != h.counter) {
       return DataLossError("snapshot data: chunks " + std::to_string(ch.counter) +
                            " do not answer offer " + std::to_string(h.counter));
@@ -671,16 +671,16 @@ struct SnapshotPeerServer::Impl {
     // The frame as assembled, checked against the xxh3 in the forwarder's header: a chunk held
     // here whose digest only collided with the offered one fails here. (A copy of a frame held
     // with that xxh3 already passed the check when it was kept.)
-    auto frame = same != nullptr ? checkpoint::DecodeSnapshotPartsChecked(
-                                       offer.header, offer.job, std::move(payload))
-                                 : checkpoint::DecodeSnapshotParts(offer.header, offer.job,
-                                                                   std::move(payload));
+    auto frame =
+        same != nullptr
+            ? checkpoint::DecodeSnapshotPartsChecked(offer.header, offer.job, std::move(payload))
+            : checkpoint::DecodeSnapshotParts(offer.header, offer.job, std::move(payload));
     if (!frame.ok()) {
-      return Received(DataLossError("the frame assembled from an offer (" + Describe(k) +
-                                    ", " + std::to_string(ch.payload_length) + " of " +
-                                    std::to_string(size) + " bytes sent) fails its check: " +
-                                    frame.status().message()),
-                      false);
+      return Received(
+          DataLossError("the frame assembled from an offer (" + Describe(k) + ", " +
+                        std::to_string(ch.payload_length) + " of " + std::to_string(size) +
+                        " bytes sent) fails its check: " + frame.status().message()),
+          false);
     }
     return Received(std::move(*frame));
   }
@@ -969,9 +969,7 @@ int64_t SnapshotPeerServer::connections() const { return impl_->connections.load
 int64_t SnapshotPeerServer::data_refused() const { return impl_->data_refused.load(); }
 int64_t SnapshotPeerServer::sessions_opened() const { return impl_->sessions_opened.load(); }
 uint64_t SnapshotPeerServer::offered_bytes() const { return impl_->offered_bytes.load(); }
-uint64_t SnapshotPeerServer::offered_bytes_received() const {
-  return impl_->received_bytes.load();
-}
+uint64_t SnapshotPeerServer::offered_bytes_received() const { return impl_->received_bytes.load(); }
 int SnapshotPeerServer::data_port() const { return impl_->data_port; }
 uint64_t SnapshotPeerServer::refused_handshakes() const {
   return impl_->zap ? impl_->zap->refused_count() : 0;

@@ -264,16 +264,9 @@ void SnapshotServer::Serve(Conn* conn) {
       (void)checkpoint::SendAll(fd, Reply(f.status()));
       break;
     }
-    if (peer_check_) {
-      Status may =
-          conn->pid > 0
-              ? peer_check_(conn->pid, f->key)
-              : FailedPreconditionError("permission denied: the connecting process is unknown");
-      if (!may.ok()) {
-        log->warn("snapshot channel: process {} refused: {}", conn->pid, may.ToString());
-        if (!checkpoint::SendAll(fd, Reply(may)).ok()) break;
-        continue;
-      }
+    if (Status may = CheckRank(*conn, f->key); !may.ok()) {
+      if (!checkpoint::SendAll(fd, Reply(may)).ok()) break;
+      continue;
     }
     if (op == 'P') {
       checkpoint::SnapshotKey key = f->key;
@@ -319,6 +312,19 @@ void SnapshotServer::Serve(Conn* conn) {
   conn->done = true;
 }
 
+Status SnapshotServer::CheckRank(const Conn& conn, const checkpoint::SnapshotKey& key) const {
+  if (!peer_check_) return Status::Ok();
+  Status may =
+      conn.pid > 0
+          ? peer_check_(conn.pid, key)
+          : FailedPreconditionError("permission denied: the connecting process is unknown");
+  if (!may.ok()) {
+    log::Get("agent.snap")
+        ->warn("snapshot channel: process {} refused: {}", conn.pid, may.ToString());
+  }
+  return may;
+}
+
 bool SnapshotServer::ServeInPlace(Conn* conn, const checkpoint::SnapshotHeader& h,
                                   std::chrono::steady_clock::time_point deadline) {
   const int fd = conn->fd;
@@ -339,15 +345,9 @@ bool SnapshotServer::ServeInPlace(Conn* conn, const checkpoint::SnapshotHeader& 
   }
   // Only a rank may have its part list parsed and its memory read (the rest of the request is
   // unread: the connection closes after the answer).
-  if (peer_check_) {
-    Status may = conn->pid > 0 ? peer_check_(conn->pid, key)
-                               : FailedPreconditionError(
-                                     "permission denied: the connecting process is unknown");
-    if (!may.ok()) {
-      log->warn("snapshot channel: process {} refused: {}", conn->pid, may.ToString());
-      (void)checkpoint::SendAll(fd, Reply(may));
-      return false;
-    }
+  if (Status may = CheckRank(*conn, key); !may.ok()) {
+    (void)checkpoint::SendAll(fd, Reply(may));
+    return false;
   }
   // The parts: inline bytes straight into the payload, in-memory ones noted for the read. Their
   // bookkeeping (kSnapshotPartCost each) is charged to the same budget as the payload.
@@ -366,8 +366,10 @@ bool SnapshotServer::ServeInPlace(Conn* conn, const checkpoint::SnapshotHeader& 
     std::lock_guard<std::mutex> l(mu_);
     if (inflight_ + cost > limit) {
       return UnavailableError("snapshot channel: the agent is already reading " +
-                              std::to_string(inflight_) + " bytes of snapshots; a put in place "
-                              "of " + std::to_string(count) + " parts would pass its limit");
+                              std::to_string(inflight_) +
+                              " bytes of snapshots; a put in place "
+                              "of " +
+                              std::to_string(count) + " parts would pass its limit");
     }
     inflight_ += cost;
     charged = cost;
@@ -384,9 +386,8 @@ bool SnapshotServer::ServeInPlace(Conn* conn, const checkpoint::SnapshotHeader& 
     remote.push_back({reinterpret_cast<void*>(p.address), p.length});
   }
   auto unavailable = [&](const std::string& why) {
-    return checkpoint::SendAll(
-               fd, Reply(FailedPreconditionError(
-                       std::string(checkpoint::kSnapshotInPlaceUnavailable) + why)))
+    return checkpoint::SendAll(fd, Reply(FailedPreconditionError(
+                                       std::string(checkpoint::kSnapshotInPlaceUnavailable) + why)))
         .ok();
   };
   if (!in_place_) return unavailable("this agent does not read ranks' memory");
@@ -415,15 +416,17 @@ bool SnapshotServer::ServeInPlace(Conn* conn, const checkpoint::SnapshotHeader& 
   char c;
   const ssize_t peek = ::recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
   pollfd pp{conn->pidfd, POLLIN, 0};
-  if (peek == 0 || (peek < 0 && errno != EAGAIN && errno != EWOULDBLOCK) || ::poll(&pp, 1, 0) != 0) {
-    log->warn("snapshot channel: put in place of job {} rank {} step {}: the rank went away or gave "
-              "up while it was read; not kept",
-              key.job, key.rank, key.step);
+  if (peek == 0 || (peek < 0 && errno != EAGAIN && errno != EWOULDBLOCK) ||
+      ::poll(&pp, 1, 0) != 0) {
+    log->warn(
+        "snapshot channel: put in place of job {} rank {} step {}: the rank went away or gave "
+        "up while it was read; not kept",
+        key.job, key.rank, key.step);
     return false;
   }
   if (peek > 0) {
-    return malformed(InvalidArgumentError(
-        "snapshot channel: put in place: more bytes before the reply"));
+    return malformed(
+        InvalidArgumentError("snapshot channel: put in place: more bytes before the reply"));
   }
   // The rank's tensors are free from here: it is told at once, before the hash and the store.
   if (!checkpoint::SendAll(fd, std::string_view(&checkpoint::kSnapshotReadAck, 1)).ok()) {

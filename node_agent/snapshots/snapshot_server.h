@@ -105,6 +105,9 @@ class SnapshotServer {
     bool done = false;  // GUARDED_BY(mu_): Serve returned; the thread may be joined
     std::thread thread;
   };
+  // Whether the connecting process may put or get `key`'s frame (peer_check_; a refusal is
+  // logged). Ok when there is no check.
+  Status CheckRank(const Conn& conn, const checkpoint::SnapshotKey& key) const;
   // The rest of a put in place ('V', checkpoint/snapshot_channel.h) after its header `h`: the
   // parts, the connecting process's memory read (process_vm_readv), the frame kept. Its reply
   // sent; false when the connection must close.

@@ -56,8 +56,8 @@ muster::node_agent::DataReader ReaderOf(std::string_view& in) {
 void RawInput(std::string_view data) {
   if (data.size() < kDataHeaderBytes) return;
   const std::string_view header = data.substr(0, kDataHeaderBytes);
-  for (DataKind kind : {DataKind::kPut, DataKind::kReply, DataKind::kOffer, DataKind::kNeed,
-                        DataKind::kChunks}) {
+  for (DataKind kind :
+       {DataKind::kPut, DataKind::kReply, DataKind::kOffer, DataKind::kNeed, DataKind::kChunks}) {
     auto h = muster::node_agent::DecodeDataHeader(header, kind, kLimit);
     if (!h.ok()) continue;
     std::string_view rest = data.substr(kDataHeaderBytes);
@@ -65,11 +65,12 @@ void RawInput(std::string_view data) {
     bool opened = false;  // a forged tag
     switch (kind) {
       case DataKind::kPut:
-        opened = muster::node_agent::ReadDataPut(*h, header, FixedKey(), kLimit, ReaderOf(rest)).ok();
+        opened =
+            muster::node_agent::ReadDataPut(*h, header, FixedKey(), kLimit, ReaderOf(rest)).ok();
         break;
       case DataKind::kReply:
-        opened =
-            muster::node_agent::ReadDataReply(*h, header, FixedKey(), ReaderOf(rest), &carried).ok();
+        opened = muster::node_agent::ReadDataReply(*h, header, FixedKey(), ReaderOf(rest), &carried)
+                     .ok();
         break;
       case DataKind::kOffer:
         opened =
@@ -228,10 +229,9 @@ void SealedNeed(std::string_view data) {
   const uint64_t chunks = static_cast<uint8_t>(data[0]) % 3;  // kLimit is one chunk; 0..2 tried
   const std::string_view plain = data.substr(1);
   std::string header;
-  const std::string sealed =
-      SealAs({.kind = DataKind::kNeed, .counter = 6}, plain, &header);
-  auto h = muster::node_agent::DecodeDataHeader(
-      header, DataKind::kNeed, chunks * muster::node_agent::kDedupChunkBytes);
+  const std::string sealed = SealAs({.kind = DataKind::kNeed, .counter = 6}, plain, &header);
+  auto h = muster::node_agent::DecodeDataHeader(header, DataKind::kNeed,
+                                                chunks * muster::node_agent::kDedupChunkBytes);
   if (!h.ok()) return;
   std::string_view in = sealed;
   Status carried;
@@ -283,8 +283,8 @@ void ChunksRoundTrip(std::string_view data) {
   if (!open(wire, &got)) std::abort();
   for (uint64_t i = 0; i < chunks; ++i) {
     const uint64_t from = i * muster::node_agent::kDedupChunkBytes;
-    const uint64_t len = std::min<uint64_t>(muster::node_agent::kDedupChunkBytes,
-                                            payload.size() - from);
+    const uint64_t len =
+        std::min<uint64_t>(muster::node_agent::kDedupChunkBytes, payload.size() - from);
     const std::string_view want =
         need[i] ? std::string_view(payload).substr(from, len) : std::string_view();
     if (need[i] ? std::string_view(got).substr(from, len) != want

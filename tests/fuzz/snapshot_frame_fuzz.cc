@@ -105,8 +105,9 @@ void PartList(std::string_view data) {
   std::vector<muster::checkpoint::SnapshotPart> again;
   for (const auto& p : *parts) {
     if (p.length == 0 || p.at < end || p.at + p.length > payload.size()) std::abort();
-    if (p.at > end) again.push_back(muster::checkpoint::SnapshotPart::Here(
-                        std::string_view(payload).substr(end, p.at - end)));
+    if (p.at > end)
+      again.push_back(muster::checkpoint::SnapshotPart::Here(
+          std::string_view(payload).substr(end, p.at - end)));
     again.push_back({{}, p.address, p.length});
     end = p.at + p.length;
   }

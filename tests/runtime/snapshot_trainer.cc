@@ -155,7 +155,8 @@ int main() {
     }
     Fill(w, rank, s);
     if (sender && every > 0 && s % every == 0) {
-      if (Status st = copy_snapshots ? sender->Snapshot(s, state) : sender->SnapshotInPlace(s, state);
+      if (Status st =
+              copy_snapshots ? sender->Snapshot(s, state) : sender->SnapshotInPlace(s, state);
           !st.ok()) {
         std::fprintf(stderr, "snapshot: %s\n", st.ToString().c_str());
         return 6;

@@ -10,11 +10,11 @@
 #include <sys/un.h>
 #include <unistd.h>
 
-#include <atomic>
-#include <thread>
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <filesystem>
+#include <thread>
 #include <vector>
 
 #include "checkpoint/snapshot_state.h"

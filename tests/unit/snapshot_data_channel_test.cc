@@ -136,7 +136,8 @@ class SnapshotDataChannelTest : public ::testing::Test {
                              std::optional<std::vector<node_agent::ChunkDigest>> digests = {}) {
     std::string out;
     Status st = node_agent::WriteDataOffer(
-        s.id, counter, s.key, f, digests ? *digests : node_agent::ChunkDigests(f.payload, s.dedup_seed),
+        s.id, counter, s.key, f,
+        digests ? *digests : node_agent::ChunkDigests(f.payload, s.dedup_seed),
         [&](std::string_view b) {
           out.append(b);
           return Status::Ok();
@@ -165,8 +166,8 @@ class SnapshotDataChannelTest : public ::testing::Test {
     auto read = [&](char* out, size_t n) { return checkpoint::RecvAll(fd, out, n, deadline); };
     std::string header(node_agent::kDataHeaderBytes, '\0');
     MUSTER_RETURN_IF_ERROR(read(header.data(), header.size()));
-    MUSTER_ASSIGN_OR_RETURN(
-        DataHeader h, node_agent::DecodeDataHeader(header, DataKind::kNeed, payload_length));
+    MUSTER_ASSIGN_OR_RETURN(DataHeader h,
+                            node_agent::DecodeDataHeader(header, DataKind::kNeed, payload_length));
     EXPECT_EQ(h.counter, counter);
     return node_agent::ReadDataNeed(h, header, s.key, node_agent::DedupChunkCount(payload_length),
                                     read, carried, need);
@@ -488,7 +489,7 @@ TEST_F(SnapshotDataChannelTest, AnOfferIsAssembledFromHeldChunksAndOnlyTheNeeded
   const std::string held = RandomPayload(10 * chunk + 99, 3);
   ASSERT_TRUE(store_->Put(Frame(Key(0, 5), held)).ok());
   std::string mine = held;
-  mine[2 * chunk] ^= 0x40;       // chunk 2 differs
+  mine[2 * chunk] ^= 0x40;        // chunk 2 differs
   mine[10 * chunk + 98] ^= 0x01;  // and the short last one, 10
   const int fd = Connect();
   const std::string offer = Offered(*s, 1, Frame(Key(1, 5), mine));
@@ -589,19 +590,19 @@ TEST_F(SnapshotDataChannelTest, AnOfferOfAnotherJobIsRefusedInItsNeed) {
 TEST_F(SnapshotDataChannelTest, ChunksThatAreNotTheOnesAskedForAreRefused) {
   const std::string state = RandomPayload(3 * node_agent::kDedupChunkBytes + 5, 8);
   const node_agent::ChunkNeeds all(4, true);
-  auto exchange = [&](const std::function<std::string(const Session&, const node_agent::ChunkNeeds&)>&
-                          chunks) {
-    auto s = Open();
-    ASSERT_TRUE(s.ok()) << s.status();
-    const int fd = Connect();
-    ASSERT_TRUE(checkpoint::SendAll(fd, Offered(*s, 1, Frame(Key(1, 9), state))).ok());
-    Status carried;
-    node_agent::ChunkNeeds need;
-    ASSERT_TRUE(Need(fd, *s, 1, state.size(), &carried, &need).ok());
-    ASSERT_TRUE(carried.ok()) << carried;
-    ExpectRefused(fd, chunks(*s, need), *s, 1);
-    EXPECT_FALSE(store_->Get("ft-1", 1, 9).ok());
-  };
+  auto exchange =
+      [&](const std::function<std::string(const Session&, const node_agent::ChunkNeeds&)>& chunks) {
+        auto s = Open();
+        ASSERT_TRUE(s.ok()) << s.status();
+        const int fd = Connect();
+        ASSERT_TRUE(checkpoint::SendAll(fd, Offered(*s, 1, Frame(Key(1, 9), state))).ok());
+        Status carried;
+        node_agent::ChunkNeeds need;
+        ASSERT_TRUE(Need(fd, *s, 1, state.size(), &carried, &need).ok());
+        ASSERT_TRUE(carried.ok()) << carried;
+        ExpectRefused(fd, chunks(*s, need), *s, 1);
+        EXPECT_FALSE(store_->Get("ft-1", 1, 9).ok());
+      };
   // One chunk fewer than asked.
   exchange([&](const Session& s, const node_agent::ChunkNeeds& need) {
     node_agent::ChunkNeeds fewer = need;
