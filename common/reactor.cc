@@ -1,9 +1,13 @@
 #include "common/reactor.h"
 
+#include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <cstring>
+#include <limits>
 
 #include "common/logging.h"
 
@@ -21,10 +25,17 @@ Reactor::Reactor(std::string name, zmq::context_t* context) : name_(std::move(na
   }
   wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   MUSTER_CHECK(wake_fd_ >= 0) << "eventfd: " << errno;
+  epoll_fd_ = epoll_create1(EPOLL_CLOEXEC);
+  MUSTER_CHECK(epoll_fd_ >= 0) << "epoll_create1: " << errno;
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.u64 = 0;
+  MUSTER_CHECK(epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, wake_fd_, &ev) == 0) << "epoll_ctl: " << errno;
 }
 
 Reactor::~Reactor() {
   Stop();
+  if (epoll_fd_ >= 0) close(epoll_fd_);
   if (wake_fd_ >= 0) close(wake_fd_);
 }
 
@@ -89,24 +100,92 @@ void Reactor::CancelTimer(TimerId id) {
   timer_fns_.erase(id);
 }
 
+void Reactor::Watch(std::shared_ptr<Pollable> p) {
+  p->id = next_pollable_id_++;
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.u64 = p->id;
+  if (epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, p->fd, &ev) != 0) {
+    if (errno == EEXIST) {
+      // The same descriptor twice (a socket or fd added again): the set holds it once, under
+      // the first registration's id, and an event for it runs every registration of it.
+      for (const auto& q : pollables_) {
+        if (q->fd == p->fd) q->shares_fd = p->shares_fd = true;
+      }
+    } else {
+      log::Get("reactor")->error("{}: cannot watch '{}' (fd {}): {}", name_, p->name, p->fd,
+                                 std::strerror(errno));
+    }
+  }
+  by_id_[p->id] = p;
+  pollables_.push_back(std::move(p));
+}
+
+// REQUIRES: `p` is no longer in pollables_.
+void Reactor::Unwatch(const std::shared_ptr<Pollable>& p) {
+  p->removed = true;
+  by_id_.erase(p->id);
+  auto other = std::find_if(pollables_.begin(), pollables_.end(),
+                            [&](const auto& q) { return q->fd == p->fd; });
+  if (other == pollables_.end()) {
+    // ENOENT/EBADF: the owner closed the descriptor first, which already took it out of the set.
+    (void)epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, p->fd, nullptr);
+    return;
+  }
+  // Another registration of the same descriptor stays: the set's entry is now under its id.
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.u64 = (*other)->id;
+  (void)epoll_ctl(epoll_fd_, EPOLL_CTL_MOD, p->fd, &ev);
+}
+
 void Reactor::AddSocket(zmq::socket_t& socket, std::string name, Closure on_readable) {
-  pollables_.push_back({&socket, -1, std::move(name), std::move(on_readable)});
-  pollables_changed_ = true;
+  auto p = std::make_shared<Pollable>();
+  p->socket = &socket;
+  p->fd = socket.get(zmq::sockopt::fd);
+  p->name = std::move(name);
+  p->on_readable = std::move(on_readable);
+  Watch(std::move(p));
 }
 
 void Reactor::RemoveSocket(zmq::socket_t& socket) {
-  std::erase_if(pollables_, [&](const Pollable& p) { return p.socket == &socket; });
-  pollables_changed_ = true;
+  auto it = std::stable_partition(pollables_.begin(), pollables_.end(),
+                                  [&](const auto& p) { return p->socket != &socket; });
+  std::vector<std::shared_ptr<Pollable>> gone(it, pollables_.end());
+  pollables_.erase(it, pollables_.end());
+  for (const auto& p : gone) Unwatch(p);
 }
 
 void Reactor::AddFd(int fd, std::string name, Closure on_readable) {
-  pollables_.push_back({nullptr, fd, std::move(name), std::move(on_readable)});
-  pollables_changed_ = true;
+  auto p = std::make_shared<Pollable>();
+  p->fd = fd;
+  p->name = std::move(name);
+  p->on_readable = std::move(on_readable);
+  Watch(std::move(p));
 }
 
 void Reactor::RemoveFd(int fd) {
-  std::erase_if(pollables_, [&](const Pollable& p) { return p.socket == nullptr && p.fd == fd; });
-  pollables_changed_ = true;
+  auto it = std::stable_partition(pollables_.begin(), pollables_.end(), [&](const auto& p) {
+    return p->socket != nullptr || p->fd != fd;
+  });
+  std::vector<std::shared_ptr<Pollable>> gone(it, pollables_.end());
+  pollables_.erase(it, pollables_.end());
+  for (const auto& p : gone) Unwatch(p);
+}
+
+bool Reactor::SocketReadable(const Pollable& p, bool* terminated) {
+  uint32_t events = 0;
+  size_t size = sizeof(events);
+  if (zmq_getsockopt(p.socket->handle(), ZMQ_EVENTS, &events, &size) != 0) {
+    if (zmq_errno() == ETERM) {
+      *terminated = true;
+    } else {
+      log::Get("reactor")->error("{}: events of '{}': {}", name_, p.name,
+                                 zmq_strerror(zmq_errno()));
+    }
+    return false;
+  }
+  return (events & ZMQ_POLLIN) != 0;
 }
 
 void Reactor::RunNamed(const std::string& name, const Closure& fn) {
@@ -125,20 +204,12 @@ void Reactor::RunNamed(const std::string& name, const Closure& fn) {
 }
 
 void Reactor::Loop() {
-  std::vector<zmq::pollitem_t> items;
-  std::vector<Pollable> snapshot;
-  pollables_changed_ = true;
+  constexpr int kMaxEvents = 64;
+  epoll_event events[kMaxEvents];
+  std::vector<std::shared_ptr<Pollable>> ready;
+  // Whether the last pass ran anything: then every socket is asked (see the header).
+  bool ran = true;
   for (;;) {
-    if (pollables_changed_) {
-      snapshot = pollables_;
-      items.clear();
-      items.push_back({nullptr, wake_fd_, ZMQ_POLLIN, 0});
-      for (const Pollable& p : snapshot) {
-        items.push_back({p.socket ? p.socket->handle() : nullptr, p.fd, ZMQ_POLLIN, 0});
-      }
-      pollables_changed_ = false;
-    }
-
     long timeout_ms = -1;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -150,23 +221,62 @@ void Reactor::Loop() {
         if (!timers_.empty()) {
           auto wait = timers_.top().when - Clock::now();
           auto ms = std::chrono::ceil<std::chrono::milliseconds>(wait).count();
-          timeout_ms = ms < 0 ? 0 : ms;
+          timeout_ms = ms < 0 ? 0 : std::min<long>(ms, std::numeric_limits<int>::max());
         }
       }
     }
 
-    int rc = zmq_poll(items.data(), static_cast<int>(items.size()), timeout_ms);
-    if (rc < 0) {
-      if (zmq_errno() == EINTR) continue;
-      if (zmq_errno() == ETERM) break;
-      log::Get("reactor")->error("{}: zmq_poll: {}", name_, zmq_strerror(zmq_errno()));
-      continue;
+    bool terminated = false;
+    ready.clear();
+    if (ran) {
+      for (const auto& p : pollables_) {
+        if (p->socket != nullptr && SocketReadable(*p, &terminated)) {
+          p->ready = true;
+          ready.push_back(p);
+        }
+      }
+      if (terminated) break;
+      if (!ready.empty()) timeout_ms = 0;
     }
-    if (items[0].revents & ZMQ_POLLIN) {
-      uint64_t v;
-      ssize_t n = read(wake_fd_, &v, sizeof(v));
-      (void)n;
+
+    int n = epoll_wait(epoll_fd_, events, kMaxEvents, static_cast<int>(timeout_ms));
+    if (n < 0) {
+      if (errno != EINTR)
+        log::Get("reactor")->error("{}: epoll_wait: {}", name_, std::strerror(errno));
+      n = 0;
     }
+    for (int i = 0; i < n; ++i) {
+      if (events[i].data.u64 == 0) {
+        uint64_t v;
+        ssize_t r = read(wake_fd_, &v, sizeof(v));
+        (void)r;
+        continue;
+      }
+      auto it = by_id_.find(events[i].data.u64);
+      if (it == by_id_.end()) continue;  // removed since; its registration went with it
+      auto mark = [&](const std::shared_ptr<Pollable>& p) {
+        if (p->ready) return;
+        // A plain fd at EOF or in error (EPOLLHUP, EPOLLERR) is readable to its handler, which
+        // must see it. A socket's descriptor only says that commands came: ask it.
+        if (p->socket != nullptr && !SocketReadable(*p, &terminated)) return;
+        p->ready = true;
+        ready.push_back(p);
+      };
+      mark(it->second);
+      if (it->second->shares_fd) {
+        const int fd = it->second->fd;
+        for (const auto& q : pollables_) {
+          if (q->fd == fd) mark(q);
+        }
+      }
+    }
+    if (terminated) break;
+    // In registration order, as before.
+    if (ready.size() > 1) {
+      std::sort(ready.begin(), ready.end(),
+                [](const auto& a, const auto& b) { return a->id < b->id; });
+    }
+    ran = !ready.empty();
 
     // Posted closures, in order.
     std::vector<Named> posted;
@@ -174,6 +284,7 @@ void Reactor::Loop() {
       std::lock_guard<std::mutex> lock(mu_);
       posted.swap(posted_);
     }
+    ran = ran || !posted.empty();
     for (const Named& n : posted) RunNamed(n.name, n.fn);
 
     // Due timers, in deadline order.
@@ -189,20 +300,15 @@ void Reactor::Loop() {
         due = std::move(it->second);
         timer_fns_.erase(it);
       }
+      ran = true;
       RunNamed(due.name, due.fn);
     }
 
-    // Readable sockets and fds. A handler may add or remove pollables; the snapshot keeps
-    // this pass consistent, and a removed pollable's handler is not called.
-    for (size_t i = 0; i < snapshot.size(); ++i) {
-      // A pipe at EOF reports POLLHUP, which zmq_poll gives as ZMQ_POLLERR: the handler must see
-      // it.
-      if (!(items[i + 1].revents & (ZMQ_POLLIN | ZMQ_POLLERR))) continue;
-      const Pollable& p = snapshot[i];
-      bool still_registered = std::any_of(pollables_.begin(), pollables_.end(), [&](auto& q) {
-        return q.socket == p.socket && q.fd == p.fd;
-      });
-      if (still_registered) RunNamed(p.name, p.on_readable);
+    // Readable sockets and fds. A handler may add or remove pollables; a removed one's handler
+    // is not called (each is held here, so its closure outlives its removal).
+    for (const auto& p : ready) {
+      p->ready = false;
+      if (!p->removed) RunNamed(p->name, p->on_readable);
     }
   }
 

@@ -11,6 +11,16 @@
 // Thread-safety: Post, PostAt, PostAfter, CancelTimer, Stop and InReactorThread are
 // thread-safe. AddSocket, AddFd and Remove* must run on the reactor thread (or before Start).
 // Closures and handlers must not block: the name of one that runs longer than 100 ms is logged.
+//
+// How it waits: one epoll set holds the wake eventfd, every plain fd and every socket's
+// ZMQ_FD. A ZeroMQ socket's ZMQ_FD only says that commands reached the socket; whether it holds
+// a message is ZMQ_EVENTS, which processes those commands (two system calls when there are
+// none). Any operation on a socket may process its commands too, and so take the signal a
+// message arrival left on its ZMQ_FD without the descriptor ever firing again for that message.
+// Sockets are only operated on by code the loop runs, so after a pass that ran any closure,
+// timer or handler the loop asks every socket once, before it waits; after a pass that ran
+// nothing it asks only those whose descriptor fired. (zmq_poll, used before, asked every socket
+// twice per wake-up and rebuilt its descriptor list each call.)
 
 #include <chrono>
 #include <condition_variable>
@@ -88,10 +98,14 @@ class Reactor {
     bool operator>(const Timer& o) const { return when != o.when ? when > o.when : seq > o.seq; }
   };
   struct Pollable {
+    uint64_t id = 0;  // the epoll registration's tag
     zmq::socket_t* socket = nullptr;
-    int fd = -1;
+    int fd = -1;  // the plain descriptor, or the socket's ZMQ_FD
     std::string name;
     Closure on_readable;
+    bool removed = false;
+    bool shares_fd = false;  // another registration has the same fd (added twice)
+    bool ready = false;      // Loop only: found readable this pass
   };
   struct Named {
     std::string name;
@@ -100,12 +114,18 @@ class Reactor {
 
   void Loop();
   void Wake();
+  void Watch(std::shared_ptr<Pollable> p);
+  void Unwatch(const std::shared_ptr<Pollable>& p);
+  // Whether `p`'s socket has a message (ZMQ_EVENTS, which processes the socket's commands).
+  // Sets *terminated when its context is gone.
+  bool SocketReadable(const Pollable& p, bool* terminated);
   void RunNamed(const std::string& name, const Closure& fn);
 
   const std::string name_;
   std::unique_ptr<zmq::context_t> owned_context_;
   zmq::context_t* context_;
-  int wake_fd_ = -1;  // eventfd: Post and timers from other threads wake the poll.
+  int wake_fd_ = -1;   // eventfd: Post and timers from other threads wake the poll.
+  int epoll_fd_ = -1;  // the wake fd, every plain fd and every socket's ZMQ_FD
   std::thread thread_;
   std::thread::id thread_id_;
 
@@ -118,8 +138,9 @@ class Reactor {
   uint64_t next_timer_seq_ = 1;         // GUARDED_BY(mu_)
 
   // Reactor thread only.
-  std::vector<Pollable> pollables_;
-  bool pollables_changed_ = false;
+  std::vector<std::shared_ptr<Pollable>> pollables_;  // in registration order
+  std::map<uint64_t, std::shared_ptr<Pollable>> by_id_;
+  uint64_t next_pollable_id_ = 1;  // 0 tags the wake fd
 };
 
 template <typename F>

@@ -1,10 +1,14 @@
 #include "common/reactor.h"
 
+#include <fcntl.h>
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <condition_variable>
+#include <memory>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -135,6 +139,162 @@ TEST(ReactorTest, SocketHandlerRunsWhenReadable) {
   reactor.Call("remove", [&] { reactor.RemoveSocket(pull); });
   reactor.Stop();
   EXPECT_EQ(msgs, (std::vector<std::string>{"a", "b", "c"}));
+}
+
+// A send on a socket processes that socket's pending commands, among them the one that said a
+// message arrived, and with it the signal on the socket's ZMQ_FD. The loop must still see the
+// message: it asks every socket after a pass that ran anything, not only those whose
+// descriptor fired.
+TEST(ReactorTest, AMessageWhoseSignalASendTookIsStillHandled) {
+  Reactor reactor("test");
+  zmq::socket_t a(reactor.context(), zmq::socket_type::pair);
+  zmq::socket_t b(reactor.context(), zmq::socket_type::pair);
+  a.bind("inproc://reactor-test-swallow");
+  b.connect("inproc://reactor-test-swallow");
+  Latch got(1);
+  std::string seen;
+  reactor.AddSocket(a, "a", [&] {
+    zmq::message_t m;
+    while (a.recv(m, zmq::recv_flags::dontwait)) {
+      seen = m.to_string();
+      got.CountDown();
+    }
+  });
+  reactor.Start();
+  // The loop has asked `a` once and waits. Now a closure on the loop lets the peer's message
+  // arrive (inproc: the command reaches `a`'s mailbox at once), then sends on `a`, which
+  // processes that command (libzmq does so on a send once ~1 ms has passed since it last did).
+  Latch sent(1);
+  reactor.Post("send", [&] {
+    b.send(zmq::buffer(std::string_view("from b")));
+    std::this_thread::sleep_for(5ms);
+    a.send(zmq::buffer(std::string_view("from a")));
+    sent.CountDown();
+  });
+  ASSERT_TRUE(sent.Wait(5s));
+  EXPECT_TRUE(got.Wait(5s)) << "the message that arrived before the send was never handled";
+  reactor.Call("remove", [&] { reactor.RemoveSocket(a); });
+  reactor.Stop();
+  EXPECT_EQ(seen, "from b");
+  zmq::message_t m;
+  EXPECT_TRUE(b.recv(m, zmq::recv_flags::dontwait));
+}
+
+// Sockets and plain fds are handled in the order they were added; a handler that removes a
+// later one in the same pass keeps it from running, and a pipe at EOF reaches its handler.
+TEST(ReactorTest, HandlersRunInRegistrationOrderAndARemovedOneDoesNot) {
+  Reactor reactor("test");
+  int p1[2], p2[2], p3[2];
+  ASSERT_EQ(pipe(p1), 0);
+  ASSERT_EQ(pipe(p2), 0);
+  ASSERT_EQ(pipe(p3), 0);
+  std::vector<std::string> order;  // reactor thread only
+  Latch done(1);
+  auto drain = [](int fd) {
+    char buf[16];
+    return read(fd, buf, sizeof(buf));
+  };
+  reactor.AddFd(p1[0], "p1", [&] {
+    drain(p1[0]);
+    order.push_back("p1");
+    reactor.RemoveFd(p2[0]);
+  });
+  reactor.AddFd(p2[0], "p2", [&] {
+    drain(p2[0]);
+    order.push_back("p2");
+  });
+  reactor.AddFd(p3[0], "p3", [&] {
+    ssize_t n = drain(p3[0]);
+    order.push_back(n == 0 ? "p3 eof" : "p3");
+    if (n == 0) {
+      reactor.RemoveFd(p3[0]);
+      done.CountDown();
+    }
+  });
+  // All three readable before the loop's first pass: one pass sees them all.
+  ASSERT_EQ(write(p3[1], "x", 1), 1);
+  ASSERT_EQ(write(p2[1], "x", 1), 1);
+  ASSERT_EQ(write(p1[1], "x", 1), 1);
+  close(p3[1]);
+  reactor.Start();
+  ASSERT_TRUE(done.Wait(5s));
+  reactor.Call("remove", [&] { reactor.RemoveFd(p1[0]); });
+  reactor.Stop();
+  EXPECT_EQ(order, (std::vector<std::string>{"p1", "p3", "p3 eof"}));
+  for (int fd : {p1[0], p1[1], p2[0], p2[1], p3[0]}) close(fd);
+}
+
+// Thousands of sockets on one loop: each is handled when its message comes, and removing them
+// all leaves the loop serving posts.
+TEST(ReactorTest, ManySocketsEachHandled) {
+  Reactor reactor("test");
+  constexpr int kSockets = 300;
+  std::vector<std::unique_ptr<zmq::socket_t>> pulls, pushes;
+  Latch got(kSockets);
+  std::vector<int> counts(kSockets, 0);
+  for (int i = 0; i < kSockets; ++i) {
+    pulls.push_back(std::make_unique<zmq::socket_t>(reactor.context(), zmq::socket_type::pull));
+    std::string ep = "inproc://reactor-test-many-" + std::to_string(i);
+    pulls.back()->bind(ep);
+    zmq::socket_t* s = pulls.back().get();
+    reactor.AddSocket(*s, "pull" + std::to_string(i), [&, s, i] {
+      zmq::message_t m;
+      while (s->recv(m, zmq::recv_flags::dontwait)) {
+        if (++counts[i] == 1) got.CountDown();
+      }
+    });
+    pushes.push_back(std::make_unique<zmq::socket_t>(reactor.context(), zmq::socket_type::push));
+    pushes.back()->connect(ep);
+  }
+  reactor.Start();
+  // From this thread, while the loop waits: each arrival must wake it.
+  for (int i = kSockets - 1; i >= 0; --i) {
+    pushes[i]->send(zmq::buffer(std::string_view("m")));
+    if (i % 50 == 0) std::this_thread::sleep_for(2ms);
+  }
+  ASSERT_TRUE(got.Wait(10s));
+  reactor.Call("remove", [&] {
+    for (auto& s : pulls) reactor.RemoveSocket(*s);
+  });
+  EXPECT_EQ(reactor.Call("after", [] { return 1; }), 1);
+  reactor.Stop();
+  for (int c : counts) EXPECT_EQ(c, 1);
+}
+
+// The same descriptor added twice: both handlers run when it is readable, as with two separate
+// descriptors, and removing it removes both.
+TEST(ReactorTest, ADescriptorAddedTwiceRunsBothHandlers) {
+  Reactor reactor("test");
+  int p[2];
+  ASSERT_EQ(pipe2(p, O_NONBLOCK | O_CLOEXEC), 0);
+  std::atomic<int> first{0}, second{0};
+  Latch both(2);
+  auto drain = [&] {
+    char buf[16];
+    while (read(p[0], buf, sizeof(buf)) > 0) {
+    }
+  };
+  reactor.AddFd(p[0], "first", [&] {
+    drain();
+    if (first++ == 0) both.CountDown();
+  });
+  reactor.AddFd(p[0], "second", [&] {
+    drain();
+    if (second++ == 0) both.CountDown();
+  });
+  reactor.Start();
+  ASSERT_EQ(write(p[1], "x", 1), 1);
+  EXPECT_TRUE(both.Wait(5s));
+  reactor.Call("remove", [&] { reactor.RemoveFd(p[0]); });
+  int f = first, s = second;
+  ASSERT_EQ(write(p[1], "y", 1), 1);
+  EXPECT_EQ(reactor.Call("after", [] { return 1; }), 1);
+  std::this_thread::sleep_for(50ms);
+  EXPECT_EQ(first, f);
+  EXPECT_EQ(second, s);
+  reactor.Stop();
+  close(p[0]);
+  close(p[1]);
 }
 
 }  // namespace
