@@ -100,6 +100,9 @@ void AddCkptPyBench(CLI::App& app, Runner* runner) {
       auto row = [&](Table& t, const std::string& what, double s, const std::string& vs) {
         t.Row({what, Fmt(s, 3), Fmt(gb / s), vs});
       };
+      auto cpu_row = [&](Table& t, const std::string& what, double s, const std::string& vs) {
+        t.Row({what, Fmt(s, 3), "-", vs});  // CPU seconds: no rate
+      };
       Table t({"what (" + Fmt(gb, 2) + " GB, " + std::to_string(o->tensors) + " tensors)",
                "seconds", "GB/s", "vs anchor"});
       row(t, "memcpy of the same bytes (anchor)", j["memcpy_s"].get<double>(), "");
@@ -119,6 +122,20 @@ void AddCkptPyBench(CLI::App& app, Runner* runner) {
             Fmt(j["snapshot_stall_s"].get<double>() / j["memcpy_s"].get<double>()) + "x memcpy");
         row(t, "muster.snapshot until the agent holds it", j["snapshot_held_s"].get<double>(),
             Fmt(j["snapshot_held_s"].get<double>() / j["memcpy_s"].get<double>()) + "x memcpy");
+        cpu_row(t, "muster.snapshot: the rank's CPU s", j["snapshot_cpu_s"].get<double>(),
+                Fmt(j["snapshot_cpu_s"].get<double>() / j["memcpy_s"].get<double>()) + "x memcpy");
+      }
+      if (j.contains("hold_enter_s") && j["hold_enter_s"].is_number()) {
+        const std::string how =
+            j.value("hold_in_place", false) ? "" : " (the agent could not: copied)";
+        row(t, "muster hold: stall entering the block" + how, j["hold_enter_s"].get<double>(),
+            Fmt(j["hold_enter_s"].get<double>() / j["memcpy_s"].get<double>()) + "x memcpy");
+        row(t, "muster hold: stall at an empty block's end", j["hold_end_s"].get<double>(),
+            Fmt(j["hold_end_s"].get<double>() / j["memcpy_s"].get<double>()) + "x memcpy");
+        row(t, "muster hold until the agent holds it", j["hold_held_s"].get<double>(),
+            Fmt(j["hold_held_s"].get<double>() / j["memcpy_s"].get<double>()) + "x memcpy");
+        cpu_row(t, "muster hold: the rank's CPU s", j["hold_cpu_s"].get<double>(),
+                Fmt(j["hold_cpu_s"].get<double>() / j["memcpy_s"].get<double>()) + "x memcpy");
       }
       if (j.contains("torch_save_s") && j["torch_save_s"].is_number()) {
         row(t, "torch.save + fsync", j["torch_save_s"].get<double>(),

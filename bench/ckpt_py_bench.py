@@ -9,7 +9,8 @@ beside two anchors measured in the same run: a memcpy of the same bytes (what th
 cost) and an O_DIRECT write + fsync of the same size in 32 MiB requests (what the disk can do).
 Where `muster-bench` runs a snapshot server (MUSTER_SNAPSHOT_SOCKET), also the same state as an
 in-memory snapshot (muster.Snapshotter): the stall until snapshot() returns, and the time until
-the agent holds it (flush()).
+the agent holds it (flush()); and read in place (Snapshotter.hold): the stall entering the
+block and at its end, until the agent holds it, and for both the rank's own CPU per snapshot.
 """
 
 import argparse
@@ -113,18 +114,46 @@ def main():
     out["stall_overlap_s"], out["save_overlap_s"] = muster_saves(True)
 
     if os.environ.get("MUSTER_SNAPSHOT_SOCKET"):
+        # time.process_time() is this process's CPU, every thread's: the rank's whole cost of a
+        # snapshot (the copy, and the sender thread's checksum and send), whoever does it.
         snap = muster.Snapshotter()
-        stalls, held = [], []
-        for step in range(1, args.repeat + 2):  # the first snapshot sizes the reused buffer
-            t0 = now()
+        stalls, held, cpu = [], [], []
+        step = 0
+        for i in range(args.repeat + 1):  # the first snapshot sizes the reused buffer
+            step += 1
+            c0, t0 = time.process_time(), now()
             snap.snapshot(step, state)
             t1 = now()
             snap.flush(600)
-            t2 = now()
-            if step > 1:
+            t2, c2 = now(), time.process_time()
+            if i > 0:
                 stalls.append(t1 - t0)
                 held.append(t2 - t0)
+                cpu.append(c2 - c0)
         out["snapshot_stall_s"], out["snapshot_held_s"] = min(stalls), min(held)
+        out["snapshot_cpu_s"] = min(cpu)
+        # The same state read in place by the agent (Snapshotter.hold): the stall entering the
+        # block, and at its end with nothing in it (no forward pass to overlap: the agent's whole
+        # read is waited for), then until the agent holds it.
+        enters, ends, held, cpu = [], [], [], []
+        for i in range(args.repeat + 1):
+            step += 1
+            c0, t0 = time.process_time(), now()
+            block = snap.hold(step, state)
+            block.__enter__()
+            t1 = now()
+            block.__exit__(None, None, None)
+            t2 = now()
+            snap.flush(600)
+            t3, c3 = now(), time.process_time()
+            if i > 0:
+                enters.append(t1 - t0)
+                ends.append(t2 - t1)
+                held.append(t3 - t0)
+                cpu.append(c3 - c0)
+        out["hold_enter_s"], out["hold_end_s"] = min(enters), min(ends)
+        out["hold_held_s"], out["hold_cpu_s"] = min(held), min(cpu)
+        out["hold_in_place"] = snap.in_place
         del snap
 
     if torch is not None:

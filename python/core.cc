@@ -312,7 +312,9 @@ checkpoint::SnapshotKey SnapshotKeyOrThrow(const std::string& job, int attempt, 
 
 // A rank's in-memory snapshots to its node's agent (checkpoint::SnapshotSender): snapshot()
 // copies the state into the sender's reused buffer with the GIL released and returns; the
-// checksum and the send to the agent run on the sender's own thread.
+// checksum and the send to the agent run on the sender's own thread. snapshot_in_place() copies
+// nothing: the agent reads the tensors out of this process until release(), and this object
+// holds them (and so keeps them alive) until then, its destructor included.
 class PySnapshotSender {
  public:
   PySnapshotSender(const std::string& socket_path, const std::string& job, int attempt, int rank,
@@ -328,11 +330,20 @@ class PySnapshotSender {
     sender_ = checkpoint::SnapshotSender::Create(std::move(o));
   }
   ~PySnapshotSender() {
-    py::gil_scoped_release release;  // joins the sender's thread (a send in progress)
-    sender_.reset();
+    {
+      py::gil_scoped_release release;
+      // An in-place snapshot still held: the agent stops reading (or finishes) before the
+      // tensors it reads may go, with held_ below.
+      if (!held_.is_none()) (void)sender_->Release(kReleaseTimeout);
+      sender_.reset();  // joins the sender's thread (a send in progress)
+    }
+    held_ = py::none();
   }
 
   void Snapshot(int64_t step, const std::vector<PyTensor>& tensors, const py::bytes& metadata) {
+    if (!held_.is_none()) {
+      Throw(FailedPreconditionError("snapshot: the previous in-place snapshot was not released"));
+    }
     checkpoint::SaveState state = ToSaveState(tensors, metadata);
     Status st;
     {
@@ -341,6 +352,44 @@ class PySnapshotSender {
     }
     Check(st);
   }
+
+  // The agent reads `tensors` out of this process while the caller goes on (the sender's
+  // in-place snapshot); `keep` holds the objects they point into, here, until Release. The
+  // previous one must have been released.
+  void SnapshotInPlace(int64_t step, const std::vector<PyTensor>& tensors,
+                       const py::bytes& metadata, py::object keep) {
+    if (!held_.is_none()) {
+      Throw(FailedPreconditionError("snapshot: the previous in-place snapshot was not released"));
+    }
+    checkpoint::SaveState state = ToSaveState(tensors, metadata);
+    Status st;
+    {
+      py::gil_scoped_release release;
+      st = sender_->SnapshotInPlace(step, state);
+    }
+    Check(st);
+    held_ = std::move(keep);
+  }
+
+  // Waits until the in-place snapshot no longer needs its tensors (the agent read them, or they
+  // were copied), at most `timeout_s`; then gives it up (the agent keeps nothing of it). Returns
+  // "" when it was taken in time, else why it was given up (training goes on either way).
+  std::string Release(double timeout_s) {
+    if (!(timeout_s >= 0) || timeout_s > 86400) {
+      Throw(InvalidArgumentError("snapshot release: timeout must be in [0, 86400] s"));
+    }
+    if (held_.is_none()) return "";
+    Status st;
+    {
+      py::gil_scoped_release release;
+      st = sender_->Release(std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000)));
+    }
+    held_ = py::none();
+    return st.ok() ? "" : st.ToString();
+  }
+
+  bool held() const { return !held_.is_none(); }
+  bool in_place() const { return sender_->in_place(); }
 
   void Flush(double timeout_s) {
     if (!(timeout_s >= 0) || timeout_s > 86400) {
@@ -358,7 +407,9 @@ class PySnapshotSender {
   int64_t replaced() const { return sender_->replaced(); }
 
  private:
+  static constexpr std::chrono::milliseconds kReleaseTimeout{10000};
   std::unique_ptr<checkpoint::SnapshotSender> sender_;
+  py::object held_ = py::none();  // what an in-place snapshot's tensors point into
 };
 
 // One snapshot payload (checkpoint/snapshot_state.h) held on the C++ side: fetched from the
@@ -619,6 +670,11 @@ PYBIND11_MODULE(_core, m) {
            py::arg("job"), py::arg("attempt"), py::arg("rank"), py::arg("world_size"))
       .def("snapshot", &PySnapshotSender::Snapshot, py::arg("step"), py::arg("tensors"),
            py::arg("metadata") = py::bytes())
+      .def("snapshot_in_place", &PySnapshotSender::SnapshotInPlace, py::arg("step"),
+           py::arg("tensors"), py::arg("metadata"), py::arg("keep"))
+      .def("release", &PySnapshotSender::Release, py::arg("timeout_s"))
+      .def_property_readonly("held", &PySnapshotSender::held)
+      .def_property_readonly("in_place", &PySnapshotSender::in_place)
       .def("flush", &PySnapshotSender::Flush, py::arg("timeout_s"))
       .def_property_readonly("sent", &PySnapshotSender::sent)
       .def_property_readonly("replaced", &PySnapshotSender::replaced);

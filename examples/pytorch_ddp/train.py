@@ -17,8 +17,9 @@ muster's MUSTER_CHECKPOINT_DIR and MUSTER_RESUME_STEP, so the same script runs u
   announced to muster by the library. Resume: muster.load of MUSTER_RESUME_STEP, else the
   newest committed step.
 - In-memory snapshots, when the job spec asks for them (checkpoint.snapshot_every_steps: K):
-  every K steps each rank also hands the same state to its node's agent with muster.Snapshotter
-  (one copy, no wait on the network; the agents keep it in memory and on a peer node). After a
+  every K steps each rank's agent reads the same state out of the rank's memory while its
+  forward and backward passes run (muster.Snapshotter.maybe_hold: no copy in the rank, no wait
+  on the network; the agents keep it in memory and on a peer node). After a
   node is lost, the coordinator resumes the gang from the newest step every rank's snapshot
   survived, and muster.resume() reads this rank's state back from its agent; it falls back to
   the volume's step only when the coordinator says so.
@@ -35,6 +36,7 @@ muster's MUSTER_CHECKPOINT_DIR and MUSTER_RESUME_STEP, so the same script runs u
 """
 
 import argparse
+import contextlib
 import gc
 import hashlib
 import math
@@ -315,10 +317,19 @@ def main():
         lr = lr_at(step, args)
         for g in opt.param_groups:
             g["lr"] = lr
-        loss = F.cross_entropy(model(x).reshape(-1, 256), y.reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+        # Every K steps the agent reads the state (after `step` updates) straight out of this
+        # process while the forward and backward passes run: they only read the parameters and
+        # the optimizer's moments (this model has no buffers that a forward pass writes), and
+        # the block's end waits for the read before opt.step() changes them.
+        held = contextlib.nullcontext()
+        if snapshots is not None and step > start:  # `start` itself is what we resumed from
+            held = snapshots.maybe_hold(step,
+                                        lambda: checkpoint_state(step, model, opt, args, world))
+        with held:
+            loss = F.cross_entropy(model(x).reshape(-1, 256), y.reshape(-1))
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         opt.step()
         step += 1
         window += 1
@@ -331,8 +342,6 @@ def main():
         stats = torch.tensor([loss.item(), 1.0 if notice else 0.0], device=device)
         dist.all_reduce(stats)
         mean_loss, stop = stats[0].item() / world, stats[1].item() > 0
-        if snapshots is not None:  # every rank has finished `step`: hand it to the agent
-            snapshots.maybe_snapshot(step, lambda: checkpoint_state(step, model, opt, args, world))
         if rank == 0 and (step % args.log_every == 0 or step == args.steps or stop):
             tps = window * args.batch * args.seq_len / max(time.time() - t0, 1e-9)
             if under_muster:

@@ -11,6 +11,8 @@ In-memory snapshots (a job spec with checkpoint.snapshot_every_steps: K):
     step, state, source = muster.resume()                  # snapshot, else volume, else fresh
     ...
     muster.maybe_snapshot(step, lambda: {"model": model.state_dict(), ...})  # every K steps
+    with muster.maybe_hold(step, lambda: {...}):           # or: read in place, copying nothing
+        loss.backward()                                    # (the state must not change here)
 
 The package is found with nothing to install: `muster run` and agents put the build's package
 directory on every rank's PYTHONPATH. The C++ core is muster._core (pybind11). docs/python.md
@@ -92,6 +94,13 @@ def maybe_snapshot(step, state):
     """snapshot(step, state) when `step` is a multiple of snapshot_every(); `state` may be a
     function returning it. Returns whether a snapshot was taken (Snapshotter.maybe_snapshot)."""
     return snapshotter().maybe_snapshot(step, state)
+
+
+def maybe_hold(step, state):
+    """A block during which this node's agent reads `state` (or what the function `state`
+    returns) as the snapshot of `step` out of this process's memory, when `step` is a multiple
+    of snapshot_every(); nothing in the state may change inside it (Snapshotter.hold)."""
+    return snapshotter().maybe_hold(step, state)
 
 
 def resume_snapshot_step():

@@ -23,12 +23,29 @@ one is taken is replaced by it (recovery wants the newest step), so training nev
 agent. A refusal by the agent (e.g. snapshots that do not fit its memory limit) is logged by
 that thread and reported by flush().
 
+Or, copying nothing at all, the agent reads the state straight out of this process while the
+forward and backward passes run, and the optimizer step waits until it has:
+
+    for step in range(start, total):
+        with snap.maybe_hold(step, lambda: {"model": model.state_dict(),
+                                            "optim": opt.state_dict()}):
+            loss = model(batch).loss
+            loss.backward()
+        opt.step()                            # the state changes only after the block
+
+Nothing in the state may change inside such a block (see Snapshotter.hold). The agent reads
+with process_vm_readv, as the parent of the ranks it starts; where it cannot (a rank started by
+another launcher under a ptrace scope that forbids it), it says so once and the snapshots are
+copied as snapshot() copies them, by the same calls.
+
 A snapshot restore that fails raises (NotFoundError, DataLossError, ...): the rank must not go
 on from another step than its peers, so let the exception end it (the attempt fails like any
 rank failure).
 """
 
 import collections
+import contextlib
+import logging
 import pickle
 import threading
 
@@ -37,6 +54,9 @@ from muster import _state
 from muster._state import loaded_torch
 from muster.checkpoint import (_METADATA_MAGIC, _collect_leaves, _describe, _empty, _pointer,
                                _storage)
+
+
+_log = logging.getLogger("muster.snapshot")
 
 
 def _int_step(step, what):
@@ -64,6 +84,8 @@ class Snapshotter:
         self._last = None
         self._host = {}  # tensor name -> reused host buffer for a CUDA tensor
         self._lock = threading.Lock()
+        self.release_timeout = 10.0  # s: how long release() waits for the agent's read
+        self.given_up = 0  # in-place snapshots given up by release()
 
     @property
     def enabled(self):
@@ -78,23 +100,84 @@ class Snapshotter:
         the agent gets it in the background. Steps must increase from call to call. Raises
         FailedPreconditionError when snapshots are not enabled, TypeError /
         InvalidArgumentError for a state muster.save would refuse."""
+        self._take(step, state, "muster.snapshot", in_place=False)
+
+    def _take(self, step, state, what, in_place):
         if not self.enabled:
             raise _core.FailedPreconditionError(
-                "muster.snapshot: this job has no in-memory snapshots (set the job spec's "
+                f"{what}: this job has no in-memory snapshots (set the job spec's "
                 "checkpoint.snapshot_every_steps; the agent needs --snapshot-memory-mb)")
-        _int_step(step, "muster.snapshot")
+        _int_step(step, what)
         with self._lock:
             if self._last is not None and step <= self._last:
                 raise _core.InvalidArgumentError(
-                    f"muster.snapshot: step {step} is not after the last snapshot's "
-                    f"({self._last})")
-            refs, keep, metadata, any_cuda = _describe(state, self.rank, self.world_size,
-                                                       "muster.snapshot")
+                    f"{what}: step {step} is not after the last snapshot's ({self._last})")
+            self._release_locked(self.release_timeout)  # the previous in-place one, if held
+            refs, keep, metadata, any_cuda = _describe(state, self.rank, self.world_size, what)
             if any_cuda:
                 self._to_host(refs, keep)
-            self._sender.snapshot(step, refs, metadata)
+            if in_place:
+                # The sender holds `keep` (every object the refs point into) until release.
+                self._sender.snapshot_in_place(step, refs, metadata, keep)
+            else:
+                self._sender.snapshot(step, refs, metadata)
             self._last = step
         del keep
+
+    def hold(self, step, state):
+        """A block during which this node's agent reads `state` as the snapshot of `step`
+        straight out of this process's memory; leaving it waits until the agent has read it
+        (release). The training thread copies nothing (snapshot() copies the state once).
+
+        Nothing in `state` may change until the block ends: run inside it what only reads the
+        state, typically the forward and backward passes (gradients are not part of it), and
+        the optimizer step after it. A model whose forward pass writes its own state (the
+        running statistics of BatchNorm in train mode) must use snapshot() instead, or keep
+        those buffers out of `state`: the agent could read them mid-update, and nothing would
+        notice. CUDA tensors are first copied to reused host buffers, as snapshot() does.
+
+        Raises as snapshot() does; steps must increase from snapshot to snapshot. The value
+        bound by `as` is True."""
+        return _Hold(self, step, state)
+
+    def maybe_hold(self, step, state):
+        """hold(step, state) when due(step), else a block that does nothing; `state` may be a
+        function returning it (called only when due). The value bound by `as` says whether a
+        snapshot was taken."""
+        if not self.due(step):
+            return contextlib.nullcontext(False)
+        return self.hold(step, state() if callable(state) else state)
+
+    def snapshot_in_place(self, step, state):
+        """hold() without the block: the agent reads `state` until release() is called, which
+        must come before anything in it changes (and comes first in the next snapshot)."""
+        self._take(step, state, "muster.snapshot_in_place", in_place=True)
+
+    def release(self, timeout=None):
+        """Waits until the agent has read the in-place snapshot, at most `timeout` s
+        (release_timeout by default); then gives it up: the agent keeps nothing of it, and
+        training goes on (logged; counted in given_up). Returns whether it was taken; True when
+        none was held."""
+        if not self.enabled:
+            return True
+        with self._lock:
+            return self._release_locked(self.release_timeout if timeout is None else timeout)
+
+    def _release_locked(self, timeout):
+        if not self._sender.held:
+            return True
+        why = self._sender.release(float(timeout))
+        if why:
+            self.given_up += 1
+            _log.warning("muster: in-memory snapshot of step %s given up: %s", self._last, why)
+            return False
+        return True
+
+    @property
+    def in_place(self):
+        """Whether the agent reads in-place snapshots out of this process (False once it said
+        it cannot: they are then copied)."""
+        return self.enabled and self._sender.in_place
 
     def maybe_snapshot(self, step, state):
         """snapshot(step, state) when due(step); `state` may be a function that returns it
@@ -106,8 +189,10 @@ class Snapshotter:
 
     def flush(self, timeout=10.0):
         """Waits until the last snapshot is handed to the agent (DeadlineExceededError after
-        `timeout` s) and raises the agent's refusal or the channel's error, if any."""
+        `timeout` s) and raises the agent's refusal or the channel's error, if any. An in-place
+        snapshot still held is released first."""
         if self.enabled:
+            self.release(timeout)
             self._sender.flush(float(timeout))
 
     @property
@@ -137,6 +222,22 @@ class Snapshotter:
             r.data, r.memory = buf.data_ptr(), "host"
             keep[i] = buf
         torch.cuda.synchronize()
+
+class _Hold:
+    """Snapshotter.hold's block."""
+
+    def __init__(self, snapshotter, step, state):
+        self._snap, self._step, self._state = snapshotter, step, state
+
+    def __enter__(self):
+        state, self._state = self._state, None
+        self._snap.snapshot_in_place(self._step, state)
+        return True
+
+    def __exit__(self, *exc):
+        self._snap.release()
+        return False
+
 
 def _leaf_output(leaf, entry, step):
     """(an empty array or tensor for `leaf`, its _storage) once `entry` (the payload index's

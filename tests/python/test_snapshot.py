@@ -11,8 +11,10 @@ import os
 import pickle
 import random
 import shutil
+import signal
 import subprocess
 import tempfile
+import time
 import unittest
 
 import numpy as np
@@ -113,6 +115,15 @@ def payload_of(tensors, skeleton, magic=_METADATA_MAGIC):
     return _core.encode_snapshot_state(refs, magic + pickle.dumps(skeleton, protocol=4))
 
 
+def ptrace_restricted():
+    """Whether Yama may keep the server (this process's child) from reading this process."""
+    try:
+        with open("/proc/sys/kernel/yama/ptrace_scope") as f:
+            return int(f.read()) >= 1
+    except OSError:
+        return False
+
+
 class SnapshotTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
@@ -165,6 +176,81 @@ class SnapshotTest(unittest.TestCase):
         model.load_state_dict(r.state["model"])
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         opt.load_state_dict(r.state["optim"])
+
+    def test_hold_lets_the_agent_read_in_place_and_its_end_waits_for_the_read(self):
+        self.rank_env(attempt=4)
+        state = training_state()
+        want = dict(state)
+        want["model"] = {k: v.clone() for k, v in state["model"].items()}
+        snap = muster.Snapshotter()
+        with snap.maybe_hold(3, lambda: self.fail("not due: not called")) as taken:
+            self.assertFalse(taken)
+        with snap.maybe_hold(4, lambda: state) as taken:
+            self.assertTrue(taken)
+            self.assertTrue(snap._sender.held)
+        self.assertFalse(snap._sender.held)
+        # Released: whatever the agent keeps was read before this, so changing the tensors now
+        # does not reach it.
+        for v in state["model"].values():
+            v.add_(1.0)
+        snap.flush(10)
+        self.assertEqual((snap.sent, snap.given_up), (1, 0))
+        if not ptrace_restricted():
+            self.assertTrue(snap.in_place)  # the agent read it; it did not fall back to a copy
+        assert_same(self, muster.load_snapshot(4, attempt=4), want)
+
+        # The explicit form; the next snapshot (copying or not) releases the one held first.
+        snap.snapshot_in_place(6, state)
+        with self.assertRaisesRegex(muster.InvalidArgumentError, "not after the last"):
+            snap.snapshot_in_place(6, state)
+        snap.snapshot(8, state)
+        self.assertFalse(snap._sender.held)
+        snap.flush(10)
+        self.assertEqual(snap.sent, 3)
+        for step in (6, 8):
+            assert_same(self, muster.load_snapshot(step, attempt=4), state)
+        # The module-level form on the process's Snapshotter.
+        muster._snapshotter = None
+        with muster.maybe_hold(10, lambda: state) as taken:
+            self.assertTrue(taken)
+        muster.snapshotter().flush(10)
+        assert_same(self, muster.load_snapshot(10, attempt=4), state)
+        muster._snapshotter = None
+
+    def test_a_read_that_does_not_come_in_time_is_given_up_and_training_goes_on(self):
+        stopped = Server(self.root, "stopped", 64 << 20)
+        try:
+            set_env(RANK=0, WORLD_SIZE=1, MUSTER_JOB_ID=self.job(), MUSTER_SNAPSHOT_EVERY=1,
+                    MUSTER_SNAPSHOT_SOCKET=stopped.socket)
+            snap = muster.Snapshotter()
+            snap.release_timeout = 0.3
+            w = torch.ones(100000)
+            os.kill(stopped.proc.pid, signal.SIGSTOP)  # an agent that cannot read now
+            try:
+                began = time.monotonic()
+                with self.assertLogs("muster.snapshot", "WARNING") as logs:
+                    with snap.hold(2, {"w": w}):
+                        pass
+                waited = time.monotonic() - began
+            finally:
+                os.kill(stopped.proc.pid, signal.SIGCONT)
+            self.assertEqual(snap.given_up, 1)
+            self.assertLess(waited, 5.0)
+            self.assertIn("step 2 given up", logs.output[0])
+            w.fill_(7.0)  # free to change: the agent keeps nothing of step 2's read
+            set_env(RANK=0, WORLD_SIZE=1, MUSTER_JOB_ID=self.job(), MUSTER_ATTEMPT=0,
+                    MUSTER_SNAPSHOT_EVERY=1, MUSTER_SNAPSHOT_SOCKET=stopped.socket)
+            with self.assertRaises(muster.NotFoundError):
+                muster.load_snapshot(2, attempt=0)
+            # The next one goes through.
+            snap.release_timeout = 10.0
+            with snap.hold(3, {"w": w}):
+                pass
+            snap.flush(10)
+            self.assertEqual((snap.sent, snap.given_up), (1, 1))
+            self.assertTrue(torch.equal(muster.load_snapshot(3, attempt=0)["w"], w))
+        finally:
+            stopped.stop()
 
     @unittest.skipUnless(torch.cuda.is_available(), "no CUDA device (runs in the GPU check)")
     def test_cuda_tensors_go_through_reused_host_buffers(self):
