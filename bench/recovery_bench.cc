@@ -635,6 +635,20 @@ int CompareSnapshotCpu(const Flags& f, const std::string& muster, const std::str
     }
   };
   const std::vector<std::string> classes = {"normal", "background"};
+  // The median over the runs whose agents logged their offers (-1: none logged), and how many
+  // did when not all.
+  auto SentPct = [](const std::vector<double>& runs) -> std::string {
+    std::vector<double> known;
+    for (double v : runs)
+      if (v >= 0) known.push_back(v);
+    if (known.empty()) return "-";
+    std::sort(known.begin(), known.end());
+    std::string s = Fmt(known[known.size() / 2], 1);
+    if (known.size() < runs.size()) {
+      s += " (" + std::to_string(known.size()) + " of " + std::to_string(runs.size()) + " runs)";
+    }
+    return s;
+  };
   Series off;
   std::map<std::string, Series> on;
   for (int i = 0; i < f.finetune_cost_runs; ++i) {
@@ -683,7 +697,7 @@ int CompareSnapshotCpu(const Flags& f, const std::string& muster, const std::str
     if (!s.errors.empty()) j[c]["errors"] = s.errors;
     t.Row({c, Fmt(ms, 1), Fmt(cost, 1), Fmt(median(s.agent_cpu), 1), Fmt(median(s.rank_cpu), 1),
            Fmt(median(s.idle), 1), nlohmann::json(s.lost).dump(), nlohmann::json(s.lag).dump(),
-           Fmt(median(s.sent_pct), 1), std::to_string(s.errors.size())});
+           SentPct(s.sent_pct), std::to_string(s.errors.size())});
   }
   if (f.json) {
     std::cout << j.dump(2) << "\n";

@@ -1252,22 +1252,30 @@ void SnapshotForwarder::Loop() {
     }
     return false;
   };
+  // The job's deduplicated puts to its peer, once its copies stop (its target went or changed,
+  // or the agent stops).
+  auto report = [&](const std::string& job, const std::string& node) {
+    auto cs = copy_stats_.find(job);
+    if (cs == copy_stats_.end()) return;
+    const CopyStats& v = cs->second;
+    logger->info(
+        "snapshots of {} to peer {}: {} frames offered, {:.1f} MiB, of which {:.1f} MiB "
+        "({:.1f}%) sent; the rest the peer held already",
+        job, node, v.offers, v.offered / 1048576.0, v.sent / 1048576.0,
+        v.offered > 0 ? 100.0 * v.sent / v.offered : 0.0);
+    copy_stats_.erase(cs);
+  };
   for (;;) {
     cv_.wait(l, [&] { return stop_ || !queue_.empty() || stale(); });
-    if (stop_) return;
+    if (stop_) {
+      for (const auto& [job, c] : connections_by_job_) report(job, c.target.node);
+      return;
+    }
     std::vector<Connection> closed;
     for (auto c = connections_by_job_.begin(); c != connections_by_job_.end();) {
       auto t = targets_.find(c->first);
       if (t == targets_.end() || !SameTarget(t->second, c->second.target)) {
-        if (auto cs = copy_stats_.find(c->first); cs != copy_stats_.end()) {
-          const CopyStats& v = cs->second;
-          logger->info(
-              "snapshots of {} to peer {}: {} frames offered, {:.1f} MiB, of which {:.1f} MiB "
-              "({:.1f}%) sent; the rest the peer held already",
-              c->first, c->second.target.node, v.offers, v.offered / 1048576.0, v.sent / 1048576.0,
-              v.offered > 0 ? 100.0 * v.sent / v.offered : 0.0);
-          copy_stats_.erase(cs);
-        }
+        report(c->first, c->second.target.node);
         closed.push_back(std::move(c->second));
         c = connections_by_job_.erase(c);
       } else {
