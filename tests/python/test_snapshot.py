@@ -278,6 +278,31 @@ class SnapshotTest(unittest.TestCase):
             self.assertTrue(torch.equal(got["ids"].cpu(), torch.arange(5)))
             self.assertTrue(torch.equal(got["cpu"].cpu(), torch.ones(3)))
 
+    @unittest.skipUnless(torch.cuda.is_available(), "no CUDA device (runs in the GPU check)")
+    def test_cuda_tensors_held_in_place_go_through_the_same_host_buffers(self):
+        self.rank_env(rank=0, world=1, attempt=1)
+        torch.manual_seed(4)
+        model = torch.nn.Linear(8, 4).cuda()
+        state = {"model": model.state_dict(), "cpu": torch.ones(3)}
+        snap = muster.Snapshotter()
+        with snap.hold(1, state):
+            pass  # the agent reads the pinned host copies, not the GPU
+        buffers = dict(snap._host)
+        self.assertEqual(sorted(buffers), ["model/bias", "model/weight"])
+        with torch.no_grad():
+            model.weight.add_(1.0)  # after the block: not in step 1, in step 2
+        with snap.hold(2, state):
+            pass
+        for name, buf in buffers.items():
+            self.assertIs(snap._host[name], buf, name)  # reused once step 1 was released
+        snap.flush(10)
+        self.assertEqual(snap.given_up, 0)
+        for step in (1, 2):
+            got = muster.load_snapshot(step, attempt=1, device="cuda")
+            want = model.weight.detach() - (1.0 if step == 1 else 0.0)
+            self.assertTrue(torch.equal(got["model"]["weight"], want), step)
+            self.assertTrue(torch.equal(got["cpu"].cpu(), torch.ones(3)))
+
     def test_steps_must_increase_and_bad_input_is_refused(self):
         self.rank_env(rank=0, world=1, attempt=3)
         snap = muster.Snapshotter()
