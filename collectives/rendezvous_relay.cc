@@ -155,10 +155,10 @@ Status RendezvousRelay::Start() {
   }
   reactor_.AddSocket(upstream_, "rdzv-relay.upstream", [this] { OnUpstreamReadable(); });
   upstream_added_ = true;
-  // Watched by its ZMQ_FD, as a plain descriptor: the reactor's zmq_poll asks every ZeroMQ
-  // socket it polls for its events twice per pass (each time through the socket's command
-  // mailbox), and this one has events a handful of times in its life. Its descriptor becomes
-  // readable when commands reach the socket, and OnMonitor drains it until EAGAIN, which
+  // Watched by its ZMQ_FD, as a plain descriptor: the reactor asks every ZeroMQ socket it
+  // holds for its events after each pass that ran anything (each time through the socket's
+  // command mailbox), and this one has events a handful of times in its life. Its descriptor
+  // becomes readable when commands reach the socket, and OnMonitor drains it until EAGAIN, which
   // processes them: no event waits unseen.
   try {
     monitor_fd_ = monitor_.get(zmq::sockopt::fd);

@@ -113,8 +113,10 @@ void Reactor::Watch(std::shared_ptr<Pollable> p) {
         if (q->fd == p->fd) q->shares_fd = p->shares_fd = true;
       }
     } else {
-      log::Get("reactor")->error("{}: cannot watch '{}' (fd {}): {}", name_, p->name, p->fd,
-                                 std::strerror(errno));
+      // EBADF/EPERM (not a descriptor epoll can watch) is a caller's bug; ENOMEM/ENOSPC
+      // (max_user_watches) leaves nothing that would ever run its handler.
+      MUSTER_CHECK(false) << name_ << ": cannot watch '" << p->name << "' (fd " << p->fd
+                          << "): " << std::strerror(errno);
     }
   }
   by_id_[p->id] = p;
@@ -128,7 +130,9 @@ void Reactor::Unwatch(const std::shared_ptr<Pollable>& p) {
   auto other = std::find_if(pollables_.begin(), pollables_.end(),
                             [&](const auto& q) { return q->fd == p->fd; });
   if (other == pollables_.end()) {
-    // ENOENT/EBADF: the owner closed the descriptor first, which already took it out of the set.
+    // Fails only when the owner broke the contract and closed the descriptor first (see the
+    // header): then the set dropped it with its last reference, unless another descriptor
+    // shares its open file, in which case its events come under an id no longer known.
     (void)epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, p->fd, nullptr);
     return;
   }
@@ -179,7 +183,7 @@ bool Reactor::SocketReadable(const Pollable& p, bool* terminated) {
   if (zmq_getsockopt(p.socket->handle(), ZMQ_EVENTS, &events, &size) != 0) {
     if (zmq_errno() == ETERM) {
       *terminated = true;
-    } else {
+    } else if (zmq_errno() != EINTR) {  // EINTR: its descriptor stays readable; asked again
       log::Get("reactor")->error("{}: events of '{}': {}", name_, p.name,
                                  zmq_strerror(zmq_errno()));
     }
@@ -253,7 +257,18 @@ void Reactor::Loop() {
         continue;
       }
       auto it = by_id_.find(events[i].data.u64);
-      if (it == by_id_.end()) continue;  // removed since; its registration went with it
+      if (it == by_id_.end()) {
+        // Removed in this pass (its registration went with it), or closed before it was removed
+        // while another descriptor shares its file: then it keeps firing; say so once.
+        if (!warned_unknown_) {
+          warned_unknown_ = true;
+          log::Get("reactor")->warn(
+              "{}: an event for a descriptor no longer registered (closed before RemoveFd or "
+              "RemoveSocket?)",
+              name_);
+        }
+        continue;
+      }
       auto mark = [&](const std::shared_ptr<Pollable>& p) {
         if (p->ready) return;
         // A plain fd at EOF or in error (EPOLLHUP, EPOLLERR) is readable to its handler, which

@@ -11,6 +11,8 @@
 // Thread-safety: Post, PostAt, PostAfter, CancelTimer, Stop and InReactorThread are
 // thread-safe. AddSocket, AddFd and Remove* must run on the reactor thread (or before Start).
 // Closures and handlers must not block: the name of one that runs longer than 100 ms is logged.
+// A socket or fd is removed (RemoveSocket, RemoveFd) before its owner closes it (or once the
+// reactor has stopped): the epoll set holds descriptors, not sockets.
 //
 // How it waits: one epoll set holds the wake eventfd, every plain fd and every socket's
 // ZMQ_FD. A ZeroMQ socket's ZMQ_FD only says that commands reached the socket; whether it holds
@@ -141,6 +143,7 @@ class Reactor {
   std::vector<std::shared_ptr<Pollable>> pollables_;  // in registration order
   std::map<uint64_t, std::shared_ptr<Pollable>> by_id_;
   uint64_t next_pollable_id_ = 1;  // 0 tags the wake fd
+  bool warned_unknown_ = false;
 };
 
 template <typename F>

@@ -297,5 +297,34 @@ TEST(ReactorTest, ADescriptorAddedTwiceRunsBothHandlers) {
   close(p[1]);
 }
 
+// A socket and its own ZMQ_FD added as a plain fd share one entry of the epoll set; removing the
+// socket hands the entry to the fd's registration, whose handler still runs.
+TEST(ReactorTest, RemovingOneOfTwoRegistrationsOfADescriptorKeepsTheOther) {
+  Reactor reactor("test");
+  zmq::socket_t pull(reactor.context(), zmq::socket_type::pull);
+  pull.bind("inproc://reactor-test-shared");
+  zmq::socket_t push(reactor.context(), zmq::socket_type::push);
+  push.connect("inproc://reactor-test-shared");
+  const int fd = pull.get(zmq::sockopt::fd);
+  std::atomic<int> by_socket{0}, by_fd{0};
+  Latch got(1);
+  auto drain = [&](std::atomic<int>& count) {
+    zmq::message_t m;
+    while (pull.recv(m, zmq::recv_flags::dontwait)) {
+      if (++count == 1 && &count == &by_fd) got.CountDown();
+    }
+  };
+  reactor.AddSocket(pull, "socket", [&] { drain(by_socket); });
+  reactor.AddFd(fd, "fd", [&] { drain(by_fd); });
+  reactor.Start();
+  reactor.Call("remove", [&] { reactor.RemoveSocket(pull); });
+  push.send(zmq::buffer(std::string_view("m")));
+  EXPECT_TRUE(got.Wait(5s)) << "the fd's registration lost its entry with the socket's removal";
+  reactor.Call("remove", [&] { reactor.RemoveFd(fd); });
+  reactor.Stop();
+  EXPECT_EQ(by_socket, 0);
+  EXPECT_EQ(by_fd, 1);
+}
+
 }  // namespace
 }  // namespace muster
