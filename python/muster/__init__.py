@@ -186,4 +186,4 @@ __all__ = ["Error", "InvalidArgumentError", "NotFoundError", "DeadlineExceededEr
            "notice_seen", "agree_to_stop", "install_sigterm_handler", "shard_rows", "checkpointer",
            "load_tensors",
            "MAX_PICKLE_BYTES", "Snapshotter", "snapshotter", "snapshot_every", "snapshot",
-           "maybe_snapshot", "load_snapshot", "resume", "Resume", "resume_snapshot_step"]
+           "maybe_snapshot", "maybe_hold", "load_snapshot", "resume", "Resume", "resume_snapshot_step"]

@@ -23,8 +23,9 @@ one is taken is replaced by it (recovery wants the newest step), so training nev
 agent. A refusal by the agent (e.g. snapshots that do not fit its memory limit) is logged by
 that thread and reported by flush().
 
-Or, copying nothing at all, the agent reads the state straight out of this process while the
-forward and backward passes run, and the optimizer step waits until it has:
+Or the rank copies nothing at all (CUDA tensors still go to host buffers first): the agent reads
+the state straight out of this process while the forward and backward passes run, and the
+optimizer step waits until it has:
 
     for step in range(start, total):
         with snap.maybe_hold(step, lambda: {"model": model.state_dict(),
@@ -59,6 +60,14 @@ from muster.checkpoint import (_METADATA_MAGIC, _collect_leaves, _describe, _emp
 _log = logging.getLogger("muster.snapshot")
 
 
+def _timeout(seconds, what):
+    if (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
+            or not 0 <= seconds <= 86400):
+        raise _core.InvalidArgumentError(f"{what}: timeout must be a number of seconds in "
+                                         f"[0, 86400], not {seconds!r}")
+    return float(seconds)
+
+
 def _int_step(step, what):
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise _core.InvalidArgumentError(f"{what}: step must be an int >= 0, not {step!r}")
@@ -84,8 +93,18 @@ class Snapshotter:
         self._last = None
         self._host = {}  # tensor name -> reused host buffer for a CUDA tensor
         self._lock = threading.Lock()
-        self.release_timeout = 10.0  # s: how long release() waits for the agent's read
+        self._release_timeout = 10.0
         self.given_up = 0  # in-place snapshots given up by release()
+
+    @property
+    def release_timeout(self):
+        """How long (s) release() and a hold block's end wait for the agent's read: 10 by
+        default, in [0, 86400]."""
+        return self._release_timeout
+
+    @release_timeout.setter
+    def release_timeout(self, seconds):
+        self._release_timeout = _timeout(seconds, "muster.Snapshotter.release_timeout")
 
     @property
     def enabled(self):
@@ -132,9 +151,11 @@ class Snapshotter:
         Nothing in `state` may change until the block ends: run inside it what only reads the
         state, typically the forward and backward passes (gradients are not part of it), and
         the optimizer step after it. A model whose forward pass writes its own state (the
-        running statistics of BatchNorm in train mode) must use snapshot() instead, or keep
-        those buffers out of `state`: the agent could read them mid-update, and nothing would
-        notice. CUDA tensors are first copied to reused host buffers, as snapshot() does.
+        running statistics of BatchNorm in train mode; DDP with broadcast_buffers, its default,
+        writes every buffer at each forward) must use snapshot() instead, or keep those buffers
+        out of `state`: the agent could read them mid-update, and nothing would notice. CUDA
+        tensors are first copied to reused pinned host buffers on this thread, as snapshot()
+        does (the agent reads those).
 
         Raises as snapshot() does; steps must increase from snapshot to snapshot. The value
         bound by `as` is True."""
@@ -155,13 +176,23 @@ class Snapshotter:
 
     def release(self, timeout=None):
         """Waits until the agent has read the in-place snapshot, at most `timeout` s
-        (release_timeout by default); then gives it up: the agent keeps nothing of it, and
-        training goes on (logged; counted in given_up). Returns whether it was taken; True when
-        none was held."""
+        (release_timeout by default); then gives it up: the agent keeps it only if its read was
+        already done, training goes on (logged; counted in given_up). Returns False when it was
+        given up, True otherwise (also when none was held, and when the agent read it but then
+        refused to keep it: flush() raises that refusal). An invalid `timeout` raises
+        InvalidArgumentError, after releasing with release_timeout: the state is never left
+        held by a call that raised."""
         if not self.enabled:
             return True
         with self._lock:
-            return self._release_locked(self.release_timeout if timeout is None else timeout)
+            if timeout is None:
+                return self._release_locked(self._release_timeout)
+            try:
+                t = _timeout(timeout, "muster.Snapshotter.release")
+            except _core.InvalidArgumentError:
+                self._release_locked(self._release_timeout)
+                raise
+            return self._release_locked(t)
 
     def _release_locked(self, timeout):
         if not self._sender.held:
@@ -190,7 +221,7 @@ class Snapshotter:
     def flush(self, timeout=10.0):
         """Waits until the last snapshot is handed to the agent (DeadlineExceededError after
         `timeout` s) and raises the agent's refusal or the channel's error, if any. An in-place
-        snapshot still held is released first."""
+        snapshot still held is released first (waiting up to `timeout` for that too)."""
         if self.enabled:
             self.release(timeout)
             self._sender.flush(float(timeout))

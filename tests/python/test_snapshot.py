@@ -9,7 +9,9 @@ pickled global) raise a clear muster error without crashing the interpreter. Run
 
 import os
 import pickle
+import ctypes
 import random
+import select
 import shutil
 import signal
 import subprocess
@@ -30,20 +32,47 @@ SERVER = os.environ["MUSTER_PY_SNAPSHOT_SERVER"]
 JOB = "pysnap-job"
 
 
-class Server:
-    """muster-py-snapshot-server at a fresh socket; stopped by closing its stdin."""
+def allow_reads_by(pid):
+    """Lets `pid` read this process's memory where Yama's ptrace scope would stop a child from
+    reading its parent (an agent reads its ranks as their parent; here the server is the test's
+    child). A no-op without Yama."""
+    PR_SET_PTRACER = 0x59616D61
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PTRACER, ctypes.c_ulong(pid), 0, 0, 0)
 
-    def __init__(self, root, name, memory_bytes):
+
+class Server:
+    """muster-py-snapshot-server at a fresh socket; stopped by closing its stdin. With
+    `stderr`, its log is read through wait_for_log."""
+
+    def __init__(self, root, name, memory_bytes, stderr=False):
         self.socket = os.path.join(root, name, "snap.sock")
         self.proc = subprocess.Popen([SERVER, self.socket, str(memory_bytes)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE if stderr else None)
         line = self.proc.stdout.readline()
         assert line == b"ready\n", line
+        allow_reads_by(self.proc.pid)
+        self.log = b""
+
+    def wait_for_log(self, text, timeout=10.0):
+        """Whether the server logs `text` within `timeout` s."""
+        end = time.monotonic() + timeout
+        while text.encode() not in self.log:
+            left = end - time.monotonic()
+            if left <= 0 or not select.select([self.proc.stderr], [], [], left)[0]:
+                return False
+            chunk = os.read(self.proc.stderr.fileno(), 65536)
+            if not chunk:
+                return False
+            self.log += chunk
+        return True
 
     def stop(self):
         self.proc.stdin.close()
         self.proc.wait(10)
         self.proc.stdout.close()
+        if self.proc.stderr:
+            self.proc.stderr.close()
 
 
 def set_env(**values):
@@ -113,15 +142,6 @@ def payload_of(tensors, skeleton, magic=_METADATA_MAGIC):
         refs.append(r)
         keep.append(t)
     return _core.encode_snapshot_state(refs, magic + pickle.dumps(skeleton, protocol=4))
-
-
-def ptrace_restricted():
-    """Whether Yama may keep the server (this process's child) from reading this process."""
-    try:
-        with open("/proc/sys/kernel/yama/ptrace_scope") as f:
-            return int(f.read()) >= 1
-    except OSError:
-        return False
 
 
 class SnapshotTest(unittest.TestCase):
@@ -195,8 +215,7 @@ class SnapshotTest(unittest.TestCase):
             v.add_(1.0)
         snap.flush(10)
         self.assertEqual((snap.sent, snap.given_up), (1, 0))
-        if not ptrace_restricted():
-            self.assertTrue(snap.in_place)  # the agent read it; it did not fall back to a copy
+        self.assertTrue(snap.in_place)  # the agent did not say it cannot read: no copy
         assert_same(self, muster.load_snapshot(4, attempt=4), want)
 
         # The explicit form; the next snapshot (copying or not) releases the one held first.
@@ -217,8 +236,46 @@ class SnapshotTest(unittest.TestCase):
         assert_same(self, muster.load_snapshot(10, attempt=4), state)
         muster._snapshotter = None
 
+    def test_the_agent_reads_when_it_gets_to_it_not_when_hold_is_called(self):
+        # Against the rule on purpose, to show where the bytes come from: the agent is stopped
+        # while the snapshot is taken, the tensor changes, then the agent reads. A copy taken by
+        # the call would hold the old value; a read in place holds the new one.
+        stopped = Server(self.root, "late", 64 << 20)
+        try:
+            set_env(RANK=0, WORLD_SIZE=1, MUSTER_JOB_ID=self.job(), MUSTER_ATTEMPT=0,
+                    MUSTER_SNAPSHOT_EVERY=1, MUSTER_SNAPSHOT_SOCKET=stopped.socket)
+            snap = muster.Snapshotter()
+            w = torch.zeros(1000)
+            os.kill(stopped.proc.pid, signal.SIGSTOP)
+            try:
+                snap.snapshot_in_place(1, {"w": w})
+                time.sleep(0.2)  # the request waits in the stopped agent's socket
+                w.fill_(5.0)
+            finally:
+                os.kill(stopped.proc.pid, signal.SIGCONT)
+            self.assertTrue(snap.release(10))
+            snap.flush(10)
+            self.assertTrue(torch.equal(muster.load_snapshot(1, attempt=0)["w"],
+                                        torch.full((1000,), 5.0)))
+        finally:
+            stopped.stop()
+
+    def test_release_timeouts_are_checked_and_a_bad_one_still_releases(self):
+        self.rank_env(rank=0, world=1, attempt=0)
+        snap = muster.Snapshotter()
+        for bad in (-1, float("nan"), 1e9, "5", True):
+            with self.assertRaises(muster.InvalidArgumentError, msg=repr(bad)):
+                snap.release_timeout = bad
+        self.assertEqual(snap.release_timeout, 10.0)
+        snap.snapshot_in_place(2, {"w": torch.ones(10)})
+        with self.assertRaisesRegex(muster.InvalidArgumentError, "timeout must be"):
+            snap.release(-5)
+        self.assertFalse(snap._sender.held)  # released before raising
+        snap.flush(10)
+        self.assertEqual(snap.sent, 1)
+
     def test_a_read_that_does_not_come_in_time_is_given_up_and_training_goes_on(self):
-        stopped = Server(self.root, "stopped", 64 << 20)
+        stopped = Server(self.root, "stopped", 64 << 20, stderr=True)
         try:
             set_env(RANK=0, WORLD_SIZE=1, MUSTER_JOB_ID=self.job(), MUSTER_SNAPSHOT_EVERY=1,
                     MUSTER_SNAPSHOT_SOCKET=stopped.socket)
@@ -238,6 +295,10 @@ class SnapshotTest(unittest.TestCase):
             self.assertLess(waited, 5.0)
             self.assertIn("step 2 given up", logs.output[0])
             w.fill_(7.0)  # free to change: the agent keeps nothing of step 2's read
+            # The agent, running again, reads the request it had queued, finds the connection
+            # shut down, and drops what it read.
+            self.assertTrue(stopped.wait_for_log("step 2: the rank went away or gave up while it "
+                                                 "was read; not kept"), stopped.log)
             set_env(RANK=0, WORLD_SIZE=1, MUSTER_JOB_ID=self.job(), MUSTER_ATTEMPT=0,
                     MUSTER_SNAPSHOT_EVERY=1, MUSTER_SNAPSHOT_SOCKET=stopped.socket)
             with self.assertRaises(muster.NotFoundError):
