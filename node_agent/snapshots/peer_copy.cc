@@ -1192,7 +1192,12 @@ Status SnapshotForwarder::Send(const SnapshotPeerTarget& t, const checkpoint::Sn
         const uint64_t sent = NeededBytes(f.payload.size(), need);
         offered_bytes_ += f.payload.size();
         offered_sent_bytes_ += sent;
+        if (auto old = copy_stats_.find(f.key.job);
+            old != copy_stats_.end() && old->second.node != t.node) {
+          ReportCopies(f.key.job);  // those went to the job's previous peer
+        }
         CopyStats& cs = copy_stats_[f.key.job];
+        cs.node = t.node;
         cs.offers++;
         cs.offered += f.payload.size();
         cs.sent += sent;
@@ -1234,6 +1239,19 @@ Status SnapshotForwarder::Send(const SnapshotPeerTarget& t, const checkpoint::Sn
   return st.ok() ? carried : st;
 }
 
+void SnapshotForwarder::ReportCopies(const std::string& job) {
+  auto cs = copy_stats_.find(job);
+  if (cs == copy_stats_.end()) return;
+  const CopyStats& v = cs->second;
+  log::Get("agent.snapshots")
+      ->info(
+          "snapshots of {} to peer {}: {} frames offered, {:.1f} MiB, of which {:.1f} MiB "
+          "({:.1f}%) sent; the rest the peer held already",
+          job, v.node, v.offers, v.offered / 1048576.0, v.sent / 1048576.0,
+          v.offered > 0 ? 100.0 * v.sent / v.offered : 0.0);
+  copy_stats_.erase(cs);
+}
+
 void SnapshotForwarder::Loop() {
   auto logger = log::Get("agent.snapshots");
   // Before the context's first socket, which starts its threads.
@@ -1252,35 +1270,27 @@ void SnapshotForwarder::Loop() {
     }
     return false;
   };
-  // The job's deduplicated puts to its peer, once its copies stop (its target went or changed,
-  // or the agent stops).
-  auto report = [&](const std::string& job, const std::string& node) {
-    auto cs = copy_stats_.find(job);
-    if (cs == copy_stats_.end()) return;
-    const CopyStats& v = cs->second;
-    logger->info(
-        "snapshots of {} to peer {}: {} frames offered, {:.1f} MiB, of which {:.1f} MiB "
-        "({:.1f}%) sent; the rest the peer held already",
-        job, node, v.offers, v.offered / 1048576.0, v.sent / 1048576.0,
-        v.offered > 0 ? 100.0 * v.sent / v.offered : 0.0);
-    copy_stats_.erase(cs);
-  };
   for (;;) {
     cv_.wait(l, [&] { return stop_ || !queue_.empty() || stale(); });
     if (stop_) {
-      for (const auto& [job, c] : connections_by_job_) report(job, c.target.node);
+      while (!copy_stats_.empty()) ReportCopies(copy_stats_.begin()->first);
       return;
     }
     std::vector<Connection> closed;
     for (auto c = connections_by_job_.begin(); c != connections_by_job_.end();) {
       auto t = targets_.find(c->first);
       if (t == targets_.end() || !SameTarget(t->second, c->second.target)) {
-        report(c->first, c->second.target.node);
+        ReportCopies(c->first);
         closed.push_back(std::move(c->second));
         c = connections_by_job_.erase(c);
       } else {
         ++c;
       }
+    }
+    // A job whose connection had already closed (an error) when its target went.
+    for (auto cs = copy_stats_.begin(); cs != copy_stats_.end();) {
+      const std::string job = (cs++)->first;
+      if (!targets_.count(job)) ReportCopies(job);
     }
     if (!closed.empty()) {
       l.unlock();

@@ -236,10 +236,14 @@ class SnapshotForwarder {
   // The loop's thread only: per job, its offers to its current target (logged when the
   // connection closes).
   struct CopyStats {
+    std::string node;  // the peer they went to
     int64_t offers = 0;
     uint64_t offered = 0, sent = 0;
   };
-  std::map<std::string, CopyStats> copy_stats_;
+  std::map<std::string, CopyStats> copy_stats_;  // by job
+  // Logs and forgets `job`'s CopyStats (its copies to that peer stopped: the target went or
+  // changed, or the forwarder stops).
+  void ReportCopies(const std::string& job);
   std::string last_error_;                     // GUARDED_BY(mu_)
   std::map<std::string, std::string> logged_;  // GUARDED_BY(mu_): job -> last error logged
   std::thread thread_;
