@@ -117,42 +117,47 @@ def main():
         # time.process_time() is this process's CPU, every thread's: the rank's whole cost of a
         # snapshot (the copy, and the sender thread's checksum and send), whoever does it.
         snap = muster.Snapshotter()
-        stalls, held, cpu = [], [], []
         step = 0
-        for i in range(args.repeat + 1):  # the first snapshot sizes the reused buffer
-            step += 1
-            c0, t0 = time.process_time(), now()
+
+        def best_of(take):
+            """take(step, t0) takes one snapshot begun at t0 and returns its durations; each
+            duration's best over args.repeat snapshots after a first one (which sizes the
+            reused buffers), and the best CPU of a whole snapshot."""
+            nonlocal step
+            runs, cpu = [], []
+            for i in range(args.repeat + 1):
+                step += 1
+                c0, t0 = time.process_time(), now()
+                durations = take(step, t0)
+                c1 = time.process_time()
+                if i > 0:
+                    runs.append(durations)
+                    cpu.append(c1 - c0)
+            return [min(d) for d in zip(*runs)], min(cpu)
+
+        def copied(step, t0):
             snap.snapshot(step, state)
             t1 = now()
             snap.flush(600)
-            t2, c2 = now(), time.process_time()
-            if i > 0:
-                stalls.append(t1 - t0)
-                held.append(t2 - t0)
-                cpu.append(c2 - c0)
-        out["snapshot_stall_s"], out["snapshot_held_s"] = min(stalls), min(held)
-        out["snapshot_cpu_s"] = min(cpu)
+            return t1 - t0, now() - t0
+
+        (out["snapshot_stall_s"], out["snapshot_held_s"]), out["snapshot_cpu_s"] = \
+            best_of(copied)
+
         # The same state read in place by the agent (Snapshotter.hold): the stall entering the
         # block, and at its end with nothing in it (no forward pass to overlap: the agent's whole
         # read is waited for), then until the agent holds it.
-        enters, ends, held, cpu = [], [], [], []
-        for i in range(args.repeat + 1):
-            step += 1
-            c0, t0 = time.process_time(), now()
+        def held(step, t0):
             block = snap.hold(step, state)
             block.__enter__()
             t1 = now()
             block.__exit__(None, None, None)
             t2 = now()
             snap.flush(600)
-            t3, c3 = now(), time.process_time()
-            if i > 0:
-                enters.append(t1 - t0)
-                ends.append(t2 - t1)
-                held.append(t3 - t0)
-                cpu.append(c3 - c0)
-        out["hold_enter_s"], out["hold_end_s"] = min(enters), min(ends)
-        out["hold_held_s"], out["hold_cpu_s"] = min(held), min(cpu)
+            return t1 - t0, t2 - t1, now() - t0
+
+        (out["hold_enter_s"], out["hold_end_s"], out["hold_held_s"]), out["hold_cpu_s"] = \
+            best_of(held)
         out["hold_in_place"] = snap.in_place
         del snap
 

@@ -637,7 +637,7 @@ int CompareSnapshotCpu(const Flags& f, const std::string& muster, const std::str
   const std::vector<std::string> classes = {"normal", "background"};
   // The median over the runs whose agents logged their offers (-1: none logged), and how many
   // did when not all.
-  auto SentPct = [](const std::vector<double>& runs) -> std::string {
+  auto sent_pct_cell = [](const std::vector<double>& runs) -> std::string {
     std::vector<double> known;
     for (double v : runs)
       if (v >= 0) known.push_back(v);
@@ -697,7 +697,7 @@ int CompareSnapshotCpu(const Flags& f, const std::string& muster, const std::str
     if (!s.errors.empty()) j[c]["errors"] = s.errors;
     t.Row({c, Fmt(ms, 1), Fmt(cost, 1), Fmt(median(s.agent_cpu), 1), Fmt(median(s.rank_cpu), 1),
            Fmt(median(s.idle), 1), nlohmann::json(s.lost).dump(), nlohmann::json(s.lag).dump(),
-           SentPct(s.sent_pct), std::to_string(s.errors.size())});
+           sent_pct_cell(s.sent_pct), std::to_string(s.errors.size())});
   }
   if (f.json) {
     std::cout << j.dump(2) << "\n";

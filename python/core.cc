@@ -341,16 +341,7 @@ class PySnapshotSender {
   }
 
   void Snapshot(int64_t step, const std::vector<PyTensor>& tensors, const py::bytes& metadata) {
-    if (!held_.is_none()) {
-      Throw(FailedPreconditionError("snapshot: the previous in-place snapshot was not released"));
-    }
-    checkpoint::SaveState state = ToSaveState(tensors, metadata);
-    Status st;
-    {
-      py::gil_scoped_release release;
-      st = sender_->Snapshot(step, state);
-    }
-    Check(st);
+    Take(step, tensors, metadata, /*in_place=*/false);
   }
 
   // The agent reads `tensors` out of this process while the caller goes on (the sender's
@@ -358,16 +349,7 @@ class PySnapshotSender {
   // previous one must have been released.
   void SnapshotInPlace(int64_t step, const std::vector<PyTensor>& tensors,
                        const py::bytes& metadata, py::object keep) {
-    if (!held_.is_none()) {
-      Throw(FailedPreconditionError("snapshot: the previous in-place snapshot was not released"));
-    }
-    checkpoint::SaveState state = ToSaveState(tensors, metadata);
-    Status st;
-    {
-      py::gil_scoped_release release;
-      st = sender_->SnapshotInPlace(step, state);
-    }
-    Check(st);
+    Take(step, tensors, metadata, /*in_place=*/true);
     held_ = std::move(keep);
   }
 
@@ -407,6 +389,20 @@ class PySnapshotSender {
   int64_t replaced() const { return sender_->replaced(); }
 
  private:
+  void Take(int64_t step, const std::vector<PyTensor>& tensors, const py::bytes& metadata,
+            bool in_place) {
+    if (!held_.is_none()) {
+      Throw(FailedPreconditionError("snapshot: the previous in-place snapshot was not released"));
+    }
+    checkpoint::SaveState state = ToSaveState(tensors, metadata);
+    Status st;
+    {
+      py::gil_scoped_release release;
+      st = in_place ? sender_->SnapshotInPlace(step, state) : sender_->Snapshot(step, state);
+    }
+    Check(st);
+  }
+
   static constexpr std::chrono::milliseconds kReleaseTimeout{10000};
   std::unique_ptr<checkpoint::SnapshotSender> sender_;
   py::object held_ = py::none();  // what an in-place snapshot's tensors point into
