@@ -5,6 +5,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -26,10 +27,21 @@ Status SendAll(int fd, std::string_view bytes) {
   return Status::Ok();
 }
 
-Status RecvAll(int fd, char* out, size_t n,
-               std::optional<std::chrono::steady_clock::time_point> deadline) {
-  while (n > 0) {
-    if (deadline) {
+namespace {
+
+// One recv of up to n bytes (at least one): without a deadline a blocking recv; with one, a
+// recv that does not wait first, then poll (at most a second at a time) until bytes arrive.
+StatusOr<size_t> RecvSome(int fd, char* out, size_t n,
+                          std::optional<std::chrono::steady_clock::time_point> deadline) {
+  while (true) {
+    ssize_t got = ::recv(fd, out, n, deadline ? MSG_DONTWAIT : 0);
+    if (got > 0) return static_cast<size_t>(got);
+    if (got == 0) return UnavailableError("snapshot channel: closed by the peer");
+    if (errno == EINTR) continue;
+    if (!deadline || (errno != EAGAIN && errno != EWOULDBLOCK)) {
+      return UnavailableError(std::string("snapshot channel: recv: ") + std::strerror(errno));
+    }
+    while (true) {
       auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
           *deadline - std::chrono::steady_clock::now());
       if (left.count() <= 0) return UnavailableError("snapshot channel: timed out reading");
@@ -38,16 +50,39 @@ Status RecvAll(int fd, char* out, size_t n,
       if (r < 0 && errno != EINTR) {
         return UnavailableError(std::string("snapshot channel: poll: ") + std::strerror(errno));
       }
-      if (r <= 0) continue;
+      if (r > 0) break;
     }
-    ssize_t got = ::recv(fd, out, n, 0);
-    if (got < 0 && errno == EINTR) continue;
-    if (got < 0) {
-      return UnavailableError(std::string("snapshot channel: recv: ") + std::strerror(errno));
-    }
-    if (got == 0) return UnavailableError("snapshot channel: closed by the peer");
+  }
+}
+
+}  // namespace
+
+Status RecvAll(int fd, char* out, size_t n,
+               std::optional<std::chrono::steady_clock::time_point> deadline) {
+  while (n > 0) {
+    MUSTER_ASSIGN_OR_RETURN(size_t got, RecvSome(fd, out, n, deadline));
     out += got;
-    n -= static_cast<size_t>(got);
+    n -= got;
+  }
+  return Status::Ok();
+}
+
+BufferedReader::BufferedReader(int fd, size_t capacity) : fd_(fd), buf_(capacity, '\0') {}
+
+Status BufferedReader::Read(char* out, size_t n,
+                            std::optional<std::chrono::steady_clock::time_point> deadline) {
+  while (n > 0) {
+    if (begin_ < end_) {
+      const size_t take = std::min(n, end_ - begin_);
+      std::memcpy(out, buf_.data() + begin_, take);
+      begin_ += take;
+      out += take;
+      n -= take;
+      continue;
+    }
+    if (n >= buf_.size() / 2) return RecvAll(fd_, out, n, deadline);
+    begin_ = end_ = 0;
+    MUSTER_ASSIGN_OR_RETURN(end_, RecvSome(fd_, buf_.data(), buf_.size(), deadline));
   }
   return Status::Ok();
 }

@@ -106,6 +106,26 @@ Status SendAll(int fd, std::string_view bytes);
 Status RecvAll(int fd, char* out, size_t n,
                std::optional<std::chrono::steady_clock::time_point> deadline = std::nullopt);
 
+// Reads a stream socket through a buffer, for a server that parses a request in many small
+// reads (its header, its job id, a part list of thousands of entries): each refill takes
+// whatever has arrived, up to the buffer, in one recv, so a request costs a few system calls
+// rather than a poll and a recv per field. A read of half the buffer or more goes straight to
+// its destination once the buffered bytes are used (a payload is not copied twice). Errors and
+// deadlines as RecvAll.
+class BufferedReader {
+ public:
+  explicit BufferedReader(int fd, size_t capacity = 64 << 10);
+  Status Read(char* out, size_t n,
+              std::optional<std::chrono::steady_clock::time_point> deadline = std::nullopt);
+  // Bytes received but not yet read: a client that sent more than its request.
+  size_t buffered() const { return end_ - begin_; }
+
+ private:
+  int fd_;
+  std::string buf_;
+  size_t begin_ = 0, end_ = 0;
+};
+
 class SnapshotClient {
  public:
   // Unavailable when nothing listens at `path`.

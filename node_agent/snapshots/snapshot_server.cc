@@ -195,13 +195,14 @@ void SnapshotServer::Serve(Conn* conn) {
   auto log = log::Get("agent.snap");
   if (Status st = EnterSnapshotThread(cpu_, "snap-conn"); !st.ok()) log->error("{}", st.ToString());
   const uint64_t limit = store_->memory_limit();
+  checkpoint::BufferedReader in(fd);  // a request's fields, a few recv calls in all
   while (true) {
     char op = 0;
-    if (!checkpoint::RecvAll(fd, &op, 1).ok()) break;  // idle between requests: no limit
+    if (!in.Read(&op, 1).ok()) break;  // idle between requests: no limit
     // The rest of the request must follow promptly (kSnapshotFrameTimeout).
     auto deadline = std::chrono::steady_clock::now() + frame_timeout_;
     std::string header(checkpoint::kSnapshotHeaderBytes, '\0');
-    Status s = checkpoint::RecvAll(fd, header.data(), header.size(), deadline);
+    Status s = in.Read(header.data(), header.size(), deadline);
     if (!s.ok()) {
       log->warn("snapshot channel: request header: {}; connection closed", s.ToString());
       break;
@@ -233,7 +234,7 @@ void SnapshotServer::Serve(Conn* conn) {
     }
     if (op == 'V') {
       const bool keep = ServeInPlace(
-          conn, *h, deadline + std::chrono::seconds(want / kSnapshotFrameBytesPerSecond));
+          conn, &in, *h, deadline + std::chrono::seconds(want / kSnapshotFrameBytesPerSecond));
       {
         std::lock_guard<std::mutex> l(mu_);
         inflight_ -= want;
@@ -245,8 +246,8 @@ void SnapshotServer::Serve(Conn* conn) {
     std::string job(h->job_length, '\0');
     std::string payload = store_->TakeBuffer(h->payload_length);
     deadline += std::chrono::seconds(want / kSnapshotFrameBytesPerSecond);
-    Status read = checkpoint::RecvAll(fd, job.data(), job.size(), deadline);
-    if (read.ok()) read = checkpoint::RecvAll(fd, payload.data(), payload.size(), deadline);
+    Status read = in.Read(job.data(), job.size(), deadline);
+    if (read.ok()) read = in.Read(payload.data(), payload.size(), deadline);
     if (!read.ok()) {
       log->warn("snapshot channel: frame of {} bytes: {}; connection closed", want,
                 read.ToString());
@@ -325,11 +326,12 @@ Status SnapshotServer::CheckRank(const Conn& conn, const checkpoint::SnapshotKey
   return may;
 }
 
-bool SnapshotServer::ServeInPlace(Conn* conn, const checkpoint::SnapshotHeader& h,
+bool SnapshotServer::ServeInPlace(Conn* conn, checkpoint::BufferedReader* in,
+                                  const checkpoint::SnapshotHeader& h,
                                   std::chrono::steady_clock::time_point deadline) {
   const int fd = conn->fd;
   auto log = log::Get("agent.snap");
-  auto read = [&](char* out, size_t n) { return checkpoint::RecvAll(fd, out, n, deadline); };
+  auto read = [&](char* out, size_t n) { return in->Read(out, n, deadline); };
   // Malformed: answered, and the connection closed (the stream cannot be followed past it).
   auto malformed = [&](const Status& st) {
     log->warn("snapshot channel: put in place: {}; connection closed", st.ToString());
@@ -424,7 +426,7 @@ bool SnapshotServer::ServeInPlace(Conn* conn, const checkpoint::SnapshotHeader& 
         key.job, key.rank, key.step);
     return false;
   }
-  if (peek > 0) {
+  if (peek > 0 || in->buffered() > 0) {
     return malformed(
         InvalidArgumentError("snapshot channel: put in place: more bytes before the reply"));
   }

@@ -31,6 +31,7 @@
 #include <thread>
 #include <vector>
 
+#include "checkpoint/snapshot_channel.h"
 #include "checkpoint/snapshot_frame.h"
 #include "common/status.h"
 #include "node_agent/snapshots/snapshot_cpu.h"
@@ -110,8 +111,9 @@ class SnapshotServer {
   Status CheckRank(const Conn& conn, const checkpoint::SnapshotKey& key) const;
   // The rest of a put in place ('V', checkpoint/snapshot_channel.h) after its header `h`: the
   // parts, the connecting process's memory read (process_vm_readv), the frame kept. Its reply
-  // sent; false when the connection must close.
-  bool ServeInPlace(Conn* conn, const checkpoint::SnapshotHeader& h,
+  // sent; false when the connection must close. `in` reads the connection's bytes.
+  bool ServeInPlace(Conn* conn, checkpoint::BufferedReader* in,
+                    const checkpoint::SnapshotHeader& h,
                     std::chrono::steady_clock::time_point deadline);
   std::mutex mu_;
   std::vector<std::unique_ptr<Conn>> conns_;  // GUARDED_BY(mu_)

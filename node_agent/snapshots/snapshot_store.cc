@@ -20,15 +20,31 @@ SnapshotStore::SnapshotStore(SnapshotStoreOptions options) : options_(options) {
 }
 
 void SnapshotStore::BufferPool::Give(std::string&& b) {
-  std::string dropped;  // freed outside the lock
+  std::vector<std::string> dropped;  // freed outside the lock
   std::lock_guard<std::mutex> l(mu);
-  if (b.capacity() < (64u << 10) || buffers.size() >= kPooledBuffers ||
-      bytes + b.capacity() > max_bytes) {
-    dropped = std::move(b);
+  if (b.capacity() < (64u << 10) || b.capacity() > max_bytes) {
+    dropped.push_back(std::move(b));
     return;
+  }
+  // Full: the oldest buffers go first, so the pool follows the sizes frames have now (a pool
+  // kept full of buffers a byte too small for today's frames would never be used again).
+  while (!buffers.empty() &&
+         (buffers.size() >= kPooledBuffers || bytes + b.capacity() > max_bytes)) {
+    bytes -= buffers.front().capacity();
+    dropped.push_back(std::move(buffers.front()));
+    buffers.erase(buffers.begin());
   }
   bytes += b.capacity();
   buffers.push_back(std::move(b));
+}
+
+uint64_t SnapshotStore::BufferCapacity(uint64_t n) {
+  // Room for frames a little larger than this one (a rank's payload varies by a few bytes of
+  // metadata from step to step), in whole pages.
+  constexpr uint64_t kPage = 4096;
+  const uint64_t room = std::max<uint64_t>(kPage, n / 256);
+  if (n > UINT64_MAX - room - kPage) return n;
+  return (n + room + kPage - 1) / kPage * kPage;
 }
 
 std::string SnapshotStore::TakeBuffer(uint64_t n) {
@@ -50,6 +66,8 @@ std::string SnapshotStore::TakeBuffer(uint64_t n) {
       pool_->bytes -= b.capacity();
     }
   }
+  // None large enough: a new one with some room, so the next frames fit it when it is pooled.
+  if (b.capacity() < n && n >= (64u << 10)) b.reserve(BufferCapacity(n));
   // Shrinking writes nothing; growing within the capacity zero-fills only the gap.
   b.resize(n);
   return b;

@@ -131,9 +131,13 @@ class SnapshotStore {
   // unspecified: every one must be written before the frame is checked). It comes from the
   // payloads of frames this store has dropped when one is large enough, so that the next step's
   // frame reuses memory already mapped instead of faulting in and zero-filling fresh pages.
-  // Those buffers are bounded (at most kPooledBuffers, a quarter of memory_limit in all).
+  // Those buffers are bounded (at most kPooledBuffers, a quarter of memory_limit in all; the
+  // oldest go first when a newer one is given back). A new buffer is allocated with the room of
+  // BufferCapacity(n), so that a frame a few bytes larger than this one still fits it.
   std::string TakeBuffer(uint64_t n);
   static constexpr size_t kPooledBuffers = 16;
+  // n rounded up to whole pages with at least a page (n/256 for large n) to spare.
+  static uint64_t BufferCapacity(uint64_t n);
 
   // Every frame held for `job`, by rank then step.
   std::vector<HeldSnapshot> Held(const std::string& job) const;

@@ -340,6 +340,15 @@ TEST_F(SnapshotChannelTest, AMalformedOrUnreadablePutInPlaceIsRefused) {
   EXPECT_EQ(unreadable.code(), StatusCode::kInvalidArgument) << unreadable;
   EXPECT_NE(unreadable.message().find("not readable"), std::string::npos) << unreadable;
   EXPECT_TRUE(store.Held("ft-1").empty());
+  // A byte past the request, sent with it (the agent's reader has it buffered, not waiting on
+  // the socket): refused after the read, nothing kept.
+  Status extra = ask(checkpoint::EncodeSnapshotParts({SnapshotPart::Here(bytes),
+                                                      SnapshotPart::InMemory(bytes.data() + 2, 3)}) +
+                         "x",
+                     13);
+  EXPECT_EQ(extra.code(), StatusCode::kInvalidArgument) << extra;
+  EXPECT_NE(extra.message().find("more bytes"), std::string::npos) << extra;
+  EXPECT_TRUE(store.Held("ft-1").empty());
   // Well formed: kept, inline and in-memory parts in their order.
   Status good = ask(checkpoint::EncodeSnapshotParts(
                         {SnapshotPart::Here(bytes), SnapshotPart::InMemory(bytes.data() + 2, 3)}),
@@ -366,6 +375,45 @@ TEST_F(SnapshotChannelTest, AMalformedOrUnreadablePutInPlaceIsRefused) {
   EXPECT_EQ((*parts)[0].at, 10u);
   EXPECT_EQ((*parts)[0].address, reinterpret_cast<uint64_t>(bytes.data()));
   EXPECT_EQ(payload.substr(0, 10), bytes);
+}
+
+// BufferedReader: small reads come out of one recv of what has arrived, a large one goes past
+// the buffer straight to its destination, bytes beyond what was read are counted, and errors
+// are RecvAll's (the peer gone, a deadline passed).
+TEST(BufferedReaderTest, ReadsFieldsAndPayloadsInOrderAndReportsWhatIsLeft) {
+  int sv[2];
+  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+  std::string big(200 << 10, '\0');
+  for (size_t i = 0; i < big.size(); ++i) big[i] = static_cast<char>(i * 7 + 3);
+  std::thread writer([&] { EXPECT_TRUE(checkpoint::SendAll(sv[1], "ab" + big + "xyz").ok()); });
+  checkpoint::BufferedReader in(sv[0], 4096);
+  char c[2];
+  ASSERT_TRUE(in.Read(c, 1).ok());
+  ASSERT_TRUE(in.Read(c + 1, 1).ok());
+  EXPECT_EQ(std::string(c, 2), "ab");
+  std::string got(big.size(), '\0');
+  ASSERT_TRUE(in.Read(got.data(), got.size(), std::chrono::steady_clock::now() + seconds(10)).ok());
+  EXPECT_EQ(got, big);
+  writer.join();
+  char x = 0;
+  ASSERT_TRUE(in.Read(&x, 1, std::chrono::steady_clock::now() + seconds(10)).ok());
+  EXPECT_EQ(x, 'x');
+  EXPECT_EQ(in.buffered(), 2u);  // "yz" came with it
+  char yz[2];
+  ASSERT_TRUE(in.Read(yz, 2).ok());
+  EXPECT_EQ(in.buffered(), 0u);
+  // Nothing more before the deadline.
+  Status late = in.Read(&x, 1, std::chrono::steady_clock::now() + std::chrono::milliseconds(50));
+  EXPECT_EQ(late.code(), StatusCode::kUnavailable) << late;
+  EXPECT_NE(late.message().find("timed out"), std::string::npos) << late;
+  // The writer gone mid-field.
+  ASSERT_TRUE(checkpoint::SendAll(sv[1], "p").ok());
+  ::close(sv[1]);
+  char two[2];
+  Status gone = in.Read(two, 2, std::chrono::steady_clock::now() + seconds(10));
+  EXPECT_EQ(gone.code(), StatusCode::kUnavailable) << gone;
+  EXPECT_NE(gone.message().find("closed"), std::string::npos) << gone;
+  ::close(sv[0]);
 }
 
 // ReadRegions calls the reader again past a short count (the kernel reads at most ~2 GiB per

@@ -14,6 +14,7 @@
 #include <thread>
 #include <vector>
 
+#include "checkpoint/manifest.h"  // Xxh3
 #include "checkpoint/snapshot_frame.h"
 #include "coordinator/snapshot_resume.h"
 
@@ -41,6 +42,15 @@ SnapshotFrame Frame(int rank, int64_t step, size_t bytes, int attempt = 0,
   auto f = DecodeSnapshotFrame(*enc, 1 << 30);
   EXPECT_TRUE(f.ok()) << f.status().ToString();
   return *f;
+}
+
+// A frame around `payload` itself (its buffer kept, as the agent's reads keep theirs).
+SnapshotFrame FrameWithPayload(int rank, int64_t step, std::string payload) {
+  SnapshotFrame f;
+  f.key = Key(rank, step);
+  f.payload_xxh3 = checkpoint::Xxh3(payload.data(), payload.size());
+  f.payload = std::move(payload);
+  return f;
 }
 
 TEST(SnapshotFrameTest, RoundTrips) {
@@ -398,6 +408,58 @@ TEST(SnapshotStoreTest, DroppedPayloadsAreReusedForTheNextFrame) {
   ASSERT_TRUE(store.Put(Frame(0, 3, 1 << 20)).ok());  // drops step 2: pooled
   std::string larger = store.TakeBuffer(2 << 20);
   EXPECT_EQ(larger.size(), 2u << 20);
+}
+
+// A rank's payload varies by a few bytes from step to step (its metadata): a buffer pooled from
+// one step's frame still holds the next one's, a byte larger. And a pool full of buffers too
+// small for today's frames makes room for the newer ones (the oldest go), so it keeps being used.
+TEST(SnapshotStoreTest, PooledBuffersFitFramesAFewBytesLargerAndTheOldestGoWhenFull) {
+  SnapshotStore store({.memory_limit = 256 << 20});
+  constexpr uint64_t kN = 1663800;  // the fine-tune's 1608 KiB payload
+  EXPECT_GE(SnapshotStore::BufferCapacity(kN), kN + 4096);
+  EXPECT_EQ(SnapshotStore::BufferCapacity(kN) % 4096, 0u);
+  EXPECT_EQ(SnapshotStore::BufferCapacity(UINT64_MAX - 1), UINT64_MAX - 1);
+  {
+    // Frames of kN and kN + 1 bytes, alternately: each step's frame reuses a dropped one's.
+    SnapshotStore s1({.memory_limit = 256 << 20, .keep_steps = 1, .window_steps = 1});
+    ASSERT_TRUE(s1.Put(Frame(0, 1, kN)).ok());
+    const char* bytes = nullptr;
+    {
+      auto held = s1.Get("ft-1", 0, 1);
+      ASSERT_TRUE(held.ok());
+      bytes = (*held)->payload.data();
+    }
+    // Frame() builds its payload itself: the store's own buffers are what TakeBuffer hands out.
+    std::string b = s1.TakeBuffer(kN + 1);  // none pooled yet: a new one, with room
+    EXPECT_GE(b.capacity(), SnapshotStore::BufferCapacity(kN + 1));
+    const char* taken = b.data();
+    ASSERT_TRUE(s1.PutDecoded(FrameWithPayload(0, 2, std::move(b))).ok());  // drops step 1
+    std::string again = s1.TakeBuffer(kN);
+    EXPECT_EQ(again.data(), bytes) << "step 1's buffer is the only one pooled";
+    ASSERT_TRUE(s1.PutDecoded(FrameWithPayload(0, 3, std::move(again))).ok());  // drops step 2
+    std::string larger = s1.TakeBuffer(kN + 2);  // step 2's, made with room
+    EXPECT_EQ(larger.data(), taken);
+  }
+  // A full pool of buffers too small for the frames of now.
+  std::vector<std::string> small;
+  for (size_t i = 0; i < SnapshotStore::kPooledBuffers; ++i) {
+    small.push_back(store.TakeBuffer(1 << 20));
+  }
+  std::vector<const char*> small_bytes;
+  for (auto& b : small) {
+    small_bytes.push_back(b.data());
+    ASSERT_TRUE(store.PutDecoded(FrameWithPayload(0, 10 + static_cast<int64_t>(&b - &small[0]),
+                                                  std::move(b)))
+                    .ok());
+  }
+  store.DropJob("ft-1");  // every buffer pooled
+  std::string big = store.TakeBuffer(2 << 20);
+  const char* big_bytes = big.data();
+  for (const char* p : small_bytes) EXPECT_NE(big_bytes, p);
+  ASSERT_TRUE(store.PutDecoded(FrameWithPayload(0, 50, std::move(big))).ok());
+  store.DropJob("ft-1");  // the pool was full: the oldest small one made room
+  std::string next = store.TakeBuffer((2 << 20) + 1);
+  EXPECT_EQ(next.data(), big_bytes);
 }
 
 // FramesAt: where a peer's deduplicated put finds chunks. The frames of any rank at the step and
