@@ -279,7 +279,10 @@ Status SnapshotSender::Snapshot(int64_t step, const SaveState& state) {
     std::lock_guard<std::mutex> l(mu_);
     payload.swap(spare_);
   }
-  MUSTER_RETURN_IF_ERROR(EncodeSnapshotStateInto(state, &payload));
+  {
+    std::lock_guard<std::mutex> l(index_mu_);
+    MUSTER_RETURN_IF_ERROR(EncodeSnapshotStateInto(state, &payload, &index_));
+  }
   {
     std::lock_guard<std::mutex> l(mu_);
     if (pending_) {
@@ -306,7 +309,10 @@ Status SnapshotSender::SnapshotInPlace(int64_t step, const SaveState& state) {
   InPlace ip;
   ip.step = step;
   ip.state = state;
-  MUSTER_RETURN_IF_ERROR(EncodeSnapshotStateParts(ip.state, &ip.head, &ip.spans));
+  {
+    std::lock_guard<std::mutex> l(index_mu_);
+    MUSTER_RETURN_IF_ERROR(EncodeSnapshotStateParts(ip.state, &ip.head, &ip.spans, &index_));
+  }
   {
     std::lock_guard<std::mutex> l(mu_);
     if (phase_ != InPlacePhase::kNone) {

@@ -221,6 +221,10 @@ class SnapshotSender {
   bool in_place_unavailable_ = false;         // GUARDED_BY(mu_): the agent said it cannot
   bool in_place_cut_ = false;                 // GUARDED_BY(mu_): Release shut the connection
   std::string spare_;     // GUARDED_BY(mu_): a sent payload's buffer, reused by the next copy
+  // The last index encoded by Snapshot or SnapshotInPlace (the callers' threads), reused while
+  // the tensors' layout stays the same.
+  std::mutex index_mu_;
+  SnapshotIndexCache index_;  // GUARDED_BY(index_mu_)
   bool sending_ = false;  // GUARDED_BY(mu_)
   bool stop_ = false;     // GUARDED_BY(mu_)
   Status last_;           // GUARDED_BY(mu_)

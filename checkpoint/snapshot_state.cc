@@ -55,8 +55,39 @@ StatusOr<std::string> EncodeSnapshotState(const SaveState& state) {
   return out;
 }
 
+namespace {
+
+bool SameLayout(const TensorRef& a, const TensorRef& b) {
+  return a.name == b.name && a.dtype == b.dtype && a.shape == b.shape && a.offsets == b.offsets &&
+         a.lengths == b.lengths && a.replicated == b.replicated && a.memory == b.memory;
+}
+
+}  // namespace
+
 Status EncodeSnapshotStateParts(const SaveState& state, std::string* head,
-                                std::vector<SnapshotSpan>* spans) {
+                                std::vector<SnapshotSpan>* spans, SnapshotIndexCache* cache) {
+  if (cache != nullptr && cache->valid && cache->metadata_bytes == state.metadata.size() &&
+      cache->layout.size() == state.tensors.size()) {
+    bool same = true;
+    for (size_t i = 0; same && i < state.tensors.size(); ++i) {
+      same = SameLayout(state.tensors[i], cache->layout[i]);
+    }
+    if (same) {
+      // Checked when the cached index was built; only the data pointers are new.
+      spans->clear();
+      spans->reserve(state.tensors.size());
+      for (size_t i = 0; i < state.tensors.size(); ++i) {
+        const TensorRef& t = state.tensors[i];
+        if (cache->bytes[i] > 0 && !t.data) {
+          return InvalidArgumentError("snapshot: tensor '" + t.name + "' has no data pointer");
+        }
+        spans->push_back({t.data, cache->bytes[i]});
+      }
+      *head = cache->head;
+      return Status::Ok();
+    }
+  }
+  if (cache != nullptr) cache->valid = false;
   json tensors = json::array();
   std::set<std::string> names;
   uint64_t pos = 0;
@@ -94,14 +125,26 @@ Status EncodeSnapshotStateParts(const SaveState& state, std::string* head,
   uint32_t n = static_cast<uint32_t>(idx.size());
   for (int i = 0; i < 4; ++i) head->push_back(static_cast<char>((n >> (8 * i)) & 0xff));
   head->append(idx);
+  if (cache != nullptr) {
+    cache->layout = state.tensors;
+    cache->bytes.clear();
+    for (size_t i = 0; i < cache->layout.size(); ++i) {
+      cache->layout[i].data = nullptr;
+      cache->bytes.push_back((*spans)[i].bytes);
+    }
+    cache->metadata_bytes = state.metadata.size();
+    cache->head = *head;
+    cache->valid = true;
+  }
   return Status::Ok();
 }
 
-Status EncodeSnapshotStateInto(const SaveState& state, std::string* out_ptr) {
+Status EncodeSnapshotStateInto(const SaveState& state, std::string* out_ptr,
+                               SnapshotIndexCache* cache) {
   std::string& out = *out_ptr;
   std::string head;
   std::vector<SnapshotSpan> spans;
-  MUSTER_RETURN_IF_ERROR(EncodeSnapshotStateParts(state, &head, &spans));
+  MUSTER_RETURN_IF_ERROR(EncodeSnapshotStateParts(state, &head, &spans, cache));
   uint64_t total = head.size() + state.metadata.size();
   for (const SnapshotSpan& s : spans) total += s.bytes;
   out.clear();

@@ -27,10 +27,12 @@ namespace muster::checkpoint {
 // The payload for `state`. InvalidArgument for a state Checkpointer::Save would refuse (a
 // duplicate or empty name, a box outside the shape, a missing data pointer);
 // FailedPrecondition for a CUDA tensor (snapshots copy host memory only, for now).
+struct SnapshotIndexCache;
 StatusOr<std::string> EncodeSnapshotState(const SaveState& state);
 // The same into `out` (its capacity is reused: a caller that keeps the buffer between snapshots
 // pays for no new pages). `out` is unspecified after an error.
-Status EncodeSnapshotStateInto(const SaveState& state, std::string* out);
+Status EncodeSnapshotStateInto(const SaveState& state, std::string* out,
+                               SnapshotIndexCache* cache = nullptr);
 
 // Where one tensor's bytes of a SaveState are, in this process.
 struct SnapshotSpan {
@@ -40,8 +42,22 @@ struct SnapshotSpan {
 // The payload of `state` in parts, without copying a tensor: `head` (the index's length and the
 // index), then each tensor's bytes in order (`spans`), then state.metadata. The same checks as
 // EncodeSnapshotStateInto; its payload is head, the spans' bytes and the metadata, concatenated.
+//
+// `cache`, when given, keeps the last index encoded: a rank snapshots the same tensors every
+// step, so while the layout (every tensor's name, dtype, shape, box, replication and memory
+// kind, in order) and the metadata's size are those of the last call, the index is reused
+// instead of built again (with nlohmann::json, most of a rank's CPU per snapshot). A cache is
+// not safe to use from two threads at once.
+struct SnapshotIndexCache {
+  std::vector<TensorRef> layout;  // data pointers cleared
+  std::vector<uint64_t> bytes;    // each tensor's
+  uint64_t metadata_bytes = 0;
+  std::string head;
+  bool valid = false;
+};
 Status EncodeSnapshotStateParts(const SaveState& state, std::string* head,
-                                std::vector<SnapshotSpan>* spans);
+                                std::vector<SnapshotSpan>* spans,
+                                SnapshotIndexCache* cache = nullptr);
 
 // One tensor of a payload, as its index describes it.
 struct SnapshotTensorInfo {

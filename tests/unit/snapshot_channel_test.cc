@@ -561,5 +561,66 @@ TEST(SnapshotStateTest, TheIndexDescribesEachTensorAndTheMetadata) {
             StatusCode::kDataLoss);
 }
 
+
+// The index cache: a state with the last call's layout gets the index an uncached call builds,
+// with the new data pointers; any change in the layout or the metadata's size builds it again;
+// a state refused is refused with a cache too (and leaves none to reuse).
+TEST(SnapshotStateTest, TheCachedIndexIsTheOneBuiltAndFollowsEveryLayoutChange) {
+  std::vector<float> w(6 * 4, 1.0f), w2(6 * 4, 2.0f);
+  std::vector<int64_t> b = {1, 2};
+  SaveState state;
+  state.tensors.push_back(TensorRef::RowShard("w", DType::kF32, {12, 4}, 6, 6, w.data()));
+  state.tensors.push_back(TensorRef::Replicated("b", DType::kI64, {2}, b.data()));
+  state.metadata = "meta";
+  checkpoint::SnapshotIndexCache cache;
+  auto encode = [&](checkpoint::SnapshotIndexCache* c) {
+    std::string out;
+    EXPECT_TRUE(checkpoint::EncodeSnapshotStateInto(state, &out, c).ok());
+    return out;
+  };
+  auto same_as_uncached = [&](const std::string& what) {
+    std::string head, uncached_head;
+    std::vector<checkpoint::SnapshotSpan> spans, uncached_spans;
+    ASSERT_TRUE(checkpoint::EncodeSnapshotStateParts(state, &head, &spans, &cache).ok()) << what;
+    ASSERT_TRUE(
+        checkpoint::EncodeSnapshotStateParts(state, &uncached_head, &uncached_spans).ok());
+    EXPECT_EQ(head, uncached_head) << what;
+    ASSERT_EQ(spans.size(), uncached_spans.size()) << what;
+    for (size_t i = 0; i < spans.size(); ++i) {
+      EXPECT_EQ(spans[i].data, uncached_spans[i].data) << what;
+      EXPECT_EQ(spans[i].bytes, uncached_spans[i].bytes) << what;
+    }
+    EXPECT_EQ(encode(&cache), encode(nullptr)) << what;
+  };
+  same_as_uncached("first");
+  EXPECT_TRUE(cache.valid);
+  state.tensors[0].data = w2.data();
+  same_as_uncached("new data pointer");
+  state.metadata = "metadata";
+  same_as_uncached("longer metadata");
+  state.tensors[0] = TensorRef::RowShard("w", DType::kF32, {12, 4}, 0, 6, w.data());
+  same_as_uncached("another box");
+  state.tensors[1].name = "c";
+  same_as_uncached("renamed");
+  state.tensors[1].dtype = DType::kF64;
+  same_as_uncached("another dtype");
+  state.tensors[1].replicated = false;
+  same_as_uncached("not replicated");
+  state.tensors.pop_back();
+  same_as_uncached("one fewer");
+  // Refused with the cache as without, and nothing left to reuse.
+  state.tensors.push_back(state.tensors[0]);
+  std::string head;
+  std::vector<checkpoint::SnapshotSpan> spans;
+  Status twice = checkpoint::EncodeSnapshotStateParts(state, &head, &spans, &cache);
+  EXPECT_EQ(twice.code(), StatusCode::kInvalidArgument) << twice;
+  EXPECT_FALSE(cache.valid);
+  state.tensors.pop_back();
+  same_as_uncached("after a refusal");
+  state.tensors[0].data = nullptr;
+  EXPECT_EQ(checkpoint::EncodeSnapshotStateParts(state, &head, &spans, &cache).code(),
+            StatusCode::kInvalidArgument);
+}
+
 }  // namespace
 }  // namespace muster
