@@ -117,8 +117,9 @@ struct AttemptLog {
   int64_t start_ms = 0, first_step_ms = 0, resume = -1, last_step = 0, preempted = -1;
   int64_t last_step_ms = 0, steps = 0;  // the last progress stamp; progress lines
   std::string source;                   // the snapshot trainer's resume source
-  // The fine-tune: its "snapshot copy mean X ms max Y ms over N of K KiB" log line (the last).
-  double copy_mean_ms = -1, copy_max_ms = -1;
+  // The fine-tune: its "snapshot stall mean X ms max Y ms over N of K KiB (release mean Z ms)"
+  // log line (the last).
+  double copy_mean_ms = -1, copy_max_ms = -1, release_mean_ms = -1;
   int64_t snapshot_kib = -1;
   // The mean time between progress lines (ms); -1 with fewer than two.
   double MeanStepMs() const {
@@ -151,14 +152,18 @@ AttemptLog ParseLog(const std::string& text) {
     } else if (auto f = line.find("| step "); f != std::string::npos) {
       // The fine-tune's own step line (its MUSTER_PROGRESS goes on the control channel).
       a.last_step = std::max<int64_t>(a.last_step, std::atoll(line.c_str() + f + 7));
-      if (auto c = line.find("snapshot copy mean "); c != std::string::npos) {
-        double mean = -1, max = -1;
+      if (auto c = line.find("snapshot stall mean "); c != std::string::npos) {
+        double mean = -1, max = -1, release = -1;
         long long n = 0, kib = -1;
-        if (std::sscanf(line.c_str() + c, "snapshot copy mean %lf ms max %lf ms over %lld of %lld",
-                        &mean, &max, &n, &kib) == 4) {
+        const int got = std::sscanf(
+            line.c_str() + c,
+            "snapshot stall mean %lf ms max %lf ms over %lld of %lld KiB (release mean %lf ms)",
+            &mean, &max, &n, &kib, &release);
+        if (got >= 4) {
           a.copy_mean_ms = mean;
           a.copy_max_ms = max;
           a.snapshot_kib = kib;
+          if (got == 5) a.release_mean_ms = release;
         }
       }
     } else if (auto r = line.find("resumed from the in-memory snapshot of step ");
@@ -181,6 +186,7 @@ struct Outcome {
   double step_ms = -1;                         // attempt 1's mean step time
   std::string source;                          // where the resumed attempt's rank 0 resumed from
   double copy_mean_ms = -1, copy_max_ms = -1;  // the fine-tune's snapshot stall (attempt 1)
+  double release_mean_ms = -1;                 // the part of it spent waiting in Release
   int64_t snapshot_kib = -1;
   // CPU the agents themselves used per step of attempt 1 (from step 3 to the interruption).
   double agent_cpu_ms_per_step = -1;
@@ -534,6 +540,7 @@ Outcome Measure(const std::string& muster, bool with_notice, int step_ms, int ck
   o.source = b.source;
   o.copy_mean_ms = a.copy_mean_ms;
   o.copy_max_ms = a.copy_max_ms;
+  o.release_mean_ms = a.release_mean_ms;
   o.snapshot_kib = a.snapshot_kib;
   if (snap.snapshots || ft_snapshots) {
     const std::string mark = "it last put job " + *job + " rank ";
@@ -969,6 +976,7 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
           j["finetune_snapshot_step_cost_pct"] = ft_cost_pct;
           j["finetune_snapshot_copy_ms"] = ft_snap->copy_mean_ms;
           j["finetune_snapshot_copy_max_ms"] = ft_snap->copy_max_ms;
+          j["finetune_snapshot_release_ms"] = ft_snap->release_mean_ms;
           j["finetune_snapshot_copy_pct"] = ft_copy_pct;
           j["finetune_snapshot_kib"] = ft_snap->snapshot_kib;
           if (!ft_snap->error.empty()) j["failure_finetune_snapshots_error"] = ft_snap->error;
@@ -1020,8 +1028,9 @@ void AddRecoveryBench(CLI::App& app, Runner* runner) {
               "every step, " + std::to_string(ft_snap->snapshot_kib) + " KiB/rank; resumed from " +
                   ft_snap->source + "; step " + Fmt(ft_on, 1) + " ms vs " + Fmt(ft_off, 1) +
                   " ms without (" + Fmt(ft_cost_pct, 1) + "%, median of " +
-                  std::to_string(ft_on_ms.size()) + "); copy " + Fmt(ft_snap->copy_mean_ms, 2) +
-                  " ms (" + Fmt(ft_copy_pct, 1) + "% of a step); agents' CPU " +
+                  std::to_string(ft_on_ms.size()) + "); stall " + Fmt(ft_snap->copy_mean_ms, 2) +
+                  " ms (" + Fmt(ft_copy_pct, 1) + "% of a step; " +
+                  Fmt(ft_snap->release_mean_ms, 2) + " ms of it in Release); agents' CPU " +
                   Fmt(median(ft_on_cpu), 1) + " vs " + Fmt(median(ft_off_cpu), 1) +
                   " ms per step; ranks' CPU " + Fmt(median(ft_on_rcpu), 1) + " vs " +
                   Fmt(median(ft_off_rcpu), 1) + " ms per step; idle CPU " +

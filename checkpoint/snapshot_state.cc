@@ -66,8 +66,16 @@ bool SameLayout(const TensorRef& a, const TensorRef& b) {
 
 Status EncodeSnapshotStateParts(const SaveState& state, std::string* head,
                                 std::vector<SnapshotSpan>* spans, SnapshotIndexCache* cache) {
-  if (cache != nullptr && cache->valid && cache->metadata_bytes == state.metadata.size() &&
-      cache->layout.size() == state.tensors.size()) {
+  // The index: {"metadata_bytes":N,"tensors":[...]}, the tensors' array built (or reused) alone.
+  auto write_head = [&](const std::string& tensors) {
+    std::string idx = "{\"metadata_bytes\":" + std::to_string(state.metadata.size()) +
+                      ",\"tensors\":" + tensors + "}";
+    head->clear();
+    uint32_t n = static_cast<uint32_t>(idx.size());
+    for (int i = 0; i < 4; ++i) head->push_back(static_cast<char>((n >> (8 * i)) & 0xff));
+    head->append(idx);
+  };
+  if (cache != nullptr && cache->valid && cache->layout.size() == state.tensors.size()) {
     bool same = true;
     for (size_t i = 0; same && i < state.tensors.size(); ++i) {
       same = SameLayout(state.tensors[i], cache->layout[i]);
@@ -83,7 +91,7 @@ Status EncodeSnapshotStateParts(const SaveState& state, std::string* head,
         }
         spans->push_back({t.data, cache->bytes[i]});
       }
-      *head = cache->head;
+      write_head(cache->tensors);
       return Status::Ok();
     }
   }
@@ -119,12 +127,8 @@ Status EncodeSnapshotStateParts(const SaveState& state, std::string* head,
     pos += bytes;
     spans->push_back({t.data, bytes});
   }
-  json index = {{"tensors", tensors}, {"metadata_bytes", state.metadata.size()}};
-  std::string idx = index.dump();
-  head->clear();
-  uint32_t n = static_cast<uint32_t>(idx.size());
-  for (int i = 0; i < 4; ++i) head->push_back(static_cast<char>((n >> (8 * i)) & 0xff));
-  head->append(idx);
+  std::string dumped = tensors.dump();
+  write_head(dumped);
   if (cache != nullptr) {
     cache->layout = state.tensors;
     cache->bytes.clear();
@@ -132,8 +136,7 @@ Status EncodeSnapshotStateParts(const SaveState& state, std::string* head,
       cache->layout[i].data = nullptr;
       cache->bytes.push_back((*spans)[i].bytes);
     }
-    cache->metadata_bytes = state.metadata.size();
-    cache->head = *head;
+    cache->tensors = std::move(dumped);
     cache->valid = true;
   }
   return Status::Ok();

@@ -45,14 +45,14 @@ struct SnapshotSpan {
 //
 // `cache`, when given, keeps the last index encoded: a rank snapshots the same tensors every
 // step, so while the layout (every tensor's name, dtype, shape, box, replication and memory
-// kind, in order) and the metadata's size are those of the last call, the index is reused
-// instead of built again (with nlohmann::json, most of a rank's CPU per snapshot). A cache is
-// not safe to use from two threads at once.
+// kind, in order) is that of the last call, the index's list of tensors is reused instead of
+// built again (with nlohmann::json, most of a rank's CPU per snapshot); the metadata's size,
+// which changes from step to step, is written each time. A cache is not safe to use from two
+// threads at once.
 struct SnapshotIndexCache {
   std::vector<TensorRef> layout;  // data pointers cleared
   std::vector<uint64_t> bytes;    // each tensor's
-  uint64_t metadata_bytes = 0;
-  std::string head;
+  std::string tensors;            // the index's "tensors" array, encoded
   bool valid = false;
 };
 Status EncodeSnapshotStateParts(const SaveState& state, std::string* head,

@@ -26,6 +26,7 @@ Status SnapshotSink::Release() {
   const double ms =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - began).count();
   stats_.stall_ms_sum += ms;
+  stats_.release_ms_sum += ms;
   stats_.stall_ms_max = std::max(stats_.stall_ms_max, ms);
   if (!s.ok()) log::Get("examples.finetune")->warn("in-memory snapshot: {}", s.ToString());
   return Status::Ok();

@@ -40,8 +40,10 @@ class SnapshotSink {
     int64_t snapshots = 0;    // handed to the sender
     double stall_ms_sum = 0;  // from gathering the state to Save()'s return, summed
     double stall_ms_max = 0;
+    double release_ms_sum = 0;  // the part of stall_ms_sum spent in Release (the agent's read)
     uint64_t bytes = 0;  // the state's bytes in the last snapshot
     double mean_ms() const { return snapshots > 0 ? stall_ms_sum / snapshots : 0.0; }
+    double release_mean_ms() const { return snapshots > 0 ? release_ms_sum / snapshots : 0.0; }
   };
 
   // REQUIRES: sender non-null, every > 0.

@@ -519,10 +519,10 @@ StatusOr<TrainResult> Run::Go() {
       if (snapshots_ && snapshots_->stats().snapshots > 0) {
         const SnapshotSink::Stats& ss = snapshots_->stats();
         log_->info(
-            "step {}/{}  loss {:.4f}  lr {:.3g}  {:.0f} tok/s  snapshot copy mean {:.3f} ms max "
-            "{:.3f} ms over {} of {} KiB",
+            "step {}/{}  loss {:.4f}  lr {:.3g}  {:.0f} tok/s  snapshot stall mean {:.3f} ms max "
+            "{:.3f} ms over {} of {} KiB (release mean {:.3f} ms)",
             done, c_.steps, loss_value, lr, tps, ss.mean_ms(), ss.stall_ms_max, ss.snapshots,
-            ss.bytes / 1024);
+            ss.bytes / 1024, ss.release_mean_ms());
       } else {
         log_->info("step {}/{}  loss {:.4f}  lr {:.3g}  {:.0f} tok/s", done, c_.steps, loss_value,
                    lr, tps);
