@@ -327,10 +327,17 @@ void Reactor::Loop() {
     }
   }
 
-  // Closures accepted before Stop still run (Call() waits on them).
+  // Closures accepted before Stop still run (Call() waits on them). A loop that ended on its
+  // own (its context terminated: ETERM) refuses later ones too, as a stopped one does: accepted,
+  // they would never run and a Call would wait for ever.
   std::vector<Named> posted;
   {
     std::lock_guard<std::mutex> lock(mu_);
+    if (!stopping_) {
+      log::Get("reactor")->warn("{}: its ZeroMQ context was terminated; the loop has ended",
+                                name_);
+    }
+    stopping_ = true;
     posted.swap(posted_);
   }
   for (const Named& n : posted) RunNamed(n.name, n.fn);

@@ -111,6 +111,30 @@ TEST(ReactorTest, StopDropsLaterPostsAndIsIdempotent) {
   reactor.Stop();
 }
 
+// Its context terminated under it (zmq_ctx_shutdown), the loop ends on ETERM; from then on it
+// refuses posts as a stopped one does (accepted, they would never run, and a Call would wait
+// for ever).
+TEST(ReactorTest, ALoopEndedByItsContextsTerminationRefusesLaterPosts) {
+  zmq::context_t ctx(1);
+  Reactor reactor("test", &ctx);
+  {
+    zmq::socket_t pull(ctx, zmq::socket_type::pull);
+    pull.bind("inproc://reactor-eterm");
+    reactor.AddSocket(pull, "pull", [] {});
+    reactor.Start();
+    EXPECT_EQ(reactor.Call("up", [] { return 1; }), 1);
+    ctx.shutdown();
+    for (auto until = std::chrono::steady_clock::now() + 10s;
+         reactor.running() && std::chrono::steady_clock::now() < until;) {
+      std::this_thread::sleep_for(5ms);
+    }
+    EXPECT_FALSE(reactor.running());
+    EXPECT_FALSE(reactor.Post("late", [] {}));
+    reactor.Stop();
+    reactor.RemoveSocket(pull);  // stopped: from this thread
+  }
+}
+
 TEST(ReactorTest, ThrowingClosureDoesNotKillTheLoop) {
   Reactor reactor("test");
   reactor.Start();
