@@ -124,7 +124,8 @@ StatusOr<DataHeader> DecodeDataHeader(std::string_view in, std::initializer_list
   }
   h.payload_length = LoadLe<uint64_t>(in, 40);
   const bool carries_payload =
-      h.kind == DataKind::kPut || h.kind == DataKind::kOffer || h.kind == DataKind::kChunks;
+      h.kind == DataKind::kPut || h.kind == DataKind::kOffer || h.kind == DataKind::kWhole ||
+      h.kind == DataKind::kChunks;
   const uint64_t max = carries_payload ? max_payload : 0;
   if (h.payload_length > max) {
     return DataLossError("snapshot data: payload of " + std::to_string(h.payload_length) +
@@ -134,6 +135,7 @@ StatusOr<DataHeader> DecodeDataHeader(std::string_view in, std::initializer_list
   uint64_t lo = 0, hi = 0;
   switch (h.kind) {
     case DataKind::kPut:
+    case DataKind::kWhole:
       lo = kMinPutPrefix;
       hi = kMaxPutPrefix;
       break;
@@ -307,9 +309,10 @@ std::vector<ChunkDigest> ChunkDigests(std::string_view payload, uint64_t seed) {
 Status WriteDataOffer(const DataSessionId& session, uint64_t counter, const AeadKey& key,
                       const checkpoint::SnapshotFrame& frame,
                       const std::vector<ChunkDigest>& digests, const DataWriter& write) {
-  if (digests.size() != DedupChunkCount(frame.payload.size())) {
-    return InvalidArgumentError("snapshot data: an offer needs a digest per chunk");
+  if (!digests.empty() && digests.size() != DedupChunkCount(frame.payload.size())) {
+    return InvalidArgumentError("snapshot data: an offer needs a digest per chunk, or none");
   }
+  const DataKind kind = digests.empty() ? DataKind::kWhole : DataKind::kOffer;
   MUSTER_ASSIGN_OR_RETURN(
       std::string body,
       checkpoint::EncodeSnapshotPrefix(frame.key, frame.payload.size(), frame.payload_xxh3));
@@ -319,30 +322,31 @@ Status WriteDataOffer(const DataSessionId& session, uint64_t counter, const Aead
   body.reserve(body.size() + digests.size() * kChunkDigestBytes);
   for (const ChunkDigest& d : digests)
     body.append(reinterpret_cast<const char*>(d.data()), d.size());
-  DataHeader h{.kind = DataKind::kOffer,
+  DataHeader h{.kind = kind,
                .session = session,
                .counter = counter,
                .prefix_length = static_cast<uint32_t>(body.size()),
                .payload_length = frame.payload.size()};
   std::string out = EncodeDataHeader(h);
-  MUSTER_ASSIGN_OR_RETURN(std::string sealed,
-                          AeadSeal(key, DataNonce(DataKind::kOffer, counter), out, body));
+  MUSTER_ASSIGN_OR_RETURN(std::string sealed, AeadSeal(key, DataNonce(kind, counter), out, body));
   return write(out + sealed);
 }
 
 StatusOr<DataOffer> ReadDataOffer(const DataHeader& h, std::string_view header, const AeadKey& key,
                                   uint64_t max_payload, const DataReader& read) {
-  if (h.kind != DataKind::kOffer || header.size() != kDataHeaderBytes) {
+  if ((h.kind != DataKind::kOffer && h.kind != DataKind::kWhole) ||
+      header.size() != kDataHeaderBytes) {
     return InvalidArgumentError("snapshot data: not the header of an offer");
   }
-  const uint64_t chunks = DedupChunkCount(h.payload_length);
+  const bool whole = h.kind == DataKind::kWhole;
+  const uint64_t chunks = whole ? 0 : DedupChunkCount(h.payload_length);
   const uint64_t digest_bytes = chunks * kChunkDigestBytes;
   if (h.payload_length > max_payload || h.prefix_length < kMinPutPrefix + digest_bytes) {
     return InvalidArgumentError("snapshot data: an offer's header out of its ranges");
   }
   std::string sealed(uint64_t{h.prefix_length} + kAeadTagBytes, '\0');
   MUSTER_RETURN_IF_ERROR(read(sealed.data(), sealed.size()));
-  auto body = AeadOpen(key, DataNonce(DataKind::kOffer, h.counter), header, sealed);
+  auto body = AeadOpen(key, DataNonce(h.kind, h.counter), header, sealed);
   if (!body.ok()) {
     return DataLossError("snapshot data: offer " + std::to_string(h.counter) + ": " +
                          body.status().message());
@@ -350,6 +354,7 @@ StatusOr<DataOffer> ReadDataOffer(const DataHeader& h, std::string_view header, 
   const std::string_view b = *body;
   const std::string_view prefix = b.substr(0, b.size() - digest_bytes);
   DataOffer offer;
+  offer.whole = whole;
   MUSTER_ASSIGN_OR_RETURN(offer.header,
                           checkpoint::DecodeSnapshotHeader(
                               prefix.substr(0, checkpoint::kSnapshotHeaderBytes), max_payload));

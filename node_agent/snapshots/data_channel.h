@@ -53,6 +53,17 @@
 // sends the frame again as a PUT). The kinds are part of the nonce, so the four messages of one
 // counter never share one.
 //
+// The whole-frame offer. When the peer held the whole of this rank's last frame (it asked for no
+// chunk), the next frame is most likely held whole too, and its digests are a pass over the
+// payload for nothing. When the session allows it (its CURVE reply carries whole_offers), a
+// forwarder may send instead of an OFFER:
+//   WHOLE   (kind 6, client to server; payload length: the frame's payload): sealed, the frame's
+//           header and job id as in a PUT, and nothing else (no digests).
+// The peer answers with a NEED as to an OFFER: no chunk when it holds a frame of the same job,
+// attempt and step with the offered size and xxh3 (copied whole, as for an OFFER), else every
+// chunk. Then CHUNKS and REPLY as for an OFFER. A forwarder whose whole-frame offer had to send
+// chunks offers the rank's next frame with digests again.
+//
 // Thread-safety: pure functions; the reader and writer passed in are called on the caller's
 // thread.
 
@@ -88,7 +99,15 @@ using ChunkDigest = std::array<uint8_t, kChunkDigestBytes>;
 using ChunkNeeds = std::vector<bool>;
 
 // kOffer, kNeed and kChunks: the deduplicated put (below).
-enum class DataKind : uint16_t { kPut = 1, kReply = 2, kOffer = 3, kNeed = 4, kChunks = 5 };
+// kWhole: the whole-frame offer (below).
+enum class DataKind : uint16_t {
+  kPut = 1,
+  kReply = 2,
+  kOffer = 3,
+  kNeed = 4,
+  kChunks = 5,
+  kWhole = 6
+};
 
 struct DataHeader {
   DataKind kind = DataKind::kPut;
@@ -156,15 +175,18 @@ std::vector<ChunkDigest> ChunkDigests(std::string_view payload, uint64_t seed);
 struct DataOffer {
   checkpoint::SnapshotHeader header;
   std::string job;
-  std::vector<ChunkDigest> digests;  // DedupChunkCount(header.payload_length)
+  // DedupChunkCount(header.payload_length) for an OFFER; none for a whole-frame offer (WHOLE).
+  std::vector<ChunkDigest> digests;
+  bool whole = false;
 };
 
 // Seals the OFFER of `frame` with `counter` (its digests: ChunkDigests of its payload) and writes
-// it. REQUIRES: digests.size() == DedupChunkCount(frame.payload.size()).
+// it; with no digests, the whole-frame offer (WHOLE). REQUIRES: digests.size() ==
+// DedupChunkCount(frame.payload.size()), or digests empty.
 Status WriteDataOffer(const DataSessionId& session, uint64_t counter, const AeadKey& key,
                       const checkpoint::SnapshotFrame& frame,
                       const std::vector<ChunkDigest>& digests, const DataWriter& write);
-// Opens the rest of the OFFER whose header `h` (its `header` bytes) was just read, and checks
+// Opens the rest of the OFFER or WHOLE whose header `h` (its `header` bytes) was just read, and checks
 // the frame's header (DecodeSnapshotHeader with `max_payload`), its job id and its lengths
 // against the message's. DataLoss naming what is wrong; the reader's error if it fails.
 StatusOr<DataOffer> ReadDataOffer(const DataHeader& h, std::string_view header, const AeadKey& key,

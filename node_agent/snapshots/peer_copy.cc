@@ -201,6 +201,7 @@ struct SnapshotPeerServer::Impl {
     r->set_max_payload(store->memory_limit());
     r->set_dedup_chunk_bytes(static_cast<uint32_t>(kDedupChunkBytes));
     r->set_dedup_seed(dedup_seed);
+    r->set_whole_offers(true);
     return out;
   }
 
@@ -400,7 +401,8 @@ struct SnapshotPeerServer::Impl {
         }
       }
       first = false;
-      auto h = DecodeDataHeader(header, {DataKind::kPut, DataKind::kOffer}, limit);
+      auto h = DecodeDataHeader(header, {DataKind::kPut, DataKind::kOffer, DataKind::kWhole},
+                                limit);
       if (!h.ok()) {
         RefuseData(h.status().ToString());
         break;
@@ -599,7 +601,10 @@ struct SnapshotPeerServer::Impl {
       const checkpoint::SnapshotFrame* frame = nullptr;
       uint64_t chunk = 0;
     };
-    std::vector<Source> from(offer.digests.size());
+    // An OFFER has a digest per chunk; a whole-frame offer none (every chunk is asked for
+    // unless a frame held here is the one offered).
+    const uint64_t chunks = DedupChunkCount(size);
+    std::vector<Source> from(chunks);
     std::vector<std::shared_ptr<const checkpoint::SnapshotFrame>> holding =
         store->FramesAt(offer.job, k.attempt, k.step, k.rank, Clock::now() + kDedupSourceWait);
     // The common case, data-parallel ranks: a frame held here has the offered frame's size and
@@ -613,8 +618,8 @@ struct SnapshotPeerServer::Impl {
         break;
       }
     }
-    ChunkNeeds need(offer.digests.size(), same == nullptr);
-    uint64_t needed = same == nullptr ? offer.digests.size() : 0;
+    ChunkNeeds need(chunks, same == nullptr);
+    uint64_t needed = same == nullptr && !offer.whole ? chunks : 0;
     for (const auto& f : holding) {
       if (needed == 0) break;
       const auto d = DigestsOf(f, seed);
@@ -1041,6 +1046,7 @@ int64_t SnapshotForwarder::replaced() const {
 int64_t SnapshotForwarder::connections() const { return connections_.load(); }
 uint64_t SnapshotForwarder::offered_bytes() const { return offered_bytes_.load(); }
 uint64_t SnapshotForwarder::offered_bytes_sent() const { return offered_sent_bytes_.load(); }
+int64_t SnapshotForwarder::whole_offers() const { return whole_offers_.load(); }
 std::string SnapshotForwarder::last_error() const {
   std::lock_guard<std::mutex> l(mu_);
   return last_error_;
@@ -1097,6 +1103,7 @@ StatusOr<SnapshotForwarder::Connection> SnapshotForwarder::Open(const SnapshotPe
   c.max_payload = sr.max_payload();
   c.dedup = sr.dedup_chunk_bytes() == kDedupChunkBytes;
   c.dedup_seed = sr.dedup_seed();
+  c.whole_offers = c.dedup && sr.whole_offers();
   const std::string host = TcpHost(t.endpoint);
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;
@@ -1180,10 +1187,15 @@ Status SnapshotForwarder::Send(const SnapshotPeerTarget& t, const checkpoint::Sn
   Status st, carried;
   if (c.dedup && f.payload.size() >= kMinOfferedPayload) {
     // A deduplicated put (data_channel.h): the digests first, then only the chunks the peer
-    // does not hold.
+    // does not hold. Offered whole (no digests) when the peer held the rank's last frame whole.
     const uint64_t counter = ++c.counter;
     ChunkNeeds need;
-    st = WriteDataOffer(c.session, counter, c.key, f, ChunkDigests(f.payload, c.dedup_seed), write);
+    bool& held_whole = c.held_whole[f.key.rank];
+    const bool whole = c.whole_offers && held_whole;
+    held_whole = false;  // until this offer's answer says otherwise
+    st = WriteDataOffer(c.session, counter, c.key, f,
+                        whole ? std::vector<ChunkDigest>{} : ChunkDigests(f.payload, c.dedup_seed),
+                        write);
     if (st.ok()) st = answer(DataKind::kNeed, counter, &carried, &need);
     if (st.ok() && carried.ok()) {
       st = WriteDataChunks(c.session, counter, c.key, f.payload, need, &c.scratch, write);
@@ -1192,6 +1204,8 @@ Status SnapshotForwarder::Send(const SnapshotPeerTarget& t, const checkpoint::Sn
         const uint64_t sent = NeededBytes(f.payload.size(), need);
         offered_bytes_ += f.payload.size();
         offered_sent_bytes_ += sent;
+        if (whole) whole_offers_++;
+        held_whole = carried.ok() && sent == 0;
         if (auto old = copy_stats_.find(f.key.job);
             old != copy_stats_.end() && old->second.node != t.node) {
           ReportCopies(f.key.job);  // those went to the job's previous peer

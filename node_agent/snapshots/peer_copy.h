@@ -181,6 +181,9 @@ class SnapshotForwarder {
   // chunks of them the peers asked for, since the start.
   uint64_t offered_bytes() const;
   uint64_t offered_bytes_sent() const;
+  // Of those offers, the whole-frame ones (no digests: the peer had held the rank's last frame
+  // whole), since the start.
+  int64_t whole_offers() const;
   // The last failure's message ("" when none).
   std::string last_error() const;
 
@@ -205,6 +208,10 @@ class SnapshotForwarder {
     uint64_t max_payload = 0;  // the peer's, from the session (0: not said, an older peer)
     bool dedup = false;        // the peer takes offers (data_channel.h), with this seed
     uint64_t dedup_seed = 0;
+    bool whole_offers = false;  // and whole-frame offers
+    // By rank: the peer held the rank's last frame offered whole (it asked for no chunk), so
+    // the next is offered whole, without digests.
+    std::map<int32_t, bool> held_whole;
     bool warned_resend = false;  // an offer's assembled copy failed and was logged
     Fd data;
     std::string scratch;  // what WriteDataPut seals into
@@ -230,6 +237,7 @@ class SnapshotForwarder {
   int64_t sent_ = 0, failed_ = 0, replaced_ = 0;  // GUARDED_BY(mu_)
   std::atomic<int64_t> connections_{0};
   std::atomic<uint64_t> offered_bytes_{0}, offered_sent_bytes_{0};
+  std::atomic<int64_t> whole_offers_{0};
   // The loop's thread only (ClearJob and SetTarget wake the loop, which closes a connection
   // whose job or target is gone): the open connection of each job.
   std::map<std::string, Connection> connections_by_job_;

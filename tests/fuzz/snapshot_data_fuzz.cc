@@ -57,7 +57,8 @@ void RawInput(std::string_view data) {
   if (data.size() < kDataHeaderBytes) return;
   const std::string_view header = data.substr(0, kDataHeaderBytes);
   for (DataKind kind :
-       {DataKind::kPut, DataKind::kReply, DataKind::kOffer, DataKind::kNeed, DataKind::kChunks}) {
+       {DataKind::kPut, DataKind::kReply, DataKind::kOffer, DataKind::kNeed, DataKind::kChunks,
+        DataKind::kWhole}) {
     auto h = muster::node_agent::DecodeDataHeader(header, kind, kLimit);
     if (!h.ok()) continue;
     std::string_view rest = data.substr(kDataHeaderBytes);
@@ -73,6 +74,7 @@ void RawInput(std::string_view data) {
                      .ok();
         break;
       case DataKind::kOffer:
+      case DataKind::kWhole:
         opened =
             muster::node_agent::ReadDataOffer(*h, header, FixedKey(), kLimit, ReaderOf(rest)).ok();
         break;
@@ -199,17 +201,19 @@ std::string SealAs(DataHeader h, std::string_view plain, std::string* header) {
   return *sealed;
 }
 
-// The input as an OFFER's plaintext (a frame prefix, then digests), sealed correctly: it opens
-// only to an offer whose prefix and digests re-encode to exactly those bytes.
+// The input as an OFFER's plaintext (a frame prefix, then digests) or a whole-frame offer's (the
+// prefix alone), sealed correctly: it opens only to an offer whose prefix and digests re-encode
+// to exactly those bytes, with no digests for a whole-frame offer.
 void SealedOffer(std::string_view data) {
   if (data.size() < 3) return;
+  const DataKind kind = (static_cast<uint8_t>(data[1]) & 0x80) ? DataKind::kWhole : DataKind::kOffer;
   const uint64_t payload_length =
-      static_cast<uint8_t>(data[0]) | (uint64_t{static_cast<uint8_t>(data[1])} << 8);
+      static_cast<uint8_t>(data[0]) | (uint64_t{static_cast<uint8_t>(data[1]) & 0x7fu} << 8);
   const std::string_view plain = data.substr(2);
   std::string header;
-  const std::string sealed = SealAs(
-      {.kind = DataKind::kOffer, .counter = 4, .payload_length = payload_length}, plain, &header);
-  auto h = muster::node_agent::DecodeDataHeader(header, DataKind::kOffer, kLimit);
+  const std::string sealed =
+      SealAs({.kind = kind, .counter = 4, .payload_length = payload_length}, plain, &header);
+  auto h = muster::node_agent::DecodeDataHeader(header, kind, kLimit);
   if (!h.ok()) return;  // a prefix length outside the offer's range
   std::string_view in = sealed;
   auto offer = muster::node_agent::ReadDataOffer(*h, header, FixedKey(), kLimit, ReaderOf(in));
@@ -217,6 +221,9 @@ void SealedOffer(std::string_view data) {
   auto again = muster::checkpoint::EncodeSnapshotPrefix(offer->header.key, payload_length,
                                                         offer->header.payload_xxh3);
   if (!again.ok() || offer->job != offer->header.key.job) std::abort();
+  if (offer->whole != (kind == DataKind::kWhole) || (offer->whole && !offer->digests.empty())) {
+    std::abort();
+  }
   std::string re = *again;
   for (const auto& d : offer->digests) re.append(reinterpret_cast<const char*>(d.data()), d.size());
   if (re != plain) std::abort();

@@ -27,6 +27,7 @@ namespace {
 
 using checkpoint::SnapshotFrame;
 using checkpoint::SnapshotKey;
+using node_agent::ChunkDigest;
 using node_agent::DataHeader;
 using node_agent::DataKind;
 using node_agent::DataSessionId;
@@ -103,6 +104,7 @@ class SnapshotDataChannelTest : public ::testing::Test {
     s.port = static_cast<int>(r.data_port());
     EXPECT_EQ(s.port, server_->data_port());
     EXPECT_EQ(r.dedup_chunk_bytes(), node_agent::kDedupChunkBytes);
+    EXPECT_TRUE(r.whole_offers());
     s.dedup_seed = r.dedup_seed();
     return s;
   }
@@ -527,6 +529,65 @@ TEST_F(SnapshotDataChannelTest, AnOfferIsAssembledFromHeldChunksAndOnlyTheNeeded
   ASSERT_TRUE(kept.ok()) << kept.status();
   EXPECT_EQ((*kept)->payload, fresh);
   EXPECT_EQ(server_->data_refused(), 0);
+}
+
+// A whole-frame offer (WHOLE: no digests) of a frame held here with the same size and xxh3 asks
+// for nothing and keeps a copy; of one not held (even one differing in a single byte from a frame
+// held) it asks for every chunk. Its header carries no digests: one sized for them is refused.
+TEST_F(SnapshotDataChannelTest, AWholeFrameOfferAsksForNothingOrForEveryChunk) {
+  auto s = Open();
+  ASSERT_TRUE(s.ok()) << s.status();
+  const uint64_t chunk = node_agent::kDedupChunkBytes;
+  const std::string held = RandomPayload(4 * chunk + 7, 5);
+  ASSERT_TRUE(store_->Put(Frame(Key(0, 5), held)).ok());
+  const int fd = Connect();
+  const std::string whole = Offered(*s, 1, Frame(Key(1, 5), held), std::vector<ChunkDigest>{});
+  {
+    DataHeader h = *node_agent::DecodeDataHeader(
+        std::string_view(whole).substr(0, node_agent::kDataHeaderBytes), DataKind::kWhole,
+        held.size());
+    EXPECT_EQ(h.kind, DataKind::kWhole);
+    EXPECT_EQ(h.payload_length, held.size());
+  }
+  EXPECT_EQ(whole.find("ft-1"), std::string::npos);  // sealed
+  ASSERT_TRUE(checkpoint::SendAll(fd, whole).ok());
+  Status carried(StatusCode::kInternal, "unset");
+  node_agent::ChunkNeeds need;
+  ASSERT_TRUE(Need(fd, *s, 1, held.size(), &carried, &need).ok());
+  ASSERT_TRUE(carried.ok()) << carried;
+  EXPECT_EQ(need, node_agent::ChunkNeeds(5, false));
+  ASSERT_TRUE(checkpoint::SendAll(fd, Chunks(*s, 1, held, need)).ok());
+  ASSERT_TRUE(Reply(fd, *s, 1, &carried).ok());
+  EXPECT_TRUE(carried.ok()) << carried;
+  auto kept = store_->Get("ft-1", 1, 5);
+  ASSERT_TRUE(kept.ok()) << kept.status();
+  EXPECT_EQ((*kept)->payload, held);
+
+  // Step 6: rank 0's frame differs from the offered one in one byte. Every chunk is asked for.
+  std::string mine = held;
+  mine[chunk + 3] ^= 0x10;
+  ASSERT_TRUE(store_->Put(Frame(Key(0, 6), held)).ok());
+  ASSERT_TRUE(checkpoint::SendAll(
+                  fd, Offered(*s, 2, Frame(Key(1, 6), mine), std::vector<ChunkDigest>{}))
+                  .ok());
+  ASSERT_TRUE(Need(fd, *s, 2, mine.size(), &carried, &need).ok());
+  ASSERT_TRUE(carried.ok()) << carried;
+  EXPECT_EQ(need, node_agent::ChunkNeeds(5, true));
+  ASSERT_TRUE(checkpoint::SendAll(fd, Chunks(*s, 2, mine, need)).ok());
+  ASSERT_TRUE(Reply(fd, *s, 2, &carried).ok());
+  EXPECT_TRUE(carried.ok()) << carried;
+  kept = store_->Get("ft-1", 1, 6);
+  ASSERT_TRUE(kept.ok()) << kept.status();
+  EXPECT_EQ((*kept)->payload, mine);
+  EXPECT_EQ(server_->offered_bytes(), 2 * held.size());
+  EXPECT_EQ(server_->offered_bytes_received(), mine.size());
+
+  // An OFFER relabelled WHOLE on the way (its sealed body carries digests): the kind is part of
+  // the nonce, so it does not authenticate; refused, nothing kept.
+  std::string bad = Offered(*s, 3, Frame(Key(1, 7), held));
+  bad[6] = static_cast<char>(DataKind::kWhole);
+  ExpectRefused(fd, bad, *s, 3);
+  EXPECT_EQ(store_->Get("ft-1", 1, 7).status().code(), StatusCode::kNotFound);
 }
 
 // A forwarder whose digests do not describe its frame (or a chunk held here that only collides

@@ -311,8 +311,10 @@ TEST_F(SnapshotPeerTest, FetchBringsTheFrameBackAndWaitsForTheKeyToBeAdmitted) {
 
 // Data-parallel ranks hand their agents the same state: a frame the peer's own rank already
 // handed it for the step crosses as chunk digests only (the deduplicated put), and is kept
-// byte-exact under its own rank; a frame that differs in one chunk sends that chunk alone, and
-// one the peer holds nothing like is sent whole, still as an offer.
+// byte-exact under its own rank; the rank's next frame is then offered whole, without digests
+// (the peer held the last one whole). A whole-frame offer of a frame that differs in one chunk
+// sends every chunk, and the next offer has digests again: a frame that differs in one chunk
+// then sends that chunk alone. One the peer holds nothing like is sent whole, still as an offer.
 TEST_F(SnapshotPeerTest, AFrameThePeerHoldsFromItsOwnRankCrossesAsDigestsOnly) {
   Start(64 << 20);
   ASSERT_TRUE(server_->Allow("ft-1", gang_key_.public_key).ok());
@@ -321,43 +323,52 @@ TEST_F(SnapshotPeerTest, AFrameThePeerHoldsFromItsOwnRankCrossesAsDigestsOnly) {
   std::string state((1 << 20) + 4321, '\0');  // not a whole number of chunks
   for (size_t i = 0; i < state.size(); ++i) state[i] = static_cast<char>((i * 7919) >> 5);
   const uint64_t chunk = node_agent::kDedupChunkBytes;
+  auto offer = [&](int64_t step, const std::string& peers, const std::string& mine) {
+    ASSERT_TRUE(peer_store_->Put(*Frame(Key(1, step), peers)).ok());
+    fwd.Offer(Frame(Key(0, step), mine));
+    ASSERT_TRUE(fwd.WaitIdle(seconds(20)));
+    auto held = peer_store_->Get("ft-1", 0, step);
+    ASSERT_TRUE(held.ok()) << held.status();
+    EXPECT_EQ((*held)->payload, mine);
+    EXPECT_EQ((*held)->key, Key(0, step));
+  };
 
-  // The peer's own rank 1 put step 3; rank 0's copy of step 3 follows.
-  ASSERT_TRUE(peer_store_->Put(*Frame(Key(1, 3), state)).ok());
-  fwd.Offer(Frame(Key(0, 3), state));
-  ASSERT_TRUE(fwd.WaitIdle(seconds(20)));
+  // The peer's own rank 1 put step 3; rank 0's copy of step 3 follows: digests only.
+  offer(3, state, state);
   EXPECT_EQ(fwd.sent(), 1) << fwd.last_error();
   EXPECT_EQ(fwd.offered_bytes(), state.size());
   EXPECT_EQ(fwd.offered_bytes_sent(), 0u);
-  auto held = peer_store_->Get("ft-1", 0, 3);
-  ASSERT_TRUE(held.ok()) << held.status();
-  EXPECT_EQ((*held)->payload, state);
-  EXPECT_EQ((*held)->key, Key(0, 3));
+  EXPECT_EQ(fwd.whole_offers(), 0);
 
-  // Step 4: rank 0's state differs from rank 1's in one chunk (its loss, say): that chunk alone.
+  // Step 4, the same again: offered whole (no digests), nothing sent.
+  offer(4, state, state);
+  EXPECT_EQ(fwd.whole_offers(), 1);
+  EXPECT_EQ(fwd.offered_bytes_sent(), 0u) << fwd.last_error();
+
+  // Step 5: rank 0's state differs from rank 1's in one chunk (its loss, say). Offered whole,
+  // so every chunk is sent; step 6, differing so again, is offered with digests: that chunk alone.
   std::string mine = state;
   mine[5 * chunk + 17] ^= 1;
-  ASSERT_TRUE(peer_store_->Put(*Frame(Key(1, 4), state)).ok());
-  fwd.Offer(Frame(Key(0, 4), mine));
-  ASSERT_TRUE(fwd.WaitIdle(seconds(20)));
-  EXPECT_EQ(fwd.offered_bytes_sent(), chunk) << fwd.last_error();
-  held = peer_store_->Get("ft-1", 0, 4);
-  ASSERT_TRUE(held.ok()) << held.status();
-  EXPECT_EQ((*held)->payload, mine);
+  offer(5, state, mine);
+  EXPECT_EQ(fwd.whole_offers(), 2);
+  EXPECT_EQ(fwd.offered_bytes_sent(), state.size()) << fwd.last_error();
+  offer(6, state, mine);
+  EXPECT_EQ(fwd.whole_offers(), 2);
+  EXPECT_EQ(fwd.offered_bytes_sent(), state.size() + chunk) << fwd.last_error();
 
-  // A resumed attempt 2: rank 1's frame of step 5 serves no other step, and nothing of step 6 is
+  // A resumed attempt 2: rank 1's frame of step 7 serves no other step, and nothing of step 8 is
   // held: every chunk is sent (after the short wait for rank 1's frame, which never comes).
-  ASSERT_TRUE(peer_store_->Put(*Frame(Key(1, 5, 2), state)).ok());
+  ASSERT_TRUE(peer_store_->Put(*Frame(Key(1, 7, 2), state)).ok());
   fwd.SetTarget("ft-1", Target(2));
-  fwd.Offer(Frame(Key(0, 6, 2), state));
+  fwd.Offer(Frame(Key(0, 8, 2), state));
   ASSERT_TRUE(fwd.WaitIdle(seconds(20)));
-  EXPECT_EQ(fwd.offered_bytes_sent(), chunk + state.size()) << fwd.last_error();
-  held = peer_store_->Get("ft-1", 0, 6);
+  EXPECT_EQ(fwd.offered_bytes_sent(), 2 * state.size() + chunk) << fwd.last_error();
+  auto held = peer_store_->Get("ft-1", 0, 8);
   ASSERT_TRUE(held.ok()) << held.status();
   EXPECT_EQ((*held)->payload, state);
   EXPECT_EQ(fwd.failed(), 0) << fwd.last_error();
-  EXPECT_EQ(server_->offered_bytes(), 3 * state.size());
-  EXPECT_EQ(server_->offered_bytes_received(), chunk + state.size());
+  EXPECT_EQ(server_->offered_bytes(), 5 * state.size());
+  EXPECT_EQ(server_->offered_bytes_received(), 2 * state.size() + chunk);
 }
 
 // A small frame is put whole: an offer's round trip would save too little.
