@@ -200,6 +200,24 @@ AttemptEndDecision DecideAttemptEnd(const AttemptState& a, const JobRecord& r, i
       event("requeued",
             fmt::format("restart {} of {} in {} ms", d.restarts, r.spec.max_restarts(), backoff));
     }
+  } else if (a.unclean_exit) {
+    // Nothing failed, was lost or was stopped for a notice, a preemption or a limit, yet a rank
+    // did not exit 0 and was not blamed: its agent stopped it unasked (an agent whose heartbeats
+    // go unanswered until its lease runs out stops its ranks, so that no other attempt can ever
+    // run beside them). Neither the job's success nor its failure: placed again at once (the
+    // ranks are gone), from its newest checkpoint or snapshots, not counted against
+    // max_restarts.
+    d.kind = K::kPreempted;
+    d.outcome = "preempted";
+    d.preemptions++;
+    d.state = proto::JOB_PENDING;
+    d.queue = Q::kRequeue;
+    d.detail = "its ranks were stopped by their agents (their lease ran out)";
+    d.set_detail = true;
+    event("requeued", fmt::format("after attempt {} (its ranks were stopped by their agents, not "
+                                  "by the coordinator: their lease ran out); not counted against "
+                                  "max_restarts",
+                                  r.attempt));
   } else {
     d.kind = K::kSucceeded;
     d.outcome = "succeeded";

@@ -114,6 +114,26 @@ std::vector<Case> Cases() {
        "="},
       // Exit 0 is success (docs/env-contract.md): ranks that finish the job while a notice is
       // pending have finished it; requeueing them ran the job again from its last checkpoint.
+      // The coordinator stopped nothing, yet the ranks were killed: their agents' lease ran out
+      // (the coordinator answered no heartbeat in time). Not a success: placed again.
+      {"RanksStoppedByTheirAgentsAreRequeuedNotSucceeded",
+       [](AttemptState& a, JobRecord&, int&, bool&) {
+         EXPECT_EQ(a.RecordExit("a", Exit(0, -1, 15, true)).kind, ExitVerdict::Kind::kNone);
+         EXPECT_EQ(a.RecordExit("b", Exit(1, -1, 15, true)).kind, ExitVerdict::Kind::kNone);
+       },
+       K::kPreempted,
+       proto::JOB_PENDING,
+       Q::kRequeue,
+       1,
+       2,
+       0,
+       42,
+       "",
+       {{"requeued",
+         "after attempt 3 (its ranks were stopped by their agents, not by the coordinator: their "
+         "lease ran out); not counted against max_restarts"}},
+       "preempted",
+       "its ranks were stopped by their agents (their lease ran out)"},
       {"EveryRankExitsZeroAfterANotice",
        [](AttemptState& a, JobRecord&, int&, bool&) {
          a.RecordStop(proto::STOP_NODE_PREEMPTED, kNow + 5000, true);
