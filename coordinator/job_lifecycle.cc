@@ -211,7 +211,8 @@ AttemptEndDecision DecideAttemptEnd(const AttemptState& a, const JobRecord& r, i
     d.outcome = "preempted";
     d.preemptions++;
     d.state = proto::JOB_PENDING;
-    d.queue = Q::kRequeue;
+    // As for a preemption: submitted again once copies to other providers are in.
+    d.queue = replicating ? Q::kRelease : Q::kRequeue;
     d.detail = "its ranks were stopped by their agents (their lease ran out)";
     d.set_detail = true;
     event("requeued", fmt::format("after attempt {} (its ranks were stopped by their agents, not "

@@ -67,7 +67,12 @@ std::string SnapshotStore::TakeBuffer(uint64_t n) {
     }
   }
   // None large enough: a new one with some room, so the next frames fit it when it is pooled.
-  if (b.capacity() < n && n >= (64u << 10)) b.reserve(BufferCapacity(n));
+  // (No more than the pool takes back, for a frame the pool could hold at all.)
+  if (b.capacity() < n && n >= (64u << 10)) {
+    uint64_t cap = BufferCapacity(n);
+    if (n <= pool_->max_bytes) cap = std::min(cap, pool_->max_bytes);
+    b.reserve(cap);
+  }
   // Shrinking writes nothing; growing within the capacity zero-fills only the gap.
   b.resize(n);
   return b;

@@ -134,6 +134,25 @@ std::vector<Case> Cases() {
          "lease ran out); not counted against max_restarts"}},
        "preempted",
        "its ranks were stopped by their agents (their lease ran out)"},
+      {"RanksStoppedByTheirAgentsWhileCopyingWaitForTheCopies",
+       [](AttemptState& a, JobRecord&, int&, bool& replicating) {
+         a.RecordExit("a", Exit(0, -1, 15, true));
+         a.RecordExit("b", Exit(1, -1, 15, true));
+         replicating = true;
+       },
+       K::kPreempted,
+       proto::JOB_PENDING,
+       Q::kRelease,
+       1,
+       2,
+       0,
+       42,
+       "",
+       {{"requeued",
+         "after attempt 3 (its ranks were stopped by their agents, not by the coordinator: their "
+         "lease ran out); not counted against max_restarts"}},
+       "preempted",
+       "its ranks were stopped by their agents (their lease ran out)"},
       {"EveryRankExitsZeroAfterANotice",
        [](AttemptState& a, JobRecord&, int&, bool&) {
          a.RecordStop(proto::STOP_NODE_PREEMPTED, kNow + 5000, true);

@@ -440,6 +440,13 @@ TEST(SnapshotStoreTest, PooledBuffersFitFramesAFewBytesLargerAndTheOldestGoWhenF
     std::string larger = s1.TakeBuffer(kN + 2);  // step 2's, made with room
     EXPECT_EQ(larger.data(), taken);
   }
+  {
+    // A frame just under the pool's bound (a quarter of the limit) gets no room past it: its
+    // buffer must still be one the pool takes back.
+    SnapshotStore s2({.memory_limit = 4 << 20});
+    std::string near = s2.TakeBuffer((1 << 20) - 100);
+    EXPECT_LE(near.capacity(), 1u << 20);
+  }
   // A full pool of buffers too small for the frames of now.
   std::vector<std::string> small;
   for (size_t i = 0; i < SnapshotStore::kPooledBuffers; ++i) {
