@@ -334,8 +334,7 @@ void Reactor::Loop() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (!stopping_) {
-      log::Get("reactor")->warn("{}: its ZeroMQ context was terminated; the loop has ended",
-                                name_);
+      log::Get("reactor")->warn("{}: its ZeroMQ context was terminated; the loop has ended", name_);
     }
     stopping_ = true;
     posted.swap(posted_);

@@ -123,9 +123,8 @@ StatusOr<DataHeader> DecodeDataHeader(std::string_view in, std::initializer_list
     return DataLossError("snapshot data: reserved field is " + std::to_string(r) + ", not 0");
   }
   h.payload_length = LoadLe<uint64_t>(in, 40);
-  const bool carries_payload =
-      h.kind == DataKind::kPut || h.kind == DataKind::kOffer || h.kind == DataKind::kWhole ||
-      h.kind == DataKind::kChunks;
+  const bool carries_payload = h.kind == DataKind::kPut || h.kind == DataKind::kOffer ||
+                               h.kind == DataKind::kWhole || h.kind == DataKind::kChunks;
   const uint64_t max = carries_payload ? max_payload : 0;
   if (h.payload_length > max) {
     return DataLossError("snapshot data: payload of " + std::to_string(h.payload_length) +

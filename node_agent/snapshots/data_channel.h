@@ -186,8 +186,8 @@ struct DataOffer {
 Status WriteDataOffer(const DataSessionId& session, uint64_t counter, const AeadKey& key,
                       const checkpoint::SnapshotFrame& frame,
                       const std::vector<ChunkDigest>& digests, const DataWriter& write);
-// Opens the rest of the OFFER or WHOLE whose header `h` (its `header` bytes) was just read, and checks
-// the frame's header (DecodeSnapshotHeader with `max_payload`), its job id and its lengths
+// Opens the rest of the OFFER or WHOLE whose header `h` (its `header` bytes) was just read, and
+// checks the frame's header (DecodeSnapshotHeader with `max_payload`), its job id and its lengths
 // against the message's. DataLoss naming what is wrong; the reader's error if it fails.
 StatusOr<DataOffer> ReadDataOffer(const DataHeader& h, std::string_view header, const AeadKey& key,
                                   uint64_t max_payload, const DataReader& read);

@@ -401,8 +401,8 @@ struct SnapshotPeerServer::Impl {
         }
       }
       first = false;
-      auto h = DecodeDataHeader(header, {DataKind::kPut, DataKind::kOffer, DataKind::kWhole},
-                                limit);
+      auto h =
+          DecodeDataHeader(header, {DataKind::kPut, DataKind::kOffer, DataKind::kWhole}, limit);
       if (!h.ok()) {
         RefuseData(h.status().ToString());
         break;

@@ -112,8 +112,7 @@ class SnapshotServer {
   // The rest of a put in place ('V', checkpoint/snapshot_channel.h) after its header `h`: the
   // parts, the connecting process's memory read (process_vm_readv), the frame kept. Its reply
   // sent; false when the connection must close. `in` reads the connection's bytes.
-  bool ServeInPlace(Conn* conn, checkpoint::BufferedReader* in,
-                    const checkpoint::SnapshotHeader& h,
+  bool ServeInPlace(Conn* conn, checkpoint::BufferedReader* in, const checkpoint::SnapshotHeader& h,
                     std::chrono::steady_clock::time_point deadline);
   std::mutex mu_;
   std::vector<std::unique_ptr<Conn>> conns_;  // GUARDED_BY(mu_)

@@ -56,9 +56,8 @@ muster::node_agent::DataReader ReaderOf(std::string_view& in) {
 void RawInput(std::string_view data) {
   if (data.size() < kDataHeaderBytes) return;
   const std::string_view header = data.substr(0, kDataHeaderBytes);
-  for (DataKind kind :
-       {DataKind::kPut, DataKind::kReply, DataKind::kOffer, DataKind::kNeed, DataKind::kChunks,
-        DataKind::kWhole}) {
+  for (DataKind kind : {DataKind::kPut, DataKind::kReply, DataKind::kOffer, DataKind::kNeed,
+                        DataKind::kChunks, DataKind::kWhole}) {
     auto h = muster::node_agent::DecodeDataHeader(header, kind, kLimit);
     if (!h.ok()) continue;
     std::string_view rest = data.substr(kDataHeaderBytes);
@@ -206,7 +205,8 @@ std::string SealAs(DataHeader h, std::string_view plain, std::string* header) {
 // to exactly those bytes, with no digests for a whole-frame offer.
 void SealedOffer(std::string_view data) {
   if (data.size() < 3) return;
-  const DataKind kind = (static_cast<uint8_t>(data[1]) & 0x80) ? DataKind::kWhole : DataKind::kOffer;
+  const DataKind kind =
+      (static_cast<uint8_t>(data[1]) & 0x80) ? DataKind::kWhole : DataKind::kOffer;
   const uint64_t payload_length =
       static_cast<uint8_t>(data[0]) | (uint64_t{static_cast<uint8_t>(data[1]) & 0x7fu} << 8);
   const std::string_view plain = data.substr(2);

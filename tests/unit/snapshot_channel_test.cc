@@ -342,8 +342,8 @@ TEST_F(SnapshotChannelTest, AMalformedOrUnreadablePutInPlaceIsRefused) {
   EXPECT_TRUE(store.Held("ft-1").empty());
   // A byte past the request, sent with it (the agent's reader has it buffered, not waiting on
   // the socket): refused after the read, nothing kept.
-  Status extra = ask(checkpoint::EncodeSnapshotParts({SnapshotPart::Here(bytes),
-                                                      SnapshotPart::InMemory(bytes.data() + 2, 3)}) +
+  Status extra = ask(checkpoint::EncodeSnapshotParts(
+                         {SnapshotPart::Here(bytes), SnapshotPart::InMemory(bytes.data() + 2, 3)}) +
                          "x",
                      13);
   EXPECT_EQ(extra.code(), StatusCode::kInvalidArgument) << extra;
@@ -561,7 +561,6 @@ TEST(SnapshotStateTest, TheIndexDescribesEachTensorAndTheMetadata) {
             StatusCode::kDataLoss);
 }
 
-
 // The index cache: a state with the last call's layout gets the index an uncached call builds,
 // with the new data pointers; any change in the layout or the metadata's size builds it again;
 // a state refused is refused with a cache too (and leaves none to reuse).
@@ -582,8 +581,7 @@ TEST(SnapshotStateTest, TheCachedIndexIsTheOneBuiltAndFollowsEveryLayoutChange) 
     std::string head, uncached_head;
     std::vector<checkpoint::SnapshotSpan> spans, uncached_spans;
     ASSERT_TRUE(checkpoint::EncodeSnapshotStateParts(state, &head, &spans, &cache).ok()) << what;
-    ASSERT_TRUE(
-        checkpoint::EncodeSnapshotStateParts(state, &uncached_head, &uncached_spans).ok());
+    ASSERT_TRUE(checkpoint::EncodeSnapshotStateParts(state, &uncached_head, &uncached_spans).ok());
     EXPECT_EQ(head, uncached_head) << what;
     ASSERT_EQ(spans.size(), uncached_spans.size()) << what;
     for (size_t i = 0; i < spans.size(); ++i) {

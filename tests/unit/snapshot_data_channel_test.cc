@@ -567,9 +567,9 @@ TEST_F(SnapshotDataChannelTest, AWholeFrameOfferAsksForNothingOrForEveryChunk) {
   std::string mine = held;
   mine[chunk + 3] ^= 0x10;
   ASSERT_TRUE(store_->Put(Frame(Key(0, 6), held)).ok());
-  ASSERT_TRUE(checkpoint::SendAll(
-                  fd, Offered(*s, 2, Frame(Key(1, 6), mine), std::vector<ChunkDigest>{}))
-                  .ok());
+  ASSERT_TRUE(
+      checkpoint::SendAll(fd, Offered(*s, 2, Frame(Key(1, 6), mine), std::vector<ChunkDigest>{}))
+          .ok());
   ASSERT_TRUE(Need(fd, *s, 2, mine.size(), &carried, &need).ok());
   ASSERT_TRUE(carried.ok()) << carried;
   EXPECT_EQ(need, node_agent::ChunkNeeds(5, true));

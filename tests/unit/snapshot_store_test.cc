@@ -455,8 +455,9 @@ TEST(SnapshotStoreTest, PooledBuffersFitFramesAFewBytesLargerAndTheOldestGoWhenF
   std::vector<const char*> small_bytes;
   for (auto& b : small) {
     small_bytes.push_back(b.data());
-    ASSERT_TRUE(store.PutDecoded(FrameWithPayload(0, 10 + static_cast<int64_t>(&b - &small[0]),
-                                                  std::move(b)))
+    ASSERT_TRUE(store
+                    .PutDecoded(FrameWithPayload(0, 10 + static_cast<int64_t>(&b - &small[0]),
+                                                 std::move(b)))
                     .ok());
   }
   store.DropJob("ft-1");  // every buffer pooled
