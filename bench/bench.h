@@ -40,5 +40,6 @@ void AddCkptPyBench(CLI::App& app, Runner* runner);
 void AddDashboardBench(CLI::App& app, Runner* runner);
 void AddSnapshotBench(CLI::App& app, Runner* runner);
 void AddSnapshotPathBench(CLI::App& app, Runner* runner);
+void AddCoordinatorDiskBench(CLI::App& app, Runner* runner);
 
 }  // namespace muster::bench

@@ -60,6 +60,7 @@ int main(int argc, char** argv) {
   muster::bench::AddLaunchBench(app, &runner);
   muster::bench::AddSchedulerBench(app, &runner);
   muster::bench::AddDashboardBench(app, &runner);
+  muster::bench::AddCoordinatorDiskBench(app, &runner);
   muster::bench::AddRecoveryBench(app, &runner);
   muster::bench::AddCkptPyBench(app, &runner);
   muster::bench::AddSnapshotBench(app, &runner);

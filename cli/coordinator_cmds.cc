@@ -189,6 +189,14 @@ void AddCoordinatorCommands(CLI::App& app, Runner* runner) {
                     "timeout and no lease fence (its ranks died with it; a silent node keeps "
                     "both). 0: the heartbeat interval + 200 ms; -1: off")
         ->check(CLI::Range(-1, 600000));
+    auto db_flush = std::make_shared<int>(100);
+    cmd->add_option("--db-flush-ms", *db_flush,
+                    "Sync the state database's log this often, on a thread of its own: a "
+                    "coordinator that crashes loses nothing; a host that loses power loses at "
+                    "most the changes of the last interval. 0: sync at every change, on the "
+                    "thread that answers agents (a slow disk then delays their heartbeats)")
+        ->check(CLI::Range(0, 10000))
+        ->capture_default_str();
     auto http = std::make_shared<std::string>();
     cmd->add_option("--http", *http,
                     "Serve /metrics, the JSON API and the dashboard page on HOST:PORT (e.g. "
@@ -222,6 +230,7 @@ void AddCoordinatorCommands(CLI::App& app, Runner* runner) {
           return 2;
         }
         o->data_dir = *data_dir;
+        o->db_flush = std::chrono::milliseconds(*db_flush);
         o->coordinator.rendezvous_port_base = *port_base;
         o->coordinator.heartbeat_interval = std::chrono::milliseconds(*hb);
         o->coordinator.heartbeat_timeout = std::chrono::milliseconds(*hb_timeout);

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cerrno>
 #include <cstring>
 #include <thread>
@@ -392,7 +393,17 @@ void RpcServer::OnReadable() {
     }
     Reply reply = ServerReply{core_, &reactor_, routing_id, env->request_id(),
                               std::make_shared<std::atomic<bool>>(false)};
+    // A slow request is named: the reactor's own warning names only this whole drain.
+    const auto* field = proto::Envelope::descriptor()->FindFieldByNumber(env->payload_case());
+    std::string kind = field ? field->name() : "empty";
+    auto start = std::chrono::steady_clock::now();
     handler_(peer, std::move(*env), std::move(reply));
+    auto took = std::chrono::steady_clock::now() - start;
+    if (took > std::chrono::milliseconds(100)) {
+      logger->warn("{}: request {} from {} ({}) took {} ms", options_.name, kind, peer.address,
+                   peer.user_id,
+                   std::chrono::duration_cast<std::chrono::milliseconds>(took).count());
+    }
   }
 }
 

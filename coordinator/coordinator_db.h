@@ -1,6 +1,6 @@
 #pragma once
 
-// CoordinatorDb: the coordinator's durable state, one SQLite database (WAL, synchronous=FULL) at
+// CoordinatorDb: the coordinator's durable state, one SQLite database (WAL) at
 // <data-dir>/coordinator.db. Tables: nodes, jobs, attempts, events, checkpoints (the catalog:
 // which steps of which job are committed on which volume), node_keys (node name -> agent key),
 // job_exclusions (nodes kept off a job: a failed launch preflight), state (named blobs of
@@ -10,13 +10,16 @@
 // attempt must not resume from in-memory snapshots: the last snapshot resume failed).
 // Tables added later are created when an older database is opened (CREATE TABLE IF NOT EXISTS),
 // so a database moves forward without losing anything.
-// Every write is its own transaction and is durable when the call returns, so a coordinator killed
-// with SIGKILL right after answering a submit still has the job when it starts again.
+// Every write is its own transaction, in the log when the call returns: a coordinator killed
+// with SIGKILL right after answering a submit still has the job when it starts again. Against
+// the host's power loss a write is durable within the flush interval (Open's flush_interval,
+// wal_flusher.h): a thread of its own syncs the log, so the caller's thread (the coordinator's
+// reactor, which answers heartbeats) never waits on the disk. Interval 0: each write is synced
+// before it returns (SQLite synchronous=FULL), on the caller's thread.
 //
-// Thread-safety: none. The coordinator uses it from its reactor thread. (Each write is a few
-// hundred microseconds on a local disk; the coordinator accepts that stall rather than reorder
-// durability behind replies.)
+// Thread-safety: none. The coordinator uses it from its reactor thread.
 
+#include <chrono>
 #include <cstdint>
 #include <filesystem>
 #include <map>
@@ -29,6 +32,7 @@
 #include "common/proto/coordinator.pb.h"
 #include "common/status.h"
 #include "coordinator/checkpoint_stats.h"
+#include "coordinator/wal_flusher.h"
 
 struct sqlite3;
 
@@ -85,15 +89,21 @@ struct CheckpointRecord {
 //
 // Writes (PutNode, DeleteNode, BindNodeKey, InsertJob, UpdateJob, PutAttempt, AppendEvent,
 // RecordCheckpoint, ExcludeNode, PutState, PutSpares, PutSnapshotFallback) are each atomic and
-// durable when they return Ok; a write that returns an error changed nothing. The coordinator
+// durable when they return Ok (as above: at once against a crash of the coordinator, within the
+// flush interval against power loss); a write that returns an error changed nothing. The coordinator
 // treats a failed write as fatal for changes: it stops accepting any (coordinator.h, "Durable
 // writes").
 class CoordinatorDb {
  public:
   // The SQLite store: creates `data_dir` if needed and opens (or creates) coordinator.db in it.
   // Only one coordinator may use a data dir: Open takes an exclusive lock file and fails with
-  // FailedPrecondition if another process holds it.
-  static StatusOr<std::unique_ptr<CoordinatorDb>> Open(const std::filesystem::path& data_dir);
+  // FailedPrecondition if another process holds it. `flush_interval`: see above; once a flush
+  // fails, every later write fails with that error (the database may have lost what it could
+  // not write) and changes nothing.
+  static constexpr std::chrono::milliseconds kDefaultFlushInterval{100};
+  static StatusOr<std::unique_ptr<CoordinatorDb>> Open(
+      const std::filesystem::path& data_dir,
+      std::chrono::milliseconds flush_interval = kDefaultFlushInterval);
   virtual ~CoordinatorDb() = default;
 
   // Where the state lives (logs, errors).
@@ -225,10 +235,14 @@ class SqliteCoordinatorDb final : public CoordinatorDb {
   friend class CoordinatorDb;
   SqliteCoordinatorDb(std::filesystem::path path, sqlite3* db, int lock_fd);
   Status Exec(const std::string& sql);
+  // Starts the flusher: a second connection of its own checkpoints the log every `interval`.
+  Status StartFlusher(std::chrono::milliseconds interval);
 
   std::filesystem::path path_;
   sqlite3* db_;
   int lock_fd_;
+  sqlite3* flush_db_ = nullptr;          // the flusher's connection
+  std::unique_ptr<WalFlusher> flusher_;  // null: synchronous=FULL
 };
 
 }  // namespace muster::coordinator

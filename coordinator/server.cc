@@ -126,7 +126,7 @@ StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(ServerOpti
     MUSTER_ASSIGN_OR_RETURN(providers_config,
                             providers::LoadProvidersConfig(options.providers_file));
   }
-  MUSTER_ASSIGN_OR_RETURN(auto store, CoordinatorDb::Open(options.data_dir));
+  MUSTER_ASSIGN_OR_RETURN(auto store, CoordinatorDb::Open(options.data_dir, options.db_flush));
   // Finished attempts' rank logs are kept under the data dir (coordinator/log_keeper.h).
   if (options.keep_logs && options.coordinator.log_keep_dir.empty()) {
     options.coordinator.log_keep_dir = options.data_dir / "logs";

@@ -52,6 +52,9 @@ struct ServerOptions {
   std::vector<ServerExtensionFactory> extensions;  // Start fails if one of them fails
   // Keep finished attempts' rank logs in <data_dir>/logs (coordinator.log_keep has the caps).
   bool keep_logs = true;
+  // How often the state database's log is synced, off the reactor (coordinator_db.h). 0: at
+  // every change, on the reactor (a slow disk then delays heartbeats' answers).
+  std::chrono::milliseconds db_flush{100};
 };
 
 class CoordinatorServer {

@@ -12,6 +12,7 @@
 #include <map>
 #include <random>
 #include <set>
+#include <thread>
 
 #include "coordinator/fault_injection_coordinator_db.h"
 
@@ -175,6 +176,56 @@ TEST_F(CoordinatorDbTest, CheckpointCountersAddUpWithTheCatalogAndSurviveReopeni
   for (auto n : j2["aws"].latency.counts) in_buckets += n;
   EXPECT_EQ(in_buckets, 0u);
   EXPECT_EQ(store->Checkpoints("j-1")->size(), 3u);
+}
+
+// The flusher moves each write into the database file itself (its checkpoint syncs the log,
+// then the file), off the writer's thread: a copy of coordinator.db alone, without its -wal log,
+// soon has a write made after the database was opened. With no flusher (interval 0) SQLite keeps
+// small writes in the log, so the copy does not have it.
+TEST_F(CoordinatorDbTest, TheFlusherMovesWritesIntoTheDatabaseFileOffTheWritersThread) {
+  auto file_has_node = [&](const std::string& name) {
+    fs::path copy = dir_ / "copy";
+    fs::remove_all(copy);
+    fs::create_directories(copy);
+    fs::copy_file(dir_ / "coordinator.db", copy / "coordinator.db");
+    sqlite3* db = nullptr;
+    EXPECT_EQ(sqlite3_open_v2((copy / "coordinator.db").c_str(), &db, SQLITE_OPEN_READWRITE,
+                              nullptr),
+              SQLITE_OK);
+    sqlite3_stmt* q = nullptr;
+    bool found = false;
+    if (sqlite3_prepare_v2(db, "SELECT count(*) FROM nodes WHERE name = ?", -1, &q, nullptr) ==
+        SQLITE_OK) {
+      sqlite3_bind_text(q, 1, name.c_str(), -1, SQLITE_TRANSIENT);
+      found = sqlite3_step(q) == SQLITE_ROW && sqlite3_column_int(q, 0) == 1;
+    }
+    sqlite3_finalize(q);
+    sqlite3_close_v2(db);
+    return found;
+  };
+  NodeRecord n;
+  {
+    auto store = *CoordinatorDb::Open(dir_, std::chrono::milliseconds(0));
+    n.labels.set_name("synced-at-commit");
+    ASSERT_TRUE(store->PutNode(n).ok());
+    EXPECT_FALSE(file_has_node("synced-at-commit"));  // in the (synced) log only
+  }
+  auto store = *CoordinatorDb::Open(dir_, std::chrono::milliseconds(10));
+  n.labels.set_name("flushed");
+  ASSERT_TRUE(store->PutNode(n).ok());
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (!file_has_node("flushed") && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_TRUE(file_has_node("flushed"));
+  EXPECT_TRUE(file_has_node("synced-at-commit"));
+  // Writes go on after flushes, and all are there when the database is opened again.
+  for (int i = 0; i < 50; ++i) {
+    n.labels.set_name("n" + std::to_string(i));
+    ASSERT_TRUE(store->PutNode(n).ok());
+  }
+  store.reset();
+  EXPECT_EQ((*CoordinatorDb::Open(dir_))->LoadNodes()->size(), 52u);
 }
 
 // A counted report whose write fails changes neither the catalog nor the counters.

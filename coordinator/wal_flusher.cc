@@ -1,0 +1,72 @@
+#include "coordinator/wal_flusher.h"
+
+#include "common/logging.h"
+
+namespace muster::coordinator {
+
+WalFlusher::WalFlusher(std::chrono::milliseconds interval, Flush flush)
+    : interval_(interval), flush_(std::move(flush)), thread_([this] { Run(); }) {}
+
+WalFlusher::~WalFlusher() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  thread_.join();
+}
+
+void WalFlusher::NoteCommit() {
+  std::lock_guard<std::mutex> lock(mu_);
+  ++committed_;
+}
+
+Status WalFlusher::error() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return error_;
+}
+
+uint64_t WalFlusher::committed() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return committed_;
+}
+
+uint64_t WalFlusher::durable() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return durable_;
+}
+
+void WalFlusher::FlushLocked(std::unique_lock<std::mutex>& lock) {
+  if (!error_.ok() || durable_ == committed_) return;
+  const uint64_t upto = committed_;
+  lock.unlock();
+  auto start = std::chrono::steady_clock::now();
+  StatusOr<bool> done = flush_();
+  auto took = std::chrono::steady_clock::now() - start;
+  lock.lock();
+  if (!done.ok()) {
+    error_ = done.status();
+    log::Get("coord.db")->critical(
+        "the state database's log could not be made durable: {}; every later change is refused "
+        "until the coordinator is restarted on a working disk",
+        error_.ToString());
+    return;
+  }
+  if (*done) durable_ = std::max(durable_, upto);
+  if (took > std::chrono::seconds(1)) {
+    log::Get("coord.db")->warn(
+        "flushing the state database took {} ms (off the serving thread: heartbeats went on)",
+        std::chrono::duration_cast<std::chrono::milliseconds>(took).count());
+  }
+}
+
+void WalFlusher::Run() {
+  std::unique_lock<std::mutex> lock(mu_);
+  for (;;) {
+    bool stopping = cv_.wait_for(lock, interval_, [this] { return stop_; });
+    FlushLocked(lock);  // when stopping too: the last flush
+    if (stopping) return;
+  }
+}
+
+}  // namespace muster::coordinator

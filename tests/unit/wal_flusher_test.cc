@@ -1,0 +1,77 @@
+// WalFlusher with a flush the test controls: what it counts durable, a flush that has to be
+// tried again, a latched error, and the last flush when it stops.
+
+#include "coordinator/wal_flusher.h"
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <thread>
+
+namespace muster::coordinator {
+namespace {
+
+using namespace std::chrono_literals;
+
+bool WaitFor(const std::function<bool()>& done) {
+  auto deadline = std::chrono::steady_clock::now() + 30s;
+  while (!done()) {
+    if (std::chrono::steady_clock::now() > deadline) return false;
+    std::this_thread::sleep_for(1ms);
+  }
+  return true;
+}
+
+TEST(WalFlusherTest, CountsDurableWhatWasNotedBeforeAFlushThatCompleted) {
+  std::atomic<int> calls{0};
+  WalFlusher f(1ms, [&]() -> StatusOr<bool> {
+    ++calls;
+    return true;
+  });
+  EXPECT_EQ(f.durable(), 0u);
+  std::this_thread::sleep_for(20ms);
+  EXPECT_EQ(calls.load(), 0);  // nothing noted: no flush
+  f.NoteCommit();
+  f.NoteCommit();
+  EXPECT_EQ(f.committed(), 2u);
+  ASSERT_TRUE(WaitFor([&] { return f.durable() == 2; }));
+  EXPECT_TRUE(f.error().ok());
+}
+
+TEST(WalFlusherTest, AFlushThatLeftSomethingIsTriedAgain) {
+  std::atomic<int> calls{0};
+  WalFlusher f(1ms, [&]() -> StatusOr<bool> { return ++calls >= 3; });
+  f.NoteCommit();
+  ASSERT_TRUE(WaitFor([&] { return f.durable() == 1; }));
+  EXPECT_EQ(calls.load(), 3);
+}
+
+TEST(WalFlusherTest, AFailedFlushIsLatchedAndNeverTriedAgain) {
+  std::atomic<int> calls{0};
+  WalFlusher f(1ms, [&]() -> StatusOr<bool> {
+    ++calls;
+    return InternalError("fsync: Input/output error");
+  });
+  f.NoteCommit();
+  ASSERT_TRUE(WaitFor([&] { return !f.error().ok(); }));
+  EXPECT_NE(f.error().message().find("Input/output error"), std::string::npos);
+  f.NoteCommit();
+  std::this_thread::sleep_for(20ms);
+  EXPECT_EQ(calls.load(), 1);
+  EXPECT_EQ(f.durable(), 0u);
+}
+
+TEST(WalFlusherTest, StoppingFlushesWhatWasNoted) {
+  std::atomic<int> flushed{0};
+  {
+    WalFlusher f(1h, [&]() -> StatusOr<bool> {
+      ++flushed;
+      return true;
+    });
+    f.NoteCommit();
+  }
+  EXPECT_EQ(flushed.load(), 1);
+}
+
+}  // namespace
+}  // namespace muster::coordinator
