@@ -118,10 +118,13 @@ void LeaseWatchdog::Run() {
     LeaseTimeline::Step step = timeline_.Advance(Clock::now());
     switch (step.action) {
       case LeaseTimeline::Action::kTerm:
-        Signal(SIGTERM);
+        // Told first, signalled after: the agent posts the expiry to its reactor, so it runs
+        // there before any rank's exit that this SIGTERM causes, and those exits are reported
+        // as the agent's doing (stopped_by_agent), not blamed on the ranks.
         l.unlock();
         if (on_expired_) on_expired_(step.silent);
         l.lock();
+        Signal(SIGTERM);
         break;
       case LeaseTimeline::Action::kKill:
         Signal(SIGKILL);

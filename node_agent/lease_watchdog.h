@@ -76,8 +76,8 @@ class LeaseWatchdog {
  public:
   using Clock = std::chrono::steady_clock;
 
-  // `on_expired` runs on the watchdog's thread after the SIGTERMs (for logs and to let the
-  // reactor know); it must not block.
+  // `on_expired` runs on the watchdog's thread just before the SIGTERMs (for logs and to let
+  // the reactor know, ahead of the exits they cause); it must not block: the SIGTERMs wait.
   LeaseWatchdog(std::chrono::milliseconds grace,
                 std::function<void(std::chrono::milliseconds silent)> on_expired);
   ~LeaseWatchdog();

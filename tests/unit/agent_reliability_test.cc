@@ -171,6 +171,23 @@ TEST(LeaseWatchdogTest, StopsTheGroupsWhenTheLeaseRunsOutAndNotBefore) {
   EXPECT_FALSE(w.expired());
 }
 
+// The agent is told of the expiry before the ranks are signalled, so that it can mark their
+// exits as its own doing before it sees them (AssignmentRunner::OnLeaseExpired runs on the
+// reactor, which sees the exits after it).
+TEST(LeaseWatchdogTest, TheExpiryIsToldBeforeTheRanksAreSignalled) {
+  pid_t member = 0;
+  pid_t leader = StartGroup(&member);
+  std::atomic<int> alive_when_told{-1};
+  node_agent::LeaseWatchdog w(100ms, [&](std::chrono::milliseconds) {
+    std::this_thread::sleep_for(200ms);  // a SIGTERM sent before this would have ended it
+    alive_when_told = Gone(leader) ? 0 : 1;
+  });
+  w.AddGroup(leader, "rank");
+  w.Feed(Clock::now(), 400ms);
+  ASSERT_TRUE(WaitUntil([&] { return Gone(leader) && Gone(member); }, 5s));
+  EXPECT_EQ(alive_when_told.load(), 1);
+}
+
 TEST(LeaseWatchdogTest, NoLeaseNoExpiry) {
   node_agent::LeaseWatchdog w(100ms, nullptr);
   pid_t member = 0;
