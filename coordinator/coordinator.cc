@@ -62,6 +62,7 @@ struct Coordinator::JobRt {
   bool in_scheduler = false;
   // Retryable start errors in a row (job_lifecycle.h): a port in use on the master node.
   int start_retries = 0;
+  int lease_requeues = 0;  // attempts in a row stopped by their agents' leases (job_lifecycle.h)
   // Replications in flight: provider -> give up waiting at (ms). A requeued job waits for them,
   // so it resumes on another provider from the newest step.
   struct Copy {
@@ -677,7 +678,8 @@ void Coordinator::Finish(JobRt& job) {
   int64_t now = NowMs();
   AttemptEndDecision d =
       DecideAttemptEnd(job.attempt, r, job.start_retries, !job.replicating.empty(), now,
-                       {options_.lease.count(), options_.heartbeat_timeout.count()});
+                       {options_.lease.count(), options_.heartbeat_timeout.count()},
+                       job.lease_requeues);
   if (!d.blame_node.empty()) {
     if (auto until = sched_->RecordNodeFailure(d.blame_node, options_.clock())) {
       NodeRt* n = nodes_.Find(d.blame_node);
@@ -726,6 +728,7 @@ void Coordinator::Finish(JobRt& job) {
   r.not_before_ms = d.not_before_ms;
   job.lease_fence = d.kind == AttemptEndDecision::Kind::kNodeLost;
   job.start_retries = d.start_retries;
+  job.lease_requeues = d.lease_requeues;
   for (const auto& e : d.events) Event(r.id, "", e.kind, e.message);
   Write(fmt::format("attempt {} of job {}", r.attempt, r.id), [&] {
     return store_->PutAttempt(

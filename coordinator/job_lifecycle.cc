@@ -113,7 +113,8 @@ bool AttemptState::EveryRankExitedZero(int ranks) const {
 }
 
 AttemptEndDecision DecideAttemptEnd(const AttemptState& a, const JobRecord& r, int start_retries,
-                                    bool replicating, int64_t now, const LifecycleTiming& timing) {
+                                    bool replicating, int64_t now, const LifecycleTiming& timing,
+                                    int lease_requeues) {
   using K = AttemptEndDecision::Kind;
   using Q = AttemptEndDecision::Queue;
   AttemptEndDecision d;
@@ -136,6 +137,21 @@ AttemptEndDecision DecideAttemptEnd(const AttemptState& a, const JobRecord& r, i
   // stopped for the notice exits otherwise (the examples exit 3) or is killed by the agent.
   int ranks = static_cast<int>(r.nodes.size()) * std::max(1, r.spec.ranks_per_node());
   if (preempted && a.EveryRankExitedZero(ranks)) preempted = false;
+  // Ranks their agents stopped unasked (their leases ran out), with no other cause: requeued
+  // freely kLeaseRequeues times in a row; after that it is a failure like any other, so a
+  // cluster whose leases keep running out restarts the job with backoff and gives up at
+  // max_restarts instead of requeueing it for ever.
+  bool stopped_by_agents = r.state != proto::JOB_CANCELLED && a.stop != proto::STOP_TIME_LIMIT &&
+                           !preempted && !lost && a.cause != AttemptCause::kStartRetryable &&
+                           failure.empty() && a.unclean_exit;
+  if (stopped_by_agents && lease_requeues >= kLeaseRequeues) {
+    failure = fmt::format(
+        "its ranks were stopped by their agents {} times in a row: their leases ran out (the "
+        "coordinator answered no heartbeat for a lease; is it overloaded, or is --lease-ms too "
+        "short?)",
+        lease_requeues + 1);
+    d.attempt_detail = failure;
+  }
 
   if (r.state == proto::JOB_CANCELLED) {
     d.kind = K::kCancelled;
@@ -200,7 +216,7 @@ AttemptEndDecision DecideAttemptEnd(const AttemptState& a, const JobRecord& r, i
       event("requeued",
             fmt::format("restart {} of {} in {} ms", d.restarts, r.spec.max_restarts(), backoff));
     }
-  } else if (a.unclean_exit) {
+  } else if (stopped_by_agents) {
     // Nothing failed, was lost or was stopped for a notice, a preemption or a limit, yet a rank
     // did not exit 0 and was not blamed: its agent stopped it unasked (an agent whose heartbeats
     // go unanswered until its lease runs out stops its ranks, so that no other attempt can ever
@@ -215,6 +231,7 @@ AttemptEndDecision DecideAttemptEnd(const AttemptState& a, const JobRecord& r, i
     d.queue = replicating ? Q::kRelease : Q::kRequeue;
     d.detail = "its ranks were stopped by their agents (their lease ran out)";
     d.set_detail = true;
+    d.lease_requeues = lease_requeues + 1;
     event("requeued", fmt::format("after attempt {} (its ranks were stopped by their agents, not "
                                   "by the coordinator: their lease ran out); not counted against "
                                   "max_restarts",

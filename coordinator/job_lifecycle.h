@@ -20,6 +20,10 @@
 //                                       max_restarts; after a lost node not before its agent's
 //                                       lease has surely run out (no split brain), unless every
 //                                       lost node's agent is known to be gone (then at once);
+//      ranks their agents stopped unasked (their leases ran out; no other cause), fewer than
+//      kLeaseRequeues times in a row
+//                                    -> pending at once, counted as a preemption, not against
+//                                       max_restarts (from then on: a failure, below);
 //      a retryable start error (a port in use on the master node, or a launch preflight that
 //      blamed a node), fewer than kMaxStartRetries in a row
 //                                    -> pending at once on other ports (without that node),
@@ -47,6 +51,9 @@ namespace muster::coordinator {
 
 // Retryable start errors in a row before one counts as a failure.
 inline constexpr int kMaxStartRetries = 8;
+// Attempts in a row whose ranks their agents stopped unasked (their leases ran out) that are
+// requeued without counting; the next one is a failure.
+inline constexpr int kLeaseRequeues = 3;
 
 // What caused the attempt to end, as far as the coordinator knows (the first cause wins).
 enum class AttemptCause {
@@ -151,6 +158,7 @@ struct AttemptEndDecision {
   int32_t restarts = 0;  // the job's counters after this attempt
   int32_t preemptions = 0;
   int start_retries = 0;      // retryable start errors in a row
+  int lease_requeues = 0;     // attempts in a row stopped by their agents' leases (else 0)
   int64_t not_before_ms = 0;  // the job's not_before after this attempt
   Queue queue = Queue::kRelease;
   std::string blame_node;      // count a failure against this node (quarantine); "" for none
@@ -163,10 +171,11 @@ std::string_view AttemptEndKindName(AttemptEndDecision::Kind kind);
 
 // Decides what becomes of `job` now that every node of its current attempt has stopped.
 // `start_retries`: retryable start errors in a row before this attempt; `replicating`: copies of
-// its checkpoints to other providers are in flight (a requeued job waits for them).
+// its checkpoints to other providers are in flight (a requeued job waits for them);
+// `lease_requeues`: attempts in a row before this one whose ranks their agents stopped unasked.
 // REQUIRES: every node of job.nodes is in attempt.done.
 AttemptEndDecision DecideAttemptEnd(const AttemptState& attempt, const JobRecord& job,
                                     int start_retries, bool replicating, int64_t now_ms,
-                                    const LifecycleTiming& timing);
+                                    const LifecycleTiming& timing, int lease_requeues = 0);
 
 }  // namespace muster::coordinator

@@ -489,6 +489,44 @@ TEST(JobLifecycleTest, AllRanksMustReportZeroForANoticeToEndInSuccess) {
   EXPECT_EQ(DecideAttemptEnd(a, r, 0, false, kNow, {}).kind, K::kSucceeded);
 }
 
+// Attempts stopped by their agents' leases are requeued freely kLeaseRequeues times in a row;
+// the next is a failure (restart with backoff, counted, no node blamed). Any other end resets
+// the count.
+TEST(JobLifecycleTest, LeaseStopsAreRequeuedFreelyAFewTimesInARowThenCountAsAFailure) {
+  auto stopped_by_agents = [] {
+    AttemptState a;
+    a.RecordExit("a", Exit(0, -1, 15, true));
+    a.RecordExit("b", Exit(1, -1, 15, true));
+    a.done = {"a", "b"};
+    return a;
+  };
+  JobRecord r = Job();
+  for (int i = 0; i < kLeaseRequeues; ++i) {
+    AttemptEndDecision d = DecideAttemptEnd(stopped_by_agents(), r, 0, false, kNow, {}, i);
+    EXPECT_EQ(d.kind, K::kPreempted) << i;
+    EXPECT_EQ(d.restarts, 1) << i;
+    EXPECT_EQ(d.lease_requeues, i + 1);
+  }
+  AttemptEndDecision d =
+      DecideAttemptEnd(stopped_by_agents(), r, 0, false, kNow, {}, kLeaseRequeues);
+  EXPECT_EQ(d.kind, K::kRestart);
+  EXPECT_EQ(d.restarts, 2);
+  EXPECT_EQ(d.preemptions, 1);
+  EXPECT_EQ(d.lease_requeues, 0);
+  EXPECT_EQ(d.blame_node, "");
+  EXPECT_EQ(d.not_before_ms, kNow + 20000);  // restart 2: 10 s backoff doubled
+  EXPECT_EQ(d.outcome, "failed");
+  EXPECT_NE(d.detail.find("stopped by their agents 4 times in a row"), std::string::npos)
+      << d.detail;
+  EXPECT_EQ(d.attempt_detail, d.detail);
+  // A clean attempt after some lease stops ends the run of them.
+  AttemptState ok;
+  ok.RecordExit("a", Exit(0, 0));
+  ok.RecordExit("b", Exit(1, 0));
+  ok.done = {"a", "b"};
+  EXPECT_EQ(DecideAttemptEnd(ok, r, 0, false, kNow, {}, 2).lease_requeues, 0);
+}
+
 TEST(JobLifecycleTest, TheEarliestCheckpointDeadlineWinsAndNeedsAVolume) {
   AttemptState a;
   a.RecordStop(proto::STOP_NODE_PREEMPTED, 5000, false);
