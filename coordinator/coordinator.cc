@@ -676,10 +676,12 @@ void Coordinator::Finish(JobRt& job) {
   if (!write_error_.ok()) return;  // refusing changes: the job stays as the store has it
   auto& r = job.rec;
   int64_t now = NowMs();
+  // An attempt that reported a step past the one it resumed from ends a run of lease stops.
+  const bool progressed = job.progress && job.progress->step() > r.resume_step;
   AttemptEndDecision d =
       DecideAttemptEnd(job.attempt, r, job.start_retries, !job.replicating.empty(), now,
                        {options_.lease.count(), options_.heartbeat_timeout.count()},
-                       job.lease_requeues);
+                       progressed ? 0 : job.lease_requeues);
   if (!d.blame_node.empty()) {
     if (auto until = sched_->RecordNodeFailure(d.blame_node, options_.clock())) {
       NodeRt* n = nodes_.Find(d.blame_node);
@@ -695,7 +697,8 @@ void Coordinator::Finish(JobRt& job) {
       }
     }
   }
-  if (d.kind == AttemptEndDecision::Kind::kRestart) {
+  // The agents stopping the ranks says nothing about the snapshots it resumed from.
+  if (d.kind == AttemptEndDecision::Kind::kRestart && !d.stopped_by_agents) {
     auto why = FailedSnapshotResume(
         r.attempt, job.snapshot_resumed,
         job.progress ? std::optional<int64_t>(job.progress->step()) : std::nullopt,
@@ -811,6 +814,13 @@ void Coordinator::LoseNode(NodeRt& node, const std::string& why, bool agent_gone
 void Coordinator::Tick() {
   int64_t now = NowMs();
   nodes_.ExpirePolls(now);
+  // A flush of the store that failed off this thread (coordinator_db.h) latches as a failed
+  // write does, at the next tick rather than at the next change.
+  if (write_error_.ok()) {
+    if (Status flush = store_->FlushError(); !flush.ok()) {
+      Write("the state database's log", [&] { return flush; }).IgnoreError();
+    }
+  }
   if (!write_error_.ok()) {
     // Refusing changes: no node is declared lost, no job stopped, started or requeued. Agents
     // that keep heartbeating keep their leases, so running ranks go on until a restarted

@@ -139,6 +139,10 @@ std::vector<std::string> Split(const std::string& s) {
   return out;
 }
 
+// A log of this many pages (SQLite's default for its own checkpoints) is copied into the
+// database file by the flusher; smaller ones are only synced.
+constexpr int kCheckpointPages = 1000;
+
 // What to say for a commit the flusher refused (SqliteCoordinatorDb::StartFlusher's commit
 // hook), or "" for any other error.
 std::string RefusedByFlusher(sqlite3* db) {
@@ -244,6 +248,10 @@ SqliteCoordinatorDb::SqliteCoordinatorDb(std::filesystem::path path, sqlite3* db
     : path_(std::move(path)), db_(db), lock_fd_(lock_fd) {}
 
 SqliteCoordinatorDb::~SqliteCoordinatorDb() {
+  if (flusher_) {
+    sqlite3_wal_hook(db_, nullptr, nullptr);
+    sqlite3_commit_hook(db_, nullptr, nullptr);
+  }
   flusher_.reset();  // its last flush first, then its connection
   if (flush_db_) sqlite3_close_v2(flush_db_);
   sqlite3_close_v2(db_);
@@ -279,13 +287,15 @@ StatusOr<std::unique_ptr<CoordinatorDb>> CoordinatorDb::Open(
   }
   std::unique_ptr<SqliteCoordinatorDb> store(new SqliteCoordinatorDb(path, db, fd));
   sqlite3_busy_timeout(db, 5000);
-  MUSTER_RETURN_IF_ERROR(store->Exec("PRAGMA journal_mode=WAL"));
-  if (flush_interval.count() > 0) {
-    MUSTER_RETURN_IF_ERROR(store->Exec("PRAGMA synchronous=NORMAL"));
-    MUSTER_RETURN_IF_ERROR(store->StartFlusher(flush_interval));
-  } else {
-    MUSTER_RETURN_IF_ERROR(store->Exec("PRAGMA synchronous=FULL"));
+  bool wal = false;
+  {
+    Stmt q(db, "PRAGMA journal_mode=WAL");
+    MUSTER_RETURN_IF_ERROR(q.status());
+    MUSTER_ASSIGN_OR_RETURN(bool row, q.Step());
+    wal = row && q.Text(0) == "wal";
   }
+  // Until the flusher runs (below), each write is synced at its commit.
+  MUSTER_RETURN_IF_ERROR(store->Exec("PRAGMA synchronous=FULL"));
   MUSTER_RETURN_IF_ERROR(store->Exec(kSchema));
   // Databases made before jobs recorded their submitter get the column (empty: only admin keys
   // may act on those jobs).
@@ -308,6 +318,11 @@ StatusOr<std::unique_ptr<CoordinatorDb>> CoordinatorDb::Open(
   MUSTER_RETURN_IF_ERROR(store->Exec(kSparesSchema));
   // Databases made before snapshot fallbacks were kept get the (empty) table.
   MUSTER_RETURN_IF_ERROR(store->Exec(kSnapshotFallbacksSchema));
+  // The flusher needs the log (WAL) and a library that lets two connections work on two
+  // threads; without either, every write stays synced at its commit.
+  if (flush_interval.count() > 0 && wal && sqlite3_threadsafe() != 0) {
+    MUSTER_RETURN_IF_ERROR(store->StartFlusher(flush_interval));
+  }
   return std::unique_ptr<CoordinatorDb>(std::move(store));
 }
 
@@ -325,44 +340,66 @@ Status SqliteCoordinatorDb::Exec(const std::string& sql) {
 Status SqliteCoordinatorDb::StartFlusher(std::chrono::milliseconds interval) {
   int rc = sqlite3_open_v2(path_.c_str(), &flush_db_, SQLITE_OPEN_READWRITE | SQLITE_OPEN_FULLMUTEX,
                            nullptr);
-  if (rc != SQLITE_OK) {
-    return FailedPreconditionError(fmt::format("cannot open {} for its flusher: {}",
-                                               path_.string(), sqlite3_errmsg(flush_db_)));
-  }
-  // The checkpoint syncs the log before it copies it, and the database file after.
-  char* err = nullptr;
-  if (sqlite3_exec(flush_db_, "PRAGMA synchronous=NORMAL", nullptr, nullptr, &err) != SQLITE_OK) {
-    std::string msg = err ? err : "unknown";
-    sqlite3_free(err);
-    return InternalError(fmt::format("sqlite {}: {}", path_.string(), msg));
+  auto fail = [&](const std::string& what) {
+    return FailedPreconditionError(fmt::format("cannot open {} for its flusher: {}: {}",
+                                               path_.string(), what, sqlite3_errmsg(flush_db_)));
+  };
+  if (rc != SQLITE_OK) return fail("open");
+  // Its checkpoints sync the log before they copy it, and the database file after. A read opens
+  // the log on this connection, so that its file can be synced (below).
+  if (sqlite3_exec(flush_db_, "PRAGMA synchronous=NORMAL; SELECT count(*) FROM sqlite_master",
+                   nullptr, nullptr, nullptr) != SQLITE_OK) {
+    return fail("first read");
   }
   sqlite3* ckpt = flush_db_;
   std::string where = path_.string();
-  flusher_ = std::make_unique<WalFlusher>(interval, [ckpt, where]() -> StatusOr<bool> {
-    int log = 0, done = 0;
-    int rc = sqlite3_wal_checkpoint_v2(ckpt, "main", SQLITE_CHECKPOINT_PASSIVE, &log, &done);
-    if (rc == SQLITE_BUSY) return false;  // another checkpoint: tried again next time
-    if (rc != SQLITE_OK) {
-      return InternalError(fmt::format("checkpoint of {}: {}", where, sqlite3_errmsg(ckpt)));
+  flusher_ = std::make_unique<WalFlusher>(interval, [ckpt, where](int pages) -> StatusOr<bool> {
+    if (pages >= kCheckpointPages) {
+      // Copy the log into the database file, so that the next commit starts it over (a
+      // restart syncs the log's header on the committing thread: rare at this size). BUSY:
+      // another checkpoint runs (an operator's shell); the next flush tries again.
+      int log = -1, done = -1;
+      int rc = sqlite3_wal_checkpoint_v2(ckpt, "main", SQLITE_CHECKPOINT_PASSIVE, &log, &done);
+      if (rc != SQLITE_OK && rc != SQLITE_BUSY) {
+        return InternalError(fmt::format("checkpoint of {}: {}", where, sqlite3_errmsg(ckpt)));
+      }
     }
-    // Every frame copied: the log was synced before, the database file after. A reader that
-    // kept frames back leaves some unsynced: the next flush tries again.
-    return done == log;
+    // Whatever the checkpoint did, an fdatasync of the log makes every committed change durable
+    // (a restart after power loss replays the log). Its file, as this connection holds it.
+    sqlite3_file* log = nullptr;
+    if (sqlite3_file_control(ckpt, "main", SQLITE_FCNTL_JOURNAL_POINTER, &log) != SQLITE_OK ||
+        log == nullptr || log->pMethods == nullptr) {
+      // Not open here (it is opened by this connection's first read): open it and try again.
+      sqlite3_exec(ckpt, "SELECT count(*) FROM sqlite_master", nullptr, nullptr, nullptr);
+      return false;
+    }
+    int rc = log->pMethods->xSync(log, SQLITE_SYNC_NORMAL);
+    if (rc != SQLITE_OK) {
+      return InternalError(fmt::format("fdatasync of {}-wal: {} (SQLite error {})", where,
+                                       sqlite3_errstr(rc), rc));
+    }
+    return true;
   });
   WalFlusher* f = flusher_.get();
   // After each commit's log is written (this replaces SQLite's own checkpoints on the caller's
   // thread: the flusher checkpoints).
   sqlite3_wal_hook(
       db_,
-      [](void* arg, sqlite3*, const char*, int) {
-        static_cast<WalFlusher*>(arg)->NoteCommit();
+      [](void* arg, sqlite3*, const char*, int pages) {
+        static_cast<WalFlusher*>(arg)->NoteCommit(pages);
         return SQLITE_OK;
       },
       f);
   // Before each commit: none once a flush failed (the commit is rolled back).
   sqlite3_commit_hook(
       db_, [](void* arg) { return static_cast<WalFlusher*>(arg)->error().ok() ? 0 : 1; }, f);
-  return Status::Ok();
+  return Exec("PRAGMA synchronous=NORMAL");
+}
+
+Status SqliteCoordinatorDb::Sync() { return flusher_ ? flusher_->Sync() : Status::Ok(); }
+
+Status SqliteCoordinatorDb::FlushError() const {
+  return flusher_ ? flusher_->error() : Status::Ok();
 }
 
 Status SqliteCoordinatorDb::PutNode(const NodeRecord& n) {

@@ -14,8 +14,13 @@
 // with SIGKILL right after answering a submit still has the job when it starts again. Against
 // the host's power loss a write is durable within the flush interval (Open's flush_interval,
 // wal_flusher.h): a thread of its own syncs the log, so the caller's thread (the coordinator's
-// reactor, which answers heartbeats) never waits on the disk. Interval 0: each write is synced
-// before it returns (SQLite synchronous=FULL), on the caller's thread.
+// reactor, which answers heartbeats) does not wait on the disk, except for Sync() and, once
+// every 1000 pages of log (about 4 MiB of changes), the sync of the log's header when a commit
+// starts it over. Interval 0 (or a database that is not in WAL mode, or a SQLite built without
+// threads): each write is synced before it returns (synchronous=FULL), on the caller's thread.
+// Writes that an action outside the process follows (provider requests, the providers' ledgers)
+// call Sync() first; node-key bindings and the rest do not: after a power loss a restarted
+// coordinator may lack the last interval's changes, as it would lack any made after the loss.
 //
 // Thread-safety: none. The coordinator uses it from its reactor thread.
 
@@ -109,6 +114,14 @@ class CoordinatorDb {
   // Where the state lives (logs, errors).
   virtual const std::filesystem::path& path() const = 0;
 
+  // Returns once every write made so far is durable against power loss too (it waits for, or
+  // does, a flush), or the flush's error. For a write that an action outside the process must
+  // not outrun: a provider asked for nodes, an sbatch. Blocks on the disk: not for every write.
+  virtual Status Sync() { return Status::Ok(); }
+  // Ok, or the error of a flush that failed (every later write fails with it): for the owner to
+  // see it without waiting for its next write.
+  virtual Status FlushError() const { return Status::Ok(); }
+
   // Nodes (keyed by labels.name).
   virtual Status PutNode(const NodeRecord& node) = 0;
   virtual Status DeleteNode(const std::string& name) = 0;
@@ -196,6 +209,8 @@ class SqliteCoordinatorDb final : public CoordinatorDb {
   ~SqliteCoordinatorDb() override;
 
   const std::filesystem::path& path() const override { return path_; }
+  Status Sync() override;
+  Status FlushError() const override;
   Status PutNode(const NodeRecord& node) override;
   Status DeleteNode(const std::string& name) override;
   StatusOr<std::vector<NodeRecord>> LoadNodes() override;
@@ -235,7 +250,8 @@ class SqliteCoordinatorDb final : public CoordinatorDb {
   friend class CoordinatorDb;
   SqliteCoordinatorDb(std::filesystem::path path, sqlite3* db, int lock_fd);
   Status Exec(const std::string& sql);
-  // Starts the flusher: a second connection of its own checkpoints the log every `interval`.
+  // Starts the flusher: a second connection of its own syncs the log every `interval` and now
+  // and then checkpoints it into the database file.
   Status StartFlusher(std::chrono::milliseconds interval);
 
   std::filesystem::path path_;

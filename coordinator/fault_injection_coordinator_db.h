@@ -33,6 +33,8 @@ class FaultInjectionCoordinatorDb final : public CoordinatorDb {
   const std::vector<std::string>& write_log() const { return log_; }
 
   const std::filesystem::path& path() const override { return base_->path(); }
+  Status Sync() override { return base_->Sync(); }
+  Status FlushError() const override { return base_->FlushError(); }
   Status PutNode(const NodeRecord& node) override;
   Status DeleteNode(const std::string& name) override;
   StatusOr<std::vector<NodeRecord>> LoadNodes() override { return base_->LoadNodes(); }

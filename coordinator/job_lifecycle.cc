@@ -137,20 +137,21 @@ AttemptEndDecision DecideAttemptEnd(const AttemptState& a, const JobRecord& r, i
   // stopped for the notice exits otherwise (the examples exit 3) or is killed by the agent.
   int ranks = static_cast<int>(r.nodes.size()) * std::max(1, r.spec.ranks_per_node());
   if (preempted && a.EveryRankExitedZero(ranks)) preempted = false;
-  // Ranks their agents stopped unasked (their leases ran out), with no other cause: requeued
-  // freely kLeaseRequeues times in a row; after that it is a failure like any other, so a
-  // cluster whose leases keep running out restarts the job with backoff and gives up at
-  // max_restarts instead of requeueing it for ever.
+  // Ranks their agents stopped unasked (a lease that ran out, or an agent shut down), with no
+  // other cause: requeued freely kLeaseRequeues times in a row; after that it is a failure like
+  // any other, so a cluster whose leases keep running out restarts the job with backoff and
+  // gives up at max_restarts instead of requeueing it for ever.
   bool stopped_by_agents = r.state != proto::JOB_CANCELLED && a.stop != proto::STOP_TIME_LIMIT &&
                            !preempted && !lost && a.cause != AttemptCause::kStartRetryable &&
                            failure.empty() && a.unclean_exit;
   if (stopped_by_agents && lease_requeues >= kLeaseRequeues) {
     failure = fmt::format(
-        "its ranks were stopped by their agents {} times in a row: their leases ran out (the "
-        "coordinator answered no heartbeat for a lease; is it overloaded, or is --lease-ms too "
-        "short?)",
+        "its ranks were stopped by their agents, unasked, {} times in a row without progress "
+        "(leases that ran out: is the coordinator overloaded or --lease-ms too short? or agents "
+        "that were shut down)",
         lease_requeues + 1);
     d.attempt_detail = failure;
+    d.stopped_by_agents = true;
   }
 
   if (r.state == proto::JOB_CANCELLED) {
@@ -166,6 +167,7 @@ AttemptEndDecision DecideAttemptEnd(const AttemptState& a, const JobRecord& r, i
     event("failed", "time limit reached");
     d.queue = Q::kRelease;
   } else if (preempted || lost) {
+    d.lease_requeues = lease_requeues;  // not a run's end: the count goes on
     d.kind = lost ? K::kNodeLost : K::kPreempted;
     d.outcome = lost ? "node_lost" : "preempted";
     d.preemptions++;
@@ -185,6 +187,7 @@ AttemptEndDecision DecideAttemptEnd(const AttemptState& a, const JobRecord& r, i
                                   r.attempt, lost ? failure : "preempted"));
   } else if (a.cause == AttemptCause::kStartRetryable) {
     // A port of this attempt was taken on its master node: the next attempt gets other ports.
+    d.lease_requeues = lease_requeues;
     d.kind = K::kStartRetry;
     d.outcome = "start_retry";
     d.start_retries++;
@@ -229,12 +232,13 @@ AttemptEndDecision DecideAttemptEnd(const AttemptState& a, const JobRecord& r, i
     d.state = proto::JOB_PENDING;
     // As for a preemption: submitted again once copies to other providers are in.
     d.queue = replicating ? Q::kRelease : Q::kRequeue;
-    d.detail = "its ranks were stopped by their agents (their lease ran out)";
+    d.detail = "its ranks were stopped by their agents, unasked (a lease ran out?)";
     d.set_detail = true;
     d.lease_requeues = lease_requeues + 1;
+    d.stopped_by_agents = true;
     event("requeued", fmt::format("after attempt {} (its ranks were stopped by their agents, not "
-                                  "by the coordinator: their lease ran out); not counted against "
-                                  "max_restarts",
+                                  "by the coordinator: a lease that ran out, or an agent shut "
+                                  "down); not counted against max_restarts",
                                   r.attempt));
   } else {
     d.kind = K::kSucceeded;

@@ -20,8 +20,8 @@
 //                                       max_restarts; after a lost node not before its agent's
 //                                       lease has surely run out (no split brain), unless every
 //                                       lost node's agent is known to be gone (then at once);
-//      ranks their agents stopped unasked (their leases ran out; no other cause), fewer than
-//      kLeaseRequeues times in a row
+//      ranks their agents stopped unasked (a lease ran out, or an agent shut down; no other
+//      cause), fewer than kLeaseRequeues times in a row without progress
 //                                    -> pending at once, counted as a preemption, not against
 //                                       max_restarts (from then on: a failure, below);
 //      a retryable start error (a port in use on the master node, or a launch preflight that
@@ -51,8 +51,8 @@ namespace muster::coordinator {
 
 // Retryable start errors in a row before one counts as a failure.
 inline constexpr int kMaxStartRetries = 8;
-// Attempts in a row whose ranks their agents stopped unasked (their leases ran out) that are
-// requeued without counting; the next one is a failure.
+// Attempts in a row without progress whose ranks their agents stopped unasked (their leases
+// ran out) that are requeued without counting; the next one is a failure.
 inline constexpr int kLeaseRequeues = 3;
 
 // What caused the attempt to end, as far as the coordinator knows (the first cause wins).
@@ -158,7 +158,14 @@ struct AttemptEndDecision {
   int32_t restarts = 0;  // the job's counters after this attempt
   int32_t preemptions = 0;
   int start_retries = 0;      // retryable start errors in a row
-  int lease_requeues = 0;     // attempts in a row stopped by their agents' leases (else 0)
+  // Attempts in a row stopped by their agents unasked: carried through preemptions, lost nodes
+  // and start retries, 0 after any other end. The coordinator keeps it in memory (a restarted
+  // coordinator starts from 0, as with start_retries) and passes 0 once an attempt made
+  // progress.
+  int lease_requeues = 0;
+  // This end was the agents' doing (requeued, or the failure that ends a run of them): not a
+  // failed resume from snapshots.
+  bool stopped_by_agents = false;
   int64_t not_before_ms = 0;  // the job's not_before after this attempt
   Queue queue = Queue::kRelease;
   std::string blame_node;      // count a failure against this node (quarantine); "" for none
@@ -172,7 +179,8 @@ std::string_view AttemptEndKindName(AttemptEndDecision::Kind kind);
 // Decides what becomes of `job` now that every node of its current attempt has stopped.
 // `start_retries`: retryable start errors in a row before this attempt; `replicating`: copies of
 // its checkpoints to other providers are in flight (a requeued job waits for them);
-// `lease_requeues`: attempts in a row before this one whose ranks their agents stopped unasked.
+// `lease_requeues`: attempts in a row before this one whose ranks their agents stopped unasked
+// (0 when this attempt made progress).
 // REQUIRES: every node of job.nodes is in attempt.done.
 AttemptEndDecision DecideAttemptEnd(const AttemptState& attempt, const JobRecord& job,
                                     int start_retries, bool replicating, int64_t now_ms,

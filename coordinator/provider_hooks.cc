@@ -19,8 +19,11 @@ class Coordinator::DbProviderLedger : public providers::ProviderLedger {
   explicit DbProviderLedger(Coordinator& c) : c_(c) {}
   Status Save(const std::string& provider,
               const std::vector<providers::LedgerEntry>& entries) override {
+    // Durable before what it records is done (an sbatch): Sync.
     return c_.Write("provider ledger of " + provider, [&] {
-      return c_.store_->PutState(Key(provider), providers::EncodeLedger(entries), c_.NowMs());
+      MUSTER_RETURN_IF_ERROR(
+          c_.store_->PutState(Key(provider), providers::EncodeLedger(entries), c_.NowMs()));
+      return c_.store_->Sync();
     });
   }
   StatusOr<std::vector<providers::LedgerEntry>> Load(const std::string& provider) override {
@@ -38,9 +41,12 @@ void Coordinator::SetProviders(std::unique_ptr<providers::ProviderManager> provi
   providers_ = std::move(providers);
   pass_needed_ = true;
   if (!providers_) return;
+  // Before a request is handed to its provider: durable against power loss too (Sync), so a
+  // restarted coordinator knows every node it may have asked for.
   providers_->SetPersist([this](const std::string& state) {
     bool ok = Write("provider state", [&] {
-                return store_->PutState(kProviderStateKey, state, NowMs());
+                MUSTER_RETURN_IF_ERROR(store_->PutState(kProviderStateKey, state, NowMs()));
+                return store_->Sync();
               }).ok();
     if (ok) providers_->StateSaved(state);
     return ok;

@@ -10,15 +10,18 @@
 // With the flusher, a commit writes its log to the page cache (SQLite WAL, synchronous=NORMAL):
 // a coordinator killed with SIGKILL loses nothing, and a host that loses power loses at most
 // the changes of the last `interval` plus one flush (PostgreSQL's synchronous_commit=off makes
-// the same trade, bounded by its WAL writer's delay).
+// the same trade, bounded by its WAL writer's delay). Where an action outside the process must
+// not happen before its record is durable (a provider asked for nodes), the caller waits for
+// it with Sync().
 //
-// `flush` does the durable work (for SQLite: a checkpoint on its own connection, which syncs the
-// log and the database file). It reports whether everything noted before it began is now durable
-// (true), or whether it has to be tried again (false: a reader kept part of the log). An error is
-// latched: no flush is tried again, error() returns it, and the owner refuses later changes
-// (a failed fsync may have dropped the pages it could not write; retrying would claim them).
+// `flush` does the durable work (for SQLite: an fdatasync of the log, and now and then a
+// checkpoint into the database file). It is given the log's size as last noted, in pages. It
+// reports whether everything noted before it began is now durable (true) or has to be tried
+// again (false). An error is latched: no flush is tried again, error() returns it, and the owner
+// refuses later changes (a failed fsync may have dropped the pages it could not write; retrying
+// would claim them).
 //
-// Thread-safety: NoteCommit, error and the counters from any thread.
+// Thread-safety: all methods from any thread; `flush` runs on one thread at a time.
 
 #include <chrono>
 #include <condition_variable>
@@ -33,14 +36,18 @@ namespace muster::coordinator {
 
 class WalFlusher {
  public:
-  using Flush = std::function<StatusOr<bool>()>;
+  using Flush = std::function<StatusOr<bool>(int log_pages)>;
   WalFlusher(std::chrono::milliseconds interval, Flush flush);
   ~WalFlusher();  // stops the thread after one last flush of what was noted
   WalFlusher(const WalFlusher&) = delete;
   WalFlusher& operator=(const WalFlusher&) = delete;
 
-  // A change was committed (its log written): the next flush makes it durable.
-  void NoteCommit();
+  // A change was committed (its log written; the log now holds `log_pages` pages): the next
+  // flush makes it durable.
+  void NoteCommit(int log_pages);
+  // Returns once every change noted before the call is durable (flushing on the caller's
+  // thread if the flusher is not already at it), or the latched error.
+  Status Sync();
   // Ok, or the flush error that was latched.
   Status error() const;
   // Commits noted, and how many of them are known durable.
@@ -49,16 +56,20 @@ class WalFlusher {
 
  private:
   void Run();
-  // One flush of what was noted; under mu_ on entry and on return.
+  // One flush of what was noted, unless one is running (then waits for it); under mu_ on
+  // entry and on return.
   void FlushLocked(std::unique_lock<std::mutex>& lock);
 
   const std::chrono::milliseconds interval_;
   Flush flush_;
   mutable std::mutex mu_;
-  std::condition_variable cv_;
+  std::condition_variable cv_;       // stop_, for the thread
+  std::condition_variable flushed_;  // flushing_ ended
   bool stop_ = false;
+  bool flushing_ = false;
   uint64_t committed_ = 0;
   uint64_t durable_ = 0;
+  int log_pages_ = 0;
   Status error_;
   std::thread thread_;
 };

@@ -177,7 +177,10 @@ StatusOr<std::unique_ptr<Agent>> Agent::Start(AgentOptions options) {
                                                              std::move(ro), std::move(out)));
   m.labels = m.runner->labels();  // with the volume server's transfer endpoint and key
   m.watchdog = std::make_unique<LeaseWatchdog>(options.stop_grace, [p](milliseconds silent) {
-    p->reactor->Post("agent.lease_expired", [p, silent] { p->runner->OnLeaseExpired(silent); });
+    // The runner is gone once the agent is torn down (Shutdown resets it before the watchdog).
+    p->reactor->Post("agent.lease_expired", [p, silent] {
+      if (p->runner) p->runner->OnLeaseExpired(silent);
+    });
   });
   m.pruner = std::make_unique<PruneWorker>();
   ReplicationWorker::Outputs rout;

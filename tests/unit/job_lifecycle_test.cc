@@ -130,10 +130,10 @@ std::vector<Case> Cases() {
        42,
        "",
        {{"requeued",
-         "after attempt 3 (its ranks were stopped by their agents, not by the coordinator: their "
-         "lease ran out); not counted against max_restarts"}},
+         "after attempt 3 (its ranks were stopped by their agents, not by the coordinator: a "
+         "lease that ran out, or an agent shut down); not counted against max_restarts"}},
        "preempted",
-       "its ranks were stopped by their agents (their lease ran out)"},
+       "its ranks were stopped by their agents, unasked (a lease ran out?)"},
       {"RanksStoppedByTheirAgentsWhileCopyingWaitForTheCopies",
        [](AttemptState& a, JobRecord&, int&, bool& replicating) {
          a.RecordExit("a", Exit(0, -1, 15, true));
@@ -149,10 +149,10 @@ std::vector<Case> Cases() {
        42,
        "",
        {{"requeued",
-         "after attempt 3 (its ranks were stopped by their agents, not by the coordinator: their "
-         "lease ran out); not counted against max_restarts"}},
+         "after attempt 3 (its ranks were stopped by their agents, not by the coordinator: a "
+         "lease that ran out, or an agent shut down); not counted against max_restarts"}},
        "preempted",
-       "its ranks were stopped by their agents (their lease ran out)"},
+       "its ranks were stopped by their agents, unasked (a lease ran out?)"},
       {"EveryRankExitsZeroAfterANotice",
        [](AttemptState& a, JobRecord&, int&, bool&) {
          a.RecordStop(proto::STOP_NODE_PREEMPTED, kNow + 5000, true);
@@ -490,8 +490,8 @@ TEST(JobLifecycleTest, AllRanksMustReportZeroForANoticeToEndInSuccess) {
 }
 
 // Attempts stopped by their agents' leases are requeued freely kLeaseRequeues times in a row;
-// the next is a failure (restart with backoff, counted, no node blamed). Any other end resets
-// the count.
+// the next is a failure (restart with backoff, counted, no node blamed). Preemptions and lost
+// nodes carry the count on; a success, a failure or a cancel ends it.
 TEST(JobLifecycleTest, LeaseStopsAreRequeuedFreelyAFewTimesInARowThenCountAsAFailure) {
   auto stopped_by_agents = [] {
     AttemptState a;
@@ -516,10 +516,16 @@ TEST(JobLifecycleTest, LeaseStopsAreRequeuedFreelyAFewTimesInARowThenCountAsAFai
   EXPECT_EQ(d.blame_node, "");
   EXPECT_EQ(d.not_before_ms, kNow + 20000);  // restart 2: 10 s backoff doubled
   EXPECT_EQ(d.outcome, "failed");
-  EXPECT_NE(d.detail.find("stopped by their agents 4 times in a row"), std::string::npos)
+  EXPECT_NE(d.detail.find("stopped by their agents, unasked, 4 times in a row"),
+            std::string::npos)
       << d.detail;
   EXPECT_EQ(d.attempt_detail, d.detail);
-  // A clean attempt after some lease stops ends the run of them.
+  EXPECT_TRUE(d.stopped_by_agents) << "not a failed snapshot resume";
+  // A node lost in between does not end the run of lease stops; a clean attempt does.
+  AttemptState lost;
+  lost.RecordNodeLost("node b lost", false, true);
+  lost.done = {"a", "b"};
+  EXPECT_EQ(DecideAttemptEnd(lost, r, 0, false, kNow, {}, 2).lease_requeues, 2);
   AttemptState ok;
   ok.RecordExit("a", Exit(0, 0));
   ok.RecordExit("b", Exit(1, 0));
