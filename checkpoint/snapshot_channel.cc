@@ -341,9 +341,16 @@ Status SnapshotSender::Release(std::chrono::milliseconds timeout) {
     phase_ = InPlacePhase::kNone;
   } else if (phase_ == InPlacePhase::kReading) {
     // The agent checks the connection once it has read: cut, it keeps nothing of this read.
-    // (Still connecting: the loop sees the cut before it asks.)
-    if (in_place_fd_ >= 0) ::shutdown(in_place_fd_, SHUT_RDWR);
     in_place_cut_ = true;
+    if (in_place_fd_ >= 0) {
+      ::shutdown(in_place_fd_, SHUT_RDWR);
+    } else {
+      // Still connecting (a frozen agent's full backlog can hold a connect for seconds), or the
+      // put has returned: nothing reads the tensors, and the loop sees the cut before it asks.
+      // Free at once rather than when the connect gives up.
+      phase_ = InPlacePhase::kNone;
+      cv_.notify_all();
+    }
   }
   // The read cut (or a copy) ends promptly; the tensors are free only then.
   cv_.wait(l, [&] { return phase_ == InPlacePhase::kNone; });

@@ -288,6 +288,44 @@ TEST_F(SnapshotChannelTest, ReleaseCutsAnInPlaceReadThatTakesTooLong) {
   ::close(lfd);
 }
 
+// An agent that accepts no connection (frozen, its backlog full) holds the sender's connect;
+// Release frees the tensors after its timeout anyway, without waiting for the connect to give
+// up (10 s), and nothing of that snapshot is sent.
+TEST_F(SnapshotChannelTest, ReleaseDoesNotWaitForAConnectToAFrozenAgent) {
+  std::filesystem::create_directories(dir_);
+  int lfd = ::socket(AF_UNIX, SOCK_STREAM, 0);
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::memcpy(addr.sun_path, path_.data(), path_.size());
+  ASSERT_EQ(::bind(lfd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  ASSERT_EQ(::listen(lfd, 0), 0);
+  std::vector<int> fillers;  // never accepted: the backlog fills up
+  for (int i = 0; i < 64; ++i) {
+    int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0);
+    if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+      ::close(fd);
+      break;
+    }
+    fillers.push_back(fd);
+  }
+  ASSERT_FALSE(fillers.empty());
+  std::vector<float> w(1000, 1.5f);
+  SaveState state;
+  state.tensors.push_back(TensorRef::Replicated("w", DType::kF32, {1000}, w.data()));
+  auto sender = SnapshotSender::Create({.socket_path = path_, .key = Key(0)});
+  ASSERT_TRUE(sender->SnapshotInPlace(4, state).ok());
+  const auto t0 = std::chrono::steady_clock::now();
+  Status s = sender->Release(std::chrono::milliseconds(200));
+  const auto took = std::chrono::steady_clock::now() - t0;
+  EXPECT_EQ(s.code(), StatusCode::kDeadlineExceeded) << s;
+  EXPECT_LT(took, seconds(5)) << "waited for the connect to give up";
+  // The next in-place snapshot may be queued at once.
+  EXPECT_TRUE(sender->SnapshotInPlace(5, state).ok());
+  ::close(lfd);  // the held connect fails now, and the sender moves on
+  for (int fd : fillers) ::close(fd);
+  sender.reset();
+}
+
 // Put-in-place requests that are malformed or name memory the rank does not have are refused
 // with the reason, and nothing is kept; the part list's codec round-trips.
 TEST_F(SnapshotChannelTest, AMalformedOrUnreadablePutInPlaceIsRefused) {
