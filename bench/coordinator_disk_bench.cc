@@ -167,10 +167,10 @@ void AddCoordinatorDiskBench(CLI::App& app, Runner* runner) {
           auto r = RunPhase(dir, std::chrono::milliseconds(flush), load, o->seconds, o->rate,
                             o->load_mib);
           t.Row({flush == 0 ? "fsync per commit (anchor)" : fmt::format("flusher, {} ms", flush),
-                 load ? "loaded" : "quiet", std::to_string(r.probe_ms.size()),
-                 pct(r.probe_ms, 0.5), pct(r.probe_ms, 0.99),
-                 r.probe_ms.empty() ? "-" : Fmt(r.probe_ms.back(), 1), pct(r.submit_ms, 0.5),
-                 pct(r.submit_ms, 0.99), r.submit_ms.empty() ? "-" : Fmt(r.submit_ms.back(), 1),
+                 load ? "loaded" : "quiet", std::to_string(r.probe_ms.size()), pct(r.probe_ms, 0.5),
+                 pct(r.probe_ms, 0.99), r.probe_ms.empty() ? "-" : Fmt(r.probe_ms.back(), 1),
+                 pct(r.submit_ms, 0.5), pct(r.submit_ms, 0.99),
+                 r.submit_ms.empty() ? "-" : Fmt(r.submit_ms.back(), 1),
                  load ? Fmt(r.load_bytes / 1048576.0 / (r.seconds + 0.5), 0) : "-"});
         }
       }

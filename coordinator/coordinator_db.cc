@@ -375,8 +375,8 @@ Status SqliteCoordinatorDb::StartFlusher(std::chrono::milliseconds interval) {
     }
     int rc = log->pMethods->xSync(log, SQLITE_SYNC_NORMAL);
     if (rc != SQLITE_OK) {
-      return InternalError(fmt::format("fdatasync of {}-wal: {} (SQLite error {})", where,
-                                       sqlite3_errstr(rc), rc));
+      return InternalError(
+          fmt::format("fdatasync of {}-wal: {} (SQLite error {})", where, sqlite3_errstr(rc), rc));
     }
     return true;
   });

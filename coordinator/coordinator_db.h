@@ -95,9 +95,9 @@ struct CheckpointRecord {
 // Writes (PutNode, DeleteNode, BindNodeKey, InsertJob, UpdateJob, PutAttempt, AppendEvent,
 // RecordCheckpoint, ExcludeNode, PutState, PutSpares, PutSnapshotFallback) are each atomic and
 // durable when they return Ok (as above: at once against a crash of the coordinator, within the
-// flush interval against power loss); a write that returns an error changed nothing. The coordinator
-// treats a failed write as fatal for changes: it stops accepting any (coordinator.h, "Durable
-// writes").
+// flush interval against power loss); a write that returns an error changed nothing. The
+// coordinator treats a failed write as fatal for changes: it stops accepting any (coordinator.h,
+// "Durable writes").
 class CoordinatorDb {
  public:
   // The SQLite store: creates `data_dir` if needed and opens (or creates) coordinator.db in it.

@@ -67,18 +67,20 @@ void WalFlusher::FlushLocked(std::unique_lock<std::mutex>& lock) {
   flushed_.notify_all();
   if (!done.ok()) {
     error_ = done.status();
-    log::Get("coord.db")->critical(
-        "the state database's log could not be made durable: {}; every later change is refused "
-        "until the coordinator is restarted on a working disk",
-        error_.ToString());
+    log::Get("coord.db")
+        ->critical(
+            "the state database's log could not be made durable: {}; every later change is refused "
+            "until the coordinator is restarted on a working disk",
+            error_.ToString());
     return;
   }
   if (*done) durable_ = std::max(durable_, upto);
   if (took > std::chrono::seconds(1)) {
-    log::Get("coord.db")->warn(
-        "flushing the state database took {} ms (off the serving thread unless a change had to "
-        "wait for it)",
-        std::chrono::duration_cast<std::chrono::milliseconds>(took).count());
+    log::Get("coord.db")
+        ->warn(
+            "flushing the state database took {} ms (off the serving thread unless a change had to "
+            "wait for it)",
+            std::chrono::duration_cast<std::chrono::milliseconds>(took).count());
   }
 }
 

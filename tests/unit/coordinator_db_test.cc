@@ -190,9 +190,9 @@ TEST_F(CoordinatorDbTest, TheFlusherSyncsASmallLogAndCheckpointsALargeOne) {
     fs::create_directories(copy);
     fs::copy_file(dir_ / "coordinator.db", copy / "coordinator.db");
     sqlite3* db = nullptr;
-    EXPECT_EQ(sqlite3_open_v2((copy / "coordinator.db").c_str(), &db, SQLITE_OPEN_READWRITE,
-                              nullptr),
-              SQLITE_OK);
+    EXPECT_EQ(
+        sqlite3_open_v2((copy / "coordinator.db").c_str(), &db, SQLITE_OPEN_READWRITE, nullptr),
+        SQLITE_OK);
     sqlite3_stmt* q = nullptr;
     bool found = false;
     if (sqlite3_prepare_v2(db, "SELECT count(*) FROM state WHERE key = ?", -1, &q, nullptr) ==

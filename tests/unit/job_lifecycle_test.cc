@@ -516,8 +516,7 @@ TEST(JobLifecycleTest, LeaseStopsAreRequeuedFreelyAFewTimesInARowThenCountAsAFai
   EXPECT_EQ(d.blame_node, "");
   EXPECT_EQ(d.not_before_ms, kNow + 20000);  // restart 2: 10 s backoff doubled
   EXPECT_EQ(d.outcome, "failed");
-  EXPECT_NE(d.detail.find("stopped by their agents, unasked, 4 times in a row"),
-            std::string::npos)
+  EXPECT_NE(d.detail.find("stopped by their agents, unasked, 4 times in a row"), std::string::npos)
       << d.detail;
   EXPECT_EQ(d.attempt_detail, d.detail);
   EXPECT_TRUE(d.stopped_by_agents) << "not a failed snapshot resume";
