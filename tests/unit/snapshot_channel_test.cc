@@ -42,6 +42,24 @@ class SnapshotChannelTest : public ::testing::Test {
     path_ = dir_ + "/s.sock";
   }
   void TearDown() override { std::filesystem::remove_all(dir_); }
+  sockaddr_un Address() const {
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::memcpy(addr.sun_path, path_.data(), path_.size());
+    return addr;
+  }
+  // A stand-in agent's listening socket at path_ (what the test does with it is its own), or -1.
+  int Listen(int backlog) {
+    std::filesystem::create_directories(dir_);
+    int lfd = ::socket(AF_UNIX, SOCK_STREAM, 0);
+    sockaddr_un addr = Address();
+    if (::bind(lfd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
+        ::listen(lfd, backlog) != 0) {
+      ::close(lfd);
+      return -1;
+    }
+    return lfd;
+  }
   std::string dir_, path_;
 };
 
@@ -252,13 +270,8 @@ TEST_F(SnapshotChannelTest, WhereTheAgentCannotReadInPlaceTheSenderCopies) {
 // connection down (an agent checks it after reading and keeps nothing read from a rank that gave
 // up), and training goes on; the next snapshot opens a new connection.
 TEST_F(SnapshotChannelTest, ReleaseCutsAnInPlaceReadThatTakesTooLong) {
-  std::filesystem::create_directories(dir_);
-  int lfd = ::socket(AF_UNIX, SOCK_STREAM, 0);
-  sockaddr_un addr{};
-  addr.sun_family = AF_UNIX;
-  std::memcpy(addr.sun_path, path_.data(), path_.size());
-  ASSERT_EQ(::bind(lfd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
-  ASSERT_EQ(::listen(lfd, 4), 0);
+  int lfd = Listen(4);
+  ASSERT_GE(lfd, 0);
   std::atomic<bool> saw_eof{false};
   std::thread silent([&] {  // reads the request, never answers, waits for the close
     int fd = ::accept(lfd, nullptr, nullptr);
@@ -292,13 +305,9 @@ TEST_F(SnapshotChannelTest, ReleaseCutsAnInPlaceReadThatTakesTooLong) {
 // Release frees the tensors after its timeout anyway, without waiting for the connect to give
 // up (10 s), and nothing of that snapshot is sent.
 TEST_F(SnapshotChannelTest, ReleaseDoesNotWaitForAConnectToAFrozenAgent) {
-  std::filesystem::create_directories(dir_);
-  int lfd = ::socket(AF_UNIX, SOCK_STREAM, 0);
-  sockaddr_un addr{};
-  addr.sun_family = AF_UNIX;
-  std::memcpy(addr.sun_path, path_.data(), path_.size());
-  ASSERT_EQ(::bind(lfd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
-  ASSERT_EQ(::listen(lfd, 0), 0);
+  int lfd = Listen(0);
+  ASSERT_GE(lfd, 0);
+  sockaddr_un addr = Address();
   std::vector<int> fillers;  // never accepted: the backlog fills up
   for (int i = 0; i < 64; ++i) {
     int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0);
