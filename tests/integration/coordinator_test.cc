@@ -50,8 +50,8 @@ class CoordinatorProcess {
             "--heartbeat-timeout-ms", "1500", static_cast<char*>(nullptr));
       _exit(127);
     }
-    ASSERT_TRUE(WaitUntil([&] { return fs::exists(data_ / "endpoint"); }, 10s))
-        << "coordinator did not start";
+    ASSERT_TRUE(WaitUntil([&] { return fs::exists(data_ / "endpoint"); }, 30s))
+        << "coordinator did not start (a loaded disk makes its first syncs slow)";
     std::ifstream in(data_ / "endpoint");
     in >> endpoint_;
   }
