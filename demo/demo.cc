@@ -237,6 +237,10 @@ int RunDemo(const DemoOptions& o, std::ostream& out) {
   auto fetch_log = [&](int a) {
     if (rank0_logs.count(a) || log_errors.count(a)) return;
     std::string text;
+    // Read to the end (eof: the rank exited and its output was drained). An attempt ends when
+    // its ranks have exited, which can be a moment before the agent has read the last lines
+    // they wrote: an empty chunk short of eof is asked again (a while, then what came is kept).
+    auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(10);
     for (int64_t off = 0;;) {
       proto::Envelope req;
       auto* l = req.mutable_logs_request();
@@ -252,7 +256,11 @@ int RunDemo(const DemoOptions& o, std::ostream& out) {
       }
       text += r->logs_reply().data();
       off = r->logs_reply().next_offset();
-      if (r->logs_reply().eof() || r->logs_reply().data().empty()) break;
+      if (r->logs_reply().eof()) break;
+      if (r->logs_reply().data().empty()) {
+        if (std::chrono::steady_clock::now() > give_up) break;
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      }
     }
     rank0_logs[a] = std::move(text);
   };

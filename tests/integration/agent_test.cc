@@ -88,7 +88,7 @@ class AgentCluster : public ::testing::Test {
     auto p = Subprocess::Start(argv, {}, (dir_ / "coord.log").string());
     ASSERT_TRUE(p.ok()) << p.status().ToString();
     coordinator_ = std::make_unique<Subprocess>(std::move(*p));
-    ASSERT_TRUE(WaitUntil([&] { return fs::exists(dir_ / "coord" / "endpoint"); }, 10s))
+    ASSERT_TRUE(WaitUntil([&] { return fs::exists(dir_ / "coord" / "endpoint"); }, 30s))
         << ReadFile(dir_ / "coord.log");
     endpoint_ = ReadFile(dir_ / "coord" / "endpoint");
     while (!endpoint_.empty() && std::isspace(endpoint_.back())) endpoint_.pop_back();

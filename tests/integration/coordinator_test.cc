@@ -735,7 +735,7 @@ TEST(CoordinatorSecurityTest, InsecureMustBeAskedForAndWarnsAndMissingKeysAreACl
   pid = spawn({"coordinator", "--data-dir", (root / "d2").string(), "--listen", "tcp://127.0.0.1:*",
                "--insecure"},
               root / "err2");
-  ASSERT_TRUE(WaitUntil([&] { return fs::exists(root / "d2" / "endpoint"); }, 10s))
+  ASSERT_TRUE(WaitUntil([&] { return fs::exists(root / "d2" / "endpoint"); }, 30s))
       << slurp(root / "err2");
   EXPECT_NE(slurp(root / "err2").find("INSECURE"), std::string::npos);
   std::string ep;

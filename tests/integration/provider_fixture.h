@@ -92,7 +92,7 @@ class ProviderCluster : public ::testing::Test {
     auto p = Subprocess::Start(argv, env, (dir_ / "coord.log").string());
     if (!p.ok()) return ::testing::AssertionFailure() << p.status().ToString();
     coordinator_ = std::make_unique<Subprocess>(std::move(*p));
-    if (!WaitUntil([&] { return fs::exists(dir_ / "coord" / "endpoint"); }, 10s))
+    if (!WaitUntil([&] { return fs::exists(dir_ / "coord" / "endpoint"); }, 30s))
       return ::testing::AssertionFailure() << ReadFile(dir_ / "coord.log");
     endpoint_ = ReadFile(dir_ / "coord" / "endpoint");
     while (!endpoint_.empty() && std::isspace(endpoint_.back())) endpoint_.pop_back();
