@@ -70,8 +70,9 @@ class MetadataTest : public ::testing::Test {
     auto p = testing::Subprocess::Start({"python3", "-u", MUSTER_FAKE_METADATA}, {}, log);
     ASSERT_TRUE(p.ok()) << p.status();
     server_.emplace(std::move(*p));
-    // The server prints its port once it listens; waiting on the file is bounded.
-    for (int i = 0; i < 2000 && port_.empty(); ++i) {
+    // The server prints its port once it listens; waiting on the file is bounded (30 s: a
+    // Python start on a loaded CI host took over 10 s once).
+    for (int i = 0; i < 6000 && port_.empty(); ++i) {
       std::ifstream in(log);
       std::getline(in, port_);
       if (port_.empty()) usleep(5000);
