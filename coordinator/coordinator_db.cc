@@ -143,6 +143,22 @@ std::vector<std::string> Split(const std::string& s) {
 // database file by the flusher; smaller ones are only synced.
 constexpr int kCheckpointPages = 1000;
 
+// fdatasync of `db`'s log (its WAL file, as that connection holds it open since its first
+// read). Ok when it has none open (nothing of it to sync).
+Status SyncLog(sqlite3* db, const std::string& where) {
+  sqlite3_file* log = nullptr;
+  if (sqlite3_file_control(db, "main", SQLITE_FCNTL_JOURNAL_POINTER, &log) != SQLITE_OK ||
+      log == nullptr || log->pMethods == nullptr) {
+    return Status::Ok();
+  }
+  int rc = log->pMethods->xSync(log, SQLITE_SYNC_NORMAL);
+  if (rc != SQLITE_OK) {
+    return InternalError(
+        fmt::format("fdatasync of {}-wal: {} (SQLite error {})", where, sqlite3_errstr(rc), rc));
+  }
+  return Status::Ok();
+}
+
 // What to say for a commit the flusher refused (SqliteCoordinatorDb::StartFlusher's commit
 // hook), or "" for any other error.
 std::string RefusedByFlusher(sqlite3* db) {
@@ -362,8 +378,9 @@ Status SqliteCoordinatorDb::StartFlusher(std::chrono::milliseconds interval) {
     return fail("first read");
   }
   sqlite3* ckpt = flush_db_;
+  sqlite3* main = db_;  // FULLMUTEX: its file_control may be called from the flusher's thread
   std::string where = path_.string();
-  flusher_ = std::make_unique<WalFlusher>(interval, [ckpt, where](int pages) -> StatusOr<bool> {
+  flusher_ = std::make_unique<WalFlusher>(interval, [ckpt, main, where](int pages) -> StatusOr<bool> {
     if (pages >= kCheckpointPages) {
       // Copy the log into the database file, so that the next commit starts it over (a
       // restart syncs the log's header on the committing thread: rare at this size). BUSY:
@@ -375,19 +392,8 @@ Status SqliteCoordinatorDb::StartFlusher(std::chrono::milliseconds interval) {
       }
     }
     // Whatever the checkpoint did, an fdatasync of the log makes every committed change durable
-    // (a restart after power loss replays the log). Its file, as this connection holds it.
-    sqlite3_file* log = nullptr;
-    if (sqlite3_file_control(ckpt, "main", SQLITE_FCNTL_JOURNAL_POINTER, &log) != SQLITE_OK ||
-        log == nullptr || log->pMethods == nullptr) {
-      // Not open here (it is opened by this connection's first read): open it and try again.
-      sqlite3_exec(ckpt, "SELECT count(*) FROM sqlite_master", nullptr, nullptr, nullptr);
-      return false;
-    }
-    int rc = log->pMethods->xSync(log, SQLITE_SYNC_NORMAL);
-    if (rc != SQLITE_OK) {
-      return InternalError(
-          fmt::format("fdatasync of {}-wal: {} (SQLite error {})", where, sqlite3_errstr(rc), rc));
-    }
+    // (a restart after power loss replays the log).
+    MUSTER_RETURN_IF_ERROR(SyncLog(main, where));
     return true;
   });
   WalFlusher* f = flusher_.get();
@@ -406,7 +412,13 @@ Status SqliteCoordinatorDb::StartFlusher(std::chrono::milliseconds interval) {
   return Exec("PRAGMA synchronous=NORMAL");
 }
 
-Status SqliteCoordinatorDb::Sync() { return flusher_ ? flusher_->Sync() : Status::Ok(); }
+Status SqliteCoordinatorDb::Sync() {
+  if (!flusher_) return Status::Ok();  // every commit was synced
+  // On this thread, without the flusher: an fdatasync of the log as this connection, which has
+  // just written it, holds it. A failure latches as the flusher's does.
+  if (Status st = flusher_->error(); !st.ok()) return st;
+  return SyncLog(db_, path_.string());
+}
 
 Status SqliteCoordinatorDb::FlushError() const {
   return flusher_ ? flusher_->error() : Status::Ok();

@@ -22,18 +22,6 @@ void WalFlusher::NoteCommit(int log_pages) {
   log_pages_ = log_pages;
 }
 
-Status WalFlusher::Sync() {
-  std::unique_lock<std::mutex> lock(mu_);
-  const uint64_t upto = committed_;
-  // A flush that reports itself incomplete is tried again, a few times.
-  for (int i = 0; i < 100 && error_.ok() && durable_ < upto; ++i) FlushLocked(lock);
-  if (!error_.ok()) return error_;
-  if (durable_ < upto) {
-    return UnavailableError("the state database's log could not be made durable (100 tries)");
-  }
-  return Status::Ok();
-}
-
 Status WalFlusher::error() const {
   std::lock_guard<std::mutex> lock(mu_);
   return error_;
@@ -50,21 +38,14 @@ uint64_t WalFlusher::durable() const {
 }
 
 void WalFlusher::FlushLocked(std::unique_lock<std::mutex>& lock) {
-  if (flushing_) {  // another thread's flush: it may cover what this one wants
-    flushed_.wait(lock, [this] { return !flushing_; });
-    return;
-  }
   if (!error_.ok() || durable_ == committed_) return;
   const uint64_t upto = committed_;
   const int pages = log_pages_;
-  flushing_ = true;
   lock.unlock();
   auto start = std::chrono::steady_clock::now();
   StatusOr<bool> done = flush_(pages);
   auto took = std::chrono::steady_clock::now() - start;
   lock.lock();
-  flushing_ = false;
-  flushed_.notify_all();
   if (!done.ok()) {
     error_ = done.status();
     log::Get("coord.db")

@@ -11,8 +11,8 @@
 // a coordinator killed with SIGKILL loses nothing, and a host that loses power loses at most
 // the changes of the last `interval` plus one flush (PostgreSQL's synchronous_commit=off makes
 // the same trade, bounded by its WAL writer's delay). Where an action outside the process must
-// not happen before its record is durable (a provider asked for nodes), the caller waits for
-// it with Sync().
+// not happen before its record is durable (a provider asked for nodes), the owner syncs on its
+// own thread (CoordinatorDb::Sync).
 //
 // `flush` does the durable work (for SQLite: an fdatasync of the log, and now and then a
 // checkpoint into the database file). It is given the log's size as last noted, in pages. It
@@ -21,7 +21,7 @@
 // refuses later changes (a failed fsync may have dropped the pages it could not write; retrying
 // would claim them).
 //
-// Thread-safety: all methods from any thread; `flush` runs on one thread at a time.
+// Thread-safety: all methods from any thread; `flush` runs on the flusher's thread.
 
 #include <chrono>
 #include <condition_variable>
@@ -45,9 +45,6 @@ class WalFlusher {
   // A change was committed (its log written; the log now holds `log_pages` pages): the next
   // flush makes it durable.
   void NoteCommit(int log_pages);
-  // Returns once every change noted before the call is durable (flushing on the caller's
-  // thread if the flusher is not already at it), or the latched error.
-  Status Sync();
   // Ok, or the flush error that was latched.
   Status error() const;
   // Commits noted, and how many of them are known durable.
@@ -56,17 +53,14 @@ class WalFlusher {
 
  private:
   void Run();
-  // One flush of what was noted, unless one is running (then waits for it); under mu_ on
-  // entry and on return.
+  // One flush of what was noted; under mu_ on entry and on return.
   void FlushLocked(std::unique_lock<std::mutex>& lock);
 
   const std::chrono::milliseconds interval_;
   Flush flush_;
   mutable std::mutex mu_;
-  std::condition_variable cv_;       // stop_, for the thread
-  std::condition_variable flushed_;  // flushing_ ended
+  std::condition_variable cv_;  // stop_, for the thread
   bool stop_ = false;
-  bool flushing_ = false;
   uint64_t committed_ = 0;
   uint64_t durable_ = 0;
   int log_pages_ = 0;

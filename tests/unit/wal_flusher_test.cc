@@ -1,5 +1,5 @@
 // WalFlusher with a flush the test controls: what it counts durable, a flush that has to be
-// tried again, a latched error, Sync, and the last flush when it stops.
+// tried again, a latched error, and the last flush when it stops.
 
 #include "coordinator/wal_flusher.h"
 
@@ -59,35 +59,6 @@ TEST(WalFlusherTest, AFailedFlushIsLatchedAndNeverTriedAgain) {
   std::this_thread::sleep_for(20ms);
   EXPECT_EQ(calls.load(), 1);
   EXPECT_EQ(f.durable(), 0u);
-}
-
-// Sync returns once what was noted before it is durable: it flushes on the caller's thread
-// (the interval here is an hour), hands the flush the log's size as last noted, and returns the
-// latched error once one is.
-TEST(WalFlusherTest, SyncFlushesNowAndReturnsTheLatchedError) {
-  std::atomic<int> calls{0};
-  std::atomic<int> pages_seen{0};
-  std::atomic<bool> fail{false};
-  WalFlusher f(1h, [&](int pages) -> StatusOr<bool> {
-    ++calls;
-    pages_seen = pages;
-    if (fail) return InternalError("fdatasync: No space left on device");
-    return true;
-  });
-  EXPECT_TRUE(f.Sync().ok());  // nothing noted: nothing to do
-  EXPECT_EQ(calls.load(), 0);
-  f.NoteCommit(7);
-  f.NoteCommit(12);
-  EXPECT_TRUE(f.Sync().ok());
-  EXPECT_EQ(calls.load(), 1);
-  EXPECT_EQ(pages_seen.load(), 12);
-  EXPECT_EQ(f.durable(), 2u);
-  fail = true;
-  f.NoteCommit(13);
-  Status st = f.Sync();
-  EXPECT_FALSE(st.ok());
-  EXPECT_NE(st.message().find("No space left"), std::string::npos) << st;
-  EXPECT_EQ(f.error().message(), st.message());
 }
 
 TEST(WalFlusherTest, StoppingFlushesWhatWasNoted) {
