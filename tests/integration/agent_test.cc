@@ -582,7 +582,13 @@ TEST_F(AgentCluster, ARestartedAgentKillsTheRanksItsPredecessorLeft) {
   StartAgent("aws-1", "aws");  // same work dir
   EXPECT_TRUE(WaitUntil([&] { return muster::testing::ProcessExited(child); }, 10s))
       << "the restarted agent stops what its predecessor left running";
-  EXPECT_NE(ReadFile(dir_ / "aws-1.log").find("left by a previous agent"), std::string::npos);
+  // The agent may log the kill a moment after the child is gone.
+  EXPECT_TRUE(WaitUntil(
+      [&] {
+        return ReadFile(dir_ / "aws-1.log").find("left by a previous agent") != std::string::npos;
+      },
+      5s))
+      << ReadFile(dir_ / "aws-1.log");
   (void)Muster({"cancel", job});
 }
 
