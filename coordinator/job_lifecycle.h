@@ -157,7 +157,7 @@ struct AttemptEndDecision {
   bool set_detail = false;
   int32_t restarts = 0;  // the job's counters after this attempt
   int32_t preemptions = 0;
-  int start_retries = 0;      // retryable start errors in a row
+  int start_retries = 0;  // retryable start errors in a row
   // Attempts in a row stopped by their agents unasked: carried through preemptions, lost nodes
   // and start retries, 0 after any other end. The coordinator keeps it in memory (a restarted
   // coordinator starts from 0, as with start_retries) and passes 0 once an attempt made
