@@ -380,23 +380,21 @@ Status SqliteCoordinatorDb::StartFlusher(std::chrono::milliseconds interval) {
   sqlite3* ckpt = flush_db_;
   sqlite3* main = db_;  // FULLMUTEX: its file_control may be called from the flusher's thread
   std::string where = path_.string();
-  flusher_ =
-      std::make_unique<WalFlusher>(interval, [ckpt, main, where](int pages) -> StatusOr<bool> {
-        if (pages >= kCheckpointPages) {
-          // Copy the log into the database file, so that the next commit starts it over (a
-          // restart syncs the log's header on the committing thread: rare at this size). BUSY:
-          // another checkpoint runs (an operator's shell); the next flush tries again.
-          int log = -1, done = -1;
-          int rc = sqlite3_wal_checkpoint_v2(ckpt, "main", SQLITE_CHECKPOINT_PASSIVE, &log, &done);
-          if (rc != SQLITE_OK && rc != SQLITE_BUSY) {
-            return InternalError(fmt::format("checkpoint of {}: {}", where, sqlite3_errmsg(ckpt)));
-          }
-        }
-        // Whatever the checkpoint did, an fdatasync of the log makes every committed change durable
-        // (a restart after power loss replays the log).
-        MUSTER_RETURN_IF_ERROR(SyncLog(main, where));
-        return true;
-      });
+  flusher_ = std::make_unique<WalFlusher>(interval, [ckpt, main, where](int pages) -> Status {
+    if (pages >= kCheckpointPages) {
+      // Copy the log into the database file, so that the next commit starts it over (a
+      // restart syncs the log's header on the committing thread: rare at this size). BUSY:
+      // another checkpoint runs (an operator's shell); the next flush tries again.
+      int log = -1, done = -1;
+      int rc = sqlite3_wal_checkpoint_v2(ckpt, "main", SQLITE_CHECKPOINT_PASSIVE, &log, &done);
+      if (rc != SQLITE_OK && rc != SQLITE_BUSY) {
+        return InternalError(fmt::format("checkpoint of {}: {}", where, sqlite3_errmsg(ckpt)));
+      }
+    }
+    // Whatever the checkpoint did, an fdatasync of the log makes every committed change durable
+    // (a restart after power loss replays the log).
+    return SyncLog(main, where);
+  });
   WalFlusher* f = flusher_.get();
   // After each commit's log is written (this replaces SQLite's own checkpoints on the caller's
   // thread: the flusher checkpoints).

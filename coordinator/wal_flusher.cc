@@ -43,11 +43,11 @@ void WalFlusher::FlushLocked(std::unique_lock<std::mutex>& lock) {
   const int pages = log_pages_;
   lock.unlock();
   auto start = std::chrono::steady_clock::now();
-  StatusOr<bool> done = flush_(pages);
+  Status done = flush_(pages);
   auto took = std::chrono::steady_clock::now() - start;
   lock.lock();
   if (!done.ok()) {
-    error_ = done.status();
+    error_ = done;
     log::Get("coord.db")
         ->critical(
             "the state database's log could not be made durable: {}; every later change is refused "
@@ -55,7 +55,7 @@ void WalFlusher::FlushLocked(std::unique_lock<std::mutex>& lock) {
             error_.ToString());
     return;
   }
-  if (*done) durable_ = std::max(durable_, upto);
+  durable_ = std::max(durable_, upto);
   if (took > std::chrono::seconds(1)) {
     log::Get("coord.db")
         ->warn(

@@ -15,11 +15,10 @@
 // own thread (CoordinatorDb::Sync).
 //
 // `flush` does the durable work (for SQLite: an fdatasync of the log, and now and then a
-// checkpoint into the database file). It is given the log's size as last noted, in pages. It
-// reports whether everything noted before it began is now durable (true) or has to be tried
-// again (false). An error is latched: no flush is tried again, error() returns it, and the owner
-// refuses later changes (a failed fsync may have dropped the pages it could not write; retrying
-// would claim them).
+// checkpoint into the database file). It is given the log's size as last noted, in pages. When
+// it returns Ok, everything noted before it began is durable. An error is latched: no flush is
+// tried again, error() returns it, and the owner refuses later changes (a failed fsync may have
+// dropped the pages it could not write; retrying would claim them).
 //
 // Thread-safety: all methods from any thread; `flush` runs on the flusher's thread.
 
@@ -36,7 +35,7 @@ namespace muster::coordinator {
 
 class WalFlusher {
  public:
-  using Flush = std::function<StatusOr<bool>(int log_pages)>;
+  using Flush = std::function<Status(int log_pages)>;
   WalFlusher(std::chrono::milliseconds interval, Flush flush);
   ~WalFlusher();  // stops the thread after one last flush of what was noted
   WalFlusher(const WalFlusher&) = delete;
