@@ -5,16 +5,20 @@
 // too): one round trip each (the floor that connecting N sockets costs), then a reply of N x 64
 // bytes to each (the floor of an allgather answered by one server: N^2 x 64 bytes leave it).
 // The relayed path runs the same phases with the ranks grouped into nodes of --ranks-per-node:
-// each node's ranks talk to their node's RendezvousRelay over ipc (no CURVE), and only the
+// each node's ranks talk to their node's RendezvousRelay over a Unix socket (no CURVE, no
+// ZeroMQ: common/local_rpc.h), and only the
 // relays talk to the store, one CURVE connection each (collectives/rendezvous_relay.h). A large
 // allgather result reaches a node's ranks through one file from its relay (relayed), or down
 // each rank's socket (relayed-socket).
 
 #include <fcntl.h>
+#include <poll.h>
 #include <spawn.h>
 #include <spdlog/sinks/base_sink.h>
 #include <sys/epoll.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -38,6 +42,7 @@
 #include "collectives/rendezvous_client.h"
 #include "collectives/rendezvous_relay.h"
 #include "collectives/rendezvous_server.h"
+#include "common/local_rpc.h"
 #include "common/logging.h"
 #include "common/wire.h"
 
@@ -116,14 +121,16 @@ void RaiseFdLimit() {
   }
 }
 
-// N DEALER sockets driven from one thread through epoll on their ZMQ_FDs.
+// N rank connections driven from one thread through epoll: DEALER sockets (watched by their
+// ZMQ_FDs) to the store, or plain Unix sockets to a relay (a unix:// endpoint, as
+// RendezvousClient talks to one: LocalRpcClient's frames).
 class Ranks {
  public:
   Ranks(int n, const std::string& endpoint, const RdzvCredentials& creds, int io_threads = 1)
       : Ranks(
             n, [&](int) { return endpoint; }, creds, io_threads) {}
-  // Rank i connects to endpoint_of(i); an ipc:// endpoint (a relay's) without CURVE. The
-  // sockets share one ZeroMQ context with `io_threads` I/O threads.
+  // Rank i connects to endpoint_of(i); a unix:// endpoint (a relay's) with a plain socket. The
+  // ZeroMQ sockets share one context with `io_threads` I/O threads.
   Ranks(int n, const std::function<std::string(int)>& endpoint_of, const RdzvCredentials& creds,
         int io_threads = 1)
       : ctx_(io_threads), epfd_(epoll_create1(EPOLL_CLOEXEC)) {
@@ -139,7 +146,12 @@ class Ranks {
                                  "; open files are limited to " + std::to_string(r.rlim_cur));
     }
   }
-  ~Ranks() { close(epfd_); }
+  ~Ranks() {
+    for (int fd : fds_) {
+      if (fd >= 0) ::close(fd);
+    }
+    close(epfd_);
+  }
   // Not OK when the sockets could not all be opened.
   const Status& status() const { return status_; }
   int size() const { return static_cast<int>(socks_.size()); }
@@ -148,11 +160,23 @@ class Ranks {
   void Open(int n, const std::function<std::string(int)>& endpoint_of,
             const RdzvCredentials& creds) {
     for (int i = 0; i < n; ++i) {
+      const std::string endpoint = endpoint_of(i);
+      epoll_event ev{};
+      ev.events = EPOLLIN;
+      ev.data.u32 = static_cast<uint32_t>(i);
+      if (IsUnixEndpoint(endpoint)) {
+        socks_.emplace_back();  // none: the rank's connection is fds_[i]
+        readers_.emplace_back(kDefaultMaxMessageBytes);
+        fds_.push_back(ConnectUnix(endpoint));
+        epoll_ctl(epfd_, EPOLL_CTL_ADD, fds_.back(), &ev);
+        continue;
+      }
+      fds_.push_back(-1);
+      readers_.emplace_back(0);
       socks_.emplace_back(ctx_, zmq::socket_type::dealer);
       zmq::socket_t& s = socks_.back();
       s.set(zmq::sockopt::linger, 0);
-      const std::string endpoint = endpoint_of(i);
-      if (!creds.insecure && !collectives::IsLocalRendezvousEndpoint(endpoint)) {
+      if (!creds.insecure) {
         s.set(zmq::sockopt::curve_serverkey, creds.server_public_key);
         s.set(zmq::sockopt::curve_publickey, creds.client_key.public_key);
         s.set(zmq::sockopt::curve_secretkey, creds.client_key.secret_key);
@@ -160,16 +184,51 @@ class Ranks {
       s.connect(endpoint);
       // zmq_poll costs O(sockets) per call; with thousands of sockets the harness, not the
       // store, would dominate. Watch each socket's ZMQ_FD in one epoll set instead.
-      epoll_event ev{};
-      ev.events = EPOLLIN;
-      ev.data.u32 = static_cast<uint32_t>(i);
       epoll_ctl(epfd_, EPOLL_CTL_ADD, s.get(zmq::sockopt::fd), &ev);
+    }
+  }
+  // A non-blocking connection to a relay's socket; throws zmq::error_t (as a socket would) when
+  // it cannot be made within 10 s.
+  static int ConnectUnix(const std::string& endpoint) {
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    const std::string path = endpoint.substr(kUnixScheme.size());
+    std::memcpy(addr.sun_path, path.data(), std::min(path.size(), sizeof(addr.sun_path) - 1));
+    auto deadline = Clock::now() + std::chrono::seconds(10);
+    for (;;) {
+      int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+      if (fd < 0) throw zmq::error_t();
+      if (::connect(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof(addr)) == 0) return fd;
+      const int err = errno;
+      ::close(fd);
+      // EAGAIN: the relay's backlog is full for a moment (its reactor accepts meanwhile).
+      if ((err != EAGAIN && err != EINTR) || Clock::now() > deadline) {
+        errno = err;
+        throw zmq::error_t();
+      }
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
     }
   }
 
  public:
   void Send(int i, const std::string& bytes) {
-    socks_[i].send(zmq::buffer(bytes), zmq::send_flags::none);
+    if (fds_[i] < 0) {
+      socks_[i].send(zmq::buffer(bytes), zmq::send_flags::none);
+      return;
+    }
+    const std::string frame = LocalFrame(bytes);
+    size_t sent = 0;
+    while (sent < frame.size()) {
+      ssize_t w = ::send(fds_[i], frame.data() + sent, frame.size() - sent, MSG_NOSIGNAL);
+      if (w > 0) {
+        sent += static_cast<size_t>(w);
+      } else if (w < 0 && (errno == EAGAIN || errno == EINTR)) {
+        pollfd p{fds_[i], POLLOUT, 0};
+        ::poll(&p, 1, 100);
+      } else {
+        return;  // the relay closed it: Collect reports the missing reply
+      }
+    }
   }
   void SendRequest(int i, proto::StoreRequest req) {
     req.mutable_scope()->set_job("bench");
@@ -190,14 +249,36 @@ class Ranks {
     std::vector<epoll_event> events(1024);
     while (got < expected) {
       for (uint32_t i : ready) {
-        zmq::message_t msg;
-        while (socks_[i].recv(msg, zmq::recv_flags::dontwait)) {
+        auto handle = [&](const void* data, size_t size) -> Status {
           ++got;
-          if (!check) continue;
-          auto env = ParseEnvelope(msg.data(), msg.size());
+          if (!check) return Status::Ok();
+          auto env = ParseEnvelope(data, size);
           if (!env.ok()) return env.status();
           if (env->has_error()) return ErrorToStatus(env->error());
-          MUSTER_RETURN_IF_ERROR(check(static_cast<int>(i), *env));
+          return check(static_cast<int>(i), *env);
+        };
+        if (fds_[i] >= 0) {
+          LocalFrameReader& in = readers_[i];
+          for (;;) {
+            std::string_view frame;
+            while (in.Next(&frame) == LocalFrameReader::Result::kFrame) {
+              MUSTER_RETURN_IF_ERROR(handle(frame.data(), frame.size()));
+            }
+            const size_t want = std::max<size_t>(in.missing(), 4096);
+            ssize_t r = ::recv(fds_[i], in.Prepare(want), want, 0);
+            if (r <= 0) {
+              if (r < 0 && errno == EINTR) continue;
+              if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
+              return UnavailableError("rank " + std::to_string(i) +
+                                      ": its relay closed the connection");
+            }
+            in.Commit(static_cast<size_t>(r));
+          }
+          continue;
+        }
+        zmq::message_t msg;
+        while (socks_[i].recv(msg, zmq::recv_flags::dontwait)) {
+          MUSTER_RETURN_IF_ERROR(handle(msg.data(), msg.size()));
         }
       }
       ready.clear();
@@ -217,7 +298,9 @@ class Ranks {
 
  private:
   zmq::context_t ctx_;
-  std::vector<zmq::socket_t> socks_;
+  std::vector<zmq::socket_t> socks_;  // rank i's DEALER socket, or none (fds_[i] >= 0)
+  std::vector<int> fds_;              // rank i's Unix socket to its relay, or -1
+  std::vector<LocalFrameReader> readers_;
   int epfd_;
   Status status_;
   uint64_t next_id_ = 0;
@@ -1117,7 +1200,8 @@ void AddRendezvousBench(CLI::App& app, Runner* runner) {
       }
       std::cout
           << "rendezvous of N ranks (own DEALER each) on one RendezvousServer, direct or through "
-             "relays of R ranks (ipc to the relay, one CURVE connection per relay to the store), "
+             "relays of R ranks (a Unix socket to the relay, one CURVE connection per relay to the "
+             "store), "
              "simulated in this process"
           << (*processes != 1 ? ", the relayed rows' relays and ranks spread over P processes "
                                 "of their own (as no agent shares an address space with "

@@ -12,6 +12,7 @@
 #include <cstring>
 #include <filesystem>
 
+#include "common/local_rpc.h"
 #include "common/logging.h"
 
 namespace muster::collectives {
@@ -51,9 +52,7 @@ StatusOr<RdzvCredentials> RdzvCredentials::Parse(const std::string& text) {
   return c;
 }
 
-bool IsLocalRendezvousEndpoint(const std::string& endpoint) {
-  return endpoint.rfind("ipc://", 0) == 0;
-}
+bool IsLocalRendezvousEndpoint(const std::string& endpoint) { return IsUnixEndpoint(endpoint); }
 
 StatusOr<MappedGather> MappedGather::Open(const std::string& endpoint,
                                           const proto::StoreReply& reply) {
@@ -62,9 +61,13 @@ StatusOr<MappedGather> MappedGather::Open(const std::string& endpoint,
     return FailedPreconditionError("rendezvous gather: " + endpoint +
                                    " is not a local relay, yet its reply names a file");
   }
-  // Only a file directly in the directory of the relay's socket (ipc://<dir>/s), which the
+  // Only a file directly in the directory of the relay's socket (unix://<dir>/s), which the
   // relay made 0700: the reply cannot point the rank anywhere else.
-  std::filesystem::path socket = endpoint.substr(6);
+  auto socket_path = UnixEndpointPath(endpoint);
+  if (!socket_path.ok()) {
+    return FailedPreconditionError("rendezvous gather: " + socket_path.status().message());
+  }
+  std::filesystem::path socket = *socket_path;
   std::filesystem::path file = name;
   if (file.parent_path() != socket.parent_path() || file.filename() == socket.filename() ||
       file.filename().empty() || file.filename() == "." || file.filename() == "..") {
@@ -139,20 +142,33 @@ StatusOr<std::unique_ptr<RendezvousClient>> RendezvousClient::Connect(Options op
     return InvalidArgumentError("rendezvous client: no job id (MUSTER_JOB_ID)");
   std::unique_ptr<RendezvousClient> c(new RendezvousClient(std::move(options)));
   // Open the first connection now, so a malformed endpoint fails here.
-  RpcClient::Options ro;
-  ro.endpoint = c->options_.endpoint;
-  ro.insecure = c->options_.credentials.insecure || IsLocalRendezvousEndpoint(ro.endpoint);
-  ro.server_public_key = c->options_.credentials.server_public_key;
-  ro.client_key = c->options_.credentials.client_key;
-  ro.max_message_bytes = c->options_.max_message_bytes;
-  MUSTER_ASSIGN_OR_RETURN(auto rpc, RpcClient::Connect(c->context_, ro));
+  MUSTER_ASSIGN_OR_RETURN(auto rpc, c->NewCaller());
   c->idle_.push_back(std::move(rpc));
   return c;
 }
 
+StatusOr<std::unique_ptr<RpcCaller>> RendezvousClient::NewCaller() {
+  if (IsLocalRendezvousEndpoint(options_.endpoint)) {
+    // A node agent's relay: a plain Unix socket, no ZeroMQ (and no I/O thread in this rank).
+    LocalRpcClient::Options lo;
+    lo.endpoint = options_.endpoint;
+    lo.max_message_bytes = options_.max_message_bytes;
+    MUSTER_ASSIGN_OR_RETURN(auto local, LocalRpcClient::Connect(lo));
+    return std::unique_ptr<RpcCaller>(std::move(local));
+  }
+  RpcClient::Options ro;
+  ro.endpoint = options_.endpoint;
+  ro.insecure = options_.credentials.insecure;
+  ro.server_public_key = options_.credentials.server_public_key;
+  ro.client_key = options_.credentials.client_key;
+  ro.max_message_bytes = options_.max_message_bytes;
+  MUSTER_ASSIGN_OR_RETURN(auto rpc, RpcClient::Connect(context_, ro));
+  return std::unique_ptr<RpcCaller>(std::move(rpc));
+}
+
 StatusOr<proto::StoreReply> RendezvousClient::Call(proto::StoreRequest request,
                                                    std::chrono::milliseconds timeout) {
-  std::unique_ptr<RpcClient> rpc;
+  std::unique_ptr<RpcCaller> rpc;
   {
     std::lock_guard<std::mutex> l(mu_);
     if (!idle_.empty()) {
@@ -161,13 +177,7 @@ StatusOr<proto::StoreReply> RendezvousClient::Call(proto::StoreRequest request,
     }
   }
   if (!rpc) {
-    RpcClient::Options ro;
-    ro.endpoint = options_.endpoint;
-    ro.insecure = options_.credentials.insecure || IsLocalRendezvousEndpoint(ro.endpoint);
-    ro.server_public_key = options_.credentials.server_public_key;
-    ro.client_key = options_.credentials.client_key;
-    ro.max_message_bytes = options_.max_message_bytes;
-    MUSTER_ASSIGN_OR_RETURN(rpc, RpcClient::Connect(context_, ro));
+    MUSTER_ASSIGN_OR_RETURN(rpc, NewCaller());
   }
   request.mutable_scope()->set_job(options_.job);
   request.mutable_scope()->set_attempt(options_.attempt);

@@ -5,7 +5,8 @@
 // A rank builds one from the env contract (common/rank_env.h) with ConnectRendezvous(env) or
 // ConnectRendezvousFromEnv(), from these fields of RankEnv:
 //   rdzv_endpoint  MUSTER_RDZV_ENDPOINT, the server, e.g. "tcp://10.0.0.5:40123", or the local
-//                  socket of this node's relay, "ipc:///.../rdzv-XXXXXX/s" (no CURVE on it)
+//                  socket of this node's relay, "unix:///.../rdzv-XXXXXX/s" (a plain Unix
+//                  socket, common/local_rpc.h; no CURVE on it)
 //   rdzv_key       MUSTER_RDZV_KEY, the attempt's credentials (RdzvCredentials below)
 //   job_id         MUSTER_JOB_ID
 //   attempt        MUSTER_ATTEMPT (absent means 0)
@@ -15,7 +16,7 @@
 // passes; the client allows the server `rpc_slack` beyond that before it reports the server
 // unreachable (DeadlineExceeded or Unavailable).
 //
-// Thread-safety: thread-safe. Each concurrent call uses its own DEALER connection (kept in a
+// Thread-safety: thread-safe. Each concurrent call uses its own connection (kept in a
 // small pool), so a waiting Get in one thread never blocks a Set in another.
 
 #include <chrono>
@@ -47,9 +48,10 @@ struct RdzvCredentials {
   std::string ToString() const;
 };
 
-// True for the local socket of a node agent's relay (collectives/rendezvous_relay.h), an
-// "ipc://" endpoint: the client talks to it without CURVE (the socket never leaves the host; the
-// relay's header says who may open it) and the relay carries the attempt's key to the store.
+// True for the local socket of a node agent's relay (collectives/rendezvous_relay.h), a
+// "unix://" endpoint: the client talks to it over a plain Unix socket (LocalRpcClient), without
+// CURVE (the socket never leaves the host; the relay's header says who may open it), and the
+// relay carries the attempt's key to the store.
 bool IsLocalRendezvousEndpoint(const std::string& endpoint);
 
 // A gather result that the local relay at `endpoint` left in a file beside its socket
@@ -109,11 +111,13 @@ class RendezvousClient final : public RendezvousStore {
  private:
   explicit RendezvousClient(Options options);
   StatusOr<proto::StoreReply> Call(proto::StoreRequest request, std::chrono::milliseconds timeout);
+  // A connection to the endpoint: a LocalRpcClient for a relay's socket, else an RpcClient.
+  StatusOr<std::unique_ptr<RpcCaller>> NewCaller();
 
   Options options_;
-  zmq::context_t context_;
+  zmq::context_t context_;  // no socket (and no I/O thread) is made in it for a relay's socket
   std::mutex mu_;
-  std::vector<std::unique_ptr<RpcClient>> idle_;  // GUARDED_BY(mu_)
+  std::vector<std::unique_ptr<RpcCaller>> idle_;  // GUARDED_BY(mu_)
 };
 
 // Reads the env contract (above) and connects. InvalidArgument names the variable that is

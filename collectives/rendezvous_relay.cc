@@ -42,7 +42,8 @@ milliseconds ClampTimeout(int64_t ms) {
   return std::min(milliseconds(std::max<int64_t>(ms, 0)), kMaxTimeout);
 }
 
-// The pid in ZeroMQ's Peer-Address of an ipc connection: "host:uid:gid:pid" (SO_PEERCRED).
+// The pid in a local connection's peer address: "unix:uid:gid:pid" (LocalRpcServer, from
+// SO_PEERCRED).
 std::optional<pid_t> PeerPid(const std::string& address) {
   size_t colon = address.rfind(':');
   if (colon == std::string::npos || colon + 1 >= address.size()) return std::nullopt;
@@ -99,18 +100,17 @@ Status RendezvousRelay::Start() {
     return UnavailableError("rendezvous relay: cannot lock its directory " + templ + ": " +
                             std::strerror(errno));
   }
-  endpoint_ = "ipc://" + (dir_ / "s").string();
-  RpcServer::Options lo;
+  LocalRpcServer::Options lo;
   lo.name = "rdzv-relay";
-  lo.endpoint = endpoint_;
-  lo.insecure = true;  // a local socket: see the trust boundary in the header
+  lo.path = (dir_ / "s").string();
   lo.max_message_bytes = options_.max_message_bytes;
   MUSTER_ASSIGN_OR_RETURN(
-      local_, RpcServer::Create(
+      local_, LocalRpcServer::Create(
                   reactor_, lo,
                   [this](const PeerInfo& peer, proto::Envelope&& req, RpcServer::Reply reply) {
                     HandleLocal(peer, std::move(req), std::move(reply));
                   }));
+  endpoint_ = local_->endpoint();
   auto upstream = OpenSocket(reactor_.context(), zmq::socket_type::dealer);
   if (!upstream.ok()) {
     return UnavailableError("rendezvous relay: no socket for the store at " +

@@ -4,10 +4,11 @@
 // (collectives/rendezvous_server.h), so that the store's connections, CURVE handshakes and
 // allgather replies scale with nodes, not ranks.
 //
-// The ranks of this node reach the relay over a local ZeroMQ ipc:// socket (their
-// MUSTER_RDZV_ENDPOINT); the relay reaches the store with one CURVE connection made with the
-// attempt's key. It forwards set, get, add, compare_set and wait request by request, and
-// aggregates what every rank sends:
+// The ranks of this node reach the relay over a local Unix stream socket (their
+// MUSTER_RDZV_ENDPOINT, "unix://<path>"; common/local_rpc.h: length-prefixed Envelopes, no
+// ZeroMQ, so that a rank's connection costs one connect and one accept); the relay reaches
+// the store with one CURVE connection made with the attempt's key. It forwards set, get, add,
+// compare_set and wait request by request, and aggregates what every rank sends:
 //   - a gather (RendezvousStore::AllGather): the node's entries go upstream in one request
 //     (StoreGather.batch); the one reply is fanned out to each local caller;
 //   - a barrier: the node's arrivals go upstream in one request (StoreBarrier.arrivals).
@@ -35,7 +36,7 @@
 // Trust boundary of the local socket: (1) it lives in a directory the relay creates with mode
 // 0700 (mkdtemp) and removes, so only processes of the agent's user (and root) can connect to
 // it; (2) every request is checked with `admit` against the peer's pid, which the kernel
-// reports for the connection (SO_PEERCRED, ZeroMQ's Peer-Address "host:uid:gid:pid"): the
+// reports for the connection (SO_PEERCRED, in the peer address "unix:uid:gid:pid"): the
 // agent admits only processes in the process group of one of this attempt's ranks; (3) the
 // relay serves exactly one scope (job, attempt): a request naming another is refused, and its
 // upstream key cannot reach another scope on the store either. The local socket carries no
@@ -70,6 +71,7 @@
 #include <zmq.hpp>
 
 #include "collectives/rendezvous_client.h"
+#include "common/local_rpc.h"
 #include "common/reactor.h"
 #include "common/rpc.h"
 #include "common/status.h"
@@ -136,7 +138,7 @@ class RendezvousRelay {
   RendezvousRelay(const RendezvousRelay&) = delete;
   RendezvousRelay& operator=(const RendezvousRelay&) = delete;
 
-  // "ipc:///.../muster-rdzv-XXXXXX/s": the ranks' MUSTER_RDZV_ENDPOINT.
+  // "unix:///.../muster-rdzv-XXXXXX/s": the ranks' MUSTER_RDZV_ENDPOINT.
   const std::string& endpoint() const { return endpoint_; }
   const Stats& stats() const { return stats_; }
   // True while the upstream connection has completed its handshake with the store.
@@ -192,7 +194,7 @@ class RendezvousRelay {
   std::filesystem::path dir_;
   int dir_lock_ = -1;  // an open descriptor of dir_, flock'ed while the relay lives
   std::string endpoint_;
-  std::unique_ptr<RpcServer> local_;
+  std::unique_ptr<LocalRpcServer> local_;
   zmq::socket_t upstream_;
   bool upstream_added_ = false;
   zmq::socket_t monitor_;  // the upstream socket's handshake events

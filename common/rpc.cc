@@ -11,6 +11,7 @@
 #include <thread>
 #include <vector>
 
+#include "common/local_rpc.h"
 #include "common/logging.h"
 #include "common/wire.h"
 
@@ -199,6 +200,10 @@ struct RpcServer::ServerReply {
 void RpcServer::ReplyWith(const Reply& reply, std::shared_ptr<const SerializedReply> serialized) {
   if (const ServerReply* own = reply.target<ServerReply>(); own != nullptr) {
     own->Send(std::move(serialized));
+    return;
+  }
+  if (const LocalServerReply* local = reply.target<LocalServerReply>(); local != nullptr) {
+    local->Send(std::move(serialized));
     return;
   }
   // Not one of ours: hand it the envelope, as if it had been called with it.

@@ -86,7 +86,8 @@ class RpcServer {
 
   // Answers `reply` with `serialized`, as calling it with the envelope those bytes were made
   // from would, and counts as that call (a Reply is answered once). A Reply made by an
-  // RpcServer copies the bytes once, into the outgoing message; any other (a test's, a
+  // RpcServer or a LocalRpcServer (common/local_rpc.h) copies the bytes once, into the outgoing
+  // message; any other (a test's, a
   // caller's wrapper) is called with the envelope parsed back from them.
   static void ReplyWith(const Reply& reply, std::shared_ptr<const SerializedReply> serialized);
   // Runs on the reactor. The request's payload is set (malformed requests never reach it).
@@ -140,7 +141,18 @@ class RpcServer {
   std::string endpoint_;
 };
 
-class RpcClient {
+// One request, one reply, blocking the caller: what RpcClient (ZeroMQ) and LocalRpcClient (a
+// Unix socket, common/local_rpc.h) have in common.
+class RpcCaller {
+ public:
+  virtual ~RpcCaller() = default;
+  // Sends `request` (its request_id is assigned here) and waits up to `timeout` for its reply;
+  // an error payload in the reply is returned as its Status.
+  virtual StatusOr<proto::Envelope> Call(proto::Envelope request,
+                                         std::chrono::milliseconds timeout) = 0;
+};
+
+class RpcClient final : public RpcCaller {
  public:
   struct Options {
     std::string endpoint;
@@ -153,14 +165,15 @@ class RpcClient {
   // The client's socket lives in `context` (not owned; must outlive the client). Connecting is
   // asynchronous: a server that is not up yet is retried until a call's timeout.
   static StatusOr<std::unique_ptr<RpcClient>> Connect(zmq::context_t& context, Options options);
-  ~RpcClient();
+  ~RpcClient() override;
 
   // Sends `request` (its request_id is assigned here) and waits up to `timeout` for its reply.
   // An error payload in the reply is returned as its Status. A server that refuses our key
   // gives Unavailable as soon as the handshake fails; no reply in time gives DeadlineExceeded.
   // Replies to earlier, timed-out calls are discarded.
   // Thread-safety: calls are serialized by an internal mutex.
-  StatusOr<proto::Envelope> Call(proto::Envelope request, std::chrono::milliseconds timeout);
+  StatusOr<proto::Envelope> Call(proto::Envelope request,
+                                 std::chrono::milliseconds timeout) override;
 
   const std::string& endpoint() const { return options_.endpoint; }
 

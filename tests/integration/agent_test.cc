@@ -253,7 +253,7 @@ TEST_F(AgentCluster, GangRunsWithTheEnvContractLogsAndProgress) {
 }
 
 // A Gloo job over two agents x two ranks: each node's ranks meet the store through their own
-// agent's relay (an ipc:// socket), the agents through CURVE; the conformance checks (every
+// agent's relay (a unix:// socket), the agents through CURVE; the conformance checks (every
 // collective, op and dtype) pass. With MUSTER_RDZV_DIRECT=1 the ranks connect to the store
 // themselves, as before relays, and pass too.
 TEST_F(AgentCluster, AGlooJobOverTwoAgentsRendezvousesThroughTheirRelays) {
@@ -271,7 +271,7 @@ TEST_F(AgentCluster, AGlooJobOverTwoAgentsRendezvousesThroughTheirRelays) {
     for (int rank = 0; rank < 4; ++rank) {
       auto log = Muster({"logs", job, "--rank", std::to_string(rank)});
       ASSERT_TRUE(log.ok()) << log.status().ToString();
-      EXPECT_NE(log->find(direct ? "rdzv=tcp://" : "rdzv=ipc://"), std::string::npos)
+      EXPECT_NE(log->find(direct ? "rdzv=tcp://" : "rdzv=unix://"), std::string::npos)
           << "rank " << rank << ": " << *log;
     }
   }

@@ -433,7 +433,7 @@ TEST(MusterRunTest, GivesEveryRankTheEnvContract) {
     EXPECT_EQ(e["MUSTER_JOB_ID"], "envjob");
     EXPECT_EQ(e["MUSTER_ATTEMPT"], "0");
     // The launcher's relay (a local socket), as under node agents.
-    EXPECT_EQ(e["MUSTER_RDZV_ENDPOINT"].rfind("ipc://", 0), 0u) << e["MUSTER_RDZV_ENDPOINT"];
+    EXPECT_EQ(e["MUSTER_RDZV_ENDPOINT"].rfind("unix://", 0), 0u) << e["MUSTER_RDZV_ENDPOINT"];
     EXPECT_EQ(e["MUSTER_RDZV_ENDPOINT"], env[0]["MUSTER_RDZV_ENDPOINT"]);
     EXPECT_EQ(e["MUSTER_RDZV_KEY"].rfind("v1,", 0), 0u);
     EXPECT_EQ(e["MUSTER_RDZV_KEY"], env[0]["MUSTER_RDZV_KEY"]);

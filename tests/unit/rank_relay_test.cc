@@ -97,8 +97,8 @@ TEST(RankRelayTest, TheRelaysDirectoryIsOnAMemoryFileSystemWhenTheHostHasOne) {
   auto relay = StartRankRelay(reactor, s, "insecure", work, [] { return std::vector<pid_t>{}; });
   ASSERT_TRUE(relay.ok()) << relay.status();
   const std::string& endpoint = (*relay)->endpoint();
-  ASSERT_EQ(endpoint.rfind("ipc://", 0), 0u) << endpoint;
-  const std::filesystem::path dir = std::filesystem::path(endpoint.substr(6)).parent_path();
+  ASSERT_EQ(endpoint.rfind("unix://", 0), 0u) << endpoint;
+  const std::filesystem::path dir = std::filesystem::path(endpoint.substr(7)).parent_path();
   EXPECT_TRUE(OnTmpfs(dir)) << endpoint;
   struct stat st {};
   ASSERT_EQ(::stat(dir.c_str(), &st), 0);

@@ -1,6 +1,6 @@
-// The rendezvous relay (collectives/rendezvous_relay.h): real sockets (ipc to the ranks, CURVE
-// to the store). Its aggregation (one upstream request per node for a gather or a barrier),
-// its batching window, per-caller deadlines inside a batch, its trust boundary (the 0700
+// The rendezvous relay (collectives/rendezvous_relay.h): real sockets (a Unix socket to the
+// ranks, CURVE to the store). Its aggregation (one upstream request per node for a gather or a
+// barrier), its batching window, per-caller deadlines inside a batch, its trust boundary (the 0700
 // directory, the kernel-reported pid, the one scope) and its answers to bad input.
 
 #include "collectives/rendezvous_relay.h"
@@ -10,7 +10,9 @@
 #include <linux/magic.h>
 #include <signal.h>
 #include <sys/file.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <sys/vfs.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -26,6 +28,7 @@
 
 #include "collectives/rendezvous_client.h"
 #include "collectives/rendezvous_server.h"
+#include "common/local_rpc.h"
 #include "common/wire.h"
 #include "tests/testing/reactor_fixture.h"
 #include "tests/testing/wait_until.h"
@@ -249,7 +252,7 @@ TEST_F(RelayTest, TheSocketIsPrivateAndOnlyAdmittedProcessesMayUseIt) {
     if (pid == rank_pid.load()) return Status::Ok();
     return FailedPreconditionError("process " + std::to_string(pid) + " is not a rank");
   });
-  std::string path = relay->endpoint().substr(std::string("ipc://").size());
+  std::string path = relay->endpoint().substr(std::string("unix://").size());
   struct stat st {};
   ASSERT_EQ(stat(std::filesystem::path(path).parent_path().c_str(), &st), 0);
   EXPECT_EQ(st.st_mode & 0777, 0700u) << "the socket's directory is the agent user's only";
@@ -276,11 +279,9 @@ TEST_F(RelayTest, TheSocketIsPrivateAndOnlyAdmittedProcessesMayUseIt) {
 
 TEST_F(RelayTest, BadInputOnTheLocalSocketGetsAClearErrorAndTheRelayKeepsServing) {
   auto* relay = AddRelay(0, 2, 10ms);
-  zmq::context_t ctx(1);
-  RpcClient::Options ro;
+  LocalRpcClient::Options ro;
   ro.endpoint = relay->endpoint();
-  ro.insecure = true;
-  auto rpc = std::move(*RpcClient::Connect(ctx, ro));
+  auto rpc = std::move(*LocalRpcClient::Connect(ro));
   auto call = [&](proto::Envelope e) { return rpc->Call(std::move(e), 5s).status(); };
   auto expect = [](const Status& s, StatusCode code, const std::string& words) {
     EXPECT_EQ(s.code(), code) << s;
@@ -313,22 +314,74 @@ TEST_F(RelayTest, BadInputOnTheLocalSocketGetsAClearErrorAndTheRelayKeepsServing
   barrier.mutable_store_request()->mutable_barrier()->set_n(4);
   barrier.mutable_store_request()->mutable_barrier()->set_arrivals(4);
   expect(call(barrier), StatusCode::kInvalidArgument, "come from relays, not ranks");
-  // Bytes that are no Envelope at all, on a raw socket.
-  zmq::socket_t raw(ctx, zmq::socket_type::dealer);
-  raw.set(zmq::sockopt::linger, 0);
-  raw.connect(relay->endpoint());
-  raw.send(zmq::str_buffer("\xff\xff not a protobuf"), zmq::send_flags::none);
-  zmq::message_t reply;
-  raw.set(zmq::sockopt::rcvtimeo, 5000);
-  ASSERT_TRUE(raw.recv(reply));
-  auto env = ParseEnvelope(reply.data(), reply.size());
-  ASSERT_TRUE(env.ok()) << env.status();
-  ASSERT_TRUE(env->has_error());
-  EXPECT_EQ(env->error().code(), proto::INVALID_ARGUMENT) << env->error().message();
+
+  // Raw bytes on the socket, as any process of the agent's user could write them.
+  const std::string path = relay->endpoint().substr(std::string("unix://").size());
+  auto raw_connect = [&] {
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::memcpy(addr.sun_path, path.data(), path.size());
+    EXPECT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0) << errno;
+    timeval tv{5, 0};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    return fd;
+  };
+  // Reads one reply frame; nullopt when the relay closed the connection instead.
+  auto read_reply = [](int fd) -> std::optional<proto::Envelope> {
+    LocalFrameReader in(kDefaultMaxMessageBytes);
+    for (;;) {
+      std::string_view frame;
+      if (in.Next(&frame) == LocalFrameReader::Result::kFrame) {
+        auto env = ParseEnvelope(frame.data(), frame.size());
+        EXPECT_TRUE(env.ok()) << env.status();
+        return env.ok() ? std::optional<proto::Envelope>(*env) : std::nullopt;
+      }
+      char buf[4096];
+      ssize_t n = recv(fd, buf, sizeof(buf), 0);
+      if (n <= 0) return std::nullopt;
+      in.Append(buf, static_cast<size_t>(n));
+    }
+  };
+  int fd = raw_connect();
+  // A frame that is no Envelope: an error reply with request_id 0, and the connection serves on.
+  std::string junk = LocalFrame("\xff\xff not a protobuf");
+  ASSERT_EQ(send(fd, junk.data(), junk.size(), MSG_NOSIGNAL), static_cast<ssize_t>(junk.size()));
+  auto reply = read_reply(fd);
+  ASSERT_TRUE(reply && reply->has_error());
+  EXPECT_EQ(reply->request_id(), 0u);
+  EXPECT_EQ(reply->error().code(), proto::INVALID_ARGUMENT) << reply->error().message();
+  proto::Envelope set = none;
+  set.set_request_id(7);
+  set.mutable_store_request()->mutable_set()->set_key("raw");
+  set.mutable_store_request()->mutable_set()->set_value("v");
+  std::string good = LocalFrame(SerializeEnvelope(set));
+  // Sent one byte at a time: frames are whole whatever the chunks.
+  for (char b : good) ASSERT_EQ(send(fd, &b, 1, MSG_NOSIGNAL), 1);
+  reply = read_reply(fd);
+  ASSERT_TRUE(reply.has_value());
+  EXPECT_EQ(reply->request_id(), 7u);
+  EXPECT_FALSE(reply->has_error()) << reply->error().message();
+  // A header announcing more than the message limit (4 GiB - 1): an error naming the sizes,
+  // then the connection is closed (nothing after the header can be framed).
+  const char huge[] = "\xff\xff\xff\xff and then some";
+  ASSERT_GT(send(fd, huge, sizeof(huge) - 1, MSG_NOSIGNAL), 0);
+  reply = read_reply(fd);
+  ASSERT_TRUE(reply && reply->has_error());
+  EXPECT_NE(reply->error().message().find("4294967295 bytes exceeds the limit"), std::string::npos)
+      << reply->error().message();
+  EXPECT_FALSE(read_reply(fd).has_value()) << "the connection is closed after it";
+  close(fd);
+  // A connection that goes away with half a frame sent is just closed.
+  fd = raw_connect();
+  ASSERT_EQ(send(fd, good.data(), good.size() / 2, MSG_NOSIGNAL),
+            static_cast<ssize_t>(good.size() / 2));
+  close(fd);
   // Still serving.
   auto c = Client(relay);
   EXPECT_TRUE(c->Set("k", "v").ok());
   EXPECT_EQ(*c->Get("k", 1s), "v");
+  EXPECT_EQ(*c->Get("raw", 1s), "v");
 }
 
 TEST_F(RelayTest, ALargeGatherResultComesFromTheStoreCompressedAndReachesTheRanksPlain) {
@@ -467,7 +520,7 @@ TEST_F(RelayTest, ALargeGatherReachesTheLocalRanksThroughOneCheckedFile) {
   EXPECT_EQ(Stats(relay).shared_gathers, 1u);
 
   // What a rank accepts as such a file: exactly what the reply says, in the relay's directory.
-  std::filesystem::path socket = relay->endpoint().substr(6);
+  std::filesystem::path socket = relay->endpoint().substr(7);
   std::filesystem::path file = socket.parent_path() / "gather-0";
   std::string bytes;
   {
@@ -703,7 +756,7 @@ TEST(RelayDirectoryTest, TheSweepRemovesOnlyWhatRelaysOfDeadProcessesLeft) {
   auto live = RendezvousRelay::Create(reactor, o);
   ASSERT_TRUE(live.ok()) << live.status();
   const std::filesystem::path live_dir =
-      std::filesystem::path((*live)->endpoint().substr(6)).parent_path();
+      std::filesystem::path((*live)->endpoint().substr(7)).parent_path();
   EXPECT_EQ(live_dir.parent_path(), parent);
   EXPECT_EQ(live_dir.filename().string().rfind("muster-rdzv-", 0), 0u) << live_dir;
   MakeOld(live_dir);
