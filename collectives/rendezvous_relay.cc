@@ -200,6 +200,14 @@ RendezvousRelay::~RendezvousRelay() {
 
 void RendezvousRelay::Abort(const std::string& why) {
   Status aborted = AbortedError(why);
+  // Joins first: the callbacks of their requests upstream (failed below) then find none to
+  // send again.
+  std::map<std::string, Join> joins = std::move(joins_);
+  joins_.clear();
+  for (auto& [key, j] : joins) {
+    if (j.timer != 0) reactor_.CancelTimer(j.timer);
+    for (auto& c : j.next) c.reply(ErrorEnvelope(0, aborted));
+  }
   std::map<std::string, Batch> batches = std::move(batches_);
   batches_.clear();
   for (auto& [key, b] : batches) {
@@ -256,11 +264,9 @@ void RendezvousRelay::HandleLocal(const PeerInfo& peer, proto::Envelope&& reques
     case proto::StoreRequest::kCompareSet:
       return Forward(std::move(req), options_.op_timeout, std::move(through));
     case proto::StoreRequest::kGet:
-      return Forward(std::move(req), ClampTimeout(req.get().timeout_ms()) + options_.rpc_slack,
-                     std::move(through));
+      return AddToJoin(/*get=*/true, req, std::move(reply));
     case proto::StoreRequest::kWait:
-      return Forward(std::move(req), ClampTimeout(req.wait().timeout_ms()) + options_.rpc_slack,
-                     std::move(through));
+      return AddToJoin(/*get=*/false, req, std::move(reply));
     case proto::StoreRequest::kBarrier:
       return AddToBatch(/*gather=*/false, req, std::move(reply));
     case proto::StoreRequest::kGather:
@@ -407,6 +413,104 @@ void RendezvousRelay::OnMonitor() {
       p.done(*refused_);
     }
   }
+}
+
+void RendezvousRelay::AddToJoin(bool get, proto::StoreRequest& req, RpcServer::Reply reply) {
+  auto& keys = get ? *req.mutable_get()->mutable_keys() : *req.mutable_wait()->mutable_keys();
+  const int64_t timeout_ms = get ? req.get().timeout_ms() : req.wait().timeout_ms();
+  // The keys, each with its length: no two different lists share a name.
+  std::string key = get ? "g" : "w";
+  for (const auto& k : keys) key += std::to_string(k.size()) + ":" + k;
+  auto [it, inserted] = joins_.try_emplace(key);
+  Join& j = it->second;
+  if (inserted) {
+    j.get = get;
+    j.keys.assign(std::make_move_iterator(keys.begin()), std::make_move_iterator(keys.end()));
+  }
+  j.next.push_back({std::move(reply), Clock::now() + ClampTimeout(timeout_ms)});
+  if (j.in_flight == 0) return SendJoin(key);
+  // One is upstream: this caller goes with the next, when that one returns, or at the
+  // earliest deadline among those waiting, whichever is first.
+  Clock::time_point first = j.next.front().deadline;
+  for (const auto& c : j.next) first = std::min(first, c.deadline);
+  if (j.timer != 0 && j.timer_at <= first) return;
+  if (j.timer != 0) reactor_.CancelTimer(j.timer);
+  j.timer_at = first;
+  std::weak_ptr<int> life = life_;
+  j.timer = reactor_.PostAt(first, "rdzv-relay.join", [this, life, key] {
+    if (!life.lock()) return;
+    auto found = joins_.find(key);
+    if (found == joins_.end()) return;
+    found->second.timer = 0;
+    SendJoin(key);
+  });
+}
+
+RendezvousRelay::Joined RendezvousRelay::joined() const {
+  Joined out;
+  for (const auto& [key, j] : joins_) {
+    out.callers += j.next.size() + j.upstream_callers;
+    out.requests += static_cast<size_t>(j.in_flight);
+  }
+  return out;
+}
+
+void RendezvousRelay::SendJoin(const std::string& key) {
+  auto it = joins_.find(key);
+  if (it == joins_.end()) return;
+  Join& j = it->second;
+  if (j.timer != 0) reactor_.CancelTimer(j.timer);
+  j.timer = 0;
+  if (j.next.empty()) {
+    if (j.in_flight == 0) joins_.erase(it);
+    return;
+  }
+  auto callers = std::make_shared<std::vector<JoinCaller>>(std::move(j.next));
+  j.next.clear();
+  auto now = Clock::now();
+  Clock::time_point first = callers->front().deadline;
+  for (const auto& c : *callers) first = std::min(first, c.deadline);
+  // As a batch's: the earliest caller's timeout, rounded up (the store never answers anyone
+  // DeadlineExceeded before their own deadline); those with time left when it does go again.
+  auto timeout = std::max(milliseconds(0), std::chrono::ceil<milliseconds>(first - now));
+  proto::StoreRequest req;
+  req.mutable_scope()->set_job(options_.job);
+  req.mutable_scope()->set_attempt(options_.attempt);
+  auto* keys = j.get ? req.mutable_get()->mutable_keys() : req.mutable_wait()->mutable_keys();
+  for (const auto& k : j.keys) *keys->Add() = k;
+  if (j.get) {
+    req.mutable_get()->set_timeout_ms(timeout.count());
+  } else {
+    req.mutable_wait()->set_timeout_ms(timeout.count());
+  }
+  ++j.in_flight;
+  j.upstream_callers += callers->size();
+  // `j` may be gone once Forward returns (it can answer at once).
+  Forward(std::move(req), timeout + options_.rpc_slack,
+          [this, key, callers](StatusOr<proto::StoreReply> r) {
+            auto found = joins_.find(key);
+            if (found != joins_.end()) {
+              --found->second.in_flight;
+              found->second.upstream_callers -= callers->size();
+            }
+            if (r.ok()) {
+              proto::Envelope e;
+              *e.mutable_store_reply() = std::move(*r);
+              auto bytes = std::make_shared<const SerializedReply>(e);
+              for (auto& c : *callers) RpcServer::ReplyWith(c.reply, bytes);
+            } else {
+              auto now = Clock::now();
+              for (auto& c : *callers) {
+                if (found != joins_.end() && r.status().code() == StatusCode::kDeadlineExceeded &&
+                    c.deadline > now + milliseconds(1)) {
+                  found->second.next.push_back(std::move(c));
+                  continue;
+                }
+                c.reply(ErrorEnvelope(0, r.status()));
+              }
+            }
+            if (found != joins_.end()) SendJoin(key);
+          });
 }
 
 void RendezvousRelay::AddToBatch(bool gather, proto::StoreRequest& req, RpcServer::Reply reply) {

@@ -11,7 +11,13 @@
 // compare_set and wait request by request, and aggregates what every rank sends:
 //   - a gather (RendezvousStore::AllGather): the node's entries go upstream in one request
 //     (StoreGather.batch); the one reply is fanned out to each local caller;
-//   - a barrier: the node's arrivals go upstream in one request (StoreBarrier.arrivals).
+//   - a barrier: the node's arrivals go upstream in one request (StoreBarrier.arrivals);
+//   - a get or a wait: callers of the same keys join. While one request for them is upstream,
+//     later callers wait here and go up together as the next one, when it returns or at their
+//     earliest deadline, whichever is first. Every caller's answer comes from a request sent
+//     after it asked (no value older than its call), and its timeout is kept as a batch's is
+//     (below). A broadcast (every rank waits on a key that one rank sets, as a NCCL unique id
+//     goes round) then costs the store two requests per node instead of one per rank.
 // A batch (by name and n) goes upstream as soon as it holds all of `local_ranks` (a gather:
 // those below n; a barrier: min(local ranks, n)), `batch_window` after its first caller, or at
 // its earliest caller's deadline, whichever is first: a gather or barrier that only some local
@@ -141,6 +147,13 @@ class RendezvousRelay {
   // "unix:///.../muster-rdzv-XXXXXX/s": the ranks' MUSTER_RDZV_ENDPOINT.
   const std::string& endpoint() const { return endpoint_; }
   const Stats& stats() const { return stats_; }
+  // Callers of gets and waits held by this relay now (AddToJoin: waiting for the next request,
+  // or answered by a request upstream), and how many requests upstream stand for them.
+  struct Joined {
+    size_t callers = 0;
+    size_t requests = 0;
+  };
+  Joined joined() const;
   // True while the upstream connection has completed its handshake with the store.
   bool upstream_ready() const { return handshake_ok_; }
 
@@ -171,6 +184,20 @@ class RendezvousRelay {
     Upstream done;
     Reactor::TimerId timer = 0;
   };
+  // Callers of a get or a wait for the same keys (AddToJoin).
+  struct JoinCaller {
+    RpcServer::Reply reply;
+    Clock::time_point deadline;
+  };
+  struct Join {
+    bool get = false;
+    std::vector<std::string> keys;
+    int in_flight = 0;              // requests for them upstream now
+    size_t upstream_callers = 0;    // the callers of those requests
+    std::vector<JoinCaller> next;   // arrived since: the next request
+    Reactor::TimerId timer = 0;     // at the earliest deadline in `next`, while one is upstream
+    Clock::time_point timer_at;
+  };
 
   RendezvousRelay(Reactor& reactor, Options options);
   Status Start();
@@ -178,6 +205,9 @@ class RendezvousRelay {
   void OnUpstreamReadable();
   void OnMonitor();
   void AddToBatch(bool gather, proto::StoreRequest& req, RpcServer::Reply reply);
+  void AddToJoin(bool get, proto::StoreRequest& req, RpcServer::Reply reply);
+  // Sends the callers waiting in joins_[key] upstream as one request, if any.
+  void SendJoin(const std::string& key);
   size_t Expected(const Batch& b) const;
   void Flush(const std::string& key);
   void SendBatch(Batch batch);
@@ -206,6 +236,7 @@ class RendezvousRelay {
   uint64_t next_id_ = 1;
   std::unordered_map<uint64_t, Pending> pending_;  // upstream requests by request id
   std::map<std::string, Batch> batches_;           // by "g|b" + n + name
+  std::map<std::string, Join> joins_;              // by "g|w" + the keys
   // Gather ranks waiting here or upstream, by gather name: a second contribution is refused.
   std::map<std::string, std::unordered_map<int, int>> gather_ranks_;
   Stats stats_;

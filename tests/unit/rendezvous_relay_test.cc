@@ -243,6 +243,64 @@ TEST_F(RelayTest, ACallerNeverWaitsInABatchPastItsOwnTimeout) {
   EXPECT_EQ(b.code(), StatusCode::kDeadlineExceeded) << b;
 }
 
+TEST_F(RelayTest, GetsOfOneKeyJoinAndEachCallerKeepsItsOwnTimeout) {
+  constexpr int kRanks = 8;
+  auto* relay = AddRelay(0, kRanks);
+  std::vector<std::unique_ptr<RendezvousClient>> clients;
+  for (int r = 0; r < kRanks; ++r) clients.push_back(Client(relay));
+  auto joined = [&] { return reactor_->Call("joined", [&] { return relay->joined(); }); };
+  const uint64_t before = Stats(relay).upstream_requests;
+  // A broadcast: every rank but the setter waits on one key.
+  std::vector<StatusOr<std::string>> got(kRanks - 1, InternalError("not run"));
+  std::vector<std::thread> threads;
+  for (int r = 0; r < kRanks - 1; ++r) {
+    threads.emplace_back([&, r] { got[r] = clients[r]->Get("uid", 10s); });
+  }
+  ASSERT_TRUE(testing::WaitUntil([&] { return joined().callers == kRanks - 1; }, 10s));
+  EXPECT_EQ(joined().requests, 1u) << "one request upstream; the others wait for it";
+  EXPECT_EQ(ParkedRequests(), 1u);
+  // One more with a short timeout: it waits behind the one upstream, and is answered at its
+  // own deadline, not the others'.
+  auto t0 = Clock::now();
+  auto late = clients[kRanks - 1]->Get("uid", 300ms);
+  EXPECT_EQ(late.status().code(), StatusCode::kDeadlineExceeded) << late.status();
+  EXPECT_GE(Clock::now() - t0, 290ms);
+  EXPECT_LT(Clock::now() - t0, 5s);
+  ASSERT_TRUE(clients[kRanks - 1]->Set("uid", "nccl-id").ok());
+  for (auto& t : threads) t.join();
+  for (int r = 0; r < kRanks - 1; ++r) {
+    ASSERT_TRUE(got[r].ok()) << r << ": " << got[r].status();
+    EXPECT_EQ(*got[r], "nccl-id");
+  }
+  EXPECT_TRUE(testing::WaitUntil([&] { return joined().callers == 0; }, 5s));
+  // The set; the first get; at the short one's deadline, the seven waiting behind it together
+  // (the store answered at once: the short one got DeadlineExceeded); the six with time left
+  // again: 4, not 9.
+  EXPECT_EQ(Stats(relay).upstream_requests - before, 4u);
+  // A value set since is what the next callers get: each answer comes from a request sent after
+  // its caller asked.
+  ASSERT_TRUE(clients[0]->Set("uid", "second").ok());
+  threads.clear();
+  for (int r = 0; r < kRanks; ++r) {
+    threads.emplace_back([&, r] {
+      auto v = clients[r]->Get("uid", 10s);
+      EXPECT_TRUE(v.ok() && *v == "second") << (v.ok() ? *v : v.status().message());
+    });
+  }
+  for (auto& t : threads) t.join();
+  // Waits join the same way, and keys that differ do not.
+  std::thread wx([&] { EXPECT_TRUE(clients[0]->Wait({"x"}, 10s).ok()); });
+  std::thread wy([&] { EXPECT_TRUE(clients[1]->Wait({"x", "y"}, 10s).ok()); });
+  std::thread wx2([&] { EXPECT_TRUE(clients[2]->Wait({"x"}, 10s).ok()); });
+  ASSERT_TRUE(testing::WaitUntil([&] { return joined().callers == 3; }, 10s));
+  EXPECT_EQ(joined().requests, 2u);
+  ASSERT_TRUE(clients[3]->Set("x", "1").ok());
+  ASSERT_TRUE(clients[3]->Set("y", "1").ok());
+  wx.join();
+  wy.join();
+  wx2.join();
+}
+
 TEST_F(RelayTest, TheSocketIsPrivateAndOnlyAdmittedProcessesMayUseIt) {
   // Only a process other than this one is "a rank of the attempt": this test process is the
   // outsider, and the relay learns its pid from the kernel, not from anything it sends.

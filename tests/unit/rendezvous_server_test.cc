@@ -102,11 +102,19 @@ class RendezvousServerTest : public testing::ReactorZapTest {
     return Client(*creds, job, attempt);
   }
 
+  // Callers parked: on the server, and through a relay, held by it for a request upstream (a
+  // relay joins the gets and waits of its callers for the same keys into one request).
   size_t Parked() {
-    return reactor_->Call("parked", [&] { return server_->parked(); });
+    return reactor_->Call("parked", [&] {
+      size_t n = server_->parked();
+      for (const auto& [scope, pair] : relays_) {
+        for (const auto& r : pair) n += r->joined().callers - r->joined().requests;
+      }
+      return n;
+    });
   }
 
-  // Waits (bounded) until `n` requests are parked on the server.
+  // Waits (bounded) until `n` callers are parked (above).
   bool WaitParked(size_t n, std::chrono::milliseconds timeout = 5s) {
     auto deadline = Clock::now() + timeout;
     while (Clock::now() < deadline) {
