@@ -8,8 +8,8 @@
 // each node's ranks talk to their node's RendezvousRelay over a Unix socket (no CURVE, no
 // ZeroMQ: common/local_rpc.h), and only the
 // relays talk to the store, one CURVE connection each (collectives/rendezvous_relay.h). A large
-// allgather result reaches a node's ranks through one file from its relay (relayed), or down
-// each rank's socket (relayed-socket).
+// allgather result reaches a node's ranks as one sealed memory file from its relay, its
+// descriptor passed with each reply (relayed), or down each rank's socket (relayed-socket).
 
 #include <fcntl.h>
 #include <poll.h>
@@ -29,6 +29,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <ctime>
+#include <deque>
 #include <filesystem>
 #include <iostream>
 #include <mutex>
@@ -167,12 +168,14 @@ class Ranks {
       if (IsUnixEndpoint(endpoint)) {
         socks_.emplace_back();  // none: the rank's connection is fds_[i]
         readers_.emplace_back(kDefaultMaxMessageBytes);
+        received_.emplace_back();
         fds_.push_back(ConnectUnix(endpoint));
         epoll_ctl(epfd_, EPOLL_CTL_ADD, fds_.back(), &ev);
         continue;
       }
       fds_.push_back(-1);
       readers_.emplace_back(0);
+      received_.emplace_back();
       socks_.emplace_back(ctx_, zmq::socket_type::dealer);
       zmq::socket_t& s = socks_.back();
       s.set(zmq::sockopt::linger, 0);
@@ -211,6 +214,13 @@ class Ranks {
   }
 
  public:
+  // The next descriptor that came with rank i's replies (none: -1).
+  ScopedFd TakeDescriptor(int i) {
+    if (received_[i].empty()) return ScopedFd();
+    ScopedFd fd = std::move(received_[i].front());
+    received_[i].pop_front();
+    return fd;
+  }
   void Send(int i, const std::string& bytes) {
     if (fds_[i] < 0) {
       socks_[i].send(zmq::buffer(bytes), zmq::send_flags::none);
@@ -265,7 +275,25 @@ class Ranks {
               MUSTER_RETURN_IF_ERROR(handle(frame.data(), frame.size()));
             }
             const size_t want = std::max<size_t>(in.missing(), 4096);
-            ssize_t r = ::recv(fds_[i], in.Prepare(want), want, 0);
+            // As LocalRpcClient reads: the descriptors a reply brings (a sealed result file).
+            iovec iov{in.Prepare(want), want};
+            alignas(cmsghdr) char control[CMSG_SPACE(4 * sizeof(int))];
+            msghdr msg{};
+            msg.msg_iov = &iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = control;
+            msg.msg_controllen = sizeof(control);
+            ssize_t r = ::recvmsg(fds_[i], &msg, MSG_CMSG_CLOEXEC);
+            if (r > 0) {
+              for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
+                if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+                for (size_t k = 0; k < (c->cmsg_len - CMSG_LEN(0)) / sizeof(int); ++k) {
+                  int got = -1;
+                  std::memcpy(&got, CMSG_DATA(c) + k * sizeof(int), sizeof(int));
+                  received_[i].emplace_back(got);
+                }
+              }
+            }
             if (r <= 0) {
               if (r < 0 && errno == EINTR) continue;
               if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
@@ -301,6 +329,7 @@ class Ranks {
   std::vector<zmq::socket_t> socks_;  // rank i's DEALER socket, or none (fds_[i] >= 0)
   std::vector<int> fds_;              // rank i's Unix socket to its relay, or -1
   std::vector<LocalFrameReader> readers_;
+  std::vector<std::deque<ScopedFd>> received_;  // descriptors rank i's replies brought
   int epfd_;
   Status status_;
   uint64_t next_id_ = 0;
@@ -642,12 +671,15 @@ class Phases {
     // by entry, every other one compared with it byte for byte.
     std::string first;
     return ranks_.Collect(ranks_.size(), [&](int i, const proto::Envelope& e) -> Status {
-      // Through a relay, a large result comes as a file beside its socket: each rank maps and
-      // checks it, as RendezvousClient::AllGather does.
+      // Through a relay, a large result comes as a sealed memory file passed with the reply:
+      // each rank maps and checks it, as RendezvousClient::AllGather does.
       std::optional<collectives::MappedGather> mapped;
-      if (!e.store_reply().gathered_file().empty()) {
+      if (e.store_reply().gathered_fd()) {
         if (relays_ == nullptr) return DataLossError("allgather: a file from the store itself");
-        auto m = collectives::MappedGather::Open(relays_->EndpointOf(first_ + i), e.store_reply());
+        ScopedFd fd = ranks_.TakeDescriptor(i);
+        if (fd.get() < 0) return DataLossError("allgather: no descriptor came with the reply");
+        auto m = collectives::MappedGather::FromDescriptor(std::move(fd),
+                                                           e.store_reply().gathered_size());
         if (!m.ok()) return m.status();
         mapped.emplace(std::move(*m));
         ++shared_replies;

@@ -4,7 +4,6 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
-#include <xxhash.h>
 
 #include <cerrno>
 #include <cstdio>
@@ -54,68 +53,29 @@ StatusOr<RdzvCredentials> RdzvCredentials::Parse(const std::string& text) {
 
 bool IsLocalRendezvousEndpoint(const std::string& endpoint) { return IsUnixEndpoint(endpoint); }
 
-StatusOr<MappedGather> MappedGather::Open(const std::string& endpoint,
-                                          const proto::StoreReply& reply) {
-  const std::string& name = reply.gathered_file();
-  if (!IsLocalRendezvousEndpoint(endpoint)) {
-    return FailedPreconditionError("rendezvous gather: " + endpoint +
-                                   " is not a local relay, yet its reply names a file");
+StatusOr<MappedGather> MappedGather::FromDescriptor(ScopedFd fd, uint64_t size) {
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0 || !S_ISREG(st.st_mode) ||
+      static_cast<uint64_t>(st.st_size) != size || st.st_size == 0) {
+    return DataLossError("rendezvous gather: the relay's result is not a file of " +
+                         std::to_string(size) + " bytes");
   }
-  // Only a file directly in the directory of the relay's socket (unix://<dir>/s), which the
-  // relay made 0700: the reply cannot point the rank anywhere else.
-  auto socket_path = UnixEndpointPath(endpoint);
-  if (!socket_path.ok()) {
-    return FailedPreconditionError("rendezvous gather: " + socket_path.status().message());
+  // Sealed, nobody (the relay included) can change, shrink or grow it any more: the bytes
+  // mapped are those the relay wrote, and stay so while mapped.
+  constexpr int kSeals = F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW;
+  const int seals = ::fcntl(fd.get(), F_GET_SEALS);
+  if (seals < 0 || (seals & kSeals) != kSeals) {
+    return DataLossError(
+        "rendezvous gather: the relay's result file is not sealed against "
+        "writes (seals " +
+        std::to_string(seals) + ")");
   }
-  std::filesystem::path socket = *socket_path;
-  std::filesystem::path file = name;
-  if (file.parent_path() != socket.parent_path() || file.filename() == socket.filename() ||
-      file.filename().empty() || file.filename() == "." || file.filename() == "..") {
-    return FailedPreconditionError("rendezvous gather: the relay at " + endpoint +
-                                   " named the file '" + name.substr(0, 256) +
-                                   "', which is not in its own directory");
-  }
-  int fd = ::open(name.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
-  if (fd < 0) {
-    return DataLossError("rendezvous gather: cannot open the relay's result file " + name + ": " +
+  void* data = ::mmap(nullptr, size, PROT_READ, MAP_SHARED, fd.get(), 0);
+  if (data == MAP_FAILED) {
+    return DataLossError(std::string("rendezvous gather: cannot map the relay's result: ") +
                          std::strerror(errno));
   }
-  struct stat st {};
-  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) ||
-      static_cast<uint64_t>(st.st_size) != reply.gathered_size() || st.st_size == 0) {
-    ::close(fd);
-    return DataLossError("rendezvous gather: the relay's result file " + name +
-                         " is not a regular file of " + std::to_string(reply.gathered_size()) +
-                         " bytes");
-  }
-  // The file is trusted because only this user can write into the relay's 0700 directory:
-  // check that the directory is that, and that the file is this user's and writable by no
-  // other (the relay makes it 0600).
-  struct stat dir {};
-  const std::string parent = file.parent_path().string();
-  if (st.st_uid != ::geteuid() || (st.st_mode & (S_IWGRP | S_IWOTH)) != 0 ||
-      ::stat(parent.c_str(), &dir) != 0 || dir.st_uid != ::geteuid() ||
-      (dir.st_mode & (S_IRWXG | S_IRWXO)) != 0) {
-    ::close(fd);
-    char modes[128];
-    std::snprintf(modes, sizeof(modes), "file uid %u mode %04o, directory uid %u mode %04o",
-                  static_cast<unsigned>(st.st_uid), static_cast<unsigned>(st.st_mode & 07777),
-                  static_cast<unsigned>(dir.st_uid), static_cast<unsigned>(dir.st_mode & 07777));
-    return DataLossError("rendezvous gather: the relay's result file " + name +
-                         " is not private to this user (" + modes + "; this user is uid " +
-                         std::to_string(::geteuid()) + ")");
-  }
-  void* data = ::mmap(nullptr, st.st_size, PROT_READ, MAP_SHARED, fd, 0);
-  ::close(fd);
-  if (data == MAP_FAILED) {
-    return DataLossError("rendezvous gather: cannot map " + name + ": " + std::strerror(errno));
-  }
-  MappedGather m(data, static_cast<size_t>(st.st_size));
-  if (XXH3_64bits(data, m.size_) != reply.gathered_xxh3()) {
-    return DataLossError("rendezvous gather: the relay's result file " + name +
-                         " does not match its checksum");
-  }
-  return m;
+  return MappedGather(data, static_cast<size_t>(size));
 }
 
 MappedGather::~MappedGather() {
@@ -167,7 +127,8 @@ StatusOr<std::unique_ptr<RpcCaller>> RendezvousClient::NewCaller() {
 }
 
 StatusOr<proto::StoreReply> RendezvousClient::Call(proto::StoreRequest request,
-                                                   std::chrono::milliseconds timeout) {
+                                                   std::chrono::milliseconds timeout,
+                                                   std::vector<ScopedFd>* received) {
   std::unique_ptr<RpcCaller> rpc;
   {
     std::lock_guard<std::mutex> l(mu_);
@@ -183,7 +144,7 @@ StatusOr<proto::StoreReply> RendezvousClient::Call(proto::StoreRequest request,
   request.mutable_scope()->set_attempt(options_.attempt);
   proto::Envelope env;
   *env.mutable_store_request() = std::move(request);
-  auto reply = rpc->Call(std::move(env), timeout);
+  auto reply = rpc->Call(std::move(env), timeout, received);
   {
     std::lock_guard<std::mutex> l(mu_);
     if (idle_.size() < 4) idle_.push_back(std::move(rpc));
@@ -273,7 +234,8 @@ StatusOr<std::vector<std::string>> RendezvousClient::AllGather(const std::string
   g.set_n(n);
   g.set_value(value);
   g.set_timeout_ms(timeout.count());
-  MUSTER_ASSIGN_OR_RETURN(auto reply, Call(std::move(r), timeout + options_.rpc_slack));
+  std::vector<ScopedFd> fds;
+  MUSTER_ASSIGN_OR_RETURN(auto reply, Call(std::move(r), timeout + options_.rpc_slack, &fds));
   if (reply.gathered_zstd()) {  // only a relay asks for that (rendezvous_codec.h)
     return DataLossError("rendezvous gather '" + name +
                          "': the server sent a compressed result, which this client did not ask "
@@ -281,8 +243,13 @@ StatusOr<std::vector<std::string>> RendezvousClient::AllGather(const std::string
   }
   proto::StoreGathered all;
   bool parsed = false;
-  if (!reply.gathered_file().empty()) {
-    MUSTER_ASSIGN_OR_RETURN(MappedGather shared, MappedGather::Open(options_.endpoint, reply));
+  if (reply.gathered_fd()) {
+    if (fds.size() != 1) {
+      return DataLossError("rendezvous gather '" + name + "': the reply names a result file, and " +
+                           std::to_string(fds.size()) + " descriptors came with it (want 1)");
+    }
+    MUSTER_ASSIGN_OR_RETURN(MappedGather shared,
+                            MappedGather::FromDescriptor(std::move(fds[0]), reply.gathered_size()));
     parsed = all.ParseFromArray(shared.bytes().data(), static_cast<int>(shared.bytes().size()));
   } else {
     parsed = all.ParseFromString(reply.gathered());

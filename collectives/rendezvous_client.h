@@ -30,6 +30,7 @@
 
 #include "collectives/rendezvous_store.h"
 #include "common/curve.h"
+#include "common/local_rpc.h"
 #include "common/proto/envelope.pb.h"
 #include "common/rank_env.h"
 #include "common/rpc.h"
@@ -54,16 +55,15 @@ struct RdzvCredentials {
 // relay carries the attempt's key to the store.
 bool IsLocalRendezvousEndpoint(const std::string& endpoint);
 
-// A gather result that the local relay at `endpoint` left in a file beside its socket
-// (StoreReply.gathered_file) instead of sending it down the socket to each of its ranks: the
-// file mapped read-only, checked (a plain file directly in the socket's directory, of the size
-// and XXH3-64 the reply names; the file this user's and writable by no other, the directory
-// this user's and closed to all others). Move-only; unmaps when destroyed.
+// A gather result that the local relay handed over as a sealed memory file
+// (StoreReply.gathered_fd) instead of sending it down the socket to each of its ranks: the file
+// mapped read-only, checked (a regular file of the size the reply names, sealed against writes,
+// shrinking and growing, so that its bytes are the relay's and stay so: no checksum needed).
+// Move-only; unmaps when destroyed.
 class MappedGather {
  public:
-  // DataLoss when the file is not what the reply says; FailedPrecondition when the reply names
-  // a file outside the relay's directory or `endpoint` is not a local relay's.
-  static StatusOr<MappedGather> Open(const std::string& endpoint, const proto::StoreReply& reply);
+  // DataLoss when the descriptor is not such a file.
+  static StatusOr<MappedGather> FromDescriptor(ScopedFd fd, uint64_t size);
   MappedGather(MappedGather&& o) noexcept : data_(o.data_), size_(o.size_) { o.data_ = nullptr; }
   MappedGather& operator=(MappedGather&&) = delete;
   MappedGather(const MappedGather&) = delete;
@@ -110,7 +110,9 @@ class RendezvousClient final : public RendezvousStore {
 
  private:
   explicit RendezvousClient(Options options);
-  StatusOr<proto::StoreReply> Call(proto::StoreRequest request, std::chrono::milliseconds timeout);
+  // `received`: where the descriptors that came with the reply go (null: closed).
+  StatusOr<proto::StoreReply> Call(proto::StoreRequest request, std::chrono::milliseconds timeout,
+                                   std::vector<ScopedFd>* received = nullptr);
   // A connection to the endpoint: a LocalRpcClient for a relay's socket, else an RpcClient.
   StatusOr<std::unique_ptr<RpcCaller>> NewCaller();
 

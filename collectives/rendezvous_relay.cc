@@ -4,10 +4,10 @@
 #include <linux/magic.h>
 #include <stdlib.h>
 #include <sys/file.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/vfs.h>
 #include <unistd.h>
-#include <xxhash.h>
 
 #include <algorithm>
 #include <atomic>
@@ -652,14 +652,29 @@ void RendezvousRelay::SendBatch(Batch batch) {
               if (Status plain = Inflate(b.gather, *r); !plain.ok()) r = plain;
             }
             if (r.ok()) {
-              if (b.gather && b.callers.size() >= 2) ShareGather(*r);
+              std::shared_ptr<const ScopedFd> file;
+              if (b.gather && b.callers.size() >= 2) file = ShareGather(*r);
               proto::Envelope e;
               *e.mutable_store_reply() = std::move(*r);
               // Serialized once for the batch; each caller's reply copies the bytes once.
-              auto bytes = std::make_shared<const SerializedReply>(e);
+              std::shared_ptr<const SerializedReply> bytes, plain;
+              if (file) {
+                // The result in the sealed file that goes with each reply; a caller whose reply
+                // cannot carry a descriptor (not over the local socket) gets the plain bytes.
+                std::string result = std::move(*e.mutable_store_reply()->mutable_gathered());
+                e.mutable_store_reply()->clear_gathered();
+                e.mutable_store_reply()->set_gathered_fd(true);
+                e.mutable_store_reply()->set_gathered_size(result.size());
+                bytes = std::make_shared<const SerializedReply>(e);
+                e.mutable_store_reply()->set_gathered(std::move(result));
+                e.mutable_store_reply()->clear_gathered_fd();
+                e.mutable_store_reply()->clear_gathered_size();
+              }
               for (auto& c : b.callers) {
                 forget(c);
-                RpcServer::ReplyWith(c.reply, bytes);
+                if (file && ReplyWithDescriptor(c.reply, bytes, file)) continue;
+                if (!plain) plain = std::make_shared<const SerializedReply>(e);
+                RpcServer::ReplyWith(c.reply, plain);
               }
               return;
             }
@@ -702,43 +717,38 @@ Status RendezvousRelay::Inflate(bool gather, proto::StoreReply& reply) {
   return Status::Ok();
 }
 
-void RendezvousRelay::ShareGather(proto::StoreReply& reply) {
-  const int64_t size = static_cast<int64_t>(reply.gathered().size());
-  if (options_.shared_gather_min_bytes <= 0 || size < options_.shared_gather_min_bytes ||
-      shared_bytes_ + size > options_.shared_gather_max_bytes) {
-    return;
+std::shared_ptr<const ScopedFd> RendezvousRelay::ShareGather(const proto::StoreReply& reply) {
+  const std::string& bytes = reply.gathered();
+  const int64_t size = static_cast<int64_t>(bytes.size());
+  if (options_.shared_gather_min_bytes <= 0 || size < options_.shared_gather_min_bytes) {
+    return nullptr;
   }
-  const std::string path = (dir_ / ("gather-" + std::to_string(next_file_++))).string();
-  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
-  if (fd < 0) {
+  auto fail = [&](const char* step) -> std::shared_ptr<const ScopedFd> {
     log::Get("coll.relay")
-        ->warn("rendezvous relay: cannot create {}: {}; gather replies go down the socket", path,
-               std::strerror(errno));
-    return;
-  }
-  const char* p = reply.gathered().data();
-  size_t left = reply.gathered().size();
+        ->warn(
+            "rendezvous relay: {} of a gather result's memory file: {}; the result goes down "
+            "each rank's socket",
+            step, std::strerror(errno));
+    return nullptr;
+  };
+  ScopedFd fd(::memfd_create("muster-gather", MFD_CLOEXEC | MFD_ALLOW_SEALING));
+  if (fd.get() < 0) return fail("memfd_create");
+  const char* p = bytes.data();
+  size_t left = bytes.size();
   while (left > 0) {
-    ssize_t n = ::write(fd, p, left);
+    ssize_t n = ::write(fd.get(), p, left);
     if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      log::Get("coll.relay")
-          ->warn("rendezvous relay: cannot write {}: {}; gather replies go down the socket", path,
-                 std::strerror(errno));
-      ::close(fd);
-      ::unlink(path.c_str());
-      return;
-    }
+    if (n <= 0) return fail("write");
     p += n;
     left -= static_cast<size_t>(n);
   }
-  ::close(fd);
-  shared_bytes_ += size;
+  // Sealed before any rank sees it: from here on its bytes are fixed, for the relay too.
+  if (::fcntl(fd.get(), F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE | F_SEAL_SEAL) !=
+      0) {
+    return fail("sealing");
+  }
   ++stats_.shared_gathers;
-  reply.set_gathered_xxh3(XXH3_64bits(reply.gathered().data(), reply.gathered().size()));
-  reply.set_gathered_size(static_cast<uint64_t>(size));
-  reply.set_gathered_file(path);
-  reply.clear_gathered();
+  return std::make_shared<const ScopedFd>(std::move(fd));
 }
 
 fs::path PickRelaySocketParent(const std::vector<fs::path>& candidates, const fs::path& fallback) {

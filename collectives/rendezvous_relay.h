@@ -34,10 +34,11 @@
 // the store compresses it once, the relay inflates it once); a frame that does not inflate, or
 // would inflate past the message limit, fails the batch's callers with DataLoss.
 //
-// A large gather reply (Options::shared_gather_min_bytes) is handed to the local callers as a
-// file in the socket's private directory (written once, checksummed, mapped read-only by each
-// rank: MappedGather) instead of one copy per rank down the socket; the files go with the
-// directory when the relay closes.
+// A large gather reply (Options::shared_gather_min_bytes) is handed to the local callers as one
+// sealed memory file (memfd, written once, then sealed against writes, shrinking and growing),
+// its descriptor passed with each caller's reply over the local socket and mapped read-only by
+// each rank (MappedGather), instead of one copy per rank down the socket. The kernel frees it
+// when the last rank unmaps it; the relay keeps no copy.
 //
 // Trust boundary of the local socket: (1) it lives in a directory the relay creates with mode
 // 0700 (mkdtemp) and removes, so only processes of the agent's user (and root) can connect to
@@ -112,13 +113,11 @@ class RendezvousRelay {
     std::chrono::milliseconds op_timeout{30000};
     int64_t max_message_bytes = kDefaultMaxMessageBytes;
     // A gather reply of at least this many bytes, for two or more local callers, is written
-    // once to a file in the socket's directory, and each caller gets the file's name, size and
-    // XXH3 (StoreReply.gathered_file; MappedGather reads it) instead of its own copy down the
-    // socket. 0 turns this off.
+    // once to a sealed memory file whose descriptor goes with each caller's reply
+    // (StoreReply.gathered_fd; MappedGather maps it) instead of its own copy down the socket.
+    // 0 turns this off. A file that cannot be made (no memory, no descriptors) sends the
+    // replies down the socket.
     int64_t shared_gather_min_bytes = 64 << 10;
-    // At most this many bytes of such files (kept until the relay closes); past it, replies go
-    // down the socket again.
-    int64_t shared_gather_max_bytes = 256 << 20;
     // Called on the reactor thread each time the upstream connection completes its handshake
     // with the store (ZeroMQ's HANDSHAKE_SUCCEEDED; the CURVE handshake, or the plain one when
     // insecure). Create starts that connection at once, without waiting for a request, so an
@@ -133,7 +132,7 @@ class RendezvousRelay {
   struct Stats {
     uint64_t local_requests = 0;       // requests from local callers
     uint64_t upstream_requests = 0;    // requests sent to the store
-    uint64_t shared_gathers = 0;       // gather replies handed over in a file
+    uint64_t shared_gathers = 0;       // gather results handed over in a sealed memory file
     uint64_t upstream_handshakes = 0;  // handshakes completed with the store
     uint64_t compressed_gathers = 0;   // gather results the store sent compressed
   };
@@ -211,9 +210,9 @@ class RendezvousRelay {
   size_t Expected(const Batch& b) const;
   void Flush(const std::string& key);
   void SendBatch(Batch batch);
-  // Moves a large gather reply's result into a file (Options::shared_gather_min_bytes); leaves
-  // the reply as it is when it is small or the file cannot be written.
-  void ShareGather(proto::StoreReply& reply);
+  // A large gather reply's result in a sealed memory file (Options::shared_gather_min_bytes);
+  // null when it is small or the file cannot be made.
+  std::shared_ptr<const ScopedFd> ShareGather(const proto::StoreReply& reply);
   // Inflates a compressed gather result in place (StoreReply.gathered_zstd); DataLoss when it
   // was not asked for (`gather` false, or Options::accept_zstd off) or does not inflate.
   Status Inflate(bool gather, proto::StoreReply& reply);
@@ -240,8 +239,6 @@ class RendezvousRelay {
   // Gather ranks waiting here or upstream, by gather name: a second contribution is refused.
   std::map<std::string, std::unordered_map<int, int>> gather_ranks_;
   Stats stats_;
-  int64_t shared_bytes_ = 0;  // in gather result files
-  uint64_t next_file_ = 0;
   std::shared_ptr<int> life_ = std::make_shared<int>(0);
 };
 
@@ -249,11 +246,9 @@ class RendezvousRelay {
 // a directory (not a symlink) on a memory file system (tmpfs) that this user may create entries
 // in, and that other users cannot tamper with (this user's own directory writable by nobody
 // else, or a sticky one such as /dev/shm, where mkdtemp's 0700 directory is as private as in
-// the temp directory); `fallback` when none is. On a memory file system a relay's directory,
-// socket and gather result files cost no disk inodes and are never written back to a disk
-// (ext4 spent 1-2 ms per inode on this build machine's churned /tmp). A gather file there is
-// memory, bounded by Options::shared_gather_max_bytes per relay; a full file system sends gather
-// replies down the socket instead.
+// the temp directory); `fallback` when none is. On a memory file system a relay's directory
+// and socket cost no disk inodes and are never written back to a disk (ext4 spent 1-2 ms per
+// inode on this build machine's churned /tmp).
 std::filesystem::path PickRelaySocketParent(const std::vector<std::filesystem::path>& candidates,
                                             const std::filesystem::path& fallback);
 // $XDG_RUNTIME_DIR (when set: the user's own tmpfs), then /dev/shm.

@@ -51,12 +51,42 @@ std::string EnvelopeFrame(const proto::Envelope& env) {
 
 std::string ErrnoText(int err) { return std::strerror(err); }
 
+// send(2), or sendmsg(2) with `fd` passed (SCM_RIGHTS) when fd >= 0. Non-blocking.
+ssize_t SendWithFd(int sock, const char* data, size_t size, int fd) {
+  if (fd < 0) return ::send(sock, data, size, MSG_NOSIGNAL | MSG_DONTWAIT);
+  iovec iov{const_cast<char*>(data), size};
+  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  msg.msg_control = control;
+  msg.msg_controllen = sizeof(control);
+  cmsghdr* c = CMSG_FIRSTHDR(&msg);
+  c->cmsg_level = SOL_SOCKET;
+  c->cmsg_type = SCM_RIGHTS;
+  c->cmsg_len = CMSG_LEN(sizeof(int));
+  std::memcpy(CMSG_DATA(c), &fd, sizeof(int));
+  return ::sendmsg(sock, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+}
+
 int64_t RemainingMs(Clock::time_point deadline) {
   auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - Clock::now()).count();
   return std::max<int64_t>(left, 0);
 }
 
 }  // namespace
+
+ScopedFd& ScopedFd::operator=(ScopedFd&& o) noexcept {
+  if (this != &o) {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = o.release();
+  }
+  return *this;
+}
+
+ScopedFd::~ScopedFd() {
+  if (fd_ >= 0) ::close(fd_);
+}
 
 bool IsUnixEndpoint(std::string_view endpoint) {
   return endpoint.substr(0, kUnixScheme.size()) == kUnixScheme;
@@ -150,7 +180,11 @@ struct LocalRpcServer::Core : std::enable_shared_from_this<LocalRpcServer::Core>
     int fd = -1;
     PeerInfo peer;
     LocalFrameReader in;
-    std::deque<std::string> out;  // frames not yet written; the first from out_off on
+    struct Out {
+      std::string bytes;
+      std::shared_ptr<const ScopedFd> fd;  // passed with the first byte; null once sent
+    };
+    std::deque<Out> out;  // frames not yet written; the first from out_off on
     size_t out_off = 0;
     int64_t out_bytes = 0;
     bool want_write = false;  // EPOLLOUT is in its interest set
@@ -175,7 +209,7 @@ struct LocalRpcServer::Core : std::enable_shared_from_this<LocalRpcServer::Core>
   void Read(uint64_t id);
   // Handles the frames buffered for `id`; false once the connection is gone or closing.
   bool Dispatch(uint64_t id);
-  void Send(uint64_t id, std::string frame);
+  void Send(uint64_t id, std::string frame, std::shared_ptr<const ScopedFd> fd = nullptr);
   void Flush(uint64_t id);
   void Interest(Conn& c, uint64_t id);
   void Close(uint64_t id);
@@ -356,7 +390,8 @@ void LocalRpcServer::Core::Interest(Conn& c, uint64_t id) {
   (void)epoll_ctl(epfd, EPOLL_CTL_MOD, c.fd, &ev);
 }
 
-void LocalRpcServer::Core::Send(uint64_t id, std::string frame) {
+void LocalRpcServer::Core::Send(uint64_t id, std::string frame,
+                                std::shared_ptr<const ScopedFd> fd) {
   if (!open) return;
   auto it = conns.find(id);
   if (it == conns.end()) return;  // the peer has gone: dropped, as ZeroMQ drops it
@@ -364,14 +399,17 @@ void LocalRpcServer::Core::Send(uint64_t id, std::string frame) {
   size_t written = 0;
   if (c.out.empty()) {
     for (;;) {
-      ssize_t w = ::send(c.fd, frame.data(), frame.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
+      ssize_t w = SendWithFd(c.fd, frame.data(), frame.size(), fd ? fd->get() : -1);
       if (w >= 0) {
         written = static_cast<size_t>(w);
+        if (w > 0) fd.reset();  // went with the first byte
         break;
       }
       if (errno == EINTR) continue;
       if (errno == EAGAIN || errno == EWOULDBLOCK) break;
-      Close(id);  // EPIPE, ECONNRESET: the peer has gone
+      // EPIPE, ECONNRESET: the peer has gone; ETOOMANYREFS: it holds too many descriptors in
+      // flight already.
+      Close(id);
       return;
     }
     if (written == frame.size()) {
@@ -381,7 +419,7 @@ void LocalRpcServer::Core::Send(uint64_t id, std::string frame) {
   }
   c.out_bytes += static_cast<int64_t>(frame.size() - written);
   if (c.out.empty()) c.out_off = written;
-  c.out.push_back(std::move(frame));
+  c.out.push_back({std::move(frame), std::move(fd)});
   if (c.out_bytes > max_queued) {
     log::Get("rpc")->warn(
         "{}: {} does not read its replies ({} bytes wait, more than {}): closing its connection",
@@ -400,18 +438,19 @@ void LocalRpcServer::Core::Flush(uint64_t id) {
   if (it == conns.end()) return;
   Conn& c = *it->second;
   while (!c.out.empty()) {
-    const std::string& f = c.out.front();
-    ssize_t w =
-        ::send(c.fd, f.data() + c.out_off, f.size() - c.out_off, MSG_NOSIGNAL | MSG_DONTWAIT);
+    Conn::Out& f = c.out.front();
+    ssize_t w = SendWithFd(c.fd, f.bytes.data() + c.out_off, f.bytes.size() - c.out_off,
+                           f.fd ? f.fd->get() : -1);
     if (w < 0) {
       if (errno == EINTR) continue;
       if (errno == EAGAIN || errno == EWOULDBLOCK) return;
       Close(id);
       return;
     }
+    if (w > 0) f.fd.reset();
     c.out_off += static_cast<size_t>(w);
     c.out_bytes -= w;
-    if (c.out_off < f.size()) return;
+    if (c.out_off < f.bytes.size()) return;
     c.out.pop_front();
     c.out_off = 0;
   }
@@ -455,19 +494,30 @@ void LocalServerReply::operator()(proto::Envelope out) const {
   });
 }
 
-void LocalServerReply::Send(std::shared_ptr<const SerializedReply> serialized) const {
+void LocalServerReply::Send(std::shared_ptr<const SerializedReply> serialized,
+                            std::shared_ptr<const ScopedFd> fd) const {
   if (replied->exchange(true)) return;
   const size_t size = serialized->size(id);
   std::string frame(kLocalFrameHeader + size, '\0');
   Store32(frame.data(), static_cast<uint32_t>(size));
   serialized->WriteTo(id, frame.data() + kLocalFrameHeader);
   if (reactor->InReactorThread()) {
-    if (auto core = weak.lock()) core->Send(connection, std::move(frame));
+    if (auto core = weak.lock()) core->Send(connection, std::move(frame), std::move(fd));
     return;
   }
-  reactor->Post("local-rpc.reply", [weak = weak, c = connection, frame = std::move(frame)] {
-    if (auto core = weak.lock()) core->Send(c, std::move(frame));
+  reactor->Post("local-rpc.reply", [weak = weak, c = connection, frame = std::move(frame),
+                                    fd = std::move(fd)]() mutable {
+    if (auto core = weak.lock()) core->Send(c, std::move(frame), std::move(fd));
   });
+}
+
+bool ReplyWithDescriptor(const RpcServer::Reply& reply,
+                         std::shared_ptr<const SerializedReply> serialized,
+                         std::shared_ptr<const ScopedFd> fd) {
+  const LocalServerReply* local = reply.target<LocalServerReply>();
+  if (local == nullptr) return false;
+  local->Send(std::move(serialized), std::move(fd));
+  return true;
 }
 
 LocalRpcServer::LocalRpcServer(Reactor& reactor, std::string endpoint, std::shared_ptr<Core> core)
@@ -560,6 +610,7 @@ void LocalRpcClient::Drop() {
   if (fd_ >= 0) ::close(fd_);
   fd_ = -1;
   in_ = LocalFrameReader(options_.max_message_bytes);
+  fds_.clear();
 }
 
 Status LocalRpcClient::Open(Clock::time_point deadline) {
@@ -595,6 +646,12 @@ Status LocalRpcClient::Open(Clock::time_point deadline) {
 
 StatusOr<proto::Envelope> LocalRpcClient::Call(proto::Envelope request,
                                                std::chrono::milliseconds timeout) {
+  return Call(std::move(request), timeout, nullptr);
+}
+
+StatusOr<proto::Envelope> LocalRpcClient::Call(proto::Envelope request,
+                                               std::chrono::milliseconds timeout,
+                                               std::vector<ScopedFd>* received) {
   std::lock_guard<std::mutex> lock(mu_);
   const auto deadline = Clock::now() + timeout;
   const uint64_t id = next_id_++;
@@ -662,7 +719,13 @@ StatusOr<proto::Envelope> LocalRpcClient::Call(proto::Envelope request,
           return InternalError("unreadable reply from " + options_.endpoint + ": " +
                                reply.status().message());
         }
+        // Descriptors belong to the reply they came with: those read so far go with this one.
+        std::vector<ScopedFd> fds = std::move(fds_);
+        fds_.clear();
         if (reply->request_id() != id && reply->request_id() != 0) continue;  // stale
+        if (received != nullptr) {
+          for (auto& f : fds) received->push_back(std::move(f));
+        }
         if (reply->has_error()) {
           // request_id 0: the server could not read the request; after a message too large it
           // closes the connection as well.
@@ -675,10 +738,32 @@ StatusOr<proto::Envelope> LocalRpcClient::Call(proto::Envelope request,
         break;
     }
     const size_t want = std::max<size_t>(in_.missing(), 4096);
-    char* into = in_.Prepare(want);
-    ssize_t r = ::recv(fd_, into, want, 0);
+    iovec iov{in_.Prepare(want), want};
+    alignas(cmsghdr) char control[CMSG_SPACE(kMaxDescriptors * sizeof(int))];
+    msghdr msg{};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control;
+    msg.msg_controllen = sizeof(control);
+    ssize_t r = ::recvmsg(fd_, &msg, MSG_CMSG_CLOEXEC);
     if (r > 0) {
+      // Descriptors come only with the bytes they were sent with: each is owned from here on.
+      for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+        const size_t n = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        for (size_t k = 0; k < n; ++k) {
+          int got = -1;
+          std::memcpy(&got, CMSG_DATA(c) + k * sizeof(int), sizeof(int));
+          fds_.emplace_back(got);
+        }
+      }
       in_.Commit(static_cast<size_t>(r));
+      if ((msg.msg_flags & MSG_CTRUNC) != 0) {
+        Drop();
+        return DataLossError("the server at " + options_.endpoint + " sent more than " +
+                             std::to_string(kMaxDescriptors) +
+                             " file descriptors with one read; the extra ones were closed");
+      }
       continue;
     }
     if (r == 0) return gone("closed the connection before it replied");

@@ -8,6 +8,10 @@
 // collectives/rendezvous_relay.h): a connection is one connect(2) and one accept(2), with no
 // I/O thread, mailbox or ZMTP handshake on either side.
 //
+// A reply may carry one file descriptor (SCM_RIGHTS, on its frame's first byte): the relay hands
+// a large result to each of its ranks as one sealed memory file (ReplyWithDescriptor), which the
+// kernel shares between them instead of a copy per rank down each socket.
+//
 // The endpoint is "unix://" and the socket's absolute path. There is no CURVE: who may open the
 // socket is up to its directory's permissions, and the server learns each connection's peer
 // from the kernel (SO_PEERCRED: pid, uid, gid), which a peer cannot forge.
@@ -28,12 +32,34 @@
 #include <mutex>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "common/reactor.h"
 #include "common/rpc.h"
 #include "common/status.h"
 
 namespace muster {
+
+// An owned file descriptor, closed when destroyed. Move-only.
+class ScopedFd {
+ public:
+  ScopedFd() = default;
+  explicit ScopedFd(int fd) : fd_(fd) {}
+  ScopedFd(ScopedFd&& o) noexcept : fd_(o.release()) {}
+  ScopedFd& operator=(ScopedFd&& o) noexcept;
+  ScopedFd(const ScopedFd&) = delete;
+  ScopedFd& operator=(const ScopedFd&) = delete;
+  ~ScopedFd();
+  int get() const { return fd_; }
+  int release() {
+    int fd = fd_;
+    fd_ = -1;
+    return fd;
+  }
+
+ private:
+  int fd_ = -1;
+};
 
 // "unix://<path>" endpoints.
 inline constexpr std::string_view kUnixScheme = "unix://";
@@ -129,8 +155,17 @@ struct LocalServerReply {
   std::shared_ptr<std::atomic<bool>> replied;
 
   void operator()(proto::Envelope out) const;
-  void Send(std::shared_ptr<const SerializedReply> serialized) const;
+  // With `fd` (may be null) passed along with the reply's first byte.
+  void Send(std::shared_ptr<const SerializedReply> serialized,
+            std::shared_ptr<const ScopedFd> fd = nullptr) const;
 };
+
+// Answers `reply` with `serialized` and the descriptor `fd` passed with it, when `reply` is a
+// LocalRpcServer's (then true); false, leaving `reply` unanswered, for any other (an RpcServer's
+// cannot carry a descriptor; a test's or a fuzzer's): the caller answers another way.
+bool ReplyWithDescriptor(const RpcServer::Reply& reply,
+                         std::shared_ptr<const SerializedReply> serialized,
+                         std::shared_ptr<const ScopedFd> fd);
 
 // A blocking client of a LocalRpcServer. Connects lazily: a server not up yet (no socket file,
 // or refusing) is retried until a call's timeout. A call that fails for any reason other than
@@ -151,6 +186,12 @@ class LocalRpcClient final : public RpcCaller {
   // when the server cannot be reached or closed the connection.
   StatusOr<proto::Envelope> Call(proto::Envelope request,
                                  std::chrono::milliseconds timeout) override;
+  // The same; the descriptors that came with the reply are appended to `received` (null:
+  // closed). At most kMaxDescriptors per read are taken; more are closed by the kernel
+  // (MSG_CTRUNC), and the call fails with DataLoss.
+  StatusOr<proto::Envelope> Call(proto::Envelope request, std::chrono::milliseconds timeout,
+                                 std::vector<ScopedFd>* received) override;
+  static constexpr int kMaxDescriptors = 4;
   const std::string& endpoint() const { return options_.endpoint; }
 
  private:
@@ -164,6 +205,7 @@ class LocalRpcClient final : public RpcCaller {
   std::mutex mu_;
   int fd_ = -1;           // GUARDED_BY(mu_)
   LocalFrameReader in_;   // GUARDED_BY(mu_): what fd_ delivered past the last reply
+  std::vector<ScopedFd> fds_;  // GUARDED_BY(mu_): descriptors fd_ delivered, not yet handed out
   uint64_t next_id_ = 1;  // GUARDED_BY(mu_)
 };
 

@@ -12,6 +12,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <vector>
 #include <zmq.hpp>
 #include <zmq_addon.hpp>
 
@@ -141,6 +142,8 @@ class RpcServer {
   std::string endpoint_;
 };
 
+class ScopedFd;  // common/local_rpc.h
+
 // One request, one reply, blocking the caller: what RpcClient (ZeroMQ) and LocalRpcClient (a
 // Unix socket, common/local_rpc.h) have in common.
 class RpcCaller {
@@ -150,6 +153,13 @@ class RpcCaller {
   // an error payload in the reply is returned as its Status.
   virtual StatusOr<proto::Envelope> Call(proto::Envelope request,
                                          std::chrono::milliseconds timeout) = 0;
+  // The same, with the file descriptors that came with the reply appended to `received`
+  // (ScopedFd: common/local_rpc.h). Only a local socket carries them: the others never add any.
+  virtual StatusOr<proto::Envelope> Call(proto::Envelope request, std::chrono::milliseconds timeout,
+                                         std::vector<ScopedFd>* received) {
+    (void)received;
+    return Call(std::move(request), timeout);
+  }
 };
 
 class RpcClient final : public RpcCaller {
@@ -174,6 +184,7 @@ class RpcClient final : public RpcCaller {
   // Thread-safety: calls are serialized by an internal mutex.
   StatusOr<proto::Envelope> Call(proto::Envelope request,
                                  std::chrono::milliseconds timeout) override;
+  using RpcCaller::Call;
 
   const std::string& endpoint() const { return options_.endpoint; }
 

@@ -358,8 +358,14 @@ TEST_F(PreemptionClusterTest, AgentKilledJobResumesFromItsLastCommit) {
   Drain("gcp-1", false);
   json st = JobStatus(job);
   const std::string victim = NodesOf(st).at(1);
-  // Mid-interval, well clear of a commit in flight: the last commit is 20.
+  // Mid-interval, well clear of a commit in flight: the last commit is 20. Commits are
+  // asynchronous (a loaded host took four steps to commit one in ci-clone34), so wait for the
+  // commit itself too.
   ASSERT_TRUE(WaitForStep(job, 1, 2 * kCheckpointEvery + 3, 120s)) << RankLog(job, 1, 0);
+  ASSERT_TRUE(WaitUntil(
+      [&] { return LastStep(RankLog(job, 1, 0), "MUSTER_CHECKPOINT") >= 2 * kCheckpointEvery; },
+      120s))
+      << RankLog(job, 1, 0);
 
   // Node rank 1's agent dies.
   agents_.at(victim).Signal(SIGKILL);

@@ -10,13 +10,13 @@
 #include <linux/magic.h>
 #include <signal.h>
 #include <sys/file.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <sys/vfs.h>
 #include <sys/wait.h>
 #include <unistd.h>
-#include <xxhash.h>
 
 #include <atomic>
 #include <condition_variable>
@@ -258,7 +258,7 @@ TEST_F(RelayTest, GetsOfOneKeyJoinAndEachCallerKeepsItsOwnTimeout) {
   }
   ASSERT_TRUE(testing::WaitUntil([&] { return joined().callers == kRanks - 1; }, 10s));
   EXPECT_EQ(joined().requests, 1u) << "one request upstream; the others wait for it";
-  EXPECT_EQ(ParkedRequests(), 1u);
+  EXPECT_TRUE(testing::WaitUntil([&] { return ParkedRequests() == 1; }, 10s));
   // One more with a short timeout: it waits behind the one upstream, and is answered at its
   // own deadline, not the others'.
   auto t0 = Clock::now();
@@ -556,7 +556,7 @@ TEST(RelayCompressedGatherTest, AFrameThatDoesNotInflateFailsTheBatchWithDataLos
   std::filesystem::remove_all(templ);
 }
 
-TEST_F(RelayTest, ALargeGatherReachesTheLocalRanksThroughOneCheckedFile) {
+TEST_F(RelayTest, ALargeGatherReachesTheLocalRanksThroughOneSealedMemoryFile) {
   shared_min_ = 1;  // every gather of two or more local callers goes through a file
   constexpr int kPerNode = 4;
   auto* relay = AddRelay(0, kPerNode);
@@ -576,67 +576,83 @@ TEST_F(RelayTest, ALargeGatherReachesTheLocalRanksThroughOneCheckedFile) {
     for (int i = 0; i < kPerNode; ++i) EXPECT_EQ((*got[r])[i], entry(i));
   }
   EXPECT_EQ(Stats(relay).shared_gathers, 1u);
-
-  // What a rank accepts as such a file: exactly what the reply says, in the relay's directory.
+  // Nothing is left behind in the relay's directory: the kernel frees the file with its last
+  // mapping.
   std::filesystem::path socket = relay->endpoint().substr(7);
-  std::filesystem::path file = socket.parent_path() / "gather-0";
-  std::string bytes;
-  {
-    std::ifstream in(file, std::ios::binary);
-    bytes.assign(std::istreambuf_iterator<char>(in), {});
+  for (const auto& e : std::filesystem::directory_iterator(socket.parent_path())) {
+    EXPECT_EQ(e.path(), socket) << "left in the relay's directory";
   }
-  ASSERT_FALSE(bytes.empty());
-  EXPECT_EQ(
-      std::filesystem::status(socket.parent_path()).permissions() & std::filesystem::perms::all,
-      std::filesystem::perms::owner_all);
-  proto::StoreReply good;
-  good.set_gathered_file(file.string());
-  good.set_gathered_size(bytes.size());
-  good.set_gathered_xxh3(XXH3_64bits(bytes.data(), bytes.size()));
-  auto mapped = MappedGather::Open(relay->endpoint(), good);
+
+  // What a rank accepts as such a file: a regular file of exactly the size the reply says,
+  // sealed against writes, shrinking and growing.
+  const std::string bytes = "the serialized result";
+  auto memfd = [&](unsigned seals) {
+    int fd = memfd_create("test-gather", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    EXPECT_GE(fd, 0);
+    EXPECT_EQ(write(fd, bytes.data(), bytes.size()), static_cast<ssize_t>(bytes.size()));
+    if (seals != 0) EXPECT_EQ(fcntl(fd, F_ADD_SEALS, seals), 0);
+    return ScopedFd(fd);
+  };
+  constexpr unsigned kSealed = F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW;
+  auto mapped = MappedGather::FromDescriptor(memfd(kSealed), bytes.size());
   ASSERT_TRUE(mapped.ok()) << mapped.status();
   EXPECT_EQ(mapped->bytes(), bytes);
-  auto expect = [&](proto::StoreReply reply, const std::string& endpoint, StatusCode code,
-                    const std::string& words) {
-    auto m = MappedGather::Open(endpoint, reply);
+  auto expect = [&](StatusOr<MappedGather> m, const std::string& words) {
     ASSERT_FALSE(m.ok()) << words;
-    EXPECT_EQ(m.status().code(), code) << m.status();
+    EXPECT_EQ(m.status().code(), StatusCode::kDataLoss) << m.status();
     EXPECT_NE(m.status().message().find(words), std::string::npos) << m.status();
   };
-  proto::StoreReply bad = good;
-  bad.set_gathered_xxh3(good.gathered_xxh3() + 1);
-  expect(bad, relay->endpoint(), StatusCode::kDataLoss, "does not match its checksum");
-  bad = good;
-  bad.set_gathered_size(bytes.size() + 1);
-  expect(bad, relay->endpoint(), StatusCode::kDataLoss, "not a regular file of");
-  bad = good;
-  bad.set_gathered_file("/etc/passwd");
-  expect(bad, relay->endpoint(), StatusCode::kFailedPrecondition, "not in its own directory");
-  bad = good;
-  bad.set_gathered_file((socket.parent_path() / "../gather-0").string());
-  expect(bad, relay->endpoint(), StatusCode::kFailedPrecondition, "not in its own directory");
-  bad.set_gathered_file(socket.string());
-  expect(bad, relay->endpoint(), StatusCode::kFailedPrecondition, "not in its own directory");
-  expect(good, server_->endpoint(), StatusCode::kFailedPrecondition, "is not a local relay");
+  expect(MappedGather::FromDescriptor(memfd(kSealed), bytes.size() + 1), "not a file of");
+  expect(MappedGather::FromDescriptor(memfd(kSealed), 0), "not a file of");
+  // Writable, or only partly sealed: another process holding it could change the bytes.
+  expect(MappedGather::FromDescriptor(memfd(0), bytes.size()), "not sealed");
+  expect(MappedGather::FromDescriptor(memfd(F_SEAL_SHRINK | F_SEAL_GROW), bytes.size()),
+         "not sealed");
+  // Not a regular file at all: a pipe (a FIFO) of that many bytes, a directory.
+  int p[2];
+  ASSERT_EQ(pipe2(p, O_CLOEXEC), 0);
+  ASSERT_EQ(write(p[1], bytes.data(), bytes.size()), static_cast<ssize_t>(bytes.size()));
+  close(p[1]);
+  expect(MappedGather::FromDescriptor(ScopedFd(p[0]), bytes.size()), "not a file of");
+  expect(MappedGather::FromDescriptor(ScopedFd(open("/tmp", O_RDONLY | O_CLOEXEC)), 4096),
+         "not a file of");
+}
 
-  // A rank trusts the file because only its user can write into the relay's 0700 directory:
-  // a file that others may write, a directory that others may enter, or a file of another
-  // user is refused even when its bytes match.
-  namespace fs = std::filesystem;
-  fs::permissions(file, fs::perms::group_write | fs::perms::others_write, fs::perm_options::add);
-  expect(good, relay->endpoint(), StatusCode::kDataLoss, "is not private to this user");
-  fs::permissions(file, fs::perms::owner_read | fs::perms::owner_write, fs::perm_options::replace);
-  ASSERT_TRUE(MappedGather::Open(relay->endpoint(), good).ok());
-  fs::permissions(socket.parent_path(), fs::perms::group_exec | fs::perms::others_exec,
-                  fs::perm_options::add);
-  expect(good, relay->endpoint(), StatusCode::kDataLoss, "directory uid");
-  fs::permissions(socket.parent_path(), fs::perms::owner_all, fs::perm_options::replace);
-  ASSERT_TRUE(MappedGather::Open(relay->endpoint(), good).ok());
-  if (::geteuid() == 0) {  // only root can give the file away
-    ASSERT_EQ(::chown(file.c_str(), 65534, 65534), 0);
-    expect(good, relay->endpoint(), StatusCode::kDataLoss, "file uid 65534");
-    ASSERT_EQ(::chown(file.c_str(), 0, 0), 0);
-  }
+TEST_F(RelayTest, AGatherReplyNamingAFileWithoutItsDescriptorIsRefused) {
+  // A relay (or anything at its socket) whose reply says the result is in a file, but sends no
+  // descriptor, or two: the rank refuses it with DataLoss instead of reading anything.
+  std::string templ = (dir_ / "fake-XXXXXX").string();
+  ASSERT_NE(mkdtemp(templ.data()), nullptr);
+  const std::string path = templ + "/s";
+  std::atomic<int> descriptors{0};
+  auto fake = reactor_->Call("fake", [&] {
+    LocalRpcServer::Options o;
+    o.path = path;
+    return LocalRpcServer::Create(
+        *reactor_, o, [&](const PeerInfo&, proto::Envelope&&, RpcServer::Reply reply) {
+          proto::Envelope e;
+          e.mutable_store_reply()->set_gathered_fd(true);
+          e.mutable_store_reply()->set_gathered_size(3);
+          auto bytes = std::make_shared<const SerializedReply>(e);
+          if (descriptors.load() == 0) return RpcServer::ReplyWith(reply, bytes);
+          int fd = memfd_create("x", MFD_CLOEXEC);
+          EXPECT_TRUE(ReplyWithDescriptor(reply, bytes, std::make_shared<const ScopedFd>(fd)));
+        });
+  });
+  ASSERT_TRUE(fake.ok()) << fake.status();
+  RendezvousClient::Options co;
+  co.endpoint = (*fake)->endpoint();
+  co.credentials = creds_;
+  co.job = "job";
+  co.attempt = 1;
+  auto c = std::move(*RendezvousClient::Connect(co));
+  auto none = c->AllGather("g", 0, 2, "v", 5s);
+  EXPECT_EQ(none.status().code(), StatusCode::kDataLoss) << none.status();
+  EXPECT_NE(none.status().message().find("0 descriptors"), std::string::npos) << none.status();
+  descriptors = 1;  // an unsealed, empty file: refused too
+  auto unsealed = c->AllGather("g", 0, 2, "v", 5s);
+  EXPECT_EQ(unsealed.status().code(), StatusCode::kDataLoss) << unsealed.status();
+  reactor_->Call("close", [&] { fake->reset(); });
 }
 
 TEST_F(RelayTest, AStoreThatRefusesTheRelaysKeyIsNamedAtOnceNotATimeout) {
@@ -673,11 +689,11 @@ TEST_F(RelayTest, AStoreThatRefusesTheRelaysKeyIsNamedAtOnceNotATimeout) {
 // ZeroMQ releases a closed socket's context slot (and descriptors) asynchronously, on its
 // reaper thread. A loop that makes and closes relays faster than that thread frees them (the
 // fuzzer, on a loaded machine) used to fail Create with "Too many open files". Here the context
-// holds exactly one relay's sockets (its local socket, its upstream socket, and the pair that
-// watches the upstream handshakes), so every Create but the first needs the slots of the relay
-// closed just before it: it waits for them instead of failing.
+// holds exactly one relay's ZeroMQ sockets (its upstream socket, and the pair that watches the
+// upstream handshakes; its local socket is a plain one), so every Create but the first needs
+// the slots of the relay closed just before it: it waits for them instead of failing.
 TEST(RelayLifecycleTest, ARelayMadeRightAfterOneClosedWaitsForItsSocketsToBeReleased) {
-  constexpr int kRelaySockets = 4;
+  constexpr int kRelaySockets = 3;
   std::string templ = "/tmp/relay-test-XXXXXX";
   ASSERT_NE(mkdtemp(templ.data()), nullptr);
   zmq::context_t ctx;
@@ -705,7 +721,9 @@ TEST(RelayLifecycleTest, ARelayMadeRightAfterOneClosedWaitsForItsSocketsToBeRele
   auto more = OpenSocket(ctx, zmq::socket_type::dealer, 50ms);
   ASSERT_FALSE(more.ok());
   EXPECT_EQ(more.status().code(), StatusCode::kUnavailable);
-  EXPECT_NE(more.status().message().find("holds at most 4 sockets"), std::string::npos)
+  EXPECT_NE(
+      more.status().message().find("holds at most " + std::to_string(kRelaySockets) + " sockets"),
+      std::string::npos)
       << more.status();
   held.clear();
   std::filesystem::remove_all(templ);
