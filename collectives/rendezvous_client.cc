@@ -54,21 +54,26 @@ StatusOr<RdzvCredentials> RdzvCredentials::Parse(const std::string& text) {
 bool IsLocalRendezvousEndpoint(const std::string& endpoint) { return IsUnixEndpoint(endpoint); }
 
 StatusOr<MappedGather> MappedGather::FromDescriptor(ScopedFd fd, uint64_t size) {
+  // Sealed first: then nobody (the relay included) can change, shrink or grow it any more, and
+  // the size checked next is the size mapped, with the bytes the relay wrote.
+  constexpr int kSeals = F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW;
+  const int seals = ::fcntl(fd.get(), F_GET_SEALS);
+  if (seals < 0 || (seals & kSeals) != kSeals) {
+    struct stat st {};
+    if (::fstat(fd.get(), &st) != 0 || !S_ISREG(st.st_mode)) {
+      return DataLossError("rendezvous gather: the relay's result is not a file of " +
+                           std::to_string(size) + " bytes");
+    }
+    return DataLossError(
+        "rendezvous gather: the relay's result file is not sealed against "
+        "writes (seals " +
+        std::to_string(seals) + ")");
+  }
   struct stat st {};
   if (::fstat(fd.get(), &st) != 0 || !S_ISREG(st.st_mode) ||
       static_cast<uint64_t>(st.st_size) != size || st.st_size == 0) {
     return DataLossError("rendezvous gather: the relay's result is not a file of " +
                          std::to_string(size) + " bytes");
-  }
-  // Sealed, nobody (the relay included) can change, shrink or grow it any more: the bytes
-  // mapped are those the relay wrote, and stay so while mapped.
-  constexpr int kSeals = F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW;
-  const int seals = ::fcntl(fd.get(), F_GET_SEALS);
-  if (seals < 0 || (seals & kSeals) != kSeals) {
-    return DataLossError(
-        "rendezvous gather: the relay's result file is not sealed against "
-        "writes (seals " +
-        std::to_string(seals) + ")");
   }
   void* data = ::mmap(nullptr, size, PROT_READ, MAP_SHARED, fd.get(), 0);
   if (data == MAP_FAILED) {

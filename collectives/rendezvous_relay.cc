@@ -427,12 +427,13 @@ void RendezvousRelay::AddToJoin(bool get, proto::StoreRequest& req, RpcServer::R
     j.get = get;
     j.keys.assign(std::make_move_iterator(keys.begin()), std::make_move_iterator(keys.end()));
   }
-  j.next.push_back({std::move(reply), Clock::now() + ClampTimeout(timeout_ms)});
+  j.next.push_back({std::move(reply), Clock::now() + ClampTimeout(timeout_ms),
+                    ClampTimeout(timeout_ms).count()});
   if (j.in_flight == 0) return SendJoin(key);
   // One is upstream: this caller goes with the next, when that one returns, or at the
-  // earliest deadline among those waiting, whichever is first.
-  Clock::time_point first = j.next.front().deadline;
-  for (const auto& c : j.next) first = std::min(first, c.deadline);
+  // earliest deadline among those waiting, whichever is first (the timer holds the earliest
+  // of those before this one).
+  const Clock::time_point first = j.next.back().deadline;
   if (j.timer != 0 && j.timer_at <= first) return;
   if (j.timer != 0) reactor_.CancelTimer(j.timer);
   j.timer_at = first;
@@ -506,7 +507,17 @@ void RendezvousRelay::SendJoin(const std::string& key) {
                   found->second.next.push_back(std::move(c));
                   continue;
                 }
-                c.reply(ErrorEnvelope(0, r.status()));
+                Status s = r.status();
+                // The store's words name the request's timeout, which for a caller that went
+                // up at its deadline behind another is what it had left: name its own.
+                constexpr std::string_view kWithin = " not set within ";
+                if (s.code() == StatusCode::kDeadlineExceeded) {
+                  if (size_t at = s.message().find(kWithin); at != std::string::npos) {
+                    s = DeadlineExceededError(s.message().substr(0, at + kWithin.size()) +
+                                              std::to_string(c.timeout_ms) + " ms");
+                  }
+                }
+                c.reply(ErrorEnvelope(0, s));
               }
             }
             if (found != joins_.end()) SendJoin(key);
@@ -672,8 +683,8 @@ void RendezvousRelay::SendBatch(Batch batch) {
               }
               for (auto& c : b.callers) {
                 forget(c);
-                if (file && ReplyWithDescriptor(c.reply, bytes, file)) continue;
                 if (!plain) plain = std::make_shared<const SerializedReply>(e);
+                if (file && ReplyWithDescriptor(c.reply, bytes, file, plain)) continue;
                 RpcServer::ReplyWith(c.reply, plain);
               }
               return;

@@ -187,6 +187,7 @@ class RendezvousRelay {
   struct JoinCaller {
     RpcServer::Reply reply;
     Clock::time_point deadline;
+    int64_t timeout_ms = 0;  // as the caller asked (for its DeadlineExceeded's words)
   };
   struct Join {
     bool get = false;

@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/epoll.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -28,6 +29,11 @@ constexpr size_t kMaxSocketPath = sizeof(sockaddr_un::sun_path) - 1;  // 107 and
 constexpr size_t kReadChunk = 16 << 10;
 // Bytes read from one connection in one pass of the loop: one busy peer cannot starve others.
 constexpr size_t kReadPerPass = 1 << 20;
+// At most this much buffer is added per read, whatever a frame's header announces: memory
+// follows the bytes that came, not what a peer claims.
+constexpr size_t kMaxReadChunk = 1 << 20;
+// Malformed frames in a row after which a connection is closed.
+constexpr int kMaxMalformed = 16;
 constexpr int kEventsPerPass = 256;
 
 uint32_t Load32(const char* p) {
@@ -183,12 +189,14 @@ struct LocalRpcServer::Core : std::enable_shared_from_this<LocalRpcServer::Core>
     struct Out {
       std::string bytes;
       std::shared_ptr<const ScopedFd> fd;  // passed with the first byte; null once sent
+      std::string fallback;                // sent instead when `fd` cannot be passed
     };
     std::deque<Out> out;  // frames not yet written; the first from out_off on
     size_t out_off = 0;
     int64_t out_bytes = 0;
     bool want_write = false;  // EPOLLOUT is in its interest set
     bool closing = false;     // close once `out` is written; read nothing more
+    int malformed = 0;        // frames in a row that were not Envelopes
   };
 
   Reactor* reactor = nullptr;
@@ -200,7 +208,8 @@ struct LocalRpcServer::Core : std::enable_shared_from_this<LocalRpcServer::Core>
   bool listening = false;  // listen_fd is in epfd (taken out for a while when out of fds)
   bool open = true;
   uint64_t next_conn = 1;
-  uint64_t refused = 0;  // connections closed at accept: past max_connections
+  uint64_t refused = 0;    // connections closed at accept: past max_connections
+  uint64_t malformed = 0;  // frames that were not Envelopes (for the log's rate)
   std::unordered_map<uint64_t, std::unique_ptr<Conn>> conns;
 
   void OnReadable();
@@ -209,7 +218,11 @@ struct LocalRpcServer::Core : std::enable_shared_from_this<LocalRpcServer::Core>
   void Read(uint64_t id);
   // Handles the frames buffered for `id`; false once the connection is gone or closing.
   bool Dispatch(uint64_t id);
-  void Send(uint64_t id, std::string frame, std::shared_ptr<const ScopedFd> fd = nullptr);
+  void Send(uint64_t id, std::string frame, std::shared_ptr<const ScopedFd> fd = nullptr,
+            std::string fallback = {});
+  // Writes what it can of `out` from `off`; the bytes written, or -1 with errno. A descriptor
+  // the kernel refuses to pass (ETOOMANYREFS) is dropped for the frame's fallback.
+  ssize_t WriteOut(Conn& c, Conn::Out& out, size_t off);
   void Flush(uint64_t id);
   void Interest(Conn& c, uint64_t id);
   void Close(uint64_t id);
@@ -260,6 +273,11 @@ void LocalRpcServer::Core::Accept() {
       return;
     }
     if (conns.size() >= static_cast<size_t>(options.max_connections)) {
+      // Told why, best effort (a new connection's buffer is empty, so this rarely blocks).
+      const std::string refusal = EnvelopeFrame(
+          ErrorEnvelope(0, UnavailableError(options.name + ": " + std::to_string(conns.size()) +
+                                            " connections are open, the most it serves at once")));
+      (void)::send(fd, refusal.data(), refusal.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
       ::close(fd);
       ++refused;
       if ((refused & (refused - 1)) == 0) {  // the 1st, 2nd, 4th, 8th...
@@ -307,7 +325,7 @@ void LocalRpcServer::Core::Read(uint64_t id) {
       Flush(id);
       return;
     }
-    const size_t want = std::max(c.in.missing(), kReadChunk);
+    const size_t want = std::min(std::max(c.in.missing(), kReadChunk), kMaxReadChunk);
     char* into = c.in.Prepare(want);
     ssize_t r = ::recv(c.fd, into, want, 0);
     if (r < 0) {
@@ -363,10 +381,25 @@ bool LocalRpcServer::Core::Dispatch(uint64_t id) {
     }
     auto env = ParseEnvelope(frame.data(), frame.size());
     if (!env.ok()) {
-      logger->warn("{}: from {}: {}", options.name, c.peer.address, env.status().message());
+      ++malformed;
+      if ((malformed & (malformed - 1)) == 0) {  // the 1st, 2nd, 4th, 8th...
+        logger->warn("{}: from {}: {} ({} malformed so far)", options.name, c.peer.address,
+                     env.status().message(), malformed);
+      }
+      if (++c.malformed >= kMaxMalformed) {
+        c.closing = true;
+        Send(id, EnvelopeFrame(ErrorEnvelope(
+                     0, InvalidArgumentError(env.status().message() + "; " +
+                                             std::to_string(kMaxMalformed) +
+                                             " malformed messages in a row: the connection is "
+                                             "closed"))));
+        if (auto left = conns.find(id); left != conns.end()) Interest(*left->second, id);
+        return false;
+      }
       Send(id, EnvelopeFrame(ErrorEnvelope(0, env.status())));
       continue;
     }
+    c.malformed = 0;
     Reply reply = LocalServerReply{weak_from_this(), reactor, id, env->request_id(),
                                    std::make_shared<std::atomic<bool>>(false)};
     const PeerInfo peer = c.peer;  // the handler may close the connection
@@ -390,36 +423,57 @@ void LocalRpcServer::Core::Interest(Conn& c, uint64_t id) {
   (void)epoll_ctl(epfd, EPOLL_CTL_MOD, c.fd, &ev);
 }
 
-void LocalRpcServer::Core::Send(uint64_t id, std::string frame,
-                                std::shared_ptr<const ScopedFd> fd) {
+ssize_t LocalRpcServer::Core::WriteOut(Conn& c, Conn::Out& out, size_t off) {
+  for (;;) {
+    const int fd = out.fd && off == 0 ? out.fd->get() : -1;
+    ssize_t w = SendWithFd(c.fd, out.bytes.data() + off, out.bytes.size() - off, fd);
+    if (w >= 0) {
+      if (w > 0) out.fd.reset();  // went with the first byte
+      return w;
+    }
+    if (errno == EINTR) continue;
+    if (errno == ETOOMANYREFS && fd >= 0 && !out.fallback.empty()) {
+      // This user has too many descriptors in flight: the same answer without one.
+      log::Get("rpc")->warn("{}: cannot pass a descriptor to {} ({}): replying without it",
+                            options.name, c.peer.address, ErrnoText(errno));
+      out.fd.reset();
+      out.bytes = std::move(out.fallback);
+      out.fallback.clear();
+      continue;
+    }
+    return -1;
+  }
+}
+
+void LocalRpcServer::Core::Send(uint64_t id, std::string frame, std::shared_ptr<const ScopedFd> fd,
+                                std::string fallback) {
   if (!open) return;
   auto it = conns.find(id);
   if (it == conns.end()) return;  // the peer has gone: dropped, as ZeroMQ drops it
   Conn& c = *it->second;
+  Conn::Out out{std::move(frame), std::move(fd), std::move(fallback)};
   size_t written = 0;
   if (c.out.empty()) {
-    for (;;) {
-      ssize_t w = SendWithFd(c.fd, frame.data(), frame.size(), fd ? fd->get() : -1);
-      if (w >= 0) {
-        written = static_cast<size_t>(w);
-        if (w > 0) fd.reset();  // went with the first byte
-        break;
+    ssize_t w = WriteOut(c, out, 0);
+    if (w < 0) {
+      if (errno != EAGAIN && errno != EWOULDBLOCK) {
+        // EPIPE, ECONNRESET: the peer has gone; ETOOMANYREFS without a fallback.
+        log::Get("rpc")->debug("{}: send to {}: {}", options.name, c.peer.address,
+                               ErrnoText(errno));
+        Close(id);
+        return;
       }
-      if (errno == EINTR) continue;
-      if (errno == EAGAIN || errno == EWOULDBLOCK) break;
-      // EPIPE, ECONNRESET: the peer has gone; ETOOMANYREFS: it holds too many descriptors in
-      // flight already.
-      Close(id);
-      return;
+      w = 0;
     }
-    if (written == frame.size()) {
+    written = static_cast<size_t>(w);
+    if (written == out.bytes.size()) {
       if (c.closing) Close(id);
       return;
     }
   }
-  c.out_bytes += static_cast<int64_t>(frame.size() - written);
+  c.out_bytes += static_cast<int64_t>(out.bytes.size() - written);
   if (c.out.empty()) c.out_off = written;
-  c.out.push_back({std::move(frame), std::move(fd)});
+  c.out.push_back(std::move(out));
   if (c.out_bytes > max_queued) {
     log::Get("rpc")->warn(
         "{}: {} does not read its replies ({} bytes wait, more than {}): closing its connection",
@@ -439,15 +493,16 @@ void LocalRpcServer::Core::Flush(uint64_t id) {
   Conn& c = *it->second;
   while (!c.out.empty()) {
     Conn::Out& f = c.out.front();
-    ssize_t w = SendWithFd(c.fd, f.bytes.data() + c.out_off, f.bytes.size() - c.out_off,
-                           f.fd ? f.fd->get() : -1);
+    const size_t before = f.bytes.size();
+    ssize_t w = WriteOut(c, f, c.out_off);
     if (w < 0) {
-      if (errno == EINTR) continue;
       if (errno == EAGAIN || errno == EWOULDBLOCK) return;
+      log::Get("rpc")->debug("{}: send to {}: {}", options.name, c.peer.address, ErrnoText(errno));
       Close(id);
       return;
     }
-    if (w > 0) f.fd.reset();
+    // A fallback taken in place of the frame changes what is queued.
+    c.out_bytes += static_cast<int64_t>(f.bytes.size()) - static_cast<int64_t>(before);
     c.out_off += static_cast<size_t>(w);
     c.out_bytes -= w;
     if (c.out_off < f.bytes.size()) return;
@@ -495,28 +550,37 @@ void LocalServerReply::operator()(proto::Envelope out) const {
 }
 
 void LocalServerReply::Send(std::shared_ptr<const SerializedReply> serialized,
-                            std::shared_ptr<const ScopedFd> fd) const {
+                            std::shared_ptr<const ScopedFd> fd,
+                            std::shared_ptr<const SerializedReply> fallback) const {
   if (replied->exchange(true)) return;
-  const size_t size = serialized->size(id);
-  std::string frame(kLocalFrameHeader + size, '\0');
-  Store32(frame.data(), static_cast<uint32_t>(size));
-  serialized->WriteTo(id, frame.data() + kLocalFrameHeader);
+  auto frame_of = [&](const SerializedReply& r) {
+    const size_t size = r.size(id);
+    std::string frame(kLocalFrameHeader + size, '\0');
+    Store32(frame.data(), static_cast<uint32_t>(size));
+    r.WriteTo(id, frame.data() + kLocalFrameHeader);
+    return frame;
+  };
+  std::string frame = frame_of(*serialized);
+  std::string plain = fd && fallback ? frame_of(*fallback) : std::string();
   if (reactor->InReactorThread()) {
-    if (auto core = weak.lock()) core->Send(connection, std::move(frame), std::move(fd));
+    if (auto core = weak.lock()) {
+      core->Send(connection, std::move(frame), std::move(fd), std::move(plain));
+    }
     return;
   }
   reactor->Post("local-rpc.reply", [weak = weak, c = connection, frame = std::move(frame),
-                                    fd = std::move(fd)]() mutable {
-    if (auto core = weak.lock()) core->Send(c, std::move(frame), std::move(fd));
+                                    fd = std::move(fd), plain = std::move(plain)]() mutable {
+    if (auto core = weak.lock()) core->Send(c, std::move(frame), std::move(fd), std::move(plain));
   });
 }
 
 bool ReplyWithDescriptor(const RpcServer::Reply& reply,
                          std::shared_ptr<const SerializedReply> serialized,
-                         std::shared_ptr<const ScopedFd> fd) {
+                         std::shared_ptr<const ScopedFd> fd,
+                         std::shared_ptr<const SerializedReply> fallback) {
   const LocalServerReply* local = reply.target<LocalServerReply>();
   if (local == nullptr) return false;
-  local->Send(std::move(serialized), std::move(fd));
+  local->Send(std::move(serialized), std::move(fd), std::move(fallback));
   return true;
 }
 
@@ -542,6 +606,12 @@ StatusOr<std::unique_ptr<LocalRpcServer>> LocalRpcServer::Create(Reactor& reacto
   core->max_queued = options.max_queued_bytes > 0
                          ? options.max_queued_bytes
                          : std::max<int64_t>(2 * options.max_message_bytes, 1 << 20);
+  if (options.max_connections <= 0) {
+    rlimit lim{};
+    getrlimit(RLIMIT_NOFILE, &lim);
+    const uint64_t half = lim.rlim_cur == RLIM_INFINITY ? 16384 : lim.rlim_cur / 2;
+    options.max_connections = static_cast<int>(std::clamp<uint64_t>(half, 64, 1 << 20));
+  }
   core->options = std::move(options);
   const Options& o = core->options;
   core->listen_fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
@@ -690,7 +760,12 @@ StatusOr<proto::Envelope> LocalRpcClient::Call(proto::Envelope request,
     if (err == EAGAIN || err == EWOULDBLOCK) {
       pollfd p{fd_, POLLOUT, 0};
       int r = ::poll(&p, 1, static_cast<int>(std::min<int64_t>(RemainingMs(deadline), INT32_MAX)));
-      if (r == 0) return no_reply();
+      if (r == 0) {
+        Drop();
+        return DeadlineExceededError("could not send the request to " + options_.endpoint +
+                                     " within " + std::to_string(timeout.count()) +
+                                     " ms: the server does not read");
+      }
       continue;
     }
     if ((err == EPIPE || err == ECONNRESET) && sent == 0 && !fresh) {
@@ -737,7 +812,7 @@ StatusOr<proto::Envelope> LocalRpcClient::Call(proto::Envelope request,
       case LocalFrameReader::Result::kNeedMore:
         break;
     }
-    const size_t want = std::max<size_t>(in_.missing(), 4096);
+    const size_t want = std::min<size_t>(std::max<size_t>(in_.missing(), 4096), kMaxReadChunk);
     iovec iov{in_.Prepare(want), want};
     alignas(cmsghdr) char control[CMSG_SPACE(kMaxDescriptors * sizeof(int))];
     msghdr msg{};
@@ -760,9 +835,13 @@ StatusOr<proto::Envelope> LocalRpcClient::Call(proto::Envelope request,
       in_.Commit(static_cast<size_t>(r));
       if ((msg.msg_flags & MSG_CTRUNC) != 0) {
         Drop();
-        return DataLossError("the server at " + options_.endpoint + " sent more than " +
+        rlimit lim{};
+        getrlimit(RLIMIT_NOFILE, &lim);
+        return DataLossError("file descriptors from " + options_.endpoint +
+                             " were dropped by the kernel: more than " +
                              std::to_string(kMaxDescriptors) +
-                             " file descriptors with one read; the extra ones were closed");
+                             " came with one read, or this process is at its open-file limit (" +
+                             std::to_string(lim.rlim_cur) + ")");
       }
       continue;
     }

@@ -113,8 +113,10 @@ class LocalRpcServer {
     // whose permissions say who may connect. A file already there is not replaced.
     std::string path;
     int64_t max_message_bytes = kDefaultMaxMessageBytes;
-    // Connections held at once; more are closed as they are accepted.
-    int max_connections = 16384;
+    // Connections held at once; more get an error frame and are closed as they are accepted.
+    // 0: half of this process's open-file limit (RLIMIT_NOFILE), at least 64, so that the
+    // connections never take the descriptors the rest of the process needs.
+    int max_connections = 0;
     // Replies waiting for a peer that does not read them, in bytes, before its connection is
     // closed (0: twice max_message_bytes, at least 1 MiB).
     int64_t max_queued_bytes = 0;
@@ -155,17 +157,22 @@ struct LocalServerReply {
   std::shared_ptr<std::atomic<bool>> replied;
 
   void operator()(proto::Envelope out) const;
-  // With `fd` (may be null) passed along with the reply's first byte.
+  // With `fd` (may be null) passed along with the reply's first byte. When the kernel refuses
+  // to pass it (ETOOMANYREFS: this user has too many descriptors in flight), `fallback` (when
+  // given) is sent instead, without a descriptor.
   void Send(std::shared_ptr<const SerializedReply> serialized,
-            std::shared_ptr<const ScopedFd> fd = nullptr) const;
+            std::shared_ptr<const ScopedFd> fd = nullptr,
+            std::shared_ptr<const SerializedReply> fallback = nullptr) const;
 };
 
 // Answers `reply` with `serialized` and the descriptor `fd` passed with it, when `reply` is a
 // LocalRpcServer's (then true); false, leaving `reply` unanswered, for any other (an RpcServer's
 // cannot carry a descriptor; a test's or a fuzzer's): the caller answers another way.
+// `fallback` (may be null) is what goes instead when the kernel refuses to pass `fd`.
 bool ReplyWithDescriptor(const RpcServer::Reply& reply,
                          std::shared_ptr<const SerializedReply> serialized,
-                         std::shared_ptr<const ScopedFd> fd);
+                         std::shared_ptr<const ScopedFd> fd,
+                         std::shared_ptr<const SerializedReply> fallback = nullptr);
 
 // A blocking client of a LocalRpcServer. Connects lazily: a server not up yet (no socket file,
 // or refusing) is retried until a call's timeout. A call that fails for any reason other than
@@ -188,7 +195,9 @@ class LocalRpcClient final : public RpcCaller {
                                  std::chrono::milliseconds timeout) override;
   // The same; the descriptors that came with the reply are appended to `received` (null:
   // closed). At most kMaxDescriptors per read are taken; more are closed by the kernel
-  // (MSG_CTRUNC), and the call fails with DataLoss.
+  // (MSG_CTRUNC), and the call fails with DataLoss. One request is in flight per connection
+  // (the mutex), so every descriptor read before a reply's last byte belongs to that reply; a
+  // client that pipelined requests would have to record where in the stream each one came.
   StatusOr<proto::Envelope> Call(proto::Envelope request, std::chrono::milliseconds timeout,
                                  std::vector<ScopedFd>* received) override;
   static constexpr int kMaxDescriptors = 4;

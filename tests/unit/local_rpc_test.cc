@@ -313,11 +313,46 @@ TEST_F(LocalRpcTest, ConnectionsPastTheLimitAreClosedAndTheRestServed) {
   ASSERT_TRUE(b->Call(Ping("b"), 5s).ok());
   auto refused = extra->Call(Ping("c"), 5s);
   EXPECT_EQ(refused.status().code(), StatusCode::kUnavailable) << refused.status();
+  EXPECT_NE(refused.status().message().find("2 connections are open, the most it serves"),
+            std::string::npos)
+      << refused.status();
   EXPECT_TRUE(a->Call(Ping("a2"), 5s).ok());
   a.reset();
   ASSERT_TRUE(WaitUntil([&] { return Connections() == 1; }, 5s));
   auto now = extra->Call(Ping("c2"), 5s);
   EXPECT_TRUE(now.ok()) << now.status();
+}
+
+TEST_F(LocalRpcTest, MalformedFramesGetErrorsAndSixteenInARowCloseTheConnection) {
+  ASSERT_TRUE(StartServer().ok());
+  int fd = RawConnect();
+  timeval tv{5, 0};
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  const std::string junk = LocalFrame("\xff\xff not an envelope");
+  std::string stream;
+  for (int i = 0; i < 40; ++i) stream += junk;
+  ASSERT_EQ(send(fd, stream.data(), stream.size(), MSG_NOSIGNAL),
+            static_cast<ssize_t>(stream.size()));
+  // Error replies, the last one saying why the connection closes; then the end of the stream.
+  LocalFrameReader in(kDefaultMaxMessageBytes);
+  std::vector<proto::Envelope> replies;
+  char buf[4096];
+  for (ssize_t n; (n = recv(fd, buf, sizeof(buf), 0)) > 0;) {
+    in.Append(buf, static_cast<size_t>(n));
+    std::string_view f;
+    while (in.Next(&f) == LocalFrameReader::Result::kFrame) {
+      replies.push_back(*ParseEnvelope(f.data(), f.size()));
+    }
+  }
+  close(fd);
+  ASSERT_EQ(replies.size(), 16u);
+  for (const auto& r : replies) EXPECT_EQ(r.error().code(), proto::INVALID_ARGUMENT);
+  EXPECT_NE(replies.back().error().message().find("16 malformed messages in a row"),
+            std::string::npos)
+      << replies.back().error().message();
+  // Other connections are served throughout.
+  auto c = Client();
+  EXPECT_EQ(c->Call(Ping("fine"), 5s)->pong().data(), "fine");
 }
 
 TEST_F(LocalRpcTest, AFileAlreadyAtThePathIsNotReplaced) {
