@@ -665,26 +665,23 @@ void RendezvousRelay::SendBatch(Batch batch) {
             if (r.ok()) {
               std::shared_ptr<const ScopedFd> file;
               if (b.gather && b.callers.size() >= 2) file = ShareGather(*r);
-              proto::Envelope e;
-              *e.mutable_store_reply() = std::move(*r);
+              auto e = std::make_shared<proto::Envelope>();
+              *e->mutable_store_reply() = std::move(*r);
               // Serialized once for the batch; each caller's reply copies the bytes once.
               std::shared_ptr<const SerializedReply> bytes, plain;
               if (file) {
-                // The result in the sealed file that goes with each reply; a caller whose reply
-                // cannot carry a descriptor (not over the local socket) gets the plain bytes.
-                std::string result = std::move(*e.mutable_store_reply()->mutable_gathered());
-                e.mutable_store_reply()->clear_gathered();
-                e.mutable_store_reply()->set_gathered_fd(true);
-                e.mutable_store_reply()->set_gathered_size(result.size());
-                bytes = std::make_shared<const SerializedReply>(e);
-                e.mutable_store_reply()->set_gathered(std::move(result));
-                e.mutable_store_reply()->clear_gathered_fd();
-                e.mutable_store_reply()->clear_gathered_size();
+                // The result in the sealed file that goes with each reply. A caller whose reply
+                // cannot carry a descriptor (not over the local socket), or for which the kernel
+                // refuses to pass it, gets the plain bytes (`e`, serialized only then).
+                proto::Envelope named;
+                named.mutable_store_reply()->set_gathered_fd(true);
+                named.mutable_store_reply()->set_gathered_size(e->store_reply().gathered().size());
+                bytes = std::make_shared<const SerializedReply>(named);
               }
               for (auto& c : b.callers) {
                 forget(c);
-                if (!plain) plain = std::make_shared<const SerializedReply>(e);
-                if (file && ReplyWithDescriptor(c.reply, bytes, file, plain)) continue;
+                if (file && ReplyWithDescriptor(c.reply, bytes, file, e)) continue;
+                if (!plain) plain = std::make_shared<const SerializedReply>(*e);
                 RpcServer::ReplyWith(c.reply, plain);
               }
               return;

@@ -189,7 +189,9 @@ struct LocalRpcServer::Core : std::enable_shared_from_this<LocalRpcServer::Core>
     struct Out {
       std::string bytes;
       std::shared_ptr<const ScopedFd> fd;  // passed with the first byte; null once sent
-      std::string fallback;                // sent instead when `fd` cannot be passed
+      // Sent instead, with request id `id`, when `fd` cannot be passed.
+      std::shared_ptr<const proto::Envelope> fallback;
+      uint64_t id = 0;
     };
     std::deque<Out> out;  // frames not yet written; the first from out_off on
     size_t out_off = 0;
@@ -219,7 +221,7 @@ struct LocalRpcServer::Core : std::enable_shared_from_this<LocalRpcServer::Core>
   // Handles the frames buffered for `id`; false once the connection is gone or closing.
   bool Dispatch(uint64_t id);
   void Send(uint64_t id, std::string frame, std::shared_ptr<const ScopedFd> fd = nullptr,
-            std::string fallback = {});
+            std::shared_ptr<const proto::Envelope> fallback = nullptr, uint64_t request = 0);
   // Writes what it can of `out` from `off`; the bytes written, or -1 with errno. A descriptor
   // the kernel refuses to pass (ETOOMANYREFS) is dropped for the frame's fallback.
   ssize_t WriteOut(Conn& c, Conn::Out& out, size_t off);
@@ -432,13 +434,15 @@ ssize_t LocalRpcServer::Core::WriteOut(Conn& c, Conn::Out& out, size_t off) {
       return w;
     }
     if (errno == EINTR) continue;
-    if (errno == ETOOMANYREFS && fd >= 0 && !out.fallback.empty()) {
+    if (errno == ETOOMANYREFS && fd >= 0 && out.fallback) {
       // This user has too many descriptors in flight: the same answer without one.
       log::Get("rpc")->warn("{}: cannot pass a descriptor to {} ({}): replying without it",
                             options.name, c.peer.address, ErrnoText(errno));
+      proto::Envelope plain = *out.fallback;
+      plain.set_request_id(out.id);
       out.fd.reset();
-      out.bytes = std::move(out.fallback);
-      out.fallback.clear();
+      out.fallback.reset();
+      out.bytes = EnvelopeFrame(plain);
       continue;
     }
     return -1;
@@ -446,12 +450,12 @@ ssize_t LocalRpcServer::Core::WriteOut(Conn& c, Conn::Out& out, size_t off) {
 }
 
 void LocalRpcServer::Core::Send(uint64_t id, std::string frame, std::shared_ptr<const ScopedFd> fd,
-                                std::string fallback) {
+                                std::shared_ptr<const proto::Envelope> fallback, uint64_t request) {
   if (!open) return;
   auto it = conns.find(id);
   if (it == conns.end()) return;  // the peer has gone: dropped, as ZeroMQ drops it
   Conn& c = *it->second;
-  Conn::Out out{std::move(frame), std::move(fd), std::move(fallback)};
+  Conn::Out out{std::move(frame), std::move(fd), std::move(fallback), request};
   size_t written = 0;
   if (c.out.empty()) {
     ssize_t w = WriteOut(c, out, 0);
@@ -551,33 +555,32 @@ void LocalServerReply::operator()(proto::Envelope out) const {
 
 void LocalServerReply::Send(std::shared_ptr<const SerializedReply> serialized,
                             std::shared_ptr<const ScopedFd> fd,
-                            std::shared_ptr<const SerializedReply> fallback) const {
+                            std::shared_ptr<const proto::Envelope> fallback) const {
   if (replied->exchange(true)) return;
-  auto frame_of = [&](const SerializedReply& r) {
-    const size_t size = r.size(id);
-    std::string frame(kLocalFrameHeader + size, '\0');
-    Store32(frame.data(), static_cast<uint32_t>(size));
-    r.WriteTo(id, frame.data() + kLocalFrameHeader);
-    return frame;
-  };
-  std::string frame = frame_of(*serialized);
-  std::string plain = fd && fallback ? frame_of(*fallback) : std::string();
+  const size_t size = serialized->size(id);
+  std::string frame(kLocalFrameHeader + size, '\0');
+  Store32(frame.data(), static_cast<uint32_t>(size));
+  serialized->WriteTo(id, frame.data() + kLocalFrameHeader);
+  if (!fd) fallback.reset();
   if (reactor->InReactorThread()) {
     if (auto core = weak.lock()) {
-      core->Send(connection, std::move(frame), std::move(fd), std::move(plain));
+      core->Send(connection, std::move(frame), std::move(fd), std::move(fallback), id);
     }
     return;
   }
-  reactor->Post("local-rpc.reply", [weak = weak, c = connection, frame = std::move(frame),
-                                    fd = std::move(fd), plain = std::move(plain)]() mutable {
-    if (auto core = weak.lock()) core->Send(c, std::move(frame), std::move(fd), std::move(plain));
-  });
+  reactor->Post("local-rpc.reply",
+                [weak = weak, c = connection, frame = std::move(frame), fd = std::move(fd),
+                 fallback = std::move(fallback), id = id]() mutable {
+                  if (auto core = weak.lock()) {
+                    core->Send(c, std::move(frame), std::move(fd), std::move(fallback), id);
+                  }
+                });
 }
 
 bool ReplyWithDescriptor(const RpcServer::Reply& reply,
                          std::shared_ptr<const SerializedReply> serialized,
                          std::shared_ptr<const ScopedFd> fd,
-                         std::shared_ptr<const SerializedReply> fallback) {
+                         std::shared_ptr<const proto::Envelope> fallback) {
   const LocalServerReply* local = reply.target<LocalServerReply>();
   if (local == nullptr) return false;
   local->Send(std::move(serialized), std::move(fd), std::move(fallback));

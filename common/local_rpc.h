@@ -159,20 +159,21 @@ struct LocalServerReply {
   void operator()(proto::Envelope out) const;
   // With `fd` (may be null) passed along with the reply's first byte. When the kernel refuses
   // to pass it (ETOOMANYREFS: this user has too many descriptors in flight), `fallback` (when
-  // given) is sent instead, without a descriptor.
+  // given) is serialized then and sent instead, without a descriptor.
   void Send(std::shared_ptr<const SerializedReply> serialized,
             std::shared_ptr<const ScopedFd> fd = nullptr,
-            std::shared_ptr<const SerializedReply> fallback = nullptr) const;
+            std::shared_ptr<const proto::Envelope> fallback = nullptr) const;
 };
 
 // Answers `reply` with `serialized` and the descriptor `fd` passed with it, when `reply` is a
 // LocalRpcServer's (then true); false, leaving `reply` unanswered, for any other (an RpcServer's
 // cannot carry a descriptor; a test's or a fuzzer's): the caller answers another way.
-// `fallback` (may be null) is what goes instead when the kernel refuses to pass `fd`.
+// `fallback` (may be null) is what goes instead when the kernel refuses to pass `fd`; it is
+// serialized only then (a large result is not copied for a case that rarely comes).
 bool ReplyWithDescriptor(const RpcServer::Reply& reply,
                          std::shared_ptr<const SerializedReply> serialized,
                          std::shared_ptr<const ScopedFd> fd,
-                         std::shared_ptr<const SerializedReply> fallback = nullptr);
+                         std::shared_ptr<const proto::Envelope> fallback = nullptr);
 
 // A blocking client of a LocalRpcServer. Connects lazily: a server not up yet (no socket file,
 // or refusing) is retried until a call's timeout. A call that fails for any reason other than
