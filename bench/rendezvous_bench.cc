@@ -18,7 +18,6 @@
 #include <sys/epoll.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
-#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -190,27 +189,12 @@ class Ranks {
       epoll_ctl(epfd_, EPOLL_CTL_ADD, s.get(zmq::sockopt::fd), &ev);
     }
   }
-  // A non-blocking connection to a relay's socket; throws zmq::error_t (as a socket would) when
-  // it cannot be made within 10 s.
+  // A non-blocking connection to a relay's socket (as LocalRpcClient makes it); throws
+  // zmq::error_t (as a socket would, and Open reports it) when it cannot be made within 10 s.
   static int ConnectUnix(const std::string& endpoint) {
-    sockaddr_un addr{};
-    addr.sun_family = AF_UNIX;
-    const std::string path = endpoint.substr(kUnixScheme.size());
-    std::memcpy(addr.sun_path, path.data(), std::min(path.size(), sizeof(addr.sun_path) - 1));
-    auto deadline = Clock::now() + std::chrono::seconds(10);
-    for (;;) {
-      int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-      if (fd < 0) throw zmq::error_t();
-      if (::connect(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof(addr)) == 0) return fd;
-      const int err = errno;
-      ::close(fd);
-      // EAGAIN: the relay's backlog is full for a moment (its reactor accepts meanwhile).
-      if ((err != EAGAIN && err != EINTR) || Clock::now() > deadline) {
-        errno = err;
-        throw zmq::error_t();
-      }
-      std::this_thread::sleep_for(std::chrono::microseconds(200));
-    }
+    auto fd = ConnectUnixSocket(endpoint, Clock::now() + std::chrono::seconds(10));
+    if (!fd.ok()) throw zmq::error_t();
+    return fd->release();
   }
 
  public:
@@ -276,23 +260,13 @@ class Ranks {
             }
             const size_t want = std::max<size_t>(in.missing(), 4096);
             // As LocalRpcClient reads: the descriptors a reply brings (a sealed result file).
-            iovec iov{in.Prepare(want), want};
-            alignas(cmsghdr) char control[CMSG_SPACE(4 * sizeof(int))];
-            msghdr msg{};
-            msg.msg_iov = &iov;
-            msg.msg_iovlen = 1;
-            msg.msg_control = control;
-            msg.msg_controllen = sizeof(control);
-            ssize_t r = ::recvmsg(fds_[i], &msg, MSG_CMSG_CLOEXEC);
-            if (r > 0) {
-              for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
-                if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
-                for (size_t k = 0; k < (c->cmsg_len - CMSG_LEN(0)) / sizeof(int); ++k) {
-                  int got = -1;
-                  std::memcpy(&got, CMSG_DATA(c) + k * sizeof(int), sizeof(int));
-                  received_[i].emplace_back(got);
-                }
-              }
+            std::vector<ScopedFd> fds;
+            bool truncated = false;
+            ssize_t r = RecvWithDescriptors(fds_[i], in.Prepare(want), want, &fds, &truncated);
+            for (auto& fd : fds) received_[i].push_back(std::move(fd));
+            if (truncated) {
+              return DataLossError("rank " + std::to_string(i) +
+                                   ": descriptors from its relay were dropped by the kernel");
             }
             if (r <= 0) {
               if (r < 0 && errno == EINTR) continue;

@@ -427,8 +427,8 @@ void RendezvousRelay::AddToJoin(bool get, proto::StoreRequest& req, RpcServer::R
     j.get = get;
     j.keys.assign(std::make_move_iterator(keys.begin()), std::make_move_iterator(keys.end()));
   }
-  j.next.push_back({std::move(reply), Clock::now() + ClampTimeout(timeout_ms),
-                    ClampTimeout(timeout_ms).count()});
+  const milliseconds timeout = ClampTimeout(timeout_ms);
+  j.next.push_back({std::move(reply), Clock::now() + timeout, timeout.count()});
   if (j.in_flight == 0) return SendJoin(key);
   // One is upstream: this caller goes with the next, when that one returns, or at the
   // earliest deadline among those waiting, whichever is first (the timer holds the earliest

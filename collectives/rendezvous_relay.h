@@ -192,10 +192,10 @@ class RendezvousRelay {
   struct Join {
     bool get = false;
     std::vector<std::string> keys;
-    int in_flight = 0;              // requests for them upstream now
-    size_t upstream_callers = 0;    // the callers of those requests
-    std::vector<JoinCaller> next;   // arrived since: the next request
-    Reactor::TimerId timer = 0;     // at the earliest deadline in `next`, while one is upstream
+    int in_flight = 0;             // requests for them upstream now
+    size_t upstream_callers = 0;   // the callers of those requests
+    std::vector<JoinCaller> next;  // arrived since: the next request
+    Reactor::TimerId timer = 0;    // at the earliest deadline in `next`, while one is upstream
     Clock::time_point timer_at;
   };
 

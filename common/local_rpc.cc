@@ -123,6 +123,57 @@ std::string LocalFrame(std::string_view body) {
   return frame;
 }
 
+StatusOr<ScopedFd> ConnectUnixSocket(const std::string& endpoint, Clock::time_point deadline) {
+  MUSTER_ASSIGN_OR_RETURN(std::string path, UnixEndpointPath(endpoint));
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::memcpy(addr.sun_path, path.data(), path.size());
+  auto pause = std::chrono::milliseconds(1);
+  for (;;) {
+    ScopedFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+    if (fd.get() < 0) {
+      return UnavailableError("cannot open a socket for " + endpoint + ": " + ErrnoText(errno));
+    }
+    if (::connect(fd.get(), reinterpret_cast<const sockaddr*>(&addr), sizeof(addr)) == 0) {
+      return fd;
+    }
+    const int err = errno;
+    const bool retry = err == ENOENT || err == ECONNREFUSED || err == EAGAIN || err == EINTR;
+    if (!retry) return UnavailableError("cannot connect to " + endpoint + ": " + ErrnoText(err));
+    if (Clock::now() + pause > deadline) {
+      return DeadlineExceededError("cannot connect to " + endpoint + " (" + ErrnoText(err) +
+                                   ") before the call's timeout");
+    }
+    std::this_thread::sleep_for(pause);
+    pause = std::min(pause * 2, std::chrono::milliseconds(50));
+  }
+}
+
+ssize_t RecvWithDescriptors(int sock, char* data, size_t size, std::vector<ScopedFd>* fds,
+                            bool* truncated) {
+  iovec iov{data, size};
+  alignas(cmsghdr) char control[CMSG_SPACE(kMaxReceivedDescriptors * sizeof(int))];
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  msg.msg_control = control;
+  msg.msg_controllen = sizeof(control);
+  ssize_t r = ::recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
+  if (r <= 0) return r;
+  // Descriptors come only with the bytes they were sent with: each is owned from here on.
+  for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
+    if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+    const size_t n = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+    for (size_t k = 0; k < n; ++k) {
+      int got = -1;
+      std::memcpy(&got, CMSG_DATA(c) + k * sizeof(int), sizeof(int));
+      fds->emplace_back(got);
+    }
+  }
+  *truncated = (msg.msg_flags & MSG_CTRUNC) != 0;
+  return r;
+}
+
 // --- LocalFrameReader ------------------------------------------------------------------------
 
 char* LocalFrameReader::Prepare(size_t n) {
@@ -665,18 +716,18 @@ size_t LocalRpcServer::connections() const { return core_->conns.size(); }
 
 // --- LocalRpcClient --------------------------------------------------------------------------
 
-LocalRpcClient::LocalRpcClient(Options options, std::string path)
-    : options_(std::move(options)), path_(std::move(path)), in_(options_.max_message_bytes) {}
+LocalRpcClient::LocalRpcClient(Options options)
+    : options_(std::move(options)), in_(options_.max_message_bytes) {}
 
 LocalRpcClient::~LocalRpcClient() { Drop(); }
 
 StatusOr<std::unique_ptr<LocalRpcClient>> LocalRpcClient::Connect(Options options) {
-  MUSTER_ASSIGN_OR_RETURN(std::string path, UnixEndpointPath(options.endpoint));
+  MUSTER_RETURN_IF_ERROR(UnixEndpointPath(options.endpoint).status());
   if (options.max_message_bytes <= 0 || options.max_message_bytes > UINT32_MAX) {
     return InvalidArgumentError("client for " + options.endpoint +
                                 ": the message limit must be in 1..2^32-1 bytes");
   }
-  return std::unique_ptr<LocalRpcClient>(new LocalRpcClient(std::move(options), std::move(path)));
+  return std::unique_ptr<LocalRpcClient>(new LocalRpcClient(std::move(options)));
 }
 
 void LocalRpcClient::Drop() {
@@ -687,34 +738,9 @@ void LocalRpcClient::Drop() {
 }
 
 Status LocalRpcClient::Open(Clock::time_point deadline) {
-  sockaddr_un addr{};
-  addr.sun_family = AF_UNIX;
-  std::memcpy(addr.sun_path, path_.data(), path_.size());
-  auto pause = std::chrono::milliseconds(1);
-  for (;;) {
-    int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (fd < 0)
-      return UnavailableError("cannot open a socket for " + options_.endpoint + ": " +
-                              ErrnoText(errno));
-    if (::connect(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof(addr)) == 0) {
-      fd_ = fd;
-      return Status::Ok();
-    }
-    const int err = errno;
-    ::close(fd);
-    // Not up yet (no file, nobody listening) or its backlog full (a non-blocking connect to a
-    // Unix socket says EAGAIN instead of waiting): tried again until the deadline.
-    const bool retry = err == ENOENT || err == ECONNREFUSED || err == EAGAIN || err == EINTR;
-    if (!retry) {
-      return UnavailableError("cannot connect to " + options_.endpoint + ": " + ErrnoText(err));
-    }
-    if (Clock::now() + pause > deadline) {
-      return DeadlineExceededError("cannot connect to " + options_.endpoint + " (" +
-                                   ErrnoText(err) + ") before the call's timeout");
-    }
-    std::this_thread::sleep_for(pause);
-    pause = std::min(pause * 2, std::chrono::milliseconds(50));
-  }
+  MUSTER_ASSIGN_OR_RETURN(ScopedFd fd, ConnectUnixSocket(options_.endpoint, deadline));
+  fd_ = fd.release();
+  return Status::Ok();
 }
 
 StatusOr<proto::Envelope> LocalRpcClient::Call(proto::Envelope request,
@@ -728,14 +754,8 @@ StatusOr<proto::Envelope> LocalRpcClient::Call(proto::Envelope request,
   std::lock_guard<std::mutex> lock(mu_);
   const auto deadline = Clock::now() + timeout;
   const uint64_t id = next_id_++;
-  request.set_request_id(id);
-  if (request.deadline_ms() == 0) request.set_deadline_ms(timeout.count());
-  const size_t size = request.ByteSizeLong();
-  if (size > static_cast<size_t>(options_.max_message_bytes)) {
-    return InvalidArgumentError("request of " + std::to_string(size) +
-                                " bytes exceeds the message limit of " +
-                                std::to_string(options_.max_message_bytes));
-  }
+  MUSTER_RETURN_IF_ERROR(
+      StampRequest(request, id, timeout, options_.max_message_bytes).status());
   const std::string frame = EnvelopeFrame(request);
   auto no_reply = [&] {
     Drop();
@@ -816,33 +836,17 @@ StatusOr<proto::Envelope> LocalRpcClient::Call(proto::Envelope request,
         break;
     }
     const size_t want = std::min<size_t>(std::max<size_t>(in_.missing(), 4096), kMaxReadChunk);
-    iovec iov{in_.Prepare(want), want};
-    alignas(cmsghdr) char control[CMSG_SPACE(kMaxDescriptors * sizeof(int))];
-    msghdr msg{};
-    msg.msg_iov = &iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control;
-    msg.msg_controllen = sizeof(control);
-    ssize_t r = ::recvmsg(fd_, &msg, MSG_CMSG_CLOEXEC);
+    bool truncated = false;
+    ssize_t r = RecvWithDescriptors(fd_, in_.Prepare(want), want, &fds_, &truncated);
     if (r > 0) {
-      // Descriptors come only with the bytes they were sent with: each is owned from here on.
-      for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
-        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
-        const size_t n = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-        for (size_t k = 0; k < n; ++k) {
-          int got = -1;
-          std::memcpy(&got, CMSG_DATA(c) + k * sizeof(int), sizeof(int));
-          fds_.emplace_back(got);
-        }
-      }
       in_.Commit(static_cast<size_t>(r));
-      if ((msg.msg_flags & MSG_CTRUNC) != 0) {
+      if (truncated) {
         Drop();
         rlimit lim{};
         getrlimit(RLIMIT_NOFILE, &lim);
         return DataLossError("file descriptors from " + options_.endpoint +
                              " were dropped by the kernel: more than " +
-                             std::to_string(kMaxDescriptors) +
+                             std::to_string(kMaxReceivedDescriptors) +
                              " came with one read, or this process is at its open-file limit (" +
                              std::to_string(lim.rlim_cur) + ")");
       }

@@ -68,6 +68,21 @@ bool IsUnixEndpoint(std::string_view endpoint);
 // path is not absolute, or it does not fit a Unix socket address (107 bytes).
 StatusOr<std::string> UnixEndpointPath(std::string_view endpoint);
 
+// A non-blocking connection to the socket of a "unix://" endpoint. A server not up yet (no
+// socket file, nobody listening) or with its backlog full (a non-blocking connect to a Unix
+// socket says EAGAIN instead of waiting) is tried again until `deadline`: then
+// DeadlineExceeded. Other errors (EACCES...) give Unavailable at once.
+StatusOr<ScopedFd> ConnectUnixSocket(const std::string& endpoint,
+                                     std::chrono::steady_clock::time_point deadline);
+
+// recvmsg(2) of up to `size` bytes into `data`, appending the descriptors that came with them
+// (SCM_RIGHTS, opened close-on-exec, owned from here on) to `fds`. *truncated is set when the
+// kernel dropped some (more than kMaxReceivedDescriptors in one read, or this process at its
+// open-file limit). Returns what recvmsg returns.
+inline constexpr int kMaxReceivedDescriptors = 4;
+ssize_t RecvWithDescriptors(int sock, char* data, size_t size, std::vector<ScopedFd>* fds,
+                            bool* truncated);
+
 // Frames: a 4-byte little-endian length, then the message. A frame's header and body in one
 // string, ready to write.
 inline constexpr size_t kLocalFrameHeader = 4;
@@ -195,28 +210,26 @@ class LocalRpcClient final : public RpcCaller {
   StatusOr<proto::Envelope> Call(proto::Envelope request,
                                  std::chrono::milliseconds timeout) override;
   // The same; the descriptors that came with the reply are appended to `received` (null:
-  // closed). At most kMaxDescriptors per read are taken; more are closed by the kernel
+  // closed). At most kMaxReceivedDescriptors per read are taken; more are closed by the kernel
   // (MSG_CTRUNC), and the call fails with DataLoss. One request is in flight per connection
   // (the mutex), so every descriptor read before a reply's last byte belongs to that reply; a
   // client that pipelined requests would have to record where in the stream each one came.
   StatusOr<proto::Envelope> Call(proto::Envelope request, std::chrono::milliseconds timeout,
                                  std::vector<ScopedFd>* received) override;
-  static constexpr int kMaxDescriptors = 4;
   const std::string& endpoint() const { return options_.endpoint; }
 
  private:
-  LocalRpcClient(Options options, std::string path);
+  explicit LocalRpcClient(Options options);
   Status Open(std::chrono::steady_clock::time_point deadline);
   // Closes the connection (the next call opens another) and forgets what it had buffered.
   void Drop();
 
   Options options_;
-  std::string path_;
   std::mutex mu_;
-  int fd_ = -1;           // GUARDED_BY(mu_)
-  LocalFrameReader in_;   // GUARDED_BY(mu_): what fd_ delivered past the last reply
+  int fd_ = -1;                // GUARDED_BY(mu_)
+  LocalFrameReader in_;        // GUARDED_BY(mu_): what fd_ delivered past the last reply
   std::vector<ScopedFd> fds_;  // GUARDED_BY(mu_): descriptors fd_ delivered, not yet handed out
-  uint64_t next_id_ = 1;  // GUARDED_BY(mu_)
+  uint64_t next_id_ = 1;       // GUARDED_BY(mu_)
 };
 
 }  // namespace muster

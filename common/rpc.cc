@@ -475,19 +475,26 @@ Status RpcClient::CheckMonitor() {
   }
 }
 
+StatusOr<size_t> StampRequest(proto::Envelope& request, uint64_t id,
+                              std::chrono::milliseconds timeout, int64_t max_message_bytes) {
+  request.set_request_id(id);
+  if (request.deadline_ms() == 0) request.set_deadline_ms(timeout.count());
+  const size_t size = request.ByteSizeLong();
+  if (size > static_cast<size_t>(max_message_bytes)) {
+    return InvalidArgumentError("request of " + std::to_string(size) +
+                                " bytes exceeds the message limit of " +
+                                std::to_string(max_message_bytes));
+  }
+  return size;
+}
+
 StatusOr<proto::Envelope> RpcClient::Call(proto::Envelope request,
                                           std::chrono::milliseconds timeout) {
   std::lock_guard<std::mutex> lock(mu_);
   auto deadline = std::chrono::steady_clock::now() + timeout;
   uint64_t id = next_id_++;
-  request.set_request_id(id);
-  if (request.deadline_ms() == 0) request.set_deadline_ms(timeout.count());
-  const size_t size = request.ByteSizeLong();
-  if (size > static_cast<size_t>(options_.max_message_bytes)) {
-    return InvalidArgumentError("request of " + std::to_string(size) +
-                                " bytes exceeds the message limit of " +
-                                std::to_string(options_.max_message_bytes));
-  }
+  MUSTER_ASSIGN_OR_RETURN(const size_t size,
+                          StampRequest(request, id, timeout, options_.max_message_bytes));
   try {
     MUSTER_RETURN_IF_ERROR(CheckMonitor());
     // Serialized straight into the message (sizes cached by ByteSizeLong above).

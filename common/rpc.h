@@ -144,6 +144,12 @@ class RpcServer {
 
 class ScopedFd;  // common/local_rpc.h
 
+// Readies `request` to go out as call `id` with `timeout`: sets its request_id, and its
+// deadline_ms unless the caller set one. Returns its size (ByteSizeLong, now cached), or
+// InvalidArgument when that exceeds `max_message_bytes`. RpcClient and LocalRpcClient call it.
+StatusOr<size_t> StampRequest(proto::Envelope& request, uint64_t id,
+                              std::chrono::milliseconds timeout, int64_t max_message_bytes);
+
 // One request, one reply, blocking the caller: what RpcClient (ZeroMQ) and LocalRpcClient (a
 // Unix socket, common/local_rpc.h) have in common.
 class RpcCaller {
