@@ -5,8 +5,11 @@
 // after it. Pieces of kPieceBytes are made readable and writable, locked and carved into slots of
 // one size class as they are needed, from the front; they are never returned (at most the region,
 // 4 MiB). A slot is [size u32][class u32][canary u64][user bytes][canary u64][unused]; the user
-// pointer is 16-byte aligned. Free slots are linked through their first 8 bytes and are otherwise
-// zero.
+// pointer is 16-byte aligned. Nothing about free slots is kept inside them: each class has a
+// queue of free slot offsets in the pool's own memory, and a free slot is all zeros, which an
+// allocation checks before it hands the slot out (a write after free, or an overrun into a free
+// neighbour, aborts there). The queue is first in, first out, so a freed slot is reused as late as
+// possible and a second free of it is caught for as long as possible.
 
 #include "common/sodium_pool.h"
 
@@ -21,6 +24,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <new>
 
 namespace muster {
 namespace {
@@ -32,15 +36,29 @@ constexpr size_t kSlotBytes[] = {128, 512, 2048};
 constexpr int kClasses = 3;
 constexpr size_t kHeaderBytes = 16;
 constexpr size_t kTrailerBytes = 8;
+constexpr uint8_t kGarbage = 0xdb;  // what a new allocation holds, as libsodium's
 static_assert(kMaxPooledBytes == kSlotBytes[kClasses - 1] - kHeaderBytes - kTrailerBytes);
 
 using MallocFn = void* (*)(size_t);
-using AllocArrayFn = void* (*)(size_t, size_t);
 using FreeFn = void (*)(void*);
 using ProtectFn = int (*)(void*);
 
-struct FreeSlot {
-  FreeSlot* next;
+// The free slots of one class, as offsets from the region's start: a ring with room for every
+// slot the whole region could hold in this class.
+struct FreeQueue {
+  uint32_t* offsets = nullptr;
+  size_t capacity = 0, head = 0, count = 0;
+
+  void Push(uint32_t off) {
+    offsets[(head + count) % capacity] = off;
+    ++count;
+  }
+  uint32_t Pop() {
+    const uint32_t off = offsets[head];
+    head = (head + 1) % capacity;
+    --count;
+    return off;
+  }
 };
 
 struct Pool {
@@ -49,7 +67,7 @@ struct Pool {
   uint8_t* region = nullptr;  // first byte of the reserved range (after its leading guard page)
   size_t committed = 0;       // bytes from `region` made usable
   uint8_t piece_class[kPieces] = {};
-  FreeSlot* free_list[kClasses] = {};
+  FreeQueue free[kClasses];
   uint64_t canary = 0;
   SodiumPoolStats stats;
 };
@@ -60,11 +78,14 @@ Pool& ThePool() {
   return *pool;
 }
 
-[[noreturn]] void Misuse(const char* what) {
+[[noreturn]] void Misuse(const char* fn, const char* what) {
   // No allocation, no logging library: the heap may be what is broken.
-  const char prefix[] = "muster: sodium_free: ";
+  const char prefix[] = "muster: ";
+  const char sep[] = ": ";
   const char suffix[] = "; aborting\n";
   (void)!::write(2, prefix, sizeof(prefix) - 1);
+  (void)!::write(2, fn, std::strlen(fn));
+  (void)!::write(2, sep, sizeof(sep) - 1);
   (void)!::write(2, what, std::strlen(what));
   (void)!::write(2, suffix, sizeof(suffix) - 1);
   std::abort();
@@ -73,8 +94,8 @@ Pool& ThePool() {
 template <typename Fn>
 Fn Real(const char* name) {
   // RTLD_NEXT: the definition after this binary's, libsodium's (loaded as libzmq's dependency).
-  void* sym = ::dlsym(RTLD_NEXT, name);
-  return reinterpret_cast<Fn>(sym);
+  // Never its sodium_allocarray: libsodium calls sodium_malloc through its PLT, which is ours.
+  return reinterpret_cast<Fn>(::dlsym(RTLD_NEXT, name));
 }
 
 MallocFn RealMalloc() {
@@ -86,27 +107,61 @@ FreeFn RealFree() {
   return fn;
 }
 
-// Under pool.mu. Reads MUSTER_SODIUM_POOL and reserves the region on first use.
+bool AllZero(const uint8_t* p, size_t n) {
+  uint64_t acc = 0;
+  for (size_t i = 0; i < n; i += 8) {
+    uint64_t w;
+    std::memcpy(&w, p + i, 8);
+    acc |= w;
+  }
+  return acc == 0;
+}
+
+// Under pool.mu. Reads MUSTER_SODIUM_POOL and reserves the region on first use; anything the
+// pool promises that the kernel refuses leaves it off (everything goes to libsodium).
 void InitLocked(Pool& pool) {
   if (pool.state != Pool::State::kUnset) return;
   pool.state = Pool::State::kOff;
   const char* env = std::getenv("MUSTER_SODIUM_POOL");
-  if (env != nullptr && (std::strcmp(env, "off") == 0 || std::strcmp(env, "0") == 0)) return;
+  if (env != nullptr && std::strcmp(env, "off") == 0) return;
   uint64_t canary = 0;
-  if (::getrandom(&canary, sizeof(canary), 0) != static_cast<ssize_t>(sizeof(canary))) return;
+  ssize_t got;
+  do {
+    got = ::getrandom(&canary, sizeof(canary), 0);
+  } while (got < 0 && errno == EINTR);
+  if (got != static_cast<ssize_t>(sizeof(canary))) return;
   const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
   void* base = ::mmap(nullptr, kRegionBytes + 2 * page, PROT_NONE,
                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (base == MAP_FAILED) return;
-  pool.region = static_cast<uint8_t*>(base) + page;
-  // Out of core dumps, like libsodium's; the flag stays with pieces made usable later.
-  (void)::madvise(pool.region, kRegionBytes, MADV_DONTDUMP);
-  pool.canary = canary | 1;  // never zero, so a zeroed (freed) slot never passes
+  uint8_t* region = static_cast<uint8_t*>(base) + page;
+  // Out of core dumps, like libsodium's; the flag stays with pieces made usable later (the
+  // kernel copies it when it splits the mapping). A forked child sees zeros, not the handshakes
+  // in flight (libsodium does not do this; kernels before 4.14 lack it, which is not fatal).
+  if (::madvise(region, kRegionBytes, MADV_DONTDUMP) != 0) {
+    ::munmap(base, kRegionBytes + 2 * page);
+    return;
+  }
+  (void)::madvise(region, kRegionBytes, MADV_WIPEONFORK);
+  size_t total = 0;
+  for (int c = 0; c < kClasses; ++c) total += kRegionBytes / kSlotBytes[c];
+  auto* offsets = new (std::nothrow) uint32_t[total];
+  if (offsets == nullptr) {
+    ::munmap(base, kRegionBytes + 2 * page);
+    return;
+  }
+  for (int c = 0; c < kClasses; ++c) {
+    pool.free[c].offsets = offsets;
+    pool.free[c].capacity = kRegionBytes / kSlotBytes[c];
+    offsets += pool.free[c].capacity;
+  }
+  pool.region = region;
+  pool.canary = canary | 1;  // never zero, so a zeroed (free) slot never passes
   pool.state = Pool::State::kOn;
   pool.stats.enabled = true;
 }
 
-// Under pool.mu: makes the next piece usable for class c and links its slots. False when the
+// Under pool.mu: makes the next piece usable for class c and queues its slots. False when the
 // region is full or the kernel refuses.
 bool CommitPieceLocked(Pool& pool, int c) {
   if (pool.committed + kPieceBytes > kRegionBytes) return false;
@@ -114,14 +169,11 @@ bool CommitPieceLocked(Pool& pool, int c) {
   if (::mprotect(piece, kPieceBytes, PROT_READ | PROT_WRITE) != 0) return false;
   if (::mlock(piece, kPieceBytes) != 0) ++pool.stats.lock_failures;
   pool.piece_class[pool.committed / kPieceBytes] = static_cast<uint8_t>(c);
+  for (size_t off = 0; off < kPieceBytes; off += kSlotBytes[c]) {
+    pool.free[c].Push(static_cast<uint32_t>(pool.committed + off));
+  }
   pool.committed += kPieceBytes;
   pool.stats.committed_bytes = pool.committed;
-  // Linked back to front, so that the piece is used from its start.
-  for (size_t off = kPieceBytes; off >= kSlotBytes[c]; off -= kSlotBytes[c]) {
-    auto* slot = reinterpret_cast<FreeSlot*>(piece + off - kSlotBytes[c]);
-    slot->next = pool.free_list[c];
-    pool.free_list[c] = slot;
-  }
   return true;
 }
 
@@ -156,10 +208,13 @@ void* Allocate(size_t size) {
     std::lock_guard<std::mutex> l(pool.mu);
     InitLocked(pool);
     if (pool.state == Pool::State::kOn && c < kClasses &&
-        (pool.free_list[c] != nullptr || CommitPieceLocked(pool, c))) {
-      FreeSlot* s = pool.free_list[c];
-      pool.free_list[c] = s->next;
-      slot = reinterpret_cast<uint8_t*>(s);
+        (pool.free[c].count > 0 || CommitPieceLocked(pool, c))) {
+      slot = pool.region + pool.free[c].Pop();
+      if (!AllZero(slot, kSlotBytes[c])) {
+        Misuse("sodium_malloc",
+               "a free slot of the pool was written to (a use after free, or an overrun of its "
+               "neighbour)");
+      }
       canary = pool.canary;
       ++pool.stats.pooled;
       ++pool.stats.in_use;
@@ -168,12 +223,23 @@ void* Allocate(size_t size) {
   if (slot == nullptr) return PassThrough(pool, size);
   const uint32_t size32 = static_cast<uint32_t>(size);
   const uint32_t class32 = static_cast<uint32_t>(c);
-  std::memset(slot, 0, sizeof(FreeSlot));  // the free-list link
   std::memcpy(slot, &size32, 4);
   std::memcpy(slot + 4, &class32, 4);
   std::memcpy(slot + 8, &canary, 8);
+  std::memset(slot + kHeaderBytes, kGarbage, size);
   std::memcpy(slot + kHeaderBytes + size, &canary, 8);
   return slot + kHeaderBytes;
+}
+
+// Under pool.mu, for a pointer in the region: its slot's size, or a Misuse abort when it is not
+// the user pointer of a slot.
+size_t SlotOfLocked(const Pool& pool, const uint8_t* user, const char* fn) {
+  const size_t offset = static_cast<size_t>(user - pool.region);
+  const size_t slot_bytes = kSlotBytes[pool.piece_class[offset / kPieceBytes]];
+  if ((offset % kPieceBytes) % slot_bytes != kHeaderBytes) {
+    Misuse(fn, "a pointer inside the pool that is not the start of an allocation");
+  }
+  return slot_bytes;
 }
 
 // True when `p` is a pooled allocation, which it frees (or aborts on a broken canary).
@@ -184,32 +250,31 @@ bool FreePooled(void* p) {
   auto* user = static_cast<uint8_t*>(p);
   const size_t offset = static_cast<size_t>(user - pool.region);
   const int c = pool.piece_class[offset / kPieceBytes];
-  const size_t slot_bytes = kSlotBytes[c];
-  if ((offset % kPieceBytes) % slot_bytes != kHeaderBytes)
-    Misuse("not the start of a pooled allocation");
+  const size_t slot_bytes = SlotOfLocked(pool, user, "sodium_free");
   uint8_t* slot = user - kHeaderBytes;
   uint32_t size32 = 0, class32 = 0;
   uint64_t before = 0, after = 0;
   std::memcpy(&size32, slot, 4);
   std::memcpy(&class32, slot + 4, 4);
   std::memcpy(&before, slot + 8, 8);
+  if (before == 0 && size32 == 0 && class32 == 0) {
+    Misuse("sodium_free", "a double free (the allocation is already free)");
+  }
   if (before != pool.canary || class32 != static_cast<uint32_t>(c) ||
       size32 > slot_bytes - kHeaderBytes - kTrailerBytes) {
-    Misuse(
-        "the canary before the allocation is broken (an underrun, a double free or a foreign "
-        "pointer)");
+    Misuse("sodium_free", "the canary before the allocation is broken (an underrun)");
   }
   std::memcpy(&after, user + size32, 8);
-  if (after != pool.canary) Misuse("the canary after the allocation is broken (an overrun)");
+  if (after != pool.canary) {
+    Misuse("sodium_free", "the canary after the allocation is broken (an overrun)");
+  }
   ::explicit_bzero(slot, slot_bytes);
-  auto* s = reinterpret_cast<FreeSlot*>(slot);
-  s->next = pool.free_list[c];
-  pool.free_list[c] = s;
+  pool.free[c].Push(static_cast<uint32_t>(slot - pool.region));
   --pool.stats.in_use;
   return true;
 }
 
-int ProtectOrRefuse(void* p, const char* name) {
+int ProtectOrRefuse(void* p, ProtectFn real) {
   if (p != nullptr) {
     Pool& pool = ThePool();
     std::lock_guard<std::mutex> l(pool.mu);
@@ -218,7 +283,6 @@ int ProtectOrRefuse(void* p, const char* name) {
       return -1;
     }
   }
-  ProtectFn real = Real<ProtectFn>(name);
   if (real == nullptr) {
     errno = ENOSYS;
     return -1;
@@ -227,6 +291,13 @@ int ProtectOrRefuse(void* p, const char* name) {
 }
 
 }  // namespace
+
+size_t SodiumPoolSlotBytes(const void* p) {
+  Pool& pool = ThePool();
+  std::lock_guard<std::mutex> l(pool.mu);
+  if (!InRegion(pool, p)) return 0;
+  return SlotOfLocked(pool, static_cast<const uint8_t*>(p), "SodiumPoolSlotBytes");
+}
 
 SodiumPoolStats GetSodiumPoolStats() {
   Pool& pool = ThePool();
@@ -255,20 +326,25 @@ __attribute__((visibility("default"))) void* sodium_allocarray(size_t count, siz
 __attribute__((visibility("default"))) void sodium_free(void* p) {
   if (p == nullptr || muster::FreePooled(p)) return;
   muster::FreeFn real = muster::RealFree();
-  if (real == nullptr) muster::Misuse("a pointer not from the pool, and libsodium is not loaded");
+  if (real == nullptr) {
+    muster::Misuse("sodium_free", "a pointer not from the pool, and libsodium is not loaded");
+  }
   real(p);
 }
 
 __attribute__((visibility("default"))) int sodium_mprotect_noaccess(void* p) {
-  return muster::ProtectOrRefuse(p, "sodium_mprotect_noaccess");
+  static muster::ProtectFn real = muster::Real<muster::ProtectFn>("sodium_mprotect_noaccess");
+  return muster::ProtectOrRefuse(p, real);
 }
 
 __attribute__((visibility("default"))) int sodium_mprotect_readonly(void* p) {
-  return muster::ProtectOrRefuse(p, "sodium_mprotect_readonly");
+  static muster::ProtectFn real = muster::Real<muster::ProtectFn>("sodium_mprotect_readonly");
+  return muster::ProtectOrRefuse(p, real);
 }
 
 __attribute__((visibility("default"))) int sodium_mprotect_readwrite(void* p) {
-  return muster::ProtectOrRefuse(p, "sodium_mprotect_readwrite");
+  static muster::ProtectFn real = muster::Real<muster::ProtectFn>("sodium_mprotect_readwrite");
+  return muster::ProtectOrRefuse(p, real);
 }
 
 }  // extern "C"

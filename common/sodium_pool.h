@@ -20,16 +20,31 @@
 //
 // What a pooled allocation keeps of libsodium's guarantees:
 //   - its memory is locked (mlock, once per 64 KiB piece of the region; a failure is counted and,
-//     as in libsodium, not fatal) and excluded from core dumps (MADV_DONTDUMP);
-//   - it is zeroed when freed;
+//     as in libsodium, not fatal) and excluded from core dumps (MADV_DONTDUMP; the pool stays off
+//     if the kernel refuses that); a forked child sees the region zeroed (MADV_WIPEONFORK, which
+//     libsodium does not do);
+//   - it is zeroed when freed, and holds 0xdb bytes when allocated, as libsodium's;
 //   - a canary before it and one after it, random per process, are checked when it is freed; a
-//     mismatch (an overrun or a foreign pointer) aborts, as libsodium's does;
+//     mismatch aborts, as libsodium's does;
+//   - a free slot holds nothing at all (the pool's free queues are its own memory): an allocation
+//     checks that the slot it takes is still all zeros and aborts if not, which catches a write
+//     after free and an overrun into a free neighbour before the slot is used again;
+//   - a double free aborts as long as the slot has not been handed out again; free slots are
+//     reused first in, first out, so that is as long as possible;
 //   - the region has inaccessible pages before and after it.
-// What it gives up: a guard page per allocation, so an overrun into a neighbouring slot faults
-// only when it reaches the region's end, and is otherwise caught at free. libzmq holds the keys
-// these plaintexts protect (the long-term secret key, the ephemeral secret key and the session's
-// precomputed key) in ordinary heap memory for the socket's whole life, so the guard pages around
-// a plaintext that lives for microseconds buy little. docs/security.md has the trade.
+// What it gives up, all from dropping the guard pages and the unmapping of each allocation:
+//   - a read past an allocation, before it, or after it was freed, is not caught (it reads a
+//     neighbour's bytes, or zeros), where libsodium's faults;
+//   - a write past the trailing canary into a neighbour that is in use is caught only when that
+//     neighbour is freed (as a broken canary), not at the write;
+//   - a double free after the slot was reused frees the new owner's buffer;
+//   - locked pages are never returned: at most the 4 MiB region, for the process's life, counted
+//     against RLIMIT_MEMLOCK (libzmq's handshakes need a few KiB each, so this is reached only by
+//     thousands of handshakes at once; past it, allocations go to libsodium).
+// libzmq holds the keys these plaintexts protect (the long-term secret key, the ephemeral secret
+// key and the session's precomputed key) in ordinary heap memory for the socket's whole life, and
+// the plaintexts themselves live for microseconds, so the guard pages bought little for them. The
+// trade is in docs/security.md ("libsodium's allocations in CURVE handshakes").
 //
 // sodium_mprotect_noaccess/readonly/readwrite are defined too: on a pooled allocation they fail
 // (-1, errno ENOTSUP) instead of changing the protection of pages shared with other slots; on
@@ -58,5 +73,10 @@ struct SodiumPoolStats {
 // The pool's counters (reads MUSTER_SODIUM_POOL and reserves the region if nothing has yet).
 // Defined only where the binary links muster_sodium_pool.
 SodiumPoolStats GetSodiumPoolStats();
+
+// The size of the slot that holds the pooled allocation `p` (header and canaries included), or 0
+// when `p` is not from the pool. Aborts, as sodium_free would, on a pointer inside the pool that
+// is not an allocation's start.
+size_t SodiumPoolSlotBytes(const void* p);
 
 }  // namespace muster

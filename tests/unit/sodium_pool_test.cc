@@ -87,28 +87,31 @@ TEST_F(SodiumPoolTest, APooledAllocationIsLockedAlignedAndZeroedWhenFreed) {
   auto* p = static_cast<unsigned char*>(sodium_malloc(100));
   ASSERT_NE(p, nullptr);
   EXPECT_EQ(reinterpret_cast<uintptr_t>(p) % 16, 0u);
+  for (int i = 0; i < 100; ++i) ASSERT_EQ(p[i], 0xdb) << "libsodium's fill, byte " << i;
   const SodiumPoolStats s = GetSodiumPoolStats();
   if (s.lock_failures == 0) {
     EXPECT_GE(LockedKiB(), 64) << "the pool's pieces are mlock'ed";
   }
   std::memset(p, 0xab, 100);
   sodium_free(p);
-  // The slot stays mapped (the pool keeps its pieces): its bytes are zero again.
-  for (int i = 0; i < 100; ++i) ASSERT_EQ(p[i], 0) << "byte " << i;
-  // And it is served again.
-  void* q = sodium_malloc(100);
-  EXPECT_EQ(q, p);
-  sodium_free(q);
+  // The slot stays mapped (the pool keeps its pieces): all of it is zero again, the header and
+  // the canaries too (the free queue is not kept in the slots).
+  for (int i = -16; i < 112; ++i) ASSERT_EQ(p[i], 0) << "byte " << i;
 }
 
-TEST_F(SodiumPoolTest, EachSizeGetsASlotItFitsAndAllocArrayRefusesAnOverflow) {
-  for (size_t n : {size_t{0}, size_t{1}, size_t{104}, size_t{105}, size_t{488}, size_t{489},
-                   kMaxPooledBytes}) {
+TEST_F(SodiumPoolTest, EachSizeGetsTheSmallestSlotItFitsAndAllocArrayRefusesAnOverflow) {
+  // The slot holds a 16-byte header, the bytes and an 8-byte canary after them.
+  const struct {
+    size_t n, slot;
+  } cases[] = {{0, 128},   {1, 128},    {104, 128},   {105, 512},
+               {488, 512}, {489, 2048}, {1000, 2048}, {kMaxPooledBytes, 2048}};
+  for (const auto& c : cases) {
     const uint64_t pooled = GetSodiumPoolStats().pooled;
-    auto* p = static_cast<unsigned char*>(sodium_malloc(n));
-    ASSERT_NE(p, nullptr) << n;
-    EXPECT_EQ(GetSodiumPoolStats().pooled, pooled + 1) << n;
-    std::memset(p, 0x5a, n);  // every byte is usable; the canary after it is checked at free
+    auto* p = static_cast<unsigned char*>(sodium_malloc(c.n));
+    ASSERT_NE(p, nullptr) << c.n;
+    EXPECT_EQ(GetSodiumPoolStats().pooled, pooled + 1) << c.n;
+    EXPECT_EQ(SodiumPoolSlotBytes(p), c.slot) << c.n;
+    std::memset(p, 0x5a, c.n);  // every byte is usable; the canary after it is checked at free
     sodium_free(p);
   }
   errno = 0;
@@ -116,9 +119,22 @@ TEST_F(SodiumPoolTest, EachSizeGetsASlotItFitsAndAllocArrayRefusesAnOverflow) {
   EXPECT_EQ(errno, ENOMEM);
   void* a = sodium_allocarray(16, 32);
   ASSERT_NE(a, nullptr);
+  EXPECT_EQ(SodiumPoolSlotBytes(a), 2048u);
   std::memset(a, 1, 16 * 32);
   sodium_free(a);
   sodium_free(nullptr);  // as libsodium's: nothing
+}
+
+TEST_F(SodiumPoolTest, FreedSlotsAreReusedFirstInFirstOut) {
+  void* a = sodium_malloc(40);
+  void* b = sodium_malloc(40);
+  ASSERT_NE(a, b);
+  sodium_free(a);
+  // The slot just freed is the last of its class to be handed out again.
+  void* c = sodium_malloc(40);
+  EXPECT_NE(c, a);
+  sodium_free(b);
+  sodium_free(c);
 }
 
 TEST_F(SodiumPoolTest, LargeAllocationsAreLibsodiumsWithTheirGuardPages) {
@@ -127,6 +143,7 @@ TEST_F(SodiumPoolTest, LargeAllocationsAreLibsodiumsWithTheirGuardPages) {
   ASSERT_NE(p, nullptr);
   EXPECT_EQ(GetSodiumPoolStats().passed_through, before.passed_through + 1);
   EXPECT_EQ(GetSodiumPoolStats().in_use, before.in_use);
+  EXPECT_EQ(SodiumPoolSlotBytes(p), 0u);
   std::memset(p, 7, kMaxPooledBytes + 1);
   // libsodium's own protection works on its own allocations...
   EXPECT_EQ(sodium_mprotect_readonly(p), 0);
@@ -155,7 +172,7 @@ TEST_F(SodiumPoolTest, AnOverrunAbortsAtFree) {
         p[32] = 0xff;
         sodium_free(p);
       },
-      "canary after the allocation is broken");
+      "sodium_free: the canary after the allocation is broken");
 }
 
 TEST_F(SodiumPoolTest, AnUnderrunAbortsAtFree) {
@@ -165,7 +182,7 @@ TEST_F(SodiumPoolTest, AnUnderrunAbortsAtFree) {
         p[-1] ^= 0x01;
         sodium_free(p);
       },
-      "canary before the allocation is broken");
+      "sodium_free: the canary before the allocation is broken");
 }
 
 TEST_F(SodiumPoolTest, ADoubleFreeAborts) {
@@ -175,7 +192,41 @@ TEST_F(SodiumPoolTest, ADoubleFreeAborts) {
         sodium_free(p);
         sodium_free(p);
       },
-      "double free");
+      "sodium_free: a double free");
+  // Also after other allocations of its class have come and gone (its slot is not yet reused).
+  EXPECT_DEATH(
+      {
+        void* p = sodium_malloc(32);
+        sodium_free(p);
+        for (int i = 0; i < 20; ++i) sodium_free(sodium_malloc(32));
+        sodium_free(p);
+      },
+      "sodium_free: a double free");
+}
+
+TEST_F(SodiumPoolTest, AWriteAfterFreeAbortsWhenTheSlotIsTakenAgain) {
+  EXPECT_DEATH(
+      {
+        // A fresh process: the first piece of 128-byte slots has 512, handed out in order, and
+        // the freed one goes behind them.
+        std::vector<void*> held;
+        auto* p = static_cast<unsigned char*>(sodium_malloc(32));
+        sodium_free(p);
+        p[3] = 1;
+        for (int i = 0; i < 600; ++i) held.push_back(sodium_malloc(32));
+      },
+      "sodium_malloc: a free slot of the pool was written to");
+}
+
+TEST_F(SodiumPoolTest, AnOverrunIntoAFreeNeighbourAbortsBeforeItIsUsed) {
+  EXPECT_DEATH(
+      {
+        std::vector<void*> held;
+        auto* p = static_cast<unsigned char*>(sodium_malloc(32));
+        p[32 + 8 + 100] = 1;  // past its canary and its slot (128 bytes), into the next one
+        for (int i = 0; i < 40; ++i) held.push_back(sodium_malloc(32));
+      },
+      "sodium_malloc: a free slot of the pool was written to");
 }
 
 TEST_F(SodiumPoolTest, APointerIntoTheMiddleOfAnAllocationAborts) {
@@ -184,7 +235,7 @@ TEST_F(SodiumPoolTest, APointerIntoTheMiddleOfAnAllocationAborts) {
         auto* p = static_cast<unsigned char*>(sodium_malloc(64));
         sodium_free(p + 8);
       },
-      "not the start of a pooled allocation");
+      "sodium_free: a pointer inside the pool that is not the start of an allocation");
 }
 
 TEST_F(SodiumPoolTest, ThreadsAllocatingAtOnceGetDistinctIntactMemory) {
@@ -225,6 +276,8 @@ TEST_F(SodiumPoolTest, ThreadsAllocatingAtOnceGetDistinctIntactMemory) {
 
 TEST_F(SodiumPoolTest, AFullRegionHandsTheRestToLibsodium) {
   // In a child: filling the region would leave this process's pool with no room for the others.
+  // The exact counts hold because the "threadsafe" death test style runs the child as a fresh
+  // process (its pool has served nothing before).
   EXPECT_EXIT(
       {
         if (sodium_init() < 0) std::exit(10);
