@@ -8,6 +8,10 @@
 
 #include <cerrno>
 #include <cstdio>
+#include <memory>
+
+#include "common/log_throttle.h"
+#include "common/logging.h"
 
 namespace muster::coordinator {
 
@@ -380,21 +384,37 @@ Status SqliteCoordinatorDb::StartFlusher(std::chrono::milliseconds interval) {
   sqlite3* ckpt = flush_db_;
   sqlite3* main = db_;  // FULLMUTEX: its file_control may be called from the flusher's thread
   std::string where = path_.string();
-  flusher_ = std::make_unique<WalFlusher>(interval, [ckpt, main, where](int pages) -> Status {
-    if (pages >= kCheckpointPages) {
-      // Copy the log into the database file, so that the next commit starts it over (a
-      // restart syncs the log's header on the committing thread: rare at this size). BUSY:
-      // another checkpoint runs (an operator's shell); the next flush tries again.
-      int log = -1, done = -1;
-      int rc = sqlite3_wal_checkpoint_v2(ckpt, "main", SQLITE_CHECKPOINT_PASSIVE, &log, &done);
-      if (rc != SQLITE_OK && rc != SQLITE_BUSY) {
-        return InternalError(fmt::format("checkpoint of {}: {}", where, sqlite3_errmsg(ckpt)));
-      }
-    }
-    // Whatever the checkpoint did, an fdatasync of the log makes every committed change durable
-    // (a restart after power loss replays the log).
-    return SyncLog(main, where);
-  });
+  std::atomic<uint64_t>* errors = &checkpoint_errors_;
+  auto throttle = std::make_shared<LogThrottle>(std::chrono::minutes(1));
+  flusher_ = std::make_unique<WalFlusher>(
+      interval, [ckpt, main, where, errors, throttle](int pages) -> Status {
+        if (pages >= kCheckpointPages) {
+          // Copy the log into the database file, so that the next commit starts it over (a
+          // restart syncs the log's header on the committing thread: rare at this size). BUSY:
+          // another checkpoint runs (an operator's shell); the next flush tries again. Any other
+          // failure (an I/O error writing or syncing the database file) loses nothing either:
+          // SQLite marks log frames copied only after the database file is synced, so the log still
+          // holds every change, a restart replays it, and the next checkpoint copies the same
+          // frames again. It is counted (/metrics) and logged, not latched; the log grows until one
+          // works.
+          int log = -1, done = -1;
+          int rc = sqlite3_wal_checkpoint_v2(ckpt, "main", SQLITE_CHECKPOINT_PASSIVE, &log, &done);
+          if (rc != SQLITE_OK && rc != SQLITE_BUSY) {
+            errors->fetch_add(1, std::memory_order_relaxed);
+            if (auto held = throttle->Admit("checkpoint", LogThrottle::Clock::now())) {
+              log::Get("coord.db")
+                  ->warn(
+                      "checkpoint of {} into its database file failed: {} (SQLite error {}); the "
+                      "log keeps every change and the next flush tries again ({} more failures "
+                      "not logged since the last line; the log has {} pages)",
+                      where, sqlite3_errmsg(ckpt), rc, *held, pages);
+            }
+          }
+        }
+        // Whatever the checkpoint did, an fdatasync of the log makes every committed change durable
+        // (a restart after power loss replays the log).
+        return SyncLog(main, where);
+      });
   WalFlusher* f = flusher_.get();
   // After each commit's log is written (this replaces SQLite's own checkpoints on the caller's
   // thread: the flusher checkpoints).
@@ -421,6 +441,21 @@ Status SqliteCoordinatorDb::Sync() {
 
 Status SqliteCoordinatorDb::FlushError() const {
   return flusher_ ? flusher_->error() : Status::Ok();
+}
+
+CoordinatorDb::Durability SqliteCoordinatorDb::GetDurability() const {
+  Durability d;
+  if (!flusher_) return d;
+  const WalFlusher::Stats f = flusher_->stats();
+  d.flusher = true;
+  d.commits = f.committed;
+  d.durable = f.durable;
+  d.log_pages = f.log_pages;
+  d.failed = f.failed;
+  d.checkpoint_errors = checkpoint_errors_.load(std::memory_order_relaxed);
+  d.last_flush_seconds = f.last_flush_seconds;
+  d.max_flush_seconds = f.max_flush_seconds;
+  return d;
 }
 
 Status SqliteCoordinatorDb::PutNode(const NodeRecord& n) {

@@ -24,6 +24,7 @@
 //
 // Thread-safety: none. The coordinator uses it from its reactor thread.
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <filesystem>
@@ -121,6 +122,19 @@ class CoordinatorDb {
   // Ok, or the error of a flush that failed (every later write fails with it): for the owner to
   // see it without waiting for its next write.
   virtual Status FlushError() const { return Status::Ok(); }
+  // How far durability trails the commits, for /metrics. A store that syncs every commit (no
+  // flusher) reports flusher false and zeros.
+  struct Durability {
+    bool flusher = false;
+    uint64_t commits = 0;            // committed since the store was opened
+    uint64_t durable = 0;            // of those, known durable against power loss
+    int log_pages = 0;               // the log's size (WAL pages) at the last commit
+    bool failed = false;             // a flush failed: every later write is refused
+    uint64_t checkpoint_errors = 0;  // checkpoints of the log that failed (retried; not fatal)
+    double last_flush_seconds = 0;   // how long the last flush took
+    double max_flush_seconds = 0;    // the longest flush since the store was opened
+  };
+  virtual Durability GetDurability() const { return {}; }
 
   // Nodes (keyed by labels.name).
   virtual Status PutNode(const NodeRecord& node) = 0;
@@ -211,6 +225,7 @@ class SqliteCoordinatorDb final : public CoordinatorDb {
   const std::filesystem::path& path() const override { return path_; }
   Status Sync() override;
   Status FlushError() const override;
+  Durability GetDurability() const override;
   Status PutNode(const NodeRecord& node) override;
   Status DeleteNode(const std::string& name) override;
   StatusOr<std::vector<NodeRecord>> LoadNodes() override;
@@ -258,6 +273,7 @@ class SqliteCoordinatorDb final : public CoordinatorDb {
   sqlite3* db_;
   int lock_fd_;
   sqlite3* flush_db_ = nullptr;          // the flusher's connection
+  std::atomic<uint64_t> checkpoint_errors_{0};  // the flusher's failed checkpoints
   std::unique_ptr<WalFlusher> flusher_;  // null: synchronous=FULL
 };
 

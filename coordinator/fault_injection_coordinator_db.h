@@ -35,6 +35,7 @@ class FaultInjectionCoordinatorDb final : public CoordinatorDb {
   const std::filesystem::path& path() const override { return base_->path(); }
   Status Sync() override { return base_->Sync(); }
   Status FlushError() const override { return base_->FlushError(); }
+  Durability GetDurability() const override { return base_->GetDurability(); }
   Status PutNode(const NodeRecord& node) override;
   Status DeleteNode(const std::string& name) override;
   StatusOr<std::vector<NodeRecord>> LoadNodes() override { return base_->LoadNodes(); }

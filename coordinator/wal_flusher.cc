@@ -1,5 +1,7 @@
 #include "coordinator/wal_flusher.h"
 
+#include <algorithm>
+
 #include "common/logging.h"
 
 namespace muster::coordinator {
@@ -37,6 +39,11 @@ uint64_t WalFlusher::durable() const {
   return durable_;
 }
 
+WalFlusher::Stats WalFlusher::stats() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return {committed_, durable_, log_pages_, !error_.ok(), last_flush_seconds_, max_flush_seconds_};
+}
+
 void WalFlusher::FlushLocked(std::unique_lock<std::mutex>& lock) {
   if (!error_.ok() || durable_ == committed_) return;
   const uint64_t upto = committed_;
@@ -46,6 +53,8 @@ void WalFlusher::FlushLocked(std::unique_lock<std::mutex>& lock) {
   Status done = flush_(pages);
   auto took = std::chrono::steady_clock::now() - start;
   lock.lock();
+  last_flush_seconds_ = std::chrono::duration<double>(took).count();
+  max_flush_seconds_ = std::max(max_flush_seconds_, last_flush_seconds_);
   if (!done.ok()) {
     error_ = done;
     log::Get("coord.db")

@@ -18,7 +18,10 @@
 // checkpoint into the database file). It is given the log's size as last noted, in pages. When
 // it returns Ok, everything noted before it began is durable. An error is latched: no flush is
 // tried again, error() returns it, and the owner refuses later changes (a failed fsync may have
-// dropped the pages it could not write; retrying would claim them).
+// dropped the pages it could not write; retrying would claim them). So `flush` returns an error
+// only for what cannot be retried: a checkpoint that failed (the log keeps every change, and the
+// next checkpoint copies the same pages again) is the owner's to count and log, not an error
+// here.
 //
 // Thread-safety: all methods from any thread; `flush` runs on the flusher's thread.
 
@@ -49,6 +52,15 @@ class WalFlusher {
   // Commits noted, and how many of them are known durable.
   uint64_t committed() const;
   uint64_t durable() const;
+  struct Stats {
+    uint64_t committed = 0;
+    uint64_t durable = 0;
+    int log_pages = 0;
+    bool failed = false;
+    double last_flush_seconds = 0;
+    double max_flush_seconds = 0;
+  };
+  Stats stats() const;
 
  private:
   void Run();
@@ -63,6 +75,8 @@ class WalFlusher {
   uint64_t committed_ = 0;
   uint64_t durable_ = 0;
   int log_pages_ = 0;
+  double last_flush_seconds_ = 0;
+  double max_flush_seconds_ = 0;
   Status error_;
   std::thread thread_;
 };

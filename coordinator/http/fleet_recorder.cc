@@ -242,6 +242,7 @@ bool FleetRecorder::MaybePublish(int64_t now_ms, bool force) {
   jobs_.swap(kept);  // forget jobs no longer listed
   snap->events.assign(events_.begin(), events_.end());
   snap->passes = passes_;
+  snap->durability = coord_.store().GetDurability();
   hub_.Publish(std::move(snap));
   return true;
 }

@@ -86,6 +86,8 @@ struct FleetSnapshot {
   PassHistogram passes;
   // By (job id, provider).
   std::map<std::pair<std::string, std::string>, CheckpointStats> checkpoints;
+  // How far the state database's durability trails its commits.
+  CoordinatorDb::Durability durability;
 
   const JobView* FindJob(const std::string& id) const {
     for (const auto& j : jobs) {

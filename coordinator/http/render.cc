@@ -182,6 +182,40 @@ std::string RenderMetrics(const FleetSnapshot& s) {
     fams.push_back(std::move(f));
   }
 
+  // The state database's durability (coordinator/wal_flusher.h): only with its flusher (a store
+  // that syncs every commit has nothing to trail).
+  if (s.durability.flusher) {
+    const auto& d = s.durability;
+    auto lag = Family("state_db_commits_not_durable",
+                      "Commits to the coordinator's state database not yet flushed durable "
+                      "against power loss (the flusher's lag)",
+                      MetricType::Gauge);
+    Add(lag, {}, static_cast<double>(d.commits - std::min(d.durable, d.commits)));
+    auto commits =
+        Family("state_db_commits_total",
+               "Commits to the state database since the coordinator started", MetricType::Counter);
+    Add(commits, {}, static_cast<double>(d.commits));
+    auto failed = Family("state_db_flush_failed",
+                         "1 once a flush of the state database's log failed: every later change "
+                         "is refused until a restart on a working disk",
+                         MetricType::Gauge);
+    Add(failed, {}, d.failed ? 1 : 0);
+    auto ckpt = Family("state_db_checkpoint_errors_total",
+                       "Checkpoints of the state database's log into its file that failed (retried "
+                       "at the next flush; nothing is lost, the log grows)",
+                       MetricType::Counter);
+    Add(ckpt, {}, static_cast<double>(d.checkpoint_errors));
+    auto pages = Family("state_db_log_pages", "The state database's log (WAL) size, in pages",
+                        MetricType::Gauge);
+    Add(pages, {}, d.log_pages);
+    auto flush = Family("state_db_flush_seconds",
+                        "How long flushes of the state database took: the last, and the longest",
+                        MetricType::Gauge);
+    Add(flush, {{"which", "last"}}, d.last_flush_seconds);
+    Add(flush, {{"which", "max"}}, d.max_flush_seconds);
+    for (auto* f : {&lag, &commits, &failed, &ckpt, &pages, &flush}) fams.push_back(std::move(*f));
+  }
+
   // Checkpoints and replication.
   auto commits = Family("checkpoint_commits_total",
                         "Checkpoint steps in the catalog on each provider's volume (commits and "

@@ -12,7 +12,9 @@
 //   checkpoint_commit_seconds{job_id,provider} (histogram),
 //   replication_lag_steps{job_id,provider}, replication_lag_seconds{job_id,provider},
 //   job_step{job_id}, job_total_steps{job_id}, job_loss{job_id}, job_throughput{job_id,unit},
-//   job_last_progress_timestamp_seconds{job_id}.
+//   job_last_progress_timestamp_seconds{job_id}, and the state database's durability:
+//   state_db_commits_not_durable, state_db_commits_total, state_db_flush_failed,
+//   state_db_checkpoint_errors_total, state_db_log_pages, state_db_flush_seconds{which}.
 // A job is `job_id`, never `job`: Prometheus owns `job` (the scrape job's name).
 //
 // Thread-safety: thread-safe (no state).

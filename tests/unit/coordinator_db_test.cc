@@ -5,10 +5,12 @@
 
 #include <gtest/gtest.h>
 #include <sqlite3.h>
+#include <sys/mount.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <filesystem>
+#include <fstream>
 #include <map>
 #include <random>
 #include <set>
@@ -227,6 +229,72 @@ TEST_F(CoordinatorDbTest, TheFlusherSyncsASmallLogAndCheckpointsALargeOne) {
   EXPECT_EQ(**again->GetState("last"), "y");
   EXPECT_EQ((*again->GetState("big-49"))->size(), blob.size());
   EXPECT_TRUE(again->Sync().ok());  // no flusher: every write was synced at its commit
+}
+
+// A checkpoint of the log that fails (here: the file system is full, so the database file
+// cannot grow by the log's 5 MiB) loses nothing and is not latched: the log still holds every
+// change and was synced, so writes are not refused; the failures are counted (/metrics) and the
+// next flush tries again, and once there is room the checkpoint completes. On a real file
+// system: a 12 MiB tmpfs mounted for the test (root, as in CI; skipped elsewhere).
+TEST_F(CoordinatorDbTest, AFailedCheckpointIsCountedAndRetriedNotLatched) {
+  fs::create_directories(dir_ / "fs");
+  if (::geteuid() != 0 || ::mount("tmpfs", (dir_ / "fs").c_str(), "tmpfs", 0, "size=12m") != 0) {
+    GTEST_SKIP() << "needs root to mount a small tmpfs";
+  }
+  struct Unmount {
+    fs::path at;
+    ~Unmount() { ::umount2(at.c_str(), MNT_DETACH); }
+  } unmount{dir_ / "fs"};
+  const fs::path data = dir_ / "fs" / "state";
+  {
+    // Room for the log (5 MiB) but not for it and its copy into the database file.
+    std::ofstream filler(dir_ / "fs" / "filler", std::ios::binary);
+    const std::string mib(1 << 20, 'f');
+    for (int i = 0; i < 4; ++i) filler << mib;
+    ASSERT_TRUE(filler.good());
+  }
+  auto store = *CoordinatorDb::Open(data, std::chrono::milliseconds(10));
+  const std::string blob(100 << 10, 'b');
+  for (int i = 0; i < 50; ++i) {
+    ASSERT_TRUE(store->PutState("big-" + std::to_string(i), blob, 2).ok()) << i;
+  }
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (store->GetDurability().checkpoint_errors == 0 &&
+         std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ASSERT_GT(store->GetDurability().checkpoint_errors, 0u)
+      << "the checkpoint did not fail on a full file system";
+  // The flush that counted it goes on to sync the log: every commit becomes durable.
+  while (store->GetDurability().durable < 50 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  CoordinatorDb::Durability d = store->GetDurability();
+  EXPECT_TRUE(d.flusher);
+  EXPECT_FALSE(d.failed);
+  EXPECT_TRUE(store->FlushError().ok()) << store->FlushError();
+  EXPECT_TRUE(store->Sync().ok()) << "the log itself is synced: every change is durable";
+  EXPECT_GE(d.log_pages, 1000);
+  EXPECT_EQ(d.durable, d.commits);
+  // Room again: the next flush's checkpoint copies the log into the file (the log restarts
+  // small at the next commit).
+  fs::remove(dir_ / "fs" / "filler");
+  const uint64_t errors = d.checkpoint_errors;
+  ASSERT_TRUE(store->PutState("after", "y", 3).ok());
+  deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (std::chrono::steady_clock::now() < deadline) {
+    ASSERT_TRUE(store->PutState("tick", "t", 4).ok());
+    if (store->GetDurability().log_pages < 100) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  d = store->GetDurability();
+  EXPECT_LT(d.log_pages, 100) << "the checkpoint never completed once there was room";
+  EXPECT_LE(d.checkpoint_errors - errors, 1u) << "it kept failing after the room came back";
+  EXPECT_FALSE(d.failed);
+  store.reset();
+  auto again = *CoordinatorDb::Open(data, std::chrono::milliseconds(0));
+  EXPECT_EQ((*again->GetState("big-49"))->size(), blob.size());
+  EXPECT_EQ(**again->GetState("after"), "y");
 }
 
 // A counted report whose write fails changes neither the catalog nor the counters.

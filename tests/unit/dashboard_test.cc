@@ -136,6 +136,10 @@ TEST_F(RecorderTest, SnapshotHoldsJobsAttemptsProgressCatalogLagAndPasses) {
   EXPECT_EQ(j.lag[1].lag_steps, 10);
   EXPECT_NEAR(j.lag[1].lag_seconds, 4.0, 1e-6) << "step 30 was recorded 4 s before the snapshot";
   EXPECT_GT(s->passes.count, 0u);
+  // The harness's store has its flusher (the default): its commits so far are in the snapshot.
+  EXPECT_TRUE(s->durability.flusher);
+  EXPECT_GT(s->durability.commits, 0u);
+  EXPECT_FALSE(s->durability.failed);
   ASSERT_EQ(s->nodes.size(), 2u);
   bool saw_scheduled = false;
   for (const auto& e : s->events) saw_scheduled |= e.kind() == "scheduled";
@@ -326,6 +330,30 @@ TEST_F(RecorderTest, CheckpointCountersSurviveACoordinatorRestart) {
         "muster_checkpoint_reports_total{" + gcp_l + ",kind=\"replica\"} 1"}) {
     EXPECT_NE(m.find(line + "\n"), std::string::npos) << line << "\n" << m;
   }
+}
+
+// The state database's durability: its flusher's lag, a latched failure, checkpoint errors,
+// the log's size and the flush times; nothing of it for a store that syncs every commit.
+TEST(RenderTest, TheStateDatabasesDurabilityIsInTheMetricsWhenItHasAFlusher) {
+  FleetSnapshot s;
+  EXPECT_EQ(RenderMetrics(s).find("muster_state_db_"), std::string::npos);
+  s.durability.flusher = true;
+  s.durability.commits = 120;
+  s.durability.durable = 117;
+  s.durability.log_pages = 1042;
+  s.durability.checkpoint_errors = 2;
+  s.durability.last_flush_seconds = 0.25;
+  s.durability.max_flush_seconds = 1.5;
+  std::string m = RenderMetrics(s);
+  for (const std::string line :
+       {"muster_state_db_commits_not_durable 3", "muster_state_db_commits_total 120",
+        "muster_state_db_flush_failed 0", "muster_state_db_checkpoint_errors_total 2",
+        "muster_state_db_log_pages 1042", "muster_state_db_flush_seconds{which=\"last\"} 0.25",
+        "muster_state_db_flush_seconds{which=\"max\"} 1.5"}) {
+    EXPECT_NE(m.find(line + "\n"), std::string::npos) << line << "\n" << m;
+  }
+  s.durability.failed = true;
+  EXPECT_NE(RenderMetrics(s).find("muster_state_db_flush_failed 1\n"), std::string::npos);
 }
 
 TEST(RenderTest, UnknownJobIsNotFoundAndEventsFollowACursor) {

@@ -1,5 +1,5 @@
-// WalFlusher with a flush the test controls: what it counts durable, a latched error, and the
-// last flush when it stops.
+// WalFlusher with a flush the test controls: what it counts durable, a latched error, its stats,
+// and the last flush when it stops.
 
 #include "coordinator/wal_flusher.h"
 
@@ -51,6 +51,30 @@ TEST(WalFlusherTest, AFailedFlushIsLatchedAndNeverTriedAgain) {
   std::this_thread::sleep_for(20ms);
   EXPECT_EQ(calls.load(), 1);
   EXPECT_EQ(f.durable(), 0u);
+}
+
+// What /metrics shows of it: commits, durable, the log's pages, how long flushes took, failed.
+TEST(WalFlusherTest, StatsSayHowFarDurabilityTrailsAndHowLongFlushesTook) {
+  std::atomic<bool> fail{false};
+  WalFlusher f(1ms, [&](int) -> Status {
+    std::this_thread::sleep_for(30ms);
+    return fail ? InternalError("fsync: Input/output error") : Status::Ok();
+  });
+  f.NoteCommit(7);
+  ASSERT_TRUE(WaitFor([&] { return f.stats().durable == 1; }));
+  WalFlusher::Stats s = f.stats();
+  EXPECT_EQ(s.committed, 1u);
+  EXPECT_EQ(s.log_pages, 7);
+  EXPECT_FALSE(s.failed);
+  EXPECT_GE(s.last_flush_seconds, 0.03);
+  EXPECT_GE(s.max_flush_seconds, s.last_flush_seconds);
+  fail = true;
+  f.NoteCommit(9);
+  ASSERT_TRUE(WaitFor([&] { return f.stats().failed; }));
+  s = f.stats();
+  EXPECT_EQ(s.committed, 2u);
+  EXPECT_EQ(s.durable, 1u);
+  EXPECT_EQ(s.log_pages, 9);
 }
 
 TEST(WalFlusherTest, StoppingFlushesWhatWasNoted) {
