@@ -5,8 +5,13 @@
 
 #include "common/local_rpc.h"
 
+#include <fcntl.h>
+#include <grp.h>
 #include <gtest/gtest.h>
 #include <stdlib.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -361,6 +366,113 @@ TEST_F(LocalRpcTest, AFileAlreadyAtThePathIsNotReplaced) {
   EXPECT_EQ(s.code(), StatusCode::kUnavailable) << s;
   EXPECT_NE(s.message().find(path_), std::string::npos) << s;
   EXPECT_TRUE(std::filesystem::is_regular_file(path_));
+}
+
+// The kernel refuses to pass a descriptor (ETOOMANYREFS) once the sending user has more in
+// flight than its open-file limit, unless it holds CAP_SYS_RESOURCE or CAP_SYS_ADMIN. The
+// server then sends the reply's fallback, without a descriptor. Real: a child process that runs
+// as nobody (no capabilities) with a limit of 64 open files, a server that answers each request
+// with a memfd and a fallback, and a client that reads nothing until 100 replies are queued.
+// Root only (to become nobody); skipped elsewhere.
+// The child of the test below: returns its exit code (0: as expected).
+int RefusedDescriptorChild() {
+  if (setgroups(0, nullptr) != 0 || setgid(65534) != 0 || setuid(65534) != 0) return 10;
+  rlimit lim{64, 64};
+  if (setrlimit(RLIMIT_NOFILE, &lim) != 0) return 11;
+  char templ[] = "/tmp/muster-local-rpc-refs-XXXXXX";
+  if (mkdtemp(templ) == nullptr) return 12;
+  const std::string path = std::string(templ) + "/s";
+  int memfd = memfd_create("reply", MFD_CLOEXEC);
+  if (memfd < 0) return 13;
+  auto file = std::make_shared<const ScopedFd>(memfd);
+  Reactor reactor("refs");
+  reactor.Start();
+  std::unique_ptr<LocalRpcServer> server;
+  Status started = reactor.Call("start", [&]() -> Status {
+    LocalRpcServer::Options o;
+    o.path = path;
+    auto s = LocalRpcServer::Create(
+        reactor, o, [file](const PeerInfo&, proto::Envelope&&, RpcServer::Reply r) {
+          proto::Envelope named;
+          named.mutable_pong()->set_data("with a descriptor");
+          auto fallback = std::make_shared<proto::Envelope>();
+          fallback->mutable_pong()->set_data("plain");
+          if (!ReplyWithDescriptor(r, std::make_shared<const SerializedReply>(named), file,
+                                   fallback)) {
+            _exit(14);
+          }
+        });
+    if (!s.ok()) return s.status();
+    server = std::move(*s);
+    return Status::Ok();
+  });
+  if (!started.ok()) return 15;
+  auto conn = ConnectUnixSocket("unix://" + path, std::chrono::steady_clock::now() + 5s);
+  if (!conn.ok()) return 16;
+  const int fd = conn->get();
+  constexpr int kRequests = 100;
+  for (int i = 1; i <= kRequests; ++i) {
+    proto::Envelope e;
+    e.set_request_id(i);
+    e.mutable_ping()->set_data("x");
+    const std::string frame = LocalFrame(SerializeEnvelope(e));
+    if (send(fd, frame.data(), frame.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(frame.size())) {
+      return 17;
+    }
+  }
+  // Every reply queued (nothing read yet, so their descriptors stay in flight).
+  auto deadline = std::chrono::steady_clock::now() + 10s;
+  int queued = 0;
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (ioctl(fd, FIONREAD, &queued) == 0 && queued > 0) {
+      std::this_thread::sleep_for(200ms);
+      int again = 0;
+      if (ioctl(fd, FIONREAD, &again) == 0 && again == queued) break;
+    }
+    std::this_thread::sleep_for(20ms);
+  }
+  LocalFrameReader in(1 << 20);
+  int with_fd = 0, plain = 0, descriptors = 0;
+  std::vector<uint64_t> ids;
+  char buf[4096];
+  const int flags = fcntl(fd, F_GETFL);
+  fcntl(fd, F_SETFL, flags & ~O_NONBLOCK);
+  timeval tv{5, 0};
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  while (static_cast<int>(ids.size()) < kRequests) {
+    std::vector<ScopedFd> fds;
+    bool truncated = false;
+    ssize_t n = RecvWithDescriptors(fd, buf, sizeof(buf), &fds, &truncated);
+    if (n <= 0) break;
+    descriptors += static_cast<int>(fds.size());
+    in.Append(buf, static_cast<size_t>(n));
+    std::string_view f;
+    while (in.Next(&f) == LocalFrameReader::Result::kFrame) {
+      auto e = ParseEnvelope(f.data(), f.size());
+      if (!e.ok()) return 18;
+      ids.push_back(e->request_id());
+      if (e->pong().data() == "with a descriptor") ++with_fd;
+      if (e->pong().data() == "plain") ++plain;
+    }
+  }
+  std::fprintf(stderr, "replies %zu: %d with a descriptor (%d descriptors), %d plain\n", ids.size(),
+               with_fd, descriptors, plain);
+  reactor.Call("stop", [&] { server.reset(); });
+  reactor.Stop();
+  std::filesystem::remove_all(templ);
+  if (static_cast<int>(ids.size()) != kRequests) return 19;
+  for (int i = 0; i < kRequests; ++i) {
+    if (ids[i] != static_cast<uint64_t>(i + 1)) return 20;  // each its own id, in order
+  }
+  if (with_fd + plain != kRequests || with_fd != descriptors) return 21;
+  if (plain == 0 || with_fd == 0) return 22;  // the limit was reached, and not at once
+  return 0;
+}
+
+TEST(LocalRpcDescriptorTest, ADescriptorTheKernelRefusesToPassGoesAsTheFallbackReply) {
+  if (geteuid() != 0) GTEST_SKIP() << "needs root to run the server as an unprivileged user";
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(_exit(RefusedDescriptorChild()), ::testing::ExitedWithCode(0), "");
 }
 
 }  // namespace
