@@ -44,6 +44,7 @@
 #include "collectives/rendezvous_server.h"
 #include "common/local_rpc.h"
 #include "common/logging.h"
+#include "common/sodium_pool.h"
 #include "common/wire.h"
 
 namespace muster::bench {
@@ -1171,6 +1172,8 @@ void AddRendezvousBench(CLI::App& app, Runner* runner) {
           }
         }
       }
+      // Every process of the run (the children inherit the environment) has the pool or not.
+      const bool pool = GetSodiumPoolStats().enabled;
       if (*json) {
         nlohmann::json out = nlohmann::json::array();
         for (auto& r : rows)
@@ -1200,7 +1203,8 @@ void AddRendezvousBench(CLI::App& app, Runner* runner) {
                          {"ranks_s", r.ranks_s},
                          {"setup_cpu_s", r.setup_cpu_s},
                          {"upstream_requests", r.upstream_requests},
-                         {"compressed_gathers", r.compressed_gathers}});
+                         {"compressed_gathers", r.compressed_gathers},
+                         {"sodium_pool", pool}});
         std::cout << (out.size() == 1 ? out[0] : out).dump(2) << "\n";
         return 0;
       }
@@ -1232,7 +1236,9 @@ void AddRendezvousBench(CLI::App& app, Runner* runner) {
           << "); anchors (direct rows): the same N sockets "
              "against a raw ZeroMQ ROUTER, one round trip each (connect) and then N x 64 bytes "
              "to each (allgather); store io thr: the ZeroMQ I/O threads of the store's context "
-             "(1 on an agent today)\n";
+             "(1 on an agent today); sodium pool: libzmq's CURVE handshake buffers from the "
+             "locked pool of common/sodium_pool.h (on, as in the muster binary) or from "
+             "libsodium's guarded mappings (off: MUSTER_SODIUM_POOL=off)\n";
       Table t({"ranks",
                "path",
                "security",
@@ -1254,7 +1260,8 @@ void AddRendezvousBench(CLI::App& app, Runner* runner) {
                "zstd from store",
                "raw zmq connect s",
                "raw zmq N*64B s",
-               "store io thr"});
+               "store io thr",
+               "sodium pool"});
       for (auto& r : rows) {
         bool relayed = r.ranks_per_node > 0;
         t.Row({std::to_string(r.ranks),
@@ -1281,7 +1288,8 @@ void AddRendezvousBench(CLI::App& app, Runner* runner) {
                relayed ? std::to_string(r.compressed_gathers) : "-",
                relayed ? "-" : Fmt(r.anchor_s, 3),
                relayed ? "-" : Fmt(r.anchor_allgather_s, 3),
-               std::to_string(r.store_io_threads)});
+               std::to_string(r.store_io_threads),
+               pool ? "on" : "off"});
       }
       t.Print();
       return 0;
