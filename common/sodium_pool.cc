@@ -136,13 +136,13 @@ void InitLocked(Pool& pool) {
   if (base == MAP_FAILED) return;
   uint8_t* region = static_cast<uint8_t*>(base) + page;
   // Out of core dumps, like libsodium's; the flag stays with pieces made usable later (the
-  // kernel copies it when it splits the mapping). A forked child sees zeros, not the handshakes
-  // in flight (libsodium does not do this; kernels before 4.14 lack it, which is not fatal).
+  // kernel copies it when it splits the mapping). A forked child keeps a copy, as with
+  // libsodium's pages (MADV_WIPEONFORK would zero it, and then abort a child that frees a buffer
+  // allocated before the fork as a double free).
   if (::madvise(region, kRegionBytes, MADV_DONTDUMP) != 0) {
     ::munmap(base, kRegionBytes + 2 * page);
     return;
   }
-  (void)::madvise(region, kRegionBytes, MADV_WIPEONFORK);
   size_t total = 0;
   for (int c = 0; c < kClasses; ++c) total += kRegionBytes / kSlotBytes[c];
   auto* offsets = new (std::nothrow) uint32_t[total];

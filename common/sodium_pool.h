@@ -21,8 +21,7 @@
 // What a pooled allocation keeps of libsodium's guarantees:
 //   - its memory is locked (mlock, once per 64 KiB piece of the region; a failure is counted and,
 //     as in libsodium, not fatal) and excluded from core dumps (MADV_DONTDUMP; the pool stays off
-//     if the kernel refuses that); a forked child sees the region zeroed (MADV_WIPEONFORK, which
-//     libsodium does not do);
+//     if the kernel refuses that);
 //   - it is zeroed when freed, and holds 0xdb bytes when allocated, as libsodium's;
 //   - a canary before it and one after it, random per process, are checked when it is freed; a
 //     mismatch aborts, as libsodium's does;
