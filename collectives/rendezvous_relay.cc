@@ -252,7 +252,14 @@ void RendezvousRelay::HandleLocal(const PeerInfo& peer, proto::Envelope&& reques
                                         options_.job + "/" + std::to_string(options_.attempt) +
                                         "', not '" + named + "'"));
   }
-  auto through = [reply](StatusOr<proto::StoreReply> r) {
+  if (held_callers_ >= options_.max_held_requests) {
+    return fail(FailedPreconditionError(
+        "rendezvous relay for " + options_.job + "/" + std::to_string(options_.attempt) +
+        " holds " + std::to_string(held_callers_) + " requests already; the limit is " +
+        std::to_string(options_.max_held_requests)));
+  }
+  auto through = [this, reply](StatusOr<proto::StoreReply> r) {
+    --held_callers_;
     if (!r.ok()) return reply(ErrorEnvelope(0, r.status()));
     proto::Envelope e;
     *e.mutable_store_reply() = std::move(*r);
@@ -262,6 +269,7 @@ void RendezvousRelay::HandleLocal(const PeerInfo& peer, proto::Envelope&& reques
     case proto::StoreRequest::kSet:
     case proto::StoreRequest::kAdd:
     case proto::StoreRequest::kCompareSet:
+      ++held_callers_;
       return Forward(std::move(req), options_.op_timeout, std::move(through));
     case proto::StoreRequest::kGet:
       return AddToJoin(/*get=*/true, req, std::move(reply));
@@ -429,6 +437,7 @@ void RendezvousRelay::AddToJoin(bool get, proto::StoreRequest& req, RpcServer::R
   }
   const milliseconds timeout = ClampTimeout(timeout_ms);
   j.next.push_back({std::move(reply), Clock::now() + timeout, timeout.count()});
+  ++held_callers_;
   if (j.in_flight == 0) return SendJoin(key);
   // One is upstream: this caller goes with the next, when that one returns, or at the
   // earliest deadline among those waiting, whichever is first (the timer holds the earliest
@@ -498,6 +507,7 @@ void RendezvousRelay::SendJoin(const std::string& key) {
               proto::Envelope e;
               *e.mutable_store_reply() = std::move(*r);
               auto bytes = std::make_shared<const SerializedReply>(e);
+              held_callers_ -= callers->size();
               for (auto& c : *callers) RpcServer::ReplyWith(c.reply, bytes);
             } else {
               auto now = Clock::now();
@@ -517,6 +527,7 @@ void RendezvousRelay::SendJoin(const std::string& key) {
                                               std::to_string(c.timeout_ms) + " ms");
                   }
                 }
+                --held_callers_;
                 c.reply(ErrorEnvelope(0, s));
               }
             }
@@ -587,6 +598,7 @@ void RendezvousRelay::AddToBatch(bool gather, proto::StoreRequest& req, RpcServe
   // whichever is first: a caller never waits here past its own timeout.
   Clock::time_point flush_at = std::min(batch.flush_at, caller.deadline);
   batch.callers.push_back(std::move(caller));
+  ++held_callers_;
   size_t expected = Expected(batch);
   if (expected > 0 && batch.callers.size() >= expected) return Flush(key);
   if (batch.timer == 0 || flush_at < batch.flush_at) {
@@ -678,6 +690,7 @@ void RendezvousRelay::SendBatch(Batch batch) {
                 named.mutable_store_reply()->set_gathered_size(e->store_reply().gathered().size());
                 bytes = std::make_shared<const SerializedReply>(named);
               }
+              held_callers_ -= b.callers.size();
               for (auto& c : b.callers) {
                 forget(c);
                 if (file && ReplyWithDescriptor(c.reply, bytes, file, e)) continue;
@@ -700,6 +713,7 @@ void RendezvousRelay::SendBatch(Batch batch) {
                 continue;
               }
               forget(c);
+              --held_callers_;
               c.reply(ErrorEnvelope(0, r.status()));
             }
             SendBatch(std::move(again));

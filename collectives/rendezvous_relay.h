@@ -112,6 +112,12 @@ class RendezvousRelay {
     std::chrono::milliseconds rpc_slack{2000};
     std::chrono::milliseconds op_timeout{30000};
     int64_t max_message_bytes = kDefaultMaxMessageBytes;
+    // Requests the relay holds at once, each caller's once: waiting in a batch or a join, or
+    // upstream (alone or in a batch's or join's request). Past it a request is refused
+    // (FailedPrecondition, naming the limit) before anything is kept for it, so a local process
+    // that sends waits without end cannot grow the agent's memory. The store's own bound on a
+    // scope's parked requests.
+    size_t max_held_requests = size_t{1} << 18;
     // A gather reply of at least this many bytes, for two or more local callers, is written
     // once to a sealed memory file whose descriptor goes with each caller's reply
     // (StoreReply.gathered_fd; MappedGather maps it) instead of its own copy down the socket.
@@ -153,6 +159,8 @@ class RendezvousRelay {
     size_t requests = 0;
   };
   Joined joined() const;
+  // Requests held now (Options::max_held_requests). Reactor thread only.
+  size_t held() const { return held_callers_; }
   // True while the upstream connection has completed its handshake with the store.
   bool upstream_ready() const { return handshake_ok_; }
 
@@ -237,6 +245,7 @@ class RendezvousRelay {
   std::unordered_map<uint64_t, Pending> pending_;  // upstream requests by request id
   std::map<std::string, Batch> batches_;           // by "g|b" + n + name
   std::map<std::string, Join> joins_;              // by "g|w" + the keys
+  size_t held_callers_ = 0;                        // callers held (Options::max_held_requests)
   // Gather ranks waiting here or upstream, by gather name: a second contribution is refused.
   std::map<std::string, std::unordered_map<int, int>> gather_ranks_;
   Stats stats_;

@@ -81,6 +81,7 @@ class RelayTest : public testing::ReactorZapTest {
     o.shared_gather_min_bytes = shared_min_;
     o.on_upstream_ready = on_upstream_ready_;
     o.accept_zstd = accept_zstd_;
+    if (max_held_ > 0) o.max_held_requests = max_held_;
     auto r = reactor_->Call("relay", [&] { return RendezvousRelay::Create(*reactor_, o); });
     EXPECT_TRUE(r.ok()) << r.status();
     if (!r.ok()) return nullptr;
@@ -115,6 +116,7 @@ class RelayTest : public testing::ReactorZapTest {
   int64_t shared_min_ = 64 << 10;
   std::function<void()> on_upstream_ready_;
   bool accept_zstd_ = true;
+  size_t max_held_ = 0;  // 0: the relay's default
 };
 
 TEST_F(RelayTest, TheUpstreamHandshakeCompletesBeforeAnyRankSendsARequest) {
@@ -301,6 +303,59 @@ TEST_F(RelayTest, GetsOfOneKeyJoinAndEachCallerKeepsItsOwnTimeout) {
   wx.join();
   wy.join();
   wx2.join();
+}
+
+// A relay holds a bounded number of requests, each caller once (waiting in a join or a batch,
+// or upstream): past it a request is refused at once, naming the limit, and nothing is kept for
+// it; as the held ones are answered, it serves again.
+TEST_F(RelayTest, RequestsPastTheRelaysLimitAreRefusedAtOnceAndNothingIsKept) {
+  max_held_ = 4;
+  auto* relay = AddRelay(0, 8);
+  std::vector<std::unique_ptr<RendezvousClient>> clients;
+  for (int r = 0; r < 6; ++r) clients.push_back(Client(relay));
+  auto held = [&] { return reactor_->Call("held", [&] { return relay->held(); }); };
+  // Two gets of one key (one join, one request upstream), one of another, and a barrier of
+  // 4 that waits in its batch: four callers held.
+  std::vector<std::thread> threads;
+  std::vector<Status> done(4, InternalError("not run"));
+  threads.emplace_back([&] { done[0] = clients[0]->Get("a", 10s).status(); });
+  threads.emplace_back([&] { done[1] = clients[1]->Get("a", 10s).status(); });
+  threads.emplace_back([&] { done[2] = clients[2]->Get("b", 10s).status(); });
+  threads.emplace_back([&] { done[3] = clients[3]->Barrier("bar", 4, 10s); });
+  ASSERT_TRUE(testing::WaitUntil([&] { return held() == 4; }, 10s)) << held();
+  const uint64_t upstream = Stats(relay).upstream_requests;
+  auto t0 = Clock::now();
+  Status refused = clients[4]->Set("c", "v");
+  EXPECT_LT(Clock::now() - t0, 2s) << "refused at once, not after a timeout";
+  EXPECT_EQ(refused.code(), StatusCode::kFailedPrecondition) << refused;
+  EXPECT_NE(refused.message().find("holds 4 requests already; the limit is 4"), std::string::npos)
+      << refused;
+  EXPECT_EQ(clients[4]->Get("a", 10s).status().code(), StatusCode::kFailedPrecondition)
+      << "not joined to the get upstream either";
+  EXPECT_EQ(Stats(relay).upstream_requests, upstream) << "nothing went upstream for them";
+  EXPECT_EQ(held(), 4u);
+  // Set from a rank that reaches the store itself (the relay is full): the gets of 'a' are
+  // answered, and the relay takes requests again.
+  RendezvousClient::Options o;
+  o.endpoint = server_->endpoint();
+  o.credentials = creds_;
+  o.job = "job";
+  o.attempt = 1;
+  auto direct = RendezvousClient::Connect(o);
+  ASSERT_TRUE(direct.ok()) << direct.status();
+  ASSERT_TRUE((*direct)->Set("a", "1").ok());
+  ASSERT_TRUE(testing::WaitUntil([&] { return held() == 2; }, 10s)) << held();
+  EXPECT_TRUE(clients[4]->Set("b", "2").ok());
+  ASSERT_TRUE(testing::WaitUntil([&] { return held() == 1; }, 10s)) << held();
+  // The barrier's other three arrive (held 1, 2, 3 before each: all taken) and it completes.
+  for (int r = 0; r < 2; ++r) {
+    threads.emplace_back([&, r] { EXPECT_TRUE(clients[r]->Barrier("bar", 4, 10s).ok()); });
+  }
+  EXPECT_TRUE(clients[5]->Barrier("bar", 4, 10s).ok());
+  for (auto& t : threads) t.join();
+  EXPECT_TRUE(done[0].ok() && done[1].ok() && done[2].ok() && done[3].ok())
+      << done[0] << done[1] << done[2] << done[3];
+  EXPECT_EQ(held(), 0u);
 }
 
 TEST_F(RelayTest, TheSocketIsPrivateAndOnlyAdmittedProcessesMayUseIt) {
