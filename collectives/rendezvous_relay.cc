@@ -206,12 +206,14 @@ void RendezvousRelay::Abort(const std::string& why) {
   joins_.clear();
   for (auto& [key, j] : joins) {
     if (j.timer != 0) reactor_.CancelTimer(j.timer);
+    held_callers_ -= j.next.size();
     for (auto& c : j.next) c.reply(ErrorEnvelope(0, aborted));
   }
   std::map<std::string, Batch> batches = std::move(batches_);
   batches_.clear();
   for (auto& [key, b] : batches) {
     if (b.timer != 0) reactor_.CancelTimer(b.timer);
+    held_callers_ -= b.callers.size();
     for (auto& c : b.callers) c.reply(ErrorEnvelope(0, aborted));
   }
   auto pending = std::move(pending_);

@@ -391,15 +391,25 @@ Status SqliteCoordinatorDb::StartFlusher(std::chrono::milliseconds interval) {
         if (pages >= kCheckpointPages) {
           // Copy the log into the database file, so that the next commit starts it over (a
           // restart syncs the log's header on the committing thread: rare at this size). BUSY:
-          // another checkpoint runs (an operator's shell); the next flush tries again. Any other
-          // failure (an I/O error writing or syncing the database file) loses nothing either:
-          // SQLite marks log frames copied only after the database file is synced, so the log still
-          // holds every change, a restart replays it, and the next checkpoint copies the same
-          // frames again. It is counted (/metrics) and logged, not latched; the log grows until one
-          // works.
+          // another checkpoint runs (an operator's shell); the next flush tries again.
+          //
+          // A write that failed (a full disk: SQLITE_FULL; an I/O error on write or truncate)
+          // loses nothing: SQLite records frames as copied only when the whole checkpoint
+          // succeeded, so the log still holds them, a restart replays it, and the next
+          // checkpoint writes the same pages again. Those are counted (/metrics), logged, and
+          // retried; the log grows until one works. A failed sync of the database file (and
+          // anything else) latches like a failed sync of the log: an earlier checkpoint that
+          // stopped short of the log's end marked its frames copied without a sync, and if the
+          // kernel could not write them back, a retry that succeeds would let the log restart
+          // without them.
           int log = -1, done = -1;
           int rc = sqlite3_wal_checkpoint_v2(ckpt, "main", SQLITE_CHECKPOINT_PASSIVE, &log, &done);
           if (rc != SQLITE_OK && rc != SQLITE_BUSY) {
+            const int ext = sqlite3_extended_errcode(ckpt);
+            if (ext != SQLITE_FULL && ext != SQLITE_IOERR_WRITE && ext != SQLITE_IOERR_TRUNCATE) {
+              return InternalError(fmt::format("checkpoint of {}: {} (SQLite error {})", where,
+                                               sqlite3_errmsg(ckpt), ext));
+            }
             errors->fetch_add(1, std::memory_order_relaxed);
             if (auto held = throttle->Admit("checkpoint", LogThrottle::Clock::now())) {
               log::Get("coord.db")
@@ -407,7 +417,7 @@ Status SqliteCoordinatorDb::StartFlusher(std::chrono::milliseconds interval) {
                       "checkpoint of {} into its database file failed: {} (SQLite error {}); the "
                       "log keeps every change and the next flush tries again ({} more failures "
                       "not logged since the last line; the log has {} pages)",
-                      where, sqlite3_errmsg(ckpt), rc, *held, pages);
+                      where, sqlite3_errmsg(ckpt), ext, *held, pages);
             }
           }
         }

@@ -201,8 +201,8 @@ std::string RenderMetrics(const FleetSnapshot& s) {
                          MetricType::Gauge);
     Add(failed, {}, d.failed ? 1 : 0);
     auto ckpt = Family("state_db_checkpoint_errors_total",
-                       "Checkpoints of the state database's log into its file that failed (retried "
-                       "at the next flush; nothing is lost, the log grows)",
+                       "Checkpoints of the state database's log into its file whose writes failed "
+                       "(retried at the next flush; nothing is lost, the log grows)",
                        MetricType::Counter);
     Add(ckpt, {}, static_cast<double>(d.checkpoint_errors));
     auto pages = Family("state_db_log_pages", "The state database's log (WAL) size, in pages",

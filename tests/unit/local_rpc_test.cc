@@ -14,6 +14,7 @@
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -371,12 +372,21 @@ TEST_F(LocalRpcTest, AFileAlreadyAtThePathIsNotReplaced) {
 // The kernel refuses to pass a descriptor (ETOOMANYREFS) once the sending user has more in
 // flight than its open-file limit, unless it holds CAP_SYS_RESOURCE or CAP_SYS_ADMIN. The
 // server then sends the reply's fallback, without a descriptor. Real: a child process that runs
-// as nobody (no capabilities) with a limit of 64 open files, a server that answers each request
-// with a memfd and a fallback, and a client that reads nothing until 100 replies are queued.
-// Root only (to become nobody); skipped elsewhere.
-// The child of the test below: returns its exit code (0: as expected).
+// as an unprivileged user of its own (no capabilities) with a limit of 64 open files, a server that
+// answers each request with a memfd and a fallback, and a client that reads nothing until 100
+// replies are queued. Root only (to become nobody); skipped elsewhere. The child of the test below:
+// returns its exit code (0: as expected). A user of its own (the kernel counts descriptors in
+// flight per user, so no other process's may count against it): a uid in 40000..49999 that no
+// account needs to exist for.
+uid_t UnprivilegedUid() { return static_cast<uid_t>(40000 + getpid() % 10000); }
+
+bool BecomeUnprivileged() {
+  const uid_t uid = UnprivilegedUid();
+  return setgroups(0, nullptr) == 0 && setgid(uid) == 0 && setuid(uid) == 0;
+}
+
 int RefusedDescriptorChild() {
-  if (setgroups(0, nullptr) != 0 || setgid(65534) != 0 || setuid(65534) != 0) return 10;
+  if (!BecomeUnprivileged()) return 10;
   rlimit lim{64, 64};
   if (setrlimit(RLIMIT_NOFILE, &lim) != 0) return 11;
   char templ[] = "/tmp/muster-local-rpc-refs-XXXXXX";
@@ -385,6 +395,7 @@ int RefusedDescriptorChild() {
   int memfd = memfd_create("reply", MFD_CLOEXEC);
   if (memfd < 0) return 13;
   auto file = std::make_shared<const ScopedFd>(memfd);
+  auto answered = std::make_shared<std::atomic<int>>(0);
   Reactor reactor("refs");
   reactor.Start();
   std::unique_ptr<LocalRpcServer> server;
@@ -392,7 +403,7 @@ int RefusedDescriptorChild() {
     LocalRpcServer::Options o;
     o.path = path;
     auto s = LocalRpcServer::Create(
-        reactor, o, [file](const PeerInfo&, proto::Envelope&&, RpcServer::Reply r) {
+        reactor, o, [file, answered](const PeerInfo&, proto::Envelope&&, RpcServer::Reply r) {
           proto::Envelope named;
           named.mutable_pong()->set_data("with a descriptor");
           auto fallback = std::make_shared<proto::Envelope>();
@@ -401,6 +412,7 @@ int RefusedDescriptorChild() {
                                    fallback)) {
             _exit(14);
           }
+          ++*answered;  // the reply was written (or queued) before ReplyWithDescriptor returned
         });
     if (!s.ok()) return s.status();
     server = std::move(*s);
@@ -420,17 +432,13 @@ int RefusedDescriptorChild() {
       return 17;
     }
   }
-  // Every reply queued (nothing read yet, so their descriptors stay in flight).
+  // Every reply written (nothing read yet, so their descriptors stay in flight): the handler
+  // writes each before it returns.
   auto deadline = std::chrono::steady_clock::now() + 10s;
-  int queued = 0;
-  while (std::chrono::steady_clock::now() < deadline) {
-    if (ioctl(fd, FIONREAD, &queued) == 0 && queued > 0) {
-      std::this_thread::sleep_for(200ms);
-      int again = 0;
-      if (ioctl(fd, FIONREAD, &again) == 0 && again == queued) break;
-    }
-    std::this_thread::sleep_for(20ms);
+  while (answered->load() < kRequests && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(10ms);
   }
+  if (answered->load() < kRequests) return 23;
   LocalFrameReader in(1 << 20);
   int with_fd = 0, plain = 0, descriptors = 0;
   std::vector<uint64_t> ids;
@@ -471,6 +479,14 @@ int RefusedDescriptorChild() {
 
 TEST(LocalRpcDescriptorTest, ADescriptorTheKernelRefusesToPassGoesAsTheFallbackReply) {
   if (geteuid() != 0) GTEST_SKIP() << "needs root to run the server as an unprivileged user";
+  // Where this process may not change its user (a container without the mapping), skip.
+  pid_t probe = fork();
+  if (probe == 0) _exit(BecomeUnprivileged() ? 0 : 1);
+  int status = 0;
+  ASSERT_EQ(waitpid(probe, &status, 0), probe);
+  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+    GTEST_SKIP() << "cannot switch to uid " << UnprivilegedUid() << " here";
+  }
   GTEST_FLAG_SET(death_test_style, "threadsafe");
   EXPECT_EXIT(_exit(RefusedDescriptorChild()), ::testing::ExitedWithCode(0), "");
 }

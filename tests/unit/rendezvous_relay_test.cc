@@ -310,7 +310,7 @@ TEST_F(RelayTest, GetsOfOneKeyJoinAndEachCallerKeepsItsOwnTimeout) {
 // it; as the held ones are answered, it serves again.
 TEST_F(RelayTest, RequestsPastTheRelaysLimitAreRefusedAtOnceAndNothingIsKept) {
   max_held_ = 4;
-  auto* relay = AddRelay(0, 8);
+  auto* relay = AddRelay(0, 8, /*window=*/30s);
   std::vector<std::unique_ptr<RendezvousClient>> clients;
   for (int r = 0; r < 6; ++r) clients.push_back(Client(relay));
   auto held = [&] { return reactor_->Call("held", [&] { return relay->held(); }); };
@@ -321,7 +321,7 @@ TEST_F(RelayTest, RequestsPastTheRelaysLimitAreRefusedAtOnceAndNothingIsKept) {
   threads.emplace_back([&] { done[0] = clients[0]->Get("a", 10s).status(); });
   threads.emplace_back([&] { done[1] = clients[1]->Get("a", 10s).status(); });
   threads.emplace_back([&] { done[2] = clients[2]->Get("b", 10s).status(); });
-  threads.emplace_back([&] { done[3] = clients[3]->Barrier("bar", 4, 10s); });
+  threads.emplace_back([&] { done[3] = clients[3]->Barrier("bar", 4, 30s); });
   ASSERT_TRUE(testing::WaitUntil([&] { return held() == 4; }, 10s)) << held();
   const uint64_t upstream = Stats(relay).upstream_requests;
   auto t0 = Clock::now();
@@ -349,9 +349,9 @@ TEST_F(RelayTest, RequestsPastTheRelaysLimitAreRefusedAtOnceAndNothingIsKept) {
   ASSERT_TRUE(testing::WaitUntil([&] { return held() == 1; }, 10s)) << held();
   // The barrier's other three arrive (held 1, 2, 3 before each: all taken) and it completes.
   for (int r = 0; r < 2; ++r) {
-    threads.emplace_back([&, r] { EXPECT_TRUE(clients[r]->Barrier("bar", 4, 10s).ok()); });
+    threads.emplace_back([&, r] { EXPECT_TRUE(clients[r]->Barrier("bar", 4, 30s).ok()); });
   }
-  EXPECT_TRUE(clients[5]->Barrier("bar", 4, 10s).ok());
+  EXPECT_TRUE(clients[5]->Barrier("bar", 4, 30s).ok());
   for (auto& t : threads) t.join();
   EXPECT_TRUE(done[0].ok() && done[1].ok() && done[2].ok() && done[3].ok())
       << done[0] << done[1] << done[2] << done[3];
