@@ -830,17 +830,40 @@ void Coordinator::Tick() {
   }
   for (auto& [name, n] : nodes_) {
     bool expected = !n->session.empty();
+    bool runs_ranks = false;  // restored with an attempt's ranks on it
     if (!expected) {
       // Restored after a restart: a node whose jobs are still assigned must come back in time.
       for (auto& [id, j] : jobs_) {
         if (!Terminal(j->rec.state) && !j->attempt.done.count(name) &&
             std::find(j->rec.nodes.begin(), j->rec.nodes.end(), name) != j->rec.nodes.end())
-          expected = true;
+          runs_ranks = true;
       }
+      expected = runs_ranks;
       // A restored spare that never comes back is dropped (and replaced), not held forever.
       if (auto v = sched_->GetNode(name, options_.clock()); v.ok() && v->spare) expected = true;
     }
-    if (expected && n->last_hb_ms + options_.heartbeat_timeout.count() < now) {
+    if (!expected) continue;
+    if (runs_ranks) {
+      // Its agent has had no reply from this coordinator (a reply would have given it a
+      // session), so it keeps its ranks running until its lease, renewed last before the
+      // restart, runs out: waiting that long for it to register again costs nothing, and a
+      // restart on a loaded host (agents reconnecting slower than a heartbeat timeout) stops no
+      // gang. If it does not come back by then, its lease has run out and its ranks are stopped:
+      // lost without a fence to wait out, so the job restarts when it would have after a loss
+      // at the heartbeat timeout plus the fence.
+      const int64_t allowed =
+          std::max(options_.heartbeat_timeout.count(), options_.lease.count()) + 500;
+      if (n->last_hb_ms + allowed < now) {
+        LoseNode(*n,
+                 fmt::format("not back {} ms after the coordinator restarted (its lease has run "
+                             "out)",
+                             now - n->last_hb_ms),
+                 /*agent_gone=*/true);
+        n->last_hb_ms = now;  // report once
+      }
+      continue;
+    }
+    if (n->last_hb_ms + options_.heartbeat_timeout.count() < now) {
       LoseNode(*n, fmt::format("no heartbeat for {} ms", now - n->last_hb_ms));
       n->last_hb_ms = now;  // report once
     }

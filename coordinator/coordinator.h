@@ -282,7 +282,9 @@ class Coordinator {
   // preflight is kept off that job for the rest of it.
   Status DrainOnNotice(const std::string& node);
   Status ExcludeFromJob(JobRequest& job, const std::string& node, const std::string& why);
-  // `agent_gone`: the agent process is known to have ended (AgentGone): no lease fence.
+  // `agent_gone`: the agent process is known to have ended (AgentGone), or its lease has run
+  // out with no reply from this coordinator (a restored node that never came back): no lease
+  // fence.
   void LoseNode(NodeRt& node, const std::string& why, bool agent_gone = false);
   void Enqueue(const std::string& node, proto::AgentAction action);
   // The node's session, if `caller` holds the key the node is bound to.

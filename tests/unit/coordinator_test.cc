@@ -396,6 +396,91 @@ TEST_F(CoordinatorTest, APreflightFailureKeepsTheBlamedNodeOffTheJobAndIsNotCoun
   EXPECT_EQ(st.nodes(0), blamed);
 }
 
+// After a coordinator restart, a node whose attempt's ranks still run keeps them until its
+// lease runs out: it has the whole lease (default 8 s, more than the 5 s heartbeat timeout) to
+// register again, so a restart on a loaded host stops no gang; one that never comes back is lost
+// then, without a lease fence to wait out (its lease has run out with no reply from us), and
+// the job is placed again at once.
+TEST_F(CoordinatorTest, ARestoredNodeHasItsLeaseToComeBackAndIsLostWithoutAFenceAfterIt) {
+  std::map<std::string, std::string> sess;
+  for (const char* n : {"n0", "n1", "n2"}) sess[n] = Register(n);
+  std::string id = Submit("name: ft\ncommand: x\nnodes: 2\n");
+  std::vector<std::string> gang;
+  for (const char* n : {"n0", "n1", "n2"}) {
+    for (const auto& a : Heartbeat(n, sess[n])) {
+      if (a.has_start()) gang.push_back(n);
+    }
+  }
+  ASSERT_EQ(gang.size(), 2u) << Events(id);
+  for (size_t rank = 0; rank < gang.size(); ++rank) {
+    Report(gang[rank], sess[gang[rank]], id, 1, true, 0, false);
+  }
+  ASSERT_EQ(Status(id).state(), proto::JOB_RUNNING) << Events(id);
+  Open();  // a restarted coordinator
+  auto register_running = [&](const std::string& n, int rank) {
+    proto::Envelope e = RegisterRequest(n, {.provider = "aws"});
+    auto* ra = e.mutable_agent_register()->add_running();
+    ra->set_job_id(id);
+    ra->set_attempt(1);
+    ra->set_node_rank(rank);
+    auto r = Call(e);
+    EXPECT_TRUE(r.has_agent_registered()) << r.DebugString();
+    sess[n] = r.agent_registered().session_id();
+  };
+  register_running(gang[0], 0);
+  // 7 s: past the heartbeat timeout, within the lease; the other node is not lost.
+  for (int i = 0; i < 7; ++i) {
+    now_ += 1s;
+    Heartbeat(gang[0], sess[gang[0]]);
+    coord_->Tick();
+  }
+  EXPECT_EQ(Events(id).find("node_lost"), std::string::npos) << Events(id);
+  register_running(gang[1], 1);
+  for (int i = 0; i < 3; ++i) {
+    now_ += 1s;
+    for (const auto& n : gang) Heartbeat(n, sess[n]);
+    coord_->Tick();
+  }
+  EXPECT_EQ(Status(id).state(), proto::JOB_RUNNING) << Events(id);
+  EXPECT_EQ(Status(id).attempt(), 1) << Events(id);
+  EXPECT_EQ(Events(id).find("node_lost"), std::string::npos) << Events(id);
+
+  // Restarted again, and this time the second node never comes back: lost after the lease
+  // (8 s + 0.5 s), not at the heartbeat timeout, and the job is not held for a fence.
+  Open();
+  register_running(gang[0], 0);
+  const std::string other = gang[0] == "n2" ? "n0" : (gang[1] == "n2" ? "n0" : "n2");
+  sess[other] = Register(other);
+  for (int i = 0; i < 8; ++i) {
+    now_ += 1s;
+    Heartbeat(gang[0], sess[gang[0]]);
+    Heartbeat(other, sess[other]);
+    coord_->Tick();
+  }
+  EXPECT_EQ(Events(id).find("node_lost"), std::string::npos)
+      << "not before its lease" << Events(id);
+  now_ += 1s;
+  Heartbeat(gang[0], sess[gang[0]]);
+  Heartbeat(other, sess[other]);
+  coord_->Tick();
+  EXPECT_NE(Events(id).find("after the coordinator restarted (its lease has run out)"),
+            std::string::npos)
+      << Events(id);
+  EXPECT_EQ(Status(id).state(), proto::JOB_REQUEUED) << Events(id);
+  // The survivor's ranks are stopped; then the job is placed again at once on the nodes up (no
+  // fence: the lost node's lease has run out).
+  Report(gang[0], sess[gang[0]], id, 1, false, 143, true);
+  for (int i = 0; i < 3 && Status(id).attempt() < 2; ++i) {
+    Heartbeat(gang[0], sess[gang[0]]);
+    Heartbeat(other, sess[other]);
+    coord_->Tick();
+  }
+  auto st = Status(id);
+  EXPECT_EQ(st.attempt(), 2) << st.pending_reason() << "\n" << Events(id);
+  EXPECT_EQ(st.pending_reason().find("lease"), std::string::npos)
+      << "no fence to wait out: " << st.pending_reason();
+}
+
 // A spare restored after a coordinator restart whose agent never comes back is lost after the
 // heartbeat timeout like any node the coordinator expects (spare_lost), not held forever; while
 // its agent is not back it replaces no lost node.
