@@ -678,10 +678,9 @@ void Coordinator::Finish(JobRt& job) {
   int64_t now = NowMs();
   // An attempt that reported a step past the one it resumed from ends a run of lease stops.
   const bool progressed = job.progress && job.progress->step() > r.resume_step;
-  AttemptEndDecision d =
-      DecideAttemptEnd(job.attempt, r, job.start_retries, !job.replicating.empty(), now,
-                       {options_.lease.count(), options_.heartbeat_timeout.count()},
-                       progressed ? 0 : job.lease_requeues);
+  AttemptEndDecision d = DecideAttemptEnd(
+      job.attempt, r, job.start_retries, !job.replicating.empty(), now,
+      {AgentLeaseMs(), options_.heartbeat_timeout.count()}, progressed ? 0 : job.lease_requeues);
   if (!d.blame_node.empty()) {
     if (auto until = sched_->RecordNodeFailure(d.blame_node, options_.clock())) {
       NodeRt* n = nodes_.Find(d.blame_node);
@@ -851,8 +850,7 @@ void Coordinator::Tick() {
       // gang. If it does not come back by then, its lease has run out and its ranks are stopped:
       // lost without a fence to wait out, so the job restarts when it would have after a loss
       // at the heartbeat timeout plus the fence.
-      const int64_t allowed =
-          std::max(options_.heartbeat_timeout.count(), options_.lease.count()) + 500;
+      const int64_t allowed = std::max(options_.heartbeat_timeout.count(), AgentLeaseMs()) + 500;
       if (n->last_hb_ms + allowed < now) {
         LoseNode(*n,
                  fmt::format("not back {} ms after the coordinator restarted (its lease has run "

@@ -26,6 +26,7 @@
 //
 // Thread-safety: none; used from one thread (the server's reactor).
 
+#include <algorithm>
 #include <chrono>
 #include <filesystem>
 #include <functional>
@@ -282,6 +283,11 @@ class Coordinator {
   // preflight is kept off that job for the rest of it.
   Status DrainOnNotice(const std::string& node);
   Status ExcludeFromJob(JobRequest& job, const std::string& node, const std::string& why);
+  // The lease agents hold: the one handed out, but at least two heartbeat intervals (as the
+  // agent takes it, node_agent/coordinator_session.cc). Assumes the same flags across a restart.
+  int64_t AgentLeaseMs() const {
+    return std::max<int64_t>(options_.lease.count(), 2 * options_.heartbeat_interval.count());
+  }
   // `agent_gone`: the agent process is known to have ended (AgentGone), or its lease has run
   // out with no reply from this coordinator (a restored node that never came back): no lease
   // fence.

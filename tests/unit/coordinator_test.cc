@@ -5,6 +5,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <map>
 #include <set>
 
@@ -449,7 +450,10 @@ TEST_F(CoordinatorTest, ARestoredNodeHasItsLeaseToComeBackAndIsLostWithoutAFence
   // (8 s + 0.5 s), not at the heartbeat timeout, and the job is not held for a fence.
   Open();
   register_running(gang[0], 0);
-  const std::string other = gang[0] == "n2" ? "n0" : (gang[1] == "n2" ? "n0" : "n2");
+  std::string other;  // the node not in the gang
+  for (const char* n : {"n0", "n1", "n2"}) {
+    if (std::find(gang.begin(), gang.end(), n) == gang.end()) other = n;
+  }
   sess[other] = Register(other);
   for (int i = 0; i < 8; ++i) {
     now_ += 1s;
