@@ -754,8 +754,7 @@ StatusOr<proto::Envelope> LocalRpcClient::Call(proto::Envelope request,
   std::lock_guard<std::mutex> lock(mu_);
   const auto deadline = Clock::now() + timeout;
   const uint64_t id = next_id_++;
-  MUSTER_RETURN_IF_ERROR(
-      StampRequest(request, id, timeout, options_.max_message_bytes).status());
+  MUSTER_RETURN_IF_ERROR(StampRequest(request, id, timeout, options_.max_message_bytes).status());
   const std::string frame = EnvelopeFrame(request);
   auto no_reply = [&] {
     Drop();

@@ -272,9 +272,9 @@ class SqliteCoordinatorDb final : public CoordinatorDb {
   std::filesystem::path path_;
   sqlite3* db_;
   int lock_fd_;
-  sqlite3* flush_db_ = nullptr;          // the flusher's connection
+  sqlite3* flush_db_ = nullptr;                 // the flusher's connection
   std::atomic<uint64_t> checkpoint_errors_{0};  // the flusher's failed checkpoints
-  std::unique_ptr<WalFlusher> flusher_;  // null: synchronous=FULL
+  std::unique_ptr<WalFlusher> flusher_;         // null: synchronous=FULL
 };
 
 }  // namespace muster::coordinator

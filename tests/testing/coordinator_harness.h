@@ -51,6 +51,7 @@ struct AgentLabels {
   bool snapshots = false;   // snapshot endpoint tcp://<name>:7100, "snapshot-key-of-<name>"
   std::string running_job;  // re-registers running attempt `running_attempt` of this job
   int running_attempt = 1;
+  int running_rank = 0;  // as that attempt's node rank
 };
 
 class CoordinatorHarness {
@@ -116,6 +117,7 @@ class CoordinatorHarness {
       auto* ra = e.mutable_agent_register()->add_running();
       ra->set_job_id(a.running_job);
       ra->set_attempt(a.running_attempt);
+      ra->set_node_rank(a.running_rank);
     }
     auto* l = e.mutable_agent_register()->mutable_labels();
     l->set_name(name);

@@ -419,14 +419,7 @@ TEST_F(CoordinatorTest, ARestoredNodeHasItsLeaseToComeBackAndIsLostWithoutAFence
   ASSERT_EQ(Status(id).state(), proto::JOB_RUNNING) << Events(id);
   Open();  // a restarted coordinator
   auto register_running = [&](const std::string& n, int rank) {
-    proto::Envelope e = RegisterRequest(n, {.provider = "aws"});
-    auto* ra = e.mutable_agent_register()->add_running();
-    ra->set_job_id(id);
-    ra->set_attempt(1);
-    ra->set_node_rank(rank);
-    auto r = Call(e);
-    EXPECT_TRUE(r.has_agent_registered()) << r.DebugString();
-    sess[n] = r.agent_registered().session_id();
+    sess[n] = Register(n, {.provider = "aws", .running_job = id, .running_rank = rank});
   };
   register_running(gang[0], 0);
   // 7 s: past the heartbeat timeout, within the lease; the other node is not lost.
@@ -504,19 +497,8 @@ TEST_F(CoordinatorTest, ARestoredSpareWhoseAgentNeverComesBackIsLost) {
   // The gang's agents come back with their ranks; the spare's never does.
   for (int rank = 0; rank < 2; ++rank) {
     const std::string n = "n" + std::to_string(rank);
-    proto::Envelope e;
-    auto* l = e.mutable_agent_register()->mutable_labels();
-    l->set_name(n);
-    l->set_provider("aws");
-    l->set_gpus(8);
-    l->set_slots(8);
-    auto* ra = e.mutable_agent_register()->add_running();
-    ra->set_job_id(id);
-    ra->set_attempt(1);
-    ra->set_node_rank(rank);
-    auto r = Call(e);
-    ASSERT_TRUE(r.has_agent_registered()) << r.DebugString();
-    sess[n] = r.agent_registered().session_id();
+    sess[n] = Register(n, {.provider = "aws", .running_job = id, .running_rank = rank});
+    ASSERT_FALSE(sess[n].empty());
   }
   for (int i = 0; i < 6; ++i) {
     now_ += 1s;
